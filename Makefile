@@ -1,0 +1,49 @@
+# One task runner: `make demo` (first run installs everything), `make test` (what .ci/run calls).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BUF_VERSION := 1.75.0
+BUF    := .tools/node_modules/.bin/buf
+
+.PHONY: install demo devnet gen check-gen lint test test-quick bench clean
+
+install: $(VENV)/.installed $(BUF)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(BUF):
+	npm install --prefix .tools --no-save --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/aitbc demo
+
+devnet: $(VENV)/.installed
+	$(VENV)/bin/aitbc devnet
+
+gen: $(VENV)/.installed
+	$(PY) scripts/gen_protos.py
+
+# CI: regenerate the stubs and fail when the committed ones differ
+check-gen: gen
+	@git diff --exit-code --stat -- aitbc/v1 || { echo "generated stubs are stale: run 'make gen' and commit"; exit 1; }
+	@test -z "$$(git status --porcelain --untracked-files=all -- aitbc/v1)" || { git status --short -- aitbc/v1; echo "generated stubs are not committed: run 'make gen' and commit"; exit 1; }
+
+lint: $(BUF)
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+
+test: install check-gen lint
+	$(PY) -m pytest -q
+
+test-quick: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(VENV)/.installed
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .tools build *.egg-info

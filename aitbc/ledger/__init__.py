@@ -1,0 +1,1 @@
+"""Ledger: PoA chain state machine, LMDB store, consensus, mempool."""

@@ -1,0 +1,186 @@
+"""Receipts: canonical JSON, hash, provider signature, attestation and offline verification.
+
+The byte-exact definition is docs/receipts.md; tests/vectors/receipts.json holds its vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from aitbc import crypto
+from aitbc.errors import CryptoError, ReceiptError
+
+RECEIPT_VERSION = 1
+UNIT_TYPES = ("gpu_ms", "images", "tokens")
+PROVIDER_DOMAIN = b"AITBC/receipt/provider/v1"
+ATTEST_DOMAIN = b"AITBC/receipt/attest/v1"
+MAX_UINT = 2**53 - 1  # every integer fits an IEEE double exactly, so any JSON parser reads it back
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptBody:
+    job_id: str
+    provider: str
+    client: str
+    units: int
+    unit_type: str
+    price_per_unit: int
+    model: str
+    prompt_hash: str
+    started_at: int
+    finished_at: int
+    artifact_sha256: str
+    nonce: str
+    hub_id: str
+    chain_id: str
+    version: int = RECEIPT_VERSION
+
+    def validate(self) -> None:
+        """Raise ReceiptError naming the first field that breaks docs/receipts.md."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int":
+                if type(value) is not int or not 0 <= value <= MAX_UINT:
+                    raise ReceiptError(f"receipt field {f.name} must be an integer in [0, 2^53-1]")
+            elif not isinstance(value, str) or not _PRINTABLE.match(value) or len(value) > 256:
+                raise ReceiptError(f"receipt field {f.name} must be printable ASCII, at most 256 characters")
+        if self.version != RECEIPT_VERSION:
+            raise ReceiptError(f"receipt version {self.version} is not supported (expected {RECEIPT_VERSION})")
+        if self.unit_type not in UNIT_TYPES:
+            raise ReceiptError(f"receipt unit_type must be one of {', '.join(UNIT_TYPES)}")
+        for name in ("prompt_hash", "artifact_sha256"):
+            if not _HEX64.match(getattr(self, name)):
+                raise ReceiptError(f"receipt field {name} must be 64 lower-case hex characters")
+        if not _HEX32.match(self.nonce):
+            raise ReceiptError("receipt field nonce must be 32 lower-case hex characters")
+        if not self.job_id or not self.chain_id or not self.model:
+            raise ReceiptError("receipt fields job_id, model and chain_id must not be empty")
+        if self.finished_at < self.started_at:
+            raise ReceiptError("receipt finished_at is before started_at")
+        try:
+            crypto.validate_address(self.provider)
+        except CryptoError as exc:
+            raise ReceiptError(f"receipt provider: {exc.message}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReceiptBody:
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict):
+            raise ReceiptError("receipt must be a JSON object")
+        missing = names - data.keys()
+        extra = data.keys() - names
+        if missing:
+            raise ReceiptError(f"receipt is missing fields: {', '.join(sorted(missing))}")
+        if extra:
+            raise ReceiptError(f"receipt has unknown fields: {', '.join(sorted(extra))}")
+        body = cls(**data)
+        body.validate()
+        return body
+
+    def canonical_bytes(self) -> bytes:
+        """Minified JSON, keys sorted, ASCII only (docs/receipts.md)."""
+        self.validate()
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+    def hash(self) -> bytes:
+        return crypto.sha256(self.canonical_bytes())
+
+
+def manifest_sha256(artifact_digests: list[bytes]) -> str:
+    """Receipt `artifact_sha256`: sha256 over the outputs' raw sha256 digests, in order."""
+    if not artifact_digests:
+        raise ReceiptError("a receipt needs at least one artifact")
+    return crypto.sha256(b"".join(artifact_digests)).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class SignedReceipt:
+    body: ReceiptBody
+    provider_signature: bytes
+    attester: str = ""
+    attester_signature: bytes = b""
+
+    @property
+    def receipt_hash(self) -> bytes:
+        return self.body.hash()
+
+    def attest(self, key: crypto.PrivateKey) -> SignedReceipt:
+        """Check the provider signature, then add this key's attestation."""
+        verify_receipt(self, require_attestation=False)
+        sig = key.sign(crypto.domain_digest(ATTEST_DOMAIN, self.receipt_hash))
+        return dataclasses.replace(self, attester=key.address, attester_signature=sig)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "receipt": self.body.to_dict(),
+            "receipt_hash": self.receipt_hash.hex(),
+            "provider_signature": self.provider_signature.hex(),
+        }
+        if self.attester:
+            out["attestation"] = {"attester": self.attester, "signature": self.attester_signature.hex()}
+        return out
+
+    @classmethod
+    def from_json_dict(cls, data: Any) -> SignedReceipt:
+        if not isinstance(data, dict) or "receipt" not in data:
+            raise ReceiptError("not a receipt file: expected an object with a 'receipt' field")
+        body = ReceiptBody.from_dict(data["receipt"])
+        try:
+            provider_sig = bytes.fromhex(data.get("provider_signature", ""))
+            att = data.get("attestation") or {}
+            attester_sig = bytes.fromhex(att.get("signature", ""))
+        except (ValueError, TypeError, AttributeError):
+            raise ReceiptError("signatures must be hex strings") from None
+        receipt = cls(body, provider_sig, att.get("attester", ""), attester_sig)
+        claimed = data.get("receipt_hash")
+        if claimed is not None and claimed != receipt.receipt_hash.hex():
+            raise ReceiptError(
+                f"receipt_hash {claimed} does not match the canonical hash {receipt.receipt_hash.hex()}: "
+                "a field was altered"
+            )
+        return receipt
+
+
+def sign_receipt(body: ReceiptBody, key: crypto.PrivateKey) -> SignedReceipt:
+    if body.provider != key.address:
+        raise ReceiptError(f"receipt provider {body.provider} is not the signing key's address {key.address}")
+    sig = key.sign(crypto.domain_digest(PROVIDER_DOMAIN, body.hash()))
+    return SignedReceipt(body, sig)
+
+
+def verify_receipt(
+    receipt: SignedReceipt,
+    *,
+    require_attestation: bool = True,
+    attesters: frozenset[str] | None = None,
+) -> None:
+    """Raise ReceiptError unless the body is well formed and every signature verifies."""
+    h = receipt.receipt_hash  # validates the body
+    try:
+        signer = crypto.recover_address(crypto.domain_digest(PROVIDER_DOMAIN, h), receipt.provider_signature)
+    except CryptoError as exc:
+        raise ReceiptError(f"provider signature: {exc.message}") from None
+    if signer != receipt.body.provider:
+        raise ReceiptError(f"provider signature is by {signer}, not the receipt's provider {receipt.body.provider}")
+    if not receipt.attester:
+        if require_attestation:
+            raise ReceiptError("receipt is not attested")
+        return
+    try:
+        att_signer = crypto.recover_address(crypto.domain_digest(ATTEST_DOMAIN, h), receipt.attester_signature)
+    except CryptoError as exc:
+        raise ReceiptError(f"attester signature: {exc.message}") from None
+    if att_signer != receipt.attester:
+        raise ReceiptError(f"attester signature is by {att_signer}, not the named attester {receipt.attester}")
+    if attesters is not None and receipt.attester not in attesters:
+        raise ReceiptError(f"attester {receipt.attester} is not authorized")

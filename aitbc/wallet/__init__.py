@@ -1,0 +1,1 @@
+"""Wallet keystore (Argon2id + XChaCha20-Poly1305)."""
