@@ -1,0 +1,124 @@
+"""Process configuration: TOML files with AITBC_* environment overrides, validated up front.
+
+Each process reads one table-free TOML file; an environment variable AITBC_<PROCESS>_<KEY>
+overrides a key (lists are comma-separated). Unknown keys are errors, so typos surface at start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aitbc.errors import InvalidArgument
+
+T = TypeVar("T")
+
+
+@dataclass
+class ClientKey:
+    """An API client: its id and the sha256 (hex) of its API key; the key itself is never stored."""
+
+    id: str
+    api_key_sha256: str
+    rate_per_s: float = 50.0
+    burst: int = 100
+
+
+@dataclass
+class CoordinatorConfig:
+    listen: str = "127.0.0.1:18000"
+    data_dir: str = "~/.aitbc/coordinator"
+    key_file: str = "~/.aitbc/coordinator.key"
+    chain_id: str = "aitbc-devnet"
+    hub_id: str = ""
+    heartbeat_interval_s: float = 2.0
+    heartbeat_timeout_s: float = 10.0
+    max_attempts: int = 3
+    queue_ttl_s: float = 600.0
+    model_grace_s: float = 300.0
+    max_artifact_bytes: int = 64 * 1024 * 1024
+    clients: list[ClientKey] = field(default_factory=list)
+    ledger: str = ""  # ledger node address for settlement; "" disables it
+    port_file: str = ""
+
+
+@dataclass
+class MinerConfig:
+    coordinator: str = "127.0.0.1:18000"
+    key_file: str = "~/.aitbc/miner.key"
+    models: list[str] = field(default_factory=lambda: ["tiny-sd"])
+    price_per_unit: int = 0
+    gpu_devices: list[str] = field(default_factory=lambda: ["auto"])
+    max_concurrency: int = 1
+    ops_listen: str = "127.0.0.1:18001"
+    reconnect_max_s: float = 30.0
+    port_file: str = ""
+
+
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    origin = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if origin == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if origin == "float":
+            return float(value)
+        if origin == "str":
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if origin == "list[str]":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return value
+        if origin == "list[ClientKey]":
+            return [ClientKey(**c) for c in value]
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"config key {name!r}: expected {origin}, got {value!r}") from None
+    raise InvalidArgument(f"config key {name!r}: unsupported type {origin}")
+
+
+def load(cls: type[T], path: str | Path | None, env_prefix: str, **overrides: Any) -> T:
+    """Defaults < TOML file < environment (AITBC_<PREFIX>_<KEY>) < explicit overrides."""
+    values: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if path:
+        p = Path(path).expanduser()
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise InvalidArgument(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidArgument(f"config file {p} is not valid TOML: {exc}") from None
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise InvalidArgument(f"config file {p}: unknown keys {', '.join(unknown)} (known: {', '.join(fields)})")
+        values.update(data)
+    for name in fields:
+        env = os.environ.get(f"AITBC_{env_prefix}_{name.upper()}")
+        if env is not None:
+            values[name] = env
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**{k: _coerce(k, v, fields[k].type) for k, v in values.items()})  # type: ignore[call-arg]
+
+
+def expand(path: str) -> Path:
+    return Path(path).expanduser()
+
+
+def write_port_file(path: str, port: int) -> None:
+    """Atomically publish the bound port for supervisors (devnet) and tests."""
+    if not path:
+        return
+    p = expand(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(f"{port}\n")
+    os.replace(tmp, p)

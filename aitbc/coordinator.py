@@ -1,0 +1,650 @@
+"""The coordinator's core: jobs, miner sessions, dispatch, result verification and attestation.
+
+Pure asyncio, no gRPC: server/coordinator.py is a thin layer over this class. Wire messages
+(aitbc.v1 protos) are used as the records because they are also what is persisted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import itertools
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from aitbc import crypto, jobs, receipts
+from aitbc.config import ClientKey, CoordinatorConfig
+from aitbc.errors import (
+    AitbcError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from aitbc.jobstore import JobStore
+from aitbc.v1 import job_pb2, miner_pb2, receipt_pb2
+from aitbc.wire import receipt_from_proto, receipt_to_proto
+
+S = job_pb2.JobState
+log = logging.getLogger("aitbc.coordinator")
+job_log = logging.getLogger("aitbc.jobs")
+
+REGISTER_DOMAIN = b"AITBC/miner-register/v1"
+CHALLENGE_TTL_S = 60.0
+WATCH_QUEUE = 256
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+UNIT_SLACK_MS = 2000
+
+
+def register_digest(challenge: bytes, pubkey: bytes) -> bytes:
+    return crypto.domain_digest(REGISTER_DOMAIN, challenge + pubkey)
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens = float(burst)
+        self.at = clock()
+
+    def take(self) -> float:
+        """0 when allowed, else seconds until a token is available."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+@dataclass
+class MinerSession:
+    miner_id: str
+    pubkey: bytes
+    info: miner_pb2.MinerInfo
+    token: str
+
+
+@dataclass(eq=False)
+class MinerConn:
+    """One live Work stream. `outbox` feeds the stream; None ends it."""
+
+    session: MinerSession
+    outbox: asyncio.Queue[miner_pb2.WorkResponse | None]
+    last_seen: float
+    running: set[str] = field(default_factory=set)
+    uploads: dict[str, dict[int, bytearray]] = field(default_factory=dict)
+    upload_bytes: dict[str, int] = field(default_factory=dict)
+    closed: bool = False
+
+    @property
+    def miner_id(self) -> str:
+        return self.session.miner_id
+
+    def free_slots(self) -> int:
+        return max(0, (self.session.info.max_concurrency or 1) - len(self.running))
+
+    def send(self, msg: miner_pb2.WorkResponse) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(msg)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        store: JobStore,
+        key: crypto.PrivateKey,
+        config: CoordinatorConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.key = key
+        self.config = config
+        self.clock = clock
+        self.clients: dict[str, ClientKey] = {c.api_key_sha256: c for c in config.clients}
+        self._buckets: dict[str, TokenBucket] = {}
+        self._challenges: dict[bytes, float] = {}
+        self._sessions: dict[str, MinerSession] = {}
+        self.miners: dict[str, MinerConn] = {}
+        self._model_seen: dict[str, float] = {}
+        self._queue: collections.deque[str] = collections.deque()
+        self._jobs: dict[str, job_pb2.Job] = {}  # active jobs, the source of truth while active
+        self._assigned_at: dict[str, float] = {}
+        self._queued_at: dict[str, float] = {}
+        self._watchers: dict[str, set[asyncio.Queue[job_pb2.Job | job_pb2.JobProgress]]] = {}
+        self._rr = itertools.count()
+        self.receipt_listeners: list[Callable[[receipt_pb2.Receipt], None]] = []
+        self._restore()
+
+    # ---- start-up ---------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        """Reload active jobs; jobs that were with a miner go back to the queue."""
+        restored = sorted(self.store.active_jobs(), key=lambda j: j.created_at_unix_ms)
+        for job in restored:
+            if job.state != S.JOB_STATE_QUEUED:
+                job.state = S.JOB_STATE_QUEUED
+                job.miner_id = ""
+                job.error = "requeued: the coordinator restarted while a miner held the job"
+                job.updated_at_unix_ms = jobs.now_ms()
+                self.store.put_job(job)
+            self._jobs[job.job_id] = job
+            self._queue.append(job.job_id)
+            self._queued_at[job.job_id] = self.clock()
+        if restored:
+            log.info("restored %d active jobs into the queue", len(restored))
+
+    # ---- clients ----------------------------------------------------------------------------
+
+    def authenticate(self, api_key: str | None) -> ClientKey:
+        if not api_key:
+            raise Unauthenticated(
+                "missing API key: send it in the x-api-key metadata (`aitbc devnet` prints the devnet key)"
+            )
+        client = self.clients.get(hashlib.sha256(api_key.encode()).hexdigest())
+        if client is None:
+            raise Unauthenticated("unknown API key: check the key (a devnet prints its key at start-up)")
+        bucket = self._buckets.get(client.id)
+        if bucket is None:
+            bucket = self._buckets[client.id] = TokenBucket(client.rate_per_s, client.burst, self.clock)
+        wait = bucket.take()
+        if wait:
+            raise ResourceExhausted(
+                f"rate limit of {client.rate_per_s:g} requests/s (burst {client.burst}) exceeded for client "
+                f"'{client.id}': retry in {wait * 1000:.0f} ms",
+                retry_after_s=wait,
+            )
+        return client
+
+    def served_models(self) -> set[str]:
+        now = self.clock()
+        live = {m for c in self.miners.values() for m in c.session.info.models}
+        recent = {m for m, t in self._model_seen.items() if now - t < self.config.model_grace_s}
+        return live | recent
+
+    async def submit(
+        self,
+        client_id: str,
+        model: str,
+        params: job_pb2.JobParams,
+        *,
+        request_id: str = "",
+        max_price_per_unit: int | None = None,
+    ) -> job_pb2.Job:
+        jobs.validate_model(model)
+        jobs.validate_request_id(request_id)
+        params = jobs.normalize_params(params)
+        if request_id:
+            existing = self.store.job_for_request(client_id, request_id)
+            if existing is not None:
+                return self.get(client_id, existing)
+        served = self.served_models()
+        if model not in served:
+            have = ", ".join(sorted(served)) or "none: no miner is connected"
+            raise FailedPrecondition(f"no miner serves model '{model}' (models served now: {have})")
+        now = jobs.now_ms()
+        job = job_pb2.Job(
+            job_id=jobs.new_job_id(),
+            model=model,
+            params=params,
+            state=S.JOB_STATE_QUEUED,
+            client_id=client_id,
+            created_at_unix_ms=now,
+            updated_at_unix_ms=now,
+            prompt_hash=jobs.prompt_hash(jobs.job_prompt(job_pb2.Job(params=params))),
+            request_id=request_id,
+        )
+        if max_price_per_unit is not None:
+            job.max_price_per_unit = max_price_per_unit
+        self.store.put_job(job)
+        self._jobs[job.job_id] = job
+        self._queue.append(job.job_id)
+        self._queued_at[job.job_id] = self.clock()
+        self._dispatch()
+        return self._snapshot(job)
+
+    def _load(self, job_id: str) -> job_pb2.Job:
+        jobs.validate_job_id(job_id)
+        job = self._jobs.get(job_id) or self.store.get_job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    def get(self, client_id: str, job_id: str) -> job_pb2.Job:
+        job = self._load(job_id)
+        if job.client_id != client_id:
+            raise PermissionDenied(f"job {job_id} belongs to another client")
+        out = job_pb2.Job()
+        out.CopyFrom(job)
+        return out
+
+    async def cancel(self, client_id: str, job_id: str, reason: str = "") -> job_pb2.Job:
+        job = self._load(job_id)
+        if job.client_id != client_id:
+            raise PermissionDenied(f"job {job_id} belongs to another client")
+        if job.state in jobs.TERMINAL:
+            raise FailedPrecondition(f"job {job_id} is already {jobs.state_name(job.state)}; only unfinished jobs can be cancelled")
+        conn = self.miners.get(job.miner_id)
+        if conn is not None and job_id in conn.running:
+            conn.running.discard(job_id)
+            conn.uploads.pop(job_id, None)
+            conn.send(miner_pb2.WorkResponse(cancel=miner_pb2.CancelAssignment(job_id=job_id, reason="cancelled by client")))
+        self._finish(job, S.JOB_STATE_CANCELLED, f"cancelled by client{': ' + reason[:200] if reason else ''}")
+        self._dispatch()
+        return self.get(client_id, job_id)
+
+    async def watch(self, client_id: str, job_id: str) -> AsyncIterator[job_pb2.Job | job_pb2.JobProgress]:
+        """First a snapshot, then progress and every state change, until the job finishes."""
+        job = self.get(client_id, job_id)
+        yield job
+        if job.state in jobs.TERMINAL:
+            return
+        queue: asyncio.Queue[job_pb2.Job | job_pb2.JobProgress] = asyncio.Queue(WATCH_QUEUE)
+        self._watchers.setdefault(job_id, set()).add(queue)
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if isinstance(event, job_pb2.Job) and event.state in jobs.TERMINAL:
+                    return
+        finally:
+            watchers = self._watchers.get(job_id)
+            if watchers is not None:
+                watchers.discard(queue)
+                if not watchers:
+                    del self._watchers[job_id]
+
+    def _publish(self, job_id: str, event: job_pb2.Job | job_pb2.JobProgress) -> None:
+        for queue in self._watchers.get(job_id, ()):
+            if queue.full():
+                if isinstance(event, job_pb2.JobProgress):
+                    continue  # a slow watcher misses progress, never a state change
+                while not queue.empty():
+                    queue.get_nowait()
+            queue.put_nowait(event)
+
+    def artifact(self, client_id: str, job_id: str, index: int) -> tuple[job_pb2.Artifact, bytes]:
+        job = self.get(client_id, job_id)
+        if job.state != S.JOB_STATE_COMPLETED:
+            raise FailedPrecondition(f"job {job_id} is {jobs.state_name(job.state)}; results exist only for COMPLETED jobs")
+        if index >= len(job.artifacts):
+            raise InvalidArgument(f"artifact index {index} is out of range: job {job_id} has {len(job.artifacts)}")
+        art = job.artifacts[index]
+        data = self.store.get_artifact(art.sha256)
+        if data is None:
+            raise NotFound(f"artifact {art.sha256} of job {job_id} is no longer stored")
+        return art, data
+
+    def receipt(self, client_id: str, *, receipt_hash: str = "", job_id: str = "") -> receipt_pb2.Receipt:
+        if job_id:
+            job = self.get(client_id, job_id)
+            if not job.receipt_hash:
+                raise FailedPrecondition(f"job {job_id} is {jobs.state_name(job.state)} and has no receipt")
+            receipt_hash = job.receipt_hash
+        if not receipt_hash:
+            raise InvalidArgument("give a receipt_hash or a job_id")
+        rec = self.store.get_receipt(receipt_hash.lower())
+        if rec is None:
+            raise NotFound(f"receipt {receipt_hash} not found")
+        if rec.body.client != client_id:
+            raise PermissionDenied(f"receipt {receipt_hash} belongs to another client")
+        return rec
+
+    def list_receipts(self, client_id: str, *, job_id: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[receipt_pb2.Receipt], str]:
+        if job_id:
+            return [self.receipt(client_id, job_id=job_id)], ""
+        limit = min(page_size or 20, 100)
+        try:
+            before = bytes.fromhex(page_token) if page_token else None
+        except ValueError:
+            raise InvalidArgument("page_token is malformed: pass the next_page_token of the previous page") from None
+        page, nxt = self.store.client_receipts(client_id, before=before, limit=limit)
+        return page, nxt.hex() if nxt else ""
+
+    # ---- miners -----------------------------------------------------------------------------
+
+    def challenge(self) -> tuple[bytes, float]:
+        now = self.clock()
+        for c, exp in list(self._challenges.items()):
+            if exp < now:
+                del self._challenges[c]
+        if len(self._challenges) > 10_000:
+            raise ResourceExhausted("too many outstanding registration challenges; retry shortly", retry_after_s=1.0)
+        challenge = secrets.token_bytes(32)
+        self._challenges[challenge] = now + CHALLENGE_TTL_S
+        return challenge, CHALLENGE_TTL_S
+
+    def register(self, pubkey: bytes, challenge: bytes, signature: bytes, info: miner_pb2.MinerInfo) -> MinerSession:
+        exp = self._challenges.pop(challenge, None)
+        if exp is None or exp < self.clock():
+            raise Unauthenticated("unknown or expired challenge: call GetChallenge again and sign within 60 s")
+        if len(pubkey) != 33:
+            raise InvalidArgument("public_key must be a 33-byte compressed secp256k1 key")
+        try:
+            signer = crypto.recover_pubkey(register_digest(challenge, pubkey), signature)
+        except AitbcError as exc:
+            raise Unauthenticated(f"registration signature rejected: {exc.message}") from None
+        if signer != pubkey:
+            raise Unauthenticated("registration signature was not made by public_key")
+        if not info.models:
+            raise InvalidArgument("a miner must declare at least one model")
+        for m in info.models:
+            jobs.validate_model(m)
+        if not 1 <= (info.max_concurrency or 1) <= 64:
+            raise InvalidArgument("max_concurrency must be between 1 and 64")
+        session = MinerSession(crypto.address_from_pubkey(pubkey), pubkey, info, secrets.token_hex(24))
+        self._sessions[session.token] = session
+        log.info("miner %s registered: models=%s device=%s price=%d", session.miner_id, list(info.models), info.device, info.price_per_unit)
+        return session
+
+    def connect(self, token: str) -> MinerConn:
+        session = self._sessions.get(token or "")
+        if session is None:
+            raise Unauthenticated("unknown miner session: Register first and send the token in x-miner-session")
+        old = self.miners.get(session.miner_id)
+        if old is not None:
+            self.disconnect(old, "replaced by a new Work stream from the same miner")
+        conn = MinerConn(session, asyncio.Queue(), self.clock())
+        self.miners[session.miner_id] = conn
+        now = self.clock()
+        for m in session.info.models:
+            self._model_seen[m] = now
+        self._dispatch()
+        return conn
+
+    def disconnect(self, conn: MinerConn, reason: str) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        conn.outbox.put_nowait(None)
+        if self.miners.get(conn.miner_id) is conn:
+            del self.miners[conn.miner_id]
+        now = self.clock()
+        for m in conn.session.info.models:
+            self._model_seen[m] = now
+        for job_id in list(conn.running):
+            job = self._jobs.get(job_id)
+            if job is not None and job.miner_id == conn.miner_id:
+                self._requeue(job, f"miner {conn.miner_id} lost: {reason}")
+        conn.running.clear()
+        log.info("miner %s disconnected: %s", conn.miner_id, reason)
+        self._dispatch()
+
+    def on_work(self, conn: MinerConn, msg: miner_pb2.WorkRequest) -> None:
+        """Handle one message from a miner; a refusal goes back to it as WorkRejected."""
+        conn.last_seen = self.clock()
+        kind = msg.WhichOneof("msg")
+        try:
+            if kind == "heartbeat":
+                return
+            if kind == "accepted":
+                self._on_accepted(conn, msg.accepted.job_id)
+            elif kind == "progress":
+                self._on_progress(conn, msg.progress)
+            elif kind == "chunk":
+                self._on_chunk(conn, msg.chunk)
+            elif kind == "result":
+                self._on_result(conn, msg.result)
+            elif kind == "failed":
+                self._on_failed(conn, msg.failed)
+            else:
+                raise InvalidArgument("empty WorkRequest: set one of heartbeat, accepted, progress, chunk, result, failed")
+        except AitbcError as exc:
+            job_id = getattr(getattr(msg, kind), "job_id", "") if kind else ""
+            conn.send(miner_pb2.WorkResponse(rejected=miner_pb2.WorkRejected(job_id=job_id, reason=exc.message)))
+            log.warning("miner %s: %s rejected: %s", conn.miner_id, kind, exc.message)
+
+    def _held(self, conn: MinerConn, job_id: str) -> job_pb2.Job:
+        job = self._jobs.get(job_id)
+        if job is None or job.miner_id != conn.miner_id or job_id not in conn.running:
+            raise PermissionDenied(f"job {job_id[:64]} is not assigned to miner {conn.miner_id}")
+        return job
+
+    def _on_accepted(self, conn: MinerConn, job_id: str) -> None:
+        job = self._held(conn, job_id)
+        if job.state == S.JOB_STATE_ASSIGNED:
+            job.state = S.JOB_STATE_RUNNING
+            job.started_at_unix_ms = job.updated_at_unix_ms = jobs.now_ms()
+            self.store.put_job(job)
+            self._publish(job_id, self._snapshot(job))
+
+    def _on_progress(self, conn: MinerConn, progress: job_pb2.JobProgress) -> None:
+        job = self._held(conn, progress.job_id)
+        if progress.total_steps == 0 or progress.step > progress.total_steps:
+            raise InvalidArgument("progress step must be between 0 and total_steps > 0")
+        job.progress.CopyFrom(progress)
+        self._publish(job.job_id, job_pb2.JobProgress(job_id=job.job_id, step=progress.step, total_steps=progress.total_steps))
+
+    def _on_chunk(self, conn: MinerConn, chunk: miner_pb2.ArtifactChunk) -> None:
+        job = self._held(conn, chunk.job_id)
+        if chunk.index >= jobs.job_outputs(job):
+            raise InvalidArgument(f"artifact index {chunk.index} out of range for job {job.job_id}")
+        total = conn.upload_bytes.get(job.job_id, 0) + len(chunk.data)
+        if total > self.config.max_artifact_bytes:
+            conn.uploads.pop(job.job_id, None)
+            conn.upload_bytes.pop(job.job_id, None)
+            self._reject_result(conn, job, f"artifacts exceed {self.config.max_artifact_bytes} bytes")
+            return
+        conn.upload_bytes[job.job_id] = total
+        conn.uploads.setdefault(job.job_id, {}).setdefault(chunk.index, bytearray()).extend(chunk.data)
+
+    def _reject_result(self, conn: MinerConn, job: job_pb2.Job, reason: str) -> None:
+        conn.running.discard(job.job_id)
+        conn.send(miner_pb2.WorkResponse(rejected=miner_pb2.WorkRejected(job_id=job.job_id, reason=reason)))
+        log.warning("miner %s: result for %s rejected: %s", conn.miner_id, job.job_id, reason)
+        self._requeue(job, f"result from miner {conn.miner_id} rejected: {reason}")
+        self._dispatch()
+
+    def _on_result(self, conn: MinerConn, result: miner_pb2.JobResult) -> None:
+        job = self._held(conn, result.job_id)
+        uploads = conn.uploads.pop(job.job_id, {})
+        conn.upload_bytes.pop(job.job_id, None)
+        try:
+            artifacts, signed = self._check_result(conn, job, result, uploads)
+        except AitbcError as exc:
+            self._reject_result(conn, job, exc.message)
+            return
+        attested = signed.attest(self.key)
+        rec = receipt_to_proto(attested)
+        rec.settlement.state = (
+            receipt_pb2.SETTLEMENT_STATE_PENDING if self.config.ledger else receipt_pb2.SETTLEMENT_STATE_DISABLED
+        )
+        conn.running.discard(job.job_id)
+        job.artifacts.extend(a for a, _ in artifacts)
+        job.receipt_hash = rec.receipt_hash
+        job.units = signed.body.units
+        job.unit_type = signed.body.unit_type
+        job.receipt.CopyFrom(rec)
+        self._finish(job, S.JOB_STATE_COMPLETED, "", artifacts=[(a.sha256, d) for a, d in artifacts], receipt=rec)
+        conn.send(miner_pb2.WorkResponse(accepted=miner_pb2.ResultAccepted(job_id=job.job_id, receipt_hash=rec.receipt_hash)))
+        for listener in self.receipt_listeners:
+            listener(rec)
+        self._dispatch()
+
+    def _check_result(
+        self, conn: MinerConn, job: job_pb2.Job, result: miner_pb2.JobResult, uploads: dict[int, bytearray]
+    ) -> tuple[list[tuple[job_pb2.Artifact, bytes]], receipts.SignedReceipt]:
+        want = jobs.job_outputs(job)
+        if len(result.artifacts) != want:
+            raise InvalidArgument(f"job {job.job_id} must return {want} artifacts, got {len(result.artifacts)}")
+        artifacts: list[tuple[job_pb2.Artifact, bytes]] = []
+        digests: list[bytes] = []
+        for i, art in enumerate(result.artifacts):
+            data = bytes(uploads.get(i, b""))
+            digest = crypto.sha256(data)
+            if not data or digest.hex() != art.sha256 or len(data) != art.size:
+                raise InvalidArgument(f"artifact {i} does not match its declared sha256/size (wrong artifact hash)")
+            if not data.startswith(PNG_MAGIC):
+                raise InvalidArgument(f"artifact {i} is not a PNG image")
+            clean = job_pb2.Artifact(sha256=art.sha256, size=art.size, content_type="image/png", width=art.width, height=art.height)
+            artifacts.append((clean, data))
+            digests.append(digest)
+        try:
+            signed = receipt_from_proto(result.receipt)
+            receipts.verify_receipt(signed, require_attestation=False)
+        except AitbcError as exc:
+            raise InvalidArgument(f"receipt rejected: {exc.message}") from None
+        b = signed.body
+        expected = {
+            "job_id": job.job_id,
+            "provider": conn.miner_id,
+            "client": job.client_id,
+            "unit_type": "gpu_ms",
+            "price_per_unit": job.price_per_unit,
+            "model": job.model,
+            "prompt_hash": job.prompt_hash,
+            "artifact_sha256": receipts.manifest_sha256(digests),
+            "hub_id": self.config.hub_id,
+            "chain_id": self.config.chain_id,
+        }
+        for name, value in expected.items():
+            if getattr(b, name) != value:
+                raise InvalidArgument(f"receipt field {name} is {getattr(b, name)!r}, expected {value!r}")
+        held_ms = (self.clock() - self._assigned_at.get(job.job_id, self.clock())) * 1000
+        duration = b.finished_at - b.started_at
+        if duration > held_ms + UNIT_SLACK_MS:
+            raise InvalidArgument(f"receipt claims {duration} ms of work but the miner held the job {held_ms:.0f} ms")
+        if not 1 <= b.units <= duration + UNIT_SLACK_MS:
+            raise InvalidArgument(f"receipt units {b.units} gpu_ms are implausible for {duration} ms of work")
+        return artifacts, signed
+
+    def _on_failed(self, conn: MinerConn, failed: miner_pb2.JobFailed) -> None:
+        job = self._held(conn, failed.job_id)
+        conn.running.discard(job.job_id)
+        conn.uploads.pop(job.job_id, None)
+        reason = failed.reason[:500] or "no reason given"
+        if failed.permanent:
+            self._finish(job, S.JOB_STATE_FAILED, f"miner {conn.miner_id}: {reason}")
+        else:
+            self._requeue(job, f"miner {conn.miner_id} failed: {reason}")
+        self._dispatch()
+
+    # ---- transitions --------------------------------------------------------------------------
+
+    def _snapshot(self, job: job_pb2.Job) -> job_pb2.Job:
+        out = job_pb2.Job()
+        out.CopyFrom(job)
+        return out
+
+    def _requeue(self, job: job_pb2.Job, reason: str) -> None:
+        self._assigned_at.pop(job.job_id, None)
+        if job.attempts >= self.config.max_attempts:
+            self._finish(job, S.JOB_STATE_FAILED, f"gave up after {job.attempts} attempts; last: {reason}")
+            return
+        job.state = S.JOB_STATE_QUEUED
+        job.miner_id = ""
+        job.error = reason
+        job.ClearField("progress")
+        job.updated_at_unix_ms = jobs.now_ms()
+        self.store.put_job(job)
+        self._queue.appendleft(job.job_id)
+        self._queued_at[job.job_id] = self.clock()
+        self._publish(job.job_id, self._snapshot(job))
+
+    def _finish(self, job: job_pb2.Job, state: int, error: str, **extra: object) -> None:
+        job.state = state  # type: ignore[assignment]
+        job.error = error
+        job.finished_at_unix_ms = job.updated_at_unix_ms = jobs.now_ms()
+        self.store.put_job(job, **extra)  # type: ignore[arg-type]
+        self._jobs.pop(job.job_id, None)
+        self._assigned_at.pop(job.job_id, None)
+        self._queued_at.pop(job.job_id, None)
+        self._publish(job.job_id, self._snapshot(job))
+        self._log_finished(job)
+
+    def _log_finished(self, job: job_pb2.Job) -> None:
+        start = job.started_at_unix_ms or job.created_at_unix_ms
+        line = {
+            "event": "job_finished",
+            "job_id": job.job_id,
+            "state": jobs.state_name(job.state),
+            "miner": job.miner_id,
+            "model": job.model,
+            "duration_ms": max(0, job.finished_at_unix_ms - start),
+            "gpu_seconds": job.units / 1000 if job.unit_type == "gpu_ms" else 0.0,
+            "bytes_out": sum(a.size for a in job.artifacts),
+            "prompt_hash": job.prompt_hash,
+            "attempts": job.attempts,
+        }
+        if job.error:
+            line["error"] = job.error
+        job_log.info(json.dumps(line, sort_keys=True))
+
+    def _dispatch(self) -> None:
+        """Hand queued jobs to miners with free slots: model served, price acceptable, least loaded."""
+        if not self._queue or not self.miners:
+            return
+        free = [c for c in self.miners.values() if c.free_slots() > 0]
+        if not free:
+            return
+        skipped: list[str] = []
+        while self._queue and free:
+            job_id = self._queue.popleft()
+            job = self._jobs.get(job_id)
+            if job is None or job.state != S.JOB_STATE_QUEUED:
+                continue
+            candidates = [
+                c for c in free
+                if job.model in c.session.info.models
+                and (not job.HasField("max_price_per_unit") or c.session.info.price_per_unit <= job.max_price_per_unit)
+            ]
+            if not candidates:
+                skipped.append(job_id)
+                continue
+            least = min(len(c.running) for c in candidates)
+            best = [c for c in candidates if len(c.running) == least]
+            conn = best[next(self._rr) % len(best)]
+            self._assign(job, conn)
+            if conn.free_slots() == 0:
+                free.remove(conn)
+        self._queue.extendleft(reversed(skipped))
+
+    def _assign(self, job: job_pb2.Job, conn: MinerConn) -> None:
+        job.state = S.JOB_STATE_ASSIGNED
+        job.miner_id = conn.miner_id
+        job.attempts += 1
+        job.price_per_unit = conn.session.info.price_per_unit
+        job.updated_at_unix_ms = jobs.now_ms()
+        self.store.put_job(job)
+        conn.running.add(job.job_id)
+        self._assigned_at[job.job_id] = self.clock()
+        self._queued_at.pop(job.job_id, None)
+        conn.send(miner_pb2.WorkResponse(assignment=miner_pb2.Assignment(
+            job=job, chain_id=self.config.chain_id, hub_id=self.config.hub_id)))
+        self._publish(job.job_id, self._snapshot(job))
+
+    # ---- housekeeping -------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Drop silent miners (their jobs go back to the queue) and expire jobs nobody took."""
+        now = self.clock()
+        for conn in list(self.miners.values()):
+            if now - conn.last_seen > self.config.heartbeat_timeout_s:
+                self.disconnect(conn, f"no heartbeat for {now - conn.last_seen:.1f} s")
+        for job_id, since in list(self._queued_at.items()):
+            job = self._jobs.get(job_id)
+            if job is not None and job.state == S.JOB_STATE_QUEUED and now - since > self.config.queue_ttl_s:
+                self._finish(job, S.JOB_STATE_EXPIRED, f"no miner took the job within {self.config.queue_ttl_s:g} s")
+
+    async def run_housekeeping(self, interval_s: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self.tick()
+            except Exception:  # keep the loop alive; the error is logged with its stack
+                log.exception("housekeeping failed")
+
+    def close(self) -> None:
+        for conn in list(self.miners.values()):
+            conn.closed = True
+            conn.outbox.put_nowait(None)
+        self.miners.clear()
+

@@ -1,0 +1,134 @@
+"""Job vocabulary shared by coordinator, miners and clients: states, limits, validation, ids.
+
+Limits are documented in README.md ("Job limits"); keep the two in step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import secrets
+import time
+
+from aitbc import crypto
+from aitbc.errors import InvalidArgument
+from aitbc.v1 import job_pb2
+
+S = job_pb2.JobState
+TERMINAL = frozenset({S.JOB_STATE_COMPLETED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED, S.JOB_STATE_EXPIRED})
+ACTIVE = frozenset({S.JOB_STATE_QUEUED, S.JOB_STATE_ASSIGNED, S.JOB_STATE_RUNNING})
+
+MAX_PROMPT_CHARS = 2000
+DEFAULT_STEPS = 20
+MAX_STEPS = 150
+DEFAULT_GUIDANCE = 7.5
+MAX_GUIDANCE = 30.0
+MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_IMAGES = 8
+MAX_PIXELS = 2048 * 2048 * 2  # width x height x images
+MAX_SEED = 2**63 - 1
+MAX_REQUEST_ID = 64
+_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_JOB_ID_RE = re.compile(r"^[0-9a-f]{28}$")
+
+
+def state_name(state: int) -> str:
+    return S.Name(state).removeprefix("JOB_STATE_")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_job_id() -> str:
+    """28 hex characters, time-ordered: 12 of unix milliseconds, 16 random."""
+    return f"{now_ms():012x}{secrets.token_hex(8)}"
+
+
+def validate_job_id(job_id: str) -> str:
+    if not _JOB_ID_RE.match(job_id or ""):
+        raise InvalidArgument(f"job_id {job_id!r} is malformed: expected 28 lower-case hex characters")
+    return job_id
+
+
+def validate_model(model: str) -> str:
+    if not model:
+        raise InvalidArgument("model is required (the devnet's default model is 'tiny-sd')")
+    if not _MODEL_RE.match(model):
+        raise InvalidArgument(
+            f"model {model[:64]!r} is malformed: up to 128 characters of letters, digits and ._:/-"
+        )
+    return model
+
+
+def validate_request_id(request_id: str) -> str:
+    if request_id and not _REQUEST_ID_RE.match(request_id):
+        raise InvalidArgument("request_id must be 1-64 characters of letters, digits and ._:-")
+    return request_id
+
+
+def prompt_hash(prompt: str) -> str:
+    return crypto.sha256(prompt.encode()).hex()
+
+
+def normalize_image_params(p: job_pb2.ImageParams) -> job_pb2.ImageParams:
+    """Validate and fill defaults; raise InvalidArgument naming the field and its limits."""
+    prompt = p.prompt
+    if not prompt.strip():
+        raise InvalidArgument("prompt is empty: describe the image to make")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidArgument(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    if len(p.negative_prompt) > MAX_PROMPT_CHARS:
+        raise InvalidArgument(f"negative_prompt is {len(p.negative_prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    steps = p.steps or DEFAULT_STEPS
+    if not 1 <= steps <= MAX_STEPS:
+        raise InvalidArgument(f"steps must be between 1 and {MAX_STEPS} (got {steps})")
+    guidance = p.guidance_scale if p.HasField("guidance_scale") else DEFAULT_GUIDANCE
+    if not math.isfinite(guidance) or not 0.0 <= guidance <= MAX_GUIDANCE:
+        raise InvalidArgument(f"guidance_scale must be between 0 and {MAX_GUIDANCE:g} (got {guidance})")
+    for name in ("width", "height"):
+        side = getattr(p, name)
+        if side and (not MIN_SIDE <= side <= MAX_SIDE or side % 8):
+            raise InvalidArgument(
+                f"{name} must be 0 (the model's native size) or a multiple of 8 between {MIN_SIDE} and {MAX_SIDE} (got {side})"
+            )
+    images = p.images or 1
+    if not 1 <= images <= MAX_IMAGES:
+        raise InvalidArgument(f"images must be between 1 and {MAX_IMAGES} (got {images})")
+    if (p.width or 512) * (p.height or 512) * images > MAX_PIXELS:
+        raise InvalidArgument(f"width x height x images exceeds {MAX_PIXELS} pixels: ask for fewer or smaller images")
+    seed = p.seed if p.HasField("seed") else int.from_bytes(os.urandom(4), "big")
+    if seed > MAX_SEED:
+        raise InvalidArgument(f"seed must be between 0 and {MAX_SEED}")
+    return job_pb2.ImageParams(
+        prompt=prompt,
+        negative_prompt=p.negative_prompt,
+        steps=steps,
+        guidance_scale=guidance,
+        width=p.width,
+        height=p.height,
+        images=images,
+        seed=seed,
+    )
+
+
+def normalize_params(params: job_pb2.JobParams) -> job_pb2.JobParams:
+    kind = params.WhichOneof("kind")
+    if kind == "image":
+        return job_pb2.JobParams(image=normalize_image_params(params.image))
+    raise InvalidArgument("params must set one job kind (image)")
+
+
+def job_prompt(job: job_pb2.Job) -> str:
+    return job.params.image.prompt
+
+
+def job_outputs(job: job_pb2.Job) -> int:
+    """How many artifacts a completed job must return."""
+    return job.params.image.images or 1
+
+
+def job_steps(job: job_pb2.Job) -> int:
+    return job.params.image.steps

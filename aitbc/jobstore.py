@@ -1,0 +1,151 @@
+"""The coordinator's durable state in LMDB: jobs, artifacts, receipts and their indexes.
+
+Keys are versioned (b"v1:"). A job and everything its transition implies (artifacts, receipt,
+indexes) are written in one LMDB transaction. LMDB is opened without a per-commit fsync and
+flushed by a background thread every `flush_interval_s`: a killed process loses nothing (the
+pages are in the OS), an OS crash may lose the last interval. The ledger keeps full sync.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+
+from aitbc.jobs import ACTIVE
+from aitbc.v1 import job_pb2, receipt_pb2
+
+_V = b"v1:"
+
+
+class JobStore:
+    def __init__(self, path: str | Path, *, map_size: int = 1 << 36, flush_interval_s: float = 0.2) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, sync=False, metasync=False)
+        self._jobs = self.env.open_db(_V + b"jobs")
+        self._active = self.env.open_db(_V + b"active")
+        self._artifacts = self.env.open_db(_V + b"artifacts")
+        self._receipts = self.env.open_db(_V + b"receipts")
+        self._client_receipts = self.env.open_db(_V + b"client_receipts")
+        self._requests = self.env.open_db(_V + b"requests")
+        self._meta = self.env.open_db(_V + b"meta")
+        self._closed = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, args=(flush_interval_s,), daemon=True)
+        self._flusher.start()
+
+    def _flush_loop(self, interval: float) -> None:
+        while not self._closed.wait(interval):
+            try:
+                self.env.sync(True)
+            except lmdb.Error:
+                return
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._flusher.join()
+            self.env.sync(True)
+            self.env.close()
+
+    # jobs -----------------------------------------------------------------------------------
+
+    def put_job(
+        self,
+        job: job_pb2.Job,
+        *,
+        artifacts: list[tuple[str, bytes]] = (),  # type: ignore[assignment]
+        receipt: receipt_pb2.Receipt | None = None,
+    ) -> None:
+        key = job.job_id.encode()
+        with self.env.begin(write=True) as txn:
+            txn.put(key, job.SerializeToString(deterministic=True), db=self._jobs)
+            if job.state in ACTIVE:
+                txn.put(key, b"", db=self._active)
+            else:
+                txn.delete(key, db=self._active)
+            if job.request_id:
+                txn.put(_request_key(job.client_id, job.request_id), key, db=self._requests)
+            for sha, data in artifacts:
+                txn.put(sha.encode(), data, db=self._artifacts, overwrite=False)
+            if receipt is not None:
+                self._put_receipt(txn, job, receipt)
+
+    def _put_receipt(self, txn: lmdb.Transaction, job: job_pb2.Job, receipt: receipt_pb2.Receipt) -> None:
+        rh = receipt.receipt_hash.encode()
+        txn.put(rh, receipt.SerializeToString(deterministic=True), db=self._receipts)
+        ordinal = struct.pack(">Q", job.finished_at_unix_ms or job.updated_at_unix_ms)
+        txn.put(job.client_id.encode() + b"\x00" + ordinal + job.job_id.encode(), rh, db=self._client_receipts)
+
+    def update_receipt(self, receipt: receipt_pb2.Receipt) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(receipt.receipt_hash.encode(), receipt.SerializeToString(deterministic=True), db=self._receipts)
+
+    def get_job(self, job_id: str) -> job_pb2.Job | None:
+        with self.env.begin() as txn:
+            raw = txn.get(job_id.encode(), db=self._jobs)
+        return job_pb2.Job.FromString(raw) if raw is not None else None
+
+    def job_for_request(self, client_id: str, request_id: str) -> str | None:
+        with self.env.begin() as txn:
+            raw = txn.get(_request_key(client_id, request_id), db=self._requests)
+        return raw.decode() if raw is not None else None
+
+    def active_jobs(self) -> list[job_pb2.Job]:
+        with self.env.begin() as txn:
+            ids = [k for k, _ in txn.cursor(db=self._active)]
+            return [job_pb2.Job.FromString(txn.get(k, db=self._jobs)) for k in ids]
+
+    # artifacts and receipts --------------------------------------------------------------------
+
+    def get_artifact(self, sha256_hex: str) -> bytes | None:
+        with self.env.begin() as txn:
+            return txn.get(sha256_hex.encode(), db=self._artifacts)
+
+    def get_receipt(self, receipt_hash: str) -> receipt_pb2.Receipt | None:
+        with self.env.begin() as txn:
+            raw = txn.get(receipt_hash.encode(), db=self._receipts)
+        return receipt_pb2.Receipt.FromString(raw) if raw is not None else None
+
+    def iter_receipts(self) -> Iterator[receipt_pb2.Receipt]:
+        with self.env.begin() as txn:
+            for _, raw in txn.cursor(db=self._receipts):
+                yield receipt_pb2.Receipt.FromString(raw)
+
+    def client_receipts(self, client_id: str, *, before: bytes | None, limit: int) -> tuple[list[receipt_pb2.Receipt], bytes | None]:
+        """Newest first. Returns the page and the key to continue before (None at the end)."""
+        prefix = client_id.encode() + b"\x00"
+        out: list[receipt_pb2.Receipt] = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._client_receipts)
+            start = before if before is not None else prefix + b"\xff" * 9
+            if not cur.set_range(start):
+                if not cur.last():
+                    return [], None
+            elif cur.key() >= start:
+                if not cur.prev():
+                    return [], None
+            while cur.key().startswith(prefix):
+                raw = txn.get(cur.value(), db=self._receipts)
+                if raw is not None:
+                    out.append(receipt_pb2.Receipt.FromString(raw))
+                if len(out) == limit:
+                    return out, cur.key()
+                if not cur.prev():
+                    break
+        return out, None
+
+    def get_meta(self, key: str) -> bytes | None:
+        with self.env.begin() as txn:
+            return txn.get(key.encode(), db=self._meta)
+
+    def put_meta(self, key: str, value: bytes) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(key.encode(), value, db=self._meta)
+
+
+def _request_key(client_id: str, request_id: str) -> bytes:
+    return client_id.encode() + b"\x00" + request_id.encode()

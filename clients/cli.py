@@ -1,0 +1,399 @@
+"""The `aitbc` command: what a person types (devnet, demo, submit, status, receipts, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aitbc import jobs
+from aitbc.errors import AitbcError
+from aitbc.v1 import job_pb2
+
+DEFAULT_PROMPT = "a futuristic city skyline at night"
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+# ---- connection options -------------------------------------------------------------------------
+
+def _client(args: argparse.Namespace) -> Any:
+    from aitbc.clients.sdk import CoordinatorClient, devnet_endpoints
+
+    ep = devnet_endpoints(getattr(args, "data_dir", None))
+    target = args.coordinator or os.environ.get("AITBC_COORDINATOR") or ep.get("coordinator") or "127.0.0.1:18000"
+    key = args.api_key or os.environ.get("AITBC_API_KEY") or ep.get("api_key")
+    if not key:
+        raise SystemExit(_fail("no API key: pass --api-key, set AITBC_API_KEY, or start `aitbc devnet` (it prints one)", 2))
+    return CoordinatorClient(str(target), str(key))
+
+
+def _add_conn(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", help="coordinator address host:port (default: the running devnet, else 127.0.0.1:18000)")
+    p.add_argument("--api-key", help="client API key (default: $AITBC_API_KEY, else the running devnet's)")
+
+
+# ---- progress and output ------------------------------------------------------------------------
+
+class Progress:
+    def __init__(self, stream: Any = sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = ""
+
+    def state(self, job: job_pb2.Job) -> None:
+        self._line(f"job {job.job_id}: {jobs.state_name(job.state)}" + (f" ({job.error})" if job.error and job.state not in jobs.TERMINAL else ""), final=True)
+
+    def step(self, p: job_pb2.JobProgress) -> None:
+        width = 30
+        done = int(width * p.step / max(1, p.total_steps))
+        self._line(f"[{'#' * done}{'.' * (width - done)}] step {p.step}/{p.total_steps}", final=p.step == p.total_steps)
+
+    def _line(self, text: str, final: bool) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _out_path(base: str, index: int, count: int) -> Path:
+    p = Path(base)
+    return p if count == 1 else p.with_name(f"{p.stem}-{index + 1}{p.suffix or '.png'}")
+
+
+def run_image_job(client: Any, args: argparse.Namespace, *, out: str) -> int:
+    """Submit, show progress, save the PNG(s) and the receipt; print the summary."""
+    from aitbc.clients.sdk import ClientError, receipt_json
+
+    t0 = time.monotonic()
+    job = client.submit_image(
+        args.prompt, model=args.model, negative_prompt=args.negative_prompt, steps=args.steps,
+        guidance_scale=args.guidance, width=args.width, height=args.height, images=args.images, seed=args.seed,
+        request_id=args.request_id or "",
+    )
+    progress = Progress()
+    progress.state(job)
+    if getattr(args, "no_wait", False):
+        print(job.job_id)
+        return 0
+    for ev in client.watch(job.job_id):
+        if isinstance(ev, job_pb2.JobProgress):
+            progress.step(ev)
+        else:
+            job = ev
+            progress.state(job)
+    if job.state != job_pb2.JOB_STATE_COMPLETED:
+        return _fail(f"job {job.job_id} ended {jobs.state_name(job.state)}: {job.error}")
+    saved = []
+    for i in range(len(job.artifacts)):
+        _, data = client.result(job.job_id, i)
+        path = _out_path(out, i, len(job.artifacts))
+        path.write_bytes(data)
+        saved.append(str(path))
+    try:
+        rec = client.receipt(job_id=job.job_id)
+    except ClientError as exc:
+        return _fail(f"job completed but its receipt could not be read: {exc}")
+    receipt_file = Path(args.receipt_out or (str(Path(out).with_suffix("")) + ".receipt.json"))
+    receipt_file.write_text(json.dumps(receipt_json(rec), indent=2) + "\n")
+    wall = time.monotonic() - t0
+    print(f"job id:       {job.job_id}")
+    print(f"image:        {', '.join(saved)} ({job.artifacts[0].width}x{job.artifacts[0].height})")
+    print(f"duration:     {(job.finished_at_unix_ms - job.created_at_unix_ms) / 1000:.2f} s (wall {wall:.2f} s)")
+    print(f"gpu_seconds:  {job.units / 1000:.3f}")
+    print(f"miner:        {job.miner_id}")
+    print(f"receipt hash: {rec.receipt_hash}")
+    print(f"receipt file: {receipt_file}")
+    return 0
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return run_image_job(client, args, out=args.output)
+
+
+def _print_job(job: job_pb2.Job) -> None:
+    from google.protobuf import json_format
+
+    print(json.dumps(json_format.MessageToDict(job, preserving_proto_field_name=True), indent=2))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.get_job(args.job_id)
+        print(f"{job.job_id}  {jobs.state_name(job.state)}  model={job.model}  miner={job.miner_id or '-'}  "
+              f"attempts={job.attempts}" + (f"  progress={job.progress.step}/{job.progress.total_steps}" if job.progress.total_steps else ""))
+        if job.error:
+            print(f"reason: {job.error}")
+        if args.json:
+            _print_job(job)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.cancel(args.job_id, args.reason or "")
+        print(f"{job.job_id}  {jobs.state_name(job.state)}")
+    return 0
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.get_job(args.job_id)
+        for i in range(len(job.artifacts)):
+            _, data = client.result(args.job_id, i)
+            path = _out_path(args.output, i, len(job.artifacts))
+            path.write_bytes(data)
+            print(f"wrote {path} ({len(data)} bytes)")
+        if not job.artifacts:
+            return _fail(f"job {args.job_id} is {jobs.state_name(job.state)}: no result yet")
+    return 0
+
+
+def cmd_receipts(args: argparse.Namespace) -> int:
+    from aitbc.clients.sdk import receipt_json
+
+    with _client(args) as client:
+        if args.job_id:
+            recs = [client.receipt(job_id=args.job_id)]
+        else:
+            recs, _ = client.receipts(page_size=args.limit)
+        if args.output and len(recs) == 1:
+            Path(args.output).write_text(json.dumps(receipt_json(recs[0]), indent=2) + "\n")
+        print(json.dumps([receipt_json(r) for r in recs] if not args.job_id else receipt_json(recs[0]), indent=2))
+    return 0
+
+
+def cmd_receipts_verify(args: argparse.Namespace) -> int:
+    from aitbc.receipts import SignedReceipt, verify_receipt
+
+    try:
+        data = json.loads(Path(args.file).read_text())
+    except OSError as exc:
+        return _fail(f"cannot read {args.file}: {exc.strerror}")
+    except ValueError as exc:
+        return _fail(f"{args.file} is not JSON: {exc}")
+    try:
+        receipt = SignedReceipt.from_json_dict(data)
+        attesters = frozenset(args.attester) if args.attester else None
+        verify_receipt(receipt, require_attestation=not args.allow_unattested, attesters=attesters)
+    except AitbcError as exc:
+        print(f"INVALID: {exc.message}")
+        return 1
+    b = receipt.body
+    print("VALID receipt")
+    print(f"  receipt hash: {receipt.receipt_hash.hex()}")
+    print(f"  job:          {b.job_id}  model={b.model}")
+    print(f"  provider:     {b.provider} (signature verified)")
+    if receipt.attester:
+        print(f"  attester:     {receipt.attester} (signature verified{', authorized' if args.attester else ''})")
+    print(f"  units:        {b.units} {b.unit_type} x {b.price_per_unit} per unit  chain={b.chain_id}")
+    return 0
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from aitbc.server.coordinator import run_coordinator
+
+    from aitbc import config as cfg
+
+    conf = cfg.load(cfg.CoordinatorConfig, args.config, "COORDINATOR", listen=args.listen, port_file=args.port_file)
+    asyncio.run(run_coordinator(conf))
+    return 0
+
+
+def cmd_miner(args: argparse.Namespace) -> int:
+    from aitbc.miner.daemon import run_miner
+
+    from aitbc import config as cfg
+
+    conf = cfg.load(cfg.MinerConfig, args.config, "MINER", coordinator=args.coordinator, port_file=args.port_file)
+    asyncio.run(run_miner(conf))
+    return 0
+
+
+def _devnet(args: argparse.Namespace) -> Any:
+    from aitbc.clients.devnet import Devnet
+
+    return Devnet(Path(args.data_dir).expanduser(), coordinator_listen=args.coordinator_listen,
+                  miner_ops_listen=args.miner_ops_listen, models=args.models.split(","))
+
+
+def cmd_devnet(args: argparse.Namespace) -> int:
+    net = _devnet(args)
+    print(f"devnet: starting in {net.data_dir} (first start builds the tiny model; logs in {net.data_dir / 'logs'})", flush=True)
+    try:
+        ep = net.start()
+    except RuntimeError as exc:
+        return _fail(str(exc))
+    print("devnet is up:")
+    print(f"  coordinator   {ep['coordinator']}   (CoordinatorService, MinerService, health, reflection)")
+    print(f"  miner ops     {ep['miner_ops']}   (MinerService/GetInfo)")
+    print(f"  client id     {ep['client_id']}")
+    print(f"  API key       {ep['api_key']}")
+    print(f"  data          {ep['data_dir']}")
+    print(f"try:  aitbc submit \"{DEFAULT_PROMPT}\" --steps 20 --seed 7 -o city.png")
+    print("Ctrl-C stops the devnet.", flush=True)
+    try:
+        net.run_forever()
+    finally:
+        print("devnet: stopping", flush=True)
+        net.stop()
+        print("devnet: stopped", flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start a devnet on free ports, run one image job end to end, verify the receipt, stop."""
+    from aitbc.clients.sdk import CoordinatorClient
+
+    from aitbc.receipts import SignedReceipt, verify_receipt
+
+    args.coordinator_listen = args.miner_ops_listen = "127.0.0.1:0"
+    net = _devnet(args)
+    print(f"demo: starting a devnet in {net.data_dir} ...", flush=True)
+    try:
+        ep = net.start()
+    except RuntimeError as exc:
+        return _fail(str(exc))
+    try:
+        print(f"demo: coordinator {ep['coordinator']}, miner connected; submitting {args.prompt!r}", flush=True)
+        with CoordinatorClient(str(ep["coordinator"]), str(ep["api_key"])) as client:
+            rc = run_image_job(client, args, out=args.output)
+        if rc:
+            return rc
+        receipt_file = Path(args.receipt_out or (str(Path(args.output).with_suffix("")) + ".receipt.json"))
+        receipt = SignedReceipt.from_json_dict(json.loads(receipt_file.read_text()))
+        verify_receipt(receipt)
+        print("receipt verified offline (provider and attester signatures, canonical hash):")
+        print(json.dumps(receipt.to_json_dict(), indent=2))
+        return 0
+    finally:
+        net.stop()
+        print("demo: devnet stopped", flush=True)
+
+
+def _add_image_args(p: argparse.ArgumentParser, *, prompt_default: str | None = None) -> None:
+    if prompt_default is None:
+        p.add_argument("prompt", help="what to draw")
+    else:
+        p.add_argument("--prompt", default=prompt_default)
+    p.add_argument("--model", default="tiny-sd", help="model to run (default: tiny-sd, the embedded tiny pipeline)")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=0, help=f"denoising steps, 1-{jobs.MAX_STEPS} (default {jobs.DEFAULT_STEPS})")
+    p.add_argument("--guidance", type=float, default=None, help=f"guidance scale 0-{jobs.MAX_GUIDANCE:g} (default {jobs.DEFAULT_GUIDANCE})")
+    p.add_argument("--width", type=int, default=0, help="pixels, multiple of 8 (default: the model's native size)")
+    p.add_argument("--height", type=int, default=0)
+    p.add_argument("--images", type=int, default=1, help=f"images to make, 1-{jobs.MAX_IMAGES}")
+    p.add_argument("--seed", type=int, default=None, help="fixed seed for a reproducible image")
+    p.add_argument("--request-id", default="", help="idempotency key: resubmitting it returns the same job")
+    p.add_argument("-o", "--output", default="out.png", help="PNG path (several images: out-1.png, out-2.png, ...)")
+    p.add_argument("--receipt-out", help="receipt JSON path (default: <output>.receipt.json)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aitbc", description="AITBC: AI compute network (client, miner, coordinator, devnet)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    default_data = str(Path(os.environ.get("AITBC_HOME", "~/.aitbc")) / "devnet")
+
+    p = sub.add_parser("devnet", help="run the whole network locally (stays up; Ctrl-C stops it)")
+    p.add_argument("--data-dir", default=default_data)
+    p.add_argument("--coordinator-listen", default="127.0.0.1:18000")
+    p.add_argument("--miner-ops-listen", default="127.0.0.1:18001")
+    p.add_argument("--models", default="tiny-sd", help="comma-separated models for the devnet miner")
+    p.set_defaults(func=cmd_devnet)
+
+    p = sub.add_parser("demo", help="start a devnet, run one image job end to end, verify its receipt, stop")
+    p.add_argument("--data-dir", default=str(Path(os.environ.get("AITBC_HOME", "~/.aitbc")) / "demo"))
+    p.add_argument("--models", default="tiny-sd")
+    _add_image_args(p, prompt_default=DEFAULT_PROMPT)
+    p.set_defaults(func=cmd_demo, steps=20, seed=7)
+
+    p = sub.add_parser("submit", help="submit an image job, show progress, save the PNG and receipt")
+    _add_image_args(p)
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    _add_conn(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="show a job")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true", help="also print the full job as JSON")
+    _add_conn(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel an unfinished job")
+    p.add_argument("job_id")
+    p.add_argument("--reason", default="")
+    _add_conn(p)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("result", help="download a completed job's image(s)")
+    p.add_argument("job_id")
+    p.add_argument("-o", "--output", default="out.png")
+    _add_conn(p)
+    p.set_defaults(func=cmd_result)
+
+    p = sub.add_parser("receipts", help="show receipts (`aitbc receipts verify FILE` checks one offline)")
+    rsub = p.add_subparsers(dest="receipts_command", metavar="verify")
+    p.add_argument("--job-id", default="")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("-o", "--output", help="write the receipt JSON here (with --job-id)")
+    _add_conn(p)
+    p.set_defaults(func=cmd_receipts)
+    v = rsub.add_parser("verify", help="verify a receipt JSON file offline (no server)")
+    v.add_argument("file")
+    v.add_argument("--attester", action="append", help="require the attester to be this address (repeatable)")
+    v.add_argument("--allow-unattested", action="store_true", help="accept a receipt without attestation")
+    v.set_defaults(func=cmd_receipts_verify)
+
+    p = sub.add_parser("coordinator", help="run a coordinator")
+    p.add_argument("--config", help="TOML file (keys: see README); AITBC_COORDINATOR_* env overrides")
+    p.add_argument("--listen")
+    p.add_argument("--port-file", help="write the bound port here once serving")
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("miner", help="run a miner daemon")
+    p.add_argument("--config", help="TOML file (keys: see README); AITBC_MINER_* env overrides")
+    p.add_argument("--coordinator", help="coordinator address (overrides the config)")
+    p.add_argument("--port-file", help="write the bound ops port here once serving")
+    p.set_defaults(func=cmd_miner)
+
+    for extra in ("chain_cli",):
+        try:
+            module = __import__(f"aitbc.clients.{extra}", fromlist=["register"])
+        except ImportError:
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from aitbc.clients.sdk import ClientError
+
+    try:
+        return int(args.func(args) or 0)
+    except ClientError as exc:
+        return _fail(f"{exc.code}: {exc.message}")
+    except AitbcError as exc:
+        return _fail(exc.message)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""devnet: the whole network on one machine, data in one folder, started by one command.
+
+Each component is a real process (`aitbc coordinator`, `aitbc miner`, ...) supervised here:
+a process that dies is restarted; Ctrl-C stops them all cleanly. First start creates keys, an
+API key and config files in the data folder; later starts reuse them (jobs, receipts survive).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from aitbc.rpc import CHANNEL_OPTIONS
+from aitbc.v1 import miner_pb2, miner_pb2_grpc
+
+CLIENT_ID = "devnet-client"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _resolve(listen: str) -> str:
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{free_port(host) if port == '0' else int(port)}"
+
+
+def _toml(values: dict[str, object]) -> str:
+    lines = []
+    for k, v in values.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            continue
+        lines.append(f"{k} = {json.dumps(v)}")
+    for k, v in values.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            for item in v:
+                lines.append(f"\n[[{k}]]")
+                lines.extend(f"{ik} = {json.dumps(iv)}" for ik, iv in item.items())
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.log, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        fh.close()
+        self.started_at = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Devnet:
+    data_dir: Path
+    coordinator_listen: str = "127.0.0.1:18000"
+    miner_ops_listen: str = "127.0.0.1:18001"
+    models: list[str] = field(default_factory=lambda: ["tiny-sd"])
+    log_to: object = sys.stdout
+    children: list[Child] = field(default_factory=list)
+    endpoints: dict[str, object] = field(default_factory=dict)
+
+    def say(self, text: str) -> None:
+        print(text, file=self.log_to, flush=True)  # type: ignore[arg-type]
+
+    def prepare(self) -> dict[str, object]:
+        """Create keys, the API key and configs on first start; reuse them afterwards."""
+        d = self.data_dir
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        state_file = d / "devnet.json"
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        if "api_key" not in state:
+            state["api_key"] = "aitbc_" + secrets.token_urlsafe(24)
+        if "coordinator" not in state or self.coordinator_listen != "127.0.0.1:0":
+            state["coordinator"] = _resolve(self.coordinator_listen)
+        if "miner_ops" not in state or self.miner_ops_listen != "127.0.0.1:0":
+            state["miner_ops"] = _resolve(self.miner_ops_listen)
+        tmp = state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, state_file)
+        key_hash = hashlib.sha256(state["api_key"].encode()).hexdigest()
+        (d / "coordinator.toml").write_text(_toml({
+            "listen": state["coordinator"], "data_dir": str(d / "coordinator"), "key_file": str(d / "keys" / "coordinator.key"),
+            "chain_id": "aitbc-devnet",
+            "clients": [{"id": CLIENT_ID, "api_key_sha256": key_hash}],
+        }))
+        (d / "miner.toml").write_text(_toml({
+            "coordinator": state["coordinator"], "key_file": str(d / "keys" / "miner.key"), "models": self.models,
+            "ops_listen": state["miner_ops"], "price_per_unit": 1,
+        }))
+        return state
+
+    def start(self, *, ready_timeout: float = 180.0) -> dict[str, object]:
+        state = self.prepare()
+        d = self.data_dir
+        cli = [sys.executable, "-m", "aitbc.clients.cli"]
+        self.children = [
+            Child("coordinator", [*cli, "coordinator", "--config", str(d / "coordinator.toml")], d / "logs" / "coordinator.log"),
+            Child("miner", [*cli, "miner", "--config", str(d / "miner.toml")], d / "logs" / "miner.log"),
+        ]
+        for child in self.children:
+            child.start()
+        self._wait_ready(str(state["miner_ops"]), ready_timeout)
+        self.endpoints = {
+            "coordinator": state["coordinator"],
+            "miner_ops": state["miner_ops"],
+            "api_key": state["api_key"],
+            "client_id": CLIENT_ID,
+            "chain_id": "aitbc-devnet",
+            "data_dir": str(d),
+            "pid": os.getpid(),
+        }
+        ep = d / "endpoints.json"
+        ep.write_text(json.dumps(self.endpoints, indent=2))
+        os.chmod(ep, 0o600)
+        return self.endpoints
+
+    def _wait_ready(self, miner_ops: str, timeout: float) -> None:
+        """Ready when the miner reports a live Work stream to the coordinator."""
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(miner_ops, options=CHANNEL_OPTIONS) as ch:
+            stub = miner_pb2_grpc.MinerServiceStub(ch)
+            while time.monotonic() < deadline:
+                for child in self.children:
+                    if not child.alive():
+                        self.stop()
+                        raise RuntimeError(f"devnet: {child.name} exited during start-up:\n{child.tail()}")
+                try:
+                    if stub.GetInfo(miner_pb2.GetInfoRequest(), timeout=1).connected:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"devnet: not ready within {timeout:.0f} s; see logs in {self.data_dir / 'logs'}")
+
+    def supervise_once(self) -> None:
+        """Restart any child that died (with a short backoff after repeated deaths)."""
+        for child in self.children:
+            if not child.alive():
+                code = child.proc.returncode if child.proc else None
+                if time.monotonic() - child.started_at < min(30, 2 ** child.restarts):
+                    continue
+                child.restarts += 1
+                self.say(f"devnet: {child.name} exited ({code}); restarting (restart #{child.restarts})")
+                child.start()
+
+    def run_forever(self) -> None:
+        stop = False
+
+        def on_signal(signum: int, frame: object) -> None:
+            nonlocal stop
+            stop = True
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not stop:
+                self.supervise_once()
+                time.sleep(0.5)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for child in reversed(self.children):
+            if child.alive():
+                child.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout
+        for child in reversed(self.children):
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+        ep = self.data_dir / "endpoints.json"
+        if ep.exists():
+            ep.unlink()

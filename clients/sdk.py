@@ -1,0 +1,149 @@
+"""A typed Python SDK over the generated stubs (synchronous; for scripts, the CLI and apps)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from aitbc.rpc import CHANNEL_OPTIONS
+from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, receipt_pb2
+from aitbc.wire import receipt_from_proto
+
+
+class ClientError(Exception):
+    """A failed call: `code` is the gRPC status name, `message` what the server said."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def aitbc_home() -> Path:
+    return Path(os.environ.get("AITBC_HOME", "~/.aitbc")).expanduser()
+
+
+def devnet_endpoints(data_dir: str | Path | None = None) -> dict[str, Any]:
+    """The endpoints file a running devnet writes ({} when none is running)."""
+    path = Path(data_dir).expanduser() if data_dir else aitbc_home() / "devnet"
+    try:
+        return json.loads((path / "endpoints.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _wrap(fn: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except grpc.RpcError as exc:
+            raise ClientError(exc.code().name, exc.details() or "") from None
+
+    return call
+
+
+class CoordinatorClient:
+    def __init__(self, target: str, api_key: str, *, timeout: float = 30.0) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
+        self._md = (("x-api-key", api_key),)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @_wrap
+    def submit_image(
+        self,
+        prompt: str,
+        *,
+        model: str = "tiny-sd",
+        negative_prompt: str = "",
+        steps: int = 0,
+        guidance_scale: float | None = None,
+        width: int = 0,
+        height: int = 0,
+        images: int = 1,
+        seed: int | None = None,
+        request_id: str = "",
+        max_price_per_unit: int | None = None,
+    ) -> job_pb2.Job:
+        params = job_pb2.ImageParams(prompt=prompt, negative_prompt=negative_prompt, steps=steps,
+                                     width=width, height=height, images=images)
+        if guidance_scale is not None:
+            params.guidance_scale = guidance_scale
+        if seed is not None:
+            params.seed = seed
+        req = coordinator_pb2.SubmitJobRequest(model=model, params=job_pb2.JobParams(image=params), request_id=request_id)
+        if max_price_per_unit is not None:
+            req.max_price_per_unit = max_price_per_unit
+        return self._stub.SubmitJob(req, metadata=self._md, timeout=self.timeout).job
+
+    @_wrap
+    def get_job(self, job_id: str) -> job_pb2.Job:
+        return self._stub.GetJob(coordinator_pb2.GetJobRequest(job_id=job_id), metadata=self._md, timeout=self.timeout).job
+
+    @_wrap
+    def cancel(self, job_id: str, reason: str = "") -> job_pb2.Job:
+        return self._stub.CancelJob(coordinator_pb2.CancelJobRequest(job_id=job_id, reason=reason),
+                                    metadata=self._md, timeout=self.timeout).job
+
+    def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[job_pb2.Job | job_pb2.JobProgress]:
+        """Yield Job snapshots and JobProgress events until the job finishes."""
+        try:
+            for ev in self._stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), metadata=self._md, timeout=timeout):
+                yield ev.job if ev.WhichOneof("event") == "job" else ev.progress
+        except grpc.RpcError as exc:
+            raise ClientError(exc.code().name, exc.details() or "") from None
+
+    @_wrap
+    def result(self, job_id: str, index: int = 0) -> tuple[job_pb2.Artifact, bytes]:
+        """Fetch one artifact (chunked) and check it against its sha256."""
+        art = None
+        parts: list[bytes] = []
+        for chunk in self._stub.GetJobResult(coordinator_pb2.GetJobResultRequest(job_id=job_id, index=index),
+                                             metadata=self._md, timeout=max(self.timeout, 120)):
+            if chunk.HasField("artifact"):
+                art = chunk.artifact
+            parts.append(chunk.data)
+        data = b"".join(parts)
+        if art is None or hashlib.sha256(data).hexdigest() != art.sha256:
+            raise ClientError("DATA_LOSS", f"artifact {index} of job {job_id} does not match its sha256")
+        return art, data
+
+    @_wrap
+    def receipt(self, *, job_id: str = "", receipt_hash: str = "") -> receipt_pb2.Receipt:
+        req = (coordinator_pb2.GetReceiptRequest(job_id=job_id) if job_id
+               else coordinator_pb2.GetReceiptRequest(receipt_hash=receipt_hash))
+        return self._stub.GetReceipt(req, metadata=self._md, timeout=self.timeout).receipt
+
+    @_wrap
+    def receipts(self, *, job_id: str = "", page_size: int = 20, page_token: str = "") -> tuple[list[receipt_pb2.Receipt], str]:
+        resp = self._stub.ListReceipts(coordinator_pb2.ListReceiptsRequest(job_id=job_id, page_size=page_size, page_token=page_token),
+                                       metadata=self._md, timeout=self.timeout)
+        return list(resp.receipts), resp.next_page_token
+
+
+def receipt_json(rec: receipt_pb2.Receipt) -> dict[str, Any]:
+    """The receipt file format (docs/receipts.md) plus its settlement status, if any."""
+    out = receipt_from_proto(rec).to_json_dict()
+    if rec.HasField("settlement"):
+        s = rec.settlement
+        out["settlement"] = {
+            "state": receipt_pb2.SettlementState.Name(s.state).removeprefix("SETTLEMENT_STATE_"),
+            "tx_hash": s.tx_hash, "block_height": s.block_height, "amount": s.amount, "error": s.error,
+        }
+    return out

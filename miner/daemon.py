@@ -1,0 +1,307 @@
+"""The miner daemon: registers with a coordinator (or hub), keeps one Work stream, runs jobs.
+
+Inference runs in worker threads (never on the event loop); progress, results and receipts go
+up the stream. On any stream loss the daemon reconnects with backoff and registers again; jobs
+in flight are abandoned (the coordinator requeues them) and their compute is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from aitbc.miner.backend import (
+    NULL_MODEL,
+    BackendError,
+    ImageBackend,
+    ImageRequest,
+    JobCancelled,
+    load_image_backend,
+    pick_device,
+)
+
+from aitbc import crypto, jobs, receipts
+from aitbc.config import MinerConfig, write_port_file
+from aitbc.coordinator import register_digest
+from aitbc.rpc import CHUNK_BYTES, RunningServer, Service, channel, handle_errors, start_server
+from aitbc.v1 import job_pb2, miner_pb2, miner_pb2_grpc
+from aitbc.wire import receipt_to_proto
+
+log = logging.getLogger("aitbc.miner")
+VERSION = "aitbc-miner/0.1"
+
+
+
+
+@dataclass
+class RunningJob:
+    job: job_pb2.Job
+    cancel: threading.Event = field(default_factory=threading.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class MinerDaemon:
+    def __init__(self, config: MinerConfig, key: crypto.PrivateKey, backends: dict[str, ImageBackend]) -> None:
+        self.config = config
+        self.key = key
+        self.backends = backends
+        self.device = next(iter(backends.values())).device if backends else "cpu"
+        self.running: dict[str, RunningJob] = {}
+        self.connected = False
+        self.completed = 0
+        self.failed = 0
+        self._slots = asyncio.Semaphore(max(1, config.max_concurrency))
+        self._outbox: asyncio.Queue[miner_pb2.WorkRequest | None] | None = None
+        self._stop = asyncio.Event()
+        self.registered = asyncio.Event()
+
+    def info(self) -> miner_pb2.MinerInfo:
+        name, vram = "cpu", 0
+        if self.device.startswith("cuda"):
+            import torch
+
+            props = torch.cuda.get_device_properties(torch.device(self.device))
+            name, vram = props.name, props.total_memory // (1024 * 1024)
+        return miner_pb2.MinerInfo(
+            gpu_name=name, vram_mb=vram, models=list(self.backends), price_per_unit=self.config.price_per_unit,
+            max_concurrency=max(1, self.config.max_concurrency), device=self.device, version=VERSION,
+        )
+
+    # ---- connection -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect with exponential backoff until stop()."""
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                await self._session()
+                backoff = 0.5
+            except grpc.aio.AioRpcError as exc:
+                log.warning("coordinator %s: %s: %s", self.config.coordinator, exc.code().name, exc.details())
+                if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
+                    log.error("registration refused; fix the miner config: %s", exc.details())
+            except Exception:
+                log.exception("miner session failed")
+            finally:
+                self.connected = False
+                self.registered.clear()
+                self._abandon_all("lost the coordinator stream")
+            if self._stop.is_set():
+                break
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=backoff)
+            except TimeoutError:
+                pass
+            backoff = min(backoff * 2, self.config.reconnect_max_s)
+
+    async def _session(self) -> None:
+        async with channel(self.config.coordinator) as ch:
+            stub = miner_pb2_grpc.MinerServiceStub(ch)
+            ch_resp = await stub.GetChallenge(miner_pb2.GetChallengeRequest(), timeout=10)
+            sig = self.key.sign(register_digest(ch_resp.challenge, self.key.pubkey))
+            reg = await stub.Register(miner_pb2.RegisterRequest(
+                public_key=self.key.pubkey, challenge=ch_resp.challenge, signature=sig, info=self.info()), timeout=10)
+            self.chain_id = reg.chain_id
+            outbox: asyncio.Queue[miner_pb2.WorkRequest | None] = asyncio.Queue()
+            self._outbox = outbox
+
+            async def requests() -> AsyncIterator[miner_pb2.WorkRequest]:
+                while True:
+                    msg = await outbox.get()
+                    if msg is None:
+                        return
+                    yield msg
+
+            call = stub.Work(requests(), metadata=(("x-miner-session", reg.session_token),))
+            self.connected = True
+            self.registered.set()
+            log.info("registered as %s with %s (models %s, device %s)", reg.miner_id, self.config.coordinator,
+                     list(self.backends), self.device)
+            beat = asyncio.create_task(self._heartbeat(outbox, reg.heartbeat_interval_ms / 1000 or 2.0))
+            stopper = asyncio.create_task(self._stop.wait())
+            try:
+                reader = asyncio.create_task(self._read(call))
+                done, _ = await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if reader in done:
+                    reader.result()
+                else:
+                    reader.cancel()
+                    call.cancel()
+            finally:
+                beat.cancel()
+                stopper.cancel()
+                outbox.put_nowait(None)
+                self._outbox = None
+
+    async def _read(self, call: Any) -> None:
+        async for msg in call:
+            kind = msg.WhichOneof("msg")
+            if kind == "assignment":
+                self._start_job(msg.assignment)
+            elif kind == "cancel":
+                rj = self.running.get(msg.cancel.job_id)
+                if rj is not None:
+                    log.info("job %s cancelled by coordinator: %s", msg.cancel.job_id, msg.cancel.reason)
+                    rj.cancel.set()
+            elif kind == "rejected":
+                log.warning("coordinator rejected %s: %s", msg.rejected.job_id or "a message", msg.rejected.reason)
+            elif kind == "accepted":
+                log.info("result for %s accepted, receipt %s", msg.accepted.job_id, msg.accepted.receipt_hash)
+
+    async def _heartbeat(self, outbox: asyncio.Queue[miner_pb2.WorkRequest | None], interval: float) -> None:
+        while True:
+            outbox.put_nowait(miner_pb2.WorkRequest(heartbeat=miner_pb2.Heartbeat(running_jobs=len(self.running))))
+            await asyncio.sleep(interval)
+
+    def _send(self, msg: miner_pb2.WorkRequest) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(msg)
+
+    def _abandon_all(self, reason: str) -> None:
+        for rj in self.running.values():
+            rj.cancel.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ---- jobs -------------------------------------------------------------------------------
+
+    def _start_job(self, assignment: miner_pb2.Assignment) -> None:
+        job = assignment.job
+        if job.job_id in self.running:
+            return
+        rj = RunningJob(job)
+        self.running[job.job_id] = rj
+        rj.task = asyncio.create_task(self._run_job(rj, assignment))
+
+    async def _run_job(self, rj: RunningJob, assignment: miner_pb2.Assignment) -> None:
+        job = rj.job
+        job_id = job.job_id
+        try:
+            async with self._slots:
+                backend = self.backends.get(job.model)
+                if backend is None:
+                    self._send(miner_pb2.WorkRequest(failed=miner_pb2.JobFailed(
+                        job_id=job_id, reason=f"model '{job.model}' is not loaded on this miner", permanent=False)))
+                    return
+                self._send(miner_pb2.WorkRequest(accepted=miner_pb2.JobAccepted(job_id=job_id)))
+                p = job.params.image
+                req = ImageRequest(prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps,
+                                   guidance_scale=p.guidance_scale, width=p.width, height=p.height,
+                                   images=p.images or 1, seed=p.seed)
+                loop = asyncio.get_running_loop()
+
+                def on_step(step: int, total: int) -> None:
+                    loop.call_soon_threadsafe(self._send, miner_pb2.WorkRequest(
+                        progress=job_pb2.JobProgress(job_id=job_id, step=step, total_steps=total)))
+
+                started = jobs.now_ms()
+                out = await asyncio.to_thread(backend.generate, req, on_step, rj.cancel)
+                finished = max(jobs.now_ms(), started + out.gpu_ms)
+                if rj.cancel.is_set():
+                    return
+                digests = []
+                artifacts = []
+                for i, png in enumerate(out.pngs):
+                    for off in range(0, len(png), CHUNK_BYTES):
+                        self._send(miner_pb2.WorkRequest(chunk=miner_pb2.ArtifactChunk(
+                            job_id=job_id, index=i, data=png[off:off + CHUNK_BYTES])))
+                    d = crypto.sha256(png)
+                    digests.append(d)
+                    artifacts.append(job_pb2.Artifact(sha256=d.hex(), size=len(png), content_type="image/png",
+                                                      width=out.width, height=out.height))
+                body = receipts.ReceiptBody(
+                    job_id=job_id, provider=self.key.address, client=job.client_id, units=max(1, out.gpu_ms),
+                    unit_type="gpu_ms", price_per_unit=job.price_per_unit, model=job.model,
+                    prompt_hash=jobs.prompt_hash(p.prompt), started_at=started, finished_at=finished,
+                    artifact_sha256=receipts.manifest_sha256(digests), nonce=secrets.token_hex(16),
+                    hub_id=assignment.hub_id, chain_id=assignment.chain_id,
+                )
+                signed = receipts.sign_receipt(body, self.key)
+                self._send(miner_pb2.WorkRequest(result=miner_pb2.JobResult(
+                    job_id=job_id, artifacts=artifacts, receipt=receipt_to_proto(signed))))
+                self.completed += 1
+                log.info("job %s done: %d image(s), %d gpu_ms", job_id, len(out.pngs), out.gpu_ms)
+        except JobCancelled:
+            log.info("job %s stopped (cancelled)", job_id)
+        except BackendError as exc:
+            self.failed += 1
+            self._send(miner_pb2.WorkRequest(failed=miner_pb2.JobFailed(job_id=job_id, reason=str(exc), permanent=True)))
+        except Exception as exc:
+            self.failed += 1
+            log.exception("job %s failed", job_id)
+            self._send(miner_pb2.WorkRequest(failed=miner_pb2.JobFailed(
+                job_id=job_id, reason=f"{exc.__class__.__name__}: {exc}"[:500], permanent=False)))
+        finally:
+            self.running.pop(job_id, None)
+
+
+class MinerOpsServicer(miner_pb2_grpc.MinerServiceServicer):
+    """The miner daemon's own MinerService: only GetInfo, for operators."""
+
+    def __init__(self, daemon: MinerDaemon) -> None:
+        self.daemon = daemon
+
+    @handle_errors
+    async def GetInfo(self, request: miner_pb2.GetInfoRequest, context: Any) -> miner_pb2.GetInfoResponse:
+        d = self.daemon
+        return miner_pb2.GetInfoResponse(
+            miner_id=d.key.address, info=d.info(), coordinator=d.config.coordinator, connected=d.connected,
+            running_jobs=len(d.running), jobs_completed=d.completed, jobs_failed=d.failed,
+        )
+
+    async def _elsewhere(self, context: Any) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "this is a miner daemon's ops port: GetChallenge/Register/Work are served by the coordinator")
+
+    async def GetChallenge(self, request: Any, context: Any) -> Any:
+        await self._elsewhere(context)
+
+    async def Register(self, request: Any, context: Any) -> Any:
+        await self._elsewhere(context)
+
+    async def Work(self, request_iterator: Any, context: Any) -> Any:
+        await self._elsewhere(context)
+
+
+def build_daemon(config: MinerConfig) -> MinerDaemon:
+    key = crypto.load_or_create_key(config.key_file)
+    if all(m == NULL_MODEL for m in config.models):
+        device = "cpu"  # no inference: do not pay for importing torch
+    else:
+        device = pick_device(config.gpu_devices[0] if config.gpu_devices else None)
+    backends = {m: load_image_backend(m, device) for m in config.models}
+    return MinerDaemon(config, key, backends)
+
+
+async def start_ops(daemon: MinerDaemon, listen: str) -> RunningServer:
+    return await start_server(listen, [
+        Service(miner_pb2_grpc.add_MinerServiceServicer_to_server, MinerOpsServicer(daemon),
+                miner_pb2.DESCRIPTOR.services_by_name["MinerService"].full_name),
+    ])
+
+
+async def run_miner(config: MinerConfig) -> None:
+    """Load models, serve the ops port, connect; until SIGINT/SIGTERM."""
+    t0 = time.perf_counter()
+    daemon = build_daemon(config)
+    print(f"miner {daemon.key.address}: loaded {', '.join(config.models)} on {daemon.device} "
+          f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    ops = await start_ops(daemon, config.ops_listen)
+    host = config.ops_listen.rsplit(":", 1)[0]
+    print(f"miner ops (GetInfo) listening on {host}:{ops.port}; coordinator {config.coordinator}", flush=True)
+    write_port_file(config.port_file, ops.port)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, daemon.stop)
+    await daemon.run()
+    print("miner stopping", flush=True)
+    await ops.stop(1.0)

@@ -1,0 +1,217 @@
+"""gRPC servers of the coordinator: CoordinatorService (clients) and MinerService (miners).
+
+Thin: parse, call aitbc.coordinator.Coordinator, map the result. Errors become statuses in
+aitbc.rpc.handle_errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from aitbc import crypto, jobs
+from aitbc.config import CoordinatorConfig, expand, write_port_file
+from aitbc.coordinator import Coordinator
+from aitbc.errors import FailedPrecondition, InvalidArgument
+from aitbc.jobstore import JobStore
+from aitbc.rpc import CHUNK_BYTES, RunningServer, Service, handle_errors, start_server
+from aitbc.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    job_pb2,
+    miner_pb2,
+    miner_pb2_grpc,
+)
+
+log = logging.getLogger("aitbc.server.coordinator")
+S = job_pb2.JobState
+INLINE_IMAGE_LIMIT = 3 * 1024 * 1024
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode()
+    return None
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self, core: Coordinator) -> None:
+        self.core = core
+
+    def _client(self, context: grpc.aio.ServicerContext) -> str:
+        return self.core.authenticate(_metadata(context, "x-api-key")).id
+
+    @handle_errors
+    async def SubmitJob(self, request: coordinator_pb2.SubmitJobRequest, context: Any) -> coordinator_pb2.SubmitJobResponse:
+        client = self._client(context)
+        job = await self.core.submit(
+            client, request.model, request.params, request_id=request.request_id,
+            max_price_per_unit=request.max_price_per_unit if request.HasField("max_price_per_unit") else None,
+        )
+        return coordinator_pb2.SubmitJobResponse(job=job)
+
+    @handle_errors
+    async def GetJob(self, request: coordinator_pb2.GetJobRequest, context: Any) -> coordinator_pb2.GetJobResponse:
+        return coordinator_pb2.GetJobResponse(job=self.core.get(self._client(context), request.job_id))
+
+    @handle_errors
+    async def CancelJob(self, request: coordinator_pb2.CancelJobRequest, context: Any) -> coordinator_pb2.CancelJobResponse:
+        job = await self.core.cancel(self._client(context), request.job_id, request.reason)
+        return coordinator_pb2.CancelJobResponse(job=job)
+
+    @handle_errors
+    async def WatchJob(self, request: coordinator_pb2.WatchJobRequest, context: Any) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
+        async for event in self.core.watch(self._client(context), request.job_id):
+            if isinstance(event, job_pb2.Job):
+                yield coordinator_pb2.WatchJobResponse(job=event)
+            else:
+                yield coordinator_pb2.WatchJobResponse(progress=event)
+
+    @handle_errors
+    async def GetJobResult(self, request: coordinator_pb2.GetJobResultRequest, context: Any) -> AsyncIterator[coordinator_pb2.GetJobResultResponse]:
+        art, data = self.core.artifact(self._client(context), request.job_id, request.index)
+        yield coordinator_pb2.GetJobResultResponse(artifact=art, offset=0, data=data[:CHUNK_BYTES])
+        for offset in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
+            yield coordinator_pb2.GetJobResultResponse(offset=offset, data=data[offset:offset + CHUNK_BYTES])
+
+    @handle_errors
+    async def ListReceipts(self, request: coordinator_pb2.ListReceiptsRequest, context: Any) -> coordinator_pb2.ListReceiptsResponse:
+        page, token = self.core.list_receipts(
+            self._client(context), job_id=request.job_id, page_size=request.page_size, page_token=request.page_token
+        )
+        return coordinator_pb2.ListReceiptsResponse(receipts=page, next_page_token=token)
+
+    @handle_errors
+    async def GetReceipt(self, request: coordinator_pb2.GetReceiptRequest, context: Any) -> coordinator_pb2.GetReceiptResponse:
+        client = self._client(context)
+        which = request.WhichOneof("key")
+        if which is None:
+            raise InvalidArgument("set receipt_hash or job_id")
+        rec = self.core.receipt(client, **{which: getattr(request, which)})
+        return coordinator_pb2.GetReceiptResponse(receipt=rec)
+
+    @handle_errors
+    async def GenerateImage(self, request: coordinator_pb2.GenerateImageRequest, context: Any) -> coordinator_pb2.GenerateImageResponse:
+        client = self._client(context)
+        job = await self.core.submit(
+            client, request.model, job_pb2.JobParams(image=request.params), request_id=request.request_id,
+            max_price_per_unit=request.max_price_per_unit if request.HasField("max_price_per_unit") else None,
+        )
+        timeout = request.timeout_seconds or 300
+        try:
+            async with asyncio.timeout(timeout):
+                async for event in self.core.watch(client, job.job_id):
+                    if isinstance(event, job_pb2.Job):
+                        job = event
+        except TimeoutError:
+            raise FailedPrecondition(
+                f"job {job.job_id} did not finish within {timeout} s; it is still {jobs.state_name(job.state)}: "
+                "use WatchJob/GetJob with this id"
+            ) from None
+        if job.state != S.JOB_STATE_COMPLETED:
+            raise FailedPrecondition(f"job {job.job_id} ended {jobs.state_name(job.state)}: {job.error}")
+        _, data = self.core.artifact(client, job.job_id, 0)
+        return coordinator_pb2.GenerateImageResponse(
+            job=job, receipt=job.receipt, image=data if len(data) <= INLINE_IMAGE_LIMIT else b""
+        )
+
+
+class MinerGatewayServicer(miner_pb2_grpc.MinerServiceServicer):
+    def __init__(self, core: Coordinator) -> None:
+        self.core = core
+
+    @handle_errors
+    async def GetChallenge(self, request: miner_pb2.GetChallengeRequest, context: Any) -> miner_pb2.GetChallengeResponse:
+        challenge, ttl = self.core.challenge()
+        return miner_pb2.GetChallengeResponse(
+            challenge=challenge, expires_at_unix_ms=jobs.now_ms() + int(ttl * 1000), chain_id=self.core.config.chain_id
+        )
+
+    @handle_errors
+    async def Register(self, request: miner_pb2.RegisterRequest, context: Any) -> miner_pb2.RegisterResponse:
+        session = self.core.register(request.public_key, request.challenge, request.signature, request.info)
+        cfg = self.core.config
+        return miner_pb2.RegisterResponse(
+            miner_id=session.miner_id,
+            session_token=session.token,
+            heartbeat_interval_ms=int(cfg.heartbeat_interval_s * 1000),
+            heartbeat_timeout_ms=int(cfg.heartbeat_timeout_s * 1000),
+            chain_id=cfg.chain_id,
+        )
+
+    @handle_errors
+    async def Work(self, request_iterator: AsyncIterator[miner_pb2.WorkRequest], context: Any) -> AsyncIterator[miner_pb2.WorkResponse]:
+        conn = self.core.connect(_metadata(context, "x-miner-session") or "")
+        ended = "stream closed by the miner"
+
+        async def read() -> None:
+            nonlocal ended
+            try:
+                async for msg in request_iterator:
+                    self.core.on_work(conn, msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a broken or garbage stream ends this miner's session
+                ended = f"stream error: {exc.__class__.__name__}"
+            self.core.disconnect(conn, ended)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                msg = await conn.outbox.get()
+                if msg is None:
+                    break
+                yield msg
+        finally:
+            reader.cancel()
+            self.core.disconnect(conn, ended)
+
+    @handle_errors
+    async def GetInfo(self, request: miner_pb2.GetInfoRequest, context: Any) -> miner_pb2.GetInfoResponse:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "GetInfo is served by each miner daemon on its ops port (default 127.0.0.1:18001), not by the coordinator",
+        )
+        raise AssertionError("unreachable")
+
+
+async def start_coordinator(config: CoordinatorConfig) -> tuple[RunningServer, Coordinator, asyncio.Task[None]]:
+    store = JobStore(expand(config.data_dir) / "jobs")
+    key = crypto.load_or_create_key(config.key_file)
+    core = Coordinator(store, key, config)
+    running = await start_server(config.listen, [
+        Service(coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, CoordinatorServicer(core),
+                coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name),
+        Service(miner_pb2_grpc.add_MinerServiceServicer_to_server, MinerGatewayServicer(core),
+                miner_pb2.DESCRIPTOR.services_by_name["MinerService"].full_name),
+    ])
+    housekeeping = asyncio.create_task(core.run_housekeeping())
+    return running, core, housekeeping
+
+
+async def stop_coordinator(running: RunningServer, core: Coordinator, housekeeping: asyncio.Task[None]) -> None:
+    housekeeping.cancel()
+    core.close()
+    await running.stop(1.0)
+    core.store.close()
+
+
+async def run_coordinator(config: CoordinatorConfig) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    running, core, housekeeping = await start_coordinator(config)
+    host = config.listen.rsplit(":", 1)[0]
+    print(f"coordinator listening on {host}:{running.port} (attester {core.key.address}, chain {config.chain_id})", flush=True)
+    write_port_file(config.port_file, running.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("coordinator stopping", flush=True)
+    await stop_coordinator(running, core, housekeeping)
