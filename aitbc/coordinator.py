@@ -119,6 +119,7 @@ class Coordinator:
         self._jobs: dict[str, job_pb2.Job] = {}  # active jobs, the source of truth while active
         self._assigned_at: dict[str, float] = {}
         self._queued_at: dict[str, float] = {}
+        self._excluded: dict[str, set[str]] = {}  # job -> miners whose result for it was rejected
         self._watchers: dict[str, set[asyncio.Queue[job_pb2.Job | job_pb2.JobProgress]]] = {}
         self._rr = itertools.count()
         self.receipt_listeners: list[Callable[[receipt_pb2.Receipt], None]] = []
@@ -440,6 +441,7 @@ class Coordinator:
         conn.running.discard(job.job_id)
         conn.send(miner_pb2.WorkResponse(rejected=miner_pb2.WorkRejected(job_id=job.job_id, reason=reason)))
         log.warning("miner %s: result for %s rejected: %s", conn.miner_id, job.job_id, reason)
+        self._excluded.setdefault(job.job_id, set()).add(conn.miner_id)
         self._requeue(job, f"result from miner {conn.miner_id} rejected: {reason}")
         self._dispatch()
 
@@ -557,6 +559,7 @@ class Coordinator:
         self._jobs.pop(job.job_id, None)
         self._assigned_at.pop(job.job_id, None)
         self._queued_at.pop(job.job_id, None)
+        self._excluded.pop(job.job_id, None)
         self._publish(job.job_id, self._snapshot(job))
         self._log_finished(job)
 
@@ -591,9 +594,11 @@ class Coordinator:
             job = self._jobs.get(job_id)
             if job is None or job.state != S.JOB_STATE_QUEUED:
                 continue
+            excluded = self._excluded.get(job_id, ())
             candidates = [
                 c for c in free
                 if job.model in c.session.info.models
+                and c.miner_id not in excluded
                 and (not job.HasField("max_price_per_unit") or c.session.info.price_per_unit <= job.max_price_per_unit)
             ]
             if not candidates:

@@ -149,16 +149,17 @@ class MinerGatewayServicer(miner_pb2_grpc.MinerServiceServicer):
     async def Work(self, request_iterator: AsyncIterator[miner_pb2.WorkRequest], context: Any) -> AsyncIterator[miner_pb2.WorkResponse]:
         conn = self.core.connect(_metadata(context, "x-miner-session") or "")
         ended = "stream closed by the miner"
+        broken = False
 
         async def read() -> None:
-            nonlocal ended
+            nonlocal ended, broken
             try:
                 async for msg in request_iterator:
                     self.core.on_work(conn, msg)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a broken or garbage stream ends this miner's session
-                ended = f"stream error: {exc.__class__.__name__}"
+            except Exception as exc:  # garbage bytes or a broken stream end this miner's session only
+                ended, broken = f"unreadable WorkRequest ({exc.__class__.__name__})", True
             self.core.disconnect(conn, ended)
 
         reader = asyncio.create_task(read())
@@ -171,6 +172,8 @@ class MinerGatewayServicer(miner_pb2_grpc.MinerServiceServicer):
         finally:
             reader.cancel()
             self.core.disconnect(conn, ended)
+        if broken:
+            raise InvalidArgument(f"Work stream closed: {ended}; reconnect and send WorkRequest messages")
 
     @handle_errors
     async def GetInfo(self, request: miner_pb2.GetInfoRequest, context: Any) -> miner_pb2.GetInfoResponse:

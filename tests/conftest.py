@@ -1,0 +1,135 @@
+"""Shared fixtures: a real coordinator on 127.0.0.1:0, real miner daemons, aio client stubs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from aitbc import crypto
+from aitbc.config import ClientKey, CoordinatorConfig, MinerConfig
+from aitbc.rpc import channel
+
+API_KEY = "test-api-key-alice"
+OTHER_KEY = "test-api-key-bob"
+
+
+@pytest.fixture(scope="session")
+def tiny_backend() -> Any:
+    from aitbc.miner.backend import load_image_backend
+
+    return load_image_backend("tiny-sd", "cpu")
+
+
+@pytest.fixture(scope="session")
+def null_backend() -> Any:
+    from aitbc.miner.backend import load_image_backend
+
+    return load_image_backend("null", "cpu")
+
+
+@dataclass
+class Network:
+    """A coordinator plus miners in this event loop; `restart_coordinator` keeps the port and data."""
+
+    tmp: Path
+    overrides: dict[str, Any]
+    address: str = ""
+    running: Any = None
+    core: Any = None
+    housekeeping: Any = None
+    miners: list[Any] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def config(self, listen: str) -> CoordinatorConfig:
+        values = dict(
+            listen=listen, data_dir=str(self.tmp / "coordinator"), key_file=str(self.tmp / "coordinator.key"),
+            clients=[ClientKey("alice", hashlib.sha256(API_KEY.encode()).hexdigest()),
+                     ClientKey("bob", hashlib.sha256(OTHER_KEY.encode()).hexdigest())],
+            heartbeat_interval_s=0.5, heartbeat_timeout_s=3.0,
+        )
+        values.update(self.overrides)
+        return CoordinatorConfig(**values)
+
+    async def start_coordinator(self) -> None:
+        from aitbc.server.coordinator import start_coordinator
+
+        listen = self.address or "127.0.0.1:0"
+        self.running, self.core, self.housekeeping = await start_coordinator(self.config(listen))
+        self.address = f"127.0.0.1:{self.running.port}"
+
+    async def stop_coordinator(self) -> None:
+        from aitbc.server.coordinator import stop_coordinator
+
+        if self.running is not None:
+            await stop_coordinator(self.running, self.core, self.housekeeping)
+            self.running = None
+
+    async def restart_coordinator(self) -> None:
+        await self.stop_coordinator()
+        await self.start_coordinator()
+
+    async def add_miner(self, backends: dict[str, Any], *, price: int = 0, concurrency: int = 1,
+                        key: crypto.PrivateKey | None = None, wait: bool = True) -> Any:
+        from aitbc.miner.daemon import MinerDaemon
+
+        conf = MinerConfig(coordinator=self.address, models=list(backends), price_per_unit=price,
+                           max_concurrency=concurrency, reconnect_max_s=0.5)
+        daemon = MinerDaemon(conf, key or crypto.PrivateKey.generate(), backends)
+        self.miners.append(daemon)
+        self.tasks.append(asyncio.create_task(daemon.run()))
+        if wait:
+            await asyncio.wait_for(daemon.registered.wait(), 20)
+            await self.until(lambda: daemon.key.address in self.core.miners)
+        return daemon
+
+    async def until(self, predicate: Any, timeout: float = 30.0, interval: float = 0.02) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError("condition not reached in time")
+            await asyncio.sleep(interval)
+
+    def channel(self) -> grpc.aio.Channel:
+        ch = channel(self.address)
+        self.channels.append(ch)
+        return ch
+
+    async def close(self) -> None:
+        for d in self.miners:
+            d.stop()
+        for t in self.tasks:
+            try:
+                await asyncio.wait_for(t, 10)
+            except (TimeoutError, asyncio.CancelledError):
+                t.cancel()
+        for ch in self.channels:
+            await ch.close()
+        await self.stop_coordinator()
+
+
+@pytest.fixture
+async def network_factory(tmp_path: Path) -> AsyncIterator[Any]:
+    nets: list[Network] = []
+
+    async def make(**overrides: Any) -> Network:
+        net = Network(tmp_path / f"net{len(nets)}", overrides)
+        nets.append(net)
+        await net.start_coordinator()
+        return net
+
+    yield make
+    for net in nets:
+        await net.close()
+
+
+@pytest.fixture
+async def net(network_factory: Any) -> Network:
+    return await network_factory()

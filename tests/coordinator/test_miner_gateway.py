@@ -1,0 +1,239 @@
+"""MinerService on the coordinator: registration proofs and a miner that misbehaves on its stream."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+
+import grpc
+import pytest
+
+from aitbc import crypto, jobs, receipts
+from aitbc.coordinator import register_digest
+from aitbc.miner.backend import null_png
+from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2, miner_pb2_grpc
+from aitbc.wire import receipt_to_proto
+from tests.coordinator.test_jobs_api import MD, image_job, stub, wait_done
+
+S = job_pb2.JobState
+
+
+class RawMiner:
+    """A hand-driven miner: every message is ours to forge."""
+
+    def __init__(self, net, key: crypto.PrivateKey | None = None) -> None:
+        self.net = net
+        self.key = key or crypto.PrivateKey.generate()
+        self.stub = miner_pb2_grpc.MinerServiceStub(net.channel())
+        self.outbox: asyncio.Queue = asyncio.Queue()
+
+    async def connect(self, models=("null",)) -> None:
+        ch = await self.stub.GetChallenge(miner_pb2.GetChallengeRequest())
+        reg = await self.stub.Register(miner_pb2.RegisterRequest(
+            public_key=self.key.pubkey, challenge=ch.challenge,
+            signature=self.key.sign(register_digest(ch.challenge, self.key.pubkey)),
+            info=miner_pb2.MinerInfo(models=list(models), max_concurrency=1)))
+
+        async def requests():
+            while True:
+                msg = await self.outbox.get()
+                if msg is None:
+                    return
+                yield msg
+
+        self.call = self.stub.Work(requests(), metadata=(("x-miner-session", reg.session_token),))
+
+    def send(self, **kw) -> None:
+        self.outbox.put_nowait(miner_pb2.WorkRequest(**kw))
+
+    async def read(self) -> miner_pb2.WorkResponse:
+        return await asyncio.wait_for(self.call.read(), 10)
+
+    def result_for(self, job: job_pb2.Job, png: bytes, *, key=None, **body_changes) -> miner_pb2.JobResult:
+        digest = hashlib.sha256(png).digest()
+        now = jobs.now_ms()
+        fields = dict(job_id=job.job_id, provider=self.key.address, client=job.client_id, units=5, unit_type="gpu_ms",
+                      price_per_unit=job.price_per_unit, model=job.model, prompt_hash=job.prompt_hash,
+                      started_at=now - 10, finished_at=now, artifact_sha256=receipts.manifest_sha256([digest]),
+                      nonce=secrets.token_hex(16), hub_id="", chain_id="aitbc-devnet")
+        fields.update(body_changes)
+        body = receipts.ReceiptBody(**fields)
+        signer = key or self.key
+        sig = signer.sign(crypto.domain_digest(receipts.PROVIDER_DOMAIN, body.hash()))
+        rec = receipt_to_proto(receipts.SignedReceipt(body, sig))
+        art = job_pb2.Artifact(sha256=digest.hex(), size=len(png), content_type="image/png", width=64, height=64)
+        return miner_pb2.JobResult(job_id=job.job_id, artifacts=[art], receipt=rec)
+
+
+async def _assigned(net, miner: RawMiner) -> job_pb2.Job:
+    s = stub(net)
+    await s.SubmitJob(image_job(model="null", seed=1, width=64, height=64), metadata=MD)
+    msg = await miner.read()
+    assert msg.WhichOneof("msg") == "assignment"
+    miner.send(accepted=miner_pb2.JobAccepted(job_id=msg.assignment.job.job_id))
+    return msg.assignment.job
+
+
+async def test_honest_raw_result_is_accepted(net) -> None:
+    m = RawMiner(net)
+    await m.connect()
+    job = await _assigned(net, m)
+    png = null_png("a red bicycle", 1, 64, 64)
+    m.send(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=png))
+    m.send(result=m.result_for(job, png))
+    reply = await m.read()
+    assert reply.WhichOneof("msg") == "accepted", reply
+    done = await wait_done(stub(net), job.job_id)
+    assert done.state == S.JOB_STATE_COMPLETED and done.receipt_hash == reply.accepted.receipt_hash
+
+
+@pytest.mark.parametrize(
+    ("forge", "needle"),
+    [
+        ("wrong_hash", "does not match its declared sha256"),
+        ("bad_signature", "provider signature is by"),
+        ("other_provider", "receipt field provider"),
+        ("wrong_client", "receipt field client"),
+        ("wrong_chain", "receipt field chain_id"),
+        ("inflated_units", "implausible"),
+        ("not_png", "not a PNG"),
+    ],
+)
+async def test_forged_results_are_rejected_and_the_job_requeued(net, forge, needle) -> None:
+    m = RawMiner(net)
+    await m.connect()
+    job = await _assigned(net, m)
+    png = null_png("a red bicycle", 1, 64, 64)
+    other = crypto.PrivateKey.generate()
+    if forge == "wrong_hash":
+        m.send(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=png + b"x"))
+        result = m.result_for(job, png)
+    elif forge == "not_png":
+        junk = b"GIF89a" + png
+        m.send(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=junk))
+        result = m.result_for(job, junk)
+    else:
+        m.send(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=png))
+        changes = {
+            "bad_signature": {"key": other},
+            "other_provider": {"key": other, "provider": other.address},
+            "wrong_client": {"client": "mallory"},
+            "wrong_chain": {"chain_id": "another-chain"},
+            "inflated_units": {"units": 10**9},
+        }[forge]
+        result = m.result_for(job, png, **changes)
+    m.send(result=result)
+    reply = await m.read()
+    assert reply.WhichOneof("msg") == "rejected"
+    assert needle in reply.rejected.reason
+    current = net.core._jobs[job.job_id]
+    assert current.state == S.JOB_STATE_QUEUED and needle in current.error
+    assert not net.core.store.get_job(job.job_id).receipt_hash
+
+
+async def test_reports_on_jobs_not_assigned_to_the_miner_are_refused(net) -> None:
+    a, b = RawMiner(net), RawMiner(net)
+    await a.connect()
+    job = await _assigned(net, a)
+    await b.connect()
+    png = null_png("a red bicycle", 1, 64, 64)
+    b.send(progress=job_pb2.JobProgress(job_id=job.job_id, step=1, total_steps=2))
+    reply = await b.read()
+    assert reply.WhichOneof("msg") == "rejected" and "not assigned to miner" in reply.rejected.reason
+    b.send(result=b.result_for(job, png))
+    reply = await b.read()
+    assert "not assigned to miner" in reply.rejected.reason
+    # the rightful miner is undisturbed
+    assert net.core._jobs[job.job_id].miner_id == a.key.address
+
+
+async def test_registration_needs_a_fresh_challenge_signed_by_the_key(net) -> None:
+    m = RawMiner(net)
+    ch = await m.stub.GetChallenge(miner_pb2.GetChallengeRequest())
+    other = crypto.PrivateKey.generate()
+    info = miner_pb2.MinerInfo(models=["null"])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await m.stub.Register(miner_pb2.RegisterRequest(public_key=m.key.pubkey, challenge=ch.challenge,
+                                                        signature=other.sign(register_digest(ch.challenge, m.key.pubkey)), info=info))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # the challenge was consumed by the failed attempt: one use only
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await m.stub.Register(miner_pb2.RegisterRequest(public_key=m.key.pubkey, challenge=ch.challenge,
+                                                        signature=m.key.sign(register_digest(ch.challenge, m.key.pubkey)), info=info))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "challenge" in err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        call = m.stub.Work(iter(()), metadata=(("x-miner-session", "forged"),))
+        await call.read()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_garbage_bytes_on_the_work_stream_end_only_that_session(net, null_backend) -> None:
+    m = RawMiner(net)
+    await m.connect()
+    job = await _assigned(net, m)
+    # a raw call whose request bytes are not a WorkRequest
+    ch = net.channel()
+    garbage = ch.stream_stream("/aitbc.v1.MinerService/Work", request_serializer=lambda b: b,
+                               response_deserializer=lambda b: b)
+    reg_key = crypto.PrivateKey.generate()
+    c = await m.stub.GetChallenge(miner_pb2.GetChallengeRequest())
+    reg = await m.stub.Register(miner_pb2.RegisterRequest(
+        public_key=reg_key.pubkey, challenge=c.challenge,
+        signature=reg_key.sign(register_digest(c.challenge, reg_key.pubkey)), info=miner_pb2.MinerInfo(models=["null"])))
+    call = garbage(iter([b"\xff\xfe garbage \x00" * 10]), metadata=(("x-miner-session", reg.session_token),))
+    with pytest.raises(grpc.aio.AioRpcError):
+        async for _ in call:
+            pass
+    # the coordinator still works: the honest raw miner's job is intact, a new miner gets new work
+    assert net.core._jobs[job.job_id].miner_id == m.key.address
+    await net.add_miner({"null": null_backend})
+    s = stub(net)
+    done = await wait_done(s, (await s.SubmitJob(image_job(model="null"), metadata=MD)).job.job_id)
+    assert done.state == S.JOB_STATE_COMPLETED
+
+
+async def test_a_miner_failing_permanently_fails_the_job_with_its_reason(net) -> None:
+    m = RawMiner(net)
+    await m.connect()
+    job = await _assigned(net, m)
+    m.send(failed=miner_pb2.JobFailed(job_id=job.job_id, reason="model cannot draw 64x64", permanent=True))
+    done = await wait_done(stub(net), job.job_id)
+    assert done.state == S.JOB_STATE_FAILED and "model cannot draw 64x64" in done.error
+
+
+async def test_bounded_attempts_then_failed_with_reason(network_factory) -> None:
+    net = await network_factory(max_attempts=2)
+    m = RawMiner(net)
+    await m.connect()
+    job = await _assigned(net, m)
+    m.send(failed=miner_pb2.JobFailed(job_id=job.job_id, reason="CUDA out of memory"))
+    again = await m.read()
+    assert again.assignment.job.job_id == job.job_id and again.assignment.job.attempts == 2
+    m.send(failed=miner_pb2.JobFailed(job_id=job.job_id, reason="CUDA out of memory"))
+    done = await wait_done(stub(net), job.job_id)
+    assert done.state == S.JOB_STATE_FAILED
+    assert "gave up after 2 attempts" in done.error and "CUDA out of memory" in done.error
+
+
+async def test_health_per_service_and_reflection(net) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    ch = net.channel()
+    h = health_pb2_grpc.HealthStub(ch)
+    for name in ("", "aitbc.v1.CoordinatorService", "aitbc.v1.MinerService"):
+        resp = await h.Check(health_pb2.HealthCheckRequest(service=name))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await h.Check(health_pb2.HealthCheckRequest(service="aitbc.v1.Nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    r = reflection_pb2_grpc.ServerReflectionStub(ch)
+    call = r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = set()
+    async for resp in call:
+        names = {s.name for s in resp.list_services_response.service}
+    assert {"aitbc.v1.CoordinatorService", "aitbc.v1.MinerService", "grpc.health.v1.Health"} <= names
+    # a client request for a job list of the coordinator: unauthenticated calls stay refused
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub(net).ListReceipts(coordinator_pb2.ListReceiptsRequest())

@@ -1,0 +1,135 @@
+"""Receipt vectors (docs/receipts.md) and the verification rules, including tampering and high-S."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from aitbc import bech32, crypto, receipts
+from aitbc.errors import ReceiptError
+
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "receipts.json").read_text())
+
+
+def _file(case: dict) -> dict:
+    return copy.deepcopy(case["receipt_file"])
+
+
+@pytest.mark.parametrize("case", VECTORS["cases"], ids=lambda c: c["name"])
+def test_vector_bytes_hash_and_signatures(case: dict) -> None:
+    body = case["receipt_file"]["receipt"]
+    # canonical JSON as the doc defines it, independently of the library
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert canonical == case["canonical_json"]
+    rh = hashlib.sha256(canonical.encode()).digest()
+    assert rh.hex() == case["receipt_hash"] == case["receipt_file"]["receipt_hash"]
+    manifest = hashlib.sha256(b"".join(bytes.fromhex(d) for d in case["artifact_digests"])).hexdigest()
+    assert manifest == body["artifact_sha256"]
+    pdig = hashlib.sha256(b"AITBC/receipt/provider/v1\x00" + rh).digest()
+    adig = hashlib.sha256(b"AITBC/receipt/attest/v1\x00" + rh).digest()
+    assert pdig.hex() == case["provider_digest"] and adig.hex() == case["attest_digest"]
+    psig = bytes.fromhex(case["receipt_file"]["provider_signature"])
+    assert crypto.recover_pubkey(pdig, psig).hex() == VECTORS["provider_public_key"]
+    asig = bytes.fromhex(case["receipt_file"]["attestation"]["signature"])
+    assert crypto.recover_pubkey(adig, asig).hex() == VECTORS["attester_public_key"]
+    # deterministic signatures: the library reproduces the vector from the private keys
+    key = crypto.PrivateKey.from_hex(VECTORS["provider_private_key"])
+    assert key.sign(pdig) == psig
+    assert key.address == VECTORS["provider_address"]
+    _, payload = bech32.decode(VECTORS["provider_address"])
+    assert payload == hashlib.sha256(bytes.fromhex(VECTORS["provider_public_key"])).digest()[:20]
+    # and the library accepts the file as a whole
+    signed = receipts.SignedReceipt.from_json_dict(case["receipt_file"])
+    receipts.verify_receipt(signed, attesters=frozenset({VECTORS["attester_address"]}))
+
+
+def test_altered_field_is_detected() -> None:
+    data = _file(VECTORS["cases"][0])
+    data["receipt"]["units"] += 1
+    with pytest.raises(ReceiptError, match="altered"):
+        receipts.SignedReceipt.from_json_dict(data)
+    del data["receipt_hash"]  # without the claimed hash the signature no longer matches
+    signed = receipts.SignedReceipt.from_json_dict(data)
+    with pytest.raises(ReceiptError, match="provider signature is by"):
+        receipts.verify_receipt(signed)
+
+
+def test_attester_outside_the_set_is_refused() -> None:
+    signed = receipts.SignedReceipt.from_json_dict(_file(VECTORS["cases"][0]))
+    with pytest.raises(ReceiptError, match="not authorized"):
+        receipts.verify_receipt(signed, attesters=frozenset({VECTORS["provider_address"]}))
+
+
+def test_unattested_receipt_needs_explicit_permission() -> None:
+    data = _file(VECTORS["cases"][0])
+    del data["attestation"]
+    signed = receipts.SignedReceipt.from_json_dict(data)
+    with pytest.raises(ReceiptError, match="not attested"):
+        receipts.verify_receipt(signed)
+    receipts.verify_receipt(signed, require_attestation=False)
+
+
+def test_high_s_signature_is_rejected() -> None:
+    data = _file(VECTORS["cases"][0])
+    sig = bytes.fromhex(data["provider_signature"])
+    s = int.from_bytes(sig[32:64], "big")
+    high = sig[:32] + (crypto.SECP256K1_N - s).to_bytes(32, "big") + bytes([sig[64] ^ 1])
+    # the high-S twin is mathematically valid for the same key...
+    rh = bytes.fromhex(data["receipt_hash"])
+    digest = crypto.domain_digest(receipts.PROVIDER_DOMAIN, rh)
+    import coincurve
+
+    assert coincurve.PublicKey.from_signature_and_message(high, digest, hasher=None).format() == bytes.fromhex(
+        VECTORS["provider_public_key"]
+    )
+    # ...and still refused
+    data["provider_signature"] = high.hex()
+    with pytest.raises(ReceiptError, match="high-S"):
+        receipts.verify_receipt(receipts.SignedReceipt.from_json_dict(data))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("units", 1.5, "integer"),
+        ("units", -1, "integer"),
+        ("units", True, "integer"),
+        ("unit_type", "seconds", "unit_type"),
+        ("prompt_hash", "ABC", "64 lower-case hex"),
+        ("nonce", "xyz", "nonce"),
+        ("provider", "ait1notanaddress", "provider"),
+        ("model", "caf\u00e9", "printable ASCII"),
+        ("finished_at", 1, "before started_at"),
+    ],
+)
+def test_malformed_bodies_are_refused(field: str, value: object, message: str) -> None:
+    data = _file(VECTORS["cases"][0])
+    data["receipt"][field] = value
+    del data["receipt_hash"]
+    with pytest.raises(ReceiptError, match=message):
+        receipts.SignedReceipt.from_json_dict(data)
+
+
+def test_unknown_or_missing_fields_are_refused() -> None:
+    data = _file(VECTORS["cases"][0])
+    data["receipt"]["extra"] = 1
+    with pytest.raises(ReceiptError, match="unknown fields"):
+        receipts.SignedReceipt.from_json_dict(data)
+    del data["receipt"]["extra"]
+    del data["receipt"]["nonce"]
+    with pytest.raises(ReceiptError, match="missing fields: nonce"):
+        receipts.SignedReceipt.from_json_dict(data)
+
+
+def test_address_checksum() -> None:
+    addr = VECTORS["provider_address"]
+    crypto.validate_address(addr)
+    broken = addr[:-1] + ("q" if addr[-1] != "q" else "p")
+    with pytest.raises(crypto.CryptoError, match="checksum"):
+        crypto.validate_address(broken)
+    with pytest.raises(crypto.CryptoError, match="prefix"):
+        crypto.validate_address(bech32.encode("btc", bytes(20)))
