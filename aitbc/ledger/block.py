@@ -1,0 +1,148 @@
+"""Blocks: fixed-layout header, proposer signature, tx root, and the block's wire/storage bytes.
+
+    header = u8 version(=1) | u8 len(chain_id) | chain_id | u64 height | 32 parent hash | u64 slot
+             | u64 timestamp_ms | 20 proposer account id | 32 tx root | 32 state root | u32 tx count
+    block hash = sha256("AITBC/block/v1" || 0x00 || header)   (what the proposer signs, 65-byte r||s||v)
+    tx root    = sha256("AITBC/txroot/v1" || 0x00 || tx_hash_1 || ... || tx_hash_n)
+    block      = u32 len(header) | header | 65 signature | (u32 len(tx) | signed tx) * tx count
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from aitbc import bech32, crypto
+from aitbc.errors import CryptoError, InvalidArgument
+from aitbc.ledger.genesis import check_chain_id
+from aitbc.ledger.tx import Tx, decode_tx
+
+BLOCK_VERSION = 1
+BLOCK_DOMAIN = b"AITBC/block/v1"
+TXROOT_DOMAIN = b"AITBC/txroot/v1"
+MAX_BLOCK_BYTES = 6 * 1024 * 1024  # under the 8 MiB gRPC message limit
+
+_U32 = struct.Struct(">I")
+_TAIL = struct.Struct(">Q32sQQ20s32s32sI")
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    chain_id: str
+    height: int
+    parent_hash: bytes
+    slot: int
+    timestamp_ms: int
+    proposer: bytes  # 20-byte account id
+    tx_root: bytes
+    state_root: bytes
+    tx_count: int
+    version: int = BLOCK_VERSION
+
+    def encode(self) -> bytes:
+        cid = self.chain_id.encode()
+        return bytes((self.version, len(cid))) + cid + _TAIL.pack(
+            self.height, self.parent_hash, self.slot, self.timestamp_ms, self.proposer,
+            self.tx_root, self.state_root, self.tx_count)
+
+    @property
+    def hash(self) -> bytes:
+        return crypto.domain_digest(BLOCK_DOMAIN, self.encode())
+
+    @property
+    def proposer_address(self) -> str:
+        return bech32.encode(crypto.ADDRESS_HRP, self.proposer)
+
+
+def decode_header(data: bytes) -> Header:
+    try:
+        version, clen = data[0], data[1]
+        cid = data[2:2 + clen].decode("ascii")
+        check_chain_id(cid)
+        if version != BLOCK_VERSION:
+            raise InvalidArgument(f"malformed block: header version {version} is not supported")
+        if len(data) != 2 + clen + _TAIL.size:
+            raise InvalidArgument("malformed block: header has the wrong length")
+        fields = _TAIL.unpack_from(data, 2 + clen)
+    except (IndexError, UnicodeDecodeError, struct.error):
+        raise InvalidArgument("malformed block: bad header") from None
+    except InvalidArgument as exc:
+        if exc.message.startswith("malformed"):
+            raise
+        raise InvalidArgument("malformed block: bad chain id") from None
+    return Header(cid, *fields, version=version)
+
+
+def tx_root(tx_hashes: list[bytes] | tuple[bytes, ...]) -> bytes:
+    return crypto.domain_digest(TXROOT_DOMAIN, b"".join(tx_hashes))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Block:
+    header: Header
+    signature: bytes
+    txs: tuple[Tx, ...]
+    raw: bytes
+    hash: bytes
+
+    @property
+    def height(self) -> int:
+        return self.header.height
+
+    @property
+    def parent_hash(self) -> bytes:
+        return self.header.parent_hash
+
+
+def encode_block(header: Header, signature: bytes, tx_raws: list[bytes] | tuple[bytes, ...]) -> bytes:
+    hb = header.encode()
+    parts = [_U32.pack(len(hb)), hb, signature]
+    for raw in tx_raws:
+        parts.append(_U32.pack(len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def make_block(header: Header, key: crypto.PrivateKey, txs: list[Tx] | tuple[Tx, ...]) -> Block:
+    h = header.hash
+    sig = key.sign(h)
+    raw = encode_block(header, sig, [t.raw for t in txs])
+    return Block(header, sig, tuple(txs), raw, h)
+
+
+def decode_block(raw: bytes) -> Block:
+    """Parse a block's bytes (structure only: signatures, links and state are checked by the chain)."""
+    raw = bytes(raw)
+    if len(raw) > MAX_BLOCK_BYTES:
+        raise InvalidArgument(f"block too large: {len(raw)} bytes")
+    try:
+        (hlen,) = _U32.unpack_from(raw, 0)
+        header = decode_header(raw[4:4 + hlen])
+        pos = 4 + hlen
+        sig = raw[pos:pos + 65]
+        pos += 65
+        if len(sig) != 65:
+            raise InvalidArgument("malformed block: truncated signature")
+        txs = []
+        for _ in range(header.tx_count):
+            (tlen,) = _U32.unpack_from(raw, pos)
+            pos += 4
+            txs.append(decode_tx(raw[pos:pos + tlen]))
+            if pos + tlen > len(raw):
+                raise InvalidArgument("malformed block: truncated transaction")
+            pos += tlen
+    except struct.error:
+        raise InvalidArgument("malformed block: truncated") from None
+    if pos != len(raw):
+        raise InvalidArgument("malformed block: trailing bytes")
+    return Block(header, sig, tuple(txs), raw, header.hash)
+
+
+def verify_block_signature(block: Block) -> None:
+    """Raise unless the 65-byte low-S signature over the block hash is by the header's proposer."""
+    try:
+        pub = crypto.recover_pubkey(block.hash, block.signature)
+    except CryptoError as exc:
+        raise InvalidArgument(f"invalid block {block.height}: proposer {exc.message}") from None
+    if crypto.sha256(pub)[:20] != block.header.proposer:
+        raise InvalidArgument(f"invalid block {block.height}: not signed by its proposer")

@@ -1,0 +1,419 @@
+"""The chain: block validation, fork choice, finality and atomic commits over a Store.
+
+Consensus rule (docs/ledger.md, "Consensus"):
+- slot = floor(timestamp_ms / block_time_ms); the proposer of slot s is authorities[s % n]; a
+  block's slot is greater than its parent's and at most one slot ahead of the receiver's clock.
+- fork choice: the highest block wins; at equal height the lower block hash wins; a node never
+  reverts a final block.
+- finality: block b is final once the distinct proposers of b and its descendants on the
+  canonical chain number more than 2/3 of the authorities (floor(2n/3)+1; n=1: immediately).
+
+Only the canonical chain is stored, each block with an undo record (the previous values of every
+key it wrote), so a reorg reverts and applies in ONE commit. Competing blocks wait in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aitbc import crypto
+from aitbc.errors import AitbcError, FailedPrecondition, InvalidArgument
+from aitbc.ledger import state
+from aitbc.ledger.block import (
+    MAX_BLOCK_BYTES,
+    Block,
+    Header,
+    decode_block,
+    decode_header,
+    make_block,
+    tx_root,
+    verify_block_signature,
+)
+from aitbc.ledger.genesis import Genesis
+from aitbc.ledger.store import Store
+from aitbc.ledger.tx import Tx
+
+log = logging.getLogger("aitbc.ledger.chain")
+
+META_GENESIS = b"v1:meta:genesis"
+META_CHAIN = b"v1:meta:chain_id"
+HEAD = b"v1:head"
+FINAL = b"v1:final"
+BLK = b"v1:blk:"
+HGT = b"v1:hgt:"
+TXI = b"v1:tx:"
+UNDO = b"v1:undo:"
+MAX_SIDE_BLOCKS = 4096
+
+_U64 = struct.Struct(">Q")
+_TXI = struct.Struct(">QI")
+
+
+def hkey(height: int) -> bytes:
+    return HGT + _U64.pack(height)
+
+
+def ukey(height: int) -> bytes:
+    return UNDO + _U64.pack(height)
+
+
+def encode_undo(undo: dict[bytes, bytes | None]) -> bytes:
+    out = []
+    for k in sorted(undo):
+        v = undo[k]
+        out.append(struct.pack(">H", len(k)) + k)
+        out.append(b"\x00" if v is None else b"\x01" + struct.pack(">I", len(v)) + v)
+    return b"".join(out)
+
+
+def decode_undo(data: bytes) -> dict[bytes, bytes | None]:
+    undo: dict[bytes, bytes | None] = {}
+    pos = 0
+    while pos < len(data):
+        (klen,) = struct.unpack_from(">H", data, pos)
+        k = data[pos + 2:pos + 2 + klen]
+        pos += 2 + klen
+        if data[pos] == 0:
+            undo[k] = None
+            pos += 1
+        else:
+            (vlen,) = struct.unpack_from(">I", data, pos + 1)
+            undo[k] = data[pos + 5:pos + 5 + vlen]
+            pos += 5 + vlen
+    return undo
+
+
+@dataclass(frozen=True, slots=True)
+class BlockInfo:
+    height: int
+    hash: bytes
+    slot: int  # -1 for genesis
+    state_root: bytes
+    timestamp_ms: int
+    proposer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    block: Block
+    outcome: str  # "extended", "reorg", "side", "known", "orphan"
+
+
+class Chain:
+    def __init__(self, store: Store, genesis: Genesis) -> None:
+        self.store = store
+        self.genesis = genesis
+        self.genesis_hash = genesis.hash()
+        self.authority_ids = genesis.authority_ids
+        stored = store.get(META_GENESIS)
+        if stored is None:
+            if store.get(HEAD) is not None:
+                raise FailedPrecondition("data folder holds blocks but no genesis record: refusing to open it")
+            store.commit({META_GENESIS: self.genesis_hash, META_CHAIN: genesis.chain_id.encode()})
+        elif stored != self.genesis_hash:
+            other = (store.get(META_CHAIN) or b"?").decode(errors="replace")
+            raise FailedPrecondition(
+                f"data folder belongs to chain {other!r} (genesis {stored.hex()}), not to chain "
+                f"{genesis.chain_id!r} (genesis {self.genesis_hash.hex()}): use another --data-dir"
+            )
+        self.genesis_info = BlockInfo(0, self.genesis_hash, -1, state.genesis_state_root(self.genesis_hash),
+                                      genesis.genesis_time_ms, b"")
+        self.side: dict[bytes, Block] = {}
+        head_hash = store.get(HEAD)
+        self.head = self.genesis_info if head_hash is None else self._info_from_store(head_hash)
+        fin = store.get(FINAL)
+        self.final_height = 0 if fin is None else _U64.unpack(fin)[0]
+        self._proposers: dict[int, bytes] = {}
+        for h in range(self.head.height, self.final_height, -1):
+            info = self._info_from_store(self.store.get(hkey(h)) or b"")
+            self._proposers[h] = info.proposer
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    def _info_from_store(self, block_hash: bytes) -> BlockInfo:
+        raw = self.store.get(BLK + block_hash)
+        if raw is None:
+            raise FailedPrecondition(f"data folder is inconsistent: block {block_hash.hex()} is missing")
+        (hlen,) = struct.unpack_from(">I", raw, 0)
+        return _info(decode_header(raw[4:4 + hlen]))
+
+    def info(self, block_hash: bytes) -> BlockInfo | None:
+        if block_hash == self.genesis_hash:
+            return self.genesis_info
+        b = self.side.get(block_hash)
+        if b is not None:
+            return _info(b.header)
+        raw = self.store.get(BLK + block_hash)
+        if raw is None:
+            return None
+        (hlen,) = struct.unpack_from(">I", raw, 0)
+        return _info(decode_header(raw[4:4 + hlen]))
+
+    def hash_at(self, height: int) -> bytes | None:
+        if height == 0:
+            return self.genesis_hash
+        return self.store.get(hkey(height))
+
+    def block_raw_at(self, height: int) -> bytes | None:
+        h = self.hash_at(height) if height > 0 else None
+        return None if h is None else self.store.get(BLK + h)
+
+    def block_at(self, height: int) -> Block | None:
+        raw = self.block_raw_at(height)
+        return None if raw is None else decode_block(raw)
+
+    def block_by_hash(self, block_hash: bytes) -> tuple[Block, bool] | None:
+        """(block, canonical) for a stored or pending block."""
+        raw = self.store.get(BLK + block_hash)
+        if raw is not None:
+            return decode_block(raw), True
+        b = self.side.get(block_hash)
+        return None if b is None else (b, False)
+
+    def is_canonical(self, block_hash: bytes, height: int) -> bool:
+        return self.hash_at(height) == block_hash
+
+    def tx_location(self, tx_hash: bytes) -> tuple[int, int] | None:
+        v = self.store.get(TXI + tx_hash)
+        return None if v is None else _TXI.unpack(v)
+
+    def receipt_minted(self, receipt_hash: bytes) -> tuple[int, bytes, int] | None:
+        v = self.store.get(state.rcpt_key(receipt_hash))
+        return None if v is None else state.decode_minted(v)
+
+    def account(self, account_id: bytes) -> tuple[int, int]:
+        return state.read_account(self.store.get, account_id)
+
+    # ---- validation ----------------------------------------------------------------------------
+
+    def proposer_for_slot(self, slot: int) -> bytes:
+        return self.authority_ids[slot % len(self.authority_ids)]
+
+    def validate_header(self, block: Block, parent: BlockInfo, now_ms: int) -> None:
+        h = block.header
+        g = self.genesis
+        n = h.height
+        if h.chain_id != g.chain_id:
+            raise InvalidArgument(f"wrong chain id: block is for {h.chain_id!r}, this chain is {g.chain_id!r}")
+        if h.height != parent.height + 1 or h.parent_hash != parent.hash:
+            raise InvalidArgument(f"invalid block {n}: does not link to its parent")
+        if h.slot <= parent.slot:
+            raise InvalidArgument(f"invalid block {n}: slot {h.slot} is not after its parent's slot {parent.slot}")
+        if h.timestamp_ms // g.block_time_ms != h.slot:
+            raise InvalidArgument(f"invalid block {n}: timestamp is outside slot {h.slot}")
+        if h.slot > now_ms // g.block_time_ms + 1:
+            raise InvalidArgument(f"invalid block {n}: slot {h.slot} is in the future")
+        if h.proposer not in self.authority_ids:
+            raise InvalidArgument(f"invalid block {n}: proposer {h.proposer_address} is not an authority")
+        if h.proposer != self.proposer_for_slot(h.slot):
+            raise InvalidArgument(f"invalid block {n}: proposer {h.proposer_address} is out of turn in slot {h.slot}")
+        if h.tx_count > g.max_block_txs:
+            raise InvalidArgument(f"invalid block {n}: {h.tx_count} txs, at most {g.max_block_txs}")
+        if tx_root([t.hash for t in block.txs]) != h.tx_root:
+            raise InvalidArgument(f"invalid block {n}: tx root does not match its transactions")
+        verify_block_signature(block)
+
+    def _execute(self, block: Block, parent: BlockInfo, read: state.Reader,
+                 verified: frozenset[bytes] | set[bytes]) -> dict[bytes, bytes]:
+        writes = state.apply_txs(read, block.txs, self.genesis, block.height, verified=verified)
+        if state.state_root(parent.state_root, block.height, writes) != block.header.state_root:
+            raise InvalidArgument(f"invalid block {block.height}: state root does not match")
+        return writes
+
+    def _block_writes(self, block: Block, state_writes: dict[bytes, bytes],
+                      read: state.Reader) -> dict[bytes, bytes | None]:
+        w: dict[bytes, bytes | None] = dict(state_writes)
+        w[BLK + block.hash] = block.raw
+        w[hkey(block.height)] = block.hash
+        for i, tx in enumerate(block.txs):
+            w[TXI + tx.hash] = _TXI.pack(block.height, i)
+        undo = {k: read(k) for k in w}
+        w[ukey(block.height)] = encode_undo(undo)
+        return w
+
+    # ---- adding blocks -------------------------------------------------------------------------
+
+    def add_blocks(self, blocks: Iterable[Block], now_ms: int,
+                   verified: frozenset[bytes] | set[bytes] = frozenset()) -> list[AddResult]:
+        """Validate and add blocks in order. Consecutive blocks that extend the head are committed
+        together in one write transaction. Raises on the first invalid block (after committing the
+        valid ones before it)."""
+        results: list[AddResult] = []
+        ov = state.Overlay(self.store.get)
+        pending: list[Block] = []
+        tip = self.head
+
+        def flush() -> None:
+            nonlocal ov, pending
+            if pending:
+                self._commit(ov.writes, pending[-1], {b.height: b.header.proposer for b in pending}, None)
+            ov, pending = state.Overlay(self.store.get), []
+
+        try:
+            for block in blocks:
+                if block.hash in self.side or block.hash == tip.hash or self.is_canonical(block.hash, block.height):
+                    results.append(AddResult(block, "known"))
+                    continue
+                if block.parent_hash == tip.hash:
+                    self.validate_header(block, tip, now_ms)
+                    writes = self._execute(block, tip, ov.get, verified)
+                    ov.writes.update(self._block_writes(block, writes, ov.get))
+                    pending.append(block)
+                    tip = _info(block.header)
+                    results.append(AddResult(block, "extended"))
+                    continue
+                flush()
+                tip = self.head
+                results.append(AddResult(block, self._add_side(block, now_ms, verified)))
+                tip = self.head
+        finally:
+            flush()
+        return results
+
+    def add_block(self, block: Block, now_ms: int, verified: frozenset[bytes] | set[bytes] = frozenset()) -> str:
+        return self.add_blocks([block], now_ms, verified)[0].outcome
+
+    def _add_side(self, block: Block, now_ms: int, verified: frozenset[bytes] | set[bytes]) -> str:
+        parent = self.info(block.parent_hash)
+        if parent is None:
+            return "orphan"
+        if block.height <= self.final_height:
+            raise FailedPrecondition(f"block {block.height} conflicts with the final chain (final height "
+                                     f"{self.final_height})")
+        self.validate_header(block, parent, now_ms)
+        self.side[block.hash] = block
+        if len(self.side) > MAX_SIDE_BLOCKS:
+            for h in sorted(self.side, key=lambda x: self.side[x].height)[: len(self.side) - MAX_SIDE_BLOCKS]:
+                self.side.pop(h, None)
+        head = self.head
+        if block.height > head.height or (block.height == head.height and block.hash < head.hash):
+            return "reorg" if self._reorg(block, verified) else "side"
+        return "side"
+
+    def _reorg(self, tip: Block, verified: frozenset[bytes] | set[bytes]) -> bool:
+        branch = [tip]
+        while not self.is_canonical(branch[-1].parent_hash, branch[-1].height - 1):
+            parent = self.side.get(branch[-1].parent_hash)
+            if parent is None:
+                return False
+            branch.append(parent)
+        branch.reverse()
+        fork_height = branch[0].height - 1
+        if fork_height < self.final_height:
+            return False
+        ov = state.Overlay(self.store.get)
+        reverted: list[Block] = []
+        for h in range(self.head.height, fork_height, -1):
+            raw_undo = self.store.get(ukey(h))
+            blk = self.block_at(h)
+            if raw_undo is None or blk is None:
+                raise FailedPrecondition(f"data folder is inconsistent: undo record {h} is missing")
+            ov.writes.update(decode_undo(raw_undo))
+            ov.writes[ukey(h)] = None
+            reverted.append(blk)
+        parent = self.info(branch[0].parent_hash)
+        assert parent is not None
+        for blk in branch:
+            try:
+                writes = self._execute(blk, parent, ov.get, verified)
+            except AitbcError as exc:
+                log.warning("rejecting fork block %d %s: %s", blk.height, blk.hash.hex()[:16], exc.message)
+                self._drop_side_descendants(blk.hash)
+                return False
+            ov.writes.update(self._block_writes(blk, writes, ov.get))
+            parent = _info(blk.header)
+        props = {b.height: b.header.proposer for b in branch}
+        self._commit(ov.writes, branch[-1], props, fork_height)
+        for b in branch:
+            self.side.pop(b.hash, None)
+        for b in reverted:
+            self.side[b.hash] = b
+        log.info("reorg: reverted %d block(s) above height %d, new head %d", len(reverted), fork_height,
+                 tip.height)
+        return True
+
+    def _drop_side_descendants(self, block_hash: bytes) -> None:
+        doomed = {block_hash}
+        changed = True
+        while changed:
+            changed = False
+            for h, b in list(self.side.items()):
+                if b.parent_hash in doomed and h not in doomed:
+                    doomed.add(h)
+                    changed = True
+        for h in doomed:
+            self.side.pop(h, None)
+
+    def _commit(self, writes: dict[bytes, bytes | None], tip: Block, new_props: dict[int, bytes],
+                fork_height: int | None) -> None:
+        props = dict(self._proposers)
+        if fork_height is not None:
+            for h in [h for h in props if h > fork_height]:
+                del props[h]
+        props.update(new_props)
+        final = self.final_height
+        seen: set[bytes] = set()
+        for h in range(tip.height, self.final_height, -1):
+            seen.add(props[h])
+            if len(seen) >= self.genesis.quorum:
+                final = h
+                break
+        writes[HEAD] = tip.hash
+        writes[FINAL] = _U64.pack(final)
+        self.store.commit(writes)
+        self.head = _info(tip.header)
+        self.final_height = final
+        self._proposers = {h: p for h, p in props.items() if h > final}
+        if self.side:
+            for h in [h for h, b in self.side.items() if b.height <= final]:
+                del self.side[h]
+
+    # ---- producing -----------------------------------------------------------------------------
+
+    def build_block(self, key: crypto.PrivateKey, slot: int, now_ms: int, candidates: Iterable[Tx],
+                    verified: frozenset[bytes] | set[bytes] = frozenset()) -> tuple[Block, list[Tx]]:
+        """Build, sign and commit a block on the head from candidate txs (those that no longer
+        apply are skipped and returned, with every later tx of the same sender)."""
+        g = self.genesis
+        parent = self.head
+        height = parent.height + 1
+        if slot <= parent.slot:
+            raise FailedPrecondition(f"slot {slot} is not after the head's slot {parent.slot}")
+        ov = state.Overlay(self.store.get)
+        included: list[Tx] = []
+        dropped: list[Tx] = []
+        failed: set[bytes] = set()
+        size = 200
+        for tx in candidates:
+            if tx.sender_id in failed:
+                dropped.append(tx)
+                continue
+            if len(included) >= g.max_block_txs or size + len(tx.raw) + 4 > MAX_BLOCK_BYTES:
+                break
+            try:
+                if tx.hash not in verified:
+                    state.check_stateless(tx, g)
+                w = state.apply_tx(ov.get, tx, g, height)
+            except AitbcError:
+                failed.add(tx.sender_id)
+                dropped.append(tx)
+                continue
+            ov.writes.update(w)
+            included.append(tx)
+            size += len(tx.raw) + 4
+        bt = g.block_time_ms
+        ts = min(max(now_ms, slot * bt), (slot + 1) * bt - 1)
+        header = Header(g.chain_id, height, parent.hash, slot, ts, crypto.sha256(key.pubkey)[:20],
+                        tx_root([t.hash for t in included]),
+                        state.state_root(parent.state_root, height, ov.writes), len(included))  # type: ignore[arg-type]
+        block = make_block(header, key, included)
+        writes = self._block_writes(block, ov.writes, self.store.get)  # type: ignore[arg-type]
+        self._commit(writes, block, {height: header.proposer}, None)
+        return block, dropped
+
+
+def _info(h: Header) -> BlockInfo:
+    return BlockInfo(h.height, h.hash, h.slot, h.state_root, h.timestamp_ms, h.proposer)

@@ -1,0 +1,204 @@
+"""LedgerClient: a small async helper over LedgerService for settlement, wallets and the CLI.
+
+gRPC errors come back as the matching AitbcError subclass (same message), so callers can tell
+"already known" / "receipt already minted" (AlreadyExists) from transient failures (Unavailable)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from aitbc import crypto, errors, rpc
+from aitbc.ledger import tx as txmod
+from aitbc.receipts import SignedReceipt
+from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
+
+_STATUS_NAMES = {
+    ledger_pb2.TRANSACTION_STATUS_UNKNOWN: "unknown",
+    ledger_pb2.TRANSACTION_STATUS_PENDING: "pending",
+    ledger_pb2.TRANSACTION_STATUS_INCLUDED: "included",
+    ledger_pb2.TRANSACTION_STATUS_FINAL: "final",
+}
+_ERRORS: dict[str, type[errors.AitbcError]] = {
+    cls.code: cls for cls in (errors.InvalidArgument, errors.NotFound, errors.AlreadyExists,
+                              errors.FailedPrecondition, errors.PermissionDenied, errors.Unauthenticated,
+                              errors.ResourceExhausted, errors.Unavailable, errors.Aborted)
+}
+
+
+def error_from_code(code: str, message: str) -> errors.AitbcError:
+    return _ERRORS.get(code, errors.AitbcError)(message)
+
+
+def _raise(exc: grpc.aio.AioRpcError) -> None:
+    code = exc.code().name if exc.code() is not None else "UNKNOWN"
+    if code == "DEADLINE_EXCEEDED":
+        code = "UNAVAILABLE"
+    raise error_from_code(code, exc.details() or code) from None
+
+
+@dataclass(frozen=True)
+class Head:
+    height: int
+    hash: str
+    finalized_height: int
+    chain_id: str
+    genesis_hash: str
+    block_time_ms: int
+
+
+@dataclass(frozen=True)
+class Account:
+    address: str
+    balance: int
+    nonce: int
+    pending_nonce: int
+
+
+@dataclass(frozen=True)
+class TxStatus:
+    hash: str
+    status: str  # "unknown", "pending", "included", "final"
+    block_height: int = 0
+    block_hash: str = ""
+
+    @property
+    def included(self) -> bool:
+        return self.status in ("included", "final")
+
+
+@dataclass(frozen=True)
+class ReceiptStatus:
+    receipt_hash: str
+    status: str  # "unknown", "pending", "included", "final"
+    tx_hash: str = ""
+    block_height: int = 0
+    block_hash: str = ""
+    amount: int = 0
+
+
+@dataclass(frozen=True)
+class BroadcastOutcome:
+    hash: str
+    accepted: bool
+    error: errors.AitbcError | None = None
+
+
+class LedgerClient:
+    def __init__(self, target: str | grpc.aio.Channel, *, timeout: float = 10.0) -> None:
+        self._own = isinstance(target, str)
+        self.channel = rpc.channel(target) if isinstance(target, str) else target
+        self.stub = ledger_pb2_grpc.LedgerServiceStub(self.channel)
+        self.timeout = timeout
+        self._chain_id: str | None = None
+
+    async def close(self) -> None:
+        if self._own:
+            await self.channel.close()
+
+    async def __aenter__(self) -> LedgerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def get_head(self) -> Head:
+        try:
+            r = await self.stub.GetHead(ledger_pb2.GetHeadRequest(), timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            _raise(exc)
+        self._chain_id = r.chain_id
+        return Head(r.head.height, r.head.hash, r.finalized_height, r.chain_id, r.genesis_hash, r.block_time_ms)
+
+    async def chain_id(self) -> str:
+        if self._chain_id is None:
+            await self.get_head()
+        assert self._chain_id is not None
+        return self._chain_id
+
+    async def get_account(self, address: str) -> Account:
+        try:
+            r = await self.stub.GetAccount(ledger_pb2.GetAccountRequest(address=address), timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            _raise(exc)
+        return Account(r.address, r.balance, r.nonce, r.pending_nonce)
+
+    async def broadcast(self, raw: bytes) -> str:
+        """Admit one signed tx; returns its hex hash or raises the node's AitbcError."""
+        try:
+            r = await self.stub.BroadcastTransaction(ledger_pb2.BroadcastTransactionRequest(raw=raw),
+                                                     timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            _raise(exc)
+        return r.hash
+
+    async def broadcast_many(self, raws: list[bytes]) -> list[BroadcastOutcome]:
+        try:
+            r = await self.stub.BroadcastTransactions(ledger_pb2.BroadcastTransactionsRequest(raws=raws),
+                                                      timeout=max(self.timeout, 60.0))
+        except grpc.aio.AioRpcError as exc:
+            _raise(exc)
+        return [BroadcastOutcome(x.hash, x.accepted, None if x.accepted else error_from_code(x.code, x.error))
+                for x in r.results]
+
+    async def get_transaction(self, tx_hash: str) -> TxStatus:
+        """Where a tx stands; status "unknown" when this node has never seen it."""
+        try:
+            r = await self.stub.GetTransaction(ledger_pb2.GetTransactionRequest(hash=tx_hash), timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return TxStatus(tx_hash, "unknown")
+            _raise(exc)
+        return TxStatus(tx_hash, _STATUS_NAMES.get(r.status, "unknown"), r.block_height, r.block_hash)
+
+    async def get_receipt_status(self, receipt_hash: str | bytes) -> ReceiptStatus:
+        rh = receipt_hash.hex() if isinstance(receipt_hash, bytes) else receipt_hash
+        try:
+            r = await self.stub.GetReceiptStatus(ledger_pb2.GetReceiptStatusRequest(receipt_hash=rh),
+                                                 timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            _raise(exc)
+        return ReceiptStatus(r.receipt_hash, _STATUS_NAMES.get(r.status, "unknown"), r.tx_hash, r.block_height,
+                             r.block_hash, r.amount)
+
+    async def wait_for_tx(self, tx_hash: str, *, final: bool = False, timeout: float = 30.0,
+                          poll_s: float = 0.1) -> TxStatus:
+        """Poll until the tx is included (or final); raises Unavailable on timeout."""
+        deadline = time.monotonic() + timeout
+        want = ("final",) if final else ("included", "final")
+        while True:
+            st = await self.get_transaction(tx_hash)
+            if st.status in want:
+                return st
+            if time.monotonic() >= deadline:
+                raise errors.Unavailable(f"tx {tx_hash} is still {st.status} after {timeout:.0f}s")
+            await asyncio.sleep(poll_s)
+
+    async def wait_for_receipt(self, receipt_hash: str | bytes, *, final: bool = False, timeout: float = 30.0,
+                               poll_s: float = 0.1) -> ReceiptStatus:
+        deadline = time.monotonic() + timeout
+        want = ("final",) if final else ("included", "final")
+        while True:
+            st = await self.get_receipt_status(receipt_hash)
+            if st.status in want:
+                return st
+            if time.monotonic() >= deadline:
+                raise errors.Unavailable(f"receipt {st.receipt_hash} is still {st.status} after {timeout:.0f}s")
+            await asyncio.sleep(poll_s)
+
+    async def next_nonce(self, address: str) -> int:
+        return (await self.get_account(address)).pending_nonce
+
+    async def transfer(self, key: crypto.PrivateKey, to: str, amount: int, *, nonce: int | None = None) -> str:
+        """Sign and broadcast a TRANSFER (nonce: the node's pending nonce unless given)."""
+        n = await self.next_nonce(key.address) if nonce is None else nonce
+        return await self.broadcast(txmod.make_transfer(key, await self.chain_id(), n, to, amount))
+
+    async def mint(self, key: crypto.PrivateKey, receipt: SignedReceipt, *, nonce: int | None = None) -> str:
+        """Sign and broadcast a MINT of an attested receipt. Raises AlreadyExists('receipt already
+        minted: ...') or AlreadyExists('already known: ...') when it is minted or pending."""
+        n = await self.next_nonce(key.address) if nonce is None else nonce
+        return await self.broadcast(txmod.make_mint(key, await self.chain_id(), n, receipt))

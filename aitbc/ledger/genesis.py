@@ -1,0 +1,150 @@
+"""Genesis: the parameters a chain starts from (no balances: nothing is pre-minted).
+
+The genesis hash is sha256 of the canonical JSON (minified, keys sorted, ASCII); it is the parent
+hash of block 1 and the chain's identity, so a node refuses a data folder made from any other
+genesis (docs/ledger.md, "Genesis").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aitbc import crypto
+from aitbc.errors import CryptoError, InvalidArgument
+
+GENESIS_VERSION = 1
+MAX_U64 = 2**64 - 1
+_CHAIN_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def check_chain_id(chain_id: str) -> None:
+    if not isinstance(chain_id, str) or not _CHAIN_ID.match(chain_id):
+        raise InvalidArgument(
+            f"invalid chain id {chain_id!r}: 1-64 characters of a-z 0-9 . _ -, starting with a letter or digit"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Genesis:
+    chain_id: str
+    authorities: tuple[str, ...]  # round-robin order: authorities[slot % n] proposes in slot
+    attesters: tuple[str, ...]  # receipt attesters whose MINTs the chain accepts (sorted)
+    block_time_ms: int
+    max_price_per_unit: int  # a receipt's price per unit is capped at this when minting
+    max_mint_per_receipt: int  # and the minted amount at this
+    genesis_time_ms: int
+    max_block_txs: int = 20_000
+    version: int = GENESIS_VERSION
+
+    def validate(self) -> None:
+        check_chain_id(self.chain_id)
+        if self.version != GENESIS_VERSION:
+            raise InvalidArgument(f"genesis version {self.version} is not supported")
+        if not self.authorities:
+            raise InvalidArgument("genesis needs at least one authority")
+        if len(set(self.authorities)) != len(self.authorities):
+            raise InvalidArgument("genesis authorities must be distinct")
+        if list(self.attesters) != sorted(set(self.attesters)):
+            raise InvalidArgument("genesis attesters must be distinct and sorted")
+        for who in (*self.authorities, *self.attesters):
+            try:
+                crypto.validate_address(who)
+            except CryptoError as exc:
+                raise InvalidArgument(f"genesis: {exc.message}") from None
+        for name in ("block_time_ms", "max_price_per_unit", "max_mint_per_receipt", "genesis_time_ms",
+                     "max_block_txs"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value <= MAX_U64:
+                raise InvalidArgument(f"genesis {name} must be an integer in [0, 2^64-1]")
+        if self.block_time_ms < 50:
+            raise InvalidArgument("genesis block_time_ms must be at least 50")
+        if self.max_block_txs < 1:
+            raise InvalidArgument("genesis max_block_txs must be at least 1")
+
+    @property
+    def authority_ids(self) -> tuple[bytes, ...]:
+        return tuple(crypto.validate_address(a) for a in self.authorities)
+
+    @property
+    def quorum(self) -> int:
+        """Distinct authorities that must have built on a block for it to be final: more than 2/3."""
+        return 2 * len(self.authorities) // 3 + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "chain_id": self.chain_id,
+            "authorities": list(self.authorities),
+            "attesters": list(self.attesters),
+            "block_time_ms": self.block_time_ms,
+            "max_price_per_unit": self.max_price_per_unit,
+            "max_mint_per_receipt": self.max_mint_per_receipt,
+            "genesis_time_ms": self.genesis_time_ms,
+            "max_block_txs": self.max_block_txs,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Genesis:
+        if not isinstance(data, dict):
+            raise InvalidArgument("genesis must be a JSON object")
+        names = {"version", "chain_id", "authorities", "attesters", "block_time_ms", "max_price_per_unit",
+                 "max_mint_per_receipt", "genesis_time_ms", "max_block_txs"}
+        missing, extra = names - data.keys(), data.keys() - names
+        if missing or extra:
+            raise InvalidArgument(f"genesis fields: missing {sorted(missing)}, unknown {sorted(extra)}")
+        if not isinstance(data["authorities"], list) or not isinstance(data["attesters"], list):
+            raise InvalidArgument("genesis authorities and attesters must be lists of addresses")
+        g = cls(
+            chain_id=data["chain_id"],
+            authorities=tuple(data["authorities"]),
+            attesters=tuple(data["attesters"]),
+            block_time_ms=data["block_time_ms"],
+            max_price_per_unit=data["max_price_per_unit"],
+            max_mint_per_receipt=data["max_mint_per_receipt"],
+            genesis_time_ms=data["genesis_time_ms"],
+            max_block_txs=data["max_block_txs"],
+            version=data["version"],
+        )
+        g.validate()
+        return g
+
+    def canonical_bytes(self) -> bytes:
+        self.validate()
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+    def hash(self) -> bytes:
+        return crypto.sha256(self.canonical_bytes())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Genesis:
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read genesis {path}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise InvalidArgument(f"genesis {path} is not JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+def make_genesis(
+    chain_id: str,
+    authorities: list[str],
+    attesters: list[str],
+    *,
+    block_time_ms: int = 1000,
+    max_price_per_unit: int = 10**12,
+    max_mint_per_receipt: int = 10**18,
+    genesis_time_ms: int = 0,
+    max_block_txs: int = 20_000,
+) -> Genesis:
+    g = Genesis(chain_id, tuple(authorities), tuple(sorted(set(attesters))), block_time_ms,
+                max_price_per_unit, max_mint_per_receipt, genesis_time_ms, max_block_txs)
+    g.validate()
+    return g

@@ -1,0 +1,321 @@
+"""A ledger node: chain + mempool + block production (authorities) + peer sync + tx relay.
+
+Everything here runs on one asyncio loop; chain mutations are serialized by one lock and run in a
+worker thread (signature checks and LMDB commits), so RPCs keep being served meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import grpc
+
+from aitbc import crypto, rpc
+from aitbc.errors import AitbcError, AlreadyExists, FailedPrecondition, InvalidArgument
+from aitbc.ledger import state
+from aitbc.ledger.block import MAX_BLOCK_BYTES, Block, decode_block
+from aitbc.ledger.chain import Chain
+from aitbc.ledger.mempool import Mempool
+from aitbc.ledger.tx import Tx, decode_tx
+
+log = logging.getLogger("aitbc.ledger.node")
+
+STREAM_BATCH_BLOCKS = 128
+STREAM_BATCH_BYTES = 4 * 1024 * 1024
+RELAY_METADATA = ("x-aitbc-relay", "1")
+VERIFY_IN_THREAD_MIN = 16  # batches at least this big verify signatures off the event loop
+
+
+def _check_one(tx: Tx, genesis) -> AitbcError | None:  # type: ignore[no-untyped-def]
+    try:
+        state.check_stateless(tx, genesis)
+    except AitbcError as exc:
+        return exc
+    return None
+
+
+class Node:
+    def __init__(self, chain: Chain, key: crypto.PrivateKey | None = None, *, peers: Sequence[str] = (),
+                 mempool: Mempool | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.chain = chain
+        self.genesis = chain.genesis
+        self.clock = clock
+        if key is not None and crypto.sha256(key.pubkey)[:20] not in chain.authority_ids:
+            raise FailedPrecondition(
+                f"key {key.address} is not an authority of chain {self.genesis.chain_id!r}; omit --key to run "
+                "a follower")
+        self.key = key
+        self.mempool = mempool or Mempool()
+        self.listen_address = ""
+        self.peers: dict[str, asyncio.Task[None]] = {}
+        self._initial_peers = [p for p in peers if p]
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._relay_buf: list[bytes] = []
+        self._relay_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
+        self.produced = 0
+        self.rejected_blocks = 0
+
+    @property
+    def is_authority(self) -> bool:
+        return self.key is not None
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self, listen_address: str = "") -> None:
+        self.listen_address = listen_address
+        if self.key is not None:
+            self._tasks.append(asyncio.create_task(self._produce_loop(), name="ledger-producer"))
+        self._tasks.append(asyncio.create_task(self._relay_loop(), name="ledger-relay"))
+        for p in self._initial_peers:
+            self.add_peer(p)
+
+    async def stop(self) -> None:
+        self._stopped = True
+        tasks = self._tasks + list(self.peers.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for ch in self._channels.values():
+            await ch.close()
+        self._changed.set()
+
+    def add_peer(self, target: str) -> None:
+        if not target or target == self.listen_address or target in self.peers or self._stopped:
+            return
+        log.info("syncing from peer %s", target)
+        self.peers[target] = asyncio.create_task(self._sync_loop(target), name=f"ledger-sync-{target}")
+
+    def _channel(self, target: str) -> grpc.aio.Channel:
+        ch = self._channels.get(target)
+        if ch is None:
+            ch = self._channels[target] = rpc.channel(target)
+        return ch
+
+    def _notify(self) -> None:
+        ev, self._changed = self._changed, asyncio.Event()
+        ev.set()
+
+    async def wait_changed(self, timeout: float | None = None) -> None:
+        ev = self._changed
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    # ---- transactions ----------------------------------------------------------------------------
+
+    async def submit(self, raws: Sequence[bytes], *, relay: bool = True) -> list[tuple[bytes, AitbcError | None]]:
+        """Admit signed txs; one (hash, error or None) per input, in order."""
+        results: list[tuple[bytes, AitbcError | None]] = []
+        todo: list[tuple[int, Tx]] = []
+        for raw in raws:
+            try:
+                tx = decode_tx(raw)
+            except AitbcError as exc:
+                results.append((crypto.sha256(bytes(raw)), exc))
+                continue
+            results.append((tx.hash, None))
+            if tx.hash in self.mempool:
+                results[-1] = (tx.hash, AlreadyExists(f"already known: tx {tx.hash.hex()} is pending"))
+            elif (loc := self.chain.tx_location(tx.hash)) is not None:
+                results[-1] = (tx.hash, AlreadyExists(f"already known: tx {tx.hash.hex()} is in block {loc[0]}"))
+            else:
+                todo.append((len(results) - 1, tx))
+        if len(todo) >= VERIFY_IN_THREAD_MIN:
+            errors = await asyncio.to_thread(lambda: [_check_one(tx, self.genesis) for _, tx in todo])
+        else:
+            errors = [_check_one(tx, self.genesis) for _, tx in todo]
+        accepted: list[bytes] = []
+        for (i, tx), err in zip(todo, errors, strict=True):
+            if err is None:
+                try:
+                    self.mempool.add(tx, self.chain.account, self._minted)
+                    accepted.append(tx.raw)
+                except AitbcError as exc:
+                    err = exc
+            results[i] = (tx.hash, err)
+        if accepted and relay and self.peers:
+            self._relay_buf.extend(accepted)
+            self._relay_wake.set()
+        return results
+
+    async def submit_one(self, raw: bytes) -> bytes:
+        [(h, err)] = await self.submit([raw])
+        if err is not None:
+            raise err
+        return h
+
+    async def _relay_loop(self) -> None:
+        while True:
+            await self._relay_wake.wait()
+            await asyncio.sleep(0.01)  # gather a batch
+            self._relay_wake.clear()
+            batch, self._relay_buf = self._relay_buf, []
+            if not batch:
+                continue
+            from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
+
+            async def send(target: str, chunk: list[bytes]) -> None:
+                try:
+                    stub = ledger_pb2_grpc.LedgerServiceStub(self._channel(target))
+                    await stub.BroadcastTransactions(ledger_pb2.BroadcastTransactionsRequest(raws=chunk),
+                                                     timeout=10, metadata=(RELAY_METADATA,))
+                except grpc.aio.AioRpcError as exc:
+                    log.debug("relay to %s failed: %s", target, exc.code())
+
+            for start in range(0, len(batch), 5000):
+                chunk = batch[start:start + 5000]
+                await asyncio.gather(*(send(t, chunk) for t in list(self.peers)))
+
+    # ---- blocks ----------------------------------------------------------------------------------
+
+    async def receive_blocks(self, raws: Sequence[bytes]) -> list[str]:
+        """Decode, fully verify and add blocks (from a peer or a test); bad ones raise."""
+        blocks = await asyncio.to_thread(lambda: [decode_block(r) for r in raws])
+        results = []
+        async with self._lock:
+            try:
+                results = await asyncio.to_thread(self.chain.add_blocks, blocks, self.now_ms(), self.mempool.by_hash)
+            finally:
+                # add_blocks commits the valid prefix even when a later block is bad
+                self._after_change(None if any(r.outcome == "reorg" for r in results) or not results else
+                                   [tx for r in results if r.outcome == "extended" for tx in r.block.txs])
+        outcomes = [r.outcome for r in results]
+        if "reorg" in outcomes:
+            await self._readmit_side_txs()
+        return outcomes
+
+    async def _readmit_side_txs(self) -> None:
+        raws = [tx.raw for b in list(self.chain.side.values()) for tx in b.txs
+                if self.chain.tx_location(tx.hash) is None]
+        if raws:
+            await self.submit(raws, relay=False)
+
+    def _after_change(self, included: list[Tx] | None) -> None:
+        """After the head moved: drop included txs and whatever no longer applies, wake streams.
+        `included` None means "unknown" (a reorg or a failure): check the whole mempool."""
+        mp = self.mempool
+        if len(mp):
+            if included is None:
+                included = [tx for tx in mp.by_hash.values() if self.chain.tx_location(tx.hash) is not None]
+                mp.remove(included)
+                mp.recheck(self.chain.account, self._minted)
+            else:
+                mp.remove(included)
+                mp.recheck(self.chain.account, self._minted, {tx.sender_id for tx in included})
+        self._notify()
+
+    def _minted(self, receipt_hash: bytes) -> bool:
+        return self.chain.receipt_minted(receipt_hash) is not None
+
+    async def _produce_loop(self) -> None:
+        assert self.key is not None
+        bt = self.genesis.block_time_ms
+        my_id = crypto.sha256(self.key.pubkey)[:20]
+        while True:
+            now = self.now_ms()
+            slot = now // bt
+            if self.chain.proposer_for_slot(slot) == my_id and slot > self.chain.head.slot:
+                try:
+                    await self.produce(slot)
+                except AitbcError as exc:
+                    log.warning("could not produce a block in slot %d: %s", slot, exc.message)
+                except Exception:
+                    log.exception("block production failed in slot %d", slot)
+            delay = ((slot + 1) * bt - self.now_ms()) / 1000
+            await asyncio.sleep(max(0.001, delay))
+
+    async def produce(self, slot: int) -> Block | None:
+        assert self.key is not None
+        async with self._lock:
+            if slot <= self.chain.head.slot:
+                return None
+            candidates = self.mempool.ready(self.chain.account, self.genesis.max_block_txs)
+            block, dropped = await asyncio.to_thread(
+                self.chain.build_block, self.key, slot, self.now_ms(), candidates, self.mempool.by_hash)
+            self.mempool.remove(block.txs)
+            self.mempool.remove(dropped)
+            senders = {tx.sender_id for tx in block.txs}
+            self.mempool.recheck(self.chain.account, self._minted, senders)
+            self.produced += 1
+            self._notify()
+        if block.txs or block.height % 100 == 0:
+            log.info("produced block %d with %d txs (final %d)", block.height, len(block.txs),
+                     self.chain.final_height)
+        return block
+
+    async def _sync_loop(self, target: str) -> None:
+        from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
+
+        backoff = 0.1
+        while not self._stopped:
+            try:
+                stub = ledger_pb2_grpc.LedgerServiceStub(self._channel(target))
+                req = ledger_pb2.StreamBlocksRequest(from_height=self.chain.final_height + 1,
+                                                     peer_address=self.listen_address, raw_only=True)
+                async for resp in stub.StreamBlocks(req):
+                    backoff = 0.1
+                    try:
+                        await self.receive_blocks([b.raw for b in resp.blocks])
+                    except AitbcError as exc:
+                        self.rejected_blocks += 1
+                        log.warning("rejected a block from %s: %s", target, exc.message)
+            except grpc.aio.AioRpcError as exc:
+                log.debug("sync from %s interrupted: %s", target, exc.code())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sync from %s failed", target)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def stream_blocks(self, from_height: int) -> AsyncIterator[list[tuple[bytes, int]]]:
+        """Canonical blocks (raw, height) from a height, batched, live thereafter; after a reorg
+        resends from the fork point."""
+        if from_height < 0:
+            raise InvalidArgument("from_height must be >= 0")
+        nxt = max(1, from_height)
+        sent: dict[int, bytes] = {}  # recent height -> hash sent, to notice reorgs
+        while not self._stopped:
+            changed = self._changed
+            # rewind to the fork point when the chain under what we sent changed
+            while nxt - 1 in sent and self.chain.hash_at(nxt - 1) != sent[nxt - 1]:
+                del sent[nxt - 1]
+                nxt -= 1
+            head = self.chain.head.height
+            if nxt <= head:
+                batch: list[tuple[bytes, int]] = []
+                size = 0
+                while nxt <= head and len(batch) < STREAM_BATCH_BLOCKS and size < STREAM_BATCH_BYTES:
+                    h = self.chain.hash_at(nxt)
+                    raw = self.chain.store.get(b"v1:blk:" + h) if h is not None else None
+                    if raw is None:
+                        break  # a reorg is in flight; look again
+                    if batch and size + len(raw) > min(STREAM_BATCH_BYTES, MAX_BLOCK_BYTES):
+                        break
+                    batch.append((raw, nxt))
+                    sent[nxt] = h  # type: ignore[assignment]
+                    size += len(raw)
+                    nxt += 1
+                if len(sent) > 4096:
+                    for k in sorted(sent)[:-2048]:
+                        del sent[k]
+                if batch:
+                    yield batch
+                    continue
+            await changed.wait()
+
+    # ---- queries ---------------------------------------------------------------------------------
+
+    def pending_nonce(self, account_id: bytes) -> tuple[int, int, int]:
+        balance, nonce = self.chain.account(account_id)
+        return balance, nonce, self.mempool.pending_nonce(account_id, nonce)

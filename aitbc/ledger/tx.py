@@ -1,0 +1,208 @@
+"""Transactions: fixed-layout binary encoding, domain-separated signing, structural decoding.
+
+Byte layout (docs/ledger.md, "Transactions"); all integers big-endian, no floats anywhere:
+
+    body = u8 version(=1) | u8 kind | u8 len(chain_id) | chain_id | 33 sender pubkey | u64 nonce | payload
+      TRANSFER (kind 1): 20 recipient account id | u64 amount
+      MINT     (kind 2): u32 len(receipt) | receipt canonical JSON | 65 provider signature
+                         | u8 len(attester) | attester address | 65 attester signature
+    signed tx = body | signature (64-byte compact r||s or 65-byte r||s||v, low-S)
+    signing digest = sha256("AITBC/tx/v1" || 0x00 || body)
+    tx hash = sha256(signed tx)
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+from aitbc import crypto
+from aitbc.errors import CryptoError, InvalidArgument
+from aitbc.ledger.genesis import check_chain_id
+from aitbc.receipts import ReceiptBody, SignedReceipt
+
+TX_VERSION = 1
+TX_DOMAIN = b"AITBC/tx/v1"
+KIND_TRANSFER = 1
+KIND_MINT = 2
+KIND_NAMES = {KIND_TRANSFER: "TRANSFER", KIND_MINT: "MINT"}
+MAX_TX_BYTES = 16 * 1024
+MAX_U64 = 2**64 - 1
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+
+
+def _header(kind: int, chain_id: str, sender_pubkey: bytes, nonce: int) -> bytes:
+    check_chain_id(chain_id)
+    if len(sender_pubkey) != 33:
+        raise InvalidArgument("sender public key must be 33 bytes (compressed)")
+    if type(nonce) is not int or not 0 <= nonce <= MAX_U64:
+        raise InvalidArgument("nonce must be an integer in [0, 2^64-1]")
+    cid = chain_id.encode()
+    return bytes((TX_VERSION, kind, len(cid))) + cid + sender_pubkey + _U64.pack(nonce)
+
+
+def encode_transfer_body(chain_id: str, sender_pubkey: bytes, nonce: int, to: str, amount: int) -> bytes:
+    to_id = crypto.validate_address(to)
+    if type(amount) is not int or not 0 < amount <= MAX_U64:
+        raise InvalidArgument("amount must be an integer in [1, 2^64-1]")
+    return _header(KIND_TRANSFER, chain_id, sender_pubkey, nonce) + to_id + _U64.pack(amount)
+
+
+def encode_mint_body(chain_id: str, sender_pubkey: bytes, nonce: int, receipt: SignedReceipt) -> bytes:
+    body = receipt.body.canonical_bytes()
+    att = receipt.attester.encode()
+    if len(receipt.provider_signature) != 65 or len(receipt.attester_signature) != 65 or not att:
+        raise InvalidArgument("a MINT needs an attested receipt with 65-byte provider and attester signatures")
+    return (
+        _header(KIND_MINT, chain_id, sender_pubkey, nonce)
+        + _U32.pack(len(body)) + body + receipt.provider_signature
+        + bytes((len(att),)) + att + receipt.attester_signature
+    )
+
+
+def signing_digest(body: bytes) -> bytes:
+    return crypto.domain_digest(TX_DOMAIN, body)
+
+
+def sign_body(body: bytes, key: crypto.PrivateKey, *, compact: bool = False) -> bytes:
+    sig = key.sign(signing_digest(body))
+    return body + (sig[:64] if compact else sig)
+
+
+def make_transfer(key: crypto.PrivateKey, chain_id: str, nonce: int, to: str, amount: int,
+                  *, compact: bool = False) -> bytes:
+    """A signed TRANSFER, ready to broadcast."""
+    return sign_body(encode_transfer_body(chain_id, key.pubkey, nonce, to, amount), key, compact=compact)
+
+
+def make_mint(key: crypto.PrivateKey, chain_id: str, nonce: int, receipt: SignedReceipt,
+              *, compact: bool = False) -> bytes:
+    """A signed MINT carrying an attested receipt; any account may send it (the receipt is the proof)."""
+    return sign_body(encode_mint_body(chain_id, key.pubkey, nonce, receipt), key, compact=compact)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Tx:
+    kind: int
+    chain_id: str
+    sender_pubkey: bytes
+    nonce: int
+    to: bytes  # TRANSFER recipient account id, b"" for MINT
+    amount: int  # TRANSFER amount, 0 for MINT (the minted amount comes from the receipt)
+    receipt: SignedReceipt | None
+    body: bytes
+    signature: bytes
+    raw: bytes
+    hash: bytes
+    sender_id: bytes
+
+    @property
+    def sender(self) -> str:
+        return crypto.address_from_pubkey(self.sender_pubkey)
+
+    @property
+    def to_address(self) -> str:
+        from aitbc import bech32
+
+        return bech32.encode(crypto.ADDRESS_HRP, self.to) if self.to else ""
+
+    @property
+    def kind_name(self) -> str:
+        return KIND_NAMES[self.kind]
+
+
+def _malformed(why: str) -> InvalidArgument:
+    return InvalidArgument(f"malformed transaction: {why}")
+
+
+def decode_tx(raw: bytes) -> Tx:
+    """Parse a signed tx (structure only: signatures and state are checked elsewhere)."""
+    if len(raw) > MAX_TX_BYTES:
+        raise InvalidArgument(f"tx too large: {len(raw)} bytes, at most {MAX_TX_BYTES}")
+    try:
+        return _decode(bytes(raw))
+    except (IndexError, struct.error):
+        raise _malformed("truncated") from None
+
+
+def _decode(raw: bytes) -> Tx:
+    if len(raw) < 3:
+        raise _malformed("truncated")
+    version, kind, clen = raw[0], raw[1], raw[2]
+    if version != TX_VERSION:
+        raise _malformed(f"version {version} is not supported")
+    pos = 3
+    cid_bytes = raw[pos:pos + clen]
+    pos += clen
+    try:
+        chain_id = cid_bytes.decode("ascii")
+        check_chain_id(chain_id)
+    except (UnicodeDecodeError, InvalidArgument):
+        raise _malformed("bad chain id") from None
+    pubkey = raw[pos:pos + 33]
+    pos += 33
+    if len(pubkey) != 33 or pubkey[0] not in (2, 3):
+        raise _malformed("sender public key must be 33 bytes (compressed)")
+    (nonce,) = _U64.unpack_from(raw, pos)
+    pos += 8
+    to, amount, receipt = b"", 0, None
+    if kind == KIND_TRANSFER:
+        to = raw[pos:pos + 20]
+        pos += 20
+        (amount,) = _U64.unpack_from(raw, pos)
+        pos += 8
+        if len(to) != 20:
+            raise _malformed("truncated")
+        if amount == 0:
+            raise _malformed("amount must be positive")
+    elif kind == KIND_MINT:
+        (rlen,) = _U32.unpack_from(raw, pos)
+        pos += 4
+        rjson = raw[pos:pos + rlen]
+        pos += rlen
+        psig = raw[pos:pos + 65]
+        pos += 65
+        alen = raw[pos]
+        pos += 1
+        att = raw[pos:pos + alen]
+        pos += alen
+        asig = raw[pos:pos + 65]
+        pos += 65
+        if len(rjson) != rlen or len(psig) != 65 or len(att) != alen or len(asig) != 65:
+            raise _malformed("truncated")
+        try:
+            body = ReceiptBody.from_dict(json.loads(rjson))
+            if body.canonical_bytes() != rjson:
+                raise _malformed("receipt JSON is not canonical")
+            receipt = SignedReceipt(body, psig, att.decode("ascii"), asig)
+        except InvalidArgument as exc:
+            if exc.message.startswith("malformed"):
+                raise
+            raise InvalidArgument(f"bad receipt: {exc.message}") from None
+        except (ValueError, TypeError):
+            raise _malformed("receipt is not valid JSON") from None
+    else:
+        raise _malformed(f"unknown kind {kind}")
+    body_bytes, sig = raw[:pos], raw[pos:]
+    if len(sig) not in (64, 65):
+        raise _malformed(f"signature must be 64 or 65 bytes, got {len(sig)}")
+    return Tx(kind, chain_id, pubkey, nonce, to, amount, receipt, body_bytes, sig, raw,
+              crypto.sha256(raw), crypto.sha256(pubkey)[:20])
+
+
+def verify_tx_signature(tx: Tx) -> None:
+    """Raise CryptoError('bad signature: ...') unless the low-S signature is by the sender's key."""
+    digest = signing_digest(tx.body)
+    if len(tx.signature) == 65:
+        try:
+            pub = crypto.recover_pubkey(digest, tx.signature)
+        except CryptoError as exc:
+            msg = exc.message if exc.message.startswith("bad signature") else f"bad signature: {exc.message}"
+            raise CryptoError(msg) from None
+        if pub != tx.sender_pubkey:
+            raise CryptoError("bad signature: not signed by the sender's key")
+    elif not crypto.verify(digest, tx.signature, tx.sender_pubkey):
+        raise CryptoError("bad signature: does not verify against the sender's key (or is high-S)")

@@ -1,0 +1,51 @@
+"""Domain <-> proto conversions for LedgerService (no gRPC here, only messages)."""
+
+from __future__ import annotations
+
+from aitbc.errors import InvalidArgument
+from aitbc.ledger import state
+from aitbc.ledger.block import Block, Header
+from aitbc.ledger.genesis import Genesis
+from aitbc.ledger.tx import KIND_MINT, KIND_TRANSFER, Tx
+from aitbc.v1 import ledger_pb2
+
+KIND_TO_PROTO = {
+    KIND_TRANSFER: ledger_pb2.TRANSACTION_KIND_TRANSFER,
+    KIND_MINT: ledger_pb2.TRANSACTION_KIND_MINT,
+}
+
+
+def header_to_proto(h: Header) -> ledger_pb2.BlockHeader:
+    return ledger_pb2.BlockHeader(
+        version=h.version, chain_id=h.chain_id, height=h.height, hash=h.hash.hex(),
+        parent_hash=h.parent_hash.hex(), slot=h.slot, timestamp_ms=h.timestamp_ms,
+        proposer=h.proposer_address, tx_root=h.tx_root.hex(), state_root=h.state_root.hex(),
+        tx_count=h.tx_count)
+
+
+def block_to_proto(b: Block, *, final: bool, canonical: bool) -> ledger_pb2.Block:
+    return ledger_pb2.Block(header=header_to_proto(b.header), raw=b.raw, final=final, canonical=canonical)
+
+
+def tx_to_proto(tx: Tx, genesis: Genesis) -> ledger_pb2.Transaction:
+    msg = ledger_pb2.Transaction(hash=tx.hash.hex(), raw=tx.raw, kind=KIND_TO_PROTO[tx.kind],
+                                 chain_id=tx.chain_id, sender=tx.sender, nonce=tx.nonce)
+    if tx.kind == KIND_TRANSFER:
+        msg.to = tx.to_address
+        msg.amount = tx.amount
+    elif tx.receipt is not None:
+        body = tx.receipt.body
+        msg.receipt_hash = tx.receipt.receipt_hash.hex()
+        msg.provider = body.provider
+        msg.mint_amount = state.mint_amount(body.units, body.price_per_unit, genesis)
+    return msg
+
+
+def parse_hash(text: str, what: str = "hash") -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise InvalidArgument(f"{what} must be 64 hex characters")
+    return raw

@@ -1,0 +1,202 @@
+"""LedgerService servicer (thin over aitbc.ledger.node) and the `aitbc node` process runner."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import grpc
+
+from aitbc import crypto, rpc
+from aitbc.errors import InvalidArgument, NotFound
+from aitbc.ledger.block import decode_block
+from aitbc.ledger.chain import Chain
+from aitbc.ledger.genesis import Genesis
+from aitbc.ledger.node import RELAY_METADATA, Node
+from aitbc.ledger.store import LmdbStore, Store
+from aitbc.ledger.wire import block_to_proto, header_to_proto, parse_hash, tx_to_proto
+from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
+
+log = logging.getLogger("aitbc.server.ledger")
+SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
+MAX_BATCH = 20_000
+
+S = ledger_pb2
+
+
+def _address(text: str) -> bytes:
+    return crypto.validate_address(text)
+
+
+class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.chain = node.chain
+
+    @rpc.handle_errors
+    async def GetHead(self, request: S.GetHeadRequest, context: grpc.aio.ServicerContext) -> S.GetHeadResponse:
+        chain, g = self.chain, self.node.genesis
+        resp = S.GetHeadResponse(finalized_height=chain.final_height, chain_id=g.chain_id,
+                                 genesis_hash=chain.genesis_hash.hex(), authorities=list(g.authorities),
+                                 block_time_ms=g.block_time_ms, mempool_size=len(self.node.mempool),
+                                 is_authority=self.node.is_authority)
+        head = chain.head
+        if head.height > 0:
+            blk = chain.block_at(head.height)
+            if blk is not None:
+                resp.head.CopyFrom(header_to_proto(blk.header))
+        else:
+            resp.head.CopyFrom(S.BlockHeader(chain_id=g.chain_id, height=0, hash=chain.genesis_hash.hex(),
+                                             timestamp_ms=g.genesis_time_ms))
+        return resp
+
+    @rpc.handle_errors
+    async def GetBlock(self, request: S.GetBlockRequest, context: grpc.aio.ServicerContext) -> S.GetBlockResponse:
+        chain = self.chain
+        which = request.WhichOneof("selector")
+        if which == "hash":
+            found = chain.block_by_hash(parse_hash(request.hash, "block hash"))
+            if found is None:
+                raise NotFound(f"block {request.hash} not found")
+            block, canonical = found
+        elif which == "height":
+            got = chain.block_at(request.height) if request.height > 0 else None
+            if got is None:
+                raise NotFound(f"no block at height {request.height} (head is {chain.head.height})")
+            block, canonical = got, True
+        else:
+            raise InvalidArgument("give a block height or hash")
+        resp = S.GetBlockResponse(block=block_to_proto(
+            block, final=canonical and block.height <= chain.final_height, canonical=canonical))
+        if request.include_transactions:
+            resp.transactions.extend(tx_to_proto(tx, self.node.genesis) for tx in block.txs)
+        return resp
+
+    @rpc.handle_errors
+    async def GetTransaction(self, request: S.GetTransactionRequest,
+                             context: grpc.aio.ServicerContext) -> S.GetTransactionResponse:
+        h = parse_hash(request.hash, "transaction hash")
+        pending = self.node.mempool.by_hash.get(h)
+        if pending is not None:
+            return S.GetTransactionResponse(transaction=tx_to_proto(pending, self.node.genesis),
+                                            status=S.TRANSACTION_STATUS_PENDING)
+        loc = self.chain.tx_location(h)
+        block = self.chain.block_at(loc[0]) if loc is not None else None
+        if loc is None or block is None:
+            raise NotFound(f"transaction {request.hash} not found")
+        height, index = loc
+        status = S.TRANSACTION_STATUS_FINAL if height <= self.chain.final_height else S.TRANSACTION_STATUS_INCLUDED
+        return S.GetTransactionResponse(transaction=tx_to_proto(block.txs[index], self.node.genesis), status=status,
+                                        block_height=height, block_hash=block.hash.hex(), index=index)
+
+    def _is_relay(self, context: grpc.aio.ServicerContext) -> bool:
+        return any((m.key, m.value) == RELAY_METADATA for m in (context.invocation_metadata() or ()))
+
+    @rpc.handle_errors
+    async def BroadcastTransaction(self, request: S.BroadcastTransactionRequest,
+                                   context: grpc.aio.ServicerContext) -> S.BroadcastTransactionResponse:
+        [(h, err)] = await self.node.submit([request.raw], relay=not self._is_relay(context))
+        if err is not None:
+            raise err
+        return S.BroadcastTransactionResponse(hash=h.hex())
+
+    @rpc.handle_errors
+    async def BroadcastTransactions(self, request: S.BroadcastTransactionsRequest,
+                                    context: grpc.aio.ServicerContext) -> S.BroadcastTransactionsResponse:
+        if len(request.raws) > MAX_BATCH:
+            raise InvalidArgument(f"at most {MAX_BATCH} transactions per batch")
+        results = await self.node.submit(list(request.raws), relay=not self._is_relay(context))
+        return S.BroadcastTransactionsResponse(results=[
+            S.BroadcastResult(hash=h.hex(), accepted=err is None, code="" if err is None else err.code,
+                              error="" if err is None else err.message)
+            for h, err in results])
+
+    @rpc.handle_errors
+    async def GetAccount(self, request: S.GetAccountRequest, context: grpc.aio.ServicerContext) -> S.GetAccountResponse:
+        account_id = _address(request.address)
+        balance, nonce, pending = self.node.pending_nonce(account_id)
+        return S.GetAccountResponse(address=request.address, balance=balance, nonce=nonce, pending_nonce=pending,
+                                    height=self.chain.head.height)
+
+    @rpc.handle_errors
+    async def StreamBlocks(self, request: S.StreamBlocksRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[S.StreamBlocksResponse]:
+        if request.from_height < 0:
+            raise InvalidArgument("from_height must be >= 0")
+        if request.peer_address:
+            self.node.add_peer(request.peer_address)
+        async for batch in self.node.stream_blocks(request.from_height):
+            final = self.chain.final_height
+            if request.raw_only:
+                blocks = [S.Block(raw=raw, final=h <= final, canonical=True) for raw, h in batch]
+            else:
+                blocks = [block_to_proto(decode_block(raw), final=h <= final, canonical=True) for raw, h in batch]
+            yield S.StreamBlocksResponse(blocks=blocks, finalized_height=final)
+
+    @rpc.handle_errors
+    async def GetReceiptStatus(self, request: S.GetReceiptStatusRequest,
+                               context: grpc.aio.ServicerContext) -> S.GetReceiptStatusResponse:
+        rh = parse_hash(request.receipt_hash, "receipt hash")
+        resp = S.GetReceiptStatusResponse(receipt_hash=rh.hex(), status=S.TRANSACTION_STATUS_UNKNOWN)
+        minted = self.chain.receipt_minted(rh)
+        if minted is not None:
+            height, tx_hash, amount = minted
+            resp.status = S.TRANSACTION_STATUS_FINAL if height <= self.chain.final_height \
+                else S.TRANSACTION_STATUS_INCLUDED
+            resp.tx_hash, resp.block_height, resp.amount = tx_hash.hex(), height, amount
+            resp.block_hash = (self.chain.hash_at(height) or b"").hex()
+        elif (th := self.node.mempool.receipts.get(rh)) is not None:
+            resp.status, resp.tx_hash = S.TRANSACTION_STATUS_PENDING, th.hex()
+        return resp
+
+
+def ledger_service(node: Node) -> rpc.Service:
+    return rpc.Service(ledger_pb2_grpc.add_LedgerServiceServicer_to_server, LedgerServicer(node), SERVICE_NAME)
+
+
+async def start_node(store: Store, genesis: Genesis, key: crypto.PrivateKey | None, listen: str,
+                     peers: Sequence[str] = ()) -> tuple[Node, rpc.RunningServer]:
+    """Open the chain, bind the server (port 0 allowed) and start producing/syncing."""
+    node = Node(Chain(store, genesis), key, peers=peers)
+    server = await rpc.start_server(listen, [ledger_service(node)])
+    await node.start(f"{rpc.host_of(listen)}:{server.port}")
+    return node, server
+
+
+async def run_node(data_dir: str | Path, genesis_path: str | Path, key_path: str | Path | None = None,
+                   listen: str = "127.0.0.1:26657", peers: Sequence[str] = (),
+                   port_file: str | Path | None = None, stop: asyncio.Event | None = None) -> int:
+    """Run a node until SIGINT/SIGTERM (or `stop` is set). Returns the process exit code."""
+    genesis = Genesis.load(genesis_path)
+    key = crypto.PrivateKey.from_hex(Path(key_path).read_text()) if key_path else None
+    store = LmdbStore(Path(data_dir) / "ledger")
+    try:
+        node, server = await start_node(store, genesis, key, listen, peers)
+    except BaseException:
+        store.close()
+        raise
+    role = f"authority {key.address}" if key else "follower"
+    print(f"ledger node listening on {rpc.host_of(listen)}:{server.port} (chain {genesis.chain_id}, {role}, "
+          f"head {node.chain.head.height})", flush=True)
+    if port_file:
+        tmp = Path(f"{port_file}.tmp")
+        tmp.write_text(f"{server.port}\n")
+        os.replace(tmp, port_file)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await stop.wait()
+    finally:
+        await node.stop()
+        await server.stop(1.0)
+        store.close()
+    return 0

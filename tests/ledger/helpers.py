@@ -1,0 +1,36 @@
+"""Deterministic keys, genesis and receipts for ledger tests."""
+
+from __future__ import annotations
+
+from aitbc import crypto
+from aitbc.ledger.genesis import Genesis, make_genesis
+from aitbc.receipts import ReceiptBody, SignedReceipt, sign_receipt
+
+CHAIN = "aitbc-test"
+
+
+def key(n: int) -> crypto.PrivateKey:
+    return crypto.PrivateKey(crypto.sha256(b"aitbc-ledger-test-key-%d" % n))
+
+
+AUTH = [key(1), key(2), key(3), key(4)]
+ATTESTER = key(10)
+PROVIDER = key(11)
+ALICE = key(20)
+BOB = key(21)
+
+
+def genesis(n_auth: int = 1, *, block_time_ms: int = 1000, chain_id: str = CHAIN, **kw) -> Genesis:
+    return make_genesis(chain_id, [k.address for k in AUTH[:n_auth]], [ATTESTER.address],
+                        block_time_ms=block_time_ms, max_price_per_unit=kw.pop("max_price_per_unit", 1000),
+                        max_mint_per_receipt=kw.pop("max_mint_per_receipt", 10**12), **kw)
+
+
+def receipt(i: int = 0, *, units: int = 100, price: int = 10, chain_id: str = CHAIN,
+            provider: crypto.PrivateKey = PROVIDER, attester: crypto.PrivateKey | None = ATTESTER) -> SignedReceipt:
+    body = ReceiptBody(
+        job_id=f"job-{i}", provider=provider.address, client="client-1", units=units, unit_type="gpu_ms",
+        price_per_unit=price, model="tiny-sd", prompt_hash="ab" * 32, started_at=1000, finished_at=2000,
+        artifact_sha256="cd" * 32, nonce=f"{i:032x}", hub_id="", chain_id=chain_id)
+    r = sign_receipt(body, provider)
+    return r.attest(attester) if attester is not None else r

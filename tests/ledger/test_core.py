@@ -1,0 +1,221 @@
+"""Pure tx / block / state-transition tests over the in-memory store."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from aitbc import crypto
+from aitbc.errors import AlreadyExists, CryptoError, FailedPrecondition, InvalidArgument, PermissionDenied
+from aitbc.ledger import state
+from aitbc.ledger.block import Header, decode_block, make_block, tx_root
+from aitbc.ledger.chain import Chain
+from aitbc.ledger.genesis import Genesis
+from aitbc.ledger.store import MemoryStore
+from aitbc.ledger.tx import MAX_TX_BYTES, decode_tx, make_mint, make_transfer, verify_tx_signature
+
+from .helpers import ALICE, AUTH, BOB, CHAIN, PROVIDER, genesis, key, receipt
+
+
+def _now(g: Genesis, slot: int) -> int:
+    return slot * g.block_time_ms + 1
+
+
+def test_transfer_roundtrip_and_signature_forms():
+    for compact in (False, True):
+        raw = make_transfer(ALICE, CHAIN, 7, BOB.address, 12345, compact=compact)
+        tx = decode_tx(raw)
+        assert (tx.nonce, tx.amount, tx.to_address, tx.sender) == (7, 12345, BOB.address, ALICE.address)
+        assert len(tx.signature) == (64 if compact else 65)
+        verify_tx_signature(tx)
+        assert tx.hash == crypto.sha256(raw)
+
+
+def test_tampered_or_high_s_signature_is_bad_signature():
+    raw = make_transfer(ALICE, CHAIN, 0, BOB.address, 5)
+    tx = decode_tx(raw)
+    forged = decode_tx(tx.body[:-1] + b"\x06" + tx.signature)  # amount 5 -> 6
+    with pytest.raises(CryptoError, match="^bad signature"):
+        verify_tx_signature(forged)
+    s = int.from_bytes(tx.signature[32:64], "big")
+    high = tx.signature[:32] + (crypto.SECP256K1_N - s).to_bytes(32, "big") + bytes([tx.signature[64] ^ 1])
+    with pytest.raises(CryptoError, match="high-S"):
+        verify_tx_signature(decode_tx(tx.body + high))
+    with pytest.raises(CryptoError, match="^bad signature"):
+        verify_tx_signature(decode_tx(tx.body + high[:64]))
+    other = decode_tx(tx.body + BOB.sign(crypto.sha256(b"x")))
+    with pytest.raises(CryptoError, match="^bad signature"):
+        verify_tx_signature(other)
+
+
+@pytest.mark.parametrize("raw,msg", [
+    (b"", "malformed"), (b"\x02\x01", "malformed"), (b"\x01\x09\x00", "malformed"),
+    (b"\x00" * (MAX_TX_BYTES + 1), "tx too large"),
+])
+def test_malformed_txs(raw, msg):
+    with pytest.raises(InvalidArgument, match=msg):
+        decode_tx(raw)
+
+
+def test_truncations_never_crash():
+    raw = make_mint(ALICE, CHAIN, 0, receipt())
+    for cut in range(len(raw) - 1):  # len-1 is a valid 64-byte compact signature
+        with pytest.raises(InvalidArgument):
+            decode_tx(raw[:cut])
+
+
+def _chain(n_auth: int = 1) -> tuple[Chain, Genesis]:
+    g = genesis(n_auth)
+    return Chain(MemoryStore(), g), g
+
+
+def test_mint_then_transfer_state_and_vectors_of_errors():
+    chain, g = _chain()
+    r = receipt(1, units=100, price=10)
+    mint = decode_tx(make_mint(ALICE, CHAIN, 0, r))
+    block, dropped = chain.build_block(AUTH[0], 1, _now(g, 1), [mint])
+    assert dropped == [] and block.header.tx_count == 1
+    assert chain.account(crypto.validate_address(PROVIDER.address)) == (1000, 0)
+    assert chain.account(crypto.validate_address(ALICE.address)) == (0, 1)
+    assert chain.receipt_minted(r.receipt_hash) == (1, mint.hash, 1000)
+    assert chain.final_height == 1  # one authority: final immediately
+    # a second MINT of the same receipt fails in state
+    again = decode_tx(make_mint(BOB, CHAIN, 0, r))
+    with pytest.raises(AlreadyExists, match="^receipt already minted"):
+        state.apply_tx(chain.store.get, again, g, 2)
+    pay = decode_tx(make_transfer(PROVIDER, CHAIN, 0, BOB.address, 400))
+    with pytest.raises(FailedPrecondition, match="^insufficient balance"):
+        state.apply_tx(chain.store.get, decode_tx(make_transfer(PROVIDER, CHAIN, 0, BOB.address, 1001)), g, 2)
+    with pytest.raises(FailedPrecondition, match="^nonce too low"):
+        state.apply_tx(chain.store.get, decode_tx(make_transfer(ALICE, CHAIN, 0, BOB.address, 1)), g, 2)
+    chain.build_block(AUTH[0], 2, _now(g, 2), [pay])
+    assert chain.account(crypto.validate_address(BOB.address)) == (400, 0)
+    assert chain.account(crypto.validate_address(PROVIDER.address)) == (600, 1)
+    assert chain.tx_location(pay.hash) == (2, 0)
+
+
+def test_mint_amount_is_capped():
+    g = genesis(max_price_per_unit=5, max_mint_per_receipt=300)
+    assert state.mint_amount(100, 10, g) == 300
+    assert state.mint_amount(10, 10, g) == 50
+    assert state.mint_amount(10, 3, g) == 30
+
+
+def test_stateless_rejections():
+    g = genesis()
+    with pytest.raises(InvalidArgument, match="^wrong chain id"):
+        state.check_stateless(decode_tx(make_transfer(ALICE, "other-chain", 0, BOB.address, 1)), g)
+    with pytest.raises(InvalidArgument, match="^wrong chain id"):
+        state.check_stateless(decode_tx(make_mint(ALICE, CHAIN, 0, receipt(chain_id="other-chain"))), g)
+    with pytest.raises(PermissionDenied, match="^attester not authorized"):
+        state.check_stateless(decode_tx(make_mint(ALICE, CHAIN, 0, receipt(attester=key(99)))), g)
+    r = receipt(3)
+    bad = dataclasses.replace(r, attester_signature=r.provider_signature)
+    with pytest.raises(InvalidArgument, match="^bad receipt"):
+        state.check_stateless(decode_tx(make_mint(ALICE, CHAIN, 0, bad)), g)
+    state.check_stateless(decode_tx(make_mint(ALICE, CHAIN, 0, r)), g)
+
+
+def _follower_of(chain: Chain, g: Genesis) -> Chain:
+    f = Chain(MemoryStore(), g)
+    blocks = [decode_block(chain.block_raw_at(h)) for h in range(1, chain.head.height + 1)]
+    f.add_blocks(blocks, now_ms=10**15)
+    return f
+
+
+def test_follower_reverifies_and_agrees():
+    chain, g = _chain()
+    chain.build_block(AUTH[0], 1, _now(g, 1), [decode_tx(make_mint(ALICE, CHAIN, 0, receipt(1)))])
+    chain.build_block(AUTH[0], 3, _now(g, 3), [decode_tx(make_transfer(PROVIDER, CHAIN, 0, BOB.address, 9))])
+    f = _follower_of(chain, g)
+    assert f.head == chain.head and f.final_height == 2
+    assert dict(f.store.scan(b"v1:")) == dict(chain.store.scan(b"v1:"))
+
+
+def _forge(chain: Chain, g: Genesis, signer, **changes):
+    """A copy of the next block changed in one way, re-signed by `signer`."""
+    parent = chain.head
+    slot = changes.pop("slot", parent.slot + 1 if parent.slot >= 0 else 1)
+    writes: dict = {}
+    header = Header(CHAIN, parent.height + 1, parent.hash, slot, slot * g.block_time_ms, crypto.sha256(
+        signer.pubkey)[:20], tx_root([]), state.state_root(parent.state_root, parent.height + 1, writes), 0)
+    header = dataclasses.replace(header, **changes)
+    return make_block(header, signer, [])
+
+
+@pytest.mark.parametrize("signer_i,changes,msg", [
+    (0, {"state_root": b"\x00" * 32}, "state root"),
+    (0, {"tx_root": b"\x00" * 32}, "tx root"),
+    (1, {}, "out of turn"),  # AUTH[1] proposing in AUTH[0]... slot
+    (0, {"parent_hash": b"\x11" * 32}, None),  # orphan: parent unknown
+    (0, {"timestamp_ms": 5}, "outside slot"),
+    (0, {"slot": 10**9}, "future"),
+])
+def test_bad_blocks_are_rejected(signer_i, changes, msg):
+    chain, g = _chain(3)
+    slot = 3  # AUTH[0]'s slot with 3 authorities
+    block = _forge(chain, g, AUTH[signer_i], slot=changes.pop("slot", slot), **changes)
+    if msg is None:
+        assert chain.add_block(block, now_ms=_now(g, slot)) == "orphan"
+        return
+    with pytest.raises(InvalidArgument, match=msg):
+        chain.add_block(block, now_ms=_now(g, slot))
+    assert chain.head.height == 0
+
+
+def test_non_authority_block_is_rejected():
+    chain, g = _chain(1)
+    with pytest.raises(InvalidArgument, match="not an authority"):
+        chain.add_block(_forge(chain, g, ALICE, slot=1), now_ms=_now(g, 1))
+    forged = _forge(chain, g, AUTH[0], slot=1)
+    wrong_sig = make_block(forged.header, ALICE, [])
+    wrong_sig = dataclasses.replace(wrong_sig, header=forged.header)
+    with pytest.raises(InvalidArgument, match="not signed by its proposer"):
+        chain.add_block(wrong_sig, now_ms=_now(g, 1))
+
+
+def test_reorg_longer_branch_wins_and_state_reverts():
+    g = genesis(3)
+    a, b = Chain(MemoryStore(), g), Chain(MemoryStore(), g)
+    r = receipt(5)
+    # a: AUTH[0] at slot 3 mints; b: AUTH[1] at slot 4 and AUTH[2] at slot 5 (longer)
+    a.build_block(AUTH[0], 3, _now(g, 3), [decode_tx(make_mint(ALICE, CHAIN, 0, r))])
+    b.build_block(AUTH[1], 4, _now(g, 4), [])
+    b.build_block(AUTH[2], 5, _now(g, 5), [decode_tx(make_mint(BOB, CHAIN, 0, r))])
+    # equal heights: the lower block hash wins, deterministically
+    expected = "reorg" if b.hash_at(1) < a.hash_at(1) else "side"
+    first = a.add_block(decode_block(b.block_raw_at(1)), _now(g, 5))
+    assert first == expected
+    second = a.add_block(decode_block(b.block_raw_at(2)), _now(g, 5))
+    assert second == ("extended" if first == "reorg" else "reorg")
+    assert a.head == b.head
+    assert dict(a.store.scan(b"v1:")) == dict(b.store.scan(b"v1:"))
+    assert a.account(crypto.validate_address(ALICE.address)) == (0, 0)
+    # the reverted block is kept aside; its hash no longer resolves as canonical
+    assert len(a.side) == 1
+
+
+def test_finality_needs_more_than_two_thirds():
+    g = genesis(3)
+    c = Chain(MemoryStore(), g)
+    c.build_block(AUTH[0], 3, _now(g, 3), [])
+    c.build_block(AUTH[1], 4, _now(g, 4), [])
+    assert c.final_height == 0
+    c.build_block(AUTH[0], 6, _now(g, 6), [])  # AUTH[2] skipped: still only two distinct builders
+    assert c.final_height == 0
+    c.build_block(AUTH[2], 8, _now(g, 8), [])
+    assert c.final_height == 2  # blocks 1,2 have AUTH0/1/2 on top... block 2 is built on by AUTH1,0,2
+    assert genesis(4).quorum == 3 and genesis(1).quorum == 1 and g.quorum == 3
+
+
+def test_data_folder_from_another_genesis_is_refused(tmp_path):
+    from aitbc.ledger.store import LmdbStore
+
+    store = LmdbStore(tmp_path / "db")
+    Chain(store, genesis(1))
+    with pytest.raises(FailedPrecondition, match="belongs to chain 'aitbc-test'"):
+        Chain(store, genesis(1, chain_id="other-chain"))
+    with pytest.raises(FailedPrecondition, match="belongs to chain"):
+        Chain(store, genesis(2))
+    store.close()
