@@ -1,0 +1,212 @@
+"""The image backend contract the miner daemon runs jobs through.
+
+This module stays import-light (no torch, no diffusers at import time) so that the daemon, its
+tests and the dispatch benchmark start fast; the diffusers code lives in `aitbc.miner.image` and is
+imported only when a real model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from aitbc.errors import AitbcError
+
+# The in-process default: a tiny Stable Diffusion pipeline built from configs with fixed seeds.
+TINY_MODEL = "tiny-sd"
+# A backend that does everything but inference (dispatch benchmarks).
+NULL_MODEL = "null"
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    width: int  # 0 = the model's native size
+    height: int  # 0 = the model's native size
+    images: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class ImageOutput:
+    pngs: list[bytes]
+    width: int
+    height: int
+    gpu_ms: int  # device time of the generation, >= 1 (see each backend for how it is measured)
+
+
+class JobCancelled(Exception):
+    """The job's cancel event was set while it ran; no output is produced."""
+
+
+class BackendError(AitbcError):
+    """Permanent failure: the request asks for something this model cannot do, or the model cannot
+    be loaded. The message is meant for the person who submitted the job."""
+
+    code = "INVALID_ARGUMENT"
+
+
+@runtime_checkable
+class ImageBackend(Protocol):
+    model: str  # the name the miner advertises
+    device: str  # "cuda:0" / "cpu"
+    native_size: int  # default width/height
+
+    def generate(
+        self,
+        req: ImageRequest,
+        on_step: Callable[[int, int], None],
+        cancel: threading.Event,
+    ) -> ImageOutput: ...
+
+
+# Limits of what any backend here accepts; a model may narrow them (steps by its scheduler).
+SIZE_MULTIPLE = 8
+MIN_SIZE = 8
+MAX_SIZE = 2048
+MAX_IMAGES = 8
+MAX_STEPS = 500
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+MAX_GUIDANCE = 100.0
+
+
+def resolve_size(req: ImageRequest, native_size: int) -> tuple[int, int]:
+    """Check `req` against the shared limits and return (width, height) with 0 -> native size."""
+    if not isinstance(req.prompt, str) or not isinstance(req.negative_prompt, str):
+        raise BackendError("prompt and negative_prompt must be text")
+    if not 1 <= req.steps <= MAX_STEPS:
+        raise BackendError(f"steps must be between 1 and {MAX_STEPS}, got {req.steps}")
+    if not math.isfinite(req.guidance_scale) or not 0.0 <= req.guidance_scale <= MAX_GUIDANCE:
+        raise BackendError(f"guidance_scale must be between 0 and {MAX_GUIDANCE:g}, got {req.guidance_scale}")
+    if not 1 <= req.images <= MAX_IMAGES:
+        raise BackendError(f"images must be between 1 and {MAX_IMAGES}, got {req.images}")
+    if not 0 <= req.seed <= MAX_SEED:
+        raise BackendError(f"seed must be between 0 and 2^64-1, got {req.seed}")
+    width = req.width or native_size
+    height = req.height or native_size
+    for name, value in (("width", width), ("height", height)):
+        if value < 0 or not MIN_SIZE <= value <= MAX_SIZE or value % SIZE_MULTIPLE:
+            raise BackendError(
+                f"{name} must be 0 (native {native_size}) or a multiple of {SIZE_MULTIPLE} "
+                f"between {MIN_SIZE} and {MAX_SIZE}, got {getattr(req, name)}"
+            )
+    return width, height
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def null_png(prompt: str, seed: int, width: int, height: int) -> bytes:
+    """A valid width x height PNG, an 8x8 two-colour pattern chosen by a hash of the inputs.
+
+    1-bit palette image: a 512x512 one is ~33 KB raw before zlib, so it costs well under a
+    millisecond, which keeps the null backend out of the dispatch benchmark's figures.
+    """
+    digest = hashlib.sha256(f"{seed}|{width}|{height}|{prompt}".encode()).digest()
+    palette = digest[0:3] + bytes(255 - b for b in digest[0:3])
+    cells = int.from_bytes(digest[8:16], "big")  # bit (row*8 + col) picks the colour of a cell
+    row_bytes = (width + 7) // 8
+    # pixel x lies in cell column x * 8 // width: the run of each column, then each cell row's bits
+    starts = [-(-col * width // 8) for col in range(9)]  # ceil(col * width / 8)
+    runs = [starts[col + 1] - starts[col] for col in range(8)]
+    cell_rows = []
+    for cell_y in range(8):
+        text = "".join(("1" if cells >> (cell_y * 8 + col) & 1 else "0") * runs[col] for col in range(8))
+        bits = int(text.ljust(row_bytes * 8, "0"), 2)
+        cell_rows.append(b"\x00" + bits.to_bytes(row_bytes, "big"))  # filter type 0 per row
+    raw = b"".join(cell_rows[y * 8 // height] for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 1, 3, 0, 0, 0)  # 1-bit, palette
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"PLTE", palette)
+        + _png_chunk(b"IDAT", zlib.compress(raw, 6))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+class NullImageBackend:
+    """Everything real but the model: validates the request, reports every step, honours cancel,
+    and returns deterministic PNGs at once. Torch is never imported. gpu_ms is the wall time of the
+    call, at least 1."""
+
+    model = NULL_MODEL
+    device = "cpu"
+    native_size = 64
+
+    def generate(
+        self,
+        req: ImageRequest,
+        on_step: Callable[[int, int], None],
+        cancel: threading.Event,
+    ) -> ImageOutput:
+        started = time.perf_counter()
+        width, height = resolve_size(req, self.native_size)
+        for step in range(1, req.steps + 1):
+            if cancel.is_set():
+                raise JobCancelled("cancelled")
+            on_step(step, req.steps)
+        if cancel.is_set():
+            raise JobCancelled("cancelled")
+        # each image of a batch differs, as in a real pipeline
+        pngs = [null_png(req.prompt, req.seed, width, height)]
+        pngs += [null_png(f"{req.prompt}#{i}", req.seed, width, height) for i in range(1, req.images)]
+        gpu_ms = max(1, round((time.perf_counter() - started) * 1000))
+        return ImageOutput(pngs=pngs, width=width, height=height, gpu_ms=gpu_ms)
+
+
+def pick_device(preferred: str | None) -> str:
+    """Resolve a device setting: "auto"/None -> "cuda:0" when CUDA is usable, else "cpu". "cuda" means "cuda:0"."""
+    choice = (preferred or "auto").strip().lower()
+    if choice == "cpu":
+        return "cpu"
+    import torch  # deferred: torch costs seconds to import
+
+    if choice == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        choice = "cuda:0"
+    if choice.startswith("cuda:"):
+        index_text = choice.removeprefix("cuda:")
+        if not index_text.isdigit():
+            raise BackendError(f"bad device {preferred!r}: expected 'cuda:N', 'cpu' or 'auto'")
+        if not torch.cuda.is_available():
+            raise BackendError(f"device {preferred!r} requested but CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if int(index_text) >= count:
+            raise BackendError(f"device {preferred!r} requested but this machine has {count} CUDA device(s)")
+        return f"cuda:{int(index_text)}"
+    raise BackendError(f"unsupported device {preferred!r}: expected 'cuda:N', 'cpu' or 'auto'")
+
+
+def load_image_backend(model: str, device: str | None = None) -> ImageBackend:
+    """Load `model` once and return a backend for it.
+
+    "tiny-sd": the tiny pipeline built in-process (no download). "null": no inference at all.
+    Anything else: a Hugging Face model id or a local folder, loaded with
+    `StableDiffusionPipeline.from_pretrained` through the same backend class as the tiny one.
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise BackendError("model name is empty")
+    model = model.strip()
+    if model == NULL_MODEL:
+        return NullImageBackend()
+    from aitbc.miner import image  # deferred: imports torch and diffusers
+
+    resolved = pick_device(device)
+    if model == TINY_MODEL:
+        return image.DiffusersImageBackend(image.build_tiny_pipeline(), model=model, device=resolved)
+    return image.DiffusersImageBackend(
+        image.load_pretrained_pipeline(model, resolved), model=model, device=resolved
+    )

@@ -1,0 +1,290 @@
+"""diffusers Stable Diffusion backend: the tiny in-process pipeline and from_pretrained models.
+
+Both go through `DiffusersImageBackend`; the tiny pipeline is only *built* from configs with fixed
+seeds (no download) instead of loaded, so the code that runs a job is the same for every model.
+
+Concurrency: `generate` may run on several worker threads at once. The modules (UNet, VAE, text
+encoder) are shared and only read under `torch.inference_mode`; everything a call mutates, the
+scheduler (timesteps, step counter) and the pipeline's per-call attributes (`_guidance_scale`,
+`_num_timesteps`, ...), belongs to a per-call pipeline view with its own scheduler made from the
+shared config. The tokenizer is a Rust `tokenizers` object whose padding/truncation settings are
+mutable state, so prompt encoding runs under a lock (milliseconds); denoising runs unlocked.
+
+Determinism: the initial latents come from `torch.Generator(device).manual_seed(seed)` and PNGs are
+encoded with a fixed compress level and no metadata, so on CPU the same request gives the same
+bytes in every process. On CUDA, fp16 kernels can differ across GPUs and driver versions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import string
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from aitbc.miner.backend import (
+    BackendError,
+    ImageOutput,
+    ImageRequest,
+    JobCancelled,
+    resolve_size,
+)
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+PNG_COMPRESS_LEVEL = 6
+TINY_SEED = 0  # fixed: the tiny pipeline's random weights are part of its identity
+TOKENIZER_MAX_LENGTH = 77
+
+# Allow from_pretrained to reach the Hugging Face Hub for an id that is not in the local cache.
+# Off by default: a miner with no network must fail fast with a clear message, not hang.
+DOWNLOAD_ENV = "AITBC_MODEL_DOWNLOAD"
+
+
+def _write_tiny_tokenizer_files(folder: Path) -> None:
+    """A CLIP BPE vocabulary of the printable ASCII characters (bare and word-final) and no merges:
+    every character is one token (ids: <|startoftext|> 0, <|endoftext|> 1). Enough to exercise the
+    real tokenizer code."""
+    chars = [c for c in string.printable if not c.isspace()]
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+
+def build_tiny_pipeline() -> StableDiffusionPipeline:
+    """The default model: a real StableDiffusionPipeline at toy size with fixed random weights.
+
+    Native size 64x64 (UNet sample_size 32, VAE downsampling 2). Built in float32 on the CPU;
+    the backend moves it to its device.
+    """
+    with tempfile.TemporaryDirectory(prefix="aitbc-tiny-clip-") as tmp:
+        _write_tiny_tokenizer_files(Path(tmp))
+        # from_pretrained reads vocab.json/merges.txt; transformers 5's constructor ignores *_file kwargs
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=TOKENIZER_MAX_LENGTH)
+    # Seed each module separately so one module's construction order never shifts another's weights.
+    torch.manual_seed(TINY_SEED)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    torch.manual_seed(TINY_SEED + 1)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+    )
+    torch.manual_seed(TINY_SEED + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,  # ids as in the tokenizer's vocab above
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=1000,
+            max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def load_pretrained_pipeline(model: str, device: str) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion model from a local folder or the Hugging Face cache.
+
+    float16 on CUDA, float32 on CPU (passed as `dtype`: diffusers 0.42 deprecates `torch_dtype`).
+    A Hub id is looked up in the local cache only, unless AITBC_MODEL_DOWNLOAD=1 (and not
+    HF_HUB_OFFLINE) allows a download; every failure becomes a BackendError that names the model.
+    """
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    folder = Path(model).expanduser()
+    is_folder = folder.is_dir()
+    if not is_folder and model.startswith((".", "/", "~")):
+        raise BackendError(f"model folder {model!r} does not exist")
+    if is_folder and not (folder / "model_index.json").is_file():
+        raise BackendError(f"model folder {model!r} has no model_index.json: not a diffusers pipeline")
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    allow_download = os.environ.get(DOWNLOAD_ENV, "") == "1" and not offline
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(folder) if is_folder else model,
+            dtype=dtype,  # diffusers 0.42 deprecates the torch_dtype spelling
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=is_folder or not allow_download,
+        )
+    except BackendError:
+        raise
+    except Exception as exc:  # diffusers/hub raise a zoo of types (OSError, EnvironmentError, ValueError ...)
+        if is_folder:
+            raise BackendError(f"cannot load model folder {model!r}: {exc}") from exc
+        hint = (
+            ""
+            if allow_download
+            else f" (not in the local Hugging Face cache; set {DOWNLOAD_ENV}=1 to download)"
+        )
+        raise BackendError(f"cannot load model {model!r}{hint}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(pipe, StableDiffusionPipeline):
+        raise BackendError(f"model {model!r} is a {type(pipe).__name__}, not a Stable Diffusion pipeline")
+    return pipe
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes that depend only on the pixels: no text chunks, fixed compression settings."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False)
+    return buf.getvalue()
+
+
+class DiffusersImageBackend:
+    """Runs ImageRequests on one StableDiffusionPipeline, loaded once.
+
+    gpu_ms: on CUDA, the time between CUDA events recorded around the pipeline call on the current
+    stream (synchronised), which includes other concurrent calls' kernels that interleave on that
+    stream; on CPU, the wall time of the pipeline call. Neither includes validation or PNG encoding.
+    """
+
+    def __init__(self, pipe: StableDiffusionPipeline, *, model: str, device: str) -> None:
+        self.model = model
+        self.device = device
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        self._pipe = pipe
+        self._encode_lock = threading.Lock()
+        self.native_size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        self.max_steps = int(pipe.scheduler.config.num_train_timesteps)
+
+    @property
+    def pipeline(self) -> StableDiffusionPipeline:
+        """The shared pipeline (for save_pretrained, benchmarks); do not call it from worker threads."""
+        return self._pipe
+
+    def _call_view(self) -> StableDiffusionPipeline:
+        """A pipeline sharing every module with the loaded one but with its own scheduler."""
+        components: dict[str, Any] = dict(self._pipe.components)
+        components["scheduler"] = type(self._pipe.scheduler).from_config(self._pipe.scheduler.config)
+        components["requires_safety_checker"] = False
+        view = StableDiffusionPipeline(**components)
+        view.set_progress_bar_config(disable=True)
+        return view
+
+    def generate(
+        self,
+        req: ImageRequest,
+        on_step: Callable[[int, int], None],
+        cancel: threading.Event,
+    ) -> ImageOutput:
+        width, height = resolve_size(req, self.native_size)
+        if req.steps > self.max_steps:
+            raise BackendError(
+                f"steps must be at most {self.max_steps} for model {self.model}, got {req.steps}"
+            )
+        if cancel.is_set():
+            raise JobCancelled("cancelled before start")
+        view = self._call_view()
+        # classifier-free guidance only above 1, as in diffusers
+        do_cfg = req.guidance_scale > 1.0 and view.unet.config.time_cond_proj_dim is None
+
+        def step_end(
+            pipe: StableDiffusionPipeline, step: int, timestep: Any, kwargs: dict[str, Any]
+        ) -> dict[str, Any]:
+            on_step(step + 1, pipe.num_timesteps)
+            if cancel.is_set():
+                raise JobCancelled(f"cancelled after step {step + 1}")
+            return kwargs
+
+        with torch.inference_mode():
+            with self._encode_lock:
+                prompt_embeds, negative_embeds = view.encode_prompt(
+                    req.prompt,
+                    self.device,
+                    1,
+                    do_cfg,
+                    negative_prompt=req.negative_prompt or None,
+                )
+            generator = torch.Generator(self.device).manual_seed(req.seed)
+            timer = _DeviceTimer(self.device)
+            with timer:
+                result = view(
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_embeds,
+                    num_inference_steps=req.steps,
+                    guidance_scale=req.guidance_scale,
+                    width=width,
+                    height=height,
+                    num_images_per_prompt=req.images,
+                    generator=generator,
+                    callback_on_step_end=step_end,
+                    output_type="pil",
+                )
+        pngs = [encode_png(img) for img in result.images]
+        return ImageOutput(pngs=pngs, width=width, height=height, gpu_ms=timer.ms)
+
+
+class _DeviceTimer:
+    """Milliseconds of device time on CUDA (events), wall time on CPU; at least 1."""
+
+    def __init__(self, device: str) -> None:
+        self._cuda = device.startswith("cuda")
+        self._device = device
+        self.ms = 1
+
+    def __enter__(self) -> _DeviceTimer:
+        if self._cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record(torch.cuda.current_stream(self._device))
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._cuda:
+            self._end.record(torch.cuda.current_stream(self._device))
+            self._end.synchronize()
+            elapsed = self._start.elapsed_time(self._end)
+        else:
+            elapsed = (time.perf_counter() - self._t0) * 1000
+        self.ms = max(1, round(elapsed))
