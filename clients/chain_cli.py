@@ -1,0 +1,209 @@
+"""`aitbc node` (run a ledger node) and `aitbc chain init|head|block|tx|account`.
+
+Registered into the main CLI by `register(subparsers)`; also runnable as
+`python -m aitbc.clients.chain_cli ...` with the same subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aitbc import crypto
+from aitbc.errors import AitbcError, CryptoError, InvalidArgument
+
+DEFAULT_NODE = "127.0.0.1:26657"
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def _address_or_keyfile(text: str, *, create: bool) -> str:
+    """An `ait1...` address as is; otherwise a hex key file (created when `create` and missing)."""
+    if text.startswith("ait1"):
+        crypto.validate_address(text)
+        return text
+    path = Path(text).expanduser()
+    if not path.exists() and not create:
+        raise InvalidArgument(f"{text} is neither an ait1... address nor an existing key file")
+    try:
+        return crypto.load_or_create_key(path).address
+    except CryptoError as exc:
+        raise InvalidArgument(f"key file {text}: {exc.message}") from None
+
+
+def cmd_chain_init(args: argparse.Namespace) -> int:
+    from aitbc.ledger.genesis import make_genesis
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        print(f"{out} exists (use --force to overwrite)", file=sys.stderr)
+        return 1
+    if not args.authority:
+        print("give at least one --authority KEYFILE|ADDRESS", file=sys.stderr)
+        return 2
+    authorities = [_address_or_keyfile(a, create=True) for a in args.authority]
+    attesters = [_address_or_keyfile(a, create=False) for a in (args.attester or [])]
+    g = make_genesis(
+        args.chain_id, authorities, attesters,
+        block_time_ms=int(round(args.block_time * 1000)),
+        max_price_per_unit=args.max_price_per_unit,
+        max_mint_per_receipt=args.max_mint_per_receipt,
+        max_block_txs=args.max_block_txs,
+        genesis_time_ms=args.genesis_time_ms if args.genesis_time_ms is not None else int(time.time() * 1000),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    g.save(out)
+    print(f"wrote {out}: chain {g.chain_id}, genesis {g.hash().hex()}, {len(authorities)} authorit"
+          f"{'y' if len(authorities) == 1 else 'ies'}, {len(attesters)} attester(s)")
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from aitbc.server.ledger import run_node
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            stream=sys.stderr)
+    peers = [p.strip() for item in (args.peers or []) for p in item.split(",") if p.strip()]
+    try:
+        return asyncio.run(run_node(args.data_dir, args.genesis, args.key, args.listen, peers, args.port_file))
+    except AitbcError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _with_client(target: str, fn: Any) -> Any:
+    from aitbc.ledger.client import LedgerClient
+
+    async with LedgerClient(target) as c:
+        return await fn(c)
+
+
+def _run(args: argparse.Namespace, fn: Any) -> int:
+    from google.protobuf import json_format
+
+    try:
+        msg = asyncio.run(_with_client(args.node, fn))
+    except AitbcError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    _print(json_format.MessageToDict(msg, preserving_proto_field_name=True) if hasattr(msg, "DESCRIPTOR") else msg)
+    return 0
+
+
+def cmd_head(args: argparse.Namespace) -> int:
+    from aitbc.v1 import ledger_pb2
+
+    return _run(args, lambda c: _call(c.stub.GetHead, ledger_pb2.GetHeadRequest()))
+
+
+def cmd_block(args: argparse.Namespace) -> int:
+    from aitbc.v1 import ledger_pb2
+
+    which = args.which
+    req = ledger_pb2.GetBlockRequest(include_transactions=args.txs)
+    if which.isdigit():
+        req.height = int(which)
+    else:
+        req.hash = which
+    return _run(args, lambda c: _call(c.stub.GetBlock, req))
+
+
+def cmd_tx(args: argparse.Namespace) -> int:
+    from aitbc.v1 import ledger_pb2
+
+    return _run(args, lambda c: _call(c.stub.GetTransaction, ledger_pb2.GetTransactionRequest(hash=args.hash)))
+
+
+def cmd_account(args: argparse.Namespace) -> int:
+    from aitbc.v1 import ledger_pb2
+
+    return _run(args, lambda c: _call(c.stub.GetAccount, ledger_pb2.GetAccountRequest(address=args.address)))
+
+
+def cmd_receipt(args: argparse.Namespace) -> int:
+    from aitbc.v1 import ledger_pb2
+
+    return _run(args, lambda c: _call(c.stub.GetReceiptStatus,
+                                      ledger_pb2.GetReceiptStatusRequest(receipt_hash=args.receipt_hash)))
+
+
+async def _call(method: Any, request: Any) -> Any:
+    import grpc
+
+    from aitbc.ledger.client import _raise
+
+    try:
+        return await method(request, timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        _raise(exc)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("node", help="run a ledger node (authority with --key, else follower)")
+    p.add_argument("--data-dir", required=True, help="folder for the LMDB database")
+    p.add_argument("--genesis", required=True, help="genesis JSON written by `aitbc chain init`")
+    p.add_argument("--key", help="authority key file (hex); omit to run a follower")
+    p.add_argument("--listen", default=DEFAULT_NODE, help=f"host:port to serve on (default {DEFAULT_NODE}; port 0 ok)")
+    p.add_argument("--peers", action="append", help="peer nodes host:port, comma separated or repeated")
+    p.add_argument("--port-file", help="write the bound port here once serving")
+    p.set_defaults(func=cmd_node)
+
+    chain = subparsers.add_parser("chain", help="ledger: write a genesis, read blocks, txs and accounts")
+    csub = chain.add_subparsers(dest="chain_cmd", required=True)
+    i = csub.add_parser("init", help="write a genesis file (no balances)")
+    i.add_argument("--chain-id", required=True)
+    i.add_argument("--authority", action="append", help="authority key file (created when missing) or address; "
+                   "repeat in round-robin order")
+    i.add_argument("--attester", action="append", help="receipt attester address or key file (repeatable)")
+    i.add_argument("--block-time", type=float, default=1.0, help="seconds per slot (default 1)")
+    i.add_argument("--max-price-per-unit", type=int, default=10**12,
+                   help="MINT price per unit is capped at this (smallest token unit)")
+    i.add_argument("--max-mint-per-receipt", type=int, default=10**18, help="cap on the amount one receipt mints")
+    i.add_argument("--max-block-txs", type=int, default=20_000)
+    i.add_argument("--genesis-time-ms", type=int, help="default: now")
+    i.add_argument("--out", default="genesis.json")
+    i.add_argument("--force", action="store_true", help="overwrite --out")
+    i.set_defaults(func=cmd_chain_init)
+    for name, fn, helptext in (("head", cmd_head, "the head, finalized height and chain identity"),):
+        q = csub.add_parser(name, help=helptext)
+        q.add_argument("--node", default=DEFAULT_NODE)
+        q.set_defaults(func=fn)
+    q = csub.add_parser("block", help="a block by height or hash")
+    q.add_argument("which", help="height or hex hash")
+    q.add_argument("--txs", action="store_true", help="include decoded transactions")
+    q.add_argument("--node", default=DEFAULT_NODE)
+    q.set_defaults(func=cmd_block)
+    q = csub.add_parser("tx", help="a transaction and its status")
+    q.add_argument("hash")
+    q.add_argument("--node", default=DEFAULT_NODE)
+    q.set_defaults(func=cmd_tx)
+    q = csub.add_parser("account", help="balance and nonce of an address")
+    q.add_argument("address")
+    q.add_argument("--node", default=DEFAULT_NODE)
+    q.set_defaults(func=cmd_account)
+    q = csub.add_parser("receipt", help="is a receipt hash minted, and where")
+    q.add_argument("receipt_hash")
+    q.add_argument("--node", default=DEFAULT_NODE)
+    q.set_defaults(func=cmd_receipt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aitbc.clients.chain_cli")
+    register(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
