@@ -131,5 +131,6 @@ class Mempool:
         for rh, th in list(self.receipts.items()):
             if minted(rh) and th in self.by_hash:
                 doomed.append(self.by_hash[th])
-        self.remove(doomed)
-        return len(doomed)
+        unique = {tx.hash: tx for tx in doomed}
+        self.remove(unique.values())
+        return len(unique)

@@ -1,0 +1,146 @@
+"""Hypothesis stateful tests: the LMDB store and its in-memory twin agree, at the store level
+and at the chain level (random mints, transfers, bad txs, reorgs)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from aitbc import crypto
+from aitbc.ledger import state
+from aitbc.ledger.block import decode_block
+from aitbc.ledger.chain import Chain
+from aitbc.ledger.store import LmdbStore, MemoryStore
+from aitbc.ledger.tx import decode_tx, make_mint, make_transfer
+
+from .helpers import AUTH, CHAIN, genesis, key, receipt
+
+KEYS = st.binary(min_size=1, max_size=6).map(lambda b: b"v1:t:" + b)
+VALUES = st.one_of(st.none(), st.binary(max_size=20))
+
+
+class StoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="aitbc-lmdb-")
+        self.lmdb = LmdbStore(self.dir, map_size=1 << 24)
+        self.mem = MemoryStore()
+
+    @rule(writes=st.dictionaries(KEYS, VALUES, max_size=8))
+    def commit(self, writes):
+        self.lmdb.commit(writes)
+        self.mem.commit(writes)
+
+    @rule(k=KEYS)
+    def get(self, k):
+        assert self.lmdb.get(k) == self.mem.get(k)
+
+    @rule(prefix=st.binary(max_size=2).map(lambda b: b"v1:t:" + b))
+    def scan(self, prefix):
+        assert list(self.lmdb.scan(prefix)) == list(self.mem.scan(prefix))
+
+    @rule()
+    def reopen(self):
+        self.lmdb.close()
+        self.lmdb = LmdbStore(self.dir, map_size=1 << 24)
+
+    def teardown(self):
+        self.lmdb.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+TestStoreMachine = StoreMachine.TestCase
+TestStoreMachine.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
+
+USERS = [key(100 + i) for i in range(4)]
+G = genesis(2, block_time_ms=1000)
+
+
+class ChainMachine(RuleBasedStateMachine):
+    """An authority chain on LMDB; a follower on memory re-verifies each block; a rival branch
+    built on memory sometimes overtakes (reorg). Both stores must hold the same state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="aitbc-chain-")
+        self.store = LmdbStore(self.dir, map_size=1 << 26)
+        self.main = Chain(self.store, G)
+        self.follower = Chain(MemoryStore(), G)
+        self.slot = 10
+        self.receipts = 0
+        self.pending: list = []
+
+    @rule(who=st.integers(0, 3), units=st.integers(1, 500), dup=st.booleans())
+    def mint(self, who, units, dup):
+        if not dup or self.receipts == 0:
+            self.receipts += 1
+        r = receipt(self.receipts, units=units, price=3)
+        self.pending.append((USERS[who], lambda n, r=r: make_mint(USERS[who], CHAIN, n, r)))
+
+    @rule(frm=st.integers(0, 3), to=st.integers(0, 3), amount=st.integers(1, 3000))
+    def transfer(self, frm, to, amount):
+        self.pending.append((USERS[frm], lambda n: make_transfer(USERS[frm], CHAIN, n, USERS[to].address, amount)))
+
+    @rule(skip=st.integers(0, 2))
+    def produce(self, skip):
+        self.slot += 1 + skip
+        author = AUTH[self.slot % 2]
+        nonces: dict = {}
+        txs = []
+        for k, make in self.pending:
+            n = nonces.get(k.address)
+            if n is None:
+                n = self.main.account(crypto.sha256(k.pubkey)[:20])[1]
+            txs.append(decode_tx(make(n)))
+            nonces[k.address] = n + 1
+        self.pending = []
+        block, _dropped = self.main.build_block(author, self.slot, self.slot * 1000, txs)
+        assert self.follower.add_block(decode_block(block.raw), now_ms=10**15) == "extended"
+
+    @precondition(lambda self: self.main.head.height >= 1)
+    @rule()
+    def rival_branch_overtakes(self):
+        """Build two empty blocks on the parent of the head in memory, then feed them to both chains."""
+        h = self.main.head.height
+        rival = Chain(MemoryStore(), G)
+        rival.add_blocks([decode_block(self.main.block_raw_at(i)) for i in range(1, h)], now_ms=10**15)
+        s1 = self.slot + 1
+        s2 = s1 + 1
+        self.slot = s2
+        b1, _ = rival.build_block(AUTH[s1 % 2], s1, s1 * 1000, [])
+        b2, _ = rival.build_block(AUTH[s2 % 2], s2, s2 * 1000, [])
+        for c in (self.main, self.follower):
+            outcomes = [c.add_block(decode_block(b.raw), now_ms=10**15) for b in (b1, b2)]
+            assert "reorg" in outcomes or h - 1 < c.final_height, outcomes
+        assert self.main.head == self.follower.head
+
+    @rule()
+    def reopen(self):
+        self.store.close()
+        self.store = LmdbStore(self.dir, map_size=1 << 26)
+        self.main = Chain(self.store, G)
+
+    @invariant()
+    def same_state(self):
+        for prefix in (b"v1:acct:", b"v1:rcpt:", b"v1:hgt:", b"v1:tx:"):
+            assert list(self.main.store.scan(prefix)) == list(self.follower.store.scan(prefix))
+        assert self.main.head == self.follower.head
+
+    @invariant()
+    def supply_equals_minted(self):
+        supply = sum(state.decode_account(v)[0] for _, v in self.main.store.scan(b"v1:acct:"))
+        minted = sum(state.decode_minted(v)[2] for _, v in self.main.store.scan(b"v1:rcpt:"))
+        assert supply == minted
+
+    def teardown(self):
+        self.store.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+TestChainMachine = ChainMachine.TestCase
+TestChainMachine.settings = settings(max_examples=20, stateful_step_count=20, deadline=None,
+                                     suppress_health_check=[HealthCheck.too_slow])
