@@ -54,6 +54,7 @@ class MinerConfig:
     price_per_unit: int = 0
     gpu_devices: list[str] = field(default_factory=lambda: ["auto"])
     max_concurrency: int = 1
+    cpu_threads: int = 0  # torch threads on a CPU-only miner; 0 = cores - 1
     ops_listen: str = "127.0.0.1:18001"
     reconnect_max_s: float = 30.0
     port_file: str = ""

@@ -1,0 +1,99 @@
+"""Helpers shared by the benchmarks: percentiles, subprocess coordinator, raw aio echo baseline."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+API_KEY = "bench-api-key"
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def summary(values_ms: list[float]) -> str:
+    return (f"p50 {pct(values_ms, 50):.2f} ms  p99 {pct(values_ms, 99):.2f} ms  "
+            f"mean {statistics.fmean(values_ms):.2f} ms  n={len(values_ms)}")
+
+
+def start_coordinator(tmp: Path, **extra: object) -> tuple[subprocess.Popen[bytes], str]:
+    """A real coordinator process on a free port; returns (process, address)."""
+    conf = tmp / "coordinator.toml"
+    lines = [
+        'listen = "127.0.0.1:0"', f'data_dir = "{tmp / "coord"}"', f'key_file = "{tmp / "coord.key"}"',
+        f'port_file = "{tmp / "coord.port"}"',
+        *(f"{k} = {v!r}".replace("'", '"') for k, v in extra.items()),
+        "", "[[clients]]", 'id = "bench"', f'api_key_sha256 = "{hashlib.sha256(API_KEY.encode()).hexdigest()}"',
+        "rate_per_s = 1000000.0", "burst = 1000000",
+    ]
+    conf.write_text("\n".join(lines) + "\n")
+    log = open(tmp / "coordinator.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "aitbc.clients.cli", "coordinator", "--config", str(conf)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    port_file = tmp / "coord.port"
+    deadline = time.monotonic() + 60
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError((tmp / "coordinator.log").read_text())
+        time.sleep(0.05)
+    return proc, f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+ECHO_SERVER = r"""
+import asyncio, sys, grpc
+async def main():
+    server = grpc.aio.server()
+    async def echo(req, ctx):
+        return req
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {
+        "Echo": grpc.unary_unary_rpc_method_handler(echo, request_deserializer=None, response_serializer=None)})
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
+
+
+async def echo_baseline(n: int, concurrency: int, payload: bytes = b"x" * 200) -> tuple[list[float], float]:
+    """Raw grpc.aio unary echo in another process: latencies (ms) and calls/s at this concurrency."""
+    import grpc
+
+    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE)
+    try:
+        port = int(proc.stdout.readline())  # type: ignore[union-attr]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary("/bench.Echo/Echo")
+            lat: list[float] = []
+            sem = asyncio.Semaphore(concurrency)
+
+            async def one() -> None:
+                async with sem:
+                    t = time.perf_counter()
+                    await call(payload)
+                    lat.append((time.perf_counter() - t) * 1000)
+
+            await asyncio.gather(*(one() for _ in range(min(200, n))))  # warm up
+            lat.clear()
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one() for _ in range(n)))
+            return lat, n / (time.perf_counter() - t0)
+    finally:
+        proc.kill()
+        proc.wait()
