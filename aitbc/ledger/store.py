@@ -54,13 +54,14 @@ class MemoryStore:
 
 
 class LmdbStore:
-    def __init__(self, path: str | Path, *, map_size: int = 1 << 36) -> None:
+    def __init__(self, path: str | Path, *, map_size: int = 1 << 36, sync: bool = True) -> None:
         import lmdb
 
         Path(path).mkdir(parents=True, exist_ok=True)
         # map_size is a sparse upper bound (64 GiB); max_readers covers the gRPC + executor threads.
+        # sync=False only for bulk tools (benchmarks): a kill -9 stays safe, a power cut may not.
         self._env = lmdb.open(os.fspath(path), map_size=map_size, max_readers=256, max_dbs=0,
-                              readahead=False, metasync=True, sync=True, lock=True)
+                              readahead=False, metasync=sync, sync=sync, lock=True)
 
     def get(self, key: bytes) -> bytes | None:
         with self._env.begin(buffers=False) as txn:

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Ledger throughput and latency on one machine.
+
+1. raw coincurve verify rate (compact 64-byte signatures), measured in this run;
+2. signed TRANSFERs committed per second on one authority node (a separate process), sent over
+   gRPC in BroadcastTransactions batches; counted from StreamBlocks;
+3. submit -> committed latency (1 s blocks) at about half the measured saturation rate.
+
+    .venv/bin/python bench/ledger_throughput.py [--txs 40000] [--senders 200] [--authorities 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+import coincurve  # noqa: E402
+from ledger_common import ATTESTER, NodeProc, funding_receipt, key, machine, percentile  # noqa: E402
+
+from aitbc import crypto  # noqa: E402
+from aitbc.ledger.client import LedgerClient  # noqa: E402
+from aitbc.ledger.genesis import make_genesis  # noqa: E402
+from aitbc.ledger.tx import decode_tx, make_mint, make_transfer  # noqa: E402
+from aitbc.v1 import ledger_pb2  # noqa: E402
+
+CHAIN = "aitbc-bench"
+
+
+def raw_verify_rate(seconds: float = 1.0) -> tuple[float, float]:
+    k = coincurve.PrivateKey()
+    pub = k.public_key
+    msg = crypto.sha256(b"bench")
+    der = k.sign(msg, hasher=None)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(200):
+            pub.verify(der, msg, hasher=None)
+        n += 200
+    raw = n / (time.perf_counter() - t0)
+    tx = decode_tx(make_transfer(key(b"x"), CHAIN, 0, key(b"y").address, 1, compact=True))
+    from aitbc.ledger.tx import verify_tx_signature
+
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(200):
+            verify_tx_signature(tx)
+        n += 200
+    return raw, n / (time.perf_counter() - t0)
+
+
+def tx_hashes(raw: bytes) -> list[str]:
+    """Hashes of a block's txs, read from its bytes (docs/ledger.md block layout) without decoding."""
+    hlen = int.from_bytes(raw[:4], "big")
+    pos = 4 + hlen + 65
+    out = []
+    while pos < len(raw):
+        tlen = int.from_bytes(raw[pos:pos + 4], "big")
+        out.append(crypto.sha256(raw[pos + 4:pos + 4 + tlen]).hex())
+        pos += 4 + tlen
+    return out
+
+
+class Committed:
+    """Follows StreamBlocks and records when each tx hash was committed."""
+
+    def __init__(self) -> None:
+        self.at: dict[str, float] = {}
+        self.blocks = 0
+
+    async def run(self, target: str) -> None:
+        async with LedgerClient(target) as c:
+            req = ledger_pb2.StreamBlocksRequest(from_height=1, raw_only=True)
+            async for resp in c.stub.StreamBlocks(req):
+                now = time.perf_counter()
+                for b in resp.blocks:
+                    self.blocks += 1
+                    for h in tx_hashes(b.raw):
+                        self.at[h] = now
+
+
+async def fund(c: LedgerClient, senders: list[crypto.PrivateKey]) -> None:
+    funder = key(b"bench-funder")
+    raws = [make_mint(funder, CHAIN, i, funding_receipt(s, CHAIN, i)) for i, s in enumerate(senders)]
+    out = await c.broadcast_many(raws)
+    bad = [o.error for o in out if not o.accepted]
+    if bad:
+        raise SystemExit(f"funding failed: {bad[:3]}")
+    await c.wait_for_tx(out[-1].hash, timeout=60)
+
+
+def sign_transfers(senders: list[crypto.PrivateKey], per_sender: int, start_nonce: int) -> list[bytes]:
+    to = key(b"bench-sink").address
+    return [make_transfer(s, CHAIN, start_nonce + n, to, 1, compact=True)
+            for n in range(per_sender) for s in senders]
+
+
+async def saturate(target: str, raws: list[bytes], batch: int, inflight: int) -> tuple[float, float, int]:
+    tracker = Committed()
+    task = asyncio.create_task(tracker.run(target))
+    await asyncio.sleep(0.3)
+    hashes = [crypto.sha256(r).hex() for r in raws]
+    async with LedgerClient(target) as c:
+        t0 = time.perf_counter()
+        sem = asyncio.Semaphore(inflight)
+        rejected = 0
+
+        async def send(chunk: list[bytes]) -> None:
+            nonlocal rejected
+            async with sem:
+                for _attempt in range(100):
+                    out = await c.broadcast_many(chunk)
+                    full = [chunk[i] for i, o in enumerate(out) if not o.accepted and "mempool full" in str(o.error)]
+                    rejected += sum(1 for o in out if not o.accepted and "mempool full" not in str(o.error))
+                    if not full:
+                        return
+                    chunk = full
+                    await asyncio.sleep(0.2)
+
+        await asyncio.gather(*(send(raws[i:i + batch]) for i in range(0, len(raws), batch)))
+        t_sent = time.perf_counter()
+        deadline = time.monotonic() + 120
+        while sum(1 for h in hashes if h in tracker.at) < len(hashes) - rejected and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    task.cancel()
+    done = [tracker.at[h] for h in hashes if h in tracker.at]
+    t_end = max(done) if done else time.perf_counter()
+    return len(done) / (t_end - t0), t_sent - t0, len(done)
+
+
+async def latency(target: str, raws: list[bytes], rate: float) -> tuple[list[float], int]:
+    tracker = Committed()
+    task = asyncio.create_task(tracker.run(target))
+    await asyncio.sleep(0.3)
+    sent_at: dict[str, float] = {}
+    tick = 0.02
+    per_tick = max(1, int(rate * tick))
+    async with LedgerClient(target) as c:
+        t0 = time.perf_counter()
+        for i in range(0, len(raws), per_tick):
+            chunk = raws[i:i + per_tick]
+            now = time.perf_counter()
+            out = await c.broadcast_many(chunk)
+            for o in out:
+                if o.accepted:
+                    sent_at[o.hash] = now
+            nxt = t0 + (i // per_tick + 1) * tick
+            await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
+        deadline = time.monotonic() + 30
+        while any(h not in tracker.at for h in sent_at) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    task.cancel()
+    lat = [tracker.at[h] - t for h, t in sent_at.items() if h in tracker.at]
+    return lat, len(sent_at)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--txs", type=int, default=40_000)
+    ap.add_argument("--senders", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=2000)
+    ap.add_argument("--inflight", type=int, default=4)
+    ap.add_argument("--latency-seconds", type=float, default=8.0)
+    ap.add_argument("--block-time", type=float, default=1.0)
+    args = ap.parse_args()
+    print(f"machine: {machine()}")
+    raw, tx_verify = raw_verify_rate()
+    print(f"raw coincurve verify: {raw:,.0f}/s on one core; tx signature check (decode excluded): "
+          f"{tx_verify:,.0f}/s")
+    senders = [key(b"bench-sender-%d" % i) for i in range(args.senders)]
+    auth = key(b"bench-authority")
+    g = make_genesis(CHAIN, [auth.address], [ATTESTER.address], block_time_ms=int(args.block_time * 1000),
+                     max_price_per_unit=10**6, max_mint_per_receipt=10**15, max_block_txs=20_000)
+    with tempfile.TemporaryDirectory(prefix="aitbc-bench-") as tmp:
+        node = NodeProc(Path(tmp), "auth", g, auth).start()
+        try:
+            async with LedgerClient(node.target) as c:
+                await fund(c, senders)
+            per = args.txs // args.senders
+            t0 = time.perf_counter()
+            raws = sign_transfers(senders, per, 0)
+            print(f"signed {len(raws):,} transfers in {time.perf_counter() - t0:.1f}s (client side)")
+            rate, send_s, n = await saturate(node.target, raws, args.batch, args.inflight)
+            print(f"committed {n:,} transfers over gRPC: {rate:,.0f} tx/s (submission took {send_s:.1f}s; "
+                  f"{rate / raw:.2f} x the raw single-core verify rate)")
+            half = rate / 2
+            lat_raws = sign_transfers(senders, max(1, int(half * args.latency_seconds) // args.senders + 1), per)
+            lat, sent = await latency(node.target, lat_raws, half)
+            print(f"latency at {half:,.0f} tx/s ({len(lat)}/{sent} committed, {args.block_time:g}s blocks): "
+                  f"p50 {percentile(lat, 50):.3f}s  p99 {percentile(lat, 99):.3f}s")
+        finally:
+            node.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
