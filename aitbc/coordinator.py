@@ -225,6 +225,10 @@ class Coordinator:
             raise PermissionDenied(f"job {job_id} belongs to another client")
         out = job_pb2.Job()
         out.CopyFrom(job)
+        if out.receipt_hash:  # the stored receipt carries the latest settlement state
+            rec = self.store.get_receipt(out.receipt_hash)
+            if rec is not None:
+                out.receipt.CopyFrom(rec)
         return out
 
     async def cancel(self, client_id: str, job_id: str, reason: str = "") -> job_pb2.Job:
@@ -245,12 +249,14 @@ class Coordinator:
     async def watch(self, client_id: str, job_id: str) -> AsyncIterator[job_pb2.Job | job_pb2.JobProgress]:
         """First a snapshot, then progress and every state change, until the job finishes."""
         job = self.get(client_id, job_id)
-        yield job
         if job.state in jobs.TERMINAL:
+            yield job
             return
+        # subscribe before the snapshot is handed out: nothing between the two is missed
         queue: asyncio.Queue[job_pb2.Job | job_pb2.JobProgress] = asyncio.Queue(WATCH_QUEUE)
         self._watchers.setdefault(job_id, set()).add(queue)
         try:
+            yield job
             while True:
                 event = await queue.get()
                 yield event
@@ -456,9 +462,12 @@ class Coordinator:
             return
         attested = signed.attest(self.key)
         rec = receipt_to_proto(attested)
-        rec.settlement.state = (
-            receipt_pb2.SETTLEMENT_STATE_PENDING if self.config.ledger else receipt_pb2.SETTLEMENT_STATE_DISABLED
-        )
+        if not self.config.ledger:
+            rec.settlement.state = receipt_pb2.SETTLEMENT_STATE_DISABLED
+        elif signed.body.units * signed.body.price_per_unit == 0:
+            rec.settlement.state = receipt_pb2.SETTLEMENT_STATE_NOT_REQUIRED
+        else:
+            rec.settlement.state = receipt_pb2.SETTLEMENT_STATE_PENDING
         conn.running.discard(job.job_id)
         job.artifacts.extend(a for a, _ in artifacts)
         job.receipt_hash = rec.receipt_hash

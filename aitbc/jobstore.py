@@ -19,6 +19,11 @@ from aitbc.jobs import ACTIVE
 from aitbc.v1 import job_pb2, receipt_pb2
 
 _V = b"v1:"
+UNSETTLED = frozenset({
+    receipt_pb2.SETTLEMENT_STATE_PENDING,
+    receipt_pb2.SETTLEMENT_STATE_SUBMITTED,
+    receipt_pb2.SETTLEMENT_STATE_INCLUDED,
+})
 
 
 class JobStore:
@@ -33,6 +38,7 @@ class JobStore:
         self._client_receipts = self.env.open_db(_V + b"client_receipts")
         self._requests = self.env.open_db(_V + b"requests")
         self._meta = self.env.open_db(_V + b"meta")
+        self._unsettled = self.env.open_db(_V + b"unsettled")
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, args=(flush_interval_s,), daemon=True)
         self._flusher.start()
@@ -77,12 +83,27 @@ class JobStore:
     def _put_receipt(self, txn: lmdb.Transaction, job: job_pb2.Job, receipt: receipt_pb2.Receipt) -> None:
         rh = receipt.receipt_hash.encode()
         txn.put(rh, receipt.SerializeToString(deterministic=True), db=self._receipts)
+        self._index_settlement(txn, receipt)
         ordinal = struct.pack(">Q", job.finished_at_unix_ms or job.updated_at_unix_ms)
         txn.put(job.client_id.encode() + b"\x00" + ordinal + job.job_id.encode(), rh, db=self._client_receipts)
+
+    def _index_settlement(self, txn: lmdb.Transaction, receipt: receipt_pb2.Receipt) -> None:
+        key = receipt.receipt_hash.encode()
+        if receipt.settlement.state in UNSETTLED:
+            txn.put(key, b"", db=self._unsettled)
+        else:
+            txn.delete(key, db=self._unsettled)
 
     def update_receipt(self, receipt: receipt_pb2.Receipt) -> None:
         with self.env.begin(write=True) as txn:
             txn.put(receipt.receipt_hash.encode(), receipt.SerializeToString(deterministic=True), db=self._receipts)
+            self._index_settlement(txn, receipt)
+
+    def unsettled_receipts(self) -> list[receipt_pb2.Receipt]:
+        """Receipts whose MINT is not final yet (or not yet accepted), oldest index order."""
+        with self.env.begin() as txn:
+            keys = [k for k, _ in txn.cursor(db=self._unsettled)]
+            return [receipt_pb2.Receipt.FromString(txn.get(k, db=self._receipts)) for k in keys]
 
     def get_job(self, job_id: str) -> job_pb2.Job | None:
         with self.env.begin() as txn:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -20,6 +21,7 @@ from aitbc.coordinator import Coordinator
 from aitbc.errors import FailedPrecondition, InvalidArgument
 from aitbc.jobstore import JobStore
 from aitbc.rpc import CHUNK_BYTES, RunningServer, Service, handle_errors, start_server
+from aitbc.settlement import Settlement
 from aitbc.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,
@@ -184,7 +186,31 @@ class MinerGatewayServicer(miner_pb2_grpc.MinerServiceServicer):
         raise AssertionError("unreachable")
 
 
-async def start_coordinator(config: CoordinatorConfig) -> tuple[RunningServer, Coordinator, asyncio.Task[None]]:
+@dataclass
+class CoordinatorProcess:
+    """A started coordinator: servers, core, and its background tasks."""
+
+    running: RunningServer
+    core: Coordinator
+    tasks: list[asyncio.Task[None]]
+    settlement: Settlement | None = None
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.core.close()
+        await self.running.stop(1.0)
+        if self.settlement is not None:
+            await self.settlement.close()
+        self.core.store.close()
+
+
+async def start_coordinator(config: CoordinatorConfig) -> CoordinatorProcess:
     store = JobStore(expand(config.data_dir) / "jobs")
     key = crypto.load_or_create_key(config.key_file)
     core = Coordinator(store, key, config)
@@ -194,27 +220,25 @@ async def start_coordinator(config: CoordinatorConfig) -> tuple[RunningServer, C
         Service(miner_pb2_grpc.add_MinerServiceServicer_to_server, MinerGatewayServicer(core),
                 miner_pb2.DESCRIPTOR.services_by_name["MinerService"].full_name),
     ])
-    housekeeping = asyncio.create_task(core.run_housekeeping())
-    return running, core, housekeeping
-
-
-async def stop_coordinator(running: RunningServer, core: Coordinator, housekeeping: asyncio.Task[None]) -> None:
-    housekeeping.cancel()
-    core.close()
-    await running.stop(1.0)
-    core.store.close()
+    proc = CoordinatorProcess(running, core, [asyncio.create_task(core.run_housekeeping())])
+    if config.ledger:
+        proc.settlement = Settlement(store, key, config.ledger)
+        core.receipt_listeners.append(proc.settlement.notify)
+        proc.tasks.append(asyncio.create_task(proc.settlement.run()))
+    return proc
 
 
 async def run_coordinator(config: CoordinatorConfig) -> None:
     """Serve until SIGINT/SIGTERM."""
-    running, core, housekeeping = await start_coordinator(config)
+    proc = await start_coordinator(config)
     host = config.listen.rsplit(":", 1)[0]
-    print(f"coordinator listening on {host}:{running.port} (attester {core.key.address}, chain {config.chain_id})", flush=True)
-    write_port_file(config.port_file, running.port)
+    print(f"coordinator listening on {host}:{proc.port} (attester {proc.core.key.address}, chain {config.chain_id}, "
+          f"settlement {'to ledger ' + config.ledger if config.ledger else 'disabled'})", flush=True)
+    write_port_file(config.port_file, proc.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("coordinator stopping", flush=True)
-    await stop_coordinator(running, core, housekeeping)
+    await proc.stop()

@@ -41,9 +41,7 @@ class Network:
     tmp: Path
     overrides: dict[str, Any]
     address: str = ""
-    running: Any = None
-    core: Any = None
-    housekeeping: Any = None
+    proc: Any = None
     miners: list[Any] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
@@ -62,15 +60,17 @@ class Network:
         from aitbc.server.coordinator import start_coordinator
 
         listen = self.address or "127.0.0.1:0"
-        self.running, self.core, self.housekeeping = await start_coordinator(self.config(listen))
-        self.address = f"127.0.0.1:{self.running.port}"
+        self.proc = await start_coordinator(self.config(listen))
+        self.address = f"127.0.0.1:{self.proc.port}"
+
+    @property
+    def core(self) -> Any:
+        return self.proc.core
 
     async def stop_coordinator(self) -> None:
-        from aitbc.server.coordinator import stop_coordinator
-
-        if self.running is not None:
-            await stop_coordinator(self.running, self.core, self.housekeeping)
-            self.running = None
+        if self.proc is not None:
+            await self.proc.stop()
+            self.proc = None
 
     async def restart_coordinator(self) -> None:
         await self.stop_coordinator()

@@ -36,6 +36,8 @@ class _SettlementStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Settl
     """The ledger refused the MINT for a reason that retrying cannot fix."""
     SETTLEMENT_STATE_DISABLED: _SettlementState.ValueType  # 6
     """No ledger is configured: the receipt is attested but not settled."""
+    SETTLEMENT_STATE_NOT_REQUIRED: _SettlementState.ValueType  # 7
+    """A free job (units x price is 0): there is nothing to mint."""
 
 class SettlementState(_SettlementState, metaclass=_SettlementStateEnumTypeWrapper):
     """SettlementState tracks a receipt's MINT on the ledger."""
@@ -53,6 +55,8 @@ SETTLEMENT_STATE_REJECTED: SettlementState.ValueType  # 5
 """The ledger refused the MINT for a reason that retrying cannot fix."""
 SETTLEMENT_STATE_DISABLED: SettlementState.ValueType  # 6
 """No ledger is configured: the receipt is attested but not settled."""
+SETTLEMENT_STATE_NOT_REQUIRED: SettlementState.ValueType  # 7
+"""A free job (units x price is 0): there is nothing to mint."""
 Global___SettlementState: _TypeAlias = SettlementState  # noqa: Y015
 
 @_typing.final

@@ -1,0 +1,140 @@
+"""Settlement: every attested receipt becomes one MINT on the ledger, tracked to finality.
+
+Idempotent by receipt hash: before minting, the ledger is asked whether the receipt is already
+minted or pending, and the ledger itself refuses a receipt twice. Receipts waiting for settlement
+are indexed in the coordinator's LMDB, so a coordinator restart resumes where it stopped; a ledger
+that is down is retried with exponential backoff (0.5 s doubling to 30 s) and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from aitbc import crypto, errors
+from aitbc.jobstore import JobStore
+from aitbc.v1 import receipt_pb2
+from aitbc.wire import receipt_from_proto
+
+log = logging.getLogger("aitbc.settlement")
+St = receipt_pb2.SettlementState
+
+# Node refusals that retrying cannot fix: the receipt is marked REJECTED with the reason.
+PERMANENT = (errors.InvalidArgument, errors.PermissionDenied, errors.FailedPrecondition)
+
+
+class Settlement:
+    def __init__(
+        self,
+        store: JobStore,
+        key: crypto.PrivateKey,
+        ledger_target: str,
+        *,
+        poll_s: float = 0.25,
+        max_backoff_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        from aitbc.ledger.client import LedgerClient
+
+        self.store = store
+        self.key = key
+        self.ledger = LedgerClient(ledger_target, timeout=5.0)
+        self.poll_s = poll_s
+        self.max_backoff_s = max_backoff_s
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._retry_at: dict[str, float] = {}
+        self.ledger_reachable = False
+
+    def notify(self, receipt: receipt_pb2.Receipt) -> None:
+        """A new attested receipt was stored (the store indexed it as unsettled)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                await self.settle_pending()
+                self.ledger_reachable = True
+                backoff = 0.5
+                delay = self.poll_s
+            except errors.Unavailable as exc:
+                if self.ledger_reachable:
+                    log.warning("ledger unreachable, retrying with backoff: %s", exc.message)
+                self.ledger_reachable = False
+                delay = backoff
+                backoff = min(backoff * 2, self.max_backoff_s)
+            except Exception:
+                log.exception("settlement pass failed")
+                delay = backoff
+                backoff = min(backoff * 2, self.max_backoff_s)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    async def settle_pending(self) -> int:
+        """One pass over unsettled receipts; returns how many are still unsettled."""
+        pending = self.store.unsettled_receipts()
+        for rec in pending:
+            await self._settle(rec)
+        return len(self.store.unsettled_receipts())
+
+    async def _settle(self, rec: receipt_pb2.Receipt) -> None:
+        s = rec.settlement
+        status = await self._call(self.ledger.get_receipt_status(rec.receipt_hash))
+        if status.status in ("included", "final"):
+            new_state = St.SETTLEMENT_STATE_FINAL if status.status == "final" else St.SETTLEMENT_STATE_INCLUDED
+            if (s.state, s.block_hash) != (new_state, status.block_hash):
+                s.state = new_state
+                s.tx_hash, s.block_height, s.block_hash, s.amount = (
+                    status.tx_hash, status.block_height, status.block_hash, status.amount)
+                s.error = ""
+                self.store.update_receipt(rec)
+                if new_state == St.SETTLEMENT_STATE_FINAL:
+                    log.info("receipt %s minted %d to %s in block %d (final)", rec.receipt_hash, status.amount,
+                             rec.body.provider, status.block_height)
+            return
+        if status.status == "pending":
+            if s.state != St.SETTLEMENT_STATE_SUBMITTED or s.tx_hash != status.tx_hash:
+                s.state, s.tx_hash = St.SETTLEMENT_STATE_SUBMITTED, status.tx_hash
+                self.store.update_receipt(rec)
+            return
+        # unknown to the ledger: (re)submit, unless a recent attempt is still backing off
+        if self.clock() < self._retry_at.get(rec.receipt_hash, 0.0):
+            return
+        s.attempts += 1
+        try:
+            tx_hash = await self._call(self.ledger.mint(self.key, receipt_from_proto(rec)))
+        except errors.AlreadyExists:
+            return  # minted or pending meanwhile (or a nonce taken): the next pass sees which
+        except PERMANENT as exc:
+            if exc.message.startswith("nonce"):  # a race with the node's nonce view: retry soon
+                s.error = exc.message
+                self._retry_at[rec.receipt_hash] = self.clock() + 0.5
+            else:
+                s.state, s.error = St.SETTLEMENT_STATE_REJECTED, exc.message
+                log.error("ledger refused MINT of receipt %s: %s", rec.receipt_hash, exc.message)
+        except errors.Unavailable:
+            raise
+        except errors.AitbcError as exc:
+            s.error = exc.message
+            self._retry_at[rec.receipt_hash] = self.clock() + min(2.0 ** s.attempts, self.max_backoff_s)
+        else:
+            s.state, s.tx_hash, s.error = St.SETTLEMENT_STATE_SUBMITTED, tx_hash, ""
+        self.store.update_receipt(rec)
+
+    async def _call(self, coro):  # type: ignore[no-untyped-def]
+        """Ledger calls: connection failures become Unavailable (retried with backoff by run)."""
+        import grpc
+
+        try:
+            return await coro
+        except grpc.aio.AioRpcError as exc:
+            raise errors.Unavailable(f"ledger {exc.code().name}: {exc.details()}") from None
+
+    async def close(self) -> None:
+        await self.ledger.close()

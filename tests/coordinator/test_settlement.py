@@ -1,0 +1,115 @@
+"""Settlement: a completed job's receipt is minted once on a real ledger node, across outages."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from aitbc.server.ledger import start_node
+
+from aitbc import crypto
+from aitbc.ledger.client import LedgerClient
+from aitbc.ledger.genesis import make_genesis
+from aitbc.ledger.store import LmdbStore
+from aitbc.v1 import coordinator_pb2, receipt_pb2
+from tests.coordinator.test_jobs_api import MD, image_job, stub, wait_done
+
+St = receipt_pb2.SettlementState
+
+
+class LedgerNode:
+    def __init__(self, tmp: Path, attester: str) -> None:
+        self.tmp = tmp
+        self.key = crypto.PrivateKey.generate()
+        self.genesis = make_genesis("aitbc-devnet", [self.key.address], [attester], block_time_ms=200)
+        self.address = ""
+
+    async def start(self) -> None:
+        self.store = LmdbStore(self.tmp / "ledger")
+        self.node, self.server = await start_node(self.store, self.genesis, self.key, self.address or "127.0.0.1:0")
+        self.address = f"127.0.0.1:{self.server.port}"
+
+    async def stop(self) -> None:
+        await self.node.stop()
+        await self.server.stop(0.5)
+        self.store.close()
+
+
+async def _settled(net, job_id: str, want: int = St.SETTLEMENT_STATE_FINAL, timeout: float = 30.0) -> receipt_pb2.Receipt:
+    s = stub(net)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        rec = (await s.GetReceipt(coordinator_pb2.GetReceiptRequest(job_id=job_id), metadata=MD)).receipt
+        if rec.settlement.state == want:
+            return rec
+        assert loop.time() < deadline, f"settlement stuck at {St.Name(rec.settlement.state)}: {rec.settlement.error}"
+        await asyncio.sleep(0.1)
+
+
+async def test_completed_job_mints_units_times_price_to_the_miner_once(network_factory, null_backend, tmp_path) -> None:
+    coord_key = crypto.load_or_create_key(tmp_path / "net0" / "coordinator.key")
+    ledger = LedgerNode(tmp_path, coord_key.address)
+    await ledger.start()
+    try:
+        net = await network_factory(ledger=ledger.address)
+        miner = await net.add_miner({"null": null_backend}, price=7)
+        s = stub(net)
+        job = await wait_done(s, (await s.SubmitJob(image_job(model="null", seed=1), metadata=MD)).job.job_id)
+        rec = await _settled(net, job.job_id)
+        assert rec.settlement.amount == rec.body.units * 7 and rec.settlement.tx_hash and rec.settlement.block_height >= 1
+        # GetJob carries the same, fresh settlement
+        got = (await s.GetJob(coordinator_pb2.GetJobRequest(job_id=job.job_id), metadata=MD)).job
+        assert got.receipt.settlement.state == St.SETTLEMENT_STATE_FINAL
+        async with LedgerClient(ledger.address) as lc:
+            assert (await lc.get_account(miner.key.address)).balance == rec.settlement.amount
+            status = await lc.get_receipt_status(rec.receipt_hash)
+            assert status.status == "final" and status.tx_hash == rec.settlement.tx_hash
+    finally:
+        await ledger.stop()
+
+
+async def test_free_job_mints_nothing(network_factory, null_backend, tmp_path) -> None:
+    coord_key = crypto.load_or_create_key(tmp_path / "net0" / "coordinator.key")
+    ledger = LedgerNode(tmp_path, coord_key.address)
+    await ledger.start()
+    try:
+        net = await network_factory(ledger=ledger.address)
+        await net.add_miner({"null": null_backend}, price=0)
+        s = stub(net)
+        job = await wait_done(s, (await s.SubmitJob(image_job(model="null"), metadata=MD)).job.job_id)
+        rec = (await s.GetReceipt(coordinator_pb2.GetReceiptRequest(job_id=job.job_id), metadata=MD)).receipt
+        assert rec.settlement.state == St.SETTLEMENT_STATE_NOT_REQUIRED
+        assert not net.core.store.unsettled_receipts()
+    finally:
+        await ledger.stop()
+
+
+async def test_ledger_down_then_coordinator_restart_then_ledger_back_mints_exactly_once(
+        network_factory, null_backend, tmp_path) -> None:
+    coord_key = crypto.load_or_create_key(tmp_path / "net0" / "coordinator.key")
+    ledger = LedgerNode(tmp_path, coord_key.address)
+    await ledger.start()
+    await ledger.stop()  # the ledger is down (its address is kept for the restart)
+    net = await network_factory(ledger=ledger.address)
+    miner = await net.add_miner({"null": null_backend}, price=2)
+    s = stub(net)
+    ids = []
+    for i in range(3):
+        ids.append((await wait_done(s, (await s.SubmitJob(image_job(model="null", seed=i), metadata=MD)).job.job_id)).job_id)
+    await asyncio.sleep(1.0)  # settlement tries and backs off
+    for job_id in ids:
+        rec = (await s.GetReceipt(coordinator_pb2.GetReceiptRequest(job_id=job_id), metadata=MD)).receipt
+        assert rec.settlement.state == St.SETTLEMENT_STATE_PENDING
+    await net.restart_coordinator()  # the unsettled receipts are on disk
+    await ledger.start()
+    try:
+        recs = [await _settled(net, job_id, timeout=60) for job_id in ids]
+        total = sum(r.settlement.amount for r in recs)
+        assert total == sum(r.body.units * 2 for r in recs)
+        async with LedgerClient(ledger.address) as lc:
+            assert (await lc.get_account(miner.key.address)).balance == total  # nothing minted twice
+        # a second pass changes nothing
+        assert await net.proc.settlement.settle_pending() == 0
+    finally:
+        await ledger.stop()
