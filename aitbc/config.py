@@ -60,6 +60,16 @@ class MinerConfig:
     port_file: str = ""
 
 
+@dataclass
+class WalletConfig:
+    listen: str = "127.0.0.1:18002"
+    keystore_dir: str = "~/.aitbc/wallets"
+    ledger: str = "127.0.0.1:26657"
+    idle_lock_s: float = 300.0  # an unlocked wallet locks itself after this long without signing
+    kdf_profile: str = "default"  # "fast" (libsodium's minimum Argon2id cost) is for tests only
+    port_file: str = ""
+
+
 def _coerce(name: str, value: Any, typ: Any) -> Any:
     origin = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
     try:

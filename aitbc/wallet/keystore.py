@@ -499,6 +499,10 @@ class Keystore:
     def info(self, name: str) -> WalletInfo:
         return WalletInfo(name, self._load(name).address)
 
+    def file(self, name: str) -> KeystoreFile:
+        """The parsed, still encrypted file (address, public key, KDF parameters)."""
+        return self._load(name)
+
     def export(self, name: str) -> str:
         """The wallet's encrypted keystore JSON, as stored (the plain key never leaves)."""
         raw = self._read(name)
