@@ -14,7 +14,10 @@ from typing import Any
 
 from aitbc import jobs
 from aitbc.errors import AitbcError
-from aitbc.v1 import job_pb2
+from aitbc.v1 import job_pb2, receipt_pb2
+
+_UNSETTLED = (receipt_pb2.SETTLEMENT_STATE_PENDING, receipt_pb2.SETTLEMENT_STATE_SUBMITTED,
+              receipt_pb2.SETTLEMENT_STATE_INCLUDED)
 
 DEFAULT_PROMPT = "a futuristic city skyline at night"
 
@@ -51,6 +54,10 @@ class Progress:
         self.last = ""
 
     def state(self, job: job_pb2.Job) -> None:
+        key = (job.state, job.attempts)
+        if key == getattr(self, "_last_state", None):
+            return
+        self._last_state = key
         self._line(f"job {job.job_id}: {jobs.state_name(job.state)}" + (f" ({job.error})" if job.error and job.state not in jobs.TERMINAL else ""), final=True)
 
     def step(self, p: job_pb2.JobProgress) -> None:
@@ -173,6 +180,8 @@ def cmd_receipts(args: argparse.Namespace) -> int:
         if args.output and len(recs) == 1:
             Path(args.output).write_text(json.dumps(receipt_json(recs[0]), indent=2) + "\n")
         print(json.dumps([receipt_json(r) for r in recs] if not args.job_id else receipt_json(recs[0]), indent=2))
+        for r in recs:
+            print(f"{r.body.job_id}  receipt {r.receipt_hash}  settlement {settlement_line(r)}", file=sys.stderr)
     return 0
 
 
@@ -200,7 +209,21 @@ def cmd_receipts_verify(args: argparse.Namespace) -> int:
     if receipt.attester:
         print(f"  attester:     {receipt.attester} (signature verified{', authorized' if args.attester else ''})")
     print(f"  units:        {b.units} {b.unit_type} x {b.price_per_unit} per unit  chain={b.chain_id}")
+    if args.node:
+        status = asyncio.run(_receipt_status(args.node, receipt.receipt_hash.hex()))
+        if status.status not in ("included", "final"):
+            print(f"NOT MINTED on {args.node}: the ledger reports {status.status}")
+            return 1
+        print(f"  minted once:  {status.amount} in tx {status.tx_hash}, block {status.block_height}"
+              f" ({'final' if status.status == 'final' else 'not final yet'}); the ledger accepts a receipt hash once")
     return 0
+
+
+async def _receipt_status(node: str, receipt_hash: str) -> Any:
+    from aitbc.ledger.client import LedgerClient
+
+    async with LedgerClient(node) as lc:
+        return await lc.get_receipt_status(receipt_hash)
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
@@ -227,7 +250,8 @@ def _devnet(args: argparse.Namespace) -> Any:
     from aitbc.clients.devnet import Devnet
 
     return Devnet(Path(args.data_dir).expanduser(), coordinator_listen=args.coordinator_listen,
-                  miner_ops_listen=args.miner_ops_listen, models=args.models.split(","))
+                  miner_ops_listen=args.miner_ops_listen, ledger_listen=args.ledger_listen,
+                  models=args.models.split(","))
 
 
 def cmd_devnet(args: argparse.Namespace) -> int:
@@ -240,6 +264,8 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     print("devnet is up:")
     print(f"  coordinator   {ep['coordinator']}   (CoordinatorService, MinerService, health, reflection)")
     print(f"  miner ops     {ep['miner_ops']}   (MinerService/GetInfo)")
+    print(f"  ledger        {ep['ledger']}   (LedgerService; single authority, chain {ep['chain_id']})")
+    print(f"  miner address {ep['miner_address']}   (minted tokens go here)")
     print(f"  client id     {ep['client_id']}")
     print(f"  API key       {ep['api_key']}")
     print(f"  data          {ep['data_dir']}")
@@ -260,7 +286,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from aitbc.receipts import SignedReceipt, verify_receipt
 
-    args.coordinator_listen = args.miner_ops_listen = "127.0.0.1:0"
+    args.coordinator_listen = args.miner_ops_listen = args.ledger_listen = "127.0.0.1:0"
     net = _devnet(args)
     print(f"demo: starting a devnet in {net.data_dir} ...", flush=True)
     try:
@@ -278,10 +304,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
         verify_receipt(receipt)
         print("receipt verified offline (provider and attester signatures, canonical hash):")
         print(json.dumps(receipt.to_json_dict(), indent=2))
+        with CoordinatorClient(str(ep["coordinator"]), str(ep["api_key"])) as client:
+            rec = wait_settled(client, receipt.body.job_id, timeout=60)
+        s = rec.settlement
+        if s.state != receipt_pb2.SETTLEMENT_STATE_FINAL:
+            return _fail(f"receipt not settled: {settlement_line(rec)}")
+        print(f"settlement: {settlement_line(rec)}")
+        after = asyncio.run(_balance(str(ep["ledger"]), str(ep["miner_address"])))
+        print(f"miner {ep['miner_address']} balance: {after - s.amount} -> {after} (+{s.amount} minted for "
+              f"{receipt.body.units} {receipt.body.unit_type} x {receipt.body.price_per_unit})")
         return 0
     finally:
         net.stop()
         print("demo: devnet stopped", flush=True)
+
+
+def settlement_line(rec: Any) -> str:
+    s = rec.settlement
+    state = receipt_pb2.SettlementState.Name(s.state).removeprefix("SETTLEMENT_STATE_")
+    if s.state in (receipt_pb2.SETTLEMENT_STATE_INCLUDED, receipt_pb2.SETTLEMENT_STATE_FINAL):
+        return (f"{state}: minted {s.amount} in tx {s.tx_hash} at block {s.block_height}"
+                f"{' (final)' if s.state == receipt_pb2.SETTLEMENT_STATE_FINAL else ' (not final yet)'}")
+    return state + (f": {s.error}" if s.error else "") + (f" (tx {s.tx_hash})" if s.tx_hash else "")
+
+
+def wait_settled(client: Any, job_id: str, *, timeout: float) -> Any:
+    """Poll the receipt until its MINT is final (or settlement cannot progress)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rec = client.receipt(job_id=job_id)
+        if rec.settlement.state not in _UNSETTLED or time.monotonic() > deadline:
+            return rec
+        time.sleep(0.2)
+
+
+async def _balance(ledger: str, address: str) -> int:
+    from aitbc.ledger.client import LedgerClient
+
+    async with LedgerClient(ledger) as lc:
+        return (await lc.get_account(address)).balance
 
 
 def _add_image_args(p: argparse.ArgumentParser, *, prompt_default: str | None = None) -> None:
@@ -312,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=default_data)
     p.add_argument("--coordinator-listen", default="127.0.0.1:18000")
     p.add_argument("--miner-ops-listen", default="127.0.0.1:18001")
+    p.add_argument("--ledger-listen", default="127.0.0.1:26657")
     p.add_argument("--models", default="tiny-sd", help="comma-separated models for the devnet miner")
     p.set_defaults(func=cmd_devnet)
 
@@ -356,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("file")
     v.add_argument("--attester", action="append", help="require the attester to be this address (repeatable)")
     v.add_argument("--allow-unattested", action="store_true", help="accept a receipt without attestation")
+    v.add_argument("--node", help="also check on this ledger node (host:port) that the receipt was minted")
     v.set_defaults(func=cmd_receipts_verify)
 
     p = sub.add_parser("coordinator", help="run a coordinator")
@@ -370,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", help="write the bound ops port here once serving")
     p.set_defaults(func=cmd_miner)
 
-    for extra in ("chain_cli",):
+    for extra in ("chain_cli", "wallet_cli"):
         try:
             module = __import__(f"aitbc.clients.{extra}", fromlist=["register"])
         except ImportError:

@@ -21,10 +21,13 @@ from pathlib import Path
 
 import grpc
 
+from aitbc import crypto
+from aitbc.ledger.genesis import make_genesis
 from aitbc.rpc import CHANNEL_OPTIONS
 from aitbc.v1 import miner_pb2, miner_pb2_grpc
 
 CLIENT_ID = "devnet-client"
+CHAIN_ID = "aitbc-devnet"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -84,6 +87,8 @@ class Devnet:
     data_dir: Path
     coordinator_listen: str = "127.0.0.1:18000"
     miner_ops_listen: str = "127.0.0.1:18001"
+    ledger_listen: str = "127.0.0.1:26657"
+    block_time_ms: int = 1000
     models: list[str] = field(default_factory=lambda: ["tiny-sd"])
     log_to: object = sys.stdout
     children: list[Child] = field(default_factory=list)
@@ -105,14 +110,22 @@ class Devnet:
             state["coordinator"] = _resolve(self.coordinator_listen)
         if "miner_ops" not in state or self.miner_ops_listen != "127.0.0.1:0":
             state["miner_ops"] = _resolve(self.miner_ops_listen)
+        if "ledger" not in state or self.ledger_listen != "127.0.0.1:0":
+            state["ledger"] = _resolve(self.ledger_listen)
         tmp = state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         os.chmod(tmp, 0o600)
         os.replace(tmp, state_file)
         key_hash = hashlib.sha256(state["api_key"].encode()).hexdigest()
+        keys = {name: crypto.load_or_create_key(d / "keys" / f"{name}.key") for name in ("node", "coordinator", "miner")}
+        genesis_file = d / "genesis.json"
+        if not genesis_file.exists():  # one authority (the devnet node), the coordinator attests receipts
+            make_genesis(CHAIN_ID, [keys["node"].address], [keys["coordinator"].address],
+                         block_time_ms=self.block_time_ms, genesis_time_ms=int(time.time() * 1000)).save(genesis_file)
+        state["miner_address"] = keys["miner"].address
         (d / "coordinator.toml").write_text(_toml({
             "listen": state["coordinator"], "data_dir": str(d / "coordinator"), "key_file": str(d / "keys" / "coordinator.key"),
-            "chain_id": "aitbc-devnet",
+            "chain_id": CHAIN_ID, "ledger": state["ledger"],
             "clients": [{"id": CLIENT_ID, "api_key_sha256": key_hash}],
         }))
         (d / "miner.toml").write_text(_toml({
@@ -126,6 +139,9 @@ class Devnet:
         d = self.data_dir
         cli = [sys.executable, "-m", "aitbc.clients.cli"]
         self.children = [
+            Child("ledger", [*cli, "node", "--data-dir", str(d / "ledger"), "--genesis", str(d / "genesis.json"),
+                             "--key", str(d / "keys" / "node.key"), "--listen", str(state["ledger"])],
+                  d / "logs" / "ledger.log"),
             Child("coordinator", [*cli, "coordinator", "--config", str(d / "coordinator.toml")], d / "logs" / "coordinator.log"),
             Child("miner", [*cli, "miner", "--config", str(d / "miner.toml")], d / "logs" / "miner.log"),
         ]
@@ -135,9 +151,11 @@ class Devnet:
         self.endpoints = {
             "coordinator": state["coordinator"],
             "miner_ops": state["miner_ops"],
+            "ledger": state["ledger"],
+            "miner_address": state["miner_address"],
             "api_key": state["api_key"],
             "client_id": CLIENT_ID,
-            "chain_id": "aitbc-devnet",
+            "chain_id": CHAIN_ID,
             "data_dir": str(d),
             "pid": os.getpid(),
         }

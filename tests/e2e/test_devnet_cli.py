@@ -53,6 +53,8 @@ def test_demo_command_runs_a_job_and_verifies_the_receipt(tmp_path: Path) -> Non
     assert r.returncode == 0, r.stdout + r.stderr
     assert "step 20/20" in r.stderr
     assert "receipt verified offline" in r.stdout
+    assert "settlement: FINAL: minted" in r.stdout
+    assert "balance: 0 -> " in r.stdout
     assert (tmp_path / "out.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((tmp_path / "out.receipt.json").read_text())["attestation"]["attester"].startswith("ait1")
 
@@ -76,8 +78,18 @@ def test_devnet_submit_status_receipts_buf_curl_and_restart(tmp_path: Path) -> N
 
         r = aitbc(env, "status", job_id, cwd=tmp_path)
         assert r.returncode == 0 and "COMPLETED" in r.stdout
-        r = aitbc(env, "receipts", "--job-id", job_id, "-o", "receipt.json", cwd=tmp_path)
-        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 60
+        while True:  # the MINT lands within a few 1 s blocks
+            r = aitbc(env, "receipts", "--job-id", job_id, "-o", "receipt.json", cwd=tmp_path)
+            assert r.returncode == 0, r.stderr
+            if "settlement FINAL" in r.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert "settlement FINAL: minted" in r.stderr, r.stderr
+        r = aitbc(env, "receipts", "verify", "receipt.json", "--node", endpoints["ledger"], cwd=tmp_path)
+        assert r.returncode == 0 and "minted once:" in r.stdout, r.stdout + r.stderr
+        r = aitbc(env, "chain", "account", endpoints["miner_address"], "--node", endpoints["ledger"], cwd=tmp_path)
+        assert r.returncode == 0 and int(json.loads(r.stdout)["balance"]) > 0, r.stdout + r.stderr
         # offline: no server is asked (a bogus coordinator address proves it)
         r = aitbc(dict(env, AITBC_COORDINATOR="127.0.0.1:1"), "receipts", "verify", "receipt.json", cwd=tmp_path)
         assert r.returncode == 0 and "VALID receipt" in r.stdout, r.stdout + r.stderr
