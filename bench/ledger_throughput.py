@@ -67,10 +67,13 @@ def tx_hashes(raw: bytes) -> list[str]:
 
 
 class Committed:
-    """Follows StreamBlocks and records when each tx hash was committed."""
+    """Follows StreamBlocks and records when each tx hash was committed and when it became final."""
 
     def __init__(self) -> None:
         self.at: dict[str, float] = {}
+        self.final_at: dict[str, float] = {}
+        self.by_height: dict[int, list[str]] = {}
+        self.final_height = 0
         self.blocks = 0
 
     async def run(self, target: str) -> None:
@@ -80,8 +83,15 @@ class Committed:
                 now = time.perf_counter()
                 for b in resp.blocks:
                     self.blocks += 1
-                    for h in tx_hashes(b.raw):
+                    height = int.from_bytes(b.raw[4 + 2 + len(CHAIN):4 + 2 + len(CHAIN) + 8], "big")
+                    hashes = tx_hashes(b.raw)
+                    self.by_height[height] = hashes
+                    for h in hashes:
                         self.at[h] = now
+                for height in range(self.final_height + 1, resp.finalized_height + 1):
+                    for h in self.by_height.pop(height, ()):
+                        self.final_at[h] = now
+                self.final_height = max(self.final_height, resp.finalized_height)
 
 
 async def fund(c: LedgerClient, senders: list[crypto.PrivateKey]) -> None:
@@ -91,7 +101,7 @@ async def fund(c: LedgerClient, senders: list[crypto.PrivateKey]) -> None:
     bad = [o.error for o in out if not o.accepted]
     if bad:
         raise SystemExit(f"funding failed: {bad[:3]}")
-    await c.wait_for_tx(out[-1].hash, timeout=60)
+    await c.wait_for_tx(out[-1].hash, final=True, timeout=60)
 
 
 def sign_transfers(senders: list[crypto.PrivateKey], per_sender: int, start_nonce: int) -> list[bytes]:
@@ -100,17 +110,18 @@ def sign_transfers(senders: list[crypto.PrivateKey], per_sender: int, start_nonc
             for n in range(per_sender) for s in senders]
 
 
-async def saturate(target: str, raws: list[bytes], batch: int, inflight: int) -> tuple[float, float, int]:
+async def saturate(targets: list[str], raws: list[bytes], batch: int, inflight: int) -> tuple[float, float, int]:
     tracker = Committed()
-    task = asyncio.create_task(tracker.run(target))
+    task = asyncio.create_task(tracker.run(targets[0]))
     await asyncio.sleep(0.3)
     hashes = [crypto.sha256(r).hex() for r in raws]
-    async with LedgerClient(target) as c:
+    clients = [LedgerClient(t) for t in targets]
+    try:
         t0 = time.perf_counter()
         sem = asyncio.Semaphore(inflight)
         rejected = 0
 
-        async def send(chunk: list[bytes]) -> None:
+        async def send(chunk: list[bytes], c: LedgerClient) -> None:
             nonlocal rejected
             async with sem:
                 for _attempt in range(100):
@@ -122,41 +133,50 @@ async def saturate(target: str, raws: list[bytes], batch: int, inflight: int) ->
                     chunk = full
                     await asyncio.sleep(0.2)
 
-        await asyncio.gather(*(send(raws[i:i + batch]) for i in range(0, len(raws), batch)))
+        await asyncio.gather(*(send(raws[i:i + batch], clients[(i // batch) % len(clients)])
+                               for i in range(0, len(raws), batch)))
         t_sent = time.perf_counter()
         deadline = time.monotonic() + 120
         while sum(1 for h in hashes if h in tracker.at) < len(hashes) - rejected and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+    finally:
+        for c in clients:
+            await c.close()
     task.cancel()
     done = [tracker.at[h] for h in hashes if h in tracker.at]
     t_end = max(done) if done else time.perf_counter()
     return len(done) / (t_end - t0), t_sent - t0, len(done)
 
 
-async def latency(target: str, raws: list[bytes], rate: float) -> tuple[list[float], int]:
+async def latency(targets: list[str], raws: list[bytes], rate: float) -> tuple[list[float], list[float], int]:
     tracker = Committed()
-    task = asyncio.create_task(tracker.run(target))
+    task = asyncio.create_task(tracker.run(targets[0]))
     await asyncio.sleep(0.3)
     sent_at: dict[str, float] = {}
     tick = 0.02
     per_tick = max(1, int(rate * tick))
-    async with LedgerClient(target) as c:
+    clients = [LedgerClient(t) for t in targets]
+    try:
         t0 = time.perf_counter()
-        for i in range(0, len(raws), per_tick):
+        for k, i in enumerate(range(0, len(raws), per_tick)):
             chunk = raws[i:i + per_tick]
             now = time.perf_counter()
-            out = await c.broadcast_many(chunk)
+            out = await clients[k % len(clients)].broadcast_many(chunk)
             for o in out:
                 if o.accepted:
                     sent_at[o.hash] = now
             nxt = t0 + (i // per_tick + 1) * tick
             await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
         deadline = time.monotonic() + 30
-        while any(h not in tracker.at for h in sent_at) and time.monotonic() < deadline:
+        while any(h not in tracker.final_at for h in sent_at) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+    finally:
+        for c in clients:
+            await c.close()
     task.cancel()
     lat = [tracker.at[h] - t for h, t in sent_at.items() if h in tracker.at]
-    return lat, len(sent_at)
+    fin = [tracker.final_at[h] - t for h, t in sent_at.items() if h in tracker.final_at]
+    return lat, fin, len(sent_at)
 
 
 async def main() -> None:
@@ -167,34 +187,42 @@ async def main() -> None:
     ap.add_argument("--inflight", type=int, default=4)
     ap.add_argument("--latency-seconds", type=float, default=8.0)
     ap.add_argument("--block-time", type=float, default=1.0)
+    ap.add_argument("--authorities", type=int, default=1, help="authority node processes (all verify everything)")
     args = ap.parse_args()
     print(f"machine: {machine()}")
     raw, tx_verify = raw_verify_rate()
     print(f"raw coincurve verify: {raw:,.0f}/s on one core; tx signature check (decode excluded): "
           f"{tx_verify:,.0f}/s")
     senders = [key(b"bench-sender-%d" % i) for i in range(args.senders)]
-    auth = key(b"bench-authority")
-    g = make_genesis(CHAIN, [auth.address], [ATTESTER.address], block_time_ms=int(args.block_time * 1000),
-                     max_price_per_unit=10**6, max_mint_per_receipt=10**15, max_block_txs=20_000)
+    auths = [key(b"bench-authority-%d" % i) for i in range(args.authorities)]
+    g = make_genesis(CHAIN, [a.address for a in auths], [ATTESTER.address],
+                     block_time_ms=int(args.block_time * 1000), max_price_per_unit=10**6,
+                     max_mint_per_receipt=10**15, max_block_txs=20_000)
+    nodes: list[NodeProc] = []
     with tempfile.TemporaryDirectory(prefix="aitbc-bench-") as tmp:
-        node = NodeProc(Path(tmp), "auth", g, auth).start()
         try:
-            async with LedgerClient(node.target) as c:
+            for i, a in enumerate(auths):
+                nodes.append(NodeProc(Path(tmp), f"auth{i}", g, a, peers=[n.target for n in nodes]).start())
+            targets = [n.target for n in nodes]
+            print(f"{len(nodes)} authority node(s), {args.block_time:g}s blocks, finality quorum {g.quorum}")
+            async with LedgerClient(targets[0]) as c:
                 await fund(c, senders)
             per = args.txs // args.senders
             t0 = time.perf_counter()
             raws = sign_transfers(senders, per, 0)
             print(f"signed {len(raws):,} transfers in {time.perf_counter() - t0:.1f}s (client side)")
-            rate, send_s, n = await saturate(node.target, raws, args.batch, args.inflight)
+            rate, send_s, n = await saturate(targets, raws, args.batch, args.inflight)
             print(f"committed {n:,} transfers over gRPC: {rate:,.0f} tx/s (submission took {send_s:.1f}s; "
                   f"{rate / raw:.2f} x the raw single-core verify rate)")
             half = rate / 2
             lat_raws = sign_transfers(senders, max(1, int(half * args.latency_seconds) // args.senders + 1), per)
-            lat, sent = await latency(node.target, lat_raws, half)
-            print(f"latency at {half:,.0f} tx/s ({len(lat)}/{sent} committed, {args.block_time:g}s blocks): "
-                  f"p50 {percentile(lat, 50):.3f}s  p99 {percentile(lat, 99):.3f}s")
+            lat, fin, sent = await latency(targets, lat_raws, half)
+            print(f"at {half:,.0f} tx/s ({len(lat)}/{sent} committed, {len(fin)} final): submit->committed "
+                  f"p50 {percentile(lat, 50):.3f}s p99 {percentile(lat, 99):.3f}s; submit->final "
+                  f"p50 {percentile(fin, 50):.3f}s p99 {percentile(fin, 99):.3f}s")
         finally:
-            node.stop()
+            for n in nodes:
+                n.stop()
 
 
 if __name__ == "__main__":
