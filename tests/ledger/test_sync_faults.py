@@ -1,0 +1,96 @@
+"""Sync under faults, with in-process nodes on real loopback servers: a peer that feeds bad
+blocks, and 4 authorities that keep finalizing with one stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from aitbc import crypto, rpc
+from aitbc.ledger.block import decode_block, make_block
+from aitbc.ledger.store import MemoryStore
+from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
+from server.ledger import start_node
+
+from .helpers import AUTH, genesis, key
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def _until(pred, timeout=20.0, what="condition"):
+    for _ in range(int(timeout / 0.05)):
+        if pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class EvilPeer(ledger_pb2_grpc.LedgerServiceServicer):
+    """Streams, for each real block, a forged twin first (bad state root / non-authority /
+    garbage bytes), then the real one."""
+
+    def __init__(self, source) -> None:
+        self.source = source
+
+    async def StreamBlocks(self, request, context):
+        h = max(1, request.from_height)
+        n = 0
+        while True:
+            raw = self.source.chain.block_raw_at(h)
+            if raw is None:
+                await asyncio.sleep(0.05)
+                continue
+            good = decode_block(raw)
+            forged = [
+                make_block(dataclasses.replace(good.header, state_root=b"\x01" * 32), AUTH[0], good.txs).raw,
+                make_block(dataclasses.replace(good.header, proposer=crypto.sha256(key(66).pubkey)[:20]),
+                           key(66), good.txs).raw,
+                b"\x00\x00\x00\x05garbage",
+            ][n % 3]
+            n += 1
+            yield ledger_pb2.StreamBlocksResponse(blocks=[ledger_pb2.Block(raw=forged)])
+            yield ledger_pb2.StreamBlocksResponse(blocks=[ledger_pb2.Block(raw=raw)])
+            h += 1
+
+
+async def test_follower_rejects_bad_blocks_and_keeps_going():
+    g = genesis(1, block_time_ms=100)
+    a, sa = await start_node(MemoryStore(), g, AUTH[0], "127.0.0.1:0")
+    evil = await rpc.start_server("127.0.0.1:0", [rpc.Service(ledger_pb2_grpc.add_LedgerServiceServicer_to_server,
+                                                              EvilPeer(a), "aitbc.v1.LedgerService")])
+    f, sf = await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[f"127.0.0.1:{evil.port}"])
+    try:
+        await _until(lambda: f.chain.head.height >= 6, what="the follower to sync past bad blocks")
+        assert f.rejected_blocks >= 3
+        for h in range(1, 7):
+            assert f.chain.hash_at(h) == a.chain.hash_at(h)
+    finally:
+        for n, s in ((f, sf), (a, sa)):
+            await n.stop()
+            await s.stop(0)
+        await evil.stop(0)
+
+
+async def test_four_authorities_keep_finalizing_with_one_down():
+    g = genesis(4, block_time_ms=150)
+    nodes = []
+    for i in range(4):
+        peers = [f"127.0.0.1:{s.port}" for _, s in nodes]
+        nodes.append(await start_node(MemoryStore(), g, AUTH[i], "127.0.0.1:0", peers=peers))
+    try:
+        a = nodes[0][0]
+        await _until(lambda: a.chain.final_height >= 4, what="finality with 4 authorities")
+        down_node, down_server = nodes.pop(3)
+        await down_node.stop()
+        await down_server.stop(0)
+        f0 = a.chain.final_height
+        await _until(lambda: a.chain.final_height >= f0 + 6, what="finality with 3 of 4 authorities")
+        common = min(n.chain.final_height for n, _ in nodes)
+        for h in range(1, common + 1):
+            assert len({n.chain.hash_at(h) for n, _ in nodes}) == 1
+    finally:
+        for n, s in nodes:
+            await n.stop()
+            await s.stop(0)
