@@ -35,6 +35,7 @@ KDF_PROFILES: dict[str, KdfParams] = {"default": DEFAULT_KDF, "fast": INSECURE_F
 MAX_AMOUNT = txmod.MAX_U64
 DEFAULT_WAIT_S = 30.0
 _DECIMAL = re.compile(r"[0-9]+")
+_KEY_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def kdf_for_profile(profile: str) -> KdfParams:
@@ -208,6 +209,10 @@ class WalletCore:
         """A wallet for a hex private key (64 hex characters, optional 0x)."""
         if not isinstance(key_hex, str) or not key_hex.strip():
             raise InvalidArgument("private key must be 64 hex characters, got nothing")
+        text = key_hex.strip().removeprefix("0x")
+        if not _KEY_HEX.fullmatch(text):  # the message never echoes what might be a real key
+            got = f"got {len(text)} characters" if len(text) != 64 else "got other characters"
+            raise InvalidArgument(f"private key must be 64 hex characters (32 bytes), {got}")
         validate_name(name)
         return self._view(name, self.keystore.import_key(name, key_hex, passphrase))
 

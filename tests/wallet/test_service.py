@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from aitbc.server.ledger import start_node
 
 from aitbc import crypto, errors
 from aitbc.ledger.client import LedgerClient
@@ -14,6 +13,7 @@ from aitbc.ledger.genesis import make_genesis
 from aitbc.ledger.store import MemoryStore
 from aitbc.ledger.tx import KIND_TRANSFER, decode_tx, verify_tx_signature
 from aitbc.receipts import ReceiptBody, SignedReceipt, sign_receipt
+from aitbc.server.ledger import start_node
 from aitbc.wallet.keystore import INSECURE_FAST_KDF, Keystore
 from aitbc.wallet.service import WalletCore, check_address, kdf_for_profile, parse_amount
 
