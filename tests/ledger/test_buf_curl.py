@@ -10,7 +10,7 @@ import pytest
 
 from aitbc.ledger.store import MemoryStore
 from aitbc.ledger.tx import make_mint
-from server.ledger import start_node
+from aitbc.server.ledger import start_node
 
 from .helpers import ALICE, AUTH, CHAIN, genesis, receipt
 

@@ -12,8 +12,8 @@ from aitbc.ledger.client import LedgerClient
 from aitbc.ledger.mempool import Mempool
 from aitbc.ledger.store import MemoryStore
 from aitbc.ledger.tx import MAX_TX_BYTES, make_mint, make_transfer
+from aitbc.server.ledger import start_node
 from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
-from server.ledger import start_node
 
 from .helpers import ALICE, AUTH, BOB, CHAIN, PROVIDER, genesis, key, receipt
 

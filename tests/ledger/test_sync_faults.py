@@ -11,8 +11,8 @@ import pytest
 from aitbc import crypto, rpc
 from aitbc.ledger.block import decode_block, make_block
 from aitbc.ledger.store import MemoryStore
+from aitbc.server.ledger import start_node
 from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
-from server.ledger import start_node
 
 from .helpers import AUTH, genesis, key
 

@@ -1,0 +1,87 @@
+"""`aitbc chain init` + `aitbc node` + `aitbc chain head|block|tx|account|receipt`, as devnet runs them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aitbc import crypto
+from aitbc.clients import chain_cli
+from aitbc.ledger.client import LedgerClient
+
+from .helpers import ALICE, ATTESTER, receipt
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "aitbc.clients.chain_cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+
+
+def test_register_adds_subcommands():
+    parser = argparse.ArgumentParser()
+    chain_cli.register(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["node", "--data-dir", "d", "--genesis", "g.json", "--listen", "127.0.0.1:0"])
+    assert args.func is chain_cli.cmd_node and args.key is None
+    args = parser.parse_args(["chain", "init", "--chain-id", "x", "--authority", "k"])
+    assert args.func is chain_cli.cmd_chain_init
+    for sub in (["head"], ["block", "1"], ["tx", "ab"], ["account", "ait1x"], ["receipt", "ab"]):
+        assert callable(parser.parse_args(["chain", *sub]).func)
+
+
+async def test_devnet_style_single_authority(tmp_path):
+    keyfile = tmp_path / "authority.key"
+    gpath = tmp_path / "genesis.json"
+    r = _cli("chain", "init", "--chain-id", "aitbc-test", "--authority", str(keyfile), "--attester",
+             ATTESTER.address, "--block-time", "0.2", "--max-price-per-unit", "1000", "--out", str(gpath))
+    assert r.returncode == 0, r.stderr
+    assert keyfile.exists() and json.loads(gpath.read_text())["authorities"] == [
+        crypto.load_or_create_key(keyfile).address]
+    assert _cli("chain", "init", "--chain-id", "aitbc-test", "--authority", str(keyfile), "--out",
+                str(gpath)).returncode == 1  # refuses to overwrite
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "aitbc.clients.chain_cli", "node", "--data-dir",
+                             str(tmp_path / "data"), "--genesis", str(gpath), "--key", str(keyfile), "--listen",
+                             "127.0.0.1:0", "--port-file", str(port_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        for _ in range(200):
+            if "ledger node listening on" in line:
+                break
+            line = proc.stdout.readline() if proc.stdout else ""
+        for _ in range(100):
+            if port_file.exists():
+                break
+            time.sleep(0.05)
+        port = int(port_file.read_text())
+        assert f"ledger node listening on 127.0.0.1:{port}" in line
+        target = f"127.0.0.1:{port}"
+        rc = receipt(1)
+        async with LedgerClient(target) as c:
+            tx_hash = await c.mint(ALICE, rc)
+            await c.wait_for_tx(tx_hash, final=True)
+        head = json.loads(_cli("chain", "head", "--node", target).stdout)
+        assert head["chain_id"] == "aitbc-test" and int(head["finalized_height"]) >= 1
+        tx = json.loads(_cli("chain", "tx", tx_hash, "--node", target).stdout)
+        assert tx["status"] == "TRANSACTION_STATUS_FINAL"
+        block = json.loads(_cli("chain", "block", tx["block_height"], "--txs", "--node", target).stdout)
+        assert block["transactions"][0]["hash"] == tx_hash
+        acct = json.loads(_cli("chain", "account", rc.body.provider, "--node", target).stdout)
+        assert acct["balance"] == "1000"
+        st = json.loads(_cli("chain", "receipt", rc.receipt_hash.hex(), "--node", target).stdout)
+        assert st["tx_hash"] == tx_hash
+        bad = _cli("chain", "tx", "00" * 32, "--node", target)
+        assert bad.returncode == 1 and "not found" in bad.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
