@@ -25,6 +25,8 @@ log = logging.getLogger("aitbc.ledger.node")
 STREAM_BATCH_BLOCKS = 128
 STREAM_BATCH_BYTES = 4 * 1024 * 1024
 RELAY_METADATA = ("x-aitbc-relay", "1")
+RELAY_CHUNK = 5000
+RELAY_QUEUE_BATCHES = 64
 VERIFY_IN_THREAD_MIN = 16  # batches at least this big verify signatures off the event loop
 
 
@@ -155,26 +157,45 @@ class Node:
         return h
 
     async def _relay_loop(self) -> None:
-        while True:
-            await self._relay_wake.wait()
-            await asyncio.sleep(0.01)  # gather a batch
-            self._relay_wake.clear()
-            batch, self._relay_buf = self._relay_buf, []
-            if not batch:
-                continue
-            from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
+        """Fan accepted txs out to every peer; each peer has its own bounded queue and sender, so a
+        slow or paused peer delays nobody else."""
+        queues: dict[str, asyncio.Queue[list[bytes]]] = {}
+        senders: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                await self._relay_wake.wait()
+                await asyncio.sleep(0.01)  # gather a batch
+                self._relay_wake.clear()
+                batch, self._relay_buf = self._relay_buf, []
+                if not batch:
+                    continue
+                for target in list(self.peers):
+                    q = queues.get(target)
+                    if q is None:
+                        q = queues[target] = asyncio.Queue(maxsize=RELAY_QUEUE_BATCHES)
+                        senders[target] = asyncio.create_task(self._relay_to(target, q))
+                    if q.full():
+                        q.get_nowait()  # drop the oldest batch: the peer will get those txs in blocks
+                    q.put_nowait(batch)
+        finally:
+            for t in senders.values():
+                t.cancel()
 
-            async def send(target: str, chunk: list[bytes]) -> None:
+    async def _relay_to(self, target: str, q: asyncio.Queue[list[bytes]]) -> None:
+        from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
+
+        stub = ledger_pb2_grpc.LedgerServiceStub(self._channel(target))
+        while True:
+            raws = await q.get()
+            while not q.empty() and len(raws) < RELAY_CHUNK:
+                raws = raws + q.get_nowait()
+            for start in range(0, len(raws), RELAY_CHUNK):
                 try:
-                    stub = ledger_pb2_grpc.LedgerServiceStub(self._channel(target))
-                    await stub.BroadcastTransactions(ledger_pb2.BroadcastTransactionsRequest(raws=chunk),
-                                                     timeout=10, metadata=(RELAY_METADATA,))
+                    await stub.BroadcastTransactions(
+                        ledger_pb2.BroadcastTransactionsRequest(raws=raws[start:start + RELAY_CHUNK]),
+                        timeout=5, metadata=(RELAY_METADATA,))
                 except grpc.aio.AioRpcError as exc:
                     log.debug("relay to %s failed: %s", target, exc.code())
-
-            for start in range(0, len(batch), 5000):
-                chunk = batch[start:start + 5000]
-                await asyncio.gather(*(send(t, chunk) for t in list(self.peers)))
 
     # ---- blocks ----------------------------------------------------------------------------------
 
