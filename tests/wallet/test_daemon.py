@@ -9,6 +9,7 @@ import json
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from aitbc import errors, rpc
 from aitbc.config import WalletConfig
@@ -66,6 +67,9 @@ async def test_health_reflection_and_wallet_lifecycle(env):
     health = health_pb2_grpc.HealthStub(ch)
     resp = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+    async for answer in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+        assert SERVICE_NAME in [s.name for s in answer.list_services_response.service]
 
     made = (await stub.CreateWallet(W.CreateWalletRequest(name="alice", passphrase=PASS))).wallet
     assert made.name == "alice" and made.address.startswith("ait1") and not made.unlocked
