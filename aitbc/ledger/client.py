@@ -94,6 +94,8 @@ class LedgerClient:
         self.stub = ledger_pb2_grpc.LedgerServiceStub(self.channel)
         self.timeout = timeout
         self._chain_id: str | None = None
+        self._nonce_lock = asyncio.Lock()
+        self._next_nonce: dict[str, int] = {}
 
     async def close(self) -> None:
         if self._own:
@@ -202,3 +204,53 @@ class LedgerClient:
         minted: ...') or AlreadyExists('already known: ...') when it is minted or pending."""
         n = await self.next_nonce(key.address) if nonce is None else nonce
         return await self.broadcast(txmod.make_mint(key, await self.chain_id(), n, receipt))
+
+    # ---- settlement ----------------------------------------------------------------------------
+
+    async def _allocate_nonce(self, address: str) -> int:
+        """Local nonce counter per sender, so concurrent sends with one key do not collide; seeded
+        from (and re-synced with) the node's pending nonce."""
+        async with self._nonce_lock:
+            n = self._next_nonce.get(address)
+            if n is None:
+                n = await self.next_nonce(address)
+            self._next_nonce[address] = n + 1
+            return n
+
+    def _forget_nonce(self, address: str) -> None:
+        self._next_nonce.pop(address, None)
+
+    async def settle_receipt(self, key: crypto.PrivateKey, receipt: SignedReceipt, *, wait: str | None = "included",
+                             timeout: float = 30.0, attempts: int = 5) -> ReceiptStatus:
+        """Mint an attested receipt exactly once, idempotently, and (optionally) wait for it.
+
+        Safe to call again for the same receipt (after a crash, a timeout, from two coordinators):
+        if the receipt is already pending or minted, no second MINT is sent and its status comes
+        back. `wait`: None (return once the node accepted it: status "pending"), "included" or
+        "final". Raises InvalidArgument / PermissionDenied for receipts the chain will never accept
+        (bad signature, wrong chain id, attester not authorized), Unavailable on timeout or when
+        the node is unreachable, ResourceExhausted when the mempool is full."""
+        st = await self.get_receipt_status(receipt.receipt_hash)
+        if st.status == "unknown":
+            chain_id = await self.chain_id()
+            for attempt in range(attempts):
+                nonce = await self._allocate_nonce(key.address)
+                try:
+                    await self.broadcast(txmod.make_mint(key, chain_id, nonce, receipt))
+                    break
+                except errors.AlreadyExists:
+                    # the receipt is pending/minted (done), or our nonce was taken (re-sync, retry)
+                    self._forget_nonce(key.address)
+                    st = await self.get_receipt_status(receipt.receipt_hash)
+                    if st.status != "unknown":
+                        break
+                except errors.FailedPrecondition:
+                    self._forget_nonce(key.address)  # nonce too low: another writer used this key
+                except errors.AitbcError:
+                    self._forget_nonce(key.address)
+                    raise
+                if attempt == attempts - 1:
+                    raise errors.Aborted(f"could not find a free nonce for {key.address} in {attempts} attempts")
+        if wait is None:
+            return await self.get_receipt_status(receipt.receipt_hash)
+        return await self.wait_for_receipt(receipt.receipt_hash, final=(wait == "final"), timeout=timeout)

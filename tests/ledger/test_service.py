@@ -172,3 +172,18 @@ async def test_follower_syncs_and_reverifies():
         for n, s in ((f, sf), (a, sa)):
             await n.stop()
             await s.stop(0)
+
+
+async def test_settle_receipt_is_idempotent_under_concurrency(node):
+    n, server, c = node
+    rs = [receipt(200 + i, units=10, price=1) for i in range(25)]
+    # another writer uses the same key meanwhile, so the local nonce counter must re-sync
+    await c.broadcast(make_mint(ALICE, CHAIN, 0, receipt(199)))
+    sts = await asyncio.gather(*(c.settle_receipt(ALICE, r, wait="final") for r in rs))
+    assert all(s.status == "final" and s.amount == 10 for s in sts)
+    again = await asyncio.gather(*(c.settle_receipt(BOB, r, wait=None) for r in rs[:5]))
+    assert [a.tx_hash for a in again] == [s.tx_hash for s in sts[:5]]
+    assert (await c.get_account(BOB.address)).nonce == 0  # no second MINT was sent
+    assert (await c.get_account(PROVIDER.address)).balance == 250 + 1000
+    with pytest.raises(errors.PermissionDenied):
+        await c.settle_receipt(ALICE, receipt(300, attester=key(5)))
