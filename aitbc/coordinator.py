@@ -29,7 +29,7 @@ from aitbc.errors import (
     Unauthenticated,
 )
 from aitbc.jobstore import JobStore
-from aitbc.v1 import job_pb2, miner_pb2, receipt_pb2
+from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2, receipt_pb2
 from aitbc.wire import receipt_from_proto, receipt_to_proto
 
 S = job_pb2.JobState
@@ -40,6 +40,17 @@ REGISTER_DOMAIN = b"AITBC/miner-register/v1"
 CHALLENGE_TTL_S = 60.0
 WATCH_QUEUE = 256
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
+MAX_STREAMED_CHARS = 1 << 20
+FINISH_REASONS = ("length", "stop", "eos")
+
+
+def model_kind(info: miner_pb2.MinerInfo, model: str) -> int:
+    """A model's kind as its miner declared it; undeclared models are image models."""
+    for spec in info.model_specs:
+        if spec.name == model:
+            return spec.kind or jobs.IMAGE
+    return jobs.IMAGE
 UNIT_SLACK_MS = 2000
 
 
@@ -114,7 +125,8 @@ class Coordinator:
         self._challenges: dict[bytes, float] = {}
         self._sessions: dict[str, MinerSession] = {}
         self.miners: dict[str, MinerConn] = {}
-        self._model_seen: dict[str, float] = {}
+        self._model_seen: dict[str, tuple[float, int]] = {}  # model -> (last seen, kind)
+        self._text: dict[str, list[str]] = {}  # text job -> deltas streamed in the current attempt
         self._queue: collections.deque[str] = collections.deque()
         self._jobs: dict[str, job_pb2.Job] = {}  # active jobs, the source of truth while active
         self._assigned_at: dict[str, float] = {}
@@ -165,11 +177,33 @@ class Coordinator:
             )
         return client
 
-    def served_models(self) -> set[str]:
+    def served_models(self) -> dict[str, int]:
+        """Models served now (or within model_grace_s) and their kind."""
         now = self.clock()
-        live = {m for c in self.miners.values() for m in c.session.info.models}
-        recent = {m for m, t in self._model_seen.items() if now - t < self.config.model_grace_s}
-        return live | recent
+        served = {m: kind for m, (t, kind) in self._model_seen.items() if now - t < self.config.model_grace_s}
+        for c in self.miners.values():
+            for m in c.session.info.models:
+                served[m] = model_kind(c.session.info, m)
+        return served
+
+    def _seen(self, info: miner_pb2.MinerInfo) -> None:
+        now = self.clock()
+        for m in info.models:
+            self._model_seen[m] = (now, model_kind(info, m))
+
+    def list_models(self) -> list[coordinator_pb2.ServedModel]:
+        out: dict[str, coordinator_pb2.ServedModel] = {}
+        for c in self.miners.values():
+            info = c.session.info
+            for m in info.models:
+                sm = out.setdefault(m, coordinator_pb2.ServedModel(name=m, kind=model_kind(info, m),
+                                                                   min_price_per_unit=info.price_per_unit))
+                sm.miners += 1
+                sm.min_price_per_unit = min(sm.min_price_per_unit, info.price_per_unit)
+                for spec in info.model_specs:
+                    if spec.name == m:
+                        sm.context_length = max(sm.context_length, spec.context_length)
+        return [out[m] for m in sorted(out)]
 
     async def submit(
         self,
@@ -188,9 +222,20 @@ class Coordinator:
             if existing is not None:
                 return self.get(client_id, existing)
         served = self.served_models()
+        kind = jobs.job_kind(params)
         if model not in served:
-            have = ", ".join(sorted(served)) or "none: no miner is connected"
+            have = ", ".join(f"{m} ({jobs.kind_name(k)})" for m, k in sorted(served.items())) or "none: no miner is connected"
             raise FailedPrecondition(f"no miner serves model '{model}' (models served now: {have})")
+        if served[model] != kind:
+            same = ", ".join(sorted(m for m, k in served.items() if k == kind)) or "none"
+            raise FailedPrecondition(f"model '{model}' is a {jobs.kind_name(served[model])} model and this is a "
+                                     f"{jobs.kind_name(kind)} job (served {jobs.kind_name(kind)} models: {same})")
+        if kind == jobs.TEXT:
+            contexts = [spec.context_length for c in self.miners.values() for spec in c.session.info.model_specs
+                        if spec.name == model and spec.context_length]
+            if contexts and params.text.max_new_tokens >= max(contexts):
+                raise InvalidArgument(f"max_new_tokens {params.text.max_new_tokens} does not fit the context of model "
+                                      f"'{model}' ({max(contexts)} tokens, prompt included)")
         now = jobs.now_ms()
         job = job_pb2.Job(
             job_id=jobs.new_job_id(),
@@ -255,10 +300,22 @@ class Coordinator:
         # subscribe before the snapshot is handed out: nothing between the two is missed
         queue: asyncio.Queue[job_pb2.Job | job_pb2.JobProgress] = asyncio.Queue(WATCH_QUEUE)
         self._watchers.setdefault(job_id, set()).add(queue)
+        streamed, offset = 0, 0  # deltas and characters of the current attempt sent to this watcher
         try:
             yield job
             while True:
                 event = await queue.get()
+                if isinstance(event, job_pb2.TextChunk) or (isinstance(event, job_pb2.Job) and event.state in jobs.TERMINAL):
+                    deltas = self._text.get(job_id, [])
+                    if len(deltas) > streamed:  # coalesce whatever this watcher has not seen yet
+                        text = "".join(deltas[streamed:])
+                        chunk = job_pb2.TextChunk(job_id=job_id, offset=offset, text=text)
+                        streamed, offset = len(deltas), offset + len(text)  # before yielding: more may arrive
+                        yield chunk
+                    if isinstance(event, job_pb2.TextChunk):
+                        continue
+                elif isinstance(event, job_pb2.Job) and event.state == S.JOB_STATE_QUEUED:
+                    streamed = offset = 0  # requeued: the next attempt's text starts again at offset 0
                 yield event
                 if isinstance(event, job_pb2.Job) and event.state in jobs.TERMINAL:
                     return
@@ -268,12 +325,14 @@ class Coordinator:
                 watchers.discard(queue)
                 if not watchers:
                     del self._watchers[job_id]
+                    if job_id not in self._jobs:
+                        self._text.pop(job_id, None)
 
     def _publish(self, job_id: str, event: job_pb2.Job | job_pb2.JobProgress) -> None:
         for queue in self._watchers.get(job_id, ()):
             if queue.full():
-                if isinstance(event, job_pb2.JobProgress):
-                    continue  # a slow watcher misses progress, never a state change
+                if not isinstance(event, job_pb2.Job):
+                    continue  # a slow watcher misses progress; text it catches up on at the next event
                 while not queue.empty():
                     queue.get_nowait()
             queue.put_nowait(event)
@@ -361,9 +420,7 @@ class Coordinator:
             self.disconnect(old, "replaced by a new Work stream from the same miner")
         conn = MinerConn(session, asyncio.Queue(), self.clock())
         self.miners[session.miner_id] = conn
-        now = self.clock()
-        for m in session.info.models:
-            self._model_seen[m] = now
+        self._seen(session.info)
         self._dispatch()
         return conn
 
@@ -374,9 +431,7 @@ class Coordinator:
         conn.outbox.put_nowait(None)
         if self.miners.get(conn.miner_id) is conn:
             del self.miners[conn.miner_id]
-        now = self.clock()
-        for m in conn.session.info.models:
-            self._model_seen[m] = now
+        self._seen(conn.session.info)
         for job_id in list(conn.running):
             job = self._jobs.get(job_id)
             if job is not None and job.miner_id == conn.miner_id:
@@ -402,6 +457,8 @@ class Coordinator:
                 self._on_result(conn, msg.result)
             elif kind == "failed":
                 self._on_failed(conn, msg.failed)
+            elif kind == "text":
+                self._on_text(conn, msg.text)
             else:
                 raise InvalidArgument("empty WorkRequest: set one of heartbeat, accepted, progress, chunk, result, failed")
         except AitbcError as exc:
@@ -429,6 +486,17 @@ class Coordinator:
             raise InvalidArgument("progress step must be between 0 and total_steps > 0")
         job.progress.CopyFrom(progress)
         self._publish(job.job_id, job_pb2.JobProgress(job_id=job.job_id, step=progress.step, total_steps=progress.total_steps))
+
+    def _on_text(self, conn: MinerConn, chunk: job_pb2.TextChunk) -> None:
+        job = self._held(conn, chunk.job_id)
+        if jobs.job_kind(job) != jobs.TEXT:
+            raise InvalidArgument(f"job {job.job_id} is not a text job")
+        deltas = self._text.setdefault(job.job_id, [])
+        if sum(map(len, deltas)) + len(chunk.text) > MAX_STREAMED_CHARS:
+            self._reject_result(conn, job, f"streamed text exceeds {MAX_STREAMED_CHARS} characters")
+            return
+        deltas.append(chunk.text)
+        self._publish(job.job_id, job_pb2.TextChunk(job_id=job.job_id))
 
     def _on_chunk(self, conn: MinerConn, chunk: miner_pb2.ArtifactChunk) -> None:
         job = self._held(conn, chunk.job_id)
@@ -473,6 +541,9 @@ class Coordinator:
         job.receipt_hash = rec.receipt_hash
         job.units = signed.body.units
         job.unit_type = signed.body.unit_type
+        if jobs.job_kind(job) == jobs.TEXT:
+            job.prompt_tokens, job.generated_tokens = result.prompt_tokens, result.generated_tokens
+            job.finish_reason = result.finish_reason
         job.receipt.CopyFrom(rec)
         self._finish(job, S.JOB_STATE_COMPLETED, "", artifacts=[(a.sha256, d) for a, d in artifacts], receipt=rec)
         conn.send(miner_pb2.WorkResponse(accepted=miner_pb2.ResultAccepted(job_id=job.job_id, receipt_hash=rec.receipt_hash)))
@@ -483,6 +554,7 @@ class Coordinator:
     def _check_result(
         self, conn: MinerConn, job: job_pb2.Job, result: miner_pb2.JobResult, uploads: dict[int, bytearray]
     ) -> tuple[list[tuple[job_pb2.Artifact, bytes]], receipts.SignedReceipt]:
+        text_job = jobs.job_kind(job) == jobs.TEXT
         want = jobs.job_outputs(job)
         if len(result.artifacts) != want:
             raise InvalidArgument(f"job {job.job_id} must return {want} artifacts, got {len(result.artifacts)}")
@@ -491,11 +563,16 @@ class Coordinator:
         for i, art in enumerate(result.artifacts):
             data = bytes(uploads.get(i, b""))
             digest = crypto.sha256(data)
-            if not data or digest.hex() != art.sha256 or len(data) != art.size:
+            if (not data and not text_job) or digest.hex() != art.sha256 or len(data) != art.size:
                 raise InvalidArgument(f"artifact {i} does not match its declared sha256/size (wrong artifact hash)")
-            if not data.startswith(PNG_MAGIC):
-                raise InvalidArgument(f"artifact {i} is not a PNG image")
-            clean = job_pb2.Artifact(sha256=art.sha256, size=art.size, content_type="image/png", width=art.width, height=art.height)
+            if text_job:
+                self._check_text(job, data, result)
+                clean = job_pb2.Artifact(sha256=art.sha256, size=art.size, content_type=TEXT_CONTENT_TYPE)
+            else:
+                if not data.startswith(PNG_MAGIC):
+                    raise InvalidArgument(f"artifact {i} is not a PNG image")
+                clean = job_pb2.Artifact(sha256=art.sha256, size=art.size, content_type="image/png",
+                                         width=art.width, height=art.height)
             artifacts.append((clean, data))
             digests.append(digest)
         try:
@@ -508,7 +585,7 @@ class Coordinator:
             "job_id": job.job_id,
             "provider": conn.miner_id,
             "client": job.client_id,
-            "unit_type": "gpu_ms",
+            "unit_type": "tokens" if text_job else "gpu_ms",
             "price_per_unit": job.price_per_unit,
             "model": job.model,
             "prompt_hash": job.prompt_hash,
@@ -523,9 +600,26 @@ class Coordinator:
         duration = b.finished_at - b.started_at
         if duration > held_ms + UNIT_SLACK_MS:
             raise InvalidArgument(f"receipt claims {duration} ms of work but the miner held the job {held_ms:.0f} ms")
-        if not 1 <= b.units <= duration + UNIT_SLACK_MS:
+        if text_job:
+            if b.units != result.prompt_tokens + result.generated_tokens:
+                raise InvalidArgument(f"receipt units {b.units} must equal prompt_tokens + generated_tokens "
+                                      f"({result.prompt_tokens} + {result.generated_tokens})")
+        elif not 1 <= b.units <= duration + UNIT_SLACK_MS:
             raise InvalidArgument(f"receipt units {b.units} gpu_ms are implausible for {duration} ms of work")
         return artifacts, signed
+
+    def _check_text(self, job: job_pb2.Job, data: bytes, result: miner_pb2.JobResult) -> None:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument("the text artifact is not valid UTF-8") from None
+        if text != "".join(self._text.get(job.job_id, [])):
+            raise InvalidArgument("the final text differs from the text streamed during generation")
+        if result.finish_reason not in FINISH_REASONS:
+            raise InvalidArgument(f"finish_reason must be one of {', '.join(FINISH_REASONS)}")
+        if not 1 <= result.prompt_tokens or result.generated_tokens > job.params.text.max_new_tokens:
+            raise InvalidArgument(f"token counts are implausible: prompt {result.prompt_tokens}, generated "
+                                  f"{result.generated_tokens} of at most {job.params.text.max_new_tokens}")
 
     def _on_failed(self, conn: MinerConn, failed: miner_pb2.JobFailed) -> None:
         job = self._held(conn, failed.job_id)
@@ -550,6 +644,7 @@ class Coordinator:
         if job.attempts >= self.config.max_attempts:
             self._finish(job, S.JOB_STATE_FAILED, f"gave up after {job.attempts} attempts; last: {reason}")
             return
+        self._text.pop(job.job_id, None)
         job.state = S.JOB_STATE_QUEUED
         job.miner_id = ""
         job.error = reason
@@ -570,6 +665,8 @@ class Coordinator:
         self._queued_at.pop(job.job_id, None)
         self._excluded.pop(job.job_id, None)
         self._publish(job.job_id, self._snapshot(job))
+        if job.job_id not in self._watchers:
+            self._text.pop(job.job_id, None)
         self._log_finished(job)
 
     def _log_finished(self, job: job_pb2.Job) -> None:
@@ -586,6 +683,8 @@ class Coordinator:
             "prompt_hash": job.prompt_hash,
             "attempts": job.attempts,
         }
+        if jobs.job_kind(job) == jobs.TEXT:
+            line["prompt_tokens"], line["generated_tokens"] = job.prompt_tokens, job.generated_tokens
         if job.error:
             line["error"] = job.error
         job_log.info(json.dumps(line, sort_keys=True))
@@ -608,6 +707,7 @@ class Coordinator:
                 c for c in free
                 if job.model in c.session.info.models
                 and c.miner_id not in excluded
+                and model_kind(c.session.info, job.model) == jobs.job_kind(job)
                 and (not job.HasField("max_price_per_unit") or c.session.info.price_per_unit <= job.max_price_per_unit)
             ]
             if not candidates:

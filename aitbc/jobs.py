@@ -29,6 +29,15 @@ MAX_IMAGES = 8
 MAX_PIXELS = 2048 * 2048 * 2  # width x height x images
 MAX_SEED = 2**63 - 1
 MAX_REQUEST_ID = 64
+MAX_TEXT_PROMPT_CHARS = 32_000
+DEFAULT_MAX_NEW_TOKENS = 128
+MAX_NEW_TOKENS = 4096
+DEFAULT_TEMPERATURE = 0.7
+MAX_TEMPERATURE = 2.0
+MAX_TOP_K = 1000
+MAX_STOP = 4
+MAX_STOP_CHARS = 64
+IMAGE, TEXT = job_pb2.MODEL_KIND_IMAGE, job_pb2.MODEL_KIND_TEXT
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _JOB_ID_RE = re.compile(r"^[0-9a-f]{28}$")
@@ -99,9 +108,7 @@ def normalize_image_params(p: job_pb2.ImageParams) -> job_pb2.ImageParams:
         raise InvalidArgument(f"images must be between 1 and {MAX_IMAGES} (got {images})")
     if (p.width or 512) * (p.height or 512) * images > MAX_PIXELS:
         raise InvalidArgument(f"width x height x images exceeds {MAX_PIXELS} pixels: ask for fewer or smaller images")
-    seed = p.seed if p.HasField("seed") else int.from_bytes(os.urandom(4), "big")
-    if seed > MAX_SEED:
-        raise InvalidArgument(f"seed must be between 0 and {MAX_SEED}")
+    seed = _seed(p)
     return job_pb2.ImageParams(
         prompt=prompt,
         negative_prompt=p.negative_prompt,
@@ -114,21 +121,64 @@ def normalize_image_params(p: job_pb2.ImageParams) -> job_pb2.ImageParams:
     )
 
 
+def _seed(p: job_pb2.ImageParams | job_pb2.TextParams) -> int:
+    seed = p.seed if p.HasField("seed") else int.from_bytes(os.urandom(4), "big")
+    if seed > MAX_SEED:
+        raise InvalidArgument(f"seed must be between 0 and {MAX_SEED}")
+    return seed
+
+
+def normalize_text_params(p: job_pb2.TextParams) -> job_pb2.TextParams:
+    """Validate and fill defaults; raise InvalidArgument naming the field and its limits. The
+    prompt's length in tokens is checked by the miner, which holds the tokenizer."""
+    if not p.prompt.strip():
+        raise InvalidArgument("prompt is empty: write the text to continue or the question to answer")
+    if len(p.prompt) > MAX_TEXT_PROMPT_CHARS:
+        raise InvalidArgument(f"prompt is {len(p.prompt)} characters; the limit is {MAX_TEXT_PROMPT_CHARS}")
+    max_new = p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    if not 1 <= max_new <= MAX_NEW_TOKENS:
+        raise InvalidArgument(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS} (got {max_new})")
+    temperature = p.temperature if p.HasField("temperature") else DEFAULT_TEMPERATURE
+    if not math.isfinite(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE:
+        raise InvalidArgument(f"temperature must be between 0 (greedy) and {MAX_TEMPERATURE:g} (got {temperature})")
+    top_p = p.top_p if p.HasField("top_p") else 1.0
+    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
+        raise InvalidArgument(f"top_p must be in (0, 1] (got {top_p})")
+    if p.top_k > MAX_TOP_K:
+        raise InvalidArgument(f"top_k must be between 0 (off) and {MAX_TOP_K} (got {p.top_k})")
+    if len(p.stop) > MAX_STOP:
+        raise InvalidArgument(f"at most {MAX_STOP} stop sequences (got {len(p.stop)})")
+    for stop in p.stop:
+        if not 1 <= len(stop) <= MAX_STOP_CHARS:
+            raise InvalidArgument(f"each stop sequence must be 1-{MAX_STOP_CHARS} characters (got {len(stop)})")
+    return job_pb2.TextParams(prompt=p.prompt, max_new_tokens=max_new, temperature=temperature, top_p=top_p,
+                              top_k=p.top_k, seed=_seed(p), stop=list(p.stop))
+
+
 def normalize_params(params: job_pb2.JobParams) -> job_pb2.JobParams:
     kind = params.WhichOneof("kind")
     if kind == "image":
         return job_pb2.JobParams(image=normalize_image_params(params.image))
-    raise InvalidArgument("params must set one job kind (image)")
+    if kind == "text":
+        return job_pb2.JobParams(text=normalize_text_params(params.text))
+    raise InvalidArgument("params must set one job kind (image or text)")
+
+
+def job_kind(job: job_pb2.Job | job_pb2.JobParams) -> int:
+    params = job.params if isinstance(job, job_pb2.Job) else job
+    return TEXT if params.WhichOneof("kind") == "text" else IMAGE
+
+
+def kind_name(kind: int) -> str:
+    return job_pb2.ModelKind.Name(kind).removeprefix("MODEL_KIND_").lower()
 
 
 def job_prompt(job: job_pb2.Job) -> str:
-    return job.params.image.prompt
+    return job.params.text.prompt if job_kind(job) == TEXT else job.params.image.prompt
 
 
 def job_outputs(job: job_pb2.Job) -> int:
     """How many artifacts a completed job must return."""
-    return job.params.image.images or 1
+    return 1 if job_kind(job) == TEXT else (job.params.image.images or 1)
 
 
-def job_steps(job: job_pb2.Job) -> int:
-    return job.params.image.steps

@@ -126,15 +126,91 @@ def run_image_job(client: Any, args: argparse.Namespace, *, out: str) -> int:
 
 # ---- commands -----------------------------------------------------------------------------------
 
+TEXT_OPTIONS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop")
+
+
+def _is_text_job(client: Any, args: argparse.Namespace) -> bool:
+    """Text when the coordinator says the model is a text model, or a text-only option was given."""
+    try:
+        kinds = {m.name: m.kind for m in client.list_models()}
+    except Exception:  # an older coordinator: decide from the options
+        kinds = {}
+    if args.model in kinds:
+        return kinds[args.model] == job_pb2.MODEL_KIND_TEXT
+    return any(getattr(args, o) not in (None, [], 0) for o in TEXT_OPTIONS)
+
+
+def run_text_job(client: Any, args: argparse.Namespace) -> int:
+    """Submit a text job and print tokens as they arrive; then the summary on stderr."""
+    t0 = time.monotonic()
+    job = client.submit_text(args.prompt, model=args.model, max_new_tokens=args.max_new_tokens or 0,
+                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0, seed=args.seed,
+                             stop=args.stop or [], request_id=args.request_id or "")
+    progress = Progress()
+    progress.state(job)
+    if args.no_wait:
+        print(job.job_id)
+        return 0
+    first_token = None
+    printed = 0
+    parts: list[str] = []
+    for ev in client.watch(job.job_id):
+        if isinstance(ev, job_pb2.TextChunk):
+            if ev.offset == 0 and printed:
+                print("\n[the job was requeued to another miner: the text restarts]", file=sys.stderr)
+                parts.clear()
+            if first_token is None:
+                first_token = time.monotonic() - t0
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+            parts.append(ev.text)
+            printed = ev.offset + len(ev.text)
+        elif isinstance(ev, job_pb2.Job):
+            job = ev
+            if job.state in jobs.TERMINAL and printed:
+                sys.stdout.write("\n")
+            progress.state(job)
+    if job.state != job_pb2.JOB_STATE_COMPLETED:
+        return _fail(f"job {job.job_id} ended {jobs.state_name(job.state)}: {job.error}")
+    if args.output:
+        Path(args.output).write_text("".join(parts))
+    if args.receipt_out:
+        from aitbc.clients.sdk import receipt_json
+
+        Path(args.receipt_out).write_text(json.dumps(receipt_json(client.receipt(job_id=job.job_id)), indent=2) + "\n")
+    wall = time.monotonic() - t0
+    err = sys.stderr
+    print(f"job id:       {job.job_id}", file=err)
+    print(f"tokens:       {job.prompt_tokens} prompt + {job.generated_tokens} generated ({job.finish_reason})", file=err)
+    print(f"duration:     {wall:.2f} s; first token after {(first_token or 0) * 1000:.0f} ms", file=err)
+    print(f"miner:        {job.miner_id}", file=err)
+    print(f"receipt hash: {job.receipt_hash}", file=err)
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        return run_image_job(client, args, out=args.output)
+        if _is_text_job(client, args):
+            return run_text_job(client, args)
+        return run_image_job(client, args, out=args.output or "out.png")
 
 
 def _print_job(job: job_pb2.Job) -> None:
     from google.protobuf import json_format
 
     print(json.dumps(json_format.MessageToDict(job, preserving_proto_field_name=True), indent=2))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        models = client.list_models()
+        if not models:
+            print("no miner is connected")
+        for m in models:
+            kind = job_pb2.ModelKind.Name(m.kind).removeprefix("MODEL_KIND_").lower()
+            extra = f"  context {m.context_length} tokens" if m.context_length else ""
+            print(f"{m.name:24s} {kind:6s} miners {m.miners}  from {m.min_price_per_unit} per unit{extra}")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -227,9 +303,8 @@ async def _receipt_status(node: str, receipt_hash: str) -> Any:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from aitbc.server.coordinator import run_coordinator
-
     from aitbc import config as cfg
+    from aitbc.server.coordinator import run_coordinator
 
     conf = cfg.load(cfg.CoordinatorConfig, args.config, "COORDINATOR", listen=args.listen, port_file=args.port_file)
     asyncio.run(run_coordinator(conf))
@@ -237,9 +312,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_miner(args: argparse.Namespace) -> int:
-    from aitbc.miner.daemon import run_miner
-
     from aitbc import config as cfg
+    from aitbc.miner.daemon import run_miner
 
     conf = cfg.load(cfg.MinerConfig, args.config, "MINER", coordinator=args.coordinator, port_file=args.port_file)
     asyncio.run(run_miner(conf))
@@ -251,6 +325,7 @@ def _devnet(args: argparse.Namespace) -> Any:
 
     return Devnet(Path(args.data_dir).expanduser(), coordinator_listen=args.coordinator_listen,
                   miner_ops_listen=args.miner_ops_listen, ledger_listen=args.ledger_listen,
+                  wallet_listen=args.wallet_listen,
                   models=args.models.split(","))
 
 
@@ -265,11 +340,14 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     print(f"  coordinator   {ep['coordinator']}   (CoordinatorService, MinerService, health, reflection)")
     print(f"  miner ops     {ep['miner_ops']}   (MinerService/GetInfo)")
     print(f"  ledger        {ep['ledger']}   (LedgerService; single authority, chain {ep['chain_id']})")
-    print(f"  miner address {ep['miner_address']}   (minted tokens go here)")
+    print(f"  wallet        {ep['wallet']}   (WalletService; keystore in {ep['data_dir']}/wallets)")
+    print(f"  miner address {ep['miner_address']}   (minted tokens go here; key {ep['miner_key_file']})")
     print(f"  client id     {ep['client_id']}")
     print(f"  API key       {ep['api_key']}")
     print(f"  data          {ep['data_dir']}")
     print(f"try:  aitbc submit \"{DEFAULT_PROMPT}\" --steps 20 --seed 7 -o city.png")
+    print("      aitbc submit --model tiny-llama \"Explain proof of authority in one paragraph\"")
+    print(f"      aitbc wallet import miner --key-file {ep['miner_key_file']} && aitbc wallet balance miner")
     print("Ctrl-C stops the devnet.", flush=True)
     try:
         net.run_forever()
@@ -283,10 +361,9 @@ def cmd_devnet(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start a devnet on free ports, run one image job end to end, verify the receipt, stop."""
     from aitbc.clients.sdk import CoordinatorClient
-
     from aitbc.receipts import SignedReceipt, verify_receipt
 
-    args.coordinator_listen = args.miner_ops_listen = args.ledger_listen = "127.0.0.1:0"
+    args.coordinator_listen = args.miner_ops_listen = args.ledger_listen = args.wallet_listen = "127.0.0.1:0"
     net = _devnet(args)
     print(f"demo: starting a devnet in {net.data_dir} ...", flush=True)
     try:
@@ -350,7 +427,8 @@ def _add_image_args(p: argparse.ArgumentParser, *, prompt_default: str | None = 
         p.add_argument("prompt", help="what to draw")
     else:
         p.add_argument("--prompt", default=prompt_default)
-    p.add_argument("--model", default="tiny-sd", help="model to run (default: tiny-sd, the embedded tiny pipeline)")
+    p.add_argument("--model", default="tiny-sd", help="model to run (default: tiny-sd, the embedded tiny image pipeline; "
+                   "tiny-llama is the embedded text model)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=0, help=f"denoising steps, 1-{jobs.MAX_STEPS} (default {jobs.DEFAULT_STEPS})")
     p.add_argument("--guidance", type=float, default=None, help=f"guidance scale 0-{jobs.MAX_GUIDANCE:g} (default {jobs.DEFAULT_GUIDANCE})")
@@ -359,7 +437,8 @@ def _add_image_args(p: argparse.ArgumentParser, *, prompt_default: str | None = 
     p.add_argument("--images", type=int, default=1, help=f"images to make, 1-{jobs.MAX_IMAGES}")
     p.add_argument("--seed", type=int, default=None, help="fixed seed for a reproducible image")
     p.add_argument("--request-id", default="", help="idempotency key: resubmitting it returns the same job")
-    p.add_argument("-o", "--output", default="out.png", help="PNG path (several images: out-1.png, out-2.png, ...)")
+    p.add_argument("-o", "--output", default="out.png", help="PNG path (several images: out-1.png, out-2.png, ...); "
+                   "text jobs: a file for the text")
     p.add_argument("--receipt-out", help="receipt JSON path (default: <output>.receipt.json)")
 
 
@@ -374,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator-listen", default="127.0.0.1:18000")
     p.add_argument("--miner-ops-listen", default="127.0.0.1:18001")
     p.add_argument("--ledger-listen", default="127.0.0.1:26657")
-    p.add_argument("--models", default="tiny-sd", help="comma-separated models for the devnet miner")
+    p.add_argument("--wallet-listen", default="127.0.0.1:18002")
+    p.add_argument("--models", default="tiny-sd,tiny-llama", help="comma-separated models for the devnet miner")
     p.set_defaults(func=cmd_devnet)
 
     p = sub.add_parser("demo", help="start a devnet, run one image job end to end, verify its receipt, stop")
@@ -383,11 +463,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_args(p, prompt_default=DEFAULT_PROMPT)
     p.set_defaults(func=cmd_demo, steps=20, seed=7)
 
-    p = sub.add_parser("submit", help="submit an image job, show progress, save the PNG and receipt")
+    p = sub.add_parser("submit", help="submit a job: an image (progress, PNG, receipt) or text (tokens as they come)")
     _add_image_args(p)
+    p.set_defaults(output=None)
+    t = p.add_argument_group("text jobs (a text model such as tiny-llama)")
+    t.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens to generate, 1-{jobs.MAX_NEW_TOKENS} (default {jobs.DEFAULT_MAX_NEW_TOKENS})")
+    t.add_argument("--temperature", type=float, default=None, help=f"0 (greedy) to {jobs.MAX_TEMPERATURE:g} (default {jobs.DEFAULT_TEMPERATURE})")
+    t.add_argument("--top-p", type=float, default=None, help="nucleus sampling, (0, 1] (default 1)")
+    t.add_argument("--top-k", type=int, default=None, help=f"0 (off) to {jobs.MAX_TOP_K}")
+    t.add_argument("--stop", action="append", help=f"stop before this text (repeatable, at most {jobs.MAX_STOP})")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     _add_conn(p)
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("models", help="models served by connected miners")
+    _add_conn(p)
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("status", help="show a job")
     p.add_argument("job_id")
@@ -433,12 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", help="write the bound ops port here once serving")
     p.set_defaults(func=cmd_miner)
 
-    for extra in ("chain_cli", "wallet_cli"):
-        try:
-            module = __import__(f"aitbc.clients.{extra}", fromlist=["register"])
-        except ImportError:
-            continue
-        module.register(sub)
+    from aitbc.clients import chain_cli, wallet_cli
+
+    chain_cli.register(sub)  # node, chain ...
+    wallet_cli.register(sub)  # wallet ..., wallet-daemon
     return parser
 
 

@@ -88,8 +88,9 @@ class Devnet:
     coordinator_listen: str = "127.0.0.1:18000"
     miner_ops_listen: str = "127.0.0.1:18001"
     ledger_listen: str = "127.0.0.1:26657"
+    wallet_listen: str = "127.0.0.1:18002"
     block_time_ms: int = 1000
-    models: list[str] = field(default_factory=lambda: ["tiny-sd"])
+    models: list[str] = field(default_factory=lambda: ["tiny-sd", "tiny-llama"])
     log_to: object = sys.stdout
     children: list[Child] = field(default_factory=list)
     endpoints: dict[str, object] = field(default_factory=dict)
@@ -112,6 +113,8 @@ class Devnet:
             state["miner_ops"] = _resolve(self.miner_ops_listen)
         if "ledger" not in state or self.ledger_listen != "127.0.0.1:0":
             state["ledger"] = _resolve(self.ledger_listen)
+        if "wallet" not in state or self.wallet_listen != "127.0.0.1:0":
+            state["wallet"] = _resolve(self.wallet_listen)
         tmp = state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         os.chmod(tmp, 0o600)
@@ -144,6 +147,8 @@ class Devnet:
                   d / "logs" / "ledger.log"),
             Child("coordinator", [*cli, "coordinator", "--config", str(d / "coordinator.toml")], d / "logs" / "coordinator.log"),
             Child("miner", [*cli, "miner", "--config", str(d / "miner.toml")], d / "logs" / "miner.log"),
+            Child("wallet", [*cli, "wallet-daemon", "--listen", str(state["wallet"]), "--keystore-dir",
+                             str(d / "wallets"), "--ledger", str(state["ledger"])], d / "logs" / "wallet.log"),
         ]
         for child in self.children:
             child.start()
@@ -152,7 +157,9 @@ class Devnet:
             "coordinator": state["coordinator"],
             "miner_ops": state["miner_ops"],
             "ledger": state["ledger"],
+            "wallet": state["wallet"],
             "miner_address": state["miner_address"],
+            "miner_key_file": str(d / "keys" / "miner.key"),
             "api_key": state["api_key"],
             "client_id": CLIENT_ID,
             "chain_id": CHAIN_ID,

@@ -93,6 +93,37 @@ class CoordinatorClient:
         return self._stub.SubmitJob(req, metadata=self._md, timeout=self.timeout).job
 
     @_wrap
+    def submit_text(
+        self,
+        prompt: str,
+        *,
+        model: str,
+        max_new_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        request_id: str = "",
+        max_price_per_unit: int | None = None,
+    ) -> job_pb2.Job:
+        params = job_pb2.TextParams(prompt=prompt, max_new_tokens=max_new_tokens, top_k=top_k, stop=stop or [])
+        if temperature is not None:
+            params.temperature = temperature
+        if top_p is not None:
+            params.top_p = top_p
+        if seed is not None:
+            params.seed = seed
+        req = coordinator_pb2.SubmitJobRequest(model=model, params=job_pb2.JobParams(text=params), request_id=request_id)
+        if max_price_per_unit is not None:
+            req.max_price_per_unit = max_price_per_unit
+        return self._stub.SubmitJob(req, metadata=self._md, timeout=self.timeout).job
+
+    @_wrap
+    def list_models(self) -> list[Any]:
+        return list(self._stub.ListModels(coordinator_pb2.ListModelsRequest(), metadata=self._md, timeout=self.timeout).models)
+
+    @_wrap
     def get_job(self, job_id: str) -> job_pb2.Job:
         return self._stub.GetJob(coordinator_pb2.GetJobRequest(job_id=job_id), metadata=self._md, timeout=self.timeout).job
 
@@ -101,11 +132,11 @@ class CoordinatorClient:
         return self._stub.CancelJob(coordinator_pb2.CancelJobRequest(job_id=job_id, reason=reason),
                                     metadata=self._md, timeout=self.timeout).job
 
-    def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[job_pb2.Job | job_pb2.JobProgress]:
-        """Yield Job snapshots and JobProgress events until the job finishes."""
+    def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[job_pb2.Job | job_pb2.JobProgress | job_pb2.TextChunk]:
+        """Yield Job snapshots, JobProgress and TextChunk events until the job finishes."""
         try:
             for ev in self._stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), metadata=self._md, timeout=timeout):
-                yield ev.job if ev.WhichOneof("event") == "job" else ev.progress
+                yield getattr(ev, ev.WhichOneof("event"))
         except grpc.RpcError as exc:
             raise ClientError(exc.code().name, exc.details() or "") from None
 

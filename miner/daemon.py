@@ -19,19 +19,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+
+from aitbc import crypto, jobs, receipts
+from aitbc.config import MinerConfig, write_port_file
+from aitbc.coordinator import register_digest
 from aitbc.miner.backend import (
     NULL_MODEL,
     BackendError,
-    ImageBackend,
     ImageRequest,
     JobCancelled,
     load_image_backend,
     pick_device,
 )
-
-from aitbc import crypto, jobs, receipts
-from aitbc.config import MinerConfig, write_port_file
-from aitbc.coordinator import register_digest
 from aitbc.rpc import CHUNK_BYTES, RunningServer, Service, channel, handle_errors, start_server
 from aitbc.v1 import job_pb2, miner_pb2, miner_pb2_grpc
 from aitbc.wire import receipt_to_proto
@@ -50,11 +49,12 @@ class RunningJob:
 
 
 class MinerDaemon:
-    def __init__(self, config: MinerConfig, key: crypto.PrivateKey, backends: dict[str, ImageBackend]) -> None:
+    def __init__(self, config: MinerConfig, key: crypto.PrivateKey, backends: dict[str, Any]) -> None:
         self.config = config
         self.key = key
         self.backends = backends
         self.device = next(iter(backends.values())).device if backends else "cpu"
+        self.kinds = {m: jobs.TEXT if hasattr(b, "count_tokens") else jobs.IMAGE for m, b in backends.items()}
         self.running: dict[str, RunningJob] = {}
         self.connected = False
         self.completed = 0
@@ -71,9 +71,15 @@ class MinerDaemon:
 
             props = torch.cuda.get_device_properties(torch.device(self.device))
             name, vram = props.name, props.total_memory // (1024 * 1024)
+        specs = [
+            miner_pb2.ModelSpec(name=m, kind=self.kinds[m],
+                                context_length=b.context_length if self.kinds[m] == jobs.TEXT else 0)
+            for m, b in self.backends.items()
+        ]
         return miner_pb2.MinerInfo(
             gpu_name=name, vram_mb=vram, models=list(self.backends), price_per_unit=self.config.price_per_unit,
             max_concurrency=max(1, self.config.max_concurrency), device=self.device, version=VERSION,
+            model_specs=specs,
         )
 
     # ---- connection -------------------------------------------------------------------------
@@ -189,48 +195,40 @@ class MinerDaemon:
         try:
             async with self._slots:
                 backend = self.backends.get(job.model)
-                if backend is None:
+                if backend is None or self.kinds.get(job.model) != jobs.job_kind(job):
                     self._send(miner_pb2.WorkRequest(failed=miner_pb2.JobFailed(
-                        job_id=job_id, reason=f"model '{job.model}' is not loaded on this miner", permanent=False)))
+                        job_id=job_id, reason=f"model '{job.model}' is not loaded on this miner for this job kind")))
                     return
                 self._send(miner_pb2.WorkRequest(accepted=miner_pb2.JobAccepted(job_id=job_id)))
-                p = job.params.image
-                req = ImageRequest(prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps,
-                                   guidance_scale=p.guidance_scale, width=p.width, height=p.height,
-                                   images=p.images or 1, seed=p.seed)
-                loop = asyncio.get_running_loop()
-
-                def on_step(step: int, total: int) -> None:
-                    loop.call_soon_threadsafe(self._send, miner_pb2.WorkRequest(
-                        progress=job_pb2.JobProgress(job_id=job_id, step=step, total_steps=total)))
-
                 started = jobs.now_ms()
-                out = await asyncio.to_thread(backend.generate, req, on_step, rj.cancel)
-                finished = max(jobs.now_ms(), started + out.gpu_ms)
+                if jobs.job_kind(job) == jobs.TEXT:
+                    outputs, units, unit_type, extra = await self._generate_text(rj, backend)
+                else:
+                    outputs, units, unit_type, extra = await self._generate_image(rj, backend)
+                finished = max(jobs.now_ms(), started + (units if unit_type == "gpu_ms" else 0))
                 if rj.cancel.is_set():
                     return
                 digests = []
                 artifacts = []
-                for i, png in enumerate(out.pngs):
-                    for off in range(0, len(png), CHUNK_BYTES):
+                for i, (data, art) in enumerate(outputs):
+                    for off in range(0, len(data), CHUNK_BYTES):
                         self._send(miner_pb2.WorkRequest(chunk=miner_pb2.ArtifactChunk(
-                            job_id=job_id, index=i, data=png[off:off + CHUNK_BYTES])))
-                    d = crypto.sha256(png)
-                    digests.append(d)
-                    artifacts.append(job_pb2.Artifact(sha256=d.hex(), size=len(png), content_type="image/png",
-                                                      width=out.width, height=out.height))
+                            job_id=job_id, index=i, data=data[off:off + CHUNK_BYTES])))
+                    digests.append(crypto.sha256(data))
+                    art.sha256, art.size = digests[-1].hex(), len(data)
+                    artifacts.append(art)
                 body = receipts.ReceiptBody(
-                    job_id=job_id, provider=self.key.address, client=job.client_id, units=max(1, out.gpu_ms),
-                    unit_type="gpu_ms", price_per_unit=job.price_per_unit, model=job.model,
-                    prompt_hash=jobs.prompt_hash(p.prompt), started_at=started, finished_at=finished,
+                    job_id=job_id, provider=self.key.address, client=job.client_id, units=units,
+                    unit_type=unit_type, price_per_unit=job.price_per_unit, model=job.model,
+                    prompt_hash=jobs.prompt_hash(jobs.job_prompt(job)), started_at=started, finished_at=finished,
                     artifact_sha256=receipts.manifest_sha256(digests), nonce=secrets.token_hex(16),
                     hub_id=assignment.hub_id, chain_id=assignment.chain_id,
                 )
                 signed = receipts.sign_receipt(body, self.key)
                 self._send(miner_pb2.WorkRequest(result=miner_pb2.JobResult(
-                    job_id=job_id, artifacts=artifacts, receipt=receipt_to_proto(signed))))
+                    job_id=job_id, artifacts=artifacts, receipt=receipt_to_proto(signed), **extra)))
                 self.completed += 1
-                log.info("job %s done: %d image(s), %d gpu_ms", job_id, len(out.pngs), out.gpu_ms)
+                log.info("job %s done: %d output(s), %d %s", job_id, len(outputs), units, unit_type)
         except JobCancelled:
             log.info("job %s stopped (cancelled)", job_id)
         except BackendError as exc:
@@ -243,6 +241,46 @@ class MinerDaemon:
                 job_id=job_id, reason=f"{exc.__class__.__name__}: {exc}"[:500], permanent=False)))
         finally:
             self.running.pop(job_id, None)
+
+    async def _generate_image(self, rj: RunningJob, backend: Any) -> tuple[list[tuple[bytes, job_pb2.Artifact]], int, str, dict[str, Any]]:
+        job_id, p = rj.job.job_id, rj.job.params.image
+        req = ImageRequest(prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps,
+                           guidance_scale=p.guidance_scale, width=p.width, height=p.height,
+                           images=p.images or 1, seed=p.seed)
+        loop = asyncio.get_running_loop()
+
+        def on_step(step: int, total: int) -> None:
+            loop.call_soon_threadsafe(self._send, miner_pb2.WorkRequest(
+                progress=job_pb2.JobProgress(job_id=job_id, step=step, total_steps=total)))
+
+        out = await asyncio.to_thread(backend.generate, req, on_step, rj.cancel)
+        arts = [(png, job_pb2.Artifact(content_type="image/png", width=out.width, height=out.height)) for png in out.pngs]
+        return arts, max(1, out.gpu_ms), "gpu_ms", {}
+
+    async def _generate_text(self, rj: RunningJob, backend: Any) -> tuple[list[tuple[bytes, job_pb2.Artifact]], int, str, dict[str, Any]]:
+        from aitbc.miner.text import TextRequest
+
+        job_id, p = rj.job.job_id, rj.job.params.text
+        req = TextRequest(prompt=p.prompt, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                          top_p=p.top_p, top_k=p.top_k, seed=p.seed, stop=tuple(p.stop))
+        loop = asyncio.get_running_loop()
+        offset = 0
+
+        def send_text(delta: str) -> None:
+            nonlocal offset
+            self._send(miner_pb2.WorkRequest(text=job_pb2.TextChunk(job_id=job_id, offset=offset, text=delta)))
+            offset += len(delta)
+
+        def on_text(delta: str) -> None:
+            if delta:
+                loop.call_soon_threadsafe(send_text, delta)
+
+        out = await asyncio.to_thread(backend.generate, req, on_text, rj.cancel)
+        await asyncio.sleep(0)  # let the queued deltas go out before the result
+        extra = {"prompt_tokens": out.prompt_tokens, "generated_tokens": out.generated_tokens,
+                 "finish_reason": out.finish_reason}
+        art = job_pb2.Artifact(content_type="text/plain; charset=utf-8")
+        return [(out.text.encode("utf-8"), art)], out.prompt_tokens + out.generated_tokens, "tokens", extra
 
 
 class MinerOpsServicer(miner_pb2_grpc.MinerServiceServicer):
@@ -288,12 +326,17 @@ def configure_cpu_threads(device: str, cpu_threads: int) -> int:
 
 def build_daemon(config: MinerConfig) -> MinerDaemon:
     key = crypto.load_or_create_key(config.key_file)
-    if all(m == NULL_MODEL for m in config.models):
+    from aitbc.miner.text import NULL_TEXT_MODEL, is_text_model, load_text_backend
+
+    no_inference = {NULL_MODEL, NULL_TEXT_MODEL}
+    if all(m in no_inference for m in config.models):
         device = "cpu"  # no inference: do not pay for importing torch
     else:
         device = pick_device(config.gpu_devices[0] if config.gpu_devices else None)
-    backends = {m: load_image_backend(m, device) for m in config.models}
-    if any(m != NULL_MODEL for m in config.models):
+    backends: dict[str, Any] = {
+        m: load_text_backend(m, device) if is_text_model(m) else load_image_backend(m, device) for m in config.models
+    }
+    if any(m not in no_inference for m in config.models):
         configure_cpu_threads(device, config.cpu_threads)
     return MinerDaemon(config, key, backends)
 

@@ -72,6 +72,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         async for event in self.core.watch(self._client(context), request.job_id):
             if isinstance(event, job_pb2.Job):
                 yield coordinator_pb2.WatchJobResponse(job=event)
+            elif isinstance(event, job_pb2.TextChunk):
+                yield coordinator_pb2.WatchJobResponse(text=event)
             else:
                 yield coordinator_pb2.WatchJobResponse(progress=event)
 
@@ -97,6 +99,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             raise InvalidArgument("set receipt_hash or job_id")
         rec = self.core.receipt(client, **{which: getattr(request, which)})
         return coordinator_pb2.GetReceiptResponse(receipt=rec)
+
+    @handle_errors
+    async def ListModels(self, request: coordinator_pb2.ListModelsRequest, context: Any) -> coordinator_pb2.ListModelsResponse:
+        self._client(context)
+        return coordinator_pb2.ListModelsResponse(models=self.core.list_models())
 
     @handle_errors
     async def GenerateImage(self, request: coordinator_pb2.GenerateImageRequest, context: Any) -> coordinator_pb2.GenerateImageResponse:

@@ -26,7 +26,7 @@ from aitbc.v1 import job_pb2 as aitbc_dot_v1_dot_job__pb2
 from aitbc.v1 import receipt_pb2 as aitbc_dot_v1_dot_receipt__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61itbc/v1/coordinator.proto\x12\x08\x61itbc.v1\x1a\x12\x61itbc/v1/job.proto\x1a\x16\x61itbc/v1/receipt.proto\"\x92\x01\n\x10SubmitJobRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06params\x18\x02 \x01(\x0b\x32\x13.aitbc.v1.JobParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1f\n\x12max_price_per_unit\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x15\n\x13_max_price_per_unit\"/\n\x11SubmitJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.aitbc.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\",\n\x0eGetJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.aitbc.v1.Job\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"/\n\x11\x43\x61ncelJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.aitbc.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"d\n\x10WatchJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\r.aitbc.v1.JobH\x00\x12)\n\x08progress\x18\x02 \x01(\x0b\x32\x15.aitbc.v1.JobProgressH\x00\x42\x07\n\x05\x65vent\"4\n\x13GetJobResultRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\"Z\n\x14GetJobResultResponse\x12$\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x12.aitbc.v1.Artifact\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"L\n\x13ListReceiptsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"T\n\x14ListReceiptsResponse\x12#\n\x08receipts\x18\x01 \x03(\x0b\x32\x11.aitbc.v1.Receipt\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"D\n\x11GetReceiptRequest\x12\x16\n\x0creceipt_hash\x18\x01 \x01(\tH\x00\x12\x10\n\x06job_id\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"8\n\x12GetReceiptResponse\x12\"\n\x07receipt\x18\x01 \x01(\x0b\x32\x11.aitbc.v1.Receipt\"\xb1\x01\n\x14GenerateImageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06params\x18\x02 \x01(\x0b\x32\x15.aitbc.v1.ImageParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1f\n\x12max_price_per_unit\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\rB\x15\n\x13_max_price_per_unit\"f\n\x15GenerateImageResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.aitbc.v1.Job\x12\"\n\x07receipt\x18\x02 \x01(\x0b\x32\x11.aitbc.v1.Receipt\x12\r\n\x05image\x18\x03 \x01(\x0c\x32\xdd\x04\n\x12\x43oordinatorService\x12\x44\n\tSubmitJob\x12\x1a.aitbc.v1.SubmitJobRequest\x1a\x1b.aitbc.v1.SubmitJobResponse\x12;\n\x06GetJob\x12\x17.aitbc.v1.GetJobRequest\x1a\x18.aitbc.v1.GetJobResponse\x12\x44\n\tCancelJob\x12\x1a.aitbc.v1.CancelJobRequest\x1a\x1b.aitbc.v1.CancelJobResponse\x12\x43\n\x08WatchJob\x12\x19.aitbc.v1.WatchJobRequest\x1a\x1a.aitbc.v1.WatchJobResponse0\x01\x12O\n\x0cGetJobResult\x12\x1d.aitbc.v1.GetJobResultRequest\x1a\x1e.aitbc.v1.GetJobResultResponse0\x01\x12M\n\x0cListReceipts\x12\x1d.aitbc.v1.ListReceiptsRequest\x1a\x1e.aitbc.v1.ListReceiptsResponse\x12G\n\nGetReceipt\x12\x1b.aitbc.v1.GetReceiptRequest\x1a\x1c.aitbc.v1.GetReceiptResponse\x12P\n\rGenerateImage\x12\x1e.aitbc.v1.GenerateImageRequest\x1a\x1f.aitbc.v1.GenerateImageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61itbc/v1/coordinator.proto\x12\x08\x61itbc.v1\x1a\x12\x61itbc/v1/job.proto\x1a\x16\x61itbc/v1/receipt.proto\"\x92\x01\n\x10SubmitJobRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06params\x18\x02 \x01(\x0b\x32\x13.aitbc.v1.JobParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1f\n\x12max_price_per_unit\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x15\n\x13_max_price_per_unit\"/\n\x11SubmitJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.aitbc.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\",\n\x0eGetJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.aitbc.v1.Job\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"/\n\x11\x43\x61ncelJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.aitbc.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x89\x01\n\x10WatchJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\r.aitbc.v1.JobH\x00\x12)\n\x08progress\x18\x02 \x01(\x0b\x32\x15.aitbc.v1.JobProgressH\x00\x12#\n\x04text\x18\x03 \x01(\x0b\x32\x13.aitbc.v1.TextChunkH\x00\x42\x07\n\x05\x65vent\"4\n\x13GetJobResultRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\"Z\n\x14GetJobResultResponse\x12$\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x12.aitbc.v1.Artifact\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"L\n\x13ListReceiptsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"T\n\x14ListReceiptsResponse\x12#\n\x08receipts\x18\x01 \x03(\x0b\x32\x11.aitbc.v1.Receipt\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"D\n\x11GetReceiptRequest\x12\x16\n\x0creceipt_hash\x18\x01 \x01(\tH\x00\x12\x10\n\x06job_id\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"8\n\x12GetReceiptResponse\x12\"\n\x07receipt\x18\x01 \x01(\x0b\x32\x11.aitbc.v1.Receipt\"\xb1\x01\n\x14GenerateImageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06params\x18\x02 \x01(\x0b\x32\x15.aitbc.v1.ImageParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1f\n\x12max_price_per_unit\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\rB\x15\n\x13_max_price_per_unit\"f\n\x15GenerateImageResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.aitbc.v1.Job\x12\"\n\x07receipt\x18\x02 \x01(\x0b\x32\x11.aitbc.v1.Receipt\x12\r\n\x05image\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\"\x82\x01\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.aitbc.v1.ModelKind\x12\x0e\n\x06miners\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x1a\n\x12min_price_per_unit\x18\x05 \x01(\x04\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.aitbc.v1.ServedModel2\xa6\x05\n\x12\x43oordinatorService\x12\x44\n\tSubmitJob\x12\x1a.aitbc.v1.SubmitJobRequest\x1a\x1b.aitbc.v1.SubmitJobResponse\x12;\n\x06GetJob\x12\x17.aitbc.v1.GetJobRequest\x1a\x18.aitbc.v1.GetJobResponse\x12\x44\n\tCancelJob\x12\x1a.aitbc.v1.CancelJobRequest\x1a\x1b.aitbc.v1.CancelJobResponse\x12\x43\n\x08WatchJob\x12\x19.aitbc.v1.WatchJobRequest\x1a\x1a.aitbc.v1.WatchJobResponse0\x01\x12O\n\x0cGetJobResult\x12\x1d.aitbc.v1.GetJobResultRequest\x1a\x1e.aitbc.v1.GetJobResultResponse0\x01\x12M\n\x0cListReceipts\x12\x1d.aitbc.v1.ListReceiptsRequest\x1a\x1e.aitbc.v1.ListReceiptsResponse\x12G\n\nGetReceipt\x12\x1b.aitbc.v1.GetReceiptRequest\x1a\x1c.aitbc.v1.GetReceiptResponse\x12P\n\rGenerateImage\x12\x1e.aitbc.v1.GenerateImageRequest\x1a\x1f.aitbc.v1.GenerateImageResponse\x12G\n\nListModels\x12\x1b.aitbc.v1.ListModelsRequest\x1a\x1c.aitbc.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,24 +47,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELJOBRESPONSE']._serialized_end=460
   _globals['_WATCHJOBREQUEST']._serialized_start=462
   _globals['_WATCHJOBREQUEST']._serialized_end=495
-  _globals['_WATCHJOBRESPONSE']._serialized_start=497
-  _globals['_WATCHJOBRESPONSE']._serialized_end=597
-  _globals['_GETJOBRESULTREQUEST']._serialized_start=599
-  _globals['_GETJOBRESULTREQUEST']._serialized_end=651
-  _globals['_GETJOBRESULTRESPONSE']._serialized_start=653
-  _globals['_GETJOBRESULTRESPONSE']._serialized_end=743
-  _globals['_LISTRECEIPTSREQUEST']._serialized_start=745
-  _globals['_LISTRECEIPTSREQUEST']._serialized_end=821
-  _globals['_LISTRECEIPTSRESPONSE']._serialized_start=823
-  _globals['_LISTRECEIPTSRESPONSE']._serialized_end=907
-  _globals['_GETRECEIPTREQUEST']._serialized_start=909
-  _globals['_GETRECEIPTREQUEST']._serialized_end=977
-  _globals['_GETRECEIPTRESPONSE']._serialized_start=979
-  _globals['_GETRECEIPTRESPONSE']._serialized_end=1035
-  _globals['_GENERATEIMAGEREQUEST']._serialized_start=1038
-  _globals['_GENERATEIMAGEREQUEST']._serialized_end=1215
-  _globals['_GENERATEIMAGERESPONSE']._serialized_start=1217
-  _globals['_GENERATEIMAGERESPONSE']._serialized_end=1319
-  _globals['_COORDINATORSERVICE']._serialized_start=1322
-  _globals['_COORDINATORSERVICE']._serialized_end=1927
+  _globals['_WATCHJOBRESPONSE']._serialized_start=498
+  _globals['_WATCHJOBRESPONSE']._serialized_end=635
+  _globals['_GETJOBRESULTREQUEST']._serialized_start=637
+  _globals['_GETJOBRESULTREQUEST']._serialized_end=689
+  _globals['_GETJOBRESULTRESPONSE']._serialized_start=691
+  _globals['_GETJOBRESULTRESPONSE']._serialized_end=781
+  _globals['_LISTRECEIPTSREQUEST']._serialized_start=783
+  _globals['_LISTRECEIPTSREQUEST']._serialized_end=859
+  _globals['_LISTRECEIPTSRESPONSE']._serialized_start=861
+  _globals['_LISTRECEIPTSRESPONSE']._serialized_end=945
+  _globals['_GETRECEIPTREQUEST']._serialized_start=947
+  _globals['_GETRECEIPTREQUEST']._serialized_end=1015
+  _globals['_GETRECEIPTRESPONSE']._serialized_start=1017
+  _globals['_GETRECEIPTRESPONSE']._serialized_end=1073
+  _globals['_GENERATEIMAGEREQUEST']._serialized_start=1076
+  _globals['_GENERATEIMAGEREQUEST']._serialized_end=1253
+  _globals['_GENERATEIMAGERESPONSE']._serialized_start=1255
+  _globals['_GENERATEIMAGERESPONSE']._serialized_end=1357
+  _globals['_LISTMODELSREQUEST']._serialized_start=1359
+  _globals['_LISTMODELSREQUEST']._serialized_end=1378
+  _globals['_SERVEDMODEL']._serialized_start=1381
+  _globals['_SERVEDMODEL']._serialized_end=1511
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1513
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1572
+  _globals['_COORDINATORSERVICE']._serialized_start=1575
+  _globals['_COORDINATORSERVICE']._serialized_end=2253
 # @@protoc_insertion_point(module_scope)

@@ -76,6 +76,11 @@ class CoordinatorServiceStub:
                 request_serializer=aitbc_dot_v1_dot_coordinator__pb2.GenerateImageRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_coordinator__pb2.GenerateImageResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/aitbc.v1.CoordinatorService/ListModels',
+                request_serializer=aitbc_dot_v1_dot_coordinator__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=aitbc_dot_v1_dot_coordinator__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -139,6 +144,13 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """ListModels lists the models connected miners serve, with their kind and limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +193,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.GenerateImage,
                     request_deserializer=aitbc_dot_v1_dot_coordinator__pb2.GenerateImageRequest.FromString,
                     response_serializer=aitbc_dot_v1_dot_coordinator__pb2.GenerateImageResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=aitbc_dot_v1_dot_coordinator__pb2.ListModelsRequest.FromString,
+                    response_serializer=aitbc_dot_v1_dot_coordinator__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -401,6 +418,33 @@ class CoordinatorService:
             '/aitbc.v1.CoordinatorService/GenerateImage',
             aitbc_dot_v1_dot_coordinator__pb2.GenerateImageRequest.SerializeToString,
             aitbc_dot_v1_dot_coordinator__pb2.GenerateImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aitbc.v1.CoordinatorService/ListModels',
+            aitbc_dot_v1_dot_coordinator__pb2.ListModelsRequest.SerializeToString,
+            aitbc_dot_v1_dot_coordinator__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,8 @@ class CoordinatorServiceStub:
     """GetReceipt returns one receipt by hash or job id."""
     GenerateImage: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GenerateImageRequest, _coordinator_pb2.GenerateImageResponse]
     """GenerateImage submits an image job and waits for it (convenience)."""
+    ListModels: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListModelsRequest, _coordinator_pb2.ListModelsResponse]
+    """ListModels lists the models connected miners serve, with their kind and limits."""
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -75,6 +77,8 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """GetReceipt returns one receipt by hash or job id."""
     GenerateImage: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GenerateImageRequest, _coordinator_pb2.GenerateImageResponse]  # type: ignore[assignment]
     """GenerateImage submits an image job and waits for it (convenience)."""
+    ListModels: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListModelsRequest, _coordinator_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """ListModels lists the models connected miners serve, with their kind and limits."""
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """CoordinatorService is the client-facing job API. Every call needs an API key in the
@@ -144,5 +148,13 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.GenerateImageResponse, _abc.Awaitable[_coordinator_pb2.GenerateImageResponse]]:
         """GenerateImage submits an image job and waits for it (convenience)."""
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _coordinator_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListModelsResponse, _abc.Awaitable[_coordinator_pb2.ListModelsResponse]]:
+        """ListModels lists the models connected miners serve, with their kind and limits."""
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

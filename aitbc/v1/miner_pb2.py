@@ -26,49 +26,51 @@ from aitbc.v1 import job_pb2 as aitbc_dot_v1_dot_job__pb2
 from aitbc.v1 import receipt_pb2 as aitbc_dot_v1_dot_receipt__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61itbc/v1/miner.proto\x12\x08\x61itbc.v1\x1a\x12\x61itbc/v1/job.proto\x1a\x16\x61itbc/v1/receipt.proto\"\x90\x01\n\tMinerInfo\x12\x10\n\x08gpu_name\x18\x01 \x01(\t\x12\x0f\n\x07vram_mb\x18\x02 \x01(\x04\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x16\n\x0eprice_per_unit\x18\x04 \x01(\x04\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\"\x15\n\x13GetChallengeRequest\"W\n\x14GetChallengeResponse\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x02 \x01(\x03\x12\x10\n\x08\x63hain_id\x18\x03 \x01(\t\"n\n\x0fRegisterRequest\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tchallenge\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12!\n\x04info\x18\x04 \x01(\x0b\x32\x13.aitbc.v1.MinerInfo\"\x8a\x01\n\x10RegisterResponse\x12\x10\n\x08miner_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x1c\n\x14heartbeat_timeout_ms\x18\x04 \x01(\r\x12\x10\n\x08\x63hain_id\x18\x05 \x01(\t\"7\n\tHeartbeat\x12\x14\n\x0crunning_jobs\x18\x01 \x01(\r\x12\x14\n\x0cvram_used_mb\x18\x02 \x01(\x04\"\x1d\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\rArtifactChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"f\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\tartifacts\x18\x02 \x03(\x0b\x32\x12.aitbc.v1.Artifact\x12\"\n\x07receipt\x18\x03 \x01(\x0b\x32\x11.aitbc.v1.Receipt\">\n\tJobFailed\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tpermanent\x18\x03 \x01(\x08\"\x8c\x02\n\x0bWorkRequest\x12(\n\theartbeat\x18\x01 \x01(\x0b\x32\x13.aitbc.v1.HeartbeatH\x00\x12)\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x15.aitbc.v1.JobAcceptedH\x00\x12)\n\x08progress\x18\x03 \x01(\x0b\x32\x15.aitbc.v1.JobProgressH\x00\x12(\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x17.aitbc.v1.ArtifactChunkH\x00\x12%\n\x06result\x18\x05 \x01(\x0b\x32\x13.aitbc.v1.JobResultH\x00\x12%\n\x06\x66\x61iled\x18\x06 \x01(\x0b\x32\x13.aitbc.v1.JobFailedH\x00\x42\x05\n\x03msg\"J\n\nAssignment\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.aitbc.v1.Job\x12\x10\n\x08\x63hain_id\x18\x02 \x01(\t\x12\x0e\n\x06hub_id\x18\x03 \x01(\t\"2\n\x10\x43\x61ncelAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\".\n\x0cWorkRejected\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x0eResultAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0creceipt_hash\x18\x02 \x01(\t\"\xc9\x01\n\x0cWorkResponse\x12*\n\nassignment\x18\x01 \x01(\x0b\x32\x14.aitbc.v1.AssignmentH\x00\x12,\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1a.aitbc.v1.CancelAssignmentH\x00\x12*\n\x08rejected\x18\x03 \x01(\x0b\x32\x16.aitbc.v1.WorkRejectedH\x00\x12,\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x0b\x32\x18.aitbc.v1.ResultAcceptedH\x00\x42\x05\n\x03msg\"\x10\n\x0eGetInfoRequest\"\xb1\x01\n\x0fGetInfoResponse\x12\x10\n\x08miner_id\x18\x01 \x01(\t\x12!\n\x04info\x18\x02 \x01(\x0b\x32\x13.aitbc.v1.MinerInfo\x12\x13\n\x0b\x63oordinator\x18\x03 \x01(\t\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x14\n\x0crunning_jobs\x18\x05 \x01(\r\x12\x16\n\x0ejobs_completed\x18\x06 \x01(\x04\x12\x13\n\x0bjobs_failed\x18\x07 \x01(\x04\x32\x9b\x02\n\x0cMinerService\x12M\n\x0cGetChallenge\x12\x1d.aitbc.v1.GetChallengeRequest\x1a\x1e.aitbc.v1.GetChallengeResponse\x12\x41\n\x08Register\x12\x19.aitbc.v1.RegisterRequest\x1a\x1a.aitbc.v1.RegisterResponse\x12\x39\n\x04Work\x12\x15.aitbc.v1.WorkRequest\x1a\x16.aitbc.v1.WorkResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x18.aitbc.v1.GetInfoRequest\x1a\x19.aitbc.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61itbc/v1/miner.proto\x12\x08\x61itbc.v1\x1a\x12\x61itbc/v1/job.proto\x1a\x16\x61itbc/v1/receipt.proto\"T\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.aitbc.v1.ModelKind\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\"\xba\x01\n\tMinerInfo\x12\x10\n\x08gpu_name\x18\x01 \x01(\t\x12\x0f\n\x07vram_mb\x18\x02 \x01(\x04\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x16\n\x0eprice_per_unit\x18\x04 \x01(\x04\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12(\n\x0bmodel_specs\x18\x08 \x03(\x0b\x32\x13.aitbc.v1.ModelSpec\"\x15\n\x13GetChallengeRequest\"W\n\x14GetChallengeResponse\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x02 \x01(\x03\x12\x10\n\x08\x63hain_id\x18\x03 \x01(\t\"n\n\x0fRegisterRequest\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tchallenge\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12!\n\x04info\x18\x04 \x01(\x0b\x32\x13.aitbc.v1.MinerInfo\"\x8a\x01\n\x10RegisterResponse\x12\x10\n\x08miner_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x1c\n\x14heartbeat_timeout_ms\x18\x04 \x01(\r\x12\x10\n\x08\x63hain_id\x18\x05 \x01(\t\"7\n\tHeartbeat\x12\x14\n\x0crunning_jobs\x18\x01 \x01(\r\x12\x14\n\x0cvram_used_mb\x18\x02 \x01(\x04\"\x1d\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\rArtifactChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xae\x01\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\tartifacts\x18\x02 \x03(\x0b\x32\x12.aitbc.v1.Artifact\x12\"\n\x07receipt\x18\x03 \x01(\x0b\x32\x11.aitbc.v1.Receipt\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\">\n\tJobFailed\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tpermanent\x18\x03 \x01(\x08\"\xb1\x02\n\x0bWorkRequest\x12(\n\theartbeat\x18\x01 \x01(\x0b\x32\x13.aitbc.v1.HeartbeatH\x00\x12)\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x15.aitbc.v1.JobAcceptedH\x00\x12)\n\x08progress\x18\x03 \x01(\x0b\x32\x15.aitbc.v1.JobProgressH\x00\x12(\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x17.aitbc.v1.ArtifactChunkH\x00\x12%\n\x06result\x18\x05 \x01(\x0b\x32\x13.aitbc.v1.JobResultH\x00\x12%\n\x06\x66\x61iled\x18\x06 \x01(\x0b\x32\x13.aitbc.v1.JobFailedH\x00\x12#\n\x04text\x18\x07 \x01(\x0b\x32\x13.aitbc.v1.TextChunkH\x00\x42\x05\n\x03msg\"J\n\nAssignment\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.aitbc.v1.Job\x12\x10\n\x08\x63hain_id\x18\x02 \x01(\t\x12\x0e\n\x06hub_id\x18\x03 \x01(\t\"2\n\x10\x43\x61ncelAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\".\n\x0cWorkRejected\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x0eResultAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0creceipt_hash\x18\x02 \x01(\t\"\xc9\x01\n\x0cWorkResponse\x12*\n\nassignment\x18\x01 \x01(\x0b\x32\x14.aitbc.v1.AssignmentH\x00\x12,\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1a.aitbc.v1.CancelAssignmentH\x00\x12*\n\x08rejected\x18\x03 \x01(\x0b\x32\x16.aitbc.v1.WorkRejectedH\x00\x12,\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x0b\x32\x18.aitbc.v1.ResultAcceptedH\x00\x42\x05\n\x03msg\"\x10\n\x0eGetInfoRequest\"\xb1\x01\n\x0fGetInfoResponse\x12\x10\n\x08miner_id\x18\x01 \x01(\t\x12!\n\x04info\x18\x02 \x01(\x0b\x32\x13.aitbc.v1.MinerInfo\x12\x13\n\x0b\x63oordinator\x18\x03 \x01(\t\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x14\n\x0crunning_jobs\x18\x05 \x01(\r\x12\x16\n\x0ejobs_completed\x18\x06 \x01(\x04\x12\x13\n\x0bjobs_failed\x18\x07 \x01(\x04\x32\x9b\x02\n\x0cMinerService\x12M\n\x0cGetChallenge\x12\x1d.aitbc.v1.GetChallengeRequest\x1a\x1e.aitbc.v1.GetChallengeResponse\x12\x41\n\x08Register\x12\x19.aitbc.v1.RegisterRequest\x1a\x1a.aitbc.v1.RegisterResponse\x12\x39\n\x04Work\x12\x15.aitbc.v1.WorkRequest\x1a\x16.aitbc.v1.WorkResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x18.aitbc.v1.GetInfoRequest\x1a\x19.aitbc.v1.GetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aitbc.v1.miner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MINERINFO']._serialized_start=79
-  _globals['_MINERINFO']._serialized_end=223
-  _globals['_GETCHALLENGEREQUEST']._serialized_start=225
-  _globals['_GETCHALLENGEREQUEST']._serialized_end=246
-  _globals['_GETCHALLENGERESPONSE']._serialized_start=248
-  _globals['_GETCHALLENGERESPONSE']._serialized_end=335
-  _globals['_REGISTERREQUEST']._serialized_start=337
-  _globals['_REGISTERREQUEST']._serialized_end=447
-  _globals['_REGISTERRESPONSE']._serialized_start=450
-  _globals['_REGISTERRESPONSE']._serialized_end=588
-  _globals['_HEARTBEAT']._serialized_start=590
-  _globals['_HEARTBEAT']._serialized_end=645
-  _globals['_JOBACCEPTED']._serialized_start=647
-  _globals['_JOBACCEPTED']._serialized_end=676
-  _globals['_ARTIFACTCHUNK']._serialized_start=678
-  _globals['_ARTIFACTCHUNK']._serialized_end=738
-  _globals['_JOBRESULT']._serialized_start=740
-  _globals['_JOBRESULT']._serialized_end=842
-  _globals['_JOBFAILED']._serialized_start=844
-  _globals['_JOBFAILED']._serialized_end=906
-  _globals['_WORKREQUEST']._serialized_start=909
-  _globals['_WORKREQUEST']._serialized_end=1177
-  _globals['_ASSIGNMENT']._serialized_start=1179
-  _globals['_ASSIGNMENT']._serialized_end=1253
-  _globals['_CANCELASSIGNMENT']._serialized_start=1255
-  _globals['_CANCELASSIGNMENT']._serialized_end=1305
-  _globals['_WORKREJECTED']._serialized_start=1307
-  _globals['_WORKREJECTED']._serialized_end=1353
-  _globals['_RESULTACCEPTED']._serialized_start=1355
-  _globals['_RESULTACCEPTED']._serialized_end=1409
-  _globals['_WORKRESPONSE']._serialized_start=1412
-  _globals['_WORKRESPONSE']._serialized_end=1613
-  _globals['_GETINFOREQUEST']._serialized_start=1615
-  _globals['_GETINFOREQUEST']._serialized_end=1631
-  _globals['_GETINFORESPONSE']._serialized_start=1634
-  _globals['_GETINFORESPONSE']._serialized_end=1811
-  _globals['_MINERSERVICE']._serialized_start=1814
-  _globals['_MINERSERVICE']._serialized_end=2097
+  _globals['_MODELSPEC']._serialized_start=78
+  _globals['_MODELSPEC']._serialized_end=162
+  _globals['_MINERINFO']._serialized_start=165
+  _globals['_MINERINFO']._serialized_end=351
+  _globals['_GETCHALLENGEREQUEST']._serialized_start=353
+  _globals['_GETCHALLENGEREQUEST']._serialized_end=374
+  _globals['_GETCHALLENGERESPONSE']._serialized_start=376
+  _globals['_GETCHALLENGERESPONSE']._serialized_end=463
+  _globals['_REGISTERREQUEST']._serialized_start=465
+  _globals['_REGISTERREQUEST']._serialized_end=575
+  _globals['_REGISTERRESPONSE']._serialized_start=578
+  _globals['_REGISTERRESPONSE']._serialized_end=716
+  _globals['_HEARTBEAT']._serialized_start=718
+  _globals['_HEARTBEAT']._serialized_end=773
+  _globals['_JOBACCEPTED']._serialized_start=775
+  _globals['_JOBACCEPTED']._serialized_end=804
+  _globals['_ARTIFACTCHUNK']._serialized_start=806
+  _globals['_ARTIFACTCHUNK']._serialized_end=866
+  _globals['_JOBRESULT']._serialized_start=869
+  _globals['_JOBRESULT']._serialized_end=1043
+  _globals['_JOBFAILED']._serialized_start=1045
+  _globals['_JOBFAILED']._serialized_end=1107
+  _globals['_WORKREQUEST']._serialized_start=1110
+  _globals['_WORKREQUEST']._serialized_end=1415
+  _globals['_ASSIGNMENT']._serialized_start=1417
+  _globals['_ASSIGNMENT']._serialized_end=1491
+  _globals['_CANCELASSIGNMENT']._serialized_start=1493
+  _globals['_CANCELASSIGNMENT']._serialized_end=1543
+  _globals['_WORKREJECTED']._serialized_start=1545
+  _globals['_WORKREJECTED']._serialized_end=1591
+  _globals['_RESULTACCEPTED']._serialized_start=1593
+  _globals['_RESULTACCEPTED']._serialized_end=1647
+  _globals['_WORKRESPONSE']._serialized_start=1650
+  _globals['_WORKRESPONSE']._serialized_end=1851
+  _globals['_GETINFOREQUEST']._serialized_start=1853
+  _globals['_GETINFOREQUEST']._serialized_end=1869
+  _globals['_GETINFORESPONSE']._serialized_start=1872
+  _globals['_GETINFORESPONSE']._serialized_end=2049
+  _globals['_MINERSERVICE']._serialized_start=2052
+  _globals['_MINERSERVICE']._serialized_end=2335
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,34 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ModelSpec(_message.Message):
+    """ModelSpec declares one served model's kind and limits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    kind: _job_pb2.ModelKind.ValueType
+    context_length: _builtins.int
+    """Text models: context length in tokens."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _job_pb2.ModelKind.ValueType = ...,
+        context_length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "kind", b"kind", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelSpec: _TypeAlias = ModelSpec  # noqa: Y015
+
+@_typing.final
 class MinerInfo(_message.Message):
     """MinerInfo is what a miner declares about itself."""
 
@@ -33,6 +61,7 @@ class MinerInfo(_message.Message):
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_SPECS_FIELD_NUMBER: _builtins.int
     gpu_name: _builtins.str
     vram_mb: _builtins.int
     price_per_unit: _builtins.int
@@ -43,6 +72,10 @@ class MinerInfo(_message.Message):
     version: _builtins.str
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def model_specs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelSpec]:
+        """Kind and limits of each model in `models`; a model without a spec is an image model."""
+
     def __init__(
         self,
         *,
@@ -53,10 +86,11 @@ class MinerInfo(_message.Message):
         max_concurrency: _builtins.int = ...,
         device: _builtins.str = ...,
         version: _builtins.str = ...,
+        model_specs: _abc.Iterable[Global___ModelSpec] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "gpu_name", b"gpu_name", "max_concurrency", b"max_concurrency", "models", b"models", "price_per_unit", b"price_per_unit", "version", b"version", "vram_mb", b"vram_mb"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "gpu_name", b"gpu_name", "max_concurrency", b"max_concurrency", "model_specs", b"model_specs", "models", b"models", "price_per_unit", b"price_per_unit", "version", b"version", "vram_mb", b"vram_mb"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -244,7 +278,14 @@ class JobResult(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     ARTIFACTS_FIELD_NUMBER: _builtins.int
     RECEIPT_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    GENERATED_TOKENS_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    prompt_tokens: _builtins.int
+    """Text jobs: token counts (receipt units = prompt + generated) and why generation ended."""
+    generated_tokens: _builtins.int
+    finish_reason: _builtins.str
     @_builtins.property
     def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.Artifact]: ...
     @_builtins.property
@@ -255,10 +296,13 @@ class JobResult(_message.Message):
         job_id: _builtins.str = ...,
         artifacts: _abc.Iterable[_job_pb2.Artifact] | None = ...,
         receipt: _receipt_pb2.Receipt | None = ...,
+        prompt_tokens: _builtins.int = ...,
+        generated_tokens: _builtins.int = ...,
+        finish_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "job_id", b"job_id", "receipt", b"receipt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -302,6 +346,7 @@ class WorkRequest(_message.Message):
     CHUNK_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
@@ -314,6 +359,8 @@ class WorkRequest(_message.Message):
     def result(self) -> Global___JobResult: ...
     @_builtins.property
     def failed(self) -> Global___JobFailed: ...
+    @_builtins.property
+    def text(self) -> _job_pb2.TextChunk: ...
     def __init__(
         self,
         *,
@@ -323,12 +370,13 @@ class WorkRequest(_message.Message):
         chunk: Global___ArtifactChunk | None = ...,
         result: Global___JobResult | None = ...,
         failed: Global___JobFailed | None = ...,
+        text: _job_pb2.TextChunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "chunk", b"chunk", "failed", b"failed", "heartbeat", b"heartbeat", "msg", b"msg", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "chunk", b"chunk", "failed", b"failed", "heartbeat", b"heartbeat", "msg", b"msg", "progress", b"progress", "result", b"result", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "chunk", b"chunk", "failed", b"failed", "heartbeat", b"heartbeat", "msg", b"msg", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "chunk", b"chunk", "failed", b"failed", "heartbeat", b"heartbeat", "msg", b"msg", "progress", b"progress", "result", b"result", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["heartbeat", "accepted", "progress", "chunk", "result", "failed"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["heartbeat", "accepted", "progress", "chunk", "result", "failed", "text"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 

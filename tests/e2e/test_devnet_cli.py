@@ -99,6 +99,32 @@ def test_devnet_submit_status_receipts_buf_curl_and_restart(tmp_path: Path) -> N
         r = aitbc(env, "receipts", "verify", "bad.json", cwd=tmp_path)
         assert r.returncode == 1 and "INVALID" in r.stdout and "altered" in r.stdout
 
+        # a text job: tokens on stdout as they come, the summary on stderr
+        r = aitbc(env, "models", cwd=tmp_path)
+        assert r.returncode == 0 and "tiny-llama" in r.stdout and "text" in r.stdout, r.stdout + r.stderr
+        r = aitbc(env, "submit", "--model", "tiny-llama", "Explain proof of authority in one paragraph",
+                  "--max-new-tokens", "24", "--seed", "3", "--temperature", "0.9", cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.strip() and "tokens:" in r.stderr and "generated" in r.stderr
+        text_job = [ln.split(":", 1)[1].strip() for ln in r.stderr.splitlines() if ln.startswith("job id:")][0]
+        r = aitbc(env, "result", text_job, "-o", "answer.txt", cwd=tmp_path)
+        assert r.returncode == 0
+
+        # the miner operator spends what the miner earned
+        r = aitbc(dict(env, AITBC_WALLET_PASSPHRASE="correct horse"), "wallet", "import", "miner", "--key-file",
+                  endpoints["miner_key_file"], "--kdf-profile", "fast", cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = aitbc(dict(env, AITBC_WALLET_PASSPHRASE="another one"), "wallet", "create", "friend", "--kdf-profile", "fast",
+                  cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        friend = [w for w in aitbc(env, "wallet", "list", "--json", cwd=tmp_path).stdout and
+                  json.loads(aitbc(env, "wallet", "list", "--json", cwd=tmp_path).stdout) if w["name"] == "friend"][0]
+        r = aitbc(dict(env, AITBC_WALLET_PASSPHRASE="correct horse"), "wallet", "send", "miner", friend["address"], "5",
+                  cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = aitbc(env, "wallet", "balance", "friend", "--json", cwd=tmp_path)
+        assert int(json.loads(r.stdout)["balance"]) == 5, r.stdout + r.stderr
+
         r = aitbc(env, "submit", "x", "--steps", "999", cwd=tmp_path)
         assert r.returncode == 1 and "INVALID_ARGUMENT: steps must be between 1 and 150" in r.stderr
         r = aitbc(env, "status", "f" * 28, cwd=tmp_path)
