@@ -8,8 +8,10 @@ import os
 import signal
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from aitbc import crypto, rpc
 from aitbc.errors import InvalidArgument, NotFound
@@ -154,8 +156,63 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return resp
 
 
+class _Malformed:
+    """Stands in for a request whose bytes do not parse, so the handler can answer INVALID_ARGUMENT
+    (grpcio's own deserializer failure would surface as UNKNOWN)."""
+
+    def __init__(self, type_name: str) -> None:
+        self.message = f"malformed request: bytes are not a valid {type_name}"
+
+
+def _lenient(cls: Any) -> Any:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError:
+            return _Malformed(cls.DESCRIPTOR.full_name)
+
+    return deserialize
+
+
+def _guard_unary(fn: Any) -> Any:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await fn(request, context)
+
+    return handler
+
+
+def _guard_stream(fn: Any) -> Any:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        async for item in fn(request, context):
+            yield item
+
+    return handler
+
+
+def add_ledger_servicer(servicer: LedgerServicer, server: grpc.aio.Server) -> None:
+    """Like the generated add_LedgerServiceServicer_to_server, but malformed protobuf requests get
+    INVALID_ARGUMENT instead of UNKNOWN."""
+    handlers = {}
+    for method in ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].methods:
+        req = getattr(ledger_pb2, method.input_type.name)
+        resp = getattr(ledger_pb2, method.output_type.name)
+        fn = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _guard_stream(fn), request_deserializer=_lenient(req), response_serializer=resp.SerializeToString)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _guard_unary(fn), request_deserializer=_lenient(req), response_serializer=resp.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def ledger_service(node: Node) -> rpc.Service:
-    return rpc.Service(ledger_pb2_grpc.add_LedgerServiceServicer_to_server, LedgerServicer(node), SERVICE_NAME)
+    return rpc.Service(add_ledger_servicer, LedgerServicer(node), SERVICE_NAME)
 
 
 async def start_node(store: Store, genesis: Genesis, key: crypto.PrivateKey | None, listen: str,

@@ -131,11 +131,17 @@ async def test_bad_requests_and_not_found(node):
         async for _ in stub.StreamBlocks(ledger_pb2.StreamBlocksRequest(from_height=-1)):
             pass
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    # malformed protobuf: grpcio's own deserializer answers UNKNOWN; the node keeps serving
-    call = c.channel.unary_unary("/aitbc.v1.LedgerService/GetBlock")
+    # malformed protobuf is INVALID_ARGUMENT (unary and streaming); the node keeps serving
+    for method in ("GetBlock", "BroadcastTransaction"):
+        call = c.channel.unary_unary(f"/aitbc.v1.LedgerService/{method}")
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await call(b"\xff\xff\xff")
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed request" in ei.value.details()
+    stream = c.channel.unary_stream("/aitbc.v1.LedgerService/StreamBlocks")
     with pytest.raises(grpc.aio.AioRpcError) as ei:
-        await call(b"\xff\xff\xff")
-    assert ei.value.code() == grpc.StatusCode.UNKNOWN
+        async for _ in stream(b"\x08"):
+            pass
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (await c.get_receipt_status("ef" * 32)).status == "unknown"
 
 
