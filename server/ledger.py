@@ -14,7 +14,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from aitbc import crypto, rpc
-from aitbc.errors import InvalidArgument, NotFound
+from aitbc.errors import FailedPrecondition, InvalidArgument, NotFound
 from aitbc.ledger.block import decode_block
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.genesis import Genesis
@@ -229,12 +229,17 @@ async def run_node(data_dir: str | Path, genesis_path: str | Path, key_path: str
                    port_file: str | Path | None = None, stop: asyncio.Event | None = None) -> int:
     """Run a node until SIGINT/SIGTERM (or `stop` is set). Returns the process exit code."""
     genesis = Genesis.load(genesis_path)
-    key = crypto.PrivateKey.from_hex(Path(key_path).read_text()) if key_path else None
+    try:
+        key = crypto.PrivateKey.from_hex(Path(key_path).read_text()) if key_path else None
+    except OSError as exc:
+        raise FailedPrecondition(f"cannot read key file {key_path}: {exc.strerror}") from None
+    lock = _lock_data_dir(Path(data_dir) / "ledger")
     store = LmdbStore(Path(data_dir) / "ledger")
     try:
         node, server = await start_node(store, genesis, key, listen, peers)
     except BaseException:
         store.close()
+        lock.close()
         raise
     role = f"authority {key.address}" if key else "follower"
     print(f"ledger node listening on {rpc.host_of(listen)}:{server.port} (chain {genesis.chain_id}, {role}, "
@@ -256,4 +261,19 @@ async def run_node(data_dir: str | Path, genesis_path: str | Path, key_path: str
         await node.stop()
         await server.stop(1.0)
         store.close()
+        lock.close()
     return 0
+
+
+def _lock_data_dir(path: Path) -> Any:
+    """One node per data folder: LMDB itself would let two processes write the same chain."""
+    import fcntl
+
+    path.mkdir(parents=True, exist_ok=True)
+    fh = open(path / "node.lock", "a+")  # noqa: SIM115 (held for the node's lifetime)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise FailedPrecondition(f"data folder {path.parent} is in use by another running node") from None
+    return fh

@@ -181,4 +181,13 @@ async def test_refuses_data_dir_of_another_chain(tmp_path):
     n2 = NodeProc("x", tmp_path, write_genesis(tmp_path / "o", other), AUTH[0], [])
     with pytest.raises(RuntimeError, match="belongs to chain 'aitbc-test'"):
         n2.start(timeout=15)
+    # and a second node on a folder in use is refused
+    n.start()
+    try:
+        twin = NodeProc("x", tmp_path, write_genesis(tmp_path, g), AUTH[0], [])
+        twin.port = 0
+        with pytest.raises(RuntimeError, match="in use by another running node"):
+            twin.start(timeout=15)
+    finally:
+        n.stop()
     _ = key  # keep helpers import used
