@@ -94,3 +94,40 @@ async def test_four_authorities_keep_finalizing_with_one_down():
         for n, s in nodes:
             await n.stop()
             await s.stop(0)
+
+
+async def test_partition_heals_by_fork_choice_and_losing_txs_return():
+    """Two authorities that could not see each other built two branches; once connected, both
+    settle on one chain and the MINT from the losing branch is re-admitted and included."""
+    from aitbc.ledger.client import LedgerClient
+    from aitbc.ledger.tx import make_mint
+
+    from .helpers import ALICE, BOB, CHAIN, receipt
+
+    g = genesis(2, block_time_ms=150)
+    (a, sa), (b, sb) = [await start_node(MemoryStore(), g, AUTH[i], "127.0.0.1:0") for i in range(2)]
+    try:
+        r1, r2 = receipt(501), receipt(502)
+        async with LedgerClient(f"127.0.0.1:{sa.port}") as ca, LedgerClient(f"127.0.0.1:{sb.port}") as cb:
+            await ca.broadcast(make_mint(ALICE, CHAIN, 0, r1))
+            await cb.broadcast(make_mint(BOB, CHAIN, 0, r2))
+            await _until(lambda: a.chain.receipt_minted(r1.receipt_hash) and b.chain.receipt_minted(r2.receipt_hash),
+                         what="each branch to mint its receipt")
+            assert a.chain.hash_at(1) != b.chain.hash_at(1) and a.chain.final_height == b.chain.final_height == 0
+            a.add_peer(f"127.0.0.1:{sb.port}")
+            b.add_peer(f"127.0.0.1:{sa.port}")
+
+            def healed():
+                return (a.chain.head.hash == b.chain.head.hash and a.chain.final_height >= 3
+                        and all(n.chain.receipt_minted(r.receipt_hash) for n in (a, b) for r in (r1, r2)))
+            await _until(healed, timeout=30, what="the branches to merge")
+            for h in range(1, a.chain.final_height + 1):
+                assert a.chain.hash_at(h) == b.chain.hash_at(h)
+            for c in (ca, cb):
+                for r in (r1, r2):
+                    st = await c.wait_for_receipt(r.receipt_hash, final=True, timeout=20)
+                    assert st.amount == 1000
+    finally:
+        for n, s in ((a, sa), (b, sb)):
+            await n.stop()
+            await s.stop(0)
