@@ -1,0 +1,686 @@
+"""Text generation backends: a transformers causal LM (tiny in-process or from_pretrained) and null.
+
+Import-light like `aitbc.miner.backend`: torch, transformers and tokenizers are imported only when a
+real model is loaded, so the daemon and its tests can use the types, `is_text_model` and the null
+backend without paying seconds of imports.
+
+Models
+- "tiny-llama" (TINY_TEXT_MODEL): the default. A byte-level BPE tokenizer (vocab 512; <unk> 0,
+  <s> 1, </s> 2; <s> is prepended to every prompt, as Llama does) trained in-process on a fixed
+  corpus, and a LlamaForCausalLM with 2 layers of width 64 whose random weights are fixed by
+  `torch.manual_seed(TINY_SEED)`. Context 512 tokens. The text is gibberish; every line of code a
+  job runs is the one a real checkpoint runs.
+- "null-text" (NULL_TEXT_MODEL): no inference. Deterministic fake words, instantly, through the
+  same validation, streaming, stop-sequence and cancel logic (dispatch/streaming benchmarks).
+- Anything else: a Hugging Face model id or a local folder, loaded with
+  AutoTokenizer/AutoModelForCausalLM.from_pretrained (local folder or local HF cache only, unless
+  AITBC_MODEL_DOWNLOAD=1 and not HF_HUB_OFFLINE). Prompts are used as raw text (no chat template).
+
+How a miner declares a text model
+  The miner's model list holds both kinds; a name is a text model when `is_text_model` says so:
+  - "tiny-llama" and "null-text";
+  - any name written with the prefix "text:" (e.g. "text:meta-llama/Llama-3.2-1B" or
+    "text:/models/llama-3.2-1b"): an explicit declaration, needed for a Hub id that is not in the
+    local cache yet. The prefix is only a declaration: `load_text_backend` strips it and the
+    backend's `model` (the name advertised and submitted by clients) is the name without it;
+  - best effort without the prefix: a local folder, or a Hub id in the local HF cache, whose
+    config.json names a `...ForCausalLM` / `...LMHeadModel` architecture (and which is not a
+    diffusers pipeline, i.e. has no model_index.json). No torch import, no network.
+
+Token counts
+  `count_tokens(text)` is the number of context positions `text` takes as a prompt, special tokens
+  the tokenizer adds (the tiny model's <s>) included, i.e. what `TextOutput.prompt_tokens` will be
+  for that prompt. `generated_tokens` counts the tokens the model produced up to and including the
+  one that ended the generation: a final EOS, or the token that completed a stop string (tokens
+  that began the stop string count too); the text of those is not returned. transformers runs one
+  more forward step after a stop string completes (it checks stopping criteria before streaming
+  a token); that token is dropped and not counted.
+
+Streaming
+  `on_text(delta)` is called on the thread that runs `generate`, with each piece of text as soon as
+  it is decodable: the decoder keeps back a token whose bytes end in an incomplete UTF-8 sequence
+  until the next token completes it, and the stop-sequence logic keeps back a tail that could still
+  grow into a stop string (flushed at the end if it did not). The concatenation of every delta is
+  exactly `TextOutput.text`. An exception from `on_text` aborts the generation and propagates.
+
+Concurrency and determinism
+  transformers samples with `torch.multinomial` on the global torch RNG (CPU and CUDA generators).
+  Each sampled call reseeds it with `torch.manual_seed(req.seed)` and then draws from it token by
+  token, so two calls must never interleave: every `generate` of every transformers backend in the
+  process holds one module-level lock (`_GENERATE_LOCK`). It is shared, not per backend instance,
+  because the RNG it protects is process-wide (manual_seed reseeds every CUDA device too), so two
+  loaded text models would otherwise break each other's determinism. Text jobs therefore run one
+  at a time per miner process; throughput beyond that needs batching (not done here). Nothing else
+  in the miner draws from the global RNG (the image backend uses its own torch.Generator).
+  On CPU, the same request gives the same text in every process (tests check it); on CUDA,
+  kernels can differ across GPUs and driver versions, so only same-machine repeatability holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from aitbc.miner.backend import MAX_SEED, BackendError, JobCancelled, pick_device
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+TINY_TEXT_MODEL = "tiny-llama"
+NULL_TEXT_MODEL = "null-text"
+TEXT_PREFIX = "text:"  # explicit declaration of a text model in a miner's model list
+
+# Allow from_pretrained to reach the Hugging Face Hub for an id that is not in the local cache.
+DOWNLOAD_ENV = "AITBC_MODEL_DOWNLOAD"
+
+# Limits of what any text backend accepts.
+MAX_NEW_TOKENS = 4096
+MAX_TEMPERATURE = 2.0
+MAX_TOP_K = 1000
+MAX_STOPS = 4
+MAX_STOP_CHARS = 64
+
+TINY_SEED = 0  # fixed: the tiny model's random weights are part of its identity
+TINY_CONTEXT = 512
+TINY_VOCAB = 512
+NULL_CONTEXT = 8192
+
+FINISH_LENGTH = "length"
+FINISH_STOP = "stop"
+FINISH_EOS = "eos"
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    prompt: str
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+    top_p: float
+    top_k: int  # 0 = off
+    seed: int
+    stop: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TextOutput:
+    text: str  # generated text only (not the prompt), ending before any stop string
+    prompt_tokens: int
+    generated_tokens: int
+    gpu_ms: int  # device time of the generation, >= 1
+    finish_reason: str  # "length" | "stop" | "eos"
+
+
+@runtime_checkable
+class TextBackend(Protocol):
+    model: str  # the name the miner advertises
+    device: str  # "cuda:0" / "cpu"
+    context_length: int  # prompt tokens + max_new_tokens may not exceed it
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def generate(
+        self,
+        req: TextRequest,
+        on_text: Callable[[str], None],
+        cancel: threading.Event,
+    ) -> TextOutput: ...
+
+
+def check_text_request(req: TextRequest) -> None:
+    """Check `req` against the limits every text backend shares (the context is checked later,
+    once the prompt is tokenized)."""
+    if not isinstance(req.prompt, str):
+        raise BackendError("prompt must be text")
+    if isinstance(req.max_new_tokens, bool) or not isinstance(req.max_new_tokens, int):
+        raise BackendError("max_new_tokens must be an integer")
+    if not 1 <= req.max_new_tokens <= MAX_NEW_TOKENS:
+        raise BackendError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {req.max_new_tokens}")
+    if not isinstance(req.temperature, int | float) or not math.isfinite(req.temperature):
+        raise BackendError(f"temperature must be a number between 0 and {MAX_TEMPERATURE:g}")
+    if not 0.0 <= req.temperature <= MAX_TEMPERATURE:
+        raise BackendError(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {req.temperature}")
+    if not isinstance(req.top_p, int | float) or not math.isfinite(req.top_p) or not 0.0 < req.top_p <= 1.0:
+        raise BackendError(f"top_p must be greater than 0 and at most 1, got {req.top_p}")
+    if isinstance(req.top_k, bool) or not isinstance(req.top_k, int) or not 0 <= req.top_k <= MAX_TOP_K:
+        raise BackendError(f"top_k must be an integer between 0 (off) and {MAX_TOP_K}, got {req.top_k}")
+    if isinstance(req.seed, bool) or not isinstance(req.seed, int) or not 0 <= req.seed <= MAX_SEED:
+        raise BackendError(f"seed must be between 0 and 2^64-1, got {req.seed}")
+    if not isinstance(req.stop, tuple | list) or len(req.stop) > MAX_STOPS:
+        raise BackendError(f"at most {MAX_STOPS} stop sequences are allowed")
+    for s in req.stop:
+        if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
+            raise BackendError(f"each stop sequence must be 1 to {MAX_STOP_CHARS} characters, got {s!r}")
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
+    if prompt_tokens < 1:
+        raise BackendError("prompt is empty: this model needs at least one prompt token")
+    if prompt_tokens + max_new_tokens > context_length:
+        raise BackendError(
+            f"prompt is {prompt_tokens} tokens; with max_new_tokens {max_new_tokens} it exceeds "
+            f"the model context of {context_length} tokens"
+        )
+
+
+class StopText:
+    """Turns decoded pieces into the deltas handed to `on_text`, ending before any stop string.
+
+    The text sent so far never ends with a proper prefix of a stop string (that tail is held back),
+    so a stop string found later always starts at or after the sent position.
+    """
+
+    def __init__(self, stops: tuple[str, ...], on_text: Callable[[str], None]) -> None:
+        self._stops = tuple(stops)
+        self._longest = max((len(s) for s in self._stops), default=0)
+        self._on_text = on_text
+        self._text = ""  # everything decoded so far
+        self._sent = 0  # length of the prefix of _text handed to on_text
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        return self._text[: self._sent]
+
+    def _send(self, end: int) -> None:
+        if end > self._sent:
+            piece = self._text[self._sent : end]
+            self._sent = end
+            self._on_text(piece)
+
+    def feed(self, piece: str) -> bool:
+        """Add decoded text; returns True once a stop string has appeared."""
+        if self.stopped or not piece:
+            return self.stopped
+        self._text += piece
+        if not self._stops:
+            self._send(len(self._text))
+            return False
+        start = max(0, self._sent - self._longest)
+        hits = [i for i in (self._text.find(s, start) for s in self._stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            self._send(max(self._sent, min(hits)))
+            self._text = self._text[: self._sent]
+            return True
+        hold = 0
+        for n in range(min(self._longest - 1, len(self._text) - self._sent), 0, -1):
+            tail = self._text[-n:]
+            if any(s.startswith(tail) for s in self._stops):
+                hold = n
+                break
+        self._send(len(self._text) - hold)
+        return False
+
+    def finish(self) -> str:
+        """Flush the held-back tail (it never became a stop string) and return the whole text."""
+        if not self.stopped:
+            self._send(len(self._text))
+        return self.text
+
+
+# --- null backend -------------------------------------------------------------------------------
+
+_NULL_WORDS = (
+    "the", "miner", "block", "token", "ledger", "proof", "of", "authority", "stream", "compute",
+    "a", "receipt", "signed", "model", "and", "fast", "GPU", "job", "is", "to",
+)
+
+
+class NullTextBackend:
+    """Everything real but the model: validates, streams one fake word per token, honours stop
+    strings and cancel, and returns at once. Torch is never imported.
+
+    Its tokenizer: one token for the start of the prompt plus one per 4 UTF-8 bytes (rounded up).
+    Token i of the output is a word chosen by sha256(seed, prompt, i), so the text depends on seed
+    and prompt only (sampling parameters are accepted and ignored); it never ends with "eos".
+    gpu_ms is the wall time of the call, at least 1.
+    """
+
+    model = NULL_TEXT_MODEL
+    device = "cpu"
+    context_length = NULL_CONTEXT
+
+    def count_tokens(self, text: str) -> int:
+        return 1 + -(-len(text.encode("utf-8")) // 4)
+
+    def generate(
+        self,
+        req: TextRequest,
+        on_text: Callable[[str], None],
+        cancel: threading.Event,
+    ) -> TextOutput:
+        started = time.perf_counter()
+        check_text_request(req)
+        prompt_tokens = self.count_tokens(req.prompt)
+        check_context(prompt_tokens, req.max_new_tokens, self.context_length)
+        if cancel.is_set():
+            raise JobCancelled("cancelled before start")
+        out = StopText(req.stop, on_text)
+        base = hashlib.sha256(f"{req.seed}|{req.prompt}".encode()).digest()
+        generated = 0
+        finish = FINISH_LENGTH
+        for i in range(req.max_new_tokens):
+            digest = hashlib.sha256(base + i.to_bytes(4, "big")).digest()
+            word = _NULL_WORDS[digest[0] % len(_NULL_WORDS)]
+            generated += 1
+            if out.feed(word if i == 0 else " " + word):
+                finish = FINISH_STOP
+                break
+            if cancel.is_set():
+                raise JobCancelled(f"cancelled after {generated} tokens")
+        text = out.finish()
+        gpu_ms = max(1, round((time.perf_counter() - started) * 1000))
+        return TextOutput(text, prompt_tokens, generated, gpu_ms, finish)
+
+
+# --- which names are text models ----------------------------------------------------------------
+
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def _config_is_causal_lm(config_file: Path) -> bool:
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return False
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    return isinstance(architectures, list) and any(
+        isinstance(a, str) and a.endswith(_CAUSAL_SUFFIXES) for a in architectures
+    )
+
+
+def is_text_model(model: str) -> bool:
+    """Whether `model` (a name from a miner's model list) is served by the text backend.
+
+    True for tiny-llama, null-text and any "text:..." name; best effort otherwise: a local folder or
+    a locally cached Hub id whose config.json declares a causal-LM architecture. Never downloads.
+    """
+    if not isinstance(model, str):
+        return False
+    name = model.strip()
+    if name in (TINY_TEXT_MODEL, NULL_TEXT_MODEL) or (
+        name.startswith(TEXT_PREFIX) and name[len(TEXT_PREFIX) :].strip()
+    ):
+        return True
+    if not name:
+        return False
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return not (folder / "model_index.json").is_file() and _config_is_causal_lm(folder / "config.json")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return False
+    try:
+        if isinstance(try_to_load_from_cache(name, "model_index.json"), str):
+            return False
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # malformed repo id and the like: not a model we know
+        return False
+    return isinstance(cached, str) and _config_is_causal_lm(Path(cached))
+
+
+def load_text_backend(model: str, device: str | None = None) -> TextBackend:
+    """Load `model` once and return a backend for it.
+
+    "tiny-llama": built in-process (no download). "null-text": no inference at all. Anything else
+    (a "text:" prefix is stripped first): a Hugging Face model id or a local folder, loaded with
+    from_pretrained through the same backend class as the tiny model.
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise BackendError("model name is empty")
+    model = model.strip()
+    if model.startswith(TEXT_PREFIX):
+        model = model[len(TEXT_PREFIX) :].strip()
+        if not model:
+            raise BackendError("model name after 'text:' is empty")
+    if model == NULL_TEXT_MODEL:
+        return NullTextBackend()
+    resolved = pick_device(device)
+    if model == TINY_TEXT_MODEL:
+        tokenizer, lm = build_tiny_text_model()
+    else:
+        tokenizer, lm = load_pretrained_text_model(model, resolved)
+    return TransformersTextBackend(tokenizer, lm, model=model, device=resolved)
+
+
+# --- transformers backend -----------------------------------------------------------------------
+
+# A fixed corpus: the tiny tokenizer's merges are trained on it, so they are part of its identity.
+_TINY_CORPUS = (
+    "The miner runs jobs for the coordinator and streams tokens back to the client.",
+    "A block is sealed by an authority once its transactions are verified.",
+    "Proof of authority: a fixed set of signers take turns producing blocks.",
+    "Receipts count prompt tokens and generated tokens, and are signed by the miner.",
+    "Explain proof of authority in one paragraph.",
+    "Once upon a time, a small language model learned to write stories about GPUs.",
+    "The quick brown fox jumps over the lazy dog. 0123456789 !?,;:'\"()[]{}<>/\\|@#$%^&*-+=_~`",
+    "Héllo wörld, naïve café, Straße, ¿qué? 東京 😀",
+)
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """Byte-level BPE (every byte is a token, so any text round-trips), 512 entries, <s> prepended.
+
+    Built as a `tokenizers.Tokenizer` object and wrapped, not written to vocab/merges files: with
+    transformers 5 a tokenizer constructor may silently ignore *_file arguments.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<unk>", "<s>", "</s>"],  # ids 0, 1, 2 as in Llama
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=1,
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TINY_CORPUS, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=TINY_CONTEXT,
+    )
+
+
+def build_tiny_text_model() -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The default text model: the tiny tokenizer and a float32 LlamaForCausalLM on the CPU with
+    weights fixed by TINY_SEED; the backend moves it to its device."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    if len(tokenizer) > TINY_VOCAB:  # pragma: no cover - guards a tokenizers behaviour change
+        raise BackendError(f"tiny tokenizer has {len(tokenizer)} entries, more than {TINY_VOCAB}")
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=TINY_CONTEXT,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(TINY_SEED)
+    lm = LlamaForCausalLM(config).eval()
+    lm.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return tokenizer, lm
+
+
+def load_pretrained_text_model(model: str, device: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """Load a causal LM and its tokenizer from a local folder or the Hugging Face cache.
+
+    float32 on CPU; on CUDA bfloat16 where supported, else float16. A Hub id is looked up in the
+    local cache only, unless AITBC_MODEL_DOWNLOAD=1 (and not HF_HUB_OFFLINE) allows a download;
+    every failure becomes a BackendError that names the model.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(model).expanduser()
+    is_folder = folder.is_dir()
+    if not is_folder and model.startswith((".", "/", "~")):
+        raise BackendError(f"model folder {model!r} does not exist")
+    if is_folder and not (folder / "config.json").is_file():
+        raise BackendError(f"model folder {model!r} has no config.json: not a transformers model")
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    allow_download = os.environ.get(DOWNLOAD_ENV, "") == "1" and not offline
+    source = str(folder) if is_folder else model
+    local_only = is_folder or not allow_download
+    if device.startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.float32
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        lm = AutoModelForCausalLM.from_pretrained(
+            source, config=config, dtype=dtype, local_files_only=local_only
+        )
+    except BackendError:
+        raise
+    except Exception as exc:  # transformers/hub raise a zoo of types (OSError, ValueError, KeyError ...)
+        if is_folder:
+            raise BackendError(f"cannot load text model folder {model!r}: {exc}") from exc
+        hint = "" if allow_download else f" (not in the local Hugging Face cache; set {DOWNLOAD_ENV}=1 to download)"
+        raise BackendError(f"cannot load text model {model!r}{hint}: {type(exc).__name__}: {exc}") from exc
+    return tokenizer, lm.eval()
+
+
+def _context_length(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    config = lm.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 10**7:  # tokenizers without a limit report ~1e30
+        return limit
+    raise BackendError("cannot tell this model's context length (no max_position_embeddings in its config)")
+
+
+# Process-wide: sampling draws from the global torch RNG (see the module docstring).
+_GENERATE_LOCK = threading.Lock()
+
+
+class _IncrementalDecoder:
+    """Decodes a growing list of token ids into text deltas, correct across tokens that split a
+    UTF-8 character or whose text depends on the previous token (SentencePiece leading spaces).
+
+    The window scheme of TGI/vLLM: text is decoded from `prefix` (a token boundary where the
+    decoded text was complete), and a delta is released only when it does not end with U+FFFD,
+    i.e. no multi-byte character is still half-made.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode(self.ids[self._prefix :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return new_text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        """The rest at the end of generation, replacement characters included."""
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode(self.ids[self._prefix :])
+        self._prefix = self._read = len(self.ids)
+        return new_text[len(prefix_text) :]
+
+
+class TransformersTextBackend:
+    """Runs TextRequests on one causal LM, loaded once (see the module docstring for threading).
+
+    gpu_ms: on CUDA, the time between CUDA events recorded around `generate` on the current stream
+    (synchronised); on CPU, the wall time of `generate`. Neither includes validation or the wait
+    for the lock.
+    """
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, lm: PreTrainedModel, *, model: str, device: str
+    ) -> None:
+        self.model = model
+        self.device = device
+        self._tokenizer = tokenizer
+        self._lm = lm.to(device)
+        self.context_length = _context_length(lm, tokenizer)
+        eos = lm.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self._eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        pad = lm.generation_config.pad_token_id
+        if pad is None:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos_ids, default=0)
+        self._pad_id = pad
+        self._bos_id = lm.generation_config.bos_token_id
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._tokenizer
+
+    @property
+    def language_model(self) -> PreTrainedModel:
+        """The shared model (for save_pretrained, benchmarks); do not call it from worker threads."""
+        return self._lm
+
+    def _encode(self, text: str) -> list[int]:
+        # the Rust tokenizer's padding/truncation settings are not touched here, so no lock needed
+        return list(self._tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def count_tokens(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise BackendError("text must be a string")
+        return len(self._encode(text))
+
+    def generate(
+        self,
+        req: TextRequest,
+        on_text: Callable[[str], None],
+        cancel: threading.Event,
+    ) -> TextOutput:
+        import torch
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        check_text_request(req)
+        prompt_ids = self._encode(req.prompt)
+        check_context(len(prompt_ids), req.max_new_tokens, self.context_length)
+        if cancel.is_set():
+            raise JobCancelled("cancelled before start")
+
+        decoder = _IncrementalDecoder(self._tokenizer)
+        out = StopText(req.stop, on_text)
+
+        class Streamer(BaseStreamer):
+            """Called by generate() on this thread: first with the prompt, then with each token."""
+
+            def __init__(self) -> None:
+                self.prompt_seen = False
+
+            def put(self, value: torch.Tensor) -> None:
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                # transformers evaluates the stopping criteria before it streams a token, so the
+                # token after the one that completed a stop string (or saw the cancel) still
+                # arrives here: it is neither decoded nor counted.
+                for token_id in value.reshape(-1).tolist():
+                    if out.stopped or cancel.is_set():
+                        return
+                    out.feed(decoder.push(int(token_id)))
+
+            def end(self) -> None:
+                pass
+
+        class Halt(StoppingCriteria):
+            """Ends generation after the token that completed a stop string or saw the cancel."""
+
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+                halt = out.stopped or cancel.is_set()
+                return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
+
+        sample = req.temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=req.max_new_tokens,
+            do_sample=sample,
+            # neutral values when greedy: None would be filled in from the model's own defaults
+            temperature=float(req.temperature) if sample else 1.0,
+            top_p=float(req.top_p) if sample else 1.0,
+            top_k=int(req.top_k) if sample else 50,  # 50: the global default, which greedy ignores silently
+            eos_token_id=sorted(self._eos_ids) or None,
+            pad_token_id=self._pad_id,
+            bos_token_id=self._bos_id,
+        )
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        with _GENERATE_LOCK, torch.inference_mode():
+            if cancel.is_set():
+                raise JobCancelled("cancelled before start")
+            torch.manual_seed(req.seed)  # also seeds every CUDA device
+            timer = _DeviceTimer(self.device)
+            with timer:
+                self._lm.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    generation_config=config,
+                    streamer=Streamer(),
+                    stopping_criteria=StoppingCriteriaList([Halt()]),
+                )
+        generated = len(decoder.ids)
+        if cancel.is_set() and not out.stopped:
+            raise JobCancelled(f"cancelled after {generated} tokens")
+        if out.stopped:
+            finish = FINISH_STOP
+        elif decoder.ids and decoder.ids[-1] in self._eos_ids:
+            finish = FINISH_EOS
+        else:
+            finish = FINISH_LENGTH
+        if not out.stopped:
+            out.feed(decoder.flush())
+            if out.stopped:
+                finish = FINISH_STOP
+        text = out.finish()
+        return TextOutput(text, len(prompt_ids), generated, timer.ms, finish)
+
+
+class _DeviceTimer:
+    """Milliseconds of device time on CUDA (events), wall time on CPU; at least 1."""
+
+    def __init__(self, device: str) -> None:
+        self._cuda = device.startswith("cuda")
+        self._device = device
+        self.ms = 1
+
+    def __enter__(self) -> _DeviceTimer:
+        import torch
+
+        if self._cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record(torch.cuda.current_stream(self._device))
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self._cuda:
+            self._end.record(torch.cuda.current_stream(self._device))
+            self._end.synchronize()
+            elapsed = self._start.elapsed_time(self._end)
+        else:
+            elapsed = (time.perf_counter() - self._t0) * 1000
+        self.ms = max(1, round(elapsed))
