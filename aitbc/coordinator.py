@@ -524,23 +524,22 @@ class Coordinator:
         uploads = conn.uploads.pop(job.job_id, {})
         conn.upload_bytes.pop(job.job_id, None)
         try:
-            artifacts, signed = self._check_result(conn, job, result, uploads)
+            artifacts, attested = self._check_result(conn, job, result, uploads)
         except AitbcError as exc:
             self._reject_result(conn, job, exc.message)
             return
-        attested = signed.attest(self.key)
         rec = receipt_to_proto(attested)
         if not self.config.ledger:
             rec.settlement.state = receipt_pb2.SETTLEMENT_STATE_DISABLED
-        elif signed.body.units * signed.body.price_per_unit == 0:
+        elif attested.body.units * attested.body.price_per_unit == 0:
             rec.settlement.state = receipt_pb2.SETTLEMENT_STATE_NOT_REQUIRED
         else:
             rec.settlement.state = receipt_pb2.SETTLEMENT_STATE_PENDING
         conn.running.discard(job.job_id)
         job.artifacts.extend(a for a, _ in artifacts)
         job.receipt_hash = rec.receipt_hash
-        job.units = signed.body.units
-        job.unit_type = signed.body.unit_type
+        job.units = attested.body.units
+        job.unit_type = attested.body.unit_type
         if jobs.job_kind(job) == jobs.TEXT:
             job.prompt_tokens, job.generated_tokens = result.prompt_tokens, result.generated_tokens
             job.finish_reason = result.finish_reason
@@ -577,7 +576,7 @@ class Coordinator:
             digests.append(digest)
         try:
             signed = receipt_from_proto(result.receipt)
-            receipts.verify_receipt(signed, require_attestation=False)
+            attested = signed.attest(self.key)  # verifies the provider signature first
         except AitbcError as exc:
             raise InvalidArgument(f"receipt rejected: {exc.message}") from None
         b = signed.body
@@ -606,7 +605,7 @@ class Coordinator:
                                       f"({result.prompt_tokens} + {result.generated_tokens})")
         elif not 1 <= b.units <= duration + UNIT_SLACK_MS:
             raise InvalidArgument(f"receipt units {b.units} gpu_ms are implausible for {duration} ms of work")
-        return artifacts, signed
+        return artifacts, attested
 
     def _check_text(self, job: job_pb2.Job, data: bytes, result: miner_pb2.JobResult) -> None:
         try:

@@ -7,6 +7,7 @@ does not enforce that by itself, so it is checked here before any recovery.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import stat
@@ -31,6 +32,7 @@ def domain_digest(domain: bytes, payload: bytes) -> bytes:
     return sha256(domain + b"\x00" + payload)
 
 
+@functools.lru_cache(maxsize=4096)
 def address_from_pubkey(pubkey: bytes) -> str:
     """`ait1...`: bech32 of the first 20 bytes of sha256(compressed public key)."""
     if len(pubkey) != 33:
@@ -42,6 +44,11 @@ def validate_address(address: str) -> bytes:
     """Return the 20-byte account id of a checksummed address, or raise CryptoError saying why."""
     if not isinstance(address, str) or not address:
         raise CryptoError("address is empty")
+    return _validate_address(address)
+
+
+@functools.lru_cache(maxsize=4096)  # addresses repeat (miners, attesters): decode each once
+def _validate_address(address: str) -> bytes:
     try:
         hrp, payload = bech32.decode(address)
     except ValueError as exc:

@@ -6,6 +6,7 @@ The byte-exact definition is docs/receipts.md; tests/vectors/receipts.json holds
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ReceiptBody:
     job_id: str
     provider: str
@@ -70,7 +71,7 @@ class ReceiptBody:
             raise ReceiptError(f"receipt provider: {exc.message}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReceiptBody:
@@ -87,13 +88,24 @@ class ReceiptBody:
         body.validate()
         return body
 
-    def canonical_bytes(self) -> bytes:
-        """Minified JSON, keys sorted, ASCII only (docs/receipts.md)."""
+    @functools.cached_property
+    def _canonical(self) -> bytes:  # the body is immutable: validate and encode once
         self.validate()
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
+    def canonical_bytes(self) -> bytes:
+        """Minified JSON, keys sorted, ASCII only (docs/receipts.md)."""
+        return self._canonical
+
+    @functools.cached_property
+    def _hash(self) -> bytes:
+        return crypto.sha256(self._canonical)
+
     def hash(self) -> bytes:
-        return crypto.sha256(self.canonical_bytes())
+        return self._hash
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ReceiptBody))
 
 
 def manifest_sha256(artifact_digests: list[bytes]) -> str:

@@ -43,7 +43,9 @@ def start_coordinator(tmp: Path, **extra: object) -> tuple[subprocess.Popen[byte
     ]
     conf.write_text("\n".join(lines) + "\n")
     log = open(tmp / "coordinator.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "aitbc.clients.cli", "coordinator", "--config", str(conf)],
+    profile = os.environ.get("AITBC_BENCH_PROFILE")  # a path: cProfile the coordinator into it
+    prefix = ["-m", "cProfile", "-o", profile] if profile else []
+    proc = subprocess.Popen([sys.executable, *prefix, "-m", "aitbc.clients.cli", "coordinator", "--config", str(conf)],
                             stdout=log, stderr=subprocess.STDOUT)
     port_file = tmp / "coord.port"
     deadline = time.monotonic() + 60
