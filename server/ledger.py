@@ -137,7 +137,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 blocks = [S.Block(raw=raw, final=h <= final, canonical=True) for raw, h in batch]
             else:
                 blocks = [block_to_proto(decode_block(raw), final=h <= final, canonical=True) for raw, h in batch]
-            yield S.StreamBlocksResponse(blocks=blocks, finalized_height=final)
+            yield S.StreamBlocksResponse(blocks=blocks, finalized_height=final, head_height=self.chain.head.height)
 
     @rpc.handle_errors
     async def GetReceiptStatus(self, request: S.GetReceiptStatusRequest,

@@ -58,6 +58,7 @@ class Node:
         self._changed = asyncio.Event()
         self._relay_buf: list[bytes] = []
         self._relay_wake = asyncio.Event()
+        self._caught_up = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
         self.produced = 0
@@ -242,6 +243,13 @@ class Node:
         assert self.key is not None
         bt = self.genesis.block_time_ms
         my_id = crypto.sha256(self.key.pubkey)[:20]
+        if self._initial_peers:
+            # a restarted authority first catches up with a peer (bounded wait: peers may be down),
+            # rather than producing a stale block that would only be reverted
+            try:
+                await asyncio.wait_for(self._caught_up.wait(), timeout=max(2.0, 3 * bt / 1000))
+            except TimeoutError:
+                log.info("no peer answered yet; producing on the local head")
         while True:
             now = self.now_ms()
             slot = now // bt
@@ -290,6 +298,8 @@ class Node:
                     except AitbcError as exc:
                         self.rejected_blocks += 1
                         log.warning("rejected a block from %s: %s", target, exc.message)
+                    if self.chain.head.height >= resp.head_height:
+                        self._caught_up.set()
             except grpc.aio.AioRpcError as exc:
                 log.debug("sync from %s interrupted: %s", target, exc.code())
             except asyncio.CancelledError:

@@ -581,7 +581,10 @@ class StreamBlocksResponse(_message.Message):
 
     BLOCKS_FIELD_NUMBER: _builtins.int
     FINALIZED_HEIGHT_FIELD_NUMBER: _builtins.int
+    HEAD_HEIGHT_FIELD_NUMBER: _builtins.int
     finalized_height: _builtins.int
+    head_height: _builtins.int
+    """The serving node's head height when this message was sent (a syncing node knows how far it is)."""
     @_builtins.property
     def blocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Block]:
         """Consecutive canonical blocks, several per message while catching up."""
@@ -591,10 +594,11 @@ class StreamBlocksResponse(_message.Message):
         *,
         blocks: _abc.Iterable[Global___Block] | None = ...,
         finalized_height: _builtins.int = ...,
+        head_height: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "finalized_height", b"finalized_height"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "finalized_height", b"finalized_height", "head_height", b"head_height"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
