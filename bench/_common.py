@@ -99,3 +99,21 @@ async def echo_baseline(n: int, concurrency: int, payload: bytes = b"x" * 200) -
     finally:
         proc.kill()
         proc.wait()
+
+
+def start_miner(tmp: Path, coordinator: str, models: list[str], **extra: object) -> subprocess.Popen[bytes]:
+    """A real miner daemon process; returns once its ops port answers (models loaded, registered soon)."""
+    conf = tmp / "miner.toml"
+    lines = [f'coordinator = "{coordinator}"', f'key_file = "{tmp / "miner.key"}"',
+             "models = [" + ", ".join(f'"{m}"' for m in models) + "]", 'ops_listen = "127.0.0.1:0"',
+             f'port_file = "{tmp / "miner.port"}"', *(f"{k} = {v!r}".replace("'", '"') for k, v in extra.items())]
+    conf.write_text("\n".join(lines) + "\n")
+    log = open(tmp / "miner.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "aitbc.clients.cli", "miner", "--config", str(conf)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (tmp / "miner.port").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError((tmp / "miner.log").read_text())
+        time.sleep(0.05)
+    return proc

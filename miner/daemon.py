@@ -37,6 +37,7 @@ from aitbc.wire import receipt_to_proto
 
 log = logging.getLogger("aitbc.miner")
 VERSION = "aitbc-miner/0.1"
+TEXT_FLUSH_S = 0.01  # text deltas are sent at most this long after they are made
 
 
 
@@ -265,18 +266,36 @@ class MinerDaemon:
                           top_p=p.top_p, top_k=p.top_k, seed=p.seed, stop=tuple(p.stop))
         loop = asyncio.get_running_loop()
         offset = 0
+        pending: list[str] = []
+        lock = threading.Lock()
+        scheduled = first = False
 
-        def send_text(delta: str) -> None:
-            nonlocal offset
-            self._send(miner_pb2.WorkRequest(text=job_pb2.TextChunk(job_id=job_id, offset=offset, text=delta)))
-            offset += len(delta)
+        def flush() -> None:  # on the event loop
+            nonlocal offset, scheduled
+            with lock:
+                text = "".join(pending)
+                pending.clear()
+                scheduled = False
+            if text:
+                self._send(miner_pb2.WorkRequest(text=job_pb2.TextChunk(job_id=job_id, offset=offset, text=text)))
+                offset += len(text)
 
-        def on_text(delta: str) -> None:
-            if delta:
-                loop.call_soon_threadsafe(send_text, delta)
+        def on_text(delta: str) -> None:  # on the generating thread
+            # the first delta goes at once; later ones are coalesced per TEXT_FLUSH_S window, so a fast
+            # model costs one loop wake-up and one message per window, not per token
+            nonlocal scheduled, first
+            if not delta:
+                return
+            with lock:
+                pending.append(delta)
+                if scheduled:
+                    return
+                scheduled = True
+                delay, first = (TEXT_FLUSH_S if first else 0.0), True
+            loop.call_soon_threadsafe(loop.call_later, delay, flush)
 
         out = await asyncio.to_thread(backend.generate, req, on_text, rj.cancel)
-        await asyncio.sleep(0)  # let the queued deltas go out before the result
+        flush()  # what is left goes before the result
         extra = {"prompt_tokens": out.prompt_tokens, "generated_tokens": out.generated_tokens,
                  "finish_reason": out.finish_reason}
         art = job_pb2.Artifact(content_type="text/plain; charset=utf-8")
