@@ -268,7 +268,7 @@ class MinerDaemon:
         offset = 0
         pending: list[str] = []
         lock = threading.Lock()
-        scheduled = first = False
+        scheduled = sent_first = False
 
         def flush() -> None:  # on the event loop
             nonlocal offset, scheduled
@@ -283,7 +283,7 @@ class MinerDaemon:
         def on_text(delta: str) -> None:  # on the generating thread
             # the first delta goes at once; later ones are coalesced per TEXT_FLUSH_S window, so a fast
             # model costs one loop wake-up and one message per window, not per token
-            nonlocal scheduled, first
+            nonlocal scheduled, sent_first
             if not delta:
                 return
             with lock:
@@ -291,7 +291,7 @@ class MinerDaemon:
                 if scheduled:
                     return
                 scheduled = True
-                delay, first = (TEXT_FLUSH_S if first else 0.0), True
+                delay, sent_first = (TEXT_FLUSH_S if sent_first else 0.0), True
             loop.call_soon_threadsafe(loop.call_later, delay, flush)
 
         out = await asyncio.to_thread(backend.generate, req, on_text, rj.cancel)
