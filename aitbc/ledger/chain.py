@@ -122,6 +122,7 @@ class Chain:
         self.genesis_info = BlockInfo(0, self.genesis_hash, -1, state.genesis_state_root(self.genesis_hash),
                                       genesis.genesis_time_ms, b"")
         self.side: dict[bytes, Block] = {}
+        self.equivocations = 0  # two blocks by one proposer for one slot (logged; not slashed in v1)
         head_hash = store.get(HEAD)
         self.head = self.genesis_info if head_hash is None else self._info_from_store(head_hash)
         fin = store.get(FINAL)
@@ -284,6 +285,13 @@ class Chain:
             raise FailedPrecondition(f"block {block.height} conflicts with the final chain (final height "
                                      f"{self.final_height})")
         self.validate_header(block, parent, now_ms)
+        rival = self.hash_at(block.height)
+        if rival is not None:
+            other = self.info(rival)
+            if other is not None and other.slot == block.header.slot and other.proposer == block.header.proposer:
+                self.equivocations += 1
+                log.warning("equivocation: %s signed two blocks for slot %d (%s and %s)",
+                            block.header.proposer_address, block.header.slot, rival.hex()[:16], block.hash.hex()[:16])
         self.side[block.hash] = block
         if len(self.side) > MAX_SIDE_BLOCKS:
             for h in sorted(self.side, key=lambda x: self.side[x].height)[: len(self.side) - MAX_SIDE_BLOCKS]:

@@ -219,3 +219,22 @@ def test_data_folder_from_another_genesis_is_refused(tmp_path):
     with pytest.raises(FailedPrecondition, match="belongs to chain"):
         Chain(store, genesis(2))
     store.close()
+
+
+def test_equivocation_is_noticed_and_resolved_by_hash():
+    g = genesis(1)
+    a, b = Chain(MemoryStore(), g), Chain(MemoryStore(), g)
+    a.build_block(AUTH[0], 5, _now(g, 5), [])
+    b.build_block(AUTH[0], 5, _now(g, 5) + 7, [])  # same slot, other timestamp: another block
+    assert a.hash_at(1) != b.hash_at(1)
+    # with one authority block 1 is final at once, so the twin is refused...
+    with pytest.raises(FailedPrecondition, match="conflicts with the final chain"):
+        a.add_block(decode_block(b.block_raw_at(1)), _now(g, 5))
+    g3 = genesis(3)
+    c, d = Chain(MemoryStore(), g3), Chain(MemoryStore(), g3)
+    c.build_block(AUTH[0], 3, _now(g3, 3), [])
+    d.build_block(AUTH[0], 3, _now(g3, 3) + 7, [])
+    mine, twin = c.hash_at(1), d.hash_at(1)
+    outcome = c.add_block(decode_block(d.block_raw_at(1)), _now(g3, 3))
+    assert c.equivocations == 1
+    assert c.head.hash == min(mine, twin) and outcome == ("reorg" if twin < mine else "side")
