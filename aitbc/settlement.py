@@ -21,8 +21,9 @@ from aitbc.wire import receipt_from_proto
 log = logging.getLogger("aitbc.settlement")
 St = receipt_pb2.SettlementState
 
-# Node refusals that retrying cannot fix: the receipt is marked REJECTED with the reason.
-PERMANENT = (errors.InvalidArgument, errors.PermissionDenied, errors.FailedPrecondition)
+# Node refusals that retrying cannot fix (bad receipt, wrong chain, attester not authorized):
+# the receipt is marked REJECTED with the reason.
+PERMANENT = (errors.InvalidArgument, errors.PermissionDenied)
 
 
 class Settlement:
@@ -107,24 +108,18 @@ class Settlement:
         if self.clock() < self._retry_at.get(rec.receipt_hash, 0.0):
             return
         s.attempts += 1
-        try:
-            tx_hash = await self._call(self.ledger.mint(self.key, receipt_from_proto(rec)))
-        except errors.AlreadyExists:
-            return  # minted or pending meanwhile (or a nonce taken): the next pass sees which
-        except PERMANENT as exc:
-            if exc.message.startswith("nonce"):  # a race with the node's nonce view: retry soon
-                s.error = exc.message
-                self._retry_at[rec.receipt_hash] = self.clock() + 0.5
-            else:
-                s.state, s.error = St.SETTLEMENT_STATE_REJECTED, exc.message
-                log.error("ledger refused MINT of receipt %s: %s", rec.receipt_hash, exc.message)
+        try:  # the ledger client's idempotent MINT (status check, nonce allocation, re-sync)
+            st = await self._call(self.ledger.settle_receipt(self.key, receipt_from_proto(rec), wait=None))
         except errors.Unavailable:
             raise
-        except errors.AitbcError as exc:
+        except PERMANENT as exc:
+            s.state, s.error = St.SETTLEMENT_STATE_REJECTED, exc.message
+            log.error("ledger refused MINT of receipt %s: %s", rec.receipt_hash, exc.message)
+        except errors.AitbcError as exc:  # mempool full, nonce contention: retry with backoff
             s.error = exc.message
             self._retry_at[rec.receipt_hash] = self.clock() + min(2.0 ** s.attempts, self.max_backoff_s)
         else:
-            s.state, s.tx_hash, s.error = St.SETTLEMENT_STATE_SUBMITTED, tx_hash, ""
+            s.state, s.tx_hash, s.error = St.SETTLEMENT_STATE_SUBMITTED, st.tx_hash, ""
         self.store.update_receipt(rec)
 
     async def _call(self, coro):  # type: ignore[no-untyped-def]

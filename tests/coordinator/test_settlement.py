@@ -113,3 +113,21 @@ async def test_ledger_down_then_coordinator_restart_then_ledger_back_mints_exact
         assert await net.proc.settlement.settle_pending() == 0
     finally:
         await ledger.stop()
+
+
+async def test_a_ledger_that_does_not_know_the_attester_rejects_with_the_reason(network_factory, null_backend,
+                                                                               tmp_path) -> None:
+    ledger = LedgerNode(tmp_path, crypto.PrivateKey.generate().address)  # another attester in the genesis
+    await ledger.start()
+    try:
+        net = await network_factory(ledger=ledger.address)
+        miner = await net.add_miner({"null": null_backend}, price=1)
+        s = stub(net)
+        job = await wait_done(s, (await s.SubmitJob(image_job(model="null"), metadata=MD)).job.job_id)
+        rec = await _settled(net, job.job_id, want=St.SETTLEMENT_STATE_REJECTED)
+        assert "attester not authorized" in rec.settlement.error
+        assert not net.core.store.unsettled_receipts()  # not retried forever
+        async with LedgerClient(ledger.address) as lc:
+            assert (await lc.get_account(miner.key.address)).balance == 0
+    finally:
+        await ledger.stop()
