@@ -1,0 +1,178 @@
+"""Reputation: per-miner counters and a score in [0, 1], kept in LMDB so they survive restarts.
+
+Update rule (docs/hub.md, "Reputation"): a new miner starts at 0.5; a served job moves the score
+2% of the way to 1, a passed verification 5% of the way; a failure (the job failed on the miner:
+it lied about VRAM or models, or returned a rejected result) or a stall (accepted, then silent)
+takes 10% of it away; a failed verification halves it. K failed verifications (default 2)
+within a window (default 7 days) quarantine the miner until an operator releases it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Protocol
+
+import lmdb
+
+KEY_PREFIX = b"v1:rep:"
+DB_NAME = b"v1:reputation"
+FailureKind = Literal["failure", "stall"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReputationPolicy:
+    initial: float = 0.5
+    success_gain: float = 0.02  # fraction of the distance to 1 gained per served job
+    verified_gain: float = 0.05  # ... per passed verification
+    failure_loss: float = 0.10  # fraction of the score lost per failure or stall
+    mismatch_factor: float = 0.5  # the score is multiplied by this on a failed verification
+    quarantine_after: int = 2  # failed verifications within the window that quarantine a miner
+    window_s: float = 7 * 24 * 3600.0
+
+
+class MinerRecord(NamedTuple):
+    miner_id: str
+    jobs_served: int = 0
+    verifications_passed: int = 0
+    verifications_failed: int = 0
+    failures: int = 0
+    stalls: int = 0
+    reputation: float = 0.5
+    quarantined: bool = False
+    quarantined_at: float = 0.0  # unix seconds; 0 when not quarantined
+    recent_mismatches: tuple[float, ...] = ()  # unix seconds of failed verifications inside the window
+
+    def to_bytes(self) -> bytes:
+        body = self._asdict()
+        body["recent_mismatches"] = list(self.recent_mismatches)
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> MinerRecord:
+        body = json.loads(raw)
+        body["recent_mismatches"] = tuple(body.get("recent_mismatches", ()))
+        return cls(**body)
+
+
+class ReputationStore(Protocol):
+    def get(self, miner_id: str) -> MinerRecord | None: ...
+    def put(self, record: MinerRecord) -> None: ...
+    def all(self) -> list[MinerRecord]: ...
+
+
+class MemoryReputationStore:
+    def __init__(self) -> None:
+        self._records: dict[str, bytes] = {}  # serialised, so both stores round-trip the same way
+
+    def get(self, miner_id: str) -> MinerRecord | None:
+        raw = self._records.get(miner_id)
+        return MinerRecord.from_bytes(raw) if raw is not None else None
+
+    def put(self, record: MinerRecord) -> None:
+        self._records[record.miner_id] = record.to_bytes()
+
+    def all(self) -> list[MinerRecord]:
+        return [MinerRecord.from_bytes(self._records[k]) for k in sorted(self._records)]
+
+
+class LmdbReputationStore:
+    """Records under b"v1:rep:<miner_id>" in a named database of an existing environment (the
+    coordinator's JobStore.env), so reputation lives in the coordinator's one LMDB file. The
+    environment must allow one more named database than its owner opens (max_dbs)."""
+
+    def __init__(self, env: lmdb.Environment, db_name: bytes = DB_NAME) -> None:
+        self.env = env
+        try:
+            self._db = env.open_db(db_name)
+        except lmdb.DbsFullError:
+            raise RuntimeError(f"LMDB environment has no room for the {db_name.decode()!r} database: "
+                               "open it with a larger max_dbs") from None
+
+    def get(self, miner_id: str) -> MinerRecord | None:
+        with self.env.begin(db=self._db) as txn:
+            raw = txn.get(KEY_PREFIX + miner_id.encode())
+        return MinerRecord.from_bytes(raw) if raw is not None else None
+
+    def put(self, record: MinerRecord) -> None:
+        with self.env.begin(write=True, db=self._db) as txn:
+            txn.put(KEY_PREFIX + record.miner_id.encode(), record.to_bytes())
+
+    def all(self) -> list[MinerRecord]:
+        out = []
+        with self.env.begin(db=self._db) as txn:
+            cur = txn.cursor()
+            if cur.set_range(KEY_PREFIX):
+                for key, raw in cur:
+                    if not key.startswith(KEY_PREFIX):
+                        break
+                    out.append(MinerRecord.from_bytes(raw))
+        return sorted(out, key=lambda r: r.miner_id)
+
+
+class ReputationBook:
+    """The rule over a store. Every method writes through and returns the updated record."""
+
+    def __init__(self, store: ReputationStore | None = None, *, policy: ReputationPolicy | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store: ReputationStore = store if store is not None else MemoryReputationStore()
+        self.policy = policy or ReputationPolicy()
+        self.clock = clock  # wall clock: quarantine windows must survive a restart
+
+    def snapshot(self, miner_id: str) -> MinerRecord:
+        rec = self.store.get(miner_id)
+        return rec if rec is not None else MinerRecord(miner_id, reputation=self.policy.initial)
+
+    def all(self) -> list[MinerRecord]:
+        return self.store.all()
+
+    def record_success(self, miner_id: str) -> MinerRecord:
+        r = self.snapshot(miner_id)
+        return self._put(r._replace(jobs_served=r.jobs_served + 1,
+                                    reputation=_toward_one(r.reputation, self.policy.success_gain)))
+
+    def record_failure(self, miner_id: str, kind: FailureKind = "failure") -> MinerRecord:
+        if kind not in ("failure", "stall"):
+            raise ValueError(f"kind must be 'failure' or 'stall' (got {kind!r})")
+        r = self.snapshot(miner_id)
+        rep = _clamp(r.reputation * (1.0 - self.policy.failure_loss))
+        if kind == "stall":
+            return self._put(r._replace(stalls=r.stalls + 1, reputation=rep))
+        return self._put(r._replace(failures=r.failures + 1, reputation=rep))
+
+    def record_verification(self, miner_id: str, passed: bool) -> MinerRecord:
+        r = self.snapshot(miner_id)
+        p = self.policy
+        if passed:
+            return self._put(r._replace(verifications_passed=r.verifications_passed + 1,
+                                        reputation=_toward_one(r.reputation, p.verified_gain)))
+        now = self.clock()
+        recent = tuple(t for t in r.recent_mismatches if now - t < p.window_s) + (now,)
+        recent = recent[-p.quarantine_after:]  # only the last K matter
+        quarantine = r.quarantined or len(recent) >= p.quarantine_after
+        return self._put(r._replace(
+            verifications_failed=r.verifications_failed + 1,
+            reputation=_clamp(r.reputation * p.mismatch_factor),
+            recent_mismatches=recent,
+            quarantined=quarantine,
+            quarantined_at=r.quarantined_at if r.quarantined else (now if quarantine else 0.0),
+        ))
+
+    def release(self, miner_id: str) -> MinerRecord:
+        """An operator lifts a quarantine; the score is kept, the mismatch window starts afresh."""
+        r = self.snapshot(miner_id)
+        return self._put(r._replace(quarantined=False, quarantined_at=0.0, recent_mismatches=()))
+
+    def _put(self, record: MinerRecord) -> MinerRecord:
+        self.store.put(record)
+        return record
+
+
+def _clamp(x: float) -> float:
+    return 0.0 if x < 0.0 else 1.0 if x > 1.0 else x
+
+
+def _toward_one(x: float, gain: float) -> float:
+    return _clamp(x + gain * (1.0 - x))

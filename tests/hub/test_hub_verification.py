@@ -1,0 +1,118 @@
+"""hub.verification: deterministic sampling, byte-exact and tolerant comparison, arbitration."""
+
+from __future__ import annotations
+
+import io
+import secrets
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aitbc.hub.verification import (
+    DEFAULT_TOLERANCE,
+    arbitrate,
+    compare_artifacts,
+    pixel_distance,
+    should_verify,
+)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return rng.integers(0, 256, size=(32, 32, 3))
+
+
+def noisy(base: np.ndarray, amplitude: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(base + rng.integers(-amplitude, amplitude + 1, size=base.shape), 0, 255)
+
+
+def test_sampling_is_deterministic_and_near_the_rate() -> None:
+    ids = [f"{i:028x}" for i in range(20_000)]
+    first = [should_verify(j) for j in ids]
+    assert first == [should_verify(j) for j in ids]
+    assert abs(sum(first) / len(ids) - 0.10) < 0.01
+    assert abs(sum(should_verify(j, 0.25) for j in ids) / len(ids) - 0.25) < 0.015
+    assert not any(should_verify(j, 0.0) for j in ids[:1000])
+    assert all(should_verify(j, 1.0) for j in ids[:1000])
+    # a lower rate samples a subset of a higher rate's jobs (one threshold on one hash)
+    assert all(should_verify(j, 0.25) for j in ids if should_verify(j, 0.05))
+    with pytest.raises(ValueError):
+        should_verify("x", 1.5)
+
+
+def test_secret_changes_the_sample() -> None:
+    ids = [f"{i:028x}" for i in range(5000)]
+    key = secrets.token_bytes(32)
+    keyed = [should_verify(j, secret=key) for j in ids]
+    assert keyed == [should_verify(j, secret=key) for j in ids]
+    assert keyed != [should_verify(j) for j in ids]
+    assert abs(sum(keyed) / len(ids) - 0.10) < 0.02
+
+
+def test_exact_cpu_comparison(image: np.ndarray) -> None:
+    a = [png(image), png(image[::-1])]
+    assert compare_artifacts(a, list(a), exact=True) .match
+    v = compare_artifacts(a, [a[0], png(noisy(image[::-1], 1))], exact=True)
+    assert not v.match and v.distance == 1.0 and v.reason.startswith("artifact 1 differs byte for byte")
+    # an altered byte anywhere (the cheating miner of the issue) is a mismatch on CPU
+    altered = bytearray(a[0])
+    altered[-20] ^= 0xFF
+    assert not compare_artifacts([a[0]], [bytes(altered)], exact=True).match
+
+
+def test_tolerant_gpu_comparison(image: np.ndarray) -> None:
+    a = png(image)
+    small = png(noisy(image, 3))
+    v = compare_artifacts([a], [small], exact=False)
+    assert v.match and 0 < v.distance <= DEFAULT_TOLERANCE and "within tolerance" in v.reason
+    assert v.distance == pytest.approx(pixel_distance(a, small))
+    other = png(np.random.default_rng(99).integers(0, 256, size=image.shape))
+    v = compare_artifacts([a], [other], exact=False)
+    assert not v.match and v.distance > 0.2 and "exceeds the tolerance" in v.reason
+    # the same noise is a mismatch byte for byte
+    assert not compare_artifacts([a], [small], exact=True).match
+    assert compare_artifacts([a], [small], exact=False, tolerance=0.0001).match is False
+
+
+def test_tolerant_identical_is_distance_zero(image: np.ndarray) -> None:
+    v = compare_artifacts([png(image)], [png(image)], exact=False)
+    assert v.match and v.distance == 0.0 and "byte-identical" in v.reason
+
+
+def test_counts_sizes_and_corrupt_pngs_mismatch(image: np.ndarray) -> None:
+    a = png(image)
+    v = compare_artifacts([a], [a, a], exact=False)
+    assert not v.match and v.reason == "artifact counts differ: 1 vs 2"
+    v = compare_artifacts([a], [png(image[:16])], exact=False)
+    assert not v.match and "sizes differ: 32x32 vs 32x16" in v.reason
+    v = compare_artifacts([a], [a[:40]], exact=False)
+    assert not v.match and "not a decodable PNG" in v.reason
+    with pytest.raises(ValueError):
+        pixel_distance(a, a[:40])
+
+
+def test_text_artifacts_compare_exactly_even_when_tolerant() -> None:
+    t = ["café au lait, 東京".encode()]
+    assert compare_artifacts(t, ["café au lait, 東京".encode()], exact=False).match
+    v = compare_artifacts(t, ["café au lait, 京都".encode()], exact=False)
+    assert not v.match and "byte for byte" in v.reason
+
+
+def test_arbitration(image: np.ndarray) -> None:
+    good, bad = [png(image)], [png(noisy(image, 60))]
+    assert arbitrate({"a": good, "b": bad}, exact=True).decided is False
+    r = arbitrate({"orig": bad, "verifier": good, "referee": good}, exact=True)
+    assert r.decided and r.agreed == {"verifier", "referee"} and r.outvoted == {"orig"}
+    r = arbitrate({"orig": good, "verifier": good}, exact=True)
+    assert r.decided and r.agreed == {"orig", "verifier"} and not r.outvoted
+    gpu = arbitrate({"a": good, "b": [png(noisy(image, 2))], "c": bad}, exact=False)
+    assert gpu.decided and gpu.outvoted == {"c"}
