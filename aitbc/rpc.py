@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from aitbc import telemetry
 from aitbc.errors import AitbcError, ResourceExhausted
 
 log = logging.getLogger("aitbc.rpc")
@@ -105,8 +106,11 @@ class RunningServer:
 async def start_server(
     listen: str, services: Sequence[Service], *, interceptors: Sequence[Any] = ()
 ) -> RunningServer:
-    """Bind a grpc.aio server with health (per service) and reflection; `listen` may use port 0."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors) or None)
+    """Bind a grpc.aio server with health (per service) and reflection; `listen` may use port 0.
+    The telemetry interceptor (trace propagation, aitbc_rpc_* metrics) comes first when tracing or
+    metrics were configured before this call; with both off the server has no interceptor at all."""
+    chain = [*telemetry.server_interceptors(), *interceptors]
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=chain or None)
     for svc in services:
         svc.add(svc.servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -130,5 +134,7 @@ def host_of(listen: str) -> str:
     return "127.0.0.1" if host in ("", "0.0.0.0", "[::]") else host
 
 
-def channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+def channel(target: str, *, interceptors: Sequence[Any] = ()) -> grpc.aio.Channel:
+    """An aio channel with our options; it sends the trace context when tracing is on."""
+    chain = [*telemetry.client_interceptors(), *interceptors]
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=chain or None)
