@@ -22,6 +22,7 @@ class Mempool:
         self.by_hash: dict[bytes, Tx] = {}
         self.by_sender: dict[bytes, dict[int, Tx]] = {}
         self.receipts: dict[bytes, bytes] = {}  # receipt hash -> pending MINT tx hash
+        self.spend: dict[bytes, int] = {}  # sender -> sum of its pending TRANSFER amounts
 
     def __len__(self) -> int:
         return len(self.by_hash)
@@ -45,7 +46,7 @@ class Mempool:
         if len(self.by_hash) >= self.max_total:
             raise ResourceExhausted(f"mempool full: {self.max_total} pending txs", retry_after_s=1.0)
         if tx.kind == KIND_TRANSFER:
-            pending = sum(t.amount for t in queue.values())
+            pending = self.spend.get(tx.sender_id, 0)
             if pending + tx.amount > balance:
                 raise FailedPrecondition(
                     f"insufficient balance: have {balance}, pending {pending}, need {tx.amount} more")
@@ -59,6 +60,8 @@ class Mempool:
             self.receipts[rh] = tx.hash
         self.by_sender.setdefault(tx.sender_id, {})[tx.nonce] = tx
         self.by_hash[tx.hash] = tx
+        if tx.kind == KIND_TRANSFER:
+            self.spend[tx.sender_id] = self.spend.get(tx.sender_id, 0) + tx.amount
 
     def pending_nonce(self, sender_id: bytes, account_nonce: int) -> int:
         """The next nonce the sender should use: past every consecutive pending nonce."""
@@ -103,6 +106,12 @@ class Mempool:
                 del queue[tx.nonce]
                 if not queue:
                     del self.by_sender[tx.sender_id]
+            if tx.kind == KIND_TRANSFER:
+                left = self.spend.get(tx.sender_id, 0) - tx.amount
+                if left > 0:
+                    self.spend[tx.sender_id] = left
+                else:
+                    self.spend.pop(tx.sender_id, None)
             if tx.receipt is not None:
                 rh = tx.receipt.receipt_hash
                 if self.receipts.get(rh) == tx.hash:

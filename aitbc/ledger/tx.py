@@ -193,6 +193,38 @@ def _decode(raw: bytes) -> Tx:
               crypto.sha256(raw), crypto.sha256(pubkey)[:20])
 
 
+try:  # direct libsecp256k1 calls: no DER round trip, parsed sender keys cached (~1.6x faster)
+    from coincurve import PublicKey as _PublicKey
+    from coincurve._libsecp256k1 import ffi as _ffi
+    from coincurve._libsecp256k1 import lib as _lib
+    from coincurve.context import GLOBAL_CONTEXT as _CTX
+
+    _PUBKEYS: dict[bytes, object] = {}
+
+    def _verify_compact(digest: bytes, sig: bytes, pubkey: bytes) -> bool:
+        # the explicit range/low-S check mirrors aitbc.crypto (libsecp256k1's verify also refuses
+        # high-S and parse_compact refuses r, s >= n; r = 0 or s = 0 never verify)
+        s_val = int.from_bytes(sig[32:64], "big")
+        if not 0 < s_val <= crypto.HALF_N or not 0 < int.from_bytes(sig[:32], "big") < crypto.SECP256K1_N:
+            return False
+        pk = _PUBKEYS.get(pubkey)
+        if pk is None:
+            try:
+                pk = _PublicKey(pubkey).public_key
+            except ValueError:
+                return False
+            if len(_PUBKEYS) >= 100_000:
+                _PUBKEYS.clear()
+            _PUBKEYS[pubkey] = pk
+        parsed = _ffi.new("secp256k1_ecdsa_signature *")
+        if not _lib.secp256k1_ecdsa_signature_parse_compact(_CTX.ctx, parsed, sig):
+            return False
+        return bool(_lib.secp256k1_ecdsa_verify(_CTX.ctx, parsed, digest, pk))
+except ImportError:  # pragma: no cover - other coincurve layouts
+    def _verify_compact(digest: bytes, sig: bytes, pubkey: bytes) -> bool:
+        return crypto.verify(digest, sig, pubkey)
+
+
 def verify_tx_signature(tx: Tx) -> None:
     """Raise CryptoError('bad signature: ...') unless the low-S signature is by the sender's key."""
     digest = signing_digest(tx.body)
@@ -204,5 +236,5 @@ def verify_tx_signature(tx: Tx) -> None:
             raise CryptoError(msg) from None
         if pub != tx.sender_pubkey:
             raise CryptoError("bad signature: not signed by the sender's key")
-    elif not crypto.verify(digest, tx.signature, tx.sender_pubkey):
+    elif not _verify_compact(digest, tx.signature, tx.sender_pubkey):
         raise CryptoError("bad signature: does not verify against the sender's key (or is high-S)")

@@ -238,3 +238,24 @@ def test_equivocation_is_noticed_and_resolved_by_hash():
     outcome = c.add_block(decode_block(d.block_raw_at(1)), _now(g3, 3))
     assert c.equivocations == 1
     assert c.head.hash == min(mine, twin) and outcome == ("reorg" if twin < mine else "side")
+
+
+def test_fast_compact_verify_matches_crypto_verify():
+    from aitbc.ledger.tx import _verify_compact
+
+    for i in range(600):
+        k = key(1000 + i % 20)
+        d = crypto.sha256(b"m%d" % i)
+        sig, pub = k.sign(d)[:64], k.pubkey
+        kind = i % 6
+        if kind == 1:
+            d = crypto.sha256(b"other")
+        elif kind == 2:  # high-S twin of a valid signature
+            sig = sig[:32] + (crypto.SECP256K1_N - int.from_bytes(sig[32:], "big")).to_bytes(32, "big")
+        elif kind == 3:
+            sig = bytes(32) + sig[32:]
+        elif kind == 4:
+            sig = sig[:32] + crypto.SECP256K1_N.to_bytes(32, "big")
+        elif kind == 5:
+            pub = key(5000 + i).pubkey
+        assert _verify_compact(d, sig, pub) == crypto.verify(d, sig, pub) == (kind == 0)

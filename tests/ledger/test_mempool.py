@@ -81,3 +81,16 @@ def test_ready_round_robins_senders():
         mp.add(decode_tx(make_mint(BOB, CHAIN, i, receipt(30 + i))), acc, lambda _: False)
     order = [t.sender for t in mp.ready(acc, 4)]
     assert sorted(order) == sorted([ALICE.address, BOB.address] * 2)
+
+
+def test_pending_spend_is_tracked_through_add_and_remove():
+    mp = Mempool()
+    acc = _accounts({A: (100, 0)})
+    txs = [decode_tx(make_transfer(ALICE, CHAIN, n, BOB.address, 10 + n)) for n in range(4)]
+    for t in txs:
+        mp.add(t, acc, lambda _: False)
+    assert mp.spend[A] == 10 + 11 + 12 + 13
+    mp.remove(txs[:2])
+    assert mp.spend[A] == 25
+    mp.remove(txs[2:])
+    assert A not in mp.spend
