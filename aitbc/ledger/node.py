@@ -116,36 +116,43 @@ class Node:
 
     # ---- transactions ----------------------------------------------------------------------------
 
-    async def submit(self, raws: Sequence[bytes], *, relay: bool = True) -> list[tuple[bytes, AitbcError | None]]:
-        """Admit signed txs; one (hash, error or None) per input, in order."""
-        results: list[tuple[bytes, AitbcError | None]] = []
-        todo: list[tuple[int, Tx]] = []
+    def _prepare(self, raws: Sequence[bytes]) -> list[tuple[bytes, Tx | None, AitbcError | None]]:
+        """Decode, de-duplicate and run the stateless checks (the CPU-heavy part of admission)."""
+        out: list[tuple[bytes, Tx | None, AitbcError | None]] = []
         for raw in raws:
             try:
                 tx = decode_tx(raw)
             except AitbcError as exc:
-                results.append((crypto.sha256(bytes(raw)), exc))
+                out.append((crypto.sha256(bytes(raw)), None, exc))
                 continue
-            results.append((tx.hash, None))
             if tx.hash in self.mempool:
-                results[-1] = (tx.hash, AlreadyExists(f"already known: tx {tx.hash.hex()} is pending"))
+                out.append((tx.hash, None, AlreadyExists(f"already known: tx {tx.hash.hex()} is pending")))
             elif (loc := self.chain.tx_location(tx.hash)) is not None:
-                results[-1] = (tx.hash, AlreadyExists(f"already known: tx {tx.hash.hex()} is in block {loc[0]}"))
+                out.append((tx.hash, None, AlreadyExists(f"already known: tx {tx.hash.hex()} is in block {loc[0]}")))
             else:
-                todo.append((len(results) - 1, tx))
-        if len(todo) >= VERIFY_IN_THREAD_MIN:
-            errors = await asyncio.to_thread(lambda: [_check_one(tx, self.genesis) for _, tx in todo])
+                err = _check_one(tx, self.genesis)
+                out.append((tx.hash, None if err else tx, err))
+        return out
+
+    async def submit(self, raws: Sequence[bytes], *, relay: bool = True) -> list[tuple[bytes, AitbcError | None]]:
+        """Admit signed txs; one (hash, error or None) per input, in order. Decoding and signature
+        checks of batches run in a worker thread; only the mempool insert runs on the loop."""
+        if len(raws) >= VERIFY_IN_THREAD_MIN:
+            prepared = await asyncio.to_thread(self._prepare, raws)
         else:
-            errors = [_check_one(tx, self.genesis) for _, tx in todo]
+            prepared = self._prepare(raws)
+        results: list[tuple[bytes, AitbcError | None]] = []
         accepted: list[bytes] = []
-        for (i, tx), err in zip(todo, errors, strict=True):
-            if err is None:
+        for n, (h, tx, err) in enumerate(prepared):
+            if tx is not None:
                 try:
                     self.mempool.add(tx, self.chain.account, self._minted)
                     accepted.append(tx.raw)
                 except AitbcError as exc:
                     err = exc
-            results[i] = (tx.hash, err)
+            results.append((h, err))
+            if n % 2000 == 1999:
+                await asyncio.sleep(0)  # let other RPCs in during big batches
         if accepted and relay and self.peers:
             self._relay_buf.extend(accepted)
             self._relay_wake.set()
