@@ -73,12 +73,17 @@ class Metric:
         self._lock = threading.Lock()
 
     def _key(self, labels: dict[str, Any]) -> tuple[str, ...]:
-        if len(labels) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {tuple(labels)}")
+        names = self.labelnames
+        if len(labels) != len(names):
+            raise ValueError(f"{self.name} takes labels {names}, got {tuple(labels)}")
         try:
-            return tuple(str(labels[n]) for n in self.labelnames)
+            key = tuple(map(labels.__getitem__, names))
         except KeyError:
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {tuple(labels)}") from None
+            raise ValueError(f"{self.name} takes labels {names}, got {tuple(labels)}") from None
+        for v in key:
+            if type(v) is not str:
+                return tuple(str(v) for v in key)
+        return key
 
     def samples(self) -> Iterator[str]:  # pragma: no cover - overridden
         return iter(())
@@ -126,7 +131,11 @@ class Counter(Metric):
             self._values[key] = self._values.get(key, 0.0) + amount
 
     def inc(self, amount: float = 1.0, **labels: Any) -> None:
-        self._add(self._key(labels) if labels or self.labelnames else (), amount)
+        key = self._key(labels) if labels or self.labelnames else ()
+        if amount < 0:
+            raise ValueError(f"{self.name}: a counter only goes up")
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
 
     def labels(self, **labels: Any) -> _Child:
         return _Child(self, self._key(labels))
@@ -225,7 +234,14 @@ class Histogram(Metric):
             row[-1] += value
 
     def observe(self, value: float, **labels: Any) -> None:
-        self._observe(self._key(labels) if labels or self.labelnames else (), value)
+        key = self._key(labels) if labels or self.labelnames else ()
+        i = bisect.bisect_left(self.buckets, value)
+        with self._lock:
+            row = self._values.get(key)
+            if row is None:
+                row = self._values[key] = [0.0] * (len(self.buckets) + 2)
+            row[i] += 1
+            row[-1] += value
 
     def labels(self, **labels: Any) -> _Child:
         return _Child(self, self._key(labels))

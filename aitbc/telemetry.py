@@ -58,16 +58,22 @@ _service_name = "aitbc"
 # Configuration
 
 
-def configure(service_name: str, *, exporter: str | None = None, endpoint: str | None = None) -> None:
+def configure(service_name: str, *, exporter: Any = None, endpoint: str | None = None) -> None:
     """Turn tracing on or off for this process. `exporter` defaults to $AITBC_TRACING or "none";
     "otlp" sends to `endpoint` (default $OTEL_EXPORTER_OTLP_ENDPOINT, else the OTLP default
-    localhost:4317) over gRPC; "memory" keeps spans for tests (`memory_exporter()`).
+    localhost:4317) over gRPC; "memory" keeps spans for tests (`memory_exporter()`); an
+    opentelemetry SpanExporter instance gets a batch processor (for benchmarks and custom sinks).
+    Sampling follows OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default: every trace).
 
     Configure before starting servers and opening channels: the interceptors are chosen then.
     Calling again replaces the previous set-up (finished spans of the old one are flushed)."""
     global _enabled, _provider, _tracer, _memory, _service_name
-    exporter = (exporter or os.environ.get("AITBC_TRACING") or "none").strip().lower()
-    if exporter not in EXPORTERS:
+    custom = None
+    if exporter is not None and not isinstance(exporter, str):
+        custom, exporter = exporter, "custom"
+    else:
+        exporter = (exporter or os.environ.get("AITBC_TRACING") or "none").strip().lower()
+    if custom is None and exporter not in EXPORTERS:
         raise ValueError(f"tracing exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     shutdown()
     _service_name = service_name
@@ -79,7 +85,9 @@ def configure(service_name: str, *, exporter: str | None = None, endpoint: str |
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    if exporter == "memory":
+    if custom is not None:
+        provider.add_span_processor(BatchSpanProcessor(custom))
+    elif exporter == "memory":
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
         _memory = InMemorySpanExporter()
