@@ -27,7 +27,8 @@ STREAM_BATCH_BYTES = 4 * 1024 * 1024
 RELAY_METADATA = ("x-aitbc-relay", "1")
 RELAY_CHUNK = 5000
 RELAY_QUEUE_BATCHES = 64
-VERIFY_IN_THREAD_MIN = 16  # batches at least this big verify signatures off the event loop
+VERIFY_IN_THREAD_MIN = 16
+MAX_PEERS = 32  # announced peers are dialed back; bound how many  # batches at least this big verify signatures off the event loop
 
 
 def _check_one(tx: Tx, genesis) -> AitbcError | None:  # type: ignore[no-untyped-def]
@@ -93,6 +94,9 @@ class Node:
 
     def add_peer(self, target: str) -> None:
         if not target or target == self.listen_address or target in self.peers or self._stopped:
+            return
+        if len(self.peers) >= MAX_PEERS:
+            log.warning("not adding peer %s: already %d peers", target, MAX_PEERS)
             return
         log.info("syncing from peer %s", target)
         self.peers[target] = asyncio.create_task(self._sync_loop(target), name=f"ledger-sync-{target}")
