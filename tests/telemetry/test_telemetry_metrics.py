@@ -178,6 +178,7 @@ async def test_endpoint_serves_declared_metrics_and_rpc_counts() -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         scrape(port, "/nope")
     assert err.value.code == 404
+    err.value.close()
 
 
 async def test_metrics_off_means_no_interceptor() -> None:
