@@ -188,6 +188,7 @@ async def main() -> None:
     ap.add_argument("--latency-seconds", type=float, default=8.0)
     ap.add_argument("--block-time", type=float, default=1.0)
     ap.add_argument("--authorities", type=int, default=1, help="authority node processes (all verify everything)")
+    ap.add_argument("--keep", help="keep node folders and logs here")
     args = ap.parse_args()
     print(f"machine: {machine()}")
     raw, tx_verify = raw_verify_rate()
@@ -199,7 +200,8 @@ async def main() -> None:
                      block_time_ms=int(args.block_time * 1000), max_price_per_unit=10**6,
                      max_mint_per_receipt=10**15, max_block_txs=20_000)
     nodes: list[NodeProc] = []
-    with tempfile.TemporaryDirectory(prefix="aitbc-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="aitbc-bench-") as tmp_dir:
+        tmp = args.keep or tmp_dir
         try:
             for i, a in enumerate(auths):
                 nodes.append(NodeProc(Path(tmp), f"auth{i}", g, a, peers=[n.target for n in nodes]).start())
@@ -223,6 +225,9 @@ async def main() -> None:
         finally:
             for n in nodes:
                 n.stop()
+            logs = "".join((n.dir / "node.log").read_text(errors="replace") for n in nodes)
+            print(f"node logs: {logs.count('reorg:')} reorg(s), {logs.count('rejected a block')} rejected block(s), "
+                  f"{logs.count('equivocation')} equivocation(s)")
 
 
 if __name__ == "__main__":

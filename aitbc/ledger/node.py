@@ -28,7 +28,8 @@ RELAY_METADATA = ("x-aitbc-relay", "1")
 RELAY_CHUNK = 5000
 RELAY_QUEUE_BATCHES = 64
 VERIFY_IN_THREAD_MIN = 16
-MAX_PEERS = 32  # announced peers are dialed back; bound how many  # batches at least this big verify signatures off the event loop
+MAX_PEERS = 32
+PEER_HEAD_TTL_S = 5.0  # announced peers are dialed back; bound how many  # batches at least this big verify signatures off the event loop
 
 
 def _check_one(tx: Tx, genesis) -> AitbcError | None:  # type: ignore[no-untyped-def]
@@ -60,6 +61,7 @@ class Node:
         self._relay_buf: list[bytes] = []
         self._relay_wake = asyncio.Event()
         self._caught_up = asyncio.Event()
+        self._peer_heads: dict[str, tuple[int, float]] = {}  # peer -> (head height it reported, when)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
         self.produced = 0
@@ -265,6 +267,8 @@ class Node:
             now = self.now_ms()
             slot = now // bt
             if self.chain.proposer_for_slot(slot) == my_id and slot > self.chain.head.slot:
+                await self._grace_for_previous_slot(slot)
+            if self.chain.proposer_for_slot(slot) == my_id and slot > self.chain.head.slot and not self._behind():
                 try:
                     await self.produce(slot)
                 except AitbcError as exc:
@@ -273,6 +277,26 @@ class Node:
                     log.exception("block production failed in slot %d", slot)
             delay = ((slot + 1) * bt - self.now_ms()) / 1000
             await asyncio.sleep(max(0.001, delay))
+
+    def _behind(self) -> bool:
+        """A peer recently reported a higher head than ours: a block built now could only be
+        orphaned (or churn the others with a tie), so this slot is better left to the next one."""
+        now = time.monotonic()
+        best = max((h for h, t in self._peer_heads.values() if now - t < PEER_HEAD_TTL_S), default=0)
+        if best > self.chain.head.height:
+            log.info("behind peers (head %d < %d): skipping this slot", self.chain.head.height, best)
+            return True
+        return False
+
+    async def _grace_for_previous_slot(self, slot: int) -> None:
+        """With several authorities, wait up to a third of the slot for the previous slot's block
+        when it is late (slow propagation under load) instead of forking next to it at once."""
+        if len(self.chain.authority_ids) < 2 or self.chain.head.slot >= slot - 1:
+            return
+        bt = self.genesis.block_time_ms
+        deadline_ms = slot * bt + bt // 3
+        while self.chain.head.slot < slot - 1 and (left := deadline_ms - self.now_ms()) > 0:
+            await self.wait_changed(left / 1000)
 
     async def produce(self, slot: int) -> Block | None:
         assert self.key is not None
@@ -309,6 +333,8 @@ class Node:
                     except AitbcError as exc:
                         self.rejected_blocks += 1
                         log.warning("rejected a block from %s: %s", target, exc.message)
+                    if target in self._initial_peers:  # configured peers only: an announced one could lie
+                        self._peer_heads[target] = (resp.head_height, time.monotonic())
                     if self.chain.head.height >= resp.head_height:
                         self._caught_up.set()
             except grpc.aio.AioRpcError as exc:
