@@ -108,6 +108,9 @@ class Settlement:
         if self.clock() < self._retry_at.get(rec.receipt_hash, 0.0):
             return
         s.attempts += 1
+        # one MINT at a time, so take the nonce from the node each time: if MINTs were lost with a
+        # killed node, a local counter would run past them and every later MINT would wait forever
+        self.ledger.resync_nonce(self.key.address)
         try:  # the ledger client's idempotent MINT (status check, nonce allocation, re-sync)
             st = await self._call(self.ledger.settle_receipt(self.key, receipt_from_proto(rec), wait=None))
         except errors.Unavailable:

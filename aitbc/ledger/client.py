@@ -220,6 +220,12 @@ class LedgerClient:
     def _forget_nonce(self, address: str) -> None:
         self._next_nonce.pop(address, None)
 
+    def resync_nonce(self, address: str) -> None:
+        """Take the next nonce from the node again. A sender whose earlier txs were lost (a node
+        killed before relaying them) must not keep counting past them: its next txs would wait
+        behind the gap forever. Re-syncing lets new txs fill the gap."""
+        self._forget_nonce(address)
+
     async def settle_receipt(self, key: crypto.PrivateKey, receipt: SignedReceipt, *, wait: str | None = "included",
                              timeout: float = 30.0, attempts: int = 5) -> ReceiptStatus:
         """Mint an attested receipt exactly once, idempotently, and (optionally) wait for it.

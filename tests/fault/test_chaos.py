@@ -1,0 +1,239 @@
+"""Chaos: a network of real processes under steady mixed load while processes are killed -9,
+paused (SIGSTOP 10 s) and restarted at random; afterwards the invariants a user relies on.
+
+Network: 3 authorities + 1 follower (ledger), a coordinator settling through the follower, 3
+miners (null image and null-text backends: everything real but the models, so the CPU goes to the
+protocol). Load: image and text jobs and token transfers. Bounded: AITBC_CHAOS_PERTURBATIONS
+(default 50) perturbations about a second apart, then recovery and checks with timeouts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import grpc
+import pytest
+
+from aitbc import crypto, jobs
+from aitbc.clients.sdk import ClientError, CoordinatorClient
+from aitbc.ledger import tx as txmod
+from aitbc.v1 import job_pb2, ledger_pb2, ledger_pb2_grpc, receipt_pb2
+from tests.fault.cluster import API_KEY, CHAIN, Cluster, Proc
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+PERTURBATIONS = int(os.environ.get("AITBC_CHAOS_PERTURBATIONS", "50"))
+RECOVERY_S = 20.0
+
+
+class Load:
+    """Steady mixed load from background threads; records what the network accepted."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.accepted: list[str] = []
+        self.refused = 0
+        self.transfers_sent = 0
+        self.sink = crypto.PrivateKey.generate()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._jobs, daemon=True),
+                        threading.Thread(target=self._transfers, daemon=True)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+    def _jobs(self) -> None:
+        rng = random.Random(1)
+        client = CoordinatorClient(self.cluster.coordinator_target, API_KEY, timeout=3.0)
+        i = 0
+        while not self.stop.wait(0.2):
+            i += 1
+            try:
+                if i % 2:
+                    job = client.submit_image(f"chaos image {i}", model="null", images=rng.choice((1, 2)), seed=i,
+                                              width=64, height=64, steps=4, request_id=f"img-{i}")
+                else:
+                    job = client.submit_text(f"chaos text {i}", model="null-text", max_new_tokens=24, seed=i,
+                                             request_id=f"txt-{i}")
+                self.accepted.append(job.job_id)
+            except ClientError:
+                self.refused += 1  # coordinator down or paused: the job was never accepted
+        client.close()
+
+    def _transfers(self) -> None:
+        rng = random.Random(2)
+        while not self.stop.wait(1.0):
+            key = rng.choice(self.cluster.miner_keys)
+            node = rng.choice(self.cluster.nodes)
+            try:
+                with grpc.insecure_channel(node.target) as ch:
+                    stub = ledger_pb2_grpc.LedgerServiceStub(ch)
+                    acct = stub.GetAccount(ledger_pb2.GetAccountRequest(address=key.address), timeout=2)
+                    if acct.balance < 10:
+                        continue
+                    raw = txmod.make_transfer(key, CHAIN, acct.pending_nonce, self.sink.address, rng.randint(1, 5))
+                    stub.BroadcastTransaction(ledger_pb2.BroadcastTransactionRequest(raw=raw), timeout=2)
+                    self.transfers_sent += 1
+            except grpc.RpcError:
+                pass  # node down, paused or nonce race: a transfer that was refused moved nothing
+
+
+def perturb(cluster: Cluster, rng: random.Random, log: list[str]) -> None:
+    """Kill -9 + restart, SIGSTOP for 10 s, or restart, on random processes; at most one authority
+    disturbed at a time (a second one would halt finality by design with 3 authorities)."""
+    paused_until: dict[str, float] = {}
+    timers: list[threading.Timer] = []
+    for n in range(PERTURBATIONS):
+        now = time.monotonic()
+        disturbed_auth = any(p.kind == "authority" and paused_until.get(p.name, 0) > now for p in cluster.procs)
+        choices = [p for p in cluster.procs if paused_until.get(p.name, 0) <= now
+                   and not (p.kind == "authority" and disturbed_auth)]
+        p: Proc = rng.choice(choices)
+        action = rng.choice(("kill9", "kill9", "pause", "restart"))
+        if action == "pause":
+            p.pause()
+            paused_until[p.name] = now + 10.0
+            t = threading.Timer(10.0, p.resume)
+            t.start()
+            timers.append(t)
+        else:
+            if action == "restart":
+                p.stop()
+            took = p.restart(RECOVERY_S)
+            log.append(f"{n}: {action} {p.name}: healthy again after {took:.1f} s")
+            if p.kind == "authority":
+                paused_until[p.name] = time.monotonic() + 3.0  # let it catch up before the next authority hit
+        if action == "pause":
+            log.append(f"{n}: pause {p.name} 10 s")
+        time.sleep(rng.uniform(0.5, 1.5))
+    for t in timers:
+        t.join()
+
+
+def chain_view(target: str, upto: int) -> tuple[list[tuple[str, str]], list[ledger_pb2.Transaction]]:
+    hashes, txs = [], []
+    with grpc.insecure_channel(target) as ch:
+        stub = ledger_pb2_grpc.LedgerServiceStub(ch)
+        for h in range(1, upto + 1):
+            b = stub.GetBlock(ledger_pb2.GetBlockRequest(height=h, include_transactions=True), timeout=5)
+            hashes.append((b.block.header.hash, b.block.header.state_root))
+            txs.extend(b.transactions)
+    return hashes, txs
+
+
+def head(target: str) -> ledger_pb2.GetHeadResponse:
+    with grpc.insecure_channel(target) as ch:
+        return ledger_pb2_grpc.LedgerServiceStub(ch).GetHead(ledger_pb2.GetHeadRequest(), timeout=5)
+
+
+def test_chaos_nothing_lost_minted_once_nodes_agree(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    cluster.start()
+    load = Load(cluster)
+    rng = random.Random(int(os.environ.get("AITBC_CHAOS_SEED", "7")))
+    events: list[str] = []
+    try:
+        load.start()
+        time.sleep(3)  # steady state first
+        perturb(cluster, rng, events)
+        load.finish()
+
+        # every process recovers: anything dead is restarted, anything paused resumed
+        for p in cluster.procs:
+            p.resume()
+            if not p.alive():
+                p.restart(RECOVERY_S)
+            p.wait_healthy(RECOVERY_S)
+        worst = max((t for p in cluster.procs for t in p.recovery_s), default=0.0)
+        assert worst <= RECOVERY_S
+
+        # every accepted job ends COMPLETED, CANCELLED or FAILED with a reason: none vanished
+        client = CoordinatorClient(cluster.coordinator_target, API_KEY, timeout=5.0)
+        deadline = time.monotonic() + 240
+        final: dict[str, job_pb2.Job] = {}
+        while len(final) < len(load.accepted) and time.monotonic() < deadline:
+            for job_id in load.accepted:
+                if job_id not in final:
+                    job = client.get_job(job_id)
+                    if job.state in jobs.TERMINAL:
+                        final[job_id] = job
+            time.sleep(0.5)
+        missing = [j for j in load.accepted if j not in final]
+        assert not missing, f"{len(missing)} accepted jobs never finished, e.g. {missing[:3]}"
+        for job in final.values():
+            assert job.state in (job_pb2.JOB_STATE_COMPLETED, job_pb2.JOB_STATE_CANCELLED, job_pb2.JOB_STATE_FAILED)
+            if job.state != job_pb2.JOB_STATE_COMPLETED:
+                assert job.error, f"job {job.job_id} ended {jobs.state_name(job.state)} without a reason"
+        completed = [j for j in final.values() if j.state == job_pb2.JOB_STATE_COMPLETED]
+        assert len(completed) >= len(final) // 2, "most jobs should complete despite the chaos"
+
+        # every completed job's receipt is minted, exactly once, and final
+        deadline = time.monotonic() + 240
+        receipts: dict[str, receipt_pb2.Receipt] = {}
+        while len(receipts) < len(completed) and time.monotonic() < deadline:
+            for job in completed:
+                if job.job_id not in receipts:
+                    rec = client.receipt(job_id=job.job_id)
+                    if rec.settlement.state == receipt_pb2.SETTLEMENT_STATE_FINAL:
+                        receipts[job.job_id] = rec
+            time.sleep(0.5)
+        unsettled = [j.job_id for j in completed if j.job_id not in receipts]
+        if unsettled:
+            states = [(s.state, s.error, s.tx_hash) for s in (client.receipt(job_id=j).settlement for j in unsettled[:5])]
+            pools = {n.name: (head(n.target).mempool_size, head(n.target).head.height, head(n.target).finalized_height)
+                     for n in cluster.nodes}
+            raise AssertionError(f"{len(unsettled)} receipts not final: {states}; nodes (mempool, head, final): {pools}")
+        client.close()
+
+        # all nodes agree on block hashes and state roots at every height up to the common final height
+        time.sleep(2)
+        common = min(head(n.target).finalized_height for n in cluster.nodes)
+        assert common > 0
+        views = [chain_view(n.target, common) for n in cluster.nodes]
+        for n, (hashes, _) in zip(cluster.nodes[1:], views[1:], strict=True):
+            assert hashes == views[0][0], f"{n.name} disagrees with {cluster.nodes[0].name}"
+
+        # minted once; balances = mints - transfers out + transfers in
+        top = head(cluster.nodes[0].target).head.height
+        _, txs = chain_view(cluster.nodes[0].target, top)
+        mints_by_receipt: dict[str, int] = defaultdict(int)
+        balance: dict[str, int] = defaultdict(int)
+        for t in txs:
+            if t.kind == ledger_pb2.TRANSACTION_KIND_MINT:
+                mints_by_receipt[t.receipt_hash] += 1
+                balance[t.provider] += t.mint_amount
+            elif t.kind == ledger_pb2.TRANSACTION_KIND_TRANSFER:
+                balance[t.sender] -= t.amount
+                balance[t.to] += t.amount
+        assert all(c == 1 for c in mints_by_receipt.values()), "a receipt was minted twice"
+        for rec in receipts.values():
+            assert mints_by_receipt[rec.receipt_hash] == 1
+        minted_per_miner: dict[str, int] = defaultdict(int)
+        for rec in receipts.values():
+            minted_per_miner[rec.body.provider] += rec.settlement.amount
+        with grpc.insecure_channel(cluster.nodes[0].target) as ch:
+            stub = ledger_pb2_grpc.LedgerServiceStub(ch)
+            for addr in {*balance, *(k.address for k in cluster.miner_keys), load.sink.address}:
+                assert stub.GetAccount(ledger_pb2.GetAccountRequest(address=addr), timeout=5).balance == balance[addr]
+        chain_mints = defaultdict(int)
+        for t in txs:
+            if t.kind == ledger_pb2.TRANSACTION_KIND_MINT:
+                chain_mints[t.provider] += t.mint_amount
+        assert dict(chain_mints) == dict(minted_per_miner), "coordinator's settled amounts differ from the chain"
+        print(f"chaos: {PERTURBATIONS} perturbations, {len(load.accepted)} jobs accepted ({load.refused} refused "
+              f"while the coordinator was down), {len(completed)} completed, {len(receipts)} minted once, "
+              f"{load.transfers_sent} transfers sent, chain height {top}, worst recovery {worst:.1f} s")
+        print("\n".join(events))
+    finally:
+        load.stop.set()
+        cluster.stop()
