@@ -131,3 +131,19 @@ async def test_partition_heals_by_fork_choice_and_losing_txs_return():
         for n, s in ((a, sa), (b, sb)):
             await n.stop()
             await s.stop(0)
+
+
+async def test_behind_configured_peer_skips_slot_but_announced_claims_are_ignored():
+    import time as _time
+
+    from aitbc.ledger.chain import Chain
+    from aitbc.ledger.node import PEER_HEAD_TTL_S, Node
+
+    node = Node(Chain(MemoryStore(), genesis(2)), AUTH[0], peers=["127.0.0.1:1"])
+    assert not node._behind()
+    node._peer_heads["127.0.0.1:1"] = (5, _time.monotonic())
+    assert node._behind()
+    node._peer_heads["127.0.0.1:1"] = (5, _time.monotonic() - PEER_HEAD_TTL_S - 1)
+    assert not node._behind()  # stale claims expire
+    node._peer_heads["127.0.0.1:1"] = (0, _time.monotonic())
+    assert not node._behind()
