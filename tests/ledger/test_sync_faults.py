@@ -133,7 +133,7 @@ async def test_partition_heals_by_fork_choice_and_losing_txs_return():
             await s.stop(0)
 
 
-async def test_behind_configured_peer_skips_slot_but_announced_claims_are_ignored():
+async def test_behind_a_configured_peer_skips_the_slot_until_the_claim_expires():
     import time as _time
 
     from aitbc.ledger.chain import Chain
