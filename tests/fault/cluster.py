@@ -130,7 +130,7 @@ class Cluster:
         node_ports = [free_port() for _ in range(authorities + followers)]
         node_targets = [f"127.0.0.1:{p}" for p in node_ports]
         self.nodes: list[Proc] = []
-        for i, port in enumerate(node_ports):
+        for i in range(len(node_ports)):
             name = f"authority{i}" if i < authorities else f"follower{i - authorities}"
             d = root / name
             d.mkdir(exist_ok=True)
