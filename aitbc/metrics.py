@@ -20,6 +20,7 @@ import bisect
 import http.server
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -351,7 +352,8 @@ GPU_SECONDS = counter("aitbc_gpu_seconds_total", "GPU seconds served in complete
 MINERS_CONNECTED = gauge("aitbc_miners_connected", "Miners with an open Work stream.")
 # miner
 MINER_LOAD = gauge("aitbc_miner_load", "Jobs running on this miner divided by its max_concurrency (0..1).")
-VRAM_USED = gauge("aitbc_vram_used_bytes", "GPU memory allocated by the miner's backends, by device.", ["device"])
+VRAM_USED = gauge("aitbc_vram_used_bytes", "GPU memory held by the miner's torch allocator (reserved), by device.",
+                  ["device"])
 # ledger node
 MEMPOOL_SIZE = gauge("aitbc_mempool_size", "Transactions waiting in the node's mempool.")
 BLOCK_HEIGHT = gauge("aitbc_block_height", "Height of the node's head block.")
@@ -367,6 +369,27 @@ RPC_REQUESTS = counter("aitbc_rpc_requests_total", "gRPC calls served, by servic
 RPC_LATENCY = histogram("aitbc_rpc_latency_seconds",
                         "Server-side latency of unary-response gRPC calls (streams that return many "
                         "messages are counted in aitbc_rpc_requests_total only).", ["service", "method"])
+
+
+def cuda_vram_used() -> dict[tuple[str, ...], float]:
+    """{("cuda:N",): bytes held by this process's torch allocator} for each CUDA device, read at
+    scrape time; {} when torch is not imported or CUDA is not initialised (a scrape never imports
+    torch nor creates a CUDA context)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return {}
+    try:
+        if not torch.cuda.is_initialized():
+            return {}
+        return {(f"cuda:{i}",): float(torch.cuda.memory_reserved(i)) for i in range(torch.cuda.device_count())}
+    except Exception:  # a driver error must not break the scrape
+        log.debug("reading CUDA memory failed", exc_info=True)
+        return {}
+
+
+def watch_cuda_vram() -> None:
+    """Export aitbc_vram_used_bytes{device} from torch at each scrape (the miner calls this once)."""
+    VRAM_USED.set_function(cuda_vram_used)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -420,7 +443,11 @@ def start_metrics_server(listen: str, registry: Registry = REGISTRY) -> int:
             return int(_server.server_address[1])
         host, port = split_listen(listen)
         handler = type("MetricsHandler", (_Handler,), {"registry": registry})
-        server = http.server.ThreadingHTTPServer((host, port), handler)
+        try:
+            server = http.server.ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot serve metrics on {listen}: {exc.strerror or exc} "
+                                     "(each process needs its own AITBC_METRICS_LISTEN port)") from None
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="aitbc-metrics", daemon=True).start()
         _server = server

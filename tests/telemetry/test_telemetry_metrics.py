@@ -135,6 +135,23 @@ def test_recording_from_threads_loses_nothing() -> None:
     assert h.count() == 20000
 
 
+def test_vram_gauge_reads_torch_only_when_cuda_is_initialised(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    cuda = types.SimpleNamespace(is_initialized=lambda: False, device_count=lambda: 2,
+                                 memory_reserved=lambda i: (i + 1) * 1024.0)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    assert metrics.cuda_vram_used() == {}
+    cuda.is_initialized = lambda: True
+    assert metrics.cuda_vram_used() == {("cuda:0",): 1024.0, ("cuda:1",): 2048.0}
+    reg = metrics.Registry()
+    g = reg.gauge("t_vram_bytes", "v", ["device"])
+    g.set_function(metrics.cuda_vram_used)
+    _, samples = parse(reg.render())
+    assert samples == [("t_vram_bytes", {"device": "cuda:0"}, 1024.0), ("t_vram_bytes", {"device": "cuda:1"}, 2048.0)]
+
+
 def scrape(port: int, path: str = "/metrics") -> tuple[int, str, str]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
         return resp.status, resp.headers["Content-Type"], resp.read().decode()
@@ -181,11 +198,41 @@ async def test_endpoint_serves_declared_metrics_and_rpc_counts() -> None:
     err.value.close()
 
 
+def test_port_in_use_says_so() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}: .*own AITBC_METRICS_LISTEN"):
+            metrics.start_metrics_server(f"127.0.0.1:{port}")
+    assert not metrics.rpc_metrics_enabled
+
+
 async def test_metrics_off_means_no_interceptor() -> None:
     assert not metrics.rpc_metrics_enabled and not telemetry.enabled()
     assert telemetry.server_interceptors() == []
     assert telemetry.setup("x", metrics_listen="") is None
     assert telemetry.server_interceptors() == []
+
+
+def test_official_parser_reads_the_output() -> None:
+    parser = pytest.importorskip("prometheus_client.parser")
+    reg = metrics.Registry()
+    reg.counter("t_req_total", "Requests.", ["service", "method", "code"]).inc(
+        service='we"ird\\svc', method="a\nb", code="OK")
+    h = reg.histogram("t_lat_seconds", "Latency.", ["method"], buckets=[0.01, 0.1])
+    for v in (0.005, 0.05, 5):
+        h.observe(v, method="Say")
+    reg.gauge("t_up", "Up.").set(1)
+    fams = {f.name: f for f in parser.text_string_to_metric_families(reg.render())}
+    assert fams["t_req"].type == "counter"
+    (req,) = fams["t_req"].samples
+    assert req.labels == {"service": 'we"ird\\svc', "method": "a\nb", "code": "OK"} and req.value == 1
+    buckets = [(s.labels["le"], s.value) for s in fams["t_lat_seconds"].samples if s.name.endswith("_bucket")]
+    assert buckets == [("0.01", 1), ("0.1", 2), ("+Inf", 3)]
+    assert fams["t_up"].samples[0].value == 1
 
 
 def test_docs_list_every_metric() -> None:
