@@ -138,6 +138,52 @@ def cmd_receipt(args: argparse.Namespace) -> int:
                                       ledger_pb2.GetReceiptStatusRequest(receipt_hash=args.receipt_hash)))
 
 
+async def verify_remote(target: str, genesis_path: str, upto: int | None = None) -> dict[str, Any]:
+    """Re-verify a node's chain from its genesis: stream every block, check every signature, link,
+    turn and state transition locally (in memory), and compare with the node's own head."""
+    import grpc
+
+    from aitbc.ledger.block import decode_block
+    from aitbc.ledger.chain import Chain
+    from aitbc.ledger.client import LedgerClient, _raise
+    from aitbc.ledger.genesis import Genesis
+    from aitbc.ledger.store import MemoryStore
+    from aitbc.v1 import ledger_pb2
+
+    g = Genesis.load(genesis_path)
+    chain = Chain(MemoryStore(), g)
+    async with LedgerClient(target) as c:
+        head = await c.get_head()
+        if head.genesis_hash != chain.genesis_hash.hex():
+            raise InvalidArgument(f"node {target} runs genesis {head.genesis_hash}, not {chain.genesis_hash.hex()}")
+        stop = head.height if upto is None else min(upto, head.height)
+        txs = 0
+        try:
+            async for resp in c.stub.StreamBlocks(ledger_pb2.StreamBlocksRequest(from_height=1, raw_only=True)):
+                blocks = [decode_block(b.raw) for b in resp.blocks]
+                blocks = [b for b in blocks if b.height <= stop]
+                await asyncio.to_thread(chain.add_blocks, blocks, int(time.time() * 1000))
+                txs += sum(len(b.txs) for b in blocks)
+                if chain.head.height >= stop:
+                    break
+        except grpc.aio.AioRpcError as exc:
+            _raise(exc)
+        theirs = (await c.stub.GetBlock(ledger_pb2.GetBlockRequest(height=stop))).block.header if stop else None
+    ok = stop == 0 or (theirs is not None and theirs.hash == chain.head.hash.hex())
+    return {"ok": ok, "height": chain.head.height, "hash": chain.head.hash.hex(),
+            "state_root": chain.head.state_root.hex(), "transactions": txs}
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        out = asyncio.run(verify_remote(args.node, args.genesis, args.height))
+    except AitbcError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    _print(out)
+    return 0 if out["ok"] else 1
+
+
 async def _call(method: Any, request: Any) -> Any:
     import grpc
 
@@ -192,6 +238,11 @@ def register(subparsers: Any) -> None:
     q.add_argument("address")
     q.add_argument("--node", default=DEFAULT_NODE)
     q.set_defaults(func=cmd_account)
+    q = csub.add_parser("verify", help="re-verify a node's whole chain locally from the genesis file")
+    q.add_argument("--genesis", required=True)
+    q.add_argument("--height", type=int, help="stop at this height (default: the node's head)")
+    q.add_argument("--node", default=DEFAULT_NODE)
+    q.set_defaults(func=cmd_verify)
     q = csub.add_parser("receipt", help="is a receipt hash minted, and where")
     q.add_argument("receipt_hash")
     q.add_argument("--node", default=DEFAULT_NODE)

@@ -80,6 +80,14 @@ async def test_devnet_style_single_authority(tmp_path):
         assert acct["balance"] == "1000"
         st = json.loads(_cli("chain", "receipt", rc.receipt_hash.hex(), "--node", target).stdout)
         assert st["tx_hash"] == tx_hash
+        ver = _cli("chain", "verify", "--genesis", str(gpath), "--node", target)
+        assert ver.returncode == 0, ver.stderr
+        report = json.loads(ver.stdout)
+        assert report["ok"] and report["transactions"] >= 1 and report["height"] >= int(tx["block_height"])
+        other = tmp_path / "other.json"
+        _cli("chain", "init", "--chain-id", "other-chain", "--authority", str(keyfile), "--out", str(other))
+        wrong = _cli("chain", "verify", "--genesis", str(other), "--node", target)
+        assert wrong.returncode == 1 and "runs genesis" in wrong.stderr
         bad = _cli("chain", "tx", "00" * 32, "--node", target)
         assert bad.returncode == 1 and "not found" in bad.stderr
     finally:
