@@ -43,6 +43,7 @@ META_CHAIN = b"v1:meta:chain_id"
 HEAD = b"v1:head"
 FINAL = b"v1:final"
 BLK = b"v1:blk:"
+HDR = b"v1:hdr:"
 HGT = b"v1:hgt:"
 TXI = b"v1:tx:"
 UNDO = b"v1:undo:"
@@ -135,9 +136,18 @@ class Chain:
     # ---- queries -------------------------------------------------------------------------------
 
     def _info_from_store(self, block_hash: bytes) -> BlockInfo:
+        info = self._stored_info(block_hash)
+        if info is None:
+            raise FailedPrecondition(f"data folder is inconsistent: block {block_hash.hex()} is missing")
+        return info
+
+    def _stored_info(self, block_hash: bytes) -> BlockInfo | None:
+        header = self.store.get(HDR + block_hash)  # small: avoids reading whole blocks
+        if header is not None:
+            return _info(decode_header(header))
         raw = self.store.get(BLK + block_hash)
         if raw is None:
-            raise FailedPrecondition(f"data folder is inconsistent: block {block_hash.hex()} is missing")
+            return None
         (hlen,) = struct.unpack_from(">I", raw, 0)
         return _info(decode_header(raw[4:4 + hlen]))
 
@@ -147,11 +157,7 @@ class Chain:
         b = self.side.get(block_hash)
         if b is not None:
             return _info(b.header)
-        raw = self.store.get(BLK + block_hash)
-        if raw is None:
-            return None
-        (hlen,) = struct.unpack_from(">I", raw, 0)
-        return _info(decode_header(raw[4:4 + hlen]))
+        return self._stored_info(block_hash)
 
     def hash_at(self, height: int) -> bytes | None:
         if height == 0:
@@ -228,6 +234,7 @@ class Chain:
                       read: state.Reader) -> dict[bytes, bytes | None]:
         w: dict[bytes, bytes | None] = dict(state_writes)
         w[BLK + block.hash] = block.raw
+        w[HDR + block.hash] = block.header.encode()
         w[hkey(block.height)] = block.hash
         for i, tx in enumerate(block.txs):
             w[TXI + tx.hash] = _TXI.pack(block.height, i)
