@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -52,6 +53,27 @@ def model_kind(info: miner_pb2.MinerInfo, model: str) -> int:
             return spec.kind or jobs.IMAGE
     return jobs.IMAGE
 UNIT_SLACK_MS = 2000
+
+
+SESSION_TTL_S = 60.0  # a registration must open its Work stream within this; tokens are single-use
+MAX_PENDING_SESSIONS = 10_000
+MAX_INFO_TEXT = 128
+MAX_MODELS = 64
+
+
+def check_miner_info(info: miner_pb2.MinerInfo) -> None:
+    """What a miner declares is bounded: Register is open to any key, so its size must be too."""
+    if not info.models:
+        raise InvalidArgument("a miner must declare at least one model")
+    if len(info.models) > MAX_MODELS or len(info.model_specs) > MAX_MODELS:
+        raise InvalidArgument(f"a miner may declare at most {MAX_MODELS} models")
+    for m in [*info.models, *(spec.name for spec in info.model_specs)]:
+        jobs.validate_model(m)
+    for name in ("gpu_name", "device", "version"):
+        if len(getattr(info, name)) > MAX_INFO_TEXT:
+            raise InvalidArgument(f"{name} must be at most {MAX_INFO_TEXT} characters")
+    if not 1 <= (info.max_concurrency or 1) <= 64:
+        raise InvalidArgument("max_concurrency must be between 1 and 64")
 
 
 def register_digest(challenge: bytes, pubkey: bytes) -> bytes:
@@ -122,8 +144,9 @@ class Coordinator:
         self.clock = clock
         self.clients: dict[str, ClientKey] = {c.api_key_sha256: c for c in config.clients}
         self._buckets: dict[str, TokenBucket] = {}
-        self._challenges: dict[bytes, float] = {}
-        self._sessions: dict[str, MinerSession] = {}
+        self._challenge_key = secrets.token_bytes(32)  # challenges are MACs: nothing is kept per GetChallenge
+        self._used_challenges: dict[bytes, float] = {}  # challenge -> expiry, so each is used once
+        self._sessions: dict[str, tuple[MinerSession, float]] = {}  # token -> (session, expiry); used once
         self.miners: dict[str, MinerConn] = {}
         self._model_seen: dict[str, tuple[float, int]] = {}  # model -> (last seen, kind)
         self._text: dict[str, list[str]] = {}  # text job -> deltas streamed in the current attempt
@@ -378,20 +401,27 @@ class Coordinator:
     # ---- miners -----------------------------------------------------------------------------
 
     def challenge(self) -> tuple[bytes, float]:
+        """32 bytes: expiry (ms, 8) || random (8) || HMAC-SHA256 of both (16). Stateless, so a flood
+        of GetChallenge calls costs the coordinator no memory and locks nobody out."""
+        body = int((self.clock() + CHALLENGE_TTL_S) * 1000).to_bytes(8, "big") + secrets.token_bytes(8)
+        return body + hmac.new(self._challenge_key, body, hashlib.sha256).digest()[:16], CHALLENGE_TTL_S
+
+    def _take_challenge(self, challenge: bytes) -> None:
         now = self.clock()
-        for c, exp in list(self._challenges.items()):
+        body, tag = challenge[:16], challenge[16:]
+        if len(challenge) != 32 or not hmac.compare_digest(
+                tag, hmac.new(self._challenge_key, body, hashlib.sha256).digest()[:16]):
+            raise Unauthenticated("unknown challenge: call GetChallenge on this coordinator and sign it")
+        expiry = int.from_bytes(body[:8], "big") / 1000
+        if expiry < now or challenge in self._used_challenges:
+            raise Unauthenticated("expired or already used challenge: call GetChallenge again and sign within 60 s")
+        for c, exp in list(self._used_challenges.items()):
             if exp < now:
-                del self._challenges[c]
-        if len(self._challenges) > 10_000:
-            raise ResourceExhausted("too many outstanding registration challenges; retry shortly", retry_after_s=1.0)
-        challenge = secrets.token_bytes(32)
-        self._challenges[challenge] = now + CHALLENGE_TTL_S
-        return challenge, CHALLENGE_TTL_S
+                del self._used_challenges[c]
+        self._used_challenges[challenge] = expiry
 
     def register(self, pubkey: bytes, challenge: bytes, signature: bytes, info: miner_pb2.MinerInfo) -> MinerSession:
-        exp = self._challenges.pop(challenge, None)
-        if exp is None or exp < self.clock():
-            raise Unauthenticated("unknown or expired challenge: call GetChallenge again and sign within 60 s")
+        self._take_challenge(challenge)
         if len(pubkey) != 33:
             raise InvalidArgument("public_key must be a 33-byte compressed secp256k1 key")
         try:
@@ -400,21 +430,25 @@ class Coordinator:
             raise Unauthenticated(f"registration signature rejected: {exc.message}") from None
         if signer != pubkey:
             raise Unauthenticated("registration signature was not made by public_key")
-        if not info.models:
-            raise InvalidArgument("a miner must declare at least one model")
-        for m in info.models:
-            jobs.validate_model(m)
-        if not 1 <= (info.max_concurrency or 1) <= 64:
-            raise InvalidArgument("max_concurrency must be between 1 and 64")
+        check_miner_info(info)
+        now = self.clock()
+        for token, (_, expiry) in list(self._sessions.items()):
+            if expiry < now:
+                del self._sessions[token]
+        if len(self._sessions) >= MAX_PENDING_SESSIONS:
+            # evict the oldest unused registration rather than refuse: an honest miner opens its Work
+            # stream right after Register, so a flood of registrations cannot lock it out
+            del self._sessions[next(iter(self._sessions))]
         session = MinerSession(crypto.address_from_pubkey(pubkey), pubkey, info, secrets.token_hex(24))
-        self._sessions[session.token] = session
+        self._sessions[session.token] = (session, now + SESSION_TTL_S)
         log.info("miner %s registered: models=%s device=%s price=%d", session.miner_id, list(info.models), info.device, info.price_per_unit)
         return session
 
     def connect(self, token: str) -> MinerConn:
-        session = self._sessions.get(token or "")
-        if session is None:
-            raise Unauthenticated("unknown miner session: Register first and send the token in x-miner-session")
+        session, expiry = self._sessions.pop(token or "", (None, 0.0))
+        if session is None or expiry < self.clock():
+            raise Unauthenticated("unknown or expired miner session: Register again and open the Work stream "
+                                  f"within {SESSION_TTL_S:g} s with the token in x-miner-session")
         old = self.miners.get(session.miner_id)
         if old is not None:
             self.disconnect(old, "replaced by a new Work stream from the same miner")
