@@ -219,7 +219,10 @@ async def start_node(store: Store, genesis: Genesis, key: crypto.PrivateKey | No
                      peers: Sequence[str] = ()) -> tuple[Node, rpc.RunningServer]:
     """Open the chain, bind the server (port 0 allowed) and start producing/syncing."""
     node = Node(Chain(store, genesis), key, peers=peers)
-    server = await rpc.start_server(listen, [ledger_service(node)])
+    try:
+        server = await rpc.start_server(listen, [ledger_service(node)])
+    except (RuntimeError, OSError):  # grpcio reports a failed bind as RuntimeError
+        raise FailedPrecondition(f"cannot listen on {listen}: address in use or invalid") from None
     await node.start(f"{rpc.host_of(listen)}:{server.port}")
     return node, server
 
