@@ -26,7 +26,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import IO, Any, TypeVar
 
@@ -218,16 +218,30 @@ def _clean(attributes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def span(name: str, *, parent: str | None = None, kind: SpanKind = SpanKind.INTERNAL,
-         **attributes: Any) -> Any:
+def span(name: str, *, parent: str | None = None, links: Iterable[str] = (),
+         kind: SpanKind = SpanKind.INTERNAL, **attributes: Any) -> Any:
     """A context manager (sync and async code alike) that opens a child span of the current one, or
-    of the `traceparent` string `parent` when given. Yields the span (`.set_attribute`, `.add_event`);
-    an exception leaving the block is recorded and marks the span ERROR. Off: a shared no-op."""
+    of the `traceparent` string `parent` when given. `links` (traceparent strings) tie the span to
+    other traces without parenting it, e.g. a block commit to the traces of the transactions it
+    includes. Yields the span (`.set_attribute`, `.add_event`); an exception leaving the block is
+    recorded and marks the span ERROR. Off: a shared no-op."""
     if not _enabled:
         return NOOP_SPAN
     assert _tracer is not None
     ctx = context_from_traceparent(parent) if parent else None
-    return _tracer.start_as_current_span(name, context=ctx, kind=kind, attributes=_clean(attributes))
+    span_links = _links(links) if links else None
+    return _tracer.start_as_current_span(name, context=ctx, kind=kind, attributes=_clean(attributes),
+                                         links=span_links)
+
+
+def _links(traceparents: Iterable[str]) -> list[trace.Link]:
+    out = []
+    for tp in traceparents:
+        if tp:
+            sc = trace.get_current_span(context_from_traceparent(tp)).get_span_context()
+            if sc.is_valid:
+                out.append(trace.Link(sc))
+    return out
 
 
 def traced(name: str | None = None, **attributes: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:

@@ -122,6 +122,22 @@ async def test_traceparent_carries_a_trace_across_a_stream_message() -> None:
             assert sp.parent is None
 
 
+def test_links_tie_a_block_to_the_traces_of_its_transactions() -> None:
+    telemetry.configure("node", exporter="memory")
+    exporter = telemetry.memory_exporter()
+    tps = []
+    for i in range(3):
+        with telemetry.span("coordinator.settle", job_id=f"j-{i}"):
+            tps.append(telemetry.current_traceparent())
+    with telemetry.span("ledger.block", links=[*tps, "", "garbage"], height=7):
+        pass
+    block = next(s for s in exporter.get_finished_spans() if s.name == "ledger.block")
+    settles = [s for s in exporter.get_finished_spans() if s.name == "coordinator.settle"]
+    assert block.parent is None and block.attributes["height"] == 7
+    assert [(ln.context.trace_id, ln.context.span_id) for ln in block.links] == [
+        (s.context.trace_id, s.context.span_id) for s in settles]
+
+
 def test_wrap_context_into_plain_thread() -> None:
     telemetry.configure("miner", exporter="memory")
     exporter = telemetry.memory_exporter()
