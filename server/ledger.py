@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 
 from aitbc import crypto, rpc
 from aitbc.errors import FailedPrecondition, InvalidArgument, NotFound
-from aitbc.ledger.block import decode_block
+from aitbc.ledger.block import decode_header
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.genesis import Genesis
 from aitbc.ledger.node import RELAY_METADATA, Node
@@ -136,7 +136,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             if request.raw_only:
                 blocks = [S.Block(raw=raw, final=h <= final, canonical=True) for raw, h in batch]
             else:
-                blocks = [block_to_proto(decode_block(raw), final=h <= final, canonical=True) for raw, h in batch]
+                blocks = [S.Block(header=header_to_proto(decode_header(raw[4:4 + int.from_bytes(raw[:4], "big")])),
+                                  raw=raw, final=h <= final, canonical=True) for raw, h in batch]
             yield S.StreamBlocksResponse(blocks=blocks, finalized_height=final, head_height=self.chain.head.height)
 
     @rpc.handle_errors
