@@ -201,7 +201,7 @@ async def test_crash_loop_single_node_always_reopens_consistent(tmp_path):
     nonce = 0
     minted = 0
     try:
-        for _ in range(8):
+        for _ in range(15):
             n.start()
             async with LedgerClient(n.target, timeout=5) as c:
                 nonce = (await c.get_account(ALICE.address)).nonce
