@@ -623,6 +623,15 @@ async def test_silent_work_stream_is_dropped_after_the_heartbeat_timeout_and_its
     assert done.state == S.JOB_STATE_COMPLETED and done.miner_id == honest.key.address and done.attempts == 2
 
 
+async def bob_round_trips(s: Any, seed: int) -> float:
+    """Seconds for 5 of bob's jobs, one after the other, submit to completion."""
+    started = time.monotonic()
+    for i in range(5):
+        other = (await s.SubmitJob(image_job(seed=seed + i, steps=2), metadata=BOB_MD, timeout=30)).job
+        assert (await wait_done(s, other.job_id, BOB_MD, timeout=30)).state == S.JOB_STATE_COMPLETED
+    return time.monotonic() - started
+
+
 @pytest.mark.slow
 async def test_unread_watch_streams_block_no_one(net: Any, null_backend: Any) -> None:
     from aitbc.coordinator import WATCH_QUEUE
@@ -632,6 +641,7 @@ async def test_unread_watch_streams_block_no_one(net: Any, null_backend: Any) ->
     job = await assigned(net, busy)  # alice's job, held by a miner that will flood progress
     await net.add_miner({"null": null_backend})
     s = cstub(net)
+    baseline = await bob_round_trips(s, 90)
     lazy = coordinator_pb2_grpc.CoordinatorServiceStub(net.channel())
     # 50 watchers that open the stream and never read a message
     watchers = [lazy.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=MD) for _ in range(50)]
@@ -640,12 +650,9 @@ async def test_unread_watch_streams_block_no_one(net: Any, null_backend: Any) ->
     for i in range(3000):
         busy.send(progress=job_pb2.JobProgress(job_id=job.job_id, step=i % 100 + 1, total_steps=100))
     await net.until(lambda: busy.outbox.empty(), timeout=20)
-    # meanwhile other clients' work flows at normal speed
-    started = time.monotonic()
-    for i in range(5):
-        other = (await s.SubmitJob(image_job(seed=100 + i, steps=2), metadata=BOB_MD, timeout=5)).job
-        assert (await wait_done(s, other.job_id, BOB_MD, timeout=10)).state == S.JOB_STATE_COMPLETED
-    assert time.monotonic() - started < 5
+    # meanwhile other clients' work flows at about normal speed (bounds generous: CI boxes are shared)
+    flooded = await bob_round_trips(s, 100)
+    assert flooded < 10 * baseline + 5, (flooded, baseline)
     assert all(q.qsize() <= WATCH_QUEUE for q in net.core._watchers.get(job.job_id, ()))
     # the flooded job still finishes normally, and a reading watcher sees the end
     busy.send(failed=miner_pb2.JobFailed(job_id=job.job_id, reason="done flooding", permanent=True))
