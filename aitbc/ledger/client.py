@@ -195,9 +195,17 @@ class LedgerClient:
         return (await self.get_account(address)).pending_nonce
 
     async def transfer(self, key: crypto.PrivateKey, to: str, amount: int, *, nonce: int | None = None) -> str:
-        """Sign and broadcast a TRANSFER (nonce: the node's pending nonce unless given)."""
-        n = await self.next_nonce(key.address) if nonce is None else nonce
-        return await self.broadcast(txmod.make_transfer(key, await self.chain_id(), n, to, amount))
+        """Sign and broadcast a TRANSFER. Without `nonce`, a local per-sender counter (seeded from
+        the node's pending nonce, re-synced after any rejection) lets concurrent sends use one key."""
+        chain_id = await self.chain_id()
+        if nonce is not None:
+            return await self.broadcast(txmod.make_transfer(key, chain_id, nonce, to, amount))
+        n = await self._allocate_nonce(key.address)
+        try:
+            return await self.broadcast(txmod.make_transfer(key, chain_id, n, to, amount))
+        except errors.AitbcError:
+            self._forget_nonce(key.address)
+            raise
 
     async def mint(self, key: crypto.PrivateKey, receipt: SignedReceipt, *, nonce: int | None = None) -> str:
         """Sign and broadcast a MINT of an attested receipt. Raises AlreadyExists('receipt already

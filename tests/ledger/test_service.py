@@ -193,3 +193,16 @@ async def test_settle_receipt_is_idempotent_under_concurrency(node):
     assert (await c.get_account(PROVIDER.address)).balance == 250 + 1000
     with pytest.raises(errors.PermissionDenied):
         await c.settle_receipt(ALICE, receipt(300, attester=key(5)))
+
+
+async def test_concurrent_transfers_with_one_key(node):
+    n, server, c = node
+    await c.settle_receipt(ALICE, receipt(400, units=100, price=10), wait="included")
+    hashes = await asyncio.gather(*(c.transfer(PROVIDER, BOB.address, 1 + i) for i in range(20)))
+    await c.wait_for_tx(hashes[-1])
+    for h in hashes:
+        await c.wait_for_tx(h)
+    assert (await c.get_account(BOB.address)).balance == sum(1 + i for i in range(20))
+    with pytest.raises(errors.FailedPrecondition, match="^insufficient balance"):
+        await c.transfer(PROVIDER, BOB.address, 10**6)
+    await c.wait_for_tx(await c.transfer(PROVIDER, BOB.address, 1))  # the counter re-synced
