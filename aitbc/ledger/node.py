@@ -332,9 +332,11 @@ class Node:
                         await self.receive_blocks([b.raw for b in resp.blocks])
                     except AitbcError as exc:
                         self.rejected_blocks += 1
+                        self._peer_heads.pop(target, None)  # a peer whose blocks fail is no guide
                         log.warning("rejected a block from %s: %s", target, exc.message)
-                    if target in self._initial_peers:  # configured peers only: an announced one could lie
-                        self._peer_heads[target] = (resp.head_height, time.monotonic())
+                    else:
+                        if target in self._initial_peers:  # configured peers only: an announced one could lie
+                            self._peer_heads[target] = (resp.head_height, time.monotonic())
                     if self.chain.head.height >= resp.head_height:
                         self._caught_up.set()
             except grpc.aio.AioRpcError as exc:
