@@ -6,7 +6,7 @@ Consensus rule (docs/ledger.md, "Consensus"):
 - fork choice: the highest block wins; at equal height the lower block hash wins; a node never
   reverts a final block.
 - finality: block b is final once the distinct proposers of b and its descendants on the
-  canonical chain number more than 2/3 of the authorities (floor(2n/3)+1; n=1: immediately).
+  canonical chain number a strict majority of the authorities (floor(n/2)+1; n=1: immediately).
 
 Only the canonical chain is stored, each block with an undo record (the previous values of every
 key it wrote), so a reorg reverts and applies in ONE commit. Competing blocks wait in memory.

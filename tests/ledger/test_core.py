@@ -192,21 +192,23 @@ def test_reorg_longer_branch_wins_and_state_reverts():
     assert a.head == b.head
     assert dict(a.store.scan(b"v1:")) == dict(b.store.scan(b"v1:"))
     assert a.account(crypto.validate_address(ALICE.address)) == (0, 0)
-    # the reverted block is kept aside; its hash no longer resolves as canonical
-    assert len(a.side) == 1
+    # the reverted block was kept aside, and is dropped once its height is final (2 of 3 built on b's)
+    assert a.final_height == 1 and len(a.side) == 0
 
 
-def test_finality_needs_more_than_two_thirds():
+def test_finality_needs_a_majority_of_distinct_builders():
     g = genesis(3)
     c = Chain(MemoryStore(), g)
     c.build_block(AUTH[0], 3, _now(g, 3), [])
+    assert c.final_height == 0  # one builder of three
     c.build_block(AUTH[1], 4, _now(g, 4), [])
-    assert c.final_height == 0
-    c.build_block(AUTH[0], 6, _now(g, 6), [])  # AUTH[2] skipped: still only two distinct builders
-    assert c.final_height == 0
-    c.build_block(AUTH[2], 8, _now(g, 8), [])
-    assert c.final_height == 2  # blocks 1,2 have AUTH0/1/2 on top... block 2 is built on by AUTH1,0,2
-    assert genesis(4).quorum == 3 and genesis(1).quorum == 1 and g.quorum == 3
+    assert c.final_height == 1  # block 1: built by AUTH0, built on by AUTH1 -> 2 of 3
+    c.build_block(AUTH[1], 7, _now(g, 7), [])  # AUTH1 again (AUTH2 offline): nothing new for block 2
+    assert c.final_height == 1
+    c.build_block(AUTH[0], 9, _now(g, 9), [])
+    assert c.final_height == 3  # blocks 2 and 3 now have AUTH1 and AUTH0 on them
+    assert genesis(1).quorum == 1 and genesis(2).quorum == 2 and g.quorum == 2
+    assert genesis(4).quorum == 3 and genesis(5).quorum == 3
 
 
 def test_data_folder_from_another_genesis_is_refused(tmp_path):
