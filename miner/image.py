@@ -29,13 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from aitbc.miner.backend import (
-    BackendError,
-    ImageOutput,
-    ImageRequest,
-    JobCancelled,
-    resolve_size,
-)
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -44,6 +37,14 @@ from diffusers import (
 )
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from aitbc.miner.backend import (
+    BackendError,
+    ImageOutput,
+    ImageRequest,
+    JobCancelled,
+    resolve_size,
+)
 
 PNG_COMPRESS_LEVEL = 6
 TINY_SEED = 0  # fixed: the tiny pipeline's random weights are part of its identity
