@@ -45,6 +45,7 @@ class MinerView:
     reputation: float = 0.5
     recent_latency_ms: float = 0.0  # EWMA of assignment -> result; 0 = no history yet
     quarantined: bool = False
+    device_class: str = ""  # "cpu" or "cuda" (from MinerInfo.device); "" unknown
 
     def kind_of(self, model: str) -> Kind:
         return self.kinds.get(model, "image")
@@ -59,6 +60,9 @@ class JobNeeds:
     images: int = 1  # images of this (shard of a) job; the batch size
     max_price_per_unit: int | None = None  # None: any price
     exclude: frozenset[str] = frozenset()  # miners that must not get it (rejected result, original of a verification)
+    # a verification re-run must run where the original did: torch's CPU and CUDA generators give
+    # different latents for one seed, so a CPU and a CUDA execution never agree (docs/hub.md)
+    device_class: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +72,7 @@ class Placement:
     tied: int  # how many miners shared the top score (round-robin among them)
 
 
-UnplaceableCode = Literal["no_model", "price", "vram", "quarantined", "excluded", "busy"]
+UnplaceableCode = Literal["no_model", "price", "vram", "quarantined", "device", "excluded", "busy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +126,8 @@ def choose(miners: Iterable[MinerView], needs: JobNeeds, rr_counter: int) -> Pla
     """The best eligible miner with a free slot, round-robin (by `rr_counter`) among equal scores.
 
     Filters apply in this order, and the first one that leaves nobody names the reason:
-    model (and kind) -> max price -> VRAM fit -> quarantine -> exclusions -> free slots (busy)."""
+    model (and kind) -> max price -> VRAM fit -> quarantine -> device class -> exclusions -> free
+    slots (busy)."""
     model, kind = needs.model, needs.kind
     serving: list[MinerView] = []
     other_kind = False
@@ -160,6 +165,13 @@ def choose(miners: Iterable[MinerView], needs: JobNeeds, rr_counter: int) -> Pla
     if not healthy:
         return Unplaceable("quarantined", f"every miner serving '{model}' that fits the job is quarantined"
                            if len(fits) < len(serving) else f"every miner serving '{model}' is quarantined")
+
+    if needs.device_class is not None:
+        healthy = [m for m in healthy if m.device_class == needs.device_class]
+        if not healthy:
+            return Unplaceable("device", f"no eligible miner serving '{model}' runs on {needs.device_class or 'an unknown device'}"
+                                         " (a verification re-run needs the original's device class); waiting for one",
+                               wait=True)
 
     exclude = needs.exclude
     allowed = [m for m in healthy if m.miner_id not in exclude] if exclude else healthy

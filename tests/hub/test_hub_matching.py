@@ -173,3 +173,14 @@ def test_round_robin_is_fair_among_equal_scores_whatever_the_listing_order() -> 
 def test_busy_top_miner_falls_back_to_next() -> None:
     out = choose([miner("best", price_per_unit=0, running=1), miner("next", price_per_unit=5)], JobNeeds("sd"), 0)
     assert isinstance(out, Placement) and out.miner_id == "next"
+
+
+def test_device_class_constraint_for_verification_reruns() -> None:
+    miners = [miner("gpu", device_class="cuda"), miner("cpu", device_class="cpu", price_per_unit=0)]
+    out = choose(miners, JobNeeds("sd", device_class="cuda"), 0)
+    assert isinstance(out, Placement) and out.miner_id == "gpu"
+    out = choose(miners, JobNeeds("sd", device_class="cuda", exclude=frozenset({"gpu"})), 0)
+    assert isinstance(out, Unplaceable) and out.code == "excluded" and out.wait
+    out = choose([miners[1]], JobNeeds("sd", device_class="cuda"), 0)
+    assert isinstance(out, Unplaceable) and out.code == "device" and out.wait and "runs on cuda" in out.reason
+    assert isinstance(choose(miners, JobNeeds("sd"), 0), Placement)  # no constraint for ordinary jobs
