@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from aitbc import telemetry
-from aitbc.errors import AitbcError, ResourceExhausted
+from aitbc.errors import AitbcError, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger("aitbc.rpc")
 
@@ -103,6 +105,80 @@ class RunningServer:
         await self.server.stop(grace)
 
 
+class _Malformed:
+    """Stands in for a request whose bytes are not the expected protobuf message."""
+
+    def __init__(self, full_name: str) -> None:
+        self.message = f"request body is not a valid {full_name} protobuf message"
+
+
+def _lenient(cls: Any) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError:
+            return _Malformed(cls.DESCRIPTOR.full_name)
+
+    return deserialize
+
+
+async def _checked(requests: Any) -> Any:
+    async for msg in requests:
+        if isinstance(msg, _Malformed):
+            raise InvalidArgument(msg.message)
+        yield msg
+
+
+def _handler(fn: Callable[..., Any], client_streaming: bool, server_streaming: bool) -> Callable[..., Any]:
+    """Wrap a servicer method so an undecodable request ends the call with INVALID_ARGUMENT (the
+    generated handlers let grpcio answer UNKNOWN); in request streams the error ends the stream."""
+
+    async def first(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if client_streaming:
+            return fn(_checked(request), context)
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return fn(request, context)
+
+    if server_streaming:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            result = await first(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            elif inspect.isawaitable(result):
+                await result
+
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        result = await first(request, context)
+        return await result if inspect.isawaitable(result) else result
+
+    return unary
+
+
+def add_service(server: grpc.aio.Server, servicer: Any, service: Any) -> None:
+    """Mount a servicer for a service descriptor, like the generated add_*_to_server functions but
+    with malformed requests answered INVALID_ARGUMENT."""
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {}
+    for method in service.methods:
+        req = message_factory.GetMessageClass(method.input_type)
+        resp = message_factory.GetMessageClass(method.output_type)
+        streaming = (method.client_streaming, method.server_streaming)
+        handlers[method.name] = kinds[streaming](
+            _handler(getattr(servicer, method.name), *streaming),
+            request_deserializer=_lenient(req), response_serializer=resp.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 async def start_server(
     listen: str, services: Sequence[Service], *, interceptors: Sequence[Any] = ()
 ) -> RunningServer:
@@ -111,10 +187,14 @@ async def start_server(
     metrics were configured before this call; with both off the server has no interceptor at all."""
     chain = [*telemetry.server_interceptors(), *interceptors]
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=chain or None)
+    pool = descriptor_pool.Default()
     for svc in services:
-        svc.add(svc.servicer, server)
+        try:
+            add_service(server, svc.servicer, pool.FindServiceByName(svc.name))
+        except KeyError:  # a service without a registered descriptor: its own add function
+            svc.add(svc.servicer, server)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_service(server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])
     names = [svc.name for svc in services]
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
