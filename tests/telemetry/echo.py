@@ -15,7 +15,7 @@ SERVICE = "aitbc.test.EchoService"
 
 
 class Echo:
-    """Raw-bytes handlers: Say (unary), Fail (aborts NOT_FOUND), Count (server stream), Work (a
+    """Raw-bytes handlers: Say (unary), Fail (aborts NOT_FOUND), Rich (abort_with_status), Count (server stream), Work (a
     nested span and a span in a worker thread)."""
 
     def __init__(self) -> None:
@@ -26,6 +26,14 @@ class Echo:
 
     async def fail(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await context.abort(grpc.StatusCode.NOT_FOUND, "job x not found")
+        return b""
+
+    async def rich(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        from google.rpc import code_pb2, status_pb2
+        from grpc_status import rpc_status
+
+        status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message="slow down")
+        await context.abort_with_status(rpc_status.to_status(status))
         return b""
 
     async def count(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -45,6 +53,7 @@ class Echo:
         handlers = {
             "Say": grpc.unary_unary_rpc_method_handler(self.say),
             "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
+            "Rich": grpc.unary_unary_rpc_method_handler(self.rich),
             "Count": grpc.unary_stream_rpc_method_handler(self.count),
             "Work": grpc.unary_unary_rpc_method_handler(self.work),
         }

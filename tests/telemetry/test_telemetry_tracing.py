@@ -65,6 +65,9 @@ async def test_error_and_stream_spans() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await ch.unary_unary(f"/{SERVICE}/Fail")(b"")
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await ch.unary_unary(f"/{SERVICE}/Rich")(b"")
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             items = [x async for x in ch.unary_stream(f"/{SERVICE}/Count")(b"4")]
             assert items == [b"0", b"1", b"2", b"3"]
         await settle()
@@ -79,6 +82,11 @@ async def test_error_and_stream_spans() -> None:
     assert "job x not found" in (fail_srv.status.description or "")
     assert fail_cli.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
     assert fail_srv.parent.span_id == fail_cli.context.span_id
+
+    # abort_with_status (rich error details) is recorded too
+    rich_srv = next(s for s in spans if s.name == f"{SERVICE}/Rich" and s.kind == SpanKind.SERVER)
+    assert rich_srv.attributes["rpc.grpc.status_code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert rich_srv.status.description == "RESOURCE_EXHAUSTED: slow down"
 
     count_srv = next(s for s in spans if s.name == f"{SERVICE}/Count" and s.kind == SpanKind.SERVER)
     count_cli = next(s for s in spans if s.name == f"{SERVICE}/Count" and s.kind == SpanKind.CLIENT)
