@@ -47,10 +47,17 @@ def status_code(exc: AitbcError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
 
 
+MAX_DETAILS_CHARS = 1000  # grpc-message travels as metadata (8 KiB soft limit): never echo huge input
+
+
+def details(message: str) -> str:
+    return message if len(message) <= MAX_DETAILS_CHARS else message[:MAX_DETAILS_CHARS - 14] + "... (truncated)"
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: AitbcError) -> None:
     if isinstance(exc, ResourceExhausted) and exc.retry_after_s is not None:
         context.set_trailing_metadata((("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
-    await context.abort(status_code(exc), exc.message)
+    await context.abort(status_code(exc), details(exc.message))
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

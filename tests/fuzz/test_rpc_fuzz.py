@@ -13,10 +13,9 @@ Each test checks that
   * state created before fuzzing is untouched (a completed job, a ledger balance, a wallet);
 and a final test bounds the process's memory growth over a few thousand calls.
 
-Known gap, tracked by the strict-xfail tests `test_garbage_body_is_invalid_argument[...]`: a request
-body that is not a valid protobuf answers UNKNOWN ("Unexpected DecodeError") on every server except
-the ledger node (which installs a lenient deserializer). The fuzz tests below tolerate exactly that
-one UNKNOWN (details naming DecodeError) so that they keep catching every other kind of crash.
+Two bugs this file found are fixed and now guarded here: a body that is not a valid protobuf used to
+answer UNKNOWN (now INVALID_ARGUMENT on every server, through aitbc.rpc.add_service), and error
+messages echoing huge inputs overflowed gRPC's metadata limit (now capped in aitbc.rpc.abort).
 """
 
 from __future__ import annotations
@@ -244,7 +243,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterable[Env]:
     e.start()
     yield e
     e.stop()
-    print(f"\nknown bugs seen while fuzzing (tracked by strict-xfail tests): {KNOWN_BUGS}")
 
 
 # ---- calling and judging ---------------------------------------------------------------------------
@@ -296,16 +294,10 @@ def echo_overflow(o: Outcome) -> bool:
     return o.code == C.RESOURCE_EXHAUSTED and "metadata size exceeds" in o.details
 
 
-KNOWN_BUGS: dict[str, set[str]] = {"decode_error": set(), "echo_overflow": set()}
-
-
 def judge(o: Outcome, allowed: set[grpc.StatusCode], what: str) -> None:
-    """Assert the status is allowed; the two known bugs (tracked by strict-xfail tests) are recorded and
-    tolerated so that the fuzzing keeps looking for every other failure."""
-    for name, known in (("decode_error", decode_error), ("echo_overflow", echo_overflow)):
-        if known(o):
-            KNOWN_BUGS[name].add(what.split(" ")[0])
-            return
+    """Assert the status is allowed (UNKNOWN from a DecodeError and RESOURCE_EXHAUSTED from an echoed
+    huge input were bugs, fixed in aitbc.rpc; they are not allowed anywhere)."""
+    assert not decode_error(o) and not echo_overflow(o), f"{what}: {o.code.name} {o.details[:300]!r}"
     assert o.code in allowed, f"{what}: {o.code.name} {o.details[:300]!r} (allowed {sorted(c.name for c in allowed)})"
 
 
@@ -793,36 +785,25 @@ def test_fuzz_raw_bytes_every_method(env: Env, server: str) -> None:
 
 GARBAGE = b"\xff\xfe\xfd garbage \x00\x01"  # field 31 with an invalid wire type 7: never a valid protobuf
 
-_DECODE_BUG = ("BUG: a request body that is not a valid protobuf answers UNKNOWN ('Unexpected <class "
-               "DecodeError>') instead of INVALID_ARGUMENT: the servicer is mounted with the generated "
-               "deserializer (grpcio turns its exception into UNKNOWN); server/ledger.py's _lenient/_guard_* "
-               "wrapper shows the fix")
-
-
 def _garbage_cases() -> list[Any]:
     out = []
     for server in SERVICES:
         for svc in SERVICES[server]:
-            bug = server != "ledger" or svc.name == "Health"
-            if svc.name == "Health":
-                reason = _DECODE_BUG + " (grpc.health.v1.Health from grpcio is mounted as is by aitbc.rpc.start_server)"
-            else:
-                reason = _DECODE_BUG
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if bug else []
-            out.append(pytest.param(server, svc.full_name, marks=marks, id=f"{server}-{svc.name}"))
+            out.append(pytest.param(server, svc.full_name, id=f"{server}-{svc.name}"))
     return out
 
 
 @pytest.mark.parametrize(("server", "service"), _garbage_cases())
 def test_garbage_body_is_invalid_argument(env: Env, server: str, service: str) -> None:
-    """Every method answers INVALID_ARGUMENT (or UNIMPLEMENTED where it is served elsewhere) to a
-    body that does not parse, and the server keeps serving."""
+    """Every method answers INVALID_ARGUMENT (or UNIMPLEMENTED where it is served elsewhere, or
+    UNAUTHENTICATED where the caller is checked before the body is read) to a body that does not
+    parse, and the server keeps serving."""
     bad = []
     for path, method in methods(server):
         if not path.startswith(f"/{service}/"):
             continue
         o = raw_call(env, server, path, method, GARBAGE, (("x-api-key", ALICE_KEY),))
-        if o.code not in (C.INVALID_ARGUMENT, C.UNIMPLEMENTED):
+        if o.code not in (C.INVALID_ARGUMENT, C.UNIMPLEMENTED, C.UNAUTHENTICATED):
             bad.append(f"{path}: {o.code.name} {o.details[:80]}")
     env.check_alive_and_untouched()
     assert not bad, "\n".join(bad)
@@ -906,43 +887,9 @@ def _echo_cases() -> list[tuple[str, str, Callable[[Env], Outcome]]]:
 
 
 ECHO_CASES = {f"{server}-{name}": fn for server, name, fn in _echo_cases()}
-_ECHO = ("BUG: the error message echoes the whole {field} ({where}); aitbc.rpc.abort sends it as grpc-message, "
-         "which overflows gRPC's 16 KiB metadata hard limit, so the client gets RESOURCE_EXHAUSTED 'Stream removed "
-         "(received metadata size exceeds hard limit)' instead of INVALID_ARGUMENT/NOT_FOUND (fix: cap echoed "
-         "values, or truncate messages in aitbc.rpc.abort)")
-_ADDR = dict(field="address", where="aitbc/crypto.py:_validate_address formats {address!r}")
-_NAME = dict(field="wallet name", where="aitbc/wallet/keystore.py:validate_name formats {name!r}")
-ECHO_BUGS = {
-    "coordinator-GetJob(job_id)": dict(field="job_id", where="aitbc/jobs.py:validate_job_id formats {job_id!r}"),
-    "coordinator-CancelJob(job_id)": dict(field="job_id", where="aitbc/jobs.py:validate_job_id formats {job_id!r}"),
-    "coordinator-GetReceipt(receipt_hash)": dict(field="receipt_hash",
-                                                 where="aitbc/coordinator.py:Coordinator.receipt NotFound message"),
-    "ledger-GetAccount(address)": _ADDR,
-    "wallet-GetBalance(address)": _ADDR,
-    "wallet-Send(to)": dict(field="recipient address", where="aitbc/wallet/service.py:check_address and "
-                            "aitbc/crypto.py:_validate_address"),
-    "wallet-SignTransaction(to)": dict(field="recipient address", where="aitbc/wallet/service.py:check_address and "
-                                       "aitbc/crypto.py:_validate_address"),
-    "wallet-VerifyReceipt(attesters)": _ADDR,
-    "wallet-CreateWallet(name)": _NAME,
-    "wallet-ImportWallet(name)": _NAME,
-    "wallet-ExportWallet(name)": _NAME,
-    "wallet-UnlockWallet(name)": _NAME,
-    "wallet-LockWallet(name)": _NAME,
-    "wallet-GetBalance(wallet)": _NAME,
-}
 
 
-def _echo_params() -> list[Any]:
-    out = []
-    for case in ECHO_CASES:
-        bug = ECHO_BUGS.get(case)
-        marks = [pytest.mark.xfail(strict=True, reason=_ECHO.format(**bug))] if bug else []
-        out.append(pytest.param(case, marks=marks, id=case))
-    return out
-
-
-@pytest.mark.parametrize("case", _echo_params())
+@pytest.mark.parametrize("case", list(ECHO_CASES))
 def test_error_details_stay_small_for_huge_input(env: Env, case: str) -> None:
     o = ECHO_CASES[case](env)
     assert o.code != C.RESOURCE_EXHAUSTED and o.code in CLIENT_MISTAKES | {C.OK}, (o.code, o.details[:200])
