@@ -391,8 +391,11 @@ class Assignment(_message.Message):
     JOB_FIELD_NUMBER: _builtins.int
     CHAIN_ID_FIELD_NUMBER: _builtins.int
     HUB_ID_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     chain_id: _builtins.str
     hub_id: _builtins.str
+    traceparent: _builtins.str
+    """W3C traceparent of the dispatch span: the miner's spans for this job are its children."""
     @_builtins.property
     def job(self) -> _job_pb2.Job: ...
     def __init__(
@@ -401,10 +404,11 @@ class Assignment(_message.Message):
         job: _job_pb2.Job | None = ...,
         chain_id: _builtins.str = ...,
         hub_id: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "hub_id", b"hub_id", "job", b"job"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "hub_id", b"hub_id", "job", b"job", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
