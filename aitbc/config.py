@@ -43,6 +43,10 @@ class CoordinatorConfig:
     max_artifact_bytes: int = 64 * 1024 * 1024
     clients: list[ClientKey] = field(default_factory=list)
     ledger: str = ""  # ledger node address for settlement; "" disables it
+    # hub: share of completed jobs re-executed on another miner (docs/hub.md); 0 turns it off
+    verify_rate: float = 0.10
+    verify_timeout_s: float = 120.0  # no other eligible miner in this time: the result stands unverified
+    verify_tolerance: float = 0.03  # GPU runs: mean absolute pixel difference allowed (CPU runs: byte-exact)
     port_file: str = ""
 
 

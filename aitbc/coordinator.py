@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import hmac
 import itertools
@@ -29,6 +30,9 @@ from aitbc.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from aitbc.hub.matching import JobNeeds, MinerView, Unplaceable, choose
+from aitbc.hub.reputation import LmdbReputationStore, MinerRecord, ReputationBook
+from aitbc.hub.verification import arbitrate, should_verify
 from aitbc.jobstore import JobStore
 from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2, receipt_pb2
 from aitbc.wire import receipt_from_proto, receipt_to_proto
@@ -53,6 +57,8 @@ def model_kind(info: miner_pb2.MinerInfo, model: str) -> int:
             return spec.kind or jobs.IMAGE
     return jobs.IMAGE
 UNIT_SLACK_MS = 2000
+VERIFY_CLIENT = "hub-verify"  # client id of re-execution jobs: no client sees them
+V = job_pb2.VerificationState
 
 
 SESSION_TTL_S = 60.0  # a registration must open its Work stream within this; tokens are single-use
@@ -74,6 +80,10 @@ def check_miner_info(info: miner_pb2.MinerInfo) -> None:
             raise InvalidArgument(f"{name} must be at most {MAX_INFO_TEXT} characters")
     if not 1 <= (info.max_concurrency or 1) <= 64:
         raise InvalidArgument("max_concurrency must be between 1 and 64")
+
+
+def device_class(device: str) -> str:
+    return "cuda" if device.startswith("cuda") else ("cpu" if device == "cpu" else "")
 
 
 def register_digest(challenge: bytes, pubkey: bytes) -> bytes:
@@ -116,6 +126,7 @@ class MinerConn:
     uploads: dict[str, dict[int, bytearray]] = field(default_factory=dict)
     upload_bytes: dict[str, int] = field(default_factory=dict)
     closed: bool = False
+    latency_ms: float = 0.0  # EWMA of assignment -> accepted result
 
     @property
     def miner_id(self) -> str:
@@ -158,6 +169,14 @@ class Coordinator:
         self._watchers: dict[str, set[asyncio.Queue[job_pb2.Job | job_pb2.JobProgress]]] = {}
         self._rr = itertools.count()
         self.receipt_listeners: list[Callable[[receipt_pb2.Receipt], None]] = []
+        self.book = ReputationBook(LmdbReputationStore(store.env))
+        self._reputation: dict[str, MinerRecord] = {r.miner_id: r for r in self.book.all()}
+        secret = store.get_meta("verify_secret")
+        if secret is None:  # keyed sampling: miners cannot tell which of their jobs will be checked
+            secret = secrets.token_bytes(32)
+            store.put_meta("verify_secret", secret)
+        self._verify_secret = secret
+        self._verify_device: dict[str, str] = {}  # re-execution job -> device class of the original
         self._restore()
 
     # ---- start-up ---------------------------------------------------------------------------
@@ -260,6 +279,10 @@ class Coordinator:
                 raise InvalidArgument(f"max_new_tokens {params.text.max_new_tokens} does not fit the context of model "
                                       f"'{model}' ({max(contexts)} tokens, prompt included)")
         now = jobs.now_ms()
+        probe = job_pb2.Job(model=model, params=params)
+        if max_price_per_unit is not None:
+            probe.max_price_per_unit = max_price_per_unit
+        self._placeable(probe)
         job = job_pb2.Job(
             job_id=jobs.new_job_id(),
             model=model,
@@ -550,6 +573,7 @@ class Coordinator:
         conn.send(miner_pb2.WorkResponse(rejected=miner_pb2.WorkRejected(job_id=job.job_id, reason=reason)))
         log.warning("miner %s: result for %s rejected: %s", conn.miner_id, job.job_id, reason)
         self._excluded.setdefault(job.job_id, set()).add(conn.miner_id)
+        self._record(conn.miner_id, "record_failure", "failure")
         self._requeue(job, f"result from miner {conn.miner_id} rejected: {reason}")
         self._dispatch()
 
@@ -563,12 +587,13 @@ class Coordinator:
             self._reject_result(conn, job, exc.message)
             return
         rec = receipt_to_proto(attested)
-        if not self.config.ledger:
-            rec.settlement.state = receipt_pb2.SETTLEMENT_STATE_DISABLED
-        elif attested.body.units * attested.body.price_per_unit == 0:
-            rec.settlement.state = receipt_pb2.SETTLEMENT_STATE_NOT_REQUIRED
-        else:
-            rec.settlement.state = receipt_pb2.SETTLEMENT_STATE_PENDING
+        sampled = not job.verify_of and self.config.verify_rate > 0 and should_verify(
+            job.job_id, self.config.verify_rate, secret=self._verify_secret)
+        held = sampled or bool(job.verify_of)  # minted only once verification decides
+        rec.settlement.state = receipt_pb2.SETTLEMENT_STATE_HELD if held else self._unheld_state(rec)
+        self._record(conn.miner_id, "record_success")
+        took = (self.clock() - self._assigned_at.get(job.job_id, self.clock())) * 1000
+        conn.latency_ms = took if not conn.latency_ms else 0.8 * conn.latency_ms + 0.2 * took
         conn.running.discard(job.job_id)
         job.artifacts.extend(a for a, _ in artifacts)
         job.receipt_hash = rec.receipt_hash
@@ -580,6 +605,8 @@ class Coordinator:
         job.receipt.CopyFrom(rec)
         self._finish(job, S.JOB_STATE_COMPLETED, "", artifacts=[(a.sha256, d) for a, d in artifacts], receipt=rec)
         conn.send(miner_pb2.WorkResponse(accepted=miner_pb2.ResultAccepted(job_id=job.job_id, receipt_hash=rec.receipt_hash)))
+        if sampled:
+            self._start_verification(job, device_class(conn.session.info.device))
         for listener in self.receipt_listeners:
             listener(rec)
         self._dispatch()
@@ -659,6 +686,8 @@ class Coordinator:
         conn.running.discard(job.job_id)
         conn.uploads.pop(job.job_id, None)
         reason = failed.reason[:500] or "no reason given"
+        if not failed.permanent:  # a miner that cannot run what it advertised loses reputation
+            self._record(conn.miner_id, "record_failure", "failure")
         if failed.permanent:
             self._finish(job, S.JOB_STATE_FAILED, f"miner {conn.miner_id}: {reason}")
         else:
@@ -701,6 +730,8 @@ class Coordinator:
         if job.job_id not in self._watchers:
             self._text.pop(job.job_id, None)
         self._log_finished(job)
+        if job.verify_of:
+            self._verification_done(job)
 
     def _log_finished(self, job: job_pb2.Job) -> None:
         start = job.started_at_unix_ms or job.created_at_unix_ms
@@ -722,11 +753,161 @@ class Coordinator:
             line["error"] = job.error
         job_log.info(json.dumps(line, sort_keys=True))
 
+    # ---- hub: matching, reputation, verification (pure rules in aitbc.hub) --------------------
+
+    def _record(self, miner_id: str, event: str, *args: object) -> None:
+        """Update a miner's reputation (persisted) and the in-memory copy matching reads."""
+        self._reputation[miner_id] = getattr(self.book, event)(miner_id, *args)
+
+    def _view(self, c: MinerConn) -> MinerView:
+        info = c.session.info
+        rec = self._reputation.get(c.miner_id)
+        return MinerView(
+            miner_id=c.miner_id, models=frozenset(info.models),
+            kinds={m: "text" for m in info.models if model_kind(info, m) == jobs.TEXT},
+            vram_mb=info.vram_mb, price_per_unit=info.price_per_unit, max_concurrency=info.max_concurrency or 1,
+            running=len(c.running), reputation=rec.reputation if rec else self.book.policy.initial,
+            recent_latency_ms=c.latency_ms, quarantined=bool(rec and rec.quarantined),
+            device_class=device_class(info.device),
+        )
+
+    def _needs(self, job: job_pb2.Job) -> JobNeeds:
+        p = job.params.image
+        exclude = set(self._excluded.get(job.job_id, ()))
+        if job.verify_of:  # a re-execution never runs on a miner that already ran the job
+            orig = self._load(job.verify_of)
+            exclude |= {r.miner_id for r in self._runs(orig) if r.miner_id}
+        return JobNeeds(
+            model=job.model, kind="text" if jobs.job_kind(job) == jobs.TEXT else "image",
+            width=p.width, height=p.height, images=p.images or 1,
+            max_price_per_unit=job.max_price_per_unit if job.HasField("max_price_per_unit") else None,
+            exclude=frozenset(exclude), device_class=self._verify_device.get(job.job_id),
+        )
+
+    def _placeable(self, job: job_pb2.Job) -> None:
+        """At submission: refuse, with the reason, a job no connected miner could ever take."""
+        views = [dataclasses.replace(self._view(c), running=0) for c in self.miners.values()]
+        if not views:
+            return
+        outcome = choose(views, self._needs(job), 0)
+        if isinstance(outcome, Unplaceable) and not outcome.wait and outcome.code != "no_model":
+            raise FailedPrecondition(outcome.reason)
+
+    def list_miners(self) -> list[coordinator_pb2.MinerStatus]:
+        from aitbc.hub.matching import score
+
+        out = {}
+        for rec in self._reputation.values():
+            out[rec.miner_id] = coordinator_pb2.MinerStatus(miner_id=rec.miner_id)
+        for c in self.miners.values():
+            info = c.session.info
+            view = self._view(c)
+            st = out.setdefault(c.miner_id, coordinator_pb2.MinerStatus(miner_id=c.miner_id))
+            st.connected, st.device, st.gpu_name, st.vram_mb = True, info.device, info.gpu_name, info.vram_mb
+            st.models.extend(info.models)
+            st.price_per_unit, st.max_concurrency, st.running = info.price_per_unit, info.max_concurrency or 1, len(c.running)
+            st.recent_latency_ms = c.latency_ms
+            st.score = score(view, JobNeeds(model=info.models[0], kind=view.kind_of(info.models[0])))
+        for miner_id, st in out.items():
+            rec = self._reputation.get(miner_id) or self.book.snapshot(miner_id)
+            st.reputation, st.jobs_served, st.failures, st.stalls = rec.reputation, rec.jobs_served, rec.failures, rec.stalls
+            st.verifications_passed, st.verifications_failed = rec.verifications_passed, rec.verifications_failed
+            st.quarantined = rec.quarantined
+        return sorted(out.values(), key=lambda m: (not m.connected, -m.reputation, m.miner_id))
+
+    def _runs(self, orig: job_pb2.Job) -> list[job_pb2.Job]:
+        """The original job and its re-executions, as stored."""
+        runs = [orig]
+        for vid in orig.verification_job_ids:
+            v = self._jobs.get(vid) or self.store.get_job(vid)
+            if v is not None:
+                runs.append(v)
+        return runs
+
+    def _start_verification(self, orig: job_pb2.Job, device: str) -> None:
+        now = jobs.now_ms()
+        v = job_pb2.Job(job_id=jobs.new_job_id(), model=orig.model, params=orig.params, state=S.JOB_STATE_QUEUED,
+                        client_id=VERIFY_CLIENT, created_at_unix_ms=now, updated_at_unix_ms=now,
+                        prompt_hash=orig.prompt_hash, verify_of=orig.job_id, traceparent=orig.traceparent)
+        orig.verification = V.VERIFICATION_STATE_PENDING
+        orig.verification_job_ids.append(v.job_id)
+        self.store.put_job(orig)
+        self.store.put_job(v)
+        self._verify_device[v.job_id] = device
+        self._jobs[v.job_id] = v
+        self._queue.append(v.job_id)
+        self._queued_at[v.job_id] = self.clock()
+
+    def _settle_runs(self, runs: list[job_pb2.Job], outvoted: frozenset[str], reason: str) -> None:
+        """Release the held receipts of runs that agreed; reject those that were outvoted."""
+        for run in runs:
+            rec = self.store.get_receipt(run.receipt_hash) if run.receipt_hash else None
+            if rec is None or rec.settlement.state != receipt_pb2.SETTLEMENT_STATE_HELD:
+                continue
+            if run.miner_id in outvoted:
+                rec.settlement.state = receipt_pb2.SETTLEMENT_STATE_REJECTED
+                rec.settlement.error = f"failed verification: {reason}"
+            else:
+                rec.settlement.state = self._unheld_state(rec)
+            self.store.update_receipt(rec)
+            for listener in self.receipt_listeners:
+                listener(rec)
+
+    def _unheld_state(self, rec: receipt_pb2.Receipt) -> int:
+        if not self.config.ledger:
+            return receipt_pb2.SETTLEMENT_STATE_DISABLED
+        if rec.body.units * rec.body.price_per_unit == 0:
+            return receipt_pb2.SETTLEMENT_STATE_NOT_REQUIRED
+        return receipt_pb2.SETTLEMENT_STATE_PENDING
+
+    def _verification_done(self, v: job_pb2.Job) -> None:
+        """A re-execution ended: decide by majority, or run a referee, or give up unverified."""
+        orig = self.store.get_job(v.verify_of)
+        if orig is None or orig.verification != V.VERIFICATION_STATE_PENDING:
+            return
+        runs = [r for r in self._runs(orig) if r.state == S.JOB_STATE_COMPLETED]
+        if v.state != S.JOB_STATE_COMPLETED:
+            if any(r.state in jobs.ACTIVE for r in self._runs(orig)):
+                return
+            orig.verification = V.VERIFICATION_STATE_UNVERIFIED
+            self.store.put_job(orig)
+            self._settle_runs(runs, frozenset(), "")
+            log.info("job %s stays unverified: %s", orig.job_id, v.error)
+            return
+        results = {r.miner_id: [self.store.get_artifact(a.sha256) or b"" for a in r.artifacts] for r in runs}
+        exact = self._verify_device.get(v.job_id, "cpu") != "cuda"
+        verdict = arbitrate(results, exact=exact, tolerance=self.config.verify_tolerance)
+        if not verdict.decided:
+            if len(runs) < 3:  # two runs disagree: a third miner referees
+                self._start_verification(orig, self._verify_device.get(v.job_id, ""))
+                self._dispatch()
+                return
+            orig.verification = V.VERIFICATION_STATE_UNVERIFIED
+            self.store.put_job(orig)
+            self._settle_runs(runs, frozenset(), "")
+            return
+        for r in runs:
+            self._record(r.miner_id, "record_verification", r.miner_id not in verdict.outvoted)
+        winner = next(r for r in runs if r.miner_id in verdict.agreed)
+        if orig.miner_id in verdict.outvoted:
+            # the client gets the verified result; the first miner's receipt is not minted
+            orig.verification = V.VERIFICATION_STATE_REPLACED
+            del orig.artifacts[:]
+            orig.artifacts.extend(winner.artifacts)
+            log.warning("job %s: miner %s failed verification; result replaced by %s's", orig.job_id,
+                        orig.miner_id, winner.miner_id)
+        else:
+            orig.verification = V.VERIFICATION_STATE_PASSED
+        self.store.put_job(orig)
+        self._settle_runs(runs, verdict.outvoted, f"its result differs from {len(verdict.agreed)} other executions")
+
     def _dispatch(self) -> None:
-        """Hand queued jobs to miners with free slots: model served, price acceptable, least loaded."""
+        """Hand queued jobs to miners: aitbc.hub.matching scores model, kind, VRAM fit, price,
+        reputation, load and latency; round-robin among equals. Jobs no miner can take stay queued."""
         if not self._queue or not self.miners:
             return
-        free = [c for c in self.miners.values() if c.free_slots() > 0]
+        views = {c.miner_id: self._view(c) for c in self.miners.values()}
+        free = sum(v.max_concurrency - v.running for v in views.values() if v.running < v.max_concurrency)
         if not free:
             return
         skipped: list[str] = []
@@ -735,23 +916,16 @@ class Coordinator:
             job = self._jobs.get(job_id)
             if job is None or job.state != S.JOB_STATE_QUEUED:
                 continue
-            excluded = self._excluded.get(job_id, ())
-            candidates = [
-                c for c in free
-                if job.model in c.session.info.models
-                and c.miner_id not in excluded
-                and model_kind(c.session.info, job.model) == jobs.job_kind(job)
-                and (not job.HasField("max_price_per_unit") or c.session.info.price_per_unit <= job.max_price_per_unit)
-            ]
-            if not candidates:
+            outcome = choose(views.values(), self._needs(job), next(self._rr))
+            if isinstance(outcome, Unplaceable):
                 skipped.append(job_id)
+                if not outcome.wait:
+                    job.error = outcome.reason  # shown by GetJob while the job waits
                 continue
-            least = min(len(c.running) for c in candidates)
-            best = [c for c in candidates if len(c.running) == least]
-            conn = best[next(self._rr) % len(best)]
+            conn = self.miners[outcome.miner_id]
             self._assign(job, conn)
-            if conn.free_slots() == 0:
-                free.remove(conn)
+            views[conn.miner_id] = dataclasses.replace(views[conn.miner_id], running=len(conn.running))
+            free -= 1
         self._queue.extendleft(reversed(skipped))
 
     def _assign(self, job: job_pb2.Job, conn: MinerConn) -> None:
@@ -775,11 +949,14 @@ class Coordinator:
         now = self.clock()
         for conn in list(self.miners.values()):
             if now - conn.last_seen > self.config.heartbeat_timeout_s:
+                if conn.running:
+                    self._record(conn.miner_id, "record_failure", "stall")
                 self.disconnect(conn, f"no heartbeat for {now - conn.last_seen:.1f} s")
         for job_id, since in list(self._queued_at.items()):
             job = self._jobs.get(job_id)
-            if job is not None and job.state == S.JOB_STATE_QUEUED and now - since > self.config.queue_ttl_s:
-                self._finish(job, S.JOB_STATE_EXPIRED, f"no miner took the job within {self.config.queue_ttl_s:g} s")
+            ttl = self.config.verify_timeout_s if job is not None and job.verify_of else self.config.queue_ttl_s
+            if job is not None and job.state == S.JOB_STATE_QUEUED and now - since > ttl:
+                self._finish(job, S.JOB_STATE_EXPIRED, f"no miner took the job within {ttl:g} s")
 
     async def run_housekeeping(self, interval_s: float = 0.5) -> None:
         while True:

@@ -30,7 +30,7 @@ class JobStore:
     def __init__(self, path: str | Path, *, map_size: int = 1 << 36, flush_interval_s: float = 0.2) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, sync=False, metasync=False)
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, sync=False, metasync=False)
         self._jobs = self.env.open_db(_V + b"jobs")
         self._active = self.env.open_db(_V + b"active")
         self._artifacts = self.env.open_db(_V + b"artifacts")

@@ -213,11 +213,34 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hub_miners(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        miners = client.list_miners()
+        if args.json:
+            from google.protobuf import json_format
+
+            print(json.dumps([json_format.MessageToDict(m, preserving_proto_field_name=True) for m in miners], indent=2))
+            return 0
+        if not miners:
+            print("no miner has registered yet")
+        print(f"{'miner':44s} {'state':11s} {'score':>5s} {'rep':>5s} {'load':>5s} {'price':>6s} {'served':>6s} "
+              f"{'verif ok/bad':>12s} {'fail':>4s} {'lat ms':>7s}  models")
+        for m in miners:
+            state = "QUARANTINE" if m.quarantined else ("connected" if m.connected else "offline")
+            print(f"{m.miner_id:44s} {state:11s} {m.score:5.2f} {m.reputation:5.2f} "
+                  f"{m.running}/{m.max_concurrency or '-':<3} {m.price_per_unit:6d} {m.jobs_served:6d} "
+                  f"{m.verifications_passed:>6d}/{m.verifications_failed:<5d} {m.failures + m.stalls:4d} "
+                  f"{m.recent_latency_ms:7.0f}  {','.join(m.models)}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.get_job(args.job_id)
         print(f"{job.job_id}  {jobs.state_name(job.state)}  model={job.model}  miner={job.miner_id or '-'}  "
               f"attempts={job.attempts}" + (f"  progress={job.progress.step}/{job.progress.total_steps}" if job.progress.total_steps else ""))
+        if job.verification:
+            print("verification: " + job_pb2.VerificationState.Name(job.verification).removeprefix("VERIFICATION_STATE_"))
         if job.error:
             print(f"reason: {job.error}")
         if args.json:
@@ -345,6 +368,8 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     print(f"  client id     {ep['client_id']}")
     print(f"  API key       {ep['api_key']}")
     print(f"  data          {ep['data_dir']}")
+    for name, url in dict(ep.get("metrics") or {}).items():
+        print(f"  metrics       {url}   ({name}; Prometheus text)")
     print(f"try:  aitbc submit \"{DEFAULT_PROMPT}\" --steps 20 --seed 7 -o city.png")
     print("      aitbc submit --model tiny-llama \"Explain proof of authority in one paragraph\"")
     print(f"      aitbc wallet import miner --key-file {ep['miner_key_file']} && aitbc wallet balance miner")
@@ -480,6 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conn(p)
     p.set_defaults(func=cmd_models)
 
+    p = sub.add_parser("hub", help="pool hub (runs inside the coordinator): `aitbc hub miners` lists miners")
+    hsub = p.add_subparsers(dest="hub_command", metavar="miners", required=True)
+    h = hsub.add_parser("miners", help="each miner's score, reputation, load, price, jobs served, verification results")
+    h.add_argument("--json", action="store_true")
+    _add_conn(h)
+    h.set_defaults(func=cmd_hub_miners)
+
     p = sub.add_parser("status", help="show a job")
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true", help="also print the full job as JSON")
@@ -537,14 +569,45 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from aitbc.clients.sdk import ClientError
 
+    command = getattr(args.func, "__name__", "cmd").removeprefix("cmd_")
+    traced = _client_tracing(command)
     try:
-        return int(args.func(args) or 0)
+        if not traced:
+            return int(args.func(args) or 0)
+        from aitbc import telemetry
+
+        with telemetry.span(f"aitbc {command}"):  # the root of the trace a client command makes
+            return int(args.func(args) or 0)
     except ClientError as exc:
         return _fail(f"{exc.code}: {exc.message}")
     except AitbcError as exc:
         return _fail(exc.message)
     except KeyboardInterrupt:
         return 130
+    finally:
+        if traced:
+            from aitbc import telemetry
+
+            telemetry.shutdown()  # flush the batch exporter before the process ends
+
+
+# Long-running processes set up their own telemetry (service name, metrics endpoint, logs).
+_SERVER_COMMANDS = frozenset({"coordinator", "miner", "node", "wallet_daemon", "devnet", "demo"})
+
+
+def _client_tracing(command: str) -> bool:
+    """Trace a client command only when AITBC_TRACING asks for it: off, the CLI never imports the
+    OpenTelemetry SDK and behaves exactly as before."""
+    if command in _SERVER_COMMANDS or os.environ.get("AITBC_TRACING", "").strip().lower() in ("", "none"):
+        return False
+    from aitbc import telemetry
+
+    try:
+        telemetry.configure("aitbc-cli")
+    except (ValueError, RuntimeError) as exc:  # a typo in AITBC_TRACING must not break the command
+        print(f"aitbc: tracing off: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -63,12 +63,15 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = 0.0
+    env: dict[str, str] | None = None  # extra environment (its own AITBC_METRICS_LISTEN)
+    metrics: str = ""  # "host:port" of its Prometheus endpoint, "" when metrics are off
 
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.log, "ab")
+        env = {**os.environ, **self.env} if self.env else None
         self.proc = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, env=env)
         fh.close()
         self.started_at = time.monotonic()
 
@@ -129,6 +132,7 @@ class Devnet:
         (d / "coordinator.toml").write_text(_toml({
             "listen": state["coordinator"], "data_dir": str(d / "coordinator"), "key_file": str(d / "keys" / "coordinator.key"),
             "chain_id": CHAIN_ID, "ledger": state["ledger"],
+            "verify_rate": 0.0,  # one miner: a re-execution needs a second one (docs/hub.md)
             "clients": [{"id": CLIENT_ID, "api_key_sha256": key_hash}],
         }))
         (d / "miner.toml").write_text(_toml({
@@ -150,7 +154,11 @@ class Devnet:
             Child("wallet", [*cli, "wallet-daemon", "--listen", str(state["wallet"]), "--keystore-dir",
                              str(d / "wallets"), "--ledger", str(state["ledger"])], d / "logs" / "wallet.log"),
         ]
+        metrics_on = os.environ.get("AITBC_METRICS_LISTEN", "").strip().lower() not in ("off", "none")
         for child in self.children:
+            if metrics_on:  # one endpoint per process: an inherited AITBC_METRICS_LISTEN would clash
+                child.metrics = f"127.0.0.1:{free_port()}"
+                child.env = {"AITBC_METRICS_LISTEN": child.metrics}
             child.start()
         self._wait_ready(str(state["miner_ops"]), ready_timeout)
         self.endpoints = {
@@ -163,6 +171,7 @@ class Devnet:
             "api_key": state["api_key"],
             "client_id": CLIENT_ID,
             "chain_id": CHAIN_ID,
+            "metrics": {c.name: f"http://{c.metrics}/metrics" for c in self.children if c.metrics},
             "data_dir": str(d),
             "pid": os.getpid(),
         }

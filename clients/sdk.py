@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from aitbc import telemetry
 from aitbc.rpc import CHANNEL_OPTIONS
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, receipt_pb2
 from aitbc.wire import receipt_from_proto
@@ -52,7 +53,8 @@ class CoordinatorClient:
     def __init__(self, target: str, api_key: str, *, timeout: float = 30.0) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        # sends the trace context when tracing is on (telemetry.setup / configure before this)
+        self._channel = telemetry.intercept_channel(grpc.insecure_channel(target, options=CHANNEL_OPTIONS))
         self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
         self._md = (("x-api-key", api_key),)
 
@@ -122,6 +124,10 @@ class CoordinatorClient:
     @_wrap
     def list_models(self) -> list[Any]:
         return list(self._stub.ListModels(coordinator_pb2.ListModelsRequest(), metadata=self._md, timeout=self.timeout).models)
+
+    @_wrap
+    def list_miners(self) -> list[Any]:
+        return list(self._stub.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=self._md, timeout=self.timeout).miners)
 
     @_wrap
     def get_job(self, job_id: str) -> job_pb2.Job:

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from aitbc import crypto, jobs
+from aitbc import crypto, jobs, metrics, telemetry
 from aitbc.config import CoordinatorConfig, expand, write_port_file
 from aitbc.coordinator import Coordinator
 from aitbc.errors import FailedPrecondition, InvalidArgument
@@ -32,6 +32,10 @@ from aitbc.v1 import (
 
 log = logging.getLogger("aitbc.server.coordinator")
 S = job_pb2.JobState
+COORDINATOR_SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+# Health name of the settlement path: NOT_SERVING while the ledger node is unreachable (jobs still run
+# and receipts queue up; they mint when it is back). Registered only when settlement is configured.
+SETTLEMENT_HEALTH = f"{COORDINATOR_SERVICE}/settlement"
 INLINE_IMAGE_LIMIT = 3 * 1024 * 1024
 
 
@@ -56,19 +60,23 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             client, request.model, request.params, request_id=request.request_id,
             max_price_per_unit=request.max_price_per_unit if request.HasField("max_price_per_unit") else None,
         )
+        telemetry.set_attributes(job_id=job.job_id, model=job.model, client_id=client)
         return coordinator_pb2.SubmitJobResponse(job=job)
 
     @handle_errors
     async def GetJob(self, request: coordinator_pb2.GetJobRequest, context: Any) -> coordinator_pb2.GetJobResponse:
+        telemetry.set_attributes(job_id=request.job_id)
         return coordinator_pb2.GetJobResponse(job=self.core.get(self._client(context), request.job_id))
 
     @handle_errors
     async def CancelJob(self, request: coordinator_pb2.CancelJobRequest, context: Any) -> coordinator_pb2.CancelJobResponse:
+        telemetry.set_attributes(job_id=request.job_id)
         job = await self.core.cancel(self._client(context), request.job_id, request.reason)
         return coordinator_pb2.CancelJobResponse(job=job)
 
     @handle_errors
     async def WatchJob(self, request: coordinator_pb2.WatchJobRequest, context: Any) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
+        telemetry.set_attributes(job_id=request.job_id)
         async for event in self.core.watch(self._client(context), request.job_id):
             if isinstance(event, job_pb2.Job):
                 yield coordinator_pb2.WatchJobResponse(job=event)
@@ -79,6 +87,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @handle_errors
     async def GetJobResult(self, request: coordinator_pb2.GetJobResultRequest, context: Any) -> AsyncIterator[coordinator_pb2.GetJobResultResponse]:
+        telemetry.set_attributes(job_id=request.job_id, index=request.index)
         art, data = self.core.artifact(self._client(context), request.job_id, request.index)
         yield coordinator_pb2.GetJobResultResponse(artifact=art, offset=0, data=data[:CHUNK_BYTES])
         for offset in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
@@ -98,6 +107,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if which is None:
             raise InvalidArgument("set receipt_hash or job_id")
         rec = self.core.receipt(client, **{which: getattr(request, which)})
+        telemetry.set_attributes(job_id=rec.body.job_id, receipt_hash=rec.receipt_hash)
         return coordinator_pb2.GetReceiptResponse(receipt=rec)
 
     @handle_errors
@@ -106,12 +116,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.ListModelsResponse(models=self.core.list_models())
 
     @handle_errors
+    async def ListMiners(self, request: coordinator_pb2.ListMinersRequest, context: Any) -> coordinator_pb2.ListMinersResponse:
+        self._client(context)
+        return coordinator_pb2.ListMinersResponse(miners=self.core.list_miners())
+
+    @handle_errors
     async def GenerateImage(self, request: coordinator_pb2.GenerateImageRequest, context: Any) -> coordinator_pb2.GenerateImageResponse:
         client = self._client(context)
         job = await self.core.submit(
             client, request.model, job_pb2.JobParams(image=request.params), request_id=request.request_id,
             max_price_per_unit=request.max_price_per_unit if request.HasField("max_price_per_unit") else None,
         )
+        telemetry.set_attributes(job_id=job.job_id, model=job.model, client_id=client)
         timeout = request.timeout_seconds or 300
         try:
             async with asyncio.timeout(timeout):
@@ -145,6 +161,7 @@ class MinerGatewayServicer(miner_pb2_grpc.MinerServiceServicer):
     @handle_errors
     async def Register(self, request: miner_pb2.RegisterRequest, context: Any) -> miner_pb2.RegisterResponse:
         session = self.core.register(request.public_key, request.challenge, request.signature, request.info)
+        telemetry.set_attributes(miner_id=session.miner_id)
         cfg = self.core.config
         return miner_pb2.RegisterResponse(
             miner_id=session.miner_id,
@@ -157,6 +174,7 @@ class MinerGatewayServicer(miner_pb2_grpc.MinerServiceServicer):
     @handle_errors
     async def Work(self, request_iterator: AsyncIterator[miner_pb2.WorkRequest], context: Any) -> AsyncIterator[miner_pb2.WorkResponse]:
         conn = self.core.connect(_metadata(context, "x-miner-session") or "")
+        telemetry.set_attributes(miner_id=conn.miner_id)
         ended = "stream closed by the miner"
         broken = False
 
@@ -227,16 +245,24 @@ async def start_coordinator(config: CoordinatorConfig) -> CoordinatorProcess:
         Service(miner_pb2_grpc.add_MinerServiceServicer_to_server, MinerGatewayServicer(core),
                 miner_pb2.DESCRIPTOR.services_by_name["MinerService"].full_name),
     ])
+    # gauges read at scrape time: nothing is added to the dispatch path
+    metrics.MINERS_CONNECTED.set_function(lambda: len(core.miners))
+    metrics.QUEUE_DEPTH.set_function(lambda: len(core._queue))  # noqa: SLF001 - a cheap read, no API needed
     proc = CoordinatorProcess(running, core, [asyncio.create_task(core.run_housekeeping())])
     if config.ledger:
-        proc.settlement = Settlement(store, key, config.ledger)
-        core.receipt_listeners.append(proc.settlement.notify)
-        proc.tasks.append(asyncio.create_task(proc.settlement.run()))
+        settlement = proc.settlement = Settlement(store, key, config.ledger)
+        core.receipt_listeners.append(settlement.notify)
+        running.names.append(SETTLEMENT_HEALTH)  # stop() reports it NOT_SERVING with the rest
+        await running.set_serving(SETTLEMENT_HEALTH, False)  # until the first pass reaches the ledger
+        settlement.readiness_listeners.append(
+            lambda ok: proc.tasks.append(asyncio.create_task(running.set_serving(SETTLEMENT_HEALTH, ok))))
+        proc.tasks.append(asyncio.create_task(settlement.run()))
     return proc
 
 
 async def run_coordinator(config: CoordinatorConfig) -> None:
     """Serve until SIGINT/SIGTERM."""
+    telemetry.setup("aitbc-coordinator")  # before the server starts: its interceptors are chosen then
     proc = await start_coordinator(config)
     host = config.listen.rsplit(":", 1)[0]
     print(f"coordinator listening on {host}:{proc.port} (attester {proc.core.key.address}, chain {config.chain_id}, "

@@ -52,6 +52,7 @@ class Network:
             clients=[ClientKey("alice", hashlib.sha256(API_KEY.encode()).hexdigest()),
                      ClientKey("bob", hashlib.sha256(OTHER_KEY.encode()).hexdigest())],
             heartbeat_interval_s=0.5, heartbeat_timeout_s=3.0,
+            verify_rate=0.0,  # tests of verification turn it on
         )
         values.update(self.overrides)
         return CoordinatorConfig(**values)

@@ -484,3 +484,113 @@ class ListModelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class ListMinersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMinersRequest: _TypeAlias = ListMinersRequest  # noqa: Y015
+
+@_typing.final
+class MinerStatus(_message.Message):
+    """MinerStatus is the hub's view of one miner."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MINER_ID_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    GPU_NAME_FIELD_NUMBER: _builtins.int
+    VRAM_MB_FIELD_NUMBER: _builtins.int
+    PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    REPUTATION_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    RECENT_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    JOBS_SERVED_FIELD_NUMBER: _builtins.int
+    VERIFICATIONS_PASSED_FIELD_NUMBER: _builtins.int
+    VERIFICATIONS_FAILED_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    STALLS_FIELD_NUMBER: _builtins.int
+    QUARANTINED_FIELD_NUMBER: _builtins.int
+    miner_id: _builtins.str
+    connected: _builtins.bool
+    device: _builtins.str
+    gpu_name: _builtins.str
+    vram_mb: _builtins.int
+    price_per_unit: _builtins.int
+    max_concurrency: _builtins.int
+    running: _builtins.int
+    reputation: _builtins.float
+    """0..1; starts at 0.5 (docs/hub.md)."""
+    score: _builtins.float
+    """Matching score for a typical job of its first model (docs/hub.md)."""
+    recent_latency_ms: _builtins.float
+    jobs_served: _builtins.int
+    verifications_passed: _builtins.int
+    verifications_failed: _builtins.int
+    failures: _builtins.int
+    stalls: _builtins.int
+    quarantined: _builtins.bool
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        miner_id: _builtins.str = ...,
+        connected: _builtins.bool = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+        device: _builtins.str = ...,
+        gpu_name: _builtins.str = ...,
+        vram_mb: _builtins.int = ...,
+        price_per_unit: _builtins.int = ...,
+        max_concurrency: _builtins.int = ...,
+        running: _builtins.int = ...,
+        reputation: _builtins.float = ...,
+        score: _builtins.float = ...,
+        recent_latency_ms: _builtins.float = ...,
+        jobs_served: _builtins.int = ...,
+        verifications_passed: _builtins.int = ...,
+        verifications_failed: _builtins.int = ...,
+        failures: _builtins.int = ...,
+        stalls: _builtins.int = ...,
+        quarantined: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "device", b"device", "failures", b"failures", "gpu_name", b"gpu_name", "jobs_served", b"jobs_served", "max_concurrency", b"max_concurrency", "miner_id", b"miner_id", "models", b"models", "price_per_unit", b"price_per_unit", "quarantined", b"quarantined", "recent_latency_ms", b"recent_latency_ms", "reputation", b"reputation", "running", b"running", "score", b"score", "stalls", b"stalls", "verifications_failed", b"verifications_failed", "verifications_passed", b"verifications_passed", "vram_mb", b"vram_mb"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MinerStatus: _TypeAlias = MinerStatus  # noqa: Y015
+
+@_typing.final
+class ListMinersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MINERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def miners(self) -> _containers.RepeatedCompositeFieldContainer[Global___MinerStatus]: ...
+    def __init__(
+        self,
+        *,
+        miners: _abc.Iterable[Global___MinerStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["miners", b"miners"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMinersResponse: _TypeAlias = ListMinersResponse  # noqa: Y015

@@ -81,6 +81,11 @@ class CoordinatorServiceStub:
                 request_serializer=aitbc_dot_v1_dot_coordinator__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_coordinator__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ListMiners = channel.unary_unary(
+                '/aitbc.v1.CoordinatorService/ListMiners',
+                request_serializer=aitbc_dot_v1_dot_coordinator__pb2.ListMinersRequest.SerializeToString,
+                response_deserializer=aitbc_dot_v1_dot_coordinator__pb2.ListMinersResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -151,6 +156,13 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMiners(self, request, context):
+        """ListMiners shows each known miner's score, reputation, load, price and verification record.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +210,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=aitbc_dot_v1_dot_coordinator__pb2.ListModelsRequest.FromString,
                     response_serializer=aitbc_dot_v1_dot_coordinator__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ListMiners': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMiners,
+                    request_deserializer=aitbc_dot_v1_dot_coordinator__pb2.ListMinersRequest.FromString,
+                    response_serializer=aitbc_dot_v1_dot_coordinator__pb2.ListMinersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,6 +462,33 @@ class CoordinatorService:
             '/aitbc.v1.CoordinatorService/ListModels',
             aitbc_dot_v1_dot_coordinator__pb2.ListModelsRequest.SerializeToString,
             aitbc_dot_v1_dot_coordinator__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMiners(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aitbc.v1.CoordinatorService/ListMiners',
+            aitbc_dot_v1_dot_coordinator__pb2.ListMinersRequest.SerializeToString,
+            aitbc_dot_v1_dot_coordinator__pb2.ListMinersResponse.FromString,
             options,
             channel_credentials,
             insecure,

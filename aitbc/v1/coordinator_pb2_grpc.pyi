@@ -53,6 +53,8 @@ class CoordinatorServiceStub:
     """GenerateImage submits an image job and waits for it (convenience)."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListModelsRequest, _coordinator_pb2.ListModelsResponse]
     """ListModels lists the models connected miners serve, with their kind and limits."""
+    ListMiners: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListMinersRequest, _coordinator_pb2.ListMinersResponse]
+    """ListMiners shows each known miner's score, reputation, load, price and verification record."""
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -79,6 +81,8 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """GenerateImage submits an image job and waits for it (convenience)."""
     ListModels: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListModelsRequest, _coordinator_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels lists the models connected miners serve, with their kind and limits."""
+    ListMiners: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListMinersRequest, _coordinator_pb2.ListMinersResponse]  # type: ignore[assignment]
+    """ListMiners shows each known miner's score, reputation, load, price and verification record."""
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """CoordinatorService is the client-facing job API. Every call needs an API key in the
@@ -156,5 +160,13 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.ListModelsResponse, _abc.Awaitable[_coordinator_pb2.ListModelsResponse]]:
         """ListModels lists the models connected miners serve, with their kind and limits."""
+
+    @_abc_1.abstractmethod
+    def ListMiners(
+        self,
+        request: _coordinator_pb2.ListMinersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListMinersResponse, _abc.Awaitable[_coordinator_pb2.ListMinersResponse]]:
+        """ListMiners shows each known miner's score, reputation, load, price and verification record."""
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -66,6 +66,38 @@ MODEL_KIND_IMAGE: ModelKind.ValueType  # 1
 MODEL_KIND_TEXT: ModelKind.ValueType  # 2
 Global___ModelKind: _TypeAlias = ModelKind  # noqa: Y015
 
+class _VerificationState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VerificationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VerificationState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VERIFICATION_STATE_UNSPECIFIED: _VerificationState.ValueType  # 0
+    """Not sampled for verification."""
+    VERIFICATION_STATE_PENDING: _VerificationState.ValueType  # 1
+    """Sampled: a re-execution is running; the receipt's MINT is held meanwhile."""
+    VERIFICATION_STATE_PASSED: _VerificationState.ValueType  # 2
+    """A different miner produced the same result."""
+    VERIFICATION_STATE_REPLACED: _VerificationState.ValueType  # 3
+    """The first result lost the comparison: the job's result and receipt are the verified ones."""
+    VERIFICATION_STATE_UNVERIFIED: _VerificationState.ValueType  # 4
+    """No other eligible miner ran it in time; the result stands unverified."""
+
+class VerificationState(_VerificationState, metaclass=_VerificationStateEnumTypeWrapper):
+    """VerificationState says whether a job's result was checked by re-execution on another miner."""
+
+VERIFICATION_STATE_UNSPECIFIED: VerificationState.ValueType  # 0
+"""Not sampled for verification."""
+VERIFICATION_STATE_PENDING: VerificationState.ValueType  # 1
+"""Sampled: a re-execution is running; the receipt's MINT is held meanwhile."""
+VERIFICATION_STATE_PASSED: VerificationState.ValueType  # 2
+"""A different miner produced the same result."""
+VERIFICATION_STATE_REPLACED: VerificationState.ValueType  # 3
+"""The first result lost the comparison: the job's result and receipt are the verified ones."""
+VERIFICATION_STATE_UNVERIFIED: VerificationState.ValueType  # 4
+"""No other eligible miner ran it in time; the result stands unverified."""
+Global___VerificationState: _TypeAlias = VerificationState  # noqa: Y015
+
 @_typing.final
 class ImageParams(_message.Message):
     """ImageParams are the parameters of a text-to-image job (limits in README "Job limits")."""
@@ -328,6 +360,9 @@ class Job(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    VERIFY_OF_FIELD_NUMBER: _builtins.int
+    VERIFICATION_JOB_IDS_FIELD_NUMBER: _builtins.int
+    VERIFICATION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     model: _builtins.str
     state: Global___JobState.ValueType
@@ -361,6 +396,9 @@ class Job(_message.Message):
     finish_reason: _builtins.str
     traceparent: _builtins.str
     """W3C traceparent of the SubmitJob call (empty when tracing is off); the job's spans join it."""
+    verify_of: _builtins.str
+    """Hub verification: set on a re-execution job, the id of the job it verifies."""
+    verification: Global___VerificationState.ValueType
     @_builtins.property
     def params(self) -> Global___JobParams: ...
     @_builtins.property
@@ -370,6 +408,10 @@ class Job(_message.Message):
     @_builtins.property
     def receipt(self) -> _receipt_pb2.Receipt:
         """Receipt of a completed job (signed by the miner, attested by the coordinator)."""
+
+    @_builtins.property
+    def verification_job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """On a verified job: its re-execution jobs, in order."""
 
     def __init__(
         self,
@@ -400,10 +442,13 @@ class Job(_message.Message):
         generated_tokens: _builtins.int = ...,
         finish_reason: _builtins.str = ...,
         traceparent: _builtins.str = ...,
+        verify_of: _builtins.str = ...,
+        verification_job_ids: _abc.Iterable[_builtins.str] | None = ...,
+        verification: Global___VerificationState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "params", b"params", "progress", b"progress", "receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "artifacts", b"artifacts", "attempts", b"attempts", "client_id", b"client_id", "created_at_unix_ms", b"created_at_unix_ms", "error", b"error", "finish_reason", b"finish_reason", "finished_at_unix_ms", b"finished_at_unix_ms", "generated_tokens", b"generated_tokens", "job_id", b"job_id", "max_price_per_unit", b"max_price_per_unit", "miner_id", b"miner_id", "model", b"model", "params", b"params", "price_per_unit", b"price_per_unit", "progress", b"progress", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "receipt", b"receipt", "receipt_hash", b"receipt_hash", "request_id", b"request_id", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "traceparent", b"traceparent", "unit_type", b"unit_type", "units", b"units", "updated_at_unix_ms", b"updated_at_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "artifacts", b"artifacts", "attempts", b"attempts", "client_id", b"client_id", "created_at_unix_ms", b"created_at_unix_ms", "error", b"error", "finish_reason", b"finish_reason", "finished_at_unix_ms", b"finished_at_unix_ms", "generated_tokens", b"generated_tokens", "job_id", b"job_id", "max_price_per_unit", b"max_price_per_unit", "miner_id", b"miner_id", "model", b"model", "params", b"params", "price_per_unit", b"price_per_unit", "progress", b"progress", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "receipt", b"receipt", "receipt_hash", b"receipt_hash", "request_id", b"request_id", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "traceparent", b"traceparent", "unit_type", b"unit_type", "units", b"units", "updated_at_unix_ms", b"updated_at_unix_ms", "verification", b"verification", "verification_job_ids", b"verification_job_ids", "verify_of", b"verify_of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_price_per_unit: _TypeAlias = _typing.Literal["max_price_per_unit"]  # noqa: Y015
     _WhichOneofArgType__max_price_per_unit: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit"]  # noqa: Y015

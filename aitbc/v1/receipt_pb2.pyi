@@ -38,6 +38,8 @@ class _SettlementStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Settl
     """No ledger is configured: the receipt is attested but not settled."""
     SETTLEMENT_STATE_NOT_REQUIRED: _SettlementState.ValueType  # 7
     """A free job (units x price is 0): there is nothing to mint."""
+    SETTLEMENT_STATE_HELD: _SettlementState.ValueType  # 8
+    """Held until the job's verification by re-execution decides (hub)."""
 
 class SettlementState(_SettlementState, metaclass=_SettlementStateEnumTypeWrapper):
     """SettlementState tracks a receipt's MINT on the ledger."""
@@ -57,6 +59,8 @@ SETTLEMENT_STATE_DISABLED: SettlementState.ValueType  # 6
 """No ledger is configured: the receipt is attested but not settled."""
 SETTLEMENT_STATE_NOT_REQUIRED: SettlementState.ValueType  # 7
 """A free job (units x price is 0): there is nothing to mint."""
+SETTLEMENT_STATE_HELD: SettlementState.ValueType  # 8
+"""Held until the job's verification by re-execution decides (hub)."""
 Global___SettlementState: _TypeAlias = SettlementState  # noqa: Y015
 
 @_typing.final

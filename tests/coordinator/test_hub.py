@@ -1,0 +1,146 @@
+"""The pool hub inside the coordinator: matching with reasons, reputation, verification by
+re-execution (a cheating miner is caught, earns nothing, and is quarantined)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from aitbc import jobs
+from aitbc.miner.backend import null_png
+from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2, receipt_pb2
+from tests.coordinator.test_jobs_api import MD, fetch, image_job, stub, wait_done
+from tests.coordinator.test_miner_gateway import RawMiner
+
+S = job_pb2.JobState
+V = job_pb2.VerificationState
+St = receipt_pb2.SettlementState
+
+
+class CheatingMiner(RawMiner):
+    """Registers like anyone, then answers every assignment with a well-formed, well-signed result
+    whose image is not what the job asked for (cheaper than running the model)."""
+
+    async def serve(self) -> None:
+        while True:
+            msg = await self.call.read()
+            if msg is grpc.aio.EOF:
+                return
+            if msg.WhichOneof("msg") != "assignment":
+                continue
+            job = msg.assignment.job
+            self.send(accepted=miner_pb2.JobAccepted(job_id=job.job_id))
+            png = null_png("whatever is cheapest", 0, 64, 64)
+            self.send(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=png))
+            self.send(result=self.result_for(job, png))
+
+
+async def test_max_price_and_vram_are_refused_with_the_reason(net) -> None:
+    m = RawMiner(net)
+    await m.connect(models=("null",), price_per_unit=2, vram_mb=6000, device="cuda:0")
+    await net.until(lambda: net.core.miners)
+    s = stub(net)
+    req = image_job(model="null")
+    req.max_price_per_unit = 0
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.SubmitJob(req, metadata=MD)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "above your max price 0 (cheapest: 2)" in err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.SubmitJob(image_job(model="null", width=1024, height=1024, images=2), metadata=MD)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "VRAM" in err.value.details()
+    assert not net.core._jobs
+
+
+async def test_cheaper_miner_wins_and_equals_share_round_robin(net, null_backend) -> None:
+    cheap = await net.add_miner({"null": null_backend}, price=1)
+    dear = await net.add_miner({"null": null_backend}, price=50)
+    s = stub(net)
+    for i in range(4):
+        done = await wait_done(s, (await s.SubmitJob(image_job(model="null", seed=i), metadata=MD)).job.job_id)
+        assert done.miner_id == cheap.key.address
+    twin = await net.add_miner({"null": null_backend}, price=1)
+    # submitted together with a max price of 1: the busy cheap miner's load sends work to its twin,
+    # never to the dear one (without the limit a free dear miner would rather serve than let jobs wait)
+    submitted = []
+    for i in range(6):
+        req = image_job(model="null", seed=10 + i)
+        req.max_price_per_unit = 1
+        submitted.append((await s.SubmitJob(req, metadata=MD)).job.job_id)
+    served = {(await wait_done(s, job_id)).miner_id for job_id in submitted}
+    assert served == {cheap.key.address, twin.key.address}
+    assert dear.completed == 0
+
+
+async def test_verification_passes_between_honest_miners(network_factory, null_backend) -> None:
+    net = await network_factory(verify_rate=1.0)
+    a = await net.add_miner({"null": null_backend})
+    b = await net.add_miner({"null": null_backend})
+    s = stub(net)
+    job = await wait_done(s, (await s.SubmitJob(image_job(model="null", seed=3), metadata=MD)).job.job_id)
+    await net.until(lambda: net.core.store.get_job(job.job_id).verification == V.VERIFICATION_STATE_PASSED)
+    got = (await s.GetJob(coordinator_pb2.GetJobRequest(job_id=job.job_id), metadata=MD)).job
+    assert got.receipt.settlement.state == St.SETTLEMENT_STATE_DISABLED  # released (no ledger configured here)
+    [vid] = got.verification_job_ids
+    rerun = net.core.store.get_job(vid)
+    assert rerun.miner_id != got.miner_id and {rerun.miner_id, got.miner_id} == {a.key.address, b.key.address}
+    miners = {m.miner_id: m for m in (await s.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=MD)).miners}
+    assert miners[got.miner_id].verifications_passed == 1 and miners[rerun.miner_id].verifications_passed == 1
+    # the re-execution is the hub's, not the client's
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.GetJob(coordinator_pb2.GetJobRequest(job_id=vid), metadata=MD)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_cheater_is_caught_earns_nothing_and_is_quarantined(network_factory, null_backend) -> None:
+    net = await network_factory(verify_rate=1.0, verify_timeout_s=30)
+    cheat = CheatingMiner(net)
+    await cheat.connect(models=("null",), price_per_unit=1, device="cpu")
+    serving = asyncio.create_task(cheat.serve())
+    s = stub(net)
+    honest: list = []
+    for round_ in range(2):
+        for h in honest:  # its reputation fell: the cheater gets work only when it is alone
+            h.stop()
+        await net.until(lambda: set(net.core.miners) == {cheat.key.address})
+        job = (await s.SubmitJob(image_job(model="null", seed=20 + round_, width=64, height=64), metadata=MD)).job
+        await net.until(lambda j=job: net.core.store.get_job(j.job_id).state == S.JOB_STATE_COMPLETED)
+        assert net.core.store.get_job(job.job_id).miner_id == cheat.key.address
+        # honest miners join: one re-executes the job, the other referees the disagreement
+        honest = [await net.add_miner({"null": null_backend}, price=1) for _ in range(2)]
+        await net.until(lambda j=job: net.core.store.get_job(j.job_id).verification == V.VERIFICATION_STATE_REPLACED,
+                        timeout=60)
+        got = (await s.GetJob(coordinator_pb2.GetJobRequest(job_id=job.job_id), metadata=MD)).job
+        # the client receives the verified result, not the cheat
+        _, data = await fetch(s, job.job_id)
+        assert data == null_png("a red bicycle", 20 + round_, 64, 64) and data != null_png("whatever is cheapest", 0, 64, 64)
+        # the cheater's receipt is never minted
+        assert got.receipt.settlement.state == St.SETTLEMENT_STATE_REJECTED
+        assert "failed verification" in got.receipt.settlement.error
+    status = {m.miner_id: m for m in (await s.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=MD)).miners}
+    bad = status[cheat.key.address]
+    assert bad.quarantined and bad.verifications_failed == 2 and bad.reputation < 0.2
+    assert all(status[h.key.address].verifications_passed == 1 for h in honest)
+    # quarantined: new work goes to the honest miners only
+    for i in range(3):
+        done = await wait_done(s, (await s.SubmitJob(image_job(model="null", seed=40 + i), metadata=MD)).job.job_id)
+        assert done.miner_id != cheat.key.address
+    # reputation persists across a coordinator restart
+    serving.cancel()
+    await net.restart_coordinator()
+    s = stub(net)
+    status = {m.miner_id: m for m in (await s.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=MD)).miners}
+    assert status[cheat.key.address].quarantined and status[cheat.key.address].verifications_failed == 2
+
+
+async def test_without_a_second_miner_the_result_stands_unverified(network_factory, null_backend) -> None:
+    net = await network_factory(verify_rate=1.0, verify_timeout_s=1.0)
+    await net.add_miner({"null": null_backend})
+    s = stub(net)
+    job = await wait_done(s, (await s.SubmitJob(image_job(model="null"), metadata=MD)).job.job_id)
+    await net.until(lambda: net.core.store.get_job(job.job_id).verification == V.VERIFICATION_STATE_UNVERIFIED, timeout=10)
+    got = (await s.GetJob(coordinator_pb2.GetJobRequest(job_id=job.job_id), metadata=MD)).job
+    assert got.receipt.settlement.state == St.SETTLEMENT_STATE_DISABLED  # released, not held forever
+    assert jobs.state_name(got.state) == "COMPLETED"
