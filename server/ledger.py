@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
-from aitbc import crypto, rpc
+from aitbc import crypto, rpc, telemetry
 from aitbc.errors import FailedPrecondition, InvalidArgument, NotFound
+from aitbc.ledger import observe
 from aitbc.ledger.block import decode_header
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.genesis import Genesis
@@ -104,6 +104,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         [(h, err)] = await self.node.submit([request.raw], relay=not self._is_relay(context))
         if err is not None:
             raise err
+        if telemetry.enabled():  # the block that includes it links back to this call's trace
+            observe.remember_tx_trace(h)
         return S.BroadcastTransactionResponse(hash=h.hex())
 
     @rpc.handle_errors
@@ -157,63 +159,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return resp
 
 
-class _Malformed:
-    """Stands in for a request whose bytes do not parse, so the handler can answer INVALID_ARGUMENT
-    (grpcio's own deserializer failure would surface as UNKNOWN)."""
-
-    def __init__(self, type_name: str) -> None:
-        self.message = f"malformed request: bytes are not a valid {type_name}"
-
-
-def _lenient(cls: Any) -> Any:
-    def deserialize(data: bytes) -> Any:
-        try:
-            return cls.FromString(data)
-        except DecodeError:
-            return _Malformed(cls.DESCRIPTOR.full_name)
-
-    return deserialize
-
-
-def _guard_unary(fn: Any) -> Any:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, _Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        return await fn(request, context)
-
-    return handler
-
-
-def _guard_stream(fn: Any) -> Any:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, _Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        async for item in fn(request, context):
-            yield item
-
-    return handler
-
-
-def add_ledger_servicer(servicer: LedgerServicer, server: grpc.aio.Server) -> None:
-    """Like the generated add_LedgerServiceServicer_to_server, but malformed protobuf requests get
-    INVALID_ARGUMENT instead of UNKNOWN."""
-    handlers = {}
-    for method in ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].methods:
-        req = getattr(ledger_pb2, method.input_type.name)
-        resp = getattr(ledger_pb2, method.output_type.name)
-        fn = getattr(servicer, method.name)
-        if method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _guard_stream(fn), request_deserializer=_lenient(req), response_serializer=resp.SerializeToString)
-        else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _guard_unary(fn), request_deserializer=_lenient(req), response_serializer=resp.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
 def ledger_service(node: Node) -> rpc.Service:
-    return rpc.Service(add_ledger_servicer, LedgerServicer(node), SERVICE_NAME)
+    # aitbc.rpc.start_server mounts it from the descriptor (malformed requests -> INVALID_ARGUMENT)
+    return rpc.Service(ledger_pb2_grpc.add_LedgerServiceServicer_to_server, LedgerServicer(node), SERVICE_NAME)
 
 
 async def start_node(store: Store, genesis: Genesis, key: crypto.PrivateKey | None, listen: str,
@@ -224,7 +172,16 @@ async def start_node(store: Store, genesis: Genesis, key: crypto.PrivateKey | No
         server = await rpc.start_server(listen, [ledger_service(node)])
     except (RuntimeError, OSError):  # grpcio reports a failed bind as RuntimeError
         raise FailedPrecondition(f"cannot listen on {listen}: address in use or invalid") from None
+    node.block_listeners.append(observe.BlockObserver())
+    observe.export_gauges(node)
     await node.start(f"{rpc.host_of(listen)}:{server.port}")
+
+    async def set_serving(ok: bool) -> None:  # a node behind its peers is NOT_SERVING until caught up
+        await server.set_serving(SERVICE_NAME, ok)
+
+    if node.has_peers:
+        await set_serving(False)
+    node.adopt(asyncio.create_task(observe.track_readiness(node, set_serving), name="ledger-readiness"))
     return node, server
 
 
@@ -232,6 +189,7 @@ async def run_node(data_dir: str | Path, genesis_path: str | Path, key_path: str
                    listen: str = "127.0.0.1:26657", peers: Sequence[str] = (),
                    port_file: str | Path | None = None, stop: asyncio.Event | None = None) -> int:
     """Run a node until SIGINT/SIGTERM (or `stop` is set). Returns the process exit code."""
+    telemetry.setup("aitbc-node")  # before the server starts: its interceptors are chosen then
     genesis = Genesis.load(genesis_path)
     try:
         key = crypto.PrivateKey.from_hex(Path(key_path).read_text()) if key_path else None

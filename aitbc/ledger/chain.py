@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 from aitbc import crypto
@@ -224,7 +224,7 @@ class Chain:
         verify_block_signature(block)
 
     def _execute(self, block: Block, parent: BlockInfo, read: state.Reader,
-                 verified: frozenset[bytes] | set[bytes]) -> dict[bytes, bytes]:
+                 verified: Container[bytes]) -> dict[bytes, bytes]:
         writes = state.apply_txs(read, block.txs, self.genesis, block.height, verified=verified)
         if state.state_root(parent.state_root, block.height, writes) != block.header.state_root:
             raise InvalidArgument(f"invalid block {block.height}: state root does not match")
@@ -245,7 +245,7 @@ class Chain:
     # ---- adding blocks -------------------------------------------------------------------------
 
     def add_blocks(self, blocks: Iterable[Block], now_ms: int,
-                   verified: frozenset[bytes] | set[bytes] = frozenset()) -> list[AddResult]:
+                   verified: Container[bytes] = frozenset()) -> list[AddResult]:
         """Validate and add blocks in order. Consecutive blocks that extend the head are committed
         together in one write transaction. Raises on the first invalid block (after committing the
         valid ones before it)."""
@@ -281,10 +281,10 @@ class Chain:
             flush()
         return results
 
-    def add_block(self, block: Block, now_ms: int, verified: frozenset[bytes] | set[bytes] = frozenset()) -> str:
+    def add_block(self, block: Block, now_ms: int, verified: Container[bytes] = frozenset()) -> str:
         return self.add_blocks([block], now_ms, verified)[0].outcome
 
-    def _add_side(self, block: Block, now_ms: int, verified: frozenset[bytes] | set[bytes]) -> str:
+    def _add_side(self, block: Block, now_ms: int, verified: Container[bytes]) -> str:
         parent = self.info(block.parent_hash)
         if parent is None:
             return "orphan"
@@ -308,7 +308,7 @@ class Chain:
             return "reorg" if self._reorg(block, verified) else "side"
         return "side"
 
-    def _reorg(self, tip: Block, verified: frozenset[bytes] | set[bytes]) -> bool:
+    def _reorg(self, tip: Block, verified: Container[bytes]) -> bool:
         branch = [tip]
         while not self.is_canonical(branch[-1].parent_hash, branch[-1].height - 1):
             parent = self.side.get(branch[-1].parent_hash)
@@ -389,7 +389,7 @@ class Chain:
     # ---- producing -----------------------------------------------------------------------------
 
     def build_block(self, key: crypto.PrivateKey, slot: int, now_ms: int, candidates: Iterable[Tx],
-                    verified: frozenset[bytes] | set[bytes] = frozenset()) -> tuple[Block, list[Tx]]:
+                    verified: Container[bytes] = frozenset()) -> tuple[Block, list[Tx]]:
         """Build, sign and commit a block on the head from candidate txs (those that no longer
         apply are skipped and returned, with every later tx of the same sender)."""
         g = self.genesis

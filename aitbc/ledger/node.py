@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -19,6 +20,7 @@ from aitbc.ledger.block import MAX_BLOCK_BYTES, Block, decode_block
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.mempool import Mempool
 from aitbc.ledger.tx import Tx, decode_tx
+from aitbc.ledger.verifier import MIN_PARALLEL, ParallelVerifier
 
 log = logging.getLogger("aitbc.ledger.node")
 
@@ -40,9 +42,22 @@ def _check_one(tx: Tx, genesis) -> AitbcError | None:  # type: ignore[no-untyped
     return None
 
 
+class _Either:
+    """Membership in either of two collections (mempool hashes or pre-verified hashes)."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: Any, b: Any) -> None:
+        self.a, self.b = a, b
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.a or item in self.b
+
+
 class Node:
     def __init__(self, chain: Chain, key: crypto.PrivateKey | None = None, *, peers: Sequence[str] = (),
-                 mempool: Mempool | None = None, clock: Callable[[], float] = time.time) -> None:
+                 mempool: Mempool | None = None, clock: Callable[[], float] = time.time,
+                 verify_workers: int | None = None) -> None:
         self.chain = chain
         self.genesis = chain.genesis
         self.clock = clock
@@ -52,6 +67,7 @@ class Node:
                 "a follower")
         self.key = key
         self.mempool = mempool or Mempool()
+        self.verifier = ParallelVerifier(self.genesis, workers=verify_workers)
         self.listen_address = ""
         self.peers: dict[str, asyncio.Task[None]] = {}
         self._initial_peers = [p for p in peers if p]
@@ -66,10 +82,32 @@ class Node:
         self._stopped = False
         self.produced = 0
         self.rejected_blocks = 0
+        # called as fn(block, "produced" | "imported", seconds spent) for each block the head takes
+        # (telemetry: aitbc.ledger.observe); keep them cheap, they run on the event loop
+        self.block_listeners: list[Callable[[Block, str, float], None]] = []
 
     @property
     def is_authority(self) -> bool:
         return self.key is not None
+
+    @property
+    def has_peers(self) -> bool:
+        return bool(self._initial_peers)
+
+    @property
+    def caught_up(self) -> bool:
+        """A peer's stream has brought this node up to that peer's head at least once."""
+        return self._caught_up.is_set()
+
+    def sync_lag(self) -> int:
+        """Best head a configured peer reported recently minus our head (0 when none is ahead)."""
+        now = time.monotonic()
+        best = max((h for h, t in self._peer_heads.values() if now - t < PEER_HEAD_TTL_S), default=0)
+        return max(0, best - self.chain.head.height)
+
+    def adopt(self, task: asyncio.Task[None]) -> None:
+        """A task that lives as long as the node: stop() cancels it."""
+        self._tasks.append(task)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -92,6 +130,7 @@ class Node:
         await asyncio.gather(*tasks, return_exceptions=True)
         for ch in self._channels.values():
             await ch.close()
+        self.verifier.close()
         self._changed.set()
 
     def add_peer(self, target: str) -> None:
@@ -215,16 +254,26 @@ class Node:
 
     async def receive_blocks(self, raws: Sequence[bytes]) -> list[str]:
         """Decode, fully verify and add blocks (from a peer or a test); bad ones raise."""
+        started = time.perf_counter()
         blocks = await asyncio.to_thread(lambda: [decode_block(r) for r in raws])
+        unverified = [tx.raw for b in blocks for tx in b.txs if tx.hash not in self.mempool.by_hash]
+        pre = await self.verifier.verified_hashes(unverified) if len(unverified) >= MIN_PARALLEL else set()
+        verified = _Either(self.mempool.by_hash, pre) if pre else self.mempool.by_hash
         results = []
         async with self._lock:
             try:
-                results = await asyncio.to_thread(self.chain.add_blocks, blocks, self.now_ms(), self.mempool.by_hash)
+                results = await asyncio.to_thread(self.chain.add_blocks, blocks, self.now_ms(), verified)
             finally:
                 # add_blocks commits the valid prefix even when a later block is bad
                 self._after_change(None if any(r.outcome == "reorg" for r in results) or not results else
                                    [tx for r in results if r.outcome == "extended" for tx in r.block.txs])
         outcomes = [r.outcome for r in results]
+        if self.block_listeners:
+            spent = (time.perf_counter() - started) / max(1, len(results))
+            for r in results:
+                if r.outcome in ("extended", "reorg"):
+                    for fn in self.block_listeners:
+                        fn(r.block, "imported", spent)
         if "reorg" in outcomes:
             await self._readmit_side_txs()
         return outcomes
@@ -300,6 +349,7 @@ class Node:
 
     async def produce(self, slot: int) -> Block | None:
         assert self.key is not None
+        started = time.perf_counter()
         async with self._lock:
             if slot <= self.chain.head.slot:
                 return None
@@ -312,6 +362,8 @@ class Node:
             self.mempool.recheck(self.chain.account, self._minted, senders)
             self.produced += 1
             self._notify()
+        for fn in self.block_listeners:
+            fn(block, "produced", time.perf_counter() - started)
         if block.txs or block.height % 100 == 0:
             log.info("produced block %d with %d txs (final %d)", block.height, len(block.txs),
                      self.chain.final_height)

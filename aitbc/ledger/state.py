@@ -8,7 +8,7 @@ State is a key-value map (docs/ledger.md, "State"):
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 
 from aitbc import crypto
 from aitbc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied, ReceiptError
@@ -128,7 +128,7 @@ class Overlay:
 
 
 def apply_txs(read: Reader, txs: Iterable[Tx], genesis: Genesis, height: int, *,
-              verified: frozenset[bytes] | set[bytes] = frozenset()) -> dict[bytes, bytes]:
+              verified: Container[bytes] = frozenset()) -> dict[bytes, bytes]:
     """All-or-nothing state writes of a block's txs; raises InvalidArgument naming the failing tx."""
     ov = Overlay(read)
     for i, tx in enumerate(txs):

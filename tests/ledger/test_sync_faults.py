@@ -147,3 +147,22 @@ async def test_behind_a_configured_peer_skips_the_slot_until_the_claim_expires()
     assert not node._behind()  # stale claims expire
     node._peer_heads["127.0.0.1:1"] = (0, _time.monotonic())
     assert not node._behind()
+
+
+async def test_parallel_verifier_matches_in_process_checks():
+    from aitbc.ledger.tx import make_transfer
+    from aitbc.ledger.verifier import MIN_PARALLEL, ParallelVerifier, check_raws
+
+    from .helpers import ALICE, BOB, CHAIN
+
+    g = genesis(1)
+    raws = [make_transfer(ALICE, CHAIN, n, BOB.address, 1, compact=n % 2 == 0) for n in range(MIN_PARALLEL + 40)]
+    raws[5] = raws[5][:-1] + bytes([raws[5][-1] ^ 1])  # bad signature
+    raws[290] = make_transfer(ALICE, "other-chain", 0, BOB.address, 1)  # wrong chain
+    raws[7] = b"junk"
+    v = ParallelVerifier(g, workers=1)
+    try:
+        got = await v.verified_hashes(raws)
+    finally:
+        v.close()
+    assert got == set(check_raws(raws, g)) and len(got) == len(raws) - 3
