@@ -32,6 +32,7 @@ from aitbc.errors import (
 )
 from aitbc.hub.matching import JobNeeds, MinerView, Unplaceable, choose
 from aitbc.hub.reputation import LmdbReputationStore, MinerRecord, ReputationBook
+from aitbc.hub.sharding import image_seed, plan_shards
 from aitbc.hub.verification import arbitrate, should_verify
 from aitbc.jobstore import JobStore
 from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2, receipt_pb2
@@ -177,6 +178,9 @@ class Coordinator:
             store.put_meta("verify_secret", secret)
         self._verify_secret = secret
         self._verify_device: dict[str, str] = {}  # re-execution job -> device class of the original
+        # jobs no miner can take until the set of miners changes: not re-matched at every dispatch
+        self._epoch = 0
+        self._stuck: dict[str, int] = {}
         self._restore()
 
     # ---- start-up ---------------------------------------------------------------------------
@@ -185,6 +189,9 @@ class Coordinator:
         """Reload active jobs; jobs that were with a miner go back to the queue."""
         restored = sorted(self.store.active_jobs(), key=lambda j: j.created_at_unix_ms)
         for job in restored:
+            if job.shard_job_ids:  # a split job waits for its shards, which are restored below
+                self._jobs[job.job_id] = job
+                continue
             if job.state != S.JOB_STATE_QUEUED:
                 job.state = S.JOB_STATE_QUEUED
                 job.miner_id = ""
@@ -296,10 +303,12 @@ class Coordinator:
         )
         if max_price_per_unit is not None:
             job.max_price_per_unit = max_price_per_unit
+        shards = self._shards_for(job)
         self.store.put_job(job)
         self._jobs[job.job_id] = job
-        self._queue.append(job.job_id)
-        self._queued_at[job.job_id] = self.clock()
+        for queued in shards or [job]:
+            self._queue.append(queued.job_id)
+            self._queued_at[queued.job_id] = self.clock()
         self._dispatch()
         return self._snapshot(job)
 
@@ -328,14 +337,23 @@ class Coordinator:
             raise PermissionDenied(f"job {job_id} belongs to another client")
         if job.state in jobs.TERMINAL:
             raise FailedPrecondition(f"job {job_id} is already {jobs.state_name(job.state)}; only unfinished jobs can be cancelled")
-        conn = self.miners.get(job.miner_id)
-        if conn is not None and job_id in conn.running:
-            conn.running.discard(job_id)
-            conn.uploads.pop(job_id, None)
-            conn.send(miner_pb2.WorkResponse(cancel=miner_pb2.CancelAssignment(job_id=job_id, reason="cancelled by client")))
-        self._finish(job, S.JOB_STATE_CANCELLED, f"cancelled by client{': ' + reason[:200] if reason else ''}")
+        why = f"cancelled by client{': ' + reason[:200] if reason else ''}"
+        self._stop(job, S.JOB_STATE_CANCELLED, why)
         self._dispatch()
         return self.get(client_id, job_id)
+
+    def _stop(self, job: job_pb2.Job, state: int, why: str) -> None:
+        """End an unfinished job now (and its shards), telling the miner that holds it."""
+        conn = self.miners.get(job.miner_id)
+        if conn is not None and job.job_id in conn.running:
+            conn.running.discard(job.job_id)
+            conn.uploads.pop(job.job_id, None)
+            conn.send(miner_pb2.WorkResponse(cancel=miner_pb2.CancelAssignment(job_id=job.job_id, reason=why)))
+        self._finish(job, state, why)
+        for shard_id in job.shard_job_ids:
+            shard = self._jobs.get(shard_id)
+            if shard is not None and shard.state in jobs.ACTIVE:
+                self._stop(shard, S.JOB_STATE_CANCELLED, f"job {job.job_id} ended: {why}")
 
     async def watch(self, client_id: str, job_id: str) -> AsyncIterator[job_pb2.Job | job_pb2.JobProgress]:
         """First a snapshot, then progress and every state change, until the job finishes."""
@@ -398,6 +416,9 @@ class Coordinator:
     def receipt(self, client_id: str, *, receipt_hash: str = "", job_id: str = "") -> receipt_pb2.Receipt:
         if job_id:
             job = self.get(client_id, job_id)
+            if job.shard_job_ids:
+                raise FailedPrecondition(f"job {job_id} was split into {len(job.shard_job_ids)} shards, each with its "
+                                         f"own receipt: list them with ListReceipts(job_id={job_id})")
             if not job.receipt_hash:
                 raise FailedPrecondition(f"job {job_id} is {jobs.state_name(job.state)} and has no receipt")
             receipt_hash = job.receipt_hash
@@ -412,7 +433,8 @@ class Coordinator:
 
     def list_receipts(self, client_id: str, *, job_id: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[receipt_pb2.Receipt], str]:
         if job_id:
-            return [self.receipt(client_id, job_id=job_id)], ""
+            job = self.get(client_id, job_id)  # a split job's receipts are its shards', in image order
+            return [self.receipt(client_id, job_id=j) for j in (job.shard_job_ids or [job_id])], ""
         limit = min(page_size or 20, 100)
         try:
             before = bytes.fromhex(page_token) if page_token else None
@@ -477,6 +499,7 @@ class Coordinator:
             self.disconnect(old, "replaced by a new Work stream from the same miner")
         conn = MinerConn(session, asyncio.Queue(), self.clock())
         self.miners[session.miner_id] = conn
+        self._epoch += 1
         self._seen(session.info)
         self._dispatch()
         return conn
@@ -488,6 +511,7 @@ class Coordinator:
         conn.outbox.put_nowait(None)
         if self.miners.get(conn.miner_id) is conn:
             del self.miners[conn.miner_id]
+            self._epoch += 1
         self._seen(conn.session.info)
         for job_id in list(conn.running):
             job = self._jobs.get(job_id)
@@ -543,6 +567,13 @@ class Coordinator:
             raise InvalidArgument("progress step must be between 0 and total_steps > 0")
         job.progress.CopyFrom(progress)
         self._publish(job.job_id, job_pb2.JobProgress(job_id=job.job_id, step=progress.step, total_steps=progress.total_steps))
+        parent = self._jobs.get(job.parent_job_id) if job.parent_job_id else None
+        if parent is not None:  # a split job's progress: steps done over all its shards
+            shards = [self._jobs.get(j) or self.store.get_job(j) for j in parent.shard_job_ids]
+            steps = sum(sh.progress.step if sh.state in jobs.ACTIVE else jobs.job_steps_total(sh) for sh in shards if sh)
+            total = sum(jobs.job_steps_total(sh) for sh in shards if sh)
+            parent.progress.CopyFrom(job_pb2.JobProgress(job_id=parent.job_id, step=steps, total_steps=total))
+            self._publish(parent.job_id, self._copy(parent.progress))
 
     def _on_text(self, conn: MinerConn, chunk: job_pb2.TextChunk) -> None:
         job = self._held(conn, chunk.job_id)
@@ -696,6 +727,12 @@ class Coordinator:
 
     # ---- transitions --------------------------------------------------------------------------
 
+    @staticmethod
+    def _copy(msg: job_pb2.JobProgress) -> job_pb2.JobProgress:
+        out = job_pb2.JobProgress()
+        out.CopyFrom(msg)
+        return out
+
     def _snapshot(self, job: job_pb2.Job) -> job_pb2.Job:
         out = job_pb2.Job()
         out.CopyFrom(job)
@@ -707,6 +744,7 @@ class Coordinator:
             self._finish(job, S.JOB_STATE_FAILED, f"gave up after {job.attempts} attempts; last: {reason}")
             return
         self._text.pop(job.job_id, None)
+        self._stuck.pop(job.job_id, None)  # its exclusions may have changed: match it afresh
         job.state = S.JOB_STATE_QUEUED
         job.miner_id = ""
         job.error = reason
@@ -726,12 +764,15 @@ class Coordinator:
         self._assigned_at.pop(job.job_id, None)
         self._queued_at.pop(job.job_id, None)
         self._excluded.pop(job.job_id, None)
+        self._stuck.pop(job.job_id, None)
         self._publish(job.job_id, self._snapshot(job))
         if job.job_id not in self._watchers:
             self._text.pop(job.job_id, None)
         self._log_finished(job)
         if job.verify_of:
             self._verification_done(job)
+        if job.parent_job_id:
+            self._shard_done(job)
 
     def _log_finished(self, job: job_pb2.Job) -> None:
         start = job.started_at_unix_ms or job.created_at_unix_ms
@@ -757,7 +798,10 @@ class Coordinator:
 
     def _record(self, miner_id: str, event: str, *args: object) -> None:
         """Update a miner's reputation (persisted) and the in-memory copy matching reads."""
-        self._reputation[miner_id] = getattr(self.book, event)(miner_id, *args)
+        before = self._reputation.get(miner_id)
+        self._reputation[miner_id] = rec = getattr(self.book, event)(miner_id, *args)
+        if before is None or before.quarantined != rec.quarantined:
+            self._epoch += 1
 
     def _view(self, c: MinerConn) -> MinerView:
         info = c.session.info
@@ -901,6 +945,56 @@ class Coordinator:
         self.store.put_job(orig)
         self._settle_runs(runs, verdict.outvoted, f"its result differs from {len(verdict.agreed)} other executions")
 
+    def _shards_for(self, job: job_pb2.Job) -> list[job_pb2.Job]:
+        """Split a multi-image job by image across the miners that could serve it (one shard each);
+        image i keeps seed + i, so the images are those of the whole job. Returns the shards."""
+        p = job.params.image
+        if jobs.job_kind(job) != jobs.IMAGE or p.images < 2:
+            return []
+        needs = self._needs(job)
+        able = [c for c in self.miners.values()
+                if not isinstance(choose([dataclasses.replace(self._view(c), running=0)], needs, 0), Unplaceable)]
+        plan = plan_shards(p.images, max(1, len(able)), p.images)
+        if len(plan) < 2:
+            return []
+        shards = []
+        for sh in plan:
+            params = job_pb2.JobParams()
+            params.CopyFrom(job.params)
+            params.image.images, params.image.seed = sh.count, image_seed(p.seed, sh.first_image)
+            shard = job_pb2.Job(job_id=jobs.new_job_id(), model=job.model, params=params, state=S.JOB_STATE_QUEUED,
+                                client_id=job.client_id, created_at_unix_ms=job.created_at_unix_ms,
+                                updated_at_unix_ms=job.updated_at_unix_ms, prompt_hash=job.prompt_hash,
+                                parent_job_id=job.job_id, first_image=sh.first_image, traceparent=job.traceparent)
+            if job.HasField("max_price_per_unit"):
+                shard.max_price_per_unit = job.max_price_per_unit
+            self.store.put_job(shard)
+            self._jobs[shard.job_id] = shard
+            job.shard_job_ids.append(shard.job_id)
+            shards.append(shard)
+        return shards
+
+    def _shard_done(self, shard: job_pb2.Job) -> None:
+        """A shard ended: the split job completes when all did (images merged in order), and fails
+        when one cannot finish (the others are stopped). A shard that is requeued never gets here."""
+        parent = self._jobs.get(shard.parent_job_id)
+        if parent is None or parent.state in jobs.TERMINAL:
+            return
+        if shard.state != S.JOB_STATE_COMPLETED:
+            last = shard.first_image + shard.params.image.images - 1
+            self._stop(parent, S.JOB_STATE_FAILED, f"shard for images {shard.first_image + 1}-{last + 1} "
+                                                   f"{jobs.state_name(shard.state)}: {shard.error}")
+            return
+        shards = [self._jobs.get(j) or self.store.get_job(j) for j in parent.shard_job_ids]
+        if not all(sh is not None and sh.state == S.JOB_STATE_COMPLETED for sh in shards):
+            return
+        for sh in sorted(shards, key=lambda sh: sh.first_image):  # type: ignore[union-attr]
+            parent.artifacts.extend(sh.artifacts)  # type: ignore[union-attr]
+            parent.units += sh.units  # type: ignore[union-attr]
+        parent.unit_type = shard.unit_type
+        parent.miner_id = ",".join(dict.fromkeys(sh.miner_id for sh in shards if sh))
+        self._finish(parent, S.JOB_STATE_COMPLETED, "")
+
     def _dispatch(self) -> None:
         """Hand queued jobs to miners: aitbc.hub.matching scores model, kind, VRAM fit, price,
         reputation, load and latency; round-robin among equals. Jobs no miner can take stay queued."""
@@ -916,12 +1010,18 @@ class Coordinator:
             job = self._jobs.get(job_id)
             if job is None or job.state != S.JOB_STATE_QUEUED:
                 continue
+            if self._stuck.get(job_id) == self._epoch:
+                skipped.append(job_id)
+                continue
             outcome = choose(views.values(), self._needs(job), next(self._rr))
             if isinstance(outcome, Unplaceable):
                 skipped.append(job_id)
                 if not outcome.wait:
                     job.error = outcome.reason  # shown by GetJob while the job waits
+                if outcome.code != "busy":
+                    self._stuck[job_id] = self._epoch
                 continue
+            self._stuck.pop(job_id, None)
             conn = self.miners[outcome.miner_id]
             self._assign(job, conn)
             views[conn.miner_id] = dataclasses.replace(views[conn.miner_id], running=len(conn.running))
@@ -938,6 +1038,12 @@ class Coordinator:
         conn.running.add(job.job_id)
         self._assigned_at[job.job_id] = self.clock()
         self._queued_at.pop(job.job_id, None)
+        parent = self._jobs.get(job.parent_job_id) if job.parent_job_id else None
+        if parent is not None and parent.state == S.JOB_STATE_QUEUED:
+            parent.state = S.JOB_STATE_RUNNING
+            parent.started_at_unix_ms = parent.updated_at_unix_ms = jobs.now_ms()
+            self.store.put_job(parent)
+            self._publish(parent.job_id, self._snapshot(parent))
         conn.send(miner_pb2.WorkResponse(assignment=miner_pb2.Assignment(
             job=job, chain_id=self.config.chain_id, hub_id=self.config.hub_id)))
         self._publish(job.job_id, self._snapshot(job))

@@ -177,6 +177,11 @@ def job_prompt(job: job_pb2.Job) -> str:
     return job.params.text.prompt if job_kind(job) == TEXT else job.params.image.prompt
 
 
+def job_steps_total(job: job_pb2.Job) -> int:
+    """Denoising steps an image job runs (per image batch); 0 for text jobs."""
+    return 0 if job_kind(job) == TEXT else job.params.image.steps
+
+
 def job_outputs(job: job_pb2.Job) -> int:
     """How many artifacts a completed job must return."""
     return 1 if job_kind(job) == TEXT else (job.params.image.images or 1)

@@ -20,10 +20,11 @@ import threading
 import time
 
 import torch
-from aitbc.miner.backend import ImageRequest, load_image_backend
-from aitbc.miner.image import DiffusersImageBackend, build_tiny_pipeline
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
+
+from aitbc.miner.backend import ImageRequest, load_image_backend
+from aitbc.miner.image import DiffusersImageBackend, build_tiny_pipeline
 
 
 def build_sd15_pipeline(device: str, dtype: torch.dtype) -> StableDiffusionPipeline:

@@ -108,19 +108,25 @@ def run_image_job(client: Any, args: argparse.Namespace, *, out: str) -> int:
         path.write_bytes(data)
         saved.append(str(path))
     try:
-        rec = client.receipt(job_id=job.job_id)
+        recs, _ = client.receipts(job_id=job.job_id)  # a job split across miners has one per shard
     except ClientError as exc:
         return _fail(f"job completed but its receipt could not be read: {exc}")
-    receipt_file = Path(args.receipt_out or (str(Path(out).with_suffix("")) + ".receipt.json"))
-    receipt_file.write_text(json.dumps(receipt_json(rec), indent=2) + "\n")
+    base = Path(args.receipt_out or (str(Path(out).with_suffix("")) + ".receipt.json"))
+    receipt_files = [base if len(recs) == 1 else base.with_name(f"{base.name.removesuffix('.json')}-{i + 1}.json")
+                     for i in range(len(recs))]
+    for rec, path in zip(recs, receipt_files, strict=True):
+        path.write_text(json.dumps(receipt_json(rec), indent=2) + "\n")
     wall = time.monotonic() - t0
     print(f"job id:       {job.job_id}")
     print(f"image:        {', '.join(saved)} ({job.artifacts[0].width}x{job.artifacts[0].height})")
     print(f"duration:     {(job.finished_at_unix_ms - job.created_at_unix_ms) / 1000:.2f} s (wall {wall:.2f} s)")
     print(f"gpu_seconds:  {job.units / 1000:.3f}")
     print(f"miner:        {job.miner_id}")
-    print(f"receipt hash: {rec.receipt_hash}")
-    print(f"receipt file: {receipt_file}")
+    if len(recs) > 1:
+        print(f"shards:       {len(recs)} (one receipt per miner's share)")
+    for rec, path in zip(recs, receipt_files, strict=True):
+        print(f"receipt hash: {rec.receipt_hash}  ({rec.body.units} {rec.body.unit_type}, {rec.body.provider})")
+        print(f"receipt file: {path}")
     return 0
 
 

@@ -90,8 +90,8 @@ def resolve_size(req: ImageRequest, native_size: int) -> tuple[int, int]:
         raise BackendError(f"guidance_scale must be between 0 and {MAX_GUIDANCE:g}, got {req.guidance_scale}")
     if not 1 <= req.images <= MAX_IMAGES:
         raise BackendError(f"images must be between 1 and {MAX_IMAGES}, got {req.images}")
-    if not 0 <= req.seed <= MAX_SEED:
-        raise BackendError(f"seed must be between 0 and 2^64-1, got {req.seed}")
+    if not 0 <= req.seed <= MAX_SEED - (req.images - 1):  # image i uses seed + i
+        raise BackendError(f"seed must be between 0 and 2^64-{req.images}, got {req.seed}")
     width = req.width or native_size
     height = req.height or native_size
     for name, value in (("width", width), ("height", height)):
@@ -160,8 +160,8 @@ class NullImageBackend:
         if cancel.is_set():
             raise JobCancelled("cancelled")
         # each image of a batch differs, as in a real pipeline
-        pngs = [null_png(req.prompt, req.seed, width, height)]
-        pngs += [null_png(f"{req.prompt}#{i}", req.seed, width, height) for i in range(1, req.images)]
+        # image i uses seed + i, as the diffusers backend does, so shards of a job match the whole job
+        pngs = [null_png(req.prompt, req.seed + i, width, height) for i in range(req.images)]
         gpu_ms = max(1, round((time.perf_counter() - started) * 1000))
         return ImageOutput(pngs=pngs, width=width, height=height, gpu_ms=gpu_ms)
 

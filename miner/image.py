@@ -10,7 +10,8 @@ scheduler (timesteps, step counter) and the pipeline's per-call attributes (`_gu
 shared config. The tokenizer is a Rust `tokenizers` object whose padding/truncation settings are
 mutable state, so prompt encoding runs under a lock (milliseconds); denoising runs unlocked.
 
-Determinism: the initial latents come from `torch.Generator(device).manual_seed(seed)` and PNGs are
+Determinism: the initial latents of image i come from `torch.Generator(device).manual_seed(seed + i)`
+(so a job split into shards gives the same images as the whole job), and PNGs are
 encoded with a fixed compress level and no metadata, so on CPU the same request gives the same
 bytes in every process. On CUDA, fp16 kernels can differ across GPUs and driver versions.
 """
@@ -245,7 +246,9 @@ class DiffusersImageBackend:
                     do_cfg,
                     negative_prompt=req.negative_prompt or None,
                 )
-            generator = torch.Generator(self.device).manual_seed(req.seed)
+            # one generator per image, seeded seed + i: image i of a job is the same whether the job
+            # runs whole or split into shards across miners (docs/hub.md)
+            generator = [torch.Generator(self.device).manual_seed(req.seed + i) for i in range(req.images)]
             timer = _DeviceTimer(self.device)
             with timer:
                 result = view(

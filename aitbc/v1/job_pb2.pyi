@@ -363,6 +363,9 @@ class Job(_message.Message):
     VERIFY_OF_FIELD_NUMBER: _builtins.int
     VERIFICATION_JOB_IDS_FIELD_NUMBER: _builtins.int
     VERIFICATION_FIELD_NUMBER: _builtins.int
+    PARENT_JOB_ID_FIELD_NUMBER: _builtins.int
+    FIRST_IMAGE_FIELD_NUMBER: _builtins.int
+    SHARD_JOB_IDS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     model: _builtins.str
     state: Global___JobState.ValueType
@@ -399,6 +402,9 @@ class Job(_message.Message):
     verify_of: _builtins.str
     """Hub verification: set on a re-execution job, the id of the job it verifies."""
     verification: Global___VerificationState.ValueType
+    parent_job_id: _builtins.str
+    """Hub sharding: on a shard, the job it is part of and its first image's index in that job."""
+    first_image: _builtins.int
     @_builtins.property
     def params(self) -> Global___JobParams: ...
     @_builtins.property
@@ -412,6 +418,10 @@ class Job(_message.Message):
     @_builtins.property
     def verification_job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """On a verified job: its re-execution jobs, in order."""
+
+    @_builtins.property
+    def shard_job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """On a job split across miners: its shards in image order (each with its own receipt)."""
 
     def __init__(
         self,
@@ -445,10 +455,13 @@ class Job(_message.Message):
         verify_of: _builtins.str = ...,
         verification_job_ids: _abc.Iterable[_builtins.str] | None = ...,
         verification: Global___VerificationState.ValueType = ...,
+        parent_job_id: _builtins.str = ...,
+        first_image: _builtins.int = ...,
+        shard_job_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "params", b"params", "progress", b"progress", "receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "artifacts", b"artifacts", "attempts", b"attempts", "client_id", b"client_id", "created_at_unix_ms", b"created_at_unix_ms", "error", b"error", "finish_reason", b"finish_reason", "finished_at_unix_ms", b"finished_at_unix_ms", "generated_tokens", b"generated_tokens", "job_id", b"job_id", "max_price_per_unit", b"max_price_per_unit", "miner_id", b"miner_id", "model", b"model", "params", b"params", "price_per_unit", b"price_per_unit", "progress", b"progress", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "receipt", b"receipt", "receipt_hash", b"receipt_hash", "request_id", b"request_id", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "traceparent", b"traceparent", "unit_type", b"unit_type", "units", b"units", "updated_at_unix_ms", b"updated_at_unix_ms", "verification", b"verification", "verification_job_ids", b"verification_job_ids", "verify_of", b"verify_of"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "artifacts", b"artifacts", "attempts", b"attempts", "client_id", b"client_id", "created_at_unix_ms", b"created_at_unix_ms", "error", b"error", "finish_reason", b"finish_reason", "finished_at_unix_ms", b"finished_at_unix_ms", "first_image", b"first_image", "generated_tokens", b"generated_tokens", "job_id", b"job_id", "max_price_per_unit", b"max_price_per_unit", "miner_id", b"miner_id", "model", b"model", "params", b"params", "parent_job_id", b"parent_job_id", "price_per_unit", b"price_per_unit", "progress", b"progress", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "receipt", b"receipt", "receipt_hash", b"receipt_hash", "request_id", b"request_id", "shard_job_ids", b"shard_job_ids", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "traceparent", b"traceparent", "unit_type", b"unit_type", "units", b"units", "updated_at_unix_ms", b"updated_at_unix_ms", "verification", b"verification", "verification_job_ids", b"verification_job_ids", "verify_of", b"verify_of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_price_per_unit: _TypeAlias = _typing.Literal["max_price_per_unit"]  # noqa: Y015
     _WhichOneofArgType__max_price_per_unit: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit"]  # noqa: Y015

@@ -144,3 +144,61 @@ async def test_without_a_second_miner_the_result_stands_unverified(network_facto
     got = (await s.GetJob(coordinator_pb2.GetJobRequest(job_id=job.job_id), metadata=MD)).job
     assert got.receipt.settlement.state == St.SETTLEMENT_STATE_DISABLED  # released, not held forever
     assert jobs.state_name(got.state) == "COMPLETED"
+
+
+async def test_eight_images_split_across_three_miners_merge_in_order(net, null_backend) -> None:
+    miners = [await net.add_miner({"null": null_backend}, price=1 + i) for i in range(3)]
+    s = stub(net)
+    job = (await s.SubmitJob(image_job("eight lighthouses", model="null", images=8, seed=100, width=64, height=64),
+                             metadata=MD)).job
+    assert len(job.shard_job_ids) == 3
+    done = await wait_done(s, job.job_id)
+    assert done.state == S.JOB_STATE_COMPLETED and len(done.artifacts) == 8
+    # image i is the one the whole job would have made: seed + i, in order
+    for i in range(8):
+        _, data = await fetch(s, job.job_id, i)
+        assert data == null_png("eight lighthouses", 100 + i, 64, 64)
+    recs = (await s.ListReceipts(coordinator_pb2.ListReceiptsRequest(job_id=job.job_id), metadata=MD)).receipts
+    assert len(recs) == 3  # one receipt per shard, each minted to its own miner
+    assert {r.body.provider for r in recs} == {m.key.address for m in miners}
+    assert sum(r.body.units for r in recs) == done.units
+    shards = [net.core.store.get_job(j) for j in done.shard_job_ids]
+    assert [sh.params.image.images for sh in shards] == [3, 3, 2] and [sh.first_image for sh in shards] == [0, 3, 6]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.GetReceipt(coordinator_pb2.GetReceiptRequest(job_id=job.job_id), metadata=MD)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "ListReceipts" in err.value.details()
+
+
+async def test_a_failed_shard_is_requeued_alone(net, null_backend) -> None:
+    flaky = RawMiner(net)
+    await flaky.connect(models=("null",), price_per_unit=0)
+    honest = await net.add_miner({"null": null_backend}, price=0)
+    s = stub(net)
+    job = (await s.SubmitJob(image_job("two boats", model="null", images=2, seed=7, width=64, height=64), metadata=MD)).job
+    assert len(job.shard_job_ids) == 2
+    msg = await flaky.read()  # the flaky miner holds one shard and fails it
+    shard_id = msg.assignment.job.job_id
+    flaky.send(failed=miner_pb2.JobFailed(job_id=shard_id, reason="CUDA error: an illegal memory access"))
+    flaky.outbox.put_nowait(None)  # and leaves
+    done = await wait_done(s, job.job_id)
+    assert done.state == S.JOB_STATE_COMPLETED
+    shards = {j: net.core.store.get_job(j) for j in done.shard_job_ids}
+    assert shards[shard_id].attempts >= 2 and shards[shard_id].miner_id == honest.key.address
+    other = next(sh for j, sh in shards.items() if j != shard_id)
+    assert other.attempts == 1  # the healthy shard ran once
+    for i in range(2):
+        _, data = await fetch(s, job.job_id, i)
+        assert data == null_png("two boats", 7 + i, 64, 64)
+
+
+async def test_cancelling_a_split_job_cancels_its_shards(net, tiny_backend) -> None:
+    await net.add_miner({"tiny-sd": tiny_backend})
+    await net.add_miner({"tiny-sd": tiny_backend})
+    s = stub(net)
+    job = (await s.SubmitJob(image_job("slow", images=2, steps=150, seed=1), metadata=MD)).job
+    assert len(job.shard_job_ids) == 2
+    await net.until(lambda: all(net.core.store.get_job(j).state == S.JOB_STATE_RUNNING for j in job.shard_job_ids))
+    done = (await s.CancelJob(coordinator_pb2.CancelJobRequest(job_id=job.job_id), metadata=MD)).job
+    assert done.state == S.JOB_STATE_CANCELLED
+    assert all(net.core.store.get_job(j).state == S.JOB_STATE_CANCELLED for j in job.shard_job_ids)
+    await net.until(lambda: all(not m.running for m in net.miners), timeout=20)
