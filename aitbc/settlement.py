@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from aitbc import crypto, errors
+from aitbc import crypto, errors, telemetry
 from aitbc.jobstore import JobStore
 from aitbc.v1 import receipt_pb2
 from aitbc.wire import receipt_from_proto
@@ -35,6 +35,7 @@ class Settlement:
         *,
         poll_s: float = 0.25,
         max_backoff_s: float = 30.0,
+        probe_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from aitbc.ledger.client import LedgerClient
@@ -44,10 +45,25 @@ class Settlement:
         self.ledger = LedgerClient(ledger_target, timeout=5.0)
         self.poll_s = poll_s
         self.max_backoff_s = max_backoff_s
+        self.probe_s = probe_s
+        self._last_contact = float("-inf")  # clock() of the last ledger call that got an answer
         self.clock = clock
         self._wake = asyncio.Event()
         self._retry_at: dict[str, float] = {}
-        self.ledger_reachable = False
+        self._reachable = False
+        # called with the new value whenever ledger_reachable flips (the server's health status)
+        self.readiness_listeners: list[Callable[[bool], None]] = []
+
+    @property
+    def ledger_reachable(self) -> bool:
+        return self._reachable
+
+    @ledger_reachable.setter
+    def ledger_reachable(self, value: bool) -> None:
+        if value != self._reachable:
+            self._reachable = value
+            for listener in self.readiness_listeners:
+                listener(value)
 
     def notify(self, receipt: receipt_pb2.Receipt) -> None:
         """A new attested receipt was stored (the store indexed it as unsettled)."""
@@ -57,7 +73,10 @@ class Settlement:
         backoff = 0.5
         while True:
             try:
-                await self.settle_pending()
+                if await self.settle_pending() == 0 and self.clock() - self._last_contact >= self.probe_s:
+                    # nothing to settle: ask the node for its head now and then, so readiness
+                    # (health `.../settlement`) notices a ledger that went away while idle
+                    await self._call(self.ledger.get_head())
                 self.ledger_reachable = True
                 backoff = 0.5
                 delay = self.poll_s
@@ -81,8 +100,34 @@ class Settlement:
         """One pass over unsettled receipts; returns how many are still unsettled."""
         pending = self.store.unsettled_receipts()
         for rec in pending:
-            await self._settle(rec)
+            if telemetry.enabled():
+                await self._settle_traced(rec)
+            else:
+                await self._settle(rec)
         return len(self.store.unsettled_receipts())
+
+    async def _settle_traced(self, rec: receipt_pb2.Receipt) -> None:
+        """_settle, traced in the job's trace (Job.traceparent, set at SubmitJob): a "coordinator.settle"
+        span around each MINT submission (its ledger calls are children, and the ledger's block links
+        back to them) and a "coordinator.settled" span when the MINT is final or refused. Status
+        polls in between are not traced: a trace should not grow by four spans a second."""
+        before = rec.settlement.state
+        job = self.store.get_job(rec.body.job_id)
+        parent = job.traceparent if job is not None else None
+        if before != St.SETTLEMENT_STATE_PENDING:
+            await self._settle(rec)
+            after = rec.settlement.state
+            if after != before and after in (St.SETTLEMENT_STATE_FINAL, St.SETTLEMENT_STATE_REJECTED):
+                with telemetry.span("coordinator.settled", parent=parent, job_id=rec.body.job_id,
+                                    receipt_hash=rec.receipt_hash, state=St.Name(after),
+                                    tx_hash=rec.settlement.tx_hash, block_height=rec.settlement.block_height):
+                    pass
+            return
+        with telemetry.span("coordinator.settle", parent=parent, job_id=rec.body.job_id,
+                            receipt_hash=rec.receipt_hash, attempt=rec.settlement.attempts + 1) as sp:
+            await self._settle(rec)
+            sp.set_attributes({"state": St.Name(rec.settlement.state), "tx_hash": rec.settlement.tx_hash,
+                               "error": rec.settlement.error})
 
     async def _settle(self, rec: receipt_pb2.Receipt) -> None:
         s = rec.settlement
@@ -130,9 +175,11 @@ class Settlement:
         import grpc
 
         try:
-            return await coro
+            result = await coro
         except grpc.aio.AioRpcError as exc:
             raise errors.Unavailable(f"ledger {exc.code().name}: {exc.details()}") from None
+        self._last_contact = self.clock()
+        return result
 
     async def close(self) -> None:
         await self.ledger.close()

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from aitbc import crypto, jobs, receipts
+from aitbc import crypto, jobs, metrics, receipts, telemetry
 from aitbc.config import MinerConfig, write_port_file
 from aitbc.coordinator import register_digest
 from aitbc.miner.backend import (
@@ -38,8 +38,7 @@ from aitbc.wire import receipt_to_proto
 log = logging.getLogger("aitbc.miner")
 VERSION = "aitbc-miner/0.1"
 TEXT_FLUSH_S = 0.01  # text deltas are sent at most this long after they are made
-
-
+_load_owner: MinerDaemon | None = None  # the daemon aitbc_miner_load reads (one per process)
 
 
 @dataclass
@@ -85,8 +84,24 @@ class MinerDaemon:
 
     # ---- connection -------------------------------------------------------------------------
 
+    def load(self) -> float:
+        """Running jobs / max_concurrency (0..1), exported as aitbc_miner_load."""
+        return len(self.running) / max(1, self.config.max_concurrency)
+
     async def run(self) -> None:
         """Connect, serve, reconnect with exponential backoff until stop()."""
+        global _load_owner
+        metrics.MINER_LOAD.set_function(self.load)  # read at scrape time: nothing on the job path
+        metrics.watch_cuda_vram()
+        _load_owner = self
+        try:
+            await self._run()
+        finally:
+            if _load_owner is self:
+                metrics.MINER_LOAD.set_function(None)
+                _load_owner = None
+
+    async def _run(self) -> None:
         backoff = 0.5
         while not self._stop.is_set():
             try:
@@ -191,6 +206,13 @@ class MinerDaemon:
         rj.task = asyncio.create_task(self._run_job(rj, assignment))
 
     async def _run_job(self, rj: RunningJob, assignment: miner_pb2.Assignment) -> None:
+        # one span per job, joined to the client's trace through the dispatch span's traceparent
+        # (the Work stream carries many jobs, so the context travels in the Assignment, not metadata)
+        with telemetry.span("miner.job", parent=assignment.traceparent or None, job_id=rj.job.job_id,
+                            model=rj.job.model, attempt=rj.job.attempts, miner_id=self.key.address):
+            await self._run_job_traced(rj, assignment)
+
+    async def _run_job_traced(self, rj: RunningJob, assignment: miner_pb2.Assignment) -> None:
         job = rj.job
         job_id = job.job_id
         try:
@@ -226,14 +248,17 @@ class MinerDaemon:
                     hub_id=assignment.hub_id, chain_id=assignment.chain_id,
                 )
                 signed = receipts.sign_receipt(body, self.key)
+                telemetry.set_attributes(units=units, unit_type=unit_type, outputs=len(outputs))
                 self._send(miner_pb2.WorkRequest(result=miner_pb2.JobResult(
                     job_id=job_id, artifacts=artifacts, receipt=receipt_to_proto(signed), **extra)))
                 self.completed += 1
                 log.info("job %s done: %d output(s), %d %s", job_id, len(outputs), units, unit_type)
         except JobCancelled:
             log.info("job %s stopped (cancelled)", job_id)
+            telemetry.add_event("cancelled")
         except BackendError as exc:
             self.failed += 1
+            telemetry.set_attributes(error=str(exc)[:200])
             self._send(miner_pb2.WorkRequest(failed=miner_pb2.JobFailed(job_id=job_id, reason=str(exc), permanent=True)))
         except Exception as exc:
             self.failed += 1
@@ -250,11 +275,18 @@ class MinerDaemon:
                            images=p.images or 1, seed=p.seed)
         loop = asyncio.get_running_loop()
 
-        def on_step(step: int, total: int) -> None:
+        tracing = telemetry.enabled()
+
+        def on_step(step: int, total: int) -> None:  # on the worker thread, inside miner.generate
+            if tracing:
+                telemetry.add_event("denoise.step", step=step, total_steps=total)
             loop.call_soon_threadsafe(self._send, miner_pb2.WorkRequest(
                 progress=job_pb2.JobProgress(job_id=job_id, step=step, total_steps=total)))
 
-        out = await asyncio.to_thread(backend.generate, req, on_step, rj.cancel)
+        with telemetry.span("miner.generate", job_id=job_id, model=rj.job.model, job_kind="image", steps=p.steps,
+                            width=p.width, height=p.height, images=p.images or 1, device=self.device) as sp:
+            out = await telemetry.run_in_thread(backend.generate, req, on_step, rj.cancel)
+            sp.set_attribute("gpu_ms", out.gpu_ms)
         arts = [(png, job_pb2.Artifact(content_type="image/png", width=out.width, height=out.height)) for png in out.pngs]
         return arts, max(1, out.gpu_ms), "gpu_ms", {}
 
@@ -294,7 +326,11 @@ class MinerDaemon:
                 delay, sent_first = (TEXT_FLUSH_S if sent_first else 0.0), True
             loop.call_soon_threadsafe(loop.call_later, delay, flush)
 
-        out = await asyncio.to_thread(backend.generate, req, on_text, rj.cancel)
+        with telemetry.span("miner.generate", job_id=job_id, model=rj.job.model, job_kind="text",
+                            max_new_tokens=p.max_new_tokens, device=self.device) as sp:
+            out = await telemetry.run_in_thread(backend.generate, req, on_text, rj.cancel)
+            sp.set_attributes({"prompt_tokens": out.prompt_tokens, "generated_tokens": out.generated_tokens,
+                               "finish_reason": out.finish_reason})
         flush()  # what is left goes before the result
         extra = {"prompt_tokens": out.prompt_tokens, "generated_tokens": out.generated_tokens,
                  "finish_reason": out.finish_reason}
@@ -369,6 +405,7 @@ async def start_ops(daemon: MinerDaemon, listen: str) -> RunningServer:
 
 async def run_miner(config: MinerConfig) -> None:
     """Load models, serve the ops port, connect; until SIGINT/SIGTERM."""
+    telemetry.setup("aitbc-miner")  # before any server or channel: the interceptors are chosen then
     t0 = time.perf_counter()
     daemon = build_daemon(config)
     print(f"miner {daemon.key.address}: loaded {', '.join(config.models)} on {daemon.device} "

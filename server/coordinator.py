@@ -36,6 +36,7 @@ COORDINATOR_SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorSe
 # Health name of the settlement path: NOT_SERVING while the ledger node is unreachable (jobs still run
 # and receipts queue up; they mint when it is back). Registered only when settlement is configured.
 SETTLEMENT_HEALTH = f"{COORDINATOR_SERVICE}/settlement"
+_gauge_owner: list[Coordinator | None] = [None]  # the core the process gauges read (one per process)
 INLINE_IMAGE_LIMIT = 3 * 1024 * 1024
 
 
@@ -225,6 +226,9 @@ class CoordinatorProcess:
         return self.running.port
 
     async def stop(self) -> None:
+        if _gauge_owner[0] is self.core:  # a stopped coordinator stops feeding the gauges
+            metrics.MINERS_CONNECTED.set_function(None)
+            metrics.QUEUE_DEPTH.set_function(None)
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -248,6 +252,7 @@ async def start_coordinator(config: CoordinatorConfig) -> CoordinatorProcess:
     # gauges read at scrape time: nothing is added to the dispatch path
     metrics.MINERS_CONNECTED.set_function(lambda: len(core.miners))
     metrics.QUEUE_DEPTH.set_function(lambda: len(core._queue))  # noqa: SLF001 - a cheap read, no API needed
+    _gauge_owner[0] = core
     proc = CoordinatorProcess(running, core, [asyncio.create_task(core.run_housekeeping())])
     if config.ledger:
         settlement = proc.settlement = Settlement(store, key, config.ledger)

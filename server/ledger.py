@@ -173,7 +173,6 @@ async def start_node(store: Store, genesis: Genesis, key: crypto.PrivateKey | No
     except (RuntimeError, OSError):  # grpcio reports a failed bind as RuntimeError
         raise FailedPrecondition(f"cannot listen on {listen}: address in use or invalid") from None
     node.block_listeners.append(observe.BlockObserver())
-    observe.export_gauges(node)
     await node.start(f"{rpc.host_of(listen)}:{server.port}")
 
     async def set_serving(ok: bool) -> None:  # a node behind its peers is NOT_SERVING until caught up

@@ -15,7 +15,7 @@ import signal
 
 import grpc
 
-from aitbc import rpc
+from aitbc import rpc, telemetry
 from aitbc.config import WalletConfig, write_port_file
 from aitbc.errors import InvalidArgument
 from aitbc.v1 import wallet_pb2, wallet_pb2_grpc
@@ -165,6 +165,7 @@ async def stop_wallet_daemon(server: rpc.RunningServer, core: WalletCore, sweepe
 
 async def run_wallet_daemon(conf: WalletConfig, stop: asyncio.Event | None = None) -> int:
     """Serve until SIGINT/SIGTERM (or `stop`). Returns the exit code."""
+    telemetry.setup("aitbc-wallet")  # before the server starts: its interceptors are chosen then
     server, core, sweeper = await start_wallet_daemon(conf)
     host = rpc.host_of(conf.listen)
     print(f"wallet daemon listening on {host}:{server.port} (keystore {core.keystore.directory}, "

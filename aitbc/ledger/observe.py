@@ -60,13 +60,29 @@ class BlockObserver:
                 pass
 
 
+_GAUGES = (metrics.BLOCK_HEIGHT, metrics.FINALITY_LAG, metrics.MEMPOOL_SIZE, metrics.SYNC_LAG)
+_gauge_owner: Any = None
+
+
 def export_gauges(node: Any) -> None:
-    """Point the node gauges at `node` (one node per process; in tests the last started wins)."""
+    """Point the node gauges at `node`, read at scrape time (one node per process; where a test runs
+    several, the last started wins until it stops)."""
+    global _gauge_owner
     chain = node.chain
     metrics.BLOCK_HEIGHT.set_function(lambda: chain.head.height)
     metrics.FINALITY_LAG.set_function(lambda: max(0, chain.head.height - chain.final_height))
     metrics.MEMPOOL_SIZE.set_function(lambda: len(node.mempool))
     metrics.SYNC_LAG.set_function(node.sync_lag)
+    _gauge_owner = node
+
+
+def release_gauges(node: Any) -> None:
+    """A stopped node stops feeding the gauges (they keep their last set() value, if any)."""
+    global _gauge_owner
+    if _gauge_owner is node:
+        for gauge in _GAUGES:
+            gauge.set_function(None)
+        _gauge_owner = None
 
 
 def is_ready(node: Any) -> bool:
@@ -82,15 +98,20 @@ def is_ready(node: Any) -> bool:
 
 async def track_readiness(node: Any, set_serving: Callable[[bool], Awaitable[None]],
                           poll_s: float = 0.5) -> None:
-    """Report `is_ready(node)` through `set_serving` whenever it changes (runs until cancelled)."""
+    """For the node's lifetime (a task the node adopts): export its gauges and report
+    `is_ready(node)` through `set_serving` whenever it changes."""
+    export_gauges(node)
     ready: bool | None = None
-    while True:
-        now = is_ready(node)
-        if now != ready:
-            if ready is not None or not now:
-                log.info("node %s: %s (head %d, sync lag %d)", node.listen_address or "",
-                         "caught up: SERVING" if now else "behind its peers: NOT_SERVING",
-                         node.chain.head.height, node.sync_lag())
-            await set_serving(now)
-            ready = now
-        await node.wait_changed(poll_s)
+    try:
+        while True:
+            now = is_ready(node)
+            if now != ready:
+                if ready is not None or not now:
+                    log.info("node %s: %s (head %d, sync lag %d)", node.listen_address or "",
+                             "caught up: SERVING" if now else "behind its peers: NOT_SERVING",
+                             node.chain.head.height, node.sync_lag())
+                await set_serving(now)
+                ready = now
+            await node.wait_changed(poll_s)
+    finally:
+        release_gauges(node)
