@@ -127,9 +127,16 @@ class Node:
         tasks = self._tasks + list(self.peers.values())
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=5)
+            if pending:
+                log.warning("%d node task(s) did not stop within 5 s: %s", len(pending),
+                            ", ".join(t.get_name() for t in pending))
         for ch in self._channels.values():
-            await ch.close()
+            try:
+                await asyncio.wait_for(ch.close(), 2)
+            except TimeoutError:
+                log.warning("a peer channel did not close within 2 s")
         self.verifier.close()
         self._changed.set()
 
