@@ -180,16 +180,19 @@ def test_chaos_nothing_lost_minted_once_nodes_agree(tmp_path: Path) -> None:
         # every completed job's receipt is minted, exactly once, and final
         deadline = time.monotonic() + 240
         receipts: dict[str, receipt_pb2.Receipt] = {}
-        while len(receipts) < len(completed) and time.monotonic() < deadline:
+        settled: set[str] = set()
+        while len(settled) < len(completed) and time.monotonic() < deadline:
             for job in completed:
-                if job.job_id not in receipts:
-                    rec = client.receipt(job_id=job.job_id)
-                    if rec.settlement.state == receipt_pb2.SETTLEMENT_STATE_FINAL:
-                        receipts[job.job_id] = rec
+                if job.job_id not in settled:
+                    recs, _ = client.receipts(job_id=job.job_id)  # a split job has one per shard
+                    if all(r.settlement.state == receipt_pb2.SETTLEMENT_STATE_FINAL for r in recs):
+                        settled.add(job.job_id)
+                        receipts.update({r.receipt_hash: r for r in recs})
             time.sleep(0.5)
-        unsettled = [j.job_id for j in completed if j.job_id not in receipts]
+        unsettled = [j.job_id for j in completed if j.job_id not in settled]
         if unsettled:
-            states = [(s.state, s.error, s.tx_hash) for s in (client.receipt(job_id=j).settlement for j in unsettled[:5])]
+            states = [(r.settlement.state, r.settlement.error, r.settlement.tx_hash)
+                      for j in unsettled[:5] for r in client.receipts(job_id=j)[0]]
             pools = {n.name: (head(n.target).mempool_size, head(n.target).head.height, head(n.target).finalized_height)
                      for n in cluster.nodes}
             raise AssertionError(f"{len(unsettled)} receipts not final: {states}; nodes (mempool, head, final): {pools}")
