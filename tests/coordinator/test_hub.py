@@ -202,3 +202,33 @@ async def test_cancelling_a_split_job_cancels_its_shards(net, tiny_backend) -> N
     assert done.state == S.JOB_STATE_CANCELLED
     assert all(net.core.store.get_job(j).state == S.JOB_STATE_CANCELLED for j in job.shard_job_ids)
     await net.until(lambda: all(not m.running for m in net.miners), timeout=20)
+
+
+async def test_eight_images_on_three_tiny_miners_one_killed_midway_completes(net, tiny_backend) -> None:
+    from aitbc.miner.backend import ImageRequest
+
+    miners = [await net.add_miner({"tiny-sd": tiny_backend}) for _ in range(3)]
+    s = stub(net)
+    job = (await s.SubmitJob(image_job("a harbour at dawn", images=8, steps=3, seed=9), metadata=MD)).job
+    assert len(job.shard_job_ids) == 3
+    await net.until(lambda: all(m.running for m in miners), timeout=30)
+    victim = miners[0]
+    victim.stop()  # its stream ends mid-shard: only that shard goes back to the queue
+    done = await wait_done(s, job.job_id)
+    assert done.state == S.JOB_STATE_COMPLETED and len(done.artifacts) == 8
+    shards = [net.core.store.get_job(j) for j in done.shard_job_ids]
+    assert sorted(sh.attempts for sh in shards) == [1, 1, 2]
+    assert victim.key.address not in {sh.miner_id for sh in shards}
+    # each shard's images are exactly what that shard makes on its own (image i uses seed + i), in order;
+    # against one batch of 8 they differ only by float rounding (batch size changes CPU kernels)
+    from aitbc.hub.verification import pixel_distance
+
+    whole = tiny_backend.generate(ImageRequest("a harbour at dawn", "", 3, 7.5, 0, 0, 8, 9), lambda *_: None,
+                                  __import__("threading").Event())
+    for sh in shards:
+        alone = tiny_backend.generate(ImageRequest("a harbour at dawn", "", 3, 7.5, 0, 0, sh.params.image.images,
+                                                   9 + sh.first_image), lambda *_: None, __import__("threading").Event())
+        for k, png in enumerate(alone.pngs):
+            _, data = await fetch(s, job.job_id, sh.first_image + k)
+            assert data == png
+            assert pixel_distance(data, whole.pngs[sh.first_image + k]) < 0.01
