@@ -210,3 +210,34 @@ def load_image_backend(model: str, device: str | None = None) -> ImageBackend:
     return image.DiffusersImageBackend(
         image.load_pretrained_pipeline(model, resolved), model=model, device=resolved
     )
+
+
+class DeviceTimer:
+    """Milliseconds of device time on CUDA (events), wall time on CPU; at least 1."""
+
+    def __init__(self, device: str) -> None:
+        self._cuda = device.startswith("cuda")
+        self._device = device
+        self.ms = 1
+
+    def __enter__(self) -> DeviceTimer:
+        import torch
+
+        if self._cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record(torch.cuda.current_stream(self._device))
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self._cuda:
+            self._end.record(torch.cuda.current_stream(self._device))
+            self._end.synchronize()
+            elapsed = self._start.elapsed_time(self._end)
+        else:
+            elapsed = (time.perf_counter() - self._t0) * 1000
+        self.ms = max(1, round(elapsed))

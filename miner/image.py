@@ -24,7 +24,6 @@ import os
 import string
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from aitbc.miner.backend import (
     BackendError,
+    DeviceTimer,
     ImageOutput,
     ImageRequest,
     JobCancelled,
@@ -249,7 +249,7 @@ class DiffusersImageBackend:
             # one generator per image, seeded seed + i: image i of a job is the same whether the job
             # runs whole or split into shards across miners (docs/hub.md)
             generator = [torch.Generator(self.device).manual_seed(req.seed + i) for i in range(req.images)]
-            timer = _DeviceTimer(self.device)
+            timer = DeviceTimer(self.device)
             with timer:
                 result = view(
                     prompt_embeds=prompt_embeds,
@@ -267,28 +267,3 @@ class DiffusersImageBackend:
         return ImageOutput(pngs=pngs, width=width, height=height, gpu_ms=timer.ms)
 
 
-class _DeviceTimer:
-    """Milliseconds of device time on CUDA (events), wall time on CPU; at least 1."""
-
-    def __init__(self, device: str) -> None:
-        self._cuda = device.startswith("cuda")
-        self._device = device
-        self.ms = 1
-
-    def __enter__(self) -> _DeviceTimer:
-        if self._cuda:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
-            self._start.record(torch.cuda.current_stream(self._device))
-        else:
-            self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._cuda:
-            self._end.record(torch.cuda.current_stream(self._device))
-            self._end.synchronize()
-            elapsed = self._start.elapsed_time(self._end)
-        else:
-            elapsed = (time.perf_counter() - self._t0) * 1000
-        self.ms = max(1, round(elapsed))

@@ -69,7 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from aitbc.miner.backend import MAX_SEED, BackendError, JobCancelled, pick_device
+from aitbc.miner.backend import MAX_SEED, BackendError, DeviceTimer, JobCancelled, pick_device
 
 if TYPE_CHECKING:
     import torch
@@ -629,7 +629,7 @@ class TransformersTextBackend:
             if cancel.is_set():
                 raise JobCancelled("cancelled before start")
             torch.manual_seed(req.seed)  # also seeds every CUDA device
-            timer = _DeviceTimer(self.device)
+            timer = DeviceTimer(self.device)
             with timer:
                 self._lm.generate(
                     input_ids=input_ids,
@@ -655,32 +655,3 @@ class TransformersTextBackend:
         return TextOutput(text, len(prompt_ids), generated, timer.ms, finish)
 
 
-class _DeviceTimer:
-    """Milliseconds of device time on CUDA (events), wall time on CPU; at least 1."""
-
-    def __init__(self, device: str) -> None:
-        self._cuda = device.startswith("cuda")
-        self._device = device
-        self.ms = 1
-
-    def __enter__(self) -> _DeviceTimer:
-        import torch
-
-        if self._cuda:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
-            self._start.record(torch.cuda.current_stream(self._device))
-        else:
-            self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        if self._cuda:
-            self._end.record(torch.cuda.current_stream(self._device))
-            self._end.synchronize()
-            elapsed = self._start.elapsed_time(self._end)
-        else:
-            elapsed = (time.perf_counter() - self._t0) * 1000
-        self.ms = max(1, round(elapsed))
