@@ -178,10 +178,12 @@ class Coordinator:
             store.put_meta("verify_secret", secret)
         self._verify_secret = secret
         self._verify_device: dict[str, str] = {}  # re-execution job -> device class of the original
+        self._reconciled_at = 0.0
         # jobs no miner can take until the set of miners changes: not re-matched at every dispatch
         self._epoch = 0
         self._stuck: dict[str, int] = {}
         self._restore()
+        self._reconcile_held()
 
     # ---- start-up ---------------------------------------------------------------------------
 
@@ -875,8 +877,7 @@ class Coordinator:
                         prompt_hash=orig.prompt_hash, verify_of=orig.job_id, traceparent=orig.traceparent)
         orig.verification = V.VERIFICATION_STATE_PENDING
         orig.verification_job_ids.append(v.job_id)
-        self.store.put_job(orig)
-        self.store.put_job(v)
+        self.store.put_jobs([orig, v])  # one transaction: a crash leaves neither half
         self._verify_device[v.job_id] = device
         self._jobs[v.job_id] = v
         self._queue.append(v.job_id)
@@ -907,28 +908,28 @@ class Coordinator:
     def _verification_done(self, v: job_pb2.Job) -> None:
         """A re-execution ended: decide by majority, or run a referee, or give up unverified."""
         orig = self.store.get_job(v.verify_of)
-        if orig is None or orig.verification != V.VERIFICATION_STATE_PENDING:
+        if orig is not None and orig.verification == V.VERIFICATION_STATE_PENDING:
+            self._decide(orig, self._verify_device.get(v.job_id, ""))
+
+    def _artifacts(self, job: job_pb2.Job) -> list[bytes]:
+        return [self.store.get_artifact(a.sha256) or b"" for a in job.artifacts]
+
+    def _decide(self, orig: job_pb2.Job, device: str) -> None:
+        all_runs = self._runs(orig)
+        if any(r.state in jobs.ACTIVE for r in all_runs):
             return
-        runs = [r for r in self._runs(orig) if r.state == S.JOB_STATE_COMPLETED]
-        if v.state != S.JOB_STATE_COMPLETED:
-            if any(r.state in jobs.ACTIVE for r in self._runs(orig)):
-                return
-            orig.verification = V.VERIFICATION_STATE_UNVERIFIED
-            self.store.put_job(orig)
-            self._settle_runs(runs, frozenset(), "")
-            log.info("job %s stays unverified: %s", orig.job_id, v.error)
-            return
-        results = {r.miner_id: [self.store.get_artifact(a.sha256) or b"" for a in r.artifacts] for r in runs}
-        exact = self._verify_device.get(v.job_id, "cpu") != "cuda"
-        verdict = arbitrate(results, exact=exact, tolerance=self.config.verify_tolerance)
-        if not verdict.decided:
-            if len(runs) < 3:  # two runs disagree: a third miner referees
-                self._start_verification(orig, self._verify_device.get(v.job_id, ""))
+        runs = [r for r in all_runs if r.state == S.JOB_STATE_COMPLETED]
+        verdict = arbitrate({r.miner_id: self._artifacts(r) for r in runs}, exact=device != "cuda",
+                            tolerance=self.config.verify_tolerance) if len(runs) >= 2 else None
+        if verdict is None or not verdict.decided:
+            if verdict is not None and len(runs) < 3:  # two runs disagree: a third miner referees
+                self._start_verification(orig, device)
                 self._dispatch()
                 return
             orig.verification = V.VERIFICATION_STATE_UNVERIFIED
             self.store.put_job(orig)
             self._settle_runs(runs, frozenset(), "")
+            log.info("job %s stays unverified (%d usable executions)", orig.job_id, len(runs))
             return
         for r in runs:
             self._record(r.miner_id, "record_verification", r.miner_id not in verdict.outvoted)
@@ -944,6 +945,24 @@ class Coordinator:
             orig.verification = V.VERIFICATION_STATE_PASSED
         self.store.put_job(orig)
         self._settle_runs(runs, verdict.outvoted, f"its result differs from {len(verdict.agreed)} other executions")
+
+    def _reconcile_held(self) -> None:
+        """Receipts held for a verification that can no longer progress (the coordinator was killed
+        between two of its steps) are decided or released now: a held MINT never waits forever."""
+        for rec in self.store.held_receipts():
+            job = self._jobs.get(rec.body.job_id) or self.store.get_job(rec.body.job_id)
+            orig = (self.store.get_job(job.verify_of) if job.verify_of else job) if job is not None else None
+            if orig is None or any(r.state in jobs.ACTIVE for r in self._runs(orig)):
+                continue
+            if orig.verification == V.VERIFICATION_STATE_PENDING:
+                self._decide(orig, "")
+            else:  # decided before the crash: release what agrees with the job's final result
+                final = self._artifacts(orig)
+                runs = [r for r in self._runs(orig) if r.state == S.JOB_STATE_COMPLETED]
+                outvoted = {r.miner_id for r in runs[1:] if self._artifacts(r) != final}
+                if orig.verification == V.VERIFICATION_STATE_REPLACED:
+                    outvoted.add(orig.miner_id)
+                self._settle_runs(runs, frozenset(outvoted), "its result differs from the verified one")
 
     def _shards_for(self, job: job_pb2.Job) -> list[job_pb2.Job]:
         """Split a multi-image job by image across the miners that could serve it (one shard each);
@@ -1051,8 +1070,12 @@ class Coordinator:
     # ---- housekeeping -------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Drop silent miners (their jobs go back to the queue) and expire jobs nobody took."""
+        """Drop silent miners (their jobs go back to the queue), expire jobs nobody took, and
+        every 10 s release receipts whose verification can no longer progress."""
         now = self.clock()
+        if now - self._reconciled_at > 10.0:
+            self._reconciled_at = now
+            self._reconcile_held()
         for conn in list(self.miners.values()):
             if now - conn.last_seen > self.config.heartbeat_timeout_s:
                 if conn.running:

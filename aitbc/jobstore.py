@@ -39,6 +39,7 @@ class JobStore:
         self._requests = self.env.open_db(_V + b"requests")
         self._meta = self.env.open_db(_V + b"meta")
         self._unsettled = self.env.open_db(_V + b"unsettled")
+        self._held = self.env.open_db(_V + b"held")
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, args=(flush_interval_s,), daemon=True)
         self._flusher.start()
@@ -66,15 +67,8 @@ class JobStore:
         artifacts: list[tuple[str, bytes]] = (),  # type: ignore[assignment]
         receipt: receipt_pb2.Receipt | None = None,
     ) -> None:
-        key = job.job_id.encode()
         with self.env.begin(write=True) as txn:
-            txn.put(key, job.SerializeToString(deterministic=True), db=self._jobs)
-            if job.state in ACTIVE:
-                txn.put(key, b"", db=self._active)
-            else:
-                txn.delete(key, db=self._active)
-            if job.request_id:
-                txn.put(_request_key(job.client_id, job.request_id), key, db=self._requests)
+            self._put_job(txn, job)
             for sha, data in artifacts:
                 txn.put(sha.encode(), data, db=self._artifacts, overwrite=False)
             if receipt is not None:
@@ -87,23 +81,49 @@ class JobStore:
         ordinal = struct.pack(">Q", job.finished_at_unix_ms or job.updated_at_unix_ms)
         txn.put(job.client_id.encode() + b"\x00" + ordinal + job.job_id.encode(), rh, db=self._client_receipts)
 
+    def _put_job(self, txn: lmdb.Transaction, job: job_pb2.Job) -> None:
+        key = job.job_id.encode()
+        txn.put(key, job.SerializeToString(deterministic=True), db=self._jobs)
+        if job.state in ACTIVE:
+            txn.put(key, b"", db=self._active)
+        else:
+            txn.delete(key, db=self._active)
+        if job.request_id:
+            txn.put(_request_key(job.client_id, job.request_id), key, db=self._requests)
+
     def _index_settlement(self, txn: lmdb.Transaction, receipt: receipt_pb2.Receipt) -> None:
         key = receipt.receipt_hash.encode()
         if receipt.settlement.state in UNSETTLED:
             txn.put(key, b"", db=self._unsettled)
         else:
             txn.delete(key, db=self._unsettled)
+        if receipt.settlement.state == receipt_pb2.SETTLEMENT_STATE_HELD:
+            txn.put(key, b"", db=self._held)
+        else:
+            txn.delete(key, db=self._held)
 
     def update_receipt(self, receipt: receipt_pb2.Receipt) -> None:
         with self.env.begin(write=True) as txn:
             txn.put(receipt.receipt_hash.encode(), receipt.SerializeToString(deterministic=True), db=self._receipts)
             self._index_settlement(txn, receipt)
 
+    def held_receipts(self) -> list[receipt_pb2.Receipt]:
+        """Receipts whose MINT waits for a verification by re-execution."""
+        with self.env.begin() as txn:
+            keys = [k for k, _ in txn.cursor(db=self._held)]
+            return [receipt_pb2.Receipt.FromString(txn.get(k, db=self._receipts)) for k in keys]
+
     def unsettled_receipts(self) -> list[receipt_pb2.Receipt]:
         """Receipts whose MINT is not final yet (or not yet accepted), oldest index order."""
         with self.env.begin() as txn:
             keys = [k for k, _ in txn.cursor(db=self._unsettled)]
             return [receipt_pb2.Receipt.FromString(txn.get(k, db=self._receipts)) for k in keys]
+
+    def put_jobs(self, batch: list[job_pb2.Job]) -> None:
+        """Several jobs in one transaction."""
+        with self.env.begin(write=True) as txn:
+            for job in batch:
+                self._put_job(txn, job)
 
     def get_job(self, job_id: str) -> job_pb2.Job | None:
         with self.env.begin() as txn:

@@ -232,3 +232,20 @@ async def test_eight_images_on_three_tiny_miners_one_killed_midway_completes(net
             _, data = await fetch(s, job.job_id, sh.first_image + k)
             assert data == png
             assert pixel_distance(data, whole.pngs[sh.first_image + k]) < 0.01
+
+
+async def test_a_verification_interrupted_by_a_crash_is_decided_after_restart(network_factory, null_backend) -> None:
+    net = await network_factory(verify_rate=1.0)
+    await net.add_miner({"null": null_backend})
+    await net.add_miner({"null": null_backend})
+    net.core._verification_done = lambda v: None  # the process "dies" right after storing the re-execution
+    s = stub(net)
+    job = await wait_done(s, (await s.SubmitJob(image_job(model="null", seed=4), metadata=MD)).job.job_id)
+    await net.until(lambda: all(net.core.store.get_job(v).state == S.JOB_STATE_COMPLETED
+                                for v in net.core.store.get_job(job.job_id).verification_job_ids or ["-"])
+                    if net.core.store.get_job(job.job_id).verification_job_ids else False)
+    assert net.core.store.get_job(job.job_id).verification == V.VERIFICATION_STATE_PENDING
+    assert len(net.core.store.held_receipts()) == 2  # both MINTs wait
+    await net.restart_coordinator()  # reconciliation at start-up decides
+    assert net.core.store.get_job(job.job_id).verification == V.VERIFICATION_STATE_PASSED
+    assert not net.core.store.held_receipts()
