@@ -183,6 +183,8 @@ class Coordinator:
         self._epoch = 0
         self._stuck: dict[str, int] = {}
         self._restore()
+        for parent in [j for j in self._jobs.values() if j.shard_job_ids]:
+            self._check_parent(parent)
         self._reconcile_held()
 
     # ---- start-up ---------------------------------------------------------------------------
@@ -994,23 +996,29 @@ class Coordinator:
         return shards
 
     def _shard_done(self, shard: job_pb2.Job) -> None:
-        """A shard ended: the split job completes when all did (images merged in order), and fails
-        when one cannot finish (the others are stopped). A shard that is requeued never gets here."""
         parent = self._jobs.get(shard.parent_job_id)
-        if parent is None or parent.state in jobs.TERMINAL:
-            return
-        if shard.state != S.JOB_STATE_COMPLETED:
-            last = shard.first_image + shard.params.image.images - 1
-            self._stop(parent, S.JOB_STATE_FAILED, f"shard for images {shard.first_image + 1}-{last + 1} "
-                                                   f"{jobs.state_name(shard.state)}: {shard.error}")
+        if parent is not None:
+            self._check_parent(parent)
+
+    def _check_parent(self, parent: job_pb2.Job) -> None:
+        """A split job completes when all its shards did (images merged in order), and fails when
+        one cannot finish (the others are stopped). Called when a shard ends, and at start-up for
+        a coordinator killed between a shard's end and this step. A requeued shard is still active."""
+        if parent.state in jobs.TERMINAL:
             return
         shards = [self._jobs.get(j) or self.store.get_job(j) for j in parent.shard_job_ids]
+        for sh in shards:
+            if sh is not None and sh.state in jobs.TERMINAL and sh.state != S.JOB_STATE_COMPLETED:
+                last = sh.first_image + sh.params.image.images
+                self._stop(parent, S.JOB_STATE_FAILED,
+                           f"shard for images {sh.first_image + 1}-{last} {jobs.state_name(sh.state)}: {sh.error}")
+                return
         if not all(sh is not None and sh.state == S.JOB_STATE_COMPLETED for sh in shards):
             return
         for sh in sorted(shards, key=lambda sh: sh.first_image):  # type: ignore[union-attr]
             parent.artifacts.extend(sh.artifacts)  # type: ignore[union-attr]
             parent.units += sh.units  # type: ignore[union-attr]
-        parent.unit_type = shard.unit_type
+        parent.unit_type = shards[0].unit_type  # type: ignore[union-attr]
         parent.miner_id = ",".join(dict.fromkeys(sh.miner_id for sh in shards if sh))
         self._finish(parent, S.JOB_STATE_COMPLETED, "")
 

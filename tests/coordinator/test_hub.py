@@ -249,3 +249,16 @@ async def test_a_verification_interrupted_by_a_crash_is_decided_after_restart(ne
     await net.restart_coordinator()  # reconciliation at start-up decides
     assert net.core.store.get_job(job.job_id).verification == V.VERIFICATION_STATE_PASSED
     assert not net.core.store.held_receipts()
+
+
+async def test_a_split_job_whose_last_shard_ended_in_a_crash_completes_after_restart(net, null_backend) -> None:
+    for _ in range(2):
+        await net.add_miner({"null": null_backend})
+    net.core._shard_done = lambda shard: None  # the process "dies" after storing the last shard
+    s = stub(net)
+    job = (await s.SubmitJob(image_job("two", model="null", images=2, seed=3, width=64, height=64), metadata=MD)).job
+    await net.until(lambda: all(net.core.store.get_job(j).state == S.JOB_STATE_COMPLETED for j in job.shard_job_ids))
+    assert net.core.store.get_job(job.job_id).state in jobs.ACTIVE
+    await net.restart_coordinator()
+    done = net.core.store.get_job(job.job_id)
+    assert done.state == S.JOB_STATE_COMPLETED and len(done.artifacts) == 2
