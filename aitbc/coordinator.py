@@ -308,7 +308,7 @@ class Coordinator:
         if max_price_per_unit is not None:
             job.max_price_per_unit = max_price_per_unit
         shards = self._shards_for(job)
-        self.store.put_job(job)
+        self.store.put_jobs([*shards, job])  # one transaction: the job and its shards, or nothing
         self._jobs[job.job_id] = job
         for queued in shards or [job]:
             self._queue.append(queued.job_id)
@@ -989,7 +989,6 @@ class Coordinator:
                                 parent_job_id=job.job_id, first_image=sh.first_image, traceparent=job.traceparent)
             if job.HasField("max_price_per_unit"):
                 shard.max_price_per_unit = job.max_price_per_unit
-            self.store.put_job(shard)
             self._jobs[shard.job_id] = shard
             job.shard_job_ids.append(shard.job_id)
             shards.append(shard)
