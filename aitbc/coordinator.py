@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from aitbc import crypto, jobs, receipts
+from aitbc import crypto, jobs, metrics, receipts, telemetry
 from aitbc.config import ClientKey, CoordinatorConfig
 from aitbc.errors import (
     AitbcError,
@@ -179,6 +179,10 @@ class Coordinator:
         self._verify_secret = secret
         self._verify_device: dict[str, str] = {}  # re-execution job -> device class of the original
         self._reconciled_at = 0.0
+        # metrics: labels bound once (hot path); gauges read at scrape time
+        self._jobs_in = {st: metrics.JOBS_TOTAL.labels(state=jobs.state_name(st)) for st in S.values() if st}
+        metrics.QUEUE_DEPTH.set_function(lambda: len(self._queue))
+        metrics.MINERS_CONNECTED.set_function(lambda: len(self.miners))
         # jobs no miner can take until the set of miners changes: not re-matched at every dispatch
         self._epoch = 0
         self._stuck: dict[str, int] = {}
@@ -304,11 +308,14 @@ class Coordinator:
             updated_at_unix_ms=now,
             prompt_hash=jobs.prompt_hash(jobs.job_prompt(job_pb2.Job(params=params))),
             request_id=request_id,
+            traceparent=telemetry.current_traceparent(),
         )
         if max_price_per_unit is not None:
             job.max_price_per_unit = max_price_per_unit
         shards = self._shards_for(job)
         self.store.put_jobs([*shards, job])  # one transaction: the job and its shards, or nothing
+        telemetry.set_attributes(job_id=job.job_id, model=model)
+        self._jobs_in[S.JOB_STATE_QUEUED].inc()
         self._jobs[job.job_id] = job
         for queued in shards or [job]:
             self._queue.append(queued.job_id)
@@ -560,6 +567,7 @@ class Coordinator:
     def _on_accepted(self, conn: MinerConn, job_id: str) -> None:
         job = self._held(conn, job_id)
         if job.state == S.JOB_STATE_ASSIGNED:
+            self._jobs_in[S.JOB_STATE_RUNNING].inc()
             job.state = S.JOB_STATE_RUNNING
             job.started_at_unix_ms = job.updated_at_unix_ms = jobs.now_ms()
             self.store.put_job(job)
@@ -749,6 +757,7 @@ class Coordinator:
             return
         self._text.pop(job.job_id, None)
         self._stuck.pop(job.job_id, None)  # its exclusions may have changed: match it afresh
+        self._jobs_in[S.JOB_STATE_QUEUED].inc()
         job.state = S.JOB_STATE_QUEUED
         job.miner_id = ""
         job.error = reason
@@ -760,6 +769,11 @@ class Coordinator:
         self._publish(job.job_id, self._snapshot(job))
 
     def _finish(self, job: job_pb2.Job, state: int, error: str, **extra: object) -> None:
+        self._jobs_in[state].inc()
+        if state == S.JOB_STATE_COMPLETED and not job.shard_job_ids:  # a split job's shards count themselves
+            metrics.JOB_DURATION.observe(max(0, jobs.now_ms() - job.created_at_unix_ms) / 1000, model=job.model)
+            if job.unit_type == "gpu_ms":
+                metrics.GPU_SECONDS.inc(job.units / 1000, model=job.model)
         job.state = state  # type: ignore[assignment]
         job.error = error
         job.finished_at_unix_ms = job.updated_at_unix_ms = jobs.now_ms()
@@ -1070,8 +1084,13 @@ class Coordinator:
             parent.started_at_unix_ms = parent.updated_at_unix_ms = jobs.now_ms()
             self.store.put_job(parent)
             self._publish(parent.job_id, self._snapshot(parent))
-        conn.send(miner_pb2.WorkResponse(assignment=miner_pb2.Assignment(
-            job=job, chain_id=self.config.chain_id, hub_id=self.config.hub_id)))
+        with telemetry.span("coordinator.dispatch", parent=job.traceparent or None, job_id=job.job_id,
+                            model=job.model, miner_id=conn.miner_id):
+            conn.send(miner_pb2.WorkResponse(assignment=miner_pb2.Assignment(
+                job=job, chain_id=self.config.chain_id, hub_id=self.config.hub_id,
+                traceparent=telemetry.current_traceparent())))
+        self._jobs_in[S.JOB_STATE_ASSIGNED].inc()
+        metrics.DISPATCH_LATENCY.observe(max(0.0, jobs.now_ms() - job.created_at_unix_ms) / 1000)
         self._publish(job.job_id, self._snapshot(job))
 
     # ---- housekeeping -------------------------------------------------------------------------
@@ -1107,4 +1126,6 @@ class Coordinator:
             conn.closed = True
             conn.outbox.put_nowait(None)
         self.miners.clear()
+        metrics.QUEUE_DEPTH.set_function(None)
+        metrics.MINERS_CONNECTED.set_function(None)
 

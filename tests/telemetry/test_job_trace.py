@@ -11,9 +11,8 @@ with tracing to the in-memory exporter: the span tree a job makes.
           └ coordinator.settled {state: FINAL}
     ledger.block {height, txs} ── link ──> SERVER BroadcastTransaction
 
-The parts marked `needs coordinator wiring` depend on aitbc/coordinator.py setting Job.traceparent
-at submit and opening the dispatch span that fills Assignment.traceparent; they are strict xfails
-so they turn into failures (remove the marks) the moment that wiring lands.
+aitbc/coordinator.py sets Job.traceparent at submit and opens the dispatch span whose traceparent
+travels in Assignment.traceparent to the miner.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 from opentelemetry.trace import SpanKind
 
 from aitbc import crypto, telemetry
@@ -34,7 +32,6 @@ MD = (("x-api-key", API_KEY),)
 COORD = "aitbc.v1.CoordinatorService"
 LEDGER = "aitbc.v1.LedgerService"
 STEPS = 3
-WIRING = "needs coordinator wiring: Job.traceparent at submit and the dispatch span filling Assignment.traceparent"
 
 
 @dataclass
@@ -154,7 +151,6 @@ async def test_settlement_span_wraps_the_mint_and_its_block_links_back(network_f
 # ---- what needs the coordinator core (aitbc/coordinator.py) --------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 async def test_job_records_the_submit_traceparent(network_factory, null_backend, tmp_path) -> None:  # type: ignore[no-untyped-def]
     t = await run_traced_job(network_factory, null_backend, tmp_path, ledger=False)
     server = t.one(f"{COORD}/SubmitJob", SpanKind.SERVER)
@@ -162,7 +158,6 @@ async def test_job_records_the_submit_traceparent(network_factory, null_backend,
     assert t.job.traceparent.startswith(f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-")
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 async def test_dispatch_span_parents_the_miner_job_span(network_factory, null_backend, tmp_path) -> None:  # type: ignore[no-untyped-def]
     t = await run_traced_job(network_factory, null_backend, tmp_path, ledger=False)
     trace_id = t.root.get_span_context().trace_id
@@ -176,7 +171,6 @@ async def test_dispatch_span_parents_the_miner_job_span(network_factory, null_ba
     assert t.children(job_span, "miner.generate")
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 async def test_settlement_spans_are_in_the_jobs_trace(network_factory, null_backend, tmp_path) -> None:  # type: ignore[no-untyped-def]
     t = await run_traced_job(network_factory, null_backend, tmp_path, ledger=True)
     server = t.one(f"{COORD}/SubmitJob", SpanKind.SERVER)

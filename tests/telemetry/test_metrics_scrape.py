@@ -16,7 +16,6 @@ from tests.coordinator.test_jobs_api import MD, image_job, stub, wait_done
 from tests.coordinator.test_settlement import LedgerNode, _settled
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
-WIRING = "needs coordinator wiring: JOBS_TOTAL/DISPATCH_LATENCY/JOB_DURATION/GPU_SECONDS in aitbc/coordinator.py"
 
 
 def documented_metrics() -> list[str]:
@@ -79,7 +78,6 @@ async def test_scrape_exposes_every_documented_metric_with_live_values(network_f
     assert sample(text, "aitbc_block_interval_seconds_count") >= 1
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 async def test_job_metrics_count_the_job(network_factory, null_backend, tmp_path) -> None:  # type: ignore[no-untyped-def]
     before = {
         "completed": metrics.JOBS_TOTAL.value(state="COMPLETED"),
