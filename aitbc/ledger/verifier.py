@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -24,9 +26,17 @@ MIN_PARALLEL = 256  # below this, a process round trip costs more than it saves
 _worker_genesis: Genesis | None = None
 
 
-def _init_worker(genesis_dict: dict[str, Any]) -> None:
+def _init_worker(genesis_dict: dict[str, Any], parent_pid: int) -> None:
     global _worker_genesis
     _worker_genesis = Genesis.from_dict(genesis_dict)
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A node killed with -9 cannot shut its pool down: the worker leaves on its own."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(0)
 
 
 def check_raws(raws: Sequence[bytes], genesis: Genesis | None = None) -> list[bytes]:
@@ -56,7 +66,7 @@ class ParallelVerifier:
             return None
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_worker, initargs=(self.genesis.to_dict(),))
+                                             initializer=_init_worker, initargs=(self.genesis.to_dict(), os.getpid()))
         return self._pool
 
     async def verified_hashes(self, raws: Sequence[bytes]) -> set[bytes]:
