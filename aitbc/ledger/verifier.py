@@ -58,6 +58,9 @@ class ParallelVerifier:
     def __init__(self, genesis: Genesis, workers: int | None = None) -> None:
         self.genesis = genesis
         cpus = os.cpu_count() or 1
+        env = os.environ.get("AITBC_LEDGER_VERIFY_WORKERS", "")
+        if workers is None and env.isdigit():
+            workers = int(env)
         self.workers = max(0, cpus - 1) if workers is None else workers
         self._pool: ProcessPoolExecutor | None = None
 
