@@ -39,17 +39,31 @@ def _address_or_keyfile(text: str, *, create: bool) -> str:
 
 
 def cmd_chain_init(args: argparse.Namespace) -> int:
-    from aitbc.ledger.genesis import make_genesis
+    from aitbc.ledger.genesis import Genesis, make_genesis
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        print(f"{out} exists (use --force to overwrite)", file=sys.stderr)
-        return 1
     if not args.authority:
         print("give at least one --authority KEYFILE|ADDRESS", file=sys.stderr)
         return 2
     authorities = [_address_or_keyfile(a, create=True) for a in args.authority]
     attesters = [_address_or_keyfile(a, create=False) for a in (args.attester or [])]
+    if out.exists() and not args.force:
+        # re-running the same init is a no-op (devnet restarts); anything else needs --force,
+        # since a new genesis makes every existing data folder unusable
+        try:
+            old = Genesis.load(out)
+        except AitbcError:
+            old = None
+        wanted = make_genesis(
+            args.chain_id, authorities, attesters, block_time_ms=int(round(args.block_time * 1000)),
+            max_price_per_unit=args.max_price_per_unit, max_mint_per_receipt=args.max_mint_per_receipt,
+            max_block_txs=args.max_block_txs,
+            genesis_time_ms=old.genesis_time_ms if old and args.genesis_time_ms is None else (args.genesis_time_ms or 0))
+        if old is not None and old == wanted:
+            print(f"{out} already holds this genesis: chain {old.chain_id}, genesis {old.hash().hex()}")
+            return 0
+        print(f"{out} exists with a different genesis (use --force to overwrite)", file=sys.stderr)
+        return 1
     g = make_genesis(
         args.chain_id, authorities, attesters,
         block_time_ms=int(round(args.block_time * 1000)),

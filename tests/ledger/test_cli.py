@@ -47,7 +47,12 @@ async def test_devnet_style_single_authority(tmp_path):
     assert keyfile.exists() and json.loads(gpath.read_text())["authorities"] == [
         crypto.load_or_create_key(keyfile).address]
     assert _cli("chain", "init", "--chain-id", "aitbc-test", "--authority", str(keyfile), "--out",
-                str(gpath)).returncode == 1  # refuses to overwrite
+                str(gpath)).returncode == 1  # refuses to overwrite with another genesis
+    before = gpath.read_text()
+    again = _cli("chain", "init", "--chain-id", "aitbc-test", "--authority", str(keyfile), "--attester",
+                 ATTESTER.address, "--block-time", "0.2", "--max-price-per-unit", "1000", "--out", str(gpath))
+    assert again.returncode == 0 and "already holds this genesis" in again.stdout  # devnet restarts
+    assert gpath.read_text() == before
     port_file = tmp_path / "port"
     proc = subprocess.Popen([sys.executable, "-m", "aitbc.clients.chain_cli", "node", "--data-dir",
                              str(tmp_path / "data"), "--genesis", str(gpath), "--key", str(keyfile), "--listen",
