@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import API_KEY, echo_baseline, machine, start_coordinator, summary  # noqa: E402
 
-from aitbc import crypto  # noqa: E402
+from aitbc import crypto, telemetry  # noqa: E402
 from aitbc.config import MinerConfig  # noqa: E402
 from aitbc.miner.backend import load_image_backend  # noqa: E402
 from aitbc.miner.daemon import MinerDaemon  # noqa: E402
@@ -38,6 +38,7 @@ class TimedMiner(MinerDaemon):
 
 
 async def run(n: int, concurrency: int) -> None:
+    telemetry.configure("bench")  # AITBC_TRACING (inherited by the coordinator) traces the miner here too
     with tempfile.TemporaryDirectory() as tmp:
         proc, addr = start_coordinator(Path(tmp))
         try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from aitbc import crypto, jobs, metrics, telemetry
+from aitbc import crypto, jobs, telemetry
 from aitbc.config import CoordinatorConfig, expand, write_port_file
 from aitbc.coordinator import Coordinator
 from aitbc.errors import FailedPrecondition, InvalidArgument
@@ -36,7 +36,6 @@ COORDINATOR_SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorSe
 # Health name of the settlement path: NOT_SERVING while the ledger node is unreachable (jobs still run
 # and receipts queue up; they mint when it is back). Registered only when settlement is configured.
 SETTLEMENT_HEALTH = f"{COORDINATOR_SERVICE}/settlement"
-_gauge_owner: list[Coordinator | None] = [None]  # the core the process gauges read (one per process)
 INLINE_IMAGE_LIMIT = 3 * 1024 * 1024
 
 
@@ -226,9 +225,6 @@ class CoordinatorProcess:
         return self.running.port
 
     async def stop(self) -> None:
-        if _gauge_owner[0] is self.core:  # a stopped coordinator stops feeding the gauges
-            metrics.MINERS_CONNECTED.set_function(None)
-            metrics.QUEUE_DEPTH.set_function(None)
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -249,10 +245,6 @@ async def start_coordinator(config: CoordinatorConfig) -> CoordinatorProcess:
         Service(miner_pb2_grpc.add_MinerServiceServicer_to_server, MinerGatewayServicer(core),
                 miner_pb2.DESCRIPTOR.services_by_name["MinerService"].full_name),
     ])
-    # gauges read at scrape time: nothing is added to the dispatch path
-    metrics.MINERS_CONNECTED.set_function(lambda: len(core.miners))
-    metrics.QUEUE_DEPTH.set_function(lambda: len(core._queue))  # noqa: SLF001 - a cheap read, no API needed
-    _gauge_owner[0] = core
     proc = CoordinatorProcess(running, core, [asyncio.create_task(core.run_housekeeping())])
     if config.ledger:
         settlement = proc.settlement = Settlement(store, key, config.ledger)
