@@ -31,7 +31,8 @@ RELAY_CHUNK = 5000
 RELAY_QUEUE_BATCHES = 64
 VERIFY_IN_THREAD_MIN = 16
 MAX_PEERS = 32
-PEER_HEAD_TTL_S = 5.0  # announced peers are dialed back; bound how many  # batches at least this big verify signatures off the event loop
+PEER_HEAD_TTL_S = 5.0
+MULTI_AUTHORITY_TXS_PER_S = 4000  # own-block budget with several authorities (see _block_tx_budget)  # announced peers are dialed back; bound how many  # batches at least this big verify signatures off the event loop
 
 
 def _check_one(tx: Tx, genesis) -> AitbcError | None:  # type: ignore[no-untyped-def]
@@ -354,13 +355,28 @@ class Node:
         while self.chain.head.slot < slot - 1 and (left := deadline_ms - self.now_ms()) > 0:
             await self.wait_changed(left / 1000)
 
+    def _block_tx_budget(self) -> int:
+        """Most txs this node puts in its own block. With several authorities a block must also be
+        imported (and its unrelayed txs verified) by the others within the next slot, or they fork
+        next to it; so blocks stay small enough for a busy peer (a local policy, not a validity
+        rule: any block up to max_block_txs is valid)."""
+        cap = self.genesis.max_block_txs
+        if len(self.chain.authority_ids) > 1:
+            cap = min(cap, max(1, MULTI_AUTHORITY_TXS_PER_S * self.genesis.block_time_ms // 1000))
+        return cap
+
     async def produce(self, slot: int) -> Block | None:
         assert self.key is not None
         started = time.perf_counter()
         async with self._lock:
             if slot <= self.chain.head.slot:
                 return None
-            candidates = self.mempool.ready(self.chain.account, self.genesis.max_block_txs)
+            if len(self.chain.authority_ids) > 1 and self.now_ms() // self.genesis.block_time_ms > slot:
+                # the lock came too late (a long import): the next authority already built in its
+                # slot, so a block for ours now could only fork next to it
+                log.info("slot %d passed while importing; not producing", slot)
+                return None
+            candidates = self.mempool.ready(self.chain.account, self._block_tx_budget())
             block, dropped = await asyncio.to_thread(
                 self.chain.build_block, self.key, slot, self.now_ms(), candidates, self.mempool.by_hash)
             self.mempool.remove(block.txs)
