@@ -30,6 +30,18 @@ from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2  # noqa: E40
 MD = (("x-api-key", API_KEY),)
 
 
+def anon_mib(proc: psutil.Process) -> float:
+    """Private (anonymous) memory: what a leak grows. RSS also counts the LMDB file pages a
+    process has touched, which grow with the data stored and are the kernel's to reclaim."""
+    try:
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return proc.memory_info().rss / 2**20
+
+
 def request(i: int) -> coordinator_pb2.SubmitJobRequest:
     if i % 2:
         params = job_pb2.JobParams(image=job_pb2.ImageParams(prompt=f"load {i}", steps=2, width=64, height=64, seed=i))
@@ -60,6 +72,14 @@ class Driver:
             if ev.WhichOneof("event") == "job" and ev.job.state in jobs.TERMINAL:
                 self.done[job.job_id] = ev.job.state
                 self.latency_ms.append((time.perf_counter() - t) * 1000)
+
+
+def sample(procs: dict[str, psutil.Process], t: float) -> dict[str, float]:
+    out = {"t": round(t, 1)}
+    for k, p in procs.items():
+        out[k] = anon_mib(p)
+        out[k + "_rss"] = p.memory_info().rss / 2**20
+    return out
 
 
 async def saturation(stub: coordinator_pb2_grpc.CoordinatorServiceStub, seconds: float = 5.0) -> float:
@@ -100,13 +120,13 @@ async def soak(duration: float, fraction: float) -> dict[str, object]:
                 next_sample = t0
                 while (now := time.monotonic()) - t0 < duration:
                     if now >= next_sample:
-                        memory.append({"t": round(now - t0, 1), **{k: p.memory_info().rss / 2**20 for k, p in procs.items()}})
+                        memory.append(sample(procs, now - t0))
                         next_sample += max(1.0, duration / 20)
                     tasks.append(asyncio.create_task(d.one()))
                     await asyncio.sleep(max(0.0, t0 + len(tasks) / rate - time.monotonic()))
                 await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 180)
                 elapsed = time.monotonic() - t0
-                memory.append({"t": round(elapsed, 1), **{k: p.memory_info().rss / 2**20 for k, p in procs.items()}})
+                memory.append(sample(procs, elapsed))
                 states = {}
                 for job_id in d.accepted:
                     if job_id not in d.done:  # ask: never lose track of a job the network accepted
@@ -144,8 +164,8 @@ def main() -> None:
     print(f"  throughput {r['throughput_jobs_per_s']} jobs/s; submit -> finished p50 {r['latency_ms']['p50']} ms, "
           f"p99 {r['latency_ms']['p99']} ms")
     for k in ("coordinator", "miner"):
-        print(f"  {k} RSS: {mem[0][k]:.0f} MiB -> {mem[-1][k]:.0f} MiB "
-              f"(max {max(m[k] for m in mem):.0f} MiB over {len(mem)} samples)")
+        print(f"  {k} private memory: {mem[0][k]:.0f} MiB -> {mem[-1][k]:.0f} MiB (max {max(m[k] for m in mem):.0f}); "
+              f"RSS incl. LMDB file pages {mem[0][k + '_rss']:.0f} -> {mem[-1][k + '_rss']:.0f} MiB")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))
 

@@ -28,5 +28,5 @@ def test_short_soak_loses_nothing_and_memory_stays_bounded(tmp_path: Path) -> No
     assert figures["lost"] == 0 and figures["refused"] == 0
     assert figures["states"] == {"COMPLETED": figures["accepted"]}
     mem = figures["memory_mb"]
-    for proc in ("coordinator", "miner"):
-        assert mem[-1][proc] - mem[0][proc] < 200, f"{proc} grew from {mem[0][proc]:.0f} to {mem[-1][proc]:.0f} MiB"
+    for proc in ("coordinator", "miner"):  # private memory (a leak), not LMDB file pages
+        assert mem[-1][proc] - mem[0][proc] < 50, f"{proc} grew from {mem[0][proc]:.0f} to {mem[-1][proc]:.0f} MiB"
