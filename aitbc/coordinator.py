@@ -18,6 +18,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from aitbc import crypto, jobs, metrics, receipts, telemetry
 from aitbc.config import ClientKey, CoordinatorConfig
@@ -39,6 +40,7 @@ from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2, receipt_pb2
 from aitbc.wire import receipt_from_proto, receipt_to_proto
 
 S = job_pb2.JobState
+M = TypeVar("M", job_pb2.Job, job_pb2.JobProgress)
 log = logging.getLogger("aitbc.coordinator")
 job_log = logging.getLogger("aitbc.jobs")
 
@@ -132,9 +134,6 @@ class MinerConn:
     @property
     def miner_id(self) -> str:
         return self.session.miner_id
-
-    def free_slots(self) -> int:
-        return max(0, (self.session.info.max_concurrency or 1) - len(self.running))
 
     def send(self, msg: miner_pb2.WorkResponse) -> None:
         if not self.closed:
@@ -334,8 +333,7 @@ class Coordinator:
         job = self._load(job_id)
         if job.client_id != client_id:
             raise PermissionDenied(f"job {job_id} belongs to another client")
-        out = job_pb2.Job()
-        out.CopyFrom(job)
+        out = self._snapshot(job)
         if out.receipt_hash:  # the stored receipt carries the latest settlement state
             rec = self.store.get_receipt(out.receipt_hash)
             if rec is not None:
@@ -585,7 +583,7 @@ class Coordinator:
             steps = sum(sh.progress.step if sh.state in jobs.ACTIVE else jobs.job_steps_total(sh) for sh in shards if sh)
             total = sum(jobs.job_steps_total(sh) for sh in shards if sh)
             parent.progress.CopyFrom(job_pb2.JobProgress(job_id=parent.job_id, step=steps, total_steps=total))
-            self._publish(parent.job_id, self._copy(parent.progress))
+            self._publish(parent.job_id, self._snapshot(parent.progress))
 
     def _on_text(self, conn: MinerConn, chunk: job_pb2.TextChunk) -> None:
         job = self._held(conn, chunk.job_id)
@@ -740,14 +738,10 @@ class Coordinator:
     # ---- transitions --------------------------------------------------------------------------
 
     @staticmethod
-    def _copy(msg: job_pb2.JobProgress) -> job_pb2.JobProgress:
-        out = job_pb2.JobProgress()
+    def _snapshot(msg: M) -> M:
+        """A copy to hand out: watchers must not see later changes to the live record."""
+        out = type(msg)()
         out.CopyFrom(msg)
-        return out
-
-    def _snapshot(self, job: job_pb2.Job) -> job_pb2.Job:
-        out = job_pb2.Job()
-        out.CopyFrom(job)
         return out
 
     def _requeue(self, job: job_pb2.Job, reason: str) -> None:
