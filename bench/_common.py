@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: percentiles, subprocess coordinator, raw aio echo baseline."""
+"""Helpers shared by the benchmarks: percentiles, subprocess coordinator and miner, one job submitted
+and watched to its end, raw aio echo baseline."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
+
+from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
 
 API_KEY = "bench-api-key"
+MD = (("x-api-key", API_KEY),)
 
 
 def machine() -> str:
@@ -118,3 +123,39 @@ def start_miner(tmp: Path, coordinator: str, models: list[str], **extra: object)
             raise RuntimeError((tmp / "miner.log").read_text())
         time.sleep(0.05)
     return proc
+
+
+class Watched(NamedTuple):
+    """One job watched to its end; times are time.perf_counter() stamps."""
+
+    job: job_pb2.Job  # as the last Job event on WatchJob left it
+    submitted: float  # just before SubmitJob
+    first_text: float | None  # the first TextChunk reached this client (text jobs)
+    finished: float  # WatchJob ended (and the result was fetched, with fetch_result)
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.submitted
+
+
+async def submit_and_watch(stub: coordinator_pb2_grpc.CoordinatorServiceStub, model: str, params: job_pb2.JobParams,
+                           *, fetch_result: bool = False, check: bool = True) -> Watched:
+    """SubmitJob, then WatchJob until the stream ends; with fetch_result also download the output,
+    so the time covers what a client waits for. check: fail unless the job COMPLETED."""
+    submitted = time.perf_counter()
+    job = (await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(model=model, params=params), metadata=MD)).job
+    first_text = None
+    async for ev in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=MD):
+        kind = ev.WhichOneof("event")
+        if kind == "text" and first_text is None:
+            first_text = time.perf_counter()
+        elif kind == "job":
+            job = ev.job
+    finished = time.perf_counter()
+    if check:
+        assert job.state == job_pb2.JOB_STATE_COMPLETED, job.error
+    if fetch_result:
+        async for _ in stub.GetJobResult(coordinator_pb2.GetJobResultRequest(job_id=job.job_id), metadata=MD):
+            pass
+        finished = time.perf_counter()
+    return Watched(job, submitted, first_text, finished)

@@ -12,32 +12,19 @@ import argparse
 import asyncio
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import API_KEY, machine, start_coordinator, start_miner  # noqa: E402
+from _common import MD, machine, start_coordinator, start_miner, submit_and_watch  # noqa: E402
 
 from aitbc.rpc import channel  # noqa: E402
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2  # noqa: E402
-
-MD = (("x-api-key", API_KEY),)
 
 
 async def wait_miners(stub: coordinator_pb2_grpc.CoordinatorServiceStub, n: int) -> None:
     while sum(m.connected for m in (await stub.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=MD)).miners) < n:
         await asyncio.sleep(0.2)
-
-
-async def run_job(stub: coordinator_pb2_grpc.CoordinatorServiceStub, params: job_pb2.ImageParams, model: str) -> job_pb2.Job:
-    job = (await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(model=model, params=job_pb2.JobParams(image=params)),
-                                metadata=MD)).job
-    async for ev in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=MD):
-        if ev.WhichOneof("event") == "job":
-            job = ev.job
-    assert job.state == job_pb2.JOB_STATE_COMPLETED, job.error
-    return job
 
 
 async def scaling(counts: list[int], steps: int) -> None:
@@ -54,12 +41,12 @@ async def scaling(counts: list[int], steps: int) -> None:
                 async with channel(addr) as ch:
                     stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
                     await wait_miners(stub, n)
-                    params = job_pb2.ImageParams(prompt="eight lighthouses", steps=steps, images=8, seed=1)
-                    await run_job(stub, params, "tiny-sd")  # warm-up
-                    t = time.perf_counter()
-                    job = await run_job(stub, params, "tiny-sd")
-                    times[n] = time.perf_counter() - t
-                    shards = len(job.shard_job_ids) or 1
+                    params = job_pb2.JobParams(image=job_pb2.ImageParams(prompt="eight lighthouses", steps=steps,
+                                                                         images=8, seed=1))
+                    await submit_and_watch(stub, "tiny-sd", params)  # warm-up
+                    w = await submit_and_watch(stub, "tiny-sd", params)
+                    times[n] = w.seconds
+                    shards = len(w.job.shard_job_ids) or 1
             finally:
                 for p in [*miners, coord]:
                     p.terminate()
@@ -83,7 +70,9 @@ async def verification_cost(jobs: int, rates: list[float]) -> None:
                     stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
                     await wait_miners(stub, 3)
                     for i in range(jobs):
-                        await run_job(stub, job_pb2.ImageParams(prompt=f"v{i}", steps=2, width=64, height=64, seed=i), "null")
+                        params = job_pb2.JobParams(image=job_pb2.ImageParams(prompt=f"v{i}", steps=2, width=64, height=64,
+                                                                             seed=i))
+                        await submit_and_watch(stub, "null", params)
                     await asyncio.sleep(2)
                     served = sum(m.jobs_served for m in (await stub.ListMiners(coordinator_pb2.ListMinersRequest(),
                                                                                  metadata=MD)).miners)

@@ -21,14 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import API_KEY, machine, start_coordinator  # noqa: E402
+from _common import machine, start_coordinator, submit_and_watch  # noqa: E402
 
 from aitbc import crypto  # noqa: E402
 from aitbc.config import MinerConfig  # noqa: E402
 from aitbc.miner.backend import ImageRequest, load_image_backend  # noqa: E402
 from aitbc.miner.daemon import MinerDaemon, configure_cpu_threads  # noqa: E402
 from aitbc.rpc import channel  # noqa: E402
-from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2  # noqa: E402
+from aitbc.v1 import coordinator_pb2_grpc, job_pb2  # noqa: E402
 
 
 async def run(runs: int, steps: int) -> None:
@@ -60,22 +60,14 @@ async def run(runs: int, steps: int) -> None:
             task = asyncio.create_task(miner.run())
             await asyncio.wait_for(miner.registered.wait(), 30)
             await asyncio.sleep(0.3)
-            md = (("x-api-key", API_KEY),)
             params = job_pb2.JobParams(image=job_pb2.ImageParams(prompt=req.prompt, steps=steps, seed=7))
             async with channel(addr) as ch:
                 stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
                 for i in range(runs + 1):
-                    t = time.perf_counter()
-                    job = (await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(model="tiny-sd", params=params), metadata=md)).job
-                    async for ev in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=md):
-                        if ev.WhichOneof("event") == "job":
-                            job = ev.job
-                    async for _ in stub.GetJobResult(coordinator_pb2.GetJobResultRequest(job_id=job.job_id), metadata=md):
-                        pass
-                    assert job.state == job_pb2.JOB_STATE_COMPLETED, job.error
+                    w = await submit_and_watch(stub, "tiny-sd", params, fetch_result=True)
                     if i:  # the first run is a warm-up
-                        network.append(time.perf_counter() - t)
-                        in_miner.append(job.units / 1000)
+                        network.append(w.seconds)
+                        in_miner.append(w.job.units / 1000)
             miner.stop()
             await asyncio.wait_for(task, 10)
         finally:

@@ -19,14 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import API_KEY, machine, pct, start_coordinator, start_miner  # noqa: E402
+from _common import MD, machine, pct, start_coordinator, start_miner, submit_and_watch  # noqa: E402
 
 from aitbc import crypto  # noqa: E402
 from aitbc.ledger.genesis import make_genesis  # noqa: E402
 from aitbc.rpc import channel  # noqa: E402
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, receipt_pb2  # noqa: E402
-
-MD = (("x-api-key", API_KEY),)
 
 
 def start_node(tmp: Path, block_time_ms: int) -> tuple[subprocess.Popen[bytes], str]:
@@ -62,15 +60,11 @@ async def run(n: int, rate: float, block_time: float) -> None:
 
                 async def one(i: int) -> None:
                     params = job_pb2.JobParams(image=job_pb2.ImageParams(prompt=f"s{i}", steps=2, width=64, height=64, seed=i))
-                    job = (await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(model="null", params=params), metadata=MD)).job
-                    async for ev in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=MD):
-                        if ev.WhichOneof("event") == "job":
-                            job = ev.job
-                    completed = time.perf_counter()
+                    w = await submit_and_watch(stub, "null", params, check=False)
                     while True:
-                        rec = (await stub.GetReceipt(coordinator_pb2.GetReceiptRequest(job_id=job.job_id), metadata=MD)).receipt
+                        rec = (await stub.GetReceipt(coordinator_pb2.GetReceiptRequest(job_id=w.job.job_id), metadata=MD)).receipt
                         if rec.settlement.state == receipt_pb2.SETTLEMENT_STATE_FINAL:
-                            lags.append(time.perf_counter() - completed)
+                            lags.append(time.perf_counter() - w.finished)
                             return
                         await asyncio.sleep(0.02)
 

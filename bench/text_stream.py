@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import API_KEY, machine, start_coordinator, start_miner  # noqa: E402
+from _common import MD, machine, start_coordinator, start_miner, submit_and_watch  # noqa: E402
 
 from aitbc.miner.daemon import configure_cpu_threads  # noqa: E402
 from aitbc.miner.text import TextRequest, load_text_backend  # noqa: E402
@@ -50,29 +50,17 @@ async def run(runs: int, tokens: int) -> None:
         proc, addr = start_coordinator(Path(tmp))
         try:
             miner = start_miner(Path(tmp), addr, ["tiny-llama"])  # its own process, as in production
-            md = (("x-api-key", API_KEY),)
             async with channel(addr) as ch:
                 stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
-                while not (await stub.ListModels(coordinator_pb2.ListModelsRequest(), metadata=md)).models:
+                while not (await stub.ListModels(coordinator_pb2.ListModelsRequest(), metadata=MD)).models:
                     await asyncio.sleep(0.1)
                 for i in range(runs + 1):
                     params = job_pb2.TextParams(prompt=PROMPT, max_new_tokens=tokens, temperature=0.9, top_p=1.0,
                                                 seed=100 + i)
-                    t = time.perf_counter()
-                    job = (await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(
-                        model="tiny-llama", params=job_pb2.JobParams(text=params)), metadata=md)).job
-                    first = None
-                    async for ev in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=md):
-                        kind = ev.WhichOneof("event")
-                        if kind == "text" and first is None:
-                            first = time.perf_counter()
-                        elif kind == "job":
-                            job = ev.job
-                    wall = time.perf_counter() - t
-                    assert job.state == job_pb2.JOB_STATE_COMPLETED, job.error
+                    w = await submit_and_watch(stub, "tiny-llama", job_pb2.JobParams(text=params))
                     if i:
-                        net_rate.append(job.generated_tokens / wall)
-                        net_ttft.append((first - t) * 1000)
+                        net_rate.append(w.job.generated_tokens / w.seconds)
+                        net_ttft.append((w.first_text - w.submitted) * 1000)
             miner.terminate()
             miner.wait()
         finally:
