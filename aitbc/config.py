@@ -26,6 +26,7 @@ class ClientKey:
     api_key_sha256: str
     rate_per_s: float = 50.0
     burst: int = 100
+    operator: bool = False  # may call operator RPCs (ReleaseMiner)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from aitbc.errors import (
 from aitbc.hub.matching import JobNeeds, MinerView, Unplaceable, choose
 from aitbc.hub.reputation import LmdbReputationStore, MinerRecord, ReputationBook
 from aitbc.hub.sharding import image_seed, plan_shards
-from aitbc.hub.verification import arbitrate, should_verify
+from aitbc.hub.verification import arbitrate, sample_key, should_verify
 from aitbc.jobstore import JobStore
 from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2, receipt_pb2
 from aitbc.wire import receipt_from_proto, receipt_to_proto
@@ -628,11 +628,10 @@ class Coordinator:
             self._reject_result(conn, job, exc.message)
             return
         rec = receipt_to_proto(attested)
-        sampled = not job.verify_of and self.config.verify_rate > 0 and should_verify(
-            job.job_id, self.config.verify_rate, secret=self._verify_secret)
+        sampled = self._sampled(conn.miner_id, job)
         held = sampled or bool(job.verify_of)  # minted only once verification decides
         rec.settlement.state = receipt_pb2.SETTLEMENT_STATE_HELD if held else self._unheld_state(rec)
-        self._record(conn.miner_id, "record_success")
+        self._record(conn.miner_id, "record_success", draw=not job.verify_of)
         took = (self.clock() - self._assigned_at.get(job.job_id, self.clock())) * 1000
         conn.latency_ms = took if not conn.latency_ms else 0.8 * conn.latency_ms + 0.2 * took
         conn.running.discard(job.job_id)
@@ -808,12 +807,21 @@ class Coordinator:
 
     # ---- hub: matching, reputation, verification (pure rules in aitbc.hub) --------------------
 
-    def _record(self, miner_id: str, event: str, *args: object) -> None:
+    def _record(self, miner_id: str, event: str, *args: object, **kwargs: object) -> None:
         """Update a miner's reputation (persisted) and the in-memory copy matching reads."""
         before = self._reputation.get(miner_id)
-        self._reputation[miner_id] = rec = getattr(self.book, event)(miner_id, *args)
+        self._reputation[miner_id] = rec = getattr(self.book, event)(miner_id, *args, **kwargs)
         if before is None or before.quarantined != rec.quarantined:
             self._epoch += 1
+
+    def _sampled(self, miner_id: str, job: job_pb2.Job) -> bool:
+        """Is this original result re-executed? Every one while the miner is on probation, else
+        its next sampling draw at verify_rate (the draw is counted by record_success)."""
+        if job.verify_of or self.config.verify_rate <= 0:
+            return False
+        rec = self._reputation.get(miner_id) or self.book.snapshot(miner_id)
+        return rec.probation_left > 0 or should_verify(sample_key(miner_id, rec.draws), self.config.verify_rate,
+                                                       secret=self._verify_secret)
 
     def _view(self, c: MinerConn) -> MinerView:
         info = c.session.info
@@ -849,6 +857,23 @@ class Coordinator:
         if isinstance(outcome, Unplaceable) and not outcome.wait and outcome.code != "no_model":
             raise FailedPrecondition(outcome.reason)
 
+    def release_miner(self, client: ClientKey, miner_id: str) -> coordinator_pb2.MinerStatus:
+        """An operator lifts a quarantine; the miner is on probation (docs/hub.md)."""
+        if not client.operator:
+            raise PermissionDenied(f"client '{client.id}' is not an operator: releasing a miner needs an API key "
+                                   "with operator = true in the coordinator's [[clients]]")
+        if not miner_id:
+            raise InvalidArgument("miner_id is required (an ait1... address from ListMiners)")
+        rec = self._reputation.get(miner_id)
+        if rec is None:
+            raise NotFound(f"miner {miner_id} is not known to this hub (ListMiners shows the known ones)")
+        if not rec.quarantined:
+            raise FailedPrecondition(f"miner {miner_id} is not quarantined")
+        self._record(miner_id, "release")
+        log.warning("miner %s released from quarantine by operator '%s'; on probation", miner_id, client.id)
+        self._dispatch()
+        return next(m for m in self.list_miners() if m.miner_id == miner_id)
+
     def list_miners(self) -> list[coordinator_pb2.MinerStatus]:
         from aitbc.hub.matching import score
 
@@ -868,7 +893,7 @@ class Coordinator:
             rec = self._reputation.get(miner_id) or self.book.snapshot(miner_id)
             st.reputation, st.jobs_served, st.failures, st.stalls = rec.reputation, rec.jobs_served, rec.failures, rec.stalls
             st.verifications_passed, st.verifications_failed = rec.verifications_passed, rec.verifications_failed
-            st.quarantined = rec.quarantined
+            st.quarantined, st.probation_left = rec.quarantined, rec.probation_left
         return sorted(out.values(), key=lambda m: (not m.connected, -m.reputation, m.miner_id))
 
     def _runs(self, orig: job_pb2.Job) -> list[job_pb2.Job]:

@@ -219,6 +219,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hub_release(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        m = client.release_miner(args.miner_id)
+    print(f"released {m.miner_id}: on probation, its next {m.probation_left} verified results decide "
+          f"(reputation {m.reputation:.2f}, {m.verifications_failed} failed verifications so far)")
+    return 0
+
+
 def cmd_hub_miners(args: argparse.Namespace) -> int:
     with _client(args) as client:
         miners = client.list_miners()
@@ -233,6 +241,8 @@ def cmd_hub_miners(args: argparse.Namespace) -> int:
               f"{'verif ok/bad':>12s} {'fail':>4s} {'lat ms':>7s}  models")
         for m in miners:
             state = "QUARANTINE" if m.quarantined else ("connected" if m.connected else "offline")
+            if m.probation_left and not m.quarantined:
+                state = "probation"
             print(f"{m.miner_id:44s} {state:11s} {m.score:5.2f} {m.reputation:5.2f} "
                   f"{m.running}/{m.max_concurrency or '-':<3} {m.price_per_unit:6d} {m.jobs_served:6d} "
                   f"{m.verifications_passed:>6d}/{m.verifications_failed:<5d} {m.failures + m.stalls:4d} "
@@ -512,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("hub", help="pool hub (runs inside the coordinator): `aitbc hub miners` lists miners")
-    hsub = p.add_subparsers(dest="hub_command", metavar="run|miners", required=True)
+    hsub = p.add_subparsers(dest="hub_command", metavar="run|miners|release", required=True)
     h = hsub.add_parser("run", help="run a pool hub: a coordinator (the hub runs inside it; docs/hub.md)")
     h.add_argument("--config", help="coordinator TOML (hub keys: verify_rate, verify_timeout_s, verify_tolerance, hub_id)")
     h.add_argument("--listen")
@@ -522,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--json", action="store_true")
     _add_conn(h)
     h.set_defaults(func=cmd_hub_miners)
+    h = hsub.add_parser("release", help="lift a miner's quarantine (operator API key); it starts on probation")
+    h.add_argument("miner_id", help="the miner's ait1... address (aitbc hub miners)")
+    _add_conn(h)
+    h.set_defaults(func=cmd_hub_release)
 
     p = sub.add_parser("status", help="show a job")
     p.add_argument("job_id")

@@ -133,7 +133,7 @@ class Devnet:
             "listen": state["coordinator"], "data_dir": str(d / "coordinator"), "key_file": str(d / "keys" / "coordinator.key"),
             "chain_id": CHAIN_ID, "ledger": state["ledger"],
             "verify_rate": 0.0,  # one miner: a re-execution needs a second one (docs/hub.md)
-            "clients": [{"id": CLIENT_ID, "api_key_sha256": key_hash}],
+            "clients": [{"id": CLIENT_ID, "api_key_sha256": key_hash, "operator": True}],
         }))
         (d / "miner.toml").write_text(_toml({
             "coordinator": state["coordinator"], "key_file": str(d / "keys" / "miner.key"), "models": self.models,

@@ -130,6 +130,11 @@ class CoordinatorClient:
         return list(self._stub.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=self._md, timeout=self.timeout).miners)
 
     @_wrap
+    def release_miner(self, miner_id: str) -> Any:
+        req = coordinator_pb2.ReleaseMinerRequest(miner_id=miner_id)
+        return self._stub.ReleaseMiner(req, metadata=self._md, timeout=self.timeout).miner
+
+    @_wrap
     def get_job(self, job_id: str) -> job_pb2.Job:
         return self._stub.GetJob(coordinator_pb2.GetJobRequest(job_id=job_id), metadata=self._md, timeout=self.timeout).job
 

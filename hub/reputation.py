@@ -3,8 +3,11 @@
 Update rule (docs/hub.md, "Reputation"): a new miner starts at 0.5; a served job moves the score
 2% of the way to 1, a passed verification 5% of the way; a failure (the job failed on the miner:
 it lied about VRAM or models, or returned a rejected result) or a stall (accepted, then silent)
-takes 10% of it away; a failed verification halves it. K failed verifications (default 2)
-within a window (default 7 days) quarantine the miner until an operator releases it.
+takes 10% of it away; a failed verification halves it and puts the miner on probation (every
+one of its next results is verified until it passes P checks, default 10). K failed verifications
+(default 2) within a window (default 7 days) quarantine the miner until an operator releases it.
+`draws` counts the miner's sampling draws (one per original result), so which of its results are
+sampled is a keyed function of (miner, n): see aitbc.hub.verification.sample_key.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class ReputationPolicy:
     failure_loss: float = 0.10  # fraction of the score lost per failure or stall
     mismatch_factor: float = 0.5  # the score is multiplied by this on a failed verification
     quarantine_after: int = 2  # failed verifications within the window that quarantine a miner
+    probation_checks: int = 10  # after a failed verification, this many passed ones end the probation
     window_s: float = 7 * 24 * 3600.0
 
 
@@ -44,6 +48,8 @@ class MinerRecord(NamedTuple):
     quarantined: bool = False
     quarantined_at: float = 0.0  # unix seconds; 0 when not quarantined
     recent_mismatches: tuple[float, ...] = ()  # unix seconds of failed verifications inside the window
+    draws: int = 0  # original results seen (sampling draws made); the next draw is number `draws`
+    probation_left: int = 0  # > 0: every result is verified until this many more checks pass
 
     def to_bytes(self) -> bytes:
         body = self._asdict()
@@ -128,9 +134,11 @@ class ReputationBook:
     def all(self) -> list[MinerRecord]:
         return self.store.all()
 
-    def record_success(self, miner_id: str) -> MinerRecord:
+    def record_success(self, miner_id: str, *, draw: bool = False) -> MinerRecord:
+        """An accepted result. `draw`: it is an original (not a verification re-run), so it used
+        sampling draw number `draws` of the record before this call."""
         r = self.snapshot(miner_id)
-        return self._put(r._replace(jobs_served=r.jobs_served + 1,
+        return self._put(r._replace(jobs_served=r.jobs_served + 1, draws=r.draws + draw,
                                     reputation=_toward_one(r.reputation, self.policy.success_gain)))
 
     def record_failure(self, miner_id: str, kind: FailureKind = "failure") -> MinerRecord:
@@ -147,6 +155,7 @@ class ReputationBook:
         p = self.policy
         if passed:
             return self._put(r._replace(verifications_passed=r.verifications_passed + 1,
+                                        probation_left=max(0, r.probation_left - 1),
                                         reputation=_toward_one(r.reputation, p.verified_gain)))
         now = self.clock()
         recent = tuple(t for t in r.recent_mismatches if now - t < p.window_s) + (now,)
@@ -156,14 +165,17 @@ class ReputationBook:
             verifications_failed=r.verifications_failed + 1,
             reputation=_clamp(r.reputation * p.mismatch_factor),
             recent_mismatches=recent,
+            probation_left=p.probation_checks,
             quarantined=quarantine,
             quarantined_at=r.quarantined_at if r.quarantined else (now if quarantine else 0.0),
         ))
 
     def release(self, miner_id: str) -> MinerRecord:
-        """An operator lifts a quarantine; the score is kept, the mismatch window starts afresh."""
+        """An operator lifts a quarantine; the score is kept, the mismatch window starts afresh and
+        the miner is on probation (its next results are all verified)."""
         r = self.snapshot(miner_id)
-        return self._put(r._replace(quarantined=False, quarantined_at=0.0, recent_mismatches=()))
+        return self._put(r._replace(quarantined=False, quarantined_at=0.0, recent_mismatches=(),
+                                    probation_left=self.policy.probation_checks))
 
     def _put(self, record: MinerRecord) -> MinerRecord:
         self.store.put(record)

@@ -25,15 +25,24 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SAMPLE_DOMAIN = b"AITBC/hub-verify-sample/v1\x00"
 
 
-def should_verify(job_id: str, rate: float = DEFAULT_RATE, *, secret: bytes = b"") -> bool:
-    """Deterministic sampling: the first 8 bytes of sha256(domain || job_id), read big-endian, fall
-    below rate x 2^64. With `secret` the digest is HMAC-SHA256(secret, domain || job_id).
+def sample_key(miner_id: str, draw: int) -> str:
+    """What the coordinator samples: draw number `draw` (0, 1, 2 ...) of one miner, i.e. its
+    (draw+1)-th original result. Per-miner draws make each miner's chance of being checked within
+    its first N results exactly 1 - (1 - rate)^N, however jobs are spread over miners."""
+    if draw < 0:
+        raise ValueError(f"draw must be >= 0 (got {draw})")
+    return f"{miner_id}/{draw}"
 
-    Use a secret in production: miners see job ids, and without one a miner can compute which of
-    its jobs will be checked and cheat on the others."""
+
+def should_verify(key: str, rate: float = DEFAULT_RATE, *, secret: bytes = b"") -> bool:
+    """Deterministic sampling: the first 8 bytes of sha256(domain || key), read big-endian, fall
+    below rate x 2^64. With `secret` the digest is HMAC-SHA256(secret, domain || key).
+
+    Use a secret in production: a miner knows its own id and can count its results, and without a
+    secret it could compute which of them will be checked and cheat on the others."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"rate must be between 0 and 1 (got {rate})")
-    msg = SAMPLE_DOMAIN + job_id.encode()
+    msg = SAMPLE_DOMAIN + key.encode()
     digest = hmac.new(secret, msg, hashlib.sha256).digest() if secret else hashlib.sha256(msg).digest()
     return int.from_bytes(digest[:8], "big") < rate * 2.0**64
 

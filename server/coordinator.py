@@ -121,6 +121,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.ListMinersResponse(miners=self.core.list_miners())
 
     @handle_errors
+    async def ReleaseMiner(self, request: coordinator_pb2.ReleaseMinerRequest, context: Any) -> coordinator_pb2.ReleaseMinerResponse:
+        client = self.core.authenticate(_metadata(context, "x-api-key"))
+        return coordinator_pb2.ReleaseMinerResponse(miner=self.core.release_miner(client, request.miner_id))
+
+    @handle_errors
     async def GenerateImage(self, request: coordinator_pb2.GenerateImageRequest, context: Any) -> coordinator_pb2.GenerateImageResponse:
         client = self._client(context)
         job = await self.core.submit(

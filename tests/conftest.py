@@ -18,6 +18,7 @@ from aitbc.rpc import channel
 
 API_KEY = "test-api-key-alice"
 OTHER_KEY = "test-api-key-bob"
+OPERATOR_KEY = "test-api-key-carol-operator"
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +51,8 @@ class Network:
         values = dict(
             listen=listen, data_dir=str(self.tmp / "coordinator"), key_file=str(self.tmp / "coordinator.key"),
             clients=[ClientKey("alice", hashlib.sha256(API_KEY.encode()).hexdigest()),
-                     ClientKey("bob", hashlib.sha256(OTHER_KEY.encode()).hexdigest())],
+                     ClientKey("bob", hashlib.sha256(OTHER_KEY.encode()).hexdigest()),
+                     ClientKey("carol", hashlib.sha256(OPERATOR_KEY.encode()).hexdigest(), operator=True)],
             heartbeat_interval_s=0.5, heartbeat_timeout_s=3.0,
             verify_rate=0.0,  # tests of verification turn it on
         )

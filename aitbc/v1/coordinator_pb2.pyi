@@ -524,6 +524,7 @@ class MinerStatus(_message.Message):
     FAILURES_FIELD_NUMBER: _builtins.int
     STALLS_FIELD_NUMBER: _builtins.int
     QUARANTINED_FIELD_NUMBER: _builtins.int
+    PROBATION_LEFT_FIELD_NUMBER: _builtins.int
     miner_id: _builtins.str
     connected: _builtins.bool
     device: _builtins.str
@@ -543,6 +544,10 @@ class MinerStatus(_message.Message):
     failures: _builtins.int
     stalls: _builtins.int
     quarantined: _builtins.bool
+    probation_left: _builtins.int
+    """> 0: the miner failed a verification; this many more passed verifications end its probation,
+    during which every result it returns is verified.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -566,10 +571,11 @@ class MinerStatus(_message.Message):
         failures: _builtins.int = ...,
         stalls: _builtins.int = ...,
         quarantined: _builtins.bool = ...,
+        probation_left: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "device", b"device", "failures", b"failures", "gpu_name", b"gpu_name", "jobs_served", b"jobs_served", "max_concurrency", b"max_concurrency", "miner_id", b"miner_id", "models", b"models", "price_per_unit", b"price_per_unit", "quarantined", b"quarantined", "recent_latency_ms", b"recent_latency_ms", "reputation", b"reputation", "running", b"running", "score", b"score", "stalls", b"stalls", "verifications_failed", b"verifications_failed", "verifications_passed", b"verifications_passed", "vram_mb", b"vram_mb"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "device", b"device", "failures", b"failures", "gpu_name", b"gpu_name", "jobs_served", b"jobs_served", "max_concurrency", b"max_concurrency", "miner_id", b"miner_id", "models", b"models", "price_per_unit", b"price_per_unit", "probation_left", b"probation_left", "quarantined", b"quarantined", "recent_latency_ms", b"recent_latency_ms", "reputation", b"reputation", "running", b"running", "score", b"score", "stalls", b"stalls", "verifications_failed", b"verifications_failed", "verifications_passed", b"verifications_passed", "vram_mb", b"vram_mb"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -594,3 +600,43 @@ class ListMinersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListMinersResponse: _TypeAlias = ListMinersResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseMinerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MINER_ID_FIELD_NUMBER: _builtins.int
+    miner_id: _builtins.str
+    """The miner's address (ait1...), as ListMiners shows it."""
+    def __init__(
+        self,
+        *,
+        miner_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["miner_id", b"miner_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseMinerRequest: _TypeAlias = ReleaseMinerRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseMinerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MINER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def miner(self) -> Global___MinerStatus: ...
+    def __init__(
+        self,
+        *,
+        miner: Global___MinerStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["miner", b"miner"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["miner", b"miner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseMinerResponse: _TypeAlias = ReleaseMinerResponse  # noqa: Y015

@@ -86,6 +86,11 @@ class CoordinatorServiceStub:
                 request_serializer=aitbc_dot_v1_dot_coordinator__pb2.ListMinersRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_coordinator__pb2.ListMinersResponse.FromString,
                 _registered_method=True)
+        self.ReleaseMiner = channel.unary_unary(
+                '/aitbc.v1.CoordinatorService/ReleaseMiner',
+                request_serializer=aitbc_dot_v1_dot_coordinator__pb2.ReleaseMinerRequest.SerializeToString,
+                response_deserializer=aitbc_dot_v1_dot_coordinator__pb2.ReleaseMinerResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -163,6 +168,14 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseMiner(self, request, context):
+        """ReleaseMiner lifts a miner's quarantine (operator API keys only); the miner starts on
+        probation: its next results are all verified (docs/hub.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +228,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListMiners,
                     request_deserializer=aitbc_dot_v1_dot_coordinator__pb2.ListMinersRequest.FromString,
                     response_serializer=aitbc_dot_v1_dot_coordinator__pb2.ListMinersResponse.SerializeToString,
+            ),
+            'ReleaseMiner': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseMiner,
+                    request_deserializer=aitbc_dot_v1_dot_coordinator__pb2.ReleaseMinerRequest.FromString,
+                    response_serializer=aitbc_dot_v1_dot_coordinator__pb2.ReleaseMinerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -489,6 +507,33 @@ class CoordinatorService:
             '/aitbc.v1.CoordinatorService/ListMiners',
             aitbc_dot_v1_dot_coordinator__pb2.ListMinersRequest.SerializeToString,
             aitbc_dot_v1_dot_coordinator__pb2.ListMinersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseMiner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aitbc.v1.CoordinatorService/ReleaseMiner',
+            aitbc_dot_v1_dot_coordinator__pb2.ReleaseMinerRequest.SerializeToString,
+            aitbc_dot_v1_dot_coordinator__pb2.ReleaseMinerResponse.FromString,
             options,
             channel_credentials,
             insecure,

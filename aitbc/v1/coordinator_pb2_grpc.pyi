@@ -55,6 +55,10 @@ class CoordinatorServiceStub:
     """ListModels lists the models connected miners serve, with their kind and limits."""
     ListMiners: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListMinersRequest, _coordinator_pb2.ListMinersResponse]
     """ListMiners shows each known miner's score, reputation, load, price and verification record."""
+    ReleaseMiner: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ReleaseMinerRequest, _coordinator_pb2.ReleaseMinerResponse]
+    """ReleaseMiner lifts a miner's quarantine (operator API keys only); the miner starts on
+    probation: its next results are all verified (docs/hub.md).
+    """
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -83,6 +87,10 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """ListModels lists the models connected miners serve, with their kind and limits."""
     ListMiners: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListMinersRequest, _coordinator_pb2.ListMinersResponse]  # type: ignore[assignment]
     """ListMiners shows each known miner's score, reputation, load, price and verification record."""
+    ReleaseMiner: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ReleaseMinerRequest, _coordinator_pb2.ReleaseMinerResponse]  # type: ignore[assignment]
+    """ReleaseMiner lifts a miner's quarantine (operator API keys only); the miner starts on
+    probation: its next results are all verified (docs/hub.md).
+    """
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """CoordinatorService is the client-facing job API. Every call needs an API key in the
@@ -168,5 +176,15 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.ListMinersResponse, _abc.Awaitable[_coordinator_pb2.ListMinersResponse]]:
         """ListMiners shows each known miner's score, reputation, load, price and verification record."""
+
+    @_abc_1.abstractmethod
+    def ReleaseMiner(
+        self,
+        request: _coordinator_pb2.ReleaseMinerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ReleaseMinerResponse, _abc.Awaitable[_coordinator_pb2.ReleaseMinerResponse]]:
+        """ReleaseMiner lifts a miner's quarantine (operator API keys only); the miner starts on
+        probation: its next results are all verified (docs/hub.md).
+        """
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

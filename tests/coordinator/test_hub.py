@@ -11,10 +11,12 @@ import pytest
 from aitbc import jobs
 from aitbc.miner.backend import null_png
 from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2, receipt_pb2
+from tests.conftest import OPERATOR_KEY
 from tests.coordinator.test_jobs_api import MD, fetch, image_job, stub, wait_done
 from tests.coordinator.test_miner_gateway import RawMiner
 
 S = job_pb2.JobState
+OP = (("x-api-key", OPERATOR_KEY),)
 V = job_pb2.VerificationState
 St = receipt_pb2.SettlementState
 
@@ -133,6 +135,32 @@ async def test_a_cheater_is_caught_earns_nothing_and_is_quarantined(network_fact
     s = stub(net)
     status = {m.miner_id: m for m in (await s.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=MD)).miners}
     assert status[cheat.key.address].quarantined and status[cheat.key.address].verifications_failed == 2
+
+    # only an operator lifts a quarantine, and the miner comes back on probation
+    release = coordinator_pb2.ReleaseMinerRequest(miner_id=cheat.key.address)
+    for req, md, code in ((release, MD, grpc.StatusCode.PERMISSION_DENIED),
+                          (coordinator_pb2.ReleaseMinerRequest(), OP, grpc.StatusCode.INVALID_ARGUMENT),
+                          (coordinator_pb2.ReleaseMinerRequest(miner_id="ait1nobody"), OP, grpc.StatusCode.NOT_FOUND),
+                          (coordinator_pb2.ReleaseMinerRequest(miner_id=honest[0].key.address), OP,
+                           grpc.StatusCode.FAILED_PRECONDITION)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.ReleaseMiner(req, metadata=md)
+        assert err.value.code() == code, err.value.details()
+    released = (await s.ReleaseMiner(release, metadata=OP)).miner
+    assert not released.quarantined and released.probation_left == 10 and released.verifications_failed == 2
+    # eligible again; on probation every result it returns is checked (held until then)
+    for h in honest:
+        h.stop()
+    back = CheatingMiner(net, key=cheat.key)
+    await back.connect(models=("null",), price_per_unit=1, device="cpu")
+    serving = asyncio.create_task(back.serve())
+    await net.until(lambda: set(net.core.miners) == {cheat.key.address})
+    job = (await s.SubmitJob(image_job(model="null", seed=77, width=64, height=64), metadata=MD)).job
+    await net.until(lambda: net.core.store.get_job(job.job_id).state == S.JOB_STATE_COMPLETED)
+    got = (await s.GetJob(coordinator_pb2.GetJobRequest(job_id=job.job_id), metadata=MD)).job
+    assert got.miner_id == cheat.key.address and got.verification == V.VERIFICATION_STATE_PENDING
+    assert got.receipt.settlement.state == St.SETTLEMENT_STATE_HELD
+    serving.cancel()
 
 
 async def test_without_a_second_miner_the_result_stands_unverified(network_factory, null_backend) -> None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from aitbc.server.ledger import start_node
-
 from aitbc import crypto
 from aitbc.ledger.client import LedgerClient
 from aitbc.ledger.genesis import make_genesis
 from aitbc.ledger.store import LmdbStore
+from aitbc.server.ledger import start_node
 from aitbc.v1 import coordinator_pb2, receipt_pb2
 from tests.coordinator.test_jobs_api import MD, image_job, stub, wait_done
 

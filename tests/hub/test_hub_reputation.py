@@ -79,6 +79,34 @@ def test_quarantine_after_two_mismatches_within_the_window() -> None:
     assert not r.quarantined and r.recent_mismatches == () and r.verifications_failed == 3
 
 
+def test_a_failed_verification_puts_the_miner_on_probation() -> None:
+    book = ReputationBook(policy=ReputationPolicy(probation_checks=3))
+    assert book.record_verification("m", False).probation_left == 3
+    assert book.record_success("m", draw=True).probation_left == 3  # serving does not end it
+    assert book.record_verification("m", True).probation_left == 2
+    book.record_verification("m", True)
+    assert book.record_verification("m", True).probation_left == 0
+    assert book.record_verification("m", True).probation_left == 0  # never below 0
+    assert book.record_verification("m", False).quarantined  # the second mismatch in the window
+    released = book.release("m")
+    assert not released.quarantined and released.probation_left == 3  # released on probation
+
+
+def test_draws_count_original_results_only() -> None:
+    book = ReputationBook()
+    book.record_success("m", draw=True)
+    book.record_success("m")  # a verification re-run: served, but not a sampling draw
+    r = book.record_success("m", draw=True)
+    assert (r.draws, r.jobs_served) == (2, 3)
+
+
+def test_old_records_without_the_new_fields_still_load() -> None:
+    raw = (b'{"failures":0,"jobs_served":4,"miner_id":"m","quarantined":false,"quarantined_at":0.0,'
+           b'"recent_mismatches":[],"reputation":0.6,"stalls":0,"verifications_failed":0,"verifications_passed":1}')
+    r = MinerRecord.from_bytes(raw)
+    assert (r.jobs_served, r.draws, r.probation_left) == (4, 0, 0)
+
+
 def test_quarantine_threshold_is_configurable() -> None:
     book = ReputationBook(policy=ReputationPolicy(quarantine_after=3))
     assert not book.record_verification("m", False).quarantined
@@ -126,7 +154,7 @@ def test_lmdb_store_explains_a_full_environment(tmp_path: Path) -> None:
 
 
 ops = st.lists(st.tuples(
-    st.sampled_from(["success", "failure", "stall", "pass", "fail", "release", "tick"]),
+    st.sampled_from(["success", "original", "failure", "stall", "pass", "fail", "release", "tick"]),
     st.sampled_from(["m1", "m2", "aitb1xyz"]),
 ), max_size=40)
 
@@ -144,8 +172,8 @@ def test_lmdb_store_equals_memory_store(tmp_path_factory: pytest.TempPathFactory
                 continue
             outs = []
             for book in books:
-                if op == "success":
-                    outs.append(book.record_success(miner))
+                if op in ("success", "original"):
+                    outs.append(book.record_success(miner, draw=op == "original"))
                 elif op in ("failure", "stall"):
                     outs.append(book.record_failure(miner, op))  # type: ignore[arg-type]
                 elif op == "release":

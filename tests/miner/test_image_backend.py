@@ -12,6 +12,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from PIL import Image
+
 from aitbc.miner.backend import (
     BackendError,
     ImageBackend,
@@ -21,7 +23,6 @@ from aitbc.miner.backend import (
     load_image_backend,
     pick_device,
 )
-from PIL import Image
 
 STEPS = 4
 

@@ -453,6 +453,7 @@ async def test_every_client_rpc_needs_a_known_api_key(net: Any) -> None:
             model="null", params=job_pb2.ImageParams(prompt="x")), metadata=md),
         "ListModels": lambda md: s.ListModels(coordinator_pb2.ListModelsRequest(), metadata=md),
         "ListMiners": lambda md: s.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=md),
+        "ReleaseMiner": lambda md: s.ReleaseMiner(coordinator_pb2.ReleaseMinerRequest(miner_id="ait1x"), metadata=md),
     }
     assert set(calls) == {m.name for m in coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].methods}
     bad_keys = {"missing": (), "empty": (("x-api-key", ""),), "wrong": (("x-api-key", "not-a-key"),),
