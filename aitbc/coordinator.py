@@ -182,6 +182,7 @@ class Coordinator:
         self._jobs_in = {st: metrics.JOBS_TOTAL.labels(state=jobs.state_name(st)) for st in S.values() if st}
         metrics.QUEUE_DEPTH.set_function(lambda: len(self._queue))
         metrics.MINERS_CONNECTED.set_function(lambda: len(self.miners))
+        metrics.QUARANTINED.set_function(lambda: sum(r.quarantined for r in self._reputation.values()))
         # jobs no miner can take until the set of miners changes: not re-matched at every dispatch
         self._epoch = 0
         self._stuck: dict[str, int] = {}
@@ -766,7 +767,8 @@ class Coordinator:
         if state == S.JOB_STATE_COMPLETED and not job.shard_job_ids:  # a split job's shards count themselves
             metrics.JOB_DURATION.observe(max(0, jobs.now_ms() - job.created_at_unix_ms) / 1000, model=job.model)
             if job.unit_type == "gpu_ms":
-                metrics.GPU_SECONDS.inc(job.units / 1000, model=job.model)
+                spent = metrics.VERIFY_GPU_SECONDS if job.verify_of else metrics.GPU_SECONDS
+                spent.inc(job.units / 1000, model=job.model)
         job.state = state  # type: ignore[assignment]
         job.error = error
         job.finished_at_unix_ms = job.updated_at_unix_ms = jobs.now_ms()
@@ -962,6 +964,7 @@ class Coordinator:
                 self._dispatch()
                 return
             orig.verification = V.VERIFICATION_STATE_UNVERIFIED
+            metrics.VERIFICATIONS.inc(outcome="unverified")
             self.store.put_job(orig)
             self._settle_runs(runs, frozenset(), "")
             log.info("job %s stays unverified (%d usable executions)", orig.job_id, len(runs))
@@ -972,12 +975,14 @@ class Coordinator:
         if orig.miner_id in verdict.outvoted:
             # the client gets the verified result; the first miner's receipt is not minted
             orig.verification = V.VERIFICATION_STATE_REPLACED
+            metrics.VERIFICATIONS.inc(outcome="replaced")
             del orig.artifacts[:]
             orig.artifacts.extend(winner.artifacts)
             log.warning("job %s: miner %s failed verification; result replaced by %s's", orig.job_id,
                         orig.miner_id, winner.miner_id)
         else:
             orig.verification = V.VERIFICATION_STATE_PASSED
+            metrics.VERIFICATIONS.inc(outcome="passed")
         self.store.put_job(orig)
         self._settle_runs(runs, verdict.outvoted, f"its result differs from {len(verdict.agreed)} other executions")
 
@@ -1147,4 +1152,5 @@ class Coordinator:
         self.miners.clear()
         metrics.QUEUE_DEPTH.set_function(None)
         metrics.MINERS_CONNECTED.set_function(None)
+        metrics.QUARANTINED.set_function(None)
 

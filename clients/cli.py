@@ -288,15 +288,21 @@ def cmd_receipts(args: argparse.Namespace) -> int:
     from aitbc.clients.sdk import receipt_json
 
     with _client(args) as client:
-        if args.job_id:
-            recs = [client.receipt(job_id=args.job_id)]
+        if args.job_id:  # one receipt, or one per shard of a split job (in image order)
+            recs, _ = client.receipts(job_id=args.job_id)
         else:
             recs, _ = client.receipts(page_size=args.limit)
         if args.output and len(recs) == 1:
             Path(args.output).write_text(json.dumps(receipt_json(recs[0]), indent=2) + "\n")
-        print(json.dumps([receipt_json(r) for r in recs] if not args.job_id else receipt_json(recs[0]), indent=2))
+        one = args.job_id and len(recs) == 1
+        print(json.dumps(receipt_json(recs[0]) if one else [receipt_json(r) for r in recs], indent=2))
         for r in recs:
             print(f"{r.body.job_id}  receipt {r.receipt_hash}  settlement {settlement_line(r)}", file=sys.stderr)
+        if args.job_id and len(recs) > 1:
+            from aitbc.hub.payout import shares
+
+            for provider, amount in shares((r.body.provider, r.body.units, r.body.price_per_unit) for r in recs).items():
+                print(f"share of {provider}: {amount}", file=sys.stderr)
     return 0
 
 

@@ -1,13 +1,13 @@
 """Payout: what each contributor of a (sharded) job is minted, in integer token units, exactly.
 
 Each shard has its own receipt signed by its miner and attested by the hub; its MINT pays
-units x price_per_unit to that miner. `split` is that arithmetic for a whole job, so a client
-or operator can state each miner's share; there is no rounding anywhere.
+units x price_per_unit to that miner. `shares` is that arithmetic over a whole job's receipts, so
+a client or operator can state each miner's share (`aitbc receipts --job-id`); no rounding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable
 
 
 def _check_int(name: str, value: object) -> int:
@@ -16,30 +16,15 @@ def _check_int(name: str, value: object) -> int:
     return value
 
 
-def split(units_by_miner: Mapping[str, int], price_per_unit: int) -> dict[str, int]:
-    """Each miner's amount = its measured units x the job's price per unit (sorted by miner id).
-
-    Miners with 0 units get 0 (listed: they took part and earned nothing)."""
-    _check_int("price_per_unit", price_per_unit)
-    return {m: _check_int(f"units of {m}", units_by_miner[m]) * price_per_unit for m in sorted(units_by_miner)}
-
-
-def split_amount(total: int, units_by_miner: Mapping[str, int]) -> dict[str, int]:
-    """Divide a fixed `total` in proportion to units (largest remainder; ties to the smaller miner
-    id), summing to `total` exactly. For a pool fee or an aggregate amount; not used per shard."""
-    _check_int("total", total)
-    units = {m: _check_int(f"units of {m}", u) for m, u in units_by_miner.items()}
-    weight = sum(units.values())
-    if weight == 0:
-        if total:
-            raise ValueError("cannot split a non-zero total over zero units")
-        return {m: 0 for m in sorted(units)}
-    out = {m: total * u // weight for m, u in units.items()}
-    left = total - sum(out.values())
-    by_remainder = sorted(units, key=lambda m: (-(total * units[m] % weight), m))
-    for m in by_remainder[:left]:
-        out[m] += 1
-    return {m: out[m] for m in sorted(out)}
+def shares(receipts: Iterable[tuple[str, int, int]]) -> dict[str, int]:
+    """What each contributor of a job is minted: for (provider, units, price_per_unit) of each of
+    the job's receipts (one per shard), the sum of units x price_per_unit per provider, sorted by
+    provider. Integers throughout: no rounding anywhere. A provider with 0 units is listed with 0
+    (it took part and earned nothing)."""
+    out: dict[str, int] = {}
+    for provider, units, price in receipts:
+        out[provider] = out.get(provider, 0) + _check_int(f"units of {provider}", units) * _check_int("price_per_unit", price)
+    return {p: out[p] for p in sorted(out)}
 
 
 def verification_cost_pct(extra_units: int, total_units: int) -> float:

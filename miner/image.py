@@ -10,10 +10,12 @@ scheduler (timesteps, step counter) and the pipeline's per-call attributes (`_gu
 shared config. The tokenizer is a Rust `tokenizers` object whose padding/truncation settings are
 mutable state, so prompt encoding runs under a lock (milliseconds); denoising runs unlocked.
 
-Determinism: the initial latents of image i come from `torch.Generator(device).manual_seed(seed + i)`
-(so a job split into shards gives the same images as the whole job), and PNGs are
-encoded with a fixed compress level and no metadata, so on CPU the same request gives the same
-bytes in every process. On CUDA, fp16 kernels can differ across GPUs and driver versions.
+Determinism: the initial latents of image i come from a CPU `torch.Generator` seeded seed + i on
+every device (diffusers draws them on the CPU and moves them to the GPU), so a job split into
+shards gives the same images as the whole job, and a CPU and a CUDA run of one job start from the
+same noise (CUDA generators give other numbers for the same seed). PNGs are encoded with a fixed
+compress level and no metadata, so on CPU the same request gives the same bytes in every process.
+On CUDA, kernels (fp16 above all) differ across GPUs and driver versions: close, not equal.
 """
 
 from __future__ import annotations
@@ -246,9 +248,10 @@ class DiffusersImageBackend:
                     do_cfg,
                     negative_prompt=req.negative_prompt or None,
                 )
-            # one generator per image, seeded seed + i: image i of a job is the same whether the job
-            # runs whole or split into shards across miners (docs/hub.md)
-            generator = [torch.Generator(self.device).manual_seed(req.seed + i) for i in range(req.images)]
+            # one CPU generator per image, seeded seed + i: image i of a job is the same whether the
+            # job runs whole or split into shards across miners, and starts from the same latents on
+            # any device (docs/hub.md)
+            generator = [torch.Generator("cpu").manual_seed(req.seed + i) for i in range(req.images)]
             timer = DeviceTimer(self.device)
             with timer:
                 result = view(

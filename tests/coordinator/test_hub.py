@@ -4,11 +4,16 @@ re-execution (a cheating miner is caught, earns nothing, and is quarantined)."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 
 import grpc
+import numpy as np
 import pytest
+from PIL import Image
 
-from aitbc import jobs
+from aitbc import jobs, metrics
+from aitbc.hub.verification import pixel_distance
 from aitbc.miner.backend import null_png
 from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2, receipt_pb2
 from tests.conftest import OPERATOR_KEY
@@ -25,6 +30,9 @@ class CheatingMiner(RawMiner):
     """Registers like anyone, then answers every assignment with a well-formed, well-signed result
     whose image is not what the job asked for (cheaper than running the model)."""
 
+    def image(self, job: job_pb2.Job) -> bytes:
+        return null_png("whatever is cheapest", 0, 64, 64)
+
     async def serve(self) -> None:
         while True:
             msg = await self.call.read()
@@ -34,9 +42,42 @@ class CheatingMiner(RawMiner):
                 continue
             job = msg.assignment.job
             self.send(accepted=miner_pb2.JobAccepted(job_id=job.job_id))
-            png = null_png("whatever is cheapest", 0, 64, 64)
+            png = self.image(job)
             self.send(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=png))
             self.send(result=self.result_for(job, png))
+
+
+def scene(seed: int) -> np.ndarray:
+    """The image a job with this seed "should" produce on a GPU miner (a smooth random picture)."""
+    rng = np.random.default_rng(seed)
+    return np.kron(rng.integers(0, 256, size=(8, 8, 3)), np.ones((8, 8, 1))).astype(np.int16)
+
+
+def png_of(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class GpuMiner(CheatingMiner):
+    """A CUDA miner as verification sees one: honest ones return the job's scene plus their own
+    kernel noise (a few levels per pixel: never byte-identical across GPUs, well within the
+    tolerance); a cheating one returns another seed's scene."""
+
+    def __init__(self, net, *, noise_seed: int, cheat: bool = False) -> None:
+        super().__init__(net)
+        self.noise = np.random.default_rng(noise_seed)
+        self.cheat = cheat
+        self.task: asyncio.Task[None] | None = None
+
+    def stop(self) -> None:
+        self.outbox.put_nowait(None)  # ends the Work stream
+        if self.task is not None:
+            self.task.cancel()
+
+    def image(self, job: job_pb2.Job) -> bytes:
+        seed = job.params.image.seed + (999 if self.cheat else 0)
+        return png_of(scene(seed) + self.noise.integers(-3, 4, size=(64, 64, 3)))
 
 
 async def test_max_price_and_vram_are_refused_with_the_reason(net) -> None:
@@ -81,8 +122,15 @@ async def test_verification_passes_between_honest_miners(network_factory, null_b
     a = await net.add_miner({"null": null_backend})
     b = await net.add_miner({"null": null_backend})
     s = stub(net)
+    passed, served, spent = (metrics.VERIFICATIONS.value(outcome="passed"), metrics.GPU_SECONDS.value(model="null"),
+                             metrics.VERIFY_GPU_SECONDS.value(model="null"))
     job = await wait_done(s, (await s.SubmitJob(image_job(model="null", seed=3), metadata=MD)).job.job_id)
     await net.until(lambda: net.core.store.get_job(job.job_id).verification == V.VERIFICATION_STATE_PASSED)
+    # the live counters: one verification passed; the re-run's GPU time is counted apart from the client's
+    assert metrics.VERIFICATIONS.value(outcome="passed") == passed + 1
+    rerun_units = net.core.store.get_job(net.core.store.get_job(job.job_id).verification_job_ids[0]).units
+    assert metrics.VERIFY_GPU_SECONDS.value(model="null") == pytest.approx(spent + rerun_units / 1000)
+    assert metrics.GPU_SECONDS.value(model="null") == pytest.approx(served + job.units / 1000)
     got = (await s.GetJob(coordinator_pb2.GetJobRequest(job_id=job.job_id), metadata=MD)).job
     assert got.receipt.settlement.state == St.SETTLEMENT_STATE_DISABLED  # released (no ledger configured here)
     [vid] = got.verification_job_ids
@@ -163,6 +211,59 @@ async def test_a_cheater_is_caught_earns_nothing_and_is_quarantined(network_fact
     serving.cancel()
 
 
+async def test_gpu_runs_are_compared_within_the_tolerance_on_gpus_only(network_factory, null_backend) -> None:
+    """CUDA miners: results that differ by kernel noise pass (not byte-identical), a wrong image is
+    caught by the referee; a CPU miner connected all along never re-runs a CUDA miner's job."""
+    net = await network_factory(verify_rate=1.0, verify_timeout_s=30)
+    s = stub(net)
+    gpus = []
+
+    async def gpu(noise_seed: int, cheat: bool = False) -> GpuMiner:
+        m = GpuMiner(net, noise_seed=noise_seed, cheat=cheat)
+        await m.connect(models=("null",), device="cuda:0", gpu_name="Test GPU", vram_mb=24000)
+        m.task = asyncio.create_task(m.serve())
+        gpus.append(m)
+        await net.until(lambda: m.key.address in net.core.miners)
+        return m
+
+    a = await gpu(1)
+    job = (await s.SubmitJob(image_job(model="null", seed=5, width=64, height=64), metadata=MD)).job
+    await net.until(lambda: net.core.store.get_job(job.job_id).state == S.JOB_STATE_COMPLETED)
+    # only a CPU miner is there to re-run it: the re-run waits for a CUDA miner
+    cpu = await net.add_miner({"null": null_backend})
+    await asyncio.sleep(0.5)
+    assert net.core.store.get_job(job.job_id).verification == V.VERIFICATION_STATE_PENDING
+    assert cpu.completed == 0
+    b = await gpu(2)
+    await net.until(lambda: net.core.store.get_job(job.job_id).verification == V.VERIFICATION_STATE_PASSED)
+    got = (await s.GetJob(coordinator_pb2.GetJobRequest(job_id=job.job_id), metadata=MD)).job
+    rerun = net.core.store.get_job(got.verification_job_ids[0])
+    assert rerun.miner_id == b.key.address and rerun.artifacts[0].sha256 != got.artifacts[0].sha256
+    assert got.receipt.settlement.state == St.SETTLEMENT_STATE_DISABLED  # released
+
+    # a cheating CUDA miner alone takes a job; the honest ones disagree with it and it is outvoted
+    for m in (a, b):
+        m.stop()
+    cpu.stop()
+    await net.until(lambda: not net.core.miners)
+    c = await gpu(3, cheat=True)
+    job = (await s.SubmitJob(image_job(model="null", seed=6, width=64, height=64), metadata=MD)).job
+    await net.until(lambda: net.core.store.get_job(job.job_id).state == S.JOB_STATE_COMPLETED)
+    a, b = await gpu(4), await gpu(5)
+    await net.until(lambda: net.core.store.get_job(job.job_id).verification == V.VERIFICATION_STATE_REPLACED,
+                    timeout=30)
+    got = (await s.GetJob(coordinator_pb2.GetJobRequest(job_id=job.job_id), metadata=MD)).job
+    assert got.miner_id == c.key.address
+    assert got.receipt.settlement.state == St.SETTLEMENT_STATE_REJECTED
+    _, data = await fetch(s, job.job_id)
+    assert pixel_distance(data, png_of(scene(6))) < 0.03 < pixel_distance(data, png_of(scene(6 + 999)))
+    status = {m.miner_id: m for m in (await s.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=MD)).miners}
+    assert status[c.key.address].verifications_failed == 1 and status[c.key.address].probation_left == 10
+    assert status[a.key.address].verifications_failed == status[b.key.address].verifications_failed == 0
+    for m in gpus:
+        m.stop()
+
+
 async def test_without_a_second_miner_the_result_stands_unverified(network_factory, null_backend) -> None:
     net = await network_factory(verify_rate=1.0, verify_timeout_s=1.0)
     await net.add_miner({"null": null_backend})
@@ -174,7 +275,7 @@ async def test_without_a_second_miner_the_result_stands_unverified(network_facto
     assert jobs.state_name(got.state) == "COMPLETED"
 
 
-async def test_eight_images_split_across_three_miners_merge_in_order(net, null_backend) -> None:
+async def test_eight_images_split_across_three_miners_merge_in_order(net, null_backend, capsys) -> None:
     miners = [await net.add_miner({"null": null_backend}, price=1 + i) for i in range(3)]
     s = stub(net)
     job = (await s.SubmitJob(image_job("eight lighthouses", model="null", images=8, seed=100, width=64, height=64),
@@ -195,6 +296,15 @@ async def test_eight_images_split_across_three_miners_merge_in_order(net, null_b
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await s.GetReceipt(coordinator_pb2.GetReceiptRequest(job_id=job.job_id), metadata=MD)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "ListReceipts" in err.value.details()
+    # `aitbc receipts --job-id` lists the shards' receipts and each contributor's share
+    from aitbc.clients.cli import main
+
+    argv = ["receipts", "--job-id", job.job_id, "--coordinator", net.address, "--api-key", MD[0][1]]
+    assert await asyncio.get_running_loop().run_in_executor(None, main, argv) == 0
+    out, err_text = capsys.readouterr()
+    assert [r["receipt"]["job_id"] for r in json.loads(out)] == list(done.shard_job_ids)
+    for r in recs:
+        assert f"share of {r.body.provider}: {r.body.units * r.body.price_per_unit}" in err_text
 
 
 async def test_a_failed_shard_is_requeued_alone(net, null_backend) -> None:

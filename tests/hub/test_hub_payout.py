@@ -6,40 +6,27 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aitbc.hub.payout import expected_verification_cost_pct, split, split_amount, verification_cost_pct
+from aitbc.hub.payout import expected_verification_cost_pct, shares, verification_cost_pct
 
 
-def test_split_is_units_times_price() -> None:
-    assert split({"b": 1500, "a": 2500, "c": 0}, 3) == {"a": 7500, "b": 4500, "c": 0}
-    assert list(split({"b": 1, "a": 1}, 1)) == ["a", "b"]
+def test_shares_sum_units_times_price_per_provider() -> None:
+    # three shards: b served two of them, at its own price; c took part and earned nothing
+    got = shares([("b", 1500, 3), ("a", 2500, 2), ("b", 500, 3), ("c", 0, 7)])
+    assert got == {"a": 5000, "b": 6000, "c": 0} and list(got) == ["a", "b", "c"]
     big = 2**62
-    assert split({"a": big}, 4) == {"a": big * 4}  # no float anywhere
+    assert shares([("a", big, 4)]) == {"a": big * 4}  # no float anywhere
+    assert shares([]) == {}
 
 
-@pytest.mark.parametrize("bad", [{"a": -1}, {"a": 1.5}, {"a": True}])
-def test_split_rejects_bad_units(bad: dict[str, object]) -> None:
+@pytest.mark.parametrize("bad", [("a", -1, 1), ("a", 1.5, 1), ("a", True, 1), ("a", 1, -1)])
+def test_shares_reject_bad_numbers(bad: tuple[str, object, object]) -> None:
     with pytest.raises(ValueError):
-        split(bad, 1)  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        split({"a": 1}, -1)
+        shares([bad])  # type: ignore[list-item]
 
 
-@given(st.integers(0, 10**18), st.dictionaries(st.text(min_size=1, max_size=4), st.integers(0, 10**9), min_size=1, max_size=8))
-def test_split_amount_is_exact_and_proportional(total: int, units: dict[str, int]) -> None:
-    if sum(units.values()) == 0:
-        if total:
-            with pytest.raises(ValueError):
-                split_amount(total, units)
-        return
-    out = split_amount(total, units)
-    assert sum(out.values()) == total and set(out) == set(units)
-    weight = sum(units.values())
-    for m, u in units.items():
-        assert abs(out[m] * weight - total * u) < weight  # within one unit of the exact share
-
-
-def test_split_amount_example() -> None:
-    assert split_amount(10, {"a": 1, "b": 1, "c": 1}) == {"a": 4, "b": 3, "c": 3}
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 10**12), st.integers(0, 10**6)), max_size=12))
+def test_shares_total_is_the_sum_of_the_mints(items: list[tuple[str, int, int]]) -> None:
+    assert sum(shares(items).values()) == sum(u * p for _, u, p in items)
 
 
 def test_verification_cost() -> None:
