@@ -60,6 +60,7 @@ def model_kind(info: miner_pb2.MinerInfo, model: str) -> int:
             return spec.kind or jobs.IMAGE
     return jobs.IMAGE
 UNIT_SLACK_MS = 2000
+FAILING_STREAK = 3  # failures/stalls in a row after which a miner gets work only when no steady one is free
 VERIFY_CLIENT = "hub-verify"  # client id of re-execution jobs: no client sees them
 V = job_pb2.VerificationState
 
@@ -166,6 +167,8 @@ class Coordinator:
         self._assigned_at: dict[str, float] = {}
         self._queued_at: dict[str, float] = {}
         self._excluded: dict[str, set[str]] = {}  # job -> miners whose result for it was rejected
+        self._avoid: dict[str, set[str]] = {}  # job -> miners it failed or stalled on (retried elsewhere if possible)
+        self._active_at: dict[str, float] = {}  # held job -> last message about it from its miner
         self._watchers: dict[str, set[asyncio.Queue[job_pb2.Job | job_pb2.JobProgress]]] = {}
         self._rr = itertools.count()
         self.receipt_listeners: list[Callable[[receipt_pb2.Receipt], None]] = []
@@ -561,6 +564,7 @@ class Coordinator:
         job = self._jobs.get(job_id)
         if job is None or job.miner_id != conn.miner_id or job_id not in conn.running:
             raise PermissionDenied(f"job {job_id[:64]} is not assigned to miner {conn.miner_id}")
+        self._active_at[job_id] = conn.last_seen
         return job
 
     def _on_accepted(self, conn: MinerConn, job_id: str) -> None:
@@ -729,6 +733,7 @@ class Coordinator:
         reason = failed.reason[:500] or "no reason given"
         if not failed.permanent:  # a miner that cannot run what it advertised loses reputation
             self._record(conn.miner_id, "record_failure", "failure")
+            self._avoid.setdefault(job.job_id, set()).add(conn.miner_id)
         if failed.permanent:
             self._finish(job, S.JOB_STATE_FAILED, f"miner {conn.miner_id}: {reason}")
         else:
@@ -746,6 +751,7 @@ class Coordinator:
 
     def _requeue(self, job: job_pb2.Job, reason: str) -> None:
         self._assigned_at.pop(job.job_id, None)
+        self._active_at.pop(job.job_id, None)
         if job.attempts >= self.config.max_attempts:
             self._finish(job, S.JOB_STATE_FAILED, f"gave up after {job.attempts} attempts; last: {reason}")
             return
@@ -777,6 +783,8 @@ class Coordinator:
         self._assigned_at.pop(job.job_id, None)
         self._queued_at.pop(job.job_id, None)
         self._excluded.pop(job.job_id, None)
+        self._avoid.pop(job.job_id, None)
+        self._active_at.pop(job.job_id, None)
         self._stuck.pop(job.job_id, None)
         self._publish(job.job_id, self._snapshot(job))
         if job.job_id not in self._watchers:
@@ -834,7 +842,7 @@ class Coordinator:
             vram_mb=info.vram_mb, price_per_unit=info.price_per_unit, max_concurrency=info.max_concurrency or 1,
             running=len(c.running), reputation=rec.reputation if rec else self.book.policy.initial,
             recent_latency_ms=c.latency_ms, quarantined=bool(rec and rec.quarantined),
-            device_class=device_class(info.device),
+            device_class=device_class(info.device), failing=bool(rec and rec.failure_streak >= FAILING_STREAK),
         )
 
     def _needs(self, job: job_pb2.Job) -> JobNeeds:
@@ -848,6 +856,7 @@ class Coordinator:
             width=p.width, height=p.height, images=p.images or 1,
             max_price_per_unit=job.max_price_per_unit if job.HasField("max_price_per_unit") else None,
             exclude=frozenset(exclude), device_class=self._verify_device.get(job.job_id),
+            avoid=frozenset(self._avoid.get(job.job_id, ())),
         )
 
     def _placeable(self, job: job_pb2.Job) -> None:
@@ -1131,11 +1140,32 @@ class Coordinator:
                 if conn.running:
                     self._record(conn.miner_id, "record_failure", "stall")
                 self.disconnect(conn, f"no heartbeat for {now - conn.last_seen:.1f} s")
+                continue
+            for job_id in list(conn.running):
+                quiet = now - self._active_at.get(job_id, self._assigned_at.get(job_id, now))
+                if quiet > self.config.stall_timeout_s:
+                    self._stalled(conn, job_id, quiet)
         for job_id, since in list(self._queued_at.items()):
             job = self._jobs.get(job_id)
             ttl = self.config.verify_timeout_s if job is not None and job.verify_of else self.config.queue_ttl_s
             if job is not None and job.state == S.JOB_STATE_QUEUED and now - since > ttl:
                 self._finish(job, S.JOB_STATE_EXPIRED, f"no miner took the job within {ttl:g} s")
+
+    def _stalled(self, conn: MinerConn, job_id: str, quiet: float) -> None:
+        """A miner that heartbeats but makes no progress on a job: take the job back (it goes to
+        another miner when there is one), tell the miner to drop it, and count a stall."""
+        why = f"miner {conn.miner_id} made no progress for {quiet:.0f} s (stall_timeout_s {self.config.stall_timeout_s:g})"
+        conn.running.discard(job_id)
+        conn.uploads.pop(job_id, None)
+        conn.upload_bytes.pop(job_id, None)
+        conn.send(miner_pb2.WorkResponse(cancel=miner_pb2.CancelAssignment(job_id=job_id, reason=why)))
+        self._record(conn.miner_id, "record_failure", "stall")
+        log.warning("%s: job %s goes back to the queue", why, job_id)
+        job = self._jobs.get(job_id)
+        if job is not None and job.miner_id == conn.miner_id:
+            self._avoid.setdefault(job_id, set()).add(conn.miner_id)
+            self._requeue(job, why)
+            self._dispatch()
 
     async def run_housekeeping(self, interval_s: float = 0.5) -> None:
         while True:

@@ -46,6 +46,7 @@ class MinerView:
     recent_latency_ms: float = 0.0  # EWMA of assignment -> result; 0 = no history yet
     quarantined: bool = False
     device_class: str = ""  # "cpu" or "cuda" (from MinerInfo.device); "" unknown
+    failing: bool = False  # its last jobs all failed or stalled: chosen only when no steady miner is free
 
     def kind_of(self, model: str) -> Kind:
         return self.kinds.get(model, "image")
@@ -60,6 +61,7 @@ class JobNeeds:
     images: int = 1  # images of this (shard of a) job; the batch size
     max_price_per_unit: int | None = None  # None: any price
     exclude: frozenset[str] = frozenset()  # miners that must not get it (rejected result, original of a verification)
+    avoid: frozenset[str] = frozenset()  # miners it failed or stalled on: used only when no other miner could take it
     # a verification re-run must run where the original did: torch's CPU and CUDA generators give
     # different latents for one seed, so a CPU and a CUDA execution never agree (docs/hub.md)
     device_class: str | None = None
@@ -127,7 +129,9 @@ def choose(miners: Iterable[MinerView], needs: JobNeeds, rr_counter: int) -> Pla
 
     Filters apply in this order, and the first one that leaves nobody names the reason:
     model (and kind) -> max price -> VRAM fit -> quarantine -> device class -> exclusions -> free
-    slots (busy)."""
+    slots (busy). Miners in `needs.avoid` are dropped before the free-slot step unless that would
+    leave nobody (a soft exclusion: the job may go back to them when they are all there is); among
+    the free miners, `failing` ones are chosen only when no other one is free."""
     model, kind = needs.model, needs.kind
     serving: list[MinerView] = []
     other_kind = False
@@ -178,12 +182,16 @@ def choose(miners: Iterable[MinerView], needs: JobNeeds, rr_counter: int) -> Pla
     if not allowed:
         return Unplaceable("excluded", f"every eligible miner serving '{model}' was already tried on this job; "
                                        "waiting for another miner", wait=True)
+    if needs.avoid:  # retry elsewhere whenever another eligible miner exists, even a busy one (wait for it)
+        others = [m for m in allowed if m.miner_id not in needs.avoid]
+        if others:
+            allowed = others
 
+    free = [m for m in allowed if m.running < (m.max_concurrency if m.max_concurrency > 0 else 1)]
+    steady = [m for m in free if not m.failing]
     best = -1.0
     top: list[MinerView] = []
-    for m in allowed:
-        if m.running >= (m.max_concurrency if m.max_concurrency > 0 else 1):
-            continue
+    for m in steady or free:
         s = _score(m)
         if s > best:
             best, top = s, [m]

@@ -49,6 +49,7 @@ class MinerRecord(NamedTuple):
     quarantined_at: float = 0.0  # unix seconds; 0 when not quarantined
     recent_mismatches: tuple[float, ...] = ()  # unix seconds of failed verifications inside the window
     draws: int = 0  # original results seen (sampling draws made); the next draw is number `draws`
+    failure_streak: int = 0  # failures and stalls since its last accepted result
     probation_left: int = 0  # > 0: every result is verified until this many more checks pass
 
     def to_bytes(self) -> bytes:
@@ -138,7 +139,7 @@ class ReputationBook:
         """An accepted result. `draw`: it is an original (not a verification re-run), so it used
         sampling draw number `draws` of the record before this call."""
         r = self.snapshot(miner_id)
-        return self._put(r._replace(jobs_served=r.jobs_served + 1, draws=r.draws + draw,
+        return self._put(r._replace(jobs_served=r.jobs_served + 1, draws=r.draws + draw, failure_streak=0,
                                     reputation=_toward_one(r.reputation, self.policy.success_gain)))
 
     def record_failure(self, miner_id: str, kind: FailureKind = "failure") -> MinerRecord:
@@ -146,9 +147,10 @@ class ReputationBook:
             raise ValueError(f"kind must be 'failure' or 'stall' (got {kind!r})")
         r = self.snapshot(miner_id)
         rep = _clamp(r.reputation * (1.0 - self.policy.failure_loss))
+        streak = r.failure_streak + 1
         if kind == "stall":
-            return self._put(r._replace(stalls=r.stalls + 1, reputation=rep))
-        return self._put(r._replace(failures=r.failures + 1, reputation=rep))
+            return self._put(r._replace(stalls=r.stalls + 1, reputation=rep, failure_streak=streak))
+        return self._put(r._replace(failures=r.failures + 1, reputation=rep, failure_streak=streak))
 
     def record_verification(self, miner_id: str, passed: bool) -> MinerRecord:
         r = self.snapshot(miner_id)

@@ -264,6 +264,110 @@ async def test_gpu_runs_are_compared_within_the_tolerance_on_gpus_only(network_f
         m.stop()
 
 
+class LyingMiner(RawMiner):
+    """Declares a model and 80 GB of VRAM; every job then fails on it the way an OOM would."""
+
+    async def serve(self) -> None:
+        while True:
+            msg = await self.call.read()
+            if msg is grpc.aio.EOF:
+                return
+            if msg.WhichOneof("msg") == "assignment":
+                job_id = msg.assignment.job.job_id
+                self.send(accepted=miner_pb2.JobAccepted(job_id=job_id))
+                self.send(failed=miner_pb2.JobFailed(job_id=job_id, reason="CUDA out of memory. Tried to allocate 9 GiB"))
+
+
+async def test_a_miner_lying_about_vram_costs_it_reputation_not_the_client_its_job(net, null_backend) -> None:
+    liar = LyingMiner(net)
+    await liar.connect(models=("null",), price_per_unit=0, device="cuda:0", vram_mb=80_000)  # free: it wins on price
+    serving = asyncio.create_task(liar.serve())
+    honest = await net.add_miner({"null": null_backend}, price=5)
+    s = stub(net)
+    done = []
+    for seed in range(5):
+        done.append(await wait_done(s, (await s.SubmitJob(image_job(model="null", seed=seed), metadata=MD)).job.job_id))
+    # every job completes, on the honest miner; the first ones were tried on the liar first, then
+    # (3 failures in a row) it gets work only when no steady miner is free
+    assert all(j.state == S.JOB_STATE_COMPLETED and j.miner_id == honest.key.address for j in done)
+    assert [j.attempts for j in done] == [2, 2, 2, 1, 1]
+    status = {m.miner_id: m for m in (await s.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=MD)).miners}
+    assert status[liar.key.address].failures == 3 and status[liar.key.address].reputation < 0.5 * 0.9**2
+    serving.cancel()
+
+
+class StallingMiner(RawMiner):
+    """Accepts its job, keeps its stream alive with heartbeats, and never makes progress."""
+
+    def __init__(self, net) -> None:
+        super().__init__(net)
+        self.received: list[miner_pb2.WorkResponse] = []
+
+    async def serve(self) -> None:
+        async def beat() -> None:
+            while True:
+                self.send(heartbeat=miner_pb2.Heartbeat())
+                await asyncio.sleep(0.2)
+
+        beating = asyncio.create_task(beat())
+        try:
+            while True:
+                msg = await self.call.read()
+                if msg is grpc.aio.EOF:
+                    return
+                self.received.append(msg)
+                if msg.WhichOneof("msg") == "assignment":
+                    self.send(accepted=miner_pb2.JobAccepted(job_id=msg.assignment.job.job_id))
+        finally:
+            beating.cancel()
+
+
+async def test_a_miner_that_accepts_and_stalls_loses_the_job_to_another(network_factory, null_backend) -> None:
+    net = await network_factory(stall_timeout_s=1.0)
+    staller = StallingMiner(net)
+    await staller.connect(models=("null",), price_per_unit=0)
+    serving = asyncio.create_task(staller.serve())
+    s = stub(net)
+    job = (await s.SubmitJob(image_job(model="null", seed=8), metadata=MD)).job
+    await net.until(lambda: net.core._jobs[job.job_id].state == S.JOB_STATE_RUNNING)
+    honest = await net.add_miner({"null": null_backend}, price=5)
+    done = await wait_done(s, job.job_id)
+    assert done.state == S.JOB_STATE_COMPLETED and done.miner_id == honest.key.address and done.attempts == 2
+    # the staller was told to drop it, and it counts against it (its heartbeats kept it connected)
+    cancels = [m.cancel for m in staller.received if m.WhichOneof("msg") == "cancel"]
+    assert [c.job_id for c in cancels] == [job.job_id] and "made no progress" in cancels[0].reason
+    status = {m.miner_id: m for m in (await s.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=MD)).miners}
+    assert status[staller.key.address].stalls == 1 and status[staller.key.address].connected
+    serving.cancel()
+
+
+async def test_a_shard_result_sent_twice_counts_once(net, null_backend) -> None:
+    twice = RawMiner(net)
+    await twice.connect(models=("null",), price_per_unit=0)
+    other = await net.add_miner({"null": null_backend}, price=0)
+    s = stub(net)
+    job = (await s.SubmitJob(image_job("four boats", model="null", images=4, seed=30, width=64, height=64),
+                             metadata=MD)).job
+    assert len(job.shard_job_ids) == 2
+    msg = await twice.read()
+    shard = msg.assignment.job
+    twice.send(accepted=miner_pb2.JobAccepted(job_id=shard.job_id))
+    pngs = [null_png("four boats", shard.params.image.seed + k, 64, 64) for k in range(shard.params.image.images)]
+    for k, png in enumerate(pngs):
+        twice.send(chunk=miner_pb2.ArtifactChunk(job_id=shard.job_id, index=k, data=png))
+    result = twice.result_for(shard, pngs)
+    twice.send(result=result)
+    twice.send(result=result)  # the same shard's result again
+    first, second = await twice.read(), await twice.read()
+    assert first.WhichOneof("msg") == "accepted"
+    assert second.WhichOneof("msg") == "rejected" and "not assigned" in second.rejected.reason
+    done = await wait_done(s, job.job_id)
+    assert done.state == S.JOB_STATE_COMPLETED and len(done.artifacts) == 4
+    recs = (await s.ListReceipts(coordinator_pb2.ListReceiptsRequest(job_id=job.job_id), metadata=MD)).receipts
+    assert len(recs) == 2 and len({r.receipt_hash for r in recs}) == 2
+    assert other.completed == 1
+
+
 async def test_without_a_second_miner_the_result_stands_unverified(network_factory, null_backend) -> None:
     net = await network_factory(verify_rate=1.0, verify_timeout_s=1.0)
     await net.add_miner({"null": null_backend})

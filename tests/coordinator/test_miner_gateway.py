@@ -50,20 +50,23 @@ class RawMiner:
     async def read(self) -> miner_pb2.WorkResponse:
         return await asyncio.wait_for(self.call.read(), 10)
 
-    def result_for(self, job: job_pb2.Job, png: bytes, *, key=None, **body_changes) -> miner_pb2.JobResult:
-        digest = hashlib.sha256(png).digest()
+    def result_for(self, job: job_pb2.Job, png: bytes | list[bytes], *, key=None, **body_changes) -> miner_pb2.JobResult:
+        """A signed result for `job` returning `png` (or several, one per image)."""
+        pngs = png if isinstance(png, list) else [png]
+        digests = [hashlib.sha256(p).digest() for p in pngs]
         now = jobs.now_ms()
         fields = dict(job_id=job.job_id, provider=self.key.address, client=job.client_id, units=5, unit_type="gpu_ms",
                       price_per_unit=job.price_per_unit, model=job.model, prompt_hash=job.prompt_hash,
-                      started_at=now - 10, finished_at=now, artifact_sha256=receipts.manifest_sha256([digest]),
+                      started_at=now - 10, finished_at=now, artifact_sha256=receipts.manifest_sha256(digests),
                       nonce=secrets.token_hex(16), hub_id="", chain_id="aitbc-devnet")
         fields.update(body_changes)
         body = receipts.ReceiptBody(**fields)
         signer = key or self.key
         sig = signer.sign(crypto.domain_digest(receipts.PROVIDER_DOMAIN, body.hash()))
         rec = receipt_to_proto(receipts.SignedReceipt(body, sig))
-        art = job_pb2.Artifact(sha256=digest.hex(), size=len(png), content_type="image/png", width=64, height=64)
-        return miner_pb2.JobResult(job_id=job.job_id, artifacts=[art], receipt=rec)
+        arts = [job_pb2.Artifact(sha256=d.hex(), size=len(p), content_type="image/png", width=64, height=64)
+                for p, d in zip(pngs, digests, strict=True)]
+        return miner_pb2.JobResult(job_id=job.job_id, artifacts=arts, receipt=rec)
 
 
 async def _assigned(net, miner: RawMiner) -> job_pb2.Job:

@@ -119,6 +119,30 @@ def test_excluded_miners_are_skipped_and_all_excluded_waits() -> None:
     assert isinstance(out, Unplaceable) and out.code == "excluded" and out.wait
 
 
+def test_avoided_miners_get_the_job_back_only_when_nobody_else_could_take_it() -> None:
+    liar, honest = miner("a", price_per_unit=0), miner("b", price_per_unit=5)
+    # the job failed on the cheaper miner: it goes elsewhere though the other one costs more
+    out = choose([liar, honest], JobNeeds("sd", avoid=frozenset({"a"})), 0)
+    assert isinstance(out, Placement) and out.miner_id == "b"
+    # the other one is busy: the job waits for it rather than going back to where it failed
+    out = choose([liar, miner("b", running=1)], JobNeeds("sd", avoid=frozenset({"a"})), 0)
+    assert isinstance(out, Unplaceable) and out.code == "busy" and out.wait
+    # nobody else serves the model (a one-miner devnet): it is retried there
+    out = choose([liar], JobNeeds("sd", avoid=frozenset({"a"})), 0)
+    assert isinstance(out, Placement) and out.miner_id == "a"
+    # a miner that could not take it anyway (another model, quarantined) does not count as "somebody else"
+    out = choose([liar, miner("c", quarantined=True), miner("d", models=frozenset({"xl"}))],
+                 JobNeeds("sd", avoid=frozenset({"a"})), 0)
+    assert isinstance(out, Placement) and out.miner_id == "a"
+
+
+def test_a_failing_miner_gets_work_only_when_no_steady_one_is_free() -> None:
+    failing, steady = miner("a", price_per_unit=0, failing=True), miner("b", price_per_unit=5)
+    assert choose([failing, steady], JobNeeds("sd"), 0).miner_id == "b"  # type: ignore[union-attr]
+    # the steady one is busy: the failing one may try (and so can recover)
+    assert choose([failing, miner("b", running=1)], JobNeeds("sd"), 0).miner_id == "a"  # type: ignore[union-attr]
+
+
 def test_reason_priority_order() -> None:
     """Each filter only speaks when the ones before it left somebody."""
     expensive_small = miner("a", price_per_unit=9, vram_mb=1000, quarantined=True, running=1)

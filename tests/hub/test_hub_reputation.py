@@ -92,6 +92,14 @@ def test_a_failed_verification_puts_the_miner_on_probation() -> None:
     assert not released.quarantined and released.probation_left == 3  # released on probation
 
 
+def test_failure_streak_counts_failures_and_stalls_since_the_last_success() -> None:
+    book = ReputationBook()
+    book.record_failure("m")
+    assert book.record_failure("m", "stall").failure_streak == 2
+    assert book.record_verification("m", True).failure_streak == 2  # a verification is not a served job
+    assert book.record_success("m").failure_streak == 0
+
+
 def test_draws_count_original_results_only() -> None:
     book = ReputationBook()
     book.record_success("m", draw=True)
