@@ -1,5 +1,10 @@
 """gRPC plumbing shared by every server: error mapping at one boundary, server factory with
-health and reflection, channel options."""
+health and reflection, channel options, and the TLS switch.
+
+TLS (docs/operations.md, "TLS"): a process calls `configure_tls(cert_file, key_file, ca_file)`
+once at start from its own configuration. With a certificate and key, every server it starts
+listens with TLS; with a CA file, every channel it opens (the sync SDK's too) uses TLS and checks
+the server's certificate against that CA. Neither: plaintext, the default (a devnet on loopback)."""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from aitbc import telemetry
-from aitbc.errors import AitbcError, InvalidArgument, ResourceExhausted
+from aitbc.errors import AitbcError, FailedPrecondition, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger("aitbc.rpc")
 
@@ -41,6 +46,68 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+
+
+@dataclass(frozen=True)
+class Tls:
+    """The loaded TLS material of this process (PEM bytes); empty means plaintext that way."""
+
+    cert_chain: bytes = b""
+    private_key: bytes = b""
+    root_certs: bytes = b""
+
+    @property
+    def serves(self) -> bool:
+        return bool(self.cert_chain)
+
+    @property
+    def dials(self) -> bool:
+        return bool(self.root_certs)
+
+
+_tls = Tls()
+
+
+def _read_pem(name: str, path: str, marker: bytes) -> bytes:
+    from pathlib import Path
+
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise FailedPrecondition(f"{name} {path}: cannot read it ({exc.strerror})") from None
+    if b"-----BEGIN " not in data or marker not in data:
+        raise InvalidArgument(f"{name} {path} is not a PEM {marker.decode().strip('- ').lower()}")
+    return data
+
+
+def configure_tls(cert_file: str = "", key_file: str = "", ca_file: str = "") -> Tls:
+    """Load this process's TLS material (see the module docstring); all empty turns TLS off.
+    Raises InvalidArgument / FailedPrecondition with the file and what is wrong with it."""
+    global _tls
+    if bool(cert_file) != bool(key_file):
+        raise InvalidArgument("set both tls_cert_file and tls_key_file to serve TLS (or neither for plaintext)")
+    _tls = Tls(
+        cert_chain=_read_pem("tls_cert_file", cert_file, b"CERTIFICATE") if cert_file else b"",
+        private_key=_read_pem("tls_key_file", key_file, b"PRIVATE KEY") if key_file else b"",
+        root_certs=_read_pem("tls_ca_file", ca_file, b"CERTIFICATE") if ca_file else b"",
+    )
+    return _tls
+
+
+def tls() -> Tls:
+    return _tls
+
+
+def channel_credentials() -> grpc.ChannelCredentials | None:
+    return grpc.ssl_channel_credentials(root_certificates=_tls.root_certs) if _tls.dials else None
+
+
+def open_sync_channel(target: str) -> grpc.Channel:
+    """A blocking channel (the SDK) with our options, TLS when configured."""
+    creds = channel_credentials()
+    if creds is None:
+        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS)
 
 
 def status_code(exc: AitbcError) -> grpc.StatusCode:
@@ -206,7 +273,10 @@ async def start_server(
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(listen)
+    if _tls.serves:
+        port = server.add_secure_port(listen, grpc.ssl_server_credentials([(_tls.private_key, _tls.cert_chain)]))
+    else:
+        port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}: address in use or invalid")
     await server.start()
@@ -222,6 +292,10 @@ def host_of(listen: str) -> str:
 
 
 def channel(target: str, *, interceptors: Sequence[Any] = ()) -> grpc.aio.Channel:
-    """An aio channel with our options; it sends the trace context when tracing is on."""
+    """An aio channel with our options, TLS when configured; it sends the trace context when
+    tracing is on."""
     chain = [*telemetry.client_interceptors(), *interceptors]
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=chain or None)
+    creds = channel_credentials()
+    if creds is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=chain or None)
+    return grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS, interceptors=chain or None)

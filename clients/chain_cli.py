@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -87,7 +88,9 @@ def cmd_node(args: argparse.Namespace) -> int:
                             stream=sys.stderr)
     peers = [p.strip() for item in (args.peers or []) for p in item.split(",") if p.strip()]
     try:
-        return asyncio.run(run_node(args.data_dir, args.genesis, args.key, args.listen, peers, args.port_file))
+        return asyncio.run(run_node(args.data_dir, args.genesis, args.key, args.listen, peers, args.port_file,
+                                    tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
+                                    tls_ca_file=args.node_tls_ca or getattr(args, "tls_ca", "")))
     except AitbcError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
@@ -217,6 +220,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--listen", default=DEFAULT_NODE, help=f"host:port to serve on (default {DEFAULT_NODE}; port 0 ok)")
     p.add_argument("--peers", action="append", help="peer nodes host:port, comma separated or repeated")
     p.add_argument("--port-file", help="write the bound port here once serving")
+    for flag, dest, env, what in (
+            ("--tls-cert", "tls_cert", "AITBC_NODE_TLS_CERT_FILE", "serve TLS with this certificate chain (PEM)"),
+            ("--tls-key", "tls_key", "AITBC_NODE_TLS_KEY_FILE", "... and this private key (PEM)"),
+            ("--tls-ca", "node_tls_ca", "AITBC_NODE_TLS_CA_FILE", "dial peers with TLS, trusting this CA (PEM)")):
+        p.add_argument(flag, dest=dest, default=os.environ.get(env, ""), help=f"{what}; default ${env}")
     p.set_defaults(func=cmd_node)
 
     chain = subparsers.add_parser("chain", help="ledger: write a genesis, read blocks, txs and accounts")
@@ -264,9 +272,12 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from aitbc import rpc
+
     parser = argparse.ArgumentParser(prog="python -m aitbc.clients.chain_cli")
     register(parser.add_subparsers(dest="cmd", required=True))
     args = parser.parse_args(argv)
+    rpc.configure_tls(ca_file=os.environ.get("AITBC_TLS_CA", ""))  # what the client commands dial
     return int(args.func(args) or 0)
 
 

@@ -492,6 +492,9 @@ def _add_image_args(p: argparse.ArgumentParser, *, prompt_default: str | None = 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aitbc", description="AITBC: AI compute network (client, miner, coordinator, devnet)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--tls-ca", default=os.environ.get("AITBC_TLS_CA", ""), metavar="PEM",
+                        help="connect with TLS, trusting servers signed by this CA (default $AITBC_TLS_CA; "
+                             "unset: plaintext)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     default_data = str(Path(os.environ.get("AITBC_HOME", "~/.aitbc")) / "devnet")
 
@@ -598,8 +601,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from aitbc import rpc
     from aitbc.clients.sdk import ClientError
 
+    try:  # what this process dials; `aitbc coordinator|miner|node|wallet-daemon` then apply their own config
+        rpc.configure_tls(ca_file=args.tls_ca)
+    except AitbcError as exc:
+        return _fail(exc.message)
     command = getattr(args.func, "__name__", "cmd").removeprefix("cmd_")
     traced = _client_tracing(command)
     try:

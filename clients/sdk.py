@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from aitbc import telemetry
-from aitbc.rpc import CHANNEL_OPTIONS
+from aitbc.rpc import open_sync_channel
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, receipt_pb2
 from aitbc.wire import receipt_from_proto
 
@@ -54,7 +54,7 @@ class CoordinatorClient:
         self.target = target
         self.timeout = timeout
         # sends the trace context when tracing is on (telemetry.setup / configure before this)
-        self._channel = telemetry.intercept_channel(grpc.insecure_channel(target, options=CHANNEL_OPTIONS))
+        self._channel = telemetry.intercept_channel(open_sync_channel(target))
         self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
         self._md = (("x-api-key", api_key),)
 

@@ -281,10 +281,13 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from aitbc import rpc
+
     parser = argparse.ArgumentParser(prog="python -m aitbc.clients.wallet_cli")
     register(parser.add_subparsers(dest="cmd", required=True))
     args = parser.parse_args(argv)
     try:
+        rpc.configure_tls(ca_file=os.environ.get("AITBC_TLS_CA", ""))  # what the client commands dial
         return int(args.func(args) or 0)
     except AitbcError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

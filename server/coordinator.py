@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from aitbc import crypto, jobs, telemetry
+from aitbc import crypto, jobs, rpc, telemetry
 from aitbc.config import CoordinatorConfig, expand, write_port_file
 from aitbc.coordinator import Coordinator
 from aitbc.errors import FailedPrecondition, InvalidArgument
@@ -265,6 +265,7 @@ async def start_coordinator(config: CoordinatorConfig) -> CoordinatorProcess:
 async def run_coordinator(config: CoordinatorConfig) -> None:
     """Serve until SIGINT/SIGTERM."""
     telemetry.setup("aitbc-coordinator")  # before the server starts: its interceptors are chosen then
+    rpc.configure_tls(config.tls_cert_file, config.tls_key_file, config.tls_ca_file)
     proc = await start_coordinator(config)
     host = config.listen.rsplit(":", 1)[0]
     print(f"coordinator listening on {host}:{proc.port} (attester {proc.core.key.address}, chain {config.chain_id}, "

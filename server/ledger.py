@@ -186,9 +186,12 @@ async def start_node(store: Store, genesis: Genesis, key: crypto.PrivateKey | No
 
 async def run_node(data_dir: str | Path, genesis_path: str | Path, key_path: str | Path | None = None,
                    listen: str = "127.0.0.1:26657", peers: Sequence[str] = (),
-                   port_file: str | Path | None = None, stop: asyncio.Event | None = None) -> int:
-    """Run a node until SIGINT/SIGTERM (or `stop` is set). Returns the process exit code."""
+                   port_file: str | Path | None = None, stop: asyncio.Event | None = None, *,
+                   tls_cert_file: str = "", tls_key_file: str = "", tls_ca_file: str = "") -> int:
+    """Run a node until SIGINT/SIGTERM (or `stop` is set). Returns the process exit code.
+    TLS: serve with the certificate + key, dial peers checking them against the CA (aitbc.rpc)."""
     telemetry.setup("aitbc-node")  # before the server starts: its interceptors are chosen then
+    rpc.configure_tls(tls_cert_file, tls_key_file, tls_ca_file)
     genesis = Genesis.load(genesis_path)
     try:
         key = crypto.PrivateKey.from_hex(Path(key_path).read_text()) if key_path else None

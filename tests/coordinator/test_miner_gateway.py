@@ -97,6 +97,7 @@ async def test_honest_raw_result_is_accepted(net) -> None:
         ("wrong_hash", "does not match its declared sha256"),
         ("bad_signature", "provider signature is by"),
         ("other_provider", "receipt field provider"),
+        ("other_jobs_receipt", "receipt field job_id"),
         ("wrong_client", "receipt field client"),
         ("wrong_chain", "receipt field chain_id"),
         ("inflated_units", "implausible"),
@@ -121,6 +122,7 @@ async def test_forged_results_are_rejected_and_the_job_requeued(net, forge, need
         changes = {
             "bad_signature": {"key": other},
             "other_provider": {"key": other, "provider": other.address},
+            "other_jobs_receipt": {"job_id": "01" + "0" * 26},  # a result (and receipt) made for another job
             "wrong_client": {"client": "mallory"},
             "wrong_chain": {"chain_id": "another-chain"},
             "inflated_units": {"units": 10**9},
