@@ -584,9 +584,9 @@ class Coordinator:
         self._publish(job.job_id, job_pb2.JobProgress(job_id=job.job_id, step=progress.step, total_steps=progress.total_steps))
         parent = self._jobs.get(job.parent_job_id) if job.parent_job_id else None
         if parent is not None:  # a split job's progress: steps done over all its shards
-            shards = [self._jobs.get(j) or self.store.get_job(j) for j in parent.shard_job_ids]
-            steps = sum(sh.progress.step if sh.state in jobs.ACTIVE else jobs.job_steps_total(sh) for sh in shards if sh)
-            total = sum(jobs.job_steps_total(sh) for sh in shards if sh)
+            per_shard = jobs.job_steps_total(parent)  # every shard runs the job's steps; an ended one ran them all
+            steps = sum(self._jobs[j].progress.step if j in self._jobs else per_shard for j in parent.shard_job_ids)
+            total = per_shard * len(parent.shard_job_ids)
             parent.progress.CopyFrom(job_pb2.JobProgress(job_id=parent.job_id, step=steps, total_steps=total))
             self._publish(parent.job_id, self._snapshot(parent.progress))
 

@@ -204,7 +204,7 @@ class LedgerClient:
         try:
             return await self.broadcast(txmod.make_transfer(key, chain_id, n, to, amount))
         except errors.AitbcError:
-            self._forget_nonce(key.address)
+            self.resync_nonce(key.address)
             raise
 
     async def mint(self, key: crypto.PrivateKey, receipt: SignedReceipt, *, nonce: int | None = None) -> str:
@@ -225,14 +225,11 @@ class LedgerClient:
             self._next_nonce[address] = n + 1
             return n
 
-    def _forget_nonce(self, address: str) -> None:
-        self._next_nonce.pop(address, None)
-
     def resync_nonce(self, address: str) -> None:
         """Take the next nonce from the node again. A sender whose earlier txs were lost (a node
         killed before relaying them) must not keep counting past them: its next txs would wait
         behind the gap forever. Re-syncing lets new txs fill the gap."""
-        self._forget_nonce(address)
+        self._next_nonce.pop(address, None)
 
     async def settle_receipt(self, key: crypto.PrivateKey, receipt: SignedReceipt, *, wait: str | None = "included",
                              timeout: float = 30.0, attempts: int = 5) -> ReceiptStatus:
@@ -254,14 +251,14 @@ class LedgerClient:
                     break
                 except errors.AlreadyExists:
                     # the receipt is pending/minted (done), or our nonce was taken (re-sync, retry)
-                    self._forget_nonce(key.address)
+                    self.resync_nonce(key.address)
                     st = await self.get_receipt_status(receipt.receipt_hash)
                     if st.status != "unknown":
                         break
                 except errors.FailedPrecondition:
-                    self._forget_nonce(key.address)  # nonce too low: another writer used this key
+                    self.resync_nonce(key.address)  # nonce too low: another writer used this key
                 except errors.AitbcError:
-                    self._forget_nonce(key.address)
+                    self.resync_nonce(key.address)
                     raise
                 if attempt == attempts - 1:
                     raise errors.Aborted(f"could not find a free nonce for {key.address} in {attempts} attempts")

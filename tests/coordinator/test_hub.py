@@ -411,6 +411,39 @@ async def test_eight_images_split_across_three_miners_merge_in_order(net, null_b
         assert f"share of {r.body.provider}: {r.body.units * r.body.price_per_unit}" in err_text
 
 
+async def test_a_split_jobs_progress_counts_steps_over_all_shards(net) -> None:
+    a, b = RawMiner(net), RawMiner(net)
+    await a.connect()
+    await b.connect()
+    s = stub(net)
+    job = (await s.SubmitJob(image_job("two pairs", model="null", images=4, steps=4, seed=50, width=64, height=64),
+                             metadata=MD)).job
+    shard_a, shard_b = (await a.read()).assignment.job, (await b.read()).assignment.job
+    watch = s.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=MD)
+    assert (await watch.read()).WhichOneof("event") == "job"  # the current state first
+
+    async def next_progress() -> tuple[int, int]:
+        while True:
+            ev = await asyncio.wait_for(watch.read(), 10)
+            if ev.WhichOneof("event") == "progress":
+                return ev.progress.step, ev.progress.total_steps
+
+    for m, shard in ((a, shard_a), (b, shard_b)):
+        m.send(accepted=miner_pb2.JobAccepted(job_id=shard.job_id))
+    a.send(progress=job_pb2.JobProgress(job_id=shard_a.job_id, step=1, total_steps=4))
+    assert await next_progress() == (1, 8)
+    b.send(progress=job_pb2.JobProgress(job_id=shard_b.job_id, step=2, total_steps=4))
+    assert await next_progress() == (3, 8)
+    pngs = [null_png("two pairs", shard_a.params.image.seed + k, 64, 64) for k in range(2)]
+    for k, png in enumerate(pngs):
+        a.send(chunk=miner_pb2.ArtifactChunk(job_id=shard_a.job_id, index=k, data=png))
+    a.send(result=a.result_for(shard_a, pngs))
+    assert (await a.read()).WhichOneof("msg") == "accepted"
+    b.send(progress=job_pb2.JobProgress(job_id=shard_b.job_id, step=3, total_steps=4))
+    assert await next_progress() == (4 + 3, 8)  # the finished shard counts all its steps
+    watch.cancel()
+
+
 async def test_a_failed_shard_is_requeued_alone(net, null_backend) -> None:
     flaky = RawMiner(net)
     await flaky.connect(models=("null",), price_per_unit=0)
