@@ -32,7 +32,7 @@ from aitbc.errors import (
     Unauthenticated,
 )
 from aitbc.hub.matching import JobNeeds, MinerView, Unplaceable, choose
-from aitbc.hub.reputation import LmdbReputationStore, MinerRecord, ReputationBook
+from aitbc.hub.reputation import LmdbReputationStore, ReputationBook
 from aitbc.hub.sharding import image_seed, plan_shards
 from aitbc.hub.verification import arbitrate, sample_key, should_verify
 from aitbc.jobstore import JobStore
@@ -173,7 +173,6 @@ class Coordinator:
         self._rr = itertools.count()
         self.receipt_listeners: list[Callable[[receipt_pb2.Receipt], None]] = []
         self.book = ReputationBook(LmdbReputationStore(store.env))
-        self._reputation: dict[str, MinerRecord] = {r.miner_id: r for r in self.book.all()}
         secret = store.get_meta("verify_secret")
         if secret is None:  # keyed sampling: miners cannot tell which of their jobs will be checked
             secret = secrets.token_bytes(32)
@@ -185,7 +184,7 @@ class Coordinator:
         self._jobs_in = {st: metrics.JOBS_TOTAL.labels(state=jobs.state_name(st)) for st in S.values() if st}
         metrics.QUEUE_DEPTH.set_function(lambda: len(self._queue))
         metrics.MINERS_CONNECTED.set_function(lambda: len(self.miners))
-        metrics.QUARANTINED.set_function(lambda: sum(r.quarantined for r in self._reputation.values()))
+        metrics.QUARANTINED.set_function(lambda: sum(r.quarantined for r in self.book.all()))
         # jobs no miner can take until the set of miners changes: not re-matched at every dispatch
         self._epoch = 0
         self._stuck: dict[str, int] = {}
@@ -818,9 +817,9 @@ class Coordinator:
     # ---- hub: matching, reputation, verification (pure rules in aitbc.hub) --------------------
 
     def _record(self, miner_id: str, event: str, *args: object, **kwargs: object) -> None:
-        """Update a miner's reputation (persisted) and the in-memory copy matching reads."""
-        before = self._reputation.get(miner_id)
-        self._reputation[miner_id] = rec = getattr(self.book, event)(miner_id, *args, **kwargs)
+        """Update a miner's reputation (persisted; the book keeps it in memory for matching)."""
+        before = self.book.get(miner_id)
+        rec = getattr(self.book, event)(miner_id, *args, **kwargs)
         if before is None or before.quarantined != rec.quarantined:
             self._epoch += 1
 
@@ -829,13 +828,13 @@ class Coordinator:
         its next sampling draw at verify_rate (the draw is counted by record_success)."""
         if job.verify_of or self.config.verify_rate <= 0:
             return False
-        rec = self._reputation.get(miner_id) or self.book.snapshot(miner_id)
+        rec = self.book.snapshot(miner_id)
         return rec.probation_left > 0 or should_verify(sample_key(miner_id, rec.draws), self.config.verify_rate,
                                                        secret=self._verify_secret)
 
     def _view(self, c: MinerConn) -> MinerView:
         info = c.session.info
-        rec = self._reputation.get(c.miner_id)
+        rec = self.book.get(c.miner_id)
         return MinerView(
             miner_id=c.miner_id, models=frozenset(info.models),
             kinds={m: "text" for m in info.models if model_kind(info, m) == jobs.TEXT},
@@ -875,7 +874,7 @@ class Coordinator:
                                    "with operator = true in the coordinator's [[clients]]")
         if not miner_id:
             raise InvalidArgument("miner_id is required (an ait1... address from ListMiners)")
-        rec = self._reputation.get(miner_id)
+        rec = self.book.get(miner_id)
         if rec is None:
             raise NotFound(f"miner {miner_id} is not known to this hub (ListMiners shows the known ones)")
         if not rec.quarantined:
@@ -889,7 +888,7 @@ class Coordinator:
         from aitbc.hub.matching import score
 
         out = {}
-        for rec in self._reputation.values():
+        for rec in self.book.all():
             out[rec.miner_id] = coordinator_pb2.MinerStatus(miner_id=rec.miner_id)
         for c in self.miners.values():
             info = c.session.info
@@ -901,7 +900,7 @@ class Coordinator:
             st.recent_latency_ms = c.latency_ms
             st.score = score(view, JobNeeds(model=info.models[0], kind=view.kind_of(info.models[0])))
         for miner_id, st in out.items():
-            rec = self._reputation.get(miner_id) or self.book.snapshot(miner_id)
+            rec = self.book.snapshot(miner_id)
             st.reputation, st.jobs_served, st.failures, st.stalls = rec.reputation, rec.jobs_served, rec.failures, rec.stalls
             st.verifications_passed, st.verifications_failed = rec.verifications_passed, rec.verifications_failed
             st.quarantined, st.probation_left = rec.quarantined, rec.probation_left

@@ -120,20 +120,28 @@ class LmdbReputationStore:
 
 
 class ReputationBook:
-    """The rule over a store. Every method writes through and returns the updated record."""
+    """The rule over a store. Every method writes through and returns the updated record.
+
+    The book is the store's only writer, so it keeps every record in memory (loaded once): reads
+    (`get`, `snapshot`, matching on every dispatch) never touch the store."""
 
     def __init__(self, store: ReputationStore | None = None, *, policy: ReputationPolicy | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.store: ReputationStore = store if store is not None else MemoryReputationStore()
         self.policy = policy or ReputationPolicy()
         self.clock = clock  # wall clock: quarantine windows must survive a restart
+        self._records: dict[str, MinerRecord] = {r.miner_id: r for r in self.store.all()}
+
+    def get(self, miner_id: str) -> MinerRecord | None:
+        """The miner's record, or None for a miner the book has never recorded."""
+        return self._records.get(miner_id)
 
     def snapshot(self, miner_id: str) -> MinerRecord:
-        rec = self.store.get(miner_id)
+        rec = self._records.get(miner_id)
         return rec if rec is not None else MinerRecord(miner_id, reputation=self.policy.initial)
 
     def all(self) -> list[MinerRecord]:
-        return self.store.all()
+        return [self._records[m] for m in sorted(self._records)]
 
     def record_success(self, miner_id: str, *, draw: bool = False) -> MinerRecord:
         """An accepted result. `draw`: it is an original (not a verification re-run), so it used
@@ -181,6 +189,7 @@ class ReputationBook:
 
     def _put(self, record: MinerRecord) -> MinerRecord:
         self.store.put(record)
+        self._records[record.miner_id] = record
         return record
 
 

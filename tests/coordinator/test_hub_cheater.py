@@ -81,7 +81,7 @@ async def test_a_tiny_sd_cheater_is_quarantined_within_50_jobs_at_the_default_ra
     served: list[job_pb2.Job] = []  # client jobs, as finished
     seed = 0
     for _wave in range(80):  # bounded: 3 jobs a wave, the cheater serves about one of them
-        if net.core._reputation.get(cheat_id) and net.core._reputation[cheat_id].quarantined:
+        if net.core.book.snapshot(cheat_id).quarantined:
             break
         if sum(j.miner_id == cheat_id for j in served) >= CHEATER_JOB_LIMIT:
             break
