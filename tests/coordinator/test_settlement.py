@@ -10,7 +10,7 @@ from aitbc.ledger.client import LedgerClient
 from aitbc.ledger.genesis import make_genesis
 from aitbc.ledger.store import LmdbStore
 from aitbc.server.ledger import start_node
-from aitbc.v1 import coordinator_pb2, receipt_pb2
+from aitbc.v1 import coordinator_pb2, job_pb2, receipt_pb2
 from tests.coordinator.test_jobs_api import MD, image_job, stub, wait_done
 
 St = receipt_pb2.SettlementState
@@ -128,5 +128,73 @@ async def test_a_ledger_that_does_not_know_the_attester_rejects_with_the_reason(
         assert not net.core.store.unsettled_receipts()  # not retried forever
         async with LedgerClient(ledger.address) as lc:
             assert (await lc.get_account(miner.key.address)).balance == 0
+    finally:
+        await ledger.stop()
+
+
+async def _final_receipts(net, job_id: str, timeout: float = 30.0) -> list[receipt_pb2.Receipt]:
+    """The job's receipts (one per shard) once none is waiting any more (FINAL or REJECTED)."""
+    s = stub(net)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        recs = list((await s.ListReceipts(coordinator_pb2.ListReceiptsRequest(job_id=job_id), metadata=MD)).receipts)
+        if all(r.settlement.state in (St.SETTLEMENT_STATE_FINAL, St.SETTLEMENT_STATE_REJECTED) for r in recs):
+            return recs
+        assert loop.time() < deadline, [St.Name(r.settlement.state) for r in recs]
+        await asyncio.sleep(0.1)
+
+
+async def test_a_split_job_pays_each_miner_its_own_share_on_chain(network_factory, null_backend, tmp_path) -> None:
+    from aitbc.hub.payout import shares
+
+    coord_key = crypto.load_or_create_key(tmp_path / "net0" / "coordinator.key")
+    ledger = LedgerNode(tmp_path, coord_key.address)
+    await ledger.start()
+    try:
+        net = await network_factory(ledger=ledger.address)
+        miners = [await net.add_miner({"null": null_backend}, price=p) for p in (2, 3, 5)]
+        s = stub(net)
+        job = (await s.SubmitJob(image_job(model="null", images=8, seed=3, width=64, height=64), metadata=MD)).job
+        assert len(job.shard_job_ids) == 3
+        await wait_done(s, job.job_id)
+        recs = await _final_receipts(net, job.job_id)
+        owed = shares((r.body.provider, r.body.units, r.body.price_per_unit) for r in recs)
+        assert set(owed) == {m.key.address for m in miners} and all(owed.values())
+        async with LedgerClient(ledger.address) as lc:
+            for m in miners:  # each contributor holds exactly its own units x its own price
+                assert (await lc.get_account(m.key.address)).balance == owed[m.key.address]
+    finally:
+        await ledger.stop()
+
+
+async def test_a_caught_cheater_earns_nothing_on_chain_and_the_honest_runs_are_paid(
+        network_factory, null_backend, tmp_path) -> None:
+    from tests.coordinator.test_hub import CheatingMiner
+
+    coord_key = crypto.load_or_create_key(tmp_path / "net0" / "coordinator.key")
+    ledger = LedgerNode(tmp_path, coord_key.address)
+    await ledger.start()
+    try:
+        net = await network_factory(ledger=ledger.address, verify_rate=1.0, verify_timeout_s=30)
+        cheat = CheatingMiner(net)
+        await cheat.connect(models=("null",), price_per_unit=4, device="cpu")
+        serving = asyncio.create_task(cheat.serve())
+        s = stub(net)
+        job = (await s.SubmitJob(image_job(model="null", seed=9, width=64, height=64), metadata=MD)).job
+        await net.until(lambda: net.core.store.get_job(job.job_id).state == job_pb2.JobState.JOB_STATE_COMPLETED)
+        honest = [await net.add_miner({"null": null_backend}, price=4) for _ in range(2)]  # re-run + referee
+        [rec] = await _final_receipts(net, job.job_id)
+        assert rec.settlement.state == St.SETTLEMENT_STATE_REJECTED and "failed verification" in rec.settlement.error
+        reruns = [net.core.store.get_job(v) for v in net.core.store.get_job(job.job_id).verification_job_ids]
+        await net.until(lambda: all(net.core.store.get_receipt(r.receipt_hash).settlement.state
+                                    == St.SETTLEMENT_STATE_FINAL for r in reruns))
+        async with LedgerClient(ledger.address) as lc:
+            assert (await lc.get_account(cheat.key.address)).balance == 0
+            assert (await lc.get_receipt_status(rec.receipt_hash)).status == "unknown"
+            for r in reruns:  # the honest executions are compute served: minted to their miners
+                assert r.miner_id in {h.key.address for h in honest}
+                assert (await lc.get_account(r.miner_id)).balance == r.units * 4
+        serving.cancel()
     finally:
         await ledger.stop()
