@@ -44,14 +44,19 @@ class ReceiptBody:
     version: int = RECEIPT_VERSION
 
     def validate(self) -> None:
-        """Raise ReceiptError naming the first field that breaks docs/receipts.md."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type == "int":
+        """Raise ReceiptError naming the first field that breaks docs/receipts.md. The body is
+        immutable, so a body that passed once is not checked again."""
+        self._valid  # noqa: B018 - the cached check (raises, and caches nothing, when invalid)
+
+    @functools.cached_property
+    def _valid(self) -> bool:
+        for name, is_int in _FIELD_KINDS:
+            value = getattr(self, name)
+            if is_int:
                 if type(value) is not int or not 0 <= value <= MAX_UINT:
-                    raise ReceiptError(f"receipt field {f.name} must be an integer in [0, 2^53-1]")
+                    raise ReceiptError(f"receipt field {name} must be an integer in [0, 2^53-1]")
             elif not isinstance(value, str) or not _PRINTABLE.match(value) or len(value) > 256:
-                raise ReceiptError(f"receipt field {f.name} must be printable ASCII, at most 256 characters")
+                raise ReceiptError(f"receipt field {name} must be printable ASCII, at most 256 characters")
         if self.version != RECEIPT_VERSION:
             raise ReceiptError(f"receipt version {self.version} is not supported (expected {RECEIPT_VERSION})")
         if self.unit_type not in UNIT_TYPES:
@@ -69,13 +74,14 @@ class ReceiptBody:
             crypto.validate_address(self.provider)
         except CryptoError as exc:
             raise ReceiptError(f"receipt provider: {exc.message}") from None
+        return True
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _FIELD_NAMES}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReceiptBody:
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = _FIELD_SET
         if not isinstance(data, dict):
             raise ReceiptError("receipt must be a JSON object")
         missing = names - data.keys()
@@ -106,6 +112,8 @@ class ReceiptBody:
 
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ReceiptBody))
+_FIELD_SET = frozenset(_FIELD_NAMES)
+_FIELD_KINDS = tuple((f.name, f.type == "int") for f in dataclasses.fields(ReceiptBody))
 
 
 def manifest_sha256(artifact_digests: list[bytes]) -> str:
