@@ -26,6 +26,7 @@ import os
 import string
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from aitbc import telemetry
 from aitbc.miner.backend import (
     BackendError,
     DeviceTimer,
@@ -231,16 +233,24 @@ class DiffusersImageBackend:
         # classifier-free guidance only above 1, as in diffusers
         do_cfg = req.guidance_scale > 1.0 and view.unet.config.time_cond_proj_dim is None
 
+        # phases as child spans of miner.generate (tracing on): encode_prompt and encode_png around
+        # our own calls; denoise (pipeline start -> last step) and vae_decode (last step -> the
+        # pipeline returns: VAE decode, safety checker if the model has one, PIL conversion) from
+        # the step callback's clock, so the diffusers call itself stays untouched
+        last_step_ns = 0
+
         def step_end(
             pipe: StableDiffusionPipeline, step: int, timestep: Any, kwargs: dict[str, Any]
         ) -> dict[str, Any]:
+            nonlocal last_step_ns
             on_step(step + 1, pipe.num_timesteps)
+            last_step_ns = time.time_ns()
             if cancel.is_set():
                 raise JobCancelled(f"cancelled after step {step + 1}")
             return kwargs
 
         with torch.inference_mode():
-            with self._encode_lock:
+            with self._encode_lock, telemetry.span("miner.encode_prompt", cfg=do_cfg):
                 prompt_embeds, negative_embeds = view.encode_prompt(
                     req.prompt,
                     self.device,
@@ -253,6 +263,7 @@ class DiffusersImageBackend:
             # any device (docs/hub.md)
             generator = [torch.Generator("cpu").manual_seed(req.seed + i) for i in range(req.images)]
             timer = DeviceTimer(self.device)
+            started_ns = time.time_ns()
             with timer:
                 result = view(
                     prompt_embeds=prompt_embeds,
@@ -266,7 +277,12 @@ class DiffusersImageBackend:
                     callback_on_step_end=step_end,
                     output_type="pil",
                 )
-        pngs = [encode_png(img) for img in result.images]
+            done_ns = time.time_ns()
+        if last_step_ns:
+            telemetry.record_span("miner.denoise", started_ns, last_step_ns, steps=req.steps, images=req.images)
+            telemetry.record_span("miner.vae_decode", last_step_ns, done_ns, images=req.images)
+        with telemetry.span("miner.encode_png", images=req.images):
+            pngs = [encode_png(img) for img in result.images]
         return ImageOutput(pngs=pngs, width=width, height=height, gpu_ms=timer.ms)
 
 

@@ -130,6 +130,22 @@ async def test_miner_job_span_with_generate_child_and_a_step_event_each(network_
     assert gen.start_time >= job_span.start_time and gen.end_time <= job_span.end_time
 
 
+async def test_diffusers_phases_are_children_of_generate_in_order(network_factory, tiny_backend, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    t = await run_traced_job(network_factory, tiny_backend, tmp_path, ledger=False)
+    [gen] = t.children(t.one("miner.job", job_id=t.job.job_id), "miner.generate")
+    names = ["miner.encode_prompt", "miner.denoise", "miner.vae_decode", "miner.encode_png"]
+    phases = [t.children(gen, name) for name in names]
+    assert all(len(p) == 1 for p in phases), [s.name for s in t.children(gen)]
+    prompt, denoise, vae, png = (p[0] for p in phases)
+    assert gen.start_time <= prompt.start_time <= prompt.end_time <= denoise.start_time
+    assert denoise.end_time == vae.start_time <= vae.end_time <= png.start_time <= png.end_time <= gen.end_time
+    assert denoise.attributes["steps"] == STEPS
+    # the step events stay on miner.generate, as with every backend
+    steps = [e for e in gen.events if e.name == "denoise.step"]
+    assert [e.attributes["step"] for e in steps] == list(range(1, STEPS + 1))
+    assert all(denoise.start_time <= e.timestamp <= denoise.end_time for e in steps)
+
+
 async def test_settlement_span_wraps_the_mint_and_its_block_links_back(network_factory, null_backend, tmp_path) -> None:  # type: ignore[no-untyped-def]
     t = await run_traced_job(network_factory, null_backend, tmp_path, ledger=True)
     assert t.settled is not None
