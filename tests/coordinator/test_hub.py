@@ -144,7 +144,7 @@ async def test_verification_passes_between_honest_miners(network_factory, null_b
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_a_cheater_is_caught_earns_nothing_and_is_quarantined(network_factory, null_backend) -> None:
+async def test_a_cheater_is_caught_earns_nothing_and_is_quarantined(network_factory, null_backend, capsys) -> None:
     net = await network_factory(verify_rate=1.0, verify_timeout_s=30)
     cheat = CheatingMiner(net)
     await cheat.connect(models=("null",), price_per_unit=1, device="cpu")
@@ -194,8 +194,17 @@ async def test_a_cheater_is_caught_earns_nothing_and_is_quarantined(network_fact
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await s.ReleaseMiner(req, metadata=md)
         assert err.value.code() == code, err.value.details()
-    released = (await s.ReleaseMiner(release, metadata=OP)).miner
+    from aitbc.clients.cli import main  # what the operator types: aitbc hub release MINER
+
+    argv = ["hub", "release", cheat.key.address, "--coordinator", net.address, "--api-key", OPERATOR_KEY]
+    assert await asyncio.get_running_loop().run_in_executor(None, main, argv) == 0
+    assert "on probation" in capsys.readouterr().out
+    released = next(m for m in (await s.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=MD)).miners
+                    if m.miner_id == cheat.key.address)
     assert not released.quarantined and released.probation_left == 10 and released.verifications_failed == 2
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # released already: nothing to lift
+        await s.ReleaseMiner(release, metadata=OP)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not quarantined" in err.value.details()
     # eligible again; on probation every result it returns is checked (held until then)
     for h in honest:
         h.stop()
