@@ -38,7 +38,7 @@ class CoordinatorConfig:
     hub_id: str = ""
     heartbeat_interval_s: float = 2.0
     heartbeat_timeout_s: float = 10.0
-    stall_timeout_s: float = 120.0  # a held job with no accept/progress/text/upload for this long goes elsewhere
+    stall_timeout_s: float = 120.0  # a miner silent on all its jobs this long (heartbeats aside) loses them
     max_attempts: int = 3
     queue_ttl_s: float = 600.0
     model_grace_s: float = 300.0

@@ -131,6 +131,7 @@ class MinerConn:
     upload_bytes: dict[str, int] = field(default_factory=dict)
     closed: bool = False
     latency_ms: float = 0.0  # EWMA of assignment -> accepted result
+    active_at: float = 0.0  # last message about any of its jobs (stall detection)
 
     @property
     def miner_id(self) -> str:
@@ -168,7 +169,6 @@ class Coordinator:
         self._queued_at: dict[str, float] = {}
         self._excluded: dict[str, set[str]] = {}  # job -> miners whose result for it was rejected
         self._avoid: dict[str, set[str]] = {}  # job -> miners it failed or stalled on (retried elsewhere if possible)
-        self._active_at: dict[str, float] = {}  # held job -> last message about it from its miner
         self._watchers: dict[str, set[asyncio.Queue[job_pb2.Job | job_pb2.JobProgress]]] = {}
         self._rr = itertools.count()
         self.receipt_listeners: list[Callable[[receipt_pb2.Receipt], None]] = []
@@ -563,7 +563,7 @@ class Coordinator:
         job = self._jobs.get(job_id)
         if job is None or job.miner_id != conn.miner_id or job_id not in conn.running:
             raise PermissionDenied(f"job {job_id[:64]} is not assigned to miner {conn.miner_id}")
-        self._active_at[job_id] = conn.last_seen
+        conn.active_at = conn.last_seen
         return job
 
     def _on_accepted(self, conn: MinerConn, job_id: str) -> None:
@@ -750,7 +750,6 @@ class Coordinator:
 
     def _requeue(self, job: job_pb2.Job, reason: str) -> None:
         self._assigned_at.pop(job.job_id, None)
-        self._active_at.pop(job.job_id, None)
         if job.attempts >= self.config.max_attempts:
             self._finish(job, S.JOB_STATE_FAILED, f"gave up after {job.attempts} attempts; last: {reason}")
             return
@@ -783,7 +782,6 @@ class Coordinator:
         self._queued_at.pop(job.job_id, None)
         self._excluded.pop(job.job_id, None)
         self._avoid.pop(job.job_id, None)
-        self._active_at.pop(job.job_id, None)
         self._stuck.pop(job.job_id, None)
         self._publish(job.job_id, self._snapshot(job))
         if job.job_id not in self._watchers:
@@ -1140,10 +1138,11 @@ class Coordinator:
                     self._record(conn.miner_id, "record_failure", "stall")
                 self.disconnect(conn, f"no heartbeat for {now - conn.last_seen:.1f} s")
                 continue
-            for job_id in list(conn.running):
-                quiet = now - self._active_at.get(job_id, self._assigned_at.get(job_id, now))
-                if quiet > self.config.stall_timeout_s:
-                    self._stalled(conn, job_id, quiet)
+            if conn.running:  # working miners talk about some job; a miner may queue jobs internally
+                since = max(conn.active_at, *(self._assigned_at.get(j, now) for j in conn.running))
+                if now - since > self.config.stall_timeout_s:
+                    for job_id in list(conn.running):
+                        self._stalled(conn, job_id, now - since)
         for job_id, since in list(self._queued_at.items()):
             job = self._jobs.get(job_id)
             ttl = self.config.verify_timeout_s if job is not None and job.verify_of else self.config.queue_ttl_s
@@ -1151,8 +1150,9 @@ class Coordinator:
                 self._finish(job, S.JOB_STATE_EXPIRED, f"no miner took the job within {ttl:g} s")
 
     def _stalled(self, conn: MinerConn, job_id: str, quiet: float) -> None:
-        """A miner that heartbeats but makes no progress on a job: take the job back (it goes to
-        another miner when there is one), tell the miner to drop it, and count a stall."""
+        """A miner that heartbeats but has said nothing about any of its jobs for stall_timeout_s
+        (since the last of them was assigned): take the job back (it goes to another miner when
+        there is one), tell the miner to drop it, and count a stall."""
         why = f"miner {conn.miner_id} made no progress for {quiet:.0f} s (stall_timeout_s {self.config.stall_timeout_s:g})"
         conn.running.discard(job_id)
         conn.uploads.pop(job_id, None)

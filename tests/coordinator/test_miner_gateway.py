@@ -33,7 +33,7 @@ class RawMiner:
         reg = await self.stub.Register(miner_pb2.RegisterRequest(
             public_key=self.key.pubkey, challenge=ch.challenge,
             signature=self.key.sign(register_digest(ch.challenge, self.key.pubkey)),
-            info=miner_pb2.MinerInfo(models=list(models), max_concurrency=1, **info)))
+            info=miner_pb2.MinerInfo(models=list(models), **{"max_concurrency": 1, **info})))
 
         async def requests():
             while True:
