@@ -132,6 +132,7 @@ class Watched(NamedTuple):
     submitted: float  # just before SubmitJob
     first_text: float | None  # the first TextChunk reached this client (text jobs)
     finished: float  # WatchJob ended (and the result was fetched, with fetch_result)
+    last_text: float | None = None  # the last TextChunk reached this client (text jobs)
 
     @property
     def seconds(self) -> float:
@@ -144,11 +145,13 @@ async def submit_and_watch(stub: coordinator_pb2_grpc.CoordinatorServiceStub, mo
     so the time covers what a client waits for. check: fail unless the job COMPLETED."""
     submitted = time.perf_counter()
     job = (await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(model=model, params=params), metadata=MD)).job
-    first_text = None
+    first_text = last_text = None
     async for ev in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=MD):
         kind = ev.WhichOneof("event")
-        if kind == "text" and first_text is None:
-            first_text = time.perf_counter()
+        if kind == "text":
+            last_text = time.perf_counter()
+            if first_text is None:
+                first_text = last_text
         elif kind == "job":
             job = ev.job
     finished = time.perf_counter()
@@ -158,4 +161,4 @@ async def submit_and_watch(stub: coordinator_pb2_grpc.CoordinatorServiceStub, mo
         async for _ in stub.GetJobResult(coordinator_pb2.GetJobResultRequest(job_id=job.job_id), metadata=MD):
             pass
         finished = time.perf_counter()
-    return Watched(job, submitted, first_text, finished)
+    return Watched(job, submitted, first_text, finished, last_text)
