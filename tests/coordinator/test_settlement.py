@@ -17,21 +17,41 @@ St = receipt_pb2.SettlementState
 
 
 class LedgerNode:
+    """One ledger authority on 127.0.0.1 with an LMDB store under `tmp`; `async with` starts it and
+    stops it (if it is still running); `restart` keeps its port and chain."""
+
     def __init__(self, tmp: Path, attester: str) -> None:
         self.tmp = tmp
         self.key = crypto.PrivateKey.generate()
         self.genesis = make_genesis("aitbc-devnet", [self.key.address], [attester], block_time_ms=200)
         self.address = ""
+        self.running = False
+
+    @classmethod
+    def for_network(cls, tmp: Path) -> LedgerNode:
+        """A node whose genesis authorizes the coordinator of the first test network
+        (network_factory's `net0`) as the receipt attester."""
+        return cls(tmp, crypto.load_or_create_key(tmp / "net0" / "coordinator.key").address)
 
     async def start(self) -> None:
         self.store = LmdbStore(self.tmp / "ledger")
         self.node, self.server = await start_node(self.store, self.genesis, self.key, self.address or "127.0.0.1:0")
         self.address = f"127.0.0.1:{self.server.port}"
+        self.running = True
 
     async def stop(self) -> None:
+        self.running = False
         await self.node.stop()
         await self.server.stop(0.5)
         self.store.close()
+
+    async def __aenter__(self) -> LedgerNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.running:
+            await self.stop()
 
 
 async def _settled(net, job_id: str, want: int = St.SETTLEMENT_STATE_FINAL, timeout: float = 30.0) -> receipt_pb2.Receipt:
@@ -47,10 +67,7 @@ async def _settled(net, job_id: str, want: int = St.SETTLEMENT_STATE_FINAL, time
 
 
 async def test_completed_job_mints_units_times_price_to_the_miner_once(network_factory, null_backend, tmp_path) -> None:
-    coord_key = crypto.load_or_create_key(tmp_path / "net0" / "coordinator.key")
-    ledger = LedgerNode(tmp_path, coord_key.address)
-    await ledger.start()
-    try:
+    async with LedgerNode.for_network(tmp_path) as ledger:
         net = await network_factory(ledger=ledger.address)
         miner = await net.add_miner({"null": null_backend}, price=7)
         s = stub(net)
@@ -64,15 +81,10 @@ async def test_completed_job_mints_units_times_price_to_the_miner_once(network_f
             assert (await lc.get_account(miner.key.address)).balance == rec.settlement.amount
             status = await lc.get_receipt_status(rec.receipt_hash)
             assert status.status == "final" and status.tx_hash == rec.settlement.tx_hash
-    finally:
-        await ledger.stop()
 
 
 async def test_free_job_mints_nothing(network_factory, null_backend, tmp_path) -> None:
-    coord_key = crypto.load_or_create_key(tmp_path / "net0" / "coordinator.key")
-    ledger = LedgerNode(tmp_path, coord_key.address)
-    await ledger.start()
-    try:
+    async with LedgerNode.for_network(tmp_path) as ledger:
         net = await network_factory(ledger=ledger.address)
         await net.add_miner({"null": null_backend}, price=0)
         s = stub(net)
@@ -80,14 +92,11 @@ async def test_free_job_mints_nothing(network_factory, null_backend, tmp_path) -
         rec = (await s.GetReceipt(coordinator_pb2.GetReceiptRequest(job_id=job.job_id), metadata=MD)).receipt
         assert rec.settlement.state == St.SETTLEMENT_STATE_NOT_REQUIRED
         assert not net.core.store.unsettled_receipts()
-    finally:
-        await ledger.stop()
 
 
 async def test_ledger_down_then_coordinator_restart_then_ledger_back_mints_exactly_once(
         network_factory, null_backend, tmp_path) -> None:
-    coord_key = crypto.load_or_create_key(tmp_path / "net0" / "coordinator.key")
-    ledger = LedgerNode(tmp_path, coord_key.address)
+    ledger = LedgerNode.for_network(tmp_path)
     await ledger.start()
     await ledger.stop()  # the ledger is down (its address is kept for the restart)
     net = await network_factory(ledger=ledger.address)
@@ -116,9 +125,8 @@ async def test_ledger_down_then_coordinator_restart_then_ledger_back_mints_exact
 
 async def test_a_ledger_that_does_not_know_the_attester_rejects_with_the_reason(network_factory, null_backend,
                                                                                tmp_path) -> None:
-    ledger = LedgerNode(tmp_path, crypto.PrivateKey.generate().address)  # another attester in the genesis
-    await ledger.start()
-    try:
+    # another attester in the genesis
+    async with LedgerNode(tmp_path, crypto.PrivateKey.generate().address) as ledger:
         net = await network_factory(ledger=ledger.address)
         miner = await net.add_miner({"null": null_backend}, price=1)
         s = stub(net)
@@ -128,8 +136,6 @@ async def test_a_ledger_that_does_not_know_the_attester_rejects_with_the_reason(
         assert not net.core.store.unsettled_receipts()  # not retried forever
         async with LedgerClient(ledger.address) as lc:
             assert (await lc.get_account(miner.key.address)).balance == 0
-    finally:
-        await ledger.stop()
 
 
 async def _final_receipts(net, job_id: str, timeout: float = 30.0) -> list[receipt_pb2.Receipt]:
@@ -148,10 +154,7 @@ async def _final_receipts(net, job_id: str, timeout: float = 30.0) -> list[recei
 async def test_a_split_job_pays_each_miner_its_own_share_on_chain(network_factory, null_backend, tmp_path) -> None:
     from aitbc.hub.payout import shares
 
-    coord_key = crypto.load_or_create_key(tmp_path / "net0" / "coordinator.key")
-    ledger = LedgerNode(tmp_path, coord_key.address)
-    await ledger.start()
-    try:
+    async with LedgerNode.for_network(tmp_path) as ledger:
         net = await network_factory(ledger=ledger.address)
         miners = [await net.add_miner({"null": null_backend}, price=p) for p in (2, 3, 5)]
         s = stub(net)
@@ -164,18 +167,13 @@ async def test_a_split_job_pays_each_miner_its_own_share_on_chain(network_factor
         async with LedgerClient(ledger.address) as lc:
             for m in miners:  # each contributor holds exactly its own units x its own price
                 assert (await lc.get_account(m.key.address)).balance == owed[m.key.address]
-    finally:
-        await ledger.stop()
 
 
 async def test_a_caught_cheater_earns_nothing_on_chain_and_the_honest_runs_are_paid(
         network_factory, null_backend, tmp_path) -> None:
     from tests.coordinator.test_hub import CheatingMiner
 
-    coord_key = crypto.load_or_create_key(tmp_path / "net0" / "coordinator.key")
-    ledger = LedgerNode(tmp_path, coord_key.address)
-    await ledger.start()
-    try:
+    async with LedgerNode.for_network(tmp_path) as ledger:
         net = await network_factory(ledger=ledger.address, verify_rate=1.0, verify_timeout_s=30)
         cheat = CheatingMiner(net)
         await cheat.connect(models=("null",), price_per_unit=4, device="cpu")
@@ -196,5 +194,3 @@ async def test_a_caught_cheater_earns_nothing_on_chain_and_the_honest_runs_are_p
                 assert r.miner_id in {h.key.address for h in honest}
                 assert (await lc.get_account(r.miner_id)).balance == r.units * 4
         serving.cancel()
-    finally:
-        await ledger.stop()

@@ -23,7 +23,7 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind
 
-from aitbc import crypto, telemetry
+from aitbc import telemetry
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, receipt_pb2
 from tests.conftest import API_KEY
 from tests.coordinator.test_settlement import LedgerNode, _settled
@@ -74,8 +74,7 @@ async def run_traced_job(network_factory: Any, backend: Any, tmp_path: Path, *, 
     node = None
     overrides: dict[str, Any] = {}
     if ledger:
-        coord_key = crypto.load_or_create_key(tmp_path / "net0" / "coordinator.key")
-        node = LedgerNode(tmp_path, coord_key.address)
+        node = LedgerNode.for_network(tmp_path)
         await node.start()
         overrides["ledger"] = node.address
     settled = None

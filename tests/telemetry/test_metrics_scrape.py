@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aitbc import crypto, metrics, telemetry
+from aitbc import metrics, telemetry
 from tests.coordinator.test_jobs_api import MD, image_job, stub, wait_done
 from tests.coordinator.test_settlement import LedgerNode, _settled
 
@@ -36,8 +36,7 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 async def _one_settled_job(network_factory, null_backend, tmp_path):  # type: ignore[no-untyped-def]
-    coord_key = crypto.load_or_create_key(tmp_path / "net0" / "coordinator.key")
-    ledger = LedgerNode(tmp_path, coord_key.address)
+    ledger = LedgerNode.for_network(tmp_path)
     await ledger.start()
     net = await network_factory(ledger=ledger.address)
     await net.add_miner({"null": null_backend}, price=3)
