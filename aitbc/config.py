@@ -30,7 +30,18 @@ class ClientKey:
 
 
 @dataclass
-class CoordinatorConfig:
+class TlsConfig:
+    """TLS keys every long-running process has (docs/operations.md, "TLS"): serve with this
+    certificate chain + key (PEM); dial peers with TLS, checking their certificates against this
+    CA (PEM). Empty: plaintext."""
+
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+
+
+@dataclass
+class CoordinatorConfig(TlsConfig):
     listen: str = "127.0.0.1:18000"
     data_dir: str = "~/.aitbc/coordinator"
     key_file: str = "~/.aitbc/coordinator.key"
@@ -49,16 +60,11 @@ class CoordinatorConfig:
     verify_rate: float = 0.10
     verify_timeout_s: float = 120.0  # no other eligible miner in this time: the result stands unverified
     verify_tolerance: float = 0.03  # GPU runs: mean absolute pixel difference allowed (CPU runs: byte-exact)
-    # TLS (docs/operations.md): serve with this certificate chain + key (PEM); dial peers with TLS,
-    # checking their certificates against this CA (PEM). Empty: plaintext.
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    tls_ca_file: str = ""
     port_file: str = ""
 
 
 @dataclass
-class MinerConfig:
+class MinerConfig(TlsConfig):
     coordinator: str = "127.0.0.1:18000"
     key_file: str = "~/.aitbc/miner.key"
     models: list[str] = field(default_factory=lambda: ["tiny-sd"])
@@ -68,26 +74,16 @@ class MinerConfig:
     cpu_threads: int = 0  # torch threads on a CPU-only miner; 0 = cores - 1
     ops_listen: str = "127.0.0.1:18001"
     reconnect_max_s: float = 30.0
-    # TLS (docs/operations.md): serve with this certificate chain + key (PEM); dial peers with TLS,
-    # checking their certificates against this CA (PEM). Empty: plaintext.
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    tls_ca_file: str = ""
     port_file: str = ""
 
 
 @dataclass
-class WalletConfig:
+class WalletConfig(TlsConfig):
     listen: str = "127.0.0.1:18002"
     keystore_dir: str = "~/.aitbc/wallets"
     ledger: str = "127.0.0.1:26657"
     idle_lock_s: float = 300.0  # an unlocked wallet locks itself after this long without signing
     kdf_profile: str = "default"  # "fast" (libsodium's minimum Argon2id cost) is for tests only
-    # TLS (docs/operations.md): serve with this certificate chain + key (PEM); dial peers with TLS,
-    # checking their certificates against this CA (PEM). Empty: plaintext.
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    tls_ca_file: str = ""
     port_file: str = ""
 
 

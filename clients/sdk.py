@@ -89,10 +89,7 @@ class CoordinatorClient:
             params.guidance_scale = guidance_scale
         if seed is not None:
             params.seed = seed
-        req = coordinator_pb2.SubmitJobRequest(model=model, params=job_pb2.JobParams(image=params), request_id=request_id)
-        if max_price_per_unit is not None:
-            req.max_price_per_unit = max_price_per_unit
-        return self._stub.SubmitJob(req, metadata=self._md, timeout=self.timeout).job
+        return self._submit(model, job_pb2.JobParams(image=params), request_id, max_price_per_unit)
 
     @_wrap
     def submit_text(
@@ -116,7 +113,10 @@ class CoordinatorClient:
             params.top_p = top_p
         if seed is not None:
             params.seed = seed
-        req = coordinator_pb2.SubmitJobRequest(model=model, params=job_pb2.JobParams(text=params), request_id=request_id)
+        return self._submit(model, job_pb2.JobParams(text=params), request_id, max_price_per_unit)
+
+    def _submit(self, model: str, params: job_pb2.JobParams, request_id: str, max_price_per_unit: int | None) -> job_pb2.Job:
+        req = coordinator_pb2.SubmitJobRequest(model=model, params=params, request_id=request_id)
         if max_price_per_unit is not None:
             req.max_price_per_unit = max_price_per_unit
         return self._stub.SubmitJob(req, metadata=self._md, timeout=self.timeout).job
