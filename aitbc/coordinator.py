@@ -873,9 +873,9 @@ class Coordinator:
         if not miner_id:
             raise InvalidArgument("miner_id is required (an ait1... address from ListMiners)")
         rec = self.book.get(miner_id)
-        if rec is None:
+        if rec is None and miner_id not in self.miners:
             raise NotFound(f"miner {miner_id} is not known to this hub (ListMiners shows the known ones)")
-        if not rec.quarantined:
+        if rec is None or not rec.quarantined:
             raise FailedPrecondition(f"miner {miner_id} is not quarantined")
         self._record(miner_id, "release")
         log.warning("miner %s released from quarantine by operator '%s'; on probation", miner_id, client.id)

@@ -220,6 +220,15 @@ async def test_a_cheater_is_caught_earns_nothing_and_is_quarantined(network_fact
     serving.cancel()
 
 
+async def test_releasing_a_connected_miner_that_never_served_says_it_is_not_quarantined(net) -> None:
+    fresh = RawMiner(net)
+    await fresh.connect()
+    await net.until(lambda: fresh.key.address in net.core.miners)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub(net).ReleaseMiner(coordinator_pb2.ReleaseMinerRequest(miner_id=fresh.key.address), metadata=OP)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not quarantined" in err.value.details()
+
+
 async def test_gpu_runs_are_compared_within_the_tolerance_on_gpus_only(network_factory, null_backend) -> None:
     """CUDA miners: results that differ by kernel noise pass (not byte-identical), a wrong image is
     caught by the referee; a CPU miner connected all along never re-runs a CUDA miner's job."""
