@@ -533,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hub", help="pool hub (runs inside the coordinator): `aitbc hub miners` lists miners")
     hsub = p.add_subparsers(dest="hub_command", metavar="run|miners|release", required=True)
     h = hsub.add_parser("run", help="run a pool hub: a coordinator (the hub runs inside it; docs/hub.md)")
-    h.add_argument("--config", help="coordinator TOML (hub keys: verify_rate, verify_timeout_s, verify_tolerance, hub_id)")
+    h.add_argument("--config", help="coordinator TOML (hub keys: verify_rate, verify_timeout_s, verify_tolerance, "
+                   "stall_timeout_s, hub_id)")
     h.add_argument("--listen")
     h.add_argument("--port-file", help="write the bound port here once serving")
     h.set_defaults(func=cmd_coordinator)
