@@ -28,6 +28,12 @@ class ClientKey:
     burst: int = 100
     operator: bool = False  # may call operator RPCs (ReleaseMiner)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.operator, bool):
+            raise InvalidArgument(f"client {self.id!r}: operator must be true or false (got {self.operator!r})")
+        _within(f"clients.{self.id}.rate_per_s", self.rate_per_s, 1e-9, float("inf"))
+        _within(f"clients.{self.id}.burst", self.burst, 1, float("inf"))
+
 
 @dataclass
 class TlsConfig:
@@ -60,7 +66,26 @@ class CoordinatorConfig(TlsConfig):
     verify_rate: float = 0.10
     verify_timeout_s: float = 120.0  # no other eligible miner in this time: the result stands unverified
     verify_tolerance: float = 0.03  # GPU runs: mean absolute pixel difference allowed (CPU runs: byte-exact)
+    quarantine_after: int = 2  # failed verifications within 7 days that quarantine a miner
+    probation_checks: int = 10  # after a failed verification, this many passed ones end the probation
     port_file: str = ""
+
+    def __post_init__(self) -> None:
+        """Refuse, at start, values the coordinator would trip over later."""
+        _within("verify_rate", self.verify_rate, 0.0, 1.0)
+        _within("verify_tolerance", self.verify_tolerance, 0.0, 1.0)
+        for name in ("heartbeat_interval_s", "heartbeat_timeout_s", "stall_timeout_s", "queue_ttl_s",
+                     "verify_timeout_s", "model_grace_s"):
+            _within(name, getattr(self, name), 0.001, float("inf"))
+        for name in ("max_attempts", "quarantine_after", "max_artifact_bytes"):
+            _within(name, getattr(self, name), 1, float("inf"))
+        _within("probation_checks", self.probation_checks, 0, float("inf"))
+
+
+def _within(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        bounds = f"at least {low:g}" if high == float("inf") else f"between {low:g} and {high:g}"
+        raise InvalidArgument(f"config key {name!r} must be {bounds} (got {value!r})")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from aitbc.errors import (
     Unauthenticated,
 )
 from aitbc.hub.matching import JobNeeds, MinerView, Unplaceable, choose
-from aitbc.hub.reputation import LmdbReputationStore, ReputationBook
+from aitbc.hub.reputation import LmdbReputationStore, ReputationBook, ReputationPolicy
 from aitbc.hub.sharding import image_seed, plan_shards
 from aitbc.hub.verification import arbitrate, sample_key, should_verify
 from aitbc.jobstore import JobStore
@@ -172,7 +172,8 @@ class Coordinator:
         self._watchers: dict[str, set[asyncio.Queue[job_pb2.Job | job_pb2.JobProgress]]] = {}
         self._rr = itertools.count()
         self.receipt_listeners: list[Callable[[receipt_pb2.Receipt], None]] = []
-        self.book = ReputationBook(LmdbReputationStore(store.env))
+        self.book = ReputationBook(LmdbReputationStore(store.env), policy=ReputationPolicy(
+            quarantine_after=config.quarantine_after, probation_checks=config.probation_checks))
         secret = store.get_meta("verify_secret")
         if secret is None:  # keyed sampling: miners cannot tell which of their jobs will be checked
             secret = secrets.token_bytes(32)

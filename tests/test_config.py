@@ -1,0 +1,53 @@
+"""Process configuration: defaults < TOML < AITBC_<PROCESS>_<KEY> environment < explicit overrides;
+unknown keys, wrong types and out-of-range values are refused at start with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aitbc import config
+from aitbc.config import CoordinatorConfig, MinerConfig
+from aitbc.errors import InvalidArgument
+
+
+def test_precedence_defaults_toml_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('verify_rate = 0.25\nstall_timeout_s = 30\nquarantine_after = 3\n'
+                 '[[clients]]\nid = "ops"\napi_key_sha256 = "ab"\noperator = true\n')
+    c = config.load(CoordinatorConfig, f, "COORDINATOR")
+    assert (c.verify_rate, c.stall_timeout_s, c.quarantine_after, c.probation_checks) == (0.25, 30.0, 3, 10)
+    assert c.clients[0].operator and not config.ClientKey("x", "y").operator
+    monkeypatch.setenv("AITBC_COORDINATOR_VERIFY_RATE", "0.5")
+    monkeypatch.setenv("AITBC_COORDINATOR_TLS_CA_FILE", "/etc/aitbc/ca.pem")
+    c = config.load(CoordinatorConfig, f, "COORDINATOR", stall_timeout_s=5.0)
+    assert (c.verify_rate, c.stall_timeout_s, c.tls_ca_file) == (0.5, 5.0, "/etc/aitbc/ca.pem")
+    m = config.load(MinerConfig, None, "MINER", models="tiny-sd, tiny-llama")
+    assert m.models == ["tiny-sd", "tiny-llama"] and m.tls_cert_file == ""
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("verify_rat = 0.1\n", "unknown keys verify_rat"),
+    ('verify_rate = "often"\n', "config key 'verify_rate': expected float"),
+    ("verify_rate = 1.5\n", "config key 'verify_rate' must be between 0 and 1 (got 1.5)"),
+    ("verify_tolerance = -0.1\n", "'verify_tolerance' must be between 0 and 1"),
+    ("stall_timeout_s = 0\n", "'stall_timeout_s' must be at least 0.001"),
+    ("quarantine_after = 0\n", "'quarantine_after' must be at least 1"),
+    ("probation_checks = -1\n", "'probation_checks' must be at least 0"),
+    ("max_attempts = 0\n", "'max_attempts' must be at least 1"),
+    ("verify_rate = \n", "is not valid TOML"),
+    ('[[clients]]\nid = "ops"\napi_key_sha256 = "ab"\noperator = "yes"\n', "operator must be true or false"),
+    ('[[clients]]\nid = "ops"\napi_key_sha256 = "ab"\nburst = 0\n', "'clients.ops.burst' must be at least 1"),
+])
+def test_bad_values_are_refused_with_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(InvalidArgument) as err:
+        config.load(CoordinatorConfig, f, "COORDINATOR")
+    assert needle in err.value.message
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        config.load(CoordinatorConfig, tmp_path / "nope.toml", "COORDINATOR")
