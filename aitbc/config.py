@@ -101,6 +101,12 @@ class MinerConfig(TlsConfig):
     reconnect_max_s: float = 30.0
     port_file: str = ""
 
+    def __post_init__(self) -> None:
+        _within("price_per_unit", self.price_per_unit, 0, float("inf"))
+        _within("max_concurrency", self.max_concurrency, 1, float("inf"))
+        _within("cpu_threads", self.cpu_threads, 0, float("inf"))
+        _within("reconnect_max_s", self.reconnect_max_s, 0.001, float("inf"))
+
 
 @dataclass
 class WalletConfig(TlsConfig):
@@ -110,6 +116,9 @@ class WalletConfig(TlsConfig):
     idle_lock_s: float = 300.0  # an unlocked wallet locks itself after this long without signing
     kdf_profile: str = "default"  # "fast" (libsodium's minimum Argon2id cost) is for tests only
     port_file: str = ""
+
+    def __post_init__(self) -> None:
+        _within("idle_lock_s", self.idle_lock_s, 0.001, float("inf"))
 
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:

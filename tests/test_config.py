@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from aitbc import config
-from aitbc.config import CoordinatorConfig, MinerConfig
+from aitbc.config import CoordinatorConfig, MinerConfig, WalletConfig
 from aitbc.errors import InvalidArgument
 
 
@@ -46,6 +46,16 @@ def test_bad_values_are_refused_with_the_key(tmp_path: Path, text: str, needle: 
     with pytest.raises(InvalidArgument) as err:
         config.load(CoordinatorConfig, f, "COORDINATOR")
     assert needle in err.value.message
+
+
+@pytest.mark.parametrize(("cls", "values", "needle"), [
+    (MinerConfig, {"price_per_unit": -1}, "'price_per_unit' must be at least 0"),
+    (MinerConfig, {"max_concurrency": 0}, "'max_concurrency' must be at least 1"),
+    (WalletConfig, {"idle_lock_s": 0}, "'idle_lock_s' must be at least 0.001"),
+])
+def test_miner_and_wallet_values_are_checked_too(cls: type, values: dict, needle: str) -> None:
+    with pytest.raises(InvalidArgument, match=needle):
+        config.load(cls, None, "X", **values)
 
 
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
