@@ -32,9 +32,10 @@ check-gen: gen
 	@git diff --exit-code --stat -- aitbc/v1 || { echo "generated stubs are stale: run 'make gen' and commit"; exit 1; }
 	@test -z "$$(git status --porcelain --untracked-files=all -- aitbc/v1)" || { git status --short -- aitbc/v1; echo "generated stubs are not committed: run 'make gen' and commit"; exit 1; }
 
-lint: $(BUF)
+lint: $(BUF) $(VENV)/.installed
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
+	$(PY) -m ruff check .
 
 test: install check-gen lint
 	$(PY) -m pytest -q
