@@ -80,16 +80,23 @@ def _read_pem(name: str, path: str, marker: bytes) -> bytes:
     return data
 
 
-def configure_tls(cert_file: str = "", key_file: str = "", ca_file: str = "") -> Tls:
+CONFIG_NAMES = ("tls_cert_file", "tls_key_file", "tls_ca_file")
+FLAG_NAMES = ("--tls-cert", "--tls-key", "--tls-ca")
+
+
+def configure_tls(cert_file: str = "", key_file: str = "", ca_file: str = "", *,
+                  names: tuple[str, str, str] = CONFIG_NAMES) -> Tls:
     """Load this process's TLS material (see the module docstring); all empty turns TLS off.
-    Raises InvalidArgument / FailedPrecondition with the file and what is wrong with it."""
+    Raises InvalidArgument / FailedPrecondition naming the setting (`names`: how the user set
+    them, config keys or command-line flags), the file and what is wrong with it."""
     global _tls
+    cert_name, key_name, ca_name = names
     if bool(cert_file) != bool(key_file):
-        raise InvalidArgument("set both tls_cert_file and tls_key_file to serve TLS (or neither for plaintext)")
+        raise InvalidArgument(f"set both {cert_name} and {key_name} to serve TLS (or neither for plaintext)")
     _tls = Tls(
-        cert_chain=_read_pem("tls_cert_file", cert_file, b"CERTIFICATE") if cert_file else b"",
-        private_key=_read_pem("tls_key_file", key_file, b"PRIVATE KEY") if key_file else b"",
-        root_certs=_read_pem("tls_ca_file", ca_file, b"CERTIFICATE") if ca_file else b"",
+        cert_chain=_read_pem(cert_name, cert_file, b"CERTIFICATE") if cert_file else b"",
+        private_key=_read_pem(key_name, key_file, b"PRIVATE KEY") if key_file else b"",
+        root_certs=_read_pem(ca_name, ca_file, b"CERTIFICATE") if ca_file else b"",
     )
     return _tls
 

@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     from aitbc.clients.sdk import ClientError
 
     try:  # what this process dials; `aitbc coordinator|miner|node|wallet-daemon` then apply their own config
-        rpc.configure_tls(ca_file=args.tls_ca)
+        rpc.configure_tls(ca_file=args.tls_ca, names=rpc.FLAG_NAMES)
     except AitbcError as exc:
         return _fail(exc.message)
     command = getattr(args.func, "__name__", "cmd").removeprefix("cmd_")

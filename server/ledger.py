@@ -191,7 +191,7 @@ async def run_node(data_dir: str | Path, genesis_path: str | Path, key_path: str
     """Run a node until SIGINT/SIGTERM (or `stop` is set). Returns the process exit code.
     TLS: serve with the certificate + key, dial peers checking them against the CA (aitbc.rpc)."""
     telemetry.setup("aitbc-node")  # before the server starts: its interceptors are chosen then
-    rpc.configure_tls(tls_cert_file, tls_key_file, tls_ca_file)
+    rpc.configure_tls(tls_cert_file, tls_key_file, tls_ca_file, names=rpc.FLAG_NAMES)  # `aitbc node --tls-*`
     genesis = Genesis.load(genesis_path)
     try:
         key = crypto.PrivateKey.from_hex(Path(key_path).read_text()) if key_path else None

@@ -111,6 +111,8 @@ def test_bad_tls_configuration_is_refused_with_the_reason(tmp_path: Path) -> Non
         with pytest.raises(InvalidArgument, match="tls_key_file .* is not a PEM private key"):
             rpc.configure_tls(cert_file=CERT, key_file=CERT)
         assert not rpc.tls().serves and not rpc.tls().dials  # a refused setting changes nothing
+        with pytest.raises(FailedPrecondition, match=r"^--tls-ca .*nowhere\.pem: cannot read it"):
+            rpc.configure_tls(ca_file=str(tmp_path / "nowhere.pem"), names=rpc.FLAG_NAMES)  # the CLI's wording
     finally:
         rpc.configure_tls()
 
