@@ -121,11 +121,27 @@ def status_code(exc: AitbcError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
 
 
-MAX_DETAILS_CHARS = 1000  # grpc-message travels as metadata (8 KiB soft limit): never echo huge input
+# grpc-message travels as metadata (8 KiB soft limit), percent-encoded: every byte outside printable
+# ASCII (and '%') takes 3, so one non-ASCII character can take 12. Never echo huge input.
+MAX_DETAILS_BYTES = 2000
+_TRUNCATED = "... (truncated)"
+
+
+def _wire_len(ch: str) -> int:
+    return sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in ch.encode("utf-8", "replace"))
 
 
 def details(message: str) -> str:
-    return message if len(message) <= MAX_DETAILS_CHARS else message[:MAX_DETAILS_CHARS - 14] + "... (truncated)"
+    """`message` cut so that its percent-encoded form stays within MAX_DETAILS_BYTES."""
+    if len(message) * 12 <= MAX_DETAILS_BYTES:  # fast path: fits whatever the characters are
+        return message
+    budget = MAX_DETAILS_BYTES - len(_TRUNCATED)
+    used = 0
+    for i, ch in enumerate(message):
+        used += _wire_len(ch)
+        if used > budget:
+            return message[:i] + _TRUNCATED
+    return message
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: AitbcError) -> None:
