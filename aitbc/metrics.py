@@ -132,11 +132,7 @@ class Counter(Metric):
             self._values[key] = self._values.get(key, 0.0) + amount
 
     def inc(self, amount: float = 1.0, **labels: Any) -> None:
-        key = self._key(labels) if labels or self.labelnames else ()
-        if amount < 0:
-            raise ValueError(f"{self.name}: a counter only goes up")
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
+        self._add(self._key(labels) if labels or self.labelnames else (), amount)
 
     def labels(self, **labels: Any) -> _Child:
         return _Child(self, self._key(labels))
@@ -235,14 +231,7 @@ class Histogram(Metric):
             row[-1] += value
 
     def observe(self, value: float, **labels: Any) -> None:
-        key = self._key(labels) if labels or self.labelnames else ()
-        i = bisect.bisect_left(self.buckets, value)
-        with self._lock:
-            row = self._values.get(key)
-            if row is None:
-                row = self._values[key] = [0.0] * (len(self.buckets) + 2)
-            row[i] += 1
-            row[-1] += value
+        self._observe(self._key(labels) if labels or self.labelnames else (), value)
 
     def labels(self, **labels: Any) -> _Child:
         return _Child(self, self._key(labels))
