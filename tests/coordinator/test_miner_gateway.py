@@ -28,12 +28,16 @@ class RawMiner:
         self.stub = miner_pb2_grpc.MinerServiceStub(net.channel())
         self.outbox: asyncio.Queue = asyncio.Queue()
 
-    async def connect(self, models=("null",), **info) -> None:
+    async def register(self, models=("null",), **info) -> miner_pb2.RegisterResponse:
+        """GetChallenge + Register, signed with this miner's key (max_concurrency 1 unless given)."""
         ch = await self.stub.GetChallenge(miner_pb2.GetChallengeRequest())
-        reg = await self.stub.Register(miner_pb2.RegisterRequest(
+        return await self.stub.Register(miner_pb2.RegisterRequest(
             public_key=self.key.pubkey, challenge=ch.challenge,
             signature=self.key.sign(register_digest(ch.challenge, self.key.pubkey)),
             info=miner_pb2.MinerInfo(models=list(models), **{"max_concurrency": 1, **info})))
+
+    async def connect(self, models=("null",), **info) -> None:
+        reg = await self.register(models, **info)
 
         async def requests():
             while True:

@@ -19,7 +19,6 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-import secrets
 import socket
 import time
 from typing import Any
@@ -47,8 +46,8 @@ from aitbc.v1 import (
     wallet_pb2,
     wallet_pb2_grpc,
 )
-from aitbc.wire import receipt_to_proto
 from tests.conftest import API_KEY, OTHER_KEY
+from tests.coordinator.test_miner_gateway import RawMiner as GatewayMiner
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -310,55 +309,13 @@ async def fetch(s: Any, job_id: str, md: Any = MD) -> bytes:
                                                            metadata=md)])
 
 
-class RawMiner:
-    """A hand-driven miner: every message is ours to forge."""
+class RawMiner(GatewayMiner):
+    """The hand-driven miner of the gateway tests; `connect` also waits until the coordinator
+    lists it."""
 
-    def __init__(self, net: Any, k: crypto.PrivateKey | None = None) -> None:
-        self.net = net
-        self.key = k or crypto.PrivateKey.generate()
-        self.stub = miner_pb2_grpc.MinerServiceStub(net.channel())
-        self.outbox: asyncio.Queue[miner_pb2.WorkRequest | None] = asyncio.Queue()
-        self.call: Any = None
-
-    async def register(self, models: tuple[str, ...] = ("null",)) -> miner_pb2.RegisterResponse:
-        ch = await self.stub.GetChallenge(miner_pb2.GetChallengeRequest())
-        return await self.stub.Register(miner_pb2.RegisterRequest(
-            public_key=self.key.pubkey, challenge=ch.challenge,
-            signature=self.key.sign(register_digest(ch.challenge, self.key.pubkey)),
-            info=miner_pb2.MinerInfo(models=list(models), max_concurrency=1)))
-
-    async def connect(self, models: tuple[str, ...] = ("null",)) -> None:
-        reg = await self.register(models)
-
-        async def requests() -> Any:
-            while True:
-                msg = await self.outbox.get()
-                if msg is None:
-                    return
-                yield msg
-
-        self.call = self.stub.Work(requests(), metadata=(("x-miner-session", reg.session_token),))
+    async def connect(self, models: tuple[str, ...] = ("null",), **info: Any) -> None:
+        await super().connect(models, **info)
         await self.net.until(lambda: self.key.address in self.net.core.miners)
-
-    def send(self, **kw: Any) -> None:
-        self.outbox.put_nowait(miner_pb2.WorkRequest(**kw))
-
-    async def read(self) -> miner_pb2.WorkResponse:
-        return await asyncio.wait_for(self.call.read(), 10)
-
-    def result_for(self, job: job_pb2.Job, png: bytes, *, signer: crypto.PrivateKey | None = None,
-                   **changes: Any) -> miner_pb2.JobResult:
-        digest = hashlib.sha256(png).digest()
-        now = jobs.now_ms()
-        fields = dict(job_id=job.job_id, provider=self.key.address, client=job.client_id, units=5, unit_type="gpu_ms",
-                      price_per_unit=job.price_per_unit, model=job.model, prompt_hash=job.prompt_hash,
-                      started_at=now - 10, finished_at=now, artifact_sha256=receipts.manifest_sha256([digest]),
-                      nonce=secrets.token_hex(16), hub_id="", chain_id="aitbc-devnet")
-        fields.update(changes)
-        b = ReceiptBody(**fields)
-        sig = (signer or self.key).sign(crypto.domain_digest(receipts.PROVIDER_DOMAIN, b.hash()))
-        art = job_pb2.Artifact(sha256=digest.hex(), size=len(png), content_type="image/png", width=64, height=64)
-        return miner_pb2.JobResult(job_id=job.job_id, artifacts=[art], receipt=receipt_to_proto(SignedReceipt(b, sig)))
 
 
 async def assigned(net: Any, miner: RawMiner, md: Any = MD) -> job_pb2.Job:
@@ -386,7 +343,7 @@ async def test_a_miner_cannot_report_on_another_miners_job(net: Any) -> None:
         dict(progress=job_pb2.JobProgress(job_id=job.job_id, step=1, total_steps=2)),
         dict(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=png)),
         dict(result=mallory.result_for(job, png)),                      # her own receipt for his job
-        dict(result=mallory.result_for(job, png, provider=victim.key.address, signer=mallory.key)),  # in his name
+        dict(result=mallory.result_for(job, png, provider=victim.key.address, key=mallory.key)),  # in his name
         dict(failed=miner_pb2.JobFailed(job_id=job.job_id, reason="sabotage", permanent=True)),
         dict(text=job_pb2.TextChunk(job_id=job.job_id, text="injected")),
     ]
