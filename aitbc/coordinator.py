@@ -179,7 +179,6 @@ class Coordinator:
             secret = secrets.token_bytes(32)
             store.put_meta("verify_secret", secret)
         self._verify_secret = secret
-        self._verify_device: dict[str, str] = {}  # re-execution job -> device class of the original
         self._reconciled_at = 0.0
         # metrics: labels bound once (hot path); gauges read at scrape time
         self._jobs_in = {st: metrics.JOBS_TOTAL.labels(state=jobs.state_name(st)) for st in S.values() if st}
@@ -641,6 +640,7 @@ class Coordinator:
         conn.latency_ms = took if not conn.latency_ms else 0.8 * conn.latency_ms + 0.2 * took
         conn.running.discard(job.job_id)
         job.artifacts.extend(a for a, _ in artifacts)
+        job.device_class = device_class(conn.session.info.device)
         job.receipt_hash = rec.receipt_hash
         job.units = attested.body.units
         job.unit_type = attested.body.unit_type
@@ -651,7 +651,7 @@ class Coordinator:
         self._finish(job, S.JOB_STATE_COMPLETED, "", artifacts=[(a.sha256, d) for a, d in artifacts], receipt=rec)
         conn.send(miner_pb2.WorkResponse(accepted=miner_pb2.ResultAccepted(job_id=job.job_id, receipt_hash=rec.receipt_hash)))
         if sampled:
-            self._start_verification(job, device_class(conn.session.info.device))
+            self._start_verification(job)
         for listener in self.receipt_listeners:
             listener(rec)
         self._dispatch()
@@ -846,14 +846,16 @@ class Coordinator:
     def _needs(self, job: job_pb2.Job) -> JobNeeds:
         p = job.params.image
         exclude = set(self._excluded.get(job.job_id, ()))
-        if job.verify_of:  # a re-execution never runs on a miner that already ran the job
+        device = None
+        if job.verify_of:  # a re-execution runs where the original did, never on a miner that already ran it
             orig = self._load(job.verify_of)
             exclude |= {r.miner_id for r in self._runs(orig) if r.miner_id}
+            device = orig.device_class
         return JobNeeds(
             model=job.model, kind="text" if jobs.job_kind(job) == jobs.TEXT else "image",
             width=p.width, height=p.height, images=p.images or 1,
             max_price_per_unit=job.max_price_per_unit if job.HasField("max_price_per_unit") else None,
-            exclude=frozenset(exclude), device_class=self._verify_device.get(job.job_id),
+            exclude=frozenset(exclude), device_class=device,
             avoid=frozenset(self._avoid.get(job.job_id, ())),
         )
 
@@ -914,7 +916,7 @@ class Coordinator:
                 runs.append(v)
         return runs
 
-    def _start_verification(self, orig: job_pb2.Job, device: str) -> None:
+    def _start_verification(self, orig: job_pb2.Job) -> None:
         now = jobs.now_ms()
         v = job_pb2.Job(job_id=jobs.new_job_id(), model=orig.model, params=orig.params, state=S.JOB_STATE_QUEUED,
                         client_id=VERIFY_CLIENT, created_at_unix_ms=now, updated_at_unix_ms=now,
@@ -922,7 +924,6 @@ class Coordinator:
         orig.verification = V.VERIFICATION_STATE_PENDING
         orig.verification_job_ids.append(v.job_id)
         self.store.put_jobs([orig, v])  # one transaction: a crash leaves neither half
-        self._verify_device[v.job_id] = device
         self._jobs[v.job_id] = v
         self._queue.append(v.job_id)
         self._queued_at[v.job_id] = self.clock()
@@ -953,21 +954,22 @@ class Coordinator:
         """A re-execution ended: decide by majority, or run a referee, or give up unverified."""
         orig = self.store.get_job(v.verify_of)
         if orig is not None and orig.verification == V.VERIFICATION_STATE_PENDING:
-            self._decide(orig, self._verify_device.get(v.job_id, ""))
+            self._decide(orig)
 
     def _artifacts(self, job: job_pb2.Job) -> list[bytes]:
         return [self.store.get_artifact(a.sha256) or b"" for a in job.artifacts]
 
-    def _decide(self, orig: job_pb2.Job, device: str) -> None:
+    def _decide(self, orig: job_pb2.Job) -> None:
         all_runs = self._runs(orig)
         if any(r.state in jobs.ACTIVE for r in all_runs):
             return
         runs = [r for r in all_runs if r.state == S.JOB_STATE_COMPLETED]
-        verdict = arbitrate({r.miner_id: self._artifacts(r) for r in runs}, exact=device != "cuda",
+        exact = all(r.device_class != "cuda" for r in runs)  # CPU runs byte for byte; GPU ones within a tolerance
+        verdict = arbitrate({r.miner_id: self._artifacts(r) for r in runs}, exact=exact,
                             tolerance=self.config.verify_tolerance) if len(runs) >= 2 else None
         if verdict is None or not verdict.decided:
             if verdict is not None and len(runs) < 3:  # two runs disagree: a third miner referees
-                self._start_verification(orig, device)
+                self._start_verification(orig)
                 self._dispatch()
                 return
             orig.verification = V.VERIFICATION_STATE_UNVERIFIED
@@ -1002,7 +1004,7 @@ class Coordinator:
             if orig is None or any(r.state in jobs.ACTIVE for r in self._runs(orig)):
                 continue
             if orig.verification == V.VERIFICATION_STATE_PENDING:
-                self._decide(orig, "")
+                self._decide(orig)
             else:  # decided before the crash: release what agrees with the job's final result
                 final = self._artifacts(orig)
                 runs = [r for r in self._runs(orig) if r.state == S.JOB_STATE_COMPLETED]

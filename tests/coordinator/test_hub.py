@@ -418,6 +418,34 @@ async def test_a_shard_result_sent_twice_counts_once(net, null_backend) -> None:
     assert other.completed == 1
 
 
+async def test_a_gpu_jobs_verification_keeps_its_device_class_across_a_coordinator_restart(
+        network_factory, null_backend) -> None:
+    net = await network_factory(verify_rate=1.0, verify_timeout_s=30)
+    s = stub(net)
+
+    async def gpu(noise_seed: int) -> GpuMiner:
+        m = GpuMiner(net, noise_seed=noise_seed)
+        await m.connect(models=("null",), device="cuda:0", gpu_name="Test GPU", vram_mb=24000)
+        m.task = asyncio.create_task(m.serve())
+        await net.until(lambda: m.key.address in net.core.miners)
+        return m
+
+    a = await gpu(1)
+    job = (await s.SubmitJob(image_job(model="null", seed=7, width=64, height=64), metadata=MD)).job
+    await net.until(lambda: net.core.store.get_job(job.job_id).state == S.JOB_STATE_COMPLETED)
+    assert net.core.store.get_job(job.job_id).device_class == "cuda"
+    a.stop()
+    await net.restart_coordinator()  # the pending re-run is restored from LMDB
+    s = stub(net)
+    cpu = await net.add_miner({"null": null_backend})
+    await asyncio.sleep(0.5)
+    assert cpu.completed == 0  # still only for a CUDA miner
+    b = await gpu(2)
+    # and compared within the tolerance, not byte for byte: kernel noise passes
+    await net.until(lambda: net.core.store.get_job(job.job_id).verification == V.VERIFICATION_STATE_PASSED)
+    b.stop()
+
+
 async def test_without_a_second_miner_the_result_stands_unverified(network_factory, null_backend) -> None:
     net = await network_factory(verify_rate=1.0, verify_timeout_s=1.0)
     await net.add_miner({"null": null_backend})
