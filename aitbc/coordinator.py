@@ -31,7 +31,7 @@ from aitbc.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from aitbc.hub.matching import JobNeeds, MinerView, Unplaceable, choose
+from aitbc.hub.matching import JobNeeds, MinerView, Unplaceable, choose, score
 from aitbc.hub.reputation import LmdbReputationStore, ReputationBook, ReputationPolicy
 from aitbc.hub.sharding import image_seed, plan_shards
 from aitbc.hub.verification import arbitrate, sample_key, should_verify
@@ -208,9 +208,7 @@ class Coordinator:
                 job.error = "requeued: the coordinator restarted while a miner held the job"
                 job.updated_at_unix_ms = jobs.now_ms()
                 self.store.put_job(job)
-            self._jobs[job.job_id] = job
-            self._queue.append(job.job_id)
-            self._queued_at[job.job_id] = self.clock()
+            self._enqueue(job)
         if restored:
             log.info("restored %d active jobs into the queue", len(restored))
 
@@ -320,8 +318,7 @@ class Coordinator:
         self._jobs_in[S.JOB_STATE_QUEUED].inc()
         self._jobs[job.job_id] = job
         for queued in shards or [job]:
-            self._queue.append(queued.job_id)
-            self._queued_at[queued.job_id] = self.clock()
+            self._enqueue(queued)
         self._dispatch()
         return self._snapshot(job)
 
@@ -731,12 +728,11 @@ class Coordinator:
         conn.running.discard(job.job_id)
         conn.uploads.pop(job.job_id, None)
         reason = failed.reason[:500] or "no reason given"
-        if not failed.permanent:  # a miner that cannot run what it advertised loses reputation
+        if failed.permanent:  # the request's fault, not the miner's
+            self._finish(job, S.JOB_STATE_FAILED, f"miner {conn.miner_id}: {reason}")
+        else:  # a miner that cannot run what it advertised loses reputation; the job goes elsewhere
             self._record(conn.miner_id, "record_failure", "failure")
             self._avoid.setdefault(job.job_id, set()).add(conn.miner_id)
-        if failed.permanent:
-            self._finish(job, S.JOB_STATE_FAILED, f"miner {conn.miner_id}: {reason}")
-        else:
             self._requeue(job, f"miner {conn.miner_id} failed: {reason}")
         self._dispatch()
 
@@ -748,6 +744,15 @@ class Coordinator:
         out = type(msg)()
         out.CopyFrom(msg)
         return out
+
+    def _enqueue(self, job: job_pb2.Job, *, front: bool = False) -> None:
+        """An active job waits for a miner (a requeued one goes to the front)."""
+        self._jobs[job.job_id] = job
+        if front:
+            self._queue.appendleft(job.job_id)
+        else:
+            self._queue.append(job.job_id)
+        self._queued_at[job.job_id] = self.clock()
 
     def _requeue(self, job: job_pb2.Job, reason: str) -> None:
         self._assigned_at.pop(job.job_id, None)
@@ -763,8 +768,7 @@ class Coordinator:
         job.ClearField("progress")
         job.updated_at_unix_ms = jobs.now_ms()
         self.store.put_job(job)
-        self._queue.appendleft(job.job_id)
-        self._queued_at[job.job_id] = self.clock()
+        self._enqueue(job, front=True)
         self._publish(job.job_id, self._snapshot(job))
 
     def _finish(self, job: job_pb2.Job, state: int, error: str, **extra: object) -> None:
@@ -859,9 +863,13 @@ class Coordinator:
             avoid=frozenset(self._avoid.get(job.job_id, ())),
         )
 
+    def _idle_views(self) -> list[MinerView]:
+        """Every connected miner as if it had nothing running: who could ever take a job."""
+        return [dataclasses.replace(self._view(c), running=0) for c in self.miners.values()]
+
     def _placeable(self, job: job_pb2.Job) -> None:
         """At submission: refuse, with the reason, a job no connected miner could ever take."""
-        views = [dataclasses.replace(self._view(c), running=0) for c in self.miners.values()]
+        views = self._idle_views()
         if not views:
             return
         outcome = choose(views, self._needs(job), 0)
@@ -886,8 +894,6 @@ class Coordinator:
         return next(m for m in self.list_miners() if m.miner_id == miner_id)
 
     def list_miners(self) -> list[coordinator_pb2.MinerStatus]:
-        from aitbc.hub.matching import score
-
         out = {}
         for rec in self.book.all():
             out[rec.miner_id] = coordinator_pb2.MinerStatus(miner_id=rec.miner_id)
@@ -924,9 +930,7 @@ class Coordinator:
         orig.verification = V.VERIFICATION_STATE_PENDING
         orig.verification_job_ids.append(v.job_id)
         self.store.put_jobs([orig, v])  # one transaction: a crash leaves neither half
-        self._jobs[v.job_id] = v
-        self._queue.append(v.job_id)
-        self._queued_at[v.job_id] = self.clock()
+        self._enqueue(v)
 
     def _settle_runs(self, runs: list[job_pb2.Job], outvoted: frozenset[str], reason: str) -> None:
         """Release the held receipts of runs that agreed; reject those that were outvoted."""
@@ -1020,8 +1024,7 @@ class Coordinator:
         if jobs.job_kind(job) != jobs.IMAGE or p.images < 2:
             return []
         needs = self._needs(job)
-        able = [c for c in self.miners.values()
-                if not isinstance(choose([dataclasses.replace(self._view(c), running=0)], needs, 0), Unplaceable)]
+        able = [v for v in self._idle_views() if not isinstance(choose([v], needs, 0), Unplaceable)]
         plan = plan_shards(p.images, max(1, len(able)), p.images)
         if len(plan) < 2:
             return []
