@@ -33,7 +33,7 @@ from aitbc.errors import (
 )
 from aitbc.hub.matching import JobNeeds, MinerView, Unplaceable, choose, score
 from aitbc.hub.reputation import LmdbReputationStore, ReputationBook, ReputationPolicy
-from aitbc.hub.sharding import image_seed, plan_shards
+from aitbc.hub.sharding import Shard, merge_in_order, plan_shards, shard_seed
 from aitbc.hub.verification import arbitrate, sample_key, should_verify
 from aitbc.jobstore import JobStore
 from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2, receipt_pb2
@@ -1032,7 +1032,7 @@ class Coordinator:
         for sh in plan:
             params = job_pb2.JobParams()
             params.CopyFrom(job.params)
-            params.image.images, params.image.seed = sh.count, image_seed(p.seed, sh.first_image)
+            params.image.images, params.image.seed = sh.count, shard_seed(p.seed, sh)
             shard = job_pb2.Job(job_id=jobs.new_job_id(), model=job.model, params=params, state=S.JOB_STATE_QUEUED,
                                 client_id=job.client_id, created_at_unix_ms=job.created_at_unix_ms,
                                 updated_at_unix_ms=job.updated_at_unix_ms, prompt_hash=job.prompt_hash,
@@ -1062,13 +1062,18 @@ class Coordinator:
                 self._stop(parent, S.JOB_STATE_FAILED,
                            f"shard for images {sh.first_image + 1}-{last} {jobs.state_name(sh.state)}: {sh.error}")
                 return
-        if not all(sh is not None and sh.state == S.JOB_STATE_COMPLETED for sh in shards):
+        done = [sh for sh in shards if sh is not None and sh.state == S.JOB_STATE_COMPLETED]
+        if len(done) < len(shards):
             return
-        for sh in sorted(shards, key=lambda sh: sh.first_image):  # type: ignore[union-attr]
-            parent.artifacts.extend(sh.artifacts)  # type: ignore[union-attr]
-            parent.units += sh.units  # type: ignore[union-attr]
-        parent.unit_type = shards[0].unit_type  # type: ignore[union-attr]
-        parent.miner_id = ",".join(dict.fromkeys(sh.miner_id for sh in shards if sh))
+        plan = [Shard(i, sh.first_image, sh.params.image.images) for i, sh in enumerate(done)]
+        merged = merge_in_order(plan, [(i, list(sh.artifacts)) for i, sh in enumerate(done)])
+        if merged.artifacts is None:  # every shard's artifact count was checked with its result
+            self._stop(parent, S.JOB_STATE_FAILED, f"cannot merge the shards: {merged.reason()}")
+            return
+        parent.artifacts.extend(merged.artifacts)
+        parent.units = sum(sh.units for sh in done)
+        parent.unit_type = done[0].unit_type
+        parent.miner_id = ",".join(dict.fromkeys(sh.miner_id for sh in done))
         self._finish(parent, S.JOB_STATE_COMPLETED, "")
 
     def _dispatch(self) -> None:
