@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import MD, machine, start_coordinator, start_miner, submit_and_watch  # noqa: E402
 
+from aitbc.hub.payout import expected_verification_cost_pct, verification_cost_pct  # noqa: E402
 from aitbc.rpc import channel  # noqa: E402
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2  # noqa: E402
 
@@ -81,8 +82,9 @@ async def verification_cost(jobs: int, rates: list[float]) -> None:
                     p.terminate()
                     p.wait(10)
         extra = served - jobs
-        print(f"  rate {rate:.2f}: {extra} re-executions for {jobs} jobs = {100 * extra / jobs:.1f}% extra compute "
-              f"({100 * extra / served:.1f}% of all executions; expected {100 * rate:.0f}%)", flush=True)
+        print(f"  rate {rate:.2f}: {extra} re-executions for {jobs} jobs = {verification_cost_pct(extra, jobs):.1f}% "
+              f"extra compute ({100 * extra / served:.1f}% of all executions; expected "
+              f"{expected_verification_cost_pct(rate):.0f}%)", flush=True)
 
 
 def main() -> None:
