@@ -62,8 +62,8 @@ class JobNeeds:
     max_price_per_unit: int | None = None  # None: any price
     exclude: frozenset[str] = frozenset()  # miners that must not get it (rejected result, original of a verification)
     avoid: frozenset[str] = frozenset()  # miners it failed or stalled on: used only when no other miner could take it
-    # a verification re-run must run where the original did: torch's CPU and CUDA generators give
-    # different latents for one seed, so a CPU and a CUDA execution never agree (docs/hub.md)
+    # a verification re-run runs on the original's device class: CPU-vs-CUDA agreement is not
+    # measured yet, so the two are not compared with each other (docs/hub.md)
     device_class: str | None = None
 
 
