@@ -70,6 +70,15 @@ class GpuMiner(CheatingMiner):
         self.cheat = cheat
         self.task: asyncio.Task[None] | None = None
 
+    @classmethod
+    async def start(cls, net, *, noise_seed: int, cheat: bool = False) -> GpuMiner:
+        """Registered as a CUDA miner of model "null", serving, listed by the coordinator."""
+        m = cls(net, noise_seed=noise_seed, cheat=cheat)
+        await m.connect(models=("null",), device="cuda:0", gpu_name="Test GPU", vram_mb=24000)
+        m.task = asyncio.create_task(m.serve())
+        await net.until(lambda: m.key.address in net.core.miners)
+        return m
+
     def stop(self) -> None:
         self.outbox.put_nowait(None)  # ends the Work stream
         if self.task is not None:
@@ -237,12 +246,8 @@ async def test_gpu_runs_are_compared_within_the_tolerance_on_gpus_only(network_f
     gpus = []
 
     async def gpu(noise_seed: int, cheat: bool = False) -> GpuMiner:
-        m = GpuMiner(net, noise_seed=noise_seed, cheat=cheat)
-        await m.connect(models=("null",), device="cuda:0", gpu_name="Test GPU", vram_mb=24000)
-        m.task = asyncio.create_task(m.serve())
-        gpus.append(m)
-        await net.until(lambda: m.key.address in net.core.miners)
-        return m
+        gpus.append(await GpuMiner.start(net, noise_seed=noise_seed, cheat=cheat))
+        return gpus[-1]
 
     a = await gpu(1)
     job = (await s.SubmitJob(image_job(model="null", seed=5, width=64, height=64), metadata=MD)).job
@@ -423,14 +428,7 @@ async def test_a_gpu_jobs_verification_keeps_its_device_class_across_a_coordinat
     net = await network_factory(verify_rate=1.0, verify_timeout_s=30)
     s = stub(net)
 
-    async def gpu(noise_seed: int) -> GpuMiner:
-        m = GpuMiner(net, noise_seed=noise_seed)
-        await m.connect(models=("null",), device="cuda:0", gpu_name="Test GPU", vram_mb=24000)
-        m.task = asyncio.create_task(m.serve())
-        await net.until(lambda: m.key.address in net.core.miners)
-        return m
-
-    a = await gpu(1)
+    a = await GpuMiner.start(net, noise_seed=1)
     job = (await s.SubmitJob(image_job(model="null", seed=7, width=64, height=64), metadata=MD)).job
     await net.until(lambda: net.core.store.get_job(job.job_id).state == S.JOB_STATE_COMPLETED)
     assert net.core.store.get_job(job.job_id).device_class == "cuda"
@@ -440,7 +438,7 @@ async def test_a_gpu_jobs_verification_keeps_its_device_class_across_a_coordinat
     cpu = await net.add_miner({"null": null_backend})
     await asyncio.sleep(0.5)
     assert cpu.completed == 0  # still only for a CUDA miner
-    b = await gpu(2)
+    b = await GpuMiner.start(net, noise_seed=2)
     # and compared within the tolerance, not byte for byte: kernel noise passes
     await net.until(lambda: net.core.store.get_job(job.job_id).verification == V.VERIFICATION_STATE_PASSED)
     b.stop()
