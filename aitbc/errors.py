@@ -1,4 +1,9 @@
-"""One exception tree for the whole core; servers map it to gRPC statuses in one place (aitbc.rpc)."""
+"""One exception tree for the whole core; servers map it to gRPC statuses in one place (aitbc.rpc),
+and clients map a status back to its class there too (aitbc.rpc.error_from_rpc).
+
+Every gRPC status but OK has one class below whose `code` is its name, so an error that crossed
+the wire comes back as the class it was raised as (or the nearest: a CryptoError arrives as
+InvalidArgument). Catching by class is catching by status."""
 
 from __future__ import annotations
 
@@ -49,8 +54,45 @@ class Unavailable(AitbcError):
     code = "UNAVAILABLE"
 
 
+class DeadlineExceeded(Unavailable):
+    """The call's deadline passed first. A subclass of Unavailable: like it, worth retrying, and
+    `except Unavailable` (settlement, the wallet) keeps treating a slow node as an unreachable one."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
 class Aborted(AitbcError):
     code = "ABORTED"
+
+
+class Cancelled(AitbcError):
+    code = "CANCELLED"
+
+
+class OutOfRange(AitbcError):
+    code = "OUT_OF_RANGE"
+
+
+class Unimplemented(AitbcError):
+    code = "UNIMPLEMENTED"
+
+
+class Internal(AitbcError):
+    """A server bug or broken invariant (what the base class's code says too)."""
+
+    code = "INTERNAL"
+
+
+class Unknown(AitbcError):
+    """The server answered UNKNOWN: grpcio's status for an exception a servicer did not map."""
+
+    code = "UNKNOWN"
+
+
+class DataLoss(AitbcError):
+    """Data that arrived corrupt (an artifact whose bytes do not match its sha256)."""
+
+    code = "DATA_LOSS"
 
 
 class CryptoError(InvalidArgument):

@@ -1,5 +1,7 @@
-"""Job vocabulary shared by coordinator, miners and clients: states, limits, validation, ids.
+"""Job vocabulary shared by coordinator, hub, miners and clients: states, limits, validation, ids.
 
+This is the one definition of the job limits: the coordinator validates submissions against them
+and the miner backends and the hub import them, so a miner accepts exactly what it can be sent.
 Limits are documented in README.md ("Job limits"); keep the two in step.
 """
 
@@ -13,7 +15,7 @@ import time
 
 from aitbc import crypto
 from aitbc.errors import InvalidArgument
-from aitbc.v1 import job_pb2
+from aitbc.v1 import job_pb2, miner_pb2
 
 S = job_pb2.JobState
 TERMINAL = frozenset({S.JOB_STATE_COMPLETED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED, S.JOB_STATE_EXPIRED})
@@ -25,9 +27,14 @@ MAX_STEPS = 150
 DEFAULT_GUIDANCE = 7.5
 MAX_GUIDANCE = 30.0
 MIN_SIDE, MAX_SIDE = 64, 2048
+SIDE_MULTIPLE = 8  # latents are 1/8 of the image side
 MAX_IMAGES = 8
 MAX_PIXELS = 2048 * 2048 * 2  # width x height x images
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1  # what a client may ask for (README); protos carry uint64
+# Image i of a job is generated with seed + i (docs/hub.md, "Sharding and seeds"), so the highest
+# seed a miner can ever be asked to run is the last image's of a full job with the highest seed.
+# Still well inside torch.Generator.manual_seed's unsigned 64-bit range.
+MAX_RUN_SEED = MAX_SEED + MAX_IMAGES - 1
 MAX_REQUEST_ID = 64
 MAX_TEXT_PROMPT_CHARS = 32_000
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -37,6 +44,7 @@ MAX_TEMPERATURE = 2.0
 MAX_TOP_K = 1000
 MAX_STOP = 4
 MAX_STOP_CHARS = 64
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first 8 bytes of every image artifact
 IMAGE, TEXT = job_pb2.MODEL_KIND_IMAGE, job_pb2.MODEL_KIND_TEXT
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -99,9 +107,9 @@ def normalize_image_params(p: job_pb2.ImageParams) -> job_pb2.ImageParams:
         raise InvalidArgument(f"guidance_scale must be between 0 and {MAX_GUIDANCE:g} (got {guidance})")
     for name in ("width", "height"):
         side = getattr(p, name)
-        if side and (not MIN_SIDE <= side <= MAX_SIDE or side % 8):
+        if side and (not MIN_SIDE <= side <= MAX_SIDE or side % SIDE_MULTIPLE):
             raise InvalidArgument(
-                f"{name} must be 0 (the model's native size) or a multiple of 8 between {MIN_SIDE} and {MAX_SIDE} (got {side})"
+                f"{name} must be 0 (the model's native size) or a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {MAX_SIDE} (got {side})"
             )
     images = p.images or 1
     if not 1 <= images <= MAX_IMAGES:
@@ -164,8 +172,8 @@ def normalize_params(params: job_pb2.JobParams) -> job_pb2.JobParams:
     raise InvalidArgument("params must set one job kind (image or text)")
 
 
-def job_kind(job: job_pb2.Job | job_pb2.JobParams) -> int:
-    params = job.params if isinstance(job, job_pb2.Job) else job
+def job_kind(job: job_pb2.Job | miner_pb2.Task | job_pb2.JobParams) -> int:
+    params = job if isinstance(job, job_pb2.JobParams) else job.params
     return TEXT if params.WhichOneof("kind") == "text" else IMAGE
 
 
@@ -173,7 +181,7 @@ def kind_name(kind: int) -> str:
     return job_pb2.ModelKind.Name(kind).removeprefix("MODEL_KIND_").lower()
 
 
-def job_prompt(job: job_pb2.Job) -> str:
+def job_prompt(job: job_pb2.Job | miner_pb2.Task) -> str:
     return job.params.text.prompt if job_kind(job) == TEXT else job.params.image.prompt
 
 

@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from aitbc import telemetry
+from aitbc import errors, telemetry
 from aitbc.errors import AitbcError, FailedPrecondition, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger("aitbc.rpc")
@@ -121,6 +121,49 @@ def status_code(exc: AitbcError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
 
 
+# The reverse of status_code, for clients: each status name (every one but OK) -> its class.
+STATUS_ERRORS: dict[str, type[AitbcError]] = {
+    cls.code: cls
+    for cls in (
+        errors.Cancelled, errors.Unknown, errors.InvalidArgument, errors.DeadlineExceeded, errors.NotFound,
+        errors.AlreadyExists, errors.PermissionDenied, errors.ResourceExhausted, errors.FailedPrecondition,
+        errors.Aborted, errors.OutOfRange, errors.Unimplemented, errors.Internal, errors.Unavailable,
+        errors.DataLoss, errors.Unauthenticated,
+    )
+}
+RETRY_AFTER_MS = "retry-after-ms"  # trailing metadata of a RESOURCE_EXHAUSTED answer (see abort)
+
+
+def error_from_code(code: str, message: str, *, retry_after_s: float | None = None) -> AitbcError:
+    """The AitbcError for a status name (a call's, or one a response carries, as
+    BroadcastTransactions results do); a name that is no status gives Unknown."""
+    cls = STATUS_ERRORS.get(code, errors.Unknown)
+    if cls is ResourceExhausted:
+        return ResourceExhausted(message, retry_after_s)
+    return cls(message)
+
+
+def error_from_rpc(exc: grpc.RpcError) -> AitbcError:
+    """What a failed call (sync or grpc.aio) raised on the server, rebuilt on the client: the
+    AitbcError subclass whose `code` is the call's status, with the server's message (the status
+    name when it sent none) and, for RESOURCE_EXHAUSTED, `retry_after_s` from the retry-after-ms
+    trailer that abort() sets. Use it as `raise error_from_rpc(exc) from None`."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    message = (exc.details() if callable(getattr(exc, "details", None)) else None) or name
+    retry = _retry_after_s(exc) if name == ResourceExhausted.code else None
+    return error_from_code(name, message, retry_after_s=retry)
+
+
+def _retry_after_s(exc: grpc.RpcError) -> float | None:
+    try:
+        value = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER_MS)
+        ms = int(value) if value is not None else -1
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return ms / 1000 if ms >= 0 else None
+
+
 # grpc-message travels as metadata (8 KiB soft limit), percent-encoded: every byte outside printable
 # ASCII (and '%') takes 3, so one non-ASCII character can take 12. Never echo huge input.
 MAX_DETAILS_BYTES = 2000
@@ -146,7 +189,7 @@ def details(message: str) -> str:
 
 async def abort(context: grpc.aio.ServicerContext, exc: AitbcError) -> None:
     if isinstance(exc, ResourceExhausted) and exc.retry_after_s is not None:
-        context.set_trailing_metadata((("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
+        context.set_trailing_metadata(((RETRY_AFTER_MS, str(int(exc.retry_after_s * 1000))),))
     await context.abort(status_code(exc), details(exc.message))
 
 

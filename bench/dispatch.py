@@ -33,7 +33,7 @@ class TimedMiner(MinerDaemon):
     held: dict[str, float] = {}
 
     def _start_job(self, assignment):  # type: ignore[no-untyped-def]
-        self.held[assignment.job.job_id] = time.perf_counter()
+        self.held[assignment.task.job_id] = time.perf_counter()
         super()._start_job(assignment)
 
 

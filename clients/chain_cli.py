@@ -160,9 +160,10 @@ async def verify_remote(target: str, genesis_path: str, upto: int | None = None)
     turn and state transition locally (in memory), and compare with the node's own head."""
     import grpc
 
+    from aitbc import rpc
     from aitbc.ledger.block import decode_block
     from aitbc.ledger.chain import Chain
-    from aitbc.ledger.client import LedgerClient, _raise
+    from aitbc.ledger.client import LedgerClient
     from aitbc.ledger.genesis import Genesis
     from aitbc.ledger.store import MemoryStore
     from aitbc.v1 import ledger_pb2
@@ -184,7 +185,7 @@ async def verify_remote(target: str, genesis_path: str, upto: int | None = None)
                 if chain.head.height >= stop:
                     break
         except grpc.aio.AioRpcError as exc:
-            _raise(exc)
+            raise rpc.error_from_rpc(exc) from None
         theirs = (await c.stub.GetBlock(ledger_pb2.GetBlockRequest(height=stop))).block.header if stop else None
     ok = stop == 0 or (theirs is not None and theirs.hash == chain.head.hash.hex())
     return {"ok": ok, "height": chain.head.height, "hash": chain.head.hash.hex(),
@@ -204,12 +205,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 async def _call(method: Any, request: Any) -> Any:
     import grpc
 
-    from aitbc.ledger.client import _raise
+    from aitbc import rpc
 
     try:
         return await method(request, timeout=10)
     except grpc.aio.AioRpcError as exc:
-        _raise(exc)
+        raise rpc.error_from_rpc(exc) from None
 
 
 def register(subparsers: Any) -> None:

@@ -58,7 +58,7 @@ class Progress:
         if key == getattr(self, "_last_state", None):
             return
         self._last_state = key
-        self._line(f"job {job.job_id}: {jobs.state_name(job.state)}" + (f" ({job.error})" if job.error and job.state not in jobs.TERMINAL else ""), final=True)
+        self._line(f"job {job.job_id}: {jobs.state_name(job.state)}" + (f" ({job.wait_reason})" if job.wait_reason else ""), final=True)
 
     def step(self, p: job_pb2.JobProgress) -> None:
         width = 30
@@ -257,11 +257,28 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"attempts={job.attempts}" + (f"  progress={job.progress.step}/{job.progress.total_steps}" if job.progress.total_steps else ""))
         if job.verification:
             print("verification: " + job_pb2.VerificationState.Name(job.verification).removeprefix("VERIFICATION_STATE_"))
+        if job.wait_reason:
+            print(f"waiting: {job.wait_reason}")
         if job.error:
             print(f"reason: {job.error}")
+        if args.story:
+            print(format_story(job))
         if args.json:
             _print_job(job)
     return 0
+
+
+def format_story(job: job_pb2.Job) -> str:
+    """The job's transitions, one per line: time since submission, from -> to, cause."""
+    if not job.story:
+        return "story: none recorded (the job predates stories)"
+    start = job.story[0].at_unix_ms
+    lines = [f"story ({len(job.story)} transitions" + (f", {job.story_dropped} older ones dropped" if job.story_dropped else "") + "):"]
+    for t in job.story:
+        frm = "-" if t.from_state == job_pb2.JOB_STATE_UNSPECIFIED else jobs.state_name(t.from_state)
+        since = f"+{(t.at_unix_ms - start) / 1000:.3f}s"
+        lines.append(f"  {since:>10s}  {frm:>9s} -> {jobs.state_name(t.to_state):9s}  {t.cause}")
+    return "\n".join(lines)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -550,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show a job")
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true", help="also print the full job as JSON")
+    p.add_argument("--story", action="store_true",
+                   help="also print every state transition with its time and cause (why it waited, moved or failed)")
     _add_conn(p)
     p.set_defaults(func=cmd_status)
 

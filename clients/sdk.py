@@ -11,19 +11,36 @@ from typing import Any
 
 import grpc
 
-from aitbc import telemetry
+from aitbc import rpc, telemetry
+from aitbc.errors import AitbcError, DataLoss
 from aitbc.rpc import open_sync_channel
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, receipt_pb2
 from aitbc.wire import receipt_from_proto
 
 
-class ClientError(Exception):
-    """A failed call: `code` is the gRPC status name, `message` what the server said."""
+class ClientError(AitbcError):
+    """A failed call: `code` is the gRPC status name, `message` what the server said.
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+    What the SDK raises is both a ClientError and the AitbcError subclass of its status
+    (aitbc.rpc.error_from_rpc): `except ClientError` catches every failed call, `except NotFound`
+    (or ResourceExhausted, with its retry_after_s) just that status."""
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+# the ClientError flavour of each status class: _CLIENT_ERRORS[NotFound] is a NotFound and a ClientError
+_CLIENT_ERRORS: dict[type[AitbcError], type[ClientError]] = {
+    cls: type(cls.__name__, (cls, ClientError), {"__module__": __name__, "__qualname__": cls.__name__})
+    for cls in rpc.STATUS_ERRORS.values()
+}
+
+
+def client_error(err: AitbcError) -> ClientError:
+    """`err` (one of aitbc.rpc.STATUS_ERRORS' classes) as the ClientError of its status."""
+    out = _CLIENT_ERRORS[type(err)](err.message)
+    vars(out).update(vars(err))  # e.g. ResourceExhausted.retry_after_s
+    return out
 
 
 def aitbc_home() -> Path:
@@ -44,7 +61,7 @@ def _wrap(fn: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except grpc.RpcError as exc:
-            raise ClientError(exc.code().name, exc.details() or "") from None
+            raise client_error(rpc.error_from_rpc(exc)) from None
 
     return call
 
@@ -149,7 +166,7 @@ class CoordinatorClient:
             for ev in self._stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), metadata=self._md, timeout=timeout):
                 yield getattr(ev, ev.WhichOneof("event"))
         except grpc.RpcError as exc:
-            raise ClientError(exc.code().name, exc.details() or "") from None
+            raise client_error(rpc.error_from_rpc(exc)) from None
 
     @_wrap
     def result(self, job_id: str, index: int = 0) -> tuple[job_pb2.Artifact, bytes]:
@@ -163,7 +180,7 @@ class CoordinatorClient:
             parts.append(chunk.data)
         data = b"".join(parts)
         if art is None or hashlib.sha256(data).hexdigest() != art.sha256:
-            raise ClientError("DATA_LOSS", f"artifact {index} of job {job_id} does not match its sha256")
+            raise client_error(DataLoss(f"artifact {index} of job {job_id} does not match its sha256"))
         return art, data
 
     @_wrap

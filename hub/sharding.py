@@ -11,9 +11,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, NamedTuple, TypeVar
 
-T = TypeVar("T")
+from aitbc import jobs
 
-MAX_SEED = 2**64 - 1  # the miner's generator takes an unsigned 64-bit seed
+T = TypeVar("T")
 
 
 class Shard(NamedTuple):
@@ -52,8 +52,8 @@ def plan_shards(images: int, candidates: int, max_per_shard: int) -> list[Shard]
 def image_seed(job_seed: int, image: int) -> int:
     """The seed of image `image` (0-based) of a job with seed `job_seed`."""
     seed = job_seed + image
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed {job_seed} + image {image} is outside 0..2^64-1")
+    if not 0 <= seed <= jobs.MAX_RUN_SEED:  # what a miner accepts: jobs.MAX_SEED + jobs.MAX_IMAGES - 1
+        raise ValueError(f"seed {job_seed} + image {image} is outside 0..{jobs.MAX_RUN_SEED}")
     return seed
 
 

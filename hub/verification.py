@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from aitbc.jobs import PNG_MAGIC
+
 DEFAULT_RATE = 0.10
 # Mean absolute difference of RGB(A) pixel values, normalised to 0..1 (0.03 = 3% of full scale,
 # about 7.7 levels of 255 on average). A miner that did not run the model (another prompt, another
 # seed, noise, another job's image) lands around 0.1-0.4; see docs/hub.md for the calibration.
 DEFAULT_TOLERANCE = 0.03
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SAMPLE_DOMAIN = b"AITBC/hub-verify-sample/v1\x00"
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from aitbc import jobs
 from aitbc.errors import AitbcError
 
 # The in-process default: a tiny Stable Diffusion pipeline built from configs with fixed seeds.
@@ -70,35 +71,33 @@ class ImageBackend(Protocol):
     ) -> ImageOutput: ...
 
 
-# Limits of what any backend here accepts; a model may narrow them (steps by its scheduler).
-SIZE_MULTIPLE = 8
-MIN_SIZE = 8
-MAX_SIZE = 2048
-MAX_IMAGES = 8
-MAX_STEPS = 500
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
-MAX_GUIDANCE = 100.0
+# Limits of what any backend here accepts are those of aitbc.jobs, so a miner takes exactly what
+# the coordinator can send it (a model may narrow them, steps by its scheduler). One exception:
+# sizes go down to MIN_SIZE, below jobs.MIN_SIDE, for direct use of a backend (tests, benchmarks).
+MIN_SIZE = jobs.SIDE_MULTIPLE
 
 
 def resolve_size(req: ImageRequest, native_size: int) -> tuple[int, int]:
     """Check `req` against the shared limits and return (width, height) with 0 -> native size."""
     if not isinstance(req.prompt, str) or not isinstance(req.negative_prompt, str):
         raise BackendError("prompt and negative_prompt must be text")
-    if not 1 <= req.steps <= MAX_STEPS:
-        raise BackendError(f"steps must be between 1 and {MAX_STEPS}, got {req.steps}")
-    if not math.isfinite(req.guidance_scale) or not 0.0 <= req.guidance_scale <= MAX_GUIDANCE:
-        raise BackendError(f"guidance_scale must be between 0 and {MAX_GUIDANCE:g}, got {req.guidance_scale}")
-    if not 1 <= req.images <= MAX_IMAGES:
-        raise BackendError(f"images must be between 1 and {MAX_IMAGES}, got {req.images}")
-    if not 0 <= req.seed <= MAX_SEED - (req.images - 1):  # image i uses seed + i
-        raise BackendError(f"seed must be between 0 and 2^64-{req.images}, got {req.seed}")
+    if not 1 <= req.steps <= jobs.MAX_STEPS:
+        raise BackendError(f"steps must be between 1 and {jobs.MAX_STEPS}, got {req.steps}")
+    if not math.isfinite(req.guidance_scale) or not 0.0 <= req.guidance_scale <= jobs.MAX_GUIDANCE:
+        raise BackendError(f"guidance_scale must be between 0 and {jobs.MAX_GUIDANCE:g}, got {req.guidance_scale}")
+    if not 1 <= req.images <= jobs.MAX_IMAGES:
+        raise BackendError(f"images must be between 1 and {jobs.MAX_IMAGES}, got {req.images}")
+    if not 0 <= req.seed <= jobs.MAX_RUN_SEED - (req.images - 1):  # image i uses seed + i
+        raise BackendError(
+            f"seed must be between 0 and {jobs.MAX_RUN_SEED - (req.images - 1)} for {req.images} image(s), got {req.seed}"
+        )
     width = req.width or native_size
     height = req.height or native_size
     for name, value in (("width", width), ("height", height)):
-        if value < 0 or not MIN_SIZE <= value <= MAX_SIZE or value % SIZE_MULTIPLE:
+        if value < 0 or not MIN_SIZE <= value <= jobs.MAX_SIDE or value % jobs.SIDE_MULTIPLE:
             raise BackendError(
-                f"{name} must be 0 (native {native_size}) or a multiple of {SIZE_MULTIPLE} "
-                f"between {MIN_SIZE} and {MAX_SIZE}, got {getattr(req, name)}"
+                f"{name} must be 0 (native {native_size}) or a multiple of {jobs.SIDE_MULTIPLE} "
+                f"between {MIN_SIZE} and {jobs.MAX_SIDE}, got {getattr(req, name)}"
             )
     return width, height
 
@@ -128,7 +127,7 @@ def null_png(prompt: str, seed: int, width: int, height: int) -> bytes:
     raw = b"".join(cell_rows[y * 8 // height] for y in range(height))
     header = struct.pack(">IIBBBBB", width, height, 1, 3, 0, 0, 0)  # 1-bit, palette
     return (
-        b"\x89PNG\r\n\x1a\n"
+        jobs.PNG_MAGIC
         + _png_chunk(b"IHDR", header)
         + _png_chunk(b"PLTE", palette)
         + _png_chunk(b"IDAT", zlib.compress(raw, 6))

@@ -43,7 +43,7 @@ _load_owner: MinerDaemon | None = None  # the daemon aitbc_miner_load reads (one
 
 @dataclass
 class RunningJob:
-    job: job_pb2.Job
+    job: miner_pb2.Task
     cancel: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task[None] | None = None
 
@@ -198,7 +198,7 @@ class MinerDaemon:
     # ---- jobs -------------------------------------------------------------------------------
 
     def _start_job(self, assignment: miner_pb2.Assignment) -> None:
-        job = assignment.job
+        job = assignment.task
         if job.job_id in self.running:
             return
         rj = RunningJob(job)
@@ -209,7 +209,7 @@ class MinerDaemon:
         # one span per job, joined to the client's trace through the dispatch span's traceparent
         # (the Work stream carries many jobs, so the context travels in the Assignment, not metadata)
         with telemetry.span("miner.job", parent=assignment.traceparent or None, job_id=rj.job.job_id,
-                            model=rj.job.model, attempt=rj.job.attempts, miner_id=self.key.address):
+                            model=rj.job.model, attempt=rj.job.attempt, miner_id=self.key.address):
             await self._run_job_traced(rj, assignment)
 
     async def _run_job_traced(self, rj: RunningJob, assignment: miner_pb2.Assignment) -> None:

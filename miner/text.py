@@ -69,7 +69,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from aitbc.miner.backend import MAX_SEED, BackendError, DeviceTimer, JobCancelled, pick_device
+from aitbc import jobs
+from aitbc.miner.backend import BackendError, DeviceTimer, JobCancelled, pick_device
 
 if TYPE_CHECKING:
     import torch
@@ -81,13 +82,6 @@ TEXT_PREFIX = "text:"  # explicit declaration of a text model in a miner's model
 
 # Allow from_pretrained to reach the Hugging Face Hub for an id that is not in the local cache.
 DOWNLOAD_ENV = "AITBC_MODEL_DOWNLOAD"
-
-# Limits of what any text backend accepts.
-MAX_NEW_TOKENS = 4096
-MAX_TEMPERATURE = 2.0
-MAX_TOP_K = 1000
-MAX_STOPS = 4
-MAX_STOP_CHARS = 64
 
 TINY_SEED = 0  # fixed: the tiny model's random weights are part of its identity
 TINY_CONTEXT = 512
@@ -136,29 +130,30 @@ class TextBackend(Protocol):
 
 
 def check_text_request(req: TextRequest) -> None:
-    """Check `req` against the limits every text backend shares (the context is checked later,
-    once the prompt is tokenized)."""
+    """Check `req` against the limits every text backend shares: those of aitbc.jobs, so a miner
+    takes exactly what the coordinator can send (text jobs are never sharded: the seed is the job's,
+    at most jobs.MAX_SEED). The context is checked later, once the prompt is tokenized."""
     if not isinstance(req.prompt, str):
         raise BackendError("prompt must be text")
     if isinstance(req.max_new_tokens, bool) or not isinstance(req.max_new_tokens, int):
         raise BackendError("max_new_tokens must be an integer")
-    if not 1 <= req.max_new_tokens <= MAX_NEW_TOKENS:
-        raise BackendError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {req.max_new_tokens}")
+    if not 1 <= req.max_new_tokens <= jobs.MAX_NEW_TOKENS:
+        raise BackendError(f"max_new_tokens must be between 1 and {jobs.MAX_NEW_TOKENS}, got {req.max_new_tokens}")
     if not isinstance(req.temperature, int | float) or not math.isfinite(req.temperature):
-        raise BackendError(f"temperature must be a number between 0 and {MAX_TEMPERATURE:g}")
-    if not 0.0 <= req.temperature <= MAX_TEMPERATURE:
-        raise BackendError(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {req.temperature}")
+        raise BackendError(f"temperature must be a number between 0 and {jobs.MAX_TEMPERATURE:g}")
+    if not 0.0 <= req.temperature <= jobs.MAX_TEMPERATURE:
+        raise BackendError(f"temperature must be between 0 and {jobs.MAX_TEMPERATURE:g}, got {req.temperature}")
     if not isinstance(req.top_p, int | float) or not math.isfinite(req.top_p) or not 0.0 < req.top_p <= 1.0:
         raise BackendError(f"top_p must be greater than 0 and at most 1, got {req.top_p}")
-    if isinstance(req.top_k, bool) or not isinstance(req.top_k, int) or not 0 <= req.top_k <= MAX_TOP_K:
-        raise BackendError(f"top_k must be an integer between 0 (off) and {MAX_TOP_K}, got {req.top_k}")
-    if isinstance(req.seed, bool) or not isinstance(req.seed, int) or not 0 <= req.seed <= MAX_SEED:
-        raise BackendError(f"seed must be between 0 and 2^64-1, got {req.seed}")
-    if not isinstance(req.stop, tuple | list) or len(req.stop) > MAX_STOPS:
-        raise BackendError(f"at most {MAX_STOPS} stop sequences are allowed")
+    if isinstance(req.top_k, bool) or not isinstance(req.top_k, int) or not 0 <= req.top_k <= jobs.MAX_TOP_K:
+        raise BackendError(f"top_k must be an integer between 0 (off) and {jobs.MAX_TOP_K}, got {req.top_k}")
+    if isinstance(req.seed, bool) or not isinstance(req.seed, int) or not 0 <= req.seed <= jobs.MAX_SEED:
+        raise BackendError(f"seed must be between 0 and {jobs.MAX_SEED}, got {req.seed}")
+    if not isinstance(req.stop, tuple | list) or len(req.stop) > jobs.MAX_STOP:
+        raise BackendError(f"at most {jobs.MAX_STOP} stop sequences are allowed")
     for s in req.stop:
-        if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
-            raise BackendError(f"each stop sequence must be 1 to {MAX_STOP_CHARS} characters, got {s!r}")
+        if not isinstance(s, str) or not 1 <= len(s) <= jobs.MAX_STOP_CHARS:
+            raise BackendError(f"each stop sequence must be 1 to {jobs.MAX_STOP_CHARS} characters, got {s!r}")
 
 
 def check_context(prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:

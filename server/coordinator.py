@@ -18,10 +18,10 @@ import grpc
 from aitbc import crypto, jobs, rpc, telemetry
 from aitbc.config import CoordinatorConfig, expand, write_port_file
 from aitbc.coordinator import Coordinator
+from aitbc.coordinator.settlement import Settlement
+from aitbc.coordinator.store import LmdbJobStore
 from aitbc.errors import FailedPrecondition, InvalidArgument
-from aitbc.jobstore import JobStore
 from aitbc.rpc import CHUNK_BYTES, RunningServer, Service, handle_errors, start_server
-from aitbc.settlement import Settlement
 from aitbc.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,
@@ -241,7 +241,7 @@ class CoordinatorProcess:
 
 
 async def start_coordinator(config: CoordinatorConfig) -> CoordinatorProcess:
-    store = JobStore(expand(config.data_dir) / "jobs")
+    store = LmdbJobStore(expand(config.data_dir) / "jobs")
     key = crypto.load_or_create_key(config.key_file)
     core = Coordinator(store, key, config)
     running = await start_server(config.listen, [
@@ -252,7 +252,7 @@ async def start_coordinator(config: CoordinatorConfig) -> CoordinatorProcess:
     ])
     proc = CoordinatorProcess(running, core, [asyncio.create_task(core.run_housekeeping())])
     if config.ledger:
-        settlement = proc.settlement = Settlement(store, key, config.ledger)
+        settlement = proc.settlement = Settlement(core.receipts, key, config.ledger)
         core.receipt_listeners.append(settlement.notify)
         running.names.append(SETTLEMENT_HEALTH)  # stop() reports it NOT_SERVING with the rest
         await running.set_serving(SETTLEMENT_HEALTH, False)  # until the first pass reaches the ledger

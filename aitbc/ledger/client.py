@@ -1,7 +1,8 @@
 """LedgerClient: a small async helper over LedgerService for settlement, wallets and the CLI.
 
-gRPC errors come back as the matching AitbcError subclass (same message), so callers can tell
-"already known" / "receipt already minted" (AlreadyExists) from transient failures (Unavailable)."""
+gRPC errors come back as the matching AitbcError subclass (aitbc.rpc.error_from_rpc, same message),
+so callers can tell "already known" / "receipt already minted" (AlreadyExists) from transient
+failures (Unavailable, and DeadlineExceeded, a subclass of it)."""
 
 from __future__ import annotations
 
@@ -22,22 +23,6 @@ _STATUS_NAMES = {
     ledger_pb2.TRANSACTION_STATUS_INCLUDED: "included",
     ledger_pb2.TRANSACTION_STATUS_FINAL: "final",
 }
-_ERRORS: dict[str, type[errors.AitbcError]] = {
-    cls.code: cls for cls in (errors.InvalidArgument, errors.NotFound, errors.AlreadyExists,
-                              errors.FailedPrecondition, errors.PermissionDenied, errors.Unauthenticated,
-                              errors.ResourceExhausted, errors.Unavailable, errors.Aborted)
-}
-
-
-def error_from_code(code: str, message: str) -> errors.AitbcError:
-    return _ERRORS.get(code, errors.AitbcError)(message)
-
-
-def _raise(exc: grpc.aio.AioRpcError) -> None:
-    code = exc.code().name if exc.code() is not None else "UNKNOWN"
-    if code == "DEADLINE_EXCEEDED":
-        code = "UNAVAILABLE"
-    raise error_from_code(code, exc.details() or code) from None
 
 
 @dataclass(frozen=True)
@@ -111,7 +96,7 @@ class LedgerClient:
         try:
             r = await self.stub.GetHead(ledger_pb2.GetHeadRequest(), timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
-            _raise(exc)
+            raise rpc.error_from_rpc(exc) from None
         self._chain_id = r.chain_id
         return Head(r.head.height, r.head.hash, r.finalized_height, r.chain_id, r.genesis_hash, r.block_time_ms)
 
@@ -125,7 +110,7 @@ class LedgerClient:
         try:
             r = await self.stub.GetAccount(ledger_pb2.GetAccountRequest(address=address), timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
-            _raise(exc)
+            raise rpc.error_from_rpc(exc) from None
         return Account(r.address, r.balance, r.nonce, r.pending_nonce)
 
     async def broadcast(self, raw: bytes) -> str:
@@ -134,7 +119,7 @@ class LedgerClient:
             r = await self.stub.BroadcastTransaction(ledger_pb2.BroadcastTransactionRequest(raw=raw),
                                                      timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
-            _raise(exc)
+            raise rpc.error_from_rpc(exc) from None
         return r.hash
 
     async def broadcast_many(self, raws: list[bytes]) -> list[BroadcastOutcome]:
@@ -142,8 +127,8 @@ class LedgerClient:
             r = await self.stub.BroadcastTransactions(ledger_pb2.BroadcastTransactionsRequest(raws=raws),
                                                       timeout=max(self.timeout, 60.0))
         except grpc.aio.AioRpcError as exc:
-            _raise(exc)
-        return [BroadcastOutcome(x.hash, x.accepted, None if x.accepted else error_from_code(x.code, x.error))
+            raise rpc.error_from_rpc(exc) from None
+        return [BroadcastOutcome(x.hash, x.accepted, None if x.accepted else rpc.error_from_code(x.code, x.error))
                 for x in r.results]
 
     async def get_transaction(self, tx_hash: str) -> TxStatus:
@@ -153,7 +138,7 @@ class LedgerClient:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return TxStatus(tx_hash, "unknown")
-            _raise(exc)
+            raise rpc.error_from_rpc(exc) from None
         return TxStatus(tx_hash, _STATUS_NAMES.get(r.status, "unknown"), r.block_height, r.block_hash)
 
     async def get_receipt_status(self, receipt_hash: str | bytes) -> ReceiptStatus:
@@ -162,7 +147,7 @@ class LedgerClient:
             r = await self.stub.GetReceiptStatus(ledger_pb2.GetReceiptStatusRequest(receipt_hash=rh),
                                                  timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
-            _raise(exc)
+            raise rpc.error_from_rpc(exc) from None
         return ReceiptStatus(r.receipt_hash, _STATUS_NAMES.get(r.status, "unknown"), r.tx_hash, r.block_height,
                              r.block_hash, r.amount)
 

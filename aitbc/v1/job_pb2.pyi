@@ -367,6 +367,9 @@ class Job(_message.Message):
     FIRST_IMAGE_FIELD_NUMBER: _builtins.int
     SHARD_JOB_IDS_FIELD_NUMBER: _builtins.int
     DEVICE_CLASS_FIELD_NUMBER: _builtins.int
+    WAIT_REASON_FIELD_NUMBER: _builtins.int
+    STORY_FIELD_NUMBER: _builtins.int
+    STORY_DROPPED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     model: _builtins.str
     state: Global___JobState.ValueType
@@ -377,7 +380,7 @@ class Job(_message.Message):
     attempts: _builtins.int
     """Dispatch attempts so far."""
     error: _builtins.str
-    """Why the job FAILED, was CANCELLED or EXPIRED; the last requeue reason otherwise."""
+    """Why the job FAILED, was CANCELLED or EXPIRED; empty while it is active (see wait_reason)."""
     created_at_unix_ms: _builtins.int
     updated_at_unix_ms: _builtins.int
     started_at_unix_ms: _builtins.int
@@ -410,6 +413,11 @@ class Job(_message.Message):
     """Device class ("cpu", "cuda"; "" unknown) of the miner that produced the result. Verification
     re-runs go to the same class, and CUDA results are compared within a tolerance (docs/hub.md).
     """
+    wait_reason: _builtins.str
+    """Why an active job is QUEUED rather than with a miner (requeued after a miner was lost, no
+    miner can take it now, ...); empty once a miner holds it and after it ended.
+    """
+    story_dropped: _builtins.int
     @_builtins.property
     def params(self) -> Global___JobParams: ...
     @_builtins.property
@@ -427,6 +435,12 @@ class Job(_message.Message):
     @_builtins.property
     def shard_job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """On a job split across miners: its shards in image order (each with its own receipt)."""
+
+    @_builtins.property
+    def story(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobTransition]:
+        """The job's story: every state transition with its time and cause, oldest first. Bounded: when
+        older entries were dropped, story_dropped counts them (the first entry, its submission, is kept).
+        """
 
     def __init__(
         self,
@@ -464,13 +478,52 @@ class Job(_message.Message):
         first_image: _builtins.int = ...,
         shard_job_ids: _abc.Iterable[_builtins.str] | None = ...,
         device_class: _builtins.str = ...,
+        wait_reason: _builtins.str = ...,
+        story: _abc.Iterable[Global___JobTransition] | None = ...,
+        story_dropped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "params", b"params", "progress", b"progress", "receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "artifacts", b"artifacts", "attempts", b"attempts", "client_id", b"client_id", "created_at_unix_ms", b"created_at_unix_ms", "device_class", b"device_class", "error", b"error", "finish_reason", b"finish_reason", "finished_at_unix_ms", b"finished_at_unix_ms", "first_image", b"first_image", "generated_tokens", b"generated_tokens", "job_id", b"job_id", "max_price_per_unit", b"max_price_per_unit", "miner_id", b"miner_id", "model", b"model", "params", b"params", "parent_job_id", b"parent_job_id", "price_per_unit", b"price_per_unit", "progress", b"progress", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "receipt", b"receipt", "receipt_hash", b"receipt_hash", "request_id", b"request_id", "shard_job_ids", b"shard_job_ids", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "traceparent", b"traceparent", "unit_type", b"unit_type", "units", b"units", "updated_at_unix_ms", b"updated_at_unix_ms", "verification", b"verification", "verification_job_ids", b"verification_job_ids", "verify_of", b"verify_of"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "artifacts", b"artifacts", "attempts", b"attempts", "client_id", b"client_id", "created_at_unix_ms", b"created_at_unix_ms", "device_class", b"device_class", "error", b"error", "finish_reason", b"finish_reason", "finished_at_unix_ms", b"finished_at_unix_ms", "first_image", b"first_image", "generated_tokens", b"generated_tokens", "job_id", b"job_id", "max_price_per_unit", b"max_price_per_unit", "miner_id", b"miner_id", "model", b"model", "params", b"params", "parent_job_id", b"parent_job_id", "price_per_unit", b"price_per_unit", "progress", b"progress", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "receipt", b"receipt", "receipt_hash", b"receipt_hash", "request_id", b"request_id", "shard_job_ids", b"shard_job_ids", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "story", b"story", "story_dropped", b"story_dropped", "traceparent", b"traceparent", "unit_type", b"unit_type", "units", b"units", "updated_at_unix_ms", b"updated_at_unix_ms", "verification", b"verification", "verification_job_ids", b"verification_job_ids", "verify_of", b"verify_of", "wait_reason", b"wait_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_price_per_unit: _TypeAlias = _typing.Literal["max_price_per_unit"]  # noqa: Y015
     _WhichOneofArgType__max_price_per_unit: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_price_per_unit) -> _WhichOneofReturnType__max_price_per_unit | None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class JobTransition(_message.Message):
+    """JobTransition is one step of a job's life: from one state to another, when and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    FROM_STATE_FIELD_NUMBER: _builtins.int
+    TO_STATE_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
+    MINER_ID_FIELD_NUMBER: _builtins.int
+    at_unix_ms: _builtins.int
+    from_state: Global___JobState.ValueType
+    """JOB_STATE_UNSPECIFIED as from_state is the job's creation."""
+    to_state: Global___JobState.ValueType
+    cause: _builtins.str
+    """What caused it, for a person: "submitted", "assigned to miner ait1...", "miner ait1... lost: ..."."""
+    miner_id: _builtins.str
+    """The miner involved, when one is."""
+    def __init__(
+        self,
+        *,
+        at_unix_ms: _builtins.int = ...,
+        from_state: Global___JobState.ValueType = ...,
+        to_state: Global___JobState.ValueType = ...,
+        cause: _builtins.str = ...,
+        miner_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "cause", b"cause", "from_state", b"from_state", "miner_id", b"miner_id", "to_state", b"to_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobTransition: _TypeAlias = JobTransition  # noqa: Y015

@@ -18,6 +18,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
@@ -383,8 +388,52 @@ class WorkRequest(_message.Message):
 Global___WorkRequest: _TypeAlias = WorkRequest  # noqa: Y015
 
 @_typing.final
+class Task(_message.Message):
+    """Task is what a miner needs to run one job, and nothing else; the receipt must echo its fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
+    PROMPT_HASH_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    model: _builtins.str
+    client_id: _builtins.str
+    """The receipt's `client`."""
+    price_per_unit: _builtins.int
+    """The receipt's `price_per_unit`: the price this miner advertised when it was given the job."""
+    prompt_hash: _builtins.str
+    """The receipt's `prompt_hash` (lower-case hex sha256 of the prompt)."""
+    attempt: _builtins.int
+    """1 for the first dispatch of the job, 2 for the next, ..."""
+    @_builtins.property
+    def params(self) -> _job_pb2.JobParams: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        params: _job_pb2.JobParams | None = ...,
+        client_id: _builtins.str = ...,
+        price_per_unit: _builtins.int = ...,
+        prompt_hash: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "client_id", b"client_id", "job_id", b"job_id", "model", b"model", "params", b"params", "price_per_unit", b"price_per_unit", "prompt_hash", b"prompt_hash"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
 class Assignment(_message.Message):
-    """Assignment hands a job to a miner; the receipt must echo its fields."""
+    """Assignment hands a job to a miner."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -392,12 +441,18 @@ class Assignment(_message.Message):
     CHAIN_ID_FIELD_NUMBER: _builtins.int
     HUB_ID_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
     chain_id: _builtins.str
     hub_id: _builtins.str
     traceparent: _builtins.str
     """W3C traceparent of the dispatch span: the miner's spans for this job are its children."""
     @_builtins.property
-    def job(self) -> _job_pb2.Job: ...
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def job(self) -> _job_pb2.Job:
+        """Superseded by `task`: coordinators since docs/coordinator.md v2 leave it empty."""
+
+    @_builtins.property
+    def task(self) -> Global___Task: ...
     def __init__(
         self,
         *,
@@ -405,10 +460,11 @@ class Assignment(_message.Message):
         chain_id: _builtins.str = ...,
         hub_id: _builtins.str = ...,
         traceparent: _builtins.str = ...,
+        task: Global___Task | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "hub_id", b"hub_id", "job", b"job", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "hub_id", b"hub_id", "job", b"job", "task", b"task", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

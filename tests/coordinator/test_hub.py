@@ -40,7 +40,7 @@ class CheatingMiner(RawMiner):
                 return
             if msg.WhichOneof("msg") != "assignment":
                 continue
-            job = msg.assignment.job
+            job = msg.assignment.task
             self.send(accepted=miner_pb2.JobAccepted(job_id=job.job_id))
             png = self.image(job)
             self.send(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=png))
@@ -103,7 +103,7 @@ async def test_max_price_and_vram_are_refused_with_the_reason(net) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await s.SubmitJob(image_job(model="null", width=1024, height=1024, images=2), metadata=MD)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "VRAM" in err.value.details()
-    assert not net.core._jobs
+    assert not net.core.machine.records
 
 
 async def test_cheaper_miner_wins_and_equals_share_round_robin(net, null_backend) -> None:
@@ -296,7 +296,7 @@ class LyingMiner(RawMiner):
             if msg is grpc.aio.EOF:
                 return
             if msg.WhichOneof("msg") == "assignment":
-                job_id = msg.assignment.job.job_id
+                job_id = msg.assignment.task.job_id
                 self.send(accepted=miner_pb2.JobAccepted(job_id=job_id))
                 self.send(failed=miner_pb2.JobFailed(job_id=job_id, reason="CUDA out of memory. Tried to allocate 9 GiB"))
 
@@ -340,7 +340,7 @@ class StallingMiner(RawMiner):
                     return
                 self.received.append(msg)
                 if msg.WhichOneof("msg") == "assignment":
-                    self.send(accepted=miner_pb2.JobAccepted(job_id=msg.assignment.job.job_id))
+                    self.send(accepted=miner_pb2.JobAccepted(job_id=msg.assignment.task.job_id))
         finally:
             beating.cancel()
 
@@ -352,7 +352,7 @@ async def test_a_miner_that_accepts_and_stalls_loses_the_job_to_another(network_
     serving = asyncio.create_task(staller.serve())
     s = stub(net)
     job = (await s.SubmitJob(image_job(model="null", seed=8), metadata=MD)).job
-    await net.until(lambda: net.core._jobs[job.job_id].state == S.JOB_STATE_RUNNING)
+    await net.until(lambda: net.core.machine.job(job.job_id).state == S.JOB_STATE_RUNNING)
     honest = await net.add_miner({"null": null_backend}, price=5)
     done = await wait_done(s, job.job_id)
     assert done.state == S.JOB_STATE_COMPLETED and done.miner_id == honest.key.address and done.attempts == 2
@@ -373,7 +373,7 @@ async def test_a_job_queued_inside_a_busy_miner_is_not_a_stall(network_factory) 
     s = stub(net)
     first = (await s.SubmitJob(image_job(model="null", seed=1, steps=50), metadata=MD)).job
     second = (await s.SubmitJob(image_job(model="null", seed=2, steps=50), metadata=MD)).job
-    held = {(await m.read()).assignment.job.job_id for _ in range(2)}
+    held = {(await m.read()).assignment.task.job_id for _ in range(2)}
     assert held == {first.job_id, second.job_id}
     for job_id in held:
         m.send(accepted=miner_pb2.JobAccepted(job_id=job_id))
@@ -381,8 +381,8 @@ async def test_a_job_queued_inside_a_busy_miner_is_not_a_stall(network_factory) 
         m.send(heartbeat=miner_pb2.Heartbeat())
         m.send(progress=job_pb2.JobProgress(job_id=first.job_id, step=step, total_steps=50))
         await asyncio.sleep(0.3)
-    assert net.core._jobs[second.job_id].state == S.JOB_STATE_RUNNING
-    assert net.core._jobs[second.job_id].miner_id == m.key.address
+    assert net.core.machine.job(second.job_id).state == S.JOB_STATE_RUNNING
+    assert net.core.machine.job(second.job_id).miner_id == m.key.address
     # then silence on both (heartbeats only): both are taken back as stalls (and, with no other
     # miner there, offered to it again)
     for _ in range(100):
@@ -393,7 +393,7 @@ async def test_a_job_queued_inside_a_busy_miner_is_not_a_stall(network_factory) 
     assert net.core.book.snapshot(m.key.address).stalls == 2
     msgs = [await m.read() for _ in range(4)]
     assert sorted(x.cancel.job_id for x in msgs if x.WhichOneof("msg") == "cancel") == sorted(held)
-    assert sorted(x.assignment.job.job_id for x in msgs if x.WhichOneof("msg") == "assignment") == sorted(held)
+    assert sorted(x.assignment.task.job_id for x in msgs if x.WhichOneof("msg") == "assignment") == sorted(held)
 
 
 async def test_a_shard_result_sent_twice_counts_once(net, null_backend) -> None:
@@ -405,7 +405,7 @@ async def test_a_shard_result_sent_twice_counts_once(net, null_backend) -> None:
                              metadata=MD)).job
     assert len(job.shard_job_ids) == 2
     msg = await twice.read()
-    shard = msg.assignment.job
+    shard = msg.assignment.task
     twice.send(accepted=miner_pb2.JobAccepted(job_id=shard.job_id))
     pngs = [null_png("four boats", shard.params.image.seed + k, 64, 64) for k in range(shard.params.image.images)]
     for k, png in enumerate(pngs):
@@ -494,7 +494,7 @@ async def test_a_split_jobs_progress_counts_steps_over_all_shards(net) -> None:
     s = stub(net)
     job = (await s.SubmitJob(image_job("two pairs", model="null", images=4, steps=4, seed=50, width=64, height=64),
                              metadata=MD)).job
-    shard_a, shard_b = (await a.read()).assignment.job, (await b.read()).assignment.job
+    shard_a, shard_b = (await a.read()).assignment.task, (await b.read()).assignment.task
     watch = s.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=MD)
     assert (await watch.read()).WhichOneof("event") == "job"  # the current state first
 
@@ -528,7 +528,7 @@ async def test_a_failed_shard_is_requeued_alone(net, null_backend) -> None:
     job = (await s.SubmitJob(image_job("two boats", model="null", images=2, seed=7, width=64, height=64), metadata=MD)).job
     assert len(job.shard_job_ids) == 2
     msg = await flaky.read()  # the flaky miner holds one shard and fails it
-    shard_id = msg.assignment.job.job_id
+    shard_id = msg.assignment.task.job_id
     flaky.send(failed=miner_pb2.JobFailed(job_id=shard_id, reason="CUDA error: an illegal memory access"))
     flaky.outbox.put_nowait(None)  # and leaves
     done = await wait_done(s, job.job_id)
@@ -589,7 +589,7 @@ async def test_a_verification_interrupted_by_a_crash_is_decided_after_restart(ne
     net = await network_factory(verify_rate=1.0)
     await net.add_miner({"null": null_backend})
     await net.add_miner({"null": null_backend})
-    net.core._verification_done = lambda v: None  # the process "dies" right after storing the re-execution
+    net.core.verifier.run_ended = lambda v: None  # the process "dies" right after storing the re-execution
     s = stub(net)
     job = await wait_done(s, (await s.SubmitJob(image_job(model="null", seed=4), metadata=MD)).job.job_id)
     await net.until(lambda: all(net.core.store.get_job(v).state == S.JOB_STATE_COMPLETED
@@ -605,11 +605,20 @@ async def test_a_verification_interrupted_by_a_crash_is_decided_after_restart(ne
 async def test_a_split_job_whose_last_shard_ended_in_a_crash_completes_after_restart(net, null_backend) -> None:
     for _ in range(2):
         await net.add_miner({"null": null_backend})
-    net.core._shard_done = lambda shard: None  # the process "dies" after storing the last shard
     s = stub(net)
     job = (await s.SubmitJob(image_job("two", model="null", images=2, seed=3, width=64, height=64), metadata=MD)).job
-    await net.until(lambda: all(net.core.store.get_job(j).state == S.JOB_STATE_COMPLETED for j in job.shard_job_ids))
-    assert net.core.store.get_job(job.job_id).state in jobs.ACTIVE
-    await net.restart_coordinator()
+    await net.until(lambda: net.core.store.get_job(job.job_id).state == S.JOB_STATE_COMPLETED)
+    # the last shard and the split job are written in one transaction now; a store written by a
+    # coordinator killed between the two (older versions wrote them apart) must still finish
+    await net.stop_coordinator()
+    from aitbc.coordinator.store import LmdbJobStore
+
+    store = LmdbJobStore(net.tmp / "coordinator" / "jobs")
+    parent = store.get_job(job.job_id)
+    parent.state, parent.miner_id, parent.finished_at_unix_ms = S.JOB_STATE_RUNNING, "", 0
+    del parent.artifacts[:]
+    store.write([parent])
+    store.close()
+    await net.start_coordinator()
     done = net.core.store.get_job(job.job_id)
     assert done.state == S.JOB_STATE_COMPLETED and len(done.artifacts) == 2

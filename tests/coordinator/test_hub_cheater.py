@@ -17,7 +17,7 @@ from PIL import Image
 
 from aitbc import crypto
 from aitbc.config import CoordinatorConfig
-from aitbc.jobstore import JobStore
+from aitbc.coordinator.store import LmdbJobStore
 from aitbc.miner.backend import ImageOutput, ImageRequest
 from aitbc.v1 import coordinator_pb2, job_pb2, receipt_pb2
 from tests.coordinator.test_jobs_api import MD, fetch, image_job, stub, wait_done
@@ -67,7 +67,7 @@ async def test_a_tiny_sd_cheater_is_quarantined_within_50_jobs_at_the_default_ra
     assert rate == 0.10  # the default this test is about
     net = await network_factory(verify_rate=rate, verify_timeout_s=60)
     await net.stop_coordinator()
-    store = JobStore(net.tmp / "coordinator" / "jobs")
+    store = LmdbJobStore(net.tmp / "coordinator" / "jobs")
     store.put_meta("verify_secret", SECRET)
     store.close()
     await net.start_coordinator()

@@ -116,7 +116,7 @@ async def test_bad_submissions_get_clear_statuses_and_queue_nothing(net, null_ba
         await s.SubmitJob(request_, metadata=MD)
     assert err.value.code() == code
     assert needle in err.value.details()
-    assert not net.core._jobs and not net.core.store.active_jobs()
+    assert not net.core.machine.records and not net.core.store.active_jobs()
 
 
 async def test_auth_rate_limit_and_ownership(network_factory, null_backend) -> None:
@@ -143,7 +143,6 @@ async def test_auth_rate_limit_and_ownership(network_factory, null_backend) -> N
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # rate limit: a tiny bucket for bob
     net.core.clients[[k for k, c in net.core.clients.items() if c.id == "bob"][0]] = ClientKey("bob", "", rate_per_s=1, burst=2)
-    net.core._buckets.pop("bob", None)
     codes = []
     for _ in range(4):
         try:
@@ -205,7 +204,7 @@ async def test_miner_lost_mid_job_the_job_finishes_on_another(net, tiny_backend)
     job = (await s.SubmitJob(image_job(steps=60, seed=5), metadata=MD)).job
     await net.until(lambda: first.running)
     first.stop()  # its stream ends: the coordinator requeues the job at once
-    await net.until(lambda: net.core._jobs[job.job_id].state == S.JOB_STATE_QUEUED, timeout=20)
+    await net.until(lambda: net.core.machine.job(job.job_id).state == S.JOB_STATE_QUEUED, timeout=20)
     second = await net.add_miner({"tiny-sd": tiny_backend})
     done = await wait_done(s, job.job_id)
     assert done.state == S.JOB_STATE_COMPLETED
@@ -233,7 +232,7 @@ async def test_silent_miner_loses_its_job_after_the_heartbeat_timeout(network_fa
     s = stub(net)
     job = (await s.SubmitJob(image_job(model="null"), metadata=MD)).job
     first = await call.read()
-    assert first.assignment.job.job_id == job.job_id
+    assert first.assignment.task.job_id == job.job_id
     honest = await net.add_miner({"null": null_backend})
     done = await wait_done(s, job.job_id)
     assert done.state == S.JOB_STATE_COMPLETED and done.miner_id == honest.key.address
@@ -272,7 +271,7 @@ async def test_client_disconnecting_mid_watch_loses_nothing(net, tiny_backend) -
     call.cancel()
     done = await wait_done(s, job.job_id)
     assert done.state == S.JOB_STATE_COMPLETED
-    await net.until(lambda: not net.core._watchers)
+    await net.until(lambda: not net.core.streams.watching())
 
 
 async def test_large_artifact_is_chunked_under_the_message_limit(net) -> None:
@@ -280,7 +279,7 @@ async def test_large_artifact_is_chunked_under_the_message_limit(net) -> None:
     sha = hashlib.sha256(big).hexdigest()
     job = job_pb2.Job(job_id=jobs.new_job_id(), model="tiny-sd", client_id="alice", state=S.JOB_STATE_COMPLETED,
                       artifacts=[job_pb2.Artifact(sha256=sha, size=len(big), content_type="image/png")])
-    net.core.store.put_job(job, artifacts=[(sha, big)])
+    net.core.store.write([job], artifacts=[(sha, big)])
     s = stub(net)
     sizes = []
     data = b""

@@ -78,8 +78,8 @@ async def _assigned(net, miner: RawMiner) -> job_pb2.Job:
     await s.SubmitJob(image_job(model="null", seed=1, width=64, height=64), metadata=MD)
     msg = await miner.read()
     assert msg.WhichOneof("msg") == "assignment"
-    miner.send(accepted=miner_pb2.JobAccepted(job_id=msg.assignment.job.job_id))
-    return msg.assignment.job
+    miner.send(accepted=miner_pb2.JobAccepted(job_id=msg.assignment.task.job_id))
+    return msg.assignment.task
 
 
 async def test_honest_raw_result_is_accepted(net) -> None:
@@ -136,8 +136,8 @@ async def test_forged_results_are_rejected_and_the_job_requeued(net, forge, need
     reply = await m.read()
     assert reply.WhichOneof("msg") == "rejected"
     assert needle in reply.rejected.reason
-    current = net.core._jobs[job.job_id]
-    assert current.state == S.JOB_STATE_QUEUED and needle in current.error
+    current = net.core.machine.job(job.job_id)
+    assert current.state == S.JOB_STATE_QUEUED and needle in current.wait_reason and not current.error
     assert not net.core.store.get_job(job.job_id).receipt_hash
 
 
@@ -154,7 +154,7 @@ async def test_reports_on_jobs_not_assigned_to_the_miner_are_refused(net) -> Non
     reply = await b.read()
     assert "not assigned to miner" in reply.rejected.reason
     # the rightful miner is undisturbed
-    assert net.core._jobs[job.job_id].miner_id == a.key.address
+    assert net.core.machine.job(job.job_id).miner_id == a.key.address
 
 
 async def test_registration_needs_a_fresh_challenge_signed_by_the_key(net) -> None:
@@ -195,7 +195,7 @@ async def test_garbage_bytes_on_the_work_stream_end_only_that_session(net, null_
         async for _ in call:
             pass
     # the coordinator still works: the honest raw miner's job is intact, a new miner gets new work
-    assert net.core._jobs[job.job_id].miner_id == m.key.address
+    assert net.core.machine.job(job.job_id).miner_id == m.key.address
     await net.add_miner({"null": null_backend})
     s = stub(net)
     done = await wait_done(s, (await s.SubmitJob(image_job(model="null"), metadata=MD)).job.job_id)
@@ -218,7 +218,7 @@ async def test_bounded_attempts_then_failed_with_reason(network_factory) -> None
     job = await _assigned(net, m)
     m.send(failed=miner_pb2.JobFailed(job_id=job.job_id, reason="CUDA out of memory"))
     again = await m.read()
-    assert again.assignment.job.job_id == job.job_id and again.assignment.job.attempts == 2
+    assert again.assignment.task.job_id == job.job_id and again.assignment.task.attempt == 2
     m.send(failed=miner_pb2.JobFailed(job_id=job.job_id, reason="CUDA out of memory"))
     done = await wait_done(stub(net), job.job_id)
     assert done.state == S.JOB_STATE_FAILED

@@ -145,12 +145,12 @@ async def test_slow_consumer_neither_stalls_the_miner_nor_loses_text(net, null_t
     assert (await idle.__anext__()).state == S.JOB_STATE_QUEUED
     first = await call.read()  # the gRPC client also stops reading after the first event
     assert first.job.state == S.JOB_STATE_QUEUED
-    await net.until(lambda: len(net.core._watchers.get(job.job_id, ())) == 2)
+    await net.until(lambda: net.core.streams.watchers(job.job_id) == 2)
     await net.add_miner({"null-text": null_text})
     await net.until(lambda: net.core.store.get_job(job.job_id).state == S.JOB_STATE_COMPLETED, timeout=60)
     # 2000 deltas went by; the idle watcher holds at most WATCH_QUEUE small notifications
-    queues = net.core._watchers[job.job_id]
-    assert queues and all(q.qsize() <= WATCH_QUEUE for q in queues)
+    sizes = net.core.streams.queue_sizes(job.job_id)
+    assert sizes and max(sizes) <= WATCH_QUEUE
     _, data = await fetch(s, job.job_id)
     idle_text = ""
     async for ev in idle:

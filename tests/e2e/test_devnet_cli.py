@@ -76,8 +76,13 @@ def test_devnet_submit_status_receipts_buf_curl_and_restart(tmp_path: Path) -> N
         assert float(fields["gpu_seconds"]) > 0 and len(fields["receipt hash"].split()[0]) == 64
         assert (tmp_path / "city.png").read_bytes().startswith(b"\x89PNG")
 
-        r = aitbc(env, "status", job_id, cwd=tmp_path)
+        r = aitbc(env, "status", job_id, "--story", cwd=tmp_path)
         assert r.returncode == 0 and "COMPLETED" in r.stdout
+        story = r.stdout[r.stdout.index("story ("):].splitlines()[1:]
+        assert [line.split()[1:4] for line in story] == [
+            ["-", "->", "QUEUED"], ["QUEUED", "->", "ASSIGNED"], ["ASSIGNED", "->", "RUNNING"],
+            ["RUNNING", "->", "COMPLETED"]], r.stdout
+        assert "attempt 1: sent to miner ait1" in story[1]
         deadline = time.monotonic() + 60
         while True:  # the MINT lands within a few 1 s blocks
             r = aitbc(env, "receipts", "--job-id", job_id, "-o", "receipt.json", cwd=tmp_path)

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from aitbc import jobs
 from aitbc.hub.sharding import Shard, image_seed, merge_in_order, plan_shards, shard_seed
 
 
@@ -43,6 +44,10 @@ def test_seeds_are_job_seed_plus_image_index() -> None:
         assert [image_seed(shard_seed(7, s), k) for k in range(s.count)] == [image_seed(7, i) for i in s.images()]
     with pytest.raises(ValueError):
         image_seed(2**64 - 1, 1)
+    # the bound is what a miner accepts: the last image of a job with the highest client seed
+    assert image_seed(jobs.MAX_SEED, jobs.MAX_IMAGES - 1) == jobs.MAX_RUN_SEED
+    with pytest.raises(ValueError):
+        image_seed(jobs.MAX_SEED, jobs.MAX_IMAGES)
 
 
 def _results(plan: list[Shard]) -> list[tuple[int, list[bytes]]]:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
+from aitbc import jobs
 from aitbc.miner.backend import (
     BackendError,
     ImageBackend,
@@ -140,7 +141,7 @@ def test_cancel_before_start(tiny: ImageBackend) -> None:
         dict(width=-8),
         dict(width=4096),
         dict(steps=0),
-        dict(steps=1001),
+        dict(steps=jobs.MAX_STEPS + 1),
         dict(images=0),
         dict(images=9),
         dict(seed=-1),

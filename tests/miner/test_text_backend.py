@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from aitbc import jobs
 from aitbc.miner.backend import BackendError, JobCancelled
 from aitbc.miner.text import (
     NULL_TEXT_MODEL,
@@ -278,7 +279,7 @@ BAD = [
     dict(max_new_tokens=0),
     dict(max_new_tokens=4097),
     dict(seed=-1),
-    dict(seed=2**64),
+    dict(seed=jobs.MAX_SEED + 1),
     dict(stop=("a", "b", "c", "d", "e")),
     dict(stop=("",)),
     dict(stop=("x" * 65,)),
@@ -294,7 +295,7 @@ def test_bad_ranges(tiny: TransformersTextBackend, null: TextBackend, bad: dict[
 
 
 def test_edges_of_ranges_accepted(tiny: TransformersTextBackend) -> None:
-    for ok in (dict(temperature=2.0, top_p=1.0, top_k=0), dict(top_k=1000, top_p=0.01), dict(seed=2**64 - 1)):
+    for ok in (dict(temperature=2.0, top_p=1.0, top_k=0), dict(top_k=1000, top_p=0.01), dict(seed=jobs.MAX_SEED)):
         assert run(tiny, request(max_new_tokens=5, **ok))[0].generated_tokens >= 1  # type: ignore[arg-type]
 
 

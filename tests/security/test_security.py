@@ -322,9 +322,9 @@ async def assigned(net: Any, miner: RawMiner, md: Any = MD) -> job_pb2.Job:
     await cstub(net).SubmitJob(image_job(seed=1, width=64, height=64), metadata=md)
     msg = await miner.read()
     assert msg.WhichOneof("msg") == "assignment"
-    miner.send(accepted=miner_pb2.JobAccepted(job_id=msg.assignment.job.job_id))
-    await net.until(lambda: net.core._jobs[msg.assignment.job.job_id].state == S.JOB_STATE_RUNNING)
-    return msg.assignment.job
+    miner.send(accepted=miner_pb2.JobAccepted(job_id=msg.assignment.task.job_id))
+    await net.until(lambda: net.core.machine.job(msg.assignment.task.job_id).state == S.JOB_STATE_RUNNING)
+    return msg.assignment.task
 
 
 # ---- miner impersonation ----------------------------------------------------------------------------------
@@ -352,7 +352,7 @@ async def test_a_miner_cannot_report_on_another_miners_job(net: Any) -> None:
         reply = await mallory.read()
         assert reply.WhichOneof("msg") == "rejected", msg
         assert "not assigned to miner" in reply.rejected.reason
-    current = net.core._jobs[job.job_id]
+    current = net.core.machine.job(job.job_id)
     assert current.state == S.JOB_STATE_RUNNING and current.miner_id == victim.key.address
     # the rightful miner still completes it, with his own receipt
     victim.send(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=png))
@@ -421,7 +421,7 @@ async def test_every_client_rpc_needs_a_known_api_key(net: Any) -> None:
             code, details, _ = await status_of(call(md))
             assert code == C.UNAUTHENTICATED, (method, label, code, details)
             assert "API key" in details
-    assert not net.core._jobs
+    assert not net.core.machine.records
 
 
 async def test_rate_limit_answers_resource_exhausted_with_retry_advice_per_key(network_factory: Any) -> None:
@@ -541,8 +541,8 @@ async def test_artifacts_beyond_max_artifact_bytes_are_rejected_and_the_job_requ
         m.send(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=b"\x00" * 2048))
     reply = await m.read()
     assert reply.WhichOneof("msg") == "rejected" and "artifacts exceed 4096 bytes" in reply.rejected.reason
-    current = net.core._jobs[job.job_id]
-    assert current.state == S.JOB_STATE_QUEUED and "artifacts exceed" in current.error
+    current = net.core.machine.job(job.job_id)
+    assert current.state == S.JOB_STATE_QUEUED and "artifacts exceed" in current.wait_reason
     conn = net.core.miners[m.key.address]
     assert job.job_id not in conn.uploads and job.job_id not in conn.upload_bytes  # the buffer was freed
     # a result for the rejected upload is refused too (the job is no longer this miner's)
@@ -564,7 +564,7 @@ async def test_silent_work_stream_is_dropped_after_the_heartbeat_timeout_and_its
     s = cstub(net)
     job = (await s.SubmitJob(image_job(seed=5), metadata=MD)).job
     first = await silent.read()
-    assert first.assignment.job.job_id == job.job_id
+    assert first.assignment.task.job_id == job.job_id
     started = time.monotonic()
     # the coordinator ends the stream by itself (the server closes it, not us)
     async with asyncio.timeout(8):
@@ -576,7 +576,8 @@ async def test_silent_work_stream_is_dropped_after_the_heartbeat_timeout_and_its
     assert 0.8 <= dropped_after <= 5.0, dropped_after
     assert silent.key.address not in net.core.miners
     requeued = (await s.GetJob(coordinator_pb2.GetJobRequest(job_id=job.job_id), metadata=MD)).job
-    assert requeued.state == S.JOB_STATE_QUEUED and "no heartbeat" in requeued.error
+    assert requeued.state == S.JOB_STATE_QUEUED and "no heartbeat" in requeued.wait_reason
+    assert "no heartbeat" in requeued.story[-1].cause and requeued.story[-1].from_state == S.JOB_STATE_ASSIGNED
     honest = await net.add_miner({"null": null_backend})
     done = await wait_done(s, job.job_id)
     assert done.state == S.JOB_STATE_COMPLETED and done.miner_id == honest.key.address and done.attempts == 2
@@ -604,7 +605,7 @@ async def test_unread_watch_streams_block_no_one(net: Any, null_backend: Any) ->
     lazy = coordinator_pb2_grpc.CoordinatorServiceStub(net.channel())
     # 50 watchers that open the stream and never read a message
     watchers = [lazy.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=MD) for _ in range(50)]
-    await net.until(lambda: len(net.core._watchers.get(job.job_id, ())) == 50, timeout=10)
+    await net.until(lambda: net.core.streams.watchers(job.job_id) == 50, timeout=10)
     # ~150 KB of progress events per watcher: far past HTTP/2's 64 KiB window of an unread stream
     for i in range(3000):
         busy.send(progress=job_pb2.JobProgress(job_id=job.job_id, step=i % 100 + 1, total_steps=100))
@@ -612,14 +613,14 @@ async def test_unread_watch_streams_block_no_one(net: Any, null_backend: Any) ->
     # meanwhile other clients' work flows at about normal speed (bounds generous: CI boxes are shared)
     flooded = await bob_round_trips(s, 100)
     assert flooded < 10 * baseline + 5, (flooded, baseline)
-    assert all(q.qsize() <= WATCH_QUEUE for q in net.core._watchers.get(job.job_id, ()))
+    assert max(net.core.streams.queue_sizes(job.job_id), default=0) <= WATCH_QUEUE
     # the flooded job still finishes normally, and a reading watcher sees the end
     busy.send(failed=miner_pb2.JobFailed(job_id=job.job_id, reason="done flooding", permanent=True))
     done = await wait_done(s, job.job_id, timeout=10)
     assert done.state == S.JOB_STATE_FAILED and "done flooding" in done.error
     for w in watchers:
         w.cancel()
-    await net.until(lambda: job.job_id not in net.core._watchers, timeout=10)
+    await net.until(lambda: not net.core.streams.watched(job.job_id), timeout=10)
 
 
 async def test_hundreds_of_idle_channels_and_half_open_connections_do_not_stop_a_valid_call(
@@ -673,16 +674,16 @@ async def test_registrations_that_never_connect_do_not_pin_memory(net: Any) -> N
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await register(miner_pb2.MinerInfo(models=[f"m{i}" for i in range(100)]))
         assert err.value.code() == C.INVALID_ARGUMENT
-        assert not net.core._sessions
+        assert not net.core.registry.sessions
         reg = await register(miner_pb2.MinerInfo(models=["null"]))
-        assert len(net.core._sessions) == 1
+        assert len(net.core.registry.sessions) == 1
         real_clock = net.core.clock
         net.core.clock = lambda: real_clock() + SESSION_TTL_S + 1  # the token was never used in time
         with pytest.raises(grpc.aio.AioRpcError) as err:
             call = ms.Work(iter(()), metadata=(("x-miner-session", reg.session_token),))
             await call.read()
         assert err.value.code() == C.UNAUTHENTICATED and "expired" in err.value.details()
-        assert not net.core._sessions
+        assert not net.core.registry.sessions
         net.core.clock = real_clock
     finally:
         await channel.close()

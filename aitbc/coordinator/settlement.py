@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from aitbc import crypto, errors, telemetry
-from aitbc.jobstore import JobStore
+from aitbc.coordinator.receipt_book import ReceiptBook
 from aitbc.v1 import receipt_pb2
 from aitbc.wire import receipt_from_proto
 
@@ -29,7 +29,7 @@ PERMANENT = (errors.InvalidArgument, errors.PermissionDenied)
 class Settlement:
     def __init__(
         self,
-        store: JobStore,
+        book: ReceiptBook,
         key: crypto.PrivateKey,
         ledger_target: str,
         *,
@@ -40,7 +40,8 @@ class Settlement:
     ) -> None:
         from aitbc.ledger.client import LedgerClient
 
-        self.store = store
+        self.book = book
+        self.store = book.store
         self.key = key
         self.ledger = LedgerClient(ledger_target, timeout=5.0)
         self.poll_s = poll_s
@@ -135,40 +136,36 @@ class Settlement:
         if status.status in ("included", "final"):
             new_state = St.SETTLEMENT_STATE_FINAL if status.status == "final" else St.SETTLEMENT_STATE_INCLUDED
             if (s.state, s.block_hash) != (new_state, status.block_hash):
-                s.state = new_state
-                s.tx_hash, s.block_height, s.block_hash, s.amount = (
-                    status.tx_hash, status.block_height, status.block_hash, status.amount)
-                s.error = ""
-                self.store.update_receipt(rec)
+                self.book.settled(rec, new_state, error="", tx_hash=status.tx_hash, block_height=status.block_height,
+                                  block_hash=status.block_hash, amount=status.amount)
                 if new_state == St.SETTLEMENT_STATE_FINAL:
                     log.info("receipt %s minted %d to %s in block %d (final)", rec.receipt_hash, status.amount,
                              rec.body.provider, status.block_height)
             return
         if status.status == "pending":
             if s.state != St.SETTLEMENT_STATE_SUBMITTED or s.tx_hash != status.tx_hash:
-                s.state, s.tx_hash = St.SETTLEMENT_STATE_SUBMITTED, status.tx_hash
-                self.store.update_receipt(rec)
+                self.book.settled(rec, St.SETTLEMENT_STATE_SUBMITTED, tx_hash=status.tx_hash)
             return
         # unknown to the ledger: (re)submit, unless a recent attempt is still backing off
         if self.clock() < self._retry_at.get(rec.receipt_hash, 0.0):
             return
-        s.attempts += 1
+        attempts = s.attempts + 1
         # one MINT at a time, so take the nonce from the node each time: if MINTs were lost with a
         # killed node, a local counter would run past them and every later MINT would wait forever
         self.ledger.resync_nonce(self.key.address)
         try:  # the ledger client's idempotent MINT (status check, nonce allocation, re-sync)
             st = await self._call(self.ledger.settle_receipt(self.key, receipt_from_proto(rec), wait=None))
         except errors.Unavailable:
+            s.attempts = attempts  # counted in memory; written with the next change
             raise
         except PERMANENT as exc:
-            s.state, s.error = St.SETTLEMENT_STATE_REJECTED, exc.message
+            self.book.settled(rec, St.SETTLEMENT_STATE_REJECTED, error=exc.message, attempts=attempts)
             log.error("ledger refused MINT of receipt %s: %s", rec.receipt_hash, exc.message)
         except errors.AitbcError as exc:  # mempool full, nonce contention: retry with backoff
-            s.error = exc.message
-            self._retry_at[rec.receipt_hash] = self.clock() + min(2.0 ** s.attempts, self.max_backoff_s)
+            self._retry_at[rec.receipt_hash] = self.clock() + min(2.0 ** attempts, self.max_backoff_s)
+            self.book.settled(rec, s.state, error=exc.message, attempts=attempts)
         else:
-            s.state, s.tx_hash, s.error = St.SETTLEMENT_STATE_SUBMITTED, st.tx_hash, ""
-        self.store.update_receipt(rec)
+            self.book.settled(rec, St.SETTLEMENT_STATE_SUBMITTED, error="", tx_hash=st.tx_hash, attempts=attempts)
 
     async def _call(self, coro):  # type: ignore[no-untyped-def]
         """Ledger calls: connection failures become Unavailable (retried with backoff by run)."""

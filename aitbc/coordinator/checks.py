@@ -1,0 +1,100 @@
+"""Checks on a miner's result, as pure functions: what the coordinator can verify itself before it
+attests a receipt. Each raises InvalidArgument with the reason (sent back to the miner as
+WorkRejected); the caller turns that into a Rejected event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aitbc import crypto, jobs, receipts
+from aitbc.errors import AitbcError, InvalidArgument
+from aitbc.v1 import job_pb2, miner_pb2
+from aitbc.wire import receipt_from_proto
+
+TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
+FINISH_REASONS = ("length", "stop", "eos")
+UNIT_SLACK_MS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """What the receipt must say, from what the coordinator holds."""
+
+    miner_id: str
+    chain_id: str
+    hub_id: str
+    held_ms: float  # how long the miner has held the job
+
+
+def check_result(
+    job: job_pb2.Job, result: miner_pb2.JobResult, uploads: dict[int, bytearray], streamed_text: str,
+    expected: Expected, key: crypto.PrivateKey,
+) -> tuple[list[tuple[job_pb2.Artifact, bytes]], receipts.SignedReceipt]:
+    """The clean artifact descriptions with their bytes, and the receipt attested by `key`."""
+    text_job = jobs.job_kind(job) == jobs.TEXT
+    want = jobs.job_outputs(job)
+    if len(result.artifacts) != want:
+        raise InvalidArgument(f"job {job.job_id} must return {want} artifacts, got {len(result.artifacts)}")
+    artifacts: list[tuple[job_pb2.Artifact, bytes]] = []
+    digests: list[bytes] = []
+    for i, art in enumerate(result.artifacts):
+        data = bytes(uploads.get(i, b""))
+        digest = crypto.sha256(data)
+        if (not data and not text_job) or digest.hex() != art.sha256 or len(data) != art.size:
+            raise InvalidArgument(f"artifact {i} does not match its declared sha256/size (wrong artifact hash)")
+        if text_job:
+            check_text(job, data, result, streamed_text)
+            clean = job_pb2.Artifact(sha256=art.sha256, size=art.size, content_type=TEXT_CONTENT_TYPE)
+        else:
+            if not data.startswith(jobs.PNG_MAGIC):
+                raise InvalidArgument(f"artifact {i} is not a PNG image")
+            clean = job_pb2.Artifact(sha256=art.sha256, size=art.size, content_type="image/png",
+                                     width=art.width, height=art.height)
+        artifacts.append((clean, data))
+        digests.append(digest)
+    try:
+        signed = receipt_from_proto(result.receipt)
+        attested = signed.attest(key)  # verifies the provider signature first
+    except AitbcError as exc:
+        raise InvalidArgument(f"receipt rejected: {exc.message}") from None
+    b = signed.body
+    fields = {
+        "job_id": job.job_id,
+        "provider": expected.miner_id,
+        "client": job.client_id,
+        "unit_type": "tokens" if text_job else "gpu_ms",
+        "price_per_unit": job.price_per_unit,
+        "model": job.model,
+        "prompt_hash": job.prompt_hash,
+        "artifact_sha256": receipts.manifest_sha256(digests),
+        "hub_id": expected.hub_id,
+        "chain_id": expected.chain_id,
+    }
+    for name, value in fields.items():
+        if getattr(b, name) != value:
+            raise InvalidArgument(f"receipt field {name} is {getattr(b, name)!r}, expected {value!r}")
+    duration = b.finished_at - b.started_at
+    if duration > expected.held_ms + UNIT_SLACK_MS:
+        raise InvalidArgument(f"receipt claims {duration} ms of work but the miner held the job {expected.held_ms:.0f} ms")
+    if text_job:
+        if b.units != result.prompt_tokens + result.generated_tokens:
+            raise InvalidArgument(f"receipt units {b.units} must equal prompt_tokens + generated_tokens "
+                                  f"({result.prompt_tokens} + {result.generated_tokens})")
+    elif not 1 <= b.units <= duration + UNIT_SLACK_MS:
+        raise InvalidArgument(f"receipt units {b.units} gpu_ms are implausible for {duration} ms of work")
+    return artifacts, attested
+
+
+def check_text(job: job_pb2.Job, data: bytes, result: miner_pb2.JobResult, streamed: str) -> None:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument("the text artifact is not valid UTF-8") from None
+    if text != streamed:
+        raise InvalidArgument("the final text differs from the text streamed during generation")
+    if result.finish_reason not in FINISH_REASONS:
+        raise InvalidArgument(f"finish_reason must be one of {', '.join(FINISH_REASONS)}")
+    if not 1 <= result.prompt_tokens or result.generated_tokens > job.params.text.max_new_tokens:
+        raise InvalidArgument(f"token counts are implausible: prompt {result.prompt_tokens}, generated "
+                              f"{result.generated_tokens} of at most {job.params.text.max_new_tokens}")

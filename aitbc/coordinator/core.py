@@ -1,0 +1,596 @@
+"""The coordinator: a runtime around the job machine, composed of units that each own their state.
+
+- aitbc.coordinator.auth: API keys and rate limits
+- aitbc.coordinator.registry: challenges, sessions, Work streams, served models
+- aitbc.coordinator.machine: the job state machine (sans-IO): jobs, queue, who holds what
+- aitbc.coordinator.checks: result checks (pure)
+- aitbc.coordinator.streams: watchers and streamed text
+- aitbc.coordinator.verification: re-execution sampling and arbitration
+- aitbc.coordinator.receipt_book: the one writer of settlement state
+- aitbc.coordinator.store: the JobStore protocol (LMDB, memory)
+
+`Coordinator` turns calls (a client's SubmitJob, a miner's WorkRequest, a housekeeping tick) into
+machine events and executes the instructions that come back: store writes, sends to miners,
+publishes to watchers, metrics, reputation. Pure asyncio, no gRPC: server/coordinator.py is a
+thin layer over it. docs/coordinator.md describes the states, events and instructions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from aitbc import crypto, jobs, metrics, telemetry
+from aitbc.config import ClientKey, CoordinatorConfig
+from aitbc.coordinator import machine as m
+from aitbc.coordinator.auth import ClientAuth
+from aitbc.coordinator.checks import Expected, check_result
+from aitbc.coordinator.clock import Clock, SystemClock
+from aitbc.coordinator.receipt_book import ReceiptBook
+from aitbc.coordinator.registry import MinerConn, MinerRegistry, MinerSession, device_class, model_kind
+from aitbc.coordinator.store import JobStore
+from aitbc.coordinator.streams import JobStreams
+from aitbc.coordinator.verification import Verifier
+from aitbc.errors import (
+    AitbcError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from aitbc.hub.matching import JobNeeds, MinerView, Unplaceable, choose, score
+from aitbc.hub.reputation import ReputationBook, ReputationPolicy
+from aitbc.hub.sharding import plan_shards, shard_seed
+from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2, receipt_pb2
+from aitbc.wire import receipt_to_proto
+
+S = job_pb2.JobState
+log = logging.getLogger("aitbc.coordinator")
+job_log = logging.getLogger("aitbc.jobs")
+RECONCILE_S = 10.0
+
+
+class Coordinator:
+    def __init__(self, store: JobStore, key: crypto.PrivateKey, config: CoordinatorConfig, *,
+                 clock: Clock | None = None) -> None:
+        self.store = store
+        self.key = key
+        self.config = config
+        self.time = clock or SystemClock()
+        self.auth = ClientAuth(config.clients, self._monotonic)
+        self.registry = MinerRegistry(self._monotonic, model_grace_s=config.model_grace_s)
+        self.streams = JobStreams()
+        self.machine = m.JobMachine(self.time, m.Limits(
+            max_attempts=config.max_attempts, queue_ttl_s=config.queue_ttl_s,
+            verify_timeout_s=config.verify_timeout_s, stall_timeout_s=config.stall_timeout_s,
+        ), watched=self.streams.watched)
+        self.book = ReputationBook(store.reputation(), policy=ReputationPolicy(
+            quarantine_after=config.quarantine_after, probation_checks=config.probation_checks))
+        self.receipts = ReceiptBook(store, settles=bool(config.ledger))
+        self.verifier = Verifier(store, self.receipts, self.book, rate=config.verify_rate,
+                                 tolerance=config.verify_tolerance, load=self._find,
+                                 record=lambda miner, passed: self._reputation(miner, "verification", passed),
+                                 now_ms=self.time.now_ms)
+        self._reconciled_at = 0.0
+        self._pending: list[m.Event] = []  # follow-up events raised while executing instructions
+        # metrics: labels bound once (hot path); gauges read at scrape time
+        self._jobs_in = {st: metrics.JOBS_TOTAL.labels(state=jobs.state_name(st)) for st in S.values() if st}
+        metrics.QUEUE_DEPTH.set_function(self.machine.queued)
+        metrics.MINERS_CONNECTED.set_function(lambda: len(self.registry.miners))
+        metrics.QUARANTINED.set_function(lambda: sum(r.quarantined for r in self.book.all()))
+        self._restore()
+
+    # time for the units that take a plain callable (tests may replace `clock`)
+    def _monotonic(self) -> float:
+        return self.clock()
+
+    def clock(self) -> float:
+        return self.time.monotonic()
+
+    # ---- the runtime: events in, instructions executed -------------------------------------------------
+
+    def _run(self, *events: m.Event, dispatch: bool = True) -> None:
+        """Feed events to the machine and execute what it decides, follow-ups included; then dispatch."""
+        self._pending.extend(events)
+        while self._pending:
+            batch, self._pending = self._pending, []
+            for ins in self.machine.handle(*batch):
+                self._execute(ins)
+        if dispatch:
+            for ins in self.machine.handle(m.Dispatch()):
+                self._execute(ins)
+
+    def _execute(self, ins: m.Instruction) -> None:
+        if isinstance(ins, m.Store):
+            self.store.write(ins.jobs, artifacts=ins.artifacts, receipts=ins.receipts)
+        elif isinstance(ins, m.Publish):
+            self.streams.publish(ins.job_id, ins.event)
+        elif isinstance(ins, m.Moved):
+            self._moved(ins)
+        elif isinstance(ins, m.Assign):
+            self._send_assignment(ins.miner_id, ins.job)
+        elif isinstance(ins, m.SendCancel):
+            conn = self.registry.miners.get(ins.miner_id)
+            if conn is not None:
+                conn.drop_upload(ins.job_id)
+                conn.send(miner_pb2.WorkResponse(cancel=miner_pb2.CancelAssignment(job_id=ins.job_id, reason=ins.reason)))
+            log.warning("miner %s: job %s taken back: %s", ins.miner_id, ins.job_id, ins.reason)
+        elif isinstance(ins, m.SendRejected):
+            conn = self.registry.miners.get(ins.miner_id)
+            if conn is not None:
+                conn.drop_upload(ins.job_id)
+                conn.send(miner_pb2.WorkResponse(rejected=miner_pb2.WorkRejected(job_id=ins.job_id, reason=ins.reason)))
+            log.warning("miner %s: result for %s rejected: %s", ins.miner_id, ins.job_id, ins.reason)
+        elif isinstance(ins, m.SendAccepted):
+            conn = self.registry.miners.get(ins.miner_id)
+            if conn is not None:
+                conn.send(miner_pb2.WorkResponse(accepted=miner_pb2.ResultAccepted(
+                    job_id=ins.job_id, receipt_hash=ins.receipt_hash)))
+        elif isinstance(ins, m.Record):
+            self._reputation(ins.miner_id, ins.kind, ins.draw)
+        elif isinstance(ins, m.ResetText):
+            self.streams.reset_text(ins.job_id)
+
+    def _send_assignment(self, miner_id: str, job: job_pb2.Job) -> None:
+        conn = self.registry.miners[miner_id]
+        with telemetry.span("coordinator.dispatch", parent=job.traceparent or None, job_id=job.job_id,
+                            model=job.model, miner_id=miner_id):
+            conn.send(miner_pb2.WorkResponse(assignment=miner_pb2.Assignment(
+                task=miner_pb2.Task(job_id=job.job_id, model=job.model, params=job.params, client_id=job.client_id,
+                                    price_per_unit=job.price_per_unit, prompt_hash=job.prompt_hash,
+                                    attempt=job.attempts),
+                chain_id=self.config.chain_id, hub_id=self.config.hub_id,
+                traceparent=telemetry.current_traceparent())))
+        metrics.DISPATCH_LATENCY.observe(max(0.0, self.time.now_ms() - job.created_at_unix_ms) / 1000)
+
+    def _moved(self, ins: m.Moved) -> None:
+        job, to = ins.job, ins.to_state
+        self._jobs_in[to].inc()
+        if to not in jobs.TERMINAL:
+            return
+        if to == S.JOB_STATE_COMPLETED and not job.shard_job_ids:  # a split job's shards count themselves
+            metrics.JOB_DURATION.observe(max(0, self.time.now_ms() - job.created_at_unix_ms) / 1000, model=job.model)
+            if job.unit_type == "gpu_ms":
+                spent = metrics.VERIFY_GPU_SECONDS if job.verify_of else metrics.GPU_SECONDS
+                spent.inc(job.units / 1000, model=job.model)
+        self.streams.ended(job.job_id)
+        self._log_finished(job)
+        if job.verify_of:
+            referee = self.verifier.run_ended(job)
+            if referee is not None:
+                self._pending.append(referee)
+
+    def _reputation(self, miner_id: str, kind: str, arg: bool) -> None:
+        """Update a miner's reputation (persisted); tell the machine when what matching sees changed."""
+        before = self.book.get(miner_id)
+        if kind == "success":
+            rec = self.book.record_success(miner_id, draw=arg)
+        elif kind == "verification":
+            rec = self.book.record_verification(miner_id, arg)
+        elif kind == "release":
+            rec = self.book.release(miner_id)
+        else:
+            rec = self.book.record_failure(miner_id, kind)  # type: ignore[arg-type]
+        conn = self.registry.miners.get(miner_id)
+        if conn is None:
+            return
+        failing = rec.failure_streak >= m.FAILING_STREAK
+        was = (before.quarantined, before.failure_streak >= m.FAILING_STREAK, before.reputation) if before else None
+        if was != (rec.quarantined, failing, rec.reputation):
+            self._pending.append(m.MinerUpdated(self._view(conn)))
+
+    def _view(self, conn: MinerConn) -> MinerView:
+        info = conn.info
+        rec = self.book.get(conn.miner_id)
+        return MinerView(
+            miner_id=conn.miner_id, models=frozenset(info.models),
+            kinds={mod: "text" for mod in info.models if model_kind(info, mod) == jobs.TEXT},
+            vram_mb=info.vram_mb, price_per_unit=info.price_per_unit, max_concurrency=info.max_concurrency or 1,
+            running=0, reputation=rec.reputation if rec else self.book.policy.initial,
+            recent_latency_ms=0.0, quarantined=bool(rec and rec.quarantined),
+            device_class=device_class(info.device), failing=bool(rec and rec.failure_streak >= m.FAILING_STREAK),
+        )
+
+    def _log_finished(self, job: job_pb2.Job) -> None:
+        start = job.started_at_unix_ms or job.created_at_unix_ms
+        line = {
+            "event": "job_finished",
+            "job_id": job.job_id,
+            "state": jobs.state_name(job.state),
+            "miner": job.miner_id,
+            "model": job.model,
+            "duration_ms": max(0, job.finished_at_unix_ms - start),
+            "gpu_seconds": job.units / 1000 if job.unit_type == "gpu_ms" else 0.0,
+            "bytes_out": sum(a.size for a in job.artifacts),
+            "prompt_hash": job.prompt_hash,
+            "attempts": job.attempts,
+        }
+        if jobs.job_kind(job) == jobs.TEXT:
+            line["prompt_tokens"], line["generated_tokens"] = job.prompt_tokens, job.generated_tokens
+        if job.error:
+            line["error"] = job.error
+        job_log.info(json.dumps(line, sort_keys=True))
+
+    # ---- start-up -----------------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        """Reload active jobs; jobs that were with a miner go back to the queue."""
+        restored = sorted(self.store.active_jobs(), key=lambda j: j.created_at_unix_ms)
+        events: list[m.Event] = []
+        for job in restored:
+            finished = tuple(s for s in (self.store.get_job(j) for j in job.shard_job_ids)
+                             if s is not None and s.state in jobs.TERMINAL)
+            exclude: frozenset[str] = frozenset()
+            device = None
+            if job.verify_of:
+                orig = self.store.get_job(job.verify_of)
+                if orig is not None:
+                    exclude, dev = self.verifier.placement(orig, without=job.job_id)
+                    device = dev or None
+            events.append(m.Restore(job, finished, exclude, device))
+        self._run(*events, m.CheckSplitJobs(), dispatch=False)
+        self._run(*self.verifier.reconcile_held(), dispatch=False)
+        if restored:
+            log.info("restored %d active jobs into the queue", len(restored))
+
+    # ---- clients ------------------------------------------------------------------------------------
+
+    @property
+    def clients(self) -> dict[str, ClientKey]:
+        return self.auth.clients
+
+    def authenticate(self, api_key: str | None) -> ClientKey:
+        return self.auth.authenticate(api_key)
+
+    def served_models(self) -> dict[str, int]:
+        return self.registry.served_models()
+
+    def list_models(self) -> list[coordinator_pb2.ServedModel]:
+        return self.registry.list_models()
+
+    async def submit(self, client_id: str, model: str, params: job_pb2.JobParams, *, request_id: str = "",
+                     max_price_per_unit: int | None = None) -> job_pb2.Job:
+        jobs.validate_model(model)
+        jobs.validate_request_id(request_id)
+        params = jobs.normalize_params(params)
+        if request_id:
+            existing = self.store.job_for_request(client_id, request_id)
+            if existing is not None:
+                return self.get(client_id, existing)
+        served = self.served_models()
+        kind = jobs.job_kind(params)
+        if model not in served:
+            have = ", ".join(f"{mod} ({jobs.kind_name(k)})" for mod, k in sorted(served.items())) \
+                or "none: no miner is connected"
+            raise FailedPrecondition(f"no miner serves model '{model}' (models served now: {have})")
+        if served[model] != kind:
+            same = ", ".join(sorted(mod for mod, k in served.items() if k == kind)) or "none"
+            raise FailedPrecondition(f"model '{model}' is a {jobs.kind_name(served[model])} model and this is a "
+                                     f"{jobs.kind_name(kind)} job (served {jobs.kind_name(kind)} models: {same})")
+        if kind == jobs.TEXT:
+            contexts = self.registry.context_lengths(model)
+            if contexts and params.text.max_new_tokens >= max(contexts):
+                raise InvalidArgument(f"max_new_tokens {params.text.max_new_tokens} does not fit the context of model "
+                                      f"'{model}' ({max(contexts)} tokens, prompt included)")
+        now = self.time.now_ms()
+        job = job_pb2.Job(
+            job_id=jobs.new_job_id(), model=model, params=params, client_id=client_id,
+            created_at_unix_ms=now, prompt_hash=jobs.prompt_hash(jobs.job_prompt(job_pb2.Job(params=params))),
+            request_id=request_id, traceparent=telemetry.current_traceparent(),
+        )
+        if max_price_per_unit is not None:
+            job.max_price_per_unit = max_price_per_unit
+        self._placeable(job)
+        telemetry.set_attributes(job_id=job.job_id, model=model)
+        self._run(m.Submit(job, tuple(self._shards_for(job))))
+        return self._client_view(job)
+
+    def _find(self, job_id: str) -> job_pb2.Job | None:
+        return self.machine.job(job_id) or self.store.get_job(job_id)
+
+    def _load(self, job_id: str) -> job_pb2.Job:
+        jobs.validate_job_id(job_id)
+        job = self._find(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    def _client_view(self, job: job_pb2.Job) -> job_pb2.Job:
+        """A copy to hand out, with the receipt as the book has it now."""
+        out = job_pb2.Job()
+        out.CopyFrom(job)
+        if out.receipt_hash:
+            rec = self.receipts.get(out.receipt_hash)
+            if rec is not None:
+                out.receipt.CopyFrom(rec)
+        return out
+
+    def get(self, client_id: str, job_id: str) -> job_pb2.Job:
+        job = self._load(job_id)
+        if job.client_id != client_id:
+            raise PermissionDenied(f"job {job_id} belongs to another client")
+        return self._client_view(job)
+
+    async def cancel(self, client_id: str, job_id: str, reason: str = "") -> job_pb2.Job:
+        job = self._load(job_id)
+        if job.client_id != client_id:
+            raise PermissionDenied(f"job {job_id} belongs to another client")
+        if job.state in jobs.TERMINAL:
+            raise FailedPrecondition(f"job {job_id} is already {jobs.state_name(job.state)}; only unfinished jobs can be cancelled")
+        self._run(m.Cancel(job_id, f"cancelled by client{': ' + reason[:200] if reason else ''}"))
+        return self.get(client_id, job_id)
+
+    async def watch(self, client_id: str, job_id: str) -> AsyncIterator[job_pb2.Job | job_pb2.JobProgress | job_pb2.TextChunk]:
+        """First a snapshot, then progress, text and every state change, until the job finishes."""
+        self.get(client_id, job_id)  # existence and ownership before anything is streamed
+        async for event in self.streams.watch(job_id, lambda: self.get(client_id, job_id),
+                                              lambda j: self.machine.job(j) is not None):
+            if isinstance(event, job_pb2.Job) and event.state == S.JOB_STATE_COMPLETED and event.receipt_hash:
+                event = self._client_view(event)  # the receipt, as the book has it now
+            yield event
+
+    def artifact(self, client_id: str, job_id: str, index: int) -> tuple[job_pb2.Artifact, bytes]:
+        job = self.get(client_id, job_id)
+        if job.state != S.JOB_STATE_COMPLETED:
+            raise FailedPrecondition(f"job {job_id} is {jobs.state_name(job.state)}; results exist only for COMPLETED jobs")
+        if index >= len(job.artifacts):
+            raise InvalidArgument(f"artifact index {index} is out of range: job {job_id} has {len(job.artifacts)}")
+        art = job.artifacts[index]
+        data = self.store.get_artifact(art.sha256)
+        if data is None:
+            raise NotFound(f"artifact {art.sha256} of job {job_id} is no longer stored")
+        return art, data
+
+    def receipt(self, client_id: str, *, receipt_hash: str = "", job_id: str = "") -> receipt_pb2.Receipt:
+        if job_id:
+            job = self.get(client_id, job_id)
+            if job.shard_job_ids:
+                raise FailedPrecondition(f"job {job_id} was split into {len(job.shard_job_ids)} shards, each with its "
+                                         f"own receipt: list them with ListReceipts(job_id={job_id})")
+            if not job.receipt_hash:
+                raise FailedPrecondition(f"job {job_id} is {jobs.state_name(job.state)} and has no receipt")
+            receipt_hash = job.receipt_hash
+        if not receipt_hash:
+            raise InvalidArgument("give a receipt_hash or a job_id")
+        rec = self.receipts.get(receipt_hash.lower())
+        if rec is None:
+            raise NotFound(f"receipt {receipt_hash} not found")
+        if rec.body.client != client_id:
+            raise PermissionDenied(f"receipt {receipt_hash} belongs to another client")
+        return rec
+
+    def list_receipts(self, client_id: str, *, job_id: str = "", page_size: int = 0,
+                      page_token: str = "") -> tuple[list[receipt_pb2.Receipt], str]:
+        if job_id:
+            job = self.get(client_id, job_id)  # a split job's receipts are its shards', in image order
+            return [self.receipt(client_id, job_id=j) for j in (job.shard_job_ids or [job_id])], ""
+        limit = min(page_size or 20, 100)
+        try:
+            before = bytes.fromhex(page_token) if page_token else None
+        except ValueError:
+            raise InvalidArgument("page_token is malformed: pass the next_page_token of the previous page") from None
+        page, nxt = self.store.client_receipts(client_id, before=before, limit=limit)
+        return page, nxt.hex() if nxt else ""
+
+    # ---- miners -------------------------------------------------------------------------------------
+
+    @property
+    def miners(self) -> dict[str, MinerConn]:
+        return self.registry.miners
+
+    def challenge(self) -> tuple[bytes, float]:
+        return self.registry.challenge()
+
+    def register(self, pubkey: bytes, challenge: bytes, signature: bytes, info: miner_pb2.MinerInfo) -> MinerSession:
+        return self.registry.register(pubkey, challenge, signature, info)
+
+    def connect(self, token: str) -> MinerConn:
+        conn, old = self.registry.open(token)
+        events: list[m.Event] = []
+        if old is not None and self.registry.close(old):
+            events.append(m.MinerLeft(old.miner_id, "replaced by a new Work stream from the same miner"))
+            log.info("miner %s disconnected: replaced by a new Work stream", old.miner_id)
+        events.append(m.MinerJoined(self._view(conn)))
+        self._run(*events)
+        return conn
+
+    def disconnect(self, conn: MinerConn, reason: str, *, stalled: bool = False) -> None:
+        current = self.registry.miners.get(conn.miner_id) is conn
+        if not self.registry.close(conn):
+            return
+        log.info("miner %s disconnected: %s", conn.miner_id, reason)
+        if current:
+            self._run(m.MinerLeft(conn.miner_id, reason, stalled=stalled))
+
+    def on_work(self, conn: MinerConn, msg: miner_pb2.WorkRequest) -> None:
+        """Handle one message from a miner; a refusal goes back to it as WorkRejected."""
+        conn.last_seen = self.clock()
+        kind = msg.WhichOneof("msg")
+        try:
+            if kind == "heartbeat":
+                return
+            if kind == "accepted":
+                self._run(m.Accepted(conn.miner_id, msg.accepted.job_id), dispatch=False)
+            elif kind == "progress":
+                p = msg.progress
+                self.machine.held(conn.miner_id, p.job_id)
+                if p.total_steps == 0 or p.step > p.total_steps:
+                    raise InvalidArgument("progress step must be between 0 and total_steps > 0")
+                self._run(m.Progressed(conn.miner_id, p), dispatch=False)
+            elif kind == "chunk":
+                self._on_chunk(conn, msg.chunk)
+            elif kind == "result":
+                self._on_result(conn, msg.result)
+            elif kind == "failed":
+                self._run(m.Failed(conn.miner_id, msg.failed.job_id, msg.failed.reason, msg.failed.permanent))
+            elif kind == "text":
+                self._on_text(conn, msg.text)
+            else:
+                raise InvalidArgument("empty WorkRequest: set one of heartbeat, accepted, progress, chunk, result, failed")
+        except AitbcError as exc:
+            job_id = getattr(getattr(msg, kind), "job_id", "") if kind else ""
+            conn.send(miner_pb2.WorkResponse(rejected=miner_pb2.WorkRejected(job_id=job_id, reason=exc.message)))
+            log.warning("miner %s: %s rejected: %s", conn.miner_id, kind, exc.message)
+
+    def _on_text(self, conn: MinerConn, chunk: job_pb2.TextChunk) -> None:
+        job = self.machine.held(conn.miner_id, chunk.job_id)
+        if jobs.job_kind(job) != jobs.TEXT:
+            raise InvalidArgument(f"job {job.job_id} is not a text job")
+        try:
+            self.streams.append_text(job.job_id, chunk.text)
+        except InvalidArgument as exc:
+            self._run(m.Rejected(conn.miner_id, job.job_id, exc.message))
+            return
+        self.machine.handle(m.Heard(conn.miner_id))
+
+    def _on_chunk(self, conn: MinerConn, chunk: miner_pb2.ArtifactChunk) -> None:
+        job = self.machine.held(conn.miner_id, chunk.job_id)
+        if chunk.index >= jobs.job_outputs(job):
+            raise InvalidArgument(f"artifact index {chunk.index} out of range for job {job.job_id}")
+        total = conn.upload_bytes.get(job.job_id, 0) + len(chunk.data)
+        if total > self.config.max_artifact_bytes:
+            conn.drop_upload(job.job_id)
+            self._run(m.Rejected(conn.miner_id, job.job_id, f"artifacts exceed {self.config.max_artifact_bytes} bytes"))
+            return
+        conn.upload_bytes[job.job_id] = total
+        conn.uploads.setdefault(job.job_id, {}).setdefault(chunk.index, bytearray()).extend(chunk.data)
+        self.machine.handle(m.Heard(conn.miner_id))
+
+    def _on_result(self, conn: MinerConn, result: miner_pb2.JobResult) -> None:
+        job = self.machine.held(conn.miner_id, result.job_id)
+        uploads = conn.drop_upload(job.job_id)
+        held_ms = (self.clock() - self.machine.held_since(job.job_id)) * 1000
+        try:
+            artifacts, attested = check_result(job, result, uploads, self.streams.text(job.job_id),
+                                               Expected(conn.miner_id, self.config.chain_id, self.config.hub_id, held_ms),
+                                               self.key)
+        except AitbcError as exc:
+            self._run(m.Rejected(conn.miner_id, job.job_id, exc.message))
+            return
+        rec = receipt_to_proto(attested)
+        sampled = self.verifier.sampled(conn.miner_id, job)
+        self.receipts.attested(rec, held=sampled or bool(job.verify_of))  # minted only once verification decides
+        dev = device_class(conn.info.device)
+        fields = job_pb2.Job(artifacts=[a for a, _ in artifacts], device_class=dev, receipt_hash=rec.receipt_hash,
+                             units=attested.body.units, unit_type=attested.body.unit_type)
+        if jobs.job_kind(job) == jobs.TEXT:
+            fields.prompt_tokens, fields.generated_tokens = result.prompt_tokens, result.generated_tokens
+            fields.finish_reason = result.finish_reason
+        verification = None
+        if sampled:
+            scratch = job_pb2.Job(job_id=job.job_id, model=job.model, params=job.params, prompt_hash=job.prompt_hash,
+                                  traceparent=job.traceparent)
+            verification = self.verifier.new_run(scratch, ran_on=conn.miner_id, device_class=dev)
+            fields.verification = scratch.verification
+            fields.verification_job_ids.extend(scratch.verification_job_ids)
+        self._run(m.Completed(conn.miner_id, job.job_id, fields, tuple((a.sha256, d) for a, d in artifacts), rec,
+                              verification))
+        self.receipts.announce(rec)
+
+    # ---- hub ----------------------------------------------------------------------------------------
+
+    def _shards_for(self, job: job_pb2.Job) -> list[job_pb2.Job]:
+        """Split a multi-image job by image across the miners that could serve it (one shard each);
+        image i keeps seed + i, so the images are those of the whole job."""
+        p = job.params.image
+        if jobs.job_kind(job) != jobs.IMAGE or p.images < 2:
+            return []
+        needs = self.machine.needs(job)
+        able = [v for v in self.machine.idle_views() if not isinstance(choose([v], needs, 0), Unplaceable)]
+        plan = plan_shards(p.images, max(1, len(able)), p.images)
+        if len(plan) < 2:
+            return []
+        shards = []
+        for sh in plan:
+            params = job_pb2.JobParams()
+            params.CopyFrom(job.params)
+            params.image.images, params.image.seed = sh.count, shard_seed(p.seed, sh)
+            shard = job_pb2.Job(job_id=jobs.new_job_id(), model=job.model, params=params, client_id=job.client_id,
+                                created_at_unix_ms=job.created_at_unix_ms, prompt_hash=job.prompt_hash,
+                                parent_job_id=job.job_id, first_image=sh.first_image, traceparent=job.traceparent)
+            if job.HasField("max_price_per_unit"):
+                shard.max_price_per_unit = job.max_price_per_unit
+            job.shard_job_ids.append(shard.job_id)
+            shards.append(shard)
+        return shards
+
+    def _placeable(self, job: job_pb2.Job) -> None:
+        """At submission: refuse, with the reason, a job no connected miner could ever take."""
+        views = self.machine.idle_views()
+        if not views:
+            return
+        outcome = choose(views, self.machine.needs(job), 0)
+        if isinstance(outcome, Unplaceable) and not outcome.wait and outcome.code != "no_model":
+            raise FailedPrecondition(outcome.reason)
+
+    def release_miner(self, client: ClientKey, miner_id: str) -> coordinator_pb2.MinerStatus:
+        """An operator lifts a quarantine; the miner is on probation (docs/hub.md)."""
+        if not client.operator:
+            raise PermissionDenied(f"client '{client.id}' is not an operator: releasing a miner needs an API key "
+                                   "with operator = true in the coordinator's [[clients]]")
+        if not miner_id:
+            raise InvalidArgument("miner_id is required (an ait1... address from ListMiners)")
+        rec = self.book.get(miner_id)
+        if rec is None and miner_id not in self.registry.miners:
+            raise NotFound(f"miner {miner_id} is not known to this hub (ListMiners shows the known ones)")
+        if rec is None or not rec.quarantined:
+            raise FailedPrecondition(f"miner {miner_id} is not quarantined")
+        self._reputation(miner_id, "release", False)
+        log.warning("miner %s released from quarantine by operator '%s'; on probation", miner_id, client.id)
+        self._run()
+        return next(st for st in self.list_miners() if st.miner_id == miner_id)
+
+    def list_miners(self) -> list[coordinator_pb2.MinerStatus]:
+        out = {}
+        for rec in self.book.all():
+            out[rec.miner_id] = coordinator_pb2.MinerStatus(miner_id=rec.miner_id)
+        for c in self.registry.miners.values():
+            info = c.info
+            view = self.machine.view(c.miner_id) or self._view(c)
+            st = out.setdefault(c.miner_id, coordinator_pb2.MinerStatus(miner_id=c.miner_id))
+            st.connected, st.device, st.gpu_name, st.vram_mb = True, info.device, info.gpu_name, info.vram_mb
+            st.models.extend(info.models)
+            st.price_per_unit, st.max_concurrency = info.price_per_unit, info.max_concurrency or 1
+            st.running = view.running
+            st.recent_latency_ms = view.recent_latency_ms
+            st.score = score(view, JobNeeds(model=info.models[0], kind=view.kind_of(info.models[0])))
+        for miner_id, st in out.items():
+            rec = self.book.snapshot(miner_id)
+            st.reputation, st.jobs_served, st.failures, st.stalls = rec.reputation, rec.jobs_served, rec.failures, rec.stalls
+            st.verifications_passed, st.verifications_failed = rec.verifications_passed, rec.verifications_failed
+            st.quarantined, st.probation_left = rec.quarantined, rec.probation_left
+        return sorted(out.values(), key=lambda s: (not s.connected, -s.reputation, s.miner_id))
+
+    # ---- housekeeping ---------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Drop silent miners (their jobs go back to the queue), take jobs back from miners that
+        stalled, expire jobs nobody took, and every 10 s release receipts whose verification can
+        no longer progress."""
+        now = self.clock()
+        if now - self._reconciled_at > RECONCILE_S:
+            self._reconciled_at = now
+            self._run(*self.verifier.reconcile_held())
+        for conn, quiet in self.registry.silent(self.config.heartbeat_timeout_s):
+            self.disconnect(conn, f"no heartbeat for {quiet:.1f} s", stalled=True)
+        self._run(m.Tick())
+
+    async def run_housekeeping(self, interval_s: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self.tick()
+            except Exception:  # keep the loop alive; the error is logged with its stack
+                log.exception("housekeeping failed")
+
+    @property
+    def receipt_listeners(self) -> list[Callable[[receipt_pb2.Receipt], None]]:
+        return self.receipts.listeners
+
+    def close(self) -> None:
+        self.registry.close_all()
+        metrics.QUEUE_DEPTH.set_function(None)
+        metrics.MINERS_CONNECTED.set_function(None)
+        metrics.QUARANTINED.set_function(None)

@@ -1,0 +1,222 @@
+"""The miner registry: registration challenges, sessions, live Work streams, what models are served.
+
+A miner proves its key by signing a stateless challenge (Register), gets a single-use session
+token, and opens its Work stream with it. The registry owns the connections (their outboxes,
+heartbeats and artifact uploads); which jobs a miner holds is the job machine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aitbc import crypto, jobs
+from aitbc.errors import AitbcError, InvalidArgument, Unauthenticated
+from aitbc.v1 import coordinator_pb2, miner_pb2
+
+log = logging.getLogger("aitbc.coordinator")
+
+REGISTER_DOMAIN = b"AITBC/miner-register/v1"
+CHALLENGE_TTL_S = 60.0
+SESSION_TTL_S = 60.0  # a registration must open its Work stream within this; tokens are single-use
+MAX_PENDING_SESSIONS = 10_000
+MAX_INFO_TEXT = 128
+MAX_MODELS = 64
+
+
+def register_digest(challenge: bytes, pubkey: bytes) -> bytes:
+    return crypto.domain_digest(REGISTER_DOMAIN, challenge + pubkey)
+
+
+def model_kind(info: miner_pb2.MinerInfo, model: str) -> int:
+    """A model's kind as its miner declared it; undeclared models are image models."""
+    for spec in info.model_specs:
+        if spec.name == model:
+            return spec.kind or jobs.IMAGE
+    return jobs.IMAGE
+
+
+def device_class(device: str) -> str:
+    return "cuda" if device.startswith("cuda") else ("cpu" if device == "cpu" else "")
+
+
+def check_miner_info(info: miner_pb2.MinerInfo) -> None:
+    """What a miner declares is bounded: Register is open to any key, so its size must be too."""
+    if not info.models:
+        raise InvalidArgument("a miner must declare at least one model")
+    if len(info.models) > MAX_MODELS or len(info.model_specs) > MAX_MODELS:
+        raise InvalidArgument(f"a miner may declare at most {MAX_MODELS} models")
+    for m in [*info.models, *(spec.name for spec in info.model_specs)]:
+        jobs.validate_model(m)
+    for name in ("gpu_name", "device", "version"):
+        if len(getattr(info, name)) > MAX_INFO_TEXT:
+            raise InvalidArgument(f"{name} must be at most {MAX_INFO_TEXT} characters")
+    if not 1 <= (info.max_concurrency or 1) <= 64:
+        raise InvalidArgument("max_concurrency must be between 1 and 64")
+
+
+@dataclass
+class MinerSession:
+    miner_id: str
+    pubkey: bytes
+    info: miner_pb2.MinerInfo
+    token: str
+
+
+@dataclass(eq=False)
+class MinerConn:
+    """One live Work stream. `outbox` feeds the stream; None ends it."""
+
+    session: MinerSession
+    outbox: asyncio.Queue[miner_pb2.WorkResponse | None]
+    last_seen: float
+    uploads: dict[str, dict[int, bytearray]] = field(default_factory=dict)
+    upload_bytes: dict[str, int] = field(default_factory=dict)
+    closed: bool = False
+
+    @property
+    def miner_id(self) -> str:
+        return self.session.miner_id
+
+    @property
+    def info(self) -> miner_pb2.MinerInfo:
+        return self.session.info
+
+    def send(self, msg: miner_pb2.WorkResponse) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(msg)
+
+    def drop_upload(self, job_id: str) -> dict[int, bytearray]:
+        self.upload_bytes.pop(job_id, None)
+        return self.uploads.pop(job_id, {})
+
+
+class MinerRegistry:
+    def __init__(self, clock: Callable[[], float], *, model_grace_s: float) -> None:
+        self.clock = clock
+        self.model_grace_s = model_grace_s
+        self._challenge_key = secrets.token_bytes(32)  # challenges are MACs: nothing is kept per GetChallenge
+        self._used_challenges: dict[bytes, float] = {}  # challenge -> expiry, so each is used once
+        self.sessions: dict[str, tuple[MinerSession, float]] = {}  # token -> (session, expiry); used once
+        self.miners: dict[str, MinerConn] = {}
+        self._model_seen: dict[str, tuple[float, int]] = {}  # model -> (last seen, kind)
+
+    # ---- registration -----------------------------------------------------------------------------
+
+    def challenge(self) -> tuple[bytes, float]:
+        """32 bytes: expiry (ms, 8) || random (8) || HMAC-SHA256 of both (16). Stateless, so a flood
+        of GetChallenge calls costs the coordinator no memory and locks nobody out."""
+        body = int((self.clock() + CHALLENGE_TTL_S) * 1000).to_bytes(8, "big") + secrets.token_bytes(8)
+        return body + hmac.new(self._challenge_key, body, hashlib.sha256).digest()[:16], CHALLENGE_TTL_S
+
+    def _take_challenge(self, challenge: bytes) -> None:
+        now = self.clock()
+        body, tag = challenge[:16], challenge[16:]
+        if len(challenge) != 32 or not hmac.compare_digest(
+                tag, hmac.new(self._challenge_key, body, hashlib.sha256).digest()[:16]):
+            raise Unauthenticated("unknown challenge: call GetChallenge on this coordinator and sign it")
+        expiry = int.from_bytes(body[:8], "big") / 1000
+        if expiry < now or challenge in self._used_challenges:
+            raise Unauthenticated("expired or already used challenge: call GetChallenge again and sign within 60 s")
+        for c, exp in list(self._used_challenges.items()):
+            if exp < now:
+                del self._used_challenges[c]
+        self._used_challenges[challenge] = expiry
+
+    def register(self, pubkey: bytes, challenge: bytes, signature: bytes, info: miner_pb2.MinerInfo) -> MinerSession:
+        self._take_challenge(challenge)
+        if len(pubkey) != 33:
+            raise InvalidArgument("public_key must be a 33-byte compressed secp256k1 key")
+        try:
+            signer = crypto.recover_pubkey(register_digest(challenge, pubkey), signature)
+        except AitbcError as exc:
+            raise Unauthenticated(f"registration signature rejected: {exc.message}") from None
+        if signer != pubkey:
+            raise Unauthenticated("registration signature was not made by public_key")
+        check_miner_info(info)
+        now = self.clock()
+        for token, (_, expiry) in list(self.sessions.items()):
+            if expiry < now:
+                del self.sessions[token]
+        if len(self.sessions) >= MAX_PENDING_SESSIONS:
+            # evict the oldest unused registration rather than refuse: an honest miner opens its Work
+            # stream right after Register, so a flood of registrations cannot lock it out
+            del self.sessions[next(iter(self.sessions))]
+        session = MinerSession(crypto.address_from_pubkey(pubkey), pubkey, info, secrets.token_hex(24))
+        self.sessions[session.token] = (session, now + SESSION_TTL_S)
+        log.info("miner %s registered: models=%s device=%s price=%d", session.miner_id, list(info.models),
+                 info.device, info.price_per_unit)
+        return session
+
+    def open(self, token: str) -> tuple[MinerConn, MinerConn | None]:
+        """A Work stream for a session token. Returns it and the stream it replaces (if any)."""
+        session, expiry = self.sessions.pop(token or "", (None, 0.0))
+        if session is None or expiry < self.clock():
+            raise Unauthenticated("unknown or expired miner session: Register again and open the Work stream "
+                                  f"within {SESSION_TTL_S:g} s with the token in x-miner-session")
+        old = self.miners.get(session.miner_id)
+        conn = MinerConn(session, asyncio.Queue(), self.clock())
+        self.miners[session.miner_id] = conn
+        self._seen(session.info)
+        return conn, old
+
+    def close(self, conn: MinerConn) -> bool:
+        """End a stream. True when it was the miner's current one (its jobs must go back)."""
+        if conn.closed:
+            return False
+        conn.closed = True
+        conn.outbox.put_nowait(None)
+        self._seen(conn.info)
+        if self.miners.get(conn.miner_id) is conn:
+            del self.miners[conn.miner_id]
+        return True
+
+    def silent(self, timeout_s: float) -> list[tuple[MinerConn, float]]:
+        """Connections with no message for longer than timeout_s, and how long they were silent."""
+        now = self.clock()
+        return [(c, now - c.last_seen) for c in self.miners.values() if now - c.last_seen > timeout_s]
+
+    # ---- models -------------------------------------------------------------------------------------
+
+    def _seen(self, info: miner_pb2.MinerInfo) -> None:
+        now = self.clock()
+        for m in info.models:
+            self._model_seen[m] = (now, model_kind(info, m))
+
+    def served_models(self) -> dict[str, int]:
+        """Models served now (or within model_grace_s) and their kind."""
+        now = self.clock()
+        served = {m: kind for m, (t, kind) in self._model_seen.items() if now - t < self.model_grace_s}
+        for c in self.miners.values():
+            for m in c.info.models:
+                served[m] = model_kind(c.info, m)
+        return served
+
+    def context_lengths(self, model: str) -> list[int]:
+        return [spec.context_length for c in self.miners.values() for spec in c.info.model_specs
+                if spec.name == model and spec.context_length]
+
+    def list_models(self) -> list[coordinator_pb2.ServedModel]:
+        out: dict[str, coordinator_pb2.ServedModel] = {}
+        for c in self.miners.values():
+            info = c.info
+            for m in info.models:
+                sm = out.setdefault(m, coordinator_pb2.ServedModel(name=m, kind=model_kind(info, m),
+                                                                   min_price_per_unit=info.price_per_unit))
+                sm.miners += 1
+                sm.min_price_per_unit = min(sm.min_price_per_unit, info.price_per_unit)
+                for spec in info.model_specs:
+                    if spec.name == m:
+                        sm.context_length = max(sm.context_length, spec.context_length)
+        return [out[m] for m in sorted(out)]
+
+    def close_all(self) -> None:
+        for conn in list(self.miners.values()):
+            conn.closed = True
+            conn.outbox.put_nowait(None)
+        self.miners.clear()

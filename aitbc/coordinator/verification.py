@@ -1,0 +1,161 @@
+"""Verification by re-execution: which results are re-run, and what the runs decide.
+
+The rules are aitbc.hub.verification's (keyed sampling, majority arbitration); this unit applies
+them to stored jobs. A sampled job's receipt is HELD; its re-execution is a job of its own
+(client "hub-verify", `verify_of` set) queued through the job machine. When the runs are done the
+majority decides: agreeing receipts are released, outvoted ones rejected (through the receipt
+book), the miners' reputation updated, and a REPLACED job gets the agreed result.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+
+from aitbc import jobs, metrics
+from aitbc.coordinator.machine import Submit
+from aitbc.coordinator.receipt_book import ReceiptBook
+from aitbc.coordinator.store import JobStore
+from aitbc.hub.reputation import ReputationBook
+from aitbc.hub.verification import arbitrate, sample_key, should_verify
+from aitbc.v1 import job_pb2, receipt_pb2
+
+log = logging.getLogger("aitbc.coordinator")
+S = job_pb2.JobState
+V = job_pb2.VerificationState
+VERIFY_CLIENT = "hub-verify"  # client id of re-execution jobs: no client sees them
+
+
+class Verifier:
+    def __init__(self, store: JobStore, book: ReceiptBook, reputation: ReputationBook, *, rate: float,
+                 tolerance: float, load: Callable[[str], job_pb2.Job | None],
+                 record: Callable[[str, bool], None], now_ms: Callable[[], int]) -> None:
+        self.store = store
+        self.book = book
+        self.reputation = reputation
+        self.rate = rate
+        self.tolerance = tolerance
+        self.load = load  # a job by id, active (the machine's record) or stored
+        self.record = record  # (miner, passed) -> reputation, with the runtime's follow-ups
+        self.now_ms = now_ms
+        secret = store.get_meta("verify_secret")
+        if secret is None:  # keyed sampling: miners cannot tell which of their jobs will be checked
+            secret = secrets.token_bytes(32)
+            store.put_meta("verify_secret", secret)
+        self.secret = secret
+
+    def sampled(self, miner_id: str, job: job_pb2.Job) -> bool:
+        """Is this original result re-executed? Every one while the miner is on probation, else
+        its next sampling draw at verify_rate (the draw is counted by record_success)."""
+        if job.verify_of or self.rate <= 0:
+            return False
+        rec = self.reputation.snapshot(miner_id)
+        return rec.probation_left > 0 or should_verify(sample_key(miner_id, rec.draws), self.rate, secret=self.secret)
+
+    def runs(self, orig: job_pb2.Job) -> list[job_pb2.Job]:
+        """The original job and its re-executions."""
+        out = [orig]
+        for vid in orig.verification_job_ids:
+            v = self.load(vid)
+            if v is not None:
+                out.append(v)
+        return out
+
+    def placement(self, orig: job_pb2.Job, extra: str = "", *, without: str = "") -> tuple[frozenset[str], str]:
+        """Where a re-execution may run: never on a miner that ran the job (`extra` too; the run
+        `without` does not count); on the original's device class."""
+        ran = {r.miner_id for r in self.runs(orig) if r.miner_id and r.job_id != without}
+        return frozenset(ran | ({extra} if extra else set())), orig.device_class
+
+    def new_run(self, orig: job_pb2.Job, *, ran_on: str = "", device_class: str = "") -> Submit:
+        """A re-execution of `orig` (whose result came from `ran_on`). Marks orig PENDING; the
+        returned Submit stores orig with the new job in one transaction."""
+        v = job_pb2.Job(job_id=jobs.new_job_id(), model=orig.model, params=orig.params, client_id=VERIFY_CLIENT,
+                        created_at_unix_ms=self.now_ms(), prompt_hash=orig.prompt_hash, verify_of=orig.job_id,
+                        traceparent=orig.traceparent)
+        exclude, device = self.placement(orig, ran_on)
+        orig.verification = V.VERIFICATION_STATE_PENDING
+        orig.verification_job_ids.append(v.job_id)
+        return Submit(v, cause=f"re-execution of job {orig.job_id}", exclude=exclude,
+                      device_class=device_class or device or None)
+
+    def _artifacts(self, job: job_pb2.Job) -> list[bytes]:
+        return [self.store.get_artifact(a.sha256) or b"" for a in job.artifacts]
+
+    def run_ended(self, v: job_pb2.Job) -> Submit | None:
+        """A re-execution ended: decide by majority, or start a referee (returned), or give up unverified."""
+        orig = self.store.get_job(v.verify_of)
+        if orig is not None and orig.verification == V.VERIFICATION_STATE_PENDING:
+            return self.decide(orig)
+        return None
+
+    def _release(self, runs: list[job_pb2.Job], outvoted: frozenset[str], reason: str) -> None:
+        """Release the held receipts of runs that agreed; reject those that were outvoted."""
+        for run in runs:
+            rec = self.book.get(run.receipt_hash) if run.receipt_hash else None
+            if rec is None or rec.settlement.state != receipt_pb2.SETTLEMENT_STATE_HELD:
+                continue
+            if run.miner_id in outvoted:
+                self.book.reject(rec, f"failed verification: {reason}")
+            else:
+                self.book.release(rec)
+
+    def decide(self, orig: job_pb2.Job) -> Submit | None:
+        all_runs = self.runs(orig)
+        if any(r.state in jobs.ACTIVE for r in all_runs):
+            return None
+        runs = [r for r in all_runs if r.state == S.JOB_STATE_COMPLETED]
+        exact = all(r.device_class != "cuda" for r in runs)  # CPU runs byte for byte; GPU ones within a tolerance
+        verdict = arbitrate({r.miner_id: self._artifacts(r) for r in runs}, exact=exact,
+                            tolerance=self.tolerance) if len(runs) >= 2 else None
+        if verdict is None or not verdict.decided:
+            if verdict is not None and len(runs) < 3:  # two runs disagree: a third miner referees
+                referee = self.new_run(orig)
+                return Submit(referee.job, cause=f"referee for job {orig.job_id}", exclude=referee.exclude,
+                              device_class=referee.device_class, also_store=(orig,))
+            orig.verification = V.VERIFICATION_STATE_UNVERIFIED
+            metrics.VERIFICATIONS.inc(outcome="unverified")
+            self.store.write([orig])
+            self._release(runs, frozenset(), "")
+            log.info("job %s stays unverified (%d usable executions)", orig.job_id, len(runs))
+            return None
+        for r in runs:
+            self.record(r.miner_id, r.miner_id not in verdict.outvoted)
+        winner = next(r for r in runs if r.miner_id in verdict.agreed)
+        if orig.miner_id in verdict.outvoted:
+            # the client gets the verified result; the first miner's receipt is not minted
+            orig.verification = V.VERIFICATION_STATE_REPLACED
+            metrics.VERIFICATIONS.inc(outcome="replaced")
+            del orig.artifacts[:]
+            orig.artifacts.extend(winner.artifacts)
+            log.warning("job %s: miner %s failed verification; result replaced by %s's", orig.job_id,
+                        orig.miner_id, winner.miner_id)
+        else:
+            orig.verification = V.VERIFICATION_STATE_PASSED
+            metrics.VERIFICATIONS.inc(outcome="passed")
+        self.store.write([orig])
+        self._release(runs, verdict.outvoted, f"its result differs from {len(verdict.agreed)} other executions")
+        return None
+
+    def reconcile_held(self) -> list[Submit]:
+        """Receipts held for a verification that can no longer progress (the coordinator was killed
+        between two of its steps) are decided or released now: a held MINT never waits forever."""
+        out = []
+        for rec in self.store.held_receipts():
+            job = self.load(rec.body.job_id)
+            orig = (self.load(job.verify_of) if job.verify_of else job) if job is not None else None
+            if orig is None or any(r.state in jobs.ACTIVE for r in self.runs(orig)):
+                continue
+            if orig.verification == V.VERIFICATION_STATE_PENDING:
+                referee = self.decide(orig)
+                if referee is not None:
+                    out.append(referee)
+            else:  # decided before the crash: release what agrees with the job's final result
+                final = self._artifacts(orig)
+                runs = [r for r in self.runs(orig) if r.state == S.JOB_STATE_COMPLETED]
+                outvoted = {r.miner_id for r in runs[1:] if self._artifacts(r) != final}
+                if orig.verification == V.VERIFICATION_STATE_REPLACED:
+                    outvoted.add(orig.miner_id)
+                self._release(runs, frozenset(outvoted), "its result differs from the verified one")
+        return out

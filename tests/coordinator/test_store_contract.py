@@ -1,0 +1,150 @@
+"""The JobStore contract: one suite every backend passes (LMDB, memory; PostgreSQL next).
+
+A backend subclasses JobStoreContract and provides `make` (and `reopen`, for the ones that
+persist). Nothing here knows which backend it runs on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aitbc.coordinator.store import JobStore, LmdbJobStore, MemoryJobStore
+from aitbc.hub.reputation import MinerRecord
+from aitbc.v1 import job_pb2, receipt_pb2
+
+S = job_pb2.JobState
+St = receipt_pb2.SettlementState
+
+
+def job(job_id: str, state: int = S.JOB_STATE_QUEUED, *, client: str = "alice", finished: int = 0,
+        request_id: str = "") -> job_pb2.Job:
+    return job_pb2.Job(job_id=job_id, model="tiny-sd", client_id=client, state=state,  # type: ignore[arg-type]
+                       finished_at_unix_ms=finished, updated_at_unix_ms=finished or 1, request_id=request_id)
+
+
+def receipt(rh: str, job_id: str, state: int, client: str = "alice") -> receipt_pb2.Receipt:
+    rec = receipt_pb2.Receipt(receipt_hash=rh)
+    rec.body.job_id, rec.body.client = job_id, client
+    rec.settlement.state = state  # type: ignore[assignment]
+    return rec
+
+
+class JobStoreContract:
+    def make(self) -> JobStore:
+        raise NotImplementedError
+
+    def reopen(self, store: JobStore) -> JobStore:
+        return store  # a store that does not persist is "reopened" as itself
+
+    @pytest.fixture
+    def store(self):  # type: ignore[no-untyped-def]
+        s = self.make()
+        yield s
+        s.close()
+
+    def test_a_job_reads_back_as_written_and_only_active_ones_are_listed(self, store: JobStore) -> None:
+        store.write([job("a"), job("b", S.JOB_STATE_RUNNING), job("c", S.JOB_STATE_COMPLETED)])
+        assert store.get_job("a") == job("a")
+        assert sorted(j.job_id for j in store.active_jobs()) == ["a", "b"]
+        store.write([job("a", S.JOB_STATE_CANCELLED)])
+        assert sorted(j.job_id for j in store.active_jobs()) == ["b"]
+        assert store.get_job("missing") is None
+
+    def test_what_is_read_is_a_copy(self, store: JobStore) -> None:
+        store.write([job("a")])
+        got = store.get_job("a")
+        got.model = "changed"
+        assert store.get_job("a").model == "tiny-sd"
+
+    def test_a_job_is_stored_without_its_receipt(self, store: JobStore) -> None:
+        j = job("a", S.JOB_STATE_COMPLETED)
+        j.receipt_hash = "r1"
+        j.receipt.CopyFrom(receipt("r1", "a", St.SETTLEMENT_STATE_PENDING))
+        store.write([j], receipts=[(j, j.receipt)])
+        assert not store.get_job("a").HasField("receipt") and store.get_job("a").receipt_hash == "r1"
+        assert store.get_receipt("r1").body.job_id == "a"
+
+    def test_request_ids_map_to_their_job_per_client(self, store: JobStore) -> None:
+        store.write([job("a", request_id="req-1"), job("b", client="bob", request_id="req-1")])
+        assert store.job_for_request("alice", "req-1") == "a"
+        assert store.job_for_request("bob", "req-1") == "b"
+        assert store.job_for_request("alice", "req-2") is None
+
+    def test_artifacts_are_content_addressed_and_never_overwritten(self, store: JobStore) -> None:
+        store.write([], artifacts=[("aa", b"first")])
+        store.write([], artifacts=[("aa", b"second")])
+        assert store.get_artifact("aa") == b"first" and store.get_artifact("bb") is None
+
+    def test_settlement_indexes_follow_the_receipt_state(self, store: JobStore) -> None:
+        j1, j2, j3 = job("a", S.JOB_STATE_COMPLETED), job("b", S.JOB_STATE_COMPLETED), job("c", S.JOB_STATE_COMPLETED)
+        held, pending = receipt("r1", "a", St.SETTLEMENT_STATE_HELD), receipt("r2", "b", St.SETTLEMENT_STATE_PENDING)
+        free = receipt("r3", "c", St.SETTLEMENT_STATE_NOT_REQUIRED)
+        store.write([j1, j2, j3], receipts=[(j1, held), (j2, pending), (j3, free)])
+        assert [r.receipt_hash for r in store.held_receipts()] == ["r1"]
+        assert [r.receipt_hash for r in store.unsettled_receipts()] == ["r2"]
+        held.settlement.state = St.SETTLEMENT_STATE_PENDING
+        store.update_receipt(held)
+        assert store.held_receipts() == [] and [r.receipt_hash for r in store.unsettled_receipts()] == ["r1", "r2"]
+        for rec in (held, pending):
+            rec.settlement.state = St.SETTLEMENT_STATE_FINAL
+            store.update_receipt(rec)
+        assert store.unsettled_receipts() == [] and store.get_receipt("r2").settlement.state == St.SETTLEMENT_STATE_FINAL
+        assert sorted(r.receipt_hash for r in store.iter_receipts()) == ["r1", "r2", "r3"]
+
+    def test_client_receipts_page_newest_first_and_stay_per_client(self, store: JobStore) -> None:
+        for n in range(5):
+            j = job(f"a{n}", S.JOB_STATE_COMPLETED, finished=1000 + n)
+            store.write([j], receipts=[(j, receipt(f"r{n}", j.job_id, St.SETTLEMENT_STATE_DISABLED))])
+        other = job("b", S.JOB_STATE_COMPLETED, client="alicia", finished=5000)  # a prefix of no one
+        store.write([other], receipts=[(other, receipt("rb", "b", St.SETTLEMENT_STATE_DISABLED, "alicia"))])
+        page, nxt = store.client_receipts("alice", before=None, limit=2)
+        assert [r.receipt_hash for r in page] == ["r4", "r3"] and nxt is not None
+        page, nxt = store.client_receipts("alice", before=nxt, limit=2)
+        assert [r.receipt_hash for r in page] == ["r2", "r1"] and nxt is not None
+        page, nxt = store.client_receipts("alice", before=nxt, limit=2)
+        assert [r.receipt_hash for r in page] == ["r0"] and nxt is None
+        assert store.client_receipts("nobody", before=None, limit=5) == ([], None)
+        assert [r.receipt_hash for r in store.client_receipts("alicia", before=None, limit=5)[0]] == ["rb"]
+
+    def test_meta_and_reputation_live_in_the_same_store(self, store: JobStore) -> None:
+        assert store.get_meta("verify_secret") is None
+        store.put_meta("verify_secret", b"\x01" * 32)
+        store.reputation().put(MinerRecord("ait1miner", jobs_served=3, reputation=0.7))
+        store = self.reopen(store)
+        assert store.get_meta("verify_secret") == b"\x01" * 32
+        assert store.reputation().get("ait1miner").jobs_served == 3
+        assert [r.miner_id for r in store.reputation().all()] == ["ait1miner"]
+
+    def test_a_write_that_fails_half_way_writes_nothing(self, store: JobStore) -> None:
+        store.write([job("a")])
+        b = job("b", S.JOB_STATE_COMPLETED)
+        with pytest.raises(AttributeError):  # the last item is not a receipt: the write fails after the rest
+            store.write([job("a", S.JOB_STATE_COMPLETED), b], artifacts=[("aa", b"x")],
+                        receipts=[(b, object())])  # type: ignore[list-item]
+        assert store.get_job("a").state == S.JOB_STATE_QUEUED and store.get_job("b") is None
+        assert store.get_artifact("aa") is None
+
+    def test_what_was_written_survives_a_reopen(self, store: JobStore) -> None:
+        store.write([job("a"), job("b", S.JOB_STATE_FAILED)])
+        store = self.reopen(store)
+        assert [j.job_id for j in store.active_jobs()] == ["a"] and store.get_job("b").state == S.JOB_STATE_FAILED
+
+
+class TestMemoryJobStore(JobStoreContract):
+    def make(self) -> JobStore:
+        return MemoryJobStore()
+
+
+class TestLmdbJobStore(JobStoreContract):
+    @pytest.fixture(autouse=True)
+    def _folder(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "jobs"
+
+    def make(self) -> JobStore:
+        return LmdbJobStore(self.path)
+
+    def reopen(self, store: JobStore) -> JobStore:
+        store.close()
+        return LmdbJobStore(self.path)
