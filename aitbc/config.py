@@ -68,6 +68,7 @@ class CoordinatorConfig(TlsConfig):
     verify_tolerance: float = 0.03  # GPU runs: mean absolute pixel difference allowed (CPU runs: byte-exact)
     quarantine_after: int = 2  # failed verifications within 7 days that quarantine a miner
     probation_checks: int = 10  # after a failed verification, this many passed ones end the probation
+    event_log: str = ""  # a file: every job-machine call appended as JSON (docs/coordinator.md); "" off
     port_file: str = ""
 
     def __post_init__(self) -> None:

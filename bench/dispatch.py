@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -27,6 +28,12 @@ from aitbc.miner.backend import load_image_backend  # noqa: E402
 from aitbc.miner.daemon import MinerDaemon  # noqa: E402
 from aitbc.rpc import channel  # noqa: E402
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class TimedMiner(MinerDaemon):
@@ -62,8 +69,12 @@ async def run(n: int, concurrency: int) -> None:
 
                 await asyncio.gather(*(one() for _ in range(100)))  # warm-up
                 warm = set(submitted)
+                cpu0 = cpu_seconds(proc.pid)
                 t0 = time.perf_counter()
                 await asyncio.gather(*(one() for _ in range(n)))
+                while not all(j in miner.held for j in submitted) and time.perf_counter() - t0 < 120:
+                    await asyncio.sleep(0.01)
+                coord_cpu_ms = (cpu_seconds(proc.pid) - cpu0) * 1000 / n
                 ids = [j for j in submitted if j not in warm]
                 # unloaded latency: one job at a time, what a single client sees
                 seq: list[float] = []
@@ -92,6 +103,7 @@ async def run(n: int, concurrency: int) -> None:
     print(f"  submit -> miner holds job, {concurrency} in flight: {summary(lat)}")
     print(f"  dispatch rate: {n / held_span:.0f} jobs/s held; {miner.completed - 300} completed with verified "
           f"receipts at {(miner.completed - 300) / done_span:.0f} jobs/s")
+    print(f"  coordinator CPU per job (all its threads, {concurrency} in flight): {coord_cpu_ms:.2f} ms")
     print(f"  raw grpc.aio unary echo, same concurrency: {summary(echo_lat)}; {echo_rate:.0f} calls/s")
     print(f"  ratio: dispatch p50 / echo p50 = {sorted(lat)[len(lat) // 2] / sorted(echo_lat)[len(echo_lat) // 2]:.1f}x; "
           f"jobs/s / echo calls/s = {n / held_span / echo_rate:.2f}")

@@ -50,6 +50,7 @@ S = job_pb2.JobState
 log = logging.getLogger("aitbc.coordinator")
 job_log = logging.getLogger("aitbc.jobs")
 RECONCILE_S = 10.0
+REPUTATION_STEP = 0.01
 
 
 class Coordinator:
@@ -66,6 +67,12 @@ class Coordinator:
             max_attempts=config.max_attempts, queue_ttl_s=config.queue_ttl_s,
             verify_timeout_s=config.verify_timeout_s, stall_timeout_s=config.stall_timeout_s,
         ), watched=self.streams.watched)
+        self.event_log = None
+        if config.event_log:
+            from aitbc.config import expand
+            from aitbc.coordinator.eventlog import EventLog
+
+            self.event_log = self.machine.recorder = EventLog(expand(config.event_log), self.machine.limits)
         self.book = ReputationBook(store.reputation(), policy=ReputationPolicy(
             quarantine_after=config.quarantine_after, probation_checks=config.probation_checks))
         self.receipts = ReceiptBook(store, settles=bool(config.ledger))
@@ -75,6 +82,7 @@ class Coordinator:
                                  now_ms=self.time.now_ms)
         self._reconciled_at = 0.0
         self._pending: list[m.Event] = []  # follow-up events raised while executing instructions
+        self._unwritten: list[m.Store] = []  # Store instructions of the current pass (one write)
         # metrics: labels bound once (hot path); gauges read at scrape time
         self._jobs_in = {st: metrics.JOBS_TOTAL.labels(state=jobs.state_name(st)) for st in S.values() if st}
         metrics.QUEUE_DEPTH.set_function(self.machine.queued)
@@ -94,17 +102,34 @@ class Coordinator:
     def _run(self, *events: m.Event, dispatch: bool = True) -> None:
         """Feed events to the machine and execute what it decides, follow-ups included; then dispatch."""
         self._pending.extend(events)
-        while self._pending:
-            batch, self._pending = self._pending, []
-            for ins in self.machine.handle(*batch):
-                self._execute(ins)
-        if dispatch:
-            for ins in self.machine.handle(m.Dispatch()):
-                self._execute(ins)
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                for ins in self.machine.handle(*batch):
+                    self._execute(ins)
+            if dispatch:
+                for ins in self.machine.handle(m.Dispatch()):
+                    self._execute(ins)
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write what the machine asked to store since the last flush, in one transaction. Sends
+        and publishes of the same pass only reach queues until the event loop runs again, which
+        is after this: nothing leaves the process before it is written."""
+        if not self._unwritten:
+            return
+        batch, self._unwritten = self._unwritten, []
+        if len(batch) == 1:
+            self.store.write(batch[0].jobs, artifacts=batch[0].artifacts, receipts=batch[0].receipts)
+            return
+        jobs_ = {j.job_id: j for st in batch for j in st.jobs}  # the same records: written as they are now
+        self.store.write(jobs_.values(), artifacts=[a for st in batch for a in st.artifacts],
+                         receipts=[r for st in batch for r in st.receipts])
 
     def _execute(self, ins: m.Instruction) -> None:
         if isinstance(ins, m.Store):
-            self.store.write(ins.jobs, artifacts=ins.artifacts, receipts=ins.receipts)
+            self._unwritten.append(ins)
         elif isinstance(ins, m.Publish):
             self.streams.publish(ins.job_id, ins.event)
         elif isinstance(ins, m.Moved):
@@ -158,6 +183,7 @@ class Coordinator:
         self.streams.ended(job.job_id)
         self._log_finished(job)
         if job.verify_of:
+            self._flush()  # the verifier reads the runs from the store
             referee = self.verifier.run_ended(job)
             if referee is not None:
                 self._pending.append(referee)
@@ -176,9 +202,12 @@ class Coordinator:
         conn = self.registry.miners.get(miner_id)
         if conn is None:
             return
+        seen = self.machine.view(miner_id)
         failing = rec.failure_streak >= m.FAILING_STREAK
-        was = (before.quarantined, before.failure_streak >= m.FAILING_STREAK, before.reputation) if before else None
-        if was != (rec.quarantined, failing, rec.reputation):
+        # what matching sees: flags at once, the score once it moved by REPUTATION_STEP (a served
+        # job moves it by at most 2% of the distance to 1: no update per result)
+        if seen is None or (seen.quarantined, seen.failing) != (rec.quarantined, failing) \
+                or abs(seen.reputation - rec.reputation) >= REPUTATION_STEP or before is None:
             self._pending.append(m.MinerUpdated(self._view(conn)))
 
     def _view(self, conn: MinerConn) -> MinerView:
@@ -591,6 +620,9 @@ class Coordinator:
 
     def close(self) -> None:
         self.registry.close_all()
+        if self.event_log is not None:
+            self.event_log.close()
+            self.machine.recorder = self.event_log = None
         metrics.QUEUE_DEPTH.set_function(None)
         metrics.MINERS_CONNECTED.set_function(None)
         metrics.QUARANTINED.set_function(None)

@@ -20,7 +20,7 @@ import dataclasses
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from aitbc import jobs
 from aitbc.coordinator.clock import Clock
@@ -292,6 +292,11 @@ class MinerSlot:
     latency_ms: float = 0.0  # EWMA of assignment -> accepted result
 
 
+class Recorder(Protocol):
+    def encode(self, events: tuple[Event, ...]) -> object: ...
+    def write(self, t: float, t_ms: int, encoded: object, out: list[Instruction], *, raised: str = "") -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_attempts: int = 3
@@ -306,6 +311,8 @@ class JobMachine:
         self.clock = clock
         self.limits = limits
         self.watched = watched  # snapshots are copied only for jobs someone watches
+        self.recorder: Recorder | None = None  # aitbc.coordinator.eventlog.EventLog when event_log is set
+        self._t, self._t_ms = clock.monotonic(), clock.now_ms()  # the instant of the current handle call
         self.records: dict[str, JobRecord] = {}
         self.queue: collections.deque[str] = collections.deque()
         self.miners: dict[str, MinerSlot] = {}
@@ -372,12 +379,25 @@ class JobMachine:
     # ---- the one entry point --------------------------------------------------------------------------
 
     def handle(self, *events: Event) -> list[Instruction]:
-        for event in events:
-            self._handle(event)
+        """Apply events in order; return what to do. Time is read once: the whole call happens at
+        one instant (so a recorded call replays exactly). An event that raises (a miner reporting
+        on a job it does not hold) changes nothing; what earlier events of the call decided is
+        returned by the next call."""
+        self._t, self._t_ms = self.clock.monotonic(), self.clock.now_ms()
+        encoded = self.recorder.encode(events) if self.recorder is not None else None
+        try:
+            for event in events:
+                self._handle(event)
+        except AitbcError as exc:
+            if self.recorder is not None:
+                self.recorder.write(self._t, self._t_ms, encoded, [], raised=exc.code)
+            raise
         out, self._out = self._out, []
         if self._dirty:
             out.insert(0, Store(tuple(self._dirty.values()), tuple(self._artifacts), tuple(self._receipts)))
             self._dirty, self._artifacts, self._receipts = {}, [], []
+        if self.recorder is not None:
+            self.recorder.write(self._t, self._t_ms, encoded, out)
         return out
 
     def _handle(self, ev: Event) -> None:
@@ -386,7 +406,7 @@ class JobMachine:
         elif isinstance(ev, Heard):
             slot = self.miners.get(ev.miner_id)
             if slot is not None:
-                slot.active_at = self.clock.monotonic()
+                slot.active_at = self._t
         elif isinstance(ev, Progressed):
             self._progressed(ev)
         elif isinstance(ev, Accepted):
@@ -413,7 +433,7 @@ class JobMachine:
             if slot is None:
                 if isinstance(ev, MinerUpdated):
                     return  # it left meanwhile
-                self.miners[ev.view.miner_id] = MinerSlot(ev.view, active_at=self.clock.monotonic())
+                self.miners[ev.view.miner_id] = MinerSlot(ev.view, active_at=self._t)
                 self._epoch += 1
             else:
                 if isinstance(ev, MinerJoined) or slot.view.quarantined != ev.view.quarantined:
@@ -436,7 +456,7 @@ class JobMachine:
         if (frm, to) not in TRANSITIONS:
             raise IllegalTransition(f"job {job.job_id}: {state_name(frm)} -> {state_name(to)} is not a transition "
                                     f"({cause})")
-        now = self.clock.now_ms()
+        now = self._t_ms
         job.state = to  # type: ignore[assignment]
         job.updated_at_unix_ms = now
         if len(job.story) >= STORY_LIMIT:
@@ -454,11 +474,11 @@ class JobMachine:
     def _enqueue(self, rec: JobRecord, *, front: bool = False) -> None:
         self.records[rec.job.job_id] = rec
         (self.queue.appendleft if front else self.queue.append)(rec.job.job_id)
-        rec.queued_at = self.clock.monotonic()
+        rec.queued_at = self._t
 
     def _submit(self, ev: Submit) -> None:
         job = ev.job
-        job.created_at_unix_ms = job.created_at_unix_ms or self.clock.now_ms()
+        job.created_at_unix_ms = job.created_at_unix_ms or self._t_ms
         for j in ev.also_store:
             self._dirty[j.job_id] = j
         rec = JobRecord(job, pinned=ev.exclude, device_class=ev.device_class)
@@ -531,7 +551,7 @@ class JobMachine:
         job.wait_reason = ""
         self._move(job, ASSIGNED, f"attempt {job.attempts}: sent to miner {miner_id}", miner_id=miner_id)
         slot.held.add(job.job_id)
-        rec.assigned_at = self.clock.monotonic()
+        rec.assigned_at = self._t
         parent = self.records.get(job.parent_job_id) if job.parent_job_id else None
         if parent is not None and parent.job.state == QUEUED:
             self._move(parent.job, RUNNING, f"shard {job.job_id} went to miner {miner_id}", miner_id=miner_id)
@@ -540,7 +560,7 @@ class JobMachine:
 
     def _held(self, miner_id: str, job_id: str) -> job_pb2.Job:
         job = self.held(miner_id, job_id)
-        self.miners[miner_id].active_at = self.clock.monotonic()
+        self.miners[miner_id].active_at = self._t
         return job
 
     def _release(self, job: job_pb2.Job) -> str:
@@ -570,7 +590,7 @@ class JobMachine:
         self._release(job)
         job.error = error
         job.wait_reason = ""
-        job.finished_at_unix_ms = self.clock.now_ms()
+        job.finished_at_unix_ms = self._t_ms
         self._move(job, state, error or "completed")
         self.records.pop(job.job_id, None)
         if job.parent_job_id:
@@ -642,7 +662,7 @@ class JobMachine:
     def _completed(self, ev: Completed) -> None:
         job = self._held(ev.miner_id, ev.job_id)
         rec = self.records[job.job_id]
-        took = (self.clock.monotonic() - rec.assigned_at) * 1000
+        took = (self._t - rec.assigned_at) * 1000
         slot = self.miners[ev.miner_id]
         slot.latency_ms = took if not slot.latency_ms else 0.8 * slot.latency_ms + 0.2 * took
         self._out.append(Record(ev.miner_id, "success", draw=not job.verify_of))
@@ -697,7 +717,7 @@ class JobMachine:
     # ---- time --------------------------------------------------------------------------------------
 
     def _tick(self) -> None:
-        now = self.clock.monotonic()
+        now = self._t
         for miner_id, slot in list(self.miners.items()):
             if not slot.held:
                 continue

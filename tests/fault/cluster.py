@@ -149,9 +149,11 @@ class Cluster:
             f'key_file = "{root / "coordinator.key"}"', f'chain_id = "{CHAIN}"', f'ledger = "{self.ledger_target}"',
             "heartbeat_interval_s = 1.0", "heartbeat_timeout_s = 4.0", "max_attempts = 5",
             "verify_rate = 0.2", "verify_timeout_s = 20.0",  # the hub re-executes a fifth of the jobs
+            f'event_log = "{root / "coordinator-events.jsonl"}"',  # replayed against the core afterwards
             "", "[[clients]]", 'id = "chaos"', f'api_key_sha256 = "{hashlib.sha256(API_KEY.encode()).hexdigest()}"',
             "rate_per_s = 10000.0", "burst = 10000", "",
         ]))
+        self.event_log = root / "coordinator-events.jsonl"
         self.coordinator = Proc("coordinator", "coordinator",
                                 [*cli, "coordinator", "--config", str(root / "coordinator.toml")],
                                 self.coordinator_target, root / "coordinator.log")

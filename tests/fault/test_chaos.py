@@ -21,6 +21,7 @@ import pytest
 
 from aitbc import crypto, jobs
 from aitbc.clients.sdk import ClientError, CoordinatorClient
+from aitbc.coordinator import eventlog
 from aitbc.ledger import tx as txmod
 from aitbc.v1 import job_pb2, ledger_pb2, ledger_pb2_grpc, receipt_pb2
 from tests.fault.cluster import API_KEY, CHAIN, Cluster, Proc
@@ -231,7 +232,16 @@ def test_chaos_nothing_lost_minted_once_nodes_agree(tmp_path: Path) -> None:
                        if t.kind == ledger_pb2.TRANSACTION_KIND_MINT}
         for rec in receipts.values():
             assert mint_amount[rec.receipt_hash] == (rec.body.provider, rec.settlement.amount)
-        print(f"chaos: {PERTURBATIONS} perturbations, {len(load.accepted)} jobs accepted ({load.refused} refused "
+        # the coordinator's job machine, replayed from the events it logged (restarts included),
+        # decides every transition again exactly as it did under the chaos
+        replayed = eventlog.replay(eventlog.lines(cluster.event_log))
+        assert replayed.starts >= 1 and replayed.transitions >= len(load.accepted)
+        assert not replayed.mismatches, replayed.mismatches
+        if os.environ.get("AITBC_CHAOS_KEEP_EVENTS"):  # how tests/vectors/coordinator/ logs are made
+            import shutil
+
+            shutil.copy(cluster.event_log, os.environ["AITBC_CHAOS_KEEP_EVENTS"])
+        print(f"chaos: {PERTURBATIONS} perturbations, {replayed.calls} machine calls replayed identically, {len(load.accepted)} jobs accepted ({load.refused} refused "
               f"while the coordinator was down), {len(completed)} completed, {len(receipts)} minted once, "
               f"{load.transfers_sent} transfers sent, chain height {top}, worst recovery {worst:.1f} s")
         print("\n".join(events))
