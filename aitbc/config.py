@@ -36,6 +36,22 @@ class ClientKey:
 
 
 @dataclass
+class ModelConfig:
+    """A `[[models]]` entry of coordinator.toml: what a model is, set by the operator."""
+
+    name: str
+    kind: str = "image"  # "image" or "text"; a miner declaring the other kind is refused
+    max_price_per_unit: int | None = None  # ceiling for this model; unset: default_max_price_per_unit
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("image", "text"):
+            raise InvalidArgument(f"models.{self.name}: kind must be \"image\" or \"text\" (got {self.kind!r})")
+        price = self.max_price_per_unit
+        if price is not None and (isinstance(price, bool) or not isinstance(price, int) or price < 0):
+            raise InvalidArgument(f"models.{self.name}: max_price_per_unit must be an integer >= 0 (got {price!r})")
+
+
+@dataclass
 class TlsConfig:
     """TLS keys every long-running process has (docs/operations.md, "TLS"): serve with this
     certificate chain + key (PEM); dial peers with TLS, checking their certificates against this
@@ -69,10 +85,15 @@ class CoordinatorConfig(TlsConfig):
     quarantine_after: int = 2  # failed verifications within 7 days that quarantine a miner
     probation_checks: int = 10  # after a failed verification, this many passed ones end the probation
     event_log: str = ""  # a file: every job-machine call appended as JSON (docs/coordinator.md); "" off
+    # the model registry (docs/coordinator.md): kinds and price ceilings are the operator's
+    models: list[ModelConfig] = field(default_factory=list)
+    allow_new_models: bool = True  # a model not under [[models]] is learned from its first miner
+    default_max_price_per_unit: int = 1000  # ceiling for models without their own; no job pays more per unit
     port_file: str = ""
 
     def __post_init__(self) -> None:
         """Refuse, at start, values the coordinator would trip over later."""
+        _within("default_max_price_per_unit", self.default_max_price_per_unit, 0, float("inf"))
         _within("verify_rate", self.verify_rate, 0.0, 1.0)
         _within("verify_tolerance", self.verify_tolerance, 0.0, 1.0)
         for name in ("heartbeat_interval_s", "heartbeat_timeout_s", "stall_timeout_s", "queue_ttl_s",
@@ -143,6 +164,14 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
             return value
         if origin == "list[ClientKey]":
             return [ClientKey(**c) for c in value]
+        if origin == "list[ModelConfig]":
+            return [ModelConfig(**c) for c in value]
+        if origin == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+                return value.lower() in ("true", "1")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
     except (TypeError, ValueError):
         raise InvalidArgument(f"config key {name!r}: expected {origin}, got {value!r}") from None
     raise InvalidArgument(f"config key {name!r}: unsupported type {origin}")

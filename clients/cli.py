@@ -86,7 +86,7 @@ def run_image_job(client: Any, args: argparse.Namespace, *, out: str) -> int:
     job = client.submit_image(
         args.prompt, model=args.model, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance_scale=args.guidance, width=args.width, height=args.height, images=args.images, seed=args.seed,
-        request_id=args.request_id or "",
+        request_id=args.request_id or "", max_price_per_unit=args.max_price,
     )
     progress = Progress()
     progress.state(job)
@@ -122,6 +122,9 @@ def run_image_job(client: Any, args: argparse.Namespace, *, out: str) -> int:
     print(f"duration:     {(job.finished_at_unix_ms - job.created_at_unix_ms) / 1000:.2f} s (wall {wall:.2f} s)")
     print(f"gpu_seconds:  {job.units / 1000:.3f}")
     print(f"miner:        {job.miner_id}")
+    cost = sum(r.body.units * r.body.price_per_unit for r in recs)
+    print(f"cost:         {cost} (units x price per unit, minted to the miner; your cap was "
+          f"{job.max_price_per_unit if job.HasField('max_price_per_unit') else 'none'} per unit)")
     if len(recs) > 1:
         print(f"shards:       {len(recs)} (one receipt per miner's share)")
     for rec, path in zip(recs, receipt_files, strict=True):
@@ -151,7 +154,8 @@ def run_text_job(client: Any, args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     job = client.submit_text(args.prompt, model=args.model, max_new_tokens=args.max_new_tokens or 0,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0, seed=args.seed,
-                             stop=args.stop or [], request_id=args.request_id or "")
+                             stop=args.stop or [], request_id=args.request_id or "",
+                             max_price_per_unit=args.max_price)
     progress = Progress()
     progress.state(job)
     if args.no_wait:
@@ -501,6 +505,9 @@ def _add_image_args(p: argparse.ArgumentParser, *, prompt_default: str | None = 
     p.add_argument("--images", type=int, default=1, help=f"images to make, 1-{jobs.MAX_IMAGES}")
     p.add_argument("--seed", type=int, default=None, help="fixed seed for a reproducible image")
     p.add_argument("--request-id", default="", help="idempotency key: resubmitting it returns the same job")
+    p.add_argument("--max-price", type=int, default=None, metavar="N",
+                   help="most you pay per unit; no miner above it gets the job (default: the coordinator's "
+                        "ceiling for the model)")
     p.add_argument("-o", "--output", default="out.png", help="PNG path (several images: out-1.png, out-2.png, ...); "
                    "text jobs: a file for the text")
     p.add_argument("--receipt-out", help="receipt JSON path (default: <output>.receipt.json)")

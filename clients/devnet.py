@@ -23,6 +23,7 @@ import grpc
 
 from aitbc import crypto
 from aitbc.ledger.genesis import make_genesis
+from aitbc.miner.text import TEXT_PREFIX, is_text_model
 from aitbc.rpc import CHANNEL_OPTIONS
 from aitbc.v1 import miner_pb2, miner_pb2_grpc
 
@@ -53,6 +54,11 @@ def _toml(values: dict[str, object]) -> str:
                 lines.append(f"\n[[{k}]]")
                 lines.extend(f"{ik} = {json.dumps(iv)}" for ik, iv in item.items())
     return "\n".join(lines) + "\n"
+
+
+def _served_name(model: str) -> str:
+    """The name a miner advertises for an entry of its model list (without a "text:" declaration)."""
+    return model[len(TEXT_PREFIX):].strip() if model.startswith(TEXT_PREFIX) else model
 
 
 @dataclass
@@ -134,6 +140,8 @@ class Devnet:
             "chain_id": CHAIN_ID, "ledger": state["ledger"],
             "verify_rate": 0.0,  # one miner: a re-execution needs a second one (docs/hub.md)
             "clients": [{"id": CLIENT_ID, "api_key_sha256": key_hash, "operator": True}],
+            # the devnet's own models have their kind fixed by the operator, not by the first miner
+            "models": [{"name": _served_name(m), "kind": "text" if is_text_model(m) else "image"} for m in self.models],
         }))
         (d / "miner.toml").write_text(_toml({
             "coordinator": state["coordinator"], "key_file": str(d / "keys" / "miner.key"), "models": self.models,

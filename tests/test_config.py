@@ -23,6 +23,9 @@ def test_precedence_defaults_toml_environment_overrides(tmp_path: Path, monkeypa
     monkeypatch.setenv("AITBC_COORDINATOR_TLS_CA_FILE", "/etc/aitbc/ca.pem")
     c = config.load(CoordinatorConfig, f, "COORDINATOR", stall_timeout_s=5.0)
     assert (c.verify_rate, c.stall_timeout_s, c.tls_ca_file) == (0.5, 5.0, "/etc/aitbc/ca.pem")
+    f.write_text('allow_new_models = false\n[[models]]\nname = "tiny-llama"\nkind = "text"\nmax_price_per_unit = 7\n')
+    c = config.load(CoordinatorConfig, f, "COORDINATOR")
+    assert not c.allow_new_models and c.models == [config.ModelConfig("tiny-llama", "text", 7)]
     m = config.load(MinerConfig, None, "MINER", models="tiny-sd, tiny-llama")
     assert m.models == ["tiny-sd", "tiny-llama"] and m.tls_cert_file == ""
 
@@ -38,6 +41,11 @@ def test_precedence_defaults_toml_environment_overrides(tmp_path: Path, monkeypa
     ("max_attempts = 0\n", "'max_attempts' must be at least 1"),
     ("verify_rate = \n", "is not valid TOML"),
     ('[[clients]]\nid = "ops"\napi_key_sha256 = "ab"\noperator = "yes"\n', "operator must be true or false"),
+    ('[[models]]\nname = "tiny-sd"\nkind = "video"\n', 'models.tiny-sd: kind must be "image" or "text"'),
+    ('[[models]]\nname = "tiny-sd"\nmax_price_per_unit = -1\n', "max_price_per_unit must be an integer >= 0"),
+    ('[[models]]\nname = "tiny-sd"\nprice = 3\n', "config key 'models': expected list[ModelConfig]"),
+    ('allow_new_models = "maybe"\n', "config key 'allow_new_models': expected bool"),
+    ("default_max_price_per_unit = -5\n", "'default_max_price_per_unit' must be at least 0"),
     ('[[clients]]\nid = "ops"\napi_key_sha256 = "ab"\nburst = 0\n', "'clients.ops.burst' must be at least 1"),
 ])
 def test_bad_values_are_refused_with_the_key(tmp_path: Path, text: str, needle: str) -> None:

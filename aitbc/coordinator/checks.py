@@ -15,6 +15,7 @@ from aitbc.wire import receipt_from_proto
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 FINISH_REASONS = ("length", "stop", "eos")
 UNIT_SLACK_MS = 2000
+SPECIAL_TOKENS = 8  # BOS/EOS and template tokens a tokenizer adds beyond one per byte
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,3 +99,21 @@ def check_text(job: job_pb2.Job, data: bytes, result: miner_pb2.JobResult, strea
     if not 1 <= result.prompt_tokens or result.generated_tokens > job.params.text.max_new_tokens:
         raise InvalidArgument(f"token counts are implausible: prompt {result.prompt_tokens}, generated "
                               f"{result.generated_tokens} of at most {job.params.text.max_new_tokens}")
+    most_prompt, most_generated = token_bounds(job.params.text, text)
+    if result.prompt_tokens > most_prompt:
+        raise InvalidArgument(f"prompt_tokens {result.prompt_tokens} is more than any tokenizer makes of this prompt "
+                              f"({len(job.params.text.prompt.encode())} UTF-8 bytes: at most {most_prompt} tokens)")
+    if result.generated_tokens > most_generated:
+        raise InvalidArgument(f"generated_tokens {result.generated_tokens} is more than the streamed text can hold "
+                              f"({len(data)} UTF-8 bytes: at most {most_generated} tokens)")
+
+
+def token_bounds(params: job_pb2.TextParams, text: str) -> tuple[int, int]:
+    """The most tokens an honest miner can report (docs/receipts.md, "Text units"): every token of
+    a tokenizer stands for at least one byte of UTF-8 (byte-level BPE, SentencePiece with byte
+    fallback), plus SPECIAL_TOKENS the tokenizer or the end of generation add; generated tokens
+    that made up a stop string are cut from the text, so the longest stop string counts too."""
+    prompt = len(params.prompt.encode()) + SPECIAL_TOKENS
+    stop = max((len(s.encode()) for s in params.stop), default=0)
+    generated = min(params.max_new_tokens, len(text.encode()) + stop + SPECIAL_TOKENS)
+    return prompt, generated

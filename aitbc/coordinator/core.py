@@ -28,6 +28,7 @@ from aitbc.coordinator import machine as m
 from aitbc.coordinator.auth import ClientAuth
 from aitbc.coordinator.checks import Expected, check_result
 from aitbc.coordinator.clock import Clock, SystemClock
+from aitbc.coordinator.models import ModelRegistry, from_config
 from aitbc.coordinator.receipt_book import ReceiptBook
 from aitbc.coordinator.registry import MinerConn, MinerRegistry, MinerSession, device_class, model_kind
 from aitbc.coordinator.store import JobStore
@@ -63,6 +64,8 @@ class Coordinator:
         self.auth = ClientAuth(config.clients, self._monotonic)
         self.registry = MinerRegistry(self._monotonic, model_grace_s=config.model_grace_s)
         self.streams = JobStreams()
+        self.models = ModelRegistry(store, from_config(config.models), allow_new=config.allow_new_models,
+                                    default_max_price=config.default_max_price_per_unit)
         self.machine = m.JobMachine(self.time, m.Limits(
             max_attempts=config.max_attempts, queue_ttl_s=config.queue_ttl_s,
             verify_timeout_s=config.verify_timeout_s, stall_timeout_s=config.stall_timeout_s,
@@ -309,6 +312,9 @@ class Coordinator:
             created_at_unix_ms=now, prompt_hash=jobs.prompt_hash(jobs.job_prompt(job_pb2.Job(params=params))),
             request_id=request_id, traceparent=telemetry.current_traceparent(),
         )
+        ceiling = self.models.ceiling(model)
+        if ceiling is not None:  # the client's cap, never above the operator's ceiling
+            max_price_per_unit = ceiling if max_price_per_unit is None else min(max_price_per_unit, ceiling)
         if max_price_per_unit is not None:
             job.max_price_per_unit = max_price_per_unit
         self._placeable(job)
@@ -413,7 +419,17 @@ class Coordinator:
         return self.registry.challenge()
 
     def register(self, pubkey: bytes, challenge: bytes, signature: bytes, info: miner_pb2.MinerInfo) -> MinerSession:
-        return self.registry.register(pubkey, challenge, signature, info)
+        return self.registry.register(pubkey, challenge, signature, info, self._admit)
+
+    def _admit(self, miner_id: str, info: miner_pb2.MinerInfo) -> None:
+        """What a miner may declare: models of the kind the registry has, a price within their ceilings."""
+        for model in info.models:
+            ceiling = self.models.ceiling(model)
+            if ceiling is not None and info.price_per_unit > ceiling:
+                raise FailedPrecondition(
+                    f"price_per_unit {info.price_per_unit} is above this coordinator's ceiling for model '{model}' "
+                    f"({ceiling}; the operator's [[models]] max_price_per_unit or default_max_price_per_unit)")
+        self.models.admit(miner_id, info)
 
     def connect(self, token: str) -> MinerConn:
         conn, old = self.registry.open(token)

@@ -44,8 +44,9 @@ TRANSITIONS: dict[tuple[int, int], str] = {
     (ASSIGNED, COMPLETED): "a result passed every check (no JobAccepted came first)",
     (RUNNING, COMPLETED): "a result passed every check; a split job: its last shard completed",
     (QUEUED, FAILED): "a split job: one of its shards ended without completing",
-    (ASSIGNED, FAILED): "the miner reported a permanent failure, or attempts ran out",
-    (RUNNING, FAILED): "the miner reported a permanent failure, attempts ran out, or a shard failed",
+    (ASSIGNED, FAILED): "a permanent failure confirmed by a second miner (or no other can run it); attempts ran out",
+    (RUNNING, FAILED): "a permanent failure confirmed by a second miner (or no other can run it); attempts ran "
+                       "out; a shard failed",
     (QUEUED, CANCELLED): "cancelled by the client (or its split job ended)",
     (ASSIGNED, CANCELLED): "cancelled by the client (or its split job ended)",
     (RUNNING, CANCELLED): "cancelled by the client (or its split job ended)",
@@ -282,6 +283,7 @@ class JobRecord:
     device_class: str | None = None  # a re-execution: the device class of the original's miner
     stuck_epoch: int = -1  # the miner-set epoch in which no miner could take it
     finished_shards: dict[str, job_pb2.Job] = field(default_factory=dict)  # a split job's ended shards
+    unconfirmed: tuple[str, str] | None = None  # (miner, reason) of a permanent failure another miner must confirm
 
 
 @dataclass(eq=False, slots=True)
@@ -666,6 +668,8 @@ class JobMachine:
         slot = self.miners[ev.miner_id]
         slot.latency_ms = took if not slot.latency_ms else 0.8 * slot.latency_ms + 0.2 * took
         self._out.append(Record(ev.miner_id, "success", draw=not job.verify_of))
+        if rec.unconfirmed is not None:  # it could run after all: the miner that said it cannot pays
+            self._out.append(Record(rec.unconfirmed[0], "failure"))
         r = ev.result
         job.artifacts.extend(r.artifacts)
         job.device_class, job.receipt_hash, job.units, job.unit_type = r.device_class, r.receipt_hash, r.units, r.unit_type
@@ -689,12 +693,23 @@ class JobMachine:
     def _failed(self, ev: Failed) -> None:
         job = self._held(ev.miner_id, ev.job_id)
         reason = ev.reason[:500] or "no reason given"
-        if ev.permanent:  # the request's fault, not the miner's
-            self._finish(job, FAILED, f"miner {ev.miner_id}: {reason}")
+        rec = self.records[job.job_id]
+        if ev.permanent:  # the request's fault, if another miner agrees (a miner's word alone costs it nothing)
+            if rec.unconfirmed is not None and rec.unconfirmed[0] != ev.miner_id:
+                self._finish(job, FAILED, f"miner {ev.miner_id}: {reason} (confirmed: miner {rec.unconfirmed[0]} "
+                                          f"reported {rec.unconfirmed[1]!r})")
+                return
+            rec.excluded.add(ev.miner_id)
+            elsewhere = choose(self.idle_views(), self.needs(job, rec), 0)
+            if isinstance(elsewhere, Unplaceable) and elsewhere.code != "busy":
+                self._finish(job, FAILED, f"miner {ev.miner_id}: {reason} (not confirmed: no other miner can run it)")
+                return
+            rec.unconfirmed = (ev.miner_id, reason)
+            self._requeue(job, f"miner {ev.miner_id} reports the job cannot run ({reason}); another miner confirms")
             return
         # a miner that cannot run what it advertised loses reputation; the job goes elsewhere
         self._out.append(Record(ev.miner_id, "failure"))
-        self.records[job.job_id].avoid.add(ev.miner_id)
+        rec.avoid.add(ev.miner_id)
         self._requeue(job, f"miner {ev.miner_id} failed: {reason}")
 
     def _miner_left(self, ev: MinerLeft) -> None:

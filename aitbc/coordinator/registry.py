@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aitbc import crypto, jobs
+from aitbc.coordinator.models import declared_kind as model_kind
 from aitbc.errors import AitbcError, InvalidArgument, Unauthenticated
 from aitbc.v1 import coordinator_pb2, miner_pb2
 
@@ -31,14 +32,6 @@ MAX_MODELS = 64
 
 def register_digest(challenge: bytes, pubkey: bytes) -> bytes:
     return crypto.domain_digest(REGISTER_DOMAIN, challenge + pubkey)
-
-
-def model_kind(info: miner_pb2.MinerInfo, model: str) -> int:
-    """A model's kind as its miner declared it; undeclared models are image models."""
-    for spec in info.model_specs:
-        if spec.name == model:
-            return spec.kind or jobs.IMAGE
-    return jobs.IMAGE
 
 
 def device_class(device: str) -> str:
@@ -128,7 +121,9 @@ class MinerRegistry:
                 del self._used_challenges[c]
         self._used_challenges[challenge] = expiry
 
-    def register(self, pubkey: bytes, challenge: bytes, signature: bytes, info: miner_pb2.MinerInfo) -> MinerSession:
+    def register(self, pubkey: bytes, challenge: bytes, signature: bytes, info: miner_pb2.MinerInfo,
+                 admit: Callable[[str, miner_pb2.MinerInfo], None] = lambda miner_id, info: None) -> MinerSession:
+        """A session for a miner that proved its key. `admit` may refuse what it declares (models, price)."""
         self._take_challenge(challenge)
         if len(pubkey) != 33:
             raise InvalidArgument("public_key must be a 33-byte compressed secp256k1 key")
@@ -139,6 +134,8 @@ class MinerRegistry:
         if signer != pubkey:
             raise Unauthenticated("registration signature was not made by public_key")
         check_miner_info(info)
+        miner_id = crypto.address_from_pubkey(pubkey)
+        admit(miner_id, info)
         now = self.clock()
         for token, (_, expiry) in list(self.sessions.items()):
             if expiry < now:
@@ -147,7 +144,7 @@ class MinerRegistry:
             # evict the oldest unused registration rather than refuse: an honest miner opens its Work
             # stream right after Register, so a flood of registrations cannot lock it out
             del self.sessions[next(iter(self.sessions))]
-        session = MinerSession(crypto.address_from_pubkey(pubkey), pubkey, info, secrets.token_hex(24))
+        session = MinerSession(miner_id, pubkey, info, secrets.token_hex(24))
         self.sessions[session.token] = (session, now + SESSION_TTL_S)
         log.info("miner %s registered: models=%s device=%s price=%d", session.miner_id, list(info.models),
                  info.device, info.price_per_unit)

@@ -173,12 +173,42 @@ def test_attempts_run_out_and_the_job_fails(sm: m.JobMachine) -> None:
     assert job.wait_reason == ""
 
 
-def test_a_permanent_failure_ends_the_job_at_once(sm: m.JobMachine) -> None:
+def test_a_permanent_failure_no_other_miner_could_check_ends_the_job_at_once(sm: m.JobMachine) -> None:
     assigned(sm)
     sm.handle(m.Accepted("m1", "j1"))
     out = sm.handle(m.Failed("m1", "j1", "model cannot draw 64x64", permanent=True))
     assert moves(out) == [(R, F)] and not any(isinstance(i, m.Record) for i in out)
-    assert out[0].jobs[0].error == "miner m1: model cannot draw 64x64"
+    assert out[0].jobs[0].error == "miner m1: model cannot draw 64x64 (not confirmed: no other miner can run it)"
+
+
+def test_a_permanent_failure_is_confirmed_by_a_second_miner_before_the_job_fails(sm: m.JobMachine) -> None:
+    assigned(sm)
+    sm.handle(m.MinerJoined(view("m2", price=5)))
+    out = sm.handle(m.Failed("m1", "j1", "prompt too long", permanent=True))
+    assert moves(out) == [(A, Q)] and not any(isinstance(i, m.Record) for i in out)
+    assert "another miner confirms" in sm.job("j1").wait_reason
+    out = sm.handle(m.Dispatch())
+    assert [(i.miner_id, i.job.job_id) for i in out if isinstance(i, m.Assign)] == [("m2", "j1")]
+    out = sm.handle(m.Failed("m2", "j1", "prompt too long", permanent=True))
+    assert moves(out) == [(A, F)] and not any(isinstance(i, m.Record) for i in out)
+    assert "confirmed: miner m1 reported 'prompt too long'" in out[0].jobs[0].error
+
+
+def test_a_permanent_failure_another_miner_disproves_costs_the_reporter(sm: m.JobMachine) -> None:
+    assigned(sm)
+    sm.handle(m.MinerJoined(view("m2", price=5)))
+    sm.handle(m.Failed("m1", "j1", "cannot", permanent=True))
+    sm.handle(m.Dispatch())
+    out = sm.handle(completed_by("m2", "j1"))
+    assert moves(out) == [(A, C)]
+    assert m.Record("m1", "failure") in out and m.Record("m2", "success", draw=True) in out
+
+
+def test_a_miner_busy_elsewhere_still_confirms_later(sm: m.JobMachine) -> None:
+    assigned(sm)
+    sm.handle(m.MinerJoined(view("m2")), m.Submit(image_job("j2")), m.Dispatch())  # m2 busy with j2
+    out = sm.handle(m.Failed("m1", "j1", "cannot", permanent=True))
+    assert moves(out) == [(A, Q)]  # waits for m2 rather than failing unconfirmed
 
 
 @pytest.mark.parametrize("frm", [Q, A, R], ids=["queued", "assigned", "running"])
@@ -247,7 +277,8 @@ def test_a_split_job_fails_when_a_shard_fails_and_its_other_shards_stop(sm: m.Jo
     sm.handle(m.Dispatch())
     out = sm.handle(m.Failed("m1", "s0", "bad prompt", permanent=True))
     assert (R, F) in moves(out) and sm.job("p") is None and sm.job("s1") is None
-    assert m.SendCancel("m1", "s1", "job p ended: shard for images 1-1 FAILED: miner m1: bad prompt") in out
+    assert m.SendCancel("m1", "s1", "job p ended: shard for images 1-1 FAILED: miner m1: bad prompt (not confirmed: "
+                        "no other miner can run it)") in out
 
 
 def test_a_queued_split_job_fails_when_its_shard_expires(sm: m.JobMachine, clock: FakeClock) -> None:

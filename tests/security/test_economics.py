@@ -1,0 +1,183 @@
+"""Economic attacks by an anonymous miner (THREAT-MODEL.md), over real gRPC with a hand-written
+miner and a fresh key: inflated token counts, a self-set price above the ceiling or the client's
+cap, permanent-failure spam, and re-declaring what a model is. Each gets a clear status or a
+recorded penalty, and no client job is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from aitbc.config import ModelConfig
+from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2
+from tests.coordinator.test_jobs_api import MD, stub, wait_done
+from tests.coordinator.test_miner_gateway import RawMiner
+
+S = job_pb2.JobState
+TEXT_SPEC = miner_pb2.ModelSpec(name="null-text", kind=job_pb2.MODEL_KIND_TEXT, context_length=4096)
+
+
+def image_req(**kw: Any) -> coordinator_pb2.SubmitJobRequest:
+    return coordinator_pb2.SubmitJobRequest(model="null", params=job_pb2.JobParams(
+        image=job_pb2.ImageParams(prompt="a red bicycle", steps=2, width=64, height=64, **kw)))
+
+
+def text_req(prompt: str = "hi", **kw: Any) -> coordinator_pb2.SubmitJobRequest:
+    return coordinator_pb2.SubmitJobRequest(model="null-text", params=job_pb2.JobParams(
+        text=job_pb2.TextParams(prompt=prompt, max_new_tokens=16, seed=1, **kw)))
+
+
+async def register_status(miner: RawMiner, models: tuple[str, ...], **info: Any) -> tuple[grpc.StatusCode, str]:
+    try:
+        await miner.register(models, **info)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def text_result(miner: RawMiner, task: miner_pb2.Task, text: str, prompt_tokens: int,
+                generated: int) -> miner_pb2.JobResult:
+    data = text.encode()
+    res = miner.result_for(task, data, units=prompt_tokens + generated, unit_type="tokens")
+    res.artifacts[0].content_type = "text/plain; charset=utf-8"
+    res.prompt_tokens, res.generated_tokens, res.finish_reason = prompt_tokens, generated, "length"
+    return res
+
+
+@pytest.mark.parametrize(("prompt_tokens", "generated", "needle"), [
+    (2**32 - 1, 3, "more than any tokenizer makes of this prompt"),  # the 4-billion-token prompt
+    (3, 16, "more than the streamed text can hold"),  # 16 tokens claimed for 3 bytes of text
+])
+async def test_inflated_token_counts_are_rejected_and_the_job_goes_to_an_honest_miner(
+        net: Any, null_text: Any, prompt_tokens: int, generated: int, needle: str) -> None:
+    liar = RawMiner(net)
+    await liar.connect(models=("null-text",), model_specs=[TEXT_SPEC])
+    s = stub(net)
+    job = (await s.SubmitJob(text_req(), metadata=MD)).job
+    task = (await liar.read()).assignment.task
+    liar.send(accepted=miner_pb2.JobAccepted(job_id=task.job_id))
+    liar.send(text=job_pb2.TextChunk(job_id=task.job_id, text="abc"))
+    liar.send(chunk=miner_pb2.ArtifactChunk(job_id=task.job_id, index=0, data=b"abc"))
+    liar.send(result=text_result(liar, task, "abc", prompt_tokens, generated))
+    reply = await liar.read()
+    assert reply.WhichOneof("msg") == "rejected" and needle in reply.rejected.reason, reply
+    await net.add_miner({"null-text": null_text})
+    done = await wait_done(s, job.job_id)
+    assert done.state == S.JOB_STATE_COMPLETED and done.miner_id != liar.key.address
+    assert done.units == done.prompt_tokens + done.generated_tokens <= len("hi") + 8 + 16
+    assert net.core.book.snapshot(liar.key.address).failures == 1
+
+
+async def test_an_honest_token_count_is_accepted(net: Any) -> None:
+    m = RawMiner(net)
+    await m.connect(models=("null-text",), model_specs=[TEXT_SPEC])
+    s = stub(net)
+    job = (await s.SubmitJob(text_req(), metadata=MD)).job
+    task = (await m.read()).assignment.task
+    m.send(text=job_pb2.TextChunk(job_id=task.job_id, text="abc"))
+    m.send(chunk=miner_pb2.ArtifactChunk(job_id=task.job_id, index=0, data=b"abc"))
+    m.send(result=text_result(m, task, "abc", 2 + 1, 3))  # "hi" + BOS; one token per byte
+    assert (await m.read()).WhichOneof("msg") == "accepted"
+    assert (await wait_done(s, job.job_id)).units == 6
+
+
+async def test_a_price_above_the_operators_ceiling_is_refused_at_register(network_factory: Any) -> None:
+    net = await network_factory(models=[ModelConfig("null", "image", max_price_per_unit=5)])
+    greedy = RawMiner(net)
+    code, details = await register_status(greedy, ("null",), price_per_unit=10**12)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "price_per_unit 1000000000000 is above this coordinator's ceiling for model 'null' (5" in details
+    other = RawMiner(net)  # a model without its own ceiling gets the default (1000)
+    code, details = await register_status(other, ("null-x",), price_per_unit=1001)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "(1000;" in details
+    assert (await register_status(RawMiner(net), ("null",), price_per_unit=5))[0] == grpc.StatusCode.OK
+
+
+async def test_no_job_goes_above_the_clients_cap_and_an_uncapped_job_gets_the_ceiling(network_factory: Any) -> None:
+    net = await network_factory(models=[ModelConfig("null", "image", max_price_per_unit=50)])
+    dear = RawMiner(net)
+    await dear.connect(price_per_unit=40)
+    s = stub(net)
+    req = image_req(seed=1)
+    req.max_price_per_unit = 10
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.SubmitJob(req, metadata=MD)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "above your max price 10" in err.value.details()
+    req.max_price_per_unit = 10**9  # a client cap above the ceiling is lowered to it
+    job = (await s.SubmitJob(req, metadata=MD)).job
+    assert job.max_price_per_unit == 50
+    assert (await s.SubmitJob(image_req(seed=2), metadata=MD)).job.max_price_per_unit == 50
+    task = (await dear.read()).assignment.task
+    assert task.price_per_unit == 40
+
+
+async def test_permanent_failure_spam_from_a_cheap_fresh_key_fails_no_client_job(net: Any, null_backend: Any) -> None:
+    spammer = RawMiner(net)
+    await spammer.connect(price_per_unit=0, max_concurrency=64)  # free: it wins matching
+    await net.add_miner({"null": null_backend}, price=1)
+    s = stub(net)
+    ids = [(await s.SubmitJob(image_req(seed=i), metadata=MD)).job.job_id for i in range(6)]
+
+    async def spam() -> None:
+        while True:
+            msg = await spammer.call.read()
+            if msg is grpc.aio.EOF:
+                return
+            if msg.WhichOneof("msg") == "assignment":
+                spammer.send(failed=miner_pb2.JobFailed(job_id=msg.assignment.task.job_id,
+                                                        reason="model cannot draw this", permanent=True))
+
+    task = asyncio.create_task(spam())
+    try:
+        done = [await wait_done(s, j) for j in ids]
+    finally:
+        task.cancel()
+    assert [d.state for d in done] == [S.JOB_STATE_COMPLETED] * 6
+    rec = net.core.book.snapshot(spammer.key.address)
+    assert rec.failures >= 1 and rec.reputation < net.core.book.policy.initial
+    honest = net.core.book.snapshot(net.miners[0].key.address)
+    assert honest.failures == 0 and honest.jobs_served == 6
+
+
+async def test_a_registration_cannot_change_what_a_model_is(net: Any, null_backend: Any) -> None:
+    await net.add_miner({"null": null_backend})  # learns "null" as an image model
+    hijacker = RawMiner(net)
+    code, details = await register_status(
+        hijacker, ("null",), model_specs=[miner_pb2.ModelSpec(name="null", kind=job_pb2.MODEL_KIND_TEXT)])
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "model 'null' is a image model on this coordinator" in details and "declares it as text" in details
+    done = await wait_done(stub(net), (await stub(net).SubmitJob(image_req(seed=3), metadata=MD)).job.job_id)
+    assert done.state == S.JOB_STATE_COMPLETED
+    await net.restart_coordinator()  # what was learned survives a restart
+    code, _ = await register_status(
+        RawMiner(net), ("null",), model_specs=[miner_pb2.ModelSpec(name="null", kind=job_pb2.MODEL_KIND_TEXT)])
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_the_operators_model_list_fixes_kinds_and_can_close_the_door(network_factory: Any) -> None:
+    net = await network_factory(models=[ModelConfig("null-text", "text")], allow_new_models=False)
+    first = RawMiner(net)  # the very first registration cannot turn a text model into an image model
+    code, details = await register_status(first, ("null-text",))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "set by coordinator.toml" in details
+    code, details = await register_status(RawMiner(net), ("something-else",))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "allow_new_models = false" in details
+    assert (await register_status(RawMiner(net), ("null-text",), model_specs=[TEXT_SPEC]))[0] == grpc.StatusCode.OK
+
+
+@pytest.fixture(scope="module")
+def null_text() -> Any:
+    from aitbc.miner.text import load_text_backend
+
+    return load_text_backend("null-text", "cpu")
+
+
+def test_token_bounds_are_what_the_receipt_spec_says() -> None:
+    from aitbc.coordinator.checks import SPECIAL_TOKENS, token_bounds
+
+    p = job_pb2.TextParams(prompt="héllo", max_new_tokens=100, stop=["\n\n", "END"])
+    assert token_bounds(p, "abc") == (len("héllo".encode()) + SPECIAL_TOKENS, 3 + 3 + SPECIAL_TOKENS)
+    assert token_bounds(job_pb2.TextParams(prompt="x", max_new_tokens=4), "a" * 100) == (1 + SPECIAL_TOKENS, 4)
