@@ -60,6 +60,7 @@ class TlsConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_ca_file: str = ""
+    allow_insecure: bool = False  # serve plaintext on a non-loopback listen address (refused otherwise)
 
 
 @dataclass
@@ -203,6 +204,17 @@ def load(cls: type[T], path: str | Path | None, env_prefix: str, **overrides: An
 
 def expand(path: str) -> Path:
     return Path(path).expanduser()
+
+
+def private_dir(path: str | Path) -> Path:
+    """A data folder only its owner can read (0700 when this call creates it; parents too).
+    Everything a service keeps (jobs, prompts, images, receipts, chain, keys) lives under one."""
+    p = Path(path).expanduser()
+    missing = [d for d in (p, *p.parents) if not d.exists()]
+    p.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for d in missing:
+        os.chmod(d, 0o700)  # mkdir's mode is masked by the umask; parents get the default otherwise
+    return p
 
 
 def write_port_file(path: str, port: int) -> None:

@@ -155,7 +155,9 @@ def load_or_create_key(path: str | Path) -> PrivateKey:
     path = Path(path).expanduser()
     if path.exists():
         return PrivateKey.from_hex(path.read_text())
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from aitbc.config import private_dir
+
+    private_dir(path.parent)
     key = PrivateKey.generate()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
     with os.fdopen(fd, "w") as fh:

@@ -55,6 +55,8 @@ class Tls:
     cert_chain: bytes = b""
     private_key: bytes = b""
     root_certs: bytes = b""
+    allow_insecure: bool = False  # serve plaintext beyond loopback (the operator said so in so many words)
+    insecure_name: str = "allow_insecure"  # how the operator sets it (config key or flag)
 
     @property
     def serves(self) -> bool:
@@ -80,25 +82,48 @@ def _read_pem(name: str, path: str, marker: bytes) -> bytes:
     return data
 
 
-CONFIG_NAMES = ("tls_cert_file", "tls_key_file", "tls_ca_file")
-FLAG_NAMES = ("--tls-cert", "--tls-key", "--tls-ca")
+CONFIG_NAMES = ("tls_cert_file", "tls_key_file", "tls_ca_file", "allow_insecure")
+FLAG_NAMES = ("--tls-cert", "--tls-key", "--tls-ca", "--allow-insecure")
 
 
 def configure_tls(cert_file: str = "", key_file: str = "", ca_file: str = "", *,
-                  names: tuple[str, str, str] = CONFIG_NAMES) -> Tls:
+                  allow_insecure: bool = False, names: tuple[str, str, str, str] = CONFIG_NAMES) -> Tls:
     """Load this process's TLS material (see the module docstring); all empty turns TLS off.
     Raises InvalidArgument / FailedPrecondition naming the setting (`names`: how the user set
     them, config keys or command-line flags), the file and what is wrong with it."""
     global _tls
-    cert_name, key_name, ca_name = names
+    cert_name, key_name, ca_name, insecure_name = names
     if bool(cert_file) != bool(key_file):
         raise InvalidArgument(f"set both {cert_name} and {key_name} to serve TLS (or neither for plaintext)")
     _tls = Tls(
         cert_chain=_read_pem(cert_name, cert_file, b"CERTIFICATE") if cert_file else b"",
         private_key=_read_pem(key_name, key_file, b"PRIVATE KEY") if key_file else b"",
         root_certs=_read_pem(ca_name, ca_file, b"CERTIFICATE") if ca_file else b"",
+        allow_insecure=allow_insecure, insecure_name=insecure_name,
     )
     return _tls
+
+
+def refuse_plaintext(listen: str) -> None:
+    """Plaintext only on loopback unless the operator said otherwise (THREAT-MODEL.md)."""
+    if not _tls.serves and not _tls.allow_insecure and not is_loopback(listen):
+        raise FailedPrecondition(
+            f"refusing to serve plaintext on {listen}: beyond loopback set {CONFIG_NAMES[0]}/{CONFIG_NAMES[1]} "
+            f"({FLAG_NAMES[0]}/{FLAG_NAMES[1]}) to serve TLS, or {_tls.insecure_name} to serve plaintext anyway "
+            "(docs/operations.md, TLS)")
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether a listen address (host:port) binds loopback only."""
+    import ipaddress
+
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "", a hostname or 0.0.0.0-like: may be reachable from elsewhere
 
 
 def tls() -> Tls:
@@ -339,6 +364,7 @@ async def start_server(
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
+    refuse_plaintext(listen)
     if _tls.serves:
         port = server.add_secure_port(listen, grpc.ssl_server_credentials([(_tls.private_key, _tls.cert_chain)]))
     else:

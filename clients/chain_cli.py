@@ -90,7 +90,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(run_node(args.data_dir, args.genesis, args.key, args.listen, peers, args.port_file,
                                     tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
-                                    tls_ca_file=args.node_tls_ca or getattr(args, "tls_ca", "")))
+                                    tls_ca_file=args.node_tls_ca or getattr(args, "tls_ca", ""),
+                                    allow_insecure=args.allow_insecure))
     except AitbcError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
@@ -226,6 +227,9 @@ def register(subparsers: Any) -> None:
             ("--tls-key", "tls_key", "AITBC_NODE_TLS_KEY_FILE", "... and this private key (PEM)"),
             ("--tls-ca", "node_tls_ca", "AITBC_NODE_TLS_CA_FILE", "dial peers with TLS, trusting this CA (PEM)")):
         p.add_argument(flag, dest=dest, default=os.environ.get(env, ""), help=f"{what}; default ${env}")
+    p.add_argument("--allow-insecure", action="store_true",
+                   default=os.environ.get("AITBC_NODE_ALLOW_INSECURE", "").lower() in ("1", "true"),
+                   help="serve plaintext on a non-loopback --listen (refused otherwise); default $AITBC_NODE_ALLOW_INSECURE")
     p.set_defaults(func=cmd_node)
 
     chain = subparsers.add_parser("chain", help="ledger: write a genesis, read blocks, txs and accounts")

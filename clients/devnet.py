@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 
 from aitbc import crypto
+from aitbc.config import private_dir
 from aitbc.ledger.genesis import make_genesis
 from aitbc.miner.text import TEXT_PREFIX, is_text_model
 from aitbc.rpc import CHANNEL_OPTIONS
@@ -110,7 +111,7 @@ class Devnet:
     def prepare(self) -> dict[str, object]:
         """Create keys, the API key and configs on first start; reuse them afterwards."""
         d = self.data_dir
-        d.mkdir(parents=True, exist_ok=True)
+        private_dir(d)  # keys, chain, jobs and wallets of the devnet
         os.chmod(d, 0o700)
         state_file = d / "devnet.json"
         state = json.loads(state_file.read_text()) if state_file.exists() else {}

@@ -406,7 +406,7 @@ async def start_ops(daemon: MinerDaemon, listen: str) -> RunningServer:
 async def run_miner(config: MinerConfig) -> None:
     """Load models, serve the ops port, connect; until SIGINT/SIGTERM."""
     telemetry.setup("aitbc-miner")  # before any server or channel: the interceptors are chosen then
-    rpc.configure_tls(config.tls_cert_file, config.tls_key_file, config.tls_ca_file)
+    rpc.configure_tls(config.tls_cert_file, config.tls_key_file, config.tls_ca_file, allow_insecure=config.allow_insecure)
     t0 = time.perf_counter()
     daemon = build_daemon(config)
     print(f"miner {daemon.key.address}: loaded {', '.join(config.models)} on {daemon.device} "

@@ -241,6 +241,7 @@ class CoordinatorProcess:
 
 
 async def start_coordinator(config: CoordinatorConfig) -> CoordinatorProcess:
+    rpc.refuse_plaintext(config.listen)  # before anything is opened
     store = LmdbJobStore(expand(config.data_dir) / "jobs")
     key = crypto.load_or_create_key(config.key_file)
     core = Coordinator(store, key, config)
@@ -265,7 +266,7 @@ async def start_coordinator(config: CoordinatorConfig) -> CoordinatorProcess:
 async def run_coordinator(config: CoordinatorConfig) -> None:
     """Serve until SIGINT/SIGTERM."""
     telemetry.setup("aitbc-coordinator")  # before the server starts: its interceptors are chosen then
-    rpc.configure_tls(config.tls_cert_file, config.tls_key_file, config.tls_ca_file)
+    rpc.configure_tls(config.tls_cert_file, config.tls_key_file, config.tls_ca_file, allow_insecure=config.allow_insecure)
     proc = await start_coordinator(config)
     host = config.listen.rsplit(":", 1)[0]
     print(f"coordinator listening on {host}:{proc.port} (attester {proc.core.key.address}, chain {config.chain_id}, "

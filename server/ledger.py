@@ -187,11 +187,12 @@ async def start_node(store: Store, genesis: Genesis, key: crypto.PrivateKey | No
 async def run_node(data_dir: str | Path, genesis_path: str | Path, key_path: str | Path | None = None,
                    listen: str = "127.0.0.1:26657", peers: Sequence[str] = (),
                    port_file: str | Path | None = None, stop: asyncio.Event | None = None, *,
-                   tls_cert_file: str = "", tls_key_file: str = "", tls_ca_file: str = "") -> int:
+                   tls_cert_file: str = "", tls_key_file: str = "", tls_ca_file: str = "",
+                   allow_insecure: bool = False) -> int:
     """Run a node until SIGINT/SIGTERM (or `stop` is set). Returns the process exit code.
     TLS: serve with the certificate + key, dial peers checking them against the CA (aitbc.rpc)."""
     telemetry.setup("aitbc-node")  # before the server starts: its interceptors are chosen then
-    rpc.configure_tls(tls_cert_file, tls_key_file, tls_ca_file, names=rpc.FLAG_NAMES)  # `aitbc node --tls-*`
+    rpc.configure_tls(tls_cert_file, tls_key_file, tls_ca_file, allow_insecure=allow_insecure, names=rpc.FLAG_NAMES)  # `aitbc node --tls-*`
     genesis = Genesis.load(genesis_path)
     try:
         key = crypto.PrivateKey.from_hex(Path(key_path).read_text()) if key_path else None
@@ -233,7 +234,9 @@ def _lock_data_dir(path: Path) -> Any:
     """One node per data folder: LMDB itself would let two processes write the same chain."""
     import fcntl
 
-    path.mkdir(parents=True, exist_ok=True)
+    from aitbc.config import private_dir
+
+    private_dir(path)
     fh = open(path / "node.lock", "a+")  # noqa: SIM115 (held for the node's lifetime)
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -166,7 +166,7 @@ async def stop_wallet_daemon(server: rpc.RunningServer, core: WalletCore, sweepe
 async def run_wallet_daemon(conf: WalletConfig, stop: asyncio.Event | None = None) -> int:
     """Serve until SIGINT/SIGTERM (or `stop`). Returns the exit code."""
     telemetry.setup("aitbc-wallet")  # before the server starts: its interceptors are chosen then
-    rpc.configure_tls(conf.tls_cert_file, conf.tls_key_file, conf.tls_ca_file)
+    rpc.configure_tls(conf.tls_cert_file, conf.tls_key_file, conf.tls_ca_file, allow_insecure=conf.allow_insecure)
     server, core, sweeper = await start_wallet_daemon(conf)
     host = rpc.host_of(conf.listen)
     print(f"wallet daemon listening on {host}:{server.port} (keystore {core.keystore.directory}, "

@@ -16,6 +16,7 @@ import base64
 import dataclasses
 import gzip
 import json
+import os
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -97,8 +98,11 @@ class EventLog:
 
     def __init__(self, path: str | Path, limits: m.Limits) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: TextIO = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for appends
+        from aitbc.config import private_dir
+
+        private_dir(self.path.parent)  # prompts and client ids are in it
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._file: TextIO = open(fd, "a", encoding="utf-8")  # noqa: SIM115 - kept open for appends
         self._lock = threading.Lock()
         self._line({"v": VERSION, "start": dataclasses.asdict(limits)})
 

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import lmdb
 
+from aitbc.config import private_dir
 from aitbc.hub.reputation import LmdbReputationStore, MemoryReputationStore, ReputationStore
 from aitbc.jobs import ACTIVE
 from aitbc.v1 import job_pb2, receipt_pb2
@@ -97,9 +98,8 @@ def _client_receipt_key(job: job_pb2.Job) -> bytes:
 
 class LmdbJobStore:
     def __init__(self, path: str | Path, *, map_size: int = 1 << 36, flush_interval_s: float = 0.2) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, sync=False, metasync=False)
+        path = private_dir(path)
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, sync=False, metasync=False, mode=0o600)
         self._jobs = self.env.open_db(_V + b"jobs")
         self._active = self.env.open_db(_V + b"active")
         self._artifacts = self.env.open_db(_V + b"artifacts")

@@ -57,11 +57,13 @@ class LmdbStore:
     def __init__(self, path: str | Path, *, map_size: int = 1 << 36, sync: bool = True) -> None:
         import lmdb
 
-        Path(path).mkdir(parents=True, exist_ok=True)
+        from aitbc.config import private_dir
+
+        private_dir(path)
         # map_size is a sparse upper bound (64 GiB); max_readers covers the gRPC + executor threads.
         # sync=False only for bulk tools (benchmarks): a kill -9 stays safe, a power cut may not.
         self._env = lmdb.open(os.fspath(path), map_size=map_size, max_readers=256, max_dbs=0,
-                              readahead=False, metasync=sync, sync=sync, lock=True)
+                              readahead=False, metasync=sync, sync=sync, lock=True, mode=0o600)
 
     def get(self, key: bytes) -> bytes | None:
         with self._env.begin(buffers=False) as txn:
