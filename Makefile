@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BUF_VERSION := 1.75.0
 BUF    := .tools/node_modules/.bin/buf
 
-.PHONY: install demo devnet gen check-gen lint test test-quick bench clean
+.PHONY: install demo devnet gen check-gen lint test test-quick mutation-check bench clean
 
 install: $(VENV)/.installed $(BUF)
 
@@ -39,6 +39,11 @@ lint: $(BUF) $(VENV)/.installed
 
 test: install check-gen lint
 	$(PY) -m pytest -q
+	$(PY) scripts/mutation_check.py
+
+# every safety rule in tests/mutations/rules.toml has a test that fails without it (part of `make test`)
+mutation-check: $(VENV)/.installed
+	$(PY) scripts/mutation_check.py
 
 test-quick: install
 	$(PY) -m pytest -q -m "not slow"

@@ -106,6 +106,13 @@ async def test_honest_raw_result_is_accepted(net) -> None:
         ("wrong_chain", "receipt field chain_id"),
         ("inflated_units", "implausible"),
         ("not_png", "not a PNG"),
+        ("self_set_price", "receipt field price_per_unit"),
+        ("other_model", "receipt field model"),
+        ("other_prompt", "receipt field prompt_hash"),
+        ("other_hub", "receipt field hub_id"),
+        ("other_unit_type", "receipt field unit_type"),
+        ("long_claimed_duration", "receipt claims"),
+        ("other_manifest", "receipt field artifact_sha256"),
     ],
 )
 async def test_forged_results_are_rejected_and_the_job_requeued(net, forge, needle) -> None:
@@ -130,6 +137,14 @@ async def test_forged_results_are_rejected_and_the_job_requeued(net, forge, need
             "wrong_client": {"client": "mallory"},
             "wrong_chain": {"chain_id": "another-chain"},
             "inflated_units": {"units": 10**9},
+            "self_set_price": {"price_per_unit": job.price_per_unit + 10**6},
+            "other_model": {"model": "tiny-sd"},
+            "other_prompt": {"prompt_hash": "00" * 32},
+            "other_hub": {"hub_id": "another-hub"},
+            "other_unit_type": {"unit_type": "tokens"},
+            # an hour of work claimed for a job held for milliseconds (units within that duration)
+            "long_claimed_duration": {"started_at": jobs.now_ms() - 3_600_000, "units": 3_000_000},
+            "other_manifest": {"artifact_sha256": "00" * 32},  # the receipt commits to other outputs
         }[forge]
         result = m.result_for(job, png, **changes)
     m.send(result=result)

@@ -20,6 +20,7 @@ from aitbc.hub.verification import (
     sample_key,
     should_verify,
 )
+from aitbc.v1 import job_pb2
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -53,18 +54,57 @@ def test_sampling_is_deterministic_and_near_the_rate() -> None:
         should_verify("x", 1.5)
 
 
+def coordinator_verifier(secret: bytes, rate: float):  # type: ignore[no-untyped-def]
+    """The coordinator's own verification unit over an in-memory store holding `secret`."""
+    from aitbc.coordinator.receipt_book import ReceiptBook
+    from aitbc.coordinator.store import MemoryJobStore
+    from aitbc.coordinator.verification import Verifier
+
+    store = MemoryJobStore()
+    store.put_meta("verify_secret", secret)
+    book = ReputationBook(store.reputation())
+    return Verifier(store, ReceiptBook(store, settles=False), book, rate=rate, tolerance=DEFAULT_TOLERANCE,
+                    load=store.get_job, record=lambda miner, passed: None, now_ms=lambda: 0), book
+
+
 def cheater_quarantined_after(secret: bytes, rate: float, limit: int) -> int | None:
-    """The coordinator's rule, run without a network: a miner whose every result is wrong; its n-th
-    original result is checked when it is on probation or draw n is sampled, and the check fails at
-    once. Returns how many results it served until quarantined (None: not within `limit`)."""
-    book = ReputationBook()
+    """The coordinator's code path, without a network: a miner whose every result is wrong; for its
+    n-th original result the coordinator's Verifier.sampled decides (probation, or keyed draw n),
+    then the book records the result and, when sampled, the failed check, in the coordinator's
+    order. Returns how many results it served until quarantined (None: not within `limit`)."""
+    verifier, book = coordinator_verifier(secret, rate)
+    job = job_pb2.Job(job_id="0" * 28)
     for served in range(1, limit + 1):
-        rec = book.snapshot("cheat")
-        sampled = rec.probation_left > 0 or should_verify(sample_key("cheat", rec.draws), rate, secret=secret)
+        sampled = verifier.sampled("cheat", job)
         book.record_success("cheat", draw=True)
         if sampled and book.record_verification("cheat", False).quarantined:
             return served
     return None
+
+
+def test_the_coordinator_samples_with_its_secret_and_checks_every_result_on_probation() -> None:
+    job = job_pb2.Job(job_id="0" * 28)
+
+    def picks(secret: bytes, rate: float = DEFAULT_RATE) -> list[bool]:
+        verifier, book = coordinator_verifier(secret, rate)
+        out = []
+        for _ in range(2000):
+            out.append(verifier.sampled("ait1miner", job))
+            book.record_success("ait1miner", draw=True)
+        return out
+
+    a, b = picks(b"a" * 32), picks(b"b" * 32)
+    assert a == picks(b"a" * 32) and a != b  # keyed: another secret, another sample
+    assert a != [should_verify(sample_key("ait1miner", n), DEFAULT_RATE) for n in range(2000)]  # not unkeyed
+    assert abs(sum(a) / len(a) - DEFAULT_RATE) < 0.02
+    verifier, book = coordinator_verifier(b"a" * 32, 1e-12)  # practically never sampled by draw
+    book.record_verification("ait1miner", False)  # caught once: probation
+    for _ in range(book.policy.probation_checks):
+        assert verifier.sampled("ait1miner", job)
+        book.record_success("ait1miner", draw=True)
+        book.record_verification("ait1miner", True)
+    assert not verifier.sampled("ait1miner", job)  # probation served
+    assert not verifier.sampled("ait1miner", job_pb2.Job(job_id="1" * 28, verify_of="0" * 28))  # re-runs never
 
 
 def test_a_cheater_is_quarantined_within_50_jobs_at_the_default_rate_99_percent_of_the_time() -> None:

@@ -40,9 +40,9 @@ async def register_status(miner: RawMiner, models: tuple[str, ...], **info: Any)
 
 
 def text_result(miner: RawMiner, task: miner_pb2.Task, text: str, prompt_tokens: int,
-                generated: int) -> miner_pb2.JobResult:
+                generated: int, units: int | None = None) -> miner_pb2.JobResult:
     data = text.encode()
-    res = miner.result_for(task, data, units=prompt_tokens + generated, unit_type="tokens")
+    res = miner.result_for(task, data, units=prompt_tokens + generated if units is None else units, unit_type="tokens")
     res.artifacts[0].content_type = "text/plain; charset=utf-8"
     res.prompt_tokens, res.generated_tokens, res.finish_reason = prompt_tokens, generated, "length"
     return res
@@ -70,6 +70,25 @@ async def test_inflated_token_counts_are_rejected_and_the_job_goes_to_an_honest_
     assert done.state == S.JOB_STATE_COMPLETED and done.miner_id != liar.key.address
     assert done.units == done.prompt_tokens + done.generated_tokens <= len("hi") + 8 + 16
     assert net.core.book.snapshot(liar.key.address).failures == 1
+
+
+@pytest.mark.parametrize(("uploaded", "units", "needle"), [
+    ("abc", 1000, "receipt units 1000 must equal prompt_tokens + generated_tokens (3 + 3)"),
+    ("abd", None, "the final text differs from the text streamed during generation"),
+])
+async def test_a_text_result_must_be_what_was_streamed_and_counted(net: Any, uploaded: str, units: int | None,
+                                                                   needle: str) -> None:
+    m = RawMiner(net)
+    await m.connect(models=("null-text",), model_specs=[TEXT_SPEC])
+    s = stub(net)
+    job = (await s.SubmitJob(text_req(), metadata=MD)).job
+    task = (await m.read()).assignment.task
+    m.send(text=job_pb2.TextChunk(job_id=task.job_id, text="abc"))
+    m.send(chunk=miner_pb2.ArtifactChunk(job_id=task.job_id, index=0, data=uploaded.encode()))
+    m.send(result=text_result(m, task, uploaded, 3, 3, units))
+    reply = await m.read()
+    assert reply.WhichOneof("msg") == "rejected" and needle in reply.rejected.reason, reply
+    assert net.core.machine.job(job.job_id).state == S.JOB_STATE_QUEUED
 
 
 async def test_an_honest_token_count_is_accepted(net: Any) -> None:

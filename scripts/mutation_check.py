@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""The mutation check: every safety rule in tests/mutations/rules.toml has a test that fails
+without it.
+
+For each rule the runner disables the rule in a copy of the tree (the rule's `find` text becomes
+its `replace` text, in a file that must still compile), runs only the rule's tests against that
+copy, and counts the mutation killed when they fail. It fails when a mutation survives, when a
+rule's `find` text is not in its file exactly once (the list went stale), or when the tests do not
+pass on the unmutated copy (a kill would mean nothing). `make test` runs it after the suite.
+
+    python scripts/mutation_check.py [--rules tests/mutations/rules.toml] [--only SUBSTRING]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# the installed layout (pyproject package-dir): these folders are subpackages of aitbc
+MAPPED = {"server": "aitbc/server", "miner": "aitbc/miner", "hub": "aitbc/hub", "clients": "aitbc/clients"}
+IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis")
+
+
+def site_path(repo_path: str) -> str:
+    top, _, rest = repo_path.partition("/")
+    return f"{MAPPED[top]}/{rest}" if top in MAPPED else repo_path
+
+
+def build_copy(dest: Path) -> None:
+    """The package as installed (aitbc/ with its mapped subpackages) plus tests/ and pyproject.toml."""
+    shutil.copytree(ROOT / "aitbc", dest / "aitbc", ignore=IGNORE)
+    for src, dst in MAPPED.items():
+        shutil.copytree(ROOT / src, dest / dst, ignore=IGNORE)
+    shutil.copytree(ROOT / "tests", dest / "tests", ignore=IGNORE)
+    shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
+
+
+def run_tests(copy: Path, tests: list[str], timeout: float) -> tuple[int, float, str]:
+    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+           "--no-header", *tests]
+    t0 = time.monotonic()
+    try:
+        done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 124, time.monotonic() - t0, "timed out"
+    return done.returncode, time.monotonic() - t0, (done.stdout + done.stderr)[-3000:]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rules", default=str(ROOT / "tests" / "mutations" / "rules.toml"))
+    ap.add_argument("--only", default="", help="run only rules whose text contains this")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per test run")
+    args = ap.parse_args()
+    rules = [r for r in tomllib.loads(Path(args.rules).read_text())["rule"] if args.only in r["rule"]]
+    if not rules:
+        print("no rule matches", file=sys.stderr)
+        return 5
+    problems: list[str] = []
+    for r in rules:
+        n = (ROOT / r["file"]).read_text().count(r["find"])
+        if n != 1:
+            problems.append(f"rule {r['rule']!r}: its find text occurs {n} times in {r['file']} (must be once)")
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="aitbc-mutants-") as tmp:
+        copy = Path(tmp)
+        build_copy(copy)
+        every = sorted({t for r in rules for t in r["tests"]})
+        rc, took, out = run_tests(copy, every, args.timeout * 2)
+        if rc != 0:
+            print(f"the rules' tests fail on the unmutated tree (rc {rc}); fix that first:\n{out}", file=sys.stderr)
+            return 1
+        print(f"baseline: {len(every)} test targets pass unmutated ({took:.0f} s)")
+        survivors = []
+        print(f"{'rule':72s} {'result':8s} {'s':>5s}  killed by")
+        for r in rules:
+            target = copy / site_path(r["file"])
+            original = target.read_text()
+            target.write_text(original.replace(r["find"], r["replace"], 1))
+            try:
+                compile(target.read_text(), str(target), "exec")
+            except SyntaxError as exc:
+                target.write_text(original)
+                problems.append(f"rule {r['rule']!r}: the mutated {r['file']} does not compile: {exc}")
+                continue
+            rc, took, out = run_tests(copy, r["tests"], args.timeout)
+            target.write_text(original)
+            killed = rc not in (0, 5)
+            failed = next((line.split(" ")[1] for line in out.splitlines() if line.startswith("FAILED ")), "")
+            print(f"{r['rule'][:72]:72s} {'killed' if killed else 'SURVIVED':8s} {took:5.1f}  "
+                  f"{failed or ', '.join(r['tests']) if killed else ''}")
+            if rc == 5:
+                problems.append(f"rule {r['rule']!r}: no test ran ({', '.join(r['tests'])})")
+            elif not killed:
+                survivors.append(r["rule"])
+    for p in problems:
+        print(p, file=sys.stderr)
+    if survivors:
+        print(f"{len(survivors)} mutation(s) survived: " + "; ".join(survivors), file=sys.stderr)
+    if problems or survivors:
+        return 1
+    print(f"all {len(rules)} mutations killed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

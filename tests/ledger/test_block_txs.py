@@ -1,0 +1,68 @@
+"""A follower re-verifies every transaction inside a block it imports, not only the header: a block
+signed by a real authority in its slot, with a correct state root, but carrying a transaction no
+node would accept from a client, is refused and changes nothing (issue 21)."""
+
+from __future__ import annotations
+
+import pytest
+
+from aitbc import crypto
+from aitbc.errors import InvalidArgument
+from aitbc.ledger.chain import Chain
+from aitbc.ledger.store import MemoryStore
+from aitbc.ledger.tx import decode_tx, encode_mint_body, make_mint, sign_body
+from aitbc.receipts import ATTEST_DOMAIN, PROVIDER_DOMAIN, SignedReceipt
+
+from .helpers import ALICE, ATTESTER, AUTH, BOB, CHAIN, genesis, key, receipt
+
+
+def _signed_by_someone_else() -> bytes:
+    """A MINT naming ALICE as its sender, signed by BOB."""
+    return sign_body(encode_mint_body(CHAIN, ALICE.pubkey, 0, receipt(8)), BOB)
+
+
+def _receipt_signed_by_the_wrong_provider() -> bytes:
+    body = receipt(5).body  # names PROVIDER; BOB signs it, and the attester signs what it was given
+    h = body.hash()
+    forged = SignedReceipt(body, BOB.sign(crypto.domain_digest(PROVIDER_DOMAIN, h)), ATTESTER.address,
+                           ATTESTER.sign(crypto.domain_digest(ATTEST_DOMAIN, h)))
+    return make_mint(ALICE, CHAIN, 0, forged)
+
+
+BAD = {
+    "a MINT attested by a key outside the genesis attester set":
+        (lambda: make_mint(ALICE, CHAIN, 0, receipt(1, attester=key(99))), "attester not authorized"),
+    "a MINT whose receipt is for another chain":
+        (lambda: make_mint(ALICE, CHAIN, 0, receipt(2, chain_id="another-chain")), "receipt is for 'another-chain'"),
+    "a transaction signed for another chain":
+        (lambda: make_mint(ALICE, "another-chain", 0, receipt(3)), "tx is for 'another-chain'"),
+    "a MINT that mints nothing":
+        (lambda: make_mint(ALICE, CHAIN, 0, receipt(4, units=0)), "it mints nothing"),
+    "a MINT whose receipt was not signed by its provider":
+        (_receipt_signed_by_the_wrong_provider, "bad receipt"),
+    "a transaction whose signature is not its sender's": (_signed_by_someone_else, ""),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD), ids=list(BAD))
+def test_a_follower_refuses_a_block_with_a_bad_transaction_inside(bad: str) -> None:
+    make, needle = BAD[bad]
+    g = genesis(1)
+    proposer, follower = Chain(MemoryStore(), g), Chain(MemoryStore(), g)
+    tx = decode_tx(make())  # well formed: only the checks of its content can refuse it
+    # a careless (or byzantine) proposer that skipped the checks: the block is well formed and signed
+    block, dropped = proposer.build_block(AUTH[0], 1, g.block_time_ms + 1, [tx], verified={tx.hash})
+    assert not dropped and block.header.tx_count == 1
+    with pytest.raises(InvalidArgument, match=f"invalid block 1: tx 0 .*{needle}"):
+        follower.add_block(block, g.block_time_ms + 1)
+    assert follower.head.height == 0
+
+
+def test_the_same_block_with_good_transactions_is_accepted() -> None:
+    g = genesis(1)
+    proposer, follower = Chain(MemoryStore(), g), Chain(MemoryStore(), g)
+    tx = decode_tx(make_mint(ALICE, CHAIN, 0, receipt(7)))
+    block, _ = proposer.build_block(AUTH[0], 1, g.block_time_ms + 1, [tx])
+    follower.add_block(block, g.block_time_ms + 1)
+    assert follower.head.height == 1 and follower.head.hash == proposer.head.hash
+    assert ATTESTER.address in g.attesters
