@@ -88,7 +88,7 @@ async def run(n: int, concurrency: int) -> None:
                 while not all(j in miner.held for j in ids) and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
                 held_span = max(miner.held[j] for j in ids) - t0
-                while miner.completed < n + 300 and time.monotonic() < deadline:
+                while miner.attested < n + 300 and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
                 done_span = time.perf_counter() - t0
             lat = [(miner.held[j] - submitted[j]) * 1000 for j in ids]
@@ -101,8 +101,8 @@ async def run(n: int, concurrency: int) -> None:
     print(f"dispatch benchmark ({machine()}), {n} jobs, {concurrency} submits in flight, null backend")
     print(f"  submit -> miner holds job, one at a time: {summary(seq)}")
     print(f"  submit -> miner holds job, {concurrency} in flight: {summary(lat)}")
-    print(f"  dispatch rate: {n / held_span:.0f} jobs/s held; {miner.completed - 300} completed with verified "
-          f"receipts at {(miner.completed - 300) / done_span:.0f} jobs/s")
+    print(f"  dispatch rate: {n / held_span:.0f} jobs/s held; {miner.attested - 300} completed with receipts the "
+          f"coordinator attested (ResultAccepted) at {(miner.attested - 300) / done_span:.0f} jobs/s")
     print(f"  coordinator CPU per job (all its threads, {concurrency} in flight): {coord_cpu_ms:.2f} ms")
     print(f"  raw grpc.aio unary echo, same concurrency: {summary(echo_lat)}; {echo_rate:.0f} calls/s")
     print(f"  ratio: dispatch p50 / echo p50 = {sorted(lat)[len(lat) // 2] / sorted(echo_lat)[len(echo_lat) // 2]:.1f}x; "

@@ -57,7 +57,8 @@ class MinerDaemon:
         self.kinds = {m: jobs.TEXT if hasattr(b, "count_tokens") else jobs.IMAGE for m, b in backends.items()}
         self.running: dict[str, RunningJob] = {}
         self.connected = False
-        self.completed = 0
+        self.completed = 0  # results sent
+        self.attested = 0  # results the coordinator checked and attested (ResultAccepted)
         self.failed = 0
         self._slots = asyncio.Semaphore(max(1, config.max_concurrency))
         self._outbox: asyncio.Queue[miner_pb2.WorkRequest | None] | None = None
@@ -177,6 +178,7 @@ class MinerDaemon:
             elif kind == "rejected":
                 log.warning("coordinator rejected %s: %s", msg.rejected.job_id or "a message", msg.rejected.reason)
             elif kind == "accepted":
+                self.attested += 1
                 log.info("result for %s accepted, receipt %s", msg.accepted.job_id, msg.accepted.receipt_hash)
 
     async def _heartbeat(self, outbox: asyncio.Queue[miner_pb2.WorkRequest | None], interval: float) -> None:

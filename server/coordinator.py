@@ -253,7 +253,7 @@ async def start_coordinator(config: CoordinatorConfig) -> CoordinatorProcess:
     ])
     proc = CoordinatorProcess(running, core, [asyncio.create_task(core.run_housekeeping())])
     if config.ledger:
-        settlement = proc.settlement = Settlement(core.receipts, key, config.ledger)
+        settlement = proc.settlement = Settlement(core.receipts, key, config.ledger, clock=core.time.monotonic)
         core.receipt_listeners.append(settlement.notify)
         running.names.append(SETTLEMENT_HEALTH)  # stop() reports it NOT_SERVING with the rest
         await running.set_serving(SETTLEMENT_HEALTH, False)  # until the first pass reaches the ledger

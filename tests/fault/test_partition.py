@@ -112,14 +112,17 @@ def wait(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-de
 
 
 def test_cut_one_authority_for_10s_majority_finalizes_then_all_converge(tmp_path: Path) -> None:
+    # CI (root, Linux, iproute2) must run it: a missing partition test fails, unless a developer
+    # says in so many words that this machine cannot (AITBC_SKIP_NETNS=1)
+    give_up = pytest.skip if os.environ.get("AITBC_SKIP_NETNS") == "1" else pytest.fail
     if sys.platform != "linux" or shutil.which("ip") is None:
-        pytest.skip("network namespaces need Linux and iproute2 (`ip`): partition test not run")
+        give_up("network namespaces need Linux and iproute2 (`ip`); AITBC_SKIP_NETNS=1 skips this test")
     net = Net(3)
     try:
         net.create()
     except (OSError, subprocess.SubprocessError) as exc:
         net.destroy()
-        pytest.skip(f"cannot create network namespaces here ({exc}): partition test not run")
+        give_up(f"cannot create network namespaces here ({exc}); AITBC_SKIP_NETNS=1 skips this test")
     procs: list[Proc] = []
     try:
         keys = [crypto.PrivateKey.generate() for _ in range(3)]

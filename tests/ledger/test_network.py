@@ -6,8 +6,10 @@ import asyncio
 import random
 import time
 
+import grpc
 import pytest
 
+from aitbc.errors import AitbcError
 from aitbc.ledger.block import decode_block
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.client import LedgerClient
@@ -32,7 +34,7 @@ async def _until(pred, timeout: float, what: str) -> None:
         try:
             if await pred():
                 return
-        except Exception:
+        except (AitbcError, grpc.RpcError, OSError):  # a node still starting or just killed
             pass
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
@@ -87,7 +89,7 @@ async def test_three_authorities_follower_kill_pause_late_join(tmp_path):
             await cb.broadcast(make_mint(ALICE, CHAIN, 0, r))
             try:
                 await cc.broadcast(make_mint(BOB, CHAIN, 0, r))
-            except Exception:
+            except AitbcError:
                 pass  # "already known" once relayed; either way only one may mint
             st = await cb.wait_for_receipt(r.receipt_hash, final=True, timeout=30)
         # kill -9 an authority while the others keep producing, then restart it
@@ -119,8 +121,16 @@ async def test_three_authorities_follower_kill_pause_late_join(tmp_path):
 
         await _until(drained, 45, "mempools to drain")
         await _agree(nodes, 60, above=max(h.head.height for h in heads))
-        # every MINT sent under load (through live, dead and paused authorities) is minted the
-        # same way on every node, once; none is lost unless it died with the killed node's mempool
+        # a MINT a killed node held only in its mempool is gone with it; what settlement does, a
+        # sender does here: ask, and send again what is not final. Then every MINT sent under load
+        # (through live, dead and paused authorities) is minted, the same way on every node, once.
+        async with LedgerClient(a.target) as ca:
+            lost = [lr for lr in load.accepted if (await ca.get_receipt_status(lr.receipt_hash)).status != "final"]
+            for j, lr in enumerate(lost):
+                await ca.broadcast(make_mint(key(70_000 + j), CHAIN, 0, lr))
+            for lr in lost:
+                await ca.wait_for_receipt(lr.receipt_hash, final=True, timeout=30)
+        await _agree(nodes, 60, above=(await _head(a.target)).head.height)
         views = []
         for n in nodes:
             async with LedgerClient(n.target) as cn:
@@ -129,7 +139,7 @@ async def test_three_authorities_follower_kill_pause_late_join(tmp_path):
                              for v in views[-1]]
         assert all(v == views[0] for v in views[1:])
         minted = sum(1 for v in views[0] if v != "not final")
-        assert len(load.accepted) >= 10 and minted >= len(load.accepted) * 0.8, (minted, len(load.accepted))
+        assert len(load.accepted) >= 10 and minted == len(load.accepted), (minted, len(load.accepted), len(lost))
         async with LedgerClient(late.target) as cl:
             assert (await cl.get_account(LOAD_PROVIDER.address)).balance == minted
         for n in nodes:
@@ -166,7 +176,7 @@ class MintLoad:
                 async with LedgerClient(n.target, timeout=1) as c:
                     await c.broadcast(make_mint(key(50_000 + i), CHAIN, 0, r))
                 self.accepted.append(r)
-            except Exception:
+            except (AitbcError, grpc.RpcError, OSError):  # a dead or paused node refused it: not accepted
                 pass
             i += 1
             await asyncio.sleep(0.05)
@@ -211,7 +221,7 @@ async def test_crash_loop_single_node_always_reopens_consistent(tmp_path):
                 raws = [make_mint(ALICE, CHAIN, nonce + i, receipt(1000 + minted + i)) for i in range(30)]
                 try:
                     await c.broadcast_many(raws)
-                except Exception:
+                except (AitbcError, grpc.RpcError):  # killed mid-call: what it stored is checked below
                     pass
                 minted += 30
             await asyncio.sleep(rng.uniform(0.05, 0.6))

@@ -609,7 +609,7 @@ async def test_unread_watch_streams_block_no_one(net: Any, null_backend: Any) ->
     # ~150 KB of progress events per watcher: far past HTTP/2's 64 KiB window of an unread stream
     for i in range(3000):
         busy.send(progress=job_pb2.JobProgress(job_id=job.job_id, step=i % 100 + 1, total_steps=100))
-    await net.until(lambda: busy.outbox.empty(), timeout=20)
+    await net.until(lambda: busy.outbox.empty(), timeout=90)  # the condition itself; a loaded box is slow
     # meanwhile other clients' work flows at about normal speed (bounds generous: CI boxes are shared)
     flooded = await bob_round_trips(s, 100)
     assert flooded < 10 * baseline + 5, (flooded, baseline)
