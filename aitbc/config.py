@@ -76,7 +76,8 @@ class CoordinatorConfig(TlsConfig):
     max_attempts: int = 3
     queue_ttl_s: float = 600.0
     model_grace_s: float = 300.0
-    max_artifact_bytes: int = 64 * 1024 * 1024
+    max_artifact_bytes: int = 64 * 1024 * 1024  # one job's outputs, and one miner's uploads in flight
+    max_upload_bytes_in_flight: int = 512 * 1024 * 1024  # all miners' unfinished uploads together
     clients: list[ClientKey] = field(default_factory=list)
     ledger: str = ""  # ledger node address for settlement; "" disables it
     # hub: share of completed jobs re-executed on another miner (docs/hub.md); 0 turns it off
@@ -100,7 +101,7 @@ class CoordinatorConfig(TlsConfig):
         for name in ("heartbeat_interval_s", "heartbeat_timeout_s", "stall_timeout_s", "queue_ttl_s",
                      "verify_timeout_s", "model_grace_s"):
             _within(name, getattr(self, name), 0.001, float("inf"))
-        for name in ("max_attempts", "quarantine_after", "max_artifact_bytes"):
+        for name in ("max_attempts", "quarantine_after", "max_artifact_bytes", "max_upload_bytes_in_flight"):
             _within(name, getattr(self, name), 1, float("inf"))
         _within("probation_checks", self.probation_checks, 0, float("inf"))
 

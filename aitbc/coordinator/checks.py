@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aitbc import crypto, jobs, receipts
+from aitbc.coordinator import png
 from aitbc.errors import AitbcError, InvalidArgument
 from aitbc.v1 import job_pb2, miner_pb2
 from aitbc.wire import receipt_from_proto
@@ -48,10 +49,9 @@ def check_result(
             check_text(job, data, result, streamed_text)
             clean = job_pb2.Artifact(sha256=art.sha256, size=art.size, content_type=TEXT_CONTENT_TYPE)
         else:
-            if not data.startswith(jobs.PNG_MAGIC):
-                raise InvalidArgument(f"artifact {i} is not a PNG image")
+            width, height = check_image(job, i, data, artifacts[0][0] if artifacts else None)
             clean = job_pb2.Artifact(sha256=art.sha256, size=art.size, content_type="image/png",
-                                     width=art.width, height=art.height)
+                                     width=width, height=height)  # from the bytes, not the miner's word
         artifacts.append((clean, data))
         digests.append(digest)
     try:
@@ -85,6 +85,23 @@ def check_result(
     elif not 1 <= b.units <= duration + UNIT_SLACK_MS:
         raise InvalidArgument(f"receipt units {b.units} gpu_ms are implausible for {duration} ms of work")
     return artifacts, attested
+
+
+def check_image(job: job_pb2.Job, i: int, data: bytes, first: job_pb2.Artifact | None) -> tuple[int, int]:
+    """One plain PNG (aitbc.coordinator.png) of the job's size; every image of a job the same size."""
+    try:
+        info = png.inspect(data)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"artifact {i}: {exc.message}") from None
+    p = job.params.image
+    if (p.width and info.width != p.width) or (p.height and info.height != p.height):
+        raise InvalidArgument(f"artifact {i} is {info.width}x{info.height}; the job asked for "
+                              f"{p.width or 'native'}x{p.height or 'native'}")
+    if info.width > jobs.MAX_SIDE or info.height > jobs.MAX_SIDE:
+        raise InvalidArgument(f"artifact {i} is {info.width}x{info.height}, larger than {jobs.MAX_SIDE} a side")
+    if first is not None and (info.width, info.height) != (first.width, first.height):
+        raise InvalidArgument(f"artifact {i} is {info.width}x{info.height} and artifact 0 {first.width}x{first.height}")
+    return info.width, info.height
 
 
 def check_text(job: job_pb2.Job, data: bytes, result: miner_pb2.JobResult, streamed: str) -> None:

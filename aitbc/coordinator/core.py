@@ -499,6 +499,16 @@ class Coordinator:
             conn.drop_upload(job.job_id)
             self._run(m.Rejected(conn.miner_id, job.job_id, f"artifacts exceed {self.config.max_artifact_bytes} bytes"))
             return
+        # memory stays bounded whatever miners send: per miner (all its jobs) and over all miners
+        mine = sum(conn.upload_bytes.values()) + len(chunk.data)
+        everyone = sum(sum(c.upload_bytes.values()) for c in self.registry.miners.values()) + len(chunk.data)
+        if mine > self.config.max_artifact_bytes or everyone > self.config.max_upload_bytes_in_flight:
+            conn.drop_upload(job.job_id)
+            which = (f"this miner's uploads in flight exceed {self.config.max_artifact_bytes} bytes" if
+                     mine > self.config.max_artifact_bytes else
+                     f"uploads in flight exceed the coordinator's {self.config.max_upload_bytes_in_flight} bytes")
+            self._run(m.Rejected(conn.miner_id, job.job_id, which))
+            return
         conn.upload_bytes[job.job_id] = total
         conn.uploads.setdefault(job.job_id, {}).setdefault(chunk.index, bytearray()).extend(chunk.data)
         self.machine.handle(m.Heard(conn.miner_id))

@@ -113,6 +113,8 @@ async def test_honest_raw_result_is_accepted(net) -> None:
         ("other_unit_type", "receipt field unit_type"),
         ("long_claimed_duration", "receipt claims"),
         ("other_manifest", "receipt field artifact_sha256"),
+        ("wrong_size", "artifact 0 is 128x128; the job asked for 64x64"),
+        ("padded", "bytes after its IEND chunk (padding)"),
     ],
 )
 async def test_forged_results_are_rejected_and_the_job_requeued(net, forge, needle) -> None:
@@ -124,8 +126,9 @@ async def test_forged_results_are_rejected_and_the_job_requeued(net, forge, need
     if forge == "wrong_hash":
         m.send(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=png + b"x"))
         result = m.result_for(job, png)
-    elif forge == "not_png":
-        junk = b"GIF89a" + png
+    elif forge in ("not_png", "wrong_size", "padded"):
+        junk = {"not_png": b"GIF89a" + png, "wrong_size": null_png("a red bicycle", 1, 128, 128),
+                "padded": png + b"\0" * 100_000}[forge]
         m.send(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=junk))
         result = m.result_for(job, junk)
     else:

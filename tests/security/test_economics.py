@@ -200,3 +200,27 @@ def test_token_bounds_are_what_the_receipt_spec_says() -> None:
     p = job_pb2.TextParams(prompt="héllo", max_new_tokens=100, stop=["\n\n", "END"])
     assert token_bounds(p, "abc") == (len("héllo".encode()) + SPECIAL_TOKENS, 3 + 3 + SPECIAL_TOKENS)
     assert token_bounds(job_pb2.TextParams(prompt="x", max_new_tokens=4), "a" * 100) == (1 + SPECIAL_TOKENS, 4)
+
+
+async def test_unfinished_uploads_are_bounded_per_miner_and_in_all(network_factory: Any, null_backend: Any) -> None:
+    net = await network_factory(max_artifact_bytes=1_000_000, max_upload_bytes_in_flight=1_500_000)
+    hoarder, other = RawMiner(net), RawMiner(net)
+    await hoarder.connect(max_concurrency=4)
+    s = stub(net)
+    ids = [(await s.SubmitJob(image_req(seed=i), metadata=MD)).job.job_id for i in range(4)]
+    tasks = [(await hoarder.read()).assignment.task for _ in range(4)]
+    for t in tasks[:2]:  # 2 x 400 KB in flight: within the miner's 1 MB
+        hoarder.send(chunk=miner_pb2.ArtifactChunk(job_id=t.job_id, index=0, data=b"\0" * 400_000))
+    hoarder.send(chunk=miner_pb2.ArtifactChunk(job_id=tasks[2].job_id, index=0, data=b"\0" * 400_000))
+    reply = await hoarder.read()
+    assert reply.WhichOneof("msg") == "rejected" and reply.rejected.job_id == tasks[2].job_id
+    assert "this miner's uploads in flight exceed 1000000 bytes" in reply.rejected.reason
+    await other.connect()
+    job = (await other.read()).assignment.task  # the rejected job went to the other miner
+    other.send(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=b"\0" * 800_000))
+    reply = await other.read()  # 800 KB + 800 KB held by the hoarder > 1.5 MB for everyone
+    assert reply.WhichOneof("msg") == "rejected" and "the coordinator's 1500000 bytes" in reply.rejected.reason
+    await net.add_miner({"null": null_backend})
+    hoarder.outbox.put_nowait(None)  # the hoarder leaves: its jobs and uploads go, nothing is lost
+    done = [await wait_done(s, j) for j in ids]
+    assert all(d.state == S.JOB_STATE_COMPLETED for d in done)
