@@ -139,18 +139,17 @@ class Coordinator:
             self._moved(ins)
         elif isinstance(ins, m.Assign):
             self._send_assignment(ins.miner_id, ins.job)
-        elif isinstance(ins, m.SendCancel):
+        elif isinstance(ins, m.SendCancel | m.SendRejected):  # the miner drops the job, we its uploads
             conn = self.registry.miners.get(ins.miner_id)
+            if isinstance(ins, m.SendCancel):
+                msg = miner_pb2.WorkResponse(cancel=miner_pb2.CancelAssignment(job_id=ins.job_id, reason=ins.reason))
+                log.warning("miner %s: job %s taken back: %s", ins.miner_id, ins.job_id, ins.reason)
+            else:
+                msg = miner_pb2.WorkResponse(rejected=miner_pb2.WorkRejected(job_id=ins.job_id, reason=ins.reason))
+                log.warning("miner %s: result for %s rejected: %s", ins.miner_id, ins.job_id, ins.reason)
             if conn is not None:
                 conn.drop_upload(ins.job_id)
-                conn.send(miner_pb2.WorkResponse(cancel=miner_pb2.CancelAssignment(job_id=ins.job_id, reason=ins.reason)))
-            log.warning("miner %s: job %s taken back: %s", ins.miner_id, ins.job_id, ins.reason)
-        elif isinstance(ins, m.SendRejected):
-            conn = self.registry.miners.get(ins.miner_id)
-            if conn is not None:
-                conn.drop_upload(ins.job_id)
-                conn.send(miner_pb2.WorkResponse(rejected=miner_pb2.WorkRejected(job_id=ins.job_id, reason=ins.reason)))
-            log.warning("miner %s: result for %s rejected: %s", ins.miner_id, ins.job_id, ins.reason)
+                conn.send(msg)
         elif isinstance(ins, m.SendAccepted):
             conn = self.registry.miners.get(ins.miner_id)
             if conn is not None:

@@ -43,6 +43,18 @@ def result(job_id: str, receipt_hash: str = "cd" * 32) -> m.Completed:
     return m.Completed("", job_id, fields, (("ee" * 32, b"png"),), receipt_pb2.Receipt(receipt_hash=receipt_hash))
 
 
+def split_job(n: int) -> m.Submit:
+    """Job "p" split into shards "s0".."s{n-1}" of one image each."""
+    parent = image_job("p", images=n)
+    shards = []
+    for i in range(n):
+        sh = image_job(f"s{i}")
+        sh.parent_job_id, sh.first_image = "p", i
+        parent.shard_job_ids.append(sh.job_id)
+        shards.append(sh)
+    return m.Submit(parent, tuple(shards))
+
+
 def completed_by(miner_id: str, job_id: str) -> m.Completed:
     ev = result(job_id)
     return m.Completed(miner_id, ev.job_id, ev.result, ev.artifacts, ev.receipt)
@@ -236,14 +248,7 @@ def test_a_job_nobody_takes_expires(sm: m.JobMachine, clock: FakeClock) -> None:
 
 
 def test_a_split_job_runs_with_its_first_shard_and_completes_with_its_last(sm: m.JobMachine) -> None:
-    parent = image_job("p", images=2)
-    shards = []
-    for i in range(2):
-        sh = image_job(f"s{i}")
-        sh.parent_job_id, sh.first_image = "p", i
-        parent.shard_job_ids.append(sh.job_id)
-        shards.append(sh)
-    out = sm.handle(m.Submit(parent, tuple(shards)))
+    out = sm.handle(split_job(2))
     assert moves(out) == [(S.JOB_STATE_UNSPECIFIED, Q)] * 3
     sm.handle(m.MinerJoined(view("m1")), m.MinerJoined(view("m2")))
     out = sm.handle(m.Dispatch())
@@ -261,15 +266,8 @@ def test_a_split_job_runs_with_its_first_shard_and_completes_with_its_last(sm: m
 
 @pytest.mark.parametrize("frm", [Q, R], ids=["queued", "running"])
 def test_a_split_job_fails_when_a_shard_fails_and_its_other_shards_stop(sm: m.JobMachine, frm: int) -> None:
-    parent = image_job("p", images=2)
-    shards = []
-    for i in range(2):
-        sh = image_job(f"s{i}")
-        sh.parent_job_id, sh.first_image = "p", i
-        parent.shard_job_ids.append(sh.job_id)
-        shards.append(sh)
-    sm.handle(m.Submit(parent, tuple(shards)))
-    if frm == Q:  # a shard ends before any shard reached a miner: client cancelled the shard's... expiry
+    sm.handle(split_job(2))
+    if frm == Q:  # a shard ends before any shard reached a miner
         sm.handle(m.Cancel("s0", "cancelled"))
         assert sm.job("p") is None
         return

@@ -72,36 +72,34 @@ async def test_inflated_token_counts_are_rejected_and_the_job_goes_to_an_honest_
     assert net.core.book.snapshot(liar.key.address).failures == 1
 
 
+async def streamed_text_result(net: Any, streamed: str, uploaded: str, prompt_tokens: int, generated: int,
+                               units: int | None = None) -> tuple[RawMiner, job_pb2.Job, miner_pb2.WorkResponse]:
+    """A fresh text miner takes a job, streams `streamed`, uploads `uploaded` and claims the counts."""
+    m = RawMiner(net)
+    await m.connect(models=("null-text",), model_specs=[TEXT_SPEC])
+    job = (await stub(net).SubmitJob(text_req(), metadata=MD)).job
+    task = (await m.read()).assignment.task
+    m.send(text=job_pb2.TextChunk(job_id=task.job_id, text=streamed))
+    m.send(chunk=miner_pb2.ArtifactChunk(job_id=task.job_id, index=0, data=uploaded.encode()))
+    m.send(result=text_result(m, task, uploaded, prompt_tokens, generated, units))
+    return m, job, await m.read()
+
+
 @pytest.mark.parametrize(("uploaded", "units", "needle"), [
     ("abc", 1000, "receipt units 1000 must equal prompt_tokens + generated_tokens (3 + 3)"),
     ("abd", None, "the final text differs from the text streamed during generation"),
 ])
 async def test_a_text_result_must_be_what_was_streamed_and_counted(net: Any, uploaded: str, units: int | None,
                                                                    needle: str) -> None:
-    m = RawMiner(net)
-    await m.connect(models=("null-text",), model_specs=[TEXT_SPEC])
-    s = stub(net)
-    job = (await s.SubmitJob(text_req(), metadata=MD)).job
-    task = (await m.read()).assignment.task
-    m.send(text=job_pb2.TextChunk(job_id=task.job_id, text="abc"))
-    m.send(chunk=miner_pb2.ArtifactChunk(job_id=task.job_id, index=0, data=uploaded.encode()))
-    m.send(result=text_result(m, task, uploaded, 3, 3, units))
-    reply = await m.read()
+    m, job, reply = await streamed_text_result(net, "abc", uploaded, 3, 3, units)
     assert reply.WhichOneof("msg") == "rejected" and needle in reply.rejected.reason, reply
     assert net.core.machine.job(job.job_id).state == S.JOB_STATE_QUEUED
 
 
 async def test_an_honest_token_count_is_accepted(net: Any) -> None:
-    m = RawMiner(net)
-    await m.connect(models=("null-text",), model_specs=[TEXT_SPEC])
-    s = stub(net)
-    job = (await s.SubmitJob(text_req(), metadata=MD)).job
-    task = (await m.read()).assignment.task
-    m.send(text=job_pb2.TextChunk(job_id=task.job_id, text="abc"))
-    m.send(chunk=miner_pb2.ArtifactChunk(job_id=task.job_id, index=0, data=b"abc"))
-    m.send(result=text_result(m, task, "abc", 2 + 1, 3))  # "hi" + BOS; one token per byte
-    assert (await m.read()).WhichOneof("msg") == "accepted"
-    assert (await wait_done(s, job.job_id)).units == 6
+    _, job, reply = await streamed_text_result(net, "abc", "abc", 2 + 1, 3)  # "hi" + BOS; one token per byte
+    assert reply.WhichOneof("msg") == "accepted"
+    assert (await wait_done(stub(net), job.job_id)).units == 6
 
 
 async def test_a_price_above_the_operators_ceiling_is_refused_at_register(network_factory: Any) -> None:
