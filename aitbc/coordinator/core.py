@@ -36,6 +36,7 @@ from aitbc.coordinator.streams import JobStreams
 from aitbc.coordinator.verification import Verifier
 from aitbc.errors import (
     AitbcError,
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -285,11 +286,17 @@ class Coordinator:
                      max_price_per_unit: int | None = None) -> job_pb2.Job:
         jobs.validate_model(model)
         jobs.validate_request_id(request_id)
+        asked = params
         params = jobs.normalize_params(params)
         if request_id:
             existing = self.store.job_for_request(client_id, request_id)
             if existing is not None:
-                return self.get(client_id, existing)
+                job = self.get(client_id, existing)
+                if not _same_request(job, model, asked, params):
+                    raise AlreadyExists(
+                        f"request_id '{request_id}' was used for job {existing} with another model or other "
+                        "parameters; a new job needs a new request_id (resubmit the same request to get that job)")
+                return job
         served = self.served_models()
         kind = jobs.job_kind(params)
         if model not in served:
@@ -651,3 +658,13 @@ class Coordinator:
         metrics.QUEUE_DEPTH.set_function(None)
         metrics.MINERS_CONNECTED.set_function(None)
         metrics.QUARANTINED.set_function(None)
+
+
+def _same_request(job: job_pb2.Job, model: str, asked: job_pb2.JobParams, params: job_pb2.JobParams) -> bool:
+    """Is this submission the one that made `job`? A seed the client left out is the job's."""
+    mine = job_pb2.JobParams()
+    mine.CopyFrom(params)
+    kind = mine.WhichOneof("kind")
+    if kind is not None and kind == job.params.WhichOneof("kind") and not getattr(asked, kind).HasField("seed"):
+        getattr(mine, kind).seed = getattr(job.params, kind).seed
+    return job.model == model and mine == job.params

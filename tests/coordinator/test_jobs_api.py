@@ -180,6 +180,19 @@ async def test_request_id_makes_submit_idempotent(net, null_backend) -> None:
     a = (await s.SubmitJob(image_job(model="null", request_id="order-42"), metadata=MD)).job
     b = (await s.SubmitJob(image_job(model="null", request_id="order-42"), metadata=MD)).job
     assert a.job_id == b.job_id
+    again = image_job(model="null", request_id="order-42", seed=a.params.image.seed)  # the seed it was given
+    assert (await s.SubmitJob(again, metadata=MD)).job.job_id == a.job_id
+    # the same request_id with another prompt is not silently the old job (the old PNG)
+    for other in (image_job("a blue bicycle", model="null", request_id="order-42"),
+                  image_job(model="null", request_id="order-42", steps=7),
+                  image_job(model="null", request_id="order-42", seed=a.params.image.seed + 1)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.SubmitJob(other, metadata=MD)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert f"request_id 'order-42' was used for job {a.job_id}" in err.value.details()
+    other_client = (await s.SubmitJob(image_job("a blue bicycle", model="null", request_id="order-42"),
+                                      metadata=(("x-api-key", OTHER_KEY),))).job
+    assert other_client.job_id != a.job_id  # request ids are per client
 
 
 async def test_cancel_running_job_stops_the_miner(net, tiny_backend) -> None:
