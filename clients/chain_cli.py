@@ -107,11 +107,21 @@ async def _with_client(target: str, fn: Any) -> Any:
         return await fn(c)
 
 
+NODE_HELP = "ledger node host:port (default: $AITBC_LEDGER, else the running devnet's, else 127.0.0.1:26657)"
+
+
+def _node(args: argparse.Namespace) -> str:
+    """--node, else $AITBC_LEDGER, else the running devnet's ledger (its endpoints file), else the default."""
+    from aitbc.clients.wallet_cli import resolve_ledger
+
+    return resolve_ledger(args.node)
+
+
 def _run(args: argparse.Namespace, fn: Any) -> int:
     from google.protobuf import json_format
 
     try:
-        msg = asyncio.run(_with_client(args.node, fn))
+        msg = asyncio.run(_with_client(_node(args), fn))
     except AitbcError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
@@ -195,7 +205,7 @@ async def verify_remote(target: str, genesis_path: str, upto: int | None = None)
 
 def cmd_verify(args: argparse.Namespace) -> int:
     try:
-        out = asyncio.run(verify_remote(args.node, args.genesis, args.height))
+        out = asyncio.run(verify_remote(_node(args), args.genesis, args.height))
     except AitbcError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
@@ -250,29 +260,29 @@ def register(subparsers: Any) -> None:
     i.set_defaults(func=cmd_chain_init)
     for name, fn, helptext in (("head", cmd_head, "the head, finalized height and chain identity"),):
         q = csub.add_parser(name, help=helptext)
-        q.add_argument("--node", default=DEFAULT_NODE)
+        q.add_argument("--node", help=NODE_HELP)
         q.set_defaults(func=fn)
     q = csub.add_parser("block", help="a block by height or hash")
     q.add_argument("which", help="height or hex hash")
     q.add_argument("--txs", action="store_true", help="include decoded transactions")
-    q.add_argument("--node", default=DEFAULT_NODE)
+    q.add_argument("--node", help=NODE_HELP)
     q.set_defaults(func=cmd_block)
     q = csub.add_parser("tx", help="a transaction and its status")
     q.add_argument("hash")
-    q.add_argument("--node", default=DEFAULT_NODE)
+    q.add_argument("--node", help=NODE_HELP)
     q.set_defaults(func=cmd_tx)
     q = csub.add_parser("account", help="balance and nonce of an address")
     q.add_argument("address")
-    q.add_argument("--node", default=DEFAULT_NODE)
+    q.add_argument("--node", help=NODE_HELP)
     q.set_defaults(func=cmd_account)
     q = csub.add_parser("verify", help="re-verify a node's whole chain locally from the genesis file")
     q.add_argument("--genesis", required=True)
     q.add_argument("--height", type=int, help="stop at this height (default: the node's head)")
-    q.add_argument("--node", default=DEFAULT_NODE)
+    q.add_argument("--node", help=NODE_HELP)
     q.set_defaults(func=cmd_verify)
     q = csub.add_parser("receipt", help="is a receipt hash minted, and where")
     q.add_argument("receipt_hash")
-    q.add_argument("--node", default=DEFAULT_NODE)
+    q.add_argument("--node", help=NODE_HELP)
     q.set_defaults(func=cmd_receipt)
 
 

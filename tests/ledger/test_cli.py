@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -22,9 +23,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "aitbc.clients.chain_cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=60)
+                          cwd=ROOT, timeout=60, env=env)
 
 
 def test_register_adds_subcommands():
@@ -77,6 +78,13 @@ async def test_devnet_style_single_authority(tmp_path):
             await c.wait_for_tx(tx_hash, final=True)
         head = json.loads(_cli("chain", "head", "--node", target).stdout)
         assert head["chain_id"] == "aitbc-test" and int(head["finalized_height"]) >= 1
+        # without --node: the running devnet's ledger (its endpoints file), not whatever is on :26657
+        home = tmp_path / "home"
+        (home / "devnet").mkdir(parents=True)
+        (home / "devnet" / "endpoints.json").write_text(json.dumps({"ledger": target}))
+        env = {k: v for k, v in os.environ.items() if k != "AITBC_LEDGER"} | {"AITBC_HOME": str(home)}
+        via = _cli("chain", "head", env=env)
+        assert via.returncode == 0 and json.loads(via.stdout)["chain_id"] == "aitbc-test", via.stderr
         tx = json.loads(_cli("chain", "tx", tx_hash, "--node", target).stdout)
         assert tx["status"] == "TRANSACTION_STATUS_FINAL"
         block = json.loads(_cli("chain", "block", tx["block_height"], "--txs", "--node", target).stdout)
