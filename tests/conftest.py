@@ -29,6 +29,13 @@ def tiny_backend() -> Any:
 
 
 @pytest.fixture(scope="session")
+def null_text() -> Any:
+    from aitbc.miner.text import load_text_backend
+
+    return load_text_backend("null-text", "cpu")
+
+
+@pytest.fixture(scope="session")
 def null_backend() -> Any:
     from aitbc.miner.backend import load_image_backend
 

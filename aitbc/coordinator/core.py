@@ -425,17 +425,7 @@ class Coordinator:
         return self.registry.challenge()
 
     def register(self, pubkey: bytes, challenge: bytes, signature: bytes, info: miner_pb2.MinerInfo) -> MinerSession:
-        return self.registry.register(pubkey, challenge, signature, info, self._admit)
-
-    def _admit(self, miner_id: str, info: miner_pb2.MinerInfo) -> None:
-        """What a miner may declare: models of the kind the registry has, a price within their ceilings."""
-        for model in info.models:
-            ceiling = self.models.ceiling(model)
-            if ceiling is not None and info.price_per_unit > ceiling:
-                raise FailedPrecondition(
-                    f"price_per_unit {info.price_per_unit} is above this coordinator's ceiling for model '{model}' "
-                    f"({ceiling}; the operator's [[models]] max_price_per_unit or default_max_price_per_unit)")
-        self.models.admit(miner_id, info)
+        return self.registry.register(pubkey, challenge, signature, info, self.models.admit)
 
     def connect(self, token: str) -> MinerConn:
         conn, old = self.registry.open(token)

@@ -69,7 +69,14 @@ class ModelRegistry:
 
     def admit(self, miner_id: str, info: miner_pb2.MinerInfo) -> None:
         """At Register: every model the miner declares must have the kind the registry has (a
-        model it does not know is learned, or refused when allow_new_models is off)."""
+        model it does not know is learned, or refused when allow_new_models is off), and the
+        miner's price must be within each model's ceiling."""
+        for model in info.models:
+            ceiling = self.ceiling(model)
+            if ceiling is not None and info.price_per_unit > ceiling:
+                raise FailedPrecondition(
+                    f"price_per_unit {info.price_per_unit} is above this coordinator's ceiling for model '{model}' "
+                    f"({ceiling}; the operator's [[models]] max_price_per_unit or default_max_price_per_unit)")
         learned = []
         for model in info.models:
             have = self.entries.get(model)

@@ -13,8 +13,9 @@ import zlib
 from dataclasses import dataclass
 
 from aitbc.errors import InvalidArgument
+from aitbc.jobs import PNG_MAGIC
 
-SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SIGNATURE = PNG_MAGIC
 MAX_ANCILLARY_BYTES = 64 * 1024  # text, gamma, ICC profile ... in all
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
 
@@ -23,7 +24,6 @@ _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
 class PngInfo:
     width: int
     height: int
-    max_bytes: int  # the most a PNG of this size and format may take
 
 
 def raw_size(width: int, height: int, channels: int, bit_depth: int) -> int:
@@ -84,4 +84,4 @@ def inspect(data: bytes) -> PngInfo:
     if len(data) > most:
         raise InvalidArgument(f"PNG is {len(data)} bytes in {chunks} chunks, more than a {width}x{height} image "
                               f"needs ({most})")
-    return PngInfo(width, height, most)
+    return PngInfo(width, height)

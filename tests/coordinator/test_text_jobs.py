@@ -23,11 +23,6 @@ def tiny_llama():
     return load_text_backend("tiny-llama", "cpu")
 
 
-@pytest.fixture(scope="module")
-def null_text():
-    from aitbc.miner.text import load_text_backend
-
-    return load_text_backend("null-text", "cpu")
 
 
 def text_job(prompt: str = "Explain proof of authority in one paragraph", model: str = "tiny-llama",

@@ -185,11 +185,6 @@ async def test_the_operators_model_list_fixes_kinds_and_can_close_the_door(netwo
     assert (await register_status(RawMiner(net), ("null-text",), model_specs=[TEXT_SPEC]))[0] == grpc.StatusCode.OK
 
 
-@pytest.fixture(scope="module")
-def null_text() -> Any:
-    from aitbc.miner.text import load_text_backend
-
-    return load_text_backend("null-text", "cpu")
 
 
 def test_token_bounds_are_what_the_receipt_spec_says() -> None:
