@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from aitbc import jobs
 from aitbc.config import ModelConfig
 from aitbc.coordinator.store import JobStore
-from aitbc.errors import FailedPrecondition
+from aitbc.errors import FailedPrecondition, ResourceExhausted
 from aitbc.v1 import miner_pb2
 
 log = logging.getLogger("aitbc.coordinator")
 META_KEY = "model_kinds"
+MAX_LEARNED_MODELS = 1024  # learned from miners (not counting [[models]]): fresh keys are free, disk is not
 KINDS = {"image": jobs.IMAGE, "text": jobs.TEXT}
 
 
@@ -42,8 +43,9 @@ def declared_kind(info: miner_pb2.MinerInfo, model: str) -> int:
 
 class ModelRegistry:
     def __init__(self, store: JobStore, configured: list[ModelEntry], *, allow_new: bool,
-                 default_max_price: int | None) -> None:
+                 default_max_price: int | None, max_learned: int = MAX_LEARNED_MODELS) -> None:
         self.store = store
+        self.max_learned = max_learned
         self.allow_new = allow_new
         self.default_max_price = default_max_price
         self.entries: dict[str, ModelEntry] = {}
@@ -92,6 +94,11 @@ class ModelRegistry:
                 raise FailedPrecondition(
                     f"model '{model}' is a {jobs.kind_name(have.kind)} model on this coordinator (set by {by}); "
                     f"this miner declares it as {jobs.kind_name(said)}: fix the miner's model list")
+        known = sum(1 for e in self.entries.values() if e.source != "config")
+        if learned and known + len(learned) > self.max_learned:
+            raise ResourceExhausted(
+                f"this coordinator has learned {known} models from miners (at most {self.max_learned}): it takes "
+                f"no new ones; the operator lists models under [[models]] in coordinator.toml")
         for e in learned:
             self.entries[e.name] = e
             log.info("model %s learned as a %s model from miner %s", e.name, jobs.kind_name(e.kind), miner_id)

@@ -217,3 +217,18 @@ async def test_unfinished_uploads_are_bounded_per_miner_and_in_all(network_facto
     hoarder.outbox.put_nowait(None)  # the hoarder leaves: its jobs and uploads go, nothing is lost
     done = [await wait_done(s, j) for j in ids]
     assert all(d.state == S.JOB_STATE_COMPLETED for d in done)
+
+
+async def test_fresh_keys_cannot_grow_the_model_registry_without_bound(network_factory: Any) -> None:
+    """Registrations are free: each could declare 64 new model names, persisted for good."""
+    net = await network_factory(models=[ModelConfig("null", "image")])
+    net.core.models.max_learned = 100
+    for n in range(100 // 64):
+        assert (await register_status(RawMiner(net), tuple(f"junk-{n}-{i}" for i in range(64))))[0] == grpc.StatusCode.OK
+    code, details = await register_status(RawMiner(net), tuple(f"junk-x-{i}" for i in range(64)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "at most 100" in details and "[[models]]" in details
+    assert len(net.core.models.entries) == 1 + 64  # nothing of the refused registration was kept
+    # the operator's models are not crowded out
+    assert (await register_status(RawMiner(net), ("null",)))[0] == grpc.StatusCode.OK
+    await net.restart_coordinator()
+    assert sum(e.source != "config" for e in net.core.models.entries.values()) == 64
