@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aitbc.errors import InvalidArgument
+from aitbc import crypto, jobs
+from aitbc.errors import AitbcError, InvalidArgument
 
 T = TypeVar("T")
 
@@ -42,8 +43,17 @@ class ModelConfig:
     name: str
     kind: str = "image"  # "image" or "text"; a miner declaring the other kind is refused
     max_price_per_unit: int | None = None  # ceiling for this model; unset: default_max_price_per_unit
+    native_size: int = 0  # image models: side of a job that leaves width/height 0; 0: from the first miner
+    weights_sha256: str = ""  # the weights' identity (docs/receipts.md, "Model identity"); "": from the first miner
 
     def __post_init__(self) -> None:
+        if self.weights_sha256 and (len(self.weights_sha256) != 64 or set(self.weights_sha256) - set("0123456789abcdef")):
+            raise InvalidArgument(f"models.{self.name}: weights_sha256 must be 64 lower-case hex characters")
+        size = self.native_size
+        if isinstance(size, bool) or not isinstance(size, int) or (size and (
+                not jobs.MIN_SIDE <= size <= jobs.MAX_SIDE or size % jobs.SIDE_MULTIPLE)):
+            raise InvalidArgument(f"models.{self.name}: native_size must be 0 or a multiple of {jobs.SIDE_MULTIPLE} "
+                                  f"between {jobs.MIN_SIDE} and {jobs.MAX_SIDE} (got {size!r})")
         if self.kind not in ("image", "text"):
             raise InvalidArgument(f"models.{self.name}: kind must be \"image\" or \"text\" (got {self.kind!r})")
         price = self.max_price_per_unit
@@ -86,6 +96,11 @@ class CoordinatorConfig(TlsConfig):
     verify_tolerance: float = 0.03  # GPU runs: mean absolute pixel difference allowed (CPU runs: byte-exact)
     quarantine_after: int = 2  # failed verifications within 7 days that quarantine a miner
     probation_checks: int = 10  # after a failed verification, this many passed ones end the probation
+    # trust bootstrap (docs/hub.md): a miner is established after this many passed verifications
+    # (every result of a miner not yet established is re-executed, by established miners only);
+    # trusted_miners are established from the start (the operator's own); 0 trusts every miner
+    trust_checks: int = 5
+    trusted_miners: list[str] = field(default_factory=list)
     event_log: str = ""  # a file: every job-machine call appended as JSON (docs/coordinator.md); "" off
     # the model registry (docs/coordinator.md): kinds and price ceilings are the operator's
     models: list[ModelConfig] = field(default_factory=list)
@@ -104,6 +119,12 @@ class CoordinatorConfig(TlsConfig):
         for name in ("max_attempts", "quarantine_after", "max_artifact_bytes", "max_upload_bytes_in_flight"):
             _within(name, getattr(self, name), 1, float("inf"))
         _within("probation_checks", self.probation_checks, 0, float("inf"))
+        _within("trust_checks", self.trust_checks, 0, float("inf"))
+        for address in self.trusted_miners:
+            try:
+                crypto.validate_address(address)
+            except AitbcError as exc:
+                raise InvalidArgument(f"config key 'trusted_miners': {address!r} is not a miner address ({exc.message})") from None
 
 
 def _within(name: str, value: float, low: float, high: float) -> None:

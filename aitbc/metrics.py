@@ -336,11 +336,11 @@ DISPATCH_LATENCY = histogram("aitbc_dispatch_latency_seconds",
                              "Time from SubmitJob until a miner holds the job (assignment sent).")
 JOB_DURATION = histogram("aitbc_job_duration_seconds", "Time from SubmitJob until the job finished, by model.",
                          ["model"], buckets=JOB_BUCKETS)
-GPU_SECONDS = counter("aitbc_gpu_seconds_total", "GPU seconds served to clients in completed jobs (receipt units), "
+GPU_SECONDS = counter("aitbc_gpu_seconds_total", "GPU seconds served to clients in completed jobs (the receipts' measured gpu_ms), "
                       "by model; verification re-runs are counted apart.", ["model"])
 MINERS_CONNECTED = gauge("aitbc_miners_connected", "Miners with an open Work stream.")
 VERIFY_GPU_SECONDS = counter("aitbc_hub_verification_gpu_seconds_total",
-                             "GPU seconds spent re-executing jobs to verify them (receipt units), by model.", ["model"])
+                             "GPU seconds spent re-executing jobs to verify them (measured gpu_ms), by model.", ["model"])
 VERIFICATIONS = counter("aitbc_hub_verifications_total", "Verifications decided, by outcome (passed, replaced: the "
                         "original miner was outvoted, unverified: no usable second execution).", ["outcome"])
 QUARANTINED = gauge("aitbc_hub_quarantined_miners", "Miners in quarantine (never chosen until an operator releases them).")

@@ -15,8 +15,10 @@ from typing import Any
 from aitbc import crypto
 from aitbc.errors import CryptoError, ReceiptError
 
-RECEIPT_VERSION = 1
-UNIT_TYPES = ("gpu_ms", "images", "tokens")
+RECEIPT_VERSION = 2  # what this code writes; version 1 receipts still verify (docs/receipts.md)
+VERSIONS = (1, 2)
+UNIT_TYPES = {1: ("gpu_ms", "images", "tokens"), 2: ("tile_steps", "tokens")}
+TILE_PIXELS = 64 * 64  # an image unit is one 64x64-pixel tile denoised one step
 PROVIDER_DOMAIN = b"AITBC/receipt/provider/v1"
 ATTEST_DOMAIN = b"AITBC/receipt/attest/v1"
 MAX_UINT = 2**53 - 1  # every integer fits an IEEE double exactly, so any JSON parser reads it back
@@ -42,6 +44,14 @@ class ReceiptBody:
     hub_id: str
     chain_id: str
     version: int = RECEIPT_VERSION
+    # version 2: what the units are computed from, and the measured time (information, not paid)
+    gpu_ms: int = 0
+    width: int = 0
+    height: int = 0
+    steps: int = 0
+    images: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
 
     def validate(self) -> None:
         """Raise ReceiptError naming the first field that breaks docs/receipts.md. The body is
@@ -50,6 +60,11 @@ class ReceiptBody:
 
     @functools.cached_property
     def _valid(self) -> bool:
+        if type(self.version) is not int or self.version not in VERSIONS:
+            raise ReceiptError(f"receipt version {self.version} is not supported (expected one of "
+                               f"{', '.join(map(str, VERSIONS))})")
+        if self.version == 1 and any(getattr(self, name) for name in _V2_ONLY):
+            raise ReceiptError(f"a version 1 receipt has no fields {', '.join(_V2_ONLY)}")
         for name, is_int in _FIELD_KINDS:
             value = getattr(self, name)
             if is_int:
@@ -57,10 +72,11 @@ class ReceiptBody:
                     raise ReceiptError(f"receipt field {name} must be an integer in [0, 2^53-1]")
             elif not isinstance(value, str) or not _PRINTABLE.match(value) or len(value) > 256:
                 raise ReceiptError(f"receipt field {name} must be printable ASCII, at most 256 characters")
-        if self.version != RECEIPT_VERSION:
-            raise ReceiptError(f"receipt version {self.version} is not supported (expected {RECEIPT_VERSION})")
-        if self.unit_type not in UNIT_TYPES:
-            raise ReceiptError(f"receipt unit_type must be one of {', '.join(UNIT_TYPES)}")
+        if self.unit_type not in UNIT_TYPES[self.version]:
+            raise ReceiptError(f"receipt unit_type must be one of {', '.join(UNIT_TYPES[self.version])} "
+                               f"in version {self.version}")
+        if self.version >= 2:
+            self._check_units()
         for name in ("prompt_hash", "artifact_sha256"):
             if not _HEX64.match(getattr(self, name)):
                 raise ReceiptError(f"receipt field {name} must be 64 lower-case hex characters")
@@ -76,14 +92,32 @@ class ReceiptBody:
             raise ReceiptError(f"receipt provider: {exc.message}") from None
         return True
 
+    def _check_units(self) -> None:
+        """Version 2: units are a function of the fields beside them (docs/receipts.md, "Units")."""
+        image = (self.width, self.height, self.steps, self.images)
+        text = (self.prompt_tokens, self.generated_tokens)
+        if self.unit_type == "tile_steps":
+            if not all(image) or any(text):
+                raise ReceiptError("a tile_steps receipt has width, height, steps and images >= 1 and no token counts")
+            want = tile_steps(self.width, self.height, self.steps, self.images)
+            if self.units != want:
+                raise ReceiptError(f"receipt units {self.units} must be ceil(width x height / {TILE_PIXELS}) x steps x "
+                                   f"images = {want}")
+        else:
+            if any(image) or self.prompt_tokens < 1:
+                raise ReceiptError("a tokens receipt has prompt_tokens >= 1 and no width, height, steps or images")
+            if self.units != self.prompt_tokens + self.generated_tokens:
+                raise ReceiptError(f"receipt units {self.units} must be prompt_tokens + generated_tokens "
+                                   f"({self.prompt_tokens} + {self.generated_tokens})")
+
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _FIELD_NAMES}
+        return {name: getattr(self, name) for name in field_names(self.version)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReceiptBody:
-        names = _FIELD_SET
         if not isinstance(data, dict):
             raise ReceiptError("receipt must be a JSON object")
+        names = _V1_SET if data.get("version") == 1 else _FIELD_SET
         missing = names - data.keys()
         extra = data.keys() - names
         if missing:
@@ -113,6 +147,19 @@ class ReceiptBody:
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ReceiptBody))
 _FIELD_SET = frozenset(_FIELD_NAMES)
+_V2_ONLY = ("gpu_ms", "width", "height", "steps", "images", "prompt_tokens", "generated_tokens")
+_V1_FIELDS = tuple(n for n in _FIELD_NAMES if n not in _V2_ONLY)
+_V1_SET = frozenset(_V1_FIELDS)
+
+
+def field_names(version: int) -> tuple[str, ...]:
+    """The body fields of a receipt version (version 1 lacks the metering fields)."""
+    return _V1_FIELDS if version == 1 else _FIELD_NAMES
+
+
+def tile_steps(width: int, height: int, steps: int, images: int) -> int:
+    """Image units (docs/receipts.md): 64x64-pixel tiles (rounded up) x denoising steps x images."""
+    return -(-width * height // TILE_PIXELS) * steps * images
 _FIELD_KINDS = tuple((f.name, f.type == "int") for f in dataclasses.fields(ReceiptBody))
 
 

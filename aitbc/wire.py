@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from aitbc.errors import ReceiptError
-from aitbc.receipts import ReceiptBody, SignedReceipt
+from aitbc.receipts import ReceiptBody, SignedReceipt, field_names
 from aitbc.v1 import receipt_pb2
-
-_BODY_FIELDS = [f.name for f in dataclasses.fields(ReceiptBody)]
 
 
 def receipt_body_to_proto(body: ReceiptBody) -> receipt_pb2.ReceiptBody:
@@ -16,7 +12,7 @@ def receipt_body_to_proto(body: ReceiptBody) -> receipt_pb2.ReceiptBody:
 
 
 def receipt_body_from_proto(msg: receipt_pb2.ReceiptBody) -> ReceiptBody:
-    return ReceiptBody.from_dict({name: getattr(msg, name) for name in _BODY_FIELDS})
+    return ReceiptBody.from_dict({name: getattr(msg, name) for name in field_names(msg.version)})
 
 
 def receipt_to_proto(receipt: SignedReceipt) -> receipt_pb2.Receipt:

@@ -83,11 +83,8 @@ def run_image_job(client: Any, args: argparse.Namespace, *, out: str) -> int:
     from aitbc.clients.sdk import ClientError, receipt_json
 
     t0 = time.monotonic()
-    job = client.submit_image(
-        args.prompt, model=args.model, negative_prompt=args.negative_prompt, steps=args.steps,
-        guidance_scale=args.guidance, width=args.width, height=args.height, images=args.images, seed=args.seed,
-        request_id=args.request_id or "", max_price_per_unit=args.max_price,
-    )
+    job = client.submit(args.model, job_params(args, text=False), request_id=args.request_id or "",
+                        max_price_per_unit=args.max_price)
     progress = Progress()
     progress.state(job)
     if getattr(args, "no_wait", False):
@@ -120,11 +117,9 @@ def run_image_job(client: Any, args: argparse.Namespace, *, out: str) -> int:
     print(f"job id:       {job.job_id}")
     print(f"image:        {', '.join(saved)} ({job.artifacts[0].width}x{job.artifacts[0].height})")
     print(f"duration:     {(job.finished_at_unix_ms - job.created_at_unix_ms) / 1000:.2f} s (wall {wall:.2f} s)")
-    print(f"gpu_seconds:  {job.units / 1000:.3f}")
+    print(f"gpu_seconds:  {job.gpu_ms / 1000:.3f} (measured by the miner; not what is paid)")
     print(f"miner:        {job.miner_id}")
-    cost = sum(r.body.units * r.body.price_per_unit for r in recs)
-    print(f"cost:         {cost} (units x price per unit, minted to the miner; your cap was "
-          f"{job.max_price_per_unit if job.HasField('max_price_per_unit') else 'none'} per unit)")
+    _print_cost(job, sum(r.body.units * r.body.price_per_unit for r in recs))
     if len(recs) > 1:
         print(f"shards:       {len(recs)} (one receipt per miner's share)")
     for rec, path in zip(recs, receipt_files, strict=True):
@@ -152,10 +147,8 @@ def _is_text_job(client: Any, args: argparse.Namespace) -> bool:
 def run_text_job(client: Any, args: argparse.Namespace) -> int:
     """Submit a text job and print tokens as they arrive; then the summary on stderr."""
     t0 = time.monotonic()
-    job = client.submit_text(args.prompt, model=args.model, max_new_tokens=args.max_new_tokens or 0,
-                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0, seed=args.seed,
-                             stop=args.stop or [], request_id=args.request_id or "",
-                             max_price_per_unit=args.max_price)
+    job = client.submit(args.model, job_params(args, text=True), request_id=args.request_id or "",
+                        max_price_per_unit=args.max_price)
     progress = Progress()
     progress.state(job)
     if args.no_wait:
@@ -194,12 +187,48 @@ def run_text_job(client: Any, args: argparse.Namespace) -> int:
     print(f"tokens:       {job.prompt_tokens} prompt + {job.generated_tokens} generated ({job.finish_reason})", file=err)
     print(f"duration:     {wall:.2f} s; first token after {(first_token or 0) * 1000:.0f} ms", file=err)
     print(f"miner:        {job.miner_id}", file=err)
+    _print_cost(job, job.units * job.price_per_unit, file=err)
     print(f"receipt hash: {job.receipt_hash}", file=err)
     return 0
 
 
+def _print_cost(job: job_pb2.Job, cost: int, file: Any = None) -> None:
+    cap = job.max_price_per_unit if job.HasField("max_price_per_unit") else "none"
+    print(f"cost:         {cost} ({job.units} {job.unit_type} x price per unit, minted to the miner; your cap was "
+          f"{cap} per unit)", file=file or sys.stdout)
+
+
+def job_params(args: argparse.Namespace, *, text: bool) -> job_pb2.JobParams:
+    from aitbc.clients.sdk import image_params, text_params
+
+    if text:
+        return text_params(args.prompt, max_new_tokens=args.max_new_tokens or 0, temperature=args.temperature,
+                           top_p=args.top_p, top_k=args.top_k or 0, seed=args.seed, stop=args.stop or [])
+    return image_params(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                        guidance_scale=args.guidance, width=args.width, height=args.height, images=args.images,
+                        seed=args.seed)
+
+
+def print_quote(q: Any) -> None:
+    exact = "" if q.units_exact else " at most (prompt bound + max_new_tokens; the receipt counts what ran)"
+    print(f"units:        {q.units} {q.unit_type}{exact}")
+    if q.miners:
+        print(f"price:        {q.price_per_unit} per unit (the miner that would get it now)")
+        print(f"cost:         {q.cost}" + ("" if q.units_exact else " at most"))
+    else:
+        print(f"price:        no connected miner qualifies: {q.unavailable_reason}")
+    if q.HasField("max_price_per_unit"):
+        print(f"cap:          {q.max_price_per_unit} per unit: the job never costs more than {q.max_cost}")
+    for mnr in q.miners:
+        print(f"  miner {mnr.miner_id}  {mnr.price_per_unit} per unit  cost {mnr.cost}  {mnr.device_class or '-'}")
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     with _client(args) as client:
+        if args.quote:  # a dry run: what it would cost, nothing queued
+            print_quote(client.quote(args.model, job_params(args, text=_is_text_job(client, args)),
+                                     max_price_per_unit=args.max_price))
+            return 0
         if _is_text_job(client, args):
             return run_text_job(client, args)
         return run_image_job(client, args, out=args.output or "out.png")
@@ -547,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--top-k", type=int, default=None, help=f"0 (off) to {jobs.MAX_TOP_K}")
     t.add_argument("--stop", action="append", help=f"stop before this text (repeatable, at most {jobs.MAX_STOP})")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    p.add_argument("--quote", action="store_true", help="print what the job would cost (units, price, miners) "
+                   "and queue nothing")
     _add_conn(p)
     p.set_defaults(func=cmd_submit)
 

@@ -140,6 +140,7 @@ class Devnet:
             "listen": state["coordinator"], "data_dir": str(d / "coordinator"), "key_file": str(d / "keys" / "coordinator.key"),
             "chain_id": CHAIN_ID, "ledger": state["ledger"],
             "verify_rate": 0.0,  # one miner: a re-execution needs a second one (docs/hub.md)
+            "trusted_miners": [keys["miner"].address],  # the operator's own miner (docs/hub.md, "Trust bootstrap")
             "clients": [{"id": CLIENT_ID, "api_key_sha256": key_hash, "operator": True}],
             # the devnet's own models have their kind fixed by the operator, not by the first miner
             "models": [{"name": _served_name(m), "kind": "text" if is_text_model(m) else "image"} for m in self.models],

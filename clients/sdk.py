@@ -85,52 +85,31 @@ class CoordinatorClient:
         self.close()
 
     @_wrap
-    def submit_image(
-        self,
-        prompt: str,
-        *,
-        model: str = "tiny-sd",
-        negative_prompt: str = "",
-        steps: int = 0,
-        guidance_scale: float | None = None,
-        width: int = 0,
-        height: int = 0,
-        images: int = 1,
-        seed: int | None = None,
-        request_id: str = "",
-        max_price_per_unit: int | None = None,
-    ) -> job_pb2.Job:
-        params = job_pb2.ImageParams(prompt=prompt, negative_prompt=negative_prompt, steps=steps,
-                                     width=width, height=height, images=images)
-        if guidance_scale is not None:
-            params.guidance_scale = guidance_scale
-        if seed is not None:
-            params.seed = seed
-        return self._submit(model, job_pb2.JobParams(image=params), request_id, max_price_per_unit)
+    def submit_image(self, prompt: str, *, model: str = "tiny-sd", request_id: str = "",
+                     max_price_per_unit: int | None = None, **params: Any) -> job_pb2.Job:
+        """Queue an image job; `params` are image_params()'s (steps, width, height, images, seed, ...)."""
+        return self._submit(model, image_params(prompt, **params), request_id, max_price_per_unit)
 
     @_wrap
-    def submit_text(
-        self,
-        prompt: str,
-        *,
-        model: str,
-        max_new_tokens: int = 0,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-        request_id: str = "",
-        max_price_per_unit: int | None = None,
-    ) -> job_pb2.Job:
-        params = job_pb2.TextParams(prompt=prompt, max_new_tokens=max_new_tokens, top_k=top_k, stop=stop or [])
-        if temperature is not None:
-            params.temperature = temperature
-        if top_p is not None:
-            params.top_p = top_p
-        if seed is not None:
-            params.seed = seed
-        return self._submit(model, job_pb2.JobParams(text=params), request_id, max_price_per_unit)
+    def submit_text(self, prompt: str, *, model: str, request_id: str = "", max_price_per_unit: int | None = None,
+                    **params: Any) -> job_pb2.Job:
+        """Queue a text job; `params` are text_params()'s (max_new_tokens, temperature, stop, ...)."""
+        return self._submit(model, text_params(prompt, **params), request_id, max_price_per_unit)
+
+    @_wrap
+    def submit(self, model: str, params: job_pb2.JobParams, *, request_id: str = "",
+               max_price_per_unit: int | None = None) -> job_pb2.Job:
+        """Queue a job from its parameters (image_params() or text_params())."""
+        return self._submit(model, params, request_id, max_price_per_unit)
+
+    @_wrap
+    def quote(self, model: str, params: job_pb2.JobParams, *,
+              max_price_per_unit: int | None = None) -> coordinator_pb2.QuoteJobResponse:
+        """What the job would cost (units, price, cost, qualifying miners), without queueing it."""
+        req = coordinator_pb2.QuoteJobRequest(model=model, params=params)
+        if max_price_per_unit is not None:
+            req.max_price_per_unit = max_price_per_unit
+        return self._stub.QuoteJob(req, metadata=self._md, timeout=self.timeout)
 
     def _submit(self, model: str, params: job_pb2.JobParams, request_id: str, max_price_per_unit: int | None) -> job_pb2.Job:
         req = coordinator_pb2.SubmitJobRequest(model=model, params=params, request_id=request_id)
@@ -194,6 +173,31 @@ class CoordinatorClient:
         resp = self._stub.ListReceipts(coordinator_pb2.ListReceiptsRequest(job_id=job_id, page_size=page_size, page_token=page_token),
                                        metadata=self._md, timeout=self.timeout)
         return list(resp.receipts), resp.next_page_token
+
+
+def image_params(prompt: str, *, negative_prompt: str = "", steps: int = 0, guidance_scale: float | None = None,
+                 width: int = 0, height: int = 0, images: int = 1, seed: int | None = None) -> job_pb2.JobParams:
+    """An image job's parameters; 0 / None leave a default to the coordinator (README "Job limits")."""
+    p = job_pb2.ImageParams(prompt=prompt, negative_prompt=negative_prompt, steps=steps, width=width, height=height,
+                            images=images)
+    if guidance_scale is not None:
+        p.guidance_scale = guidance_scale
+    if seed is not None:
+        p.seed = seed
+    return job_pb2.JobParams(image=p)
+
+
+def text_params(prompt: str, *, max_new_tokens: int = 0, temperature: float | None = None, top_p: float | None = None,
+                top_k: int = 0, seed: int | None = None, stop: list[str] | None = None) -> job_pb2.JobParams:
+    """A text job's parameters; 0 / None leave a default to the coordinator (README "Job limits")."""
+    p = job_pb2.TextParams(prompt=prompt, max_new_tokens=max_new_tokens, top_k=top_k, stop=stop or [])
+    if temperature is not None:
+        p.temperature = temperature
+    if top_p is not None:
+        p.top_p = top_p
+    if seed is not None:
+        p.seed = seed
+    return job_pb2.JobParams(text=p)
 
 
 def receipt_json(rec: receipt_pb2.Receipt) -> dict[str, Any]:

@@ -47,6 +47,7 @@ class MinerView:
     quarantined: bool = False
     device_class: str = ""  # "cpu" or "cuda" (from MinerInfo.device); "" unknown
     failing: bool = False  # its last jobs all failed or stalled: chosen only when no steady miner is free
+    established: bool = True  # trusted (docs/hub.md, "Trust bootstrap"): may re-execute others' jobs
 
     def kind_of(self, model: str) -> Kind:
         return self.kinds.get(model, "image")
@@ -65,6 +66,9 @@ class JobNeeds:
     # a verification re-run runs on the original's device class: CPU-vs-CUDA agreement is not
     # measured yet, so the two are not compared with each other (docs/hub.md)
     device_class: str | None = None
+    # a re-execution (verification run or referee) goes only to established miners: a fresh key
+    # never gets a vote on another miner's result (docs/hub.md, "Trust bootstrap")
+    established_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +78,7 @@ class Placement:
     tied: int  # how many miners shared the top score (round-robin among them)
 
 
-UnplaceableCode = Literal["no_model", "price", "vram", "quarantined", "device", "excluded", "busy"]
+UnplaceableCode = Literal["no_model", "price", "vram", "quarantined", "unproven", "device", "excluded", "busy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +132,8 @@ def choose(miners: Iterable[MinerView], needs: JobNeeds, rr_counter: int) -> Pla
     """The best eligible miner with a free slot, round-robin (by `rr_counter`) among equal scores.
 
     Filters apply in this order, and the first one that leaves nobody names the reason:
-    model (and kind) -> max price -> VRAM fit -> quarantine -> device class -> exclusions -> free
-    slots (busy). Miners in `needs.avoid` are dropped before the free-slot step unless that would
+    model (and kind) -> max price -> VRAM fit -> quarantine -> established (re-executions only) ->
+    device class -> exclusions -> free slots (busy). Miners in `needs.avoid` are dropped before the free-slot step unless that would
     leave nobody (a soft exclusion: the job may go back to them when they are all there is); among
     the free miners, `failing` ones are chosen only when no other one is free."""
     model, kind = needs.model, needs.kind
@@ -169,6 +173,13 @@ def choose(miners: Iterable[MinerView], needs: JobNeeds, rr_counter: int) -> Pla
     if not healthy:
         return Unplaceable("quarantined", f"every miner serving '{model}' that fits the job is quarantined"
                            if len(fits) < len(serving) else f"every miner serving '{model}' is quarantined")
+
+    if needs.established_only:
+        healthy = [m for m in healthy if m.established]
+        if not healthy:
+            return Unplaceable("unproven", f"no established miner serving '{model}' is connected (re-executions run "
+                                           "only on established miners: docs/hub.md, \"Trust bootstrap\"); waiting for one",
+                               wait=True)
 
     if needs.device_class is not None:
         healthy = [m for m in healthy if m.device_class == needs.device_class]

@@ -15,7 +15,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from aitbc import jobs
 from aitbc.errors import AitbcError
@@ -163,6 +163,26 @@ class NullImageBackend:
         pngs = [null_png(req.prompt, req.seed + i, width, height) for i in range(req.images)]
         gpu_ms = max(1, round((time.perf_counter() - started) * 1000))
         return ImageOutput(pngs=pngs, width=width, height=height, gpu_ms=gpu_ms)
+
+
+def weights_sha256(components: dict[str, Any]) -> str:
+    """The identity of a model's weights (docs/receipts.md, "Model identity"): sha256 over every
+    tensor of every torch module among `components`, components and tensors in name order, each as
+    utf8(component "." name) 0x00 utf8(dtype) 0x00 utf8(shape, comma-separated) 0x00 u64 length
+    raw little-endian bytes. Computed on the CPU copy before the model moves to its device."""
+    import torch
+
+    h = hashlib.sha256()
+    for comp in sorted(components):
+        module = components[comp]
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for name, tensor in sorted(module.state_dict().items()):
+            t = tensor.detach().to("cpu").contiguous().reshape(-1)
+            data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            h.update(f"{comp}.{name}".encode() + b"\0" + str(t.dtype).removeprefix("torch.").encode() + b"\0"
+                     + ",".join(map(str, tensor.shape)).encode() + b"\0" + len(data).to_bytes(8, "big") + data)
+    return h.hexdigest()
 
 
 def pick_device(preferred: str | None) -> str:

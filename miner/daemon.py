@@ -74,7 +74,9 @@ class MinerDaemon:
             name, vram = props.name, props.total_memory // (1024 * 1024)
         specs = [
             miner_pb2.ModelSpec(name=m, kind=self.kinds[m],
-                                context_length=b.context_length if self.kinds[m] == jobs.TEXT else 0)
+                                context_length=b.context_length if self.kinds[m] == jobs.TEXT else 0,
+                                native_size=0 if self.kinds[m] == jobs.TEXT else b.native_size,
+                                weights_sha256=getattr(b, "weights_sha256", ""))
             for m, b in self.backends.items()
         ]
         return miner_pb2.MinerInfo(
@@ -227,10 +229,11 @@ class MinerDaemon:
                 self._send(miner_pb2.WorkRequest(accepted=miner_pb2.JobAccepted(job_id=job_id)))
                 started = jobs.now_ms()
                 if jobs.job_kind(job) == jobs.TEXT:
-                    outputs, units, unit_type, extra = await self._generate_text(rj, backend)
+                    outputs, meter, extra = await self._generate_text(rj, backend)
                 else:
-                    outputs, units, unit_type, extra = await self._generate_image(rj, backend)
-                finished = max(jobs.now_ms(), started + (units if unit_type == "gpu_ms" else 0))
+                    outputs, meter, extra = await self._generate_image(rj, backend)
+                finished = max(jobs.now_ms(), started)
+                units, unit_type = meter["units"], meter["unit_type"]
                 if rj.cancel.is_set():
                     return
                 digests = []
@@ -243,8 +246,8 @@ class MinerDaemon:
                     art.sha256, art.size = digests[-1].hex(), len(data)
                     artifacts.append(art)
                 body = receipts.ReceiptBody(
-                    job_id=job_id, provider=self.key.address, client=job.client_id, units=units,
-                    unit_type=unit_type, price_per_unit=job.price_per_unit, model=job.model,
+                    job_id=job_id, provider=self.key.address, client=job.client_id, **meter,
+                    price_per_unit=job.price_per_unit, model=job.model,
                     prompt_hash=jobs.prompt_hash(jobs.job_prompt(job)), started_at=started, finished_at=finished,
                     artifact_sha256=receipts.manifest_sha256(digests), nonce=secrets.token_hex(16),
                     hub_id=assignment.hub_id, chain_id=assignment.chain_id,
@@ -270,7 +273,7 @@ class MinerDaemon:
         finally:
             self.running.pop(job_id, None)
 
-    async def _generate_image(self, rj: RunningJob, backend: Any) -> tuple[list[tuple[bytes, job_pb2.Artifact]], int, str, dict[str, Any]]:
+    async def _generate_image(self, rj: RunningJob, backend: Any) -> tuple[list[tuple[bytes, job_pb2.Artifact]], dict[str, Any], dict[str, Any]]:
         job_id, p = rj.job.job_id, rj.job.params.image
         req = ImageRequest(prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps,
                            guidance_scale=p.guidance_scale, width=p.width, height=p.height,
@@ -290,9 +293,14 @@ class MinerDaemon:
             out = await telemetry.run_in_thread(backend.generate, req, on_step, rj.cancel)
             sp.set_attribute("gpu_ms", out.gpu_ms)
         arts = [(png, job_pb2.Artifact(content_type="image/png", width=out.width, height=out.height)) for png in out.pngs]
-        return arts, max(1, out.gpu_ms), "gpu_ms", {}
+        # units follow from the job's parameters and the images' size (docs/receipts.md, "Units"), never
+        # from the time it took: a faster GPU is paid the same for the same image
+        meter = {"unit_type": "tile_steps", "gpu_ms": max(1, out.gpu_ms), "width": out.width, "height": out.height,
+                 "steps": p.steps, "images": len(out.pngs),
+                 "units": receipts.tile_steps(out.width, out.height, p.steps, len(out.pngs))}
+        return arts, meter, {}
 
-    async def _generate_text(self, rj: RunningJob, backend: Any) -> tuple[list[tuple[bytes, job_pb2.Artifact]], int, str, dict[str, Any]]:
+    async def _generate_text(self, rj: RunningJob, backend: Any) -> tuple[list[tuple[bytes, job_pb2.Artifact]], dict[str, Any], dict[str, Any]]:
         from aitbc.miner.text import TextRequest
 
         job_id, p = rj.job.job_id, rj.job.params.text
@@ -337,7 +345,9 @@ class MinerDaemon:
         extra = {"prompt_tokens": out.prompt_tokens, "generated_tokens": out.generated_tokens,
                  "finish_reason": out.finish_reason}
         art = job_pb2.Artifact(content_type="text/plain; charset=utf-8")
-        return [(out.text.encode("utf-8"), art)], out.prompt_tokens + out.generated_tokens, "tokens", extra
+        meter = {"unit_type": "tokens", "gpu_ms": max(1, out.gpu_ms), "prompt_tokens": out.prompt_tokens,
+                 "generated_tokens": out.generated_tokens, "units": out.prompt_tokens + out.generated_tokens}
+        return [(out.text.encode("utf-8"), art)], meter, extra
 
 
 class MinerOpsServicer(miner_pb2_grpc.MinerServiceServicer):

@@ -49,6 +49,7 @@ from aitbc.miner.backend import (
     ImageRequest,
     JobCancelled,
     resolve_size,
+    weights_sha256,
 )
 
 PNG_COMPRESS_LEVEL = 6
@@ -195,6 +196,7 @@ class DiffusersImageBackend:
     def __init__(self, pipe: StableDiffusionPipeline, *, model: str, device: str) -> None:
         self.model = model
         self.device = device
+        self.weights_sha256 = weights_sha256(dict(pipe.components))  # declared at Register (model identity)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         self._pipe = pipe

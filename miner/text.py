@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from aitbc import jobs
-from aitbc.miner.backend import BackendError, DeviceTimer, JobCancelled, pick_device
+from aitbc.miner.backend import BackendError, DeviceTimer, JobCancelled, pick_device, weights_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -530,6 +530,7 @@ class TransformersTextBackend:
         self.model = model
         self.device = device
         self._tokenizer = tokenizer
+        self.weights_sha256 = weights_sha256({"model": lm})  # declared at Register (model identity)
         self._lm = lm.to(device)
         self.context_length = _context_length(lm, tokenizer)
         eos = lm.generation_config.eos_token_id

@@ -64,6 +64,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.SubmitJobResponse(job=job)
 
     @handle_errors
+    async def QuoteJob(self, request: coordinator_pb2.QuoteJobRequest, context: Any) -> coordinator_pb2.QuoteJobResponse:
+        self._client(context)
+        return self.core.quote(request.model, request.params, request.max_price_per_unit
+                               if request.HasField("max_price_per_unit") else None)
+
+    @handle_errors
     async def GetJob(self, request: coordinator_pb2.GetJobRequest, context: Any) -> coordinator_pb2.GetJobResponse:
         telemetry.set_attributes(job_id=request.job_id)
         return coordinator_pb2.GetJobResponse(job=self.core.get(self._client(context), request.job_id))

@@ -62,6 +62,9 @@ class Network:
                      ClientKey("carol", hashlib.sha256(OPERATOR_KEY.encode()).hexdigest(), operator=True)],
             heartbeat_interval_s=0.5, heartbeat_timeout_s=3.0,
             verify_rate=0.0,  # tests of verification turn it on
+            # every miner established from the start: the trust bootstrap's own tests set trust_checks
+            # (tests/security/test_trust_bootstrap.py); the product's default is 5
+            trust_checks=0,
         )
         values.update(self.overrides)
         return CoordinatorConfig(**values)

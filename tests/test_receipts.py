@@ -47,6 +47,60 @@ def test_vector_bytes_hash_and_signatures(case: dict) -> None:
     receipts.verify_receipt(signed, attesters=frozenset({VECTORS["attester_address"]}))
 
 
+@pytest.mark.parametrize("case", [c for c in VECTORS["cases"] if c["receipt_file"]["receipt"]["version"] == 2],
+                         ids=lambda c: c["name"])
+def test_version_2_units_follow_from_the_fields_beside_them(case: dict) -> None:
+    """docs/receipts.md "Units", recomputed here without the library."""
+    b = case["receipt_file"]["receipt"]
+    if b["unit_type"] == "tile_steps":
+        tiles = -(-b["width"] * b["height"] // 4096)
+        assert b["units"] == tiles * b["steps"] * b["images"] and b["prompt_tokens"] == b["generated_tokens"] == 0
+    else:
+        assert b["unit_type"] == "tokens" and b["units"] == b["prompt_tokens"] + b["generated_tokens"]
+        assert b["width"] == b["height"] == b["steps"] == b["images"] == 0
+
+
+def _v2(unit_type: str) -> dict:
+    return next(c for c in VECTORS["cases"] if c["receipt_file"]["receipt"]["version"] == 2
+                and c["receipt_file"]["receipt"]["unit_type"] == unit_type)
+
+
+@pytest.mark.parametrize(("unit_type", "changes", "message"), [
+    ("tile_steps", {"units": 3841}, r"must be ceil\(width x height / 4096\) x steps x images = 3840"),
+    ("tile_steps", {"steps": 31}, "= 3968"),  # more steps without more units is as wrong as the reverse
+    ("tile_steps", {"width": 0}, "width, height, steps and images >= 1"),
+    ("tile_steps", {"prompt_tokens": 5}, "no token counts"),
+    ("tile_steps", {"unit_type": "gpu_ms"}, "unit_type must be one of tile_steps, tokens in version 2"),
+    ("tokens", {"units": 53}, r"must be prompt_tokens \+ generated_tokens \(12 \+ 40\)"),
+    ("tokens", {"steps": 1}, "no width, height, steps or images"),
+    ("tokens", {"prompt_tokens": 0, "units": 40}, "prompt_tokens >= 1"),
+    ("tokens", {"gpu_ms": -1}, "integer"),
+])
+def test_version_2_bodies_whose_units_do_not_add_up_are_refused(unit_type: str, changes: dict, message: str) -> None:
+    data = _file(_v2(unit_type))
+    data["receipt"].update(changes)
+    del data["receipt_hash"]
+    with pytest.raises(ReceiptError, match=message):
+        receipts.SignedReceipt.from_json_dict(data)
+
+
+def test_each_version_has_exactly_its_own_fields() -> None:
+    v1 = _file(VECTORS["cases"][0])
+    v1["receipt"]["gpu_ms"] = 5823  # a version 1 body has no version 2 fields
+    del v1["receipt_hash"]
+    with pytest.raises(ReceiptError, match="unknown fields: gpu_ms"):
+        receipts.SignedReceipt.from_json_dict(v1)
+    v2 = _file(_v2("tokens"))
+    del v2["receipt"]["gpu_ms"], v2["receipt_hash"]
+    with pytest.raises(ReceiptError, match="missing fields: gpu_ms"):
+        receipts.SignedReceipt.from_json_dict(v2)
+    v3 = _file(_v2("tokens"))
+    v3["receipt"]["version"] = 3
+    del v3["receipt_hash"]
+    with pytest.raises(ReceiptError, match="version 3 is not supported"):
+        receipts.SignedReceipt.from_json_dict(v3)
+
+
 def test_altered_field_is_detected() -> None:
     data = _file(VECTORS["cases"][0])
     data["receipt"]["units"] += 1

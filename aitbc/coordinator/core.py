@@ -22,15 +22,15 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from aitbc import crypto, jobs, metrics, telemetry
+from aitbc import crypto, jobs, metrics, receipts, telemetry
 from aitbc.config import ClientKey, CoordinatorConfig
 from aitbc.coordinator import machine as m
 from aitbc.coordinator.auth import ClientAuth
-from aitbc.coordinator.checks import Expected, check_result
+from aitbc.coordinator.checks import Expected, check_result, token_bounds
 from aitbc.coordinator.clock import Clock, SystemClock
-from aitbc.coordinator.models import ModelRegistry, from_config
+from aitbc.coordinator.models import ModelRegistry, declared, from_config
 from aitbc.coordinator.receipt_book import ReceiptBook
-from aitbc.coordinator.registry import MinerConn, MinerRegistry, MinerSession, device_class, model_kind
+from aitbc.coordinator.registry import MinerConn, MinerRegistry, MinerSession, device_class
 from aitbc.coordinator.store import JobStore
 from aitbc.coordinator.streams import JobStreams
 from aitbc.coordinator.verification import Verifier
@@ -81,7 +81,8 @@ class Coordinator:
             quarantine_after=config.quarantine_after, probation_checks=config.probation_checks))
         self.receipts = ReceiptBook(store, settles=bool(config.ledger))
         self.verifier = Verifier(store, self.receipts, self.book, rate=config.verify_rate,
-                                 tolerance=config.verify_tolerance, load=self._find,
+                                 tolerance=config.verify_tolerance, trust_checks=config.trust_checks,
+                                 trusted=frozenset(config.trusted_miners), load=self._find,
                                  record=lambda miner, passed: self._reputation(miner, "verification", passed),
                                  now_ms=self.time.now_ms)
         self._reconciled_at = 0.0
@@ -180,9 +181,9 @@ class Coordinator:
             return
         if to == S.JOB_STATE_COMPLETED and not job.shard_job_ids:  # a split job's shards count themselves
             metrics.JOB_DURATION.observe(max(0, self.time.now_ms() - job.created_at_unix_ms) / 1000, model=job.model)
-            if job.unit_type == "gpu_ms":
+            if job.gpu_ms:
                 spent = metrics.VERIFY_GPU_SECONDS if job.verify_of else metrics.GPU_SECONDS
-                spent.inc(job.units / 1000, model=job.model)
+                spent.inc(job.gpu_ms / 1000, model=job.model)
         self.streams.ended(job.job_id)
         self._log_finished(job)
         if job.verify_of:
@@ -209,7 +210,8 @@ class Coordinator:
         failing = rec.failure_streak >= m.FAILING_STREAK
         # what matching sees: flags at once, the score once it moved by REPUTATION_STEP (a served
         # job moves it by at most 2% of the distance to 1: no update per result)
-        if seen is None or (seen.quarantined, seen.failing) != (rec.quarantined, failing) \
+        if seen is None or (seen.quarantined, seen.failing, seen.established) != (
+                rec.quarantined, failing, self.verifier.established(miner_id)) \
                 or abs(seen.reputation - rec.reputation) >= REPUTATION_STEP or before is None:
             self._pending.append(m.MinerUpdated(self._view(conn)))
 
@@ -218,11 +220,12 @@ class Coordinator:
         rec = self.book.get(conn.miner_id)
         return MinerView(
             miner_id=conn.miner_id, models=frozenset(info.models),
-            kinds={mod: "text" for mod in info.models if model_kind(info, mod) == jobs.TEXT},
+            kinds={mod: "text" for mod in info.models if declared(info, mod)[0] == jobs.TEXT},
             vram_mb=info.vram_mb, price_per_unit=info.price_per_unit, max_concurrency=info.max_concurrency or 1,
             running=0, reputation=rec.reputation if rec else self.book.policy.initial,
             recent_latency_ms=0.0, quarantined=bool(rec and rec.quarantined),
             device_class=device_class(info.device), failing=bool(rec and rec.failure_streak >= m.FAILING_STREAK),
+            established=self.verifier.established(conn.miner_id),
         )
 
     def _log_finished(self, job: job_pb2.Job) -> None:
@@ -234,7 +237,9 @@ class Coordinator:
             "miner": job.miner_id,
             "model": job.model,
             "duration_ms": max(0, job.finished_at_unix_ms - start),
-            "gpu_seconds": job.units / 1000 if job.unit_type == "gpu_ms" else 0.0,
+            "gpu_seconds": job.gpu_ms / 1000,
+            "units": job.units,
+            "unit_type": job.unit_type,
             "bytes_out": sum(a.size for a in job.artifacts),
             "prompt_hash": job.prompt_hash,
             "attempts": job.attempts,
@@ -284,10 +289,9 @@ class Coordinator:
 
     async def submit(self, client_id: str, model: str, params: job_pb2.JobParams, *, request_id: str = "",
                      max_price_per_unit: int | None = None) -> job_pb2.Job:
-        jobs.validate_model(model)
         jobs.validate_request_id(request_id)
         asked = params
-        params = jobs.normalize_params(params)
+        params, cap = self._prepare(model, params, max_price_per_unit, check_served=not request_id)
         if request_id:
             existing = self.store.job_for_request(client_id, request_id)
             if existing is not None:
@@ -297,6 +301,66 @@ class Coordinator:
                         f"request_id '{request_id}' was used for job {existing} with another model or other "
                         "parameters; a new job needs a new request_id (resubmit the same request to get that job)")
                 return job
+            self._check_served(model, params)
+        now = self.time.now_ms()
+        job = job_pb2.Job(
+            job_id=jobs.new_job_id(), model=model, params=params, client_id=client_id,
+            created_at_unix_ms=now, prompt_hash=jobs.prompt_hash(jobs.job_prompt(job_pb2.Job(params=params))),
+            request_id=request_id, traceparent=telemetry.current_traceparent(),
+        )
+        if cap is not None:
+            job.max_price_per_unit = cap
+        self._placeable(job)
+        telemetry.set_attributes(job_id=job.job_id, model=model)
+        self._run(m.Submit(job, tuple(self._shards_for(job))))
+        return self._client_view(job)
+
+    def quote(self, model: str, params: job_pb2.JobParams,
+              max_price_per_unit: int | None = None) -> coordinator_pb2.QuoteJobResponse:
+        """What a job would cost, without queueing it: the same validation as SubmitJob, its units
+        from its parameters (docs/receipts.md, "Units"), and the miners that would qualify now."""
+        params, cap = self._prepare(model, params, max_price_per_unit)
+        job = job_pb2.Job(model=model, params=params)
+        if cap is not None:
+            job.max_price_per_unit = cap
+        if jobs.job_kind(params) == jobs.TEXT:
+            prompt_most, _ = token_bounds(params.text, "")
+            units, exact, unit_type = prompt_most + params.text.max_new_tokens, False, "tokens"
+        else:
+            p = params.image
+            units, exact, unit_type = receipts.tile_steps(p.width, p.height, p.steps, p.images), True, "tile_steps"
+        out = coordinator_pb2.QuoteJobResponse(params=params, unit_type=unit_type, units=units, units_exact=exact)
+        if cap is not None:
+            out.max_price_per_unit, out.max_cost = cap, units * cap
+        needs = self.machine.needs(job)
+        views = self.machine.idle_views()
+        able = sorted((v for v in views if not isinstance(choose([v], needs, 0), Unplaceable)),
+                      key=lambda v: (v.price_per_unit, v.miner_id))
+        out.miners.extend(coordinator_pb2.QuotedMiner(miner_id=v.miner_id, price_per_unit=v.price_per_unit,
+                                                      cost=units * v.price_per_unit, device_class=v.device_class)
+                          for v in able)
+        pick = choose(views, needs, 0)
+        if isinstance(pick, Unplaceable):
+            out.unavailable_reason = pick.reason
+        else:
+            out.price_per_unit = next(v.price_per_unit for v in views if v.miner_id == pick.miner_id)
+            out.cost = units * out.price_per_unit
+        return out
+
+    def _prepare(self, model: str, params: job_pb2.JobParams, max_price_per_unit: int | None, *,
+                 check_served: bool = True) -> tuple[job_pb2.JobParams, int | None]:
+        """A submission's parameters as the job runs (validated, defaults filled, sizes explicit) and
+        its price cap (the client's, never above the operator's ceiling)."""
+        jobs.validate_model(model)
+        params = self._explicit(model, jobs.normalize_params(params))
+        if check_served:
+            self._check_served(model, params)
+        ceiling = self.models.ceiling(model)
+        if ceiling is not None:
+            max_price_per_unit = ceiling if max_price_per_unit is None else min(max_price_per_unit, ceiling)
+        return params, max_price_per_unit
+
+    def _check_served(self, model: str, params: job_pb2.JobParams) -> None:
         served = self.served_models()
         kind = jobs.job_kind(params)
         if model not in served:
@@ -312,21 +376,17 @@ class Coordinator:
             if contexts and params.text.max_new_tokens >= max(contexts):
                 raise InvalidArgument(f"max_new_tokens {params.text.max_new_tokens} does not fit the context of model "
                                       f"'{model}' ({max(contexts)} tokens, prompt included)")
-        now = self.time.now_ms()
-        job = job_pb2.Job(
-            job_id=jobs.new_job_id(), model=model, params=params, client_id=client_id,
-            created_at_unix_ms=now, prompt_hash=jobs.prompt_hash(jobs.job_prompt(job_pb2.Job(params=params))),
-            request_id=request_id, traceparent=telemetry.current_traceparent(),
-        )
-        ceiling = self.models.ceiling(model)
-        if ceiling is not None:  # the client's cap, never above the operator's ceiling
-            max_price_per_unit = ceiling if max_price_per_unit is None else min(max_price_per_unit, ceiling)
-        if max_price_per_unit is not None:
-            job.max_price_per_unit = max_price_per_unit
-        self._placeable(job)
-        telemetry.set_attributes(job_id=job.job_id, model=model)
-        self._run(m.Submit(job, tuple(self._shards_for(job))))
-        return self._client_view(job)
+
+    def _explicit(self, model: str, params: job_pb2.JobParams) -> job_pb2.JobParams:
+        """An image job's width and height, 0 for the model's native size, become that size (the
+        model registry's): the miner is told how many pixels to make, and paid for (docs/receipts.md)."""
+        if params.WhichOneof("kind") == "image" and not (params.image.width and params.image.height):
+            side = self.models.native_size(model)
+            params.image.width, params.image.height = params.image.width or side, params.image.height or side
+            if params.image.width * params.image.height * params.image.images > jobs.MAX_PIXELS:
+                raise InvalidArgument(f"width x height x images exceeds {jobs.MAX_PIXELS} pixels at model '{model}'s "
+                                      f"native size {side}: ask for fewer or smaller images")
+        return params
 
     def _find(self, job_id: str) -> job_pb2.Job | None:
         return self.machine.job(job_id) or self.store.get_job(job_id)
@@ -525,7 +585,7 @@ class Coordinator:
         self.receipts.attested(rec, held=sampled or bool(job.verify_of))  # minted only once verification decides
         dev = device_class(conn.info.device)
         fields = job_pb2.Job(artifacts=[a for a, _ in artifacts], device_class=dev, receipt_hash=rec.receipt_hash,
-                             units=attested.body.units, unit_type=attested.body.unit_type)
+                             units=attested.body.units, unit_type=attested.body.unit_type, gpu_ms=attested.body.gpu_ms)
         if jobs.job_kind(job) == jobs.TEXT:
             fields.prompt_tokens, fields.generated_tokens = result.prompt_tokens, result.generated_tokens
             fields.finish_reason = result.finish_reason

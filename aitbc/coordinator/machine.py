@@ -375,7 +375,7 @@ class JobMachine:
             model=job.model, kind="text" if jobs.job_kind(job) == jobs.TEXT else "image",
             width=p.width, height=p.height, images=p.images or 1,
             max_price_per_unit=job.max_price_per_unit if job.HasField("max_price_per_unit") else None,
-            exclude=frozenset(exclude), device_class=device, avoid=avoid,
+            exclude=frozenset(exclude), device_class=device, avoid=avoid, established_only=bool(job.verify_of),
         )
 
     # ---- the one entry point --------------------------------------------------------------------------
@@ -640,6 +640,7 @@ class JobMachine:
             return
         job.artifacts.extend(merged.artifacts)
         job.units = sum(sh.units for sh in done)
+        job.gpu_ms = sum(sh.gpu_ms for sh in done)
         job.unit_type = done[0].unit_type
         job.miner_id = ",".join(dict.fromkeys(sh.miner_id for sh in done))
         self._finish(job, COMPLETED, "")
@@ -673,6 +674,7 @@ class JobMachine:
         r = ev.result
         job.artifacts.extend(r.artifacts)
         job.device_class, job.receipt_hash, job.units, job.unit_type = r.device_class, r.receipt_hash, r.units, r.unit_type
+        job.gpu_ms = r.gpu_ms
         job.prompt_tokens, job.generated_tokens, job.finish_reason = r.prompt_tokens, r.generated_tokens, r.finish_reason
         job.verification = r.verification
         job.verification_job_ids.extend(r.verification_job_ids)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aitbc import crypto, jobs
-from aitbc.coordinator.models import declared_kind as model_kind
+from aitbc.coordinator.models import declared
 from aitbc.errors import AitbcError, InvalidArgument, Unauthenticated
 from aitbc.v1 import coordinator_pb2, miner_pb2
 
@@ -183,7 +183,7 @@ class MinerRegistry:
     def _seen(self, info: miner_pb2.MinerInfo) -> None:
         now = self.clock()
         for m in info.models:
-            self._model_seen[m] = (now, model_kind(info, m))
+            self._model_seen[m] = (now, declared(info, m)[0])
 
     def served_models(self) -> dict[str, int]:
         """Models served now (or within model_grace_s) and their kind."""
@@ -191,7 +191,7 @@ class MinerRegistry:
         served = {m: kind for m, (t, kind) in self._model_seen.items() if now - t < self.model_grace_s}
         for c in self.miners.values():
             for m in c.info.models:
-                served[m] = model_kind(c.info, m)
+                served[m] = declared(c.info, m)[0]
         return served
 
     def context_lengths(self, model: str) -> list[int]:
@@ -203,7 +203,7 @@ class MinerRegistry:
         for c in self.miners.values():
             info = c.info
             for m in info.models:
-                sm = out.setdefault(m, coordinator_pb2.ServedModel(name=m, kind=model_kind(info, m),
+                sm = out.setdefault(m, coordinator_pb2.ServedModel(name=m, kind=declared(info, m)[0],
                                                                    min_price_per_unit=info.price_per_unit))
                 sm.miners += 1
                 sm.min_price_per_unit = min(sm.min_price_per_unit, info.price_per_unit)

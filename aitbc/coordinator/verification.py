@@ -5,6 +5,14 @@ them to stored jobs. A sampled job's receipt is HELD; its re-execution is a job 
 (client "hub-verify", `verify_of` set) queued through the job machine. When the runs are done the
 majority decides: agreeing receipts are released, outvoted ones rejected (through the receipt
 book), the miners' reputation updated, and a REPLACED job gets the agreed result.
+
+Trust bootstrap (docs/hub.md): a miner is established once it passed `trust_checks` verifications
+(and is neither on probation nor quarantined), or from the start when the operator lists it in
+`trusted_miners`. Every result of a miner not yet established is re-executed; re-executions and
+referees run only on established miners; and only established miners' runs vote: an unproven run
+passes when it matches what the established runs agree on, so any number of fresh keys cannot
+outvote one established miner. An unproven miner's result that no established miner re-executed
+in time is not minted (the client keeps the result).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from aitbc.coordinator.machine import Submit
 from aitbc.coordinator.receipt_book import ReceiptBook
 from aitbc.coordinator.store import JobStore
 from aitbc.hub.reputation import ReputationBook
-from aitbc.hub.verification import arbitrate, sample_key, should_verify
+from aitbc.hub.verification import arbitrate, compare_artifacts, sample_key, should_verify
 from aitbc.v1 import job_pb2, receipt_pb2
 
 log = logging.getLogger("aitbc.coordinator")
@@ -30,12 +38,15 @@ VERIFY_CLIENT = "hub-verify"  # client id of re-execution jobs: no client sees t
 class Verifier:
     def __init__(self, store: JobStore, book: ReceiptBook, reputation: ReputationBook, *, rate: float,
                  tolerance: float, load: Callable[[str], job_pb2.Job | None],
-                 record: Callable[[str, bool], None], now_ms: Callable[[], int]) -> None:
+                 record: Callable[[str, bool], None], now_ms: Callable[[], int],
+                 trust_checks: int = 0, trusted: frozenset[str] = frozenset()) -> None:
         self.store = store
         self.book = book
         self.reputation = reputation
         self.rate = rate
         self.tolerance = tolerance
+        self.trust_checks = trust_checks
+        self.trusted = trusted
         self.load = load  # a job by id, active (the machine's record) or stored
         self.record = record  # (miner, passed) -> reputation, with the runtime's follow-ups
         self.now_ms = now_ms
@@ -45,10 +56,21 @@ class Verifier:
             store.put_meta("verify_secret", secret)
         self.secret = secret
 
+    def established(self, miner_id: str) -> bool:
+        """May this miner re-execute others' jobs, and does its run vote? (module docstring)"""
+        if miner_id in self.trusted or self.trust_checks <= 0:
+            return True
+        rec = self.reputation.snapshot(miner_id)
+        return rec.verifications_passed >= self.trust_checks and not rec.probation_left and not rec.quarantined
+
     def sampled(self, miner_id: str, job: job_pb2.Job) -> bool:
-        """Is this original result re-executed? Every one while the miner is on probation, else
-        its next sampling draw at verify_rate (the draw is counted by record_success)."""
-        if job.verify_of or self.rate <= 0:
+        """Is this original result re-executed? Every one while the miner is not established or on
+        probation, else its next sampling draw at verify_rate (the draw is counted by record_success)."""
+        if job.verify_of:
+            return False
+        if not self.established(miner_id):
+            return True
+        if self.rate <= 0:
             return False
         rec = self.reputation.snapshot(miner_id)
         return rec.probation_left > 0 or should_verify(sample_key(miner_id, rec.draws), self.rate, secret=self.secret)
@@ -83,6 +105,11 @@ class Verifier:
     def _artifacts(self, job: job_pb2.Job) -> list[bytes]:
         return [self.store.get_artifact(a.sha256) or b"" for a in job.artifacts]
 
+    def _evidence(self, job: job_pb2.Job) -> list[bytes]:
+        """What two runs of a job must agree on: the outputs, and the units their receipts claim
+        (a text run that streamed the same text but counted more tokens does not agree)."""
+        return [*self._artifacts(job), f"{job.unit_type}={job.units}".encode()]
+
     def run_ended(self, v: job_pb2.Job) -> Submit | None:
         """A re-execution ended: decide by majority, or start a referee (returned), or give up unverified."""
         orig = self.store.get_job(v.verify_of)
@@ -107,23 +134,29 @@ class Verifier:
             return None
         runs = [r for r in all_runs if r.state == S.JOB_STATE_COMPLETED]
         exact = all(r.device_class != "cuda" for r in runs)  # CPU runs byte for byte; GPU ones within a tolerance
-        verdict = arbitrate({r.miner_id: self._artifacts(r) for r in runs}, exact=exact,
-                            tolerance=self.tolerance) if len(runs) >= 2 else None
-        if verdict is None or not verdict.decided:
-            if verdict is not None and len(runs) < 3:  # two runs disagree: a third miner referees
+        voters = [r for r in runs if self.established(r.miner_id)]
+        unproven = [r for r in runs if not self.established(r.miner_id)]
+        outcome = self._vote(voters, unproven, exact)
+        if outcome is None:  # two established runs disagree: a third (established) miner referees, once
+            if len(all_runs) < 3:
                 referee = self.new_run(orig)
                 return Submit(referee.job, cause=f"referee for job {orig.job_id}", exclude=referee.exclude,
                               device_class=referee.device_class, also_store=(orig,))
+        if outcome is None or outcome == "unverified":
             orig.verification = V.VERIFICATION_STATE_UNVERIFIED
             metrics.VERIFICATIONS.inc(outcome="unverified")
             self.store.write([orig])
-            self._release(runs, frozenset(), "")
-            log.info("job %s stays unverified (%d usable executions)", orig.job_id, len(runs))
+            # an established miner's result stands; an unproven one's is not minted on its own word
+            self._release(runs, frozenset(r.miner_id for r in unproven),
+                          "no established miner re-executed it in time (docs/hub.md, \"Trust bootstrap\")")
+            log.info("job %s stays unverified (%d usable executions, %d by established miners)", orig.job_id,
+                     len(runs), len(voters))
             return None
+        agreed, outvoted = outcome
         for r in runs:
-            self.record(r.miner_id, r.miner_id not in verdict.outvoted)
-        winner = next(r for r in runs if r.miner_id in verdict.agreed)
-        if orig.miner_id in verdict.outvoted:
+            self.record(r.miner_id, r.miner_id not in outvoted)
+        winner = next(r for r in runs if r.miner_id in agreed)
+        if orig.miner_id in outvoted:
             # the client gets the verified result; the first miner's receipt is not minted
             orig.verification = V.VERIFICATION_STATE_REPLACED
             metrics.VERIFICATIONS.inc(outcome="replaced")
@@ -135,8 +168,29 @@ class Verifier:
             orig.verification = V.VERIFICATION_STATE_PASSED
             metrics.VERIFICATIONS.inc(outcome="passed")
         self.store.write([orig])
-        self._release(runs, verdict.outvoted, f"its result differs from {len(verdict.agreed)} other executions")
+        self._release(runs, outvoted, f"its result differs from {len(agreed)} other executions")
         return None
+
+    def _vote(self, voters: list[job_pb2.Job], unproven: list[job_pb2.Job],
+              exact: bool) -> tuple[frozenset[str], frozenset[str]] | str | None:
+        """(agreed, outvoted) miner ids; "unverified" when nothing can decide; None when a referee
+        is needed. Only established runs vote: two or more decide by majority among themselves; one
+        is the reference when the run it checks is unproven. An unproven run passes when it matches
+        the reference."""
+        if len(voters) >= 2:
+            verdict = arbitrate({r.miner_id: self._evidence(r) for r in voters}, exact=exact, tolerance=self.tolerance)
+            if not verdict.decided:
+                return None
+            agreed, outvoted = set(verdict.agreed), set(verdict.outvoted)
+        elif len(voters) == 1 and unproven:
+            agreed, outvoted = {voters[0].miner_id}, set()
+        else:
+            return "unverified"
+        reference = self._evidence(next(r for r in voters if r.miner_id in agreed))
+        for r in unproven:
+            same = compare_artifacts(reference, self._evidence(r), exact=exact, tolerance=self.tolerance).match
+            (agreed if same else outvoted).add(r.miner_id)
+        return frozenset(agreed), frozenset(outvoted)
 
     def reconcile_held(self) -> list[Submit]:
         """Receipts held for a verification that can no longer progress (the coordinator was killed

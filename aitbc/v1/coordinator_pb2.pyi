@@ -74,6 +74,134 @@ class SubmitJobResponse(_message.Message):
 Global___SubmitJobResponse: _TypeAlias = SubmitJobResponse  # noqa: Y015
 
 @_typing.final
+class QuoteJobRequest(_message.Message):
+    """QuoteJobRequest is a SubmitJobRequest without the request id: the same validation applies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    MAX_PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    max_price_per_unit: _builtins.int
+    @_builtins.property
+    def params(self) -> _job_pb2.JobParams: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        params: _job_pb2.JobParams | None = ...,
+        max_price_per_unit: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "model", b"model", "params", b"params"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_price_per_unit: _TypeAlias = _typing.Literal["max_price_per_unit"]  # noqa: Y015
+    _WhichOneofArgType__max_price_per_unit: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_price_per_unit) -> _WhichOneofReturnType__max_price_per_unit | None: ...
+
+Global___QuoteJobRequest: _TypeAlias = QuoteJobRequest  # noqa: Y015
+
+@_typing.final
+class QuoteJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARAMS_FIELD_NUMBER: _builtins.int
+    UNIT_TYPE_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    UNITS_EXACT_FIELD_NUMBER: _builtins.int
+    PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    MAX_PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
+    MAX_COST_FIELD_NUMBER: _builtins.int
+    MINERS_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
+    unit_type: _builtins.str
+    """"tile_steps" for image jobs, "tokens" for text jobs."""
+    units: _builtins.int
+    """Image jobs: exactly the units the receipt will carry. Text jobs: the most it can carry (the
+    prompt's bound plus max_new_tokens); units_exact tells which.
+    """
+    units_exact: _builtins.bool
+    price_per_unit: _builtins.int
+    """The price per unit of the miner that would get the job now (0 when none qualifies) and
+    units x that price.
+    """
+    cost: _builtins.int
+    max_price_per_unit: _builtins.int
+    """The most the job may pay per unit (the client's cap within the operator's ceiling; unset:
+    no limit) and units x that: no job is ever assigned above it.
+    """
+    max_cost: _builtins.int
+    unavailable_reason: _builtins.str
+    """Why no connected miner qualifies (empty when one does)."""
+    @_builtins.property
+    def params(self) -> _job_pb2.JobParams:
+        """The parameters as the job would run: defaults filled, an image job's size explicit."""
+
+    @_builtins.property
+    def miners(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuotedMiner]:
+        """Connected miners that could take the job, cheapest first."""
+
+    def __init__(
+        self,
+        *,
+        params: _job_pb2.JobParams | None = ...,
+        unit_type: _builtins.str = ...,
+        units: _builtins.int = ...,
+        units_exact: _builtins.bool = ...,
+        price_per_unit: _builtins.int = ...,
+        cost: _builtins.int = ...,
+        max_price_per_unit: _builtins.int | None = ...,
+        max_cost: _builtins.int | None = ...,
+        miners: _abc.Iterable[Global___QuotedMiner] | None = ...,
+        unavailable_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_cost", b"_max_cost", "_max_price_per_unit", b"_max_price_per_unit", "max_cost", b"max_cost", "max_price_per_unit", b"max_price_per_unit", "params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_cost", b"_max_cost", "_max_price_per_unit", b"_max_price_per_unit", "cost", b"cost", "max_cost", b"max_cost", "max_price_per_unit", b"max_price_per_unit", "miners", b"miners", "params", b"params", "price_per_unit", b"price_per_unit", "unavailable_reason", b"unavailable_reason", "unit_type", b"unit_type", "units", b"units", "units_exact", b"units_exact"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_cost: _TypeAlias = _typing.Literal["max_cost"]  # noqa: Y015
+    _WhichOneofArgType__max_cost: _TypeAlias = _typing.Literal["_max_cost", b"_max_cost"]  # noqa: Y015
+    _WhichOneofReturnType__max_price_per_unit: _TypeAlias = _typing.Literal["max_price_per_unit"]  # noqa: Y015
+    _WhichOneofArgType__max_price_per_unit: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_cost) -> _WhichOneofReturnType__max_cost | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_price_per_unit) -> _WhichOneofReturnType__max_price_per_unit | None: ...
+
+Global___QuoteJobResponse: _TypeAlias = QuoteJobResponse  # noqa: Y015
+
+@_typing.final
+class QuotedMiner(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MINER_ID_FIELD_NUMBER: _builtins.int
+    PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    DEVICE_CLASS_FIELD_NUMBER: _builtins.int
+    miner_id: _builtins.str
+    price_per_unit: _builtins.int
+    cost: _builtins.int
+    device_class: _builtins.str
+    def __init__(
+        self,
+        *,
+        miner_id: _builtins.str = ...,
+        price_per_unit: _builtins.int = ...,
+        cost: _builtins.int = ...,
+        device_class: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "device_class", b"device_class", "miner_id", b"miner_id", "price_per_unit", b"price_per_unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuotedMiner: _TypeAlias = QuotedMiner  # noqa: Y015
+
+@_typing.final
 class GetJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -41,6 +41,11 @@ class CoordinatorServiceStub:
                 request_serializer=aitbc_dot_v1_dot_coordinator__pb2.SubmitJobRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_coordinator__pb2.SubmitJobResponse.FromString,
                 _registered_method=True)
+        self.QuoteJob = channel.unary_unary(
+                '/aitbc.v1.CoordinatorService/QuoteJob',
+                request_serializer=aitbc_dot_v1_dot_coordinator__pb2.QuoteJobRequest.SerializeToString,
+                response_deserializer=aitbc_dot_v1_dot_coordinator__pb2.QuoteJobResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/aitbc.v1.CoordinatorService/GetJob',
                 request_serializer=aitbc_dot_v1_dot_coordinator__pb2.GetJobRequest.SerializeToString,
@@ -100,6 +105,14 @@ class CoordinatorServiceServicer:
 
     def SubmitJob(self, request, context):
         """SubmitJob queues a job for a miner that serves its model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QuoteJob(self, request, context):
+        """QuoteJob says, without queueing anything, what a job would cost: its units (computed from its
+        parameters, docs/receipts.md "Units"), the price, the cost, and which miners qualify.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,6 +197,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     request_deserializer=aitbc_dot_v1_dot_coordinator__pb2.SubmitJobRequest.FromString,
                     response_serializer=aitbc_dot_v1_dot_coordinator__pb2.SubmitJobResponse.SerializeToString,
             ),
+            'QuoteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.QuoteJob,
+                    request_deserializer=aitbc_dot_v1_dot_coordinator__pb2.QuoteJobRequest.FromString,
+                    response_serializer=aitbc_dot_v1_dot_coordinator__pb2.QuoteJobResponse.SerializeToString,
+            ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
                     request_deserializer=aitbc_dot_v1_dot_coordinator__pb2.GetJobRequest.FromString,
@@ -264,6 +282,33 @@ class CoordinatorService:
             '/aitbc.v1.CoordinatorService/SubmitJob',
             aitbc_dot_v1_dot_coordinator__pb2.SubmitJobRequest.SerializeToString,
             aitbc_dot_v1_dot_coordinator__pb2.SubmitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuoteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aitbc.v1.CoordinatorService/QuoteJob',
+            aitbc_dot_v1_dot_coordinator__pb2.QuoteJobRequest.SerializeToString,
+            aitbc_dot_v1_dot_coordinator__pb2.QuoteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

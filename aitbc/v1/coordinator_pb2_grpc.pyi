@@ -37,6 +37,10 @@ class CoordinatorServiceStub:
     def __new__(cls, channel: _aio.Channel) -> CoordinatorServiceAsyncStub: ...
     SubmitJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitJobRequest, _coordinator_pb2.SubmitJobResponse]
     """SubmitJob queues a job for a miner that serves its model."""
+    QuoteJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.QuoteJobRequest, _coordinator_pb2.QuoteJobResponse]
+    """QuoteJob says, without queueing anything, what a job would cost: its units (computed from its
+    parameters, docs/receipts.md "Units"), the price, the cost, and which miners qualify.
+    """
     GetJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetJobRequest, _coordinator_pb2.GetJobResponse]
     """GetJob returns a job's current state."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CancelJobRequest, _coordinator_pb2.CancelJobResponse]
@@ -69,6 +73,10 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitJobRequest, _coordinator_pb2.SubmitJobResponse]  # type: ignore[assignment]
     """SubmitJob queues a job for a miner that serves its model."""
+    QuoteJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.QuoteJobRequest, _coordinator_pb2.QuoteJobResponse]  # type: ignore[assignment]
+    """QuoteJob says, without queueing anything, what a job would cost: its units (computed from its
+    parameters, docs/receipts.md "Units"), the price, the cost, and which miners qualify.
+    """
     GetJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetJobRequest, _coordinator_pb2.GetJobResponse]  # type: ignore[assignment]
     """GetJob returns a job's current state."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CancelJobRequest, _coordinator_pb2.CancelJobResponse]  # type: ignore[assignment]
@@ -104,6 +112,16 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.SubmitJobResponse, _abc.Awaitable[_coordinator_pb2.SubmitJobResponse]]:
         """SubmitJob queues a job for a miner that serves its model."""
+
+    @_abc_1.abstractmethod
+    def QuoteJob(
+        self,
+        request: _coordinator_pb2.QuoteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.QuoteJobResponse, _abc.Awaitable[_coordinator_pb2.QuoteJobResponse]]:
+        """QuoteJob says, without queueing anything, what a job would cost: its units (computed from its
+        parameters, docs/receipts.md "Units"), the price, the cost, and which miners qualify.
+        """
 
     @_abc_1.abstractmethod
     def GetJob(

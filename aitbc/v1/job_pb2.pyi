@@ -370,6 +370,7 @@ class Job(_message.Message):
     WAIT_REASON_FIELD_NUMBER: _builtins.int
     STORY_FIELD_NUMBER: _builtins.int
     STORY_DROPPED_FIELD_NUMBER: _builtins.int
+    GPU_MS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     model: _builtins.str
     state: Global___JobState.ValueType
@@ -393,7 +394,9 @@ class Job(_message.Message):
     """Lower-case hex sha256 of the prompt."""
     receipt_hash: _builtins.str
     units: _builtins.int
-    """Metered units from the receipt (GPU milliseconds for images)."""
+    """Metered units from the receipt: "tile_steps" for images (64x64-pixel tiles x steps x images),
+    "tokens" for text (docs/receipts.md, "Units"); what the job costs is units x price_per_unit.
+    """
     unit_type: _builtins.str
     request_id: _builtins.str
     """Client-chosen id that makes SubmitJob idempotent."""
@@ -418,6 +421,8 @@ class Job(_message.Message):
     miner can take it now, ...); empty once a miner holds it and after it ended.
     """
     story_dropped: _builtins.int
+    gpu_ms: _builtins.int
+    """Device milliseconds the miner measured (receipt gpu_ms): information, not what is paid."""
     @_builtins.property
     def params(self) -> Global___JobParams: ...
     @_builtins.property
@@ -481,10 +486,11 @@ class Job(_message.Message):
         wait_reason: _builtins.str = ...,
         story: _abc.Iterable[Global___JobTransition] | None = ...,
         story_dropped: _builtins.int = ...,
+        gpu_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "params", b"params", "progress", b"progress", "receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "artifacts", b"artifacts", "attempts", b"attempts", "client_id", b"client_id", "created_at_unix_ms", b"created_at_unix_ms", "device_class", b"device_class", "error", b"error", "finish_reason", b"finish_reason", "finished_at_unix_ms", b"finished_at_unix_ms", "first_image", b"first_image", "generated_tokens", b"generated_tokens", "job_id", b"job_id", "max_price_per_unit", b"max_price_per_unit", "miner_id", b"miner_id", "model", b"model", "params", b"params", "parent_job_id", b"parent_job_id", "price_per_unit", b"price_per_unit", "progress", b"progress", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "receipt", b"receipt", "receipt_hash", b"receipt_hash", "request_id", b"request_id", "shard_job_ids", b"shard_job_ids", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "story", b"story", "story_dropped", b"story_dropped", "traceparent", b"traceparent", "unit_type", b"unit_type", "units", b"units", "updated_at_unix_ms", b"updated_at_unix_ms", "verification", b"verification", "verification_job_ids", b"verification_job_ids", "verify_of", b"verify_of", "wait_reason", b"wait_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "artifacts", b"artifacts", "attempts", b"attempts", "client_id", b"client_id", "created_at_unix_ms", b"created_at_unix_ms", "device_class", b"device_class", "error", b"error", "finish_reason", b"finish_reason", "finished_at_unix_ms", b"finished_at_unix_ms", "first_image", b"first_image", "generated_tokens", b"generated_tokens", "gpu_ms", b"gpu_ms", "job_id", b"job_id", "max_price_per_unit", b"max_price_per_unit", "miner_id", b"miner_id", "model", b"model", "params", b"params", "parent_job_id", b"parent_job_id", "price_per_unit", b"price_per_unit", "progress", b"progress", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "receipt", b"receipt", "receipt_hash", b"receipt_hash", "request_id", b"request_id", "shard_job_ids", b"shard_job_ids", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "story", b"story", "story_dropped", b"story_dropped", "traceparent", b"traceparent", "unit_type", b"unit_type", "units", b"units", "updated_at_unix_ms", b"updated_at_unix_ms", "verification", b"verification", "verification_job_ids", b"verification_job_ids", "verify_of", b"verify_of", "wait_reason", b"wait_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_price_per_unit: _TypeAlias = _typing.Literal["max_price_per_unit"]  # noqa: Y015
     _WhichOneofArgType__max_price_per_unit: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit"]  # noqa: Y015

@@ -34,20 +34,35 @@ class ModelSpec(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    NATIVE_SIZE_FIELD_NUMBER: _builtins.int
+    WEIGHTS_SHA256_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: _job_pb2.ModelKind.ValueType
     context_length: _builtins.int
     """Text models: context length in tokens."""
+    native_size: _builtins.int
+    """Image models: the side in pixels of the images the model makes when a job leaves width and
+    height at 0 (64 for tiny-sd, 512 for Stable Diffusion 1.5). The coordinator fixes a model's
+    native size from its config or from the first miner that declares it, and gives every job
+    explicit sizes; a miner declaring another native size is refused at Register.
+    """
+    weights_sha256: _builtins.str
+    """Lower-case hex sha256 of the model's weights (docs/receipts.md, "Model identity"), or empty
+    when the miner cannot say (a backend without weights). Fixed like the kind: from the config or
+    the first miner that declares one; a miner declaring other weights under the name is refused.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         kind: _job_pb2.ModelKind.ValueType = ...,
         context_length: _builtins.int = ...,
+        native_size: _builtins.int = ...,
+        weights_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "kind", b"kind", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "kind", b"kind", "name", b"name", "native_size", b"native_size", "weights_sha256", b"weights_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

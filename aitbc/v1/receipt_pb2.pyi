@@ -86,8 +86,15 @@ class ReceiptBody(_message.Message):
     NONCE_FIELD_NUMBER: _builtins.int
     HUB_ID_FIELD_NUMBER: _builtins.int
     CHAIN_ID_FIELD_NUMBER: _builtins.int
+    GPU_MS_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    GENERATED_TOKENS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    """Format version; 1 today."""
+    """Format version: 2 today; version 1 receipts still verify."""
     job_id: _builtins.str
     provider: _builtins.str
     """Provider (miner) address, `ait1...`; the provider signature must recover to it."""
@@ -96,7 +103,7 @@ class ReceiptBody(_message.Message):
     units: _builtins.int
     """Metered amount, an integer in the smallest unit of unit_type."""
     unit_type: _builtins.str
-    """One of "gpu_ms" (GPU milliseconds), "images", "tokens"."""
+    """Version 2: "tile_steps" (image jobs) or "tokens" (text jobs); version 1 also had "gpu_ms", "images"."""
     price_per_unit: _builtins.int
     """Agreed price per unit in the smallest token unit."""
     model: _builtins.str
@@ -112,6 +119,16 @@ class ReceiptBody(_message.Message):
     hub_id: _builtins.str
     """Pool hub id, or "" when no hub took part."""
     chain_id: _builtins.str
+    gpu_ms: _builtins.int
+    """Version 2 (docs/receipts.md, "Units"): measured device time, information only (not paid)."""
+    width: _builtins.int
+    """Version 2, image receipts: what `tile_steps` units are computed from (0 in text receipts)."""
+    height: _builtins.int
+    steps: _builtins.int
+    images: _builtins.int
+    prompt_tokens: _builtins.int
+    """Version 2, text receipts: units = prompt_tokens + generated_tokens (0 in image receipts)."""
+    generated_tokens: _builtins.int
     def __init__(
         self,
         *,
@@ -130,10 +147,17 @@ class ReceiptBody(_message.Message):
         nonce: _builtins.str = ...,
         hub_id: _builtins.str = ...,
         chain_id: _builtins.str = ...,
+        gpu_ms: _builtins.int = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        steps: _builtins.int = ...,
+        images: _builtins.int = ...,
+        prompt_tokens: _builtins.int = ...,
+        generated_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_sha256", b"artifact_sha256", "chain_id", b"chain_id", "client", b"client", "finished_at", b"finished_at", "hub_id", b"hub_id", "job_id", b"job_id", "model", b"model", "nonce", b"nonce", "price_per_unit", b"price_per_unit", "prompt_hash", b"prompt_hash", "provider", b"provider", "started_at", b"started_at", "unit_type", b"unit_type", "units", b"units", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_sha256", b"artifact_sha256", "chain_id", b"chain_id", "client", b"client", "finished_at", b"finished_at", "generated_tokens", b"generated_tokens", "gpu_ms", b"gpu_ms", "height", b"height", "hub_id", b"hub_id", "images", b"images", "job_id", b"job_id", "model", b"model", "nonce", b"nonce", "price_per_unit", b"price_per_unit", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "provider", b"provider", "started_at", b"started_at", "steps", b"steps", "unit_type", b"unit_type", "units", b"units", "version", b"version", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -72,7 +72,9 @@ async def test_fixed_seed_image_matches_direct_pipeline_and_receipt_verifies(net
     signed = receipt_from_proto(rec)
     receipts.verify_receipt(signed, attesters=frozenset({net.core.key.address}))
     assert signed.body.provider == net.miners[0].key.address
-    assert signed.body.price_per_unit == 3 and signed.body.unit_type == "gpu_ms" and signed.body.units >= 1
+    b = signed.body  # tiny-sd's native 64x64 is one tile: 4 steps x 1 image = 4 units, whatever the time taken
+    assert b.price_per_unit == 3 and b.unit_type == "tile_steps" and (b.width, b.height, b.steps, b.images) == (64, 64, 4, 1)
+    assert b.units == 4 and b.gpu_ms >= 1
     assert signed.body.artifact_sha256 == receipts.manifest_sha256([hashlib.sha256(png).digest()])
     assert signed.body.prompt_hash == hashlib.sha256(b"a futuristic city").hexdigest()
     listed = (await s.ListReceipts(coordinator_pb2.ListReceiptsRequest(), metadata=MD)).receipts

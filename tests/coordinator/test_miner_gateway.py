@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import secrets
 
 import grpc
@@ -12,8 +13,7 @@ import pytest
 from aitbc import crypto, jobs, receipts
 from aitbc.coordinator import register_digest
 from aitbc.miner.backend import null_png
-from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2, miner_pb2_grpc
-from aitbc.wire import receipt_to_proto
+from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2, miner_pb2_grpc, receipt_pb2
 from tests.coordinator.test_jobs_api import MD, image_job, stub, wait_done
 
 S = job_pb2.JobState
@@ -55,19 +55,28 @@ class RawMiner:
         return await asyncio.wait_for(self.call.read(), 10)
 
     def result_for(self, job: job_pb2.Job, png: bytes | list[bytes], *, key=None, **body_changes) -> miner_pb2.JobResult:
-        """A signed result for `job` returning `png` (or several, one per image)."""
+        """A signed version 2 result for `job` returning `png` (or several, one per image). The body is
+        encoded and signed by hand (docs/receipts.md), so a forged body need not be a valid one."""
         pngs = png if isinstance(png, list) else [png]
         digests = [hashlib.sha256(p).digest() for p in pngs]
         now = jobs.now_ms()
-        fields = dict(job_id=job.job_id, provider=self.key.address, client=job.client_id, units=5, unit_type="gpu_ms",
-                      price_per_unit=job.price_per_unit, model=job.model, prompt_hash=job.prompt_hash,
-                      started_at=now - 10, finished_at=now, artifact_sha256=receipts.manifest_sha256(digests),
-                      nonce=secrets.token_hex(16), hub_id="", chain_id="aitbc-devnet")
+        p = job.params.image
+        fields = dict(version=2, job_id=job.job_id, provider=self.key.address, client=job.client_id, units=0,
+                      unit_type="tile_steps", price_per_unit=job.price_per_unit, model=job.model,
+                      prompt_hash=job.prompt_hash, started_at=now - 10, finished_at=now,
+                      artifact_sha256=receipts.manifest_sha256(digests), nonce=secrets.token_hex(16), hub_id="",
+                      chain_id="aitbc-devnet", gpu_ms=5, width=p.width or 64, height=p.height or 64, steps=p.steps,
+                      images=len(pngs), prompt_tokens=0, generated_tokens=0)
         fields.update(body_changes)
-        body = receipts.ReceiptBody(**fields)
-        signer = key or self.key
-        sig = signer.sign(crypto.domain_digest(receipts.PROVIDER_DOMAIN, body.hash()))
-        rec = receipt_to_proto(receipts.SignedReceipt(body, sig))
+        fields = {k: v for k, v in fields.items() if v is not None}  # None: the field is left out
+        if "units" not in body_changes:  # the units the formula gives for the fields as they now are
+            fields["units"] = (receipts.tile_steps(fields["width"], fields["height"], fields["steps"], fields["images"])
+                               if fields["unit_type"] == "tile_steps" else fields["prompt_tokens"] + fields["generated_tokens"])
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+        receipt_hash = hashlib.sha256(canonical).digest()
+        sig = (key or self.key).sign(crypto.domain_digest(receipts.PROVIDER_DOMAIN, receipt_hash))
+        rec = receipt_pb2.Receipt(body=receipt_pb2.ReceiptBody(**fields), receipt_hash=receipt_hash.hex(),
+                                  provider_signature=sig)
         arts = [job_pb2.Artifact(sha256=d.hex(), size=len(p), content_type="image/png", width=64, height=64)
                 for p, d in zip(pngs, digests, strict=True)]
         return miner_pb2.JobResult(job_id=job.job_id, artifacts=arts, receipt=rec)
@@ -104,13 +113,19 @@ async def test_honest_raw_result_is_accepted(net) -> None:
         ("other_jobs_receipt", "receipt field job_id"),
         ("wrong_client", "receipt field client"),
         ("wrong_chain", "receipt field chain_id"),
-        ("inflated_units", "implausible"),
+        ("inflated_units", "must be ceil(width x height / 4096) x steps x images = 20"),
+        ("more_steps", "receipt field steps is 30, expected 20"),
+        ("bigger_images", "receipt field width is 2048, expected 64"),
+        ("more_images", "receipt field images is 8, expected 1"),
+        ("inflated_gpu_ms", "receipt claims 3600000 ms of work"),
+        ("version_1", "receipt field version is 1, expected 2"),
         ("not_png", "not a PNG"),
         ("self_set_price", "receipt field price_per_unit"),
         ("other_model", "receipt field model"),
         ("other_prompt", "receipt field prompt_hash"),
         ("other_hub", "receipt field hub_id"),
-        ("other_unit_type", "receipt field unit_type"),
+        ("other_unit_type", "a tokens receipt has prompt_tokens >= 1"),
+        ("tokens_for_an_image", "receipt field unit_type is 'tokens', expected 'tile_steps'"),
         ("long_claimed_duration", "receipt claims"),
         ("other_manifest", "receipt field artifact_sha256"),
         ("wrong_size", "artifact 0 is 128x128; the job asked for 64x64"),
@@ -140,13 +155,22 @@ async def test_forged_results_are_rejected_and_the_job_requeued(net, forge, need
             "wrong_client": {"client": "mallory"},
             "wrong_chain": {"chain_id": "another-chain"},
             "inflated_units": {"units": 10**9},
+            # consistent receipts for more work than the job asked for: the coordinator's own count wins
+            "more_steps": {"steps": 30},
+            "bigger_images": {"width": 2048, "height": 2048},
+            "more_images": {"images": 8},
+            "inflated_gpu_ms": {"gpu_ms": 3_600_000},
+            "version_1": {"version": 1, "unit_type": "gpu_ms", "units": 5, **dict.fromkeys(receipts.field_names(2)[15:])},
             "self_set_price": {"price_per_unit": job.price_per_unit + 10**6},
             "other_model": {"model": "tiny-sd"},
             "other_prompt": {"prompt_hash": "00" * 32},
             "other_hub": {"hub_id": "another-hub"},
             "other_unit_type": {"unit_type": "tokens"},
+            # a well-formed text receipt for an image job
+            "tokens_for_an_image": {"unit_type": "tokens", "width": 0, "height": 0, "steps": 0, "images": 0,
+                                    "prompt_tokens": 5},
             # an hour of work claimed for a job held for milliseconds (units within that duration)
-            "long_claimed_duration": {"started_at": jobs.now_ms() - 3_600_000, "units": 3_000_000},
+            "long_claimed_duration": {"started_at": jobs.now_ms() - 3_600_000},
             "other_manifest": {"artifact_sha256": "00" * 32},  # the receipt commits to other outputs
         }[forge]
         result = m.result_for(job, png, **changes)

@@ -67,13 +67,18 @@ def test_devnet_submit_status_receipts_buf_curl_and_restart(tmp_path: Path) -> N
         banner = "".join(lines)
         endpoints = json.loads((home / "devnet" / "endpoints.json").read_text())
         assert endpoints["api_key"] in banner and endpoints["coordinator"] in banner
+        r = aitbc(env, "submit", "a futuristic city skyline at night", "--steps", "20", "--quote", cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        quote = dict(line.split(":", 1) for line in r.stdout.splitlines() if ":" in line and not line.startswith(" "))
+        assert quote["units"].strip() == "20 tile_steps"  # tiny-sd's native 64x64: 1 tile x 20 steps
         r = aitbc(env, "submit", "a futuristic city skyline at night", "--steps", "20", "--seed", "7", "-o", "city.png",
                   cwd=tmp_path)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "step 20/20" in r.stderr
         fields = dict(line.split(":", 1) for line in r.stdout.splitlines() if ":" in line)
+        assert fields["cost"].split()[0] == quote["cost"].strip()  # what the quote said is what was minted
         job_id = fields["job id"].strip()
-        assert float(fields["gpu_seconds"]) > 0 and len(fields["receipt hash"].split()[0]) == 64
+        assert float(fields["gpu_seconds"].split()[0]) > 0 and len(fields["receipt hash"].split()[0]) == 64
         assert (tmp_path / "city.png").read_bytes().startswith(b"\x89PNG")
 
         r = aitbc(env, "status", job_id, "--story", cwd=tmp_path)

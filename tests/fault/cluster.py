@@ -144,11 +144,18 @@ class Cluster:
         self.ledger_target = self.nodes[-1].target if followers else self.nodes[0].target
         cport = free_port()
         self.coordinator_target = f"127.0.0.1:{cport}"
+        # the cluster's miners are its operator's own: established from the start (docs/hub.md, "Trust
+        # bootstrap"; tests/security/test_trust_bootstrap.py covers miners that are not)
+        self.miner_keys: list[crypto.PrivateKey] = []
+        for i in range(miners):
+            (root / f"miner{i}").mkdir(exist_ok=True)
+            self.miner_keys.append(crypto.load_or_create_key(root / f"miner{i}" / "miner.key"))
         (root / "coordinator.toml").write_text("\n".join([
             f'listen = "{self.coordinator_target}"', f'data_dir = "{root / "coordinator"}"',
             f'key_file = "{root / "coordinator.key"}"', f'chain_id = "{CHAIN}"', f'ledger = "{self.ledger_target}"',
             "heartbeat_interval_s = 1.0", "heartbeat_timeout_s = 4.0", "max_attempts = 5",
             "verify_rate = 0.2", "verify_timeout_s = 20.0",  # the hub re-executes a fifth of the jobs
+            "trusted_miners = [" + ", ".join(json.dumps(k.address) for k in self.miner_keys) + "]",
             f'event_log = "{root / "coordinator-events.jsonl"}"',  # replayed against the core afterwards
             "", "[[clients]]", 'id = "chaos"', f'api_key_sha256 = "{hashlib.sha256(API_KEY.encode()).hexdigest()}"',
             "rate_per_s = 10000.0", "burst = 10000", "",
@@ -158,12 +165,8 @@ class Cluster:
                                 [*cli, "coordinator", "--config", str(root / "coordinator.toml")],
                                 self.coordinator_target, root / "coordinator.log")
         self.miners: list[Proc] = []
-        self.miner_keys: list[crypto.PrivateKey] = []
         for i in range(miners):
             d = root / f"miner{i}"
-            d.mkdir(exist_ok=True)
-            key = crypto.load_or_create_key(d / "miner.key")
-            self.miner_keys.append(key)
             ops = f"127.0.0.1:{free_port()}"
             (d / "miner.toml").write_text("\n".join([
                 f'coordinator = "{self.coordinator_target}"', f'key_file = "{d / "miner.key"}"',

@@ -86,7 +86,7 @@ FUZZ = settings(
 
 def receipt(i: int, provider: crypto.PrivateKey = PROVIDER, chain_id: str = CHAIN, units: int = 100):
     body = ReceiptBody(
-        job_id=f"fuzz-job-{i}", provider=provider.address, client="client-1", units=units, unit_type="gpu_ms",
+        job_id=f"fuzz-job-{i}", provider=provider.address, client="client-1", units=units, unit_type="gpu_ms", version=1,
         price_per_unit=10, model="tiny-sd", prompt_hash="ab" * 32, started_at=1000, finished_at=2000,
         artifact_sha256="cd" * 32, nonce=f"{i:032x}", hub_id="", chain_id=chain_id)
     return sign_receipt(body, provider).attest(ATTESTER)
@@ -140,7 +140,8 @@ class Env:
             listen="127.0.0.1:0", data_dir=str(self.tmp / "coordinator"), key_file=str(self.tmp / "coord.key"),
             clients=[ClientKey("alice", hashlib.sha256(ALICE_KEY.encode()).hexdigest(), fast, fast),
                      ClientKey("bob", hashlib.sha256(BOB_KEY.encode()).hexdigest(), fast, fast)],
-            heartbeat_interval_s=0.5, heartbeat_timeout_s=3.0, max_attempts=2)
+            heartbeat_interval_s=0.5, heartbeat_timeout_s=3.0, max_attempts=2,
+            trusted_miners=[key(9).address])  # the fuzz target's one miner is the operator's own
         coord = await start_coordinator(conf)
         self.targets["coordinator"] = f"127.0.0.1:{coord.port}"
 

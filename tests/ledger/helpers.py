@@ -29,7 +29,7 @@ def genesis(n_auth: int = 1, *, block_time_ms: int = 1000, chain_id: str = CHAIN
 def receipt(i: int = 0, *, units: int = 100, price: int = 10, chain_id: str = CHAIN,
             provider: crypto.PrivateKey = PROVIDER, attester: crypto.PrivateKey | None = ATTESTER) -> SignedReceipt:
     body = ReceiptBody(
-        job_id=f"job-{i}", provider=provider.address, client="client-1", units=units, unit_type="gpu_ms",
+        job_id=f"job-{i}", provider=provider.address, client="client-1", units=units, unit_type="gpu_ms", version=1,
         price_per_unit=price, model="tiny-sd", prompt_hash="ab" * 32, started_at=1000, finished_at=2000,
         artifact_sha256="cd" * 32, nonce=f"{i:032x}", hub_id="", chain_id=chain_id)
     r = sign_receipt(body, provider)

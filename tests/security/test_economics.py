@@ -40,9 +40,13 @@ async def register_status(miner: RawMiner, models: tuple[str, ...], **info: Any)
 
 
 def text_result(miner: RawMiner, task: miner_pb2.Task, text: str, prompt_tokens: int,
-                generated: int, units: int | None = None) -> miner_pb2.JobResult:
+                generated: int, units: int | None = None, receipt_prompt: int | None = None) -> miner_pb2.JobResult:
+    """`receipt_prompt`: the receipt claims this many prompt tokens (units to match) while the
+    result beside it says `prompt_tokens`."""
     data = text.encode()
-    res = miner.result_for(task, data, units=prompt_tokens + generated if units is None else units, unit_type="tokens")
+    signed = prompt_tokens if receipt_prompt is None else receipt_prompt
+    res = miner.result_for(task, data, units=signed + generated if units is None else units, unit_type="tokens",
+                           width=0, height=0, steps=0, images=0, prompt_tokens=signed, generated_tokens=generated)
     res.artifacts[0].content_type = "text/plain; charset=utf-8"
     res.prompt_tokens, res.generated_tokens, res.finish_reason = prompt_tokens, generated, "length"
     return res
@@ -73,7 +77,8 @@ async def test_inflated_token_counts_are_rejected_and_the_job_goes_to_an_honest_
 
 
 async def streamed_text_result(net: Any, streamed: str, uploaded: str, prompt_tokens: int, generated: int,
-                               units: int | None = None) -> tuple[RawMiner, job_pb2.Job, miner_pb2.WorkResponse]:
+                               units: int | None = None, receipt_prompt: int | None = None,
+                               ) -> tuple[RawMiner, job_pb2.Job, miner_pb2.WorkResponse]:
     """A fresh text miner takes a job, streams `streamed`, uploads `uploaded` and claims the counts."""
     m = RawMiner(net)
     await m.connect(models=("null-text",), model_specs=[TEXT_SPEC])
@@ -81,17 +86,19 @@ async def streamed_text_result(net: Any, streamed: str, uploaded: str, prompt_to
     task = (await m.read()).assignment.task
     m.send(text=job_pb2.TextChunk(job_id=task.job_id, text=streamed))
     m.send(chunk=miner_pb2.ArtifactChunk(job_id=task.job_id, index=0, data=uploaded.encode()))
-    m.send(result=text_result(m, task, uploaded, prompt_tokens, generated, units))
+    m.send(result=text_result(m, task, uploaded, prompt_tokens, generated, units, receipt_prompt))
     return m, job, await m.read()
 
 
-@pytest.mark.parametrize(("uploaded", "units", "needle"), [
-    ("abc", 1000, "receipt units 1000 must equal prompt_tokens + generated_tokens (3 + 3)"),
-    ("abd", None, "the final text differs from the text streamed during generation"),
+@pytest.mark.parametrize(("uploaded", "units", "receipt_prompt", "needle"), [
+    ("abc", 1000, None, "receipt units 1000 must be prompt_tokens + generated_tokens (3 + 3)"),
+    ("abd", None, None, "the final text differs from the text streamed during generation"),
+    # honest counts in the result (they pass the bounds), a million in the signed receipt: what is paid
+    ("abc", None, 10**6, "receipt field prompt_tokens is 1000000, expected 3"),
 ])
 async def test_a_text_result_must_be_what_was_streamed_and_counted(net: Any, uploaded: str, units: int | None,
-                                                                   needle: str) -> None:
-    m, job, reply = await streamed_text_result(net, "abc", uploaded, 3, 3, units)
+                                                                   receipt_prompt: int | None, needle: str) -> None:
+    m, job, reply = await streamed_text_result(net, "abc", uploaded, 3, 3, units, receipt_prompt)
     assert reply.WhichOneof("msg") == "rejected" and needle in reply.rejected.reason, reply
     assert net.core.machine.job(job.job_id).state == S.JOB_STATE_QUEUED
 
@@ -187,6 +194,40 @@ async def test_the_operators_model_list_fixes_kinds_and_can_close_the_door(netwo
 
 
 
+async def test_a_job_at_native_size_is_paid_for_the_models_size_not_the_miners(net: Any, null_backend: Any) -> None:
+    """A job that leaves width and height at 0 gets the model's native size when it is submitted (the
+    first miner declared 64), so a miner cannot make (and be paid for) 2048x2048 images instead; one
+    that declares another native size for the model is refused at Register."""
+    await net.add_miner({"null": null_backend})  # the daemon declares null's native size: 64
+    s = stub(net)
+    req = coordinator_pb2.SubmitJobRequest(model="null", params=job_pb2.JobParams(
+        image=job_pb2.ImageParams(prompt="a red bicycle", steps=3, seed=1)))
+    job = (await s.SubmitJob(req, metadata=MD)).job
+    assert (job.params.image.width, job.params.image.height) == (64, 64)
+    again = (await s.SubmitJob(req, metadata=MD)).job  # the same request resolves the same way
+    assert again.params.image == job.params.image
+    done = await wait_done(s, job.job_id)
+    assert done.state == S.JOB_STATE_COMPLETED and done.unit_type == "tile_steps" and done.units == 3  # 1 tile x 3 steps
+    code, details = await register_status(RawMiner(net), ("null",), model_specs=[
+        miner_pb2.ModelSpec(name="null", kind=job_pb2.MODEL_KIND_IMAGE, native_size=512)])
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "makes 64x64 images on this coordinator" in details and "declares 512x512" in details
+
+
+async def test_the_operators_native_size_wins_and_a_retried_request_matches(network_factory: Any) -> None:
+    net = await network_factory(models=[ModelConfig("null", "image", native_size=128)])
+    s = stub(net)
+    code, details = await register_status(RawMiner(net), ("null",), model_specs=[
+        miner_pb2.ModelSpec(name="null", kind=job_pb2.MODEL_KIND_IMAGE, native_size=64)])
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "set by coordinator.toml" in details
+    await RawMiner(net).connect(models=("null",))  # declares no size: takes the registry's
+    req = coordinator_pb2.SubmitJobRequest(model="null", request_id="r-1", params=job_pb2.JobParams(
+        image=job_pb2.ImageParams(prompt="a red bicycle", seed=1)))
+    job = (await s.SubmitJob(req, metadata=MD)).job
+    assert (job.params.image.width, job.params.image.height) == (128, 128)
+    assert (await s.SubmitJob(req, metadata=MD)).job.job_id == job.job_id  # idempotent after the size is filled
+
+
 def test_token_bounds_are_what_the_receipt_spec_says() -> None:
     from aitbc.coordinator.checks import SPECIAL_TOKENS, token_bounds
 
@@ -232,3 +273,20 @@ async def test_fresh_keys_cannot_grow_the_model_registry_without_bound(network_f
     assert (await register_status(RawMiner(net), ("null",)))[0] == grpc.StatusCode.OK
     await net.restart_coordinator()
     assert sum(e.source != "config" for e in net.core.models.entries.values()) == 64
+
+
+async def test_a_miner_loading_other_weights_under_a_models_name_is_refused(net: Any, tiny_backend: Any) -> None:
+    """The model's identity is its weights: the first miner's tiny-sd fixes their sha256 (the same on
+    every machine: the tiny pipeline is built from a fixed seed), and a miner that declares other
+    weights under that name is refused at Register; the honest miner's twin is accepted."""
+    honest = await net.add_miner({"tiny-sd": tiny_backend})
+    spec = next(s for s in honest.info().model_specs if s.name == "tiny-sd")
+    assert len(spec.weights_sha256) == 64 and spec.native_size == 64
+    forged = miner_pb2.ModelSpec(name="tiny-sd", kind=job_pb2.MODEL_KIND_IMAGE, weights_sha256="ab" * 32)
+    code, details = await register_status(RawMiner(net), ("tiny-sd",), model_specs=[forged])
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "loads other weights under this name" in details
+    twin = miner_pb2.ModelSpec(name="tiny-sd", kind=job_pb2.MODEL_KIND_IMAGE, weights_sha256=spec.weights_sha256)
+    assert (await register_status(RawMiner(net), ("tiny-sd",), model_specs=[twin]))[0] == grpc.StatusCode.OK
+    await net.restart_coordinator()  # what was learned survives a restart
+    code, _ = await register_status(RawMiner(net), ("tiny-sd",), model_specs=[forged])
+    assert code == grpc.StatusCode.FAILED_PRECONDITION

@@ -90,7 +90,7 @@ def big_channel(target: str) -> grpc.aio.Channel:
 
 
 def body(i: int, **changes: Any) -> ReceiptBody:
-    fields = dict(job_id=f"sec-job-{i}", provider=PROVIDER.address, client="alice", units=100, unit_type="gpu_ms",
+    fields = dict(job_id=f"sec-job-{i}", provider=PROVIDER.address, client="alice", units=100, unit_type="gpu_ms", version=1,
                   price_per_unit=10, model="tiny-sd", prompt_hash="ab" * 32, started_at=1000, finished_at=2000,
                   artifact_sha256="cd" * 32, nonce=f"{i:032x}", hub_id="", chain_id=CHAIN)
     fields.update(changes)
@@ -400,6 +400,8 @@ async def test_every_client_rpc_needs_a_known_api_key(net: Any) -> None:
     jid = "0" * 28
     calls = {
         "SubmitJob": lambda md: s.SubmitJob(image_job(), metadata=md),
+        "QuoteJob": lambda md: s.QuoteJob(coordinator_pb2.QuoteJobRequest(
+            model="null", params=job_pb2.JobParams(image=job_pb2.ImageParams(prompt="x"))), metadata=md),
         "GetJob": lambda md: s.GetJob(coordinator_pb2.GetJobRequest(job_id=jid), metadata=md),
         "CancelJob": lambda md: s.CancelJob(coordinator_pb2.CancelJobRequest(job_id=jid), metadata=md),
         "WatchJob": lambda md: s.WatchJob(coordinator_pb2.WatchJobRequest(job_id=jid), metadata=md).read(),

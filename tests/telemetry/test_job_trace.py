@@ -121,7 +121,7 @@ async def test_miner_job_span_with_generate_child_and_a_step_event_each(network_
     job_span = t.one("miner.job", job_id=t.job.job_id)
     assert job_span.attributes["model"] == "null"
     assert job_span.attributes["miner_id"] == t.job.miner_id
-    assert job_span.attributes["unit_type"] == "gpu_ms" and job_span.attributes["units"] == t.job.units
+    assert job_span.attributes["unit_type"] == "tile_steps" and job_span.attributes["units"] == t.job.units
     [gen] = t.children(job_span, "miner.generate")
     assert gen.attributes["job_kind"] == "image" and gen.attributes["steps"] == STEPS
     steps = [e for e in gen.events if e.name == "denoise.step"]

@@ -93,4 +93,4 @@ async def test_job_metrics_count_the_job(network_factory, null_backend, tmp_path
     assert metrics.JOBS_TOTAL.value(state="COMPLETED") == before["completed"] + 1
     assert metrics.DISPATCH_LATENCY.count() == before["dispatch"] + 1
     assert metrics.JOB_DURATION.count(model="null") == before["duration"] + 1
-    assert metrics.GPU_SECONDS.value(model="null") == pytest.approx(before["gpu"] + job.units / 1000)
+    assert metrics.GPU_SECONDS.value(model="null") == pytest.approx(before["gpu"] + job.gpu_ms / 1000)

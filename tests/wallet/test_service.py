@@ -33,7 +33,7 @@ AUTHORITY, ATTESTER, PROVIDER, BOB = key(1), key(2), key(3), key(4)
 def receipt(i: int, *, units: int = 100, price: int = 10, provider: crypto.PrivateKey = PROVIDER,
             chain_id: str = CHAIN) -> SignedReceipt:
     body = ReceiptBody(
-        job_id=f"job-{i}", provider=provider.address, client="client-1", units=units, unit_type="gpu_ms",
+        job_id=f"job-{i}", provider=provider.address, client="client-1", units=units, unit_type="gpu_ms", version=1,
         price_per_unit=price, model="tiny-sd", prompt_hash="ab" * 32, started_at=1000, finished_at=2000,
         artifact_sha256="cd" * 32, nonce=f"{i:032x}", hub_id="", chain_id=chain_id)
     return sign_receipt(body, provider).attest(ATTESTER)
