@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,29 +50,59 @@ def _add_conn(p: argparse.ArgumentParser) -> None:
 # ---- progress and output ------------------------------------------------------------------------
 
 class Progress:
-    def __init__(self, stream: Any = sys.stderr) -> None:
+    """One line per state, a queue line while queued (position, elapsed, ETA) and a progress bar
+    with an ETA from the measured step rate; on a terminal the queue line and the bar redraw in
+    place, otherwise each change is a line."""
+
+    def __init__(self, stream: Any = sys.stderr, clock: Any = time.monotonic) -> None:
         self.stream = stream
         self.tty = stream.isatty()
+        self.clock = clock
+        self.started = clock()
         self.last = ""
+        self._first_step: tuple[float, int] | None = None
 
     def state(self, job: job_pb2.Job) -> None:
         key = (job.state, job.attempts)
-        if key == getattr(self, "_last_state", None):
-            return
-        self._last_state = key
-        self._line(f"job {job.job_id}: {jobs.state_name(job.state)}" + (f" ({job.wait_reason})" if job.wait_reason else ""), final=True)
+        if key != getattr(self, "_last_state", None):
+            self._last_state = key
+            self._line(f"job {job.job_id}: {jobs.state_name(job.state)}" + (f" ({job.wait_reason})" if job.wait_reason else ""),
+                       final=True)
+        if job.state == job_pb2.JOB_STATE_QUEUED and job.HasField("queue"):
+            self._line(queue_line(job.queue, self.clock() - self.started), final=not self.tty)
 
     def step(self, p: job_pb2.JobProgress) -> None:
         width = 30
         done = int(width * p.step / max(1, p.total_steps))
-        self._line(f"[{'#' * done}{'.' * (width - done)}] step {p.step}/{p.total_steps}", final=p.step == p.total_steps)
+        now = self.clock()
+        if self._first_step is None or p.step < self._first_step[1]:
+            self._first_step = (now, p.step)
+        t0, s0 = self._first_step
+        eta = ""
+        if p.step > s0 and p.step < p.total_steps:
+            eta = f", ETA {(now - t0) / (p.step - s0) * (p.total_steps - p.step):.0f} s"
+        self._line(f"[{'#' * done}{'.' * (width - done)}] step {p.step}/{p.total_steps}{eta}",
+                   final=p.step == p.total_steps)
 
     def _line(self, text: str, final: bool) -> None:
+        if text == self.last and not final:
+            return
+        self.last = text
         if self.tty:
             self.stream.write("\r\033[K" + text + ("\n" if final else ""))
         else:
             self.stream.write(text + "\n")
         self.stream.flush()
+
+
+def queue_line(q: job_pb2.QueueInfo, elapsed_s: float) -> str:
+    """`queued: position 3, 2 miner slots, waiting 4 s, ETA ~6 s (p90 9 s)` (docs/coordinator.md)."""
+    if not q.can_run:
+        return f"queued: position {q.position}, no connected miner can run it now; waiting {elapsed_s:.0f} s"
+    eta = (f"ETA ~{q.eta_p50_ms / 1000:.0f} s (p90 {q.eta_p90_ms / 1000:.0f} s)" if q.eta_known
+           else "ETA unknown (no job of this model finished yet)")
+    return f"queued: position {q.position}, {q.slots} miner slot{'s' if q.slots != 1 else ''}, " \
+           f"waiting {elapsed_s:.0f} s, {eta}"
 
 
 def _out_path(base: str, index: int, count: int) -> Path:
@@ -90,12 +122,13 @@ def run_image_job(client: Any, args: argparse.Namespace, *, out: str) -> int:
     if getattr(args, "no_wait", False):
         print(job.job_id)
         return 0
-    for ev in client.watch(job.job_id):
-        if isinstance(ev, job_pb2.JobProgress):
-            progress.step(ev)
-        else:
-            job = ev
-            progress.state(job)
+    with follow_hint(job.job_id):
+        for ev in client.watch(job.job_id):
+            if isinstance(ev, job_pb2.JobProgress):
+                progress.step(ev)
+            else:
+                job = ev
+                progress.state(job)
     if job.state != job_pb2.JOB_STATE_COMPLETED:
         return _fail(f"job {job.job_id} ended {jobs.state_name(job.state)}: {job.error}")
     saved = []
@@ -157,22 +190,23 @@ def run_text_job(client: Any, args: argparse.Namespace) -> int:
     first_token = None
     printed = 0
     parts: list[str] = []
-    for ev in client.watch(job.job_id):
-        if isinstance(ev, job_pb2.TextChunk):
-            if ev.offset == 0 and printed:
-                print("\n[the job was requeued to another miner: the text restarts]", file=sys.stderr)
-                parts.clear()
-            if first_token is None:
-                first_token = time.monotonic() - t0
-            sys.stdout.write(ev.text)
-            sys.stdout.flush()
-            parts.append(ev.text)
-            printed = ev.offset + len(ev.text)
-        elif isinstance(ev, job_pb2.Job):
-            job = ev
-            if job.state in jobs.TERMINAL and printed:
-                sys.stdout.write("\n")
-            progress.state(job)
+    with follow_hint(job.job_id):
+        for ev in client.watch(job.job_id):
+            if isinstance(ev, job_pb2.TextChunk):
+                if ev.offset == 0 and printed:
+                    print("\n[the job was requeued to another miner: the text restarts]", file=sys.stderr)
+                    parts.clear()
+                if first_token is None:
+                    first_token = time.monotonic() - t0
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+                parts.append(ev.text)
+                printed = ev.offset + len(ev.text)
+            elif isinstance(ev, job_pb2.Job):
+                job = ev
+                if job.state in jobs.TERMINAL and printed:
+                    sys.stdout.write("\n")
+                progress.state(job)
     if job.state != job_pb2.JOB_STATE_COMPLETED:
         return _fail(f"job {job.job_id} ended {jobs.state_name(job.state)}: {job.error}")
     if args.output:
@@ -190,6 +224,26 @@ def run_text_job(client: Any, args: argparse.Namespace) -> int:
     _print_cost(job, job.units * job.price_per_unit, file=err)
     print(f"receipt hash: {job.receipt_hash}", file=err)
     return 0
+
+
+@contextlib.contextmanager
+def follow_hint(job_id: str) -> Iterator[None]:
+    """Ctrl-C or a lost connection while watching: say that the job goes on, and how to follow it."""
+    from aitbc.clients.sdk import ClientError
+
+    follow = f"aitbc status {job_id} | aitbc result {job_id} | aitbc cancel {job_id}"
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: job {job_id} keeps running on the network and is paid for when it completes; "
+              f"follow it: {follow}", file=sys.stderr)
+        raise
+    except ClientError as exc:
+        if exc.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+            raise
+        print(f"\nlost the coordinator while watching job {job_id} ({exc.code}); the job is kept there. "
+              f"When it is back: {follow}", file=sys.stderr)
+        raise
 
 
 def _print_cost(job: job_pb2.Job, cost: int, file: Any = None) -> None:

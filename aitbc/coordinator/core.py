@@ -87,6 +87,7 @@ class Coordinator:
                                  now_ms=self.time.now_ms)
         self._reconciled_at = 0.0
         self._pending: list[m.Event] = []  # follow-up events raised while executing instructions
+        self._queue_seen: dict[str, job_pb2.QueueInfo] = {}  # what watchers of queued jobs were last told
         self._unwritten: list[m.Store] = []  # Store instructions of the current pass (one write)
         # metrics: labels bound once (hot path); gauges read at scrape time
         self._jobs_in = {st: metrics.JOBS_TOTAL.labels(state=jobs.state_name(st)) for st in S.values() if st}
@@ -399,14 +400,38 @@ class Coordinator:
         return job
 
     def _client_view(self, job: job_pb2.Job) -> job_pb2.Job:
-        """A copy to hand out, with the receipt as the book has it now."""
+        """A copy to hand out, with the receipt as the book has it now (or, while the job is
+        queued, its queue position and ETA)."""
         out = job_pb2.Job()
         out.CopyFrom(job)
         if out.receipt_hash:
             rec = self.receipts.get(out.receipt_hash)
             if rec is not None:
                 out.receipt.CopyFrom(rec)
+        if out.state == S.JOB_STATE_QUEUED:
+            info = self.machine.queue_infos([out.job_id]).get(out.job_id)
+            if info is not None:
+                out.queue.CopyFrom(info)
         return out
+
+    def _publish_queue_moves(self) -> None:
+        """Watchers of queued jobs get a fresh snapshot when the job's place or ETA changed."""
+        watched = [j for j in self.streams.watched_ids() if (job := self.machine.job(j)) is not None
+                   and job.state == S.JOB_STATE_QUEUED]
+        if not watched:
+            self._queue_seen.clear()
+            return
+        infos = self.machine.queue_infos(watched)
+        for job_id, info in infos.items():
+            seen = self._queue_seen.get(job_id)
+            if seen is not None and (seen.position, seen.slots, seen.eta_p50_ms // 1000) == (
+                    info.position, info.slots, info.eta_p50_ms // 1000):
+                continue
+            self._queue_seen[job_id] = info  # (the first time, the watcher may have it already: harmless)
+            self.streams.publish(job_id, self._client_view(self.machine.job(job_id)))  # type: ignore[arg-type]
+        for job_id in list(self._queue_seen):
+            if job_id not in infos:
+                del self._queue_seen[job_id]
 
     def get(self, client_id: str, job_id: str) -> job_pb2.Job:
         job = self._load(job_id)
@@ -428,8 +453,9 @@ class Coordinator:
         self.get(client_id, job_id)  # existence and ownership before anything is streamed
         async for event in self.streams.watch(job_id, lambda: self.get(client_id, job_id),
                                               lambda j: self.machine.job(j) is not None):
-            if isinstance(event, job_pb2.Job) and event.state == S.JOB_STATE_COMPLETED and event.receipt_hash:
-                event = self._client_view(event)  # the receipt, as the book has it now
+            if isinstance(event, job_pb2.Job) and (event.state == S.JOB_STATE_QUEUED or (
+                    event.state == S.JOB_STATE_COMPLETED and event.receipt_hash)):
+                event = self._client_view(event)  # the receipt as the book has it now; a queued job's place
             yield event
 
     def artifact(self, client_id: str, job_id: str, index: int) -> tuple[job_pb2.Artifact, bytes]:
@@ -687,6 +713,7 @@ class Coordinator:
         for conn, quiet in self.registry.silent(self.config.heartbeat_timeout_s):
             self.disconnect(conn, f"no heartbeat for {quiet:.1f} s", stalled=True)
         self._run(m.Tick())
+        self._publish_queue_moves()
 
     async def run_housekeeping(self, interval_s: float = 0.5) -> None:
         while True:

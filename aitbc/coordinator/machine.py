@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from aitbc import jobs
+from aitbc.coordinator import eta
 from aitbc.coordinator.clock import Clock
 from aitbc.errors import AitbcError, PermissionDenied
 from aitbc.hub.matching import JobNeeds, MinerView, Unplaceable, choose
@@ -324,6 +325,7 @@ class JobMachine:
         self._dirty: dict[str, job_pb2.Job] = {}
         self._artifacts: list[tuple[str, bytes]] = []
         self._receipts: list[tuple[job_pb2.Job, receipt_pb2.Receipt]] = []
+        self.service = eta.ServiceTimes()  # measured assignment -> result times, for queue ETAs
 
     # ---- queries (no change of state) ------------------------------------------------------------
 
@@ -356,6 +358,29 @@ class JobMachine:
         if slot is None:
             return None
         return dataclasses.replace(slot.view, running=len(slot.held), recent_latency_ms=slot.latency_ms)
+
+    def queue_infos(self, wanted: Iterable[str]) -> dict[str, job_pb2.QueueInfo]:
+        """Queue position and ETA (aitbc.coordinator.eta) of each wanted job that is QUEUED; a split
+        job has its first queued shard's."""
+        queued = [self.records[j].job for j in self.queue
+                  if j in self.records and self.records[j].job.state == QUEUED and not self.records[j].job.shard_job_ids]
+        pos = eta.positions(queued)
+        views = [v for v in (self.view(m) for m in self.miners) if v is not None]
+        out = {}
+        for job_id in wanted:
+            rec = self.records.get(job_id)
+            if rec is None or rec.job.state != QUEUED:
+                continue
+            ids = [s for s in rec.job.shard_job_ids if s in pos] or [job_id]
+            first = min(ids, key=lambda j: pos.get(j, 1 << 30))
+            if first not in pos:
+                continue
+            needs = self.needs(self.records[first].job, self.records[first])
+            able = [v for v in views if not isinstance(choose([dataclasses.replace(v, running=0)], needs, 0), Unplaceable)]
+            capacity = eta.Capacity(sum(v.max_concurrency for v in able),
+                                    sum(max(0, v.max_concurrency - v.running) for v in able))
+            out[job_id] = eta.queue_info(pos[first], capacity, self.service.quantiles(rec.job.model))
+        return out
 
     def idle_views(self) -> list[MinerView]:
         """Every connected miner as if it had nothing running: who could ever take a job."""
@@ -666,6 +691,7 @@ class JobMachine:
         job = self._held(ev.miner_id, ev.job_id)
         rec = self.records[job.job_id]
         took = (self._t - rec.assigned_at) * 1000
+        self.service.add(job.model, took / 1000)
         slot = self.miners[ev.miner_id]
         slot.latency_ms = took if not slot.latency_ms else 0.8 * slot.latency_ms + 0.2 * took
         self._out.append(Record(ev.miner_id, "success", draw=not job.verify_of))

@@ -30,6 +30,9 @@ class JobStreams:
     def watched(self, job_id: str) -> bool:
         return job_id in self._watchers
 
+    def watched_ids(self) -> list[str]:
+        return list(self._watchers)
+
     def watchers(self, job_id: str) -> int:
         return len(self._watchers.get(job_id, ()))
 

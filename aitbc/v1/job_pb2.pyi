@@ -371,6 +371,7 @@ class Job(_message.Message):
     STORY_FIELD_NUMBER: _builtins.int
     STORY_DROPPED_FIELD_NUMBER: _builtins.int
     GPU_MS_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     model: _builtins.str
     state: Global___JobState.ValueType
@@ -447,6 +448,12 @@ class Job(_message.Message):
         older entries were dropped, story_dropped counts them (the first entry, its submission, is kept).
         """
 
+    @_builtins.property
+    def queue(self) -> Global___QueueInfo:
+        """While the job is QUEUED (GetJob, WatchJob): its place in the queue and when a miner is
+        expected to take it (docs/coordinator.md, "Queue position and ETA"); unset otherwise.
+        """
+
     def __init__(
         self,
         *,
@@ -487,16 +494,62 @@ class Job(_message.Message):
         story: _abc.Iterable[Global___JobTransition] | None = ...,
         story_dropped: _builtins.int = ...,
         gpu_ms: _builtins.int = ...,
+        queue: Global___QueueInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "params", b"params", "progress", b"progress", "receipt", b"receipt"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "params", b"params", "progress", b"progress", "queue", b"queue", "receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "artifacts", b"artifacts", "attempts", b"attempts", "client_id", b"client_id", "created_at_unix_ms", b"created_at_unix_ms", "device_class", b"device_class", "error", b"error", "finish_reason", b"finish_reason", "finished_at_unix_ms", b"finished_at_unix_ms", "first_image", b"first_image", "generated_tokens", b"generated_tokens", "gpu_ms", b"gpu_ms", "job_id", b"job_id", "max_price_per_unit", b"max_price_per_unit", "miner_id", b"miner_id", "model", b"model", "params", b"params", "parent_job_id", b"parent_job_id", "price_per_unit", b"price_per_unit", "progress", b"progress", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "receipt", b"receipt", "receipt_hash", b"receipt_hash", "request_id", b"request_id", "shard_job_ids", b"shard_job_ids", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "story", b"story", "story_dropped", b"story_dropped", "traceparent", b"traceparent", "unit_type", b"unit_type", "units", b"units", "updated_at_unix_ms", b"updated_at_unix_ms", "verification", b"verification", "verification_job_ids", b"verification_job_ids", "verify_of", b"verify_of", "wait_reason", b"wait_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "artifacts", b"artifacts", "attempts", b"attempts", "client_id", b"client_id", "created_at_unix_ms", b"created_at_unix_ms", "device_class", b"device_class", "error", b"error", "finish_reason", b"finish_reason", "finished_at_unix_ms", b"finished_at_unix_ms", "first_image", b"first_image", "generated_tokens", b"generated_tokens", "gpu_ms", b"gpu_ms", "job_id", b"job_id", "max_price_per_unit", b"max_price_per_unit", "miner_id", b"miner_id", "model", b"model", "params", b"params", "parent_job_id", b"parent_job_id", "price_per_unit", b"price_per_unit", "progress", b"progress", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "queue", b"queue", "receipt", b"receipt", "receipt_hash", b"receipt_hash", "request_id", b"request_id", "shard_job_ids", b"shard_job_ids", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "story", b"story", "story_dropped", b"story_dropped", "traceparent", b"traceparent", "unit_type", b"unit_type", "units", b"units", "updated_at_unix_ms", b"updated_at_unix_ms", "verification", b"verification", "verification_job_ids", b"verification_job_ids", "verify_of", b"verify_of", "wait_reason", b"wait_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_price_per_unit: _TypeAlias = _typing.Literal["max_price_per_unit"]  # noqa: Y015
     _WhichOneofArgType__max_price_per_unit: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_price_per_unit) -> _WhichOneofReturnType__max_price_per_unit | None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class QueueInfo(_message.Message):
+    """QueueInfo is a queued job's place in line and the estimate of when it starts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    CAN_RUN_FIELD_NUMBER: _builtins.int
+    ETA_KNOWN_FIELD_NUMBER: _builtins.int
+    ETA_P50_MS_FIELD_NUMBER: _builtins.int
+    ETA_P90_MS_FIELD_NUMBER: _builtins.int
+    SERVICE_SAMPLES_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """1 = next: queued jobs of the same model and kind ahead of it, plus one."""
+    slots: _builtins.int
+    """Job slots (max_concurrency) of the connected miners that could run it; 0 = none can now."""
+    can_run: _builtins.bool
+    """Whether any connected miner could run it at all (wait_reason says why not)."""
+    eta_known: _builtins.bool
+    """Whether an estimate exists (the model has completed jobs to measure)."""
+    eta_p50_ms: _builtins.int
+    """Estimated milliseconds until a miner takes it: median and 90th percentile."""
+    eta_p90_ms: _builtins.int
+    service_samples: _builtins.int
+    """Completed jobs the estimate is measured from (at most 64, the most recent)."""
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        slots: _builtins.int = ...,
+        can_run: _builtins.bool = ...,
+        eta_known: _builtins.bool = ...,
+        eta_p50_ms: _builtins.int = ...,
+        eta_p90_ms: _builtins.int = ...,
+        service_samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["can_run", b"can_run", "eta_known", b"eta_known", "eta_p50_ms", b"eta_p50_ms", "eta_p90_ms", b"eta_p90_ms", "position", b"position", "service_samples", b"service_samples", "slots", b"slots"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueueInfo: _TypeAlias = QueueInfo  # noqa: Y015
 
 @_typing.final
 class JobTransition(_message.Message):
