@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aitbc import jobs
-from aitbc.errors import AitbcError
+from aitbc.errors import AitbcError, InvalidArgument
 from aitbc.v1 import job_pb2, receipt_pb2
 
 _UNSETTLED = (receipt_pb2.SETTLEMENT_STATE_PENDING, receipt_pb2.SETTLEMENT_STATE_SUBMITTED,
@@ -123,7 +123,7 @@ def run_image_job(client: Any, args: argparse.Namespace, *, out: str) -> int:
         print(job.job_id)
         return 0
     with follow_hint(job.job_id):
-        for ev in client.watch(job.job_id):
+        for ev in interruptible(client.watch(job.job_id)):
             if isinstance(ev, job_pb2.JobProgress):
                 progress.step(ev)
             else:
@@ -191,7 +191,7 @@ def run_text_job(client: Any, args: argparse.Namespace) -> int:
     printed = 0
     parts: list[str] = []
     with follow_hint(job.job_id):
-        for ev in client.watch(job.job_id):
+        for ev in interruptible(client.watch(job.job_id)):
             if isinstance(ev, job_pb2.TextChunk):
                 if ev.offset == 0 and printed:
                     print("\n[the job was requeued to another miner: the text restarts]", file=sys.stderr)
@@ -226,6 +226,35 @@ def run_text_job(client: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def interruptible(events: Iterator[Any]) -> Iterator[Any]:
+    """Iterate `events` (a blocking gRPC stream) on a daemon thread, so that Ctrl-C always reaches
+    this thread at once, whatever the stream is blocked in, and the process can exit."""
+    import queue
+    import threading
+
+    box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=256)
+
+    def pump() -> None:
+        try:
+            for ev in events:
+                box.put(("event", ev))
+            box.put(("end", None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            box.put(("error", exc))
+
+    threading.Thread(target=pump, name="aitbc-watch", daemon=True).start()
+    while True:
+        try:
+            kind, value = box.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if kind == "end":
+            return
+        if kind == "error":
+            raise value
+        yield value
+
+
 @contextlib.contextmanager
 def follow_hint(job_id: str) -> Iterator[None]:
     """Ctrl-C or a lost connection while watching: say that the job goes on, and how to follow it."""
@@ -252,15 +281,32 @@ def _print_cost(job: job_pb2.Job, cost: int, file: Any = None) -> None:
           f"{cap} per unit)", file=file or sys.stdout)
 
 
+IMAGE_OPTIONS = ("negative_prompt", "steps", "guidance", "width", "height", "images")
+
+
 def job_params(args: argparse.Namespace, *, text: bool) -> job_pb2.JobParams:
+    """The job's parameters from the command line, checked here against the shared limits
+    (aitbc.jobs) before anything is sent; an option of the other job kind is refused."""
     from aitbc.clients.sdk import image_params, text_params
 
+    kind, other = ("text", IMAGE_OPTIONS) if text else ("image", TEXT_OPTIONS)
+    given = [o for o in other if getattr(args, o, None) not in (None, [])]
+    if given:
+        flags = ", ".join("--" + o.replace("_", "-") for o in given)
+        raise InvalidArgument(f"{flags} do{'es' if len(given) == 1 else ''} not apply: '{args.model}' is a {kind} "
+                              f"model (see `aitbc models`)")
+    for name in ("steps", "images", "max_new_tokens"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise InvalidArgument(f"--{name.replace('_', '-')} must be at least 1 (leave it out for the default)")
     if text:
-        return text_params(args.prompt, max_new_tokens=args.max_new_tokens or 0, temperature=args.temperature,
-                           top_p=args.top_p, top_k=args.top_k or 0, seed=args.seed, stop=args.stop or [])
-    return image_params(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                        guidance_scale=args.guidance, width=args.width, height=args.height, images=args.images,
-                        seed=args.seed)
+        params = text_params(args.prompt, max_new_tokens=args.max_new_tokens or 0, temperature=args.temperature,
+                             top_p=args.top_p, top_k=args.top_k or 0, seed=args.seed, stop=args.stop or [])
+    else:
+        params = image_params(args.prompt, negative_prompt=args.negative_prompt or "", steps=args.steps or 0,
+                              guidance_scale=args.guidance, width=args.width or 0, height=args.height or 0,
+                              images=args.images or 1, seed=args.seed)
+    jobs.normalize_params(params)  # the coordinator's own checks, so a mistake is said before sending
+    return params
 
 
 def print_quote(q: Any) -> None:
@@ -580,12 +626,12 @@ def _add_image_args(p: argparse.ArgumentParser, *, prompt_default: str | None = 
         p.add_argument("--prompt", default=prompt_default)
     p.add_argument("--model", default="tiny-sd", help="model to run (default: tiny-sd, the embedded tiny image pipeline; "
                    "tiny-llama is the embedded text model)")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=0, help=f"denoising steps, 1-{jobs.MAX_STEPS} (default {jobs.DEFAULT_STEPS})")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=None, help=f"denoising steps, 1-{jobs.MAX_STEPS} (default {jobs.DEFAULT_STEPS})")
     p.add_argument("--guidance", type=float, default=None, help=f"guidance scale 0-{jobs.MAX_GUIDANCE:g} (default {jobs.DEFAULT_GUIDANCE})")
-    p.add_argument("--width", type=int, default=0, help="pixels, multiple of 8 (default: the model's native size)")
-    p.add_argument("--height", type=int, default=0)
-    p.add_argument("--images", type=int, default=1, help=f"images to make, 1-{jobs.MAX_IMAGES}")
+    p.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default: the model's native size)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--images", type=int, default=None, help=f"images to make, 1-{jobs.MAX_IMAGES} (default 1)")
     p.add_argument("--seed", type=int, default=None, help="fixed seed for a reproducible image")
     p.add_argument("--request-id", default="", help="idempotency key: resubmitting it returns the same job")
     p.add_argument("--max-price", type=int, default=None, metavar="N",

@@ -11,8 +11,8 @@ from typing import Any
 
 import grpc
 
-from aitbc import rpc, telemetry
-from aitbc.errors import AitbcError, DataLoss
+from aitbc import jobs, rpc, telemetry
+from aitbc.errors import AitbcError, DataLoss, InvalidArgument
 from aitbc.rpc import open_sync_channel
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, receipt_pb2
 from aitbc.wire import receipt_from_proto
@@ -178,25 +178,37 @@ class CoordinatorClient:
 def image_params(prompt: str, *, negative_prompt: str = "", steps: int = 0, guidance_scale: float | None = None,
                  width: int = 0, height: int = 0, images: int = 1, seed: int | None = None) -> job_pb2.JobParams:
     """An image job's parameters; 0 / None leave a default to the coordinator (README "Job limits")."""
+    for name, value in (("steps", steps), ("width", width), ("height", height), ("images", images)):
+        if not 0 <= value < 1 << 32:
+            raise InvalidArgument(f"{name} must be a non-negative integer (got {value})")
     p = job_pb2.ImageParams(prompt=prompt, negative_prompt=negative_prompt, steps=steps, width=width, height=height,
                             images=images)
     if guidance_scale is not None:
         p.guidance_scale = guidance_scale
     if seed is not None:
-        p.seed = seed
+        p.seed = _seed(seed)
     return job_pb2.JobParams(image=p)
+
+
+def _seed(seed: int) -> int:
+    if not 0 <= seed <= jobs.MAX_SEED:
+        raise InvalidArgument(f"seed must be between 0 and {jobs.MAX_SEED} (got {seed})")
+    return seed
 
 
 def text_params(prompt: str, *, max_new_tokens: int = 0, temperature: float | None = None, top_p: float | None = None,
                 top_k: int = 0, seed: int | None = None, stop: list[str] | None = None) -> job_pb2.JobParams:
     """A text job's parameters; 0 / None leave a default to the coordinator (README "Job limits")."""
+    for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k)):
+        if not 0 <= value < 1 << 32:
+            raise InvalidArgument(f"{name} must be a non-negative integer (got {value})")
     p = job_pb2.TextParams(prompt=prompt, max_new_tokens=max_new_tokens, top_k=top_k, stop=stop or [])
     if temperature is not None:
         p.temperature = temperature
     if top_p is not None:
         p.top_p = top_p
     if seed is not None:
-        p.seed = seed
+        p.seed = _seed(seed)
     return job_pb2.JobParams(text=p)
 
 

@@ -56,3 +56,38 @@ async def test_ctrl_c_on_submit_says_the_job_goes_on_and_how_to_follow_it(net: A
     await wait_done(s, blocker)
     done = await wait_done(s, job_id)  # the interrupted client's job was not lost
     assert done.state == S.JOB_STATE_COMPLETED
+
+
+def _submit(*argv: str, env: dict[str, str] | None = None) -> Any:
+    import subprocess
+
+    base = dict(os.environ, AITBC_COORDINATOR="127.0.0.1:1", AITBC_API_KEY="k")  # nothing listens: checked first
+    return subprocess.run([sys.executable, "-m", "aitbc.clients.cli", "submit", *argv], env=env or base,
+                          capture_output=True, text=True, timeout=60)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (("x", "--seed", "-1"), "seed must be between 0 and 9223372036854775807 (got -1)"),
+    (("x", "--seed", "99999999999999999999"), "seed must be between 0 and 9223372036854775807"),
+    (("x", "--steps", "0"), "--steps must be at least 1 (leave it out for the default)"),
+    (("x", "--steps", "999"), "steps must be between 1 and 150 (got 999)"),
+    (("x", "--width", "65"), "width must be 0 (the model's native size) or a multiple of 8"),
+    (("x", "--images", "9"), "images must be between 1 and 8 (got 9)"),
+    (("   ",), "prompt is empty"),
+])
+def test_bad_submit_input_is_refused_before_anything_is_sent(argv: tuple[str, ...], needle: str) -> None:
+    r = _submit(*argv)
+    assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "UNAVAILABLE" not in r.stderr  # refused here, not by a coordinator (none is listening)
+
+
+async def test_options_of_the_other_job_kind_are_refused(net: Any, null_text: Any, null_backend: Any) -> None:
+    await net.add_miner({"null-text": null_text, "null": null_backend})
+    env = dict(os.environ, AITBC_COORDINATOR=net.address, AITBC_API_KEY=API_KEY)
+    r = await asyncio.to_thread(_submit, "hello", "--model", "null-text", "--steps", "4", "--width", "128", env=env)
+    assert r.returncode == 1 and "--steps, --width do not apply: 'null-text' is a text model" in r.stderr, r.stderr
+    r = await asyncio.to_thread(_submit, "a boat", "--model", "null", "--max-new-tokens", "9", env=env)
+    assert r.returncode == 1 and "--max-new-tokens does not apply: 'null' is a image model" in r.stderr, r.stderr
