@@ -155,15 +155,22 @@ class MinerConfig(TlsConfig):
 
 @dataclass
 class WalletConfig(TlsConfig):
-    listen: str = "127.0.0.1:18002"
+    # "unix": a socket in <keystore_dir>/.daemon (docs/wallet.md, Access); "unix:/PATH" another
+    # socket; "127.0.0.1:PORT" loopback TCP. Every call needs the daemon's token; nothing else binds.
+    listen: str = "unix"
     keystore_dir: str = "~/.aitbc/wallets"
     ledger: str = "127.0.0.1:26657"
     idle_lock_s: float = 300.0  # an unlocked wallet locks itself after this long without signing
     kdf_profile: str = "default"  # "fast" (libsodium's minimum Argon2id cost) is for tests only
+    # wrong passphrases: after 3 in a row a wallet refuses unlocks for base, doubling up to max
+    unlock_backoff_base_s: float = 1.0
+    unlock_backoff_max_s: float = 60.0
     port_file: str = ""
 
     def __post_init__(self) -> None:
         _within("idle_lock_s", self.idle_lock_s, 0.001, float("inf"))
+        _within("unlock_backoff_base_s", self.unlock_backoff_base_s, 0.001, float("inf"))
+        _within("unlock_backoff_max_s", self.unlock_backoff_max_s, self.unlock_backoff_base_s, 86400.0)
 
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:

@@ -113,10 +113,18 @@ def refuse_plaintext(listen: str) -> None:
             "(docs/operations.md, TLS)")
 
 
+def is_unix(listen: str) -> bool:
+    """Whether a listen address or target is a unix socket (`unix:PATH`), reachable only through
+    the filesystem (its folder's and its own permissions decide who may connect)."""
+    return listen.startswith("unix:")
+
+
 def is_loopback(listen: str) -> bool:
-    """Whether a listen address (host:port) binds loopback only."""
+    """Whether a listen address (host:port) binds loopback only; a unix socket counts as local."""
     import ipaddress
 
+    if is_unix(listen):
+        return True
     host = listen.rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
         return True
@@ -240,6 +248,121 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             await abort(context, exc)
 
     return unary_wrapper
+
+
+class RequireCredential(grpc.aio.ServerInterceptor):
+    """One credential check in front of every method of a server: `check(metadata)` raises an
+    AitbcError (Unauthenticated) for a call that may not proceed, and the call ends with that status
+    before its handler runs or its request is read. Services named in `open_services` (e.g. Health,
+    for liveness probes) skip the check; everything else, including methods added later, is checked."""
+
+    def __init__(self, check: Callable[[Any], None], *, open_services: Sequence[str] = ()) -> None:
+        self._check = check
+        self._open = tuple(f"/{name}/" for name in open_services)
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self._open):
+            return handler
+        try:
+            self._check(details.invocation_metadata)
+        except AitbcError as exc:
+            return _refusal(handler, exc)
+        return handler
+
+
+def _refusal(handler: Any, exc: AitbcError) -> Any:
+    """A handler of the same kind as `handler` that only ends the call with `exc`'s status."""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await abort(context, exc)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await abort(context, exc)
+        yield  # pragma: no cover (abort raises)
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
+
+
+class _MetadataBase:
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._md = tuple(metadata)
+
+    def _details(self, d: Any) -> Any:
+        md = grpc.aio.Metadata(*(tuple(d.metadata or ()) + self._md))
+        return grpc.aio.ClientCallDetails(d.method, d.timeout, md, d.credentials, d.wait_for_ready)
+
+
+# grpc.aio files each interceptor under its first matching kind only: one class per kind
+class _UnaryUnaryMetadata(_MetadataBase, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, d: Any, request: Any) -> Any:
+        return await continuation(self._details(d), request)
+
+
+class _UnaryStreamMetadata(_MetadataBase, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, d: Any, request: Any) -> Any:
+        return await continuation(self._details(d), request)
+
+
+class _StreamUnaryMetadata(_MetadataBase, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, d: Any, requests: Any) -> Any:
+        return await continuation(self._details(d), requests)
+
+
+class _StreamStreamMetadata(_MetadataBase, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, d: Any, requests: Any) -> Any:
+        return await continuation(self._details(d), requests)
+
+
+class _AddSyncMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                       grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """The same for a blocking channel."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._md = tuple(metadata)
+
+    def _details(self, d: Any) -> Any:
+        return _SyncDetails(d.method, d.timeout, tuple(d.metadata or ()) + self._md, d.credentials,
+                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Any, d: Any, request: Any) -> Any:
+        return continuation(self._details(d), request)
+
+    def intercept_unary_stream(self, continuation: Any, d: Any, request: Any) -> Any:
+        return continuation(self._details(d), request)
+
+    def intercept_stream_unary(self, continuation: Any, d: Any, requests: Any) -> Any:
+        return continuation(self._details(d), requests)
+
+    def intercept_stream_stream(self, continuation: Any, d: Any, requests: Any) -> Any:
+        return continuation(self._details(d), requests)
+
+
+@dataclass(frozen=True)
+class _SyncDetails(grpc.ClientCallDetails):  # type: ignore[misc]
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: Any
+    compression: Any
+
+
+def metadata_interceptors(metadata: Sequence[tuple[str, str]]) -> list[Any]:
+    """Client interceptors for `channel(target, interceptors=...)` sending `metadata` on every call."""
+    return [cls(metadata) for cls in (_UnaryUnaryMetadata, _UnaryStreamMetadata, _StreamUnaryMetadata,
+                                      _StreamStreamMetadata)]
+
+
+def open_sync_channel_with(target: str, metadata: Sequence[tuple[str, str]]) -> grpc.Channel:
+    """open_sync_channel whose every call carries `metadata` (a credential)."""
+    return grpc.intercept_channel(open_sync_channel(target), _AddSyncMetadata(metadata))
 
 
 @dataclass

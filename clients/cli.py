@@ -535,7 +535,8 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     print(f"  coordinator   {ep['coordinator']}   (CoordinatorService, MinerService, health, reflection)")
     print(f"  miner ops     {ep['miner_ops']}   (MinerService/GetInfo)")
     print(f"  ledger        {ep['ledger']}   (LedgerService; single authority, chain {ep['chain_id']})")
-    print(f"  wallet        {ep['wallet']}   (WalletService; keystore in {ep['data_dir']}/wallets)")
+    print(f"  wallet        {ep['wallet']}   (WalletService; keystore in {ep['data_dir']}/wallets, "
+          f"token in {ep['wallet_token_file']})")
     print(f"  miner address {ep['miner_address']}   (minted tokens go here; key {ep['miner_key_file']})")
     print(f"  client id     {ep['client_id']}")
     print(f"  API key       {ep['api_key']}")
@@ -560,7 +561,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from aitbc.clients.sdk import CoordinatorClient
     from aitbc.receipts import SignedReceipt, verify_receipt
 
-    args.coordinator_listen = args.miner_ops_listen = args.ledger_listen = args.wallet_listen = "127.0.0.1:0"
+    args.coordinator_listen = args.miner_ops_listen = args.ledger_listen = "127.0.0.1:0"
+    args.wallet_listen = "unix"
     net = _devnet(args)
     print(f"demo: starting a devnet in {net.data_dir} ...", flush=True)
     try:
@@ -656,7 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator-listen", default="127.0.0.1:18000")
     p.add_argument("--miner-ops-listen", default="127.0.0.1:18001")
     p.add_argument("--ledger-listen", default="127.0.0.1:26657")
-    p.add_argument("--wallet-listen", default="127.0.0.1:18002")
+    p.add_argument("--wallet-listen", default="unix",
+                   help="'unix' (default: a socket in DATA_DIR/wallets/.daemon) or a loopback host:port")
     p.add_argument("--models", default="tiny-sd,tiny-llama", help="comma-separated models for the devnet miner")
     p.set_defaults(func=cmd_devnet)
 

@@ -27,6 +27,7 @@ from aitbc.ledger.genesis import make_genesis
 from aitbc.miner.text import TEXT_PREFIX, is_text_model
 from aitbc.rpc import CHANNEL_OPTIONS
 from aitbc.v1 import miner_pb2, miner_pb2_grpc
+from aitbc.wallet.access import DaemonFiles, listen_address
 
 CLIENT_ID = "devnet-client"
 CHAIN_ID = "aitbc-devnet"
@@ -98,7 +99,7 @@ class Devnet:
     coordinator_listen: str = "127.0.0.1:18000"
     miner_ops_listen: str = "127.0.0.1:18001"
     ledger_listen: str = "127.0.0.1:26657"
-    wallet_listen: str = "127.0.0.1:18002"
+    wallet_listen: str = "unix"  # a 0600 socket in DATA_DIR/wallets/.daemon, or loopback host:port
     block_time_ms: int = 1000
     models: list[str] = field(default_factory=lambda: ["tiny-sd", "tiny-llama"])
     log_to: object = sys.stdout
@@ -124,7 +125,7 @@ class Devnet:
         if "ledger" not in state or self.ledger_listen != "127.0.0.1:0":
             state["ledger"] = _resolve(self.ledger_listen)
         if "wallet" not in state or self.wallet_listen != "127.0.0.1:0":
-            state["wallet"] = _resolve(self.wallet_listen)
+            state["wallet"] = self.wallet_listen if self.wallet_listen.startswith("unix") else _resolve(self.wallet_listen)
         tmp = state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         os.chmod(tmp, 0o600)
@@ -175,7 +176,8 @@ class Devnet:
             "coordinator": state["coordinator"],
             "miner_ops": state["miner_ops"],
             "ledger": state["ledger"],
-            "wallet": state["wallet"],
+            "wallet": self._wallet_endpoint(str(state["wallet"])),
+            "wallet_token_file": str(DaemonFiles.of(d / "wallets").token),
             "miner_address": state["miner_address"],
             "miner_key_file": str(d / "keys" / "miner.key"),
             "api_key": state["api_key"],
@@ -189,6 +191,10 @@ class Devnet:
         ep.write_text(json.dumps(self.endpoints, indent=2))
         os.chmod(ep, 0o600)
         return self.endpoints
+
+    def _wallet_endpoint(self, listen: str) -> str:
+        """What clients dial for the wallet daemon (its token: `wallet_token_file`)."""
+        return listen_address(listen, DaemonFiles.of(self.data_dir / "wallets"))
 
     def _wait_ready(self, miner_ops: str, timeout: float) -> None:
         """Ready when the miner reports a live Work stream to the coordinator."""

@@ -98,11 +98,41 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_local(path_text: str, what: str, limit: int) -> tuple[Path, bytes]:
+    """This process reads the file and sends its content: the core (and the daemon) never opens
+    a path it is given."""
+    from aitbc.errors import NotFound
+
+    path = Path(path_text).expanduser()
+    try:
+        with open(path, "rb") as fh:
+            return path, fh.read(limit + 1)
+    except FileNotFoundError:
+        raise NotFound(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidArgument(f"{path} is a directory, not a {what}") from None
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def read_key_file(path_text: str) -> tuple[Path, str]:
+    """The hex private key in a file such as a miner's `key_file` (64 hex characters)."""
+    path, data = _read_local(path_text, "key file", 1024)
+    try:
+        return path, data.decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"key file {path}: private key must be 64 hex characters (32 bytes), "
+                              "got other characters") from None
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     core = _core(args)
     if args.keystore:
+        from aitbc.wallet.keystore import MAX_FILE_BYTES
+
+        path, data = _read_local(args.keystore, "keystore file", MAX_FILE_BYTES)
         phrase = _passphrase(args, "Passphrase of the exported wallet (checked, not changed): ", optional=True)
-        view = core.import_keystore(args.name, str(Path(args.keystore).expanduser()), phrase)
+        view = core.import_keystore(args.name, data, phrase, label=str(path))
     else:
         if not args.name:
             raise InvalidArgument("give the new wallet a NAME")
@@ -111,7 +141,13 @@ def cmd_import(args: argparse.Namespace) -> int:
         validate_name(args.name)
         phrase = _passphrase(args, f"Passphrase to encrypt wallet '{args.name}': ", confirm=True)
         if args.key_file:
-            view = core.import_key_file(args.name, args.key_file, phrase)
+            path, text = read_key_file(args.key_file)
+            try:
+                view = core.import_key(args.name, text, phrase)
+            except InvalidArgument as exc:
+                if "private key" in exc.message:
+                    raise InvalidArgument(f"key file {path}: {exc.message}") from None
+                raise
         else:
             view = core.import_key(args.name, args.key_hex, phrase)
     print(f"imported wallet {view.name}: {view.address}")
@@ -203,6 +239,7 @@ def cmd_wallet_daemon(args: argparse.Namespace) -> int:
 
     conf = cfg.load(cfg.WalletConfig, args.config, "WALLET", listen=args.listen, keystore_dir=args.keystore_dir,
                     ledger=args.ledger, idle_lock_s=args.idle_lock_s, kdf_profile=args.kdf_profile,
+                    unlock_backoff_base_s=args.unlock_backoff_base_s, unlock_backoff_max_s=args.unlock_backoff_max_s,
                     port_file=args.port_file)
     return asyncio.run(run_wallet_daemon(conf))
 
@@ -270,13 +307,17 @@ def register(subparsers: Any) -> None:
 
     d = subparsers.add_parser("wallet-daemon", help="run the wallet daemon (WalletService)")
     d.add_argument("--config", help="TOML file (listen, keystore_dir, ledger, idle_lock_s, kdf_profile, "
-                   "port_file); AITBC_WALLET_* env overrides")
-    d.add_argument("--listen", help="host:port (default 127.0.0.1:18002; port 0 picks one)")
+                   "unlock_backoff_base_s, unlock_backoff_max_s, port_file); AITBC_WALLET_* env overrides")
+    d.add_argument("--listen", help="'unix' (default: a 0600 socket in KEYSTORE_DIR/.daemon), unix:/PATH, or "
+                   "loopback 127.0.0.1:PORT (port 0 picks one); every call needs the token in KEYSTORE_DIR/.daemon")
     d.add_argument("--keystore-dir", help="keystore directory (default ~/.aitbc/wallets)")
     d.add_argument("--ledger", help="ledger node host:port (default 127.0.0.1:26657)")
     d.add_argument("--idle-lock-s", type=float, help="seconds an unlocked wallet may sit idle (default 300)")
     d.add_argument("--kdf-profile", choices=["default", "fast"], help="'fast' is for tests only")
-    d.add_argument("--port-file", help="write the bound port here once serving")
+    d.add_argument("--unlock-backoff-base-s", type=float,
+                   help="first wait after 3 wrong passphrases in a row for a wallet (default 1; doubles)")
+    d.add_argument("--unlock-backoff-max-s", type=float, help="longest such wait (default 60)")
+    d.add_argument("--port-file", help="with TCP: write the bound port here once serving")
     d.set_defaults(func=cmd_wallet_daemon)
 
 

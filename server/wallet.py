@@ -3,7 +3,9 @@ process runner.
 
 Handlers parse the request, call the core and map the result; AitbcError becomes its status in
 aitbc.rpc.handle_errors. The KDF (create, import, unlock) runs in a worker thread so one unlock
-does not stall every other call of the daemon.
+does not stall every other call of the daemon. Who may call is decided before any handler runs:
+one rpc.RequireCredential interceptor checks the daemon's token (aitbc.wallet.access) on every
+method but Health and reflection.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -19,10 +23,14 @@ from aitbc import rpc, telemetry
 from aitbc.config import WalletConfig, write_port_file
 from aitbc.errors import InvalidArgument
 from aitbc.v1 import wallet_pb2, wallet_pb2_grpc
+from aitbc.wallet.access import DaemonAccess
 from aitbc.wallet.service import ReceiptCheck, WalletCore, WalletView
 
 log = logging.getLogger("aitbc.server.wallet")
 SERVICE_NAME = wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name
+# need no token: liveness probes learn only up/down, and reflection only the public schema (so that
+# buf curl without the token gets the UNAUTHENTICATED message naming the token file)
+OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
 W = wallet_pb2
 
 _MINT = {
@@ -147,37 +155,57 @@ async def _sweep(core: WalletCore, every_s: float) -> None:
         core.unlocked.sweep()
 
 
-async def start_wallet_daemon(conf: WalletConfig) -> tuple[rpc.RunningServer, WalletCore, asyncio.Task[None]]:
-    """Open the keystore, bind the server (port 0 allowed) and start the idle-lock sweeper."""
-    core = WalletCore.from_config(conf)
-    server = await rpc.start_server(conf.listen, [wallet_service(core)])
+@dataclass
+class WalletDaemon:
+    server: rpc.RunningServer
+    core: WalletCore
+    access: DaemonAccess
+    sweeper: asyncio.Task[None]
+
+    @property
+    def address(self) -> str:
+        """What clients dial: `unix:/...` or `127.0.0.1:PORT` (also in the daemon folder's endpoint file)."""
+        return self.access.published_address
+
+
+async def start_wallet_daemon(conf: WalletConfig, **core_kw: Any) -> WalletDaemon:
+    """Open the keystore, make this start's token, bind the server (a unix socket by default; port 0
+    allowed for TCP), publish the endpoint and start the idle-lock sweeper. `core_kw` goes to
+    WalletCore (tests inject a clock)."""
+    core = WalletCore.from_config(conf, **core_kw)
+    access = DaemonAccess.prepare(core.keystore.directory, conf.listen)
+    try:
+        guard = rpc.RequireCredential(access.check, open_services=OPEN_SERVICES)
+        server = await rpc.start_server(access.address, [wallet_service(core)], interceptors=[guard])
+    except BaseException:
+        access.close()
+        raise
+    access.published(server.port)
     sweeper = asyncio.create_task(_sweep(core, min(1.0, max(0.05, conf.idle_lock_s / 4))))
-    return server, core, sweeper
+    return WalletDaemon(server, core, access, sweeper)
 
 
-async def stop_wallet_daemon(server: rpc.RunningServer, core: WalletCore, sweeper: asyncio.Task[None]) -> None:
-    sweeper.cancel()
+async def stop_wallet_daemon(daemon: WalletDaemon) -> None:
+    daemon.sweeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await sweeper
-    await server.stop(1.0)
-    await core.close()
+        await daemon.sweeper
+    daemon.access.close()
+    await daemon.server.stop(1.0)
+    await daemon.core.close()
 
 
 async def run_wallet_daemon(conf: WalletConfig, stop: asyncio.Event | None = None) -> int:
     """Serve until SIGINT/SIGTERM (or `stop`). Returns the exit code."""
     telemetry.setup("aitbc-wallet")  # before the server starts: its interceptors are chosen then
     rpc.configure_tls(conf.tls_cert_file, conf.tls_key_file, conf.tls_ca_file, allow_insecure=conf.allow_insecure)
-    server, core, sweeper = await start_wallet_daemon(conf)
-    host = rpc.host_of(conf.listen)
-    print(f"wallet daemon listening on {host}:{server.port} (keystore {core.keystore.directory}, "
-          f"ledger {conf.ledger or 'none'})", flush=True)
-    if host not in ("127.0.0.1", "localhost", "[::1]"):
-        log.warning("wallet daemon listens on %s: anyone who can reach it can spend from unlocked wallets",
-                    conf.listen)
+    daemon = await start_wallet_daemon(conf)
+    print(f"wallet daemon listening on {daemon.address} (keystore {daemon.core.keystore.directory}, "
+          f"token {daemon.access.files.token}, ledger {conf.ledger or 'none'})", flush=True)
     if conf.kdf_profile != "default":
         log.warning("kdf_profile=%s: new wallets use a KDF that is cheap to brute-force (tests only)",
                     conf.kdf_profile)
-    write_port_file(conf.port_file, server.port)
+    if not rpc.is_unix(daemon.address):
+        write_port_file(conf.port_file, daemon.server.port)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -187,5 +215,5 @@ async def run_wallet_daemon(conf: WalletConfig, stop: asyncio.Event | None = Non
         await stop.wait()
     finally:
         print("wallet daemon stopping", flush=True)
-        await stop_wallet_daemon(server, core, sweeper)
+        await stop_wallet_daemon(daemon)
     return 0

@@ -60,6 +60,8 @@ def test_bad_values_are_refused_with_the_key(tmp_path: Path, text: str, needle: 
     (MinerConfig, {"price_per_unit": -1}, "'price_per_unit' must be at least 0"),
     (MinerConfig, {"max_concurrency": 0}, "'max_concurrency' must be at least 1"),
     (WalletConfig, {"idle_lock_s": 0}, "'idle_lock_s' must be at least 0.001"),
+    (WalletConfig, {"unlock_backoff_base_s": 0}, "'unlock_backoff_base_s' must be at least 0.001"),
+    (WalletConfig, {"unlock_backoff_max_s": 0.5}, "'unlock_backoff_max_s' must be between 1 and 86400"),
 ])
 def test_miner_and_wallet_values_are_checked_too(cls: type, values: dict, needle: str) -> None:
     with pytest.raises(InvalidArgument, match=needle):

@@ -144,9 +144,11 @@ class ImportWalletRequest(_message.Message):
     the stored file keeps its original passphrase either way.
     """
     private_key_hex: _builtins.str
-    """64 hex characters (an optional 0x prefix is ignored), e.g. a miner's key file."""
+    """64 hex characters (an optional 0x prefix is ignored), e.g. the content of a miner's key file."""
     keystore_json: _builtins.str
-    """An exported keystore document (docs/wallet.md), as JSON text."""
+    """An exported keystore document (docs/wallet.md) as JSON text; text that does not start with
+    '{' (such as a path) is INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,

@@ -30,6 +30,9 @@ class WalletServiceStub:
     keystore files (docs/wallet.md), holds unlocked keys in memory only, and signs transfers for
     the ledger. Private keys never leave it unencrypted: passphrases travel only in CreateWallet,
     ImportWallet and UnlockWallet requests, and a locked wallet signs nothing (FAILED_PRECONDITION).
+    Every call carries the daemon's token as `authorization: Bearer <token>` metadata (the token is in
+    <keystore_dir>/.daemon/token, 0600; the daemon listens on a 0600 unix socket there by default);
+    without it a call is UNAUTHENTICATED (docs/wallet.md, "Access").
     """
 
     def __init__(self, channel):
@@ -95,6 +98,9 @@ class WalletServiceServicer:
     keystore files (docs/wallet.md), holds unlocked keys in memory only, and signs transfers for
     the ledger. Private keys never leave it unencrypted: passphrases travel only in CreateWallet,
     ImportWallet and UnlockWallet requests, and a locked wallet signs nothing (FAILED_PRECONDITION).
+    Every call carries the daemon's token as `authorization: Bearer <token>` metadata (the token is in
+    <keystore_dir>/.daemon/token, 0600; the daemon listens on a 0600 unix socket there by default);
+    without it a call is UNAUTHENTICATED (docs/wallet.md, "Access").
     """
 
     def CreateWallet(self, request, context):
@@ -134,6 +140,8 @@ class WalletServiceServicer:
 
     def UnlockWallet(self, request, context):
         """UnlockWallet decrypts a wallet's key into the daemon's memory until it sits idle too long.
+        After 3 wrong passphrases in a row a wallet refuses unlocks (RESOURCE_EXHAUSTED, retry-after-ms
+        trailer) for a backoff that doubles up to a cap (docs/wallet.md, "Unlock throttle").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -235,6 +243,9 @@ class WalletService:
     keystore files (docs/wallet.md), holds unlocked keys in memory only, and signs transfers for
     the ledger. Private keys never leave it unencrypted: passphrases travel only in CreateWallet,
     ImportWallet and UnlockWallet requests, and a locked wallet signs nothing (FAILED_PRECONDITION).
+    Every call carries the daemon's token as `authorization: Bearer <token>` metadata (the token is in
+    <keystore_dir>/.daemon/token, 0600; the daemon listens on a 0600 unix socket there by default);
+    without it a call is UNAUTHENTICATED (docs/wallet.md, "Access").
     """
 
     @staticmethod

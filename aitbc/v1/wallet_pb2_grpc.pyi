@@ -31,6 +31,9 @@ class WalletServiceStub:
     keystore files (docs/wallet.md), holds unlocked keys in memory only, and signs transfers for
     the ledger. Private keys never leave it unencrypted: passphrases travel only in CreateWallet,
     ImportWallet and UnlockWallet requests, and a locked wallet signs nothing (FAILED_PRECONDITION).
+    Every call carries the daemon's token as `authorization: Bearer <token>` metadata (the token is in
+    <keystore_dir>/.daemon/token, 0600; the daemon listens on a 0600 unix socket there by default);
+    without it a call is UNAUTHENTICATED (docs/wallet.md, "Access").
     """
 
     @_typing.overload
@@ -48,7 +51,10 @@ class WalletServiceStub:
     GetBalance: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GetBalanceRequest, _wallet_pb2.GetBalanceResponse]
     """GetBalance asks the ledger for the balance and nonces of a wallet or of any address."""
     UnlockWallet: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.UnlockWalletRequest, _wallet_pb2.UnlockWalletResponse]
-    """UnlockWallet decrypts a wallet's key into the daemon's memory until it sits idle too long."""
+    """UnlockWallet decrypts a wallet's key into the daemon's memory until it sits idle too long.
+    After 3 wrong passphrases in a row a wallet refuses unlocks (RESOURCE_EXHAUSTED, retry-after-ms
+    trailer) for a backoff that doubles up to a cap (docs/wallet.md, "Unlock throttle").
+    """
     LockWallet: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.LockWalletRequest, _wallet_pb2.LockWalletResponse]
     """LockWallet drops an unlocked key from memory now."""
     Send: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.SendRequest, _wallet_pb2.SendResponse]
@@ -68,6 +74,9 @@ class WalletServiceAsyncStub(WalletServiceStub):
     keystore files (docs/wallet.md), holds unlocked keys in memory only, and signs transfers for
     the ledger. Private keys never leave it unencrypted: passphrases travel only in CreateWallet,
     ImportWallet and UnlockWallet requests, and a locked wallet signs nothing (FAILED_PRECONDITION).
+    Every call carries the daemon's token as `authorization: Bearer <token>` metadata (the token is in
+    <keystore_dir>/.daemon/token, 0600; the daemon listens on a 0600 unix socket there by default);
+    without it a call is UNAUTHENTICATED (docs/wallet.md, "Access").
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -82,7 +91,10 @@ class WalletServiceAsyncStub(WalletServiceStub):
     GetBalance: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GetBalanceRequest, _wallet_pb2.GetBalanceResponse]  # type: ignore[assignment]
     """GetBalance asks the ledger for the balance and nonces of a wallet or of any address."""
     UnlockWallet: _aio.UnaryUnaryMultiCallable[_wallet_pb2.UnlockWalletRequest, _wallet_pb2.UnlockWalletResponse]  # type: ignore[assignment]
-    """UnlockWallet decrypts a wallet's key into the daemon's memory until it sits idle too long."""
+    """UnlockWallet decrypts a wallet's key into the daemon's memory until it sits idle too long.
+    After 3 wrong passphrases in a row a wallet refuses unlocks (RESOURCE_EXHAUSTED, retry-after-ms
+    trailer) for a backoff that doubles up to a cap (docs/wallet.md, "Unlock throttle").
+    """
     LockWallet: _aio.UnaryUnaryMultiCallable[_wallet_pb2.LockWalletRequest, _wallet_pb2.LockWalletResponse]  # type: ignore[assignment]
     """LockWallet drops an unlocked key from memory now."""
     Send: _aio.UnaryUnaryMultiCallable[_wallet_pb2.SendRequest, _wallet_pb2.SendResponse]  # type: ignore[assignment]
@@ -101,6 +113,9 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     keystore files (docs/wallet.md), holds unlocked keys in memory only, and signs transfers for
     the ledger. Private keys never leave it unencrypted: passphrases travel only in CreateWallet,
     ImportWallet and UnlockWallet requests, and a locked wallet signs nothing (FAILED_PRECONDITION).
+    Every call carries the daemon's token as `authorization: Bearer <token>` metadata (the token is in
+    <keystore_dir>/.daemon/token, 0600; the daemon listens on a 0600 unix socket there by default);
+    without it a call is UNAUTHENTICATED (docs/wallet.md, "Access").
     """
 
     @_abc_1.abstractmethod
@@ -149,7 +164,10 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _wallet_pb2.UnlockWalletRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.UnlockWalletResponse, _abc.Awaitable[_wallet_pb2.UnlockWalletResponse]]:
-        """UnlockWallet decrypts a wallet's key into the daemon's memory until it sits idle too long."""
+        """UnlockWallet decrypts a wallet's key into the daemon's memory until it sits idle too long.
+        After 3 wrong passphrases in a row a wallet refuses unlocks (RESOURCE_EXHAUSTED, retry-after-ms
+        trailer) for a backoff that doubles up to a cap (docs/wallet.md, "Unlock throttle").
+        """
 
     @_abc_1.abstractmethod
     def LockWallet(

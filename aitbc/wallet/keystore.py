@@ -534,17 +534,21 @@ class Keystore:
     def import_file(
         self,
         name: str | None,
-        source: str | os.PathLike[str] | bytes | dict[str, Any],
+        source: str | bytes | dict[str, Any],
         passphrase: Any = None,
+        *,
+        label: str | None = None,
     ) -> str:
-        """Add an exported keystore file (a path, its JSON text or bytes, or the parsed object).
+        """Add an exported keystore document: its JSON text or bytes, or the parsed object. Never a
+        path: text that is not a JSON object is refused before any filesystem lookup (a caller that
+        has a file reads it and passes the content; `label`, e.g. its path, names it in messages).
 
         `name` None keeps the name recorded in the file. With a passphrase the file is decrypted
         first, so a wrong passphrase or an altered file is refused before anything is stored;
         without one only its structure and checksum are checked (it is stored still encrypted
         under its original passphrase and KDF parameters).
         """
-        data, label = _read_source(source)
+        data, label = _read_source(source, label)
         parsed = parse_keystore(data, source=label, error=InvalidArgument)
         name = parsed.name if name is None else validate_name(name)
         if passphrase is not None:
@@ -692,25 +696,19 @@ class Keystore:
             os.close(dfd)
 
 
-def _read_source(
-    source: str | os.PathLike[str] | bytes | dict[str, Any],
-) -> tuple[bytes | dict[str, Any], str]:
-    """(data, label for messages) of an import source: JSON text starts with '{', else a path."""
+def _read_source(source: str | bytes | dict[str, Any], label: str | None) -> tuple[bytes | dict[str, Any], str]:
+    """(data, label for messages) of an import source. A path is never opened: a str is the
+    document's text, and one that does not start with '{' is refused (the daemon must not become an
+    oracle for which of its paths exist)."""
     if isinstance(source, dict):
-        return source, "(given as an object)"
+        return source, label or "(given as an object)"
     if isinstance(source, bytes | bytearray):
-        return bytes(source), "(given as bytes)"
-    if isinstance(source, str) and source.lstrip().startswith("{"):
-        return source.encode("utf-8"), "(given as JSON text)"
-    if isinstance(source, str | os.PathLike):
-        path = Path(source).expanduser()
-        try:
-            with open(path, "rb") as fh:
-                return fh.read(MAX_FILE_BYTES + 1), str(path)
-        except FileNotFoundError:
-            raise NotFound(f"keystore file {path} does not exist") from None
-        except IsADirectoryError:
-            raise InvalidArgument(f"{path} is a directory, not a keystore file") from None
-        except OSError as exc:
-            raise InvalidArgument(f"cannot read keystore file {path}: {exc.strerror}") from None
-    raise InvalidArgument("import source must be a file path, JSON text, bytes or a dict")
+        return bytes(source), label or "(given as bytes)"
+    if isinstance(source, str):
+        if source.lstrip().startswith("{"):
+            return source.encode("utf-8"), label or "(given as JSON text)"
+        raise InvalidArgument(
+            "a keystore to import must be the exported JSON document itself (text starting with '{'), "
+            "not a path: no file is opened for it; read the file where it is and send its content "
+            "(`aitbc wallet import --keystore FILE` does)")
+    raise InvalidArgument("a keystore to import must be its JSON text, bytes or a dict (not a path)")

@@ -20,7 +20,6 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from aitbc import crypto
@@ -29,6 +28,7 @@ from aitbc.ledger import tx as txmod
 from aitbc.ledger.client import LedgerClient
 from aitbc.receipts import SignedReceipt, verify_receipt
 from aitbc.wallet.keystore import DEFAULT_KDF, INSECURE_FAST_KDF, KdfParams, Keystore, validate_name
+from aitbc.wallet.throttle import Backoff
 from aitbc.wallet.unlocked import DEFAULT_IDLE_TIMEOUT_S, UnlockedWallets
 
 KDF_PROFILES: dict[str, KdfParams] = {"default": DEFAULT_KDF, "fast": INSECURE_FAST_KDF}
@@ -158,9 +158,10 @@ class WalletCore:
         idle_lock_s: float = DEFAULT_IDLE_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
         wait_timeout_s: float = DEFAULT_WAIT_S,
+        backoff: Backoff | None = None,
     ) -> None:
         self.keystore = keystore
-        self.unlocked = UnlockedWallets(keystore, idle_timeout_s=idle_lock_s, clock=clock)
+        self.unlocked = UnlockedWallets(keystore, idle_timeout_s=idle_lock_s, clock=clock, backoff=backoff)
         self._ledger_target = ledger if isinstance(ledger, str) else None
         self._ledger = ledger if isinstance(ledger, LedgerClient) else None
         self._own_ledger = False
@@ -169,9 +170,12 @@ class WalletCore:
 
     @classmethod
     def from_config(cls, conf: Any, **kw: Any) -> WalletCore:
-        """From an aitbc.config.WalletConfig (keystore_dir, ledger, idle_lock_s, kdf_profile)."""
+        """From an aitbc.config.WalletConfig (keystore_dir, ledger, idle_lock_s, kdf_profile,
+        unlock_backoff_base_s, unlock_backoff_max_s)."""
         ks = Keystore(conf.keystore_dir, kdf=kdf_for_profile(conf.kdf_profile))
-        return cls(ks, conf.ledger or None, idle_lock_s=conf.idle_lock_s, **kw)
+        backoff = Backoff(base_s=conf.unlock_backoff_base_s, max_s=conf.unlock_backoff_max_s,
+                          forget_after_s=max(Backoff.forget_after_s, conf.unlock_backoff_max_s))
+        return cls(ks, conf.ledger or None, idle_lock_s=conf.idle_lock_s, backoff=backoff, **kw)
 
     async def close(self) -> None:
         self.unlocked.lock_all()
@@ -216,26 +220,13 @@ class WalletCore:
         validate_name(name)
         return self._view(name, self.keystore.import_key(name, key_hex, passphrase))
 
-    def import_key_file(self, name: str, path: str | Path, passphrase: Any) -> WalletView:
-        """A wallet for the hex key in a file, such as a miner's `key_file`."""
-        p = Path(path).expanduser()
-        try:
-            text = p.read_text(encoding="ascii", errors="strict")
-        except FileNotFoundError:
-            raise NotFound(f"key file {p} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidArgument(f"cannot read key file {p}: {getattr(exc, 'strerror', None) or exc}") from None
-        try:
-            return self.import_key(name, text, passphrase)
-        except InvalidArgument as exc:
-            if "private key" in exc.message:
-                raise InvalidArgument(f"key file {p}: {exc.message}") from None
-            raise
-
-    def import_keystore(self, name: str | None, source: str | bytes | dict[str, Any], passphrase: Any = None) -> WalletView:
-        """An exported keystore document (a path, its JSON text or the parsed object); `name`
-        None keeps the name in the file. With a passphrase it is decrypted first."""
-        address = self.keystore.import_file(name or None, source, passphrase or None)
+    def import_keystore(self, name: str | None, document: str | bytes | dict[str, Any], passphrase: Any = None,
+                        *, label: str | None = None) -> WalletView:
+        """An exported keystore document: its JSON text, bytes or the parsed object, never a path
+        (text that is not a JSON object is refused without any filesystem lookup). `name` None
+        keeps the name in the document; with a passphrase it is decrypted first. `label` names the
+        source in messages (the CLI passes the file it read)."""
+        address = self.keystore.import_file(name or None, document, passphrase or None, label=label)
         stored = name or self._name_of(address)
         return self._view(stored, address)
 

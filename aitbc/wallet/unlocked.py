@@ -17,6 +17,7 @@ from typing import Any
 from aitbc.crypto import PrivateKey
 from aitbc.errors import FailedPrecondition, InvalidArgument, NotFound
 from aitbc.wallet.keystore import Keystore, validate_name
+from aitbc.wallet.throttle import Backoff, UnlockThrottle
 
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 
@@ -37,8 +38,10 @@ class UnlockedWallets:
         *,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
+        backoff: Backoff | None = None,
     ) -> None:
         self.keystore = keystore
+        self.throttle = UnlockThrottle(backoff, clock=clock)
         self.idle_timeout_s = _check_timeout(idle_timeout_s)
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
@@ -48,9 +51,13 @@ class UnlockedWallets:
 
     def unlock(self, name: str, passphrase: Any, *, timeout_s: float | None = None) -> str:
         """Decrypt the wallet and keep it unlocked until `timeout_s` (default: the idle timeout)
-        passes without a signature. Returns its address. Unlocking again resets the timer."""
+        passes without a signature. Returns its address. Unlocking again resets the timer.
+        Wrong passphrases are throttled per wallet (aitbc.wallet.throttle): during a backoff this
+        raises ResourceExhausted without trying the passphrase."""
         timeout = self.idle_timeout_s if timeout_s is None else _check_timeout(timeout_s)
-        key = self.keystore.unlock(name, passphrase)  # outside the lock: the KDF takes a while
+        validate_name(name)
+        with self.throttle.attempt(name):
+            key = self.keystore.unlock(name, passphrase)  # outside the lock: the KDF takes a while
         with self._lock:
             self._entries[name] = _Entry(key, timeout, self._clock())
             self._expired.pop(name, None)

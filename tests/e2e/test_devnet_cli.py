@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -135,6 +136,24 @@ def test_devnet_submit_status_receipts_buf_curl_and_restart(tmp_path: Path) -> N
         r = aitbc(env, "wallet", "balance", "friend", "--json", cwd=tmp_path)
         assert int(json.loads(r.stdout)["balance"]) == 5, r.stdout + r.stderr
 
+        # the devnet's wallet daemon: a 0600 unix socket in the keystore, every call with its token
+        keystore = home / "devnet" / "wallets"
+        assert endpoints["wallet"] == f"unix:{keystore}/.daemon/wallet.sock", endpoints
+        assert endpoints["wallet_token_file"] == str(keystore / ".daemon" / "token")
+        assert stat.S_IMODE(os.stat(keystore / ".daemon" / "wallet.sock").st_mode) == 0o600
+        from aitbc.v1 import wallet_pb2, wallet_pb2_grpc
+        from aitbc.wallet import access
+
+        ch = access.sync_channel(keystore)
+        try:
+            stub = wallet_pb2_grpc.WalletServiceStub(ch)
+            made = stub.CreateWallet(wallet_pb2.CreateWalletRequest(name="app", passphrase="app pass"), timeout=30)
+            listed = stub.ListWallets(wallet_pb2.ListWalletsRequest(), timeout=10)
+        finally:
+            ch.close()
+        assert [(w.name, w.address) for w in listed.wallets] == [("app", made.wallet.address)]
+        assert (keystore / "app.json").exists()
+
         r = aitbc(env, "submit", "x", "--steps", "999", cwd=tmp_path)
         assert r.returncode == 1 and "INVALID_ARGUMENT: steps must be between 1 and 150" in r.stderr
         r = aitbc(env, "status", "f" * 28, cwd=tmp_path)
@@ -153,6 +172,14 @@ def test_devnet_submit_status_receipts_buf_curl_and_restart(tmp_path: Path) -> N
             out = subprocess.run([*base, "-H", f"x-api-key: {endpoints['api_key']}", "-d", json.dumps({"job_id": job_id}),
                                   f"{url}/aitbc.v1.CoordinatorService/GetJob"], capture_output=True, text=True, timeout=60)
             assert json.loads(out.stdout)["job"]["state"] == "JOB_STATE_COMPLETED", out.stdout + out.stderr
+            wallet = [*base, "--unix-socket", str(keystore / ".daemon" / "wallet.sock"), "-d", "{}",
+                      "http://localhost/aitbc.v1.WalletService/ListWallets"]
+            out = subprocess.run(wallet, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 16 * 8 and "needs its token" in out.stdout + out.stderr, out.stdout + out.stderr
+            token = (keystore / ".daemon" / "token").read_text().strip()
+            out = subprocess.run([*wallet[:-3], "-H", f"authorization: Bearer {token}", *wallet[-3:]],
+                                 capture_output=True, text=True, timeout=60)
+            assert made.wallet.address in out.stdout, out.stdout + out.stderr
         else:  # CI installs buf through `make`; a bare pytest run may not have it
             print(f"buf not installed at {BUF}: buf curl checks not run")
     finally:

@@ -58,6 +58,7 @@ from aitbc.v1 import (
     wallet_pb2,
     wallet_pb2_grpc,
 )
+from aitbc.wallet import access as wallet_access
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -113,7 +114,10 @@ class Env:
         self.thread.start()
         self.run(self._start())
         for name, target in self.targets.items():
-            self.channels[name] = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+            if name == "wallet":  # the daemon wants its token on every call (docs/wallet.md, Access)
+                self.channels[name] = wallet_access.sync_channel(self.tmp / "wallets")
+            else:
+                self.channels[name] = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._seed_state()
 
     async def _start(self) -> None:
@@ -153,18 +157,18 @@ class Env:
         ops = await start_ops(daemon, "127.0.0.1:0")
         self.targets["miner_ops"] = f"127.0.0.1:{ops.port}"
 
-        wconf = WalletConfig(listen="127.0.0.1:0", keystore_dir=str(self.tmp / "wallets"),
+        wconf = WalletConfig(keystore_dir=str(self.tmp / "wallets"),
                              ledger=self.targets["ledger"], idle_lock_s=30, kdf_profile="fast")
-        wserver, wcore, sweeper = await start_wallet_daemon(wconf)
-        self.targets["wallet"] = f"127.0.0.1:{wserver.port}"
+        wallet_daemon = await start_wallet_daemon(wconf)
+        self.targets["wallet"] = wallet_daemon.address
         self.handles.update(node=node, node_server=node_server, ledger=ledger, coord=coord, daemon=daemon,
-                            miner_task=miner_task, ops=ops, wserver=wserver, wcore=wcore, sweeper=sweeper)
+                            miner_task=miner_task, ops=ops, wallet_daemon=wallet_daemon)
 
     async def _stop(self) -> None:
         from aitbc.server.wallet import stop_wallet_daemon
 
         h = self.handles
-        await stop_wallet_daemon(h["wserver"], h["wcore"], h["sweeper"])
+        await stop_wallet_daemon(h["wallet_daemon"])
         h["daemon"].stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(h["miner_task"], 10)

@@ -48,7 +48,7 @@ def test_private_dir_leaves_an_existing_folder_alone(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("listen", "loopback"), [
     ("127.0.0.1:0", True), ("127.5.5.5:18000", True), ("[::1]:0", True), ("localhost:18000", True),
     ("0.0.0.0:18000", False), ("[::]:0", False), (":18000", False), ("10.0.0.5:18000", False),
-    ("coordinator.example.org:18000", False),
+    ("coordinator.example.org:18000", False), ("unix:/run/aitbc/wallet.sock", True),
 ])
 def test_loopback_is_recognised(listen: str, loopback: bool) -> None:
     assert rpc.is_loopback(listen) is loopback

@@ -491,11 +491,15 @@ async def test_oversized_messages_are_refused_and_every_server_keeps_serving(net
     from aitbc.server.wallet import start_wallet_daemon, stop_wallet_daemon
 
     ledger_target = _target_of(ledger)
-    conf = WalletConfig(listen="127.0.0.1:0", keystore_dir=str(tmp_path / "w"), ledger=ledger_target,
-                        kdf_profile="fast", idle_lock_s=30)
-    wserver, wcore, sweeper = await start_wallet_daemon(conf)
+    from aitbc.wallet import access
+
+    conf = WalletConfig(keystore_dir=str(tmp_path / "w"), ledger=ledger_target, kdf_profile="fast", idle_lock_s=30)
+    wallet_daemon = await start_wallet_daemon(conf)
     coord = big_channel(net.address)
-    wallet = big_channel(f"127.0.0.1:{wserver.port}")
+    wallet_token = access.credential(access.read_connection(tmp_path / "w")[1])
+    wallet = grpc.aio.insecure_channel(wallet_daemon.address, options=[
+        ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
+        interceptors=rpc.metadata_interceptors(wallet_token))
     led = big_channel(ledger_target)
     session = await RawMiner(net).register()
     try:
@@ -527,7 +531,7 @@ async def test_oversized_messages_are_refused_and_every_server_keeps_serving(net
         await coord.close()
         await wallet.close()
         await led.close()
-        await stop_wallet_daemon(wserver, wcore, sweeper)
+        await stop_wallet_daemon(wallet_daemon)
 
 
 async def test_artifacts_beyond_max_artifact_bytes_are_rejected_and_the_job_requeued(network_factory: Any) -> None:
@@ -719,13 +723,16 @@ async def wallet_env(ledger: LedgerClient, tmp_path: Any):
 
     head = await ledger.get_head()
     target = _target_of(ledger)  # the node the fixture started
-    conf = WalletConfig(listen="127.0.0.1:0", keystore_dir=str(tmp_path / "wallets"), ledger=target,
-                        idle_lock_s=30, kdf_profile="fast")
-    server, core, sweeper = await start_wallet_daemon(conf)
-    ch = rpc.channel(f"127.0.0.1:{server.port}")
+    from aitbc.wallet import access
+
+    # a 1 ms unlock backoff: the guessing throttle has its own tests (tests/wallet/test_access.py)
+    conf = WalletConfig(keystore_dir=str(tmp_path / "wallets"), ledger=target, idle_lock_s=30, kdf_profile="fast",
+                        unlock_backoff_base_s=0.001, unlock_backoff_max_s=0.001)
+    daemon = await start_wallet_daemon(conf)
+    ch = access.channel(tmp_path / "wallets")
     yield wallet_pb2_grpc.WalletServiceStub(ch), ledger, head
     await ch.close()
-    await stop_wallet_daemon(server, core, sweeper)
+    await stop_wallet_daemon(daemon)
 
 
 def _target_of(ledger: LedgerClient) -> str:
@@ -751,7 +758,8 @@ async def test_wrong_passphrase_unlocks_nothing_and_a_locked_wallet_signs_nothin
     for wrong in ("", "correct horse battery stapl", PASS.upper(), PASS + " ", "x" * 10_000):
         code, details, _ = await status_of(w.UnlockWallet(wallet_pb2.UnlockWalletRequest(name="provider",
                                                                                           passphrase=wrong)))
-        assert code in (C.PERMISSION_DENIED, C.UNAUTHENTICATED, C.INVALID_ARGUMENT), (wrong[:20], code, details)
+        assert code in (C.PERMISSION_DENIED, C.UNAUTHENTICATED, C.INVALID_ARGUMENT, C.RESOURCE_EXHAUSTED), (
+            wrong[:20], code, details)
         assert PASS not in details and PROVIDER.secret.hex() not in details
         listed = (await w.ListWallets(wallet_pb2.ListWalletsRequest())).wallets
         assert [x.unlocked for x in listed if x.name == "provider"] == [False]

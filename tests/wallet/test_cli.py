@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -71,6 +72,11 @@ def test_import_list_export_and_bad_input(home, capsys, monkeypatch):
         0, f"imported wallet miner: {PROVIDER.address}\n")
     code, _, err = run(capsys, "wallet", "import", "bobs", "--key-hex", "12" * 31, *ok)
     assert code == 1 and "private key must be 64 hex" in err
+    (home / "junk.key").write_text("not a key")
+    code, _, err = run(capsys, "wallet", "import", "junk", "--key-file", str(home / "junk.key"), *ok)
+    assert code == 1 and "junk.key: private key must be 64 hex" in err
+    code, _, err = run(capsys, "wallet", "import", "none", "--key-file", str(home / "missing.key"), *ok)
+    assert code == 1 and "key file" in err and "missing.key does not exist" in err
     code, out, _ = run(capsys, "wallet", "list", "--wallet-dir", d, "--json")
     assert json.loads(out) == [{"name": "miner", "address": PROVIDER.address}]
 
@@ -133,6 +139,12 @@ def aitbc(*argv: str, env: dict[str, str], check: bool = True, timeout: float = 
 
 
 def start(argv: list[str], env: dict[str, str], log: Path, port_file: Path) -> tuple[subprocess.Popen[bytes], int]:
+    proc = start_until(argv, env, log, port_file)
+    return proc, int(port_file.read_text())
+
+
+def start_until(argv: list[str], env: dict[str, str], log: Path, port_file: Path) -> subprocess.Popen[bytes]:
+    """Start `aitbc ARGV` and wait until it writes `port_file` (a port, or the wallet daemon's endpoint)."""
     fh = open(log, "wb")  # noqa: SIM115 - the child writes it until the test ends
     proc = subprocess.Popen([sys.executable, "-m", "aitbc.clients.cli", *argv], env=env, cwd=ROOT,
                             stdout=fh, stderr=subprocess.STDOUT)
@@ -142,7 +154,7 @@ def start(argv: list[str], env: dict[str, str], log: Path, port_file: Path) -> t
             proc.kill()
             raise AssertionError(f"{argv[0]} did not start: {log.read_text()}")
         time.sleep(0.05)
-    return proc, int(port_file.read_text())
+    return proc
 
 
 def stop(proc: subprocess.Popen[bytes]) -> int:
@@ -214,26 +226,39 @@ def test_cli_end_to_end(tmp_path):
                       env=env).stdout
         assert bob in again
 
-        daemon, dport = start(["wallet-daemon", "--listen", "127.0.0.1:0", "--keystore-dir",
-                               str(tmp_path / "home" / "wallets"), "--ledger", ledger, "--kdf-profile", "fast",
-                               "--port-file", str(tmp_path / "wallet.port")], env, tmp_path / "wallet.log",
-                              tmp_path / "wallet.port")
+        # the daemon on its default unix socket in the keystore's .daemon folder; clients need only
+        # the keystore folder to find it and its token (docs/wallet.md, Access)
+        keystore = tmp_path / "home" / "wallets"
+        daemon = start_until(["wallet-daemon", "--keystore-dir", str(keystore), "--ledger", ledger,
+                              "--kdf-profile", "fast"], env, tmp_path / "wallet.log", keystore / ".daemon" / "endpoint")
         procs.append(daemon)
+        sock = keystore / ".daemon" / "wallet.sock"
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(keystore / ".daemon" / "token").st_mode) == 0o600
 
-        async def use_daemon() -> tuple[list[str], int]:
+        async def use_daemon() -> tuple[list[str], int, str]:
+            import grpc
+
             from aitbc import rpc
             from aitbc.v1 import wallet_pb2, wallet_pb2_grpc
+            from aitbc.wallet import access
 
-            ch = rpc.channel(f"127.0.0.1:{dport}")
-            stub = wallet_pb2_grpc.WalletServiceStub(ch)
-            names = [w.name for w in (await stub.ListWallets(wallet_pb2.ListWalletsRequest())).wallets]
-            b = await stub.GetBalance(wallet_pb2.GetBalanceRequest(wallet="bob"))
-            await ch.close()
-            return names, b.balance
+            async with rpc.channel(f"unix:{sock}") as bare:
+                try:
+                    await wallet_pb2_grpc.WalletServiceStub(bare).ListWallets(wallet_pb2.ListWalletsRequest())
+                    refused = "OK"
+                except grpc.aio.AioRpcError as exc:
+                    refused = exc.code().name
+            async with access.channel(keystore) as ch:
+                stub = wallet_pb2_grpc.WalletServiceStub(ch)
+                names = [w.name for w in (await stub.ListWallets(wallet_pb2.ListWalletsRequest())).wallets]
+                b = await stub.GetBalance(wallet_pb2.GetBalanceRequest(wallet="bob"))
+            return names, b.balance, refused
 
-        assert asyncio.run(use_daemon()) == (["bob", "miner"], 250)
+        assert asyncio.run(use_daemon()) == (["bob", "miner"], 250, "UNAUTHENTICATED")
         assert stop(daemon) == 0
-        assert re.search(rf"wallet daemon listening on 127\.0\.0\.1:{dport}\b", (tmp_path / "wallet.log").read_text())
+        assert f"wallet daemon listening on unix:{sock} " in (tmp_path / "wallet.log").read_text()
+        assert not (keystore / ".daemon" / "token").exists() and not sock.exists()
     finally:
         for p in procs:
             stop(p)

@@ -1,5 +1,6 @@
-"""The wallet daemon: a real WalletService on 127.0.0.1 port 0 in front of a real single-authority
-ledger node (both in this process), called through the generated stubs."""
+"""The wallet daemon: a real WalletService on its default unix socket (in tmp_path) in front of a
+real single-authority ledger node (both in this process), called through the generated stubs over a
+channel that carries the daemon's token (aitbc.wallet.access.channel). Who may call: test_access.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from aitbc import errors, rpc
+from aitbc import errors
 from aitbc.config import WalletConfig
 from aitbc.ledger.client import LedgerClient
 from aitbc.ledger.genesis import make_genesis
@@ -21,6 +22,7 @@ from aitbc.server.ledger import start_node
 from aitbc.server.wallet import SERVICE_NAME, start_wallet_daemon, stop_wallet_daemon
 from aitbc.v1 import wallet_pb2 as W
 from aitbc.v1 import wallet_pb2_grpc
+from aitbc.wallet import access
 from aitbc.wallet.keystore import INSECURE_FAST_KDF, Keystore
 from aitbc.wallet.service import WalletCore
 
@@ -35,13 +37,13 @@ async def env(tmp_path):
                      max_price_per_unit=1000, max_mint_per_receipt=10**12)
     node, node_server = await start_node(MemoryStore(), g, AUTHORITY, "127.0.0.1:0")
     ledger = LedgerClient(f"127.0.0.1:{node_server.port}")
-    conf = WalletConfig(listen="127.0.0.1:0", keystore_dir=str(tmp_path / "wallets"), ledger=ledger_target(node_server),
-                        idle_lock_s=30, kdf_profile="fast", port_file=str(tmp_path / "port"))
-    server, core, sweeper = await start_wallet_daemon(conf)
-    ch = rpc.channel(f"127.0.0.1:{server.port}")
+    conf = WalletConfig(keystore_dir=str(tmp_path / "wallets"), ledger=ledger_target(node_server),
+                        idle_lock_s=30, kdf_profile="fast")
+    daemon = await start_wallet_daemon(conf)
+    ch = access.channel(tmp_path / "wallets")
     yield wallet_pb2_grpc.WalletServiceStub(ch), ledger, ch, tmp_path
     await ch.close()
-    await stop_wallet_daemon(server, core, sweeper)
+    await stop_wallet_daemon(daemon)
     await ledger.close()
     await node.stop()
     await node_server.stop(0)

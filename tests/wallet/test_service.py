@@ -165,17 +165,18 @@ def test_export_then_import_elsewhere_keeps_the_address(core, tmp_path):
     assert (kept.name, kept.address) == ("alice", made.address)
 
 
-def test_import_a_miner_key_file(core, tmp_path):
-    keyfile = tmp_path / "miner.key"
-    keyfile.write_text(PROVIDER.secret.hex() + "\n")
-    assert core.import_key_file("miner", keyfile, PASS).address == PROVIDER.address
+def test_import_a_miner_key(core, tmp_path):
+    assert core.import_key("miner", PROVIDER.secret.hex() + "\n", PASS).address == PROVIDER.address
     with pytest.raises(errors.AlreadyExists, match="already in wallet 'miner'"):
         core.import_key("again", PROVIDER.secret.hex(), PASS)
-    (tmp_path / "junk.key").write_text("not a key")
-    with pytest.raises(errors.InvalidArgument, match="junk.key: private key must be 64 hex"):
-        core.import_key_file("junk", tmp_path / "junk.key", PASS)
-    with pytest.raises(errors.NotFound, match="does not exist"):
-        core.import_key_file("none", tmp_path / "missing.key", PASS)
+    with pytest.raises(errors.InvalidArgument, match="private key must be 64 hex"):
+        core.import_key("junk", "not a key", PASS)
+    # a path where key material belongs is just wrong key material: no file is read
+    keyfile = tmp_path / "other.key"
+    keyfile.write_text(BOB.secret.hex())
+    with pytest.raises(errors.InvalidArgument, match="private key must be 64 hex"):
+        core.import_key("bob", str(keyfile), PASS)
+    assert [w.name for w in core.list()] == ["miner"]
 
 
 async def test_unlock_times_out_and_lock_refuses(core, clock):

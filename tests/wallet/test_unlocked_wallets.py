@@ -116,6 +116,7 @@ def test_keys_are_not_handed_out(wallets):
         "lock_all",
         "sign",
         "sweep",
+        "throttle",
         "unlock",
         "unlocked",
     ]
