@@ -131,7 +131,7 @@ async def run(miners: int, mib: int, in_flight_mib: int) -> None:
             await asyncio.gather(*(h.hoard(mib * MIB) for h in hoarders))
             took = time.perf_counter() - t0
             during, peak = rss_mib(proc.pid)
-            await asyncio.sleep(2.0)  # the uploads stay unfinished, the streams open and idle
+            await asyncio.sleep(3.0)  # the uploads stay unfinished, the streams open and idle
             held, _ = rss_mib(proc.pid)
             on_disk = files_under(data / "uploads")
             refused = sum(len(h.rejected) > 0 for h in hoarders)
@@ -156,7 +156,7 @@ async def run(miners: int, mib: int, in_flight_mib: int) -> None:
     if refused:
         reasons = {r for h in hoarders for r in h.rejected}
         print(f"  refusals: {'; '.join(sorted(reasons))}")
-    print(f"coordinator RSS: before {before:.0f} MiB; every upload in {during:.0f} MiB, 2 s later (64 uploads held "
+    print(f"coordinator RSS: before {before:.0f} MiB; every upload in {during:.0f} MiB, 3 s later (uploads held "
           f"unfinished) {held:.0f} MiB; peak {peak:.0f} MiB; after the miners left {after:.0f} MiB")
     print(f"growth while the uploads are held: {held - before:+.0f} MiB (goal: under 64 MiB); "
           f"peak while bytes were arriving {peak - before:+.0f} MiB")
