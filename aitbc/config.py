@@ -86,8 +86,11 @@ class CoordinatorConfig(TlsConfig):
     max_attempts: int = 3
     queue_ttl_s: float = 600.0
     model_grace_s: float = 300.0
-    max_artifact_bytes: int = 64 * 1024 * 1024  # one job's outputs, and one miner's uploads in flight
+    # unfinished uploads are files under data_dir (docs/coordinator.md, "Uploads and artifacts")
+    max_artifact_bytes: int = 64 * 1024 * 1024  # one job's outputs
+    max_upload_bytes_per_miner: int = 128 * 1024 * 1024  # one miner's unfinished uploads together
     max_upload_bytes_in_flight: int = 512 * 1024 * 1024  # all miners' unfinished uploads together
+    artifact_retention_s: float = 7 * 24 * 3600.0  # artifact bytes are deleted this long after completion; 0 keeps them
     clients: list[ClientKey] = field(default_factory=list)
     ledger: str = ""  # ledger node address for settlement; "" disables it
     # hub: share of completed jobs re-executed on another miner (docs/hub.md); 0 turns it off
@@ -116,8 +119,14 @@ class CoordinatorConfig(TlsConfig):
         for name in ("heartbeat_interval_s", "heartbeat_timeout_s", "stall_timeout_s", "queue_ttl_s",
                      "verify_timeout_s", "model_grace_s"):
             _within(name, getattr(self, name), 0.001, float("inf"))
-        for name in ("max_attempts", "quarantine_after", "max_artifact_bytes", "max_upload_bytes_in_flight"):
+        for name in ("max_attempts", "quarantine_after", "max_artifact_bytes", "max_upload_bytes_per_miner",
+                     "max_upload_bytes_in_flight"):
             _within(name, getattr(self, name), 1, float("inf"))
+        for name in ("max_upload_bytes_per_miner", "max_upload_bytes_in_flight"):
+            if getattr(self, name) < self.max_artifact_bytes:
+                raise InvalidArgument(f"config key {name!r} ({getattr(self, name)}) is below max_artifact_bytes "
+                                      f"({self.max_artifact_bytes}): a job's full output could never be uploaded")
+        _within("artifact_retention_s", self.artifact_retention_s, 0.0, float("inf"))
         _within("probation_checks", self.probation_checks, 0, float("inf"))
         _within("trust_checks", self.trust_checks, 0, float("inf"))
         for address in self.trusted_miners:

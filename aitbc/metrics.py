@@ -339,6 +339,9 @@ JOB_DURATION = histogram("aitbc_job_duration_seconds", "Time from SubmitJob unti
 GPU_SECONDS = counter("aitbc_gpu_seconds_total", "GPU seconds served to clients in completed jobs (the receipts' measured gpu_ms), "
                       "by model; verification re-runs are counted apart.", ["model"])
 MINERS_CONNECTED = gauge("aitbc_miners_connected", "Miners with an open Work stream.")
+UPLOAD_BYTES = gauge("aitbc_upload_bytes_in_flight", "Bytes of unfinished artifact uploads (files under the data dir).")
+ARTIFACTS_COLLECTED = counter("aitbc_artifacts_collected_total",
+                              "Artifacts whose bytes were deleted after artifact_retention_s.")
 VERIFY_GPU_SECONDS = counter("aitbc_hub_verification_gpu_seconds_total",
                              "GPU seconds spent re-executing jobs to verify them (measured gpu_ms), by model.", ["model"])
 VERIFICATIONS = counter("aitbc_hub_verifications_total", "Verifications decided, by outcome (passed, replaced: the "

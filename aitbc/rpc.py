@@ -39,6 +39,16 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.so_reuseport", 0),
 ]
 
+# A server that receives large streams from parties it does not trust (the coordinator: miners'
+# uploads). With BDP probing on, gRPC grows each stream's receive window towards the link's
+# bandwidth-delay product: on loopback 64 streams uploading at once took the coordinator's RSS
+# ~2.2 GiB up (bench/upload_memory.py), and a larger fixed window (lookahead_bytes = 1 MiB) cost
+# ~130 MiB more at the peak than the default 64 KiB. Off, what arrives at once is about one message
+# per stream (~3.5 MiB with its copies), whatever the upload's size.
+UPLOAD_SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.http2.bdp_probe", 0),
+]
+
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -468,13 +478,15 @@ def add_service(server: grpc.aio.Server, servicer: Any, service: Any) -> None:
 
 
 async def start_server(
-    listen: str, services: Sequence[Service], *, interceptors: Sequence[Any] = ()
+    listen: str, services: Sequence[Service], *, interceptors: Sequence[Any] = (),
+    options: Sequence[tuple[str, Any]] = (),
 ) -> RunningServer:
     """Bind a grpc.aio server with health (per service) and reflection; `listen` may use port 0.
     The telemetry interceptor (trace propagation, aitbc_rpc_* metrics) comes first when tracing or
-    metrics were configured before this call; with both off the server has no interceptor at all."""
+    metrics were configured before this call; with both off the server has no interceptor at all.
+    `options`: channel arguments added to SERVER_OPTIONS (UPLOAD_SERVER_OPTIONS for untrusted uploads)."""
     chain = [*telemetry.server_interceptors(), *interceptors]
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=chain or None)
+    server = grpc.aio.server(options=[*SERVER_OPTIONS, *options], interceptors=chain or None)
     pool = descriptor_pool.Default()
     for svc in services:
         try:

@@ -23,6 +23,7 @@ RUNS = [
     ["ledger_catchup.py"],
     ["telemetry_overhead.py"],
     ["load.py", "--duration", "60"],
+    ["upload_memory.py", "--miners", "64", "--mib", "16"],
 ]
 
 

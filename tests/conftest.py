@@ -53,6 +53,7 @@ class Network:
     miners: list[Any] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
+    clock: Any = None  # the coordinator's clock (a FakeClock); None: the system clock
 
     def config(self, listen: str) -> CoordinatorConfig:
         values = dict(
@@ -73,7 +74,7 @@ class Network:
         from aitbc.server.coordinator import start_coordinator
 
         listen = self.address or "127.0.0.1:0"
-        self.proc = await start_coordinator(self.config(listen))
+        self.proc = await start_coordinator(self.config(listen), clock=self.clock)
         self.address = f"127.0.0.1:{self.proc.port}"
 
     @property
@@ -132,8 +133,8 @@ class Network:
 async def network_factory(tmp_path: Path) -> AsyncIterator[Any]:
     nets: list[Network] = []
 
-    async def make(**overrides: Any) -> Network:
-        net = Network(tmp_path / f"net{len(nets)}", overrides)
+    async def make(clock: Any = None, **overrides: Any) -> Network:
+        net = Network(tmp_path / f"net{len(nets)}", overrides, clock=clock)
         nets.append(net)
         await net.start_coordinator()
         return net

@@ -47,6 +47,10 @@ def test_precedence_defaults_toml_environment_overrides(tmp_path: Path, monkeypa
     ('allow_new_models = "maybe"\n', "config key 'allow_new_models': expected bool"),
     ("default_max_price_per_unit = -5\n", "'default_max_price_per_unit' must be at least 0"),
     ('[[clients]]\nid = "ops"\napi_key_sha256 = "ab"\nburst = 0\n', "'clients.ops.burst' must be at least 1"),
+    ("max_upload_bytes_per_miner = 1000\n", "'max_upload_bytes_per_miner' (1000) is below max_artifact_bytes"),
+    ("max_artifact_bytes = 1073741824\n", "'max_upload_bytes_per_miner' (134217728) is below max_artifact_bytes"),
+    ("max_upload_bytes_in_flight = 0\n", "'max_upload_bytes_in_flight' must be at least 1"),
+    ("artifact_retention_s = -1\n", "'artifact_retention_s' must be at least 0"),
 ])
 def test_bad_values_are_refused_with_the_key(tmp_path: Path, text: str, needle: str) -> None:
     f = tmp_path / "c.toml"

@@ -5,7 +5,10 @@ WorkRejected); the caller turns that into a Rejected event.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import BinaryIO, Protocol
 
 from aitbc import crypto, jobs, receipts
 from aitbc.coordinator import png
@@ -29,30 +32,46 @@ class Expected:
     held_ms: float  # how long the miner has held the job
 
 
+class Uploaded(Protocol):
+    """A finished upload (aitbc.coordinator.uploads.Upload): its size and sha256, counted as it
+    arrived, and its bytes read back from where they wait (a file), never all held in memory."""
+
+    size: int
+
+    @property
+    def sha256(self) -> bytes: ...
+    def open(self) -> AbstractContextManager[BinaryIO]: ...
+    def read(self) -> bytes: ...
+
+
 def check_result(
-    job: job_pb2.Job, result: miner_pb2.JobResult, uploads: dict[int, bytearray], streamed_text: str,
+    job: job_pb2.Job, result: miner_pb2.JobResult, uploads: Mapping[int, Uploaded], streamed_text: str,
     expected: Expected, key: crypto.PrivateKey,
-) -> tuple[list[tuple[job_pb2.Artifact, bytes]], receipts.SignedReceipt]:
-    """The clean artifact descriptions with their bytes, and the receipt attested by `key`."""
+) -> tuple[list[tuple[job_pb2.Artifact, Uploaded | None]], receipts.SignedReceipt]:
+    """The clean artifact descriptions with their uploads, and the receipt attested by `key`."""
     text_job = jobs.job_kind(job) == jobs.TEXT
     want = jobs.job_outputs(job)
     if len(result.artifacts) != want:
         raise InvalidArgument(f"job {job.job_id} must return {want} artifacts, got {len(result.artifacts)}")
-    artifacts: list[tuple[job_pb2.Artifact, bytes]] = []
+    artifacts: list[tuple[job_pb2.Artifact, Uploaded | None]] = []
     digests: list[bytes] = []
     for i, art in enumerate(result.artifacts):
-        data = bytes(uploads.get(i, b""))
-        digest = crypto.sha256(data)
-        if (not data and not text_job) or digest.hex() != art.sha256 or len(data) != art.size:
+        up = uploads.get(i)  # none: nothing was uploaded for this output (an empty text is b"")
+        size, digest = (up.size, up.sha256) if up is not None else (0, crypto.sha256(b""))
+        if (not size and not text_job) or digest.hex() != art.sha256 or size != art.size:
             raise InvalidArgument(f"artifact {i} does not match its declared sha256/size (wrong artifact hash)")
         if text_job:
-            check_text(job, data, result, streamed_text)
+            if size != len(streamed_text.encode()):  # read only what the streamed text bounds
+                raise InvalidArgument("the final text differs from the text streamed during generation")
+            check_text(job, up.read() if up is not None else b"", result, streamed_text)
             clean = job_pb2.Artifact(sha256=art.sha256, size=art.size, content_type=TEXT_CONTENT_TYPE)
         else:
-            width, height = check_image(job, i, data, artifacts[0][0] if artifacts else None)
+            assert up is not None
+            with up.open() as data:
+                width, height = check_image(job, i, data, artifacts[0][0] if artifacts else None)
             clean = job_pb2.Artifact(sha256=art.sha256, size=art.size, content_type="image/png",
                                      width=width, height=height)  # from the bytes, not the miner's word
-        artifacts.append((clean, data))
+        artifacts.append((clean, up))
         digests.append(digest)
     try:
         signed = receipt_from_proto(result.receipt)
@@ -91,7 +110,7 @@ def check_result(
     return artifacts, attested
 
 
-def check_image(job: job_pb2.Job, i: int, data: bytes, first: job_pb2.Artifact | None) -> tuple[int, int]:
+def check_image(job: job_pb2.Job, i: int, data: bytes | BinaryIO, first: job_pb2.Artifact | None) -> tuple[int, int]:
     """One plain PNG (aitbc.coordinator.png) of the job's size; every image of a job the same size."""
     try:
         info = png.inspect(data)

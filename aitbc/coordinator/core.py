@@ -21,9 +21,11 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import BinaryIO
 
 from aitbc import crypto, jobs, metrics, receipts, telemetry
-from aitbc.config import ClientKey, CoordinatorConfig
+from aitbc.config import ClientKey, CoordinatorConfig, expand
 from aitbc.coordinator import machine as m
 from aitbc.coordinator.auth import ClientAuth
 from aitbc.coordinator.checks import Expected, check_result, token_bounds
@@ -33,6 +35,7 @@ from aitbc.coordinator.receipt_book import ReceiptBook
 from aitbc.coordinator.registry import MinerConn, MinerRegistry, MinerSession, device_class
 from aitbc.coordinator.store import JobStore
 from aitbc.coordinator.streams import JobStreams
+from aitbc.coordinator.uploads import Uploads
 from aitbc.coordinator.verification import Verifier
 from aitbc.errors import (
     AitbcError,
@@ -41,6 +44,7 @@ from aitbc.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
 )
 from aitbc.hub.matching import JobNeeds, MinerView, Unplaceable, choose, score
 from aitbc.hub.reputation import ReputationBook, ReputationPolicy
@@ -52,6 +56,10 @@ S = job_pb2.JobState
 log = logging.getLogger("aitbc.coordinator")
 job_log = logging.getLogger("aitbc.jobs")
 RECONCILE_S = 10.0
+HELD = frozenset({S.JOB_STATE_ASSIGNED, S.JOB_STATE_RUNNING})  # states in which a miner holds a job
+COLLECT_EVERY_S = 10.0  # artifact garbage collection: a pass this often (at once again after a full one)
+COLLECT_BATCH = 500  # artifacts deleted per pass at most: a pass never stalls the event loop for long
+COLLECT_HOLD_MS = 60_000  # an expired artifact a held receipt still needs is looked at again this much later
 REPUTATION_STEP = 0.01
 
 
@@ -65,6 +73,11 @@ class Coordinator:
         self.auth = ClientAuth(config.clients, self._monotonic)
         self.registry = MinerRegistry(self._monotonic, model_grace_s=config.model_grace_s)
         self.streams = JobStreams()
+        self.uploads = Uploads(expand(config.data_dir) / "uploads", max_job_bytes=config.max_artifact_bytes,
+                               max_miner_bytes=config.max_upload_bytes_per_miner,
+                               max_total_bytes=config.max_upload_bytes_in_flight)
+        if self.uploads.removed_at_start:
+            log.info("removed %d partial uploads left by the last run", self.uploads.removed_at_start)
         self.models = ModelRegistry(store, from_config(config.models), allow_new=config.allow_new_models,
                                     default_max_price=config.default_max_price_per_unit)
         self.machine = m.JobMachine(self.time, m.Limits(
@@ -73,7 +86,6 @@ class Coordinator:
         ), watched=self.streams.watched)
         self.event_log = None
         if config.event_log:
-            from aitbc.config import expand
             from aitbc.coordinator.eventlog import EventLog
 
             self.event_log = self.machine.recorder = EventLog(expand(config.event_log), self.machine.limits)
@@ -86,6 +98,7 @@ class Coordinator:
                                  record=lambda miner, passed: self._reputation(miner, "verification", passed),
                                  now_ms=self.time.now_ms)
         self._reconciled_at = 0.0
+        self._collect_at = 0.0  # next artifact garbage collection (monotonic)
         self._pending: list[m.Event] = []  # follow-up events raised while executing instructions
         self._queue_seen: dict[str, job_pb2.QueueInfo] = {}  # what watchers of queued jobs were last told
         self._unwritten: list[m.Store] = []  # Store instructions of the current pass (one write)
@@ -93,6 +106,7 @@ class Coordinator:
         self._jobs_in = {st: metrics.JOBS_TOTAL.labels(state=jobs.state_name(st)) for st in S.values() if st}
         metrics.QUEUE_DEPTH.set_function(self.machine.queued)
         metrics.MINERS_CONNECTED.set_function(lambda: len(self.registry.miners))
+        metrics.UPLOAD_BYTES.set_function(lambda: self.uploads.total)
         metrics.QUARANTINED.set_function(lambda: sum(r.quarantined for r in self.book.all()))
         self._restore()
 
@@ -142,7 +156,7 @@ class Coordinator:
             self._moved(ins)
         elif isinstance(ins, m.Assign):
             self._send_assignment(ins.miner_id, ins.job)
-        elif isinstance(ins, m.SendCancel | m.SendRejected):  # the miner drops the job, we its uploads
+        elif isinstance(ins, m.SendCancel | m.SendRejected):  # the miner drops the job (its upload: _moved)
             conn = self.registry.miners.get(ins.miner_id)
             if isinstance(ins, m.SendCancel):
                 msg = miner_pb2.WorkResponse(cancel=miner_pb2.CancelAssignment(job_id=ins.job_id, reason=ins.reason))
@@ -151,7 +165,6 @@ class Coordinator:
                 msg = miner_pb2.WorkResponse(rejected=miner_pb2.WorkRejected(job_id=ins.job_id, reason=ins.reason))
                 log.warning("miner %s: result for %s rejected: %s", ins.miner_id, ins.job_id, ins.reason)
             if conn is not None:
-                conn.drop_upload(ins.job_id)
                 conn.send(msg)
         elif isinstance(ins, m.SendAccepted):
             conn = self.registry.miners.get(ins.miner_id)
@@ -178,6 +191,8 @@ class Coordinator:
     def _moved(self, ins: m.Moved) -> None:
         job, to = ins.job, ins.to_state
         self._jobs_in[to].inc()
+        if ins.from_state in HELD:  # it left its miner (requeued, taken back, cancelled, ended): an
+            self.uploads.drop(job.job_id)  # unfinished upload for it is deleted (a result's was taken)
         if to not in jobs.TERMINAL:
             return
         if to == S.JOB_STATE_COMPLETED and not job.shard_job_ids:  # a split job's shards count themselves
@@ -458,14 +473,20 @@ class Coordinator:
                 event = self._client_view(event)  # the receipt as the book has it now; a queued job's place
             yield event
 
-    def artifact(self, client_id: str, job_id: str, index: int) -> tuple[job_pb2.Artifact, bytes]:
+    def artifact(self, client_id: str, job_id: str, index: int) -> tuple[job_pb2.Artifact, BinaryIO]:
+        """The artifact's description and its bytes as a file (the caller closes it)."""
         job = self.get(client_id, job_id)
         if job.state != S.JOB_STATE_COMPLETED:
             raise FailedPrecondition(f"job {job_id} is {jobs.state_name(job.state)}; results exist only for COMPLETED jobs")
         if index >= len(job.artifacts):
             raise InvalidArgument(f"artifact index {index} is out of range: job {job_id} has {len(job.artifacts)}")
         art = job.artifacts[index]
-        data = self.store.get_artifact(art.sha256)
+        data = self.store.open_artifact(art.sha256)
+        if data is None and art.expires_at_unix_ms and art.expires_at_unix_ms <= self.time.now_ms():
+            when = datetime.fromtimestamp(art.expires_at_unix_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            raise NotFound(f"artifact {index} of job {job_id} expired at {when} and was deleted (the coordinator keeps "
+                           f"results artifact_retention_s = {self.config.artifact_retention_s:g} s); the job keeps "
+                           f"its sha256 {art.sha256} and its receipt (GetJob, GetReceipt)")
         if data is None:
             raise NotFound(f"artifact {art.sha256} of job {job_id} is no longer stored")
         return art, data
@@ -576,36 +597,29 @@ class Coordinator:
         job = self.machine.held(conn.miner_id, chunk.job_id)
         if chunk.index >= jobs.job_outputs(job):
             raise InvalidArgument(f"artifact index {chunk.index} out of range for job {job.job_id}")
-        total = conn.upload_bytes.get(job.job_id, 0) + len(chunk.data)
-        if total > self.config.max_artifact_bytes:
-            conn.drop_upload(job.job_id)
-            self._run(m.Rejected(conn.miner_id, job.job_id, f"artifacts exceed {self.config.max_artifact_bytes} bytes"))
+        try:  # to a file, hashed on the way; bounded per job, per miner and over all miners
+            self.uploads.append(conn.miner_id, job.job_id, chunk.index, chunk.data)
+        except ResourceExhausted as exc:
+            self._run(m.Rejected(conn.miner_id, job.job_id, exc.message))  # requeued; its upload deleted
             return
-        # memory stays bounded whatever miners send: per miner (all its jobs) and over all miners
-        mine = sum(conn.upload_bytes.values()) + len(chunk.data)
-        everyone = sum(sum(c.upload_bytes.values()) for c in self.registry.miners.values()) + len(chunk.data)
-        if mine > self.config.max_artifact_bytes or everyone > self.config.max_upload_bytes_in_flight:
-            conn.drop_upload(job.job_id)
-            which = (f"this miner's uploads in flight exceed {self.config.max_artifact_bytes} bytes" if
-                     mine > self.config.max_artifact_bytes else
-                     f"uploads in flight exceed the coordinator's {self.config.max_upload_bytes_in_flight} bytes")
-            self._run(m.Rejected(conn.miner_id, job.job_id, which))
-            return
-        conn.upload_bytes[job.job_id] = total
-        conn.uploads.setdefault(job.job_id, {}).setdefault(chunk.index, bytearray()).extend(chunk.data)
         self.machine.handle(m.Heard(conn.miner_id))
 
     def _on_result(self, conn: MinerConn, result: miner_pb2.JobResult) -> None:
         job = self.machine.held(conn.miner_id, result.job_id)
-        uploads = conn.drop_upload(job.job_id)
+        uploads = self.uploads.take(job.job_id)
         held_ms = (self.clock() - self.machine.held_since(job.job_id)) * 1000
         try:
             artifacts, attested = check_result(job, result, uploads, self.streams.text(job.job_id),
                                                Expected(conn.miner_id, self.config.chain_id, self.config.hub_id, held_ms),
                                                self.key)
         except AitbcError as exc:
+            for up in uploads.values():
+                up.discard()
             self._run(m.Rejected(conn.miner_id, job.job_id, exc.message))
             return
+        retention_ms = int(self.config.artifact_retention_s * 1000)
+        for art, _ in artifacts:
+            art.expires_at_unix_ms = self.time.now_ms() + retention_ms if retention_ms else 0
         rec = receipt_to_proto(attested)
         sampled = self.verifier.sampled(conn.miner_id, job)
         self.receipts.attested(rec, held=sampled or bool(job.verify_of))  # minted only once verification decides
@@ -622,8 +636,8 @@ class Coordinator:
             verification = self.verifier.new_run(scratch, ran_on=conn.miner_id, device_class=dev)
             fields.verification = scratch.verification
             fields.verification_job_ids.extend(scratch.verification_job_ids)
-        self._run(m.Completed(conn.miner_id, job.job_id, fields, tuple((a.sha256, d) for a, d in artifacts), rec,
-                              verification))
+        stored = tuple((a.sha256, up.path if up is not None else b"") for a, up in artifacts)  # files move in
+        self._run(m.Completed(conn.miner_id, job.job_id, fields, stored, rec, verification))
         self.receipts.announce(rec)
 
     # ---- hub ----------------------------------------------------------------------------------------
@@ -714,6 +728,31 @@ class Coordinator:
             self.disconnect(conn, f"no heartbeat for {quiet:.1f} s", stalled=True)
         self._run(m.Tick())
         self._publish_queue_moves()
+        if now >= self._collect_at:
+            full = self.collect_artifacts() == COLLECT_BATCH
+            self._collect_at = now + (0.0 if full else COLLECT_EVERY_S)
+
+    def collect_artifacts(self) -> int:
+        """One garbage-collection pass (at most COLLECT_BATCH artifacts): delete the bytes of
+        artifacts past their retention. Jobs keep their artifact descriptions (sha256, size) and
+        receipts; only the bytes go. Bytes a held receipt still needs (its verification compares
+        them) are kept until the verification decides. Returns how many it looked at."""
+        now = self.time.now_ms()
+        expired = self.store.expired_artifacts(now, COLLECT_BATCH)
+        needed = {sha for sha, job_id in expired if self._receipt_held(job_id)}
+        for sha in needed:
+            self.store.keep_artifact(sha, now + COLLECT_HOLD_MS)
+        gone = [sha for sha, _ in expired if sha not in needed]
+        self.store.delete_artifacts(gone)
+        if gone:
+            metrics.ARTIFACTS_COLLECTED.inc(len(gone))
+            log.info("deleted %d artifacts past artifact_retention_s (%g s)", len(gone), self.config.artifact_retention_s)
+        return len(expired)
+
+    def _receipt_held(self, job_id: str) -> bool:
+        job = self._find(job_id)
+        rec = self.receipts.get(job.receipt_hash) if job is not None and job.receipt_hash else None
+        return rec is not None and rec.settlement.state == receipt_pb2.SETTLEMENT_STATE_HELD
 
     async def run_housekeeping(self, interval_s: float = 0.5) -> None:
         while True:
@@ -729,11 +768,13 @@ class Coordinator:
 
     def close(self) -> None:
         self.registry.close_all()
+        self.uploads.close()
         if self.event_log is not None:
             self.event_log.close()
             self.machine.recorder = self.event_log = None
         metrics.QUEUE_DEPTH.set_function(None)
         metrics.MINERS_CONNECTED.set_function(None)
+        metrics.UPLOAD_BYTES.set_function(None)
         metrics.QUARANTINED.set_function(None)
 
 

@@ -7,7 +7,8 @@ returns where the transitions differ. tests/vectors/coordinator/ holds logs reco
 chaos runs; tests/coordinator/test_event_replay.py replays them against the current core.
 
 What a log keeps is what the machine decides on: jobs (whole), miner views, ids, reasons. Artifact
-bytes are kept as their length and receipts as their hash only: the machine passes both through.
+bytes (or the upload files holding them) are kept as their length and receipts as their hash only:
+the machine passes both through.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def _enc(value: Any) -> Any:
         return {"$set": sorted(value)}
     if isinstance(value, bytes):
         return {"$bytes": len(value)}
+    if isinstance(value, Path):  # a finished upload's file: its length, as bytes are kept
+        return {"$bytes": value.stat().st_size if value.exists() else 0}
     if dataclasses.is_dataclass(value):
         return encode_event(value)  # type: ignore[arg-type]
     if isinstance(value, tuple | list):

@@ -20,7 +20,7 @@ import dataclasses
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from aitbc import jobs
 from aitbc.coordinator import eta
@@ -29,6 +29,9 @@ from aitbc.errors import AitbcError, PermissionDenied
 from aitbc.hub.matching import JobNeeds, MinerView, Unplaceable, choose
 from aitbc.hub.sharding import Shard, merge_in_order
 from aitbc.v1 import job_pb2, receipt_pb2
+
+if TYPE_CHECKING:
+    from aitbc.coordinator.store import ArtifactData
 
 S = job_pb2.JobState
 NEW, QUEUED, ASSIGNED, RUNNING = S.JOB_STATE_UNSPECIFIED, S.JOB_STATE_QUEUED, S.JOB_STATE_ASSIGNED, S.JOB_STATE_RUNNING
@@ -143,7 +146,7 @@ class Completed:
     miner_id: str
     job_id: str
     result: job_pb2.Job
-    artifacts: tuple[tuple[str, bytes], ...]
+    artifacts: tuple[tuple[str, ArtifactData], ...]  # sha256 and its bytes or finished upload file
     receipt: receipt_pb2.Receipt
     verification: Submit | None = None
 
@@ -199,7 +202,7 @@ class Store:
     receipts in one transaction. Always the first instruction of a handle call that changed jobs."""
 
     jobs: tuple[job_pb2.Job, ...]
-    artifacts: tuple[tuple[str, bytes], ...] = ()
+    artifacts: tuple[tuple[str, ArtifactData], ...] = ()
     receipts: tuple[tuple[job_pb2.Job, receipt_pb2.Receipt], ...] = ()
 
 
@@ -323,7 +326,7 @@ class JobMachine:
         self._rr = itertools.count()
         self._out: list[Instruction] = []
         self._dirty: dict[str, job_pb2.Job] = {}
-        self._artifacts: list[tuple[str, bytes]] = []
+        self._artifacts: list[tuple[str, ArtifactData]] = []
         self._receipts: list[tuple[job_pb2.Job, receipt_pb2.Receipt]] = []
         self.service = eta.ServiceTimes()  # measured assignment -> result times, for queue ETAs
 

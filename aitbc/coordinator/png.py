@@ -8,9 +8,11 @@ stored uncompressed. docs/receipts.md ("Image outputs") states the bound.
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from aitbc.errors import InvalidArgument
 from aitbc.jobs import PNG_MAGIC
@@ -18,6 +20,7 @@ from aitbc.jobs import PNG_MAGIC
 SIGNATURE = PNG_MAGIC
 MAX_ANCILLARY_BYTES = 64 * 1024  # text, gamma, ICC profile ... in all
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+_PIECE = 1024 * 1024  # how much of a chunk is read at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,21 +41,31 @@ def stored_bound(raw: int) -> int:
     return raw + raw // 100 + 1024
 
 
-def inspect(data: bytes) -> PngInfo:
-    """Walk the chunks; raise InvalidArgument (naming what is wrong) unless this is one plain PNG."""
-    if not data.startswith(SIGNATURE):
+def inspect(data: bytes | BinaryIO) -> PngInfo:
+    """Walk the chunks; raise InvalidArgument (naming what is wrong) unless this is one plain PNG.
+    `data` is the bytes or a binary file (an upload on disk: read in pieces, never all in memory)."""
+    f = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+    total = f.seek(0, io.SEEK_END)
+    f.seek(0)
+    if f.read(len(SIGNATURE)) != SIGNATURE:
         raise InvalidArgument("not a PNG image (bad signature)")
     pos, first, info, idat, ancillary, chunks = len(SIGNATURE), True, None, 0, 0, 0
     while True:
-        if pos + 12 > len(data):
+        if pos + 12 > total:
             raise InvalidArgument("PNG is truncated (no IEND chunk)")
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        length, kind = struct.unpack(">I4s", f.read(8))
         end = pos + 12 + length
-        if end > len(data):
+        if end > total:
             raise InvalidArgument(f"PNG chunk {kind!r} runs past the end of the file")
-        body = data[pos + 8:pos + 8 + length]
+        crc, body = zlib.crc32(kind), b""
+        for off in range(0, length, _PIECE):  # bodies are read in pieces: IDAT may be megabytes
+            piece = f.read(min(_PIECE, length - off))
+            crc = zlib.crc32(piece, crc)
+            if off == 0 and kind != b"IDAT":
+                body = piece[:64]  # the header fields read below (IHDR is 13 bytes)
+        tail = f.read(4)
         chunks += 1
-        if struct.unpack(">I", data[end - 4:end])[0] != zlib.crc32(kind + body):
+        if struct.unpack(">I", tail)[0] != crc:
             raise InvalidArgument(f"PNG chunk {kind!r} has a bad CRC")
         if first:
             if kind != b"IHDR" or length != 13:
@@ -65,8 +78,8 @@ def inspect(data: bytes) -> PngInfo:
         elif kind == b"IDAT":
             idat += length
         elif kind == b"IEND":
-            if end != len(data):
-                raise InvalidArgument(f"PNG has {len(data) - end} bytes after its IEND chunk (padding)")
+            if end != total:
+                raise InvalidArgument(f"PNG has {total - end} bytes after its IEND chunk (padding)")
             break
         else:
             ancillary += length
@@ -81,7 +94,7 @@ def inspect(data: bytes) -> PngInfo:
                               f"even uncompressed ({idat_bound})")
     # every chunk costs 12 bytes of framing: an honest encoder writes IDAT in pieces of 4 KiB or more
     most = len(SIGNATURE) + idat_bound + 12 * (idat_bound // 4096 + 2) + MAX_ANCILLARY_BYTES + 12 * 64 + 25 + 12
-    if len(data) > most:
-        raise InvalidArgument(f"PNG is {len(data)} bytes in {chunks} chunks, more than a {width}x{height} image "
+    if total > most:
+        raise InvalidArgument(f"PNG is {total} bytes in {chunks} chunks, more than a {width}x{height} image "
                               f"needs ({most})")
     return PngInfo(width, height)

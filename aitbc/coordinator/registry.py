@@ -1,8 +1,9 @@
 """The miner registry: registration challenges, sessions, live Work streams, what models are served.
 
 A miner proves its key by signing a stateless challenge (Register), gets a single-use session
-token, and opens its Work stream with it. The registry owns the connections (their outboxes,
-heartbeats and artifact uploads); which jobs a miner holds is the job machine's.
+token, and opens its Work stream with it. The registry owns the connections (their outboxes and
+heartbeats); which jobs a miner holds is the job machine's, and their uploads are in
+aitbc.coordinator.uploads.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hmac
 import logging
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aitbc import crypto, jobs
 from aitbc.coordinator.models import declared
@@ -68,8 +69,6 @@ class MinerConn:
     session: MinerSession
     outbox: asyncio.Queue[miner_pb2.WorkResponse | None]
     last_seen: float
-    uploads: dict[str, dict[int, bytearray]] = field(default_factory=dict)
-    upload_bytes: dict[str, int] = field(default_factory=dict)
     closed: bool = False
 
     @property
@@ -83,10 +82,6 @@ class MinerConn:
     def send(self, msg: miner_pb2.WorkResponse) -> None:
         if not self.closed:
             self.outbox.put_nowait(msg)
-
-    def drop_upload(self, job_id: str) -> dict[int, bytearray]:
-        self.upload_bytes.pop(job_id, None)
-        return self.uploads.pop(job_id, {})
 
 
 class MinerRegistry:

@@ -17,11 +17,13 @@ OS), an OS crash may lose the last interval. The ledger keeps full sync.
 from __future__ import annotations
 
 import bisect
+import io
+import os
 import struct
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import lmdb
 
@@ -46,17 +48,36 @@ class JobStore(Protocol):
         self,
         jobs: Iterable[job_pb2.Job],
         *,
-        artifacts: Iterable[tuple[str, bytes]] = (),
+        artifacts: Iterable[tuple[str, ArtifactData]] = (),
         receipts: Iterable[tuple[job_pb2.Job, receipt_pb2.Receipt]] = (),
     ) -> None:
-        """Jobs (as they are now), artifacts by sha256 (never overwritten), and new receipts
-        with the job they belong to (indexed for the job's client, newest first)."""
+        """Jobs (as they are now), artifacts by sha256 (never overwritten; a Path is a finished
+        upload the store takes over), and new receipts with the job they belong to (indexed for
+        the job's client, newest first). An artifact is kept until the latest
+        `expires_at_unix_ms` any job written names for it (0: kept for good)."""
         ...
 
     def get_job(self, job_id: str) -> job_pb2.Job | None: ...
     def active_jobs(self) -> list[job_pb2.Job]: ...
     def job_for_request(self, client_id: str, request_id: str) -> str | None: ...
-    def get_artifact(self, sha256_hex: str) -> bytes | None: ...
+
+    def open_artifact(self, sha256_hex: str) -> BinaryIO | None:
+        """The artifact's bytes as a binary file (read it in pieces), or None: never stored or collected."""
+        ...
+
+    def expired_artifacts(self, now_ms: int, limit: int) -> list[tuple[str, str]]:
+        """At most `limit` artifacts kept until `now_ms` or before, oldest first: (sha256, the job
+        whose expiry it is)."""
+        ...
+
+    def keep_artifact(self, sha256_hex: str, until_ms: int) -> None:
+        """Postpone an artifact's expiry (never earlier than it was)."""
+        ...
+
+    def delete_artifacts(self, shas: Iterable[str]) -> None:
+        """Delete artifacts' bytes (garbage collection). Jobs and receipts that name them stay."""
+        ...
+
     def get_receipt(self, receipt_hash: str) -> receipt_pb2.Receipt | None: ...
     def update_receipt(self, receipt: receipt_pb2.Receipt) -> None: ...
     def held_receipts(self) -> list[receipt_pb2.Receipt]: ...
@@ -72,6 +93,73 @@ class JobStore(Protocol):
     def put_meta(self, key: str, value: bytes) -> None: ...
     def reputation(self) -> ReputationStore: ...
     def close(self) -> None: ...
+
+
+ArtifactData = bytes | Path  # the bytes, or a finished upload's file (moved into the store, not copied)
+_KEPT = 0  # an expiry of 0: kept for good (artifact_retention_s = 0, or no job names the artifact)
+
+
+def _later(a: int, b: int) -> int:
+    return _KEPT if _KEPT in (a, b) else max(a, b)
+
+
+def _expiries(jobs: Iterable[job_pb2.Job]) -> dict[str, tuple[int, str]]:
+    """sha256 -> (the latest expiry the jobs name for it, the job that names it)."""
+    out: dict[str, tuple[int, str]] = {}
+    for job in jobs:
+        for art in job.artifacts:
+            old = out.get(art.sha256)
+            if old is None or _later(old[0], art.expires_at_unix_ms) != old[0]:
+                out[art.sha256] = (art.expires_at_unix_ms, job.job_id)
+    return out
+
+
+def _check_sha(sha: str) -> str:
+    if not sha or len(sha) > 64 or sha.strip("0123456789abcdef"):
+        raise ValueError(f"not a lower-case hex sha256: {sha!r}")
+    return sha
+
+
+class ArtifactFiles:
+    """Content-addressed files beside the LMDB: <folder>/<sha[:2]>/<sha>, 0600 in 0700 folders.
+    The LMDB's record says which are stored; a file is written (or moved in) before the record."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = private_dir(folder)
+        self._made: set[str] = set()
+
+    def path(self, sha: str) -> Path:
+        return self.folder / _check_sha(sha)[:2] / sha
+
+    def place(self, sha: str, data: ArtifactData) -> Path | None:
+        """Put the bytes in place; returns the path when this call created it (None: already there)."""
+        dest = self.path(sha)
+        if sha[:2] not in self._made:
+            private_dir(dest.parent)
+            self._made.add(sha[:2])
+        if dest.exists():  # the same bytes (content-addressed): nothing to write
+            if isinstance(data, Path):
+                data.unlink(missing_ok=True)
+            return None
+        if isinstance(data, Path):
+            os.chmod(data, 0o600)
+            os.replace(data, dest)
+            return dest
+        tmp = dest.with_name(f".{sha}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+        return dest
+
+    def open(self, sha: str) -> BinaryIO | None:
+        try:
+            return open(self.path(sha), "rb")
+        except FileNotFoundError:
+            return None
+
+    def delete(self, sha: str) -> None:
+        self.path(sha).unlink(missing_ok=True)
 
 
 def _stored(job: job_pb2.Job) -> bytes:
@@ -97,12 +185,19 @@ def _client_receipt_key(job: job_pb2.Job) -> bytes:
 
 
 class LmdbJobStore:
-    def __init__(self, path: str | Path, *, map_size: int = 1 << 36, flush_interval_s: float = 0.2) -> None:
+    """Jobs, receipts and meta in one LMDB; artifact bytes in content-addressed files beside it
+    (`artifacts`, default <path>/../artifacts), their records and expiry index in the LMDB."""
+
+    def __init__(self, path: str | Path, *, artifacts: str | Path | None = None, map_size: int = 1 << 36,
+                 flush_interval_s: float = 0.2) -> None:
         path = private_dir(path)
+        self.files = ArtifactFiles(artifacts if artifacts is not None else path.parent / "artifacts")
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, sync=False, metasync=False, mode=0o600)
         self._jobs = self.env.open_db(_V + b"jobs")
         self._active = self.env.open_db(_V + b"active")
-        self._artifacts = self.env.open_db(_V + b"artifacts")
+        self._legacy_artifacts = self.env.open_db(_V + b"artifacts")  # bytes in the LMDB (before files): read only
+        self._artifact_files = self.env.open_db(_V + b"artifact_files")  # sha -> expiry ms (8 bytes; 0 kept)
+        self._artifact_expiry = self.env.open_db(_V + b"artifact_expiry")  # expiry ms (8) + sha -> job id
         self._receipts = self.env.open_db(_V + b"receipts")
         self._client_receipts = self.env.open_db(_V + b"client_receipts")
         self._requests = self.env.open_db(_V + b"requests")
@@ -131,23 +226,86 @@ class LmdbJobStore:
     def reputation(self) -> ReputationStore:
         return self._reputation
 
-    def write(self, jobs: Iterable[job_pb2.Job], *, artifacts: Iterable[tuple[str, bytes]] = (),
+    def write(self, jobs: Iterable[job_pb2.Job], *, artifacts: Iterable[tuple[str, ArtifactData]] = (),
               receipts: Iterable[tuple[job_pb2.Job, receipt_pb2.Receipt]] = ()) -> None:
+        jobs = list(jobs)
+        artifacts = list(artifacts)
+        # the files first, then the records that make them stored: a write that fails removes the
+        # files it created; a crash in between leaves at most this write's files unreferenced
+        placed = [p for p in (self.files.place(sha, data) for sha, data in artifacts) if p is not None]
+        try:
+            with self.env.begin(write=True) as txn:
+                for job in jobs:
+                    key = job.job_id.encode()
+                    txn.put(key, _stored(job), db=self._jobs)
+                    if job.state in ACTIVE:
+                        txn.put(key, b"", db=self._active)
+                    else:
+                        txn.delete(key, db=self._active)
+                    if job.request_id:
+                        txn.put(_request_key(job.client_id, job.request_id), key, db=self._requests)
+                expiries = _expiries(jobs)
+                for sha, _ in artifacts:
+                    if txn.get(sha.encode(), db=self._artifact_files) is None:
+                        until, job_id = expiries.pop(sha, (_KEPT, ""))
+                        self._set_expiry(txn, sha, None, until, job_id)
+                for sha, (until, job_id) in expiries.items():  # jobs naming stored artifacts extend them
+                    raw = txn.get(sha.encode(), db=self._artifact_files)
+                    if raw is not None:
+                        old = struct.unpack(">Q", raw)[0]
+                        if _later(old, until) != old:
+                            self._set_expiry(txn, sha, old, until, job_id)
+                for job, receipt in receipts:
+                    self._put_receipt(txn, receipt)
+                    txn.put(_client_receipt_key(job), receipt.receipt_hash.encode(), db=self._client_receipts)
+        except BaseException:
+            for p in placed:
+                p.unlink(missing_ok=True)
+            raise
+
+    def _set_expiry(self, txn: lmdb.Transaction, sha: str, old: int | None, until: int, job_id: str) -> None:
+        if old:
+            txn.delete(struct.pack(">Q", old) + sha.encode(), db=self._artifact_expiry)
+        txn.put(sha.encode(), struct.pack(">Q", until), db=self._artifact_files)
+        if until != _KEPT:
+            txn.put(struct.pack(">Q", until) + sha.encode(), job_id.encode(), db=self._artifact_expiry)
+
+    def open_artifact(self, sha256_hex: str) -> BinaryIO | None:
+        with self.env.begin() as txn:
+            if txn.get(sha256_hex.encode(), db=self._artifact_files) is None:
+                legacy = txn.get(sha256_hex.encode(), db=self._legacy_artifacts)
+                return io.BytesIO(legacy) if legacy is not None else None
+        return self.files.open(sha256_hex)
+
+    def expired_artifacts(self, now_ms: int, limit: int) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        with self.env.begin() as txn:
+            for key, job_id in txn.cursor(db=self._artifact_expiry):
+                if len(out) >= limit or struct.unpack(">Q", key[:8])[0] > now_ms:
+                    break
+                out.append((key[8:].decode(), job_id.decode()))
+        return out
+
+    def keep_artifact(self, sha256_hex: str, until_ms: int) -> None:
         with self.env.begin(write=True) as txn:
-            for job in jobs:
-                key = job.job_id.encode()
-                txn.put(key, _stored(job), db=self._jobs)
-                if job.state in ACTIVE:
-                    txn.put(key, b"", db=self._active)
-                else:
-                    txn.delete(key, db=self._active)
-                if job.request_id:
-                    txn.put(_request_key(job.client_id, job.request_id), key, db=self._requests)
-            for sha, data in artifacts:
-                txn.put(sha.encode(), data, db=self._artifacts, overwrite=False)
-            for job, receipt in receipts:
-                self._put_receipt(txn, receipt)
-                txn.put(_client_receipt_key(job), receipt.receipt_hash.encode(), db=self._client_receipts)
+            raw = txn.get(sha256_hex.encode(), db=self._artifact_files)
+            if raw is None:
+                return
+            old = struct.unpack(">Q", raw)[0]
+            if _later(old, until_ms) != old:
+                key = struct.pack(">Q", old) + sha256_hex.encode()
+                job_id = (txn.get(key, db=self._artifact_expiry) or b"").decode()
+                self._set_expiry(txn, sha256_hex, old, until_ms, job_id)
+
+    def delete_artifacts(self, shas: Iterable[str]) -> None:
+        shas = list(shas)
+        with self.env.begin(write=True) as txn:  # the records first: a file without one is never served
+            for sha in shas:
+                raw = txn.pop(sha.encode(), db=self._artifact_files)
+                if raw is not None and struct.unpack(">Q", raw)[0]:
+                    txn.delete(raw + sha.encode(), db=self._artifact_expiry)
+        for sha in shas:
+            self.files.delete(sha)
 
     def _put_receipt(self, txn: lmdb.Transaction, receipt: receipt_pb2.Receipt) -> None:
         key = receipt.receipt_hash.encode()
@@ -190,10 +348,6 @@ class LmdbJobStore:
         with self.env.begin() as txn:
             ids = [k for k, _ in txn.cursor(db=self._active)]
             return [job_pb2.Job.FromString(txn.get(k, db=self._jobs)) for k in ids]
-
-    def get_artifact(self, sha256_hex: str) -> bytes | None:
-        with self.env.begin() as txn:
-            return txn.get(sha256_hex.encode(), db=self._artifacts)
 
     def get_receipt(self, receipt_hash: str) -> receipt_pb2.Receipt | None:
         with self.env.begin() as txn:
@@ -246,6 +400,7 @@ class MemoryJobStore:
         self._active: set[str] = set()
         self._requests: dict[bytes, str] = {}
         self._artifacts: dict[str, bytes] = {}
+        self._expiry: dict[str, tuple[int, str]] = {}  # sha -> (expiry ms, job id); 0: kept
         self._receipts: dict[str, bytes] = {}
         self._client_receipts: list[tuple[bytes, str]] = []  # sorted by key
         self._meta: dict[str, bytes] = {}
@@ -257,20 +412,30 @@ class MemoryJobStore:
     def reputation(self) -> ReputationStore:
         return self._reputation
 
-    def write(self, jobs: Iterable[job_pb2.Job], *, artifacts: Iterable[tuple[str, bytes]] = (),
+    def write(self, jobs: Iterable[job_pb2.Job], *, artifacts: Iterable[tuple[str, ArtifactData]] = (),
               receipts: Iterable[tuple[job_pb2.Job, receipt_pb2.Receipt]] = ()) -> None:
         # build everything first: a failure half way leaves nothing written, as a transaction would
+        jobs = list(jobs)
         staged_jobs = [(j.job_id, _stored(j), j.state in ACTIVE, j.client_id, j.request_id) for j in jobs]
-        staged_arts = [(sha, bytes(data)) for sha, data in artifacts]
+        staged_arts = [(sha, data.read_bytes() if isinstance(data, Path) else bytes(data)) for sha, data in artifacts]
         staged_recs = [(_client_receipt_key(j), r.receipt_hash, r.SerializeToString(deterministic=True))
                        for j, r in receipts]
+        for _, data in artifacts:
+            if isinstance(data, Path):  # taken over, as the LMDB store moves it
+                data.unlink(missing_ok=True)
         for job_id, raw, active, client_id, request_id in staged_jobs:
             self._jobs[job_id] = raw
             (self._active.add if active else self._active.discard)(job_id)
             if request_id:
                 self._requests[_request_key(client_id, request_id)] = job_id
+        expiries = _expiries(jobs)
         for sha, data in staged_arts:
-            self._artifacts.setdefault(sha, data)
+            if sha not in self._artifacts:
+                self._artifacts[sha] = data
+                self._expiry[sha] = expiries.pop(sha, (_KEPT, ""))
+        for sha, (until, job_id) in expiries.items():
+            if sha in self._artifacts and _later(self._expiry[sha][0], until) != self._expiry[sha][0]:
+                self._expiry[sha] = (until, job_id)
         for key, rh, raw in staged_recs:
             self._receipts[rh] = raw
             i = bisect.bisect_left(self._client_receipts, (key, ""))
@@ -302,8 +467,24 @@ class MemoryJobStore:
     def active_jobs(self) -> list[job_pb2.Job]:
         return [job_pb2.Job.FromString(self._jobs[j]) for j in sorted(self._active)]
 
-    def get_artifact(self, sha256_hex: str) -> bytes | None:
-        return self._artifacts.get(sha256_hex)
+    def open_artifact(self, sha256_hex: str) -> BinaryIO | None:
+        data = self._artifacts.get(sha256_hex)
+        return io.BytesIO(data) if data is not None else None
+
+    def expired_artifacts(self, now_ms: int, limit: int) -> list[tuple[str, str]]:
+        due = sorted((until, sha, job_id) for sha, (until, job_id) in self._expiry.items()
+                     if until != _KEPT and until <= now_ms)
+        return [(sha, job_id) for _, sha, job_id in due[:limit]]
+
+    def keep_artifact(self, sha256_hex: str, until_ms: int) -> None:
+        old = self._expiry.get(sha256_hex)
+        if old is not None and _later(old[0], until_ms) != old[0]:
+            self._expiry[sha256_hex] = (until_ms, old[1])
+
+    def delete_artifacts(self, shas: Iterable[str]) -> None:
+        for sha in shas:
+            self._artifacts.pop(sha, None)
+            self._expiry.pop(sha, None)
 
     def get_receipt(self, receipt_hash: str) -> receipt_pb2.Receipt | None:
         raw = self._receipts.get(receipt_hash)

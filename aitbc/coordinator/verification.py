@@ -103,7 +103,15 @@ class Verifier:
                       device_class=device_class or device or None)
 
     def _artifacts(self, job: job_pb2.Job) -> list[bytes]:
-        return [self.store.get_artifact(a.sha256) or b"" for a in job.artifacts]
+        out = []
+        for a in job.artifacts:  # a decision compares whole images: read them (the GC keeps them meanwhile)
+            f = self.store.open_artifact(a.sha256)
+            if f is None:
+                out.append(b"")
+                continue
+            with f:
+                out.append(f.read())
+        return out
 
     def _evidence(self, job: job_pb2.Job) -> list[bytes]:
         """What two runs of a job must agree on: the outputs, and the units their receipts claim

@@ -305,12 +305,17 @@ class Artifact(_message.Message):
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     WIDTH_FIELD_NUMBER: _builtins.int
     HEIGHT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
     """Lower-case hex sha256 of the bytes."""
     size: _builtins.int
     content_type: _builtins.str
     width: _builtins.int
     height: _builtins.int
+    expires_at_unix_ms: _builtins.int
+    """When the coordinator deletes the bytes (artifact_retention_s after the job completed; 0: kept).
+    After it GetJobResult answers NOT_FOUND "expired"; the job keeps this description and its receipt.
+    """
     def __init__(
         self,
         *,
@@ -319,10 +324,11 @@ class Artifact(_message.Message):
         content_type: _builtins.str = ...,
         width: _builtins.int = ...,
         height: _builtins.int = ...,
+        expires_at_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "height", b"height", "sha256", b"sha256", "size", b"size", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "expires_at_unix_ms", b"expires_at_unix_ms", "height", b"height", "sha256", b"sha256", "size", b"size", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,6 +6,7 @@ persist). Nothing here knows which backend it runs on.
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,20 @@ def receipt(rh: str, job_id: str, state: int, client: str = "alice") -> receipt_
     rec.body.job_id, rec.body.client = job_id, client
     rec.settlement.state = state  # type: ignore[assignment]
     return rec
+
+
+def done(job_id: str, artifacts: list[tuple[str, int]]) -> job_pb2.Job:
+    j = job(job_id, S.JOB_STATE_COMPLETED, finished=10)
+    j.artifacts.extend(job_pb2.Artifact(sha256=sha, expires_at_unix_ms=until) for sha, until in artifacts)
+    return j
+
+
+def read(store: JobStore, sha: str) -> bytes | None:
+    f = store.open_artifact(sha)
+    if f is None:
+        return None
+    with f:
+        return f.read()
 
 
 class JobStoreContract:
@@ -75,7 +90,40 @@ class JobStoreContract:
     def test_artifacts_are_content_addressed_and_never_overwritten(self, store: JobStore) -> None:
         store.write([], artifacts=[("aa", b"first")])
         store.write([], artifacts=[("aa", b"second")])
-        assert store.get_artifact("aa") == b"first" and store.get_artifact("bb") is None
+        assert read(store, "aa") == b"first" and read(store, "bb") is None
+
+    def test_a_finished_upload_file_is_taken_over(self, store: JobStore, tmp_path: Path) -> None:
+        up, again = tmp_path / "upload.part", tmp_path / "again.part"
+        up.write_bytes(b"png bytes")
+        again.write_bytes(b"png bytes")
+        store.write([], artifacts=[("ab", up)])
+        store.write([], artifacts=[("ab", again)])  # the same content again: nothing new is kept
+        assert read(store, "ab") == b"png bytes"
+        assert not up.exists() and not again.exists()
+
+    def test_artifacts_expire_at_the_latest_time_a_job_names_and_go_in_batches(self, store: JobStore) -> None:
+        a, b, c = (done(n, [(sha, until)]) for n, sha, until in
+                   (("a", "a1", 1000), ("b", "b1", 3000), ("c", "a1", 2000)))
+        store.write([a], artifacts=[("a1", b"x")])
+        store.write([b], artifacts=[("b1", b"y")])
+        store.write([c])  # another job with the same bytes: kept until the later of the two
+        store.write([done("d", [("c1", 0)])], artifacts=[("c1", b"kept")])  # 0: kept for good
+        store.write([], artifacts=[("d1", b"named by no job")])
+        assert store.expired_artifacts(1500, 10) == []
+        assert store.expired_artifacts(2000, 10) == [("a1", "c")]
+        assert store.expired_artifacts(10**15, 1) == [("a1", "c")]  # at most `limit`, oldest first
+        store.keep_artifact("a1", 2500)
+        store.keep_artifact("a1", 100)  # never earlier
+        assert store.expired_artifacts(2600, 10) == [("a1", "c")]
+        assert store.expired_artifacts(10**15, 10) == [("a1", "c"), ("b1", "b")]
+        store.delete_artifacts(["a1", "b1"])
+        assert read(store, "a1") is None and read(store, "b1") is None
+        assert store.expired_artifacts(10**15, 10) == []
+        assert read(store, "c1") == b"kept" and read(store, "d1") == b"named by no job"
+        # the jobs keep their descriptions; writing one again does not bring the bytes back
+        assert [x.sha256 for x in store.get_job("a").artifacts] == ["a1"]
+        store.write([a])
+        assert read(store, "a1") is None and store.expired_artifacts(10**15, 10) == []
 
     def test_settlement_indexes_follow_the_receipt_state(self, store: JobStore) -> None:
         j1, j2, j3 = job("a", S.JOB_STATE_COMPLETED), job("b", S.JOB_STATE_COMPLETED), job("c", S.JOB_STATE_COMPLETED)
@@ -124,7 +172,7 @@ class JobStoreContract:
             store.write([job("a", S.JOB_STATE_COMPLETED), b], artifacts=[("aa", b"x")],
                         receipts=[(b, object())])  # type: ignore[list-item]
         assert store.get_job("a").state == S.JOB_STATE_QUEUED and store.get_job("b") is None
-        assert store.get_artifact("aa") is None
+        assert read(store, "aa") is None
 
     def test_what_was_written_survives_a_reopen(self, store: JobStore) -> None:
         store.write([job("a"), job("b", S.JOB_STATE_FAILED)])
@@ -148,3 +196,23 @@ class TestLmdbJobStore(JobStoreContract):
     def reopen(self, store: JobStore) -> JobStore:
         store.close()
         return LmdbJobStore(self.path)
+
+    def test_artifacts_are_files_beside_the_lmdb_its_owners_only(self, store: JobStore, tmp_path: Path) -> None:
+        sha = "ab" * 32
+        store.write([], artifacts=[(sha, b"png")])
+        f = tmp_path / "artifacts" / "ab" / sha
+        assert f.read_bytes() == b"png" and stat.S_IMODE(f.stat().st_mode) == 0o600
+        assert all(stat.S_IMODE(d.stat().st_mode) == 0o700 for d in (f.parent, f.parent.parent))
+        store.delete_artifacts([sha])
+        assert not f.exists()
+
+    def test_a_write_that_fails_removes_the_files_it_made(self, store: JobStore, tmp_path: Path) -> None:
+        with pytest.raises(AttributeError):
+            store.write([], artifacts=[("cd" * 32, b"x")], receipts=[(job("b"), object())])  # type: ignore[list-item]
+        assert not (tmp_path / "artifacts" / "cd" / ("cd" * 32)).exists()
+
+    def test_artifacts_stored_in_the_lmdb_by_older_versions_are_still_served(self, store: JobStore) -> None:
+        assert isinstance(store, LmdbJobStore)
+        with store.env.begin(write=True) as txn:
+            txn.put(b"ef" * 32, b"old bytes", db=store._legacy_artifacts)
+        assert read(store, "ef" * 32) == b"old bytes"

@@ -237,7 +237,8 @@ def test_token_bounds_are_what_the_receipt_spec_says() -> None:
 
 
 async def test_unfinished_uploads_are_bounded_per_miner_and_in_all(network_factory: Any, null_backend: Any) -> None:
-    net = await network_factory(max_artifact_bytes=1_000_000, max_upload_bytes_in_flight=1_500_000)
+    net = await network_factory(max_artifact_bytes=1_000_000, max_upload_bytes_per_miner=1_000_000,
+                                max_upload_bytes_in_flight=1_500_000)
     hoarder, other = RawMiner(net), RawMiner(net)
     await hoarder.connect(max_concurrency=4)
     s = stub(net)

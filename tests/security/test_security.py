@@ -549,8 +549,8 @@ async def test_artifacts_beyond_max_artifact_bytes_are_rejected_and_the_job_requ
     assert reply.WhichOneof("msg") == "rejected" and "artifacts exceed 4096 bytes" in reply.rejected.reason
     current = net.core.machine.job(job.job_id)
     assert current.state == S.JOB_STATE_QUEUED and "artifacts exceed" in current.wait_reason
-    conn = net.core.miners[m.key.address]
-    assert job.job_id not in conn.uploads and job.job_id not in conn.upload_bytes  # the buffer was freed
+    assert not net.core.uploads.files(job.job_id) and net.core.uploads.total == 0  # the upload was deleted
+    assert not list((net.tmp / "coordinator" / "uploads").iterdir())
     # a result for the rejected upload is refused too (the job is no longer this miner's)
     m.send(result=m.result_for(job, png))
     reply = await m.read()

@@ -67,7 +67,8 @@ async def test_two_colluding_fresh_keys_never_outvote_an_established_honest_mine
             [vid] = job.verification_job_ids
             assert net.core.store.get_job(vid).miner_id == honest.key.address
             assert await receipt_state(net, job) == St.SETTLEMENT_STATE_REJECTED
-            data = net.core.store.get_artifact(job.artifacts[0].sha256)
+            with net.core.store.open_artifact(job.artifacts[0].sha256) as f:
+                data = f.read()
             assert data == null_png("a red bicycle", i, 64, 64)
     assert by_colluders, "the cheaper colluders never got a job: the test proves nothing"
     # no re-execution ever ran on an unproven miner: a fresh key gets no vote on anyone's result
