@@ -756,9 +756,12 @@ class JobMachine:
                 self._requeue(rec.job, f"miner {ev.miner_id} lost: {ev.reason}")
         slot.held.clear()
 
-    def _order(self, job_id: str) -> float:
+    def _order(self, job_id: str) -> tuple[float, str]:
+        """A miner's jobs in the order it got them. Jobs assigned in one call share the instant, so
+        the id breaks the tie: a set's order changes from process to process (hash seeds), and the
+        event log's replay must requeue them in the order the live machine did."""
         rec = self.records.get(job_id)
-        return rec.assigned_at if rec is not None else 0.0
+        return (rec.assigned_at if rec is not None else 0.0), job_id
 
     # ---- time --------------------------------------------------------------------------------------
 

@@ -347,3 +347,25 @@ def test_the_story_is_bounded_and_keeps_the_submission(sm: m.JobMachine) -> None
     assert len(job.story) == m.STORY_LIMIT and job.story[0].cause == "submitted"
     assert job.story_dropped == 1 + 2 * 40 - m.STORY_LIMIT
     assert job.story[-1].to_state == Q and "m39 lost" in job.story[-1].cause
+
+
+def test_jobs_a_lost_miner_got_in_one_call_are_requeued_in_an_order_that_replays() -> None:
+    """Jobs assigned in one call share the instant; the order they go back in must not depend on
+    how a set of ids iterates (it changes from process to process with the hash seed, and the event
+    log's replay must decide exactly as the live machine did): the same order under every seed."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from tests.coordinator.test_machine import *\n"
+        "sm = m.JobMachine(FakeClock(), LIMITS)\n"
+        "sm.handle(m.MinerJoined(view('m1', slots=6)))\n"
+        "sm.handle(*(m.Submit(image_job(f'j-{i}')) for i in 'fbdaec'))\n"
+        "sm.handle(m.Dispatch())\n"  # all six in one call: one instant
+        "sm.handle(m.MinerLeft('m1', 'stream closed'))\n"
+        "print(','.join(sm.queue))\n"
+    )
+    orders = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             env=dict(os.environ, PYTHONHASHSEED=str(seed))).stdout.strip() for seed in range(6)}
+    assert len(orders) == 1, orders
