@@ -159,6 +159,18 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return resp
 
 
+    @rpc.handle_errors
+    async def GetGenesis(self, request: S.GetGenesisRequest,
+                         context: grpc.aio.ServicerContext) -> S.GetGenesisResponse:
+        g = self.node.genesis
+        return S.GetGenesisResponse(genesis_json=g.canonical_bytes().decode(), genesis_hash=self.chain.genesis_hash.hex(),
+                                    chain_id=g.chain_id)
+
+    @rpc.handle_errors
+    async def ListPeers(self, request: S.ListPeersRequest, context: grpc.aio.ServicerContext) -> S.ListPeersResponse:
+        return S.ListPeersResponse(peers=self.node.verified_peers())
+
+
 def ledger_service(node: Node) -> rpc.Service:
     # aitbc.rpc.start_server mounts it from the descriptor (malformed requests -> INVALID_ARGUMENT)
     return rpc.Service(ledger_pb2_grpc.add_LedgerServiceServicer_to_server, LedgerServicer(node), SERVICE_NAME)
