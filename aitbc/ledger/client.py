@@ -245,8 +245,11 @@ class LedgerClient:
                     st = await self.get_receipt_status(receipt.receipt_hash)
                     if st.status != "unknown":
                         break
-                except errors.FailedPrecondition:
-                    self.resync_nonce(key.address)  # nonce too low: another writer used this key
+                except errors.FailedPrecondition as exc:
+                    self.resync_nonce(key.address)
+                    if not exc.message.startswith(("nonce too low", "nonce too far ahead")):
+                        raise  # e.g. "balance overflow": another nonce would not help
+                    # another writer used this key, or the local counter ran past the node's window
                 except errors.AitbcError:
                     self.resync_nonce(key.address)
                     raise

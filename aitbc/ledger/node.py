@@ -199,7 +199,8 @@ class Node:
         for n, (h, tx, err) in enumerate(prepared):
             if tx is not None:
                 try:
-                    self.mempool.add(tx, self.chain.account, self._minted)
+                    self.mempool.add(tx, self.chain.account, self._minted, credit=self._mint_credit(tx),
+                                     height=self.chain.head.height)
                     accepted.append(tx.raw)
                 except AitbcError as exc:
                     err = exc
@@ -304,7 +305,19 @@ class Node:
             else:
                 mp.remove(included)
                 mp.recheck(self.chain.account, self._minted, {tx.sender_id for tx in included})
+            self._expire()
         self._notify()
+
+    def _expire(self) -> None:
+        n = self.mempool.expire(self.chain.head.height, self.chain.account)
+        if n:
+            log.info("mempool: %d tx(s) expired after %d blocks without inclusion", n, self.mempool.expiry_blocks)
+
+    def _mint_credit(self, tx: Tx) -> int | None:
+        """What a MINT adds to its provider's balance (the mempool refuses an overflow at admission)."""
+        if tx.receipt is None:
+            return None
+        return state.mint_amount(tx.receipt.body.units, tx.receipt.body.price_per_unit, self.genesis)
 
     def _minted(self, receipt_hash: bytes) -> bool:
         return self.chain.receipt_minted(receipt_hash) is not None
@@ -381,8 +394,12 @@ class Node:
                 self.chain.build_block, self.key, slot, self.now_ms(), candidates, self.mempool.by_hash)
             self.mempool.remove(block.txs)
             self.mempool.remove(dropped)
-            senders = {tx.sender_id for tx in block.txs}
+            if dropped:
+                log.info("block %d: dropped %d pending tx(s) that no longer apply (first %s)", block.height,
+                         len(dropped), dropped[0].hash.hex())
+            senders = {tx.sender_id for tx in block.txs} | {tx.sender_id for tx in dropped}
             self.mempool.recheck(self.chain.account, self._minted, senders)
+            self._expire()
             self.produced += 1
             self._notify()
         for fn in self.block_listeners:

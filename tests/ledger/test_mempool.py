@@ -9,7 +9,7 @@ from aitbc.errors import AlreadyExists, FailedPrecondition, ResourceExhausted
 from aitbc.ledger.mempool import Mempool
 from aitbc.ledger.tx import decode_tx, make_mint, make_transfer
 
-from .helpers import ALICE, BOB, REF, receipt
+from .helpers import ALICE, BOB, REF, key, receipt
 
 A = crypto.sha256(ALICE.pubkey)[:20]
 
@@ -42,7 +42,7 @@ def test_balance_counts_pending_spend():
 
 
 def test_bounds_and_duplicate_receipts():
-    mp = Mempool(max_total=3, max_per_sender=2)
+    mp = Mempool(max_total=3, nonce_window=2, mint_reserve=0)
     acc = _accounts({})
     r = receipt(1)
     mp.add(decode_tx(make_mint(ALICE, REF, 0, r)), acc, lambda _: False)
@@ -51,10 +51,10 @@ def test_bounds_and_duplicate_receipts():
     with pytest.raises(AlreadyExists, match="^receipt already minted"):
         mp.add(decode_tx(make_mint(BOB, REF, 0, receipt(2))), acc, lambda _: True)
     mp.add(decode_tx(make_mint(ALICE, REF, 1, receipt(3))), acc, lambda _: False)
-    with pytest.raises(ResourceExhausted, match="^mempool full"):
+    with pytest.raises(FailedPrecondition, match="^nonce too far ahead: account nonce is 0, tx nonce 2; at most 1"):
         mp.add(decode_tx(make_mint(ALICE, REF, 2, receipt(4))), acc, lambda _: False)
     mp.add(decode_tx(make_mint(BOB, REF, 0, receipt(5))), acc, lambda _: False)
-    with pytest.raises(ResourceExhausted, match="^mempool full"):
+    with pytest.raises(ResourceExhausted, match="^mempool full"):  # BOB has fewer than ALICE + 1: nobody yields
         mp.add(decode_tx(make_mint(BOB, REF, 1, receipt(6))), acc, lambda _: False)
 
 
@@ -94,3 +94,90 @@ def test_pending_spend_is_tracked_through_add_and_remove():
     assert mp.spend[A] == 25
     mp.remove(txs[2:])
     assert A not in mp.spend
+
+
+KEYS = [key(300 + i) for i in range(6)]
+
+
+def _funded(*keys, balance=10**6):
+    return {crypto.sha256(k.pubkey)[:20]: (balance, 0) for k in keys}
+
+
+def _pay(k, n, amount=1):
+    return decode_tx(make_transfer(k, REF, n, BOB.address, amount))
+
+
+def test_parked_txs_are_capped_and_the_first_to_go_when_full():
+    mp = Mempool(max_total=10, nonce_window=8, mint_reserve=2, max_parked=4)
+    acc = _accounts(_funded(*KEYS))
+    k1, k2, k3 = KEYS[:3]
+    for n in range(1, 5):  # nonce 0 never comes: these can never execute
+        mp.add(_pay(k1, n), acc, lambda _: False)
+    assert mp.parked_total == 4
+    with pytest.raises(ResourceExhausted, match="^mempool full: 4 txs wait for missing nonces; send nonce 0 first"):
+        mp.add(_pay(k1, 5), acc, lambda _: False)
+    for n in range(4):
+        mp.add(_pay(k2, n), acc, lambda _: False)
+    assert len(mp) == 8  # every slot outside the MINT reserve
+    mp.add(_pay(k3, 0), acc, lambda _: False)  # can execute: a parked tx makes room
+    assert len(mp) == 8 and mp.parked_total == 3 and 4 not in mp.by_sender[crypto.sha256(k1.pubkey)[:20]]
+    mp.add(_pay(k1, 0), acc, lambda _: False)  # fills the gap (its own last parked tx made the room)
+    assert mp.parked_total == 0 and [t.nonce for t in mp.ready(acc, 100) if t.sender == k1.address] == [0, 1, 2]
+
+
+def test_a_full_pool_makes_room_for_a_sender_with_fewer_txs():
+    mp = Mempool(max_total=6, nonce_window=8, mint_reserve=0)
+    acc = _accounts(_funded(*KEYS))
+    big, small, other = KEYS[:3]
+    for n in range(5):
+        mp.add(_pay(big, n), acc, lambda _: False)
+    mp.add(_pay(small, 0), acc, lambda _: False)
+    mp.add(_pay(other, 0), acc, lambda _: False)  # full: the biggest sender's last tx yields
+    assert sorted(mp.by_sender[crypto.sha256(big.pubkey)[:20]]) == [0, 1, 2, 3] and mp.evicted == 1
+    mp.add(_pay(small, 1), acc, lambda _: False)
+    assert len(mp.by_sender[crypto.sha256(big.pubkey)[:20]]) == 3
+    with pytest.raises(ResourceExhausted, match="^mempool full"):  # small would hold as many as big: no swap
+        mp.add(_pay(small, 2), acc, lambda _: False)
+
+
+def test_mints_have_reserved_room_and_displace_transfers():
+    mp = Mempool(max_total=4, nonce_window=8, mint_reserve=1)
+    acc = _accounts(_funded(*KEYS))
+    for i in range(3):
+        mp.add(_pay(KEYS[i], 0), acc, lambda _: False)
+    with pytest.raises(ResourceExhausted, match=r"^mempool full: 3 pending txs \(1 more kept for MINTs\)"):
+        mp.add(_pay(KEYS[3], 0), acc, lambda _: False)
+    mp.add(decode_tx(make_mint(ALICE, REF, 0, receipt(40))), acc, lambda _: False, credit=1000)
+    assert len(mp) == 4
+    mp.add(decode_tx(make_mint(ALICE, REF, 1, receipt(41))), acc, lambda _: False, credit=1000)
+    assert len(mp) == 4 and mp.mints == 2  # a transfer made room for settlement
+    assert [t.kind_name for t in mp.ready(acc, 2)] == ["MINT", "MINT"]  # and MINTs go into blocks first
+
+
+def test_txs_expire_after_a_number_of_blocks():
+    mp = Mempool(expiry_blocks=5)
+    acc = _accounts(_funded(*KEYS))
+    old = _pay(KEYS[0], 0)
+    mp.add(old, acc, lambda _: False, height=10)
+    mp.add(_pay(KEYS[0], 1), acc, lambda _: False, height=12)
+    assert mp.expire(14, acc) == 0
+    assert mp.expire(15, acc) == 1 and old.hash not in mp and mp.expired == 1
+    assert mp.parked_total == 1  # nonce 1 waits for a nonce 0 again
+    assert mp.expire(17, acc) == 1 and len(mp) == 0 and mp.parked_total == 0
+
+
+def test_a_balance_overflow_is_refused_at_admission():
+    mp = Mempool()
+    rich = crypto.sha256(BOB.pubkey)[:20]
+    table = {**_funded(*KEYS), rich: (2**64 - 1 - 10, 0)}
+    acc = _accounts(table)
+    mp.add(_pay(KEYS[0], 0, amount=6), acc, lambda _: False)
+    with pytest.raises(FailedPrecondition, match=rf"^balance overflow: {BOB.address} holds {2**64 - 11} \(\+6 "
+                                                 r"pending\) and cannot receive 5 more \(2\^64-1 at most\)"):
+        mp.add(_pay(KEYS[1], 0, amount=5), acc, lambda _: False)
+    mp.add(_pay(KEYS[1], 0, amount=4), acc, lambda _: False)
+    r = receipt(50, provider=BOB)
+    with pytest.raises(FailedPrecondition, match="^balance overflow"):
+        mp.add(decode_tx(make_mint(ALICE, REF, 0, r)), acc, lambda _: False, credit=1)
+    mp.remove([mp.by_sender[crypto.sha256(KEYS[0].pubkey)[:20]][0]])  # 6 less pending to BOB
+    mp.add(decode_tx(make_mint(ALICE, REF, 0, r)), acc, lambda _: False, credit=1)

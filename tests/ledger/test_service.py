@@ -99,15 +99,18 @@ async def test_rejections_have_stable_messages(node):
 async def test_mempool_full_is_resource_exhausted():
     g = genesis(1, block_time_ms=60_000)  # no block during the test
     n, server = await start_node(MemoryStore(), g, None, "127.0.0.1:0")
-    n.mempool = Mempool(max_total=2, max_per_sender=2)
+    n.mempool = Mempool(max_total=2, mint_reserve=0)
     try:
         async with LedgerClient(f"127.0.0.1:{server.port}") as c:
             for i in range(2):
                 await c.broadcast(make_mint(ALICE, g.ref, i, receipt(10 + i)))
             with pytest.raises(errors.ResourceExhausted, match="^mempool full"):
                 await c.broadcast(make_mint(ALICE, g.ref, 2, receipt(12)))
+            # a sender with fewer pending txs gets in: the fullest sender's last tx yields
+            await c.broadcast(make_mint(BOB, g.ref, 0, receipt(13)))
+            assert (await c.get_account(ALICE.address)).pending_nonce == 1
             with pytest.raises(errors.ResourceExhausted, match="^mempool full"):
-                await c.broadcast(make_mint(BOB, g.ref, 0, receipt(13)))
+                await c.broadcast(make_mint(BOB, g.ref, 1, receipt(14)))
     finally:
         await n.stop()
         await server.stop(0)
