@@ -161,6 +161,19 @@ def cmd_account(args: argparse.Namespace) -> int:
     return _run(args, lambda c: _call(c.stub.GetAccount, ledger_pb2.GetAccountRequest(address=args.address)))
 
 
+def cmd_genesis(args: argparse.Namespace) -> int:
+    """The node's genesis document and its hash (checked here: sha256 of the document)."""
+    from aitbc.v1 import ledger_pb2
+
+    async def get(c: Any) -> dict[str, Any]:
+        r = await _call(c.stub.GetGenesis, ledger_pb2.GetGenesisRequest())
+        if crypto.sha256(r.genesis_json.encode()).hex() != r.genesis_hash:
+            raise InvalidArgument("the node's genesis_hash is not the sha256 of its genesis_json")
+        return {"genesis_hash": r.genesis_hash, "chain_id": r.chain_id, "genesis": json.loads(r.genesis_json)}
+
+    return _run(args, get)
+
+
 def cmd_receipt(args: argparse.Namespace) -> int:
     from aitbc.v1 import ledger_pb2
 
@@ -286,6 +299,9 @@ def register(subparsers: Any) -> None:
     q.add_argument("receipt_hash")
     q.add_argument("--node", help=NODE_HELP)
     q.set_defaults(func=cmd_receipt)
+    q = csub.add_parser("genesis", help="the node's genesis document and its hash")
+    q.add_argument("--node", help=NODE_HELP)
+    q.set_defaults(func=cmd_genesis)
 
 
 def main(argv: list[str] | None = None) -> int:

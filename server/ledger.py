@@ -131,8 +131,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                            context: grpc.aio.ServicerContext) -> AsyncIterator[S.StreamBlocksResponse]:
         if request.from_height < 0:
             raise InvalidArgument("from_height must be >= 0")
-        if request.peer_address:
-            self.node.add_peer(request.peer_address)
+        if request.peer_address:  # a candidate only: the node checks its genesis before syncing from it
+            self.node.announce(request.peer_address)
         async for batch in self.node.stream_blocks(request.from_height):
             final = self.chain.final_height
             if request.raw_only:

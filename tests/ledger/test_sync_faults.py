@@ -34,6 +34,11 @@ class EvilPeer(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(self, source) -> None:
         self.source = source
 
+    async def GetGenesis(self, request, context):  # it claims our chain: its blocks are still re-verified
+        g = self.source.genesis
+        return ledger_pb2.GetGenesisResponse(genesis_json=g.canonical_bytes().decode(), genesis_hash=g.hash().hex(),
+                                             chain_id=g.chain_id)
+
     async def StreamBlocks(self, request, context):
         h = max(1, request.from_height)
         n = 0
@@ -119,8 +124,8 @@ async def test_partition_heals_by_fork_choice_and_losing_txs_return():
             await _until(lambda: a.chain.receipt_minted(r1.receipt_hash) and b.chain.receipt_minted(r2.receipt_hash),
                          what="each branch to mint its receipt")
             assert a.chain.hash_at(1) != b.chain.hash_at(1) and a.chain.final_height == b.chain.final_height == 0
-            a.add_peer(f"127.0.0.1:{sb.port}")
-            b.add_peer(f"127.0.0.1:{sa.port}")
+            a.announce(f"127.0.0.1:{sb.port}")
+            b.announce(f"127.0.0.1:{sa.port}")
 
             def healed():
                 return (a.chain.head.hash == b.chain.head.hash and a.chain.final_height >= 3
