@@ -249,6 +249,7 @@ except ImportError:  # pragma: no cover - other coincurve layouts
 
 def verify_tx_signature(tx: Tx) -> None:
     """Raise CryptoError('bad signature: ...') unless the 64-byte low-S signature is by the sender's key."""
-    if len(tx.signature) != SIGNATURE_BYTES or not _verify_compact(signing_digest(tx.body), tx.signature,
-                                                                   tx.sender_pubkey):
+    if len(tx.signature) != SIGNATURE_BYTES:
+        raise CryptoError(f"bad signature: must be {SIGNATURE_BYTES} bytes")
+    if not _verify_compact(signing_digest(tx.body), tx.signature, tx.sender_pubkey):
         raise CryptoError("bad signature: does not verify against the sender's key (or is high-S)")
