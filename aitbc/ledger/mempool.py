@@ -19,6 +19,7 @@ What keeps it from being jammed (docs/ledger.md, "Mempool"):
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -37,6 +38,46 @@ def _address(account_id: bytes) -> str:
     return bech32.encode(crypto.ADDRESS_HRP, account_id)
 
 
+class _Tally:
+    """A count per sender, with the largest found in O(log n) (a heap with lazy deletion), so that
+    eviction in a full pool costs the same whether 10 or 100,000 senders fill it."""
+
+    def __init__(self) -> None:
+        self.count: dict[bytes, int] = {}
+        self._heap: list[tuple[int, bytes]] = []
+
+    def get(self, key: bytes) -> int:
+        return self.count.get(key, 0)
+
+    def set(self, key: bytes, n: int) -> None:
+        if n == self.count.get(key, 0):
+            return
+        if n:
+            self.count[key] = n
+            heapq.heappush(self._heap, (-n, key))
+        else:
+            self.count.pop(key, None)
+        if len(self._heap) > 4 * len(self.count) + 1024:
+            self._heap = [(-v, k) for k, v in self.count.items()]
+            heapq.heapify(self._heap)
+
+    def largest(self, skip: Callable[[bytes], bool] = lambda _: False) -> bytes | None:
+        """The key with the largest count that `skip` does not refuse (None when there is none)."""
+        held, found = [], None
+        while self._heap:
+            n, key = self._heap[0]
+            if self.count.get(key) != -n:
+                heapq.heappop(self._heap)  # stale
+            elif skip(key):
+                held.append(heapq.heappop(self._heap))
+            else:
+                found = key
+                break
+        for entry in held:
+            heapq.heappush(self._heap, entry)
+        return found
+
+
 class Mempool:
     def __init__(self, max_total: int = 200_000, *, nonce_window: int = NONCE_WINDOW,
                  mint_reserve: int | None = None, max_parked: int | None = None,
@@ -53,13 +94,15 @@ class Mempool:
         self.credit: dict[bytes, int] = {}  # account -> sum of what pending txs add to its balance
         self._credit_of: dict[bytes, tuple[bytes, int]] = {}  # tx hash -> (account credited, amount)
         self._run_end: dict[bytes, int] = {}  # sender -> first nonce missing from its run
-        self._parked: dict[bytes, int] = {}  # sender -> its txs behind a nonce gap
+        self._parked = _Tally()  # sender -> its txs behind a nonce gap
+        self._sizes = _Tally()  # sender -> its pending txs
         self.parked_total = 0
         self.mints = 0
         self._admitted: deque[tuple[int, bytes]] = deque()  # (head height at admission, tx hash)
         self._admitted_at: dict[bytes, int] = {}
         self.expired = 0
         self.evicted = 0
+        self._trimming = False
 
     def __len__(self) -> int:
         return len(self.by_hash)
@@ -134,18 +177,20 @@ class Mempool:
         sender = tx.sender_id
         queue = self.by_sender.setdefault(sender, {})
         if not queue:
-            self._run_end[sender], self._parked[sender] = account_nonce, 0
+            self._run_end[sender] = account_nonce
+            self._parked.set(sender, 0)
         queue[tx.nonce] = tx
+        self._sizes.set(sender, len(queue))
         self.by_hash[tx.hash] = tx
         if tx.nonce == self._run_end[sender]:
             end = tx.nonce + 1
             while end in queue:  # the gap it filled: parked txs behind it can execute now
                 end += 1
-                self._parked[sender] -= 1
+                self._parked.set(sender, self._parked.get(sender) - 1)
                 self.parked_total -= 1
             self._run_end[sender] = end
         else:
-            self._parked[sender] += 1
+            self._parked.set(sender, self._parked.get(sender) + 1)
             self.parked_total += 1
         if tx.kind == KIND_TRANSFER:
             self.spend[sender] = self.spend.get(sender, 0) + tx.amount
@@ -165,19 +210,29 @@ class Mempool:
         """Make room for `tx` (which can execute): drop a parked tx, else the last tx of the sender
         holding the most (for a MINT: the last TRANSFER of such a sender). False: nothing may go."""
         if self.parked_total:
-            sender = max(self._parked, key=self._parked.__getitem__)
-            victim = self.by_sender[sender][max(self.by_sender[sender])]
+            sender = self._parked.largest()
+            assert sender is not None
+            queue = self.by_sender[sender]
+            victim = queue[max(queue)]
         else:
             mine = len(self.by_sender.get(tx.sender_id, ()))
-            best, victim = 0, None
-            for sender, queue in self.by_sender.items():
+
+            def skip(sender: bytes) -> bool:
+                queue = self.by_sender[sender]
                 last = queue[max(queue)]
-                if sender == tx.sender_id or (tx.kind != KIND_MINT and last.kind == KIND_MINT):
-                    continue
-                if len(queue) > best and (tx.kind == KIND_MINT and last.kind != KIND_MINT or len(queue) > mine + 1):
-                    best, victim = len(queue), last
-            if victim is None:
+                if sender == tx.sender_id:
+                    return True
+                if tx.kind != KIND_MINT:
+                    return last.kind == KIND_MINT  # a transfer never displaces settlement
+                return last.kind == KIND_MINT and len(queue) <= mine + 1
+
+            sender = self._sizes.largest(skip)
+            if sender is None:
                 return False
+            queue = self.by_sender[sender]
+            victim = queue[max(queue)]
+            if not (tx.kind == KIND_MINT and victim.kind != KIND_MINT or len(queue) > mine + 1):
+                return False  # fair share: nobody holds more than the newcomer would
         self.remove([victim], account)
         self.evicted += 1
         return True
@@ -229,6 +284,7 @@ class Mempool:
             queue = self.by_sender.get(tx.sender_id)
             if queue is not None and queue.get(tx.nonce) is tx:
                 del queue[tx.nonce]
+                self._sizes.set(tx.sender_id, len(queue))
                 touched.add(tx.sender_id)
             if tx.kind == KIND_TRANSFER:
                 left = self.spend.get(tx.sender_id, 0) - tx.amount
@@ -250,10 +306,23 @@ class Mempool:
                     self.credit.pop(gets[0], None)
         for sender in touched:
             self._recount(sender, None if account is None else account(sender)[1])
+        if self.parked_total > self.max_parked and not self._trimming:
+            # a tx leaving the middle of a run parks those behind it: keep the cap all the same
+            self._trimming = True
+            try:
+                while self.parked_total > self.max_parked:
+                    sender = self._parked.largest()
+                    assert sender is not None
+                    queue = self.by_sender[sender]
+                    self.remove([queue[max(queue)]], account)
+                    self.evicted += 1
+            finally:
+                self._trimming = False
 
     def _recount(self, sender: bytes, account_nonce: int | None) -> None:
         """Recompute a sender's run end and parked count from its queue."""
-        self.parked_total -= self._parked.pop(sender, 0)
+        self.parked_total -= self._parked.get(sender)
+        self._parked.set(sender, 0)
         queue = self.by_sender.get(sender)
         if not queue:
             self.by_sender.pop(sender, None)
@@ -266,7 +335,8 @@ class Mempool:
         while end in queue:
             end += 1
         parked = sum(1 for n in queue if n > end)
-        self._run_end[sender], self._parked[sender] = end, parked
+        self._run_end[sender] = end
+        self._parked.set(sender, parked)
         self.parked_total += parked
 
     def recheck(self, account: AccountReader, minted: MintedReader, senders: Iterable[bytes] | None = None) -> int:

@@ -181,3 +181,68 @@ def test_a_balance_overflow_is_refused_at_admission():
         mp.add(decode_tx(make_mint(ALICE, REF, 0, r)), acc, lambda _: False, credit=1)
     mp.remove([mp.by_sender[crypto.sha256(KEYS[0].pubkey)[:20]][0]])  # 6 less pending to BOB
     mp.add(decode_tx(make_mint(ALICE, REF, 0, r)), acc, lambda _: False, credit=1)
+
+
+def test_bookkeeping_stays_exact_under_random_floods():
+    """Random admissions (gapped, ready, MINTs), blocks, expiry and evictions on a tiny pool: the
+    counts eviction relies on (parked, per-sender sizes, pending credit and spend) stay exact."""
+    import random
+
+    from aitbc.errors import AitbcError
+
+    rng = random.Random(14)
+    keys = [key(400 + i) for i in range(12)]
+    ids = [crypto.sha256(k.pubkey)[:20] for k in keys]
+    table = {i: (10**6, 0) for i in ids}
+    acc = _accounts(table)
+    mp = Mempool(max_total=24, nonce_window=6, mint_reserve=4, max_parked=6, expiry_blocks=7)
+    height, minted, receipt_no = 0, set(), 1000
+    for step in range(1500):
+        op = rng.random()
+        if op < 0.85:
+            k = rng.randrange(len(keys))
+            nonce = table[ids[k]][1] + rng.randrange(6)
+            if rng.random() < 0.7:  # mostly the next nonce: ready txs fill the pool
+                nonce = mp.pending_nonce(ids[k], table[ids[k]][1])
+            if rng.random() < 0.2:
+                receipt_no += 1
+                raw = make_mint(keys[k], REF, nonce, receipt(receipt_no, provider=keys[(k + 1) % len(keys)]))
+                tx = decode_tx(raw)
+            else:
+                tx = _pay(keys[k], nonce, amount=rng.randrange(1, 50))
+            try:
+                mp.add(tx, acc, lambda rh: rh in minted, credit=5, height=height)
+            except AitbcError:
+                pass
+        elif op < 0.96:  # a block: what is ready executes (balances aside), the rest is rechecked
+            height += 1
+            for tx in mp.ready(acc, rng.randrange(1, 6)):
+                bal, n = table[tx.sender_id]
+                table[tx.sender_id] = (bal, n + 1)
+                if tx.receipt is not None:
+                    minted.add(tx.receipt.receipt_hash)
+                mp.remove([tx])
+            mp.recheck(acc, lambda rh: rh in minted)
+            mp.expire(height, acc)
+        else:
+            victims = rng.sample(list(mp.by_hash.values()), min(len(mp), 2))
+            mp.remove(victims, acc)
+        # the invariants
+        assert len(mp) <= mp.max_total and mp.parked_total <= mp.max_parked
+        parked = 0
+        for sender, queue in mp.by_sender.items():
+            assert queue and mp._sizes.get(sender) == len(queue)
+            end = table[sender][1]
+            while end in queue:
+                end += 1
+            parked += sum(1 for n in queue if n > end)
+        assert mp.parked_total == parked == sum(mp._parked.count.values()), step
+        assert sum(mp._sizes.count.values()) == len(mp.by_hash)
+        spend: dict = {}
+        for tx in mp.by_hash.values():
+            if tx.receipt is None:
+                spend[tx.sender_id] = spend.get(tx.sender_id, 0) + tx.amount
+        assert spend == mp.spend
+        assert sum(mp.credit.values()) == sum(a for _, a in mp._credit_of.values())
+        assert mp.mints == sum(1 for tx in mp.by_hash.values() if tx.receipt is not None)
+    assert mp.evicted and mp.expired  # the run went through both
