@@ -214,6 +214,12 @@ async def run_node(data_dir: str | Path, genesis_path: str | Path, key_path: str
     store = LmdbStore(Path(data_dir) / "ledger")
     try:
         node, server = await start_node(store, genesis, key, listen, peers)
+    except FailedPrecondition as exc:
+        store.close()
+        lock.close()
+        if exc.message.startswith("data folder"):  # name the folder the operator has to move
+            raise FailedPrecondition(f"{data_dir}: {exc.message}") from None
+        raise
     except BaseException:
         store.close()
         lock.close()
