@@ -108,3 +108,17 @@ async def test_an_overflowing_mint_or_transfer_is_refused_at_admission():
     finally:
         await n.stop()
         await server.stop(0)
+
+
+async def test_a_tx_that_cannot_execute_expires_after_some_blocks(small_node):
+    n, c = small_node
+    n.mempool.expiry_blocks = 3
+    ref = await c.chain_ref()
+    await c.settle_receipt(key(980), receipt(980, provider=PROVIDER), wait="included")
+    stuck = await c.broadcast(make_transfer(PROVIDER, ref, 1, BOB.address, 1))  # nonce 0 never comes
+    admitted = n.chain.head.height
+    assert (await c.get_transaction(stuck)).status == "pending"
+    while n.chain.head.height < admitted + 4:  # one block past the expiry height: it has surely run
+        await n.wait_changed(1.0)
+    assert (await c.get_transaction(stuck)).status == "unknown" and n.mempool.expired == 1
+    assert len(n.mempool) == 0 and n.mempool.parked_total == 0
