@@ -37,11 +37,11 @@ def build_chain(data: Path, g, auth, blocks: int, txs_per_block: int) -> float:
     for slot in range(1, blocks + 1):
         txs = []
         if slot == 1:
-            txs = [decode_tx(make_mint(sender, CHAIN, 0, funding_receipt(sender, CHAIN, 0)))]
+            txs = [decode_tx(make_mint(sender, g.ref, 0, funding_receipt(sender, CHAIN, 0)))]
             nonce = 1
         else:
             for _ in range(txs_per_block):
-                txs.append(decode_tx(make_transfer(sender, CHAIN, nonce, sink, 1, compact=True)))
+                txs.append(decode_tx(make_transfer(sender, g.ref, nonce, sink, 1)))
                 nonce += 1
         chain.build_block(auth, slot, slot * g.block_time_ms, txs)
     store.close()

@@ -25,7 +25,7 @@ from ledger_common import ATTESTER, NodeProc, funding_receipt, key, machine, per
 
 from aitbc import crypto  # noqa: E402
 from aitbc.ledger.client import LedgerClient  # noqa: E402
-from aitbc.ledger.genesis import make_genesis  # noqa: E402
+from aitbc.ledger.genesis import ChainRef, make_genesis  # noqa: E402
 from aitbc.ledger.tx import decode_tx, make_mint, make_transfer  # noqa: E402
 from aitbc.v1 import ledger_pb2  # noqa: E402
 
@@ -43,7 +43,8 @@ def raw_verify_rate(seconds: float = 1.0) -> tuple[float, float]:
             pub.verify(der, msg, hasher=None)
         n += 200
     raw = n / (time.perf_counter() - t0)
-    tx = decode_tx(make_transfer(key(b"x"), CHAIN, 0, key(b"y").address, 1, compact=True))
+    tx = decode_tx(make_transfer(key(b"x"), make_genesis(CHAIN, [key(b"x").address], []).ref, 0,
+                                 key(b"y").address, 1))
     from aitbc.ledger.tx import verify_tx_signature
 
     n, t0 = 0, time.perf_counter()
@@ -83,7 +84,8 @@ class Committed:
                 now = time.perf_counter()
                 for b in resp.blocks:
                     self.blocks += 1
-                    height = int.from_bytes(b.raw[4 + 2 + len(CHAIN):4 + 2 + len(CHAIN) + 8], "big")
+                    at = 4 + 2 + len(CHAIN) + 32  # u32 header length, version, chain id, genesis hash
+                    height = int.from_bytes(b.raw[at:at + 8], "big")
                     hashes = tx_hashes(b.raw)
                     self.by_height[height] = hashes
                     for h in hashes:
@@ -96,7 +98,8 @@ class Committed:
 
 async def fund(c: LedgerClient, senders: list[crypto.PrivateKey]) -> None:
     funder = key(b"bench-funder")
-    raws = [make_mint(funder, CHAIN, i, funding_receipt(s, CHAIN, i)) for i, s in enumerate(senders)]
+    chain = await c.chain_ref()
+    raws = [make_mint(funder, chain, i, funding_receipt(s, CHAIN, i)) for i, s in enumerate(senders)]
     out = await c.broadcast_many(raws)
     bad = [o.error for o in out if not o.accepted]
     if bad:
@@ -104,9 +107,10 @@ async def fund(c: LedgerClient, senders: list[crypto.PrivateKey]) -> None:
     await c.wait_for_tx(out[-1].hash, final=True, timeout=60)
 
 
-def sign_transfers(senders: list[crypto.PrivateKey], per_sender: int, start_nonce: int) -> list[bytes]:
+def sign_transfers(chain: ChainRef, senders: list[crypto.PrivateKey], per_sender: int,
+                   start_nonce: int) -> list[bytes]:
     to = key(b"bench-sink").address
-    return [make_transfer(s, CHAIN, start_nonce + n, to, 1, compact=True)
+    return [make_transfer(s, chain, start_nonce + n, to, 1)
             for n in range(per_sender) for s in senders]
 
 
@@ -211,13 +215,13 @@ async def main() -> None:
                 await fund(c, senders)
             per = args.txs // args.senders
             t0 = time.perf_counter()
-            raws = sign_transfers(senders, per, 0)
+            raws = sign_transfers(g.ref, senders, per, 0)
             print(f"signed {len(raws):,} transfers in {time.perf_counter() - t0:.1f}s (client side)")
             rate, send_s, n = await saturate(targets, raws, args.batch, args.inflight)
             print(f"committed {n:,} transfers over gRPC: {rate:,.0f} tx/s (submission took {send_s:.1f}s; "
                   f"{rate / raw:.2f} x the raw single-core verify rate)")
             half = rate / 2
-            lat_raws = sign_transfers(senders, max(1, int(half * args.latency_seconds) // args.senders + 1), per)
+            lat_raws = sign_transfers(g.ref, senders, max(1, int(half * args.latency_seconds) // args.senders + 1), per)
             lat, fin, sent = await latency(targets, lat_raws, half)
             print(f"at {half:,.0f} tx/s ({len(lat)}/{sent} committed, {len(fin)} final): submit->committed "
                   f"p50 {percentile(lat, 50):.3f}s p99 {percentile(lat, 99):.3f}s; submit->final "

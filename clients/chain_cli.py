@@ -40,7 +40,9 @@ def _address_or_keyfile(text: str, *, create: bool) -> str:
 
 
 def cmd_chain_init(args: argparse.Namespace) -> int:
-    from aitbc.ledger.genesis import Genesis, make_genesis
+    """Write a genesis. Without --chain-id the chain id gets a random suffix (unique_chain_id), so
+    two networks made the same way never share an id; re-running keeps the file's id."""
+    from aitbc.ledger.genesis import Genesis, make_genesis, unique_chain_id
 
     out = Path(args.out)
     if not args.authority:
@@ -56,7 +58,7 @@ def cmd_chain_init(args: argparse.Namespace) -> int:
         except AitbcError:
             old = None
         wanted = make_genesis(
-            args.chain_id, authorities, attesters, block_time_ms=int(round(args.block_time * 1000)),
+            args.chain_id or (old.chain_id if old else unique_chain_id()), authorities, attesters, block_time_ms=int(round(args.block_time * 1000)),
             max_price_per_unit=args.max_price_per_unit, max_mint_per_receipt=args.max_mint_per_receipt,
             max_block_txs=args.max_block_txs,
             genesis_time_ms=old.genesis_time_ms if old and args.genesis_time_ms is None else (args.genesis_time_ms or 0))
@@ -66,7 +68,7 @@ def cmd_chain_init(args: argparse.Namespace) -> int:
         print(f"{out} exists with a different genesis (use --force to overwrite)", file=sys.stderr)
         return 1
     g = make_genesis(
-        args.chain_id, authorities, attesters,
+        args.chain_id or unique_chain_id(), authorities, attesters,
         block_time_ms=int(round(args.block_time * 1000)),
         max_price_per_unit=args.max_price_per_unit,
         max_mint_per_receipt=args.max_mint_per_receipt,
@@ -159,6 +161,19 @@ def cmd_account(args: argparse.Namespace) -> int:
     return _run(args, lambda c: _call(c.stub.GetAccount, ledger_pb2.GetAccountRequest(address=args.address)))
 
 
+def cmd_genesis(args: argparse.Namespace) -> int:
+    """The node's genesis document and its hash (checked here: sha256 of the document)."""
+    from aitbc.v1 import ledger_pb2
+
+    async def get(c: Any) -> dict[str, Any]:
+        r = await _call(c.stub.GetGenesis, ledger_pb2.GetGenesisRequest())
+        if crypto.sha256(r.genesis_json.encode()).hex() != r.genesis_hash:
+            raise InvalidArgument("the node's genesis_hash is not the sha256 of its genesis_json")
+        return {"genesis_hash": r.genesis_hash, "chain_id": r.chain_id, "genesis": json.loads(r.genesis_json)}
+
+    return _run(args, get)
+
+
 def cmd_receipt(args: argparse.Namespace) -> int:
     from aitbc.v1 import ledger_pb2
 
@@ -245,7 +260,7 @@ def register(subparsers: Any) -> None:
     chain = subparsers.add_parser("chain", help="ledger: write a genesis, read blocks, txs and accounts")
     csub = chain.add_subparsers(dest="chain_cmd", required=True)
     i = csub.add_parser("init", help="write a genesis file (no balances)")
-    i.add_argument("--chain-id", required=True)
+    i.add_argument("--chain-id", help="default: aitbc-<random hex>, unique per genesis (re-runs keep the file's)")
     i.add_argument("--authority", action="append", help="authority key file (created when missing) or address; "
                    "repeat in round-robin order")
     i.add_argument("--attester", action="append", help="receipt attester address or key file (repeatable)")
@@ -284,6 +299,9 @@ def register(subparsers: Any) -> None:
     q.add_argument("receipt_hash")
     q.add_argument("--node", help=NODE_HELP)
     q.set_defaults(func=cmd_receipt)
+    q = csub.add_parser("genesis", help="the node's genesis document and its hash")
+    q.add_argument("--node", help=NODE_HELP)
+    q.set_defaults(func=cmd_genesis)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,14 +23,15 @@ import grpc
 
 from aitbc import crypto
 from aitbc.config import private_dir
-from aitbc.ledger.genesis import make_genesis
+from aitbc.errors import AitbcError, FailedPrecondition
+from aitbc.ledger.genesis import Genesis, make_genesis, unique_chain_id
 from aitbc.miner.text import TEXT_PREFIX, is_text_model
 from aitbc.rpc import CHANNEL_OPTIONS
 from aitbc.v1 import miner_pb2, miner_pb2_grpc
 from aitbc.wallet.access import DaemonFiles, listen_address
 
 CLIENT_ID = "devnet-client"
-CHAIN_ID = "aitbc-devnet"
+CHAIN_PREFIX = "aitbc-devnet"  # each devnet's chain id is this plus a random suffix
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -134,12 +135,20 @@ class Devnet:
         keys = {name: crypto.load_or_create_key(d / "keys" / f"{name}.key") for name in ("node", "coordinator", "miner")}
         genesis_file = d / "genesis.json"
         if not genesis_file.exists():  # one authority (the devnet node), the coordinator attests receipts
-            make_genesis(CHAIN_ID, [keys["node"].address], [keys["coordinator"].address],
+            # a chain id of its own (random suffix): a transaction of one devnet means nothing on another
+            make_genesis(unique_chain_id(CHAIN_PREFIX), [keys["node"].address], [keys["coordinator"].address],
                          block_time_ms=self.block_time_ms, genesis_time_ms=int(time.time() * 1000)).save(genesis_file)
+        try:
+            chain_id = Genesis.load(genesis_file).chain_id
+        except AitbcError as exc:
+            raise FailedPrecondition(
+                f"devnet folder {d}: {exc.message} (for a devnet: remove {genesis_file} and {d / 'ledger'}, or use "
+                "another --data-dir)") from None
+        state["chain_id"] = chain_id
         state["miner_address"] = keys["miner"].address
         (d / "coordinator.toml").write_text(_toml({
             "listen": state["coordinator"], "data_dir": str(d / "coordinator"), "key_file": str(d / "keys" / "coordinator.key"),
-            "chain_id": CHAIN_ID, "ledger": state["ledger"],
+            "chain_id": chain_id, "ledger": state["ledger"],
             "verify_rate": 0.0,  # one miner: a re-execution needs a second one (docs/hub.md)
             "trusted_miners": [keys["miner"].address],  # the operator's own miner (docs/hub.md, "Trust bootstrap")
             "clients": [{"id": CLIENT_ID, "api_key_sha256": key_hash, "operator": True}],
@@ -182,7 +191,7 @@ class Devnet:
             "miner_key_file": str(d / "keys" / "miner.key"),
             "api_key": state["api_key"],
             "client_id": CLIENT_ID,
-            "chain_id": CHAIN_ID,
+            "chain_id": state["chain_id"],
             "metrics": {c.name: f"http://{c.metrics}/metrics" for c in self.children if c.metrics},
             "data_dir": str(d),
             "pid": os.getpid(),

@@ -131,8 +131,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                            context: grpc.aio.ServicerContext) -> AsyncIterator[S.StreamBlocksResponse]:
         if request.from_height < 0:
             raise InvalidArgument("from_height must be >= 0")
-        if request.peer_address:
-            self.node.add_peer(request.peer_address)
+        if request.peer_address:  # a candidate only: the node checks its genesis before syncing from it
+            self.node.announce(request.peer_address)
         async for batch in self.node.stream_blocks(request.from_height):
             final = self.chain.final_height
             if request.raw_only:
@@ -157,6 +157,18 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         elif (th := self.node.mempool.receipts.get(rh)) is not None:
             resp.status, resp.tx_hash = S.TRANSACTION_STATUS_PENDING, th.hex()
         return resp
+
+
+    @rpc.handle_errors
+    async def GetGenesis(self, request: S.GetGenesisRequest,
+                         context: grpc.aio.ServicerContext) -> S.GetGenesisResponse:
+        g = self.node.genesis
+        return S.GetGenesisResponse(genesis_json=g.canonical_bytes().decode(), genesis_hash=self.chain.genesis_hash.hex(),
+                                    chain_id=g.chain_id)
+
+    @rpc.handle_errors
+    async def ListPeers(self, request: S.ListPeersRequest, context: grpc.aio.ServicerContext) -> S.ListPeersResponse:
+        return S.ListPeersResponse(peers=self.node.verified_peers())
 
 
 def ledger_service(node: Node) -> rpc.Service:
@@ -202,6 +214,12 @@ async def run_node(data_dir: str | Path, genesis_path: str | Path, key_path: str
     store = LmdbStore(Path(data_dir) / "ledger")
     try:
         node, server = await start_node(store, genesis, key, listen, peers)
+    except FailedPrecondition as exc:
+        store.close()
+        lock.close()
+        if exc.message.startswith("data folder"):  # name the folder the operator has to move
+            raise FailedPrecondition(f"{data_dir}: {exc.message}") from None
+        raise
     except BaseException:
         store.close()
         lock.close()

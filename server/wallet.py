@@ -132,7 +132,8 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
                               context: grpc.aio.ServicerContext) -> W.SignTransactionResponse:
         nonce = request.nonce if request.HasField("nonce") else None
         s = await self.core.sign_transfer(request.from_wallet, request.to, request.amount, nonce=nonce,
-                                          chain_id=request.chain_id or None)
+                                          chain_id=request.chain_id or None,
+                                          genesis_hash=request.genesis_hash or None)
         return W.SignTransactionResponse(raw=s.raw, tx_hash=s.tx_hash, nonce=s.nonce, chain_id=s.chain_id)
 
     @rpc.handle_errors

@@ -1,8 +1,8 @@
 """Blocks: fixed-layout header, proposer signature, tx root, and the block's wire/storage bytes.
 
-    header = u8 version(=1) | u8 len(chain_id) | chain_id | u64 height | 32 parent hash | u64 slot
-             | u64 timestamp_ms | 20 proposer account id | 32 tx root | 32 state root | u32 tx count
-    block hash = sha256("AITBC/block/v1" || 0x00 || header)   (what the proposer signs, 65-byte r||s||v)
+    header = u8 version(=2) | u8 len(chain_id) | chain_id | 32 genesis hash | u64 height | 32 parent hash
+             | u64 slot | u64 timestamp_ms | 20 proposer account id | 32 tx root | 32 state root | u32 tx count
+    block hash = sha256("AITBC/block/v2" || 0x00 || header)   (what the proposer signs, 65-byte r||s||v)
     tx root    = sha256("AITBC/txroot/v1" || 0x00 || tx_hash_1 || ... || tx_hash_n)
     block      = u32 len(header) | header | 65 signature | (u32 len(tx) | signed tx) * tx count
 """
@@ -17,8 +17,8 @@ from aitbc.errors import CryptoError, InvalidArgument
 from aitbc.ledger.genesis import check_chain_id
 from aitbc.ledger.tx import Tx, decode_tx
 
-BLOCK_VERSION = 1
-BLOCK_DOMAIN = b"AITBC/block/v1"
+BLOCK_VERSION = 2
+BLOCK_DOMAIN = b"AITBC/block/v2"
 TXROOT_DOMAIN = b"AITBC/txroot/v1"
 MAX_BLOCK_BYTES = 6 * 1024 * 1024  # under the 8 MiB gRPC message limit
 
@@ -29,6 +29,7 @@ _TAIL = struct.Struct(">Q32sQQ20s32s32sI")
 @dataclass(frozen=True, slots=True)
 class Header:
     chain_id: str
+    genesis_hash: bytes
     height: int
     parent_hash: bytes
     slot: int
@@ -41,7 +42,7 @@ class Header:
 
     def encode(self) -> bytes:
         cid = self.chain_id.encode()
-        return bytes((self.version, len(cid))) + cid + _TAIL.pack(
+        return bytes((self.version, len(cid))) + cid + self.genesis_hash + _TAIL.pack(
             self.height, self.parent_hash, self.slot, self.timestamp_ms, self.proposer,
             self.tx_root, self.state_root, self.tx_count)
 
@@ -57,20 +58,24 @@ class Header:
 def decode_header(data: bytes) -> Header:
     try:
         version, clen = data[0], data[1]
+        if version != BLOCK_VERSION:
+            if version == 1:
+                raise InvalidArgument("malformed block: header version 1 is not supported (a ledger format 1 "
+                                      "block, not bound to the genesis hash; this node runs format 2)")
+            raise InvalidArgument(f"malformed block: header version {version} is not supported")
         cid = data[2:2 + clen].decode("ascii")
         check_chain_id(cid)
-        if version != BLOCK_VERSION:
-            raise InvalidArgument(f"malformed block: header version {version} is not supported")
-        if len(data) != 2 + clen + _TAIL.size:
+        if len(data) != 2 + clen + 32 + _TAIL.size:
             raise InvalidArgument("malformed block: header has the wrong length")
-        fields = _TAIL.unpack_from(data, 2 + clen)
+        genesis_hash = data[2 + clen:2 + clen + 32]
+        fields = _TAIL.unpack_from(data, 2 + clen + 32)
     except (IndexError, UnicodeDecodeError, struct.error):
         raise InvalidArgument("malformed block: bad header") from None
     except InvalidArgument as exc:
         if exc.message.startswith("malformed"):
             raise
         raise InvalidArgument("malformed block: bad chain id") from None
-    return Header(cid, *fields, version=version)
+    return Header(cid, genesis_hash, *fields, version=version)
 
 
 def tx_root(tx_hashes: list[bytes] | tuple[bytes, ...]) -> bytes:

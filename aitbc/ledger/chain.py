@@ -32,7 +32,7 @@ from aitbc.ledger.block import (
     tx_root,
     verify_block_signature,
 )
-from aitbc.ledger.genesis import Genesis
+from aitbc.ledger.genesis import FORMAT_1_REFUSED, Genesis
 from aitbc.ledger.store import Store
 from aitbc.ledger.tx import Tx
 
@@ -40,6 +40,8 @@ log = logging.getLogger("aitbc.ledger.chain")
 
 META_GENESIS = b"v1:meta:genesis"
 META_CHAIN = b"v1:meta:chain_id"
+META_FORMAT = b"v1:meta:format"  # u32 ledger format of the folder; absent in format 1 folders
+LEDGER_FORMAT = 2
 HEAD = b"v1:head"
 FINAL = b"v1:final"
 BLK = b"v1:blk:"
@@ -110,10 +112,17 @@ class Chain:
         self.genesis_hash = genesis.hash()
         self.authority_ids = genesis.authority_ids
         stored = store.get(META_GENESIS)
+        fmt = store.get(META_FORMAT)
         if stored is None:
             if store.get(HEAD) is not None:
                 raise FailedPrecondition("data folder holds blocks but no genesis record: refusing to open it")
-            store.commit({META_GENESIS: self.genesis_hash, META_CHAIN: genesis.chain_id.encode()})
+            store.commit({META_GENESIS: self.genesis_hash, META_CHAIN: genesis.chain_id.encode(),
+                          META_FORMAT: struct.pack(">I", LEDGER_FORMAT)})
+        elif fmt != struct.pack(">I", LEDGER_FORMAT):
+            version = 1 if fmt is None else struct.unpack(">I", fmt)[0] if len(fmt) == 4 else "?"
+            raise FailedPrecondition(
+                f"data folder holds a ledger format {version} chain; this node runs format {LEDGER_FORMAT}"
+                + (f": {FORMAT_1_REFUSED}" if version == 1 else ": use the node version that wrote it"))
         elif stored != self.genesis_hash:
             other = (store.get(META_CHAIN) or b"?").decode(errors="replace")
             raise FailedPrecondition(
@@ -205,6 +214,10 @@ class Chain:
         n = h.height
         if h.chain_id != g.chain_id:
             raise InvalidArgument(f"wrong chain id: block is for {h.chain_id!r}, this chain is {g.chain_id!r}")
+        if h.genesis_hash != self.genesis_hash:
+            raise InvalidArgument(
+                f"wrong genesis: block {n} is for genesis {h.genesis_hash.hex()}, this chain {g.chain_id!r} has "
+                f"genesis {self.genesis_hash.hex()} (another network with the same chain id)")
         if h.height != parent.height + 1 or h.parent_hash != parent.hash:
             raise InvalidArgument(f"invalid block {n}: does not link to its parent")
         if h.slot <= parent.slot:
@@ -421,7 +434,7 @@ class Chain:
             size += len(tx.raw) + 4
         bt = g.block_time_ms
         ts = min(max(now_ms, slot * bt), (slot + 1) * bt - 1)
-        header = Header(g.chain_id, height, parent.hash, slot, ts, crypto.sha256(key.pubkey)[:20],
+        header = Header(g.chain_id, self.genesis_hash, height, parent.hash, slot, ts, crypto.sha256(key.pubkey)[:20],
                         tx_root([t.hash for t in included]),
                         state.state_root(parent.state_root, height, ov.writes), len(included))  # type: ignore[arg-type]
         block = make_block(header, key, included)

@@ -14,6 +14,7 @@ import grpc
 
 from aitbc import crypto, errors, rpc
 from aitbc.ledger import tx as txmod
+from aitbc.ledger.genesis import ChainRef
 from aitbc.receipts import SignedReceipt
 from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -78,7 +79,7 @@ class LedgerClient:
         self.channel = rpc.channel(target) if isinstance(target, str) else target
         self.stub = ledger_pb2_grpc.LedgerServiceStub(self.channel)
         self.timeout = timeout
-        self._chain_id: str | None = None
+        self._chain: ChainRef | None = None
         self._nonce_lock = asyncio.Lock()
         self._next_nonce: dict[str, int] = {}
 
@@ -97,14 +98,18 @@ class LedgerClient:
             r = await self.stub.GetHead(ledger_pb2.GetHeadRequest(), timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise rpc.error_from_rpc(exc) from None
-        self._chain_id = r.chain_id
+        self._chain = ChainRef(r.chain_id, bytes.fromhex(r.genesis_hash))
         return Head(r.head.height, r.head.hash, r.finalized_height, r.chain_id, r.genesis_hash, r.block_time_ms)
 
-    async def chain_id(self) -> str:
-        if self._chain_id is None:
+    async def chain_ref(self) -> ChainRef:
+        """(chain id, genesis hash) of the node's chain: what every transaction signature binds."""
+        if self._chain is None:
             await self.get_head()
-        assert self._chain_id is not None
-        return self._chain_id
+        assert self._chain is not None
+        return self._chain
+
+    async def chain_id(self) -> str:
+        return (await self.chain_ref()).chain_id
 
     async def get_account(self, address: str) -> Account:
         try:
@@ -182,12 +187,12 @@ class LedgerClient:
     async def transfer(self, key: crypto.PrivateKey, to: str, amount: int, *, nonce: int | None = None) -> str:
         """Sign and broadcast a TRANSFER. Without `nonce`, a local per-sender counter (seeded from
         the node's pending nonce, re-synced after any rejection) lets concurrent sends use one key."""
-        chain_id = await self.chain_id()
+        chain = await self.chain_ref()
         if nonce is not None:
-            return await self.broadcast(txmod.make_transfer(key, chain_id, nonce, to, amount))
+            return await self.broadcast(txmod.make_transfer(key, chain, nonce, to, amount))
         n = await self._allocate_nonce(key.address)
         try:
-            return await self.broadcast(txmod.make_transfer(key, chain_id, n, to, amount))
+            return await self.broadcast(txmod.make_transfer(key, chain, n, to, amount))
         except errors.AitbcError:
             self.resync_nonce(key.address)
             raise
@@ -196,7 +201,7 @@ class LedgerClient:
         """Sign and broadcast a MINT of an attested receipt. Raises AlreadyExists('receipt already
         minted: ...') or AlreadyExists('already known: ...') when it is minted or pending."""
         n = await self.next_nonce(key.address) if nonce is None else nonce
-        return await self.broadcast(txmod.make_mint(key, await self.chain_id(), n, receipt))
+        return await self.broadcast(txmod.make_mint(key, await self.chain_ref(), n, receipt))
 
     # ---- settlement ----------------------------------------------------------------------------
 
@@ -228,11 +233,11 @@ class LedgerClient:
         the node is unreachable, ResourceExhausted when the mempool is full."""
         st = await self.get_receipt_status(receipt.receipt_hash)
         if st.status == "unknown":
-            chain_id = await self.chain_id()
+            chain = await self.chain_ref()
             for attempt in range(attempts):
                 nonce = await self._allocate_nonce(key.address)
                 try:
-                    await self.broadcast(txmod.make_mint(key, chain_id, nonce, receipt))
+                    await self.broadcast(txmod.make_mint(key, chain, nonce, receipt))
                     break
                 except errors.AlreadyExists:
                     # the receipt is pending/minted (done), or our nonce was taken (re-sync, retry)
@@ -240,8 +245,11 @@ class LedgerClient:
                     st = await self.get_receipt_status(receipt.receipt_hash)
                     if st.status != "unknown":
                         break
-                except errors.FailedPrecondition:
-                    self.resync_nonce(key.address)  # nonce too low: another writer used this key
+                except errors.FailedPrecondition as exc:
+                    self.resync_nonce(key.address)
+                    if not exc.message.startswith(("nonce too low", "nonce too far ahead")):
+                        raise  # e.g. "balance overflow": another nonce would not help
+                    # another writer used this key, or the local counter ran past the node's window
                 except errors.AitbcError:
                     self.resync_nonce(key.address)
                     raise

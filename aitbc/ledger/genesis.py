@@ -1,24 +1,37 @@
 """Genesis: the parameters a chain starts from (no balances: nothing is pre-minted).
 
 The genesis hash is sha256 of the canonical JSON (minified, keys sorted, ASCII); it is the parent
-hash of block 1 and the chain's identity, so a node refuses a data folder made from any other
-genesis (docs/ledger.md, "Genesis").
+hash of block 1 and the chain's identity: every transaction and block header carries it (so what
+was signed for one network never validates on another with the same chain id), and a node refuses
+a data folder made from any other genesis (docs/ledger.md, "Genesis").
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from aitbc import crypto
 from aitbc.errors import CryptoError, InvalidArgument
 
-GENESIS_VERSION = 1
+GENESIS_VERSION = 2  # ledger format 2: signatures bind the genesis hash (format 1 chains are refused)
 MAX_U64 = 2**64 - 1
 _CHAIN_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+FORMAT_1_REFUSED = (
+    "ledger format 1 did not bind signatures to the genesis hash and cannot be migrated (its blocks and "
+    "transactions would need new signatures from every key): write a new genesis with `aitbc chain init` "
+    "and start the nodes on new data folders")
+
+
+class ChainRef(NamedTuple):
+    """What a signature binds: the chain id (readable) and the genesis hash (the chain's identity)."""
+
+    chain_id: str
+    genesis_hash: bytes
 
 
 def check_chain_id(chain_id: str) -> None:
@@ -43,6 +56,8 @@ class Genesis:
     def validate(self) -> None:
         check_chain_id(self.chain_id)
         if self.version != GENESIS_VERSION:
+            if self.version == 1:
+                raise InvalidArgument(f"genesis version 1 is not supported: {FORMAT_1_REFUSED}")
             raise InvalidArgument(f"genesis version {self.version} is not supported")
         if not self.authorities:
             raise InvalidArgument("genesis needs at least one authority")
@@ -64,6 +79,10 @@ class Genesis:
             raise InvalidArgument("genesis block_time_ms must be at least 50")
         if self.max_block_txs < 1:
             raise InvalidArgument("genesis max_block_txs must be at least 1")
+
+    @property
+    def ref(self) -> ChainRef:
+        return ChainRef(self.chain_id, self.hash())
 
     @property
     def authority_ids(self) -> tuple[bytes, ...]:
@@ -92,6 +111,8 @@ class Genesis:
     def from_dict(cls, data: Any) -> Genesis:
         if not isinstance(data, dict):
             raise InvalidArgument("genesis must be a JSON object")
+        if data.get("version") == 1:
+            raise InvalidArgument(f"genesis version 1 is not supported: {FORMAT_1_REFUSED}")
         names = {"version", "chain_id", "authorities", "attesters", "block_time_ms", "max_price_per_unit",
                  "max_mint_per_receipt", "genesis_time_ms", "max_block_txs"}
         missing, extra = names - data.keys(), data.keys() - names
@@ -118,7 +139,7 @@ class Genesis:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
     def hash(self) -> bytes:
-        return crypto.sha256(self.canonical_bytes())
+        return _genesis_hash(self)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -132,6 +153,20 @@ class Genesis:
         except ValueError as exc:
             raise InvalidArgument(f"genesis {path} is not JSON: {exc}") from None
         return cls.from_dict(data)
+
+
+def unique_chain_id(prefix: str = "aitbc") -> str:
+    """A chain id no other network shares by accident: `prefix-` and 8 random hex digits."""
+    import secrets
+
+    cid = f"{prefix}-{secrets.token_hex(4)}"
+    check_chain_id(cid)
+    return cid
+
+
+@functools.lru_cache(maxsize=64)
+def _genesis_hash(g: Genesis) -> bytes:  # checked once per tx: compute it once per genesis
+    return crypto.sha256(g.canonical_bytes())
 
 
 def make_genesis(

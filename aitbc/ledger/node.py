@@ -30,7 +30,13 @@ RELAY_METADATA = ("x-aitbc-relay", "1")
 RELAY_CHUNK = 5000
 RELAY_QUEUE_BATCHES = 64
 VERIFY_IN_THREAD_MIN = 16
-MAX_PEERS = 32
+MAX_ANNOUNCED_PEERS = 32  # peers learned from announcements or exchange (configured ones are never counted)
+MAX_PEER_CANDIDATES = 16  # announced addresses waiting for their genesis check; more are ignored
+PEER_FAILED_MEMORY = 1024  # addresses that failed the check, not dialed again for a while
+PEER_FAILED_TTL_S = 60.0
+PEER_CHECK_TIMEOUT_S = 3.0
+PEER_DEAD_AFTER_S = 10.0  # an announced peer unreachable this long is dropped
+PEER_EXCHANGE_S = 5.0
 PEER_HEAD_TTL_S = 5.0
 MULTI_AUTHORITY_TXS_PER_S = 4000  # own-block budget with several authorities (see _block_tx_budget)  # announced peers are dialed back; bound how many  # batches at least this big verify signatures off the event loop
 
@@ -70,8 +76,15 @@ class Node:
         self.mempool = mempool or Mempool()
         self.verifier = ParallelVerifier(self.genesis, workers=verify_workers)
         self.listen_address = ""
-        self.peers: dict[str, asyncio.Task[None]] = {}
-        self._initial_peers = [p for p in peers if p]
+        self.peers: dict[str, asyncio.Task[None]] = {}  # peer -> its sync task (configured + announced)
+        self._initial_peers = list(dict.fromkeys(p for p in peers if p))
+        self._verified: dict[str, None] = {}  # peers that proved to serve our genesis (ordered)
+        self._candidates: dict[str, None] = {}  # announced addresses waiting for the check
+        self._candidate_wake = asyncio.Event()
+        self._exchange_wake = asyncio.Event()
+        self._failed: dict[str, float] = {}  # address -> when its check failed (monotonic)
+        self.peer_dead_after_s = PEER_DEAD_AFTER_S
+        self.peer_exchange_s = PEER_EXCHANGE_S
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
@@ -120,8 +133,11 @@ class Node:
         if self.key is not None:
             self._tasks.append(asyncio.create_task(self._produce_loop(), name="ledger-producer"))
         self._tasks.append(asyncio.create_task(self._relay_loop(), name="ledger-relay"))
+        self._tasks.append(asyncio.create_task(self._candidate_loop(), name="ledger-peer-check"))
+        self._tasks.append(asyncio.create_task(self._exchange_loop(), name="ledger-peer-exchange"))
         for p in self._initial_peers:
-            self.add_peer(p)
+            if p != self.listen_address:
+                self._start_sync(p)
 
     async def stop(self) -> None:
         self._stopped = True
@@ -141,14 +157,116 @@ class Node:
         self.verifier.close()
         self._changed.set()
 
-    def add_peer(self, target: str) -> None:
-        if not target or target == self.listen_address or target in self.peers or self._stopped:
+    # ---- peers -----------------------------------------------------------------------------------
+    # Configured peers (--peers) are kept for good. Any other address (a StreamBlocks caller's
+    # peer_address, or one a peer lists in ListPeers) is only a candidate: it becomes a peer once
+    # GetGenesis on it returns our genesis hash, at most MAX_ANNOUNCED_PEERS of them, and it is
+    # dropped again when it serves another genesis or stays unreachable for peer_dead_after_s.
+
+    def announce(self, target: str) -> None:
+        """An address someone said is a node of this chain: check it before syncing from it."""
+        if (not target or len(target) > 255 or target == self.listen_address or target in self.peers
+                or target in self._candidates or self._stopped):
             return
-        if len(self.peers) >= MAX_PEERS:
-            log.warning("not adding peer %s: already %d peers", target, MAX_PEERS)
+        failed = self._failed.get(target)
+        if failed is not None and time.monotonic() - failed < PEER_FAILED_TTL_S:
             return
+        if len(self._candidates) >= MAX_PEER_CANDIDATES or self._announced_count() >= MAX_ANNOUNCED_PEERS:
+            return
+        self._candidates[target] = None
+        self._candidate_wake.set()
+
+    def verified_peers(self) -> list[str]:
+        """Peers that served our genesis, configured ones first (what ListPeers returns)."""
+        conf = [p for p in self._initial_peers if p in self._verified]
+        return conf + [p for p in self._verified if p not in self._initial_peers]
+
+    def _announced_count(self) -> int:
+        return sum(1 for p in self.peers if p not in self._initial_peers)
+
+    def _start_sync(self, target: str) -> None:
         log.info("syncing from peer %s", target)
         self.peers[target] = asyncio.create_task(self._sync_loop(target), name=f"ledger-sync-{target}")
+
+    def _drop_peer(self, target: str, why: str, *, remember: bool) -> None:
+        """Forget an announced peer; `remember`: refuse its announcements for PEER_FAILED_TTL_S
+        (a peer of another genesis; a dead one may announce itself again when it is back)."""
+        log.info("dropping peer %s: %s", target, why)
+        self.peers.pop(target, None)
+        self._verified.pop(target, None)
+        self._peer_heads.pop(target, None)
+        if remember:
+            self._remember_failed(target)
+        ch = self._channels.pop(target, None)
+        if ch is not None:
+            self.adopt(asyncio.create_task(ch.close(), name=f"ledger-close-{target}"))
+
+    def _remember_failed(self, target: str) -> None:
+        self._failed[target] = time.monotonic()
+        if len(self._failed) > PEER_FAILED_MEMORY:
+            for old in sorted(self._failed, key=self._failed.__getitem__)[:len(self._failed) - PEER_FAILED_MEMORY]:
+                del self._failed[old]
+
+    async def _peer_genesis(self, stub: Any) -> tuple[bool, str]:
+        """(serves our genesis, what it serves) by GetGenesis; raises AioRpcError when unreachable."""
+        from aitbc.v1 import ledger_pb2
+
+        try:
+            resp = await stub.GetGenesis(ledger_pb2.GetGenesisRequest(), timeout=PEER_CHECK_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return False, "no GetGenesis (a ledger format 1 node)"
+            raise
+        ours = self.chain.genesis_hash.hex()
+        return resp.genesis_hash == ours, f"genesis {resp.genesis_hash[:16]} of chain {resp.chain_id!r}"
+
+    async def _candidate_loop(self) -> None:
+        """Check announced addresses one at a time (bounded dialing: one check in flight)."""
+        from aitbc.v1 import ledger_pb2_grpc
+
+        while True:
+            await self._candidate_wake.wait()
+            self._candidate_wake.clear()
+            while self._candidates:
+                target = next(iter(self._candidates))
+                if target in self.peers or self._announced_count() >= MAX_ANNOUNCED_PEERS:
+                    del self._candidates[target]
+                    continue
+                ch = rpc.channel(target)
+                try:
+                    ok, what = await self._peer_genesis(ledger_pb2_grpc.LedgerServiceStub(ch))
+                except grpc.aio.AioRpcError as exc:
+                    ok, what = False, f"unreachable ({exc.code().name})"
+                finally:
+                    await ch.close()
+                    self._candidates.pop(target, None)
+                if not ok:
+                    log.info("not adding announced peer %s: %s", target, what)
+                    self._remember_failed(target)
+                elif target not in self.peers and not self._stopped:
+                    self._verified[target] = None
+                    self._start_sync(target)
+                    self._exchange_wake.set()
+
+    async def _exchange_loop(self) -> None:
+        """Peer exchange: ask every verified peer for its peers and check the new ones, so nodes
+        started with one --peers entry each form a full mesh."""
+        from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
+
+        while True:
+            try:
+                await asyncio.wait_for(self._exchange_wake.wait(), self.peer_exchange_s)
+            except TimeoutError:
+                pass
+            self._exchange_wake.clear()
+            for target in list(self._verified):
+                stub = ledger_pb2_grpc.LedgerServiceStub(self._channel(target))
+                try:
+                    resp = await stub.ListPeers(ledger_pb2.ListPeersRequest(), timeout=PEER_CHECK_TIMEOUT_S)
+                except grpc.aio.AioRpcError:
+                    continue
+                for p in resp.peers[:MAX_ANNOUNCED_PEERS]:
+                    self.announce(p)
 
     def _channel(self, target: str) -> grpc.aio.Channel:
         ch = self._channels.get(target)
@@ -199,14 +317,15 @@ class Node:
         for n, (h, tx, err) in enumerate(prepared):
             if tx is not None:
                 try:
-                    self.mempool.add(tx, self.chain.account, self._minted)
+                    self.mempool.add(tx, self.chain.account, self._minted, credit=self._mint_credit(tx),
+                                     height=self.chain.head.height)
                     accepted.append(tx.raw)
                 except AitbcError as exc:
                     err = exc
             results.append((h, err))
             if n % 2000 == 1999:
                 await asyncio.sleep(0)  # let other RPCs in during big batches
-        if accepted and relay and self.peers:
+        if accepted and relay and self._verified:
             self._relay_buf.extend(accepted)
             self._relay_wake.set()
         return results
@@ -230,7 +349,10 @@ class Node:
                 batch, self._relay_buf = self._relay_buf, []
                 if not batch:
                     continue
-                for target in list(self.peers):
+                for gone in [t for t in queues if t not in self._verified]:
+                    queues.pop(gone)
+                    senders.pop(gone).cancel()
+                for target in list(self._verified):  # only peers that proved to serve our genesis
                     q = queues.get(target)
                     if q is None:
                         q = queues[target] = asyncio.Queue(maxsize=RELAY_QUEUE_BATCHES)
@@ -304,7 +426,19 @@ class Node:
             else:
                 mp.remove(included)
                 mp.recheck(self.chain.account, self._minted, {tx.sender_id for tx in included})
+            self._expire()
         self._notify()
+
+    def _expire(self) -> None:
+        n = self.mempool.expire(self.chain.head.height, self.chain.account)
+        if n:
+            log.info("mempool: %d tx(s) expired after %d blocks without inclusion", n, self.mempool.expiry_blocks)
+
+    def _mint_credit(self, tx: Tx) -> int | None:
+        """What a MINT adds to its provider's balance (the mempool refuses an overflow at admission)."""
+        if tx.receipt is None:
+            return None
+        return state.mint_amount(tx.receipt.body.units, tx.receipt.body.price_per_unit, self.genesis)
 
     def _minted(self, receipt_hash: bytes) -> bool:
         return self.chain.receipt_minted(receipt_hash) is not None
@@ -381,8 +515,12 @@ class Node:
                 self.chain.build_block, self.key, slot, self.now_ms(), candidates, self.mempool.by_hash)
             self.mempool.remove(block.txs)
             self.mempool.remove(dropped)
-            senders = {tx.sender_id for tx in block.txs}
+            if dropped:
+                log.info("block %d: dropped %d pending tx(s) that no longer apply (first %s)", block.height,
+                         len(dropped), dropped[0].hash.hex())
+            senders = {tx.sender_id for tx in block.txs} | {tx.sender_id for tx in dropped}
             self.mempool.recheck(self.chain.account, self._minted, senders)
+            self._expire()
             self.produced += 1
             self._notify()
         for fn in self.block_listeners:
@@ -393,16 +531,40 @@ class Node:
         return block
 
     async def _sync_loop(self, target: str) -> None:
+        """Sync from one peer for as long as it stays a peer. Each (re)connection first checks that
+        the peer serves our genesis; an announced peer that does not, or that stays unreachable for
+        peer_dead_after_s, is dropped (a configured one is retried: the operator named it)."""
         from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
 
+        configured = target in self._initial_peers
         backoff = 0.1
+        last_ok = time.monotonic()
+        warned = ""
         while not self._stopped:
             try:
                 stub = ledger_pb2_grpc.LedgerServiceStub(self._channel(target))
+                ok, what = await self._peer_genesis(stub)
+                last_ok = time.monotonic()
+                if not ok:
+                    self._verified.pop(target, None)
+                    if not configured:
+                        self._drop_peer(target, f"it serves {what}, not ours", remember=True)
+                        return
+                    if what != warned:
+                        log.warning("configured peer %s serves %s, not genesis %s: not syncing from it", target,
+                                    what, self.chain.genesis_hash.hex()[:16])
+                        warned = what
+                    await asyncio.sleep(min(30.0, backoff := backoff * 2))
+                    continue
+                warned = ""
+                if target not in self._verified:
+                    self._verified[target] = None
+                    self._exchange_wake.set()
                 req = ledger_pb2.StreamBlocksRequest(from_height=self.chain.final_height + 1,
                                                      peer_address=self.listen_address, raw_only=True)
                 async for resp in stub.StreamBlocks(req):
                     backoff = 0.1
+                    last_ok = time.monotonic()
                     try:
                         await self.receive_blocks([b.raw for b in resp.blocks])
                     except AitbcError as exc:
@@ -410,16 +572,20 @@ class Node:
                         self._peer_heads.pop(target, None)  # a peer whose blocks fail is no guide
                         log.warning("rejected a block from %s: %s", target, exc.message)
                     else:
-                        if target in self._initial_peers:  # configured peers only: an announced one could lie
+                        if configured:  # configured peers only: an announced one could lie
                             self._peer_heads[target] = (resp.head_height, time.monotonic())
                     if self.chain.head.height >= resp.head_height:
                         self._caught_up.set()
+                last_ok = time.monotonic()
             except grpc.aio.AioRpcError as exc:
                 log.debug("sync from %s interrupted: %s", target, exc.code())
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("sync from %s failed", target)
+            if not configured and time.monotonic() - last_ok > self.peer_dead_after_s:
+                self._drop_peer(target, f"unreachable for {self.peer_dead_after_s:g} s", remember=False)
+                return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 

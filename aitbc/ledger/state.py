@@ -64,6 +64,10 @@ def check_stateless(tx: Tx, genesis: Genesis) -> None:
     """Checks that depend only on the tx and genesis (cacheable): chain id, signature, receipt proof."""
     if tx.chain_id != genesis.chain_id:
         raise InvalidArgument(f"wrong chain id: tx is for {tx.chain_id!r}, this chain is {genesis.chain_id!r}")
+    if tx.genesis_hash != (gh := genesis.hash()):
+        raise InvalidArgument(
+            f"wrong genesis: tx is signed for genesis {tx.genesis_hash.hex()}, this chain {genesis.chain_id!r} has "
+            f"genesis {gh.hex()} (another network with the same chain id)")
     verify_tx_signature(tx)
     if tx.kind == KIND_MINT:
         r = tx.receipt
@@ -94,7 +98,8 @@ def apply_tx(read: Reader, tx: Tx, genesis: Genesis, height: int) -> dict[bytes,
         writes = {acct_key(tx.sender_id): encode_account(balance - tx.amount, nonce + 1)}
         to_bal, to_nonce = read_account(lambda k: writes.get(k) or read(k), tx.to)
         if to_bal + tx.amount > MAX_U64:
-            raise FailedPrecondition("recipient balance would overflow 2^64-1")
+            raise FailedPrecondition(f"balance overflow: recipient holds {to_bal} and cannot receive {tx.amount} "
+                                     "more (2^64-1 at most)")
         writes[acct_key(tx.to)] = encode_account(to_bal + tx.amount, to_nonce)
         return writes
     assert tx.kind == KIND_MINT and tx.receipt is not None
@@ -107,7 +112,8 @@ def apply_tx(read: Reader, tx: Tx, genesis: Genesis, height: int) -> dict[bytes,
     provider = crypto.validate_address(tx.receipt.body.provider)
     p_bal, p_nonce = read_account(lambda k: writes.get(k) or read(k), provider)
     if p_bal + amount > MAX_U64:
-        raise FailedPrecondition("provider balance would overflow 2^64-1")
+        raise FailedPrecondition(f"balance overflow: provider holds {p_bal} and cannot receive {amount} more "
+                                 "(2^64-1 at most)")
     writes[acct_key(provider)] = encode_account(p_bal + amount, p_nonce)
     return writes
 

@@ -1,14 +1,19 @@
 """Transactions: fixed-layout binary encoding, domain-separated signing, structural decoding.
 
-Byte layout (docs/ledger.md, "Transactions"); all integers big-endian, no floats anywhere:
+Byte layout (docs/ledger.md version 2, "Transactions"); all integers big-endian, no floats anywhere:
 
-    body = u8 version(=1) | u8 kind | u8 len(chain_id) | chain_id | 33 sender pubkey | u64 nonce | payload
+    body = u8 version(=2) | u8 kind | u8 len(chain_id) | chain_id | 32 genesis hash | 33 sender pubkey
+           | u64 nonce | payload
       TRANSFER (kind 1): 20 recipient account id | u64 amount
       MINT     (kind 2): u32 len(receipt) | receipt canonical JSON | 65 provider signature
                          | u8 len(attester) | attester address | 65 attester signature
-    signed tx = body | signature (64-byte compact r||s or 65-byte r||s||v, low-S)
-    signing digest = sha256("AITBC/tx/v1" || 0x00 || body)
+    signed tx = body | signature (exactly 64 bytes r||s, low-S: the one canonical form)
+    signing digest = sha256("AITBC/tx/v2" || 0x00 || body)
     tx hash = sha256(signed tx)
+
+The genesis hash in the body binds the tx to one chain (two networks with the same chain id have
+different genesis hashes); the single signature form makes the hash unique: there is no
+re-encoding of a signed tx that a node accepts (docs/ledger.md, "One encoding, one hash").
 """
 
 from __future__ import annotations
@@ -19,45 +24,48 @@ from dataclasses import dataclass
 
 from aitbc import crypto
 from aitbc.errors import CryptoError, InvalidArgument
-from aitbc.ledger.genesis import check_chain_id
+from aitbc.ledger.genesis import ChainRef, check_chain_id
 from aitbc.receipts import ReceiptBody, SignedReceipt
 
-TX_VERSION = 1
-TX_DOMAIN = b"AITBC/tx/v1"
+TX_VERSION = 2
+TX_DOMAIN = b"AITBC/tx/v2"
 KIND_TRANSFER = 1
 KIND_MINT = 2
 KIND_NAMES = {KIND_TRANSFER: "TRANSFER", KIND_MINT: "MINT"}
 MAX_TX_BYTES = 16 * 1024
 MAX_U64 = 2**64 - 1
+SIGNATURE_BYTES = 64
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 
 
-def _header(kind: int, chain_id: str, sender_pubkey: bytes, nonce: int) -> bytes:
-    check_chain_id(chain_id)
+def _header(kind: int, chain: ChainRef, sender_pubkey: bytes, nonce: int) -> bytes:
+    check_chain_id(chain.chain_id)
+    if len(chain.genesis_hash) != 32:
+        raise InvalidArgument("genesis hash must be 32 bytes")
     if len(sender_pubkey) != 33:
         raise InvalidArgument("sender public key must be 33 bytes (compressed)")
     if type(nonce) is not int or not 0 <= nonce <= MAX_U64:
         raise InvalidArgument("nonce must be an integer in [0, 2^64-1]")
-    cid = chain_id.encode()
-    return bytes((TX_VERSION, kind, len(cid))) + cid + sender_pubkey + _U64.pack(nonce)
+    cid = chain.chain_id.encode()
+    return bytes((TX_VERSION, kind, len(cid))) + cid + chain.genesis_hash + sender_pubkey + _U64.pack(nonce)
 
 
-def encode_transfer_body(chain_id: str, sender_pubkey: bytes, nonce: int, to: str, amount: int) -> bytes:
+def encode_transfer_body(chain: ChainRef, sender_pubkey: bytes, nonce: int, to: str, amount: int) -> bytes:
     to_id = crypto.validate_address(to)
     if type(amount) is not int or not 0 < amount <= MAX_U64:
         raise InvalidArgument("amount must be an integer in [1, 2^64-1]")
-    return _header(KIND_TRANSFER, chain_id, sender_pubkey, nonce) + to_id + _U64.pack(amount)
+    return _header(KIND_TRANSFER, chain, sender_pubkey, nonce) + to_id + _U64.pack(amount)
 
 
-def encode_mint_body(chain_id: str, sender_pubkey: bytes, nonce: int, receipt: SignedReceipt) -> bytes:
+def encode_mint_body(chain: ChainRef, sender_pubkey: bytes, nonce: int, receipt: SignedReceipt) -> bytes:
     body = receipt.body.canonical_bytes()
     att = receipt.attester.encode()
     if len(receipt.provider_signature) != 65 or len(receipt.attester_signature) != 65 or not att:
         raise InvalidArgument("a MINT needs an attested receipt with 65-byte provider and attester signatures")
     return (
-        _header(KIND_MINT, chain_id, sender_pubkey, nonce)
+        _header(KIND_MINT, chain, sender_pubkey, nonce)
         + _U32.pack(len(body)) + body + receipt.provider_signature
         + bytes((len(att),)) + att + receipt.attester_signature
     )
@@ -67,27 +75,33 @@ def signing_digest(body: bytes) -> bytes:
     return crypto.domain_digest(TX_DOMAIN, body)
 
 
-def sign_body(body: bytes, key: crypto.PrivateKey, *, compact: bool = False) -> bytes:
-    sig = key.sign(signing_digest(body))
-    return body + (sig[:64] if compact else sig)
+def attach_signature(body: bytes, signature: bytes) -> bytes:
+    """The signed tx: body || r || s. A 65-byte recoverable signature loses its recovery byte (the
+    sender's key is in the body), so every signer produces the one canonical form."""
+    if len(signature) not in (64, 65):
+        raise InvalidArgument(f"signature must be 64 or 65 bytes, got {len(signature)}")
+    return body + signature[:SIGNATURE_BYTES]
 
 
-def make_transfer(key: crypto.PrivateKey, chain_id: str, nonce: int, to: str, amount: int,
-                  *, compact: bool = False) -> bytes:
-    """A signed TRANSFER, ready to broadcast."""
-    return sign_body(encode_transfer_body(chain_id, key.pubkey, nonce, to, amount), key, compact=compact)
+def sign_body(body: bytes, key: crypto.PrivateKey) -> bytes:
+    return attach_signature(body, key.sign(signing_digest(body)))
 
 
-def make_mint(key: crypto.PrivateKey, chain_id: str, nonce: int, receipt: SignedReceipt,
-              *, compact: bool = False) -> bytes:
+def make_transfer(key: crypto.PrivateKey, chain: ChainRef, nonce: int, to: str, amount: int) -> bytes:
+    """A signed TRANSFER, ready to broadcast (`chain`: `Genesis.ref`, or `LedgerClient.chain_ref()`)."""
+    return sign_body(encode_transfer_body(chain, key.pubkey, nonce, to, amount), key)
+
+
+def make_mint(key: crypto.PrivateKey, chain: ChainRef, nonce: int, receipt: SignedReceipt) -> bytes:
     """A signed MINT carrying an attested receipt; any account may send it (the receipt is the proof)."""
-    return sign_body(encode_mint_body(chain_id, key.pubkey, nonce, receipt), key, compact=compact)
+    return sign_body(encode_mint_body(chain, key.pubkey, nonce, receipt), key)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Tx:
     kind: int
     chain_id: str
+    genesis_hash: bytes
     sender_pubkey: bytes
     nonce: int
     to: bytes  # TRANSFER recipient account id, b"" for MINT
@@ -133,6 +147,9 @@ def _decode(raw: bytes) -> Tx:
         raise _malformed("truncated")
     version, kind, clen = raw[0], raw[1], raw[2]
     if version != TX_VERSION:
+        if version == 1:
+            raise _malformed("version 1 is not supported: ledger format 2 binds every transaction to the genesis "
+                             "hash; sign it again for this chain")
         raise _malformed(f"version {version} is not supported")
     pos = 3
     cid_bytes = raw[pos:pos + clen]
@@ -142,6 +159,10 @@ def _decode(raw: bytes) -> Tx:
         check_chain_id(chain_id)
     except (UnicodeDecodeError, InvalidArgument):
         raise _malformed("bad chain id") from None
+    genesis_hash = raw[pos:pos + 32]
+    pos += 32
+    if len(genesis_hash) != 32:
+        raise _malformed("truncated")
     pubkey = raw[pos:pos + 33]
     pos += 33
     if len(pubkey) != 33 or pubkey[0] not in (2, 3):
@@ -187,9 +208,10 @@ def _decode(raw: bytes) -> Tx:
     else:
         raise _malformed(f"unknown kind {kind}")
     body_bytes, sig = raw[:pos], raw[pos:]
-    if len(sig) not in (64, 65):
-        raise _malformed(f"signature must be 64 or 65 bytes, got {len(sig)}")
-    return Tx(kind, chain_id, pubkey, nonce, to, amount, receipt, body_bytes, sig, raw,
+    if len(sig) != SIGNATURE_BYTES:
+        raise _malformed(f"signature must be exactly {SIGNATURE_BYTES} bytes r || s (the one canonical form; "
+                         f"drop a recovery byte), got {len(sig)}")
+    return Tx(kind, chain_id, genesis_hash, pubkey, nonce, to, amount, receipt, body_bytes, sig, raw,
               crypto.sha256(raw), crypto.sha256(pubkey)[:20])
 
 
@@ -226,15 +248,8 @@ except ImportError:  # pragma: no cover - other coincurve layouts
 
 
 def verify_tx_signature(tx: Tx) -> None:
-    """Raise CryptoError('bad signature: ...') unless the low-S signature is by the sender's key."""
-    digest = signing_digest(tx.body)
-    if len(tx.signature) == 65:
-        try:
-            pub = crypto.recover_pubkey(digest, tx.signature)
-        except CryptoError as exc:
-            msg = exc.message if exc.message.startswith("bad signature") else f"bad signature: {exc.message}"
-            raise CryptoError(msg) from None
-        if pub != tx.sender_pubkey:
-            raise CryptoError("bad signature: not signed by the sender's key")
-    elif not _verify_compact(digest, tx.signature, tx.sender_pubkey):
+    """Raise CryptoError('bad signature: ...') unless the 64-byte low-S signature is by the sender's key."""
+    if len(tx.signature) != SIGNATURE_BYTES:
+        raise CryptoError(f"bad signature: must be {SIGNATURE_BYTES} bytes")
+    if not _verify_compact(signing_digest(tx.body), tx.signature, tx.sender_pubkey):
         raise CryptoError("bad signature: does not verify against the sender's key (or is high-S)")

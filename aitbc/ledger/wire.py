@@ -20,7 +20,7 @@ def header_to_proto(h: Header) -> ledger_pb2.BlockHeader:
         version=h.version, chain_id=h.chain_id, height=h.height, hash=h.hash.hex(),
         parent_hash=h.parent_hash.hex(), slot=h.slot, timestamp_ms=h.timestamp_ms,
         proposer=h.proposer_address, tx_root=h.tx_root.hex(), state_root=h.state_root.hex(),
-        tx_count=h.tx_count)
+        tx_count=h.tx_count, genesis_hash=h.genesis_hash.hex())
 
 
 def block_to_proto(b: Block, *, final: bool, canonical: bool) -> ledger_pb2.Block:
@@ -29,7 +29,8 @@ def block_to_proto(b: Block, *, final: bool, canonical: bool) -> ledger_pb2.Bloc
 
 def tx_to_proto(tx: Tx, genesis: Genesis) -> ledger_pb2.Transaction:
     msg = ledger_pb2.Transaction(hash=tx.hash.hex(), raw=tx.raw, kind=KIND_TO_PROTO[tx.kind],
-                                 chain_id=tx.chain_id, sender=tx.sender, nonce=tx.nonce)
+                                 chain_id=tx.chain_id, sender=tx.sender, nonce=tx.nonce,
+                                 genesis_hash=tx.genesis_hash.hex())
     if tx.kind == KIND_TRANSFER:
         msg.to = tx.to_address
         msg.amount = tx.amount

@@ -88,6 +88,7 @@ class BlockHeader(_message.Message):
     TX_ROOT_FIELD_NUMBER: _builtins.int
     STATE_ROOT_FIELD_NUMBER: _builtins.int
     TX_COUNT_FIELD_NUMBER: _builtins.int
+    GENESIS_HASH_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     chain_id: _builtins.str
     height: _builtins.int
@@ -101,6 +102,8 @@ class BlockHeader(_message.Message):
     tx_root: _builtins.str
     state_root: _builtins.str
     tx_count: _builtins.int
+    genesis_hash: _builtins.str
+    """Lower-case hex genesis hash the header binds (ledger format 2)."""
     def __init__(
         self,
         *,
@@ -115,10 +118,11 @@ class BlockHeader(_message.Message):
         tx_root: _builtins.str = ...,
         state_root: _builtins.str = ...,
         tx_count: _builtins.int = ...,
+        genesis_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "hash", b"hash", "height", b"height", "parent_hash", b"parent_hash", "proposer", b"proposer", "slot", b"slot", "state_root", b"state_root", "timestamp_ms", b"timestamp_ms", "tx_count", b"tx_count", "tx_root", b"tx_root", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "genesis_hash", b"genesis_hash", "hash", b"hash", "height", b"height", "parent_hash", b"parent_hash", "proposer", b"proposer", "slot", b"slot", "state_root", b"state_root", "timestamp_ms", b"timestamp_ms", "tx_count", b"tx_count", "tx_root", b"tx_root", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -175,6 +179,7 @@ class Transaction(_message.Message):
     RECEIPT_HASH_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
     MINT_AMOUNT_FIELD_NUMBER: _builtins.int
+    GENESIS_HASH_FIELD_NUMBER: _builtins.int
     hash: _builtins.str
     """Lower-case hex sha256 of raw."""
     raw: _builtins.bytes
@@ -190,6 +195,8 @@ class Transaction(_message.Message):
     """MINT: receipt hash (hex), the provider it mints to and the amount minted."""
     provider: _builtins.str
     mint_amount: _builtins.int
+    genesis_hash: _builtins.str
+    """Lower-case hex genesis hash the transaction is signed for."""
     def __init__(
         self,
         *,
@@ -204,10 +211,11 @@ class Transaction(_message.Message):
         receipt_hash: _builtins.str = ...,
         provider: _builtins.str = ...,
         mint_amount: _builtins.int = ...,
+        genesis_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "chain_id", b"chain_id", "hash", b"hash", "kind", b"kind", "mint_amount", b"mint_amount", "nonce", b"nonce", "provider", b"provider", "raw", b"raw", "receipt_hash", b"receipt_hash", "sender", b"sender", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "chain_id", b"chain_id", "genesis_hash", b"genesis_hash", "hash", b"hash", "kind", b"kind", "mint_amount", b"mint_amount", "nonce", b"nonce", "provider", b"provider", "raw", b"raw", "receipt_hash", b"receipt_hash", "sender", b"sender", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -557,7 +565,9 @@ class StreamBlocksRequest(_message.Message):
     waits for it.
     """
     peer_address: _builtins.str
-    """Peers set this to their own listen address so the answering node syncs from them too."""
+    """Peers set this to their own listen address; the answering node syncs from it too once it has
+    checked (GetGenesis) that the address serves the same genesis.
+    """
     raw_only: _builtins.bool
     """Omit decoded headers (peers only need raw bytes)."""
     def __init__(
@@ -658,3 +668,84 @@ class GetReceiptStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetReceiptStatusResponse: _TypeAlias = GetReceiptStatusResponse  # noqa: Y015
+
+@_typing.final
+class GetGenesisRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGenesisRequest: _TypeAlias = GetGenesisRequest  # noqa: Y015
+
+@_typing.final
+class GetGenesisResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENESIS_JSON_FIELD_NUMBER: _builtins.int
+    GENESIS_HASH_FIELD_NUMBER: _builtins.int
+    CHAIN_ID_FIELD_NUMBER: _builtins.int
+    genesis_json: _builtins.str
+    """The genesis document, canonical JSON (docs/ledger.md, "Genesis"): sha256 of these bytes is
+    genesis_hash.
+    """
+    genesis_hash: _builtins.str
+    """Lower-case hex sha256 of genesis_json."""
+    chain_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        genesis_json: _builtins.str = ...,
+        genesis_hash: _builtins.str = ...,
+        chain_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "genesis_hash", b"genesis_hash", "genesis_json", b"genesis_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGenesisResponse: _TypeAlias = GetGenesisResponse  # noqa: Y015
+
+@_typing.final
+class ListPeersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPeersRequest: _TypeAlias = ListPeersRequest  # noqa: Y015
+
+@_typing.final
+class ListPeersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """host:port of each peer this node syncs from and has verified, configured ones first."""
+
+    def __init__(
+        self,
+        *,
+        peers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPeersResponse: _TypeAlias = ListPeersResponse  # noqa: Y015

@@ -76,6 +76,16 @@ class LedgerServiceStub:
                 request_serializer=aitbc_dot_v1_dot_ledger__pb2.GetReceiptStatusRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetReceiptStatusResponse.FromString,
                 _registered_method=True)
+        self.GetGenesis = channel.unary_unary(
+                '/aitbc.v1.LedgerService/GetGenesis',
+                request_serializer=aitbc_dot_v1_dot_ledger__pb2.GetGenesisRequest.SerializeToString,
+                response_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetGenesisResponse.FromString,
+                _registered_method=True)
+        self.ListPeers = channel.unary_unary(
+                '/aitbc.v1.LedgerService/ListPeers',
+                request_serializer=aitbc_dot_v1_dot_ledger__pb2.ListPeersRequest.SerializeToString,
+                response_deserializer=aitbc_dot_v1_dot_ledger__pb2.ListPeersResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -141,6 +151,22 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetGenesis(self, request, context):
+        """GetGenesis returns the genesis document the node runs and its hash, so anyone can audit the
+        chain from the node alone, and a node can check that a peer serves the same chain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPeers(self, request, context):
+        """ListPeers returns the peers this node syncs from and has verified (same genesis), for peer
+        exchange: nodes started with one --peers entry learn the others from it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +209,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetReceiptStatus,
                     request_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetReceiptStatusRequest.FromString,
                     response_serializer=aitbc_dot_v1_dot_ledger__pb2.GetReceiptStatusResponse.SerializeToString,
+            ),
+            'GetGenesis': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGenesis,
+                    request_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetGenesisRequest.FromString,
+                    response_serializer=aitbc_dot_v1_dot_ledger__pb2.GetGenesisResponse.SerializeToString,
+            ),
+            'ListPeers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPeers,
+                    request_deserializer=aitbc_dot_v1_dot_ledger__pb2.ListPeersRequest.FromString,
+                    response_serializer=aitbc_dot_v1_dot_ledger__pb2.ListPeersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -403,6 +439,60 @@ class LedgerService:
             '/aitbc.v1.LedgerService/GetReceiptStatus',
             aitbc_dot_v1_dot_ledger__pb2.GetReceiptStatusRequest.SerializeToString,
             aitbc_dot_v1_dot_ledger__pb2.GetReceiptStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGenesis(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aitbc.v1.LedgerService/GetGenesis',
+            aitbc_dot_v1_dot_ledger__pb2.GetGenesisRequest.SerializeToString,
+            aitbc_dot_v1_dot_ledger__pb2.GetGenesisResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPeers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aitbc.v1.LedgerService/ListPeers',
+            aitbc_dot_v1_dot_ledger__pb2.ListPeersRequest.SerializeToString,
+            aitbc_dot_v1_dot_ledger__pb2.ListPeersResponse.FromString,
             options,
             channel_credentials,
             insecure,

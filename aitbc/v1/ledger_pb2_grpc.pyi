@@ -55,6 +55,14 @@ class LedgerServiceStub:
     """
     GetReceiptStatus: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetReceiptStatusRequest, _ledger_pb2.GetReceiptStatusResponse]
     """GetReceiptStatus says whether a receipt hash was minted, and in which block and transaction."""
+    GetGenesis: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetGenesisRequest, _ledger_pb2.GetGenesisResponse]
+    """GetGenesis returns the genesis document the node runs and its hash, so anyone can audit the
+    chain from the node alone, and a node can check that a peer serves the same chain.
+    """
+    ListPeers: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListPeersRequest, _ledger_pb2.ListPeersResponse]
+    """ListPeers returns the peers this node syncs from and has verified (same genesis), for peer
+    exchange: nodes started with one --peers entry learn the others from it.
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -83,6 +91,14 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """
     GetReceiptStatus: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetReceiptStatusRequest, _ledger_pb2.GetReceiptStatusResponse]  # type: ignore[assignment]
     """GetReceiptStatus says whether a receipt hash was minted, and in which block and transaction."""
+    GetGenesis: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetGenesisRequest, _ledger_pb2.GetGenesisResponse]  # type: ignore[assignment]
+    """GetGenesis returns the genesis document the node runs and its hash, so anyone can audit the
+    chain from the node alone, and a node can check that a peer serves the same chain.
+    """
+    ListPeers: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListPeersRequest, _ledger_pb2.ListPeersResponse]  # type: ignore[assignment]
+    """ListPeers returns the peers this node syncs from and has verified (same genesis), for peer
+    exchange: nodes started with one --peers entry learn the others from it.
+    """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """LedgerService is served by every ledger node (authority or follower). Transactions and blocks
@@ -156,5 +172,25 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.GetReceiptStatusResponse, _abc.Awaitable[_ledger_pb2.GetReceiptStatusResponse]]:
         """GetReceiptStatus says whether a receipt hash was minted, and in which block and transaction."""
+
+    @_abc_1.abstractmethod
+    def GetGenesis(
+        self,
+        request: _ledger_pb2.GetGenesisRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetGenesisResponse, _abc.Awaitable[_ledger_pb2.GetGenesisResponse]]:
+        """GetGenesis returns the genesis document the node runs and its hash, so anyone can audit the
+        chain from the node alone, and a node can check that a peer serves the same chain.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPeers(
+        self,
+        request: _ledger_pb2.ListPeersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListPeersResponse, _abc.Awaitable[_ledger_pb2.ListPeersResponse]]:
+        """ListPeers returns the peers this node syncs from and has verified (same genesis), for peer
+        exchange: nodes started with one --peers entry learn the others from it.
+        """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

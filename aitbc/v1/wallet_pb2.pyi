@@ -525,6 +525,7 @@ class SignTransactionRequest(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
     CHAIN_ID_FIELD_NUMBER: _builtins.int
+    GENESIS_HASH_FIELD_NUMBER: _builtins.int
     from_wallet: _builtins.str
     """The signing wallet; it must be unlocked."""
     to: _builtins.str
@@ -532,7 +533,9 @@ class SignTransactionRequest(_message.Message):
     nonce: _builtins.int
     """Unset: the ledger's pending nonce for the wallet."""
     chain_id: _builtins.str
-    """Empty: the ledger's chain id."""
+    """Empty: the ledger's chain id. Give it together with genesis_hash (a transaction binds both)."""
+    genesis_hash: _builtins.str
+    """Lower-case hex genesis hash of the chain; empty: the ledger's."""
     def __init__(
         self,
         *,
@@ -541,10 +544,11 @@ class SignTransactionRequest(_message.Message):
         amount: _builtins.int = ...,
         nonce: _builtins.int | None = ...,
         chain_id: _builtins.str = ...,
+        genesis_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_nonce", b"_nonce", "nonce", b"nonce"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_nonce", b"_nonce", "amount", b"amount", "chain_id", b"chain_id", "from_wallet", b"from_wallet", "nonce", b"nonce", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_nonce", b"_nonce", "amount", b"amount", "chain_id", b"chain_id", "from_wallet", b"from_wallet", "genesis_hash", b"genesis_hash", "nonce", b"nonce", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__nonce: _TypeAlias = _typing.Literal["nonce"]  # noqa: Y015
     _WhichOneofArgType__nonce: _TypeAlias = _typing.Literal["_nonce", b"_nonce"]  # noqa: Y015
@@ -563,7 +567,7 @@ class SignTransactionResponse(_message.Message):
     NONCE_FIELD_NUMBER: _builtins.int
     CHAIN_ID_FIELD_NUMBER: _builtins.int
     raw: _builtins.bytes
-    """Canonical signed transaction bytes (body || 65-byte signature)."""
+    """Canonical signed transaction bytes (body || 64-byte signature r || s)."""
     tx_hash: _builtins.str
     """Lower-case hex sha256 of raw."""
     nonce: _builtins.int

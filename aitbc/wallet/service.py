@@ -26,6 +26,7 @@ from aitbc import crypto
 from aitbc.errors import AitbcError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from aitbc.ledger import tx as txmod
 from aitbc.ledger.client import LedgerClient
+from aitbc.ledger.genesis import ChainRef
 from aitbc.receipts import SignedReceipt, verify_receipt
 from aitbc.wallet.keystore import DEFAULT_KDF, INSECURE_FAST_KDF, KdfParams, Keystore, validate_name
 from aitbc.wallet.throttle import Backoff
@@ -300,23 +301,35 @@ class WalletCore:
             raise FailedPrecondition(f"wallet '{wallet}' is locked: unlock it first")
         return parsed.pubkey, to, amount
 
-    def _sign(self, wallet: str, chain_id: str, pubkey: bytes, nonce: int, to: str, amount: int) -> SignedTransfer:
-        body = txmod.encode_transfer_body(chain_id, pubkey, nonce, to, amount)
-        raw = body + self.unlocked.sign(wallet, txmod.signing_digest(body))
-        return SignedTransfer(raw, crypto.sha256(raw).hex(), chain_id, nonce,
+    def _sign(self, wallet: str, chain: ChainRef, pubkey: bytes, nonce: int, to: str, amount: int) -> SignedTransfer:
+        body = txmod.encode_transfer_body(chain, pubkey, nonce, to, amount)
+        raw = txmod.attach_signature(body, self.unlocked.sign(wallet, txmod.signing_digest(body)))
+        return SignedTransfer(raw, crypto.sha256(raw).hex(), chain.chain_id, nonce,
                               crypto.address_from_pubkey(pubkey), to, amount)
 
     async def sign_transfer(self, wallet: str, to: Any, amount: Any, *, nonce: int | None = None,
-                            chain_id: str | None = None) -> SignedTransfer:
-        """A signed TRANSFER, not broadcast. Nonce and chain id come from the ledger unless given
-        (with both given no ledger is needed)."""
+                            chain_id: str | None = None, genesis_hash: str | None = None) -> SignedTransfer:
+        """A signed TRANSFER, not broadcast. Nonce, chain id and genesis hash (hex; a transaction
+        binds both) come from the ledger unless given (with all three given no ledger is needed)."""
         pubkey, to, amount = self._check_transfer(wallet, to, amount)
         if nonce is not None and (isinstance(nonce, bool) or not isinstance(nonce, int) or not 0 <= nonce <= MAX_AMOUNT):
             raise InvalidArgument(f"nonce must be an integer in [0, 2^64-1], got {nonce!r}")
+        if bool(chain_id) != bool(genesis_hash):
+            raise InvalidArgument("give chain_id and genesis_hash together (a transaction binds both), or neither "
+                                  "to use the ledger's")
+        chain = None
+        if chain_id and genesis_hash:
+            try:
+                gh = bytes.fromhex(genesis_hash)
+            except ValueError:
+                gh = b""
+            if len(gh) != 32:
+                raise InvalidArgument("genesis_hash must be 64 hex characters")
+            chain = ChainRef(chain_id, gh)
         with self._reaching_ledger():
-            cid = chain_id or await self.ledger.chain_id()
+            chain = chain or await self.ledger.chain_ref()
             n = nonce if nonce is not None else await self.ledger.next_nonce(crypto.address_from_pubkey(pubkey))
-        return self._sign(wallet, cid, pubkey, n, to, amount)
+        return self._sign(wallet, chain, pubkey, n, to, amount)
 
     async def send(self, wallet: str, to: Any, amount: Any, *, wait: bool = True, final: bool = False,
                    timeout_s: float | None = None) -> SendResult:
@@ -327,9 +340,9 @@ class WalletCore:
         async with lock:  # one nonce at a time per wallet
             ledger = self.ledger
             with self._reaching_ledger():
-                cid = await ledger.chain_id()
+                chain = await ledger.chain_ref()
                 nonce = await ledger.next_nonce(crypto.address_from_pubkey(pubkey))
-            signed = self._sign(wallet, cid, pubkey, nonce, to, amount)
+            signed = self._sign(wallet, chain, pubkey, nonce, to, amount)
             with self._reaching_ledger():
                 tx_hash = await ledger.broadcast(signed.raw)
         result = SendResult(tx_hash, signed.nonce, signed.from_address, to, amount)

@@ -127,6 +127,7 @@ class Cluster:
         genesis = make_genesis(CHAIN, [k.address for k in self.auth_keys], [self.coord_key.address],
                                block_time_ms=block_time_ms, genesis_time_ms=int(time.time() * 1000))
         genesis.save(root / "genesis.json")
+        self.chain_ref = genesis.ref  # what a transaction to this cluster signs
         node_ports = [free_port() for _ in range(authorities + followers)]
         node_targets = [f"127.0.0.1:{p}" for p in node_ports]
         self.nodes: list[Proc] = []

@@ -24,7 +24,7 @@ from aitbc.clients.sdk import ClientError, CoordinatorClient
 from aitbc.coordinator import eventlog
 from aitbc.ledger import tx as txmod
 from aitbc.v1 import job_pb2, ledger_pb2, ledger_pb2_grpc, receipt_pb2
-from tests.fault.cluster import API_KEY, CHAIN, Cluster, Proc
+from tests.fault.cluster import API_KEY, Cluster, Proc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 PERTURBATIONS = int(os.environ.get("AITBC_CHAOS_PERTURBATIONS", "50"))
@@ -82,7 +82,7 @@ class Load:
                     acct = stub.GetAccount(ledger_pb2.GetAccountRequest(address=key.address), timeout=2)
                     if acct.balance < 10:
                         continue
-                    raw = txmod.make_transfer(key, CHAIN, acct.pending_nonce, self.sink.address, rng.randint(1, 5))
+                    raw = txmod.make_transfer(key, self.cluster.chain_ref, acct.pending_nonce, self.sink.address, rng.randint(1, 5))
                     stub.BroadcastTransaction(ledger_pb2.BroadcastTransactionRequest(raw=raw), timeout=2)
                     self.transfers_sent += 1
             except grpc.RpcError:

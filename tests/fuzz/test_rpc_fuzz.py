@@ -75,6 +75,9 @@ def key(n: int) -> crypto.PrivateKey:
 
 
 AUTHORITY, ATTESTER, PROVIDER, SENDER, FUZZ_PROVIDER = key(1), key(2), key(3), key(4), key(5)
+GENESIS = make_genesis(CHAIN, [AUTHORITY.address], [ATTESTER.address], block_time_ms=100,
+                       max_price_per_unit=1000, max_mint_per_receipt=10**12)
+OTHER_REF = make_genesis("other-chain", [AUTHORITY.address], [ATTESTER.address]).ref
 
 FUZZ = settings(
     max_examples=120,
@@ -129,9 +132,7 @@ class Env:
         from aitbc.server.ledger import start_node
         from aitbc.server.wallet import start_wallet_daemon
 
-        g = make_genesis(CHAIN, [AUTHORITY.address], [ATTESTER.address], block_time_ms=100,
-                         max_price_per_unit=1000, max_mint_per_receipt=10**12)
-        node, node_server = await start_node(MemoryStore(), g, AUTHORITY, "127.0.0.1:0")
+        node, node_server = await start_node(MemoryStore(), GENESIS, AUTHORITY, "127.0.0.1:0")
         self.targets["ledger"] = f"127.0.0.1:{node_server.port}"
         ledger = LedgerClient(self.targets["ledger"])
         # fund PROVIDER once; its balance is the ledger state that fuzzing must not touch
@@ -606,11 +607,11 @@ def _mutate(raw: bytes, how: str, pos: int, byte: int) -> bytes:
 
 def transactions() -> st.SearchStrategy[bytes]:
     bases = [
-        txmod.make_transfer(SENDER, CHAIN, 0, PROVIDER.address, 5),            # unfunded sender
-        txmod.make_transfer(SENDER, "other-chain", 0, PROVIDER.address, 5),    # cross-chain
-        txmod.make_mint(SENDER, CHAIN, 0, receipt(100, FUZZ_PROVIDER)),        # valid MINT (to a fuzz provider)
-        txmod.make_mint(SENDER, CHAIN, 0, receipt(1)),                         # replay of the seeded receipt
-        txmod.make_mint(SENDER, CHAIN, 0, receipt(101, FUZZ_PROVIDER, chain_id="other-chain")),
+        txmod.make_transfer(SENDER, GENESIS.ref, 0, PROVIDER.address, 5),      # unfunded sender
+        txmod.make_transfer(SENDER, OTHER_REF, 0, PROVIDER.address, 5),        # cross-chain
+        txmod.make_mint(SENDER, GENESIS.ref, 0, receipt(100, FUZZ_PROVIDER)),  # valid MINT (to a fuzz provider)
+        txmod.make_mint(SENDER, GENESIS.ref, 0, receipt(1)),                   # replay of the seeded receipt
+        txmod.make_mint(SENDER, GENESIS.ref, 0, receipt(101, FUZZ_PROVIDER, chain_id="other-chain")),
     ]
     mutated = st.builds(_mutate, st.sampled_from(bases), st.sampled_from(["flip", "truncate", "append", "insert"]),
                         st.integers(0, 2000), st.integers(0, 255))

@@ -34,3 +34,7 @@ def receipt(i: int = 0, *, units: int = 100, price: int = 10, chain_id: str = CH
         artifact_sha256="cd" * 32, nonce=f"{i:032x}", hub_id="", chain_id=chain_id)
     r = sign_receipt(body, provider)
     return r.attest(attester) if attester is not None else r
+
+
+REF = genesis().ref  # (chain id, genesis hash) of the default one-authority test genesis
+OTHER_REF = genesis(chain_id="other-chain").ref  # a chain id this test genesis does not have

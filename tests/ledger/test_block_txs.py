@@ -13,12 +13,12 @@ from aitbc.ledger.store import MemoryStore
 from aitbc.ledger.tx import decode_tx, encode_mint_body, make_mint, sign_body
 from aitbc.receipts import ATTEST_DOMAIN, PROVIDER_DOMAIN, SignedReceipt
 
-from .helpers import ALICE, ATTESTER, AUTH, BOB, CHAIN, genesis, key, receipt
+from .helpers import ALICE, ATTESTER, AUTH, BOB, OTHER_REF, REF, genesis, key, receipt
 
 
 def _signed_by_someone_else() -> bytes:
     """A MINT naming ALICE as its sender, signed by BOB."""
-    return sign_body(encode_mint_body(CHAIN, ALICE.pubkey, 0, receipt(8)), BOB)
+    return sign_body(encode_mint_body(REF, ALICE.pubkey, 0, receipt(8)), BOB)
 
 
 def _receipt_signed_by_the_wrong_provider() -> bytes:
@@ -26,18 +26,20 @@ def _receipt_signed_by_the_wrong_provider() -> bytes:
     h = body.hash()
     forged = SignedReceipt(body, BOB.sign(crypto.domain_digest(PROVIDER_DOMAIN, h)), ATTESTER.address,
                            ATTESTER.sign(crypto.domain_digest(ATTEST_DOMAIN, h)))
-    return make_mint(ALICE, CHAIN, 0, forged)
+    return make_mint(ALICE, REF, 0, forged)
 
 
 BAD = {
     "a MINT attested by a key outside the genesis attester set":
-        (lambda: make_mint(ALICE, CHAIN, 0, receipt(1, attester=key(99))), "attester not authorized"),
+        (lambda: make_mint(ALICE, REF, 0, receipt(1, attester=key(99))), "attester not authorized"),
     "a MINT whose receipt is for another chain":
-        (lambda: make_mint(ALICE, CHAIN, 0, receipt(2, chain_id="another-chain")), "receipt is for 'another-chain'"),
+        (lambda: make_mint(ALICE, REF, 0, receipt(2, chain_id="another-chain")), "receipt is for 'another-chain'"),
     "a transaction signed for another chain":
-        (lambda: make_mint(ALICE, "another-chain", 0, receipt(3)), "tx is for 'another-chain'"),
+        (lambda: make_mint(ALICE, OTHER_REF, 0, receipt(3)), "tx is for 'other-chain'"),
+    "a transaction signed for another genesis with the same chain id":
+        (lambda: make_mint(ALICE, genesis(1, genesis_time_ms=1).ref, 0, receipt(9)), "wrong genesis"),
     "a MINT that mints nothing":
-        (lambda: make_mint(ALICE, CHAIN, 0, receipt(4, units=0)), "it mints nothing"),
+        (lambda: make_mint(ALICE, REF, 0, receipt(4, units=0)), "it mints nothing"),
     "a MINT whose receipt was not signed by its provider":
         (_receipt_signed_by_the_wrong_provider, "bad receipt"),
     "a transaction whose signature is not its sender's": (_signed_by_someone_else, ""),
@@ -61,7 +63,7 @@ def test_a_follower_refuses_a_block_with_a_bad_transaction_inside(bad: str) -> N
 def test_the_same_block_with_good_transactions_is_accepted() -> None:
     g = genesis(1)
     proposer, follower = Chain(MemoryStore(), g), Chain(MemoryStore(), g)
-    tx = decode_tx(make_mint(ALICE, CHAIN, 0, receipt(7)))
+    tx = decode_tx(make_mint(ALICE, REF, 0, receipt(7)))
     block, _ = proposer.build_block(AUTH[0], 1, g.block_time_ms + 1, [tx])
     follower.add_block(block, g.block_time_ms + 1)
     assert follower.head.height == 1 and follower.head.hash == proposer.head.hash

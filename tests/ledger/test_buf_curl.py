@@ -12,7 +12,7 @@ from aitbc.ledger.store import MemoryStore
 from aitbc.ledger.tx import make_mint
 from aitbc.server.ledger import start_node
 
-from .helpers import ALICE, AUTH, CHAIN, genesis, receipt
+from .helpers import ALICE, AUTH, genesis, receipt
 
 BUF = Path(__file__).resolve().parents[2] / ".tools" / "node_modules" / ".bin" / "buf"
 pytestmark = [pytest.mark.skipif(not BUF.exists(), reason="buf is not installed (make install)"),
@@ -34,7 +34,7 @@ async def test_every_rpc_through_reflection():
     g = genesis(1, block_time_ms=100)
     node, server = await start_node(MemoryStore(), g, AUTH[0], "127.0.0.1:0")
     try:
-        raw = make_mint(ALICE, CHAIN, 0, receipt(1))
+        raw = make_mint(ALICE, g.ref, 0, receipt(1))
         rc, out = await _curl(server.port, "BroadcastTransaction", {"raw": base64.b64encode(raw).decode()})
         assert rc == 0, out
         tx_hash = json.loads(out)["hash"]

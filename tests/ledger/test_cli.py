@@ -106,3 +106,24 @@ async def test_devnet_style_single_authority(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+def test_chain_init_without_a_chain_id_gets_a_unique_one_and_reruns_keep_it(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    chain_cli.register(parser.add_subparsers(dest="cmd"))
+    keyfile = tmp_path / "a.key"
+
+    def init(out: Path, *extra: str) -> int:
+        args = parser.parse_args(["chain", "init", "--authority", str(keyfile), "--attester", ATTESTER.address,
+                                  "--out", str(out), *extra])
+        return args.func(args)
+
+    assert init(tmp_path / "one.json") == 0 and init(tmp_path / "two.json") == 0
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert one["chain_id"].startswith("aitbc-") and one["chain_id"] != two["chain_id"]  # same keys, two networks
+    before = (tmp_path / "one.json").read_text()
+    capsys.readouterr()
+    assert init(tmp_path / "one.json") == 0 and "already holds this genesis" in capsys.readouterr().out
+    assert (tmp_path / "one.json").read_text() == before  # a re-run keeps the file's chain id
+    assert init(tmp_path / "named.json", "--chain-id", "mynet") == 0
+    assert json.loads((tmp_path / "named.json").read_text())["chain_id"] == "mynet"

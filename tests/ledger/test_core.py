@@ -13,38 +13,50 @@ from aitbc.ledger.block import Header, decode_block, make_block, tx_root
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.genesis import Genesis
 from aitbc.ledger.store import MemoryStore
-from aitbc.ledger.tx import MAX_TX_BYTES, decode_tx, make_mint, make_transfer, verify_tx_signature
+from aitbc.ledger.tx import (
+    MAX_TX_BYTES,
+    decode_tx,
+    make_mint,
+    make_transfer,
+    signing_digest,
+    verify_tx_signature,
+)
 
-from .helpers import ALICE, AUTH, BOB, CHAIN, PROVIDER, genesis, key, receipt
+from .helpers import ALICE, AUTH, BOB, CHAIN, OTHER_REF, PROVIDER, REF, genesis, key, receipt
 
 
 def _now(g: Genesis, slot: int) -> int:
     return slot * g.block_time_ms + 1
 
 
-def test_transfer_roundtrip_and_signature_forms():
-    for compact in (False, True):
-        raw = make_transfer(ALICE, CHAIN, 7, BOB.address, 12345, compact=compact)
-        tx = decode_tx(raw)
-        assert (tx.nonce, tx.amount, tx.to_address, tx.sender) == (7, 12345, BOB.address, ALICE.address)
-        assert len(tx.signature) == (64 if compact else 65)
-        verify_tx_signature(tx)
-        assert tx.hash == crypto.sha256(raw)
+def test_transfer_roundtrip_and_the_one_signature_form():
+    raw = make_transfer(ALICE, REF, 7, BOB.address, 12345)
+    tx = decode_tx(raw)
+    assert (tx.nonce, tx.amount, tx.to_address, tx.sender) == (7, 12345, BOB.address, ALICE.address)
+    assert (tx.chain_id, tx.genesis_hash) == REF
+    assert len(tx.signature) == 64
+    verify_tx_signature(tx)
+    assert tx.hash == crypto.sha256(raw)
+    # the 65-byte recoverable form of the same signature is another encoding: refused, not a twin
+    full = ALICE.sign(signing_digest(tx.body))
+    assert full[:64] == tx.signature
+    with pytest.raises(InvalidArgument, match="^malformed transaction: signature must be exactly 64 bytes"):
+        decode_tx(tx.body + full)
+    with pytest.raises(InvalidArgument, match="^malformed transaction: signature must be exactly 64 bytes"):
+        decode_tx(raw + b"\x00")
 
 
 def test_tampered_or_high_s_signature_is_bad_signature():
-    raw = make_transfer(ALICE, CHAIN, 0, BOB.address, 5)
+    raw = make_transfer(ALICE, REF, 0, BOB.address, 5)
     tx = decode_tx(raw)
     forged = decode_tx(tx.body[:-1] + b"\x06" + tx.signature)  # amount 5 -> 6
     with pytest.raises(CryptoError, match="^bad signature"):
         verify_tx_signature(forged)
     s = int.from_bytes(tx.signature[32:64], "big")
-    high = tx.signature[:32] + (crypto.SECP256K1_N - s).to_bytes(32, "big") + bytes([tx.signature[64] ^ 1])
+    high = tx.signature[:32] + (crypto.SECP256K1_N - s).to_bytes(32, "big")
     with pytest.raises(CryptoError, match="high-S"):
         verify_tx_signature(decode_tx(tx.body + high))
-    with pytest.raises(CryptoError, match="^bad signature"):
-        verify_tx_signature(decode_tx(tx.body + high[:64]))
-    other = decode_tx(tx.body + BOB.sign(crypto.sha256(b"x")))
+    other = decode_tx(tx.body + BOB.sign(crypto.sha256(b"x"))[:64])
     with pytest.raises(CryptoError, match="^bad signature"):
         verify_tx_signature(other)
 
@@ -59,8 +71,8 @@ def test_malformed_txs(raw, msg):
 
 
 def test_truncations_never_crash():
-    raw = make_mint(ALICE, CHAIN, 0, receipt())
-    for cut in range(len(raw) - 1):  # len-1 is a valid 64-byte compact signature
+    raw = make_mint(ALICE, REF, 0, receipt())
+    for cut in range(len(raw)):
         with pytest.raises(InvalidArgument):
             decode_tx(raw[:cut])
 
@@ -73,7 +85,7 @@ def _chain(n_auth: int = 1) -> tuple[Chain, Genesis]:
 def test_mint_then_transfer_state_and_vectors_of_errors():
     chain, g = _chain()
     r = receipt(1, units=100, price=10)
-    mint = decode_tx(make_mint(ALICE, CHAIN, 0, r))
+    mint = decode_tx(make_mint(ALICE, g.ref, 0, r))
     block, dropped = chain.build_block(AUTH[0], 1, _now(g, 1), [mint])
     assert dropped == [] and block.header.tx_count == 1
     assert chain.account(crypto.validate_address(PROVIDER.address)) == (1000, 0)
@@ -81,14 +93,14 @@ def test_mint_then_transfer_state_and_vectors_of_errors():
     assert chain.receipt_minted(r.receipt_hash) == (1, mint.hash, 1000)
     assert chain.final_height == 1  # one authority: final immediately
     # a second MINT of the same receipt fails in state
-    again = decode_tx(make_mint(BOB, CHAIN, 0, r))
+    again = decode_tx(make_mint(BOB, g.ref, 0, r))
     with pytest.raises(AlreadyExists, match="^receipt already minted"):
         state.apply_tx(chain.store.get, again, g, 2)
-    pay = decode_tx(make_transfer(PROVIDER, CHAIN, 0, BOB.address, 400))
+    pay = decode_tx(make_transfer(PROVIDER, g.ref, 0, BOB.address, 400))
     with pytest.raises(FailedPrecondition, match="^insufficient balance"):
-        state.apply_tx(chain.store.get, decode_tx(make_transfer(PROVIDER, CHAIN, 0, BOB.address, 1001)), g, 2)
+        state.apply_tx(chain.store.get, decode_tx(make_transfer(PROVIDER, g.ref, 0, BOB.address, 1001)), g, 2)
     with pytest.raises(FailedPrecondition, match="^nonce too low"):
-        state.apply_tx(chain.store.get, decode_tx(make_transfer(ALICE, CHAIN, 0, BOB.address, 1)), g, 2)
+        state.apply_tx(chain.store.get, decode_tx(make_transfer(ALICE, g.ref, 0, BOB.address, 1)), g, 2)
     chain.build_block(AUTH[0], 2, _now(g, 2), [pay])
     assert chain.account(crypto.validate_address(BOB.address)) == (400, 0)
     assert chain.account(crypto.validate_address(PROVIDER.address)) == (600, 1)
@@ -102,19 +114,69 @@ def test_mint_amount_is_capped():
     assert state.mint_amount(10, 3, g) == 30
 
 
+def test_a_tx_from_another_genesis_with_the_same_chain_id_is_refused():
+    g, twin = genesis(1), genesis(1, genesis_time_ms=1)  # same chain id, same keys: another network
+    assert g.chain_id == twin.chain_id and g.hash() != twin.hash()
+    tx = decode_tx(make_transfer(ALICE, twin.ref, 0, BOB.address, 1))
+    with pytest.raises(InvalidArgument, match=f"^wrong genesis: tx is signed for genesis {twin.hash().hex()}, this "
+                                              f"chain 'aitbc-test' has genesis {g.hash().hex()}"):
+        state.check_stateless(tx, g)
+    state.check_stateless(tx, twin)
+    # the genesis hash is signed: pasting this chain's hash into the other network's tx breaks it
+    pasted = decode_tx(tx.raw.replace(twin.hash(), g.hash()))
+    with pytest.raises(CryptoError, match="^bad signature"):
+        state.check_stateless(pasted, g)
+
+
+def test_a_block_from_another_genesis_with_the_same_chain_id_is_refused():
+    g, twin = genesis(1), genesis(1, genesis_time_ms=1)
+    theirs = Chain(MemoryStore(), twin)
+    theirs.build_block(AUTH[0], 1, _now(twin, 1), [])
+    block = decode_block(theirs.block_raw_at(1))
+    ours = Chain(MemoryStore(), g)
+    forged = dataclasses.replace(block.header, parent_hash=ours.genesis_hash)  # even linked to our genesis
+    with pytest.raises(InvalidArgument, match="^wrong genesis: block 1 is for genesis"):
+        ours.add_block(make_block(forged, AUTH[0], []), _now(g, 1))
+    assert ours.head.height == 0
+
+
+def test_format_1_encodings_and_data_folders_are_refused(tmp_path):
+    from aitbc.ledger.chain import HEAD, META_CHAIN, META_FORMAT, META_GENESIS
+    from aitbc.ledger.genesis import Genesis
+    from aitbc.ledger.store import LmdbStore
+
+    tx = decode_tx(make_transfer(ALICE, REF, 0, BOB.address, 1))
+    with pytest.raises(InvalidArgument, match="^malformed transaction: version 1 is not supported: ledger format 2"):
+        decode_tx(b"\x01" + tx.raw[1:])
+    chain, g = _chain()
+    chain.build_block(AUTH[0], 1, _now(g, 1), [])
+    raw = chain.block_raw_at(1)
+    with pytest.raises(InvalidArgument, match="^malformed block: header version 1 is not supported"):
+        decode_block(raw[:4] + b"\x01" + raw[5:])
+    with pytest.raises(InvalidArgument, match="^genesis version 1 is not supported: ledger format 1"):
+        Genesis.from_dict({**g.to_dict(), "version": 1})
+    store = LmdbStore(tmp_path / "db")  # what a format-1 node left: genesis and chain records, no format
+    store.commit({META_GENESIS: g.hash(), META_CHAIN: b"aitbc-test", HEAD: b"\x00" * 32})
+    with pytest.raises(FailedPrecondition, match="^data folder holds a ledger format 1 chain; this node runs format 2:"
+                                                 " ledger format 1 .* cannot be migrated"):
+        Chain(store, g)
+    assert store.get(META_FORMAT) is None  # refused without writing anything
+    store.close()
+
+
 def test_stateless_rejections():
     g = genesis()
     with pytest.raises(InvalidArgument, match="^wrong chain id"):
-        state.check_stateless(decode_tx(make_transfer(ALICE, "other-chain", 0, BOB.address, 1)), g)
+        state.check_stateless(decode_tx(make_transfer(ALICE, OTHER_REF, 0, BOB.address, 1)), g)
     with pytest.raises(InvalidArgument, match="^wrong chain id"):
-        state.check_stateless(decode_tx(make_mint(ALICE, CHAIN, 0, receipt(chain_id="other-chain"))), g)
+        state.check_stateless(decode_tx(make_mint(ALICE, g.ref, 0, receipt(chain_id="other-chain"))), g)
     with pytest.raises(PermissionDenied, match="^attester not authorized"):
-        state.check_stateless(decode_tx(make_mint(ALICE, CHAIN, 0, receipt(attester=key(99)))), g)
+        state.check_stateless(decode_tx(make_mint(ALICE, g.ref, 0, receipt(attester=key(99)))), g)
     r = receipt(3)
     bad = dataclasses.replace(r, attester_signature=r.provider_signature)
     with pytest.raises(InvalidArgument, match="^bad receipt"):
-        state.check_stateless(decode_tx(make_mint(ALICE, CHAIN, 0, bad)), g)
-    state.check_stateless(decode_tx(make_mint(ALICE, CHAIN, 0, r)), g)
+        state.check_stateless(decode_tx(make_mint(ALICE, g.ref, 0, bad)), g)
+    state.check_stateless(decode_tx(make_mint(ALICE, g.ref, 0, r)), g)
 
 
 def _follower_of(chain: Chain, g: Genesis) -> Chain:
@@ -126,8 +188,8 @@ def _follower_of(chain: Chain, g: Genesis) -> Chain:
 
 def test_follower_reverifies_and_agrees():
     chain, g = _chain()
-    chain.build_block(AUTH[0], 1, _now(g, 1), [decode_tx(make_mint(ALICE, CHAIN, 0, receipt(1)))])
-    chain.build_block(AUTH[0], 3, _now(g, 3), [decode_tx(make_transfer(PROVIDER, CHAIN, 0, BOB.address, 9))])
+    chain.build_block(AUTH[0], 1, _now(g, 1), [decode_tx(make_mint(ALICE, g.ref, 0, receipt(1)))])
+    chain.build_block(AUTH[0], 3, _now(g, 3), [decode_tx(make_transfer(PROVIDER, g.ref, 0, BOB.address, 9))])
     f = _follower_of(chain, g)
     assert f.head == chain.head and f.final_height == 2
     assert dict(f.store.scan(b"v1:")) == dict(chain.store.scan(b"v1:"))
@@ -138,7 +200,7 @@ def _forge(chain: Chain, g: Genesis, signer, **changes):
     parent = chain.head
     slot = changes.pop("slot", parent.slot + 1 if parent.slot >= 0 else 1)
     writes: dict = {}
-    header = Header(CHAIN, parent.height + 1, parent.hash, slot, slot * g.block_time_ms, crypto.sha256(
+    header = Header(CHAIN, chain.genesis_hash, parent.height + 1, parent.hash, slot, slot * g.block_time_ms, crypto.sha256(
         signer.pubkey)[:20], tx_root([]), state.state_root(parent.state_root, parent.height + 1, writes), 0)
     header = dataclasses.replace(header, **changes)
     return make_block(header, signer, [])
@@ -180,9 +242,9 @@ def test_reorg_longer_branch_wins_and_state_reverts():
     a, b = Chain(MemoryStore(), g), Chain(MemoryStore(), g)
     r = receipt(5)
     # a: AUTH[0] at slot 3 mints; b: AUTH[1] at slot 4 and AUTH[2] at slot 5 (longer)
-    a.build_block(AUTH[0], 3, _now(g, 3), [decode_tx(make_mint(ALICE, CHAIN, 0, r))])
+    a.build_block(AUTH[0], 3, _now(g, 3), [decode_tx(make_mint(ALICE, g.ref, 0, r))])
     b.build_block(AUTH[1], 4, _now(g, 4), [])
-    b.build_block(AUTH[2], 5, _now(g, 5), [decode_tx(make_mint(BOB, CHAIN, 0, r))])
+    b.build_block(AUTH[2], 5, _now(g, 5), [decode_tx(make_mint(BOB, g.ref, 0, r))])
     # equal heights: the lower block hash wins, deterministically
     expected = "reorg" if b.hash_at(1) < a.hash_at(1) else "side"
     first = a.add_block(decode_block(b.block_raw_at(1)), _now(g, 5))

@@ -12,7 +12,7 @@ from aitbc.ledger.chain import Chain
 from aitbc.ledger.store import MemoryStore
 from aitbc.ledger.tx import decode_tx, make_mint
 
-from .helpers import ALICE, AUTH, CHAIN, genesis, receipt
+from .helpers import ALICE, AUTH, genesis, receipt
 
 G = genesis(4, block_time_ms=1000)
 
@@ -22,8 +22,8 @@ def _grow(parent_path: list[Block], slot: int, mint: int | None) -> Block:
     c.add_blocks(parent_path, now_ms=10**15)
     txs = []
     if mint is not None:  # the same receipt may be minted on several branches: once per branch
-        nonce = c.account(decode_tx(make_mint(ALICE, CHAIN, 0, receipt(mint))).sender_id)[1]
-        txs = [decode_tx(make_mint(ALICE, CHAIN, nonce, receipt(mint)))]
+        nonce = c.account(decode_tx(make_mint(ALICE, G.ref, 0, receipt(mint))).sender_id)[1]
+        txs = [decode_tx(make_mint(ALICE, G.ref, nonce, receipt(mint)))]
     block, _ = c.build_block(AUTH[slot % 4], slot, slot * 1000, txs)
     return block
 

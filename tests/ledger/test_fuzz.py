@@ -12,10 +12,10 @@ from aitbc.ledger.chain import Chain
 from aitbc.ledger.store import MemoryStore
 from aitbc.ledger.tx import decode_tx, make_mint, make_transfer
 
-from .helpers import ALICE, AUTH, BOB, CHAIN, genesis, receipt
+from .helpers import ALICE, AUTH, BOB, REF, genesis, receipt
 
-TRANSFER = make_transfer(ALICE, CHAIN, 3, BOB.address, 77)
-MINT = make_mint(ALICE, CHAIN, 0, receipt(1))
+TRANSFER = make_transfer(ALICE, REF, 3, BOB.address, 77)
+MINT = make_mint(ALICE, REF, 0, receipt(1))
 
 
 def _block_raw() -> bytes:

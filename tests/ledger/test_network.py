@@ -17,7 +17,7 @@ from aitbc.ledger.store import LmdbStore, MemoryStore
 from aitbc.ledger.tx import make_mint, make_transfer
 from aitbc.v1 import ledger_pb2
 
-from .helpers import ALICE, AUTH, BOB, CHAIN, PROVIDER, genesis, key, receipt
+from .helpers import ALICE, AUTH, BOB, PROVIDER, genesis, key, receipt
 from .procs import NodeProc, write_genesis
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -86,9 +86,9 @@ async def test_three_authorities_follower_kill_pause_late_join(tmp_path):
         # the same receipt minted through two different nodes: exactly one MINT lands
         r = receipt(100)
         async with LedgerClient(b.target) as cb, LedgerClient(c.target) as cc:
-            await cb.broadcast(make_mint(ALICE, CHAIN, 0, r))
+            await cb.broadcast(make_mint(ALICE, g.ref, 0, r))
             try:
-                await cc.broadcast(make_mint(BOB, CHAIN, 0, r))
+                await cc.broadcast(make_mint(BOB, g.ref, 0, r))
             except AitbcError:
                 pass  # "already known" once relayed; either way only one may mint
             st = await cb.wait_for_receipt(r.receipt_hash, final=True, timeout=30)
@@ -107,7 +107,7 @@ async def test_three_authorities_follower_kill_pause_late_join(tmp_path):
         late = NodeProc("late", tmp_path, gpath, None, [c.target]).start()
         nodes.append(late)
         async with LedgerClient(a.target) as ca:
-            await ca.broadcast(make_transfer(PROVIDER, CHAIN, 0, BOB.address, 7))
+            await ca.broadcast(make_transfer(PROVIDER, g.ref, 0, BOB.address, 7))
         load.stop = True
         await load_task
         common = await _agree(nodes, 60, above=h1)
@@ -127,7 +127,7 @@ async def test_three_authorities_follower_kill_pause_late_join(tmp_path):
         async with LedgerClient(a.target) as ca:
             lost = [lr for lr in load.accepted if (await ca.get_receipt_status(lr.receipt_hash)).status != "final"]
             for j, lr in enumerate(lost):
-                await ca.broadcast(make_mint(key(70_000 + j), CHAIN, 0, lr))
+                await ca.broadcast(make_mint(key(70_000 + j), g.ref, 0, lr))
             for lr in lost:
                 await ca.wait_for_receipt(lr.receipt_hash, final=True, timeout=30)
         await _agree(nodes, 60, above=(await _head(a.target)).head.height)
@@ -174,7 +174,7 @@ class MintLoad:
             r = receipt(20_000 + i, units=1, price=1, provider=LOAD_PROVIDER)
             try:
                 async with LedgerClient(n.target, timeout=1) as c:
-                    await c.broadcast(make_mint(key(50_000 + i), CHAIN, 0, r))
+                    await c.broadcast(make_mint(key(50_000 + i), await c.chain_ref(), 0, r))
                 self.accepted.append(r)
             except (AitbcError, grpc.RpcError, OSError):  # a dead or paused node refused it: not accepted
                 pass
@@ -218,7 +218,7 @@ async def test_crash_loop_single_node_always_reopens_consistent(tmp_path):
             n.start()
             async with LedgerClient(n.target, timeout=5) as c:
                 nonce = (await c.get_account(ALICE.address)).nonce
-                raws = [make_mint(ALICE, CHAIN, nonce + i, receipt(1000 + minted + i)) for i in range(30)]
+                raws = [make_mint(ALICE, g.ref, nonce + i, receipt(1000 + minted + i)) for i in range(30)]
                 try:
                     await c.broadcast_many(raws)
                 except (AitbcError, grpc.RpcError):  # killed mid-call: what it stored is checked below

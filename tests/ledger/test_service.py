@@ -15,7 +15,7 @@ from aitbc.ledger.tx import MAX_TX_BYTES, make_mint, make_transfer
 from aitbc.server.ledger import start_node
 from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
 
-from .helpers import ALICE, AUTH, BOB, CHAIN, PROVIDER, genesis, key, receipt
+from .helpers import ALICE, AUTH, BOB, CHAIN, OTHER_REF, PROVIDER, genesis, key, receipt
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -65,12 +65,13 @@ async def test_mint_transfer_and_queries(node):
 
 async def test_rejections_have_stable_messages(node):
     n, server, c = node
+    g = n.genesis
     r = receipt(2)
     cases = [
-        (make_transfer(ALICE, "other-chain", 0, BOB.address, 1), errors.InvalidArgument, "wrong chain id"),
-        (make_transfer(ALICE, CHAIN, 0, BOB.address, 1)[:-1] + b"\x07", errors.InvalidArgument, "bad signature"),
-        (make_transfer(ALICE, CHAIN, 0, BOB.address, 1), errors.FailedPrecondition, "insufficient balance"),
-        (make_mint(ALICE, CHAIN, 0, receipt(3, attester=key(77))), errors.PermissionDenied,
+        (make_transfer(ALICE, OTHER_REF, 0, BOB.address, 1), errors.InvalidArgument, "wrong chain id"),
+        (make_transfer(ALICE, g.ref, 0, BOB.address, 1)[:-1] + b"\x07", errors.InvalidArgument, "bad signature"),
+        (make_transfer(ALICE, g.ref, 0, BOB.address, 1), errors.FailedPrecondition, "insufficient balance"),
+        (make_mint(ALICE, g.ref, 0, receipt(3, attester=key(77))), errors.PermissionDenied,
          "attester not authorized"),
         (b"\x01" * (MAX_TX_BYTES + 1), errors.InvalidArgument, "tx too large"),
         (b"\x01\x02", errors.InvalidArgument, "malformed"),
@@ -78,7 +79,7 @@ async def test_rejections_have_stable_messages(node):
     for raw, cls, msg in cases:
         with pytest.raises(cls, match=f"^{msg}"):
             await c.broadcast(raw)
-    mint = make_mint(ALICE, CHAIN, 0, r)
+    mint = make_mint(ALICE, g.ref, 0, r)
     await c.broadcast(mint)
     with pytest.raises(errors.AlreadyExists, match="^already known"):
         await c.broadcast(mint)
@@ -86,27 +87,30 @@ async def test_rejections_have_stable_messages(node):
     with pytest.raises(errors.AlreadyExists, match="^already known"):
         await c.broadcast(mint)  # now in a block
     with pytest.raises(errors.AlreadyExists, match="^receipt already minted"):
-        await c.broadcast(make_mint(BOB, CHAIN, 0, r))
+        await c.broadcast(make_mint(BOB, g.ref, 0, r))
     with pytest.raises(errors.FailedPrecondition, match="^nonce too low"):
-        await c.broadcast(make_mint(ALICE, CHAIN, 0, receipt(4)))
+        await c.broadcast(make_mint(ALICE, g.ref, 0, receipt(4)))
     assert st.status in ("included", "final")
     # a batch answers per transaction
-    out = await c.broadcast_many([make_mint(ALICE, CHAIN, 1, receipt(5)), b"junk"])
+    out = await c.broadcast_many([make_mint(ALICE, g.ref, 1, receipt(5)), b"junk"])
     assert out[0].accepted and not out[1].accepted and isinstance(out[1].error, errors.InvalidArgument)
 
 
 async def test_mempool_full_is_resource_exhausted():
     g = genesis(1, block_time_ms=60_000)  # no block during the test
     n, server = await start_node(MemoryStore(), g, None, "127.0.0.1:0")
-    n.mempool = Mempool(max_total=2, max_per_sender=2)
+    n.mempool = Mempool(max_total=2, mint_reserve=0)
     try:
         async with LedgerClient(f"127.0.0.1:{server.port}") as c:
             for i in range(2):
-                await c.broadcast(make_mint(ALICE, CHAIN, i, receipt(10 + i)))
+                await c.broadcast(make_mint(ALICE, g.ref, i, receipt(10 + i)))
             with pytest.raises(errors.ResourceExhausted, match="^mempool full"):
-                await c.broadcast(make_mint(ALICE, CHAIN, 2, receipt(12)))
+                await c.broadcast(make_mint(ALICE, g.ref, 2, receipt(12)))
+            # a sender with fewer pending txs gets in: the fullest sender's last tx yields
+            await c.broadcast(make_mint(BOB, g.ref, 0, receipt(13)))
+            assert (await c.get_account(ALICE.address)).pending_nonce == 1
             with pytest.raises(errors.ResourceExhausted, match="^mempool full"):
-                await c.broadcast(make_mint(BOB, CHAIN, 0, receipt(13)))
+                await c.broadcast(make_mint(BOB, g.ref, 1, receipt(14)))
     finally:
         await n.stop()
         await server.stop(0)
@@ -182,9 +186,10 @@ async def test_follower_syncs_and_reverifies():
 
 async def test_settle_receipt_is_idempotent_under_concurrency(node):
     n, server, c = node
+    g = n.genesis
     rs = [receipt(200 + i, units=10, price=1) for i in range(25)]
     # another writer uses the same key meanwhile, so the local nonce counter must re-sync
-    await c.broadcast(make_mint(ALICE, CHAIN, 0, receipt(199)))
+    await c.broadcast(make_mint(ALICE, g.ref, 0, receipt(199)))
     sts = await asyncio.gather(*(c.settle_receipt(ALICE, r, wait="final") for r in rs))
     assert all(s.status == "final" and s.amount == 10 for s in sts)
     again = await asyncio.gather(*(c.settle_receipt(BOB, r, wait=None) for r in rs[:5]))

@@ -17,7 +17,7 @@ from aitbc.ledger.chain import Chain
 from aitbc.ledger.store import LmdbStore, MemoryStore
 from aitbc.ledger.tx import decode_tx, make_mint, make_transfer
 
-from .helpers import AUTH, CHAIN, genesis, key, receipt
+from .helpers import AUTH, genesis, key, receipt
 
 KEYS = st.binary(min_size=1, max_size=6).map(lambda b: b"v1:t:" + b)
 VALUES = st.one_of(st.none(), st.binary(max_size=20))
@@ -79,11 +79,11 @@ class ChainMachine(RuleBasedStateMachine):
         if not dup or self.receipts == 0:
             self.receipts += 1
         r = receipt(self.receipts, units=units, price=3)
-        self.pending.append((USERS[who], lambda n, r=r: make_mint(USERS[who], CHAIN, n, r)))
+        self.pending.append((USERS[who], lambda n, r=r: make_mint(USERS[who], G.ref, n, r)))
 
     @rule(frm=st.integers(0, 3), to=st.integers(0, 3), amount=st.integers(1, 3000))
     def transfer(self, frm, to, amount):
-        self.pending.append((USERS[frm], lambda n: make_transfer(USERS[frm], CHAIN, n, USERS[to].address, amount)))
+        self.pending.append((USERS[frm], lambda n: make_transfer(USERS[frm], G.ref, n, USERS[to].address, amount)))
 
     @rule(skip=st.integers(0, 2))
     def produce(self, skip):

@@ -34,6 +34,11 @@ class EvilPeer(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(self, source) -> None:
         self.source = source
 
+    async def GetGenesis(self, request, context):  # it claims our chain: its blocks are still re-verified
+        g = self.source.genesis
+        return ledger_pb2.GetGenesisResponse(genesis_json=g.canonical_bytes().decode(), genesis_hash=g.hash().hex(),
+                                             chain_id=g.chain_id)
+
     async def StreamBlocks(self, request, context):
         h = max(1, request.from_height)
         n = 0
@@ -107,20 +112,20 @@ async def test_partition_heals_by_fork_choice_and_losing_txs_return():
     from aitbc.ledger.client import LedgerClient
     from aitbc.ledger.tx import make_mint
 
-    from .helpers import ALICE, BOB, CHAIN, receipt
+    from .helpers import ALICE, BOB, receipt
 
     g = genesis(2, block_time_ms=150)
     (a, sa), (b, sb) = [await start_node(MemoryStore(), g, AUTH[i], "127.0.0.1:0") for i in range(2)]
     try:
         r1, r2 = receipt(501), receipt(502)
         async with LedgerClient(f"127.0.0.1:{sa.port}") as ca, LedgerClient(f"127.0.0.1:{sb.port}") as cb:
-            await ca.broadcast(make_mint(ALICE, CHAIN, 0, r1))
-            await cb.broadcast(make_mint(BOB, CHAIN, 0, r2))
+            await ca.broadcast(make_mint(ALICE, g.ref, 0, r1))
+            await cb.broadcast(make_mint(BOB, g.ref, 0, r2))
             await _until(lambda: a.chain.receipt_minted(r1.receipt_hash) and b.chain.receipt_minted(r2.receipt_hash),
                          what="each branch to mint its receipt")
             assert a.chain.hash_at(1) != b.chain.hash_at(1) and a.chain.final_height == b.chain.final_height == 0
-            a.add_peer(f"127.0.0.1:{sb.port}")
-            b.add_peer(f"127.0.0.1:{sa.port}")
+            a.announce(f"127.0.0.1:{sb.port}")
+            b.announce(f"127.0.0.1:{sa.port}")
 
             def healed():
                 return (a.chain.head.hash == b.chain.head.hash and a.chain.final_height >= 3
@@ -158,12 +163,12 @@ async def test_parallel_verifier_matches_in_process_checks():
     from aitbc.ledger.tx import make_transfer
     from aitbc.ledger.verifier import MIN_PARALLEL, ParallelVerifier, check_raws
 
-    from .helpers import ALICE, BOB, CHAIN
+    from .helpers import ALICE, BOB, OTHER_REF
 
     g = genesis(1)
-    raws = [make_transfer(ALICE, CHAIN, n, BOB.address, 1, compact=n % 2 == 0) for n in range(MIN_PARALLEL + 40)]
+    raws = [make_transfer(ALICE, g.ref, n, BOB.address, 1) for n in range(MIN_PARALLEL + 40)]
     raws[5] = raws[5][:-1] + bytes([raws[5][-1] ^ 1])  # bad signature
-    raws[290] = make_transfer(ALICE, "other-chain", 0, BOB.address, 1)  # wrong chain
+    raws[290] = make_transfer(ALICE, OTHER_REF, 0, BOB.address, 1)  # wrong chain
     raws[7] = b"junk"
     v = ParallelVerifier(g, workers=1)
     try:

@@ -11,18 +11,20 @@ import struct
 from pathlib import Path
 
 import coincurve
+import pytest
 
+from aitbc.errors import AitbcError
 from aitbc.ledger import state
 from aitbc.ledger.block import decode_block
 from aitbc.ledger.chain import Chain
-from aitbc.ledger.genesis import make_genesis
+from aitbc.ledger.genesis import Genesis, make_genesis
 from aitbc.ledger.store import MemoryStore
 from aitbc.ledger.tx import decode_tx, make_mint, make_transfer, signing_digest
 
 from .helpers import ALICE, ATTESTER, AUTH, BOB, PROVIDER, receipt
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "ledger_vectors.json"
-CHAIN = "aitbc-test"
+CHAIN = "aitbc-test"  # the vectors' chain id (fixed: vectors are byte-exact)
 
 
 def build() -> dict:
@@ -31,9 +33,9 @@ def build() -> dict:
     chain = Chain(MemoryStore(), g)
     r = receipt(1, units=100, price=10)
     tx_specs = [
-        ("mint", make_mint(ALICE, CHAIN, 0, r)),
-        ("transfer-65", make_transfer(PROVIDER, CHAIN, 0, BOB.address, 250)),
-        ("transfer-64", make_transfer(PROVIDER, CHAIN, 1, BOB.address, 1, compact=True)),
+        ("mint", make_mint(ALICE, g.ref, 0, r)),
+        ("transfer-1", make_transfer(PROVIDER, g.ref, 0, BOB.address, 250)),
+        ("transfer-2", make_transfer(PROVIDER, g.ref, 1, BOB.address, 1)),
     ]
     txs = {name: decode_tx(raw) for name, raw in tx_specs}
     out: dict = {
@@ -49,13 +51,24 @@ def build() -> dict:
     for name, tx in txs.items():
         out["transactions"].append({
             "name": name, "kind": tx.kind_name, "sender": tx.sender, "nonce": tx.nonce,
+            "chain_id": tx.chain_id, "genesis_hash": tx.genesis_hash.hex(),
             "to": tx.to_address, "amount": tx.amount,
             "receipt_hash": tx.receipt.receipt_hash.hex() if tx.receipt else "",
             "body": tx.body.hex(), "signing_digest": signing_digest(tx.body).hex(),
             "signature": tx.signature.hex(), "raw": tx.raw.hex(), "hash": tx.hash.hex(),
         })
+    t1 = txs["transfer-1"]
+    twin = make_genesis(CHAIN, [AUTH[0].address], [ATTESTER.address], block_time_ms=1000, max_price_per_unit=1000,
+                        max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_001)
+    out["refused_transactions"] = [  # each must be refused with the message's prefix
+        {"name": "transfer-1 with its 65-byte recoverable signature (a second encoding)",
+         "raw": (t1.body + PROVIDER.sign(signing_digest(t1.body))).hex(),
+         "error": "malformed transaction: signature must be exactly 64 bytes"},
+        {"name": "transfer-1 signed for another genesis with the same chain id",
+         "raw": make_transfer(PROVIDER, twin.ref, 0, BOB.address, 250).hex(), "error": "wrong genesis"},
+    ]
     slot0 = g.genesis_time_ms // 1000
-    for slot, names in ((slot0 + 1, ["mint"]), (slot0 + 3, ["transfer-65", "transfer-64"])):
+    for slot, names in ((slot0 + 1, ["mint"]), (slot0 + 3, ["transfer-1", "transfer-2"])):
         before = chain.head
         writes = state.apply_txs(chain.store.get, [txs[n] for n in names], g, before.height + 1)
         block, dropped = chain.build_block(AUTH[0], slot, slot * 1000 + 250, [txs[n] for n in names])
@@ -64,7 +77,7 @@ def build() -> dict:
         out["blocks"].append({
             "height": h.height, "slot": h.slot, "timestamp_ms": h.timestamp_ms, "parent_hash": h.parent_hash.hex(),
             "proposer": h.proposer_address, "tx_root": h.tx_root.hex(), "state_root": h.state_root.hex(),
-            "tx_count": h.tx_count, "header": h.encode().hex(), "hash": block.hash.hex(),
+            "tx_count": h.tx_count, "genesis_hash": h.genesis_hash.hex(), "header": h.encode().hex(), "hash": block.hash.hex(),
             "signature": block.signature.hex(), "raw": block.raw.hex(),
             "state_writes": [[k.hex(), v.hex()] for k, v in sorted(writes.items())],
             "state_diff": state.encode_state_diff(writes).hex(),
@@ -75,7 +88,12 @@ def build() -> dict:
 
 
 def test_implementation_reproduces_vectors():
-    assert build() == json.loads(VECTORS.read_text())
+    v = json.loads(VECTORS.read_text())
+    assert build() == v
+    g = Genesis.from_dict(v["genesis"])
+    for bad in v["refused_transactions"]:
+        with pytest.raises(AitbcError, match="^" + bad["error"]):
+            state.check_stateless(decode_tx(bytes.fromhex(bad["raw"])), g)
 
 
 def test_independent_reader():
@@ -97,12 +115,15 @@ def test_independent_reader():
         (hlen,) = struct.unpack_from(">I", raw, 0)
         header = raw[4:4 + hlen]
         sig = raw[4 + hlen:4 + hlen + 65]
-        clen = header[1]
+        version, clen = header[0], header[1]
         chain_id = header[2:2 + clen].decode()
+        assert len(header) == 2 + clen + 32 + 144
+        block_genesis = header[2 + clen:2 + clen + 32]
         height, parent_hash, slot, ts, proposer, tx_root, state_root, tx_count = struct.unpack_from(
-            ">Q32sQQ20s32s32sI", header, 2 + clen)
-        bhash = dd(b"AITBC/block/v1", header)
+            ">Q32sQQ20s32s32sI", header, 2 + clen + 32)
+        bhash = dd(b"AITBC/block/v2", header)
         assert bhash.hex() == bv["hash"] and parent_hash == parent and slot > parent_slot
+        assert version == 2 and block_genesis == gh
         assert chain_id == g["chain_id"] and ts // g["block_time_ms"] == slot
         assert int.from_bytes(sig[32:64], "big") <= n_half
         pub = coincurve.PublicKey.from_signature_and_message(sig, bhash, hasher=None).format()
@@ -123,9 +144,10 @@ def test_independent_reader():
             pos += 4 + tlen
             tx_hash = hashlib.sha256(tx).digest()
             tx_hashes.append(tx_hash)
-            kind, cl = tx[1], tx[2]
-            assert tx[3:3 + cl].decode() == g["chain_id"]
-            p = 3 + cl
+            tx_version, kind, cl = tx[0], tx[1], tx[2]
+            assert tx_version == 2 and tx[3:3 + cl].decode() == g["chain_id"]
+            assert tx[3 + cl:3 + cl + 32] == gh
+            p = 3 + cl + 32
             spub = tx[p:p + 33]
             (nonce,) = struct.unpack_from(">Q", tx, p + 33)
             p += 41
@@ -139,9 +161,9 @@ def test_independent_reader():
                 al = tx[p]
                 p += 1 + al + 65
             body, tsig = tx[:p], tx[p:]
-            digest = dd(b"AITBC/tx/v1", body)
-            assert int.from_bytes(tsig[32:64], "big") <= n_half
-            der = coincurve.ecdsa.cdata_to_der(coincurve.ecdsa.deserialize_compact(tsig[:64]))
+            digest = dd(b"AITBC/tx/v2", body)
+            assert len(tsig) == 64 and 0 < int.from_bytes(tsig[32:64], "big") <= n_half
+            der = coincurve.ecdsa.cdata_to_der(coincurve.ecdsa.deserialize_compact(tsig))
             assert coincurve.PublicKey(spub).verify(der, digest, hasher=None)
             sender = hashlib.sha256(spub).digest()[:20]
             bal, n = acct(sender)

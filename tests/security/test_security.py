@@ -107,11 +107,20 @@ def provider_sig(b: ReceiptBody, signer: crypto.PrivateKey = PROVIDER) -> bytes:
     return signer.sign(crypto.domain_digest(receipts.PROVIDER_DOMAIN, b.hash()))
 
 
+def _genesis(chain_id: str = CHAIN, **kw: Any) -> Any:
+    return make_genesis(chain_id, [AUTHORITY.address], [ATTESTER.address], block_time_ms=100,
+                        max_price_per_unit=1000, max_mint_per_receipt=10**12, **kw)
+
+
+GENESIS = _genesis()
+REF = GENESIS.ref
+OTHER_REF = _genesis("aitbc-other").ref
+TWIN_REF = _genesis(genesis_time_ms=1).ref  # same chain id, same keys, another network
+
+
 @pytest.fixture
 async def ledger():
-    g = make_genesis(CHAIN, [AUTHORITY.address], [ATTESTER.address], block_time_ms=100,
-                     max_price_per_unit=1000, max_mint_per_receipt=10**12)
-    node, server = await start_node(MemoryStore(), g, AUTHORITY, "127.0.0.1:0")
+    node, server = await start_node(MemoryStore(), GENESIS, AUTHORITY, "127.0.0.1:0")
     client = LedgerClient(f"127.0.0.1:{server.port}")
     client.target = f"127.0.0.1:{server.port}"  # type: ignore[attr-defined]
     client.node = node  # type: ignore[attr-defined]
@@ -134,58 +143,61 @@ def _forgeries() -> dict[str, tuple[Any, type[errors.AitbcError], str]]:
 
     def wrong_provider_key(r: SignedReceipt) -> bytes:
         b = body(20)  # names PROVIDER, signed by MALLORY
-        return make_mint(SENDER, CHAIN, 0, attest_raw(b, provider_sig(b, MALLORY)))
+        return make_mint(SENDER, REF, 0, attest_raw(b, provider_sig(b, MALLORY)))
 
     def provider_steals(r: SignedReceipt) -> bytes:
         # MALLORY swaps in her own address as provider, keeps PROVIDER's signature and re-attests
         b = dataclasses.replace(r.body, provider=MALLORY.address)
-        return make_mint(SENDER, CHAIN, 0, attest_raw(b, r.provider_signature))
+        return make_mint(SENDER, REF, 0, attest_raw(b, r.provider_signature))
 
     def altered_units(r: SignedReceipt) -> bytes:
         b = dataclasses.replace(r.body, units=r.body.units * 1000)  # signatures of the original kept
-        return make_mint(SENDER, CHAIN, 0, SignedReceipt(b, r.provider_signature, r.attester, r.attester_signature))
+        return make_mint(SENDER, REF, 0, SignedReceipt(b, r.provider_signature, r.attester, r.attester_signature))
 
     def altered_price_reattested(r: SignedReceipt) -> bytes:
         b = dataclasses.replace(r.body, price_per_unit=999)  # attester re-signs, provider did not
-        return make_mint(SENDER, CHAIN, 0, attest_raw(b, r.provider_signature))
+        return make_mint(SENDER, REF, 0, attest_raw(b, r.provider_signature))
 
     def high_s_provider(r: SignedReceipt) -> bytes:
-        return make_mint(SENDER, CHAIN, 0, dataclasses.replace(r, provider_signature=high_s(r.provider_signature)))
+        return make_mint(SENDER, REF, 0, dataclasses.replace(r, provider_signature=high_s(r.provider_signature)))
 
     def high_s_attester(r: SignedReceipt) -> bytes:
-        return make_mint(SENDER, CHAIN, 0, dataclasses.replace(r, attester_signature=high_s(r.attester_signature)))
+        return make_mint(SENDER, REF, 0, dataclasses.replace(r, attester_signature=high_s(r.attester_signature)))
 
     def high_s_tx(r: SignedReceipt) -> bytes:
-        raw = make_mint(SENDER, CHAIN, 0, r)
-        return raw[:-65] + high_s(raw[-65:])
-
-    def high_s_tx_compact(r: SignedReceipt) -> bytes:
-        raw = make_mint(SENDER, CHAIN, 0, r, compact=True)
+        raw = make_mint(SENDER, REF, 0, r)
         s = int.from_bytes(raw[-32:], "big")
         return raw[:-32] + (N - s).to_bytes(32, "big")
 
+    def recoverable_tx_signature(r: SignedReceipt) -> bytes:  # a second encoding of a valid tx
+        raw = make_mint(SENDER, REF, 0, r)
+        return raw + bytes([0])
+
+    def same_chain_id_other_genesis(r: SignedReceipt) -> bytes:
+        return make_mint(SENDER, TWIN_REF, 0, r)
+
     def cross_chain_receipt(r: SignedReceipt) -> bytes:
         b = body(21, chain_id="aitbc-other")
-        return make_mint(SENDER, CHAIN, 0, attest_raw(b, provider_sig(b)))
+        return make_mint(SENDER, REF, 0, attest_raw(b, provider_sig(b)))
 
     def cross_chain_tx(r: SignedReceipt) -> bytes:
-        return make_mint(SENDER, "aitbc-other", 0, r)
+        return make_mint(SENDER, OTHER_REF, 0, r)
 
     def unknown_attester(r: SignedReceipt) -> bytes:
-        return make_mint(SENDER, CHAIN, 0, attest_raw(r.body, r.provider_signature, MALLORY))
+        return make_mint(SENDER, REF, 0, attest_raw(r.body, r.provider_signature, MALLORY))
 
     def attester_name_swapped(r: SignedReceipt) -> bytes:
         # MALLORY's attestation signature under the authorized attester's name
         sig = MALLORY.sign(crypto.domain_digest(receipts.ATTEST_DOMAIN, r.receipt_hash))
-        return make_mint(SENDER, CHAIN, 0, SignedReceipt(r.body, r.provider_signature, ATTESTER.address, sig))
+        return make_mint(SENDER, REF, 0, SignedReceipt(r.body, r.provider_signature, ATTESTER.address, sig))
 
     def tx_signed_by_other(r: SignedReceipt) -> bytes:
-        raw = make_mint(SENDER, CHAIN, 0, r)
-        other = make_mint(MALLORY, CHAIN, 0, r)
-        return raw[:-65] + other[-65:]
+        raw = make_mint(SENDER, REF, 0, r)
+        other = make_mint(MALLORY, REF, 0, r)
+        return raw[:-64] + other[-64:]
 
     def transfer_unfunded(r: SignedReceipt) -> bytes:
-        return make_transfer(MALLORY, CHAIN, 0, BOB.address, 1)
+        return make_transfer(MALLORY, REF, 0, BOB.address, 1)
 
     IA, PD, FP = errors.InvalidArgument, errors.PermissionDenied, errors.FailedPrecondition
     return {
@@ -196,7 +208,9 @@ def _forgeries() -> dict[str, tuple[Any, type[errors.AitbcError], str]]:
         "high_s_provider_signature": (high_s_provider, IA, "bad receipt: provider signature: bad signature: high-S"),
         "high_s_attester_signature": (high_s_attester, IA, "bad receipt: attester signature: bad signature: high-S"),
         "high_s_tx_signature": (high_s_tx, IA, "bad signature"),
-        "high_s_tx_signature_compact": (high_s_tx_compact, IA, "bad signature"),
+        "recoverable_tx_signature": (recoverable_tx_signature, IA,
+                                     "malformed transaction: signature must be exactly 64 bytes"),
+        "same_chain_id_other_genesis": (same_chain_id_other_genesis, IA, "wrong genesis: tx is signed for genesis"),
         "cross_chain_receipt": (cross_chain_receipt, IA, "wrong chain id: receipt is for 'aitbc-other'"),
         "cross_chain_tx": (cross_chain_tx, IA, "wrong chain id: tx is for 'aitbc-other'"),
         "unknown_attester": (unknown_attester, PD, "attester not authorized"),
@@ -234,13 +248,13 @@ async def test_replayed_receipt_is_refused_forever_and_mints_once(ledger: Ledger
     await ledger.mint(SENDER, r)
     # while pending: the same receipt from another sender is "already known"
     with pytest.raises(errors.AlreadyExists, match=r"^(already known|receipt already minted)"):
-        await ledger.broadcast(make_mint(MALLORY, CHAIN, 0, r))
+        await ledger.broadcast(make_mint(MALLORY, REF, 0, r))
     await ledger.wait_for_receipt(r.receipt_hash, final=True)
     after_first = await balances(ledger)
     assert after_first[PROVIDER.address][0] == 1000
     # after inclusion: any sender, any nonce, compact or not, re-attested or not -> refused
-    replays = [make_mint(SENDER, CHAIN, 1, r), make_mint(MALLORY, CHAIN, 0, r, compact=True),
-               make_mint(BOB, CHAIN, 0, attest_raw(r.body, r.provider_signature))]
+    replays = [make_mint(SENDER, REF, 1, r), make_mint(MALLORY, REF, 0, r),
+               make_mint(BOB, REF, 0, attest_raw(r.body, r.provider_signature))]
     for raw in replays:
         with pytest.raises(errors.AlreadyExists, match="^receipt already minted"):
             await ledger.broadcast(raw)
@@ -257,7 +271,7 @@ async def test_replayed_transfer_is_refused(ledger: LedgerClient) -> None:
     r = sign_receipt(body(3), PROVIDER).attest(ATTESTER)
     await ledger.mint(SENDER, r)
     await ledger.wait_for_receipt(r.receipt_hash, final=True)
-    raw = make_transfer(PROVIDER, CHAIN, 0, BOB.address, 10)
+    raw = make_transfer(PROVIDER, REF, 0, BOB.address, 10)
     await ledger.wait_for_tx(await ledger.broadcast(raw))
     before = await balances(ledger)
     with pytest.raises(errors.AitbcError) as info:
@@ -265,7 +279,7 @@ async def test_replayed_transfer_is_refused(ledger: LedgerClient) -> None:
     assert isinstance(info.value, (errors.FailedPrecondition, errors.AlreadyExists))
     assert "nonce too low" in info.value.message or "already" in info.value.message
     with pytest.raises(errors.InvalidArgument, match="^wrong chain id"):
-        await ledger.broadcast(make_transfer(PROVIDER, "aitbc-other", 1, BOB.address, 10))
+        await ledger.broadcast(make_transfer(PROVIDER, OTHER_REF, 1, BOB.address, 10))
     await asyncio.sleep(0.3)
     assert await balances(ledger) == before
 
@@ -749,7 +763,8 @@ async def test_wrong_passphrase_unlocks_nothing_and_a_locked_wallet_signs_nothin
     await ledger.wait_for_receipt(r.receipt_hash, final=True)
     before = await balances(ledger)
     send = wallet_pb2.SendRequest(from_wallet="provider", to=BOB.address, amount=5)
-    sign = wallet_pb2.SignTransactionRequest(from_wallet="provider", to=BOB.address, amount=5, nonce=0, chain_id=CHAIN)
+    sign = wallet_pb2.SignTransactionRequest(from_wallet="provider", to=BOB.address, amount=5, nonce=0, chain_id=CHAIN,
+                                             genesis_hash=REF.genesis_hash.hex())
     # locked from the start: nothing signs
     for call in (w.Send(send), w.SignTransaction(sign)):
         code, details, _ = await status_of(call)

@@ -15,7 +15,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from aitbc import errors
 from aitbc.config import WalletConfig
 from aitbc.ledger.client import LedgerClient
-from aitbc.ledger.genesis import make_genesis
 from aitbc.ledger.store import MemoryStore
 from aitbc.ledger.tx import decode_tx, verify_tx_signature
 from aitbc.server.ledger import start_node
@@ -26,16 +25,26 @@ from aitbc.wallet import access
 from aitbc.wallet.keystore import INSECURE_FAST_KDF, Keystore
 from aitbc.wallet.service import WalletCore
 
-from .test_service import ATTESTER, AUTHORITY, BOB, CHAIN, PASS, PROVIDER, bad_checksum, fund, receipt
+from .test_service import (
+    ATTESTER,
+    AUTHORITY,
+    BOB,
+    CHAIN,
+    GENESIS,
+    GH,
+    PASS,
+    PROVIDER,
+    bad_checksum,
+    fund,
+    receipt,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
 async def env(tmp_path):
-    g = make_genesis(CHAIN, [AUTHORITY.address], [ATTESTER.address], block_time_ms=100,
-                     max_price_per_unit=1000, max_mint_per_receipt=10**12)
-    node, node_server = await start_node(MemoryStore(), g, AUTHORITY, "127.0.0.1:0")
+    node, node_server = await start_node(MemoryStore(), GENESIS, AUTHORITY, "127.0.0.1:0")
     ledger = LedgerClient(f"127.0.0.1:{node_server.port}")
     conf = WalletConfig(keystore_dir=str(tmp_path / "wallets"), ledger=ledger_target(node_server),
                         idle_lock_s=30, kdf_profile="fast")
@@ -176,8 +185,13 @@ async def test_send_and_every_bad_input(env):
     assert (signed.nonce, signed.chain_id, tx.amount, tx.sender) == (5, CHAIN, 5, PROVIDER.address)
     assert (await ledger.get_account(PROVIDER.address)).pending_nonce == 5  # not broadcast
     offline = await stub.SignTransaction(W.SignTransactionRequest(from_wallet="miner", to=BOB.address, amount=5,
-                                                                  nonce=0, chain_id="some-other-chain"))
+                                                                  nonce=0, chain_id="some-other-chain",
+                                                                  genesis_hash="ab" * 32))
     assert decode_tx(offline.raw).chain_id == "some-other-chain" and offline.nonce == 0
+    assert decode_tx(offline.raw).genesis_hash == bytes.fromhex("ab" * 32)
+    code, msg = await status_of(stub.SignTransaction(W.SignTransactionRequest(
+        from_wallet="miner", to=BOB.address, amount=5, nonce=0, chain_id="some-other-chain")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "give chain_id and genesis_hash together" in msg
     assert await ledger.broadcast(signed.raw) == signed.tx_hash
     await ledger.wait_for_tx(signed.tx_hash)
     assert await balances(ledger) == (750 - 33 - 1 - 5, 6, 250 + 33 + 1 + 5)
@@ -192,7 +206,8 @@ async def test_unlock_timeout_locks_the_wallet(env):
     await stub.ImportWallet(W.ImportWalletRequest(name="miner", passphrase=PASS, private_key_hex=PROVIDER.secret.hex()))
     u = await stub.UnlockWallet(W.UnlockWalletRequest(name="miner", passphrase=PASS, timeout_ms=300))
     assert u.timeout_ms == 300
-    req = W.SignTransactionRequest(from_wallet="miner", to=BOB.address, amount=1, nonce=0, chain_id=CHAIN)
+    req = W.SignTransactionRequest(from_wallet="miner", to=BOB.address, amount=1, nonce=0, chain_id=CHAIN,
+                                   genesis_hash=GH)
     assert (await stub.SignTransaction(req)).raw
     await asyncio.sleep(0.6)
     assert [w.unlocked for w in (await stub.ListWallets(W.ListWalletsRequest())).wallets] == [False]

@@ -28,6 +28,9 @@ def key(n: int) -> crypto.PrivateKey:
 
 
 AUTHORITY, ATTESTER, PROVIDER, BOB = key(1), key(2), key(3), key(4)
+GENESIS = make_genesis(CHAIN, [AUTHORITY.address], [ATTESTER.address], block_time_ms=100,
+                       max_price_per_unit=1000, max_mint_per_receipt=10**12)
+GH = GENESIS.hash().hex()  # offline signing names the genesis hash with the chain id
 
 
 def receipt(i: int, *, units: int = 100, price: int = 10, provider: crypto.PrivateKey = PROVIDER,
@@ -65,9 +68,7 @@ def core(tmp_path, clock) -> WalletCore:
 
 @pytest.fixture
 async def ledger():
-    g = make_genesis(CHAIN, [AUTHORITY.address], [ATTESTER.address], block_time_ms=100,
-                     max_price_per_unit=1000, max_mint_per_receipt=10**12)
-    node, server = await start_node(MemoryStore(), g, AUTHORITY, "127.0.0.1:0")
+    node, server = await start_node(MemoryStore(), GENESIS, AUTHORITY, "127.0.0.1:0")
     client = LedgerClient(f"127.0.0.1:{server.port}")
     yield client
     await client.close()
@@ -123,7 +124,7 @@ async def test_bad_transfers_are_refused_before_any_ledger_call(core):
         with pytest.raises(cls, match=msg):
             await core.send(wallet, to, amount)
         with pytest.raises(cls, match=msg):
-            await core.sign_transfer(wallet, to, amount, nonce=0, chain_id=CHAIN)
+            await core.sign_transfer(wallet, to, amount, nonce=0, chain_id=CHAIN, genesis_hash=GH)
     core.unlock("alice", PASS)
     with pytest.raises(errors.FailedPrecondition, match="no ledger node is configured"):
         await core.send("alice", BOB.address, 5)
@@ -182,22 +183,22 @@ def test_import_a_miner_key(core, tmp_path):
 async def test_unlock_times_out_and_lock_refuses(core, clock):
     core.create("alice", PASS)
     core.unlock("alice", PASS, timeout_s=5)
-    signed = await core.sign_transfer("alice", BOB.address, 42, nonce=3, chain_id=CHAIN)
+    signed = await core.sign_transfer("alice", BOB.address, 42, nonce=3, chain_id=CHAIN, genesis_hash=GH)
     tx = decode_tx(signed.raw)
     verify_tx_signature(tx)
     assert (tx.kind, tx.nonce, tx.amount, tx.to_address, tx.sender, tx.chain_id) == (
         KIND_TRANSFER, 3, 42, BOB.address, core.info("alice").address, CHAIN)
     assert signed.tx_hash == crypto.sha256(signed.raw).hex()
     clock.now += 4.9  # signing reset the idle timer
-    await core.sign_transfer("alice", BOB.address, 1, nonce=4, chain_id=CHAIN)
+    await core.sign_transfer("alice", BOB.address, 1, nonce=4, chain_id=CHAIN, genesis_hash=GH)
     clock.now += 5.0
     with pytest.raises(errors.FailedPrecondition, match="wallet 'alice' is locked: unlock it first"):
-        await core.sign_transfer("alice", BOB.address, 1, nonce=5, chain_id=CHAIN)
+        await core.sign_transfer("alice", BOB.address, 1, nonce=5, chain_id=CHAIN, genesis_hash=GH)
     assert core.list()[0].unlocked is False
     core.unlock("alice", PASS)
     assert core.lock("alice") is True and core.lock("alice") is False
     with pytest.raises(errors.FailedPrecondition, match="locked"):
-        await core.sign_transfer("alice", BOB.address, 1, nonce=5, chain_id=CHAIN)
+        await core.sign_transfer("alice", BOB.address, 1, nonce=5, chain_id=CHAIN, genesis_hash=GH)
     with pytest.raises(errors.NotFound):
         core.lock("nobody")
 
@@ -231,8 +232,11 @@ async def test_send_moves_balance_and_nonce(tmp_path, ledger):
     assert (b.balance, b.nonce) == (700, 2)
     assert (await core.balance(BOB.address)).balance == 300
 
-    unsent = await core.sign_transfer("miner", BOB.address, 7)  # nonce and chain id from the ledger
+    unsent = await core.sign_transfer("miner", BOB.address, 7)  # nonce, chain id and genesis from the ledger
     assert (unsent.nonce, unsent.chain_id) == (2, CHAIN)
+    assert decode_tx(unsent.raw).genesis_hash.hex() == GH
+    with pytest.raises(errors.InvalidArgument, match="give chain_id and genesis_hash together"):
+        await core.sign_transfer("miner", BOB.address, 7, nonce=2, chain_id=CHAIN)
     assert (await core.balance("miner")).pending_nonce == 2  # not broadcast
     assert await ledger.broadcast(unsent.raw) == unsent.tx_hash
     await core.close()
