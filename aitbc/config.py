@@ -89,6 +89,7 @@ class CoordinatorConfig(TlsConfig):
     # unfinished uploads are files under data_dir (docs/coordinator.md, "Uploads and artifacts")
     max_artifact_bytes: int = 64 * 1024 * 1024  # one job's outputs
     max_upload_bytes_per_miner: int = 128 * 1024 * 1024  # one miner's unfinished uploads together
+    upload_spool_bytes: int = 256 * 1024  # an output up to this size stays in memory (8 MiB of them at most); 0: all to files
     max_upload_bytes_in_flight: int = 512 * 1024 * 1024  # all miners' unfinished uploads together
     artifact_retention_s: float = 7 * 24 * 3600.0  # artifact bytes are deleted this long after completion; 0 keeps them
     clients: list[ClientKey] = field(default_factory=list)
@@ -127,6 +128,7 @@ class CoordinatorConfig(TlsConfig):
                 raise InvalidArgument(f"config key {name!r} ({getattr(self, name)}) is below max_artifact_bytes "
                                       f"({self.max_artifact_bytes}): a job's full output could never be uploaded")
         _within("artifact_retention_s", self.artifact_retention_s, 0.0, float("inf"))
+        _within("upload_spool_bytes", self.upload_spool_bytes, 0, 16 * 1024 * 1024)
         _within("probation_checks", self.probation_checks, 0, float("inf"))
         _within("trust_checks", self.trust_checks, 0, float("inf"))
         for address in self.trusted_miners:

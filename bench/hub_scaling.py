@@ -70,7 +70,10 @@ async def run_jobs(jobs: int, rate: float, trust_checks: int) -> tuple[int, int]
         if trust_checks:
             conf_extra["trusted_miners"] = [keys[0].address]  # the operator's own miner
         coord, addr = start_coordinator(tmp, **conf_extra)
-        miners = [start_miner(tmp / f"m{i}", addr, ["null"]) for i in range(3)]
+        # with the bootstrap on, the trusted miner is dearer, so the newcomers get the client jobs (the
+        # case that costs: every one of their results is re-run on the trusted miner until they pass)
+        miners = [start_miner(tmp / f"m{i}", addr, ["null"], **({"price_per_unit": 5} if trust_checks and i == 0 else {}))
+                  for i in range(3)]
         try:
             async with channel(addr) as ch:
                 stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)

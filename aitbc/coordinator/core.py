@@ -75,7 +75,8 @@ class Coordinator:
         self.streams = JobStreams()
         self.uploads = Uploads(expand(config.data_dir) / "uploads", max_job_bytes=config.max_artifact_bytes,
                                max_miner_bytes=config.max_upload_bytes_per_miner,
-                               max_total_bytes=config.max_upload_bytes_in_flight)
+                               max_total_bytes=config.max_upload_bytes_in_flight,
+                               spool_bytes=config.upload_spool_bytes)
         if self.uploads.removed_at_start:
             log.info("removed %d partial uploads left by the last run", self.uploads.removed_at_start)
         self.models = ModelRegistry(store, from_config(config.models), allow_new=config.allow_new_models,
@@ -329,7 +330,7 @@ class Coordinator:
         self._placeable(job)
         telemetry.set_attributes(job_id=job.job_id, model=model)
         self._run(m.Submit(job, tuple(self._shards_for(job))))
-        return self._client_view(job)
+        return self._client_view(job, queue=False)  # GetJob / WatchJob say where it stands: not the hot path
 
     def quote(self, model: str, params: job_pb2.JobParams,
               max_price_per_unit: int | None = None) -> coordinator_pb2.QuoteJobResponse:
@@ -414,16 +415,16 @@ class Coordinator:
             raise NotFound(f"job {job_id} not found")
         return job
 
-    def _client_view(self, job: job_pb2.Job) -> job_pb2.Job:
+    def _client_view(self, job: job_pb2.Job, *, queue: bool = True) -> job_pb2.Job:
         """A copy to hand out, with the receipt as the book has it now (or, while the job is
-        queued, its queue position and ETA)."""
+        queued and `queue`, its queue position and ETA)."""
         out = job_pb2.Job()
         out.CopyFrom(job)
         if out.receipt_hash:
             rec = self.receipts.get(out.receipt_hash)
             if rec is not None:
                 out.receipt.CopyFrom(rec)
-        if out.state == S.JOB_STATE_QUEUED:
+        if queue and out.state == S.JOB_STATE_QUEUED:
             info = self.machine.queue_infos([out.job_id]).get(out.job_id)
             if info is not None:
                 out.queue.CopyFrom(info)
@@ -636,7 +637,7 @@ class Coordinator:
             verification = self.verifier.new_run(scratch, ran_on=conn.miner_id, device_class=dev)
             fields.verification = scratch.verification
             fields.verification_job_ids.extend(scratch.verification_job_ids)
-        stored = tuple((a.sha256, up.path if up is not None else b"") for a, up in artifacts)  # files move in
+        stored = tuple((a.sha256, up.content() if up is not None else b"") for a, up in artifacts)  # files move in
         self._run(m.Completed(conn.miner_id, job.job_id, fields, stored, rec, verification))
         self.receipts.announce(rec)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -365,9 +365,7 @@ class JobMachine:
     def queue_infos(self, wanted: Iterable[str]) -> dict[str, job_pb2.QueueInfo]:
         """Queue position and ETA (aitbc.coordinator.eta) of each wanted job that is QUEUED; a split
         job has its first queued shard's."""
-        queued = [self.records[j].job for j in self.queue
-                  if j in self.records and self.records[j].job.state == QUEUED and not self.records[j].job.shard_job_ids]
-        pos = eta.positions(queued)
+        pos = eta.positions(self._queued_up_to(set(wanted)))
         views = [v for v in (self.view(m) for m in self.miners) if v is not None]
         out = {}
         for job_id in wanted:
@@ -384,6 +382,21 @@ class JobMachine:
                                     sum(max(0, v.max_concurrency - v.running) for v in able))
             out[job_id] = eta.queue_info(pos[first], capacity, self.service.quantiles(rec.job.model))
         return out
+
+    def _queued_up_to(self, wanted: set[str]) -> Iterator[job_pb2.Job]:
+        """Queued jobs in queue order, up to the last of `wanted` (or its shards) met."""
+        left = set(wanted)
+        for w in wanted:
+            rec = self.records.get(w)
+            if rec is not None:
+                left.update(rec.job.shard_job_ids)
+        for j in self.queue:
+            if not left:
+                return
+            rec = self.records.get(j)
+            if rec is not None and rec.job.state == QUEUED and not rec.job.shard_job_ids:
+                left.discard(j)
+                yield rec.job
 
     def idle_views(self) -> list[MinerView]:
         """Every connected miner as if it had nothing running: who could ever take a job."""

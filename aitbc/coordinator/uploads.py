@@ -17,6 +17,7 @@ crash are deleted when the folder is opened at start-up.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import secrets
 from collections.abc import Iterator
@@ -28,40 +29,69 @@ from aitbc.config import private_dir
 from aitbc.errors import ResourceExhausted
 
 SUFFIX = ".part"
+SPOOL_BYTES = 256 * 1024  # an output up to this size stays in memory: no upload file, one write at most
+SPOOL_TOTAL = 8 * 1024 * 1024  # all such outputs together; past it, new bytes go to files
 
 
 class Upload:
-    """One output's file: appended to, hashed as it grows; read back once finished."""
+    """One output: appended to, hashed as it grows; read back once finished. A small one stays in
+    memory (the first `spool` bytes, within the coordinator's spool budget) and needs no file at
+    all; past that it goes to its file, and everything after is appended there."""
 
-    __slots__ = ("_fd", "_sha", "path", "size")
+    __slots__ = ("_buf", "_fd", "_sha", "path", "size")
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._buf: bytearray | None = bytearray()
+        self._fd: int | None = None
         self._sha = hashlib.sha256()
         self.size = 0
 
-    def append(self, data: bytes) -> None:
-        assert self._fd is not None, "append after finish"
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+    @property
+    def spooled(self) -> int:
+        """Bytes held in memory (0 once it is a file)."""
+        return len(self._buf) if self._buf is not None else 0
+
+    def append(self, data: bytes, *, in_memory: bool = False) -> None:
+        """Add a chunk; `in_memory`: it may stay in memory (else it, and all before it, go to the file)."""
+        if self._buf is not None and in_memory:
+            self._buf += data
+        else:
+            if self._fd is None:
+                assert self._buf is not None, "append after finish"
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                head, self._buf = self._buf, None
+                self._write(head)
+            self._write(data)
         self._sha.update(data)
         self.size += len(data)
 
+    def _write(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]  # type: ignore[arg-type]
+
     def finish(self) -> None:
-        if self._fd is not None:
+        if self._fd is not None and self._fd >= 0:
             os.close(self._fd)
-            self._fd = None
+            self._fd = -1  # written and closed
 
     @property
     def sha256(self) -> bytes:
         return self._sha.digest()
 
+    def content(self) -> Path | bytes:
+        """What the artifact store takes: the finished file (moved in), or the bytes of a small one."""
+        self.finish()
+        return bytes(self._buf) if self._buf is not None else self.path
+
     @contextmanager
     def open(self) -> Iterator[BinaryIO]:
         """The finished bytes, for a check that reads them (a file object: never all in memory)."""
         self.finish()
+        if self._buf is not None:
+            yield io.BytesIO(self._buf)
+            return
         with open(self.path, "rb") as f:
             yield f
 
@@ -72,6 +102,7 @@ class Upload:
 
     def discard(self) -> None:
         self.finish()
+        self._buf = None
         self.path.unlink(missing_ok=True)
 
 
@@ -79,9 +110,12 @@ class Uploads:
     """Every unfinished upload, by job (with the miner it came from), with running byte totals per
     job, per miner and in all: a chunk costs O(1) whatever the number of miners."""
 
-    def __init__(self, folder: str | Path, *, max_job_bytes: int, max_miner_bytes: int, max_total_bytes: int) -> None:
+    def __init__(self, folder: str | Path, *, max_job_bytes: int, max_miner_bytes: int, max_total_bytes: int,
+                 spool_bytes: int = SPOOL_BYTES, spool_total: int = SPOOL_TOTAL) -> None:
         self.folder = private_dir(folder)
         self.max_job_bytes, self.max_miner_bytes, self.max_total_bytes = max_job_bytes, max_miner_bytes, max_total_bytes
+        self.spool_bytes, self.spool_total = spool_bytes, spool_total
+        self.spooled = 0  # bytes of small uploads held in memory, at most spool_total
         self.removed_at_start = self._remove_leftovers()
         self._jobs: dict[str, tuple[str, dict[int, Upload]]] = {}  # job -> (miner, outputs)
         self._job_bytes: dict[str, int] = {}
@@ -101,7 +135,8 @@ class Uploads:
         return self._miner_bytes.get(miner_id, 0)
 
     def files(self, job_id: str) -> list[Path]:
-        return [u.path for u in self._jobs.get(job_id, ("", {}))[1].values()]
+        """The job's upload files (outputs still small enough to be in memory have none)."""
+        return [u.path for u in self._jobs.get(job_id, ("", {}))[1].values() if not u.spooled and u.size]
 
     def append(self, miner_id: str, job_id: str, index: int, data: bytes) -> None:
         """Add a chunk to output `index` of the job's upload; ResourceExhausted past a limit
@@ -123,7 +158,9 @@ class Uploads:
         up = outputs.get(index)
         if up is None:
             up = outputs[index] = Upload(self.folder / f"{job_id}.{index}.{secrets.token_hex(6)}{SUFFIX}")
-        up.append(data)
+        before = up.spooled
+        up.append(data, in_memory=before + n <= self.spool_bytes and self.spooled + n <= self.spool_total)
+        self.spooled += up.spooled - before
         self._job_bytes[job_id] = self._job_bytes.get(job_id, 0) + n
         self._miner_bytes[miner_id] = self._miner_bytes.get(miner_id, 0) + n
         self.total += n
@@ -140,6 +177,7 @@ class Uploads:
                 del self._miner_bytes[miner_id]
             self.total -= n
         for up in outputs.values():
+            self.spooled -= up.spooled  # handed over: the caller stores or discards it now
             up.finish()
         return outputs
 

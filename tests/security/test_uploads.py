@@ -54,7 +54,7 @@ async def holding(net: Any, m: RawMiner, **req: Any) -> miner_pb2.Task:
 async def test_an_upload_that_never_finishes_leaves_no_file_once_the_job_left_the_miner(
         network_factory: Any, how: str) -> None:
     clock = FakeClock()
-    net = await network_factory(clock=clock, heartbeat_timeout_s=10_000, stall_timeout_s=30)
+    net = await network_factory(upload_spool_bytes=0, clock=clock, heartbeat_timeout_s=10_000, stall_timeout_s=30)
     m = RawMiner(net)
     await m.connect()
     task = await holding(net, m, seed=1)
@@ -78,7 +78,7 @@ async def test_an_upload_that_never_finishes_leaves_no_file_once_the_job_left_th
 
 
 async def test_partial_uploads_left_by_a_crash_are_deleted_at_start_up(network_factory: Any) -> None:
-    net = await network_factory()
+    net = await network_factory(upload_spool_bytes=0)
     m = RawMiner(net)
     await m.connect()
     task = await holding(net, m, seed=2)
@@ -94,7 +94,7 @@ async def test_partial_uploads_left_by_a_crash_are_deleted_at_start_up(network_f
 
 async def test_a_miner_over_its_bytes_in_flight_is_refused_and_the_job_completes_on_an_honest_miner(
         network_factory: Any, null_backend: Any) -> None:
-    net = await network_factory(max_artifact_bytes=1_000_000, max_upload_bytes_per_miner=1_000_000)
+    net = await network_factory(upload_spool_bytes=0, max_artifact_bytes=1_000_000, max_upload_bytes_per_miner=1_000_000)
     hoarder = RawMiner(net)
     await hoarder.connect(max_concurrency=2)
     s = stub(net)
@@ -128,7 +128,7 @@ async def download_status(net: Any, job_id: str) -> tuple[grpc.StatusCode, str, 
 
 async def test_expired_artifacts_are_collected_and_the_job_keeps_its_hashes_and_receipt(network_factory: Any) -> None:
     clock = FakeClock()
-    net = await network_factory(clock=clock, artifact_retention_s=600, verify_rate=1.0, verify_timeout_s=100_000,
+    net = await network_factory(upload_spool_bytes=0, clock=clock, artifact_retention_s=600, verify_rate=1.0, verify_timeout_s=100_000,
                                 heartbeat_timeout_s=100_000, stall_timeout_s=100_000)
     first, second = RawMiner(net), RawMiner(net)
     await first.connect()
@@ -180,3 +180,26 @@ async def test_expired_artifacts_are_collected_and_the_job_keeps_its_hashes_and_
     assert code == grpc.StatusCode.NOT_FOUND
     assert "expired at" in details and "artifact_retention_s = 600" in details and art.sha256 in details
     assert net.core.store.expired_artifacts(clock.now_ms() + 10**9, 10) == []
+
+
+def test_small_outputs_stay_in_memory_within_the_spool_budget_and_big_ones_go_to_files(tmp_path: Any) -> None:
+    """An output up to upload_spool_bytes needs no upload file (the common small PNG or text), as
+    long as all such outputs together stay within the spool budget; past either, bytes go to the
+    file, the ones held so far first, so nothing is lost and memory stays bounded."""
+    from aitbc.coordinator.uploads import Uploads
+
+    ups = Uploads(tmp_path / "up", max_job_bytes=10_000, max_miner_bytes=100_000, max_total_bytes=100_000,
+                  spool_bytes=1_000, spool_total=1_500)
+    ups.append("m1", "j1", 0, b"a" * 600)
+    ups.append("m1", "j1", 0, b"b" * 300)  # 900 bytes: in memory, no file
+    assert ups.files("j1") == [] and ups.spooled == 900
+    ups.append("m1", "j2", 0, b"c" * 700)  # would pass the 1,500-byte budget: a file from the start
+    assert len(ups.files("j2")) == 1 and ups.spooled == 900
+    ups.append("m1", "j1", 0, b"d" * 200)  # passes 1,000 for this output: what it held goes to its file
+    [f] = ups.files("j1")
+    assert f.read_bytes() == b"a" * 600 + b"b" * 300 + b"d" * 200 and ups.spooled == 0
+    ups.append("m1", "j3", 0, b"e" * 10)
+    [small] = ups.take("j3").values()
+    assert small.content() == b"e" * 10 and ups.spooled == 0  # handed over as bytes
+    [big] = ups.take("j1").values()
+    assert big.content() == f and big.read() == f.read_bytes()
