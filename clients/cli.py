@@ -198,7 +198,7 @@ def run_text_job(client: Any, args: argparse.Namespace) -> int:
                     parts.clear()
                 if first_token is None:
                     first_token = time.monotonic() - t0
-                sys.stdout.write(ev.text)
+                sys.stdout.write(printable(ev.text))
                 sys.stdout.flush()
                 parts.append(ev.text)
                 printed = ev.offset + len(ev.text)
@@ -224,6 +224,15 @@ def run_text_job(client: Any, args: argparse.Namespace) -> int:
     _print_cost(job, job.units * job.price_per_unit, file=err)
     print(f"receipt hash: {job.receipt_hash}", file=err)
     return 0
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0b, 0x20), 0x7f)}  # all but \t and \n
+
+
+def printable(text: str) -> str:
+    """Model text for a terminal: control characters (a bell, a carriage return, escape sequences)
+    shown as \\xNN instead of acting on the terminal; `-o FILE` keeps the text as generated."""
+    return text.translate(_CONTROL)
 
 
 def interruptible(events: Iterator[Any]) -> Iterator[Any]:
@@ -435,25 +444,50 @@ def cmd_result(args: argparse.Namespace) -> int:
 
 
 def cmd_receipts(args: argparse.Namespace) -> int:
+    """A table of receipts (newest first, or the job's: one per shard of a split job, in image
+    order); `--json` prints them as JSON instead; `-o FILE` writes receipt files (FILE, or
+    FILE-1.json, FILE-2.json ... for several) that `aitbc receipts verify` reads."""
     from aitbc.clients.sdk import receipt_json
 
     with _client(args) as client:
-        if args.job_id:  # one receipt, or one per shard of a split job (in image order)
+        if args.job_id:
             recs, _ = client.receipts(job_id=args.job_id)
         else:
             recs, _ = client.receipts(page_size=args.limit)
-        if args.output and len(recs) == 1:
-            Path(args.output).write_text(json.dumps(receipt_json(recs[0]), indent=2) + "\n")
+    if args.output:
+        base = Path(args.output)
+        paths = [base] if len(recs) == 1 else [base.with_name(f"{base.stem}-{i + 1}{base.suffix or '.json'}")
+                                               for i in range(len(recs))]
+        for r, path in zip(recs, paths, strict=True):
+            path.write_text(json.dumps(receipt_json(r), indent=2) + "\n")
+            print(f"wrote {path} (receipt of job {r.body.job_id})", file=sys.stderr)
+    elif args.json:
         one = args.job_id and len(recs) == 1
         print(json.dumps(receipt_json(recs[0]) if one else [receipt_json(r) for r in recs], indent=2))
-        for r in recs:
-            print(f"{r.body.job_id}  receipt {r.receipt_hash}  settlement {settlement_line(r)}", file=sys.stderr)
-        if args.job_id and len(recs) > 1:
-            from aitbc.hub.payout import shares
+    else:
+        print(receipts_table(recs))
+    for r in recs:
+        print(f"{r.body.job_id}  receipt {r.receipt_hash}  settlement {settlement_line(r)}", file=sys.stderr)
+    if args.job_id and len(recs) > 1:
+        from aitbc.hub.payout import shares
 
-            for provider, amount in shares((r.body.provider, r.body.units, r.body.price_per_unit) for r in recs).items():
-                print(f"share of {provider}: {amount}", file=sys.stderr)
+        for provider, amount in shares((r.body.provider, r.body.units, r.body.price_per_unit) for r in recs).items():
+            print(f"share of {provider}: {amount}", file=sys.stderr)
     return 0
+
+
+def receipts_table(recs: list[Any]) -> str:
+    """One line per receipt: job, receipt hash, units, price, amount, provider, settlement."""
+    rows = [("JOB", "RECEIPT", "UNITS", "PRICE", "AMOUNT", "PROVIDER", "SETTLEMENT")]
+    for r in recs:
+        b = r.body
+        state = receipt_pb2.SettlementState.Name(r.settlement.state).removeprefix("SETTLEMENT_STATE_")
+        rows.append((b.job_id, r.receipt_hash[:16], f"{b.units} {b.unit_type}", str(b.price_per_unit),
+                     str(b.units * b.price_per_unit), b.provider[:20] + "...", state))
+    if len(rows) == 1:
+        return "no receipts"
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def cmd_receipts_verify(args: argparse.Namespace) -> int:
@@ -729,7 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = p.add_subparsers(dest="receipts_command", metavar="verify")
     p.add_argument("--job-id", default="")
     p.add_argument("--limit", type=int, default=20)
-    p.add_argument("-o", "--output", help="write the receipt JSON here (with --job-id)")
+    p.add_argument("-o", "--output", help="write receipt files here (several: FILE-1.json, FILE-2.json, ...) "
+                   "instead of printing; `aitbc receipts verify FILE` checks one")
+    p.add_argument("--json", action="store_true", help="print the receipts as JSON instead of a table")
     _add_conn(p)
     p.set_defaults(func=cmd_receipts)
     v = rsub.add_parser("verify", help="verify a receipt JSON file offline (no server)")
@@ -784,6 +820,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc.message)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `aitbc ... | head`: the reader left; no traceback, the shell's 141
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     finally:
         if traced:
             from aitbc import telemetry

@@ -91,3 +91,46 @@ async def test_options_of_the_other_job_kind_are_refused(net: Any, null_text: An
     assert r.returncode == 1 and "--steps, --width do not apply: 'null-text' is a text model" in r.stderr, r.stderr
     r = await asyncio.to_thread(_submit, "a boat", "--model", "null", "--max-new-tokens", "9", env=env)
     assert r.returncode == 1 and "--max-new-tokens does not apply: 'null' is a image model" in r.stderr, r.stderr
+
+
+def test_model_text_cannot_drive_the_terminal_and_a_closed_pipe_is_no_traceback() -> None:
+    from aitbc.clients.cli import printable
+
+    assert printable("ok\tline\nbell\a carriage\r esc\x1b[2J del\x7f") == \
+        "ok\tline\nbell\\x07 carriage\\x0d esc\\x1b[2J del\\x7f"
+    # `aitbc ... | head -1`: the reader goes away after one line of a long output
+    import subprocess
+
+    script = ("import sys\nfrom aitbc.clients import cli\n"
+              "cli.cmd_models = lambda args: [print('row ' * 20) for _ in range(200000)] and 0\n"
+              "sys.exit(cli.main(['models']))\n")
+    r = subprocess.run(["bash", "-c", f"{sys.executable} -c \"$0\" | head -1; exit ${{PIPESTATUS[0]}}", script],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 141 and r.stdout.startswith("row ") and "Traceback" not in r.stderr, r.stderr
+
+
+async def test_receipts_are_a_table_json_on_request_and_files_with_o(net: Any, null_backend: Any, tmp_path: Any,
+                                                                   capsys: Any) -> None:
+    import json
+
+    from aitbc.clients.cli import main
+    from tests.coordinator.test_jobs_api import MD
+
+    for _ in range(2):
+        await net.add_miner({"null": null_backend}, price=2)
+    s = stub(net)
+    job = await wait_done(s, (await s.SubmitJob(image_job(model="null", seed=3, steps=2, images=2, width=64,
+                                                          height=64), metadata=MD)).job.job_id)
+    await net.until(lambda: len(net.core.store.get_job(job.job_id).shard_job_ids) == 2)
+    base = ["--coordinator", net.address, "--api-key", API_KEY]
+    run = asyncio.get_running_loop().run_in_executor
+    assert await run(None, main, ["receipts", "--job-id", job.job_id, *base]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["JOB", "RECEIPT", "UNITS", "PRICE", "AMOUNT", "PROVIDER", "SETTLEMENT"]
+    assert len(table) == 3 and all("2 tile_steps" in row and "DISABLED" in row for row in table[1:])
+    out = tmp_path / "r.json"
+    assert await run(None, main, ["receipts", "--job-id", job.job_id, "-o", str(out), *base]) == 0
+    written = sorted(tmp_path.glob("r-*.json"))
+    assert [p.name for p in written] == ["r-1.json", "r-2.json"] and capsys.readouterr().out == ""
+    assert {json.loads(p.read_text())["receipt"]["job_id"] for p in written} == set(job.shard_job_ids)
+    assert await run(None, main, ["receipts", "verify", str(written[0])]) == 0

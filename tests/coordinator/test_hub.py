@@ -481,7 +481,7 @@ async def test_eight_images_split_across_three_miners_merge_in_order(net, null_b
     # `aitbc receipts --job-id` lists the shards' receipts and each contributor's share
     from aitbc.clients.cli import main
 
-    argv = ["receipts", "--job-id", job.job_id, "--coordinator", net.address, "--api-key", MD[0][1]]
+    argv = ["receipts", "--job-id", job.job_id, "--json", "--coordinator", net.address, "--api-key", MD[0][1]]
     assert await asyncio.get_running_loop().run_in_executor(None, main, argv) == 0
     out, err_text = capsys.readouterr()
     assert [r["receipt"]["job_id"] for r in json.loads(out)] == list(done.shard_job_ids)
