@@ -114,6 +114,19 @@ def test_mint_amount_is_capped():
     assert state.mint_amount(10, 3, g) == 30
 
 
+def test_a_block_mints_no_more_than_the_genesis_caps():
+    """The caps hold where money is made: an attested receipt over either cap credits the capped amount."""
+    g = genesis(max_price_per_unit=5, max_mint_per_receipt=300)
+    chain = Chain(MemoryStore(), g)
+    over_price, over_total = receipt(31, units=10, price=1000), receipt(32, units=1000, price=5)
+    block, dropped = chain.build_block(AUTH[0], 1, _now(g, 1), [decode_tx(make_mint(ALICE, g.ref, 0, over_price)),
+                                                                decode_tx(make_mint(ALICE, g.ref, 1, over_total))])
+    assert dropped == [] and block.header.tx_count == 2
+    assert chain.receipt_minted(over_price.receipt_hash)[2] == 50  # 10 units x 5, not x 1000
+    assert chain.receipt_minted(over_total.receipt_hash)[2] == 300  # not 5000
+    assert chain.account(crypto.validate_address(PROVIDER.address)) == (350, 0)
+
+
 def test_a_tx_from_another_genesis_with_the_same_chain_id_is_refused():
     g, twin = genesis(1), genesis(1, genesis_time_ms=1)  # same chain id, same keys: another network
     assert g.chain_id == twin.chain_id and g.hash() != twin.hash()
