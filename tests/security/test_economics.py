@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from aitbc.config import ModelConfig
+from aitbc.coordinator.checks import SPECIAL_TOKENS
 from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2
 from tests.coordinator.test_jobs_api import MD, stub, wait_done
 from tests.coordinator.test_miner_gateway import RawMiner
@@ -122,10 +123,13 @@ async def test_a_text_receipt_gets_every_field_check_an_image_receipt_does(net: 
     assert net.core.machine.job(job.job_id).state == S.JOB_STATE_QUEUED
 
 
-async def test_an_honest_token_count_is_accepted(net: Any) -> None:
-    _, job, reply = await streamed_text_result(net, "abc", "abc", 2 + 1, 3)  # "hi" + BOS; one token per byte
+@pytest.mark.parametrize("prompt_tokens", [2 + 1, 1, len("hi") + SPECIAL_TOKENS],
+                         ids=["hi and BOS", "one token", "at the bound"])
+async def test_an_honest_token_count_is_accepted(net: Any, prompt_tokens: int) -> None:
+    """One token per byte and a BOS, or any count up to the bound inclusive (docs/receipts.md, "Text units")."""
+    _, job, reply = await streamed_text_result(net, "abc", "abc", prompt_tokens, 3)
     assert reply.WhichOneof("msg") == "accepted"
-    assert (await wait_done(stub(net), job.job_id)).units == 6
+    assert (await wait_done(stub(net), job.job_id)).units == prompt_tokens + 3
 
 
 async def test_a_price_above_the_operators_ceiling_is_refused_at_register(network_factory: Any) -> None:
