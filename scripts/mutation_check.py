@@ -8,7 +8,12 @@ copy, and counts the mutation killed when they fail. It fails when a mutation su
 rule's `find` text is not in its file exactly once (the list went stale), or when the tests do not
 pass on the unmutated copy (a kill would mean nothing). `make test` runs it after the suite.
 
-    python scripts/mutation_check.py [--rules tests/mutations/rules.toml] [--only SUBSTRING]
+    python scripts/mutation_check.py [--rules tests/mutations/rules.toml] [--only SUBSTRING] [--list]
+
+`--list` prints every rule and whether its `find` text occurs exactly once (no tests run). The copy
+works from a git worktree too: a symlink that points inside the repository (the git-excluded
+aitbc/server -> ../server links of a development checkout) is skipped, since the mapped folders
+are copied in their own right; any other symlink is copied as a link.
 """
 
 from __future__ import annotations
@@ -26,7 +31,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # the installed layout (pyproject package-dir): these folders are subpackages of aitbc
 MAPPED = {"server": "aitbc/server", "miner": "aitbc/miner", "hub": "aitbc/hub", "clients": "aitbc/clients"}
-IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis")
+PATTERNS = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis")
+
+
+def _inside(link: Path) -> bool:
+    try:
+        link.resolve().relative_to(ROOT)
+    except ValueError:
+        return False
+    return True
+
+
+def _ignore(folder: str, names: list[str]) -> set[str]:
+    """Build artefacts, and symlinks into the repository (the mapped folders are copied on their own)."""
+    skip = set(PATTERNS(folder, names))
+    return skip | {n for n in names if (Path(folder) / n).is_symlink() and _inside(Path(folder) / n)}
 
 
 def site_path(repo_path: str) -> str:
@@ -36,11 +55,20 @@ def site_path(repo_path: str) -> str:
 
 def build_copy(dest: Path) -> None:
     """The package as installed (aitbc/ with its mapped subpackages) plus tests/ and pyproject.toml."""
-    shutil.copytree(ROOT / "aitbc", dest / "aitbc", ignore=IGNORE)
+    shutil.copytree(ROOT / "aitbc", dest / "aitbc", ignore=_ignore, symlinks=True)
     for src, dst in MAPPED.items():
-        shutil.copytree(ROOT / src, dest / dst, ignore=IGNORE)
-    shutil.copytree(ROOT / "tests", dest / "tests", ignore=IGNORE)
+        shutil.copytree(ROOT / src, dest / dst, ignore=_ignore, symlinks=True)
+    shutil.copytree(ROOT / "tests", dest / "tests", ignore=_ignore, symlinks=True)
     shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
+
+
+def find_state(rule: dict) -> str:
+    """"ok" when the rule's find text occurs exactly once in its file, else what is wrong."""
+    path = ROOT / rule["file"]
+    if not path.is_file():
+        return "NO FILE"
+    n = path.read_text().count(rule["find"])
+    return "ok" if n == 1 else "MISSING" if n == 0 else f"AMBIGUOUS ({n}x)"
 
 
 def run_tests(copy: Path, tests: list[str], timeout: float) -> tuple[int, float, str]:
@@ -60,18 +88,26 @@ def main() -> int:
     ap.add_argument("--rules", default=str(ROOT / "tests" / "mutations" / "rules.toml"))
     ap.add_argument("--only", default="", help="run only rules whose text contains this")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per test run")
+    ap.add_argument("--list", action="store_true",
+                    help="print every rule and whether its find text occurs exactly once; run no tests")
     args = ap.parse_args()
     rules = [r for r in tomllib.loads(Path(args.rules).read_text())["rule"] if args.only in r["rule"]]
     if not rules:
         print("no rule matches", file=sys.stderr)
         return 5
-    problems: list[str] = []
-    for r in rules:
-        n = (ROOT / r["file"]).read_text().count(r["find"])
-        if n != 1:
-            problems.append(f"rule {r['rule']!r}: its find text occurs {n} times in {r['file']} (must be once)")
+    if args.list:
+        bad = 0
+        for r in rules:
+            state = find_state(r)
+            bad += state != "ok"
+            print(f"{state:10s} {r['file']:36s} {r['rule']}")
+        print(f"{len(rules)} rules, {bad} with a find text that is not there exactly once")
+        return 1 if bad else 0
+    problems = [f"rule {r['rule']!r}: its find text is {state} in {r['file']} (it must occur exactly once)"
+                for r in rules if (state := find_state(r)) != "ok"]
     if problems:
         print("\n".join(problems), file=sys.stderr)
+        print(f"{len(problems)} rule(s) went stale; no tests run", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory(prefix="aitbc-mutants-") as tmp:
         copy = Path(tmp)

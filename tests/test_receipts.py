@@ -187,3 +187,18 @@ def test_address_checksum() -> None:
         crypto.validate_address(broken)
     with pytest.raises(crypto.CryptoError, match="prefix"):
         crypto.validate_address(bech32.encode("btc", bytes(20)))
+
+
+def test_the_smallest_text_receipt_is_well_formed() -> None:
+    """prompt_tokens >= 1 is the bound, not > 1: a one-token prompt is a job like any other."""
+    data = _file(_v2("tokens"))
+    data["receipt"].update(prompt_tokens=1, units=1 + data["receipt"]["generated_tokens"])
+    del data["receipt_hash"]
+    body = receipts.SignedReceipt.from_json_dict(data).body
+    assert (body.prompt_tokens, body.units) == (1, 1 + body.generated_tokens)
+
+
+@pytest.mark.parametrize("data", [["receipt"], "receipt", None, {"provider_signature": ""}])
+def test_what_is_not_a_receipt_object_is_refused_by_name(data: object) -> None:
+    with pytest.raises(ReceiptError, match="^not a receipt file: expected an object with a 'receipt' field$"):
+        receipts.SignedReceipt.from_json_dict(data)

@@ -108,6 +108,7 @@ async def test_honest_raw_result_is_accepted(net) -> None:
     ("forge", "needle"),
     [
         ("wrong_hash", "does not match its declared sha256"),
+        ("wrong_hash_same_size", "does not match its declared sha256"),
         ("bad_signature", "provider signature is by"),
         ("other_provider", "receipt field provider"),
         ("other_jobs_receipt", "receipt field job_id"),
@@ -140,6 +141,9 @@ async def test_forged_results_are_rejected_and_the_job_requeued(net, forge, need
     other = crypto.PrivateKey.generate()
     if forge == "wrong_hash":
         m.send(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=png + b"x"))
+        result = m.result_for(job, png)
+    elif forge == "wrong_hash_same_size":  # other bytes of the declared size: the hash alone tells
+        m.send(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=png[:-1] + bytes([png[-1] ^ 1])))
         result = m.result_for(job, png)
     elif forge in ("not_png", "wrong_size", "padded"):
         junk = {"not_png": b"GIF89a" + png, "wrong_size": null_png("a red bicycle", 1, 128, 128),

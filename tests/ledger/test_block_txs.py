@@ -8,12 +8,14 @@ import pytest
 
 from aitbc import crypto
 from aitbc.errors import InvalidArgument
+from aitbc.ledger import state
+from aitbc.ledger.block import Block
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.store import MemoryStore
-from aitbc.ledger.tx import decode_tx, encode_mint_body, make_mint, sign_body
+from aitbc.ledger.tx import Tx, decode_tx, encode_mint_body, make_mint, make_transfer, sign_body
 from aitbc.receipts import ATTEST_DOMAIN, PROVIDER_DOMAIN, SignedReceipt
 
-from .helpers import ALICE, ATTESTER, AUTH, BOB, OTHER_REF, REF, genesis, key, receipt
+from .helpers import ALICE, ATTESTER, AUTH, BOB, OTHER_REF, PROVIDER, REF, genesis, key, receipt
 
 
 def _signed_by_someone_else() -> bytes:
@@ -68,3 +70,41 @@ def test_the_same_block_with_good_transactions_is_accepted() -> None:
     follower.add_block(block, g.block_time_ms + 1)
     assert follower.head.height == 1 and follower.head.hash == proposer.head.hash
     assert ATTESTER.address in g.attesters
+
+
+def _forged_on_a_lying_state(proposer: Chain, sender: crypto.PrivateKey, nonce: int, tx: Tx) -> Block:
+    """A byzantine proposer whose own state says `sender` is at `nonce`: it executes and signs a block
+    carrying `tx` (in its slot, with the state root of its own execution)."""
+    acct = state.acct_key(crypto.validate_address(sender.address))
+    balance, _ = state.read_account(proposer.store.get, crypto.validate_address(sender.address))
+    proposer.store.commit({acct: state.encode_account(balance, nonce)})
+    slot = proposer.head.slot + 1
+    block, dropped = proposer.build_block(AUTH[0], slot, slot * proposer.genesis.block_time_ms + 1, [tx])
+    assert not dropped and block.header.tx_count == 1
+    return block
+
+
+@pytest.mark.parametrize("case", ["a transfer reusing a spent nonce (a replay)", "a transfer behind a nonce gap"])
+def test_a_follower_refuses_a_block_with_a_transfer_out_of_nonce_order(case: str) -> None:
+    g = genesis(1)
+    proposer, follower = Chain(MemoryStore(), g), Chain(MemoryStore(), g)
+    funded, _ = proposer.build_block(AUTH[0], 1, g.block_time_ms + 1,
+                                     [decode_tx(make_mint(ALICE, REF, 0, receipt(11, units=100, price=10)))])
+    spent, _ = proposer.build_block(AUTH[0], 2, 2 * g.block_time_ms + 1,
+                                    [decode_tx(make_transfer(PROVIDER, REF, 0, BOB.address, 100))])
+    for b in (funded, spent):
+        follower.add_block(b, b.header.timestamp_ms)
+    assert follower.account(crypto.validate_address(PROVIDER.address)) == (900, 1)
+    if case.startswith("a transfer reusing"):  # signed by PROVIDER with nonce 0 again, to take more
+        block = _forged_on_a_lying_state(proposer, PROVIDER, 0, decode_tx(make_transfer(PROVIDER, REF, 0, BOB.address,
+                                                                                        500)))
+        needle = "nonce too low: account nonce is 1, tx nonce 0"
+    else:  # nonce 2 with 1 never used: it must wait for nonce 1, not execute ahead of it
+        block = _forged_on_a_lying_state(proposer, PROVIDER, 2, decode_tx(make_transfer(PROVIDER, REF, 2, BOB.address,
+                                                                                        500)))
+        needle = "nonce gap: account nonce is 1, tx nonce 2"
+    with pytest.raises(InvalidArgument, match=f"^invalid block 3: tx 0 .*: {needle}$"):
+        follower.add_block(block, block.header.timestamp_ms)
+    assert follower.head.height == 2
+    assert follower.account(crypto.validate_address(PROVIDER.address)) == (900, 1)
+    assert follower.account(crypto.validate_address(BOB.address)) == (100, 0)

@@ -114,6 +114,19 @@ def test_mint_amount_is_capped():
     assert state.mint_amount(10, 3, g) == 30
 
 
+def test_a_block_mints_no_more_than_the_genesis_caps():
+    """The caps hold where money is made: an attested receipt over either cap credits the capped amount."""
+    g = genesis(max_price_per_unit=5, max_mint_per_receipt=300)
+    chain = Chain(MemoryStore(), g)
+    over_price, over_total = receipt(31, units=10, price=1000), receipt(32, units=1000, price=5)
+    block, dropped = chain.build_block(AUTH[0], 1, _now(g, 1), [decode_tx(make_mint(ALICE, g.ref, 0, over_price)),
+                                                                decode_tx(make_mint(ALICE, g.ref, 1, over_total))])
+    assert dropped == [] and block.header.tx_count == 2
+    assert chain.receipt_minted(over_price.receipt_hash)[2] == 50  # 10 units x 5, not x 1000
+    assert chain.receipt_minted(over_total.receipt_hash)[2] == 300  # not 5000
+    assert chain.account(crypto.validate_address(PROVIDER.address)) == (350, 0)
+
+
 def test_a_tx_from_another_genesis_with_the_same_chain_id_is_refused():
     g, twin = genesis(1), genesis(1, genesis_time_ms=1)  # same chain id, same keys: another network
     assert g.chain_id == twin.chain_id and g.hash() != twin.hash()
@@ -217,6 +230,7 @@ def _forge(chain: Chain, g: Genesis, signer, **changes):
 def test_bad_blocks_are_rejected(signer_i, changes, msg):
     chain, g = _chain(3)
     slot = 3  # AUTH[0]'s slot with 3 authorities
+    changes = dict(changes)  # the parameter itself stays as it is for the next run in this process
     block = _forge(chain, g, AUTH[signer_i], slot=changes.pop("slot", slot), **changes)
     if msg is None:
         assert chain.add_block(block, now_ms=_now(g, slot)) == "orphan"
@@ -323,3 +337,51 @@ def test_fast_compact_verify_matches_crypto_verify():
         elif kind == 5:
             pub = key(5000 + i).pubkey
         assert _verify_compact(d, sig, pub) == crypto.verify(d, sig, pub) == (kind == 0)
+
+
+def test_a_self_transfer_moves_nothing_and_a_whole_balance_can_be_sent():
+    """The sender's and recipient's writes are one account when they are the same: a transfer to
+    oneself neither creates tokens nor leaves the nonce unused (which would let it be replayed)."""
+    chain, g = _chain()
+    chain.build_block(AUTH[0], 1, _now(g, 1), [decode_tx(make_mint(ALICE, g.ref, 0, receipt(41, units=100, price=10)))])
+    provider = crypto.validate_address(PROVIDER.address)
+    block, dropped = chain.build_block(AUTH[0], 2, _now(g, 2),
+                                       [decode_tx(make_transfer(PROVIDER, g.ref, 0, PROVIDER.address, 400))])
+    assert dropped == [] and block.header.tx_count == 1
+    assert chain.account(provider) == (1000, 1)
+    everything = decode_tx(make_transfer(PROVIDER, g.ref, 1, BOB.address, 1000))  # all of it, not all but one
+    assert chain.build_block(AUTH[0], 3, _now(g, 3), [everything])[1] == []
+    assert chain.account(provider) == (0, 2) and chain.account(crypto.validate_address(BOB.address)) == (1000, 0)
+
+
+def test_a_mint_sent_by_its_own_provider_credits_it_and_uses_its_nonce():
+    chain, g = _chain()
+    chain.build_block(AUTH[0], 1, _now(g, 1), [decode_tx(make_mint(PROVIDER, g.ref, 0, receipt(42, units=100,
+                                                                                                 price=10)))])
+    assert chain.account(crypto.validate_address(PROVIDER.address)) == (1000, 1)
+    with pytest.raises(FailedPrecondition, match="^nonce too low"):  # the nonce the MINT used is spent
+        state.apply_tx(chain.store.get, decode_tx(make_transfer(PROVIDER, g.ref, 0, BOB.address, 1)), g, 2)
+
+
+def test_balances_reach_2_64_minus_1_and_no_further():
+    """A transfer or a MINT that would take a balance past 2^64-1 is refused by name (the account
+    encoding holds a u64); one that lands exactly on it executes."""
+    top = state.MAX_U64
+    g = genesis(max_price_per_unit=top, max_mint_per_receipt=top)
+    chain = Chain(MemoryStore(), g)
+    provider, bob = crypto.validate_address(PROVIDER.address), crypto.validate_address(BOB.address)
+    huge = receipt(43, units=2**32, price=2**32)  # 2^64: the amount is capped at 2^64-1
+    chain.build_block(AUTH[0], 1, _now(g, 1), [decode_tx(make_mint(ALICE, g.ref, 0, huge))])
+    assert chain.account(provider) == (top, 0)
+    chain.build_block(AUTH[0], 2, _now(g, 2), [decode_tx(make_transfer(PROVIDER, g.ref, 0, BOB.address, 1)),
+                                               decode_tx(make_transfer(BOB, g.ref, 0, PROVIDER.address, 1))])
+    assert chain.account(provider) == (top, 1) and chain.account(bob) == (0, 1)  # back on 2^64-1 exactly
+    one = receipt(44, units=1, price=1, provider=BOB)
+    chain.build_block(AUTH[0], 3, _now(g, 3), [decode_tx(make_mint(ALICE, g.ref, 1, one))])
+    assert chain.account(bob) == (1, 1)
+    with pytest.raises(FailedPrecondition, match=f"^balance overflow: recipient holds {top} and cannot receive 1 "
+                                                 r"more \(2\^64-1 at most\)$"):
+        state.apply_tx(chain.store.get, decode_tx(make_transfer(BOB, g.ref, 1, PROVIDER.address, 1)), g, 4)
+    with pytest.raises(FailedPrecondition, match=f"^balance overflow: provider holds {top} and cannot receive 1 "
+                                                 r"more \(2\^64-1 at most\)$"):
+        state.apply_tx(chain.store.get, decode_tx(make_mint(ALICE, g.ref, 2, receipt(45, units=1, price=1))), g, 4)

@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from aitbc.config import ModelConfig
+from aitbc.coordinator.checks import SPECIAL_TOKENS
 from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2
 from tests.coordinator.test_jobs_api import MD, stub, wait_done
 from tests.coordinator.test_miner_gateway import RawMiner
@@ -40,13 +41,15 @@ async def register_status(miner: RawMiner, models: tuple[str, ...], **info: Any)
 
 
 def text_result(miner: RawMiner, task: miner_pb2.Task, text: str, prompt_tokens: int,
-                generated: int, units: int | None = None, receipt_prompt: int | None = None) -> miner_pb2.JobResult:
+                generated: int, units: int | None = None, receipt_prompt: int | None = None,
+                **receipt_changes: Any) -> miner_pb2.JobResult:
     """`receipt_prompt`: the receipt claims this many prompt tokens (units to match) while the
-    result beside it says `prompt_tokens`."""
+    result beside it says `prompt_tokens`; `receipt_changes`: other receipt fields, forged."""
     data = text.encode()
     signed = prompt_tokens if receipt_prompt is None else receipt_prompt
     res = miner.result_for(task, data, units=signed + generated if units is None else units, unit_type="tokens",
-                           width=0, height=0, steps=0, images=0, prompt_tokens=signed, generated_tokens=generated)
+                           width=0, height=0, steps=0, images=0, prompt_tokens=signed, generated_tokens=generated,
+                           **receipt_changes)
     res.artifacts[0].content_type = "text/plain; charset=utf-8"
     res.prompt_tokens, res.generated_tokens, res.finish_reason = prompt_tokens, generated, "length"
     return res
@@ -77,7 +80,7 @@ async def test_inflated_token_counts_are_rejected_and_the_job_goes_to_an_honest_
 
 
 async def streamed_text_result(net: Any, streamed: str, uploaded: str, prompt_tokens: int, generated: int,
-                               units: int | None = None, receipt_prompt: int | None = None,
+                               units: int | None = None, receipt_prompt: int | None = None, **receipt_changes: Any,
                                ) -> tuple[RawMiner, job_pb2.Job, miner_pb2.WorkResponse]:
     """A fresh text miner takes a job, streams `streamed`, uploads `uploaded` and claims the counts."""
     m = RawMiner(net)
@@ -86,7 +89,7 @@ async def streamed_text_result(net: Any, streamed: str, uploaded: str, prompt_to
     task = (await m.read()).assignment.task
     m.send(text=job_pb2.TextChunk(job_id=task.job_id, text=streamed))
     m.send(chunk=miner_pb2.ArtifactChunk(job_id=task.job_id, index=0, data=uploaded.encode()))
-    m.send(result=text_result(m, task, uploaded, prompt_tokens, generated, units, receipt_prompt))
+    m.send(result=text_result(m, task, uploaded, prompt_tokens, generated, units, receipt_prompt, **receipt_changes))
     return m, job, await m.read()
 
 
@@ -103,10 +106,30 @@ async def test_a_text_result_must_be_what_was_streamed_and_counted(net: Any, upl
     assert net.core.machine.job(job.job_id).state == S.JOB_STATE_QUEUED
 
 
-async def test_an_honest_token_count_is_accepted(net: Any) -> None:
-    _, job, reply = await streamed_text_result(net, "abc", "abc", 2 + 1, 3)  # "hi" + BOS; one token per byte
+@pytest.mark.parametrize(("changes", "needle"), [
+    ({"price_per_unit": 10**6}, "receipt field price_per_unit is 1000000"),
+    ({"client": "mallory"}, "receipt field client is 'mallory'"),
+    ({"job_id": "01" + "0" * 26}, "receipt field job_id"),
+    ({"chain_id": "another-chain"}, "receipt field chain_id is 'another-chain'"),
+    ({"model": "null"}, "receipt field model is 'null'"),
+    ({"artifact_sha256": "00" * 32}, "receipt field artifact_sha256"),
+], ids=["price", "client", "job_id", "chain_id", "model", "manifest"])
+async def test_a_text_receipt_gets_every_field_check_an_image_receipt_does(net: Any, changes: dict,
+                                                                            needle: str) -> None:
+    """Honest token counts beside one forged field: the text path checks the same fields as the image
+    path (the forged-result test in test_miner_gateway covers images only), not the counts alone."""
+    _, job, reply = await streamed_text_result(net, "abc", "abc", 2 + 1, 3, **changes)
+    assert reply.WhichOneof("msg") == "rejected" and needle in reply.rejected.reason, reply
+    assert net.core.machine.job(job.job_id).state == S.JOB_STATE_QUEUED
+
+
+@pytest.mark.parametrize("prompt_tokens", [2 + 1, 1, len("hi") + SPECIAL_TOKENS],
+                         ids=["hi and BOS", "one token", "at the bound"])
+async def test_an_honest_token_count_is_accepted(net: Any, prompt_tokens: int) -> None:
+    """One token per byte and a BOS, or any count up to the bound inclusive (docs/receipts.md, "Text units")."""
+    _, job, reply = await streamed_text_result(net, "abc", "abc", prompt_tokens, 3)
     assert reply.WhichOneof("msg") == "accepted"
-    assert (await wait_done(stub(net), job.job_id)).units == 6
+    assert (await wait_done(stub(net), job.job_id)).units == prompt_tokens + 3
 
 
 async def test_a_price_above_the_operators_ceiling_is_refused_at_register(network_factory: Any) -> None:

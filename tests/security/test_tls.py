@@ -16,9 +16,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aitbc import rpc
-from aitbc.errors import FailedPrecondition, InvalidArgument
+from aitbc.errors import FailedPrecondition, InvalidArgument, Unavailable
 from aitbc.ledger.client import LedgerClient
 from aitbc.ledger.store import MemoryStore
 from aitbc.server.ledger import start_node
@@ -86,6 +87,38 @@ async def test_ledger_nodes_sync_over_tls(tls_on) -> None:
         assert head.height >= 3 and b.chain.hash_at(3) == a.chain.hash_at(3)
     finally:
         for node, server in ((b, server_b), (a, server_a)):
+            await node.stop()
+            await server.stop(0)
+
+
+async def test_a_client_with_a_ca_dials_only_tls_to_a_server_that_ca_signed() -> None:
+    """What the client side of the switch promises (aitbc.rpc.channel, which every SDK, node and miner
+    dials through): with a CA configured it never falls back to plaintext (a man in the middle that
+    answers in clear text gets nothing), and it checks the server's certificate against that CA, not
+    the system's roots (a certificate some other CA signed is refused)."""
+    g = genesis(1)
+    rpc.configure_tls(CERT, KEY)  # serves TLS
+    tls_node, tls_server = await start_node(MemoryStore(), g, None, "127.0.0.1:0")
+    rpc.configure_tls()  # serves plaintext (loopback)
+    plain_node, plain_server = await start_node(MemoryStore(), g, None, "127.0.0.1:0")
+    try:
+        rpc.configure_tls(ca_file=CA)
+        async with LedgerClient(f"127.0.0.1:{tls_server.port}", timeout=10) as c:
+            assert (await c.get_head()).genesis_hash == g.hash().hex()
+        async with LedgerClient(f"127.0.0.1:{plain_server.port}", timeout=10) as c:
+            with pytest.raises(Unavailable):
+                await c.get_head()
+        with rpc.open_sync_channel(f"127.0.0.1:{plain_server.port}") as ch:  # the blocking SDK's channel too
+            with pytest.raises(grpc.RpcError) as err:
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        rpc.configure_tls(ca_file=OTHER_CA)
+        async with LedgerClient(f"127.0.0.1:{tls_server.port}", timeout=10) as c:
+            with pytest.raises(Unavailable):
+                await c.get_head()
+    finally:
+        rpc.configure_tls()
+        for node, server in ((tls_node, tls_server), (plain_node, plain_server)):
             await node.stop()
             await server.stop(0)
 
