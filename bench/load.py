@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import grpc
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,6 +58,7 @@ class Driver:
         self.done: dict[str, int] = {}
         self.latency_ms: list[float] = []
         self.refused = 0
+        self.refusals: dict[str, int] = {}  # why, for the report
         self.n = 0
 
     async def one(self) -> None:
@@ -64,8 +66,10 @@ class Driver:
         t = time.perf_counter()
         try:
             job = (await self.stub.SubmitJob(request(self.n), metadata=MD, timeout=10)).job
-        except Exception:
+        except grpc.aio.AioRpcError as exc:
             self.refused += 1
+            key = f"{exc.code().name}: {(exc.details() or '')[:80]}"
+            self.refusals[key] = self.refusals.get(key, 0) + 1
             return
         self.accepted[job.job_id] = t
         async for ev in self.stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=MD, timeout=120):
@@ -142,7 +146,7 @@ async def soak(duration: float, fraction: float) -> dict[str, object]:
             coord.wait(10)
     return {
         "machine": machine(), "duration_s": round(elapsed, 1), "saturation_jobs_per_s": round(sat, 1),
-        "offered_jobs_per_s": round(rate, 1), "accepted": len(d.accepted), "refused": d.refused,
+        "offered_jobs_per_s": round(rate, 1), "accepted": len(d.accepted), "refused": d.refused, "refusals": d.refusals,
         "finished": len(d.done), "lost": len(d.accepted) - len(d.done), "states": states,
         "throughput_jobs_per_s": round(len(d.done) / elapsed, 1),
         "latency_ms": {"p50": round(pct(d.latency_ms, 50), 1), "p99": round(pct(d.latency_ms, 99), 1)},
@@ -160,7 +164,8 @@ def main() -> None:
     mem = r["memory_mb"]
     print(f"load soak ({r['machine']}): {r['duration_s']} s at {args.fraction:.0%} of saturation "
           f"({r['saturation_jobs_per_s']} jobs/s measured; offered {r['offered_jobs_per_s']} jobs/s)")
-    print(f"  accepted {r['accepted']}, finished {r['finished']} {r['states']}, lost {r['lost']}, refused {r['refused']}")
+    print(f"  accepted {r['accepted']}, finished {r['finished']} {r['states']}, lost {r['lost']}, refused {r['refused']}"
+          + (f" ({r['refusals']})" if r["refusals"] else ""))
     print(f"  throughput {r['throughput_jobs_per_s']} jobs/s; submit -> finished p50 {r['latency_ms']['p50']} ms, "
           f"p99 {r['latency_ms']['p99']} ms")
     for k in ("coordinator", "miner"):

@@ -116,7 +116,8 @@ def test_devnet_submit_status_receipts_buf_curl_and_restart(tmp_path: Path) -> N
         r = aitbc(env, "submit", "--model", "tiny-llama", "Explain proof of authority in one paragraph",
                   "--max-new-tokens", "24", "--seed", "3", "--temperature", "0.9", cwd=tmp_path)
         assert r.returncode == 0, r.stdout + r.stderr
-        assert r.stdout.strip() and "tokens:" in r.stderr and "generated" in r.stderr
+        # tokens went to stdout as they came (a random-weights model may well make only whitespace)
+        assert r.stdout and "tokens:" in r.stderr and "generated" in r.stderr
         text_job = [ln.split(":", 1)[1].strip() for ln in r.stderr.splitlines() if ln.startswith("job id:")][0]
         r = aitbc(env, "result", text_job, "-o", "answer.txt", cwd=tmp_path)
         assert r.returncode == 0
