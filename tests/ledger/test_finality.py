@@ -205,7 +205,12 @@ def test_honest_voter_never_signs_evidence():
             signed.append(v)
     assert len(signed) >= 2
     assert all(conflict(x, y) is None for x in signed for y in signed)
-    assert voter.vote(a[0], a[voter.last_target - 1]) is None  # same target height again: refused
+    v = Voter(AUTH[0], G4)
+    assert v.vote(a[1], a[5]) is not None
+    assert v.vote(a[2], a[5]) is None  # same target height, another link: a double vote
+    assert v.vote(a[2], a[4]) is None  # surrounded by 1 -> 5
+    assert v.vote(a[0], a[7]) is None  # surrounds 1 -> 5 (a lower source)
+    assert v.vote(a[5], a[7]) is not None
 
 
 # ---- a simulated network -------------------------------------------------------------------------
