@@ -49,6 +49,9 @@ HDR = b"v1:hdr:"
 HGT = b"v1:hgt:"
 TXI = b"v1:tx:"
 UNDO = b"v1:undo:"
+CERT = b"v1:cert:"  # block hash -> its finality certificate (aitbc.ledger.finality)
+CERTIFIED = b"v1:certified"  # u64 height || hash of the highest certified block
+VOTE_LOCK = b"v1:vote:lock"  # u64 last target height || u64 last source height of this node's votes
 MAX_SIDE_BLOCKS = 4096
 
 _U64 = struct.Struct(">Q")
@@ -97,6 +100,7 @@ class BlockInfo:
     state_root: bytes
     timestamp_ms: int
     proposer: bytes
+    parent: bytes = b""  # b"" for genesis
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +206,31 @@ class Chain:
 
     def account(self, account_id: bytes) -> tuple[int, int]:
         return state.read_account(self.store.get, account_id)
+
+    # ---- finality certificates (aitbc.ledger.finality) ---------------------------------------------
+
+    def parent_link(self, block_hash: bytes) -> tuple[int, bytes] | None:
+        """(height, parent hash) of a known block (stored or pending), for the vote tally."""
+        info = self.info(block_hash)
+        return None if info is None or info.height == 0 else (info.height, info.parent)
+
+    def certificate(self, block_hash: bytes) -> bytes | None:
+        return self.store.get(CERT + block_hash)
+
+    def certified(self) -> tuple[int, bytes] | None:
+        v = self.store.get(CERTIFIED)
+        return None if v is None else (_U64.unpack(v[:8])[0], v[8:])
+
+    def store_certificate(self, height: int, block_hash: bytes, cert: bytes) -> None:
+        """Record a verified certificate and that its block is the highest certified one."""
+        self.store.commit({CERT + block_hash: cert, CERTIFIED: _U64.pack(height) + block_hash})
+
+    def vote_lock(self) -> tuple[int, int]:
+        v = self.store.get(VOTE_LOCK)
+        return (0, 0) if v is None else struct.unpack(">QQ", v)
+
+    def save_vote_lock(self, last_target: int, last_source: int) -> None:
+        self.store.commit({VOTE_LOCK: struct.pack(">QQ", last_target, last_source)})
 
     # ---- validation ----------------------------------------------------------------------------
 
@@ -444,4 +473,4 @@ class Chain:
 
 
 def _info(h: Header) -> BlockInfo:
-    return BlockInfo(h.height, h.hash, h.slot, h.state_root, h.timestamp_ms, h.proposer)
+    return BlockInfo(h.height, h.hash, h.slot, h.state_root, h.timestamp_ms, h.proposer, h.parent_hash)

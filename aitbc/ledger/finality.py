@@ -41,6 +41,7 @@ EVIDENCE_VERSION = 1
 _LINK = struct.Struct(">Q32sQ32s")
 _U16 = struct.Struct(">H")
 SIG_LEN = 65
+MAX_SPAN = 256  # most heights one vote's link may span (a tally walks parent links to check it)
 
 
 def quorum(n: int) -> int:
@@ -318,6 +319,7 @@ class Tally:
         self.justified.setdefault(self.genesis_hash, 0)
         if self.final is None:
             self.final = Checkpoint(0, self.genesis_hash)
+        self.justified[self.final.hash] = self.final.height  # a final block is justified
         self.q = quorum(len(self.genesis.authorities))
 
     def _height(self, h: bytes) -> int | None:
@@ -345,6 +347,12 @@ class Tally:
     def add(self, vote: Vote) -> VoteResult:
         """Count a vote; raises with a clear message when it cannot count."""
         verify_vote(vote, self.genesis, self.genesis_hash, self.ignored)
+        assert self.final is not None
+        if vote.target.height <= self.final.height:
+            raise FailedPrecondition(f"stale vote: target {vote.target.height} is not above the final height "
+                                     f"{self.final.height}")
+        if vote.target.height - vote.source.height > MAX_SPAN:
+            raise InvalidArgument(f"vote link spans more than {MAX_SPAN} heights")
         for cp, what in ((vote.target, "target"), (vote.source, "source")):
             if self._height(cp.hash) != cp.height:
                 raise NotFound(f"vote for an unknown block: {what} {cp.height} {cp.hash.hex()[:16]} is not known here")
@@ -362,6 +370,14 @@ class Tally:
         voters[vote.voter] = vote
         self.by_voter.setdefault(vote.voter, []).append(vote)
         return VoteResult("counted", evidence, self._settle(link))
+
+    def prune(self) -> None:
+        """Forget votes that can no longer change anything (targets at or below the final height)."""
+        assert self.final is not None
+        fh = self.final.height
+        self.links = {k: v for k, v in self.links.items() if k[1].height > fh}
+        self.by_voter = {k: kept for k, vs in self.by_voter.items() if (kept := [v for v in vs if v.target.height > fh])}
+        self.justified = {h: x for h, x in self.justified.items() if x >= fh}
 
     def ignore(self, voter: bytes) -> None:
         """Evidence against `voter` is on chain: drop its votes from every link from now on."""
@@ -393,6 +409,9 @@ class Tally:
     def add_certificate(self, cert: Certificate) -> Checkpoint | None:
         """A certificate from a peer (catch-up, restart): verified, then its votes are counted."""
         verify_certificate(cert, self.genesis, genesis_hash=self.genesis_hash, ignored=self.ignored)
+        assert self.final is not None
+        if self._height(cert.source.hash) == cert.source.height and self.is_ancestor(cert.source, self.final):
+            return None  # already final here
         if self._height(cert.target.hash) != cert.target.height or self._height(cert.source.hash) != cert.source.height:
             raise NotFound(f"certificate for an unknown block {cert.source.height} {cert.source.hash.hex()[:16]}")
         if self.lookup(cert.target.hash) is not None and self.lookup(cert.target.hash)[1] != cert.source.hash:  # type: ignore[index]

@@ -23,8 +23,9 @@ def header_to_proto(h: Header) -> ledger_pb2.BlockHeader:
         tx_count=h.tx_count, genesis_hash=h.genesis_hash.hex())
 
 
-def block_to_proto(b: Block, *, final: bool, canonical: bool) -> ledger_pb2.Block:
-    return ledger_pb2.Block(header=header_to_proto(b.header), raw=b.raw, final=final, canonical=canonical)
+def block_to_proto(b: Block, *, final: bool, canonical: bool, certificate: bytes | None = None) -> ledger_pb2.Block:
+    return ledger_pb2.Block(header=header_to_proto(b.header), raw=b.raw, final=final, canonical=canonical,
+                            certificate=certificate or b"")
 
 
 def tx_to_proto(tx: Tx, genesis: Genesis) -> ledger_pb2.Transaction:

@@ -138,6 +138,9 @@ def test_tally_refuses_unknown_blocks_and_non_ancestor_links():
         t.add(make_vote(AUTH[0], G4, a[0], b[1]))
     assert t.add(make_vote(AUTH[0], G4, GEN, a[0])).outcome == "counted"
     assert t.add(make_vote(AUTH[0], G4, GEN, a[0])).outcome == "known"
+    far = chain_of(tree, 300, "far")
+    with pytest.raises(InvalidArgument, match="spans more than 256 heights"):
+        t.add(make_vote(AUTH[0], G4, GEN, far[-1]))
 
 
 def test_finality_needs_a_child_link_with_more_than_two_thirds():
@@ -254,8 +257,12 @@ def simulate(seed: int, *, byzantine: bool, down: int | None = None, rounds: int
             _, i, vote = item
             try:
                 res = nodes[i].add(vote)  # type: ignore[arg-type]
-            except PermissionDenied:
+            except PermissionDenied:  # the culprit, once evidence is in
                 continue
+            except FailedPrecondition as exc:
+                if exc.message.startswith("stale vote"):  # late, below the final height: changes nothing
+                    continue
+                raise
             if res.outcome == "counted":  # gossip: a node passes on every vote it counted
                 send(vote, [j for j in range(5) if j != i], r)
             if res.evidence:
@@ -342,18 +349,20 @@ def test_more_than_f_byzantine_is_detected_not_followed():
     block: it refuses to leave its final chain and says why."""
     tree = Tree()
     a = chain_of(tree, 2, "a")
-    b = chain_of(tree, 2, "b")
+    b = chain_of(tree, 3, "b")
     t = Tally(G4, tree.lookup)
     for k in AUTH[:3]:
         t.add(make_vote(k, G4, GEN, a[0]))
     for k in AUTH[:3]:
         t.add(make_vote(k, G4, a[0], a[1]))
     assert t.final == a[0]
+    with pytest.raises(FailedPrecondition, match="^stale vote"):  # at or below the final height
+        t.add(make_vote(AUTH[3], G4, GEN, b[0]))
     for k in AUTH[1:4]:
-        t.add(make_vote(k, G4, GEN, b[0]))
+        t.add(make_vote(k, G4, GEN, b[1]))
     with pytest.raises(FailedPrecondition, match="conflicts with final block"):
         for k in AUTH[1:4]:
-            t.add(make_vote(k, G4, b[0], b[1]))
+            t.add(make_vote(k, G4, b[1], b[2]))
     assert t.final == a[0]
 
 
