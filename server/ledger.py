@@ -14,7 +14,7 @@ import grpc
 
 from aitbc import crypto, rpc, telemetry
 from aitbc.errors import FailedPrecondition, InvalidArgument, NotFound
-from aitbc.ledger import observe
+from aitbc.ledger import observe, state
 from aitbc.ledger.block import decode_header
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.genesis import Genesis
@@ -127,8 +127,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def GetAccount(self, request: S.GetAccountRequest, context: grpc.aio.ServicerContext) -> S.GetAccountResponse:
         account_id = _address(request.address)
         balance, nonce, pending = self.node.pending_nonce(account_id)
-        return S.GetAccountResponse(address=request.address, balance=balance, nonce=nonce, pending_nonce=pending,
+        resp = S.GetAccountResponse(address=request.address, balance=balance, nonce=nonce, pending_nonce=pending,
                                     height=self.chain.head.height)
+        evidence = self.chain.store.get(state.evid_key(account_id))
+        if evidence is not None:
+            resp.evidence_height, resp.evidence_tx = int.from_bytes(evidence[:8], "big"), evidence[8:40].hex()
+        return resp
 
     @rpc.handle_errors
     async def StreamBlocks(self, request: S.StreamBlocksRequest,

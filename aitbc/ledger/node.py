@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from aitbc import crypto, rpc
+from aitbc import bech32, crypto, rpc
 from aitbc.errors import AitbcError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from aitbc.ledger import finality, state
 from aitbc.ledger.block import MAX_BLOCK_BYTES, Block, decode_block
@@ -109,7 +109,9 @@ class Node:
         self._pending_votes: dict[bytes, finality.Vote] = {}
         self._vote_buf: list[bytes] = []
         self._vote_wake = asyncio.Event()
-        self.evidence: list[bytes] = []  # evidence seen (encoded); not yet submitted on chain
+        self.evidence: list[bytes] = []  # evidence this node found (encoded)
+        self._evidence_sent: set[bytes] = set()  # authorities this node sent an EVIDENCE tx against
+        self._apply_recorded_evidence()
 
     @property
     def is_authority(self) -> bool:
@@ -310,6 +312,8 @@ class Node:
                 continue
             if tx.hash in self.mempool:
                 out.append((tx.hash, None, AlreadyExists(f"already known: tx {tx.hash.hex()} is pending")))
+            elif tx.evidence and (err := self._evidence_recorded(tx.evidence)) is not None:
+                out.append((tx.hash, None, err))
             elif (loc := self.chain.tx_location(tx.hash)) is not None:
                 out.append((tx.hash, None, AlreadyExists(f"already known: tx {tx.hash.hex()} is in block {loc[0]}")))
             else:
@@ -467,6 +471,7 @@ class Node:
                 mp.remove(included)
                 mp.recheck(self.chain.account, self._minted, {tx.sender_id for tx in included})
             self._expire()
+        self._apply_recorded_evidence()
         self._vote_on_head()
         self._retry_pending_votes()
         self._notify()
@@ -475,6 +480,16 @@ class Node:
         n = self.mempool.expire(self.chain.head.height, self.chain.account)
         if n:
             log.info("mempool: %d tx(s) expired after %d blocks without inclusion", n, self.mempool.expiry_blocks)
+
+    def _evidence_recorded(self, evidence: bytes) -> AitbcError | None:
+        try:
+            voter = finality.evidence_voter(evidence)
+        except AitbcError as exc:
+            return exc
+        seen = self.chain.store.get(state.evid_key(voter))
+        if seen is None:
+            return None
+        return AlreadyExists(f"evidence already recorded: in block {int.from_bytes(seen[:8], 'big')}")
 
     def _mint_credit(self, tx: Tx) -> int | None:
         """What a MINT adds to its provider's balance (the mempool refuses an overflow at admission)."""
@@ -564,6 +579,7 @@ class Node:
             self.mempool.recheck(self.chain.account, self._minted, senders)
             self._expire()
             self.produced += 1
+            self._apply_recorded_evidence()
             self._vote_on_head()
             self._notify()
         for fn in self.block_listeners:
@@ -631,8 +647,10 @@ class Node:
             self._vote_wake.set()
             if res.evidence:
                 self.evidence.append(res.evidence)
-                log.warning("evidence: authority %s signed two conflicting votes (kept; evidence transactions "
-                            "are not implemented yet)", vote.voter_address)
+                log.warning("evidence: authority %s signed two conflicting votes", vote.voter_address)
+                if self.key is not None and vote.voter not in self._evidence_sent and not self._stopped:
+                    self._evidence_sent.add(vote.voter)
+                    self.adopt(asyncio.create_task(self._send_evidence(res.evidence), name="ledger-evidence"))
             if res.finalized is not None:
                 self._certified(res.finalized)
         return out
@@ -643,6 +661,27 @@ class Node:
         self.chain.store_certificate(cp.height, cp.hash, cert.encode())
         self.tally.prune()
         log.debug("block %d %s certified final by votes", cp.height, cp.hash.hex()[:16])
+
+    def _apply_recorded_evidence(self) -> None:
+        """Evidence on the canonical chain (state v1:evid:): that authority's votes count no more.
+        Ignoring stays even if a reorg drops the block: the evidence is valid on any branch."""
+        for aid in self.chain.authority_ids:
+            if aid not in self.tally.ignored and self.chain.store.get(state.evid_key(aid)) is not None:
+                log.warning("evidence against authority %s is on chain: ignoring its votes",
+                            bech32.encode(crypto.ADDRESS_HRP, aid))
+                self.tally.ignore(aid)
+
+    async def _send_evidence(self, evidence: bytes) -> None:
+        """An authority that found evidence puts it on chain (an EVIDENCE tx from its own account)."""
+        from aitbc.ledger.tx import make_evidence
+
+        assert self.key is not None
+        _, _, nonce = self.pending_nonce(crypto.sha256(self.key.pubkey)[:20])
+        [(h, err)] = await self.submit([make_evidence(self.key, self.genesis.ref, nonce, evidence)])
+        if err is not None:
+            log.info("evidence tx not admitted: %s", err.message)
+        else:
+            log.info("sent evidence tx %s", h.hex())
 
     def _retry_pending_votes(self) -> None:
         if not self._pending_votes:

@@ -30,6 +30,8 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     """Move an amount from the sender to a recipient."""
     TRANSACTION_KIND_MINT: _TransactionKind.ValueType  # 2
     """Mint a receipt's amount to its provider."""
+    TRANSACTION_KIND_EVIDENCE: _TransactionKind.ValueType  # 3
+    """Record evidence that an authority signed two conflicting finality votes."""
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper):
     """TransactionKind names what a transaction does."""
@@ -39,6 +41,8 @@ TRANSACTION_KIND_TRANSFER: TransactionKind.ValueType  # 1
 """Move an amount from the sender to a recipient."""
 TRANSACTION_KIND_MINT: TransactionKind.ValueType  # 2
 """Mint a receipt's amount to its provider."""
+TRANSACTION_KIND_EVIDENCE: TransactionKind.ValueType  # 3
+"""Record evidence that an authority signed two conflicting finality votes."""
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
 
 class _TransactionStatus:
@@ -186,6 +190,8 @@ class Transaction(_message.Message):
     PROVIDER_FIELD_NUMBER: _builtins.int
     MINT_AMOUNT_FIELD_NUMBER: _builtins.int
     GENESIS_HASH_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    CONVICTED_FIELD_NUMBER: _builtins.int
     hash: _builtins.str
     """Lower-case hex sha256 of raw."""
     raw: _builtins.bytes
@@ -203,6 +209,9 @@ class Transaction(_message.Message):
     mint_amount: _builtins.int
     genesis_hash: _builtins.str
     """Lower-case hex genesis hash the transaction is signed for."""
+    evidence: _builtins.bytes
+    """EVIDENCE: the evidence bytes (docs/ledger.md, "Finality votes") and the authority it convicts."""
+    convicted: _builtins.str
     def __init__(
         self,
         *,
@@ -218,10 +227,12 @@ class Transaction(_message.Message):
         provider: _builtins.str = ...,
         mint_amount: _builtins.int = ...,
         genesis_hash: _builtins.str = ...,
+        evidence: _builtins.bytes = ...,
+        convicted: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "chain_id", b"chain_id", "genesis_hash", b"genesis_hash", "hash", b"hash", "kind", b"kind", "mint_amount", b"mint_amount", "nonce", b"nonce", "provider", b"provider", "raw", b"raw", "receipt_hash", b"receipt_hash", "sender", b"sender", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "chain_id", b"chain_id", "convicted", b"convicted", "evidence", b"evidence", "genesis_hash", b"genesis_hash", "hash", b"hash", "kind", b"kind", "mint_amount", b"mint_amount", "nonce", b"nonce", "provider", b"provider", "raw", b"raw", "receipt_hash", b"receipt_hash", "sender", b"sender", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -544,6 +555,8 @@ class GetAccountResponse(_message.Message):
     NONCE_FIELD_NUMBER: _builtins.int
     PENDING_NONCE_FIELD_NUMBER: _builtins.int
     HEIGHT_FIELD_NUMBER: _builtins.int
+    EVIDENCE_HEIGHT_FIELD_NUMBER: _builtins.int
+    EVIDENCE_TX_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     balance: _builtins.int
     """Balance in the smallest unit, as of the head."""
@@ -552,6 +565,12 @@ class GetAccountResponse(_message.Message):
     pending_nonce: _builtins.int
     """Nonce after this node's pending transactions from the account."""
     height: _builtins.int
+    evidence_height: _builtins.int
+    """Height of the block that recorded evidence against this account (an authority that signed
+    conflicting finality votes; its votes are ignored from then on); 0 when none.
+    """
+    evidence_tx: _builtins.str
+    """Lower-case hex hash of that EVIDENCE transaction."""
     def __init__(
         self,
         *,
@@ -560,10 +579,12 @@ class GetAccountResponse(_message.Message):
         nonce: _builtins.int = ...,
         pending_nonce: _builtins.int = ...,
         height: _builtins.int = ...,
+        evidence_height: _builtins.int = ...,
+        evidence_tx: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "balance", b"balance", "height", b"height", "nonce", b"nonce", "pending_nonce", b"pending_nonce"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "balance", b"balance", "evidence_height", b"evidence_height", "evidence_tx", b"evidence_tx", "height", b"height", "nonce", b"nonce", "pending_nonce", b"pending_nonce"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

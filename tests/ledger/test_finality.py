@@ -368,3 +368,31 @@ def test_more_than_f_byzantine_is_detected_not_followed():
 
 def test_errors_are_aitbc_errors():
     assert issubclass(NotFound, AitbcError)
+
+
+# ---- evidence on chain (EVIDENCE transactions) -------------------------------------------------
+
+
+def test_evidence_transaction_records_the_culprit_once():
+    from aitbc.errors import AlreadyExists
+    from aitbc.ledger import state
+    from aitbc.ledger.tx import KIND_EVIDENCE, decode_tx, make_evidence
+
+    tree = Tree()
+    a = chain_of(tree, 2, "a")
+    b = chain_of(tree, 2, "b")
+    ev = encode_evidence(make_vote(AUTH[3], G4, GEN, a[1]), make_vote(AUTH[3], G4, GEN, b[1]))
+    tx = decode_tx(make_evidence(BOB, G4.ref, 0, ev))  # any account may send it, funded or not
+    assert tx.kind == KIND_EVIDENCE and tx.evidence == ev and tx.kind_name == "EVIDENCE"
+    state.check_stateless(tx, G4)
+    writes = state.apply_tx(lambda k: None, tx, G4, 7)
+    culprit = crypto.sha256(AUTH[3].pubkey)[:20]
+    assert writes[state.evid_key(culprit)] == (7).to_bytes(8, "big") + tx.hash
+    again = decode_tx(make_evidence(BOB, G4.ref, 1, ev))
+    with pytest.raises(AlreadyExists, match="^evidence already recorded"):
+        state.apply_tx({**writes}.get, again, G4, 8)
+    fine = encode_evidence(make_vote(AUTH[3], G4, GEN, a[0]), make_vote(AUTH[3], G4, a[0], a[1]))
+    with pytest.raises(InvalidArgument, match="^not evidence"):
+        state.check_stateless(decode_tx(make_evidence(BOB, G4.ref, 0, fine)), G4)
+    with pytest.raises(InvalidArgument, match="^not evidence: wrong genesis"):  # genesis-bound like the votes
+        state.check_stateless(decode_tx(make_evidence(BOB, TWIN.ref, 0, ev)), TWIN)

@@ -22,7 +22,7 @@ from aitbc.ledger.block import decode_block
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.genesis import Genesis, make_genesis
 from aitbc.ledger.store import MemoryStore
-from aitbc.ledger.tx import decode_tx, make_mint, make_transfer, signing_digest
+from aitbc.ledger.tx import decode_tx, make_evidence, make_mint, make_transfer, signing_digest
 
 from .helpers import ALICE, ATTESTER, AUTH, BOB, PROVIDER, receipt
 
@@ -112,7 +112,8 @@ def finality_vectors() -> dict:
                    "digest": v.digest().hex(), "raw": v.encode().hex()} for v in votes],
         "certificate": {"block_height": b1.height, "block_hash": b1.hash.hex(), "raw": cert.encode().hex()},
         "evidence": {"voter": double[0].voter_address, "kind": "double vote",
-                     "raw": fin.encode_evidence(*double).hex()},
+                     "raw": fin.encode_evidence(*double).hex(),
+                     "transaction": make_evidence(BOB, g.ref, 0, fin.encode_evidence(*double)).hex()},
         "refused_certificates": [
             {"name": "two signers of four", "raw": too_few.encode().hex(),
              "error": "certificate has too few signers: 2, needs more than 2/3 of 4 authorities (3)"},
@@ -135,6 +136,9 @@ def test_implementation_reproduces_vectors():
     block = fin.Checkpoint(f["certificate"]["block_height"], bytes.fromhex(f["certificate"]["block_hash"]))
     fin.verify_certificate(fin.decode_certificate(bytes.fromhex(f["certificate"]["raw"])), g4, block=block)
     assert fin.check_evidence(bytes.fromhex(f["evidence"]["raw"]), g4) == crypto.sha256(AUTH[3].pubkey)[:20]
+    etx = decode_tx(bytes.fromhex(f["evidence"]["transaction"]))
+    state.check_stateless(etx, g4)
+    assert etx.evidence.hex() == f["evidence"]["raw"]
     for bad in f["refused_certificates"]:
         with pytest.raises(AitbcError, match="^" + re.escape(bad["error"])):
             fin.verify_certificate(fin.decode_certificate(bytes.fromhex(bad["raw"])), g4, block=block)
@@ -206,6 +210,14 @@ def test_independent_finality_reader():
     va, vb = read_vote(a), read_vote(b)
     assert va[4] == vb[4] == bytes(bech32.decode(f["evidence"]["voter"])[1]) and va[4] in auths
     assert va[2] == vb[2] and va[:4] != vb[:4]  # a double vote: one target height, two links
+    tx = bytes.fromhex(f["evidence"]["transaction"])  # kind 3: u16 len(E) || E, then the 64-byte signature
+    assert tx[0] == 2 and tx[1] == 3 and tx[3:3 + tx[2]] == cid and tx[3 + tx[2]:35 + tx[2]] == gh
+    p = 35 + tx[2]
+    spub = tx[p:p + 33]
+    (elen,) = struct.unpack_from(">H", tx, p + 41)
+    assert tx[p + 43:p + 43 + elen] == ev and len(tx) == p + 43 + elen + 64
+    der = coincurve.ecdsa.cdata_to_der(coincurve.ecdsa.deserialize_compact(tx[-64:]))
+    assert coincurve.PublicKey(spub).verify(der, dd(b"AITBC/tx/v2", tx[:-64]), hasher=None)
 
 
 def test_independent_reader():

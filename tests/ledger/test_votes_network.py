@@ -113,3 +113,51 @@ async def test_four_authorities_certify_blocks_and_anyone_can_verify():
         for n, s in reversed(running):
             await n.stop()
             await s.stop(0)
+
+
+async def test_a_byzantine_voter_is_convicted_on_chain_and_finality_goes_on():
+    """AUTH[3] runs no honest node: the test signs, with its key, two conflicting votes on the real
+    chain (one target height, two links) and sends one to one node and the other to another. The
+    nodes' gossip brings both together, an authority puts the evidence on chain, everyone ignores
+    AUTH[3] from then on, GetAccount shows it, and the three honest authorities keep certifying."""
+    g = genesis(4, block_time_ms=300)
+    first = await start_node(MemoryStore(), g, AUTH[0], "127.0.0.1:0")
+    running = [first]
+    try:
+        for k in AUTH[1:3]:
+            running.append(await start_node(MemoryStore(), g, k, "127.0.0.1:0", peers=[_addr(first[1])]))
+        running.append(await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[_addr(first[1])]))
+        nodes = [n for n, _ in running]
+        await _until(lambda: min(n.certified.height for n in nodes) >= 3, what="certification by 3 of 4")
+        chain = nodes[0].chain
+        c = nodes[0].certified
+        tgt_h = chain.head.height
+        tgt = finality.Checkpoint(tgt_h, chain.hash_at(tgt_h))
+        v1 = finality.make_vote(AUTH[3], g, finality.Checkpoint(c.height, c.hash), tgt)
+        v2 = finality.make_vote(AUTH[3], g, finality.Checkpoint(c.height - 1, chain.hash_at(c.height - 1)), tgt)
+        for (_, server), vote in ((running[0], v1), (running[2], v2)):
+            async with rpc.channel(_addr(server)) as ch:
+                res = await ledger_pb2_grpc.LedgerServiceStub(ch).SubmitVotes(
+                    ledger_pb2.SubmitVotesRequest(votes=[vote.encode()]))
+                assert res.results[0].accepted or res.results[0].code == "FAILED_PRECONDITION"  # may be stale
+        culprit = v1.voter
+        await _until(lambda: all(culprit in n.tally.ignored for n in nodes), what="everyone to ignore the culprit")
+        async with rpc.channel(_addr(running[3][1])) as ch:
+            stub = ledger_pb2_grpc.LedgerServiceStub(ch)
+            acct = await stub.GetAccount(ledger_pb2.GetAccountRequest(address=AUTH[3].address))
+            assert acct.evidence_height > 0
+            tx = await stub.GetTransaction(ledger_pb2.GetTransactionRequest(hash=acct.evidence_tx))
+            assert tx.transaction.kind == ledger_pb2.TRANSACTION_KIND_EVIDENCE
+            assert tx.transaction.convicted == AUTH[3].address
+        # its votes are refused from then on, and the honest three keep certifying
+        fresh = finality.make_vote(AUTH[3], g, finality.Checkpoint(0, g.hash()),
+                                   finality.Checkpoint(chain.head.height, chain.head.hash))
+        assert "ignored" in nodes[1].submit_votes([fresh.encode()])[0].message
+        c0 = max(n.certified.height for n in nodes)
+        await _until(lambda: min(n.certified.height for n in nodes) >= c0 + 3, what="certification after evidence")
+        top = min(n.certified.height for n in nodes)
+        assert len({n.chain.hash_at(top) for n in nodes}) == 1
+    finally:
+        for n, s in reversed(running):
+            await n.stop()
+            await s.stop(0)
