@@ -137,6 +137,9 @@ class Chain:
                                       genesis.genesis_time_ms, b"")
         self.side: dict[bytes, Block] = {}
         self.equivocations = 0  # two blocks by one proposer for one slot (logged; not slashed in v1)
+        # height of the highest justified block (finality votes) on the canonical chain, set by the
+        # node: fork choice never leaves it for a longer branch (only for a higher justified block)
+        self.locked_height = 0
         head_hash = store.get(HEAD)
         self.head = self.genesis_info if head_hash is None else self._info_from_store(head_hash)
         fin = store.get(FINAL)
@@ -350,7 +353,15 @@ class Chain:
             return "reorg" if self._reorg(block, verified) else "side"
         return "side"
 
-    def _reorg(self, tip: Block, verified: Container[bytes]) -> bool:
+    def adopt_justified(self, block_hash: bytes, verified: Container[bytes] = frozenset()) -> bool:
+        """Make a pending block with a higher justified height than the lock canonical, even if its
+        branch is shorter (fork choice keeps the highest justified block); never below final."""
+        block = self.side.get(block_hash)
+        if block is None or block.height <= self.locked_height:
+            return False
+        return self._reorg(block, verified, justified=True)
+
+    def _reorg(self, tip: Block, verified: Container[bytes], *, justified: bool = False) -> bool:
         branch = [tip]
         while not self.is_canonical(branch[-1].parent_hash, branch[-1].height - 1):
             parent = self.side.get(branch[-1].parent_hash)
@@ -359,7 +370,7 @@ class Chain:
             branch.append(parent)
         branch.reverse()
         fork_height = branch[0].height - 1
-        if fork_height < self.final_height:
+        if fork_height < self.final_height or (fork_height < self.locked_height and not justified):
             return False
         ov = state.Overlay(self.store.get)
         reverted: list[Block] = []

@@ -111,6 +111,7 @@ class Node:
         self._vote_wake = asyncio.Event()
         self.evidence: list[bytes] = []  # evidence this node found (encoded)
         self._evidence_sent: set[bytes] = set()  # authorities this node sent an EVIDENCE tx against
+        self._switching = False  # a switch to a justified branch is under way
         self._apply_recorded_evidence()
 
     @property
@@ -472,6 +473,7 @@ class Node:
                 mp.recheck(self.chain.account, self._minted, {tx.sender_id for tx in included})
             self._expire()
         self._apply_recorded_evidence()
+        self._follow_justified()
         self._vote_on_head()
         self._retry_pending_votes()
         self._notify()
@@ -653,7 +655,35 @@ class Node:
                     self.adopt(asyncio.create_task(self._send_evidence(res.evidence), name="ledger-evidence"))
             if res.finalized is not None:
                 self._certified(res.finalized)
+            self._follow_justified()
         return out
+
+    def _follow_justified(self) -> None:
+        """Fork choice keeps the highest justified block: lock the canonical chain on it, or switch
+        to its branch when it is a pending block (votes justified a branch this node left)."""
+        best, chain = self.tally.highest_justified(), self.chain
+        if best.height <= chain.locked_height:
+            return
+        if chain.hash_at(best.height) == best.hash:
+            chain.locked_height = best.height
+        elif best.hash in chain.side and not self._stopped and not self._switching:
+            self._switching = True
+            self.adopt(asyncio.create_task(self._switch_to_justified(best), name="ledger-justified"))
+
+    async def _switch_to_justified(self, best: finality.Checkpoint) -> None:
+        switched = False
+        try:
+            async with self._lock:
+                if best.height > self.chain.locked_height:
+                    switched = await asyncio.to_thread(self.chain.adopt_justified, best.hash, self.mempool.by_hash)
+                if switched:
+                    log.info("switched to the branch of justified block %d %s", best.height, best.hash.hex()[:16])
+                    self.chain.locked_height = best.height
+                    self._after_change(None)
+        finally:
+            self._switching = False
+        if switched:
+            await self._readmit_side_txs()
 
     def _certified(self, cp: finality.Checkpoint) -> None:
         cert = self.tally.certificate
