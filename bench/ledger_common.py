@@ -24,7 +24,7 @@ def key(seed: bytes) -> crypto.PrivateKey:
 
 def funding_receipt(provider: crypto.PrivateKey, chain_id: str, i: int, units: int = 10**9):
     body = ReceiptBody(job_id=f"bench-{i}", provider=provider.address, client="bench", units=units,
-                       unit_type="gpu_ms", price_per_unit=1, model="bench", prompt_hash="ab" * 32,
+                       unit_type="gpu_ms", version=1, price_per_unit=1, model="bench", prompt_hash="ab" * 32,
                        started_at=0, finished_at=1, artifact_sha256="cd" * 32, nonce=f"{i:032x}", hub_id="",
                        chain_id=chain_id)
     return sign_receipt(body, provider).attest(ATTESTER)

@@ -76,6 +76,20 @@ class Committed:
         self.by_height: dict[int, list[str]] = {}
         self.final_height = 0
         self.blocks = 0
+        self.certified_at: dict[str, float] = {}  # finality votes: in a block with a certificate
+        self.certified_height = 0
+
+    async def run_certified(self, target: str) -> None:
+        """Polls GetHead's certified_height (certificates form after the block was streamed)."""
+        async with LedgerClient(target) as c:
+            while True:
+                head = await c.stub.GetHead(ledger_pb2.GetHeadRequest())
+                now = time.perf_counter()
+                for height in range(self.certified_height + 1, head.certified_height + 1):
+                    for h in self.by_height.get(height, ()):
+                        self.certified_at.setdefault(h, now)
+                self.certified_height = max(self.certified_height, head.certified_height)
+                await asyncio.sleep(0.01)
 
     async def run(self, target: str) -> None:
         async with LedgerClient(target) as c:
@@ -91,7 +105,7 @@ class Committed:
                     for h in hashes:
                         self.at[h] = now
                 for height in range(self.final_height + 1, resp.finalized_height + 1):
-                    for h in self.by_height.pop(height, ()):
+                    for h in self.by_height.get(height, ()):
                         self.final_at[h] = now
                 self.final_height = max(self.final_height, resp.finalized_height)
 
@@ -152,9 +166,11 @@ async def saturate(targets: list[str], raws: list[bytes], batch: int, inflight: 
     return len(done) / (t_end - t0), t_sent - t0, len(done)
 
 
-async def latency(targets: list[str], raws: list[bytes], rate: float) -> tuple[list[float], list[float], int]:
+async def latency(targets: list[str], raws: list[bytes],
+                  rate: float) -> tuple[list[float], list[float], list[float], int]:
     tracker = Committed()
     task = asyncio.create_task(tracker.run(targets[0]))
+    cert_task = asyncio.create_task(tracker.run_certified(targets[0]))
     await asyncio.sleep(0.3)
     sent_at: dict[str, float] = {}
     tick = 0.02
@@ -172,15 +188,18 @@ async def latency(targets: list[str], raws: list[bytes], rate: float) -> tuple[l
             nxt = t0 + (i // per_tick + 1) * tick
             await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
         deadline = time.monotonic() + 30
-        while any(h not in tracker.final_at for h in sent_at) and time.monotonic() < deadline:
+        while any(h not in tracker.final_at or h not in tracker.certified_at for h in sent_at) \
+                and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
     finally:
         for c in clients:
             await c.close()
     task.cancel()
+    cert_task.cancel()
     lat = [tracker.at[h] - t for h, t in sent_at.items() if h in tracker.at]
     fin = [tracker.final_at[h] - t for h, t in sent_at.items() if h in tracker.final_at]
-    return lat, fin, len(sent_at)
+    cert = [tracker.certified_at[h] - t for h, t in sent_at.items() if h in tracker.certified_at]
+    return lat, fin, cert, len(sent_at)
 
 
 async def main() -> None:
@@ -222,10 +241,12 @@ async def main() -> None:
                   f"{rate / raw:.2f} x the raw single-core verify rate)")
             half = rate / 2
             lat_raws = sign_transfers(g.ref, senders, max(1, int(half * args.latency_seconds) // args.senders + 1), per)
-            lat, fin, sent = await latency(targets, lat_raws, half)
+            lat, fin, cert, sent = await latency(targets, lat_raws, half)
             print(f"at {half:,.0f} tx/s ({len(lat)}/{sent} committed, {len(fin)} final): submit->committed "
                   f"p50 {percentile(lat, 50):.3f}s p99 {percentile(lat, 99):.3f}s; submit->final "
-                  f"p50 {percentile(fin, 50):.3f}s p99 {percentile(fin, 99):.3f}s")
+                  f"(proposer majority) p50 {percentile(fin, 50):.3f}s p99 {percentile(fin, 99):.3f}s; "
+                  f"submit->certified (votes, {len(cert)} txs) p50 {percentile(cert, 50):.3f}s "
+                  f"p99 {percentile(cert, 99):.3f}s")
         finally:
             for n in nodes:
                 n.stop()

@@ -14,11 +14,11 @@ import grpc
 
 from aitbc import crypto, rpc, telemetry
 from aitbc.errors import FailedPrecondition, InvalidArgument, NotFound
-from aitbc.ledger import observe
+from aitbc.ledger import observe, state
 from aitbc.ledger.block import decode_header
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.genesis import Genesis
-from aitbc.ledger.node import RELAY_METADATA, Node
+from aitbc.ledger.node import MAX_VOTE_BATCH, RELAY_METADATA, Node
 from aitbc.ledger.store import LmdbStore, Store
 from aitbc.ledger.wire import block_to_proto, header_to_proto, parse_hash, tx_to_proto
 from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
@@ -46,6 +46,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                                  genesis_hash=chain.genesis_hash.hex(), authorities=list(g.authorities),
                                  block_time_ms=g.block_time_ms, mempool_size=len(self.node.mempool),
                                  is_authority=self.node.is_authority)
+        certified = self.node.certified
+        if certified.height > 0:
+            resp.certified_height, resp.certified_hash = certified.height, certified.hash.hex()
         head = chain.head
         if head.height > 0:
             blk = chain.block_at(head.height)
@@ -73,7 +76,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         else:
             raise InvalidArgument("give a block height or hash")
         resp = S.GetBlockResponse(block=block_to_proto(
-            block, final=canonical and block.height <= chain.final_height, canonical=canonical))
+            block, final=canonical and block.height <= chain.final_height, canonical=canonical,
+            certificate=chain.certificate(block.hash)))
         if request.include_transactions:
             resp.transactions.extend(tx_to_proto(tx, self.node.genesis) for tx in block.txs)
         return resp
@@ -123,8 +127,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def GetAccount(self, request: S.GetAccountRequest, context: grpc.aio.ServicerContext) -> S.GetAccountResponse:
         account_id = _address(request.address)
         balance, nonce, pending = self.node.pending_nonce(account_id)
-        return S.GetAccountResponse(address=request.address, balance=balance, nonce=nonce, pending_nonce=pending,
+        resp = S.GetAccountResponse(address=request.address, balance=balance, nonce=nonce, pending_nonce=pending,
                                     height=self.chain.head.height)
+        evidence = self.chain.store.get(state.evid_key(account_id))
+        if evidence is not None:
+            resp.evidence_height, resp.evidence_tx = int.from_bytes(evidence[:8], "big"), evidence[8:40].hex()
+        return resp
 
     @rpc.handle_errors
     async def StreamBlocks(self, request: S.StreamBlocksRequest,
@@ -135,11 +143,14 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             self.node.announce(request.peer_address)
         async for batch in self.node.stream_blocks(request.from_height):
             final = self.chain.final_height
-            if request.raw_only:
-                blocks = [S.Block(raw=raw, final=h <= final, canonical=True) for raw, h in batch]
-            else:
-                blocks = [S.Block(header=header_to_proto(decode_header(raw[4:4 + int.from_bytes(raw[:4], "big")])),
-                                  raw=raw, final=h <= final, canonical=True) for raw, h in batch]
+            blocks = []
+            for raw, h in batch:
+                header = decode_header(raw[4:4 + int.from_bytes(raw[:4], "big")])
+                blk = S.Block(raw=raw, final=h <= final, canonical=True,
+                              certificate=self.chain.certificate(header.hash) or b"")
+                if not request.raw_only:
+                    blk.header.CopyFrom(header_to_proto(header))
+                blocks.append(blk)
             yield S.StreamBlocksResponse(blocks=blocks, finalized_height=final, head_height=self.chain.head.height)
 
     @rpc.handle_errors
@@ -165,6 +176,16 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         g = self.node.genesis
         return S.GetGenesisResponse(genesis_json=g.canonical_bytes().decode(), genesis_hash=self.chain.genesis_hash.hex(),
                                     chain_id=g.chain_id)
+
+    @rpc.handle_errors
+    async def SubmitVotes(self, request: S.SubmitVotesRequest,
+                          context: grpc.aio.ServicerContext) -> S.SubmitVotesResponse:
+        if len(request.votes) > MAX_VOTE_BATCH:
+            raise InvalidArgument(f"at most {MAX_VOTE_BATCH} votes per call")
+        return S.SubmitVotesResponse(results=[
+            S.VoteResult(accepted=err is None, code="" if err is None else err.code,
+                         error="" if err is None else err.message)
+            for err in self.node.submit_votes(list(request.votes))])
 
     @rpc.handle_errors
     async def ListPeers(self, request: S.ListPeersRequest, context: grpc.aio.ServicerContext) -> S.ListPeersResponse:

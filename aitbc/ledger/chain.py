@@ -49,6 +49,9 @@ HDR = b"v1:hdr:"
 HGT = b"v1:hgt:"
 TXI = b"v1:tx:"
 UNDO = b"v1:undo:"
+CERT = b"v1:cert:"  # block hash -> its finality certificate (aitbc.ledger.finality)
+CERTIFIED = b"v1:certified"  # u64 height || hash of the highest certified block
+VOTE_LOCK = b"v1:vote:lock"  # u64 last target height || u64 last source height of this node's votes
 MAX_SIDE_BLOCKS = 4096
 
 _U64 = struct.Struct(">Q")
@@ -97,6 +100,7 @@ class BlockInfo:
     state_root: bytes
     timestamp_ms: int
     proposer: bytes
+    parent: bytes = b""  # b"" for genesis
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +137,9 @@ class Chain:
                                       genesis.genesis_time_ms, b"")
         self.side: dict[bytes, Block] = {}
         self.equivocations = 0  # two blocks by one proposer for one slot (logged; not slashed in v1)
+        # height of the highest justified block (finality votes) on the canonical chain, set by the
+        # node: fork choice never leaves it for a longer branch (only for a higher justified block)
+        self.locked_height = 0
         head_hash = store.get(HEAD)
         self.head = self.genesis_info if head_hash is None else self._info_from_store(head_hash)
         fin = store.get(FINAL)
@@ -202,6 +209,31 @@ class Chain:
 
     def account(self, account_id: bytes) -> tuple[int, int]:
         return state.read_account(self.store.get, account_id)
+
+    # ---- finality certificates (aitbc.ledger.finality) ---------------------------------------------
+
+    def parent_link(self, block_hash: bytes) -> tuple[int, bytes] | None:
+        """(height, parent hash) of a known block (stored or pending), for the vote tally."""
+        info = self.info(block_hash)
+        return None if info is None or info.height == 0 else (info.height, info.parent)
+
+    def certificate(self, block_hash: bytes) -> bytes | None:
+        return self.store.get(CERT + block_hash)
+
+    def certified(self) -> tuple[int, bytes] | None:
+        v = self.store.get(CERTIFIED)
+        return None if v is None else (_U64.unpack(v[:8])[0], v[8:])
+
+    def store_certificate(self, height: int, block_hash: bytes, cert: bytes) -> None:
+        """Record a verified certificate and that its block is the highest certified one."""
+        self.store.commit({CERT + block_hash: cert, CERTIFIED: _U64.pack(height) + block_hash})
+
+    def vote_lock(self) -> tuple[int, int]:
+        v = self.store.get(VOTE_LOCK)
+        return (0, 0) if v is None else struct.unpack(">QQ", v)
+
+    def save_vote_lock(self, last_target: int, last_source: int) -> None:
+        self.store.commit({VOTE_LOCK: struct.pack(">QQ", last_target, last_source)})
 
     # ---- validation ----------------------------------------------------------------------------
 
@@ -321,7 +353,15 @@ class Chain:
             return "reorg" if self._reorg(block, verified) else "side"
         return "side"
 
-    def _reorg(self, tip: Block, verified: Container[bytes]) -> bool:
+    def adopt_justified(self, block_hash: bytes, verified: Container[bytes] = frozenset()) -> bool:
+        """Make a pending block with a higher justified height than the lock canonical, even if its
+        branch is shorter (fork choice keeps the highest justified block); never below final."""
+        block = self.side.get(block_hash)
+        if block is None or block.height <= self.locked_height:
+            return False
+        return self._reorg(block, verified, justified=True)
+
+    def _reorg(self, tip: Block, verified: Container[bytes], *, justified: bool = False) -> bool:
         branch = [tip]
         while not self.is_canonical(branch[-1].parent_hash, branch[-1].height - 1):
             parent = self.side.get(branch[-1].parent_hash)
@@ -330,7 +370,7 @@ class Chain:
             branch.append(parent)
         branch.reverse()
         fork_height = branch[0].height - 1
-        if fork_height < self.final_height:
+        if fork_height < self.final_height or (fork_height < self.locked_height and not justified):
             return False
         ov = state.Overlay(self.store.get)
         reverted: list[Block] = []
@@ -444,4 +484,4 @@ class Chain:
 
 
 def _info(h: Header) -> BlockInfo:
-    return BlockInfo(h.height, h.hash, h.slot, h.state_root, h.timestamp_ms, h.proposer)
+    return BlockInfo(h.height, h.hash, h.slot, h.state_root, h.timestamp_ms, h.proposer, h.parent_hash)

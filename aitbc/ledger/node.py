@@ -13,9 +13,9 @@ from typing import Any
 
 import grpc
 
-from aitbc import crypto, rpc
-from aitbc.errors import AitbcError, AlreadyExists, FailedPrecondition, InvalidArgument
-from aitbc.ledger import state
+from aitbc import bech32, crypto, rpc
+from aitbc.errors import AitbcError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from aitbc.ledger import finality, state
 from aitbc.ledger.block import MAX_BLOCK_BYTES, Block, decode_block
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.mempool import Mempool
@@ -38,6 +38,8 @@ PEER_CHECK_TIMEOUT_S = 3.0
 PEER_DEAD_AFTER_S = 10.0  # an announced peer unreachable this long is dropped
 PEER_EXCHANGE_S = 5.0
 PEER_HEAD_TTL_S = 5.0
+MAX_PENDING_VOTES = 1024  # valid votes for blocks not imported yet, retried after each import
+MAX_VOTE_BATCH = 1024
 MULTI_AUTHORITY_TXS_PER_S = 4000  # own-block budget with several authorities (see _block_tx_budget)  # announced peers are dialed back; bound how many  # batches at least this big verify signatures off the event loop
 
 
@@ -99,6 +101,18 @@ class Node:
         # called as fn(block, "produced" | "imported", seconds spent) for each block the head takes
         # (telemetry: aitbc.ledger.observe); keep them cheap, they run on the event loop
         self.block_listeners: list[Callable[[Block, str, float], None]] = []
+        # finality votes (aitbc.ledger.finality): every node tallies, authorities also vote
+        certified = chain.certified()
+        self.tally = finality.Tally(self.genesis, chain.parent_link, chain.genesis_hash,
+                                    final=None if certified is None else finality.Checkpoint(*certified))
+        self.voter = None if key is None else finality.Voter(key, self.genesis, *chain.vote_lock())
+        self._pending_votes: dict[bytes, finality.Vote] = {}
+        self._vote_buf: list[bytes] = []
+        self._vote_wake = asyncio.Event()
+        self.evidence: list[bytes] = []  # evidence this node found (encoded)
+        self._evidence_sent: set[bytes] = set()  # authorities this node sent an EVIDENCE tx against
+        self._switching = False  # a switch to a justified branch is under way
+        self._apply_recorded_evidence()
 
     @property
     def is_authority(self) -> bool:
@@ -133,6 +147,7 @@ class Node:
         if self.key is not None:
             self._tasks.append(asyncio.create_task(self._produce_loop(), name="ledger-producer"))
         self._tasks.append(asyncio.create_task(self._relay_loop(), name="ledger-relay"))
+        self._tasks.append(asyncio.create_task(self._vote_loop(), name="ledger-votes"))
         self._tasks.append(asyncio.create_task(self._candidate_loop(), name="ledger-peer-check"))
         self._tasks.append(asyncio.create_task(self._exchange_loop(), name="ledger-peer-exchange"))
         for p in self._initial_peers:
@@ -298,6 +313,8 @@ class Node:
                 continue
             if tx.hash in self.mempool:
                 out.append((tx.hash, None, AlreadyExists(f"already known: tx {tx.hash.hex()} is pending")))
+            elif tx.evidence and (err := self._evidence_recorded(tx.evidence)) is not None:
+                out.append((tx.hash, None, err))
             elif (loc := self.chain.tx_location(tx.hash)) is not None:
                 out.append((tx.hash, None, AlreadyExists(f"already known: tx {tx.hash.hex()} is in block {loc[0]}")))
             else:
@@ -337,16 +354,45 @@ class Node:
         return h
 
     async def _relay_loop(self) -> None:
-        """Fan accepted txs out to every peer; each peer has its own bounded queue and sender, so a
-        slow or paused peer delays nobody else."""
+        await self._fanout(self._relay_wake, self._take_relay, self._send_txs, RELAY_CHUNK, 0.01)
+
+    async def _vote_loop(self) -> None:
+        await self._fanout(self._vote_wake, self._take_votes, self._send_votes, MAX_VOTE_BATCH, 0.0)
+
+    def _take_relay(self) -> list[bytes]:
+        batch, self._relay_buf = self._relay_buf, []
+        return batch
+
+    def _take_votes(self) -> list[bytes]:
+        batch, self._vote_buf = self._vote_buf, []
+        return batch
+
+    @staticmethod
+    async def _send_txs(stub: Any, raws: list[bytes]) -> None:
+        from aitbc.v1 import ledger_pb2
+
+        await stub.BroadcastTransactions(ledger_pb2.BroadcastTransactionsRequest(raws=raws), timeout=5,
+                                         metadata=(RELAY_METADATA,))
+
+    @staticmethod
+    async def _send_votes(stub: Any, raws: list[bytes]) -> None:
+        from aitbc.v1 import ledger_pb2
+
+        await stub.SubmitVotes(ledger_pb2.SubmitVotesRequest(votes=raws), timeout=5)
+
+    async def _fanout(self, wake: asyncio.Event, take: Callable[[], list[bytes]],
+                      send: Callable[[Any, list[bytes]], Any], chunk: int, gather_s: float) -> None:
+        """Fan items (accepted txs, votes) out to every verified peer; each peer has its own bounded
+        queue and sender, so a slow or paused peer delays nobody else."""
         queues: dict[str, asyncio.Queue[list[bytes]]] = {}
         senders: dict[str, asyncio.Task[None]] = {}
         try:
             while True:
-                await self._relay_wake.wait()
-                await asyncio.sleep(0.01)  # gather a batch
-                self._relay_wake.clear()
-                batch, self._relay_buf = self._relay_buf, []
+                await wake.wait()
+                if gather_s:
+                    await asyncio.sleep(gather_s)  # gather a batch
+                wake.clear()
+                batch = take()
                 if not batch:
                     continue
                 for gone in [t for t in queues if t not in self._verified]:
@@ -356,7 +402,7 @@ class Node:
                     q = queues.get(target)
                     if q is None:
                         q = queues[target] = asyncio.Queue(maxsize=RELAY_QUEUE_BATCHES)
-                        senders[target] = asyncio.create_task(self._relay_to(target, q))
+                        senders[target] = asyncio.create_task(self._send_to(target, q, send, chunk))
                     if q.full():
                         q.get_nowait()  # drop the oldest batch: the peer will get those txs in blocks
                     q.put_nowait(batch)
@@ -364,19 +410,18 @@ class Node:
             for t in senders.values():
                 t.cancel()
 
-    async def _relay_to(self, target: str, q: asyncio.Queue[list[bytes]]) -> None:
-        from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
+    async def _send_to(self, target: str, q: asyncio.Queue[list[bytes]], send: Callable[[Any, list[bytes]], Any],
+                       chunk: int) -> None:
+        from aitbc.v1 import ledger_pb2_grpc
 
         stub = ledger_pb2_grpc.LedgerServiceStub(self._channel(target))
         while True:
             raws = await q.get()
-            while not q.empty() and len(raws) < RELAY_CHUNK:
+            while not q.empty() and len(raws) < chunk:
                 raws = raws + q.get_nowait()
-            for start in range(0, len(raws), RELAY_CHUNK):
+            for start in range(0, len(raws), chunk):
                 try:
-                    await stub.BroadcastTransactions(
-                        ledger_pb2.BroadcastTransactionsRequest(raws=raws[start:start + RELAY_CHUNK]),
-                        timeout=5, metadata=(RELAY_METADATA,))
+                    await send(stub, raws[start:start + chunk])
                 except grpc.aio.AioRpcError as exc:
                     log.debug("relay to %s failed: %s", target, exc.code())
 
@@ -427,12 +472,26 @@ class Node:
                 mp.remove(included)
                 mp.recheck(self.chain.account, self._minted, {tx.sender_id for tx in included})
             self._expire()
+        self._apply_recorded_evidence()
+        self._follow_justified()
+        self._vote_on_head()
+        self._retry_pending_votes()
         self._notify()
 
     def _expire(self) -> None:
         n = self.mempool.expire(self.chain.head.height, self.chain.account)
         if n:
             log.info("mempool: %d tx(s) expired after %d blocks without inclusion", n, self.mempool.expiry_blocks)
+
+    def _evidence_recorded(self, evidence: bytes) -> AitbcError | None:
+        try:
+            voter = finality.evidence_voter(evidence)
+        except AitbcError as exc:
+            return exc
+        seen = self.chain.store.get(state.evid_key(voter))
+        if seen is None:
+            return None
+        return AlreadyExists(f"evidence already recorded: in block {int.from_bytes(seen[:8], 'big')}")
 
     def _mint_credit(self, tx: Tx) -> int | None:
         """What a MINT adds to its provider's balance (the mempool refuses an overflow at admission)."""
@@ -522,6 +581,8 @@ class Node:
             self.mempool.recheck(self.chain.account, self._minted, senders)
             self._expire()
             self.produced += 1
+            self._apply_recorded_evidence()
+            self._vote_on_head()
             self._notify()
         for fn in self.block_listeners:
             fn(block, "produced", time.perf_counter() - started)
@@ -529,6 +590,146 @@ class Node:
             log.info("produced block %d with %d txs (final %d)", block.height, len(block.txs),
                      self.chain.final_height)
         return block
+
+    # ---- finality votes (docs/ledger.md "Finality votes") --------------------------------------------
+
+    def _vote_on_head(self) -> None:
+        """An authority votes highest justified ancestor -> head (at most MAX_SPAN above it) once
+        per head, as its lock allows; the lock is on disk before the vote leaves."""
+        voter, chain = self.voter, self.chain
+        if voter is None or chain.head.height == 0:
+            return
+        head = chain.head.height
+        for h, height in sorted(self.tally.justified.items(), key=lambda kv: -kv[1]):
+            if height < head and chain.hash_at(height) == h:
+                source = finality.Checkpoint(height, h)
+                break
+        else:
+            return
+        th = min(head, source.height + finality.MAX_SPAN)
+        target_hash = chain.hash_at(th)
+        if target_hash is None or th <= voter.last_target or source.height < voter.last_source:
+            return
+        chain.save_vote_lock(th, source.height)
+        vote = voter.vote(source, finality.Checkpoint(th, target_hash))
+        if vote is not None:
+            self._count_votes([vote])
+
+    def submit_votes(self, raws: Sequence[bytes]) -> list[AitbcError | None]:
+        """Votes from a peer (SubmitVotes): one error or None per vote, in order."""
+        votes: list[finality.Vote] = []
+        errors: list[AitbcError | None] = []
+        for raw in raws:
+            try:
+                votes.append(finality.decode_vote(raw))
+                errors.append(None)
+            except AitbcError as exc:
+                errors.append(exc)
+        counted = iter(self._count_votes(votes))
+        return [err if err is not None else next(counted) for err in errors]
+
+    def _count_votes(self, votes: Sequence[finality.Vote]) -> list[AitbcError | None]:
+        out: list[AitbcError | None] = []
+        for vote in votes:
+            try:
+                res = self.tally.add(vote)
+            except NotFound as exc:  # its block is not imported yet (votes race blocks): keep it a while
+                if len(self._pending_votes) < MAX_PENDING_VOTES:
+                    self._pending_votes[vote.encode()] = vote
+                    exc = NotFound(exc.message + " (kept until it arrives)")
+                out.append(exc)
+                continue
+            except AitbcError as exc:
+                out.append(exc)
+                continue
+            out.append(None)
+            if res.outcome != "counted":
+                continue
+            self._vote_buf.append(vote.encode())  # pass it on: every node gossips the votes it counted
+            self._vote_wake.set()
+            if res.evidence:
+                self.evidence.append(res.evidence)
+                log.warning("evidence: authority %s signed two conflicting votes", vote.voter_address)
+                if self.key is not None and vote.voter not in self._evidence_sent and not self._stopped:
+                    self._evidence_sent.add(vote.voter)
+                    self.adopt(asyncio.create_task(self._send_evidence(res.evidence), name="ledger-evidence"))
+            if res.finalized is not None:
+                self._certified(res.finalized)
+            self._follow_justified()
+        return out
+
+    def _follow_justified(self) -> None:
+        """Fork choice keeps the highest justified block: lock the canonical chain on it, or switch
+        to its branch when it is a pending block (votes justified a branch this node left)."""
+        best, chain = self.tally.highest_justified(), self.chain
+        if best.height <= chain.locked_height:
+            return
+        if chain.hash_at(best.height) == best.hash:
+            chain.locked_height = best.height
+        elif best.hash in chain.side and not self._stopped and not self._switching:
+            self._switching = True
+            self.adopt(asyncio.create_task(self._switch_to_justified(best), name="ledger-justified"))
+
+    async def _switch_to_justified(self, best: finality.Checkpoint) -> None:
+        switched = False
+        try:
+            async with self._lock:
+                if best.height > self.chain.locked_height:
+                    switched = await asyncio.to_thread(self.chain.adopt_justified, best.hash, self.mempool.by_hash)
+                if switched:
+                    log.info("switched to the branch of justified block %d %s", best.height, best.hash.hex()[:16])
+                    self.chain.locked_height = best.height
+                    self._after_change(None)
+        finally:
+            self._switching = False
+        if switched:
+            await self._readmit_side_txs()
+
+    def _certified(self, cp: finality.Checkpoint) -> None:
+        cert = self.tally.certificate
+        assert cert is not None
+        self.chain.store_certificate(cp.height, cp.hash, cert.encode())
+        self.tally.prune()
+        log.debug("block %d %s certified final by votes", cp.height, cp.hash.hex()[:16])
+
+    def _apply_recorded_evidence(self) -> None:
+        """Evidence on the canonical chain (state v1:evid:): that authority's votes count no more.
+        Ignoring stays even if a reorg drops the block: the evidence is valid on any branch."""
+        for aid in self.chain.authority_ids:
+            if aid not in self.tally.ignored and self.chain.store.get(state.evid_key(aid)) is not None:
+                log.warning("evidence against authority %s is on chain: ignoring its votes",
+                            bech32.encode(crypto.ADDRESS_HRP, aid))
+                self.tally.ignore(aid)
+
+    async def _send_evidence(self, evidence: bytes) -> None:
+        """An authority that found evidence puts it on chain (an EVIDENCE tx from its own account)."""
+        from aitbc.ledger.tx import make_evidence
+
+        assert self.key is not None
+        _, _, nonce = self.pending_nonce(crypto.sha256(self.key.pubkey)[:20])
+        [(h, err)] = await self.submit([make_evidence(self.key, self.genesis.ref, nonce, evidence)])
+        if err is not None:
+            log.info("evidence tx not admitted: %s", err.message)
+        else:
+            log.info("sent evidence tx %s", h.hex())
+
+    def _retry_pending_votes(self) -> None:
+        if not self._pending_votes:
+            return
+        pending, self._pending_votes = self._pending_votes, {}
+        self._count_votes(list(pending.values()))
+
+    def receive_certificate(self, raw: bytes) -> None:
+        """A block's certificate from a peer (catch-up, restart): verified before it counts."""
+        cert = finality.decode_certificate(raw)
+        done = self.tally.add_certificate(cert)
+        if done is not None:
+            self._certified(done)
+
+    @property
+    def certified(self) -> finality.Checkpoint:
+        assert self.tally.final is not None
+        return self.tally.final
 
     async def _sync_loop(self, target: str) -> None:
         """Sync from one peer for as long as it stays a peer. Each (re)connection first checks that
@@ -567,6 +768,12 @@ class Node:
                     last_ok = time.monotonic()
                     try:
                         await self.receive_blocks([b.raw for b in resp.blocks])
+                        for b in resp.blocks:
+                            if b.certificate:
+                                try:
+                                    self.receive_certificate(b.certificate)
+                                except AitbcError as exc:
+                                    log.warning("rejected a certificate from %s: %s", target, exc.message)
                     except AitbcError as exc:
                         self.rejected_blocks += 1
                         self._peer_heads.pop(target, None)  # a peer whose blocks fail is no guide

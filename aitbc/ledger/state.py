@@ -3,6 +3,7 @@
 State is a key-value map (docs/ledger.md, "State"):
     b"v1:acct:" + 20-byte account id  -> u64 balance | u64 nonce          (absent = 0, 0)
     b"v1:rcpt:" + 32-byte receipt hash -> u64 height | 32 tx hash | u64 amount   (minted once, ever)
+    b"v1:evid:" + 20-byte authority id -> u64 height | 32 tx hash   (evidence against it, recorded once)
 """
 
 from __future__ import annotations
@@ -10,14 +11,16 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Container, Iterable, Mapping
 
-from aitbc import crypto
+from aitbc import bech32, crypto
 from aitbc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied, ReceiptError
+from aitbc.ledger import finality
 from aitbc.ledger.genesis import Genesis
-from aitbc.ledger.tx import KIND_MINT, KIND_TRANSFER, MAX_U64, Tx, verify_tx_signature
+from aitbc.ledger.tx import KIND_EVIDENCE, KIND_MINT, KIND_TRANSFER, MAX_U64, Tx, verify_tx_signature
 from aitbc.receipts import verify_receipt
 
 ACCT = b"v1:acct:"
 RCPT = b"v1:rcpt:"
+EVID = b"v1:evid:"
 STATE_DOMAIN = b"AITBC/state/v1"
 
 Reader = Callable[[bytes], "bytes | None"]
@@ -32,6 +35,10 @@ def acct_key(account_id: bytes) -> bytes:
 
 def rcpt_key(receipt_hash: bytes) -> bytes:
     return RCPT + receipt_hash
+
+
+def evid_key(account_id: bytes) -> bytes:
+    return EVID + account_id
 
 
 def encode_account(balance: int, nonce: int) -> bytes:
@@ -69,6 +76,8 @@ def check_stateless(tx: Tx, genesis: Genesis) -> None:
             f"wrong genesis: tx is signed for genesis {tx.genesis_hash.hex()}, this chain {genesis.chain_id!r} has "
             f"genesis {gh.hex()} (another network with the same chain id)")
     verify_tx_signature(tx)
+    if tx.kind == KIND_EVIDENCE:
+        finality.check_evidence(tx.evidence, genesis, gh)
     if tx.kind == KIND_MINT:
         r = tx.receipt
         assert r is not None
@@ -102,6 +111,13 @@ def apply_tx(read: Reader, tx: Tx, genesis: Genesis, height: int) -> dict[bytes,
                                      "more (2^64-1 at most)")
         writes[acct_key(tx.to)] = encode_account(to_bal + tx.amount, to_nonce)
         return writes
+    if tx.kind == KIND_EVIDENCE:
+        voter = finality.evidence_voter(tx.evidence)
+        if (seen := read(evid_key(voter))) is not None:
+            raise AlreadyExists(f"evidence already recorded: against {bech32.encode(crypto.ADDRESS_HRP, voter)} in block "
+                                f"{struct.unpack_from('>Q', seen)[0]}")
+        return {acct_key(tx.sender_id): encode_account(balance, nonce + 1),
+                evid_key(voter): struct.pack(">Q32s", height, tx.hash)}
     assert tx.kind == KIND_MINT and tx.receipt is not None
     rhash = tx.receipt.receipt_hash
     if read(rcpt_key(rhash)) is not None:

@@ -7,6 +7,7 @@ Byte layout (docs/ledger.md version 2, "Transactions"); all integers big-endian,
       TRANSFER (kind 1): 20 recipient account id | u64 amount
       MINT     (kind 2): u32 len(receipt) | receipt canonical JSON | 65 provider signature
                          | u8 len(attester) | attester address | 65 attester signature
+      EVIDENCE (kind 3): u16 len(evidence) | evidence (aitbc.ledger.finality.encode_evidence)
     signed tx = body | signature (exactly 64 bytes r||s, low-S: the one canonical form)
     signing digest = sha256("AITBC/tx/v2" || 0x00 || body)
     tx hash = sha256(signed tx)
@@ -31,7 +32,8 @@ TX_VERSION = 2
 TX_DOMAIN = b"AITBC/tx/v2"
 KIND_TRANSFER = 1
 KIND_MINT = 2
-KIND_NAMES = {KIND_TRANSFER: "TRANSFER", KIND_MINT: "MINT"}
+KIND_EVIDENCE = 3
+KIND_NAMES = {KIND_TRANSFER: "TRANSFER", KIND_MINT: "MINT", KIND_EVIDENCE: "EVIDENCE"}
 MAX_TX_BYTES = 16 * 1024
 MAX_U64 = 2**64 - 1
 SIGNATURE_BYTES = 64
@@ -71,6 +73,12 @@ def encode_mint_body(chain: ChainRef, sender_pubkey: bytes, nonce: int, receipt:
     )
 
 
+def encode_evidence_body(chain: ChainRef, sender_pubkey: bytes, nonce: int, evidence: bytes) -> bytes:
+    if not 0 < len(evidence) <= 0xFFFF:
+        raise InvalidArgument("evidence must be 1-65535 bytes")
+    return _header(KIND_EVIDENCE, chain, sender_pubkey, nonce) + struct.pack(">H", len(evidence)) + evidence
+
+
 def signing_digest(body: bytes) -> bytes:
     return crypto.domain_digest(TX_DOMAIN, body)
 
@@ -97,6 +105,11 @@ def make_mint(key: crypto.PrivateKey, chain: ChainRef, nonce: int, receipt: Sign
     return sign_body(encode_mint_body(chain, key.pubkey, nonce, receipt), key)
 
 
+def make_evidence(key: crypto.PrivateKey, chain: ChainRef, nonce: int, evidence: bytes) -> bytes:
+    """A signed EVIDENCE tx: two conflicting votes of one authority; any account may send it."""
+    return sign_body(encode_evidence_body(chain, key.pubkey, nonce, evidence), key)
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Tx:
     kind: int
@@ -112,6 +125,7 @@ class Tx:
     raw: bytes
     hash: bytes
     sender_id: bytes
+    evidence: bytes = b""  # EVIDENCE: the encoded evidence (docs/ledger.md "Finality votes")
 
     @property
     def sender(self) -> str:
@@ -205,6 +219,12 @@ def _decode(raw: bytes) -> Tx:
             raise InvalidArgument(f"bad receipt: {exc.message}") from None
         except (ValueError, TypeError):
             raise _malformed("receipt is not valid JSON") from None
+    elif kind == KIND_EVIDENCE:
+        (elen,) = struct.unpack_from(">H", raw, pos)
+        evidence = raw[pos + 2:pos + 2 + elen]
+        pos += 2 + elen
+        if len(evidence) != elen or elen == 0:
+            raise _malformed("truncated evidence")
     else:
         raise _malformed(f"unknown kind {kind}")
     body_bytes, sig = raw[:pos], raw[pos:]
@@ -212,7 +232,7 @@ def _decode(raw: bytes) -> Tx:
         raise _malformed(f"signature must be exactly {SIGNATURE_BYTES} bytes r || s (the one canonical form; "
                          f"drop a recovery byte), got {len(sig)}")
     return Tx(kind, chain_id, genesis_hash, pubkey, nonce, to, amount, receipt, body_bytes, sig, raw,
-              crypto.sha256(raw), crypto.sha256(pubkey)[:20])
+              crypto.sha256(raw), crypto.sha256(pubkey)[:20], evidence if kind == KIND_EVIDENCE else b"")
 
 
 try:  # direct libsecp256k1 calls: no DER round trip, parsed sender keys cached (~1.6x faster)

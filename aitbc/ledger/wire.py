@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from aitbc.errors import InvalidArgument
-from aitbc.ledger import state
+from aitbc.ledger import finality, state
 from aitbc.ledger.block import Block, Header
 from aitbc.ledger.genesis import Genesis
-from aitbc.ledger.tx import KIND_MINT, KIND_TRANSFER, Tx
+from aitbc.ledger.tx import KIND_EVIDENCE, KIND_MINT, KIND_TRANSFER, Tx
 from aitbc.v1 import ledger_pb2
 
 KIND_TO_PROTO = {
     KIND_TRANSFER: ledger_pb2.TRANSACTION_KIND_TRANSFER,
     KIND_MINT: ledger_pb2.TRANSACTION_KIND_MINT,
+    KIND_EVIDENCE: ledger_pb2.TRANSACTION_KIND_EVIDENCE,
 }
 
 
@@ -23,8 +24,9 @@ def header_to_proto(h: Header) -> ledger_pb2.BlockHeader:
         tx_count=h.tx_count, genesis_hash=h.genesis_hash.hex())
 
 
-def block_to_proto(b: Block, *, final: bool, canonical: bool) -> ledger_pb2.Block:
-    return ledger_pb2.Block(header=header_to_proto(b.header), raw=b.raw, final=final, canonical=canonical)
+def block_to_proto(b: Block, *, final: bool, canonical: bool, certificate: bytes | None = None) -> ledger_pb2.Block:
+    return ledger_pb2.Block(header=header_to_proto(b.header), raw=b.raw, final=final, canonical=canonical,
+                            certificate=certificate or b"")
 
 
 def tx_to_proto(tx: Tx, genesis: Genesis) -> ledger_pb2.Transaction:
@@ -39,6 +41,11 @@ def tx_to_proto(tx: Tx, genesis: Genesis) -> ledger_pb2.Transaction:
         msg.receipt_hash = tx.receipt.receipt_hash.hex()
         msg.provider = body.provider
         msg.mint_amount = state.mint_amount(body.units, body.price_per_unit, genesis)
+    elif tx.kind == KIND_EVIDENCE:
+        from aitbc import bech32, crypto
+
+        msg.evidence = tx.evidence
+        msg.convicted = bech32.encode(crypto.ADDRESS_HRP, finality.evidence_voter(tx.evidence))
     return msg
 
 

@@ -30,6 +30,8 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     """Move an amount from the sender to a recipient."""
     TRANSACTION_KIND_MINT: _TransactionKind.ValueType  # 2
     """Mint a receipt's amount to its provider."""
+    TRANSACTION_KIND_EVIDENCE: _TransactionKind.ValueType  # 3
+    """Record evidence that an authority signed two conflicting finality votes."""
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper):
     """TransactionKind names what a transaction does."""
@@ -39,6 +41,8 @@ TRANSACTION_KIND_TRANSFER: TransactionKind.ValueType  # 1
 """Move an amount from the sender to a recipient."""
 TRANSACTION_KIND_MINT: TransactionKind.ValueType  # 2
 """Mint a receipt's amount to its provider."""
+TRANSACTION_KIND_EVIDENCE: TransactionKind.ValueType  # 3
+"""Record evidence that an authority signed two conflicting finality votes."""
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
 
 class _TransactionStatus:
@@ -138,12 +142,17 @@ class Block(_message.Message):
     RAW_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
     CANONICAL_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
     raw: _builtins.bytes
     """The whole block, canonical bytes (header, signature, transactions)."""
     final: _builtins.bool
     """True when the block is final on the answering node."""
     canonical: _builtins.bool
     """True when the block is on the answering node's canonical chain."""
+    certificate: _builtins.bytes
+    """The block's finality certificate (docs/ledger.md, "Finality votes"), when the answering node
+    holds one; verifiable by anyone holding the genesis.
+    """
     @_builtins.property
     def header(self) -> Global___BlockHeader: ...
     def __init__(
@@ -153,10 +162,11 @@ class Block(_message.Message):
         raw: _builtins.bytes = ...,
         final: _builtins.bool = ...,
         canonical: _builtins.bool = ...,
+        certificate: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical", b"canonical", "final", b"final", "header", b"header", "raw", b"raw"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical", b"canonical", "certificate", b"certificate", "final", b"final", "header", b"header", "raw", b"raw"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -180,6 +190,8 @@ class Transaction(_message.Message):
     PROVIDER_FIELD_NUMBER: _builtins.int
     MINT_AMOUNT_FIELD_NUMBER: _builtins.int
     GENESIS_HASH_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    CONVICTED_FIELD_NUMBER: _builtins.int
     hash: _builtins.str
     """Lower-case hex sha256 of raw."""
     raw: _builtins.bytes
@@ -197,6 +209,9 @@ class Transaction(_message.Message):
     mint_amount: _builtins.int
     genesis_hash: _builtins.str
     """Lower-case hex genesis hash the transaction is signed for."""
+    evidence: _builtins.bytes
+    """EVIDENCE: the evidence bytes (docs/ledger.md, "Finality votes") and the authority it convicts."""
+    convicted: _builtins.str
     def __init__(
         self,
         *,
@@ -212,10 +227,12 @@ class Transaction(_message.Message):
         provider: _builtins.str = ...,
         mint_amount: _builtins.int = ...,
         genesis_hash: _builtins.str = ...,
+        evidence: _builtins.bytes = ...,
+        convicted: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "chain_id", b"chain_id", "genesis_hash", b"genesis_hash", "hash", b"hash", "kind", b"kind", "mint_amount", b"mint_amount", "nonce", b"nonce", "provider", b"provider", "raw", b"raw", "receipt_hash", b"receipt_hash", "sender", b"sender", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "chain_id", b"chain_id", "convicted", b"convicted", "evidence", b"evidence", "genesis_hash", b"genesis_hash", "hash", b"hash", "kind", b"kind", "mint_amount", b"mint_amount", "nonce", b"nonce", "provider", b"provider", "raw", b"raw", "receipt_hash", b"receipt_hash", "sender", b"sender", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -248,6 +265,8 @@ class GetHeadResponse(_message.Message):
     BLOCK_TIME_MS_FIELD_NUMBER: _builtins.int
     MEMPOOL_SIZE_FIELD_NUMBER: _builtins.int
     IS_AUTHORITY_FIELD_NUMBER: _builtins.int
+    CERTIFIED_HEIGHT_FIELD_NUMBER: _builtins.int
+    CERTIFIED_HASH_FIELD_NUMBER: _builtins.int
     finalized_height: _builtins.int
     chain_id: _builtins.str
     genesis_hash: _builtins.str
@@ -257,6 +276,12 @@ class GetHeadResponse(_message.Message):
     """Transactions waiting in this node's mempool."""
     is_authority: _builtins.bool
     """True when this node produces blocks."""
+    certified_height: _builtins.int
+    """Height of the highest block this node holds a finality certificate for (votes of more than
+    2/3 of the authorities); 0 when none.
+    """
+    certified_hash: _builtins.str
+    """Lower-case hex hash of that block."""
     @_builtins.property
     def head(self) -> Global___BlockHeader: ...
     @_builtins.property
@@ -274,10 +299,12 @@ class GetHeadResponse(_message.Message):
         block_time_ms: _builtins.int = ...,
         mempool_size: _builtins.int = ...,
         is_authority: _builtins.bool = ...,
+        certified_height: _builtins.int = ...,
+        certified_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["head", b"head"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorities", b"authorities", "block_time_ms", b"block_time_ms", "chain_id", b"chain_id", "finalized_height", b"finalized_height", "genesis_hash", b"genesis_hash", "head", b"head", "is_authority", b"is_authority", "mempool_size", b"mempool_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorities", b"authorities", "block_time_ms", b"block_time_ms", "certified_hash", b"certified_hash", "certified_height", b"certified_height", "chain_id", b"chain_id", "finalized_height", b"finalized_height", "genesis_hash", b"genesis_hash", "head", b"head", "is_authority", b"is_authority", "mempool_size", b"mempool_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -528,6 +555,8 @@ class GetAccountResponse(_message.Message):
     NONCE_FIELD_NUMBER: _builtins.int
     PENDING_NONCE_FIELD_NUMBER: _builtins.int
     HEIGHT_FIELD_NUMBER: _builtins.int
+    EVIDENCE_HEIGHT_FIELD_NUMBER: _builtins.int
+    EVIDENCE_TX_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     balance: _builtins.int
     """Balance in the smallest unit, as of the head."""
@@ -536,6 +565,12 @@ class GetAccountResponse(_message.Message):
     pending_nonce: _builtins.int
     """Nonce after this node's pending transactions from the account."""
     height: _builtins.int
+    evidence_height: _builtins.int
+    """Height of the block that recorded evidence against this account (an authority that signed
+    conflicting finality votes; its votes are ignored from then on); 0 when none.
+    """
+    evidence_tx: _builtins.str
+    """Lower-case hex hash of that EVIDENCE transaction."""
     def __init__(
         self,
         *,
@@ -544,10 +579,12 @@ class GetAccountResponse(_message.Message):
         nonce: _builtins.int = ...,
         pending_nonce: _builtins.int = ...,
         height: _builtins.int = ...,
+        evidence_height: _builtins.int = ...,
+        evidence_tx: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "balance", b"balance", "height", b"height", "nonce", b"nonce", "pending_nonce", b"pending_nonce"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "balance", b"balance", "evidence_height", b"evidence_height", "evidence_tx", b"evidence_tx", "height", b"height", "nonce", b"nonce", "pending_nonce", b"pending_nonce"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -749,3 +786,73 @@ class ListPeersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPeersResponse: _TypeAlias = ListPeersResponse  # noqa: Y015
+
+@_typing.final
+class SubmitVotesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOTES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def votes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Signed votes, canonical bytes (docs/ledger.md, "Finality votes")."""
+
+    def __init__(
+        self,
+        *,
+        votes: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["votes", b"votes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitVotesRequest: _TypeAlias = SubmitVotesRequest  # noqa: Y015
+
+@_typing.final
+class VoteResult(_message.Message):
+    """VoteResult is one vote's outcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.bool
+    code: _builtins.str
+    """gRPC status code name and message when not accepted (e.g. "PERMISSION_DENIED")."""
+    error: _builtins.str
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.bool = ...,
+        code: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "code", b"code", "error", b"error"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoteResult: _TypeAlias = VoteResult  # noqa: Y015
+
+@_typing.final
+class SubmitVotesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___VoteResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___VoteResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitVotesResponse: _TypeAlias = SubmitVotesResponse  # noqa: Y015

@@ -86,6 +86,11 @@ class LedgerServiceStub:
                 request_serializer=aitbc_dot_v1_dot_ledger__pb2.ListPeersRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_ledger__pb2.ListPeersResponse.FromString,
                 _registered_method=True)
+        self.SubmitVotes = channel.unary_unary(
+                '/aitbc.v1.LedgerService/SubmitVotes',
+                request_serializer=aitbc_dot_v1_dot_ledger__pb2.SubmitVotesRequest.SerializeToString,
+                response_deserializer=aitbc_dot_v1_dot_ledger__pb2.SubmitVotesResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -167,6 +172,15 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitVotes(self, request, context):
+        """SubmitVotes hands signed finality votes (docs/ledger.md, "Finality votes") to the node; each
+        vote gets its own result. Authorities send their votes to their peers, and every node passes
+        on the votes it counted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +233,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.ListPeers,
                     request_deserializer=aitbc_dot_v1_dot_ledger__pb2.ListPeersRequest.FromString,
                     response_serializer=aitbc_dot_v1_dot_ledger__pb2.ListPeersResponse.SerializeToString,
+            ),
+            'SubmitVotes': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitVotes,
+                    request_deserializer=aitbc_dot_v1_dot_ledger__pb2.SubmitVotesRequest.FromString,
+                    response_serializer=aitbc_dot_v1_dot_ledger__pb2.SubmitVotesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -493,6 +512,33 @@ class LedgerService:
             '/aitbc.v1.LedgerService/ListPeers',
             aitbc_dot_v1_dot_ledger__pb2.ListPeersRequest.SerializeToString,
             aitbc_dot_v1_dot_ledger__pb2.ListPeersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitVotes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aitbc.v1.LedgerService/SubmitVotes',
+            aitbc_dot_v1_dot_ledger__pb2.SubmitVotesRequest.SerializeToString,
+            aitbc_dot_v1_dot_ledger__pb2.SubmitVotesResponse.FromString,
             options,
             channel_credentials,
             insecure,

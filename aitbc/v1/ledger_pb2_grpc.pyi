@@ -63,6 +63,11 @@ class LedgerServiceStub:
     """ListPeers returns the peers this node syncs from and has verified (same genesis), for peer
     exchange: nodes started with one --peers entry learn the others from it.
     """
+    SubmitVotes: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.SubmitVotesRequest, _ledger_pb2.SubmitVotesResponse]
+    """SubmitVotes hands signed finality votes (docs/ledger.md, "Finality votes") to the node; each
+    vote gets its own result. Authorities send their votes to their peers, and every node passes
+    on the votes it counted.
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -98,6 +103,11 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     ListPeers: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListPeersRequest, _ledger_pb2.ListPeersResponse]  # type: ignore[assignment]
     """ListPeers returns the peers this node syncs from and has verified (same genesis), for peer
     exchange: nodes started with one --peers entry learn the others from it.
+    """
+    SubmitVotes: _aio.UnaryUnaryMultiCallable[_ledger_pb2.SubmitVotesRequest, _ledger_pb2.SubmitVotesResponse]  # type: ignore[assignment]
+    """SubmitVotes hands signed finality votes (docs/ledger.md, "Finality votes") to the node; each
+    vote gets its own result. Authorities send their votes to their peers, and every node passes
+    on the votes it counted.
     """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -191,6 +201,17 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ledger_pb2.ListPeersResponse, _abc.Awaitable[_ledger_pb2.ListPeersResponse]]:
         """ListPeers returns the peers this node syncs from and has verified (same genesis), for peer
         exchange: nodes started with one --peers entry learn the others from it.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitVotes(
+        self,
+        request: _ledger_pb2.SubmitVotesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.SubmitVotesResponse, _abc.Awaitable[_ledger_pb2.SubmitVotesResponse]]:
+        """SubmitVotes hands signed finality votes (docs/ledger.md, "Finality votes") to the node; each
+        vote gets its own result. Authorities send their votes to their peers, and every node passes
+        on the votes it counted.
         """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -77,3 +77,26 @@ def test_any_delivery_order_reaches_the_same_head(tree, data):
         assert c.head.hash == expected.hash
         results.append(dict(c.store.scan(b"v1:acct:")) | dict(c.store.scan(b"v1:rcpt:")))
     assert results[0] == results[1]
+
+
+def test_the_justified_block_holds_the_chain_and_a_higher_one_moves_it():
+    """Finality votes' fork choice: a longer branch that forks below the highest justified block
+    is not taken; a pending block justified higher than the lock is adopted even if its branch is
+    shorter (never below the final block)."""
+    a1 = _grow([], 0, None)
+    a2 = _grow([a1], 1, None)
+    b2 = _grow([a1], 4, None)  # fork at height 1
+    b3 = _grow([a1, b2], 5, None)
+    b4 = _grow([a1, b2, b3], 8, None)
+    c = Chain(MemoryStore(), G)
+    c.add_blocks([a1, a2], now_ms=10**15)
+    c.locked_height = 2  # a2 justified
+    for b in (b2, b3):
+        assert c.add_block(decode_block(b.raw), now_ms=10**15) == "side"
+    assert c.head.hash == a2.hash
+    assert c.adopt_justified(b3.hash)  # b3 justified at height 3 > 2
+    assert c.head.hash == b3.hash
+    c.locked_height = 3
+    assert c.add_block(decode_block(b4.raw), now_ms=10**15) == "extended"
+    assert not c.adopt_justified(a2.hash)  # pending again, but not above the lock: refused
+    assert c.head.hash == b4.hash

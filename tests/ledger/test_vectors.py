@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from pathlib import Path
 
 import coincurve
 import pytest
 
+from aitbc import crypto
 from aitbc.errors import AitbcError
+from aitbc.ledger import finality as fin
 from aitbc.ledger import state
 from aitbc.ledger.block import decode_block
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.genesis import Genesis, make_genesis
 from aitbc.ledger.store import MemoryStore
-from aitbc.ledger.tx import decode_tx, make_mint, make_transfer, signing_digest
+from aitbc.ledger.tx import decode_tx, make_evidence, make_mint, make_transfer, signing_digest
 
 from .helpers import ALICE, ATTESTER, AUTH, BOB, PROVIDER, receipt
 
@@ -84,7 +87,41 @@ def build() -> dict:
         })
     out["final_balances"] = {who.address: chain.account(hashlib.sha256(who.pubkey).digest()[:20])[0]
                              for who in (PROVIDER, BOB, ALICE)}
+    out["finality"] = finality_vectors()
     return out
+
+
+def finality_vectors() -> dict:
+    """Votes, a certificate, evidence (docs/ledger.md "Finality votes") on a 4-authority genesis."""
+    g = make_genesis(CHAIN, [k.address for k in AUTH], [ATTESTER.address], block_time_ms=1000,
+                     max_price_per_unit=1000, max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000)
+    gen = fin.Checkpoint(0, g.hash())
+    b1 = fin.Checkpoint(1, hashlib.sha256(b"vector block 1").digest())
+    b2 = fin.Checkpoint(2, hashlib.sha256(b"vector block 2").digest())
+    b1x = fin.Checkpoint(1, hashlib.sha256(b"vector block 1, the other branch").digest())
+    votes = [fin.make_vote(k, g, b1, b2) for k in AUTH[:3]]
+    cert = fin.make_certificate(votes)
+    double = (fin.make_vote(AUTH[3], g, gen, b1), fin.make_vote(AUTH[3], g, gen, b1x))
+    too_few = fin.make_certificate(votes[:2])
+    dup = fin.Certificate(b1, b2, cert.signatures[:2] + cert.signatures[1:2])
+    outsider = fin.make_certificate(votes[:2] + [fin.make_vote(BOB, g, b1, b2)])
+    return {
+        "genesis": g.to_dict(), "genesis_hash": g.hash().hex(), "quorum": fin.quorum(len(AUTH)),
+        "votes": [{"voter": v.voter_address, "source_height": v.source.height, "source_hash": v.source.hash.hex(),
+                   "target_height": v.target.height, "target_hash": v.target.hash.hex(), "body": v.body().hex(),
+                   "digest": v.digest().hex(), "raw": v.encode().hex()} for v in votes],
+        "certificate": {"block_height": b1.height, "block_hash": b1.hash.hex(), "raw": cert.encode().hex()},
+        "evidence": {"voter": double[0].voter_address, "kind": "double vote",
+                     "raw": fin.encode_evidence(*double).hex(),
+                     "transaction": make_evidence(BOB, g.ref, 0, fin.encode_evidence(*double)).hex()},
+        "refused_certificates": [
+            {"name": "two signers of four", "raw": too_few.encode().hex(),
+             "error": "certificate has too few signers: 2, needs more than 2/3 of 4 authorities (3)"},
+            {"name": "one signer twice", "raw": dup.encode().hex(), "error": "certificate has duplicate signers"},
+            {"name": "a non-authority signer", "raw": outsider.encode().hex(),
+             "error": "certificate refused: vote from"},
+        ],
+    }
 
 
 def test_implementation_reproduces_vectors():
@@ -94,6 +131,93 @@ def test_implementation_reproduces_vectors():
     for bad in v["refused_transactions"]:
         with pytest.raises(AitbcError, match="^" + bad["error"]):
             state.check_stateless(decode_tx(bytes.fromhex(bad["raw"])), g)
+    f = v["finality"]
+    g4 = Genesis.from_dict(f["genesis"])
+    block = fin.Checkpoint(f["certificate"]["block_height"], bytes.fromhex(f["certificate"]["block_hash"]))
+    fin.verify_certificate(fin.decode_certificate(bytes.fromhex(f["certificate"]["raw"])), g4, block=block)
+    assert fin.check_evidence(bytes.fromhex(f["evidence"]["raw"]), g4) == crypto.sha256(AUTH[3].pubkey)[:20]
+    etx = decode_tx(bytes.fromhex(f["evidence"]["transaction"]))
+    state.check_stateless(etx, g4)
+    assert etx.evidence.hex() == f["evidence"]["raw"]
+    for bad in f["refused_certificates"]:
+        with pytest.raises(AitbcError, match="^" + re.escape(bad["error"])):
+            fin.verify_certificate(fin.decode_certificate(bytes.fromhex(bad["raw"])), g4, block=block)
+
+
+def test_independent_finality_reader():
+    """The vote, certificate and evidence layouts of docs/ledger.md read from scratch."""
+    from aitbc import bech32
+
+    f = json.loads(VECTORS.read_text())["finality"]
+
+    def dd(domain: bytes, payload: bytes) -> bytes:
+        return hashlib.sha256(domain + b"\x00" + payload).digest()
+
+    g = f["genesis"]
+    gh = hashlib.sha256(json.dumps(g, sort_keys=True, separators=(",", ":")).encode()).digest()
+    assert gh.hex() == f["genesis_hash"]
+    auths = [bytes(bech32.decode(a)[1]) for a in g["authorities"]]
+    n = len(auths)
+    q = 2 * n // 3 + 1
+    assert q == f["quorum"] == 3
+    cid = g["chain_id"].encode()
+
+    def body(sh: int, shash: bytes, th: int, thash: bytes, voter: bytes) -> bytes:
+        return bytes((1, len(cid))) + cid + gh + struct.pack(">Q32sQ32s", sh, shash, th, thash) + voter
+
+    def signer(b: bytes, sig: bytes) -> bytes:
+        assert len(sig) == 65 and int.from_bytes(sig[32:64], "big") <= 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141 // 2
+        pub = coincurve.PublicKey.from_signature_and_message(sig, dd(b"AITBC/vote/v1", b), hasher=None).format()
+        return hashlib.sha256(pub).digest()[:20]
+
+    def read_vote(raw: bytes) -> tuple[int, bytes, int, bytes, bytes]:
+        assert raw[0] == 1 and raw[2:2 + raw[1]] == cid and raw[2 + raw[1]:34 + raw[1]] == gh
+        p = 34 + raw[1]
+        sh, shash, th, thash = struct.unpack_from(">Q32sQ32s", raw, p)
+        voter = raw[p + 80:p + 100]
+        assert len(raw) == p + 165 and th > sh and signer(raw[:p + 100], raw[p + 100:]) == voter
+        return sh, shash, th, thash, voter
+
+    for vv in f["votes"]:
+        raw = bytes.fromhex(vv["raw"])
+        assert read_vote(raw)[4] == bytes(bech32.decode(vv["voter"])[1])
+        assert dd(b"AITBC/vote/v1", raw[:-65]).hex() == vv["digest"]
+
+    def cert_ok(raw: bytes, height: int, block_hash: bytes) -> bool:
+        assert raw[0] == 1
+        sh, shash, th, thash = struct.unpack_from(">Q32sQ32s", raw, 1)
+        (count,) = struct.unpack_from(">H", raw, 81)
+        assert len(raw) == 83 + 85 * count
+        voters = [raw[83 + 85 * i:103 + 85 * i] for i in range(count)]
+        sigs = [raw[103 + 85 * i:168 + 85 * i] for i in range(count)]
+        if (sh, shash) != (height, block_hash) or th != sh + 1 or voters != sorted(set(voters)) or count < q:
+            return False
+        return all(v in auths and signer(body(sh, shash, th, thash, v), s) == v
+                   for v, s in zip(voters, sigs, strict=True))
+
+    c = f["certificate"]
+    assert cert_ok(bytes.fromhex(c["raw"]), c["block_height"], bytes.fromhex(c["block_hash"]))
+    for bad in f["refused_certificates"]:
+        assert not cert_ok(bytes.fromhex(bad["raw"]), c["block_height"], bytes.fromhex(c["block_hash"]))
+
+    ev = bytes.fromhex(f["evidence"]["raw"])
+    assert ev[0] == 1
+    (la,) = struct.unpack_from(">H", ev, 1)
+    a = ev[3:3 + la]
+    (lb,) = struct.unpack_from(">H", ev, 3 + la)
+    b = ev[5 + la:5 + la + lb]
+    assert len(ev) == 5 + la + lb and a < b
+    va, vb = read_vote(a), read_vote(b)
+    assert va[4] == vb[4] == bytes(bech32.decode(f["evidence"]["voter"])[1]) and va[4] in auths
+    assert va[2] == vb[2] and va[:4] != vb[:4]  # a double vote: one target height, two links
+    tx = bytes.fromhex(f["evidence"]["transaction"])  # kind 3: u16 len(E) || E, then the 64-byte signature
+    assert tx[0] == 2 and tx[1] == 3 and tx[3:3 + tx[2]] == cid and tx[3 + tx[2]:35 + tx[2]] == gh
+    p = 35 + tx[2]
+    spub = tx[p:p + 33]
+    (elen,) = struct.unpack_from(">H", tx, p + 41)
+    assert tx[p + 43:p + 43 + elen] == ev and len(tx) == p + 43 + elen + 64
+    der = coincurve.ecdsa.cdata_to_der(coincurve.ecdsa.deserialize_compact(tx[-64:]))
+    assert coincurve.PublicKey(spub).verify(der, dd(b"AITBC/tx/v2", tx[:-64]), hasher=None)
 
 
 def test_independent_reader():

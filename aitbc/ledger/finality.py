@@ -1,0 +1,435 @@
+"""Finality by votes: a Casper-FFG-style gadget over the Aura chain (docs/ledger.md, "Finality votes").
+
+Pure core, no I/O: the vote and certificate encodings, the voting rule an honest authority follows
+(`Voter`), the tally that turns votes into justified and final blocks (`Tally`), certificate
+verification by anyone holding the genesis, and evidence (two votes by one authority that an
+honest one never signs).
+
+A vote is a link `source -> target` between two blocks, source an ancestor of target. With
+n authorities and q = floor(2n/3) + 1:
+- a link with votes from q distinct authorities *justifies* its target when its source is
+  justified (the genesis is justified);
+- a justified block S is *final* when a link S -> T with T a child of S (height + 1) has q votes;
+  those q votes are S's certificate, and every ancestor of S is final with it.
+An honest authority never signs two votes with the same target height (double vote) nor a vote
+whose (source, target) heights strictly surround another of its own (surround vote); each such
+pair is evidence. Two conflicting final blocks need f + 1 authorities to sign evidence.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from aitbc import bech32, crypto
+from aitbc.errors import (
+    AitbcError,
+    CryptoError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from aitbc.ledger.genesis import Genesis, check_chain_id
+
+VOTE_VERSION = 1
+VOTE_DOMAIN = b"AITBC/vote/v1"
+CERT_VERSION = 1
+EVIDENCE_VERSION = 1
+
+_LINK = struct.Struct(">Q32sQ32s")
+_U16 = struct.Struct(">H")
+SIG_LEN = 65
+MAX_SPAN = 256  # most heights one vote's link may span (a tally walks parent links to check it)
+
+
+def quorum(n: int) -> int:
+    """Votes a link needs: more than 2/3 of n equal-weight authorities, floor(2n/3) + 1."""
+    return 2 * n // 3 + 1
+
+
+def tolerated(n: int) -> int:
+    """f = floor((n - 1) / 3): byzantine authorities the rule survives (0 with 1-3, 1 with 4-6)."""
+    return (n - 1) // 3
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    height: int
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Vote:
+    chain_id: str
+    genesis_hash: bytes
+    source: Checkpoint
+    target: Checkpoint
+    voter: bytes  # 20-byte account id
+    signature: bytes = b""  # 65 bytes r || s || v over digest()
+
+    def body(self) -> bytes:
+        cid = self.chain_id.encode()
+        return (bytes((VOTE_VERSION, len(cid))) + cid + self.genesis_hash
+                + _LINK.pack(self.source.height, self.source.hash, self.target.height, self.target.hash) + self.voter)
+
+    def digest(self) -> bytes:
+        return crypto.domain_digest(VOTE_DOMAIN, self.body())
+
+    def encode(self) -> bytes:
+        return self.body() + self.signature
+
+    @property
+    def link(self) -> tuple[Checkpoint, Checkpoint]:
+        return self.source, self.target
+
+    @property
+    def voter_address(self) -> str:
+        return bech32.encode(crypto.ADDRESS_HRP, self.voter)
+
+
+def make_vote(key: crypto.PrivateKey, genesis: Genesis, source: Checkpoint, target: Checkpoint) -> Vote:
+    v = Vote(genesis.chain_id, genesis.hash(), source, target, crypto.sha256(key.pubkey)[:20])
+    return Vote(v.chain_id, v.genesis_hash, source, target, v.voter, key.sign(v.digest()))
+
+
+def decode_vote(raw: bytes) -> Vote:
+    raw = bytes(raw)
+    try:
+        version, clen = raw[0], raw[1]
+        if version != VOTE_VERSION:
+            raise InvalidArgument(f"malformed vote: version {version} is not supported")
+        cid = raw[2:2 + clen].decode("ascii")
+        pos = 2 + clen
+        if len(raw) != pos + 32 + _LINK.size + 20 + SIG_LEN:
+            raise InvalidArgument("malformed vote: wrong length")
+        gh = raw[pos:pos + 32]
+        sh, shash, th, thash = _LINK.unpack_from(raw, pos + 32)
+        pos += 32 + _LINK.size
+        voter, sig = raw[pos:pos + 20], raw[pos + 20:]
+    except (IndexError, UnicodeDecodeError, struct.error):
+        raise InvalidArgument("malformed vote: truncated") from None
+    try:
+        check_chain_id(cid)
+    except AitbcError:
+        raise InvalidArgument("malformed vote: bad chain id") from None
+    if th <= sh:
+        raise InvalidArgument(f"malformed vote: target height {th} is not above source height {sh}")
+    return Vote(cid, gh, Checkpoint(sh, shash), Checkpoint(th, thash), voter, sig)
+
+
+def verify_vote(vote: Vote, genesis: Genesis, genesis_hash: bytes | None = None,
+                ignored: Iterable[bytes] = ()) -> None:
+    """Raise unless `vote` is signed by an authority of this genesis (and not one with evidence
+    against it). Stateless: whether the blocks exist is the tally's business."""
+    gh = genesis_hash if genesis_hash is not None else genesis.hash()
+    if vote.chain_id != genesis.chain_id:
+        raise InvalidArgument(f"wrong chain id: vote is for {vote.chain_id!r}, this chain is {genesis.chain_id!r}")
+    if vote.genesis_hash != gh:
+        raise InvalidArgument(f"wrong genesis: vote is for genesis {vote.genesis_hash.hex()}, this chain has "
+                              f"{gh.hex()} (another network, or a replayed vote)")
+    if vote.voter not in genesis.authority_ids:
+        raise PermissionDenied(f"vote from {vote.voter_address}, which is not an authority")
+    if vote.voter in set(ignored):
+        raise PermissionDenied(f"vote from {vote.voter_address}, whose votes are ignored (evidence on chain)")
+    try:
+        pub = crypto.recover_pubkey(vote.digest(), vote.signature)
+    except CryptoError as exc:
+        raise InvalidArgument(f"bad vote signature: {exc.message}") from None
+    if crypto.sha256(pub)[:20] != vote.voter:
+        raise InvalidArgument(f"bad vote signature: not signed by {vote.voter_address}")
+
+
+# ---- certificates ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """q votes on one link source -> target (target = a child of source): source is final."""
+
+    source: Checkpoint
+    target: Checkpoint
+    signatures: tuple[tuple[bytes, bytes], ...]  # (voter id, 65-byte signature), voter ids ascending
+
+    def encode(self) -> bytes:
+        out = [bytes((CERT_VERSION,)), _LINK.pack(self.source.height, self.source.hash, self.target.height,
+                                                  self.target.hash), _U16.pack(len(self.signatures))]
+        for voter, sig in self.signatures:
+            out.append(voter + sig)
+        return b"".join(out)
+
+    def votes(self, genesis: Genesis, genesis_hash: bytes | None = None) -> list[Vote]:
+        gh = genesis_hash if genesis_hash is not None else genesis.hash()
+        return [Vote(genesis.chain_id, gh, self.source, self.target, v, s) for v, s in self.signatures]
+
+
+def make_certificate(votes: Iterable[Vote]) -> Certificate:
+    vs = sorted({v.voter: v for v in votes}.values(), key=lambda v: v.voter)
+    if not vs or len({v.link for v in vs}) != 1:
+        raise InvalidArgument("a certificate holds votes on exactly one link")
+    return Certificate(vs[0].source, vs[0].target, tuple((v.voter, v.signature) for v in vs))
+
+
+def decode_certificate(raw: bytes) -> Certificate:
+    raw = bytes(raw)
+    try:
+        if raw[0] != CERT_VERSION:
+            raise InvalidArgument(f"malformed certificate: version {raw[0]} is not supported")
+        sh, shash, th, thash = _LINK.unpack_from(raw, 1)
+        (count,) = _U16.unpack_from(raw, 1 + _LINK.size)
+    except (IndexError, struct.error):
+        raise InvalidArgument("malformed certificate: truncated") from None
+    pos = 1 + _LINK.size + 2
+    if len(raw) != pos + count * (20 + SIG_LEN):
+        raise InvalidArgument("malformed certificate: wrong length")
+    sigs = tuple((raw[p:p + 20], raw[p + 20:p + 20 + SIG_LEN]) for p in range(pos, len(raw), 20 + SIG_LEN))
+    return Certificate(Checkpoint(sh, shash), Checkpoint(th, thash), sigs)
+
+
+def verify_certificate(cert: Certificate, genesis: Genesis, *, block: Checkpoint | None = None,
+                       genesis_hash: bytes | None = None, ignored: Iterable[bytes] = ()) -> None:
+    """Raise unless `cert` proves its source final under this genesis: a child link, more than
+    2/3 of the authorities, each once, each signature valid. `block`: the block it is claimed for."""
+    n = len(genesis.authorities)
+    q = quorum(n)
+    if block is not None and (cert.source.height, cert.source.hash) != (block.height, block.hash):
+        raise InvalidArgument(f"certificate is for block {cert.source.height} {cert.source.hash.hex()[:16]}, not "
+                              f"for block {block.height} {block.hash.hex()[:16]} (a replayed certificate)")
+    if cert.target.height != cert.source.height + 1:
+        raise InvalidArgument(f"certificate link {cert.source.height} -> {cert.target.height} is not to a child")
+    voters = [v for v, _ in cert.signatures]
+    if len(set(voters)) != len(voters):
+        raise InvalidArgument("certificate has duplicate signers")
+    if voters != sorted(voters):
+        raise InvalidArgument("malformed certificate: signers must be in ascending order")
+    if len(voters) < q:
+        raise InvalidArgument(f"certificate has too few signers: {len(voters)}, needs more than 2/3 of {n} "
+                              f"authorities ({q})")
+    gh = genesis_hash if genesis_hash is not None else genesis.hash()
+    ign = frozenset(ignored)
+    for vote in cert.votes(genesis, gh):
+        try:
+            verify_vote(vote, genesis, gh, ign)
+        except AitbcError as exc:
+            raise InvalidArgument(f"certificate refused: {exc.message}") from None
+
+
+# ---- evidence ----------------------------------------------------------------------------------
+
+
+def conflict(a: Vote, b: Vote) -> str | None:
+    """Why two votes of one voter prove it byzantine ("double vote", "surround vote"), or None."""
+    if a.voter != b.voter or a.link == b.link:
+        return None
+    if a.target.height == b.target.height:
+        return "double vote"
+    s1, t1, s2, t2 = a.source.height, a.target.height, b.source.height, b.target.height
+    if (s1 < s2 and t2 < t1) or (s2 < s1 and t1 < t2):
+        return "surround vote"
+    return None
+
+
+def encode_evidence(a: Vote, b: Vote) -> bytes:
+    """Canonical evidence: u8 version || u16 len || vote || u16 len || vote, lower vote bytes first."""
+    x, y = sorted((a.encode(), b.encode()))
+    return bytes((EVIDENCE_VERSION,)) + _U16.pack(len(x)) + x + _U16.pack(len(y)) + y
+
+
+def _split_evidence(raw: bytes) -> tuple[bytes, bytes]:
+    try:
+        if raw[0] != EVIDENCE_VERSION:
+            raise InvalidArgument(f"not evidence: version {raw[0]} is not supported")
+        (la,) = _U16.unpack_from(raw, 1)
+        xa = raw[3:3 + la]
+        (lb,) = _U16.unpack_from(raw, 3 + la)
+        xb = raw[5 + la:5 + la + lb]
+    except (IndexError, struct.error):
+        raise InvalidArgument("not evidence: truncated") from None
+    if len(raw) != 5 + la + lb or not xa < xb:
+        raise InvalidArgument("not evidence: two distinct votes in ascending byte order expected")
+    return xa, xb
+
+
+def evidence_voter(raw: bytes) -> bytes:
+    """The voter named by (already checked) evidence, without checking signatures again."""
+    return decode_vote(_split_evidence(bytes(raw))[0]).voter
+
+
+def check_evidence(raw: bytes, genesis: Genesis, genesis_hash: bytes | None = None) -> bytes:
+    """The voter id that `raw` convicts; raises "not evidence: ..." unless it holds two validly
+    signed votes of one authority of this genesis that an honest authority never both signs."""
+    xa, xb = _split_evidence(bytes(raw))
+    try:
+        a, b = decode_vote(xa), decode_vote(xb)
+    except AitbcError as exc:
+        raise InvalidArgument(f"not evidence: {exc.message}") from None
+    for v in (a, b):
+        try:
+            verify_vote(v, genesis, genesis_hash)
+        except AitbcError as exc:
+            raise InvalidArgument(f"not evidence: {exc.message}") from None
+    if a.voter != b.voter:
+        raise InvalidArgument("not evidence: the votes are by different authorities")
+    if conflict(a, b) is None:
+        raise InvalidArgument("not evidence: the two votes do not conflict (neither the same target height nor "
+                              "one surrounding the other)")
+    return a.voter
+
+
+# ---- the honest voter ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Voter:
+    """What one honest authority may still sign. Its lock is (last target height, last source
+    height): targets strictly rise and sources never fall, so it never signs a double or surround
+    vote. Persist both before sending a vote (a restart must not forget them)."""
+
+    key: crypto.PrivateKey
+    genesis: Genesis
+    last_target: int = 0
+    last_source: int = 0
+
+    def vote(self, source: Checkpoint, target: Checkpoint) -> Vote | None:
+        """Sign source -> target if the lock allows it. The caller passes its highest justified
+        block as source and its head (a descendant of source) as target."""
+        if target.height <= self.last_target or source.height < self.last_source or target.height <= source.height:
+            return None
+        self.last_target, self.last_source = target.height, source.height
+        return make_vote(self.key, self.genesis, source, target)
+
+
+# ---- the tally -----------------------------------------------------------------------------------
+
+BlockLookup = Callable[[bytes], "tuple[int, bytes] | None"]  # hash -> (height, parent hash)
+
+
+@dataclass(frozen=True, slots=True)
+class VoteResult:
+    outcome: str  # "counted", "known"
+    evidence: bytes = b""  # encoded evidence when this vote conflicts with an earlier one of its voter
+    finalized: Checkpoint | None = None  # the new final block when this vote completed a certificate
+
+
+@dataclass
+class Tally:
+    """One node's view of the votes: justified blocks, the final block and its certificate."""
+
+    genesis: Genesis
+    lookup: BlockLookup
+    genesis_hash: bytes = b""
+    justified: dict[bytes, int] = field(default_factory=dict)
+    links: dict[tuple[Checkpoint, Checkpoint], dict[bytes, Vote]] = field(default_factory=dict)
+    by_voter: dict[bytes, list[Vote]] = field(default_factory=dict)
+    ignored: set[bytes] = field(default_factory=set)
+    final: Checkpoint | None = None
+    certificate: Certificate | None = None
+
+    def __post_init__(self) -> None:
+        self.genesis_hash = self.genesis_hash or self.genesis.hash()
+        self.justified.setdefault(self.genesis_hash, 0)
+        if self.final is None:
+            self.final = Checkpoint(0, self.genesis_hash)
+        self.justified[self.final.hash] = self.final.height  # a final block is justified
+        self.q = quorum(len(self.genesis.authorities))
+
+    def _height(self, h: bytes) -> int | None:
+        if h == self.genesis_hash:
+            return 0
+        got = self.lookup(h)
+        return None if got is None else got[0]
+
+    def is_ancestor(self, a: Checkpoint, b: Checkpoint) -> bool:
+        """a is b or an ancestor of b (by parent links)."""
+        cur, height = b.hash, b.height
+        while height > a.height:
+            if cur == self.genesis_hash:
+                return False
+            got = self.lookup(cur)
+            if got is None:
+                return False
+            cur, height = got[1], got[0] - 1
+        return height == a.height and cur == a.hash
+
+    def highest_justified(self) -> Checkpoint:
+        h, height = max(self.justified.items(), key=lambda kv: (kv[1], kv[0]))
+        return Checkpoint(height, h)
+
+    def add(self, vote: Vote) -> VoteResult:
+        """Count a vote; raises with a clear message when it cannot count."""
+        verify_vote(vote, self.genesis, self.genesis_hash, self.ignored)
+        assert self.final is not None
+        if vote.target.height <= self.final.height:
+            raise FailedPrecondition(f"stale vote: target {vote.target.height} is not above the final height "
+                                     f"{self.final.height}")
+        if vote.target.height - vote.source.height > MAX_SPAN:
+            raise InvalidArgument(f"vote link spans more than {MAX_SPAN} heights")
+        for cp, what in ((vote.target, "target"), (vote.source, "source")):
+            if self._height(cp.hash) != cp.height:
+                raise NotFound(f"vote for an unknown block: {what} {cp.height} {cp.hash.hex()[:16]} is not known here")
+        if not self.is_ancestor(vote.source, vote.target):
+            raise InvalidArgument("vote links a source that is not an ancestor of its target")
+        link = vote.link
+        voters = self.links.setdefault(link, {})
+        if vote.voter in voters:
+            return VoteResult("known")
+        evidence = b""
+        for earlier in self.by_voter.get(vote.voter, ()):
+            if conflict(earlier, vote) is not None:
+                evidence = encode_evidence(earlier, vote)
+                break
+        voters[vote.voter] = vote
+        self.by_voter.setdefault(vote.voter, []).append(vote)
+        return VoteResult("counted", evidence, self._settle(link))
+
+    def prune(self) -> None:
+        """Forget votes that can no longer change anything (targets at or below the final height)."""
+        assert self.final is not None
+        fh = self.final.height
+        self.links = {k: v for k, v in self.links.items() if k[1].height > fh}
+        self.by_voter = {k: kept for k, vs in self.by_voter.items() if (kept := [v for v in vs if v.target.height > fh])}
+        self.justified = {h: x for h, x in self.justified.items() if x >= fh}
+
+    def ignore(self, voter: bytes) -> None:
+        """Evidence against `voter` is on chain: drop its votes from every link from now on."""
+        self.ignored.add(voter)
+        for voters in self.links.values():
+            voters.pop(voter, None)
+
+    def _settle(self, link: tuple[Checkpoint, Checkpoint]) -> Checkpoint | None:
+        source, target = link
+        if len(self.links[link]) < self.q:
+            return None
+        if self.justified.get(source.hash) == source.height:
+            self.justified[target.hash] = target.height
+        if target.height != source.height + 1:
+            return None
+        assert self.final is not None
+        if self.is_ancestor(source, self.final):
+            return None  # already final
+        if not self.is_ancestor(self.final, source):
+            # only possible with more than f byzantine authorities: never leave the final chain
+            raise FailedPrecondition(f"certificate for block {source.height} conflicts with final block "
+                                     f"{self.final.height}: more than f authorities signed evidence")
+        self.justified.setdefault(source.hash, source.height)
+        self.justified[target.hash] = target.height
+        self.final = source
+        self.certificate = make_certificate(self.links[link].values())
+        return source
+
+    def add_certificate(self, cert: Certificate) -> Checkpoint | None:
+        """A certificate from a peer (catch-up, restart): verified, then its votes are counted."""
+        verify_certificate(cert, self.genesis, genesis_hash=self.genesis_hash, ignored=self.ignored)
+        assert self.final is not None
+        if self._height(cert.source.hash) == cert.source.height and self.is_ancestor(cert.source, self.final):
+            return None  # already final here
+        if self._height(cert.target.hash) != cert.target.height or self._height(cert.source.hash) != cert.source.height:
+            raise NotFound(f"certificate for an unknown block {cert.source.height} {cert.source.hash.hex()[:16]}")
+        if self.lookup(cert.target.hash) is not None and self.lookup(cert.target.hash)[1] != cert.source.hash:  # type: ignore[index]
+            raise InvalidArgument("certificate link is not from a block to its child")
+        done = None
+        for vote in cert.votes(self.genesis, self.genesis_hash):
+            r = self.add(vote)
+            done = r.finalized or done
+        return done

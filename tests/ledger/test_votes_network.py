@@ -1,0 +1,163 @@
+"""Finality votes between real nodes (in-process, real loopback gRPC servers): 4 authorities and a
+follower sign and gossip votes, certify blocks by more than 2/3, and serve the certificates in
+GetBlock, GetHead and StreamBlocks, where anyone holding the genesis can verify them; one of 4
+down, certification goes on; a follower joining late verifies the certificates it catches up
+with; SubmitVotes refuses bad votes each with a clear status."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from aitbc import rpc
+from aitbc.errors import InvalidArgument
+from aitbc.ledger import finality
+from aitbc.ledger.store import MemoryStore
+from aitbc.server.ledger import start_node
+from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
+
+from .helpers import AUTH, BOB, genesis
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def _until(pred, timeout=60.0, what="condition"):
+    for _ in range(int(timeout / 0.05)):
+        if pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _addr(server) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+async def test_four_authorities_certify_blocks_and_anyone_can_verify():
+    g = genesis(4, block_time_ms=300)
+    stores = [MemoryStore() for _ in AUTH]
+    first = await start_node(stores[0], g, AUTH[0], "127.0.0.1:0")
+    running = [first]
+    try:
+        for k, st in zip(AUTH[1:], stores[1:], strict=True):
+            running.append(await start_node(st, g, k, "127.0.0.1:0", peers=[_addr(first[1])]))
+        running.append(await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[_addr(first[1])]))
+        nodes = [n for n, _ in running]
+        await _until(lambda: min(n.certified.height for n in nodes) >= 4, what="certified blocks everywhere")
+        # every node's certified block is on one chain, and each certificate verifies from the genesis alone
+        for n in nodes:
+            c = n.certified
+            assert all(m.chain.hash_at(c.height) == c.hash for m in nodes if m.chain.head.height >= c.height)
+        async with rpc.channel(_addr(running[4][1])) as ch:
+            stub = ledger_pb2_grpc.LedgerServiceStub(ch)
+            head = await stub.GetHead(ledger_pb2.GetHeadRequest())
+            assert head.certified_height >= 4 and head.certified_hash
+            blk = (await stub.GetBlock(ledger_pb2.GetBlockRequest(height=head.certified_height))).block
+            assert blk.header.hash == head.certified_hash
+            cert = finality.decode_certificate(blk.certificate)
+            finality.verify_certificate(cert, g, block=finality.Checkpoint(blk.header.height,
+                                                                           bytes.fromhex(blk.header.hash)))
+            assert len(cert.signatures) >= 3
+
+            # bad votes, each refused with its reason
+            tip = nodes[0].chain.head
+            src, tgt = finality.Checkpoint(0, g.hash()), finality.Checkpoint(tip.height, tip.hash)
+            other = genesis(4, block_time_ms=300, genesis_time_ms=1)
+            bad = [
+                finality.make_vote(BOB, g, src, tgt).encode(),
+                finality.make_vote(AUTH[1], other, finality.Checkpoint(0, other.hash()), tgt).encode(),
+                finality.make_vote(AUTH[1], g, src, finality.Checkpoint(tip.height + 50, b"\x01" * 32)).encode(),
+                b"\x01junk",
+            ]
+            res = (await stub.SubmitVotes(ledger_pb2.SubmitVotesRequest(votes=bad))).results
+            assert [(r.accepted, r.code) for r in res] == [
+                (False, "PERMISSION_DENIED"), (False, "INVALID_ARGUMENT"), (False, "NOT_FOUND"),
+                (False, "INVALID_ARGUMENT")]
+            assert "not an authority" in res[0].error and res[1].error.startswith("wrong genesis")
+            assert res[2].error.startswith("vote for an unknown block")
+
+        # one of four down: the other three are still more than 2/3
+        down_node, down_server = running.pop(3)
+        await down_node.stop()
+        await down_server.stop(0)
+        nodes = [n for n, _ in running]
+        c0 = max(n.certified.height for n in nodes)
+        await _until(lambda: min(n.certified.height for n in nodes) >= c0 + 4, what="certification with 3 of 4")
+
+        # a follower joining late gets the certificates with the blocks it catches up with, and checks them
+        late = await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[_addr(running[1][1])])
+        running.append(late)
+        await _until(lambda: late[0].certified.height >= c0, what="the late follower to verify certificates")
+        got = late[0].chain.certificate(late[0].certified.hash)
+        assert got is not None
+        finality.verify_certificate(finality.decode_certificate(got), g, block=late[0].certified)
+        # an old block's certificate (its votes are long gone) came with the block, and was checked
+        src = running[1][0].chain
+        old = next(h for h in range(1, c0) if src.certificate(src.hash_at(h) or b"") is not None)
+        assert late[0].chain.certificate(src.hash_at(old)) == src.certificate(src.hash_at(old))
+        with pytest.raises(InvalidArgument, match="too few signers"):
+            forged = finality.decode_certificate(src.certificate(src.hash_at(old)))
+            late[0].receive_certificate(finality.Certificate(forged.source, forged.target, forged.signatures[:2]).encode())
+
+        # the stopped authority restarts on its data: it remembers its certified block and its vote lock
+        lock = stores[3].get(b"v1:vote:lock")
+        assert lock is not None
+        back = await start_node(stores[3], g, AUTH[3], "127.0.0.1:0", peers=[_addr(running[0][1])])
+        running.append(back)
+        assert back[0].certified.height >= 4 and (back[0].voter.last_target, back[0].voter.last_source) == \
+            back[0].chain.vote_lock()
+        c1 = max(n.certified.height for n, _ in running)
+        await _until(lambda: back[0].certified.height >= c1 + 2, what="the restarted authority to certify again")
+    finally:
+        for n, s in reversed(running):
+            await n.stop()
+            await s.stop(0)
+
+
+async def test_a_byzantine_voter_is_convicted_on_chain_and_finality_goes_on():
+    """AUTH[3] runs no honest node: the test signs, with its key, two conflicting votes on the real
+    chain (one target height, two links) and sends one to one node and the other to another. The
+    nodes' gossip brings both together, an authority puts the evidence on chain, everyone ignores
+    AUTH[3] from then on, GetAccount shows it, and the three honest authorities keep certifying."""
+    g = genesis(4, block_time_ms=300)
+    first = await start_node(MemoryStore(), g, AUTH[0], "127.0.0.1:0")
+    running = [first]
+    try:
+        for k in AUTH[1:3]:
+            running.append(await start_node(MemoryStore(), g, k, "127.0.0.1:0", peers=[_addr(first[1])]))
+        running.append(await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[_addr(first[1])]))
+        nodes = [n for n, _ in running]
+        await _until(lambda: min(n.certified.height for n in nodes) >= 3, what="certification by 3 of 4")
+        chain = nodes[0].chain
+        c = nodes[0].certified
+        tgt_h = chain.head.height
+        tgt = finality.Checkpoint(tgt_h, chain.hash_at(tgt_h))
+        v1 = finality.make_vote(AUTH[3], g, finality.Checkpoint(c.height, c.hash), tgt)
+        v2 = finality.make_vote(AUTH[3], g, finality.Checkpoint(c.height - 1, chain.hash_at(c.height - 1)), tgt)
+        for (_, server), vote in ((running[0], v1), (running[2], v2)):
+            async with rpc.channel(_addr(server)) as ch:
+                res = await ledger_pb2_grpc.LedgerServiceStub(ch).SubmitVotes(
+                    ledger_pb2.SubmitVotesRequest(votes=[vote.encode()]))
+                assert res.results[0].accepted or res.results[0].code == "FAILED_PRECONDITION"  # may be stale
+        culprit = v1.voter
+        await _until(lambda: all(culprit in n.tally.ignored for n in nodes), what="everyone to ignore the culprit")
+        async with rpc.channel(_addr(running[3][1])) as ch:
+            stub = ledger_pb2_grpc.LedgerServiceStub(ch)
+            acct = await stub.GetAccount(ledger_pb2.GetAccountRequest(address=AUTH[3].address))
+            assert acct.evidence_height > 0
+            tx = await stub.GetTransaction(ledger_pb2.GetTransactionRequest(hash=acct.evidence_tx))
+            assert tx.transaction.kind == ledger_pb2.TRANSACTION_KIND_EVIDENCE
+            assert tx.transaction.convicted == AUTH[3].address
+        # its votes are refused from then on, and the honest three keep certifying
+        fresh = finality.make_vote(AUTH[3], g, finality.Checkpoint(0, g.hash()),
+                                   finality.Checkpoint(chain.head.height, chain.head.hash))
+        assert "ignored" in nodes[1].submit_votes([fresh.encode()])[0].message
+        c0 = max(n.certified.height for n in nodes)
+        await _until(lambda: min(n.certified.height for n in nodes) >= c0 + 3, what="certification after evidence")
+        top = min(n.certified.height for n in nodes)
+        assert len({n.chain.hash_at(top) for n in nodes}) == 1
+    finally:
+        for n, s in reversed(running):
+            await n.stop()
+            await s.stop(0)
