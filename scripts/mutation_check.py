@@ -71,10 +71,15 @@ def find_state(rule: dict) -> str:
     return "ok" if n == 1 else "MISSING" if n == 0 else f"AMBIGUOUS ({n}x)"
 
 
-def run_tests(copy: Path, tests: list[str], timeout: float) -> tuple[int, float, str]:
+MUTANT_TEST_S = 90.0  # the slowest rule test takes ~35 s on a loaded 2-core box; its unmutated run is not limited
+
+
+def run_tests(copy: Path, tests: list[str], timeout: float, *, per_test_s: float | None = None) -> tuple[int, float, str]:
+    """`per_test_s`: a mutant that makes a test hang fails it after this long (pytest-timeout), a kill
+    like any other, instead of holding the run for the whole `timeout`."""
     env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-           "--no-header", *tests]
+           "--no-header", *(["-o", f"timeout={per_test_s:g}"] if per_test_s else []), *tests]
     t0 = time.monotonic()
     try:
         done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
@@ -130,7 +135,7 @@ def main() -> int:
                 target.write_text(original)
                 problems.append(f"rule {r['rule']!r}: the mutated {r['file']} does not compile: {exc}")
                 continue
-            rc, took, out = run_tests(copy, r["tests"], args.timeout)
+            rc, took, out = run_tests(copy, r["tests"], args.timeout, per_test_s=MUTANT_TEST_S)
             target.write_text(original)
             killed = rc not in (0, 5)
             failed = next((line.split(" ")[1] for line in out.splitlines() if line.startswith("FAILED ")), "")
