@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import logging
 from dataclasses import dataclass
 
 from aitbc import jobs
 from aitbc.config import ModelConfig
 from aitbc.coordinator.store import JobStore
-from aitbc.errors import FailedPrecondition, ResourceExhausted
+from aitbc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from aitbc.v1 import miner_pb2
 
 log = logging.getLogger("aitbc.coordinator")
@@ -45,6 +46,7 @@ class ModelEntry:
 
 # what a model is beyond its kind, fixed by the config or the first miner that says (0 / "": not said)
 IDENTITY = ("native_size", "weights_sha256")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 def declared(info: miner_pb2.MinerInfo, model: str) -> tuple[int, dict[str, int | str]]:
@@ -53,8 +55,14 @@ def declared(info: miner_pb2.MinerInfo, model: str) -> tuple[int, dict[str, int 
     for spec in info.model_specs:
         if spec.name == model:
             kind = spec.kind or jobs.IMAGE
-            return kind, {"native_size": spec.native_size if kind == jobs.IMAGE else 0,
-                          "weights_sha256": spec.weights_sha256.lower()}
+            size = spec.native_size if kind == jobs.IMAGE else 0
+            if size and (not jobs.MIN_SIDE <= size <= jobs.MAX_SIDE or size % jobs.SIDE_MULTIPLE):
+                raise InvalidArgument(f"model '{model}': native_size must be 0 or a multiple of {jobs.SIDE_MULTIPLE} "
+                                      f"between {jobs.MIN_SIDE} and {jobs.MAX_SIDE} (got {size})")
+            weights = spec.weights_sha256
+            if weights and not _SHA256_HEX.match(weights):
+                raise InvalidArgument(f"model '{model}': weights_sha256 must be 64 lower-case hex characters or empty")
+            return kind, {"native_size": size, "weights_sha256": weights}
     return jobs.IMAGE, {"native_size": 0, "weights_sha256": ""}
 
 

@@ -314,3 +314,17 @@ async def test_a_miner_loading_other_weights_under_a_models_name_is_refused(net:
     await net.restart_coordinator()  # what was learned survives a restart
     code, _ = await register_status(RawMiner(net), ("tiny-sd",), model_specs=[forged])
     assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize(("spec", "needle"), [
+    (miner_pb2.ModelSpec(name="null", kind=job_pb2.MODEL_KIND_IMAGE, native_size=2**32 - 1), "native_size must be"),
+    (miner_pb2.ModelSpec(name="null", kind=job_pb2.MODEL_KIND_IMAGE, native_size=65), "native_size must be"),
+    (miner_pb2.ModelSpec(name="null", kind=job_pb2.MODEL_KIND_IMAGE, weights_sha256="x" * 100_000),
+     "weights_sha256 must be 64 lower-case hex"),
+])
+async def test_a_fresh_key_cannot_fix_a_models_identity_to_junk(net: Any, spec: Any, needle: str) -> None:
+    """The first miner fixes a model's native size and weights hash: junk is refused, not learned
+    (a huge native size would refuse every native-size job; a huge string would be persisted)."""
+    code, details = await register_status(RawMiner(net), ("null",), model_specs=[spec])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in details
+    assert net.core.models.get("null") is None  # nothing was learned
