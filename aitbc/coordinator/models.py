@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import logging
+import re
 from dataclasses import dataclass
 
 from aitbc import jobs
