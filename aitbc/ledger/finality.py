@@ -41,6 +41,7 @@ EVIDENCE_VERSION = 1
 _LINK = struct.Struct(">Q32sQ32s")
 _U16 = struct.Struct(">H")
 SIG_LEN = 65
+REFRESH_JUSTIFIED = 16  # justified blocks whose quorums a stalled node sends again (Tally.refresh)
 MAX_SPAN = 256  # most heights one vote's link may span (a tally walks parent links to check it)
 
 
@@ -323,6 +324,7 @@ class Tally:
     links: dict[tuple[Checkpoint, Checkpoint], dict[bytes, Vote]] = field(default_factory=dict)
     by_voter: dict[bytes, list[Vote]] = field(default_factory=dict)
     ignored: set[bytes] = field(default_factory=set)
+    justified_by: dict[bytes, tuple[Checkpoint, Checkpoint]] = field(default_factory=dict)  # target -> its link
     final: Checkpoint | None = None
     certificate: Certificate | None = None
 
@@ -358,6 +360,8 @@ class Tally:
 
     def add(self, vote: Vote) -> VoteResult:
         """Count a vote; raises with a clear message when it cannot count."""
+        if vote.voter not in self.ignored and self.links.get(vote.link, {}).get(vote.voter) == vote:
+            return VoteResult("known")  # the very vote counted before (a refresh): no signature check again
         verify_vote(vote, self.genesis, self.genesis_hash, self.ignored)
         assert self.final is not None
         if vote.target.height <= self.final.height:
@@ -390,6 +394,23 @@ class Tally:
         self.links = {k: v for k, v in self.links.items() if k[1].height > fh}
         self.by_voter = {k: kept for k, vs in self.by_voter.items() if (kept := [v for v in vs if v.target.height > fh])}
         self.justified = {h: x for h, x in self.justified.items() if x >= fh}
+        self.justified_by = {h: link for h, link in self.justified_by.items() if link[1].height > fh}
+
+    def refresh(self, limit: int = REFRESH_JUSTIFIED) -> list[Vote]:
+        """The votes worth sending again while finality stalls (a vote can be lost: sent before a
+        peer was verified, dropped from a full queue, a node restarted): the quorum behind each of
+        the `limit` highest justified blocks above the final one, then each voter's latest vote.
+        Without it, two groups of voters that disagree on the highest justified block vote on two
+        different links for good, neither reaching q."""
+        out: dict[tuple[tuple[Checkpoint, Checkpoint], bytes], Vote] = {}
+        for _, link in sorted(self.justified_by.items(), key=lambda kv: -kv[1][1].height)[:limit]:
+            for voter, vote in self.links.get(link, {}).items():
+                out[(link, voter)] = vote
+        for voter, votes in self.by_voter.items():
+            if voter not in self.ignored and votes:
+                latest = max(votes, key=lambda v: v.target.height)
+                out[(latest.link, voter)] = latest
+        return list(out.values())
 
     def ignore(self, voter: bytes) -> None:
         """Evidence against `voter` is on chain: drop its votes from every link from now on."""
@@ -398,11 +419,19 @@ class Tally:
             voters.pop(voter, None)
 
     def _settle(self, link: tuple[Checkpoint, Checkpoint]) -> Checkpoint | None:
-        source, target = link
         if len(self.links[link]) < self.q:
             return None
-        if self.justified.get(source.hash) == source.height:
-            self.justified[target.hash] = target.height
+        # justify: this link's target, then every link that reached q earlier but waited for its
+        # source to be justified here (votes arrive in any order)
+        todo = [link]
+        while todo:
+            cur = todo.pop()
+            src, tgt = cur
+            if self.justified.get(src.hash) == src.height and tgt.hash not in self.justified:
+                self.justified[tgt.hash] = tgt.height
+                self.justified_by[tgt.hash] = cur
+                todo.extend(k for k, vs in self.links.items() if k[0] == tgt and len(vs) >= self.q)
+        source, target = link
         if target.height != source.height + 1:
             return None
         assert self.final is not None

@@ -40,6 +40,7 @@ PEER_EXCHANGE_S = 5.0
 PEER_HEAD_TTL_S = 5.0
 MAX_PENDING_VOTES = 1024  # valid votes for blocks not imported yet, retried after each import
 MAX_VOTE_BATCH = 1024
+VOTE_REFRESH_MIN_S = 0.5  # shortest pause between two refreshes of the votes while finality stalls
 MULTI_AUTHORITY_TXS_PER_S = 4000  # own-block budget with several authorities (see _block_tx_budget)  # announced peers are dialed back; bound how many  # batches at least this big verify signatures off the event loop
 
 
@@ -148,6 +149,7 @@ class Node:
             self._tasks.append(asyncio.create_task(self._produce_loop(), name="ledger-producer"))
         self._tasks.append(asyncio.create_task(self._relay_loop(), name="ledger-relay"))
         self._tasks.append(asyncio.create_task(self._vote_loop(), name="ledger-votes"))
+        self._tasks.append(asyncio.create_task(self._vote_refresh_loop(), name="ledger-vote-refresh"))
         self._tasks.append(asyncio.create_task(self._candidate_loop(), name="ledger-peer-check"))
         self._tasks.append(asyncio.create_task(self._exchange_loop(), name="ledger-peer-exchange"))
         for p in self._initial_peers:
@@ -358,6 +360,22 @@ class Node:
 
     async def _vote_loop(self) -> None:
         await self._fanout(self._vote_wake, self._take_votes, self._send_votes, MAX_VOTE_BATCH, 0.0)
+
+    async def _vote_refresh_loop(self) -> None:
+        """Votes get lost (sent before a peer was verified, dropped from a full queue, a peer down
+        for a while): when the certified height has not moved for two block times (at least
+        VOTE_REFRESH_MIN_S), send again the quorums behind the highest justified blocks and every
+        voter's latest vote (finality.Tally.refresh). A peer answers those it has with "known"."""
+        period = max(VOTE_REFRESH_MIN_S, 2 * self.genesis.block_time_ms / 1000)
+        last = self.certified.height
+        while True:
+            await asyncio.sleep(period)
+            now = self.certified.height
+            if now == last and (votes := self.tally.refresh()):
+                log.debug("finality has not moved from %d: sending %d votes again", now, len(votes))
+                self._vote_buf.extend(v.encode() for v in votes)
+                self._vote_wake.set()
+            last = now
 
     def _take_relay(self) -> list[bytes]:
         batch, self._relay_buf = self._relay_buf, []

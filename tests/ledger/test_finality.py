@@ -344,6 +344,62 @@ def test_two_of_four_down_nothing_finalizes():
     assert t.final == GEN and t.highest_justified() == GEN
 
 
+def test_a_link_that_reached_q_before_its_source_was_justified_justifies_later():
+    """Votes arrive in any order: a0 -> a2 reaches q while a0 is not justified here yet; once
+    genesis -> a0 does, a2 is justified too (and so on up the chain of waiting links)."""
+    tree = Tree()
+    a = chain_of(tree, 5)
+    t = Tally(G4, tree.lookup)
+    for k in AUTH[:3]:
+        t.add(make_vote(k, G4, a[0], a[2]))
+        t.add(make_vote(k, G4, a[2], a[4]))
+    assert t.highest_justified() == GEN
+    for k in AUTH[:3]:
+        t.add(make_vote(k, G4, GEN, a[0]))
+    assert t.highest_justified() == a[4] and t.justified[a[2].hash] == 3 and t.final == GEN
+
+
+def test_a_lost_vote_stalls_finality_until_the_votes_are_sent_again():
+    """The stall seen between real nodes: a justifying vote never reached half of the voters (sent
+    before that peer was verified). AUTH[0..1] saw genesis -> a0 justified and vote a0 -> head;
+    AUTH[2..3] did not and vote genesis -> head: every link has 2 votes of the 3 needed, for good.
+    Tally.refresh (what a node sends again while its finality stands still) carries the quorum that
+    justified a0, after which all four vote from a0 and finality moves."""
+    tree = Tree()
+    a = chain_of(tree, 12)
+    seen_all, missed = Tally(G4, tree.lookup), Tally(G4, tree.lookup)
+    first = [make_vote(k, G4, GEN, a[0]) for k in AUTH[:3]]
+    for v in first:
+        seen_all.add(v)
+    for v in first[:2]:  # the third one was lost on its way to this node
+        missed.add(v)
+    voters = [Voter(k, G4) for k in AUTH]
+    views = [seen_all, seen_all, missed, missed]
+
+    def round_(cp):
+        votes = [v.vote(view.highest_justified(), cp) for v, view in zip(voters, views, strict=True)]
+        for vote in filter(None, votes):
+            for t in (seen_all, missed):
+                t.add(vote)
+
+    for cp in a[1:8]:
+        round_(cp)
+    assert seen_all.final == GEN and missed.final == GEN  # stalled: 2 + 2 votes on two links each time
+    assert missed.highest_justified() == GEN
+    sent = seen_all.refresh()
+    assert set(first) <= set(sent)  # the quorum behind a0 ...
+    assert {v.voter for v in sent if v.target == a[7]} == {crypto.sha256(k.pubkey)[:20] for k in AUTH}  # ... and
+    # every voter's latest vote
+    assert len(sent) <= 16 * 3 + 4
+    for v in sent:
+        missed.add(v)
+    assert missed.highest_justified() == a[0]
+    for cp in a[8:11]:
+        round_(cp)
+    assert seen_all.final.height >= 8 and missed.final == seen_all.final
+    assert missed.refresh() != [] and Tally(G4, tree.lookup).refresh() == []
+
+
 def test_more_than_f_byzantine_is_detected_not_followed():
     """With 2 of 4 byzantine (beyond f) a tally may see a certificate conflicting with its final
     block: it refuses to leave its final chain and says why."""
