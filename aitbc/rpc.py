@@ -513,6 +513,18 @@ async def start_server(
     return running
 
 
+def caller_host(context: grpc.aio.ServicerContext) -> str:
+    """The calling host of an RPC, without its port ("127.0.0.1", "::1", "unix" for a unix socket):
+    what per-caller limits key on."""
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return kind or "unknown"
+
+
 def host_of(listen: str) -> str:
     host = listen.rsplit(":", 1)[0]
     return "127.0.0.1" if host in ("", "0.0.0.0", "[::]") else host

@@ -25,6 +25,7 @@ from ledger_common import ATTESTER, NodeProc, funding_receipt, key, machine, per
 
 from aitbc import crypto  # noqa: E402
 from aitbc.ledger.client import LedgerClient  # noqa: E402
+from aitbc.ledger.finality import quorum  # noqa: E402
 from aitbc.ledger.genesis import ChainRef, make_genesis  # noqa: E402
 from aitbc.ledger.tx import decode_tx, make_mint, make_transfer  # noqa: E402
 from aitbc.v1 import ledger_pb2  # noqa: E402
@@ -229,7 +230,7 @@ async def main() -> None:
             for i, a in enumerate(auths):
                 nodes.append(NodeProc(Path(tmp), f"auth{i}", g, a, peers=[n.target for n in nodes]).start())
             targets = [n.target for n in nodes]
-            print(f"{len(nodes)} authority node(s), {args.block_time:g}s blocks, finality quorum {g.quorum}")
+            print(f"{len(nodes)} authority node(s), {args.block_time:g}s blocks, finality quorum {quorum(len(g.authorities))} votes")
             async with LedgerClient(targets[0]) as c:
                 await fund(c, senders)
             per = args.txs // args.senders

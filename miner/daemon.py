@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from aitbc import crypto, jobs, metrics, receipts, rpc, telemetry
+from aitbc import aio, crypto, jobs, metrics, receipts, rpc, telemetry
 from aitbc.config import MinerConfig, write_port_file
 from aitbc.coordinator import register_digest
 from aitbc.miner.backend import (
@@ -122,10 +122,7 @@ class MinerDaemon:
                 self._abandon_all("lost the coordinator stream")
             if self._stop.is_set():
                 break
-            try:
-                await asyncio.wait_for(self._stop.wait(), timeout=backoff)
-            except TimeoutError:
-                pass
+            await aio.wait_event(self._stop, backoff)
             backoff = min(backoff * 2, self.config.reconnect_max_s)
 
     async def _session(self) -> None:

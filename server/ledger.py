@@ -185,7 +185,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return S.SubmitVotesResponse(results=[
             S.VoteResult(accepted=err is None, code="" if err is None else err.code,
                          error="" if err is None else err.message)
-            for err in self.node.submit_votes(list(request.votes))])
+            for err in self.node.submit_votes(list(request.votes), caller=rpc.caller_host(context))])
 
     @rpc.handle_errors
     async def ListPeers(self, request: S.ListPeersRequest, context: grpc.aio.ServicerContext) -> S.ListPeersResponse:

@@ -7,23 +7,7 @@ from collections.abc import Callable
 
 from aitbc.config import ClientKey
 from aitbc.errors import ResourceExhausted, Unauthenticated
-
-
-class TokenBucket:
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
-        self.rate, self.burst, self.clock = rate, burst, clock
-        self.tokens = float(burst)
-        self.at = clock()
-
-    def take(self) -> float:
-        """0 when allowed, else seconds until a token is available."""
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
+from aitbc.limits import TokenBucket
 
 
 class ClientAuth:

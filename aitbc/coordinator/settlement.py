@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from aitbc import crypto, errors, telemetry
+from aitbc import aio, crypto, errors, telemetry
 from aitbc.coordinator.receipt_book import ReceiptBook
 from aitbc.v1 import receipt_pb2
 from aitbc.wire import receipt_from_proto
@@ -92,10 +92,7 @@ class Settlement:
                 delay = backoff
                 backoff = min(backoff * 2, self.max_backoff_s)
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
-            except TimeoutError:
-                pass
+            await aio.wait_event(self._wake, delay)
 
     async def settle_pending(self) -> int:
         """One pass over unsettled receipts; returns how many are still unsettled."""

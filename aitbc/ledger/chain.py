@@ -5,8 +5,9 @@ Consensus rule (docs/ledger.md, "Consensus"):
   block's slot is greater than its parent's and at most one slot ahead of the receiver's clock.
 - fork choice: the highest block wins; at equal height the lower block hash wins; a node never
   reverts a final block.
-- finality: block b is final once the distinct proposers of b and its descendants on the
-  canonical chain number a strict majority of the authorities (floor(n/2)+1; n=1: immediately).
+- finality: block b is final once it (or a descendant) is certified by finality votes from more
+  than 2/3 of the authorities (aitbc.ledger.finality; the node tallies the votes and hands the
+  certificates to store_certificate); every ancestor of a certified block is final with it.
 
 Only the canonical chain is stored, each block with an undo record (the previous values of every
 key it wrote), so a reorg reverts and applies in ONE commit. Competing blocks wait in memory.
@@ -144,10 +145,6 @@ class Chain:
         self.head = self.genesis_info if head_hash is None else self._info_from_store(head_hash)
         fin = store.get(FINAL)
         self.final_height = 0 if fin is None else _U64.unpack(fin)[0]
-        self._proposers: dict[int, bytes] = {}
-        for h in range(self.head.height, self.final_height, -1):
-            info = self._info_from_store(self.store.get(hkey(h)) or b"")
-            self._proposers[h] = info.proposer
 
     # ---- queries -------------------------------------------------------------------------------
 
@@ -225,8 +222,28 @@ class Chain:
         return None if v is None else (_U64.unpack(v[:8])[0], v[8:])
 
     def store_certificate(self, height: int, block_hash: bytes, cert: bytes) -> None:
-        """Record a verified certificate and that its block is the highest certified one."""
-        self.store.commit({CERT + block_hash: cert, CERTIFIED: _U64.pack(height) + block_hash})
+        """Record a verified certificate and that its block is the highest certified one; the block
+        and its ancestors are final as soon as it is on the canonical chain (now, or after the
+        switch to its branch: _advance_final)."""
+        writes: dict[bytes, bytes | None] = {CERT + block_hash: cert, CERTIFIED: _U64.pack(height) + block_hash}
+        final = height > self.final_height and self.hash_at(height) == block_hash
+        if final:
+            writes[FINAL] = _U64.pack(height)
+        self.store.commit(writes)
+        if final:
+            self._set_final(height)
+
+    def _advance_final(self) -> None:
+        """After the head moved: the highest certified block became canonical -> it is final."""
+        cert = self.certified()
+        if cert is not None and cert[0] > self.final_height and self.hash_at(cert[0]) == cert[1]:
+            self.store.commit({FINAL: _U64.pack(cert[0])})
+            self._set_final(cert[0])
+
+    def _set_final(self, height: int) -> None:
+        self.final_height = height
+        for h in [h for h, b in self.side.items() if b.height <= height]:
+            del self.side[h]
 
     def vote_lock(self) -> tuple[int, int]:
         v = self.store.get(VOTE_LOCK)
@@ -302,7 +319,7 @@ class Chain:
         def flush() -> None:
             nonlocal ov, pending
             if pending:
-                self._commit(ov.writes, pending[-1], {b.height: b.header.proposer for b in pending}, None)
+                self._commit(ov.writes, pending[-1])
             ov, pending = state.Overlay(self.store.get), []
 
         try:
@@ -393,8 +410,7 @@ class Chain:
                 return False
             ov.writes.update(self._block_writes(blk, writes, ov.get))
             parent = _info(blk.header)
-        props = {b.height: b.header.proposer for b in branch}
-        self._commit(ov.writes, branch[-1], props, fork_height)
+        self._commit(ov.writes, branch[-1])
         for b in branch:
             self.side.pop(b.hash, None)
         for b in reverted:
@@ -415,29 +431,11 @@ class Chain:
         for h in doomed:
             self.side.pop(h, None)
 
-    def _commit(self, writes: dict[bytes, bytes | None], tip: Block, new_props: dict[int, bytes],
-                fork_height: int | None) -> None:
-        props = dict(self._proposers)
-        if fork_height is not None:
-            for h in [h for h in props if h > fork_height]:
-                del props[h]
-        props.update(new_props)
-        final = self.final_height
-        seen: set[bytes] = set()
-        for h in range(tip.height, self.final_height, -1):
-            seen.add(props[h])
-            if len(seen) >= self.genesis.quorum:
-                final = h
-                break
+    def _commit(self, writes: dict[bytes, bytes | None], tip: Block) -> None:
         writes[HEAD] = tip.hash
-        writes[FINAL] = _U64.pack(final)
         self.store.commit(writes)
         self.head = _info(tip.header)
-        self.final_height = final
-        self._proposers = {h: p for h, p in props.items() if h > final}
-        if self.side:
-            for h in [h for h, b in self.side.items() if b.height <= final]:
-                del self.side[h]
+        self._advance_final()
 
     # ---- producing -----------------------------------------------------------------------------
 
@@ -479,7 +477,7 @@ class Chain:
                         state.state_root(parent.state_root, height, ov.writes), len(included))  # type: ignore[arg-type]
         block = make_block(header, key, included)
         writes = self._block_writes(block, ov.writes, self.store.get)  # type: ignore[arg-type]
-        self._commit(writes, block, {height: header.proposer}, None)
+        self._commit(writes, block)
         return block, dropped
 
 

@@ -88,12 +88,6 @@ class Genesis:
     def authority_ids(self) -> tuple[bytes, ...]:
         return tuple(crypto.validate_address(a) for a in self.authorities)
 
-    @property
-    def quorum(self) -> int:
-        """Distinct authorities that must have built on a block for it to be final: a strict
-        majority, so any one of 3 (or 4) authorities may be down and blocks keep finalizing."""
-        return len(self.authorities) // 2 + 1
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,

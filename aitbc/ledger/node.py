@@ -13,14 +13,22 @@ from typing import Any
 
 import grpc
 
-from aitbc import bech32, crypto, rpc
-from aitbc.errors import AitbcError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from aitbc import aio, bech32, crypto, rpc
+from aitbc.errors import (
+    AitbcError,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from aitbc.ledger import finality, state
 from aitbc.ledger.block import MAX_BLOCK_BYTES, Block, decode_block
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.mempool import Mempool
 from aitbc.ledger.tx import Tx, decode_tx
 from aitbc.ledger.verifier import MIN_PARALLEL, ParallelVerifier
+from aitbc.limits import TokenBucket
 
 log = logging.getLogger("aitbc.ledger.node")
 
@@ -40,7 +48,10 @@ PEER_EXCHANGE_S = 5.0
 PEER_HEAD_TTL_S = 5.0
 MAX_PENDING_VOTES = 1024  # valid votes for blocks not imported yet, retried after each import
 MAX_VOTE_BATCH = 1024
-VOTE_REFRESH_MIN_S = 0.5  # shortest pause between two refreshes of the votes while finality stalls
+VOTE_REFRESH_MIN_S = 0.5
+INVALID_VOTES_PER_S = 10.0  # invalid votes a caller may send per second (after a burst), see submit_votes
+INVALID_VOTES_BURST = 2 * MAX_VOTE_BATCH
+MAX_VOTE_CALLERS = 4096  # callers whose invalid votes are counted at once  # shortest pause between two refreshes of the votes while finality stalls
 MULTI_AUTHORITY_TXS_PER_S = 4000  # own-block budget with several authorities (see _block_tx_budget)  # announced peers are dialed back; bound how many  # batches at least this big verify signatures off the event loop
 
 
@@ -110,6 +121,7 @@ class Node:
         self._pending_votes: dict[bytes, finality.Vote] = {}
         self._vote_buf: list[bytes] = []
         self._vote_wake = asyncio.Event()
+        self._vote_strikes: dict[str, TokenBucket] = {}  # caller host -> budget for invalid votes
         self.evidence: list[bytes] = []  # evidence this node found (encoded)
         self._evidence_sent: set[bytes] = set()  # authorities this node sent an EVIDENCE tx against
         self._switching = False  # a switch to a justified branch is under way
@@ -168,7 +180,7 @@ class Node:
                             ", ".join(t.get_name() for t in pending))
         for ch in self._channels.values():
             try:
-                await asyncio.wait_for(ch.close(), 2)
+                await aio.within(ch.close(), 2)
             except TimeoutError:
                 log.warning("a peer channel did not close within 2 s")
         self.verifier.close()
@@ -271,10 +283,7 @@ class Node:
         from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
 
         while True:
-            try:
-                await asyncio.wait_for(self._exchange_wake.wait(), self.peer_exchange_s)
-            except TimeoutError:
-                pass
+            await aio.wait_event(self._exchange_wake, self.peer_exchange_s)
             self._exchange_wake.clear()
             for target in list(self._verified):
                 stub = ledger_pb2_grpc.LedgerServiceStub(self._channel(target))
@@ -296,11 +305,7 @@ class Node:
         ev.set()
 
     async def wait_changed(self, timeout: float | None = None) -> None:
-        ev = self._changed
-        try:
-            await asyncio.wait_for(ev.wait(), timeout)
-        except TimeoutError:
-            pass
+        await aio.wait_event(self._changed, timeout)
 
     # ---- transactions ----------------------------------------------------------------------------
 
@@ -527,9 +532,7 @@ class Node:
         if self._initial_peers:
             # a restarted authority first catches up with a peer (bounded wait: peers may be down),
             # rather than producing a stale block that would only be reverted
-            try:
-                await asyncio.wait_for(self._caught_up.wait(), timeout=max(2.0, 3 * bt / 1000))
-            except TimeoutError:
+            if not await aio.wait_event(self._caught_up, max(2.0, 3 * bt / 1000)):
                 log.info("no peer answered yet; producing on the local head")
         while True:
             now = self.now_ms()
@@ -633,8 +636,16 @@ class Node:
         if vote is not None:
             self._count_votes([vote])
 
-    def submit_votes(self, raws: Sequence[bytes]) -> list[AitbcError | None]:
-        """Votes from a peer (SubmitVotes): one error or None per vote, in order."""
+    def submit_votes(self, raws: Sequence[bytes], caller: str = "") -> list[AitbcError | None]:
+        """Votes from a peer (SubmitVotes): one error or None per vote, in order. `caller` (the
+        calling host) pays for the invalid votes it sends: each malformed, foreign, non-authority
+        or badly signed vote costs a token of its bucket (INVALID_VOTES_PER_S, burst
+        INVALID_VOTES_BURST), and a caller whose bucket is empty is refused RESOURCE_EXHAUSTED
+        before any vote is checked, so junk cannot keep a node busy verifying signatures. Honest
+        peers send none of these (stale and not-yet-known votes are free)."""
+        bucket = self._vote_strikes.get(caller) if caller else None
+        if bucket is not None and (wait := bucket.wait_s()) > 0:
+            raise ResourceExhausted(f"too many invalid votes from {caller}: retry in {wait:.1f} s", wait)
         votes: list[finality.Vote] = []
         errors: list[AitbcError | None] = []
         for raw in raws:
@@ -644,7 +655,17 @@ class Node:
             except AitbcError as exc:
                 errors.append(exc)
         counted = iter(self._count_votes(votes))
-        return [err if err is not None else next(counted) for err in errors]
+        out = [err if err is not None else next(counted) for err in errors]
+        bad = sum(1 for e in out if e is not None and e.code in ("INVALID_ARGUMENT", "PERMISSION_DENIED"))
+        if bad and caller:
+            if bucket is None:
+                if len(self._vote_strikes) >= MAX_VOTE_CALLERS:  # forget callers that paid back first
+                    for k in [k for k, b in self._vote_strikes.items() if b.full] or list(self._vote_strikes)[:1]:
+                        del self._vote_strikes[k]
+                bucket = self._vote_strikes[caller] = TokenBucket(INVALID_VOTES_PER_S, INVALID_VOTES_BURST,
+                                                                  time.monotonic)
+            bucket.take(bad)
+        return out
 
     def _count_votes(self, votes: Sequence[finality.Vote]) -> list[AitbcError | None]:
         out: list[AitbcError | None] = []

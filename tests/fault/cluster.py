@@ -117,7 +117,7 @@ class Proc:
 class Cluster:
     """authorities + followers + one coordinator (settling through the first follower) + miners."""
 
-    def __init__(self, root: Path, *, authorities: int = 3, followers: int = 1, miners: int = 3,
+    def __init__(self, root: Path, *, authorities: int = 4, followers: int = 1, miners: int = 3,
                  block_time_ms: int = 500, miner_models: tuple[str, ...] = ("null", "null-text")) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,10 @@
 """Chaos: a network of real processes under steady mixed load while processes are killed -9,
 paused (SIGSTOP 10 s) and restarted at random; afterwards the invariants a user relies on.
 
-Network: 3 authorities + 1 follower (ledger), a coordinator settling through the follower, 3
-miners (null image and null-text backends: everything real but the models, so the CPU goes to the
-protocol). Load: image and text jobs and token transfers. Bounded: AITBC_CHAOS_PERTURBATIONS
+Network: 4 authorities + 1 follower (ledger; finality by votes of more than 2/3, so one
+authority down or paused at a time leaves three to finalize), a coordinator settling through the
+follower, 3 miners (null image and null-text backends: everything real but the models, so the CPU
+goes to the protocol). Load: image and text jobs and token transfers. Bounded: AITBC_CHAOS_PERTURBATIONS
 (default 50) perturbations about a second apart, then recovery and checks with timeouts.
 """
 
@@ -91,7 +92,7 @@ class Load:
 
 def perturb(cluster: Cluster, rng: random.Random, log: list[str]) -> None:
     """Kill -9 + restart, SIGSTOP for 10 s, or restart, on random processes; at most one authority
-    disturbed at a time (a second one would halt finality by design with 3 authorities)."""
+    disturbed at a time (a second one would halt finality by design: 2 of 4 are not more than 2/3)."""
     paused_until: dict[str, float] = {}
     timers: list[threading.Timer] = []
     for n in range(PERTURBATIONS):

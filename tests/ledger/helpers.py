@@ -38,3 +38,18 @@ def receipt(i: int = 0, *, units: int = 100, price: int = 10, chain_id: str = CH
 
 REF = genesis().ref  # (chain id, genesis hash) of the default one-authority test genesis
 OTHER_REF = genesis(chain_id="other-chain").ref  # a chain id this test genesis does not have
+
+
+def certify(chain, g: Genesis, height: int) -> bytes:
+    """Finalize the canonical block at `height` as the node does: votes of a quorum of the
+    genesis authorities on the link height -> height + 1 (a real, verified certificate), handed to
+    the chain. Returns the encoded certificate."""
+    from aitbc.ledger import finality
+
+    src = finality.Checkpoint(height, chain.hash_at(height))
+    tgt = finality.Checkpoint(height + 1, chain.hash_at(height + 1))
+    signers = AUTH[:finality.quorum(len(g.authorities))]
+    cert = finality.make_certificate(finality.make_vote(k, g, src, tgt) for k in signers)
+    finality.verify_certificate(cert, g, block=src)
+    chain.store_certificate(height, src.hash, cert.encode())
+    return cert.encode()

@@ -22,7 +22,7 @@ from aitbc.ledger.tx import (
     verify_tx_signature,
 )
 
-from .helpers import ALICE, AUTH, BOB, CHAIN, OTHER_REF, PROVIDER, REF, genesis, key, receipt
+from .helpers import ALICE, AUTH, BOB, CHAIN, OTHER_REF, PROVIDER, REF, certify, genesis, key, receipt
 
 
 def _now(g: Genesis, slot: int) -> int:
@@ -91,7 +91,7 @@ def test_mint_then_transfer_state_and_vectors_of_errors():
     assert chain.account(crypto.validate_address(PROVIDER.address)) == (1000, 0)
     assert chain.account(crypto.validate_address(ALICE.address)) == (0, 1)
     assert chain.receipt_minted(r.receipt_hash) == (1, mint.hash, 1000)
-    assert chain.final_height == 1  # one authority: final immediately
+    assert chain.final_height == 0  # final only once finality votes certify it (test_finality_comes_...)
     # a second MINT of the same receipt fails in state
     again = decode_tx(make_mint(BOB, g.ref, 0, r))
     with pytest.raises(AlreadyExists, match="^receipt already minted"):
@@ -203,8 +203,11 @@ def test_follower_reverifies_and_agrees():
     chain, g = _chain()
     chain.build_block(AUTH[0], 1, _now(g, 1), [decode_tx(make_mint(ALICE, g.ref, 0, receipt(1)))])
     chain.build_block(AUTH[0], 3, _now(g, 3), [decode_tx(make_transfer(PROVIDER, g.ref, 0, BOB.address, 9))])
+    cert = certify(chain, g, 1)
     f = _follower_of(chain, g)
-    assert f.head == chain.head and f.final_height == 2
+    assert f.head == chain.head and chain.final_height == 1 and f.final_height == 0
+    f.store_certificate(1, chain.hash_at(1), cert)  # what the node does once the tally verified it
+    assert f.final_height == 1
     assert dict(f.store.scan(b"v1:")) == dict(chain.store.scan(b"v1:"))
 
 
@@ -226,6 +229,7 @@ def _forge(chain: Chain, g: Genesis, signer, **changes):
     (0, {"parent_hash": b"\x11" * 32}, None),  # orphan: parent unknown
     (0, {"timestamp_ms": 5}, "outside slot"),
     (0, {"slot": 10**9}, "future"),
+    (0, {"height": 5}, "does not link"),  # names the head as parent but skips heights
 ])
 def test_bad_blocks_are_rejected(signer_i, changes, msg):
     chain, g = _chain(3)
@@ -238,6 +242,14 @@ def test_bad_blocks_are_rejected(signer_i, changes, msg):
     with pytest.raises(InvalidArgument, match=msg):
         chain.add_block(block, now_ms=_now(g, slot))
     assert chain.head.height == 0
+
+
+def test_a_block_must_be_in_a_later_slot_than_its_parent():
+    chain, g = _chain(1)
+    chain.build_block(AUTH[0], 4, _now(g, 4), [])
+    with pytest.raises(InvalidArgument, match="slot 4 is not after its parent's slot 4"):
+        chain.add_block(_forge(chain, g, AUTH[0], slot=4, timestamp_ms=_now(g, 4) + 5), now_ms=_now(g, 4))
+    assert chain.head.height == 1
 
 
 def test_non_authority_block_is_rejected():
@@ -268,23 +280,44 @@ def test_reorg_longer_branch_wins_and_state_reverts():
     assert a.head == b.head
     assert dict(a.store.scan(b"v1:")) == dict(b.store.scan(b"v1:"))
     assert a.account(crypto.validate_address(ALICE.address)) == (0, 0)
-    # the reverted block was kept aside, and is dropped once its height is final (2 of 3 built on b's)
+    # the reverted block was kept aside, and is dropped once its height is final
+    assert a.final_height == 0 and len(a.side) == 1
+    certify(a, g, 1)
     assert a.final_height == 1 and len(a.side) == 0
 
 
-def test_finality_needs_a_majority_of_distinct_builders():
+def test_finality_comes_only_from_a_certificate():
+    """Building on a block finalizes nothing, however many distinct proposers do it (the old
+    proposer-majority rule trusted every authority); a certificate of votes does, for the block and
+    its ancestors, stored in the same commit and kept across a restart. A certificate for a block
+    the chain is not on yet (a pending branch) finalizes it once the chain switches to that branch."""
+    from aitbc.ledger.chain import FINAL
+
     g = genesis(3)
     c = Chain(MemoryStore(), g)
-    c.build_block(AUTH[0], 3, _now(g, 3), [])
-    assert c.final_height == 0  # one builder of three
-    c.build_block(AUTH[1], 4, _now(g, 4), [])
-    assert c.final_height == 1  # block 1: built by AUTH0, built on by AUTH1 -> 2 of 3
-    c.build_block(AUTH[1], 7, _now(g, 7), [])  # AUTH1 again (AUTH2 offline): nothing new for block 2
-    assert c.final_height == 1
-    c.build_block(AUTH[0], 9, _now(g, 9), [])
-    assert c.final_height == 3  # blocks 2 and 3 now have AUTH1 and AUTH0 on them
-    assert genesis(1).quorum == 1 and genesis(2).quorum == 2 and g.quorum == 2
-    assert genesis(4).quorum == 3 and genesis(5).quorum == 3
+    for slot, k in ((3, 0), (4, 1), (5, 2), (6, 0), (7, 1)):
+        c.build_block(AUTH[k], slot, _now(g, slot), [])
+    assert c.head.height == 5 and c.final_height == 0
+    certify(c, g, 3)
+    assert c.final_height == 3 and c.store.get(FINAL) == (3).to_bytes(8, "big")
+    assert Chain(c.store, g).final_height == 3  # a restart reads it back
+    with pytest.raises(FailedPrecondition, match="conflicts with the final chain"):
+        twin = Chain(MemoryStore(), g)
+        twin.build_block(AUTH[1], 4, _now(g, 4), [])
+        c.add_block(decode_block(twin.block_raw_at(1)), _now(g, 7))
+    # a certificate for a pending block: final only once the chain is on its branch
+    a, b = Chain(MemoryStore(), g), Chain(MemoryStore(), g)
+    a.build_block(AUTH[0], 3, _now(g, 3), [])
+    for slot in (4, 5, 6):
+        b.build_block(AUTH[slot % 3], slot, _now(g, slot), [])
+    cert = certify(b, g, 1)
+    a.store_certificate(1, b.hash_at(1), cert)
+    assert a.final_height == 0 and a.certified() == (1, b.hash_at(1))
+    a.build_block(AUTH[1], 4, _now(g, 4), [])  # a goes on on its own branch: still not final
+    assert a.final_height == 0
+    for h in (1, 2, 3):
+        a.add_block(decode_block(b.block_raw_at(h)), _now(g, 6))
+    assert a.head == b.head and a.final_height == 1
 
 
 def test_data_folder_from_another_genesis_is_refused(tmp_path):
@@ -305,7 +338,9 @@ def test_equivocation_is_noticed_and_resolved_by_hash():
     a.build_block(AUTH[0], 5, _now(g, 5), [])
     b.build_block(AUTH[0], 5, _now(g, 5) + 7, [])  # same slot, other timestamp: another block
     assert a.hash_at(1) != b.hash_at(1)
-    # with one authority block 1 is final at once, so the twin is refused...
+    # once votes certify block 1 (with the child it needs), the twin is refused...
+    a.build_block(AUTH[0], 6, _now(g, 6), [])
+    certify(a, g, 1)
     with pytest.raises(FailedPrecondition, match="conflicts with the final chain"):
         a.add_block(decode_block(b.block_raw_at(1)), _now(g, 5))
     g3 = genesis(3)

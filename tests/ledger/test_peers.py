@@ -43,29 +43,33 @@ async def _announce(target: str, address: str) -> None:
         call.cancel()
 
 
-async def test_three_nodes_with_one_peer_each_form_a_mesh_that_outlives_the_first():
-    g = genesis(3, block_time_ms=300)
+async def test_four_nodes_with_one_peer_each_form_a_mesh_that_outlives_the_first():
+    """Each node is told only about the first; peer exchange makes a full mesh, so stopping the
+    first leaves three of four authorities connected: still more than 2/3, finality goes on."""
+    g = genesis(4, block_time_ms=300)
     a, sa = await start_node(MemoryStore(), g, AUTH[0], "127.0.0.1:0")
-    b, sb = await start_node(MemoryStore(), g, AUTH[1], "127.0.0.1:0", peers=[_addr(sa)])
-    c, sc = await start_node(MemoryStore(), g, AUTH[2], "127.0.0.1:0", peers=[_addr(sa)])
-    nodes = {_addr(sa): a, _addr(sb): b, _addr(sc): c}
+    rest = [await start_node(MemoryStore(), g, k, "127.0.0.1:0", peers=[_addr(sa)]) for k in AUTH[1:]]
+    nodes = {_addr(sa): a, **{_addr(s): n for n, s in rest}}
+    b, sb = rest[0]
+    c, sc = rest[1]
+    others3 = [n for n, _ in rest]
     try:
         for me, n in nodes.items():
             others = set(nodes) - {me}
             await _until(lambda n=n, others=others: others <= set(n.verified_peers()), what=f"{me} to know all")
         stub = ledger_pb2_grpc.LedgerServiceStub(b._channel(_addr(sc)))
         listed = (await stub.ListPeers(ledger_pb2.ListPeersRequest())).peers
-        assert listed[0] == _addr(sa) and set(listed) == {_addr(sa), _addr(sb)}  # configured first
-        await _until(lambda: min(n.chain.final_height for n in (a, b, c)) >= 2, what="finality with three")
+        assert listed[0] == _addr(sa) and set(listed) == set(nodes) - {_addr(sc)}  # configured first
+        await _until(lambda: min(n.chain.final_height for n in nodes.values()) >= 2, what="finality with four")
         await a.stop()  # the only node anyone was told about
         await sa.stop(0)
-        f0 = max(b.chain.final_height, c.chain.final_height)
-        await _until(lambda: min(b.chain.final_height, c.chain.final_height) >= f0 + 3, what="finality without a")
-        h = min(b.chain.final_height, c.chain.final_height)
-        assert b.chain.hash_at(h) == c.chain.hash_at(h)
-        assert _addr(sa) in b.peers and _addr(sa) in c.peers  # a configured peer is never dropped
+        f0 = max(n.chain.final_height for n in others3)
+        await _until(lambda: min(n.chain.final_height for n in others3) >= f0 + 3, what="finality without a")
+        h = min(n.chain.final_height for n in others3)
+        assert len({n.chain.hash_at(h) for n in others3}) == 1
+        assert all(_addr(sa) in n.peers for n in others3)  # a configured peer is never dropped
     finally:
-        for n, s in ((c, sc), (b, sb), (a, sa)):
+        for n, s in reversed([(a, sa), *rest]):
             await n.stop()
             await s.stop(0)
 

@@ -48,7 +48,7 @@ async def test_mint_transfer_and_queries(node):
     assert (await c.wait_for_tx(tx_hash)).status == "final"
     assert (await c.get_account(PROVIDER.address)).balance == 1000
     t = await c.transfer(PROVIDER, BOB.address, 250)
-    await c.wait_for_tx(t)
+    await c.wait_for_tx(t, final=True)
     assert (await c.get_account(BOB.address)).balance == 250
     acct = await c.get_account(PROVIDER.address)
     assert (acct.balance, acct.nonce, acct.pending_nonce) == (750, 1, 1)

@@ -161,3 +161,40 @@ async def test_a_byzantine_voter_is_convicted_on_chain_and_finality_goes_on():
         for n, s in reversed(running):
             await n.stop()
             await s.stop(0)
+
+
+async def test_a_caller_sending_invalid_votes_is_refused_and_others_are_not():
+    """Checking a vote's signature costs CPU: junk votes (here signed by the wrong key in an
+    authority's name) cost the calling host tokens, and once its budget is spent its SubmitVotes
+    calls are refused RESOURCE_EXHAUSTED (with a retry-after) before any vote is checked; another
+    host's votes still count."""
+    import grpc
+
+    from aitbc.ledger import node as node_mod
+
+    g = genesis(4, block_time_ms=300)
+    n, server = await start_node(MemoryStore(), g, AUTH[0], "127.0.0.1:0")
+    try:
+        src, tgt = finality.Checkpoint(0, g.hash()), finality.Checkpoint(1, b"\x02" * 32)
+        honest = finality.make_vote(AUTH[1], g, src, tgt)
+        forged = finality.Vote(honest.chain_id, honest.genesis_hash, src, tgt, honest.voter,
+                               BOB.sign(honest.digest())).encode()
+        async with rpc.channel(_addr(server)) as ch:
+            stub = ledger_pb2_grpc.LedgerServiceStub(ch)
+            spent = 0
+            while spent < node_mod.INVALID_VOTES_BURST:
+                res = (await stub.SubmitVotes(ledger_pb2.SubmitVotesRequest(votes=[forged] * 1024))).results
+                assert {(r.accepted, r.code) for r in res} == {(False, "INVALID_ARGUMENT")}
+                assert res[0].error.startswith("bad vote signature: not signed by")
+                spent += len(res)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.SubmitVotes(ledger_pb2.SubmitVotesRequest(votes=[honest.encode()]))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "too many invalid votes from 127.0.0.1: retry in" in refused.value.details()
+            assert rpc.error_from_rpc(refused.value).retry_after_s > 0
+        # another host is not affected: its (valid) vote is checked and kept for its unknown block
+        [err] = n.submit_votes([honest.encode()], caller="10.0.0.2")
+        assert err is not None and err.code == "NOT_FOUND" and "kept until it arrives" in err.message
+    finally:
+        await n.stop()
+        await server.stop(0)
