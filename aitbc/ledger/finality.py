@@ -358,11 +358,13 @@ class Tally:
         h, height = max(self.justified.items(), key=lambda kv: (kv[1], kv[0]))
         return Checkpoint(height, h)
 
-    def add(self, vote: Vote) -> VoteResult:
-        """Count a vote; raises with a clear message when it cannot count."""
+    def add(self, vote: Vote, *, signature_checked: bool = False) -> VoteResult:
+        """Count a vote; raises with a clear message when it cannot count. `signature_checked`:
+        verify_vote already passed (a vote of a certificate that verify_certificate checked)."""
         if vote.voter not in self.ignored and self.links.get(vote.link, {}).get(vote.voter) == vote:
             return VoteResult("known")  # the very vote counted before (a refresh): no signature check again
-        verify_vote(vote, self.genesis, self.genesis_hash, self.ignored)
+        if not signature_checked:
+            verify_vote(vote, self.genesis, self.genesis_hash, self.ignored)
         assert self.final is not None
         if vote.target.height <= self.final.height:
             raise FailedPrecondition(f"stale vote: target {vote.target.height} is not above the final height "
@@ -459,6 +461,6 @@ class Tally:
             raise InvalidArgument("certificate link is not from a block to its child")
         done = None
         for vote in cert.votes(self.genesis, self.genesis_hash):
-            r = self.add(vote)
+            r = self.add(vote, signature_checked=True)  # verify_certificate above checked every one
             done = r.finalized or done
         return done

@@ -86,7 +86,7 @@ class Genesis:
 
     @property
     def authority_ids(self) -> tuple[bytes, ...]:
-        return tuple(crypto.validate_address(a) for a in self.authorities)
+        return _account_ids(self.authorities)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -156,6 +156,11 @@ def unique_chain_id(prefix: str = "aitbc") -> str:
     cid = f"{prefix}-{secrets.token_hex(4)}"
     check_chain_id(cid)
     return cid
+
+
+@functools.lru_cache(maxsize=64)
+def _account_ids(addresses: tuple[str, ...]) -> tuple[bytes, ...]:  # checked once per vote and block
+    return tuple(crypto.validate_address(a) for a in addresses)
 
 
 @functools.lru_cache(maxsize=64)
