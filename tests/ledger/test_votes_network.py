@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from aitbc import rpc
+from aitbc import crypto, rpc
 from aitbc.errors import InvalidArgument
 from aitbc.ledger import finality
 from aitbc.ledger.store import MemoryStore
@@ -198,3 +198,73 @@ async def test_a_caller_sending_invalid_votes_is_refused_and_others_are_not():
     finally:
         await n.stop()
         await server.stop(0)
+
+
+async def test_a_byzantine_proposer_signs_two_blocks_for_its_slot_and_votes_for_both():
+    """AUTH[3] runs no honest node. In one of its slots the test signs, with its key, two different
+    blocks on the same parent, sends one to node 0 and the other to node 2, and votes for each on
+    the side that has it. The nodes see the equivocation as the blocks spread, converge on one of
+    them, put the double vote on chain as evidence and ignore AUTH[3], keep certifying with the
+    three honest authorities, and no two nodes ever hold different final blocks at one height."""
+    import dataclasses
+    import time
+
+    from aitbc.ledger import state
+    from aitbc.ledger.block import Header, make_block, tx_root
+
+    bt = 300
+    g = genesis(4, block_time_ms=bt)
+    first = await start_node(MemoryStore(), g, AUTH[0], "127.0.0.1:0")
+    running = [first]
+
+    def no_conflicting_finals() -> None:
+        for a, _ in running:
+            for b, _ in running:
+                h = min(a.chain.final_height, b.chain.final_height)
+                assert a.chain.hash_at(h) == b.chain.hash_at(h), f"conflicting final blocks at height {h}"
+
+    async def until_safe(pred, what: str) -> None:
+        for _ in range(1200):
+            no_conflicting_finals()
+            if pred():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    try:
+        for k in AUTH[1:3]:
+            running.append(await start_node(MemoryStore(), g, k, "127.0.0.1:0", peers=[_addr(first[1])]))
+        running.append(await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[_addr(first[1])]))
+        nodes = [n for n, _ in running]
+        await until_safe(lambda: min(n.certified.height for n in nodes) >= 3, "certification by 3 of 4")
+        # wait for a slot of AUTH[3] (which nobody honest fills), a little into it
+        slot = int(time.time() * 1000) // bt + 1
+        while slot % 4 != 3:
+            slot += 1
+        await asyncio.sleep(max(0.0, (slot * bt + 60) / 1000 - time.time()))
+        parent = nodes[0].chain.head
+        header = Header(g.chain_id, g.hash(), parent.height + 1, parent.hash, slot, slot * bt + 1,
+                        crypto.sha256(AUTH[3].pubkey)[:20], tx_root([]),
+                        state.state_root(parent.state_root, parent.height + 1, {}), 0)
+        x = make_block(header, AUTH[3], [])
+        y = make_block(dataclasses.replace(header, timestamp_ms=slot * bt + 2), AUTH[3], [])
+        assert x.hash != y.hash
+        assert await nodes[0].receive_blocks([x.raw]) == ["extended"]
+        assert (await nodes[2].receive_blocks([y.raw]))[0] in ("extended", "reorg", "side")
+        source = nodes[0].tally.highest_justified()
+        vx = finality.make_vote(AUTH[3], g, source, finality.Checkpoint(x.height, x.hash))
+        vy = finality.make_vote(AUTH[3], g, source, finality.Checkpoint(y.height, y.hash))
+        assert nodes[0].submit_votes([vx.encode()]) == [None]
+        assert nodes[2].submit_votes([vy.encode()])[0] is None
+        culprit = vx.voter
+        await until_safe(lambda: all(culprit in n.tally.ignored for n in nodes), "everyone to ignore the culprit")
+        await until_safe(lambda: any(n.chain.equivocations for n in nodes), "the two blocks to meet")
+        c0 = max(n.certified.height for n in nodes)
+        await until_safe(lambda: min(n.chain.final_height for n in nodes) >= c0 + 3, "finality after the equivocation")
+        top = min(n.chain.final_height for n in nodes)
+        assert top > x.height and len({n.chain.hash_at(x.height) for n in nodes}) == 1
+        assert nodes[0].chain.hash_at(x.height) in (x.hash, y.hash)  # one of the twins won everywhere
+    finally:
+        for n, s in reversed(running):
+            await n.stop()
+            await s.stop(0)
