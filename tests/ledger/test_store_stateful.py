@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from aitbc import crypto
-from aitbc.ledger import state
+from aitbc.ledger import finality, state
 from aitbc.ledger.block import decode_block
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.store import LmdbStore, MemoryStore
-from aitbc.ledger.tx import decode_tx, make_mint, make_transfer
+from aitbc.ledger.tx import decode_tx, make_evidence, make_mint, make_transfer
 
-from .helpers import AUTH, genesis, key, receipt
+from .helpers import AUTH, certify, genesis, key, receipt
 
 KEYS = st.binary(min_size=1, max_size=6).map(lambda b: b"v1:t:" + b)
 VALUES = st.one_of(st.none(), st.binary(max_size=20))
@@ -62,7 +62,8 @@ G = genesis(2, block_time_ms=1000)
 
 class ChainMachine(RuleBasedStateMachine):
     """An authority chain on LMDB; a follower on memory re-verifies each block; a rival branch
-    built on memory sometimes overtakes (reorg). Both stores must hold the same state."""
+    built on memory sometimes overtakes (reorg) unless votes certified a block above its fork;
+    evidence transactions and certificates land in both. Both stores must hold the same state."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,6 +85,24 @@ class ChainMachine(RuleBasedStateMachine):
     @rule(frm=st.integers(0, 3), to=st.integers(0, 3), amount=st.integers(1, 3000))
     def transfer(self, frm, to, amount):
         self.pending.append((USERS[frm], lambda n: make_transfer(USERS[frm], G.ref, n, USERS[to].address, amount)))
+
+    @rule(who=st.integers(0, 3), culprit=st.integers(0, 1), height=st.integers(1, 50))
+    def evidence(self, who, culprit, height):
+        """Anyone may put two conflicting votes of an authority on chain (once per authority)."""
+        src = finality.Checkpoint(0, G.hash())
+        a = finality.make_vote(AUTH[culprit], G, src, finality.Checkpoint(height, crypto.sha256(b"a%d" % height)))
+        b = finality.make_vote(AUTH[culprit], G, src, finality.Checkpoint(height, crypto.sha256(b"b%d" % height)))
+        ev = finality.encode_evidence(a, b)
+        self.pending.append((USERS[who], lambda n: make_evidence(USERS[who], G.ref, n, ev)))
+
+    @precondition(lambda self: self.main.head.height >= 2 + self.main.final_height)
+    @rule(data=st.data())
+    def certify(self, data):
+        """Votes certify a canonical block: both chains store the same certificate."""
+        h = data.draw(st.integers(self.main.final_height + 1, self.main.head.height - 1))
+        cert = certify(self.main, G, h)
+        self.follower.store_certificate(h, self.main.hash_at(h), cert)
+        assert self.main.final_height == self.follower.final_height == h
 
     @rule(skip=st.integers(0, 2))
     def produce(self, skip):
@@ -126,7 +145,7 @@ class ChainMachine(RuleBasedStateMachine):
 
     @invariant()
     def same_state(self):
-        for prefix in (b"v1:acct:", b"v1:rcpt:", b"v1:hgt:", b"v1:tx:"):
+        for prefix in (b"v1:acct:", b"v1:rcpt:", b"v1:hgt:", b"v1:tx:", b"v1:evid:", b"v1:cert", b"v1:final"):
             assert list(self.main.store.scan(prefix)) == list(self.follower.store.scan(prefix))
         assert self.main.head == self.follower.head
 
