@@ -70,7 +70,8 @@ async def test_scrape_exposes_every_documented_metric_with_live_values(network_f
     assert sample(text, "aitbc_miner_load") == 0  # the job is done
     # ledger node
     assert sample(text, "aitbc_block_height") >= rec.settlement.block_height
-    assert sample(text, "aitbc_finality_lag_blocks") == 0  # one authority: final at once
+    # one authority: its vote on a block's child certifies the block, so the head waits for its child
+    assert sample(text, "aitbc_finality_lag_blocks") <= 1
     assert sample(text, "aitbc_sync_lag_blocks") == 0
     assert sample(text, "aitbc_mempool_size") == 0
     assert sample(text, "aitbc_txs_total", type="MINT") >= 1

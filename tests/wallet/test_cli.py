@@ -204,7 +204,7 @@ def test_cli_end_to_end(tmp_path):
         assert "miner" in listed and bob in listed
         assert aitbc("wallet", "balance", "miner", env=env).stdout.startswith(f"miner ({PROVIDER.address}): 1000\n")
 
-        sent = aitbc("wallet", "send", "miner", bob, "250", env=env).stdout
+        sent = aitbc("wallet", "send", "miner", bob, "250", "--final", env=env).stdout
         m = re.search(r"tx     ([0-9a-f]{64}) \(nonce 0\)\nblock  (\d+) [0-9a-f]{64} \(final\)", sent)
         assert m, sent
         assert json.loads(aitbc("wallet", "balance", "bob", "--json", env=env).stdout)["balance"] == 250

@@ -164,7 +164,7 @@ async def test_send_and_every_bad_input(env):
         assert code == want and text in msg, (code, msg)
     assert await balances(ledger) == (1000, 0, 0)
 
-    r = await send(amount=250)
+    r = await send(amount=250, wait_for_final=True)
     assert r.included and r.final and r.block_height >= 1 and r.nonce == 0 and r.from_address == PROVIDER.address
     st = await ledger.get_transaction(r.tx_hash)
     assert (st.status, st.block_height, st.block_hash) == ("final", r.block_height, r.block_hash)
