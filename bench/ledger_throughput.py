@@ -244,10 +244,10 @@ async def main() -> None:
             lat_raws = sign_transfers(g.ref, senders, max(1, int(half * args.latency_seconds) // args.senders + 1), per)
             lat, fin, cert, sent = await latency(targets, lat_raws, half)
             print(f"at {half:,.0f} tx/s ({len(lat)}/{sent} committed, {len(fin)} final): submit->committed "
-                  f"p50 {percentile(lat, 50):.3f}s p99 {percentile(lat, 99):.3f}s; submit->final "
-                  f"(proposer majority) p50 {percentile(fin, 50):.3f}s p99 {percentile(fin, 99):.3f}s; "
-                  f"submit->certified (votes, {len(cert)} txs) p50 {percentile(cert, 50):.3f}s "
-                  f"p99 {percentile(cert, 99):.3f}s")
+                  f"p50 {percentile(lat, 50):.3f}s p99 {percentile(lat, 99):.3f}s; submit->final (in a block with a "
+                  f"certificate of votes, GetHead polled) p50 {percentile(cert, 50):.3f}s p99 {percentile(cert, 99):.3f}s "
+                  f"({len(cert)} txs; as StreamBlocks reports finalized_height, with the next block: p50 "
+                  f"{percentile(fin, 50):.3f}s p99 {percentile(fin, 99):.3f}s)")
         finally:
             for n in nodes:
                 n.stop()
