@@ -147,6 +147,19 @@ def decode_block(raw: bytes) -> Block:
     return Block(header, sig, tuple(txs), raw, header.hash)
 
 
+def split_txs(raw: bytes) -> list[bytes]:
+    """The signed txs of a stored (already validated) block, without decoding them: what a receipt
+    proof needs (their hashes), at a fraction of decode_block's cost on a large block."""
+    (hlen,) = _U32.unpack_from(raw, 0)
+    (count,) = _U32.unpack_from(raw, 4 + hlen - 4)  # tx_count ends the header
+    pos, out = 4 + hlen + 65, []
+    for _ in range(count):
+        (tlen,) = _U32.unpack_from(raw, pos)
+        out.append(raw[pos + 4:pos + 4 + tlen])
+        pos += 4 + tlen
+    return out
+
+
 def verify_block_signature(block: Block) -> None:
     """Raise unless the 65-byte low-S signature over the block hash is by the header's proposer."""
     try:

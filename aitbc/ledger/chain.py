@@ -127,7 +127,7 @@ class Chain:
             raise FailedPrecondition(
                 f"data folder holds a ledger format {version} chain; this node runs format {LEDGER_FORMAT}"
                 + {1: f": {FORMAT_1_REFUSED}", 2: f": {FORMAT_2_REFUSED}"}.get(
-                    version, ": use the node version that wrote it"))  # type: ignore[call-overload]
+                    version if isinstance(version, int) else 0, ": use the node version that wrote it"))
         elif stored != self.genesis_hash:
             other = (store.get(META_CHAIN) or b"?").decode(errors="replace")
             raise FailedPrecondition(
