@@ -493,6 +493,9 @@ def receipts_table(recs: list[Any]) -> str:
 def cmd_receipts_verify(args: argparse.Namespace) -> int:
     from aitbc.receipts import SignedReceipt, verify_receipt
 
+    if args.proof is not None and not args.genesis:
+        return _fail("--proof needs --genesis GENESIS_FILE: a proof is only as good as the genesis (authority set) "
+                     "it is checked against; keep the chain's genesis file (from its operator)")
     try:
         data = json.loads(Path(args.file).read_text())
     except OSError as exc:
@@ -533,9 +536,6 @@ def _verify_proof(args: argparse.Namespace, receipt: Any) -> int:
     from aitbc.ledger.genesis import Genesis
     from aitbc.ledger.proof import verify_proof
 
-    if not args.genesis:
-        return _fail("--proof needs --genesis GENESIS_FILE: a proof is only as good as the genesis (authority set) "
-                     "it is checked against; keep the chain's genesis file (from its operator)")
     try:
         genesis = Genesis.load(args.genesis)
     except AitbcError as exc:
