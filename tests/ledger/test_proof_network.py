@@ -1,7 +1,8 @@
 """GetReceiptProof over real nodes (in-process, real loopback gRPC servers, 4 authorities so that
 certificates form): a receipt minted while only one authority runs has no proof yet
 (FAILED_PRECONDITION "not final yet"), an unknown one is NOT_FOUND; once the others join and
-certify, the proof verifies offline from the genesis alone and every tampered variant is refused;
+certify, the proof (from an authority, or from a follower that joined later) verifies offline from
+the genesis alone and every tampered variant is refused;
 `aitbc receipts proof` writes it and `aitbc receipts verify --proof` checks it, from the file or
 fetched from the node."""
 
@@ -73,6 +74,14 @@ async def test_receipt_proof_from_real_nodes_verifies_offline_and_tampering_is_r
             await _until(lambda: node.certified.height >= height, what="the MINT's block to be certified")
             resp = await stub.GetReceiptProof(ledger_pb2.GetReceiptProofRequest(receipt_hash=rh.hex()))
         assert resp.block_height == height and resp.certified_height >= height
+        # a follower that caught up later (certificates came with the blocks) serves a proof too
+        late = await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[_addr(running[1][1])])
+        running.append(late)
+        await _until(lambda: late[0].certified.height >= height, what="the follower to verify certificates")
+        async with rpc.channel(_addr(late[1])) as ch:
+            from_follower = await ledger_pb2_grpc.LedgerServiceStub(ch).GetReceiptProof(
+                ledger_pb2.GetReceiptProofRequest(receipt_hash=rh.hex()))
+        assert verify_proof(from_follower.proof, g, rh).block_height == height
 
         # offline: the genesis file alone (a fresh copy, as a light client holds it)
         g.save(tmp_path / "genesis.json")
