@@ -14,6 +14,7 @@ RUNS = [
     ["overhead.py"],
     ["text_stream.py"],
     ["receipts.py", "--n", "10000"],
+    ["receipt_proof.py"],
     ["settlement.py", "--jobs", "40"],
     ["hub_matching.py"],
     ["hub_scaling.py", "--jobs", "60"],

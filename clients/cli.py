@@ -493,6 +493,9 @@ def receipts_table(recs: list[Any]) -> str:
 def cmd_receipts_verify(args: argparse.Namespace) -> int:
     from aitbc.receipts import SignedReceipt, verify_receipt
 
+    if args.proof is not None and not args.genesis:
+        return _fail("--proof needs --genesis GENESIS_FILE: a proof is only as good as the genesis (authority set) "
+                     "it is checked against; keep the chain's genesis file (from its operator)")
     try:
         data = json.loads(Path(args.file).read_text())
     except OSError as exc:
@@ -514,6 +517,8 @@ def cmd_receipts_verify(args: argparse.Namespace) -> int:
     if receipt.attester:
         print(f"  attester:     {receipt.attester} (signature verified{', authorized' if args.attester else ''})")
     print(f"  units:        {b.units} {b.unit_type} x {b.price_per_unit} per unit  chain={b.chain_id}")
+    if args.proof is not None:
+        return _verify_proof(args, receipt)
     if args.node:
         status = asyncio.run(_receipt_status(args.node, receipt.receipt_hash.hex()))
         if status.status not in ("included", "final"):
@@ -522,6 +527,79 @@ def cmd_receipts_verify(args: argparse.Namespace) -> int:
         print(f"  minted once:  {status.amount} in tx {status.tx_hash}, block {status.block_height}"
               f" ({'final' if status.status == 'final' else 'not final yet'}); the ledger accepts a receipt hash once")
     return 0
+
+
+def _verify_proof(args: argparse.Namespace, receipt: Any) -> int:
+    """`receipts verify FILE --proof [PROOF_FILE] --genesis GENESIS_FILE`: that the receipt was minted
+    in a final block, checked against the genesis alone (aitbc.ledger.proof); the node that served
+    the proof is not trusted."""
+    from aitbc.ledger.genesis import Genesis
+    from aitbc.ledger.proof import verify_proof
+
+    try:
+        genesis = Genesis.load(args.genesis)
+    except AitbcError as exc:
+        return _fail(f"{args.genesis}: {exc.message}")
+    if args.proof:
+        try:
+            raw = Path(args.proof).read_bytes()
+        except OSError as exc:
+            return _fail(f"cannot read {args.proof}: {exc.strerror}")
+        where = args.proof
+    else:
+        from aitbc.clients.wallet_cli import resolve_ledger
+
+        where = resolve_ledger(args.node)
+        try:
+            raw = asyncio.run(_receipt_proof(where, receipt.receipt_hash.hex()))
+        except AitbcError as exc:
+            print(f"NO PROOF from {where}: {exc.message}")
+            return 1
+    gh = genesis.hash()
+    try:
+        res = verify_proof(raw, genesis, receipt.receipt_hash, gh)
+    except AitbcError as exc:
+        print(f"INVALID PROOF ({where}): {exc.message}")
+        return 1
+    print(f"  minted once:  {res.amount} to {res.provider} in tx {res.tx_hash.hex()}, block {res.block_height}")
+    print(f"  final:        block {res.block_height} is final: certificate of block {res.certified_height} "
+          f"{res.certified_hash.hex()[:16]} (more than 2/3 of the {len(genesis.authorities)} authorities)")
+    print(f"  proof:        {len(raw)} bytes from {where}, checked offline against genesis {gh.hex()} "
+          f"(chain {genesis.chain_id})")
+    return 0
+
+
+def cmd_receipts_proof(args: argparse.Namespace) -> int:
+    """`receipts proof RECEIPT -o FILE`: fetch a receipt's proof (docs/ledger.md "Receipt proofs")
+    from a ledger node and write it, for `aitbc receipts verify FILE --proof PROOF_FILE --genesis G`."""
+    from aitbc.clients.wallet_cli import resolve_ledger
+    from aitbc.ledger.proof import decode_proof
+    from aitbc.receipts import SignedReceipt
+
+    rh = args.receipt
+    if Path(rh).is_file():
+        try:
+            rh = SignedReceipt.from_json_dict(json.loads(Path(rh).read_text())).receipt_hash.hex()
+        except (ValueError, AitbcError) as exc:
+            return _fail(f"{args.receipt} is not a receipt file: {getattr(exc, 'message', exc)}")
+    node = resolve_ledger(args.node)
+    try:
+        raw = asyncio.run(_receipt_proof(node, rh))
+        p = decode_proof(raw)
+    except AitbcError as exc:
+        return _fail(exc.message)
+    Path(args.output).write_bytes(raw)
+    print(f"wrote {args.output} ({len(raw)} bytes): receipt {rh}, {len(p.headers)} header(s) up to a certified "
+          f"block; check it with `aitbc receipts verify RECEIPT_FILE --proof {args.output} --genesis GENESIS_FILE`",
+          file=sys.stderr)
+    return 0
+
+
+async def _receipt_proof(node: str, receipt_hash: str) -> bytes:
+    from aitbc.ledger.client import LedgerClient
+
+    async with LedgerClient(node) as lc:
+        return await lc.get_receipt_proof(receipt_hash)
 
 
 async def _receipt_status(node: str, receipt_hash: str) -> Any:
@@ -760,7 +838,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_result)
 
     p = sub.add_parser("receipts", help="show receipts (`aitbc receipts verify FILE` checks one offline)")
-    rsub = p.add_subparsers(dest="receipts_command", metavar="verify")
+    rsub = p.add_subparsers(dest="receipts_command", metavar="verify|proof")
     p.add_argument("--job-id", default="")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("-o", "--output", help="write receipt files here (several: FILE-1.json, FILE-2.json, ...) "
@@ -772,8 +850,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("file")
     v.add_argument("--attester", action="append", help="require the attester to be this address (repeatable)")
     v.add_argument("--allow-unattested", action="store_true", help="accept a receipt without attestation")
-    v.add_argument("--node", help="also check on this ledger node (host:port) that the receipt was minted")
+    v.add_argument("--node", help="also check on this ledger node (host:port) that the receipt was minted; with "
+                   "--proof and no PROOF_FILE, the node to fetch the proof from (default: $AITBC_LEDGER, else the "
+                   "running devnet's)")
+    v.add_argument("--proof", nargs="?", const="", metavar="PROOF_FILE",
+                   help="check that the receipt was minted in a final block with a receipt proof (from PROOF_FILE, "
+                   "offline; without one, fetched from --node), against --genesis alone")
+    v.add_argument("--genesis", metavar="GENESIS_FILE", help="the chain's genesis file (its authority set), for --proof")
     v.set_defaults(func=cmd_receipts_verify)
+    pr = rsub.add_parser("proof", help="write a receipt's proof (minted in a final block) from a ledger node")
+    pr.add_argument("receipt", help="receipt hash (hex) or receipt JSON file")
+    pr.add_argument("-o", "--output", required=True, help="the proof file to write (docs/ledger.md, \"Receipt proofs\")")
+    pr.add_argument("--node", help="ledger node host:port (default: $AITBC_LEDGER, else the running devnet's, else "
+                    "127.0.0.1:26657)")
+    pr.set_defaults(func=cmd_receipts_proof)
 
     p = sub.add_parser("coordinator", help="run a coordinator")
     p.add_argument("--config", help="TOML file (keys: see README); AITBC_COORDINATOR_* env overrides")

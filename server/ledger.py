@@ -14,7 +14,7 @@ import grpc
 
 from aitbc import crypto, rpc, telemetry
 from aitbc.errors import FailedPrecondition, InvalidArgument, NotFound
-from aitbc.ledger import observe, state
+from aitbc.ledger import observe, proof, state
 from aitbc.ledger.block import decode_header
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.genesis import Genesis
@@ -169,6 +169,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             resp.status, resp.tx_hash = S.TRANSACTION_STATUS_PENDING, th.hex()
         return resp
 
+
+    @rpc.handle_errors
+    async def GetReceiptProof(self, request: S.GetReceiptProofRequest,
+                              context: grpc.aio.ServicerContext) -> S.GetReceiptProofResponse:
+        p = proof.build_proof(self.chain, parse_hash(request.receipt_hash, "receipt hash"))
+        first, top = decode_header(p.headers[0]), decode_header(p.headers[-1])
+        return S.GetReceiptProofResponse(proof=p.encode(), tx_hash=crypto.sha256(p.tx).hex(),
+                                         block_height=first.height, block_hash=first.hash.hex(),
+                                         certified_height=top.height, certified_hash=top.hash.hex())
 
     @rpc.handle_errors
     async def GetGenesis(self, request: S.GetGenesisRequest,

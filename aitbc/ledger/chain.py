@@ -33,7 +33,7 @@ from aitbc.ledger.block import (
     tx_root,
     verify_block_signature,
 )
-from aitbc.ledger.genesis import FORMAT_1_REFUSED, Genesis
+from aitbc.ledger.genesis import FORMAT_1_REFUSED, FORMAT_2_REFUSED, Genesis
 from aitbc.ledger.store import Store
 from aitbc.ledger.tx import Tx
 
@@ -42,7 +42,7 @@ log = logging.getLogger("aitbc.ledger.chain")
 META_GENESIS = b"v1:meta:genesis"
 META_CHAIN = b"v1:meta:chain_id"
 META_FORMAT = b"v1:meta:format"  # u32 ledger format of the folder; absent in format 1 folders
-LEDGER_FORMAT = 2
+LEDGER_FORMAT = 3  # 3: Merkle tx roots (2: flat tx roots, 1: signatures not bound to the genesis)
 HEAD = b"v1:head"
 FINAL = b"v1:final"
 BLK = b"v1:blk:"
@@ -127,7 +127,8 @@ class Chain:
             version = 1 if fmt is None else struct.unpack(">I", fmt)[0] if len(fmt) == 4 else "?"
             raise FailedPrecondition(
                 f"data folder holds a ledger format {version} chain; this node runs format {LEDGER_FORMAT}"
-                + (f": {FORMAT_1_REFUSED}" if version == 1 else ": use the node version that wrote it"))
+                + {1: f": {FORMAT_1_REFUSED}", 2: f": {FORMAT_2_REFUSED}"}.get(
+                    version if isinstance(version, int) else 0, ": use the node version that wrote it"))
         elif stored != self.genesis_hash:
             other = (store.get(META_CHAIN) or b"?").decode(errors="replace")
             raise FailedPrecondition(
@@ -213,6 +214,11 @@ class Chain:
         """(height, parent hash) of a known block (stored or pending), for the vote tally."""
         info = self.info(block_hash)
         return None if info is None or info.height == 0 else (info.height, info.parent)
+
+    def header_at(self, height: int) -> bytes | None:
+        """The encoded header of the canonical block at `height` (receipt proofs)."""
+        h = self.hash_at(height) if height > 0 else None
+        return None if h is None else self.store.get(HDR + h)
 
     def certificate(self, block_hash: bytes) -> bytes | None:
         return self.store.get(CERT + block_hash)

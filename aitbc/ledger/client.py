@@ -156,6 +156,16 @@ class LedgerClient:
         return ReceiptStatus(r.receipt_hash, _STATUS_NAMES.get(r.status, "unknown"), r.tx_hash, r.block_height,
                              r.block_hash, r.amount)
 
+    async def get_receipt_proof(self, receipt_hash: str | bytes) -> bytes:
+        """The receipt's proof (docs/ledger.md "Receipt proofs"), to check with
+        `aitbc.ledger.proof.verify_proof` against a genesis you hold: the node is not trusted."""
+        rh = receipt_hash.hex() if isinstance(receipt_hash, bytes) else receipt_hash
+        try:
+            r = await self.stub.GetReceiptProof(ledger_pb2.GetReceiptProofRequest(receipt_hash=rh), timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc.error_from_rpc(exc) from None
+        return r.proof
+
     async def wait_for_tx(self, tx_hash: str, *, final: bool = False, timeout: float = 30.0,
                           poll_s: float = 0.1) -> TxStatus:
         """Poll until the tx is included (or final); raises Unavailable on timeout."""

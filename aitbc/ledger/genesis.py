@@ -25,6 +25,10 @@ FORMAT_1_REFUSED = (
     "ledger format 1 did not bind signatures to the genesis hash and cannot be migrated (its blocks and "
     "transactions would need new signatures from every key): write a new genesis with `aitbc chain init` "
     "and start the nodes on new data folders")
+FORMAT_2_REFUSED = (
+    "ledger format 3 made the block's tx root a Merkle tree (receipt proofs), which changes every block "
+    "hash, and a format 2 chain cannot be migrated (every block would need a new signature from its "
+    "proposer): keep the genesis file and start the nodes on new data folders (move the old ones away)")
 
 
 class ChainRef(NamedTuple):

@@ -707,6 +707,66 @@ class GetReceiptStatusResponse(_message.Message):
 Global___GetReceiptStatusResponse: _TypeAlias = GetReceiptStatusResponse  # noqa: Y015
 
 @_typing.final
+class GetReceiptProofRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIPT_HASH_FIELD_NUMBER: _builtins.int
+    receipt_hash: _builtins.str
+    """Lower-case hex receipt hash."""
+    def __init__(
+        self,
+        *,
+        receipt_hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["receipt_hash", b"receipt_hash"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReceiptProofRequest: _TypeAlias = GetReceiptProofRequest  # noqa: Y015
+
+@_typing.final
+class GetReceiptProofResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROOF_FIELD_NUMBER: _builtins.int
+    TX_HASH_FIELD_NUMBER: _builtins.int
+    BLOCK_HEIGHT_FIELD_NUMBER: _builtins.int
+    BLOCK_HASH_FIELD_NUMBER: _builtins.int
+    CERTIFIED_HEIGHT_FIELD_NUMBER: _builtins.int
+    CERTIFIED_HASH_FIELD_NUMBER: _builtins.int
+    proof: _builtins.bytes
+    """The proof, byte for byte the proof file of docs/ledger.md ("Receipt proofs"); the fields below
+    are decoded from it for reading and prove nothing by themselves.
+    """
+    tx_hash: _builtins.str
+    """Lower-case hex hash of the MINT transaction."""
+    block_height: _builtins.int
+    """The block holding the MINT."""
+    block_hash: _builtins.str
+    certified_height: _builtins.int
+    """The certified block at or above it whose certificate the proof carries."""
+    certified_hash: _builtins.str
+    def __init__(
+        self,
+        *,
+        proof: _builtins.bytes = ...,
+        tx_hash: _builtins.str = ...,
+        block_height: _builtins.int = ...,
+        block_hash: _builtins.str = ...,
+        certified_height: _builtins.int = ...,
+        certified_hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hash", b"block_hash", "block_height", b"block_height", "certified_hash", b"certified_hash", "certified_height", b"certified_height", "proof", b"proof", "tx_hash", b"tx_hash"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReceiptProofResponse: _TypeAlias = GetReceiptProofResponse  # noqa: Y015
+
+@_typing.final
 class GetGenesisRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -76,6 +76,11 @@ class LedgerServiceStub:
                 request_serializer=aitbc_dot_v1_dot_ledger__pb2.GetReceiptStatusRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetReceiptStatusResponse.FromString,
                 _registered_method=True)
+        self.GetReceiptProof = channel.unary_unary(
+                '/aitbc.v1.LedgerService/GetReceiptProof',
+                request_serializer=aitbc_dot_v1_dot_ledger__pb2.GetReceiptProofRequest.SerializeToString,
+                response_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetReceiptProofResponse.FromString,
+                _registered_method=True)
         self.GetGenesis = channel.unary_unary(
                 '/aitbc.v1.LedgerService/GetGenesis',
                 request_serializer=aitbc_dot_v1_dot_ledger__pb2.GetGenesisRequest.SerializeToString,
@@ -156,6 +161,16 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReceiptProof(self, request, context):
+        """GetReceiptProof returns a proof that a receipt was minted in a final block (docs/ledger.md,
+        "Receipt proofs"): the MINT, its Merkle path, the headers up to a certified block and that
+        block's certificate, checkable offline with only the genesis. NOT_FOUND when the receipt was
+        never minted; FAILED_PRECONDITION while no certified block at or above its block exists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetGenesis(self, request, context):
         """GetGenesis returns the genesis document the node runs and its hash, so anyone can audit the
         chain from the node alone, and a node can check that a peer serves the same chain.
@@ -223,6 +238,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetReceiptStatus,
                     request_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetReceiptStatusRequest.FromString,
                     response_serializer=aitbc_dot_v1_dot_ledger__pb2.GetReceiptStatusResponse.SerializeToString,
+            ),
+            'GetReceiptProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReceiptProof,
+                    request_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetReceiptProofRequest.FromString,
+                    response_serializer=aitbc_dot_v1_dot_ledger__pb2.GetReceiptProofResponse.SerializeToString,
             ),
             'GetGenesis': grpc.unary_unary_rpc_method_handler(
                     servicer.GetGenesis,
@@ -458,6 +478,33 @@ class LedgerService:
             '/aitbc.v1.LedgerService/GetReceiptStatus',
             aitbc_dot_v1_dot_ledger__pb2.GetReceiptStatusRequest.SerializeToString,
             aitbc_dot_v1_dot_ledger__pb2.GetReceiptStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReceiptProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aitbc.v1.LedgerService/GetReceiptProof',
+            aitbc_dot_v1_dot_ledger__pb2.GetReceiptProofRequest.SerializeToString,
+            aitbc_dot_v1_dot_ledger__pb2.GetReceiptProofResponse.FromString,
             options,
             channel_credentials,
             insecure,

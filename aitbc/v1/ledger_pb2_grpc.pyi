@@ -55,6 +55,12 @@ class LedgerServiceStub:
     """
     GetReceiptStatus: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetReceiptStatusRequest, _ledger_pb2.GetReceiptStatusResponse]
     """GetReceiptStatus says whether a receipt hash was minted, and in which block and transaction."""
+    GetReceiptProof: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetReceiptProofRequest, _ledger_pb2.GetReceiptProofResponse]
+    """GetReceiptProof returns a proof that a receipt was minted in a final block (docs/ledger.md,
+    "Receipt proofs"): the MINT, its Merkle path, the headers up to a certified block and that
+    block's certificate, checkable offline with only the genesis. NOT_FOUND when the receipt was
+    never minted; FAILED_PRECONDITION while no certified block at or above its block exists.
+    """
     GetGenesis: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetGenesisRequest, _ledger_pb2.GetGenesisResponse]
     """GetGenesis returns the genesis document the node runs and its hash, so anyone can audit the
     chain from the node alone, and a node can check that a peer serves the same chain.
@@ -96,6 +102,12 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """
     GetReceiptStatus: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetReceiptStatusRequest, _ledger_pb2.GetReceiptStatusResponse]  # type: ignore[assignment]
     """GetReceiptStatus says whether a receipt hash was minted, and in which block and transaction."""
+    GetReceiptProof: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetReceiptProofRequest, _ledger_pb2.GetReceiptProofResponse]  # type: ignore[assignment]
+    """GetReceiptProof returns a proof that a receipt was minted in a final block (docs/ledger.md,
+    "Receipt proofs"): the MINT, its Merkle path, the headers up to a certified block and that
+    block's certificate, checkable offline with only the genesis. NOT_FOUND when the receipt was
+    never minted; FAILED_PRECONDITION while no certified block at or above its block exists.
+    """
     GetGenesis: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetGenesisRequest, _ledger_pb2.GetGenesisResponse]  # type: ignore[assignment]
     """GetGenesis returns the genesis document the node runs and its hash, so anyone can audit the
     chain from the node alone, and a node can check that a peer serves the same chain.
@@ -182,6 +194,18 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.GetReceiptStatusResponse, _abc.Awaitable[_ledger_pb2.GetReceiptStatusResponse]]:
         """GetReceiptStatus says whether a receipt hash was minted, and in which block and transaction."""
+
+    @_abc_1.abstractmethod
+    def GetReceiptProof(
+        self,
+        request: _ledger_pb2.GetReceiptProofRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetReceiptProofResponse, _abc.Awaitable[_ledger_pb2.GetReceiptProofResponse]]:
+        """GetReceiptProof returns a proof that a receipt was minted in a final block (docs/ledger.md,
+        "Receipt proofs"): the MINT, its Merkle path, the headers up to a certified block and that
+        block's certificate, checkable offline with only the genesis. NOT_FOUND when the receipt was
+        never minted; FAILED_PRECONDITION while no certified block at or above its block exists.
+        """
 
     @_abc_1.abstractmethod
     def GetGenesis(

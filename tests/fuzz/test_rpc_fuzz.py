@@ -652,6 +652,8 @@ def test_fuzz_ledger(env: Env) -> None:
               {C.OK, C.INVALID_ARGUMENT, C.DEADLINE_EXCEEDED}, "StreamBlocks")
         judge(unary(s.GetReceiptStatus, ledger_pb2.GetReceiptStatusRequest(receipt_hash=h)),
               {C.OK, C.INVALID_ARGUMENT}, "GetReceiptStatus")
+        judge(unary(s.GetReceiptProof, ledger_pb2.GetReceiptProofRequest(receipt_hash=h)),
+              {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION}, "GetReceiptProof")
 
     run()
     env.check_alive_and_untouched()

@@ -1,0 +1,214 @@
+"""Merkle tx roots and receipt proofs (docs/ledger.md, "Tx root" and "Receipt proofs"), pure: the
+vectors in tests/vectors/receipt_proofs.json are what scripts/make_proof_vectors.py writes, an
+independent reader reproduces the roots and paths, the proof verifies from the genesis alone and
+each tampered variant is refused with its reason; a node's chain builds proofs, refuses receipts
+never minted or not final yet, and bounds the header chain; format 2 blocks and folders are refused."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from aitbc import crypto
+from aitbc.errors import FailedPrecondition, InvalidArgument, NotFound
+from aitbc.ledger import finality as fin
+from aitbc.ledger import merkle
+from aitbc.ledger.block import Header, decode_block
+from aitbc.ledger.chain import HEAD, META_CHAIN, META_FORMAT, META_GENESIS, Chain
+from aitbc.ledger.genesis import Genesis
+from aitbc.ledger.proof import ReceiptProof, build_proof, decode_proof, verify_proof
+from aitbc.ledger.store import MemoryStore
+from aitbc.ledger.tx import decode_tx, make_mint, make_transfer
+
+from .helpers import ALICE, AUTH, BOB, genesis, receipt
+from .test_vectors import independent_merkle_root
+
+ROOT = Path(__file__).resolve().parents[2]
+VECTORS = ROOT / "tests" / "vectors" / "receipt_proofs.json"
+
+
+def _vectors() -> dict:
+    return json.loads(VECTORS.read_text())
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_proof_vectors", ROOT / "scripts" / "make_proof_vectors.py")
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def test_script_reproduces_the_vectors():
+    assert _script().build() == _vectors()
+
+
+def test_merkle_vectors_match_an_independent_reader():
+    m = _vectors()["merkle"]
+
+    def dd(domain: bytes, payload: bytes) -> bytes:
+        return hashlib.sha256(domain + b"\x00" + payload).digest()
+
+    assert m["empty_root"] == dd(b"AITBC/txroot/v3", b"").hex()
+    for t in m["trees"]:
+        hs = [bytes.fromhex(h) for h in t["tx_hashes"]]
+        assert independent_merkle_root(hs).hex() == t["root"] == merkle.merkle_root(hs).hex()
+        for i, path in enumerate(t["paths"]):
+            sibs = [bytes.fromhex(s) for s in path]
+            merkle.verify_path(hs[i], i, len(hs), sibs, bytes.fromhex(t["root"]))
+            # the same path read as the path of any other position fails
+            for j in range(len(hs)):
+                if j != i and len(path) == len(merkle.merkle_path(hs, j)):
+                    with pytest.raises(InvalidArgument):
+                        merkle.verify_path(hs[i], j, len(hs), sibs, bytes.fromhex(t["root"]))
+    three = m["trees"][3]
+    assert m["duplicate_last_leaf"]["root"] != three["root"]  # not Bitcoin's CVE-2012-2459 rule
+    assert len({t["root"] for t in m["trees"]}) == len(m["trees"])
+    for r in m["refused_paths"]:
+        with pytest.raises(InvalidArgument, match="^" + r["error"]):
+            merkle.verify_path(bytes.fromhex(r["tx_hash"]), r["index"], r["count"],
+                               [bytes.fromhex(s) for s in r["path"]], bytes.fromhex(r["root"]))
+
+
+def test_every_path_of_trees_up_to_40_txs_verifies_and_no_other_does():
+    hashes = [crypto.sha256(b"t%d" % i) for i in range(40)]
+    for n in range(1, 41):
+        hs = hashes[:n]
+        root = merkle.merkle_root(hs)
+        assert root == independent_merkle_root(hs)
+        for i in range(n):
+            path = merkle.merkle_path(hs, i)
+            assert len(path) <= (n - 1).bit_length()
+            merkle.verify_path(hs[i], i, n, path, root)
+            with pytest.raises(InvalidArgument):  # another tx at that position
+                merkle.verify_path(hashes[(i + 1) % 40] if n < 40 else crypto.sha256(b"x"), i, n, path, root)
+
+
+def test_leaf_and_inner_node_domains_differ():
+    a, b = crypto.sha256(b"a"), crypto.sha256(b"b")
+    inner = merkle.node_hash(merkle.leaf_hash(a), merkle.leaf_hash(b))
+    # a 2-leaf tree's root read as a 1-leaf tree whose tx hash is that inner node: refused
+    with pytest.raises(InvalidArgument, match="does not lead"):
+        merkle.verify_path(inner, 0, 1, [], merkle.merkle_root([a, b]))
+    assert merkle.leaf_hash(a) != a and merkle.merkle_root([a]) == merkle.leaf_hash(a)
+
+
+def test_vector_proof_verifies_from_the_genesis_alone():
+    v = _vectors()
+    g = Genesis.from_dict(v["genesis"])
+    raw = bytes.fromhex(v["proof"]["raw"])
+    res = verify_proof(raw, g, bytes.fromhex(v["receipt_hash"]))
+    assert (res.block_height, res.block_hash.hex()) == (1, v["proof"]["block_hash"])
+    assert (res.certified_height, res.certified_hash.hex()) == (3, v["proof"]["certified_hash"])
+    assert res.tx_hash.hex() == v["proof"]["tx_hash"] and res.amount == 102 * 10
+    p = decode_proof(raw)
+    assert p.encode() == raw and [h.hex() for h in p.headers] == v["proof"]["headers"]
+    tx_hashes = [bytes.fromhex(h) for h in v["proof"]["block_tx_hashes"]]
+    assert independent_merkle_root(tx_hashes).hex() == v["proof"]["tx_root"]
+
+
+@pytest.mark.parametrize("case", _vectors()["refused_proofs"], ids=lambda c: c["name"])
+def test_vector_refused_proofs(case):
+    v = _vectors()
+    g = Genesis.from_dict(v["genesis"])
+    with pytest.raises(InvalidArgument, match="^" + case["error"].replace("(", r"\(").replace(")", r"\)")):
+        verify_proof(bytes.fromhex(case["raw"]), g, bytes.fromhex(v["receipt_hash"]))
+
+
+def test_proof_for_another_receipt_or_genesis_is_refused():
+    v = _vectors()
+    g = Genesis.from_dict(v["genesis"])
+    raw = bytes.fromhex(v["proof"]["raw"])
+    with pytest.raises(InvalidArgument, match="^proof is for receipt .*, not for receipt " + v["other_receipt_hash"]):
+        verify_proof(raw, g, bytes.fromhex(v["other_receipt_hash"]))
+    twin = Genesis.from_dict({**v["genesis"], "genesis_time_ms": v["genesis"]["genesis_time_ms"] + 1})
+    with pytest.raises(InvalidArgument, match="^proof transaction: wrong genesis"):
+        verify_proof(raw, twin, bytes.fromhex(v["receipt_hash"]))
+    for bad, why in ((b"junk", "not a receipt proof"), (raw[:-1], "truncated"), (raw + b"\x00", "truncated or trailing"),
+                     (raw[:8] + b"\x02" + raw[9:], "version 2 is not supported")):
+        with pytest.raises(InvalidArgument, match="^malformed proof: " + why):
+            verify_proof(bad, g, bytes.fromhex(v["receipt_hash"]))
+
+
+def test_a_transfer_or_a_header_of_another_chain_is_refused_even_when_certified():
+    """Links a byzantine quorum could sign: the checks hold by themselves, not only through the
+    certificate."""
+    g = genesis(4)
+    r = receipt(9)
+    gh = g.hash()
+
+    def proof_for(tx_raw: bytes, header_genesis: Genesis) -> bytes:
+        tx = decode_tx(tx_raw)
+        hgh = header_genesis.hash()
+        h = Header(header_genesis.chain_id, hgh, 1, hgh, 5, 5000, crypto.sha256(AUTH[1].pubkey)[:20],
+                   merkle.merkle_root([tx.hash]), b"\x00" * 32, 1)
+        s, t = fin.Checkpoint(1, h.hash), fin.Checkpoint(2, crypto.sha256(b"child"))
+        cert = fin.make_certificate([fin.make_vote(k, g, s, t) for k in AUTH[:3]])
+        return ReceiptProof(tx_raw, 0, (), (h.encode(),), cert.encode()).encode()
+
+    assert verify_proof(proof_for(make_mint(ALICE, g.ref, 0, r), g), g, r.receipt_hash).block_height == 1
+    with pytest.raises(InvalidArgument, match="^proof transaction is a TRANSFER, not a MINT"):
+        verify_proof(proof_for(make_transfer(ALICE, g.ref, 0, BOB.address, 5), g), g, r.receipt_hash)
+    twin = genesis(4, genesis_time_ms=7)
+    with pytest.raises(InvalidArgument, match=r"^proof header 1 \(block 1\) is for another chain"):
+        verify_proof(proof_for(make_mint(ALICE, g.ref, 0, r), twin), g, r.receipt_hash, gh)
+
+
+def _chain_with_mint(n_auth: int = 4, empty_after: int = 3):
+    g = genesis(n_auth)
+    chain = Chain(MemoryStore(), g)
+    r = receipt(7)
+    slot = g.genesis_time_ms // g.block_time_ms
+    for h in range(1 + empty_after):
+        slot += 1
+        txs = [decode_tx(make_mint(ALICE, g.ref, 0, r))] if h == 0 else []
+        chain.build_block(AUTH[slot % n_auth], slot, slot * g.block_time_ms + 10, txs)
+    return chain, g, r
+
+
+def _certify(chain: Chain, g: Genesis, height: int) -> None:
+    s = fin.Checkpoint(height, chain.hash_at(height))  # type: ignore[arg-type]
+    t = fin.Checkpoint(height + 1, chain.hash_at(height + 1))  # type: ignore[arg-type]
+    cert = fin.make_certificate([fin.make_vote(k, g, s, t) for k in AUTH[:3]])
+    chain.store_certificate(height, s.hash, cert.encode())
+
+
+def test_build_proof_from_a_chain():
+    chain, g, r = _chain_with_mint()
+    with pytest.raises(NotFound, match="^receipt .* was never minted on this chain"):
+        build_proof(chain, receipt(8).receipt_hash)
+    with pytest.raises(FailedPrecondition, match="^not final yet: receipt .* is in block 1, above the certified "
+                                                 "height 0; retry after height 1 is certified"):
+        build_proof(chain, r.receipt_hash)
+    _certify(chain, g, 3)
+    with pytest.raises(FailedPrecondition, match="^no certificate within 2 headers of block 1"):
+        build_proof(chain, r.receipt_hash, max_headers=2)
+    p = build_proof(chain, r.receipt_hash)
+    assert len(p.headers) == 3 and p.tx_index == 0 and p.path == ()
+    res = verify_proof(p.encode(), g, r.receipt_hash)
+    assert (res.block_height, res.certified_height) == (1, 3)
+    _certify(chain, g, 1)  # the nearest certified block at or above the MINT's is taken
+    assert len(build_proof(chain, r.receipt_hash).headers) == 1
+    # a proof with too many headers is refused before anything is checked
+    long = ReceiptProof(p.tx, 0, (), p.headers * 86, p.certificate).encode()
+    with pytest.raises(InvalidArgument, match="^malformed proof: 258 headers, needs 1 to 256"):
+        decode_proof(long)
+
+
+def test_format_2_blocks_and_data_folders_are_refused():
+    chain, g, _ = _chain_with_mint(1, 0)
+    raw = chain.block_raw_at(1)
+    assert raw is not None and raw[4] == 3
+    with pytest.raises(InvalidArgument, match=r"^malformed block: header version 2 is not supported \(a ledger "
+                                              "format 2 block, whose tx root is a flat hash"):
+        decode_block(raw[:4] + b"\x02" + raw[5:])
+    store = MemoryStore()  # what a format-2 node left behind
+    store.commit({META_GENESIS: g.hash(), META_CHAIN: g.chain_id.encode(), META_FORMAT: struct.pack(">I", 2),
+                  HEAD: b"\x00" * 32})
+    with pytest.raises(FailedPrecondition, match="^data folder holds a ledger format 2 chain; this node runs format 3: "
+                                                 "ledger format 3 made the block's tx root a Merkle tree"):
+        Chain(store, g)
