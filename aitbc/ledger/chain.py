@@ -53,6 +53,7 @@ UNDO = b"v1:undo:"
 CERT = b"v1:cert:"  # block hash -> its finality certificate (aitbc.ledger.finality)
 CERTIFIED = b"v1:certified"  # u64 height || hash of the highest certified block
 VOTE_LOCK = b"v1:vote:lock"  # u64 last target height || u64 last source height of this node's votes
+JUST = b"v1:just:"  # u64 height || block hash -> the votes that justified that block (kept above final)
 MAX_SIDE_BLOCKS = 4096
 
 _U64 = struct.Struct(">Q")
@@ -235,6 +236,10 @@ class Chain:
         final = height > self.final_height and self.hash_at(height) == block_hash
         if final:
             writes[FINAL] = _U64.pack(height)
+        for key, _ in self.store.scan(JUST):  # justifications at or below it can change nothing now
+            if _U64.unpack_from(key, len(JUST))[0] > height:
+                break
+            writes[key] = None
         self.store.commit(writes)
         if final:
             self._set_final(height)
@@ -250,6 +255,15 @@ class Chain:
         self.final_height = height
         for h in [h for h, b in self.side.items() if b.height <= height]:
             del self.side[h]
+
+    def save_justification(self, height: int, block_hash: bytes, votes: bytes) -> None:
+        """The votes that justified a block (a restart must know its justified blocks: an
+        authority whose lock names a source above its final block cannot vote again until it does)."""
+        self.store.commit({JUST + _U64.pack(height) + block_hash: votes})
+
+    def justifications(self) -> list[bytes]:
+        """The saved justifications above the highest certified block, lowest first."""
+        return [v for _, v in self.store.scan(JUST)]
 
     def vote_lock(self) -> tuple[int, int]:
         v = self.store.get(VOTE_LOCK)

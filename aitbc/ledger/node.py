@@ -126,6 +126,8 @@ class Node:
         self._evidence_sent: set[bytes] = set()  # authorities this node sent an EVIDENCE tx against
         self._switching = False  # a switch to a justified branch is under way
         self._apply_recorded_evidence()
+        self._saved_justified: set[bytes] = set()
+        self._restore_justified()
 
     @property
     def is_authority(self) -> bool:
@@ -695,7 +697,30 @@ class Node:
             if res.finalized is not None:
                 self._certified(res.finalized)
             self._follow_justified()
+        self._save_justified()
         return out
+
+    def _restore_justified(self) -> None:
+        """After a restart: count again the votes that justified blocks above the final one (saved
+        by _save_justified), so the tally knows what it knew and the authority can vote from the
+        source its lock names (without them a lone authority never votes again)."""
+        for raw in self.chain.justifications():
+            try:
+                saved = finality.decode_certificate(raw)
+                for vote in saved.votes(self.genesis, self.chain.genesis_hash):
+                    res = self.tally.add(vote)
+                    if res.finalized is not None:
+                        self._certified(res.finalized)
+                self._saved_justified.add(saved.target.hash)
+            except AitbcError as exc:
+                log.warning("a saved justification does not count any more: %s", exc.message)
+
+    def _save_justified(self) -> None:
+        for target, link in self.tally.justified_by.items():
+            if target not in self._saved_justified and (votes := self.tally.links.get(link)):
+                self._saved_justified.add(target)
+                self.chain.save_justification(link[1].height, target,
+                                              finality.make_certificate(votes.values()).encode())
 
     def _follow_justified(self) -> None:
         """Fork choice keeps the highest justified block: lock the canonical chain on it, or switch
@@ -729,6 +754,7 @@ class Node:
         assert cert is not None
         self.chain.store_certificate(cp.height, cp.hash, cert.encode())
         self.tally.prune()
+        self._saved_justified = {h for h in self._saved_justified if h in self.tally.justified_by}
         log.debug("block %d %s certified final by votes", cp.height, cp.hash.hex()[:16])
 
     def _apply_recorded_evidence(self) -> None:

@@ -268,3 +268,47 @@ async def test_a_byzantine_proposer_signs_two_blocks_for_its_slot_and_votes_for_
         for n, s in reversed(running):
             await n.stop()
             await s.stop(0)
+
+
+async def test_a_lone_authority_killed_right_after_locking_a_vote_votes_again_after_restart():
+    """A kill -9 just after the vote lock reached the disk and before the certificate that vote
+    made did: the lock names as source a block above the certified one. After the restart the tally
+    must know that block is justified (its votes were saved when it was justified), or the authority
+    may never vote again and finality stops for good (what a crash-loop test hit)."""
+    from aitbc.ledger.chain import VOTE_LOCK
+
+    class DiesAfterLocking(MemoryStore):
+        """Commits reach the 'disk' until the first vote-lock commit after arm(); nothing after it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.armed = self.dead = False
+
+        def commit(self, writes) -> None:  # type: ignore[no-untyped-def]
+            if self.dead:
+                return
+            super().commit(writes)
+            if self.armed and VOTE_LOCK in writes:
+                self.dead = True
+
+    g = genesis(1, block_time_ms=100)
+    store = DiesAfterLocking()
+    n, s = await start_node(store, g, AUTH[0], "127.0.0.1:0")
+    try:
+        await _until(lambda: n.certified.height >= 5, what="certification")
+        store.armed = True
+        await _until(lambda: store.dead, what="the next vote lock")
+    finally:
+        await n.stop()
+        await s.stop(0)
+    disk = MemoryStore()
+    disk.commit(dict(store.scan(b"")))
+    lock_source = int.from_bytes(disk.get(VOTE_LOCK)[8:], "big")
+    certified = int.from_bytes(disk.get(b"v1:certified")[:8], "big")
+    assert lock_source > certified  # the state that stalled a restarted authority
+    n, s = await start_node(disk, g, AUTH[0], "127.0.0.1:0")
+    try:
+        await _until(lambda: n.certified.height >= lock_source + 2, timeout=20, what="certification after the restart")
+    finally:
+        await n.stop()
+        await s.stop(0)
