@@ -20,7 +20,7 @@ from aitbc.errors import CryptoError, InvalidArgument
 
 GENESIS_VERSION = 2  # ledger format 2: signatures bind the genesis hash (format 1 chains are refused)
 MAX_U64 = 2**64 - 1
-_CHAIN_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+CHAIN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 FORMAT_1_REFUSED = (
     "ledger format 1 did not bind signatures to the genesis hash and cannot be migrated (its blocks and "
     "transactions would need new signatures from every key): write a new genesis with `aitbc chain init` "
@@ -35,7 +35,7 @@ class ChainRef(NamedTuple):
 
 
 def check_chain_id(chain_id: str) -> None:
-    if not isinstance(chain_id, str) or not _CHAIN_ID.match(chain_id):
+    if not isinstance(chain_id, str) or not CHAIN_ID_RE.match(chain_id):
         raise InvalidArgument(
             f"invalid chain id {chain_id!r}: 1-64 characters of a-z 0-9 . _ -, starting with a letter or digit"
         )
