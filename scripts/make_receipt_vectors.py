@@ -155,6 +155,9 @@ def rule_vectors(provider: crypto.PrivateKey, attester: crypto.PrivateKey, text_
     add("duplicate key in the body (Python would keep the last units)", "duplicate-key",
         pretty(good).replace('"units": 52,', '"units": 52,\n    "units": 5200,'),
         'receipt file has a duplicate key "units"')
+    add("duplicate key spelled with a JSON escape (\\u0075nits is units)", "duplicate-key",
+        pretty(good).replace('"units": 52,', '"units": 52,\n    "\\u0075nits": 5200,'),
+        'receipt file has a duplicate key "units"')
     add("duplicate top-level key", "duplicate-key",
         pretty(good).replace('  "receipt_hash"', '  "receipt_hash": "' + "0" * 64 + '",\n  "receipt_hash"', 1),
         'receipt file has a duplicate key "receipt_hash"')
