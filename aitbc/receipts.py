@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from aitbc import crypto
+from aitbc import crypto, strict_json
 from aitbc.errors import CryptoError, ReceiptError
+from aitbc.ledger.genesis import CHAIN_ID_RE
 
 RECEIPT_VERSION = 2  # what this code writes; version 1 receipts still verify (docs/receipts.md)
 VERSIONS = (1, 2)
@@ -22,9 +23,11 @@ TILE_PIXELS = 64 * 64  # an image unit is one 64x64-pixel tile denoised one step
 PROVIDER_DOMAIN = b"AITBC/receipt/provider/v1"
 ATTEST_DOMAIN = b"AITBC/receipt/attest/v1"
 MAX_UINT = 2**53 - 1  # every integer fits an IEEE double exactly, so any JSON parser reads it back
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_HEX32 = re.compile(r"^[0-9a-f]{32}\Z")
+_HEX130 = re.compile(r"^[0-9a-f]{130}\Z")  # a 65-byte signature r || s || v
+FILE_FIELDS = frozenset({"receipt", "receipt_hash", "provider_signature", "attestation", "settlement"})
+_PRINTABLE = re.compile(r"^[\x20-\x7e]*\Z")
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class ReceiptBody:
     @functools.cached_property
     def _valid(self) -> bool:
         if type(self.version) is not int or self.version not in VERSIONS:
-            raise ReceiptError(f"receipt version {self.version} is not supported (expected one of "
+            raise ReceiptError(f"receipt version {self.version!r} is not supported (expected one of "
                                f"{', '.join(map(str, VERSIONS))})")
         if self.version == 1 and any(getattr(self, name) for name in _V2_ONLY):
             raise ReceiptError(f"a version 1 receipt has no fields {', '.join(_V2_ONLY)}")
@@ -84,6 +87,9 @@ class ReceiptBody:
             raise ReceiptError("receipt field nonce must be 32 lower-case hex characters")
         if not self.job_id or not self.chain_id or not self.model:
             raise ReceiptError("receipt fields job_id, model and chain_id must not be empty")
+        if not CHAIN_ID_RE.match(self.chain_id):
+            raise ReceiptError(f"receipt chain_id {self.chain_id!r} is not a chain id: 1-64 characters of a-z 0-9 . _ -, "
+                               "starting with a letter or digit")
         if self.finished_at < self.started_at:
             raise ReceiptError("receipt finished_at is before started_at")
         try:
@@ -199,23 +205,58 @@ class SignedReceipt:
 
     @classmethod
     def from_json_dict(cls, data: Any) -> SignedReceipt:
+        """A receipt file's object (docs/receipts.md, "Receipt file"): exactly its fields, the body
+        valid, `receipt_hash` present and equal to the body's hash, signatures as 130 lower-case hex.
+        Signatures are checked by verify_receipt."""
         if not isinstance(data, dict) or "receipt" not in data:
             raise ReceiptError("not a receipt file: expected an object with a 'receipt' field")
+        if extra := data.keys() - FILE_FIELDS:
+            raise ReceiptError(f"receipt file has unknown fields: {', '.join(sorted(extra))}")
         body = ReceiptBody.from_dict(data["receipt"])
-        try:
-            provider_sig = bytes.fromhex(data.get("provider_signature", ""))
-            att = data.get("attestation") or {}
-            attester_sig = bytes.fromhex(att.get("signature", ""))
-        except (ValueError, TypeError, AttributeError):
-            raise ReceiptError("signatures must be hex strings") from None
-        receipt = cls(body, provider_sig, att.get("attester", ""), attester_sig)
         claimed = data.get("receipt_hash")
-        if claimed is not None and claimed != receipt.receipt_hash.hex():
+        if claimed is None:
+            raise ReceiptError("receipt file has no receipt_hash (it is required: it names the receipt that was "
+                               "signed)")
+        if not isinstance(claimed, str) or not _HEX64.match(claimed):
+            raise ReceiptError("receipt_hash must be 64 lower-case hex characters")
+        provider_sig = _signature_hex(data.get("provider_signature"), "provider_signature")
+        attester, attester_sig = "", b""
+        if "attestation" in data:
+            att = data["attestation"]
+            if not isinstance(att, dict) or att.keys() != {"attester", "signature"}:
+                raise ReceiptError("attestation must be an object with exactly the fields attester and signature")
+            try:
+                crypto.validate_address(att["attester"])
+            except CryptoError as exc:
+                raise ReceiptError(f"attestation attester: {exc.message}") from None
+            attester, attester_sig = att["attester"], _signature_hex(att["signature"], "attestation signature")
+        if "settlement" in data and not isinstance(data["settlement"], dict):
+            raise ReceiptError("settlement must be an object (it is informational and not signed)")
+        receipt = cls(body, provider_sig, attester, attester_sig)
+        if claimed != receipt.receipt_hash.hex():
             raise ReceiptError(
                 f"receipt_hash {claimed} does not match the canonical hash {receipt.receipt_hash.hex()}: "
                 "a field was altered"
             )
         return receipt
+
+
+def _signature_hex(value: Any, name: str) -> bytes:
+    if value is None:
+        raise ReceiptError(f"receipt file has no {name}")
+    if not isinstance(value, str) or not _HEX130.match(value):
+        raise ReceiptError(f"{name} must be 130 lower-case hex characters (65 bytes r || s || v)")
+    return bytes.fromhex(value)
+
+
+def load_receipt_file(data: bytes | str) -> SignedReceipt:
+    """Parse a receipt file's bytes strictly (UTF-8 without BOM, no duplicate keys, integers only:
+    aitbc.strict_json) into a SignedReceipt; verify_receipt then checks its signatures."""
+    try:
+        doc = strict_json.loads(data)
+    except strict_json.StrictJSONError as exc:
+        raise ReceiptError(f"receipt file {exc}") from None
+    return SignedReceipt.from_json_dict(doc)
 
 
 def sign_receipt(body: ReceiptBody, key: crypto.PrivateKey) -> SignedReceipt:

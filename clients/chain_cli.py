@@ -41,7 +41,16 @@ def _address_or_keyfile(text: str, *, create: bool) -> str:
 
 def cmd_chain_init(args: argparse.Namespace) -> int:
     """Write a genesis. Without --chain-id the chain id gets a random suffix (unique_chain_id), so
-    two networks made the same way never share an id; re-running keeps the file's id."""
+    two networks made the same way never share an id; re-running keeps the file's id. A value
+    outside the genesis bounds (docs/ledger.md, "Genesis") is refused with the bound, exit 2."""
+    try:
+        return _chain_init(args)
+    except InvalidArgument as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def _chain_init(args: argparse.Namespace) -> int:
     from aitbc.ledger.genesis import Genesis, make_genesis, unique_chain_id
 
     out = Path(args.out)

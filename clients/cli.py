@@ -491,19 +491,17 @@ def receipts_table(recs: list[Any]) -> str:
 
 
 def cmd_receipts_verify(args: argparse.Namespace) -> int:
-    from aitbc.receipts import SignedReceipt, verify_receipt
+    from aitbc.receipts import load_receipt_file, verify_receipt
 
     if args.proof is not None and not args.genesis:
         return _fail("--proof needs --genesis GENESIS_FILE: a proof is only as good as the genesis (authority set) "
                      "it is checked against; keep the chain's genesis file (from its operator)")
     try:
-        data = json.loads(Path(args.file).read_text())
+        data = Path(args.file).read_bytes()
     except OSError as exc:
         return _fail(f"cannot read {args.file}: {exc.strerror}")
-    except ValueError as exc:
-        return _fail(f"{args.file} is not JSON: {exc}")
     try:
-        receipt = SignedReceipt.from_json_dict(data)
+        receipt = load_receipt_file(data)  # strict: UTF-8 without BOM, no duplicate keys, integers only
         attesters = frozenset(args.attester) if args.attester else None
         verify_receipt(receipt, require_attestation=not args.allow_unattested, attesters=attesters)
     except AitbcError as exc:
@@ -671,7 +669,7 @@ def cmd_devnet(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start a devnet on free ports, run one image job end to end, verify the receipt, stop."""
     from aitbc.clients.sdk import CoordinatorClient
-    from aitbc.receipts import SignedReceipt, verify_receipt
+    from aitbc.receipts import load_receipt_file, verify_receipt
 
     args.coordinator_listen = args.miner_ops_listen = args.ledger_listen = "127.0.0.1:0"
     args.wallet_listen = "unix"
@@ -688,7 +686,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if rc:
             return rc
         receipt_file = Path(args.receipt_out or (str(Path(args.output).with_suffix("")) + ".receipt.json"))
-        receipt = SignedReceipt.from_json_dict(json.loads(receipt_file.read_text()))
+        receipt = load_receipt_file(receipt_file.read_bytes())
         verify_receipt(receipt)
         print("receipt verified offline (provider and attester signatures, canonical hash):")
         print(json.dumps(receipt.to_json_dict(), indent=2))

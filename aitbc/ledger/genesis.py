@@ -15,12 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from aitbc import crypto
+from aitbc import crypto, strict_json
 from aitbc.errors import CryptoError, InvalidArgument
 
 GENESIS_VERSION = 2  # ledger format 2: signatures bind the genesis hash (format 1 chains are refused)
 MAX_U64 = 2**64 - 1
-_CHAIN_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+MAX_EXACT = 2**53 - 1  # what every JSON reader (an IEEE double) reads exactly
+# The integer fields' bounds (docs/ledger.md, "Genesis"): (least, most, why the most)
+INTEGER_BOUNDS = {
+    "block_time_ms": (50, 3_600_000, "50 ms to 1 hour"),
+    "max_price_per_unit": (0, MAX_EXACT, "a receipt's price_per_unit is at most 2^53-1"),
+    "max_mint_per_receipt": (1, MAX_U64, "amounts are u64; 0 would make every MINT mint nothing"),
+    "genesis_time_ms": (0, MAX_EXACT, "Unix milliseconds"),
+    "max_block_txs": (1, 2**32 - 1, "a block header's tx_count is a u32"),
+}
+CHAIN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 FORMAT_1_REFUSED = (
     "ledger format 1 did not bind signatures to the genesis hash and cannot be migrated (its blocks and "
     "transactions would need new signatures from every key): write a new genesis with `aitbc chain init` "
@@ -39,7 +48,7 @@ class ChainRef(NamedTuple):
 
 
 def check_chain_id(chain_id: str) -> None:
-    if not isinstance(chain_id, str) or not _CHAIN_ID.match(chain_id):
+    if not isinstance(chain_id, str) or not CHAIN_ID_RE.match(chain_id):
         raise InvalidArgument(
             f"invalid chain id {chain_id!r}: 1-64 characters of a-z 0-9 . _ -, starting with a letter or digit"
         )
@@ -74,15 +83,11 @@ class Genesis:
                 crypto.validate_address(who)
             except CryptoError as exc:
                 raise InvalidArgument(f"genesis: {exc.message}") from None
-        for name in ("block_time_ms", "max_price_per_unit", "max_mint_per_receipt", "genesis_time_ms",
-                     "max_block_txs"):
+        for name, (least, most, why) in INTEGER_BOUNDS.items():
             value = getattr(self, name)
-            if type(value) is not int or not 0 <= value <= MAX_U64:
-                raise InvalidArgument(f"genesis {name} must be an integer in [0, 2^64-1]")
-        if self.block_time_ms < 50:
-            raise InvalidArgument("genesis block_time_ms must be at least 50")
-        if self.max_block_txs < 1:
-            raise InvalidArgument("genesis max_block_txs must be at least 1")
+            if type(value) is not int or not least <= value <= most:
+                raise InvalidArgument(f"genesis {name} must be an integer in [{least}, {_power(most)}] ({why}), "
+                                      f"got {value!r}")
 
     @property
     def ref(self) -> ChainRef:
@@ -145,12 +150,18 @@ class Genesis:
     @classmethod
     def load(cls, path: str | Path) -> Genesis:
         try:
-            data = json.loads(Path(path).read_text())
+            raw = Path(path).read_bytes()
         except OSError as exc:
             raise InvalidArgument(f"cannot read genesis {path}: {exc.strerror}") from None
-        except ValueError as exc:
-            raise InvalidArgument(f"genesis {path} is not JSON: {exc}") from None
+        try:  # one file, one genesis hash for every reader: no duplicate keys, integers only, no BOM
+            data = strict_json.loads(raw)
+        except strict_json.StrictJSONError as exc:
+            raise InvalidArgument(f"genesis {path} {exc}") from None
         return cls.from_dict(data)
+
+
+def _power(n: int) -> str:
+    return {MAX_U64: "2^64-1", MAX_EXACT: "2^53-1", 2**32 - 1: "2^32-1"}.get(n, f"{n:,}")
 
 
 def unique_chain_id(prefix: str = "aitbc") -> str:

@@ -19,11 +19,10 @@ re-encoding of a signed tx that a node accepts (docs/ledger.md, "One encoding, o
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 
-from aitbc import crypto
+from aitbc import crypto, strict_json
 from aitbc.errors import CryptoError, InvalidArgument
 from aitbc.ledger.genesis import ChainRef, check_chain_id
 from aitbc.receipts import ReceiptBody, SignedReceipt
@@ -208,8 +207,12 @@ def _decode(raw: bytes) -> Tx:
         pos += 65
         if len(rjson) != rlen or len(psig) != 65 or len(att) != alen or len(asig) != 65:
             raise _malformed("truncated")
+        try:  # the receipt file's parser rules (docs/receipts.md), then byte-for-byte canonical
+            doc = strict_json.loads(rjson)
+        except strict_json.StrictJSONError as exc:
+            raise _malformed(f"receipt {exc}") from None
         try:
-            body = ReceiptBody.from_dict(json.loads(rjson))
+            body = ReceiptBody.from_dict(doc)
             if body.canonical_bytes() != rjson:
                 raise _malformed("receipt JSON is not canonical")
             receipt = SignedReceipt(body, psig, att.decode("ascii"), asig)
@@ -217,8 +220,8 @@ def _decode(raw: bytes) -> Tx:
             if exc.message.startswith("malformed"):
                 raise
             raise InvalidArgument(f"bad receipt: {exc.message}") from None
-        except (ValueError, TypeError):
-            raise _malformed("receipt is not valid JSON") from None
+        except (ValueError, TypeError):  # an attester address that is not ASCII
+            raise _malformed("attester address is not ASCII") from None
     elif kind == KIND_EVIDENCE:
         (elen,) = struct.unpack_from(">H", raw, pos)
         evidence = raw[pos + 2:pos + 2 + elen]

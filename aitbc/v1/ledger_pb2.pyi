@@ -598,8 +598,9 @@ class StreamBlocksRequest(_message.Message):
     PEER_ADDRESS_FIELD_NUMBER: _builtins.int
     RAW_ONLY_FIELD_NUMBER: _builtins.int
     from_height: _builtins.int
-    """First height to send (>= 1; a negative height is INVALID_ARGUMENT). A height past the head
-    waits for it.
+    """First height to send, >= 0: 0 and 1 both start at block 1 (height 0 is the genesis, which has
+    no block on the wire; 0 is also what a request that leaves the field unset sends). A negative
+    height is INVALID_ARGUMENT "from_height must be >= 0". A height past the head waits for it.
     """
     peer_address: _builtins.str
     """Peers set this to their own listen address; the answering node syncs from it too once it has

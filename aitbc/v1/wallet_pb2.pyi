@@ -626,7 +626,8 @@ Global___VerifyReceiptRequest: _TypeAlias = VerifyReceiptRequest  # noqa: Y015
 @_typing.final
 class VerifyReceiptResponse(_message.Message):
     """VerifyReceiptResponse is the verdict; a receipt that fails a check is valid = false with the
-    reason (a document that is not JSON at all is INVALID_ARGUMENT).
+    reason (a document that breaks the receipt file's parser rules of docs/receipts.md: not JSON,
+    a duplicate key, a non-integer number, a byte order mark; is INVALID_ARGUMENT "receipt file ...").
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from aitbc import crypto
+from aitbc import crypto, strict_json
 from aitbc.errors import AitbcError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from aitbc.ledger import tx as txmod
 from aitbc.ledger.client import LedgerClient
@@ -372,9 +371,9 @@ class WalletCore:
             data: Any = document
         else:
             try:
-                data = json.loads(document)
-            except (ValueError, RecursionError):
-                raise InvalidArgument("receipt is not valid JSON") from None
+                data = strict_json.loads(document)  # one file, one meaning (docs/receipts.md)
+            except strict_json.StrictJSONError as exc:
+                raise InvalidArgument(f"receipt file {exc}") from None
         if not isinstance(data, dict):
             raise InvalidArgument("receipt must be a JSON object")
         allowed = frozenset(check_address(a, "attester") for a in attesters) or None

@@ -149,6 +149,21 @@ async def test_bad_requests_and_not_found(node):
     assert (await c.get_receipt_status("ef" * 32)).status == "unknown"
 
 
+async def test_stream_from_height_0_or_1_starts_at_block_1_and_minus_1_is_refused(node):
+    """docs/ledger.md "Sync" and the proto: from_height >= 0, where 0 (the genesis, also the unset
+    field) and 1 both mean block 1; a negative height is INVALID_ARGUMENT with the stated message."""
+    n, server, c = node
+    stub = ledger_pb2_grpc.LedgerServiceStub(c.channel)
+    for start in (0, 1):
+        async for resp in stub.StreamBlocks(ledger_pb2.StreamBlocksRequest(from_height=start)):
+            assert resp.blocks[0].header.height == 1
+            break
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        async for _ in stub.StreamBlocks(ledger_pb2.StreamBlocksRequest(from_height=-1)):
+            pass
+    assert (ei.value.code(), ei.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "from_height must be >= 0")
+
+
 async def test_stream_from_beyond_head_waits_then_delivers(node):
     n, server, c = node
     stub = ledger_pb2_grpc.LedgerServiceStub(c.channel)

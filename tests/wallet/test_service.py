@@ -262,7 +262,7 @@ async def test_verify_receipt_valid_tampered_and_minted_once(tmp_path, ledger):
     altered["receipt"]["units"] = 3000
     bad = await core.verify_receipt(altered)
     assert not bad.valid and "a field was altered" in bad.error
-    del altered["receipt_hash"]
+    altered["receipt_hash"] = ReceiptBody.from_dict(altered["receipt"]).hash().hex()
     bad = await core.verify_receipt(altered, check_ledger=True)
     assert not bad.valid and "provider signature is by" in bad.error and bad.mint_status == ""
     forged = receipt(8, provider=key(9)).to_json_dict()
@@ -278,6 +278,10 @@ async def test_verify_receipt_valid_tampered_and_minted_once(tmp_path, ledger):
     assert not wrong_chain.valid and "ledger runs 'aitbc-wallet-test'" in wrong_chain.error
     with pytest.raises(errors.InvalidArgument, match="not valid JSON"):
         await core.verify_receipt("{not json")
+    twice = json.dumps(doc).replace('"units": ', '"units": 1, "units": ', 1)
+    # one file, one receipt: a duplicated key is refused, not "the last one wins"
+    with pytest.raises(errors.InvalidArgument, match='^receipt file has a duplicate key "units"'):
+        await core.verify_receipt(twice)
     with pytest.raises(errors.InvalidArgument, match="JSON object"):
         await core.verify_receipt("[1]")
     await core.close()
