@@ -27,8 +27,8 @@ SOURCES = {
     "aitbc/ledger/block.py": set(),
     "aitbc/ledger/chain.py": set(),
     "aitbc/ledger/mempool.py": set(),
-    "aitbc/ledger/node.py": {"_count_votes"},
-    "aitbc/server/ledger.py": {"SubmitVotes"},
+    "aitbc/ledger/node.py": {"_count_votes", "submit_votes"},
+    "server/ledger.py": {"SubmitVotes"},
     "aitbc/ledger/finality.py": "only:_split_evidence,check_evidence",
 }
 # templates that only wrap another message: the table lists what they wrap instead
