@@ -6,7 +6,8 @@ status that carries a google.rpc.RetryInfo detail (the server says when to come 
 Each wait is drawn with full jitter, uniform(0, min(cap_s, base_s * 2**n)), so clients that lost
 the same coordinator do not all come back at the same instant; a RetryInfo delay is a floor. The
 calls are bounded twice: `attempts` calls in all (the first included) and no new attempt once
-`total_s` has passed since the first. README.md, "Retries", gives the defaults.
+`total_s` has passed since the first. README.md, "Retries", gives the defaults; the CLI reads
+AITBC_RETRY_ATTEMPTS and AITBC_RETRY_TOTAL_S.
 
 A retried SubmitJob always carries the request id of its first attempt (the SDK makes one when the
 caller gave none): the coordinator answers a repeated request id with the job it already queued, so
@@ -15,8 +16,12 @@ a retry after a lost answer never queues, or bills, a second job.
 
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from aitbc.errors import InvalidArgument
 
 TRANSIENT = frozenset({"UNAVAILABLE"})  # retried whatever the call: nothing happened, or it is safe to ask again
 TRANSIENT_IF_IDEMPOTENT = frozenset({"DEADLINE_EXCEEDED"})  # the call may have run: only calls safe to repeat
@@ -55,6 +60,27 @@ class RetryPolicy:
         if elapsed_s + wait > self.total_s:
             return None
         return wait
+
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RetryPolicy:
+        """The defaults, changed by AITBC_RETRY_ATTEMPTS (1: no retries) and AITBC_RETRY_TOTAL_S."""
+        env = os.environ if environ is None else environ
+        values: dict[str, float | int] = {}
+        for var, name, kind, least, say in (
+                ("AITBC_RETRY_ATTEMPTS", "attempts", int, 1, "an integer of at least 1 (1: no retries)"),
+                ("AITBC_RETRY_TOTAL_S", "total_s", float, 0, "a number of seconds, 0 or more")):
+            raw = env.get(var, "").strip()
+            if not raw:
+                continue
+            try:
+                value = kind(raw)
+            except ValueError:
+                value = None
+            if value is None or not value >= least:  # (not >=: NaN too)
+                raise InvalidArgument(f"{var} must be {say} (got {raw!r})")
+            values[name] = value
+        return cls(**values)  # type: ignore[arg-type]
 
 
 NO_RETRY = RetryPolicy(attempts=1)

@@ -71,12 +71,14 @@ class CoordinatorClient:
     `timeout` bounds each attempt; the policy bounds the attempts and their total time."""
 
     def __init__(self, target: str, api_key: str, *, timeout: float = 30.0, retry: RetryPolicy | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[ClientError, float], None] | None = None) -> None:
         self.target = target
         self.timeout = timeout
         self.retry = retry if retry is not None else RetryPolicy()
         self.retries = 0  # calls made again after a transient failure, since this client was made
         self._sleep = sleep
+        self._on_retry = on_retry  # told of each failure about to be retried, and the wait (the CLI says so)
         self._rng = random.Random()
         # sends the trace context when tracing is on (telemetry.setup / configure before this)
         self._channel = telemetry.intercept_channel(open_sync_channel(target))
@@ -109,6 +111,8 @@ class CoordinatorClient:
             if wait is None:
                 raise client_error(err) from None
             self.retries += 1
+            if self._on_retry is not None:
+                self._on_retry(client_error(err), wait)
             self._sleep(wait)
 
     def _unary(self, method: Any, req: Any, *, idempotent: bool = True, timeout: float | None = None) -> Any:

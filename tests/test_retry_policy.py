@@ -93,3 +93,15 @@ async def test_the_server_sends_retryinfo_and_the_client_reads_it(network_factor
     delay = rpc.retry_delay_s(info.value)
     assert delay is not None and 0.5 < delay <= 1.0
     assert delay == pytest.approx(int(trailers[rpc.RETRY_AFTER_MS]) / 1000)
+
+
+def test_the_cli_reads_its_retry_bounds_from_the_environment() -> None:
+    from aitbc.errors import InvalidArgument
+
+    assert RetryPolicy.from_env({}) == RetryPolicy()
+    assert RetryPolicy.from_env({"AITBC_RETRY_ATTEMPTS": "3", "AITBC_RETRY_TOTAL_S": "7.5"}) == \
+        RetryPolicy(attempts=3, total_s=7.5)
+    for env in ({"AITBC_RETRY_ATTEMPTS": "0"}, {"AITBC_RETRY_ATTEMPTS": "many"}, {"AITBC_RETRY_TOTAL_S": "-1"},
+                {"AITBC_RETRY_TOTAL_S": "nan"}):
+        with pytest.raises(InvalidArgument, match="AITBC_RETRY_"):
+            RetryPolicy.from_env(env)
