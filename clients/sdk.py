@@ -177,9 +177,10 @@ class CoordinatorClient:
         """Yield Job snapshots, JobProgress and TextChunk events until the job finishes. A stream
         lost to a transient failure (a coordinator restart) is opened again under the retry
         policy; it starts again with a Job snapshot (and a text job's text from offset 0)."""
+        # DEADLINE_EXCEEDED here is the caller's own `timeout` running out: not retried
         while True:
             got = False
-            for fail in self._attempts(idempotent=True):
+            for fail in self._attempts(idempotent=False):
                 try:
                     for ev in self._stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), metadata=self._md,
                                                   timeout=timeout):
@@ -188,7 +189,7 @@ class CoordinatorClient:
                     return
                 except grpc.RpcError as exc:
                     err = rpc.error_from_rpc(exc)
-                    if got and self.retry.retryable(err.code, idempotent=True, retry_after_s=rpc.retry_delay_s(exc)):
+                    if got and self.retry.retryable(err.code, idempotent=False, retry_after_s=rpc.retry_delay_s(exc)):
                         break  # it was back and streaming: a new outage gets the whole policy again
                     if got:
                         raise client_error(err) from None

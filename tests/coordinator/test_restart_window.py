@@ -197,3 +197,34 @@ async def test_a_submission_whose_answer_was_lost_is_retried_under_its_request_i
     assert done.state == S.JOB_STATE_COMPLETED
     listed = (await stub(net).ListReceipts(coordinator_pb2.ListReceiptsRequest(), metadata=MD)).receipts
     assert [r.body.job_id for r in listed] == [job.job_id]  # one job queued, one receipt: billed once
+
+
+async def test_a_watch_cut_by_a_restart_reattaches_and_ends_with_the_finished_job(net: Any) -> None:
+    from aitbc.clients.sdk import CoordinatorClient
+    from tests.coordinator.test_queue_eta import GatedBackend
+
+    backend = GatedBackend()  # the job runs until the test lets it finish
+    await net.add_miner({"null": backend})
+    out: dict[str, Any] = {}
+
+    def follow() -> None:
+        with CoordinatorClient(net.address, API_KEY, timeout=10) as client:
+            try:
+                job = client.submit_image("held", model="null", steps=1, width=64, height=64, seed=2)
+                out["job_id"] = job.job_id
+                out["events"] = list(client.watch(job.job_id, timeout=120))
+            except BaseException as exc:
+                out["error"] = exc
+            out["retries"] = client.retries
+
+    watching = asyncio.get_running_loop().run_in_executor(None, follow)
+    await net.until(lambda: "job_id" in out and net.core.streams.watchers(out["job_id"]) == 1
+                    and net.core.machine.job(out["job_id"]).state == S.JOB_STATE_RUNNING)
+    await net.restart_coordinator()  # the watch stream breaks; the job goes back to the queue
+    await net.until(lambda: net.core.streams.watchers(out["job_id"]) == 1)  # the client is back, watching
+    backend.gate.release()
+    backend.gate.release()  # (one more, for an attempt the restart cut short)
+    await asyncio.wait_for(watching, 60)
+    assert "error" not in out, out.get("error")  # the stream the restart cut was opened again
+    jobs_seen = [e for e in out["events"] if isinstance(e, job_pb2.Job)]
+    assert jobs_seen[-1].state == S.JOB_STATE_COMPLETED and jobs_seen[-1].receipt_hash
