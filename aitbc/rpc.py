@@ -175,6 +175,7 @@ STATUS_ERRORS: dict[str, type[AitbcError]] = {
     )
 }
 RETRY_AFTER_MS = "retry-after-ms"  # trailing metadata of a RESOURCE_EXHAUSTED answer (see abort)
+STATUS_DETAILS = "grpc-status-details-bin"  # a google.rpc.Status with its details (grpcio-status)
 
 
 def error_from_code(code: str, message: str, *, retry_after_s: float | None = None) -> AitbcError:
@@ -196,6 +197,26 @@ def error_from_rpc(exc: grpc.RpcError) -> AitbcError:
     message = (exc.details() if callable(getattr(exc, "details", None)) else None) or name
     retry = _retry_after_s(exc) if name == ResourceExhausted.code else None
     return error_from_code(name, message, retry_after_s=retry)
+
+
+def retry_delay_s(exc: grpc.RpcError) -> float | None:
+    """How long the server asked the client to wait before trying again: the google.rpc.RetryInfo
+    detail of the call's status, else (RESOURCE_EXHAUSTED) the retry-after-ms trailer; None when
+    the server said nothing (or something unreadable)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    try:
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except (AttributeError, TypeError, ValueError, DecodeError):
+        status = None
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
+            delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+            return delay if delay >= 0 else None
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    return _retry_after_s(exc) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
 
 
 def _retry_after_s(exc: grpc.RpcError) -> float | None:
@@ -230,10 +251,28 @@ def details(message: str) -> str:
     return message
 
 
+def retry_status(code: grpc.StatusCode, message: str, retry_after_s: float) -> bytes:
+    """A google.rpc.Status (serialised, for grpc-status-details-bin) whose RetryInfo detail says
+    when to try again: the convention clients (the SDK's retry policy among them) read."""
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    ms = max(0, int(retry_after_s * 1000))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=ms // 1000,
+                                                                                nanos=ms % 1000 * 1_000_000)))
+    return status_pb2.Status(code=code.value[0], message=message, details=[detail]).SerializeToString()
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: AitbcError) -> None:
+    message = details(exc.message)
     if isinstance(exc, ResourceExhausted) and exc.retry_after_s is not None:
-        context.set_trailing_metadata(((RETRY_AFTER_MS, str(int(exc.retry_after_s * 1000))),))
-    await context.abort(status_code(exc), details(exc.message))
+        # google.rpc.RetryInfo, and the older retry-after-ms trailer for clients that read that
+        context.set_trailing_metadata((
+            (RETRY_AFTER_MS, str(int(exc.retry_after_s * 1000))),
+            (STATUS_DETAILS, retry_status(status_code(exc), message, exc.retry_after_s)),
+        ))
+    await context.abort(status_code(exc), message)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -32,6 +32,7 @@ def _fail(message: str, code: int = 1) -> int:
 # ---- connection options -------------------------------------------------------------------------
 
 def _client(args: argparse.Namespace) -> Any:
+    from aitbc.clients.retry import RetryPolicy
     from aitbc.clients.sdk import CoordinatorClient, devnet_endpoints
 
     ep = devnet_endpoints(getattr(args, "data_dir", None))
@@ -39,7 +40,16 @@ def _client(args: argparse.Namespace) -> Any:
     key = args.api_key or os.environ.get("AITBC_API_KEY") or ep.get("api_key")
     if not key:
         raise SystemExit(_fail("no API key: pass --api-key, set AITBC_API_KEY, or start `aitbc devnet` (it prints one)", 2))
-    return CoordinatorClient(str(target), str(key))
+    policy = RetryPolicy.from_env()
+    said: list[bool] = []
+
+    def on_retry(err: Any, wait: float) -> None:  # once per command: a restart shows as latency, not as noise
+        if not said:
+            said.append(True)
+            print(f"note: coordinator {target}: {err}; retrying (at most {policy.attempts} attempts in "
+                  f"{policy.total_s:g} s; AITBC_RETRY_ATTEMPTS / AITBC_RETRY_TOTAL_S)", file=sys.stderr)
+
+    return CoordinatorClient(str(target), str(key), retry=policy, on_retry=on_retry)
 
 
 def _add_conn(p: argparse.ArgumentParser) -> None:
@@ -178,7 +188,12 @@ def _is_text_job(client: Any, args: argparse.Namespace) -> bool:
 
 
 def run_text_job(client: Any, args: argparse.Namespace) -> int:
-    """Submit a text job and print tokens as they arrive; then the summary on stderr."""
+    """Submit a text job and print tokens as they arrive; then the summary on stderr. What stdout
+    and `-o` end with is the job's final text, from GetJobResult (the stream may have missed some:
+    a fast job can finish before its watcher has seen a token); the receipt goes to a file, as an
+    image job's does."""
+    from aitbc.clients.sdk import ClientError, receipt_json
+
     t0 = time.monotonic()
     job = client.submit(args.model, job_params(args, text=True), request_id=args.request_id or "",
                         max_price_per_unit=args.max_price)
@@ -188,33 +203,40 @@ def run_text_job(client: Any, args: argparse.Namespace) -> int:
         print(job.job_id)
         return 0
     first_token = None
-    printed = 0
-    parts: list[str] = []
+    shown = ""  # what stdout has of the current attempt's text
+    attempt = ""  # the current attempt's text as streamed (from offset 0)
     with follow_hint(job.job_id):
         for ev in interruptible(client.watch(job.job_id)):
             if isinstance(ev, job_pb2.TextChunk):
-                if ev.offset == 0 and printed:
-                    print("\n[the job was requeued to another miner: the text restarts]", file=sys.stderr)
-                    parts.clear()
                 if first_token is None:
                     first_token = time.monotonic() - t0
-                sys.stdout.write(printable(ev.text))
-                sys.stdout.flush()
-                parts.append(ev.text)
-                printed = ev.offset + len(ev.text)
+                attempt = attempt[:ev.offset] + ev.text
+                shown = _show(shown, attempt, "the job was requeued to another miner: the text restarts")
             elif isinstance(ev, job_pb2.Job):
                 job = ev
-                if job.state in jobs.TERMINAL and printed:
-                    sys.stdout.write("\n")
                 progress.state(job)
     if job.state != job_pb2.JOB_STATE_COMPLETED:
+        if shown:
+            sys.stdout.write("\n")
         return _fail(f"job {job.job_id} ended {jobs.state_name(job.state)}: {job.error}")
+    try:
+        _, data = client.result(job.job_id, 0)
+        final = data.decode("utf-8")
+    except (ClientError, UnicodeDecodeError) as exc:
+        final = attempt
+        print(f"warning: the job's text could not be read back ({exc}); what was streamed is kept", file=sys.stderr)
+    shown = _show(shown, final, "the streamed text was not the job's final text: the final text follows", final=True)
+    if shown:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     if args.output:
-        Path(args.output).write_text("".join(parts))
-    if args.receipt_out:
-        from aitbc.clients.sdk import receipt_json
-
-        Path(args.receipt_out).write_text(json.dumps(receipt_json(client.receipt(job_id=job.job_id)), indent=2) + "\n")
+        Path(args.output).write_text(final, encoding="utf-8")
+    receipt_file = Path(args.receipt_out or (str(Path(args.output or "out.txt").with_suffix("")) + ".receipt.json"))
+    try:
+        rec = client.receipt(job_id=job.job_id)
+    except ClientError as exc:
+        return _fail(f"job completed but its receipt could not be read: {exc}")
+    receipt_file.write_text(json.dumps(receipt_json(rec), indent=2) + "\n")
     wall = time.monotonic() - t0
     err = sys.stderr
     print(f"job id:       {job.job_id}", file=err)
@@ -222,8 +244,28 @@ def run_text_job(client: Any, args: argparse.Namespace) -> int:
     print(f"duration:     {wall:.2f} s; first token after {(first_token or 0) * 1000:.0f} ms", file=err)
     print(f"miner:        {job.miner_id}", file=err)
     _print_cost(job, job.units * job.price_per_unit, file=err)
-    print(f"receipt hash: {job.receipt_hash}", file=err)
+    print(f"receipt hash: {rec.receipt_hash}  ({rec.body.units} {rec.body.unit_type}, {rec.body.provider})", file=err)
+    print(f"receipt file: {receipt_file}", file=err)
     return 0
+
+
+def _show(shown: str, text: str, restart_note: str, *, final: bool = False) -> str:
+    """Bring stdout from `shown` to `text`: the rest of it when it continues what is shown, else
+    (another attempt's text) a note on stderr and the whole of it. Returns what stdout now has.
+    A stream that starts again (a watch reattached, or a requeued seeded job) with text that stdout
+    already has shows nothing until it goes past it, unless `text` is the job's final text."""
+    if not final and shown.startswith(text):
+        return shown
+    if text.startswith(shown):
+        rest = text[len(shown):]
+    else:
+        print(f"\n[{restart_note}]", file=sys.stderr)
+        sys.stdout.write("\n")
+        rest = text
+    if rest:
+        sys.stdout.write(printable(rest))
+        sys.stdout.flush()
+    return text
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0b, 0x20), 0x7f)}  # all but \t and \n
@@ -751,7 +793,8 @@ def _add_image_args(p: argparse.ArgumentParser, *, prompt_default: str | None = 
                         "ceiling for the model)")
     p.add_argument("-o", "--output", default="out.png", help="PNG path (several images: out-1.png, out-2.png, ...); "
                    "text jobs: a file for the text")
-    p.add_argument("--receipt-out", help="receipt JSON path (default: <output>.receipt.json)")
+    p.add_argument("--receipt-out", help="receipt JSON path (default: <output>.receipt.json; a text job without -o: "
+                   "out.receipt.json)")
 
 
 def build_parser() -> argparse.ArgumentParser:

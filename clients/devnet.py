@@ -32,6 +32,9 @@ from aitbc.wallet.access import DaemonFiles, listen_address
 
 CLIENT_ID = "devnet-client"
 CHAIN_PREFIX = "aitbc-devnet"  # each devnet's chain id is this plus a random suffix
+STABLE_S = 60.0  # a process that ran this long before it died is restarted at once: its backoff is reset
+BACKOFF_BASE_S = 1.0  # the wait after a first quick exit; each next quick exit in a row doubles it
+BACKOFF_CAP_S = 30.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -65,6 +68,28 @@ def _served_name(model: str) -> str:
 
 
 @dataclass
+class RestartBackoff:
+    """When the supervisor restarts a process that died (pure: the caller says how long it ran).
+    A process that ran STABLE_S or more is restarted at once and its backoff starts over; one that
+    died sooner waits BACKOFF_BASE_S, doubling with each quick exit in a row, up to BACKOFF_CAP_S."""
+
+    stable_s: float = STABLE_S
+    base_s: float = BACKOFF_BASE_S
+    cap_s: float = BACKOFF_CAP_S
+    quick_exits: int = 0  # quick exits in a row (reset by a stable run)
+
+    def died(self, ran_s: float) -> tuple[float, str]:
+        """The wait before the restart, and why (for the log)."""
+        if ran_s >= self.stable_s:
+            self.quick_exits = 0
+            return 0.0, f"it had run stably ({ran_s:.0f} s >= {self.stable_s:g} s): its backoff is reset"
+        self.quick_exits += 1
+        wait = min(self.cap_s, self.base_s * 2 ** min(self.quick_exits - 1, 32))
+        return wait, (f"it ran only {ran_s:.1f} s, quick exit #{self.quick_exits} in a row (the wait doubles up to "
+                      f"{self.cap_s:g} s and resets once it runs {self.stable_s:g} s)")
+
+
+@dataclass
 class Child:
     name: str
     argv: list[str]
@@ -72,6 +97,8 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = 0.0
+    backoff: RestartBackoff = field(default_factory=RestartBackoff)
+    restart_at: float | None = None  # when it is restarted, once its exit was seen
     env: dict[str, str] | None = None  # extra environment (its own AITBC_METRICS_LISTEN)
     metrics: str = ""  # "host:port" of its Prometheus endpoint, "" when metrics are off
 
@@ -224,15 +251,22 @@ class Devnet:
         self.stop()
         raise RuntimeError(f"devnet: not ready within {timeout:.0f} s; see logs in {self.data_dir / 'logs'}")
 
-    def supervise_once(self) -> None:
-        """Restart any child that died (with a short backoff after repeated deaths)."""
+    def supervise_once(self, now: float | None = None) -> None:
+        """Restart any child that died, after the wait its RestartBackoff gives (said in the log)."""
         for child in self.children:
-            if not child.alive():
+            if child.alive():
+                continue
+            now = time.monotonic() if now is None else now
+            if child.restart_at is None:
                 code = child.proc.returncode if child.proc else None
-                if time.monotonic() - child.started_at < min(30, 2 ** child.restarts):
-                    continue
+                ran = max(0.0, now - child.started_at)
+                wait, why = child.backoff.died(ran)
+                child.restart_at = now + wait
+                self.say(f"devnet: {child.name} exited ({code}) after {ran:.1f} s; restarting in {wait:.1f} s: {why}")
+            if now >= child.restart_at:
+                child.restart_at = None
                 child.restarts += 1
-                self.say(f"devnet: {child.name} exited ({code}); restarting (restart #{child.restarts})")
+                self.say(f"devnet: {child.name}: restarting (restart #{child.restarts})")
                 child.start()
 
     def run_forever(self) -> None:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import random
+import secrets
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from aitbc import jobs, rpc, telemetry
+from aitbc.clients.retry import RetryPolicy
 from aitbc.errors import AitbcError, DataLoss, InvalidArgument
 from aitbc.rpc import open_sync_channel
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, receipt_pb2
@@ -56,20 +60,26 @@ def devnet_endpoints(data_dir: str | Path | None = None) -> dict[str, Any]:
         return {}
 
 
-def _wrap(fn: Any) -> Any:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except grpc.RpcError as exc:
-            raise client_error(rpc.error_from_rpc(exc)) from None
-
-    return call
+def new_request_id() -> str:
+    """A request id for a submission the caller gave none: its retries reuse it (aitbc.clients.retry)."""
+    return "sdk-" + secrets.token_hex(16)
 
 
 class CoordinatorClient:
-    def __init__(self, target: str, api_key: str, *, timeout: float = 30.0) -> None:
+    """`retry` says how transient failures (a coordinator restart, a dropped connection, a rate
+    limit's RetryInfo) are retried: RetryPolicy() by default, aitbc.clients.retry.NO_RETRY for none.
+    `timeout` bounds each attempt; the policy bounds the attempts and their total time."""
+
+    def __init__(self, target: str, api_key: str, *, timeout: float = 30.0, retry: RetryPolicy | None = None,
+                 sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[ClientError, float], None] | None = None) -> None:
         self.target = target
         self.timeout = timeout
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.retries = 0  # calls made again after a transient failure, since this client was made
+        self._sleep = sleep
+        self._on_retry = on_retry  # told of each failure about to be retried, and the wait (the CLI says so)
+        self._rng = random.Random()
         # sends the trace context when tracing is on (telemetry.setup / configure before this)
         self._channel = telemetry.intercept_channel(open_sync_channel(target))
         self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
@@ -84,94 +94,137 @@ class CoordinatorClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @_wrap
+    def _attempts(self, *, idempotent: bool) -> Iterator[Callable[[grpc.RpcError], None]]:
+        """Yields once per attempt a function to call with the attempt's failure: it waits before
+        the next attempt, or raises the failure (as a ClientError) when it is not worth retrying or
+        the policy's attempts or time are spent."""
+        started = time.monotonic()
+        for n in range(self.retry.attempts):
+            failed: list[grpc.RpcError] = []
+            yield failed.append
+            if not failed:
+                return
+            err = rpc.error_from_rpc(failed[0])
+            after = rpc.retry_delay_s(failed[0])
+            wait = self.retry.next_wait(n, time.monotonic() - started, err.code, idempotent=idempotent,
+                                        retry_after_s=after, rng=self._rng)
+            if wait is None:
+                raise client_error(err) from None
+            self.retries += 1
+            if self._on_retry is not None:
+                self._on_retry(client_error(err), wait)
+            self._sleep(wait)
+
+    def _unary(self, method: Any, req: Any, *, idempotent: bool = True, timeout: float | None = None) -> Any:
+        for fail in self._attempts(idempotent=idempotent):
+            try:
+                return method(req, metadata=self._md, timeout=timeout or self.timeout)
+            except grpc.RpcError as exc:
+                fail(exc)
+        raise AssertionError("unreachable: the last failed attempt raises")  # pragma: no cover
+
     def submit_image(self, prompt: str, *, model: str = "tiny-sd", request_id: str = "",
                      max_price_per_unit: int | None = None, **params: Any) -> job_pb2.Job:
         """Queue an image job; `params` are image_params()'s (steps, width, height, images, seed, ...)."""
         return self._submit(model, image_params(prompt, **params), request_id, max_price_per_unit)
 
-    @_wrap
     def submit_text(self, prompt: str, *, model: str, request_id: str = "", max_price_per_unit: int | None = None,
                     **params: Any) -> job_pb2.Job:
         """Queue a text job; `params` are text_params()'s (max_new_tokens, temperature, stop, ...)."""
         return self._submit(model, text_params(prompt, **params), request_id, max_price_per_unit)
 
-    @_wrap
     def submit(self, model: str, params: job_pb2.JobParams, *, request_id: str = "",
                max_price_per_unit: int | None = None) -> job_pb2.Job:
-        """Queue a job from its parameters (image_params() or text_params())."""
+        """Queue a job from its parameters (image_params() or text_params()). Without a
+        `request_id` the SDK makes one, so that a retry after a lost answer returns the job
+        already queued instead of queueing a second one."""
         return self._submit(model, params, request_id, max_price_per_unit)
 
-    @_wrap
     def quote(self, model: str, params: job_pb2.JobParams, *,
               max_price_per_unit: int | None = None) -> coordinator_pb2.QuoteJobResponse:
         """What the job would cost (units, price, cost, qualifying miners), without queueing it."""
         req = coordinator_pb2.QuoteJobRequest(model=model, params=params)
         if max_price_per_unit is not None:
             req.max_price_per_unit = max_price_per_unit
-        return self._stub.QuoteJob(req, metadata=self._md, timeout=self.timeout)
+        return self._unary(self._stub.QuoteJob, req)
 
     def _submit(self, model: str, params: job_pb2.JobParams, request_id: str, max_price_per_unit: int | None) -> job_pb2.Job:
-        req = coordinator_pb2.SubmitJobRequest(model=model, params=params, request_id=request_id)
+        # one request id for every attempt: what makes a retried SubmitJob safe (aitbc.clients.retry)
+        req = coordinator_pb2.SubmitJobRequest(model=model, params=params, request_id=request_id or new_request_id())
         if max_price_per_unit is not None:
             req.max_price_per_unit = max_price_per_unit
-        return self._stub.SubmitJob(req, metadata=self._md, timeout=self.timeout).job
+        return self._unary(self._stub.SubmitJob, req).job
 
-    @_wrap
     def list_models(self) -> list[Any]:
-        return list(self._stub.ListModels(coordinator_pb2.ListModelsRequest(), metadata=self._md, timeout=self.timeout).models)
+        return list(self._unary(self._stub.ListModels, coordinator_pb2.ListModelsRequest()).models)
 
-    @_wrap
     def list_miners(self) -> list[Any]:
-        return list(self._stub.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=self._md, timeout=self.timeout).miners)
+        return list(self._unary(self._stub.ListMiners, coordinator_pb2.ListMinersRequest()).miners)
 
-    @_wrap
     def release_miner(self, miner_id: str) -> Any:
         req = coordinator_pb2.ReleaseMinerRequest(miner_id=miner_id)
-        return self._stub.ReleaseMiner(req, metadata=self._md, timeout=self.timeout).miner
+        return self._unary(self._stub.ReleaseMiner, req, idempotent=False).miner
 
-    @_wrap
     def get_job(self, job_id: str) -> job_pb2.Job:
-        return self._stub.GetJob(coordinator_pb2.GetJobRequest(job_id=job_id), metadata=self._md, timeout=self.timeout).job
+        return self._unary(self._stub.GetJob, coordinator_pb2.GetJobRequest(job_id=job_id)).job
 
-    @_wrap
     def cancel(self, job_id: str, reason: str = "") -> job_pb2.Job:
-        return self._stub.CancelJob(coordinator_pb2.CancelJobRequest(job_id=job_id, reason=reason),
-                                    metadata=self._md, timeout=self.timeout).job
+        # a second CancelJob of a job the first one cancelled is refused: not retried on a timeout
+        return self._unary(self._stub.CancelJob, coordinator_pb2.CancelJobRequest(job_id=job_id, reason=reason),
+                           idempotent=False).job
 
     def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[job_pb2.Job | job_pb2.JobProgress | job_pb2.TextChunk]:
-        """Yield Job snapshots, JobProgress and TextChunk events until the job finishes."""
-        try:
-            for ev in self._stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), metadata=self._md, timeout=timeout):
-                yield getattr(ev, ev.WhichOneof("event"))
-        except grpc.RpcError as exc:
-            raise client_error(rpc.error_from_rpc(exc)) from None
+        """Yield Job snapshots, JobProgress and TextChunk events until the job finishes. A stream
+        lost to a transient failure (a coordinator restart) is opened again under the retry
+        policy; it starts again with a Job snapshot (and a text job's text from offset 0)."""
+        # DEADLINE_EXCEEDED here is the caller's own `timeout` running out: not retried
+        while True:
+            got = False
+            for fail in self._attempts(idempotent=False):
+                try:
+                    for ev in self._stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), metadata=self._md,
+                                                  timeout=timeout):
+                        got = True
+                        yield getattr(ev, ev.WhichOneof("event"))
+                    return
+                except grpc.RpcError as exc:
+                    err = rpc.error_from_rpc(exc)
+                    if got and self.retry.retryable(err.code, idempotent=False, retry_after_s=rpc.retry_delay_s(exc)):
+                        break  # it was back and streaming: a new outage gets the whole policy again
+                    if got:
+                        raise client_error(err) from None
+                    fail(exc)
+            else:  # pragma: no cover (the last failed attempt raises)
+                return
 
-    @_wrap
     def result(self, job_id: str, index: int = 0) -> tuple[job_pb2.Artifact, bytes]:
         """Fetch one artifact (chunked) and check it against its sha256."""
         art = None
         parts: list[bytes] = []
-        for chunk in self._stub.GetJobResult(coordinator_pb2.GetJobResultRequest(job_id=job_id, index=index),
-                                             metadata=self._md, timeout=max(self.timeout, 120)):
-            if chunk.HasField("artifact"):
-                art = chunk.artifact
-            parts.append(chunk.data)
+        for fail in self._attempts(idempotent=True):
+            art, parts = None, []
+            try:
+                for chunk in self._stub.GetJobResult(coordinator_pb2.GetJobResultRequest(job_id=job_id, index=index),
+                                                     metadata=self._md, timeout=max(self.timeout, 120)):
+                    if chunk.HasField("artifact"):
+                        art = chunk.artifact
+                    parts.append(chunk.data)
+                break
+            except grpc.RpcError as exc:
+                fail(exc)
         data = b"".join(parts)
         if art is None or hashlib.sha256(data).hexdigest() != art.sha256:
             raise client_error(DataLoss(f"artifact {index} of job {job_id} does not match its sha256"))
         return art, data
 
-    @_wrap
     def receipt(self, *, job_id: str = "", receipt_hash: str = "") -> receipt_pb2.Receipt:
         req = (coordinator_pb2.GetReceiptRequest(job_id=job_id) if job_id
                else coordinator_pb2.GetReceiptRequest(receipt_hash=receipt_hash))
-        return self._stub.GetReceipt(req, metadata=self._md, timeout=self.timeout).receipt
+        return self._unary(self._stub.GetReceipt, req).receipt
 
-    @_wrap
     def receipts(self, *, job_id: str = "", page_size: int = 20, page_token: str = "") -> tuple[list[receipt_pb2.Receipt], str]:
-        resp = self._stub.ListReceipts(coordinator_pb2.ListReceiptsRequest(job_id=job_id, page_size=page_size, page_token=page_token),
-                                       metadata=self._md, timeout=self.timeout)
+        resp = self._unary(self._stub.ListReceipts, coordinator_pb2.ListReceiptsRequest(
+            job_id=job_id, page_size=page_size, page_token=page_token))
         return list(resp.receipts), resp.next_page_token
 
 

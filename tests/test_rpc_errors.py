@@ -159,12 +159,13 @@ def test_odd_answers() -> None:
 def test_the_sdk_client_raises_both() -> None:
     import socket
 
+    from aitbc.clients.retry import NO_RETRY
     from aitbc.clients.sdk import CoordinatorClient
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with CoordinatorClient(f"127.0.0.1:{port}", "key", timeout=5) as client:
+    with CoordinatorClient(f"127.0.0.1:{port}", "key", timeout=5, retry=NO_RETRY) as client:
         with pytest.raises(ClientError) as info:
             client.get_job("0" * 28)
     assert isinstance(info.value, errors.Unavailable)  # UNAVAILABLE, or DEADLINE_EXCEEDED while connecting

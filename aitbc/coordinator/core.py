@@ -61,6 +61,8 @@ COLLECT_EVERY_S = 10.0  # artifact garbage collection: a pass this often (at onc
 COLLECT_BATCH = 500  # artifacts deleted per pass at most: a pass never stalls the event loop for long
 COLLECT_HOLD_MS = 60_000  # an expired artifact a held receipt still needs is looked at again this much later
 REPUTATION_STEP = 0.01
+SERVED_META = "served_models"  # the models served lately (MinerRegistry.served_record), kept across restarts
+SERVED_SAVE_S = 10.0  # while miners are connected, how often that record is refreshed (a kill -9 loses less)
 
 
 class Coordinator:
@@ -99,6 +101,7 @@ class Coordinator:
                                  record=lambda miner, passed: self._reputation(miner, "verification", passed),
                                  now_ms=self.time.now_ms)
         self._reconciled_at = 0.0
+        self._served_saved_at = 0.0
         self._collect_at = 0.0  # next artifact garbage collection (monotonic)
         self._pending: list[m.Event] = []  # follow-up events raised while executing instructions
         self._queue_seen: dict[str, job_pb2.QueueInfo] = {}  # what watchers of queued jobs were last told
@@ -269,8 +272,28 @@ class Coordinator:
 
     # ---- start-up -----------------------------------------------------------------------------------
 
+    def _recall_served(self) -> None:
+        """The models the last run served count as served until model_grace_s after it last saw
+        them: a job submitted right after a restart, before the miners re-register, is queued."""
+        raw = self.store.get_meta(SERVED_META)
+        try:
+            record = json.loads(raw) if raw else {}
+            served = self.registry.recall(record, self.time.now_ms())
+        except (ValueError, TypeError, KeyError, AttributeError):
+            log.warning("ignored an unreadable %s record in the store", SERVED_META)
+            return
+        if served:
+            log.info("%d models served before the restart are accepted until their miners are back (model_grace_s %g)",
+                     served, self.config.model_grace_s)
+
+    def _save_served(self) -> None:
+        self._served_saved_at = self.clock()
+        self.store.put_meta(SERVED_META, json.dumps(self.registry.served_record(self.time.now_ms()),
+                                                    sort_keys=True).encode())
+
     def _restore(self) -> None:
         """Reload active jobs; jobs that were with a miner go back to the queue."""
+        self._recall_served()
         restored = sorted(self.store.active_jobs(), key=lambda j: j.created_at_unix_ms)
         events: list[m.Event] = []
         for job in restored:
@@ -543,6 +566,7 @@ class Coordinator:
             log.info("miner %s disconnected: replaced by a new Work stream", old.miner_id)
         events.append(m.MinerJoined(self._view(conn)))
         self._run(*events)
+        self._save_served()
         return conn
 
     def disconnect(self, conn: MinerConn, reason: str, *, stalled: bool = False) -> None:
@@ -552,6 +576,7 @@ class Coordinator:
         log.info("miner %s disconnected: %s", conn.miner_id, reason)
         if current:
             self._run(m.MinerLeft(conn.miner_id, reason, stalled=stalled))
+        self._save_served()
 
     def on_work(self, conn: MinerConn, msg: miner_pb2.WorkRequest) -> None:
         """Handle one message from a miner; a refusal goes back to it as WorkRejected."""
@@ -727,6 +752,8 @@ class Coordinator:
             self._run(*self.verifier.reconcile_held())
         for conn, quiet in self.registry.silent(self.config.heartbeat_timeout_s):
             self.disconnect(conn, f"no heartbeat for {quiet:.1f} s", stalled=True)
+        if self.registry.miners and now - self._served_saved_at > SERVED_SAVE_S:
+            self._save_served()
         self._run(m.Tick())
         self._publish_queue_moves()
         if now >= self._collect_at:
@@ -768,6 +795,7 @@ class Coordinator:
         return self.receipts.listeners
 
     def close(self) -> None:
+        self._save_served()  # the miners connected now were serving until now
         self.registry.close_all()
         self.uploads.close()
         if self.event_log is not None:

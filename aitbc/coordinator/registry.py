@@ -92,7 +92,9 @@ class MinerRegistry:
         self._used_challenges: dict[bytes, float] = {}  # challenge -> expiry, so each is used once
         self.sessions: dict[str, tuple[MinerSession, float]] = {}  # token -> (session, expiry); used once
         self.miners: dict[str, MinerConn] = {}
-        self._model_seen: dict[str, tuple[float, int]] = {}  # model -> (last seen, kind)
+        # model -> (last seen, kind, largest context length declared): what SubmitJob consults when no
+        # miner is connected (within model_grace_s); kept across restarts (served_record / recall)
+        self._model_seen: dict[str, tuple[float, int, int]] = {}
 
     # ---- registration -----------------------------------------------------------------------------
 
@@ -178,20 +180,47 @@ class MinerRegistry:
     def _seen(self, info: miner_pb2.MinerInfo) -> None:
         now = self.clock()
         for m in info.models:
-            self._model_seen[m] = (now, declared(info, m)[0])
+            context = max((s.context_length for s in info.model_specs if s.name == m), default=0)
+            self._model_seen[m] = (now, declared(info, m)[0], context)
 
     def served_models(self) -> dict[str, int]:
         """Models served now (or within model_grace_s) and their kind."""
         now = self.clock()
-        served = {m: kind for m, (t, kind) in self._model_seen.items() if now - t < self.model_grace_s}
+        served = {m: kind for m, (t, kind, _) in self._model_seen.items() if now - t < self.model_grace_s}
         for c in self.miners.values():
             for m in c.info.models:
                 served[m] = declared(c.info, m)[0]
         return served
 
     def context_lengths(self, model: str) -> list[int]:
-        return [spec.context_length for c in self.miners.values() for spec in c.info.model_specs
+        """The context lengths the connected miners declare for `model`; with none connected, the
+        one remembered from the last miner that served it (within model_grace_s)."""
+        live = [spec.context_length for c in self.miners.values() for spec in c.info.model_specs
                 if spec.name == model and spec.context_length]
+        if live or any(model in c.info.models for c in self.miners.values()):
+            return live
+        t, _, context = self._model_seen.get(model, (0.0, 0, 0))
+        return [context] if context and self.clock() - t < self.model_grace_s else []
+
+    def served_record(self, now_ms: int) -> dict[str, dict[str, int]]:
+        """What a restart must not forget for clients: each model served now or within
+        model_grace_s, with its kind, when it was last served (Unix ms) and its context length."""
+        for c in self.miners.values():
+            self._seen(c.info)
+        now = self.clock()
+        return {m: {"kind": kind, "seen_at_unix_ms": now_ms - int((now - t) * 1000), "context_length": context}
+                for m, (t, kind, context) in sorted(self._model_seen.items()) if now - t < self.model_grace_s}
+
+    def recall(self, record: dict[str, dict[str, int]], now_ms: int) -> int:
+        """At start-up: models a previous run served (served_record) count as served until their
+        grace runs out, so a client's job is accepted before the miners re-register. Returns how
+        many are still within the grace."""
+        now = self.clock()
+        for m, rec in record.items():
+            age_s = max(0.0, (now_ms - int(rec["seen_at_unix_ms"])) / 1000)  # a clock set back: seen now
+            if age_s < self.model_grace_s and m not in self._model_seen:
+                self._model_seen[m] = (now - age_s, int(rec["kind"]), int(rec.get("context_length", 0)))
+        return sum(1 for t, _, _ in self._model_seen.values() if now - t < self.model_grace_s)
 
     def list_models(self) -> list[coordinator_pb2.ServedModel]:
         out: dict[str, coordinator_pb2.ServedModel] = {}

@@ -61,7 +61,8 @@ async def test_ctrl_c_on_submit_says_the_job_goes_on_and_how_to_follow_it(net: A
 def _submit(*argv: str, env: dict[str, str] | None = None) -> Any:
     import subprocess
 
-    base = dict(os.environ, AITBC_COORDINATOR="127.0.0.1:1", AITBC_API_KEY="k")  # nothing listens: checked first
+    # nothing listens (and nothing is retried): what is checked here is checked before anything is sent
+    base = dict(os.environ, AITBC_COORDINATOR="127.0.0.1:1", AITBC_API_KEY="k", AITBC_RETRY_ATTEMPTS="1")
     return subprocess.run([sys.executable, "-m", "aitbc.clients.cli", "submit", *argv], env=env or base,
                           capture_output=True, text=True, timeout=60)
 
@@ -134,3 +135,38 @@ async def test_receipts_are_a_table_json_on_request_and_files_with_o(net: Any, n
     assert [p.name for p in written] == ["r-1.json", "r-2.json"] and capsys.readouterr().out == ""
     assert {json.loads(p.read_text())["receipt"]["job_id"] for p in written} == set(job.shard_job_ids)
     assert await run(None, main, ["receipts", "verify", str(written[0])]) == 0
+
+
+async def test_a_text_job_prints_and_saves_its_final_text_and_writes_its_receipt(net: Any, null_text: Any,
+                                                                               tmp_path: Any, capsys: Any) -> None:
+    import json
+
+    from aitbc.clients.cli import main
+    from tests.coordinator.test_jobs_api import MD, fetch
+
+    await net.add_miner({"null-text": null_text})
+    base = ["--coordinator", net.address, "--api-key", API_KEY]
+    run = asyncio.get_running_loop().run_in_executor
+    out = tmp_path / "story.txt"
+    argv = ["submit", "tell me a story", "--model", "null-text", "--max-new-tokens", "24", "--seed", "5",
+            "--request-id", "story-1", "-o", str(out), *base]
+    assert await run(None, main, argv) == 0
+    first = capsys.readouterr()
+    job_id = next(line.split()[-1] for line in first.err.splitlines() if line.startswith("job id:"))
+    _, data = await fetch(stub(net), job_id, md=MD)
+    final = data.decode()
+    assert final and first.out == final + "\n" and out.read_text() == final
+    receipt_file = tmp_path / "story.receipt.json"
+    assert f"receipt file: {receipt_file}" in first.err
+    assert json.loads(receipt_file.read_text())["receipt"]["job_id"] == job_id
+    assert json.loads(receipt_file.read_text())["receipt"]["unit_type"] == "tokens"
+    assert await run(None, main, ["receipts", "verify", str(receipt_file)]) == 0
+    capsys.readouterr()
+    # the race of issue 20: the job finished before the watch saw any of its text (here: resubmitted
+    # under its request id once done, so the watch gets only the finished job); stdout and -o still
+    # get the whole final text, not nothing
+    out.unlink()
+    receipt_file.unlink()
+    assert await run(None, main, argv) == 0
+    again = capsys.readouterr()
+    assert again.out == final + "\n" and out.read_text() == final and receipt_file.exists()

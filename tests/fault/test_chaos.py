@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from aitbc import crypto, jobs
+from aitbc.clients.retry import RetryPolicy
 from aitbc.clients.sdk import ClientError, CoordinatorClient
 from aitbc.coordinator import eventlog
 from aitbc.ledger import tx as txmod
@@ -56,7 +57,9 @@ class Load:
 
     def _jobs(self) -> None:
         rng = random.Random(1)
-        client = CoordinatorClient(self.cluster.coordinator_target, API_KEY, timeout=3.0)
+        # retried (same request id) for a few seconds at most, so that finish() stays prompt
+        client = CoordinatorClient(self.cluster.coordinator_target, API_KEY, timeout=3.0,
+                                   retry=RetryPolicy(total_s=5.0))
         i = 0
         while not self.stop.wait(0.2):
             i += 1
