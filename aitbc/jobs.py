@@ -46,9 +46,9 @@ MAX_STOP = 4
 MAX_STOP_CHARS = 64
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first 8 bytes of every image artifact
 IMAGE, TEXT = job_pb2.MODEL_KIND_IMAGE, job_pb2.MODEL_KIND_TEXT
-_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_JOB_ID_RE = re.compile(r"^[0-9a-f]{28}$")
+_MODEL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}\Z")  # \Z, not $: "$" also matches before a trailing newline
+_REQUEST_ID_RE = re.compile(r"\A[A-Za-z0-9._:-]{1,64}\Z")
+_JOB_ID_RE = re.compile(r"\A[0-9a-f]{28}\Z")
 
 
 def state_name(state: int) -> str:

@@ -46,7 +46,7 @@ class ModelEntry:
 
 # what a model is beyond its kind, fixed by the config or the first miner that says (0 / "": not said)
 IDENTITY = ("native_size", "weights_sha256")
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")  # \Z: "$" would let a trailing newline pass
 
 
 def declared(info: miner_pb2.MinerInfo, model: str) -> tuple[int, dict[str, int | str]]:
