@@ -1,8 +1,9 @@
 """Token buckets, the one rate limit the services share (client calls at the coordinator, invalid
-votes a caller sends a ledger node)."""
+votes a caller sends a ledger node), and Backoff, the one way a service waits before trying again."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 
@@ -36,3 +37,29 @@ class TokenBucket:
     def full(self) -> bool:
         self._refill()
         return self.tokens >= self.burst
+
+
+class Backoff:
+    """Exponential backoff with full jitter: the n-th wait in a row (n from 0) is drawn uniformly
+    from [0, min(cap_s, base_s * 2^n)], so many processes that lost the same server (every miner of
+    a restarted coordinator, every settlement loop of a restarted ledger) do not all come back at
+    the same instant. reset() after a success."""
+
+    def __init__(self, base_s: float, cap_s: float, rng: random.Random | None = None) -> None:
+        if not 0 < base_s <= cap_s:
+            raise ValueError(f"backoff needs 0 < base ({base_s}) <= cap ({cap_s})")
+        self.base_s, self.cap_s = base_s, cap_s
+        self.rng = rng or random.Random()
+        self.failures = 0
+
+    def ceiling(self) -> float:
+        return min(self.cap_s, self.base_s * 2 ** min(self.failures, 62))
+
+    def next(self) -> float:
+        """The wait before the next attempt; each call counts one more failure in a row."""
+        wait = self.rng.uniform(0, self.ceiling())
+        self.failures += 1
+        return wait
+
+    def reset(self) -> None:
+        self.failures = 0

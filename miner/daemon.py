@@ -23,6 +23,7 @@ import grpc
 from aitbc import aio, crypto, jobs, metrics, receipts, rpc, telemetry
 from aitbc.config import MinerConfig, write_port_file
 from aitbc.coordinator import register_digest
+from aitbc.limits import Backoff
 from aitbc.miner.backend import (
     NULL_MODEL,
     BackendError,
@@ -105,11 +106,12 @@ class MinerDaemon:
                 _load_owner = None
 
     async def _run(self) -> None:
-        backoff = 0.5
+        backoff = Backoff(0.5, max(0.5, self.config.reconnect_max_s))  # full jitter: a restarted
+        # coordinator's miners do not all re-register at the same instant
         while not self._stop.is_set():
             try:
                 await self._session()
-                backoff = 0.5
+                backoff.reset()
             except grpc.aio.AioRpcError as exc:
                 log.warning("coordinator %s: %s: %s", self.config.coordinator, exc.code().name, exc.details())
                 if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
@@ -122,8 +124,7 @@ class MinerDaemon:
                 self._abandon_all("lost the coordinator stream")
             if self._stop.is_set():
                 break
-            await aio.wait_event(self._stop, backoff)
-            backoff = min(backoff * 2, self.config.reconnect_max_s)
+            await aio.wait_event(self._stop, backoff.next())
 
     async def _session(self) -> None:
         async with channel(self.config.coordinator) as ch:

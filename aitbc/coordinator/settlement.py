@@ -3,18 +3,21 @@
 Idempotent by receipt hash: before minting, the ledger is asked whether the receipt is already
 minted or pending, and the ledger itself refuses a receipt twice. Receipts waiting for settlement
 are indexed in the coordinator's LMDB, so a coordinator restart resumes where it stopped; a ledger
-that is down is retried with exponential backoff (0.5 s doubling to 30 s) and nothing is lost.
+that is down is retried with exponential backoff and full jitter (ceilings 0.5 s doubling to 30 s,
+aitbc.limits.Backoff) and nothing is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 
 from aitbc import aio, crypto, errors, telemetry
 from aitbc.coordinator.receipt_book import ReceiptBook
+from aitbc.limits import Backoff
 from aitbc.v1 import receipt_pb2
 from aitbc.wire import receipt_from_proto
 
@@ -71,7 +74,7 @@ class Settlement:
         self._wake.set()
 
     async def run(self) -> None:
-        backoff = 0.5
+        backoff = Backoff(0.5, self.max_backoff_s)
         while True:
             try:
                 if await self.settle_pending() == 0 and self.clock() - self._last_contact >= self.probe_s:
@@ -79,18 +82,16 @@ class Settlement:
                     # (health `.../settlement`) notices a ledger that went away while idle
                     await self._call(self.ledger.get_head())
                 self.ledger_reachable = True
-                backoff = 0.5
+                backoff.reset()
                 delay = self.poll_s
             except errors.Unavailable as exc:
                 if self.ledger_reachable:
                     log.warning("ledger unreachable, retrying with backoff: %s", exc.message)
                 self.ledger_reachable = False
-                delay = backoff
-                backoff = min(backoff * 2, self.max_backoff_s)
+                delay = backoff.next()
             except Exception:
                 log.exception("settlement pass failed")
-                delay = backoff
-                backoff = min(backoff * 2, self.max_backoff_s)
+                delay = backoff.next()
             self._wake.clear()
             await aio.wait_event(self._wake, delay)
 
@@ -159,7 +160,7 @@ class Settlement:
             self.book.settled(rec, St.SETTLEMENT_STATE_REJECTED, error=exc.message, attempts=attempts)
             log.error("ledger refused MINT of receipt %s: %s", rec.receipt_hash, exc.message)
         except errors.AitbcError as exc:  # mempool full, nonce contention: retry with backoff
-            self._retry_at[rec.receipt_hash] = self.clock() + min(2.0 ** attempts, self.max_backoff_s)
+            self._retry_at[rec.receipt_hash] = self.clock() + random.uniform(0, min(2.0 ** attempts, self.max_backoff_s))
             self.book.settled(rec, s.state, error=exc.message, attempts=attempts)
         else:
             self.book.settled(rec, St.SETTLEMENT_STATE_SUBMITTED, error="", tx_hash=st.tx_hash, attempts=attempts)

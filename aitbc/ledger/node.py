@@ -28,7 +28,7 @@ from aitbc.ledger.chain import Chain
 from aitbc.ledger.mempool import Mempool
 from aitbc.ledger.tx import Tx, decode_tx
 from aitbc.ledger.verifier import MIN_PARALLEL, ParallelVerifier
-from aitbc.limits import TokenBucket
+from aitbc.limits import Backoff, TokenBucket
 
 log = logging.getLogger("aitbc.ledger.node")
 
@@ -803,7 +803,7 @@ class Node:
         from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
 
         configured = target in self._initial_peers
-        backoff = 0.1
+        retry, wrong = Backoff(0.1, 2.0), Backoff(0.2, 30.0)  # full jitter: peers do not reconnect in lockstep
         last_ok = time.monotonic()
         warned = ""
         while not self._stopped:
@@ -820,16 +820,17 @@ class Node:
                         log.warning("configured peer %s serves %s, not genesis %s: not syncing from it", target,
                                     what, self.chain.genesis_hash.hex()[:16])
                         warned = what
-                    await asyncio.sleep(min(30.0, backoff := backoff * 2))
+                    await asyncio.sleep(wrong.next())
                     continue
                 warned = ""
+                wrong.reset()
                 if target not in self._verified:
                     self._verified[target] = None
                     self._exchange_wake.set()
                 req = ledger_pb2.StreamBlocksRequest(from_height=self.chain.final_height + 1,
                                                      peer_address=self.listen_address, raw_only=True)
                 async for resp in stub.StreamBlocks(req):
-                    backoff = 0.1
+                    retry.reset()
                     last_ok = time.monotonic()
                     try:
                         await self.receive_blocks([b.raw for b in resp.blocks])
@@ -858,8 +859,7 @@ class Node:
             if not configured and time.monotonic() - last_ok > self.peer_dead_after_s:
                 self._drop_peer(target, f"unreachable for {self.peer_dead_after_s:g} s", remember=False)
                 return
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            await asyncio.sleep(retry.next())
 
     async def stream_blocks(self, from_height: int) -> AsyncIterator[list[tuple[bytes, int]]]:
         """Canonical blocks (raw, height) from a height, batched, live thereafter; after a reorg
