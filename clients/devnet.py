@@ -236,7 +236,7 @@ class Devnet:
         """Ready when the miner reports a live Work stream to the coordinator."""
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(miner_ops, options=CHANNEL_OPTIONS) as ch:
-            stub = miner_pb2_grpc.MinerServiceStub(ch)
+            stub = miner_pb2_grpc.MinerOpsServiceStub(ch)
             while time.monotonic() < deadline:
                 for child in self.children:
                     if not child.alive():

@@ -128,7 +128,7 @@ class MinerDaemon:
 
     async def _session(self) -> None:
         async with channel(self.config.coordinator) as ch:
-            stub = miner_pb2_grpc.MinerServiceStub(ch)
+            stub = miner_pb2_grpc.MinerGatewayServiceStub(ch)
             ch_resp = await stub.GetChallenge(miner_pb2.GetChallengeRequest(), timeout=10)
             sig = self.key.sign(register_digest(ch_resp.challenge, self.key.pubkey))
             reg = await stub.Register(miner_pb2.RegisterRequest(
@@ -348,8 +348,8 @@ class MinerDaemon:
         return [(out.text.encode("utf-8"), art)], meter, extra
 
 
-class MinerOpsServicer(miner_pb2_grpc.MinerServiceServicer):
-    """The miner daemon's own MinerService: only GetInfo, for operators."""
+class MinerOpsServicer(miner_pb2_grpc.MinerOpsServiceServicer):
+    """The miner daemon's MinerOpsService (GetInfo), for operators."""
 
     def __init__(self, daemon: MinerDaemon) -> None:
         self.daemon = daemon
@@ -408,8 +408,8 @@ def build_daemon(config: MinerConfig) -> MinerDaemon:
 
 async def start_ops(daemon: MinerDaemon, listen: str) -> RunningServer:
     return await start_server(listen, [
-        Service(miner_pb2_grpc.add_MinerServiceServicer_to_server, MinerOpsServicer(daemon),
-                miner_pb2.DESCRIPTOR.services_by_name["MinerService"].full_name),
+        Service(miner_pb2_grpc.add_MinerOpsServiceServicer_to_server, MinerOpsServicer(daemon),
+                miner_pb2.DESCRIPTOR.services_by_name["MinerOpsService"].full_name),
     ])
 
 

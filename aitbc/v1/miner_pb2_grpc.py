@@ -25,11 +25,10 @@ if _version_not_supported:
     )
 
 
-class MinerServiceStub:
-    """MinerService is how miners join: served by the coordinator (and a pool hub). A miner takes a
-    challenge, proves its key by signing it in Register, then keeps one Work stream open with
-    its session token in the `x-miner-session` metadata. GetInfo is served by the miner daemon
-    itself, on its ops port, for operators.
+class MinerGatewayServiceStub:
+    """MinerGatewayService is how miners join: served by the coordinator (and a pool hub). A miner
+    takes a challenge, proves its key by signing it in Register, then keeps one Work stream open
+    with its session token in the `x-miner-session` metadata.
     """
 
     def __init__(self, channel):
@@ -39,32 +38,26 @@ class MinerServiceStub:
             channel: A grpc.Channel.
         """
         self.GetChallenge = channel.unary_unary(
-                '/aitbc.v1.MinerService/GetChallenge',
+                '/aitbc.v1.MinerGatewayService/GetChallenge',
                 request_serializer=aitbc_dot_v1_dot_miner__pb2.GetChallengeRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_miner__pb2.GetChallengeResponse.FromString,
                 _registered_method=True)
         self.Register = channel.unary_unary(
-                '/aitbc.v1.MinerService/Register',
+                '/aitbc.v1.MinerGatewayService/Register',
                 request_serializer=aitbc_dot_v1_dot_miner__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_miner__pb2.RegisterResponse.FromString,
                 _registered_method=True)
         self.Work = channel.stream_stream(
-                '/aitbc.v1.MinerService/Work',
+                '/aitbc.v1.MinerGatewayService/Work',
                 request_serializer=aitbc_dot_v1_dot_miner__pb2.WorkRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_miner__pb2.WorkResponse.FromString,
                 _registered_method=True)
-        self.GetInfo = channel.unary_unary(
-                '/aitbc.v1.MinerService/GetInfo',
-                request_serializer=aitbc_dot_v1_dot_miner__pb2.GetInfoRequest.SerializeToString,
-                response_deserializer=aitbc_dot_v1_dot_miner__pb2.GetInfoResponse.FromString,
-                _registered_method=True)
 
 
-class MinerServiceServicer:
-    """MinerService is how miners join: served by the coordinator (and a pool hub). A miner takes a
-    challenge, proves its key by signing it in Register, then keeps one Work stream open with
-    its session token in the `x-miner-session` metadata. GetInfo is served by the miner daemon
-    itself, on its ops port, for operators.
+class MinerGatewayServiceServicer:
+    """MinerGatewayService is how miners join: served by the coordinator (and a pool hub). A miner
+    takes a challenge, proves its key by signing it in Register, then keeps one Work stream open
+    with its session token in the `x-miner-session` metadata.
     """
 
     def GetChallenge(self, request, context):
@@ -89,15 +82,8 @@ class MinerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetInfo(self, request, context):
-        """GetInfo describes a miner daemon (GPU, models, load).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
-
-def add_MinerServiceServicer_to_server(servicer, server):
+def add_MinerGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetChallenge': grpc.unary_unary_rpc_method_handler(
                     servicer.GetChallenge,
@@ -114,24 +100,18 @@ def add_MinerServiceServicer_to_server(servicer, server):
                     request_deserializer=aitbc_dot_v1_dot_miner__pb2.WorkRequest.FromString,
                     response_serializer=aitbc_dot_v1_dot_miner__pb2.WorkResponse.SerializeToString,
             ),
-            'GetInfo': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetInfo,
-                    request_deserializer=aitbc_dot_v1_dot_miner__pb2.GetInfoRequest.FromString,
-                    response_serializer=aitbc_dot_v1_dot_miner__pb2.GetInfoResponse.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'aitbc.v1.MinerService', rpc_method_handlers)
+            'aitbc.v1.MinerGatewayService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('aitbc.v1.MinerService', rpc_method_handlers)
+    server.add_registered_method_handlers('aitbc.v1.MinerGatewayService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class MinerService:
-    """MinerService is how miners join: served by the coordinator (and a pool hub). A miner takes a
-    challenge, proves its key by signing it in Register, then keeps one Work stream open with
-    its session token in the `x-miner-session` metadata. GetInfo is served by the miner daemon
-    itself, on its ops port, for operators.
+class MinerGatewayService:
+    """MinerGatewayService is how miners join: served by the coordinator (and a pool hub). A miner
+    takes a challenge, proves its key by signing it in Register, then keeps one Work stream open
+    with its session token in the `x-miner-session` metadata.
     """
 
     @staticmethod
@@ -148,7 +128,7 @@ class MinerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/aitbc.v1.MinerService/GetChallenge',
+            '/aitbc.v1.MinerGatewayService/GetChallenge',
             aitbc_dot_v1_dot_miner__pb2.GetChallengeRequest.SerializeToString,
             aitbc_dot_v1_dot_miner__pb2.GetChallengeResponse.FromString,
             options,
@@ -175,7 +155,7 @@ class MinerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/aitbc.v1.MinerService/Register',
+            '/aitbc.v1.MinerGatewayService/Register',
             aitbc_dot_v1_dot_miner__pb2.RegisterRequest.SerializeToString,
             aitbc_dot_v1_dot_miner__pb2.RegisterResponse.FromString,
             options,
@@ -202,7 +182,7 @@ class MinerService:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/aitbc.v1.MinerService/Work',
+            '/aitbc.v1.MinerGatewayService/Work',
             aitbc_dot_v1_dot_miner__pb2.WorkRequest.SerializeToString,
             aitbc_dot_v1_dot_miner__pb2.WorkResponse.FromString,
             options,
@@ -214,6 +194,55 @@ class MinerService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class MinerOpsServiceStub:
+    """MinerOpsService is served by the miner daemon itself, on its ops port, for operators.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetInfo = channel.unary_unary(
+                '/aitbc.v1.MinerOpsService/GetInfo',
+                request_serializer=aitbc_dot_v1_dot_miner__pb2.GetInfoRequest.SerializeToString,
+                response_deserializer=aitbc_dot_v1_dot_miner__pb2.GetInfoResponse.FromString,
+                _registered_method=True)
+
+
+class MinerOpsServiceServicer:
+    """MinerOpsService is served by the miner daemon itself, on its ops port, for operators.
+    """
+
+    def GetInfo(self, request, context):
+        """GetInfo describes a miner daemon (GPU, models, load).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MinerOpsServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInfo,
+                    request_deserializer=aitbc_dot_v1_dot_miner__pb2.GetInfoRequest.FromString,
+                    response_serializer=aitbc_dot_v1_dot_miner__pb2.GetInfoResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'aitbc.v1.MinerOpsService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('aitbc.v1.MinerOpsService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MinerOpsService:
+    """MinerOpsService is served by the miner daemon itself, on its ops port, for operators.
+    """
 
     @staticmethod
     def GetInfo(request,
@@ -229,7 +258,7 @@ class MinerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/aitbc.v1.MinerService/GetInfo',
+            '/aitbc.v1.MinerOpsService/GetInfo',
             aitbc_dot_v1_dot_miner__pb2.GetInfoRequest.SerializeToString,
             aitbc_dot_v1_dot_miner__pb2.GetInfoResponse.FromString,
             options,

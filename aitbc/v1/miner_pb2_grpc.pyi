@@ -26,17 +26,16 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
-class MinerServiceStub:
-    """MinerService is how miners join: served by the coordinator (and a pool hub). A miner takes a
-    challenge, proves its key by signing it in Register, then keeps one Work stream open with
-    its session token in the `x-miner-session` metadata. GetInfo is served by the miner daemon
-    itself, on its ops port, for operators.
+class MinerGatewayServiceStub:
+    """MinerGatewayService is how miners join: served by the coordinator (and a pool hub). A miner
+    takes a challenge, proves its key by signing it in Register, then keeps one Work stream open
+    with its session token in the `x-miner-session` metadata.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> MinerServiceAsyncStub: ...
+    def __new__(cls, channel: _aio.Channel) -> MinerGatewayServiceAsyncStub: ...
     GetChallenge: _grpc.UnaryUnaryMultiCallable[_miner_pb2.GetChallengeRequest, _miner_pb2.GetChallengeResponse]
     """GetChallenge returns a fresh one-time challenge for Register."""
     Register: _grpc.UnaryUnaryMultiCallable[_miner_pb2.RegisterRequest, _miner_pb2.RegisterResponse]
@@ -45,15 +44,12 @@ class MinerServiceStub:
     """Work is the long-lived stream: assignments and cancels down; accept, progress, heartbeat,
     result chunks, result with receipt and failures up.
     """
-    GetInfo: _grpc.UnaryUnaryMultiCallable[_miner_pb2.GetInfoRequest, _miner_pb2.GetInfoResponse]
-    """GetInfo describes a miner daemon (GPU, models, load)."""
 
 @_typing.type_check_only
-class MinerServiceAsyncStub(MinerServiceStub):
-    """MinerService is how miners join: served by the coordinator (and a pool hub). A miner takes a
-    challenge, proves its key by signing it in Register, then keeps one Work stream open with
-    its session token in the `x-miner-session` metadata. GetInfo is served by the miner daemon
-    itself, on its ops port, for operators.
+class MinerGatewayServiceAsyncStub(MinerGatewayServiceStub):
+    """MinerGatewayService is how miners join: served by the coordinator (and a pool hub). A miner
+    takes a challenge, proves its key by signing it in Register, then keeps one Work stream open
+    with its session token in the `x-miner-session` metadata.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -65,14 +61,11 @@ class MinerServiceAsyncStub(MinerServiceStub):
     """Work is the long-lived stream: assignments and cancels down; accept, progress, heartbeat,
     result chunks, result with receipt and failures up.
     """
-    GetInfo: _aio.UnaryUnaryMultiCallable[_miner_pb2.GetInfoRequest, _miner_pb2.GetInfoResponse]  # type: ignore[assignment]
-    """GetInfo describes a miner daemon (GPU, models, load)."""
 
-class MinerServiceServicer(metaclass=_abc_1.ABCMeta):
-    """MinerService is how miners join: served by the coordinator (and a pool hub). A miner takes a
-    challenge, proves its key by signing it in Register, then keeps one Work stream open with
-    its session token in the `x-miner-session` metadata. GetInfo is served by the miner daemon
-    itself, on its ops port, for operators.
+class MinerGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
+    """MinerGatewayService is how miners join: served by the coordinator (and a pool hub). A miner
+    takes a challenge, proves its key by signing it in Register, then keeps one Work stream open
+    with its session token in the `x-miner-session` metadata.
     """
 
     @_abc_1.abstractmethod
@@ -101,6 +94,29 @@ class MinerServiceServicer(metaclass=_abc_1.ABCMeta):
         result chunks, result with receipt and failures up.
         """
 
+def add_MinerGatewayServiceServicer_to_server(servicer: MinerGatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class MinerOpsServiceStub:
+    """MinerOpsService is served by the miner daemon itself, on its ops port, for operators."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> MinerOpsServiceAsyncStub: ...
+    GetInfo: _grpc.UnaryUnaryMultiCallable[_miner_pb2.GetInfoRequest, _miner_pb2.GetInfoResponse]
+    """GetInfo describes a miner daemon (GPU, models, load)."""
+
+@_typing.type_check_only
+class MinerOpsServiceAsyncStub(MinerOpsServiceStub):
+    """MinerOpsService is served by the miner daemon itself, on its ops port, for operators."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetInfo: _aio.UnaryUnaryMultiCallable[_miner_pb2.GetInfoRequest, _miner_pb2.GetInfoResponse]  # type: ignore[assignment]
+    """GetInfo describes a miner daemon (GPU, models, load)."""
+
+class MinerOpsServiceServicer(metaclass=_abc_1.ABCMeta):
+    """MinerOpsService is served by the miner daemon itself, on its ops port, for operators."""
+
     @_abc_1.abstractmethod
     def GetInfo(
         self,
@@ -109,4 +125,4 @@ class MinerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_miner_pb2.GetInfoResponse, _abc.Awaitable[_miner_pb2.GetInfoResponse]]:
         """GetInfo describes a miner daemon (GPU, models, load)."""
 
-def add_MinerServiceServicer_to_server(servicer: MinerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_MinerOpsServiceServicer_to_server(servicer: MinerOpsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
