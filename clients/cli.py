@@ -682,6 +682,7 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     try:
         ep = net.start()
     except RuntimeError as exc:
+        net.stop()  # whatever did start goes again
         return _fail(str(exc))
     print("devnet is up:")
     print(f"  coordinator   {ep['coordinator']}   (CoordinatorService, MinerGatewayService, health, reflection)")

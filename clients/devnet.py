@@ -3,10 +3,19 @@
 Each component is a real process (`aitbc coordinator`, `aitbc miner`, ...) supervised here:
 a process that dies is restarted; Ctrl-C stops them all cleanly. First start creates keys, an
 API key and config files in the data folder; later starts reuse them (jobs, receipts survive).
+
+No service outlives the supervisor, however it dies: each child asks the kernel for SIGTERM when
+its parent goes (Linux PR_SET_PDEATHSIG: SIGKILL of the supervisor, SIGPIPE or a closed terminal
+included), and a lost stdout (`aitbc devnet | tee log`, tee gone) only silences its messages. One
+supervisor per data folder (DIR/devnet.lock, flock), and the ports are checked before anything
+starts, so a second `aitbc devnet` says which devnet or port is in the way instead of looping on
+bind errors.
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import hashlib
 import json
 import os
@@ -35,6 +44,35 @@ CHAIN_PREFIX = "aitbc-devnet"  # each devnet's chain id is this plus a random su
 STABLE_S = 60.0  # a process that ran this long before it died is restarted at once: its backoff is reset
 BACKOFF_BASE_S = 1.0  # the wait after a first quick exit; each next quick exit in a row doubles it
 BACKOFF_CAP_S = 30.0
+
+
+PR_SET_PDEATHSIG = 1
+try:
+    _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls into it
+except OSError:  # not Linux-like: children are stopped by stop() only
+    _LIBC = None
+
+
+def _die_with_parent(parent: int) -> None:
+    """preexec_fn of every child: SIGTERM when the supervisor dies, whatever way (Linux)."""
+    if _LIBC is not None and sys.platform.startswith("linux"):
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the supervisor died before prctl took effect
+            os._exit(1)
+
+
+def port_in_use(listen: str) -> bool:
+    """True when something already listens on host:port (a bind test, closed at once)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, int(port)))
+        except OSError:
+            return True
+    return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -106,8 +144,10 @@ class Child:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.log, "ab")
         env = {**os.environ, **self.env} if self.env else None
+        parent = os.getpid()
         self.proc = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, env=env)
+                                     start_new_session=True, env=env,
+                                     preexec_fn=lambda: _die_with_parent(parent))  # noqa: PLW1509
         fh.close()
         self.started_at = time.monotonic()
 
@@ -135,7 +175,39 @@ class Devnet:
     endpoints: dict[str, object] = field(default_factory=dict)
 
     def say(self, text: str) -> None:
-        print(text, file=self.log_to, flush=True)  # type: ignore[arg-type]
+        try:
+            print(text, file=self.log_to, flush=True)  # type: ignore[arg-type]
+        except (BrokenPipeError, OSError):  # stdout went (`| tee` gone, terminal closed): keep supervising
+            self.log_to = open(os.devnull, "w")  # noqa: SIM115
+
+    def lock(self) -> None:
+        """Hold DIR/devnet.lock for the supervisor's life; a second supervisor on the folder is told
+        which process runs the devnet there."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(self.data_dir / "devnet.lock", "a+")  # noqa: SIM115 (held open: the lock lives with it)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            raise FailedPrecondition(
+                f"a devnet is already running in {self.data_dir} (supervisor pid {holder}): use it, stop it "
+                f"(Ctrl-C in its terminal, or kill {holder}), or start another with --data-dir") from None
+        fh.truncate(0)
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._lock = fh
+
+    def check_ports(self, state: dict[str, object]) -> None:
+        """Every address the devnet will listen on must be free before any service starts."""
+        busy = [f"{state[name]} ({name})" for name in ("coordinator", "miner_ops", "ledger", "wallet")
+                if not str(state[name]).startswith("unix") and port_in_use(str(state[name]))]
+        if busy:
+            raise FailedPrecondition(
+                f"already in use: {', '.join(busy)}: another devnet or service listens there; stop it, or give "
+                "this devnet other addresses (--coordinator-listen, --miner-ops-listen, --ledger-listen, "
+                "--wallet-listen; 127.0.0.1:0 picks free ones)")
 
     def prepare(self) -> dict[str, object]:
         """Create keys, the API key and configs on first start; reuse them afterwards."""
@@ -189,7 +261,9 @@ class Devnet:
         return state
 
     def start(self, *, ready_timeout: float = 180.0) -> dict[str, object]:
+        self.lock()
         state = self.prepare()
+        self.check_ports(state)
         d = self.data_dir
         cli = [sys.executable, "-m", "aitbc.clients.cli"]
         self.children = [
@@ -301,3 +375,6 @@ class Devnet:
         ep = self.data_dir / "endpoints.json"
         if ep.exists():
             ep.unlink()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()
+            self._lock = None

@@ -48,6 +48,22 @@ def stop_devnet(proc: subprocess.Popen[str]) -> str:
     return out
 
 
+def _services_of(data_dir: Path, *, but: int) -> list[int]:
+    """Live processes whose command line names this devnet folder (its services), but `but`."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == but:
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().decode(errors="replace")
+            state = (p / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(data_dir) in cmd and "aitbc.clients.cli" in cmd and state != "Z":
+            out.append(int(p.name))
+    return out
+
+
 def test_demo_command_runs_a_job_and_verifies_the_receipt(tmp_path: Path) -> None:
     env = dict(os.environ, AITBC_HOME=str(tmp_path / "home"))
     r = aitbc(env, "demo", "-o", str(tmp_path / "out.png"), cwd=tmp_path, timeout=300)
@@ -191,12 +207,28 @@ def test_devnet_submit_status_receipts_buf_curl_and_restart(tmp_path: Path) -> N
 
     # data lives in one folder and survives a restart
     proc, _ = start_devnet(env, tmp_path)
+    killed = False
     try:
         r = aitbc(env, "status", job_id, cwd=tmp_path)
         assert r.returncode == 0 and "COMPLETED" in r.stdout, r.stdout + r.stderr
         r = aitbc(env, "result", job_id, "-o", "again.png", cwd=tmp_path)
         assert r.returncode == 0
         assert (tmp_path / "again.png").read_bytes() == (tmp_path / "city.png").read_bytes()
+        # a second devnet on the folder is refused at once, naming the supervisor that runs it
+        r = aitbc(env, "devnet", cwd=tmp_path, timeout=60)
+        assert r.returncode != 0 and f"a devnet is already running in {home / 'devnet'} (supervisor pid {proc.pid})" \
+            in r.stdout + r.stderr, r.stdout + r.stderr
+        # kill -9 of the supervisor takes its four services with it (none goes on serving, orphaned)
+        services = _services_of(home / "devnet", but=proc.pid)
+        assert len(services) == 4, services
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        killed = True
+        deadline = time.monotonic() + 20
+        while _services_of(home / "devnet", but=proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _services_of(home / "devnet", but=proc.pid), "services outlived their SIGKILLed supervisor"
     finally:
-        stop_devnet(proc)
+        if not killed:
+            stop_devnet(proc)
     assert shutil.which("true")
