@@ -131,8 +131,17 @@ def _node(args: argparse.Namespace) -> str:
 def _run(args: argparse.Namespace, fn: Any) -> int:
     from google.protobuf import json_format
 
+    from aitbc.clients.wallet_cli import check_genesis, expected_genesis
+
+    target = _node(args)
+    expected, source = expected_genesis(args.node)
+
+    async def checked(c: Any) -> Any:
+        await check_genesis(c, target, expected, source)
+        return await fn(c)
+
     try:
-        msg = asyncio.run(_with_client(_node(args), fn))
+        msg = asyncio.run(_with_client(target, checked))
     except AitbcError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aitbc import jobs
-from aitbc.errors import AitbcError, InvalidArgument
+from aitbc.errors import AitbcError, FailedPrecondition, InvalidArgument
 from aitbc.v1 import job_pb2, receipt_pb2
 
 _UNSETTLED = (receipt_pb2.SETTLEMENT_STATE_PENDING, receipt_pb2.SETTLEMENT_STATE_SUBMITTED,
@@ -560,7 +560,11 @@ def cmd_receipts_verify(args: argparse.Namespace) -> int:
     if args.proof is not None:
         return _verify_proof(args, receipt)
     if args.node:
-        status = asyncio.run(_receipt_status(args.node, receipt.receipt_hash.hex()))
+        try:
+            status = asyncio.run(_receipt_status(args.node, receipt.receipt_hash.hex(), b.chain_id))
+        except AitbcError as exc:
+            print(f"NOT CHECKED on {args.node}: {exc.message}")
+            return 1
         if status.status not in ("included", "final"):
             print(f"NOT MINTED on {args.node}: the ledger reports {status.status}")
             return 1
@@ -642,10 +646,17 @@ async def _receipt_proof(node: str, receipt_hash: str) -> bytes:
         return await lc.get_receipt_proof(receipt_hash)
 
 
-async def _receipt_status(node: str, receipt_hash: str) -> Any:
+async def _receipt_status(node: str, receipt_hash: str, chain_id: str) -> Any:
+    """The receipt's status on `node`, which must run the receipt's chain (and the expected genesis)."""
+    from aitbc.clients.wallet_cli import check_genesis, expected_genesis
     from aitbc.ledger.client import LedgerClient
 
     async with LedgerClient(node) as lc:
+        head = await lc.get_head()
+        if head.chain_id != chain_id:
+            raise FailedPrecondition(f"the ledger at {node} runs chain {head.chain_id!r}; the receipt is for chain "
+                                     f"{chain_id!r}: ask a node of that chain")
+        await check_genesis(lc, node, *expected_genesis(node))
         return await lc.get_receipt_status(receipt_hash)
 
 

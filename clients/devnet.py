@@ -293,6 +293,7 @@ class Devnet:
             "api_key": state["api_key"],
             "client_id": CLIENT_ID,
             "chain_id": state["chain_id"],
+            "genesis_hash": Genesis.load(d / "genesis.json").hash().hex(),  # what client commands expect
             "metrics": {c.name: f"http://{c.metrics}/metrics" for c in self.children if c.metrics},
             "data_dir": str(d),
             "pid": os.getpid(),

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aitbc.errors import AitbcError, InvalidArgument
+from aitbc.errors import AitbcError, FailedPrecondition, InvalidArgument
 
 DEFAULT_LEDGER = "127.0.0.1:26657"
 PASSPHRASE_ENV = "AITBC_WALLET_PASSPHRASE"
@@ -42,6 +42,36 @@ def resolve_ledger(explicit: str | None) -> str:
     from aitbc.clients.sdk import devnet_endpoints
 
     return str(devnet_endpoints().get("ledger") or DEFAULT_LEDGER)
+
+
+GENESIS_ENV = "AITBC_GENESIS_HASH"
+
+
+def expected_genesis(explicit: str | None) -> tuple[str, str]:
+    """(the genesis hash the ledger we talk to must run, where that comes from), or ("", "") when
+    nothing is expected: $AITBC_GENESIS_HASH, else the running devnet's when its ledger is the one
+    we talk to (no --node/--ledger and no $AITBC_LEDGER)."""
+    if os.environ.get(GENESIS_ENV):
+        return os.environ[GENESIS_ENV].strip().lower(), f"${GENESIS_ENV}"
+    if explicit or os.environ.get("AITBC_LEDGER"):
+        return "", ""
+    from aitbc.clients.sdk import aitbc_home, devnet_endpoints
+
+    gh = str(devnet_endpoints().get("genesis_hash") or "")
+    return (gh, f"the devnet in {aitbc_home() / 'devnet'}") if gh else ("", "")
+
+
+async def check_genesis(client: Any, target: str, expected: str, source: str) -> None:
+    """Refuse a ledger that runs another genesis than the expected one (another devnet, or any node
+    that happens to listen on that address): its answers would be about another chain."""
+    if not expected:
+        return
+    head = await client.get_head()
+    if head.genesis_hash != expected:
+        raise FailedPrecondition(
+            f"the ledger at {target} runs genesis {head.genesis_hash[:16]}... (chain {head.chain_id!r}), not "
+            f"{expected[:16]}... ({source}): another ledger answers on that address; stop it, or name the "
+            "right node with --node/--ledger (or $AITBC_GENESIS_HASH for the genesis you expect)")
 
 
 def _core(args: argparse.Namespace, *, ledger: bool = False) -> Any:
@@ -168,6 +198,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 async def _with_core(args: argparse.Namespace, fn: Any) -> Any:
+    from aitbc.ledger.client import LedgerClient
+
+    target = resolve_ledger(args.ledger)
+    expected, source = expected_genesis(args.ledger)
+    if expected:
+        async with LedgerClient(target) as c:
+            await check_genesis(c, target, expected, source)
     core = _core(args, ledger=True)
     try:
         return await fn(core)

@@ -85,6 +85,18 @@ async def test_devnet_style_single_authority(tmp_path):
         env = {k: v for k, v in os.environ.items() if k != "AITBC_LEDGER"} | {"AITBC_HOME": str(home)}
         via = _cli("chain", "head", env=env)
         assert via.returncode == 0 and json.loads(via.stdout)["chain_id"] == "aitbc-test", via.stderr
+        # ... and it must run that devnet's genesis: another ledger on that address is refused
+        gh = json.loads(via.stdout)["genesis_hash"]
+        (home / "devnet" / "endpoints.json").write_text(json.dumps({"ledger": target, "genesis_hash": gh}))
+        assert _cli("chain", "head", env=env).returncode == 0
+        (home / "devnet" / "endpoints.json").write_text(json.dumps({"ledger": target, "genesis_hash": "ab" * 32}))
+        foreign = _cli("chain", "account", rc.body.provider, env=env)
+        assert foreign.returncode == 1 and f"the ledger at {target} runs genesis {gh[:16]}... (chain 'aitbc-test'), " \
+            f"not {'ab' * 8}... (the devnet in {home / 'devnet'}): another ledger answers" in foreign.stderr, foreign.stderr
+        # an explicit --node is not held to the devnet's genesis, but $AITBC_GENESIS_HASH holds anything
+        assert _cli("chain", "head", "--node", target, env=env).returncode == 0
+        pinned = _cli("chain", "head", "--node", target, env=env | {"AITBC_GENESIS_HASH": "cd" * 32})
+        assert pinned.returncode == 1 and "($AITBC_GENESIS_HASH)" in pinned.stderr
         tx = json.loads(_cli("chain", "tx", tx_hash, "--node", target).stdout)
         assert tx["status"] == "TRANSACTION_STATUS_FINAL"
         block = json.loads(_cli("chain", "block", tx["block_height"], "--txs", "--node", target).stdout)
@@ -101,6 +113,13 @@ async def test_devnet_style_single_authority(tmp_path):
         _cli("chain", "init", "--chain-id", "other-chain", "--authority", str(keyfile), "--out", str(other))
         wrong = _cli("chain", "verify", "--genesis", str(other), "--node", target)
         assert wrong.returncode == 1 and "runs genesis" in wrong.stderr
+        # a receipt of another chain is not checked against this node (its answer would mean nothing)
+        theirs = tmp_path / "theirs.receipt.json"
+        theirs.write_text(json.dumps(receipt(2, chain_id="other-chain").to_json_dict()))
+        r = subprocess.run([sys.executable, "-m", "aitbc.clients.cli", "receipts", "verify", str(theirs), "--node",
+                            target], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert r.returncode == 1 and f"NOT CHECKED on {target}: the ledger at {target} runs chain 'aitbc-test'; " \
+            "the receipt is for chain 'other-chain'" in r.stdout, r.stdout + r.stderr
         bad = _cli("chain", "tx", "00" * 32, "--node", target)
         assert bad.returncode == 1 and "not found" in bad.stderr
     finally:
