@@ -46,6 +46,29 @@ class ImageOutput:
     gpu_ms: int  # device time of the generation, >= 1 (see each backend for how it is measured)
 
 
+@dataclass(frozen=True)
+class BatchItem:
+    """One job of a batched image call: its request, its own progress callback and cancel event."""
+
+    req: ImageRequest
+    on_step: Callable[[int, int], None]
+    cancel: threading.Event
+
+
+def batch_key(req: ImageRequest, native_size: int) -> tuple[Any, ...]:
+    """What must be equal for jobs to share one pipeline call: everything that changes the call
+    but the prompts and seeds (size after 0 -> native, steps, guidance, which also decides
+    classifier-free guidance). Validates `req` first (BackendError)."""
+    width, height = resolve_size(req, native_size)
+    return (width, height, req.steps, float(req.guidance_scale))
+
+
+def share_ms(total_ms: int, images: int, batch_images: int) -> int:
+    """A job's part of a batch's device time: in proportion to its images, at least 1. The units
+    a job is paid for never depend on it (docs/receipts.md, "Units")."""
+    return max(1, round(total_ms * images / max(1, batch_images)))
+
+
 class JobCancelled(Exception):
     """The job's cancel event was set while it ran; no output is produced."""
 

@@ -31,6 +31,7 @@ from aitbc.miner.backend import (
     load_image_backend,
     pick_device,
 )
+from aitbc.miner.batching import ImageBatcher
 from aitbc.rpc import CHUNK_BYTES, RunningServer, Service, channel, handle_errors, start_server
 from aitbc.v1 import job_pb2, miner_pb2, miner_pb2_grpc
 from aitbc.wire import receipt_to_proto
@@ -61,6 +62,13 @@ class MinerDaemon:
         self.attested = 0  # results the coordinator checked and attested (ResultAccepted)
         self.failed = 0
         self._slots = asyncio.Semaphore(max(1, config.max_concurrency))
+        # image backends that can batch get a batcher (one pipeline call for jobs that arrive
+        # together); with image_batch_size 1 every job calls its backend alone, as before
+        self.batchers = {
+            m: ImageBatcher(b, config.image_batch_size, config.image_batch_wait_ms / 1000)
+            for m, b in backends.items()
+            if config.image_batch_size > 1 and self.kinds[m] == jobs.IMAGE and hasattr(b, "generate_batch")
+        }
         self._outbox: asyncio.Queue[miner_pb2.WorkRequest | None] | None = None
         self._stop = asyncio.Event()
         self.registered = asyncio.Event()
@@ -287,11 +295,16 @@ class MinerDaemon:
 
         with telemetry.span("miner.generate", job_id=job_id, model=rj.job.model, job_kind="image", steps=p.steps,
                             width=p.width, height=p.height, images=p.images or 1, device=self.device) as sp:
-            out = await telemetry.run_in_thread(backend.generate, req, on_step, rj.cancel)
+            batcher = self.batchers.get(rj.job.model)
+            if batcher is not None:
+                out = await batcher.generate(req, on_step, rj.cancel)
+            else:
+                out = await telemetry.run_in_thread(backend.generate, req, on_step, rj.cancel)
             sp.set_attribute("gpu_ms", out.gpu_ms)
         arts = [(png, job_pb2.Artifact(content_type="image/png", width=out.width, height=out.height)) for png in out.pngs]
         # units follow from the job's parameters and the images' size (docs/receipts.md, "Units"), never
-        # from the time it took: a faster GPU is paid the same for the same image
+        # from the time it took: a faster GPU is paid the same for the same image, and a job in a batch
+        # the same as alone (its gpu_ms is its images' share of the batch's device time)
         meter = {"unit_type": "tile_steps", "gpu_ms": max(1, out.gpu_ms), "width": out.width, "height": out.height,
                  "steps": p.steps, "images": len(out.pngs),
                  "units": receipts.tile_steps(out.width, out.height, p.steps, len(out.pngs))}
