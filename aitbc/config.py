@@ -157,6 +157,10 @@ class MinerConfig(TlsConfig):
     # images (1 = no batching), collected for image_batch_wait_ms (docs/operations.md, "Image batching")
     image_batch_size: int = 4
     image_batch_wait_ms: float = 5.0
+    # CUDA only (ignored on CPU): fp16/bf16, SDPA, channels_last; image_compile adds torch.compile of
+    # the UNet, paid on the first call of each batch shape (docs/operations.md, "CUDA fast path")
+    image_fast_path: bool = False
+    image_compile: bool = False
     ops_listen: str = "127.0.0.1:18001"
     reconnect_max_s: float = 30.0
     port_file: str = ""

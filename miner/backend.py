@@ -232,12 +232,15 @@ def pick_device(preferred: str | None) -> str:
     raise BackendError(f"unsupported device {preferred!r}: expected 'cuda:N', 'cpu' or 'auto'")
 
 
-def load_image_backend(model: str, device: str | None = None) -> ImageBackend:
+def load_image_backend(
+    model: str, device: str | None = None, *, fast_path: bool = False, compile_unet: bool = False
+) -> ImageBackend:
     """Load `model` once and return a backend for it.
 
     "tiny-sd": the tiny pipeline built in-process (no download). "null": no inference at all.
     Anything else: a Hugging Face model id or a local folder, loaded with
     `StableDiffusionPipeline.from_pretrained` through the same backend class as the tiny one.
+    `fast_path` / `compile_unet`: the CUDA fast path (`aitbc.miner.image.plan_fast_path`; off on CPU).
     """
     if not isinstance(model, str) or not model.strip():
         raise BackendError("model name is empty")
@@ -247,11 +250,17 @@ def load_image_backend(model: str, device: str | None = None) -> ImageBackend:
     from aitbc.miner import image  # deferred: imports torch and diffusers
 
     resolved = pick_device(device)
-    if model == TINY_MODEL:
-        return image.DiffusersImageBackend(image.build_tiny_pipeline(), model=model, device=resolved)
-    return image.DiffusersImageBackend(
-        image.load_pretrained_pipeline(model, resolved), model=model, device=resolved
-    )
+    plan = image.plan_fast_path(resolved, fast_path, compile_unet, bf16=_bf16(resolved))
+    pipe = image.build_tiny_pipeline() if model == TINY_MODEL else image.load_pretrained_pipeline(model, resolved)
+    return image.DiffusersImageBackend(pipe, model=model, device=resolved, fast_path=plan)
+
+
+def _bf16(device: str) -> bool:
+    if not device.startswith("cuda"):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_bf16_supported())
 
 
 class DeviceTimer:

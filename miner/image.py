@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import string
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,7 @@ from aitbc.miner.backend import (
     weights_sha256,
 )
 
+log = logging.getLogger("aitbc.miner")
 PNG_COMPRESS_LEVEL = 6
 TINY_SEED = 0  # fixed: the tiny pipeline's random weights are part of its identity
 TOKENIZER_MAX_LENGTH = 77
@@ -187,6 +190,47 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+@dataclass(frozen=True)
+class FastPath:
+    """What the CUDA fast path sets on a pipeline (docs/operations.md, "CUDA fast path")."""
+
+    dtype: torch.dtype = torch.float32
+    sdpa: bool = False  # torch scaled_dot_product_attention processors on the UNet and VAE
+    channels_last: bool = False  # NHWC memory format for the UNet and VAE convolutions
+    compile_unet: bool = False  # torch.compile of the UNet, compiled on first use of each shape
+    reason: str = ""  # why it is off, or what it does, for the start-up log
+
+
+def plan_fast_path(device: str, enabled: bool, compile_unet: bool, *, bf16: bool = False) -> FastPath:
+    """The fast path for `device`: off on CPU (the CPU path is the exact, batch-invariant one) and
+    whenever `enabled` is false; on CUDA, fp16 (bf16 where `bf16` says the GPU has it: same speed,
+    no fp16 overflow), SDPA attention, channels_last, and torch.compile of the UNet if asked."""
+    if not enabled:
+        return FastPath(reason="off (image_fast_path = false)")
+    if not device.startswith("cuda"):
+        return FastPath(reason=f"off: {device} is not a CUDA device (CPU runs stay exact, in float32)")
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    what = f"{str(dtype).removeprefix('torch.')}, SDPA, channels_last" + (", torch.compile(unet)" if compile_unet else "")
+    return FastPath(dtype=dtype, sdpa=True, channels_last=True, compile_unet=compile_unet, reason=f"on: {what}")
+
+
+def apply_fast_path(pipe: StableDiffusionPipeline, plan: FastPath) -> StableDiffusionPipeline:
+    """Set `plan` on `pipe` (before the backend takes it). Weights identity is computed before."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if pipe.unet.dtype != plan.dtype:
+        pipe.to(dtype=plan.dtype)
+    if plan.sdpa:
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        pipe.vae.set_attn_processor(AttnProcessor2_0())
+    if plan.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if plan.compile_unet:
+        pipe.unet.compile()  # in place (nn.Module.compile): the module and its type stay the pipeline's
+    return pipe
+
+
 def _shared_row_linear(linear: torch.nn.Linear) -> None:
     """Make `linear` compute a 2-D input whose rows are all equal from its first row alone.
 
@@ -228,12 +272,19 @@ class DiffusersImageBackend:
     stream; on CPU, the wall time of the pipeline call. Neither includes validation or PNG encoding.
     """
 
-    def __init__(self, pipe: StableDiffusionPipeline, *, model: str, device: str) -> None:
+    def __init__(
+        self, pipe: StableDiffusionPipeline, *, model: str, device: str, fast_path: FastPath | None = None
+    ) -> None:
         self.model = model
         self.device = device
         self.weights_sha256 = weights_sha256(dict(pipe.components))  # declared at Register (model identity)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
+        self.fast_path = fast_path or FastPath(reason="off")
+        if self.fast_path.sdpa or self.fast_path.channels_last or self.fast_path.compile_unet:
+            apply_fast_path(pipe, self.fast_path)
+        log.info("image model %s on %s: fast path %s", model, device, self.fast_path.reason)
+        self._compiled_shapes: set[tuple[int, int, int]] = set()  # (UNet rows, width, height) seen
         if device == "cpu":  # CPU results are compared byte for byte (docs/hub.md, "Re-execution")
             make_batch_invariant(pipe)
         self._pipe = pipe
@@ -367,6 +418,12 @@ class DiffusersImageBackend:
             except JobCancelled:  # raised by step_end only once every job has left
                 return outcomes  # type: ignore[return-value]
             done_ns = time.time_ns()
+        if self.fast_path.compile_unet:
+            shape = (batch_images * (2 if do_cfg else 1), width, height)
+            if shape not in self._compiled_shapes:  # the first call of a shape pays the compile
+                self._compiled_shapes.add(shape)
+                log.info("UNet compiled for %d rows at %dx%d: first call took %.1f s (%d steps)",
+                         shape[0], width, height, (done_ns - started_ns) / 1e9, steps)
         if last_step_ns:
             telemetry.record_span("miner.denoise", started_ns, last_step_ns, steps=steps, images=batch_images)
             telemetry.record_span("miner.vae_decode", last_step_ns, done_ns, images=batch_images)

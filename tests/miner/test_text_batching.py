@@ -11,7 +11,13 @@ import pytest
 
 from aitbc import receipts
 from aitbc.miner.backend import JobCancelled
-from aitbc.miner.text import TINY_TEXT_MODEL, TextOutput, TextRequest, TransformersTextBackend, load_text_backend
+from aitbc.miner.text import (
+    TINY_TEXT_MODEL,
+    TextOutput,
+    TextRequest,
+    TransformersTextBackend,
+    load_text_backend,
+)
 from aitbc.v1 import coordinator_pb2, job_pb2
 from aitbc.wire import receipt_from_proto
 from tests.coordinator.test_jobs_api import MD, fetch, stub, wait_done
