@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,12 +31,16 @@ class _Batch:
 class ImageBatcher:
     """Groups one backend's image jobs into `generate_batch` calls of at most `max_images` images."""
 
-    def __init__(self, backend: Any, max_images: int, wait_s: float) -> None:
+    def __init__(
+        self, backend: Any, max_images: int, wait_s: float,
+        in_thread: Callable[..., Awaitable[Any]] = telemetry.run_in_thread,
+    ) -> None:
         if max_images < 1:
             raise ValueError("max_images must be at least 1")
         self.backend = backend
         self.max_images = max_images
         self.wait_s = max(0.0, wait_s)
+        self._in_thread = in_thread  # runs the pipeline call on a worker thread (the daemon's pool)
         self._open: dict[tuple[Any, ...], _Batch] = {}
         self.calls = 0  # pipeline calls made (tests, benchmarks)
 
@@ -71,8 +75,9 @@ class ImageBatcher:
     async def _run(self, batch: _Batch) -> None:
         self.calls += 1
         try:
-            with telemetry.span("miner.image_batch", jobs=len(batch.items), images=batch.images):
-                outcomes: list[Any] = await telemetry.run_in_thread(self.backend.generate_batch, batch.items)
+            # the call's phase spans (miner.encode_prompt carries jobs=) land under the miner.generate of
+            # the job that opened the batch: this task runs in that job's context
+            outcomes: list[Any] = await self._in_thread(self.backend.generate_batch, batch.items)
         except Exception as exc:  # the call itself failed (out of memory...): every job of it fails
             outcomes = [exc] * len(batch.items)
         for future, outcome in zip(batch.futures, outcomes, strict=True):

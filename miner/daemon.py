@@ -14,9 +14,10 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -37,6 +38,7 @@ from aitbc.v1 import job_pb2, miner_pb2, miner_pb2_grpc
 from aitbc.wire import receipt_to_proto
 
 log = logging.getLogger("aitbc.miner")
+T = TypeVar("T")
 VERSION = "aitbc-miner/0.1"
 TEXT_FLUSH_S = 0.01  # text deltas are sent at most this long after they are made
 _load_owner: MinerDaemon | None = None  # the daemon aitbc_miner_load reads (one per process)
@@ -62,16 +64,23 @@ class MinerDaemon:
         self.attested = 0  # results the coordinator checked and attested (ResultAccepted)
         self.failed = 0
         self._slots = asyncio.Semaphore(max(1, config.max_concurrency))
+        # one worker thread per slot: asyncio's default pool has min(32, cores + 4) threads, which on
+        # a small box would cap the text streams decoding together below max_concurrency
+        self._workers = ThreadPoolExecutor(max(1, config.max_concurrency), thread_name_prefix="aitbc-job")
         # image backends that can batch get a batcher (one pipeline call for jobs that arrive
         # together); with image_batch_size 1 every job calls its backend alone, as before
         self.batchers = {
-            m: ImageBatcher(b, config.image_batch_size, config.image_batch_wait_ms / 1000)
+            m: ImageBatcher(b, config.image_batch_size, config.image_batch_wait_ms / 1000, self._in_thread)
             for m, b in backends.items()
             if config.image_batch_size > 1 and self.kinds[m] == jobs.IMAGE and hasattr(b, "generate_batch")
         }
         self._outbox: asyncio.Queue[miner_pb2.WorkRequest | None] | None = None
         self._stop = asyncio.Event()
         self.registered = asyncio.Event()
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on one of this daemon's worker threads, in the caller's trace context."""
+        return await asyncio.get_running_loop().run_in_executor(self._workers, telemetry.wrap_context(fn), *args)
 
     def info(self) -> miner_pb2.MinerInfo:
         name, vram = "cpu", 0
@@ -108,6 +117,7 @@ class MinerDaemon:
         try:
             await self._run()
         finally:
+            self._workers.shutdown(wait=False)  # idle threads end; a running job's thread finishes its call
             if _load_owner is self:
                 metrics.MINER_LOAD.set_function(None)
                 _load_owner = None
@@ -299,7 +309,7 @@ class MinerDaemon:
             if batcher is not None:
                 out = await batcher.generate(req, on_step, rj.cancel)
             else:
-                out = await telemetry.run_in_thread(backend.generate, req, on_step, rj.cancel)
+                out = await self._in_thread(backend.generate, req, on_step, rj.cancel)
             sp.set_attribute("gpu_ms", out.gpu_ms)
         arts = [(png, job_pb2.Artifact(content_type="image/png", width=out.width, height=out.height)) for png in out.pngs]
         # units follow from the job's parameters and the images' size (docs/receipts.md, "Units"), never
@@ -348,7 +358,7 @@ class MinerDaemon:
 
         with telemetry.span("miner.generate", job_id=job_id, model=rj.job.model, job_kind="text",
                             max_new_tokens=p.max_new_tokens, device=self.device) as sp:
-            out = await telemetry.run_in_thread(backend.generate, req, on_text, rj.cancel)
+            out = await self._in_thread(backend.generate, req, on_text, rj.cancel)
             sp.set_attributes({"prompt_tokens": out.prompt_tokens, "generated_tokens": out.generated_tokens,
                                "finish_reason": out.finish_reason})
         flush()  # what is left goes before the result
