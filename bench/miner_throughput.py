@@ -58,7 +58,7 @@ async def text_bench(model: str, device: str, tokens: int, label: str) -> None:
             async with channel(addr) as ch:
                 stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
                 await _ready(stub)
-                name = model.removeprefix("text:")
+                name = model
                 await submit_and_watch(stub, name, text_params(tokens, 1))  # warm-up
                 print(f"text, {label}, {tokens} new tokens per stream (temperature 0.9, own seed each)")
                 base = None
@@ -174,7 +174,8 @@ async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if not args.images_only:
             build_1b_llama(Path(tmp) / "llama-1b")
-            await text_bench(f"text:{Path(tmp) / 'llama-1b'}", "cuda:0", args.tokens,
+            # a folder whose config.json names a *ForCausalLM: the miner serves it as a text model
+            await text_bench(str(Path(tmp) / "llama-1b"), "cuda:0", args.tokens,
                              f"1B Llama-shaped (random, bf16) on {torch.cuda.get_device_name(0)}")
         if not args.text_only:
             from image_backend import build_sd15_pipeline
@@ -186,7 +187,7 @@ async def run(args: argparse.Namespace) -> None:
                 await image_bench(str(folder), backend, "cuda:0", 512, 30, args.rounds,
                                   f"SD-1.5-sized on {torch.cuda.get_device_name(0)}, fast path, "
                                   f"compile {'on' if compile_unet else 'off'}",
-                                  image_fast_path=True, image_compile=compile_unet)
+                                  image_fast_path="true", image_compile=str(compile_unet).lower())
                 del backend
                 torch.cuda.empty_cache()
 
