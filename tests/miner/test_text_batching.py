@@ -4,6 +4,7 @@ KV cache and its own seeded generator, so every job's tokens are those of the jo
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -142,3 +143,26 @@ async def test_text_jobs_served_at_once_through_the_network(net, tiny) -> None:
         receipts.verify_receipt(receipt_from_proto(job.receipt), attesters=frozenset({net.core.key.address}))
         assert body.units == direct.prompt_tokens + direct.generated_tokens and body.gpu_ms >= 1
     assert miner.completed == len(REQS)
+
+
+async def test_a_miner_runs_max_concurrency_jobs_at_once_whatever_its_core_count(net) -> None:
+    """Every job of a miner with more slots than asyncio's default pool has threads (cores + 4) is
+    inside its backend at the same time: the daemon has a worker thread per slot. The backend is
+    the null text backend behind a barrier that opens when every call is in."""
+    from aitbc.miner.text import NullTextBackend
+
+    slots = min(32, (os.cpu_count() or 1) + 4) + 2
+    barrier = threading.Barrier(slots, timeout=30)
+
+    class AllAtOnce(NullTextBackend):
+        def generate(self, req, on_text, cancel):  # type: ignore[no-untyped-def]
+            barrier.wait()  # BrokenBarrierError (a failed job) unless all `slots` calls run together
+            return super().generate(req, on_text, cancel)
+
+    await net.add_miner({"null-text": AllAtOnce()}, concurrency=slots)
+    s = stub(net)
+    submitted = await asyncio.gather(*(s.SubmitJob(coordinator_pb2.SubmitJobRequest(
+        model="null-text", params=job_pb2.JobParams(text=job_pb2.TextParams(prompt=f"p{i}", seed=i))), metadata=MD)
+        for i in range(slots)))
+    done = [await wait_done(s, r.job.job_id) for r in submitted]
+    assert [j.state for j in done] == [S.JOB_STATE_COMPLETED] * slots, [j.error for j in done]
