@@ -68,11 +68,12 @@ class MinerDaemon:
         # a small box would cap the text streams decoding together below max_concurrency
         self._workers = ThreadPoolExecutor(max(1, config.max_concurrency), thread_name_prefix="aitbc-job")
         # image backends that can batch get a batcher (one pipeline call for jobs that arrive
-        # together); with image_batch_size 1 every job calls its backend alone, as before
+        # together); with image_batch_size 1 or one slot every job calls its backend alone, as before
+        batching = config.image_batch_size > 1 and config.max_concurrency > 1
         self.batchers = {
             m: ImageBatcher(b, config.image_batch_size, config.image_batch_wait_ms / 1000, self._in_thread)
             for m, b in backends.items()
-            if config.image_batch_size > 1 and self.kinds[m] == jobs.IMAGE and hasattr(b, "generate_batch")
+            if batching and self.kinds[m] == jobs.IMAGE and hasattr(b, "generate_batch")
         }
         self._outbox: asyncio.Queue[miner_pb2.WorkRequest | None] | None = None
         self._stop = asyncio.Event()

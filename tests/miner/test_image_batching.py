@@ -126,8 +126,12 @@ async def test_batcher_groups_jobs_by_key_up_to_its_size(tiny_backend) -> None:
 async def test_jobs_batched_on_a_miner_are_paid_and_verified_as_alone(net, tiny_backend) -> None:
     """Through a coordinator: four jobs reach a miner with 4 slots, run in one call, and each PNG,
     receipt check and unit count is that of the job alone."""
+    single = await net.add_miner({"tiny-sd": tiny_backend}, concurrency=1, wait=False)
+    single.stop()
+    assert single.batchers == {}  # one slot: nothing to batch, no wait
     miner = await net.add_miner({"tiny-sd": tiny_backend}, concurrency=4)
-    miner.batchers["tiny-sd"] = batcher = ImageBatcher(tiny_backend, 4, 30.0)  # starts only when full
+    assert miner.batchers["tiny-sd"].max_images == 4  # the default image_batch_size
+    miner.batchers["tiny-sd"] = batcher = ImageBatcher(tiny_backend, 4, 30.0, miner._in_thread)  # only when full
     s = stub(net)
     params = [("a futuristic city", 7), ("a red bicycle", 8), ("a lake", 9), ("a cat", 10)]
     submitted = await asyncio.gather(*(s.SubmitJob(image_job(p, steps=4, seed=seed), metadata=MD) for p, seed in params))
