@@ -153,6 +153,14 @@ class MinerConfig(TlsConfig):
     gpu_devices: list[str] = field(default_factory=lambda: ["auto"])
     max_concurrency: int = 1
     cpu_threads: int = 0  # torch threads on a CPU-only miner; 0 = cores - 1
+    # image jobs sharing size, steps and guidance run in one pipeline call of at most this many
+    # images (1 = no batching), collected for image_batch_wait_ms (docs/operations.md, "Image batching")
+    image_batch_size: int = 4
+    image_batch_wait_ms: float = 5.0
+    # CUDA only (ignored on CPU): fp16/bf16, SDPA, channels_last; image_compile adds torch.compile of
+    # the UNet, paid on the first call of each batch shape (docs/operations.md, "CUDA fast path")
+    image_fast_path: bool = False
+    image_compile: bool = False
     ops_listen: str = "127.0.0.1:18001"
     reconnect_max_s: float = 30.0
     port_file: str = ""
@@ -161,6 +169,8 @@ class MinerConfig(TlsConfig):
         _within("price_per_unit", self.price_per_unit, 0, float("inf"))
         _within("max_concurrency", self.max_concurrency, 1, float("inf"))
         _within("cpu_threads", self.cpu_threads, 0, float("inf"))
+        _within("image_batch_size", self.image_batch_size, 1, 64)
+        _within("image_batch_wait_ms", self.image_batch_wait_ms, 0, 10_000)
         _within("reconnect_max_s", self.reconnect_max_s, 0.001, float("inf"))
 
 

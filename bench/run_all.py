@@ -20,6 +20,7 @@ RUNS = [
     ["hub_scaling.py", "--jobs", "60"],
     ["image_backend.py"],
     ["text_backend.py"],
+    ["miner_throughput.py"],
     ["ledger_throughput.py"],
     ["ledger_catchup.py"],
     ["telemetry_overhead.py"],

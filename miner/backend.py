@@ -46,6 +46,29 @@ class ImageOutput:
     gpu_ms: int  # device time of the generation, >= 1 (see each backend for how it is measured)
 
 
+@dataclass(frozen=True)
+class BatchItem:
+    """One job of a batched image call: its request, its own progress callback and cancel event."""
+
+    req: ImageRequest
+    on_step: Callable[[int, int], None]
+    cancel: threading.Event
+
+
+def batch_key(req: ImageRequest, native_size: int) -> tuple[Any, ...]:
+    """What must be equal for jobs to share one pipeline call: everything that changes the call
+    but the prompts and seeds (size after 0 -> native, steps, guidance, which also decides
+    classifier-free guidance). Validates `req` first (BackendError)."""
+    width, height = resolve_size(req, native_size)
+    return (width, height, req.steps, float(req.guidance_scale))
+
+
+def share_ms(total_ms: int, images: int, batch_images: int) -> int:
+    """A job's part of a batch's device time: in proportion to its images, at least 1. The units
+    a job is paid for never depend on it (docs/receipts.md, "Units")."""
+    return max(1, round(total_ms * images / max(1, batch_images)))
+
+
 class JobCancelled(Exception):
     """The job's cancel event was set while it ran; no output is produced."""
 
@@ -209,12 +232,15 @@ def pick_device(preferred: str | None) -> str:
     raise BackendError(f"unsupported device {preferred!r}: expected 'cuda:N', 'cpu' or 'auto'")
 
 
-def load_image_backend(model: str, device: str | None = None) -> ImageBackend:
+def load_image_backend(
+    model: str, device: str | None = None, *, fast_path: bool = False, compile_unet: bool = False
+) -> ImageBackend:
     """Load `model` once and return a backend for it.
 
     "tiny-sd": the tiny pipeline built in-process (no download). "null": no inference at all.
     Anything else: a Hugging Face model id or a local folder, loaded with
     `StableDiffusionPipeline.from_pretrained` through the same backend class as the tiny one.
+    `fast_path` / `compile_unet`: the CUDA fast path (`aitbc.miner.image.plan_fast_path`; off on CPU).
     """
     if not isinstance(model, str) or not model.strip():
         raise BackendError("model name is empty")
@@ -224,11 +250,17 @@ def load_image_backend(model: str, device: str | None = None) -> ImageBackend:
     from aitbc.miner import image  # deferred: imports torch and diffusers
 
     resolved = pick_device(device)
-    if model == TINY_MODEL:
-        return image.DiffusersImageBackend(image.build_tiny_pipeline(), model=model, device=resolved)
-    return image.DiffusersImageBackend(
-        image.load_pretrained_pipeline(model, resolved), model=model, device=resolved
-    )
+    plan = image.plan_fast_path(resolved, fast_path, compile_unet, bf16=_bf16(resolved))
+    pipe = image.build_tiny_pipeline() if model == TINY_MODEL else image.load_pretrained_pipeline(model, resolved)
+    return image.DiffusersImageBackend(pipe, model=model, device=resolved, fast_path=plan)
+
+
+def _bf16(device: str) -> bool:
+    if not device.startswith("cuda"):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_bf16_supported())
 
 
 class DeviceTimer:

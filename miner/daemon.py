@@ -14,9 +14,10 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -32,11 +33,13 @@ from aitbc.miner.backend import (
     load_image_backend,
     pick_device,
 )
+from aitbc.miner.batching import ImageBatcher
 from aitbc.rpc import CHUNK_BYTES, RunningServer, Service, channel, handle_errors, start_server
 from aitbc.v1 import job_pb2, miner_pb2, miner_pb2_grpc
 from aitbc.wire import receipt_to_proto
 
 log = logging.getLogger("aitbc.miner")
+T = TypeVar("T")
 VERSION = "aitbc-miner/0.1"
 TEXT_FLUSH_S = 0.01  # text deltas are sent at most this long after they are made
 _load_owner: MinerDaemon | None = None  # the daemon aitbc_miner_load reads (one per process)
@@ -62,9 +65,24 @@ class MinerDaemon:
         self.attested = 0  # results the coordinator checked and attested (ResultAccepted)
         self.failed = 0
         self._slots = asyncio.Semaphore(max(1, config.max_concurrency))
+        # one worker thread per slot: asyncio's default pool has min(32, cores + 4) threads, which on
+        # a small box would cap the text streams decoding together below max_concurrency
+        self._workers = ThreadPoolExecutor(max(1, config.max_concurrency), thread_name_prefix="aitbc-job")
+        # image backends that can batch get a batcher (one pipeline call for jobs that arrive
+        # together); with image_batch_size 1 or one slot every job calls its backend alone, as before
+        batching = config.image_batch_size > 1 and config.max_concurrency > 1
+        self.batchers = {
+            m: ImageBatcher(b, config.image_batch_size, config.image_batch_wait_ms / 1000, self._in_thread)
+            for m, b in backends.items()
+            if batching and self.kinds[m] == jobs.IMAGE and hasattr(b, "generate_batch")
+        }
         self._outbox: asyncio.Queue[miner_pb2.WorkRequest | None] | None = None
         self._stop = asyncio.Event()
         self.registered = asyncio.Event()
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on one of this daemon's worker threads, in the caller's trace context."""
+        return await asyncio.get_running_loop().run_in_executor(self._workers, telemetry.wrap_context(fn), *args)
 
     def info(self) -> miner_pb2.MinerInfo:
         name, vram = "cpu", 0
@@ -101,6 +119,7 @@ class MinerDaemon:
         try:
             await self._run()
         finally:
+            self._workers.shutdown(wait=False)  # idle threads end; a running job's thread finishes its call
             if _load_owner is self:
                 metrics.MINER_LOAD.set_function(None)
                 _load_owner = None
@@ -288,11 +307,16 @@ class MinerDaemon:
 
         with telemetry.span("miner.generate", job_id=job_id, model=rj.job.model, job_kind="image", steps=p.steps,
                             width=p.width, height=p.height, images=p.images or 1, device=self.device) as sp:
-            out = await telemetry.run_in_thread(backend.generate, req, on_step, rj.cancel)
+            batcher = self.batchers.get(rj.job.model)
+            if batcher is not None:
+                out = await batcher.generate(req, on_step, rj.cancel)
+            else:
+                out = await self._in_thread(backend.generate, req, on_step, rj.cancel)
             sp.set_attribute("gpu_ms", out.gpu_ms)
         arts = [(png, job_pb2.Artifact(content_type="image/png", width=out.width, height=out.height)) for png in out.pngs]
         # units follow from the job's parameters and the images' size (docs/receipts.md, "Units"), never
-        # from the time it took: a faster GPU is paid the same for the same image
+        # from the time it took: a faster GPU is paid the same for the same image, and a job in a batch
+        # the same as alone (its gpu_ms is its images' share of the batch's device time)
         meter = {"unit_type": "tile_steps", "gpu_ms": max(1, out.gpu_ms), "width": out.width, "height": out.height,
                  "steps": p.steps, "images": len(out.pngs),
                  "units": receipts.tile_steps(out.width, out.height, p.steps, len(out.pngs))}
@@ -336,7 +360,7 @@ class MinerDaemon:
 
         with telemetry.span("miner.generate", job_id=job_id, model=rj.job.model, job_kind="text",
                             max_new_tokens=p.max_new_tokens, device=self.device) as sp:
-            out = await telemetry.run_in_thread(backend.generate, req, on_text, rj.cancel)
+            out = await self._in_thread(backend.generate, req, on_text, rj.cancel)
             sp.set_attributes({"prompt_tokens": out.prompt_tokens, "generated_tokens": out.generated_tokens,
                                "finish_reason": out.finish_reason})
         flush()  # what is left goes before the result
@@ -399,7 +423,9 @@ def build_daemon(config: MinerConfig) -> MinerDaemon:
     else:
         device = pick_device(config.gpu_devices[0] if config.gpu_devices else None)
     backends: dict[str, Any] = {
-        m: load_text_backend(m, device) if is_text_model(m) else load_image_backend(m, device) for m in config.models
+        m: load_text_backend(m, device) if is_text_model(m)
+        else load_image_backend(m, device, fast_path=config.image_fast_path, compile_unet=config.image_compile)
+        for m in config.models
     }
     if any(m not in no_inference for m in config.models):
         configure_cpu_threads(device, config.cpu_threads)

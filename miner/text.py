@@ -44,16 +44,24 @@ Streaming
   exactly `TextOutput.text`. An exception from `on_text` aborts the generation and propagates.
 
 Concurrency and determinism
-  transformers samples with `torch.multinomial` on the global torch RNG (CPU and CUDA generators).
-  Each sampled call reseeds it with `torch.manual_seed(req.seed)` and then draws from it token by
-  token, so two calls must never interleave: every `generate` of every transformers backend in the
-  process holds one module-level lock (`_GENERATE_LOCK`). It is shared, not per backend instance,
-  because the RNG it protects is process-wide (manual_seed reseeds every CUDA device too), so two
-  loaded text models would otherwise break each other's determinism. Text jobs therefore run one
-  at a time per miner process; throughput beyond that needs batching (not done here). Nothing else
-  in the miner draws from the global RNG (the image backend uses its own torch.Generator).
-  On CPU, the same request gives the same text in every process (tests check it); on CUDA,
-  kernels can differ across GPUs and driver versions, so only same-machine repeatability holds.
+  Every text job of a transformers backend is one stream of its backend's decode loop
+  (`_DecodeLoop`, one thread per loaded model): up to the miner's max_concurrency jobs run at once,
+  a new job joins at the next decoding step, and each step advances every stream by one token, so
+  all streams make progress together and a new one gets its first token without waiting for the
+  others to finish. Each stream keeps its own KV cache and runs its own forward pass (batch 1), and
+  samples with its own `torch.Generator` seeded with the job's seed (temperature, top-k, top-p are
+  transformers' own warpers, in generate()'s order; then `torch.multinomial(probs, 1,
+  generator=g)`); nothing draws from the global torch RNG. So a job's tokens are exactly those of
+  the same job run alone, whichever jobs shared the loop, when they joined or whether they were
+  cancelled (tests/miner/test_text_batching.py), and hub re-execution keeps comparing text byte
+  for byte. That is also why the forward passes are not stacked into one batched tensor: a CPU
+  GEMM gives other bits for 1 row and for 4 (docs/operations.md, "Text streams"), which would make
+  a job's tokens depend on its neighbours. A stream that is cancelled, hits a stop string or fails
+  leaves the loop at the next step; the others do not notice.
+  Decoding, stop strings and `on_text` run on the thread that called `generate` (tokens come to it
+  through a queue). On CPU, the same request gives the same text in every process (tests check
+  it); on CUDA, kernels can differ across GPUs and driver versions, so only same-machine
+  repeatability holds, and a CUDA generator gives other numbers than a CPU one for one seed.
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ import hashlib
 import json
 import math
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -70,7 +79,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from aitbc import jobs
-from aitbc.miner.backend import BackendError, DeviceTimer, JobCancelled, pick_device, weights_sha256
+from aitbc.miner.backend import BackendError, JobCancelled, pick_device, weights_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -477,8 +486,127 @@ def _context_length(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> 
     raise BackendError("cannot tell this model's context length (no max_position_embeddings in its config)")
 
 
-# Process-wide: sampling draws from the global torch RNG (see the module docstring).
-_GENERATE_LOCK = threading.Lock()
+class _Stream:
+    """One text job in a decode loop: its inputs, its own sampling state and its KV cache.
+
+    The loop thread writes ("token", id), then ("end", None) or ("error", exc) to `out`; the
+    caller's thread sets `halt` (stop string seen, on_text failed) or the job's cancel event."""
+
+    def __init__(
+        self, prompt_ids: list[int], req: TextRequest, eos_ids: frozenset[int], cancel: threading.Event,
+        device: str,
+    ) -> None:
+        import torch
+        from transformers import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.prompt_ids = prompt_ids
+        self.max_new_tokens = req.max_new_tokens
+        self.eos_ids = eos_ids
+        self.cancel = cancel
+        self.halt = False
+        self.out: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.sample = req.temperature > 0
+        self.warpers = LogitsProcessorList()
+        self.generator: torch.Generator | None = None
+        if self.sample:
+            # as generate() builds them for do_sample, in its order
+            if req.temperature != 1.0:
+                self.warpers.append(TemperatureLogitsWarper(float(req.temperature)))
+            if req.top_k:
+                self.warpers.append(TopKLogitsWarper(top_k=int(req.top_k), min_tokens_to_keep=1))
+            if req.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(top_p=float(req.top_p), min_tokens_to_keep=1))
+            # the job's own generator: its draws never depend on any other job (module docstring)
+            self.generator = torch.Generator(device).manual_seed(req.seed)
+        self.ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # prompt + generated
+        self.cache: Any = None
+        self.produced = 0
+        self.busy_s = 0.0  # wall time of this stream's own steps (forward, sampling, the token's copy)
+
+    def step(self, lm: PreTrainedModel) -> int:
+        """One forward pass of this stream alone (the prompt first, then the last token) and its
+        next token."""
+        import torch
+
+        started = time.perf_counter()
+        if self.cache is None:
+            out = lm(input_ids=self.ids, use_cache=True)
+        else:
+            out = lm(input_ids=self.ids[:, -1:], past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        logits = out.logits[:, -1, :].to(dtype=torch.float32)  # as generate(): scores in float32
+        if self.sample:
+            probs = torch.softmax(self.warpers(self.ids, logits), dim=-1)
+            token = torch.multinomial(probs, 1, generator=self.generator)
+        else:
+            token = torch.argmax(logits, dim=-1, keepdim=True)
+        self.ids = torch.cat([self.ids, token.to(self.ids.dtype)], dim=-1)
+        self.produced += 1
+        token_id = int(token.item())
+        self.busy_s += time.perf_counter() - started
+        return token_id
+
+
+class _DecodeLoop:
+    """Advances every stream of one model by a token per round, on one thread (started on demand,
+    gone after `IDLE_S` without streams). See the module docstring."""
+
+    IDLE_S = 1.0
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        self._lm = lm
+        self._cond = threading.Condition()
+        self._pending: list[_Stream] = []
+        self._thread: threading.Thread | None = None
+        self.rounds = 0  # decoding rounds run (tests, benchmarks)
+        self.most_streams = 0  # the most streams one round has advanced (tests, benchmarks)
+
+    def submit(self, stream: _Stream) -> None:
+        with self._cond:
+            self._pending.append(stream)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="aitbc-text-decode", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        import torch
+
+        active: list[_Stream] = []
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    if not active and not self._pending:
+                        self._cond.wait(self.IDLE_S)
+                        if not self._pending:
+                            self._thread = None
+                            return
+                    active += self._pending  # new streams join at this round
+                    self._pending = []
+                self.rounds += 1
+                self.most_streams = max(self.most_streams, len(active))
+                for stream in list(active):
+                    if stream.halt or stream.cancel.is_set():
+                        active.remove(stream)
+                        stream.out.put(("end", None))
+                        continue
+                    try:
+                        token_id = stream.step(self._lm)
+                    except Exception as exc:  # this stream's failure (bad input, out of memory): it alone ends
+                        active.remove(stream)
+                        stream.cache = None
+                        stream.out.put(("error", exc))
+                        continue
+                    stream.out.put(("token", token_id))
+                    if token_id in stream.eos_ids or stream.produced >= stream.max_new_tokens:
+                        active.remove(stream)
+                        stream.cache = None  # frees its KV cache now
+                        stream.out.put(("end", None))
 
 
 class _IncrementalDecoder:
@@ -519,9 +647,9 @@ class _IncrementalDecoder:
 class TransformersTextBackend:
     """Runs TextRequests on one causal LM, loaded once (see the module docstring for threading).
 
-    gpu_ms: on CUDA, the time between CUDA events recorded around `generate` on the current stream
-    (synchronised); on CPU, the wall time of `generate`. Neither includes validation or the wait
-    for the lock.
+    gpu_ms: the wall time of this job's own decoding steps (its forward passes, sampling and the copy
+    of each token to the host, which waits for the device on CUDA), summed; not the time it waited
+    while other streams' steps ran, nor validation.
     """
 
     def __init__(
@@ -542,6 +670,11 @@ class TransformersTextBackend:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos_ids, default=0)
         self._pad_id = pad
         self._bos_id = lm.generation_config.bos_token_id
+        self._loop = _DecodeLoop(self._lm)
+
+    @property
+    def decode_loop(self) -> _DecodeLoop:
+        return self._loop
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -567,10 +700,6 @@ class TransformersTextBackend:
         on_text: Callable[[str], None],
         cancel: threading.Event,
     ) -> TextOutput:
-        import torch
-        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
         check_text_request(req)
         prompt_ids = self._encode(req.prompt)
         check_context(len(prompt_ids), req.max_new_tokens, self.context_length)
@@ -579,61 +708,33 @@ class TransformersTextBackend:
 
         decoder = _IncrementalDecoder(self._tokenizer)
         out = StopText(req.stop, on_text)
-
-        class Streamer(BaseStreamer):
-            """Called by generate() on this thread: first with the prompt, then with each token."""
-
-            def __init__(self) -> None:
-                self.prompt_seen = False
-
-            def put(self, value: torch.Tensor) -> None:
-                if not self.prompt_seen:
-                    self.prompt_seen = True
-                    return
-                # transformers evaluates the stopping criteria before it streams a token, so the
-                # token after the one that completed a stop string (or saw the cancel) still
-                # arrives here: it is neither decoded nor counted.
-                for token_id in value.reshape(-1).tolist():
-                    if out.stopped or cancel.is_set():
-                        return
-                    out.feed(decoder.push(int(token_id)))
-
-            def end(self) -> None:
-                pass
-
-        class Halt(StoppingCriteria):
-            """Ends generation after the token that completed a stop string or saw the cancel."""
-
-            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-                halt = out.stopped or cancel.is_set()
-                return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
-
-        sample = req.temperature > 0
-        config = GenerationConfig(
-            max_new_tokens=req.max_new_tokens,
-            do_sample=sample,
-            # neutral values when greedy: None would be filled in from the model's own defaults
-            temperature=float(req.temperature) if sample else 1.0,
-            top_p=float(req.top_p) if sample else 1.0,
-            top_k=int(req.top_k) if sample else 50,  # 50: the global default, which greedy ignores silently
-            eos_token_id=sorted(self._eos_ids) or None,
-            pad_token_id=self._pad_id,
-            bos_token_id=self._bos_id,
-        )
-        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        with _GENERATE_LOCK, torch.inference_mode():
-            if cancel.is_set():
-                raise JobCancelled("cancelled before start")
-            torch.manual_seed(req.seed)  # also seeds every CUDA device
-            timer = DeviceTimer(self.device)
-            with timer:
-                self._lm.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    generation_config=config,
-                    streamer=Streamer(),
-                    stopping_criteria=StoppingCriteriaList([Halt()]),
-                )
+        stream = _Stream(prompt_ids, req, self._eos_ids, cancel, self.device)
+        self._loop.submit(stream)
+        failure: BaseException | None = None
+        while True:
+            try:
+                kind, value = stream.out.get(timeout=0.05)
+            except queue.Empty:
+                continue  # the loop sees `cancel` itself; it answers with "end"
+            if kind == "end":
+                break
+            if kind == "error":
+                failure = failure or value
+                break
+            # a token made after the one that completed a stop string (or after the cancel) is
+            # neither decoded nor counted
+            if stream.halt or out.stopped or cancel.is_set():
+                continue
+            try:
+                out.feed(decoder.push(int(value)))
+            except BaseException as exc:  # on_text failed: this stream stops, the exception propagates
+                failure = exc
+                stream.halt = True
+                continue
+            if out.stopped:
+                stream.halt = True
+        if failure is not None:
+            raise failure
         generated = len(decoder.ids)
         if cancel.is_set() and not out.stopped:
             raise JobCancelled(f"cancelled after {generated} tokens")
@@ -648,6 +749,4 @@ class TransformersTextBackend:
             if out.stopped:
                 finish = FINISH_STOP
         text = out.finish()
-        return TextOutput(text, len(prompt_ids), generated, timer.ms, finish)
-
-
+        return TextOutput(text, len(prompt_ids), generated, max(1, round(stream.busy_s * 1000)), finish)
