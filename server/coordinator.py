@@ -62,6 +62,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         job = await self.core.submit(
             client, request.model, request.params, request_id=request.request_id,
             max_price_per_unit=request.max_price_per_unit if request.HasField("max_price_per_unit") else None,
+            webhook_url=request.webhook_url,
         )
         telemetry.set_attributes(job_id=job.job_id, model=job.model, client_id=client)
         return coordinator_pb2.SubmitJobResponse(job=job)
@@ -277,7 +278,8 @@ async def start_coordinator(config: CoordinatorConfig, *, clock: Clock | None = 
                 miner_pb2.DESCRIPTOR.services_by_name["MinerGatewayService"].full_name),
     ], options=rpc.UPLOAD_SERVER_OPTIONS)
     proc = CoordinatorProcess(running, core, [asyncio.create_task(core.run_housekeeping()),
-                                              asyncio.create_task(_return_freed_memory())])
+                                              asyncio.create_task(_return_freed_memory()),
+                                              asyncio.create_task(core.webhooks.run())])
     if config.ledger:
         settlement = proc.settlement = Settlement(core.receipts, key, config.ledger, clock=core.time.monotonic)
         core.receipt_listeners.append(settlement.notify)
