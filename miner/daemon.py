@@ -419,15 +419,15 @@ async def run_miner(config: MinerConfig) -> None:
     rpc.configure_tls(config.tls_cert_file, config.tls_key_file, config.tls_ca_file, allow_insecure=config.allow_insecure)
     t0 = time.perf_counter()
     daemon = build_daemon(config)
-    print(f"miner {daemon.key.address}: loaded {', '.join(config.models)} on {daemon.device} "
-          f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    telemetry.announce(f"miner {daemon.key.address}: loaded {', '.join(config.models)} on {daemon.device} "
+                       f"in {time.perf_counter() - t0:.1f} s", logger="aitbc.miner")
     ops = await start_ops(daemon, config.ops_listen)
     host = config.ops_listen.rsplit(":", 1)[0]
-    print(f"miner ops (GetInfo) listening on {host}:{ops.port}; coordinator {config.coordinator}", flush=True)
+    telemetry.announce(f"miner ops (MinerOpsService) listening on {host}:{ops.port}; coordinator {config.coordinator}", logger="aitbc.miner")
     write_port_file(config.port_file, ops.port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.stop)
     await daemon.run()
-    print("miner stopping", flush=True)
+    telemetry.announce("miner stopping", logger="aitbc.miner")
     await ops.stop(1.0)

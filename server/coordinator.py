@@ -297,13 +297,13 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
     rpc.configure_tls(config.tls_cert_file, config.tls_key_file, config.tls_ca_file, allow_insecure=config.allow_insecure)
     proc = await start_coordinator(config)
     host = config.listen.rsplit(":", 1)[0]
-    print(f"coordinator listening on {host}:{proc.port} (attester {proc.core.key.address}, chain {config.chain_id}, "
-          f"settlement {'to ledger ' + config.ledger if config.ledger else 'disabled'})", flush=True)
+    telemetry.announce(f"coordinator listening on {host}:{proc.port} (attester {proc.core.key.address}, chain {config.chain_id}, "
+                       f"settlement {'to ledger ' + config.ledger if config.ledger else 'disabled'})", logger="aitbc.coordinator")
     write_port_file(config.port_file, proc.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    print("coordinator stopping", flush=True)
+    telemetry.announce("coordinator stopping", logger="aitbc.coordinator")
     await proc.stop()
