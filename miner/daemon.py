@@ -23,6 +23,7 @@ import grpc
 from aitbc import aio, crypto, jobs, metrics, receipts, rpc, telemetry
 from aitbc.config import MinerConfig, write_port_file
 from aitbc.coordinator import register_digest
+from aitbc.errors import FailedPrecondition
 from aitbc.limits import Backoff
 from aitbc.miner.backend import (
     NULL_MODEL,
@@ -417,6 +418,9 @@ async def run_miner(config: MinerConfig) -> None:
     """Load models, serve the ops port, connect; until SIGINT/SIGTERM."""
     telemetry.setup("aitbc-miner")  # before any server or channel: the interceptors are chosen then
     rpc.configure_tls(config.tls_cert_file, config.tls_key_file, config.tls_ca_file, allow_insecure=config.allow_insecure)
+    if rpc.port_in_use(config.ops_listen):  # said before seconds of model loading, not after
+        raise FailedPrecondition(f"ops_listen {config.ops_listen} is already in use (a running devnet's miner, or "
+                                 "another miner?): set ops_listen in miner.toml to a free port, or 127.0.0.1:0")
     t0 = time.perf_counter()
     daemon = build_daemon(config)
     telemetry.announce(f"miner {daemon.key.address}: loaded {', '.join(config.models)} on {daemon.device} "
