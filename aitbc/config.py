@@ -28,10 +28,23 @@ class ClientKey:
     rate_per_s: float = 50.0
     burst: int = 100
     operator: bool = False  # may call operator RPCs (ReleaseMiner)
+    # webhooks (docs/coordinator.md, "Webhooks"): a signed POST on each of the client's jobs' end,
+    # to webhook_url, or to the job's own webhook_url when it starts with one of webhook_url_prefixes
+    # (set by the operator: a client cannot make the coordinator call anything else)
+    webhook_url: str = ""
+    webhook_url_prefixes: list[str] = field(default_factory=list)
+    webhook_secret: str = ""  # the HMAC-SHA256 key both sides hold (16 characters at least)
 
     def __post_init__(self) -> None:
         if not isinstance(self.operator, bool):
             raise InvalidArgument(f"client {self.id!r}: operator must be true or false (got {self.operator!r})")
+        for url in (self.webhook_url, *self.webhook_url_prefixes):
+            if url and not (url.startswith("https://") or url.startswith("http://")) or len(url) > 2048:
+                raise InvalidArgument(f"client {self.id!r}: webhook URL {url[:80]!r} must be http:// or https:// "
+                                      "(2,048 characters at most)")
+        if (self.webhook_url or self.webhook_url_prefixes) and len(self.webhook_secret) < 16:
+            raise InvalidArgument(f"client {self.id!r}: webhooks need a webhook_secret of 16 characters at least "
+                                  "(the receiver checks each POST's HMAC with it)")
         _within(f"clients.{self.id}.rate_per_s", self.rate_per_s, 1e-9, float("inf"))
         _within(f"clients.{self.id}.burst", self.burst, 1, float("inf"))
 
@@ -111,9 +124,17 @@ class CoordinatorConfig(TlsConfig):
     allow_new_models: bool = True  # a model not under [[models]] is learned from its first miner
     default_max_price_per_unit: int = 1000  # ceiling for models without their own; no job pays more per unit
     port_file: str = ""
+    # webhook delivery (docs/coordinator.md, "Webhooks"): attempts per event, how long an event is
+    # retried at most, and each POST's timeout
+    webhook_attempts: int = 12
+    webhook_max_age_s: float = 24 * 3600.0
+    webhook_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         """Refuse, at start, values the coordinator would trip over later."""
+        _within("webhook_attempts", self.webhook_attempts, 1, 1000)
+        _within("webhook_max_age_s", self.webhook_max_age_s, 1.0, float("inf"))
+        _within("webhook_timeout_s", self.webhook_timeout_s, 0.1, 60.0)
         _within("default_max_price_per_unit", self.default_max_price_per_unit, 0, float("inf"))
         _within("verify_rate", self.verify_rate, 0.0, 1.0)
         _within("verify_tolerance", self.verify_tolerance, 0.0, 1.0)

@@ -346,6 +346,10 @@ VERIFY_GPU_SECONDS = counter("aitbc_hub_verification_gpu_seconds_total",
                              "GPU seconds spent re-executing jobs to verify them (measured gpu_ms), by model.", ["model"])
 VERIFICATIONS = counter("aitbc_hub_verifications_total", "Verifications decided, by outcome (passed, replaced: the "
                         "original miner was outvoted, unverified: no usable second execution).", ["outcome"])
+WEBHOOK_DELIVERIES = counter("aitbc_webhook_deliveries_total", "Webhook POSTs, by outcome (delivered: a 2xx answer; "
+                             "retry: failed, tried again later; dropped: given up after webhook_attempts or "
+                             "webhook_max_age_s).", ["outcome"])
+WEBHOOK_DELAY = histogram("aitbc_webhook_delivery_seconds", "Time from a job's end until its webhook was delivered.")
 QUARANTINED = gauge("aitbc_hub_quarantined_miners", "Miners in quarantine (never chosen until an operator releases them).")
 # miner
 MINER_LOAD = gauge("aitbc_miner_load", "Jobs running on this miner divided by its max_concurrency (0..1).")

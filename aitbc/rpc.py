@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -562,6 +563,23 @@ def caller_host(context: grpc.aio.ServicerContext) -> str:
     if kind == "ipv6":
         return rest.rsplit(":", 1)[0].strip("[]")
     return kind or "unknown"
+
+
+def port_in_use(listen: str) -> bool:
+    """True when something already listens on host:port (a bind test, closed at once); port 0 and
+    unix sockets are never busy."""
+    if is_unix(listen):
+        return False
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, int(port)))
+        except OSError:
+            return True
+    return False
 
 
 def host_of(listen: str) -> str:

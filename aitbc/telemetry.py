@@ -92,10 +92,10 @@ def configure(service_name: str, *, exporter: Any = None, endpoint: str | None =
 
         _memory = InMemorySpanExporter()
         provider.add_span_processor(SimpleSpanProcessor(_memory))
-    elif exporter == "console":
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+    elif exporter == "console":  # one line per span, a tree per trace (aitbc.trace_console)
+        from aitbc.trace_console import CompactConsoleExporter
 
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+        provider.add_span_processor(BatchSpanProcessor(CompactConsoleExporter(sys.stderr)))
     else:
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -689,11 +689,25 @@ class JsonFormatter(logging.Formatter):
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_json_logs = False
+
+
+def announce(text: str, *, logger: str = "aitbc", **fields: Any) -> None:
+    """A process's banner on stdout ("... listening on HOST:PORT"): the plain line, or in JSON log
+    mode ($AITBC_LOG_FORMAT=json) one JSON line like every log line, so nothing else is mixed in."""
+    if not _json_logs:
+        print(text, flush=True)
+        return
+    record = logging.LogRecord(logger, logging.INFO, "", 0, text, None, None)
+    record.__dict__.update(fields)
+    print(JsonFormatter().format(record), flush=True)
 
 
 def configure_logging(json: bool, *, level: int = logging.INFO, stream: IO[str] | None = None) -> logging.Handler:
     """Replace the root logger's handlers with one writing to `stream` (stderr): JSON lines when
     `json`, else the usual text format. Returns the handler."""
+    global _json_logs
+    _json_logs = json
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if json else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()

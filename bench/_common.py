@@ -36,8 +36,10 @@ def summary(values_ms: list[float]) -> str:
             f"mean {statistics.fmean(values_ms):.2f} ms  n={len(values_ms)}")
 
 
-def start_coordinator(tmp: Path, **extra: object) -> tuple[subprocess.Popen[bytes], str]:
-    """A real coordinator process on a free port; returns (process, address)."""
+def start_coordinator(tmp: Path, client: dict[str, str] | None = None,
+                      **extra: object) -> tuple[subprocess.Popen[bytes], str]:
+    """A real coordinator process on a free port; returns (process, address). `client`: more keys
+    of the bench client's [[clients]] entry (e.g. webhook_url)."""
     conf = tmp / "coordinator.toml"
     lines = [
         'listen = "127.0.0.1:0"', f'data_dir = "{tmp / "coord"}"', f'key_file = "{tmp / "coord.key"}"',
@@ -48,6 +50,7 @@ def start_coordinator(tmp: Path, **extra: object) -> tuple[subprocess.Popen[byte
         *(f"{k} = {v!r}".replace("'", '"') for k, v in extra.items()),
         "", "[[clients]]", 'id = "bench"', f'api_key_sha256 = "{hashlib.sha256(API_KEY.encode()).hexdigest()}"',
         "rate_per_s = 1000000.0", "burst = 1000000",
+        *(f'{k} = "{v}"' for k, v in (client or {}).items()),
     ]
     conf.write_text("\n".join(lines) + "\n")
     log = open(tmp / "coordinator.log", "wb")

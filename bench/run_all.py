@@ -26,6 +26,7 @@ RUNS = [
     ["telemetry_overhead.py"],
     ["load.py", "--duration", "60"],
     ["upload_memory.py", "--miners", "64", "--mib", "16"],
+    ["webhooks.py", "--jobs", "100"],
 ]
 
 

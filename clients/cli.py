@@ -126,7 +126,7 @@ def run_image_job(client: Any, args: argparse.Namespace, *, out: str) -> int:
 
     t0 = time.monotonic()
     job = client.submit(args.model, job_params(args, text=False), request_id=args.request_id or "",
-                        max_price_per_unit=args.max_price)
+                        max_price_per_unit=args.max_price, webhook_url=getattr(args, "webhook_url", "") or "")
     progress = Progress()
     progress.state(job)
     if getattr(args, "no_wait", False):
@@ -196,7 +196,7 @@ def run_text_job(client: Any, args: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     job = client.submit(args.model, job_params(args, text=True), request_id=args.request_id or "",
-                        max_price_per_unit=args.max_price)
+                        max_price_per_unit=args.max_price, webhook_url=getattr(args, "webhook_url", "") or "")
     progress = Progress()
     progress.state(job)
     if args.no_wait:
@@ -803,6 +803,8 @@ def _add_image_args(p: argparse.ArgumentParser, *, prompt_default: str | None = 
     p.add_argument("--max-price", type=int, default=None, metavar="N",
                    help="most you pay per unit; no miner above it gets the job (default: the coordinator's "
                         "ceiling for the model)")
+    p.add_argument("--webhook-url", default="", metavar="URL",
+                   help="POST the job's end here, signed (the operator must allow the URL; docs/coordinator.md)")
     p.add_argument("-o", "--output", default="out.png", help="PNG path (several images: out-1.png, out-2.png, ...); "
                    "text jobs: a file for the text")
     p.add_argument("--receipt-out", help="receipt JSON path (default: <output>.receipt.json; a text job without -o: "

@@ -35,7 +35,7 @@ from aitbc.config import private_dir
 from aitbc.errors import AitbcError, FailedPrecondition
 from aitbc.ledger.genesis import Genesis, make_genesis, unique_chain_id
 from aitbc.miner.text import TEXT_PREFIX, is_text_model
-from aitbc.rpc import CHANNEL_OPTIONS
+from aitbc.rpc import CHANNEL_OPTIONS, port_in_use
 from aitbc.v1 import miner_pb2, miner_pb2_grpc
 from aitbc.wallet.access import DaemonFiles, listen_address
 
@@ -59,20 +59,6 @@ def _die_with_parent(parent: int) -> None:
         _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the supervisor died before prctl took effect
             os._exit(1)
-
-
-def port_in_use(listen: str) -> bool:
-    """True when something already listens on host:port (a bind test, closed at once)."""
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, int(port)))
-        except OSError:
-            return True
-    return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:

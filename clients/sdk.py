@@ -124,21 +124,22 @@ class CoordinatorClient:
         raise AssertionError("unreachable: the last failed attempt raises")  # pragma: no cover
 
     def submit_image(self, prompt: str, *, model: str = "tiny-sd", request_id: str = "",
-                     max_price_per_unit: int | None = None, **params: Any) -> job_pb2.Job:
+                     max_price_per_unit: int | None = None, webhook_url: str = "", **params: Any) -> job_pb2.Job:
         """Queue an image job; `params` are image_params()'s (steps, width, height, images, seed, ...)."""
-        return self._submit(model, image_params(prompt, **params), request_id, max_price_per_unit)
+        return self._submit(model, image_params(prompt, **params), request_id, max_price_per_unit, webhook_url)
 
     def submit_text(self, prompt: str, *, model: str, request_id: str = "", max_price_per_unit: int | None = None,
-                    **params: Any) -> job_pb2.Job:
+                    webhook_url: str = "", **params: Any) -> job_pb2.Job:
         """Queue a text job; `params` are text_params()'s (max_new_tokens, temperature, stop, ...)."""
-        return self._submit(model, text_params(prompt, **params), request_id, max_price_per_unit)
+        return self._submit(model, text_params(prompt, **params), request_id, max_price_per_unit, webhook_url)
 
     def submit(self, model: str, params: job_pb2.JobParams, *, request_id: str = "",
-               max_price_per_unit: int | None = None) -> job_pb2.Job:
+               max_price_per_unit: int | None = None, webhook_url: str = "") -> job_pb2.Job:
         """Queue a job from its parameters (image_params() or text_params()). Without a
         `request_id` the SDK makes one, so that a retry after a lost answer returns the job
-        already queued instead of queueing a second one."""
-        return self._submit(model, params, request_id, max_price_per_unit)
+        already queued instead of queueing a second one. `webhook_url`: where the job's end is
+        POSTed (docs/coordinator.md, "Webhooks"; the operator must allow it)."""
+        return self._submit(model, params, request_id, max_price_per_unit, webhook_url)
 
     def quote(self, model: str, params: job_pb2.JobParams, *,
               max_price_per_unit: int | None = None) -> coordinator_pb2.QuoteJobResponse:
@@ -148,9 +149,11 @@ class CoordinatorClient:
             req.max_price_per_unit = max_price_per_unit
         return self._unary(self._stub.QuoteJob, req)
 
-    def _submit(self, model: str, params: job_pb2.JobParams, request_id: str, max_price_per_unit: int | None) -> job_pb2.Job:
+    def _submit(self, model: str, params: job_pb2.JobParams, request_id: str, max_price_per_unit: int | None,
+                webhook_url: str = "") -> job_pb2.Job:
         # one request id for every attempt: what makes a retried SubmitJob safe (aitbc.clients.retry)
-        req = coordinator_pb2.SubmitJobRequest(model=model, params=params, request_id=request_id or new_request_id())
+        req = coordinator_pb2.SubmitJobRequest(model=model, params=params, request_id=request_id or new_request_id(),
+                                               webhook_url=webhook_url)
         if max_price_per_unit is not None:
             req.max_price_per_unit = max_price_per_unit
         return self._unary(self._stub.SubmitJob, req).job

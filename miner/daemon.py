@@ -24,6 +24,7 @@ import grpc
 from aitbc import aio, crypto, jobs, metrics, receipts, rpc, telemetry
 from aitbc.config import MinerConfig, write_port_file
 from aitbc.coordinator import register_digest
+from aitbc.errors import FailedPrecondition
 from aitbc.limits import Backoff
 from aitbc.miner.backend import (
     NULL_MODEL,
@@ -443,17 +444,20 @@ async def run_miner(config: MinerConfig) -> None:
     """Load models, serve the ops port, connect; until SIGINT/SIGTERM."""
     telemetry.setup("aitbc-miner")  # before any server or channel: the interceptors are chosen then
     rpc.configure_tls(config.tls_cert_file, config.tls_key_file, config.tls_ca_file, allow_insecure=config.allow_insecure)
+    if rpc.port_in_use(config.ops_listen):  # said before seconds of model loading, not after
+        raise FailedPrecondition(f"ops_listen {config.ops_listen} is already in use (a running devnet's miner, or "
+                                 "another miner?): set ops_listen in miner.toml to a free port, or 127.0.0.1:0")
     t0 = time.perf_counter()
     daemon = build_daemon(config)
-    print(f"miner {daemon.key.address}: loaded {', '.join(config.models)} on {daemon.device} "
-          f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    telemetry.announce(f"miner {daemon.key.address}: loaded {', '.join(config.models)} on {daemon.device} "
+                       f"in {time.perf_counter() - t0:.1f} s", logger="aitbc.miner")
     ops = await start_ops(daemon, config.ops_listen)
     host = config.ops_listen.rsplit(":", 1)[0]
-    print(f"miner ops (GetInfo) listening on {host}:{ops.port}; coordinator {config.coordinator}", flush=True)
+    telemetry.announce(f"miner ops (MinerOpsService) listening on {host}:{ops.port}; coordinator {config.coordinator}", logger="aitbc.miner")
     write_port_file(config.port_file, ops.port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.stop)
     await daemon.run()
-    print("miner stopping", flush=True)
+    telemetry.announce("miner stopping", logger="aitbc.miner")
     await ops.stop(1.0)

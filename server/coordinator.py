@@ -62,6 +62,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         job = await self.core.submit(
             client, request.model, request.params, request_id=request.request_id,
             max_price_per_unit=request.max_price_per_unit if request.HasField("max_price_per_unit") else None,
+            webhook_url=request.webhook_url,
         )
         telemetry.set_attributes(job_id=job.job_id, model=job.model, client_id=client)
         return coordinator_pb2.SubmitJobResponse(job=job)
@@ -277,7 +278,8 @@ async def start_coordinator(config: CoordinatorConfig, *, clock: Clock | None = 
                 miner_pb2.DESCRIPTOR.services_by_name["MinerGatewayService"].full_name),
     ], options=rpc.UPLOAD_SERVER_OPTIONS)
     proc = CoordinatorProcess(running, core, [asyncio.create_task(core.run_housekeeping()),
-                                              asyncio.create_task(_return_freed_memory())])
+                                              asyncio.create_task(_return_freed_memory()),
+                                              asyncio.create_task(core.webhooks.run())])
     if config.ledger:
         settlement = proc.settlement = Settlement(core.receipts, key, config.ledger, clock=core.time.monotonic)
         core.receipt_listeners.append(settlement.notify)
@@ -295,13 +297,13 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
     rpc.configure_tls(config.tls_cert_file, config.tls_key_file, config.tls_ca_file, allow_insecure=config.allow_insecure)
     proc = await start_coordinator(config)
     host = config.listen.rsplit(":", 1)[0]
-    print(f"coordinator listening on {host}:{proc.port} (attester {proc.core.key.address}, chain {config.chain_id}, "
-          f"settlement {'to ledger ' + config.ledger if config.ledger else 'disabled'})", flush=True)
+    telemetry.announce(f"coordinator listening on {host}:{proc.port} (attester {proc.core.key.address}, chain {config.chain_id}, "
+                       f"settlement {'to ledger ' + config.ledger if config.ledger else 'disabled'})", logger="aitbc.coordinator")
     write_port_file(config.port_file, proc.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    print("coordinator stopping", flush=True)
+    telemetry.announce("coordinator stopping", logger="aitbc.coordinator")
     await proc.stop()

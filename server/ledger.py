@@ -255,8 +255,8 @@ async def run_node(data_dir: str | Path, genesis_path: str | Path, key_path: str
         lock.close()
         raise
     role = f"authority {key.address}" if key else "follower"
-    print(f"ledger node listening on {rpc.host_of(listen)}:{server.port} (chain {genesis.chain_id}, {role}, "
-          f"head {node.chain.head.height})", flush=True)
+    telemetry.announce(f"ledger node listening on {rpc.host_of(listen)}:{server.port} (chain {genesis.chain_id}, {role}, "
+                       f"head {node.chain.head.height})", logger="aitbc.ledger")
     if port_file:
         tmp = Path(f"{port_file}.tmp")
         tmp.write_text(f"{server.port}\n")

@@ -200,8 +200,8 @@ async def run_wallet_daemon(conf: WalletConfig, stop: asyncio.Event | None = Non
     telemetry.setup("aitbc-wallet")  # before the server starts: its interceptors are chosen then
     rpc.configure_tls(conf.tls_cert_file, conf.tls_key_file, conf.tls_ca_file, allow_insecure=conf.allow_insecure)
     daemon = await start_wallet_daemon(conf)
-    print(f"wallet daemon listening on {daemon.address} (keystore {daemon.core.keystore.directory}, "
-          f"token {daemon.access.files.token}, ledger {conf.ledger or 'none'})", flush=True)
+    telemetry.announce(f"wallet daemon listening on {daemon.address} (keystore {daemon.core.keystore.directory}, "
+                       f"token {daemon.access.files.token}, ledger {conf.ledger or 'none'})", logger="aitbc.wallet")
     if conf.kdf_profile != "default":
         log.warning("kdf_profile=%s: new wallets use a KDF that is cheap to brute-force (tests only)",
                     conf.kdf_profile)
@@ -215,6 +215,6 @@ async def run_wallet_daemon(conf: WalletConfig, stop: asyncio.Event | None = Non
     try:
         await stop.wait()
     finally:
-        print("wallet daemon stopping", flush=True)
+        telemetry.announce("wallet daemon stopping", logger="aitbc.wallet")
         await stop_wallet_daemon(daemon)
     return 0

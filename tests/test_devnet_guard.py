@@ -90,3 +90,21 @@ def test_a_lost_stdout_does_not_stop_the_supervisor(tmp_path: Path) -> None:
     net = Devnet(tmp_path, log_to=out)
     net.say("devnet: miner exited")  # BrokenPipeError inside: silenced, not raised
     net.say("devnet: again")
+
+
+def test_a_miner_whose_ops_port_is_taken_says_so_before_loading_models(tmp_path: Path) -> None:
+    """The README's miner.toml beside a running devnet: a one-line error at once, no traceback after
+    seconds of model loading."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = f"127.0.0.1:{s.getsockname()[1]}"
+        conf = tmp_path / "miner.toml"
+        conf.write_text(f'coordinator = "127.0.0.1:1"\nops_listen = "{busy}"\nmodels = ["tiny-sd"]\n'
+                        f'key_file = "{tmp_path / "miner.key"}"\n')
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "aitbc.clients.cli", "miner", "--config", str(conf)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and f"ops_listen {busy} is already in use" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "loaded" not in r.stdout  # refused before any model loaded
+    assert time.monotonic() - t0 < 60

@@ -37,6 +37,7 @@ from aitbc.coordinator.store import JobStore
 from aitbc.coordinator.streams import JobStreams
 from aitbc.coordinator.uploads import Uploads
 from aitbc.coordinator.verification import Verifier
+from aitbc.coordinator.webhooks import Webhooks
 from aitbc.errors import (
     AitbcError,
     AlreadyExists,
@@ -99,6 +100,9 @@ class Coordinator:
                                  tolerance=config.verify_tolerance, trust_checks=config.trust_checks,
                                  trusted=frozenset(config.trusted_miners), load=self._find,
                                  record=lambda miner, passed: self._reputation(miner, "verification", passed),
+                                 now_ms=self.time.now_ms)
+        self.webhooks = Webhooks(store, config.clients, attempts=config.webhook_attempts,
+                                 max_age_s=config.webhook_max_age_s, timeout_s=config.webhook_timeout_s,
                                  now_ms=self.time.now_ms)
         self._reconciled_at = 0.0
         self._served_saved_at = 0.0
@@ -206,6 +210,7 @@ class Coordinator:
                 spent.inc(job.gpu_ms / 1000, model=job.model)
         self.streams.ended(job.job_id)
         self._log_finished(job)
+        self.webhooks.job_ended(job)
         if job.verify_of:
             self._flush()  # the verifier reads the runs from the store
             referee = self.verifier.run_ended(job)
@@ -328,25 +333,27 @@ class Coordinator:
         return self.registry.list_models()
 
     async def submit(self, client_id: str, model: str, params: job_pb2.JobParams, *, request_id: str = "",
-                     max_price_per_unit: int | None = None) -> job_pb2.Job:
+                     max_price_per_unit: int | None = None, webhook_url: str = "") -> job_pb2.Job:
         jobs.validate_request_id(request_id)
+        webhook_url = self.webhooks.job_url(client_id, webhook_url)
         asked = params
         params, cap = self._prepare(model, params, max_price_per_unit, check_served=not request_id)
         if request_id:
             existing = self.store.job_for_request(client_id, request_id)
             if existing is not None:
                 job = self.get(client_id, existing)
-                if not _same_request(job, model, asked, params):
+                if not _same_request(job, model, asked, params) or job.webhook_url != webhook_url:
                     raise AlreadyExists(
-                        f"request_id '{request_id}' was used for job {existing} with another model or other "
-                        "parameters; a new job needs a new request_id (resubmit the same request to get that job)")
+                        f"request_id '{request_id}' was used for job {existing} with another model, other "
+                        "parameters or another webhook_url; a new job needs a new request_id (resubmit the same "
+                        "request to get that job)")
                 return job
             self._check_served(model, params)
         now = self.time.now_ms()
         job = job_pb2.Job(
             job_id=jobs.new_job_id(), model=model, params=params, client_id=client_id,
             created_at_unix_ms=now, prompt_hash=jobs.prompt_hash(jobs.job_prompt(job_pb2.Job(params=params))),
-            request_id=request_id, traceparent=telemetry.current_traceparent(),
+            request_id=request_id, traceparent=telemetry.current_traceparent(), webhook_url=webhook_url,
         )
         if cap is not None:
             job.max_price_per_unit = cap

@@ -91,6 +91,10 @@ class JobStore(Protocol):
 
     def get_meta(self, key: str) -> bytes | None: ...
     def put_meta(self, key: str, value: bytes) -> None: ...
+    def delete_meta(self, key: str) -> None: ...
+    def meta_items(self, prefix: str) -> list[tuple[str, bytes]]:
+        """Meta entries whose key starts with prefix, in key order (the webhook outbox)."""
+        ...
     def reputation(self) -> ReputationStore: ...
     def close(self) -> None: ...
 
@@ -390,6 +394,22 @@ class LmdbJobStore:
         with self.env.begin(write=True) as txn:
             txn.put(key.encode(), value, db=self._meta)
 
+    def delete_meta(self, key: str) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.delete(key.encode(), db=self._meta)
+
+    def meta_items(self, prefix: str) -> list[tuple[str, bytes]]:
+        p = prefix.encode()
+        out = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._meta)
+            if cur.set_range(p):
+                for k, v in cur:
+                    if not bytes(k).startswith(p):
+                        break
+                    out.append((bytes(k).decode(), bytes(v)))
+        return out
+
 
 class MemoryJobStore:
     """The in-memory twin: same contract, nothing on disk (tests, and the core without I/O).
@@ -515,3 +535,9 @@ class MemoryJobStore:
 
     def put_meta(self, key: str, value: bytes) -> None:
         self._meta[key] = bytes(value)
+
+    def delete_meta(self, key: str) -> None:
+        self._meta.pop(key, None)
+
+    def meta_items(self, prefix: str) -> list[tuple[str, bytes]]:
+        return sorted((k, v) for k, v in self._meta.items() if k.startswith(prefix))

@@ -28,11 +28,16 @@ class SubmitJobRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     MAX_PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     request_id: _builtins.str
     """Optional client-chosen id (up to 64 characters); resubmitting it returns the same job."""
     max_price_per_unit: _builtins.int
     """Optional limit on the miner's price per unit."""
+    webhook_url: _builtins.str
+    """Optional URL that gets a signed POST when the job ends (docs/coordinator.md, "Webhooks"); it
+    must start with one of the prefixes the operator allows this client (PERMISSION_DENIED if not).
+    """
     @_builtins.property
     def params(self) -> _job_pb2.JobParams: ...
     def __init__(
@@ -42,10 +47,11 @@ class SubmitJobRequest(_message.Message):
         params: _job_pb2.JobParams | None = ...,
         request_id: _builtins.str = ...,
         max_price_per_unit: _builtins.int | None = ...,
+        webhook_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "model", b"model", "params", b"params", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "model", b"model", "params", b"params", "request_id", b"request_id", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_price_per_unit: _TypeAlias = _typing.Literal["max_price_per_unit"]  # noqa: Y015
     _WhichOneofArgType__max_price_per_unit: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit"]  # noqa: Y015

@@ -165,6 +165,15 @@ class JobStoreContract:
         assert store.reputation().get("ait1miner").jobs_served == 3
         assert [r.miner_id for r in store.reputation().all()] == ["ait1miner"]
 
+    def test_meta_entries_by_prefix_and_deleted(self, store: JobStore) -> None:
+        for k in ("webhook:b", "webhook:a", "webhooks", "other"):
+            store.put_meta(k, k.encode())
+        assert store.meta_items("webhook:") == [("webhook:a", b"webhook:a"), ("webhook:b", b"webhook:b")]
+        store.delete_meta("webhook:a")
+        store.delete_meta("webhook:none")  # nothing there: no error
+        store = self.reopen(store)
+        assert store.meta_items("webhook:") == [("webhook:b", b"webhook:b")] and store.get_meta("other") == b"other"
+
     def test_a_write_that_fails_half_way_writes_nothing(self, store: JobStore) -> None:
         store.write([job("a")])
         b = job("b", S.JOB_STATE_COMPLETED)

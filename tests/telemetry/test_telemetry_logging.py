@@ -80,3 +80,37 @@ def test_text_mode_keeps_the_usual_format() -> None:
         for h in saved:
             root.addHandler(h)
     assert stream.getvalue().rstrip().endswith("INFO aitbc.t: hello")
+
+
+def test_a_real_node_in_json_mode_writes_only_json_lines(tmp_path) -> None:
+    """AITBC_LOG_FORMAT=json: the banner on stdout ("... listening on ...") is a JSON line too,
+    so stdout and stderr together are JSON lines only (issue: JSON logs mixed plain lines)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from aitbc import crypto
+    from aitbc.ledger.genesis import make_genesis
+
+    root = Path(__file__).resolve().parents[2]
+    key = crypto.PrivateKey.generate()
+    (tmp_path / "k").write_text(key.secret.hex())
+    make_genesis("aitbc-json", [key.address], [key.address], block_time_ms=100).save(tmp_path / "g.json")
+    proc = subprocess.Popen([sys.executable, "-m", "aitbc.clients.cli", "node", "--data-dir", str(tmp_path / "d"),
+                             "--genesis", str(tmp_path / "g.json"), "--key", str(tmp_path / "k"), "--listen",
+                             "127.0.0.1:0", "--port-file", str(tmp_path / "port")], cwd=root, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "AITBC_LOG_FORMAT": "json", "PYTHONPATH": str(root)})
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "port").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    got = [json.loads(line) for line in out.splitlines() if line.strip()]  # every line parses
+    assert any(str(r["msg"]).startswith("ledger node listening on 127.0.0.1:") for r in got), out
