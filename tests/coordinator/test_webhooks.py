@@ -43,9 +43,16 @@ class Receiver:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
+            def do_GET(self) -> None:  # noqa: N802 - a followed redirect would arrive as one
+                outer.gets.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def log_message(self, *args: object) -> None:
                 pass
 
+        self.gets: list[str] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -162,8 +169,8 @@ async def test_the_outbox_survives_a_restart_and_a_dead_receiver_is_given_up_on(
 
 
 def test_a_redirect_is_not_followed():
-    """A receiver (or whoever took its address) answering 307 to an internal address gets a failed
-    delivery, never a POST to where it points."""
+    """A receiver (or whoever took its address) answering 302 to an internal address gets a failed
+    delivery, never a request to where it points (urllib alone would follow it as a GET)."""
     from aitbc.coordinator.webhooks import http_post
 
     target = Receiver()
@@ -173,7 +180,7 @@ def test_a_redirect_is_not_followed():
         class H(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                self.send_response(307)
+                self.send_response(302)  # urllib's default would follow it, as a GET
                 self.send_header("Location", target.url + "/internal")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -188,7 +195,7 @@ def test_a_redirect_is_not_followed():
         finally:
             srv.shutdown()
             srv.server_close()
-        assert status == 307 and target.posts == []
+        assert status == 302 and target.posts == [] and target.gets == []
     finally:
         target.close()
 
