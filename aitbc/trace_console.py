@@ -4,7 +4,7 @@ checks, GetHead probes, empty blocks) are left out. The OpenTelemetry SDK's Cons
 prints ~40 lines of JSON per span, which nobody reads in a terminal.
 
     16:05:01.204 4bf92f35 coordinator.dispatch 0.41 ms  job_id=0193... model=tiny-sd miner_id=ait1...
-    16:05:01.205 4bf92f35   aitbc.v1.MinerGatewayService/Work 1204.00 ms
+    16:05:01.205 4bf92f35   aitbc.v1.MinerService/Work 1204.00 ms
 """
 
 from __future__ import annotations

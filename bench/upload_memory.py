@@ -3,7 +3,7 @@
 send the result (THREAT-MODEL.md: a miner must not keep coordinator memory growing).
 
 A real coordinator process (so its RSS is its own) and hand-written miners in this process that
-speak the real MinerGatewayService protocol over gRPC: GetChallenge, Register with a fresh key, the Work
+speak the real MinerService protocol over gRPC: GetChallenge, Register with a fresh key, the Work
 stream, JobAccepted, then ArtifactChunk messages of 1 MiB. After its chunks each miner sends a
 message the coordinator must refuse (JobAccepted for a job it does not hold): the coordinator
 handles a stream in order, so that refusal means every chunk before it was handled. RSS is read
@@ -55,7 +55,7 @@ class HoardingMiner:
 
     def __init__(self, ch: object) -> None:
         self.key = crypto.PrivateKey.generate()
-        self.stub = miner_pb2_grpc.MinerGatewayServiceStub(ch)
+        self.stub = miner_pb2_grpc.MinerServiceStub(ch)
         self.outbox: asyncio.Queue[miner_pb2.WorkRequest | None] = asyncio.Queue(maxsize=4)
         self.rejected: list[str] = []  # reasons the coordinator gave (the barrier's excluded)
         self.call: object = None

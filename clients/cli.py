@@ -696,7 +696,7 @@ def cmd_devnet(args: argparse.Namespace) -> int:
         net.stop()  # whatever did start goes again
         return _fail(str(exc))
     print("devnet is up:")
-    print(f"  coordinator   {ep['coordinator']}   (CoordinatorService, MinerGatewayService, health, reflection)")
+    print(f"  coordinator   {ep['coordinator']}   (CoordinatorService, MinerService, health, reflection)")
     print(f"  miner ops     {ep['miner_ops']}   (MinerOpsService/GetInfo)")
     print(f"  ledger        {ep['ledger']}   (LedgerService; single authority, chain {ep['chain_id']})")
     print(f"  wallet        {ep['wallet']}   (WalletService; keystore in {ep['data_dir']}/wallets, "

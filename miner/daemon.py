@@ -148,7 +148,7 @@ class MinerDaemon:
 
     async def _session(self) -> None:
         async with channel(self.config.coordinator) as ch:
-            stub = miner_pb2_grpc.MinerGatewayServiceStub(ch)
+            stub = miner_pb2_grpc.MinerServiceStub(ch)
             ch_resp = await stub.GetChallenge(miner_pb2.GetChallengeRequest(), timeout=10)
             sig = self.key.sign(register_digest(ch_resp.challenge, self.key.pubkey))
             reg = await stub.Register(miner_pb2.RegisterRequest(

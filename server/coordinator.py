@@ -1,4 +1,4 @@
-"""gRPC servers of the coordinator: CoordinatorService (clients) and MinerGatewayService (miners).
+"""gRPC servers of the coordinator: CoordinatorService (clients) and MinerService (miners).
 
 Thin: parse, call aitbc.coordinator.Coordinator, map the result. Errors become statuses in
 aitbc.rpc.handle_errors.
@@ -163,7 +163,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.GenerateImageResponse(job=job, receipt=job.receipt, image=image)
 
 
-class MinerGatewayServicer(miner_pb2_grpc.MinerGatewayServiceServicer):
+class MinerGatewayServicer(miner_pb2_grpc.MinerServiceServicer):
     def __init__(self, core: Coordinator) -> None:
         self.core = core
 
@@ -274,8 +274,8 @@ async def start_coordinator(config: CoordinatorConfig, *, clock: Clock | None = 
     running = await start_server(config.listen, [
         Service(coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, CoordinatorServicer(core),
                 coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name),
-        Service(miner_pb2_grpc.add_MinerGatewayServiceServicer_to_server, MinerGatewayServicer(core),
-                miner_pb2.DESCRIPTOR.services_by_name["MinerGatewayService"].full_name),
+        Service(miner_pb2_grpc.add_MinerServiceServicer_to_server, MinerGatewayServicer(core),
+                miner_pb2.DESCRIPTOR.services_by_name["MinerService"].full_name),
     ], options=rpc.UPLOAD_SERVER_OPTIONS)
     proc = CoordinatorProcess(running, core, [asyncio.create_task(core.run_housekeeping()),
                                               asyncio.create_task(_return_freed_memory()),

@@ -25,8 +25,8 @@ if _version_not_supported:
     )
 
 
-class MinerGatewayServiceStub:
-    """MinerGatewayService is how miners join: served by the coordinator (and a pool hub). A miner
+class MinerServiceStub:
+    """MinerService is how miners join: served by the coordinator (and a pool hub). A miner
     takes a challenge, proves its key by signing it in Register, then keeps one Work stream open
     with its session token in the `x-miner-session` metadata.
     """
@@ -38,24 +38,24 @@ class MinerGatewayServiceStub:
             channel: A grpc.Channel.
         """
         self.GetChallenge = channel.unary_unary(
-                '/aitbc.v1.MinerGatewayService/GetChallenge',
+                '/aitbc.v1.MinerService/GetChallenge',
                 request_serializer=aitbc_dot_v1_dot_miner__pb2.GetChallengeRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_miner__pb2.GetChallengeResponse.FromString,
                 _registered_method=True)
         self.Register = channel.unary_unary(
-                '/aitbc.v1.MinerGatewayService/Register',
+                '/aitbc.v1.MinerService/Register',
                 request_serializer=aitbc_dot_v1_dot_miner__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_miner__pb2.RegisterResponse.FromString,
                 _registered_method=True)
         self.Work = channel.stream_stream(
-                '/aitbc.v1.MinerGatewayService/Work',
+                '/aitbc.v1.MinerService/Work',
                 request_serializer=aitbc_dot_v1_dot_miner__pb2.WorkRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_miner__pb2.WorkResponse.FromString,
                 _registered_method=True)
 
 
-class MinerGatewayServiceServicer:
-    """MinerGatewayService is how miners join: served by the coordinator (and a pool hub). A miner
+class MinerServiceServicer:
+    """MinerService is how miners join: served by the coordinator (and a pool hub). A miner
     takes a challenge, proves its key by signing it in Register, then keeps one Work stream open
     with its session token in the `x-miner-session` metadata.
     """
@@ -83,7 +83,7 @@ class MinerGatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_MinerGatewayServiceServicer_to_server(servicer, server):
+def add_MinerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetChallenge': grpc.unary_unary_rpc_method_handler(
                     servicer.GetChallenge,
@@ -102,14 +102,14 @@ def add_MinerGatewayServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'aitbc.v1.MinerGatewayService', rpc_method_handlers)
+            'aitbc.v1.MinerService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('aitbc.v1.MinerGatewayService', rpc_method_handlers)
+    server.add_registered_method_handlers('aitbc.v1.MinerService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class MinerGatewayService:
-    """MinerGatewayService is how miners join: served by the coordinator (and a pool hub). A miner
+class MinerService:
+    """MinerService is how miners join: served by the coordinator (and a pool hub). A miner
     takes a challenge, proves its key by signing it in Register, then keeps one Work stream open
     with its session token in the `x-miner-session` metadata.
     """
@@ -128,7 +128,7 @@ class MinerGatewayService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/aitbc.v1.MinerGatewayService/GetChallenge',
+            '/aitbc.v1.MinerService/GetChallenge',
             aitbc_dot_v1_dot_miner__pb2.GetChallengeRequest.SerializeToString,
             aitbc_dot_v1_dot_miner__pb2.GetChallengeResponse.FromString,
             options,
@@ -155,7 +155,7 @@ class MinerGatewayService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/aitbc.v1.MinerGatewayService/Register',
+            '/aitbc.v1.MinerService/Register',
             aitbc_dot_v1_dot_miner__pb2.RegisterRequest.SerializeToString,
             aitbc_dot_v1_dot_miner__pb2.RegisterResponse.FromString,
             options,
@@ -182,7 +182,7 @@ class MinerGatewayService:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/aitbc.v1.MinerGatewayService/Work',
+            '/aitbc.v1.MinerService/Work',
             aitbc_dot_v1_dot_miner__pb2.WorkRequest.SerializeToString,
             aitbc_dot_v1_dot_miner__pb2.WorkResponse.FromString,
             options,

@@ -26,8 +26,8 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
-class MinerGatewayServiceStub:
-    """MinerGatewayService is how miners join: served by the coordinator (and a pool hub). A miner
+class MinerServiceStub:
+    """MinerService is how miners join: served by the coordinator (and a pool hub). A miner
     takes a challenge, proves its key by signing it in Register, then keeps one Work stream open
     with its session token in the `x-miner-session` metadata.
     """
@@ -35,7 +35,7 @@ class MinerGatewayServiceStub:
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> MinerGatewayServiceAsyncStub: ...
+    def __new__(cls, channel: _aio.Channel) -> MinerServiceAsyncStub: ...
     GetChallenge: _grpc.UnaryUnaryMultiCallable[_miner_pb2.GetChallengeRequest, _miner_pb2.GetChallengeResponse]
     """GetChallenge returns a fresh one-time challenge for Register."""
     Register: _grpc.UnaryUnaryMultiCallable[_miner_pb2.RegisterRequest, _miner_pb2.RegisterResponse]
@@ -46,8 +46,8 @@ class MinerGatewayServiceStub:
     """
 
 @_typing.type_check_only
-class MinerGatewayServiceAsyncStub(MinerGatewayServiceStub):
-    """MinerGatewayService is how miners join: served by the coordinator (and a pool hub). A miner
+class MinerServiceAsyncStub(MinerServiceStub):
+    """MinerService is how miners join: served by the coordinator (and a pool hub). A miner
     takes a challenge, proves its key by signing it in Register, then keeps one Work stream open
     with its session token in the `x-miner-session` metadata.
     """
@@ -62,8 +62,8 @@ class MinerGatewayServiceAsyncStub(MinerGatewayServiceStub):
     result chunks, result with receipt and failures up.
     """
 
-class MinerGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
-    """MinerGatewayService is how miners join: served by the coordinator (and a pool hub). A miner
+class MinerServiceServicer(metaclass=_abc_1.ABCMeta):
+    """MinerService is how miners join: served by the coordinator (and a pool hub). A miner
     takes a challenge, proves its key by signing it in Register, then keeps one Work stream open
     with its session token in the `x-miner-session` metadata.
     """
@@ -94,7 +94,7 @@ class MinerGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         result chunks, result with receipt and failures up.
         """
 
-def add_MinerGatewayServiceServicer_to_server(servicer: MinerGatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_MinerServiceServicer_to_server(servicer: MinerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class MinerOpsServiceStub:
     """MinerOpsService is served by the miner daemon itself, on its ops port, for operators."""

@@ -231,7 +231,7 @@ async def test_silent_miner_loses_its_job_after_the_heartbeat_timeout(network_fa
     from aitbc.v1 import miner_pb2, miner_pb2_grpc
 
     net = await network_factory(heartbeat_timeout_s=1.0)
-    ms = miner_pb2_grpc.MinerGatewayServiceStub(net.channel())
+    ms = miner_pb2_grpc.MinerServiceStub(net.channel())
     key = crypto.PrivateKey.generate()
     ch = await ms.GetChallenge(miner_pb2.GetChallengeRequest())
     reg = await ms.Register(miner_pb2.RegisterRequest(

@@ -1,4 +1,4 @@
-"""MinerGatewayService on the coordinator: registration proofs and a miner that misbehaves on its stream."""
+"""MinerService on the coordinator: registration proofs and a miner that misbehaves on its stream."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class RawMiner:
     def __init__(self, net, key: crypto.PrivateKey | None = None) -> None:
         self.net = net
         self.key = key or crypto.PrivateKey.generate()
-        self.stub = miner_pb2_grpc.MinerGatewayServiceStub(net.channel())
+        self.stub = miner_pb2_grpc.MinerServiceStub(net.channel())
         self.outbox: asyncio.Queue = asyncio.Queue()
 
     async def register(self, models=("null",), **info) -> miner_pb2.RegisterResponse:
@@ -229,7 +229,7 @@ async def test_garbage_bytes_on_the_work_stream_end_only_that_session(net, null_
     job = await _assigned(net, m)
     # a raw call whose request bytes are not a WorkRequest
     ch = net.channel()
-    garbage = ch.stream_stream("/aitbc.v1.MinerGatewayService/Work", request_serializer=lambda b: b,
+    garbage = ch.stream_stream("/aitbc.v1.MinerService/Work", request_serializer=lambda b: b,
                                response_deserializer=lambda b: b)
     reg_key = crypto.PrivateKey.generate()
     c = await m.stub.GetChallenge(miner_pb2.GetChallengeRequest())
@@ -277,7 +277,7 @@ async def test_health_per_service_and_reflection(net) -> None:
 
     ch = net.channel()
     h = health_pb2_grpc.HealthStub(ch)
-    for name in ("", "aitbc.v1.CoordinatorService", "aitbc.v1.MinerGatewayService"):
+    for name in ("", "aitbc.v1.CoordinatorService", "aitbc.v1.MinerService"):
         resp = await h.Check(health_pb2.HealthCheckRequest(service=name))
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -288,7 +288,7 @@ async def test_health_per_service_and_reflection(net) -> None:
     names = set()
     async for resp in call:
         names = {s.name for s in resp.list_services_response.service}
-    assert {"aitbc.v1.CoordinatorService", "aitbc.v1.MinerGatewayService", "grpc.health.v1.Health"} <= names
+    assert {"aitbc.v1.CoordinatorService", "aitbc.v1.MinerService", "grpc.health.v1.Health"} <= names
     assert "aitbc.v1.MinerOpsService" not in names  # served by miner daemons, not here
     # a client request for a job list of the coordinator: unauthenticated calls stay refused
     with pytest.raises(grpc.aio.AioRpcError):

@@ -183,7 +183,7 @@ def test_devnet_submit_status_receipts_buf_curl_and_restart(tmp_path: Path) -> N
             out = subprocess.run([*base, "--list-methods", url], capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, out.stderr
             assert "aitbc.v1.CoordinatorService/SubmitJob" in out.stdout
-            assert "aitbc.v1.MinerGatewayService/Register" in out.stdout
+            assert "aitbc.v1.MinerService/Register" in out.stdout
             out = subprocess.run([*base, "-d", '{"service": "aitbc.v1.CoordinatorService"}',
                                   f"{url}/grpc.health.v1.Health/Check"], capture_output=True, text=True, timeout=60)
             assert json.loads(out.stdout)["status"] == "SERVING"

@@ -1,7 +1,7 @@
 """Fuzzing every RPC of every service with Hypothesis-generated messages and raw random bytes.
 
 One set of real servers runs for the whole module in a background thread with its own event loop:
-a single-authority ledger node, a coordinator (CoordinatorService + MinerGatewayService), a null-backend
+a single-authority ledger node, a coordinator (CoordinatorService + MinerService), a null-backend
 miner daemon (its ops port serves MinerOpsService/GetInfo) and a wallet daemon. Tests are synchronous
 Hypothesis tests that call the servers through plain sync gRPC channels with a per-call timeout,
 so a hang shows up as DEADLINE_EXCEEDED instead of a stuck test.
@@ -453,11 +453,11 @@ def test_fuzz_coordinator_job_queries(env: Env) -> None:
     env.check_alive_and_untouched()
 
 
-# ---- MinerGatewayService on the coordinator -------------------------------------------------------------------
+# ---- MinerService on the coordinator -------------------------------------------------------------------
 
 
-def miner_stub(env: Env, target: str = "coordinator") -> miner_pb2_grpc.MinerGatewayServiceStub:
-    return miner_pb2_grpc.MinerGatewayServiceStub(env.channels[target])
+def miner_stub(env: Env, target: str = "coordinator") -> miner_pb2_grpc.MinerServiceStub:
+    return miner_pb2_grpc.MinerServiceStub(env.channels[target])
 
 
 def miner_infos() -> st.SearchStrategy[miner_pb2.MinerInfo | None]:
@@ -728,7 +728,7 @@ def test_fuzz_wallet(env: Env) -> None:
 def test_fuzz_health_on_every_server(env: Env) -> None:
     @FUZZ
     @given(server=st.sampled_from(["coordinator", "miner_ops", "ledger", "wallet"]),
-           service=st.one_of(st.sampled_from(["", "aitbc.v1.CoordinatorService", "aitbc.v1.MinerGatewayService", "aitbc.v1.MinerOpsService",
+           service=st.one_of(st.sampled_from(["", "aitbc.v1.CoordinatorService", "aitbc.v1.MinerService", "aitbc.v1.MinerOpsService",
                                               "aitbc.v1.LedgerService", "aitbc.v1.WalletService", "grpc.health.v1.Health"]),
                              texts()))
     def run(server, service) -> None:
@@ -746,7 +746,7 @@ def test_fuzz_health_on_every_server(env: Env) -> None:
 
 SERVICES = {
     "coordinator": [coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"],
-                    miner_pb2.DESCRIPTOR.services_by_name["MinerGatewayService"]],
+                    miner_pb2.DESCRIPTOR.services_by_name["MinerService"]],
     "miner_ops": [miner_pb2.DESCRIPTOR.services_by_name["MinerOpsService"]],
     "ledger": [ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"]],
     "wallet": [wallet_pb2.DESCRIPTOR.services_by_name["WalletService"]],

@@ -379,7 +379,7 @@ async def test_a_miner_cannot_report_on_another_miners_job(net: Any) -> None:
 
 async def test_register_with_someone_elses_public_key_is_refused(net: Any) -> None:
     victim, mallory = key(40), key(41)
-    ms = miner_pb2_grpc.MinerGatewayServiceStub(net.channel())
+    ms = miner_pb2_grpc.MinerServiceStub(net.channel())
     info = miner_pb2.MinerInfo(models=["null"])
     cases = {
         "victim_key_own_signature": lambda ch: mallory.sign(register_digest(ch, victim.pubkey)),
@@ -520,9 +520,9 @@ async def test_oversized_messages_are_refused_and_every_server_keeps_serving(net
         huge = "x" * BIG
         cases = {
             "SubmitJob": coordinator_pb2_grpc.CoordinatorServiceStub(coord).SubmitJob(image_job(prompt=huge), metadata=MD),
-            "Register": miner_pb2_grpc.MinerGatewayServiceStub(coord).Register(miner_pb2.RegisterRequest(
+            "Register": miner_pb2_grpc.MinerServiceStub(coord).Register(miner_pb2.RegisterRequest(
                 public_key=b"\x02" * BIG)),
-            "Work": miner_pb2_grpc.MinerGatewayServiceStub(coord).Work(iter([miner_pb2.WorkRequest(
+            "Work": miner_pb2_grpc.MinerServiceStub(coord).Work(iter([miner_pb2.WorkRequest(
                 chunk=miner_pb2.ArtifactChunk(job_id="x", data=b"\x00" * BIG))]),
                 metadata=(("x-miner-session", session.session_token),)).read(),
             "BroadcastTransaction": ledger_pb2_grpc.LedgerServiceStub(led).BroadcastTransaction(
@@ -536,7 +536,7 @@ async def test_oversized_messages_are_refused_and_every_server_keeps_serving(net
         # every server still serves a valid call
         s = cstub(net)
         await s.ListModels(coordinator_pb2.ListModelsRequest(), metadata=MD)
-        await miner_pb2_grpc.MinerGatewayServiceStub(coord).GetChallenge(miner_pb2.GetChallengeRequest())
+        await miner_pb2_grpc.MinerServiceStub(coord).GetChallenge(miner_pb2.GetChallengeRequest())
         assert (await ledger.get_head()).chain_id == CHAIN
         made = await wallet_pb2_grpc.WalletServiceStub(wallet).CreateWallet(
             wallet_pb2.CreateWalletRequest(name="ok", passphrase="pw"))
@@ -680,7 +680,7 @@ async def test_registrations_that_never_connect_do_not_pin_memory(net: Any) -> N
     from aitbc.coordinator import SESSION_TTL_S
 
     channel = big_channel(net.address)
-    ms = miner_pb2_grpc.MinerGatewayServiceStub(channel)
+    ms = miner_pb2_grpc.MinerServiceStub(channel)
 
     async def register(info: Any) -> Any:
         k = crypto.PrivateKey.generate()

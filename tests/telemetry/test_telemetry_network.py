@@ -46,8 +46,8 @@ async def test_job_through_instrumented_coordinator_and_miner(network_factory, n
         assert server.context.trace_id == trace_id
         assert server.attributes["rpc.grpc.status_code"] == 0
     names = {x.name for x in spans if x.kind == SpanKind.SERVER}
-    assert {"aitbc.v1.MinerGatewayService/GetChallenge", "aitbc.v1.MinerGatewayService/Register",
-            "aitbc.v1.MinerGatewayService/Work"} <= names
+    assert {"aitbc.v1.MinerService/GetChallenge", "aitbc.v1.MinerService/Register",
+            "aitbc.v1.MinerService/Work"} <= names
 
     assert metrics.RPC_REQUESTS.value(service=COORD, method="SubmitJob", code="OK") == before + 1
     assert metrics.RPC_LATENCY.count(service=COORD, method="SubmitJob") >= 1
