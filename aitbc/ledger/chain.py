@@ -232,17 +232,27 @@ class Chain:
         """Record a verified certificate and that its block is the highest certified one; the block
         and its ancestors are final as soon as it is on the canonical chain (now, or after the
         switch to its branch: _advance_final)."""
-        writes: dict[bytes, bytes | None] = {CERT + block_hash: cert, CERTIFIED: _U64.pack(height) + block_hash}
-        final = height > self.final_height and self.hash_at(height) == block_hash
-        if final:
-            writes[FINAL] = _U64.pack(height)
-        for key, _ in self.store.scan(JUST):  # justifications at or below it can change nothing now
-            if _U64.unpack_from(key, len(JUST))[0] > height:
+        self.store_certificates([(height, block_hash, cert)])
+
+    def store_certificates(self, certs: list[tuple[int, bytes, bytes]]) -> None:
+        """Verified certificates (height, block hash, encoded), lowest first, in ONE commit: a
+        follower catching up gets one per block, and a commit each cost more than their checks."""
+        if not certs:
+            return
+        writes: dict[bytes, bytes | None] = {CERT + h: c for _, h, c in certs}
+        top_height, top_hash, _ = certs[-1]
+        writes[CERTIFIED] = _U64.pack(top_height) + top_hash
+        final = max((height for height, h, _ in certs if height > self.final_height and self.hash_at(height) == h),
+                    default=None)
+        if final is not None:
+            writes[FINAL] = _U64.pack(final)
+        for key, _ in self.store.scan(JUST):  # justifications at or below them can change nothing now
+            if _U64.unpack_from(key, len(JUST))[0] > top_height:
                 break
             writes[key] = None
         self.store.commit(writes)
-        if final:
-            self._set_final(height)
+        if final is not None:
+            self._set_final(final)
 
     def _advance_final(self) -> None:
         """After the head moved: the highest certified block became canonical -> it is final."""

@@ -752,7 +752,11 @@ class Node:
     def _certified(self, cp: finality.Checkpoint) -> None:
         cert = self.tally.certificate
         assert cert is not None
-        self.chain.store_certificate(cp.height, cp.hash, cert.encode())
+        self._store_certified([(cp.height, cp.hash, cert.encode())])
+
+    def _store_certified(self, formed: list[tuple[int, bytes, bytes]]) -> None:
+        self.chain.store_certificates(formed)
+        cp = finality.Checkpoint(formed[-1][0], formed[-1][1])
         self.tally.prune()
         self._saved_justified = {h for h in self._saved_justified if h in self.tally.justified_by}
         log.debug("block %d %s certified final by votes", cp.height, cp.hash.hex()[:16])
@@ -786,10 +790,26 @@ class Node:
 
     def receive_certificate(self, raw: bytes) -> None:
         """A block's certificate from a peer (catch-up, restart): verified before it counts."""
-        cert = finality.decode_certificate(raw)
-        done = self.tally.add_certificate(cert)
-        if done is not None:
-            self._certified(done)
+        for err in self.receive_certificates([raw]):
+            raise err
+
+    def receive_certificates(self, raws: Sequence[bytes]) -> list[AitbcError]:
+        """The certificates that came with a batch of blocks, each verified before it counts; those
+        that finalize are stored in one commit. Returns the refusals."""
+        formed: list[tuple[int, bytes, bytes]] = []
+        errors: list[AitbcError] = []
+        for raw in raws:
+            try:
+                done = self.tally.add_certificate(finality.decode_certificate(raw))
+            except AitbcError as exc:
+                errors.append(exc)
+                continue
+            if done is not None:
+                assert self.tally.certificate is not None
+                formed.append((done.height, done.hash, self.tally.certificate.encode()))
+        if formed:
+            self._store_certified(formed)
+        return errors
 
     @property
     def certified(self) -> finality.Checkpoint:
@@ -834,12 +854,9 @@ class Node:
                     last_ok = time.monotonic()
                     try:
                         await self.receive_blocks([b.raw for b in resp.blocks])
-                        for b in resp.blocks:
-                            if b.certificate:
-                                try:
-                                    self.receive_certificate(b.certificate)
-                                except AitbcError as exc:
-                                    log.warning("rejected a certificate from %s: %s", target, exc.message)
+                        certs = [b.certificate for b in resp.blocks if b.certificate]
+                        for exc in self.receive_certificates(certs):
+                            log.warning("rejected a certificate from %s: %s", target, exc.message)
                     except AitbcError as exc:
                         self.rejected_blocks += 1
                         self._peer_heads.pop(target, None)  # a peer whose blocks fail is no guide

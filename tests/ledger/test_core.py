@@ -320,6 +320,30 @@ def test_finality_comes_only_from_a_certificate():
     assert a.head == b.head and a.final_height == 1
 
 
+def test_a_batch_of_certificates_is_stored_in_one_commit():
+    """A follower catching up gets a certificate with every block: they are stored together (one
+    commit per batch, not per block: the commits were most of the catch-up time), every one kept
+    for serving, the highest canonical one final."""
+    g = genesis(3)
+    c = Chain(MemoryStore(), g)
+    for slot in range(3, 9):
+        c.build_block(AUTH[slot % 3], slot, _now(g, slot), [])
+    certs = []
+    for h in (1, 2, 3, 4):
+        cert = certify(Chain(c.store, g), g, h)  # a real certificate for each (stored on a scratch view)
+        certs.append((h, c.hash_at(h), cert))
+    fresh = MemoryStore()
+    fresh.commit(dict(kv for kv in c.store.scan(b"") if not kv[0].startswith((b"v1:cert", b"v1:final"))))
+    f = Chain(fresh, g)
+    assert f.final_height == 0
+    commits = []
+    real = fresh.commit
+    fresh.commit = lambda writes: (commits.append(len(writes)), real(writes))[1]  # type: ignore[method-assign]
+    f.store_certificates(certs)
+    assert len(commits) == 1 and f.final_height == 4 and f.certified() == (4, c.hash_at(4))
+    assert all(f.certificate(c.hash_at(h)) == cert for h, _, cert in certs)
+
+
 def test_data_folder_from_another_genesis_is_refused(tmp_path):
     from aitbc.ledger.store import LmdbStore
 
