@@ -1,6 +1,10 @@
-"""Deterministic keys, genesis and receipts for ledger tests."""
+"""Deterministic keys, genesis and receipts for ledger tests, and waiting on real nodes."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from aitbc import crypto
 from aitbc.ledger.genesis import Genesis, make_genesis
@@ -53,3 +57,17 @@ def certify(chain, g: Genesis, height: int) -> bytes:
     finality.verify_certificate(cert, g, block=src)
     chain.store_certificate(height, src.hash, cert.encode())
     return cert.encode()
+
+
+async def until(pred: Callable[[], Any], *, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll `pred` every 50 ms until it holds; fail naming `what` after `timeout` seconds."""
+    for _ in range(int(timeout / 0.05)):
+        if pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def addr(server: Any) -> str:
+    """The loopback address of a node's running server."""
+    return f"127.0.0.1:{server.port}"

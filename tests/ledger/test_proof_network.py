@@ -24,21 +24,9 @@ from aitbc.ledger.tx import make_mint
 from aitbc.server.ledger import start_node
 from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
 
-from .helpers import ALICE, AUTH, genesis, receipt
+from .helpers import ALICE, AUTH, addr, genesis, receipt, until
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def _until(pred, timeout=60.0, what="condition"):
-    for _ in range(int(timeout / 0.05)):
-        if pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _addr(server) -> str:
-    return f"127.0.0.1:{server.port}"
 
 
 async def test_receipt_proof_from_real_nodes_verifies_offline_and_tampering_is_refused(tmp_path, capsys):
@@ -51,10 +39,10 @@ async def test_receipt_proof_from_real_nodes_verifies_offline_and_tampering_is_r
     r = receipt(41)
     rh = r.receipt_hash
     try:
-        async with rpc.channel(_addr(first[1])) as ch:
+        async with rpc.channel(addr(first[1])) as ch:
             stub = ledger_pb2_grpc.LedgerServiceStub(ch)
             await stub.BroadcastTransaction(ledger_pb2.BroadcastTransactionRequest(raw=make_mint(ALICE, g.ref, 0, r)))
-            await _until(lambda: node.chain.receipt_minted(rh) is not None, what="the MINT in a block")
+            await until(lambda: node.chain.receipt_minted(rh) is not None, what="the MINT in a block")
             height = node.chain.receipt_minted(rh)[0]
             # one authority of four certifies nothing: no proof yet, and the message says what to wait for
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -70,15 +58,15 @@ async def test_receipt_proof_from_real_nodes_verifies_offline_and_tampering_is_r
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
             for k in AUTH[1:]:
-                running.append(await start_node(MemoryStore(), g, k, "127.0.0.1:0", peers=[_addr(first[1])]))
-            await _until(lambda: node.certified.height >= height, what="the MINT's block to be certified")
+                running.append(await start_node(MemoryStore(), g, k, "127.0.0.1:0", peers=[addr(first[1])]))
+            await until(lambda: node.certified.height >= height, what="the MINT's block to be certified")
             resp = await stub.GetReceiptProof(ledger_pb2.GetReceiptProofRequest(receipt_hash=rh.hex()))
         assert resp.block_height == height and resp.certified_height >= height
         # a follower that caught up later (certificates came with the blocks) serves a proof too
-        late = await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[_addr(running[1][1])])
+        late = await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[addr(running[1][1])])
         running.append(late)
-        await _until(lambda: late[0].certified.height >= height, what="the follower to verify certificates")
-        async with rpc.channel(_addr(late[1])) as ch:
+        await until(lambda: late[0].certified.height >= height, what="the follower to verify certificates")
+        async with rpc.channel(addr(late[1])) as ch:
             from_follower = await ledger_pb2_grpc.LedgerServiceStub(ch).GetReceiptProof(
                 ledger_pb2.GetReceiptProofRequest(receipt_hash=rh.hex()))
         assert verify_proof(from_follower.proof, g, rh).block_height == height
@@ -115,18 +103,18 @@ async def test_receipt_proof_from_real_nodes_verifies_offline_and_tampering_is_r
         rfile, pfile = tmp_path / "receipt.json", tmp_path / "receipt.proof"
         rfile.write_text(json.dumps(r.to_json_dict()))
         run = asyncio.get_running_loop().run_in_executor
-        addr = _addr(first[1])
-        assert await run(None, main, ["receipts", "proof", rh.hex(), "-o", str(pfile), "--node", addr]) == 0
+        node_addr = addr(first[1])
+        assert await run(None, main, ["receipts", "proof", rh.hex(), "-o", str(pfile), "--node", node_addr]) == 0
         assert "wrote " in capsys.readouterr().err and pfile.read_bytes().startswith(b"AITBC-RP")
         gfile = str(tmp_path / "genesis.json")
         assert await run(None, main, ["receipts", "verify", str(rfile), "--proof", str(pfile), "--genesis", gfile]) == 0
         out = capsys.readouterr().out
         assert "VALID receipt" in out and f"block {height} is final" in out and "checked offline against genesis" in out
         assert await run(None, main, ["receipts", "verify", str(rfile), "--proof", "--genesis", gfile,
-                                      "--node", addr]) == 0
-        assert f"from {addr}" in capsys.readouterr().out
+                                      "--node", node_addr]) == 0
+        assert f"from {node_addr}" in capsys.readouterr().out
         assert await run(None, main, ["receipts", "proof", str(rfile), "-o", str(tmp_path / "again.proof"),
-                                      "--node", addr]) == 0  # a receipt file instead of its hash
+                                      "--node", node_addr]) == 0  # a receipt file instead of its hash
         bad = tmp_path / "bad.proof"
         bad.write_bytes(tampered["two signers"][0].encode())
         assert await run(None, main, ["receipts", "verify", str(rfile), "--proof", str(bad), "--genesis", gfile]) == 1
@@ -134,7 +122,7 @@ async def test_receipt_proof_from_real_nodes_verifies_offline_and_tampering_is_r
         assert await run(None, main, ["receipts", "verify", str(rfile), "--proof", str(pfile)]) == 1
         assert "--proof needs --genesis" in capsys.readouterr().err
         assert await run(None, main, ["receipts", "proof", receipt(43).receipt_hash.hex(), "-o",
-                                      str(tmp_path / "none.proof"), "--node", addr]) == 1
+                                      str(tmp_path / "none.proof"), "--node", node_addr]) == 1
         assert "was never minted" in capsys.readouterr().err and not (tmp_path / "none.proof").exists()
     finally:
         for n, s in reversed(running):

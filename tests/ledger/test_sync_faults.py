@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 
 import pytest
 
@@ -14,17 +15,12 @@ from aitbc.ledger.store import MemoryStore
 from aitbc.server.ledger import start_node
 from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
 
-from .helpers import AUTH, genesis, key
+from .helpers import AUTH, genesis, key, until
 
 pytestmark = pytest.mark.timeout(90)
 
 
-async def _until(pred, timeout=20.0, what="condition"):
-    for _ in range(int(timeout / 0.05)):
-        if pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+_until = functools.partial(until, timeout=20.0)  # this file's default wait
 
 
 class EvilPeer(ledger_pb2_grpc.LedgerServiceServicer):

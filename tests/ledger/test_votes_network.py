@@ -17,21 +17,9 @@ from aitbc.ledger.store import MemoryStore
 from aitbc.server.ledger import start_node
 from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
 
-from .helpers import AUTH, BOB, genesis
+from .helpers import AUTH, BOB, addr, genesis, until
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def _until(pred, timeout=60.0, what="condition"):
-    for _ in range(int(timeout / 0.05)):
-        if pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _addr(server) -> str:
-    return f"127.0.0.1:{server.port}"
 
 
 async def test_four_authorities_certify_blocks_and_anyone_can_verify():
@@ -41,15 +29,15 @@ async def test_four_authorities_certify_blocks_and_anyone_can_verify():
     running = [first]
     try:
         for k, st in zip(AUTH[1:], stores[1:], strict=True):
-            running.append(await start_node(st, g, k, "127.0.0.1:0", peers=[_addr(first[1])]))
-        running.append(await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[_addr(first[1])]))
+            running.append(await start_node(st, g, k, "127.0.0.1:0", peers=[addr(first[1])]))
+        running.append(await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[addr(first[1])]))
         nodes = [n for n, _ in running]
-        await _until(lambda: min(n.certified.height for n in nodes) >= 4, what="certified blocks everywhere")
+        await until(lambda: min(n.certified.height for n in nodes) >= 4, what="certified blocks everywhere")
         # every node's certified block is on one chain, and each certificate verifies from the genesis alone
         for n in nodes:
             c = n.certified
             assert all(m.chain.hash_at(c.height) == c.hash for m in nodes if m.chain.head.height >= c.height)
-        async with rpc.channel(_addr(running[4][1])) as ch:
+        async with rpc.channel(addr(running[4][1])) as ch:
             stub = ledger_pb2_grpc.LedgerServiceStub(ch)
             head = await stub.GetHead(ledger_pb2.GetHeadRequest())
             assert head.certified_height >= 4 and head.certified_hash
@@ -83,12 +71,12 @@ async def test_four_authorities_certify_blocks_and_anyone_can_verify():
         await down_server.stop(0)
         nodes = [n for n, _ in running]
         c0 = max(n.certified.height for n in nodes)
-        await _until(lambda: min(n.certified.height for n in nodes) >= c0 + 4, what="certification with 3 of 4")
+        await until(lambda: min(n.certified.height for n in nodes) >= c0 + 4, what="certification with 3 of 4")
 
         # a follower joining late gets the certificates with the blocks it catches up with, and checks them
-        late = await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[_addr(running[1][1])])
+        late = await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[addr(running[1][1])])
         running.append(late)
-        await _until(lambda: late[0].certified.height >= c0, what="the late follower to verify certificates")
+        await until(lambda: late[0].certified.height >= c0, what="the late follower to verify certificates")
         got = late[0].chain.certificate(late[0].certified.hash)
         assert got is not None
         finality.verify_certificate(finality.decode_certificate(got), g, block=late[0].certified)
@@ -103,12 +91,12 @@ async def test_four_authorities_certify_blocks_and_anyone_can_verify():
         # the stopped authority restarts on its data: it remembers its certified block and its vote lock
         lock = stores[3].get(b"v1:vote:lock")
         assert lock is not None
-        back = await start_node(stores[3], g, AUTH[3], "127.0.0.1:0", peers=[_addr(running[0][1])])
+        back = await start_node(stores[3], g, AUTH[3], "127.0.0.1:0", peers=[addr(running[0][1])])
         running.append(back)
         assert back[0].certified.height >= 4 and (back[0].voter.last_target, back[0].voter.last_source) == \
             back[0].chain.vote_lock()
         c1 = max(n.certified.height for n, _ in running)
-        await _until(lambda: back[0].certified.height >= c1 + 2, what="the restarted authority to certify again")
+        await until(lambda: back[0].certified.height >= c1 + 2, what="the restarted authority to certify again")
     finally:
         for n, s in reversed(running):
             await n.stop()
@@ -125,10 +113,10 @@ async def test_a_byzantine_voter_is_convicted_on_chain_and_finality_goes_on():
     running = [first]
     try:
         for k in AUTH[1:3]:
-            running.append(await start_node(MemoryStore(), g, k, "127.0.0.1:0", peers=[_addr(first[1])]))
-        running.append(await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[_addr(first[1])]))
+            running.append(await start_node(MemoryStore(), g, k, "127.0.0.1:0", peers=[addr(first[1])]))
+        running.append(await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[addr(first[1])]))
         nodes = [n for n, _ in running]
-        await _until(lambda: min(n.certified.height for n in nodes) >= 3, what="certification by 3 of 4")
+        await until(lambda: min(n.certified.height for n in nodes) >= 3, what="certification by 3 of 4")
         chain = nodes[0].chain
         c = nodes[0].certified
         tgt_h = chain.head.height
@@ -136,13 +124,13 @@ async def test_a_byzantine_voter_is_convicted_on_chain_and_finality_goes_on():
         v1 = finality.make_vote(AUTH[3], g, finality.Checkpoint(c.height, c.hash), tgt)
         v2 = finality.make_vote(AUTH[3], g, finality.Checkpoint(c.height - 1, chain.hash_at(c.height - 1)), tgt)
         for (_, server), vote in ((running[0], v1), (running[2], v2)):
-            async with rpc.channel(_addr(server)) as ch:
+            async with rpc.channel(addr(server)) as ch:
                 res = await ledger_pb2_grpc.LedgerServiceStub(ch).SubmitVotes(
                     ledger_pb2.SubmitVotesRequest(votes=[vote.encode()]))
                 assert res.results[0].accepted or res.results[0].code == "FAILED_PRECONDITION"  # may be stale
         culprit = v1.voter
-        await _until(lambda: all(culprit in n.tally.ignored for n in nodes), what="everyone to ignore the culprit")
-        async with rpc.channel(_addr(running[3][1])) as ch:
+        await until(lambda: all(culprit in n.tally.ignored for n in nodes), what="everyone to ignore the culprit")
+        async with rpc.channel(addr(running[3][1])) as ch:
             stub = ledger_pb2_grpc.LedgerServiceStub(ch)
             acct = await stub.GetAccount(ledger_pb2.GetAccountRequest(address=AUTH[3].address))
             assert acct.evidence_height > 0
@@ -154,7 +142,7 @@ async def test_a_byzantine_voter_is_convicted_on_chain_and_finality_goes_on():
                                    finality.Checkpoint(chain.head.height, chain.head.hash))
         assert "ignored" in nodes[1].submit_votes([fresh.encode()])[0].message
         c0 = max(n.certified.height for n in nodes)
-        await _until(lambda: min(n.certified.height for n in nodes) >= c0 + 3, what="certification after evidence")
+        await until(lambda: min(n.certified.height for n in nodes) >= c0 + 3, what="certification after evidence")
         top = min(n.certified.height for n in nodes)
         assert len({n.chain.hash_at(top) for n in nodes}) == 1
     finally:
@@ -181,7 +169,7 @@ async def test_a_caller_sending_invalid_votes_is_refused_and_others_are_not():
         honest = finality.make_vote(AUTH[1], g, src, tgt)
         forged = finality.Vote(honest.chain_id, honest.genesis_hash, src, tgt, honest.voter,
                                BOB.sign(honest.digest())).encode()
-        async with rpc.channel(_addr(server)) as ch:
+        async with rpc.channel(addr(server)) as ch:
             stub = ledger_pb2_grpc.LedgerServiceStub(ch)
             spent, refused, t0 = 0, None, time.monotonic()
             for _ in range(12):  # the bucket refills while batches are checked: spend until refused
@@ -241,8 +229,8 @@ async def test_a_byzantine_proposer_signs_two_blocks_for_its_slot_and_votes_for_
 
     try:
         for k in AUTH[1:3]:
-            running.append(await start_node(MemoryStore(), g, k, "127.0.0.1:0", peers=[_addr(first[1])]))
-        running.append(await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[_addr(first[1])]))
+            running.append(await start_node(MemoryStore(), g, k, "127.0.0.1:0", peers=[addr(first[1])]))
+        running.append(await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[addr(first[1])]))
         nodes = [n for n, _ in running]
         await until_safe(lambda: min(n.certified.height for n in nodes) >= 3, "certification by 3 of 4")
         # wait for a slot of AUTH[3] (which nobody honest fills), a little into it
@@ -303,9 +291,9 @@ async def test_a_lone_authority_killed_right_after_locking_a_vote_votes_again_af
     store = DiesAfterLocking()
     n, s = await start_node(store, g, AUTH[0], "127.0.0.1:0")
     try:
-        await _until(lambda: n.certified.height >= 5, what="certification")
+        await until(lambda: n.certified.height >= 5, what="certification")
         store.armed = True
-        await _until(lambda: store.dead, what="the next vote lock")
+        await until(lambda: store.dead, what="the next vote lock")
     finally:
         await n.stop()
         await s.stop(0)
@@ -316,7 +304,7 @@ async def test_a_lone_authority_killed_right_after_locking_a_vote_votes_again_af
     assert lock_source > certified  # the state that stalled a restarted authority
     n, s = await start_node(disk, g, AUTH[0], "127.0.0.1:0")
     try:
-        await _until(lambda: n.certified.height >= lock_source + 2, timeout=20, what="certification after the restart")
+        await until(lambda: n.certified.height >= lock_source + 2, timeout=20, what="certification after the restart")
     finally:
         await n.stop()
         await s.stop(0)
