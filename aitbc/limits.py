@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 
 class TokenBucket:
@@ -39,6 +40,12 @@ class TokenBucket:
         return self.tokens >= self.burst
 
 
+def jittered_wait(failures: int, base_s: float, cap_s: float, rng: random.Random | Any = random) -> float:
+    """Full jitter: the wait after `failures` failures in a row (0: the first) is drawn uniformly
+    from [0, min(cap_s, base_s * 2^failures)]. The one formula every retry loop uses."""
+    return rng.uniform(0, min(cap_s, base_s * 2 ** min(failures, 62)))
+
+
 class Backoff:
     """Exponential backoff with full jitter: the n-th wait in a row (n from 0) is drawn uniformly
     from [0, min(cap_s, base_s * 2^n)], so many processes that lost the same server (every miner of
@@ -57,7 +64,7 @@ class Backoff:
 
     def next(self) -> float:
         """The wait before the next attempt; each call counts one more failure in a row."""
-        wait = self.rng.uniform(0, self.ceiling())
+        wait = jittered_wait(self.failures, self.base_s, self.cap_s, self.rng)
         self.failures += 1
         return wait
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aitbc.errors import InvalidArgument
+from aitbc.limits import jittered_wait
 
 TRANSIENT = frozenset({"UNAVAILABLE"})  # retried whatever the call: nothing happened, or it is safe to ask again
 TRANSIENT_IF_IDEMPOTENT = frozenset({"DEADLINE_EXCEEDED"})  # the call may have run: only calls safe to repeat
@@ -46,8 +47,7 @@ class RetryPolicy:
 
     def delay(self, retry: int, rng: random.Random | None = None, *, retry_after_s: float | None = None) -> float:
         """The wait before retry number `retry` (0 for the first retry)."""
-        ceiling = min(self.cap_s, self.base_s * 2 ** min(retry, 32))
-        wait = (rng or random).uniform(0, ceiling)
+        wait = jittered_wait(retry, self.base_s, self.cap_s, rng or random)
         return max(wait, retry_after_s) if retry_after_s is not None else wait
 
     def next_wait(self, retry: int, elapsed_s: float, code: str, *, idempotent: bool,

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable
 
 from aitbc import aio, crypto, errors, telemetry
 from aitbc.coordinator.receipt_book import ReceiptBook
-from aitbc.limits import Backoff
+from aitbc.limits import Backoff, jittered_wait
 from aitbc.v1 import receipt_pb2
 from aitbc.wire import receipt_from_proto
 
@@ -160,7 +159,7 @@ class Settlement:
             self.book.settled(rec, St.SETTLEMENT_STATE_REJECTED, error=exc.message, attempts=attempts)
             log.error("ledger refused MINT of receipt %s: %s", rec.receipt_hash, exc.message)
         except errors.AitbcError as exc:  # mempool full, nonce contention: retry with backoff
-            self._retry_at[rec.receipt_hash] = self.clock() + random.uniform(0, min(2.0 ** attempts, self.max_backoff_s))
+            self._retry_at[rec.receipt_hash] = self.clock() + jittered_wait(attempts, 1.0, self.max_backoff_s)
             self.book.settled(rec, s.state, error=exc.message, attempts=attempts)
         else:
             self.book.settled(rec, St.SETTLEMENT_STATE_SUBMITTED, error="", tx_hash=st.tx_hash, attempts=attempts)

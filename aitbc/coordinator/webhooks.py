@@ -31,6 +31,7 @@ from aitbc import aio, jobs, metrics
 from aitbc.config import ClientKey
 from aitbc.coordinator.store import JobStore
 from aitbc.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from aitbc.limits import jittered_wait
 from aitbc.v1 import job_pb2
 
 log = logging.getLogger("aitbc.coordinator.webhooks")
@@ -189,7 +190,7 @@ class Webhooks:
         if ev.attempts >= self.attempts or now - ev.ended_ms >= self.max_age_ms:
             self._drop(ev, f"{why} after {ev.attempts} attempt(s)")
             return False
-        ev.next_ms = now + int(1000 * self.rng.uniform(0, min(RETRY_CAP_S, FIRST_RETRY_S * 2 ** (ev.attempts - 1))))
+        ev.next_ms = now + int(1000 * jittered_wait(ev.attempts - 1, FIRST_RETRY_S, RETRY_CAP_S, self.rng))
         self.store.put_meta(PREFIX + ev.event_id, json.dumps(asdict(ev)).encode())
         metrics.WEBHOOK_DELIVERIES.inc(outcome="retry")
         log.info("webhook %s to %s: %s; trying again in %.1f s", ev.event_id, ev.url, why, (ev.next_ms - now) / 1000)
