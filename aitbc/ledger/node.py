@@ -513,10 +513,8 @@ class Node:
             voter = finality.evidence_voter(evidence)
         except AitbcError as exc:
             return exc
-        seen = self.chain.store.get(state.evid_key(voter))
-        if seen is None:
-            return None
-        return AlreadyExists(f"evidence already recorded: in block {int.from_bytes(seen[:8], 'big')}")
+        seen = state.evidence_height(self.chain.store.get, voter)
+        return None if seen is None else AlreadyExists(f"evidence already recorded: in block {seen}")
 
     def _mint_credit(self, tx: Tx) -> int | None:
         """What a MINT adds to its provider's balance (the mempool refuses an overflow at admission)."""
@@ -765,7 +763,7 @@ class Node:
         """Evidence on the canonical chain (state v1:evid:): that authority's votes count no more.
         Ignoring stays even if a reorg drops the block: the evidence is valid on any branch."""
         for aid in self.chain.authority_ids:
-            if aid not in self.tally.ignored and self.chain.store.get(state.evid_key(aid)) is not None:
+            if aid not in self.tally.ignored and state.evidence_height(self.chain.store.get, aid) is not None:
                 log.warning("evidence against authority %s is on chain: ignoring its votes",
                             bech32.encode(crypto.ADDRESS_HRP, aid))
                 self.tally.ignore(aid)

@@ -41,6 +41,12 @@ def evid_key(account_id: bytes) -> bytes:
     return EVID + account_id
 
 
+def evidence_height(read: Reader, account_id: bytes) -> int | None:
+    """The height of the block that recorded evidence against this authority, or None."""
+    seen = read(evid_key(account_id))
+    return None if seen is None else struct.unpack_from(">Q", seen)[0]
+
+
 def encode_account(balance: int, nonce: int) -> bytes:
     return _ACCT.pack(balance, nonce)
 
@@ -113,9 +119,9 @@ def apply_tx(read: Reader, tx: Tx, genesis: Genesis, height: int) -> dict[bytes,
         return writes
     if tx.kind == KIND_EVIDENCE:
         voter = finality.evidence_voter(tx.evidence)
-        if (seen := read(evid_key(voter))) is not None:
+        if (seen := evidence_height(read, voter)) is not None:
             raise AlreadyExists(f"evidence already recorded: against {bech32.encode(crypto.ADDRESS_HRP, voter)} in block "
-                                f"{struct.unpack_from('>Q', seen)[0]}")
+                                f"{seen}")
         return {acct_key(tx.sender_id): encode_account(balance, nonce + 1),
                 evid_key(voter): struct.pack(">Q32s", height, tx.hash)}
     assert tx.kind == KIND_MINT and tx.receipt is not None
