@@ -656,7 +656,7 @@ async def _receipt_status(node: str, receipt_hash: str, chain_id: str) -> Any:
         if head.chain_id != chain_id:
             raise FailedPrecondition(f"the ledger at {node} runs chain {head.chain_id!r}; the receipt is for chain "
                                      f"{chain_id!r}: ask a node of that chain")
-        await check_genesis(lc, node, *expected_genesis(node))
+        await check_genesis(lc, node, *expected_genesis(node), head=head)
         return await lc.get_receipt_status(receipt_hash)
 
 

@@ -61,12 +61,13 @@ def expected_genesis(explicit: str | None) -> tuple[str, str]:
     return (gh, f"the devnet in {aitbc_home() / 'devnet'}") if gh else ("", "")
 
 
-async def check_genesis(client: Any, target: str, expected: str, source: str) -> None:
+async def check_genesis(client: Any, target: str, expected: str, source: str, head: Any = None) -> None:
     """Refuse a ledger that runs another genesis than the expected one (another devnet, or any node
-    that happens to listen on that address): its answers would be about another chain."""
+    that happens to listen on that address): its answers would be about another chain. `head`: the
+    node's GetHead when the caller already has it."""
     if not expected:
         return
-    head = await client.get_head()
+    head = head or await client.get_head()
     if head.genesis_hash != expected:
         raise FailedPrecondition(
             f"the ledger at {target} runs genesis {head.genesis_hash[:16]}... (chain {head.chain_id!r}), not "
@@ -198,15 +199,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 async def _with_core(args: argparse.Namespace, fn: Any) -> Any:
-    from aitbc.ledger.client import LedgerClient
-
-    target = resolve_ledger(args.ledger)
-    expected, source = expected_genesis(args.ledger)
-    if expected:
-        async with LedgerClient(target) as c:
-            await check_genesis(c, target, expected, source)
     core = _core(args, ledger=True)
-    try:
+    try:  # on the core's own ledger connection
+        await check_genesis(core.ledger, resolve_ledger(args.ledger), *expected_genesis(args.ledger))
         return await fn(core)
     finally:
         await core.close()
