@@ -37,7 +37,7 @@ STREAM_BATCH_BYTES = 4 * 1024 * 1024
 RELAY_METADATA = ("x-aitbc-relay", "1")
 RELAY_CHUNK = 5000
 RELAY_QUEUE_BATCHES = 64
-VERIFY_IN_THREAD_MIN = 16
+VERIFY_IN_THREAD_MIN = 16  # batches at least this big verify signatures off the event loop
 MAX_ANNOUNCED_PEERS = 32  # peers learned from announcements or exchange (configured ones are never counted)
 MAX_PEER_CANDIDATES = 16  # announced addresses waiting for their genesis check; more are ignored
 PEER_FAILED_MEMORY = 1024  # addresses that failed the check, not dialed again for a while
@@ -48,11 +48,11 @@ PEER_EXCHANGE_S = 5.0
 PEER_HEAD_TTL_S = 5.0
 MAX_PENDING_VOTES = 1024  # valid votes for blocks not imported yet, retried after each import
 MAX_VOTE_BATCH = 1024
-VOTE_REFRESH_MIN_S = 0.5
+VOTE_REFRESH_MIN_S = 0.5  # shortest pause between two refreshes of the votes while finality stalls
 INVALID_VOTES_PER_S = 10.0  # invalid votes a caller may send per second (after a burst), see submit_votes
 INVALID_VOTES_BURST = 2 * MAX_VOTE_BATCH
-MAX_VOTE_CALLERS = 4096  # callers whose invalid votes are counted at once  # shortest pause between two refreshes of the votes while finality stalls
-MULTI_AUTHORITY_TXS_PER_S = 4000  # own-block budget with several authorities (see _block_tx_budget)  # announced peers are dialed back; bound how many  # batches at least this big verify signatures off the event loop
+MAX_VOTE_CALLERS = 4096  # callers whose invalid votes are counted at once
+MULTI_AUTHORITY_TXS_PER_S = 4000  # own-block budget with several authorities (see _block_tx_budget)
 
 
 def _check_one(tx: Tx, genesis) -> AitbcError | None:  # type: ignore[no-untyped-def]
