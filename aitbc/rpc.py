@@ -191,12 +191,12 @@ def error_from_code(code: str, message: str, *, retry_after_s: float | None = No
 def error_from_rpc(exc: grpc.RpcError) -> AitbcError:
     """What a failed call (sync or grpc.aio) raised on the server, rebuilt on the client: the
     AitbcError subclass whose `code` is the call's status, with the server's message (the status
-    name when it sent none) and, for RESOURCE_EXHAUSTED, `retry_after_s` from the retry-after-ms
-    trailer that abort() sets. Use it as `raise error_from_rpc(exc) from None`."""
+    name when it sent none) and, for RESOURCE_EXHAUSTED, `retry_after_s`: the delay the server
+    asked for (retry_delay_s). Use it as `raise error_from_rpc(exc) from None`."""
     code = exc.code() if callable(getattr(exc, "code", None)) else None
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     message = (exc.details() if callable(getattr(exc, "details", None)) else None) or name
-    retry = _retry_after_s(exc) if name == ResourceExhausted.code else None
+    retry = retry_delay_s(exc) if name == ResourceExhausted.code else None
     return error_from_code(name, message, retry_after_s=retry)
 
 
