@@ -115,9 +115,10 @@ def queue_line(q: job_pb2.QueueInfo, elapsed_s: float) -> str:
            f"waiting {elapsed_s:.0f} s, {eta}"
 
 
-def _out_path(base: str, index: int, count: int) -> Path:
+def _out_path(base: str, index: int, count: int, suffix: str = ".png") -> Path:
+    """File `index` of `count` written to `base`: base itself for one, else base-1, base-2 ..."""
     p = Path(base)
-    return p if count == 1 else p.with_name(f"{p.stem}-{index + 1}{p.suffix or '.png'}")
+    return p if count == 1 else p.with_name(f"{p.stem}-{index + 1}{p.suffix or suffix}")
 
 
 def run_image_job(client: Any, args: argparse.Namespace, *, out: str) -> int:
@@ -497,10 +498,8 @@ def cmd_receipts(args: argparse.Namespace) -> int:
         else:
             recs, _ = client.receipts(page_size=args.limit)
     if args.output:
-        base = Path(args.output)
-        paths = [base] if len(recs) == 1 else [base.with_name(f"{base.stem}-{i + 1}{base.suffix or '.json'}")
-                                               for i in range(len(recs))]
-        for r, path in zip(recs, paths, strict=True):
+        for i, r in enumerate(recs):
+            path = _out_path(args.output, i, len(recs), ".json")
             path.write_text(json.dumps(receipt_json(r), indent=2) + "\n")
             print(f"wrote {path} (receipt of job {r.body.job_id})", file=sys.stderr)
     elif args.json:
