@@ -221,13 +221,21 @@ class MinerDaemon:
 
     def _start_job(self, assignment: miner_pb2.Assignment) -> None:
         job = assignment.task
-        if job.job_id in self.running:
-            return
+        earlier = self.running.get(job.job_id)
+        if earlier is not None and not earlier.cancel.is_set():
+            return  # this very run is under way
+        # An earlier run of the job that was abandoned (the stream to the coordinator dropped and the
+        # coordinator gave the job back to this miner on the new stream) may still be winding down on
+        # its worker thread: the new run starts once it has ended, instead of being dropped, which left
+        # the coordinator waiting for the stall timeout on a job nobody ran.
         rj = RunningJob(job)
         self.running[job.job_id] = rj
-        rj.task = asyncio.create_task(self._run_job(rj, assignment))
+        rj.task = asyncio.create_task(self._run_job(rj, assignment, earlier.task if earlier is not None else None))
 
-    async def _run_job(self, rj: RunningJob, assignment: miner_pb2.Assignment) -> None:
+    async def _run_job(self, rj: RunningJob, assignment: miner_pb2.Assignment,
+                       after: asyncio.Task[None] | None = None) -> None:
+        if after is not None:
+            await asyncio.wait({after})  # never raises, and cancelling this run leaves the earlier one be
         # one span per job, joined to the client's trace through the dispatch span's traceparent
         # (the Work stream carries many jobs, so the context travels in the Assignment, not metadata)
         with telemetry.span("miner.job", parent=assignment.traceparent or None, job_id=rj.job.job_id,
@@ -289,7 +297,8 @@ class MinerDaemon:
             self._send(miner_pb2.WorkRequest(failed=miner_pb2.JobFailed(
                 job_id=job_id, reason=f"{exc.__class__.__name__}: {exc}"[:500], permanent=False)))
         finally:
-            self.running.pop(job_id, None)
+            if self.running.get(job_id) is rj:  # not a later run of the same job that waits for this one
+                del self.running[job_id]
 
     async def _generate_image(self, rj: RunningJob, backend: Any) -> tuple[list[tuple[bytes, job_pb2.Artifact]], dict[str, Any], dict[str, Any]]:
         job_id, p = rj.job.job_id, rj.job.params.image
