@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aitbc import crypto, jobs
-from aitbc.errors import AitbcError, InvalidArgument
+from aitbc.errors import AitbcError, CryptoError, InvalidArgument
 
 T = TypeVar("T")
 
@@ -34,8 +34,16 @@ class ClientKey:
     webhook_url: str = ""
     webhook_url_prefixes: list[str] = field(default_factory=list)
     webhook_secret: str = ""  # the HMAC-SHA256 key both sides hold (16 characters at least)
+    # the client's chain address (ait1...): its escrow for this coordinator pays its paid jobs
+    # (docs/economy.md); "": the client submits free jobs only
+    address: str = ""
 
     def __post_init__(self) -> None:
+        if self.address:
+            try:
+                crypto.validate_address(self.address)
+            except CryptoError as exc:
+                raise InvalidArgument(f"client {self.id!r}: address: {exc.message}") from None
         if not isinstance(self.operator, bool):
             raise InvalidArgument(f"client {self.id!r}: operator must be true or false (got {self.operator!r})")
         for url in (self.webhook_url, *self.webhook_url_prefixes):
@@ -128,12 +136,14 @@ class CoordinatorConfig(TlsConfig):
     # retried at most, and each POST's timeout
     webhook_attempts: int = 12
     webhook_max_age_s: float = 24 * 3600.0
+    quote_ttl_s: float = 300.0  # how long a signed quote is accepted by SubmitJob (docs/economy.md)
     webhook_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         """Refuse, at start, values the coordinator would trip over later."""
         _within("webhook_attempts", self.webhook_attempts, 1, 1000)
         _within("webhook_max_age_s", self.webhook_max_age_s, 1.0, float("inf"))
+        _within("quote_ttl_s", self.quote_ttl_s, 1.0, 24 * 3600.0)
         _within("webhook_timeout_s", self.webhook_timeout_s, 0.1, 60.0)
         _within("default_max_price_per_unit", self.default_max_price_per_unit, 0, float("inf"))
         _within("verify_rate", self.verify_rate, 0.0, 1.0)

@@ -127,7 +127,8 @@ def run_image_job(client: Any, args: argparse.Namespace, *, out: str) -> int:
 
     t0 = time.monotonic()
     job = client.submit(args.model, job_params(args, text=False), request_id=args.request_id or "",
-                        max_price_per_unit=args.max_price, webhook_url=getattr(args, "webhook_url", "") or "")
+                        max_price_per_unit=args.max_price, webhook_url=getattr(args, "webhook_url", "") or "",
+                        **_payment(args))
     progress = Progress()
     progress.state(job)
     if getattr(args, "no_wait", False):
@@ -197,7 +198,8 @@ def run_text_job(client: Any, args: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     job = client.submit(args.model, job_params(args, text=True), request_id=args.request_id or "",
-                        max_price_per_unit=args.max_price, webhook_url=getattr(args, "webhook_url", "") or "")
+                        max_price_per_unit=args.max_price, webhook_url=getattr(args, "webhook_url", "") or "",
+                        **_payment(args))
     progress = Progress()
     progress.state(job)
     if args.no_wait:
@@ -373,14 +375,57 @@ def print_quote(q: Any) -> None:
         print(f"cap:          {q.max_price_per_unit} per unit: the job never costs more than {q.max_cost}")
     for mnr in q.miners:
         print(f"  miner {mnr.miner_id}  {mnr.price_per_unit} per unit  cost {mnr.cost}  {mnr.device_class or '-'}")
+    if q.quote:
+        from aitbc.clients.sdk import signed_quote
+
+        b = signed_quote(q).body  # type: ignore[union-attr]
+        left = max(0, (b.expires_at - int(time.time() * 1000)) // 1000)
+        print(f"quote:        {b.quote_id}: total {b.total} = {b.units} x {b.price_per_unit} + priority fee "
+              f"{b.priority_fee}, charged exactly on success, valid {left} s")
+        print(f"escrow free:  {q.escrow_available}" + ("" if q.escrow_available >= b.total else
+              f"  (less than the quote: aitbc escrow deposit {b.total - q.escrow_available})"))
+    elif q.no_quote_reason:
+        print(f"no quote:     {q.no_quote_reason}")
+
+
+def _payment(args: argparse.Namespace) -> dict[str, Any]:
+    """submit's --quote FILE / --fee N as SDK arguments (a free job without either)."""
+    from aitbc.quotes import SignedQuote
+
+    if getattr(args, "quote_file", None) and getattr(args, "fee", None) is not None:
+        raise InvalidArgument("give --quote FILE or --fee N, not both (the quote states its priority fee)")
+    if getattr(args, "quote_file", None):
+        try:
+            raw = Path(args.quote_file).read_bytes()
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read quote {args.quote_file}: {exc.strerror}") from None
+        return {"quote": SignedQuote.loads(raw)}
+    if getattr(args, "fee", None) is not None:
+        if args.fee < 0:
+            raise InvalidArgument(f"--fee must be 0 or more, got {args.fee}")
+        return {"priority_fee": args.fee}
+    return {}
+
+
+def cmd_quote(args: argparse.Namespace) -> int:
+    """What a job would cost, and a signed quote to submit it with (-o FILE)."""
+    from aitbc.clients.sdk import signed_quote
+
+    if args.priority_fee is not None and args.priority_fee < 0:
+        raise InvalidArgument(f"--priority-fee must be 0 or more, got {args.priority_fee}")
+    with _client(args) as client:
+        q = client.quote(args.model, job_params(args, text=_is_text_job(client, args)),
+                         max_price_per_unit=args.max_price, priority_fee=args.priority_fee)
+    print_quote(q)
+    sq = signed_quote(q)
+    if sq is not None and args.output:
+        Path(args.output).write_text(sq.dumps())
+        print(f"wrote {args.output}: submit with `aitbc submit ... --quote {args.output}` (same prompt and options)")
+    return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        if args.quote:  # a dry run: what it would cost, nothing queued
-            print_quote(client.quote(args.model, job_params(args, text=_is_text_job(client, args)),
-                                     max_price_per_unit=args.max_price))
-            return 0
         if _is_text_job(client, args):
             return run_text_job(client, args)
         return run_image_job(client, args, out=args.output or "out.png")
@@ -810,6 +855,15 @@ def _add_image_args(p: argparse.ArgumentParser, *, prompt_default: str | None = 
                    "out.receipt.json)")
 
 
+def _add_text_args(p: argparse.ArgumentParser) -> None:
+    t = p.add_argument_group("text jobs (a text model such as tiny-llama)")
+    t.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens to generate, 1-{jobs.MAX_NEW_TOKENS} (default {jobs.DEFAULT_MAX_NEW_TOKENS})")
+    t.add_argument("--temperature", type=float, default=None, help=f"0 (greedy) to {jobs.MAX_TEMPERATURE:g} (default {jobs.DEFAULT_TEMPERATURE})")
+    t.add_argument("--top-p", type=float, default=None, help="nucleus sampling, (0, 1] (default 1)")
+    t.add_argument("--top-k", type=int, default=None, help=f"0 (off) to {jobs.MAX_TOP_K}")
+    t.add_argument("--stop", action="append", help=f"stop before this text (repeatable, at most {jobs.MAX_STOP})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aitbc", description="AITBC: AI compute network (client, miner, coordinator, devnet)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -838,17 +892,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit a job: an image (progress, PNG, receipt) or text (tokens as they come)")
     _add_image_args(p)
     p.set_defaults(output=None)
-    t = p.add_argument_group("text jobs (a text model such as tiny-llama)")
-    t.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens to generate, 1-{jobs.MAX_NEW_TOKENS} (default {jobs.DEFAULT_MAX_NEW_TOKENS})")
-    t.add_argument("--temperature", type=float, default=None, help=f"0 (greedy) to {jobs.MAX_TEMPERATURE:g} (default {jobs.DEFAULT_TEMPERATURE})")
-    t.add_argument("--top-p", type=float, default=None, help="nucleus sampling, (0, 1] (default 1)")
-    t.add_argument("--top-k", type=int, default=None, help=f"0 (off) to {jobs.MAX_TOP_K}")
-    t.add_argument("--stop", action="append", help=f"stop before this text (repeatable, at most {jobs.MAX_STOP})")
+    _add_text_args(p)
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    p.add_argument("--quote", action="store_true", help="print what the job would cost (units, price, miners) "
-                   "and queue nothing")
+    p.add_argument("--quote", dest="quote_file", metavar="FILE", help="pay the job with this signed quote "
+                   "(aitbc quote ... -o FILE): charged exactly its total from your escrow")
+    p.add_argument("--fee", type=int, default=None, metavar="N", help="pay the job from your escrow with this "
+                   "priority fee on top of the miner's price (quoted at submit); jobs with fees run first")
     _add_conn(p)
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("quote", help="what a job would cost (units, price, miners), and a signed quote to submit it "
+                       "with; queues nothing")
+    _add_image_args(p)
+    _add_text_args(p)
+    p._option_string_actions["-o"].help = "write the signed quote here (submit it with aitbc submit ... --quote FILE)"
+    p.add_argument("--priority-fee", type=int, default=None, metavar="N",
+                   help="a fee on top of the miner's price, for a place ahead of cheaper jobs")
+    _add_conn(p)
+    p.set_defaults(func=cmd_quote, output=None)
 
     p = sub.add_parser("models", help="models served by connected miners")
     _add_conn(p)

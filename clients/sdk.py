@@ -17,6 +17,7 @@ import grpc
 from aitbc import jobs, rpc, telemetry
 from aitbc.clients.retry import RetryPolicy
 from aitbc.errors import AitbcError, DataLoss, InvalidArgument
+from aitbc.quotes import QuoteBody, SignedQuote
 from aitbc.rpc import open_sync_channel
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, receipt_pb2
 from aitbc.wire import receipt_from_proto
@@ -39,6 +40,13 @@ _CLIENT_ERRORS: dict[type[AitbcError], type[ClientError]] = {
     for cls in rpc.STATUS_ERRORS.values()
 }
 
+
+
+def signed_quote(response: coordinator_pb2.QuoteJobResponse) -> SignedQuote | None:
+    """The signed quote in a QuoteJob answer (None when there is none: see no_quote_reason)."""
+    if not response.quote:
+        return None
+    return SignedQuote(QuoteBody.from_canonical(response.quote), response.quote_signature)
 
 def client_error(err: AitbcError) -> ClientError:
     """`err` (one of aitbc.rpc.STATUS_ERRORS' classes) as the ClientError of its status."""
@@ -134,28 +142,40 @@ class CoordinatorClient:
         return self._submit(model, text_params(prompt, **params), request_id, max_price_per_unit, webhook_url)
 
     def submit(self, model: str, params: job_pb2.JobParams, *, request_id: str = "",
-               max_price_per_unit: int | None = None, webhook_url: str = "") -> job_pb2.Job:
+               max_price_per_unit: int | None = None, webhook_url: str = "", quote: SignedQuote | None = None,
+               priority_fee: int | None = None) -> job_pb2.Job:
         """Queue a job from its parameters (image_params() or text_params()). Without a
         `request_id` the SDK makes one, so that a retry after a lost answer returns the job
         already queued instead of queueing a second one. `webhook_url`: where the job's end is
-        POSTed (docs/coordinator.md, "Webhooks"; the operator must allow it)."""
-        return self._submit(model, params, request_id, max_price_per_unit, webhook_url)
+        POSTed (docs/coordinator.md, "Webhooks"; the operator must allow it). A paid job
+        (docs/economy.md): `quote` (from quote().signed) is charged exactly, or `priority_fee`
+        makes the coordinator quote the job at submit; either is paid from the client's escrow."""
+        return self._submit(model, params, request_id, max_price_per_unit, webhook_url, quote=quote,
+                            priority_fee=priority_fee)
 
-    def quote(self, model: str, params: job_pb2.JobParams, *,
-              max_price_per_unit: int | None = None) -> coordinator_pb2.QuoteJobResponse:
-        """What the job would cost (units, price, cost, qualifying miners), without queueing it."""
+    def quote(self, model: str, params: job_pb2.JobParams, *, max_price_per_unit: int | None = None,
+              priority_fee: int | None = None) -> coordinator_pb2.QuoteJobResponse:
+        """What the job would cost (units, price, cost, qualifying miners), without queueing it; with
+        a signed quote (`signed_quote(response)`) when this API key can pay from escrow."""
         req = coordinator_pb2.QuoteJobRequest(model=model, params=params)
         if max_price_per_unit is not None:
             req.max_price_per_unit = max_price_per_unit
+        if priority_fee is not None:
+            req.priority_fee = priority_fee
         return self._unary(self._stub.QuoteJob, req)
 
     def _submit(self, model: str, params: job_pb2.JobParams, request_id: str, max_price_per_unit: int | None,
-                webhook_url: str = "") -> job_pb2.Job:
+                webhook_url: str = "", *, quote: SignedQuote | None = None,
+                priority_fee: int | None = None) -> job_pb2.Job:
         # one request id for every attempt: what makes a retried SubmitJob safe (aitbc.clients.retry)
         req = coordinator_pb2.SubmitJobRequest(model=model, params=params, request_id=request_id or new_request_id(),
                                                webhook_url=webhook_url)
         if max_price_per_unit is not None:
             req.max_price_per_unit = max_price_per_unit
+        if quote is not None:
+            req.quote, req.quote_signature = quote.body.canonical_bytes(), quote.signature
+        if priority_fee is not None:
+            req.priority_fee = priority_fee
         return self._unary(self._stub.SubmitJob, req).job
 
     def list_models(self) -> list[Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from aitbc import crypto, jobs, rpc, telemetry
+from aitbc import crypto, jobs, quotes, rpc, telemetry
 from aitbc.config import CoordinatorConfig, expand, write_port_file
 from aitbc.coordinator import Coordinator
 from aitbc.coordinator.clock import Clock
@@ -59,19 +59,26 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @handle_errors
     async def SubmitJob(self, request: coordinator_pb2.SubmitJobRequest, context: Any) -> coordinator_pb2.SubmitJobResponse:
         client = self._client(context)
+        quote = None
+        if request.quote or request.quote_signature:
+            if len(request.quote_signature) != 65:
+                raise InvalidArgument("quote_signature must be the 65 bytes QuoteJob returned with the quote")
+            quote = quotes.SignedQuote(quotes.QuoteBody.from_canonical(request.quote), request.quote_signature)
         job = await self.core.submit(
             client, request.model, request.params, request_id=request.request_id,
             max_price_per_unit=request.max_price_per_unit if request.HasField("max_price_per_unit") else None,
-            webhook_url=request.webhook_url,
+            webhook_url=request.webhook_url, quote=quote,
+            priority_fee=request.priority_fee if request.HasField("priority_fee") else None,
         )
         telemetry.set_attributes(job_id=job.job_id, model=job.model, client_id=client)
         return coordinator_pb2.SubmitJobResponse(job=job)
 
     @handle_errors
     async def QuoteJob(self, request: coordinator_pb2.QuoteJobRequest, context: Any) -> coordinator_pb2.QuoteJobResponse:
-        self._client(context)
-        return self.core.quote(request.model, request.params, request.max_price_per_unit
-                               if request.HasField("max_price_per_unit") else None)
+        client = self._client(context)
+        return await self.core.quote(request.model, request.params, request.max_price_per_unit
+                                     if request.HasField("max_price_per_unit") else None,
+                                     client_id=client, priority_fee=request.priority_fee)
 
     @handle_errors
     async def GetJob(self, request: coordinator_pb2.GetJobRequest, context: Any) -> coordinator_pb2.GetJobResponse:
@@ -283,6 +290,7 @@ async def start_coordinator(config: CoordinatorConfig, *, clock: Clock | None = 
     if config.ledger:
         settlement = proc.settlement = Settlement(core.receipts, key, config.ledger, clock=core.time.monotonic)
         core.receipt_listeners.append(settlement.notify)
+        core.chain = settlement.ledger  # paid jobs read escrow and the genesis hash from the same node
         running.names.append(SETTLEMENT_HEALTH)  # stop() reports it NOT_SERVING with the rest
         await running.set_serving(SETTLEMENT_HEALTH, False)  # until the first pass reaches the ledger
         settlement.readiness_listeners.append(

@@ -24,8 +24,9 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import BinaryIO
 
-from aitbc import crypto, jobs, metrics, receipts, telemetry
+from aitbc import crypto, jobs, metrics, quotes, receipts, telemetry
 from aitbc.config import ClientKey, CoordinatorConfig, expand
+from aitbc.coordinator import fees
 from aitbc.coordinator import machine as m
 from aitbc.coordinator.auth import ClientAuth
 from aitbc.coordinator.checks import Expected, check_result, token_bounds
@@ -63,6 +64,8 @@ COLLECT_BATCH = 500  # artifacts deleted per pass at most: a pass never stalls t
 COLLECT_HOLD_MS = 60_000  # an expired artifact a held receipt still needs is looked at again this much later
 REPUTATION_STEP = 0.01
 SERVED_META = "served_models"  # the models served lately (MinerRegistry.served_record), kept across restarts
+QUOTE_META = "quote:"  # quote id -> "job id expires_at": each quote pays for one job (pruned once expired)
+QUOTE_PRUNE_S = 60.0
 SERVED_SAVE_S = 10.0  # while miners are connected, how often that record is refreshed (a kill -9 loses less)
 
 
@@ -96,6 +99,11 @@ class Coordinator:
         self.book = ReputationBook(store.reputation(), policy=ReputationPolicy(
             quarantine_after=config.quarantine_after, probation_checks=config.probation_checks))
         self.receipts = ReceiptBook(store, settles=bool(config.ledger))
+        # paid jobs (docs/economy.md): what is reserved of each client's escrow, and the ledger
+        # that holds the escrow (set by the server when a ledger is configured; None: free jobs only)
+        self.reservations = fees.Reservations()
+        self.chain: fees.EscrowSource | None = None
+        self.receipts.closed_listeners.append(lambda rec: self.reservations.release(rec.body.job_id))
         self.verifier = Verifier(store, self.receipts, self.book, rate=config.verify_rate,
                                  tolerance=config.verify_tolerance, trust_checks=config.trust_checks,
                                  trusted=frozenset(config.trusted_miners), load=self._find,
@@ -106,6 +114,7 @@ class Coordinator:
                                  now_ms=self.time.now_ms)
         self._reconciled_at = 0.0
         self._served_saved_at = 0.0
+        self._quotes_pruned_at = 0.0
         self._collect_at = 0.0  # next artifact garbage collection (monotonic)
         self._pending: list[m.Event] = []  # follow-up events raised while executing instructions
         self._queue_seen: dict[str, job_pb2.QueueInfo] = {}  # what watchers of queued jobs were last told
@@ -203,6 +212,8 @@ class Coordinator:
             self.uploads.drop(job.job_id)  # unfinished upload for it is deleted (a result's was taken)
         if to not in jobs.TERMINAL:
             return
+        if to != S.JOB_STATE_COMPLETED and job.fee:  # not charged: a completed job's reservation ends with
+            self.reservations.release(job.job_id)  # its SETTLE (final or refused: ReceiptBook.closed_listeners)
         if to == S.JOB_STATE_COMPLETED and not job.shard_job_ids:  # a split job's shards count themselves
             metrics.JOB_DURATION.observe(max(0, self.time.now_ms() - job.created_at_unix_ms) / 1000, model=job.model)
             if job.gpu_ms:
@@ -314,6 +325,11 @@ class Coordinator:
             events.append(m.Restore(job, finished, exclude, device))
         self._run(*events, m.CheckSplitJobs(), dispatch=False)
         self._run(*self.verifier.reconcile_held(), dispatch=False)
+        # reservations: paid jobs still active, and paid jobs whose SETTLE is not final yet
+        owed = [j for j in restored if j.quote]
+        owed += [j for j in (self.store.get_job(r.body.job_id) for r in self.store.unsettled_receipts()
+                             if r.settlement.fee) if j is not None and j.quote]
+        self.reservations.restore(c for c in map(fees.charge_of, owed) if c is not None)
         if restored:
             log.info("restored %d active jobs into the queue", len(restored))
 
@@ -333,20 +349,28 @@ class Coordinator:
         return self.registry.list_models()
 
     async def submit(self, client_id: str, model: str, params: job_pb2.JobParams, *, request_id: str = "",
-                     max_price_per_unit: int | None = None, webhook_url: str = "") -> job_pb2.Job:
+                     max_price_per_unit: int | None = None, webhook_url: str = "",
+                     quote: quotes.SignedQuote | None = None, priority_fee: int | None = None) -> job_pb2.Job:
         jobs.validate_request_id(request_id)
         webhook_url = self.webhooks.job_url(client_id, webhook_url)
+        paid = quote is not None or priority_fee is not None
+        if quote is not None and priority_fee is not None:
+            raise InvalidArgument("give a quote or a priority_fee, not both (the quote states its priority fee)")
+        # a paid job reads the client's escrow first: the only wait, so everything after it (the
+        # request id's check, the reservation, the queueing) happens in one step of the event loop
+        escrow = await self._escrow(client_id) if paid else None
         asked = params
         params, cap = self._prepare(model, params, max_price_per_unit, check_served=not request_id)
         if request_id:
             existing = self.store.job_for_request(client_id, request_id)
             if existing is not None:
                 job = self.get(client_id, existing)
-                if not _same_request(job, model, asked, params) or job.webhook_url != webhook_url:
+                if not _same_request(job, model, asked, params) or job.webhook_url != webhook_url or (
+                        quote is not None and job.quote != quote.body.canonical_bytes()) or (paid != bool(job.quote)):
                     raise AlreadyExists(
                         f"request_id '{request_id}' was used for job {existing} with another model, other "
-                        "parameters or another webhook_url; a new job needs a new request_id (resubmit the same "
-                        "request to get that job)")
+                        "parameters, another webhook_url or another quote; a new job needs a new request_id "
+                        "(resubmit the same request to get that job)")
                 return job
             self._check_served(model, params)
         now = self.time.now_ms()
@@ -357,25 +381,108 @@ class Coordinator:
         )
         if cap is not None:
             job.max_price_per_unit = cap
+        charge = None
+        if escrow is not None:
+            charge = self._charge(job, escrow, quote, priority_fee or 0)
         self._placeable(job)
         telemetry.set_attributes(job_id=job.job_id, model=model)
-        self._run(m.Submit(job, tuple(self._shards_for(job))))
+        try:  # a paid job is never split: its one receipt settles its one quote
+            self._run(m.Submit(job, () if charge is not None else tuple(self._shards_for(job))))
+        except Exception:
+            if charge is not None:
+                self.reservations.release(job.job_id)
+            raise
+        if charge is not None:
+            quote_id = json.loads(job.quote)["quote_id"]
+            self.store.put_meta(QUOTE_META + quote_id, f"{job.job_id} {json.loads(job.quote)['expires_at']}".encode())
         return self._client_view(job, queue=False)  # GetJob / WatchJob say where it stands: not the hot path
 
-    def quote(self, model: str, params: job_pb2.JobParams,
-              max_price_per_unit: int | None = None) -> coordinator_pb2.QuoteJobResponse:
+    # ---- paid jobs (aitbc.coordinator.fees) --------------------------------------------------------
+
+    async def _escrow(self, client_id: str) -> tuple[str, bytes, int]:
+        """(client address, genesis hash, the escrow's available amount) for a paid job or quote."""
+        client = self.clients.get(client_id)
+        if client is None or not client.address:
+            raise FailedPrecondition(f"client {client_id} has no chain address: paid jobs are charged to an escrow, so "
+                                     "the operator sets `address` in this client's [[clients]] entry of coordinator.toml")
+        if self.chain is None:
+            raise FailedPrecondition("this coordinator has no ledger (`ledger` in coordinator.toml): it takes free jobs "
+                                     "only")
+        try:
+            ref = await self.chain.chain_ref()
+            available = await self.chain.escrow_available(client.address, self.key.address)
+        except AitbcError as exc:
+            if isinstance(exc, InvalidArgument | PermissionDenied | FailedPrecondition):
+                raise
+            from aitbc.errors import Unavailable
+
+            raise Unavailable(f"cannot read the escrow of {client.address} on the ledger: {exc.message}") from None
+        if ref.chain_id != self.config.chain_id:
+            raise FailedPrecondition(f"the ledger runs chain {ref.chain_id}, this coordinator attests for "
+                                     f"{self.config.chain_id}: fix chain_id or ledger in coordinator.toml")
+        return client.address, ref.genesis_hash, available
+
+    def _charge(self, job: job_pb2.Job, escrow: tuple[str, bytes, int], quote: quotes.SignedQuote | None,
+                priority_fee: int) -> fees.Charge:
+        """Bind a paid job to its quote (the client's, checked; or one made now) and reserve its total."""
+        address, genesis_hash, available = escrow
+        units, unit_type = self._units(job.params)
+        now = self.time.now_ms()
+        if quote is None:
+            price, reason = self._price_now(job)
+            if reason:
+                raise FailedPrecondition(f"cannot quote a paid job now: {reason}")
+            quote = fees.new_quote(self.key, chain_id=self.config.chain_id, genesis_hash=genesis_hash,
+                                   client_id=job.client_id, client_address=address, model=job.model,
+                                   prompt_hash=job.prompt_hash, unit_type=unit_type, units=units, price_per_unit=price,
+                                   priority_fee=priority_fee, expires_at=now + int(self.config.quote_ttl_s * 1000))
+        else:
+            fees.check_quote(quote, attester=self.key.address, chain_id=self.config.chain_id,
+                             genesis_hash=genesis_hash, client_id=job.client_id, client_address=address,
+                             model=job.model, prompt_hash=job.prompt_hash, unit_type=unit_type, units=units,
+                             now_ms=now)
+        used = self.store.get_meta(QUOTE_META + quote.body.quote_id)
+        if used is not None:
+            raise AlreadyExists(f"quote {quote.body.quote_id} was used for job {used.decode().split()[0]}: each quote "
+                                "pays for one job (ask for a new quote)")
+        b = quote.body
+        job.quote, job.quote_signature, job.fee = b.canonical_bytes(), quote.signature, b.total
+        job.max_price_per_unit = min(job.max_price_per_unit, b.price_per_unit) if job.HasField(
+            "max_price_per_unit") else b.price_per_unit  # only miners at or below the quoted price
+        charge = fees.Charge(job.job_id, address, b.total, b.hash().hex(), b.units)
+        self.reservations.reserve(charge, available)
+        return charge
+
+    def _units(self, params: job_pb2.JobParams) -> tuple[int, str]:
+        prompt_most = token_bounds(params.text, "")[0] if jobs.job_kind(params) == jobs.TEXT else 0
+        return fees.quote_units(params, prompt_most)
+
+    def _price_now(self, job: job_pb2.Job) -> tuple[int, str]:
+        """The price per unit of the miner that would get the job now, or (0, why none would)."""
+        views = self.machine.idle_views()
+        pick = choose(views, self.machine.needs(job), 0)
+        if isinstance(pick, Unplaceable):
+            return 0, pick.reason
+        return next(v.price_per_unit for v in views if v.miner_id == pick.miner_id), ""
+
+    async def quote(self, model: str, params: job_pb2.JobParams, max_price_per_unit: int | None = None, *,
+                    client_id: str = "", priority_fee: int = 0) -> coordinator_pb2.QuoteJobResponse:
         """What a job would cost, without queueing it: the same validation as SubmitJob, its units
-        from its parameters (docs/receipts.md, "Units"), and the miners that would qualify now."""
+        from its parameters (docs/receipts.md, "Units"), and the miners that would qualify now; and,
+        for a client with a chain address, a signed quote SubmitJob accepts until it expires."""
+        escrow: tuple[str, bytes, int] | None = None
+        no_quote = ""
+        try:
+            escrow = await self._escrow(client_id)
+        except AitbcError as exc:
+            no_quote = exc.message
         params, cap = self._prepare(model, params, max_price_per_unit)
-        job = job_pb2.Job(model=model, params=params)
+        job = job_pb2.Job(model=model, params=params, client_id=client_id,
+                          prompt_hash=jobs.prompt_hash(jobs.job_prompt(job_pb2.Job(params=params))))
         if cap is not None:
             job.max_price_per_unit = cap
-        if jobs.job_kind(params) == jobs.TEXT:
-            prompt_most, _ = token_bounds(params.text, "")
-            units, exact, unit_type = prompt_most + params.text.max_new_tokens, False, "tokens"
-        else:
-            p = params.image
-            units, exact, unit_type = receipts.tile_steps(p.width, p.height, p.steps, p.images), True, "tile_steps"
+        units, unit_type = self._units(params)
+        exact = unit_type == "tile_steps"
         out = coordinator_pb2.QuoteJobResponse(params=params, unit_type=unit_type, units=units, units_exact=exact)
         if cap is not None:
             out.max_price_per_unit, out.max_cost = cap, units * cap
@@ -392,6 +499,19 @@ class Coordinator:
         else:
             out.price_per_unit = next(v.price_per_unit for v in views if v.miner_id == pick.miner_id)
             out.cost = units * out.price_per_unit
+        if escrow is not None and not out.unavailable_reason and out.cost + priority_fee >= 1:
+            address, genesis_hash, available = escrow
+            signed = fees.new_quote(self.key, chain_id=self.config.chain_id, genesis_hash=genesis_hash,
+                                    client_id=client_id, client_address=address, model=model,
+                                    prompt_hash=job.prompt_hash, unit_type=unit_type, units=units,
+                                    price_per_unit=out.price_per_unit, priority_fee=priority_fee,
+                                    expires_at=self.time.now_ms() + int(self.config.quote_ttl_s * 1000))
+            out.quote, out.quote_signature = signed.body.canonical_bytes(), signed.signature
+            out.escrow_available = max(0, available - self.reservations.reserved(address))
+        elif escrow is not None:
+            out.escrow_available = max(0, escrow[2] - self.reservations.reserved(escrow[0]))
+            no_quote = out.unavailable_reason or "the job costs nothing (price 0 and no priority fee): submit it free"
+        out.no_quote_reason = no_quote
         return out
 
     def _prepare(self, model: str, params: job_pb2.JobParams, max_price_per_unit: int | None, *,
@@ -654,6 +774,9 @@ class Coordinator:
         for art, _ in artifacts:
             art.expires_at_unix_ms = self.time.now_ms() + retention_ms if retention_ms else 0
         rec = receipt_to_proto(attested)
+        if job.fee:  # settled by a SETTLE with the job's quote (docs/economy.md)
+            rec.settlement.fee = job.fee
+            rec.settlement.quote_hash = quotes.QuoteBody.from_canonical(job.quote).hash().hex()
         sampled = self.verifier.sampled(conn.miner_id, job)
         self.receipts.attested(rec, held=sampled or bool(job.verify_of))  # minted only once verification decides
         dev = device_class(conn.info.device)
@@ -761,11 +884,26 @@ class Coordinator:
             self.disconnect(conn, f"no heartbeat for {quiet:.1f} s", stalled=True)
         if self.registry.miners and now - self._served_saved_at > SERVED_SAVE_S:
             self._save_served()
+        if now - self._quotes_pruned_at > QUOTE_PRUNE_S:
+            self._quotes_pruned_at = now
+            self._prune_quotes()
         self._run(m.Tick())
         self._publish_queue_moves()
         if now >= self._collect_at:
             full = self.collect_artifacts() == COLLECT_BATCH
             self._collect_at = now + (0.0 if full else COLLECT_EVERY_S)
+
+    def _prune_quotes(self) -> None:
+        """Forget used quotes that expired: SubmitJob refuses them anyway (and the ledger settles a
+        quote once, ever)."""
+        now = self.time.now_ms()
+        for key, value in self.store.meta_items(QUOTE_META):
+            try:
+                expired = int(value.split()[1]) < now
+            except (IndexError, ValueError):
+                expired = True
+            if expired:
+                self.store.delete_meta(key)
 
     def collect_artifacts(self) -> int:
         """One garbage-collection pass (at most COLLECT_BATCH artifacts): delete the bytes of

@@ -15,6 +15,7 @@ streams and the store belong to other units; the machine asks for their effects 
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import itertools
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from aitbc import jobs
-from aitbc.coordinator import eta
+from aitbc.coordinator import eta, fees
 from aitbc.coordinator.clock import Clock
 from aitbc.errors import AitbcError, PermissionDenied
 from aitbc.hub.matching import JobNeeds, MinerView, Unplaceable, choose
@@ -288,6 +289,53 @@ class JobRecord:
     stuck_epoch: int = -1  # the miner-set epoch in which no miner could take it
     finished_shards: dict[str, job_pb2.Job] = field(default_factory=dict)  # a split job's ended shards
     unconfirmed: tuple[str, str] | None = None  # (miner, reason) of a permanent failure another miner must confirm
+    rate: int = 0  # a paid job's fee per unit in millionths (its place in the queue); 0: a free job
+
+
+class JobQueue:
+    """Queued job ids in dispatch order: paid jobs first, highest fee per unit first (first come
+    among equals), then free jobs in arrival order: the free tier is served whenever no paid job
+    that a free miner could run is waiting. A requeued job goes to the front of its lane."""
+
+    def __init__(self) -> None:
+        self.free: collections.deque[str] = collections.deque()
+        self.paid: list[tuple[int, int, str]] = []  # (-rate, seq, job id), sorted
+        self._seq = itertools.count(1)
+        self._front = itertools.count(-1, -1)
+        self._popped: dict[str, tuple[int, int, str]] = {}
+
+    def push(self, job_id: str, rate: int, *, front: bool = False) -> None:
+        if rate <= 0:
+            (self.free.appendleft if front else self.free.append)(job_id)
+            return
+        bisect.insort(self.paid, (-rate, next(self._front) if front else next(self._seq), job_id))
+
+    def popleft(self) -> str:
+        if self.paid:
+            key = self.paid.pop(0)
+            self._popped[key[2]] = key
+            return key[2]
+        return self.free.popleft()
+
+    def unpop(self, job_ids: list[str]) -> None:
+        """Put back jobs popped by this dispatch pass (in the order popped), each where it was."""
+        free = []
+        for job_id in job_ids:
+            key = self._popped.get(job_id)
+            if key is None:
+                free.append(job_id)
+            else:
+                bisect.insort(self.paid, key)
+        self.free.extendleft(reversed(free))
+        self._popped.clear()
+
+    def __iter__(self) -> Iterator[str]:
+        for key in self.paid:
+            yield key[2]
+        yield from self.free
+
+    def __len__(self) -> int:
+        return len(self.paid) + len(self.free)
 
 
 @dataclass(eq=False, slots=True)
@@ -320,7 +368,7 @@ class JobMachine:
         self.recorder: Recorder | None = None  # aitbc.coordinator.eventlog.EventLog when event_log is set
         self._t, self._t_ms = clock.monotonic(), clock.now_ms()  # the instant of the current handle call
         self.records: dict[str, JobRecord] = {}
-        self.queue: collections.deque[str] = collections.deque()
+        self.queue = JobQueue()
         self.miners: dict[str, MinerSlot] = {}
         self._epoch = 0  # bumped whenever the set of miners (or a quarantine) changes
         self._rr = itertools.count()
@@ -516,15 +564,23 @@ class JobMachine:
 
     def _enqueue(self, rec: JobRecord, *, front: bool = False) -> None:
         self.records[rec.job.job_id] = rec
-        (self.queue.appendleft if front else self.queue.append)(rec.job.job_id)
+        self.queue.push(rec.job.job_id, rec.rate, front=front)
         rec.queued_at = self._t
+
+    def _rate(self, job: job_pb2.Job) -> int:
+        """A paid job's fee per unit (a shard has its parent's); 0 for a free job."""
+        if job.quote:
+            charge = fees.charge_of(job)
+            return charge.rate if charge is not None else 0
+        parent = self.records.get(job.parent_job_id) if job.parent_job_id else None
+        return parent.rate if parent is not None else 0
 
     def _submit(self, ev: Submit) -> None:
         job = ev.job
         job.created_at_unix_ms = job.created_at_unix_ms or self._t_ms
         for j in ev.also_store:
             self._dirty[j.job_id] = j
-        rec = JobRecord(job, pinned=ev.exclude, device_class=ev.device_class)
+        rec = JobRecord(job, pinned=ev.exclude, device_class=ev.device_class, rate=self._rate(job))
         self._move(job, QUEUED, ev.cause)
         if not ev.shards:
             self._enqueue(rec)
@@ -532,12 +588,12 @@ class JobMachine:
         self.records[job.job_id] = rec
         for shard in ev.shards:
             self._move(shard, QUEUED, f"shard of job {job.job_id}")
-            self._enqueue(JobRecord(shard))
+            self._enqueue(JobRecord(shard, rate=rec.rate))
 
     def _restore(self, ev: Restore) -> None:
         job = ev.job
         rec = JobRecord(job, pinned=ev.exclude, device_class=ev.device_class,
-                        finished_shards={s.job_id: s for s in ev.finished_shards})
+                        finished_shards={s.job_id: s for s in ev.finished_shards}, rate=self._rate(job))
         if job.shard_job_ids:  # a split job waits for its shards, restored on their own
             self.records[job.job_id] = rec
             return
@@ -583,7 +639,7 @@ class JobMachine:
             self._assign(rec, outcome.miner_id)
             views[outcome.miner_id] = self.view(outcome.miner_id)
             free -= 1
-        self.queue.extendleft(reversed(skipped))
+        self.queue.unpop(skipped)
 
     def _assign(self, rec: JobRecord, miner_id: str) -> None:
         job = rec.job

@@ -15,6 +15,8 @@ from aitbc.coordinator.store import JobStore
 from aitbc.v1 import receipt_pb2
 
 St = receipt_pb2.SettlementState
+CLOSED = frozenset({St.SETTLEMENT_STATE_FINAL, St.SETTLEMENT_STATE_REJECTED, St.SETTLEMENT_STATE_NOT_REQUIRED,
+                    St.SETTLEMENT_STATE_DISABLED})
 
 
 class ReceiptBook:
@@ -22,6 +24,9 @@ class ReceiptBook:
         self.store = store
         self.settles = settles  # a ledger is configured
         self.listeners: list[Callable[[receipt_pb2.Receipt], None]] = []
+        # told when a receipt's settlement is over for good (FINAL, REJECTED, NOT_REQUIRED, DISABLED):
+        # a paid job's escrow reservation ends then (aitbc.coordinator.fees)
+        self.closed_listeners: list[Callable[[receipt_pb2.Receipt], None]] = []
 
     def get(self, receipt_hash: str) -> receipt_pb2.Receipt | None:
         return self.store.get_receipt(receipt_hash)
@@ -29,7 +34,7 @@ class ReceiptBook:
     def unheld_state(self, rec: receipt_pb2.Receipt) -> int:
         if not self.settles:
             return St.SETTLEMENT_STATE_DISABLED
-        if rec.body.units * rec.body.price_per_unit == 0:
+        if rec.body.units * rec.body.price_per_unit == 0 and not rec.settlement.fee:
             return St.SETTLEMENT_STATE_NOT_REQUIRED
         return St.SETTLEMENT_STATE_PENDING
 
@@ -65,5 +70,8 @@ class ReceiptBook:
         rec.settlement.state = state  # type: ignore[assignment]
         rec.settlement.error = error
         self.store.update_receipt(rec)
+        if state in CLOSED:
+            for listener in self.closed_listeners:
+                listener(rec)
         if announce:
             self.announce(rec)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from aitbc import aio, crypto, errors, telemetry
 from aitbc.coordinator.receipt_book import ReceiptBook
 from aitbc.limits import Backoff, jittered_wait
+from aitbc.quotes import QuoteBody
 from aitbc.v1 import receipt_pb2
 from aitbc.wire import receipt_from_proto
 
@@ -26,6 +27,12 @@ St = receipt_pb2.SettlementState
 # Node refusals that retrying cannot fix (bad receipt, wrong chain, attester not authorized):
 # the receipt is marked REJECTED with the reason.
 PERMANENT = (errors.InvalidArgument, errors.PermissionDenied)
+# SETTLE refusals after which the receipt is minted without its fee (docs/ledger.md, "Rejections")
+FEE_REFUSALS = ("escrow too low", "quote already settled", "economy disabled")
+
+
+def _fee_refusal(message: str) -> bool:
+    return any(message.startswith(r) or f": {r}" in message for r in FEE_REFUSALS)
 
 
 class Settlement:
@@ -150,19 +157,43 @@ class Settlement:
         # one MINT at a time, so take the nonce from the node each time: if MINTs were lost with a
         # killed node, a local counter would run past them and every later MINT would wait forever
         self.ledger.resync_nonce(self.key.address)
-        try:  # the ledger client's idempotent MINT (status check, nonce allocation, re-sync)
-            st = await self._call(self.ledger.settle_receipt(self.key, receipt_from_proto(rec), wait=None))
+        quote = self._quote(rec)
+        kind = "SETTLE" if quote is not None else "MINT"
+        try:  # the ledger client's idempotent MINT / SETTLE (status check, nonce allocation, re-sync)
+            paid = {"quote": quote} if quote is not None else {}
+            st = await self._call(self.ledger.settle_receipt(self.key, receipt_from_proto(rec), wait=None, **paid))
         except errors.Unavailable:
             s.attempts = attempts  # counted in memory; written with the next change
             raise
-        except PERMANENT as exc:
-            self.book.settled(rec, St.SETTLEMENT_STATE_REJECTED, error=exc.message, attempts=attempts)
-            log.error("ledger refused MINT of receipt %s: %s", rec.receipt_hash, exc.message)
-        except errors.AitbcError as exc:  # mempool full, nonce contention: retry with backoff
+        except errors.AitbcError as exc:
+            if quote is not None and _fee_refusal(exc.message):
+                # the escrow cannot pay (the client reclaimed it) or the quote was settled already:
+                # the provider still gets its mint, without the fee (docs/economy.md, "When a fee fails")
+                log.error("ledger refused SETTLE of receipt %s (%s): minting it without the fee of %d",
+                          rec.receipt_hash, exc.message, s.fee)
+                s.fee, s.quote_hash = 0, ""
+                self.book.settled(rec, St.SETTLEMENT_STATE_PENDING, error=f"fee not charged: {exc.message}",
+                                  attempts=attempts)
+                self._wake.set()
+                return
+            if isinstance(exc, PERMANENT):
+                self.book.settled(rec, St.SETTLEMENT_STATE_REJECTED, error=exc.message, attempts=attempts)
+                log.error("ledger refused %s of receipt %s: %s", kind, rec.receipt_hash, exc.message)
+                return
+            # mempool full, nonce contention: retry with backoff
             self._retry_at[rec.receipt_hash] = self.clock() + jittered_wait(attempts, 1.0, self.max_backoff_s)
             self.book.settled(rec, s.state, error=exc.message, attempts=attempts)
         else:
             self.book.settled(rec, St.SETTLEMENT_STATE_SUBMITTED, error="", tx_hash=st.tx_hash, attempts=attempts)
+
+    def _quote(self, rec: receipt_pb2.Receipt) -> QuoteBody | None:
+        """The quote a paid job's receipt settles (None: a MINT)."""
+        if not rec.settlement.fee:
+            return None
+        job = self.store.get_job(rec.body.job_id)
+        if job is None or not job.quote:
+            return None
+        return QuoteBody.from_canonical(job.quote)
 
     async def _call(self, coro):  # type: ignore[no-untyped-def]
         """Ledger calls: connection failures become Unavailable (retried with backoff by run)."""

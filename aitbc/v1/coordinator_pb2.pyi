@@ -29,6 +29,9 @@ class SubmitJobRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     MAX_PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
     WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    QUOTE_FIELD_NUMBER: _builtins.int
+    QUOTE_SIGNATURE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FEE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     request_id: _builtins.str
     """Optional client-chosen id (up to 64 characters); resubmitting it returns the same job."""
@@ -37,6 +40,16 @@ class SubmitJobRequest(_message.Message):
     webhook_url: _builtins.str
     """Optional URL that gets a signed POST when the job ends (docs/coordinator.md, "Webhooks"); it
     must start with one of the prefixes the operator allows this client (PERMISSION_DENIED if not).
+    """
+    quote: _builtins.bytes
+    """A signed quote from QuoteJob (docs/economy.md, "Quotes"): the job is charged exactly its total
+    from the client's escrow, runs ahead of cheaper jobs and only on miners at or below its price.
+    `quote` is the quote's canonical JSON, `quote_signature` the coordinator's 65-byte signature.
+    """
+    quote_signature: _builtins.bytes
+    priority_fee: _builtins.int
+    """Without a quote: pay this priority fee (and the miner's price) from escrow; the coordinator
+    quotes the job at submit as QuoteJob would, and charges that quote.
     """
     @_builtins.property
     def params(self) -> _job_pb2.JobParams: ...
@@ -48,14 +61,22 @@ class SubmitJobRequest(_message.Message):
         request_id: _builtins.str = ...,
         max_price_per_unit: _builtins.int | None = ...,
         webhook_url: _builtins.str = ...,
+        quote: _builtins.bytes = ...,
+        quote_signature: _builtins.bytes = ...,
+        priority_fee: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "params", b"params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "_priority_fee", b"_priority_fee", "max_price_per_unit", b"max_price_per_unit", "params", b"params", "priority_fee", b"priority_fee"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "model", b"model", "params", b"params", "request_id", b"request_id", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "_priority_fee", b"_priority_fee", "max_price_per_unit", b"max_price_per_unit", "model", b"model", "params", b"params", "priority_fee", b"priority_fee", "quote", b"quote", "quote_signature", b"quote_signature", "request_id", b"request_id", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_price_per_unit: _TypeAlias = _typing.Literal["max_price_per_unit"]  # noqa: Y015
     _WhichOneofArgType__max_price_per_unit: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit"]  # noqa: Y015
+    _WhichOneofReturnType__priority_fee: _TypeAlias = _typing.Literal["priority_fee"]  # noqa: Y015
+    _WhichOneofArgType__priority_fee: _TypeAlias = _typing.Literal["_priority_fee", b"_priority_fee"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_price_per_unit) -> _WhichOneofReturnType__max_price_per_unit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority_fee) -> _WhichOneofReturnType__priority_fee | None: ...
 
 Global___SubmitJobRequest: _TypeAlias = SubmitJobRequest  # noqa: Y015
 
@@ -88,8 +109,11 @@ class QuoteJobRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     MAX_PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FEE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     max_price_per_unit: _builtins.int
+    priority_fee: _builtins.int
+    """A fee paid on top of the miner's price for a place ahead of cheaper jobs (docs/economy.md)."""
     @_builtins.property
     def params(self) -> _job_pb2.JobParams: ...
     def __init__(
@@ -98,14 +122,20 @@ class QuoteJobRequest(_message.Message):
         model: _builtins.str = ...,
         params: _job_pb2.JobParams | None = ...,
         max_price_per_unit: _builtins.int | None = ...,
+        priority_fee: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "params", b"params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "_priority_fee", b"_priority_fee", "max_price_per_unit", b"max_price_per_unit", "params", b"params", "priority_fee", b"priority_fee"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "model", b"model", "params", b"params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "_priority_fee", b"_priority_fee", "max_price_per_unit", b"max_price_per_unit", "model", b"model", "params", b"params", "priority_fee", b"priority_fee"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_price_per_unit: _TypeAlias = _typing.Literal["max_price_per_unit"]  # noqa: Y015
     _WhichOneofArgType__max_price_per_unit: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit"]  # noqa: Y015
+    _WhichOneofReturnType__priority_fee: _TypeAlias = _typing.Literal["priority_fee"]  # noqa: Y015
+    _WhichOneofArgType__priority_fee: _TypeAlias = _typing.Literal["_priority_fee", b"_priority_fee"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_price_per_unit) -> _WhichOneofReturnType__max_price_per_unit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority_fee) -> _WhichOneofReturnType__priority_fee | None: ...
 
 Global___QuoteJobRequest: _TypeAlias = QuoteJobRequest  # noqa: Y015
 
@@ -123,6 +153,10 @@ class QuoteJobResponse(_message.Message):
     MAX_COST_FIELD_NUMBER: _builtins.int
     MINERS_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
+    QUOTE_FIELD_NUMBER: _builtins.int
+    QUOTE_SIGNATURE_FIELD_NUMBER: _builtins.int
+    NO_QUOTE_REASON_FIELD_NUMBER: _builtins.int
+    ESCROW_AVAILABLE_FIELD_NUMBER: _builtins.int
     unit_type: _builtins.str
     """"tile_steps" for image jobs, "tokens" for text jobs."""
     units: _builtins.int
@@ -142,6 +176,17 @@ class QuoteJobResponse(_message.Message):
     max_cost: _builtins.int
     unavailable_reason: _builtins.str
     """Why no connected miner qualifies (empty when one does)."""
+    quote: _builtins.bytes
+    """The signed quote (docs/economy.md, "Quotes"), when the API key has a chain address, a miner
+    qualifies and the total is at least 1: canonical JSON and the coordinator's signature; pass
+    both to SubmitJob. `no_quote_reason` says why there is none otherwise.
+    """
+    quote_signature: _builtins.bytes
+    no_quote_reason: _builtins.str
+    escrow_available: _builtins.int
+    """The client's escrow for this coordinator that no accepted job has reserved yet (0 when the
+    ledger cannot be read: see no_quote_reason).
+    """
     @_builtins.property
     def params(self) -> _job_pb2.JobParams:
         """The parameters as the job would run: defaults filled, an image job's size explicit."""
@@ -163,10 +208,14 @@ class QuoteJobResponse(_message.Message):
         max_cost: _builtins.int | None = ...,
         miners: _abc.Iterable[Global___QuotedMiner] | None = ...,
         unavailable_reason: _builtins.str = ...,
+        quote: _builtins.bytes = ...,
+        quote_signature: _builtins.bytes = ...,
+        no_quote_reason: _builtins.str = ...,
+        escrow_available: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_cost", b"_max_cost", "_max_price_per_unit", b"_max_price_per_unit", "max_cost", b"max_cost", "max_price_per_unit", b"max_price_per_unit", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_cost", b"_max_cost", "_max_price_per_unit", b"_max_price_per_unit", "cost", b"cost", "max_cost", b"max_cost", "max_price_per_unit", b"max_price_per_unit", "miners", b"miners", "params", b"params", "price_per_unit", b"price_per_unit", "unavailable_reason", b"unavailable_reason", "unit_type", b"unit_type", "units", b"units", "units_exact", b"units_exact"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_cost", b"_max_cost", "_max_price_per_unit", b"_max_price_per_unit", "cost", b"cost", "escrow_available", b"escrow_available", "max_cost", b"max_cost", "max_price_per_unit", b"max_price_per_unit", "miners", b"miners", "no_quote_reason", b"no_quote_reason", "params", b"params", "price_per_unit", b"price_per_unit", "quote", b"quote", "quote_signature", b"quote_signature", "unavailable_reason", b"unavailable_reason", "unit_type", b"unit_type", "units", b"units", "units_exact", b"units_exact"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_cost: _TypeAlias = _typing.Literal["max_cost"]  # noqa: Y015
     _WhichOneofArgType__max_cost: _TypeAlias = _typing.Literal["_max_cost", b"_max_cost"]  # noqa: Y015

@@ -174,6 +174,8 @@ class ReceiptSettlement(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    FEE_FIELD_NUMBER: _builtins.int
+    QUOTE_HASH_FIELD_NUMBER: _builtins.int
     state: Global___SettlementState.ValueType
     tx_hash: _builtins.str
     """Hex hash of the MINT transaction."""
@@ -183,6 +185,11 @@ class ReceiptSettlement(_message.Message):
     """Amount minted to the provider, smallest unit."""
     error: _builtins.str
     attempts: _builtins.int
+    fee: _builtins.int
+    """A paid job's fee, moved from the client's escrow to the provider by the same transaction
+    (a SETTLE, docs/economy.md), and the hash of the quote it settles; 0 and "" for a MINT.
+    """
+    quote_hash: _builtins.str
     def __init__(
         self,
         *,
@@ -193,10 +200,12 @@ class ReceiptSettlement(_message.Message):
         amount: _builtins.int = ...,
         error: _builtins.str = ...,
         attempts: _builtins.int = ...,
+        fee: _builtins.int = ...,
+        quote_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "attempts", b"attempts", "block_hash", b"block_hash", "block_height", b"block_height", "error", b"error", "state", b"state", "tx_hash", b"tx_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "attempts", b"attempts", "block_hash", b"block_hash", "block_height", b"block_height", "error", b"error", "fee", b"fee", "quote_hash", b"quote_hash", "state", b"state", "tx_hash", b"tx_hash"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

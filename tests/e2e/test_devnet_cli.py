@@ -84,7 +84,7 @@ def test_devnet_submit_status_receipts_buf_curl_and_restart(tmp_path: Path) -> N
         banner = "".join(lines)
         endpoints = json.loads((home / "devnet" / "endpoints.json").read_text())
         assert endpoints["api_key"] in banner and endpoints["coordinator"] in banner
-        r = aitbc(env, "submit", "a futuristic city skyline at night", "--steps", "20", "--quote", cwd=tmp_path)
+        r = aitbc(env, "quote", "a futuristic city skyline at night", "--steps", "20", cwd=tmp_path)
         assert r.returncode == 0, r.stdout + r.stderr
         quote = dict(line.split(":", 1) for line in r.stdout.splitlines() if ":" in line and not line.startswith(" "))
         assert quote["units"].strip() == "20 tile_steps"  # tiny-sd's native 64x64: 1 tile x 20 steps
