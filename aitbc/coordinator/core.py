@@ -365,8 +365,8 @@ class Coordinator:
             existing = self.store.job_for_request(client_id, request_id)
             if existing is not None:
                 job = self.get(client_id, existing)
-                if not _same_request(job, model, asked, params) or job.webhook_url != webhook_url or (
-                        quote is not None and job.quote != quote.body.canonical_bytes()) or (paid != bool(job.quote)):
+                same_pay = paid == bool(job.quote) and (quote is None or job.quote == quote.body.canonical_bytes())
+                if not _same_request(job, model, asked, params) or job.webhook_url != webhook_url or not same_pay:
                     raise AlreadyExists(
                         f"request_id '{request_id}' was used for job {existing} with another model, other "
                         "parameters, another webhook_url or another quote; a new job needs a new request_id "
