@@ -19,7 +19,7 @@ import grpc
 
 from aitbc import crypto, jobs, quotes, rpc, telemetry
 from aitbc.config import CoordinatorConfig, expand, write_port_file
-from aitbc.coordinator import Coordinator
+from aitbc.coordinator import Coordinator, fees
 from aitbc.coordinator.clock import Clock
 from aitbc.coordinator.settlement import Settlement
 from aitbc.coordinator.store import LmdbJobStore
@@ -185,6 +185,7 @@ class MinerGatewayServicer(miner_pb2_grpc.MinerServiceServicer):
     async def Register(self, request: miner_pb2.RegisterRequest, context: Any) -> miner_pb2.RegisterResponse:
         session = self.core.register(request.public_key, request.challenge, request.signature, request.info)
         telemetry.set_attributes(miner_id=session.miner_id)
+        await self.core.check_stake(session.miner_id)  # after the signature: no ledger call for junk
         cfg = self.core.config
         return miner_pb2.RegisterResponse(
             miner_id=session.miner_id,
@@ -290,7 +291,8 @@ async def start_coordinator(config: CoordinatorConfig, *, clock: Clock | None = 
     if config.ledger:
         settlement = proc.settlement = Settlement(core.receipts, key, config.ledger, clock=core.time.monotonic)
         core.receipt_listeners.append(settlement.notify)
-        core.chain = settlement.ledger  # paid jobs read escrow and the genesis hash from the same node
+        core.chain = fees.ChainLedger(settlement.ledger)  # paid jobs and stake checks: the same node
+        proc.tasks.append(asyncio.create_task(core.watch_stakes()))
         running.names.append(SETTLEMENT_HEALTH)  # stop() reports it NOT_SERVING with the rest
         await running.set_serving(SETTLEMENT_HEALTH, False)  # until the first pass reaches the ledger
         settlement.readiness_listeners.append(

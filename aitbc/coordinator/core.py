@@ -102,7 +102,7 @@ class Coordinator:
         # paid jobs (docs/economy.md): what is reserved of each client's escrow, and the ledger
         # that holds the escrow (set by the server when a ledger is configured; None: free jobs only)
         self.reservations = fees.Reservations()
-        self.chain: fees.EscrowSource | None = None
+        self.chain: fees.LedgerView | None = None
         self.receipts.closed_listeners.append(lambda rec: self.reservations.release(rec.body.job_id))
         self.verifier = Verifier(store, self.receipts, self.book, rate=config.verify_rate,
                                  tolerance=config.verify_tolerance, trust_checks=config.trust_checks,
@@ -684,6 +684,34 @@ class Coordinator:
 
     def register(self, pubkey: bytes, challenge: bytes, signature: bytes, info: miner_pb2.MinerInfo) -> MinerSession:
         return self.registry.register(pubkey, challenge, signature, info, self.models.admit)
+
+    async def check_stake(self, miner_id: str) -> None:
+        """Refuse a miner whose stake is below the network's minimum (genesis min_stake; 0 on a new
+        devnet: every miner qualifies). Stake gates eligibility, not the share of work."""
+        if self.chain is None:
+            return
+        try:
+            need = await self.chain.min_stake()
+            have = await self.chain.stake_of(miner_id) if need > 0 else 0
+        except AitbcError as exc:  # the ledger is away: admitted now, checked again (watch_stakes) once it is back,
+            log.warning("stake of miner %s not checked: %s", miner_id, exc.message)  # as jobs run through an outage
+            return
+        if have < need:
+            raise FailedPrecondition(f"miner {miner_id} has staked {have}, the network's minimum stake is {need}: stake "
+                                     f"{need - have} more from the miner's wallet (aitbc stake {need - have}) and "
+                                     "reconnect")
+
+    async def watch_stakes(self, interval_s: float = 30.0) -> None:
+        """Connected miners whose stake fell below the minimum (unstaked, slashed) are dropped."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for conn in list(self.registry.miners.values()):
+                try:
+                    await self.check_stake(conn.miner_id)
+                except FailedPrecondition as exc:
+                    self.disconnect(conn, exc.message)
+                except Exception:  # keep watching; the error is logged with its stack
+                    log.exception("stake check of miner %s failed", conn.miner_id)
 
     def connect(self, token: str) -> MinerConn:
         conn, old = self.registry.open(token)

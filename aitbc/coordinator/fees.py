@@ -18,7 +18,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aitbc import crypto, jobs, quotes
 from aitbc.errors import FailedPrecondition, InvalidArgument, PermissionDenied
@@ -139,9 +139,48 @@ def check_quote(quote: quotes.SignedQuote, *, attester: str, chain_id: str, gene
                                   f"job's is {want!r} (quote the job as it is submitted: same model and parameters)")
 
 
-class EscrowSource(Protocol):
-    """What paid jobs need from the ledger (aitbc.ledger.client.LedgerClient is one)."""
+class LedgerView(Protocol):
+    """What paid jobs and stake checks need from the ledger (aitbc.ledger.client.LedgerClient is one)."""
 
     async def chain_ref(self) -> ChainRef: ...
 
     async def escrow_available(self, client_address: str, attester: str) -> int: ...
+
+    async def min_stake(self) -> int: ...
+
+    async def stake_of(self, address: str) -> int: ...
+
+
+class ChainLedger:
+    """LedgerView over a LedgerClient: the escrow, the minimum stake (genesis, read once) and a
+    miner's stake, through the node's public RPCs."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._min_stake: int | None = None
+
+    async def chain_ref(self) -> ChainRef:
+        return await self.client.chain_ref()
+
+    async def escrow_available(self, client_address: str, attester: str) -> int:
+        return (await self.client.get_escrow(client_address, attester)).available
+
+    async def min_stake(self) -> int:
+        if self._min_stake is None:
+            import json
+
+            from aitbc.v1 import ledger_pb2
+
+            import grpc
+
+            from aitbc import rpc
+
+            try:
+                r = await self.client.stub.GetGenesis(ledger_pb2.GetGenesisRequest(), timeout=self.client.timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise rpc.error_from_rpc(exc) from None
+            self._min_stake = int(json.loads(r.genesis_json).get("min_stake", 0))  # version 2: no economy, 0
+        return self._min_stake
+
+    async def stake_of(self, address: str) -> int:
+        return getattr(await self.client.get_account(address), "staked", 0)

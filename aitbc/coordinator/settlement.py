@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from aitbc import aio, crypto, errors, telemetry
 from aitbc.coordinator.receipt_book import ReceiptBook
+from aitbc.coordinator.verification import VERDICT_META
 from aitbc.limits import Backoff, jittered_wait
 from aitbc.quotes import QuoteBody
 from aitbc.v1 import receipt_pb2
@@ -102,14 +103,57 @@ class Settlement:
             await aio.wait_event(self._wake, delay)
 
     async def settle_pending(self) -> int:
-        """One pass over unsettled receipts; returns how many are still unsettled."""
+        """One pass over unsettled receipts and recorded verdicts; returns how many are still open."""
         pending = self.store.unsettled_receipts()
         for rec in pending:
             if telemetry.enabled():
                 await self._settle_traced(rec)
             else:
                 await self._settle(rec)
-        return len(self.store.unsettled_receipts())
+        return len(self.store.unsettled_receipts()) + await self.slash_pending()
+
+    async def slash_pending(self) -> int:
+        """Send each verdict the verifier recorded (aitbc.coordinator.verification.VERDICT_META) as one
+        SLASH and follow it to finality: sent once, sent again only when the ledger lost it, dropped
+        when the ledger already holds the verdict or refuses it for good. Returns how many are open."""
+        open_ = 0
+        for key, value in self.store.meta_items(VERDICT_META):
+            cheater_hash = key.removeprefix(VERDICT_META)
+            fields = value.decode().split()
+            honest, sent = [h for h in fields if not h.startswith("tx=")], [h[3:] for h in fields if h.startswith("tx=")]
+            if sent:
+                st = await self._call(self.ledger.get_transaction(sent[0]))
+                if st.status == "final":
+                    log.warning("SLASH of the provider of receipt %s is final (tx %s)", cheater_hash, sent[0])
+                    self.store.delete_meta(key)
+                    continue
+                if st.status != "unknown":
+                    open_ += 1
+                    continue
+            cheater = self.store.get_receipt(cheater_hash)
+            runs = [self.store.get_receipt(h) for h in honest]
+            if cheater is None or not runs or any(r is None for r in runs):
+                log.error("dropped the verdict on receipt %s: a receipt it needs is gone", cheater_hash)
+                self.store.delete_meta(key)
+                continue
+            try:
+                tx_hash = await self._call(self.ledger.slash(
+                    self.key, receipt_from_proto(cheater), [receipt_from_proto(r) for r in runs if r is not None]))
+            except errors.Unavailable:
+                raise
+            except errors.AlreadyExists:
+                self.store.delete_meta(key)  # the ledger holds this verdict already
+                continue
+            except errors.AitbcError as exc:
+                if isinstance(exc, PERMANENT) or exc.message.startswith("economy disabled"):
+                    log.error("ledger refused the SLASH for receipt %s: %s", cheater_hash, exc.message)
+                    self.store.delete_meta(key)
+                    continue
+                open_ += 1  # mempool full, nonce contention: the next pass tries again
+                continue
+            self.store.put_meta(key, " ".join([*honest, f"tx={tx_hash}"]).encode())
+            open_ += 1
+        return open_
 
     async def _settle_traced(self, rec: receipt_pb2.Receipt) -> None:
         """_settle, traced in the job's trace (Job.traceparent, set at SubmitJob): a "coordinator.settle"

@@ -33,6 +33,8 @@ log = logging.getLogger("aitbc.coordinator")
 S = job_pb2.JobState
 V = job_pb2.VerificationState
 VERIFY_CLIENT = "hub-verify"  # client id of re-execution jobs: no client sees them
+VERDICT_META = "verdict:"  # cheater's receipt hash -> the honest receipts' hashes: a SLASH to send
+MAX_HONEST = 15  # a SLASH carries at most 16 receipts (docs/ledger.md)
 
 
 class Verifier:
@@ -177,7 +179,22 @@ class Verifier:
             metrics.VERIFICATIONS.inc(outcome="passed")
         self.store.write([orig])
         self._release(runs, outvoted, f"its result differs from {len(agreed)} other executions")
+        self._record_verdicts(runs, agreed, outvoted)
         return None
+
+    def _record_verdicts(self, runs: list[job_pb2.Job], agreed: frozenset[str], outvoted: frozenset[str]) -> None:
+        """Proven cheating becomes a SLASH (sent by settlement, docs/economy.md "Slashing"): each
+        outvoted run's receipt with the receipts of the established runs that outvoted it. Runs
+        that outvoted it as unproven miners do not count as proof."""
+        honest = [r.receipt_hash for r in runs if r.miner_id in agreed and r.receipt_hash
+                  and self.established(r.miner_id)][:MAX_HONEST]
+        if not honest:
+            return
+        for r in runs:
+            if r.miner_id in outvoted and r.receipt_hash:
+                self.store.put_meta(VERDICT_META + r.receipt_hash, " ".join(honest).encode())
+                log.warning("miner %s: verdict recorded for a SLASH (receipt %s, outvoted by %d established runs)",
+                            r.miner_id, r.receipt_hash, len(honest))
 
     def _vote(self, voters: list[job_pb2.Job], unproven: list[job_pb2.Job],
               exact: bool) -> tuple[frozenset[str], frozenset[str]] | str | None:
