@@ -15,6 +15,7 @@ class ClientAuth:
 
     def __init__(self, clients: list[ClientKey], clock: Callable[[], float]) -> None:
         self.clients: dict[str, ClientKey] = {c.api_key_sha256: c for c in clients}
+        self.by_id: dict[str, ClientKey] = {c.id: c for c in clients}
         self.clock = clock
         self._buckets: dict[str, TokenBucket] = {}
 

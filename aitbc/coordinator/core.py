@@ -401,7 +401,7 @@ class Coordinator:
 
     async def _escrow(self, client_id: str) -> tuple[str, bytes, int]:
         """(client address, genesis hash, the escrow's available amount) for a paid job or quote."""
-        client = self.clients.get(client_id)
+        client = self.auth.by_id.get(client_id)
         if client is None or not client.address:
             raise FailedPrecondition(f"client {client_id} has no chain address: paid jobs are charged to an escrow, so "
                                      "the operator sets `address` in this client's [[clients]] entry of coordinator.toml")
