@@ -137,6 +137,7 @@ class CoordinatorConfig(TlsConfig):
     webhook_attempts: int = 12
     webhook_max_age_s: float = 24 * 3600.0
     quote_ttl_s: float = 300.0  # how long a signed quote is accepted by SubmitJob (docs/economy.md)
+    stake_check_s: float = 30.0  # how often connected miners' stake is checked against the genesis min_stake
     webhook_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -144,6 +145,7 @@ class CoordinatorConfig(TlsConfig):
         _within("webhook_attempts", self.webhook_attempts, 1, 1000)
         _within("webhook_max_age_s", self.webhook_max_age_s, 1.0, float("inf"))
         _within("quote_ttl_s", self.quote_ttl_s, 1.0, 24 * 3600.0)
+        _within("stake_check_s", self.stake_check_s, 0.1, 24 * 3600.0)
         _within("webhook_timeout_s", self.webhook_timeout_s, 0.1, 60.0)
         _within("default_max_price_per_unit", self.default_max_price_per_unit, 0, float("inf"))
         _within("verify_rate", self.verify_rate, 0.0, 1.0)
