@@ -236,7 +236,9 @@ class Devnet:
             "chain_id": chain_id, "ledger": state["ledger"],
             "verify_rate": 0.0,  # one miner: a re-execution needs a second one (docs/hub.md)
             "trusted_miners": [keys["miner"].address],  # the operator's own miner (docs/hub.md, "Trust bootstrap")
-            "clients": [{"id": CLIENT_ID, "api_key_sha256": key_hash, "operator": True}],
+            # the devnet's client pays paid jobs from the escrow of the miner's address: on a devnet the
+            # operator earns as the miner, then spends (docs/economy.md; nothing is pre-minted)
+            "clients": [{"id": CLIENT_ID, "api_key_sha256": key_hash, "operator": True, "address": keys["miner"].address}],
             # the devnet's own models have their kind fixed by the operator, not by the first miner
             "models": [{"name": _served_name(m), "kind": "text" if is_text_model(m) else "image"} for m in self.models],
         }))
