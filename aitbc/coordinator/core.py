@@ -354,6 +354,7 @@ class Coordinator:
         jobs.validate_request_id(request_id)
         webhook_url = self.webhooks.job_url(client_id, webhook_url)
         paid = quote is not None or priority_fee is not None
+        _check_fee(priority_fee or 0)
         if quote is not None and priority_fee is not None:
             raise InvalidArgument("give a quote or a priority_fee, not both (the quote states its priority fee)")
         # a paid job reads the client's escrow first: the only wait, so everything after it (the
@@ -470,6 +471,7 @@ class Coordinator:
         """What a job would cost, without queueing it: the same validation as SubmitJob, its units
         from its parameters (docs/receipts.md, "Units"), and the miners that would qualify now; and,
         for a client with a chain address, a signed quote SubmitJob accepts until it expires."""
+        _check_fee(priority_fee)
         escrow: tuple[str, bytes, int] | None = None
         no_quote = ""
         try:
@@ -980,6 +982,11 @@ class Coordinator:
         metrics.MINERS_CONNECTED.set_function(None)
         metrics.UPLOAD_BYTES.set_function(None)
         metrics.QUARANTINED.set_function(None)
+
+
+def _check_fee(priority_fee: int) -> None:
+    if not 0 <= priority_fee <= quotes.MAX_UINT:
+        raise InvalidArgument(f"priority_fee must be between 0 and 2^53-1, got {priority_fee}")
 
 
 def _same_request(job: job_pb2.Job, model: str, asked: job_pb2.JobParams, params: job_pb2.JobParams) -> bool:
