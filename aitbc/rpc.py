@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -56,6 +57,46 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+]
+
+# Calls grpc itself may send again when the answer is UNAVAILABLE (the server restarting, a
+# connection dropped before the call reached a handler): reads only, whose repetition changes
+# nothing. Never SubmitJob (a second job unless it carries a request id, which a service config
+# cannot see), CancelJob, Register, BroadcastTransaction(s), SubmitVotes nor anything of the
+# wallet that signs or sends; long-lived streams (WatchJob, StreamBlocks, Work) reconnect by
+# their own loops.
+RETRIED_READS: dict[str, tuple[str, ...]] = {
+    "aitbc.v1.CoordinatorService": ("QuoteJob", "GetJob", "GetJobResult", "ListReceipts", "GetReceipt",
+                                    "ListModels", "ListMiners"),
+    "aitbc.v1.LedgerService": ("GetHead", "GetBlock", "GetTransaction", "GetAccount", "GetReceiptStatus",
+                               "GetReceiptProof", "GetGenesis", "ListPeers"),
+    "aitbc.v1.MinerService": ("GetChallenge",),
+    "aitbc.v1.MinerOpsService": ("GetInfo",),
+    "aitbc.v1.WalletService": ("ListWallets", "GetBalance"),
+    "grpc.health.v1.Health": ("Check",),
+}
+# At most 3 attempts, grpc's own jittered exponential backoff between them (a wait drawn between
+# 0 and 0.1 s, then 0.2 s, ...), and retry throttling so that a dead server does not get every
+# call three times.
+RETRY_POLICY: dict[str, Any] = {
+    "maxAttempts": 3,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+SERVICE_CONFIG: dict[str, Any] = {
+    "methodConfig": [{
+        "name": [{"service": service, "method": method} for service, methods in RETRIED_READS.items()
+                 for method in methods],
+        "retryPolicy": RETRY_POLICY,
+    }],
+    "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+}
+AIO_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    *CHANNEL_OPTIONS,
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
 ]
 
 
@@ -638,10 +679,10 @@ def host_of(listen: str) -> str:
 
 
 def channel(target: str, *, interceptors: Sequence[Any] = ()) -> grpc.aio.Channel:
-    """An aio channel with our options, TLS when configured; it sends the trace context when
-    tracing is on."""
+    """An aio channel with our options, TLS when configured; the reads of RETRIED_READS are retried
+    on UNAVAILABLE by grpc (SERVICE_CONFIG); it sends the trace context when tracing is on."""
     chain = [*telemetry.client_interceptors(), *interceptors]
     creds = channel_credentials()
     if creds is None:
-        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=chain or None)
-    return grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS, interceptors=chain or None)
+        return grpc.aio.insecure_channel(target, options=AIO_CHANNEL_OPTIONS, interceptors=chain or None)
+    return grpc.aio.secure_channel(target, creds, options=AIO_CHANNEL_OPTIONS, interceptors=chain or None)
