@@ -19,7 +19,21 @@ class AitbcError(Exception):
 
 
 class InvalidArgument(AitbcError):
+    """A bad request. `field` names the request field at fault when the error is about one (a proto
+    field path such as "params.image.steps"): servers send it as a google.rpc.BadRequest field
+    violation beside the unchanged message, and aitbc.rpc.error_from_rpc reads it back."""
+
     code = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+    def within(self, path: str) -> InvalidArgument:
+        """The same error seen from an enclosing message: `path` + "." + its field (or `path` when
+        it named none). Returns self, for `raise exc.within("params.image")`."""
+        self.field = f"{path}.{self.field}" if self.field else path
+        return self
 
 
 class NotFound(AitbcError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -56,6 +57,46 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+]
+
+# Calls grpc itself may send again when the answer is UNAVAILABLE (the server restarting, a
+# connection dropped before the call reached a handler): reads only, whose repetition changes
+# nothing. Never SubmitJob (a second job unless it carries a request id, which a service config
+# cannot see), CancelJob, Register, BroadcastTransaction(s), SubmitVotes nor anything of the
+# wallet that signs or sends; long-lived streams (WatchJob, StreamBlocks, Work) reconnect by
+# their own loops.
+RETRIED_READS: dict[str, tuple[str, ...]] = {
+    "aitbc.v1.CoordinatorService": ("QuoteJob", "GetJob", "GetJobResult", "ListReceipts", "GetReceipt",
+                                    "ListModels", "ListMiners"),
+    "aitbc.v1.LedgerService": ("GetHead", "GetBlock", "GetTransaction", "GetAccount", "GetReceiptStatus",
+                               "GetReceiptProof", "GetGenesis", "ListPeers"),
+    "aitbc.v1.MinerService": ("GetChallenge",),
+    "aitbc.v1.MinerOpsService": ("GetInfo",),
+    "aitbc.v1.WalletService": ("ListWallets", "GetBalance"),
+    "grpc.health.v1.Health": ("Check",),
+}
+# At most 3 attempts, grpc's own jittered exponential backoff between them (a wait drawn between
+# 0 and 0.1 s, then 0.2 s, ...), and retry throttling so that a dead server does not get every
+# call three times.
+RETRY_POLICY: dict[str, Any] = {
+    "maxAttempts": 3,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+SERVICE_CONFIG: dict[str, Any] = {
+    "methodConfig": [{
+        "name": [{"service": service, "method": method} for service, methods in RETRIED_READS.items()
+                 for method in methods],
+        "retryPolicy": RETRY_POLICY,
+    }],
+    "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+}
+AIO_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    *CHANNEL_OPTIONS,
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
 ]
 
 
@@ -179,25 +220,53 @@ RETRY_AFTER_MS = "retry-after-ms"  # trailing metadata of a RESOURCE_EXHAUSTED a
 STATUS_DETAILS = "grpc-status-details-bin"  # a google.rpc.Status with its details (grpcio-status)
 
 
-def error_from_code(code: str, message: str, *, retry_after_s: float | None = None) -> AitbcError:
+def error_from_code(code: str, message: str, *, retry_after_s: float | None = None, field: str = "") -> AitbcError:
     """The AitbcError for a status name (a call's, or one a response carries, as
     BroadcastTransactions results do); a name that is no status gives Unknown."""
     cls = STATUS_ERRORS.get(code, errors.Unknown)
     if cls is ResourceExhausted:
         return ResourceExhausted(message, retry_after_s)
+    if cls is InvalidArgument:
+        return InvalidArgument(message, field)
     return cls(message)
 
 
 def error_from_rpc(exc: grpc.RpcError) -> AitbcError:
     """What a failed call (sync or grpc.aio) raised on the server, rebuilt on the client: the
     AitbcError subclass whose `code` is the call's status, with the server's message (the status
-    name when it sent none) and, for RESOURCE_EXHAUSTED, `retry_after_s`: the delay the server
-    asked for (retry_delay_s). Use it as `raise error_from_rpc(exc) from None`."""
+    name when it sent none); for RESOURCE_EXHAUSTED `retry_after_s`, the delay the server asked
+    for (retry_delay_s); for INVALID_ARGUMENT `field`, the request field its google.rpc.BadRequest
+    names ("" when none: field_violations has them all). Use it as
+    `raise error_from_rpc(exc) from None`."""
     code = exc.code() if callable(getattr(exc, "code", None)) else None
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     message = (exc.details() if callable(getattr(exc, "details", None)) else None) or name
     retry = retry_delay_s(exc) if name == ResourceExhausted.code else None
-    return error_from_code(name, message, retry_after_s=retry)
+    field = next(iter(field_violations(exc)), ("", ""))[0] if name == InvalidArgument.code else ""
+    return error_from_code(name, message, retry_after_s=retry, field=field)
+
+
+def _status_details(exc: grpc.RpcError) -> list[Any]:
+    """The google.rpc.Status details (Any messages) a failed call carries; [] when none or unreadable."""
+    from grpc_status import rpc_status
+
+    try:
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except (AttributeError, TypeError, ValueError, DecodeError):
+        status = None
+    return list(status.details) if status is not None else []
+
+
+def field_violations(exc: grpc.RpcError) -> list[tuple[str, str]]:
+    """[(field, description)] of the google.rpc.BadRequest detail of a failed call's status."""
+    from google.rpc import error_details_pb2
+
+    out = []
+    for detail in _status_details(exc):
+        bad = error_details_pb2.BadRequest()
+        if detail.Is(bad.DESCRIPTOR) and detail.Unpack(bad):
+            out.extend((v.field, v.description) for v in bad.field_violations)
+    return out
 
 
 def retry_delay_s(exc: grpc.RpcError) -> float | None:
@@ -205,13 +274,8 @@ def retry_delay_s(exc: grpc.RpcError) -> float | None:
     detail of the call's status, else (RESOURCE_EXHAUSTED) the retry-after-ms trailer; None when
     the server said nothing (or something unreadable)."""
     from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
 
-    try:
-        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    except (AttributeError, TypeError, ValueError, DecodeError):
-        status = None
-    for detail in status.details if status is not None else ():
+    for detail in _status_details(exc):
         info = error_details_pb2.RetryInfo()
         if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
             delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
@@ -252,27 +316,54 @@ def details(message: str) -> str:
     return message
 
 
+def status_with_details(code: grpc.StatusCode, message: str, details: Sequence[Any]) -> bytes:
+    """A google.rpc.Status (serialised, for grpc-status-details-bin) carrying `details` (google.rpc
+    messages such as RetryInfo or BadRequest), the convention grpcio-status clients read."""
+    from google.protobuf import any_pb2
+    from google.rpc import status_pb2
+
+    packed = []
+    for d in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(d)
+        packed.append(any_detail)
+    return status_pb2.Status(code=code.value[0], message=message, details=packed).SerializeToString()
+
+
 def retry_status(code: grpc.StatusCode, message: str, retry_after_s: float) -> bytes:
-    """A google.rpc.Status (serialised, for grpc-status-details-bin) whose RetryInfo detail says
-    when to try again: the convention clients (the SDK's retry policy among them) read."""
-    from google.protobuf import any_pb2, duration_pb2
-    from google.rpc import error_details_pb2, status_pb2
+    """A google.rpc.Status whose RetryInfo detail says when to try again: the convention clients
+    (the SDK's retry policy among them) read."""
+    from google.protobuf import duration_pb2
+    from google.rpc import error_details_pb2
 
     ms = max(0, int(retry_after_s * 1000))
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=ms // 1000,
-                                                                                nanos=ms % 1000 * 1_000_000)))
-    return status_pb2.Status(code=code.value[0], message=message, details=[detail]).SerializeToString()
+    info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=ms // 1000,
+                                                                          nanos=ms % 1000 * 1_000_000))
+    return status_with_details(code, message, [info])
+
+
+def bad_request_status(code: grpc.StatusCode, message: str, field: str) -> bytes:
+    """A google.rpc.Status whose BadRequest detail names the request field at fault (the
+    violation's description is the message itself)."""
+    from google.rpc import error_details_pb2
+
+    # the description repeats the message, cut: the whole status travels in the same 8 KiB of metadata
+    violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message[:500])
+    return status_with_details(code, message, [error_details_pb2.BadRequest(field_violations=[violation])])
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: AitbcError) -> None:
+    """End the call with `exc`'s status and message (cut to fit the metadata budget), plus google.rpc
+    details where they help: RetryInfo for a rate limit (and the older retry-after-ms trailer for
+    clients that read that), BadRequest for an InvalidArgument that names its field."""
     message = details(exc.message)
     if isinstance(exc, ResourceExhausted) and exc.retry_after_s is not None:
-        # google.rpc.RetryInfo, and the older retry-after-ms trailer for clients that read that
         context.set_trailing_metadata((
             (RETRY_AFTER_MS, str(int(exc.retry_after_s * 1000))),
             (STATUS_DETAILS, retry_status(status_code(exc), message, exc.retry_after_s)),
         ))
+    elif isinstance(exc, InvalidArgument) and exc.field:
+        context.set_trailing_metadata(((STATUS_DETAILS, bad_request_status(status_code(exc), message, exc.field)),))
     await context.abort(status_code(exc), message)
 
 
@@ -588,10 +679,10 @@ def host_of(listen: str) -> str:
 
 
 def channel(target: str, *, interceptors: Sequence[Any] = ()) -> grpc.aio.Channel:
-    """An aio channel with our options, TLS when configured; it sends the trace context when
-    tracing is on."""
+    """An aio channel with our options, TLS when configured; the reads of RETRIED_READS are retried
+    on UNAVAILABLE by grpc (SERVICE_CONFIG); it sends the trace context when tracing is on."""
     chain = [*telemetry.client_interceptors(), *interceptors]
     creds = channel_credentials()
     if creds is None:
-        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=chain or None)
-    return grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS, interceptors=chain or None)
+        return grpc.aio.insecure_channel(target, options=AIO_CHANNEL_OPTIONS, interceptors=chain or None)
+    return grpc.aio.secure_channel(target, creds, options=AIO_CHANNEL_OPTIONS, interceptors=chain or None)

@@ -3,8 +3,8 @@
 Tracing (OpenTelemetry SDK) is off unless configured: `configure(service, exporter=...)` or the
 environment (AITBC_TRACING=none|console|otlp, OTEL_EXPORTER_OTLP_ENDPOINT). Off means `span()` hands
 back one shared no-op object and aitbc.rpc installs no interceptor, so the hot paths are what they
-were. On, gRPC calls carry W3C `traceparent` metadata through the interceptors below (wired by
-aitbc.rpc.start_server and aitbc.rpc.channel), and long-lived streams that carry many jobs carry a
+were. On, gRPC calls carry W3C `traceparent` metadata through opentelemetry-instrumentation-grpc's
+interceptors (wired by aitbc.rpc.start_server and aitbc.rpc.channel), and long-lived streams that carry many jobs carry a
 `traceparent` string per message instead: `current_traceparent()` on one side,
 `attach_traceparent(tp)` or `span(name, parent=tp)` on the other.
 
@@ -33,7 +33,7 @@ from typing import IO, Any, TypeVar
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from aitbc import metrics
@@ -362,6 +362,15 @@ async def run_in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 # ---------------------------------------------------------------------------------------------------
 # gRPC interceptors
+#
+# Tracing: opentelemetry-instrumentation-grpc's aio server interceptor and aio/sync client
+# interceptors (a CLIENT span on the caller, a SERVER span on the callee named after the full
+# method, "/aitbc.v1.CoordinatorService/SubmitJob", with rpc.* attributes; W3C traceparent in the
+# call's metadata through the global propagator). Installed only while tracing is on, with this
+# module's tracer provider, so tracing off adds no interceptor at all.
+#
+# Metrics: aitbc_rpc_requests_total / aitbc_rpc_latency_seconds are this product's own names, and
+# the instrumentation records no Prometheus metrics, so one small interceptor of ours records them.
 
 
 def _split_method(full: str) -> tuple[str, str]:
@@ -369,37 +378,25 @@ def _split_method(full: str) -> tuple[str, str]:
     return service, method
 
 
-def _code_name(code: Any) -> str:
-    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+class _RpcMetrics(grpc.aio.ServerInterceptor):
+    """aitbc_rpc_requests_total{service, method, code} for every call and aitbc_rpc_latency_seconds
+    for calls with one response. Wrapped handlers and bound metric children are cached per method,
+    so the per-call cost is the wrapper, a lock-free dict read and the two records."""
 
-
-def _metadata_get(metadata: Any, key: str) -> str:
-    for item in metadata or ():
-        k, v = item[0], item[1]
-        if k == key:
-            return v.decode() if isinstance(v, bytes) else str(v)
-    return ""
-
-
-class _RpcServerInterceptor(grpc.aio.ServerInterceptor):
-    """One server span per call (child of the caller's `traceparent` metadata) and/or the
-    aitbc_rpc_* metrics. Wrapped handlers are cached per method, so the per-call cost is the
-    wrapper itself."""
-
-    def __init__(self, *, tracing: bool, record_metrics: bool) -> None:
-        self.tracing = tracing
-        self.record_metrics = record_metrics
-        self._cache: dict[str, tuple[Any, Any]] = {}
+    def __init__(self) -> None:
+        self._handlers: dict[str, tuple[Any, Any]] = {}
+        self._requests: dict[tuple[str, str], Any] = {}
+        self._latency: dict[str, Any] = {}
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None:
             return None
-        cached = self._cache.get(details.method)
+        cached = self._handlers.get(details.method)
         if cached is not None and cached[0] is handler:
             return cached[1]
         wrapped = self._wrap(details.method, handler)
-        self._cache[details.method] = (handler, wrapped)
+        self._handlers[details.method] = (handler, wrapped)
         return wrapped
 
     def _wrap(self, full: str, handler: Any) -> Any:
@@ -413,7 +410,7 @@ class _RpcServerInterceptor(grpc.aio.ServerInterceptor):
             if behavior is None:
                 continue
             if inspect.isasyncgenfunction(behavior):
-                new = self._wrap_asyncgen(full, behavior, unary_response)
+                new = self._wrap_asyncgen(full, behavior)
             elif inspect.iscoroutinefunction(behavior):
                 new = self._wrap_coroutine(full, behavior, unary_response)
             else:
@@ -422,226 +419,82 @@ class _RpcServerInterceptor(grpc.aio.ServerInterceptor):
                            response_serializer=handler.response_serializer)
         return handler
 
-    def _begin(self, full: str, context: Any) -> tuple[Any, Any]:
-        if not self.tracing or _tracer is None:
-            return None, None
-        md = context.invocation_metadata()
-        parent = _propagator.extract(
-            {TRACEPARENT: _metadata_get(md, TRACEPARENT), TRACESTATE: _metadata_get(md, TRACESTATE)},
-            context=otel_context.Context(),
-        )
-        service, method = _split_method(full)
-        sp = _tracer.start_span(full.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes={
-            "rpc.system": "grpc", "rpc.service": service, "rpc.method": method,
-        })
-        token = otel_context.attach(trace.set_span_in_context(sp, parent))
-        return sp, token
-
-    def _end(self, full: str, sp: Any, token: Any, context: Any, exc: BaseException | None,
-             start: float, unary_response: bool) -> None:
-        if exc is None:
-            code = context.code() or grpc.StatusCode.OK
-        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-            code = context.code() or grpc.StatusCode.CANCELLED
-        else:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-        if self.record_metrics:
-            service, method = _split_method(full)
-            metrics.RPC_REQUESTS._add((service, method, _code_name(code)), 1.0)
-            if unary_response:
-                metrics.RPC_LATENCY._observe((service, method), time.perf_counter() - start)
-        if sp is not None:
-            sp.set_attribute("rpc.grpc.status_code", code.value[0] if isinstance(code, grpc.StatusCode) else 2)
-            if code != grpc.StatusCode.OK:
-                details = None
-                with contextlib.suppress(Exception):
-                    details = context.details()
-                if isinstance(details, bytes):
-                    details = details.decode(errors="replace")
-                sp.set_status(Status(StatusCode.ERROR, f"{_code_name(code)}: {details or ''}".rstrip(": ")))
-                if exc is not None and not isinstance(exc, (asyncio.CancelledError, GeneratorExit,
-                                                          grpc.aio.AbortError)):
-                    sp.record_exception(exc)
-            sp.end()
-            with contextlib.suppress(Exception):  # a generator finalised in another context
-                otel_context.detach(token)
+    def _record(self, full: str, context: Any, exc: BaseException | None, start: float | None) -> None:
+        code = context.code()
+        if code is None:
+            if exc is None:
+                code = grpc.StatusCode.OK
+            elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                code = grpc.StatusCode.CANCELLED
+            else:
+                code = grpc.StatusCode.UNKNOWN
+        name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+        child = self._requests.get((full, name))
+        if child is None:
+            child = self._requests[(full, name)] = metrics.RPC_REQUESTS.labels(*_split_method(full), name)
+        child.inc()
+        if start is not None:
+            hist = self._latency.get(full)
+            if hist is None:
+                hist = self._latency[full] = metrics.RPC_LATENCY.labels(*_split_method(full))
+            hist.observe(time.perf_counter() - start)
 
     def _wrap_coroutine(self, full: str, behavior: Any, unary_response: bool) -> Any:
         async def wrapper(request: Any, context: Any) -> Any:
             start = time.perf_counter()
-            sp, token = self._begin(full, context)
             try:
                 result = await behavior(request, context)
             except BaseException as exc:
-                self._end(full, sp, token, context, exc, start, unary_response)
+                self._record(full, context, exc, start if unary_response else None)
                 raise
-            self._end(full, sp, token, context, None, start, unary_response)
+            self._record(full, context, None, start if unary_response else None)
             return result
 
         return wrapper
 
-    def _wrap_asyncgen(self, full: str, behavior: Any, unary_response: bool) -> Any:
+    def _wrap_asyncgen(self, full: str, behavior: Any) -> Any:
         async def wrapper(request: Any, context: Any) -> Any:
-            start = time.perf_counter()
-            sp, token = self._begin(full, context)
             try:
                 async for item in behavior(request, context):
                     yield item
             except BaseException as exc:
-                self._end(full, sp, token, context, exc, start, unary_response)
+                self._record(full, context, exc, None)
                 raise
-            self._end(full, sp, token, context, None, start, unary_response)
+            self._record(full, context, None, None)
 
         return wrapper
 
 
-def _client_span(method: Any) -> tuple[Any, list[tuple[str, str]]]:
-    """Start a CLIENT span for `method` and the metadata that carries it."""
-    assert _tracer is not None
-    full = method.decode() if isinstance(method, bytes) else str(method)
-    service, name = _split_method(full)
-    sp = _tracer.start_span(full.lstrip("/"), kind=SpanKind.CLIENT, attributes={
-        "rpc.system": "grpc", "rpc.service": service, "rpc.method": name,
-    })
-    carrier: dict[str, str] = {}
-    _propagator.inject(carrier, context=trace.set_span_in_context(sp))
-    return sp, list(carrier.items())
-
-
-def _end_client_span(sp: Any, code: Any, details: str | None) -> None:
-    if isinstance(code, grpc.StatusCode):
-        sp.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code != grpc.StatusCode.OK:
-            sp.set_status(Status(StatusCode.ERROR, f"{code.name}: {details or ''}".rstrip(": ")))
-    sp.end()
-
-
-class _AioClientTracing:
-    """A CLIENT span per call, its traceparent sent as metadata; the span ends when the call does."""
-
-    async def _intercept(self, continuation: Any, details: Any, request: Any) -> Any:
-        if not _enabled:
-            return await continuation(details, request)
-        sp, extra = _client_span(details.method)
-        md = grpc.aio.Metadata(*(tuple(item) for item in (details.metadata or ())))
-        for k, v in extra:
-            md.add(k, v)
-        new = grpc.aio.ClientCallDetails(details.method, details.timeout, md, details.credentials,
-                                         details.wait_for_ready)
-        try:
-            call = await continuation(new, request)
-        except BaseException as exc:
-            sp.record_exception(exc)
-            _end_client_span(sp, grpc.StatusCode.UNKNOWN, str(exc))
-            raise
-
-        def done(c: Any) -> None:
-            async def finish() -> None:
-                code, details_text = grpc.StatusCode.UNKNOWN, None
-                with contextlib.suppress(Exception):
-                    code = await c.code()
-                    details_text = await c.details()
-                _end_client_span(sp, code, details_text)
-
-            asyncio.ensure_future(finish())
-
-        call.add_done_callback(done)
-        return call
-
-
-# grpc.aio sorts a channel's interceptors into one list per call type with if/elif, so one class
-# that inherits all four would only see unary-unary calls: one class per type.
-class _AioUnaryUnary(_AioClientTracing, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await self._intercept(continuation, client_call_details, request)
-
-
-class _AioUnaryStream(_AioClientTracing, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await self._intercept(continuation, client_call_details, request)
-
-
-class _AioStreamUnary(_AioClientTracing, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any,
-                                     request_iterator: Any) -> Any:
-        return await self._intercept(continuation, client_call_details, request_iterator)
-
-
-class _AioStreamStream(_AioClientTracing, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any,
-                                      request_iterator: Any) -> Any:
-        return await self._intercept(continuation, client_call_details, request_iterator)
-
-
-class _SyncCallDetails(grpc.ClientCallDetails):
-    def __init__(self, base: Any, metadata: list[tuple[str, str]]) -> None:
-        self.method = base.method
-        self.timeout = base.timeout
-        self.metadata = metadata
-        self.credentials = base.credentials
-        self.wait_for_ready = getattr(base, "wait_for_ready", None)
-        self.compression = getattr(base, "compression", None)
-
-
-class _SyncClientInterceptor(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
-    """The same for blocking channels (the CLI and the SDK)."""
-
-    def _intercept(self, continuation: Any, details: Any, request: Any) -> Any:
-        if not _enabled:
-            return continuation(details, request)
-        sp, extra = _client_span(details.method)
-        new = _SyncCallDetails(details, [*(details.metadata or ()), *extra])
-        try:
-            call = continuation(new, request)
-        except BaseException as exc:
-            sp.record_exception(exc)
-            _end_client_span(sp, grpc.StatusCode.UNKNOWN, str(exc))
-            raise
-
-        def done(c: Any) -> None:
-            code, text = grpc.StatusCode.UNKNOWN, None
-            with contextlib.suppress(Exception):
-                code, text = c.code(), c.details()
-            _end_client_span(sp, code, text)
-
-        call.add_done_callback(done)
-        return call
-
-    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return self._intercept(continuation, client_call_details, request)
-
-    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return self._intercept(continuation, client_call_details, request)
-
-    def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
-        return self._intercept(continuation, client_call_details, request_iterator)
-
-    def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
-        return self._intercept(continuation, client_call_details, request_iterator)
-
-
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
-    """What aitbc.rpc.start_server adds: nothing while tracing and RPC metrics are both off."""
-    if not _enabled and not metrics.rpc_metrics_enabled:
-        return []
-    return [_RpcServerInterceptor(tracing=_enabled, record_metrics=metrics.rpc_metrics_enabled)]
+    """What aitbc.rpc.start_server adds: nothing while tracing and RPC metrics are both off. With
+    both on, the tracing interceptor comes first, so the metrics one runs inside its span."""
+    chain: list[grpc.aio.ServerInterceptor] = []
+    if _enabled:
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+        chain.append(aio_server_interceptor(tracer_provider=_provider))
+    if metrics.rpc_metrics_enabled:
+        chain.append(_RpcMetrics())
+    return chain
 
 
 def client_interceptors() -> list[Any]:
     """What aitbc.rpc.channel adds: nothing while tracing is off."""
     if not _enabled:
         return []
-    return [_AioUnaryUnary(), _AioUnaryStream(), _AioStreamUnary(), _AioStreamStream()]
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return list(aio_client_interceptors(tracer_provider=_provider))
 
 
 def intercept_channel(channel: grpc.Channel) -> grpc.Channel:
     """A blocking channel that propagates the trace (the channel itself while tracing is off)."""
-    return grpc.intercept_channel(channel, _SyncClientInterceptor()) if _enabled else channel
+    if not _enabled:
+        return channel
+    from opentelemetry.instrumentation.grpc import client_interceptor
+    from opentelemetry.instrumentation.grpc.grpcext import intercept_channel as otel_intercept_channel
+
+    return otel_intercept_channel(channel, client_interceptor(tracer_provider=_provider))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ checks, GetHead probes, empty blocks) are left out. The OpenTelemetry SDK's Cons
 prints ~40 lines of JSON per span, which nobody reads in a terminal.
 
     16:05:01.204 4bf92f35 coordinator.dispatch 0.41 ms  job_id=0193... model=tiny-sd miner_id=ait1...
-    16:05:01.205 4bf92f35   aitbc.v1.MinerService/Work 1204.00 ms
+    16:05:01.205 4bf92f35   /aitbc.v1.MinerService/Work 1204.00 ms
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode
 
-QUIET_NAMES = frozenset({"grpc.health.v1.Health/Check", "grpc.health.v1.Health/Watch",
-                         "aitbc.v1.LedgerService/GetHead"})
+# span names as opentelemetry-instrumentation-grpc gives them: the full method, leading slash included
+QUIET_NAMES = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
+                         "/aitbc.v1.LedgerService/GetHead"})
 MAX_TRACES = 1024  # traces whose root has not ended yet, kept at most (oldest dropped)
 MAX_AGE_S = 60.0  # a trace whose root never ends here (its root is in another process) is printed after this
 MAX_ATTRS = 8

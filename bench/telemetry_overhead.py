@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grpc  # noqa: E402
 from _common import machine  # noqa: E402
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult  # noqa: E402
+from prometheus_client import CollectorRegistry, Counter, Histogram  # noqa: E402
 
 from aitbc import metrics, rpc, telemetry  # noqa: E402
 
@@ -93,22 +94,22 @@ def per_call_ns(stmt: str, setup_globals: dict[str, object], n: int = 200_000) -
 
 
 def record_costs() -> list[tuple[str, float]]:
-    reg = metrics.Registry()
+    reg = CollectorRegistry()
     g = {
-        "c": reg.counter("b_jobs_total", "b", ["state"]),
-        "cu": reg.counter("b_plain_total", "b"),
-        "child": reg.counter("b_child_total", "b", ["state"]).labels(state="COMPLETED"),
-        "gauge": reg.gauge("b_depth", "b"),
-        "h": reg.histogram("b_latency_seconds", "b", ["method"]),
-        "hu": reg.histogram("b_plain_seconds", "b"),
+        "c": Counter("b_jobs_total", "b", ["state"], registry=reg),
+        "cu": Counter("b_plain_total", "b", registry=reg),
+        "child": Counter("b_child_total", "b", ["state"], registry=reg).labels(state="COMPLETED"),
+        "gauge": metrics.Gauge("b_depth", "b", registry=reg),
+        "h": Histogram("b_latency_seconds", "b", ["method"], buckets=metrics.LATENCY_BUCKETS, registry=reg),
+        "hu": Histogram("b_plain_seconds", "b", buckets=metrics.LATENCY_BUCKETS, registry=reg),
         "telemetry": telemetry,
     }
     rows = [
-        ("counter.inc(state=...)", per_call_ns("c.inc(state='COMPLETED')", g)),
+        ("counter.labels(state=...).inc()", per_call_ns("c.labels(state='COMPLETED').inc()", g)),
         ("counter.inc() unlabelled", per_call_ns("cu.inc()", g)),
         ("bound child .inc()", per_call_ns("child.inc()", g)),
         ("gauge.set(v)", per_call_ns("gauge.set(3)", g)),
-        ("histogram.observe(v, method=...)", per_call_ns("h.observe(0.003, method='Say')", g)),
+        ("histogram.labels(method=...).observe(v)", per_call_ns("h.labels(method='Say').observe(0.003)", g)),
         ("histogram.observe(v) unlabelled", per_call_ns("hu.observe(0.003)", g)),
     ]
     telemetry.reset_for_tests()

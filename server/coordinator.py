@@ -146,10 +146,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @handle_errors
     async def GenerateImage(self, request: coordinator_pb2.GenerateImageRequest, context: Any) -> coordinator_pb2.GenerateImageResponse:
         client = self._client(context)
-        job = await self.core.submit(
-            client, request.model, job_pb2.JobParams(image=request.params), request_id=request.request_id,
-            max_price_per_unit=request.max_price_per_unit if request.HasField("max_price_per_unit") else None,
-        )
+        try:
+            job = await self.core.submit(
+                client, request.model, job_pb2.JobParams(image=request.params), request_id=request.request_id,
+                max_price_per_unit=request.max_price_per_unit if request.HasField("max_price_per_unit") else None,
+            )
+        except InvalidArgument as exc:  # this request's params are the ImageParams themselves
+            exc.field = exc.field.replace("params.image.", "params.", 1)
+            raise
         telemetry.set_attributes(job_id=job.job_id, model=job.model, client_id=client)
         timeout = request.timeout_seconds or 300
         try:

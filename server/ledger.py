@@ -30,8 +30,11 @@ MAX_BATCH = 20_000
 S = ledger_pb2
 
 
-def _address(text: str) -> bytes:
-    return crypto.validate_address(text)
+def _address(text: str, field: str = "address") -> bytes:
+    try:
+        return crypto.validate_address(text)
+    except InvalidArgument as exc:
+        raise exc.within(field) from None
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
@@ -107,6 +110,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                                    context: grpc.aio.ServicerContext) -> S.BroadcastTransactionResponse:
         [(h, err)] = await self.node.submit([request.raw], relay=not self._is_relay(context))
         if err is not None:
+            if isinstance(err, InvalidArgument) and not err.field:  # malformed, wrong chain or genesis
+                err.within("raw")
             raise err
         if telemetry.enabled():  # the block that includes it links back to this call's trace
             observe.remember_tx_trace(h)

@@ -215,10 +215,10 @@ class Coordinator:
         if to != S.JOB_STATE_COMPLETED and job.fee:  # not charged: a completed job's reservation ends with
             self.reservations.release(job.job_id)  # its SETTLE (final or refused: ReceiptBook.closed_listeners)
         if to == S.JOB_STATE_COMPLETED and not job.shard_job_ids:  # a split job's shards count themselves
-            metrics.JOB_DURATION.observe(max(0, self.time.now_ms() - job.created_at_unix_ms) / 1000, model=job.model)
+            metrics.JOB_DURATION.labels(model=job.model).observe(max(0, self.time.now_ms() - job.created_at_unix_ms) / 1000)
             if job.gpu_ms:
                 spent = metrics.VERIFY_GPU_SECONDS if job.verify_of else metrics.GPU_SECONDS
-                spent.inc(job.gpu_ms / 1000, model=job.model)
+                spent.labels(model=job.model).inc(job.gpu_ms / 1000)
         self.streams.ended(job.job_id)
         self._log_finished(job)
         self.webhooks.job_ended(job)

@@ -154,7 +154,7 @@ class Verifier:
                               device_class=referee.device_class, also_store=(orig,))
         if outcome is None or outcome == "unverified":
             orig.verification = V.VERIFICATION_STATE_UNVERIFIED
-            metrics.VERIFICATIONS.inc(outcome="unverified")
+            metrics.VERIFICATIONS.labels(outcome="unverified").inc()
             self.store.write([orig])
             # an established miner's result stands; an unproven one's is not minted on its own word
             self._release(runs, frozenset(r.miner_id for r in unproven),
@@ -169,14 +169,14 @@ class Verifier:
         if orig.miner_id in outvoted:
             # the client gets the verified result; the first miner's receipt is not minted
             orig.verification = V.VERIFICATION_STATE_REPLACED
-            metrics.VERIFICATIONS.inc(outcome="replaced")
+            metrics.VERIFICATIONS.labels(outcome="replaced").inc()
             del orig.artifacts[:]
             orig.artifacts.extend(winner.artifacts)
             log.warning("job %s: miner %s failed verification; result replaced by %s's", orig.job_id,
                         orig.miner_id, winner.miner_id)
         else:
             orig.verification = V.VERIFICATION_STATE_PASSED
-            metrics.VERIFICATIONS.inc(outcome="passed")
+            metrics.VERIFICATIONS.labels(outcome="passed").inc()
         self.store.write([orig])
         self._release(runs, outvoted, f"its result differs from {len(agreed)} other executions")
         self._record_verdicts(runs, agreed, outvoted)

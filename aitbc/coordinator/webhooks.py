@@ -180,7 +180,7 @@ class Webhooks:
         ev.attempts += 1
         if 200 <= status < 300:
             self.store.delete_meta(PREFIX + ev.event_id)
-            metrics.WEBHOOK_DELIVERIES.inc(outcome="delivered")
+            metrics.WEBHOOK_DELIVERIES.labels(outcome="delivered").inc()
             metrics.WEBHOOK_DELAY.observe(max(0, self.now_ms() - ev.ended_ms) / 1000)
             return True
         now = self.now_ms()
@@ -190,11 +190,11 @@ class Webhooks:
             return False
         ev.next_ms = now + int(1000 * jittered_wait(ev.attempts - 1, FIRST_RETRY_S, RETRY_CAP_S, self.rng))
         self.store.put_meta(PREFIX + ev.event_id, json.dumps(asdict(ev)).encode())
-        metrics.WEBHOOK_DELIVERIES.inc(outcome="retry")
+        metrics.WEBHOOK_DELIVERIES.labels(outcome="retry").inc()
         log.info("webhook %s to %s: %s; trying again in %.1f s", ev.event_id, ev.url, why, (ev.next_ms - now) / 1000)
         return False
 
     def _drop(self, ev: Event, why: str) -> None:
         self.store.delete_meta(PREFIX + ev.event_id)
-        metrics.WEBHOOK_DELIVERIES.inc(outcome="dropped")
+        metrics.WEBHOOK_DELIVERIES.labels(outcome="dropped").inc()
         log.warning("webhook %s to %s dropped: %s", ev.event_id, ev.url, why)

@@ -131,17 +131,18 @@ async def test_verification_passes_between_honest_miners(network_factory, null_b
     a = await net.add_miner({"null": null_backend})
     b = await net.add_miner({"null": null_backend})
     s = stub(net)
-    passed, served, spent = (metrics.VERIFICATIONS.value(outcome="passed"), metrics.GPU_SECONDS.value(model="null"),
-                             metrics.VERIFY_GPU_SECONDS.value(model="null"))
+    passed = metrics.value("aitbc_hub_verifications_total", outcome="passed")
+    served = metrics.value("aitbc_gpu_seconds_total", model="null")
+    spent = metrics.value("aitbc_hub_verification_gpu_seconds_total", model="null")
     job = await wait_done(s, (await s.SubmitJob(image_job(model="null", seed=3), metadata=MD)).job.job_id)
     await net.until(lambda: net.core.store.get_job(job.job_id).verification == V.VERIFICATION_STATE_PASSED)
     # the live counters: one verification passed; the re-run's GPU time is counted apart from the client's
-    assert metrics.VERIFICATIONS.value(outcome="passed") == passed + 1
+    assert metrics.value("aitbc_hub_verifications_total", outcome="passed") == passed + 1
     rerun = net.core.store.get_job(net.core.store.get_job(job.job_id).verification_job_ids[0])
     assert rerun.gpu_ms >= 1 and job.gpu_ms >= 1  # measured, and shown, but not what is paid
     assert rerun.units == job.units  # the same job costs the same whoever runs it (units from its parameters)
-    assert metrics.VERIFY_GPU_SECONDS.value(model="null") == pytest.approx(spent + rerun.gpu_ms / 1000)
-    assert metrics.GPU_SECONDS.value(model="null") == pytest.approx(served + job.gpu_ms / 1000)
+    assert metrics.value("aitbc_hub_verification_gpu_seconds_total", model="null") == pytest.approx(spent + rerun.gpu_ms / 1000)
+    assert metrics.value("aitbc_gpu_seconds_total", model="null") == pytest.approx(served + job.gpu_ms / 1000)
     got = (await s.GetJob(coordinator_pb2.GetJobRequest(job_id=job.job_id), metadata=MD)).job
     assert got.receipt.settlement.state == St.SETTLEMENT_STATE_DISABLED  # released (no ledger configured here)
     [vid] = got.verification_job_ids

@@ -10,12 +10,13 @@ from typing import Any
 import grpc
 
 from aitbc import rpc, telemetry
+from aitbc.errors import ResourceExhausted
 
 SERVICE = "aitbc.test.EchoService"
 
 
 class Echo:
-    """Raw-bytes handlers: Say (unary), Fail (aborts NOT_FOUND), Rich (abort_with_status), Count (server stream), Work (a
+    """Raw-bytes handlers: Say (unary), Fail (aborts NOT_FOUND), Rich (rpc.abort with google.rpc details), Count (server stream), Work (a
     nested span and a span in a worker thread)."""
 
     def __init__(self) -> None:
@@ -29,11 +30,7 @@ class Echo:
         return b""
 
     async def rich(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        from google.rpc import code_pb2, status_pb2
-        from grpc_status import rpc_status
-
-        status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message="slow down")
-        await context.abort_with_status(rpc_status.to_status(status))
+        await rpc.abort(context, ResourceExhausted("slow down", 0.25))  # RetryInfo in the details
         return b""
 
     async def count(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:

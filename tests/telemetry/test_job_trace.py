@@ -105,14 +105,14 @@ async def run_traced_job(network_factory: Any, backend: Any, tmp_path: Path, *, 
 
 async def test_submit_job_spans_carry_the_job_id(network_factory, null_backend, tmp_path) -> None:  # type: ignore[no-untyped-def]
     t = await run_traced_job(network_factory, null_backend, tmp_path, ledger=False)
-    client = t.one(f"{COORD}/SubmitJob", SpanKind.CLIENT)
-    server = t.one(f"{COORD}/SubmitJob", SpanKind.SERVER)
+    client = t.one(f"/{COORD}/SubmitJob", SpanKind.CLIENT)
+    server = t.one(f"/{COORD}/SubmitJob", SpanKind.SERVER)
     assert client.parent.span_id == t.root.get_span_context().span_id
     assert server.parent.span_id == client.context.span_id
     assert server.context.trace_id == t.root.get_span_context().trace_id
     assert server.attributes["job_id"] == t.job.job_id
     assert server.attributes["model"] == "null"
-    watch = t.one(f"{COORD}/WatchJob", SpanKind.SERVER)
+    watch = t.one(f"/{COORD}/WatchJob", SpanKind.SERVER)
     assert watch.attributes["job_id"] == t.job.job_id
 
 
@@ -155,7 +155,7 @@ async def test_settlement_span_wraps_the_mint_and_its_block_links_back(network_f
     assert final.attributes["state"] == "SETTLEMENT_STATE_FINAL"
     assert final.attributes["block_height"] == t.settled.settlement.block_height
     # the MINT's broadcast reaches the node inside the settle span ...
-    broadcasts = [s for s in t.named(f"{LEDGER}/BroadcastTransaction", SpanKind.SERVER) if t.is_descendant(s, settle)]
+    broadcasts = [s for s in t.named(f"/{LEDGER}/BroadcastTransaction", SpanKind.SERVER) if t.is_descendant(s, settle)]
     assert len(broadcasts) == 1
     # ... and the block that includes it links to that call
     block = t.one("ledger.block", height=t.settled.settlement.block_height, source="produced")
@@ -168,7 +168,7 @@ async def test_settlement_span_wraps_the_mint_and_its_block_links_back(network_f
 
 async def test_job_records_the_submit_traceparent(network_factory, null_backend, tmp_path) -> None:  # type: ignore[no-untyped-def]
     t = await run_traced_job(network_factory, null_backend, tmp_path, ledger=False)
-    server = t.one(f"{COORD}/SubmitJob", SpanKind.SERVER)
+    server = t.one(f"/{COORD}/SubmitJob", SpanKind.SERVER)
     ctx = server.context
     assert t.job.traceparent.startswith(f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-")
 
@@ -176,7 +176,7 @@ async def test_job_records_the_submit_traceparent(network_factory, null_backend,
 async def test_dispatch_span_parents_the_miner_job_span(network_factory, null_backend, tmp_path) -> None:  # type: ignore[no-untyped-def]
     t = await run_traced_job(network_factory, null_backend, tmp_path, ledger=False)
     trace_id = t.root.get_span_context().trace_id
-    server = t.one(f"{COORD}/SubmitJob", SpanKind.SERVER)
+    server = t.one(f"/{COORD}/SubmitJob", SpanKind.SERVER)
     dispatch = t.one("coordinator.dispatch", job_id=t.job.job_id)
     assert dispatch.parent.span_id == server.context.span_id
     assert dispatch.attributes["model"] == "null" and dispatch.attributes["miner_id"] == t.job.miner_id
@@ -188,7 +188,7 @@ async def test_dispatch_span_parents_the_miner_job_span(network_factory, null_ba
 
 async def test_settlement_spans_are_in_the_jobs_trace(network_factory, null_backend, tmp_path) -> None:  # type: ignore[no-untyped-def]
     t = await run_traced_job(network_factory, null_backend, tmp_path, ledger=True)
-    server = t.one(f"{COORD}/SubmitJob", SpanKind.SERVER)
+    server = t.one(f"/{COORD}/SubmitJob", SpanKind.SERVER)
     for name in ("coordinator.settle", "coordinator.settled"):
         span = t.one(name, job_id=t.job.job_id)
         assert span.parent.span_id == server.context.span_id

@@ -56,7 +56,7 @@ async def test_scrape_exposes_every_documented_metric_with_live_values(network_f
         await ledger.stop()
     types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, flags=re.M))
     documented = documented_metrics()
-    assert set(documented) == set(metrics.REGISTRY.names())  # docs and code list the same metrics
+    assert set(documented) == set(metrics.declared())  # docs and code list the same metrics
     missing = [name for name in documented if name not in types]
     assert not missing, f"documented but not exposed: {missing}"
     list(text_string_to_metric_families(text))  # the reference parser accepts the whole page
@@ -80,18 +80,18 @@ async def test_scrape_exposes_every_documented_metric_with_live_values(network_f
 
 async def test_job_metrics_count_the_job(network_factory, null_backend, tmp_path) -> None:  # type: ignore[no-untyped-def]
     before = {
-        "completed": metrics.JOBS_TOTAL.value(state="COMPLETED"),
-        "queued": metrics.JOBS_TOTAL.value(state="QUEUED"),
-        "assigned": metrics.JOBS_TOTAL.value(state="ASSIGNED"),
-        "dispatch": metrics.DISPATCH_LATENCY.count(),
-        "duration": metrics.JOB_DURATION.count(model="null"),
-        "gpu": metrics.GPU_SECONDS.value(model="null"),
+        "completed": metrics.value("aitbc_jobs_total", state="COMPLETED"),
+        "queued": metrics.value("aitbc_jobs_total", state="QUEUED"),
+        "assigned": metrics.value("aitbc_jobs_total", state="ASSIGNED"),
+        "dispatch": metrics.value("aitbc_dispatch_latency_seconds_count"),
+        "duration": metrics.value("aitbc_job_duration_seconds_count", model="null"),
+        "gpu": metrics.value("aitbc_gpu_seconds_total", model="null"),
     }
     ledger, net, job, rec = await _one_settled_job(network_factory, null_backend, tmp_path)
     await ledger.stop()
-    assert metrics.JOBS_TOTAL.value(state="QUEUED") == before["queued"] + 1
-    assert metrics.JOBS_TOTAL.value(state="ASSIGNED") == before["assigned"] + 1
-    assert metrics.JOBS_TOTAL.value(state="COMPLETED") == before["completed"] + 1
-    assert metrics.DISPATCH_LATENCY.count() == before["dispatch"] + 1
-    assert metrics.JOB_DURATION.count(model="null") == before["duration"] + 1
-    assert metrics.GPU_SECONDS.value(model="null") == pytest.approx(before["gpu"] + job.gpu_ms / 1000)
+    assert metrics.value("aitbc_jobs_total", state="QUEUED") == before["queued"] + 1
+    assert metrics.value("aitbc_jobs_total", state="ASSIGNED") == before["assigned"] + 1
+    assert metrics.value("aitbc_jobs_total", state="COMPLETED") == before["completed"] + 1
+    assert metrics.value("aitbc_dispatch_latency_seconds_count") == before["dispatch"] + 1
+    assert metrics.value("aitbc_job_duration_seconds_count", model="null") == before["duration"] + 1
+    assert metrics.value("aitbc_gpu_seconds_total", model="null") == pytest.approx(before["gpu"] + job.gpu_ms / 1000)

@@ -1,18 +1,19 @@
-"""Metrics: the registry renders valid Prometheus text (parsed back here), histograms are
-cumulative, label values escaped; the HTTP endpoint serves it; the gRPC interceptor counts calls;
-docs/operations.md lists every declared metric."""
+"""Metrics (prometheus-client): every metric docs/operations.md lists is declared with its type and
+labels, the page is strict text format 0.0.4, gauges read at scrape time survive a broken callback
+and can be released; the HTTP endpoint serves it; the gRPC interceptor counts calls."""
 
 from __future__ import annotations
 
 import math
 import re
-import threading
-import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 from aitbc import metrics, rpc, telemetry
 from tests.telemetry.echo import SERVICE, start_echo
@@ -61,81 +62,71 @@ def parse(text: str) -> tuple[dict[str, str], list[tuple[str, dict[str, str], fl
     return types, samples
 
 
-def test_registry_renders_parseable_text() -> None:
-    reg = metrics.Registry()
-    jobs = reg.counter("t_jobs_total", "Jobs by state.\nSecond line with a \\ backslash.", ["state"])
-    jobs.inc(state="COMPLETED")
-    jobs.inc(2, state="COMPLETED")
-    done = jobs.labels(state="FAILED")
-    done.inc()
-    weird = reg.gauge("t_weird", "Escaping.", ["who"])
-    weird.set(1.5, who='a "quoted" \\ back\nslash')
-    depth = reg.gauge("t_depth", "Queue depth.")
-    depth.set(3)
-    depth.inc()
-    depth.dec(2)
-    reg.gauge("t_live", "Computed at scrape.").set_function(lambda: 42)
-    reg.gauge("t_unused", "Never set: HELP and TYPE only.")
-    lat = reg.histogram("t_latency_seconds", "Latency.", ["method"], buckets=[0.1, 1, 0.01])
-    for v in (0.005, 0.01, 0.05, 0.5, 0.5, 7):
-        lat.observe(v, method="Say")
-
-    types, samples = parse(reg.render())
-    assert types == {"t_jobs_total": "counter", "t_weird": "gauge", "t_depth": "gauge", "t_live": "gauge",
-                     "t_unused": "gauge", "t_latency_seconds": "histogram"}
-    values = {(n, tuple(sorted(lb.items()))): v for n, lb, v in samples}
-    assert values[("t_jobs_total", (("state", "COMPLETED"),))] == 3
-    assert values[("t_jobs_total", (("state", "FAILED"),))] == 1
-    assert values[("t_weird", (("who", 'a "quoted" \\ back\nslash'),))] == 1.5
-    assert values[("t_depth", ())] == 2
-    assert values[("t_live", ())] == 42
-    assert not any(n == "t_unused" for n, _, _ in samples)
-
-    buckets = [(lb["le"], v) for n, lb, v in samples if n == "t_latency_seconds_bucket"]
-    assert buckets == [("0.01", 2), ("0.1", 3), ("1", 5), ("+Inf", 6)]  # cumulative, le inclusive
-    counts = [v for _, v in buckets]
-    assert counts == sorted(counts)
-    assert values[("t_latency_seconds_count", (("method", "Say"),))] == 6
-    assert values[("t_latency_seconds_sum", (("method", "Say"),))] == pytest.approx(8.065)
-    assert lat.count(method="Say") == 6
+def documented() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """{name: (type, label names)} from the metrics table of docs/operations.md."""
+    rows = re.findall(r"^\| `(aitbc_[a-z_]+)` \| (\w+) \|([^|]*)\|", (ROOT / "docs" / "operations.md").read_text(),
+                      flags=re.M)
+    return {name: (kind, tuple(x.strip() for x in labels.split(",") if x.strip())) for name, kind, labels in rows}
 
 
-def test_label_checks_and_counter_only_goes_up() -> None:
-    reg = metrics.Registry()
-    c = reg.counter("t_c_total", "c", ["state"])
-    with pytest.raises(ValueError):
-        c.inc()
-    with pytest.raises(ValueError):
-        c.inc(state="A", extra="B")
-    with pytest.raises(ValueError):
-        c.inc(-1, state="A")
-    assert reg.counter("t_c_total", "c", ["state"]) is c  # get-or-create
-    with pytest.raises(ValueError):
-        reg.gauge("t_c_total", "c")
-    with pytest.raises(ValueError):
-        reg.histogram("t_h", "h", ["le"])
+def declared_objects() -> dict[str, Any]:
+    """{exposed name: the object aitbc.metrics declares it with}."""
+    out = {}
+    for obj in vars(metrics).values():
+        if isinstance(obj, MetricWrapperBase) or isinstance(obj, metrics.CudaVramCollector):
+            (family,) = obj.describe()
+            out[family.name + "_total" if family.type == "counter" else family.name] = obj
+    return out
 
 
-def test_recording_from_threads_loses_nothing() -> None:
-    reg = metrics.Registry()
-    c = reg.counter("t_par_total", "c", ["k"]).labels(k="x")
-    h = reg.histogram("t_par_seconds", "h")
+def test_declared_metrics_have_the_documented_types_and_labels() -> None:
+    docs = documented()
+    assert set(docs) == set(metrics.declared()) == set(declared_objects())
+    for name, (kind, labels) in docs.items():
+        assert metrics.declared()[name] == kind, name
+        obj = declared_objects()[name]
+        if isinstance(obj, metrics.CudaVramCollector):
+            assert labels == ("device",)
+            continue
+        if not labels:
+            with pytest.raises(ValueError):  # no labels: recorded as it is
+                obj.labels("x")
+            continue
+        values = {label: "doc-check" for label in labels}
+        obj.labels(**values)  # exactly these label names (prometheus-client refuses others)
+        obj.remove(*values.values())
+        with pytest.raises(ValueError):
+            obj.labels(**values, extra="x")
 
-    def work() -> None:
-        for _ in range(5000):
-            c.inc()
-            h.observe(0.002)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert reg.get("t_par_total").value(k="x") == 20000  # type: ignore[union-attr]
-    assert h.count() == 20000
+def test_registry_page_is_strict_text_format_0_0_4() -> None:
+    metrics.JOBS_TOTAL.labels(state="COMPLETED").inc()
+    metrics.DISPATCH_LATENCY.observe(0.003)
+    metrics.RPC_LATENCY.labels("aitbc.test.EchoService", "Say").observe(0.01)
+    types, samples = parse(generate_latest(metrics.REGISTRY).decode())
+    assert types == metrics.declared()
+    names = {n for n, _, _ in samples}
+    assert not any(n.endswith("_created") for n in names)  # disable_created_metrics()
+    buckets = [lb["le"] for n, lb, _ in samples if n == "aitbc_dispatch_latency_seconds_bucket"]
+    assert [float(b) for b in buckets] == [*metrics.LATENCY_BUCKETS, math.inf]
 
 
-def test_vram_gauge_reads_torch_only_when_cuda_is_initialised(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gauges_read_at_scrape_time_survive_a_broken_callback_and_can_be_released() -> None:
+    reg = CollectorRegistry()
+    depth = metrics.Gauge("t_depth", "Queue depth.", registry=reg)
+    queue = [1, 2, 3]
+    depth.set_function(lambda: len(queue))
+    assert reg.get_sample_value("t_depth") == 3
+    queue.append(4)
+    assert reg.get_sample_value("t_depth") == 4  # read at each scrape
+    depth.set_function(lambda: 1 / 0)
+    assert math.isnan(reg.get_sample_value("t_depth"))  # logged, and the rest of the page is served
+    depth.set_function(None)  # a stopped owner releases it: set() counts again
+    depth.set(7)
+    assert reg.get_sample_value("t_depth") == 7
+
+
+def test_vram_gauge_reads_torch_only_when_watched_and_cuda_is_initialised(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
     import types
 
@@ -145,11 +136,14 @@ def test_vram_gauge_reads_torch_only_when_cuda_is_initialised(monkeypatch: pytes
     assert metrics.cuda_vram_used() == {}
     cuda.is_initialized = lambda: True
     assert metrics.cuda_vram_used() == {("cuda:0",): 1024.0, ("cuda:1",): 2048.0}
-    reg = metrics.Registry()
-    g = reg.gauge("t_vram_bytes", "v", ["device"])
-    g.set_function(metrics.cuda_vram_used)
-    _, samples = parse(reg.render())
-    assert samples == [("t_vram_bytes", {"device": "cuda:0"}, 1024.0), ("t_vram_bytes", {"device": "cuda:1"}, 2048.0)]
+    reg = CollectorRegistry()
+    vram = metrics.CudaVramCollector()
+    reg.register(vram)
+    assert reg.get_sample_value("aitbc_vram_used_bytes", {"device": "cuda:0"}) is None  # not a miner
+    vram.watch()
+    _, samples = parse(generate_latest(reg).decode())
+    assert samples == [("aitbc_vram_used_bytes", {"device": "cuda:0"}, 1024.0),
+                       ("aitbc_vram_used_bytes", {"device": "cuda:1"}, 2048.0)]
 
 
 def scrape(port: int, path: str = "/metrics") -> tuple[int, str, str]:
@@ -161,8 +155,8 @@ async def test_endpoint_serves_declared_metrics_and_rpc_counts() -> None:
     port = telemetry.setup("test-node", metrics_listen="127.0.0.1:0")
     assert port and metrics.rpc_metrics_enabled
     assert telemetry.start_metrics_server("127.0.0.1:0") == port  # one endpoint per process
-    before = metrics.RPC_REQUESTS.value(service=SERVICE, method="Say", code="OK")
-    metrics.JOBS_TOTAL.inc(state="COMPLETED")
+    before = metrics.value("aitbc_rpc_requests_total", service=SERVICE, method="Say", code="OK")
+    metrics.JOBS_TOTAL.labels(state="COMPLETED").inc()
     metrics.BLOCK_HEIGHT.set(12)
     metrics.DISPATCH_LATENCY.observe(0.003)
 
@@ -180,8 +174,8 @@ async def test_endpoint_serves_declared_metrics_and_rpc_counts() -> None:
     status, ctype, body = scrape(port)
     assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
     types, samples = parse(body)
-    for m in metrics.REGISTRY:
-        assert types[m.name] == m.kind
+    for name, kind in metrics.declared().items():
+        assert types[name] == kind
     got = {(n, tuple(sorted(lb.items()))): v for n, lb, v in samples}
     assert got[("aitbc_rpc_requests_total", (("code", "OK"), ("method", "Say"), ("service", SERVICE)))] == before + 3
     assert got[("aitbc_rpc_requests_total", (("code", "NOT_FOUND"), ("method", "Fail"), ("service", SERVICE)))] >= 1
@@ -192,10 +186,12 @@ async def test_endpoint_serves_declared_metrics_and_rpc_counts() -> None:
     assert got[("aitbc_block_height", ())] == 12
     assert got[("aitbc_jobs_total", (("state", "COMPLETED"),))] >= 1
 
-    with pytest.raises(urllib.error.HTTPError) as err:
-        scrape(port, "/nope")
-    assert err.value.code == 404
-    err.value.close()
+    # a Prometheus server that asks for OpenMetrics gets it (prometheus-client's negotiation)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                 headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert resp.read().decode().endswith("# EOF\n")
 
 
 def test_port_in_use_says_so() -> None:
@@ -217,29 +213,11 @@ async def test_metrics_off_means_no_interceptor() -> None:
     assert telemetry.server_interceptors() == []
 
 
-def test_official_parser_reads_the_output() -> None:
-    parser = pytest.importorskip("prometheus_client.parser")
-    reg = metrics.Registry()
-    reg.counter("t_req_total", "Requests.", ["service", "method", "code"]).inc(
-        service='we"ird\\svc', method="a\nb", code="OK")
-    h = reg.histogram("t_lat_seconds", "Latency.", ["method"], buckets=[0.01, 0.1])
-    for v in (0.005, 0.05, 5):
-        h.observe(v, method="Say")
-    reg.gauge("t_up", "Up.").set(1)
-    fams = {f.name: f for f in parser.text_string_to_metric_families(reg.render())}
-    assert fams["t_req"].type == "counter"
-    (req,) = fams["t_req"].samples
-    assert req.labels == {"service": 'we"ird\\svc', "method": "a\nb", "code": "OK"} and req.value == 1
-    buckets = [(s.labels["le"], s.value) for s in fams["t_lat_seconds"].samples if s.name.endswith("_bucket")]
-    assert buckets == [("0.01", 1), ("0.1", 2), ("+Inf", 3)]
-    assert fams["t_up"].samples[0].value == 1
-
-
 def test_docs_list_every_metric() -> None:
     doc = (ROOT / "docs" / "operations.md").read_text()
-    missing = [name for name in metrics.REGISTRY.names() if name.startswith("aitbc_") and f"`{name}`" not in doc]
+    missing = [name for name in metrics.declared() if name.startswith("aitbc_") and f"`{name}`" not in doc]
     assert not missing, f"docs/operations.md does not list {missing}"
     documented = set(re.findall(r"`(aitbc_[a-z_]+)`", doc))
-    undeclared = {n for n in documented if metrics.REGISTRY.get(n) is None
+    undeclared = {n for n in documented if n not in metrics.declared()
                   and not re.search(r"_(bucket|sum|count)$", n)}
     assert not undeclared, f"docs/operations.md lists metrics the code does not declare: {undeclared}"

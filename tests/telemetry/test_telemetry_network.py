@@ -18,7 +18,7 @@ async def test_job_through_instrumented_coordinator_and_miner(network_factory, n
     telemetry.configure("coordinator", exporter="memory")
     metrics.rpc_metrics_enabled = True  # as start_metrics_server does, without opening a port
     exporter = telemetry.memory_exporter()
-    before = metrics.RPC_REQUESTS.value(service=COORD, method="SubmitJob", code="OK")
+    before = metrics.value("aitbc_rpc_requests_total", service=COORD, method="SubmitJob", code="OK")
 
     net = await network_factory()  # servers and channels made after configure: instrumented
     await net.add_miner({"null": null_backend})
@@ -39,15 +39,15 @@ async def test_job_through_instrumented_coordinator_and_miner(network_factory, n
     spans = exporter.get_finished_spans()
     trace_id = root.get_span_context().trace_id
     for method in ("SubmitJob", "WatchJob"):
-        client = next(x for x in spans if x.name == f"{COORD}/{method}" and x.kind == SpanKind.CLIENT)
-        server = next(x for x in spans if x.name == f"{COORD}/{method}" and x.kind == SpanKind.SERVER)
+        client = next(x for x in spans if x.name == f"/{COORD}/{method}" and x.kind == SpanKind.CLIENT)
+        server = next(x for x in spans if x.name == f"/{COORD}/{method}" and x.kind == SpanKind.SERVER)
         assert client.parent.span_id == root.get_span_context().span_id
         assert server.parent.span_id == client.context.span_id
         assert server.context.trace_id == trace_id
         assert server.attributes["rpc.grpc.status_code"] == 0
     names = {x.name for x in spans if x.kind == SpanKind.SERVER}
-    assert {"aitbc.v1.MinerService/GetChallenge", "aitbc.v1.MinerService/Register",
-            "aitbc.v1.MinerService/Work"} <= names
+    assert {"/aitbc.v1.MinerService/GetChallenge", "/aitbc.v1.MinerService/Register",
+            "/aitbc.v1.MinerService/Work"} <= names
 
-    assert metrics.RPC_REQUESTS.value(service=COORD, method="SubmitJob", code="OK") == before + 1
-    assert metrics.RPC_LATENCY.count(service=COORD, method="SubmitJob") >= 1
+    assert metrics.value("aitbc_rpc_requests_total", service=COORD, method="SubmitJob", code="OK") == before + 1
+    assert metrics.value("aitbc_rpc_latency_seconds_count", service=COORD, method="SubmitJob") >= 1
