@@ -159,7 +159,9 @@ class Cluster:
             "trusted_miners = [" + ", ".join(json.dumps(k.address) for k in self.miner_keys) + "]",
             f'event_log = "{root / "coordinator-events.jsonl"}"',  # replayed against the core afterwards
             "", "[[clients]]", 'id = "chaos"', f'api_key_sha256 = "{hashlib.sha256(API_KEY.encode()).hexdigest()}"',
-            "rate_per_s = 10000.0", "burst = 10000", "",
+            "rate_per_s = 10000.0", "burst = 10000",
+            # paid jobs come out of miner0's escrow: it earns by serving, then pays as the client
+            f'address = "{self.miner_keys[0].address}"', "",
         ]))
         self.event_log = root / "coordinator-events.jsonl"
         self.coordinator = Proc("coordinator", "coordinator",

@@ -4,8 +4,12 @@ paused (SIGSTOP 10 s) and restarted at random; afterwards the invariants a user 
 Network: 4 authorities + 1 follower (ledger; finality by votes of more than 2/3, so one
 authority down or paused at a time leaves three to finalize), a coordinator settling through the
 follower, 3 miners (null image and null-text backends: everything real but the models, so the CPU
-goes to the protocol). Load: image and text jobs and token transfers. Bounded: AITBC_CHAOS_PERTURBATIONS
-(default 50) perturbations about a second apart, then recovery and checks with timeouts.
+goes to the protocol). Load: image and text jobs (every fourth paid from miner0's escrow, which it
+tops up from what it earns), token transfers. Bounded: AITBC_CHAOS_PERTURBATIONS (default 50)
+perturbations about a second apart, then recovery and checks with timeouts: besides nothing lost
+and nodes agreeing, every receipt minted once, every fee settled once (one SETTLE per receipt and
+per quote, for exactly the job's fee), and the supply invariant (minted - burned = balances +
+escrowed) on the chain as replayed from its transactions.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import pytest
 
 from aitbc import crypto, jobs
 from aitbc.clients.retry import RetryPolicy
-from aitbc.clients.sdk import ClientError, CoordinatorClient
+from aitbc.clients.sdk import ClientError, CoordinatorClient, image_params
 from aitbc.coordinator import eventlog
 from aitbc.ledger import tx as txmod
 from aitbc.v1 import job_pb2, ledger_pb2, ledger_pb2_grpc, receipt_pb2
@@ -39,12 +43,15 @@ class Load:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.accepted: list[str] = []
+        self.paid: list[str] = []  # accepted jobs with a fee
         self.refused = 0
         self.transfers_sent = 0
+        self.deposits_sent = 0
         self.sink = crypto.PrivateKey.generate()
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._jobs, daemon=True),
-                        threading.Thread(target=self._transfers, daemon=True)]
+                        threading.Thread(target=self._transfers, daemon=True),
+                        threading.Thread(target=self._escrow, daemon=True)]
 
     def start(self) -> None:
         for t in self.threads:
@@ -64,7 +71,12 @@ class Load:
         while not self.stop.wait(0.2):
             i += 1
             try:
-                if i % 2:
+                if i % 4 == 3:  # paid: a priority fee from miner0's escrow (refused while it is too low)
+                    job = client.submit(
+                        "null", image_params(f"chaos paid {i}", width=64, height=64, steps=4, seed=i),
+                        request_id=f"paid-{i}", priority_fee=2)
+                    self.paid.append(job.job_id)
+                elif i % 2:
                     job = client.submit_image(f"chaos image {i}", model="null", images=rng.choice((1, 2)), seed=i,
                                               width=64, height=64, steps=4, request_id=f"img-{i}")
                 else:
@@ -74,6 +86,24 @@ class Load:
             except ClientError:
                 self.refused += 1  # coordinator down or paused: the job was never accepted
         client.close()
+
+    def _escrow(self) -> None:
+        """miner0 moves half of what it holds into its escrow for the coordinator, now and then."""
+        key = self.cluster.miner_keys[0]
+        while not self.stop.wait(2.0):
+            node = self.cluster.nodes[-1]
+            try:
+                with grpc.insecure_channel(node.target) as ch:
+                    stub = ledger_pb2_grpc.LedgerServiceStub(ch)
+                    acct = stub.GetAccount(ledger_pb2.GetAccountRequest(address=key.address), timeout=2)
+                    if acct.balance < 40:
+                        continue
+                    raw = txmod.make_escrow_deposit(key, self.cluster.chain_ref, acct.pending_nonce,
+                                                    self.cluster.coord_key.address, acct.balance // 2)
+                    stub.BroadcastTransaction(ledger_pb2.BroadcastTransactionRequest(raw=raw), timeout=2)
+                    self.deposits_sent += 1
+            except grpc.RpcError:
+                pass  # node down or paused, or a nonce race with a transfer: nothing moved
 
     def _transfers(self) -> None:
         rng = random.Random(2)
@@ -216,20 +246,42 @@ def test_chaos_nothing_lost_minted_once_nodes_agree(tmp_path: Path) -> None:
         _, txs = chain_view(cluster.nodes[0].target, top)
         mints_by_receipt: dict[str, int] = defaultdict(int)
         balance: dict[str, int] = defaultdict(int)
+        escrowed: dict[str, int] = defaultdict(int)
+        minted = 0
         for t in txs:
-            if t.kind == ledger_pb2.TRANSACTION_KIND_MINT:
+            if t.kind in (ledger_pb2.TRANSACTION_KIND_MINT, ledger_pb2.TRANSACTION_KIND_SETTLE):
                 mints_by_receipt[t.receipt_hash] += 1
-                balance[t.provider] += t.mint_amount
+                balance[t.provider] += t.mint_amount + t.fee
+                escrowed[t.client_address] -= t.fee
+                minted += t.mint_amount
             elif t.kind == ledger_pb2.TRANSACTION_KIND_TRANSFER:
                 balance[t.sender] -= t.amount
                 balance[t.to] += t.amount
+            elif t.kind == ledger_pb2.TRANSACTION_KIND_ESCROW_DEPOSIT:
+                balance[t.sender] -= t.amount
+                escrowed[t.sender] += t.amount
         assert all(c == 1 for c in mints_by_receipt.values()), "a receipt was minted twice"
         for rec in receipts.values():
             assert mints_by_receipt[rec.receipt_hash] == 1
+        # every fee settled once: one SETTLE per quote, each paid job's receipt carries its fee
+        settles = [t for t in txs if t.kind == ledger_pb2.TRANSACTION_KIND_SETTLE]
+        assert len({t.quote_hash for t in settles}) == len(settles), "a quote was settled twice"
+        fee_of = {t.receipt_hash: t.fee for t in settles}
+        paid_done = [final[j] for j in load.paid if j in final and final[j].state == job_pb2.JOB_STATE_COMPLETED]
+        for job in paid_done:
+            [rec] = [r for r in receipts.values() if r.body.job_id == job.job_id]
+            assert rec.settlement.fee in (job.fee, 0), (job.fee, rec.settlement)  # 0: the escrow could not pay
+            assert fee_of.get(rec.receipt_hash, 0) == rec.settlement.fee
         with grpc.insecure_channel(cluster.nodes[0].target) as ch:
             stub = ledger_pb2_grpc.LedgerServiceStub(ch)
             for addr in {*balance, *(k.address for k in cluster.miner_keys), load.sink.address}:
-                assert stub.GetAccount(ledger_pb2.GetAccountRequest(address=addr), timeout=5).balance == balance[addr]
+                acct = stub.GetAccount(ledger_pb2.GetAccountRequest(address=addr), timeout=5)
+                assert acct.balance == balance[addr]
+                assert sum(e.available + e.unlocking for e in acct.escrows) == escrowed[addr]
+            # the supply invariant (nothing burned without a SLASH; no transaction came after `top`, as above)
+            sup = stub.GetSupply(ledger_pb2.GetSupplyRequest(), timeout=5)
+            assert sup.minted == minted and sup.burned == 0
+            assert sup.supply == sum(balance.values()) + sum(escrowed.values()) and sup.escrowed == sum(escrowed.values())
         # each client receipt's settled amount is its MINT's on chain (re-executions by the hub's
         # verification are minted too, under their own receipts)
         mint_amount = {t.receipt_hash: (t.provider, t.mint_amount) for t in txs
@@ -247,6 +299,7 @@ def test_chaos_nothing_lost_minted_once_nodes_agree(tmp_path: Path) -> None:
             shutil.copy(cluster.event_log, os.environ["AITBC_CHAOS_KEEP_EVENTS"])
         print(f"chaos: {PERTURBATIONS} perturbations, {replayed.calls} machine calls replayed identically, {len(load.accepted)} jobs accepted ({load.refused} refused "
               f"while the coordinator was down), {len(completed)} completed, {len(receipts)} minted once, "
+              f"{len(load.paid)} paid jobs accepted ({len(settles)} SETTLEs), {load.deposits_sent} escrow deposits, "
               f"{load.transfers_sent} transfers sent, chain height {top}, worst recovery {worst:.1f} s")
         print("\n".join(events))
     finally:
