@@ -285,7 +285,7 @@ def test_chaos_nothing_lost_minted_once_nodes_agree(tmp_path: Path) -> None:
         # each client receipt's settled amount is its MINT's on chain (re-executions by the hub's
         # verification are minted too, under their own receipts)
         mint_amount = {t.receipt_hash: (t.provider, t.mint_amount) for t in txs
-                       if t.kind == ledger_pb2.TRANSACTION_KIND_MINT}
+                       if t.kind in (ledger_pb2.TRANSACTION_KIND_MINT, ledger_pb2.TRANSACTION_KIND_SETTLE)}
         for rec in receipts.values():
             assert mint_amount[rec.receipt_hash] == (rec.body.provider, rec.settlement.amount)
         # the coordinator's job machine, replayed from the events it logged (restarts included),
