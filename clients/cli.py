@@ -467,14 +467,14 @@ def cmd_hub_miners(args: argparse.Namespace) -> int:
             return 0
         if not miners:
             print("no miner has registered yet")
-        print(f"{'miner':44s} {'state':11s} {'score':>5s} {'rep':>5s} {'load':>5s} {'price':>6s} {'served':>6s} "
-              f"{'verif ok/bad':>12s} {'fail':>4s} {'lat ms':>7s}  models")
+        print(f"{'miner':44s} {'state':11s} {'score':>5s} {'rep':>5s} {'load':>5s} {'price':>6s} {'stake':>8s} "
+              f"{'served':>6s} {'verif ok/bad':>12s} {'fail':>4s} {'lat ms':>7s}  models")
         for m in miners:
             state = "QUARANTINE" if m.quarantined else ("connected" if m.connected else "offline")
             if m.probation_left and not m.quarantined:
                 state = "probation"
             print(f"{m.miner_id:44s} {state:11s} {m.score:5.2f} {m.reputation:5.2f} "
-                  f"{m.running}/{m.max_concurrency or '-':<3} {m.price_per_unit:6d} {m.jobs_served:6d} "
+                  f"{m.running}/{m.max_concurrency or '-':<3} {m.price_per_unit:6d} {m.staked:8d} {m.jobs_served:6d} "
                   f"{m.verifications_passed:>6d}/{m.verifications_failed:<5d} {m.failures + m.stalls:4d} "
                   f"{m.recent_latency_ms:7.0f}  {','.join(m.models)}")
     return 0

@@ -66,6 +66,7 @@ REPUTATION_STEP = 0.01
 SERVED_META = "served_models"  # the models served lately (MinerRegistry.served_record), kept across restarts
 QUOTE_META = "quote:"  # quote id -> "job id expires_at": each quote pays for one job (pruned once expired)
 QUOTE_PRUNE_S = 60.0
+MAX_STAKES_SHOWN = 4096  # stake figures kept for ListMiners (pruned to the connected miners beyond 4x this)
 SERVED_SAVE_S = 10.0  # while miners are connected, how often that record is refreshed (a kill -9 loses less)
 
 
@@ -102,6 +103,7 @@ class Coordinator:
         # paid jobs (docs/economy.md): what is reserved of each client's escrow, and the ledger
         # that holds the escrow (set by the server when a ledger is configured; None: free jobs only)
         self.reservations = fees.Reservations()
+        self.stakes: dict[str, int] = {}  # miner -> its stake as last read (ListMiners shows it)
         self.chain: fees.LedgerView | None = None
         self.receipts.closed_listeners.append(lambda rec: self.reservations.release(rec.body.job_id))
         self.verifier = Verifier(store, self.receipts, self.book, rate=config.verify_rate,
@@ -696,7 +698,9 @@ class Coordinator:
             return
         try:
             need = await self.chain.min_stake()
-            have = await self.chain.stake_of(miner_id) if need > 0 else 0
+            have = self.stakes[miner_id] = await self.chain.stake_of(miner_id)
+            if len(self.stakes) > 4 * MAX_STAKES_SHOWN:  # bounded: keep the connected miners' figures
+                self.stakes = {m: v for m, v in self.stakes.items() if m in self.registry.miners or m == miner_id}
         except AitbcError as exc:  # the ledger is away: admitted now, checked again (watch_stakes) once it is back,
             log.warning("stake of miner %s not checked: %s", miner_id, exc.message)  # as jobs run through an outage
             return
@@ -900,6 +904,7 @@ class Coordinator:
             st.reputation, st.jobs_served, st.failures, st.stalls = rec.reputation, rec.jobs_served, rec.failures, rec.stalls
             st.verifications_passed, st.verifications_failed = rec.verifications_passed, rec.verifications_failed
             st.quarantined, st.probation_left = rec.quarantined, rec.probation_left
+            st.staked = self.stakes.get(miner_id, 0)
         return sorted(out.values(), key=lambda s: (not s.connected, -s.reputation, s.miner_id))
 
     # ---- housekeeping ---------------------------------------------------------------------------------

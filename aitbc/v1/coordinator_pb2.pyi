@@ -708,6 +708,7 @@ class MinerStatus(_message.Message):
     STALLS_FIELD_NUMBER: _builtins.int
     QUARANTINED_FIELD_NUMBER: _builtins.int
     PROBATION_LEFT_FIELD_NUMBER: _builtins.int
+    STAKED_FIELD_NUMBER: _builtins.int
     miner_id: _builtins.str
     connected: _builtins.bool
     device: _builtins.str
@@ -730,6 +731,10 @@ class MinerStatus(_message.Message):
     probation_left: _builtins.int
     """> 0: the miner failed a verification; this many more passed verifications end its probation,
     during which every result it returns is verified.
+    """
+    staked: _builtins.int
+    """The miner's stake on the ledger as the coordinator last read it (at registration, then every
+    stake_check_s); 0 without a ledger. Stake gates eligibility (genesis min_stake), not routing.
     """
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -755,10 +760,11 @@ class MinerStatus(_message.Message):
         stalls: _builtins.int = ...,
         quarantined: _builtins.bool = ...,
         probation_left: _builtins.int = ...,
+        staked: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "device", b"device", "failures", b"failures", "gpu_name", b"gpu_name", "jobs_served", b"jobs_served", "max_concurrency", b"max_concurrency", "miner_id", b"miner_id", "models", b"models", "price_per_unit", b"price_per_unit", "probation_left", b"probation_left", "quarantined", b"quarantined", "recent_latency_ms", b"recent_latency_ms", "reputation", b"reputation", "running", b"running", "score", b"score", "stalls", b"stalls", "verifications_failed", b"verifications_failed", "verifications_passed", b"verifications_passed", "vram_mb", b"vram_mb"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "device", b"device", "failures", b"failures", "gpu_name", b"gpu_name", "jobs_served", b"jobs_served", "max_concurrency", b"max_concurrency", "miner_id", b"miner_id", "models", b"models", "price_per_unit", b"price_per_unit", "probation_left", b"probation_left", "quarantined", b"quarantined", "recent_latency_ms", b"recent_latency_ms", "reputation", b"reputation", "running", b"running", "score", b"score", "staked", b"staked", "stalls", b"stalls", "verifications_failed", b"verifications_failed", "verifications_passed", b"verifications_passed", "vram_mb", b"vram_mb"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
