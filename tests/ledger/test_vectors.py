@@ -32,8 +32,8 @@ CHAIN = "aitbc-test"  # the vectors' chain id (fixed: vectors are byte-exact)
 
 def build() -> dict:
     g = make_genesis(CHAIN, [AUTH[0].address], [ATTESTER.address], block_time_ms=1000, max_price_per_unit=1000,
-                     max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000)
-    chain = Chain(MemoryStore(), g)
+                     max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000, version=2)
+    chain = Chain(MemoryStore(), g)  # a version 2 genesis: its bytes and hash are what they were
     r = receipt(1, units=100, price=10)
     tx_specs = [
         ("mint", make_mint(ALICE, g.ref, 0, r)),
@@ -62,7 +62,7 @@ def build() -> dict:
         })
     t1 = txs["transfer-1"]
     twin = make_genesis(CHAIN, [AUTH[0].address], [ATTESTER.address], block_time_ms=1000, max_price_per_unit=1000,
-                        max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_001)
+                        max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_001, version=2)
     out["refused_transactions"] = [  # each must be refused with the message's prefix
         {"name": "transfer-1 with its 65-byte recoverable signature (a second encoding)",
          "raw": (t1.body + PROVIDER.sign(signing_digest(t1.body))).hex(),
@@ -94,7 +94,8 @@ def build() -> dict:
 def finality_vectors() -> dict:
     """Votes, a certificate, evidence (docs/ledger.md "Finality votes") on a 4-authority genesis."""
     g = make_genesis(CHAIN, [k.address for k in AUTH], [ATTESTER.address], block_time_ms=1000,
-                     max_price_per_unit=1000, max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000)
+                     max_price_per_unit=1000, max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000,
+                     version=2)
     gen = fin.Checkpoint(0, g.hash())
     b1 = fin.Checkpoint(1, hashlib.sha256(b"vector block 1").digest())
     b2 = fin.Checkpoint(2, hashlib.sha256(b"vector block 2").digest())
