@@ -179,7 +179,8 @@ def cmd_tx(args: argparse.Namespace) -> int:
 
 
 def cmd_account(args: argparse.Namespace) -> int:
-    """Balance, nonce, stake (staked, unbonding, unlock height) and escrows, zeros included."""
+    """Balance, nonce, stake (staked, unbonding, unlock height) and escrows, zeros included (as the
+    proto JSON mapping writes them: a uint64 is a string)."""
     from google.protobuf import json_format
 
     from aitbc.v1 import ledger_pb2
@@ -188,21 +189,22 @@ def cmd_account(args: argparse.Namespace) -> int:
         r = await _call(c.stub.GetAccount, ledger_pb2.GetAccountRequest(address=args.address))
         out = json_format.MessageToDict(r, preserving_proto_field_name=True)
         for name in ("balance", "nonce", "pending_nonce", "height", "staked", "unbonding", "unlock_height"):
-            out[name] = getattr(r, name)
-        out["escrows"] = [{"attester": e.attester, "available": e.available, "unlocking": e.unlocking,
-                           "unlock_height": e.unlock_height} for e in r.escrows]
+            out[name] = str(getattr(r, name))
+        out["escrows"] = [{"attester": e.attester, "available": str(e.available), "unlocking": str(e.unlocking),
+                           "unlock_height": str(e.unlock_height)} for e in r.escrows]
         return out
 
     return _run(args, get)
 
 
 def cmd_supply(args: argparse.Namespace) -> int:
-    """GetSupply: minted - burned and where it is (every figure, zeros included)."""
+    """GetSupply: minted - burned and where it is (every figure, zeros included; uint64 as strings,
+    as the proto JSON mapping writes them)."""
     from aitbc.v1 import ledger_pb2
 
     async def get(c: Any) -> dict[str, Any]:
         r = await _call(c.stub.GetSupply, ledger_pb2.GetSupplyRequest())
-        return {name: getattr(r, name) for name in ("minted", "burned", "supply", "staked", "unbonding", "escrowed",
+        return {name: str(getattr(r, name)) for name in ("minted", "burned", "supply", "staked", "unbonding", "escrowed",
                                                     "height")}
 
     return _run(args, get)

@@ -15,6 +15,13 @@ from .test_cli import aitbc, start, stop
 from .test_service import ATTESTER, PASS, PROVIDER, receipt
 
 
+def _ints(doc: dict) -> dict:
+    """The proto JSON mapping writes uint64 as strings."""
+    out = {k: int(v) if isinstance(v, str) and v.isdigit() else v for k, v in doc.items()}
+    out["escrows"] = [_ints(e) for e in doc.get("escrows", [])] if "escrows" in doc else []
+    return out
+
+
 @pytest.mark.slow
 def test_economy_commands_end_to_end(tmp_path):
     env = dict(os.environ, AITBC_HOME=str(tmp_path / "home"), AITBC_WALLET_KDF_PROFILE="fast",
@@ -46,9 +53,9 @@ def test_economy_commands_end_to_end(tmp_path):
         assert "balance 400, staked 600, unbonding 0" in out, out
         out = aitbc("unstake", "100", "--wallet", "miner", env=env).stdout
         assert "staked 500, unbonding 100 (unlocks at height" in out, out
-        acct = json.loads(aitbc("chain", "account", PROVIDER.address, env=env).stdout)
+        acct = _ints(json.loads(aitbc("chain", "account", PROVIDER.address, env=env).stdout))
         assert (acct["staked"], acct["unbonding"]) == (500, 100) and acct["unlock_height"] > 0
-        while json.loads(aitbc("chain", "account", PROVIDER.address, env=env).stdout)["height"] + 1 \
+        while int(json.loads(aitbc("chain", "account", PROVIDER.address, env=env).stdout)["height"]) + 1 \
                 < acct["unlock_height"]:
             cp = aitbc("withdraw", "--wallet", "miner", env=env, check=False)
             if cp.returncode == 0:  # the unlock height came between the two commands
@@ -64,9 +71,9 @@ def test_economy_commands_end_to_end(tmp_path):
         cp = aitbc("escrow", "reclaim", "--wallet", "miner", env=env, check=False)
         if cp.returncode:  # still locked at the next block: the node's message says until when
             assert "escrow still locked: 50 unlock at height" in cp.stderr, cp.stderr
-        sup = json.loads(aitbc("chain", "supply", env=env).stdout)
+        sup = _ints(json.loads(aitbc("chain", "supply", env=env).stdout))
         assert sup["minted"] == sup["supply"] == 1000 and sup["staked"] == 500 and sup["burned"] == 0
-        acct = json.loads(aitbc("chain", "account", PROVIDER.address, env=env).stdout)
+        acct = _ints(json.loads(aitbc("chain", "account", PROVIDER.address, env=env).stdout))
         held = acct["balance"] + acct["staked"] + acct["unbonding"] + sum(e["available"] + e["unlocking"]
                                                                           for e in acct["escrows"])
         assert held == 1000 and sup["escrowed"] == sum(e["available"] + e["unlocking"] for e in acct["escrows"])
