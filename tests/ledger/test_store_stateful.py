@@ -12,10 +12,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from aitbc import crypto
 from aitbc.ledger import finality, state
+from aitbc.ledger import tx as txmod
 from aitbc.ledger.block import decode_block
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.store import LmdbStore, MemoryStore
-from aitbc.ledger import tx as txmod
 from aitbc.ledger.tx import decode_tx, make_evidence, make_mint, make_transfer
 
 from .economy_helpers import assert_supply_invariant, quote_for, text_receipt
@@ -80,7 +80,7 @@ class ChainMachine(RuleBasedStateMachine):
     @initialize()
     def fund(self):
         """Every user starts with 1500 (so the economy's kinds have something to move)."""
-        for i, u in enumerate(USERS):
+        for u in USERS:
             self.receipts += 1
             r = receipt(self.receipts, units=500, price=3, provider=u)
             self.pending.append((USERS[0], lambda n, r=r: make_mint(USERS[0], G.ref, n, r)))
