@@ -69,7 +69,7 @@ def _chain_init(args: argparse.Namespace) -> int:
         wanted = make_genesis(
             args.chain_id or (old.chain_id if old else unique_chain_id()), authorities, attesters, block_time_ms=int(round(args.block_time * 1000)),
             max_price_per_unit=args.max_price_per_unit, max_mint_per_receipt=args.max_mint_per_receipt,
-            max_block_txs=args.max_block_txs,
+            max_block_txs=args.max_block_txs, **_economy_args(args),
             genesis_time_ms=old.genesis_time_ms if old and args.genesis_time_ms is None else (args.genesis_time_ms or 0))
         if old is not None and old == wanted:
             print(f"{out} already holds this genesis: chain {old.chain_id}, genesis {old.hash().hex()}")
@@ -81,7 +81,7 @@ def _chain_init(args: argparse.Namespace) -> int:
         block_time_ms=int(round(args.block_time * 1000)),
         max_price_per_unit=args.max_price_per_unit,
         max_mint_per_receipt=args.max_mint_per_receipt,
-        max_block_txs=args.max_block_txs,
+        max_block_txs=args.max_block_txs, **_economy_args(args),
         genesis_time_ms=args.genesis_time_ms if args.genesis_time_ms is not None else int(time.time() * 1000),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +89,11 @@ def _chain_init(args: argparse.Namespace) -> int:
     print(f"wrote {out}: chain {g.chain_id}, genesis {g.hash().hex()}, {len(authorities)} authorit"
           f"{'y' if len(authorities) == 1 else 'ies'}, {len(attesters)} attester(s)")
     return 0
+
+
+def _economy_args(args: argparse.Namespace) -> dict[str, int]:
+    return {name: getattr(args, name) for name in ("min_stake", "unbonding_blocks", "slash_ppm", "slash_reward_ppm",
+                                                   "escrow_timeout_blocks")}
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -174,9 +179,35 @@ def cmd_tx(args: argparse.Namespace) -> int:
 
 
 def cmd_account(args: argparse.Namespace) -> int:
+    """Balance, nonce, stake (staked, unbonding, unlock height) and escrows, zeros included (as the
+    proto JSON mapping writes them: a uint64 is a string)."""
+    from google.protobuf import json_format
+
     from aitbc.v1 import ledger_pb2
 
-    return _run(args, lambda c: _call(c.stub.GetAccount, ledger_pb2.GetAccountRequest(address=args.address)))
+    async def get(c: Any) -> dict[str, Any]:
+        r = await _call(c.stub.GetAccount, ledger_pb2.GetAccountRequest(address=args.address))
+        out = json_format.MessageToDict(r, preserving_proto_field_name=True)
+        for name in ("balance", "nonce", "pending_nonce", "height", "staked", "unbonding", "unlock_height"):
+            out[name] = str(getattr(r, name))
+        out["escrows"] = [{"attester": e.attester, "available": str(e.available), "unlocking": str(e.unlocking),
+                           "unlock_height": str(e.unlock_height)} for e in r.escrows]
+        return out
+
+    return _run(args, get)
+
+
+def cmd_supply(args: argparse.Namespace) -> int:
+    """GetSupply: minted - burned and where it is (every figure, zeros included; uint64 as strings,
+    as the proto JSON mapping writes them)."""
+    from aitbc.v1 import ledger_pb2
+
+    async def get(c: Any) -> dict[str, Any]:
+        r = await _call(c.stub.GetSupply, ledger_pb2.GetSupplyRequest())
+        return {name: str(getattr(r, name)) for name in ("minted", "burned", "supply", "staked", "unbonding", "escrowed",
+                                                    "height")}
+
+    return _run(args, get)
 
 
 def cmd_genesis(args: argparse.Namespace) -> int:
@@ -287,6 +318,12 @@ def register(subparsers: Any) -> None:
                    help="MINT price per unit is capped at this (smallest token unit)")
     i.add_argument("--max-mint-per-receipt", type=int, default=10**18, help="cap on the amount one receipt mints")
     i.add_argument("--max-block-txs", type=int, default=20_000)
+    for flag, default, what in (("--min-stake", 0, "stake a miner needs to be given work"),
+                                ("--unbonding-blocks", 100, "blocks from UNSTAKE to WITHDRAW"),
+                                ("--slash-ppm", 500_000, "parts per million of a convicted miner's stake cut"),
+                                ("--slash-reward-ppm", 500_000, "parts per million of the cut paid to honest miners"),
+                                ("--escrow-timeout-blocks", 600, "blocks from ESCROW_WITHDRAW to ESCROW_RECLAIM")):
+        i.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
     i.add_argument("--genesis-time-ms", type=int, help="default: now")
     i.add_argument("--out", default="genesis.json")
     i.add_argument("--force", action="store_true", help="overwrite --out")
@@ -304,10 +341,13 @@ def register(subparsers: Any) -> None:
     q.add_argument("hash")
     q.add_argument("--node", help=NODE_HELP)
     q.set_defaults(func=cmd_tx)
-    q = csub.add_parser("account", help="balance and nonce of an address")
+    q = csub.add_parser("account", help="balance, nonce, stake and escrows of an address")
     q.add_argument("address")
     q.add_argument("--node", help=NODE_HELP)
     q.set_defaults(func=cmd_account)
+    q = csub.add_parser("supply", help="minted, burned, supply and the staked, unbonding and escrowed totals")
+    q.add_argument("--node", help=NODE_HELP)
+    q.set_defaults(func=cmd_supply)
     q = csub.add_parser("verify", help="re-verify a node's whole chain locally from the genesis file")
     q.add_argument("--genesis", required=True)
     q.add_argument("--height", type=int, help="stop at this height (default: the node's head)")

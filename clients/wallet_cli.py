@@ -252,6 +252,42 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_economy(args: argparse.Namespace) -> int:
+    """`aitbc stake|unstake|withdraw` and `aitbc escrow deposit|withdraw|reclaim` (docs/economy.md)."""
+    from aitbc.wallet.service import parse_amount
+
+    op = args.economy_op if args.economy_op else f"escrow_{args.escrow_cmd}"
+    amount = parse_amount(args.amount) if getattr(args, "amount", None) is not None else 0
+
+    async def go(core: Any) -> Any:
+        attester = await core.default_attester(args.attester) if op.startswith("escrow") else ""
+        phrase = _passphrase(args, f"Passphrase for wallet '{args.wallet}': ")
+        await asyncio.to_thread(core.unlock, args.wallet, phrase)
+        try:
+            r = await core.economy(args.wallet, op, amount=amount, attester=attester, wait=not args.no_wait)
+        finally:
+            core.lock(args.wallet)
+        return r, await core.ledger.get_account(r.from_address)
+
+    r, acct = asyncio.run(_with_core(args, go))
+    out = {"tx_hash": r.tx_hash, "op": op, "amount": r.amount, "attester": r.to, "included": r.included,
+           "block_height": r.block_height, "balance": acct.balance, "staked": acct.staked,
+           "unbonding": acct.unbonding, "unlock_height": acct.unlock_height,
+           "escrows": [{"attester": e.attester, "available": e.available, "unlocking": e.unlocking,
+                        "unlock_height": e.unlock_height} for e in acct.escrows]}
+    if args.json:
+        _print_json(out)
+        return 0
+    print(f"{op.replace('_', ' ')} {r.amount or ''} from {args.wallet} ({r.from_address}): tx {r.tx_hash}"
+          + (f", block {r.block_height}" if r.included else " (not waited for)"))
+    print(f"balance {acct.balance}, staked {acct.staked}, unbonding {acct.unbonding}"
+          + (f" (unlocks at height {acct.unlock_height})" if acct.unbonding else ""))
+    for e in acct.escrows:
+        print(f"escrow for {e.attester}: {e.available} available, {e.unlocking} unlocking"
+              + (f" (reclaimable from height {e.unlock_height})" if e.unlocking else ""))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     doc = _core(args).export(args.name)
     if args.out:
@@ -320,6 +356,32 @@ def register(subparsers: Any) -> None:
     p.add_argument("wallet", metavar="NAME_OR_ADDRESS")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_balance)
+
+    def economy_parser(parent: Any, name: str, helptext: str, *, amount: bool, attester: bool) -> Any:
+        q = parent.add_parser(name, parents=[with_ledger], help=helptext)
+        if amount:
+            q.add_argument("amount", help="tokens (smallest unit)")
+        q.add_argument("--wallet", required=True, help="the wallet that signs")
+        if attester:
+            q.add_argument("--attester", help="the coordinator's attester address (default: the genesis's only one)")
+        q.add_argument("--no-wait", action="store_true", help="return once the node accepted it")
+        q.add_argument("--json", action="store_true")
+        _passphrase_opt(q)
+        q.set_defaults(func=cmd_economy, economy_op=None if parent is not subparsers else name)
+        return q
+
+    economy_parser(subparsers, "stake", "stake tokens (balance -> staked; a miner needs the genesis min_stake)",
+                   amount=True, attester=False)
+    economy_parser(subparsers, "unstake", "start unbonding staked tokens (withdraw them after unbonding_blocks)",
+                   amount=True, attester=False)
+    economy_parser(subparsers, "withdraw", "unbonded tokens back to the balance (after the unlock height)",
+                   amount=False, attester=False)
+    esc = subparsers.add_parser("escrow", help="client escrow for a coordinator: deposit, withdraw, reclaim")
+    esub = esc.add_subparsers(dest="escrow_cmd", required=True)
+    economy_parser(esub, "deposit", "balance -> escrow the coordinator settles fees from", amount=True, attester=True)
+    economy_parser(esub, "withdraw", "escrow -> unlocking (reclaimable after escrow_timeout_blocks)", amount=True,
+                   attester=True)
+    economy_parser(esub, "reclaim", "unlocked escrow back to the balance", amount=False, attester=True)
 
     p = wsub.add_parser("send", parents=[with_ledger], help="sign, broadcast and wait for the block")
     p.add_argument("name", help="sending wallet")

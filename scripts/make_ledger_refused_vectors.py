@@ -10,6 +10,7 @@ of them), so that the state-dependent refusals (nonce, balance, a receipt minted
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from aitbc import crypto, receipts
 from aitbc.ledger import tx as txmod
 from aitbc.ledger.genesis import ChainRef, make_genesis
+from aitbc.quotes import QuoteBody
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +34,27 @@ def _receipt(provider: crypto.PrivateKey, attester: crypto.PrivateKey, chain_id:
         version=1, price_per_unit=price, model="tiny-sd", prompt_hash="ab" * 32, started_at=1000, finished_at=2000,
         artifact_sha256="cd" * 32, nonce=f"{i:032x}", hub_id="", chain_id=chain_id)
     return receipts.sign_receipt(body, provider).attest(attester)
+
+
+def _text_receipt(provider: crypto.PrivateKey, attester: crypto.PrivateKey, chain_id: str, i: int, *,
+                  artifact: str = "cd" * 32, model: str = "tiny-gpt", units: int = 50) -> receipts.SignedReceipt:
+    """A version 2 `tokens` receipt (what a quote can name), 10 x its units minted."""
+    body = receipts.ReceiptBody(
+        job_id=f"{i:028x}", provider=provider.address, client="vector-client", units=units, unit_type="tokens",
+        price_per_unit=10, model=model, prompt_hash="ab" * 32, started_at=1000, finished_at=2000,
+        artifact_sha256=artifact, nonce=f"{i:032x}", hub_id="", chain_id=chain_id, prompt_tokens=10,
+        generated_tokens=units - 10)
+    return receipts.sign_receipt(body, provider).attest(attester)
+
+
+def _quote(g, r: receipts.SignedReceipt, client: crypto.PrivateKey, qid: int, total: int, **changes) -> QuoteBody:  # type: ignore[no-untyped-def]
+    b = r.body
+    fields = dict(quote_id=f"{qid:032x}", chain_id=g.chain_id, genesis_hash=g.hash().hex(), attester=r.attester,
+                  client=b.client, client_address=client.address, model=b.model, prompt_hash=b.prompt_hash,
+                  unit_type=b.unit_type, units=b.units, price_per_unit=0, priority_fee=total, total=total,
+                  expires_at=1_900_000_000_000)
+    fields.update(changes)
+    return QuoteBody(**fields)
 
 
 def _header(version: int, kind: int, chain: ChainRef, pubkey: bytes, nonce: int, chain_id: bytes | None = None) -> bytes:
@@ -58,9 +81,22 @@ def main() -> None:
     ref = g.ref
     other = ChainRef("other-chain", ref.genesis_hash)
     minted = _receipt(provider, attester, g.chain_id, 1)  # 100 units x 10 = 1000 to the provider
+    settled = _text_receipt(alice, attester, g.chain_id, 50)
+    settled_quote = _quote(g, settled, bob, 1, 20)
+    cheat = _text_receipt(stranger, attester, g.chain_id, 60)
+    outvoted = [_text_receipt(alice, attester, g.chain_id, 61, artifact="ee" * 32)]
     accepted = [
         ("alice mints receipt 1 for the provider (1000)", txmod.make_mint(alice, ref, 0, minted)),
         ("the provider sends 400 to bob", txmod.make_transfer(provider, ref, 0, bob.address, 400)),
+        ("the provider stakes 300", txmod.make_stake(provider, ref, 1, 300)),
+        ("the provider unstakes 100 (unbonding 100 blocks)", txmod.make_unstake(provider, ref, 2, 100)),
+        ("bob deposits 100 into escrow for the attester", txmod.make_escrow_deposit(bob, ref, 0, attester.address,
+                                                                                     100)),
+        ("bob withdraws 50 of it (unlocking 600 blocks)", txmod.make_escrow_withdraw(bob, ref, 1, attester.address,
+                                                                                      50)),
+        ("the attester settles a job of bob's for 20 (quote 1)",
+         txmod.make_settle(attester, ref, 0, settled, settled_quote)),
+        ("the attester slashes the stranger (alice outvoted it)", txmod.make_slash(attester, ref, 1, cheat, outvoted)),
     ]
     cases: list[tuple[str, bytes, str, str]] = []
 
@@ -83,7 +119,8 @@ def main() -> None:
            _sign(_header(2, 1, ref, b"\x04" + bob.pubkey[1:], 0) + t_body[-28:], bob),
            "malformed transaction: sender public key must be 33 bytes (compressed)")
     refuse("TRANSFER of 0", _sign(t_body[:-8] + bytes(8), bob), "malformed transaction: amount must be positive")
-    refuse("unknown kind 9", _sign(t_body[:1] + bytes((9,)) + t_body[2:], bob), "malformed transaction: unknown kind 9")
+    refuse("unknown kind 12", _sign(t_body[:1] + bytes((12,)) + t_body[2:], bob),
+           "malformed transaction: unknown kind 12")
     refuse("signature of 63 bytes", transfer[:-1], "malformed transaction: signature must be exactly 64 bytes")
     refuse("no signature", t_body, "malformed transaction: signature must be exactly 64 bytes")
     r2 = _receipt(provider, attester, g.chain_id, 2)
@@ -156,10 +193,87 @@ def main() -> None:
     # -- against the state the accepted block leaves
     refuse("nonce 0 again from alice (her nonce is 1)", txmod.make_mint(alice, ref, 0, r2),
            "nonce too low: account nonce is 1, tx nonce 0", "FAILED_PRECONDITION")
-    refuse("bob sends more than his 400", txmod.make_transfer(bob, ref, 0, alice.address, 401),
-           "insufficient balance: have 400", "FAILED_PRECONDITION")
-    refuse("receipt 1 minted again, by another sender", txmod.make_mint(bob, ref, 0, minted),
+    refuse("bob sends more than the 300 he kept out of escrow", txmod.make_transfer(bob, ref, 2, alice.address, 301),
+           "insufficient balance: have 300", "FAILED_PRECONDITION")
+    refuse("receipt 1 minted again, by another sender", txmod.make_mint(bob, ref, 2, minted),
            f"receipt already minted: {minted.receipt_hash.hex()}", "ALREADY_EXISTS")
+    # -- the economy (genesis version 3): each from its sender's next nonce (a node runs those on its head)
+    stake = txmod.make_stake(provider, ref, 3, 1)
+    refuse("STAKE of 0", _sign(txmod.decode_tx(stake).body[:-8] + bytes(8), provider),
+           "malformed transaction: amount must be positive")
+    refuse("STAKE more than the balance (300)", txmod.make_stake(provider, ref, 3, 301),
+           "insufficient balance: have 300, need 301", "FAILED_PRECONDITION")
+    refuse("UNSTAKE more than staked (200)", txmod.make_unstake(provider, ref, 3, 201),
+           "unstake too large: staked 200, asked 201", "FAILED_PRECONDITION")
+    refuse("WITHDRAW before the unlock height", txmod.make_withdraw(provider, ref, 3),
+           "still unbonding: 100 unlock at height ", "FAILED_PRECONDITION")
+    refuse("WITHDRAW with nothing unbonding", txmod.make_withdraw(bob, ref, 2),
+           "nothing to withdraw: no tokens are unbonding", "FAILED_PRECONDITION")
+    refuse("ESCROW_DEPOSIT for a key outside the genesis attesters",
+           txmod.make_escrow_deposit(bob, ref, 2, stranger.address, 1),
+           f"attester not authorized: {stranger.address} is not in the genesis attester set", "PERMISSION_DENIED")
+    refuse("ESCROW_WITHDRAW more than available (30)", txmod.make_escrow_withdraw(bob, ref, 2, attester.address, 31),
+           "escrow withdraw too large: available 30, asked 31", "FAILED_PRECONDITION")
+    refuse("ESCROW_RECLAIM before the timeout", txmod.make_escrow_reclaim(bob, ref, 2, attester.address),
+           "escrow still locked: 50 unlock at height ", "FAILED_PRECONDITION")
+    refuse("ESCROW_RECLAIM with nothing unlocking", txmod.make_escrow_reclaim(alice, ref, 1, attester.address),
+           "nothing to reclaim: no escrow for ", "FAILED_PRECONDITION")
+    fresh = _text_receipt(provider, attester, g.chain_id, 51)
+    refuse("SETTLE sent by another key than the receipt's attester",
+           txmod.make_settle(alice, ref, 1, fresh, _quote(g, fresh, bob, 2, 5)),
+           f"settle not by the attester: sender {alice.address} is not the receipt's attester", "PERMISSION_DENIED")
+    refuse("SETTLE of a quote for another chain id",
+           txmod.make_settle(attester, ref, 2, fresh, _quote(g, fresh, bob, 2, 5, chain_id="other-chain")),
+           "wrong chain id: quote is for 'other-chain', this chain is 'aitbc-refused'")
+    refuse("SETTLE of a quote for another genesis",
+           txmod.make_settle(attester, ref, 2, fresh, _quote(g, fresh, bob, 2, 5, genesis_hash="00" * 32)),
+           f"wrong genesis: quote is for genesis {'00' * 32}")
+    refuse("SETTLE of a quote for another model",
+           txmod.make_settle(attester, ref, 2, fresh, _quote(g, fresh, bob, 2, 5, model="other-model")),
+           "quote mismatch: model is 'other-model' in the quote, 'tiny-gpt' in the receipt")
+    refuse("SETTLE of a receipt with more units than its quote",
+           txmod.make_settle(attester, ref, 2, fresh, _quote(g, fresh, bob, 2, 5, units=49)),
+           "quote mismatch: the receipt has 50 units, the quote covers 49")
+    refuse("SETTLE above the client's escrow (30 available, 50 locked)",
+           txmod.make_settle(attester, ref, 2, fresh, _quote(g, fresh, bob, 2, 81)),
+           f"escrow too low: {bob.address} has 30 available and 50 still locked", "FAILED_PRECONDITION")
+    refuse("SETTLE of quote 1 again (another receipt)",
+           txmod.make_settle(attester, ref, 2, fresh, dataclasses.replace(settled_quote)),
+           f"quote already settled: {settled_quote.hash().hex()}", "ALREADY_EXISTS")
+    refuse("SETTLE of a receipt minted already (another quote)",
+           txmod.make_settle(attester, ref, 2, settled, _quote(g, settled, bob, 3, 5)),
+           f"receipt already minted: {settled.receipt_hash.hex()}", "ALREADY_EXISTS")
+    s_body = txmod.decode_tx(txmod.make_settle(attester, ref, 2, fresh, _quote(g, fresh, bob, 2, 5))).body
+    qjson = _quote(g, fresh, bob, 2, 5).canonical_bytes()
+    spaced = json.dumps(json.loads(qjson), sort_keys=True).encode()
+    refuse("SETTLE whose quote JSON is not canonical",
+           _sign(s_body[:-len(qjson) - 4] + struct.pack(">I", len(spaced)) + spaced, attester),
+           "bad quote: quote JSON is not canonical")
+    c2 = _text_receipt(provider, attester, g.chain_id, 70)
+    h2 = _text_receipt(bob, attester, g.chain_id, 71, artifact="ee" * 32)
+    refuse("SLASH sent by a key outside the genesis attesters", txmod.make_slash(alice, ref, 1, c2, [h2]),
+           f"slash not by an attester: {alice.address} is not in the genesis attester set", "PERMISSION_DENIED")
+    one = txmod.decode_tx(txmod.make_slash(attester, ref, 2, c2, [h2])).body
+    n_at = len(_header(2, txmod.KIND_SLASH, ref, attester.pubkey, 2))
+    refuse("SLASH of one receipt (no honest run outvotes it)",
+           _sign(one[:n_at] + bytes((1,)) + one[n_at + 1:n_at + 1 + len(txmod._receipt_part(c2))], attester),
+           "malformed transaction: a SLASH carries 2-16 receipts")
+    refuse("SLASH whose honest receipt has the cheater's artifact",
+           txmod.make_slash(attester, ref, 2, c2, [_text_receipt(bob, attester, g.chain_id, 72)]),
+           "bad verdict: receipt 1 has the cheater's artifact_sha256")
+    refuse("SLASH whose honest receipt is by the cheater",
+           txmod.make_slash(attester, ref, 2, c2, [_text_receipt(provider, attester, g.chain_id, 73, artifact="ee" * 32)]),
+           f"bad verdict: receipt 1 is by {provider.address}, already in the verdict")
+    refuse("SLASH whose honest receipt ran another model",
+           txmod.make_slash(attester, ref, 2, c2, [_text_receipt(bob, attester, g.chain_id, 74, artifact="ee" * 32,
+                                                                 model="other-model")]),
+           "bad verdict: receipt 1 has another model than the cheater's receipt")
+    refuse("SLASH whose honest receipt is for another chain",
+           txmod.make_slash(attester, ref, 2, c2, [_text_receipt(bob, attester, "other-chain", 75, artifact="ee" * 32)]),
+           "wrong chain id: receipt is for 'other-chain', this chain is 'aitbc-refused'")
+    refuse("SLASH of the same cheater receipt again",
+           txmod.make_slash(attester, ref, 2, cheat, [_text_receipt(bob, attester, g.chain_id, 76, artifact="ee" * 32)]),
+           f"verdict already recorded: the receipt {cheat.receipt_hash.hex()} was slashed in block ", "ALREADY_EXISTS")
 
     out = {
         "about": "Transactions a node must refuse (docs/ledger.md 'Rejection messages'): apply `accepted` in order "

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from aitbc import crypto, rpc, telemetry
+from aitbc import bech32, crypto, rpc, telemetry
 from aitbc.errors import FailedPrecondition, InvalidArgument, NotFound
 from aitbc.ledger import observe, proof, state
 from aitbc.ledger.block import decode_header
@@ -137,7 +137,27 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         evidence = self.chain.store.get(state.evid_key(account_id))
         if evidence is not None:
             resp.evidence_height, resp.evidence_tx = int.from_bytes(evidence[:8], "big"), evidence[8:40].hex()
+        stake = state.read_stake(self.chain.store.get, account_id)
+        resp.staked, resp.unbonding, resp.unlock_height = stake
+        for attester_id, esc in state.list_escrows(self.chain.store.scan, account_id):
+            resp.escrows.add(attester=bech32.encode(crypto.ADDRESS_HRP, attester_id), available=esc.available,
+                             unlocking=esc.unlocking, unlock_height=esc.unlock_height)
         return resp
+
+    @rpc.handle_errors
+    async def GetSupply(self, request: S.GetSupplyRequest, context: grpc.aio.ServicerContext) -> S.GetSupplyResponse:
+        if not self.node.genesis.has_economy:
+            raise FailedPrecondition("no supply record: this chain's genesis is version 2 (no economy); its supply "
+                                     "is the sum of the minted receipts")
+        sup = state.read_supply(self.chain.store.get)
+        return S.GetSupplyResponse(minted=sup.minted, burned=sup.burned, supply=sup.supply, staked=sup.staked,
+                                   unbonding=sup.unbonding, escrowed=sup.escrowed, height=self.chain.head.height)
+
+    @rpc.handle_errors
+    async def GetEscrow(self, request: S.GetEscrowRequest, context: grpc.aio.ServicerContext) -> S.GetEscrowResponse:
+        esc = state.read_escrow(self.chain.store.get, _address(request.client), _address(request.attester))
+        return S.GetEscrowResponse(available=esc.available, unlocking=esc.unlocking, unlock_height=esc.unlock_height,
+                                   height=self.chain.head.height)
 
     @rpc.handle_errors
     async def StreamBlocks(self, request: S.StreamBlocksRequest,

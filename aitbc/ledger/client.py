@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -15,6 +16,7 @@ import grpc
 from aitbc import crypto, errors, rpc
 from aitbc.ledger import tx as txmod
 from aitbc.ledger.genesis import ChainRef
+from aitbc.quotes import QuoteBody
 from aitbc.receipts import SignedReceipt
 from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -37,11 +39,38 @@ class Head:
 
 
 @dataclass(frozen=True)
+class Escrow:
+    """One client's escrow for one attester (GetEscrow, GetAccount's escrows)."""
+
+    attester: str
+    available: int
+    unlocking: int
+    unlock_height: int
+    height: int = 0  # the head height it was read at (GetEscrow)
+
+
+@dataclass(frozen=True)
 class Account:
     address: str
     balance: int
     nonce: int
     pending_nonce: int
+    staked: int = 0
+    unbonding: int = 0
+    unlock_height: int = 0  # from this height `unbonding` can be withdrawn (0: nothing unbonding)
+    escrows: tuple[Escrow, ...] = ()  # as a client, at most 64
+    height: int = 0
+
+
+@dataclass(frozen=True)
+class Supply:
+    minted: int
+    burned: int
+    supply: int  # minted - burned
+    staked: int
+    unbonding: int
+    escrowed: int
+    height: int
 
 
 @dataclass(frozen=True)
@@ -116,7 +145,25 @@ class LedgerClient:
             r = await self.stub.GetAccount(ledger_pb2.GetAccountRequest(address=address), timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise rpc.error_from_rpc(exc) from None
-        return Account(r.address, r.balance, r.nonce, r.pending_nonce)
+        return Account(r.address, r.balance, r.nonce, r.pending_nonce, r.staked, r.unbonding, r.unlock_height,
+                       tuple(Escrow(e.attester, e.available, e.unlocking, e.unlock_height, r.height)
+                             for e in r.escrows), r.height)
+
+    async def get_supply(self) -> Supply:
+        """minted, burned and where the supply is (FailedPrecondition on a version 2 genesis)."""
+        try:
+            r = await self.stub.GetSupply(ledger_pb2.GetSupplyRequest(), timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc.error_from_rpc(exc) from None
+        return Supply(r.minted, r.burned, r.supply, r.staked, r.unbonding, r.escrowed, r.height)
+
+    async def get_escrow(self, client: str, attester: str) -> Escrow:
+        try:
+            r = await self.stub.GetEscrow(ledger_pb2.GetEscrowRequest(client=client, attester=attester),
+                                          timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc.error_from_rpc(exc) from None
+        return Escrow(attester, r.available, r.unlocking, r.unlock_height, r.height)
 
     async def broadcast(self, raw: bytes) -> str:
         """Admit one signed tx; returns its hex hash or raises the node's AitbcError."""
@@ -207,6 +254,39 @@ class LedgerClient:
             self.resync_nonce(key.address)
             raise
 
+    async def send(self, key: crypto.PrivateKey, build: Callable[[ChainRef, int], bytes]) -> str:
+        """Sign (build(chain, nonce) -> signed tx) and broadcast with the local nonce counter, as
+        `transfer` does; the node's refusal comes back as its AitbcError."""
+        chain = await self.chain_ref()
+        n = await self._allocate_nonce(key.address)
+        try:
+            return await self.broadcast(build(chain, n))
+        except errors.AitbcError:
+            self.resync_nonce(key.address)
+            raise
+
+    async def stake(self, key: crypto.PrivateKey, amount: int) -> str:
+        return await self.send(key, lambda c, n: txmod.make_stake(key, c, n, amount))
+
+    async def unstake(self, key: crypto.PrivateKey, amount: int) -> str:
+        return await self.send(key, lambda c, n: txmod.make_unstake(key, c, n, amount))
+
+    async def withdraw(self, key: crypto.PrivateKey) -> str:
+        return await self.send(key, lambda c, n: txmod.make_withdraw(key, c, n))
+
+    async def escrow_deposit(self, key: crypto.PrivateKey, attester: str, amount: int) -> str:
+        return await self.send(key, lambda c, n: txmod.make_escrow_deposit(key, c, n, attester, amount))
+
+    async def escrow_withdraw(self, key: crypto.PrivateKey, attester: str, amount: int) -> str:
+        return await self.send(key, lambda c, n: txmod.make_escrow_withdraw(key, c, n, attester, amount))
+
+    async def escrow_reclaim(self, key: crypto.PrivateKey, attester: str) -> str:
+        return await self.send(key, lambda c, n: txmod.make_escrow_reclaim(key, c, n, attester))
+
+    async def slash(self, key: crypto.PrivateKey, cheater: SignedReceipt, honest: list[SignedReceipt]) -> str:
+        """Put a verdict on chain (key: a genesis attester); AlreadyExists when it is recorded or pending."""
+        return await self.send(key, lambda c, n: txmod.make_slash(key, c, n, cheater, honest))
+
     async def mint(self, key: crypto.PrivateKey, receipt: SignedReceipt, *, nonce: int | None = None) -> str:
         """Sign and broadcast a MINT of an attested receipt. Raises AlreadyExists('receipt already
         minted: ...') or AlreadyExists('already known: ...') when it is minted or pending."""
@@ -232,8 +312,10 @@ class LedgerClient:
         self._next_nonce.pop(address, None)
 
     async def settle_receipt(self, key: crypto.PrivateKey, receipt: SignedReceipt, *, wait: str | None = "included",
-                             timeout: float = 30.0, attempts: int = 5) -> ReceiptStatus:
-        """Mint an attested receipt exactly once, idempotently, and (optionally) wait for it.
+                             timeout: float = 30.0, attempts: int = 5, quote: QuoteBody | None = None) -> ReceiptStatus:
+        """Mint an attested receipt exactly once, idempotently, and (optionally) wait for it. With
+        `quote` it sends a SETTLE instead (mint + the quote's fee from the client's escrow; `key`
+        must be the receipt's attester): a receipt settles once, with or without a fee.
 
         Safe to call again for the same receipt (after a crash, a timeout, from two coordinators):
         if the receipt is already pending or minted, no second MINT is sent and its status comes
@@ -247,7 +329,8 @@ class LedgerClient:
             for attempt in range(attempts):
                 nonce = await self._allocate_nonce(key.address)
                 try:
-                    await self.broadcast(txmod.make_mint(key, chain, nonce, receipt))
+                    await self.broadcast(txmod.make_mint(key, chain, nonce, receipt) if quote is None else
+                                         txmod.make_settle(key, chain, nonce, receipt, quote))
                     break
                 except errors.AlreadyExists:
                     # the receipt is pending/minted (done), or our nonce was taken (re-sync, retry)

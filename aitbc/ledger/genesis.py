@@ -18,7 +18,8 @@ from typing import Any, NamedTuple
 from aitbc import crypto, strict_json
 from aitbc.errors import CryptoError, InvalidArgument
 
-GENESIS_VERSION = 2  # ledger format 2: signatures bind the genesis hash (format 1 chains are refused)
+GENESIS_VERSION = 3  # what make_genesis writes: version 2 plus the economy parameters (docs/economy.md)
+GENESIS_VERSIONS = (2, 3)  # version 2 still loads, byte for byte, and has no economy
 MAX_U64 = 2**64 - 1
 MAX_EXACT = 2**53 - 1  # what every JSON reader (an IEEE double) reads exactly
 # The integer fields' bounds (docs/ledger.md, "Genesis"): (least, most, why the most)
@@ -29,6 +30,23 @@ INTEGER_BOUNDS = {
     "genesis_time_ms": (0, MAX_EXACT, "Unix milliseconds"),
     "max_block_txs": (1, 2**32 - 1, "a block header's tx_count is a u32"),
 }
+PPM = 1_000_000  # parts per million: the slash fractions are integers, never floats
+# Version 3 only: the economy (docs/economy.md); (least, most, why) as above, and the default
+ECONOMY_BOUNDS = {
+    "min_stake": (0, MAX_EXACT, "the stake a miner needs to be given work"),
+    "unbonding_blocks": (1, 2**32 - 1, "blocks before unstaked tokens can be withdrawn"),
+    "slash_ppm": (0, PPM, "parts per million of a convicted miner's stake that is cut"),
+    "slash_reward_ppm": (0, PPM, "parts per million of the cut paid to the honest providers"),
+    "escrow_timeout_blocks": (1, 2**32 - 1, "blocks before withdrawn escrow can be reclaimed"),
+}
+ECONOMY_DEFAULTS = {"min_stake": 0, "unbonding_blocks": 100, "slash_ppm": 500_000, "slash_reward_ppm": 500_000,
+                    "escrow_timeout_blocks": 600}
+ECONOMY_DISABLED = (
+    "economy disabled: this chain's genesis is version 2, which has no stake, escrow or fee parameters; start a "
+    "chain from a version 3 genesis (aitbc chain init)")
+_V2_FIELDS = frozenset({"version", "chain_id", "authorities", "attesters", "block_time_ms", "max_price_per_unit",
+                        "max_mint_per_receipt", "genesis_time_ms", "max_block_txs"})
+_FIELDS = {2: _V2_FIELDS, 3: _V2_FIELDS | ECONOMY_BOUNDS.keys()}
 CHAIN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 FORMAT_1_REFUSED = (
     "ledger format 1 did not bind signatures to the genesis hash and cannot be migrated (its blocks and "
@@ -64,11 +82,22 @@ class Genesis:
     max_mint_per_receipt: int  # and the minted amount at this
     genesis_time_ms: int
     max_block_txs: int = 20_000
+    # version 3: the economy (a version 2 genesis keeps the defaults and has no economy)
+    min_stake: int = ECONOMY_DEFAULTS["min_stake"]
+    unbonding_blocks: int = ECONOMY_DEFAULTS["unbonding_blocks"]
+    slash_ppm: int = ECONOMY_DEFAULTS["slash_ppm"]
+    slash_reward_ppm: int = ECONOMY_DEFAULTS["slash_reward_ppm"]
+    escrow_timeout_blocks: int = ECONOMY_DEFAULTS["escrow_timeout_blocks"]
     version: int = GENESIS_VERSION
+
+    @property
+    def has_economy(self) -> bool:
+        """Stake, escrow, SETTLE and SLASH exist (version 3); a version 2 chain refuses them."""
+        return self.version >= 3
 
     def validate(self) -> None:
         check_chain_id(self.chain_id)
-        if self.version != GENESIS_VERSION:
+        if self.version not in GENESIS_VERSIONS:
             if self.version == 1:
                 raise InvalidArgument(f"genesis version 1 is not supported: {FORMAT_1_REFUSED}")
             raise InvalidArgument(f"genesis version {self.version} is not supported")
@@ -88,6 +117,14 @@ class Genesis:
             if type(value) is not int or not least <= value <= most:
                 raise InvalidArgument(f"genesis {name} must be an integer in [{least}, {_power(most)}] ({why}), "
                                       f"got {value!r}")
+        for name, (least, most, why) in ECONOMY_BOUNDS.items():
+            value = getattr(self, name)
+            if not self.has_economy:
+                if value != ECONOMY_DEFAULTS[name]:  # its hash would not cover the value: refuse it
+                    raise InvalidArgument(f"genesis version 2 has no {name} (the economy needs version 3)")
+            elif type(value) is not int or not least <= value <= most:
+                raise InvalidArgument(f"genesis {name} must be an integer in [{least}, {_power(most)}] ({why}), "
+                                      f"got {value!r}")
 
     @property
     def ref(self) -> ChainRef:
@@ -98,7 +135,7 @@ class Genesis:
         return _account_ids(self.authorities)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "version": self.version,
             "chain_id": self.chain_id,
             "authorities": list(self.authorities),
@@ -109,6 +146,9 @@ class Genesis:
             "genesis_time_ms": self.genesis_time_ms,
             "max_block_txs": self.max_block_txs,
         }
+        if self.has_economy:
+            d.update({name: getattr(self, name) for name in ECONOMY_BOUNDS})
+        return d
 
     @classmethod
     def from_dict(cls, data: Any) -> Genesis:
@@ -116,8 +156,9 @@ class Genesis:
             raise InvalidArgument("genesis must be a JSON object")
         if data.get("version") == 1:
             raise InvalidArgument(f"genesis version 1 is not supported: {FORMAT_1_REFUSED}")
-        names = {"version", "chain_id", "authorities", "attesters", "block_time_ms", "max_price_per_unit",
-                 "max_mint_per_receipt", "genesis_time_ms", "max_block_txs"}
+        version = data.get("version")
+        # another version's fields are refused by the checks below (missing/unknown, then validate)
+        names = _FIELDS[version if type(version) is int and version in _FIELDS else GENESIS_VERSION]
         missing, extra = names - data.keys(), data.keys() - names
         if missing or extra:
             raise InvalidArgument(f"genesis fields: missing {sorted(missing)}, unknown {sorted(extra)}")
@@ -133,6 +174,7 @@ class Genesis:
             genesis_time_ms=data["genesis_time_ms"],
             max_block_txs=data["max_block_txs"],
             version=data["version"],
+            **{name: data[name] for name in ECONOMY_BOUNDS if name in names},
         )
         g.validate()
         return g
@@ -193,8 +235,17 @@ def make_genesis(
     max_mint_per_receipt: int = 10**18,
     genesis_time_ms: int = 0,
     max_block_txs: int = 20_000,
+    min_stake: int = ECONOMY_DEFAULTS["min_stake"],
+    unbonding_blocks: int = ECONOMY_DEFAULTS["unbonding_blocks"],
+    slash_ppm: int = ECONOMY_DEFAULTS["slash_ppm"],
+    slash_reward_ppm: int = ECONOMY_DEFAULTS["slash_reward_ppm"],
+    escrow_timeout_blocks: int = ECONOMY_DEFAULTS["escrow_timeout_blocks"],
+    version: int = GENESIS_VERSION,
 ) -> Genesis:
+    """A genesis (version 3 unless `version=2`: a chain without the economy, for old data folders
+    and their vectors)."""
     g = Genesis(chain_id, tuple(authorities), tuple(sorted(set(attesters))), block_time_ms,
-                max_price_per_unit, max_mint_per_receipt, genesis_time_ms, max_block_txs)
+                max_price_per_unit, max_mint_per_receipt, genesis_time_ms, max_block_txs, min_stake,
+                unbonding_blocks, slash_ppm, slash_reward_ppm, escrow_timeout_blocks, version)
     g.validate()
     return g

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterable
 
 from aitbc import bech32, crypto
 from aitbc.errors import AlreadyExists, FailedPrecondition, ResourceExhausted
-from aitbc.ledger.tx import KIND_MINT, KIND_TRANSFER, MAX_U64, Tx
+from aitbc.ledger import state
+from aitbc.ledger.tx import KIND_SETTLE, KIND_SLASH, KIND_TRANSFER, MAX_U64, SETTLEMENT_KINDS, SPEND_KINDS, Tx
 
 AccountReader = Callable[[bytes], tuple[int, int]]  # account id -> (balance, nonce)
 MintedReader = Callable[[bytes], bool]  # receipt hash -> minted already?
@@ -89,7 +90,8 @@ class Mempool:
         self.expiry_blocks = expiry_blocks
         self.by_hash: dict[bytes, Tx] = {}
         self.by_sender: dict[bytes, dict[int, Tx]] = {}
-        self.receipts: dict[bytes, bytes] = {}  # receipt hash -> pending MINT tx hash
+        self.receipts: dict[bytes, bytes] = {}  # receipt hash -> pending MINT (or SETTLE) tx hash
+        self.claims: dict[bytes, bytes] = {}  # v1:quot:/v1:slsh: key a pending SETTLE/SLASH uses once -> tx hash
         self.spend: dict[bytes, int] = {}  # sender -> sum of its pending TRANSFER amounts
         self.credit: dict[bytes, int] = {}  # account -> sum of what pending txs add to its balance
         self._credit_of: dict[bytes, tuple[bytes, int]] = {}  # tx hash -> (account credited, amount)
@@ -129,12 +131,14 @@ class Mempool:
             raise FailedPrecondition(
                 f"nonce too far ahead: account nonce is {nonce}, tx nonce {tx.nonce}; at most "
                 f"{self.nonce_window - 1} ahead (send the missing nonces first)")
-        if tx.kind == KIND_TRANSFER:
+        if tx.kind in SPEND_KINDS:  # TRANSFER, STAKE, ESCROW_DEPOSIT take `amount` from the balance
             pending = self.spend.get(tx.sender_id, 0)
             if pending + tx.amount > balance:
                 raise FailedPrecondition(
                     f"insufficient balance: have {balance}, pending {pending}, need {tx.amount} more")
-        elif tx.receipt is not None:  # MINT (an EVIDENCE tx moves no balance and mints nothing)
+        if (claim := _claim(tx)) is not None and claim in self.claims:
+            raise AlreadyExists(f"already known: a {tx.kind_name} of {claim[len(state.QUOT):].hex()} is pending")
+        if tx.receipt is not None:  # MINT, SETTLE (an EVIDENCE tx moves no balance and mints nothing)
             rh = tx.receipt.receipt_hash
             if minted(rh):
                 raise AlreadyExists(f"receipt already minted: {rh.hex()}")
@@ -155,10 +159,10 @@ class Mempool:
         if parks and self.parked_total >= self.max_parked:
             raise ResourceExhausted(f"mempool full: {self.parked_total} txs wait for missing nonces; send nonce "
                                     f"{run_end} first", retry_after_s=1.0)
-        limit = self.max_total if tx.kind == KIND_MINT else self.max_total - self.mint_reserve
+        limit = self.max_total if tx.kind in SETTLEMENT_KINDS else self.max_total - self.mint_reserve
         while self._occupied(tx) >= limit:
             if parks or not self._evict_for(tx, account):
-                room = "" if tx.kind == KIND_MINT else f" ({self.mint_reserve} more kept for MINTs)"
+                room = "" if tx.kind in SETTLEMENT_KINDS else f" ({self.mint_reserve} more kept for MINTs)"
                 raise ResourceExhausted(f"mempool full: {len(self.by_hash)} pending txs{room}", retry_after_s=1.0)
         self._insert(tx, gets, height, nonce)
 
@@ -171,7 +175,7 @@ class Mempool:
 
     def _occupied(self, tx: Tx) -> int:
         # MINTs may use every slot; other txs only those outside the MINT reserve
-        return len(self.by_hash) if tx.kind == KIND_MINT else len(self.by_hash) - min(self.mints, self.mint_reserve)
+        return len(self.by_hash) if tx.kind in SETTLEMENT_KINDS else len(self.by_hash) - min(self.mints, self.mint_reserve)
 
     def _insert(self, tx: Tx, gets: tuple[bytes, int] | None, height: int, account_nonce: int) -> None:
         sender = tx.sender_id
@@ -192,11 +196,13 @@ class Mempool:
         else:
             self._parked.set(sender, self._parked.get(sender) + 1)
             self.parked_total += 1
-        if tx.kind == KIND_TRANSFER:
+        if tx.kind in SPEND_KINDS:
             self.spend[sender] = self.spend.get(sender, 0) + tx.amount
-        elif tx.receipt is not None:
+        if tx.receipt is not None:
             self.receipts[tx.receipt.receipt_hash] = tx.hash
             self.mints += 1
+        if (claim := _claim(tx)) is not None:
+            self.claims[claim] = tx.hash
         if gets is not None:
             self._credit_of[tx.hash] = gets
             self.credit[gets[0]] = self.credit.get(gets[0], 0) + gets[1]
@@ -221,16 +227,16 @@ class Mempool:
                 last = queue[max(queue)]
                 if sender == tx.sender_id:
                     return True
-                if tx.kind != KIND_MINT:
-                    return last.kind == KIND_MINT  # a transfer never displaces settlement
-                return last.kind == KIND_MINT and len(queue) <= mine + 1
+                if tx.kind not in SETTLEMENT_KINDS:
+                    return last.kind in SETTLEMENT_KINDS  # a transfer never displaces settlement
+                return last.kind in SETTLEMENT_KINDS and len(queue) <= mine + 1
 
             sender = self._sizes.largest(skip)
             if sender is None:
                 return False
             queue = self.by_sender[sender]
             victim = queue[max(queue)]
-            if not (tx.kind == KIND_MINT and victim.kind != KIND_MINT or len(queue) > mine + 1):
+            if not (tx.kind in SETTLEMENT_KINDS and victim.kind not in SETTLEMENT_KINDS or len(queue) > mine + 1):
                 return False  # fair share: nobody holds more than the newcomer would
         self.remove([victim], account)
         self.evicted += 1
@@ -259,7 +265,7 @@ class Mempool:
                 run.append(queue[n])
                 n += 1
             k = 0
-            while k < len(run) and run[k].kind == KIND_MINT:
+            while k < len(run) and run[k].kind in SETTLEMENT_KINDS:
                 k += 1
             if k:
                 mints.append(run[:k])
@@ -285,7 +291,9 @@ class Mempool:
                 del queue[tx.nonce]
                 self._sizes.set(tx.sender_id, len(queue))
                 touched.add(tx.sender_id)
-            if tx.kind == KIND_TRANSFER:
+            if (claim := _claim(tx)) is not None and self.claims.get(claim) == tx.hash:
+                del self.claims[claim]
+            if tx.kind in SPEND_KINDS:
                 left = self.spend.get(tx.sender_id, 0) - tx.amount
                 if left > 0:
                     self.spend[tx.sender_id] = left
@@ -353,7 +361,7 @@ class Mempool:
                 tx = queue[n]
                 if n < nonce:
                     doomed.append(tx)
-                elif tx.kind == KIND_TRANSFER:
+                elif tx.kind in SPEND_KINDS:
                     spend += tx.amount
                     if spend > balance:
                         doomed.append(tx)
@@ -381,6 +389,15 @@ class Mempool:
             self.remove(doomed, account)
             self.expired += len(doomed)
         return len(doomed)
+
+
+def _claim(tx: Tx) -> bytes | None:
+    """The once-ever state key a SETTLE (its quote) or a SLASH (its verdict) takes, or None."""
+    if tx.kind == KIND_SETTLE and tx.quote is not None:
+        return state.quote_key(tx.quote.hash())
+    if tx.kind == KIND_SLASH:
+        return state.slash_key(tx.verdict[0].receipt_hash)
+    return None
 
 
 def _round_robin(runs: list[list[Tx]], limit: int) -> list[Tx]:

@@ -26,7 +26,7 @@ from aitbc.ledger import finality, state
 from aitbc.ledger.block import MAX_BLOCK_BYTES, Block, decode_block
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.mempool import Mempool
-from aitbc.ledger.tx import Tx, decode_tx
+from aitbc.ledger.tx import ECONOMY_KINDS, KIND_SETTLE, Tx, decode_tx
 from aitbc.ledger.verifier import MIN_PARALLEL, ParallelVerifier
 from aitbc.limits import Backoff, TokenBucket
 
@@ -343,6 +343,8 @@ class Node:
         for n, (h, tx, err) in enumerate(prepared):
             if tx is not None:
                 try:
+                    if tx.kind in ECONOMY_KINDS:
+                        self._admit_economy(tx)
                     self.mempool.add(tx, self.chain.account, self._minted, credit=self._mint_credit(tx),
                                      height=self.chain.head.height)
                     accepted.append(tx.raw)
@@ -517,10 +519,23 @@ class Node:
         return None if seen is None else AlreadyExists(f"evidence already recorded: in block {seen}")
 
     def _mint_credit(self, tx: Tx) -> int | None:
-        """What a MINT adds to its provider's balance (the mempool refuses an overflow at admission)."""
+        """What a MINT (or a SETTLE: mint + fee) adds to its provider's balance (the mempool refuses
+        an overflow at admission)."""
         if tx.receipt is None:
             return None
-        return state.mint_amount(tx.receipt.body.units, tx.receipt.body.price_per_unit, self.genesis)
+        fee = tx.quote.total if tx.kind == KIND_SETTLE and tx.quote is not None else 0
+        return state.mint_amount(tx.receipt.body.units, tx.receipt.body.price_per_unit, self.genesis) + fee
+
+    def _admit_economy(self, tx: Tx) -> None:
+        """STAKE .. SLASH at admission: a quote or verdict used on chain is refused; a tx that is its
+        sender's next one runs its transition on the head state, so what would fail in the next
+        block (too little balance, stake or escrow, before an unlock height) is refused now with
+        its message instead of waiting in the pool."""
+        read = self.chain.store.get
+        state.check_once(read, tx)
+        if tx.nonce == self.chain.account(tx.sender_id)[1] and tx.nonce not in self.mempool.by_sender.get(
+                tx.sender_id, {}):
+            state.apply_tx(read, tx, self.genesis, self.chain.head.height + 1)
 
     def _minted(self, receipt_hash: bytes) -> bool:
         return self.chain.receipt_minted(receipt_hash) is not None

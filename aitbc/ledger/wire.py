@@ -6,14 +6,11 @@ from aitbc.errors import InvalidArgument
 from aitbc.ledger import finality, state
 from aitbc.ledger.block import Block, Header
 from aitbc.ledger.genesis import Genesis
-from aitbc.ledger.tx import KIND_EVIDENCE, KIND_MINT, KIND_TRANSFER, Tx
+from aitbc.ledger.tx import KIND_EVIDENCE, KIND_NAMES, KIND_SETTLE, KIND_SLASH, KIND_TRANSFER, Tx
 from aitbc.v1 import ledger_pb2
 
-KIND_TO_PROTO = {
-    KIND_TRANSFER: ledger_pb2.TRANSACTION_KIND_TRANSFER,
-    KIND_MINT: ledger_pb2.TRANSACTION_KIND_MINT,
-    KIND_EVIDENCE: ledger_pb2.TRANSACTION_KIND_EVIDENCE,
-}
+# every kind maps to TRANSACTION_KIND_<its name> (tests/ledger/test_service.py checks the values)
+KIND_TO_PROTO = {kind: ledger_pb2.TransactionKind.Value(f"TRANSACTION_KIND_{name}") for kind, name in KIND_NAMES.items()}
 
 
 def header_to_proto(h: Header) -> ledger_pb2.BlockHeader:
@@ -35,12 +32,21 @@ def tx_to_proto(tx: Tx, genesis: Genesis) -> ledger_pb2.Transaction:
                                  genesis_hash=tx.genesis_hash.hex())
     if tx.kind == KIND_TRANSFER:
         msg.to = tx.to_address
-        msg.amount = tx.amount
-    elif tx.receipt is not None:
+    msg.amount = tx.amount  # TRANSFER, STAKE, UNSTAKE, ESCROW_DEPOSIT, ESCROW_WITHDRAW (0 for the others)
+    if tx.attester_id:
+        msg.attester = tx.attester_address
+    if tx.receipt is not None:  # MINT, SETTLE
         body = tx.receipt.body
         msg.receipt_hash = tx.receipt.receipt_hash.hex()
         msg.provider = body.provider
         msg.mint_amount = state.mint_amount(body.units, body.price_per_unit, genesis)
+    if tx.kind == KIND_SETTLE and tx.quote is not None and tx.receipt is not None:
+        msg.attester, msg.quote_hash = tx.receipt.attester, tx.quote.hash().hex()
+        msg.fee, msg.client_address = tx.quote.total, tx.quote.client_address
+    elif tx.kind == KIND_SLASH:
+        msg.slashed_provider = tx.verdict[0].body.provider
+        msg.receipt_hash = tx.verdict[0].receipt_hash.hex()
+        msg.honest_providers.extend(r.body.provider for r in tx.verdict[1:])
     elif tx.kind == KIND_EVIDENCE:
         from aitbc import bech32, crypto
 

@@ -32,6 +32,22 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     """Mint a receipt's amount to its provider."""
     TRANSACTION_KIND_EVIDENCE: _TransactionKind.ValueType  # 3
     """Record evidence that an authority signed two conflicting finality votes."""
+    TRANSACTION_KIND_STAKE: _TransactionKind.ValueType  # 4
+    """The economy (genesis version 3, docs/economy.md): balance -> staked."""
+    TRANSACTION_KIND_UNSTAKE: _TransactionKind.ValueType  # 5
+    """staked -> unbonding (withdrawable after the genesis unbonding_blocks)."""
+    TRANSACTION_KIND_WITHDRAW: _TransactionKind.ValueType  # 6
+    """unbonding -> balance, once the unlock height is reached."""
+    TRANSACTION_KIND_ESCROW_DEPOSIT: _TransactionKind.ValueType  # 7
+    """balance -> the sender's escrow for an attester."""
+    TRANSACTION_KIND_ESCROW_WITHDRAW: _TransactionKind.ValueType  # 8
+    """escrow available -> unlocking (reclaimable after the genesis escrow_timeout_blocks)."""
+    TRANSACTION_KIND_ESCROW_RECLAIM: _TransactionKind.ValueType  # 9
+    """unlocking escrow -> balance, once its unlock height is reached."""
+    TRANSACTION_KIND_SETTLE: _TransactionKind.ValueType  # 10
+    """A MINT of a receipt plus its quote's total from the client's escrow to the provider."""
+    TRANSACTION_KIND_SLASH: _TransactionKind.ValueType  # 11
+    """A verdict: cut a cheating provider's stake, reward the honest providers, burn the rest."""
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper):
     """TransactionKind names what a transaction does."""
@@ -43,6 +59,22 @@ TRANSACTION_KIND_MINT: TransactionKind.ValueType  # 2
 """Mint a receipt's amount to its provider."""
 TRANSACTION_KIND_EVIDENCE: TransactionKind.ValueType  # 3
 """Record evidence that an authority signed two conflicting finality votes."""
+TRANSACTION_KIND_STAKE: TransactionKind.ValueType  # 4
+"""The economy (genesis version 3, docs/economy.md): balance -> staked."""
+TRANSACTION_KIND_UNSTAKE: TransactionKind.ValueType  # 5
+"""staked -> unbonding (withdrawable after the genesis unbonding_blocks)."""
+TRANSACTION_KIND_WITHDRAW: TransactionKind.ValueType  # 6
+"""unbonding -> balance, once the unlock height is reached."""
+TRANSACTION_KIND_ESCROW_DEPOSIT: TransactionKind.ValueType  # 7
+"""balance -> the sender's escrow for an attester."""
+TRANSACTION_KIND_ESCROW_WITHDRAW: TransactionKind.ValueType  # 8
+"""escrow available -> unlocking (reclaimable after the genesis escrow_timeout_blocks)."""
+TRANSACTION_KIND_ESCROW_RECLAIM: TransactionKind.ValueType  # 9
+"""unlocking escrow -> balance, once its unlock height is reached."""
+TRANSACTION_KIND_SETTLE: TransactionKind.ValueType  # 10
+"""A MINT of a receipt plus its quote's total from the client's escrow to the provider."""
+TRANSACTION_KIND_SLASH: TransactionKind.ValueType  # 11
+"""A verdict: cut a cheating provider's stake, reward the honest providers, burn the rest."""
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
 
 class _TransactionStatus:
@@ -192,6 +224,12 @@ class Transaction(_message.Message):
     GENESIS_HASH_FIELD_NUMBER: _builtins.int
     EVIDENCE_FIELD_NUMBER: _builtins.int
     CONVICTED_FIELD_NUMBER: _builtins.int
+    ATTESTER_FIELD_NUMBER: _builtins.int
+    QUOTE_HASH_FIELD_NUMBER: _builtins.int
+    FEE_FIELD_NUMBER: _builtins.int
+    CLIENT_ADDRESS_FIELD_NUMBER: _builtins.int
+    SLASHED_PROVIDER_FIELD_NUMBER: _builtins.int
+    HONEST_PROVIDERS_FIELD_NUMBER: _builtins.int
     hash: _builtins.str
     """Lower-case hex sha256 of raw."""
     raw: _builtins.bytes
@@ -212,6 +250,18 @@ class Transaction(_message.Message):
     evidence: _builtins.bytes
     """EVIDENCE: the evidence bytes (docs/ledger.md, "Finality votes") and the authority it convicts."""
     convicted: _builtins.str
+    attester: _builtins.str
+    """ESCROW_*, SETTLE: the escrow's attester address."""
+    quote_hash: _builtins.str
+    """SETTLE: lower-case hex hash of the quote it settles, the fee it moves (the quote's total) and
+    the client address whose escrow pays it.
+    """
+    fee: _builtins.int
+    client_address: _builtins.str
+    slashed_provider: _builtins.str
+    """SLASH: the convicted provider, the cheater's receipt hash and the honest providers paid."""
+    @_builtins.property
+    def honest_providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -229,10 +279,16 @@ class Transaction(_message.Message):
         genesis_hash: _builtins.str = ...,
         evidence: _builtins.bytes = ...,
         convicted: _builtins.str = ...,
+        attester: _builtins.str = ...,
+        quote_hash: _builtins.str = ...,
+        fee: _builtins.int = ...,
+        client_address: _builtins.str = ...,
+        slashed_provider: _builtins.str = ...,
+        honest_providers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "chain_id", b"chain_id", "convicted", b"convicted", "evidence", b"evidence", "genesis_hash", b"genesis_hash", "hash", b"hash", "kind", b"kind", "mint_amount", b"mint_amount", "nonce", b"nonce", "provider", b"provider", "raw", b"raw", "receipt_hash", b"receipt_hash", "sender", b"sender", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "attester", b"attester", "chain_id", b"chain_id", "client_address", b"client_address", "convicted", b"convicted", "evidence", b"evidence", "fee", b"fee", "genesis_hash", b"genesis_hash", "hash", b"hash", "honest_providers", b"honest_providers", "kind", b"kind", "mint_amount", b"mint_amount", "nonce", b"nonce", "provider", b"provider", "quote_hash", b"quote_hash", "raw", b"raw", "receipt_hash", b"receipt_hash", "sender", b"sender", "slashed_provider", b"slashed_provider", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -557,6 +613,10 @@ class GetAccountResponse(_message.Message):
     HEIGHT_FIELD_NUMBER: _builtins.int
     EVIDENCE_HEIGHT_FIELD_NUMBER: _builtins.int
     EVIDENCE_TX_FIELD_NUMBER: _builtins.int
+    STAKED_FIELD_NUMBER: _builtins.int
+    UNBONDING_FIELD_NUMBER: _builtins.int
+    UNLOCK_HEIGHT_FIELD_NUMBER: _builtins.int
+    ESCROWS_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     balance: _builtins.int
     """Balance in the smallest unit, as of the head."""
@@ -571,6 +631,16 @@ class GetAccountResponse(_message.Message):
     """
     evidence_tx: _builtins.str
     """Lower-case hex hash of that EVIDENCE transaction."""
+    staked: _builtins.int
+    """The economy (genesis version 3): staked tokens, tokens unbonding and the height from which
+    they can be withdrawn (0 when none).
+    """
+    unbonding: _builtins.int
+    unlock_height: _builtins.int
+    @_builtins.property
+    def escrows(self) -> _containers.RepeatedCompositeFieldContainer[Global___Escrow]:
+        """This account's escrows as a client, one per attester, in attester id order; at most 64."""
+
     def __init__(
         self,
         *,
@@ -581,14 +651,51 @@ class GetAccountResponse(_message.Message):
         height: _builtins.int = ...,
         evidence_height: _builtins.int = ...,
         evidence_tx: _builtins.str = ...,
+        staked: _builtins.int = ...,
+        unbonding: _builtins.int = ...,
+        unlock_height: _builtins.int = ...,
+        escrows: _abc.Iterable[Global___Escrow] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "balance", b"balance", "evidence_height", b"evidence_height", "evidence_tx", b"evidence_tx", "height", b"height", "nonce", b"nonce", "pending_nonce", b"pending_nonce"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "balance", b"balance", "escrows", b"escrows", "evidence_height", b"evidence_height", "evidence_tx", b"evidence_tx", "height", b"height", "nonce", b"nonce", "pending_nonce", b"pending_nonce", "staked", b"staked", "unbonding", b"unbonding", "unlock_height", b"unlock_height"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetAccountResponse: _TypeAlias = GetAccountResponse  # noqa: Y015
+
+@_typing.final
+class Escrow(_message.Message):
+    """One client's escrow for one attester."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTESTER_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    UNLOCKING_FIELD_NUMBER: _builtins.int
+    UNLOCK_HEIGHT_FIELD_NUMBER: _builtins.int
+    attester: _builtins.str
+    """The attester address (the coordinator that may settle fees from it)."""
+    available: _builtins.int
+    """What the attester may settle from; the client may withdraw it to unlocking at any time."""
+    unlocking: _builtins.int
+    """Withdrawn, reclaimable by the client from unlock_height; settleable until then."""
+    unlock_height: _builtins.int
+    def __init__(
+        self,
+        *,
+        attester: _builtins.str = ...,
+        available: _builtins.int = ...,
+        unlocking: _builtins.int = ...,
+        unlock_height: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attester", b"attester", "available", b"available", "unlock_height", b"unlock_height", "unlocking", b"unlocking"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Escrow: _TypeAlias = Escrow  # noqa: Y015
 
 @_typing.final
 class StreamBlocksRequest(_message.Message):
@@ -917,3 +1024,111 @@ class SubmitVotesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitVotesResponse: _TypeAlias = SubmitVotesResponse  # noqa: Y015
+
+@_typing.final
+class GetSupplyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSupplyRequest: _TypeAlias = GetSupplyRequest  # noqa: Y015
+
+@_typing.final
+class GetSupplyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MINTED_FIELD_NUMBER: _builtins.int
+    BURNED_FIELD_NUMBER: _builtins.int
+    SUPPLY_FIELD_NUMBER: _builtins.int
+    STAKED_FIELD_NUMBER: _builtins.int
+    UNBONDING_FIELD_NUMBER: _builtins.int
+    ESCROWED_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    minted: _builtins.int
+    """Every token ever minted (MINT and SETTLE) and every token burned (SLASH)."""
+    burned: _builtins.int
+    supply: _builtins.int
+    """minted - burned = the balances + staked + unbonding + escrowed."""
+    staked: _builtins.int
+    unbonding: _builtins.int
+    escrowed: _builtins.int
+    height: _builtins.int
+    """The head height these figures are at."""
+    def __init__(
+        self,
+        *,
+        minted: _builtins.int = ...,
+        burned: _builtins.int = ...,
+        supply: _builtins.int = ...,
+        staked: _builtins.int = ...,
+        unbonding: _builtins.int = ...,
+        escrowed: _builtins.int = ...,
+        height: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burned", b"burned", "escrowed", b"escrowed", "height", b"height", "minted", b"minted", "staked", b"staked", "supply", b"supply", "unbonding", b"unbonding"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSupplyResponse: _TypeAlias = GetSupplyResponse  # noqa: Y015
+
+@_typing.final
+class GetEscrowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_FIELD_NUMBER: _builtins.int
+    ATTESTER_FIELD_NUMBER: _builtins.int
+    client: _builtins.str
+    """The client address whose escrow it is."""
+    attester: _builtins.str
+    """The attester address it is held for."""
+    def __init__(
+        self,
+        *,
+        client: _builtins.str = ...,
+        attester: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attester", b"attester", "client", b"client"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEscrowRequest: _TypeAlias = GetEscrowRequest  # noqa: Y015
+
+@_typing.final
+class GetEscrowResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    UNLOCKING_FIELD_NUMBER: _builtins.int
+    UNLOCK_HEIGHT_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    available: _builtins.int
+    unlocking: _builtins.int
+    unlock_height: _builtins.int
+    height: _builtins.int
+    """The head height these figures are at."""
+    def __init__(
+        self,
+        *,
+        available: _builtins.int = ...,
+        unlocking: _builtins.int = ...,
+        unlock_height: _builtins.int = ...,
+        height: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "height", b"height", "unlock_height", b"unlock_height", "unlocking", b"unlocking"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEscrowResponse: _TypeAlias = GetEscrowResponse  # noqa: Y015

@@ -96,6 +96,16 @@ class LedgerServiceStub:
                 request_serializer=aitbc_dot_v1_dot_ledger__pb2.SubmitVotesRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_ledger__pb2.SubmitVotesResponse.FromString,
                 _registered_method=True)
+        self.GetSupply = channel.unary_unary(
+                '/aitbc.v1.LedgerService/GetSupply',
+                request_serializer=aitbc_dot_v1_dot_ledger__pb2.GetSupplyRequest.SerializeToString,
+                response_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetSupplyResponse.FromString,
+                _registered_method=True)
+        self.GetEscrow = channel.unary_unary(
+                '/aitbc.v1.LedgerService/GetEscrow',
+                request_serializer=aitbc_dot_v1_dot_ledger__pb2.GetEscrowRequest.SerializeToString,
+                response_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetEscrowResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -196,6 +206,21 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSupply(self, request, context):
+        """GetSupply returns minted - burned and where the tokens are (docs/economy.md, "Supply"); a chain
+        whose genesis is version 2 has no economy and answers FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEscrow(self, request, context):
+        """GetEscrow returns one client's escrow for one attester (the coordinator reads it to reserve funds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -258,6 +283,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.SubmitVotes,
                     request_deserializer=aitbc_dot_v1_dot_ledger__pb2.SubmitVotesRequest.FromString,
                     response_serializer=aitbc_dot_v1_dot_ledger__pb2.SubmitVotesResponse.SerializeToString,
+            ),
+            'GetSupply': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSupply,
+                    request_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetSupplyRequest.FromString,
+                    response_serializer=aitbc_dot_v1_dot_ledger__pb2.GetSupplyResponse.SerializeToString,
+            ),
+            'GetEscrow': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEscrow,
+                    request_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetEscrowRequest.FromString,
+                    response_serializer=aitbc_dot_v1_dot_ledger__pb2.GetEscrowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -586,6 +621,60 @@ class LedgerService:
             '/aitbc.v1.LedgerService/SubmitVotes',
             aitbc_dot_v1_dot_ledger__pb2.SubmitVotesRequest.SerializeToString,
             aitbc_dot_v1_dot_ledger__pb2.SubmitVotesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSupply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aitbc.v1.LedgerService/GetSupply',
+            aitbc_dot_v1_dot_ledger__pb2.GetSupplyRequest.SerializeToString,
+            aitbc_dot_v1_dot_ledger__pb2.GetSupplyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEscrow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aitbc.v1.LedgerService/GetEscrow',
+            aitbc_dot_v1_dot_ledger__pb2.GetEscrowRequest.SerializeToString,
+            aitbc_dot_v1_dot_ledger__pb2.GetEscrowResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,6 +74,12 @@ class LedgerServiceStub:
     vote gets its own result. Authorities send their votes to their peers, and every node passes
     on the votes it counted.
     """
+    GetSupply: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetSupplyRequest, _ledger_pb2.GetSupplyResponse]
+    """GetSupply returns minted - burned and where the tokens are (docs/economy.md, "Supply"); a chain
+    whose genesis is version 2 has no economy and answers FAILED_PRECONDITION.
+    """
+    GetEscrow: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetEscrowRequest, _ledger_pb2.GetEscrowResponse]
+    """GetEscrow returns one client's escrow for one attester (the coordinator reads it to reserve funds)."""
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -121,6 +127,12 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     vote gets its own result. Authorities send their votes to their peers, and every node passes
     on the votes it counted.
     """
+    GetSupply: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetSupplyRequest, _ledger_pb2.GetSupplyResponse]  # type: ignore[assignment]
+    """GetSupply returns minted - burned and where the tokens are (docs/economy.md, "Supply"); a chain
+    whose genesis is version 2 has no economy and answers FAILED_PRECONDITION.
+    """
+    GetEscrow: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetEscrowRequest, _ledger_pb2.GetEscrowResponse]  # type: ignore[assignment]
+    """GetEscrow returns one client's escrow for one attester (the coordinator reads it to reserve funds)."""
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """LedgerService is served by every ledger node (authority or follower). Transactions and blocks
@@ -237,5 +249,23 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         vote gets its own result. Authorities send their votes to their peers, and every node passes
         on the votes it counted.
         """
+
+    @_abc_1.abstractmethod
+    def GetSupply(
+        self,
+        request: _ledger_pb2.GetSupplyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetSupplyResponse, _abc.Awaitable[_ledger_pb2.GetSupplyResponse]]:
+        """GetSupply returns minted - burned and where the tokens are (docs/economy.md, "Supply"); a chain
+        whose genesis is version 2 has no economy and answers FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def GetEscrow(
+        self,
+        request: _ledger_pb2.GetEscrowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetEscrowResponse, _abc.Awaitable[_ledger_pb2.GetEscrowResponse]]:
+        """GetEscrow returns one client's escrow for one attester (the coordinator reads it to reserve funds)."""
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -358,6 +358,67 @@ class WalletCore:
         return SendResult(tx_hash, signed.nonce, signed.from_address, to, amount, True, st.block_height,
                           st.block_hash, st.status == "final")
 
+    # -- the economy (genesis version 3: docs/economy.md) ---------------------------------------
+
+    ECONOMY_OPS = {"stake": txmod.KIND_STAKE, "unstake": txmod.KIND_UNSTAKE, "withdraw": txmod.KIND_WITHDRAW,
+                   "escrow_deposit": txmod.KIND_ESCROW_DEPOSIT, "escrow_withdraw": txmod.KIND_ESCROW_WITHDRAW,
+                   "escrow_reclaim": txmod.KIND_ESCROW_RECLAIM}
+
+    async def default_attester(self, attester: str | None) -> str:
+        """`attester`, else the genesis's only attester; with several the error lists them."""
+        if attester:
+            return check_address(attester, "attester")
+        import json
+
+        from aitbc.v1 import ledger_pb2
+
+        with self._reaching_ledger():
+            g = json.loads((await self.ledger.stub.GetGenesis(ledger_pb2.GetGenesisRequest(),
+                                                              timeout=self.ledger.timeout)).genesis_json)
+        names = g.get("attesters", [])
+        if len(names) != 1:
+            raise InvalidArgument(f"this chain has {len(names)} attesters ({', '.join(names) or 'none'}): name one "
+                                  "with --attester")
+        return names[0]
+
+    async def economy(self, wallet: str, op: str, *, amount: int = 0, attester: str = "", wait: bool = True,
+                      timeout_s: float | None = None) -> SendResult:
+        """Sign and send STAKE, UNSTAKE, WITHDRAW or an escrow transaction from an unlocked wallet
+        (as `send`), after the checks that give a clear next step; the node refuses the rest with
+        its message ("still unbonding: ...")."""
+        kind = self.ECONOMY_OPS[op]
+        if kind in txmod.AMOUNT_KINDS:
+            amount = parse_amount(amount)
+        parsed = self.keystore.file(wallet)
+        if not self.unlocked.is_unlocked(wallet):
+            raise FailedPrecondition(f"wallet '{wallet}' is locked: unlock it first")
+        ledger = self.ledger
+        with self._reaching_ledger():
+            acct = await ledger.get_account(parsed.address)
+        if kind in txmod.SPEND_KINDS and acct.balance < amount:
+            raise FailedPrecondition(f"balance {acct.balance} is less than {amount}: receive {amount - acct.balance} "
+                                     "more first")
+        if kind == txmod.KIND_UNSTAKE and acct.staked < amount:
+            raise FailedPrecondition(f"staked {acct.staked} is less than {amount}: unstake at most {acct.staked}")
+        if kind == txmod.KIND_WITHDRAW and acct.unbonding and acct.height + 1 < acct.unlock_height:
+            raise FailedPrecondition(f"{acct.unbonding} still unbonding: it unlocks at height {acct.unlock_height} "
+                                     f"(now {acct.height}); run `aitbc withdraw` again then")
+        lock = self._send_locks.setdefault(wallet, asyncio.Lock())
+        async with lock:
+            with self._reaching_ledger():
+                chain = await ledger.chain_ref()
+                nonce = await ledger.next_nonce(parsed.address)
+            body = txmod.encode_economy_body(kind, chain, parsed.pubkey, nonce, amount=amount, attester=attester)
+            raw = txmod.attach_signature(body, self.unlocked.sign(wallet, txmod.signing_digest(body)))
+            with self._reaching_ledger():
+                tx_hash = await ledger.broadcast(raw)
+        result = SendResult(tx_hash, nonce, parsed.address, attester, amount)
+        if not wait:
+            return result
+        st = await ledger.wait_for_tx(tx_hash, timeout=self.wait_timeout_s if timeout_s is None else timeout_s)
+        return SendResult(tx_hash, nonce, parsed.address, attester, amount, True, st.block_height, st.block_hash,
+                          st.status == "final")
+
     # -- receipts ---------------------------------------------------------------------------
 
     async def verify_receipt(self, document: str | bytes | dict[str, Any], *, check_ledger: bool = False,

@@ -83,7 +83,8 @@ async def test_a_re_encoded_transaction_is_refused_and_the_original_executes(sma
 
 async def test_an_overflowing_mint_or_transfer_is_refused_at_admission():
     top = 2**64 - 1
-    g = genesis(1, block_time_ms=200, max_price_per_unit=2**53 - 1, max_mint_per_receipt=top)  # no caps in the way
+    # no caps in the way; version 2: on version 3 the supply (minted) stops at 2^64-1 before any balance
+    g = genesis(1, block_time_ms=200, max_price_per_unit=2**53 - 1, max_mint_per_receipt=top, version=2)
     n, server = await start_node(MemoryStore(), g, AUTH[0], "127.0.0.1:0")
     whale = key(950)
     try:

@@ -8,16 +8,18 @@ import tempfile
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from aitbc import crypto
 from aitbc.ledger import finality, state
+from aitbc.ledger import tx as txmod
 from aitbc.ledger.block import decode_block
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.store import LmdbStore, MemoryStore
 from aitbc.ledger.tx import decode_tx, make_evidence, make_mint, make_transfer
 
-from .helpers import AUTH, certify, genesis, key, receipt
+from .economy_helpers import assert_supply_invariant, quote_for, text_receipt
+from .helpers import ATTESTER, AUTH, certify, genesis, key, receipt
 
 KEYS = st.binary(min_size=1, max_size=6).map(lambda b: b"v1:t:" + b)
 VALUES = st.one_of(st.none(), st.binary(max_size=20))
@@ -57,7 +59,7 @@ TestStoreMachine = StoreMachine.TestCase
 TestStoreMachine.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
 
 USERS = [key(100 + i) for i in range(4)]
-G = genesis(2, block_time_ms=1000)
+G = genesis(2, block_time_ms=1000, unbonding_blocks=2, escrow_timeout_blocks=2)
 
 
 class ChainMachine(RuleBasedStateMachine):
@@ -75,16 +77,56 @@ class ChainMachine(RuleBasedStateMachine):
         self.receipts = 0
         self.pending: list = []
 
+    @initialize()
+    def fund(self):
+        """Every user starts with 1500 (so the economy's kinds have something to move)."""
+        for u in USERS:
+            self.receipts += 1
+            r = receipt(self.receipts, units=500, price=3, provider=u)
+            self.pending.append((USERS[0], lambda n, r=r: make_mint(USERS[0], G.ref, n, r)))
+        self.produce(0)
+
     @rule(who=st.integers(0, 3), units=st.integers(1, 500), dup=st.booleans())
     def mint(self, who, units, dup):
         if not dup or self.receipts == 0:
             self.receipts += 1
-        r = receipt(self.receipts, units=units, price=3)
+        r = receipt(self.receipts, units=units, price=3, provider=USERS[(who + 1) % 4])
         self.pending.append((USERS[who], lambda n, r=r: make_mint(USERS[who], G.ref, n, r)))
 
     @rule(frm=st.integers(0, 3), to=st.integers(0, 3), amount=st.integers(1, 3000))
     def transfer(self, frm, to, amount):
         self.pending.append((USERS[frm], lambda n: make_transfer(USERS[frm], G.ref, n, USERS[to].address, amount)))
+
+    @rule(who=st.integers(0, 3), amount=st.integers(1, 300),
+          kind=st.sampled_from(["stake", "unstake", "withdraw", "deposit", "escrow_withdraw", "reclaim"]))
+    def economy(self, who, amount, kind):
+        """The client-signed kinds (4-9), each from a random user (many fail and are left out)."""
+        k, a = USERS[who], ATTESTER.address
+        make = {"stake": lambda n: txmod.make_stake(k, G.ref, n, amount),
+                "unstake": lambda n: txmod.make_unstake(k, G.ref, n, amount),
+                "withdraw": lambda n: txmod.make_withdraw(k, G.ref, n),
+                "deposit": lambda n: txmod.make_escrow_deposit(k, G.ref, n, a, amount),
+                "escrow_withdraw": lambda n: txmod.make_escrow_withdraw(k, G.ref, n, a, amount),
+                "reclaim": lambda n: txmod.make_escrow_reclaim(k, G.ref, n, a)}[kind]
+        self.pending.append((k, make))
+
+    @rule(provider=st.integers(0, 3), client=st.integers(0, 3), price=st.integers(0, 2), fee=st.integers(1, 30))
+    def settle(self, provider, client, price, fee):
+        """The attester settles a job: a mint, plus the quote's total from the client's escrow."""
+        self.receipts += 1
+        r = text_receipt(self.receipts, provider=USERS[provider], price=3)
+        q = quote_for(G, r, qid=self.receipts, price=price, fee=fee, client_address=USERS[client].address)
+        self.pending.append((ATTESTER, lambda n: txmod.make_settle(ATTESTER, G.ref, n, r, q)))
+
+    @rule(cheater=st.integers(0, 3), n_honest=st.integers(1, 3), dup=st.booleans())
+    def slash(self, cheater, n_honest, dup):
+        """A verdict against a user's receipt, outvoted by the other users (once per cheater receipt)."""
+        if not dup or self.receipts == 0:
+            self.receipts += 1
+        c = text_receipt(10_000 + self.receipts, provider=USERS[cheater])
+        others = [u for i, u in enumerate(USERS) if i != cheater][:n_honest]
+        honest = [text_receipt(20_000 + i, provider=u, artifact="ee" * 32) for i, u in enumerate(others)]
+        self.pending.append((ATTESTER, lambda n: txmod.make_slash(ATTESTER, G.ref, n, c, honest)))
 
     @rule(who=st.integers(0, 3), culprit=st.integers(0, 1), height=st.integers(1, 50))
     def evidence(self, who, culprit, height):
@@ -145,15 +187,17 @@ class ChainMachine(RuleBasedStateMachine):
 
     @invariant()
     def same_state(self):
-        for prefix in (b"v1:acct:", b"v1:rcpt:", b"v1:hgt:", b"v1:tx:", b"v1:evid:", b"v1:cert", b"v1:final"):
+        for prefix in (b"v1:acct:", b"v1:rcpt:", b"v1:hgt:", b"v1:tx:", b"v1:evid:", b"v1:cert", b"v1:final",
+                       b"v1:stak:", b"v1:escr:", b"v1:quot:", b"v1:slsh:", b"v1:supply"):
             assert list(self.main.store.scan(prefix)) == list(self.follower.store.scan(prefix))
         assert self.main.head == self.follower.head
 
     @invariant()
-    def supply_equals_minted(self):
-        supply = sum(state.decode_account(v)[0] for _, v in self.main.store.scan(b"v1:acct:"))
+    def supply_invariant(self):
+        """balances + staked + unbonding + escrowed == minted - burned; minted is what receipts minted."""
+        assert_supply_invariant(self.main.store)
         minted = sum(state.decode_minted(v)[2] for _, v in self.main.store.scan(b"v1:rcpt:"))
-        assert supply == minted
+        assert state.read_supply(self.main.store.get).minted == minted
 
     def teardown(self):
         self.store.close()
@@ -161,5 +205,5 @@ class ChainMachine(RuleBasedStateMachine):
 
 
 TestChainMachine = ChainMachine.TestCase
-TestChainMachine.settings = settings(max_examples=20, stateful_step_count=20, deadline=None,
+TestChainMachine.settings = settings(max_examples=25, stateful_step_count=40, deadline=None,
                                      suppress_health_check=[HealthCheck.too_slow])

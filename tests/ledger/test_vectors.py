@@ -32,8 +32,8 @@ CHAIN = "aitbc-test"  # the vectors' chain id (fixed: vectors are byte-exact)
 
 def build() -> dict:
     g = make_genesis(CHAIN, [AUTH[0].address], [ATTESTER.address], block_time_ms=1000, max_price_per_unit=1000,
-                     max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000)
-    chain = Chain(MemoryStore(), g)
+                     max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000, version=2)
+    chain = Chain(MemoryStore(), g)  # a version 2 genesis: its bytes and hash are what they were
     r = receipt(1, units=100, price=10)
     tx_specs = [
         ("mint", make_mint(ALICE, g.ref, 0, r)),
@@ -62,7 +62,7 @@ def build() -> dict:
         })
     t1 = txs["transfer-1"]
     twin = make_genesis(CHAIN, [AUTH[0].address], [ATTESTER.address], block_time_ms=1000, max_price_per_unit=1000,
-                        max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_001)
+                        max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_001, version=2)
     out["refused_transactions"] = [  # each must be refused with the message's prefix
         {"name": "transfer-1 with its 65-byte recoverable signature (a second encoding)",
          "raw": (t1.body + PROVIDER.sign(signing_digest(t1.body))).hex(),
@@ -88,13 +88,67 @@ def build() -> dict:
     out["final_balances"] = {who.address: chain.account(hashlib.sha256(who.pubkey).digest()[:20])[0]
                              for who in (PROVIDER, BOB, ALICE)}
     out["finality"] = finality_vectors()
+    out["economy"] = economy_vectors()
+    return out
+
+
+def economy_vectors() -> dict:
+    """Genesis version 3 and one transaction of each economy kind (4-11) in three blocks: encodings,
+    digests, hashes, each block's state writes (docs/ledger.md "Transition", steps 8-15) and supply."""
+    from aitbc.ledger import tx as txmod
+
+    from .economy_helpers import CLIENT, HONEST, quote_for, text_receipt
+
+    g = make_genesis(CHAIN, [AUTH[0].address], [ATTESTER.address], block_time_ms=1000, max_price_per_unit=1000,
+                     max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000, unbonding_blocks=1,
+                     escrow_timeout_blocks=1, slash_ppm=250_000, slash_reward_ppm=600_000)
+    chain = Chain(MemoryStore(), g)
+    ref = g.ref
+    settled = text_receipt(2, price=10)
+    quote = quote_for(g, settled, price=3, fee=7)  # 50 x 3 + 7
+    cheater = text_receipt(3)
+    honest = [text_receipt(4, provider=HONEST[0], artifact="ee" * 32),
+              text_receipt(5, provider=HONEST[1], artifact="ee" * 32)]
+    blocks = [
+        [("mint", make_mint(ALICE, ref, 0, text_receipt(1, price=100))),  # 5000 to the provider
+         ("mint-client", make_mint(ALICE, ref, 1, text_receipt(6, provider=CLIENT, price=20))),  # 1000
+         ("stake", txmod.make_stake(PROVIDER, ref, 0, 4000)),
+         ("escrow-deposit", txmod.make_escrow_deposit(CLIENT, ref, 0, ATTESTER.address, 600))],
+        [("unstake", txmod.make_unstake(PROVIDER, ref, 1, 1000)),
+         ("escrow-withdraw", txmod.make_escrow_withdraw(CLIENT, ref, 1, ATTESTER.address, 100)),
+         ("settle", txmod.make_settle(ATTESTER, ref, 0, settled, quote)),
+         ("slash", txmod.make_slash(ATTESTER, ref, 1, cheater, honest))],
+        [("withdraw", txmod.make_withdraw(PROVIDER, ref, 2)),
+         ("escrow-reclaim", txmod.make_escrow_reclaim(CLIENT, ref, 2, ATTESTER.address))],
+    ]
+    out: dict = {"genesis": g.to_dict(), "genesis_canonical_json": g.canonical_bytes().decode(),
+                 "genesis_hash": g.hash().hex(), "keys": {"client": CLIENT.secret.hex()},
+                 "quote": {"canonical_json": quote.canonical_bytes().decode(), "hash": quote.hash().hex()},
+                 "transactions": [], "blocks": []}
+    slot = g.genesis_time_ms // 1000
+    for specs in blocks:
+        txs = [decode_tx(raw) for _, raw in specs]
+        for (name, _), tx in zip(specs, txs, strict=True):
+            out["transactions"].append({
+                "name": name, "kind": tx.kind, "kind_name": tx.kind_name, "sender": tx.sender, "nonce": tx.nonce,
+                "amount": tx.amount, "attester": tx.attester_address, "body": tx.body.hex(),
+                "signing_digest": signing_digest(tx.body).hex(), "raw": tx.raw.hex(), "hash": tx.hash.hex()})
+        slot += 1
+        writes = state.apply_txs(chain.store.get, txs, g, chain.head.height + 1)
+        block, dropped = chain.build_block(AUTH[0], slot, slot * 1000 + 250, txs)
+        assert not dropped
+        out["blocks"].append({"height": block.height, "hash": block.hash.hex(), "raw": block.raw.hex(),
+                              "state_root": block.header.state_root.hex(),
+                              "state_writes": [[k.hex(), v.hex()] for k, v in sorted(writes.items())],
+                              "supply": state.read_supply(chain.store.get)._asdict()})
     return out
 
 
 def finality_vectors() -> dict:
     """Votes, a certificate, evidence (docs/ledger.md "Finality votes") on a 4-authority genesis."""
     g = make_genesis(CHAIN, [k.address for k in AUTH], [ATTESTER.address], block_time_ms=1000,
-                     max_price_per_unit=1000, max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000)
+                     max_price_per_unit=1000, max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000,
+                     version=2)
     gen = fin.Checkpoint(0, g.hash())
     b1 = fin.Checkpoint(1, hashlib.sha256(b"vector block 1").digest())
     b2 = fin.Checkpoint(2, hashlib.sha256(b"vector block 2").digest())
@@ -142,6 +196,53 @@ def test_implementation_reproduces_vectors():
     for bad in f["refused_certificates"]:
         with pytest.raises(AitbcError, match="^" + re.escape(bad["error"])):
             fin.verify_certificate(fin.decode_certificate(bytes.fromhex(bad["raw"])), g4, block=block)
+    e = v["economy"]
+    g3 = Genesis.from_dict(e["genesis"])
+    assert g3.version == 3 and g3.canonical_bytes().decode() == e["genesis_canonical_json"]
+    chain = Chain(MemoryStore(), g3)
+    for b in e["blocks"]:
+        assert chain.add_block(decode_block(bytes.fromhex(b["raw"])), now_ms=10**15) == "extended"
+    sup = e["blocks"][-1]["supply"]
+    assert sup == state.read_supply(chain.store.get)._asdict()
+    assert sup == {"minted": 6500, "burned": 400, "staked": 2000, "unbonding": 0, "escrowed": 343}
+
+
+def test_independent_economy_reader():
+    """Kinds 4-9 of docs/ledger.md read from scratch (the fixed-width payloads) and the supply record."""
+    e = json.loads(VECTORS.read_text())["economy"]
+    gh = hashlib.sha256(json.dumps(e["genesis"], sort_keys=True, separators=(",", ":")).encode()).digest()
+    assert gh.hex() == e["genesis_hash"]
+    widths = {4: 8, 5: 8, 6: 0, 7: 28, 8: 28, 9: 20}
+    for t in e["transactions"]:
+        raw = bytes.fromhex(t["raw"])
+        assert raw[0] == 2 and raw[1] == t["kind"] and hashlib.sha256(raw).hexdigest() == t["hash"]
+        p = 3 + raw[2] + 32 + 33 + 8
+        assert raw[3 + raw[2]:35 + raw[2]] == gh
+        if t["kind"] in widths:
+            assert len(raw) == p + widths[t["kind"]] + 64
+            if t["kind"] in (4, 5):
+                assert struct.unpack_from(">Q", raw, p)[0] == t["amount"] > 0
+            if t["kind"] in (7, 8):
+                assert struct.unpack_from(">Q", raw, p + 20)[0] == t["amount"] > 0
+        elif t["kind"] == 10:  # a MINT payload, then u32 len(Q) || Q
+            (rl,) = struct.unpack_from(">I", raw, p)
+            p += 4 + rl + 65
+            p += 1 + raw[p] + 65
+            (ql,) = struct.unpack_from(">I", raw, p)
+            q = raw[p + 4:p + 4 + ql]
+            assert q.decode() == e["quote"]["canonical_json"] and hashlib.sha256(q).hexdigest() == e["quote"]["hash"]
+            assert len(raw) == p + 4 + ql + 64
+        elif t["kind"] == 11:
+            n = raw[p]
+            p += 1
+            for _ in range(n):
+                (rl,) = struct.unpack_from(">I", raw, p)
+                p += 4 + rl + 65
+                p += 1 + raw[p] + 65
+            assert n == 3 and len(raw) == p + 64
+    last = dict(e["blocks"][-1]["state_writes"])
+    minted, burned, staked, unbonding, escrowed = struct.unpack(">QQQQQ", bytes.fromhex(last[b"v1:supply".hex()]))
+    assert minted - burned == 6100 and (staked, unbonding, escrowed) == (2000, 0, 343)
 
 
 def test_independent_finality_reader():
