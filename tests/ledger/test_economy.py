@@ -297,7 +297,7 @@ def test_slash_refusals():
     refuse(run, make_slash(ATTESTER, G.ref, 0, cheater, [text_receipt(9, provider=CHEATER, artifact="ee" * 32)]),
            InvalidArgument, f"bad verdict: receipt 1 is by {CHEATER.address}")
     refuse(run, make_slash(ATTESTER, G.ref, 0, cheater, verdict(1, artifact="cd" * 32)[1]), InvalidArgument,
-           "bad verdict: receipt 1 has the cheater's artifact_sha256 (it agrees with it)")
+           "bad verdict: receipt 1 has the cheater's artifact_sha256 and units (it agrees with it)")
     for name, change in (("model", {"model": "other"}), ("prompt_hash", {"prompt_hash": "ef" * 32})):
         other = text_receipt(9, provider=HONEST[5], artifact="ee" * 32, **change)
         refuse(run, make_slash(ATTESTER, G.ref, 0, cheater, [other]), InvalidArgument,
@@ -329,3 +329,27 @@ def test_supply_counts_transfers_as_nothing_and_overflow_is_refused():
     assert big.supply().minted == 2**64 - 1
     refuse(big, make_mint(ALICE, g.ref, 1, receipt(2, units=1, price=1, provider=BOB)), FailedPrecondition,
            f"supply overflow: {2**64 - 1} minted cannot grow by 1 (2^64-1 at most)")
+
+
+def test_a_free_receipt_settles_its_priority_fee_and_mints_nothing():
+    """A job at price 0 with a priority fee: the SETTLE mints 0 (a MINT of it would be refused) and
+    still moves the quote's total to the provider."""
+    run = _escrowed()
+    r = text_receipt(1, price=0)
+    q = quote_for(G, r, price=0, fee=30)
+    refuse(run, make_mint(ATTESTER, G.ref, 0, r), InvalidArgument, "bad receipt: it mints nothing")
+    [tx] = run.block(make_settle(ATTESTER, G.ref, 0, r, q))
+    assert tx.kind == KIND_SETTLE and run.balance(PROVIDER) == 30
+    assert run.chain.receipt_minted(r.receipt_hash)[2] == 0  # settled once: no MINT of it can follow
+    run.check_invariant()
+
+
+def test_the_same_outputs_with_more_units_are_a_verdict():
+    """A miner that returned the right outputs but counted more tokens than it ran is convicted by
+    runs with those outputs and the true count."""
+    run = _staked()
+    cheater = text_receipt(500, provider=CHEATER, generated=400, artifact="ee" * 32)  # 410 units claimed
+    honest = [text_receipt(501 + i, provider=HONEST[i], artifact="ee" * 32) for i in range(2)]  # 50 units each
+    [tx] = run.block(make_slash(ATTESTER, G.ref, 0, cheater, honest))
+    assert tx.kind == KIND_SLASH
+    run.check_invariant()
