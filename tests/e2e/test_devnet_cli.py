@@ -153,6 +153,32 @@ def test_devnet_submit_status_receipts_buf_curl_and_restart(tmp_path: Path) -> N
         r = aitbc(env, "wallet", "balance", "friend", "--json", cwd=tmp_path)
         assert int(json.loads(r.stdout)["balance"]) == 5, r.stdout + r.stderr
 
+        # ... and pays for a job with it: escrow, a signed quote, charged exactly the quote
+        paying = dict(env, AITBC_WALLET_PASSPHRASE="correct horse")
+        r = aitbc(paying, "escrow", "deposit", "30", "--wallet", "miner", cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = aitbc(env, "quote", "a paid lighthouse", "--steps", "5", "--seed", "4", "--priority-fee", "7",
+                  "-o", "quote.json", cwd=tmp_path)
+        assert r.returncode == 0 and "total 12 = 5 x 1 + priority fee 7" in r.stdout, r.stdout + r.stderr
+        r = aitbc(env, "submit", "a paid lighthouse", "--steps", "5", "--seed", "4", "--quote", "quote.json",
+                  "-o", "paid.png", cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        paid_job = [ln.split(":", 1)[1].strip() for ln in r.stdout.splitlines() if ln.startswith("job id:")][0]
+        r = aitbc(env, "submit", "a paid lighthouse", "--steps", "5", "--seed", "4", "--quote", "quote.json",
+                  cwd=tmp_path)  # a quote pays for one job
+        assert r.returncode != 0 and "each quote pays for one job" in r.stderr, r.stdout + r.stderr
+        r = aitbc(env, "submit", "an expensive kite", "--steps", "5", "--fee", "1000", cwd=tmp_path)
+        assert r.returncode != 0 and "escrow too low" in r.stderr and "aitbc escrow deposit" in r.stderr, r.stderr
+        deadline = time.monotonic() + 60
+        while "settlement FINAL" not in (r := aitbc(env, "receipts", "--job-id", paid_job, cwd=tmp_path)).stderr:
+            assert time.monotonic() < deadline, r.stderr
+            time.sleep(0.5)
+        r = aitbc(env, "chain", "account", endpoints["miner_address"], "--node", endpoints["ledger"], cwd=tmp_path)
+        escrows = json.loads(r.stdout)["escrows"]
+        assert [int(e["available"]) for e in escrows] == [30 - 12], r.stdout  # charged exactly the quote
+        r = aitbc(env, "chain", "supply", "--node", endpoints["ledger"], cwd=tmp_path)
+        assert r.returncode == 0 and int(json.loads(r.stdout)["burned"]) == 0, r.stdout + r.stderr
+
         # the devnet's wallet daemon: a 0600 unix socket in the keystore, every call with its token
         keystore = home / "devnet" / "wallets"
         assert endpoints["wallet"] == f"unix:{keystore}/.daemon/wallet.sock", endpoints
