@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import BinaryIO
 
-from aitbc import crypto, jobs, metrics, quotes, receipts, telemetry
+from aitbc import crypto, jobs, metrics, quotes, telemetry
 from aitbc.config import ClientKey, CoordinatorConfig, expand
 from aitbc.coordinator import fees
 from aitbc.coordinator import machine as m

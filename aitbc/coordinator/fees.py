@@ -169,11 +169,10 @@ class ChainLedger:
         if self._min_stake is None:
             import json
 
-            from aitbc.v1 import ledger_pb2
-
             import grpc
 
             from aitbc import rpc
+            from aitbc.v1 import ledger_pb2
 
             try:
                 r = await self.client.stub.GetGenesis(ledger_pb2.GetGenesisRequest(), timeout=self.client.timeout)
