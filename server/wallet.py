@@ -137,12 +137,48 @@ class WalletServicer(wallet_pb2_grpc.WalletServiceServicer):
         return W.SignTransactionResponse(raw=s.raw, tx_hash=s.tx_hash, nonce=s.nonce, chain_id=s.chain_id)
 
     @rpc.handle_errors
+    async def Stake(self, request: W.StakeRequest, context: grpc.aio.ServicerContext) -> W.StakeResponse:
+        op = _STAKE_OPS.get(request.action)
+        if op is None:
+            raise InvalidArgument("action must be STAKE, UNSTAKE or WITHDRAW", field="action")
+        r = await self.core.economy(request.wallet, op, amount=request.amount, wait=request.wait_for_inclusion,
+                                    final=request.wait_for_final)
+        log.info("%s %d from %s: tx %s", op, r.amount, request.wallet, r.tx_hash)
+        acct = await self.core.ledger.get_account(r.from_address)
+        return W.StakeResponse(tx=_economy_tx(r), staked=acct.staked, unbonding=acct.unbonding,
+                               unlock_height=acct.unlock_height, balance=acct.balance)
+
+    @rpc.handle_errors
+    async def Escrow(self, request: W.EscrowRequest, context: grpc.aio.ServicerContext) -> W.EscrowResponse:
+        op = _ESCROW_OPS.get(request.action)
+        if op is None:
+            raise InvalidArgument("action must be DEPOSIT, WITHDRAW or RECLAIM", field="action")
+        attester = await self.core.default_attester(request.attester or None)
+        r = await self.core.economy(request.wallet, op, amount=request.amount, attester=attester,
+                                    wait=request.wait_for_inclusion, final=request.wait_for_final)
+        log.info("%s %d from %s for %s: tx %s", op, r.amount, request.wallet, attester, r.tx_hash)
+        esc = await self.core.ledger.get_escrow(r.from_address, attester)
+        acct = await self.core.ledger.get_account(r.from_address)
+        return W.EscrowResponse(tx=_economy_tx(r), attester=attester, available=esc.available,
+                                unlocking=esc.unlocking, unlock_height=esc.unlock_height, balance=acct.balance)
+
+    @rpc.handle_errors
     async def VerifyReceipt(self, request: W.VerifyReceiptRequest,
                             context: grpc.aio.ServicerContext) -> W.VerifyReceiptResponse:
         check = await self.core.verify_receipt(request.receipt_json, check_ledger=request.check_ledger,
                                                attesters=list(request.attesters),
                                                require_attestation=request.require_attestation)
         return _check_to_proto(check)
+
+
+_STAKE_OPS = {W.STAKE_ACTION_STAKE: "stake", W.STAKE_ACTION_UNSTAKE: "unstake", W.STAKE_ACTION_WITHDRAW: "withdraw"}
+_ESCROW_OPS = {W.ESCROW_ACTION_DEPOSIT: "escrow_deposit", W.ESCROW_ACTION_WITHDRAW: "escrow_withdraw",
+               W.ESCROW_ACTION_RECLAIM: "escrow_reclaim"}
+
+
+def _economy_tx(r: Any) -> W.EconomyTx:
+    return W.EconomyTx(tx_hash=r.tx_hash, nonce=r.nonce, address=r.from_address, amount=r.amount,
+                       included=r.included, block_height=r.block_height, block_hash=r.block_hash, final=r.final)
 
 
 def wallet_service(core: WalletCore) -> rpc.Service:

@@ -19,6 +19,58 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _StakeAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StakeActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StakeAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STAKE_ACTION_UNSPECIFIED: _StakeAction.ValueType  # 0
+    STAKE_ACTION_STAKE: _StakeAction.ValueType  # 1
+    """balance -> staked"""
+    STAKE_ACTION_UNSTAKE: _StakeAction.ValueType  # 2
+    """staked -> unbonding (withdrawable after the genesis unbonding_blocks)"""
+    STAKE_ACTION_WITHDRAW: _StakeAction.ValueType  # 3
+    """all unbonding -> balance, once its unlock height is reached (amount unused)"""
+
+class StakeAction(_StakeAction, metaclass=_StakeActionEnumTypeWrapper):
+    """StakeAction is what a Stake call does."""
+
+STAKE_ACTION_UNSPECIFIED: StakeAction.ValueType  # 0
+STAKE_ACTION_STAKE: StakeAction.ValueType  # 1
+"""balance -> staked"""
+STAKE_ACTION_UNSTAKE: StakeAction.ValueType  # 2
+"""staked -> unbonding (withdrawable after the genesis unbonding_blocks)"""
+STAKE_ACTION_WITHDRAW: StakeAction.ValueType  # 3
+"""all unbonding -> balance, once its unlock height is reached (amount unused)"""
+Global___StakeAction: _TypeAlias = StakeAction  # noqa: Y015
+
+class _EscrowAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EscrowActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EscrowAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ESCROW_ACTION_UNSPECIFIED: _EscrowAction.ValueType  # 0
+    ESCROW_ACTION_DEPOSIT: _EscrowAction.ValueType  # 1
+    """balance -> escrow available (for the attester)"""
+    ESCROW_ACTION_WITHDRAW: _EscrowAction.ValueType  # 2
+    """escrow available -> unlocking (reclaimable after the genesis escrow_timeout_blocks)"""
+    ESCROW_ACTION_RECLAIM: _EscrowAction.ValueType  # 3
+    """all unlocking -> balance, once its unlock height is reached (amount unused)"""
+
+class EscrowAction(_EscrowAction, metaclass=_EscrowActionEnumTypeWrapper):
+    """EscrowAction is what an Escrow call does."""
+
+ESCROW_ACTION_UNSPECIFIED: EscrowAction.ValueType  # 0
+ESCROW_ACTION_DEPOSIT: EscrowAction.ValueType  # 1
+"""balance -> escrow available (for the attester)"""
+ESCROW_ACTION_WITHDRAW: EscrowAction.ValueType  # 2
+"""escrow available -> unlocking (reclaimable after the genesis escrow_timeout_blocks)"""
+ESCROW_ACTION_RECLAIM: EscrowAction.ValueType  # 3
+"""all unlocking -> balance, once its unlock height is reached (amount unused)"""
+Global___EscrowAction: _TypeAlias = EscrowAction  # noqa: Y015
+
 class _MintStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -48,6 +100,198 @@ MINT_STATUS_INCLUDED: MintStatus.ValueType  # 3
 MINT_STATUS_FINAL: MintStatus.ValueType  # 4
 """Minted in a final block."""
 Global___MintStatus: _TypeAlias = MintStatus  # noqa: Y015
+
+@_typing.final
+class StakeRequest(_message.Message):
+    """StakeRequest moves a wallet's tokens into, out of, or back from its stake."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WALLET_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    WAIT_FOR_INCLUSION_FIELD_NUMBER: _builtins.int
+    WAIT_FOR_FINAL_FIELD_NUMBER: _builtins.int
+    wallet: _builtins.str
+    """The signing wallet; it must be unlocked."""
+    action: Global___StakeAction.ValueType
+    amount: _builtins.int
+    """Smallest token units, at least 1 (STAKE, UNSTAKE)."""
+    wait_for_inclusion: _builtins.bool
+    """Wait until the transaction is in a block before answering."""
+    wait_for_final: _builtins.bool
+    """Wait until that block is final (implies wait_for_inclusion)."""
+    def __init__(
+        self,
+        *,
+        wallet: _builtins.str = ...,
+        action: Global___StakeAction.ValueType = ...,
+        amount: _builtins.int = ...,
+        wait_for_inclusion: _builtins.bool = ...,
+        wait_for_final: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "amount", b"amount", "wait_for_final", b"wait_for_final", "wait_for_inclusion", b"wait_for_inclusion", "wallet", b"wallet"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StakeRequest: _TypeAlias = StakeRequest  # noqa: Y015
+
+@_typing.final
+class EconomyTx(_message.Message):
+    """EconomyTx identifies an economy transaction and, when waited for, its block; with the account
+    as the ledger showed it after that.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TX_HASH_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    INCLUDED_FIELD_NUMBER: _builtins.int
+    BLOCK_HEIGHT_FIELD_NUMBER: _builtins.int
+    BLOCK_HASH_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    tx_hash: _builtins.str
+    """Lower-case hex sha256 of the signed transaction."""
+    nonce: _builtins.int
+    address: _builtins.str
+    amount: _builtins.int
+    included: _builtins.bool
+    block_height: _builtins.int
+    block_hash: _builtins.str
+    final: _builtins.bool
+    def __init__(
+        self,
+        *,
+        tx_hash: _builtins.str = ...,
+        nonce: _builtins.int = ...,
+        address: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        included: _builtins.bool = ...,
+        block_height: _builtins.int = ...,
+        block_hash: _builtins.str = ...,
+        final: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "amount", b"amount", "block_hash", b"block_hash", "block_height", b"block_height", "final", b"final", "included", b"included", "nonce", b"nonce", "tx_hash", b"tx_hash"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EconomyTx: _TypeAlias = EconomyTx  # noqa: Y015
+
+@_typing.final
+class StakeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TX_FIELD_NUMBER: _builtins.int
+    STAKED_FIELD_NUMBER: _builtins.int
+    UNBONDING_FIELD_NUMBER: _builtins.int
+    UNLOCK_HEIGHT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    staked: _builtins.int
+    """The wallet's stake after the call, as the node answered (at its head)."""
+    unbonding: _builtins.int
+    unlock_height: _builtins.int
+    balance: _builtins.int
+    @_builtins.property
+    def tx(self) -> Global___EconomyTx: ...
+    def __init__(
+        self,
+        *,
+        tx: Global___EconomyTx | None = ...,
+        staked: _builtins.int = ...,
+        unbonding: _builtins.int = ...,
+        unlock_height: _builtins.int = ...,
+        balance: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tx", b"tx"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "staked", b"staked", "tx", b"tx", "unbonding", b"unbonding", "unlock_height", b"unlock_height"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StakeResponse: _TypeAlias = StakeResponse  # noqa: Y015
+
+@_typing.final
+class EscrowRequest(_message.Message):
+    """EscrowRequest moves a wallet's tokens into, out of, or back from its escrow for an attester."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WALLET_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    ATTESTER_FIELD_NUMBER: _builtins.int
+    WAIT_FOR_INCLUSION_FIELD_NUMBER: _builtins.int
+    WAIT_FOR_FINAL_FIELD_NUMBER: _builtins.int
+    wallet: _builtins.str
+    """The signing wallet (the client); it must be unlocked."""
+    action: Global___EscrowAction.ValueType
+    amount: _builtins.int
+    """Smallest token units, at least 1 (DEPOSIT, WITHDRAW)."""
+    attester: _builtins.str
+    """The attester (coordinator) address; "" for the genesis's only attester (INVALID_ARGUMENT
+    listing them when there are several).
+    """
+    wait_for_inclusion: _builtins.bool
+    wait_for_final: _builtins.bool
+    def __init__(
+        self,
+        *,
+        wallet: _builtins.str = ...,
+        action: Global___EscrowAction.ValueType = ...,
+        amount: _builtins.int = ...,
+        attester: _builtins.str = ...,
+        wait_for_inclusion: _builtins.bool = ...,
+        wait_for_final: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "amount", b"amount", "attester", b"attester", "wait_for_final", b"wait_for_final", "wait_for_inclusion", b"wait_for_inclusion", "wallet", b"wallet"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EscrowRequest: _TypeAlias = EscrowRequest  # noqa: Y015
+
+@_typing.final
+class EscrowResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TX_FIELD_NUMBER: _builtins.int
+    ATTESTER_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    UNLOCKING_FIELD_NUMBER: _builtins.int
+    UNLOCK_HEIGHT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    attester: _builtins.str
+    available: _builtins.int
+    """The escrow after the call, as the node answered (at its head)."""
+    unlocking: _builtins.int
+    unlock_height: _builtins.int
+    balance: _builtins.int
+    @_builtins.property
+    def tx(self) -> Global___EconomyTx: ...
+    def __init__(
+        self,
+        *,
+        tx: Global___EconomyTx | None = ...,
+        attester: _builtins.str = ...,
+        available: _builtins.int = ...,
+        unlocking: _builtins.int = ...,
+        unlock_height: _builtins.int = ...,
+        balance: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tx", b"tx"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attester", b"attester", "available", b"available", "balance", b"balance", "tx", b"tx", "unlock_height", b"unlock_height", "unlocking", b"unlocking"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EscrowResponse: _TypeAlias = EscrowResponse  # noqa: Y015
 
 @_typing.final
 class Wallet(_message.Message):

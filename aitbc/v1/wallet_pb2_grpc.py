@@ -91,6 +91,16 @@ class WalletServiceStub:
                 request_serializer=aitbc_dot_v1_dot_wallet__pb2.VerifyReceiptRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_wallet__pb2.VerifyReceiptResponse.FromString,
                 _registered_method=True)
+        self.Stake = channel.unary_unary(
+                '/aitbc.v1.WalletService/Stake',
+                request_serializer=aitbc_dot_v1_dot_wallet__pb2.StakeRequest.SerializeToString,
+                response_deserializer=aitbc_dot_v1_dot_wallet__pb2.StakeResponse.FromString,
+                _registered_method=True)
+        self.Escrow = channel.unary_unary(
+                '/aitbc.v1.WalletService/Escrow',
+                request_serializer=aitbc_dot_v1_dot_wallet__pb2.EscrowRequest.SerializeToString,
+                response_deserializer=aitbc_dot_v1_dot_wallet__pb2.EscrowResponse.FromString,
+                _registered_method=True)
 
 
 class WalletServiceServicer:
@@ -177,6 +187,23 @@ class WalletServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stake(self, request, context):
+        """Stake signs a STAKE, UNSTAKE or WITHDRAW (docs/economy.md) with an unlocked wallet, checks
+        what the wallet can check first (balance, stake, unlock height: FAILED_PRECONDITION saying what
+        to do), broadcasts it and optionally waits for its block.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Escrow(self, request, context):
+        """Escrow signs an ESCROW_DEPOSIT, ESCROW_WITHDRAW or ESCROW_RECLAIM for one attester (a
+        coordinator) with an unlocked wallet, as Stake does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WalletServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -229,6 +256,16 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.VerifyReceipt,
                     request_deserializer=aitbc_dot_v1_dot_wallet__pb2.VerifyReceiptRequest.FromString,
                     response_serializer=aitbc_dot_v1_dot_wallet__pb2.VerifyReceiptResponse.SerializeToString,
+            ),
+            'Stake': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stake,
+                    request_deserializer=aitbc_dot_v1_dot_wallet__pb2.StakeRequest.FromString,
+                    response_serializer=aitbc_dot_v1_dot_wallet__pb2.StakeResponse.SerializeToString,
+            ),
+            'Escrow': grpc.unary_unary_rpc_method_handler(
+                    servicer.Escrow,
+                    request_deserializer=aitbc_dot_v1_dot_wallet__pb2.EscrowRequest.FromString,
+                    response_serializer=aitbc_dot_v1_dot_wallet__pb2.EscrowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -508,6 +545,60 @@ class WalletService:
             '/aitbc.v1.WalletService/VerifyReceipt',
             aitbc_dot_v1_dot_wallet__pb2.VerifyReceiptRequest.SerializeToString,
             aitbc_dot_v1_dot_wallet__pb2.VerifyReceiptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stake(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aitbc.v1.WalletService/Stake',
+            aitbc_dot_v1_dot_wallet__pb2.StakeRequest.SerializeToString,
+            aitbc_dot_v1_dot_wallet__pb2.StakeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Escrow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aitbc.v1.WalletService/Escrow',
+            aitbc_dot_v1_dot_wallet__pb2.EscrowRequest.SerializeToString,
+            aitbc_dot_v1_dot_wallet__pb2.EscrowResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,15 @@ class WalletServiceStub:
     """VerifyReceipt checks a receipt JSON document offline (signatures, canonical hash) and, when
     asked, against the ledger: minted at most once, and in which block.
     """
+    Stake: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.StakeRequest, _wallet_pb2.StakeResponse]
+    """Stake signs a STAKE, UNSTAKE or WITHDRAW (docs/economy.md) with an unlocked wallet, checks
+    what the wallet can check first (balance, stake, unlock height: FAILED_PRECONDITION saying what
+    to do), broadcasts it and optionally waits for its block.
+    """
+    Escrow: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.EscrowRequest, _wallet_pb2.EscrowResponse]
+    """Escrow signs an ESCROW_DEPOSIT, ESCROW_WITHDRAW or ESCROW_RECLAIM for one attester (a
+    coordinator) with an unlocked wallet, as Stake does.
+    """
 
 @_typing.type_check_only
 class WalletServiceAsyncStub(WalletServiceStub):
@@ -106,6 +115,15 @@ class WalletServiceAsyncStub(WalletServiceStub):
     VerifyReceipt: _aio.UnaryUnaryMultiCallable[_wallet_pb2.VerifyReceiptRequest, _wallet_pb2.VerifyReceiptResponse]  # type: ignore[assignment]
     """VerifyReceipt checks a receipt JSON document offline (signatures, canonical hash) and, when
     asked, against the ledger: minted at most once, and in which block.
+    """
+    Stake: _aio.UnaryUnaryMultiCallable[_wallet_pb2.StakeRequest, _wallet_pb2.StakeResponse]  # type: ignore[assignment]
+    """Stake signs a STAKE, UNSTAKE or WITHDRAW (docs/economy.md) with an unlocked wallet, checks
+    what the wallet can check first (balance, stake, unlock height: FAILED_PRECONDITION saying what
+    to do), broadcasts it and optionally waits for its block.
+    """
+    Escrow: _aio.UnaryUnaryMultiCallable[_wallet_pb2.EscrowRequest, _wallet_pb2.EscrowResponse]  # type: ignore[assignment]
+    """Escrow signs an ESCROW_DEPOSIT, ESCROW_WITHDRAW or ESCROW_RECLAIM for one attester (a
+    coordinator) with an unlocked wallet, as Stake does.
     """
 
 class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -203,6 +221,27 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_wallet_pb2.VerifyReceiptResponse, _abc.Awaitable[_wallet_pb2.VerifyReceiptResponse]]:
         """VerifyReceipt checks a receipt JSON document offline (signatures, canonical hash) and, when
         asked, against the ledger: minted at most once, and in which block.
+        """
+
+    @_abc_1.abstractmethod
+    def Stake(
+        self,
+        request: _wallet_pb2.StakeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.StakeResponse, _abc.Awaitable[_wallet_pb2.StakeResponse]]:
+        """Stake signs a STAKE, UNSTAKE or WITHDRAW (docs/economy.md) with an unlocked wallet, checks
+        what the wallet can check first (balance, stake, unlock height: FAILED_PRECONDITION saying what
+        to do), broadcasts it and optionally waits for its block.
+        """
+
+    @_abc_1.abstractmethod
+    def Escrow(
+        self,
+        request: _wallet_pb2.EscrowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.EscrowResponse, _abc.Awaitable[_wallet_pb2.EscrowResponse]]:
+        """Escrow signs an ESCROW_DEPOSIT, ESCROW_WITHDRAW or ESCROW_RECLAIM for one attester (a
+        coordinator) with an unlocked wallet, as Stake does.
         """
 
 def add_WalletServiceServicer_to_server(servicer: WalletServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

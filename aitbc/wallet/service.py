@@ -382,7 +382,7 @@ class WalletCore:
         return names[0]
 
     async def economy(self, wallet: str, op: str, *, amount: int = 0, attester: str = "", wait: bool = True,
-                      timeout_s: float | None = None) -> SendResult:
+                      final: bool = False, timeout_s: float | None = None) -> SendResult:
         """Sign and send STAKE, UNSTAKE, WITHDRAW or an escrow transaction from an unlocked wallet
         (as `send`), after the checks that give a clear next step; the node refuses the rest with
         its message ("still unbonding: ...")."""
@@ -413,9 +413,10 @@ class WalletCore:
             with self._reaching_ledger():
                 tx_hash = await ledger.broadcast(raw)
         result = SendResult(tx_hash, nonce, parsed.address, attester, amount)
-        if not wait:
+        if not (wait or final):
             return result
-        st = await ledger.wait_for_tx(tx_hash, timeout=self.wait_timeout_s if timeout_s is None else timeout_s)
+        st = await ledger.wait_for_tx(tx_hash, final=final,
+                                      timeout=self.wait_timeout_s if timeout_s is None else timeout_s)
         return SendResult(tx_hash, nonce, parsed.address, attester, amount, True, st.block_height, st.block_hash,
                           st.status == "final")
 

@@ -245,3 +245,47 @@ async def test_verify_receipt(env):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "not valid JSON" in msg
     code, msg = await status_of(stub.VerifyReceipt(W.VerifyReceiptRequest(receipt_json=doc, attesters=["ait1bad"])))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "attester address" in msg
+
+
+async def test_stake_and_escrow_through_the_daemon(env):
+    """WalletService.Stake and .Escrow sign STAKE/UNSTAKE/WITHDRAW and the escrow transactions with
+    an unlocked wallet; what the wallet can check is refused with the next step, the rest with the
+    node's message; nothing moves on a refusal."""
+    stub, ledger, ch, tmp = env
+    await fund(ledger)  # 1000 to PROVIDER
+    await stub.ImportWallet(W.ImportWalletRequest(name="miner", passphrase=PASS, private_key_hex=PROVIDER.secret.hex()))
+    code, msg = await status_of(stub.Stake(W.StakeRequest(wallet="miner", action=W.STAKE_ACTION_STAKE, amount=1)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "locked: unlock it first" in msg
+    await stub.UnlockWallet(W.UnlockWalletRequest(name="miner", passphrase=PASS))
+
+    def stake(action, amount=0):
+        return stub.Stake(W.StakeRequest(wallet="miner", action=action, amount=amount, wait_for_inclusion=True))
+
+    code, msg = await status_of(stake(W.STAKE_ACTION_UNSPECIFIED, 5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "action must be" in msg
+    code, msg = await status_of(stake(W.STAKE_ACTION_STAKE, 1001))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "balance 1000 is less than 1001: receive 1 more first" in msg
+    r = await stake(W.STAKE_ACTION_STAKE, 300)
+    assert r.tx.included and (r.staked, r.balance) == (300, 700) and r.tx.address == PROVIDER.address
+    code, msg = await status_of(stake(W.STAKE_ACTION_UNSTAKE, 400))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "staked 300 is less than 400: unstake at most 300" in msg
+    code, msg = await status_of(stake(W.STAKE_ACTION_WITHDRAW))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "nothing to withdraw" in msg
+    r = await stake(W.STAKE_ACTION_UNSTAKE, 100)
+    assert (r.staked, r.unbonding) == (200, 100) and r.unlock_height > r.tx.block_height
+    code, msg = await status_of(stake(W.STAKE_ACTION_WITHDRAW))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "still unbonding" in msg
+
+    def escrow(action, amount=0, **kw):
+        return stub.Escrow(W.EscrowRequest(wallet="miner", action=action, amount=amount, wait_for_inclusion=True, **kw))
+
+    r = await escrow(W.ESCROW_ACTION_DEPOSIT, 250)  # the genesis's only attester by default
+    assert (r.attester, r.available, r.balance) == (ATTESTER.address, 250, 450)
+    r = await escrow(W.ESCROW_ACTION_WITHDRAW, 50)
+    assert (r.available, r.unlocking) == (200, 50) and r.unlock_height > r.tx.block_height
+    code, msg = await status_of(escrow(W.ESCROW_ACTION_RECLAIM))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "escrow still locked" in msg
+    code, msg = await status_of(escrow(W.ESCROW_ACTION_DEPOSIT, 5, attester=BOB.address))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "attester not authorized" in msg
+    acct = await ledger.get_account(PROVIDER.address)
+    assert (acct.balance, acct.staked, acct.unbonding) == (450, 200, 100)  # the refusals moved nothing
