@@ -93,7 +93,7 @@ def _chain_init(args: argparse.Namespace) -> int:
 
 def _economy_args(args: argparse.Namespace) -> dict[str, int]:
     return {name: getattr(args, name) for name in ("min_stake", "unbonding_blocks", "slash_ppm", "slash_reward_ppm",
-                                                   "escrow_timeout_blocks")}
+                                                   "escrow_timeout_blocks", "epoch_blocks")}
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -322,7 +322,9 @@ def register(subparsers: Any) -> None:
                                 ("--unbonding-blocks", 100, "blocks from UNSTAKE to WITHDRAW"),
                                 ("--slash-ppm", 500_000, "parts per million of a convicted miner's stake cut"),
                                 ("--slash-reward-ppm", 500_000, "parts per million of the cut paid to honest miners"),
-                                ("--escrow-timeout-blocks", 600, "blocks from ESCROW_WITHDRAW to ESCROW_RECLAIM")):
+                                ("--escrow-timeout-blocks", 600, "blocks from ESCROW_WITHDRAW to ESCROW_RECLAIM"),
+                                ("--epoch-blocks", 100, "blocks per epoch: the authority set changes by the "
+                                                        "authorities' votes at most once per epoch")):
         i.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
     i.add_argument("--genesis-time-ms", type=int, help="default: now")
     i.add_argument("--out", default="genesis.json")

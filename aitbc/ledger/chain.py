@@ -1,7 +1,8 @@
 """The chain: block validation, fork choice, finality and atomic commits over a Store.
 
 Consensus rule (docs/ledger.md, "Consensus"):
-- slot = floor(timestamp_ms / block_time_ms); the proposer of slot s is authorities[s % n]; a
+- slot = floor(timestamp_ms / block_time_ms); the proposer of slot s in a block of epoch e is
+  set(e)[s % len(set(e))] (the genesis list on a version 2 genesis; aitbc.ledger.authorities); a
   block's slot is greater than its parent's and at most one slot ahead of the receiver's clock.
 - fork choice: the highest block wins; at equal height the lower block hash wins; a node never
   reverts a final block.
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from aitbc import crypto
 from aitbc.errors import AitbcError, FailedPrecondition, InvalidArgument
-from aitbc.ledger import state
+from aitbc.ledger import authorities, state
 from aitbc.ledger.block import (
     MAX_BLOCK_BYTES,
     Block,
@@ -284,10 +285,59 @@ class Chain:
 
     # ---- validation ----------------------------------------------------------------------------
 
-    def proposer_for_slot(self, slot: int) -> bytes:
-        return self.authority_ids[slot % len(self.authority_ids)]
+    def authorities_at(self, height: int, read: state.Reader | None = None) -> tuple[bytes, ...] | None:
+        """The authority set of block `height`'s epoch in the state `read` (the canonical state by
+        default: it holds every set up to the epoch after the head's); None when not fixed yet."""
+        return authorities.authorities_at(read or self.store.get, self.genesis, height)
 
-    def validate_header(self, block: Block, parent: BlockInfo, now_ms: int) -> None:
+    def current_authorities(self) -> tuple[bytes, ...]:
+        """The set that proposes and votes the next block (the head's child)."""
+        ids = self.authorities_at(self.head.height + 1)
+        assert ids is not None  # the head's state always holds the set of its child's epoch
+        return ids
+
+    def proposer_for_slot(self, slot: int, height: int | None = None) -> bytes:
+        """The proposer of `slot` for a block at `height` (default: the head's child), canonical state."""
+        ids = self.authorities_at(self.head.height + 1 if height is None else height)
+        assert ids is not None
+        return ids[slot % len(ids)]
+
+    def check_proposer(self, block: Block, read: state.Reader) -> None:
+        """The proposer is in the set of the block's epoch (in the parent state `read`) and in turn."""
+        h, n = block.header, block.height
+        ids = authorities.authorities_at(read, self.genesis, n)
+        if ids is None:  # unreachable for a parent state: the set of a block's epoch is fixed below it
+            raise InvalidArgument(f"invalid block {n}: the authority set of epoch {self.genesis.epoch(n)} is not "
+                                  "known on its branch")
+        if h.proposer not in ids:
+            raise InvalidArgument(f"invalid block {n}: proposer {h.proposer_address} is not an authority")
+        if h.proposer != ids[h.slot % len(ids)]:
+            raise InvalidArgument(f"invalid block {n}: proposer {h.proposer_address} is out of turn in slot {h.slot}")
+
+    def branch_reader(self, block: Block) -> state.Reader | None:
+        """A reader that holds the set of this pending block's epoch: the canonical state when the
+        block's branch forks at or above the block that fixed that set, else None (the check waits
+        until the branch is executed, _reorg)."""
+        g = self.genesis
+        e = g.epoch(block.height)
+        if not g.has_authority_votes or e < 2:
+            return self.store.get
+        cur, height = block.parent_hash, block.height - 1
+        for _ in range(MAX_SIDE_BLOCKS + 1):
+            if self.is_canonical(cur, height):
+                break
+            b = self.side.get(cur)
+            if b is None:
+                return None
+            cur, height = b.parent_hash, height - 1
+        else:
+            return None
+        return self.store.get if height >= authorities.defining_height(g, e) else None
+
+    def validate_header(self, block: Block, parent: BlockInfo, now_ms: int,
+                        read: state.Reader | None = None) -> None:
+        """Every header rule; the proposer's turn is checked against the set in `read` (the
+        parent's state), or left to the branch's execution when `read` is None."""
         h = block.header
         g = self.genesis
         n = h.height
@@ -305,10 +355,8 @@ class Chain:
             raise InvalidArgument(f"invalid block {n}: timestamp is outside slot {h.slot}")
         if h.slot > now_ms // g.block_time_ms + 1:
             raise InvalidArgument(f"invalid block {n}: slot {h.slot} is in the future")
-        if h.proposer not in self.authority_ids:
-            raise InvalidArgument(f"invalid block {n}: proposer {h.proposer_address} is not an authority")
-        if h.proposer != self.proposer_for_slot(h.slot):
-            raise InvalidArgument(f"invalid block {n}: proposer {h.proposer_address} is out of turn in slot {h.slot}")
+        if read is not None:
+            self.check_proposer(block, read)
         if h.tx_count > g.max_block_txs:
             raise InvalidArgument(f"invalid block {n}: {h.tx_count} txs, at most {g.max_block_txs}")
         if tx_root([t.hash for t in block.txs]) != h.tx_root:
@@ -358,7 +406,7 @@ class Chain:
                     results.append(AddResult(block, "known"))
                     continue
                 if block.parent_hash == tip.hash:
-                    self.validate_header(block, tip, now_ms)
+                    self.validate_header(block, tip, now_ms, ov.get)
                     writes = self._execute(block, tip, ov.get, verified)
                     ov.writes.update(self._block_writes(block, writes, ov.get))
                     pending.append(block)
@@ -383,7 +431,7 @@ class Chain:
         if block.height <= self.final_height:
             raise FailedPrecondition(f"block {block.height} conflicts with the final chain (final height "
                                      f"{self.final_height})")
-        self.validate_header(block, parent, now_ms)
+        self.validate_header(block, parent, now_ms, self.branch_reader(block))
         rival = self.hash_at(block.height)
         if rival is not None:
             other = self.info(rival)
@@ -433,6 +481,7 @@ class Chain:
         assert parent is not None
         for blk in branch:
             try:
+                self.check_proposer(blk, ov.get)  # its branch's own set (pending blocks may not have had it)
                 writes = self._execute(blk, parent, ov.get, verified)
             except AitbcError as exc:
                 log.warning("rejecting fork block %d %s: %s", blk.height, blk.hash.hex()[:16], exc.message)
@@ -500,6 +549,7 @@ class Chain:
             ov.writes.update(w)
             included.append(tx)
             size += len(tx.raw) + 4
+        ov.writes.update(state.end_block(ov.get, g, height))
         bt = g.block_time_ms
         ts = min(max(now_ms, slot * bt), (slot + 1) * bt - 1)
         header = Header(g.chain_id, self.genesis_hash, height, parent.hash, slot, ts, crypto.sha256(key.pubkey)[:20],

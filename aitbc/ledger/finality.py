@@ -121,16 +121,17 @@ def decode_vote(raw: bytes) -> Vote:
 
 
 def verify_vote(vote: Vote, genesis: Genesis, genesis_hash: bytes | None = None,
-                ignored: Iterable[bytes] = ()) -> None:
-    """Raise unless `vote` is signed by an authority of this genesis (and not one with evidence
-    against it). Stateless: whether the blocks exist is the tally's business."""
+                ignored: Iterable[bytes] = (), authorities: Iterable[bytes] | None = None) -> None:
+    """Raise unless `vote` is signed by an authority (of `authorities`, the set of the target's
+    epoch; the genesis list by default) and not one with evidence against it. Stateless: whether
+    the blocks exist is the tally's business."""
     gh = genesis_hash if genesis_hash is not None else genesis.hash()
     if vote.chain_id != genesis.chain_id:
         raise InvalidArgument(f"wrong chain id: vote is for {vote.chain_id!r}, this chain is {genesis.chain_id!r}")
     if vote.genesis_hash != gh:
         raise InvalidArgument(f"wrong genesis: vote is for genesis {vote.genesis_hash.hex()}, this chain has "
                               f"{gh.hex()} (another network, or a replayed vote)")
-    if vote.voter not in genesis.authority_ids:
+    if vote.voter not in (genesis.authority_ids if authorities is None else authorities):
         raise PermissionDenied(f"vote from {vote.voter_address}, which is not an authority")
     if vote.voter in set(ignored):
         raise PermissionDenied(f"vote from {vote.voter_address}, whose votes are ignored (evidence on chain)")
@@ -189,10 +190,14 @@ def decode_certificate(raw: bytes) -> Certificate:
 
 
 def verify_certificate(cert: Certificate, genesis: Genesis, *, block: Checkpoint | None = None,
-                       genesis_hash: bytes | None = None, ignored: Iterable[bytes] = ()) -> None:
+                       genesis_hash: bytes | None = None, ignored: Iterable[bytes] = (),
+                       authorities: tuple[bytes, ...] | None = None) -> None:
     """Raise unless `cert` proves its source final under this genesis: a child link, more than
-    2/3 of the authorities, each once, each signature valid. `block`: the block it is claimed for."""
-    n = len(genesis.authorities)
+    2/3 of the authorities, each once, each signature valid. `block`: the block it is claimed for.
+    `authorities`: the set of the epoch of the certificate's target (the child of the certified
+    block: its votes are that link's votes); the genesis list by default."""
+    ids = genesis.authority_ids if authorities is None else authorities
+    n = len(ids)
     q = quorum(n)
     if block is not None and (cert.source.height, cert.source.hash) != (block.height, block.hash):
         raise InvalidArgument(f"certificate is for block {cert.source.height} {cert.source.hash.hex()[:16]}, not "
@@ -211,7 +216,7 @@ def verify_certificate(cert: Certificate, genesis: Genesis, *, block: Checkpoint
     ign = frozenset(ignored)
     for vote in cert.votes(genesis, gh):
         try:
-            verify_vote(vote, genesis, gh, ign)
+            verify_vote(vote, genesis, gh, ign, ids)
         except AitbcError as exc:
             raise InvalidArgument(f"certificate refused: {exc.message}") from None
 
@@ -304,6 +309,9 @@ class Voter:
 # ---- the tally -----------------------------------------------------------------------------------
 
 BlockLookup = Callable[[bytes], "tuple[int, bytes] | None"]  # hash -> (height, parent hash)
+# the authority set a vote for this target block must come from (the set of its epoch), or None
+# when this node cannot tell yet (a block far ahead, or on a branch forked below that set's block)
+AuthorityLookup = Callable[[Checkpoint], "tuple[bytes, ...] | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +335,20 @@ class Tally:
     justified_by: dict[bytes, tuple[Checkpoint, Checkpoint]] = field(default_factory=dict)  # target -> its link
     final: Checkpoint | None = None
     certificate: Certificate | None = None
+    authorities: AuthorityLookup | None = None  # None: the genesis list for every block
+
+    def authority_set(self, target: Checkpoint) -> tuple[bytes, ...]:
+        """The set whose votes count for links to `target` (the set of its epoch)."""
+        if self.authorities is None:
+            return self.genesis.authority_ids
+        ids = self.authorities(target)
+        if ids is None:
+            raise FailedPrecondition(f"vote for block {target.height}, whose authority set this node does not know "
+                                     "yet")
+        return ids
+
+    def quorum_for(self, target: Checkpoint) -> int:
+        return quorum(len(self.authority_set(target)))
 
     def __post_init__(self) -> None:
         self.genesis_hash = self.genesis_hash or self.genesis.hash()
@@ -364,7 +386,7 @@ class Tally:
         if vote.voter not in self.ignored and self.links.get(vote.link, {}).get(vote.voter) == vote:
             return VoteResult("known")  # the very vote counted before (a refresh): no signature check again
         if not signature_checked:
-            verify_vote(vote, self.genesis, self.genesis_hash, self.ignored)
+            verify_vote(vote, self.genesis, self.genesis_hash, self.ignored, self.authority_set(vote.target))
         assert self.final is not None
         if vote.target.height <= self.final.height:
             raise FailedPrecondition(f"stale vote: target {vote.target.height} is not above the final height "
@@ -420,8 +442,16 @@ class Tally:
         for voters in self.links.values():
             voters.pop(voter, None)
 
+    def _quorate(self, link: tuple[Checkpoint, Checkpoint]) -> bool:
+        """The link has votes from more than 2/3 of the set of its target's epoch."""
+        voters = self.links.get(link, {})
+        try:
+            return len(voters) >= self.quorum_for(link[1])
+        except AitbcError:
+            return False
+
     def _settle(self, link: tuple[Checkpoint, Checkpoint]) -> Checkpoint | None:
-        if len(self.links[link]) < self.q:
+        if not self._quorate(link):
             return None
         # justify: this link's target, then every link that reached q earlier but waited for its
         # source to be justified here (votes arrive in any order)
@@ -432,7 +462,7 @@ class Tally:
             if self.justified.get(src.hash) == src.height and tgt.hash not in self.justified:
                 self.justified[tgt.hash] = tgt.height
                 self.justified_by[tgt.hash] = cur
-                todo.extend(k for k, vs in self.links.items() if k[0] == tgt and len(vs) >= self.q)
+                todo.extend(k for k in self.links if k[0] == tgt and self._quorate(k))
         source, target = link
         if target.height != source.height + 1:
             return None
@@ -451,7 +481,8 @@ class Tally:
 
     def add_certificate(self, cert: Certificate) -> Checkpoint | None:
         """A certificate from a peer (catch-up, restart): verified, then its votes are counted."""
-        verify_certificate(cert, self.genesis, genesis_hash=self.genesis_hash, ignored=self.ignored)
+        verify_certificate(cert, self.genesis, genesis_hash=self.genesis_hash, ignored=self.ignored,
+                           authorities=self.authority_set(cert.target))
         assert self.final is not None
         if self._height(cert.source.hash) == cert.source.height and self.is_ancestor(cert.source, self.final):
             return None  # already final here

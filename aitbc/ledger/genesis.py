@@ -38,9 +38,11 @@ ECONOMY_BOUNDS = {
     "slash_ppm": (0, PPM, "parts per million of a convicted miner's stake that is cut"),
     "slash_reward_ppm": (0, PPM, "parts per million of the cut paid to the honest providers"),
     "escrow_timeout_blocks": (1, 2**32 - 1, "blocks before withdrawn escrow can be reclaimed"),
+    # not the economy, but version 3 too: the authority set may change at each epoch boundary
+    "epoch_blocks": (1, 2**32 - 1, "blocks per epoch: the authority set can change once per epoch"),
 }
 ECONOMY_DEFAULTS = {"min_stake": 0, "unbonding_blocks": 100, "slash_ppm": 500_000, "slash_reward_ppm": 500_000,
-                    "escrow_timeout_blocks": 600}
+                    "escrow_timeout_blocks": 600, "epoch_blocks": 100}
 ECONOMY_DISABLED = (
     "economy disabled: this chain's genesis is version 2, which has no stake, escrow or fee parameters; start a "
     "chain from a version 3 genesis (aitbc chain init)")
@@ -89,11 +91,23 @@ class Genesis:
     slash_reward_ppm: int = ECONOMY_DEFAULTS["slash_reward_ppm"]
     escrow_timeout_blocks: int = ECONOMY_DEFAULTS["escrow_timeout_blocks"]
     version: int = GENESIS_VERSION
+    # version 3: blocks per epoch; the authority set of each epoch comes from the state
+    # (aitbc.ledger.authorities); a version 2 genesis keeps its list for good
+    epoch_blocks: int = ECONOMY_DEFAULTS["epoch_blocks"]
 
     @property
     def has_economy(self) -> bool:
         """Stake, escrow, SETTLE and SLASH exist (version 3); a version 2 chain refuses them."""
         return self.version >= 3
+
+    @property
+    def has_authority_votes(self) -> bool:
+        """The authorities may change the set by AUTHORITY_VOTE (version 3); version 2 keeps the list."""
+        return self.version >= 3
+
+    def epoch(self, height: int) -> int:
+        """The epoch of block `height` (>= 1): (height - 1) // epoch_blocks; the genesis counts as epoch 0."""
+        return max(0, height - 1) // self.epoch_blocks
 
     def validate(self) -> None:
         check_chain_id(self.chain_id)
@@ -121,7 +135,8 @@ class Genesis:
             value = getattr(self, name)
             if not self.has_economy:
                 if value != ECONOMY_DEFAULTS[name]:  # its hash would not cover the value: refuse it
-                    raise InvalidArgument(f"genesis version 2 has no {name} (the economy needs version 3)")
+                    needs = "authority votes need" if name == "epoch_blocks" else "the economy needs"
+                    raise InvalidArgument(f"genesis version 2 has no {name} ({needs} version 3)")
             elif type(value) is not int or not least <= value <= most:
                 raise InvalidArgument(f"genesis {name} must be an integer in [{least}, {_power(most)}] ({why}), "
                                       f"got {value!r}")
@@ -241,11 +256,12 @@ def make_genesis(
     slash_reward_ppm: int = ECONOMY_DEFAULTS["slash_reward_ppm"],
     escrow_timeout_blocks: int = ECONOMY_DEFAULTS["escrow_timeout_blocks"],
     version: int = GENESIS_VERSION,
+    epoch_blocks: int = ECONOMY_DEFAULTS["epoch_blocks"],
 ) -> Genesis:
     """A genesis (version 3 unless `version=2`: a chain without the economy, for old data folders
     and their vectors)."""
     g = Genesis(chain_id, tuple(authorities), tuple(sorted(set(attesters))), block_time_ms,
                 max_price_per_unit, max_mint_per_receipt, genesis_time_ms, max_block_txs, min_stake,
-                unbonding_blocks, slash_ppm, slash_reward_ppm, escrow_timeout_blocks, version)
+                unbonding_blocks, slash_ppm, slash_reward_ppm, escrow_timeout_blocks, version, epoch_blocks)
     g.validate()
     return g

@@ -26,7 +26,7 @@ from aitbc.ledger import finality, state
 from aitbc.ledger.block import MAX_BLOCK_BYTES, Block, decode_block
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.mempool import Mempool
-from aitbc.ledger.tx import ECONOMY_KINDS, KIND_SETTLE, Tx, decode_tx
+from aitbc.ledger.tx import ECONOMY_KINDS, KIND_AUTHORITY_VOTE, KIND_SETTLE, Tx, decode_tx
 from aitbc.ledger.verifier import MIN_PARALLEL, ParallelVerifier
 from aitbc.limits import Backoff, TokenBucket
 
@@ -83,9 +83,13 @@ class Node:
         self.genesis = chain.genesis
         self.clock = clock
         if key is not None and crypto.sha256(key.pubkey)[:20] not in chain.authority_ids:
-            raise FailedPrecondition(
-                f"key {key.address} is not an authority of chain {self.genesis.chain_id!r}; omit --key to run "
-                "a follower")
+            if not self.genesis.has_authority_votes:
+                raise FailedPrecondition(
+                    f"key {key.address} is not an authority of chain {self.genesis.chain_id!r}; omit --key to run "
+                    "a follower")
+            # the set changes by votes: a key outside it follows until the authorities vote it in
+            log.info("key %s is not in the authority set of chain %r now: following until its epoch comes",
+                     key.address, self.genesis.chain_id)
         self.key = key
         self.mempool = mempool or Mempool()
         self.verifier = ParallelVerifier(self.genesis, workers=verify_workers)
@@ -116,7 +120,8 @@ class Node:
         # finality votes (aitbc.ledger.finality): every node tallies, authorities also vote
         certified = chain.certified()
         self.tally = finality.Tally(self.genesis, chain.parent_link, chain.genesis_hash,
-                                    final=None if certified is None else finality.Checkpoint(*certified))
+                                    final=None if certified is None else finality.Checkpoint(*certified),
+                                    authorities=self._authorities_for)
         self.voter = None if key is None else finality.Voter(key, self.genesis, *chain.vote_lock())
         self._pending_votes: dict[bytes, finality.Vote] = {}
         self._vote_buf: list[bytes] = []
@@ -132,6 +137,26 @@ class Node:
     @property
     def is_authority(self) -> bool:
         return self.key is not None
+
+    @property
+    def my_id(self) -> bytes | None:
+        return None if self.key is None else crypto.sha256(self.key.pubkey)[:20]
+
+    def in_authority_set(self) -> bool:
+        """This node's key proposes and votes the head's child (the set of that epoch)."""
+        return self.key is not None and self.my_id in self.chain.current_authorities()
+
+    def _authorities_for(self, target: finality.Checkpoint) -> tuple[bytes, ...] | None:
+        """The set whose votes count for a link to `target` (the set of its epoch, on its branch);
+        for a block not imported yet, the canonical set of that epoch (checked again on arrival)."""
+        chain, g = self.chain, self.genesis
+        if not g.has_authority_votes or g.epoch(target.height) < 2:
+            return chain.authority_ids
+        side = chain.side.get(target.hash)
+        if side is not None and side.height == target.height:
+            read = chain.branch_reader(side)
+            return None if read is None else chain.authorities_at(target.height, read)
+        return chain.authorities_at(target.height)
 
     @property
     def has_peers(self) -> bool:
@@ -343,7 +368,7 @@ class Node:
         for n, (h, tx, err) in enumerate(prepared):
             if tx is not None:
                 try:
-                    if tx.kind in ECONOMY_KINDS:
+                    if tx.kind in ECONOMY_KINDS or tx.kind == KIND_AUTHORITY_VOTE:
                         self._admit_economy(tx)
                     self.mempool.add(tx, self.chain.account, self._minted, credit=self._mint_credit(tx),
                                      height=self.chain.head.height)
@@ -577,7 +602,7 @@ class Node:
     async def _grace_for_previous_slot(self, slot: int) -> None:
         """With several authorities, wait up to a third of the slot for the previous slot's block
         when it is late (slow propagation under load) instead of forking next to it at once."""
-        if len(self.chain.authority_ids) < 2 or self.chain.head.slot >= slot - 1:
+        if len(self.chain.current_authorities()) < 2 or self.chain.head.slot >= slot - 1:
             return
         bt = self.genesis.block_time_ms
         deadline_ms = slot * bt + bt // 3
@@ -590,7 +615,7 @@ class Node:
         next to it; so blocks stay small enough for a busy peer (a local policy, not a validity
         rule: any block up to max_block_txs is valid)."""
         cap = self.genesis.max_block_txs
-        if len(self.chain.authority_ids) > 1:
+        if len(self.chain.current_authorities()) > 1:
             cap = min(cap, max(1, MULTI_AUTHORITY_TXS_PER_S * self.genesis.block_time_ms // 1000))
         return cap
 
@@ -600,7 +625,7 @@ class Node:
         async with self._lock:
             if slot <= self.chain.head.slot:
                 return None
-            if len(self.chain.authority_ids) > 1 and self.now_ms() // self.genesis.block_time_ms > slot:
+            if len(self.chain.current_authorities()) > 1 and self.now_ms() // self.genesis.block_time_ms > slot:
                 # the lock came too late (a long import): the next authority already built in its
                 # slot, so a block for ours now could only fork next to it
                 log.info("slot %d passed while importing; not producing", slot)
@@ -646,6 +671,8 @@ class Node:
         target_hash = chain.hash_at(th)
         if target_hash is None or th <= voter.last_target or source.height < voter.last_source:
             return
+        if self.my_id not in (chain.authorities_at(th) or ()):
+            return  # not in the set of the target's epoch (voted out, or not voted in yet): no vote
         chain.save_vote_lock(th, source.height)
         vote = voter.vote(source, finality.Checkpoint(th, target_hash))
         if vote is not None:
@@ -777,8 +804,9 @@ class Node:
     def _apply_recorded_evidence(self) -> None:
         """Evidence on the canonical chain (state v1:evid:): that authority's votes count no more.
         Ignoring stays even if a reorg drops the block: the evidence is valid on any branch."""
-        for aid in self.chain.authority_ids:
-            if aid not in self.tally.ignored and state.evidence_height(self.chain.store.get, aid) is not None:
+        for key, _ in self.chain.store.scan(state.EVID):  # few: one per convicted authority, ever
+            aid = key[len(state.EVID):]
+            if aid not in self.tally.ignored:
                 log.warning("evidence against authority %s is on chain: ignoring its votes",
                             bech32.encode(crypto.ADDRESS_HRP, aid))
                 self.tally.ignore(aid)

@@ -10,6 +10,8 @@ State is a key-value map (docs/ledger.md, "State"):
     b"v1:quot:" + quote hash            -> u64 height | 32 tx hash          (a quote settles once, ever)
     b"v1:slsh:" + cheater receipt hash  -> u64 height | 32 tx hash | u64 cut (a verdict once, ever)
     b"v1:supply"                        -> u64 minted | burned | staked | unbonding | escrowed
+    b"v1:aset:", b"v1:avot:", b"v1:aprp:", b"v1:aque": the authority set per epoch and its votes
+                                          (aitbc.ledger.authorities)
 Invariant (version 3), at every height: sum of balances + staked + unbonding + escrowed == minted - burned.
 """
 
@@ -21,10 +23,11 @@ from typing import NamedTuple
 
 from aitbc import bech32, crypto
 from aitbc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied, ReceiptError
-from aitbc.ledger import finality
+from aitbc.ledger import authorities, finality
 from aitbc.ledger.genesis import PPM, Genesis
 from aitbc.ledger.tx import (
     ECONOMY_KINDS,
+    KIND_AUTHORITY_VOTE,
     KIND_ESCROW_DEPOSIT,
     KIND_ESCROW_RECLAIM,
     KIND_ESCROW_WITHDRAW,
@@ -52,6 +55,9 @@ SLSH = b"v1:slsh:"
 SUPPLY = b"v1:supply"
 MAX_ESCROWS_LISTED = 64  # GetAccount lists at most this many escrows of one client
 STATE_DOMAIN = b"AITBC/state/v1"
+AUTHORITY_VOTES_DISABLED = (
+    "authority votes disabled: this chain's genesis is version 2, whose authority list is fixed; start a chain "
+    "from a version 3 genesis (aitbc chain init) to change authorities by their votes")
 
 Reader = Callable[[bytes], "bytes | None"]
 _ACCT = struct.Struct(">QQ")
@@ -196,6 +202,8 @@ def check_stateless(tx: Tx, genesis: Genesis) -> None:
         raise FailedPrecondition(
             "economy disabled: this chain's genesis is version 2, which has no stake, escrow or fee parameters; "
             "start a chain from a version 3 genesis (aitbc chain init)")
+    if tx.kind == KIND_AUTHORITY_VOTE and not genesis.has_authority_votes:
+        raise FailedPrecondition(AUTHORITY_VOTES_DISABLED)
     if tx.kind == KIND_EVIDENCE:
         finality.check_evidence(tx.evidence, genesis, gh)
     if tx.kind in (KIND_MINT, KIND_SETTLE):
@@ -300,6 +308,10 @@ def apply_tx(read: Reader, tx: Tx, genesis: Genesis, height: int) -> dict[bytes,
                 evid_key(voter): struct.pack(">Q32s", height, tx.hash)}
     if tx.kind == KIND_MINT:
         return _apply_mint(read, tx, genesis, height, balance, nonce)
+    if tx.kind == KIND_AUTHORITY_VOTE:
+        writes = authorities.apply_vote(read, tx, genesis, height, evidence_height(read, tx.sender_id))
+        writes[acct_key(tx.sender_id)] = encode_account(balance, nonce + 1)
+        return writes
     return _apply_economy(read, tx, genesis, height, balance, nonce)
 
 
@@ -497,7 +509,14 @@ def apply_txs(read: Reader, txs: Iterable[Tx], genesis: Genesis, height: int, *,
             ov.writes.update(apply_tx(ov.get, tx, genesis, height))
         except (InvalidArgument, FailedPrecondition, AlreadyExists, PermissionDenied) as exc:
             raise InvalidArgument(f"invalid block {height}: tx {i} ({tx.hash.hex()}): {exc.message}") from None
+    ov.writes.update(end_block(ov.get, genesis, height))
     return ov.writes  # type: ignore[return-value]
+
+
+def end_block(read: Reader, genesis: Genesis, height: int) -> dict[bytes, bytes]:
+    """The writes a block makes after its transactions: at an epoch's last block, the authority set
+    of the epoch after next (aitbc.ledger.authorities.end_block)."""
+    return authorities.end_block(read, genesis, height)
 
 
 def encode_state_diff(writes: Mapping[bytes, bytes]) -> bytes:

@@ -14,6 +14,7 @@ Byte layout (docs/ledger.md version 2, "Transactions"); all integers big-endian,
       SETTLE (kind 10): a MINT payload | u32 len(quote) | quote canonical JSON (aitbc.quotes)
       SLASH  (kind 11): u8 n (2..16) | n x (a MINT payload's receipt part): the cheater's receipt, then
                         the honest receipts that outvoted it
+      AUTHORITY_VOTE (kind 12, genesis version 3): u8 action (1 add, 2 remove) | 20 subject account id
     signed tx = body | signature (exactly 64 bytes r||s, low-S: the one canonical form)
     signing digest = sha256("AITBC/tx/v2" || 0x00 || body)
     tx hash = sha256(signed tx)
@@ -47,10 +48,14 @@ KIND_ESCROW_WITHDRAW = 8
 KIND_ESCROW_RECLAIM = 9
 KIND_SETTLE = 10
 KIND_SLASH = 11
+KIND_AUTHORITY_VOTE = 12
+ACTION_ADD = 1
+ACTION_REMOVE = 2
+ACTION_NAMES = {ACTION_ADD: "add", ACTION_REMOVE: "remove"}
 KIND_NAMES = {KIND_TRANSFER: "TRANSFER", KIND_MINT: "MINT", KIND_EVIDENCE: "EVIDENCE", KIND_STAKE: "STAKE",
               KIND_UNSTAKE: "UNSTAKE", KIND_WITHDRAW: "WITHDRAW", KIND_ESCROW_DEPOSIT: "ESCROW_DEPOSIT",
               KIND_ESCROW_WITHDRAW: "ESCROW_WITHDRAW", KIND_ESCROW_RECLAIM: "ESCROW_RECLAIM",
-              KIND_SETTLE: "SETTLE", KIND_SLASH: "SLASH"}
+              KIND_SETTLE: "SETTLE", KIND_SLASH: "SLASH", KIND_AUTHORITY_VOTE: "AUTHORITY_VOTE"}
 ECONOMY_KINDS = frozenset(range(KIND_STAKE, KIND_SLASH + 1))  # refused on a version 2 genesis
 AMOUNT_KINDS = frozenset({KIND_STAKE, KIND_UNSTAKE, KIND_ESCROW_DEPOSIT, KIND_ESCROW_WITHDRAW})
 ESCROW_KINDS = frozenset({KIND_ESCROW_DEPOSIT, KIND_ESCROW_WITHDRAW, KIND_ESCROW_RECLAIM})
@@ -137,6 +142,13 @@ def encode_evidence_body(chain: ChainRef, sender_pubkey: bytes, nonce: int, evid
     return _header(KIND_EVIDENCE, chain, sender_pubkey, nonce) + struct.pack(">H", len(evidence)) + evidence
 
 
+def encode_authority_vote_body(chain: ChainRef, sender_pubkey: bytes, nonce: int, action: int, subject: str) -> bytes:
+    if action not in ACTION_NAMES:
+        raise InvalidArgument(f"authority vote action must be {ACTION_ADD} (add) or {ACTION_REMOVE} (remove)")
+    return (_header(KIND_AUTHORITY_VOTE, chain, sender_pubkey, nonce) + bytes((action,))
+            + crypto.validate_address(subject))
+
+
 def signing_digest(body: bytes) -> bytes:
     return crypto.domain_digest(TX_DOMAIN, body)
 
@@ -213,6 +225,12 @@ def make_slash(key: crypto.PrivateKey, chain: ChainRef, nonce: int, cheater: Sig
     return sign_body(encode_slash_body(chain, key.pubkey, nonce, cheater, honest), key)
 
 
+def make_authority_vote(key: crypto.PrivateKey, chain: ChainRef, nonce: int, action: int, subject: str) -> bytes:
+    """An authority's vote to add (ACTION_ADD) or remove (ACTION_REMOVE) `subject` from the set
+    (docs/ledger.md "Authority set changes"); the sender must be an authority of the block's epoch."""
+    return sign_body(encode_authority_vote_body(chain, key.pubkey, nonce, action, subject), key)
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Tx:
     kind: int
@@ -232,6 +250,14 @@ class Tx:
     attester_id: bytes = b""  # ESCROW_*: the escrow's attester account id
     quote: QuoteBody | None = None  # SETTLE: the quote it settles
     verdict: tuple[SignedReceipt, ...] = ()  # SLASH: the cheater's receipt, then the honest ones
+    action: int = 0  # AUTHORITY_VOTE: ACTION_ADD or ACTION_REMOVE
+    subject: bytes = b""  # AUTHORITY_VOTE: the account id to add or remove
+
+    @property
+    def subject_address(self) -> str:
+        from aitbc import bech32
+
+        return bech32.encode(crypto.ADDRESS_HRP, self.subject) if self.subject else ""
 
     @property
     def attester_address(self) -> str:
@@ -297,6 +323,7 @@ def _decode(raw: bytes) -> Tx:
     (nonce,) = _U64.unpack_from(raw, pos)
     pos += 8
     to, amount, receipt, attester_id, quote, verdict = b"", 0, None, b"", None, ()
+    action, subject = 0, b""
     if kind == KIND_TRANSFER:
         to = raw[pos:pos + 20]
         pos += 20
@@ -340,6 +367,14 @@ def _decode(raw: bytes) -> Tx:
             r, pos = _read_receipt(raw, pos)
             got.append(r)
         verdict = tuple(got)
+    elif kind == KIND_AUTHORITY_VOTE:
+        action, subject = raw[pos], raw[pos + 1:pos + 21]
+        pos += 21
+        if len(subject) != 20:
+            raise _malformed("truncated")
+        if action not in ACTION_NAMES:
+            raise _malformed(f"authority vote action must be {ACTION_ADD} (add) or {ACTION_REMOVE} (remove), "
+                             f"got {action}")
     elif kind == KIND_EVIDENCE:
         (elen,) = struct.unpack_from(">H", raw, pos)
         evidence = raw[pos + 2:pos + 2 + elen]
@@ -354,7 +389,7 @@ def _decode(raw: bytes) -> Tx:
                          f"drop a recovery byte), got {len(sig)}")
     return Tx(kind, chain_id, genesis_hash, pubkey, nonce, to, amount, receipt, body_bytes, sig, raw,
               crypto.sha256(raw), crypto.sha256(pubkey)[:20], evidence if kind == KIND_EVIDENCE else b"",
-              attester_id, quote, verdict)
+              attester_id, quote, verdict, action, subject)
 
 
 def _read_receipt(raw: bytes, pos: int) -> tuple[SignedReceipt, int]:

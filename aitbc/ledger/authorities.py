@@ -1,0 +1,172 @@
+"""Authority set changes by the authorities' own votes (docs/ledger.md, "Authority set changes").
+
+Pure functions over a state reader, like aitbc.ledger.state (which calls them). Genesis version 3
+only; a version 2 genesis keeps its list for good.
+
+    epoch of block h (h >= 1)  = (h - 1) // epoch_blocks
+    set(0) = set(1)            = the genesis list, in its order
+    set(e), e >= 2             = written by the last block of epoch e - 2 (height (e - 1) * epoch_blocks):
+                                 set(e - 1) with at most one change applied, the first applicable
+                                 proposal of the queue (proposals that reached quorum, in that order)
+
+State (in the state root, as every other key):
+    b"v1:aset:" || u64 epoch                            -> u16 count || count x 20-byte account id
+    b"v1:avot:" || u64 epoch || u8 action || subject (20) || voter (20)  -> u64 height
+    b"v1:aprp:" || u64 epoch || u8 action || subject (20)              -> u32 votes
+    b"v1:aque"                                          -> u16 count || count x (u8 action || subject (20))
+
+Why two epochs: a block of epoch e is proposed and voted final by set(e), which a block at least one
+whole epoch below it fixed; two nodes that agree on a final block agree on its ancestors, hence on
+the set of its epoch and of the next one.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from collections.abc import Callable
+
+from aitbc import bech32, crypto
+from aitbc.errors import AlreadyExists, FailedPrecondition, PermissionDenied
+from aitbc.ledger.finality import quorum
+from aitbc.ledger.genesis import Genesis
+from aitbc.ledger.tx import ACTION_ADD, ACTION_NAMES, ACTION_REMOVE, Tx
+
+ASET = b"v1:aset:"
+AVOT = b"v1:avot:"
+APRP = b"v1:aprp:"
+AQUE = b"v1:aque"
+
+Reader = Callable[[bytes], "bytes | None"]
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
+
+
+def address(account_id: bytes) -> str:
+    return bech32.encode(crypto.ADDRESS_HRP, account_id)
+
+
+def aset_key(epoch: int) -> bytes:
+    return ASET + _U64.pack(epoch)
+
+
+def avot_key(epoch: int, action: int, subject: bytes, voter: bytes) -> bytes:
+    return AVOT + _U64.pack(epoch) + bytes((action,)) + subject + voter
+
+
+def aprp_key(epoch: int, action: int, subject: bytes) -> bytes:
+    return APRP + _U64.pack(epoch) + bytes((action,)) + subject
+
+
+def encode_set(ids: tuple[bytes, ...]) -> bytes:
+    return _U16.pack(len(ids)) + b"".join(ids)
+
+
+@functools.lru_cache(maxsize=256)
+def decode_set(value: bytes) -> tuple[bytes, ...]:
+    (n,) = _U16.unpack_from(value)
+    return tuple(value[2 + 20 * i:22 + 20 * i] for i in range(n))
+
+
+def encode_queue(queue: list[tuple[int, bytes]]) -> bytes:
+    return _U16.pack(len(queue)) + b"".join(bytes((a,)) + s for a, s in queue)
+
+
+def decode_queue(value: bytes | None) -> list[tuple[int, bytes]]:
+    if value is None:
+        return []
+    (n,) = _U16.unpack_from(value)
+    return [(value[2 + 21 * i], value[3 + 21 * i:23 + 21 * i]) for i in range(n)]
+
+
+def defining_height(genesis: Genesis, epoch: int) -> int:
+    """The block whose state writes set(epoch) (epoch >= 2): the last block of epoch - 2."""
+    return (epoch - 1) * genesis.epoch_blocks
+
+
+def authority_set(read: Reader, genesis: Genesis, epoch: int) -> tuple[bytes, ...] | None:
+    """set(epoch) in the state `read` (None: not fixed yet, its defining block is above that state)."""
+    if not genesis.has_authority_votes or epoch < 2:
+        return genesis.authority_ids
+    v = read(aset_key(epoch))
+    return None if v is None else decode_set(v)
+
+
+def authorities_at(read: Reader, genesis: Genesis, height: int) -> tuple[bytes, ...] | None:
+    return authority_set(read, genesis, genesis.epoch(height))
+
+
+def pending(read: Reader, scan: Callable[[bytes], object], epoch: int) -> list[tuple[int, bytes, int, list[bytes]]]:
+    """(action, subject, votes, voters) of every proposal voted in `epoch` (a prefix scan)."""
+    props: dict[tuple[int, bytes], list[bytes]] = {}
+    prefix = AVOT + _U64.pack(epoch)
+    for k, _ in scan(prefix):  # type: ignore[attr-defined]
+        rest = k[len(prefix):]
+        props.setdefault((rest[0], rest[1:21]), []).append(rest[21:41])
+    out = []
+    for (action, subject), voters in props.items():
+        v = read(aprp_key(epoch, action, subject))
+        out.append((action, subject, 0 if v is None else _U32.unpack(v)[0], voters))
+    return out
+
+
+def apply_vote(read: Reader, tx: Tx, genesis: Genesis, height: int, evidence_at: int | None) -> dict[bytes, bytes]:
+    """The writes of an AUTHORITY_VOTE in block `height` (nonce and balance are the caller's);
+    `evidence_at`: the height of the evidence against the sender, if any."""
+    e = genesis.epoch(height)
+    ids = authority_set(read, genesis, e)
+    assert ids is not None  # the parent state of a block always holds the set of its epoch
+    sender, subject = tx.sender_id, tx.subject
+    who, whom, what = address(sender), address(subject), ACTION_NAMES[tx.action]
+    if sender not in ids:
+        raise PermissionDenied(f"not an authority: {who} is not in the authority set of epoch {e} (block {height})")
+    if evidence_at is not None:
+        raise PermissionDenied(f"votes ignored: {who} has evidence on chain (block {evidence_at}); its authority "
+                               "votes no longer count")
+    if tx.action == ACTION_ADD and subject in ids:
+        raise FailedPrecondition(f"authority vote refused: {whom} is already an authority of epoch {e}")
+    if tx.action == ACTION_REMOVE:
+        if subject not in ids:
+            raise FailedPrecondition(f"authority vote refused: {whom} is not an authority of epoch {e}")
+        if len(ids) == 1:
+            raise FailedPrecondition(f"authority vote refused: removing {whom} would leave no authority (a set "
+                                     "keeps at least one)")
+    vk = avot_key(e, tx.action, subject, sender)
+    if (seen := read(vk)) is not None:
+        raise AlreadyExists(f"already voted: {who} voted to {what} {whom} in epoch {e} (block "
+                            f"{_U64.unpack(seen)[0]})")
+    pk = aprp_key(e, tx.action, subject)
+    old = read(pk)
+    votes = (0 if old is None else _U32.unpack(old)[0]) + 1
+    writes = {vk: _U64.pack(height), pk: _U32.pack(votes)}
+    if votes == quorum(len(ids)):  # reached now (once: a voter counts once per proposal per epoch)
+        queue = decode_queue(read(AQUE))
+        if (tx.action, subject) not in queue:
+            writes[AQUE] = encode_queue([*queue, (tx.action, subject)])
+    return writes
+
+
+def end_block(read: Reader, genesis: Genesis, height: int) -> dict[bytes, bytes]:
+    """After a block's transactions: the last block of epoch e writes set(e + 2), set(e + 1) with the
+    first applicable queued change (FIFO; at most one per epoch; inapplicable ones are dropped)."""
+    if not genesis.has_authority_votes or height % genesis.epoch_blocks:
+        return {}
+    e = genesis.epoch(height)
+    base = authority_set(read, genesis, e + 1)
+    assert base is not None
+    raw_queue = read(AQUE)
+    queue = decode_queue(raw_queue)
+    new = base
+    while queue:
+        action, subject = queue.pop(0)
+        if action == ACTION_ADD and subject not in base:
+            new = (*base, subject)
+            break
+        if action == ACTION_REMOVE and subject in base and len(base) > 1:
+            new = tuple(a for a in base if a != subject)
+            break
+    writes = {aset_key(e + 2): encode_set(new)}
+    if raw_queue is not None and encode_queue(queue) != raw_queue:
+        writes[AQUE] = encode_queue(queue)
+    return writes
