@@ -222,6 +222,17 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             for err in self.node.submit_votes(list(request.votes), caller=rpc.caller_host(context))])
 
     @rpc.handle_errors
+    async def GetAuthorities(self, request: S.GetAuthoritiesRequest,
+                             context: grpc.aio.ServicerContext) -> S.GetAuthoritiesResponse:
+        info = self.node.authorities_info(request.height or None)
+        resp = S.GetAuthoritiesResponse(height=info.height, epoch=info.epoch, authorities=list(info.authorities),
+                                        epoch_blocks=info.epoch_blocks)
+        for field, props in ((resp.proposals, info.proposals), (resp.queued, info.queued)):
+            for p in props:
+                field.add(action=p.action, subject=p.subject, votes=p.votes, quorum=p.quorum, voters=list(p.voters))
+        return resp
+
+    @rpc.handle_errors
     async def ListPeers(self, request: S.ListPeersRequest, context: grpc.aio.ServicerContext) -> S.ListPeersResponse:
         return S.ListPeersResponse(peers=self.node.verified_peers())
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Callable
+from typing import NamedTuple
 
 from aitbc import bech32, crypto
 from aitbc.errors import AlreadyExists, FailedPrecondition, PermissionDenied
@@ -170,3 +171,40 @@ def end_block(read: Reader, genesis: Genesis, height: int) -> dict[bytes, bytes]
     if raw_queue is not None and encode_queue(queue) != raw_queue:
         writes[AQUE] = encode_queue(queue)
     return writes
+
+
+class Proposal(NamedTuple):
+    action: str  # "add" or "remove"
+    subject: str  # address
+    votes: int
+    quorum: int
+    voters: tuple[str, ...]
+
+
+class AuthoritySet(NamedTuple):
+    """What GetAuthorities answers: the set of a height's epoch and the proposals voted in it."""
+
+    height: int
+    epoch: int
+    authorities: tuple[str, ...]
+    epoch_blocks: int  # 0 on a version 2 genesis (the set never changes)
+    proposals: tuple[Proposal, ...]
+    queued: tuple[Proposal, ...]  # reached quorum, applied one per epoch boundary in this order
+
+
+def describe(read: Reader, scan: Callable[[bytes], object], genesis: Genesis, height: int) -> AuthoritySet:
+    """The set of `height`'s epoch in the state `read` (the canonical one), its proposals and the
+    queue; NotFound when that epoch's set is not fixed yet."""
+    from aitbc.errors import NotFound
+
+    e = genesis.epoch(height)
+    ids = authority_set(read, genesis, e)
+    if ids is None:
+        raise NotFound(f"the authority set of epoch {e} (height {height}) is not fixed yet: block "
+                       f"{defining_height(genesis, e)} fixes it")
+    q = quorum(len(ids))
+    props = tuple(Proposal(ACTION_NAMES[a], address(s), n, q, tuple(address(v) for v in vs))
+                  for a, s, n, vs in sorted(pending(read, scan, e)))
+    queued = tuple(Proposal(ACTION_NAMES[a], address(s), 0, 0, ()) for a, s in decode_queue(read(AQUE)))
+    return AuthoritySet(height, e, tuple(address(a) for a in ids),
+                        genesis.epoch_blocks if genesis.has_authority_votes else 0, props, queued)

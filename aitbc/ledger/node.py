@@ -146,6 +146,13 @@ class Node:
         """This node's key proposes and votes the head's child (the set of that epoch)."""
         return self.key is not None and self.my_id in self.chain.current_authorities()
 
+    def authorities_info(self, height: int | None = None) -> Any:
+        """GetAuthorities: the set of `height`'s epoch (default: the head's child) and its proposals."""
+        from aitbc.ledger import authorities
+
+        h = self.chain.head.height + 1 if height is None else height
+        return authorities.describe(self.chain.store.get, self.chain.store.scan, self.genesis, h)
+
     def _authorities_for(self, target: finality.Checkpoint) -> tuple[bytes, ...] | None:
         """The set whose votes count for a link to `target` (the set of its epoch, on its branch);
         for a block not imported yet, the canonical set of that epoch (checked again on arrival)."""

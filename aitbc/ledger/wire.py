@@ -6,7 +6,16 @@ from aitbc.errors import InvalidArgument
 from aitbc.ledger import finality, state
 from aitbc.ledger.block import Block, Header
 from aitbc.ledger.genesis import Genesis
-from aitbc.ledger.tx import KIND_EVIDENCE, KIND_NAMES, KIND_SETTLE, KIND_SLASH, KIND_TRANSFER, Tx
+from aitbc.ledger.tx import (
+    ACTION_NAMES,
+    KIND_AUTHORITY_VOTE,
+    KIND_EVIDENCE,
+    KIND_NAMES,
+    KIND_SETTLE,
+    KIND_SLASH,
+    KIND_TRANSFER,
+    Tx,
+)
 from aitbc.v1 import ledger_pb2
 
 # every kind maps to TRANSACTION_KIND_<its name> (tests/ledger/test_service.py checks the values)
@@ -47,6 +56,8 @@ def tx_to_proto(tx: Tx, genesis: Genesis) -> ledger_pb2.Transaction:
         msg.slashed_provider = tx.verdict[0].body.provider
         msg.receipt_hash = tx.verdict[0].receipt_hash.hex()
         msg.honest_providers.extend(r.body.provider for r in tx.verdict[1:])
+    elif tx.kind == KIND_AUTHORITY_VOTE:
+        msg.authority_action, msg.authority_subject = ACTION_NAMES[tx.action], tx.subject_address
     elif tx.kind == KIND_EVIDENCE:
         from aitbc import bech32, crypto
 

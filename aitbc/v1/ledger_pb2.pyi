@@ -48,6 +48,8 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     """A MINT of a receipt plus its quote's total from the client's escrow to the provider."""
     TRANSACTION_KIND_SLASH: _TransactionKind.ValueType  # 11
     """A verdict: cut a cheating provider's stake, reward the honest providers, burn the rest."""
+    TRANSACTION_KIND_AUTHORITY_VOTE: _TransactionKind.ValueType  # 12
+    """An authority's vote to add or remove an authority (genesis version 3, applied two epochs later)."""
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper):
     """TransactionKind names what a transaction does."""
@@ -75,6 +77,8 @@ TRANSACTION_KIND_SETTLE: TransactionKind.ValueType  # 10
 """A MINT of a receipt plus its quote's total from the client's escrow to the provider."""
 TRANSACTION_KIND_SLASH: TransactionKind.ValueType  # 11
 """A verdict: cut a cheating provider's stake, reward the honest providers, burn the rest."""
+TRANSACTION_KIND_AUTHORITY_VOTE: TransactionKind.ValueType  # 12
+"""An authority's vote to add or remove an authority (genesis version 3, applied two epochs later)."""
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
 
 class _TransactionStatus:
@@ -230,6 +234,8 @@ class Transaction(_message.Message):
     CLIENT_ADDRESS_FIELD_NUMBER: _builtins.int
     SLASHED_PROVIDER_FIELD_NUMBER: _builtins.int
     HONEST_PROVIDERS_FIELD_NUMBER: _builtins.int
+    AUTHORITY_ACTION_FIELD_NUMBER: _builtins.int
+    AUTHORITY_SUBJECT_FIELD_NUMBER: _builtins.int
     hash: _builtins.str
     """Lower-case hex sha256 of raw."""
     raw: _builtins.bytes
@@ -260,6 +266,9 @@ class Transaction(_message.Message):
     client_address: _builtins.str
     slashed_provider: _builtins.str
     """SLASH: the convicted provider, the cheater's receipt hash and the honest providers paid."""
+    authority_action: _builtins.str
+    """AUTHORITY_VOTE: "add" or "remove", and the address it would add or remove."""
+    authority_subject: _builtins.str
     @_builtins.property
     def honest_providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -285,10 +294,12 @@ class Transaction(_message.Message):
         client_address: _builtins.str = ...,
         slashed_provider: _builtins.str = ...,
         honest_providers: _abc.Iterable[_builtins.str] | None = ...,
+        authority_action: _builtins.str = ...,
+        authority_subject: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "attester", b"attester", "chain_id", b"chain_id", "client_address", b"client_address", "convicted", b"convicted", "evidence", b"evidence", "fee", b"fee", "genesis_hash", b"genesis_hash", "hash", b"hash", "honest_providers", b"honest_providers", "kind", b"kind", "mint_amount", b"mint_amount", "nonce", b"nonce", "provider", b"provider", "quote_hash", b"quote_hash", "raw", b"raw", "receipt_hash", b"receipt_hash", "sender", b"sender", "slashed_provider", b"slashed_provider", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "attester", b"attester", "authority_action", b"authority_action", "authority_subject", b"authority_subject", "chain_id", b"chain_id", "client_address", b"client_address", "convicted", b"convicted", "evidence", b"evidence", "fee", b"fee", "genesis_hash", b"genesis_hash", "hash", b"hash", "honest_providers", b"honest_providers", "kind", b"kind", "mint_amount", b"mint_amount", "nonce", b"nonce", "provider", b"provider", "quote_hash", b"quote_hash", "raw", b"raw", "receipt_hash", b"receipt_hash", "sender", b"sender", "slashed_provider", b"slashed_provider", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1132,3 +1143,107 @@ class GetEscrowResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetEscrowResponse: _TypeAlias = GetEscrowResponse  # noqa: Y015
+
+@_typing.final
+class GetAuthoritiesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    height: _builtins.int
+    """The height whose epoch's set is wanted; 0: the head's child (the set that proposes next)."""
+    def __init__(
+        self,
+        *,
+        height: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuthoritiesRequest: _TypeAlias = GetAuthoritiesRequest  # noqa: Y015
+
+@_typing.final
+class AuthorityProposal(_message.Message):
+    """AuthorityProposal is one change voted in an epoch: its action, subject, votes and voters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    VOTES_FIELD_NUMBER: _builtins.int
+    QUORUM_FIELD_NUMBER: _builtins.int
+    VOTERS_FIELD_NUMBER: _builtins.int
+    action: _builtins.str
+    """"add" or "remove"."""
+    subject: _builtins.str
+    """The address to add or remove."""
+    votes: _builtins.int
+    """Votes counted for it in this epoch, and the quorum it needs (more than 2/3 of the epoch's set)."""
+    quorum: _builtins.int
+    @_builtins.property
+    def voters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses of the authorities that voted for it in this epoch."""
+
+    def __init__(
+        self,
+        *,
+        action: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        votes: _builtins.int = ...,
+        quorum: _builtins.int = ...,
+        voters: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "quorum", b"quorum", "subject", b"subject", "voters", b"voters", "votes", b"votes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorityProposal: _TypeAlias = AuthorityProposal  # noqa: Y015
+
+@_typing.final
+class GetAuthoritiesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    AUTHORITIES_FIELD_NUMBER: _builtins.int
+    EPOCH_BLOCKS_FIELD_NUMBER: _builtins.int
+    PROPOSALS_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    height: _builtins.int
+    """The height asked for (the head's child when 0 was asked) and its epoch."""
+    epoch: _builtins.int
+    epoch_blocks: _builtins.int
+    """Blocks per epoch (genesis epoch_blocks; 0 on a version 2 genesis, whose set never changes)."""
+    @_builtins.property
+    def authorities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The authority addresses of that epoch, in round-robin order."""
+
+    @_builtins.property
+    def proposals(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuthorityProposal]:
+        """The proposals voted in that epoch (so far, for the current epoch)."""
+
+    @_builtins.property
+    def queued(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuthorityProposal]:
+        """Proposals that reached their quorum and wait for an epoch boundary, in the order they apply."""
+
+    def __init__(
+        self,
+        *,
+        height: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        authorities: _abc.Iterable[_builtins.str] | None = ...,
+        epoch_blocks: _builtins.int = ...,
+        proposals: _abc.Iterable[Global___AuthorityProposal] | None = ...,
+        queued: _abc.Iterable[Global___AuthorityProposal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorities", b"authorities", "epoch", b"epoch", "epoch_blocks", b"epoch_blocks", "height", b"height", "proposals", b"proposals", "queued", b"queued"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuthoritiesResponse: _TypeAlias = GetAuthoritiesResponse  # noqa: Y015

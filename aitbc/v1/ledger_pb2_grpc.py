@@ -106,6 +106,11 @@ class LedgerServiceStub:
                 request_serializer=aitbc_dot_v1_dot_ledger__pb2.GetEscrowRequest.SerializeToString,
                 response_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetEscrowResponse.FromString,
                 _registered_method=True)
+        self.GetAuthorities = channel.unary_unary(
+                '/aitbc.v1.LedgerService/GetAuthorities',
+                request_serializer=aitbc_dot_v1_dot_ledger__pb2.GetAuthoritiesRequest.SerializeToString,
+                response_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetAuthoritiesResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -221,6 +226,15 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAuthorities(self, request, context):
+        """GetAuthorities returns the authority set of the epoch of a height (docs/ledger.md, "Authority
+        set changes"), derived from the chain's state, and the proposals voted in that epoch with
+        their voters. NOT_FOUND for an epoch whose set is not fixed yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -293,6 +307,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetEscrow,
                     request_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetEscrowRequest.FromString,
                     response_serializer=aitbc_dot_v1_dot_ledger__pb2.GetEscrowResponse.SerializeToString,
+            ),
+            'GetAuthorities': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuthorities,
+                    request_deserializer=aitbc_dot_v1_dot_ledger__pb2.GetAuthoritiesRequest.FromString,
+                    response_serializer=aitbc_dot_v1_dot_ledger__pb2.GetAuthoritiesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -675,6 +694,33 @@ class LedgerService:
             '/aitbc.v1.LedgerService/GetEscrow',
             aitbc_dot_v1_dot_ledger__pb2.GetEscrowRequest.SerializeToString,
             aitbc_dot_v1_dot_ledger__pb2.GetEscrowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuthorities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aitbc.v1.LedgerService/GetAuthorities',
+            aitbc_dot_v1_dot_ledger__pb2.GetAuthoritiesRequest.SerializeToString,
+            aitbc_dot_v1_dot_ledger__pb2.GetAuthoritiesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,6 +80,11 @@ class LedgerServiceStub:
     """
     GetEscrow: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetEscrowRequest, _ledger_pb2.GetEscrowResponse]
     """GetEscrow returns one client's escrow for one attester (the coordinator reads it to reserve funds)."""
+    GetAuthorities: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetAuthoritiesRequest, _ledger_pb2.GetAuthoritiesResponse]
+    """GetAuthorities returns the authority set of the epoch of a height (docs/ledger.md, "Authority
+    set changes"), derived from the chain's state, and the proposals voted in that epoch with
+    their voters. NOT_FOUND for an epoch whose set is not fixed yet.
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -133,6 +138,11 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """
     GetEscrow: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetEscrowRequest, _ledger_pb2.GetEscrowResponse]  # type: ignore[assignment]
     """GetEscrow returns one client's escrow for one attester (the coordinator reads it to reserve funds)."""
+    GetAuthorities: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetAuthoritiesRequest, _ledger_pb2.GetAuthoritiesResponse]  # type: ignore[assignment]
+    """GetAuthorities returns the authority set of the epoch of a height (docs/ledger.md, "Authority
+    set changes"), derived from the chain's state, and the proposals voted in that epoch with
+    their voters. NOT_FOUND for an epoch whose set is not fixed yet.
+    """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """LedgerService is served by every ledger node (authority or follower). Transactions and blocks
@@ -267,5 +277,16 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.GetEscrowResponse, _abc.Awaitable[_ledger_pb2.GetEscrowResponse]]:
         """GetEscrow returns one client's escrow for one attester (the coordinator reads it to reserve funds)."""
+
+    @_abc_1.abstractmethod
+    def GetAuthorities(
+        self,
+        request: _ledger_pb2.GetAuthoritiesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetAuthoritiesResponse, _abc.Awaitable[_ledger_pb2.GetAuthoritiesResponse]]:
+        """GetAuthorities returns the authority set of the epoch of a height (docs/ledger.md, "Authority
+        set changes"), derived from the chain's state, and the proposals voted in that epoch with
+        their voters. NOT_FOUND for an epoch whose set is not fixed yet.
+        """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

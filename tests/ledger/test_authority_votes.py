@@ -1,0 +1,327 @@
+"""Authority set changes by the authorities' own votes (docs/ledger.md "Authority set changes"): the
+AUTHORITY_VOTE transition and every refusal, the set derivation (a change voted in epoch e applies
+exactly at epoch e + 2, one per epoch, FIFO), and the proposer, vote and certificate rules that use
+the set of the block's epoch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from aitbc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
+from aitbc.ledger import authorities, finality, state
+from aitbc.ledger.chain import Chain
+from aitbc.ledger.genesis import Genesis, make_genesis
+from aitbc.ledger.store import MemoryStore
+from aitbc.ledger.tx import (
+    ACTION_ADD,
+    ACTION_REMOVE,
+    KIND_AUTHORITY_VOTE,
+    decode_tx,
+    encode_authority_vote_body,
+    make_authority_vote,
+    make_evidence,
+    sign_body,
+)
+
+from .auth_helpers import NEW, OTHER, SetRunner, aid
+from .helpers import ALICE, ATTESTER, AUTH, genesis
+
+E = 4  # blocks per epoch in these tests: epoch 0 = heights 1-4, epoch 1 = 5-8, epoch 2 = 9-12, ...
+G4 = genesis(4, epoch_blocks=E)
+GENESIS_IDS = tuple(aid(k) for k in AUTH)
+
+
+def ids(*keys) -> tuple[bytes, ...]:
+    return tuple(aid(k) for k in keys)
+
+
+# ---- genesis ---------------------------------------------------------------------------------------
+
+def test_genesis_v3_has_epoch_blocks_default_100_and_its_bounds():
+    g = make_genesis("sets", [AUTH[0].address], [ATTESTER.address])
+    assert g.to_dict()["epoch_blocks"] == 100 and g.has_authority_votes
+    assert Genesis.from_dict(g.to_dict()) == g
+    assert [g.epoch(h) for h in (1, 100, 101, 200, 201)] == [0, 0, 1, 1, 2]
+    for bad in (0, 2**32, True, "4"):
+        with pytest.raises(InvalidArgument, match=r"^genesis epoch_blocks must be an integer in \[1, 2\^32-1\]"):
+            make_genesis("sets", [AUTH[0].address], [ATTESTER.address], epoch_blocks=bad)
+    assert make_genesis("sets", [AUTH[0].address], [], epoch_blocks=2**32 - 1).epoch_blocks == 2**32 - 1
+
+
+def test_genesis_v2_keeps_a_fixed_set_and_has_no_epoch_blocks():
+    v2 = genesis(4, version=2)
+    assert "epoch_blocks" not in v2.to_dict() and not v2.has_authority_votes
+    with pytest.raises(InvalidArgument, match=r"^genesis version 2 has no epoch_blocks \(authority votes need"):
+        genesis(4, version=2, epoch_blocks=5)
+    d = v2.to_dict() | {"epoch_blocks": 100}
+    with pytest.raises(InvalidArgument, match=r"^genesis fields: missing \[\], unknown \['epoch_blocks'\]"):
+        Genesis.from_dict(d)
+    run = SetRunner(v2)
+    err = run.refused(make_authority_vote(AUTH[0], v2.ref, 0, ACTION_ADD, NEW.address))
+    assert isinstance(err, FailedPrecondition) and err.message.startswith("authority votes disabled: ")
+    run.until_height(1000 // 100 + 3)
+    assert run.set_at(run.height + 1) == GENESIS_IDS  # and no v1:aset: record is ever written
+    assert not list(run.chain.store.scan(authorities.ASET))
+
+
+# ---- encoding --------------------------------------------------------------------------------------
+
+def test_authority_vote_encoding():
+    raw = make_authority_vote(AUTH[1], G4.ref, 7, ACTION_REMOVE, AUTH[3].address)
+    tx = decode_tx(raw)
+    assert (tx.kind, tx.nonce, tx.action, tx.subject, tx.kind_name) == (KIND_AUTHORITY_VOTE, 7, 2, aid(AUTH[3]),
+                                                                        "AUTHORITY_VOTE")
+    assert tx.body.endswith(bytes((2,)) + aid(AUTH[3])) and len(tx.signature) == 64
+    assert tx.subject_address == AUTH[3].address
+
+
+@pytest.mark.parametrize("action", [0, 3, 255])
+def test_an_unknown_action_is_malformed(action):
+    body = encode_authority_vote_body(G4.ref, AUTH[0].pubkey, 0, ACTION_ADD, NEW.address)
+    body = body[:-21] + bytes((action,)) + body[-20:]
+    with pytest.raises(InvalidArgument, match=rf"^malformed transaction: authority vote action must be 1 \(add\) "
+                                              rf"or 2 \(remove\), got {action}"):
+        decode_tx(sign_body(body, AUTH[0]))
+
+
+def test_a_truncated_subject_is_malformed():
+    body = encode_authority_vote_body(G4.ref, AUTH[0].pubkey, 0, ACTION_ADD, NEW.address)[:-1]
+    with pytest.raises(InvalidArgument, match="^malformed transaction: "):
+        decode_tx(sign_body(body, AUTH[0]))
+
+
+# ---- the transition and its refusals ---------------------------------------------------------------
+
+def test_a_vote_writes_its_vote_and_tally_and_the_sender_nonce():
+    run = SetRunner(G4)
+    run.block(run.add(AUTH[0], NEW))
+    read = run.chain.store.get
+    assert read(authorities.avot_key(0, ACTION_ADD, aid(NEW), aid(AUTH[0]))) == (1).to_bytes(8, "big")
+    assert read(authorities.aprp_key(0, ACTION_ADD, aid(NEW))) == (1).to_bytes(4, "big")
+    assert read(authorities.AQUE) is None  # 1 of 4: no quorum yet
+    assert run.nonce(AUTH[0]) == 1
+
+
+def test_refusals():
+    run = SetRunner(G4)
+    err = run.refused(run.add(NEW, OTHER))
+    assert isinstance(err, PermissionDenied) and err.message == (
+        f"not an authority: {NEW.address} is not in the authority set of epoch 0 (block 1)")
+    err = run.refused(run.add(AUTH[0], AUTH[1]))
+    assert isinstance(err, FailedPrecondition) and err.message == (
+        f"authority vote refused: {AUTH[1].address} is already an authority of epoch 0")
+    err = run.refused(run.remove(AUTH[0], NEW))
+    assert isinstance(err, FailedPrecondition) and err.message == (
+        f"authority vote refused: {NEW.address} is not an authority of epoch 0")
+    run.block(run.add(AUTH[0], NEW))
+    err = run.refused(run.add(AUTH[0], NEW))
+    assert isinstance(err, AlreadyExists) and err.message == (
+        f"already voted: {AUTH[0].address} voted to add {NEW.address} in epoch 0 (block 1)")
+    # a vote that would empty the set
+    solo = genesis(1, epoch_blocks=E)
+    one = SetRunner(solo)
+    err = one.refused(make_authority_vote(AUTH[0], solo.ref, 0, ACTION_REMOVE, AUTH[0].address))
+    assert isinstance(err, FailedPrecondition) and err.message.startswith(
+        f"authority vote refused: removing {AUTH[0].address} would leave no authority")
+
+
+def test_a_second_vote_in_a_later_epoch_counts_again():
+    run = SetRunner(G4)
+    run.block(run.add(AUTH[0], NEW))
+    run.until_height(E)
+    run.block(run.add(AUTH[0], NEW))  # epoch 1: votes do not carry over, a new vote is a new vote
+    assert run.chain.store.get(authorities.aprp_key(1, ACTION_ADD, aid(NEW))) == (1).to_bytes(4, "big")
+
+
+def test_votes_of_a_convicted_authority_are_refused():
+    run = SetRunner(G4)
+    a, b = (finality.make_vote(AUTH[2], G4, finality.Checkpoint(0, G4.hash()), finality.Checkpoint(1, bytes([x]) * 32))
+            for x in (1, 2))
+    run.block(make_evidence(ALICE, G4.ref, 0, finality.encode_evidence(a, b)))
+    err = run.refused(run.add(AUTH[2], NEW))
+    assert isinstance(err, PermissionDenied) and err.message.startswith(
+        f"votes ignored: {AUTH[2].address} has evidence on chain (block 1)")
+
+
+# ---- the set derivation ------------------------------------------------------------------------------
+
+def test_quorum_is_more_than_two_thirds():
+    run = SetRunner(G4)
+    run.block(run.add(AUTH[0], NEW), run.add(AUTH[1], NEW))  # 2 of 4: not more than 2/3
+    run.until_height(3 * E)
+    assert run.set_at(2 * E + 1) == GENESIS_IDS and run.set_at(3 * E + 1) == GENESIS_IDS
+    run2 = SetRunner(G4)
+    run2.block(run2.add(AUTH[0], NEW), run2.add(AUTH[1], NEW), run2.add(AUTH[2], NEW))  # 3 of 4
+    assert run2.chain.store.get(authorities.AQUE) == authorities.encode_queue([(ACTION_ADD, aid(NEW))])
+
+
+def test_a_change_voted_in_epoch_e_applies_exactly_at_epoch_e_plus_2():
+    run = SetRunner(G4)
+    run.until_height(E + 1)  # epoch 1
+    run.block(*(run.add(k, NEW) for k in AUTH[:3]))
+    run.until_height(4 * E)
+    for h in range(1, 3 * E + 1):  # epochs 0, 1, 2: the genesis list
+        assert run.set_at(h) == GENESIS_IDS, h
+    for h in range(3 * E + 1, 4 * E + 1):  # epoch 3 = 1 + 2: with NEW appended
+        assert run.set_at(h) == (*GENESIS_IDS, aid(NEW)), h
+    # written by the last block of epoch 1, in its state writes (so in its state root)
+    assert run.chain.store.get(authorities.aset_key(3)) == authorities.encode_set((*GENESIS_IDS, aid(NEW)))
+    # every block of epoch 3 was proposed by the 5-set's schedule
+    for b in run.blocks[3 * E:4 * E]:
+        s = run.set_at(b.height)
+        assert b.header.proposer == s[b.header.slot % len(s)]
+
+
+def test_one_change_per_epoch_in_quorum_order():
+    run = SetRunner(G4)
+    # epoch 0: remove AUTH[3] reaches quorum first, then add NEW, then add OTHER
+    run.block(*(run.remove(k, AUTH[3]) for k in AUTH[:3]))
+    run.block(*(run.add(k, NEW) for k in AUTH[:3]))
+    run.block(*(run.add(k, OTHER) for k in AUTH[:3]))
+    run.until_height(5 * E)
+    a0, a1, a2, _ = GENESIS_IDS
+    assert run.set_at(E + 1) == GENESIS_IDS
+    assert run.set_at(2 * E + 1) == (a0, a1, a2)  # epoch 2: the first to reach quorum
+    assert run.set_at(3 * E + 1) == (a0, a1, a2, aid(NEW))  # epoch 3: the next, FIFO
+    assert run.set_at(4 * E + 1) == (a0, a1, a2, aid(NEW), aid(OTHER))
+    assert run.set_at(5 * E + 1) == (a0, a1, a2, aid(NEW), aid(OTHER))
+    assert run.chain.store.get(authorities.AQUE) == authorities.encode_queue([])
+
+
+def test_a_queued_change_that_no_longer_applies_is_skipped():
+    run = SetRunner(G4)
+    run.block(*(run.add(k, NEW) for k in AUTH[:3]))
+    run.until_height(E)
+    run.block(*(run.add(k, NEW) for k in AUTH[:3]))  # epoch 1: again (still not in set(1))
+    run.until_height(4 * E)
+    assert run.set_at(2 * E + 1) == (*GENESIS_IDS, aid(NEW))
+    assert run.set_at(3 * E + 1) == (*GENESIS_IDS, aid(NEW))  # the duplicate changed nothing
+
+
+def test_removed_authority_stops_proposing_and_added_one_starts():
+    run = SetRunner(G4)
+    run.block(*(run.remove(k, AUTH[3]) for k in AUTH[:3]))
+    run.until_height(2 * E)
+    run.block(*(run.add(k, NEW) for k in AUTH[:3]))  # epoch 2: NEW joins at epoch 4
+    run.until_height(5 * E)
+    proposers = {e: {b.header.proposer for b in run.blocks[e * E:(e + 1) * E]} for e in range(5)}
+    assert aid(AUTH[3]) not in proposers[2] | proposers[3] | proposers[4]
+    assert aid(NEW) not in proposers[0] | proposers[1] | proposers[2] | proposers[3]
+    assert run.set_at(4 * E + 1) == (*GENESIS_IDS[:3], aid(NEW))
+
+
+def _import_all(g: Genesis, blocks) -> Chain:
+    other = Chain(MemoryStore(), g)
+    for b in blocks:
+        assert other.add_block(b, b.header.timestamp_ms) == "extended"
+    return other
+
+
+def test_a_follower_derives_the_same_set_at_every_height_and_refuses_out_of_set_proposers():
+    run = SetRunner(G4)
+    run.block(*(run.remove(k, AUTH[3]) for k in AUTH[:3]))
+    run.block(*(run.add(k, NEW) for k in AUTH[:3]))
+    run.until_height(4 * E)
+    other = _import_all(G4, run.blocks)
+    for h in range(1, 4 * E + 2):
+        assert other.authorities_at(h) == run.set_at(h)
+    assert other.head.state_root == run.chain.head.state_root
+    # in epoch 4 (set: a0 a1 a2 NEW), AUTH[3] is no authority any more; NEW is, in its own slots only
+    from aitbc.ledger.block import Header, make_block, tx_root
+    from aitbc.ledger.state import state_root
+    parent = run.chain.head
+    s = run.set_at(parent.height + 1)
+    assert s == (*GENESIS_IDS[:3], aid(NEW))
+
+    def forged(k, slot):
+        writes = state.end_block(run.chain.store.get, G4, parent.height + 1)
+        h = Header(G4.chain_id, G4.hash(), parent.height + 1, parent.hash, slot, slot * G4.block_time_ms, aid(k),
+                   tx_root([]), state_root(parent.state_root, parent.height + 1, writes), 0)
+        return make_block(h, k, [])
+
+    slot = parent.slot + 1
+    while s[slot % 4] != aid(NEW):
+        slot += 1
+    with pytest.raises(InvalidArgument, match=rf"proposer {AUTH[3].address} is not an authority"):
+        other.add_block(forged(AUTH[3], slot), slot * G4.block_time_ms)
+    with pytest.raises(InvalidArgument, match=rf"proposer {AUTH[0].address} is out of turn in slot {slot}"):
+        other.add_block(forged(AUTH[0], slot), slot * G4.block_time_ms)
+    assert other.add_block(forged(NEW, slot), slot * G4.block_time_ms) == "extended"
+
+
+# ---- votes and certificates per epoch --------------------------------------------------------------
+
+def _cert(chain: Chain, g: Genesis, height: int, signers) -> finality.Certificate:
+    src = finality.Checkpoint(height, chain.hash_at(height))
+    tgt = finality.Checkpoint(height + 1, chain.hash_at(height + 1))
+    return finality.make_certificate(finality.make_vote(k, g, src, tgt) for k in signers)
+
+
+def test_certificates_are_verified_against_the_set_of_the_epoch():
+    run = SetRunner(G4)
+    run.block(*(run.remove(k, AUTH[3]) for k in AUTH[:3]))
+    run.block(*(run.add(k, NEW) for k in AUTH[:3]))
+    run.until_height(4 * E + 2)
+    h = 4 * E + 1  # epoch 4: a0 a1 a2 NEW (q = 3)
+    s4 = run.set_at(h + 1)
+    assert s4 == (*GENESIS_IDS[:3], aid(NEW))
+    good = _cert(run.chain, G4, h, [AUTH[0], AUTH[1], NEW])
+    finality.verify_certificate(good, G4, authorities=s4)
+    removed = _cert(run.chain, G4, h, [AUTH[0], AUTH[1], AUTH[3]])
+    with pytest.raises(InvalidArgument, match=rf"^certificate refused: vote from {AUTH[3].address}, which is not an "
+                                              "authority"):
+        finality.verify_certificate(removed, G4, authorities=s4)
+    # the same removed signer still counted for a block of epoch 0 (its set then)
+    finality.verify_certificate(_cert(run.chain, G4, 1, [AUTH[0], AUTH[1], AUTH[3]]), G4,
+                                authorities=run.set_at(2))
+
+
+def test_the_tally_counts_votes_against_the_set_of_the_targets_epoch():
+    run = SetRunner(G4)
+    run.block(*(run.add(k, NEW) for k in AUTH[:3]))  # epoch 2: 5 authorities, q = 4
+    run.until_height(2 * E + 3)
+    chain = run.chain
+    tally = finality.Tally(G4, chain.parent_link, chain.genesis_hash,
+                           authorities=lambda cp: chain.authorities_at(cp.height))
+    h = 2 * E + 1
+    src = finality.Checkpoint(0, chain.genesis_hash)
+    tgt = finality.Checkpoint(h, chain.hash_at(h))
+    for k in AUTH[:3]:
+        tally.add(finality.make_vote(k, G4, src, tgt))
+    assert tgt.hash not in tally.justified  # 3 of 5 is not more than 2/3
+    tally.add(finality.make_vote(NEW, G4, src, tgt))
+    assert tally.justified[tgt.hash] == h
+    # NEW's vote for a block of epoch 1 (its set: the genesis list) is refused
+    old = finality.Checkpoint(E + 1, chain.hash_at(E + 1))
+    with pytest.raises(PermissionDenied, match=rf"vote from {NEW.address}, which is not an authority"):
+        tally.add(finality.make_vote(NEW, G4, src, old))
+    # a block whose set is not fixed yet here: refused, not kept
+    far = finality.Checkpoint(10 * E, b"\x07" * 32)
+    with pytest.raises(FailedPrecondition, match="whose authority set this node does not know yet"):
+        tally.add(finality.make_vote(AUTH[0], G4, src, far))
+
+
+def test_quorum_intersection_for_one_change():
+    """Two quorums of sets that differ by one member share more than the smaller set's f members
+    (docs/ledger.md: checked for 4 -> 5, 4 -> 3, 5 -> 4 and every n < 50)."""
+    for n in range(1, 50):
+        for m in (n - 1, n + 1):
+            if m < 1:
+                continue
+            common = min(n, m)  # one member added or removed: all the smaller set is common
+            qa, qb = finality.quorum(n), finality.quorum(m)
+            # quorums inside the union: each leaves out at most (size - q) of the common members
+            overlap = (qa - (n - common)) + (qb - (m - common)) - common
+            assert overlap >= finality.tolerated(min(n, m)) + 1, (n, m, overlap)
+    assert [finality.quorum(n) for n in (3, 4, 5)] == [3, 3, 4]
+
+
+def test_genesis_epoch_record_is_the_genesis_for_epochs_0_and_1():
+    g = dataclasses.replace(G4)
+    run = SetRunner(g)
+    assert run.set_at(1) == run.set_at(E + 1) == GENESIS_IDS
+    assert run.set_at(2 * E + 1) is None  # not fixed before block 4 (the last of epoch 0)
+    run.until_height(E)
+    assert run.set_at(2 * E + 1) == GENESIS_IDS and run.set_at(3 * E + 1) is None
