@@ -97,6 +97,8 @@ def main() -> None:
         ("the attester settles a job of bob's for 20 (quote 1)",
          txmod.make_settle(attester, ref, 0, settled, settled_quote)),
         ("the attester slashes the stranger (alice outvoted it)", txmod.make_slash(attester, ref, 1, cheat, outvoted)),
+        ("the authority votes bob in (1 of 1: quorum, applied at epoch 2)",
+         txmod.make_authority_vote(authority, ref, 0, txmod.ACTION_ADD, bob.address)),
     ]
     cases: list[tuple[str, bytes, str, str]] = []
 
@@ -119,8 +121,8 @@ def main() -> None:
            _sign(_header(2, 1, ref, b"\x04" + bob.pubkey[1:], 0) + t_body[-28:], bob),
            "malformed transaction: sender public key must be 33 bytes (compressed)")
     refuse("TRANSFER of 0", _sign(t_body[:-8] + bytes(8), bob), "malformed transaction: amount must be positive")
-    refuse("unknown kind 12", _sign(t_body[:1] + bytes((12,)) + t_body[2:], bob),
-           "malformed transaction: unknown kind 12")
+    refuse("unknown kind 13", _sign(t_body[:1] + bytes((13,)) + t_body[2:], bob),
+           "malformed transaction: unknown kind 13")
     refuse("signature of 63 bytes", transfer[:-1], "malformed transaction: signature must be exactly 64 bytes")
     refuse("no signature", t_body, "malformed transaction: signature must be exactly 64 bytes")
     r2 = _receipt(provider, attester, g.chain_id, 2)
@@ -275,6 +277,25 @@ def main() -> None:
            txmod.make_slash(attester, ref, 2, cheat, [_text_receipt(bob, attester, g.chain_id, 76, artifact="ee" * 32)]),
            f"verdict already recorded: the receipt {cheat.receipt_hash.hex()} was slashed in block ", "ALREADY_EXISTS")
 
+    # -- AUTHORITY_VOTE (kind 12)
+    vote = txmod.encode_authority_vote_body(ref, authority.pubkey, 1, txmod.ACTION_ADD, alice.address)
+    refuse("AUTHORITY_VOTE with action 3", _sign(vote[:-21] + bytes((3,)) + vote[-20:], authority),
+           "malformed transaction: authority vote action must be 1 (add) or 2 (remove), got 3")
+    refuse("AUTHORITY_VOTE by a key outside the authority set",
+           txmod.make_authority_vote(stranger, ref, 0, txmod.ACTION_ADD, alice.address),
+           f"not an authority: {stranger.address} is not in the authority set of epoch 0", "PERMISSION_DENIED")
+    refuse("AUTHORITY_VOTE to add an authority", txmod.make_authority_vote(authority, ref, 1, txmod.ACTION_ADD,
+                                                                          authority.address),
+           f"authority vote refused: {authority.address} is already an authority of epoch 0", "FAILED_PRECONDITION")
+    refuse("AUTHORITY_VOTE to remove a key outside the set",
+           txmod.make_authority_vote(authority, ref, 1, txmod.ACTION_REMOVE, alice.address),
+           f"authority vote refused: {alice.address} is not an authority of epoch 0", "FAILED_PRECONDITION")
+    refuse("AUTHORITY_VOTE to remove the last authority",
+           txmod.make_authority_vote(authority, ref, 1, txmod.ACTION_REMOVE, authority.address),
+           f"authority vote refused: removing {authority.address} would leave no authority", "FAILED_PRECONDITION")
+    refuse("AUTHORITY_VOTE for bob again in the same epoch",
+           txmod.make_authority_vote(authority, ref, 1, txmod.ACTION_ADD, bob.address),
+           f"already voted: {authority.address} voted to add {bob.address} in epoch 0", "ALREADY_EXISTS")
     out = {
         "about": "Transactions a node must refuse (docs/ledger.md 'Rejection messages'): apply `accepted` in order "
                  "on the genesis (one block, or one block each), then each refused tx, alone, must be refused with a message starting with "

@@ -135,8 +135,9 @@ class Genesis:
             value = getattr(self, name)
             if not self.has_economy:
                 if value != ECONOMY_DEFAULTS[name]:  # its hash would not cover the value: refuse it
-                    needs = "authority votes need" if name == "epoch_blocks" else "the economy needs"
-                    raise InvalidArgument(f"genesis version 2 has no {name} ({needs} version 3)")
+                    if name == "epoch_blocks":
+                        raise InvalidArgument("genesis version 2 has no epoch_blocks (authority votes need version 3)")
+                    raise InvalidArgument(f"genesis version 2 has no {name} (the economy needs version 3)")
             elif type(value) is not int or not least <= value <= most:
                 raise InvalidArgument(f"genesis {name} must be an integer in [{least}, {_power(most)}] ({why}), "
                                       f"got {value!r}")

@@ -55,9 +55,6 @@ SLSH = b"v1:slsh:"
 SUPPLY = b"v1:supply"
 MAX_ESCROWS_LISTED = 64  # GetAccount lists at most this many escrows of one client
 STATE_DOMAIN = b"AITBC/state/v1"
-AUTHORITY_VOTES_DISABLED = (
-    "authority votes disabled: this chain's genesis is version 2, whose authority list is fixed; start a chain "
-    "from a version 3 genesis (aitbc chain init) to change authorities by their votes")
 
 Reader = Callable[[bytes], "bytes | None"]
 _ACCT = struct.Struct(">QQ")
@@ -203,7 +200,9 @@ def check_stateless(tx: Tx, genesis: Genesis) -> None:
             "economy disabled: this chain's genesis is version 2, which has no stake, escrow or fee parameters; "
             "start a chain from a version 3 genesis (aitbc chain init)")
     if tx.kind == KIND_AUTHORITY_VOTE and not genesis.has_authority_votes:
-        raise FailedPrecondition(AUTHORITY_VOTES_DISABLED)
+        raise FailedPrecondition(
+            "authority votes disabled: this chain's genesis is version 2, whose authority list is fixed; start a "
+            "chain from a version 3 genesis (aitbc chain init) to change authorities by their votes")
     if tx.kind == KIND_EVIDENCE:
         finality.check_evidence(tx.evidence, genesis, gh)
     if tx.kind in (KIND_MINT, KIND_SETTLE):

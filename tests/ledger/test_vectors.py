@@ -14,7 +14,7 @@ from pathlib import Path
 import coincurve
 import pytest
 
-from aitbc import crypto
+from aitbc import bech32, crypto
 from aitbc.errors import AitbcError
 from aitbc.ledger import finality as fin
 from aitbc.ledger import state
@@ -89,6 +89,7 @@ def build() -> dict:
                              for who in (PROVIDER, BOB, ALICE)}
     out["finality"] = finality_vectors()
     out["economy"] = economy_vectors()
+    out["authority_sets"] = authority_set_vectors()
     return out
 
 
@@ -141,6 +142,40 @@ def economy_vectors() -> dict:
                               "state_root": block.header.state_root.hex(),
                               "state_writes": [[k.hex(), v.hex()] for k, v in sorted(writes.items())],
                               "supply": state.read_supply(chain.store.get)._asdict()})
+    return out
+
+
+def authority_set_vectors() -> dict:
+    """AUTHORITY_VOTE (kind 12) and the set per epoch (docs/ledger.md "Authority set changes"): 4
+    authorities, epoch_blocks 2; three vote a 5th in during epoch 0 (block 1); block 2, the last of
+    epoch 0, writes set(2) with it appended; blocks 5 and 6 (epoch 2) follow the 5-set's schedule."""
+    from aitbc.ledger.tx import ACTION_ADD, make_authority_vote
+
+    from .auth_helpers import NEW, SetRunner
+
+    g = make_genesis(CHAIN, [k.address for k in AUTH], [ATTESTER.address], block_time_ms=1000,
+                     max_price_per_unit=1000, max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000,
+                     epoch_blocks=2)
+    run = SetRunner(g, [*AUTH, NEW])
+    votes = [make_authority_vote(k, g.ref, 0, ACTION_ADD, NEW.address) for k in AUTH[:3]]
+    out: dict = {"genesis": g.to_dict(), "genesis_hash": g.hash().hex(), "new_authority": NEW.address,
+                 "transactions": [], "blocks": []}
+    for raw in votes:
+        tx = decode_tx(raw)
+        out["transactions"].append({"kind": tx.kind, "sender": tx.sender, "nonce": tx.nonce, "action": tx.action,
+                                    "subject": tx.subject_address, "body": tx.body.hex(),
+                                    "signing_digest": signing_digest(tx.body).hex(), "raw": raw.hex(),
+                                    "hash": tx.hash.hex()})
+    for n in range(6):
+        txs = [decode_tx(r) for r in (votes if n == 0 else [])]
+        writes = state.apply_txs(run.chain.store.get, txs, g, run.height + 1)
+        block = run.block(*(votes if n == 0 else []))
+        ids = run.chain.authorities_at(block.height)
+        out["blocks"].append({"height": block.height, "epoch": g.epoch(block.height), "slot": block.header.slot,
+                              "proposer": block.header.proposer_address, "hash": block.hash.hex(),
+                              "raw": block.raw.hex(), "state_root": block.header.state_root.hex(),
+                              "authorities": [bech32.encode(crypto.ADDRESS_HRP, a) for a in ids],
+                              "state_writes": [[k.hex(), v.hex()] for k, v in sorted(writes.items())]})
     return out
 
 
@@ -205,6 +240,37 @@ def test_implementation_reproduces_vectors():
     sup = e["blocks"][-1]["supply"]
     assert sup == state.read_supply(chain.store.get)._asdict()
     assert sup == {"minted": 6500, "burned": 400, "staked": 2000, "unbonding": 0, "escrowed": 343}
+
+
+def test_authority_set_vectors_replay_and_read_independently():
+    """A chain of the vectors replays on a fresh node; the kind 12 payload and the v1:aset: record
+    read from scratch give the set, and each block's proposer is set[slot % len(set)]."""
+    a = json.loads(VECTORS.read_text())["authority_sets"]
+    g = Genesis.from_dict(a["genesis"])
+    chain = Chain(MemoryStore(), g)
+    for b in a["blocks"]:
+        assert chain.add_block(decode_block(bytes.fromhex(b["raw"])), now_ms=10**15) == "extended"
+        assert [bech32.encode(crypto.ADDRESS_HRP, x) for x in chain.authorities_at(b["height"])] == b["authorities"]
+    gh = hashlib.sha256(json.dumps(a["genesis"], sort_keys=True, separators=(",", ":")).encode()).digest()
+    for t in a["transactions"]:
+        raw = bytes.fromhex(t["raw"])
+        p = 3 + raw[2] + 32 + 33 + 8
+        assert raw[1] == 12 and raw[3 + raw[2]:35 + raw[2]] == gh and len(raw) == p + 21 + 64
+        assert raw[p] == t["action"] == 1
+        assert bech32.encode(crypto.ADDRESS_HRP, raw[p + 1:p + 21]) == t["subject"] == a["new_authority"]
+    sets = {0: a["genesis"]["authorities"], 1: a["genesis"]["authorities"]}
+    for b in a["blocks"]:
+        for k, v in b["state_writes"]:
+            key, val = bytes.fromhex(k), bytes.fromhex(v)
+            if key.startswith(b"v1:aset:"):
+                (n,) = struct.unpack_from(">H", val)
+                sets[struct.unpack(">Q", key[8:])[0]] = [bech32.encode(crypto.ADDRESS_HRP, val[2 + 20 * i:22 + 20 * i])
+                                                         for i in range(n)]
+    e_blocks = a["genesis"]["epoch_blocks"]
+    for b in a["blocks"]:
+        s = sets[(b["height"] - 1) // e_blocks]
+        assert s == b["authorities"] and b["proposer"] == s[b["slot"] % len(s)]
+    assert sets[2] == [*a["genesis"]["authorities"], a["new_authority"]]
 
 
 def test_independent_economy_reader():

@@ -1,0 +1,126 @@
+"""Authority set changes between real nodes (in-process, real loopback gRPC servers): 4 authorities
+vote a 5th in (its node started as a follower with its key); it proposes in its slots once its
+epoch comes and its votes count in certificates; every node agrees on the set at every height;
+then they vote one out: it stops proposing, keeps following, and finality goes on. A certificate
+of the new set verifies; one signed by the removed authority for a later epoch does not."""
+
+from __future__ import annotations
+
+import pytest
+
+from aitbc import rpc
+from aitbc.errors import InvalidArgument
+from aitbc.ledger import finality
+from aitbc.ledger.store import MemoryStore
+from aitbc.ledger.tx import ACTION_ADD, ACTION_REMOVE, make_authority_vote
+from aitbc.server.ledger import start_node
+from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
+
+from .auth_helpers import NEW, aid
+from .helpers import AUTH, addr, genesis, until
+
+pytestmark = pytest.mark.timeout(180)
+E = 4
+
+
+async def _broadcast(server, raws: list[bytes]) -> None:
+    async with rpc.channel(addr(server)) as ch:
+        res = await ledger_pb2_grpc.LedgerServiceStub(ch).BroadcastTransactions(
+            ledger_pb2.BroadcastTransactionsRequest(raws=raws))
+        assert all(r.accepted for r in res.results), [r.error for r in res.results]
+
+
+async def test_authorities_vote_one_in_and_one_out():
+    g = genesis(4, block_time_ms=300, epoch_blocks=E)
+    first = await start_node(MemoryStore(), g, AUTH[0], "127.0.0.1:0")
+    running = [first]
+    try:
+        for k in AUTH[1:]:
+            running.append(await start_node(MemoryStore(), g, k, "127.0.0.1:0", peers=[addr(first[1])]))
+        running.append(await start_node(MemoryStore(), g, NEW, "127.0.0.1:0", peers=[addr(first[1])]))
+        running.append(await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[addr(first[1])]))
+        nodes = [n for n, _ in running]
+        newcomer, follower = nodes[4], nodes[5]
+        await until(lambda: min(n.certified.height for n in nodes) >= 2, what="first certified blocks")
+        assert not newcomer.in_authority_set() and newcomer.produced == 0
+
+        # three of four (more than 2/3) vote NEW in
+        await _broadcast(running[1][1], [make_authority_vote(k, g.ref, 0, ACTION_ADD, NEW.address) for k in AUTH[:3]])
+        await until(lambda: all(aid(NEW) in n.chain.current_authorities() for n in nodes), timeout=90,
+                    what="NEW in the set everywhere")
+        joined = min(h for h in range(1, follower.chain.head.height + 2)
+                     if aid(NEW) in (follower.chain.authorities_at(h) or ()))
+        assert joined % E == 1 and g.epoch(joined) >= 2  # the first block of an epoch, two epochs after the votes
+        await until(lambda: newcomer.produced >= 1 and min(n.certified.height for n in nodes) >= joined + 2 * E,
+                    timeout=90, what="NEW to propose and blocks of its epochs to be certified")
+        chain = follower.chain
+        by_new = [h for h in range(joined, chain.final_height + 1)
+                  if chain.block_at(h).header.proposer == aid(NEW)]
+        assert by_new, "NEW proposed no final block"
+
+        # then all five but AUTH[3]... four of five (more than 2/3) vote AUTH[3] out
+        await _broadcast(running[0][1], [make_authority_vote(k, g.ref, 1, ACTION_REMOVE, AUTH[3].address)
+                                         for k in AUTH[:3]]
+                         + [make_authority_vote(NEW, g.ref, 0, ACTION_REMOVE, AUTH[3].address)])
+        await until(lambda: all(aid(AUTH[3]) not in n.chain.current_authorities() for n in nodes), timeout=90,
+                    what="AUTH[3] out of the set everywhere")
+        left = min(h for h in range(joined, follower.chain.head.height + 2)
+                   if aid(AUTH[3]) not in (follower.chain.authorities_at(h) or ()))
+        assert left % E == 1
+        # AUTH[2] stops: the three left (AUTH[0], AUTH[1], NEW) are exactly q of the 4, so every
+        # certificate from now on carries NEW's vote, and finality goes on
+        stopped_node, stopped_server = running.pop(2)
+        await stopped_node.stop()
+        await stopped_server.stop(0)
+        nodes = [n for n, _ in running]
+        c0 = max(n.certified.height for n in nodes)
+        await until(lambda: min(n.certified.height for n in nodes) >= max(c0, left) + 2 * E, timeout=90,
+                    what="certification by AUTH[0], AUTH[1] and NEW")
+        chain = follower.chain
+        top = chain.final_height
+        cert = finality.decode_certificate(chain.certificate(chain.hash_at(top)))
+        s = chain.authorities_at(top + 1)
+        assert s == (aid(AUTH[0]), aid(AUTH[1]), aid(AUTH[2]), aid(NEW))
+        assert aid(NEW) in {v for v, _ in cert.signatures}
+        finality.verify_certificate(cert, g, block=finality.Checkpoint(top, chain.hash_at(top)), authorities=s)
+        # the removed authority proposes nothing from its epoch on, and still follows the chain
+        assert all(chain.block_at(h).header.proposer != aid(AUTH[3]) for h in range(left, top + 1))
+        removed = nodes[3]
+        assert removed.key is AUTH[3] and not removed.in_authority_set()
+        await until(lambda: removed.chain.final_height >= top, what="the removed authority to follow")
+
+        # every node agrees on the set at every height
+        upto = min(n.chain.head.height for n in nodes)
+        for h in range(1, upto + 1):
+            assert len({n.chain.authorities_at(h) for n in nodes}) == 1, h
+
+        # a certificate signed by the removed authority for a block of a later epoch does not verify
+        src = finality.Checkpoint(top - 1, chain.hash_at(top - 1))
+        tgt = finality.Checkpoint(top, chain.hash_at(top))
+        forged = finality.make_certificate(finality.make_vote(k, g, src, tgt) for k in (AUTH[0], AUTH[1], AUTH[3]))
+        with pytest.raises(InvalidArgument, match=f"certificate refused: vote from {AUTH[3].address}, which is not "
+                                                  "an authority"):
+            finality.verify_certificate(forged, g, authorities=chain.authorities_at(top))
+        with pytest.raises(InvalidArgument, match="which is not an authority"):
+            follower.receive_certificate(forged.encode())
+        # and its votes are refused over gRPC
+        vote = finality.make_vote(AUTH[3], g, src, tgt)
+        assert "not an authority" in follower.submit_votes([vote.encode()])[0].message
+
+        # GetAuthorities: the set of a height's epoch, and its proposals
+        async with rpc.channel(addr(running[-1][1])) as ch:
+            stub = ledger_pb2_grpc.LedgerServiceStub(ch)
+            now = await stub.GetAuthorities(ledger_pb2.GetAuthoritiesRequest())
+            assert list(now.authorities) == [AUTH[0].address, AUTH[1].address, AUTH[2].address, NEW.address]
+            assert now.epoch_blocks == E and now.epoch == g.epoch(now.height)
+            then = await stub.GetAuthorities(ledger_pb2.GetAuthoritiesRequest(height=1))
+            assert list(then.authorities) == [k.address for k in AUTH] and then.epoch == 0
+            voted = g.epoch(left) - 2
+            props = await stub.GetAuthorities(ledger_pb2.GetAuthoritiesRequest(height=voted * E + 1))
+            [p] = [p for p in props.proposals if p.action == "remove"]
+            assert (p.subject, p.votes, p.quorum) == (AUTH[3].address, 4, 4)
+            assert set(p.voters) == {AUTH[0].address, AUTH[1].address, AUTH[2].address, NEW.address}
+    finally:
+        for n, s in reversed(running):
+            await n.stop()
+            await s.stop(0)
