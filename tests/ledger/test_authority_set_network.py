@@ -85,7 +85,7 @@ async def test_authorities_vote_one_in_and_one_out():
         finality.verify_certificate(cert, g, block=finality.Checkpoint(top, chain.hash_at(top)), authorities=s)
         # the removed authority proposes nothing from its epoch on, and still follows the chain
         assert all(chain.block_at(h).header.proposer != aid(AUTH[3]) for h in range(left, top + 1))
-        removed = nodes[3]
+        removed = nodes[2]
         assert removed.key is AUTH[3] and not removed.in_authority_set()
         await until(lambda: removed.chain.final_height >= top, what="the removed authority to follow")
 
