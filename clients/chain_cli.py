@@ -223,6 +223,40 @@ def cmd_genesis(args: argparse.Namespace) -> int:
     return _run(args, get)
 
 
+def cmd_authorities(args: argparse.Namespace) -> int:
+    """GetAuthorities: the set of a height's epoch (default: the next block's), its epoch and the
+    proposals voted in it (uint64 as strings, as the proto JSON mapping writes them)."""
+
+    async def get(c: Any) -> dict[str, Any]:
+        r = await c.get_authorities(args.height or 0)
+
+        def prop(p: Any) -> dict[str, Any]:
+            return {"action": p.action, "subject": p.subject, "votes": p.votes, "quorum": p.quorum,
+                    "voters": list(p.voters)}
+
+        return {"height": str(r.height), "epoch": str(r.epoch), "epoch_blocks": str(r.epoch_blocks),
+                "authorities": list(r.authorities), "proposals": [prop(p) for p in r.proposals],
+                "queued": [{"action": p.action, "subject": p.subject} for p in r.queued]}
+
+    return _run(args, get)
+
+
+def cmd_vote_authority(args: argparse.Namespace) -> int:
+    """Sign an AUTHORITY_VOTE with an authority's key file and broadcast it; prints its tx hash."""
+    try:
+        crypto.validate_address(args.address)
+        key = crypto.PrivateKey.from_hex(Path(args.key).expanduser().read_text())
+    except (AitbcError, OSError, ValueError) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+
+    async def send(c: Any) -> dict[str, Any]:
+        h = await c.vote_authority(key, args.action, args.address)
+        return {"tx_hash": h, "voter": key.address, "action": args.action, "subject": args.address}
+
+    return _run(args, send)
+
+
 def cmd_receipt(args: argparse.Namespace) -> int:
     from aitbc.v1 import ledger_pb2
 
@@ -362,6 +396,18 @@ def register(subparsers: Any) -> None:
     q = csub.add_parser("genesis", help="the node's genesis document and its hash")
     q.add_argument("--node", help=NODE_HELP)
     q.set_defaults(func=cmd_genesis)
+
+    q = csub.add_parser("authorities", help="the authority set of a height's epoch and the proposals voted in it")
+    q.add_argument("--height", type=int, help="a block height (default: the next block's)")
+    q.add_argument("--node", help=NODE_HELP)
+    q.set_defaults(func=cmd_authorities)
+
+    q = csub.add_parser("vote-authority", help="an authority's vote to add or remove an authority (AUTHORITY_VOTE)")
+    q.add_argument("action", choices=("add", "remove"))
+    q.add_argument("address", help="the ait1... address to add or remove")
+    q.add_argument("--key", required=True, help="the voting authority's key file (hex)")
+    q.add_argument("--node", help=NODE_HELP)
+    q.set_defaults(func=cmd_vote_authority)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -265,6 +265,18 @@ class LedgerClient:
             self.resync_nonce(key.address)
             raise
 
+    async def get_authorities(self, height: int = 0) -> ledger_pb2.GetAuthoritiesResponse:
+        """The authority set of `height`'s epoch (0: the head's child), its proposals and the queue."""
+        try:
+            return await self.stub.GetAuthorities(ledger_pb2.GetAuthoritiesRequest(height=height), timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc.error_from_rpc(exc) from None
+
+    async def vote_authority(self, key: crypto.PrivateKey, action: str, subject: str) -> str:
+        """An AUTHORITY_VOTE (`action` "add" or "remove") signed by an authority's key; hex tx hash."""
+        code = {"add": txmod.ACTION_ADD, "remove": txmod.ACTION_REMOVE}[action]
+        return await self.send(key, lambda c, n: txmod.make_authority_vote(key, c, n, code, subject))
+
     async def stake(self, key: crypto.PrivateKey, amount: int) -> str:
         return await self.send(key, lambda c, n: txmod.make_stake(key, c, n, amount))
 

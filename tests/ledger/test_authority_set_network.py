@@ -124,3 +124,53 @@ async def test_authorities_vote_one_in_and_one_out():
         for n, s in reversed(running):
             await n.stop()
             await s.stop(0)
+
+
+@pytest.mark.slow
+async def test_cli_votes_an_authority_in_and_shows_the_set(tmp_path):
+    import asyncio
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "aitbc.clients.chain_cli", *args], capture_output=True,
+                              text=True, cwd=root, timeout=60)
+
+    gpath = tmp_path / "genesis.json"
+    keyfile = tmp_path / "a.key"
+    keyfile.write_text(AUTH[0].secret.hex() + "\n")
+    r = cli("chain", "init", "--chain-id", "sets-cli", "--authority", str(keyfile), "--epoch-blocks", "2",
+            "--block-time", "0.2", "--out", str(gpath))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(gpath.read_text())["epoch_blocks"] == 2
+    bad = cli("chain", "init", "--authority", str(keyfile), "--epoch-blocks", "0", "--out", str(tmp_path / "x.json"))
+    assert bad.returncode == 2 and "genesis epoch_blocks must be an integer in [1, 2^32-1]" in bad.stderr
+    from aitbc.ledger.genesis import Genesis
+
+    g = Genesis.load(gpath)
+    node, server = await start_node(MemoryStore(), g, AUTH[0], "127.0.0.1:0")
+    try:
+        target = addr(server)
+        shown = await asyncio.to_thread(cli, "chain", "authorities", "--node", target)
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["authorities"] == [AUTH[0].address]
+        voted = await asyncio.to_thread(cli, "chain", "vote-authority", "add", NEW.address, "--key", str(keyfile),
+                                        "--node", target)
+        assert voted.returncode == 0, voted.stderr
+        assert json.loads(voted.stdout)["subject"] == NEW.address
+        await until(lambda: aid(NEW) in node.chain.current_authorities(), what="NEW in the set")
+        now = json.loads((await asyncio.to_thread(cli, "chain", "authorities", "--node", target)).stdout)
+        assert now["authorities"] == [AUTH[0].address, NEW.address] and now["epoch_blocks"] == "2"
+        old = json.loads((await asyncio.to_thread(cli, "chain", "authorities", "--height", "1", "--node",
+                                                  target)).stdout)
+        assert old["authorities"] == [AUTH[0].address] and old["epoch"] == "0"
+        again = await asyncio.to_thread(cli, "chain", "vote-authority", "add", NEW.address, "--key", str(keyfile),
+                                        "--node", target)
+        assert again.returncode == 1 and "authority vote refused" in again.stderr
+    finally:
+        await node.stop()
+        await server.stop(0)
