@@ -26,6 +26,8 @@ from aitbc.ledger.block import Header, decode_header, split_txs
 from aitbc.ledger.genesis import Genesis
 from aitbc.ledger.tx import KIND_MINT, KIND_NAMES, MAX_TX_BYTES, decode_tx
 
+SET_CHANGED = ("this block's authority set differs from the genesis: a proof across a set change is not supported "
+               "yet")
 MAGIC = b"AITBC-RP"
 PROOF_VERSION = 1
 MAX_HEADERS = 256  # headers from the MINT's block up to its certified block, both included
@@ -158,6 +160,10 @@ def verify_proof(proof: ReceiptProof | bytes, genesis: Genesis, receipt_hash: by
     # 5. the certificate: more than 2/3 of the genesis authorities made the top block final
     try:
         cert = finality.decode_certificate(p.certificate)
+        if genesis.has_authority_votes and any(v not in genesis.authority_ids for v, _ in cert.signatures):
+            # signed by a set the authorities voted since the genesis: a light client holding only
+            # the genesis cannot check it (docs/ledger.md "Receipt proofs")
+            raise InvalidArgument(SET_CHANGED)
         finality.verify_certificate(cert, genesis, block=finality.Checkpoint(top.height, top.hash), genesis_hash=gh)
     except AitbcError as exc:
         raise InvalidArgument(f"proof certificate: {exc.message}") from None
@@ -179,11 +185,17 @@ class ChainReader(Protocol):
     def hash_at(self, height: int) -> bytes | None: ...
     def certificate(self, block_hash: bytes) -> bytes | None: ...
     def certified(self) -> tuple[int, bytes] | None: ...
+    def authorities_at(self, height: int) -> tuple[bytes, ...] | None: ...
 
 
-def build_proof(chain: ChainReader, receipt_hash: bytes, max_headers: int = MAX_HEADERS) -> ReceiptProof:
+def build_proof(chain: ChainReader, receipt_hash: bytes, max_headers: int = MAX_HEADERS,
+                genesis_ids: tuple[bytes, ...] | None = None) -> ReceiptProof:
     """The proof of a minted receipt, from a node's canonical chain; NotFound when it was never
-    minted, FailedPrecondition when no certified block at or above its block is known (yet)."""
+    minted, FailedPrecondition when no certified block at or above its block is known (yet), or
+    when the certificate's set is not the genesis list (`genesis_ids`: a light client could not
+    check it)."""
+    if genesis_ids is None:
+        genesis_ids = chain.authorities_at(1) or ()
     minted = chain.receipt_minted(receipt_hash)
     if minted is None:
         raise NotFound(f"receipt {receipt_hash.hex()} was never minted on this chain")
@@ -207,6 +219,8 @@ def build_proof(chain: ChainReader, receipt_hash: bytes, max_headers: int = MAX_
         headers.append(hdr)
         cert = chain.certificate(bh)
         if cert is not None:
+            if chain.authorities_at(h + 1) != genesis_ids:  # the certificate is checked with its target's set
+                raise FailedPrecondition(f"receipt {receipt_hash.hex()} is in block {height}: {SET_CHANGED}")
             path = merkle.merkle_path([crypto.sha256(t) for t in txs], index)
             return ReceiptProof(txs[index], index, tuple(path), tuple(headers), cert)
     raise FailedPrecondition(f"no certificate within {max_headers} headers of block {height} (receipt "

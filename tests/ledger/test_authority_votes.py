@@ -325,3 +325,44 @@ def test_genesis_epoch_record_is_the_genesis_for_epochs_0_and_1():
     assert run.set_at(2 * E + 1) is None  # not fixed before block 4 (the last of epoch 0)
     run.until_height(E)
     assert run.set_at(2 * E + 1) == GENESIS_IDS and run.set_at(3 * E + 1) is None
+
+
+# ---- receipt proofs --------------------------------------------------------------------------------
+
+def test_a_receipt_proof_across_a_set_change_is_refused_clearly():
+    from aitbc import crypto
+    from aitbc.ledger import merkle, proof
+    from aitbc.ledger.block import split_txs
+    from aitbc.ledger.tx import make_mint
+
+    from .helpers import receipt
+
+    run = SetRunner(G4)
+    early = receipt(1)
+    run.block(make_mint(ALICE, G4.ref, 0, early), *(run.add(k, NEW) for k in AUTH[:3]))
+    run.block()
+    run.until_height(2 * E)
+    late = receipt(2)
+    run.block(make_mint(ALICE, G4.ref, 1, late))  # block 9, epoch 2: set a0..a3 NEW
+    run.block()
+    chain = run.chain
+    # a block of epoch 0, certified by the genesis list: proofs as before
+    c1 = _cert(chain, G4, 1, AUTH[:3])
+    chain.store_certificate(1, chain.hash_at(1), c1.encode())
+    p = proof.build_proof(chain, early.receipt_hash)
+    assert proof.verify_proof(p.encode(), G4, early.receipt_hash).block_height == 1
+    # a block of epoch 2, certified by its own set (with NEW): the node refuses, and so does a verifier
+    h = 2 * E + 1
+    c9 = _cert(chain, G4, h, [AUTH[0], AUTH[1], AUTH[2], NEW])
+    finality.verify_certificate(c9, G4, authorities=chain.authorities_at(h + 1))
+    chain.store_certificate(h, chain.hash_at(h), c9.encode())
+    with pytest.raises(FailedPrecondition, match=f"receipt {late.receipt_hash.hex()} is in block {h}: "
+                                                 "this block's authority set differs from the genesis: a proof across "
+                                                 "a set change is not supported yet"):
+        proof.build_proof(chain, late.receipt_hash)
+    txs = split_txs(chain.block_raw_at(h))
+    made = proof.ReceiptProof(txs[0], 0, tuple(merkle.merkle_path([crypto.sha256(t) for t in txs], 0)),
+                              (chain.header_at(h),), c9.encode())
+    with pytest.raises(InvalidArgument, match="^proof certificate: this block's authority set differs from the "
+                                              "genesis: a proof across a set change is not supported yet$"):
+        proof.verify_proof(made.encode(), G4, late.receipt_hash)
