@@ -59,7 +59,9 @@ TestStoreMachine = StoreMachine.TestCase
 TestStoreMachine.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
 
 USERS = [key(100 + i) for i in range(4)]
-G = genesis(2, block_time_ms=1000, unbonding_blocks=2, escrow_timeout_blocks=2)
+G = genesis(2, block_time_ms=1000, unbonding_blocks=2, escrow_timeout_blocks=2, epoch_blocks=3)
+# every key that may come to propose (the authorities vote AUTH[2] or users in and out)
+KEYS = {crypto.sha256(k.pubkey)[:20]: k for k in (*AUTH[:3], *USERS)}
 
 
 class ChainMachine(RuleBasedStateMachine):
@@ -137,6 +139,15 @@ class ChainMachine(RuleBasedStateMachine):
         ev = finality.encode_evidence(a, b)
         self.pending.append((USERS[who], lambda n: make_evidence(USERS[who], G.ref, n, ev)))
 
+    @rule(voter=st.sampled_from([AUTH[0], AUTH[1], USERS[0]]), remove=st.booleans(),
+          subject=st.sampled_from([AUTH[1], AUTH[2], USERS[1]]), both=st.booleans())
+    def authority_vote(self, voter, remove, subject, both):
+        """AUTHORITY_VOTE (kind 12): one vote, or both genesis authorities at once (a quorum of 2);
+        many are refused (not an authority, already one, already voted) and left out."""
+        action = txmod.ACTION_REMOVE if remove else txmod.ACTION_ADD
+        for k in ([AUTH[0], AUTH[1]] if both else [voter]):
+            self.pending.append((k, lambda n, k=k: txmod.make_authority_vote(k, G.ref, n, action, subject.address)))
+
     @precondition(lambda self: self.main.head.height >= 2 + self.main.final_height)
     @rule(data=st.data())
     def certify(self, data):
@@ -149,7 +160,8 @@ class ChainMachine(RuleBasedStateMachine):
     @rule(skip=st.integers(0, 2))
     def produce(self, skip):
         self.slot += 1 + skip
-        author = AUTH[self.slot % 2]
+        self.slot = _next_slot(self.main, self.slot)
+        author = KEYS[self.main.proposer_for_slot(self.slot)]
         nonces: dict = {}
         txs = []
         for k, make in self.pending:
@@ -169,11 +181,11 @@ class ChainMachine(RuleBasedStateMachine):
         h = self.main.head.height
         rival = Chain(MemoryStore(), G)
         rival.add_blocks([decode_block(self.main.block_raw_at(i)) for i in range(1, h)], now_ms=10**15)
-        s1 = self.slot + 1
-        s2 = s1 + 1
+        s1 = _next_slot(rival, self.slot + 1)
+        b1, _ = rival.build_block(KEYS[rival.proposer_for_slot(s1)], s1, s1 * 1000, [])
+        s2 = _next_slot(rival, s1 + 1)
         self.slot = s2
-        b1, _ = rival.build_block(AUTH[s1 % 2], s1, s1 * 1000, [])
-        b2, _ = rival.build_block(AUTH[s2 % 2], s2, s2 * 1000, [])
+        b2, _ = rival.build_block(KEYS[rival.proposer_for_slot(s2)], s2, s2 * 1000, [])
         for c in (self.main, self.follower):
             outcomes = [c.add_block(decode_block(b.raw), now_ms=10**15) for b in (b1, b2)]
             assert "reorg" in outcomes or h - 1 < c.final_height, outcomes
@@ -188,9 +200,11 @@ class ChainMachine(RuleBasedStateMachine):
     @invariant()
     def same_state(self):
         for prefix in (b"v1:acct:", b"v1:rcpt:", b"v1:hgt:", b"v1:tx:", b"v1:evid:", b"v1:cert", b"v1:final",
-                       b"v1:stak:", b"v1:escr:", b"v1:quot:", b"v1:slsh:", b"v1:supply"):
+                       b"v1:stak:", b"v1:escr:", b"v1:quot:", b"v1:slsh:", b"v1:supply", b"v1:aset:",
+                       b"v1:avot:", b"v1:aprp:", b"v1:aque"):
             assert list(self.main.store.scan(prefix)) == list(self.follower.store.scan(prefix))
         assert self.main.head == self.follower.head
+        assert self.main.current_authorities() == self.follower.current_authorities()
 
     @invariant()
     def supply_invariant(self):
@@ -202,6 +216,13 @@ class ChainMachine(RuleBasedStateMachine):
     def teardown(self):
         self.store.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _next_slot(chain: Chain, slot: int) -> int:
+    """The first slot from `slot` on (any authority of the next block's epoch is one of KEYS)."""
+    ids = chain.current_authorities()
+    assert all(a in KEYS for a in ids)
+    return slot
 
 
 TestChainMachine = ChainMachine.TestCase
