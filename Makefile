@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BUF_VERSION := 1.75.0
 BUF    := .tools/node_modules/.bin/buf
 
-.PHONY: install demo devnet gen check-gen lint test test-quick mutation-check bench clean
+.PHONY: install system-deps demo devnet gen check-gen lint test test-quick mutation-check bench clean
 
 install: $(VENV)/.installed $(BUF)
 
@@ -14,6 +14,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
+
+# What the tests need from Debian: a headless browser and its driver (tests/explorer). Installed
+# when missing and we are root (CI on a fresh machine); otherwise the tests that need them fail
+# saying what to install.
+SYSTEM_PACKAGES := chromium chromium-driver
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
+	  else echo "missing Debian packages:$$missing (apt-get install them as root; the browser tests fail without them)"; fi; \
+	fi
 
 $(BUF):
 	npm install --prefix .tools --no-save --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
@@ -37,7 +53,7 @@ lint: $(BUF) $(VENV)/.installed
 	$(BUF) format --diff --exit-code
 	$(PY) -m ruff check .
 
-test: install check-gen lint
+test: install system-deps check-gen lint
 	$(PY) -m pytest -q
 	$(PY) scripts/mutation_check.py
 

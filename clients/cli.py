@@ -713,6 +713,24 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explorer(args: argparse.Namespace) -> int:
+    """`aitbc explorer`: the web explorer over a ledger node and (for the market page) a coordinator."""
+    from aitbc.clients.sdk import devnet_endpoints
+    from aitbc.clients.wallet_cli import resolve_ledger
+    from aitbc.explorer.app import run_explorer
+
+    ep = devnet_endpoints(None) if not (args.coordinator and args.api_key) else {}
+    coordinator = args.coordinator or os.environ.get("AITBC_COORDINATOR") or ep.get("coordinator", "")
+    api_key = args.api_key or os.environ.get("AITBC_API_KEY") or ep.get("api_key", "")
+    data_dir = args.data_dir or str(Path(os.environ.get("AITBC_HOME", "~/.aitbc")).expanduser() / "explorer")
+    try:
+        asyncio.run(run_explorer(resolve_ledger(args.ledger), args.listen, data_dir, coordinator=coordinator,
+                                 api_key=api_key, port_file=args.port_file or "", public=args.public))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_miner(args: argparse.Namespace) -> int:
     from aitbc import config as cfg
     from aitbc.miner.daemon import run_miner
@@ -727,7 +745,7 @@ def _devnet(args: argparse.Namespace) -> Any:
 
     return Devnet(Path(args.data_dir).expanduser(), coordinator_listen=args.coordinator_listen,
                   miner_ops_listen=args.miner_ops_listen, ledger_listen=args.ledger_listen,
-                  wallet_listen=args.wallet_listen,
+                  wallet_listen=args.wallet_listen, explorer_listen=getattr(args, "explorer_listen", "127.0.0.1:18080"),
                   models=args.models.split(","))
 
 
@@ -745,6 +763,7 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     print(f"  ledger        {ep['ledger']}   (LedgerService; single authority, chain {ep['chain_id']})")
     print(f"  wallet        {ep['wallet']}   (WalletService; keystore in {ep['data_dir']}/wallets, "
           f"token in {ep['wallet_token_file']})")
+    print(f"  explorer      {ep['explorer']}   (blocks, accounts, receipts, market; in a browser)")
     print(f"  miner address {ep['miner_address']}   (minted tokens go here; key {ep['miner_key_file']})")
     print(f"  client id     {ep['client_id']}")
     print(f"  API key       {ep['api_key']}")
@@ -880,6 +899,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger-listen", default="127.0.0.1:26657")
     p.add_argument("--wallet-listen", default="unix",
                    help="'unix' (default: a socket in DATA_DIR/wallets/.daemon) or a loopback host:port")
+    p.add_argument("--explorer-listen", default="127.0.0.1:18080", help="the web explorer's host:port")
     p.add_argument("--models", default="tiny-sd,tiny-llama", help="comma-separated models for the devnet miner")
     p.set_defaults(func=cmd_devnet)
 
@@ -985,6 +1005,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen")
     p.add_argument("--port-file", help="write the bound port here once serving")
     p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("explorer", help="serve the web explorer: live blocks, transactions, accounts, receipts "
+                       "(checked in the browser), the market (docs/explorer.md)")
+    p.add_argument("--ledger", help="ledger node host:port (default: $AITBC_LEDGER, else the running devnet's, else "
+                   "127.0.0.1:26657)")
+    p.add_argument("--coordinator", help="coordinator host:port for the market page (default: $AITBC_COORDINATOR, "
+                   "else the running devnet's)")
+    p.add_argument("--api-key", help="an API key the market page reads ListModels/ListMiners with (default: "
+                   "$AITBC_API_KEY, else the running devnet's)")
+    p.add_argument("--listen", default="127.0.0.1:18080", help="host:port to serve on (default 127.0.0.1:18080)")
+    p.add_argument("--data-dir", help="where the explorer keeps its index (default: $AITBC_HOME/explorer)")
+    p.add_argument("--port-file", help="write the bound port here once serving")
+    p.add_argument("--public", action="store_true", help="allow a non-loopback --listen (plain HTTP: put a TLS proxy "
+                   "in front)")
+    p.set_defaults(func=cmd_explorer)
 
     p = sub.add_parser("miner", help="run a miner daemon")
     p.add_argument("--config", help="TOML file (keys: see README); AITBC_MINER_* env overrides")

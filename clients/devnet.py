@@ -154,6 +154,7 @@ class Devnet:
     miner_ops_listen: str = "127.0.0.1:18001"
     ledger_listen: str = "127.0.0.1:26657"
     wallet_listen: str = "unix"  # a 0600 socket in DATA_DIR/wallets/.daemon, or loopback host:port
+    explorer_listen: str = "127.0.0.1:18080"  # the web explorer (docs/explorer.md)
     block_time_ms: int = 1000
     models: list[str] = field(default_factory=lambda: ["tiny-sd", "tiny-llama"])
     log_to: object = sys.stdout
@@ -187,13 +188,13 @@ class Devnet:
 
     def check_ports(self, state: dict[str, object]) -> None:
         """Every address the devnet will listen on must be free before any service starts."""
-        busy = [f"{state[name]} ({name})" for name in ("coordinator", "miner_ops", "ledger", "wallet")
+        busy = [f"{state[name]} ({name})" for name in ("coordinator", "miner_ops", "ledger", "wallet", "explorer")
                 if not str(state[name]).startswith("unix") and port_in_use(str(state[name]))]
         if busy:
             raise FailedPrecondition(
                 f"already in use: {', '.join(busy)}: another devnet or service listens there; stop it, or give "
                 "this devnet other addresses (--coordinator-listen, --miner-ops-listen, --ledger-listen, "
-                "--wallet-listen; 127.0.0.1:0 picks free ones)")
+                "--wallet-listen, --explorer-listen; 127.0.0.1:0 picks free ones)")
 
     def prepare(self) -> dict[str, object]:
         """Create keys, the API key and configs on first start; reuse them afterwards."""
@@ -210,6 +211,8 @@ class Devnet:
             state["miner_ops"] = _resolve(self.miner_ops_listen)
         if "ledger" not in state or self.ledger_listen != "127.0.0.1:0":
             state["ledger"] = _resolve(self.ledger_listen)
+        if "explorer" not in state or self.explorer_listen != "127.0.0.1:0":
+            state["explorer"] = _resolve(self.explorer_listen)
         if "wallet" not in state or self.wallet_listen != "127.0.0.1:0":
             state["wallet"] = self.wallet_listen if self.wallet_listen.startswith("unix") else _resolve(self.wallet_listen)
         tmp = state_file.with_suffix(".tmp")
@@ -262,12 +265,17 @@ class Devnet:
             Child("miner", [*cli, "miner", "--config", str(d / "miner.toml")], d / "logs" / "miner.log"),
             Child("wallet", [*cli, "wallet-daemon", "--listen", str(state["wallet"]), "--keystore-dir",
                              str(d / "wallets"), "--ledger", str(state["ledger"])], d / "logs" / "wallet.log"),
+            # the API key goes in the environment, not on the command line (other users see argv)
+            Child("explorer", [*cli, "explorer", "--ledger", str(state["ledger"]), "--coordinator",
+                               str(state["coordinator"]), "--listen", str(state["explorer"]), "--data-dir",
+                               str(d / "explorer")], d / "logs" / "explorer.log",
+                  env={"AITBC_API_KEY": str(state["api_key"])}),
         ]
         metrics_on = os.environ.get("AITBC_METRICS_LISTEN", "").strip().lower() not in ("off", "none")
         for child in self.children:
-            if metrics_on:  # one endpoint per process: an inherited AITBC_METRICS_LISTEN would clash
-                child.metrics = f"127.0.0.1:{free_port()}"
-                child.env = {"AITBC_METRICS_LISTEN": child.metrics}
+            if metrics_on and child.name != "explorer":  # one endpoint per process: an inherited
+                child.metrics = f"127.0.0.1:{free_port()}"  # AITBC_METRICS_LISTEN would clash
+                child.env = {**(child.env or {}), "AITBC_METRICS_LISTEN": child.metrics}
             child.start()
         self._wait_ready(str(state["miner_ops"]), ready_timeout)
         self.endpoints = {
@@ -275,6 +283,7 @@ class Devnet:
             "miner_ops": state["miner_ops"],
             "ledger": state["ledger"],
             "wallet": self._wallet_endpoint(str(state["wallet"])),
+            "explorer": f"http://{state['explorer']}/",
             "wallet_token_file": str(DaemonFiles.of(d / "wallets").token),
             "miner_address": state["miner_address"],
             "miner_key_file": str(d / "keys" / "miner.key"),

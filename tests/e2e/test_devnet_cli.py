@@ -24,9 +24,10 @@ def aitbc(env: dict, *args: str, cwd: Path, timeout: float = 180) -> subprocess.
                           capture_output=True, timeout=timeout)
 
 
-def start_devnet(env: dict, cwd: Path) -> tuple[subprocess.Popen[str], list[str]]:
+def start_devnet(env: dict, cwd: Path, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen[str], list[str]]:
     proc = subprocess.Popen([sys.executable, "-m", "aitbc.clients.cli", "devnet", "--coordinator-listen", "127.0.0.1:0",
-                             "--miner-ops-listen", "127.0.0.1:0"], cwd=cwd, env=env, text=True,
+                             "--miner-ops-listen", "127.0.0.1:0", "--explorer-listen", "127.0.0.1:0", *extra],
+                            cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: list[str] = []
     deadline = time.monotonic() + 240

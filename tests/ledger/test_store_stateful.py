@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -81,12 +81,19 @@ class ChainMachine(RuleBasedStateMachine):
 
     @initialize()
     def fund(self):
-        """Every user starts with 1500 (so the economy's kinds have something to move)."""
+        """Every user starts with 1500: 400 of it in escrow for the attester, 300 staked (so the
+        economy's kinds, SETTLE, UNSTAKE and SLASH included, have something to move from the first step)."""
         for u in USERS:
             self.receipts += 1
             r = receipt(self.receipts, units=500, price=3, provider=u)
             self.pending.append((USERS[0], lambda n, r=r: make_mint(USERS[0], G.ref, n, r)))
         self.produce(0)
+        for u in USERS:
+            self.pending.append((u, lambda n, u=u: txmod.make_escrow_deposit(u, G.ref, n, ATTESTER.address, 400)))
+            self.pending.append((u, lambda n, u=u: txmod.make_stake(u, G.ref, n, 300)))
+        self.produce(0)
+        assert all(state.read_escrow(self.main.store.get, crypto.sha256(u.pubkey)[:20],
+                                     crypto.sha256(ATTESTER.pubkey)[:20]).available == 400 for u in USERS)
 
     @rule(who=st.integers(0, 3), units=st.integers(1, 500), dup=st.booleans())
     def mint(self, who, units, dup):
@@ -99,10 +106,8 @@ class ChainMachine(RuleBasedStateMachine):
     def transfer(self, frm, to, amount):
         self.pending.append((USERS[frm], lambda n: make_transfer(USERS[frm], G.ref, n, USERS[to].address, amount)))
 
-    @rule(who=st.integers(0, 3), amount=st.integers(1, 300),
-          kind=st.sampled_from(["stake", "unstake", "withdraw", "deposit", "escrow_withdraw", "reclaim"]))
-    def economy(self, who, amount, kind):
-        """The client-signed kinds (4-9), each from a random user (many fail and are left out)."""
+    def _economy(self, who: int, kind: str, amount: int = 0) -> None:
+        """A client-signed kind (4-9) from a random user (many fail and are left out of the block)."""
         k, a = USERS[who], ATTESTER.address
         make = {"stake": lambda n: txmod.make_stake(k, G.ref, n, amount),
                 "unstake": lambda n: txmod.make_unstake(k, G.ref, n, amount),
@@ -111,6 +116,26 @@ class ChainMachine(RuleBasedStateMachine):
                 "escrow_withdraw": lambda n: txmod.make_escrow_withdraw(k, G.ref, n, a, amount),
                 "reclaim": lambda n: txmod.make_escrow_reclaim(k, G.ref, n, a)}[kind]
         self.pending.append((k, make))
+
+    # one rule per kind: each is drawn as often as a MINT or a TRANSFER
+    @rule(who=st.integers(0, 3), amount=st.integers(1, 300), kind=st.sampled_from(["stake", "deposit"]))
+    def put_in(self, who, amount, kind):
+        self._economy(who, kind, amount)
+
+    @rule(who=st.integers(0, 3), amount=st.integers(1, 300), kind=st.sampled_from(["unstake", "escrow_withdraw"]))
+    def take_out(self, who, amount, kind):
+        self._economy(who, kind, amount)
+
+    @rule(who=st.integers(0, 3), kind=st.sampled_from(["withdraw", "reclaim"]), wait=st.booleans())
+    def collect(self, who, kind, wait):
+        if wait:  # let the unbonding and escrow timeouts (2 blocks) pass first
+            self.produce(0)
+            self.produce(0)
+        ids = [crypto.sha256(u.pubkey)[:20] for u in USERS]
+        att = crypto.sha256(ATTESTER.pubkey)[:20]
+        owed = [i for i, a in enumerate(ids) if (state.read_stake(self.main.store.get, a).unbonding if kind == "withdraw"
+                                                 else state.read_escrow(self.main.store.get, a, att).unlocking)]
+        self._economy(owed[who % len(owed)] if owed else who, kind)  # someone with tokens to collect, if any
 
     @rule(provider=st.integers(0, 3), client=st.integers(0, 3), price=st.integers(0, 2), fee=st.integers(1, 30))
     def settle(self, provider, client, price, fee):
@@ -173,6 +198,8 @@ class ChainMachine(RuleBasedStateMachine):
         self.pending = []
         block, _dropped = self.main.build_block(author, self.slot, self.slot * 1000, txs)
         assert self.follower.add_block(decode_block(block.raw), now_ms=10**15) == "extended"
+        for t in decode_block(block.raw).txs:  # --hypothesis-show-statistics: what the runs exercised
+            event(f"landed {txmod.KIND_NAMES[t.kind]}")
 
     @precondition(lambda self: self.main.head.height >= 1)
     @rule()

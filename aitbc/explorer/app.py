@@ -1,0 +1,427 @@
+"""The explorer: a read-only web app over a ledger node (and optionally a coordinator).
+
+A server-side app (docs/explorer.md says why): it is a gRPC client of the node and the coordinator,
+renders every page as HTML on the server (readable without JavaScript), keeps its own LMDB index
+(aitbc.explorer.index) fed by StreamBlocks, and pushes new blocks to open pages as server-sent
+events. It holds no key. Receipt files dropped on /verify are checked in the browser by
+static/verify.js, from docs/receipts.md alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from aitbc import crypto, errors, receipts, rpc
+from aitbc.explorer.index import ExplorerIndex
+from aitbc.ledger.client import LedgerClient
+from aitbc.ledger.tx import KIND_NAMES, decode_tx
+from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, ledger_pb2
+
+log = logging.getLogger("aitbc.explorer")
+PAGE_BLOCKS = 20
+MAX_VIEWERS = 1000  # live pages at once; more are told to reload later (503)
+VIEWER_QUEUE = 64  # blocks a slow viewer may lag before it is dropped (its page reconnects)
+_HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
+_JOB_ID = re.compile(r"\A[\x21-\x7e]{1,256}\Z")  # any job id a receipt may carry (this network: 28 hex)
+esc = html.escape
+
+
+def _static(name: str) -> bytes:
+    return resources.files("aitbc.explorer").joinpath("static", name).read_bytes()
+
+
+class Explorer:
+    def __init__(self, ledger: str, index_dir: str | Path, *, coordinator: str = "", api_key: str = "") -> None:
+        self.ledger = LedgerClient(ledger, timeout=5.0)
+        self.index = ExplorerIndex(index_dir)
+        self.coordinator = coordinator
+        self.api_key = api_key
+        self.viewers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    # ---- following the chain ---------------------------------------------------------------------
+
+    async def follow(self) -> None:
+        """Index every canonical block and push each new one to the open pages; reconnect on loss."""
+        delay = 0.5
+        while True:
+            try:
+                req = ledger_pb2.StreamBlocksRequest(from_height=self.index.tip + 1)
+                async for resp in self.ledger.stub.StreamBlocks(req):
+                    raws = [b.raw for b in resp.blocks]
+                    self.index.add_blocks(raws)
+                    for b in resp.blocks:
+                        self._publish(_block_summary(b.header, b.final or b.header.height <= resp.finalized_height))
+                    self._publish({"final_height": resp.finalized_height})  # pages mark older rows final
+                    delay = 0.5
+            except grpc.aio.AioRpcError as exc:
+                log.warning("ledger stream: %s: %s; again in %.1f s", exc.code().name, exc.details(), delay)
+            await asyncio.sleep(delay)
+            delay = min(5.0, delay * 2)
+
+    def _publish(self, summary: dict[str, Any]) -> None:
+        for q in list(self.viewers):
+            if q.full():
+                self.viewers.discard(q)  # too slow: its page reconnects and reloads the list
+                continue
+            q.put_nowait(summary)
+
+    # ---- pages -------------------------------------------------------------------------------------
+
+    async def home(self, request: web.Request) -> web.Response:
+        head = await self.ledger.stub.GetHead(ledger_pb2.GetHeadRequest(), timeout=5)
+        rows = []
+        top = head.head.height
+        for h in range(top, max(0, top - PAGE_BLOCKS), -1):
+            b = (await self.ledger.stub.GetBlock(ledger_pb2.GetBlockRequest(height=h), timeout=5)).block
+            rows.append(_block_row(_block_summary(b.header, b.final)))
+        supply = ""
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            s = await self.ledger.stub.GetSupply(ledger_pb2.GetSupplyRequest(), timeout=5)
+            supply = (f"<p>Supply {s.supply:,} (minted {s.minted:,}, burned {s.burned:,}); staked {s.staked:,}, "
+                      f"unbonding {s.unbonding:,}, escrowed {s.escrowed:,}</p>")
+        body = (f"<p>Chain <b>{esc(head.chain_id)}</b>, head <a href='/block/{top}'>{top}</a>, final "
+                f"{head.finalized_height}, {len(head.authorities)} authorities, blocks every "
+                f"{head.block_time_ms / 1000:g} s.</p>{supply}"
+                "<h2>Latest blocks</h2><table id='blocks'><thead><tr><th>height</th><th>time</th><th>proposer</th>"
+                f"<th>txs</th><th>final</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+                "<script src='/static/explorer.js'></script>")
+        return _page("Blocks", body)
+
+    async def block(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        req = ledger_pb2.GetBlockRequest(include_transactions=True)
+        if key.isdigit():
+            req.height = int(key)
+        elif _HEX64.match(key):
+            req.hash = key
+        else:
+            return _not_found(f"'{key}' is neither a block height nor a block hash")
+        try:
+            resp = await self.ledger.stub.GetBlock(req, timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                return _not_found(f"no block {key} on this chain")
+            raise
+        b, h = resp.block, resp.block.header
+        fields = [("height", h.height), ("hash", h.hash), ("parent", Safe(f"<a href='/block/{esc(h.parent_hash)}'>{esc(h.parent_hash)}</a>")
+                   if h.height > 1 else h.parent_hash), ("time", _time(h.timestamp_ms)), ("slot", h.slot),
+                  ("proposer", _addr(h.proposer)), ("tx root", h.tx_root), ("state root", h.state_root),
+                  ("transactions", h.tx_count), ("final", "yes" if b.final else "not yet"),
+                  ("finality certificate", f"{len(b.certificate)} bytes (votes of more than 2/3 of the authorities)"
+                   if b.certificate else "none held by this node")]
+        txs = "".join(_tx_row(t) for t in resp.transactions)
+        body = (_fields(fields) + "<h2>Transactions</h2><table><thead><tr><th>hash</th><th>kind</th><th>from</th>"
+                f"<th>detail</th></tr></thead><tbody>{txs}</tbody></table>")
+        return _page(f"Block {h.height}", body)
+
+    async def tx(self, request: web.Request) -> web.Response:
+        key = request.match_info["hash"]
+        if not _HEX64.match(key):
+            return _not_found(f"'{key}' is not a transaction hash (64 lower-case hex)")
+        try:
+            r = await self.ledger.stub.GetTransaction(ledger_pb2.GetTransactionRequest(hash=key), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return _not_found(f"no transaction {key} on this chain")
+            raise
+        t = r.transaction
+        status = ledger_pb2.TransactionStatus.Name(r.status).removeprefix("TRANSACTION_STATUS_").lower()
+        fields = [("hash", t.hash), ("kind", _kind(t.kind)), ("status", status),
+                  ("block", Safe(f"<a href='/block/{r.block_height}'>{r.block_height}</a> (index {r.index})")
+                   if r.block_height else "-"),
+                  ("sender", _addr(t.sender)), ("nonce", t.nonce)]
+        fields += [(n, _addr(v) if n in ("to", "provider", "attester", "client", "slashed") else v) for n, v in (
+            ("to", t.to), ("amount", t.amount), ("provider", t.provider), ("minted", t.mint_amount), ("fee", t.fee),
+            ("client", t.client_address), ("attester", t.attester), ("slashed", t.slashed_provider)) if v]
+        if t.receipt_hash:
+            fields.append(("receipt", Safe(f"<a href='/receipt/{esc(t.receipt_hash)}'>{esc(t.receipt_hash)}</a>")))
+        fields.append(("bytes", f"{len(t.raw)} (canonical encoding, docs/ledger.md)"))
+        return _page(f"Transaction {t.hash[:16]}...", _fields(fields))
+
+    async def account(self, request: web.Request) -> web.Response:
+        address = request.match_info["address"]
+        try:
+            account_id = crypto.validate_address(address)
+        except errors.CryptoError as exc:
+            return _not_found(exc.message)
+        a = await self.ledger.stub.GetAccount(ledger_pb2.GetAccountRequest(address=address), timeout=5)
+        before = None
+        if "before" in request.query:
+            with contextlib.suppress(ValueError):
+                hh, ii = request.query["before"].split(".")
+                before = (int(hh), int(ii))
+        items, nxt = self.index.history(account_id, before=before)
+        rows = "".join(f"<tr><td><a href='/block/{h}'>{h}</a></td><td class='hash'><a href='/tx/{t}'>{t}</a></td></tr>"
+                       for h, t in items)
+        more = f"<p><a href='/account/{address}?before={nxt[0]}.{nxt[1]}'>older</a></p>" if nxt else ""
+        fields = [("address", address), ("balance", f"{a.balance:,}"), ("nonce", a.nonce), ("staked", f"{a.staked:,}"),
+                  ("unbonding", f"{a.unbonding:,}" + (f" (unlocks at height {a.unlock_height})" if a.unbonding else ""))]
+        fields += [(f"escrow for {e.attester}", f"{e.available:,} available, {e.unlocking:,} unlocking") for e in a.escrows]
+        body = (_fields(fields) + f"<h2>History</h2><table><thead><tr><th>block</th><th>transaction</th></tr></thead>"
+                f"<tbody>{rows}</tbody></table>{more}")
+        return _page(f"Account {address[:14]}...", body)
+
+    async def receipt(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        rh = key if _HEX64.match(key) else (self.index.job_receipt(key) if _JOB_ID.match(key) else None)
+        tx_hash = self.index.receipt_tx(bytes.fromhex(rh)) if rh else None
+        if tx_hash is None:
+            return _not_found(f"no receipt {key} was minted on this chain (a receipt hash or a job id)")
+        r = await self.ledger.stub.GetTransaction(ledger_pb2.GetTransactionRequest(hash=tx_hash), timeout=5)
+        t = decode_tx(r.transaction.raw)
+        assert t.receipt is not None
+        try:  # the chain accepted it, so it verifies: shown anyway, computed here from the bytes
+            receipts.verify_receipt(t.receipt, require_attestation=True)
+            verdict = "VALID: the provider's signature and the attestation verify (docs/receipts.md)"
+        except errors.ReceiptError as exc:
+            verdict = f"INVALID: {exc.message}"
+        status = ledger_pb2.TransactionStatus.Name(r.status).removeprefix("TRANSACTION_STATUS_").lower()
+        body_fields = [(k, _addr(v) if k == "provider" else v) for k, v in t.receipt.body.to_dict().items()]
+        fields = [("receipt hash", t.receipt.receipt_hash.hex()), ("verdict", verdict),
+                  ("attester", _addr(t.receipt.attester)),
+                  ("paid by", Safe(f"<a href='/tx/{tx_hash}'>{_kind(r.transaction.kind)} {tx_hash[:16]}...</a> in "
+                                   f"block <a href='/block/{r.block_height}'>{r.block_height}</a> ({esc(status)})")),
+                  ("minted", f"{r.transaction.mint_amount:,}")]
+        if r.transaction.fee:
+            fields.append(("client fee", f"{r.transaction.fee:,} (quote {r.transaction.quote_hash})"))
+        file_json = json.dumps(t.receipt.to_json_dict(), indent=2, sort_keys=True)
+        body = (_fields(fields) + "<h2>Body</h2>" + _fields(body_fields) +
+                f"<h2>Receipt file</h2><pre id='receipt-file'>{esc(file_json)}</pre>")
+        return _page(f"Receipt {t.receipt.receipt_hash.hex()[:16]}...", body)
+
+    async def verify_page(self, request: web.Request) -> web.Response:
+        body = ("<p>Drop a receipt file (JSON) here, or choose one: it is checked in this browser against "
+                "docs/receipts.md (canonical hash, the provider's signature, the attestation); nothing is sent "
+                "to any server.</p><div id='drop' class='drop'>drop a receipt file here</div>"
+                "<p><input type='file' id='file' accept='.json,application/json'> "
+                "<label><input type='checkbox' id='unattested'> allow unattested</label></p>"
+                "<pre id='verdict' aria-live='polite'></pre>"
+                "<script src='/static/verify.js'></script><script src='/static/explorer.js'></script>")
+        return _page("Verify a receipt", body)
+
+    async def market(self, request: web.Request) -> web.Response:
+        if not self.coordinator:
+            return _page("Market", "<p>This explorer was started without --coordinator: no market data.</p>")
+        md = (("x-api-key", self.api_key),) if self.api_key else ()
+        async with rpc.channel(self.coordinator) as ch:
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
+            try:
+                models = (await stub.ListModels(coordinator_pb2.ListModelsRequest(), metadata=md, timeout=5)).models
+                miners = (await stub.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=md, timeout=5)).miners
+            except grpc.aio.AioRpcError as exc:
+                return _page("Market", f"<p>The coordinator answered {esc(exc.code().name)}: {esc(exc.details() or '')}</p>")
+        mrows = "".join(
+            f"<tr><td>{esc(m.name)}</td><td>{esc(job_pb2.ModelKind.Name(m.kind).removeprefix('MODEL_KIND_').lower())}"
+            f"</td><td>{m.miners}</td><td>{m.min_price_per_unit}</td></tr>" for m in models)
+        rows = "".join(
+            f"<tr><td>{_addr(m.miner_id)}</td><td>{'connected' if m.connected else 'offline'}</td>"
+            f"<td>{esc(', '.join(m.models))}</td><td>{m.price_per_unit}</td><td>{m.running}/{m.max_concurrency}</td>"
+            f"<td>{m.reputation:.2f}</td><td>{m.jobs_served}</td><td>{m.verifications_passed}/"
+            f"{m.verifications_passed + m.verifications_failed}</td><td>{m.staked:,}</td>"
+            f"<td>{esc(m.device or '-')}</td></tr>" for m in miners)
+        body = ("<h2>Models</h2><table><thead><tr><th>model</th><th>kind</th><th>miners</th><th>from (per unit)</th>"
+                f"</tr></thead><tbody>{mrows}</tbody></table><h2>Miners (offers)</h2><table id='miners'><thead><tr>"
+                "<th>miner</th><th>state</th><th>models</th><th>price/unit</th><th>load</th><th>reputation</th>"
+                "<th>served</th><th>verified ok</th><th>stake</th><th>device</th></tr></thead>"
+                f"<tbody>{rows}</tbody></table>")
+        return _page("Market", body)
+
+    async def search(self, request: web.Request) -> web.Response:
+        q = request.query.get("q", "").strip()
+        if q.isdigit():
+            raise web.HTTPFound(f"/block/{int(q)}")
+        if q.startswith("ait1"):
+            raise web.HTTPFound(f"/account/{q}")
+        if _HEX64.match(q):
+            if self.index.receipt_tx(bytes.fromhex(q)):
+                raise web.HTTPFound(f"/receipt/{q}")
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.ledger.stub.GetTransaction(ledger_pb2.GetTransactionRequest(hash=q), timeout=5)
+                raise web.HTTPFound(f"/tx/{q}")
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.ledger.stub.GetBlock(ledger_pb2.GetBlockRequest(hash=q), timeout=5)
+                raise web.HTTPFound(f"/block/{q}")
+        elif _JOB_ID.match(q) and self.index.job_receipt(q):
+            raise web.HTTPFound(f"/receipt/{q}")
+        return _not_found(f"nothing on this chain matches '{q}' (a height, a block, transaction or receipt hash, "
+                          "an address or a job id)")
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: a `block` event per new canonical block, a `final` event with the
+        finalized height after each message from the node."""
+        if len(self.viewers) >= MAX_VIEWERS:
+            raise web.HTTPServiceUnavailable(text="too many live pages; try again later", headers={"Retry-After": "5"})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(VIEWER_QUEUE)
+        self.viewers.add(q)
+        try:
+            await resp.write(b"retry: 1000\n\n")
+            while q in self.viewers:
+                try:
+                    item = await asyncio.wait_for(q.get(), 15)
+                except TimeoutError:
+                    await resp.write(b": keep-alive\n\n")
+                    continue
+                kind = "final" if "final_height" in item else "block"
+                await resp.write(f"event: {kind}\ndata: {json.dumps(item)}\n\n".encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.viewers.discard(q)
+        return resp
+
+    async def static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        types = {".js": "text/javascript", ".css": "text/css"}
+        suffix = Path(name).suffix
+        if suffix not in types or "/" in name:
+            raise web.HTTPNotFound()
+        try:
+            data = _static(name)
+        except FileNotFoundError:
+            raise web.HTTPNotFound() from None
+        return web.Response(body=data, content_type=types[suffix])
+
+    # ---- the app -----------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[_errors])
+        app.add_routes([
+            web.get("/", self.home), web.get("/block/{key}", self.block), web.get("/tx/{hash}", self.tx),
+            web.get("/account/{address}", self.account), web.get("/receipt/{key}", self.receipt),
+            web.get("/verify", self.verify_page), web.get("/market", self.market), web.get("/search", self.search),
+            web.get("/events", self.events), web.get("/static/{name}", self.static),
+        ])
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        self.tasks.append(asyncio.create_task(self.follow()))
+
+    async def _stop(self, app: web.Application) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.viewers.clear()
+        await self.ledger.close()
+        self.index.close()
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except grpc.aio.AioRpcError as exc:
+        log.warning("%s: ledger %s: %s", request.path, exc.code().name, exc.details())
+        return _page("Unavailable", f"<p>The ledger answered {esc(exc.code().name)}: {esc(exc.details() or '')}. "
+                     "Reload in a moment.</p>", status=503)
+
+
+def _block_summary(h: ledger_pb2.BlockHeader, final: bool) -> dict[str, Any]:
+    return {"height": h.height, "hash": h.hash, "time_ms": h.timestamp_ms, "proposer": h.proposer,
+            "tx_count": h.tx_count, "final": final}
+
+
+def _block_row(s: dict[str, Any]) -> str:
+    return (f"<tr data-height='{s['height']}'><td><a href='/block/{s['height']}'>{s['height']}</a></td>"
+            f"<td>{_time(s['time_ms'])}</td><td>{_addr(s['proposer'])}</td><td>{s['tx_count']}</td>"
+            f"<td>{'yes' if s['final'] else 'not yet'}</td></tr>")
+
+
+def _tx_row(t: ledger_pb2.Transaction) -> str:
+    detail = ""
+    if t.to:
+        detail = f"{t.amount:,} to {_addr(t.to)}"
+    elif t.receipt_hash:
+        detail = f"receipt <a href='/receipt/{t.receipt_hash}'>{t.receipt_hash[:16]}...</a>, minted {t.mint_amount:,}" + (
+            f", fee {t.fee:,}" if t.fee else "")
+    elif t.amount:
+        detail = f"{t.amount:,}"
+    return (f"<tr><td class='hash'><a href='/tx/{t.hash}'>{t.hash[:16]}...</a></td><td>{_kind(t.kind)}</td>"
+            f"<td>{_addr(t.sender)}</td><td>{detail}</td></tr>")
+
+
+def _kind(kind: int) -> str:
+    return KIND_NAMES.get(kind, str(kind))
+
+
+def _addr(a: str) -> Safe:
+    return Safe(f"<a href='/account/{esc(a)}'>{esc(a)}</a>" if a else "-")
+
+
+def _time(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d} UTC"
+
+
+class Safe(str):
+    """HTML this module built (escaping what it put in); everything else a page shows is escaped."""
+
+
+def _fields(rows: list[tuple[str, Any]]) -> str:
+    cells = "".join(f"<tr><th>{esc(str(k))}</th><td>{v if isinstance(v, Safe) else esc(str(v))}</td></tr>"
+                    for k, v in rows)
+    return f"<table class='fields'>{cells}</table>"
+
+
+def _not_found(why: str) -> web.Response:
+    return _page("Not found", f"<p class='notfound'>Not found: {esc(why)}</p>", status=404)
+
+
+def _page(title: str, body: str, *, status: int = 200) -> web.Response:
+    doc = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' "
+           f"content='width=device-width, initial-scale=1'><title>{esc(title)} - AITBC explorer</title>"
+           "<link rel='stylesheet' href='/static/style.css'></head><body><header><a href='/' class='brand'>AITBC "
+           "explorer</a> <nav><a href='/'>blocks</a> <a href='/market'>market</a> <a href='/verify'>verify a "
+           "receipt</a></nav><form action='/search'><input name='q' placeholder='height, hash, address, job id' "
+           f"aria-label='search'> <button>search</button></form></header><main><h1>{esc(title)}</h1>{body}</main>"
+           "</body></html>")
+    return web.Response(text=doc, content_type="text/html", status=status)
+
+
+async def run_explorer(ledger: str, listen: str, data_dir: str | Path, *, coordinator: str = "", api_key: str = "",
+                       port_file: str = "", public: bool = False) -> None:
+    """Serve until cancelled (SIGINT/SIGTERM in the CLI). Plain HTTP: beyond loopback only with
+    `public` (the operator puts it behind a TLS-terminating proxy; docs/explorer.md)."""
+    if not public and not rpc.is_loopback(listen):
+        raise errors.FailedPrecondition(
+            f"refusing to serve plain HTTP on {listen}: beyond loopback pass --public (and put the explorer behind a "
+            "TLS-terminating reverse proxy: docs/explorer.md)")
+    host, _, port = listen.rpartition(":")
+    ex = Explorer(ledger, Path(data_dir) / "index", coordinator=coordinator, api_key=api_key)
+    runner = web.AppRunner(ex.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host or "127.0.0.1", int(port))
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise errors.FailedPrecondition(f"cannot listen on {listen}: address in use or invalid (--listen)") from None
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    if port_file:
+        Path(port_file).write_text(str(bound))
+    from aitbc import telemetry
+
+    telemetry.announce(f"explorer on http://{host or '127.0.0.1'}:{bound}/ (ledger {ledger}"
+                       f"{', coordinator ' + coordinator if coordinator else ''})", logger="aitbc.explorer")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,161 @@
+"""The explorer's pages over HTTP against a real ledger node (in this process): every page renders
+from the chain, search finds each kind of key and says "not found" otherwise, the index follows
+the chain and survives a restart, and new blocks reach live pages as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from aitbc.explorer.app import Explorer
+from aitbc.ledger.client import LedgerClient
+from aitbc.ledger.store import LmdbStore
+from aitbc.server.ledger import start_node
+from tests.ledger.helpers import ALICE, ATTESTER, AUTH, BOB, PROVIDER, genesis, receipt
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Site:
+    def __init__(self, ledger: str, index_dir: Path) -> None:
+        self.ledger, self.index_dir = ledger, index_dir
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        self.explorer = Explorer(self.ledger, self.index_dir)
+        self.runner = web.AppRunner(self.explorer.app())
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+    async def get(self, path: str, *, status: int = 200) -> str:
+        async with aiohttp.ClientSession() as s, s.get(self.url + path, allow_redirects=True) as r:
+            text = await r.text()
+            assert r.status == status, (path, r.status, text[:500])
+            return text
+
+
+@pytest.fixture
+async def chain(tmp_path: Path) -> Any:
+    g = genesis(1, block_time_ms=200)
+    store = LmdbStore(tmp_path / "ledger")
+    node, server = await start_node(store, g, AUTH[0], "127.0.0.1:0")
+    lc = LedgerClient(f"127.0.0.1:{server.port}")
+    r = receipt(1, units=100, price=10)
+    await lc.wait_for_tx(await lc.mint(ALICE, r), final=True)
+    # a receipt whose strings are HTML: shown as text, never run (the provider signs what it likes)
+    import dataclasses
+
+    from aitbc.receipts import sign_receipt
+
+    body = dataclasses.replace(receipt(2).body, client="<script>alert(1)</script>", model="<a onclick=x>m</a>")
+    nasty = sign_receipt(body, PROVIDER).attest(ATTESTER)
+    await lc.wait_for_tx(await lc.mint(ALICE, nasty), final=True)
+    tx = await lc.transfer(PROVIDER, BOB.address, 250)
+    await lc.wait_for_tx(tx, final=True)
+    yield {"ledger": f"127.0.0.1:{server.port}", "receipt": r, "transfer": tx, "client": lc, "nasty": nasty}
+    await lc.close()
+    await node.stop()
+    await server.stop(0)
+    store.close()
+
+
+async def until(predicate: Any, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+
+
+async def test_pages_search_and_the_index(chain: dict[str, Any], tmp_path: Path) -> None:
+    site = Site(chain["ledger"], tmp_path / "index")
+    await site.start()
+    try:
+        head = (await chain["client"].get_head()).height
+        await until(lambda: site.explorer.index.tip >= head)
+        home = await site.get("/")
+        assert "Latest blocks" in home and f"/block/{head}'" in home and "aitbc-test" in home
+        r, tx = chain["receipt"], chain["transfer"]
+        rh = r.receipt_hash.hex()
+        # a receipt page by receipt hash and by job id: every body field, the MINT, the verdict
+        for key in (rh, r.body.job_id):
+            page = await site.get(f"/receipt/{key}")
+            assert "VALID" in page and r.body.provider in page and ATTESTER.address in page and "MINT" in page
+            assert all(name in page for name in r.body.to_dict())
+        page = await site.get(f"/receipt/{chain['nasty'].receipt_hash.hex()}")
+        assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+        assert "<a onclick" not in page and "&lt;a onclick=x&gt;" in page
+        # the account page has the history from the index: the MINT to it and its transfer
+        acct = await site.get(f"/account/{PROVIDER.address}")
+        assert "<td>1,750</td>" in acct  # minted 1,000 and 1,000, sent 250
+        assert tx in acct and "History" in acct
+        assert tx in await site.get(f"/account/{BOB.address}")
+        page = await site.get(f"/tx/{tx}")
+        assert "TRANSFER" in page and BOB.address in page and "final" in page
+        # search: each kind of key, and a clear not found
+        assert f"Block {head}" in await site.get(f"/search?q={head}")
+        assert "Transaction" in await site.get(f"/search?q={tx}")
+        assert "Receipt" in await site.get(f"/search?q={rh}")
+        assert "Receipt" in await site.get(f"/search?q={r.body.job_id}")
+        assert "Account" in await site.get(f"/search?q={BOB.address}")
+        assert "Not found" in await site.get("/search?q=" + "ab" * 32, status=404)
+        assert "Not found" in await site.get("/search?q=nothing-like-this", status=404)
+        assert "Not found" in await site.get("/block/999999", status=404)
+        assert "checksum" in await site.get("/account/ait1qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqq", status=404)
+        tip = site.explorer.index.tip
+    finally:
+        await site.stop()
+    # the index is kept: a restarted explorer starts from where it stopped, not from block 1
+    site2 = Site(chain["ledger"], tmp_path / "index")
+    await site2.start()
+    try:
+        assert site2.explorer.index.tip >= tip
+        assert chain["transfer"] in await site2.get(f"/account/{BOB.address}")
+    finally:
+        await site2.stop()
+
+
+async def test_new_blocks_reach_a_live_page_as_server_sent_events(chain: dict[str, Any], tmp_path: Path) -> None:
+    site = Site(chain["ledger"], tmp_path / "index")
+    await site.start()
+    try:
+        head = (await chain["client"].get_head()).height
+        await until(lambda: site.explorer.index.tip >= head)
+        seen: list[dict[str, Any]] = []
+        finals: list[int] = []
+        async with aiohttp.ClientSession() as s, s.get(site.url + "/events") as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            async with asyncio.timeout(20):
+                async for line in r.content:
+                    if line.startswith(b"data: ") and b"final_height" not in line:
+                        seen.append(json.loads(line[6:]))
+                        if len(seen) == 2:
+                            break
+                    elif line.startswith(b"data: "):
+                        finals.append(json.loads(line[6:])["final_height"])
+        assert seen[1]["height"] == seen[0]["height"] + 1 > head  # blocks made after the page opened
+        assert {"hash", "proposer", "tx_count", "time_ms", "final"} <= seen[0].keys()
+        assert finals and finals[-1] >= head - 1  # the finalized height travels too
+        await until(lambda: not site.explorer.viewers)  # the closed page is forgotten (at the next block)
+    finally:
+        await site.stop()
+
+
+async def test_plain_http_beyond_loopback_needs_public(tmp_path: Path) -> None:
+    from aitbc.errors import FailedPrecondition
+    from aitbc.explorer.app import run_explorer
+
+    with pytest.raises(FailedPrecondition, match="refusing to serve plain HTTP on 0.0.0.0:0: beyond loopback pass --public"):
+        await run_explorer("127.0.0.1:1", "0.0.0.0:0", tmp_path)
