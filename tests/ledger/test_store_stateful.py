@@ -200,6 +200,8 @@ class ChainMachine(RuleBasedStateMachine):
         assert self.follower.add_block(decode_block(block.raw), now_ms=10**15) == "extended"
         for t in decode_block(block.raw).txs:  # --hypothesis-show-statistics: what the runs exercised
             event(f"landed {txmod.KIND_NAMES[t.kind]}")
+        if self.main.current_authorities() != G.authority_ids:
+            event("the authority set changed")
 
     @precondition(lambda self: self.main.head.height >= 1)
     @rule()
