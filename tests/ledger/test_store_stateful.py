@@ -172,6 +172,9 @@ class ChainMachine(RuleBasedStateMachine):
         action = txmod.ACTION_REMOVE if remove else txmod.ACTION_ADD
         for k in ([AUTH[0], AUTH[1]] if both else [voter]):
             self.pending.append((k, lambda n, k=k: txmod.make_authority_vote(k, G.ref, n, action, subject.address)))
+        if both:  # a quorum of the genesis pair: let two epochs pass so that the change applies
+            for _ in range(2 * G.epoch_blocks + 1):
+                self.produce(0)
 
     @precondition(lambda self: self.main.head.height >= 2 + self.main.final_height)
     @rule(data=st.data())
