@@ -245,9 +245,9 @@ def test_devnet_submit_status_receipts_buf_curl_and_restart(tmp_path: Path) -> N
         r = aitbc(env, "devnet", cwd=tmp_path, timeout=60)
         assert r.returncode != 0 and f"a devnet is already running in {home / 'devnet'} (supervisor pid {proc.pid})" \
             in r.stdout + r.stderr, r.stdout + r.stderr
-        # kill -9 of the supervisor takes its four services with it (none goes on serving, orphaned)
+        # kill -9 of the supervisor takes its five services with it (none goes on serving, orphaned)
         services = _services_of(home / "devnet", but=proc.pid)
-        assert len(services) == 4, services
+        assert len(services) == 5, services  # ledger, coordinator, miner, wallet daemon, explorer
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         killed = True
