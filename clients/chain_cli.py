@@ -352,13 +352,16 @@ def register(subparsers: Any) -> None:
                    help="MINT price per unit is capped at this (smallest token unit)")
     i.add_argument("--max-mint-per-receipt", type=int, default=10**18, help="cap on the amount one receipt mints")
     i.add_argument("--max-block-txs", type=int, default=20_000)
-    for flag, default, what in (("--min-stake", 0, "stake a miner needs to be given work"),
-                                ("--unbonding-blocks", 100, "blocks from UNSTAKE to WITHDRAW"),
-                                ("--slash-ppm", 500_000, "parts per million of a convicted miner's stake cut"),
-                                ("--slash-reward-ppm", 500_000, "parts per million of the cut paid to honest miners"),
-                                ("--escrow-timeout-blocks", 600, "blocks from ESCROW_WITHDRAW to ESCROW_RECLAIM"),
-                                ("--epoch-blocks", 100, "blocks per epoch: the authority set changes by the "
-                                                        "authorities' votes at most once per epoch")):
+    from aitbc.ledger.genesis import ECONOMY_DEFAULTS
+
+    for flag, what in (("--min-stake", "stake a miner needs to be given work"),
+                       ("--unbonding-blocks", "blocks from UNSTAKE to WITHDRAW"),
+                       ("--slash-ppm", "parts per million of a convicted miner's stake cut"),
+                       ("--slash-reward-ppm", "parts per million of the cut paid to honest miners"),
+                       ("--escrow-timeout-blocks", "blocks from ESCROW_WITHDRAW to ESCROW_RECLAIM"),
+                       ("--epoch-blocks", "blocks per epoch: the authority set changes by the authorities' votes at "
+                                          "most once per epoch")):
+        default = ECONOMY_DEFAULTS[flag[2:].replace("-", "_")]
         i.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
     i.add_argument("--genesis-time-ms", type=int, help="default: now")
     i.add_argument("--out", default="genesis.json")

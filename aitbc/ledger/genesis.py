@@ -42,7 +42,7 @@ ECONOMY_BOUNDS = {
     "epoch_blocks": (1, 2**32 - 1, "blocks per epoch: the authority set can change once per epoch"),
 }
 ECONOMY_DEFAULTS = {"min_stake": 0, "unbonding_blocks": 100, "slash_ppm": 500_000, "slash_reward_ppm": 500_000,
-                    "escrow_timeout_blocks": 600, "epoch_blocks": 100}
+                    "escrow_timeout_blocks": 600, "epoch_blocks": 256}
 ECONOMY_DISABLED = (
     "economy disabled: this chain's genesis is version 2, which has no stake, escrow or fee parameters; start a "
     "chain from a version 3 genesis (aitbc chain init)")

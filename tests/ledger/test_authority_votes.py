@@ -39,11 +39,11 @@ def ids(*keys) -> tuple[bytes, ...]:
 
 # ---- genesis ---------------------------------------------------------------------------------------
 
-def test_genesis_v3_has_epoch_blocks_default_100_and_its_bounds():
+def test_genesis_v3_has_epoch_blocks_default_256_and_its_bounds():
     g = make_genesis("sets", [AUTH[0].address], [ATTESTER.address])
-    assert g.to_dict()["epoch_blocks"] == 100 and g.has_authority_votes
+    assert g.to_dict()["epoch_blocks"] == 256 and g.has_authority_votes  # a vote link's span: the argument is exact
     assert Genesis.from_dict(g.to_dict()) == g
-    assert [g.epoch(h) for h in (1, 100, 101, 200, 201)] == [0, 0, 1, 1, 2]
+    assert [g.epoch(h) for h in (1, 256, 257, 512, 513)] == [0, 0, 1, 1, 2]
     for bad in (0, 2**32, True, "4"):
         with pytest.raises(InvalidArgument, match=r"^genesis epoch_blocks must be an integer in \[1, 2\^32-1\]"):
             make_genesis("sets", [AUTH[0].address], [ATTESTER.address], epoch_blocks=bad)

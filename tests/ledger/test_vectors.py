@@ -102,7 +102,7 @@ def economy_vectors() -> dict:
 
     g = make_genesis(CHAIN, [AUTH[0].address], [ATTESTER.address], block_time_ms=1000, max_price_per_unit=1000,
                      max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000, unbonding_blocks=1,
-                     escrow_timeout_blocks=1, slash_ppm=250_000, slash_reward_ppm=600_000)
+                     escrow_timeout_blocks=1, slash_ppm=250_000, slash_reward_ppm=600_000, epoch_blocks=100)
     chain = Chain(MemoryStore(), g)
     ref = g.ref
     settled = text_receipt(2, price=10)
