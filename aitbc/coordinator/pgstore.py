@@ -85,11 +85,16 @@ def display_url(url: str) -> str:
     return f"postgresql://{user}{d.get('host', '')}{port}/{d.get('dbname', '')}"
 
 
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
 def _scrub(message: str, url: str) -> str:
+    """The message without the URL's password (psycopg may quote the URL it could not parse)."""
     try:
         password = psycopg.conninfo.conninfo_to_dict(url).get("password")
     except psycopg.ProgrammingError:
         password = None
+    message = _URL_PASSWORD.sub(r"\1***@", message)
     return message.replace(str(password), "***") if password else message
 
 
