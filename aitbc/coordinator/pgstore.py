@@ -198,45 +198,52 @@ class PostgresJobStore:
         artifacts = list(artifacts)
         conn = self.conn
         try:
-            with conn.transaction(), conn.cursor() as cur:
-                if jobs:
-                    cur.executemany(
-                        "INSERT INTO jobs (job_id, active, body) VALUES (%s, %s, %s) "
-                        "ON CONFLICT (job_id) DO UPDATE SET active = EXCLUDED.active, body = EXCLUDED.body",
-                        [(j.job_id, j.state in ACTIVE, _stored(j)) for j in jobs])
-                    requests = [(j.client_id, j.request_id, j.job_id) for j in jobs if j.request_id]
-                    if requests:
-                        cur.executemany(
-                            "INSERT INTO requests (client_id, request_id, job_id) VALUES (%s, %s, %s) "
-                            "ON CONFLICT (client_id, request_id) DO UPDATE SET job_id = EXCLUDED.job_id", requests)
-                expiries = _expiries(jobs)
-                for sha, data in artifacts:
-                    until, job_id = expiries.get(sha, (_KEPT, ""))
-                    size = data.stat().st_size if isinstance(data, Path) else len(data)
-                    cur.execute("INSERT INTO artifacts (sha256, size, chunk_bytes, expires_at_ms, job_id) "
-                                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (sha256) DO NOTHING RETURNING 1",
-                                (_check_sha(sha), size, self.chunk_bytes, until, job_id))
-                    if cur.fetchone() is None:  # stored already (content-addressed): the bytes are the same
-                        continue
-                    expiries.pop(sha, None)
-                    self._put_chunks(cur, sha, data)
-                for sha, (until, job_id) in expiries.items():  # jobs naming stored artifacts extend them
-                    cur.execute("UPDATE artifacts SET expires_at_ms = %s, job_id = %s WHERE sha256 = %s "
-                                "AND expires_at_ms <> 0 AND (%s = 0 OR %s > expires_at_ms)",
-                                (until, job_id, sha, until, until))
-                rows = [(r.receipt_hash, *_receipt_columns(r), _client_receipt_key(j), j.client_id) for j, r in receipts]
-                if rows:
-                    cur.executemany(_PUT_RECEIPT, [row[:4] for row in rows])
-                    cur.executemany("INSERT INTO client_receipts (key, client_id, receipt_hash) VALUES (%s, %s, %s) "
-                                    "ON CONFLICT (key) DO UPDATE SET receipt_hash = EXCLUDED.receipt_hash",
-                                    [(row[4], row[5], row[0]) for row in rows])
+            try:  # one pipeline: the statements go out together and the write waits for the server once
+                with conn.pipeline(), conn.cursor() as cur:
+                    cur.execute("BEGIN")  # not conn.transaction(): that waits for BEGIN and COMMIT apart
+                    self._statements(cur, jobs, artifacts, receipts)
+                    cur.execute("COMMIT")
+            except BaseException:
+                if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    conn.execute("ROLLBACK")  # a Python error half way: nothing of it stays
+                raise
         finally:
             for _, data in artifacts:  # taken over, as the LMDB store moves the file in
                 if isinstance(data, Path):
                     data.unlink(missing_ok=True)
 
+    def _statements(self, cur: psycopg.Cursor[Any], jobs: list[job_pb2.Job],
+                    artifacts: list[tuple[str, ArtifactData]],
+                    receipts: Iterable[tuple[job_pb2.Job, receipt_pb2.Receipt]]) -> None:
+        # execute() per row, not executemany(): inside a pipeline executemany syncs (waits) each time
+        for j in jobs:
+            cur.execute(_PUT_JOB, (j.job_id, j.state in ACTIVE, _stored(j)))
+            if j.request_id:
+                cur.execute(_PUT_REQUEST, (j.client_id, j.request_id, j.job_id))
+        expiries = _expiries(jobs)
+        for sha, data in artifacts:
+            # content-addressed: a stored sha256 has these bytes already, so both inserts do
+            # nothing then (ON CONFLICT); a file is looked up first, not to send its bytes again
+            if isinstance(data, Path) and cur.execute("SELECT 1 FROM artifacts WHERE sha256 = %s",
+                                                      (sha,)).fetchone() is not None:
+                continue
+            until, job_id = expiries.get(sha, (_KEPT, ""))
+            size = data.stat().st_size if isinstance(data, Path) else len(data)
+            cur.execute("INSERT INTO artifacts (sha256, size, chunk_bytes, expires_at_ms, job_id) "
+                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (sha256) DO NOTHING",
+                        (_check_sha(sha), size, self.chunk_bytes, until, job_id))
+            self._put_chunks(cur, sha, data)
+        # jobs naming stored artifacts extend them (for one inserted above, the same expiry: no-op)
+        for sha, (until, job_id) in expiries.items():
+            cur.execute("UPDATE artifacts SET expires_at_ms = %s, job_id = %s WHERE sha256 = %s "
+                        "AND expires_at_ms <> 0 AND (%s = 0 OR %s > expires_at_ms)",
+                        (until, job_id, sha, until, until))
+        for j, r in receipts:
+            cur.execute(_PUT_RECEIPT, (r.receipt_hash, *_receipt_columns(r)))
+            cur.execute(_PUT_CLIENT_RECEIPT, (_client_receipt_key(j), j.client_id, r.receipt_hash))
+
     def _put_chunks(self, cur: psycopg.Cursor[Any], sha: str, data: ArtifactData) -> None:
-        sql = "INSERT INTO artifact_chunks (sha256, n, data) VALUES (%s, %s, %s)"
+        sql = "INSERT INTO artifact_chunks (sha256, n, data) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
         if isinstance(data, Path):
             with open(data, "rb") as f:  # one chunk in memory at a time
                 n = 0
@@ -350,6 +357,12 @@ class PostgresJobStore:
         return [(r[0], bytes(r[1])) for r in rows]
 
 
+_PUT_JOB = ("INSERT INTO jobs (job_id, active, body) VALUES (%s, %s, %s) "
+            "ON CONFLICT (job_id) DO UPDATE SET active = EXCLUDED.active, body = EXCLUDED.body")
+_PUT_REQUEST = ("INSERT INTO requests (client_id, request_id, job_id) VALUES (%s, %s, %s) "
+                "ON CONFLICT (client_id, request_id) DO UPDATE SET job_id = EXCLUDED.job_id")
+_PUT_CLIENT_RECEIPT = ("INSERT INTO client_receipts (key, client_id, receipt_hash) VALUES (%s, %s, %s) "
+                       "ON CONFLICT (key) DO UPDATE SET receipt_hash = EXCLUDED.receipt_hash")
 _PUT_RECEIPT = ("INSERT INTO receipts (receipt_hash, held, unsettled, body) VALUES (%s, %s, %s, %s) "
                 "ON CONFLICT (receipt_hash) DO UPDATE SET held = EXCLUDED.held, unsettled = EXCLUDED.unsettled, "
                 "body = EXCLUDED.body")
