@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BUF_VERSION := 1.75.0
 BUF    := .tools/node_modules/.bin/buf
 
-.PHONY: install demo devnet gen check-gen lint test test-quick mutation-check bench clean
+.PHONY: install postgres demo devnet gen check-gen lint test test-quick mutation-check bench clean
 
 install: $(VENV)/.installed $(BUF)
 
@@ -37,7 +37,16 @@ lint: $(BUF) $(VENV)/.installed
 	$(BUF) format --diff --exit-code
 	$(PY) -m ruff check .
 
-test: install check-gen lint
+# the PostgreSQL store's tests start a real server (initdb + pg_ctl, tests/conftest.py) and fail
+# without one: install Debian's package where the binaries are missing and we may (root, apt-get)
+postgres:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing PostgreSQL (the store tests need a real server)"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; \
+	else echo "warning: no PostgreSQL server binaries (initdb, pg_ctl): install the postgresql package, or the PostgreSQL store tests fail"; fi
+
+test: install postgres check-gen lint
 	$(PY) -m pytest -q
 	$(PY) scripts/mutation_check.py
 
@@ -45,7 +54,7 @@ test: install check-gen lint
 mutation-check: $(VENV)/.installed
 	$(PY) scripts/mutation_check.py
 
-test-quick: install
+test-quick: install postgres
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(VENV)/.installed

@@ -173,3 +173,20 @@ def test_after_the_server_drops_the_connection_the_next_call_reconnects(pg_url: 
     assert store.get_job("a").job_id == "a" and store.conn.info.backend_pid != pid
     store.close()
 
+
+
+def test_a_write_the_server_refuses_half_way_leaves_nothing_and_the_store_goes_on(pg_url: str) -> None:
+    store = PostgresJobStore(pg_url)
+    with psycopg.connect(pg_url, autocommit=True) as admin:  # the server fails the receipt insert, after the job's
+        admin.execute("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                      "$$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$")
+        admin.execute("CREATE TRIGGER refuse BEFORE INSERT ON receipts FOR EACH ROW EXECUTE FUNCTION refuse()")
+    j = job_pb2.Job(job_id="a", client_id="alice", state=job_pb2.JOB_STATE_COMPLETED, finished_at_unix_ms=5)
+    rec = j.receipt
+    rec.receipt_hash = "r1"
+    with pytest.raises(psycopg.errors.RaiseException, match="refused by the test"):
+        store.write([j], artifacts=[("aa", b"bytes")], receipts=[(j, rec)])
+    assert store.get_job("a") is None and store.open_artifact("aa") is None and store.get_receipt("r1") is None
+    store.write([job_pb2.Job(job_id="b", state=job_pb2.JOB_STATE_QUEUED)])  # the connection is usable again
+    assert [x.job_id for x in store.active_jobs()] == ["b"]
+    store.close()
