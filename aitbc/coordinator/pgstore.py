@@ -53,6 +53,7 @@ from aitbc.v1 import job_pb2, receipt_pb2
 CHUNK_BYTES = 1 << 20
 SETTING = "database_url"
 _MIGRATION_LOCK = 0x61697462_63000001  # pg_advisory_xact_lock key: "aitbc" + 1 (any constant will do)
+_OWNER_LOCK = 0x61697462_63000002  # held by the one coordinator using the database (session lock)
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _PAGE = 500  # iter_receipts reads this many rows per query
 
@@ -171,16 +172,40 @@ class PostgresJobStore:
         self._closed = False
         try:
             self.schema_version = migrate(self._conn, load_migrations(migrations), where=f"the database at {self.display_url}")
+            self._own(self._conn)
         except BaseException:
             self._conn.close()
             raise
         self._reputation = PostgresReputationStore(self)
 
+    def _own(self, conn: psycopg.Connection[Any]) -> None:
+        """One coordinator per database until coordinators can share one (issue 18): a second
+        would restore and dispatch the same jobs. The lock goes with the connection (a killed
+        coordinator's backend ends and frees it)."""
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_OWNER_LOCK,)).fetchone()
+        if row and row[0]:
+            return
+        holder = conn.execute(
+            "SELECT a.pid, coalesce(host(a.client_addr), 'the local socket'), a.backend_start FROM pg_locks l "
+            "JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s LIMIT 1", (_OWNER_LOCK,)).fetchone()
+        who = f" (server pid {holder[0]}, from {holder[1]}, since {holder[2]:%Y-%m-%d %H:%M:%S %Z})" if holder else ""
+        raise FailedPrecondition(
+            f"config key {SETTING!r}: another coordinator is using the database at {self.display_url}{who}; "
+            f"one coordinator per database for now: stop it, or give this one its own database")
+
     @property
     def conn(self) -> psycopg.Connection[Any]:
         """The connection, opened again after the server dropped it (the next call after a failure)."""
         if self._conn.closed and not self._closed:
-            self._conn = connect(self.url, connect_timeout_s=self._timeout)
+            conn = connect(self.url, connect_timeout_s=self._timeout)
+            try:
+                self._own(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
         return self._conn
 
     def close(self) -> None:
