@@ -27,12 +27,13 @@ MISSING = ("no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/li
            "(apt-get install postgresql)")
 
 
-def find_bin_dir() -> Path | None:
-    """The folder holding initdb and pg_ctl: PATH first, then the newest /usr/lib/postgresql/*/bin."""
-    found = shutil.which("initdb")
-    if found and shutil.which("pg_ctl"):
+def find_bin_dir(path: str | None = None, debian_root: str = "/usr/lib/postgresql") -> Path | None:
+    """The folder holding initdb and pg_ctl: PATH (or `path`) first, then the newest
+    <debian_root>/<version>/bin. None: no server installed."""
+    found = shutil.which("initdb", path=path)
+    if found and shutil.which("pg_ctl", path=path):
         return Path(found).resolve().parent
-    candidates = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")]
+    candidates = [Path(p).parent for p in glob.glob(f"{glob.escape(debian_root)}/*/bin/initdb")]
     candidates = [d for d in candidates if (d / "pg_ctl").exists()]
 
     def version(d: Path) -> tuple[int, ...]:

@@ -193,3 +193,17 @@ def test_a_write_the_server_refuses_half_way_leaves_nothing_and_the_store_goes_o
     store.write([job_pb2.Job(job_id="b", state=job_pb2.JOB_STATE_QUEUED)])  # the connection is usable again
     assert [x.job_id for x in store.active_jobs()] == ["b"]
     store.close()
+
+
+def test_the_server_binaries_are_found_on_path_or_in_debians_folder_and_missing_ones_say_make_test(tmp_path: Path) -> None:
+    from aitbc.pgserver import MISSING, find_bin_dir
+
+    assert find_bin_dir(path=str(tmp_path), debian_root=str(tmp_path)) is None
+    debian = tmp_path / "lib" / "15" / "bin"
+    debian.mkdir(parents=True)
+    for name in ("initdb", "pg_ctl"):
+        (debian / name).write_text("#!/bin/sh\n")
+        (debian / name).chmod(0o755)
+    assert find_bin_dir(path=str(tmp_path / "nothing"), debian_root=str(tmp_path / "lib")) == debian
+    assert find_bin_dir(path=str(debian), debian_root=str(tmp_path / "none")) == debian
+    assert "run `make test`" in MISSING  # what tests/conftest.py fails with (never a skip)
