@@ -230,7 +230,10 @@ class PostgresJobStore:
                     cur.execute("COMMIT")
             except BaseException:
                 if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                    conn.execute("ROLLBACK")  # a Python error half way: nothing of it stays
+                    try:
+                        conn.execute("ROLLBACK")  # a Python error half way: nothing of it stays
+                    except psycopg.Error:
+                        pass  # the connection broke too: the server rolls back; the first error is the news
                 raise
         finally:
             for _, data in artifacts:  # taken over, as the LMDB store moves the file in
