@@ -15,20 +15,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# What the tests need from Debian: a headless browser and its driver (tests/explorer). Installed
-# when missing and we are root (CI on a fresh machine); otherwise the tests that need them fail
-# saying what to install.
-SYSTEM_PACKAGES := chromium chromium-driver
+# What the tests need from Debian: a headless browser and its driver (tests/explorer) and a
+# PostgreSQL server (the PostgreSQL store's tests start one: initdb + pg_ctl). Installed when
+# missing and we are root (CI on a fresh machine); otherwise the tests that need them fail saying
+# what to install.
 system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null || \
 	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
-	  else echo "missing Debian packages:$$missing (apt-get install them as root; the browser tests fail without them)"; fi; \
+	  else echo "missing Debian packages:$$missing (apt-get install them as root; the tests that need them fail)"; fi; \
 	fi
 
 $(BUF):
@@ -61,7 +62,7 @@ test: install system-deps check-gen lint
 mutation-check: $(VENV)/.installed
 	$(PY) scripts/mutation_check.py
 
-test-quick: install
+test-quick: install system-deps
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(VENV)/.installed

@@ -98,6 +98,9 @@ class TlsConfig:
 class CoordinatorConfig(TlsConfig):
     listen: str = "127.0.0.1:18000"
     data_dir: str = "~/.aitbc/coordinator"
+    # the store (docs/coordinator.md, "The store"): "" keeps it in LMDB under data_dir (the default);
+    # a postgresql://user@host:port/dbname URL keeps it in that PostgreSQL database instead
+    database_url: str = ""
     key_file: str = "~/.aitbc/coordinator.key"
     chain_id: str = "aitbc-devnet"
     hub_id: str = ""
@@ -142,6 +145,10 @@ class CoordinatorConfig(TlsConfig):
 
     def __post_init__(self) -> None:
         """Refuse, at start, values the coordinator would trip over later."""
+        if self.database_url:
+            from aitbc.coordinator.pgstore import check_url  # psycopg only where it is used
+
+            check_url(self.database_url)
         _within("webhook_attempts", self.webhook_attempts, 1, 1000)
         _within("webhook_max_age_s", self.webhook_max_age_s, 1.0, float("inf"))
         _within("quote_ttl_s", self.quote_ttl_s, 1.0, 24 * 3600.0)

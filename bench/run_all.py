@@ -11,6 +11,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RUNS = [
     ["dispatch.py", "--jobs", "1000"],
+    ["pg_store.py", "--jobs", "1000"],
     ["overhead.py"],
     ["text_stream.py"],
     ["receipts.py", "--n", "10000"],

@@ -22,7 +22,7 @@ from aitbc.config import CoordinatorConfig, expand, write_port_file
 from aitbc.coordinator import Coordinator, fees
 from aitbc.coordinator.clock import Clock
 from aitbc.coordinator.settlement import Settlement
-from aitbc.coordinator.store import LmdbJobStore
+from aitbc.coordinator.store import JobStore, LmdbJobStore
 from aitbc.errors import FailedPrecondition, InvalidArgument
 from aitbc.rpc import CHUNK_BYTES, RunningServer, Service, handle_errors, start_server
 from aitbc.v1 import (
@@ -277,10 +277,22 @@ async def _return_freed_memory(interval_s: float = 2.0) -> None:
         await asyncio.to_thread(trim, 0)  # it walks the heap: off the event loop
 
 
+def open_store(config: CoordinatorConfig) -> JobStore:
+    """LMDB under data_dir, or the PostgreSQL database `database_url` names (refused with a message
+    naming the setting when it cannot be reached; the password is never shown)."""
+    if not config.database_url:
+        return LmdbJobStore(expand(config.data_dir) / "jobs")
+    from aitbc.coordinator.pgstore import PostgresJobStore
+
+    store = PostgresJobStore(config.database_url)
+    log.info("coordinator store: PostgreSQL %s (schema version %d)", store.display_url, store.schema_version)
+    return store
+
+
 async def start_coordinator(config: CoordinatorConfig, *, clock: Clock | None = None) -> CoordinatorProcess:
     """`clock`: the coordinator's time (tests drive a FakeClock); the system clock by default."""
     rpc.refuse_plaintext(config.listen)  # before anything is opened
-    store = LmdbJobStore(expand(config.data_dir) / "jobs")
+    store = open_store(config)
     key = crypto.load_or_create_key(config.key_file)
     core = Coordinator(store, key, config, clock=clock)
     running = await start_server(config.listen, [

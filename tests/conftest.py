@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+import itertools
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,28 @@ from aitbc.rpc import channel
 API_KEY = "test-api-key-alice"
 OTHER_KEY = "test-api-key-bob"
 OPERATOR_KEY = "test-api-key-carol-operator"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL server for the whole run (aitbc.pgserver: initdb + pg_ctl in a temporary
+    folder, 127.0.0.1 on a free port). Missing binaries fail the tests: CI must run them."""
+    from aitbc.pgserver import MISSING, LocalPostgres, find_bin_dir
+
+    if find_bin_dir() is None:
+        pytest.fail(MISSING, pytrace=False)
+    server = LocalPostgres().start()
+    yield server
+    server.stop()
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> str:
+    """The URL of a new, empty database on the session's server (one per test)."""
+    return postgres.create_database(f"test_{next(_databases)}")
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,8 @@ def test_precedence_defaults_toml_environment_overrides(tmp_path: Path, monkeypa
     ("max_artifact_bytes = 1073741824\n", "'max_upload_bytes_per_miner' (134217728) is below max_artifact_bytes"),
     ("max_upload_bytes_in_flight = 0\n", "'max_upload_bytes_in_flight' must be at least 1"),
     ("artifact_retention_s = -1\n", "'artifact_retention_s' must be at least 0"),
+    ('database_url = "mysql://u:pw@db/aitbc"\n', "'database_url' must be a postgresql:// URL"),
+    ('database_url = "127.0.0.1:5432"\n', "'database_url' must be a postgresql:// URL"),
 ])
 def test_bad_values_are_refused_with_the_key(tmp_path: Path, text: str, needle: str) -> None:
     f = tmp_path / "c.toml"

@@ -1,4 +1,4 @@
-"""The JobStore contract: one suite every backend passes (LMDB, memory; PostgreSQL next).
+"""The JobStore contract: one suite every backend passes (LMDB, memory, PostgreSQL).
 
 A backend subclasses JobStoreContract and provides `make` (and `reopen`, for the ones that
 persist). Nothing here knows which backend it runs on.
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from aitbc.coordinator.pgstore import PostgresJobStore
 from aitbc.coordinator.store import JobStore, LmdbJobStore, MemoryJobStore
 from aitbc.hub.reputation import MinerRecord
 from aitbc.v1 import job_pb2, receipt_pb2
@@ -225,3 +226,18 @@ class TestLmdbJobStore(JobStoreContract):
         with store.env.begin(write=True) as txn:
             txn.put(b"ef" * 32, b"old bytes", db=store._legacy_artifacts)
         assert read(store, "ef" * 32) == b"old bytes"
+
+
+class TestPostgresJobStore(JobStoreContract):
+    """On a real PostgreSQL server (tests/conftest.py `postgres`), a new database per test."""
+
+    @pytest.fixture(autouse=True)
+    def _database(self, pg_url: str) -> None:
+        self.url = pg_url
+
+    def make(self) -> JobStore:
+        return PostgresJobStore(self.url)
+
+    def reopen(self, store: JobStore) -> JobStore:
+        store.close()
+        return PostgresJobStore(self.url)

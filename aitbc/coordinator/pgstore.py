@@ -1,0 +1,462 @@
+"""The JobStore on PostgreSQL (psycopg 3): the same contract as the LMDB store, in SQL tables.
+
+`PostgresJobStore(database_url)` is what the coordinator opens when coordinator.toml sets
+`database_url` (docs/coordinator.md, "The store"). It passes tests/coordinator/test_store_contract.py
+like the LMDB and memory stores.
+
+- **Synchronous.** The coordinator calls its store from the event loop without awaiting (the LMDB
+  store is a memory-mapped file), so this store holds one synchronous connection: a statement on
+  loopback is a round trip of ~0.1 ms. An async store is the next step of issue 18, when several
+  coordinators share the database and a round trip may cross a network.
+- **One transaction per write.** `write` runs every statement in one transaction; an exception
+  anywhere in it (a bad receipt, a lost connection) rolls all of it back. Reads run in autocommit.
+- **Artifacts are bytea rows.** `artifacts` holds the record (size, expiry) and `artifact_chunks`
+  the bytes, one row per 1 MiB chunk, stored out of line without compression (they are PNGs).
+  A finished upload is streamed in a chunk at a time inside the write's transaction and its file
+  deleted; `open_artifact` returns a file that fetches one chunk at a time, so a download holds one
+  chunk, never the artifact. Deleting the record deletes the chunks (ON DELETE CASCADE) and the
+  space is reused after VACUUM. Large objects were the alternative: they outlive the rows that name
+  them unless every delete also unlinks them (vacuumlo), and need per-object permissions.
+- **Versioned schema.** aitbc/coordinator/migrations/NNNN_name.sql, applied in order at open, all
+  missing ones in one transaction under an advisory lock (two coordinators starting at once
+  migrate once); `schema_version` records each. A database at a newer version than this code knows
+  is refused with a message saying so.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import psycopg
+
+from aitbc.coordinator.store import (
+    _KEPT,
+    HELD,
+    UNSETTLED,
+    ArtifactData,
+    _check_sha,
+    _client_receipt_key,
+    _expiries,
+    _stored,
+)
+from aitbc.errors import FailedPrecondition, InvalidArgument
+from aitbc.hub.reputation import MinerRecord, ReputationStore
+from aitbc.jobs import ACTIVE
+from aitbc.v1 import job_pb2, receipt_pb2
+
+CHUNK_BYTES = 1 << 20
+SETTING = "database_url"
+_MIGRATION_LOCK = 0x61697462_63000001  # pg_advisory_xact_lock key: "aitbc" + 1 (any constant will do)
+_OWNER_LOCK = 0x61697462_63000002  # held by the one coordinator using the database (session lock)
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_PAGE = 500  # iter_receipts reads this many rows per query
+
+
+# ---- the URL: checked, shown without its password ----------------------------------------------------
+
+def check_url(url: str) -> None:
+    """Refuse what is not a PostgreSQL URL, naming the setting and never echoing the value (it may
+    hold a password)."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in ("postgresql", "postgres"):
+        shown = f"a {scheme}:// URL" if scheme else "a value that is not a URL"
+        raise InvalidArgument(f"config key {SETTING!r} must be a postgresql:// URL such as "
+                              f"postgresql://aitbc@127.0.0.1:5432/aitbc (got {shown}); leave it empty for LMDB")
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise InvalidArgument(f"config key {SETTING!r} is not a valid PostgreSQL URL: "
+                              f"{_scrub(str(exc), url)}") from None
+
+
+def display_url(url: str) -> str:
+    """user@host:port/dbname, without the password (for messages and logs)."""
+    try:
+        d = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unparsable)"
+    user = f"{d['user']}@" if d.get("user") else ""
+    port = f":{d['port']}" if d.get("port") else ""
+    return f"postgresql://{user}{d.get('host', '')}{port}/{d.get('dbname', '')}"
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
+def _scrub(message: str, url: str) -> str:
+    """The message without the URL's password (psycopg may quote the URL it could not parse)."""
+    try:
+        password = psycopg.conninfo.conninfo_to_dict(url).get("password")
+    except psycopg.ProgrammingError:
+        password = None
+    message = _URL_PASSWORD.sub(r"\1***@", message)
+    return message.replace(str(password), "***") if password else message
+
+
+def connect(url: str, *, connect_timeout_s: int = 10) -> psycopg.Connection[Any]:
+    """A connection in autocommit, or an error naming `database_url` (the password never shown)."""
+    check_url(url)
+    try:
+        return psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout_s,
+                               application_name="aitbc-coordinator")
+    except psycopg.OperationalError as exc:
+        raise FailedPrecondition(f"config key {SETTING!r}: cannot reach the database at {display_url(url)}: "
+                                 f"{_scrub(str(exc).strip(), url)}") from None
+    except psycopg.ProgrammingError as exc:
+        raise InvalidArgument(f"config key {SETTING!r} is not a valid PostgreSQL URL: "
+                              f"{_scrub(str(exc), url)}") from None
+
+
+# ---- migrations --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations(folder: str | Path | None = None) -> list[Migration]:
+    """The migrations in order (default: the package's migrations/); versions must run 1..N."""
+    root: Any = Path(folder) if folder is not None else resources.files("aitbc.coordinator") / "migrations"
+    found = []
+    for entry in root.iterdir():
+        m = _MIGRATION_NAME.match(entry.name)
+        if m:
+            found.append(Migration(int(m.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda x: x.version)
+    if [x.version for x in found] != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"migrations in {root} must be numbered 0001, 0002, ... without gaps: "
+                           f"{[x.name for x in found]}")
+    return found
+
+
+def migrate(conn: psycopg.Connection[Any], migrations: list[Migration], *, where: str = "the database") -> int:
+    """Bring the schema to the newest migration in one transaction; returns the version. A database
+    newer than the migrations is refused (a newer coordinator upgraded it)."""
+    known = migrations[-1].version if migrations else 0
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY, "
+                     "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+        have = int(row[0]) if row else 0
+        if have > known:
+            raise FailedPrecondition(
+                f"config key {SETTING!r}: {where} has schema version {have}, newer than this coordinator "
+                f"knows ({known}): a newer aitbc upgraded it; run that version, or point {SETTING} at another database")
+        for mig in migrations[have:]:
+            conn.execute(mig.sql.encode())  # several statements, no parameters: one simple query
+            conn.execute("INSERT INTO schema_version (version, name) VALUES (%s, %s)", (mig.version, mig.name))
+    return known
+
+
+# ---- the store -----------------------------------------------------------------------------------------
+
+class PostgresJobStore:
+    """Jobs, artifacts, receipts, meta and reputation in one PostgreSQL database."""
+
+    def __init__(self, url: str, *, chunk_bytes: int = CHUNK_BYTES, migrations: str | Path | None = None,
+                 connect_timeout_s: int = 10) -> None:
+        self.url = url
+        self.display_url = display_url(url)
+        self.chunk_bytes = chunk_bytes
+        self._timeout = connect_timeout_s
+        self._conn = connect(url, connect_timeout_s=connect_timeout_s)
+        self._closed = False
+        try:
+            self.schema_version = migrate(self._conn, load_migrations(migrations), where=f"the database at {self.display_url}")
+            self._own(self._conn)
+        except BaseException:
+            self._conn.close()
+            raise
+        self._reputation = PostgresReputationStore(self)
+
+    def _own(self, conn: psycopg.Connection[Any]) -> None:
+        """One coordinator per database until coordinators can share one (issue 18): a second
+        would restore and dispatch the same jobs. The lock goes with the connection (a killed
+        coordinator's backend ends and frees it)."""
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_OWNER_LOCK,)).fetchone()
+        if row and row[0]:
+            return
+        holder = conn.execute(
+            "SELECT a.pid, coalesce(host(a.client_addr), 'the local socket'), a.backend_start FROM pg_locks l "
+            "JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s LIMIT 1", (_OWNER_LOCK,)).fetchone()
+        who = f" (server pid {holder[0]}, from {holder[1]}, since {holder[2]:%Y-%m-%d %H:%M:%S %Z})" if holder else ""
+        raise FailedPrecondition(
+            f"config key {SETTING!r}: another coordinator is using the database at {self.display_url}{who}; "
+            f"one coordinator per database for now: stop it, or give this one its own database")
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        """The connection, opened again after the server dropped it (the next call after a failure)."""
+        if self._conn.closed and not self._closed:
+            conn = connect(self.url, connect_timeout_s=self._timeout)
+            try:
+                self._own(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def close(self) -> None:
+        self._closed = True
+        self._conn.close()
+
+    def reputation(self) -> ReputationStore:
+        return self._reputation
+
+    # -- write: one transaction --
+
+    def write(self, jobs: Iterable[job_pb2.Job], *, artifacts: Iterable[tuple[str, ArtifactData]] = (),
+              receipts: Iterable[tuple[job_pb2.Job, receipt_pb2.Receipt]] = ()) -> None:
+        jobs = list(jobs)
+        artifacts = list(artifacts)
+        conn = self.conn
+        try:
+            try:  # one pipeline: the statements go out together and the write waits for the server once
+                with conn.pipeline(), conn.cursor() as cur:
+                    cur.execute("BEGIN")  # not conn.transaction(): that waits for BEGIN and COMMIT apart
+                    self._statements(cur, jobs, artifacts, receipts)
+                    cur.execute("COMMIT")
+            except BaseException:
+                if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    try:
+                        conn.execute("ROLLBACK")  # a Python error half way: nothing of it stays
+                    except psycopg.Error:
+                        pass  # the connection broke too: the server rolls back; the first error is the news
+                raise
+        finally:
+            for _, data in artifacts:  # taken over, as the LMDB store moves the file in
+                if isinstance(data, Path):
+                    data.unlink(missing_ok=True)
+
+    def _statements(self, cur: psycopg.Cursor[Any], jobs: list[job_pb2.Job],
+                    artifacts: list[tuple[str, ArtifactData]],
+                    receipts: Iterable[tuple[job_pb2.Job, receipt_pb2.Receipt]]) -> None:
+        # execute() per row, not executemany(): inside a pipeline executemany syncs (waits) each time
+        for j in jobs:
+            cur.execute(_PUT_JOB, (j.job_id, j.state in ACTIVE, _stored(j)))
+            if j.request_id:
+                cur.execute(_PUT_REQUEST, (j.client_id, j.request_id, j.job_id))
+        expiries = _expiries(jobs)
+        for sha, data in artifacts:
+            # content-addressed: a stored sha256 has these bytes already, so both inserts do
+            # nothing then (ON CONFLICT); a file is looked up first, not to send its bytes again
+            if isinstance(data, Path) and cur.execute("SELECT 1 FROM artifacts WHERE sha256 = %s",
+                                                      (sha,)).fetchone() is not None:
+                continue
+            until, job_id = expiries.get(sha, (_KEPT, ""))
+            size = data.stat().st_size if isinstance(data, Path) else len(data)
+            cur.execute("INSERT INTO artifacts (sha256, size, chunk_bytes, expires_at_ms, job_id) "
+                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (sha256) DO NOTHING",
+                        (_check_sha(sha), size, self.chunk_bytes, until, job_id))
+            self._put_chunks(cur, sha, data)
+        # jobs naming stored artifacts extend them (for one inserted above, the same expiry: no-op)
+        for sha, (until, job_id) in expiries.items():
+            cur.execute("UPDATE artifacts SET expires_at_ms = %s, job_id = %s WHERE sha256 = %s "
+                        "AND expires_at_ms <> 0 AND (%s = 0 OR %s > expires_at_ms)",
+                        (until, job_id, sha, until, until))
+        for j, r in receipts:
+            cur.execute(_PUT_RECEIPT, (r.receipt_hash, *_receipt_columns(r)))
+            cur.execute(_PUT_CLIENT_RECEIPT, (_client_receipt_key(j), j.client_id, r.receipt_hash))
+
+    def _put_chunks(self, cur: psycopg.Cursor[Any], sha: str, data: ArtifactData) -> None:
+        sql = "INSERT INTO artifact_chunks (sha256, n, data) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
+        if isinstance(data, Path):
+            with open(data, "rb") as f:  # one chunk in memory at a time
+                n = 0
+                while chunk := f.read(self.chunk_bytes):
+                    cur.execute(sql, (sha, n, chunk))
+                    n += 1
+            return
+        view = memoryview(data)
+        for n, off in enumerate(range(0, len(view), self.chunk_bytes)):
+            cur.execute(sql, (sha, n, view[off:off + self.chunk_bytes]))
+
+    # -- artifacts --
+
+    def open_artifact(self, sha256_hex: str) -> BinaryIO | None:
+        row = self.conn.execute("SELECT size, chunk_bytes FROM artifacts WHERE sha256 = %s", (sha256_hex,)).fetchone()
+        if row is None:
+            return None
+        raw = _ArtifactReader(self, sha256_hex, int(row[0]), int(row[1]))
+        return cast(BinaryIO, io.BufferedReader(raw, buffer_size=max(io.DEFAULT_BUFFER_SIZE, min(int(row[1]), 1 << 20))))
+
+    def _chunk(self, sha: str, n: int) -> bytes | None:
+        row = self.conn.execute("SELECT data FROM artifact_chunks WHERE sha256 = %s AND n = %s", (sha, n)).fetchone()
+        return bytes(row[0]) if row is not None else None
+
+    def expired_artifacts(self, now_ms: int, limit: int) -> list[tuple[str, str]]:
+        rows = self.conn.execute(
+            "SELECT sha256, job_id FROM artifacts WHERE expires_at_ms <> 0 AND expires_at_ms <= %s "
+            "ORDER BY expires_at_ms, sha256 LIMIT %s", (now_ms, limit)).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def keep_artifact(self, sha256_hex: str, until_ms: int) -> None:
+        self.conn.execute("UPDATE artifacts SET expires_at_ms = %s WHERE sha256 = %s AND expires_at_ms <> 0 "
+                          "AND (%s = 0 OR %s > expires_at_ms)", (until_ms, sha256_hex, until_ms, until_ms))
+
+    def delete_artifacts(self, shas: Iterable[str]) -> None:
+        shas = list(shas)
+        if shas:
+            self.conn.execute("DELETE FROM artifacts WHERE sha256 = ANY(%s)", (shas,))  # chunks cascade
+
+    # -- jobs --
+
+    def get_job(self, job_id: str) -> job_pb2.Job | None:
+        row = self.conn.execute("SELECT body FROM jobs WHERE job_id = %s", (job_id,)).fetchone()
+        return job_pb2.Job.FromString(row[0]) if row is not None else None
+
+    def active_jobs(self) -> list[job_pb2.Job]:
+        rows = self.conn.execute("SELECT body FROM jobs WHERE active ORDER BY job_id").fetchall()
+        return [job_pb2.Job.FromString(r[0]) for r in rows]
+
+    def job_for_request(self, client_id: str, request_id: str) -> str | None:
+        row = self.conn.execute("SELECT job_id FROM requests WHERE client_id = %s AND request_id = %s",
+                                (client_id, request_id)).fetchone()
+        return row[0] if row is not None else None
+
+    # -- receipts --
+
+    def get_receipt(self, receipt_hash: str) -> receipt_pb2.Receipt | None:
+        row = self.conn.execute("SELECT body FROM receipts WHERE receipt_hash = %s", (receipt_hash,)).fetchone()
+        return receipt_pb2.Receipt.FromString(row[0]) if row is not None else None
+
+    def update_receipt(self, receipt: receipt_pb2.Receipt) -> None:
+        self.conn.execute(_PUT_RECEIPT, (receipt.receipt_hash, *_receipt_columns(receipt)))
+
+    def held_receipts(self) -> list[receipt_pb2.Receipt]:
+        """Receipts whose MINT waits for a verification by re-execution."""
+        rows = self.conn.execute("SELECT body FROM receipts WHERE held ORDER BY receipt_hash").fetchall()
+        return [receipt_pb2.Receipt.FromString(r[0]) for r in rows]
+
+    def unsettled_receipts(self) -> list[receipt_pb2.Receipt]:
+        """Receipts whose MINT is not final yet (or not yet accepted), in receipt-hash order."""
+        rows = self.conn.execute("SELECT body FROM receipts WHERE unsettled ORDER BY receipt_hash").fetchall()
+        return [receipt_pb2.Receipt.FromString(r[0]) for r in rows]
+
+    def iter_receipts(self) -> Iterator[receipt_pb2.Receipt]:
+        after = ""  # pages by key: no transaction or cursor held open between the caller's steps
+        while True:
+            rows = self.conn.execute("SELECT receipt_hash, body FROM receipts WHERE receipt_hash > %s "
+                                     "ORDER BY receipt_hash LIMIT %s", (after, _PAGE)).fetchall()
+            for _, body in rows:
+                yield receipt_pb2.Receipt.FromString(body)
+            if len(rows) < _PAGE:
+                return
+            after = rows[-1][0]
+
+    def client_receipts(self, client_id: str, *, before: bytes | None,
+                        limit: int) -> tuple[list[receipt_pb2.Receipt], bytes | None]:
+        sql = ("SELECT c.key, r.body FROM client_receipts c JOIN receipts r USING (receipt_hash) "
+               "WHERE c.client_id = %s" + (" AND c.key < %s" if before is not None else "") +
+               " ORDER BY c.key DESC LIMIT %s")
+        args = (client_id, before, limit) if before is not None else (client_id, limit)
+        rows = self.conn.execute(sql, args).fetchall()
+        page = [receipt_pb2.Receipt.FromString(r[1]) for r in rows]
+        return page, (bytes(rows[-1][0]) if rows and len(rows) == limit else None)
+
+    # -- meta --
+
+    def get_meta(self, key: str) -> bytes | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = %s", (key,)).fetchone()
+        return bytes(row[0]) if row is not None else None
+
+    def put_meta(self, key: str, value: bytes) -> None:
+        self.conn.execute("INSERT INTO meta (key, value) VALUES (%s, %s) "
+                          "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (key, bytes(value)))
+
+    def delete_meta(self, key: str) -> None:
+        self.conn.execute("DELETE FROM meta WHERE key = %s", (key,))
+
+    def meta_items(self, prefix: str) -> list[tuple[str, bytes]]:
+        rows = self.conn.execute("SELECT key, value FROM meta WHERE key >= %s AND starts_with(key, %s) "
+                                 "ORDER BY key", (prefix, prefix)).fetchall()
+        return [(r[0], bytes(r[1])) for r in rows]
+
+
+_PUT_JOB = ("INSERT INTO jobs (job_id, active, body) VALUES (%s, %s, %s) "
+            "ON CONFLICT (job_id) DO UPDATE SET active = EXCLUDED.active, body = EXCLUDED.body")
+_PUT_REQUEST = ("INSERT INTO requests (client_id, request_id, job_id) VALUES (%s, %s, %s) "
+                "ON CONFLICT (client_id, request_id) DO UPDATE SET job_id = EXCLUDED.job_id")
+_PUT_CLIENT_RECEIPT = ("INSERT INTO client_receipts (key, client_id, receipt_hash) VALUES (%s, %s, %s) "
+                       "ON CONFLICT (key) DO UPDATE SET receipt_hash = EXCLUDED.receipt_hash")
+_PUT_RECEIPT = ("INSERT INTO receipts (receipt_hash, held, unsettled, body) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (receipt_hash) DO UPDATE SET held = EXCLUDED.held, unsettled = EXCLUDED.unsettled, "
+                "body = EXCLUDED.body")
+
+
+def _receipt_columns(receipt: receipt_pb2.Receipt) -> tuple[bool, bool, bytes]:
+    state = receipt.settlement.state
+    return state == HELD, state in UNSETTLED, receipt.SerializeToString(deterministic=True)
+
+
+class _ArtifactReader(io.RawIOBase):
+    """An artifact's bytes fetched a chunk (one row) at a time; holds at most one chunk."""
+
+    def __init__(self, store: PostgresJobStore, sha: str, size: int, chunk_bytes: int) -> None:
+        self._store, self._sha, self._size, self._chunk_bytes = store, sha, size, chunk_bytes
+        self._pos = 0
+        self._n = -1
+        self._data = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        if self._pos >= self._size:
+            return 0
+        n, off = divmod(self._pos, self._chunk_bytes)
+        if n != self._n:
+            data = self._store._chunk(self._sha, n)
+            if data is None:
+                raise OSError(f"artifact {self._sha} was deleted while it was being read")
+            self._n, self._data = n, memoryview(data)
+        out = memoryview(buffer).cast("B")
+        take = min(len(out), len(self._data) - off)
+        if take <= 0:
+            raise OSError(f"artifact {self._sha} is shorter than its record ({self._size} bytes)")
+        out[:take] = self._data[off:off + take]
+        self._pos += take
+        return take
+
+
+class PostgresReputationStore:
+    """hub.reputation.ReputationStore in the coordinator's database (table `reputation`)."""
+
+    def __init__(self, store: PostgresJobStore) -> None:
+        self._store = store
+
+    def get(self, miner_id: str) -> MinerRecord | None:
+        row = self._store.conn.execute("SELECT record FROM reputation WHERE miner_id = %s", (miner_id,)).fetchone()
+        return MinerRecord.from_bytes(bytes(row[0])) if row is not None else None
+
+    def put(self, record: MinerRecord) -> None:
+        self._store.conn.execute("INSERT INTO reputation (miner_id, record) VALUES (%s, %s) "
+                                 "ON CONFLICT (miner_id) DO UPDATE SET record = EXCLUDED.record",
+                                 (record.miner_id, record.to_bytes()))
+
+    def all(self) -> list[MinerRecord]:
+        rows = self._store.conn.execute("SELECT record FROM reputation ORDER BY miner_id").fetchall()
+        return [MinerRecord.from_bytes(bytes(r[0])) for r in rows]

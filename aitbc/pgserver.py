@@ -1,0 +1,150 @@
+"""A throwaway local PostgreSQL server: initdb + pg_ctl in a folder, on loopback only.
+
+Tests and benchmarks start one (the coordinator's PostgreSQL store runs against a real server,
+never a mock); `aitbc devnet --postgres` (issue 18) will too. The binaries come from PATH or
+Debian's /usr/lib/postgresql/<version>/bin (`make test` installs the `postgresql` package where
+they are missing). Authentication is `trust`, for the unix socket in the folder and 127.0.0.1
+only; the server listens on 127.0.0.1 alone.
+
+PostgreSQL refuses to run as root: under root the server runs as the `postgres` user (the one
+Debian's package creates) or `nobody`, and the folder is handed to that user.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MISSING = ("no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin: "
+           "run `make test`, which installs Debian's postgresql package (as root), or install it yourself "
+           "(apt-get install postgresql)")
+
+
+def find_bin_dir(path: str | None = None, debian_root: str = "/usr/lib/postgresql") -> Path | None:
+    """The folder holding initdb and pg_ctl: PATH (or `path`) first, then the newest
+    <debian_root>/<version>/bin. None: no server installed."""
+    found = shutil.which("initdb", path=path)
+    if found and shutil.which("pg_ctl", path=path):
+        return Path(found).resolve().parent
+    candidates = [Path(p).parent for p in glob.glob(f"{glob.escape(debian_root)}/*/bin/initdb")]
+    candidates = [d for d in candidates if (d / "pg_ctl").exists()]
+
+    def version(d: Path) -> tuple[int, ...]:
+        return tuple(int(x) for x in d.parent.name.split(".") if x.isdigit())
+
+    return max(candidates, key=version) if candidates else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_as() -> pwd.struct_passwd | None:
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise RuntimeError("PostgreSQL cannot run as root and neither a 'postgres' nor a 'nobody' user exists")
+
+
+@dataclass
+class LocalPostgres:
+    """One server: `start()`, then `url(dbname)` / `create_database(name)`, and `stop()`."""
+
+    folder: Path | None = None  # None: a new temporary folder, deleted by stop()
+    superuser: str = "aitbc"
+    durable: bool = False  # False: fsync off (tests, benchmarks of the store's own cost); True: the defaults
+    port: int = 0
+    bin_dir: Path | None = None
+    _owned: bool = field(default=False, repr=False)
+    _user: pwd.struct_passwd | None = field(default=None, repr=False)
+
+    @property
+    def data(self) -> Path:
+        assert self.folder is not None
+        return self.folder / "data"
+
+    @property
+    def socket_dir(self) -> Path:
+        assert self.folder is not None
+        return self.folder / "sock"
+
+    def _cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        assert self.bin_dir is not None
+        kwargs = {}
+        if self._user is not None:
+            kwargs = {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
+        return subprocess.run([str(self.bin_dir / args[0]), *args[1:]], capture_output=True, text=True,
+                              check=check, cwd="/", **kwargs)  # type: ignore[call-overload]
+
+    def start(self) -> LocalPostgres:
+        self.bin_dir = self.bin_dir or find_bin_dir()
+        if self.bin_dir is None:
+            raise FileNotFoundError(MISSING)
+        self._user = _run_as()
+        if self.folder is None:
+            self.folder, self._owned = Path(tempfile.mkdtemp(prefix="aitbc-pg-")), True
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.socket_dir.mkdir(mode=0o700, exist_ok=True)
+        if self._user is not None:
+            for p in (self.folder, self.socket_dir):
+                os.chown(p, self._user.pw_uid, self._user.pw_gid)
+        if not (self.data / "PG_VERSION").exists():
+            try:
+                self._cmd("initdb", "-D", str(self.data), "-U", self.superuser, "--auth=trust", "-E", "UTF8",
+                          "--locale=C", *([] if self.durable else ["--no-sync"]))
+            except subprocess.CalledProcessError as exc:
+                raise RuntimeError(f"initdb failed: {exc.stderr.strip() or exc.stdout.strip()}") from None
+            # trust on the folder's socket and 127.0.0.1 only (initdb's default also trusts ::1)
+            (self.data / "pg_hba.conf").write_text(
+                "local all all trust\nhost all all 127.0.0.1/32 trust\n")
+        last = ""
+        for _ in range(3):  # a port taken between free_port() and the bind: try another
+            port = self.port or free_port()
+            opts = [f"-p {port}", "-c listen_addresses=127.0.0.1", f"-k {self.socket_dir}"]
+            if not self.durable:
+                opts += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+            res = self._cmd("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l",
+                            str(self.folder / "server.log"), "-o", " ".join(opts), check=False)
+            if res.returncode == 0:
+                self.port = port
+                return self
+            last = (self.folder / "server.log").read_text()[-2000:] if (self.folder / "server.log").exists() else res.stderr
+            if self.port:
+                break
+        raise RuntimeError(f"PostgreSQL did not start: {last.strip()}")
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://{self.superuser}@127.0.0.1:{self.port}/{dbname}"
+
+    def create_database(self, name: str) -> str:
+        """A new empty database; returns its URL."""
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        if self.bin_dir is not None and self.folder is not None and (self.data / "postmaster.pid").exists():
+            self._cmd("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w", check=False)
+        if self._owned and self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> LocalPostgres:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
