@@ -719,13 +719,12 @@ def cmd_explorer(args: argparse.Namespace) -> int:
     from aitbc.clients.wallet_cli import resolve_ledger
     from aitbc.explorer.app import run_explorer
 
-    ep = devnet_endpoints(None) if not (args.coordinator and args.api_key) else {}
+    ep = devnet_endpoints(None) if not args.coordinator else {}
     coordinator = args.coordinator or os.environ.get("AITBC_COORDINATOR") or ep.get("coordinator", "")
-    api_key = args.api_key or os.environ.get("AITBC_API_KEY") or ep.get("api_key", "")
     data_dir = args.data_dir or str(Path(os.environ.get("AITBC_HOME", "~/.aitbc")).expanduser() / "explorer")
     try:
         asyncio.run(run_explorer(resolve_ledger(args.ledger), args.listen, data_dir, coordinator=coordinator,
-                                 api_key=api_key, port_file=args.port_file or "", public=args.public))
+                                 port_file=args.port_file or "", public=args.public))
     except KeyboardInterrupt:
         pass
     return 0
@@ -1012,8 +1011,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "127.0.0.1:26657)")
     p.add_argument("--coordinator", help="coordinator host:port for the market page (default: $AITBC_COORDINATOR, "
                    "else the running devnet's)")
-    p.add_argument("--api-key", help="an API key the market page reads ListModels/ListMiners with (default: "
-                   "$AITBC_API_KEY, else the running devnet's)")
     p.add_argument("--listen", default="127.0.0.1:18080", help="host:port to serve on (default 127.0.0.1:18080)")
     p.add_argument("--data-dir", help="where the explorer keeps its index (default: $AITBC_HOME/explorer)")
     p.add_argument("--port-file", help="write the bound port here once serving")

@@ -265,11 +265,9 @@ class Devnet:
             Child("miner", [*cli, "miner", "--config", str(d / "miner.toml")], d / "logs" / "miner.log"),
             Child("wallet", [*cli, "wallet-daemon", "--listen", str(state["wallet"]), "--keystore-dir",
                              str(d / "wallets"), "--ledger", str(state["ledger"])], d / "logs" / "wallet.log"),
-            # the API key goes in the environment, not on the command line (other users see argv)
             Child("explorer", [*cli, "explorer", "--ledger", str(state["ledger"]), "--coordinator",
                                str(state["coordinator"]), "--listen", str(state["explorer"]), "--data-dir",
-                               str(d / "explorer")], d / "logs" / "explorer.log",
-                  env={"AITBC_API_KEY": str(state["api_key"])}),
+                               str(d / "explorer")], d / "logs" / "explorer.log"),
         ]
         metrics_on = os.environ.get("AITBC_METRICS_LISTEN", "").strip().lower() not in ("off", "none")
         for child in self.children:

@@ -23,7 +23,8 @@ from aitbc.coordinator import Coordinator, fees
 from aitbc.coordinator.clock import Clock
 from aitbc.coordinator.settlement import Settlement
 from aitbc.coordinator.store import JobStore, LmdbJobStore
-from aitbc.errors import FailedPrecondition, InvalidArgument
+from aitbc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from aitbc.limits import TokenBucket
 from aitbc.rpc import CHUNK_BYTES, RunningServer, Service, handle_errors, start_server
 from aitbc.v1 import (
     coordinator_pb2,
@@ -174,6 +175,35 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.GenerateImageResponse(job=job, receipt=job.receipt, image=image)
 
 
+MARKET_RATE_PER_S = 5.0  # GetMarket calls per second per calling host (public: no API key)
+MARKET_BURST = 20
+MARKET_HOSTS = 4096  # hosts remembered at once; full buckets are forgotten first
+
+
+class MarketServicer(coordinator_pb2_grpc.MarketServiceServicer):
+    """The public market (no API key): bounded per calling host, like every public read."""
+
+    def __init__(self, core: Coordinator) -> None:
+        self.core = core
+        self.buckets: dict[str, TokenBucket] = {}
+
+    @handle_errors
+    async def GetMarket(self, request: coordinator_pb2.GetMarketRequest, context: Any) -> coordinator_pb2.GetMarketResponse:
+        host = rpc.caller_host(context)
+        bucket = self.buckets.get(host)
+        if bucket is None:
+            if len(self.buckets) >= MARKET_HOSTS:
+                for k in [k for k, b in self.buckets.items() if b.wait_s() == 0.0 and b.tokens >= b.burst] or \
+                        list(self.buckets)[:1]:
+                    del self.buckets[k]
+            bucket = self.buckets[host] = TokenBucket(MARKET_RATE_PER_S, MARKET_BURST, self.core.clock)
+        wait = bucket.take()
+        if wait:
+            raise ResourceExhausted(f"GetMarket is limited to {MARKET_RATE_PER_S:g} calls/s per host (burst "
+                                    f"{MARKET_BURST}): retry in {wait * 1000:.0f} ms", retry_after_s=wait)
+        return self.core.market()
+
+
 class MinerGatewayServicer(miner_pb2_grpc.MinerServiceServicer):
     def __init__(self, core: Coordinator) -> None:
         self.core = core
@@ -300,6 +330,8 @@ async def start_coordinator(config: CoordinatorConfig, *, clock: Clock | None = 
                 coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name),
         Service(miner_pb2_grpc.add_MinerServiceServicer_to_server, MinerGatewayServicer(core),
                 miner_pb2.DESCRIPTOR.services_by_name["MinerService"].full_name),
+        Service(coordinator_pb2_grpc.add_MarketServiceServicer_to_server, MarketServicer(core),
+                coordinator_pb2.DESCRIPTOR.services_by_name["MarketService"].full_name),
     ], options=rpc.UPLOAD_SERVER_OPTIONS)
     proc = CoordinatorProcess(running, core, [asyncio.create_task(core.run_housekeeping()),
                                               asyncio.create_task(_return_freed_memory()),

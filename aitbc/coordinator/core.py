@@ -18,6 +18,7 @@ thin layer over it. docs/coordinator.md describes the states, events and instruc
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -66,6 +67,7 @@ REPUTATION_STEP = 0.01
 SERVED_META = "served_models"  # the models served lately (MinerRegistry.served_record), kept across restarts
 QUOTE_META = "quote:"  # quote id -> "job id expires_at": each quote pays for one job (pruned once expired)
 QUOTE_PRUNE_S = 60.0
+MARKET_FILLS = 100  # completed jobs GetMarket shows (nothing in them names a client, a prompt or a job)
 MAX_STAKES_SHOWN = 4096  # stake figures kept for ListMiners (pruned to the connected miners beyond 4x this)
 SERVED_SAVE_S = 10.0  # while miners are connected, how often that record is refreshed (a kill -9 loses less)
 
@@ -104,6 +106,7 @@ class Coordinator:
         # that holds the escrow (set by the server when a ledger is configured; None: free jobs only)
         self.reservations = fees.Reservations()
         self.stakes: dict[str, int] = {}  # miner -> its stake as last read (ListMiners shows it)
+        self.fills: collections.deque[coordinator_pb2.Fill] = collections.deque(maxlen=MARKET_FILLS)  # GetMarket
         self.chain: fees.LedgerView | None = None
         self.receipts.closed_listeners.append(lambda rec: self.reservations.release(rec.body.job_id))
         self.verifier = Verifier(store, self.receipts, self.book, rate=config.verify_rate,
@@ -216,6 +219,11 @@ class Coordinator:
             return
         if to != S.JOB_STATE_COMPLETED and job.fee:  # not charged: a completed job's reservation ends with
             self.reservations.release(job.job_id)  # its SETTLE (final or refused: ReceiptBook.closed_listeners)
+        if to == S.JOB_STATE_COMPLETED and job.receipt_hash and not job.verify_of:
+            self.fills.appendleft(coordinator_pb2.Fill(
+                model=job.model, unit_type=job.unit_type, units=job.units, price_per_unit=job.price_per_unit,
+                fee=job.fee, duration_ms=max(0, job.finished_at_unix_ms - (job.started_at_unix_ms or job.created_at_unix_ms)),
+                finished_at_unix_ms=job.finished_at_unix_ms, miner_id=job.miner_id))
         if to == S.JOB_STATE_COMPLETED and not job.shard_job_ids:  # a split job's shards count themselves
             metrics.JOB_DURATION.labels(model=job.model).observe(max(0, self.time.now_ms() - job.created_at_unix_ms) / 1000)
             if job.gpu_ms:
@@ -906,6 +914,50 @@ class Coordinator:
             st.quarantined, st.probation_left = rec.quarantined, rec.probation_left
             st.staked = self.stakes.get(miner_id, 0)
         return sorted(out.values(), key=lambda s: (not s.connected, -s.reputation, s.miner_id))
+
+    def market(self) -> coordinator_pb2.GetMarketResponse:
+        """The public market (MarketService): offers, demand per model, recent fills. Built from
+        what the machine, the registry and the reputation book hold; names no client or job."""
+        out = coordinator_pb2.GetMarketResponse(queued=self.machine.queued(), at_unix_ms=self.time.now_ms())
+        out.recent_fills.extend(self.fills)
+        models: dict[str, coordinator_pb2.ModelMarket] = {}
+        for served in self.registry.list_models():
+            models[served.name] = coordinator_pb2.ModelMarket(name=served.name, kind=served.kind)
+        for conn in self.registry.miners.values():
+            view = self.machine.view(conn.miner_id) or self._view(conn)
+            free = max(0, view.max_concurrency - view.running)
+            rec = self.book.snapshot(conn.miner_id)
+            if rec.quarantined:
+                continue  # not an offer: no work goes to it
+            out.offers.add(miner_id=conn.miner_id, models=sorted(conn.info.models), price_per_unit=view.price_per_unit,
+                           max_concurrency=view.max_concurrency, free_slots=free, reputation=rec.reputation,
+                           device_class=view.device_class, staked=self.stakes.get(conn.miner_id, 0),
+                           jobs_served=rec.jobs_served, verifications_passed=rec.verifications_passed,
+                           verifications_failed=rec.verifications_failed)
+            for name in conn.info.models:
+                mm = models.setdefault(name, coordinator_pb2.ModelMarket(name=name))
+                mm.min_price_per_unit = view.price_per_unit if not mm.miners else min(mm.min_price_per_unit,
+                                                                                       view.price_per_unit)
+                mm.max_price_per_unit = max(mm.max_price_per_unit, view.price_per_unit)
+                mm.miners += 1
+                mm.slots += view.max_concurrency
+                mm.free_slots += free
+        for job_id in self.machine.queue:
+            rec = self.machine.records.get(job_id)
+            if rec is None or rec.job.state != S.JOB_STATE_QUEUED or rec.job.verify_of:
+                continue
+            mm = models.setdefault(rec.job.model, coordinator_pb2.ModelMarket(name=rec.job.model))
+            mm.queued += 1
+            if rec.rate:
+                mm.queued_paid += 1
+                mm.best_fee_per_unit_micro = max(mm.best_fee_per_unit_micro, rec.rate)
+        for name, mm in models.items():
+            q = self.machine.service.quantiles(name)
+            if q is not None:
+                mm.service_p50_ms = round(q[0] * 1000)
+        out.models.extend(sorted(models.values(), key=lambda m: m.name))
+        out.offers.sort(key=lambda o: (o.price_per_unit, o.miner_id))
+        return out
 
     # ---- housekeeping ---------------------------------------------------------------------------------
 

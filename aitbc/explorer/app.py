@@ -44,11 +44,10 @@ def _static(name: str) -> bytes:
 
 
 class Explorer:
-    def __init__(self, ledger: str, index_dir: str | Path, *, coordinator: str = "", api_key: str = "") -> None:
+    def __init__(self, ledger: str, index_dir: str | Path, *, coordinator: str = "") -> None:
         self.ledger = LedgerClient(ledger, timeout=5.0)
         self.index = ExplorerIndex(index_dir)
         self.coordinator = coordinator
-        self.api_key = api_key
         self.viewers: set[asyncio.Queue[dict[str, Any]]] = set()
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -84,15 +83,20 @@ class Explorer:
     async def home(self, request: web.Request) -> web.Response:
         head = await self.ledger.stub.GetHead(ledger_pb2.GetHeadRequest(), timeout=5)
         rows = []
+        blocks_seen: list[tuple[int, int]] = []
         top = head.head.height
         for h in range(top, max(0, top - PAGE_BLOCKS), -1):
             b = (await self.ledger.stub.GetBlock(ledger_pb2.GetBlockRequest(height=h), timeout=5)).block
             rows.append(_block_row(_block_summary(b.header, b.final)))
+            blocks_seen.append((h, b.header.timestamp_ms))
         supply = ""
         with contextlib.suppress(grpc.aio.AioRpcError):
             s = await self.ledger.stub.GetSupply(ledger_pb2.GetSupplyRequest(), timeout=5)
             supply = (f"<p>Supply {s.supply:,} (minted {s.minted:,}, burned {s.burned:,}); staked {s.staked:,}, "
                       f"unbonding {s.unbonding:,}, escrowed {s.escrowed:,}</p>")
+        times = [r[1] for r in blocks_seen]
+        gaps = [(a - b) / 1000 for a, b in zip(times, times[1:], strict=False)][::-1]
+        supply += f"<div class='charts'>{_line(gaps, 'seconds between the latest blocks')}</div>"
         body = (f"<p>Chain <b>{esc(head.chain_id)}</b>, head <a href='/block/{top}'>{top}</a>, final "
                 f"{head.finalized_height}, {len(head.authorities)} authorities, blocks every "
                 f"{head.block_time_ms / 1000:g} s.</p>{supply}"
@@ -216,28 +220,43 @@ class Explorer:
     async def market(self, request: web.Request) -> web.Response:
         if not self.coordinator:
             return _page("Market", "<p>This explorer was started without --coordinator: no market data.</p>")
-        md = (("x-api-key", self.api_key),) if self.api_key else ()
-        async with rpc.channel(self.coordinator) as ch:
-            stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
+        async with rpc.channel(self.coordinator) as ch:  # MarketService is public: no API key
             try:
-                models = (await stub.ListModels(coordinator_pb2.ListModelsRequest(), metadata=md, timeout=5)).models
-                miners = (await stub.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=md, timeout=5)).miners
+                m = await coordinator_pb2_grpc.MarketServiceStub(ch).GetMarket(coordinator_pb2.GetMarketRequest(),
+                                                                             timeout=5)
             except grpc.aio.AioRpcError as exc:
-                return _page("Market", f"<p>The coordinator answered {esc(exc.code().name)}: {esc(exc.details() or '')}</p>")
+                return _page("Market", f"<p>The coordinator answered {esc(exc.code().name)}: {esc(exc.details() or '')}</p>",
+                             status=503)
+        kind = lambda k: esc(job_pb2.ModelKind.Name(k).removeprefix("MODEL_KIND_").lower()) if k else "-"  # noqa: E731
         mrows = "".join(
-            f"<tr><td>{esc(m.name)}</td><td>{esc(job_pb2.ModelKind.Name(m.kind).removeprefix('MODEL_KIND_').lower())}"
-            f"</td><td>{m.miners}</td><td>{m.min_price_per_unit}</td></tr>" for m in models)
-        rows = "".join(
-            f"<tr><td>{_addr(m.miner_id)}</td><td>{'connected' if m.connected else 'offline'}</td>"
-            f"<td>{esc(', '.join(m.models))}</td><td>{m.price_per_unit}</td><td>{m.running}/{m.max_concurrency}</td>"
-            f"<td>{m.reputation:.2f}</td><td>{m.jobs_served}</td><td>{m.verifications_passed}/"
-            f"{m.verifications_passed + m.verifications_failed}</td><td>{m.staked:,}</td>"
-            f"<td>{esc(m.device or '-')}</td></tr>" for m in miners)
-        body = ("<h2>Models</h2><table><thead><tr><th>model</th><th>kind</th><th>miners</th><th>from (per unit)</th>"
-                f"</tr></thead><tbody>{mrows}</tbody></table><h2>Miners (offers)</h2><table id='miners'><thead><tr>"
-                "<th>miner</th><th>state</th><th>models</th><th>price/unit</th><th>load</th><th>reputation</th>"
-                "<th>served</th><th>verified ok</th><th>stake</th><th>device</th></tr></thead>"
-                f"<tbody>{rows}</tbody></table>")
+            f"<tr><td>{esc(x.name)}</td><td>{kind(x.kind)}</td><td>{x.miners}</td><td>{x.free_slots}/{x.slots}</td>"
+            f"<td>{x.min_price_per_unit}-{x.max_price_per_unit}</td><td>{x.queued}</td><td>{x.queued_paid}</td>"
+            f"<td>{x.best_fee_per_unit_micro / 1e6:g}</td>"
+            f"<td>{f'{x.service_p50_ms / 1000:.2f} s' if x.service_p50_ms else '-'}</td></tr>"
+            for x in m.models)
+        orows = "".join(
+            f"<tr><td>{_addr(o.miner_id)}</td><td>{esc(', '.join(o.models))}</td><td>{o.price_per_unit}</td>"
+            f"<td>{o.free_slots}/{o.max_concurrency}</td><td>{o.reputation:.2f}</td><td>{o.jobs_served}</td>"
+            f"<td>{o.verifications_passed}/{o.verifications_passed + o.verifications_failed}</td><td>{o.staked:,}</td>"
+            f"<td>{esc(o.device_class or '-')}</td></tr>" for o in m.offers)
+        frows = "".join(
+            f"<tr><td>{_time(f.finished_at_unix_ms)}</td><td>{esc(f.model)}</td><td>{f.units} {esc(f.unit_type)}</td>"
+            f"<td>{f.price_per_unit}</td><td>{f.fee}</td><td>{f.duration_ms / 1000:.2f} s</td><td>{_addr(f.miner_id)}</td>"
+            "</tr>" for f in m.recent_fills[:25])
+        per_minute = _per_minute([f.finished_at_unix_ms for f in m.recent_fills], m.at_unix_ms, 30)
+        prices = [float(f.price_per_unit) for f in reversed(m.recent_fills)]
+        body = (f"<p>{m.queued} jobs queued; {len(m.offers)} miners offering.</p>"
+                f"<div class='charts'>{_bars(per_minute, 'jobs per minute, last 30 min')}"
+                f"{_line(prices, 'price per unit of the last fills')}</div>"
+                "<h2>Models: supply and demand</h2><table id='models'><thead><tr><th>model</th><th>kind</th>"
+                "<th>miners</th><th>free slots</th><th>price/unit</th><th>queued</th><th>paid</th>"
+                f"<th>best fee/unit</th><th>service p50</th></tr></thead><tbody>{mrows}</tbody></table>"
+                "<h2>Offers</h2><table id='miners'><thead><tr><th>miner</th><th>models</th><th>price/unit</th>"
+                "<th>free</th><th>reputation</th><th>served</th><th>verified ok</th><th>stake</th><th>device</th>"
+                f"</tr></thead><tbody>{orows}</tbody></table>"
+                "<h2>Recent fills</h2><table id='fills'><thead><tr><th>finished</th><th>model</th><th>units</th>"
+                "<th>price/unit</th><th>fee</th><th>took</th><th>miner</th></tr></thead>"
+                f"<tbody>{frows}</tbody></table>")
         return _page("Market", body)
 
     async def search(self, request: web.Request) -> web.Response:
@@ -371,6 +390,37 @@ def _time(ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d} UTC"
 
 
+def _per_minute(times_ms: list[int], now_ms: int, minutes: int) -> list[float]:
+    out = [0.0] * minutes
+    for t in times_ms:
+        age = (now_ms - t) // 60_000
+        if 0 <= age < minutes:
+            out[minutes - 1 - age] += 1
+    return out
+
+
+def _bars(values: list[float], title: str) -> str:
+    """A small bar chart as inline SVG (drawn on the server: no script, no CDN)."""
+    w, h, top = 300, 80, max(values, default=0) or 1
+    bw = w / max(1, len(values))
+    bars = "".join(f"<rect x='{i * bw:.1f}' y='{h - v / top * h:.1f}' width='{max(1.0, bw - 1):.1f}' "
+                   f"height='{v / top * h:.1f}'/>" for i, v in enumerate(values))
+    return (f"<figure><svg viewBox='0 0 {w} {h}' width='{w}' height='{h}' role='img' aria-label='{esc(title)}'>"
+            f"{bars}</svg><figcaption>{esc(title)} (max {top:g})</figcaption></figure>")
+
+
+def _line(values: list[float], title: str) -> str:
+    w, h = 300, 80
+    if len(values) < 2:
+        return f"<figure><svg viewBox='0 0 {w} {h}' width='{w}' height='{h}'></svg><figcaption>{esc(title)}: not enough data yet</figcaption></figure>"
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1
+    pts = " ".join(f"{i / (len(values) - 1) * w:.1f},{h - 4 - (v - lo) / span * (h - 8):.1f}" for i, v in enumerate(values))
+    return (f"<figure><svg viewBox='0 0 {w} {h}' width='{w}' height='{h}' role='img' aria-label='{esc(title)}'>"
+            f"<polyline fill='none' stroke-width='2' points='{pts}'/></svg><figcaption>{esc(title)} "
+            f"({lo:g} to {hi:g})</figcaption></figure>")
+
+
 class Safe(str):
     """HTML this module built (escaping what it put in); everything else a page shows is escaped."""
 
@@ -396,7 +446,7 @@ def _page(title: str, body: str, *, status: int = 200) -> web.Response:
     return web.Response(text=doc, content_type="text/html", status=status)
 
 
-async def run_explorer(ledger: str, listen: str, data_dir: str | Path, *, coordinator: str = "", api_key: str = "",
+async def run_explorer(ledger: str, listen: str, data_dir: str | Path, *, coordinator: str = "",
                        port_file: str = "", public: bool = False) -> None:
     """Serve until cancelled (SIGINT/SIGTERM in the CLI). Plain HTTP: beyond loopback only with
     `public` (the operator puts it behind a TLS-terminating proxy; docs/explorer.md)."""
@@ -405,7 +455,7 @@ async def run_explorer(ledger: str, listen: str, data_dir: str | Path, *, coordi
             f"refusing to serve plain HTTP on {listen}: beyond loopback pass --public (and put the explorer behind a "
             "TLS-terminating reverse proxy: docs/explorer.md)")
     host, _, port = listen.rpartition(":")
-    ex = Explorer(ledger, Path(data_dir) / "index", coordinator=coordinator, api_key=api_key)
+    ex = Explorer(ledger, Path(data_dir) / "index", coordinator=coordinator)
     runner = web.AppRunner(ex.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host or "127.0.0.1", int(port))

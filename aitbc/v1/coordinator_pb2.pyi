@@ -829,3 +829,208 @@ class ReleaseMinerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseMinerResponse: _TypeAlias = ReleaseMinerResponse  # noqa: Y015
+
+@_typing.final
+class GetMarketRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMarketRequest: _TypeAlias = GetMarketRequest  # noqa: Y015
+
+@_typing.final
+class GetMarketResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    OFFERS_FIELD_NUMBER: _builtins.int
+    RECENT_FILLS_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    queued: _builtins.int
+    """Jobs waiting in the queue, all models."""
+    at_unix_ms: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelMarket]: ...
+    @_builtins.property
+    def offers(self) -> _containers.RepeatedCompositeFieldContainer[Global___MinerOffer]: ...
+    @_builtins.property
+    def recent_fills(self) -> _containers.RepeatedCompositeFieldContainer[Global___Fill]:
+        """The latest completed jobs, newest first (at most 100): no client, prompt or job id."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ModelMarket] | None = ...,
+        offers: _abc.Iterable[Global___MinerOffer] | None = ...,
+        recent_fills: _abc.Iterable[Global___Fill] | None = ...,
+        queued: _builtins.int = ...,
+        at_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "models", b"models", "offers", b"offers", "queued", b"queued", "recent_fills", b"recent_fills"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMarketResponse: _TypeAlias = GetMarketResponse  # noqa: Y015
+
+@_typing.final
+class ModelMarket(_message.Message):
+    """ModelMarket is one served model's supply and demand."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    MINERS_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    MIN_PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
+    MAX_PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    QUEUED_PAID_FIELD_NUMBER: _builtins.int
+    BEST_FEE_PER_UNIT_MICRO_FIELD_NUMBER: _builtins.int
+    SERVICE_P50_MS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    kind: _job_pb2.ModelKind.ValueType
+    miners: _builtins.int
+    """Connected miners serving it, their slots (max_concurrency) and the slots free now."""
+    slots: _builtins.int
+    free_slots: _builtins.int
+    min_price_per_unit: _builtins.int
+    """The cheapest and dearest price per unit among those miners (0 when none)."""
+    max_price_per_unit: _builtins.int
+    queued: _builtins.int
+    """Jobs queued for it, how many of them pay a fee, and the highest fee per unit among those
+    (millionths of a token per unit).
+    """
+    queued_paid: _builtins.int
+    best_fee_per_unit_micro: _builtins.int
+    service_p50_ms: _builtins.int
+    """Median assignment-to-result time of its last jobs (0 until one finished)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _job_pb2.ModelKind.ValueType = ...,
+        miners: _builtins.int = ...,
+        slots: _builtins.int = ...,
+        free_slots: _builtins.int = ...,
+        min_price_per_unit: _builtins.int = ...,
+        max_price_per_unit: _builtins.int = ...,
+        queued: _builtins.int = ...,
+        queued_paid: _builtins.int = ...,
+        best_fee_per_unit_micro: _builtins.int = ...,
+        service_p50_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_fee_per_unit_micro", b"best_fee_per_unit_micro", "free_slots", b"free_slots", "kind", b"kind", "max_price_per_unit", b"max_price_per_unit", "min_price_per_unit", b"min_price_per_unit", "miners", b"miners", "name", b"name", "queued", b"queued", "queued_paid", b"queued_paid", "service_p50_ms", b"service_p50_ms", "slots", b"slots"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelMarket: _TypeAlias = ModelMarket  # noqa: Y015
+
+@_typing.final
+class MinerOffer(_message.Message):
+    """MinerOffer is one connected miner's offer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MINER_ID_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    REPUTATION_FIELD_NUMBER: _builtins.int
+    DEVICE_CLASS_FIELD_NUMBER: _builtins.int
+    STAKED_FIELD_NUMBER: _builtins.int
+    JOBS_SERVED_FIELD_NUMBER: _builtins.int
+    VERIFICATIONS_PASSED_FIELD_NUMBER: _builtins.int
+    VERIFICATIONS_FAILED_FIELD_NUMBER: _builtins.int
+    miner_id: _builtins.str
+    price_per_unit: _builtins.int
+    max_concurrency: _builtins.int
+    free_slots: _builtins.int
+    reputation: _builtins.float
+    device_class: _builtins.str
+    staked: _builtins.int
+    """As last read from the ledger (0 without one)."""
+    jobs_served: _builtins.int
+    verifications_passed: _builtins.int
+    verifications_failed: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        miner_id: _builtins.str = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+        price_per_unit: _builtins.int = ...,
+        max_concurrency: _builtins.int = ...,
+        free_slots: _builtins.int = ...,
+        reputation: _builtins.float = ...,
+        device_class: _builtins.str = ...,
+        staked: _builtins.int = ...,
+        jobs_served: _builtins.int = ...,
+        verifications_passed: _builtins.int = ...,
+        verifications_failed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_class", b"device_class", "free_slots", b"free_slots", "jobs_served", b"jobs_served", "max_concurrency", b"max_concurrency", "miner_id", b"miner_id", "models", b"models", "price_per_unit", b"price_per_unit", "reputation", b"reputation", "staked", b"staked", "verifications_failed", b"verifications_failed", "verifications_passed", b"verifications_passed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MinerOffer: _TypeAlias = MinerOffer  # noqa: Y015
+
+@_typing.final
+class Fill(_message.Message):
+    """Fill is a completed job, as the market sees it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    UNIT_TYPE_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
+    FEE_FIELD_NUMBER: _builtins.int
+    DURATION_MS_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    MINER_ID_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    unit_type: _builtins.str
+    units: _builtins.int
+    price_per_unit: _builtins.int
+    fee: _builtins.int
+    """The client fee of a paid job (its quote's total), 0 for a free job."""
+    duration_ms: _builtins.int
+    finished_at_unix_ms: _builtins.int
+    miner_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        unit_type: _builtins.str = ...,
+        units: _builtins.int = ...,
+        price_per_unit: _builtins.int = ...,
+        fee: _builtins.int = ...,
+        duration_ms: _builtins.int = ...,
+        finished_at_unix_ms: _builtins.int = ...,
+        miner_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_ms", b"duration_ms", "fee", b"fee", "finished_at_unix_ms", b"finished_at_unix_ms", "miner_id", b"miner_id", "model", b"model", "price_per_unit", b"price_per_unit", "unit_type", b"unit_type", "units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Fill: _TypeAlias = Fill  # noqa: Y015

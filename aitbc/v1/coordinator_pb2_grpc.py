@@ -588,3 +588,88 @@ class CoordinatorService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class MarketServiceStub:
+    """MarketService is the coordinator's public, read-only view of its compute market: what is offered
+    (miners, prices, free capacity), what is asked (queued jobs per model and the best fee), and what
+    recently filled. No API key: nothing in it names a client, a prompt or a job. Each calling host
+    may ask a few times a second (RESOURCE_EXHAUSTED with RetryInfo beyond); the explorer reads it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetMarket = channel.unary_unary(
+                '/aitbc.v1.MarketService/GetMarket',
+                request_serializer=aitbc_dot_v1_dot_coordinator__pb2.GetMarketRequest.SerializeToString,
+                response_deserializer=aitbc_dot_v1_dot_coordinator__pb2.GetMarketResponse.FromString,
+                _registered_method=True)
+
+
+class MarketServiceServicer:
+    """MarketService is the coordinator's public, read-only view of its compute market: what is offered
+    (miners, prices, free capacity), what is asked (queued jobs per model and the best fee), and what
+    recently filled. No API key: nothing in it names a client, a prompt or a job. Each calling host
+    may ask a few times a second (RESOURCE_EXHAUSTED with RetryInfo beyond); the explorer reads it.
+    """
+
+    def GetMarket(self, request, context):
+        """GetMarket returns the market as it is now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MarketServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetMarket': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMarket,
+                    request_deserializer=aitbc_dot_v1_dot_coordinator__pb2.GetMarketRequest.FromString,
+                    response_serializer=aitbc_dot_v1_dot_coordinator__pb2.GetMarketResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'aitbc.v1.MarketService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('aitbc.v1.MarketService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MarketService:
+    """MarketService is the coordinator's public, read-only view of its compute market: what is offered
+    (miners, prices, free capacity), what is asked (queued jobs per model and the best fee), and what
+    recently filled. No API key: nothing in it names a client, a prompt or a job. Each calling host
+    may ask a few times a second (RESOURCE_EXHAUSTED with RetryInfo beyond); the explorer reads it.
+    """
+
+    @staticmethod
+    def GetMarket(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aitbc.v1.MarketService/GetMarket',
+            aitbc_dot_v1_dot_coordinator__pb2.GetMarketRequest.SerializeToString,
+            aitbc_dot_v1_dot_coordinator__pb2.GetMarketResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

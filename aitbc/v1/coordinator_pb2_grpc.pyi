@@ -206,3 +206,46 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class MarketServiceStub:
+    """MarketService is the coordinator's public, read-only view of its compute market: what is offered
+    (miners, prices, free capacity), what is asked (queued jobs per model and the best fee), and what
+    recently filled. No API key: nothing in it names a client, a prompt or a job. Each calling host
+    may ask a few times a second (RESOURCE_EXHAUSTED with RetryInfo beyond); the explorer reads it.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> MarketServiceAsyncStub: ...
+    GetMarket: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetMarketRequest, _coordinator_pb2.GetMarketResponse]
+    """GetMarket returns the market as it is now."""
+
+@_typing.type_check_only
+class MarketServiceAsyncStub(MarketServiceStub):
+    """MarketService is the coordinator's public, read-only view of its compute market: what is offered
+    (miners, prices, free capacity), what is asked (queued jobs per model and the best fee), and what
+    recently filled. No API key: nothing in it names a client, a prompt or a job. Each calling host
+    may ask a few times a second (RESOURCE_EXHAUSTED with RetryInfo beyond); the explorer reads it.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetMarket: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetMarketRequest, _coordinator_pb2.GetMarketResponse]  # type: ignore[assignment]
+    """GetMarket returns the market as it is now."""
+
+class MarketServiceServicer(metaclass=_abc_1.ABCMeta):
+    """MarketService is the coordinator's public, read-only view of its compute market: what is offered
+    (miners, prices, free capacity), what is asked (queued jobs per model and the best fee), and what
+    recently filled. No API key: nothing in it names a client, a prompt or a job. Each calling host
+    may ask a few times a second (RESOURCE_EXHAUSTED with RetryInfo beyond); the explorer reads it.
+    """
+
+    @_abc_1.abstractmethod
+    def GetMarket(
+        self,
+        request: _coordinator_pb2.GetMarketRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.GetMarketResponse, _abc.Awaitable[_coordinator_pb2.GetMarketResponse]]:
+        """GetMarket returns the market as it is now."""
+
+def add_MarketServiceServicer_to_server(servicer: MarketServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -180,7 +180,10 @@ def test_explorer_on_a_devnet_in_a_browser(tmp_path: Path) -> None:
         # the market: the devnet's miner and its price
         drv.get(url + "/market")
         wait_for(drv, lambda d: ep["miner_address"] in d.page_source)
-        assert "tiny-sd" in drv.page_source
+        assert "tiny-sd" in drv.page_source and "Recent fills" in drv.page_source  # MarketService: no API key
+        fills = drv.find_elements("css selector", "#fills tbody tr")
+        assert fills and "tile_steps" in fills[0].text  # the job submitted above
+        assert len(drv.find_elements("css selector", ".charts svg")) == 2
         shoot(drv, "market", shots)
 
         # a receipt file checked in the browser: VALID, then a one-character edit is INVALID with the CLI's reason

@@ -728,7 +728,7 @@ def test_fuzz_wallet(env: Env) -> None:
 def test_fuzz_health_on_every_server(env: Env) -> None:
     @FUZZ
     @given(server=st.sampled_from(["coordinator", "miner_ops", "ledger", "wallet"]),
-           service=st.one_of(st.sampled_from(["", "aitbc.v1.CoordinatorService", "aitbc.v1.MinerService", "aitbc.v1.MinerOpsService",
+           service=st.one_of(st.sampled_from(["", "aitbc.v1.CoordinatorService", "aitbc.v1.MinerService", "aitbc.v1.MinerOpsService", "aitbc.v1.MarketService",
                                               "aitbc.v1.LedgerService", "aitbc.v1.WalletService", "grpc.health.v1.Health"]),
                              texts()))
     def run(server, service) -> None:
@@ -746,7 +746,8 @@ def test_fuzz_health_on_every_server(env: Env) -> None:
 
 SERVICES = {
     "coordinator": [coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"],
-                    miner_pb2.DESCRIPTOR.services_by_name["MinerService"]],
+                    miner_pb2.DESCRIPTOR.services_by_name["MinerService"],
+                    coordinator_pb2.DESCRIPTOR.services_by_name["MarketService"]],
     "miner_ops": [miner_pb2.DESCRIPTOR.services_by_name["MinerOpsService"]],
     "ledger": [ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"]],
     "wallet": [wallet_pb2.DESCRIPTOR.services_by_name["WalletService"]],
