@@ -40,6 +40,32 @@ class TokenBucket:
         return self.tokens >= self.burst
 
 
+class KeyedBuckets:
+    """A token bucket per key (a calling host, ...), at most `max_keys` at once: when a new key
+    comes and the map is full, the keys whose bucket has refilled are forgotten (they owe
+    nothing), else the oldest one, so what the map holds is bounded whatever the callers do."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float], max_keys: int) -> None:
+        self.rate, self.burst, self.clock, self.max_keys = rate, burst, clock, max_keys
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def get(self, key: str) -> TokenBucket | None:
+        return self._buckets.get(key)
+
+    def bucket(self, key: str) -> TokenBucket:
+        """The key's bucket, made (full) when it has none."""
+        b = self._buckets.get(key)
+        if b is None:
+            if len(self._buckets) >= self.max_keys:
+                for k in [k for k, old in self._buckets.items() if old.full] or list(self._buckets)[:1]:
+                    del self._buckets[k]
+            b = self._buckets[key] = TokenBucket(self.rate, self.burst, self.clock)
+        return b
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
 def jittered_wait(failures: int, base_s: float, cap_s: float, rng: random.Random | Any = random) -> float:
     """Full jitter: the wait after `failures` failures in a row (0: the first) is drawn uniformly
     from [0, min(cap_s, base_s * 2^failures)]. The one formula every retry loop uses."""

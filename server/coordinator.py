@@ -24,7 +24,7 @@ from aitbc.coordinator.clock import Clock
 from aitbc.coordinator.settlement import Settlement
 from aitbc.coordinator.store import JobStore, LmdbJobStore
 from aitbc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from aitbc.limits import TokenBucket
+from aitbc.limits import KeyedBuckets
 from aitbc.rpc import CHUNK_BYTES, RunningServer, Service, handle_errors, start_server
 from aitbc.v1 import (
     coordinator_pb2,
@@ -185,18 +185,11 @@ class MarketServicer(coordinator_pb2_grpc.MarketServiceServicer):
 
     def __init__(self, core: Coordinator) -> None:
         self.core = core
-        self.buckets: dict[str, TokenBucket] = {}
+        self.buckets = KeyedBuckets(MARKET_RATE_PER_S, MARKET_BURST, core.clock, MARKET_HOSTS)
 
     @handle_errors
     async def GetMarket(self, request: coordinator_pb2.GetMarketRequest, context: Any) -> coordinator_pb2.GetMarketResponse:
-        host = rpc.caller_host(context)
-        bucket = self.buckets.get(host)
-        if bucket is None:
-            if len(self.buckets) >= MARKET_HOSTS:
-                for k in [k for k, b in self.buckets.items() if b.wait_s() == 0.0 and b.tokens >= b.burst] or \
-                        list(self.buckets)[:1]:
-                    del self.buckets[k]
-            bucket = self.buckets[host] = TokenBucket(MARKET_RATE_PER_S, MARKET_BURST, self.core.clock)
+        bucket = self.buckets.bucket(rpc.caller_host(context))
         wait = bucket.take()
         if wait:
             raise ResourceExhausted(f"GetMarket is limited to {MARKET_RATE_PER_S:g} calls/s per host (burst "

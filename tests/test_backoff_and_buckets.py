@@ -41,3 +41,19 @@ def test_token_bucket_spends_and_refills():
     assert tb.take(5) == pytest.approx(0.5)  # empty: nothing spent
     now[0] = 2.0
     assert tb.full and tb.take(5) == 0.0 and tb.wait_s() == pytest.approx(1.5)  # a big spend is owed
+
+
+def test_keyed_buckets_stay_bounded_and_forget_the_callers_that_owe_nothing_first() -> None:
+    from aitbc.limits import KeyedBuckets
+
+    now = [0.0]
+    kb = KeyedBuckets(1.0, 2, lambda: now[0], max_keys=3)
+    kb.bucket("a").take(2)  # a owes: its bucket is empty
+    kb.bucket("b")
+    kb.bucket("c")
+    assert len(kb) == 3 and kb.get("zz") is None
+    kb.bucket("d")  # full map: b and c (full buckets) go, a (it owes) stays
+    assert len(kb) == 2 and kb.get("a") is not None and kb.get("b") is None and kb.get("d") is not None
+    for k in "efg":  # nobody full but the newest: the oldest goes each time
+        kb.bucket(k).take(2)
+    assert len(kb) <= 3

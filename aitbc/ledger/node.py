@@ -28,7 +28,7 @@ from aitbc.ledger.chain import Chain
 from aitbc.ledger.mempool import Mempool
 from aitbc.ledger.tx import ECONOMY_KINDS, KIND_AUTHORITY_VOTE, KIND_SETTLE, Tx, decode_tx
 from aitbc.ledger.verifier import MIN_PARALLEL, ParallelVerifier
-from aitbc.limits import Backoff, TokenBucket
+from aitbc.limits import Backoff, KeyedBuckets
 
 log = logging.getLogger("aitbc.ledger.node")
 
@@ -126,7 +126,8 @@ class Node:
         self._pending_votes: dict[bytes, finality.Vote] = {}
         self._vote_buf: list[bytes] = []
         self._vote_wake = asyncio.Event()
-        self._vote_strikes: dict[str, TokenBucket] = {}  # caller host -> budget for invalid votes
+        # caller host -> budget for invalid votes
+        self._vote_strikes = KeyedBuckets(INVALID_VOTES_PER_S, INVALID_VOTES_BURST, time.monotonic, MAX_VOTE_CALLERS)
         self.evidence: list[bytes] = []  # evidence this node found (encoded)
         self._evidence_sent: set[bytes] = set()  # authorities this node sent an EVIDENCE tx against
         self._switching = False  # a switch to a justified branch is under way
@@ -707,13 +708,7 @@ class Node:
         out = [err if err is not None else next(counted) for err in errors]
         bad = sum(1 for e in out if e is not None and e.code in ("INVALID_ARGUMENT", "PERMISSION_DENIED"))
         if bad and caller:
-            if bucket is None:
-                if len(self._vote_strikes) >= MAX_VOTE_CALLERS:  # forget callers that paid back first
-                    for k in [k for k, b in self._vote_strikes.items() if b.full] or list(self._vote_strikes)[:1]:
-                        del self._vote_strikes[k]
-                bucket = self._vote_strikes[caller] = TokenBucket(INVALID_VOTES_PER_S, INVALID_VOTES_BURST,
-                                                                  time.monotonic)
-            bucket.take(bad)
+            self._vote_strikes.bucket(caller).take(bad)
         return out
 
     def _count_votes(self, votes: Sequence[finality.Vote]) -> list[AitbcError | None]:
