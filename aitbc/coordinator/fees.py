@@ -166,20 +166,9 @@ class ChainLedger:
         return (await self.client.get_escrow(client_address, attester)).available
 
     async def min_stake(self) -> int:
-        if self._min_stake is None:
-            import json
-
-            import grpc
-
-            from aitbc import rpc
-            from aitbc.v1 import ledger_pb2
-
-            try:
-                r = await self.client.stub.GetGenesis(ledger_pb2.GetGenesisRequest(), timeout=self.client.timeout)
-            except grpc.aio.AioRpcError as exc:
-                raise rpc.error_from_rpc(exc) from None
-            self._min_stake = int(json.loads(r.genesis_json).get("min_stake", 0))  # version 2: no economy, 0
+        if self._min_stake is None:  # the genesis never changes: read once (version 2: no economy, 0)
+            self._min_stake = (await self.client.get_genesis()).min_stake
         return self._min_stake
 
     async def stake_of(self, address: str) -> int:
-        return getattr(await self.client.get_account(address), "staked", 0)
+        return (await self.client.get_account(address)).staked

@@ -7,6 +7,7 @@ failures (Unavailable, and DeadlineExceeded, a subclass of it)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import grpc
 
 from aitbc import crypto, errors, rpc
 from aitbc.ledger import tx as txmod
-from aitbc.ledger.genesis import ChainRef
+from aitbc.ledger.genesis import ChainRef, Genesis
 from aitbc.quotes import QuoteBody
 from aitbc.receipts import SignedReceipt
 from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
@@ -156,6 +157,14 @@ class LedgerClient:
         except grpc.aio.AioRpcError as exc:
             raise rpc.error_from_rpc(exc) from None
         return Supply(r.minted, r.burned, r.supply, r.staked, r.unbonding, r.escrowed, r.height)
+
+    async def get_genesis(self) -> Genesis:
+        """The genesis the node runs (GetGenesis), parsed and checked as a genesis file is."""
+        try:
+            r = await self.stub.GetGenesis(ledger_pb2.GetGenesisRequest(), timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc.error_from_rpc(exc) from None
+        return Genesis.from_dict(json.loads(r.genesis_json))
 
     async def get_escrow(self, client: str, attester: str) -> Escrow:
         try:

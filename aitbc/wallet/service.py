@@ -368,14 +368,8 @@ class WalletCore:
         """`attester`, else the genesis's only attester; with several the error lists them."""
         if attester:
             return check_address(attester, "attester")
-        import json
-
-        from aitbc.v1 import ledger_pb2
-
         with self._reaching_ledger():
-            g = json.loads((await self.ledger.stub.GetGenesis(ledger_pb2.GetGenesisRequest(),
-                                                              timeout=self.ledger.timeout)).genesis_json)
-        names = g.get("attesters", [])
+            names = list((await self.ledger.get_genesis()).attesters)
         if len(names) != 1:
             raise InvalidArgument(f"this chain has {len(names)} attesters ({', '.join(names) or 'none'}): name one "
                                   "with --attester")
