@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import aiohttp  # noqa: E402
+from _common import pct  # noqa: E402
 from aiohttp import web  # noqa: E402
 from ledger_catchup import build_chain  # noqa: E402
 from ledger_common import ATTESTER, NodeProc, funding_receipt, key, machine  # noqa: E402
@@ -30,11 +31,6 @@ from aitbc.explorer.app import Explorer  # noqa: E402
 from aitbc.ledger.genesis import make_genesis  # noqa: E402
 
 CHAIN = "aitbc-catchup"  # build_chain's
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * p / 100))]
 
 
 async def timed(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+from _common import pct  # noqa: E402
 from aiohttp import web  # noqa: E402
 from ledger_common import machine  # noqa: E402
 
@@ -55,11 +56,6 @@ async def main(url, n, blocks):
 
 asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
 '''
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * p / 100))] if xs else float("nan")
 
 
 async def main() -> None:

@@ -28,6 +28,7 @@ from aitbc import crypto, errors, receipts, rpc
 from aitbc.explorer.index import ExplorerIndex
 from aitbc.ledger.client import LedgerClient
 from aitbc.ledger.tx import KIND_NAMES, decode_tx
+from aitbc.limits import Backoff
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, ledger_pb2
 
 log = logging.getLogger("aitbc.explorer")
@@ -55,7 +56,7 @@ class Explorer:
 
     async def follow(self) -> None:
         """Index every canonical block and push each new one to the open pages; reconnect on loss."""
-        delay = 0.5
+        backoff = Backoff(0.5, 5.0)  # full jitter, as every retry loop here
         while True:
             try:
                 req = ledger_pb2.StreamBlocksRequest(from_height=self.index.tip + 1)
@@ -65,11 +66,10 @@ class Explorer:
                     for b in resp.blocks:
                         self._publish(_block_summary(b.header, b.final or b.header.height <= resp.finalized_height))
                     self._publish({"final_height": resp.finalized_height})  # pages mark older rows final
-                    delay = 0.5
+                    backoff.reset()
             except grpc.aio.AioRpcError as exc:
-                log.warning("ledger stream: %s: %s; again in %.1f s", exc.code().name, exc.details(), delay)
-            await asyncio.sleep(delay)
-            delay = min(5.0, delay * 2)
+                log.warning("ledger stream: %s: %s; reconnecting", exc.code().name, exc.details())
+            await asyncio.sleep(backoff.next())
 
     def _publish(self, summary: dict[str, Any]) -> None:
         for q in list(self.viewers):
