@@ -392,20 +392,17 @@ class Coordinator:
         )
         if cap is not None:
             job.max_price_per_unit = cap
-        charge = None
-        if escrow is not None:
-            charge = self._charge(job, escrow, quote, priority_fee or 0)
+        paid_by = self._charge(job, escrow, quote, priority_fee or 0) if escrow is not None else None
         self._placeable(job)
         telemetry.set_attributes(job_id=job.job_id, model=model)
         try:  # a paid job is never split: its one receipt settles its one quote
-            self._run(m.Submit(job, () if charge is not None else tuple(self._shards_for(job))))
+            self._run(m.Submit(job, () if paid_by is not None else tuple(self._shards_for(job))))
         except Exception:
-            if charge is not None:
+            if paid_by is not None:
                 self.reservations.release(job.job_id)
             raise
-        if charge is not None:
-            quote_id = json.loads(job.quote)["quote_id"]
-            self.store.put_meta(QUOTE_META + quote_id, f"{job.job_id} {json.loads(job.quote)['expires_at']}".encode())
+        if paid_by is not None:
+            self.store.put_meta(QUOTE_META + paid_by.quote_id, f"{job.job_id} {paid_by.expires_at}".encode())
         return self._client_view(job, queue=False)  # GetJob / WatchJob say where it stands: not the hot path
 
     # ---- paid jobs (aitbc.coordinator.fees) --------------------------------------------------------
@@ -434,8 +431,9 @@ class Coordinator:
         return client.address, ref.genesis_hash, available
 
     def _charge(self, job: job_pb2.Job, escrow: tuple[str, bytes, int], quote: quotes.SignedQuote | None,
-                priority_fee: int) -> fees.Charge:
-        """Bind a paid job to its quote (the client's, checked; or one made now) and reserve its total."""
+                priority_fee: int) -> quotes.QuoteBody:
+        """Bind a paid job to its quote (the client's, checked; or one made now), reserve its total,
+        and return the quote."""
         address, genesis_hash, available = escrow
         units, unit_type = self._units(job.params)
         now = self.time.now_ms()
@@ -460,9 +458,8 @@ class Coordinator:
         job.quote, job.quote_signature, job.fee = b.canonical_bytes(), quote.signature, b.total
         job.max_price_per_unit = min(job.max_price_per_unit, b.price_per_unit) if job.HasField(
             "max_price_per_unit") else b.price_per_unit  # only miners at or below the quoted price
-        charge = fees.Charge(job.job_id, address, b.total, b.hash().hex(), b.units)
-        self.reservations.reserve(charge, available)
-        return charge
+        self.reservations.reserve(fees.Charge(job.job_id, address, b.total, b.hash().hex(), b.units), available)
+        return b
 
     def _units(self, params: job_pb2.JobParams) -> tuple[int, str]:
         prompt_most = token_bounds(params.text, "")[0] if jobs.job_kind(params) == jobs.TEXT else 0
