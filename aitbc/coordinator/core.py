@@ -441,10 +441,7 @@ class Coordinator:
             price, reason = self._price_now(job)
             if reason:
                 raise FailedPrecondition(f"cannot quote a paid job now: {reason}")
-            quote = fees.new_quote(self.key, chain_id=self.config.chain_id, genesis_hash=genesis_hash,
-                                   client_id=job.client_id, client_address=address, model=job.model,
-                                   prompt_hash=job.prompt_hash, unit_type=unit_type, units=units, price_per_unit=price,
-                                   priority_fee=priority_fee, expires_at=now + int(self.config.quote_ttl_s * 1000))
+            quote = self._new_quote(job, escrow, unit_type, units, price, priority_fee)
         else:
             fees.check_quote(quote, attester=self.key.address, chain_id=self.config.chain_id,
                              genesis_hash=genesis_hash, client_id=job.client_id, client_address=address,
@@ -464,6 +461,16 @@ class Coordinator:
     def _units(self, params: job_pb2.JobParams) -> tuple[int, str]:
         prompt_most = token_bounds(params.text, "")[0] if jobs.job_kind(params) == jobs.TEXT else 0
         return fees.quote_units(params, prompt_most)
+
+    def _new_quote(self, job: job_pb2.Job, escrow: tuple[str, bytes, int], unit_type: str, units: int, price: int,
+                   priority_fee: int) -> quotes.SignedQuote:
+        """A quote for `job` (its client, model and prompt) from this coordinator, valid quote_ttl_s."""
+        address, genesis_hash, _ = escrow
+        return fees.new_quote(self.key, chain_id=self.config.chain_id, genesis_hash=genesis_hash,
+                              client_id=job.client_id, client_address=address, model=job.model,
+                              prompt_hash=job.prompt_hash, unit_type=unit_type, units=units, price_per_unit=price,
+                              priority_fee=priority_fee,
+                              expires_at=self.time.now_ms() + int(self.config.quote_ttl_s * 1000))
 
     def _price_now(self, job: job_pb2.Job) -> tuple[int, str]:
         """The price per unit of the miner that would get the job now, or (0, why none would)."""
@@ -502,24 +509,16 @@ class Coordinator:
         out.miners.extend(coordinator_pb2.QuotedMiner(miner_id=v.miner_id, price_per_unit=v.price_per_unit,
                                                       cost=units * v.price_per_unit, device_class=v.device_class)
                           for v in able)
-        pick = choose(views, needs, 0)
-        if isinstance(pick, Unplaceable):
-            out.unavailable_reason = pick.reason
-        else:
-            out.price_per_unit = next(v.price_per_unit for v in views if v.miner_id == pick.miner_id)
-            out.cost = units * out.price_per_unit
-        if escrow is not None and not out.unavailable_reason and out.cost + priority_fee >= 1:
-            address, genesis_hash, available = escrow
-            signed = fees.new_quote(self.key, chain_id=self.config.chain_id, genesis_hash=genesis_hash,
-                                    client_id=client_id, client_address=address, model=model,
-                                    prompt_hash=job.prompt_hash, unit_type=unit_type, units=units,
-                                    price_per_unit=out.price_per_unit, priority_fee=priority_fee,
-                                    expires_at=self.time.now_ms() + int(self.config.quote_ttl_s * 1000))
-            out.quote, out.quote_signature = signed.body.canonical_bytes(), signed.signature
-            out.escrow_available = max(0, available - self.reservations.reserved(address))
-        elif escrow is not None:
+        price, out.unavailable_reason = self._price_now(job)
+        if not out.unavailable_reason:
+            out.price_per_unit, out.cost = price, units * price
+        if escrow is not None:
             out.escrow_available = max(0, escrow[2] - self.reservations.reserved(escrow[0]))
-            no_quote = out.unavailable_reason or "the job costs nothing (price 0 and no priority fee): submit it free"
+            if not out.unavailable_reason and out.cost + priority_fee >= 1:
+                signed = self._new_quote(job, escrow, unit_type, units, price, priority_fee)
+                out.quote, out.quote_signature = signed.body.canonical_bytes(), signed.signature
+            else:
+                no_quote = out.unavailable_reason or "the job costs nothing (price 0 and no priority fee): submit it free"
         out.no_quote_reason = no_quote
         return out
 
