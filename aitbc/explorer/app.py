@@ -51,6 +51,9 @@ class Explorer:
         self.coordinator = coordinator
         self.viewers: set[asyncio.Queue[dict[str, Any]]] = set()
         self.tasks: list[asyncio.Task[None]] = []
+        # the latest blocks as the stream brought them (height -> summary): the block list is drawn
+        # from them without asking the node for each block again
+        self.recent: dict[int, dict[str, Any]] = {}
 
     # ---- following the chain ---------------------------------------------------------------------
 
@@ -64,12 +67,22 @@ class Explorer:
                     raws = [b.raw for b in resp.blocks]
                     self.index.add_blocks(raws)
                     for b in resp.blocks:
-                        self._publish(_block_summary(b.header, b.final or b.header.height <= resp.finalized_height))
+                        summary = _block_summary(b.header, b.final or b.header.height <= resp.finalized_height)
+                        self._remember(summary)
+                        self._publish(summary)
+                    for summary in self.recent.values():
+                        summary["final"] = summary["final"] or summary["height"] <= resp.finalized_height
                     self._publish({"final_height": resp.finalized_height})  # pages mark older rows final
                     backoff.reset()
             except grpc.aio.AioRpcError as exc:
                 log.warning("ledger stream: %s: %s; reconnecting", exc.code().name, exc.details())
             await asyncio.sleep(backoff.next())
+
+    def _remember(self, summary: dict[str, Any]) -> None:
+        h = summary["height"]
+        for old in [k for k in self.recent if k >= h or k <= h - PAGE_BLOCKS]:  # a reorg resends from the fork
+            del self.recent[old]
+        self.recent[h] = summary
 
     def _publish(self, summary: dict[str, Any]) -> None:
         for q in list(self.viewers):
@@ -82,19 +95,21 @@ class Explorer:
 
     async def home(self, request: web.Request) -> web.Response:
         head = await self.ledger.stub.GetHead(ledger_pb2.GetHeadRequest(), timeout=5)
-        rows = []
-        blocks_seen: list[tuple[int, int]] = []
         top = head.head.height
-        for h in range(top, max(0, top - PAGE_BLOCKS), -1):
-            b = (await self.ledger.stub.GetBlock(ledger_pb2.GetBlockRequest(height=h), timeout=5)).block
-            rows.append(_block_row(_block_summary(b.header, b.final)))
-            blocks_seen.append((h, b.header.timestamp_ms))
+        if top in self.recent:  # the stream is at the head: the blocks are here already
+            summaries = [self.recent[h] for h in sorted(self.recent, reverse=True)]
+        else:  # still catching up (or the stream is behind): ask the node
+            summaries = []
+            for h in range(top, max(0, top - PAGE_BLOCKS), -1):
+                b = (await self.ledger.stub.GetBlock(ledger_pb2.GetBlockRequest(height=h), timeout=5)).block
+                summaries.append(_block_summary(b.header, b.final))
+        rows = [_block_row(x) for x in summaries]
         supply = ""
         with contextlib.suppress(grpc.aio.AioRpcError):
             s = await self.ledger.stub.GetSupply(ledger_pb2.GetSupplyRequest(), timeout=5)
             supply = (f"<p>Supply {s.supply:,} (minted {s.minted:,}, burned {s.burned:,}); staked {s.staked:,}, "
                       f"unbonding {s.unbonding:,}, escrowed {s.escrowed:,}</p>")
-        times = [r[1] for r in blocks_seen]
+        times = [x["time_ms"] for x in summaries]
         gaps = [(a - b) / 1000 for a, b in zip(times, times[1:], strict=False)][::-1]
         supply += f"<div class='charts'>{_line(gaps, 'seconds between the latest blocks')}</div>"
         body = (f"<p>Chain <b>{esc(head.chain_id)}</b>, head <a href='/block/{top}'>{top}</a>, final "
