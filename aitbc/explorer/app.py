@@ -25,8 +25,9 @@ import grpc
 from aiohttp import web
 
 from aitbc import crypto, errors, receipts, rpc
-from aitbc.explorer.index import ExplorerIndex
+from aitbc.explorer.index import HOUR, MINUTE, Bucket, Earnings, ExplorerIndex, ProviderBucket
 from aitbc.ledger.client import LedgerClient
+from aitbc.ledger.genesis import Genesis
 from aitbc.ledger.tx import KIND_NAMES, decode_tx
 from aitbc.limits import Backoff
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, ledger_pb2
@@ -38,6 +39,10 @@ VIEWER_QUEUE = 64  # blocks a slow viewer may lag before it is dropped (its page
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 _JOB_ID = re.compile(r"\A[\x21-\x7e]{1,256}\Z")  # any job id a receipt may carry (this network: 28 hex)
 esc = html.escape
+# chart windows: the series they read, seconds per bar, bars (the index keeps minutes for 24 h, hours for 30 d)
+WINDOWS = {"1h": (MINUTE, 60, 60), "24h": (MINUTE, 900, 96), "30d": (HOUR, 21_600, 120)}
+MINER_WINDOWS = {"24h": (3600, 24), "30d": (86_400, 30)}  # a provider's series is hourly, kept 30 days
+MARKET_CACHE_S = 1.0  # GetMarket is budgeted per calling host (5/s): page views within this share one answer
 
 
 def _static(name: str) -> bytes:
@@ -54,6 +59,8 @@ class Explorer:
         # the latest blocks as the stream brought them (height -> summary): the block list is drawn
         # from them without asking the node for each block again
         self.recent: dict[int, dict[str, Any]] = {}
+        self.genesis: Genesis | None = None  # the node's: the index pays receipts and cuts stake by its rules
+        self._market: tuple[float, coordinator_pb2.GetMarketResponse] | None = None
 
     # ---- following the chain ---------------------------------------------------------------------
 
@@ -62,10 +69,12 @@ class Explorer:
         backoff = Backoff(0.5, 5.0)  # full jitter, as every retry loop here
         while True:
             try:
+                if self.genesis is None:
+                    self.genesis = await self.ledger.get_genesis()
                 req = ledger_pb2.StreamBlocksRequest(from_height=self.index.tip + 1)
                 async for resp in self.ledger.stub.StreamBlocks(req):
                     raws = [b.raw for b in resp.blocks]
-                    self.index.add_blocks(raws)
+                    self.index.add_blocks(raws, self.genesis)
                     for b in resp.blocks:
                         summary = _block_summary(b.header, b.final or b.header.height <= resp.finalized_height)
                         self._remember(summary)
@@ -76,6 +85,8 @@ class Explorer:
                     backoff.reset()
             except grpc.aio.AioRpcError as exc:
                 log.warning("ledger stream: %s: %s; reconnecting", exc.code().name, exc.details())
+            except errors.AitbcError as exc:  # GetGenesis (LedgerClient maps its status)
+                log.warning("ledger genesis: %s; reconnecting", exc.message)
             await asyncio.sleep(backoff.next())
 
     def _remember(self, summary: dict[str, Any]) -> None:
@@ -103,15 +114,21 @@ class Explorer:
             for h in range(top, max(0, top - PAGE_BLOCKS), -1):
                 b = (await self.ledger.stub.GetBlock(ledger_pb2.GetBlockRequest(height=h), timeout=5)).block
                 summaries.append(_block_summary(b.header, b.final))
+        window = request.query.get("window", "24h")
+        if window not in WINDOWS:
+            return _bad_window(window, WINDOWS)
         rows = [_block_row(x) for x in summaries]
         supply = ""
         with contextlib.suppress(grpc.aio.AioRpcError):
             s = await self.ledger.stub.GetSupply(ledger_pb2.GetSupplyRequest(), timeout=5)
             supply = (f"<p>Supply {s.supply:,} (minted {s.minted:,}, burned {s.burned:,}); staked {s.staked:,}, "
                       f"unbonding {s.unbonding:,}, escrowed {s.escrowed:,}</p>")
-        times = [x["time_ms"] for x in summaries]
-        gaps = [(a - b) / 1000 for a, b in zip(times, times[1:], strict=False)][::-1]
-        supply += f"<div class='charts'>{_line(gaps, 'seconds between the latest blocks')}</div>"
+        pts, step = self._chain_points(window)
+        span = f"{_span(window)}, a bar per {_span_s(step)}"
+        supply += _windows(window, WINDOWS) + "<div class='charts'>" + "".join((
+            _bars([b.gap_ms / b.gaps / 1000 if b.gaps else 0.0 for b in pts], f"mean seconds between blocks, {span}"),
+            _bars([float(b.txs) for b in pts], f"transactions, {span}"),
+            _bars([float(b.minted) for b in pts], f"minted, {span}"))) + "</div>"
         body = (f"<p>Chain <b>{esc(head.chain_id)}</b>, head <a href='/block/{top}'>{top}</a>, final "
                 f"{head.finalized_height}, {len(head.authorities)} authorities, blocks every "
                 f"{head.block_time_ms / 1000:g} s.</p>{supply}"
@@ -190,7 +207,12 @@ class Explorer:
         fields = [("address", address), ("balance", f"{a.balance:,}"), ("nonce", a.nonce), ("staked", f"{a.staked:,}"),
                   ("unbonding", f"{a.unbonding:,}" + (f" (unlocks at height {a.unlock_height})" if a.unbonding else ""))]
         fields += [(f"escrow for {e.attester}", f"{e.available:,} available, {e.unlocking:,} unlocking") for e in a.escrows]
-        body = (_fields(fields) + f"<h2>History</h2><table><thead><tr><th>block</th><th>transaction</th></tr></thead>"
+        earned = self.index.earnings(account_id)
+        paid = ""
+        if _is_provider(earned):
+            paid = (f"<h2>Earnings as a provider (on chain)</h2>{_earnings(earned)}<p><a href='/miner/{esc(address)}'>"
+                    "its miner page</a> (jobs served, verifications, earnings over time)</p>")
+        body = (_fields(fields) + paid + f"<h2>History</h2><table><thead><tr><th>block</th><th>transaction</th></tr></thead>"
                 f"<tbody>{rows}</tbody></table>{more}")
         return _page(f"Account {address[:14]}...", body)
 
@@ -232,16 +254,41 @@ class Explorer:
                 "<script src='/static/verify.js'></script><script src='/static/explorer.js'></script>")
         return _page("Verify a receipt", body)
 
+    async def get_market(self) -> coordinator_pb2.GetMarketResponse:
+        """GetMarket (public, no API key), one answer shared by the page views of MARKET_CACHE_S."""
+        now = time.monotonic()
+        if self._market is not None and now - self._market[0] < MARKET_CACHE_S:
+            return self._market[1]
+        async with rpc.channel(self.coordinator) as ch:
+            m = await coordinator_pb2_grpc.MarketServiceStub(ch).GetMarket(coordinator_pb2.GetMarketRequest(), timeout=5)
+        self._market = (now, m)
+        return m
+
     async def market(self, request: web.Request) -> web.Response:
+        window = request.query.get("window", "24h")
+        if window not in WINDOWS:
+            return _bad_window(window, WINDOWS)
+        pts, step = self._chain_points(window)
+        span = f"{_span(window)}, a bar per {_span_s(step)}"
+        charts = _windows(window, WINDOWS) + "<div class='charts'>" + "".join((
+            _bars([float(b.receipts) for b in pts], f"jobs paid on chain (MINT and SETTLE), {span}"),
+            _bars([b.price_sum / b.receipts if b.receipts else 0.0 for b in pts], f"mean price per unit paid, {span}"),
+            _bars([float(b.fees) for b in pts], f"client fees paid, {span}"))) + "</div>"
+        top = "".join(
+            f"<tr><td><a href='/miner/{_address(a)}'>{_address(a)}</a></td><td>{e.receipts:,}</td><td>{e.minted:,}</td>"
+            f"<td>{e.fees:,}</td><td>{e.slash_rewards:,}</td><td>{e.earned:,}</td><td>{e.slashed:,}</td>"
+            f"<td><a href='/block/{e.last_height}'>{e.last_height}</a></td></tr>" for a, e in self.index.top_earners(25))
+        earners = ("<h2>Top earners (on chain)</h2><table id='earners'><thead><tr><th>provider</th><th>receipts</th>"
+                   "<th>minted</th><th>fees</th><th>slash rewards</th><th>earned</th><th>slashed</th><th>last paid</th>"
+                   f"</tr></thead><tbody>{top}</tbody></table>")
         if not self.coordinator:
-            return _page("Market", "<p>This explorer was started without --coordinator: no market data.</p>")
-        async with rpc.channel(self.coordinator) as ch:  # MarketService is public: no API key
-            try:
-                m = await coordinator_pb2_grpc.MarketServiceStub(ch).GetMarket(coordinator_pb2.GetMarketRequest(),
-                                                                             timeout=5)
-            except grpc.aio.AioRpcError as exc:
-                return _page("Market", f"<p>The coordinator answered {esc(exc.code().name)}: {esc(exc.details() or '')}</p>",
-                             status=503)
+            return _page("Market", "<p>This explorer was started without --coordinator: no offers or demand, only "
+                         f"what the chain paid.</p>{charts}{earners}")
+        try:
+            m = await self.get_market()
+        except grpc.aio.AioRpcError as exc:
+            return _page("Market", f"<p>The coordinator answered {esc(exc.code().name)}: {esc(exc.details() or '')}</p>"
+                         f"{charts}{earners}", status=503)
         kind = lambda k: esc(job_pb2.ModelKind.Name(k).removeprefix("MODEL_KIND_").lower()) if k else "-"  # noqa: E731
         mrows = "".join(
             f"<tr><td>{esc(x.name)}</td><td>{kind(x.kind)}</td><td>{x.miners}</td><td>{x.free_slots}/{x.slots}</td>"
@@ -249,30 +296,104 @@ class Explorer:
             f"<td>{x.best_fee_per_unit_micro / 1e6:g}</td>"
             f"<td>{f'{x.service_p50_ms / 1000:.2f} s' if x.service_p50_ms else '-'}</td></tr>"
             for x in m.models)
-        orows = "".join(
-            f"<tr><td>{_addr(o.miner_id)}</td><td>{esc(', '.join(o.models))}</td><td>{o.price_per_unit}</td>"
-            f"<td>{o.free_slots}/{o.max_concurrency}</td><td>{o.reputation:.2f}</td><td>{o.jobs_served}</td>"
-            f"<td>{o.verifications_passed}/{o.verifications_passed + o.verifications_failed}</td><td>{o.staked:,}</td>"
-            f"<td>{esc(o.device_class or '-')}</td></tr>" for o in m.offers)
+        orows = []
+        for o in m.offers:
+            e = self._earnings_of(o.miner_id)
+            orows.append(
+                f"<tr><td>{_miner(o.miner_id)}</td><td>{esc(', '.join(o.models))}</td><td>{o.price_per_unit}</td>"
+                f"<td>{o.free_slots}/{o.max_concurrency}</td><td>{o.reputation:.2f}</td><td>{o.jobs_served}</td>"
+                f"<td>{_pass_rate(o)}</td><td>{o.staked:,}</td><td>{esc(o.device_class or '-')}</td>"
+                f"<td>{e.earned if e else 0:,}</td></tr>")
         frows = "".join(
             f"<tr><td>{_time(f.finished_at_unix_ms)}</td><td>{esc(f.model)}</td><td>{f.units} {esc(f.unit_type)}</td>"
-            f"<td>{f.price_per_unit}</td><td>{f.fee}</td><td>{f.duration_ms / 1000:.2f} s</td><td>{_addr(f.miner_id)}</td>"
+            f"<td>{f.price_per_unit}</td><td>{f.fee}</td><td>{f.duration_ms / 1000:.2f} s</td><td>{_miner(f.miner_id)}</td>"
             "</tr>" for f in m.recent_fills[:25])
-        per_minute = _per_minute([f.finished_at_unix_ms for f in m.recent_fills], m.at_unix_ms, 30)
-        prices = [float(f.price_per_unit) for f in reversed(m.recent_fills)]
-        body = (f"<p>{m.queued} jobs queued; {len(m.offers)} miners offering.</p>"
-                f"<div class='charts'>{_bars(per_minute, 'jobs per minute, last 30 min')}"
-                f"{_line(prices, 'price per unit of the last fills')}</div>"
+        body = (f"<p>{m.queued} jobs queued; {len(m.offers)} miners offering.</p>{charts}"
                 "<h2>Models: supply and demand</h2><table id='models'><thead><tr><th>model</th><th>kind</th>"
                 "<th>miners</th><th>free slots</th><th>price/unit</th><th>queued</th><th>paid</th>"
                 f"<th>best fee/unit</th><th>service p50</th></tr></thead><tbody>{mrows}</tbody></table>"
-                "<h2>Offers</h2><table id='miners'><thead><tr><th>miner</th><th>models</th><th>price/unit</th>"
+                "<h2>Miners offering now</h2><table id='miners'><thead><tr><th>miner</th><th>models</th><th>price/unit</th>"
                 "<th>free</th><th>reputation</th><th>served</th><th>verified ok</th><th>stake</th><th>device</th>"
-                f"</tr></thead><tbody>{orows}</tbody></table>"
+                f"<th>earned (chain)</th></tr></thead><tbody>{''.join(orows)}</tbody></table>{earners}"
                 "<h2>Recent fills</h2><table id='fills'><thead><tr><th>finished</th><th>model</th><th>units</th>"
                 "<th>price/unit</th><th>fee</th><th>took</th><th>miner</th></tr></thead>"
                 f"<tbody>{frows}</tbody></table>")
         return _page("Market", body)
+
+    async def miner(self, request: web.Request) -> web.Response:
+        """One miner: what the chain paid it (the index) and, from the coordinator, its offer, jobs
+        served and verifications; its earnings per hour or day."""
+        address = request.match_info["address"]
+        try:
+            account_id = crypto.validate_address(address)
+        except errors.CryptoError as exc:
+            return _not_found(exc.message)
+        window = request.query.get("window", "30d")
+        if window not in MINER_WINDOWS:
+            return _bad_window(window, MINER_WINDOWS)
+        earned = self.index.earnings(account_id)
+        offer, fills, note = None, [], ""
+        if self.coordinator:
+            try:
+                m = await self.get_market()
+                offer = next((o for o in m.offers if o.miner_id == address), None)
+                fills = [f for f in m.recent_fills if f.miner_id == address]
+                if offer is None:
+                    note = "<p>Not offering on the coordinator now (not connected, or quarantined).</p>"
+            except grpc.aio.AioRpcError as exc:
+                note = f"<p>The coordinator answered {esc(exc.code().name)}: {esc(exc.details() or '')}</p>"
+        if not _is_provider(earned) and offer is None:
+            return _not_found(f"no miner {address}: the chain never paid it and no coordinator lists its offer")
+        parts = [_fields([("address", _addr(address))])]
+        if offer is not None:
+            parts.append("<h2>Offer and record (coordinator)</h2>" + _fields([
+                ("models", ", ".join(offer.models)), ("price per unit", offer.price_per_unit),
+                ("free slots", f"{offer.free_slots}/{offer.max_concurrency}"), ("device", offer.device_class or "-"),
+                ("reputation", f"{offer.reputation:.3f}"), ("jobs served", f"{offer.jobs_served:,}"),
+                ("verifications", f"{offer.verifications_passed:,} passed, {offer.verifications_failed:,} failed"),
+                ("verification pass rate", _pass_rate(offer)), ("stake (as the coordinator read it)", f"{offer.staked:,}")]))
+        parts.append(note)
+        step, n = MINER_WINDOWS[window]
+        pts = self._provider_points(account_id, step, n)
+        span = f"{_span(window)}, a bar per {_span_s(step)}"
+        parts.append("<h2>Earnings (on chain)</h2>" + (_earnings(earned) if earned else "<p>Never paid yet.</p>") +
+                     _windows(window, MINER_WINDOWS) + "<div class='charts'>" +
+                     _bars([float(b.receipts) for b in pts], f"receipts paid, {span}") +
+                     _bars([float(b.minted + b.fees) for b in pts], f"earned (minted + fees), {span}") + "</div>")
+        if fills:
+            parts.append("<h2>Its recent fills</h2><table id='miner-fills'><thead><tr><th>finished</th><th>model</th>"
+                         "<th>units</th><th>price/unit</th><th>fee</th><th>took</th></tr></thead><tbody>" + "".join(
+                             f"<tr><td>{_time(f.finished_at_unix_ms)}</td><td>{esc(f.model)}</td><td>{f.units} "
+                             f"{esc(f.unit_type)}</td><td>{f.price_per_unit}</td><td>{f.fee}</td>"
+                             f"<td>{f.duration_ms / 1000:.2f} s</td></tr>" for f in fills[:25]) + "</tbody></table>")
+        parts.append(f"<p><a href='/account/{esc(address)}'>its account</a> (balance, every transaction)</p>")
+        return _page(f"Miner {address[:14]}...", "".join(parts))
+
+    def _earnings_of(self, address: str) -> Earnings | None:
+        try:
+            return self.index.earnings(crypto.validate_address(address))
+        except errors.CryptoError:
+            return None
+
+    def _chain_points(self, window: str) -> tuple[list[Bucket], int]:
+        """The window's bars from the index's series, ending with the newest indexed block."""
+        res, step, n = WINDOWS[window]
+        end = (self.index.tip_time_ms // 1000 // step + 1) * step
+        start = end - step * n
+        pts = [Bucket()] * n
+        for t, b in self.index.series(res, start, end):
+            i = (t - start) // step
+            pts[i] = Bucket(*(x + y for x, y in zip(pts[i], b, strict=True)))
+        return pts, step
+
+    def _provider_points(self, account_id: bytes, step: int, n: int) -> list[ProviderBucket]:
+        end = (self.index.tip_time_ms // 1000 // step + 1) * step
+        start = end - step * n
+        pts = [ProviderBucket()] * n
+        for t, b in self.index.provider_series(account_id, start, end):
+            i = (t - start) // step
+            pts[i] = ProviderBucket(*(x + y for x, y in zip(pts[i], b, strict=True)))
+        return pts
 
     async def search(self, request: web.Request) -> web.Response:
         q = request.query.get("q", "").strip()
@@ -338,7 +459,8 @@ class Explorer:
         app.add_routes([
             web.get("/", self.home), web.get("/block/{key}", self.block), web.get("/tx/{hash}", self.tx),
             web.get("/account/{address}", self.account), web.get("/receipt/{key}", self.receipt),
-            web.get("/verify", self.verify_page), web.get("/market", self.market), web.get("/search", self.search),
+            web.get("/verify", self.verify_page), web.get("/market", self.market), web.get("/miner/{address}", self.miner),
+            web.get("/search", self.search),
             web.get("/events", self.events), web.get("/static/{name}", self.static),
         ])
         app.on_startup.append(self._start)
@@ -401,17 +523,57 @@ def _addr(a: str) -> Safe:
     return Safe(f"<a href='/account/{esc(a)}'>{esc(a)}</a>" if a else "-")
 
 
+def _miner(a: str) -> Safe:
+    return Safe(f"<a href='/miner/{esc(a)}'>{esc(a)}</a>" if a else "-")
+
+
+def _address(account_id: bytes) -> str:
+    from aitbc import bech32
+
+    return bech32.encode(crypto.ADDRESS_HRP, account_id)
+
+
+def _is_provider(e: Earnings | None) -> bool:
+    return e is not None and bool(e.receipts or e.slash_rewards or e.slashed)
+
+
+def _earnings(e: Earnings) -> str:
+    return _fields([
+        ("earned", f"{e.earned:,} (minted + fees + slash rewards)"), ("minted for its receipts", f"{e.minted:,}"),
+        ("client fees (SETTLE)", f"{e.fees:,}"), ("slash rewards (honest runs)", f"{e.slash_rewards:,}"),
+        ("slashed from its stake", f"{e.slashed:,}"), ("receipts paid", f"{e.receipts:,} ({e.units:,} units)"),
+        ("first and last paid", Safe(f"<a href='/block/{e.first_height}'>{e.first_height}</a> to "
+                                     f"<a href='/block/{e.last_height}'>{e.last_height}</a>") if e.receipts else "-"),
+        ("stake (staked, unbonding)", f"{e.staked:,}, {e.unbonding:,}")])
+
+
+def _pass_rate(o: coordinator_pb2.MinerOffer) -> str:
+    checks = o.verifications_passed + o.verifications_failed
+    return f"{o.verifications_passed / checks:.0%} of {checks}" if checks else "not checked yet"
+
+
+def _span(window: str) -> str:
+    return {"1h": "last hour", "24h": "last 24 h", "30d": "last 30 days"}[window]
+
+
+def _span_s(step: int) -> str:
+    return f"{step // 86_400} d" if step % 86_400 == 0 else f"{step // 3600} h" if step % 3600 == 0 else f"{step // 60} min"
+
+
+def _windows(current: str, windows: dict[str, Any]) -> str:
+    """The window selector: plain links (no script), the current one in bold."""
+    names = {"1h": "1 h", "24h": "24 h", "30d": "30 d"}
+    links = " ".join(f"<b>{names[w]}</b>" if w == current else f"<a href='?window={w}'>{names[w]}</a>" for w in windows)
+    return f"<p class='windows'>window: {links}</p>"
+
+
+def _bad_window(window: str, windows: dict[str, Any]) -> web.Response:
+    return _page("Bad request", f"<p class='notfound'>window must be one of {', '.join(windows)} (got "
+                 f"'{esc(window)}')</p>", status=400)
+
+
 def _time(ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d} UTC"
-
-
-def _per_minute(times_ms: list[int], now_ms: int, minutes: int) -> list[float]:
-    out = [0.0] * minutes
-    for t in times_ms:
-        age = (now_ms - t) // 60_000
-        if 0 <= age < minutes:
-            out[minutes - 1 - age] += 1
-    return out
 
 
 def _bars(values: list[float], title: str) -> str:
@@ -419,21 +581,14 @@ def _bars(values: list[float], title: str) -> str:
     w, h, top = 300, 80, max(values, default=0) or 1
     bw = w / max(1, len(values))
     bars = "".join(f"<rect x='{i * bw:.1f}' y='{h - v / top * h:.1f}' width='{max(1.0, bw - 1):.1f}' "
-                   f"height='{v / top * h:.1f}'/>" for i, v in enumerate(values))
-    return (f"<figure><svg viewBox='0 0 {w} {h}' width='{w}' height='{h}' role='img' aria-label='{esc(title)}'>"
-            f"{bars}</svg><figcaption>{esc(title)} (max {top:g})</figcaption></figure>")
+                   f"height='{v / top * h:.1f}'/>" for i, v in enumerate(values) if v)
+    return (f"<figure data-bars='{len(values)}' data-sum='{_num(sum(values))}'><svg viewBox='0 0 {w} {h}' width='{w}' "
+            f"height='{h}' role='img' aria-label='{esc(title)}'>{bars}</svg><figcaption>{esc(title)} (max {top:g})"
+            "</figcaption></figure>")
 
 
-def _line(values: list[float], title: str) -> str:
-    w, h = 300, 80
-    if len(values) < 2:
-        return f"<figure><svg viewBox='0 0 {w} {h}' width='{w}' height='{h}'></svg><figcaption>{esc(title)}: not enough data yet</figcaption></figure>"
-    lo, hi = min(values), max(values)
-    span = (hi - lo) or 1
-    pts = " ".join(f"{i / (len(values) - 1) * w:.1f},{h - 4 - (v - lo) / span * (h - 8):.1f}" for i, v in enumerate(values))
-    return (f"<figure><svg viewBox='0 0 {w} {h}' width='{w}' height='{h}' role='img' aria-label='{esc(title)}'>"
-            f"<polyline fill='none' stroke-width='2' points='{pts}'/></svg><figcaption>{esc(title)} "
-            f"({lo:g} to {hi:g})</figcaption></figure>")
+def _num(x: float) -> str:
+    return str(int(x)) if x == int(x) else f"{x:.3f}"
 
 
 class Safe(str):
