@@ -17,6 +17,7 @@ from aitbc.explorer.app import Explorer
 from aitbc.ledger.client import LedgerClient
 from aitbc.ledger.store import LmdbStore
 from aitbc.server.ledger import start_node
+from aitbc.v1 import ledger_pb2
 from tests.ledger.helpers import ALICE, ATTESTER, AUTH, BOB, PROVIDER, genesis, receipt
 
 pytestmark = pytest.mark.timeout(120)
@@ -159,3 +160,72 @@ async def test_plain_http_beyond_loopback_needs_public(tmp_path: Path) -> None:
 
     with pytest.raises(FailedPrecondition, match="refusing to serve plain HTTP on 0.0.0.0:0: beyond loopback pass --public"):
         await run_explorer("127.0.0.1:1", "0.0.0.0:0", tmp_path)
+
+
+async def chain_paid(lc: LedgerClient, address: str) -> tuple[int, int, int]:
+    """(receipts, minted, fees) paid to `address`, summed from the node's own answers: every block's
+    MINT and SETTLE transactions (GetBlock with transactions), independently of the explorer."""
+    receipts = minted = fees = 0
+    head = (await lc.get_head()).height
+    for h in range(1, head + 1):
+        resp = await lc.stub.GetBlock(ledger_pb2.GetBlockRequest(height=h, include_transactions=True))
+        for t in resp.transactions:
+            if t.receipt_hash and t.provider == address:
+                receipts, minted, fees = receipts + 1, minted + t.mint_amount, fees + t.fee
+    return receipts, minted, fees
+
+
+def figures(page: str) -> list[tuple[int, str]]:
+    """(bars, sum) of each chart on a page (the figure's data attributes)."""
+    import re
+
+    return [(int(n), s) for n, s in re.findall(r"<figure data-bars='(\d+)' data-sum='([^']*)'>", page)]
+
+
+async def test_a_miner_page_shows_what_the_chain_paid_it(chain: dict[str, Any], tmp_path: Path) -> None:
+    from tests.ledger.economy_helpers import CLIENT, quote_for, text_receipt
+
+    lc: LedgerClient = chain["client"]
+    g = await lc.get_genesis()
+    # a paid job: the client funds an escrow with the attester, which settles the receipt with the quote's fee
+    await lc.wait_for_tx(await lc.mint(ALICE, text_receipt(40, provider=CLIENT, price=100)))
+    await lc.wait_for_tx(await lc.escrow_deposit(CLIENT, ATTESTER.address, 1000))
+    paid = text_receipt(41, provider=PROVIDER, price=9)
+    quote = quote_for(g, paid, price=5, fee=7)
+    await lc.settle_receipt(ATTESTER, paid, quote=quote, wait="final")
+    receipts, minted, fees = await chain_paid(lc, PROVIDER.address)
+    assert (receipts, fees) == (3, quote.total) and minted == 1000 + 1000 + 50 * 9  # the chain's own figures
+    site = Site(chain["ledger"], tmp_path / "index")
+    await site.start()
+    try:
+        head = (await lc.get_head()).height
+        await until(lambda: site.explorer.index.tip >= head)
+        page = await site.get(f"/miner/{PROVIDER.address}")
+        assert f"<td>{minted + fees:,} (minted + fees + slash rewards)</td>" in page
+        assert f"<td>{minted:,}</td>" in page and f"<td>{fees:,}</td>" in page and f"<td>{receipts:,} (" in page
+        assert "Not offering" not in page  # no coordinator: nothing claimed about offers
+        for window, bars in (("24h", 24), ("30d", 30)):
+            shown = figures(await site.get(f"/miner/{PROVIDER.address}?window={window}"))
+            assert shown == [(bars, str(receipts)), (bars, str(minted + fees))], (window, shown)
+        acct = await site.get(f"/account/{PROVIDER.address}")
+        assert "Earnings as a provider" in acct and f"/miner/{PROVIDER.address}" in acct
+        assert "Earnings as a provider" not in await site.get(f"/account/{BOB.address}")  # paid by a transfer only
+        assert "Not found" in await site.get(f"/miner/{BOB.address}", status=404)
+        assert "checksum" in await site.get("/miner/ait1qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqq", status=404)
+        # the chain's charts over three windows: every transaction is in each (the chain is minutes old)
+        txs = all_receipts = 0
+        for h in range(1, head + 1):
+            resp = await lc.stub.GetBlock(ledger_pb2.GetBlockRequest(height=h, include_transactions=True))
+            txs += resp.block.header.tx_count
+            all_receipts += sum(1 for t in resp.transactions if t.receipt_hash)
+        assert all_receipts == 4  # the fixture's two, the client's funding, the paid job
+        for window, bars in (("1h", 60), ("24h", 96), ("30d", 120)):
+            shown = figures(await site.get(f"/?window={window}"))
+            assert [n for n, _ in shown] == [bars] * 3 and shown[1][1] == str(txs), (window, shown)
+            market = figures(await site.get(f"/market?window={window}"))
+            assert market[0] == (bars, str(all_receipts)) and market[2] == (bars, str(fees)), (window, market)
+        assert "window must be one of 1h, 24h, 30d" in await site.get("/?window=7d", status=400)
+        top = await site.get("/market")
+        assert top.index(f"/miner/{CLIENT.address}") < top.index(f"/miner/{PROVIDER.address}")  # 5,000 before 2,707
+    finally:
+        await site.stop()
