@@ -194,7 +194,7 @@ class MarketServicer(coordinator_pb2_grpc.MarketServiceServicer):
         if wait:
             raise ResourceExhausted(f"GetMarket is limited to {MARKET_RATE_PER_S:g} calls/s per host (burst "
                                     f"{MARKET_BURST}): retry in {wait * 1000:.0f} ms", retry_after_s=wait)
-        return self.core.market()
+        return self.core.market(request.miner_id)
 
 
 class MinerGatewayServicer(miner_pb2_grpc.MinerServiceServicer):

@@ -911,10 +911,20 @@ class Coordinator:
             st.staked = self.stakes.get(miner_id, 0)
         return sorted(out.values(), key=lambda s: (not s.connected, -s.reputation, s.miner_id))
 
-    def market(self) -> coordinator_pb2.GetMarketResponse:
-        """The public market (MarketService): offers, demand per model, recent fills. Built from
-        what the machine, the registry and the reputation book hold; names no client or job."""
+    def market(self, miner_id: str = "") -> coordinator_pb2.GetMarketResponse:
+        """The public market (MarketService): offers, demand per model, recent fills, and with
+        `miner_id` that miner's record (connected or not). Built from what the machine, the registry
+        and the reputation book hold; names no client or job."""
         out = coordinator_pb2.GetMarketResponse(queued=self.machine.queued(), at_unix_ms=self.time.now_ms())
+        if miner_id:
+            crypto.validate_address(miner_id)  # INVALID_ARGUMENT with the reason
+            rec = self.book.get(miner_id)
+            if rec is not None or miner_id in self.registry.miners:
+                rec = rec or self.book.snapshot(miner_id)
+                out.miner.CopyFrom(coordinator_pb2.MarketMiner(
+                    miner_id=miner_id, jobs_served=rec.jobs_served, verifications_passed=rec.verifications_passed,
+                    verifications_failed=rec.verifications_failed, failures=rec.failures, stalls=rec.stalls,
+                    reputation=rec.reputation, quarantined=rec.quarantined, connected=miner_id in self.registry.miners))
         out.recent_fills.extend(self.fills)
         models: dict[str, coordinator_pb2.ModelMarket] = {}
         for served in self.registry.list_models():

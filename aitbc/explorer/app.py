@@ -43,6 +43,7 @@ esc = html.escape
 WINDOWS = {"1h": (MINUTE, 60, 60), "24h": (MINUTE, 900, 96), "30d": (HOUR, 21_600, 120)}
 MINER_WINDOWS = {"24h": (3600, 24), "30d": (86_400, 30)}  # a provider's series is hourly, kept 30 days
 MARKET_CACHE_S = 1.0  # GetMarket is budgeted per calling host (5/s): page views within this share one answer
+MARKET_CACHE_ENTRIES = 1024  # answers kept at once (the market, and miner pages' answers)
 
 
 def _static(name: str) -> bytes:
@@ -60,7 +61,7 @@ class Explorer:
         # from them without asking the node for each block again
         self.recent: dict[int, dict[str, Any]] = {}
         self.genesis: Genesis | None = None  # the node's: the index pays receipts and cuts stake by its rules
-        self._market: tuple[float, coordinator_pb2.GetMarketResponse] | None = None
+        self._market: dict[str, tuple[float, coordinator_pb2.GetMarketResponse]] = {}  # miner_id -> (when, answer)
 
     # ---- following the chain ---------------------------------------------------------------------
 
@@ -254,14 +255,20 @@ class Explorer:
                 "<script src='/static/verify.js'></script><script src='/static/explorer.js'></script>")
         return _page("Verify a receipt", body)
 
-    async def get_market(self) -> coordinator_pb2.GetMarketResponse:
-        """GetMarket (public, no API key), one answer shared by the page views of MARKET_CACHE_S."""
+    async def get_market(self, miner_id: str = "") -> coordinator_pb2.GetMarketResponse:
+        """GetMarket (public, no API key; with miner_id, that miner's record too), one answer per
+        question shared by the page views of MARKET_CACHE_S."""
         now = time.monotonic()
-        if self._market is not None and now - self._market[0] < MARKET_CACHE_S:
-            return self._market[1]
+        hit = self._market.get(miner_id)
+        if hit is not None and now - hit[0] < MARKET_CACHE_S:
+            return hit[1]
         async with rpc.channel(self.coordinator) as ch:
-            m = await coordinator_pb2_grpc.MarketServiceStub(ch).GetMarket(coordinator_pb2.GetMarketRequest(), timeout=5)
-        self._market = (now, m)
+            m = await coordinator_pb2_grpc.MarketServiceStub(ch).GetMarket(
+                coordinator_pb2.GetMarketRequest(miner_id=miner_id), timeout=5)
+        if len(self._market) >= MARKET_CACHE_ENTRIES:
+            self._market = {k: v for k, v in self._market.items() if now - v[0] < MARKET_CACHE_S}
+        if len(self._market) < MARKET_CACHE_ENTRIES:
+            self._market[miner_id] = (now, m)
         return m
 
     async def market(self, request: web.Request) -> web.Response:
@@ -332,26 +339,33 @@ class Explorer:
         if window not in MINER_WINDOWS:
             return _bad_window(window, MINER_WINDOWS)
         earned = self.index.earnings(account_id)
-        offer, fills, note = None, [], ""
+        offer, record, fills, note = None, None, [], ""
         if self.coordinator:
             try:
-                m = await self.get_market()
+                m = await self.get_market(address)
                 offer = next((o for o in m.offers if o.miner_id == address), None)
+                record = m.miner if m.HasField("miner") else None
                 fills = [f for f in m.recent_fills if f.miner_id == address]
                 if offer is None:
                     note = "<p>Not offering on the coordinator now (not connected, or quarantined).</p>"
             except grpc.aio.AioRpcError as exc:
                 note = f"<p>The coordinator answered {esc(exc.code().name)}: {esc(exc.details() or '')}</p>"
-        if not _is_provider(earned) and offer is None:
-            return _not_found(f"no miner {address}: the chain never paid it and no coordinator lists its offer")
+        if not _is_provider(earned) and offer is None and record is None:
+            return _not_found(f"no miner {address}: the chain never paid it and the coordinator does not know it")
         parts = [_fields([("address", _addr(address))])]
+        if record is not None:
+            parts.append("<h2>Record (coordinator)</h2>" + _fields([
+                ("jobs served", f"{record.jobs_served:,}"),
+                ("verifications", f"{record.verifications_passed:,} passed, {record.verifications_failed:,} failed"),
+                ("verification pass rate", _pass_rate(record)), ("failed jobs, stalls", f"{record.failures:,}, "
+                                                                 f"{record.stalls:,}"),
+                ("reputation", f"{record.reputation:.3f}"), ("quarantined", "yes" if record.quarantined else "no"),
+                ("connected now", "yes" if record.connected else "no")]))
         if offer is not None:
-            parts.append("<h2>Offer and record (coordinator)</h2>" + _fields([
+            parts.append("<h2>Offer (coordinator)</h2>" + _fields([
                 ("models", ", ".join(offer.models)), ("price per unit", offer.price_per_unit),
                 ("free slots", f"{offer.free_slots}/{offer.max_concurrency}"), ("device", offer.device_class or "-"),
-                ("reputation", f"{offer.reputation:.3f}"), ("jobs served", f"{offer.jobs_served:,}"),
-                ("verifications", f"{offer.verifications_passed:,} passed, {offer.verifications_failed:,} failed"),
-                ("verification pass rate", _pass_rate(offer)), ("stake (as the coordinator read it)", f"{offer.staked:,}")]))
+                ("stake (as the coordinator read it)", f"{offer.staked:,}")]))
         parts.append(note)
         step, n = MINER_WINDOWS[window]
         pts = self._provider_points(account_id, step, n)
@@ -547,7 +561,7 @@ def _earnings(e: Earnings) -> str:
         ("stake (staked, unbonding)", f"{e.staked:,}, {e.unbonding:,}")])
 
 
-def _pass_rate(o: coordinator_pb2.MinerOffer) -> str:
+def _pass_rate(o: coordinator_pb2.MinerOffer | coordinator_pb2.MarketMiner) -> str:
     checks = o.verifications_passed + o.verifications_failed
     return f"{o.verifications_passed / checks:.0%} of {checks}" if checks else "not checked yet"
 

@@ -834,12 +834,19 @@ Global___ReleaseMinerResponse: _TypeAlias = ReleaseMinerResponse  # noqa: Y015
 class GetMarketRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    MINER_ID_FIELD_NUMBER: _builtins.int
+    miner_id: _builtins.str
+    """Optional: a miner's address (`ait1...`, its miner_id); the response's `miner` then carries the
+    coordinator's record of it, connected or not. An address that is not one is INVALID_ARGUMENT.
+    """
     def __init__(
         self,
+        *,
+        miner_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["miner_id", b"miner_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -854,6 +861,7 @@ class GetMarketResponse(_message.Message):
     RECENT_FILLS_FIELD_NUMBER: _builtins.int
     QUEUED_FIELD_NUMBER: _builtins.int
     AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    MINER_FIELD_NUMBER: _builtins.int
     queued: _builtins.int
     """Jobs waiting in the queue, all models."""
     at_unix_ms: _builtins.int
@@ -865,6 +873,10 @@ class GetMarketResponse(_message.Message):
     def recent_fills(self) -> _containers.RepeatedCompositeFieldContainer[Global___Fill]:
         """The latest completed jobs, newest first (at most 100): no client, prompt or job id."""
 
+    @_builtins.property
+    def miner(self) -> Global___MarketMiner:
+        """The record of the request's miner_id (unset when none was asked, or the coordinator never saw it)."""
+
     def __init__(
         self,
         *,
@@ -873,10 +885,11 @@ class GetMarketResponse(_message.Message):
         recent_fills: _abc.Iterable[Global___Fill] | None = ...,
         queued: _builtins.int = ...,
         at_unix_ms: _builtins.int = ...,
+        miner: Global___MarketMiner | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["miner", b"miner"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "models", b"models", "offers", b"offers", "queued", b"queued", "recent_fills", b"recent_fills"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "miner", b"miner", "models", b"models", "offers", b"offers", "queued", b"queued", "recent_fills", b"recent_fills"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -991,6 +1004,56 @@ class MinerOffer(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MinerOffer: _TypeAlias = MinerOffer  # noqa: Y015
+
+@_typing.final
+class MarketMiner(_message.Message):
+    """MarketMiner is what the coordinator's reputation book holds about one miner, public as its offer
+    is: counters of its own work, nothing about the jobs' clients or prompts.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MINER_ID_FIELD_NUMBER: _builtins.int
+    JOBS_SERVED_FIELD_NUMBER: _builtins.int
+    VERIFICATIONS_PASSED_FIELD_NUMBER: _builtins.int
+    VERIFICATIONS_FAILED_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    STALLS_FIELD_NUMBER: _builtins.int
+    REPUTATION_FIELD_NUMBER: _builtins.int
+    QUARANTINED_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    miner_id: _builtins.str
+    jobs_served: _builtins.int
+    verifications_passed: _builtins.int
+    verifications_failed: _builtins.int
+    failures: _builtins.int
+    """Jobs that failed on it, and jobs it accepted and then went silent on."""
+    stalls: _builtins.int
+    reputation: _builtins.float
+    quarantined: _builtins.bool
+    """Quarantined miners get no work until an operator releases them (docs/hub.md, "Reputation")."""
+    connected: _builtins.bool
+    """Connected to this coordinator now."""
+    def __init__(
+        self,
+        *,
+        miner_id: _builtins.str = ...,
+        jobs_served: _builtins.int = ...,
+        verifications_passed: _builtins.int = ...,
+        verifications_failed: _builtins.int = ...,
+        failures: _builtins.int = ...,
+        stalls: _builtins.int = ...,
+        reputation: _builtins.float = ...,
+        quarantined: _builtins.bool = ...,
+        connected: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "failures", b"failures", "jobs_served", b"jobs_served", "miner_id", b"miner_id", "quarantined", b"quarantined", "reputation", b"reputation", "stalls", b"stalls", "verifications_failed", b"verifications_failed", "verifications_passed", b"verifications_passed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarketMiner: _TypeAlias = MarketMiner  # noqa: Y015
 
 @_typing.final
 class Fill(_message.Message):

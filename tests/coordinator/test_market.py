@@ -78,3 +78,33 @@ async def test_reflection_lists_the_market_service(network_factory: Any) -> None
         names = {s.name for s in resp.list_services_response.service}
         assert "aitbc.v1.MarketService" in names
         break
+
+
+async def test_a_miners_record_is_public_connected_or_not(network_factory: Any, null_backend: Any) -> None:
+    """GetMarket(miner_id=...) carries the reputation book's counters for that miner (the explorer's
+    miner page), also once it left; it names no client, prompt or job; a non-address is refused."""
+    from aitbc import crypto
+
+    net = await network_factory()
+    miner = await net.add_miner({"null": null_backend}, price=3)
+    s = stub(net)
+    done = await wait_done(s, (await s.SubmitJob(image_job("a secret prompt", model="null", steps=5, seed=1),
+                                                 metadata=MD)).job.job_id)
+    m = await market(net).GetMarket(coordinator_pb2.GetMarketRequest(miner_id=miner.key.address))
+    assert (m.miner.miner_id, m.miner.jobs_served, m.miner.connected, m.miner.quarantined) == (
+        miner.key.address, 1, True, False)
+    assert m.miner.reputation > 0.5 and m.offers[0].jobs_served == m.miner.jobs_served
+    for secret in (b"alice", b"a secret prompt", done.job_id.encode(), done.prompt_hash.encode()):
+        assert secret not in m.SerializeToString()  # nothing names a client, a prompt or a job
+    miner.stop()
+    await net.until(lambda: not net.core.registry.miners)
+    gone = await market(net).GetMarket(coordinator_pb2.GetMarketRequest(miner_id=miner.key.address))
+    assert not gone.offers and (gone.miner.jobs_served, gone.miner.connected) == (1, False)
+    stranger = crypto.PrivateKey.generate().address
+    assert not (await market(net).GetMarket(coordinator_pb2.GetMarketRequest(miner_id=stranger))).HasField("miner")
+    assert not (await market(net).GetMarket(coordinator_pb2.GetMarketRequest())).HasField("miner")
+    try:
+        await market(net).GetMarket(coordinator_pb2.GetMarketRequest(miner_id="not-an-address"))
+        raise AssertionError("accepted")
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "address" in (exc.details() or ""), exc.details()
