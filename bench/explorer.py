@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Explorer page times on a long chain (issue 17): time to first byte and to the last byte of the
 block list, a block in the middle, an account with a transaction in every block (its first history
-page) and a receipt, on loopback; plus how fast the explorer's index follows the chain.
+page), a receipt, that account's miner page (its earnings and their 30-day chart) and the block
+list with its 30-day charts (120 bars over the index's hourly series), on loopback; plus how fast
+the explorer's index follows the chain.
 
 A chain of --blocks blocks (one authority, a transfer in each after a MINT in the first) is built
 with the ledger's own code, then served by a real node process without a key (it produces nothing
@@ -68,7 +70,9 @@ async def main() -> None:
             sender = key(b"catchup-sender").address
             receipt = funding_receipt(key(b"catchup-sender"), CHAIN, 0).receipt_hash.hex()
             pages = {"block list /": "/", f"block {args.blocks // 2}": f"/block/{args.blocks // 2}",
-                     f"account ({args.blocks - 1:,} txs)": f"/account/{sender}", "receipt": f"/receipt/{receipt}"}
+                     f"account ({args.blocks - 1:,} txs)": f"/account/{sender}", "receipt": f"/receipt/{receipt}",
+                     "miner page (30 d chart)": f"/miner/{sender}", "block list, 30 d charts": "/?window=30d",
+                     "market, 30 d charts": "/market?window=30d"}
             print(f"explorer benchmark ({machine()}): {args.blocks:,} blocks built in {built:.1f} s, indexed by the "
                   f"explorer in {indexed:.1f} s ({args.blocks / indexed:,.0f} blocks/s)")
             async with aiohttp.ClientSession() as s:

@@ -95,6 +95,52 @@ def wait_for(drv: Any, predicate: Any, timeout: float = 15.0) -> Any:
         time.sleep(0.05)
 
 
+def pay_for_a_job(env: dict[str, str], ep: dict[str, str], cwd: Path) -> int:
+    """The miner's operator pays for a job with what the miner earned (escrow, a quote, a SETTLE):
+    returns the fee the quote charges, once its settlement is final."""
+    paying = dict(env, AITBC_WALLET_PASSPHRASE="correct horse")
+    r = aitbc(paying, "wallet", "import", "miner", "--key-file", ep["miner_key_file"], "--kdf-profile", "fast", cwd=cwd)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = aitbc(env, "quote", "a paid lighthouse", "--steps", "2", "--seed", "4", "--priority-fee", "1",
+              "-o", "quote.json", cwd=cwd)
+    assert r.returncode == 0, r.stdout + r.stderr
+    total = int(r.stdout.split(": total ", 1)[1].split()[0])  # "quote: ID: total 3 = 2 x 1 + priority fee 1"
+    r = aitbc(paying, "escrow", "deposit", str(total), "--wallet", "miner", cwd=cwd)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = aitbc(env, "submit", "a paid lighthouse", "--steps", "2", "--seed", "4", "--quote", "quote.json",
+              "-o", "paid.png", cwd=cwd)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = [ln.split(":", 1)[1].strip() for ln in r.stdout.splitlines() if ln.startswith("job id:")][0]
+    deadline = time.monotonic() + 60
+    while "settlement FINAL" not in (r := aitbc(env, "receipts", "--job-id", job, cwd=cwd)).stderr:
+        assert time.monotonic() < deadline, r.stderr
+        time.sleep(0.5)
+    return total
+
+
+def chain_paid(ledger: str, address: str) -> tuple[int, int, int]:
+    """(receipts, minted, fees) the chain paid `address`: every MINT and SETTLE of every block as the
+    node answers them (GetBlock with transactions), summed here, independently of the explorer."""
+    import grpc
+
+    from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
+
+    receipts = minted = fees = 0
+    with grpc.insecure_channel(ledger) as ch:
+        stub = ledger_pb2_grpc.LedgerServiceStub(ch)
+        head = stub.GetHead(ledger_pb2.GetHeadRequest(), timeout=10).head.height
+        for h in range(1, head + 1):
+            for t in stub.GetBlock(ledger_pb2.GetBlockRequest(height=h, include_transactions=True), timeout=10).transactions:
+                if t.receipt_hash and t.provider == address:
+                    receipts, minted, fees = receipts + 1, minted + t.mint_amount, fees + t.fee
+    return receipts, minted, fees
+
+
+def row_of(drv: Any, name: str) -> str:
+    """The value of a field row (`<th>name</th><td>value</td>`) on the page."""
+    return drv.find_element("xpath", f"//table[@class='fields']//tr[th[text()='{name}']]/td").text
+
+
 def test_every_receipt_rule_vector_in_the_browser(tmp_path: Path) -> None:
     """The page's verifier (static/verify.js) answers each conformance case as docs/receipts.md says."""
     from aitbc.explorer.app import _static
@@ -142,6 +188,7 @@ def test_explorer_on_a_devnet_in_a_browser(tmp_path: Path) -> None:
             time.sleep(0.5)
         receipt = json.loads((tmp_path / "receipt.json").read_text())
         rh = receipt["receipt_hash"]
+        paid_fee = pay_for_a_job(env, ep, tmp_path)
 
         # the block list: a block made after the page opened appears without a reload
         drv.get(url + "/")
@@ -183,8 +230,30 @@ def test_explorer_on_a_devnet_in_a_browser(tmp_path: Path) -> None:
         assert "tiny-sd" in drv.page_source and "Recent fills" in drv.page_source  # MarketService: no API key
         fills = drv.find_elements("css selector", "#fills tbody tr")
         assert fills and "tile_steps" in fills[0].text  # the job submitted above
-        assert len(drv.find_elements("css selector", ".charts svg")) == 2
+        assert len(drv.find_elements("css selector", ".charts svg")) == 3
         shoot(drv, "market", shots)
+
+        # the miner page, reached from the market's miners table: the coordinator's record, what the chain paid
+        drv.find_element("css selector", f"#miners a[href='/miner/{ep['miner_address']}']").click()
+        wait_for(drv, lambda d: d.find_element("tag name", "h1").text.startswith("Miner"))
+        receipts, minted, fees = chain_paid(ep["ledger"], ep["miner_address"])
+        assert receipts >= 2 and fees >= paid_fee > 0  # the free job and the paid one
+        page = drv.page_source
+        assert f"{minted + fees:,} (minted + fees + slash rewards)" in page, (receipts, minted, fees)
+        assert f"<td>{minted:,}</td>" in page and f"<td>{fees:,}</td>" in page
+        served = int(row_of(drv, "jobs served").replace(",", ""))
+        assert served >= receipts and "passed" in row_of(drv, "verifications") and row_of(drv, "connected now") == "yes"
+        shoot(drv, "miner", shots)
+        # the windows are plain links: 24 hourly bars, then 30 daily ones, each holding every receipt
+        for window, bars in (("24 h", "24"), ("30 d", "30")):
+            drv.find_element("link text", window).click()
+            wait_for(drv, lambda d, w=window: d.find_elements("css selector", ".windows b") and
+                     d.find_element("css selector", ".windows b").text == w)
+            first = drv.find_element("css selector", ".charts figure")
+            assert (first.get_attribute("data-bars"), first.get_attribute("data-sum")) == (bars, str(receipts))
+        drv.get(url + "/?window=30d")
+        assert [f.get_attribute("data-bars") for f in drv.find_elements("css selector", ".charts figure")] == ["120"] * 3
+        shoot(drv, "charts-30d", shots)
 
         # a receipt file checked in the browser: VALID, then a one-character edit is INVALID with the CLI's reason
         drv.get(url + "/verify")
