@@ -597,7 +597,7 @@ def _bars(values: list[float], title: str) -> str:
     bars = "".join(f"<rect x='{i * bw:.1f}' y='{h - v / top * h:.1f}' width='{max(1.0, bw - 1):.1f}' "
                    f"height='{v / top * h:.1f}'/>" for i, v in enumerate(values) if v)
     return (f"<figure data-bars='{len(values)}' data-sum='{_num(sum(values))}'><svg viewBox='0 0 {w} {h}' width='{w}' "
-            f"height='{h}' role='img' aria-label='{esc(title)}'>{bars}</svg><figcaption>{esc(title)} (max {top:g})"
+            f"height='{h}' role='img' aria-label='{esc(title)}'>{bars}</svg><figcaption>{esc(title)} (max {_num(top)})"
             "</figcaption></figure>")
 
 
