@@ -229,3 +229,11 @@ async def test_a_miner_page_shows_what_the_chain_paid_it(chain: dict[str, Any], 
         assert top.index(f"/miner/{CLIENT.address}") < top.index(f"/miner/{PROVIDER.address}")  # 5,000 before 2,707
     finally:
         await site.stop()
+    # a restarted explorer keeps the earnings (and resumes from its tip, not from block 1)
+    site2 = Site(chain["ledger"], tmp_path / "index")
+    await site2.start()
+    try:
+        assert site2.explorer.index.tip >= head
+        assert f"<td>{minted + fees:,} (minted + fees + slash rewards)</td>" in await site2.get(f"/miner/{PROVIDER.address}")
+    finally:
+        await site2.stop()
