@@ -29,7 +29,7 @@ from aitbc.explorer.index import HOUR, MINUTE, Bucket, Earnings, ExplorerIndex, 
 from aitbc.ledger.client import LedgerClient
 from aitbc.ledger.genesis import Genesis
 from aitbc.ledger.tx import KIND_NAMES, decode_tx
-from aitbc.limits import Backoff
+from aitbc.limits import Backoff, TokenBucket
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, ledger_pb2
 
 log = logging.getLogger("aitbc.explorer")
@@ -44,6 +44,10 @@ WINDOWS = {"1h": (MINUTE, 60, 60), "24h": (MINUTE, 900, 96), "30d": (HOUR, 21_60
 MINER_WINDOWS = {"24h": (3600, 24), "30d": (86_400, 30)}  # a provider's series is hourly, kept 30 days
 MARKET_CACHE_S = 1.0  # GetMarket is budgeted per calling host (5/s): page views within this share one answer
 MARKET_CACHE_ENTRIES = 1024  # answers kept at once (the market, and miner pages' answers)
+# GetMarket(miner_id) calls a second (burst) for miner pages, beside the shared answer's one a second:
+# together under the coordinator's 5/s per host, so views of many miner pages cannot exhaust the
+# explorer's budget and take the market page down with them
+RECORD_RATE_PER_S, RECORD_BURST = 3.0, 6
 
 
 def _static(name: str) -> bytes:
@@ -62,6 +66,7 @@ class Explorer:
         self.recent: dict[int, dict[str, Any]] = {}
         self.genesis: Genesis | None = None  # the node's: the index pays receipts and cuts stake by its rules
         self._market: dict[str, tuple[float, coordinator_pb2.GetMarketResponse]] = {}  # miner_id -> (when, answer)
+        self._records = TokenBucket(RECORD_RATE_PER_S, RECORD_BURST, time.monotonic)
 
     # ---- following the chain ---------------------------------------------------------------------
 
@@ -255,13 +260,17 @@ class Explorer:
                 "<script src='/static/verify.js'></script><script src='/static/explorer.js'></script>")
         return _page("Verify a receipt", body)
 
+    def _cached(self, miner_id: str) -> coordinator_pb2.GetMarketResponse | None:
+        hit = self._market.get(miner_id)
+        return hit[1] if hit is not None and time.monotonic() - hit[0] < MARKET_CACHE_S else None
+
     async def get_market(self, miner_id: str = "") -> coordinator_pb2.GetMarketResponse:
         """GetMarket (public, no API key; with miner_id, that miner's record too), one answer per
         question shared by the page views of MARKET_CACHE_S."""
+        hit = self._cached(miner_id)
+        if hit is not None:
+            return hit
         now = time.monotonic()
-        hit = self._market.get(miner_id)
-        if hit is not None and now - hit[0] < MARKET_CACHE_S:
-            return hit[1]
         async with rpc.channel(self.coordinator) as ch:
             m = await coordinator_pb2_grpc.MarketServiceStub(ch).GetMarket(
                 coordinator_pb2.GetMarketRequest(miner_id=miner_id), timeout=5)
@@ -342,16 +351,24 @@ class Explorer:
         offer, record, fills, note = None, None, [], ""
         if self.coordinator:
             try:
-                m = await self.get_market(address)
+                m = await self.get_market()  # the shared answer: offers and fills
                 offer = next((o for o in m.offers if o.miner_id == address), None)
-                record = m.miner if m.HasField("miner") else None
                 fills = [f for f in m.recent_fills if f.miner_id == address]
                 if offer is None:
                     note = "<p>Not offering on the coordinator now (not connected, or quarantined).</p>"
+                # its record: only for a miner the chain paid or that offers (not for any address a
+                # visitor makes up), and within the explorer's own budget of such calls
+                if _is_provider(earned) or offer is not None:
+                    if self._cached(address) is None and self._records.take():
+                        note += ("<p>The coordinator's record of this miner is not fetched right now (many miner "
+                                 "pages asked for at once): reload in a moment.</p>")
+                    else:
+                        r = await self.get_market(address)
+                        record = r.miner if r.HasField("miner") else None
             except grpc.aio.AioRpcError as exc:
-                note = f"<p>The coordinator answered {esc(exc.code().name)}: {esc(exc.details() or '')}</p>"
-        if not _is_provider(earned) and offer is None and record is None:
-            return _not_found(f"no miner {address}: the chain never paid it and the coordinator does not know it")
+                note += f"<p>The coordinator answered {esc(exc.code().name)}: {esc(exc.details() or '')}</p>"
+        if not _is_provider(earned) and offer is None:
+            return _not_found(f"no miner {address}: the chain never paid it and it offers nothing on the coordinator")
         parts = [_fields([("address", _addr(address))])]
         if record is not None:
             parts.append("<h2>Record (coordinator)</h2>" + _fields([

@@ -24,13 +24,13 @@ pytestmark = pytest.mark.timeout(120)
 
 
 class Site:
-    def __init__(self, ledger: str, index_dir: Path) -> None:
-        self.ledger, self.index_dir = ledger, index_dir
+    def __init__(self, ledger: str, index_dir: Path, *, coordinator: str = "") -> None:
+        self.ledger, self.index_dir, self.coordinator = ledger, index_dir, coordinator
         self.runner: web.AppRunner | None = None
         self.url = ""
 
     async def start(self) -> None:
-        self.explorer = Explorer(self.ledger, self.index_dir)
+        self.explorer = Explorer(self.ledger, self.index_dir, coordinator=self.coordinator)
         self.runner = web.AppRunner(self.explorer.app())
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -237,3 +237,49 @@ async def test_a_miner_page_shows_what_the_chain_paid_it(chain: dict[str, Any], 
         assert f"<td>{minted + fees:,} (minted + fees + slash rewards)</td>" in await site2.get(f"/miner/{PROVIDER.address}")
     finally:
         await site2.stop()
+
+
+async def test_a_miner_page_with_the_coordinators_record(chain: dict[str, Any], tmp_path: Path, network_factory: Any,
+                                                         null_backend: Any) -> None:
+    """A real coordinator and miner: the miner page has its record (jobs served, verifications) and
+    offer from GetMarket beside what the chain paid it; the market's miners table links to it.
+    Miner pages fetch records within the explorer's own budget (under the coordinator's per-host
+    limit), so views of many miner pages never turn into RESOURCE_EXHAUSTED for the market."""
+    from aitbc.limits import TokenBucket
+    from tests.coordinator.test_jobs_api import MD, image_job, stub, wait_done
+    from tests.ledger.helpers import key
+    from tests.ledger.helpers import receipt as make_receipt
+
+    lc: LedgerClient = chain["client"]
+    net = await network_factory()
+    await net.add_miner({"null": null_backend}, price=3, key=PROVIDER)  # the chain's provider serves here
+    s = stub(net)
+    await wait_done(s, (await s.SubmitJob(image_job("a secret prompt", model="null", steps=5, seed=1),
+                                          metadata=MD)).job.job_id)
+    others = [key(200 + i) for i in range(25)]  # providers the chain paid that this coordinator never saw
+    for i, k in enumerate(others):
+        last = await lc.mint(ALICE, make_receipt(300 + i, provider=k))
+    await lc.wait_for_tx(last)
+    site = Site(chain["ledger"], tmp_path / "index", coordinator=net.address)
+    await site.start()
+    try:
+        head = (await lc.get_head()).height
+        await until(lambda: site.explorer.index.tip >= head)
+        page = await site.get(f"/miner/{PROVIDER.address}")
+        assert "Record (coordinator)" in page and "<th>jobs served</th><td>1</td>" in page
+        assert "<th>connected now</th><td>yes</td>" in page and "<th>price per unit</th><td>3</td>" in page
+        assert "<td>2,000 (minted + fees + slash rewards)</td>" in page  # the fixture's two MINTs
+        assert "a secret prompt" not in page and "alice" not in page
+        market = await site.get("/market")
+        assert f"<td><a href='/miner/{PROVIDER.address}'>" in market.split("id='miners'")[1].split("</table>")[0]
+        # 25 more miner pages at once, on a frozen clock: the explorer's budget of record calls (6) is
+        # spent, the rest say so, none gets the coordinator's refusal
+        site.explorer._records = TokenBucket(3.0, 6, lambda: 0.0)
+        pages = [await site.get(f"/miner/{k.address}") for k in others]
+        fetched = [p for p in pages if "<th>connected now</th><td>no</td>" in p or "Record (coordinator)" in p]
+        assert not any("RESOURCE_EXHAUSTED" in p for p in pages)
+        assert sum("not fetched right now" in p for p in pages) == 25 - 6 and len(fetched) == 0  # never seen
+        assert "Not offering on the coordinator now" in pages[0] and "<td>1,000 (minted" in pages[0]
+        assert "RESOURCE_EXHAUSTED" not in await site.get("/market")
+    finally:
+        await site.stop()
