@@ -69,12 +69,13 @@ async def run(n: int, concurrency: int) -> None:
 
                 await asyncio.gather(*(one() for _ in range(100)))  # warm-up
                 warm = set(submitted)
-                cpu0 = cpu_seconds(proc.pid)
+                cpu0, own0 = cpu_seconds(proc.pid), cpu_seconds(os.getpid())
                 t0 = time.perf_counter()
                 await asyncio.gather(*(one() for _ in range(n)))
                 while not all(j in miner.held for j in submitted) and time.perf_counter() - t0 < 120:
                     await asyncio.sleep(0.01)
                 coord_cpu_ms = (cpu_seconds(proc.pid) - cpu0) * 1000 / n
+                own_cpu_ms = (cpu_seconds(os.getpid()) - own0) * 1000 / n  # the clients and the miner
                 ids = [j for j in submitted if j not in warm]
                 # unloaded latency: one job at a time, what a single client sees
                 seq: list[float] = []
@@ -103,7 +104,8 @@ async def run(n: int, concurrency: int) -> None:
     print(f"  submit -> miner holds job, {concurrency} in flight: {summary(lat)}")
     print(f"  dispatch rate: {n / held_span:.0f} jobs/s held; {miner.attested - 300} completed with receipts the "
           f"coordinator attested (ResultAccepted) at {(miner.attested - 300) / done_span:.0f} jobs/s")
-    print(f"  coordinator CPU per job (all its threads, {concurrency} in flight): {coord_cpu_ms:.2f} ms")
+    print(f"  CPU per job ({concurrency} in flight): coordinator {coord_cpu_ms:.2f} ms (all its threads), "
+          f"clients + miner {own_cpu_ms:.2f} ms; {os.cpu_count()} cores")
     print(f"  raw grpc.aio unary echo, same concurrency: {summary(echo_lat)}; {echo_rate:.0f} calls/s")
     print(f"  ratio: dispatch p50 / echo p50 = {sorted(lat)[len(lat) // 2] / sorted(echo_lat)[len(echo_lat) // 2]:.1f}x; "
           f"jobs/s / echo calls/s = {n / held_span / echo_rate:.2f}")

@@ -43,6 +43,7 @@ log = logging.getLogger("aitbc.miner")
 T = TypeVar("T")
 VERSION = "aitbc-miner/0.1"
 TEXT_FLUSH_S = 0.01  # text deltas are sent at most this long after they are made
+ACCEPT_AFTER_S = 0.05  # JobAccepted goes only for a job that said nothing else for this long
 _load_owner: MinerDaemon | None = None  # the daemon aitbc_miner_load reads (one per process)
 
 
@@ -51,6 +52,7 @@ class RunningJob:
     job: miner_pb2.Task
     cancel: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task[None] | None = None
+    accept: asyncio.TimerHandle | None = None  # the JobAccepted still to send, unless other word goes first
 
 
 class MinerDaemon:
@@ -210,9 +212,24 @@ class MinerDaemon:
         if self._outbox is not None:
             self._outbox.put_nowait(msg)
 
+    def _send_job(self, rj: RunningJob, msg: miner_pb2.WorkRequest) -> None:
+        """A message about one of its jobs: any of them tells the coordinator the job started, so the
+        pending JobAccepted is not needed any more (a quick job's result is its only message)."""
+        if rj.accept is not None:
+            rj.accept.cancel()
+            rj.accept = None
+        self._send(msg)
+
+    def _accepted(self, rj: RunningJob) -> None:
+        rj.accept = None
+        self._send(miner_pb2.WorkRequest(accepted=miner_pb2.JobAccepted(job_id=rj.job.job_id)))
+
     def _abandon_all(self, reason: str) -> None:
         for rj in self.running.values():
             rj.cancel.set()
+            if rj.accept is not None:
+                rj.accept.cancel()
+                rj.accept = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -252,7 +269,8 @@ class MinerDaemon:
                     self._send(miner_pb2.WorkRequest(failed=miner_pb2.JobFailed(
                         job_id=job_id, reason=f"model '{job.model}' is not loaded on this miner for this job kind")))
                     return
-                self._send(miner_pb2.WorkRequest(accepted=miner_pb2.JobAccepted(job_id=job_id)))
+                # started: said with the first progress, text or result, or by JobAccepted after 50 ms
+                rj.accept = asyncio.get_running_loop().call_later(ACCEPT_AFTER_S, self._accepted, rj)
                 started = jobs.now_ms()
                 if jobs.job_kind(job) == jobs.TEXT:
                     outputs, meter, extra = await self._generate_text(rj, backend)
@@ -264,9 +282,10 @@ class MinerDaemon:
                     return
                 digests = []
                 artifacts = []
+                inline = sum(len(data) for data, _ in outputs) <= CHUNK_BYTES  # small: in the result itself
                 for i, (data, art) in enumerate(outputs):
-                    for off in range(0, len(data), CHUNK_BYTES):
-                        self._send(miner_pb2.WorkRequest(chunk=miner_pb2.ArtifactChunk(
+                    for off in range(0, 0 if inline else len(data), CHUNK_BYTES):
+                        self._send_job(rj, miner_pb2.WorkRequest(chunk=miner_pb2.ArtifactChunk(
                             job_id=job_id, index=i, data=data[off:off + CHUNK_BYTES])))
                     digests.append(crypto.sha256(data))
                     art.sha256, art.size = digests[-1].hex(), len(data)
@@ -280,8 +299,9 @@ class MinerDaemon:
                 )
                 signed = receipts.sign_receipt(body, self.key)
                 telemetry.set_attributes(units=units, unit_type=unit_type, outputs=len(outputs))
-                self._send(miner_pb2.WorkRequest(result=miner_pb2.JobResult(
-                    job_id=job_id, artifacts=artifacts, receipt=receipt_to_proto(signed), **extra)))
+                self._send_job(rj, miner_pb2.WorkRequest(result=miner_pb2.JobResult(
+                    job_id=job_id, artifacts=artifacts, receipt=receipt_to_proto(signed),
+                    inline_artifacts=[data for data, _ in outputs] if inline else [], **extra)))
                 self.completed += 1
                 log.info("job %s done: %d output(s), %d %s", job_id, len(outputs), units, unit_type)
         except JobCancelled:
@@ -290,13 +310,16 @@ class MinerDaemon:
         except BackendError as exc:
             self.failed += 1
             telemetry.set_attributes(error=str(exc)[:200])
-            self._send(miner_pb2.WorkRequest(failed=miner_pb2.JobFailed(job_id=job_id, reason=str(exc), permanent=True)))
+            self._send_job(rj, miner_pb2.WorkRequest(failed=miner_pb2.JobFailed(job_id=job_id, reason=str(exc), permanent=True)))
         except Exception as exc:
             self.failed += 1
             log.exception("job %s failed", job_id)
-            self._send(miner_pb2.WorkRequest(failed=miner_pb2.JobFailed(
+            self._send_job(rj, miner_pb2.WorkRequest(failed=miner_pb2.JobFailed(
                 job_id=job_id, reason=f"{exc.__class__.__name__}: {exc}"[:500], permanent=False)))
         finally:
+            if rj.accept is not None:  # cancelled, or gone before it said anything
+                rj.accept.cancel()
+                rj.accept = None
             if self.running.get(job_id) is rj:  # not a later run of the same job that waits for this one
                 del self.running[job_id]
 
@@ -312,7 +335,7 @@ class MinerDaemon:
         def on_step(step: int, total: int) -> None:  # on the worker thread, inside miner.generate
             if tracing:
                 telemetry.add_event("denoise.step", step=step, total_steps=total)
-            loop.call_soon_threadsafe(self._send, miner_pb2.WorkRequest(
+            loop.call_soon_threadsafe(self._send_job, rj, miner_pb2.WorkRequest(
                 progress=job_pb2.JobProgress(job_id=job_id, step=step, total_steps=total)))
 
         with telemetry.span("miner.generate", job_id=job_id, model=rj.job.model, job_kind="image", steps=p.steps,
@@ -351,7 +374,7 @@ class MinerDaemon:
                 pending.clear()
                 scheduled = False
             if text:
-                self._send(miner_pb2.WorkRequest(text=job_pb2.TextChunk(job_id=job_id, offset=offset, text=text)))
+                self._send_job(rj, miner_pb2.WorkRequest(text=job_pb2.TextChunk(job_id=job_id, offset=offset, text=text)))
                 offset += len(text)
 
         def on_text(delta: str) -> None:  # on the generating thread

@@ -213,8 +213,8 @@ class Coordinator:
     def _moved(self, ins: m.Moved) -> None:
         job, to = ins.job, ins.to_state
         self._jobs_in[to].inc()
-        if ins.from_state in HELD:  # it left its miner (requeued, taken back, cancelled, ended): an
-            self.uploads.drop(job.job_id)  # unfinished upload for it is deleted (a result's was taken)
+        if ins.from_state in HELD and to not in HELD:  # it left its miner (requeued, taken back, cancelled,
+            self.uploads.drop(job.job_id)  # ended): an unfinished upload for it is deleted (a result's was taken)
         if to not in jobs.TERMINAL:
             return
         if to != S.JOB_STATE_COMPLETED and job.fee:  # not charged: a completed job's reservation ends with
@@ -784,6 +784,12 @@ class Coordinator:
         except InvalidArgument as exc:
             self._run(m.Rejected(conn.miner_id, job.job_id, exc.message))
             return
+        self._heard(conn, job, "the miner streamed its first text (it started the job)")
+
+    def _heard(self, conn: MinerConn, job: job_pb2.Job, started: str) -> None:
+        """A word on a held job: the miner is not stalled, and a job still ASSIGNED has started."""
+        if job.state == S.JOB_STATE_ASSIGNED:
+            self._run(m.Accepted(conn.miner_id, job.job_id, started), dispatch=False)
         self.machine.handle(m.Heard(conn.miner_id))
 
     def _on_chunk(self, conn: MinerConn, chunk: miner_pb2.ArtifactChunk) -> None:
@@ -795,10 +801,16 @@ class Coordinator:
         except ResourceExhausted as exc:
             self._run(m.Rejected(conn.miner_id, job.job_id, exc.message))  # requeued; its upload deleted
             return
-        self.machine.handle(m.Heard(conn.miner_id))
+        self._heard(conn, job, "the miner sent its first artifact chunk (it started the job)")
 
     def _on_result(self, conn: MinerConn, result: miner_pb2.JobResult) -> None:
         job = self.machine.held(conn.miner_id, result.job_id)
+        try:  # small outputs inline: through the same bounded, hashed uploads as chunks
+            self.uploads.inline(conn.miner_id, job.job_id, jobs.job_outputs(job), result.inline_artifacts)
+        except AitbcError as exc:
+            self.uploads.drop(job.job_id)
+            self._run(m.Rejected(conn.miner_id, job.job_id, exc.message))
+            return
         uploads = self.uploads.take(job.job_id)
         held_ms = (self.clock() - self.machine.held_since(job.job_id)) * 1000
         try:

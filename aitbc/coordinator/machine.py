@@ -43,7 +43,7 @@ TRANSITIONS: dict[tuple[int, int], str] = {
     (NEW, QUEUED): "submitted (or restored, or a re-execution created)",
     (QUEUED, ASSIGNED): "matched to a miner and sent to it",
     (QUEUED, RUNNING): "a split job: its first shard went to a miner",
-    (ASSIGNED, RUNNING): "the miner accepted the job",
+    (ASSIGNED, RUNNING): "the miner accepted the job (JobAccepted, or its first progress, text or chunk)",
     (ASSIGNED, QUEUED): "requeued: miner lost, stalled, failed or its result was rejected; or a restart",
     (RUNNING, QUEUED): "requeued: miner lost, stalled, failed or its result was rejected; or a restart",
     (ASSIGNED, COMPLETED): "a result passed every check (no JobAccepted came first)",
@@ -128,8 +128,12 @@ class Heard:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
+    """The miner started the job: a JobAccepted, or the first other word on a job still ASSIGNED
+    (a text chunk, an artifact chunk; progress and results imply it themselves)."""
+
     miner_id: str
     job_id: str
+    cause: str = "the miner accepted it"
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,10 +505,7 @@ class JobMachine:
         elif isinstance(ev, Progressed):
             self._progressed(ev)
         elif isinstance(ev, Accepted):
-            job = self._held(ev.miner_id, ev.job_id)
-            if job.state == ASSIGNED:
-                self._move(job, RUNNING, "the miner accepted it", miner_id=ev.miner_id)
-                job.started_at_unix_ms = job.updated_at_unix_ms
+            self._started(self._held(ev.miner_id, ev.job_id), ev.miner_id, ev.cause)
         elif isinstance(ev, Completed):
             self._completed(ev)
         elif isinstance(ev, Rejected):
@@ -744,8 +745,14 @@ class JobMachine:
 
     # ---- miner events ------------------------------------------------------------------------------
 
+    def _started(self, job: job_pb2.Job, miner_id: str, cause: str) -> None:
+        if job.state == ASSIGNED:
+            self._move(job, RUNNING, cause, miner_id=miner_id)
+            job.started_at_unix_ms = job.updated_at_unix_ms
+
     def _progressed(self, ev: Progressed) -> None:
         job = self._held(ev.miner_id, ev.progress.job_id)
+        self._started(job, ev.miner_id, "the miner reported progress (it started the job)")
         job.progress.CopyFrom(ev.progress)
         p = job_pb2.JobProgress(job_id=job.job_id, step=ev.progress.step, total_steps=ev.progress.total_steps)
         self._out.append(Publish(job.job_id, p))

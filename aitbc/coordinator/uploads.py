@@ -20,15 +20,17 @@ import hashlib
 import io
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from aitbc.config import private_dir
-from aitbc.errors import ResourceExhausted
+from aitbc.errors import InvalidArgument, ResourceExhausted
+from aitbc.rpc import CHUNK_BYTES
 
 SUFFIX = ".part"
+INLINE_BYTES = CHUNK_BYTES  # a result's outputs together at most this, inline in the JobResult (one message)
 SPOOL_BYTES = 256 * 1024  # an output up to this size stays in memory: no upload file, one write at most
 SPOOL_TOTAL = 8 * 1024 * 1024  # all such outputs together; past it, new bytes go to files
 
@@ -164,6 +166,24 @@ class Uploads:
         self._job_bytes[job_id] = self._job_bytes.get(job_id, 0) + n
         self._miner_bytes[miner_id] = self._miner_bytes.get(miner_id, 0) + n
         self.total += n
+
+    def inline(self, miner_id: str, job_id: str, outputs: int, datas: Sequence[bytes]) -> None:
+        """A result's inline outputs (JobResult.inline_artifacts): each whole output as one chunk,
+        under the same limits. Nothing when `datas` is empty (the outputs came as chunks). Refused
+        InvalidArgument when they are not one per output, together above INLINE_BYTES, or the job
+        also sent chunks; ResourceExhausted past a limit (the caller drops the upload)."""
+        if not datas:
+            return
+        if len(datas) != outputs:
+            raise InvalidArgument(f"result has {len(datas)} inline artifacts; job {job_id} has {outputs} output(s): "
+                                  "send one per output, or none and the outputs as ArtifactChunk messages")
+        if sum(len(d) for d in datas) > INLINE_BYTES:
+            raise InvalidArgument(f"inline artifacts exceed {INLINE_BYTES} bytes: send larger outputs as "
+                                  "ArtifactChunk messages")
+        if job_id in self._jobs:
+            raise InvalidArgument(f"job {job_id}'s outputs came both as ArtifactChunk messages and inline: send one or the other")
+        for i, data in enumerate(datas):
+            self.append(miner_id, job_id, i, data)
 
     def take(self, job_id: str) -> dict[int, Upload]:
         """The job's finished outputs, no longer counted in flight; the caller moves or discards them."""

@@ -26,7 +26,7 @@ from aitbc.v1 import job_pb2 as aitbc_dot_v1_dot_job__pb2
 from aitbc.v1 import receipt_pb2 as aitbc_dot_v1_dot_receipt__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61itbc/v1/miner.proto\x12\x08\x61itbc.v1\x1a\x12\x61itbc/v1/job.proto\x1a\x16\x61itbc/v1/receipt.proto\"\x81\x01\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.aitbc.v1.ModelKind\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x13\n\x0bnative_size\x18\x04 \x01(\r\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\"\xba\x01\n\tMinerInfo\x12\x10\n\x08gpu_name\x18\x01 \x01(\t\x12\x0f\n\x07vram_mb\x18\x02 \x01(\x04\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x16\n\x0eprice_per_unit\x18\x04 \x01(\x04\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12(\n\x0bmodel_specs\x18\x08 \x03(\x0b\x32\x13.aitbc.v1.ModelSpec\"\x15\n\x13GetChallengeRequest\"W\n\x14GetChallengeResponse\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x02 \x01(\x03\x12\x10\n\x08\x63hain_id\x18\x03 \x01(\t\"n\n\x0fRegisterRequest\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tchallenge\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12!\n\x04info\x18\x04 \x01(\x0b\x32\x13.aitbc.v1.MinerInfo\"\x8a\x01\n\x10RegisterResponse\x12\x10\n\x08miner_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x1c\n\x14heartbeat_timeout_ms\x18\x04 \x01(\r\x12\x10\n\x08\x63hain_id\x18\x05 \x01(\t\"7\n\tHeartbeat\x12\x14\n\x0crunning_jobs\x18\x01 \x01(\r\x12\x14\n\x0cvram_used_mb\x18\x02 \x01(\x04\"\x1d\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\rArtifactChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xae\x01\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\tartifacts\x18\x02 \x03(\x0b\x32\x12.aitbc.v1.Artifact\x12\"\n\x07receipt\x18\x03 \x01(\x0b\x32\x11.aitbc.v1.Receipt\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\">\n\tJobFailed\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tpermanent\x18\x03 \x01(\x08\"\xb1\x02\n\x0bWorkRequest\x12(\n\theartbeat\x18\x01 \x01(\x0b\x32\x13.aitbc.v1.HeartbeatH\x00\x12)\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x15.aitbc.v1.JobAcceptedH\x00\x12)\n\x08progress\x18\x03 \x01(\x0b\x32\x15.aitbc.v1.JobProgressH\x00\x12(\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x17.aitbc.v1.ArtifactChunkH\x00\x12%\n\x06result\x18\x05 \x01(\x0b\x32\x13.aitbc.v1.JobResultH\x00\x12%\n\x06\x66\x61iled\x18\x06 \x01(\x0b\x32\x13.aitbc.v1.JobFailedH\x00\x12#\n\x04text\x18\x07 \x01(\x0b\x32\x13.aitbc.v1.TextChunkH\x00\x42\x05\n\x03msg\"\x9b\x01\n\x04Task\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12#\n\x06params\x18\x03 \x01(\x0b\x32\x13.aitbc.v1.JobParams\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x16\n\x0eprice_per_unit\x18\x05 \x01(\x04\x12\x13\n\x0bprompt_hash\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\"\x81\x01\n\nAssignment\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\r.aitbc.v1.JobB\x02\x18\x01\x12\x10\n\x08\x63hain_id\x18\x02 \x01(\t\x12\x0e\n\x06hub_id\x18\x03 \x01(\t\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\x12\x1c\n\x04task\x18\x05 \x01(\x0b\x32\x0e.aitbc.v1.Task\"2\n\x10\x43\x61ncelAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\".\n\x0cWorkRejected\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x0eResultAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0creceipt_hash\x18\x02 \x01(\t\"\xc9\x01\n\x0cWorkResponse\x12*\n\nassignment\x18\x01 \x01(\x0b\x32\x14.aitbc.v1.AssignmentH\x00\x12,\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1a.aitbc.v1.CancelAssignmentH\x00\x12*\n\x08rejected\x18\x03 \x01(\x0b\x32\x16.aitbc.v1.WorkRejectedH\x00\x12,\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x0b\x32\x18.aitbc.v1.ResultAcceptedH\x00\x42\x05\n\x03msg\"\x10\n\x0eGetInfoRequest\"\xb1\x01\n\x0fGetInfoResponse\x12\x10\n\x08miner_id\x18\x01 \x01(\t\x12!\n\x04info\x18\x02 \x01(\x0b\x32\x13.aitbc.v1.MinerInfo\x12\x13\n\x0b\x63oordinator\x18\x03 \x01(\t\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x14\n\x0crunning_jobs\x18\x05 \x01(\r\x12\x16\n\x0ejobs_completed\x18\x06 \x01(\x04\x12\x13\n\x0bjobs_failed\x18\x07 \x01(\x04\x32\xdb\x01\n\x0cMinerService\x12M\n\x0cGetChallenge\x12\x1d.aitbc.v1.GetChallengeRequest\x1a\x1e.aitbc.v1.GetChallengeResponse\x12\x41\n\x08Register\x12\x19.aitbc.v1.RegisterRequest\x1a\x1a.aitbc.v1.RegisterResponse\x12\x39\n\x04Work\x12\x15.aitbc.v1.WorkRequest\x1a\x16.aitbc.v1.WorkResponse(\x01\x30\x01\x32Q\n\x0fMinerOpsService\x12>\n\x07GetInfo\x12\x18.aitbc.v1.GetInfoRequest\x1a\x19.aitbc.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61itbc/v1/miner.proto\x12\x08\x61itbc.v1\x1a\x12\x61itbc/v1/job.proto\x1a\x16\x61itbc/v1/receipt.proto\"\x81\x01\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.aitbc.v1.ModelKind\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x13\n\x0bnative_size\x18\x04 \x01(\r\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\"\xba\x01\n\tMinerInfo\x12\x10\n\x08gpu_name\x18\x01 \x01(\t\x12\x0f\n\x07vram_mb\x18\x02 \x01(\x04\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x16\n\x0eprice_per_unit\x18\x04 \x01(\x04\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12(\n\x0bmodel_specs\x18\x08 \x03(\x0b\x32\x13.aitbc.v1.ModelSpec\"\x15\n\x13GetChallengeRequest\"W\n\x14GetChallengeResponse\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x02 \x01(\x03\x12\x10\n\x08\x63hain_id\x18\x03 \x01(\t\"n\n\x0fRegisterRequest\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tchallenge\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12!\n\x04info\x18\x04 \x01(\x0b\x32\x13.aitbc.v1.MinerInfo\"\x8a\x01\n\x10RegisterResponse\x12\x10\n\x08miner_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x1c\n\x14heartbeat_timeout_ms\x18\x04 \x01(\r\x12\x10\n\x08\x63hain_id\x18\x05 \x01(\t\"7\n\tHeartbeat\x12\x14\n\x0crunning_jobs\x18\x01 \x01(\r\x12\x14\n\x0cvram_used_mb\x18\x02 \x01(\x04\"\x1d\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\rArtifactChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xc8\x01\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\tartifacts\x18\x02 \x03(\x0b\x32\x12.aitbc.v1.Artifact\x12\"\n\x07receipt\x18\x03 \x01(\x0b\x32\x11.aitbc.v1.Receipt\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x18\n\x10inline_artifacts\x18\x07 \x03(\x0c\">\n\tJobFailed\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tpermanent\x18\x03 \x01(\x08\"\xb1\x02\n\x0bWorkRequest\x12(\n\theartbeat\x18\x01 \x01(\x0b\x32\x13.aitbc.v1.HeartbeatH\x00\x12)\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x15.aitbc.v1.JobAcceptedH\x00\x12)\n\x08progress\x18\x03 \x01(\x0b\x32\x15.aitbc.v1.JobProgressH\x00\x12(\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x17.aitbc.v1.ArtifactChunkH\x00\x12%\n\x06result\x18\x05 \x01(\x0b\x32\x13.aitbc.v1.JobResultH\x00\x12%\n\x06\x66\x61iled\x18\x06 \x01(\x0b\x32\x13.aitbc.v1.JobFailedH\x00\x12#\n\x04text\x18\x07 \x01(\x0b\x32\x13.aitbc.v1.TextChunkH\x00\x42\x05\n\x03msg\"\x9b\x01\n\x04Task\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12#\n\x06params\x18\x03 \x01(\x0b\x32\x13.aitbc.v1.JobParams\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x16\n\x0eprice_per_unit\x18\x05 \x01(\x04\x12\x13\n\x0bprompt_hash\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\"\x81\x01\n\nAssignment\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\r.aitbc.v1.JobB\x02\x18\x01\x12\x10\n\x08\x63hain_id\x18\x02 \x01(\t\x12\x0e\n\x06hub_id\x18\x03 \x01(\t\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\x12\x1c\n\x04task\x18\x05 \x01(\x0b\x32\x0e.aitbc.v1.Task\"2\n\x10\x43\x61ncelAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\".\n\x0cWorkRejected\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x0eResultAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0creceipt_hash\x18\x02 \x01(\t\"\xc9\x01\n\x0cWorkResponse\x12*\n\nassignment\x18\x01 \x01(\x0b\x32\x14.aitbc.v1.AssignmentH\x00\x12,\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1a.aitbc.v1.CancelAssignmentH\x00\x12*\n\x08rejected\x18\x03 \x01(\x0b\x32\x16.aitbc.v1.WorkRejectedH\x00\x12,\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x0b\x32\x18.aitbc.v1.ResultAcceptedH\x00\x42\x05\n\x03msg\"\x10\n\x0eGetInfoRequest\"\xb1\x01\n\x0fGetInfoResponse\x12\x10\n\x08miner_id\x18\x01 \x01(\t\x12!\n\x04info\x18\x02 \x01(\x0b\x32\x13.aitbc.v1.MinerInfo\x12\x13\n\x0b\x63oordinator\x18\x03 \x01(\t\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\x14\n\x0crunning_jobs\x18\x05 \x01(\r\x12\x16\n\x0ejobs_completed\x18\x06 \x01(\x04\x12\x13\n\x0bjobs_failed\x18\x07 \x01(\x04\x32\xdb\x01\n\x0cMinerService\x12M\n\x0cGetChallenge\x12\x1d.aitbc.v1.GetChallengeRequest\x1a\x1e.aitbc.v1.GetChallengeResponse\x12\x41\n\x08Register\x12\x19.aitbc.v1.RegisterRequest\x1a\x1a.aitbc.v1.RegisterResponse\x12\x39\n\x04Work\x12\x15.aitbc.v1.WorkRequest\x1a\x16.aitbc.v1.WorkResponse(\x01\x30\x01\x32Q\n\x0fMinerOpsService\x12>\n\x07GetInfo\x12\x18.aitbc.v1.GetInfoRequest\x1a\x19.aitbc.v1.GetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,29 +54,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARTIFACTCHUNK']._serialized_start=852
   _globals['_ARTIFACTCHUNK']._serialized_end=912
   _globals['_JOBRESULT']._serialized_start=915
-  _globals['_JOBRESULT']._serialized_end=1089
-  _globals['_JOBFAILED']._serialized_start=1091
-  _globals['_JOBFAILED']._serialized_end=1153
-  _globals['_WORKREQUEST']._serialized_start=1156
-  _globals['_WORKREQUEST']._serialized_end=1461
-  _globals['_TASK']._serialized_start=1464
-  _globals['_TASK']._serialized_end=1619
-  _globals['_ASSIGNMENT']._serialized_start=1622
-  _globals['_ASSIGNMENT']._serialized_end=1751
-  _globals['_CANCELASSIGNMENT']._serialized_start=1753
-  _globals['_CANCELASSIGNMENT']._serialized_end=1803
-  _globals['_WORKREJECTED']._serialized_start=1805
-  _globals['_WORKREJECTED']._serialized_end=1851
-  _globals['_RESULTACCEPTED']._serialized_start=1853
-  _globals['_RESULTACCEPTED']._serialized_end=1907
-  _globals['_WORKRESPONSE']._serialized_start=1910
-  _globals['_WORKRESPONSE']._serialized_end=2111
-  _globals['_GETINFOREQUEST']._serialized_start=2113
-  _globals['_GETINFOREQUEST']._serialized_end=2129
-  _globals['_GETINFORESPONSE']._serialized_start=2132
-  _globals['_GETINFORESPONSE']._serialized_end=2309
-  _globals['_MINERSERVICE']._serialized_start=2312
-  _globals['_MINERSERVICE']._serialized_end=2531
-  _globals['_MINEROPSSERVICE']._serialized_start=2533
-  _globals['_MINEROPSSERVICE']._serialized_end=2614
+  _globals['_JOBRESULT']._serialized_end=1115
+  _globals['_JOBFAILED']._serialized_start=1117
+  _globals['_JOBFAILED']._serialized_end=1179
+  _globals['_WORKREQUEST']._serialized_start=1182
+  _globals['_WORKREQUEST']._serialized_end=1487
+  _globals['_TASK']._serialized_start=1490
+  _globals['_TASK']._serialized_end=1645
+  _globals['_ASSIGNMENT']._serialized_start=1648
+  _globals['_ASSIGNMENT']._serialized_end=1777
+  _globals['_CANCELASSIGNMENT']._serialized_start=1779
+  _globals['_CANCELASSIGNMENT']._serialized_end=1829
+  _globals['_WORKREJECTED']._serialized_start=1831
+  _globals['_WORKREJECTED']._serialized_end=1877
+  _globals['_RESULTACCEPTED']._serialized_start=1879
+  _globals['_RESULTACCEPTED']._serialized_end=1933
+  _globals['_WORKRESPONSE']._serialized_start=1936
+  _globals['_WORKRESPONSE']._serialized_end=2137
+  _globals['_GETINFOREQUEST']._serialized_start=2139
+  _globals['_GETINFOREQUEST']._serialized_end=2155
+  _globals['_GETINFORESPONSE']._serialized_start=2158
+  _globals['_GETINFORESPONSE']._serialized_end=2335
+  _globals['_MINERSERVICE']._serialized_start=2338
+  _globals['_MINERSERVICE']._serialized_end=2557
+  _globals['_MINEROPSSERVICE']._serialized_start=2559
+  _globals['_MINEROPSSERVICE']._serialized_end=2640
 # @@protoc_insertion_point(module_scope)

@@ -245,6 +245,11 @@ Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
 
 @_typing.final
 class JobAccepted(_message.Message):
+    """JobAccepted: the miner started the job (ASSIGNED -> RUNNING). Optional: a JobProgress, a
+    TextChunk or a JobResult for a job still ASSIGNED implies it, and `aitbc miner` sends it only for
+    a job that said nothing else within 50 ms.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
@@ -301,6 +306,7 @@ class JobResult(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     GENERATED_TOKENS_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    INLINE_ARTIFACTS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     prompt_tokens: _builtins.int
     """Text jobs: token counts (receipt units = prompt + generated) and why generation ended."""
@@ -310,6 +316,13 @@ class JobResult(_message.Message):
     def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.Artifact]: ...
     @_builtins.property
     def receipt(self) -> _receipt_pb2.Receipt: ...
+    @_builtins.property
+    def inline_artifacts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Small outputs travel here instead of as ArtifactChunk messages, so that a small result is one
+        message: the bytes of every output, in order (one entry per output), together at most 1 MiB
+        (1048576 bytes). Either every output inline and no chunk sent for the job, or none inline.
+        """
+
     def __init__(
         self,
         *,
@@ -319,10 +332,11 @@ class JobResult(_message.Message):
         prompt_tokens: _builtins.int = ...,
         generated_tokens: _builtins.int = ...,
         finish_reason: _builtins.str = ...,
+        inline_artifacts: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "receipt", b"receipt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "inline_artifacts", b"inline_artifacts", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -54,8 +54,10 @@ async def test_a_job_reassigned_during_its_abandoned_run_is_run_again() -> None:
         while "result" not in kinds:
             msg = await outbox.get()
             kinds.append(msg.WhichOneof("msg"))
-    # the abandoned run ended without a word; the new one accepted the job and sent its result
-    assert kinds.count("accepted") == 2 and kinds.count("result") == 1, kinds
+    # the abandoned run ended without a word (at most the JobAccepted it sent after 50 ms, when the box
+    # was slow); the new one ran the job: progress for each of its 3 steps, then its result
+    assert [k for k in kinds if k != "accepted"] == ["progress"] * 3 + ["result"], kinds
+    assert kinds.count("accepted") <= 1, kinds
     assert backend.calls == 2
     async with asyncio.timeout(5):
         while daemon.running:
