@@ -111,6 +111,9 @@ class Explorer:
     # ---- pages -------------------------------------------------------------------------------------
 
     async def home(self, request: web.Request) -> web.Response:
+        window = request.query.get("window", "24h")
+        if window not in WINDOWS:
+            return _bad_window(window, WINDOWS)
         head = await self.ledger.stub.GetHead(ledger_pb2.GetHeadRequest(), timeout=5)
         top = head.head.height
         if top in self.recent:  # the stream is at the head: the blocks are here already
@@ -120,9 +123,6 @@ class Explorer:
             for h in range(top, max(0, top - PAGE_BLOCKS), -1):
                 b = (await self.ledger.stub.GetBlock(ledger_pb2.GetBlockRequest(height=h), timeout=5)).block
                 summaries.append(_block_summary(b.header, b.final))
-        window = request.query.get("window", "24h")
-        if window not in WINDOWS:
-            return _bad_window(window, WINDOWS)
         rows = [_block_row(x) for x in summaries]
         supply = ""
         with contextlib.suppress(grpc.aio.AioRpcError):
