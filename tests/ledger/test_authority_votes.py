@@ -174,11 +174,19 @@ def test_a_voter_may_vote_for_at_most_k_proposals_per_epoch():
     assert isinstance(err, FailedPrecondition) and err.message == (
         f"too many proposals: {AUTH[0].address} already voted for 4 proposals in epoch 0 (at most 4 per authority "
         f"per epoch); vote again from epoch 1 (block {E + 1})")
-    # a removal counts as a proposal too, and a block carrying the 5th vote is invalid as a whole
+    # a removal counts as a proposal too, and a block carrying the 5th vote (a byzantine proposer's)
+    # is invalid as a whole: a node refuses it before its state root
     assert run.refused(run.remove(AUTH[0], AUTH[3])).message.startswith("too many proposals: ")
+    from aitbc.ledger.block import Header, make_block, tx_root
+
+    parent, txs = run.chain.head, [decode_tx(run.add(AUTH[1], NEW)), decode_tx(fifth)]
+    slot = parent.slot + 1
+    proposer = AUTH[slot % 4]
+    forged = make_block(Header(G4.chain_id, G4.hash(), 2, parent.hash, slot, slot * G4.block_time_ms, aid(proposer),
+                               tx_root([t.hash for t in txs]), bytes(32), len(txs)), proposer, txs)
     with pytest.raises(InvalidArgument, match=rf"^invalid block 2: tx 1 \(.*\): too many proposals: {AUTH[0].address} "
                                               "already voted for 4 proposals in epoch 0"):
-        state.apply_txs(run.chain.store.get, [decode_tx(run.add(AUTH[1], NEW)), decode_tx(fifth)], G4, 2)
+        _import_all(G4, run.blocks).add_block(forged, slot * G4.block_time_ms)
     # the cap is per voter: the others still vote; a vote again for one of the four is "already voted"
     run.block(run.add(AUTH[1], subjects[K]))
     assert isinstance(run.refused(run.add(AUTH[0], subjects[0])), AlreadyExists)
