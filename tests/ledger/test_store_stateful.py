@@ -180,11 +180,13 @@ class ChainMachine(RuleBasedStateMachine):
     @rule(voter=st.sampled_from([AUTH[0], AUTH[1]]), n=st.integers(1, authorities.MAX_PROPOSALS_PER_VOTER + 2),
           remove=st.booleans())
     def vote_flood(self, voter, n, remove):
-        """A byzantine authority votes for n fresh subjects at once (beyond K per epoch they are
-        refused and left out); a removal of a set member mixed in counts against the cap too."""
+        """A byzantine authority votes for n distinct proposals at once (beyond K per epoch they are
+        refused and left out); a removal of a set member mixed in counts against the cap too. The
+        subjects are keys of KEYS (a lone authority's votes reach quorum: its adds do apply)."""
+        pool = [AUTH[2], *USERS]
         for i in range(n):
             self.flooded += 1
-            subject = key(5000 + self.flooded).address
+            subject = pool[self.flooded % len(pool)].address
             action = txmod.ACTION_ADD
             if remove and i == n - 1:
                 action, subject = txmod.ACTION_REMOVE, AUTH[1].address
