@@ -76,6 +76,7 @@ def _sign(body: bytes, key: crypto.PrivateKey) -> bytes:
 def main() -> None:
     authority, attester, provider = _key("authority"), _key("attester"), _key("provider")
     alice, bob, stranger = _key("alice"), _key("bob"), _key("stranger")
+    carol, dave, erin, frank = _key("carol"), _key("dave"), _key("erin"), _key("frank")
     g = make_genesis("aitbc-refused", [authority.address], [attester.address], block_time_ms=100,
                      max_price_per_unit=1000, max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000)
     ref = g.ref
@@ -99,6 +100,9 @@ def main() -> None:
         ("the attester slashes the stranger (alice outvoted it)", txmod.make_slash(attester, ref, 1, cheat, outvoted)),
         ("the authority votes bob in (1 of 1: quorum, applied at epoch 2)",
          txmod.make_authority_vote(authority, ref, 0, txmod.ACTION_ADD, bob.address)),
+        *((f"the authority votes {name} in (its proposal {i} of at most 4 in epoch 0)",
+           txmod.make_authority_vote(authority, ref, i - 1, txmod.ACTION_ADD, k.address))
+          for i, (name, k) in enumerate((("carol", carol), ("dave", dave), ("erin", erin)), 2)),
     ]
     cases: list[tuple[str, bytes, str, str]] = []
 
@@ -278,24 +282,28 @@ def main() -> None:
            f"verdict already recorded: the receipt {cheat.receipt_hash.hex()} was slashed in block ", "ALREADY_EXISTS")
 
     # -- AUTHORITY_VOTE (kind 12)
-    vote = txmod.encode_authority_vote_body(ref, authority.pubkey, 1, txmod.ACTION_ADD, alice.address)
+    vote = txmod.encode_authority_vote_body(ref, authority.pubkey, 4, txmod.ACTION_ADD, alice.address)
     refuse("AUTHORITY_VOTE with action 3", _sign(vote[:-21] + bytes((3,)) + vote[-20:], authority),
            "malformed transaction: authority vote action must be 1 (add) or 2 (remove), got 3")
     refuse("AUTHORITY_VOTE by a key outside the authority set",
            txmod.make_authority_vote(stranger, ref, 0, txmod.ACTION_ADD, alice.address),
            f"not an authority: {stranger.address} is not in the authority set of epoch 0", "PERMISSION_DENIED")
-    refuse("AUTHORITY_VOTE to add an authority", txmod.make_authority_vote(authority, ref, 1, txmod.ACTION_ADD,
+    refuse("AUTHORITY_VOTE to add an authority", txmod.make_authority_vote(authority, ref, 4, txmod.ACTION_ADD,
                                                                           authority.address),
            f"authority vote refused: {authority.address} is already an authority of epoch 0", "FAILED_PRECONDITION")
     refuse("AUTHORITY_VOTE to remove a key outside the set",
-           txmod.make_authority_vote(authority, ref, 1, txmod.ACTION_REMOVE, alice.address),
+           txmod.make_authority_vote(authority, ref, 4, txmod.ACTION_REMOVE, alice.address),
            f"authority vote refused: {alice.address} is not an authority of epoch 0", "FAILED_PRECONDITION")
     refuse("AUTHORITY_VOTE to remove the last authority",
-           txmod.make_authority_vote(authority, ref, 1, txmod.ACTION_REMOVE, authority.address),
+           txmod.make_authority_vote(authority, ref, 4, txmod.ACTION_REMOVE, authority.address),
            f"authority vote refused: removing {authority.address} would leave no authority", "FAILED_PRECONDITION")
     refuse("AUTHORITY_VOTE for bob again in the same epoch",
-           txmod.make_authority_vote(authority, ref, 1, txmod.ACTION_ADD, bob.address),
+           txmod.make_authority_vote(authority, ref, 4, txmod.ACTION_ADD, bob.address),
            f"already voted: {authority.address} voted to add {bob.address} in epoch 0", "ALREADY_EXISTS")
+    refuse("AUTHORITY_VOTE for a 5th proposal in one epoch (bob, carol, dave, erin voted)",
+           txmod.make_authority_vote(authority, ref, 4, txmod.ACTION_ADD, frank.address),
+           f"too many proposals: {authority.address} already voted for 4 proposals in epoch 0 (at most 4 per "
+           "authority per epoch); vote again from epoch 1", "FAILED_PRECONDITION")
     out = {
         "about": "Transactions a node must refuse (docs/ledger.md 'Rejection messages'): apply `accepted` in order "
                  "on the genesis (one block, or one block each), then each refused tx, alone, must be refused with a message starting with "

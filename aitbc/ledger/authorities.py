@@ -13,7 +13,14 @@ State (in the state root, as every other key):
     b"v1:aset:" || u64 epoch                            -> u16 count || count x 20-byte account id
     b"v1:avot:" || u64 epoch || u8 action || subject (20) || voter (20)  -> u64 height
     b"v1:aprp:" || u64 epoch || u8 action || subject (20)              -> u32 votes
+    b"v1:avtr:" || u64 epoch || voter (20)              -> u8 count || count x (u8 action || subject (20))
     b"v1:aque"                                          -> u16 count || count x (u8 action || subject (20))
+
+Bounded (a byzantine authority must not grow every node's state for ever): a voter votes for at
+most MAX_PROPOSALS_PER_VOTER distinct proposals per epoch (v1:avtr: lists them); the last block of
+an epoch deletes that epoch's v1:avot:, v1:aprp: and v1:avtr: records (votes never carry over), so
+the state holds the votes of one epoch only, at most n x MAX_PROPOSALS_PER_VOTER of them; the queue
+holds at most MAX_QUEUE proposals (the vote that would bring one more to its quorum is refused).
 
 Why two epochs: a block of epoch e is proposed and voted final by set(e), which a block at least one
 whole epoch below it fixed; two nodes that agree on a final block agree on its ancestors, hence on
@@ -36,7 +43,11 @@ from aitbc.ledger.tx import ACTION_ADD, ACTION_NAMES, ACTION_REMOVE, Tx
 ASET = b"v1:aset:"
 AVOT = b"v1:avot:"
 APRP = b"v1:aprp:"
+AVTR = b"v1:avtr:"
 AQUE = b"v1:aque"
+# consensus constants of ledger format 3 (docs/ledger.md "Authority set changes", "Bounds")
+MAX_PROPOSALS_PER_VOTER = 4  # distinct proposals one authority may vote for in one epoch
+MAX_QUEUE = 16  # proposals that reached quorum and wait for a boundary
 
 Reader = Callable[[bytes], "bytes | None"]
 _U64 = struct.Struct(">Q")
@@ -60,6 +71,10 @@ def aprp_key(epoch: int, action: int, subject: bytes) -> bytes:
     return APRP + _U64.pack(epoch) + bytes((action,)) + subject
 
 
+def avtr_key(epoch: int, voter: bytes) -> bytes:
+    return AVTR + _U64.pack(epoch) + voter
+
+
 def encode_set(ids: tuple[bytes, ...]) -> bytes:
     return _U16.pack(len(ids)) + b"".join(ids)
 
@@ -79,6 +94,17 @@ def decode_queue(value: bytes | None) -> list[tuple[int, bytes]]:
         return []
     (n,) = _U16.unpack_from(value)
     return [(value[2 + 21 * i], value[3 + 21 * i:23 + 21 * i]) for i in range(n)]
+
+
+def encode_voted(voted: list[tuple[int, bytes]]) -> bytes:
+    """A v1:avtr: value: the proposals one voter voted for in one epoch, in vote order."""
+    return bytes((len(voted),)) + b"".join(bytes((a,)) + s for a, s in voted)
+
+
+def decode_voted(value: bytes | None) -> list[tuple[int, bytes]]:
+    if value is None:
+        return []
+    return [(value[1 + 21 * i], value[2 + 21 * i:22 + 21 * i]) for i in range(value[0])]
 
 
 def defining_height(genesis: Genesis, epoch: int) -> int:
@@ -137,23 +163,37 @@ def apply_vote(read: Reader, tx: Tx, genesis: Genesis, height: int, evidence_at:
     if (seen := read(vk)) is not None:
         raise AlreadyExists(f"already voted: {who} voted to {what} {whom} in epoch {e} (block "
                             f"{_U64.unpack(seen)[0]})")
+    rk = avtr_key(e, sender)
+    voted = decode_voted(read(rk))
+    if len(voted) >= MAX_PROPOSALS_PER_VOTER:
+        raise FailedPrecondition(
+            f"too many proposals: {who} already voted for {len(voted)} proposals in epoch {e} (at most "
+            f"{MAX_PROPOSALS_PER_VOTER} per authority per epoch); vote again from epoch {e + 1} (block "
+            f"{(e + 1) * genesis.epoch_blocks + 1})")
     pk = aprp_key(e, tx.action, subject)
     old = read(pk)
     votes = (0 if old is None else _U32.unpack(old)[0]) + 1
-    writes = {vk: _U64.pack(height), pk: _U32.pack(votes)}
+    writes = {vk: _U64.pack(height), pk: _U32.pack(votes), rk: encode_voted([*voted, (tx.action, subject)])}
     if votes == quorum(len(ids)):  # reached now (once: a voter counts once per proposal per epoch)
         queue = decode_queue(read(AQUE))
         if (tx.action, subject) not in queue:
+            if len(queue) >= MAX_QUEUE:
+                raise FailedPrecondition(
+                    f"authority queue full: {len(queue)} changes wait for epoch boundaries (one applies per "
+                    f"epoch, at most {MAX_QUEUE} wait); this vote would bring '{what} {whom}' to its quorum: vote "
+                    "again in a later epoch, once the queue has room")
             writes[AQUE] = encode_queue([*queue, (tx.action, subject)])
     return writes
 
 
-def end_block(read: Reader, genesis: Genesis, height: int) -> dict[bytes, bytes]:
+def end_block(read: Reader, genesis: Genesis, height: int) -> dict[bytes, bytes | None]:
     """After a block's transactions: the last block of epoch e writes set(e + 2), set(e + 1) with the
-    first applicable queued change (FIFO; at most one per epoch; inapplicable ones are dropped)."""
+    first applicable queued change (FIFO; at most one per epoch; inapplicable ones are dropped), and
+    deletes the votes of epoch e (None: a deleted key; they never count again)."""
     if not genesis.has_authority_votes or height % genesis.epoch_blocks:
         return {}
     e = genesis.epoch(height)
+    writes: dict[bytes, bytes | None] = prune_votes(read, genesis, e)
     base = authority_set(read, genesis, e + 1)
     assert base is not None
     raw_queue = read(AQUE)
@@ -167,10 +207,27 @@ def end_block(read: Reader, genesis: Genesis, height: int) -> dict[bytes, bytes]
         if action == ACTION_REMOVE and subject in base and len(base) > 1:
             new = tuple(a for a in base if a != subject)
             break
-    writes = {aset_key(e + 2): encode_set(new)}
+    writes[aset_key(e + 2)] = encode_set(new)
     if raw_queue is not None and encode_queue(queue) != raw_queue:
         writes[AQUE] = encode_queue(queue)
     return writes
+
+
+def prune_votes(read: Reader, genesis: Genesis, epoch: int) -> dict[bytes, bytes | None]:
+    """The deletions of every vote record of `epoch` (v1:avot:, v1:aprp:, v1:avtr:), found without a
+    scan: only members of set(epoch) vote in it, and each one's v1:avtr: lists what it voted for."""
+    ids = authority_set(read, genesis, epoch)
+    assert ids is not None  # the last block of an epoch knows that epoch's set
+    gone: dict[bytes, bytes | None] = {}
+    for voter in ids:
+        rk = avtr_key(epoch, voter)
+        if (voted := read(rk)) is None:
+            continue
+        gone[rk] = None
+        for action, subject in decode_voted(voted):
+            gone[avot_key(epoch, action, subject, voter)] = None
+            gone[aprp_key(epoch, action, subject)] = None
+    return gone
 
 
 class Proposal(NamedTuple):

@@ -14,7 +14,9 @@ What keeps it from being jammed (docs/ledger.md, "Mempool"):
   with fewer pending txs always gets in: no flood from funded keys shuts others out);
 - `mint_reserve` slots only MINTs may use, and a MINT displaces a TRANSFER when full, so settlement
   gets in whatever transfers do;
-- a tx not included within `expiry_blocks` blocks of its admission is dropped.
+- a tx not included within `expiry_blocks` blocks of its admission is dropped;
+- an authority holds at most MAX_PROPOSALS_PER_VOTER pending AUTHORITY_VOTEs (what it may vote for
+  in one epoch; the chain refuses more), so a byzantine authority cannot park a vote flood here.
 """
 
 from __future__ import annotations
@@ -26,7 +28,17 @@ from collections.abc import Callable, Iterable
 from aitbc import bech32, crypto
 from aitbc.errors import AlreadyExists, FailedPrecondition, ResourceExhausted
 from aitbc.ledger import state
-from aitbc.ledger.tx import KIND_SETTLE, KIND_SLASH, KIND_TRANSFER, MAX_U64, SETTLEMENT_KINDS, SPEND_KINDS, Tx
+from aitbc.ledger.authorities import MAX_PROPOSALS_PER_VOTER
+from aitbc.ledger.tx import (
+    KIND_AUTHORITY_VOTE,
+    KIND_SETTLE,
+    KIND_SLASH,
+    KIND_TRANSFER,
+    MAX_U64,
+    SETTLEMENT_KINDS,
+    SPEND_KINDS,
+    Tx,
+)
 
 AccountReader = Callable[[bytes], tuple[int, int]]  # account id -> (balance, nonce)
 MintedReader = Callable[[bytes], bool]  # receipt hash -> minted already?
@@ -93,6 +105,7 @@ class Mempool:
         self.receipts: dict[bytes, bytes] = {}  # receipt hash -> pending MINT (or SETTLE) tx hash
         self.claims: dict[bytes, bytes] = {}  # v1:quot:/v1:slsh: key a pending SETTLE/SLASH uses once -> tx hash
         self.spend: dict[bytes, int] = {}  # sender -> sum of its pending TRANSFER amounts
+        self.votes: dict[bytes, int] = {}  # sender -> its pending AUTHORITY_VOTEs
         self.credit: dict[bytes, int] = {}  # account -> sum of what pending txs add to its balance
         self._credit_of: dict[bytes, tuple[bytes, int]] = {}  # tx hash -> (account credited, amount)
         self._run_end: dict[bytes, int] = {}  # sender -> first nonce missing from its run
@@ -136,6 +149,10 @@ class Mempool:
             if pending + tx.amount > balance:
                 raise FailedPrecondition(
                     f"insufficient balance: have {balance}, pending {pending}, need {tx.amount} more")
+        if tx.kind == KIND_AUTHORITY_VOTE and (held := self.votes.get(tx.sender_id, 0)) >= MAX_PROPOSALS_PER_VOTER:
+            raise FailedPrecondition(
+                f"too many proposals: {_address(tx.sender_id)} has {held} authority votes pending (at most "
+                f"{MAX_PROPOSALS_PER_VOTER} per authority per epoch); send more once they are in a block")
         if (claim := _claim(tx)) is not None and claim in self.claims:
             raise AlreadyExists(f"already known: a {tx.kind_name} of {claim[len(state.QUOT):].hex()} is pending")
         if tx.receipt is not None:  # MINT, SETTLE (an EVIDENCE tx moves no balance and mints nothing)
@@ -198,6 +215,8 @@ class Mempool:
             self.parked_total += 1
         if tx.kind in SPEND_KINDS:
             self.spend[sender] = self.spend.get(sender, 0) + tx.amount
+        if tx.kind == KIND_AUTHORITY_VOTE:
+            self.votes[sender] = self.votes.get(sender, 0) + 1
         if tx.receipt is not None:
             self.receipts[tx.receipt.receipt_hash] = tx.hash
             self.mints += 1
@@ -299,6 +318,11 @@ class Mempool:
                     self.spend[tx.sender_id] = left
                 else:
                     self.spend.pop(tx.sender_id, None)
+            if tx.kind == KIND_AUTHORITY_VOTE:
+                if (left := self.votes[tx.sender_id] - 1) > 0:
+                    self.votes[tx.sender_id] = left
+                else:
+                    del self.votes[tx.sender_id]
             if tx.receipt is not None:
                 self.mints -= 1
                 rh = tx.receipt.receipt_hash

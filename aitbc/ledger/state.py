@@ -10,8 +10,11 @@ State is a key-value map (docs/ledger.md, "State"):
     b"v1:quot:" + quote hash            -> u64 height | 32 tx hash          (a quote settles once, ever)
     b"v1:slsh:" + cheater receipt hash  -> u64 height | 32 tx hash | u64 cut (a verdict once, ever)
     b"v1:supply"                        -> u64 minted | burned | staked | unbonding | escrowed
-    b"v1:aset:", b"v1:avot:", b"v1:aprp:", b"v1:aque": the authority set per epoch and its votes
-                                          (aitbc.ledger.authorities)
+    b"v1:aset:", b"v1:avot:", b"v1:aprp:", b"v1:avtr:", b"v1:aque": the authority set per epoch and
+                                          its votes (aitbc.ledger.authorities; the votes of an epoch
+                                          are deleted by its last block)
+A block's writes map a key to its value after the block, or to None: the block deleted it (the
+state diff writes such a key with an empty value; no state value is empty).
 Invariant (version 3), at every height: sum of balances + staked + unbonding + escrowed == minted - burned.
 """
 
@@ -498,7 +501,7 @@ class Overlay:
 
 
 def apply_txs(read: Reader, txs: Iterable[Tx], genesis: Genesis, height: int, *,
-              verified: Container[bytes] = frozenset()) -> dict[bytes, bytes]:
+              verified: Container[bytes] = frozenset()) -> dict[bytes, bytes | None]:
     """All-or-nothing state writes of a block's txs; raises InvalidArgument naming the failing tx."""
     ov = Overlay(read)
     for i, tx in enumerate(txs):
@@ -509,24 +512,27 @@ def apply_txs(read: Reader, txs: Iterable[Tx], genesis: Genesis, height: int, *,
         except (InvalidArgument, FailedPrecondition, AlreadyExists, PermissionDenied) as exc:
             raise InvalidArgument(f"invalid block {height}: tx {i} ({tx.hash.hex()}): {exc.message}") from None
     ov.writes.update(end_block(ov.get, genesis, height))
-    return ov.writes  # type: ignore[return-value]
+    return ov.writes
 
 
-def end_block(read: Reader, genesis: Genesis, height: int) -> dict[bytes, bytes]:
+def end_block(read: Reader, genesis: Genesis, height: int) -> dict[bytes, bytes | None]:
     """The writes a block makes after its transactions: at an epoch's last block, the authority set
-    of the epoch after next (aitbc.ledger.authorities.end_block)."""
+    of the epoch after next and the deletion of that epoch's votes (aitbc.ledger.authorities.end_block)."""
     return authorities.end_block(read, genesis, height)
 
 
-def encode_state_diff(writes: Mapping[bytes, bytes]) -> bytes:
+def encode_state_diff(writes: Mapping[bytes, bytes | None]) -> bytes:
+    """u16 len(key) || key || u16 len(value) || value per key, in key order; a deleted key (None)
+    has an empty value (u16 0): no state value is empty, so a block that deletes nothing keeps the
+    diff it always had."""
     out = []
     for key in sorted(writes):
-        value = writes[key]
+        value = writes[key] or b""
         out.append(_U16.pack(len(key)) + key + _U16.pack(len(value)) + value)
     return b"".join(out)
 
 
-def state_root(parent_root: bytes, height: int, writes: Mapping[bytes, bytes]) -> bytes:
+def state_root(parent_root: bytes, height: int, writes: Mapping[bytes, bytes | None]) -> bytes:
     """Commitment to the whole state: a hash chain over each block's sorted state writes."""
     return crypto.domain_digest(STATE_DOMAIN, parent_root + struct.pack(">Q", height) + encode_state_diff(writes))
 

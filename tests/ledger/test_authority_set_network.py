@@ -6,13 +6,16 @@ of the new set verifies; one signed by the removed authority for a later epoch d
 
 from __future__ import annotations
 
+import asyncio
+
+import grpc
 import pytest
 
 from aitbc import rpc
 from aitbc.errors import InvalidArgument
 from aitbc.ledger import finality
 from aitbc.ledger.store import MemoryStore
-from aitbc.ledger.tx import ACTION_ADD, ACTION_REMOVE, make_authority_vote
+from aitbc.ledger.tx import ACTION_ADD, ACTION_REMOVE, KIND_AUTHORITY_VOTE, make_authority_vote
 from aitbc.server.ledger import start_node
 from aitbc.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -115,11 +118,15 @@ async def test_authorities_vote_one_in_and_one_out():
             assert now.epoch_blocks == E and now.epoch == g.epoch(now.height)
             then = await stub.GetAuthorities(ledger_pb2.GetAuthoritiesRequest(height=1))
             assert list(then.authorities) == [k.address for k in AUTH] and then.epoch == 0
+            # the epoch the removal was voted in has ended: its votes were deleted from the state by
+            # its last block (GetAuthorities lists none), and the blocks still carry all four
             voted = g.epoch(left) - 2
             props = await stub.GetAuthorities(ledger_pb2.GetAuthoritiesRequest(height=voted * E + 1))
-            [p] = [p for p in props.proposals if p.action == "remove"]
-            assert (p.subject, p.votes, p.quorum) == (AUTH[3].address, 4, 4)
-            assert set(p.voters) == {AUTH[0].address, AUTH[1].address, AUTH[2].address, NEW.address}
+            assert list(props.proposals) == [] and props.epoch == voted
+            cast = [t for h in range(voted * E + 1, (voted + 1) * E + 1) for t in chain.block_at(h).txs
+                    if t.kind == KIND_AUTHORITY_VOTE and t.action == ACTION_REMOVE]
+            assert {t.subject_address for t in cast} == {AUTH[3].address}
+            assert {t.sender for t in cast} == {AUTH[0].address, AUTH[1].address, AUTH[2].address, NEW.address}
     finally:
         for n, s in reversed(running):
             await n.stop()
@@ -174,3 +181,79 @@ async def test_cli_votes_an_authority_in_and_shows_the_set(tmp_path):
     finally:
         await node.stop()
         await server.stop(0)
+
+
+async def test_a_byzantine_authority_cannot_push_more_than_k_proposals_per_epoch():
+    """One authority of two (within f of its own blocks: it proposes every other block) floods
+    AUTHORITY_VOTEs for random subjects through BroadcastTransaction(s) over real gRPC: the mempool
+    takes K of a batch, the chain refuses a (K+1)th proposal in one epoch, no block of either
+    proposer carries more than K of its proposals per epoch, and the state of every node holds the
+    votes of the current epoch only (the boundaries deleted the others)."""
+    from aitbc.ledger import authorities
+
+    from .helpers import key
+
+    k_max = authorities.MAX_PROPOSALS_PER_VOTER
+    e_blocks = 6
+    g = genesis(2, block_time_ms=200, epoch_blocks=e_blocks)
+    byz = AUTH[0]
+    first = await start_node(MemoryStore(), g, byz, "127.0.0.1:0")
+    running = [first]
+    try:
+        running.append(await start_node(MemoryStore(), g, AUTH[1], "127.0.0.1:0", peers=[addr(first[1])]))
+        nodes = [n for n, _ in running]
+        honest = nodes[1]
+        await until(lambda: min(n.chain.head.height for n in nodes) >= 1, what="first blocks")
+        fresh = iter(key(1000 + i) for i in range(10_000))
+        async with rpc.channel(addr(running[1][1])) as ch:
+            stub = ledger_pb2_grpc.LedgerServiceStub(ch)
+            # a batch of 3K votes, consecutive nonces: the mempool takes K and refuses the rest
+            batch = [make_authority_vote(byz, g.ref, i, ACTION_ADD, next(fresh).address) for i in range(3 * k_max)]
+            res = await stub.BroadcastTransactions(ledger_pb2.BroadcastTransactionsRequest(raws=batch))
+            assert [r.accepted for r in res.results] == [True] * k_max + [False] * (2 * k_max)
+            assert all(r.error.startswith(f"too many proposals: {byz.address} has {k_max} authority votes pending")
+                       and r.code == "FAILED_PRECONDITION" for r in res.results[k_max:])
+            start = honest.chain.head.height
+            # then one at a time with its next nonce, until the chain refused a (K+1)th proposal in an
+            # epoch and two epoch boundaries have passed
+            chain_refusals: list[str] = []
+            for _ in range(1200):
+                if chain_refusals and honest.chain.head.height >= start + 2 * e_blocks + 1:
+                    break
+                acct = await stub.GetAccount(ledger_pb2.GetAccountRequest(address=byz.address))
+                raw = make_authority_vote(byz, g.ref, acct.pending_nonce, ACTION_ADD, next(fresh).address)
+                try:
+                    await stub.BroadcastTransaction(ledger_pb2.BroadcastTransactionRequest(raw=raw))
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc.details()
+                    assert exc.details().startswith(f"too many proposals: {byz.address} "), exc.details()
+                    if "already voted for" in exc.details():
+                        chain_refusals.append(exc.details())
+                await asyncio.sleep(0.03)
+            else:
+                raise AssertionError("the flood never met the chain's cap over two epochs")
+        assert chain_refusals[0].startswith(f"too many proposals: {byz.address} already voted for {k_max} proposals "
+                                            "in epoch ")
+        for n, s in reversed(running):  # stop: read each node's chain and state at rest
+            await n.stop()
+            await s.stop(0)
+        running = []
+        chain = honest.chain
+        per_epoch: dict[int, list[bytes]] = {}
+        for h in range(1, chain.head.height + 1):
+            for t in chain.block_at(h).txs:
+                if t.kind == KIND_AUTHORITY_VOTE and t.sender == byz.address:
+                    per_epoch.setdefault(g.epoch(h), []).append(t.subject)
+        assert per_epoch and max(len(v) for v in per_epoch.values()) == k_max
+        assert all(len(set(v)) == len(v) <= k_max for v in per_epoch.values()), per_epoch
+        assert len(per_epoch) >= 2  # the flood filled more than one epoch, K each at most
+        for n in nodes:
+            now = g.epoch(n.chain.head.height + 1)
+            records = [k for p in (authorities.AVOT, authorities.APRP, authorities.AVTR)
+                       for k, _ in n.chain.store.scan(p)]
+            assert all(int.from_bytes(k[8:16], "big") == now for k in records), "votes of a past epoch are left"
+            assert len(list(n.chain.store.scan(authorities.AVOT))) <= 2 * k_max  # n x K
+    finally:
+        for n, s in reversed(running):
+            await n.stop()
+            await s.stop(0)

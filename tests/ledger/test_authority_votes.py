@@ -145,6 +145,159 @@ def test_votes_of_a_convicted_authority_are_refused():
         f"votes ignored: {AUTH[2].address} has evidence on chain (block 1)")
 
 
+# ---- bounds: a byzantine authority cannot grow the state -----------------------------------------
+
+K = authorities.MAX_PROPOSALS_PER_VOTER
+VOTE_KEYS = (authorities.AVOT, authorities.APRP, authorities.AVTR)
+
+
+def _subjects(n: int, first: int = 300):
+    from .helpers import key
+
+    return [key(first + i) for i in range(n)]
+
+
+def _vote_records(chain: Chain) -> list[bytes]:
+    return [k for prefix in VOTE_KEYS for k, _ in chain.store.scan(prefix)]
+
+
+def test_a_voter_may_vote_for_at_most_k_proposals_per_epoch():
+    assert K == 4
+    run = SetRunner(G4)
+    subjects = _subjects(K + 1)
+    first = [make_authority_vote(AUTH[0], G4.ref, i, ACTION_ADD, s.address) for i, s in enumerate(subjects[:K])]
+    run.block(*first)
+    assert authorities.decode_voted(run.chain.store.get(authorities.avtr_key(0, aid(AUTH[0])))) == [
+        (ACTION_ADD, aid(s)) for s in subjects[:K]]
+    fifth = run.add(AUTH[0], subjects[K])
+    err = run.refused(fifth)
+    assert isinstance(err, FailedPrecondition) and err.message == (
+        f"too many proposals: {AUTH[0].address} already voted for 4 proposals in epoch 0 (at most 4 per authority "
+        f"per epoch); vote again from epoch 1 (block {E + 1})")
+    # a removal counts as a proposal too, and a block carrying the 5th vote (a byzantine proposer's)
+    # is invalid as a whole: a node refuses it before its state root
+    assert run.refused(run.remove(AUTH[0], AUTH[3])).message.startswith("too many proposals: ")
+    from aitbc.ledger.block import Header, make_block, tx_root
+
+    parent, txs = run.chain.head, [decode_tx(run.add(AUTH[1], NEW)), decode_tx(fifth)]
+    slot = parent.slot + 1
+    proposer = AUTH[slot % 4]
+    forged = make_block(Header(G4.chain_id, G4.hash(), 2, parent.hash, slot, slot * G4.block_time_ms, aid(proposer),
+                               tx_root([t.hash for t in txs]), bytes(32), len(txs)), proposer, txs)
+    with pytest.raises(InvalidArgument, match=rf"^invalid block 2: tx 1 \(.*\): too many proposals: {AUTH[0].address} "
+                                              "already voted for 4 proposals in epoch 0"):
+        _import_all(G4, run.blocks).add_block(forged, slot * G4.block_time_ms)
+    # the cap is per voter: the others still vote; a vote again for one of the four is "already voted"
+    run.block(run.add(AUTH[1], subjects[K]))
+    assert isinstance(run.refused(run.add(AUTH[0], subjects[0])), AlreadyExists)
+    # and per epoch: from the next epoch on the voter votes again (votes do not carry over)
+    run.until_height(E)
+    run.block(*(make_authority_vote(AUTH[0], G4.ref, run.nonce(AUTH[0]) + i, ACTION_ADD, s.address)
+                for i, s in enumerate(subjects[1:])))
+    assert run.refused(run.add(AUTH[0], subjects[0])).message.startswith(
+        f"too many proposals: {AUTH[0].address} already voted for 4 proposals in epoch 1")
+
+
+def test_vote_records_of_an_epoch_are_deleted_at_its_boundary():
+    run = SetRunner(G4)
+    run.block(*(run.add(k, NEW) for k in AUTH[:3]))  # quorum: queued
+    run.block(run.add(AUTH[3], OTHER))
+    run.until_height(E - 1)
+    run.block(run.add(AUTH[0], OTHER))  # in the epoch's last block: written and deleted by it
+    assert run.height == E
+    assert _vote_records(run.chain) == []  # nothing of epoch 0 is left: votes never carry over
+    last = run.blocks[-1]
+    # the deletions are in the boundary block's state root: a follower recomputes the same roots
+    writes = state.apply_txs(_import_all(G4, run.blocks[:-1]).store.get, last.txs, G4, E)
+    gone = sorted(k for k, v in writes.items() if v is None)
+    assert len(gone) == 5 + 2 + 4 and all(k[:8] in VOTE_KEYS for k in gone)  # 5 votes, 2 tallies, 4 voters
+    assert authorities.avot_key(0, ACTION_ADD, aid(OTHER), aid(AUTH[0])) in gone
+    assert state.encode_state_diff({b"k": None}) == b"\x00\x01k\x00\x00"  # a deletion: an empty value
+    assert _import_all(G4, run.blocks).head.state_root == last.header.state_root
+    # the queue stays, and the change voted in epoch 0 applies at epoch 2 as before
+    assert authorities.decode_queue(run.chain.store.get(authorities.AQUE)) == []
+    assert run.set_at(2 * E + 1) == (*GENESIS_IDS, aid(NEW))
+
+
+def test_a_vote_flood_keeps_the_state_to_n_times_k_votes():
+    """Every authority votes for K new subjects (and tries one more) in every epoch for 6 epochs:
+    the state never holds more than n x K votes, all of the head's child's epoch."""
+    run = SetRunner(G4)
+    subjects = iter(_subjects(4 * (K + 1) * 6, 400))
+    for _ in range(6):
+        run.block(*(make_authority_vote(k, G4.ref, run.nonce(k) + i, ACTION_ADD, next(subjects).address)
+                    for k in AUTH for i in range(K)))
+        for k in AUTH:
+            assert run.refused(run.add(k, next(subjects))).message.startswith("too many proposals: ")
+        while True:
+            e = G4.epoch(run.height + 1)
+            records = _vote_records(run.chain)
+            assert all(key[8:16] == e.to_bytes(8, "big") for key in records)
+            assert len(list(run.chain.store.scan(authorities.AVOT))) == (4 * K if records else 0)
+            if run.height % E == 0:
+                break
+            run.block()
+        assert records == []  # the last block of the epoch deleted them
+
+
+def test_a_full_queue_refuses_the_vote_that_would_reach_quorum():
+    assert authorities.MAX_QUEUE == 16
+    full = [(ACTION_ADD, aid(s)) for s in _subjects(16, 500)]
+    base = {authorities.AQUE: authorities.encode_queue(full)}
+
+    def vote(k, subject, read):
+        return authorities.apply_vote(read, decode_tx(make_authority_vote(k, G4.ref, 0, ACTION_ADD, subject.address)),
+                                      G4, 1, None)
+
+    ov = state.Overlay(base.get)
+    for k in AUTH[:2]:  # 2 of 4: short of the quorum (3), nothing is queued: accepted
+        ov.writes.update(vote(k, NEW, ov.get))
+    with pytest.raises(FailedPrecondition) as ei:
+        vote(AUTH[2], NEW, ov.get)
+    assert ei.value.message == (
+        f"authority queue full: 16 changes wait for epoch boundaries (one applies per epoch, at most 16 wait); this "
+        f"vote would bring 'add {NEW.address}' to its quorum: vote again in a later epoch, once the queue has room")
+    # a proposal already queued that reaches its quorum again adds nothing: accepted
+    ov2 = state.Overlay(base.get)
+    for k in AUTH[:3]:
+        ov2.writes.update(vote(k, _subjects(1, 500)[0], ov2.get))
+    assert authorities.AQUE not in ov2.writes
+    # one free place: the 16th entry is taken
+    ov3 = state.Overlay({authorities.AQUE: authorities.encode_queue(full[:15])}.get)
+    for k in AUTH[:3]:
+        ov3.writes.update(vote(k, NEW, ov3.get))
+    assert authorities.decode_queue(ov3.writes[authorities.AQUE]) == [*full[:15], (ACTION_ADD, aid(NEW))]
+
+
+def test_the_mempool_holds_at_most_k_pending_votes_per_authority():
+    from aitbc.ledger.mempool import Mempool
+
+    pool = Mempool()
+    txs = [decode_tx(make_authority_vote(AUTH[0], G4.ref, i, ACTION_ADD, s.address))
+           for i, s in enumerate(_subjects(K + 1))]
+    for tx in txs[:K]:
+        pool.add(tx, lambda _a: (0, 0), lambda _r: False)
+    with pytest.raises(FailedPrecondition) as ei:
+        pool.add(txs[K], lambda _a: (0, 0), lambda _r: False)
+    assert ei.value.message == (f"too many proposals: {AUTH[0].address} has 4 authority votes pending (at most 4 per "
+                                "authority per epoch); send more once they are in a block")
+    other = decode_tx(make_authority_vote(AUTH[1], G4.ref, 0, ACTION_ADD, NEW.address))
+    pool.add(other, lambda _a: (0, 0), lambda _r: False)  # per sender
+    pool.remove([txs[0]], lambda _a: (0, 1))  # included: room for one more
+    pool.add(txs[K], lambda _a: (0, 1), lambda _r: False)
+    assert pool.votes == {aid(AUTH[0]): K, aid(AUTH[1]): 1}
+
+
+def test_get_authorities_lists_the_proposals_of_the_epoch_until_its_boundary():
+    run = SetRunner(G4)
+    run.block(run.add(AUTH[0], NEW), run.add(AUTH[1], NEW))
+    now = authorities.describe(run.chain.store.get, run.chain.store.scan, G4, 1)
+    assert [(p.action, p.subject, p.votes, p.quorum, set(p.voters)) for p in now.proposals] == [
+        ("add", NEW.address, 2, 3, {AUTH[0].address, AUTH[1].address})]
+    run.until_height(E)
+    assert authorities.describe(run.chain.store.get, run.chain.store.scan, G4, 1).proposals == ()
+
+
 # ---- the set derivation ------------------------------------------------------------------------------
 
 def test_quorum_is_more_than_two_thirds():

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from aitbc import crypto
-from aitbc.ledger import finality, state
+from aitbc.ledger import authorities, finality, state
 from aitbc.ledger import tx as txmod
 from aitbc.ledger.block import decode_block
 from aitbc.ledger.chain import Chain
@@ -77,6 +77,7 @@ class ChainMachine(RuleBasedStateMachine):
         self.follower = Chain(MemoryStore(), G)
         self.slot = 10
         self.receipts = 0
+        self.flooded = 0  # fresh subjects a flooding authority voted for
         self.pending: list = []
 
     @initialize()
@@ -176,6 +177,22 @@ class ChainMachine(RuleBasedStateMachine):
             for _ in range(2 * G.epoch_blocks + 1):
                 self.produce(0)
 
+    @rule(voter=st.sampled_from([AUTH[0], AUTH[1]]), n=st.integers(1, authorities.MAX_PROPOSALS_PER_VOTER + 2),
+          remove=st.booleans())
+    def vote_flood(self, voter, n, remove):
+        """A byzantine authority votes for n distinct proposals at once (beyond K per epoch they are
+        refused and left out); a removal of a set member mixed in counts against the cap too. The
+        subjects are keys of KEYS (a lone authority's votes reach quorum: its adds do apply)."""
+        pool = [AUTH[2], *USERS]
+        for i in range(n):
+            self.flooded += 1
+            subject = pool[self.flooded % len(pool)].address
+            action = txmod.ACTION_ADD
+            if remove and i == n - 1:
+                action, subject = txmod.ACTION_REMOVE, AUTH[1].address
+            self.pending.append((voter, lambda nonce, s=subject, a=action: txmod.make_authority_vote(
+                voter, G.ref, nonce, a, s)))
+
     @precondition(lambda self: self.main.head.height >= 2 + self.main.final_height)
     @rule(data=st.data())
     def certify(self, data):
@@ -205,6 +222,13 @@ class ChainMachine(RuleBasedStateMachine):
             event(f"landed {txmod.KIND_NAMES[t.kind]}")
         if self.main.current_authorities() != G.authority_ids:
             event("the authority set changed")
+        if any(len(authorities.decode_voted(v)) == authorities.MAX_PROPOSALS_PER_VOTER
+               for _, v in self.main.store.scan(authorities.AVTR)):
+            event("an authority voted for its K proposals of an epoch")
+        if block.height % G.epoch_blocks == 0 and any(
+                t.kind == txmod.KIND_AUTHORITY_VOTE for h in range(block.height - G.epoch_blocks + 1, block.height + 1)
+                for t in self.main.block_at(h).txs):
+            event("an epoch boundary deleted its epoch's votes")
 
     @precondition(lambda self: self.main.head.height >= 1)
     @rule()
@@ -233,10 +257,27 @@ class ChainMachine(RuleBasedStateMachine):
     def same_state(self):
         for prefix in (b"v1:acct:", b"v1:rcpt:", b"v1:hgt:", b"v1:tx:", b"v1:evid:", b"v1:cert", b"v1:final",
                        b"v1:stak:", b"v1:escr:", b"v1:quot:", b"v1:slsh:", b"v1:supply", b"v1:aset:",
-                       b"v1:avot:", b"v1:aprp:", b"v1:aque"):
+                       b"v1:avot:", b"v1:aprp:", b"v1:avtr:", b"v1:aque"):
             assert list(self.main.store.scan(prefix)) == list(self.follower.store.scan(prefix))
         assert self.main.head == self.follower.head
         assert self.main.current_authorities() == self.follower.current_authorities()
+
+    @invariant()
+    def votes_of_one_epoch_only(self):
+        """The state holds the votes of the head's child's epoch only (each boundary deleted its
+        epoch's), at most K proposals per voter, a tally per proposal voted, the queue within its cap."""
+        now = G.epoch(self.main.head.height + 1)
+        ids = self.main.current_authorities()
+        voted = {k[16:]: authorities.decode_voted(v) for k, v in self.main.store.scan(authorities.AVTR)}
+        avot = [k for k, _ in self.main.store.scan(authorities.AVOT)]
+        aprp = [k for k, _ in self.main.store.scan(authorities.APRP)]
+        for k in (*avot, *aprp, *(authorities.avtr_key(now, v) for v in voted)):
+            assert int.from_bytes(k[8:16], "big") == now, "a vote record of a past epoch is left"
+        assert set(voted) <= set(ids) and all(0 < len(p) <= authorities.MAX_PROPOSALS_PER_VOTER
+                                              for p in voted.values())
+        assert sorted(avot) == sorted(authorities.avot_key(now, a, s, v) for v, ps in voted.items() for a, s in ps)
+        assert sorted(aprp) == sorted({authorities.aprp_key(now, a, s) for ps in voted.values() for a, s in ps})
+        assert len(authorities.decode_queue(self.main.store.get(authorities.AQUE))) <= authorities.MAX_QUEUE
 
     @invariant()
     def supply_invariant(self):

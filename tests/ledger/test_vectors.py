@@ -147,8 +147,10 @@ def economy_vectors() -> dict:
 
 def authority_set_vectors() -> dict:
     """AUTHORITY_VOTE (kind 12) and the set per epoch (docs/ledger.md "Authority set changes"): 4
-    authorities, epoch_blocks 2; three vote a 5th in during epoch 0 (block 1); block 2, the last of
-    epoch 0, writes set(2) with it appended; blocks 5 and 6 (epoch 2) follow the 5-set's schedule."""
+    authorities, epoch_blocks 2; three vote a 5th in during epoch 0 (block 1), the fourth in block 2;
+    block 2, the last of epoch 0, writes set(2) with it appended and deletes every vote record of
+    epoch 0 (the fourth vote's too: written and deleted in one block); blocks 5 and 6 (epoch 2)
+    follow the 5-set's schedule. A deleted key's value is "" in `state_writes` (empty in the diff)."""
     from aitbc.ledger.tx import ACTION_ADD, make_authority_vote
 
     from .auth_helpers import NEW, SetRunner
@@ -157,7 +159,7 @@ def authority_set_vectors() -> dict:
                      max_price_per_unit=1000, max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000,
                      epoch_blocks=2)
     run = SetRunner(g, [*AUTH, NEW])
-    votes = [make_authority_vote(k, g.ref, 0, ACTION_ADD, NEW.address) for k in AUTH[:3]]
+    votes = [make_authority_vote(k, g.ref, 0, ACTION_ADD, NEW.address) for k in AUTH]
     out: dict = {"genesis": g.to_dict(), "genesis_hash": g.hash().hex(), "new_authority": NEW.address,
                  "transactions": [], "blocks": []}
     for raw in votes:
@@ -167,15 +169,17 @@ def authority_set_vectors() -> dict:
                                     "signing_digest": signing_digest(tx.body).hex(), "raw": raw.hex(),
                                     "hash": tx.hash.hex()})
     for n in range(6):
-        txs = [decode_tx(r) for r in (votes if n == 0 else [])]
-        writes = state.apply_txs(run.chain.store.get, txs, g, run.height + 1)
-        block = run.block(*(votes if n == 0 else []))
+        raws = votes[:3] if n == 0 else votes[3:] if n == 1 else []
+        writes = state.apply_txs(run.chain.store.get, [decode_tx(r) for r in raws], g, run.height + 1)
+        block = run.block(*raws)
         ids = run.chain.authorities_at(block.height)
         out["blocks"].append({"height": block.height, "epoch": g.epoch(block.height), "slot": block.header.slot,
                               "proposer": block.header.proposer_address, "hash": block.hash.hex(),
                               "raw": block.raw.hex(), "state_root": block.header.state_root.hex(),
                               "authorities": [bech32.encode(crypto.ADDRESS_HRP, a) for a in ids],
-                              "state_writes": [[k.hex(), v.hex()] for k, v in sorted(writes.items())]})
+                              "state_writes": [[k.hex(), "" if v is None else v.hex()]
+                                               for k, v in sorted(writes.items())],
+                              "state_diff": state.encode_state_diff(writes).hex()})
     return out
 
 
@@ -259,13 +263,32 @@ def test_authority_set_vectors_replay_and_read_independently():
         assert raw[p] == t["action"] == 1
         assert bech32.encode(crypto.ADDRESS_HRP, raw[p + 1:p + 21]) == t["subject"] == a["new_authority"]
     sets = {0: a["genesis"]["authorities"], 1: a["genesis"]["authorities"]}
+    st: dict[bytes, bytes] = {}
+    root = hashlib.sha256(b"AITBC/state/v1\x00" + gh).digest()
     for b in a["blocks"]:
-        for k, v in b["state_writes"]:
+        diff = b""
+        for k, v in b["state_writes"]:  # in key order; a deleted key has an empty value
             key, val = bytes.fromhex(k), bytes.fromhex(v)
+            diff += struct.pack(">H", len(key)) + key + struct.pack(">H", len(val)) + val
+            if not val:
+                st.pop(key, None)
+                continue
+            st[key] = val
             if key.startswith(b"v1:aset:"):
                 (n,) = struct.unpack_from(">H", val)
                 sets[struct.unpack(">Q", key[8:])[0]] = [bech32.encode(crypto.ADDRESS_HRP, val[2 + 20 * i:22 + 20 * i])
                                                          for i in range(n)]
+        assert diff.hex() == b["state_diff"]
+        root = hashlib.sha256(b"AITBC/state/v1\x00" + root + struct.pack(">Q", b["height"]) + diff).digest()
+        assert root.hex() == b["state_root"], b["height"]
+        votes_left = [k for k in st if k[:8] in (b"v1:avot:", b"v1:aprp:", b"v1:avtr:")]
+        if b["height"] % a["genesis"]["epoch_blocks"] == 0:  # the last block of its epoch: no votes stay
+            assert not votes_left, b["height"]
+    first, boundary = a["blocks"][0]["state_writes"], a["blocks"][1]["state_writes"]
+    # block 1 writes 3 votes (v1:avot:), one tally (v1:aprp:), 3 voter records (v1:avtr:), the queue
+    assert sorted(bytes.fromhex(k)[:8] for k, _ in first).count(b"v1:avtr:") == 3
+    deleted = {bytes.fromhex(k) for k, v in boundary if v == ""}
+    assert {k[:8] for k in deleted} == {b"v1:avot:", b"v1:aprp:", b"v1:avtr:"} and len(deleted) == 4 + 1 + 4
     e_blocks = a["genesis"]["epoch_blocks"]
     for b in a["blocks"]:
         s = sets[(b["height"] - 1) // e_blocks]
