@@ -109,29 +109,30 @@ async def test_the_sdk_fails_over_reads_and_a_submit_with_a_request_id(network_f
     await b.add_miner({"null": null_backend})
     await a.stop_coordinator()
     moves: list[tuple[str, str, str]] = []
-    client = CoordinatorClient([a.address, b.address], API_KEY, timeout=5, retry=QUICK,
-                               on_failover=lambda src, err, to: moves.append((src, err.code, to)))
-    try:
+
+    def fresh() -> CoordinatorClient:  # a client as a script makes it: a first, and a is down
+        return CoordinatorClient([a.address, b.address], API_KEY, timeout=5, retry=QUICK,
+                                 on_failover=lambda src, err, to: moves.append((src, err.code, to)))
+
+    with fresh() as client:
         assert [m.name for m in await in_thread(client.list_models)] == ["null"]
         assert moves == [(a.address, "UNAVAILABLE", b.address)] and client.target == b.address
-
-        client._current = 0  # as a new client would: a first, and a is still down
+    with fresh() as client:
         job = await in_thread(client.submit_image, "a lighthouse", model="null", request_id="fo-1")
         assert client.target == b.address and job.job_id in b.core.machine.records
+    with fresh() as client:
         again = await in_thread(client.submit_image, "a lighthouse", model="null", request_id="fo-1")
         assert again.job_id == job.job_id  # the request id: b answers with the job it queued
-
-        client._current = 0
+    with fresh() as client:
         states = [ev.state for ev in await in_thread(lambda: list(client.watch(job.job_id)))
                   if isinstance(ev, job_pb2.Job)]
         assert states[-1] == S.JOB_STATE_COMPLETED
-        client._current = 0
+    with fresh() as client:
         art, data = await in_thread(client.result, job.job_id)
         assert art.sha256 and data
-        client._current = 0
+    with fresh() as client:
         assert (await in_thread(client.receipt, job_id=job.job_id)).receipt_hash
-    finally:
-        client.close()
+    assert len(moves) == 6 and all(m == (a.address, "UNAVAILABLE", b.address) for m in moves)
 
 
 def test_the_sdk_tries_every_coordinator_at_once_and_waits_only_after_a_full_round() -> None:
