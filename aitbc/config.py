@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -184,9 +185,52 @@ def _within(name: str, value: float, low: float, high: float) -> None:
         raise InvalidArgument(f"config key {name!r} must be {bounds} (got {value!r})")
 
 
+MAX_COORDINATORS = 64
+
+
+def coordinator_addresses(name: str, value: str | Sequence[str]) -> list[str]:
+    """The coordinators a miner or client fails over between, from a list or a comma-separated
+    string (one address is a list of one), each HOST:PORT ([IPv6]:PORT) or unix:PATH; refused
+    with `name` (the config key, flag or variable it came from) when empty, malformed or repeated."""
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    if not all(isinstance(v, str) for v in items):
+        raise InvalidArgument(f"{_named(name)}: expected coordinator addresses (HOST:PORT), got {value!r}")
+    items = [v.strip() for v in items if v.strip()]
+    if not items:
+        raise InvalidArgument(f"{_named(name)} lists no coordinator: give at least one HOST:PORT "
+                              "(several, comma-separated or as a TOML list, to fail over between)")
+    if len(items) > MAX_COORDINATORS:
+        raise InvalidArgument(f"{_named(name)} lists {len(items)} coordinators; at most {MAX_COORDINATORS}")
+    for address in items:
+        if not _is_address(address):
+            raise InvalidArgument(f"{_named(name)}: {address[:100]!r} is not a coordinator address "
+                                  "(HOST:PORT with a port from 1 to 65535, [IPv6]:PORT, or unix:PATH)")
+    seen = [a for i, a in enumerate(items) if a in items[:i]]
+    if seen:
+        raise InvalidArgument(f"{_named(name)} lists {seen[0]!r} twice")
+    return items
+
+
+def _named(name: str) -> str:
+    return name if name.startswith(("-", "AITBC_")) else f"config key {name!r}"
+
+
+def _is_address(address: str) -> bool:
+    if address.startswith("unix:"):
+        return len(address) > len("unix:")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return False
+    if host.startswith("["):
+        return host.endswith("]") and len(host) > 2 and ":" in host
+    return bool(host) and all(c.isalnum() or c in "-._" for c in host) and host.isascii()
+
+
 @dataclass
 class MinerConfig(TlsConfig):
-    coordinator: str = "127.0.0.1:18000"
+    # one coordinator, or several to fail over between (round robin): a TOML list, or a
+    # comma-separated string (AITBC_MINER_COORDINATOR); a single string is a list of one
+    coordinator: list[str] = field(default_factory=lambda: ["127.0.0.1:18000"])
     key_file: str = "~/.aitbc/miner.key"
     models: list[str] = field(default_factory=lambda: ["tiny-sd"])
     price_per_unit: int = 0
@@ -206,6 +250,7 @@ class MinerConfig(TlsConfig):
     port_file: str = ""
 
     def __post_init__(self) -> None:
+        self.coordinator = coordinator_addresses("coordinator", self.coordinator)
         _within("price_per_unit", self.price_per_unit, 0, float("inf"))
         _within("max_concurrency", self.max_concurrency, 1, float("inf"))
         _within("cpu_threads", self.cpu_threads, 0, float("inf"))

@@ -31,12 +31,25 @@ def _fail(message: str, code: int = 1) -> int:
 
 # ---- connection options -------------------------------------------------------------------------
 
+def _coordinators(args: argparse.Namespace, ep: dict[str, Any]) -> list[str]:
+    """--coordinator, else AITBC_COORDINATOR, else the running devnet's, else 127.0.0.1:18000: one
+    address or several, comma-separated (the SDK fails over between them)."""
+    from aitbc.config import coordinator_addresses
+
+    if args.coordinator:
+        return coordinator_addresses("--coordinator", args.coordinator)
+    if os.environ.get("AITBC_COORDINATOR"):
+        return coordinator_addresses("AITBC_COORDINATOR", os.environ["AITBC_COORDINATOR"])
+    listed = ep.get("coordinators") or ep.get("coordinator") or "127.0.0.1:18000"
+    return coordinator_addresses("coordinator (devnet endpoints.json)", listed)
+
+
 def _client(args: argparse.Namespace) -> Any:
     from aitbc.clients.retry import RetryPolicy
     from aitbc.clients.sdk import CoordinatorClient, devnet_endpoints
 
     ep = devnet_endpoints(getattr(args, "data_dir", None))
-    target = args.coordinator or os.environ.get("AITBC_COORDINATOR") or ep.get("coordinator") or "127.0.0.1:18000"
+    targets = _coordinators(args, ep)
     key = args.api_key or os.environ.get("AITBC_API_KEY") or ep.get("api_key")
     if not key:
         raise SystemExit(_fail("no API key: pass --api-key, set AITBC_API_KEY, or start `aitbc devnet` (it prints one)", 2))
@@ -46,14 +59,19 @@ def _client(args: argparse.Namespace) -> Any:
     def on_retry(err: Any, wait: float) -> None:  # once per command: a restart shows as latency, not as noise
         if not said:
             said.append(True)
-            print(f"note: coordinator {target}: {err}; retrying (at most {policy.attempts} attempts in "
+            where = ("coordinator " if len(targets) == 1 else "coordinators ") + ", ".join(targets)
+            print(f"note: {where}: {err}; retrying (at most {policy.attempts} attempts in "
                   f"{policy.total_s:g} s; AITBC_RETRY_ATTEMPTS / AITBC_RETRY_TOTAL_S)", file=sys.stderr)
 
-    return CoordinatorClient(str(target), str(key), retry=policy, on_retry=on_retry)
+    def on_failover(source: str, err: Any, to: str) -> None:
+        print(f"note: coordinator {source}: {err}; trying {to}", file=sys.stderr)
+
+    return CoordinatorClient(targets, str(key), retry=policy, on_retry=on_retry, on_failover=on_failover)
 
 
 def _add_conn(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", help="coordinator address host:port (default: the running devnet, else 127.0.0.1:18000)")
+    p.add_argument("--coordinator", help="coordinator address host:port, or several comma-separated to fail over "
+                   "between (default: $AITBC_COORDINATOR, the running devnet, else 127.0.0.1:18000)")
     p.add_argument("--api-key", help="client API key (default: $AITBC_API_KEY, else the running devnet's)")
 
 
@@ -720,7 +738,9 @@ def cmd_explorer(args: argparse.Namespace) -> int:
     from aitbc.explorer.app import run_explorer
 
     ep = devnet_endpoints(None) if not args.coordinator else {}
-    coordinator = args.coordinator or os.environ.get("AITBC_COORDINATOR") or ep.get("coordinator", "")
+    coordinator = ""
+    if args.coordinator or os.environ.get("AITBC_COORDINATOR") or ep.get("coordinator"):
+        coordinator = _coordinators(args, ep)[0]  # the market page reads one coordinator: the first listed
     data_dir = args.data_dir or str(Path(os.environ.get("AITBC_HOME", "~/.aitbc")).expanduser() / "explorer")
     try:
         asyncio.run(run_explorer(resolve_ledger(args.ledger), args.listen, data_dir, coordinator=coordinator,

@@ -8,14 +8,15 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from aitbc import jobs, rpc, telemetry
-from aitbc.clients.retry import RetryPolicy
+from aitbc.clients.retry import NO_RETRY, RetryPolicy
+from aitbc.config import coordinator_addresses
 from aitbc.errors import AitbcError, DataLoss, InvalidArgument
 from aitbc.quotes import QuoteBody, SignedQuote
 from aitbc.rpc import open_sync_channel
@@ -73,28 +74,51 @@ def new_request_id() -> str:
     return "sdk-" + secrets.token_hex(16)
 
 
-class CoordinatorClient:
-    """`retry` says how transient failures (a coordinator restart, a dropped connection, a rate
-    limit's RetryInfo) are retried: RetryPolicy() by default, aitbc.clients.retry.NO_RETRY for none.
-    `timeout` bounds each attempt; the policy bounds the attempts and their total time."""
+JOB_HOME = ("until coordinators share a database (docs/scaling.md), a job and its receipt live only on the "
+            "coordinator that accepted the job: ask that one when it is back")
 
-    def __init__(self, target: str, api_key: str, *, timeout: float = 30.0, retry: RetryPolicy | None = None,
-                 sleep: Callable[[float], None] = time.sleep,
-                 on_retry: Callable[[ClientError, float], None] | None = None) -> None:
-        self.target = target
+
+class CoordinatorClient:
+    """`target`: one coordinator address, or several (a list, or a comma-separated string) to
+    fail over between. Calls go to the current one; a call that is safe to send again (reads,
+    WatchJob, SubmitJob with its request id) moves to the next when the current one is
+    unavailable (UNAVAILABLE, or DEADLINE_EXCEEDED where the call is idempotent), at once within
+    a round and after the policy's wait once every coordinator failed; a call that is not
+    (CancelJob, ReleaseMiner, SubmitJob without a request id) is never sent to another, and its
+    failure names them all. A job read that one coordinator answers NOT_FOUND asks the others:
+    until they share a database a job lives on the coordinator that accepted it.
+
+    `retry` says how transient failures (a coordinator restart, a dropped connection, a rate
+    limit's RetryInfo) are retried: RetryPolicy() by default, aitbc.clients.retry.NO_RETRY for none.
+    `timeout` bounds each attempt; the policy bounds the attempts (over all coordinators) and
+    their total time."""
+
+    def __init__(self, target: str | Sequence[str], api_key: str, *, timeout: float = 30.0,
+                 retry: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[ClientError, float], None] | None = None,
+                 on_failover: Callable[[str, ClientError, str], None] | None = None) -> None:
+        self.targets = coordinator_addresses("coordinator", target)
         self.timeout = timeout
         self.retry = retry if retry is not None else RetryPolicy()
         self.retries = 0  # calls made again after a transient failure, since this client was made
         self._sleep = sleep
         self._on_retry = on_retry  # told of each failure about to be retried, and the wait (the CLI says so)
+        self._on_failover = on_failover  # told (from, failure, to) when a call moves to another coordinator
         self._rng = random.Random()
+        self._current = 0  # the coordinator calls go to: the last one that answered
         # sends the trace context when tracing is on (telemetry.setup / configure before this)
-        self._channel = telemetry.intercept_channel(open_sync_channel(target))
-        self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
+        self._channels = [telemetry.intercept_channel(open_sync_channel(t)) for t in self.targets]
+        self._stubs = [coordinator_pb2_grpc.CoordinatorServiceStub(ch) for ch in self._channels]
         self._md = (("x-api-key", api_key),)
 
+    @property
+    def target(self) -> str:
+        """The coordinator the next call goes to."""
+        return self.targets[self._current]
+
     def close(self) -> None:
-        self._channel.close()
+        for ch in self._channels:
+            ch.close()
 
     def __enter__(self) -> CoordinatorClient:
         return self
@@ -102,51 +126,104 @@ class CoordinatorClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _attempts(self, *, idempotent: bool) -> Iterator[Callable[[grpc.RpcError], None]]:
-        """Yields once per attempt a function to call with the attempt's failure: it waits before
-        the next attempt, or raises the failure (as a ClientError) when it is not worth retrying or
-        the policy's attempts or time are spent."""
+    def _attempts(self, call: str, *, idempotent: bool, failover: bool = True, job_id: str = "",
+                  unsafe: str = "", retry: RetryPolicy | None = None) -> Iterator[tuple[Any, Callable[[grpc.RpcError], None]]]:
+        """Yields once per attempt the stub to call (the current coordinator's) and a function to
+        call with the attempt's failure: it moves to the next coordinator (`failover`: the call is
+        safe to send to another), waits before the next attempt, or raises the failure (as a
+        ClientError) when it is not worth retrying or the policy's attempts or time are spent.
+        `job_id`: a NOT_FOUND asks the other coordinators (nothing happened: safe for any call).
+        `unsafe`: why the call is not sent to another coordinator, for its error."""
+        policy = retry or self.retry
         started = time.monotonic()
-        for n in range(self.retry.attempts):
+        n = len(self.targets)
+        said: dict[str, AitbcError] = {}  # each coordinator's last failure in this call
+        in_round = waits = 0
+        for attempt in range(policy.attempts):
+            here = self._current
             failed: list[grpc.RpcError] = []
-            yield failed.append
+            yield self._stubs[here], failed.append
             if not failed:
                 return
             err = rpc.error_from_rpc(failed[0])
             after = rpc.retry_delay_s(failed[0])
-            wait = self.retry.next_wait(n, time.monotonic() - started, err.code, idempotent=idempotent,
-                                        retry_after_s=after, rng=self._rng)
-            if wait is None:
-                raise client_error(err) from None
+            said[self.targets[here]] = err
+            transient = policy.retryable(err.code, idempotent=idempotent, retry_after_s=after)
+            elsewhere = bool(job_id) and n > 1 and err.code == "NOT_FOUND"
+            if elsewhere and len(said) == n and all(e.code == "NOT_FOUND" for e in said.values()):
+                raise self._failure(call, err, said, unsafe) from None  # no coordinator knows the job
+            if not (transient or elsewhere):
+                raise client_error(err) from None  # an answer (INVALID_ARGUMENT, ...): the call's own
+            in_round += 1
+            moves = n > 1 and (elsewhere or failover)
+            if moves:
+                self._current = (here + 1) % n
+            if attempt + 1 >= policy.attempts:
+                break
+            if moves and in_round < n:  # another coordinator of this round: at once
+                if time.monotonic() - started > policy.total_s:
+                    break
+                self.retries += 1
+                if self._on_failover is not None:
+                    self._on_failover(self.targets[here], client_error(err), self.target)
+                continue
+            in_round = 0
+            wait = policy.delay(waits, self._rng, retry_after_s=after)
+            waits += 1
+            if time.monotonic() - started + wait > policy.total_s:
+                break
             self.retries += 1
             if self._on_retry is not None:
                 self._on_retry(client_error(err), wait)
             self._sleep(wait)
+        raise self._failure(call, err, said, unsafe) from None
 
-    def _unary(self, method: Any, req: Any, *, idempotent: bool = True, timeout: float | None = None) -> Any:
-        for fail in self._attempts(idempotent=idempotent):
+    def _failure(self, call: str, err: AitbcError, said: dict[str, AitbcError], unsafe: str) -> ClientError:
+        """The error of a call whose coordinators were all down, did not know its job, or were not
+        asked: with one coordinator its own failure, else naming every coordinator listed and what
+        each said (or why it was not asked). UNAVAILABLE while one could not answer (the job may
+        live there: the call may succeed later), else NOT_FOUND."""
+        if len(self.targets) == 1:
+            return client_error(err)
+        parts = [f"{t}: {e.code}: {e.message}" for t, e in said.items()]
+        others = [t for t in self.targets if t not in said]
+        if others:
+            parts.append(f"not sent to {', '.join(others)}: it is not safe to send twice ({unsafe or call})")
+        down = [e for e in said.values() if e.code != "NOT_FOUND"]
+        worst = down[-1] if down else err
+        message = f"{call} failed on {'the coordinator it went to' if others else 'every coordinator'}: " + "; ".join(parts)
+        if any(e.code == "NOT_FOUND" for e in said.values()):
+            message += f" ({JOB_HOME})"
+        return client_error(rpc.error_from_code(worst.code, message, retry_after_s=getattr(worst, "retry_after_s", None)))
+
+    def _unary(self, method: str, req: Any, *, idempotent: bool = True, failover: bool = True, job_id: str = "",
+               unsafe: str = "", retry: RetryPolicy | None = None, timeout: float | None = None) -> Any:
+        for stub, fail in self._attempts(method, idempotent=idempotent, failover=failover, job_id=job_id,
+                                         unsafe=unsafe, retry=retry):
             try:
-                return method(req, metadata=self._md, timeout=timeout or self.timeout)
+                return getattr(stub, method)(req, metadata=self._md, timeout=timeout or self.timeout)
             except grpc.RpcError as exc:
                 fail(exc)
         raise AssertionError("unreachable: the last failed attempt raises")  # pragma: no cover
 
-    def submit_image(self, prompt: str, *, model: str = "tiny-sd", request_id: str = "",
+    def submit_image(self, prompt: str, *, model: str = "tiny-sd", request_id: str | None = "",
                      max_price_per_unit: int | None = None, webhook_url: str = "", **params: Any) -> job_pb2.Job:
         """Queue an image job; `params` are image_params()'s (steps, width, height, images, seed, ...)."""
         return self._submit(model, image_params(prompt, **params), request_id, max_price_per_unit, webhook_url)
 
-    def submit_text(self, prompt: str, *, model: str, request_id: str = "", max_price_per_unit: int | None = None,
+    def submit_text(self, prompt: str, *, model: str, request_id: str | None = "", max_price_per_unit: int | None = None,
                     webhook_url: str = "", **params: Any) -> job_pb2.Job:
         """Queue a text job; `params` are text_params()'s (max_new_tokens, temperature, stop, ...)."""
         return self._submit(model, text_params(prompt, **params), request_id, max_price_per_unit, webhook_url)
 
-    def submit(self, model: str, params: job_pb2.JobParams, *, request_id: str = "",
+    def submit(self, model: str, params: job_pb2.JobParams, *, request_id: str | None = "",
                max_price_per_unit: int | None = None, webhook_url: str = "", quote: SignedQuote | None = None,
                priority_fee: int | None = None) -> job_pb2.Job:
         """Queue a job from its parameters (image_params() or text_params()). Without a
-        `request_id` the SDK makes one, so that a retry after a lost answer returns the job
-        already queued instead of queueing a second one. `webhook_url`: where the job's end is
+        `request_id` ("") the SDK makes one, so that a retry after a lost answer returns the job
+        already queued instead of queueing a second one, and the call may fail over to the next
+        coordinator; `request_id=None` sends none: the call goes once, to one coordinator, and is
+        never retried (its error names every coordinator). `webhook_url`: where the job's end is
         POSTed (docs/coordinator.md, "Webhooks"; the operator must allow it). A paid job
         (docs/economy.md): `quote` (from quote().signed) is charged exactly, or `priority_fee`
         makes the coordinator quote the job at submit; either is paid from the client's escrow."""
@@ -162,57 +239,68 @@ class CoordinatorClient:
             req.max_price_per_unit = max_price_per_unit
         if priority_fee is not None:
             req.priority_fee = priority_fee
-        return self._unary(self._stub.QuoteJob, req)
+        return self._unary("QuoteJob", req)
 
-    def _submit(self, model: str, params: job_pb2.JobParams, request_id: str, max_price_per_unit: int | None,
+    def _submit(self, model: str, params: job_pb2.JobParams, request_id: str | None, max_price_per_unit: int | None,
                 webhook_url: str = "", *, quote: SignedQuote | None = None,
                 priority_fee: int | None = None) -> job_pb2.Job:
-        # one request id for every attempt: what makes a retried SubmitJob safe (aitbc.clients.retry)
-        req = coordinator_pb2.SubmitJobRequest(model=model, params=params, request_id=request_id or new_request_id(),
-                                               webhook_url=webhook_url)
+        # one request id for every attempt: what makes a retried SubmitJob safe (aitbc.clients.retry);
+        # None sends none, and then the call is sent once, to one coordinator, and never again
+        rid = new_request_id() if request_id == "" else request_id or ""
+        req = coordinator_pb2.SubmitJobRequest(model=model, params=params, request_id=rid, webhook_url=webhook_url)
         if max_price_per_unit is not None:
             req.max_price_per_unit = max_price_per_unit
         if quote is not None:
             req.quote, req.quote_signature = quote.body.canonical_bytes(), quote.signature
         if priority_fee is not None:
             req.priority_fee = priority_fee
-        return self._unary(self._stub.SubmitJob, req).job
+        if not rid:
+            return self._unary("SubmitJob", req, idempotent=False, failover=False, retry=NO_RETRY,
+                               unsafe="a SubmitJob without a request_id queues a new job each time it is sent; "
+                                      "give one to let the SDK retry it and fail over").job
+        return self._unary("SubmitJob", req).job
 
     def list_models(self) -> list[Any]:
-        return list(self._unary(self._stub.ListModels, coordinator_pb2.ListModelsRequest()).models)
+        return list(self._unary("ListModels", coordinator_pb2.ListModelsRequest()).models)
 
     def list_miners(self) -> list[Any]:
-        return list(self._unary(self._stub.ListMiners, coordinator_pb2.ListMinersRequest()).miners)
+        return list(self._unary("ListMiners", coordinator_pb2.ListMinersRequest()).miners)
 
     def release_miner(self, miner_id: str) -> Any:
         req = coordinator_pb2.ReleaseMinerRequest(miner_id=miner_id)
-        return self._unary(self._stub.ReleaseMiner, req, idempotent=False).miner
+        return self._unary("ReleaseMiner", req, idempotent=False, failover=False,
+                           unsafe="it acts on the coordinator the miner is connected to").miner
 
     def get_job(self, job_id: str) -> job_pb2.Job:
-        return self._unary(self._stub.GetJob, coordinator_pb2.GetJobRequest(job_id=job_id)).job
+        return self._unary("GetJob", coordinator_pb2.GetJobRequest(job_id=job_id), job_id=job_id).job
 
     def cancel(self, job_id: str, reason: str = "") -> job_pb2.Job:
-        # a second CancelJob of a job the first one cancelled is refused: not retried on a timeout
-        return self._unary(self._stub.CancelJob, coordinator_pb2.CancelJobRequest(job_id=job_id, reason=reason),
-                           idempotent=False).job
+        # a second CancelJob of a job the first one cancelled is refused: not retried on a timeout,
+        # nor sent to another coordinator on a failure (a NOT_FOUND, where nothing happened, asks the others)
+        return self._unary("CancelJob", coordinator_pb2.CancelJobRequest(job_id=job_id, reason=reason),
+                           idempotent=False, failover=False, job_id=job_id,
+                           unsafe="a repeated CancelJob is refused once the first one cancelled the job").job
 
     def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[job_pb2.Job | job_pb2.JobProgress | job_pb2.TextChunk]:
         """Yield Job snapshots, JobProgress and TextChunk events until the job finishes. A stream
         lost to a transient failure (a coordinator restart) is opened again under the retry
-        policy; it starts again with a Job snapshot (and a text job's text from offset 0)."""
+        policy, on the next coordinator when there are several; it starts again with a Job
+        snapshot (and a text job's text from offset 0)."""
         # DEADLINE_EXCEEDED here is the caller's own `timeout` running out: not retried
         while True:
             got = False
-            for fail in self._attempts(idempotent=False):
+            for stub, fail in self._attempts("WatchJob", idempotent=False, job_id=job_id):
                 try:
-                    for ev in self._stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), metadata=self._md,
-                                                  timeout=timeout):
+                    for ev in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), metadata=self._md,
+                                            timeout=timeout):
                         got = True
                         yield getattr(ev, ev.WhichOneof("event"))
                     return
                 except grpc.RpcError as exc:
                     err = rpc.error_from_rpc(exc)
                     if got and self.retry.retryable(err.code, idempotent=False, retry_after_s=rpc.retry_delay_s(exc)):
+                        if len(self.targets) > 1:  # this coordinator went away: the next one first
+                            self._current = (self._current + 1) % len(self.targets)
                         break  # it was back and streaming: a new outage gets the whole policy again
                     if got:
                         raise client_error(err) from None
@@ -224,11 +312,11 @@ class CoordinatorClient:
         """Fetch one artifact (chunked) and check it against its sha256."""
         art = None
         parts: list[bytes] = []
-        for fail in self._attempts(idempotent=True):
+        for stub, fail in self._attempts("GetJobResult", idempotent=True, job_id=job_id):
             art, parts = None, []
             try:
-                for chunk in self._stub.GetJobResult(coordinator_pb2.GetJobResultRequest(job_id=job_id, index=index),
-                                                     metadata=self._md, timeout=max(self.timeout, 120)):
+                for chunk in stub.GetJobResult(coordinator_pb2.GetJobResultRequest(job_id=job_id, index=index),
+                                               metadata=self._md, timeout=max(self.timeout, 120)):
                     if chunk.HasField("artifact"):
                         art = chunk.artifact
                     parts.append(chunk.data)
@@ -243,10 +331,10 @@ class CoordinatorClient:
     def receipt(self, *, job_id: str = "", receipt_hash: str = "") -> receipt_pb2.Receipt:
         req = (coordinator_pb2.GetReceiptRequest(job_id=job_id) if job_id
                else coordinator_pb2.GetReceiptRequest(receipt_hash=receipt_hash))
-        return self._unary(self._stub.GetReceipt, req).receipt
+        return self._unary("GetReceipt", req, job_id=job_id or receipt_hash).receipt
 
     def receipts(self, *, job_id: str = "", page_size: int = 20, page_token: str = "") -> tuple[list[receipt_pb2.Receipt], str]:
-        resp = self._unary(self._stub.ListReceipts, coordinator_pb2.ListReceiptsRequest(
+        resp = self._unary("ListReceipts", coordinator_pb2.ListReceiptsRequest(
             job_id=job_id, page_size=page_size, page_token=page_token))
         return list(resp.receipts), resp.next_page_token
 

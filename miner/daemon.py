@@ -1,8 +1,9 @@
 """The miner daemon: registers with a coordinator (or hub), keeps one Work stream, runs jobs.
 
 Inference runs in worker threads (never on the event loop); progress, results and receipts go
-up the stream. On any stream loss the daemon reconnects with backoff and registers again; jobs
-in flight are abandoned (the coordinator requeues them) and their compute is stopped.
+up the stream. On any stream loss the daemon registers with the next coordinator of its list
+(the same one when it lists one), waiting with backoff after a whole round of failures; jobs in
+flight are abandoned (the coordinator requeues them) and their compute is stopped.
 """
 
 from __future__ import annotations
@@ -55,6 +56,37 @@ class RunningJob:
     accept: asyncio.TimerHandle | None = None  # the JobAccepted still to send, unless other word goes first
 
 
+class CoordinatorRing:
+    """The coordinators a miner fails over between, in config order: the one it uses now, and
+    when a failed round (every coordinator tried once since one last served, or since the last
+    wait) calls for the backoff."""
+
+    def __init__(self, targets: list[str]) -> None:
+        if not targets:
+            raise ValueError("no coordinator to connect to")
+        self.targets = list(targets)
+        self.index = 0
+        self.failures = 0  # sessions in a row that did not serve, since the last wait
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def current(self) -> str:
+        return self.targets[self.index]
+
+    def failed(self, *, served: bool) -> bool:
+        """The session with `current` ended: move to the next coordinator. True when the miner
+        must wait before trying it: a full round went by without serving (a session that served
+        and was lost later starts a new round, the lost coordinator its first try)."""
+        self.index = (self.index + 1) % len(self.targets)
+        self.failures = 1 if served else self.failures + 1
+        if self.failures >= len(self.targets):
+            self.failures = 0
+            return True
+        return False
+
+
 class MinerDaemon:
     def __init__(self, config: MinerConfig, key: crypto.PrivateKey, backends: dict[str, Any]) -> None:
         self.config = config
@@ -63,6 +95,8 @@ class MinerDaemon:
         self.device = next(iter(backends.values())).device if backends else "cpu"
         self.kinds = {m: jobs.TEXT if hasattr(b, "count_tokens") else jobs.IMAGE for m, b in backends.items()}
         self.running: dict[str, RunningJob] = {}
+        self.coordinator = config.coordinator[0]  # the one it uses (or tries) now: GetInfo says it
+        self._registered_at: tuple[float, float] | None = None  # (when, heartbeat interval) of this session
         self.connected = False
         self.completed = 0  # results sent
         self.attested = 0  # results the coordinator checked and attested (ResultAccepted)
@@ -114,7 +148,7 @@ class MinerDaemon:
         return len(self.running) / max(1, self.config.max_concurrency)
 
     async def run(self) -> None:
-        """Connect, serve, reconnect with exponential backoff until stop()."""
+        """Connect, serve, fail over or reconnect with exponential backoff until stop()."""
         global _load_owner
         metrics.MINER_LOAD.set_function(self.load)  # read at scrape time: nothing on the job path
         metrics.watch_cuda_vram()
@@ -128,28 +162,45 @@ class MinerDaemon:
                 _load_owner = None
 
     async def _run(self) -> None:
-        backoff = Backoff(0.5, max(0.5, self.config.reconnect_max_s))  # full jitter: a restarted
-        # coordinator's miners do not all re-register at the same instant
+        """Serve one coordinator at a time, moving to the next in the list (round robin) whenever a
+        session ends: its stream dropped, it refused the registration or did not answer. No wait
+        between coordinators of a round (another may be up: the miner serves again at once); a
+        full round without a registration waits through the Backoff (full jitter: a restarted
+        coordinator's miners do not all come back at the same instant, and a miner whose every
+        coordinator is down never spins)."""
+        backoff = Backoff(0.5, max(0.5, self.config.reconnect_max_s))
+        ring = CoordinatorRing(self.config.coordinator)
         while not self._stop.is_set():
+            target = ring.current
+            self.coordinator = target
+            self._registered_at = None
             try:
-                await self._session()
-                backoff.reset()
+                await self._session(target)
             except grpc.aio.AioRpcError as exc:
-                log.warning("coordinator %s: %s: %s", self.config.coordinator, exc.code().name, exc.details())
+                log.warning("coordinator %s: %s: %s", target, exc.code().name, exc.details())
                 if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
-                    log.error("registration refused; fix the miner config: %s", exc.details())
+                    log.error("registration refused by %s; fix the miner config: %s", target, exc.details())
             except Exception:
-                log.exception("miner session failed")
+                log.exception("miner session with %s failed", target)
             finally:
                 self.connected = False
                 self.registered.clear()
                 self._abandon_all("lost the coordinator stream")
             if self._stop.is_set():
                 break
-            await aio.wait_event(self._stop, backoff.next())
+            # served: registered and kept for a heartbeat interval at least (a coordinator that drops
+            # every stream at once is a failure like one that refuses: the backoff grows)
+            served = self._registered_at is not None and time.monotonic() - self._registered_at[0] >= self._registered_at[1]
+            if served:
+                backoff.reset()
+            if ring.failed(served=served):  # a whole round without serving
+                await aio.wait_event(self._stop, backoff.next())
+            elif len(ring) > 1:
+                log.warning("no session with coordinator %s; trying %s next", target, ring.current)
 
-    async def _session(self) -> None:
-        async with channel(self.config.coordinator) as ch:
+    async def _session(self, target: str) -> None:
+        """Register with `target` and serve its Work stream until it ends or stop()."""
+        async with channel(target) as ch:
             stub = miner_pb2_grpc.MinerServiceStub(ch)
             ch_resp = await stub.GetChallenge(miner_pb2.GetChallengeRequest(), timeout=10)
             sig = self.key.sign(register_digest(ch_resp.challenge, self.key.pubkey))
@@ -169,9 +220,11 @@ class MinerDaemon:
             call = stub.Work(requests(), metadata=(("x-miner-session", reg.session_token),))
             self.connected = True
             self.registered.set()
-            log.info("registered as %s with %s (models %s, device %s)", reg.miner_id, self.config.coordinator,
+            log.info("registered as %s with %s (models %s, device %s)", reg.miner_id, target,
                      list(self.backends), self.device)
-            beat = asyncio.create_task(self._heartbeat(outbox, reg.heartbeat_interval_ms / 1000 or 2.0))
+            interval = reg.heartbeat_interval_ms / 1000 or 2.0
+            self._registered_at = (time.monotonic(), interval)
+            beat = asyncio.create_task(self._heartbeat(outbox, interval))
             stopper = asyncio.create_task(self._stop.wait())
             try:
                 reader = asyncio.create_task(self._read(call))
@@ -415,7 +468,7 @@ class MinerOpsServicer(miner_pb2_grpc.MinerOpsServiceServicer):
     async def GetInfo(self, request: miner_pb2.GetInfoRequest, context: Any) -> miner_pb2.GetInfoResponse:
         d = self.daemon
         return miner_pb2.GetInfoResponse(
-            miner_id=d.key.address, info=d.info(), coordinator=d.config.coordinator, connected=d.connected,
+            miner_id=d.key.address, info=d.info(), coordinator=d.coordinator, connected=d.connected,
             running_jobs=len(d.running), jobs_completed=d.completed, jobs_failed=d.failed,
         )
 
@@ -485,7 +538,7 @@ async def run_miner(config: MinerConfig) -> None:
                        f"in {time.perf_counter() - t0:.1f} s", logger="aitbc.miner")
     ops = await start_ops(daemon, config.ops_listen)
     host = config.ops_listen.rsplit(":", 1)[0]
-    telemetry.announce(f"miner ops (MinerOpsService) listening on {host}:{ops.port}; coordinator {config.coordinator}", logger="aitbc.miner")
+    telemetry.announce(f"miner ops (MinerOpsService) listening on {host}:{ops.port}; coordinator {', '.join(config.coordinator)}", logger="aitbc.miner")
     write_port_file(config.port_file, ops.port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
