@@ -74,6 +74,7 @@ Concurrency and determinism
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
@@ -81,6 +82,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -586,9 +588,21 @@ class _Stream:
         return self.produced >= self.max_new_tokens or (self.produced > 0 and int(self.ids[0, -1]) in self.eos_ids)
 
 
+_LOOPS: weakref.WeakSet[_DecodeLoop] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_loops() -> None:
+    """At interpreter exit, end every decode thread before finalization: a daemon thread that wakes
+    from its idle wait (or finishes a step) while the interpreter is torn down aborts the process
+    ("terminate called without an active exception", seen in test runs)."""
+    for loop in list(_LOOPS):
+        loop.close()
+
+
 class _DecodeLoop:
     """Advances every stream of one model by a token per round, on one thread (started on demand,
-    gone after `IDLE_S` without streams). See the module docstring."""
+    gone after `IDLE_S` without streams, or at `close`). See the module docstring."""
 
     IDLE_S = 1.0
 
@@ -597,16 +611,51 @@ class _DecodeLoop:
         self._cond = threading.Condition()
         self._pending: list[_Stream] = []
         self._thread: threading.Thread | None = None
+        self._closing = False
         self.rounds = 0  # decoding rounds run (tests, benchmarks)
         self.most_streams = 0  # the most streams one round has advanced (tests, benchmarks)
+        _LOOPS.add(self)
 
     def submit(self, stream: _Stream) -> None:
         with self._cond:
+            if self._closing:
+                raise BackendError("the text backend is shutting down")
             self._pending.append(stream)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="aitbc-text-decode", daemon=True)
                 self._thread.start()
             self._cond.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """End the thread: streams still in it fail with a BackendError; later submits are refused."""
+        with self._cond:
+            self._closing = True
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _joining(self, busy: bool, room: int | None = None) -> list[_Stream] | None:
+        """The streams that join this round (at most `room`, None = all); None when the thread ends: idle for
+        IDLE_S, or closing (every stream it holds then fails, `_abandon`)."""
+        with self._cond:
+            if not busy and not self._pending and not self._closing:
+                self._cond.wait(self.IDLE_S)
+            if self._closing or (not busy and not self._pending):
+                self._thread = None
+                self._abandon(self._pending)
+                self._pending = []
+                return None
+            if room is None:
+                room = len(self._pending)
+            joining, self._pending = self._pending[:room], self._pending[room:]
+            return joining
+
+    @staticmethod
+    def _abandon(streams: list[_Stream]) -> None:
+        for stream in streams:
+            stream.cache = None
+            stream.out.put(("error", BackendError("the text backend is shutting down")))
 
     def _run(self) -> None:
         import torch
@@ -614,14 +663,11 @@ class _DecodeLoop:
         active: list[_Stream] = []
         with torch.inference_mode():
             while True:
-                with self._cond:
-                    if not active and not self._pending:
-                        self._cond.wait(self.IDLE_S)
-                        if not self._pending:
-                            self._thread = None
-                            return
-                    active += self._pending  # new streams join at this round
-                    self._pending = []
+                joining = self._joining(bool(active))
+                if joining is None:
+                    self._abandon(active)
+                    return
+                active += joining  # new streams join at this round
                 self.rounds += 1
                 self.most_streams = max(self.most_streams, len(active))
                 for stream in list(active):
@@ -776,14 +822,11 @@ class _StackedDecodeLoop(_DecodeLoop):
         rows = _Rows()
         with torch.inference_mode():
             while True:
-                with self._cond:
-                    if not rows.streams and not self._pending:
-                        self._cond.wait(self.IDLE_S)
-                        if not self._pending:
-                            self._thread = None
-                            return
-                    room = self.max_rows - len(rows.streams)
-                    joining, self._pending = self._pending[:room], self._pending[room:]
+                joining = self._joining(bool(rows.streams), self.max_rows - len(rows.streams))
+                if joining is None:
+                    self._abandon(rows.streams)
+                    rows.drop(list(rows.streams))
+                    return
                 self.rounds += 1
                 gone = [s for s in rows.streams if s.halt or s.cancel.is_set()]
                 rows.drop(gone)

@@ -237,3 +237,53 @@ async def test_a_stacked_miner_serves_concurrent_text_jobs_through_the_network(n
         assert body.units == job.prompt_tokens + job.generated_tokens and job.prompt_tokens == alone.prompt_tokens
     assert stacked.decode_loop.stacked_rounds > rounds  # the jobs shared forward passes
     assert miner.completed == len(REQS)
+
+
+def test_an_honest_flip_at_the_closest_near_tie_passes_and_the_same_flip_elsewhere_fails(
+        stacked: TransformersTextBackend) -> None:
+    """What a stacked miner returns when the noise flips a near-tie: the job's greedy run up to its
+    closest decision, the runner-up token there, then the greedy run from that context, made with
+    the real model. It agrees under an epsilon above that margin and not under one below it; the
+    same flip at the job's clearest decision (a cheater's edit) fails."""
+    req = TextRequest("Once upon a time", 40, 0.0, 1.0, 0, 0, ())
+    alone, trace = stacked.trace(req)
+
+    def flipped_at(j: int) -> str:
+        ids = stacked.tokenizer(req.prompt)["input_ids"]
+        lm = stacked.language_model
+        made: list[int] = []
+        with torch.inference_mode():
+            for step in range(req.max_new_tokens):
+                logits = lm(input_ids=torch.tensor([ids + made])).logits[0, -1]
+                top = torch.topk(logits, 2).indices
+                made.append(int(top[1] if step == j else top[0]))
+        return stacked.tokenizer.decode(made, skip_special_tokens=True)
+
+    assert flipped_at(-1) == alone.text  # the same model, no flip: the job's own text
+    close = min(range(len(trace.margins)), key=trace.margins.__getitem__)
+    clear = max(range(len(trace.margins)), key=trace.margins.__getitem__)
+    honest, cheat = flipped_at(close), flipped_at(clear)
+    assert honest != alone.text and cheat != alone.text
+    m = trace.margins[close]
+    assert compare_text(trace, honest, epsilon=m * 1.5).match
+    assert not compare_text(trace, honest, epsilon=m / 2).match
+    assert not compare_text(trace, cheat, epsilon=m * 1.5).match
+
+
+@pytest.mark.parametrize("batching", ["exact", TEXT_STACKED])
+def test_a_closed_decode_loop_fails_its_streams_and_refuses_new_ones(batching: str) -> None:
+    """What the interpreter's exit does to a loop (atexit): its thread ends before finalization,
+    a stream still in it fails with a clear error, and nothing new is taken."""
+    backend = load_text_backend(TINY_TEXT_MODEL, "cpu", batching=batching)
+    assert isinstance(backend, TransformersTextBackend)
+    closed: list[int] = []
+
+    def on_text(delta: str) -> None:
+        if not closed:
+            closed.append(1)
+            backend.decode_loop.close()
+
+    with pytest.raises(BackendError, match="shutting down"):
+        backend.generate(REQS[0], on_text, threading.Event())
+    with pytest.raises(BackendError, match="shutting down"):
+        backend.generate(REQS[1], lambda d: None, threading.Event())
