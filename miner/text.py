@@ -683,7 +683,7 @@ class _DecodeLoop:
                         stream.out.put(("error", exc))
                         continue
                     stream.out.put(("token", token_id))
-                    if token_id in stream.eos_ids or stream.produced >= stream.max_new_tokens:
+                    if stream.done:
                         active.remove(stream)
                         stream.cache = None  # frees its KV cache now
                         stream.out.put(("end", None))
