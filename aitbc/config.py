@@ -245,6 +245,11 @@ class MinerConfig(TlsConfig):
     # the UNet, paid on the first call of each batch shape (docs/operations.md, "CUDA fast path")
     image_fast_path: bool = False
     image_compile: bool = False
+    # how a transformers model's concurrent text streams decode (docs/operations.md, "Text streams"):
+    # "exact" each alone (a job's tokens are those of the job alone), "stacked" in one batched
+    # forward pass of at most text_max_batch rows (more tokens/s; verified within a tolerance)
+    text_batching: str = "exact"
+    text_max_batch: int = 16
     ops_listen: str = "127.0.0.1:18001"
     reconnect_max_s: float = 30.0
     port_file: str = ""
@@ -256,6 +261,9 @@ class MinerConfig(TlsConfig):
         _within("cpu_threads", self.cpu_threads, 0, float("inf"))
         _within("image_batch_size", self.image_batch_size, 1, 64)
         _within("image_batch_wait_ms", self.image_batch_wait_ms, 0, 10_000)
+        if self.text_batching not in ("exact", "stacked"):
+            raise InvalidArgument(f"config key 'text_batching' must be \"exact\" or \"stacked\" (got {self.text_batching!r})")
+        _within("text_max_batch", self.text_max_batch, 1, 256)
         _within("reconnect_max_s", self.reconnect_max_s, 0.001, float("inf"))
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Miner throughput with concurrent text streams and batched image jobs (issue 19), printed.
 
-Text: N streams (1, 4, 16) on one miner (max_concurrency 16), submitted at once, vs the same N
-streams submitted one after another; aggregate tokens/s (all tokens / first submit -> last
-completion) and per-stream first-token latency from the moment all N were wanted (p50, max).
+Text: N streams (1, 4, 16) on one miner (max_concurrency 16), submitted at once, on a miner with
+text_batching "exact" and on one with "stacked" (text_max_batch 16), vs the same N streams
+submitted one after another; aggregate tokens/s (all tokens / first submit -> last completion)
+and per-stream first-token latency from the moment all N were wanted (p50, max).
 Images: B jobs of one image (B = 1, 4, 8) submitted at once to a miner with image_batch_size 8,
 vs the same B images in one direct `generate_batch` call of the same backend in this process.
 Everything goes through real processes: a coordinator and a miner, as in production.
@@ -50,42 +51,50 @@ def text_params(tokens: int, seed: int) -> job_pb2.JobParams:
                                                      top_p=1.0, seed=seed))
 
 
+async def _text_rows(stub: coordinator_pb2_grpc.CoordinatorServiceStub, name: str, tokens: int, n: int,
+                     concurrent: bool) -> tuple[float, list[float]]:
+    """(aggregate tokens/s, first-token ms of each stream from when all n were wanted)"""
+    t0 = time.perf_counter()
+    if concurrent:
+        watched = await asyncio.gather(*(submit_and_watch(stub, name, text_params(tokens, 100 + i)) for i in range(n)))
+    else:
+        watched = [await submit_and_watch(stub, name, text_params(tokens, 100 + i)) for i in range(n)]
+    total = time.perf_counter() - t0
+    return sum(w.job.generated_tokens for w in watched) / total, [(w.first_text - t0) * 1000 for w in watched]
+
+
 async def text_bench(model: str, device: str, tokens: int, label: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, addr = start_coordinator(Path(tmp))
-        miner = start_miner(Path(tmp), addr, [model], max_concurrency=max(STREAMS), gpu_devices=[device])
-        try:
-            async with channel(addr) as ch:
-                stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
-                await _ready(stub)
-                name = model
-                await submit_and_watch(stub, name, text_params(tokens, 1))  # warm-up
-                print(f"text, {label}, {tokens} new tokens per stream (temperature 0.9, own seed each)")
-                base = None
-                for n in STREAMS:
-                    rows = {}
-                    for mode in ("one after another", "concurrent"):
-                        t0 = time.perf_counter()
-                        if mode == "concurrent":
-                            watched = await asyncio.gather(
-                                *(submit_and_watch(stub, name, text_params(tokens, 100 + i)) for i in range(n)))
-                        else:
-                            watched = [await submit_and_watch(stub, name, text_params(tokens, 100 + i))
-                                       for i in range(n)]
-                        total = time.perf_counter() - t0
-                        made = sum(w.job.generated_tokens for w in watched)
-                        first = [(w.first_text - t0) * 1000 for w in watched]
-                        rows[mode] = made / total
-                        print(f"  {n:>2} streams, {mode:<17}: {made / total:7.0f} tokens/s aggregate; first token "
-                              f"p50 {pct(first, 50):7.1f} ms, max {max(first):7.1f} ms (from when all {n} were wanted)")
-                    base = base or rows["concurrent"]
-                    print(f"  {n:>2} streams: concurrent / one after another {rows['concurrent'] / rows['one after another']:.2f}x, "
-                          f"vs 1 stream {rows['concurrent'] / base:.2f}x")
-        finally:
-            miner.terminate()
-            miner.wait()
-            proc.terminate()
-            proc.wait()
+    """Each stream count on a miner with text_batching "exact" (each stream its own batch-1 forward
+    pass) and on one with "stacked" (one batched forward pass per round), vs one after another."""
+    rows: dict[tuple[str, int], tuple[float, list[float]]] = {}
+    for batching in ("exact", "stacked"):
+        with tempfile.TemporaryDirectory() as tmp:
+            proc, addr = start_coordinator(Path(tmp))
+            miner = start_miner(Path(tmp), addr, [model], max_concurrency=max(STREAMS), gpu_devices=[device],
+                                text_batching=batching, text_max_batch=max(STREAMS))
+            try:
+                async with channel(addr) as ch:
+                    stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
+                    await _ready(stub)
+                    await submit_and_watch(stub, model, text_params(tokens, 1))  # warm-up
+                    for n in STREAMS:
+                        if batching == "exact":
+                            rows["one after another", n] = await _text_rows(stub, model, tokens, n, False)
+                        rows[batching, n] = await _text_rows(stub, model, tokens, n, True)
+            finally:
+                miner.terminate()
+                miner.wait()
+                proc.terminate()
+                proc.wait()
+    print(f"text, {label}, {tokens} new tokens per stream (temperature 0.9, own seed each), through the network")
+    for n in STREAMS:
+        for mode in ("one after another", "exact", "stacked"):
+            rate, first = rows[mode, n]
+            print(f"  {n:>2} streams, {mode:<17}: {rate:7.0f} tokens/s aggregate; first token "
+                  f"p50 {pct(first, 50):7.1f} ms, max {max(first):7.1f} ms (from when all {n} were wanted)")
+        seq, exact, stacked = (rows[m, n][0] for m in ("one after another", "exact", "stacked"))
+        print(f"  {n:>2} streams: stacked / one after another {stacked / seq:.2f}x, stacked / exact "
+              f"{stacked / exact:.2f}x, stacked vs 1 stream stacked {stacked / rows['stacked', 1][0]:.2f}x")
 
 
 def image_req(i: int, size: int, steps: int) -> ImageRequest:

@@ -2,7 +2,9 @@
 
 A sampled job is run again on a different miner with the same parameters and seed; on CPU the
 artifacts must be byte-identical, on GPU (kernels are not bit-exact across hardware) decoded
-pixels must be within a tolerance. docs/hub.md, "Verification", gives the rules and defaults.
+pixels must be within a tolerance; the text of a miner that stacks its text streams is compared with
+the re-executor's token trace up to a first divergence at a near-tie (`compare_text`). docs/hub.md,
+"Verification", gives the rules and defaults.
 """
 
 from __future__ import annotations
@@ -84,6 +86,78 @@ def compare_artifacts(a: Sequence[bytes], b: Sequence[bytes], *, exact: bool,
         return Verdict(False, worst, first_bad)
     how = "byte-identical" if worst == 0.0 else f"within tolerance (distance {worst:.4f} <= {tolerance:g})"
     return Verdict(True, worst, f"{len(a)} artifact{'s' if len(a) != 1 else ''} {how}")
+
+
+# Text runs of a miner with text_batching = "stacked" (docs/hub.md, "Text from stacked miners").
+# A decision whose two best candidates are closer than this, in logit units, may flip between a
+# batched and a batch-1 forward pass. Measured on CPU float32 (bench/text_batching.py, tiny-llama,
+# 16 stacked rows): a stacked row's logits and those of the stream alone differ by at most 3.6e-7;
+# 1e-5 is ~30x that, and honest gaps that small are rare (tiny-llama, 150 jobs of 64 tokens each:
+# 4 of 8,893 greedy decisions, none of 8,872 sampled ones; its random weights make its logits
+# flatter than a trained model's). On CUDA in bf16/fp16 the noise is larger: calibrate there first.
+DEFAULT_TEXT_EPSILON = 1e-5
+
+
+@dataclass(frozen=True, slots=True)
+class TextTrace:
+    """A text run as the re-executor made it, token by token, alone (batch 1).
+
+    `text`: the text it returned. `ends[i]`: the length (characters) of the text decoded after
+    token i (the decoder holds back a half-made UTF-8 character, so ends never decrease and can
+    repeat), before any stop string cut it. `margins[i]`: the gap between the best and the
+    second-best candidate of the decision that chose token i, in logit units (inf when only one
+    was allowed): greedy, the gap of the two largest logits; sampled, temperature x the gap of the
+    two largest log p - log q, where q ~ Exp(1) is the draw the job's generator makes there
+    (torch.multinomial takes the argmax of p / q). A logit error of d moves either by at most 2d."""
+
+    text: str
+    ends: tuple[int, ...]
+    margins: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.ends) != len(self.margins):
+            raise ValueError(f"a trace has one end per margin (got {len(self.ends)} and {len(self.margins)})")
+        if any(b < a for a, b in zip(self.ends, self.ends[1:], strict=False)):
+            raise ValueError("a trace's ends never decrease")
+
+
+def compare_text(reference: TextTrace, candidate: str, *, epsilon: float = DEFAULT_TEXT_EPSILON) -> Verdict:
+    """Does `candidate` (a stacked miner's text for the job) agree with the re-executor's trace?
+
+    Identical texts agree. Otherwise the runs agree only when the candidate equals the reference
+    up to its first differing character and the decision that diverged was one the reference
+    itself nearly took the other way: a margin below `epsilon` at one of the tokens that could
+    have diverged there: the token that decoded that character; the tokens just before it that
+    decoded nothing yet (the first bytes of a character made of several byte tokens); and, when
+    the difference starts exactly at a token boundary, the token before that (an honest run may
+    have taken a longer token, " runs" for " run", whose extra text differs only after it). Once
+    two runs take different tokens they continue from different contexts, so nothing after the
+    divergence is compared. distance: 1 - (common prefix / reference length)."""
+    ref = reference.text
+    if candidate == ref:
+        return Verdict(True, 0.0, "text identical")
+    common = 0
+    for x, y in zip(ref, candidate, strict=False):
+        if x != y:
+            break
+        common += 1
+    distance = 1.0 - common / max(1, len(ref))
+    ends = reference.ends
+    if not ends:
+        return Verdict(False, distance, "the reference run made no tokens")
+    # the first token whose decoded text reaches past the common prefix (the last one if none does)
+    k = next((i for i, end in enumerate(ends) if end > common), len(ends) - 1)
+    lo = k
+    while lo > 0 and ends[lo - 1] == (ends[lo - 2] if lo >= 2 else 0):
+        lo -= 1  # token lo - 1 decoded nothing: part of the character token k completed
+    if lo > 0 and ends[lo - 1] == common:
+        lo -= 1
+    closest = min(reference.margins[lo : k + 1])
+    if closest < epsilon:
+        return Verdict(True, distance, f"texts agree up to character {common}, where the reference's decision "
+                                       f"at token {k} or just before was a near-tie (margin {closest:.3g} < {epsilon:g})")
+    return Verdict(False, distance, f"texts differ at character {common} (token {k}), where the reference's "
+                                    f"decision was clear (smallest margin {closest:.3g} >= {epsilon:g})")
 
 
 def pixel_distance(x: bytes, y: bytes) -> float:

@@ -509,7 +509,8 @@ def build_daemon(config: MinerConfig) -> MinerDaemon:
     else:
         device = pick_device(config.gpu_devices[0] if config.gpu_devices else None)
     backends: dict[str, Any] = {
-        m: load_text_backend(m, device) if is_text_model(m)
+        m: load_text_backend(m, device, batching=config.text_batching, max_batch=config.text_max_batch)
+        if is_text_model(m)
         else load_image_backend(m, device, fast_path=config.image_fast_path, compile_unet=config.image_compile)
         for m in config.models
     }

@@ -44,20 +44,28 @@ Streaming
   exactly `TextOutput.text`. An exception from `on_text` aborts the generation and propagates.
 
 Concurrency and determinism
-  Every text job of a transformers backend is one stream of its backend's decode loop
-  (`_DecodeLoop`, one thread per loaded model): up to the miner's max_concurrency jobs run at once,
-  a new job joins at the next decoding step, and each step advances every stream by one token, so
-  all streams make progress together and a new one gets its first token without waiting for the
-  others to finish. Each stream keeps its own KV cache and runs its own forward pass (batch 1), and
-  samples with its own `torch.Generator` seeded with the job's seed (temperature, top-k, top-p are
-  transformers' own warpers, in generate()'s order; then `torch.multinomial(probs, 1,
-  generator=g)`); nothing draws from the global torch RNG. So a job's tokens are exactly those of
-  the same job run alone, whichever jobs shared the loop, when they joined or whether they were
-  cancelled (tests/miner/test_text_batching.py), and hub re-execution keeps comparing text byte
-  for byte. That is also why the forward passes are not stacked into one batched tensor: a CPU
-  GEMM gives other bits for 1 row and for 4 (docs/operations.md, "Text streams"), which would make
-  a job's tokens depend on its neighbours. A stream that is cancelled, hits a stop string or fails
-  leaves the loop at the next step; the others do not notice.
+  Every text job of a transformers backend is one stream of its backend's decode loop (one thread
+  per loaded model): up to the miner's max_concurrency jobs run at once, a new job joins at the
+  next decoding step, and each step advances every stream by one token, so all streams make
+  progress together and a new one gets its first token without waiting for the others to finish.
+  Each stream samples with its own `torch.Generator` seeded with the job's seed (temperature,
+  top-k, top-p are transformers' own warpers, in generate()'s order; then `torch.multinomial(probs,
+  1, generator=g)`); nothing draws from the global torch RNG. How a step runs the streams is the
+  miner's `text_batching` (docs/operations.md, "Text streams"):
+  - "exact" (default, `_DecodeLoop`): each stream keeps its own KV cache and runs its own forward
+    pass (batch 1). So a job's tokens are exactly those of the same job run alone, whichever jobs
+    shared the loop, when they joined or whether they were cancelled
+    (tests/miner/test_text_batching.py), and hub re-execution compares text byte for byte.
+  - "stacked" (`_StackedDecodeLoop`, `_Rows`): a new stream's prompt is prefilled alone (its first
+    token is the alone one), then its KV cache joins one left-padded batched cache, and every step
+    is one forward pass over all rows (at most text_max_batch) with an attention mask hiding the
+    padding and per-row position ids. Aggregate tokens/s grows with the streams; but a batched
+    float forward is not bit-identical to batch 1 (a GEMM over 16 rows reduces in another order),
+    so a near-tie between two tokens can flip. Measured on CPU it never did (docs/operations.md);
+    the hub judges stacked text with `aitbc.hub.verification.compare_text` against the trace of
+    an exact run (`TransformersTextBackend.trace`).
+  A stream that is cancelled, hits a stop string or fails leaves the loop at the next step; the
+  others do not notice.
   Decoding, stop strings and `on_text` run on the thread that called `generate` (tokens come to it
   through a queue). On CPU, the same request gives the same text in every process (tests check
   it); on CUDA, kernels can differ across GPUs and driver versions, so only same-machine
@@ -66,6 +74,7 @@ Concurrency and determinism
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
@@ -73,6 +82,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +95,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from aitbc.hub.verification import TextTrace
+
 TINY_TEXT_MODEL = "tiny-llama"
 NULL_TEXT_MODEL = "null-text"
 TEXT_PREFIX = "text:"  # explicit declaration of a text model in a miner's model list
@@ -96,6 +108,12 @@ TINY_SEED = 0  # fixed: the tiny model's random weights are part of its identity
 TINY_CONTEXT = 512
 TINY_VOCAB = 512
 NULL_CONTEXT = 8192
+
+# miner config text_batching (docs/operations.md, "Text streams"): how one model's concurrent streams run
+TEXT_EXACT = "exact"  # each stream its own batch-1 forward pass: a job's tokens are those of the job alone
+TEXT_STACKED = "stacked"  # one batched forward pass per round: throughput grows with streams, not bit-exact
+TEXT_BATCHING = (TEXT_EXACT, TEXT_STACKED)
+DEFAULT_TEXT_MAX_BATCH = 16
 
 FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
@@ -335,8 +353,10 @@ def is_text_model(model: str) -> bool:
     return isinstance(cached, str) and _config_is_causal_lm(Path(cached))
 
 
-def load_text_backend(model: str, device: str | None = None) -> TextBackend:
-    """Load `model` once and return a backend for it.
+def load_text_backend(model: str, device: str | None = None, *, batching: str = TEXT_EXACT,
+                      max_batch: int = DEFAULT_TEXT_MAX_BATCH) -> TextBackend:
+    """Load `model` once and return a backend for it; `batching` and `max_batch` are the miner's
+    text_batching and text_max_batch (TransformersTextBackend; the null backend ignores them).
 
     "tiny-llama": built in-process (no download). "null-text": no inference at all. Anything else
     (a "text:" prefix is stripped first): a Hugging Face model id or a local folder, loaded with
@@ -356,7 +376,8 @@ def load_text_backend(model: str, device: str | None = None) -> TextBackend:
         tokenizer, lm = build_tiny_text_model()
     else:
         tokenizer, lm = load_pretrained_text_model(model, resolved)
-    return TransformersTextBackend(tokenizer, lm, model=model, device=resolved)
+    return TransformersTextBackend(tokenizer, lm, model=model, device=resolved, batching=batching,
+                                   max_batch=max_batch)
 
 
 # --- transformers backend -----------------------------------------------------------------------
@@ -511,6 +532,7 @@ class _Stream:
         self.halt = False
         self.out: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.sample = req.temperature > 0
+        self.temperature = float(req.temperature)
         self.warpers = LogitsProcessorList()
         self.generator: torch.Generator | None = None
         if self.sample:
@@ -527,34 +549,60 @@ class _Stream:
         self.cache: Any = None
         self.produced = 0
         self.busy_s = 0.0  # wall time of this stream's own steps (forward, sampling, the token's copy)
+        self.margins: list[float] | None = None  # a list when tracing (TransformersTextBackend.trace)
 
     def step(self, lm: PreTrainedModel) -> int:
         """One forward pass of this stream alone (the prompt first, then the last token) and its
         next token."""
-        import torch
-
         started = time.perf_counter()
         if self.cache is None:
             out = lm(input_ids=self.ids, use_cache=True)
         else:
             out = lm(input_ids=self.ids[:, -1:], past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
-        logits = out.logits[:, -1, :].to(dtype=torch.float32)  # as generate(): scores in float32
+        token_id = self.take(out.logits[:, -1, :])
+        self.busy_s += time.perf_counter() - started
+        return token_id
+
+    def take(self, logits: torch.Tensor) -> int:
+        """This stream's next token from its row of logits (1 x vocab), drawn with its own
+        generator and sampling parameters, whichever forward pass (alone or stacked) made them."""
+        import torch
+
+        logits = logits.to(dtype=torch.float32)  # as generate(): scores in float32
         if self.sample:
             probs = torch.softmax(self.warpers(self.ids, logits), dim=-1)
+            if self.margins is not None:
+                self.margins.append(_sampling_margin(probs, self.generator) * self.temperature)
             token = torch.multinomial(probs, 1, generator=self.generator)
         else:
+            if self.margins is not None:
+                self.margins.append(_top2_gap(torch.log_softmax(logits, dim=-1)))
             token = torch.argmax(logits, dim=-1, keepdim=True)
         self.ids = torch.cat([self.ids, token.to(self.ids.dtype)], dim=-1)
         self.produced += 1
-        token_id = int(token.item())
-        self.busy_s += time.perf_counter() - started
-        return token_id
+        return int(token.item())
+
+    @property
+    def done(self) -> bool:
+        return self.produced >= self.max_new_tokens or (self.produced > 0 and int(self.ids[0, -1]) in self.eos_ids)
+
+
+_LOOPS: weakref.WeakSet[_DecodeLoop] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_loops() -> None:
+    """At interpreter exit, end every decode thread before finalization: a daemon thread that wakes
+    from its idle wait (or finishes a step) while the interpreter is torn down aborts the process
+    ("terminate called without an active exception", seen in test runs)."""
+    for loop in list(_LOOPS):
+        loop.close()
 
 
 class _DecodeLoop:
     """Advances every stream of one model by a token per round, on one thread (started on demand,
-    gone after `IDLE_S` without streams). See the module docstring."""
+    gone after `IDLE_S` without streams, or at `close`). See the module docstring."""
 
     IDLE_S = 1.0
 
@@ -563,16 +611,51 @@ class _DecodeLoop:
         self._cond = threading.Condition()
         self._pending: list[_Stream] = []
         self._thread: threading.Thread | None = None
+        self._closing = False
         self.rounds = 0  # decoding rounds run (tests, benchmarks)
         self.most_streams = 0  # the most streams one round has advanced (tests, benchmarks)
+        _LOOPS.add(self)
 
     def submit(self, stream: _Stream) -> None:
         with self._cond:
+            if self._closing:
+                raise BackendError("the text backend is shutting down")
             self._pending.append(stream)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="aitbc-text-decode", daemon=True)
                 self._thread.start()
             self._cond.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """End the thread: streams still in it fail with a BackendError; later submits are refused."""
+        with self._cond:
+            self._closing = True
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _joining(self, busy: bool, room: int | None = None) -> list[_Stream] | None:
+        """The streams that join this round (at most `room`, None = all); None when the thread ends: idle for
+        IDLE_S, or closing (every stream it holds then fails, `_abandon`)."""
+        with self._cond:
+            if not busy and not self._pending and not self._closing:
+                self._cond.wait(self.IDLE_S)
+            if self._closing or (not busy and not self._pending):
+                self._thread = None
+                self._abandon(self._pending)
+                self._pending = []
+                return None
+            if room is None:
+                room = len(self._pending)
+            joining, self._pending = self._pending[:room], self._pending[room:]
+            return joining
+
+    @staticmethod
+    def _abandon(streams: list[_Stream]) -> None:
+        for stream in streams:
+            stream.cache = None
+            stream.out.put(("error", BackendError("the text backend is shutting down")))
 
     def _run(self) -> None:
         import torch
@@ -580,14 +663,11 @@ class _DecodeLoop:
         active: list[_Stream] = []
         with torch.inference_mode():
             while True:
-                with self._cond:
-                    if not active and not self._pending:
-                        self._cond.wait(self.IDLE_S)
-                        if not self._pending:
-                            self._thread = None
-                            return
-                    active += self._pending  # new streams join at this round
-                    self._pending = []
+                joining = self._joining(bool(active))
+                if joining is None:
+                    self._abandon(active)
+                    return
+                active += joining  # new streams join at this round
                 self.rounds += 1
                 self.most_streams = max(self.most_streams, len(active))
                 for stream in list(active):
@@ -603,10 +683,194 @@ class _DecodeLoop:
                         stream.out.put(("error", exc))
                         continue
                     stream.out.put(("token", token_id))
-                    if token_id in stream.eos_ids or stream.produced >= stream.max_new_tokens:
+                    if stream.done:
                         active.remove(stream)
                         stream.cache = None  # frees its KV cache now
                         stream.out.put(("end", None))
+
+
+def _top2_gap(scores: torch.Tensor) -> float:
+    """Best minus second-best of the finite scores (inf when fewer than two are allowed)."""
+    import torch
+
+    finite = scores[torch.isfinite(scores)]
+    if finite.numel() < 2:
+        return math.inf
+    top = finite.topk(2).values
+    return float(top[0] - top[1])
+
+
+def _sampling_margin(probs: torch.Tensor, generator: torch.Generator | None) -> float:
+    """The gap of the sampling decision about to be made: torch.multinomial(probs, 1) takes the
+    argmax of probs / q with q ~ Exp(1) drawn from the generator (one draw per entry), so the
+    same draw from a copy of the generator gives the scores log p - log q it compares (in units
+    of logits / temperature: the caller multiplies by the temperature). Checked against
+    torch.multinomial by tests/miner/test_text_stacking.py."""
+    import torch
+
+    twin = torch.Generator(probs.device)
+    assert generator is not None
+    twin.set_state(generator.get_state())
+    q = torch.empty_like(probs).exponential_(1, generator=twin)
+    return _top2_gap(torch.log(probs) - torch.log(q))
+
+
+class _Rows:
+    """The stacked streams of a `_StackedDecodeLoop`: one KV cache whose row i is `streams[i]`'s,
+    each row left-padded to the common length, and the attention mask (1 = a real position) that
+    hides the padding. A row's next position id is its count of real positions, so rotary
+    positions are those the stream has alone; a stream leaves by having its row dropped, and
+    leading columns that only padding still uses are trimmed then."""
+
+    def __init__(self) -> None:
+        self.streams: list[_Stream] = []
+        self.cache: Any = None  # transformers DynamicCache (DynamicLayer per layer: keys/values B x H x T x D)
+        self.mask: torch.Tensor | None = None  # B x T, long
+
+    def join(self, stream: _Stream) -> None:
+        """Add a stream whose prompt was prefilled alone (its own batch-1 cache)."""
+        import torch
+        import torch.nn.functional as F
+
+        cache, stream.cache = stream.cache, None
+        n = cache.layers[0].keys.shape[-2]
+        if self.mask is None:
+            self.cache, self.mask = cache, torch.ones((1, n), dtype=torch.long, device=stream.ids.device)
+            self.streams = [stream]
+            return
+        t = self.mask.shape[1]
+        if n > t:  # the newcomer is longer: everyone else gets more left padding
+            for layer in self.cache.layers:
+                layer.keys, layer.values = F.pad(layer.keys, (0, 0, n - t, 0)), F.pad(layer.values, (0, 0, n - t, 0))
+            self.mask = F.pad(self.mask, (n - t, 0))
+        row = torch.zeros((1, max(n, t)), dtype=torch.long, device=self.mask.device)
+        row[:, -n:] = 1
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            k, v = theirs.keys, theirs.values
+            if n < t:
+                k, v = F.pad(k, (0, 0, t - n, 0)), F.pad(v, (0, 0, t - n, 0))
+            mine.keys, mine.values = torch.cat([mine.keys, k]), torch.cat([mine.values, v])
+        self.mask = torch.cat([self.mask, row])
+        self.streams.append(stream)
+
+    def drop(self, gone: list[_Stream]) -> None:
+        import torch
+
+        if not gone:
+            return
+        keep = [i for i, s in enumerate(self.streams) if s not in gone]
+        self.streams = [self.streams[i] for i in keep]
+        if not keep or self.mask is None:
+            self.cache = self.mask = None
+            return
+        idx = torch.tensor(keep, device=self.mask.device)
+        mask = self.mask[idx]
+        first = int(mask.any(dim=0).nonzero()[0])  # columns before it are padding in every row left
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[idx, :, first:], layer.values[idx, :, first:]
+        self.mask = mask[:, first:]
+
+    def step(self, lm: PreTrainedModel) -> list[int]:
+        """One forward pass of every row (its last token), then each row's token drawn by its stream."""
+        import torch
+
+        assert self.mask is not None
+        last = torch.stack([s.ids[0, -1] for s in self.streams]).unsqueeze(1)
+        positions = self.mask.sum(dim=1, keepdim=True)
+        mask = torch.cat([self.mask, torch.ones_like(positions)], dim=1)
+        out = lm(input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                 use_cache=True)
+        self.cache, self.mask = out.past_key_values, mask
+        logits = out.logits[:, -1, :]
+        return [s.take(logits[i : i + 1]) for i, s in enumerate(self.streams)]
+
+
+def _check_stackable(lm: PreTrainedModel, model: str, device: str) -> None:
+    """Stacking pads and concatenates the KV cache of full-attention layers; refuse a model whose
+    cache is anything else (sliding windows, linear attention, recurrent state) at load time."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    with torch.inference_mode():
+        cache = lm(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True).past_key_values
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers or []}) or [type(cache).__name__]
+        raise BackendError(f"text_batching = \"stacked\" needs a model with a full-attention KV cache; {model!r} "
+                           f"has {', '.join(kinds)}: use text_batching = \"exact\"")
+
+
+class _StackedDecodeLoop(_DecodeLoop):
+    """text_batching = "stacked": the streams of one model decode in one batched forward pass per
+    round (at most `max_rows` rows; streams beyond it wait for a row to free). A new stream's
+    prompt is prefilled alone, which gives its first token, and it joins the stack at the next
+    round boundary; a stream that ends, is cancelled or halted leaves its row at the next round.
+    Each stream still samples its own row with its own generator and parameters. The logits of
+    a row are not bit-identical to those of the stream alone (module docstring, docs/operations.md
+    "Text streams"). A failing stacked forward pass (out of memory) fails every stream in it."""
+
+    def __init__(self, lm: PreTrainedModel, max_rows: int) -> None:
+        super().__init__(lm)
+        if max_rows < 1:
+            raise BackendError("text_max_batch must be at least 1")
+        self.max_rows = max_rows
+        self.stacked_rounds = 0  # rounds that ran a forward pass over 2 or more rows (tests, benchmarks)
+
+    def _run(self) -> None:
+        import torch
+
+        rows = _Rows()
+        with torch.inference_mode():
+            while True:
+                joining = self._joining(bool(rows.streams), self.max_rows - len(rows.streams))
+                if joining is None:
+                    self._abandon(rows.streams)
+                    rows.drop(list(rows.streams))
+                    return
+                self.rounds += 1
+                gone = [s for s in rows.streams if s.halt or s.cancel.is_set()]
+                rows.drop(gone)
+                for stream in gone:
+                    stream.out.put(("end", None))
+                for stream in joining:
+                    if stream.halt or stream.cancel.is_set():
+                        stream.out.put(("end", None))
+                        continue
+                    try:
+                        token_id = stream.step(self._lm)  # its prefill alone: the first token is the alone one
+                    except Exception as exc:  # this stream's failure (bad input, out of memory): it alone ends
+                        stream.cache = None
+                        stream.out.put(("error", exc))
+                        continue
+                    stream.out.put(("token", token_id))
+                    if stream.done:
+                        stream.cache = None
+                        stream.out.put(("end", None))
+                    else:
+                        rows.join(stream)
+                self.most_streams = max(self.most_streams, len(rows.streams))
+                if not rows.streams:
+                    continue
+                started = time.perf_counter()
+                try:
+                    tokens = rows.step(self._lm)
+                except Exception as exc:  # the stacked pass failed: every stream in it fails
+                    for stream in rows.streams:
+                        stream.out.put(("error", exc))
+                    rows.drop(list(rows.streams))
+                    continue
+                if len(tokens) > 1:
+                    self.stacked_rounds += 1
+                share = (time.perf_counter() - started) / len(tokens)
+                finished = []
+                for stream, token_id in zip(rows.streams, tokens, strict=True):
+                    stream.busy_s += share
+                    stream.out.put(("token", token_id))
+                    if stream.done:
+                        finished.append(stream)
+                rows.drop(finished)
+                for stream in finished:
+                    stream.out.put(("end", None))
 
 
 class _IncrementalDecoder:
@@ -649,13 +913,18 @@ class TransformersTextBackend:
 
     gpu_ms: the wall time of this job's own decoding steps (its forward passes, sampling and the copy
     of each token to the host, which waits for the device on CUDA), summed; not the time it waited
-    while other streams' steps ran, nor validation.
+    while other streams' steps ran, nor validation. Stacked: its prefill plus its share (1 / rows)
+    of each stacked pass it was in.
     """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, lm: PreTrainedModel, *, model: str, device: str
+        self, tokenizer: PreTrainedTokenizerBase, lm: PreTrainedModel, *, model: str, device: str,
+        batching: str = TEXT_EXACT, max_batch: int = DEFAULT_TEXT_MAX_BATCH,
     ) -> None:
+        if batching not in TEXT_BATCHING:
+            raise BackendError(f"text_batching must be one of {', '.join(TEXT_BATCHING)} (got {batching!r})")
         self.model = model
+        self.batching = batching
         self.device = device
         self._tokenizer = tokenizer
         self.weights_sha256 = weights_sha256({"model": lm})  # declared at Register (model identity)
@@ -670,7 +939,13 @@ class TransformersTextBackend:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos_ids, default=0)
         self._pad_id = pad
         self._bos_id = lm.generation_config.bos_token_id
-        self._loop = _DecodeLoop(self._lm)
+        self._trace_lock = threading.Lock()
+        self._exact_loop: _DecodeLoop | None = None  # the loop `trace` runs on (made on first use)
+        if batching == TEXT_STACKED:
+            _check_stackable(self._lm, model, device)
+            self._loop: _DecodeLoop = _StackedDecodeLoop(self._lm, max_batch)
+        else:
+            self._loop = _DecodeLoop(self._lm)
 
     @property
     def decode_loop(self) -> _DecodeLoop:
@@ -700,6 +975,27 @@ class TransformersTextBackend:
         on_text: Callable[[str], None],
         cancel: threading.Event,
     ) -> TextOutput:
+        return self._generate(req, on_text, cancel, self._loop, record=False)[0]
+
+    def trace(self, req: TextRequest, cancel: threading.Event | None = None) -> tuple[TextOutput, TextTrace]:
+        """Run `req` as an exact (batch-1) stream whatever this backend's text_batching, and return
+        its output with its token trace: what a re-executor checks a stacked miner's text against
+        (aitbc.hub.verification.compare_text). The output is the one `generate` gives in "exact"."""
+        with self._trace_lock:
+            if self._exact_loop is None:
+                self._exact_loop = self._loop if self.batching == TEXT_EXACT else _DecodeLoop(self._lm)
+        from aitbc.hub.verification import TextTrace
+
+        out, ends, margins = self._generate(req, lambda d: None, cancel or threading.Event(), self._exact_loop,
+                                            record=True)
+        return out, TextTrace(out.text, tuple(ends), tuple(margins))
+
+    def _generate(
+        self, req: TextRequest, on_text: Callable[[str], None], cancel: threading.Event, loop: _DecodeLoop,
+        *, record: bool,
+    ) -> tuple[TextOutput, list[int], list[float]]:
+        """One job on `loop`; with `record`, also the decoded length after each counted token and
+        the margin of each decision (a trace)."""
         check_text_request(req)
         prompt_ids = self._encode(req.prompt)
         check_context(len(prompt_ids), req.max_new_tokens, self.context_length)
@@ -709,7 +1005,11 @@ class TransformersTextBackend:
         decoder = _IncrementalDecoder(self._tokenizer)
         out = StopText(req.stop, on_text)
         stream = _Stream(prompt_ids, req, self._eos_ids, cancel, self.device)
-        self._loop.submit(stream)
+        ends: list[int] = []
+        decoded = 0
+        if record:
+            stream.margins = []
+        loop.submit(stream)
         failure: BaseException | None = None
         while True:
             try:
@@ -726,7 +1026,10 @@ class TransformersTextBackend:
             if stream.halt or out.stopped or cancel.is_set():
                 continue
             try:
-                out.feed(decoder.push(int(value)))
+                piece = decoder.push(int(value))
+                decoded += len(piece)
+                ends.append(decoded)
+                out.feed(piece)
             except BaseException as exc:  # on_text failed: this stream stops, the exception propagates
                 failure = exc
                 stream.halt = True
@@ -745,8 +1048,12 @@ class TransformersTextBackend:
         else:
             finish = FINISH_LENGTH
         if not out.stopped:
-            out.feed(decoder.flush())
+            rest = decoder.flush()
+            if ends:
+                ends[-1] += len(rest)
+            out.feed(rest)
             if out.stopped:
                 finish = FINISH_STOP
         text = out.finish()
-        return TextOutput(text, len(prompt_ids), generated, max(1, round(stream.busy_s * 1000)), finish)
+        output = TextOutput(text, len(prompt_ids), generated, max(1, round(stream.busy_s * 1000)), finish)
+        return output, ends, (stream.margins or [])[:generated]

@@ -201,3 +201,59 @@ def test_arbitration(image: np.ndarray) -> None:
     assert r.decided and r.agreed == {"orig", "verifier"} and not r.outvoted
     gpu = arbitrate({"a": good, "b": [png(noisy(image, 2))], "c": bad}, exact=False)
     assert gpu.decided and gpu.outvoted == {"c"}
+
+
+# ---- text from stacked miners: compare_text (docs/hub.md, "Text from stacked miners") -------------
+
+def _trace(pieces: list[str], margins: list[float]):  # type: ignore[no-untyped-def]
+    from aitbc.hub.verification import TextTrace
+
+    ends, n = [], 0
+    for p in pieces:
+        n += len(p)
+        ends.append(n)
+    return TextTrace("".join(pieces), tuple(ends), tuple(margins))
+
+
+def test_stacked_text_agrees_only_up_to_a_divergence_at_a_near_tie() -> None:
+    from aitbc.hub.verification import DEFAULT_TEXT_EPSILON, compare_text
+
+    eps = DEFAULT_TEXT_EPSILON
+    ref = _trace(["The", " miner", " runs", " jobs", " for", " the", " hub"], [3.0, 2.0, 1.5, eps / 10, 2.5, 4.0, 1.0])
+    assert compare_text(ref, ref.text).match and compare_text(ref, ref.text).distance == 0.0
+    # an honest stacked run took the other side of the near-tie at token 3 and went on from there
+    honest = compare_text(ref, "The miner runs blocks and more")
+    assert honest.match and "near-tie" in honest.reason and 0 < honest.distance < 1
+    # a divergence where the reference was sure is a mismatch: a cheater's edit (inside token 1, inside
+    # token 4 right after the near-tie, at the boundary of token 5, at token 6)
+    for text in ("The mover runs jobs for the hub", "The miner runs jobs fur the hub", "The miner runs jobs for a hub",
+                 "The miner runs jobs for the pool"):
+        verdict = compare_text(ref, text)
+        assert not verdict.match and "clear" in verdict.reason, text
+    # a difference starting right at the boundary after the near-tie token may be an honest longer
+    # token (" jobsite" where the reference nearly took it over " jobs")
+    assert compare_text(ref, "The miner runs jobsite work").match
+    # made-up text, a truncated text, a text that goes on past the reference's end
+    assert not compare_text(ref, "lorem ipsum dolor sit amet").match
+    assert not compare_text(ref, "The miner").match
+    assert not compare_text(ref, ref.text + " and more").match
+    # a stated epsilon is the one applied
+    assert compare_text(ref, "The mover runs", epsilon=2.5).match
+    assert not compare_text(ref, "The miner runs blocks", epsilon=eps / 100).match
+
+
+def test_a_divergence_inside_a_multi_token_character_looks_back_a_few_tokens() -> None:
+    """Byte-level tokens: a 4-byte character is released with its last byte token (ends repeat),
+    so the near-tie that chose its first byte is a few tokens before the one that decoded it."""
+    from aitbc.hub.verification import TextTrace, compare_text
+
+    ref = TextTrace("ab😀c", (1, 2, 2, 2, 2, 3, 4), (5.0, 5.0, 1e-7, 5.0, 5.0, 5.0, 5.0))
+    assert compare_text(ref, "ab😁c").match  # the emoji's bytes diverged at the near-tie (token 2)
+    assert not compare_text(ref, "ab😀d").match  # token 6 was clear
+    late = TextTrace("ab😀cdefg", (1, 2, 2, 2, 2, 3, 4, 5, 6, 7, 8), (5.0, 5.0, 1e-7) + (5.0,) * 8)
+    assert not compare_text(late, "ab😀cdefX").match  # far from the near-tie
+    with pytest.raises(ValueError):
+        TextTrace("ab", (1, 2), (1.0,))
+    with pytest.raises(ValueError):
+        TextTrace("ab", (2, 1), (1.0, 1.0))
+    assert not compare_text(TextTrace("", (), ()), "x").match
