@@ -25,7 +25,7 @@ import grpc
 from aiohttp import web
 
 from aitbc import crypto, errors, receipts, rpc
-from aitbc.explorer.index import HOUR, MINUTE, Bucket, Earnings, ExplorerIndex, ProviderBucket
+from aitbc.explorer.index import HOUR, MINUTE, Bucket, Earnings, ExplorerIndex, IndexReset, ProviderBucket
 from aitbc.ledger.client import LedgerClient
 from aitbc.ledger.genesis import Genesis
 from aitbc.ledger.tx import KIND_NAMES, decode_tx
@@ -80,7 +80,7 @@ class Explorer:
                 req = ledger_pb2.StreamBlocksRequest(from_height=self.index.tip + 1)
                 async for resp in self.ledger.stub.StreamBlocks(req):
                     raws = [b.raw for b in resp.blocks]
-                    self.index.add_blocks(raws, self.genesis)
+                    self.index.add_blocks(raws, self.genesis, final=resp.finalized_height)
                     for b in resp.blocks:
                         summary = _block_summary(b.header, b.final or b.header.height <= resp.finalized_height)
                         self._remember(summary)
@@ -93,6 +93,9 @@ class Explorer:
                 log.warning("ledger stream: %s: %s; reconnecting", exc.code().name, exc.details())
             except errors.AitbcError as exc:  # GetGenesis (LedgerClient maps its status)
                 log.warning("ledger genesis: %s; reconnecting", exc.message)
+            except IndexReset as exc:
+                log.error("explorer index: %s", exc)
+                self.recent.clear()
             await asyncio.sleep(backoff.next())
 
     def _remember(self, summary: dict[str, Any]) -> None:

@@ -8,7 +8,9 @@ earned (and lost to slashing), and bounded time series for the charts. Keys (`v1
     v1:tip                                     -> u64 height indexed so far
     v1:blk: + u64 height                       -> u64 block timestamp_ms || the undo of the block: every key it
                                                   wrote and what that key held before (the ledger's undo encoding,
-                                                  aitbc.ledger.chain.encode_undo); a reorg puts those values back
+                                                  aitbc.ledger.chain.encode_undo); a reorg puts those values back.
+                                                  Once the block is final the undo is dropped (no reorg reaches it)
+    v1:final                                   -> u64 height up to which undo records were dropped
     v1:addr: + 20-byte account + u64 height + u16 index -> 32-byte tx hash
     v1:rcpt: + 32-byte receipt hash            -> 32-byte tx hash (its MINT or SETTLE)
     v1:job: + job id (ASCII)                   -> 32-byte receipt hash
@@ -47,6 +49,7 @@ LAYOUT = b"v1:layout"
 LAYOUT_VERSION = 2
 TIP = b"v1:tip"
 BLK = b"v1:blk:"
+FINAL = b"v1:final"
 ADDR = b"v1:addr:"
 RCPT = b"v1:rcpt:"
 JOB = b"v1:job:"
@@ -144,6 +147,11 @@ class _BlockWrites:
         return out
 
 
+class IndexReset(Exception):
+    """The index was emptied (a reorg below the height it had dropped undo records for): follow the
+    chain again from block 1."""
+
+
 class ExplorerIndex:
     def __init__(self, path: str | Path, *, map_size: int = 1 << 32) -> None:
         private_dir(Path(path))
@@ -168,13 +176,25 @@ class ExplorerIndex:
             blk = txn.get(BLK + raw) if raw else None
         return _U64.unpack(blk[:8])[0] if blk else 0
 
-    def add_blocks(self, raws: list[bytes], genesis: Genesis) -> int:
-        """Index canonical blocks in order (one LMDB commit); returns the new tip."""
+    def add_blocks(self, raws: list[bytes], genesis: Genesis, *, final: int = 0) -> int:
+        """Index canonical blocks in order (one LMDB commit); returns the new tip. `final`: the node's
+        finalized height: the undo records of blocks at or below it are dropped (a final block is never
+        reverted), so the index does not keep an undo per block for ever. A reorg below that height
+        (a node that reverted a final block) empties the index: IndexReset, and it is built again from
+        block 1."""
         with self.env.begin(write=True) as txn:
             tip = _U64.unpack(txn.get(TIP) or _U64.pack(0))[0]
+            pruned = _U64.unpack(txn.get(FINAL) or _U64.pack(0))[0]
+            reset = ""
             for raw in raws:
                 block = decode_block(raw)
                 h = block.header.height
+                if h <= pruned:  # emptied in this commit, then IndexReset (raising in it would roll back)
+                    txn.drop(self.env.open_db(txn=txn), delete=False)
+                    txn.put(LAYOUT, _U32.pack(LAYOUT_VERSION))
+                    reset = (f"block {h} replaces a block at or below the final height {pruned}: the node "
+                             "reverted a final block; the index is built again from block 1")
+                    break
                 if h <= tip:  # a reorg: put back what the replaced blocks from here changed, newest first
                     for old in range(tip, h - 1, -1):
                         rec = txn.get(BLK + _U64.pack(old))
@@ -188,7 +208,16 @@ class ExplorerIndex:
                 _index_block(w, block, genesis)
                 txn.put(BLK + _U64.pack(h), _U64.pack(block.header.timestamp_ms) + encode_undo(w.undo))
                 tip = h
-            txn.put(TIP, _U64.pack(tip))
+            if not reset:
+                txn.put(TIP, _U64.pack(tip))
+                for h in range(pruned + 1, min(final, tip) + 1):  # final now: its undo is never needed
+                    rec = txn.get(BLK + _U64.pack(h))
+                    if rec is not None and len(rec) > 8:
+                        txn.put(BLK + _U64.pack(h), rec[:8])
+                if min(final, tip) > pruned:
+                    txn.put(FINAL, _U64.pack(min(final, tip)))
+        if reset:  # raised once the emptied index is committed
+            raise IndexReset(reset)
         return tip
 
     def history(self, account_id: bytes, *, before: tuple[int, int] | None = None,

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from aitbc import crypto
-from aitbc.explorer.index import HOUR, MINUTE, ExplorerIndex
+from aitbc.explorer.index import HOUR, MINUTE, ExplorerIndex, IndexReset
 from aitbc.ledger import state
 from aitbc.ledger.tx import (
     make_escrow_deposit,
@@ -188,3 +190,52 @@ def test_an_index_of_the_old_layout_is_rebuilt(tmp_path: Path) -> None:
     assert index.tip == 0 and set(dump(index)) == {b"v1:layout"}
     index.close()
 
+
+
+def _fork(run: Runner, fork_at: int) -> Runner:
+    """Another branch from fork_at, longer than run's (a MINT to another provider in its first block)."""
+    fork = Runner(G, AUTH[0])
+    fork.chain.add_blocks([run.chain.block_at(h) for h in range(1, fork_at)], now_ms=10**15)  # type: ignore[misc]
+    fork.slot = run.slot - (run.height - fork_at + 1) + 1
+    fork.block(make_mint(ALICE, G.ref, 3, text_receipt(9, provider=BOB, price=3)))
+    fork.block()
+    fork.block()
+    assert fork.height > run.height and fork.chain.hash_at(fork_at) != run.chain.hash_at(fork_at)
+    return fork
+
+
+def test_final_blocks_drop_their_undo_and_a_reorg_above_them_still_works(tmp_path: Path) -> None:
+    """The undo of a block is needed only while a reorg can replace it: once the node says it is
+    final it is dropped (an index does not grow by an undo per block for ever)."""
+    run, fork_at = economy_chain()
+    index = ExplorerIndex(tmp_path / "index")
+    index.add_blocks(blocks_of(run), G, final=fork_at - 1)
+    with index.env.begin() as txn:
+        sizes = {h: len(txn.get(b"v1:blk:" + h.to_bytes(8, "big"))) for h in range(1, run.height + 1)}
+    assert all(sizes[h] == 8 for h in range(1, fork_at)), sizes  # the timestamp only
+    assert all(sizes[h] > 8 for h in range(fork_at, run.height + 1)), sizes
+    fork = _fork(run, fork_at)
+    assert index.add_blocks(blocks_of(fork, fork_at), G, final=fork_at - 1) == fork.height
+    fresh = ExplorerIndex(tmp_path / "fresh")
+    fresh.add_blocks(blocks_of(fork), G, final=fork_at - 1)
+    assert dump(index) == dump(fresh)  # the reorg above the final height undid exactly as before
+    index.close()
+    fresh.close()
+
+
+def test_a_reorg_below_the_final_height_rebuilds_the_index(tmp_path: Path) -> None:
+    """A node that reverted a final block (it never should): the undo is gone, so the index cannot
+    put the old values back; it says so and empties itself, to be built again from block 1."""
+    run, fork_at = economy_chain()
+    index = ExplorerIndex(tmp_path / "index")
+    index.add_blocks(blocks_of(run), G, final=run.height)
+    fork = _fork(run, fork_at)
+    with pytest.raises(IndexReset, match=f"block {fork_at} replaces a block at or below the final height {run.height}"):
+        index.add_blocks(blocks_of(fork, fork_at), G)
+    assert index.tip == 0 and index.earnings(aid(PROVIDER)) is None
+    assert index.add_blocks(blocks_of(fork), G) == fork.height  # followed again from block 1
+    fresh = ExplorerIndex(tmp_path / "fresh")
+    fresh.add_blocks(blocks_of(fork), G)
+    assert dump(index) == dump(fresh)
+    index.close()
+    fresh.close()
