@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,11 @@ def test_a_killed_coordinator_accepts_jobs_before_its_miners_are_back_and_client
     miner.wait_healthy(60)
     client = CoordinatorClient(target, API_KEY, timeout=10)
     try:
+        # the miner's ops port answers before it has registered (on a loaded box a while before):
+        # wait, bounded, for the coordinator to list its model
+        deadline = time.monotonic() + 30
+        while not client.list_models() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert [m.name for m in client.list_models()] == ["null"]
         # kill -9 while the miner is connected (no orderly shutdown saves anything), and keep the
         # miner away: the coordinator comes back with no miner at all
