@@ -805,6 +805,7 @@ class Node:
     def _store_certified(self, formed: list[tuple[int, bytes, bytes]]) -> None:
         self.chain.store_certificates(formed)
         height, block_hash, _ = formed[-1]
+        self._notify()  # StreamBlocks callers hear of the new final height at once
         self.tally.prune()
         self._saved_justified = {c for c in self._saved_justified if c in self.tally.justified_by}
         log.debug("block %d %s certified final by votes", height, block_hash.hex()[:16])
@@ -902,7 +903,8 @@ class Node:
                     retry.reset()
                     last_ok = time.monotonic()
                     try:
-                        await self.receive_blocks([b.raw for b in resp.blocks])
+                        if resp.blocks:  # none: only the final height moved
+                            await self.receive_blocks([b.raw for b in resp.blocks])
                         certs = [b.certificate for b in resp.blocks if b.certificate]
                         for exc in self.receive_certificates(certs):
                             log.warning("rejected a certificate from %s: %s", target, exc.message)
@@ -929,11 +931,14 @@ class Node:
 
     async def stream_blocks(self, from_height: int) -> AsyncIterator[list[tuple[bytes, int]]]:
         """Canonical blocks (raw, height) from a height, batched, live thereafter; after a reorg
-        resends from the fork point."""
+        resends from the fork point. An empty batch when only the final height moved (a block is
+        final within its own slot, after it was streamed: the caller learns it at once, not with
+        the next block)."""
         if from_height < 0:
             raise InvalidArgument("from_height must be >= 0")
         nxt = max(1, from_height)
         sent: dict[int, bytes] = {}  # recent height -> hash sent, to notice reorgs
+        told_final = self.chain.final_height
         while not self._stopped:
             changed = self._changed
             # rewind to the fork point when the chain under what we sent changed
@@ -959,8 +964,13 @@ class Node:
                     for k in sorted(sent)[:-2048]:
                         del sent[k]
                 if batch:
+                    told_final = self.chain.final_height
                     yield batch
                     continue
+            if self.chain.final_height != told_final:
+                told_final = self.chain.final_height
+                yield []
+                continue
             await changed.wait()
 
     # ---- queries ---------------------------------------------------------------------------------

@@ -325,3 +325,33 @@ async def test_a_lone_authority_killed_right_after_locking_a_vote_votes_again_af
     finally:
         await n.stop()
         await s.stop(0)
+
+
+async def test_stream_blocks_reports_a_block_final_in_its_own_slot_without_waiting_for_the_next():
+    """Ledger format 4 makes a block final after it was streamed (its commit round follows it), so
+    StreamBlocks sends a message without blocks whenever the final height moved: a follower,
+    explorer or wallet on the stream learns of finality at once, not with the next block."""
+    from aitbc.ledger.chain import Chain
+
+    from .helpers import certify
+
+    g = genesis(4, block_time_ms=300)
+    scratch = Chain(MemoryStore(), g)
+    slot = g.genesis_time_ms // g.block_time_ms
+    for _ in range(3):
+        slot += 1
+        scratch.build_block(AUTH[slot % 4], slot, slot * g.block_time_ms + 10, [])
+    n, s = await start_node(MemoryStore(), g, None, "127.0.0.1:0")
+    try:
+        assert await n.receive_blocks([scratch.block_raw_at(h) for h in (1, 2, 3)]) == ["extended"] * 3
+        async with rpc.channel(addr(s)) as ch:
+            stream = ledger_pb2_grpc.LedgerServiceStub(ch).StreamBlocks(ledger_pb2.StreamBlocksRequest(from_height=1))
+            first = await asyncio.wait_for(stream.read(), 10)
+            assert [b.header.height for b in first.blocks] == [1, 2, 3] and first.finalized_height == 0
+            n.receive_certificate(certify(scratch, g, 3))  # block 3's commit round, as its votes would make it
+            nxt = await asyncio.wait_for(stream.read(), 10)
+            assert list(nxt.blocks) == [] and nxt.finalized_height == 3 and nxt.head_height == 3
+            stream.cancel()
+    finally:
+        await n.stop()
+        await s.stop(0)
