@@ -155,6 +155,7 @@ def test_certificate_verification_refuses_every_bad_form():
         (good, b2, "certificate is for block 1 .* not for block 2 .*replayed"),
         (_cert(tree, AUTH[:3], b1, b3), None, "not to a child"),
         (_cert(tree, AUTH[:3], b1, b2), None, "not to a child"),  # prepare -> next prepare skips b1's commit
+        (_cert(tree, AUTH[:3], C(b1), b3), None, "not to a child"),  # commit -> a grandchild's prepare
         # prepare -> commit of another block at the same height: one checkpoint up, but not b1's child
         (_cert(tree, AUTH[:3], b1, Checkpoint(1, h("other"), COMMIT)), None, "not to a child checkpoint"),
     ]
