@@ -438,6 +438,7 @@ class Tally:
         self.final = (self.final or Checkpoint(0, self.genesis_hash, COMMIT)).at(COMMIT)
         self.justified.add(self.final)  # a final block's commit checkpoint is justified
         self.q = quorum(len(self.genesis.authorities))
+        self._newly_justified = False
 
     def _height(self, h: bytes) -> int | None:
         if h == self.genesis_hash:
@@ -475,14 +476,17 @@ class Tally:
         if vote.target.ck <= self.final.ck:
             raise FailedPrecondition(f"stale vote: target {vote.target} is not above the final checkpoint "
                                      f"{self.final} (block {self.final.height})")
-        if vote.target.height - vote.source.height > MAX_SPAN:
-            raise InvalidArgument(f"vote link spans more than {MAX_SPAN} heights")
-        for cp, what in ((vote.target, "target"), (vote.source, "source")):
-            if self._height(cp.hash) != cp.height:
-                raise NotFound(f"vote for an unknown block: {what} {cp.height} {cp.hash.hex()[:16]} is not known here")
-        if not self.is_ancestor(vote.source, vote.target):
-            raise InvalidArgument("vote links a source that is not an ancestor of its target")
         link = vote.link
+        if link not in self.links:  # a link's shape and blocks are checked once (a block hash's height
+            # and parent never change, so what held for the first vote on it holds for the others)
+            if vote.target.height - vote.source.height > MAX_SPAN:
+                raise InvalidArgument(f"vote link spans more than {MAX_SPAN} heights")
+            for cp, what in ((vote.target, "target"), (vote.source, "source")):
+                if self._height(cp.hash) != cp.height:
+                    raise NotFound(f"vote for an unknown block: {what} {cp.height} {cp.hash.hex()[:16]} is not "
+                                   "known here")
+            if not self.is_ancestor(vote.source, vote.target):
+                raise InvalidArgument("vote links a source that is not an ancestor of its target")
         voters = self.links.setdefault(link, {})
         if vote.voter in voters:
             return VoteResult("known")
@@ -493,17 +497,22 @@ class Tally:
                 break
         voters[vote.voter] = vote
         self.by_voter.setdefault(vote.voter, []).append(vote)
-        before = len(self.justified)
+        self._newly_justified = False
         finalized = self._settle(link)
-        return VoteResult("counted", evidence, finalized, len(self.justified) != before)
+        return VoteResult("counted", evidence, finalized, self._newly_justified)
 
     def prune(self) -> None:
-        """Forget votes that can no longer change anything (targets at or below the final checkpoint)."""
+        """Forget votes that can no longer change anything (targets at or below the final checkpoint),
+        and justified checkpoints more than MAX_SPAN heights below the final block."""
         assert self.final is not None
         fk = self.final.ck
         self.links = {k: v for k, v in self.links.items() if k[1].ck > fk}
         self.by_voter = {k: kept for k, vs in self.by_voter.items() if (kept := [v for v in vs if v.target.ck > fk])}
-        self.justified = {c for c in self.justified if c.ck >= fk}
+        # justified checkpoints stay while a link from them could still justify something above
+        # the final one (a voter that missed a justification votes from a lower source, even from
+        # below the final checkpoint: (B, prepare) -> (C, prepare) after B was final by its commit)
+        if len(self.justified) > 4 * MAX_SPAN:  # now and then: rebuilding the set on each final block costs
+            self.justified = {c for c in self.justified if c.height + MAX_SPAN >= self.final.height}
         self.justified_by = {c: link for c, link in self.justified_by.items() if c.ck > fk}
 
     def refresh(self, limit: int = REFRESH_JUSTIFIED) -> list[Vote]:
@@ -536,20 +545,26 @@ class Tally:
         except AitbcError:
             return False
 
+    def _justify(self, new: list[tuple[Checkpoint, Link | None]]) -> None:
+        """Mark checkpoints justified (each with the link that did it, when there is one), then
+        every link that reached q earlier but waited for its source to be justified here (votes
+        arrive in any order), and so on up."""
+        while new:
+            cp, by = new.pop()
+            if cp in self.justified:
+                continue
+            self.justified.add(cp)
+            self._newly_justified = True
+            if by is not None:
+                self.justified_by[cp] = by
+            new.extend((k[1], k) for k in self.links if k[0] == cp and k[1] not in self.justified and self._quorate(k))
+
     def _settle(self, link: Link) -> Checkpoint | None:
         if not self._quorate(link):
             return None
-        # justify: this link's target, then every link that reached q earlier but waited for its
-        # source to be justified here (votes arrive in any order)
-        todo = [link]
-        while todo:
-            cur = todo.pop()
-            src, tgt = cur
-            if src in self.justified and tgt not in self.justified:
-                self.justified.add(tgt)
-                self.justified_by[tgt] = cur
-                todo.extend(k for k in self.links if k[0] == tgt and self._quorate(k))
         source, target = link
+        if source in self.justified:
+            self._justify([(target, link)])
         if target.ck != source.ck + 1:  # the tally checked that source is an ancestor of target
             return None
         assert self.final is not None
@@ -559,9 +574,11 @@ class Tally:
             # only possible with more than f byzantine authorities: never leave the final chain
             raise FailedPrecondition(f"certificate for block {source.height} conflicts with final block "
                                      f"{self.final.height}: more than f authorities signed evidence")
-        self.justified |= {source, source.at(COMMIT), target}
+        # a certificate proves its source justified (its honest voters vote from justified sources)
+        self._justify([(source, None), (source.at(COMMIT), None), (target, link)])
         self.final = source.at(COMMIT)
         self.certificate = make_certificate(self.links[link].values())
+        self.prune()  # at once: a follower counts a batch of certificates, each vote compared with its voter's others
         return self.final
 
     def add_certificate(self, cert: Certificate) -> Checkpoint | None:
@@ -569,11 +586,13 @@ class Tally:
         verify_certificate(cert, self.genesis, genesis_hash=self.genesis_hash, ignored=self.ignored,
                            authorities=self.authority_set(cert.target))
         assert self.final is not None
-        if self._height(cert.source.hash) == cert.source.height and self.is_ancestor(cert.source, self.final):
+        source_known = self._height(cert.source.hash) == cert.source.height
+        if source_known and self.is_ancestor(cert.source, self.final):
             return None  # already final here
-        if self._height(cert.target.hash) != cert.target.height or self._height(cert.source.hash) != cert.source.height:
+        target = None if cert.target.hash == self.genesis_hash else self.lookup(cert.target.hash)
+        if not source_known or target is None or target[0] != cert.target.height:
             raise NotFound(f"certificate for an unknown block {cert.source.height} {cert.source.hash.hex()[:16]}")
-        if cert.source.phase == COMMIT and self.lookup(cert.target.hash)[1] != cert.source.hash:  # type: ignore[index]
+        if cert.source.phase == COMMIT and target[1] != cert.source.hash:
             raise InvalidArgument("certificate link is not from a block to its child")
         done = None
         for vote in cert.votes(self.genesis, self.genesis_hash):
