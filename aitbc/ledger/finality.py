@@ -413,7 +413,11 @@ class Tally:
     justified: set[Checkpoint] = field(default_factory=set)
     links: dict[Link, dict[bytes, Vote]] = field(default_factory=dict)
     by_voter: dict[bytes, list[Vote]] = field(default_factory=dict)
-    ignored: set[bytes] = field(default_factory=set)
+    # convicted voter -> the block height from which its votes are ignored (the block that recorded
+    # the evidence; 0: all of them). Its votes for lower blocks still count: one may be in a quorum
+    # that justified a checkpoint other nodes are locked on, and a node that missed it must be able
+    # to count that quorum when it is sent again (Tally.refresh), or finality stalls for good.
+    ignored: dict[bytes, int] = field(default_factory=dict)
     justified_by: dict[Checkpoint, Link] = field(default_factory=dict)  # target -> the link that justified it
     final: Checkpoint | None = None
     certificate: Certificate | None = None
@@ -468,10 +472,13 @@ class Tally:
     def add(self, vote: Vote, *, signature_checked: bool = False) -> VoteResult:
         """Count a vote; raises with a clear message when it cannot count. `signature_checked`:
         verify_vote already passed (a vote of a certificate that verify_certificate checked)."""
-        if vote.voter not in self.ignored and self.links.get(vote.link, {}).get(vote.voter) == vote:
+        ignored = self.ignored_for(vote.target)
+        if vote.voter not in ignored and self.links.get(vote.link, {}).get(vote.voter) == vote:
             return VoteResult("known")  # the very vote counted before (a refresh): no signature check again
         if not signature_checked:
-            verify_vote(vote, self.genesis, self.genesis_hash, self.ignored, self.authority_set(vote.target))
+            verify_vote(vote, self.genesis, self.genesis_hash, ignored, self.authority_set(vote.target))
+        elif vote.voter in ignored:
+            raise PermissionDenied(f"vote from {vote.voter_address}, whose votes are ignored (evidence on chain)")
         assert self.final is not None
         if vote.target.ck <= self.final.ck:
             raise FailedPrecondition(f"stale vote: target {vote.target} is not above the final checkpoint "
@@ -531,11 +538,17 @@ class Tally:
                 out[(latest.link, voter)] = latest
         return list(out.values())
 
-    def ignore(self, voter: bytes) -> None:
-        """Evidence against `voter` is on chain: drop its votes from every link from now on."""
-        self.ignored.add(voter)
-        for voters in self.links.values():
-            voters.pop(voter, None)
+    def ignored_for(self, target: Checkpoint) -> frozenset[bytes]:
+        """The convicted voters whose votes for `target`'s block no longer count."""
+        return frozenset(v for v, h in self.ignored.items() if target.height >= h)
+
+    def ignore(self, voter: bytes, from_height: int = 0) -> None:
+        """Evidence against `voter` is on chain (recorded in block `from_height`): its votes for that
+        block and above count no more, and those already counted are dropped from their links."""
+        self.ignored[voter] = min(self.ignored.get(voter, from_height), from_height)
+        for (_, target), voters in self.links.items():
+            if target.height >= self.ignored[voter]:
+                voters.pop(voter, None)
 
     def _quorate(self, link: Link) -> bool:
         """The link has votes from more than 2/3 of the set of its target block's epoch."""
@@ -583,7 +596,7 @@ class Tally:
 
     def add_certificate(self, cert: Certificate) -> Checkpoint | None:
         """A certificate from a peer (catch-up, restart): verified, then its votes are counted."""
-        verify_certificate(cert, self.genesis, genesis_hash=self.genesis_hash, ignored=self.ignored,
+        verify_certificate(cert, self.genesis, genesis_hash=self.genesis_hash, ignored=self.ignored_for(cert.target),
                            authorities=self.authority_set(cert.target))
         assert self.final is not None
         source_known = self._height(cert.source.hash) == cert.source.height

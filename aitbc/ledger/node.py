@@ -813,12 +813,13 @@ class Node:
     def _apply_recorded_evidence(self) -> None:
         """Evidence on the canonical chain (state v1:evid:): that authority's votes count no more.
         Ignoring stays even if a reorg drops the block: the evidence is valid on any branch."""
-        for key, _ in self.chain.store.scan(state.EVID):  # few: one per convicted authority, ever
+        for key, value in self.chain.store.scan(state.EVID):  # few: one per convicted authority, ever
             aid = key[len(state.EVID):]
             if aid not in self.tally.ignored:
-                log.warning("evidence against authority %s is on chain: ignoring its votes",
-                            bech32.encode(crypto.ADDRESS_HRP, aid))
-                self.tally.ignore(aid)
+                at = int.from_bytes(value[:8], "big")  # u64 height of the block that recorded it || tx hash
+                log.warning("evidence against authority %s is on chain (block %d): ignoring its votes for that "
+                            "block and above", bech32.encode(crypto.ADDRESS_HRP, aid), at)
+                self.tally.ignore(aid, at)
 
     async def _send_evidence(self, evidence: bytes) -> None:
         """An authority that found evidence puts it on chain (an EVIDENCE tx from its own account)."""

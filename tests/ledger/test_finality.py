@@ -294,6 +294,36 @@ def test_evidence_of_double_and_surround_votes():
     assert all(double[0].voter not in vs for vs in t.links.values())
 
 
+def test_a_convicted_voters_earlier_votes_still_count_so_a_justification_it_completed_can_be_rebuilt():
+    """The byzantine authority's vote was the third on genesis -> (a2, prepare) at node A, which
+    justified it there (and A's voters are locked on it); node B heard only the two honest votes.
+    Evidence against it lands in block 5: its votes for block 5 and above are ignored everywhere,
+    but those for lower blocks still count, so A's refresh rebuilds the justification at B (were it
+    dropped, B could never justify (a2, prepare) and finality would stall for good)."""
+    tree = Tree()
+    a = chain_of(tree, 6)
+    bz = crypto.sha256(AUTH[3].pubkey)[:20]
+    at_a, at_b = Tally(G4, tree.lookup), Tally(G4, tree.lookup)
+    for k in (AUTH[0], AUTH[1], AUTH[3]):
+        at_a.add(make_vote(k, G4, GEN, a[2]))
+    for k in (AUTH[0], AUTH[1]):
+        at_b.add(make_vote(k, G4, GEN, a[2]))
+    assert a[2] in at_a.justified and a[2] not in at_b.justified
+    for t in (at_a, at_b):
+        t.ignore(bz, 5)
+    assert len(at_a.links[(GEN, a[2])]) == 3  # kept: below the evidence block
+    for v in at_a.refresh():
+        at_b.add(v)
+    assert a[2] in at_b.justified
+    with pytest.raises(PermissionDenied, match="whose votes are ignored"):  # block 5 and above: ignored
+        at_b.add(make_vote(AUTH[3], G4, a[2], a[4]))
+    with pytest.raises(InvalidArgument, match="^certificate refused: .*whose votes are ignored"):  # in a certificate too
+        at_b.add_certificate(make_certificate(make_vote(k, G4, a[4], C(a[4])) for k in AUTH[1:]))
+    # ignore() from height 0 (everything) drops every vote it counted
+    at_b.ignore(bz)
+    assert all(bz not in vs for vs in at_b.links.values())
+
+
 def test_honest_voter_never_signs_evidence():
     rng = random.Random(7)
     tree = Tree()
@@ -443,7 +473,7 @@ def simulate(seed: int, *, byzantine: bool, down: int | None = None, rounds: int
 def test_byzantine_authority_cannot_split_finality_and_finality_goes_on(seed):
     nodes, evidence = simulate(seed, byzantine=True)
     assert evidence, "the byzantine authority's double votes were never caught"
-    assert all(n.ignored == {crypto.sha256(AUTH[3].pubkey)[:20]} for n in nodes)
+    assert all(set(n.ignored) == {crypto.sha256(AUTH[3].pubkey)[:20]} for n in nodes)
     heights = [n.final.height for n in nodes]
     assert min(heights) >= 15, heights  # 3 honest of 4 are a quorum: it keeps finalizing
     for n in nodes:

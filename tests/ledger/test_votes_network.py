@@ -114,8 +114,9 @@ async def test_a_byzantine_voter_is_convicted_on_chain_and_finality_goes_on():
     another. Blocks are final within their own slot, so to give the votes a block that is not final
     yet, one honest authority is stopped first (two honest votes are below q = 3: nothing finalizes
     while it is down). The nodes' gossip brings both votes together, an authority puts the evidence
-    on chain, everyone ignores AUTH[3] from then on, GetAccount shows it, and once the stopped
-    authority is back the three honest ones certify again."""
+    on chain, everyone ignores AUTH[3] from then on (for blocks from the evidence block up),
+    GetAccount shows it, and once the stopped authority is back the three honest ones certify again,
+    although one of AUTH[3]'s votes had completed a quorum the others were locked on."""
     g = genesis(4, block_time_ms=300)
     first = await start_node(MemoryStore(), g, AUTH[0], "127.0.0.1:0")
     running = [first]
@@ -135,10 +136,12 @@ async def test_a_byzantine_voter_is_convicted_on_chain_and_finality_goes_on():
         await until(lambda: chain.head.height >= c.height + 2, what="blocks above the certified one")
         tgt_h = chain.head.height
         tgt = finality.Checkpoint(tgt_h, chain.hash_at(tgt_h), P)
-        # two links no honest authority votes (they vote from (c, commit)), so neither vote completes
-        # a quorum that the convicted voter's ignored votes could not rebuild elsewhere
-        v1 = finality.make_vote(AUTH[3], g, finality.Checkpoint(c.height, c.hash, P), tgt)
-        v2 = finality.make_vote(AUTH[3], g, finality.Checkpoint(c.height - 1, chain.hash_at(c.height - 1), C), tgt)
+        # v1 is the honest authorities' own link ((c, commit) -> (tgt, prepare)): with their two votes it
+        # justifies (tgt, prepare) where it arrives, and they lock on it; the stopped authority never
+        # saw it, and must still be able to count it after the evidence (votes for blocks below the
+        # evidence block still count), or the three honest ones could never agree again
+        v1 = finality.make_vote(AUTH[3], g, finality.Checkpoint(c.height, c.hash, C), tgt)
+        v2 = finality.make_vote(AUTH[3], g, finality.Checkpoint(c.height, c.hash, P), tgt)
         assert finality.conflict(v1, v2) == "double vote"
         for (_, server), vote in ((running[0], v1), (running[1], v2)):
             async with rpc.channel(addr(server)) as ch:
