@@ -4,7 +4,10 @@
 1. raw coincurve verify rate (compact 64-byte signatures), measured in this run;
 2. signed TRANSFERs committed per second on one authority node (a separate process), sent over
    gRPC in BroadcastTransactions batches; counted from StreamBlocks;
-3. submit -> committed latency (1 s blocks) at about half the measured saturation rate.
+3. submit -> committed and submit -> final latency (1 s blocks) at about half the measured
+   saturation rate (or --latency-rate), both from the same run: a tx waits for the next slot
+   (about half a block time on average: the floor of submit -> committed), then for the block's
+   votes (ledger format 4: its prepare and commit rounds, within its own slot).
 
     .venv/bin/python bench/ledger_throughput.py [--txs 40000] [--senders 200] [--authorities 1]
 """
@@ -210,6 +213,8 @@ async def main() -> None:
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--inflight", type=int, default=4)
     ap.add_argument("--latency-seconds", type=float, default=8.0)
+    ap.add_argument("--latency-rate", type=float, default=0.0,
+                    help="tx/s of the latency phase (default: half the measured saturation rate)")
     ap.add_argument("--block-time", type=float, default=1.0)
     ap.add_argument("--authorities", type=int, default=1, help="authority node processes (all verify everything)")
     ap.add_argument("--keep", help="keep node folders and logs here")
@@ -240,7 +245,7 @@ async def main() -> None:
             rate, send_s, n = await saturate(targets, raws, args.batch, args.inflight)
             print(f"committed {n:,} transfers over gRPC: {rate:,.0f} tx/s (submission took {send_s:.1f}s; "
                   f"{rate / raw:.2f} x the raw single-core verify rate)")
-            half = rate / 2
+            half = args.latency_rate or rate / 2
             lat_raws = sign_transfers(g.ref, senders, max(1, int(half * args.latency_seconds) // args.senders + 1), per)
             lat, fin, cert, sent = await latency(targets, lat_raws, half)
             print(f"at {half:,.0f} tx/s ({len(lat)}/{sent} committed, {len(fin)} final): submit->committed "

@@ -78,12 +78,22 @@ def build() -> dict:
     for height in range(1, 5):  # block 1 holds the five MINTs; blocks 2-4 are empty
         slot += 1
         chain.build_block(AUTH[slot % 4], slot, slot * 1000 + 100, txs if height == 1 else [])
-    cp = [fin.Checkpoint(h, chain.hash_at(h)) for h in range(5)]  # type: ignore[arg-type]
-    cert3 = fin.make_certificate([fin.make_vote(k, g, cp[3], cp[4]) for k in AUTH[:3]])
+    cp = [fin.Checkpoint(h, chain.hash_at(h), fin.PREPARE) for h in range(5)]  # type: ignore[arg-type]
+    # block 3's commit round missed, recovered by (3, commit) -> (4, prepare): a proof of 3 headers
+    cert3 = fin.make_certificate([fin.make_vote(k, g, cp[3].at(fin.COMMIT), cp[4]) for k in AUTH[:3]])
     chain.store_certificate(3, cp[3].hash, cert3.encode())
     proven = receipts[2]
     p = build_proof(chain, proven.receipt_hash)
     assert len(p.headers) == 3 and p.tx_index == 2 and len(p.path) == 3
+    # the usual case in ledger format 4: the MINT's own block is final by its commit round, so the
+    # proof is one header and that block's certificate (prepare -> commit)
+    own = Chain(MemoryStore(), g)
+    for h in range(1, 5):
+        own.add_block(chain.block_at(h), now_ms=10**15)  # type: ignore[arg-type]
+    cert1 = fin.make_certificate([fin.make_vote(k, g, cp[1], cp[1].at(fin.COMMIT)) for k in AUTH[1:]])
+    own.store_certificate(1, cp[1].hash, cert1.encode())
+    p1 = build_proof(own, proven.receipt_hash)
+    assert len(p1.headers) == 1 and p1.certificate == cert1.encode()
 
     def variant(**kw: object) -> str:
         fields = {"tx": p.tx, "tx_index": p.tx_index, "path": p.path, "headers": p.headers,
@@ -91,8 +101,8 @@ def build() -> dict:
         return ReceiptProof(**fields).encode().hex()  # type: ignore[arg-type]
 
     flipped = bytes([p.path[0][0] ^ 1]) + p.path[0][1:]
-    cert2 = fin.make_certificate([fin.make_vote(k, g, cp[2], cp[3]) for k in AUTH[:3]])
-    too_few = fin.make_certificate([fin.make_vote(k, g, cp[3], cp[4]) for k in AUTH[:2]])
+    cert2 = fin.make_certificate([fin.make_vote(k, g, cp[2], cp[2].at(fin.COMMIT)) for k in AUTH[:3]])
+    too_few = fin.make_certificate([fin.make_vote(k, g, cp[3].at(fin.COMMIT), cp[4]) for k in AUTH[:2]])
     bad_sig_tx = p.tx[:-1] + bytes([p.tx[-1] ^ 1])
     refused = [
         ("wrong path (a sibling with one bit flipped)", variant(path=(flipped,) + p.path[1:]),
@@ -121,6 +131,9 @@ def build() -> dict:
                   "certified_height": 3, "certified_hash": cp[3].hash.hex(),
                   "tx_root": merkle.merkle_root([t.hash for t in txs]).hex(),
                   "block_tx_hashes": [t.hash.hex() for t in txs]},
+        "proof_own_block": {"raw": p1.encode().hex(), "headers": [h.hex() for h in p1.headers],
+                            "certificate": p1.certificate.hex(), "block_height": 1, "block_hash": cp[1].hash.hex(),
+                            "certified_height": 1, "certified_hash": cp[1].hash.hex()},
         "other_receipt_hash": receipts[0].receipt_hash.hex(),
         "refused_proofs": [{"name": n, "raw": raw, "error": e} for n, raw, e in refused],
     }

@@ -61,11 +61,11 @@ def decode_header(data: bytes) -> Header:
         if version != BLOCK_VERSION:
             if version == 1:
                 raise InvalidArgument("malformed block: header version 1 is not supported (a ledger format 1 "
-                                      "block, not bound to the genesis hash; this node runs format 3)")
+                                      "block, not bound to the genesis hash; this node runs format 4)")
             if version == 2:
                 raise InvalidArgument("malformed block: header version 2 is not supported (a ledger format 2 "
                                       "block, whose tx root is a flat hash with no Merkle proofs; this node runs "
-                                      "format 3)")
+                                      "format 4)")
             raise InvalidArgument(f"malformed block: header version {version} is not supported")
         cid = data[2:2 + clen].decode("ascii")
         check_chain_id(cid)

@@ -34,7 +34,7 @@ from aitbc.ledger.block import (
     tx_root,
     verify_block_signature,
 )
-from aitbc.ledger.genesis import FORMAT_1_REFUSED, FORMAT_2_REFUSED, Genesis
+from aitbc.ledger.genesis import FORMAT_1_REFUSED, FORMAT_2_REFUSED, FORMAT_3_REFUSED, Genesis
 from aitbc.ledger.store import Store
 from aitbc.ledger.tx import Tx
 
@@ -43,7 +43,7 @@ log = logging.getLogger("aitbc.ledger.chain")
 META_GENESIS = b"v1:meta:genesis"
 META_CHAIN = b"v1:meta:chain_id"
 META_FORMAT = b"v1:meta:format"  # u32 ledger format of the folder; absent in format 1 folders
-LEDGER_FORMAT = 3  # 3: Merkle tx roots (2: flat tx roots, 1: signatures not bound to the genesis)
+LEDGER_FORMAT = 4  # 4: checkpoint votes (3: block votes, 2: flat tx roots, 1: signatures not bound to the genesis)
 HEAD = b"v1:head"
 FINAL = b"v1:final"
 BLK = b"v1:blk:"
@@ -51,10 +51,10 @@ HDR = b"v1:hdr:"
 HGT = b"v1:hgt:"
 TXI = b"v1:tx:"
 UNDO = b"v1:undo:"
-CERT = b"v1:cert:"  # block hash -> its finality certificate (aitbc.ledger.finality)
+CERT = b"v1:cert:"  # block hash -> its finality certificate (aitbc.ledger.finality, version 2)
 CERTIFIED = b"v1:certified"  # u64 height || hash of the highest certified block
-VOTE_LOCK = b"v1:vote:lock"  # u64 last target height || u64 last source height of this node's votes
-JUST = b"v1:just:"  # u64 height || block hash -> the votes that justified that block (kept above final)
+VOTE_LOCK = b"v1:vote:lock"  # u64 last target ck || u64 last source ck of this node's votes
+JUST = b"v1:just:"  # u64 height || block hash || u8 phase -> the votes that justified that checkpoint
 MAX_SIDE_BLOCKS = 4096
 
 _U64 = struct.Struct(">Q")
@@ -129,7 +129,7 @@ class Chain:
             version = 1 if fmt is None else struct.unpack(">I", fmt)[0] if len(fmt) == 4 else "?"
             raise FailedPrecondition(
                 f"data folder holds a ledger format {version} chain; this node runs format {LEDGER_FORMAT}"
-                + {1: f": {FORMAT_1_REFUSED}", 2: f": {FORMAT_2_REFUSED}"}.get(
+                + {1: f": {FORMAT_1_REFUSED}", 2: f": {FORMAT_2_REFUSED}", 3: f": {FORMAT_3_REFUSED}"}.get(
                     version if isinstance(version, int) else 0, ": use the node version that wrote it"))
         elif stored != self.genesis_hash:
             other = (store.get(META_CHAIN) or b"?").decode(errors="replace")
@@ -267,13 +267,13 @@ class Chain:
         for h in [h for h, b in self.side.items() if b.height <= height]:
             del self.side[h]
 
-    def save_justification(self, height: int, block_hash: bytes, votes: bytes) -> None:
-        """The votes that justified a block (a restart must know its justified blocks: an
+    def save_justification(self, height: int, block_hash: bytes, phase: int, votes: bytes) -> None:
+        """The votes that justified a checkpoint (a restart must know its justified checkpoints: an
         authority whose lock names a source above its final block cannot vote again until it does)."""
-        self.store.commit({JUST + _U64.pack(height) + block_hash: votes})
+        self.store.commit({JUST + _U64.pack(height) + block_hash + bytes((phase,)): votes})
 
     def justifications(self) -> list[bytes]:
-        """The saved justifications above the highest certified block, lowest first."""
+        """The saved justifications above the highest certified block, lowest block first."""
         return [v for _, v in self.store.scan(JUST)]
 
     def vote_lock(self) -> tuple[int, int]:

@@ -1,19 +1,24 @@
-"""Finality by votes: a Casper-FFG-style gadget over the Aura chain (docs/ledger.md, "Finality votes").
+"""Finality by votes: Casper FFG over a refined checkpoint tree (docs/ledger.md, "Finality votes").
 
 Pure core, no I/O: the vote and certificate encodings, the voting rule an honest authority follows
-(`Voter`), the tally that turns votes into justified and final blocks (`Tally`), certificate
+(`Voter`), the tally that turns votes into justified and final checkpoints (`Tally`), certificate
 verification by anyone holding the genesis, and evidence (two votes by one authority that an
 honest one never signs).
 
-A vote is a link `source -> target` between two blocks, source an ancestor of target. With
-n authorities and q = floor(2n/3) + 1:
+Every block B is two checkpoints, (B, prepare) and (B, commit), at checkpoint height
+ck = 2 height(B) + phase (prepare 0, commit 1): (B, commit) is the child of (B, prepare), and
+(C, prepare) the child of (B, commit) for a child C of B. The genesis is (0, commit), ck 1,
+justified and final. A vote is a link `source -> target` between two checkpoints, source an
+ancestor of target. With n authorities and q = floor(2n/3) + 1:
 - a link with votes from q distinct authorities *justifies* its target when its source is
-  justified (the genesis is justified);
-- a justified block S is *final* when a link S -> T with T a child of S (height + 1) has q votes;
-  those q votes are S's certificate, and every ancestor of S is final with it.
-An honest authority never signs two votes with the same target height (double vote) nor a vote
-whose (source, target) heights strictly surround another of its own (surround vote); each such
-pair is evidence. Two conflicting final blocks need f + 1 authorities to sign evidence.
+  justified;
+- a justified checkpoint S is *final* when a link S -> child(S) has q votes; those q votes are the
+  certificate of S's block, which is final with every ancestor.
+An honest authority never signs two votes with the same target ck (double vote) nor a vote whose
+(source, target) ck heights strictly surround another of its own (surround vote); each such pair
+is evidence. Two conflicting final blocks need f + 1 authorities to sign evidence. An authority
+votes twice per block: `highest justified -> (head, prepare)`, then, once (head, prepare) is
+justified, `(head, prepare) -> (head, commit)`, whose q votes make the head final in its own slot.
 """
 
 from __future__ import annotations
@@ -33,16 +38,21 @@ from aitbc.errors import (
 )
 from aitbc.ledger.genesis import Genesis, check_chain_id
 
-VOTE_VERSION = 1
-VOTE_DOMAIN = b"AITBC/vote/v1"
-CERT_VERSION = 1
-EVIDENCE_VERSION = 1
+VOTE_VERSION = 2
+VOTE_DOMAIN = b"AITBC/vote/v2"
+CERT_VERSION = 2
+EVIDENCE_VERSION = 2
+PREPARE, COMMIT = 0, 1
+PHASE_NAMES = ("prepare", "commit")
+# what an old peer or data folder gets told (ledger format 3 voted on blocks, not checkpoints)
+OLD_FORMAT = ("version 1 is not supported: ledger format 4 votes on two checkpoints per block (version 2, "
+              "docs/ledger.md \"Finality votes\"); upgrade the node that made it")
 
-_LINK = struct.Struct(">Q32sQ32s")
+_LINK = struct.Struct(">Q32sBQ32sB")
 _U16 = struct.Struct(">H")
 SIG_LEN = 65
-REFRESH_JUSTIFIED = 16  # justified blocks whose quorums a stalled node sends again (Tally.refresh)
-MAX_SPAN = 256  # most heights one vote's link may span (a tally walks parent links to check it)
+REFRESH_JUSTIFIED = 16  # justified checkpoints whose quorums a stalled node sends again (Tally.refresh)
+MAX_SPAN = 256  # most block heights one vote's link may span (a tally walks parent links to check it)
 
 
 def quorum(n: int) -> int:
@@ -57,8 +67,42 @@ def tolerated(n: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    height: int
-    hash: bytes
+    """(block, phase): a block's prepare (0) or commit (1) checkpoint."""
+
+    height: int  # the block's height
+    hash: bytes  # the block's hash
+    phase: int  # PREPARE or COMMIT
+
+    @property
+    def ck(self) -> int:
+        """Checkpoint height: 2 x block height + phase."""
+        return 2 * self.height + self.phase
+
+    def at(self, phase: int) -> Checkpoint:
+        return Checkpoint(self.height, self.hash, phase)
+
+    def __str__(self) -> str:
+        return f"{self.height}/{PHASE_NAMES[self.phase]} {self.hash.hex()[:16]}"
+
+
+def _check_link(sh: int, sp: int, th: int, tp: int, what: str) -> None:
+    for p in (sp, tp):
+        if p not in (PREPARE, COMMIT):
+            raise InvalidArgument(f"malformed {what}: phase {p} is neither 0 (prepare) nor 1 (commit)")
+    if sh == 0 and sp == PREPARE:
+        raise InvalidArgument(f"malformed {what}: the genesis has only its commit checkpoint")
+    if 2 * th + tp <= 2 * sh + sp:
+        raise InvalidArgument(f"malformed {what}: target checkpoint {th}/{PHASE_NAMES[tp]} is not above source "
+                              f"checkpoint {sh}/{PHASE_NAMES[sp]}")
+
+
+def _pack_link(source: Checkpoint, target: Checkpoint) -> bytes:
+    return _LINK.pack(source.height, source.hash, source.phase, target.height, target.hash, target.phase)
+
+
+def _unpack_link(raw: bytes, pos: int) -> tuple[Checkpoint, Checkpoint]:
+    sh, shash, sp, th, thash, tp = _LINK.unpack_from(raw, pos)
+    return Checkpoint(sh, shash, sp), Checkpoint(th, thash, tp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +116,8 @@ class Vote:
 
     def body(self) -> bytes:
         cid = self.chain_id.encode()
-        return (bytes((VOTE_VERSION, len(cid))) + cid + self.genesis_hash
-                + _LINK.pack(self.source.height, self.source.hash, self.target.height, self.target.hash) + self.voter)
+        return (bytes((VOTE_VERSION, len(cid))) + cid + self.genesis_hash + _pack_link(self.source, self.target)
+                + self.voter)
 
     def digest(self) -> bytes:
         return crypto.domain_digest(VOTE_DOMAIN, self.body())
@@ -100,13 +144,14 @@ def decode_vote(raw: bytes) -> Vote:
     try:
         version, clen = raw[0], raw[1]
         if version != VOTE_VERSION:
-            raise InvalidArgument(f"malformed vote: version {version} is not supported")
+            raise InvalidArgument(f"malformed vote: {OLD_FORMAT}" if version == 1 else
+                                  f"malformed vote: version {version} is not supported")
         cid = raw[2:2 + clen].decode("ascii")
         pos = 2 + clen
         if len(raw) != pos + 32 + _LINK.size + 20 + SIG_LEN:
             raise InvalidArgument("malformed vote: wrong length")
         gh = raw[pos:pos + 32]
-        sh, shash, th, thash = _LINK.unpack_from(raw, pos + 32)
+        sh, shash, sp, th, thash, tp = _LINK.unpack_from(raw, pos + 32)
         pos += 32 + _LINK.size
         voter, sig = raw[pos:pos + 20], raw[pos + 20:]
     except (IndexError, UnicodeDecodeError, struct.error):
@@ -115,16 +160,15 @@ def decode_vote(raw: bytes) -> Vote:
         check_chain_id(cid)
     except AitbcError:
         raise InvalidArgument("malformed vote: bad chain id") from None
-    if th <= sh:
-        raise InvalidArgument(f"malformed vote: target height {th} is not above source height {sh}")
-    return Vote(cid, gh, Checkpoint(sh, shash), Checkpoint(th, thash), voter, sig)
+    _check_link(sh, sp, th, tp, "vote")
+    return Vote(cid, gh, Checkpoint(sh, shash, sp), Checkpoint(th, thash, tp), voter, sig)
 
 
 def verify_vote(vote: Vote, genesis: Genesis, genesis_hash: bytes | None = None,
                 ignored: Iterable[bytes] = (), authorities: Iterable[bytes] | None = None) -> None:
-    """Raise unless `vote` is signed by an authority (of `authorities`, the set of the target's
-    epoch; the genesis list by default) and not one with evidence against it. Stateless: whether
-    the blocks exist is the tally's business."""
+    """Raise unless `vote` is signed by an authority (of `authorities`, the set of the target
+    block's epoch; the genesis list by default) and not one with evidence against it. Stateless:
+    whether the blocks exist is the tally's business."""
     gh = genesis_hash if genesis_hash is not None else genesis.hash()
     if vote.chain_id != genesis.chain_id:
         raise InvalidArgument(f"wrong chain id: vote is for {vote.chain_id!r}, this chain is {genesis.chain_id!r}")
@@ -143,20 +187,29 @@ def verify_vote(vote: Vote, genesis: Genesis, genesis_hash: bytes | None = None,
         raise InvalidArgument(f"bad vote signature: not signed by {vote.voter_address}")
 
 
+def is_child_link(source: Checkpoint, target: Checkpoint) -> bool:
+    """target is source's child in the checkpoint tree, as far as the link itself tells:
+    (B, prepare) -> (B, commit), or (B, commit) -> (C, prepare) with C one height above B (that
+    C's parent is B takes the blocks, or the tally's ancestor check)."""
+    if target.ck != source.ck + 1:
+        return False
+    return source.phase == COMMIT or target.hash == source.hash
+
+
 # ---- certificates ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Certificate:
-    """q votes on one link source -> target (target = a child of source): source is final."""
+    """q votes on one link source -> target, target the checkpoint child of source: source's
+    block is final."""
 
     source: Checkpoint
     target: Checkpoint
     signatures: tuple[tuple[bytes, bytes], ...]  # (voter id, 65-byte signature), voter ids ascending
 
     def encode(self) -> bytes:
-        out = [bytes((CERT_VERSION,)), _LINK.pack(self.source.height, self.source.hash, self.target.height,
-                                                  self.target.hash), _U16.pack(len(self.signatures))]
+        out = [bytes((CERT_VERSION,)), _pack_link(self.source, self.target), _U16.pack(len(self.signatures))]
         for voter, sig in self.signatures:
             out.append(voter + sig)
         return b"".join(out)
@@ -177,33 +230,36 @@ def decode_certificate(raw: bytes) -> Certificate:
     raw = bytes(raw)
     try:
         if raw[0] != CERT_VERSION:
-            raise InvalidArgument(f"malformed certificate: version {raw[0]} is not supported")
-        sh, shash, th, thash = _LINK.unpack_from(raw, 1)
+            raise InvalidArgument(f"malformed certificate: {OLD_FORMAT}" if raw[0] == 1 else
+                                  f"malformed certificate: version {raw[0]} is not supported")
+        sh, shash, sp, th, thash, tp = _LINK.unpack_from(raw, 1)
         (count,) = _U16.unpack_from(raw, 1 + _LINK.size)
     except (IndexError, struct.error):
         raise InvalidArgument("malformed certificate: truncated") from None
     pos = 1 + _LINK.size + 2
     if len(raw) != pos + count * (20 + SIG_LEN):
         raise InvalidArgument("malformed certificate: wrong length")
+    _check_link(sh, sp, th, tp, "certificate")
     sigs = tuple((raw[p:p + 20], raw[p + 20:p + 20 + SIG_LEN]) for p in range(pos, len(raw), 20 + SIG_LEN))
-    return Certificate(Checkpoint(sh, shash), Checkpoint(th, thash), sigs)
+    return Certificate(Checkpoint(sh, shash, sp), Checkpoint(th, thash, tp), sigs)
 
 
 def verify_certificate(cert: Certificate, genesis: Genesis, *, block: Checkpoint | None = None,
                        genesis_hash: bytes | None = None, ignored: Iterable[bytes] = (),
                        authorities: tuple[bytes, ...] | None = None) -> None:
-    """Raise unless `cert` proves its source final under this genesis: a child link, more than
-    2/3 of the authorities, each once, each signature valid. `block`: the block it is claimed for.
-    `authorities`: the set of the epoch of the certificate's target (the child of the certified
-    block: its votes are that link's votes); the genesis list by default."""
+    """Raise unless `cert` proves its source's block final under this genesis: a link to the
+    source's checkpoint child, more than 2/3 of the authorities, each once, each signature valid.
+    `block`: the block it is claimed for (its phase is not compared: a certificate from either
+    checkpoint of a block certifies the block). `authorities`: the set of the epoch of the
+    certificate's target block (its votes are that link's votes); the genesis list by default."""
     ids = genesis.authority_ids if authorities is None else authorities
     n = len(ids)
     q = quorum(n)
     if block is not None and (cert.source.height, cert.source.hash) != (block.height, block.hash):
         raise InvalidArgument(f"certificate is for block {cert.source.height} {cert.source.hash.hex()[:16]}, not "
                               f"for block {block.height} {block.hash.hex()[:16]} (a replayed certificate)")
-    if cert.target.height != cert.source.height + 1:
-        raise InvalidArgument(f"certificate link {cert.source.height} -> {cert.target.height} is not to a child")
+    if not is_child_link(cert.source, cert.target):
+        raise InvalidArgument(f"certificate link {cert.source} -> {cert.target} is not to a child checkpoint")
     voters = [v for v, _ in cert.signatures]
     if len(set(voters)) != len(voters):
         raise InvalidArgument("certificate has duplicate signers")
@@ -225,12 +281,13 @@ def verify_certificate(cert: Certificate, genesis: Genesis, *, block: Checkpoint
 
 
 def conflict(a: Vote, b: Vote) -> str | None:
-    """Why two votes of one voter prove it byzantine ("double vote", "surround vote"), or None."""
+    """Why two votes of one voter prove it byzantine ("double vote", "surround vote"), or None;
+    both rules over checkpoint heights."""
     if a.voter != b.voter or a.link == b.link:
         return None
-    if a.target.height == b.target.height:
+    if a.target.ck == b.target.ck:
         return "double vote"
-    s1, t1, s2, t2 = a.source.height, a.target.height, b.source.height, b.target.height
+    s1, t1, s2, t2 = a.source.ck, a.target.ck, b.source.ck, b.target.ck
     if (s1 < s2 and t2 < t1) or (s2 < s1 and t1 < t2):
         return "surround vote"
     return None
@@ -244,6 +301,8 @@ def encode_evidence(a: Vote, b: Vote) -> bytes:
 
 def _split_evidence(raw: bytes) -> tuple[bytes, bytes]:
     try:
+        if raw[0] == 1:  # ledger format 3 evidence (block votes)
+            raise InvalidArgument("not evidence: " + OLD_FORMAT)
         if raw[0] != EVIDENCE_VERSION:
             raise InvalidArgument(f"not evidence: version {raw[0]} is not supported")
         (la,) = _U16.unpack_from(raw, 1)
@@ -278,8 +337,8 @@ def check_evidence(raw: bytes, genesis: Genesis, genesis_hash: bytes | None = No
     if a.voter != b.voter:
         raise InvalidArgument("not evidence: the votes are by different authorities")
     if conflict(a, b) is None:
-        raise InvalidArgument("not evidence: the two votes do not conflict (neither the same target height nor "
-                              "one surrounding the other)")
+        raise InvalidArgument("not evidence: the two votes do not conflict (neither the same target checkpoint "
+                              "height nor one surrounding the other)")
     return a.voter
 
 
@@ -288,22 +347,41 @@ def check_evidence(raw: bytes, genesis: Genesis, genesis_hash: bytes | None = No
 
 @dataclass(slots=True)
 class Voter:
-    """What one honest authority may still sign. Its lock is (last target height, last source
-    height): targets strictly rise and sources never fall, so it never signs a double or surround
-    vote. Persist both before sending a vote (a restart must not forget them)."""
+    """What one honest authority may still sign. Its lock is (last target ck, last source ck):
+    targets strictly rise and sources never fall, so it never signs a double or surround vote.
+    Persist both before sending a vote (a restart must not forget them)."""
 
     key: crypto.PrivateKey
     genesis: Genesis
     last_target: int = 0
     last_source: int = 0
 
+    def allows(self, source: Checkpoint, target: Checkpoint) -> bool:
+        return target.ck > self.last_target and source.ck >= self.last_source and target.ck > source.ck
+
     def vote(self, source: Checkpoint, target: Checkpoint) -> Vote | None:
         """Sign source -> target if the lock allows it. The caller passes its highest justified
-        block as source and its head (a descendant of source) as target."""
-        if target.height <= self.last_target or source.height < self.last_source or target.height <= source.height:
+        checkpoint as source and the head's prepare checkpoint (a descendant of source) as target,
+        or, once (head, prepare) is justified, (head, prepare) -> (head, commit)."""
+        if not self.allows(source, target):
             return None
-        self.last_target, self.last_source = target.height, source.height
+        self.last_target, self.last_source = target.ck, source.ck
         return make_vote(self.key, self.genesis, source, target)
+
+
+def next_vote(justified_on_chain: Checkpoint, head: Checkpoint, at_height: Callable[[int], bytes | None]
+              ) -> tuple[Checkpoint, Checkpoint] | None:
+    """The link an honest authority votes now: `justified_on_chain` is the highest justified
+    checkpoint on its canonical chain, `head` its head block (any phase), `at_height` the
+    canonical block hash at a height. (head, prepare) justified: the commit vote; else highest
+    justified -> (head, prepare), capped at MAX_SPAN heights above the source; None when
+    (head, commit) is justified already (nothing to vote until the next block)."""
+    src = justified_on_chain
+    if src.height == head.height:
+        return None if src.phase == COMMIT else (src, head.at(COMMIT))
+    th = min(head.height, src.height + MAX_SPAN)
+    th_hash = head.hash if th == head.height else at_height(th)
+    return None if th_hash is None else (src, Checkpoint(th, th_hash, PREPARE))
 
 
 # ---- the tally -----------------------------------------------------------------------------------
@@ -312,33 +390,41 @@ BlockLookup = Callable[[bytes], "tuple[int, bytes] | None"]  # hash -> (height, 
 # the authority set a vote for this target block must come from (the set of its epoch), or None
 # when this node cannot tell yet (a block far ahead, or on a branch forked below that set's block)
 AuthorityLookup = Callable[[Checkpoint], "tuple[bytes, ...] | None"]
+Link = tuple[Checkpoint, Checkpoint]
 
 
 @dataclass(frozen=True, slots=True)
 class VoteResult:
     outcome: str  # "counted", "known"
     evidence: bytes = b""  # encoded evidence when this vote conflicts with an earlier one of its voter
-    finalized: Checkpoint | None = None  # the new final block when this vote completed a certificate
+    finalized: Checkpoint | None = None  # (block, commit) of the new final block when this vote completed a certificate
+    justified: bool = False  # this vote justified at least one checkpoint
 
 
 @dataclass
 class Tally:
-    """One node's view of the votes: justified blocks, the final block and its certificate."""
+    """One node's view of the votes: justified checkpoints, the final block and its certificate.
+    `final` is always the commit checkpoint of the final block: a certificate from either of its
+    checkpoints justifies (B, commit), and nothing at or below that checkpoint height can change."""
 
     genesis: Genesis
     lookup: BlockLookup
     genesis_hash: bytes = b""
-    justified: dict[bytes, int] = field(default_factory=dict)
-    links: dict[tuple[Checkpoint, Checkpoint], dict[bytes, Vote]] = field(default_factory=dict)
+    justified: set[Checkpoint] = field(default_factory=set)
+    links: dict[Link, dict[bytes, Vote]] = field(default_factory=dict)
     by_voter: dict[bytes, list[Vote]] = field(default_factory=dict)
-    ignored: set[bytes] = field(default_factory=set)
-    justified_by: dict[bytes, tuple[Checkpoint, Checkpoint]] = field(default_factory=dict)  # target -> its link
+    # convicted voter -> the block height from which its votes are ignored (the block that recorded
+    # the evidence; 0: all of them). Its votes for lower blocks still count: one may be in a quorum
+    # that justified a checkpoint other nodes are locked on, and a node that missed it must be able
+    # to count that quorum when it is sent again (Tally.refresh), or finality stalls for good.
+    ignored: dict[bytes, int] = field(default_factory=dict)
+    justified_by: dict[Checkpoint, Link] = field(default_factory=dict)  # target -> the link that justified it
     final: Checkpoint | None = None
     certificate: Certificate | None = None
     authorities: AuthorityLookup | None = None  # None: the genesis list for every block
 
     def authority_set(self, target: Checkpoint) -> tuple[bytes, ...]:
-        """The set whose votes count for links to `target` (the set of its epoch)."""
+        """The set whose votes count for links to `target` (the set of its block's epoch)."""
         if self.authorities is None:
             return self.genesis.authority_ids
         ids = self.authorities(target)
@@ -352,11 +438,11 @@ class Tally:
 
     def __post_init__(self) -> None:
         self.genesis_hash = self.genesis_hash or self.genesis.hash()
-        self.justified.setdefault(self.genesis_hash, 0)
-        if self.final is None:
-            self.final = Checkpoint(0, self.genesis_hash)
-        self.justified[self.final.hash] = self.final.height  # a final block is justified
+        self.justified.add(Checkpoint(0, self.genesis_hash, COMMIT))
+        self.final = (self.final or Checkpoint(0, self.genesis_hash, COMMIT)).at(COMMIT)
+        self.justified.add(self.final)  # a final block's commit checkpoint is justified
         self.q = quorum(len(self.genesis.authorities))
+        self._newly_justified = False
 
     def _height(self, h: bytes) -> int | None:
         if h == self.genesis_hash:
@@ -364,41 +450,50 @@ class Tally:
         got = self.lookup(h)
         return None if got is None else got[0]
 
-    def is_ancestor(self, a: Checkpoint, b: Checkpoint) -> bool:
-        """a is b or an ancestor of b (by parent links)."""
-        cur, height = b.hash, b.height
-        while height > a.height:
+    def block_is_ancestor(self, a_height: int, a_hash: bytes, b_height: int, b_hash: bytes) -> bool:
+        """Block a is block b or an ancestor of it (by parent links)."""
+        cur, height = b_hash, b_height
+        while height > a_height:
             if cur == self.genesis_hash:
                 return False
             got = self.lookup(cur)
             if got is None:
                 return False
             cur, height = got[1], got[0] - 1
-        return height == a.height and cur == a.hash
+        return height == a_height and cur == a_hash
+
+    def is_ancestor(self, a: Checkpoint, b: Checkpoint) -> bool:
+        """Checkpoint a is b or an ancestor of b in the checkpoint tree."""
+        return a.ck <= b.ck and self.block_is_ancestor(a.height, a.hash, b.height, b.hash)
 
     def highest_justified(self) -> Checkpoint:
-        h, height = max(self.justified.items(), key=lambda kv: (kv[1], kv[0]))
-        return Checkpoint(height, h)
+        return max(self.justified, key=lambda c: (c.ck, c.hash))
 
     def add(self, vote: Vote, *, signature_checked: bool = False) -> VoteResult:
         """Count a vote; raises with a clear message when it cannot count. `signature_checked`:
         verify_vote already passed (a vote of a certificate that verify_certificate checked)."""
-        if vote.voter not in self.ignored and self.links.get(vote.link, {}).get(vote.voter) == vote:
+        ignored = self.ignored_for(vote.target)
+        if vote.voter not in ignored and self.links.get(vote.link, {}).get(vote.voter) == vote:
             return VoteResult("known")  # the very vote counted before (a refresh): no signature check again
         if not signature_checked:
-            verify_vote(vote, self.genesis, self.genesis_hash, self.ignored, self.authority_set(vote.target))
+            verify_vote(vote, self.genesis, self.genesis_hash, ignored, self.authority_set(vote.target))
+        elif vote.voter in ignored:
+            raise PermissionDenied(f"vote from {vote.voter_address}, whose votes are ignored (evidence on chain)")
         assert self.final is not None
-        if vote.target.height <= self.final.height:
-            raise FailedPrecondition(f"stale vote: target {vote.target.height} is not above the final height "
-                                     f"{self.final.height}")
-        if vote.target.height - vote.source.height > MAX_SPAN:
-            raise InvalidArgument(f"vote link spans more than {MAX_SPAN} heights")
-        for cp, what in ((vote.target, "target"), (vote.source, "source")):
-            if self._height(cp.hash) != cp.height:
-                raise NotFound(f"vote for an unknown block: {what} {cp.height} {cp.hash.hex()[:16]} is not known here")
-        if not self.is_ancestor(vote.source, vote.target):
-            raise InvalidArgument("vote links a source that is not an ancestor of its target")
+        if vote.target.ck <= self.final.ck:
+            raise FailedPrecondition(f"stale vote: target {vote.target} is not above the final checkpoint "
+                                     f"{self.final} (block {self.final.height})")
         link = vote.link
+        if link not in self.links:  # a link's shape and blocks are checked once (a block hash's height
+            # and parent never change, so what held for the first vote on it holds for the others)
+            if vote.target.height - vote.source.height > MAX_SPAN:
+                raise InvalidArgument(f"vote link spans more than {MAX_SPAN} heights")
+            for cp, what in ((vote.target, "target"), (vote.source, "source")):
+                if self._height(cp.hash) != cp.height:
+                    raise NotFound(f"vote for an unknown block: {what} {cp.height} {cp.hash.hex()[:16]} is not "
+                                   "known here")
+            if not self.is_ancestor(vote.source, vote.target):
+                raise InvalidArgument("vote links a source that is not an ancestor of its target")
         voters = self.links.setdefault(link, {})
         if vote.voter in voters:
             return VoteResult("known")
@@ -409,62 +504,81 @@ class Tally:
                 break
         voters[vote.voter] = vote
         self.by_voter.setdefault(vote.voter, []).append(vote)
-        return VoteResult("counted", evidence, self._settle(link))
+        self._newly_justified = False
+        finalized = self._settle(link)
+        return VoteResult("counted", evidence, finalized, self._newly_justified)
 
     def prune(self) -> None:
-        """Forget votes that can no longer change anything (targets at or below the final height)."""
+        """Forget votes that can no longer change anything (targets at or below the final checkpoint),
+        and justified checkpoints more than MAX_SPAN heights below the final block."""
         assert self.final is not None
-        fh = self.final.height
-        self.links = {k: v for k, v in self.links.items() if k[1].height > fh}
-        self.by_voter = {k: kept for k, vs in self.by_voter.items() if (kept := [v for v in vs if v.target.height > fh])}
-        self.justified = {h: x for h, x in self.justified.items() if x >= fh}
-        self.justified_by = {h: link for h, link in self.justified_by.items() if link[1].height > fh}
+        fk = self.final.ck
+        self.links = {k: v for k, v in self.links.items() if k[1].ck > fk}
+        self.by_voter = {k: kept for k, vs in self.by_voter.items() if (kept := [v for v in vs if v.target.ck > fk])}
+        # justified checkpoints stay while a link from them could still justify something above
+        # the final one (a voter that missed a justification votes from a lower source, even from
+        # below the final checkpoint: (B, prepare) -> (C, prepare) after B was final by its commit)
+        if len(self.justified) > 4 * MAX_SPAN:  # now and then: rebuilding the set on each final block costs
+            self.justified = {c for c in self.justified if c.height + MAX_SPAN >= self.final.height}
+        self.justified_by = {c: link for c, link in self.justified_by.items() if c.ck > fk}
 
     def refresh(self, limit: int = REFRESH_JUSTIFIED) -> list[Vote]:
         """The votes worth sending again while finality stalls (a vote can be lost: sent before a
         peer was verified, dropped from a full queue, a node restarted): the quorum behind each of
-        the `limit` highest justified blocks above the final one, then each voter's latest vote.
-        Without it, two groups of voters that disagree on the highest justified block vote on two
-        different links for good, neither reaching q."""
-        out: dict[tuple[tuple[Checkpoint, Checkpoint], bytes], Vote] = {}
-        for _, link in sorted(self.justified_by.items(), key=lambda kv: -kv[1][1].height)[:limit]:
+        the `limit` highest justified checkpoints above the final one, then each voter's latest
+        vote. Without it, two groups of voters that disagree on the highest justified checkpoint
+        vote on two different links for good, neither reaching q."""
+        out: dict[tuple[Link, bytes], Vote] = {}
+        for _, link in sorted(self.justified_by.items(), key=lambda kv: -kv[0].ck)[:limit]:
             for voter, vote in self.links.get(link, {}).items():
                 out[(link, voter)] = vote
         for voter, votes in self.by_voter.items():
             if voter not in self.ignored and votes:
-                latest = max(votes, key=lambda v: v.target.height)
+                latest = max(votes, key=lambda v: v.target.ck)
                 out[(latest.link, voter)] = latest
         return list(out.values())
 
-    def ignore(self, voter: bytes) -> None:
-        """Evidence against `voter` is on chain: drop its votes from every link from now on."""
-        self.ignored.add(voter)
-        for voters in self.links.values():
-            voters.pop(voter, None)
+    def ignored_for(self, target: Checkpoint) -> frozenset[bytes]:
+        """The convicted voters whose votes for `target`'s block no longer count."""
+        return frozenset(v for v, h in self.ignored.items() if target.height >= h)
 
-    def _quorate(self, link: tuple[Checkpoint, Checkpoint]) -> bool:
-        """The link has votes from more than 2/3 of the set of its target's epoch."""
+    def ignore(self, voter: bytes, from_height: int = 0) -> None:
+        """Evidence against `voter` is on chain (recorded in block `from_height`): its votes for that
+        block and above count no more, and those already counted are dropped from their links."""
+        self.ignored[voter] = min(self.ignored.get(voter, from_height), from_height)
+        for (_, target), voters in self.links.items():
+            if target.height >= self.ignored[voter]:
+                voters.pop(voter, None)
+
+    def _quorate(self, link: Link) -> bool:
+        """The link has votes from more than 2/3 of the set of its target block's epoch."""
         voters = self.links.get(link, {})
         try:
             return len(voters) >= self.quorum_for(link[1])
         except AitbcError:
             return False
 
-    def _settle(self, link: tuple[Checkpoint, Checkpoint]) -> Checkpoint | None:
+    def _justify(self, new: list[tuple[Checkpoint, Link | None]]) -> None:
+        """Mark checkpoints justified (each with the link that did it, when there is one), then
+        every link that reached q earlier but waited for its source to be justified here (votes
+        arrive in any order), and so on up."""
+        while new:
+            cp, by = new.pop()
+            if cp in self.justified:
+                continue
+            self.justified.add(cp)
+            self._newly_justified = True
+            if by is not None:
+                self.justified_by[cp] = by
+            new.extend((k[1], k) for k in self.links if k[0] == cp and k[1] not in self.justified and self._quorate(k))
+
+    def _settle(self, link: Link) -> Checkpoint | None:
         if not self._quorate(link):
             return None
-        # justify: this link's target, then every link that reached q earlier but waited for its
-        # source to be justified here (votes arrive in any order)
-        todo = [link]
-        while todo:
-            cur = todo.pop()
-            src, tgt = cur
-            if self.justified.get(src.hash) == src.height and tgt.hash not in self.justified:
-                self.justified[tgt.hash] = tgt.height
-                self.justified_by[tgt.hash] = cur
-                todo.extend(k for k in self.links if k[0] == tgt and self._quorate(k))
         source, target = link
-        if target.height != source.height + 1:
+        if source in self.justified:
+            self._justify([(target, link)])
+        if target.ck != source.ck + 1:  # the tally checked that source is an ancestor of target
             return None
         assert self.final is not None
         if self.is_ancestor(source, self.final):
@@ -473,22 +587,25 @@ class Tally:
             # only possible with more than f byzantine authorities: never leave the final chain
             raise FailedPrecondition(f"certificate for block {source.height} conflicts with final block "
                                      f"{self.final.height}: more than f authorities signed evidence")
-        self.justified.setdefault(source.hash, source.height)
-        self.justified[target.hash] = target.height
-        self.final = source
+        # a certificate proves its source justified (its honest voters vote from justified sources)
+        self._justify([(source, None), (source.at(COMMIT), None), (target, link)])
+        self.final = source.at(COMMIT)
         self.certificate = make_certificate(self.links[link].values())
-        return source
+        self.prune()  # at once: a follower counts a batch of certificates, each vote compared with its voter's others
+        return self.final
 
     def add_certificate(self, cert: Certificate) -> Checkpoint | None:
         """A certificate from a peer (catch-up, restart): verified, then its votes are counted."""
-        verify_certificate(cert, self.genesis, genesis_hash=self.genesis_hash, ignored=self.ignored,
+        verify_certificate(cert, self.genesis, genesis_hash=self.genesis_hash, ignored=self.ignored_for(cert.target),
                            authorities=self.authority_set(cert.target))
         assert self.final is not None
-        if self._height(cert.source.hash) == cert.source.height and self.is_ancestor(cert.source, self.final):
+        source_known = self._height(cert.source.hash) == cert.source.height
+        if source_known and self.is_ancestor(cert.source, self.final):
             return None  # already final here
-        if self._height(cert.target.hash) != cert.target.height or self._height(cert.source.hash) != cert.source.height:
+        target = None if cert.target.hash == self.genesis_hash else self.lookup(cert.target.hash)
+        if not source_known or target is None or target[0] != cert.target.height:
             raise NotFound(f"certificate for an unknown block {cert.source.height} {cert.source.hash.hex()[:16]}")
-        if self.lookup(cert.target.hash) is not None and self.lookup(cert.target.hash)[1] != cert.source.hash:  # type: ignore[index]
+        if cert.source.phase == COMMIT and target[1] != cert.source.hash:
             raise InvalidArgument("certificate link is not from a block to its child")
         done = None
         for vote in cert.votes(self.genesis, self.genesis_hash):

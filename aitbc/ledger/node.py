@@ -120,7 +120,8 @@ class Node:
         # finality votes (aitbc.ledger.finality): every node tallies, authorities also vote
         certified = chain.certified()
         self.tally = finality.Tally(self.genesis, chain.parent_link, chain.genesis_hash,
-                                    final=None if certified is None else finality.Checkpoint(*certified),
+                                    final=None if certified is None else finality.Checkpoint(*certified,
+                                                                                            finality.COMMIT),
                                     authorities=self._authorities_for)
         self.voter = None if key is None else finality.Voter(key, self.genesis, *chain.vote_lock())
         self._pending_votes: dict[bytes, finality.Vote] = {}
@@ -132,7 +133,7 @@ class Node:
         self._evidence_sent: set[bytes] = set()  # authorities this node sent an EVIDENCE tx against
         self._switching = False  # a switch to a justified branch is under way
         self._apply_recorded_evidence()
-        self._saved_justified: set[bytes] = set()
+        self._saved_justified: set[finality.Checkpoint] = set()
         self._restore_justified()
 
     @property
@@ -663,26 +664,27 @@ class Node:
     # ---- finality votes (docs/ledger.md "Finality votes") --------------------------------------------
 
     def _vote_on_head(self) -> None:
-        """An authority votes highest justified ancestor -> head (at most MAX_SPAN above it) once
-        per head, as its lock allows; the lock is on disk before the vote leaves."""
+        """An authority votes, as its lock allows (finality.next_vote): highest justified
+        checkpoint on its canonical chain -> (head, prepare) (at most MAX_SPAN heights above it)
+        once per head, and (head, prepare) -> (head, commit) as soon as (head, prepare) is
+        justified here (called again after every vote that justified something). The lock is on
+        disk before the vote leaves."""
         voter, chain = self.voter, self.chain
         if voter is None or chain.head.height == 0:
             return
         head = chain.head.height
-        for h, height in sorted(self.tally.justified.items(), key=lambda kv: -kv[1]):
-            if height < head and chain.hash_at(height) == h:
-                source = finality.Checkpoint(height, h)
+        for source in sorted(self.tally.justified, key=lambda c: -c.ck):
+            if source.height <= head and chain.hash_at(source.height) == source.hash:
                 break
         else:
             return
-        th = min(head, source.height + finality.MAX_SPAN)
-        target_hash = chain.hash_at(th)
-        if target_hash is None or th <= voter.last_target or source.height < voter.last_source:
+        link = finality.next_vote(source, finality.Checkpoint(head, chain.head.hash, finality.PREPARE), chain.hash_at)
+        if link is None or not voter.allows(*link):
             return
-        if self.my_id not in (chain.authorities_at(th) or ()):
+        if self.my_id not in (chain.authorities_at(link[1].height) or ()):
             return  # not in the set of the target's epoch (voted out, or not voted in yet): no vote
-        chain.save_vote_lock(th, source.height)
-        vote = voter.vote(source, finality.Checkpoint(th, target_hash))
+        chain.save_vote_lock(link[1].ck, link[0].ck)
+        vote = voter.vote(*link)
         if vote is not None:
             self._count_votes([vote])
 
@@ -713,6 +715,7 @@ class Node:
 
     def _count_votes(self, votes: Sequence[finality.Vote]) -> list[AitbcError | None]:
         out: list[AitbcError | None] = []
+        justified = False
         for vote in votes:
             try:
                 res = self.tally.add(vote)
@@ -738,8 +741,11 @@ class Node:
                     self.adopt(asyncio.create_task(self._send_evidence(res.evidence), name="ledger-evidence"))
             if res.finalized is not None:
                 self._certified(res.finalized)
+            justified = justified or res.justified
             self._follow_justified()
         self._save_justified()
+        if justified:
+            self._vote_on_head()  # (head, prepare) may be justified now: the commit vote
         return out
 
     def _restore_justified(self) -> None:
@@ -753,7 +759,7 @@ class Node:
                     res = self.tally.add(vote)
                     if res.finalized is not None:
                         self._certified(res.finalized)
-                self._saved_justified.add(saved.target.hash)
+                self._saved_justified.add(saved.target)
             except AitbcError as exc:
                 log.warning("a saved justification does not count any more: %s", exc.message)
 
@@ -761,7 +767,7 @@ class Node:
         for target, link in self.tally.justified_by.items():
             if target not in self._saved_justified and (votes := self.tally.links.get(link)):
                 self._saved_justified.add(target)
-                self.chain.save_justification(link[1].height, target,
+                self.chain.save_justification(target.height, target.hash, target.phase,
                                               finality.make_certificate(votes.values()).encode())
 
     def _follow_justified(self) -> None:
@@ -798,20 +804,22 @@ class Node:
 
     def _store_certified(self, formed: list[tuple[int, bytes, bytes]]) -> None:
         self.chain.store_certificates(formed)
-        cp = finality.Checkpoint(formed[-1][0], formed[-1][1])
+        height, block_hash, _ = formed[-1]
+        self._notify()  # StreamBlocks callers hear of the new final height at once
         self.tally.prune()
-        self._saved_justified = {h for h in self._saved_justified if h in self.tally.justified_by}
-        log.debug("block %d %s certified final by votes", cp.height, cp.hash.hex()[:16])
+        self._saved_justified = {c for c in self._saved_justified if c in self.tally.justified_by}
+        log.debug("block %d %s certified final by votes", height, block_hash.hex()[:16])
 
     def _apply_recorded_evidence(self) -> None:
         """Evidence on the canonical chain (state v1:evid:): that authority's votes count no more.
         Ignoring stays even if a reorg drops the block: the evidence is valid on any branch."""
-        for key, _ in self.chain.store.scan(state.EVID):  # few: one per convicted authority, ever
+        for key, value in self.chain.store.scan(state.EVID):  # few: one per convicted authority, ever
             aid = key[len(state.EVID):]
             if aid not in self.tally.ignored:
-                log.warning("evidence against authority %s is on chain: ignoring its votes",
-                            bech32.encode(crypto.ADDRESS_HRP, aid))
-                self.tally.ignore(aid)
+                at = int.from_bytes(value[:8], "big")  # u64 height of the block that recorded it || tx hash
+                log.warning("evidence against authority %s is on chain (block %d): ignoring its votes for that "
+                            "block and above", bech32.encode(crypto.ADDRESS_HRP, aid), at)
+                self.tally.ignore(aid, at)
 
     async def _send_evidence(self, evidence: bytes) -> None:
         """An authority that found evidence puts it on chain (an EVIDENCE tx from its own account)."""
@@ -896,7 +904,8 @@ class Node:
                     retry.reset()
                     last_ok = time.monotonic()
                     try:
-                        await self.receive_blocks([b.raw for b in resp.blocks])
+                        if resp.blocks:  # none: only the final height moved
+                            await self.receive_blocks([b.raw for b in resp.blocks])
                         certs = [b.certificate for b in resp.blocks if b.certificate]
                         for exc in self.receive_certificates(certs):
                             log.warning("rejected a certificate from %s: %s", target, exc.message)
@@ -923,11 +932,14 @@ class Node:
 
     async def stream_blocks(self, from_height: int) -> AsyncIterator[list[tuple[bytes, int]]]:
         """Canonical blocks (raw, height) from a height, batched, live thereafter; after a reorg
-        resends from the fork point."""
+        resends from the fork point. An empty batch when only the final height moved (a block is
+        final within its own slot, after it was streamed: the caller learns it at once, not with
+        the next block)."""
         if from_height < 0:
             raise InvalidArgument("from_height must be >= 0")
         nxt = max(1, from_height)
         sent: dict[int, bytes] = {}  # recent height -> hash sent, to notice reorgs
+        told_final = self.chain.final_height
         while not self._stopped:
             changed = self._changed
             # rewind to the fork point when the chain under what we sent changed
@@ -953,8 +965,13 @@ class Node:
                     for k in sorted(sent)[:-2048]:
                         del sent[k]
                 if batch:
+                    told_final = self.chain.final_height
                     yield batch
                     continue
+            if self.chain.final_height != told_final:
+                told_final = self.chain.final_height
+                yield []
+                continue
             await changed.wait()
 
     # ---- queries ---------------------------------------------------------------------------------

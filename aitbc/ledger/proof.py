@@ -164,7 +164,9 @@ def verify_proof(proof: ReceiptProof | bytes, genesis: Genesis, receipt_hash: by
             # signed by a set the authorities voted since the genesis: a light client holding only
             # the genesis cannot check it (docs/ledger.md "Receipt proofs")
             raise InvalidArgument(SET_CHANGED)
-        finality.verify_certificate(cert, genesis, block=finality.Checkpoint(top.height, top.hash), genesis_hash=gh)
+        # either checkpoint of the top block may carry its certificate (the phase is not compared)
+        finality.verify_certificate(cert, genesis, block=finality.Checkpoint(top.height, top.hash, finality.COMMIT),
+                                    genesis_hash=gh)
     except AitbcError as exc:
         raise InvalidArgument(f"proof certificate: {exc.message}") from None
     body = tx.receipt.body
@@ -219,7 +221,8 @@ def build_proof(chain: ChainReader, receipt_hash: bytes, max_headers: int = MAX_
         headers.append(hdr)
         cert = chain.certificate(bh)
         if cert is not None:
-            if chain.authorities_at(h + 1) != genesis_ids:  # the certificate is checked with its target's set
+            target = finality.decode_certificate(cert).target.height  # h (from prepare) or h + 1 (from commit)
+            if chain.authorities_at(target) != genesis_ids:  # the certificate is checked with its target's set
                 raise FailedPrecondition(f"receipt {receipt_hash.hex()} is in block {height}: {SET_CHANGED}")
             path = merkle.merkle_path([crypto.sha256(t) for t in txs], index)
             return ReceiptProof(txs[index], index, tuple(path), tuple(headers), cert)

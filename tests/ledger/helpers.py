@@ -46,12 +46,13 @@ OTHER_REF = genesis(chain_id="other-chain").ref  # a chain id this test genesis 
 
 def certify(chain, g: Genesis, height: int) -> bytes:
     """Finalize the canonical block at `height` as the node does: votes of a quorum of the
-    genesis authorities on the link height -> height + 1 (a real, verified certificate), handed to
-    the chain. Returns the encoded certificate."""
+    genesis authorities on the link (height, prepare) -> (height, commit) (a real, verified
+    certificate, the commit round of ledger format 4), handed to the chain. Returns the encoded
+    certificate."""
     from aitbc.ledger import finality
 
-    src = finality.Checkpoint(height, chain.hash_at(height))
-    tgt = finality.Checkpoint(height + 1, chain.hash_at(height + 1))
+    src = finality.Checkpoint(height, chain.hash_at(height), finality.PREPARE)
+    tgt = src.at(finality.COMMIT)
     signers = AUTH[:finality.quorum(len(g.authorities))]
     cert = finality.make_certificate(finality.make_vote(k, g, src, tgt) for k in signers)
     finality.verify_certificate(cert, g, block=src)

@@ -82,10 +82,11 @@ async def test_authorities_vote_one_in_and_one_out():
         chain = follower.chain
         top = chain.final_height
         cert = finality.decode_certificate(chain.certificate(chain.hash_at(top)))
-        s = chain.authorities_at(top + 1)
+        s = chain.authorities_at(cert.target.height)  # the set of the certificate's target block's epoch
         assert s == (aid(AUTH[0]), aid(AUTH[1]), aid(AUTH[2]), aid(NEW))
         assert aid(NEW) in {v for v, _ in cert.signatures}
-        finality.verify_certificate(cert, g, block=finality.Checkpoint(top, chain.hash_at(top)), authorities=s)
+        finality.verify_certificate(cert, g, block=finality.Checkpoint(top, chain.hash_at(top), finality.COMMIT),
+                                    authorities=s)
         # the removed authority proposes nothing from its epoch on, and still follows the chain
         assert all(chain.block_at(h).header.proposer != aid(AUTH[3]) for h in range(left, top + 1))
         removed = nodes[2]
@@ -98,8 +99,8 @@ async def test_authorities_vote_one_in_and_one_out():
             assert len({n.chain.authorities_at(h) for n in nodes}) == 1, h
 
         # a certificate signed by the removed authority for a block of a later epoch does not verify
-        src = finality.Checkpoint(top - 1, chain.hash_at(top - 1))
-        tgt = finality.Checkpoint(top, chain.hash_at(top))
+        src = finality.Checkpoint(top - 1, chain.hash_at(top - 1), finality.COMMIT)
+        tgt = finality.Checkpoint(top, chain.hash_at(top), finality.PREPARE)
         forged = finality.make_certificate(finality.make_vote(k, g, src, tgt) for k in (AUTH[0], AUTH[1], AUTH[3]))
         with pytest.raises(InvalidArgument, match=f"certificate refused: vote from {AUTH[3].address}, which is not "
                                                   "an authority"):

@@ -137,7 +137,7 @@ def test_a_second_vote_in_a_later_epoch_counts_again():
 
 def test_votes_of_a_convicted_authority_are_refused():
     run = SetRunner(G4)
-    a, b = (finality.make_vote(AUTH[2], G4, finality.Checkpoint(0, G4.hash()), finality.Checkpoint(1, bytes([x]) * 32))
+    a, b = (finality.make_vote(AUTH[2], G4, finality.Checkpoint(0, G4.hash(), 1), finality.Checkpoint(1, bytes([x]) * 32, 0))
             for x in (1, 2))
     run.block(make_evidence(ALICE, G4.ref, 0, finality.encode_evidence(a, b)))
     err = run.refused(run.add(AUTH[2], NEW))
@@ -407,8 +407,9 @@ def test_a_follower_derives_the_same_set_at_every_height_and_refuses_out_of_set_
 # ---- votes and certificates per epoch --------------------------------------------------------------
 
 def _cert(chain: Chain, g: Genesis, height: int, signers) -> finality.Certificate:
-    src = finality.Checkpoint(height, chain.hash_at(height))
-    tgt = finality.Checkpoint(height + 1, chain.hash_at(height + 1))
+    # (height, commit) -> (height + 1, prepare): the form whose votes are the next block's epoch's
+    src = finality.Checkpoint(height, chain.hash_at(height), finality.COMMIT)
+    tgt = finality.Checkpoint(height + 1, chain.hash_at(height + 1), finality.PREPARE)
     return finality.make_certificate(finality.make_vote(k, g, src, tgt) for k in signers)
 
 
@@ -439,19 +440,19 @@ def test_the_tally_counts_votes_against_the_set_of_the_targets_epoch():
     tally = finality.Tally(G4, chain.parent_link, chain.genesis_hash,
                            authorities=lambda cp: chain.authorities_at(cp.height))
     h = 2 * E + 1
-    src = finality.Checkpoint(0, chain.genesis_hash)
-    tgt = finality.Checkpoint(h, chain.hash_at(h))
+    src = finality.Checkpoint(0, chain.genesis_hash, finality.COMMIT)
+    tgt = finality.Checkpoint(h, chain.hash_at(h), finality.PREPARE)
     for k in AUTH[:3]:
         tally.add(finality.make_vote(k, G4, src, tgt))
-    assert tgt.hash not in tally.justified  # 3 of 5 is not more than 2/3
+    assert tgt not in tally.justified  # 3 of 5 is not more than 2/3
     tally.add(finality.make_vote(NEW, G4, src, tgt))
-    assert tally.justified[tgt.hash] == h
+    assert tgt in tally.justified
     # NEW's vote for a block of epoch 1 (its set: the genesis list) is refused
-    old = finality.Checkpoint(E + 1, chain.hash_at(E + 1))
+    old = finality.Checkpoint(E + 1, chain.hash_at(E + 1), finality.PREPARE)
     with pytest.raises(PermissionDenied, match=rf"vote from {NEW.address}, which is not an authority"):
         tally.add(finality.make_vote(NEW, G4, src, old))
     # a block whose set is not fixed yet here: refused, not kept
-    far = finality.Checkpoint(10 * E, b"\x07" * 32)
+    far = finality.Checkpoint(10 * E, b"\x07" * 32, finality.PREPARE)
     with pytest.raises(FailedPrecondition, match="whose authority set this node does not know yet"):
         tally.add(finality.make_vote(AUTH[0], G4, src, far))
 

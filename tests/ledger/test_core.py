@@ -170,7 +170,7 @@ def test_format_1_encodings_and_data_folders_are_refused(tmp_path):
         Genesis.from_dict({**g.to_dict(), "version": 1})
     store = LmdbStore(tmp_path / "db")  # what a format-1 node left: genesis and chain records, no format
     store.commit({META_GENESIS: g.hash(), META_CHAIN: b"aitbc-test", HEAD: b"\x00" * 32})
-    with pytest.raises(FailedPrecondition, match="^data folder holds a ledger format 1 chain; this node runs format 3:"
+    with pytest.raises(FailedPrecondition, match="^data folder holds a ledger format 1 chain; this node runs format 4:"
                                                  " ledger format 1 .* cannot be migrated"):
         Chain(store, g)
     assert store.get(META_FORMAT) is None  # refused without writing anything

@@ -109,6 +109,11 @@ def test_vector_proof_verifies_from_the_genesis_alone():
     assert p.encode() == raw and [h.hex() for h in p.headers] == v["proof"]["headers"]
     tx_hashes = [bytes.fromhex(h) for h in v["proof"]["block_tx_hashes"]]
     assert independent_merkle_root(tx_hashes).hex() == v["proof"]["tx_root"]
+    # ledger format 4: the MINT's own block certified by its commit round, one header in all
+    own = v["proof_own_block"]
+    res = verify_proof(bytes.fromhex(own["raw"]), g, bytes.fromhex(v["receipt_hash"]))
+    assert (res.block_height, res.certified_height) == (1, 1) and len(own["headers"]) == 1
+    assert len(bytes.fromhex(own["raw"])) < len(raw)
 
 
 @pytest.mark.parametrize("case", _vectors()["refused_proofs"], ids=lambda c: c["name"])
@@ -146,7 +151,8 @@ def test_a_transfer_or_a_header_of_another_chain_is_refused_even_when_certified(
         hgh = header_genesis.hash()
         h = Header(header_genesis.chain_id, hgh, 1, hgh, 5, 5000, crypto.sha256(AUTH[1].pubkey)[:20],
                    merkle.merkle_root([tx.hash]), b"\x00" * 32, 1)
-        s, t = fin.Checkpoint(1, h.hash), fin.Checkpoint(2, crypto.sha256(b"child"))
+        s = fin.Checkpoint(1, h.hash, fin.PREPARE)
+        t = s.at(fin.COMMIT)
         cert = fin.make_certificate([fin.make_vote(k, g, s, t) for k in AUTH[:3]])
         return ReceiptProof(tx_raw, 0, (), (h.encode(),), cert.encode()).encode()
 
@@ -171,8 +177,8 @@ def _chain_with_mint(n_auth: int = 4, empty_after: int = 3):
 
 
 def _certify(chain: Chain, g: Genesis, height: int) -> None:
-    s = fin.Checkpoint(height, chain.hash_at(height))  # type: ignore[arg-type]
-    t = fin.Checkpoint(height + 1, chain.hash_at(height + 1))  # type: ignore[arg-type]
+    s = fin.Checkpoint(height, chain.hash_at(height), fin.PREPARE)  # type: ignore[arg-type]
+    t = s.at(fin.COMMIT)  # the block's own commit round (ledger format 4)
     cert = fin.make_certificate([fin.make_vote(k, g, s, t) for k in AUTH[:3]])
     chain.store_certificate(height, s.hash, cert.encode())
 
@@ -209,6 +215,6 @@ def test_format_2_blocks_and_data_folders_are_refused():
     store = MemoryStore()  # what a format-2 node left behind
     store.commit({META_GENESIS: g.hash(), META_CHAIN: g.chain_id.encode(), META_FORMAT: struct.pack(">I", 2),
                   HEAD: b"\x00" * 32})
-    with pytest.raises(FailedPrecondition, match="^data folder holds a ledger format 2 chain; this node runs format 3: "
+    with pytest.raises(FailedPrecondition, match="^data folder holds a ledger format 2 chain; this node runs format 4: "
                                                  "ledger format 3 made the block's tx root a Merkle tree"):
         Chain(store, g)

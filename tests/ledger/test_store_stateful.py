@@ -159,9 +159,9 @@ class ChainMachine(RuleBasedStateMachine):
     @rule(who=st.integers(0, 3), culprit=st.integers(0, 1), height=st.integers(1, 50))
     def evidence(self, who, culprit, height):
         """Anyone may put two conflicting votes of an authority on chain (once per authority)."""
-        src = finality.Checkpoint(0, G.hash())
-        a = finality.make_vote(AUTH[culprit], G, src, finality.Checkpoint(height, crypto.sha256(b"a%d" % height)))
-        b = finality.make_vote(AUTH[culprit], G, src, finality.Checkpoint(height, crypto.sha256(b"b%d" % height)))
+        src = finality.Checkpoint(0, G.hash(), finality.COMMIT)
+        a = finality.make_vote(AUTH[culprit], G, src, finality.Checkpoint(height, crypto.sha256(b"a%d" % height), 0))
+        b = finality.make_vote(AUTH[culprit], G, src, finality.Checkpoint(height, crypto.sha256(b"b%d" % height), 0))
         ev = finality.encode_evidence(a, b)
         self.pending.append((USERS[who], lambda n: make_evidence(USERS[who], G.ref, n, ev)))
 

@@ -184,26 +184,36 @@ def authority_set_vectors() -> dict:
 
 
 def finality_vectors() -> dict:
-    """Votes, a certificate, evidence (docs/ledger.md "Finality votes") on a 4-authority genesis."""
+    """Votes, certificates, evidence (docs/ledger.md "Finality votes", ledger format 4: checkpoint
+    votes, version 2) on a 4-authority genesis: the commit round of block 1 (its prepare quorum
+    justified it), the (1, commit) -> (2, prepare) form, and a double vote at one checkpoint height."""
     g = make_genesis(CHAIN, [k.address for k in AUTH], [ATTESTER.address], block_time_ms=1000,
                      max_price_per_unit=1000, max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000,
                      version=2)
-    gen = fin.Checkpoint(0, g.hash())
-    b1 = fin.Checkpoint(1, hashlib.sha256(b"vector block 1").digest())
-    b2 = fin.Checkpoint(2, hashlib.sha256(b"vector block 2").digest())
-    b1x = fin.Checkpoint(1, hashlib.sha256(b"vector block 1, the other branch").digest())
-    votes = [fin.make_vote(k, g, b1, b2) for k in AUTH[:3]]
+    gen = fin.Checkpoint(0, g.hash(), fin.COMMIT)
+    b1 = fin.Checkpoint(1, hashlib.sha256(b"vector block 1").digest(), fin.PREPARE)
+    b2 = fin.Checkpoint(2, hashlib.sha256(b"vector block 2").digest(), fin.PREPARE)
+    b1x = fin.Checkpoint(1, hashlib.sha256(b"vector block 1, the other branch").digest(), fin.PREPARE)
+    b1c = b1.at(fin.COMMIT)
+    prepares = [fin.make_vote(k, g, gen, b1) for k in AUTH[:3]]
+    votes = [fin.make_vote(k, g, b1, b1c) for k in AUTH[:3]]
     cert = fin.make_certificate(votes)
+    from_commit = fin.make_certificate(fin.make_vote(k, g, b1c, b2) for k in AUTH[1:])
     double = (fin.make_vote(AUTH[3], g, gen, b1), fin.make_vote(AUTH[3], g, gen, b1x))
     too_few = fin.make_certificate(votes[:2])
-    dup = fin.Certificate(b1, b2, cert.signatures[:2] + cert.signatures[1:2])
-    outsider = fin.make_certificate(votes[:2] + [fin.make_vote(BOB, g, b1, b2)])
+    dup = fin.Certificate(b1, b1c, cert.signatures[:2] + cert.signatures[1:2])
+    outsider = fin.make_certificate(votes[:2] + [fin.make_vote(BOB, g, b1, b1c)])
+    skip = fin.make_certificate(fin.make_vote(k, g, b1, b2) for k in AUTH[:3])
     return {
         "genesis": g.to_dict(), "genesis_hash": g.hash().hex(), "quorum": fin.quorum(len(AUTH)),
-        "votes": [{"voter": v.voter_address, "source_height": v.source.height, "source_hash": v.source.hash.hex(),
-                   "target_height": v.target.height, "target_hash": v.target.hash.hex(), "body": v.body().hex(),
-                   "digest": v.digest().hex(), "raw": v.encode().hex()} for v in votes],
+        "votes": [{"voter": v.voter_address,
+                   "source_height": v.source.height, "source_hash": v.source.hash.hex(), "source_phase": v.source.phase,
+                   "target_height": v.target.height, "target_hash": v.target.hash.hex(), "target_phase": v.target.phase,
+                   "body": v.body().hex(), "digest": v.digest().hex(), "raw": v.encode().hex()}
+                  for v in prepares + votes],
         "certificate": {"block_height": b1.height, "block_hash": b1.hash.hex(), "raw": cert.encode().hex()},
+        "certificate_from_commit": {"block_height": b1.height, "block_hash": b1.hash.hex(),
+                                    "raw": from_commit.encode().hex()},
         "evidence": {"voter": double[0].voter_address, "kind": "double vote",
                      "raw": fin.encode_evidence(*double).hex(),
                      "transaction": make_evidence(BOB, g.ref, 0, fin.encode_evidence(*double)).hex()},
@@ -213,6 +223,10 @@ def finality_vectors() -> dict:
             {"name": "one signer twice", "raw": dup.encode().hex(), "error": "certificate has duplicate signers"},
             {"name": "a non-authority signer", "raw": outsider.encode().hex(),
              "error": "certificate refused: vote from"},
+            {"name": "a link that skips the block's commit checkpoint", "raw": skip.encode().hex(),
+             "error": "certificate link 1/prepare"},
+            {"name": "version 1 (ledger format 3)", "raw": ("01" + cert.encode().hex()[2:]),
+             "error": "malformed certificate: version 1 is not supported: ledger format 4"},
         ],
     }
 
@@ -226,8 +240,9 @@ def test_implementation_reproduces_vectors():
             state.check_stateless(decode_tx(bytes.fromhex(bad["raw"])), g)
     f = v["finality"]
     g4 = Genesis.from_dict(f["genesis"])
-    block = fin.Checkpoint(f["certificate"]["block_height"], bytes.fromhex(f["certificate"]["block_hash"]))
+    block = fin.Checkpoint(f["certificate"]["block_height"], bytes.fromhex(f["certificate"]["block_hash"]), fin.PREPARE)
     fin.verify_certificate(fin.decode_certificate(bytes.fromhex(f["certificate"]["raw"])), g4, block=block)
+    fin.verify_certificate(fin.decode_certificate(bytes.fromhex(f["certificate_from_commit"]["raw"])), g4, block=block)
     assert fin.check_evidence(bytes.fromhex(f["evidence"]["raw"]), g4) == crypto.sha256(AUTH[3].pubkey)[:20]
     etx = decode_tx(bytes.fromhex(f["evidence"]["transaction"]))
     state.check_stateless(etx, g4)
@@ -352,54 +367,63 @@ def test_independent_finality_reader():
     assert q == f["quorum"] == 3
     cid = g["chain_id"].encode()
 
-    def body(sh: int, shash: bytes, th: int, thash: bytes, voter: bytes) -> bytes:
-        return bytes((1, len(cid))) + cid + gh + struct.pack(">Q32sQ32s", sh, shash, th, thash) + voter
+    link = ">Q32sBQ32sB"  # source height, hash, phase; target height, hash, phase (82 bytes)
+
+    def ck(height: int, phase: int) -> int:
+        assert phase in (0, 1)
+        return 2 * height + phase
+
+    def body(sh: int, shash: bytes, sp: int, th: int, thash: bytes, tp: int, voter: bytes) -> bytes:
+        return bytes((2, len(cid))) + cid + gh + struct.pack(link, sh, shash, sp, th, thash, tp) + voter
 
     def signer(b: bytes, sig: bytes) -> bytes:
         assert len(sig) == 65 and int.from_bytes(sig[32:64], "big") <= 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141 // 2
-        pub = coincurve.PublicKey.from_signature_and_message(sig, dd(b"AITBC/vote/v1", b), hasher=None).format()
+        pub = coincurve.PublicKey.from_signature_and_message(sig, dd(b"AITBC/vote/v2", b), hasher=None).format()
         return hashlib.sha256(pub).digest()[:20]
 
-    def read_vote(raw: bytes) -> tuple[int, bytes, int, bytes, bytes]:
-        assert raw[0] == 1 and raw[2:2 + raw[1]] == cid and raw[2 + raw[1]:34 + raw[1]] == gh
+    def read_vote(raw: bytes) -> tuple[int, bytes, int, int, bytes, int, bytes]:
+        assert raw[0] == 2 and raw[2:2 + raw[1]] == cid and raw[2 + raw[1]:34 + raw[1]] == gh
         p = 34 + raw[1]
-        sh, shash, th, thash = struct.unpack_from(">Q32sQ32s", raw, p)
-        voter = raw[p + 80:p + 100]
-        assert len(raw) == p + 165 and th > sh and signer(raw[:p + 100], raw[p + 100:]) == voter
-        return sh, shash, th, thash, voter
+        sh, shash, sp, th, thash, tp = struct.unpack_from(link, raw, p)
+        voter = raw[p + 82:p + 102]
+        assert len(raw) == p + 167 and ck(th, tp) > ck(sh, sp) and signer(raw[:p + 102], raw[p + 102:]) == voter
+        return sh, shash, sp, th, thash, tp, voter
 
     for vv in f["votes"]:
         raw = bytes.fromhex(vv["raw"])
-        assert read_vote(raw)[4] == bytes(bech32.decode(vv["voter"])[1])
-        assert dd(b"AITBC/vote/v1", raw[:-65]).hex() == vv["digest"]
+        assert read_vote(raw)[6] == bytes(bech32.decode(vv["voter"])[1])
+        assert dd(b"AITBC/vote/v2", raw[:-65]).hex() == vv["digest"]
 
     def cert_ok(raw: bytes, height: int, block_hash: bytes) -> bool:
-        assert raw[0] == 1
-        sh, shash, th, thash = struct.unpack_from(">Q32sQ32s", raw, 1)
-        (count,) = struct.unpack_from(">H", raw, 81)
-        assert len(raw) == 83 + 85 * count
-        voters = [raw[83 + 85 * i:103 + 85 * i] for i in range(count)]
-        sigs = [raw[103 + 85 * i:168 + 85 * i] for i in range(count)]
-        if (sh, shash) != (height, block_hash) or th != sh + 1 or voters != sorted(set(voters)) or count < q:
+        if raw[0] != 2:
             return False
-        return all(v in auths and signer(body(sh, shash, th, thash, v), s) == v
+        sh, shash, sp, th, thash, tp = struct.unpack_from(link, raw, 1)
+        (count,) = struct.unpack_from(">H", raw, 83)
+        assert len(raw) == 85 + 85 * count
+        voters = [raw[85 + 85 * i:105 + 85 * i] for i in range(count)]
+        sigs = [raw[105 + 85 * i:170 + 85 * i] for i in range(count)]
+        child = ck(th, tp) == ck(sh, sp) + 1 and (sp == 1 or thash == shash)  # the checkpoint child
+        if (sh, shash) != (height, block_hash) or not child or voters != sorted(set(voters)) or count < q:
+            return False
+        return all(v in auths and signer(body(sh, shash, sp, th, thash, tp, v), s) == v
                    for v, s in zip(voters, sigs, strict=True))
 
+    for c in (f["certificate"], f["certificate_from_commit"]):
+        assert cert_ok(bytes.fromhex(c["raw"]), c["block_height"], bytes.fromhex(c["block_hash"]))
     c = f["certificate"]
-    assert cert_ok(bytes.fromhex(c["raw"]), c["block_height"], bytes.fromhex(c["block_hash"]))
     for bad in f["refused_certificates"]:
         assert not cert_ok(bytes.fromhex(bad["raw"]), c["block_height"], bytes.fromhex(c["block_hash"]))
 
     ev = bytes.fromhex(f["evidence"]["raw"])
-    assert ev[0] == 1
+    assert ev[0] == 2
     (la,) = struct.unpack_from(">H", ev, 1)
     a = ev[3:3 + la]
     (lb,) = struct.unpack_from(">H", ev, 3 + la)
     b = ev[5 + la:5 + la + lb]
     assert len(ev) == 5 + la + lb and a < b
     va, vb = read_vote(a), read_vote(b)
-    assert va[4] == vb[4] == bytes(bech32.decode(f["evidence"]["voter"])[1]) and va[4] in auths
-    assert va[2] == vb[2] and va[:4] != vb[:4]  # a double vote: one target height, two links
+    assert va[6] == vb[6] == bytes(bech32.decode(f["evidence"]["voter"])[1]) and va[6] in auths
+    assert ck(va[3], va[5]) == ck(vb[3], vb[5]) and va[:6] != vb[:6]  # a double vote: one target ck, two links
     tx = bytes.fromhex(f["evidence"]["transaction"])  # kind 3: u16 len(E) || E, then the 64-byte signature
     assert tx[0] == 2 and tx[1] == 3 and tx[3:3 + tx[2]] == cid and tx[3 + tx[2]:35 + tx[2]] == gh
     p = 35 + tx[2]
