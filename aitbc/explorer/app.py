@@ -16,10 +16,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from aiohttp import web
@@ -31,6 +31,8 @@ from aitbc.ledger.genesis import Genesis
 from aitbc.ledger.tx import KIND_NAMES, decode_tx
 from aitbc.limits import Backoff, TokenBucket
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, ledger_pb2
+
+B = TypeVar("B", Bucket, ProviderBucket)  # a series' bucket: the chain's or a provider's
 
 log = logging.getLogger("aitbc.explorer")
 PAGE_BLOCKS = 20
@@ -412,21 +414,21 @@ class Explorer:
     def _chain_points(self, window: str) -> tuple[list[Bucket], int]:
         """The window's bars from the index's series, ending with the newest indexed block."""
         res, step, n = WINDOWS[window]
-        end = (self.index.tip_time_ms // 1000 // step + 1) * step
-        start = end - step * n
-        pts = [Bucket()] * n
-        for t, b in self.index.series(res, start, end):
-            i = (t - start) // step
-            pts[i] = Bucket(*(x + y for x, y in zip(pts[i], b, strict=True)))
-        return pts, step
+        return self._bars(lambda start, end: self.index.series(res, start, end), Bucket(), step, n), step
 
     def _provider_points(self, account_id: bytes, step: int, n: int) -> list[ProviderBucket]:
+        return self._bars(lambda start, end: self.index.provider_series(account_id, start, end),
+                          ProviderBucket(), step, n)
+
+    def _bars(self, series: Callable[[int, int], Iterable[tuple[int, B]]], empty: B, step: int, n: int) -> list[B]:
+        """`n` bars of `step` seconds ending with the newest indexed block, each the sum of the
+        series' buckets within it (`empty` where there are none)."""
         end = (self.index.tip_time_ms // 1000 // step + 1) * step
         start = end - step * n
-        pts = [ProviderBucket()] * n
-        for t, b in self.index.provider_series(account_id, start, end):
+        pts = [empty] * n
+        for t, b in series(start, end):
             i = (t - start) // step
-            pts[i] = ProviderBucket(*(x + y for x, y in zip(pts[i], b, strict=True)))
+            pts[i] = type(empty)(*(x + y for x, y in zip(pts[i], b, strict=True)))
         return pts
 
     async def search(self, request: web.Request) -> web.Response:
