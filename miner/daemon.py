@@ -55,6 +55,13 @@ class RunningJob:
     task: asyncio.Task[None] | None = None
     accept: asyncio.TimerHandle | None = None  # the JobAccepted still to send, unless other word goes first
 
+    def drop_accept(self) -> None:
+        """The pending JobAccepted is not needed (other word on the job went first) or must not go
+        (the run ended or was abandoned)."""
+        if self.accept is not None:
+            self.accept.cancel()
+            self.accept = None
+
 
 class CoordinatorRing:
     """The coordinators a miner fails over between, in config order: the one it uses now, and
@@ -268,9 +275,7 @@ class MinerDaemon:
     def _send_job(self, rj: RunningJob, msg: miner_pb2.WorkRequest) -> None:
         """A message about one of its jobs: any of them tells the coordinator the job started, so the
         pending JobAccepted is not needed any more (a quick job's result is its only message)."""
-        if rj.accept is not None:
-            rj.accept.cancel()
-            rj.accept = None
+        rj.drop_accept()
         self._send(msg)
 
     def _accepted(self, rj: RunningJob) -> None:
@@ -280,9 +285,7 @@ class MinerDaemon:
     def _abandon_all(self, reason: str) -> None:
         for rj in self.running.values():
             rj.cancel.set()
-            if rj.accept is not None:
-                rj.accept.cancel()
-                rj.accept = None
+            rj.drop_accept()
 
     def stop(self) -> None:
         self._stop.set()
@@ -370,9 +373,7 @@ class MinerDaemon:
             self._send_job(rj, miner_pb2.WorkRequest(failed=miner_pb2.JobFailed(
                 job_id=job_id, reason=f"{exc.__class__.__name__}: {exc}"[:500], permanent=False)))
         finally:
-            if rj.accept is not None:  # cancelled, or gone before it said anything
-                rj.accept.cancel()
-                rj.accept = None
+            rj.drop_accept()  # cancelled, or gone before it said anything
             if self.running.get(job_id) is rj:  # not a later run of the same job that waits for this one
                 del self.running[job_id]
 
