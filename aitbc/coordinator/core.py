@@ -807,8 +807,7 @@ class Coordinator:
         job = self.machine.held(conn.miner_id, result.job_id)
         try:  # small outputs inline: through the same bounded, hashed uploads as chunks
             self.uploads.inline(conn.miner_id, job.job_id, jobs.job_outputs(job), result.inline_artifacts)
-        except AitbcError as exc:
-            self.uploads.drop(job.job_id)
+        except AitbcError as exc:  # requeued, or failed: it leaves the miner, and its upload is deleted (_moved)
             self._run(m.Rejected(conn.miner_id, job.job_id, exc.message))
             return
         uploads = self.uploads.take(job.job_id)
