@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from aitbc import crypto
 from aitbc.errors import AitbcError
-from aitbc.ledger import state
 from aitbc.ledger.block import Block
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.genesis import Genesis
 from aitbc.ledger.store import MemoryStore
 from aitbc.ledger.tx import ACTION_ADD, ACTION_REMOVE, decode_tx, make_authority_vote
 
-from .helpers import AUTH, key
+from .helpers import AUTH, key, next_block_refusal
 
 NEW = key(5)  # not a genesis authority: voted in by the tests
 OTHER = key(6)
@@ -69,19 +68,11 @@ class SetRunner:
         return self.vote(voter, ACTION_REMOVE, subject)
 
     def why(self, raw: bytes) -> str:
-        try:
-            tx = decode_tx(raw)
-            state.check_stateless(tx, self.g)
-            state.apply_tx(self.chain.store.get, tx, self.g, self.height + 1)
-        except AitbcError as exc:
-            return exc.message
-        return "applies"
+        err = next_block_refusal(self.chain, self.g, raw)
+        return err.message if err is not None else "applies"
 
     def refused(self, raw: bytes) -> AitbcError:
-        try:
-            tx = decode_tx(raw)
-            state.check_stateless(tx, self.g)
-            state.apply_tx(self.chain.store.get, tx, self.g, self.height + 1)
-        except AitbcError as exc:
-            return exc
-        raise AssertionError("the tx applies")
+        err = next_block_refusal(self.chain, self.g, raw)
+        if err is None:
+            raise AssertionError("the tx applies")
+        return err

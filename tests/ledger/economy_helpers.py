@@ -12,7 +12,7 @@ from aitbc.ledger.tx import Tx, decode_tx
 from aitbc.quotes import QuoteBody
 from aitbc.receipts import ReceiptBody, SignedReceipt, sign_receipt
 
-from .helpers import ATTESTER, CHAIN, PROVIDER, key
+from .helpers import ATTESTER, CHAIN, PROVIDER, key, next_block_refusal
 
 CLIENT = key(30)  # pays fees from its escrow
 HONEST = [key(40 + i) for i in range(15)]  # providers that outvote a cheater
@@ -65,22 +65,15 @@ class Runner:
         return list(block.txs)
 
     def why(self, tx: Tx) -> str:
-        try:
-            state.check_stateless(tx, self.g)
-            state.apply_tx(self.chain.store.get, tx, self.g, self.height + 1)
-        except AitbcError as exc:
-            return exc.message
-        return "applies alone"
+        err = next_block_refusal(self.chain, self.g, tx)
+        return err.message if err is not None else "applies alone"
 
     def refused(self, raw: bytes) -> AitbcError:
         """The error the next block would refuse `raw` with (stateless checks, then the transition)."""
-        try:
-            tx = decode_tx(raw)
-            state.check_stateless(tx, self.g)
-            state.apply_tx(self.chain.store.get, tx, self.g, self.height + 1)
-        except AitbcError as exc:
-            return exc
-        raise AssertionError("the tx applies")
+        err = next_block_refusal(self.chain, self.g, raw)
+        if err is None:
+            raise AssertionError("the tx applies")
+        return err
 
     def nonce(self, k: crypto.PrivateKey) -> int:
         return self.chain.account(crypto.sha256(k.pubkey)[:20])[1]

@@ -7,7 +7,10 @@ from collections.abc import Callable
 from typing import Any
 
 from aitbc import crypto
+from aitbc.errors import AitbcError
+from aitbc.ledger import state
 from aitbc.ledger.genesis import Genesis, make_genesis
+from aitbc.ledger.tx import Tx, decode_tx
 from aitbc.receipts import ReceiptBody, SignedReceipt, sign_receipt
 
 CHAIN = "aitbc-test"
@@ -72,3 +75,15 @@ async def until(pred: Callable[[], Any], *, timeout: float = 60.0, what: str = "
 def addr(server: Any) -> str:
     """The loopback address of a node's running server."""
     return f"127.0.0.1:{server.port}"
+
+
+def next_block_refusal(chain: Any, g: Genesis, tx: bytes | Tx) -> AitbcError | None:
+    """What the chain's next block would refuse `tx` with (decoding, the stateless checks, then the
+    transition on the head's state), or None when it applies alone."""
+    try:
+        tx = decode_tx(tx) if isinstance(tx, bytes) else tx
+        state.check_stateless(tx, g)
+        state.apply_tx(chain.store.get, tx, g, chain.head.height + 1)
+    except AitbcError as exc:
+        return exc
+    return None
