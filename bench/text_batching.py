@@ -105,16 +105,11 @@ def logit_noise(backend: TransformersTextBackend, device: str, steps: int = 100)
             rows.join(s)
             solos.append(o)
         for _ in range(steps):
-            last = torch.stack([s.ids[0, -1] for s in rows.streams]).unsqueeze(1)
-            positions = rows.mask.sum(dim=1, keepdim=True)
-            mask = torch.cat([rows.mask, torch.ones_like(positions)], dim=1)
-            out = lm(input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=rows.cache,
-                     use_cache=True)
-            rows.cache, rows.mask = out.past_key_values, mask
+            stacked = rows.forward(lm)  # the miner's own batched step, without its sampling
             for i, (s, o) in enumerate(zip(rows.streams, solos, strict=True)):
                 alone = lm(input_ids=o.ids[:, -1:], past_key_values=o.cache, use_cache=True)
                 o.cache = alone.past_key_values
-                a, b = alone.logits[0, -1].float(), out.logits[i, -1].float()
+                a, b = alone.logits[0, -1].float(), stacked[i].float()
                 worst = max(worst, float((a - b).abs().max()))
                 same += int(torch.equal(a, b))
                 n += 1

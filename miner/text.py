@@ -770,8 +770,9 @@ class _Rows:
             layer.keys, layer.values = layer.keys[idx, :, first:], layer.values[idx, :, first:]
         self.mask = mask[:, first:]
 
-    def step(self, lm: PreTrainedModel) -> list[int]:
-        """One forward pass of every row (its last token), then each row's token drawn by its stream."""
+    def forward(self, lm: PreTrainedModel) -> Any:
+        """One forward pass of every row (its last token) through the shared cache: the next-token
+        logits, one row per stream."""
         import torch
 
         assert self.mask is not None
@@ -781,7 +782,11 @@ class _Rows:
         out = lm(input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
                  use_cache=True)
         self.cache, self.mask = out.past_key_values, mask
-        logits = out.logits[:, -1, :]
+        return out.logits[:, -1, :]
+
+    def step(self, lm: PreTrainedModel) -> list[int]:
+        """One forward pass of every row, then each row's token drawn by its stream."""
+        logits = self.forward(lm)
         return [s.take(logits[i : i + 1]) for i, s in enumerate(self.streams)]
 
 
