@@ -75,6 +75,7 @@ Concurrency and determinism
 from __future__ import annotations
 
 import atexit
+import gc
 import hashlib
 import json
 import math
@@ -598,6 +599,10 @@ def _close_loops() -> None:
     ("terminate called without an active exception", seen in test runs)."""
     for loop in list(_LOOPS):
         loop.close()
+    # and free now what their streams left in reference cycles (stacked KV caches): freed after
+    # finalization instead, a torch object's release aborted the process the same way (the stacking
+    # tests: about 1 run in 8 before, 0 in 38 after)
+    gc.collect()
 
 
 class _DecodeLoop:
