@@ -44,7 +44,7 @@ log = logging.getLogger("aitbc.miner")
 T = TypeVar("T")
 VERSION = "aitbc-miner/0.1"
 TEXT_FLUSH_S = 0.01  # text deltas are sent at most this long after they are made
-ACCEPT_AFTER_S = 0.05  # JobAccepted goes only for a job that said nothing else for this long
+ACCEPT_AFTER_S = 0.05  # the start window: progress is held, and JobAccepted goes only for a job silent, this long
 _load_owner: MinerDaemon | None = None  # the daemon aitbc_miner_load reads (one per process)
 
 
@@ -53,14 +53,17 @@ class RunningJob:
     job: miner_pb2.Task
     cancel: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task[None] | None = None
-    accept: asyncio.TimerHandle | None = None  # the JobAccepted still to send, unless other word goes first
+    accept: asyncio.TimerHandle | None = None  # the start window's end: JobAccepted, or the progress held
+    held: list[miner_pb2.WorkRequest] = field(default_factory=list)  # progress said in the start window
 
     def drop_accept(self) -> None:
-        """The pending JobAccepted is not needed (other word on the job went first) or must not go
-        (the run ended or was abandoned)."""
+        """The start window is over without its JobAccepted and held progress: other word on the job
+        went (a result, a failure, an output or text tells the coordinator the job started, and makes
+        progress said before it moot), or the run ended or was abandoned."""
         if self.accept is not None:
             self.accept.cancel()
             self.accept = None
+        self.held.clear()
 
 
 class CoordinatorRing:
@@ -274,13 +277,21 @@ class MinerDaemon:
 
     def _send_job(self, rj: RunningJob, msg: miner_pb2.WorkRequest) -> None:
         """A message about one of its jobs: any of them tells the coordinator the job started, so the
-        pending JobAccepted is not needed any more (a quick job's result is its only message)."""
+        pending JobAccepted is not needed any more (a quick job's result is its only message).
+        Progress said within the start window (ACCEPT_AFTER_S) is held until the window ends, and
+        dropped when other word goes first: a job that ends within it costs no progress message."""
+        if msg.HasField("progress") and rj.accept is not None:
+            rj.held.append(msg)  # at most the job's steps (bounded by the job limits)
+            return
         rj.drop_accept()
         self._send(msg)
 
     def _accepted(self, rj: RunningJob) -> None:
-        rj.accept = None
-        self._send(miner_pb2.WorkRequest(accepted=miner_pb2.JobAccepted(job_id=rj.job.job_id)))
+        """The start window ended with the job still running: its held progress goes now (it tells
+        the coordinator the job started), or JobAccepted when it said nothing."""
+        held, rj.held, rj.accept = rj.held, [], None
+        for msg in held or [miner_pb2.WorkRequest(accepted=miner_pb2.JobAccepted(job_id=rj.job.job_id))]:
+            self._send(msg)
 
     def _abandon_all(self, reason: str) -> None:
         for rj in self.running.values():
@@ -325,7 +336,7 @@ class MinerDaemon:
                     self._send(miner_pb2.WorkRequest(failed=miner_pb2.JobFailed(
                         job_id=job_id, reason=f"model '{job.model}' is not loaded on this miner for this job kind")))
                     return
-                # started: said with the first progress, text or result, or by JobAccepted after 50 ms
+                # started: said with the first text, output or result, or 50 ms in by its progress or JobAccepted
                 rj.accept = asyncio.get_running_loop().call_later(ACCEPT_AFTER_S, self._accepted, rj)
                 started = jobs.now_ms()
                 if jobs.job_kind(job) == jobs.TEXT:

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from aitbc.coordinator.uploads import INLINE_BYTES
+from aitbc.jobs import TERMINAL
 from aitbc.miner.backend import ImageOutput, NullImageBackend, null_png
-from aitbc.v1 import job_pb2, miner_pb2
+from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2
 from tests.coordinator.test_jobs_api import MD, fetch, image_job, stub, wait_done
 from tests.coordinator.test_miner_gateway import RawMiner
 
@@ -158,18 +159,47 @@ class Noisy(NullImageBackend):
         return ImageOutput(pngs=[buf.getvalue()], width=out.width, height=out.height, gpu_ms=out.gpu_ms)
 
 
-async def test_the_miner_sends_a_quick_job_as_progress_then_one_result(net: Any, null_backend: Any) -> None:
+async def test_the_miner_sends_a_quick_job_as_one_result(net: Any, null_backend: Any) -> None:
     daemon = await net.add_miner({"null": null_backend})
     spy = Spy(daemon)
     s = stub(net)
     job = (await s.SubmitJob(image_job(model="null", seed=4, width=64, height=64, steps=2), metadata=MD)).job
     done = await wait_done(s, job.job_id)
     assert done.state == S.JOB_STATE_COMPLETED, done.error
-    assert spy.kinds(job.job_id) == ["progress", "progress", "result"]  # no JobAccepted, no chunk
+    # its two steps came within the start window: held, then moot once the result went
+    assert spy.kinds(job.job_id) == ["result"]  # no JobAccepted, no progress, no chunk
     result = spy.result(job.job_id)
     _, data = await fetch(s, job.job_id)
     assert list(result.inline_artifacts) == [data]
-    assert (S.JOB_STATE_ASSIGNED, S.JOB_STATE_RUNNING) in steps(done)  # the first progress started it
+    assert (S.JOB_STATE_ASSIGNED, S.JOB_STATE_COMPLETED) in steps(done)  # the result started and ended it
+
+
+class Paused(NullImageBackend):
+    """Steps 1 and 2 at once, then 0.3 s of work before step 3 (a job longer than the start window)."""
+
+    def generate(self, req: Any, on_step: Any, cancel: threading.Event) -> ImageOutput:
+        for step in (1, 2, 3):
+            if step == 3:
+                time.sleep(0.3)
+            on_step(step, 3)
+        return super().generate(req, lambda *_: None, cancel)
+
+
+async def test_progress_said_in_the_start_window_goes_in_order_when_it_ends(net: Any) -> None:
+    daemon = await net.add_miner({"null": Paused()})
+    spy = Spy(daemon)
+    s = stub(net)
+    job = (await s.SubmitJob(image_job(model="null", seed=7, width=64, height=64, steps=3), metadata=MD)).job
+    seen: list[tuple[int, int]] = []
+    async for ev in s.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=MD, timeout=30):
+        if ev.WhichOneof("event") == "progress":
+            seen.append((ev.progress.step, ev.progress.total_steps))
+            if len(seen) == 2:  # the held steps, 50 ms in, while step 3 is still being worked on
+                assert spy.kinds(job.job_id) == ["progress", "progress"]  # they started it: no JobAccepted
+        elif ev.job.state in TERMINAL:
+            assert ev.job.state == S.JOB_STATE_COMPLETED, ev.job.error
+    assert seen == [(1, 3), (2, 3), (3, 3)]  # none lost, in order
+    assert spy.kinds(job.job_id) == ["progress", "progress", "progress", "result"]
 
 
 async def test_the_miner_accepts_a_job_that_says_nothing_for_50_ms(net: Any) -> None:

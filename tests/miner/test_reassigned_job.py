@@ -55,8 +55,10 @@ async def test_a_job_reassigned_during_its_abandoned_run_is_run_again() -> None:
             msg = await outbox.get()
             kinds.append(msg.WhichOneof("msg"))
     # the abandoned run ended without a word (at most the JobAccepted it sent after 50 ms, when the box
-    # was slow); the new one ran the job: progress for each of its 3 steps, then its result
-    assert [k for k in kinds if k != "accepted"] == ["progress"] * 3 + ["result"], kinds
+    # was slow); the new one ran the job: its result (and, past its 50 ms start window on a slow box,
+    # its 3 steps' progress before it)
+    assert [k for k in kinds if k not in ("accepted", "progress")] == ["result"], kinds
+    assert kinds.count("progress") in (0, 3), kinds
     assert kinds.count("accepted") <= 1, kinds
     assert backend.calls == 2
     async with asyncio.timeout(5):
