@@ -1,7 +1,7 @@
 """A throwaway local PostgreSQL server: initdb + pg_ctl in a folder, on loopback only.
 
 Tests and benchmarks start one (the coordinator's PostgreSQL store runs against a real server,
-never a mock); `aitbc devnet --postgres` (issue 18) will too. The binaries come from PATH or
+never a mock); `aitbc devnet --postgres` runs one in the devnet folder. The binaries come from PATH or
 Debian's /usr/lib/postgresql/<version>/bin (`make test` installs the `postgresql` package where
 they are missing). Authentication is `trust`, for the unix socket in the folder and 127.0.0.1
 only; the server listens on 127.0.0.1 alone.
@@ -19,6 +19,8 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +50,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_as() -> pwd.struct_passwd | None:
+def server_user() -> pwd.struct_passwd | None:
+    """The user a server started by this process runs as: None (this process's own), or under
+    root the `postgres` user (Debian's package makes it) or `nobody`."""
     if os.geteuid() != 0:
         return None
     for name in ("postgres", "nobody"):
@@ -89,11 +93,14 @@ class LocalPostgres:
         return subprocess.run([str(self.bin_dir / args[0]), *args[1:]], capture_output=True, text=True,
                               check=check, cwd="/", **kwargs)  # type: ignore[call-overload]
 
-    def start(self) -> LocalPostgres:
+    def init(self) -> LocalPostgres:
+        """Find the binaries, pick the user the server runs as, and create the cluster (initdb) when
+        the folder has none yet. start() calls it; a supervisor that runs the server itself
+        (`aitbc devnet --postgres`) calls it, then runs server_argv()."""
         self.bin_dir = self.bin_dir or find_bin_dir()
         if self.bin_dir is None:
             raise FileNotFoundError(MISSING)
-        self._user = _run_as()
+        self._user = server_user()
         if self.folder is None:
             self.folder, self._owned = Path(tempfile.mkdtemp(prefix="aitbc-pg-")), True
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -110,14 +117,36 @@ class LocalPostgres:
             # trust on the folder's socket and 127.0.0.1 only (initdb's default also trusts ::1)
             (self.data / "pg_hba.conf").write_text(
                 "local all all trust\nhost all all 127.0.0.1/32 trust\n")
+        return self
+
+    @property
+    def run_as(self) -> pwd.struct_passwd | None:
+        """The user the server runs as when this process is root (PostgreSQL refuses root), else None."""
+        return self._user
+
+    def _options(self, port: int) -> list[str]:
+        # a unix socket path is limited to 107 bytes: past that the server listens on 127.0.0.1 only
+        sock = str(self.socket_dir) if len(str(self.socket_dir)) <= 80 else ""
+        opts = ["-p", str(port), "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={sock}"]
+        if not self.durable:
+            opts += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        return opts
+
+    def server_argv(self, port: int) -> list[str]:
+        """The server in the foreground on `port` (after init()): what a supervisor runs. SIGINT
+        stops it at once (fast shutdown), SIGTERM once its clients have gone."""
+        assert self.bin_dir is not None
+        self.port = port
+        return [str(self.bin_dir / "postgres"), "-D", str(self.data), *self._options(port)]
+
+    def start(self) -> LocalPostgres:
+        self.init()
         last = ""
         for _ in range(3):  # a port taken between free_port() and the bind: try another
             port = self.port or free_port()
-            opts = [f"-p {port}", "-c listen_addresses=127.0.0.1", f"-k {self.socket_dir}"]
-            if not self.durable:
-                opts += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+            opts = " ".join(f"'{o}'" if o.startswith("unix_socket_directories=") else o for o in self._options(port))
             res = self._cmd("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l",
-                            str(self.folder / "server.log"), "-o", " ".join(opts), check=False)
+                            str(self.folder / "server.log"), "-o", opts, check=False)
             if res.returncode == 0:
                 self.port = port
                 return self
@@ -129,13 +158,31 @@ class LocalPostgres:
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://{self.superuser}@127.0.0.1:{self.port}/{dbname}"
 
-    def create_database(self, name: str) -> str:
-        """A new empty database; returns its URL."""
+    def create_database(self, name: str, *, exist_ok: bool = False) -> str:
+        """A new empty database (or, with exist_ok, the one already there); returns its URL."""
         import psycopg
 
         with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            if not (exist_ok and conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()):
+                conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
+
+    def wait_ready(self, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+        """Until the server accepts connections on its port; RuntimeError when it does not within
+        `timeout` or `alive()` says its process ended."""
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline and alive():
+            try:
+                psycopg.connect(self.url(), connect_timeout=2).close()
+                return
+            except psycopg.OperationalError as exc:
+                last = str(exc).strip()
+            time.sleep(0.1)
+        raise RuntimeError(f"PostgreSQL on 127.0.0.1:{self.port} did not accept connections"
+                           f"{'' if alive() else ' (its process exited)'}: {last}")
 
     def stop(self) -> None:
         if self.bin_dir is not None and self.folder is not None and (self.data / "postmaster.pid").exists():

@@ -765,7 +765,8 @@ def _devnet(args: argparse.Namespace) -> Any:
     return Devnet(Path(args.data_dir).expanduser(), coordinator_listen=args.coordinator_listen,
                   miner_ops_listen=args.miner_ops_listen, ledger_listen=args.ledger_listen,
                   wallet_listen=args.wallet_listen, explorer_listen=getattr(args, "explorer_listen", "127.0.0.1:18080"),
-                  models=args.models.split(","))
+                  models=args.models.split(","), postgres=getattr(args, "postgres", False),
+                  coordinators=getattr(args, "coordinators", 1))
 
 
 def cmd_devnet(args: argparse.Namespace) -> int:
@@ -778,6 +779,10 @@ def cmd_devnet(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print("devnet is up:")
     print(f"  coordinator   {ep['coordinator']}   (CoordinatorService, MinerService, health, reflection)")
+    for i, addr in enumerate(list(ep.get("coordinators") or [])[1:], 2):
+        print(f"  coordinator {i} {addr}   (the same services, the same database)")
+    if ep.get("database_url"):
+        print(f"  database      {ep['database_url']}   (PostgreSQL in {ep['data_dir']}/postgres; the coordinators' store)")
     print(f"  miner ops     {ep['miner_ops']}   (MinerOpsService/GetInfo)")
     print(f"  ledger        {ep['ledger']}   (LedgerService; single authority, chain {ep['chain_id']})")
     print(f"  wallet        {ep['wallet']}   (WalletService; keystore in {ep['data_dir']}/wallets, "
@@ -920,6 +925,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'unix' (default: a socket in DATA_DIR/wallets/.daemon) or a loopback host:port")
     p.add_argument("--explorer-listen", default="127.0.0.1:18080", help="the web explorer's host:port")
     p.add_argument("--models", default="tiny-sd,tiny-llama", help="comma-separated models for the devnet miner")
+    p.add_argument("--postgres", action="store_true",
+                   help="keep the coordinators' jobs in a PostgreSQL server started in DATA_DIR/postgres (from the "
+                        "system's postgresql package) instead of LMDB")
+    p.add_argument("--coordinators", type=int, default=1, metavar="N",
+                   help="run N coordinators on the one database (needs --postgres; the miner lists them all)")
     p.set_defaults(func=cmd_devnet)
 
     p = sub.add_parser("demo", help="start a devnet, run one image job end to end, verify its receipt, stop")

@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pwd
 import secrets
 import signal
 import socket
@@ -35,11 +36,15 @@ from aitbc.config import private_dir
 from aitbc.errors import AitbcError, FailedPrecondition
 from aitbc.ledger.genesis import Genesis, make_genesis, unique_chain_id
 from aitbc.miner.text import TEXT_PREFIX, is_text_model
+from aitbc.pgserver import LocalPostgres, server_user
 from aitbc.rpc import CHANNEL_OPTIONS, port_in_use
 from aitbc.v1 import miner_pb2, miner_pb2_grpc
 from aitbc.wallet.access import DaemonFiles, listen_address
 
 CLIENT_ID = "devnet-client"
+MAX_COORDINATORS = 8
+PG_USER = "aitbc"  # the devnet server's superuser (trust on 127.0.0.1) and the coordinators' login
+PG_DATABASE = "aitbc"
 CHAIN_PREFIX = "aitbc-devnet"  # each devnet's chain id is this plus a random suffix
 STABLE_S = 60.0  # a process that ran this long before it died is restarted at once: its backoff is reset
 BACKOFF_BASE_S = 1.0  # the wait after a first quick exit; each next quick exit in a row doubles it
@@ -86,6 +91,14 @@ def _toml(values: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _coordinator_name(i: int) -> str:
+    return "coordinator" if i == 0 else f"coordinator-{i + 1}"
+
+
+def _coordinator_file(i: int) -> str:
+    return f"{_coordinator_name(i)}.toml"
+
+
 def _served_name(model: str) -> str:
     """The name a miner advertises for an entry of its model list (without a "text:" declaration)."""
     return model[len(TEXT_PREFIX):].strip() if model.startswith(TEXT_PREFIX) else model
@@ -125,15 +138,22 @@ class Child:
     restart_at: float | None = None  # when it is restarted, once its exit was seen
     env: dict[str, str] | None = None  # extra environment (its own AITBC_METRICS_LISTEN)
     metrics: str = ""  # "host:port" of its Prometheus endpoint, "" when metrics are off
+    user: pwd.struct_passwd | None = None  # run as this user (PostgreSQL under root)
+    stop_signal: int = signal.SIGTERM
+    stops_last: bool = False  # stopped once every other service has exited (the database)
 
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.log, "ab")
         env = {**os.environ, **self.env} if self.env else None
         parent = os.getpid()
+        as_user: dict[str, object] = {}
+        if self.user is not None:
+            as_user = {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": [], "cwd": "/"}
+        # the user is switched before preexec_fn runs, so the death signal it asks for is kept
         self.proc = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True, env=env,
-                                     preexec_fn=lambda: _die_with_parent(parent))  # noqa: PLW1509
+                                     preexec_fn=lambda: _die_with_parent(parent), **as_user)  # type: ignore[call-overload]  # noqa: PLW1509
         fh.close()
         self.started_at = time.monotonic()
 
@@ -157,6 +177,8 @@ class Devnet:
     explorer_listen: str = "127.0.0.1:18080"  # the web explorer (docs/explorer.md)
     block_time_ms: int = 1000
     models: list[str] = field(default_factory=lambda: ["tiny-sd", "tiny-llama"])
+    postgres: bool = False  # the coordinators' store: a PostgreSQL server in DIR/postgres (else LMDB)
+    coordinators: int = 1  # more than one needs postgres: they share jobs through the one database
     log_to: object = sys.stdout
     children: list[Child] = field(default_factory=list)
     endpoints: dict[str, object] = field(default_factory=dict)
@@ -188,8 +210,10 @@ class Devnet:
 
     def check_ports(self, state: dict[str, object]) -> None:
         """Every address the devnet will listen on must be free before any service starts."""
-        busy = [f"{state[name]} ({name})" for name in ("coordinator", "miner_ops", "ledger", "wallet", "explorer")
-                if not str(state[name]).startswith("unix") and port_in_use(str(state[name]))]
+        named = [(str(state[name]), name) for name in ("miner_ops", "ledger", "wallet", "explorer")]
+        named += [(a, _coordinator_name(i)) for i, a in enumerate(state["coordinators"])]  # type: ignore[arg-type]
+        busy = [f"{addr} ({name})" for addr, name in sorted(named, key=lambda x: x[1] != "coordinator")
+                if not addr.startswith("unix") and port_in_use(addr)]
         if busy:
             raise FailedPrecondition(
                 f"already in use: {', '.join(busy)}: another devnet or service listens there; stop it, or give "
@@ -199,6 +223,13 @@ class Devnet:
     def prepare(self) -> dict[str, object]:
         """Create keys, the API key and configs on first start; reuse them afterwards."""
         d = self.data_dir
+        if not 1 <= self.coordinators <= MAX_COORDINATORS:
+            raise FailedPrecondition(f"--coordinators {self.coordinators}: give 1 to {MAX_COORDINATORS}")
+        if self.coordinators > 1 and not self.postgres:
+            raise FailedPrecondition(
+                f"--coordinators {self.coordinators} needs --postgres: several coordinators share their jobs, "
+                "receipts and settlement through one PostgreSQL database (docs/scaling.md); each on its own LMDB "
+                "would be separate pools attesting with one key")
         private_dir(d)  # keys, chain, jobs and wallets of the devnet
         os.chmod(d, 0o700)
         state_file = d / "devnet.json"
@@ -215,6 +246,12 @@ class Devnet:
             state["explorer"] = _resolve(self.explorer_listen)
         if "wallet" not in state or self.wallet_listen != "127.0.0.1:0":
             state["wallet"] = self.wallet_listen if self.wallet_listen.startswith("unix") else _resolve(self.wallet_listen)
+        extra = [a for a in state.get("more_coordinators", []) if a != state["coordinator"]]  # type: ignore[union-attr]
+        while len(extra) < self.coordinators - 1:  # the second and later: free ports, kept from start to start
+            extra.append(_resolve("127.0.0.1:0"))
+        state["more_coordinators"] = extra
+        coordinators = [state["coordinator"], *extra[:self.coordinators - 1]]
+        state["postgres"] = f"127.0.0.1:{free_port()}" if self.postgres else ""  # picked anew at each start
         tmp = state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         os.chmod(tmp, 0o600)
@@ -234,22 +271,35 @@ class Devnet:
                 "another --data-dir)") from None
         state["chain_id"] = chain_id
         state["miner_address"] = keys["miner"].address
-        (d / "coordinator.toml").write_text(_toml({
-            "listen": state["coordinator"], "data_dir": str(d / "coordinator"), "key_file": str(d / "keys" / "coordinator.key"),
-            "chain_id": chain_id, "ledger": state["ledger"],
-            "verify_rate": 0.0,  # one miner: a re-execution needs a second one (docs/hub.md)
-            "trusted_miners": [keys["miner"].address],  # the operator's own miner (docs/hub.md, "Trust bootstrap")
-            # the devnet's client pays paid jobs from the escrow of the miner's address: on a devnet the
-            # operator earns as the miner, then spends (docs/economy.md; nothing is pre-minted)
-            "clients": [{"id": CLIENT_ID, "api_key_sha256": key_hash, "operator": True, "address": keys["miner"].address}],
-            # the devnet's own models have their kind fixed by the operator, not by the first miner
-            "models": [{"name": _served_name(m), "kind": "text" if is_text_model(m) else "image"} for m in self.models],
-        }))
+        database = f"postgresql://{PG_USER}@{state['postgres']}/{PG_DATABASE}" if self.postgres else ""
+        for i, listen in enumerate(coordinators):
+            (d / _coordinator_file(i)).write_text(self._coordinator_toml(
+                i, listen, database, chain_id, state, key_hash, keys["miner"].address))
         (d / "miner.toml").write_text(_toml({
-            "coordinator": state["coordinator"], "key_file": str(d / "keys" / "miner.key"), "models": self.models,
+            "coordinator": coordinators if len(coordinators) > 1 else coordinators[0],
+            "key_file": str(d / "keys" / "miner.key"), "models": self.models,
             "ops_listen": state["miner_ops"], "price_per_unit": 1,
         }))
+        state["coordinators"] = coordinators
+        state["database_url"] = database
         return state
+
+    def _coordinator_toml(self, i: int, listen: str, database: str, chain_id: str, state: dict[str, object],
+                          key_hash: str, miner: str) -> str:
+        """Coordinator number i (0: the first); every one attests with the same key (docs/scaling.md)."""
+        d = self.data_dir
+        return _toml({
+            "listen": listen, "data_dir": str(d / ("coordinator" if i == 0 else f"coordinator-{i + 1}")),
+            "key_file": str(d / "keys" / "coordinator.key"), "database_url": database,
+            "chain_id": chain_id, "ledger": state["ledger"],
+            "verify_rate": 0.0,  # one miner: a re-execution needs a second one (docs/hub.md)
+            "trusted_miners": [miner],  # the operator's own miner (docs/hub.md, "Trust bootstrap")
+            # the devnet's client pays paid jobs from the escrow of the miner's address: on a devnet the
+            # operator earns as the miner, then spends (docs/economy.md; nothing is pre-minted)
+            "clients": [{"id": CLIENT_ID, "api_key_sha256": key_hash, "operator": True, "address": miner}],
+            # the devnet's own models have their kind fixed by the operator, not by the first miner
+            "models": [{"name": _served_name(m), "kind": "text" if is_text_model(m) else "image"} for m in self.models],
+        })
 
     def start(self, *, ready_timeout: float = 180.0) -> dict[str, object]:
         self.lock()
@@ -257,11 +307,16 @@ class Devnet:
         self.check_ports(state)
         d = self.data_dir
         cli = [sys.executable, "-m", "aitbc.clients.cli"]
-        self.children = [
+        coordinators = list(state["coordinators"])  # type: ignore[call-overload]
+        self.children = []
+        if self.postgres:
+            self._start_postgres(str(state["postgres"]), str(state["chain_id"]))
+        self.children += [
             Child("ledger", [*cli, "node", "--data-dir", str(d / "ledger"), "--genesis", str(d / "genesis.json"),
                              "--key", str(d / "keys" / "node.key"), "--listen", str(state["ledger"])],
                   d / "logs" / "ledger.log"),
-            Child("coordinator", [*cli, "coordinator", "--config", str(d / "coordinator.toml")], d / "logs" / "coordinator.log"),
+            *(Child(_coordinator_name(i), [*cli, "coordinator", "--config", str(d / _coordinator_file(i))],
+                    d / "logs" / f"{_coordinator_name(i)}.log") for i in range(len(coordinators))),
             Child("miner", [*cli, "miner", "--config", str(d / "miner.toml")], d / "logs" / "miner.log"),
             Child("wallet", [*cli, "wallet-daemon", "--listen", str(state["wallet"]), "--keystore-dir",
                              str(d / "wallets"), "--ledger", str(state["ledger"])], d / "logs" / "wallet.log"),
@@ -271,6 +326,8 @@ class Devnet:
         ]
         metrics_on = os.environ.get("AITBC_METRICS_LISTEN", "").strip().lower() not in ("off", "none")
         for child in self.children:
+            if child.alive():  # PostgreSQL, started first
+                continue
             if metrics_on and child.name != "explorer":  # one endpoint per process: an inherited
                 child.metrics = f"127.0.0.1:{free_port()}"  # AITBC_METRICS_LISTEN would clash
                 child.env = {**(child.env or {}), "AITBC_METRICS_LISTEN": child.metrics}
@@ -278,6 +335,8 @@ class Devnet:
         self._wait_ready(str(state["miner_ops"]), ready_timeout)
         self.endpoints = {
             "coordinator": state["coordinator"],
+            **({"coordinators": coordinators} if len(coordinators) > 1 else {}),
+            **({"database_url": state["database_url"]} if self.postgres else {}),
             "miner_ops": state["miner_ops"],
             "ledger": state["ledger"],
             "wallet": self._wallet_endpoint(str(state["wallet"])),
@@ -297,6 +356,44 @@ class Devnet:
         ep.write_text(json.dumps(self.endpoints, indent=2))
         os.chmod(ep, 0o600)
         return self.endpoints
+
+    def _start_postgres(self, listen: str, chain_id: str) -> None:
+        """The coordinators' database: a PostgreSQL server of the system's package in DIR/postgres
+        (created on first start), supervised like every other service, on 127.0.0.1 only with trust
+        for 127.0.0.1 (a local devnet: any local user can reach it, as they can every devnet port)."""
+        try:
+            pg = LocalPostgres(folder=self._postgres_folder(chain_id), superuser=PG_USER, durable=True).init()
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise FailedPrecondition(f"--postgres: {exc}") from None
+        child = Child("postgres", pg.server_argv(int(listen.rpartition(":")[2])), self.data_dir / "logs" / "postgres.log",
+                      user=pg.run_as, stop_signal=signal.SIGINT, stops_last=True)
+        self.children.append(child)
+        child.start()
+        try:
+            pg.wait_ready(60, child.alive)
+            pg.create_database(PG_DATABASE, exist_ok=True)
+        except Exception as exc:
+            self.stop()
+            raise RuntimeError(f"devnet: PostgreSQL did not start: {exc}\n{child.tail()}") from None
+
+    def _postgres_folder(self, chain_id: str) -> Path:
+        """DIR/postgres. Under root the server runs as another user (PostgreSQL refuses root), which
+        cannot reach into DIR (0700, often under /root): then the cluster lives in
+        /var/tmp/aitbc-devnet-pg/<hash of DIR and chain id>, owned by that user, and DIR/postgres
+        links to it (a new devnet in the same folder, with its new chain, gets a new cluster)."""
+        link = self.data_dir / "postgres"
+        user = server_user()
+        if user is None or (link.is_dir() and not link.is_symlink()):
+            return link
+        base = Path("/var/tmp/aitbc-devnet-pg")
+        base.mkdir(mode=0o711, exist_ok=True)
+        real = base / hashlib.sha256(f"{self.data_dir.resolve()}\0{chain_id}".encode()).hexdigest()[:16]
+        if link.is_symlink() and link.readlink() != real:
+            link.unlink()
+        if not link.is_symlink():
+            link.symlink_to(real)
+        self.say(f"devnet: PostgreSQL runs as {user.pw_name} (it refuses root): its cluster is in {real} ({link} links there)")
+        return real
 
     def _wallet_endpoint(self, listen: str) -> str:
         """What clients dial for the wallet daemon (its token: `wallet_token_file`)."""
@@ -356,18 +453,21 @@ class Devnet:
                 signal.signal(s, h)
 
     def stop(self, timeout: float = 10.0) -> None:
-        for child in reversed(self.children):
-            if child.alive():
-                child.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        """Every service, then the database once they have gone (their last writes land)."""
         deadline = time.monotonic() + timeout
-        for child in reversed(self.children):
-            if child.proc is None:
-                continue
-            try:
-                child.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
+        for phase in ([c for c in self.children if not c.stops_last], [c for c in self.children if c.stops_last]):
+            for child in reversed(phase):
+                if child.alive():
+                    child.proc.send_signal(child.stop_signal)  # type: ignore[union-attr]
+            for child in reversed(phase):
+                if child.proc is None:
+                    continue
+                try:
+                    child.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait()
+            deadline = max(deadline, time.monotonic() + 5)  # the database's own fast shutdown
         ep = self.data_dir / "endpoints.json"
         if ep.exists():
             ep.unlink()
