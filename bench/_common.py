@@ -36,13 +36,14 @@ def summary(values_ms: list[float]) -> str:
             f"mean {statistics.fmean(values_ms):.2f} ms  n={len(values_ms)}")
 
 
-def start_coordinator(tmp: Path, client: dict[str, str] | None = None,
+def start_coordinator(tmp: Path, client: dict[str, str] | None = None, key_file: Path | None = None,
                       **extra: object) -> tuple[subprocess.Popen[bytes], str]:
     """A real coordinator process on a free port; returns (process, address). `client`: more keys
-    of the bench client's [[clients]] entry (e.g. webhook_url)."""
+    of the bench client's [[clients]] entry (e.g. webhook_url); `key_file`: its attester key (several
+    coordinators of one pool share one), else a new one in `tmp`."""
     conf = tmp / "coordinator.toml"
     lines = [
-        'listen = "127.0.0.1:0"', f'data_dir = "{tmp / "coord"}"', f'key_file = "{tmp / "coord.key"}"',
+        'listen = "127.0.0.1:0"', f'data_dir = "{tmp / "coord"}"', f'key_file = "{key_file or tmp / "coord.key"}"',
         f'port_file = "{tmp / "coord.port"}"',
         *([] if "verify_rate" in extra else ["verify_rate = 0.0"]),  # one miner: nobody to re-execute on
         # every bench miner is the operator's own (established) unless the bench measures the bootstrap
