@@ -916,6 +916,7 @@ class Coordinator:
             st.connected, st.device, st.gpu_name, st.vram_mb = True, info.device, info.gpu_name, info.vram_mb
             st.models.extend(info.models)
             st.price_per_unit, st.max_concurrency = info.price_per_unit, info.max_concurrency or 1
+            st.text_batching = info.text_batching
             st.running = view.running
             st.recent_latency_ms = view.recent_latency_ms
             st.score = score(view, JobNeeds(model=info.models[0], kind=view.kind_of(info.models[0])))

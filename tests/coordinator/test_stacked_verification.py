@@ -25,7 +25,7 @@ from aitbc.coordinator.verification import VERDICT_META
 from aitbc.errors import InvalidArgument
 from aitbc.hub.verification import DEFAULT_TEXT_EPSILON, TextTrace
 from aitbc.miner.text import TEXT_STACKED, TextOutput, TextRequest, TransformersTextBackend, load_text_backend
-from aitbc.v1 import job_pb2, miner_pb2, receipt_pb2
+from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2, receipt_pb2
 from tests.coordinator.test_jobs_api import MD, fetch, stub
 from tests.coordinator.test_miner_gateway import RawMiner
 from tests.coordinator.test_text_jobs import text_job
@@ -135,6 +135,28 @@ async def test_an_honest_stacked_miner_passes_against_an_exact_re_execution(netw
     assert TextTrace.from_proto(alone.text, rerun.text_trace).ends == trace.ends
     assert receipt_state(net, orig) == St.SETTLEMENT_STATE_DISABLED  # released (no ledger here)
     assert net.core.book.snapshot(miner.key.address).verifications_passed == 1
+    listed = (await stub(net).ListMiners(coordinator_pb2.ListMinersRequest(), metadata=MD)).miners
+    assert {m.miner_id: m.text_batching for m in listed} == {miner.key.address: STACKED, rerun.miner_id: EXACT}
+
+
+async def test_a_stacked_result_is_verified_with_its_trace_after_a_coordinator_restart(
+        network_factory, stacked, exact) -> None:
+    """The mode is stored with the result and the request for a trace with the re-execution: a
+    restart between the stacked result and its re-execution changes nothing."""
+    _, trace = exact.trace(TIE)
+    flip = flipped_run(exact, TIE, min(range(len(trace.margins)), key=trace.margins.__getitem__))
+    judge = crypto.PrivateKey.generate()
+    net = await network_factory(verify_rate=1.0, verify_timeout_s=60, trust_checks=5, trusted_miners=[judge.address])
+    await net.add_miner({"tiny-llama": Flipping(stacked, {TIE.prompt: flip})})
+    job = (await stub(net).SubmitJob(params(TIE), metadata=MD)).job
+    await net.until(lambda: net.core.store.get_job(job.job_id).state == S.JOB_STATE_COMPLETED, timeout=60)
+    await net.restart_coordinator()
+    rerun_id = net.core.store.get_job(job.job_id).verification_job_ids[0]
+    assert net.core.store.get_job(rerun_id).want_text_trace
+    await net.add_miner({"tiny-llama": exact}, key=judge)
+    await net.until(lambda: net.core.store.get_job(job.job_id).verification == V.VERIFICATION_STATE_PASSED,
+                    timeout=60)
+    assert len(net.core.store.get_job(rerun_id).text_trace.margins) == flip.generated_tokens
 
 
 async def test_a_flip_at_a_near_tie_passes_and_is_paid_what_it_claims(network_factory, stacked, exact) -> None:
