@@ -122,16 +122,19 @@ def receipt_state(net, job: job_pb2.Job) -> int:  # type: ignore[no-untyped-def]
 
 # ---- through the network ---------------------------------------------------------------------------
 
-async def test_an_honest_stacked_miner_passes_against_an_exact_re_execution(network_factory, stacked, exact) -> None:
+@pytest.mark.parametrize("req", [TextRequest("Once upon a time", 40, 0.0, 1.0, 0, 0, ()),
+                                 TextRequest("The miner runs jobs", 40, 0.9, 1.0, 0, 7, ())], ids=["greedy", "sampled"])
+async def test_an_honest_stacked_miner_passes_against_an_exact_re_execution(
+        network_factory, stacked, exact, req: TextRequest) -> None:
     """The stacked miner declares itself; its job's re-execution asks for a trace and gets one (the
     exact run's, one entry per token); the text agrees, the receipt is released, both pass."""
     net, miner, orig, rerun = await run_checked(network_factory, stacked, referee=exact, first_is_established=True,
-                                                req=TextRequest("Once upon a time", 40, 0.0, 1.0, 0, 0, ()))
+                                                req=req)
     assert net.core.verifier.established(miner.key.address)  # both vote: the majority rule decides
     assert orig.verification == V.VERIFICATION_STATE_PASSED, orig
     assert orig.text_batching == STACKED and rerun.text_batching == EXACT
     assert rerun.want_text_trace and len(rerun.text_trace.margins) == len(rerun.text_trace.lengths) == rerun.generated_tokens
-    alone, trace = exact.trace(TextRequest("Once upon a time", 40, 0.0, 1.0, 0, 0, ()))
+    alone, trace = exact.trace(req)
     assert TextTrace.from_proto(alone.text, rerun.text_trace).ends == trace.ends
     assert receipt_state(net, orig) == St.SETTLEMENT_STATE_DISABLED  # released (no ledger here)
     assert net.core.book.snapshot(miner.key.address).verifications_passed == 1
