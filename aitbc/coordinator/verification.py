@@ -4,7 +4,10 @@ The rules are aitbc.hub.verification's (keyed sampling, majority arbitration); t
 them to stored jobs. A sampled job's receipt is HELD; its re-execution is a job of its own
 (client "hub-verify", `verify_of` set) queued through the job machine. When the runs are done the
 majority decides: agreeing receipts are released, outvoted ones rejected (through the receipt
-book), the miners' reputation updated, and a REPLACED job gets the agreed result.
+book), the miners' reputation updated, and a REPLACED job gets the agreed result. Two runs are
+compared byte for byte (within the pixel tolerance on GPUs), units included, except a stacked text
+miner's run against a re-execution that returned a token trace: `compare_stacked` (docs/hub.md,
+"Text from stacked miners", "Units after a divergence").
 
 Trust bootstrap (docs/hub.md): a miner is established once it passed `trust_checks` verifications
 (and is neither on probation nor quarantined), or from the start when the operator lists it in
