@@ -12,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-from collections.abc import Mapping, Sequence
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from aitbc.jobs import PNG_MAGIC
+from aitbc.v1 import job_pb2
 
 DEFAULT_RATE = 0.10
 # Mean absolute difference of RGB(A) pixel values, normalised to 0..1 (0.03 = 3% of full scale,
@@ -55,6 +58,10 @@ class Verdict:
     match: bool
     distance: float  # 0 identical .. 1 maximally different (the worst artifact)
     reason: str
+    # a mismatch an honest run cannot produce (evidence for a SLASH); False for one it can, rarely:
+    # a stacked run that agrees on the text but counted more tokens than the re-execution
+    # (compare_stacked, docs/hub.md "Units after a divergence")
+    proven: bool = True
 
 
 def compare_artifacts(a: Sequence[bytes], b: Sequence[bytes], *, exact: bool,
@@ -119,6 +126,22 @@ class TextTrace:
             raise ValueError(f"a trace has one end per margin (got {len(self.ends)} and {len(self.margins)})")
         if any(b < a for a, b in zip(self.ends, self.ends[1:], strict=False)):
             raise ValueError("a trace's ends never decrease")
+        if any(math.isnan(m) or m < 0 for m in self.margins):
+            raise ValueError("a trace's margins are >= 0 (+inf where only one candidate was allowed), never NaN")
+        decoded = self.ends[-1] if self.ends else 0
+        if decoded < len(self.text):
+            raise ValueError(f"a trace's tokens decode {decoded} characters, fewer than its text's {len(self.text)}")
+
+    def to_proto(self) -> job_pb2.TextTrace:
+        """The wire form: per token the characters it added (ends as differences) and the margin
+        (float32: ~7 significant digits, far finer than any epsilon)."""
+        lengths = [b - a for a, b in zip((0, *self.ends), self.ends, strict=False)]
+        return job_pb2.TextTrace(lengths=lengths, margins=list(self.margins))
+
+    @classmethod
+    def from_proto(cls, text: str, msg: job_pb2.TextTrace) -> TextTrace:
+        """The trace of the run that returned `text`; ValueError when it is malformed."""
+        return cls(text, tuple(itertools.accumulate(msg.lengths)), tuple(msg.margins))
 
 
 def compare_text(reference: TextTrace, candidate: str, *, epsilon: float = DEFAULT_TEXT_EPSILON) -> Verdict:
@@ -158,6 +181,28 @@ def compare_text(reference: TextTrace, candidate: str, *, epsilon: float = DEFAU
                                        f"at token {k} or just before was a near-tie (margin {closest:.3g} < {epsilon:g})")
     return Verdict(False, distance, f"texts differ at character {common} (token {k}), where the reference's "
                                     f"decision was clear (smallest margin {closest:.3g} >= {epsilon:g})")
+
+
+def compare_stacked(reference: TextTrace, reference_tokens: tuple[int, int], candidate: str,
+                    candidate_tokens: tuple[int, int], *, epsilon: float = DEFAULT_TEXT_EPSILON) -> Verdict:
+    """A stacked miner's run (`candidate`, its receipt's (prompt_tokens, generated_tokens)) against
+    a re-executor's exact run (its trace and counts): the text by `compare_text`, then the units
+    rule of docs/hub.md, "Units after a divergence": the prompt is the same prompt through the same
+    tokenizer, so its count is equal; the generated count is at most the re-execution's (a run
+    that diverged at a near-tie may have stopped sooner, and is paid what it claims; one that claims
+    more is paid nothing, since nothing the coordinator holds proves tokens after a divergence).
+    That last mismatch is not `proven`: an honest flip can run longer."""
+    verdict = compare_text(reference, candidate, epsilon=epsilon)
+    if not verdict.match:
+        return verdict
+    (ref_prompt, ref_generated), (prompt, generated) = reference_tokens, candidate_tokens
+    if prompt != ref_prompt:
+        return Verdict(False, verdict.distance, f"prompt_tokens {prompt} differ from the re-execution's {ref_prompt} "
+                                                "(the same prompt through the same tokenizer)")
+    if generated > ref_generated:
+        return Verdict(False, verdict.distance, f"{verdict.reason}, but generated_tokens {generated} exceed the "
+                                                f"re-execution's {ref_generated}", proven=False)
+    return verdict
 
 
 def pixel_distance(x: bytes, y: bytes) -> float:
@@ -207,11 +252,17 @@ class Arbitration:
 def arbitrate(results: Mapping[str, Sequence[bytes]], *, exact: bool,
               tolerance: float = DEFAULT_TOLERANCE) -> Arbitration:
     """Majority among executions keyed by miner id (2 that agree, or 2 of 3 with a referee)."""
-    ids = sorted(results)
+    return majority(results, lambda a, b: compare_artifacts(results[a], results[b], exact=exact,
+                                                             tolerance=tolerance).match)
+
+
+def majority(ids: Sequence[str] | Mapping[str, object], agree: Callable[[str, str], bool]) -> Arbitration:
+    """The strict-majority group of executions that agree with one of them (`agree(anchor, other)`,
+    symmetric), as `arbitrate` decides it for any comparison (compare_artifacts, compare_stacked)."""
+    ids = sorted(ids)
     best: list[str] = []
     for i, anchor in enumerate(ids):
-        group = [anchor] + [o for o in ids[i + 1:]
-                            if compare_artifacts(results[anchor], results[o], exact=exact, tolerance=tolerance).match]
+        group = [anchor] + [o for o in ids[i + 1:] if agree(anchor, o)]
         if len(group) > len(best):
             best = group
     if len(best) < 2 or len(best) * 2 <= len(ids):

@@ -148,8 +148,19 @@ class MinerDaemon:
         return miner_pb2.MinerInfo(
             gpu_name=name, vram_mb=vram, models=list(self.backends), price_per_unit=self.config.price_per_unit,
             max_concurrency=max(1, self.config.max_concurrency), device=self.device, version=VERSION,
-            model_specs=specs,
+            model_specs=specs, text_batching=self.text_batching(),
         )
+
+    def text_batching(self) -> int:
+        """What its text backends do (not what the config asked: the null backend never stacks):
+        stacked when one stacks, else exact; unspecified without a text model."""
+        from aitbc.miner.text import TEXT_STACKED
+
+        texts = [b for m, b in self.backends.items() if self.kinds[m] == jobs.TEXT]
+        if not texts:
+            return job_pb2.TEXT_BATCHING_UNSPECIFIED
+        stacked = any(getattr(b, "batching", "") == TEXT_STACKED for b in texts)
+        return job_pb2.TEXT_BATCHING_STACKED if stacked else job_pb2.TEXT_BATCHING_EXACT
 
     # ---- connection -------------------------------------------------------------------------
 
@@ -456,14 +467,20 @@ class MinerDaemon:
                 delay, sent_first = (TEXT_FLUSH_S if sent_first else 0.0), True
             loop.call_soon_threadsafe(loop.call_later, delay, flush)
 
+        trace = None
         with telemetry.span("miner.generate", job_id=job_id, model=rj.job.model, job_kind="text",
                             max_new_tokens=p.max_new_tokens, device=self.device) as sp:
-            out = await self._in_thread(backend.generate, req, on_text, rj.cancel)
+            if rj.job.want_text_trace:  # a re-execution of a stacked miner's job: exact, with its trace
+                out, trace = await self._in_thread(backend.trace, req, rj.cancel, on_text)
+            else:
+                out = await self._in_thread(backend.generate, req, on_text, rj.cancel)
             sp.set_attributes({"prompt_tokens": out.prompt_tokens, "generated_tokens": out.generated_tokens,
                                "finish_reason": out.finish_reason})
         flush()  # what is left goes before the result
-        extra = {"prompt_tokens": out.prompt_tokens, "generated_tokens": out.generated_tokens,
-                 "finish_reason": out.finish_reason}
+        extra: dict[str, Any] = {"prompt_tokens": out.prompt_tokens, "generated_tokens": out.generated_tokens,
+                                 "finish_reason": out.finish_reason}
+        if trace is not None:
+            extra["text_trace"] = trace.to_proto()
         art = job_pb2.Artifact(content_type="text/plain; charset=utf-8")
         meter = {"unit_type": "tokens", "gpu_ms": max(1, out.gpu_ms), "prompt_tokens": out.prompt_tokens,
                  "generated_tokens": out.generated_tokens, "units": out.prompt_tokens + out.generated_tokens}

@@ -77,6 +77,7 @@ from __future__ import annotations
 import atexit
 import gc
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -155,6 +156,13 @@ class TextBackend(Protocol):
         on_text: Callable[[str], None],
         cancel: threading.Event,
     ) -> TextOutput: ...
+
+    def trace(
+        self, req: TextRequest, cancel: threading.Event | None = None, on_text: Callable[[str], None] | None = None,
+    ) -> tuple[TextOutput, TextTrace]:
+        """`req` run as an exact (batch-1) stream, streamed like `generate`, with its token trace
+        (what a re-execution of a stacked miner's job returns, Task.want_text_trace)."""
+        ...
 
 
 def check_text_request(req: TextRequest) -> None:
@@ -288,12 +296,9 @@ class NullTextBackend:
         if cancel.is_set():
             raise JobCancelled("cancelled before start")
         out = StopText(req.stop, on_text)
-        base = hashlib.sha256(f"{req.seed}|{req.prompt}".encode()).digest()
         generated = 0
         finish = FINISH_LENGTH
-        for i in range(req.max_new_tokens):
-            digest = hashlib.sha256(base + i.to_bytes(4, "big")).digest()
-            word = _NULL_WORDS[digest[0] % len(_NULL_WORDS)]
+        for i, word in enumerate(self._words(req, req.max_new_tokens)):
             generated += 1
             if out.feed(word if i == 0 else " " + word):
                 finish = FINISH_STOP
@@ -303,6 +308,30 @@ class NullTextBackend:
         text = out.finish()
         gpu_ms = max(1, round((time.perf_counter() - started) * 1000))
         return TextOutput(text, prompt_tokens, generated, gpu_ms, finish)
+
+    def trace(
+        self, req: TextRequest, cancel: threading.Event | None = None, on_text: Callable[[str], None] | None = None,
+    ) -> tuple[TextOutput, TextTrace]:
+        """Its output is a function of seed and prompt, with no decision to flip: every token's
+        margin is +inf (a stacked run must match it exactly)."""
+        from aitbc.hub.verification import TextTrace
+
+        pieces: list[str] = []
+
+        def keep(delta: str) -> None:
+            pieces.append(delta)
+            if on_text is not None:
+                on_text(delta)
+
+        out = self.generate(req, keep, cancel or threading.Event())
+        words = [w if i == 0 else " " + w for i, w in enumerate(self._words(req, out.generated_tokens))]
+        ends = tuple(itertools.accumulate(len(w) for w in words))
+        return out, TextTrace(out.text, ends, (math.inf,) * len(ends))
+
+    @staticmethod
+    def _words(req: TextRequest, n: int) -> list[str]:
+        base = hashlib.sha256(f"{req.seed}|{req.prompt}".encode()).digest()
+        return [_NULL_WORDS[hashlib.sha256(base + i.to_bytes(4, "big")).digest()[0] % len(_NULL_WORDS)] for i in range(n)]
 
 
 # --- which names are text models ----------------------------------------------------------------
@@ -987,17 +1016,20 @@ class TransformersTextBackend:
     ) -> TextOutput:
         return self._generate(req, on_text, cancel, self._loop, record=False)[0]
 
-    def trace(self, req: TextRequest, cancel: threading.Event | None = None) -> tuple[TextOutput, TextTrace]:
+    def trace(
+        self, req: TextRequest, cancel: threading.Event | None = None, on_text: Callable[[str], None] | None = None,
+    ) -> tuple[TextOutput, TextTrace]:
         """Run `req` as an exact (batch-1) stream whatever this backend's text_batching, and return
         its output with its token trace: what a re-executor checks a stacked miner's text against
-        (aitbc.hub.verification.compare_text). The output is the one `generate` gives in "exact"."""
+        (aitbc.hub.verification.compare_text). The output is the one `generate` gives in "exact";
+        `on_text` gets its text as `generate`'s does."""
         with self._trace_lock:
             if self._exact_loop is None:
                 self._exact_loop = self._loop if self.batching == TEXT_EXACT else _DecodeLoop(self._lm)
         from aitbc.hub.verification import TextTrace
 
-        out, ends, margins = self._generate(req, lambda d: None, cancel or threading.Event(), self._exact_loop,
-                                            record=True)
+        out, ends, margins = self._generate(req, on_text or (lambda d: None), cancel or threading.Event(),
+                                            self._exact_loop, record=True)
         return out, TextTrace(out.text, tuple(ends), tuple(margins))
 
     def _generate(

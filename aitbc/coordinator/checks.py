@@ -13,6 +13,7 @@ from typing import BinaryIO, Protocol
 from aitbc import crypto, jobs, receipts
 from aitbc.coordinator import png
 from aitbc.errors import AitbcError, InvalidArgument
+from aitbc.hub.verification import TextTrace
 from aitbc.v1 import job_pb2, miner_pb2
 from aitbc.wire import receipt_from_proto
 
@@ -64,6 +65,7 @@ def check_result(
             if size != len(streamed_text.encode()):  # read only what the streamed text bounds
                 raise InvalidArgument("the final text differs from the text streamed during generation")
             check_text(job, up.read() if up is not None else b"", result, streamed_text)
+            check_text_trace(job, result, streamed_text)
             clean = job_pb2.Artifact(sha256=art.sha256, size=art.size, content_type=TEXT_CONTENT_TYPE)
         else:
             assert up is not None
@@ -146,6 +148,33 @@ def check_text(job: job_pb2.Job, data: bytes, result: miner_pb2.JobResult, strea
     if result.generated_tokens > most_generated:
         raise InvalidArgument(f"generated_tokens {result.generated_tokens} is more than the streamed text can hold "
                               f"({len(data)} UTF-8 bytes: at most {most_generated} tokens)")
+
+
+def check_text_trace(job: job_pb2.Job, result: miner_pb2.JobResult, text: str) -> None:
+    """A re-execution of a stacked miner's text job returns its token trace, and no other result
+    carries one (docs/hub.md, "Text from stacked miners"): one length and one margin per generated
+    token (so at most max_new_tokens of each), margins >= 0 or +inf, and the lengths add up to the
+    text (to at least the text when a stop string cut it). A verification is never decided from a
+    malformed one: the result is refused and the re-execution runs again elsewhere."""
+    if not job.want_text_trace:
+        if result.HasField("text_trace"):
+            raise InvalidArgument("text_trace is only returned for a task with want_text_trace")
+        return
+    if not result.HasField("text_trace"):
+        raise InvalidArgument("this task asked for a text_trace (want_text_trace: a re-execution of a stacked "
+                              "miner's job); the result has none")
+    t, n = result.text_trace, result.generated_tokens
+    if len(t.lengths) != n or len(t.margins) != n:
+        raise InvalidArgument(f"text_trace must hold one length and one margin per generated token ({n}); it holds "
+                              f"{len(t.lengths)} lengths and {len(t.margins)} margins")
+    try:
+        trace = TextTrace.from_proto(text, t)
+    except ValueError as exc:
+        raise InvalidArgument(f"text_trace is malformed: {exc}") from None
+    decoded = trace.ends[-1] if trace.ends else 0
+    if result.finish_reason != "stop" and decoded != len(text):
+        raise InvalidArgument(f"text_trace's tokens decode {decoded} characters but the text has {len(text)} (only a "
+                              "stop string cuts the decoded text)")
 
 
 def token_bounds(params: job_pb2.TextParams, text: str) -> tuple[int, int]:

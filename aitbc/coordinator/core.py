@@ -205,7 +205,7 @@ class Coordinator:
             conn.send(miner_pb2.WorkResponse(assignment=miner_pb2.Assignment(
                 task=miner_pb2.Task(job_id=job.job_id, model=job.model, params=job.params, client_id=job.client_id,
                                     price_per_unit=job.price_per_unit, prompt_hash=job.prompt_hash,
-                                    attempt=job.attempts),
+                                    attempt=job.attempts, want_text_trace=job.want_text_trace),
                 chain_id=self.config.chain_id, hub_id=self.config.hub_id,
                 traceparent=telemetry.current_traceparent())))
         metrics.DISPATCH_LATENCY.observe(max(0.0, self.time.now_ms() - job.created_at_unix_ms) / 1000)
@@ -836,10 +836,15 @@ class Coordinator:
         if jobs.job_kind(job) == jobs.TEXT:
             fields.prompt_tokens, fields.generated_tokens = result.prompt_tokens, result.generated_tokens
             fields.finish_reason = result.finish_reason
+            # how this text was made: a run that returned a trace ran exact (docs/hub.md)
+            fields.text_batching = job_pb2.TEXT_BATCHING_EXACT if job.want_text_trace else (
+                conn.info.text_batching or job_pb2.TEXT_BATCHING_EXACT)
+            if job.want_text_trace:  # checked by check_result
+                fields.text_trace.CopyFrom(result.text_trace)
         verification = None
         if sampled:
             scratch = job_pb2.Job(job_id=job.job_id, model=job.model, params=job.params, prompt_hash=job.prompt_hash,
-                                  traceparent=job.traceparent)
+                                  traceparent=job.traceparent, text_batching=fields.text_batching)
             verification = self.verifier.new_run(scratch, ran_on=conn.miner_id, device_class=dev)
             fields.verification = scratch.verification
             fields.verification_job_ids.extend(scratch.verification_job_ids)
@@ -911,6 +916,7 @@ class Coordinator:
             st.connected, st.device, st.gpu_name, st.vram_mb = True, info.device, info.gpu_name, info.vram_mb
             st.models.extend(info.models)
             st.price_per_unit, st.max_concurrency = info.price_per_unit, info.max_concurrency or 1
+            st.text_batching = info.text_batching
             st.running = view.running
             st.recent_latency_ms = view.recent_latency_ms
             st.score = score(view, JobNeeds(model=info.models[0], kind=view.kind_of(info.models[0])))

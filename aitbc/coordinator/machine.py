@@ -781,6 +781,9 @@ class JobMachine:
         job.device_class, job.receipt_hash, job.units, job.unit_type = r.device_class, r.receipt_hash, r.units, r.unit_type
         job.gpu_ms = r.gpu_ms
         job.prompt_tokens, job.generated_tokens, job.finish_reason = r.prompt_tokens, r.generated_tokens, r.finish_reason
+        job.text_batching = r.text_batching
+        if r.HasField("text_trace"):
+            job.text_trace.CopyFrom(r.text_trace)
         job.verification = r.verification
         job.verification_job_ids.extend(r.verification_job_ids)
         self._artifacts.extend(ev.artifacts)

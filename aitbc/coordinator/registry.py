@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from aitbc import crypto, jobs
 from aitbc.coordinator.models import declared
 from aitbc.errors import AitbcError, InvalidArgument, Unauthenticated
-from aitbc.v1 import coordinator_pb2, miner_pb2
+from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2
 
 log = logging.getLogger("aitbc.coordinator")
 
@@ -52,6 +52,9 @@ def check_miner_info(info: miner_pb2.MinerInfo) -> None:
             raise InvalidArgument(f"{name} must be at most {MAX_INFO_TEXT} characters")
     if not 1 <= (info.max_concurrency or 1) <= 64:
         raise InvalidArgument("max_concurrency must be between 1 and 64")
+    if info.text_batching not in job_pb2.TextBatching.values():
+        raise InvalidArgument(f"text_batching {info.text_batching} is not a TextBatching value (0 unspecified, "
+                              "1 exact, 2 stacked)")
 
 
 @dataclass

@@ -4,7 +4,10 @@ The rules are aitbc.hub.verification's (keyed sampling, majority arbitration); t
 them to stored jobs. A sampled job's receipt is HELD; its re-execution is a job of its own
 (client "hub-verify", `verify_of` set) queued through the job machine. When the runs are done the
 majority decides: agreeing receipts are released, outvoted ones rejected (through the receipt
-book), the miners' reputation updated, and a REPLACED job gets the agreed result.
+book), the miners' reputation updated, and a REPLACED job gets the agreed result. Two runs are
+compared byte for byte (within the pixel tolerance on GPUs), units included, except a stacked text
+miner's run against a re-execution that returned a token trace: `compare_stacked` (docs/hub.md,
+"Text from stacked miners", "Units after a divergence").
 
 Trust bootstrap (docs/hub.md): a miner is established once it passed `trust_checks` verifications
 (and is neither on probation nor quarantined), or from the start when the operator lists it in
@@ -26,7 +29,16 @@ from aitbc.coordinator.machine import Submit
 from aitbc.coordinator.receipt_book import ReceiptBook
 from aitbc.coordinator.store import JobStore
 from aitbc.hub.reputation import ReputationBook
-from aitbc.hub.verification import arbitrate, compare_artifacts, sample_key, should_verify
+from aitbc.hub.verification import (
+    DEFAULT_TEXT_EPSILON,
+    TextTrace,
+    Verdict,
+    compare_artifacts,
+    compare_stacked,
+    majority,
+    sample_key,
+    should_verify,
+)
 from aitbc.v1 import job_pb2, receipt_pb2
 
 log = logging.getLogger("aitbc.coordinator")
@@ -41,12 +53,14 @@ class Verifier:
     def __init__(self, store: JobStore, book: ReceiptBook, reputation: ReputationBook, *, rate: float,
                  tolerance: float, load: Callable[[str], job_pb2.Job | None],
                  record: Callable[[str, bool], None], now_ms: Callable[[], int],
-                 trust_checks: int = 0, trusted: frozenset[str] = frozenset()) -> None:
+                 trust_checks: int = 0, trusted: frozenset[str] = frozenset(),
+                 text_epsilon: float = DEFAULT_TEXT_EPSILON) -> None:
         self.store = store
         self.book = book
         self.reputation = reputation
         self.rate = rate
         self.tolerance = tolerance
+        self.text_epsilon = text_epsilon  # a constant calibrated on CPU float32 (aitbc.hub.verification)
         self.trust_checks = trust_checks
         self.trusted = trusted
         self.load = load  # a job by id, active (the machine's record) or stored
@@ -97,7 +111,9 @@ class Verifier:
         returned Submit stores orig with the new job in one transaction."""
         v = job_pb2.Job(job_id=jobs.new_job_id(), model=orig.model, params=orig.params, client_id=VERIFY_CLIENT,
                         created_at_unix_ms=self.now_ms(), prompt_hash=orig.prompt_hash, verify_of=orig.job_id,
-                        traceparent=orig.traceparent)
+                        traceparent=orig.traceparent,
+                        # a stacked miner's text is judged against the re-executor's exact run and its trace
+                        want_text_trace=orig.text_batching == job_pb2.TEXT_BATCHING_STACKED)
         exclude, device = self.placement(orig, ran_on)
         orig.verification = V.VERIFICATION_STATE_PENDING
         orig.verification_job_ids.append(v.job_id)
@@ -119,6 +135,24 @@ class Verifier:
         """What two runs of a job must agree on: the outputs, and the units their receipts claim
         (a text run that streamed the same text but counted more tokens does not agree)."""
         return [*self._artifacts(job), f"{job.unit_type}={job.units}".encode()]
+
+    def _compare(self, a: job_pb2.Job, b: job_pb2.Job, exact: bool) -> Verdict:
+        """Do two runs of a job agree? A stacked miner's text against a run that returned a trace:
+        compare_stacked (the text up to a near-tie, and the units rule: docs/hub.md, "Units after a
+        divergence"); any other pair: compare_artifacts on the evidence (outputs and units)."""
+        for stacked, ref in ((a, b), (b, a)):
+            if stacked.text_batching == job_pb2.TEXT_BATCHING_STACKED and ref.HasField("text_trace"):
+                try:
+                    trace = TextTrace.from_proto(self._text(ref), ref.text_trace)
+                except ValueError as exc:  # checked when it arrived: only a lost artifact gets here
+                    return Verdict(False, 1.0, f"the re-execution's trace cannot be read: {exc}")
+                return compare_stacked(trace, (ref.prompt_tokens, ref.generated_tokens), self._text(stacked),
+                                       (stacked.prompt_tokens, stacked.generated_tokens), epsilon=self.text_epsilon)
+        return compare_artifacts(self._evidence(a), self._evidence(b), exact=exact, tolerance=self.tolerance)
+
+    def _text(self, job: job_pb2.Job) -> str:
+        arts = self._artifacts(job)
+        return arts[0].decode("utf-8", "replace") if arts else ""
 
     def run_ended(self, v: job_pb2.Job) -> Submit | None:
         """A re-execution ended: decide by majority, or start a referee (returned), or give up unverified."""
@@ -179,19 +213,27 @@ class Verifier:
             metrics.VERIFICATIONS.labels(outcome="passed").inc()
         self.store.write([orig])
         self._release(runs, outvoted, f"its result differs from {len(agreed)} other executions")
-        self._record_verdicts(runs, agreed, outvoted)
+        self._record_verdicts(runs, agreed, outvoted, exact)
         return None
 
-    def _record_verdicts(self, runs: list[job_pb2.Job], agreed: frozenset[str], outvoted: frozenset[str]) -> None:
+    def _record_verdicts(self, runs: list[job_pb2.Job], agreed: frozenset[str], outvoted: frozenset[str],
+                         exact: bool) -> None:
         """Proven cheating becomes a SLASH (sent by settlement, docs/economy.md "Slashing"): each
         outvoted run's receipt with the receipts of the established runs that outvoted it. Runs
-        that outvoted it as unproven miners do not count as proof."""
+        that outvoted it as unproven miners do not count as proof, and neither does a mismatch an
+        honest run can make (a stacked run that counted more tokens after a near-tie: not `proven`)."""
         honest = [r.receipt_hash for r in runs if r.miner_id in agreed and r.receipt_hash
                   and self.established(r.miner_id)][:MAX_HONEST]
         if not honest:
             return
+        winner = next(r for r in runs if r.miner_id in agreed)
         for r in runs:
             if r.miner_id in outvoted and r.receipt_hash:
+                verdict = self._compare(winner, r, exact)
+                if not verdict.proven:
+                    log.warning("miner %s: outvoted on job %s without proof of cheating (no SLASH): %s", r.miner_id,
+                                r.job_id, verdict.reason)
+                    continue
                 self.store.put_meta(VERDICT_META + r.receipt_hash, " ".join(honest).encode())
                 log.warning("miner %s: verdict recorded for a SLASH (receipt %s, outvoted by %d established runs)",
                             r.miner_id, r.receipt_hash, len(honest))
@@ -203,7 +245,8 @@ class Verifier:
         is the reference when the run it checks is unproven. An unproven run passes when it matches
         the reference."""
         if len(voters) >= 2:
-            verdict = arbitrate({r.miner_id: self._evidence(r) for r in voters}, exact=exact, tolerance=self.tolerance)
+            by_id = {r.miner_id: r for r in voters}
+            verdict = majority(by_id, lambda a, b: self._compare(by_id[a], by_id[b], exact).match)
             if not verdict.decided:
                 return None
             agreed, outvoted = set(verdict.agreed), set(verdict.outvoted)
@@ -211,9 +254,9 @@ class Verifier:
             agreed, outvoted = {voters[0].miner_id}, set()
         else:
             return "unverified"
-        reference = self._evidence(next(r for r in voters if r.miner_id in agreed))
+        reference = next(r for r in voters if r.miner_id in agreed)
         for r in unproven:
-            same = compare_artifacts(reference, self._evidence(r), exact=exact, tolerance=self.tolerance).match
+            same = self._compare(reference, r, exact).match
             (agreed if same else outvoted).add(r.miner_id)
         return frozenset(agreed), frozenset(outvoted)
 
@@ -231,10 +274,12 @@ class Verifier:
                 if referee is not None:
                     out.append(referee)
             else:  # decided before the crash: release what agrees with the job's final result
-                final = self._artifacts(orig)
                 runs = [r for r in self.runs(orig) if r.state == S.JOB_STATE_COMPLETED]
-                outvoted = {r.miner_id for r in runs[1:] if self._artifacts(r) != final}
-                if orig.verification == V.VERIFICATION_STATE_REPLACED:
-                    outvoted.add(orig.miner_id)
+                if orig.verification == V.VERIFICATION_STATE_REPLACED:  # the final result is a re-execution's
+                    final = self._artifacts(orig)
+                    outvoted = {r.miner_id for r in runs[1:] if self._artifacts(r) != final} | {orig.miner_id}
+                else:  # the original's own result stands: the runs that agree with it as decide() compares
+                    exact = all(r.device_class != "cuda" for r in runs)
+                    outvoted = {r.miner_id for r in runs[1:] if not self._compare(orig, r, exact).match}
                 self._release(runs, frozenset(outvoted), "its result differs from the verified one")
         return out

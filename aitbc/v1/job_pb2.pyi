@@ -48,6 +48,34 @@ JOB_STATE_CANCELLED: JobState.ValueType  # 6
 JOB_STATE_EXPIRED: JobState.ValueType  # 7
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _TextBatching:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TextBatchingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TextBatching.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TEXT_BATCHING_UNSPECIFIED: _TextBatching.ValueType  # 0
+    """Not declared (a miner from before the field, or one without text models): treated as exact."""
+    TEXT_BATCHING_EXACT: _TextBatching.ValueType  # 1
+    """Each stream its own batch-1 forward pass: a job's text is the job's alone, byte for byte."""
+    TEXT_BATCHING_STACKED: _TextBatching.ValueType  # 2
+    """The streams share one batched forward pass: a near-tie may flip (docs/hub.md, "Text from
+    stacked miners"), so verification compares its text with a re-executor's trace.
+    """
+
+class TextBatching(_TextBatching, metaclass=_TextBatchingEnumTypeWrapper):
+    """TextBatching is how a text miner runs its concurrent streams (docs/operations.md, "Text streams")."""
+
+TEXT_BATCHING_UNSPECIFIED: TextBatching.ValueType  # 0
+"""Not declared (a miner from before the field, or one without text models): treated as exact."""
+TEXT_BATCHING_EXACT: TextBatching.ValueType  # 1
+"""Each stream its own batch-1 forward pass: a job's text is the job's alone, byte for byte."""
+TEXT_BATCHING_STACKED: TextBatching.ValueType  # 2
+"""The streams share one batched forward pass: a near-tie may flip (docs/hub.md, "Text from
+stacked miners"), so verification compares its text with a re-executor's trace.
+"""
+Global___TextBatching: _TypeAlias = TextBatching  # noqa: Y015
+
 class _ModelKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -209,6 +237,42 @@ class TextParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
 
 Global___TextParams: _TypeAlias = TextParams  # noqa: Y015
+
+@_typing.final
+class TextTrace(_message.Message):
+    """TextTrace is a text run token by token, as a re-executor made it alone (docs/hub.md, "Text from
+    stacked miners"): one entry per generated token (receipt generated_tokens), in order.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LENGTHS_FIELD_NUMBER: _builtins.int
+    MARGINS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lengths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Characters (Unicode code points) token i added to the decoded text, before any stop string
+        cut it (0 while a character of several byte tokens is incomplete).
+        """
+
+    @_builtins.property
+    def margins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The gap between the best and the second-best candidate of the decision that chose token i,
+        in logit units; >= 0, +inf when only one candidate was allowed.
+        """
+
+    def __init__(
+        self,
+        *,
+        lengths: _abc.Iterable[_builtins.int] | None = ...,
+        margins: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lengths", b"lengths", "margins", b"margins"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TextTrace: _TypeAlias = TextTrace  # noqa: Y015
 
 @_typing.final
 class JobParams(_message.Message):
@@ -382,6 +446,9 @@ class Job(_message.Message):
     QUOTE_FIELD_NUMBER: _builtins.int
     QUOTE_SIGNATURE_FIELD_NUMBER: _builtins.int
     FEE_FIELD_NUMBER: _builtins.int
+    TEXT_BATCHING_FIELD_NUMBER: _builtins.int
+    WANT_TEXT_TRACE_FIELD_NUMBER: _builtins.int
+    TEXT_TRACE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     model: _builtins.str
     state: Global___JobState.ValueType
@@ -442,6 +509,15 @@ class Job(_message.Message):
     """
     quote_signature: _builtins.bytes
     fee: _builtins.int
+    text_batching: Global___TextBatching.ValueType
+    """Text jobs: how the result was made: its miner's MinerInfo.text_batching (unspecified counts as
+    exact), or exact for a re-execution that returned a trace (it ran batch-1). A stacked result's
+    text is verified within the tolerance of docs/hub.md, "Text from stacked miners".
+    """
+    want_text_trace: _builtins.bool
+    """On a re-execution of a stacked miner's text job: its miner is asked for a TextTrace
+    (Task.want_text_trace), and, once it ran, the trace it returned.
+    """
     @_builtins.property
     def params(self) -> Global___JobParams: ...
     @_builtins.property
@@ -472,6 +548,8 @@ class Job(_message.Message):
         expected to take it (docs/coordinator.md, "Queue position and ETA"); unset otherwise.
         """
 
+    @_builtins.property
+    def text_trace(self) -> Global___TextTrace: ...
     def __init__(
         self,
         *,
@@ -517,10 +595,13 @@ class Job(_message.Message):
         quote: _builtins.bytes = ...,
         quote_signature: _builtins.bytes = ...,
         fee: _builtins.int = ...,
+        text_batching: Global___TextBatching.ValueType = ...,
+        want_text_trace: _builtins.bool = ...,
+        text_trace: Global___TextTrace | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "params", b"params", "progress", b"progress", "queue", b"queue", "receipt", b"receipt"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "max_price_per_unit", b"max_price_per_unit", "params", b"params", "progress", b"progress", "queue", b"queue", "receipt", b"receipt", "text_trace", b"text_trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "artifacts", b"artifacts", "attempts", b"attempts", "client_id", b"client_id", "created_at_unix_ms", b"created_at_unix_ms", "device_class", b"device_class", "error", b"error", "fee", b"fee", "finish_reason", b"finish_reason", "finished_at_unix_ms", b"finished_at_unix_ms", "first_image", b"first_image", "generated_tokens", b"generated_tokens", "gpu_ms", b"gpu_ms", "job_id", b"job_id", "max_price_per_unit", b"max_price_per_unit", "miner_id", b"miner_id", "model", b"model", "params", b"params", "parent_job_id", b"parent_job_id", "price_per_unit", b"price_per_unit", "progress", b"progress", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "queue", b"queue", "quote", b"quote", "quote_signature", b"quote_signature", "receipt", b"receipt", "receipt_hash", b"receipt_hash", "request_id", b"request_id", "shard_job_ids", b"shard_job_ids", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "story", b"story", "story_dropped", b"story_dropped", "traceparent", b"traceparent", "unit_type", b"unit_type", "units", b"units", "updated_at_unix_ms", b"updated_at_unix_ms", "verification", b"verification", "verification_job_ids", b"verification_job_ids", "verify_of", b"verify_of", "wait_reason", b"wait_reason", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit", "artifacts", b"artifacts", "attempts", b"attempts", "client_id", b"client_id", "created_at_unix_ms", b"created_at_unix_ms", "device_class", b"device_class", "error", b"error", "fee", b"fee", "finish_reason", b"finish_reason", "finished_at_unix_ms", b"finished_at_unix_ms", "first_image", b"first_image", "generated_tokens", b"generated_tokens", "gpu_ms", b"gpu_ms", "job_id", b"job_id", "max_price_per_unit", b"max_price_per_unit", "miner_id", b"miner_id", "model", b"model", "params", b"params", "parent_job_id", b"parent_job_id", "price_per_unit", b"price_per_unit", "progress", b"progress", "prompt_hash", b"prompt_hash", "prompt_tokens", b"prompt_tokens", "queue", b"queue", "quote", b"quote", "quote_signature", b"quote_signature", "receipt", b"receipt", "receipt_hash", b"receipt_hash", "request_id", b"request_id", "shard_job_ids", b"shard_job_ids", "started_at_unix_ms", b"started_at_unix_ms", "state", b"state", "story", b"story", "story_dropped", b"story_dropped", "text_batching", b"text_batching", "text_trace", b"text_trace", "traceparent", b"traceparent", "unit_type", b"unit_type", "units", b"units", "updated_at_unix_ms", b"updated_at_unix_ms", "verification", b"verification", "verification_job_ids", b"verification_job_ids", "verify_of", b"verify_of", "wait_reason", b"wait_reason", "want_text_trace", b"want_text_trace", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_price_per_unit: _TypeAlias = _typing.Literal["max_price_per_unit"]  # noqa: Y015
     _WhichOneofArgType__max_price_per_unit: _TypeAlias = _typing.Literal["_max_price_per_unit", b"_max_price_per_unit"]  # noqa: Y015

@@ -82,6 +82,7 @@ class MinerInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     MODEL_SPECS_FIELD_NUMBER: _builtins.int
+    TEXT_BATCHING_FIELD_NUMBER: _builtins.int
     gpu_name: _builtins.str
     vram_mb: _builtins.int
     price_per_unit: _builtins.int
@@ -90,6 +91,10 @@ class MinerInfo(_message.Message):
     device: _builtins.str
     """"cuda:0", "cpu", ..."""
     version: _builtins.str
+    text_batching: _job_pb2.TextBatching.ValueType
+    """How its text models run concurrent streams (miner config text_batching); unspecified counts as
+    exact. A stacked miner's text is verified within a tolerance (docs/hub.md).
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -107,10 +112,11 @@ class MinerInfo(_message.Message):
         device: _builtins.str = ...,
         version: _builtins.str = ...,
         model_specs: _abc.Iterable[Global___ModelSpec] | None = ...,
+        text_batching: _job_pb2.TextBatching.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "gpu_name", b"gpu_name", "max_concurrency", b"max_concurrency", "model_specs", b"model_specs", "models", b"models", "price_per_unit", b"price_per_unit", "version", b"version", "vram_mb", b"vram_mb"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "gpu_name", b"gpu_name", "max_concurrency", b"max_concurrency", "model_specs", b"model_specs", "models", b"models", "price_per_unit", b"price_per_unit", "text_batching", b"text_batching", "version", b"version", "vram_mb", b"vram_mb"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -307,6 +313,7 @@ class JobResult(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     INLINE_ARTIFACTS_FIELD_NUMBER: _builtins.int
+    TEXT_TRACE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     prompt_tokens: _builtins.int
     """Text jobs: token counts (receipt units = prompt + generated) and why generation ended."""
@@ -323,6 +330,12 @@ class JobResult(_message.Message):
         (1048576 bytes). Either every output inline and no chunk sent for the job, or none inline.
         """
 
+    @_builtins.property
+    def text_trace(self) -> _job_pb2.TextTrace:
+        """Set exactly when the Task had want_text_trace: the run's token trace, one entry per generated
+        token; a result without it (or with a malformed one) is refused (docs/hub.md).
+        """
+
     def __init__(
         self,
         *,
@@ -333,10 +346,11 @@ class JobResult(_message.Message):
         generated_tokens: _builtins.int = ...,
         finish_reason: _builtins.str = ...,
         inline_artifacts: _abc.Iterable[_builtins.bytes] | None = ...,
+        text_trace: _job_pb2.TextTrace | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt", "text_trace", b"text_trace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "inline_artifacts", b"inline_artifacts", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "receipt", b"receipt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "inline_artifacts", b"inline_artifacts", "job_id", b"job_id", "prompt_tokens", b"prompt_tokens", "receipt", b"receipt", "text_trace", b"text_trace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -429,6 +443,7 @@ class Task(_message.Message):
     PRICE_PER_UNIT_FIELD_NUMBER: _builtins.int
     PROMPT_HASH_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    WANT_TEXT_TRACE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     model: _builtins.str
     client_id: _builtins.str
@@ -439,6 +454,10 @@ class Task(_message.Message):
     """The receipt's `prompt_hash` (lower-case hex sha256 of the prompt)."""
     attempt: _builtins.int
     """1 for the first dispatch of the job, 2 for the next, ..."""
+    want_text_trace: _builtins.bool
+    """A re-execution of a stacked miner's text job: run it as an exact (batch-1) stream and return
+    its TextTrace in JobResult.text_trace.
+    """
     @_builtins.property
     def params(self) -> _job_pb2.JobParams: ...
     def __init__(
@@ -451,10 +470,11 @@ class Task(_message.Message):
         price_per_unit: _builtins.int = ...,
         prompt_hash: _builtins.str = ...,
         attempt: _builtins.int = ...,
+        want_text_trace: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "client_id", b"client_id", "job_id", b"job_id", "model", b"model", "params", b"params", "price_per_unit", b"price_per_unit", "prompt_hash", b"prompt_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "client_id", b"client_id", "job_id", b"job_id", "model", b"model", "params", b"params", "price_per_unit", b"price_per_unit", "prompt_hash", b"prompt_hash", "want_text_trace", b"want_text_trace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

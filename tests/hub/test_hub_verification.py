@@ -257,3 +257,44 @@ def test_a_divergence_inside_a_multi_token_character_looks_back_a_few_tokens() -
     with pytest.raises(ValueError):
         TextTrace("ab", (2, 1), (1.0, 1.0))
     assert not compare_text(TextTrace("", (), ()), "x").match
+
+
+# ---- a stacked run's units, and the trace on the wire (docs/hub.md, "Units after a divergence") -------
+
+def test_a_stacked_run_is_paid_at_most_what_the_re_execution_generated() -> None:
+    """compare_stacked: the text by compare_text, then the units rule. Equal prompt tokens; generated
+    tokens up to the re-execution's (an honest flip that stopped sooner claims fewer and is paid
+    that); more is a mismatch that is not proof of cheating (an honest flip can run longer)."""
+    from aitbc.hub.verification import DEFAULT_TEXT_EPSILON, compare_stacked
+
+    ref = _trace(["The", " miner", " runs", " jobs", " for", " the", " hub"],
+                 [3.0, 2.0, 1.5, DEFAULT_TEXT_EPSILON / 10, 2.5, 4.0, 1.0])
+    flipped = "The miner runs blocks and more"
+    assert compare_stacked(ref, (5, 7), ref.text, (5, 7)).match
+    assert compare_stacked(ref, (5, 7), flipped, (5, 7)).match
+    assert compare_stacked(ref, (5, 7), flipped, (5, 4)).match  # stopped sooner after the flip: paid less
+    longer = compare_stacked(ref, (5, 7), flipped, (5, 8))
+    assert not longer.match and not longer.proven and "exceed the re-execution's 7" in longer.reason
+    assert not compare_stacked(ref, (5, 7), ref.text, (5, 8)).match  # the same text, more tokens claimed
+    prompt = compare_stacked(ref, (5, 7), ref.text, (6, 7))
+    assert not prompt.match and prompt.proven and "prompt_tokens 6" in prompt.reason
+    cheat = compare_stacked(ref, (5, 7), "The mover runs jobs for the hub", (5, 7))
+    assert not cheat.match and cheat.proven  # a token changed where the model was sure
+
+
+def test_a_trace_travels_as_lengths_and_float32_margins() -> None:
+    import math
+
+    from aitbc.hub.verification import TextTrace
+
+    ref = TextTrace("ab😀c!", (1, 2, 2, 2, 2, 3, 4, 6), (5.0, 0.5, 1e-7, 2.0, 2.0, 3.0, math.inf, 0.0))
+    msg = ref.to_proto()
+    assert list(msg.lengths) == [1, 1, 0, 0, 0, 1, 1, 2]
+    back = TextTrace.from_proto(ref.text, msg)
+    assert back.ends == ref.ends and back.margins == pytest.approx(ref.margins, rel=1e-6)
+    assert len(msg.SerializeToString()) <= 8 * 6  # per token: a one-byte length and a 4-byte float (+ framing)
+    for bad in ((1.0, math.nan), (1.0, -0.5)):
+        with pytest.raises(ValueError, match="margins"):
+            TextTrace("ab", (1, 2), bad)
+    with pytest.raises(ValueError, match="fewer than its text"):
+        TextTrace("abc", (1, 2), (1.0, 1.0))

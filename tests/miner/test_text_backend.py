@@ -387,3 +387,27 @@ def test_null_text_imports_no_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("backend", ["tiny", "null"])
+def test_a_trace_streams_like_generate_and_covers_every_counted_token(backend: str) -> None:
+    """What a re-execution of a stacked miner's job returns (Task.want_text_trace): the exact run,
+    streamed through on_text as generate streams it, with one end and one margin per generated
+    token, ends reaching the text (past it when a stop string cut it)."""
+    from aitbc.miner.text import load_text_backend
+
+    b = load_text_backend("tiny-llama" if backend == "tiny" else "null-text", "cpu")
+    full = b.generate(request(max_new_tokens=24), lambda d: None, threading.Event()).text
+    stop = full.split(" ")[3] if backend == "null" else full[8:10]
+    for req in (request(max_new_tokens=24), request(max_new_tokens=24, stop=(stop,))):
+        deltas: list[str] = []
+        out, trace = b.trace(req, None, deltas.append)
+        alone = b.generate(req, lambda d: None, threading.Event())
+        assert (out.text, out.generated_tokens, out.finish_reason) == (alone.text, alone.generated_tokens,
+                                                                      alone.finish_reason)
+        assert "".join(deltas) == out.text == trace.text
+        assert len(trace.ends) == len(trace.margins) == out.generated_tokens
+        assert trace.ends[-1] == len(out.text) if out.finish_reason != "stop" else trace.ends[-1] > len(out.text)
+        if backend == "null":
+            assert all(m == math.inf for m in trace.margins)  # nothing to flip: a stacked run must match it
+    assert out.finish_reason == "stop"
