@@ -812,7 +812,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from aitbc.clients.sdk import CoordinatorClient
     from aitbc.receipts import load_receipt_file, verify_receipt
 
-    args.coordinator_listen = args.miner_ops_listen = args.ledger_listen = "127.0.0.1:0"
+    # every port free (a running `aitbc devnet` keeps its own): the demo prints what it uses
+    args.coordinator_listen = args.miner_ops_listen = args.ledger_listen = args.explorer_listen = "127.0.0.1:0"
     args.wallet_listen = "unix"
     net = _devnet(args)
     print(f"demo: starting a devnet in {net.data_dir} ...", flush=True)

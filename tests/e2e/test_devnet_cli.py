@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -67,7 +68,20 @@ def _services_of(data_dir: Path, *, but: int) -> list[int]:
 
 def test_demo_command_runs_a_job_and_verifies_the_receipt(tmp_path: Path) -> None:
     env = dict(os.environ, AITBC_HOME=str(tmp_path / "home"))
-    r = aitbc(env, "demo", "-o", str(tmp_path / "out.png"), cwd=tmp_path, timeout=300)
+    held = []  # a devnet's default ports taken (as by a running `aitbc devnet`): the demo uses free ones
+    for port in (18000, 18001, 26657, 18080):
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            held.append(s)
+        except OSError:  # already taken by something else: as good
+            s.close()
+    try:
+        r = aitbc(env, "demo", "-o", str(tmp_path / "out.png"), cwd=tmp_path, timeout=300)
+    finally:
+        for s in held:
+            s.close()
     assert r.returncode == 0, r.stdout + r.stderr
     assert "step 20/20" in r.stderr
     assert "receipt verified offline" in r.stdout
