@@ -115,12 +115,15 @@ async def test_cheaper_miner_wins_and_equals_share_round_robin(net, null_backend
         assert done.miner_id == cheap.key.address
     twin = await net.add_miner({"null": null_backend}, price=1)
     # submitted together with a max price of 1: the busy cheap miner's load sends work to its twin,
-    # never to the dear one (without the limit a free dear miner would rather serve than let jobs wait)
-    submitted = []
-    for i in range(6):
+    # never to the dear one (without the limit a free dear miner would rather serve than let jobs wait);
+    # all 6 in flight at once, so the cheap miner (one slot) holds one while the next ones are placed,
+    # however quickly it finishes a job (one at a time, each could end before the next arrived)
+    async def submit(i: int) -> str:
         req = image_job(model="null", seed=10 + i)
         req.max_price_per_unit = 1
-        submitted.append((await s.SubmitJob(req, metadata=MD)).job.job_id)
+        return (await s.SubmitJob(req, metadata=MD)).job.job_id
+
+    submitted = await asyncio.gather(*(submit(i) for i in range(6)))
     served = {(await wait_done(s, job_id)).miner_id for job_id in submitted}
     assert served == {cheap.key.address, twin.key.address}
     assert dear.completed == 0
