@@ -34,7 +34,13 @@ from aitbc.ledger.block import (
     tx_root,
     verify_block_signature,
 )
-from aitbc.ledger.genesis import FORMAT_1_REFUSED, FORMAT_2_REFUSED, FORMAT_3_REFUSED, Genesis
+from aitbc.ledger.genesis import (
+    FORMAT_1_REFUSED,
+    FORMAT_2_REFUSED,
+    FORMAT_3_REFUSED,
+    FORMAT_4_REFUSED,
+    Genesis,
+)
 from aitbc.ledger.store import Store
 from aitbc.ledger.tx import Tx
 
@@ -43,7 +49,8 @@ log = logging.getLogger("aitbc.ledger.chain")
 META_GENESIS = b"v1:meta:genesis"
 META_CHAIN = b"v1:meta:chain_id"
 META_FORMAT = b"v1:meta:format"  # u32 ledger format of the folder; absent in format 1 folders
-LEDGER_FORMAT = 4  # 4: checkpoint votes (3: block votes, 2: flat tx roots, 1: signatures not bound to the genesis)
+LEDGER_FORMAT = 5  # 5: headers commit to the authority sets (4: checkpoint votes, 3: block votes, 2: flat tx
+# roots, 1: signatures not bound to the genesis)
 HEAD = b"v1:head"
 FINAL = b"v1:final"
 BLK = b"v1:blk:"
@@ -104,6 +111,7 @@ class BlockInfo:
     timestamp_ms: int
     proposer: bytes
     parent: bytes = b""  # b"" for genesis
+    set_chain: bytes = b""  # the header's set chain (the genesis': authorities.genesis_set_chain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +137,8 @@ class Chain:
             version = 1 if fmt is None else struct.unpack(">I", fmt)[0] if len(fmt) == 4 else "?"
             raise FailedPrecondition(
                 f"data folder holds a ledger format {version} chain; this node runs format {LEDGER_FORMAT}"
-                + {1: f": {FORMAT_1_REFUSED}", 2: f": {FORMAT_2_REFUSED}", 3: f": {FORMAT_3_REFUSED}"}.get(
+                + {1: f": {FORMAT_1_REFUSED}", 2: f": {FORMAT_2_REFUSED}", 3: f": {FORMAT_3_REFUSED}",
+                   4: f": {FORMAT_4_REFUSED}"}.get(
                     version if isinstance(version, int) else 0, ": use the node version that wrote it"))
         elif stored != self.genesis_hash:
             other = (store.get(META_CHAIN) or b"?").decode(errors="replace")
@@ -138,7 +147,8 @@ class Chain:
                 f"{genesis.chain_id!r} (genesis {self.genesis_hash.hex()}): use another --data-dir"
             )
         self.genesis_info = BlockInfo(0, self.genesis_hash, -1, state.genesis_state_root(self.genesis_hash),
-                                      genesis.genesis_time_ms, b"")
+                                      genesis.genesis_time_ms, b"", b"",
+                                      authorities.genesis_set_chain(genesis, self.genesis_hash))
         self.side: dict[bytes, Block] = {}
         self.equivocations = 0  # two blocks by one proposer for one slot (logged; not slashed in v1)
         # height of the highest justified block (finality votes) on the canonical chain, set by the
@@ -290,6 +300,10 @@ class Chain:
         default: it holds every set up to the epoch after the head's); None when not fixed yet."""
         return authorities.authorities_at(read or self.store.get, self.genesis, height)
 
+    def set_changes(self, upto: int) -> list[tuple[int, tuple[bytes, ...]]]:
+        """(epoch, set) of every set change up to epoch `upto` in the canonical state (receipt proofs)."""
+        return authorities.set_changes(self.store.get, self.genesis, upto)
+
     def current_authorities(self) -> tuple[bytes, ...]:
         """The set that proposes and votes the next block (the head's child)."""
         ids = self.authorities_at(self.head.height + 1)
@@ -368,6 +382,13 @@ class Chain:
         writes = state.apply_txs(read, block.txs, self.genesis, block.height, verified=verified)
         if state.state_root(parent.state_root, block.height, writes) != block.header.state_root:
             raise InvalidArgument(f"invalid block {block.height}: state root does not match")
+        expected = authorities.next_set_chain(parent.set_chain, self.genesis, block.height,
+                                              state.Overlay(read, writes).get)
+        if block.header.set_chain != expected:
+            raise InvalidArgument(
+                f"invalid block {block.height}: set chain {block.header.set_chain.hex()[:16]} does not match the "
+                f"authority sets of its state ({expected.hex()[:16]}: the sets up to epoch "
+                f"{authorities.fixed_epoch(self.genesis, block.height)})")
         return writes
 
     def _block_writes(self, block: Block, state_writes: dict[bytes, bytes],
@@ -554,7 +575,8 @@ class Chain:
         ts = min(max(now_ms, slot * bt), (slot + 1) * bt - 1)
         header = Header(g.chain_id, self.genesis_hash, height, parent.hash, slot, ts, crypto.sha256(key.pubkey)[:20],
                         tx_root([t.hash for t in included]),
-                        state.state_root(parent.state_root, height, ov.writes), len(included))  # type: ignore[arg-type]
+                        state.state_root(parent.state_root, height, ov.writes),  # type: ignore[arg-type]
+                        authorities.next_set_chain(parent.set_chain, g, height, ov.get), len(included))
         block = make_block(header, key, included)
         writes = self._block_writes(block, ov.writes, self.store.get)  # type: ignore[arg-type]
         self._commit(writes, block)
@@ -562,4 +584,4 @@ class Chain:
 
 
 def _info(h: Header) -> BlockInfo:
-    return BlockInfo(h.height, h.hash, h.slot, h.state_root, h.timestamp_ms, h.proposer, h.parent_hash)
+    return BlockInfo(h.height, h.hash, h.slot, h.state_root, h.timestamp_ms, h.proposer, h.parent_hash, h.set_chain)

@@ -183,7 +183,7 @@ def test_a_voter_may_vote_for_at_most_k_proposals_per_epoch():
     slot = parent.slot + 1
     proposer = AUTH[slot % 4]
     forged = make_block(Header(G4.chain_id, G4.hash(), 2, parent.hash, slot, slot * G4.block_time_ms, aid(proposer),
-                               tx_root([t.hash for t in txs]), bytes(32), len(txs)), proposer, txs)
+                               tx_root([t.hash for t in txs]), bytes(32), parent.set_chain, len(txs)), proposer, txs)
     with pytest.raises(InvalidArgument, match=rf"^invalid block 2: tx 1 \(.*\): too many proposals: {AUTH[0].address} "
                                               "already voted for 4 proposals in epoch 0"):
         _import_all(G4, run.blocks).add_block(forged, slot * G4.block_time_ms)
@@ -391,7 +391,9 @@ def test_a_follower_derives_the_same_set_at_every_height_and_refuses_out_of_set_
     def forged(k, slot):
         writes = state.end_block(run.chain.store.get, G4, parent.height + 1)
         h = Header(G4.chain_id, G4.hash(), parent.height + 1, parent.hash, slot, slot * G4.block_time_ms, aid(k),
-                   tx_root([]), state_root(parent.state_root, parent.height + 1, writes), 0)
+                   tx_root([]), state_root(parent.state_root, parent.height + 1, writes),
+                   authorities.next_set_chain(parent.set_chain, G4, parent.height + 1,
+                                              state.Overlay(run.chain.store.get, writes).get), 0)
         return make_block(h, k, [])
 
     slot = parent.slot + 1
@@ -483,7 +485,10 @@ def test_genesis_epoch_record_is_the_genesis_for_epochs_0_and_1():
 
 # ---- receipt proofs --------------------------------------------------------------------------------
 
-def test_a_receipt_proof_across_a_set_change_is_refused_clearly():
+def test_a_receipt_proof_across_a_set_change_carries_the_change():
+    """Ledger format 5: a proof for a MINT after a set change carries the block that fixed the new
+    set, certified by the set before it; a node that holds no certificate for those blocks says so,
+    and a proof without the change is refused by the set chain of the MINT's own block."""
     from aitbc import crypto
     from aitbc.ledger import merkle, proof
     from aitbc.ledger.block import split_txs
@@ -500,23 +505,30 @@ def test_a_receipt_proof_across_a_set_change_is_refused_clearly():
     run.block(make_mint(ALICE, G4.ref, 1, late))  # block 9, epoch 2: set a0..a3 NEW
     run.block()
     chain = run.chain
-    # a block of epoch 0, certified by the genesis list: proofs as before
+    # a block of epoch 0, certified by the genesis list: no change before it, none in the proof
     c1 = _cert(chain, G4, 1, AUTH[:3])
     chain.store_certificate(1, chain.hash_at(1), c1.encode())
     p = proof.build_proof(chain, early.receipt_hash)
-    assert proof.verify_proof(p.encode(), G4, early.receipt_hash).block_height == 1
-    # a block of epoch 2, certified by its own set (with NEW): the node refuses, and so does a verifier
+    assert p.changes == () and proof.verify_proof(p.encode(), G4, early.receipt_hash).block_height == 1
+    # a block of epoch 2, certified by its own set (with NEW): the proof needs the change of epoch 2,
+    # fixed by blocks 4-7, and this node certified none of them
     h = 2 * E + 1
     c9 = _cert(chain, G4, h, [AUTH[0], AUTH[1], AUTH[2], NEW])
-    finality.verify_certificate(c9, G4, authorities=chain.authorities_at(h + 1))
     chain.store_certificate(h, chain.hash_at(h), c9.encode())
-    with pytest.raises(FailedPrecondition, match=f"receipt {late.receipt_hash.hex()} is in block {h}: "
-                                                 "this block's authority set differs from the genesis: a proof across "
-                                                 "a set change is not supported yet"):
+    with pytest.raises(FailedPrecondition, match=f"^receipt {late.receipt_hash.hex()} is in block {h}: this node "
+                                                 "holds no certificate for blocks 4 to 7, which fixed the authority "
+                                                 "set of epoch 2"):
         proof.build_proof(chain, late.receipt_hash)
+    c5 = _cert(chain, G4, E + 1, AUTH[1:])  # block 5 (epoch 1), certified by the genesis set
+    chain.store_certificates([(E + 1, chain.hash_at(E + 1), c5.encode()), (h, chain.hash_at(h), c9.encode())])
+    p = proof.build_proof(chain, late.receipt_hash)
+    assert [(c.epoch, c.members) for c in p.changes] == [(2, (*GENESIS_IDS, aid(NEW)))]
+    res = proof.verify_proof(p.encode(), G4, late.receipt_hash)
+    assert (res.block_height, res.set_changes, res.authorities) == (h, 1, (*GENESIS_IDS, aid(NEW)))
+    # the same proof without the change: the genesis set cannot have signed it, and the MINT's block
+    # commits to the change anyway
     txs = split_txs(chain.block_raw_at(h))
     made = proof.ReceiptProof(txs[0], 0, tuple(merkle.merkle_path([crypto.sha256(t) for t in txs], 0)),
                               (chain.header_at(h),), c9.encode())
-    with pytest.raises(InvalidArgument, match="^proof certificate: this block's authority set differs from the "
-                                              "genesis: a proof across a set change is not supported yet$"):
+    with pytest.raises(InvalidArgument, match=f"^block {h}'s set chain does not match the proof's 0 set change"):
         proof.verify_proof(made.encode(), G4, late.receipt_hash)

@@ -9,15 +9,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import struct
 from pathlib import Path
 
 import pytest
 
-from aitbc import crypto
+from aitbc import bech32, crypto
 from aitbc.errors import FailedPrecondition, InvalidArgument, NotFound
+from aitbc.ledger import authorities, merkle
 from aitbc.ledger import finality as fin
-from aitbc.ledger import merkle
 from aitbc.ledger.block import Header, decode_block
 from aitbc.ledger.chain import HEAD, META_CHAIN, META_FORMAT, META_GENESIS, Chain
 from aitbc.ledger.genesis import Genesis
@@ -116,6 +117,66 @@ def test_vector_proof_verifies_from_the_genesis_alone():
     assert len(bytes.fromhex(own["raw"])) < len(raw)
 
 
+def test_vector_proof_across_two_set_changes_verifies_from_the_genesis_alone():
+    """The set changes twice (NEW in, A3 out); the proof of a MINT after both carries each change's
+    block, certified by the set before it, and checks out against the genesis list alone."""
+    v = _vectors()["across_set_changes"]
+    g = Genesis.from_dict(v["genesis"])
+    raw = bytes.fromhex(v["proof"]["raw"])
+    res = verify_proof(raw, g, bytes.fromhex(v["receipt_hash"]))
+    assert (res.block_height, res.certified_height, res.set_changes) == (9, 9, 2)
+    assert [authorities.address(a) for a in res.authorities] == v["set_chains"][8]["authorities"]
+    assert decode_proof(raw).encode() == raw
+    # the vector chain replays on a fresh node (every header's set chain checked against its state)
+    chain = Chain(MemoryStore(), g)
+    for b in _script().across_set_changes_blocks():
+        assert chain.add_block(b, now_ms=10**15) == "extended"
+    assert [decode_header_hex(chain.header_at(s["height"])) for s in v["set_chains"]] == \
+        [s["set_chain"] for s in v["set_chains"]]
+
+
+def test_set_chain_vectors_match_an_independent_reader():
+    """docs/ledger.md "Set chain" from scratch: link(prev, epoch, set) = sha256("AITBC/aset/v1" 0x00
+    prev u64 epoch u16 n ids), the genesis link from the genesis hash at epoch 1, a new link at each
+    epoch whose set differs from the one before."""
+    v = _vectors()["across_set_changes"]
+    gh = hashlib.sha256(json.dumps(v["genesis"], sort_keys=True, separators=(",", ":")).encode()).digest()
+
+    def link(prev: bytes, epoch: int, members: list[str]) -> bytes:
+        ids = b"".join(bech32.decode(a)[1] for a in members)
+        return hashlib.sha256(b"AITBC/aset/v1\x00" + prev + struct.pack(">QH", epoch, len(members)) + ids).digest()
+
+    cur = link(gh, 1, v["genesis"]["authorities"])
+    eb = v["genesis"]["epoch_blocks"]
+    sets = {1: v["genesis"]["authorities"]}
+    for c in v["proof"]["changes"]:
+        sets[c["epoch"]] = c["members"]
+    for s in v["set_chains"]:
+        fixed = s["height"] // eb + 1
+        if s["height"] % eb == 0 and fixed in sets:
+            cur = link(cur, fixed, sets[fixed])
+        assert s["set_chain"] == cur.hex(), s["height"]
+    # every header of a change's block carries its chain at offset len - 36 (just before tx_count)
+    for c in v["proof"]["changes"]:
+        h = bytes.fromhex(c["header"])
+        assert h[0] == 4 and h[-36:-4].hex() == v["set_chains"][c["block_height"] - 1]["set_chain"]
+
+
+@pytest.mark.parametrize("case", _vectors()["across_set_changes"]["refused_proofs"], ids=lambda c: c["name"])
+def test_vector_refused_proofs_across_set_changes(case):
+    v = _vectors()["across_set_changes"]
+    g = Genesis.from_dict(v["genesis"])
+    with pytest.raises(InvalidArgument, match="^" + re.escape(case["error"])):
+        verify_proof(bytes.fromhex(case["raw"]), g, bytes.fromhex(v["receipt_hash"]))
+
+
+def decode_header_hex(raw: bytes | None) -> str:
+    from aitbc.ledger.block import decode_header
+
+    assert raw is not None
+    return decode_header(raw).set_chain.hex()
+
+
 @pytest.mark.parametrize("case", _vectors()["refused_proofs"], ids=lambda c: c["name"])
 def test_vector_refused_proofs(case):
     v = _vectors()
@@ -134,7 +195,8 @@ def test_proof_for_another_receipt_or_genesis_is_refused():
     with pytest.raises(InvalidArgument, match="^proof transaction: wrong genesis"):
         verify_proof(raw, twin, bytes.fromhex(v["receipt_hash"]))
     for bad, why in ((b"junk", "not a receipt proof"), (raw[:-1], "truncated"), (raw + b"\x00", "truncated or trailing"),
-                     (raw[:8] + b"\x02" + raw[9:], "version 2 is not supported")):
+                     (raw[:8] + b"\x03" + raw[9:], "version 3 is not supported"),
+                     (raw[:8] + b"\x01" + raw[9:], r"version 1 is not supported \(a ledger format 4 proof")):
         with pytest.raises(InvalidArgument, match="^malformed proof: " + why):
             verify_proof(bad, g, bytes.fromhex(v["receipt_hash"]))
 
@@ -150,7 +212,7 @@ def test_a_transfer_or_a_header_of_another_chain_is_refused_even_when_certified(
         tx = decode_tx(tx_raw)
         hgh = header_genesis.hash()
         h = Header(header_genesis.chain_id, hgh, 1, hgh, 5, 5000, crypto.sha256(AUTH[1].pubkey)[:20],
-                   merkle.merkle_root([tx.hash]), b"\x00" * 32, 1)
+                   merkle.merkle_root([tx.hash]), b"\x00" * 32, authorities.genesis_set_chain(header_genesis, hgh), 1)
         s = fin.Checkpoint(1, h.hash, fin.PREPARE)
         t = s.at(fin.COMMIT)
         cert = fin.make_certificate([fin.make_vote(k, g, s, t) for k in AUTH[:3]])
@@ -208,13 +270,17 @@ def test_build_proof_from_a_chain():
 def test_format_2_blocks_and_data_folders_are_refused():
     chain, g, _ = _chain_with_mint(1, 0)
     raw = chain.block_raw_at(1)
-    assert raw is not None and raw[4] == 3
+    assert raw is not None and raw[4] == 4
     with pytest.raises(InvalidArgument, match=r"^malformed block: header version 2 is not supported \(a ledger "
                                               "format 2 block, whose tx root is a flat hash"):
         decode_block(raw[:4] + b"\x02" + raw[5:])
+    with pytest.raises(InvalidArgument, match=r"^malformed block: header version 3 is not supported \(a ledger "
+                                              "format 3 or 4 block, whose header does not commit to the authority "
+                                              r"sets; this node runs format 5\)"):
+        decode_block(raw[:4] + b"\x03" + raw[5:])
     store = MemoryStore()  # what a format-2 node left behind
     store.commit({META_GENESIS: g.hash(), META_CHAIN: g.chain_id.encode(), META_FORMAT: struct.pack(">I", 2),
                   HEAD: b"\x00" * 32})
-    with pytest.raises(FailedPrecondition, match="^data folder holds a ledger format 2 chain; this node runs format 4: "
+    with pytest.raises(FailedPrecondition, match="^data folder holds a ledger format 2 chain; this node runs format 5: "
                                                  "ledger format 3 made the block's tx root a Merkle tree"):
         Chain(store, g)
