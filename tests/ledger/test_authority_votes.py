@@ -406,6 +406,41 @@ def test_a_follower_derives_the_same_set_at_every_height_and_refuses_out_of_set_
     assert other.add_block(forged(NEW, slot), slot * G4.block_time_ms) == "extended"
 
 
+def test_a_block_whose_set_chain_disagrees_with_its_state_is_refused():
+    """Ledger format 5, validity rule 7: the set chain moves by one link exactly at the block that
+    writes a changed set; a proposer that leaves the link out (or makes one up) has its block refused,
+    so a light client never gets a certified header naming sets the chain did not vote."""
+    from aitbc.ledger.block import Header, make_block, tx_root
+    from aitbc.ledger.state import state_root
+
+    run = SetRunner(G4)
+    run.block(*(run.add(k, NEW) for k in AUTH[:3]))
+    run.until_height(E - 1)
+    base = authorities.genesis_set_chain(G4, G4.hash())
+    assert all(b.header.set_chain == base for b in run.blocks)  # no change fixed yet
+    parent = run.chain.head
+
+    def forged(set_chain: bytes):
+        writes = state.end_block(run.chain.store.get, G4, E)  # block E writes set(2) = the four and NEW
+        ids = run.set_at(E)
+        slot = parent.slot + 1
+        k = next(x for x in [*AUTH, NEW] if aid(x) == ids[slot % len(ids)])
+        h = Header(G4.chain_id, G4.hash(), E, parent.hash, slot, slot * G4.block_time_ms, aid(k), tx_root([]),
+                   state_root(parent.state_root, E, writes), set_chain, 0)
+        return make_block(h, k, [])
+
+    other = _import_all(G4, run.blocks)
+    for bad in (parent.set_chain, authorities.set_link(base, 2, GENESIS_IDS), bytes(32)):
+        with pytest.raises(InvalidArgument, match=rf"^invalid block {E}: set chain {bad.hex()[:16]} does not match the "
+                                                  rf"authority sets of its state \(.*: the sets up to epoch 2\)"):
+            other.add_block(forged(bad), 10**15)
+    block = run.block()  # the honest one links the change of epoch 2
+    assert block.header.set_chain == authorities.set_link(base, 2, (*GENESIS_IDS, aid(NEW)))
+    assert other.add_block(block, 10**15) == "extended"
+    run.until_height(3 * E)  # boundaries without a change keep the chain as it is
+    assert {b.header.set_chain for b in run.blocks[E:]} == {block.header.set_chain}
+
+
 # ---- votes and certificates per epoch --------------------------------------------------------------
 
 def _cert(chain: Chain, g: Genesis, height: int, signers) -> finality.Certificate:

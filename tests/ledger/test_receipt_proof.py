@@ -22,7 +22,7 @@ from aitbc.ledger import finality as fin
 from aitbc.ledger.block import Header, decode_block
 from aitbc.ledger.chain import HEAD, META_CHAIN, META_FORMAT, META_GENESIS, Chain
 from aitbc.ledger.genesis import Genesis
-from aitbc.ledger.proof import ReceiptProof, build_proof, decode_proof, verify_proof
+from aitbc.ledger.proof import ReceiptProof, SetChange, build_proof, decode_proof, verify_proof
 from aitbc.ledger.store import MemoryStore
 from aitbc.ledger.tx import decode_tx, make_mint, make_transfer
 
@@ -168,6 +168,24 @@ def test_vector_refused_proofs_across_set_changes(case):
     g = Genesis.from_dict(v["genesis"])
     with pytest.raises(InvalidArgument, match="^" + re.escape(case["error"])):
         verify_proof(bytes.fromhex(case["raw"]), g, bytes.fromhex(v["receipt_hash"]))
+
+
+def test_a_set_change_naming_a_member_twice_or_none_is_refused():
+    v = _vectors()["across_set_changes"]
+    g = Genesis.from_dict(v["genesis"])
+    p = decode_proof(bytes.fromhex(v["proof"]["raw"]))
+    c1, c2 = p.changes
+    for members in ((*c2.members, c2.members[0]), ()):
+        bad = ReceiptProof(p.tx, p.tx_index, p.path, p.headers, p.certificate,
+                           (c1, SetChange(c2.epoch, members, c2.header, c2.certificate)))
+        with pytest.raises(InvalidArgument, match=r"^set change 2 \(epoch 4\): the member list must name at least "
+                                                  "one authority, each once"):
+            verify_proof(bad.encode(), g, bytes.fromhex(v["receipt_hash"]))
+    v2 = Genesis.from_dict(_vectors()["genesis"])  # a version 2 genesis: no change can be listed
+    old = decode_proof(bytes.fromhex(_vectors()["proof"]["raw"]))
+    with pytest.raises(InvalidArgument, match=r"^set change 1 \(epoch 2\): this chain's genesis is version 2"):
+        verify_proof(ReceiptProof(old.tx, old.tx_index, old.path, old.headers, old.certificate, (c1,)).encode(), v2,
+                     bytes.fromhex(_vectors()["receipt_hash"]))
 
 
 def decode_header_hex(raw: bytes | None) -> str:
