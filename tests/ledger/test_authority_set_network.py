@@ -301,6 +301,11 @@ async def test_receipt_proofs_across_two_set_changes_verify_offline_from_the_gen
             async with rpc.channel(addr(running[-1][1])) as ch:
                 resp = await ledger_pb2_grpc.LedgerServiceStub(ch).GetReceiptProof(
                     ledger_pb2.GetReceiptProofRequest(receipt_hash=r.receipt_hash.hex()))
+            assert resp.set_changes == len(decode_proof(resp.proof).changes) >= 1
+            async with rpc.channel(addr(running[-1][1])) as ch:  # GetBlock shows each header's set chain
+                got = await ledger_pb2_grpc.LedgerServiceStub(ch).GetBlock(
+                    ledger_pb2.GetBlockRequest(height=resp.certified_height))
+            assert got.block.header.set_chain == decode_header(decode_proof(resp.proof).headers[-1]).set_chain.hex()
             rfile = tmp_path / f"receipt{i}.json"
             rfile.write_text(json.dumps(r.to_json_dict()))
             return resp.proof, r.receipt_hash
