@@ -33,7 +33,7 @@ from aitbc.errors import AitbcError, FailedPrecondition, InvalidArgument, NotFou
 from aitbc.ledger import authorities, finality, merkle, state
 from aitbc.ledger.block import Header, decode_header, split_txs
 from aitbc.ledger.genesis import Genesis
-from aitbc.ledger.tx import KIND_MINT, KIND_NAMES, MAX_TX_BYTES, decode_tx
+from aitbc.ledger.tx import KIND_NAMES, MAX_TX_BYTES, SETTLEMENT_KINDS, decode_tx
 
 MAGIC = b"AITBC-RP"
 PROOF_VERSION = 2  # 2: ledger format 5, with the set changes (1: format 4 headers, genesis set only)
@@ -199,8 +199,8 @@ def verify_proof(proof: ReceiptProof | bytes, genesis: Genesis, receipt_hash: by
         tx = decode_tx(p.tx)
     except AitbcError as exc:
         raise InvalidArgument(f"proof transaction: {exc.message}") from None
-    if tx.kind != KIND_MINT or tx.receipt is None:
-        raise InvalidArgument(f"proof transaction is a {KIND_NAMES[tx.kind]}, not a MINT")
+    if tx.kind not in SETTLEMENT_KINDS or tx.receipt is None:  # a SETTLE mints as a MINT does, and pays a fee
+        raise InvalidArgument(f"proof transaction is a {KIND_NAMES[tx.kind]}, not a MINT or SETTLE")
     if tx.receipt.receipt_hash != receipt_hash:
         raise InvalidArgument(f"proof is for receipt {tx.receipt.receipt_hash.hex()}, not for receipt "
                               f"{receipt_hash.hex()}")

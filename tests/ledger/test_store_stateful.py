@@ -291,13 +291,8 @@ class ChainMachine(RuleBasedStateMachine):
         for e, ids in changes:
             want = authorities.set_link(want, e, ids)
         assert head.set_chain == want == self.follower.head.set_chain
-        final = []
-        for k, v in self.main.store.scan(b"v1:rcpt:"):
-            height, tx_hash, _ = state.decode_minted(v)
-            loc = self.main.tx_location(tx_hash)
-            if height <= self.main.final_height and loc is not None and \
-                    self.main.block_at(height).txs[loc[1]].kind == txmod.KIND_MINT:  # a SETTLE has no proof format
-                final.append((height, k[8:]))
+        final = [(state.decode_minted(v)[0], k[8:]) for k, v in self.main.store.scan(b"v1:rcpt:")
+                 if state.decode_minted(v)[0] <= self.main.final_height]  # minted by a MINT or a SETTLE
         if not final:
             return
         rh = max(final)[1]
@@ -307,7 +302,9 @@ class ChainMachine(RuleBasedStateMachine):
             event("no certificate in a set change's window: no proof")
             return
         res = proof.verify_proof(p.encode(), G, rh)
-        assert res.set_changes == len(p.changes)
+        assert res.set_changes == len(p.changes) and res.amount == state.decode_minted(
+            self.main.store.get(state.rcpt_key(rh)))[2]
+        event(f"a final receipt of a {txmod.KIND_NAMES[decode_tx(p.tx).kind]} proved")
         if p.changes:
             event("a final receipt proved across a set change")
 
