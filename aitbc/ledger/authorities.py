@@ -139,14 +139,14 @@ def next_set_chain(parent_chain: bytes, genesis: Genesis, height: int, read_afte
     return parent_chain if new == old else set_link(parent_chain, e, new)
 
 
-def set_changes(read: Reader, genesis: Genesis, upto: int) -> list[tuple[int, tuple[bytes, ...]]]:
-    """(epoch, set) of every epoch 2..upto whose set differs from the epoch before's, in the state
-    `read` (which must hold set(upto)): the links of the set chain, what a receipt proof carries."""
-    if not genesis.has_authority_votes:
+def set_changes(read: Reader, genesis: Genesis, upto: int, since: int = 1) -> list[tuple[int, tuple[bytes, ...]]]:
+    """(epoch, set) of every epoch since + 1..upto whose set differs from the epoch before's, in the
+    state `read` (which must hold set(upto)): the links of the set chain, what a receipt proof carries."""
+    if not genesis.has_authority_votes or upto <= since:
         return []
     out: list[tuple[int, tuple[bytes, ...]]] = []
-    prev = genesis.authority_ids
-    for e in range(2, upto + 1):
+    prev = authority_set(read, genesis, since)
+    for e in range(max(2, since + 1), upto + 1):
         cur = authority_set(read, genesis, e)
         assert cur is not None
         if cur != prev:

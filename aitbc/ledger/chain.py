@@ -150,6 +150,7 @@ class Chain:
                                       genesis.genesis_time_ms, b"", b"",
                                       authorities.genesis_set_chain(genesis, self.genesis_hash))
         self.side: dict[bytes, Block] = {}
+        self._final_changes: tuple[int, list[tuple[int, tuple[bytes, ...]]]] = (1, [])  # set changes up to epoch
         self.equivocations = 0  # two blocks by one proposer for one slot (logged; not slashed in v1)
         # height of the highest justified block (finality votes) on the canonical chain, set by the
         # node: fork choice never leaves it for a longer branch (only for a higher justified block)
@@ -301,8 +302,17 @@ class Chain:
         return authorities.authorities_at(read or self.store.get, self.genesis, height)
 
     def set_changes(self, upto: int) -> list[tuple[int, tuple[bytes, ...]]]:
-        """(epoch, set) of every set change up to epoch `upto` in the canonical state (receipt proofs)."""
-        return authorities.set_changes(self.store.get, self.genesis, upto)
+        """(epoch, set) of every set change up to epoch `upto` in the canonical state (receipt proofs).
+        The changes fixed by final blocks never change, so they are read once (GetReceiptProof is
+        open to anyone: it must not read one record per epoch of the chain's whole life each time)."""
+        read, g = self.store.get, self.genesis
+        done, known = self._final_changes
+        safe = min(upto, authorities.fixed_epoch(g, self.final_height))
+        if safe > done:
+            known = known + authorities.set_changes(read, g, safe, done)
+            done = safe
+            self._final_changes = (done, known)
+        return [c for c in known if c[0] <= upto] + authorities.set_changes(read, g, upto, max(done, 1))
 
     def current_authorities(self) -> tuple[bytes, ...]:
         """The set that proposes and votes the next block (the head's child)."""
