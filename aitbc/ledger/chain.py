@@ -358,6 +358,15 @@ class Chain:
             return None
         return self.store.get if height >= authorities.defining_height(g, e) else None
 
+    def same_sets_as_canonical(self, block: Block) -> bool:
+        """A pending block's header names the canonical sets up to its epoch's: a canonical header at
+        min(its height, the head's) has its set chain and fixes that epoch's set (equal set chains
+        are one list of changes, so both branches have the same set at every epoch both fix)."""
+        k = min(block.height, self.head.height)
+        hdr = self.header_at(k)
+        return (hdr is not None and authorities.fixed_epoch(self.genesis, k) >= self.genesis.epoch(block.height)
+                and decode_header(hdr).set_chain == block.header.set_chain)
+
     def validate_header(self, block: Block, parent: BlockInfo, now_ms: int,
                         read: state.Reader | None = None) -> None:
         """Every header rule; the proposer's turn is checked against the set in `read` (the

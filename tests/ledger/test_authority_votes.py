@@ -11,6 +11,7 @@ import pytest
 
 from aitbc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
 from aitbc.ledger import authorities, finality, state
+from aitbc.ledger.block import decode_header
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.genesis import Genesis, make_genesis
 from aitbc.ledger.store import MemoryStore
@@ -567,3 +568,48 @@ def test_a_receipt_proof_across_a_set_change_carries_the_change():
                               (chain.header_at(h),), c9.encode())
     with pytest.raises(InvalidArgument, match=f"^block {h}'s set chain does not match the proof's 0 set change"):
         proof.verify_proof(made.encode(), G4, late.receipt_hash)
+
+
+def test_votes_for_a_fork_deeper_than_the_block_that_fixed_its_set_count_when_its_set_chain_is_canonical():
+    """A vote for a pending block whose branch forks below the block that fixed its epoch's set used
+    to be refused until the node switched branch (its set was unknown). Ledger format 5: the block's
+    set chain names its branch's sets, so when it equals the canonical one the vote counts with the
+    canonical set; a branch whose sets differ is still refused."""
+    from aitbc.ledger.node import Node
+
+    main = SetRunner(G4)
+    main.block(*(main.add(k, NEW) for k in AUTH[:3]))  # block 1: NEW voted in (set(2), fixed by block E)
+    main.until_height(2 * E + 3)
+    node = Node(Chain(MemoryStore(), G4), None)
+    for b in main.blocks:
+        assert node.chain.add_block(b, 10**15) == "extended"
+
+    def rival(with_votes: bool) -> list:
+        """A branch from block 1 (with the same votes or without), shorter than the canonical one."""
+        r = SetRunner(G4)
+        if with_votes:
+            assert r.chain.add_block(main.blocks[0], 10**15) == "extended"
+            r.slot = main.blocks[0].header.slot + 1  # other slots than main's: other blocks
+        else:
+            r.block()
+        r.until_height(2 * E + 1)
+        return r.blocks  # (block 1 of the first is main's: added, not built)
+
+    same, other = rival(True), rival(False)
+    for b in same + other:
+        assert node.chain.add_block(b, 10**15) == "side"
+    assert node.chain.branch_reader(same[-1]) is None  # forks at block 1, below block E
+    target = same[-1]
+    assert target.header.set_chain == decode_header(node.chain.header_at(target.height)).set_chain
+    src = finality.Checkpoint(0, G4.hash(), finality.COMMIT)
+    tgt = finality.Checkpoint(target.height, target.hash, finality.PREPARE)
+    assert node.submit_votes([finality.make_vote(NEW, G4, src, tgt).encode()]) == [None]  # NEW: in set(2)
+    assert any(NEW_ID in votes for votes in node.tally.links.values())
+    far = other[-1]
+    assert far.header.set_chain != target.header.set_chain
+    (err,) = node.submit_votes([finality.make_vote(AUTH[0], G4, src, finality.Checkpoint(
+        far.height, far.hash, finality.PREPARE)).encode()])
+    assert isinstance(err, FailedPrecondition) and "whose authority set this node does not know yet" in err.message
+
+
+NEW_ID = aid(NEW)
