@@ -302,6 +302,13 @@ def test_format_2_blocks_and_data_folders_are_refused():
     with pytest.raises(FailedPrecondition, match="^data folder holds a ledger format 2 chain; this node runs format 5: "
                                                  "ledger format 3 made the block's tx root a Merkle tree"):
         Chain(store, g)
+    store = MemoryStore()  # what a format-4 node left behind (headers without the set chain)
+    store.commit({META_GENESIS: g.hash(), META_CHAIN: g.chain_id.encode(), META_FORMAT: struct.pack(">I", 4),
+                  HEAD: b"\x00" * 32})
+    with pytest.raises(FailedPrecondition, match="^data folder holds a ledger format 4 chain; this node runs format 5: "
+                                                 "ledger format 5 headers commit to the authority sets .* start them on "
+                                                 "new data folders"):
+        Chain(store, g)
 
 
 def test_a_receipt_settled_by_a_settle_proves_like_a_mint():
