@@ -190,11 +190,12 @@ def _certify(raw: bytes, h: Header, genesis: Genesis, gh: bytes, sets: list[tupl
 
 def verify_proof(proof: ReceiptProof | bytes, genesis: Genesis, receipt_hash: bytes,
                  genesis_hash: bytes | None = None) -> ProofResult:
-    """Check every link of a receipt proof against the genesis alone, in the documented order:
-    the MINT, the Merkle path to its block's tx root, the header chain, the certificate."""
+    """Check every link of a receipt proof against the genesis alone, in the order of docs/ledger.md
+    "Receipt proofs" (its step numbers below): the MINT, the headers, the Merkle path to the MINT's
+    block's tx root, the header chain, the set changes, the certified block's set chain, its certificate."""
     p = decode_proof(proof) if isinstance(proof, bytes | bytearray | memoryview) else proof
     gh = genesis_hash if genesis_hash is not None else genesis.hash()
-    # 1. the transaction: a MINT of exactly this receipt, valid under this genesis
+    # 2. the transaction: a MINT (or SETTLE) of exactly this receipt, valid under this genesis
     try:
         tx = decode_tx(p.tx)
     except AitbcError as exc:
@@ -208,20 +209,20 @@ def verify_proof(proof: ReceiptProof | bytes, genesis: Genesis, receipt_hash: by
         state.check_stateless(tx, genesis)
     except AitbcError as exc:
         raise InvalidArgument(f"proof transaction: {exc.message}") from None
-    # 2. the headers decode and belong to this chain
+    # 3. the headers decode and belong to this chain
     headers = [_chain_header(raw, genesis, gh, f"proof header {k}") for k, raw in enumerate(p.headers, 1)]
     block = headers[0]
-    # 3. the Merkle path from the MINT to its block's tx root (its shape fixed by index and tx count)
+    # 4. the Merkle path from the MINT to its block's tx root (its shape fixed by index and tx count)
     if merkle.root_from_path(tx.hash, p.tx_index, block.tx_count, p.path) != block.tx_root:
         raise InvalidArgument(f"merkle path does not lead to block {block.height}'s tx root "
                               f"(tx {p.tx_index} of {block.tx_count})")
-    # 4. each next header is the child of the one before
+    # 5. each next header is the child of the one before
     for lower, upper in zip(headers, headers[1:], strict=False):
         if upper.height != lower.height + 1 or upper.parent_hash != lower.hash:
             raise InvalidArgument(f"header chain is broken above block {lower.height}: the next header (block "
                                   f"{upper.height}) is not its child")
     top = headers[-1]
-    # 5. the set changes, oldest first: each one a link of the set chain, certified by the set before it
+    # 6. the set changes, oldest first: each one a link of the set chain, certified by the set before it
     sets: list[tuple[int, tuple[bytes, ...]]] = [(0, genesis.authority_ids)]
     chain = authorities.genesis_set_chain(genesis, gh)
     eb = genesis.epoch_blocks
@@ -246,11 +247,11 @@ def verify_proof(proof: ReceiptProof | bytes, genesis: Genesis, receipt_hash: by
                                   "before it is missing from the proof, or a member list is wrong)")
         _certify(c.certificate, h, genesis, gh, sets, f"{what} certificate")
         sets.append((c.epoch, c.members))
-    # 6. no change left out: the certified block commits to exactly the sets listed
+    # 7. no change left out: the certified block commits to exactly the sets listed
     if top.set_chain != chain:
         raise InvalidArgument(f"block {top.height}'s set chain does not match the proof's {len(p.changes)} set "
                               "change(s): a set change is missing from the proof (or a member list is wrong)")
-    # 7. the certificate: more than 2/3 of its target epoch's set made the top block final
+    # 8. the certificate: more than 2/3 of its target epoch's set made the top block final
     ids = _certify(p.certificate, top, genesis, gh, sets, "proof certificate")
     body = tx.receipt.body
     return ProofResult(receipt_hash, tx.hash, block.height, block.hash, top.height, top.hash, body.provider,
