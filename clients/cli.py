@@ -640,7 +640,7 @@ def _verify_proof(args: argparse.Namespace, receipt: Any) -> int:
     in a final block, checked against the genesis alone (aitbc.ledger.proof); the node that served
     the proof is not trusted."""
     from aitbc.ledger.genesis import Genesis
-    from aitbc.ledger.proof import verify_proof
+    from aitbc.ledger.proof import describe_set, verify_proof
 
     try:
         genesis = Genesis.load(args.genesis)
@@ -669,7 +669,10 @@ def _verify_proof(args: argparse.Namespace, receipt: Any) -> int:
         return 1
     print(f"  minted once:  {res.amount} to {res.provider} in tx {res.tx_hash.hex()}, block {res.block_height}")
     print(f"  final:        block {res.block_height} is final: certificate of block {res.certified_height} "
-          f"{res.certified_hash.hex()[:16]} (more than 2/3 of the {len(genesis.authorities)} authorities)")
+          f"{res.certified_hash.hex()[:16]} (more than 2/3 of the {len(res.authorities)} authorities of its epoch)")
+    if res.set_changes:
+        print(f"  authorities:  {res.set_changes} set change(s) since the genesis, each certified by the set before "
+              f"it; the block's set: {describe_set(res.authorities)}")
     print(f"  proof:        {len(raw)} bytes from {where}, checked offline against genesis {gh.hex()} "
           f"(chain {genesis.chain_id})")
     return 0
@@ -696,7 +699,7 @@ def cmd_receipts_proof(args: argparse.Namespace) -> int:
         return _fail(exc.message)
     Path(args.output).write_bytes(raw)
     print(f"wrote {args.output} ({len(raw)} bytes): receipt {rh}, {len(p.headers)} header(s) up to a certified "
-          f"block; check it with `aitbc receipts verify RECEIPT_FILE --proof {args.output} --genesis GENESIS_FILE`",
+          f"block, {len(p.changes)} authority set change(s); check it with `aitbc receipts verify RECEIPT_FILE --proof {args.output} --genesis GENESIS_FILE`",
           file=sys.stderr)
     return 0
 

@@ -10,21 +10,24 @@ proof is accepted or refused with its message.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from aitbc import crypto
+from aitbc.ledger import authorities, merkle
 from aitbc.ledger import finality as fin
-from aitbc.ledger import merkle
+from aitbc.ledger.block import decode_header
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.genesis import make_genesis
-from aitbc.ledger.proof import ReceiptProof, build_proof
+from aitbc.ledger.proof import ReceiptProof, SetChange, build_proof
 from aitbc.ledger.store import MemoryStore
-from aitbc.ledger.tx import decode_tx, make_mint
+from aitbc.ledger.tx import ACTION_ADD, ACTION_REMOVE, decode_tx, make_authority_vote, make_mint
 from aitbc.receipts import ReceiptBody, sign_receipt
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "vectors" / "receipt_proofs.json"
 CHAIN = "aitbc-proof-vectors"
+SETS_CHAIN = "aitbc-proof-vectors-sets"
 
 
 def _key(name: str) -> crypto.PrivateKey:
@@ -33,6 +36,7 @@ def _key(name: str) -> crypto.PrivateKey:
 
 AUTH = [_key(f"authority {i}") for i in range(4)]
 ATTESTER, PROVIDER, SENDER = _key("attester"), _key("provider"), _key("sender")
+NEW, EVIL = _key("authority new"), [_key(f"not an authority {i}") for i in range(4)]
 
 
 def merkle_vectors() -> dict:
@@ -135,6 +139,122 @@ def build() -> dict:
                             "certificate": p1.certificate.hex(), "block_height": 1, "block_hash": cp[1].hash.hex(),
                             "certified_height": 1, "certified_hash": cp[1].hash.hex()},
         "other_receipt_hash": receipts[0].receipt_hash.hex(),
+        "refused_proofs": [{"name": n, "raw": raw, "error": e} for n, raw, e in refused],
+        "across_set_changes": across_set_changes(),
+    }
+
+
+def across_set_changes_blocks() -> list:
+    """The blocks of the across_set_changes chain (for a replay on a fresh node)."""
+    chain = _sets_chain()[1]
+    return [chain.block_at(h) for h in range(1, 11)]
+
+
+def across_set_changes() -> dict:
+    """A version 3 chain (epoch_blocks 2, 4 authorities A0-A3) whose set changes twice by votes:
+    three vote NEW in (block 1, epoch 0; set(2) = A0-A3 + NEW, written by block 2), four of those
+    five vote A3 out (block 5, epoch 2; set(4) = A0 A1 A2 NEW, written by block 6); block 9
+    (epoch 4) holds a MINT. Every block is final by its own commit round, certified by the first q
+    of its epoch's set. The proof carries both changes: block 2 (certified by the genesis set) and
+    block 6 (by the 5-set)."""
+    g, chain, r = _sets_chain()
+    p = build_proof(chain, r.receipt_hash)
+    assert [c.epoch for c in p.changes] == [2, 4] and len(p.headers) == 1
+    c1, c2 = p.changes
+    assert decode_header(c1.header).height == 2 and decode_header(c2.header).height == 6
+    return _across(g, chain, r, p)
+
+
+def _sets_chain():  # type: ignore[no-untyped-def]
+    g = make_genesis(SETS_CHAIN, [k.address for k in AUTH], [ATTESTER.address], block_time_ms=1000,
+                     max_price_per_unit=1000, max_mint_per_receipt=10**12, genesis_time_ms=1_795_000_000_000,
+                     epoch_blocks=2)
+    keys = {crypto.sha256(k.pubkey)[:20]: k for k in [*AUTH, NEW]}
+    body = ReceiptBody(job_id="proof-job-sets", provider=PROVIDER.address, client="client-1", units=7,
+                       unit_type="gpu_ms", version=1, price_per_unit=10, model="tiny-sd", prompt_hash="ab" * 32,
+                       started_at=1000, finished_at=2000, artifact_sha256="cd" * 32, nonce="ef" * 16, hub_id="",
+                       chain_id=SETS_CHAIN)
+    r = sign_receipt(body, PROVIDER).attest(ATTESTER)
+    txs = {1: [make_authority_vote(k, g.ref, 0, ACTION_ADD, NEW.address) for k in AUTH[:3]],
+           5: [make_authority_vote(k, g.ref, 1, ACTION_REMOVE, AUTH[3].address) for k in AUTH[:3]]
+           + [make_authority_vote(NEW, g.ref, 0, ACTION_REMOVE, AUTH[3].address)],
+           9: [make_mint(SENDER, g.ref, 0, r)]}
+    chain = Chain(MemoryStore(), g)
+    slot = g.genesis_time_ms // 1000
+    for height in range(1, 11):
+        ids = chain.authorities_at(height)
+        assert ids is not None
+        slot += 1
+        chain.build_block(keys[ids[slot % len(ids)]], slot, slot * 1000 + 100,
+                          [decode_tx(t) for t in txs.get(height, [])])
+        cp = fin.Checkpoint(height, chain.hash_at(height), fin.PREPARE)  # type: ignore[arg-type]
+        signers = sorted(ids)[:fin.quorum(len(ids))]
+        chain.store_certificate(height, cp.hash, fin.make_certificate(
+            [fin.make_vote(keys[a], g, cp, cp.at(fin.COMMIT)) for a in signers]).encode())
+    return g, chain, r
+
+
+def _across(g, chain, r, p) -> dict:  # type: ignore[no-untyped-def]
+    c1, c2 = p.changes
+
+    def variant(**kw: object) -> str:
+        return dataclasses.replace(p, **kw).encode().hex()  # type: ignore[arg-type]
+
+    def cert_of(header: bytes, signers: list[crypto.PrivateKey]) -> bytes:
+        h = decode_header(header)
+        cp = fin.Checkpoint(h.height, h.hash, fin.PREPARE)
+        return fin.make_certificate([fin.make_vote(k, g, cp, cp.at(fin.COMMIT)) for k in signers]).encode()
+
+    # a forged second boundary: block 6 re-made to hand the set over to four keys the attacker
+    # holds (its set chain rebuilt for them), certified by those keys
+    h6 = decode_header(c2.header)
+    evil_ids = tuple(crypto.sha256(k.pubkey)[:20] for k in EVIL)
+    forged6 = dataclasses.replace(h6, set_chain=authorities.set_link(decode_header(c1.header).set_chain, 4,
+                                                                     evil_ids)).encode()
+    forged = SetChange(4, evil_ids, forged6, cert_of(forged6, EVIL))
+    reordered = SetChange(4, (c2.members[1], c2.members[0], *c2.members[2:]), c2.header, c2.certificate)
+    by_new_set = SetChange(2, c1.members, c1.header, cert_of(c1.header, [AUTH[0], AUTH[1], NEW]))
+    old_set_top = cert_of(p.headers[0], [AUTH[0], AUTH[1], AUTH[3]])
+    new_addr, a3 = NEW.address, AUTH[3].address
+    evil_first = min(EVIL, key=lambda k: crypto.sha256(k.pubkey)[:20]).address  # signers are checked in id order
+    refused = [
+        ("the second set change left out", variant(changes=(c1,)),
+         "block 9's set chain does not match the proof's 1 set change(s): a set change is missing from the proof"),
+        ("the first set change left out", variant(changes=(c2,)),
+         "set change 1 (epoch 4): block 6's set chain does not match the listed sets (a set change before it is "
+         "missing from the proof, or a member list is wrong)"),
+        ("no set change at all (a proof as if the genesis set still signed)", variant(changes=()),
+         "block 9's set chain does not match the proof's 0 set change(s)"),
+        ("a forged boundary (block 6 re-made to hand over to the attacker's keys, certified by them)",
+         variant(changes=(c1, forged)),
+         f"set change 2 (epoch 4) certificate: certificate refused: vote from {evil_first}, which is not an "
+         "authority"),
+        ("a boundary certified by the wrong set (block 2 by the set it hands over to)", variant(changes=(by_new_set, c2)),
+         f"set change 1 (epoch 2) certificate: certificate refused: vote from {new_addr}, which is not an authority"),
+        ("a wrong member list (the second change's first two members swapped)", variant(changes=(c1, reordered)),
+         "set change 2 (epoch 4): block 6's set chain does not match the listed sets"),
+        ("a change listed twice (the first again, after the second)", variant(changes=(c1, c2, c1)),
+         "set change 3 (epoch 2) is not after the change before it (epoch 4)"),
+        ("a change that changes nothing (the genesis set again)",
+         variant(changes=(SetChange(2, g.authority_ids, c1.header, c1.certificate), c2)),
+         "set change 1 (epoch 2) does not change the set"),
+        ("a boundary block outside its window (block 6's header for the change of epoch 2)",
+         variant(changes=(SetChange(2, c1.members, c2.header, c2.certificate), c2)),
+         "set change 1 (epoch 2): block 6 is not one that fixed the set of epoch 2 (blocks 2 to 3)"),
+        ("the receipt's block certified by the old set (A3, voted out, among the signers)",
+         variant(certificate=old_set_top),
+         f"proof certificate: certificate refused: vote from {a3}, which is not an authority"),
+    ]
+    return {
+        "genesis": g.to_dict(), "genesis_hash": g.hash().hex(), "receipt": r.to_json_dict(),
+        "receipt_hash": r.receipt_hash.hex(),
+        "set_chains": [{"height": h, "set_chain": decode_header(chain.header_at(h)).set_chain.hex(),  # type: ignore[arg-type]
+                        "authorities": [authorities.address(a) for a in chain.authorities_at(h)]}  # type: ignore[union-attr]
+                       for h in range(1, 11)],
+        "proof": {"raw": p.encode().hex(), "block_height": 9, "certified_height": 9,
+                  "changes": [{"epoch": c.epoch, "members": [authorities.address(m) for m in c.members],
+                               "header": c.header.hex(), "certificate": c.certificate.hex(),
+                               "block_height": decode_header(c.header).height} for c in p.changes]},
         "refused_proofs": [{"name": n, "raw": raw, "error": e} for n, raw, e in refused],
     }
 

@@ -202,7 +202,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         first, top = decode_header(p.headers[0]), decode_header(p.headers[-1])
         return S.GetReceiptProofResponse(proof=p.encode(), tx_hash=crypto.sha256(p.tx).hex(),
                                          block_height=first.height, block_hash=first.hash.hex(),
-                                         certified_height=top.height, certified_hash=top.hash.hex())
+                                         certified_height=top.height, certified_hash=top.hash.hex(),
+                                         set_changes=len(p.changes))
 
     @rpc.handle_errors
     async def GetGenesis(self, request: S.GetGenesisRequest,

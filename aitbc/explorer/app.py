@@ -167,6 +167,7 @@ class Explorer:
         fields = [("height", h.height), ("hash", h.hash), ("parent", Safe(f"<a href='/block/{esc(h.parent_hash)}'>{esc(h.parent_hash)}</a>")
                    if h.height > 1 else h.parent_hash), ("time", _time(h.timestamp_ms)), ("slot", h.slot),
                   ("proposer", _addr(h.proposer)), ("tx root", h.tx_root), ("state root", h.state_root),
+                  ("authority set chain", h.set_chain),
                   ("transactions", h.tx_count), ("final", "yes" if b.final else "not yet"),
                   ("finality certificate", f"{len(b.certificate)} bytes (votes of more than 2/3 of the authorities)"
                    if b.certificate else "none held by this node")]

@@ -45,6 +45,7 @@ AVOT = b"v1:avot:"
 APRP = b"v1:aprp:"
 AVTR = b"v1:avtr:"
 AQUE = b"v1:aque"
+SET_CHAIN_DOMAIN = b"AITBC/aset/v1"
 # consensus constants of ledger format 3 (docs/ledger.md "Authority set changes", "Bounds")
 MAX_PROPOSALS_PER_VOTER = 4  # distinct proposals one authority may vote for in one epoch
 MAX_QUEUE = 16  # proposals that reached quorum and wait for a boundary
@@ -105,6 +106,53 @@ def decode_voted(value: bytes | None) -> list[tuple[int, bytes]]:
     if value is None:
         return []
     return [(value[1 + 21 * i], value[2 + 21 * i:22 + 21 * i]) for i in range(value[0])]
+
+
+def set_link(prev: bytes, epoch: int, ids: tuple[bytes, ...]) -> bytes:
+    """One link of the set chain: the set `ids` takes over at `epoch` after the history `prev`."""
+    return crypto.domain_digest(SET_CHAIN_DOMAIN, prev + _U64.pack(epoch) + encode_set(ids))
+
+
+def genesis_set_chain(genesis: Genesis, genesis_hash: bytes) -> bytes:
+    """The set chain of the genesis (height 0) and of every block before the first change: the
+    genesis list taking over at epoch 1 after the genesis itself."""
+    return set_link(genesis_hash, 1, genesis.authority_ids)
+
+
+def fixed_epoch(genesis: Genesis, height: int) -> int:
+    """The newest epoch whose set is fixed in the state after block `height` (0: the genesis): the
+    epoch after the next block's, floor(height / epoch_blocks) + 1 (1 on a version 2 genesis)."""
+    if not genesis.has_authority_votes:
+        return 1
+    return height // genesis.epoch_blocks + 1
+
+
+def next_set_chain(parent_chain: bytes, genesis: Genesis, height: int, read_after: Reader) -> bytes:
+    """The `set_chain` of block `height` (ledger format 5) from its parent's and the state after the
+    block: it moves only at the last block of an epoch whose new set (of the epoch after next)
+    differs from the set before it; every other block repeats its parent's."""
+    if not genesis.has_authority_votes or height % genesis.epoch_blocks:
+        return parent_chain
+    e = fixed_epoch(genesis, height)
+    new, old = authority_set(read_after, genesis, e), authority_set(read_after, genesis, e - 1)
+    assert new is not None and old is not None  # the last block of an epoch writes set(e); set(e - 1) is older
+    return parent_chain if new == old else set_link(parent_chain, e, new)
+
+
+def set_changes(read: Reader, genesis: Genesis, upto: int, since: int = 1) -> list[tuple[int, tuple[bytes, ...]]]:
+    """(epoch, set) of every epoch since + 1..upto whose set differs from the epoch before's, in the
+    state `read` (which must hold set(upto)): the links of the set chain, what a receipt proof carries."""
+    if not genesis.has_authority_votes or upto <= since:
+        return []
+    out: list[tuple[int, tuple[bytes, ...]]] = []
+    prev = authority_set(read, genesis, since)
+    for e in range(max(2, since + 1), upto + 1):
+        cur = authority_set(read, genesis, e)
+        assert cur is not None
+        if cur != prev:
+            out.append((e, cur))
+        prev = cur
+    return out
 
 
 def defining_height(genesis: Genesis, epoch: int) -> int:

@@ -1,7 +1,10 @@
 """Blocks: fixed-layout header, proposer signature, tx root, and the block's wire/storage bytes.
 
-    header = u8 version(=3) | u8 len(chain_id) | chain_id | 32 genesis hash | u64 height | 32 parent hash
-             | u64 slot | u64 timestamp_ms | 20 proposer account id | 32 tx root | 32 state root | u32 tx count
+    header = u8 version(=4) | u8 len(chain_id) | chain_id | 32 genesis hash | u64 height | 32 parent hash
+             | u64 slot | u64 timestamp_ms | 20 proposer account id | 32 tx root | 32 state root
+             | 32 set chain | u32 tx count
+    set chain  = the hash chain of the authority sets up to the newest one fixed after the block
+                 (aitbc.ledger.authorities.next_set_chain; ledger format 5: receipt proofs across set changes)
     block hash = sha256("AITBC/block/v2" || 0x00 || header)   (what the proposer signs, 65-byte r||s||v)
     tx root    = Merkle root of the tx hashes (aitbc.ledger.merkle; version 2 hashed them flat)
     block      = u32 len(header) | header | 65 signature | (u32 len(tx) | signed tx) * tx count
@@ -18,12 +21,12 @@ from aitbc.ledger.genesis import check_chain_id
 from aitbc.ledger.merkle import merkle_root
 from aitbc.ledger.tx import Tx, decode_tx
 
-BLOCK_VERSION = 3  # ledger format 3: the tx root is a Merkle tree (receipt proofs)
+BLOCK_VERSION = 4  # ledger format 5: the header commits to the authority sets (3: format 3 and 4, no set chain)
 BLOCK_DOMAIN = b"AITBC/block/v2"
 MAX_BLOCK_BYTES = 6 * 1024 * 1024  # under the 8 MiB gRPC message limit
 
 _U32 = struct.Struct(">I")
-_TAIL = struct.Struct(">Q32sQQ20s32s32sI")
+_TAIL = struct.Struct(">Q32sQQ20s32s32s32sI")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,7 @@ class Header:
     proposer: bytes  # 20-byte account id
     tx_root: bytes
     state_root: bytes
+    set_chain: bytes  # 32 bytes: commits to every authority set up to the one of the epoch after the next block's
     tx_count: int
     version: int = BLOCK_VERSION
 
@@ -44,7 +48,7 @@ class Header:
         cid = self.chain_id.encode()
         return bytes((self.version, len(cid))) + cid + self.genesis_hash + _TAIL.pack(
             self.height, self.parent_hash, self.slot, self.timestamp_ms, self.proposer,
-            self.tx_root, self.state_root, self.tx_count)
+            self.tx_root, self.state_root, self.set_chain, self.tx_count)
 
     @property
     def hash(self) -> bytes:
@@ -61,11 +65,15 @@ def decode_header(data: bytes) -> Header:
         if version != BLOCK_VERSION:
             if version == 1:
                 raise InvalidArgument("malformed block: header version 1 is not supported (a ledger format 1 "
-                                      "block, not bound to the genesis hash; this node runs format 4)")
+                                      "block, not bound to the genesis hash; this node runs format 5)")
             if version == 2:
                 raise InvalidArgument("malformed block: header version 2 is not supported (a ledger format 2 "
                                       "block, whose tx root is a flat hash with no Merkle proofs; this node runs "
-                                      "format 4)")
+                                      "format 5)")
+            if version == 3:
+                raise InvalidArgument("malformed block: header version 3 is not supported (a ledger format 3 or 4 "
+                                      "block, whose header does not commit to the authority sets; this node runs "
+                                      "format 5)")
             raise InvalidArgument(f"malformed block: header version {version} is not supported")
         cid = data[2:2 + clen].decode("ascii")
         check_chain_id(cid)

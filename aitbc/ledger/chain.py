@@ -34,7 +34,13 @@ from aitbc.ledger.block import (
     tx_root,
     verify_block_signature,
 )
-from aitbc.ledger.genesis import FORMAT_1_REFUSED, FORMAT_2_REFUSED, FORMAT_3_REFUSED, Genesis
+from aitbc.ledger.genesis import (
+    FORMAT_1_REFUSED,
+    FORMAT_2_REFUSED,
+    FORMAT_3_REFUSED,
+    FORMAT_4_REFUSED,
+    Genesis,
+)
 from aitbc.ledger.store import Store
 from aitbc.ledger.tx import Tx
 
@@ -43,7 +49,8 @@ log = logging.getLogger("aitbc.ledger.chain")
 META_GENESIS = b"v1:meta:genesis"
 META_CHAIN = b"v1:meta:chain_id"
 META_FORMAT = b"v1:meta:format"  # u32 ledger format of the folder; absent in format 1 folders
-LEDGER_FORMAT = 4  # 4: checkpoint votes (3: block votes, 2: flat tx roots, 1: signatures not bound to the genesis)
+LEDGER_FORMAT = 5  # 5: headers commit to the authority sets (4: checkpoint votes, 3: block votes, 2: flat tx
+# roots, 1: signatures not bound to the genesis)
 HEAD = b"v1:head"
 FINAL = b"v1:final"
 BLK = b"v1:blk:"
@@ -104,6 +111,7 @@ class BlockInfo:
     timestamp_ms: int
     proposer: bytes
     parent: bytes = b""  # b"" for genesis
+    set_chain: bytes = b""  # the header's set chain (the genesis': authorities.genesis_set_chain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +137,8 @@ class Chain:
             version = 1 if fmt is None else struct.unpack(">I", fmt)[0] if len(fmt) == 4 else "?"
             raise FailedPrecondition(
                 f"data folder holds a ledger format {version} chain; this node runs format {LEDGER_FORMAT}"
-                + {1: f": {FORMAT_1_REFUSED}", 2: f": {FORMAT_2_REFUSED}", 3: f": {FORMAT_3_REFUSED}"}.get(
+                + {1: f": {FORMAT_1_REFUSED}", 2: f": {FORMAT_2_REFUSED}", 3: f": {FORMAT_3_REFUSED}",
+                   4: f": {FORMAT_4_REFUSED}"}.get(
                     version if isinstance(version, int) else 0, ": use the node version that wrote it"))
         elif stored != self.genesis_hash:
             other = (store.get(META_CHAIN) or b"?").decode(errors="replace")
@@ -138,8 +147,10 @@ class Chain:
                 f"{genesis.chain_id!r} (genesis {self.genesis_hash.hex()}): use another --data-dir"
             )
         self.genesis_info = BlockInfo(0, self.genesis_hash, -1, state.genesis_state_root(self.genesis_hash),
-                                      genesis.genesis_time_ms, b"")
+                                      genesis.genesis_time_ms, b"", b"",
+                                      authorities.genesis_set_chain(genesis, self.genesis_hash))
         self.side: dict[bytes, Block] = {}
+        self._final_changes: tuple[int, list[tuple[int, tuple[bytes, ...]]]] = (1, [])  # set changes up to epoch
         self.equivocations = 0  # two blocks by one proposer for one slot (logged; not slashed in v1)
         # height of the highest justified block (finality votes) on the canonical chain, set by the
         # node: fork choice never leaves it for a longer branch (only for a higher justified block)
@@ -290,6 +301,19 @@ class Chain:
         default: it holds every set up to the epoch after the head's); None when not fixed yet."""
         return authorities.authorities_at(read or self.store.get, self.genesis, height)
 
+    def set_changes(self, upto: int) -> list[tuple[int, tuple[bytes, ...]]]:
+        """(epoch, set) of every set change up to epoch `upto` in the canonical state (receipt proofs).
+        The changes fixed by final blocks never change, so they are read once (GetReceiptProof is
+        open to anyone: it must not read one record per epoch of the chain's whole life each time)."""
+        read, g = self.store.get, self.genesis
+        done, known = self._final_changes
+        safe = min(upto, authorities.fixed_epoch(g, self.final_height))
+        if safe > done:
+            known = known + authorities.set_changes(read, g, safe, done)
+            done = safe
+            self._final_changes = (done, known)
+        return [c for c in known if c[0] <= upto] + authorities.set_changes(read, g, upto, max(done, 1))
+
     def current_authorities(self) -> tuple[bytes, ...]:
         """The set that proposes and votes the next block (the head's child)."""
         ids = self.authorities_at(self.head.height + 1)
@@ -334,6 +358,15 @@ class Chain:
             return None
         return self.store.get if height >= authorities.defining_height(g, e) else None
 
+    def same_sets_as_canonical(self, block: Block) -> bool:
+        """A pending block's header names the canonical sets up to its epoch's: a canonical header at
+        min(its height, the head's) has its set chain and fixes that epoch's set (equal set chains
+        are one list of changes, so both branches have the same set at every epoch both fix)."""
+        k = min(block.height, self.head.height)
+        hdr = self.header_at(k)
+        return (hdr is not None and authorities.fixed_epoch(self.genesis, k) >= self.genesis.epoch(block.height)
+                and decode_header(hdr).set_chain == block.header.set_chain)
+
     def validate_header(self, block: Block, parent: BlockInfo, now_ms: int,
                         read: state.Reader | None = None) -> None:
         """Every header rule; the proposer's turn is checked against the set in `read` (the
@@ -368,6 +401,13 @@ class Chain:
         writes = state.apply_txs(read, block.txs, self.genesis, block.height, verified=verified)
         if state.state_root(parent.state_root, block.height, writes) != block.header.state_root:
             raise InvalidArgument(f"invalid block {block.height}: state root does not match")
+        expected = authorities.next_set_chain(parent.set_chain, self.genesis, block.height,
+                                              state.Overlay(read, writes).get)
+        if block.header.set_chain != expected:
+            raise InvalidArgument(
+                f"invalid block {block.height}: set chain {block.header.set_chain.hex()[:16]} does not match the "
+                f"authority sets of its state ({expected.hex()[:16]}: the sets up to epoch "
+                f"{authorities.fixed_epoch(self.genesis, block.height)})")
         return writes
 
     def _block_writes(self, block: Block, state_writes: dict[bytes, bytes],
@@ -554,7 +594,8 @@ class Chain:
         ts = min(max(now_ms, slot * bt), (slot + 1) * bt - 1)
         header = Header(g.chain_id, self.genesis_hash, height, parent.hash, slot, ts, crypto.sha256(key.pubkey)[:20],
                         tx_root([t.hash for t in included]),
-                        state.state_root(parent.state_root, height, ov.writes), len(included))  # type: ignore[arg-type]
+                        state.state_root(parent.state_root, height, ov.writes),  # type: ignore[arg-type]
+                        authorities.next_set_chain(parent.set_chain, g, height, ov.get), len(included))
         block = make_block(header, key, included)
         writes = self._block_writes(block, ov.writes, self.store.get)  # type: ignore[arg-type]
         self._commit(writes, block)
@@ -562,4 +603,4 @@ class Chain:
 
 
 def _info(h: Header) -> BlockInfo:
-    return BlockInfo(h.height, h.hash, h.slot, h.state_root, h.timestamp_ms, h.proposer, h.parent_hash)
+    return BlockInfo(h.height, h.hash, h.slot, h.state_root, h.timestamp_ms, h.proposer, h.parent_hash, h.set_chain)

@@ -58,6 +58,12 @@ FORMAT_2_REFUSED = (
     "ledger format 3 made the block's tx root a Merkle tree (receipt proofs), which changes every block "
     "hash, and a format 2 chain cannot be migrated (every block would need a new signature from its "
     "proposer): keep the genesis file and start the nodes on new data folders (move the old ones away)")
+FORMAT_4_REFUSED = (
+    "ledger format 5 headers commit to the authority sets (receipt proofs across set changes), which "
+    "changes every block hash, and a format 4 chain cannot be migrated (every block would need a new "
+    "signature from its proposer and every certificate new ones from its voters): stop every node of the "
+    "network, upgrade them all, keep the genesis file and start them on new data folders (move the old "
+    "ones away)")
 FORMAT_3_REFUSED = (
     "ledger format 4 votes on two checkpoints per block (finality within the block's own slot), so its "
     "votes, certificates and vote lock are version 2, and a format 3 folder's certificates cannot be "

@@ -164,7 +164,12 @@ class Node:
         side = chain.side.get(target.hash)
         if side is not None and side.height == target.height:
             read = chain.branch_reader(side)
-            return None if read is None else chain.authorities_at(target.height, read)
+            if read is not None:
+                return chain.authorities_at(target.height, read)
+            # its branch forks below the block that fixed its set: its header's set chain names the
+            # sets of its branch (ledger format 5), so when it equals a canonical header's the set is
+            # the canonical one (a quorum holds an honest voter, who executed the block and checked it)
+            return chain.authorities_at(target.height) if chain.same_sets_as_canonical(side) else None
         return chain.authorities_at(target.height)
 
     @property

@@ -27,7 +27,7 @@ def header_to_proto(h: Header) -> ledger_pb2.BlockHeader:
         version=h.version, chain_id=h.chain_id, height=h.height, hash=h.hash.hex(),
         parent_hash=h.parent_hash.hex(), slot=h.slot, timestamp_ms=h.timestamp_ms,
         proposer=h.proposer_address, tx_root=h.tx_root.hex(), state_root=h.state_root.hex(),
-        tx_count=h.tx_count, genesis_hash=h.genesis_hash.hex())
+        tx_count=h.tx_count, genesis_hash=h.genesis_hash.hex(), set_chain=h.set_chain.hex())
 
 
 def block_to_proto(b: Block, *, final: bool, canonical: bool, certificate: bytes | None = None) -> ledger_pb2.Block:

@@ -129,6 +129,7 @@ class BlockHeader(_message.Message):
     STATE_ROOT_FIELD_NUMBER: _builtins.int
     TX_COUNT_FIELD_NUMBER: _builtins.int
     GENESIS_HASH_FIELD_NUMBER: _builtins.int
+    SET_CHAIN_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     chain_id: _builtins.str
     height: _builtins.int
@@ -144,6 +145,10 @@ class BlockHeader(_message.Message):
     tx_count: _builtins.int
     genesis_hash: _builtins.str
     """Lower-case hex genesis hash the header binds (ledger format 2)."""
+    set_chain: _builtins.str
+    """Lower-case hex set chain: the hash chain of every authority set change up to the newest set
+    fixed in the block's state (ledger format 5, docs/ledger.md "Set chain").
+    """
     def __init__(
         self,
         *,
@@ -159,10 +164,11 @@ class BlockHeader(_message.Message):
         state_root: _builtins.str = ...,
         tx_count: _builtins.int = ...,
         genesis_hash: _builtins.str = ...,
+        set_chain: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "genesis_hash", b"genesis_hash", "hash", b"hash", "height", b"height", "parent_hash", b"parent_hash", "proposer", b"proposer", "slot", b"slot", "state_root", b"state_root", "timestamp_ms", b"timestamp_ms", "tx_count", b"tx_count", "tx_root", b"tx_root", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "genesis_hash", b"genesis_hash", "hash", b"hash", "height", b"height", "parent_hash", b"parent_hash", "proposer", b"proposer", "set_chain", b"set_chain", "slot", b"slot", "state_root", b"state_root", "timestamp_ms", b"timestamp_ms", "tx_count", b"tx_count", "tx_root", b"tx_root", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -855,6 +861,7 @@ class GetReceiptProofResponse(_message.Message):
     BLOCK_HASH_FIELD_NUMBER: _builtins.int
     CERTIFIED_HEIGHT_FIELD_NUMBER: _builtins.int
     CERTIFIED_HASH_FIELD_NUMBER: _builtins.int
+    SET_CHANGES_FIELD_NUMBER: _builtins.int
     proof: _builtins.bytes
     """The proof, byte for byte the proof file of docs/ledger.md ("Receipt proofs"); the fields below
     are decoded from it for reading and prove nothing by themselves.
@@ -867,6 +874,8 @@ class GetReceiptProofResponse(_message.Message):
     certified_height: _builtins.int
     """The certified block at or above it whose certificate the proof carries."""
     certified_hash: _builtins.str
+    set_changes: _builtins.int
+    """How many authority set changes since the genesis the proof carries (ledger format 5)."""
     def __init__(
         self,
         *,
@@ -876,10 +885,11 @@ class GetReceiptProofResponse(_message.Message):
         block_hash: _builtins.str = ...,
         certified_height: _builtins.int = ...,
         certified_hash: _builtins.str = ...,
+        set_changes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hash", b"block_hash", "block_height", b"block_height", "certified_hash", b"certified_hash", "certified_height", b"certified_height", "proof", b"proof", "tx_hash", b"tx_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hash", b"block_hash", "block_height", b"block_height", "certified_hash", b"certified_hash", "certified_height", b"certified_height", "proof", b"proof", "set_changes", b"set_changes", "tx_hash", b"tx_hash"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -179,8 +179,10 @@ class LedgerServiceServicer:
     def GetReceiptProof(self, request, context):
         """GetReceiptProof returns a proof that a receipt was minted in a final block (docs/ledger.md,
         "Receipt proofs"): the MINT, its Merkle path, the headers up to a certified block and that
-        block's certificate, checkable offline with only the genesis. NOT_FOUND when the receipt was
-        never minted; FAILED_PRECONDITION while no certified block at or above its block exists.
+        block's certificate, and every authority set change since the genesis (each with a block
+        that fixed it, certified by the set before it), checkable offline with only the genesis.
+        NOT_FOUND when the receipt was never minted; FAILED_PRECONDITION while no certified block at
+        or above its block exists, or when the node holds no certificate for a set change's blocks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -58,8 +58,10 @@ class LedgerServiceStub:
     GetReceiptProof: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetReceiptProofRequest, _ledger_pb2.GetReceiptProofResponse]
     """GetReceiptProof returns a proof that a receipt was minted in a final block (docs/ledger.md,
     "Receipt proofs"): the MINT, its Merkle path, the headers up to a certified block and that
-    block's certificate, checkable offline with only the genesis. NOT_FOUND when the receipt was
-    never minted; FAILED_PRECONDITION while no certified block at or above its block exists.
+    block's certificate, and every authority set change since the genesis (each with a block
+    that fixed it, certified by the set before it), checkable offline with only the genesis.
+    NOT_FOUND when the receipt was never minted; FAILED_PRECONDITION while no certified block at
+    or above its block exists, or when the node holds no certificate for a set change's blocks.
     """
     GetGenesis: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetGenesisRequest, _ledger_pb2.GetGenesisResponse]
     """GetGenesis returns the genesis document the node runs and its hash, so anyone can audit the
@@ -116,8 +118,10 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     GetReceiptProof: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetReceiptProofRequest, _ledger_pb2.GetReceiptProofResponse]  # type: ignore[assignment]
     """GetReceiptProof returns a proof that a receipt was minted in a final block (docs/ledger.md,
     "Receipt proofs"): the MINT, its Merkle path, the headers up to a certified block and that
-    block's certificate, checkable offline with only the genesis. NOT_FOUND when the receipt was
-    never minted; FAILED_PRECONDITION while no certified block at or above its block exists.
+    block's certificate, and every authority set change since the genesis (each with a block
+    that fixed it, certified by the set before it), checkable offline with only the genesis.
+    NOT_FOUND when the receipt was never minted; FAILED_PRECONDITION while no certified block at
+    or above its block exists, or when the node holds no certificate for a set change's blocks.
     """
     GetGenesis: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetGenesisRequest, _ledger_pb2.GetGenesisResponse]  # type: ignore[assignment]
     """GetGenesis returns the genesis document the node runs and its hash, so anyone can audit the
@@ -225,8 +229,10 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ledger_pb2.GetReceiptProofResponse, _abc.Awaitable[_ledger_pb2.GetReceiptProofResponse]]:
         """GetReceiptProof returns a proof that a receipt was minted in a final block (docs/ledger.md,
         "Receipt proofs"): the MINT, its Merkle path, the headers up to a certified block and that
-        block's certificate, checkable offline with only the genesis. NOT_FOUND when the receipt was
-        never minted; FAILED_PRECONDITION while no certified block at or above its block exists.
+        block's certificate, and every authority set change since the genesis (each with a block
+        that fixed it, certified by the set before it), checkable offline with only the genesis.
+        NOT_FOUND when the receipt was never minted; FAILED_PRECONDITION while no certified block at
+        or above its block exists, or when the node holds no certificate for a set change's blocks.
         """
 
     @_abc_1.abstractmethod

@@ -258,3 +258,135 @@ async def test_a_byzantine_authority_cannot_push_more_than_k_proposals_per_epoch
         for n, s in reversed(running):
             await n.stop()
             await s.stop(0)
+
+
+async def test_receipt_proofs_across_two_set_changes_verify_offline_from_the_genesis_alone(tmp_path, capsys):
+    """Ledger format 5, real nodes: the authorities vote NEW in, then AUTH[3] out; a receipt minted
+    after each change gets its proof from a follower (GetReceiptProof), which carries the changes
+    and checks out offline against the genesis file alone, also through `aitbc receipts verify`; a
+    proof that leaves out a change, a forged boundary, a boundary certified by the wrong set and a
+    wrong member list are each refused with their reason."""
+    import dataclasses
+    import json
+
+    from aitbc import crypto
+    from aitbc.clients.cli import main
+    from aitbc.ledger import authorities
+    from aitbc.ledger.block import decode_header
+    from aitbc.ledger.genesis import Genesis
+    from aitbc.ledger.proof import SetChange, decode_proof, verify_proof
+    from aitbc.ledger.tx import make_mint
+
+    from .helpers import ALICE, key, receipt
+
+    g = genesis(4, block_time_ms=250, epoch_blocks=E)
+    g.save(tmp_path / "genesis.json")
+    pinned = Genesis.load(tmp_path / "genesis.json")  # what a light client holds
+    first = await start_node(MemoryStore(), g, AUTH[0], "127.0.0.1:0")
+    running = [first]
+    try:
+        for k in [*AUTH[1:], NEW]:
+            running.append(await start_node(MemoryStore(), g, k, "127.0.0.1:0", peers=[addr(first[1])]))
+        running.append(await start_node(MemoryStore(), g, None, "127.0.0.1:0", peers=[addr(first[1])]))
+        nodes = [n for n, _ in running]
+        follower = nodes[-1]
+        await until(lambda: min(n.certified.height for n in nodes) >= 1, what="first certified blocks")
+
+        async def mint_and_prove(i: int, nonce: int) -> tuple[bytes, bytes]:
+            r = receipt(60 + i)
+            await _broadcast(running[0][1], [make_mint(ALICE, g.ref, nonce, r)])
+            await until(lambda: follower.chain.receipt_minted(r.receipt_hash) is not None
+                        and follower.certified.height >= follower.chain.receipt_minted(r.receipt_hash)[0],
+                        timeout=60, what=f"receipt {i} minted and certified on the follower")
+            async with rpc.channel(addr(running[-1][1])) as ch:
+                resp = await ledger_pb2_grpc.LedgerServiceStub(ch).GetReceiptProof(
+                    ledger_pb2.GetReceiptProofRequest(receipt_hash=r.receipt_hash.hex()))
+            assert resp.set_changes == len(decode_proof(resp.proof).changes) >= 1
+            async with rpc.channel(addr(running[-1][1])) as ch:  # GetBlock shows each header's set chain
+                got = await ledger_pb2_grpc.LedgerServiceStub(ch).GetBlock(
+                    ledger_pb2.GetBlockRequest(height=resp.certified_height))
+            assert got.block.header.set_chain == decode_header(decode_proof(resp.proof).headers[-1]).set_chain.hex()
+            rfile = tmp_path / f"receipt{i}.json"
+            rfile.write_text(json.dumps(r.to_json_dict()))
+            return resp.proof, r.receipt_hash
+
+        five = (*(aid(k) for k in AUTH), aid(NEW))
+        four = (aid(AUTH[0]), aid(AUTH[1]), aid(AUTH[2]), aid(NEW))
+        await _broadcast(running[1][1], [make_authority_vote(k, g.ref, 0, ACTION_ADD, NEW.address) for k in AUTH[:3]])
+        await until(lambda: all(n.chain.current_authorities() == five for n in nodes), timeout=90, what="NEW in")
+        proof1, rh1 = await mint_and_prove(1, 0)
+        res1 = verify_proof(proof1, pinned, rh1)
+        assert res1.set_changes >= 1 and res1.authorities == five
+        first_change = decode_proof(proof1).changes[0]
+        assert first_change.members == five and first_change.epoch <= g.epoch(res1.block_height)
+
+        await _broadcast(running[0][1], [make_authority_vote(k, g.ref, 1, ACTION_REMOVE, AUTH[3].address)
+                                         for k in AUTH[:3]]
+                         + [make_authority_vote(NEW, g.ref, 0, ACTION_REMOVE, AUTH[3].address)])
+        await until(lambda: all(n.chain.current_authorities() == four for n in nodes), timeout=90, what="AUTH[3] out")
+        proof2, rh2 = await mint_and_prove(2, 1)
+        res2 = verify_proof(proof2, pinned, rh2)
+        p = decode_proof(proof2)
+        assert res2.set_changes == len(p.changes) == 2 and res2.authorities == four
+        assert [c.members for c in p.changes] == [five, four]
+        for c in p.changes:  # each change's block is a final block of the follower's chain
+            h = decode_header(c.header)
+            assert follower.chain.hash_at(h.height) == h.hash and authorities.fixed_epoch(g, h.height) == c.epoch
+        # the proof of receipt 1 still verifies (a light client never needs a newer genesis)
+        assert verify_proof(proof1, pinned, rh1).block_height == res1.block_height
+
+        c1, c2 = p.changes
+        evil = [key(90 + i) for i in range(4)]
+        evil_ids = tuple(aid(k) for k in evil)
+        h2 = decode_header(c2.header)
+        forged_header = dataclasses.replace(
+            h2, set_chain=authorities.set_link(decode_header(c1.header).set_chain, c2.epoch, evil_ids)).encode()
+
+        def cert_by(header: bytes, signers) -> bytes:
+            h = decode_header(header)
+            cp = finality.Checkpoint(h.height, h.hash, finality.PREPARE)
+            return finality.make_certificate([finality.make_vote(k, g, cp, cp.at(finality.COMMIT))
+                                              for k in signers]).encode()
+
+        first_evil = min(evil, key=lambda k: crypto.sha256(k.pubkey)[:20]).address
+        refused = {
+            "a set change left out": (dataclasses.replace(p, changes=(c1,)),
+                                      f"block {decode_header(p.headers[-1]).height}'s set chain does not match the "
+                                      "proof's 1 set change(s): a set change is missing"),
+            "the first set change left out": (dataclasses.replace(p, changes=(c2,)),
+                                              f"set change 1 (epoch {c2.epoch}): block {h2.height}'s set chain does "
+                                              "not match the listed sets"),
+            "a forged boundary": (dataclasses.replace(p, changes=(c1, SetChange(c2.epoch, evil_ids, forged_header,
+                                                                               cert_by(forged_header, evil)))),
+                                  f"set change 2 (epoch {c2.epoch}) certificate: certificate refused: vote from "
+                                  f"{first_evil}, which is not an authority"),
+            "a boundary certified by the wrong set": (
+                dataclasses.replace(p, changes=(SetChange(c1.epoch, c1.members, c1.header,
+                                                          cert_by(c1.header, [AUTH[0], AUTH[1], NEW])), c2)),
+                f"set change 1 (epoch {c1.epoch}) certificate: certificate refused: vote from {NEW.address}, which "
+                "is not an authority"),
+            "a wrong member list": (dataclasses.replace(p, changes=(c1, SetChange(c2.epoch, (*c2.members[:3], aid(
+                AUTH[3])), c2.header, c2.certificate))), f"set change 2 (epoch {c2.epoch}): block {h2.height}'s set "
+                "chain does not match the listed sets"),
+        }
+        for name, (bad, why) in refused.items():
+            with pytest.raises(InvalidArgument, match="^" + why.replace("(", r"\(").replace(")", r"\)")):
+                verify_proof(bad.encode(), pinned, rh2)
+            assert name
+
+        # the CLI, offline, with the genesis file alone
+        run = asyncio.get_running_loop().run_in_executor
+        pfile, bfile = tmp_path / "r2.proof", tmp_path / "bad.proof"
+        pfile.write_bytes(proof2)
+        bfile.write_bytes(refused["a set change left out"][0].encode())
+        gfile, rfile = str(tmp_path / "genesis.json"), str(tmp_path / "receipt2.json")
+        assert await run(None, main, ["receipts", "verify", rfile, "--proof", str(pfile), "--genesis", gfile]) == 0
+        out = capsys.readouterr().out
+        assert f"block {res2.block_height} is final" in out and "2 set change(s) since the genesis" in out
+        assert NEW.address in out and AUTH[3].address not in out.split("the block's set:")[1]
+        assert await run(None, main, ["receipts", "verify", rfile, "--proof", str(bfile), "--genesis", gfile]) == 1
+        assert "INVALID PROOF" in capsys.readouterr().out
+    finally:
+        for n, s in reversed(running):
+            await n.stop()
+            await s.stop(0)

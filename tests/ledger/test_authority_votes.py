@@ -11,6 +11,7 @@ import pytest
 
 from aitbc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
 from aitbc.ledger import authorities, finality, state
+from aitbc.ledger.block import decode_header
 from aitbc.ledger.chain import Chain
 from aitbc.ledger.genesis import Genesis, make_genesis
 from aitbc.ledger.store import MemoryStore
@@ -183,7 +184,7 @@ def test_a_voter_may_vote_for_at_most_k_proposals_per_epoch():
     slot = parent.slot + 1
     proposer = AUTH[slot % 4]
     forged = make_block(Header(G4.chain_id, G4.hash(), 2, parent.hash, slot, slot * G4.block_time_ms, aid(proposer),
-                               tx_root([t.hash for t in txs]), bytes(32), len(txs)), proposer, txs)
+                               tx_root([t.hash for t in txs]), bytes(32), parent.set_chain, len(txs)), proposer, txs)
     with pytest.raises(InvalidArgument, match=rf"^invalid block 2: tx 1 \(.*\): too many proposals: {AUTH[0].address} "
                                               "already voted for 4 proposals in epoch 0"):
         _import_all(G4, run.blocks).add_block(forged, slot * G4.block_time_ms)
@@ -391,7 +392,9 @@ def test_a_follower_derives_the_same_set_at_every_height_and_refuses_out_of_set_
     def forged(k, slot):
         writes = state.end_block(run.chain.store.get, G4, parent.height + 1)
         h = Header(G4.chain_id, G4.hash(), parent.height + 1, parent.hash, slot, slot * G4.block_time_ms, aid(k),
-                   tx_root([]), state_root(parent.state_root, parent.height + 1, writes), 0)
+                   tx_root([]), state_root(parent.state_root, parent.height + 1, writes),
+                   authorities.next_set_chain(parent.set_chain, G4, parent.height + 1,
+                                              state.Overlay(run.chain.store.get, writes).get), 0)
         return make_block(h, k, [])
 
     slot = parent.slot + 1
@@ -402,6 +405,41 @@ def test_a_follower_derives_the_same_set_at_every_height_and_refuses_out_of_set_
     with pytest.raises(InvalidArgument, match=rf"proposer {AUTH[0].address} is out of turn in slot {slot}"):
         other.add_block(forged(AUTH[0], slot), slot * G4.block_time_ms)
     assert other.add_block(forged(NEW, slot), slot * G4.block_time_ms) == "extended"
+
+
+def test_a_block_whose_set_chain_disagrees_with_its_state_is_refused():
+    """Ledger format 5, validity rule 7: the set chain moves by one link exactly at the block that
+    writes a changed set; a proposer that leaves the link out (or makes one up) has its block refused,
+    so a light client never gets a certified header naming sets the chain did not vote."""
+    from aitbc.ledger.block import Header, make_block, tx_root
+    from aitbc.ledger.state import state_root
+
+    run = SetRunner(G4)
+    run.block(*(run.add(k, NEW) for k in AUTH[:3]))
+    run.until_height(E - 1)
+    base = authorities.genesis_set_chain(G4, G4.hash())
+    assert all(b.header.set_chain == base for b in run.blocks)  # no change fixed yet
+    parent = run.chain.head
+
+    def forged(set_chain: bytes):
+        writes = state.end_block(run.chain.store.get, G4, E)  # block E writes set(2) = the four and NEW
+        ids = run.set_at(E)
+        slot = parent.slot + 1
+        k = next(x for x in [*AUTH, NEW] if aid(x) == ids[slot % len(ids)])
+        h = Header(G4.chain_id, G4.hash(), E, parent.hash, slot, slot * G4.block_time_ms, aid(k), tx_root([]),
+                   state_root(parent.state_root, E, writes), set_chain, 0)
+        return make_block(h, k, [])
+
+    other = _import_all(G4, run.blocks)
+    for bad in (parent.set_chain, authorities.set_link(base, 2, GENESIS_IDS), bytes(32)):
+        with pytest.raises(InvalidArgument, match=rf"^invalid block {E}: set chain {bad.hex()[:16]} does not match the "
+                                                  rf"authority sets of its state \(.*: the sets up to epoch 2\)"):
+            other.add_block(forged(bad), 10**15)
+    block = run.block()  # the honest one links the change of epoch 2
+    assert block.header.set_chain == authorities.set_link(base, 2, (*GENESIS_IDS, aid(NEW)))
+    assert other.add_block(block, 10**15) == "extended"
+    run.until_height(3 * E)  # boundaries without a change keep the chain as it is
+    assert {b.header.set_chain for b in run.blocks[E:]} == {block.header.set_chain}
 
 
 # ---- votes and certificates per epoch --------------------------------------------------------------
@@ -483,7 +521,10 @@ def test_genesis_epoch_record_is_the_genesis_for_epochs_0_and_1():
 
 # ---- receipt proofs --------------------------------------------------------------------------------
 
-def test_a_receipt_proof_across_a_set_change_is_refused_clearly():
+def test_a_receipt_proof_across_a_set_change_carries_the_change():
+    """Ledger format 5: a proof for a MINT after a set change carries the block that fixed the new
+    set, certified by the set before it; a node that holds no certificate for those blocks says so,
+    and a proof without the change is refused by the set chain of the MINT's own block."""
     from aitbc import crypto
     from aitbc.ledger import merkle, proof
     from aitbc.ledger.block import split_txs
@@ -500,23 +541,75 @@ def test_a_receipt_proof_across_a_set_change_is_refused_clearly():
     run.block(make_mint(ALICE, G4.ref, 1, late))  # block 9, epoch 2: set a0..a3 NEW
     run.block()
     chain = run.chain
-    # a block of epoch 0, certified by the genesis list: proofs as before
+    # a block of epoch 0, certified by the genesis list: no change before it, none in the proof
     c1 = _cert(chain, G4, 1, AUTH[:3])
     chain.store_certificate(1, chain.hash_at(1), c1.encode())
     p = proof.build_proof(chain, early.receipt_hash)
-    assert proof.verify_proof(p.encode(), G4, early.receipt_hash).block_height == 1
-    # a block of epoch 2, certified by its own set (with NEW): the node refuses, and so does a verifier
+    assert p.changes == () and proof.verify_proof(p.encode(), G4, early.receipt_hash).block_height == 1
+    # a block of epoch 2, certified by its own set (with NEW): the proof needs the change of epoch 2,
+    # fixed by blocks 4-7, and this node certified none of them
     h = 2 * E + 1
     c9 = _cert(chain, G4, h, [AUTH[0], AUTH[1], AUTH[2], NEW])
-    finality.verify_certificate(c9, G4, authorities=chain.authorities_at(h + 1))
     chain.store_certificate(h, chain.hash_at(h), c9.encode())
-    with pytest.raises(FailedPrecondition, match=f"receipt {late.receipt_hash.hex()} is in block {h}: "
-                                                 "this block's authority set differs from the genesis: a proof across "
-                                                 "a set change is not supported yet"):
+    with pytest.raises(FailedPrecondition, match=f"^receipt {late.receipt_hash.hex()} is in block {h}: this node "
+                                                 "holds no certificate for blocks 4 to 7, which fixed the authority "
+                                                 "set of epoch 2"):
         proof.build_proof(chain, late.receipt_hash)
+    c5 = _cert(chain, G4, E + 1, AUTH[1:])  # block 5 (epoch 1), certified by the genesis set
+    chain.store_certificates([(E + 1, chain.hash_at(E + 1), c5.encode()), (h, chain.hash_at(h), c9.encode())])
+    p = proof.build_proof(chain, late.receipt_hash)
+    assert [(c.epoch, c.members) for c in p.changes] == [(2, (*GENESIS_IDS, aid(NEW)))]
+    res = proof.verify_proof(p.encode(), G4, late.receipt_hash)
+    assert (res.block_height, res.set_changes, res.authorities) == (h, 1, (*GENESIS_IDS, aid(NEW)))
+    # the same proof without the change: the genesis set cannot have signed it, and the MINT's block
+    # commits to the change anyway
     txs = split_txs(chain.block_raw_at(h))
     made = proof.ReceiptProof(txs[0], 0, tuple(merkle.merkle_path([crypto.sha256(t) for t in txs], 0)),
                               (chain.header_at(h),), c9.encode())
-    with pytest.raises(InvalidArgument, match="^proof certificate: this block's authority set differs from the "
-                                              "genesis: a proof across a set change is not supported yet$"):
+    with pytest.raises(InvalidArgument, match=f"^block {h}'s set chain does not match the proof's 0 set change"):
         proof.verify_proof(made.encode(), G4, late.receipt_hash)
+
+
+def test_votes_for_a_fork_deeper_than_the_block_that_fixed_its_set_count_when_its_set_chain_is_canonical():
+    """A vote for a pending block whose branch forks below the block that fixed its epoch's set used
+    to be refused until the node switched branch (its set was unknown). Ledger format 5: the block's
+    set chain names its branch's sets, so when it equals the canonical one the vote counts with the
+    canonical set; a branch whose sets differ is still refused."""
+    from aitbc.ledger.node import Node
+
+    main = SetRunner(G4)
+    main.block(*(main.add(k, NEW) for k in AUTH[:3]))  # block 1: NEW voted in (set(2), fixed by block E)
+    main.until_height(2 * E + 3)
+    node = Node(Chain(MemoryStore(), G4), None)
+    for b in main.blocks:
+        assert node.chain.add_block(b, 10**15) == "extended"
+
+    def rival(with_votes: bool) -> list:
+        """A branch from block 1 (with the same votes or without), shorter than the canonical one."""
+        r = SetRunner(G4)
+        if with_votes:
+            assert r.chain.add_block(main.blocks[0], 10**15) == "extended"
+            r.slot = main.blocks[0].header.slot + 1  # other slots than main's: other blocks
+        else:
+            r.block()
+        r.until_height(2 * E + 1)
+        return r.blocks  # (block 1 of the first is main's: added, not built)
+
+    same, other = rival(True), rival(False)
+    for b in same + other:
+        assert node.chain.add_block(b, 10**15) == "side"
+    assert node.chain.branch_reader(same[-1]) is None  # forks at block 1, below block E
+    target = same[-1]
+    assert target.header.set_chain == decode_header(node.chain.header_at(target.height)).set_chain
+    src = finality.Checkpoint(0, G4.hash(), finality.COMMIT)
+    tgt = finality.Checkpoint(target.height, target.hash, finality.PREPARE)
+    assert node.submit_votes([finality.make_vote(NEW, G4, src, tgt).encode()]) == [None]  # NEW: in set(2)
+    assert any(NEW_ID in votes for votes in node.tally.links.values())
+    far = other[-1]
+    assert far.header.set_chain != target.header.set_chain
+    (err,) = node.submit_votes([finality.make_vote(AUTH[0], G4, src, finality.Checkpoint(
+        far.height, far.hash, finality.PREPARE)).encode()])
+    assert isinstance(err, FailedPrecondition) and "whose authority set this node does not know yet" in err.message
+
+
+NEW_ID = aid(NEW)

@@ -170,7 +170,7 @@ def test_format_1_encodings_and_data_folders_are_refused(tmp_path):
         Genesis.from_dict({**g.to_dict(), "version": 1})
     store = LmdbStore(tmp_path / "db")  # what a format-1 node left: genesis and chain records, no format
     store.commit({META_GENESIS: g.hash(), META_CHAIN: b"aitbc-test", HEAD: b"\x00" * 32})
-    with pytest.raises(FailedPrecondition, match="^data folder holds a ledger format 1 chain; this node runs format 4:"
+    with pytest.raises(FailedPrecondition, match="^data folder holds a ledger format 1 chain; this node runs format 5:"
                                                  " ledger format 1 .* cannot be migrated"):
         Chain(store, g)
     assert store.get(META_FORMAT) is None  # refused without writing anything
@@ -217,7 +217,7 @@ def _forge(chain: Chain, g: Genesis, signer, **changes):
     slot = changes.pop("slot", parent.slot + 1 if parent.slot >= 0 else 1)
     writes: dict = {}
     header = Header(CHAIN, chain.genesis_hash, parent.height + 1, parent.hash, slot, slot * g.block_time_ms, crypto.sha256(
-        signer.pubkey)[:20], tx_root([]), state.state_root(parent.state_root, parent.height + 1, writes), 0)
+        signer.pubkey)[:20], tx_root([]), state.state_root(parent.state_root, parent.height + 1, writes), parent.set_chain, 0)
     header = dataclasses.replace(header, **changes)
     return make_block(header, signer, [])
 

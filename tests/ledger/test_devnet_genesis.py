@@ -48,5 +48,5 @@ async def test_a_node_refuses_a_format_1_data_folder_naming_it(tmp_path):
     store.commit({META_GENESIS: g.hash(), META_CHAIN: g.chain_id.encode(), HEAD: b"\x00" * 32})
     store.close()
     with pytest.raises(FailedPrecondition, match=f"^{tmp_path / 'old'}: data folder holds a ledger format 1 chain; "
-                                                 "this node runs format 4: .* start the nodes on new data folders"):
+                                                 "this node runs format 5: .* start the nodes on new data folders"):
         await run_node(tmp_path / "old", tmp_path / "genesis.json", listen="127.0.0.1:0")

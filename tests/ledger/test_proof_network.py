@@ -83,8 +83,8 @@ async def test_receipt_proof_from_real_nodes_verifies_offline_and_tampering_is_r
         tampered = {
             "a flipped tx byte": (ReceiptProof(p.tx[:-1] + bytes([p.tx[-1] ^ 1]), p.tx_index, p.path, p.headers,
                                                p.certificate), "proof transaction: bad signature"),
-            "a flipped tx root": (ReceiptProof(p.tx, p.tx_index, p.path, (p.headers[0][:-40] + bytes(
-                [p.headers[0][-40] ^ 1]) + p.headers[0][-39:],) + p.headers[1:], p.certificate), "merkle path"),
+            "a flipped tx root": (ReceiptProof(p.tx, p.tx_index, p.path, (p.headers[0][:-72] + bytes(
+                [p.headers[0][-72] ^ 1]) + p.headers[0][-71:],) + p.headers[1:], p.certificate), "merkle path"),
             "a sibling too many": (ReceiptProof(p.tx, p.tx_index, (*p.path, b"\x00" * 32), p.headers, p.certificate),
                                    "merkle path has"),
             "two signers": (ReceiptProof(p.tx, p.tx_index, p.path, p.headers, finality.Certificate(

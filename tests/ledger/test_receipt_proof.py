@@ -9,19 +9,20 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import struct
 from pathlib import Path
 
 import pytest
 
-from aitbc import crypto
+from aitbc import bech32, crypto
 from aitbc.errors import FailedPrecondition, InvalidArgument, NotFound
+from aitbc.ledger import authorities, merkle
 from aitbc.ledger import finality as fin
-from aitbc.ledger import merkle
 from aitbc.ledger.block import Header, decode_block
 from aitbc.ledger.chain import HEAD, META_CHAIN, META_FORMAT, META_GENESIS, Chain
 from aitbc.ledger.genesis import Genesis
-from aitbc.ledger.proof import ReceiptProof, build_proof, decode_proof, verify_proof
+from aitbc.ledger.proof import ReceiptProof, SetChange, build_proof, decode_proof, verify_proof
 from aitbc.ledger.store import MemoryStore
 from aitbc.ledger.tx import decode_tx, make_mint, make_transfer
 
@@ -116,6 +117,84 @@ def test_vector_proof_verifies_from_the_genesis_alone():
     assert len(bytes.fromhex(own["raw"])) < len(raw)
 
 
+def test_vector_proof_across_two_set_changes_verifies_from_the_genesis_alone():
+    """The set changes twice (NEW in, A3 out); the proof of a MINT after both carries each change's
+    block, certified by the set before it, and checks out against the genesis list alone."""
+    v = _vectors()["across_set_changes"]
+    g = Genesis.from_dict(v["genesis"])
+    raw = bytes.fromhex(v["proof"]["raw"])
+    res = verify_proof(raw, g, bytes.fromhex(v["receipt_hash"]))
+    assert (res.block_height, res.certified_height, res.set_changes) == (9, 9, 2)
+    assert [authorities.address(a) for a in res.authorities] == v["set_chains"][8]["authorities"]
+    assert decode_proof(raw).encode() == raw
+    # the vector chain replays on a fresh node (every header's set chain checked against its state)
+    chain = Chain(MemoryStore(), g)
+    for b in _script().across_set_changes_blocks():
+        assert chain.add_block(b, now_ms=10**15) == "extended"
+    assert [decode_header_hex(chain.header_at(s["height"])) for s in v["set_chains"]] == \
+        [s["set_chain"] for s in v["set_chains"]]
+
+
+def test_set_chain_vectors_match_an_independent_reader():
+    """docs/ledger.md "Set chain" from scratch: link(prev, epoch, set) = sha256("AITBC/aset/v1" 0x00
+    prev u64 epoch u16 n ids), the genesis link from the genesis hash at epoch 1, a new link at each
+    epoch whose set differs from the one before."""
+    v = _vectors()["across_set_changes"]
+    gh = hashlib.sha256(json.dumps(v["genesis"], sort_keys=True, separators=(",", ":")).encode()).digest()
+
+    def link(prev: bytes, epoch: int, members: list[str]) -> bytes:
+        ids = b"".join(bech32.decode(a)[1] for a in members)
+        return hashlib.sha256(b"AITBC/aset/v1\x00" + prev + struct.pack(">QH", epoch, len(members)) + ids).digest()
+
+    cur = link(gh, 1, v["genesis"]["authorities"])
+    eb = v["genesis"]["epoch_blocks"]
+    sets = {1: v["genesis"]["authorities"]}
+    for c in v["proof"]["changes"]:
+        sets[c["epoch"]] = c["members"]
+    for s in v["set_chains"]:
+        fixed = s["height"] // eb + 1
+        if s["height"] % eb == 0 and fixed in sets:
+            cur = link(cur, fixed, sets[fixed])
+        assert s["set_chain"] == cur.hex(), s["height"]
+    # every header of a change's block carries its chain at offset len - 36 (just before tx_count)
+    for c in v["proof"]["changes"]:
+        h = bytes.fromhex(c["header"])
+        assert h[0] == 4 and h[-36:-4].hex() == v["set_chains"][c["block_height"] - 1]["set_chain"]
+
+
+@pytest.mark.parametrize("case", _vectors()["across_set_changes"]["refused_proofs"], ids=lambda c: c["name"])
+def test_vector_refused_proofs_across_set_changes(case):
+    v = _vectors()["across_set_changes"]
+    g = Genesis.from_dict(v["genesis"])
+    with pytest.raises(InvalidArgument, match="^" + re.escape(case["error"])):
+        verify_proof(bytes.fromhex(case["raw"]), g, bytes.fromhex(v["receipt_hash"]))
+
+
+def test_a_set_change_naming_a_member_twice_or_none_is_refused():
+    v = _vectors()["across_set_changes"]
+    g = Genesis.from_dict(v["genesis"])
+    p = decode_proof(bytes.fromhex(v["proof"]["raw"]))
+    c1, c2 = p.changes
+    for members in ((*c2.members, c2.members[0]), ()):
+        bad = ReceiptProof(p.tx, p.tx_index, p.path, p.headers, p.certificate,
+                           (c1, SetChange(c2.epoch, members, c2.header, c2.certificate)))
+        with pytest.raises(InvalidArgument, match=r"^set change 2 \(epoch 4\): the member list must name at least "
+                                                  "one authority, each once"):
+            verify_proof(bad.encode(), g, bytes.fromhex(v["receipt_hash"]))
+    v2 = Genesis.from_dict(_vectors()["genesis"])  # a version 2 genesis: no change can be listed
+    old = decode_proof(bytes.fromhex(_vectors()["proof"]["raw"]))
+    with pytest.raises(InvalidArgument, match=r"^set change 1 \(epoch 2\): this chain's genesis is version 2"):
+        verify_proof(ReceiptProof(old.tx, old.tx_index, old.path, old.headers, old.certificate, (c1,)).encode(), v2,
+                     bytes.fromhex(_vectors()["receipt_hash"]))
+
+
+def decode_header_hex(raw: bytes | None) -> str:
+    from aitbc.ledger.block import decode_header
+
+    assert raw is not None
+    return decode_header(raw).set_chain.hex()
+
+
 @pytest.mark.parametrize("case", _vectors()["refused_proofs"], ids=lambda c: c["name"])
 def test_vector_refused_proofs(case):
     v = _vectors()
@@ -134,7 +213,8 @@ def test_proof_for_another_receipt_or_genesis_is_refused():
     with pytest.raises(InvalidArgument, match="^proof transaction: wrong genesis"):
         verify_proof(raw, twin, bytes.fromhex(v["receipt_hash"]))
     for bad, why in ((b"junk", "not a receipt proof"), (raw[:-1], "truncated"), (raw + b"\x00", "truncated or trailing"),
-                     (raw[:8] + b"\x02" + raw[9:], "version 2 is not supported")):
+                     (raw[:8] + b"\x03" + raw[9:], "version 3 is not supported"),
+                     (raw[:8] + b"\x01" + raw[9:], r"version 1 is not supported \(a ledger format 4 proof")):
         with pytest.raises(InvalidArgument, match="^malformed proof: " + why):
             verify_proof(bad, g, bytes.fromhex(v["receipt_hash"]))
 
@@ -150,14 +230,14 @@ def test_a_transfer_or_a_header_of_another_chain_is_refused_even_when_certified(
         tx = decode_tx(tx_raw)
         hgh = header_genesis.hash()
         h = Header(header_genesis.chain_id, hgh, 1, hgh, 5, 5000, crypto.sha256(AUTH[1].pubkey)[:20],
-                   merkle.merkle_root([tx.hash]), b"\x00" * 32, 1)
+                   merkle.merkle_root([tx.hash]), b"\x00" * 32, authorities.genesis_set_chain(header_genesis, hgh), 1)
         s = fin.Checkpoint(1, h.hash, fin.PREPARE)
         t = s.at(fin.COMMIT)
         cert = fin.make_certificate([fin.make_vote(k, g, s, t) for k in AUTH[:3]])
         return ReceiptProof(tx_raw, 0, (), (h.encode(),), cert.encode()).encode()
 
     assert verify_proof(proof_for(make_mint(ALICE, g.ref, 0, r), g), g, r.receipt_hash).block_height == 1
-    with pytest.raises(InvalidArgument, match="^proof transaction is a TRANSFER, not a MINT"):
+    with pytest.raises(InvalidArgument, match="^proof transaction is a TRANSFER, not a MINT or SETTLE"):
         verify_proof(proof_for(make_transfer(ALICE, g.ref, 0, BOB.address, 5), g), g, r.receipt_hash)
     twin = genesis(4, genesis_time_ms=7)
     with pytest.raises(InvalidArgument, match=r"^proof header 1 \(block 1\) is for another chain"):
@@ -208,13 +288,140 @@ def test_build_proof_from_a_chain():
 def test_format_2_blocks_and_data_folders_are_refused():
     chain, g, _ = _chain_with_mint(1, 0)
     raw = chain.block_raw_at(1)
-    assert raw is not None and raw[4] == 3
+    assert raw is not None and raw[4] == 4
     with pytest.raises(InvalidArgument, match=r"^malformed block: header version 2 is not supported \(a ledger "
                                               "format 2 block, whose tx root is a flat hash"):
         decode_block(raw[:4] + b"\x02" + raw[5:])
+    with pytest.raises(InvalidArgument, match=r"^malformed block: header version 3 is not supported \(a ledger "
+                                              "format 3 or 4 block, whose header does not commit to the authority "
+                                              r"sets; this node runs format 5\)"):
+        decode_block(raw[:4] + b"\x03" + raw[5:])
     store = MemoryStore()  # what a format-2 node left behind
     store.commit({META_GENESIS: g.hash(), META_CHAIN: g.chain_id.encode(), META_FORMAT: struct.pack(">I", 2),
                   HEAD: b"\x00" * 32})
-    with pytest.raises(FailedPrecondition, match="^data folder holds a ledger format 2 chain; this node runs format 4: "
+    with pytest.raises(FailedPrecondition, match="^data folder holds a ledger format 2 chain; this node runs format 5: "
                                                  "ledger format 3 made the block's tx root a Merkle tree"):
         Chain(store, g)
+    store = MemoryStore()  # what a format-4 node left behind (headers without the set chain)
+    store.commit({META_GENESIS: g.hash(), META_CHAIN: g.chain_id.encode(), META_FORMAT: struct.pack(">I", 4),
+                  HEAD: b"\x00" * 32})
+    with pytest.raises(FailedPrecondition, match="^data folder holds a ledger format 4 chain; this node runs format 5: "
+                                                 "ledger format 5 headers commit to the authority sets .* start them on "
+                                                 "new data folders"):
+        Chain(store, g)
+
+
+def test_a_receipt_settled_by_a_settle_proves_like_a_mint():
+    """A SETTLE mints its receipt as a MINT does (and pays its quote's fee from escrow): its proof
+    verifies from the genesis alone and names what it minted (until format 5 its verifier refused it
+    as "not a MINT")."""
+    from aitbc.ledger.tx import make_escrow_deposit, make_settle
+
+    from .economy_helpers import CLIENT, Runner, quote_for, text_receipt
+    from .helpers import ATTESTER
+
+    g = genesis(1)
+    run = Runner(g, AUTH[0])
+    run.block(make_mint(ALICE, g.ref, 0, text_receipt(901, provider=CLIENT, price=100)))
+    run.block(make_escrow_deposit(CLIENT, g.ref, 0, ATTESTER.address, 1000))
+    r = text_receipt(1, price=10)
+    run.block(make_settle(ATTESTER, g.ref, 0, r, quote_for(g, r, price=6, fee=20)))
+    _certify_by(run.chain, g, run.height, AUTH[:1])
+    res = verify_proof(build_proof(run.chain, r.receipt_hash).encode(), g, r.receipt_hash)
+    assert (res.block_height, res.amount) == (run.height, 50 * 10)  # the mint; the fee is not minted
+
+
+def _certify_by(chain: Chain, g: Genesis, height: int, signers) -> None:
+    s = fin.Checkpoint(height, chain.hash_at(height), fin.PREPARE)  # type: ignore[arg-type]
+    chain.store_certificate(height, s.hash, fin.make_certificate(
+        [fin.make_vote(k, g, s, s.at(fin.COMMIT)) for k in signers]).encode())
+
+
+def test_the_proof_across_set_changes_verifies_with_an_independent_reader():
+    """docs/ledger.md "Receipt proofs" (version 2) and "Set chain" implemented from scratch with
+    hashlib, struct and coincurve: the proof of the vectors parses, every set change links the set
+    chain and is certified by more than 2/3 of the set before it, the certified block's set chain is
+    the last link and its certificate is by its epoch's set; leaving out a change breaks it."""
+    import coincurve
+
+    v = _vectors()["across_set_changes"]
+    gen = v["genesis"]
+    gh = hashlib.sha256(json.dumps(gen, sort_keys=True, separators=(",", ":")).encode()).digest()
+    cid, eb = gen["chain_id"].encode(), gen["epoch_blocks"]
+
+    def dd(domain: bytes, payload: bytes) -> bytes:
+        return hashlib.sha256(domain + b"\x00" + payload).digest()
+
+    def ids_of(addrs: list[str]) -> tuple[bytes, ...]:
+        return tuple(bytes(bech32.decode(a)[1]) for a in addrs)
+
+    def link(prev: bytes, epoch: int, ids: tuple[bytes, ...]) -> bytes:
+        return dd(b"AITBC/aset/v1", prev + struct.pack(">QH", epoch, len(ids)) + b"".join(ids))
+
+    def header(raw: bytes) -> dict:
+        assert raw[0] == 4 and raw[2:2 + raw[1]] == cid and raw[2 + raw[1]:34 + raw[1]] == gh
+        height, parent, _slot, _ts, _prop, tx_root, _sr, set_chain, n = struct.unpack(
+            ">Q32sQQ20s32s32s32sI", raw[34 + raw[1]:])
+        return {"height": height, "hash": dd(b"AITBC/block/v2", raw), "parent": parent, "set_chain": set_chain,
+                "tx_root": tx_root, "tx_count": n}
+
+    def certified_by(raw: bytes, h: dict, sets: list) -> bool:
+        sh, shash, sp, th, thash, tp, count = struct.unpack_from(">Q32sBQ32sBH", raw, 1)
+        assert raw[0] == 2 and (sh, shash) == (h["height"], h["hash"]) and 2 * th + tp == 2 * sh + sp + 1
+        members = next(m for start, m in reversed(sets) if start <= (th - 1) // eb)
+        signers = set()
+        for i in range(count):
+            voter = raw[85 + 85 * i:105 + 85 * i]
+            sig = raw[105 + 85 * i:170 + 85 * i]
+            body = bytes((2, len(cid))) + cid + gh + struct.pack(">Q32sBQ32sB", sh, shash, sp, th, thash, tp) + voter
+            pub = coincurve.PublicKey.from_signature_and_message(sig, dd(b"AITBC/vote/v2", body), hasher=None)
+            if hashlib.sha256(pub.format()).digest()[:20] != voter or voter not in members:
+                return False
+            signers.add(voter)
+        return len(signers) >= 2 * len(members) // 3 + 1
+
+    def check(raw: bytes) -> bool:
+        assert raw[:9] == b"AITBC-RP\x02"
+        (tlen,) = struct.unpack_from(">I", raw, 9)
+        pos = 13 + tlen + 4
+        pos += 1 + 32 * raw[pos]
+        (count,) = struct.unpack_from(">H", raw, pos)
+        pos += 2
+        headers = []
+        for _ in range(count):
+            (hlen,) = struct.unpack_from(">H", raw, pos)
+            headers.append(header(raw[pos + 2:pos + 2 + hlen]))
+            pos += 2 + hlen
+        (clen,) = struct.unpack_from(">I", raw, pos)
+        top_cert = raw[pos + 4:pos + 4 + clen]
+        pos += 4 + clen
+        (nchanges,) = struct.unpack_from(">H", raw, pos)
+        pos += 2
+        sets = [(0, ids_of(gen["authorities"]))]
+        chain = link(gh, 1, sets[0][1])
+        for _ in range(nchanges):
+            epoch, n = struct.unpack_from(">QH", raw, pos)
+            members = tuple(raw[pos + 10 + 20 * i:pos + 30 + 20 * i] for i in range(n))
+            pos += 10 + 20 * n
+            (hlen,) = struct.unpack_from(">H", raw, pos)
+            h = header(raw[pos + 2:pos + 2 + hlen])
+            pos += 2 + hlen
+            (clen,) = struct.unpack_from(">I", raw, pos)
+            cert = raw[pos + 4:pos + 4 + clen]
+            pos += 4 + clen
+            chain = link(chain, epoch, members)
+            if epoch <= max(1, sets[-1][0]) or h["height"] // eb + 1 != epoch or h["set_chain"] != chain \
+                    or not certified_by(cert, h, sets):
+                return False
+            sets.append((epoch, members))
+        assert pos == len(raw)
+        return headers[-1]["set_chain"] == chain and certified_by(top_cert, headers[-1], sets)
+
+    assert check(bytes.fromhex(v["proof"]["raw"]))
+    refused = {c["name"]: bytes.fromhex(c["raw"]) for c in v["refused_proofs"]}
+    for name in ("the second set change left out", "the first set change left out",
+                 "a wrong member list (the second change's first two members swapped)",
+                 "a forged boundary (block 6 re-made to hand over to the attacker's keys, certified by them)",
+                 "a boundary certified by the wrong set (block 2 by the set it hands over to)",
+                 "the receipt's block certified by the old set (A3, voted out, among the signers)"):
+        assert not check(refused[name]), name

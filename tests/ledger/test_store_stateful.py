@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from aitbc import crypto
-from aitbc.ledger import authorities, finality, state
+from aitbc.errors import FailedPrecondition
+from aitbc.ledger import authorities, finality, proof, state
 from aitbc.ledger import tx as txmod
 from aitbc.ledger.block import decode_block
 from aitbc.ledger.chain import Chain
@@ -278,6 +279,34 @@ class ChainMachine(RuleBasedStateMachine):
         assert sorted(avot) == sorted(authorities.avot_key(now, a, s, v) for v, ps in voted.items() for a, s in ps)
         assert sorted(aprp) == sorted({authorities.aprp_key(now, a, s) for ps in voted.values() for a, s in ps})
         assert len(authorities.decode_queue(self.main.store.get(authorities.AQUE))) <= authorities.MAX_QUEUE
+
+    @invariant()
+    def set_chain_names_every_change_and_final_receipts_prove_from_the_genesis(self):
+        """Ledger format 5: the head's set chain is the fold of the state's set changes, and the
+        newest receipt minted in a final block has a proof (when the node certified a block of each
+        change's window) that verifies from the genesis alone, across every change."""
+        head = self.main.head
+        want = authorities.genesis_set_chain(G, G.hash())
+        changes = self.main.set_changes(authorities.fixed_epoch(G, head.height))
+        for e, ids in changes:
+            want = authorities.set_link(want, e, ids)
+        assert head.set_chain == want == self.follower.head.set_chain
+        final = [(state.decode_minted(v)[0], k[8:]) for k, v in self.main.store.scan(b"v1:rcpt:")
+                 if state.decode_minted(v)[0] <= self.main.final_height]  # minted by a MINT or a SETTLE
+        if not final:
+            return
+        rh = max(final)[1]
+        try:
+            p = proof.build_proof(self.main, rh)
+        except FailedPrecondition:
+            event("no certificate in a set change's window: no proof")
+            return
+        res = proof.verify_proof(p.encode(), G, rh)
+        assert res.set_changes == len(p.changes) and res.amount == state.decode_minted(
+            self.main.store.get(state.rcpt_key(rh)))[2]
+        event(f"a final receipt of a {txmod.KIND_NAMES[decode_tx(p.tx).kind]} proved")
+        if p.changes:
+            event("a final receipt proved across a set change")
 
     @invariant()
     def supply_invariant(self):

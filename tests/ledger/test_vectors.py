@@ -305,9 +305,21 @@ def test_authority_set_vectors_replay_and_read_independently():
     deleted = {bytes.fromhex(k) for k, v in boundary if v == ""}
     assert {k[:8] for k in deleted} == {b"v1:avot:", b"v1:aprp:", b"v1:avtr:"} and len(deleted) == 4 + 1 + 4
     e_blocks = a["genesis"]["epoch_blocks"]
+
+    def link(prev: bytes, epoch: int, members: list[str]) -> bytes:  # the set chain (ledger format 5)
+        ids = b"".join(bech32.decode(x)[1] for x in members)
+        return hashlib.sha256(b"AITBC/aset/v1\x00" + prev + struct.pack(">QH", epoch, len(members)) + ids).digest()
+
+    chain_hash = link(gh, 1, sets[1])
     for b in a["blocks"]:
         s = sets[(b["height"] - 1) // e_blocks]
         assert s == b["authorities"] and b["proposer"] == s[b["slot"] % len(s)]
+        fixed = b["height"] // e_blocks + 1  # the newest epoch whose set the block's state holds
+        if b["height"] % e_blocks == 0 and sets[fixed] != sets[fixed - 1]:
+            chain_hash = link(chain_hash, fixed, sets[fixed])
+        raw = bytes.fromhex(b["raw"])
+        (hlen,) = struct.unpack_from(">I", raw)
+        assert raw[4 + hlen - 36:4 + hlen - 4] == chain_hash, b["height"]  # set chain, just before tx_count
     assert sets[2] == [*a["genesis"]["authorities"], a["new_authority"]]
 
 
@@ -470,13 +482,16 @@ def test_independent_reader():
         sig = raw[4 + hlen:4 + hlen + 65]
         version, clen = header[0], header[1]
         chain_id = header[2:2 + clen].decode()
-        assert len(header) == 2 + clen + 32 + 144
+        assert len(header) == 2 + clen + 32 + 176
         block_genesis = header[2 + clen:2 + clen + 32]
-        height, parent_hash, slot, ts, proposer, tx_root, state_root, tx_count = struct.unpack_from(
-            ">Q32sQQ20s32s32sI", header, 2 + clen + 32)
+        height, parent_hash, slot, ts, proposer, tx_root, state_root, set_chain, tx_count = struct.unpack_from(
+            ">Q32sQQ20s32s32s32sI", header, 2 + clen + 32)
         bhash = dd(b"AITBC/block/v2", header)
         assert bhash.hex() == bv["hash"] and parent_hash == parent and slot > parent_slot
-        assert version == 3 and block_genesis == gh
+        assert version == 4 and block_genesis == gh
+        # the set never changes on this chain: every header carries the genesis link of the set chain
+        ids = b"".join(bech32.decode(a)[1] for a in g["authorities"])
+        assert set_chain == dd(b"AITBC/aset/v1", gh + struct.pack(">QH", 1, len(g["authorities"])) + ids)
         assert chain_id == g["chain_id"] and ts // g["block_time_ms"] == slot
         assert int.from_bytes(sig[32:64], "big") <= n_half
         pub = coincurve.PublicKey.from_signature_and_message(sig, bhash, hasher=None).format()
@@ -534,7 +549,6 @@ def test_independent_reader():
                           g["max_mint_per_receipt"])
                 writes[b"v1:acct:" + sender] = struct.pack(">QQ", bal, n + 1)
                 writes[b"v1:rcpt:" + rh] = struct.pack(">Q32sQ", height, tx_hash, amt)
-                from aitbc import bech32
 
                 prov = bytes(bech32.decode(rb["provider"])[1])
                 pb, pn = acct(prov)

@@ -264,7 +264,7 @@ async def test_a_byzantine_proposer_signs_two_blocks_for_its_slot_and_votes_for_
         parent = nodes[0].chain.head
         header = Header(g.chain_id, g.hash(), parent.height + 1, parent.hash, slot, slot * bt + 1,
                         crypto.sha256(AUTH[3].pubkey)[:20], tx_root([]),
-                        state.state_root(parent.state_root, parent.height + 1, {}), 0)
+                        state.state_root(parent.state_root, parent.height + 1, {}), parent.set_chain, 0)
         x = make_block(header, AUTH[3], [])
         y = make_block(dataclasses.replace(header, timestamp_ms=slot * bt + 2), AUTH[3], [])
         assert x.hash != y.hash
