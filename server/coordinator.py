@@ -330,7 +330,8 @@ async def start_coordinator(config: CoordinatorConfig, *, clock: Clock | None = 
                                               asyncio.create_task(_return_freed_memory()),
                                               asyncio.create_task(core.webhooks.run())])
     if config.ledger:
-        settlement = proc.settlement = Settlement(core.receipts, key, config.ledger, clock=core.time.monotonic)
+        settlement = proc.settlement = Settlement(core.receipts, key, config.ledger, clock=core.time.monotonic,
+                                                  elect=store.settler if store.shared else None)  # type: ignore[attr-defined]
         core.receipt_listeners.append(settlement.notify)
         core.chain = fees.ChainLedger(settlement.ledger)  # paid jobs and stake checks: the same node
         proc.tasks.append(asyncio.create_task(core.watch_stakes()))
