@@ -117,7 +117,8 @@ class Coordinator:
         self._reaped_at = self._renewed_at = 0.0
         # paid jobs (docs/economy.md): what is reserved of each client's escrow, and the ledger
         # that holds the escrow (set by the server when a ledger is configured; None: free jobs only)
-        self.reservations = fees.Reservations()
+        # on a shared store the reservations are its rows (PostgresReservations: the same methods)
+        self.reservations = store.reservations() if store.shared else fees.Reservations()  # type: ignore[attr-defined]
         self.stakes: dict[str, int] = {}  # miner -> its stake as last read (ListMiners shows it)
         self.fills: collections.deque[coordinator_pb2.Fill] = collections.deque(maxlen=MARKET_FILLS)  # GetMarket
         self.chain: fees.LedgerView | None = None
@@ -163,7 +164,10 @@ class Coordinator:
                 for ins in self.machine.handle(*batch):
                     self._execute(ins)
             if dispatch:
-                claimed = self._claim() if self.shared else []
+                claimed: list[m.Event] = []
+                if self.shared:  # what was decided so far is written (fenced) under the claims it was
+                    self._flush()  # decided on, before a claim can give this process a job again
+                    claimed = self._claim()
                 for ins in self.machine.handle(*claimed, m.Dispatch()):
                     self._execute(ins)
         finally:
@@ -195,6 +199,13 @@ class Coordinator:
         self.store.drop_claims(job_ids)  # type: ignore[attr-defined]
         for ins in self.machine.handle(m.Released(tuple(sorted(job_ids)), reason)):
             self._execute(ins)
+
+    def wake(self) -> None:
+        """Jobs were given back to the shared queue: claim for the free slots now (dispatch does)."""
+        try:
+            self._run()
+        except Exception:  # the doorbell only hurries what the 0.5 s tick does anyway
+            log.exception("claiming after a queue notification failed")
 
     def _claim(self) -> list[m.Event]:
         """Queued jobs from the shared queue for this coordinator's free miner slots."""
@@ -506,22 +517,27 @@ class Coordinator:
         )
         if cap is not None:
             job.max_price_per_unit = cap
-        paid_by = self._charge(job, escrow, quote, priority_fee or 0) if escrow is not None else None
-        self._placeable(job)
         if request_id:  # the arbiter: on a shared store the first coordinator to record the request wins
             winner = await self._claim_request(client_id, request_id, job.job_id)
             if winner != job.job_id:
-                if paid_by is not None:
-                    self.reservations.release(job.job_id)
                 return same(winner)
-        telemetry.set_attributes(job_id=job.job_id, model=model)
-        try:  # a paid job is never split: its one receipt settles its one quote
+        paid_by = None
+        try:
+            paid_by = self._charge(job, escrow, quote, priority_fee or 0) if escrow is not None else None
+            self._placeable(job)
+            telemetry.set_attributes(job_id=job.job_id, model=model)
+            # a paid job is never split: its one receipt settles its one quote
             self._run(m.Submit(job, () if paid_by is not None else tuple(self._shards_for(job))))
         except Exception:
+            if self.shared and self.store.get_job(job.job_id) is None:  # never queued: give back what it took
+                if request_id:
+                    self.store.forget_request(client_id, request_id, job.job_id)  # type: ignore[attr-defined]
+                if paid_by is not None:
+                    self.store.forget_quote(paid_by.quote_id, job.job_id)  # type: ignore[attr-defined]
             if paid_by is not None:
                 self.reservations.release(job.job_id)
             raise
-        if paid_by is not None:
+        if paid_by is not None and not self.shared:  # (a shared store recorded it in _charge)
             self.store.put_meta(QUOTE_META + paid_by.quote_id, f"{job.job_id} {paid_by.expires_at}".encode())
         return self._client_view(job, queue=False)  # GetJob / WatchJob say where it stands: not the hot path
 
@@ -581,15 +597,24 @@ class Coordinator:
                              genesis_hash=genesis_hash, client_id=job.client_id, client_address=address,
                              model=job.model, prompt_hash=job.prompt_hash, unit_type=unit_type, units=units,
                              now_ms=now)
-        used = self.store.get_meta(QUOTE_META + quote.body.quote_id)
-        if used is not None:
-            raise AlreadyExists(f"quote {quote.body.quote_id} was used for job {used.decode().split()[0]}: each quote "
-                                "pays for one job (ask for a new quote)")
         b = quote.body
+        if self.shared:  # the insert is the check: one quote, one job, on every coordinator
+            used = self.store.use_quote(b.quote_id, job.job_id, b.expires_at)  # type: ignore[attr-defined]
+        else:
+            raw = self.store.get_meta(QUOTE_META + b.quote_id)
+            used = raw.decode().split()[0] if raw is not None else None
+        if used is not None:
+            raise AlreadyExists(f"quote {b.quote_id} was used for job {used}: each quote pays for one job "
+                                "(ask for a new quote)")
         job.quote, job.quote_signature, job.fee = b.canonical_bytes(), quote.signature, b.total
         job.max_price_per_unit = min(job.max_price_per_unit, b.price_per_unit) if job.HasField(
             "max_price_per_unit") else b.price_per_unit  # only miners at or below the quoted price
-        self.reservations.reserve(fees.Charge(job.job_id, address, b.total, b.hash().hex(), b.units), available)
+        try:
+            self.reservations.reserve(fees.Charge(job.job_id, address, b.total, b.hash().hex(), b.units), available)
+        except AitbcError:
+            if self.shared:
+                self.store.forget_quote(b.quote_id, job.job_id)  # type: ignore[attr-defined]
+            raise
         return b
 
     def _units(self, params: job_pb2.JobParams) -> tuple[int, str]:
@@ -1194,6 +1219,9 @@ class Coordinator:
         """Forget used quotes that expired: SubmitJob refuses them anyway (and the ledger settles a
         quote once, ever)."""
         now = self.time.now_ms()
+        if self.shared:
+            self.store.prune_quotes(now)  # type: ignore[attr-defined]
+            return
         for key, value in self.store.meta_items(QUOTE_META):
             try:
                 expired = int(value.split()[1]) < now

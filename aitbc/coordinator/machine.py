@@ -347,6 +347,13 @@ class JobQueue:
         self.free.extendleft(reversed(free))
         self._popped.clear()
 
+    def discard(self, job_id: str) -> None:
+        """Take a queued job out (it left the machine without being dispatched)."""
+        try:
+            self.free.remove(job_id)
+        except ValueError:
+            self.paid = [k for k in self.paid if k[2] != job_id]
+
     def __iter__(self) -> Iterator[str]:
         for key in self.paid:
             yield key[2]
@@ -635,6 +642,8 @@ class JobMachine:
             miner = self._release(rec.job)
             if miner:
                 self._out.append(SendCancel(miner, job_id, ev.reason))
+            else:
+                self.queue.discard(job_id)
             self._dirty.pop(job_id, None)  # nothing of it is written by this machine any more
 
     def _dispatch(self) -> None:

@@ -34,10 +34,12 @@ like the LMDB and memory stores.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import logging
 import re
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -45,7 +47,7 @@ from typing import Any, BinaryIO, cast
 
 import psycopg
 
-from aitbc.coordinator.fees import charge_of
+from aitbc.coordinator.fees import Charge, charge_of, check_escrow
 from aitbc.coordinator.store import (
     _KEPT,
     HELD,
@@ -62,10 +64,12 @@ from aitbc.hub.reputation import MinerRecord, ReputationStore
 from aitbc.jobs import ACTIVE
 from aitbc.v1 import job_pb2, receipt_pb2
 
+log = logging.getLogger("aitbc.coordinator.pgstore")
 CHUNK_BYTES = 1 << 20
 SETTING = "database_url"
 _MIGRATION_LOCK = 0x61697462_63000001  # pg_advisory_xact_lock key: "aitbc" + 1 (any constant will do)
 _SETTLER_LOCK = 0x61697462_63000003  # session lock: the one coordinator that settles (docs/scaling.md)
+_ESCROW_LOCKS = 0x61697465  # pg_advisory_xact_lock(this, hashtext(client address)): one reservation at a time
 _QUEUED = job_pb2.JOB_STATE_QUEUED
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _PAGE = 500  # iter_receipts reads this many rows per query
@@ -190,6 +194,7 @@ class PostgresJobStore:
         self._lock_key = secrets.randbits(62) + 1  # positive: pg_locks shows it as (classid, objid) as is
         self._claims: dict[str, int] = {}  # job id -> claim_epoch: the active jobs this process owns
         self._settler_conn: psycopg.Connection[Any] | None = None  # the connection holding the settler lock
+        self._listener: psycopg.Connection[Any] | None = None  # LISTEN aitbc_queue (the doorbell)
         try:
             self.schema_version = migrate(self._conn, load_migrations(migrations), where=f"the database at {self.display_url}")
             self._conn.execute("INSERT INTO coordinators (id, lock_key) VALUES (%s, %s)",
@@ -222,10 +227,51 @@ class PostgresJobStore:
 
     def close(self) -> None:
         self._closed = True
+        self.stop_listening()
         self._conn.close()
+
+    def listen(self, on_queued: Callable[[], None]) -> None:
+        """The doorbell: call `on_queued` (on the running event loop) when a coordinator gives jobs
+        back to the shared queue (`NOTIFY aitbc_queue`, sent with SubmitJob's or a requeue's
+        release). A connection of its own, read when its socket is readable; a notification lost
+        while it is down costs only the claim poll's interval (0.5 s)."""
+        loop = asyncio.get_running_loop()
+        conn = connect(self.url, connect_timeout_s=self._timeout)
+        conn.execute("LISTEN aitbc_queue")
+        fd = conn.pgconn.socket
+
+        def readable() -> None:
+            try:
+                conn.pgconn.consume_input()
+            except psycopg.OperationalError as exc:
+                log.warning("the queue doorbell's connection ended (claims go on every 0.5 s): %s", exc)
+                self.stop_listening()
+                return
+            rang = False
+            while conn.pgconn.notifies() is not None:
+                rang = True
+            if rang:
+                on_queued()
+
+        loop.add_reader(fd, readable)
+        self._listener = conn
+        self._listener_stop = lambda: loop.remove_reader(fd)
+
+    def stop_listening(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener_stop()
+            except RuntimeError:
+                pass  # the loop is closed already
+            self._listener.close()
+            self._listener = None
 
     def reputation(self) -> ReputationStore:
         return self._reputation
+
+    def reservations(self) -> PostgresReservations:
+        """Escrow reservations as rows (fees.Reservations for several coordinators)."""
+        return PostgresReservations(self)
 
     # -- write: one transaction --
 
@@ -462,6 +508,29 @@ class PostgresJobStore:
                                 (job_id, self.coordinator_id)).fetchone()
         return str(row[0]) if row is not None else None
 
+    def use_quote(self, quote_id: str, job_id: str, expires_ms: int) -> str | None:
+        """Record that `job_id` pays with this quote; None when it is the first, else the job that did."""
+        row = self.conn.execute(
+            "WITH ins AS (INSERT INTO used_quotes (quote_id, job_id, expires_ms) VALUES (%s, %s, %s) "
+            "ON CONFLICT (quote_id) DO NOTHING RETURNING job_id) "
+            "SELECT job_id, true FROM ins UNION ALL SELECT job_id, false FROM used_quotes WHERE quote_id = %s LIMIT 1",
+            (quote_id, job_id, expires_ms, quote_id)).fetchone()
+        if row is None or row[1]:
+            return None
+        return str(row[0])
+
+    def forget_quote(self, quote_id: str, job_id: str) -> None:
+        """A job that was never queued gives its quote back."""
+        self.conn.execute("DELETE FROM used_quotes WHERE quote_id = %s AND job_id = %s", (quote_id, job_id))
+
+    def prune_quotes(self, now_ms: int) -> None:
+        self.conn.execute("DELETE FROM used_quotes WHERE expires_ms < %s", (now_ms,))
+
+    def forget_request(self, client_id: str, request_id: str, job_id: str) -> None:
+        """A job refused before it was written gives its request id back."""
+        self.conn.execute("DELETE FROM requests WHERE client_id = %s AND request_id = %s AND job_id = %s",
+                          (client_id, request_id, job_id))
+
     def settler(self) -> bool:
         """Is this process the one that settles? Takes the settler lock when it is free (its holder
         died or stopped: the server freed it with its connection); held until this connection ends."""
@@ -629,6 +698,48 @@ class _ArtifactReader(io.RawIOBase):
         out[:take] = self._data[off:off + take]
         self._pos += take
         return take
+
+
+class PostgresReservations:
+    """fees.Reservations in the shared database: every coordinator sees every reservation, and
+    check-then-reserve of one client's escrow runs in one transaction under an advisory lock on the
+    client's address, so two coordinators cannot together reserve more than the escrow holds."""
+
+    def __init__(self, store: PostgresJobStore) -> None:
+        self._store = store
+
+    def restore(self, charges: Iterable[Charge]) -> None:
+        pass  # the rows are the truth: nothing to rebuild
+
+    def reserved(self, client_address: str) -> int:
+        row = self._store.conn.execute("SELECT coalesce(sum(total), 0) FROM reservations WHERE client_address = %s",
+                                       (client_address,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def holds(self, job_id: str) -> bool:
+        return self._store.conn.execute("SELECT 1 FROM reservations WHERE job_id = %s", (job_id,)).fetchone() is not None
+
+    def reserve(self, charge: Charge, escrow_available: int) -> None:
+        conn = self._store.conn
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_ESCROW_LOCKS, charge.client_address))
+            if conn.execute("SELECT 1 FROM reservations WHERE job_id = %s", (charge.job_id,)).fetchone():
+                return
+            row = conn.execute("SELECT coalesce(sum(total), 0) FROM reservations WHERE client_address = %s",
+                               (charge.client_address,)).fetchone()
+            check_escrow(charge, escrow_available, int(row[0]) if row else 0)
+            conn.execute("INSERT INTO reservations (job_id, client_address, total, quote_hash, units) "
+                         "VALUES (%s, %s, %s, %s, %s)", (charge.job_id, charge.client_address, charge.total,
+                                                         charge.quote_hash, charge.units))
+
+    def release(self, job_id: str) -> Charge | None:
+        row = self._store.conn.execute("DELETE FROM reservations WHERE job_id = %s "
+                                       "RETURNING client_address, total, quote_hash, units", (job_id,)).fetchone()
+        return Charge(job_id, row[0], int(row[1]), row[2], int(row[3])) if row is not None else None
+
+    def __len__(self) -> int:
+        row = self._store.conn.execute("SELECT count(*) FROM reservations").fetchone()
+        return int(row[0]) if row else 0
 
 
 class PostgresReputationStore:

@@ -173,3 +173,73 @@ async def test_cancel_on_any_coordinator(network_factory: Any, pg_url: str, tmp_
     assert asked.state == S.JOB_STATE_RUNNING  # A runs it: asked of A, which cancels it on its next renewal
     ended = await wait_done(sb, running)
     assert ended.state == S.JOB_STATE_CANCELLED and "asked on another coordinator" in ended.error
+
+
+async def test_an_idle_coordinator_claims_a_job_given_back_elsewhere_when_the_doorbell_rings(
+        network_factory: Any, pg_url: str, tmp_path: Path, null_backend: Any) -> None:
+    a, b = await pair(network_factory, pg_url, tmp_path)
+    miner = await b.add_miner({"null": null_backend})
+    await a.until(lambda: "null" in a.core.served_models())
+    b.proc.tasks[0].cancel()  # B's housekeeping (its 0.5 s claim poll) stops: only NOTIFY can wake it
+    await asyncio.gather(b.proc.tasks[0], return_exceptions=True)
+    job_id = (await stub(a).SubmitJob(image_job(model="null", seed=21), metadata=MD)).job.job_id
+    done = await wait_done(stub(a), job_id)
+    assert done.state == S.JOB_STATE_COMPLETED and done.miner_id == miner.key.address, done.error
+
+
+async def test_a_result_for_a_job_taken_over_is_refused_and_never_attested(
+        network_factory: Any, pg_url: str, tmp_path: Path, null_backend: Any) -> None:
+    a, b = await pair(network_factory, pg_url, tmp_path)
+    gated = Gated()
+    await a.add_miner({"null": gated})
+    job_id = (await stub(a).SubmitJob(image_job(model="null", seed=23, steps=2), metadata=MD)).job.job_id
+    await until_state(stub(b), job_id, S.JOB_STATE_RUNNING)
+    a.core._renewed_at = a.core._reaped_at = float("inf")  # A stalls and does not notice (no renewal) ...
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # ... while its lease runs out
+        conn.execute("UPDATE jobs SET lease_until = now() - interval '1 second' WHERE job_id = %s", (job_id,))
+    await b.until(lambda: not a.core.store.holds(job_id))  # B's reaper took it over (and queued it again)
+    assert job_id in a.core.machine.records  # A still thinks it runs the job
+    gated.release.set()  # A's miner sends its result: A checks its claim first
+    await a.until(lambda: job_id not in a.core.machine.records)
+    a.core._renewed_at = a.core._reaped_at = 0.0  # A is back: its miner runs the job again, as a new attempt
+    done = await wait_done(stub(b), job_id)
+    assert done.state == S.JOB_STATE_COMPLETED and done.attempts == 2, done.error
+    assert [r.receipt_hash for r in b.core.store.iter_receipts()] == [done.receipt_hash]  # the refused run: none
+    assert [f.finished_at_unix_ms for f in a.core.fills] == [done.finished_at_unix_ms]  # A completed it once
+
+
+async def test_two_coordinators_cannot_over_reserve_one_escrow_nor_use_one_quote_twice(
+        network_factory: Any, pg_url: str, tmp_path: Path, null_backend: Any) -> None:
+    import grpc
+
+    from tests.coordinator.test_paid_jobs import clients, economy, quote_req
+
+    eco = await economy(network_factory, null_backend, tmp_path, escrow=2_000, database_url=pg_url)
+    try:  # B: the same database and attester key (the ledger's genesis names A's key)
+        b = await network_factory(database_url=pg_url, key_file=str(tmp_path / "net0" / "coordinator.key"),
+                                  ledger=eco.ledger.address, clients=clients(eco.client.address))
+        await eco.net.add_miner({"null": null_backend}, price=3)
+        sa, sb = stub(eco.net), stub(b)
+        q1, q2 = [await sa.QuoteJob(quote_req(fee=1_200, seed=n), metadata=MD) for n in (1, 2)]  # 1,230 each
+
+        def paid(q: Any, seed: int) -> Any:
+            req = image_job(model="null", steps=10, seed=seed)
+            req.quote, req.quote_signature = q.quote, q.quote_signature
+            return req
+
+        got = await asyncio.gather(sa.SubmitJob(paid(q1, 1), metadata=MD), sb.SubmitJob(paid(q2, 2), metadata=MD),
+                                   return_exceptions=True)
+        ok = [g for g in got if not isinstance(g, Exception)]
+        refused = [g for g in got if isinstance(g, grpc.aio.AioRpcError)]
+        assert len(ok) == 1 and len(refused) == 1, got  # one fits in 2,000, two do not: wherever they went
+        assert refused[0].code() == grpc.StatusCode.FAILED_PRECONDITION and "escrow too low" in refused[0].details()
+        again = await asyncio.gather(sa.SubmitJob(paid(q1 if ok[0] is got[0] else q2, 3), metadata=MD),
+                                     sb.SubmitJob(paid(q1 if ok[0] is got[0] else q2, 4), metadata=MD),
+                                     return_exceptions=True)
+        assert all(isinstance(g, grpc.aio.AioRpcError) and g.code() == grpc.StatusCode.ALREADY_EXISTS
+                   for g in again), again  # its quote is used, on either coordinator
+        done = await wait_done(sa, ok[0].job.job_id)
+        assert done.state == S.JOB_STATE_COMPLETED, done.error
+    finally:
+        await eco.lc.close()
+        await eco.ledger.stop()

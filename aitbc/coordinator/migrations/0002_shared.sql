@@ -27,3 +27,18 @@ CREATE TABLE coordinators (            -- every coordinator that opened the data
     lock_key    bigint NOT NULL UNIQUE,  -- a session advisory lock it holds while alive
     started_at  timestamptz NOT NULL DEFAULT now()
 );
+
+CREATE TABLE reservations (            -- what each accepted paid job holds of its client's escrow
+    job_id          text COLLATE "C" PRIMARY KEY,
+    client_address  text COLLATE "C" NOT NULL,
+    total           bigint NOT NULL,
+    quote_hash      text COLLATE "C" NOT NULL,
+    units           bigint NOT NULL
+);
+CREATE INDEX reservations_by_client ON reservations (client_address);
+
+CREATE TABLE used_quotes (             -- each quote pays for one job: the insert is the check
+    quote_id    text COLLATE "C" PRIMARY KEY,
+    job_id      text COLLATE "C" NOT NULL,
+    expires_ms  bigint NOT NULL
+);
