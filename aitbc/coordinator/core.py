@@ -165,9 +165,9 @@ class Coordinator:
                     self._execute(ins)
             if dispatch:
                 claimed: list[m.Event] = []
-                if self.shared:  # what was decided so far is written (fenced) under the claims it was
-                    self._flush()  # decided on, before a claim can give this process a job again
-                    claimed = self._claim()
+                if self.shared and (free := self._free_slots())[0] > 0:  # before a claim can give this process
+                    self._flush()  # a job again, what was decided so far is written (fenced) under its claims
+                    claimed = self._claim(*free)
                 for ins in self.machine.handle(*claimed, m.Dispatch()):
                     self._execute(ins)
         finally:
@@ -207,17 +207,18 @@ class Coordinator:
         except Exception:  # the doorbell only hurries what the 0.5 s tick does anyway
             log.exception("claiming after a queue notification failed")
 
-    def _claim(self) -> list[m.Event]:
-        """Queued jobs from the shared queue for this coordinator's free miner slots."""
+    def _free_slots(self) -> tuple[int, set[str]]:
+        """Miner slots free for jobs from the shared queue, and the models of the miners that have them."""
         free, models = 0, set()
         for miner_id in self.machine.miners:
             v = self.machine.view(miner_id)
             if v is not None and v.running < v.max_concurrency and not v.quarantined:
                 free += v.max_concurrency - v.running
                 models |= v.models
-        free -= self.machine.queued()  # what it holds already is placed first
-        if free <= 0:
-            return []
+        return free - self.machine.queued(), models  # what it holds already is placed first
+
+    def _claim(self, free: int, models: set[str]) -> list[m.Event]:
+        """Queued jobs from the shared queue for this coordinator's free miner slots."""
         now = self.clock()
         self._skip = {j: t for j, t in self._skip.items() if t > now}
         return self._restored(self.store.claim(models, free, skip=self._skip))  # type: ignore[attr-defined]

@@ -282,18 +282,16 @@ class PostgresJobStore:
         jobs = list(jobs)
         artifacts = list(artifacts)
         conn = self.conn
-        lost: set[str] = set()
+        fenced: dict[str, psycopg.Cursor[Any]] = {}  # claimed job -> the cursor of its fenced UPDATE
         try:
             try:  # one pipeline: the statements go out together and the write waits for the server once
                 with conn.pipeline(), conn.cursor() as cur:
                     cur.execute("BEGIN")  # not conn.transaction(): that waits for BEGIN and COMMIT apart
-                    claimed = {j.job_id: self._claims[j.job_id] for j in jobs if j.job_id in self._claims}
-                    if claimed:  # the fence: lock our claimed rows, and keep only those still ours
-                        cur.execute(_FENCE, (list(claimed), list(claimed.values()), self.coordinator_id))
-                        ours = {r[0] for r in cur.fetchall() if r[1]}
-                        lost = set(claimed) - ours
-                    self._statements(cur, jobs, artifacts, receipts, lost)
+                    self._statements(cur, jobs, artifacts, receipts, fenced)
                     cur.execute("COMMIT")
+                lost = {job_id for job_id, c in fenced.items() if c.fetchone() is None}
+                for c in fenced.values():
+                    c.close()
             except BaseException:
                 if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                     try:
@@ -314,14 +312,15 @@ class PostgresJobStore:
 
     def _statements(self, cur: psycopg.Cursor[Any], jobs: list[job_pb2.Job],
                     artifacts: list[tuple[str, ArtifactData]],
-                    receipts: Iterable[tuple[job_pb2.Job, receipt_pb2.Receipt]], lost: set[str]) -> None:
+                    receipts: Iterable[tuple[job_pb2.Job, receipt_pb2.Receipt]],
+                    fenced: dict[str, psycopg.Cursor[Any]]) -> None:
         # execute() per row, not executemany(): inside a pipeline executemany syncs (waits) each time
+        me = self.coordinator_id
         for j in jobs:
-            if j.job_id in lost:
-                continue
             cols = _job_columns(j)
-            if j.job_id in self._claims:  # its row is locked by the fence and ours
-                cur.execute(_UPDATE_JOB, (*cols, j.job_id))
+            if j.job_id in self._claims:  # the fence: written only while the claim is still ours (its row
+                c = fenced[j.job_id] = cur.connection.cursor()  # then stays locked until COMMIT); else no row
+                c.execute(_UPDATE_JOB, (*cols, j.job_id, me, self._claims[j.job_id]))
             else:  # a new job (ours from now: epoch 1), or a finished one written again (never an active row of another)
                 cur.execute(_INSERT_JOB, (j.job_id, *cols, self.coordinator_id if j.state in ACTIVE else None,
                                           self.lease_s))
@@ -346,7 +345,10 @@ class PostgresJobStore:
                         "AND expires_at_ms <> 0 AND (%s = 0 OR %s > expires_at_ms)",
                         (until, job_id, sha, until, until))
         for j, r in receipts:
-            if j.job_id in lost:  # a job taken over by another coordinator: its result is never attested
+            if j.job_id in fenced:  # stored only if the job's fenced UPDATE held: a job taken over by
+                fence = (j.job_id, me, self._claims[j.job_id])  # another coordinator is never attested
+                cur.execute(_PUT_RECEIPT_FENCED, (r.receipt_hash, *_receipt_columns(r), *fence))
+                cur.execute(_PUT_CLIENT_RECEIPT_FENCED, (_client_receipt_key(j), j.client_id, r.receipt_hash, *fence))
                 continue
             cur.execute(_PUT_RECEIPT, (r.receipt_hash, *_receipt_columns(r)))
             cur.execute(_PUT_CLIENT_RECEIPT, (_client_receipt_key(j), j.client_id, r.receipt_hash))
@@ -603,16 +605,14 @@ class PostgresJobStore:
 
 
 _COLS = "active, body, state, model, priority, created_ms, queued_ms, verify"
-_UPDATE_JOB = ("UPDATE jobs SET (" + _COLS + ") = (%s, %s, %s, %s, %s, %s, %s, %s) WHERE job_id = %s")
+_STILL_OURS = " WHERE EXISTS (SELECT 1 FROM jobs WHERE job_id = %s AND owner = %s AND claim_epoch = %s) "
+_UPDATE_JOB = ("UPDATE jobs SET (" + _COLS + ") = (%s, %s, %s, %s, %s, %s, %s, %s) "
+               "WHERE job_id = %s AND owner = %s AND claim_epoch = %s RETURNING job_id")  # the fence
 _INSERT_JOB = ("INSERT INTO jobs (job_id, " + _COLS + ", owner, claim_epoch, lease_until) "
                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 1, now() + make_interval(secs => %s)) "
                "ON CONFLICT (job_id) DO UPDATE SET (" + _COLS + ") = (EXCLUDED.active, EXCLUDED.body, EXCLUDED.state, "
                "EXCLUDED.model, EXCLUDED.priority, EXCLUDED.created_ms, EXCLUDED.queued_ms, EXCLUDED.verify) "
                "WHERE NOT jobs.active")  # a finished job written again; an active row of another is never overwritten
-# the fence: our claimed rows, locked until the write commits, each saying whether it is still ours
-_FENCE = ("SELECT j.job_id, j.owner IS NOT DISTINCT FROM c.me AND j.claim_epoch = c.epoch FROM jobs j "
-          "JOIN (SELECT unnest(%s::text[]) AS job_id, unnest(%s::bigint[]) AS epoch, %s::text AS me) c "
-          "USING (job_id) FOR UPDATE OF j")
 _CLAIMED = ("RETURNING j.job_id, j.claim_epoch, j.body, j.excluded, j.queued_ms, j.cancel_requested, "
             "q.owner, q.expired")
 _SET_OWNER = ("UPDATE jobs j SET owner = %(me)s, claim_epoch = j.claim_epoch + 1, "
@@ -639,9 +639,13 @@ _PUT_REQUEST = ("INSERT INTO requests (client_id, request_id, job_id) VALUES (%s
                 "ON CONFLICT (client_id, request_id) DO NOTHING")  # the first job keeps it (claim_request)
 _PUT_CLIENT_RECEIPT = ("INSERT INTO client_receipts (key, client_id, receipt_hash) VALUES (%s, %s, %s) "
                        "ON CONFLICT (key) DO UPDATE SET receipt_hash = EXCLUDED.receipt_hash")
-_PUT_RECEIPT = ("INSERT INTO receipts (receipt_hash, held, unsettled, body) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (receipt_hash) DO UPDATE SET held = EXCLUDED.held, unsettled = EXCLUDED.unsettled, "
-                "body = EXCLUDED.body")
+_PUT_CLIENT_RECEIPT_FENCED = ("INSERT INTO client_receipts (key, client_id, receipt_hash) SELECT %s, %s, %s"
+                              + _STILL_OURS + "ON CONFLICT (key) DO UPDATE SET receipt_hash = EXCLUDED.receipt_hash")
+_RECEIPT_UPSERT = ("ON CONFLICT (receipt_hash) DO UPDATE SET held = EXCLUDED.held, unsettled = EXCLUDED.unsettled, "
+                   "body = EXCLUDED.body")
+_PUT_RECEIPT = "INSERT INTO receipts (receipt_hash, held, unsettled, body) VALUES (%s, %s, %s, %s) " + _RECEIPT_UPSERT
+_PUT_RECEIPT_FENCED = ("INSERT INTO receipts (receipt_hash, held, unsettled, body) SELECT %s, %s, %s, %s"
+                       + _STILL_OURS + _RECEIPT_UPSERT)
 
 
 def _rate(job: job_pb2.Job) -> int:
