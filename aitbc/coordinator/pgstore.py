@@ -6,8 +6,9 @@ like the LMDB and memory stores.
 
 - **Synchronous.** The coordinator calls its store from the event loop without awaiting (the LMDB
   store is a memory-mapped file), so this store holds one synchronous connection: a statement on
-  loopback is a round trip of ~0.1 ms. An async store is the next step of issue 18, when several
-  coordinators share the database and a round trip may cross a network.
+  loopback is a round trip of ~0.1 ms (plus one for the doorbell's LISTEN). Several coordinators
+  share the database with this driver too; the async store is a later step of issue 18, for a
+  database a network hop away (docs/scaling.md, "Driver").
 - **One transaction per write.** `write` runs every statement in one transaction; an exception
   anywhere in it (a bad receipt, a lost connection) rolls all of it back. Reads run in autocommit.
 - **Artifacts are bytea rows.** `artifacts` holds the record (size, expiry) and `artifact_chunks`
