@@ -326,11 +326,14 @@ async def start_coordinator(config: CoordinatorConfig, *, clock: Clock | None = 
         Service(coordinator_pb2_grpc.add_MarketServiceServicer_to_server, MarketServicer(core),
                 coordinator_pb2.DESCRIPTOR.services_by_name["MarketService"].full_name),
     ], options=rpc.UPLOAD_SERVER_OPTIONS)
+    if store.shared:  # an idle coordinator claims at once when another gives jobs back (docs/scaling.md)
+        store.listen(core.wake)  # type: ignore[attr-defined]
     proc = CoordinatorProcess(running, core, [asyncio.create_task(core.run_housekeeping()),
                                               asyncio.create_task(_return_freed_memory()),
                                               asyncio.create_task(core.webhooks.run())])
     if config.ledger:
-        settlement = proc.settlement = Settlement(core.receipts, key, config.ledger, clock=core.time.monotonic)
+        settlement = proc.settlement = Settlement(core.receipts, key, config.ledger, clock=core.time.monotonic,
+                                                  elect=store.settler if store.shared else None)  # type: ignore[attr-defined]
         core.receipt_listeners.append(settlement.notify)
         core.chain = fees.ChainLedger(settlement.ledger)  # paid jobs and stake checks: the same node
         proc.tasks.append(asyncio.create_task(core.watch_stakes()))

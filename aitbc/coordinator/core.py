@@ -21,9 +21,9 @@ import asyncio
 import collections
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from datetime import UTC, datetime
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from aitbc import crypto, jobs, metrics, quotes, telemetry
 from aitbc.config import ClientKey, CoordinatorConfig, expand
@@ -48,6 +48,7 @@ from aitbc.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
 )
 from aitbc.hub.matching import JobNeeds, MinerView, Unplaceable, choose, score
 from aitbc.hub.reputation import ReputationBook, ReputationPolicy
@@ -70,6 +71,13 @@ QUOTE_PRUNE_S = 60.0
 MARKET_FILLS = 100  # completed jobs GetMarket shows (nothing in them names a client, a prompt or a job)
 MAX_STAKES_SHOWN = 4096  # stake figures kept for ListMiners (pruned to the connected miners beyond 4x this)
 SERVED_SAVE_S = 10.0  # while miners are connected, how often that record is refreshed (a kill -9 loses less)
+# several coordinators on one database (a shared store; docs/scaling.md)
+REAP_S = 1.0  # how often the reaper takes over jobs of dead owners and expired leases, and reads the served models
+REAP_BATCH = 100
+REQUEST_WAIT_S = 5.0  # a request id another coordinator holds: how long to wait for its job's row
+SKIP_S = 5.0  # a job this coordinator claimed and could not place is not claimed again here for this long
+TAKEN_OVER = "another coordinator took the job over (this coordinator's claim on it expired)"
+WATCH_POLL_S = 0.5  # WatchJob of a job another coordinator runs: its row is read this often
 
 
 class Coordinator:
@@ -102,9 +110,15 @@ class Coordinator:
         self.book = ReputationBook(store.reputation(), policy=ReputationPolicy(
             quarantine_after=config.quarantine_after, probation_checks=config.probation_checks))
         self.receipts = ReceiptBook(store, settles=bool(config.ledger))
+        self.shared = store.shared  # other coordinators use the same store: jobs are claimed (docs/scaling.md)
+        if self.shared:
+            store.lease_s = 2 * config.heartbeat_timeout_s  # type: ignore[attr-defined]
+        self._skip: dict[str, float] = {}  # job id -> until when this coordinator does not claim it again
+        self._reaped_at = self._renewed_at = 0.0
         # paid jobs (docs/economy.md): what is reserved of each client's escrow, and the ledger
         # that holds the escrow (set by the server when a ledger is configured; None: free jobs only)
-        self.reservations = fees.Reservations()
+        # on a shared store the reservations are its rows (PostgresReservations: the same methods)
+        self.reservations = store.reservations() if store.shared else fees.Reservations()  # type: ignore[attr-defined]
         self.stakes: dict[str, int] = {}  # miner -> its stake as last read (ListMiners shows it)
         self.fills: collections.deque[coordinator_pb2.Fill] = collections.deque(maxlen=MARKET_FILLS)  # GetMarket
         self.chain: fees.LedgerView | None = None
@@ -150,10 +164,16 @@ class Coordinator:
                 for ins in self.machine.handle(*batch):
                     self._execute(ins)
             if dispatch:
-                for ins in self.machine.handle(m.Dispatch()):
+                claimed: list[m.Event] = []
+                if self.shared and (free := self._free_slots())[0] > 0:  # before a claim can give this process
+                    self._flush()  # a job again, what was decided so far is written (fenced) under its claims
+                    claimed = self._claim(*free)
+                for ins in self.machine.handle(*claimed, m.Dispatch()):
                     self._execute(ins)
         finally:
             self._flush()
+            if self.shared:
+                self._give_back()
 
     def _flush(self) -> None:
         """Write what the machine asked to store since the last flush, in one transaction. Sends
@@ -163,11 +183,100 @@ class Coordinator:
             return
         batch, self._unwritten = self._unwritten, []
         if len(batch) == 1:
-            self.store.write(batch[0].jobs, artifacts=batch[0].artifacts, receipts=batch[0].receipts)
+            lost = self.store.write(batch[0].jobs, artifacts=batch[0].artifacts, receipts=batch[0].receipts)
+        else:
+            jobs_ = {j.job_id: j for st in batch for j in st.jobs}  # the same records: written as they are now
+            lost = self.store.write(jobs_.values(), artifacts=[a for st in batch for a in st.artifacts],
+                                    receipts=[r for st in batch for r in st.receipts])
+        if lost:  # the fence refused them (a shared store): they are another coordinator's now
+            self._let_go(lost, TAKEN_OVER)
+
+    # ---- several coordinators on one database (a shared store; docs/scaling.md) ----------------------
+
+    def _let_go(self, job_ids: Collection[str], reason: str) -> None:
+        """Jobs that are no longer this coordinator's leave its machine; a miner holding one drops it."""
+        log.warning("%d jobs left this coordinator: %s", len(job_ids), reason)
+        self.store.drop_claims(job_ids)  # type: ignore[attr-defined]
+        for ins in self.machine.handle(m.Released(tuple(sorted(job_ids)), reason)):
+            self._execute(ins)
+
+    def wake(self) -> None:
+        """Jobs were given back to the shared queue: claim for the free slots now (dispatch does)."""
+        try:
+            self._run()
+        except Exception:  # the doorbell only hurries what the 0.5 s tick does anyway
+            log.exception("claiming after a queue notification failed")
+
+    def _free_slots(self) -> tuple[int, set[str]]:
+        """Miner slots free for jobs from the shared queue, and the models of the miners that have them."""
+        free, models = 0, set()
+        for miner_id in self.machine.miners:
+            v = self.machine.view(miner_id)
+            if v is not None and v.running < v.max_concurrency and not v.quarantined:
+                free += v.max_concurrency - v.running
+                models |= v.models
+        return free - self.machine.queued(), models  # what it holds already is placed first
+
+    def _claim(self, free: int, models: set[str]) -> list[m.Event]:
+        """Queued jobs from the shared queue for this coordinator's free miner slots."""
+        now = self.clock()
+        self._skip = {j: t for j, t in self._skip.items() if t > now}
+        return self._restored(self.store.claim(models, free, skip=self._skip))  # type: ignore[attr-defined]
+
+    def _restored(self, claims: list[Any]) -> list[m.Event]:
+        out: list[m.Event] = []
+        now = self.time.now_ms()
+        for c in claims:
+            if self.machine.job(c.job.job_id) is not None:
+                continue  # its own lease, expired and taken back by its own reaper: still here, under the new epoch
+            exclude, device = c.excluded, None
+            if c.job.verify_of:
+                orig = self.store.get_job(c.job.verify_of)
+                if orig is not None:
+                    pinned, dev = self.verifier.placement(orig, without=c.job.job_id)
+                    exclude, device = exclude | pinned, dev or None
+            why = ""
+            if c.previous_owner:
+                why = (f"the lease of coordinator {c.previous_owner} on the job expired" if c.lease_expired else
+                       f"coordinator {c.previous_owner} stopped while a miner held the job")
+            out.append(m.Restore(c.job, exclude=exclude, device_class=device, why=why,
+                                 queued_for_s=max(0, now - c.queued_ms) / 1000 if c.queued_ms else 0.0))
+            if c.cancel_requested:
+                out.append(m.Cancel(c.job.job_id, "cancelled by the client (asked on another coordinator)"))
+        return out
+
+    def _give_back(self) -> None:
+        """Queued jobs no miner of this coordinator took go back to the shared queue at once."""
+        left = [r for j in self.machine.queue if (r := self.machine.records.get(j)) is not None
+                and r.job.state == S.JOB_STATE_QUEUED]
+        if not left:
             return
-        jobs_ = {j.job_id: j for st in batch for j in st.jobs}  # the same records: written as they are now
-        self.store.write(jobs_.values(), artifacts=[a for st in batch for a in st.artifacts],
-                         receipts=[r for st in batch for r in st.receipts])
+        until = self.clock() + SKIP_S
+        for r in left:
+            self._skip[r.job.job_id] = until
+        self.machine.handle(m.Released(tuple(r.job.job_id for r in left), "back to the shared queue"))
+        self.store.release([(r.job.job_id, r.excluded | r.pinned) for r in left])  # type: ignore[attr-defined]
+
+    def _share(self) -> list[m.Event]:
+        """Housekeeping of a shared store: renew this coordinator's leases (and hear of cancels asked
+        elsewhere, and of claims lost) every heartbeat interval; take over jobs of dead owners and
+        expired leases, and learn the models the others serve, every REAP_S."""
+        now = self.clock()
+        events: list[m.Event] = []
+        if now - self._renewed_at >= self.config.heartbeat_interval_s:
+            self._renewed_at = now
+            lost, cancels = self.store.renew()  # type: ignore[attr-defined]
+            if lost:
+                self._let_go(lost, TAKEN_OVER)
+            events += [m.Cancel(j, "cancelled by the client (asked on another coordinator)") for j in cancels]
+        if now - self._reaped_at >= REAP_S:
+            self._reaped_at = now
+            events += self._restored(self.store.take_over(  # type: ignore[attr-defined]
+                REAP_BATCH, now_ms=self.time.now_ms(), queue_ttl_ms=int(self.config.queue_ttl_s * 1000),
+                verify_ttl_ms=int(self.config.verify_timeout_s * 1000)))
+            self._recall_served(others=True)
+            self.models.learn_stored()
+        return events
 
     def _execute(self, ins: m.Instruction) -> None:
         if isinstance(ins, m.Store):
@@ -298,29 +407,43 @@ class Coordinator:
 
     # ---- start-up -----------------------------------------------------------------------------------
 
-    def _recall_served(self) -> None:
+    def _served_key(self) -> str:
+        """Each coordinator of a shared store keeps its own record (read by the others)."""
+        return f"{SERVED_META}:{self.store.coordinator_id}" if self.shared else SERVED_META  # type: ignore[attr-defined]
+
+    def _recall_served(self, *, others: bool = False) -> None:
         """The models the last run served count as served until model_grace_s after it last saw
-        them: a job submitted right after a restart, before the miners re-register, is queued."""
-        raw = self.store.get_meta(SERVED_META)
-        try:
-            record = json.loads(raw) if raw else {}
-            served = self.registry.recall(record, self.time.now_ms())
-        except (ValueError, TypeError, KeyError, AttributeError):
-            log.warning("ignored an unreadable %s record in the store", SERVED_META)
-            return
-        if served:
+        them: a job submitted right after a restart, before the miners re-register, is queued. With
+        a shared store, the models every coordinator serves (`others`: read every REAP_S)."""
+        items = self.store.meta_items(SERVED_META) if self.shared else [(SERVED_META, self.store.get_meta(SERVED_META))]
+        served = 0
+        for key, raw in items:
+            if others and key == self._served_key():
+                continue
+            try:
+                record = json.loads(raw) if raw else {}
+                served = self.registry.recall(record, self.time.now_ms())
+            except (ValueError, TypeError, KeyError, AttributeError):
+                log.warning("ignored an unreadable %s record in the store", key)
+                continue
+            grace_ms = self.config.model_grace_s * 1000
+            if self.shared and key != self._served_key() and all(
+                    self.time.now_ms() - int(r["seen_at_unix_ms"]) > grace_ms for r in record.values()):
+                self.store.delete_meta(key)  # a coordinator gone for longer than model_grace_s
+        if served and not others:
             log.info("%d models served before the restart are accepted until their miners are back (model_grace_s %g)",
                      served, self.config.model_grace_s)
 
     def _save_served(self) -> None:
         self._served_saved_at = self.clock()
-        self.store.put_meta(SERVED_META, json.dumps(self.registry.served_record(self.time.now_ms()),
-                                                    sort_keys=True).encode())
+        self.store.put_meta(self._served_key(), json.dumps(self.registry.served_record(self.time.now_ms()),
+                                                           sort_keys=True).encode())
 
     def _restore(self) -> None:
         """Reload active jobs; jobs that were with a miner go back to the queue."""
         self._recall_served()
-        restored = sorted(self.store.active_jobs(), key=lambda j: j.created_at_unix_ms)
+        # a shared store's active jobs are other coordinators' (or, of a dead one, the reaper's)
+        restored = [] if self.shared else sorted(self.store.active_jobs(), key=lambda j: j.created_at_unix_ms)
         events: list[m.Event] = []
         for job in restored:
             finished = tuple(s for s in (self.store.get_job(j) for j in job.shard_job_ids)
@@ -372,17 +495,20 @@ class Coordinator:
         escrow = await self._escrow(client_id) if paid else None
         asked = params
         params, cap = self._prepare(model, params, max_price_per_unit, check_served=not request_id)
+        def same(existing: str) -> job_pb2.Job:
+            job = self.get(client_id, existing)
+            same_pay = paid == bool(job.quote) and (quote is None or job.quote == quote.body.canonical_bytes())
+            if not _same_request(job, model, asked, params) or job.webhook_url != webhook_url or not same_pay:
+                raise AlreadyExists(
+                    f"request_id '{request_id}' was used for job {existing} with another model, other "
+                    "parameters, another webhook_url or another quote; a new job needs a new request_id "
+                    "(resubmit the same request to get that job)")
+            return job
+
         if request_id:
             existing = self.store.job_for_request(client_id, request_id)
-            if existing is not None:
-                job = self.get(client_id, existing)
-                same_pay = paid == bool(job.quote) and (quote is None or job.quote == quote.body.canonical_bytes())
-                if not _same_request(job, model, asked, params) or job.webhook_url != webhook_url or not same_pay:
-                    raise AlreadyExists(
-                        f"request_id '{request_id}' was used for job {existing} with another model, other "
-                        "parameters, another webhook_url or another quote; a new job needs a new request_id "
-                        "(resubmit the same request to get that job)")
-                return job
+            if existing is not None and self._find(existing) is not None:
+                return same(existing)
             self._check_served(model, params)
         now = self.time.now_ms()
         job = job_pb2.Job(
@@ -392,18 +518,45 @@ class Coordinator:
         )
         if cap is not None:
             job.max_price_per_unit = cap
-        paid_by = self._charge(job, escrow, quote, priority_fee or 0) if escrow is not None else None
-        self._placeable(job)
-        telemetry.set_attributes(job_id=job.job_id, model=model)
-        try:  # a paid job is never split: its one receipt settles its one quote
+        if request_id:  # the arbiter: on a shared store the first coordinator to record the request wins
+            winner = await self._claim_request(client_id, request_id, job.job_id)
+            if winner != job.job_id:
+                return same(winner)
+        paid_by = None
+        try:
+            paid_by = self._charge(job, escrow, quote, priority_fee or 0) if escrow is not None else None
+            self._placeable(job)
+            telemetry.set_attributes(job_id=job.job_id, model=model)
+            # a paid job is never split: its one receipt settles its one quote
             self._run(m.Submit(job, () if paid_by is not None else tuple(self._shards_for(job))))
         except Exception:
+            if self.shared and self.store.get_job(job.job_id) is None:  # never queued: give back what it took
+                if request_id:
+                    self.store.forget_request(client_id, request_id, job.job_id)  # type: ignore[attr-defined]
+                if paid_by is not None:
+                    self.store.forget_quote(paid_by.quote_id, job.job_id)  # type: ignore[attr-defined]
             if paid_by is not None:
                 self.reservations.release(job.job_id)
             raise
-        if paid_by is not None:
+        if paid_by is not None and not self.shared:  # (a shared store recorded it in _charge)
             self.store.put_meta(QUOTE_META + paid_by.quote_id, f"{job.job_id} {paid_by.expires_at}".encode())
         return self._client_view(job, queue=False)  # GetJob / WatchJob say where it stands: not the hot path
+
+    async def _claim_request(self, client_id: str, request_id: str, job_id: str) -> str:
+        """The job that owns the request: `job_id` when this submission is the first. Another
+        coordinator's job is waited for until its row is written (the request's row commits just
+        before it); one never written (its coordinator died in between) gives the request to this job."""
+        winner = self.store.claim_request(client_id, request_id, job_id)
+        deadline = self.clock() + REQUEST_WAIT_S
+        while self.shared and winner != job_id and self._find(winner) is None:
+            if self.clock() >= deadline:
+                if self.store.take_request(client_id, request_id, winner, job_id):  # type: ignore[attr-defined]
+                    log.warning("request %s of client %s: job %s was never stored; it is job %s now",
+                                request_id, client_id, winner, job_id)
+                    return job_id
+                deadline = self.clock() + REQUEST_WAIT_S
+            await asyncio.sleep(0.01)
+        return winner
 
     # ---- paid jobs (aitbc.coordinator.fees) --------------------------------------------------------
 
@@ -422,8 +575,6 @@ class Coordinator:
         except AitbcError as exc:
             if isinstance(exc, InvalidArgument | PermissionDenied | FailedPrecondition):
                 raise
-            from aitbc.errors import Unavailable
-
             raise Unavailable(f"cannot read the escrow of {client.address} on the ledger: {exc.message}") from None
         if ref.chain_id != self.config.chain_id:
             raise FailedPrecondition(f"the ledger runs chain {ref.chain_id}, this coordinator attests for "
@@ -447,15 +598,24 @@ class Coordinator:
                              genesis_hash=genesis_hash, client_id=job.client_id, client_address=address,
                              model=job.model, prompt_hash=job.prompt_hash, unit_type=unit_type, units=units,
                              now_ms=now)
-        used = self.store.get_meta(QUOTE_META + quote.body.quote_id)
-        if used is not None:
-            raise AlreadyExists(f"quote {quote.body.quote_id} was used for job {used.decode().split()[0]}: each quote "
-                                "pays for one job (ask for a new quote)")
         b = quote.body
+        if self.shared:  # the insert is the check: one quote, one job, on every coordinator
+            used = self.store.use_quote(b.quote_id, job.job_id, b.expires_at)  # type: ignore[attr-defined]
+        else:
+            raw = self.store.get_meta(QUOTE_META + b.quote_id)
+            used = raw.decode().split()[0] if raw is not None else None
+        if used is not None:
+            raise AlreadyExists(f"quote {b.quote_id} was used for job {used}: each quote pays for one job "
+                                "(ask for a new quote)")
         job.quote, job.quote_signature, job.fee = b.canonical_bytes(), quote.signature, b.total
         job.max_price_per_unit = min(job.max_price_per_unit, b.price_per_unit) if job.HasField(
             "max_price_per_unit") else b.price_per_unit  # only miners at or below the quoted price
-        self.reservations.reserve(fees.Charge(job.job_id, address, b.total, b.hash().hex(), b.units), available)
+        try:
+            self.reservations.reserve(fees.Charge(job.job_id, address, b.total, b.hash().hex(), b.units), available)
+        except AitbcError:
+            if self.shared:
+                self.store.forget_quote(b.quote_id, job.job_id)  # type: ignore[attr-defined]
+            raise
         return b
 
     def _units(self, params: job_pb2.JobParams) -> tuple[int, str]:
@@ -613,24 +773,78 @@ class Coordinator:
             raise PermissionDenied(f"job {job_id} belongs to another client")
         return self._client_view(job)
 
-    async def cancel(self, client_id: str, job_id: str, reason: str = "") -> job_pb2.Job:
+    async def cancel(self, client_id: str, job_id: str, reason: str = "", *, looked: int = 0) -> job_pb2.Job:
         job = self._load(job_id)
         if job.client_id != client_id:
             raise PermissionDenied(f"job {job_id} belongs to another client")
         if job.state in jobs.TERMINAL:
             raise FailedPrecondition(f"job {job_id} is already {jobs.state_name(job.state)}; only unfinished jobs can be cancelled")
-        self._run(m.Cancel(job_id, f"cancelled by client{': ' + reason[:200] if reason else ''}"))
+        why = f"cancelled by client{': ' + reason[:200] if reason else ''}"
+        if self.shared and self.machine.job(job_id) is None:  # in the shared queue, or another coordinator's
+            claimed = self._restored(self.store.claim_ids([job_id]))  # type: ignore[attr-defined]
+            if not claimed:
+                owner = self.store.request_cancel(job_id)  # type: ignore[attr-defined]
+                if owner is None and self.machine.job(job_id) is None:
+                    if looked >= 3:
+                        raise Unavailable(f"job {job_id} moved between coordinators while it was being cancelled: "
+                                          "CancelJob again")
+                    return await self.cancel(client_id, job_id, reason, looked=looked + 1)  # it moved: look again
+                log.info("job %s: cancel asked of coordinator %s, which runs it", job_id, owner)
+                return self.get(client_id, job_id)  # cancelled by its owner within a heartbeat interval
+            self._run(*claimed, m.Cancel(job_id, why), dispatch=False)
+            return self.get(client_id, job_id)
+        self._run(m.Cancel(job_id, why))
         return self.get(client_id, job_id)
 
     async def watch(self, client_id: str, job_id: str) -> AsyncIterator[job_pb2.Job | job_pb2.JobProgress | job_pb2.TextChunk]:
         """First a snapshot, then progress, text and every state change, until the job finishes."""
         self.get(client_id, job_id)  # existence and ownership before anything is streamed
-        async for event in self.streams.watch(job_id, lambda: self.get(client_id, job_id),
-                                              lambda j: self.machine.job(j) is not None):
+        events = self.streams.watch(job_id, lambda: self.get(client_id, job_id),
+                                    lambda j: self.machine.job(j) is not None)
+        if self.shared:
+            events = self._watch_shared(client_id, job_id, events)
+        async for event in events:
             if isinstance(event, job_pb2.Job) and (event.state == S.JOB_STATE_QUEUED or (
                     event.state == S.JOB_STATE_COMPLETED and event.receipt_hash)):
                 event = self._client_view(event)  # the receipt as the book has it now; a queued job's place
             yield event
+
+    async def _watch_shared(self, client_id: str, job_id: str, local: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """A watch on a shared store: what this coordinator publishes, and while the job is not in
+        this machine (queued in the shared queue, or another coordinator's), its row read every
+        WATCH_POLL_S: a new state is a snapshot, the terminal one ends the watch. Progress and text of
+        a job run elsewhere are not streamed yet (docs/scaling.md, job_events)."""
+        seen: tuple[int, int] | None = None
+        nxt: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                if nxt is None:
+                    nxt = asyncio.ensure_future(local.__anext__())
+                done, _ = await asyncio.wait({nxt}, timeout=WATCH_POLL_S)
+                if done:
+                    fut, nxt = nxt, None
+                    try:
+                        event = fut.result()
+                    except StopAsyncIteration:
+                        return
+                    if isinstance(event, job_pb2.Job):
+                        seen = (event.state, event.updated_at_unix_ms)
+                    yield event
+                    continue
+                if self.machine.job(job_id) is not None:
+                    continue  # ours now: its events come from this machine
+                job = self.store.get_job(job_id)
+                if job is None or (job.state, job.updated_at_unix_ms) == seen:
+                    continue
+                seen = (job.state, job.updated_at_unix_ms)
+                yield self.get(client_id, job_id)
+                if job.state in jobs.TERMINAL:
+                    return
+        finally:
+            if nxt is not None:
+                nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)
+            await local.aclose()  # type: ignore[attr-defined]
 
     def artifact(self, client_id: str, job_id: str, index: int) -> tuple[job_pb2.Artifact, BinaryIO]:
         """The artifact's description and its bytes as a file (the caller closes it)."""
@@ -805,6 +1019,9 @@ class Coordinator:
 
     def _on_result(self, conn: MinerConn, result: miner_pb2.JobResult) -> None:
         job = self.machine.held(conn.miner_id, result.job_id)
+        if self.shared and not self.store.holds(job.job_id):  # type: ignore[attr-defined]
+            self._let_go([job.job_id], TAKEN_OVER)  # its result is refused, never attested: the miner drops it
+            return
         try:  # small outputs inline: through the same bounded, hashed uploads as chunks
             self.uploads.inline(conn.miner_id, job.job_id, jobs.job_outputs(job), result.inline_artifacts)
         except AitbcError as exc:  # requeued, or failed: it leaves the miner, and its upload is deleted (_moved)
@@ -858,8 +1075,8 @@ class Coordinator:
         """Split a multi-image job by image across the miners that could serve it (one shard each);
         image i keeps seed + i, so the images are those of the whole job."""
         p = job.params.image
-        if jobs.job_kind(job) != jobs.IMAGE or p.images < 2:
-            return []
+        if jobs.job_kind(job) != jobs.IMAGE or p.images < 2 or self.shared:  # shared: its shards could run anywhere,
+            return []  # and a split job waits for them in one machine (docs/scaling.md)
         needs = self.machine.needs(job)
         able = [v for v in self.machine.idle_views() if not isinstance(choose([v], needs, 0), Unplaceable)]
         plan = plan_shards(p.images, max(1, len(able)), p.images)
@@ -999,7 +1216,7 @@ class Coordinator:
         if now - self._quotes_pruned_at > QUOTE_PRUNE_S:
             self._quotes_pruned_at = now
             self._prune_quotes()
-        self._run(m.Tick())
+        self._run(*(self._share() if self.shared else ()), m.Tick())
         self._publish_queue_moves()
         if now >= self._collect_at:
             full = self.collect_artifacts() == COLLECT_BATCH
@@ -1009,6 +1226,9 @@ class Coordinator:
         """Forget used quotes that expired: SubmitJob refuses them anyway (and the ledger settles a
         quote once, ever)."""
         now = self.time.now_ms()
+        if self.shared:
+            self.store.prune_quotes(now)  # type: ignore[attr-defined]
+            return
         for key, value in self.store.meta_items(QUOTE_META):
             try:
                 expired = int(value.split()[1]) < now

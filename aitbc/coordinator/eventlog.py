@@ -29,7 +29,7 @@ from aitbc.v1 import job_pb2, receipt_pb2
 
 VERSION = 1
 _EVENTS = {cls.__name__: cls for cls in (
-    m.Submit, m.Restore, m.CheckSplitJobs, m.MinerJoined, m.MinerUpdated, m.MinerLeft, m.Heard, m.Accepted,
+    m.Submit, m.Restore, m.Released, m.CheckSplitJobs, m.MinerJoined, m.MinerUpdated, m.MinerLeft, m.Heard, m.Accepted,
     m.Progressed, m.Completed, m.Rejected, m.Failed, m.Cancel, m.Tick, m.Dispatch)}
 _PROTOS = {"Job": job_pb2.Job, "JobProgress": job_pb2.JobProgress}
 

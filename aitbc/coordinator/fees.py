@@ -11,6 +11,8 @@ reservation is released.
 with a fee that are active, or whose receipt's settlement is not final), so a restart neither
 forgets a reservation nor keeps a settled one. Check and reserve happen in one synchronous step on
 the event loop: two concurrent jobs that together exceed a client's escrow cannot both pass.
+Coordinators sharing a database use `pgstore.PostgresReservations` instead (the same methods, the
+rows in SQL, check and insert in one transaction under a lock per client address).
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ class Charge:
         return self.total * 1_000_000 // max(1, self.units)
 
 
+def check_escrow(charge: Charge, escrow_available: int, reserved: int) -> None:
+    """Raise FailedPrecondition, naming what to deposit, when the escrow's free part is below the charge."""
+    free = escrow_available - reserved
+    if free < charge.total:
+        raise FailedPrecondition(
+            f"escrow too low: {max(0, free)} of the escrow of {charge.client_address} is free "
+            f"({escrow_available} available, {reserved} reserved by accepted jobs), "
+            f"less than the quote {charge.total}: aitbc escrow deposit {charge.total - max(0, free)}")
+
+
 class Reservations:
     def __init__(self) -> None:
         self._by_job: dict[str, Charge] = {}
@@ -64,12 +76,7 @@ class Reservations:
         deposit. `escrow_available`: the escrow's available amount on the ledger."""
         if charge.job_id in self._by_job:
             return
-        free = escrow_available - self.reserved(charge.client_address)
-        if free < charge.total:
-            raise FailedPrecondition(
-                f"escrow too low: {max(0, free)} of the escrow of {charge.client_address} is free "
-                f"({escrow_available} available, {self.reserved(charge.client_address)} reserved by accepted jobs), "
-                f"less than the quote {charge.total}: aitbc escrow deposit {charge.total - max(0, free)}")
+        check_escrow(charge, escrow_available, self.reserved(charge.client_address))
         self._add(charge)
 
     def release(self, job_id: str) -> Charge | None:

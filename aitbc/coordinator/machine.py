@@ -89,13 +89,27 @@ class Submit:
 
 @dataclass(frozen=True, slots=True)
 class Restore:
-    """An active job read back from the store at start-up. A split job brings its shards that
-    had already finished; a re-execution its exclusions and device class (as in Submit)."""
+    """An active job read back from the store at start-up, or claimed from a shared store (several
+    coordinators on one database: `why` a job some miner held goes back to the queue, `queued_for_s`
+    how long a queued one has waited already). A split job brings its shards that had already
+    finished; a re-execution its exclusions and device class (as in Submit)."""
 
     job: job_pb2.Job
     finished_shards: tuple[job_pb2.Job, ...] = ()
     exclude: frozenset[str] = frozenset()
     device_class: str | None = None
+    why: str = ""
+    queued_for_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """These jobs are no longer this machine's (a shared store: given back to the shared queue, or
+    their claim was taken over by another coordinator). No transition: the job leaves the machine
+    as it is; a miner that holds one is told to drop it."""
+
+    job_ids: tuple[str, ...]
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +209,8 @@ class Dispatch:
     """Hand queued jobs to free miners."""
 
 
-Event = (Submit | Restore | CheckSplitJobs | MinerJoined | MinerUpdated | MinerLeft | Heard | Accepted | Progressed
-         | Completed | Rejected | Failed | Cancel | Tick | Dispatch)
+Event = (Submit | Restore | Released | CheckSplitJobs | MinerJoined | MinerUpdated | MinerLeft | Heard | Accepted
+         | Progressed | Completed | Rejected | Failed | Cancel | Tick | Dispatch)
 
 
 # ---- instructions (what the runtime does) ---------------------------------------------------------
@@ -332,6 +346,13 @@ class JobQueue:
                 bisect.insort(self.paid, key)
         self.free.extendleft(reversed(free))
         self._popped.clear()
+
+    def discard(self, job_id: str) -> None:
+        """Take a queued job out (it left the machine without being dispatched)."""
+        try:
+            self.free.remove(job_id)
+        except ValueError:
+            self.paid = [k for k in self.paid if k[2] != job_id]
 
     def __iter__(self) -> Iterator[str]:
         for key in self.paid:
@@ -516,6 +537,8 @@ class JobMachine:
             self._submit(ev)
         elif isinstance(ev, Restore):
             self._restore(ev)
+        elif isinstance(ev, Released):
+            self._released(ev)
         elif isinstance(ev, Cancel):
             rec = self.records.get(ev.job_id)
             if rec is not None:
@@ -599,7 +622,7 @@ class JobMachine:
             self.records[job.job_id] = rec
             return
         if job.state != QUEUED:
-            why = "the coordinator restarted while a miner held the job"
+            why = ev.why or "the coordinator restarted while a miner held the job"
             if job.attempts >= self.limits.max_attempts:  # a restart is a lost attempt like any other
                 self.records[job.job_id] = rec
                 self._finish(job, FAILED, f"gave up after {job.attempts} attempts; last: {why}")
@@ -609,7 +632,19 @@ class JobMachine:
             self._move(job, QUEUED, why)
             job.wait_reason = f"requeued: {why}"
         self._enqueue(rec)
+        rec.queued_at -= ev.queued_for_s
 
+    def _released(self, ev: Released) -> None:
+        for job_id in ev.job_ids:
+            rec = self.records.pop(job_id, None)
+            if rec is None:
+                continue
+            miner = self._release(rec.job)
+            if miner:
+                self._out.append(SendCancel(miner, job_id, ev.reason))
+            else:
+                self.queue.discard(job_id)
+            self._dirty.pop(job_id, None)  # nothing of it is written by this machine any more
 
     def _dispatch(self) -> None:
         """Hand queued jobs to miners: aitbc.hub.matching scores model, kind, VRAM fit, price,

@@ -86,6 +86,15 @@ class ModelRegistry:
                                               if not getattr(e, f) and saved[e.name].get(f)})
             self.entries[e.name] = e
 
+    def learn_stored(self) -> None:
+        """Models another coordinator of a shared store learned (read every REAP_S): added as it
+        saved them; what this process knows already stays."""
+        raw = self.store.get_meta(META_KEY)
+        for name, rec in (json.loads(raw) if raw else {}).items():
+            if name not in self.entries and rec.get("source", "learned") != "config":
+                self.entries[name] = ModelEntry(name, rec["kind"], source=rec.get("source", "learned"),
+                                                **{f: rec[f] for f in IDENTITY if f in rec})
+
     def get(self, model: str) -> ModelEntry | None:
         return self.entries.get(model)
 

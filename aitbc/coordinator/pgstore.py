@@ -6,8 +6,9 @@ like the LMDB and memory stores.
 
 - **Synchronous.** The coordinator calls its store from the event loop without awaiting (the LMDB
   store is a memory-mapped file), so this store holds one synchronous connection: a statement on
-  loopback is a round trip of ~0.1 ms. An async store is the next step of issue 18, when several
-  coordinators share the database and a round trip may cross a network.
+  loopback is a round trip of ~0.1 ms (plus one for the doorbell's LISTEN). Several coordinators
+  share the database with this driver too; the async store is a later step of issue 18, for a
+  database a network hop away (docs/scaling.md, "Driver").
 - **One transaction per write.** `write` runs every statement in one transaction; an exception
   anywhere in it (a bad receipt, a lost connection) rolls all of it back. Reads run in autocommit.
 - **Artifacts are bytea rows.** `artifacts` holds the record (size, expiry) and `artifact_chunks`
@@ -17,6 +18,15 @@ like the LMDB and memory stores.
   chunk, never the artifact. Deleting the record deletes the chunks (ON DELETE CASCADE) and the
   space is reused after VACUUM. Large objects were the alternative: they outlive the rows that name
   them unless every delete also unlinks them (vacuumlo), and need per-object permissions.
+- **Shared by several coordinators** (docs/scaling.md, schema 0002). Each store registers its
+  coordinator in `coordinators` with a random id and holds a session advisory lock on its key
+  while its connection lives. A job row carries its owner and `claim_epoch`: `claim` takes queued
+  rows with `FOR UPDATE SKIP LOCKED`, every later `write` of a claimed job is fenced (the rows are
+  locked and checked against (owner, epoch) first: a job whose claim was taken over is not written,
+  nor its receipt, and `write` returns its id), `renew` extends the leases in one statement,
+  `take_over` requeues what a dead owner (its lock free) or an expired lease left. `claim_request`
+  is the arbiter of (client, request_id): the first insert wins on every coordinator. `settler`
+  holds the one settlement lock.
 - **Versioned schema.** aitbc/coordinator/migrations/NNNN_name.sql, applied in order at open, all
   missing ones in one transaction under an advisory lock (two coordinators starting at once
   migrate once); `schema_version` records each. A database at a newer version than this code knows
@@ -25,9 +35,12 @@ like the LMDB and memory stores.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import logging
 import re
-from collections.abc import Iterable, Iterator
+import secrets
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -35,11 +48,13 @@ from typing import Any, BinaryIO, cast
 
 import psycopg
 
+from aitbc.coordinator.fees import Charge, charge_of, check_escrow
 from aitbc.coordinator.store import (
     _KEPT,
     HELD,
     UNSETTLED,
     ArtifactData,
+    Claim,
     _check_sha,
     _client_receipt_key,
     _expiries,
@@ -50,10 +65,13 @@ from aitbc.hub.reputation import MinerRecord, ReputationStore
 from aitbc.jobs import ACTIVE
 from aitbc.v1 import job_pb2, receipt_pb2
 
+log = logging.getLogger("aitbc.coordinator.pgstore")
 CHUNK_BYTES = 1 << 20
 SETTING = "database_url"
 _MIGRATION_LOCK = 0x61697462_63000001  # pg_advisory_xact_lock key: "aitbc" + 1 (any constant will do)
-_OWNER_LOCK = 0x61697462_63000002  # held by the one coordinator using the database (session lock)
+_SETTLER_LOCK = 0x61697462_63000003  # session lock: the one coordinator that settles (docs/scaling.md)
+_ESCROW_LOCKS = 0x61697465  # pg_advisory_xact_lock(this, hashtext(client address)): one reservation at a time
+_QUEUED = job_pb2.JOB_STATE_QUEUED
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _PAGE = 500  # iter_receipts reads this many rows per query
 
@@ -162,16 +180,26 @@ def migrate(conn: psycopg.Connection[Any], migrations: list[Migration], *, where
 class PostgresJobStore:
     """Jobs, artifacts, receipts, meta and reputation in one PostgreSQL database."""
 
+    shared = True  # several coordinators may open the same database: jobs are claimed, writes fenced
+
     def __init__(self, url: str, *, chunk_bytes: int = CHUNK_BYTES, migrations: str | Path | None = None,
-                 connect_timeout_s: int = 10) -> None:
+                 connect_timeout_s: int = 10, lease_s: float = 10.0) -> None:
         self.url = url
         self.display_url = display_url(url)
         self.chunk_bytes = chunk_bytes
+        self.lease_s = lease_s  # a claim lasts this long unless renewed (the coordinator sets it)
         self._timeout = connect_timeout_s
         self._conn = connect(url, connect_timeout_s=connect_timeout_s)
         self._closed = False
+        self.coordinator_id = secrets.token_hex(8)  # this process, as `owner` of the jobs it claims
+        self._lock_key = secrets.randbits(62) + 1  # positive: pg_locks shows it as (classid, objid) as is
+        self._claims: dict[str, int] = {}  # job id -> claim_epoch: the active jobs this process owns
+        self._settler_conn: psycopg.Connection[Any] | None = None  # the connection holding the settler lock
+        self._listener: psycopg.Connection[Any] | None = None  # LISTEN aitbc_queue (the doorbell)
         try:
             self.schema_version = migrate(self._conn, load_migrations(migrations), where=f"the database at {self.display_url}")
+            self._conn.execute("INSERT INTO coordinators (id, lock_key) VALUES (%s, %s)",
+                               (self.coordinator_id, self._lock_key))
             self._own(self._conn)
         except BaseException:
             self._conn.close()
@@ -179,25 +207,15 @@ class PostgresJobStore:
         self._reputation = PostgresReputationStore(self)
 
     def _own(self, conn: psycopg.Connection[Any]) -> None:
-        """One coordinator per database until coordinators can share one (issue 18): a second
-        would restore and dispatch the same jobs. The lock goes with the connection (a killed
-        coordinator's backend ends and frees it)."""
-        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_OWNER_LOCK,)).fetchone()
-        if row and row[0]:
-            return
-        holder = conn.execute(
-            "SELECT a.pid, coalesce(host(a.client_addr), 'the local socket'), a.backend_start FROM pg_locks l "
-            "JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND l.granted "
-            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s LIMIT 1", (_OWNER_LOCK,)).fetchone()
-        who = f" (server pid {holder[0]}, from {holder[1]}, since {holder[2]:%Y-%m-%d %H:%M:%S %Z})" if holder else ""
-        raise FailedPrecondition(
-            f"config key {SETTING!r}: another coordinator is using the database at {self.display_url}{who}; "
-            f"one coordinator per database for now: stop it, or give this one its own database")
+        """Hold this coordinator's lock for as long as the connection lives: the server frees it
+        when the connection ends (a killed coordinator's backend too), and the other coordinators'
+        reapers take its jobs over at once (take_over)."""
+        conn.execute("SELECT pg_advisory_lock(%s)", (self._lock_key,))
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
-        """The connection, opened again after the server dropped it (the next call after a failure)."""
+        """The connection, opened again after the server dropped it (the next call after a failure).
+        Our lock was free meanwhile: claims taken over since are refused by the fence."""
         if self._conn.closed and not self._closed:
             conn = connect(self.url, connect_timeout_s=self._timeout)
             try:
@@ -210,24 +228,71 @@ class PostgresJobStore:
 
     def close(self) -> None:
         self._closed = True
+        self.stop_listening()
         self._conn.close()
+
+    def listen(self, on_queued: Callable[[], None]) -> None:
+        """The doorbell: call `on_queued` (on the running event loop) when a coordinator gives jobs
+        back to the shared queue (`NOTIFY aitbc_queue`, sent with SubmitJob's or a requeue's
+        release). A connection of its own, read when its socket is readable; a notification lost
+        while it is down costs only the claim poll's interval (0.5 s)."""
+        loop = asyncio.get_running_loop()
+        conn = connect(self.url, connect_timeout_s=self._timeout)
+        conn.execute("LISTEN aitbc_queue")
+        fd = conn.pgconn.socket
+
+        def readable() -> None:
+            try:
+                conn.pgconn.consume_input()
+            except psycopg.OperationalError as exc:
+                log.warning("the queue doorbell's connection ended (claims go on every 0.5 s): %s", exc)
+                self.stop_listening()
+                return
+            rang = False
+            while conn.pgconn.notifies() is not None:
+                rang = True
+            if rang:
+                on_queued()
+
+        loop.add_reader(fd, readable)
+        self._listener = conn
+        self._listener_stop = lambda: loop.remove_reader(fd)
+
+    def stop_listening(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener_stop()
+            except RuntimeError:
+                pass  # the loop is closed already
+            self._listener.close()
+            self._listener = None
 
     def reputation(self) -> ReputationStore:
         return self._reputation
 
+    def reservations(self) -> PostgresReservations:
+        """Escrow reservations as rows (fees.Reservations for several coordinators)."""
+        return PostgresReservations(self)
+
     # -- write: one transaction --
 
     def write(self, jobs: Iterable[job_pb2.Job], *, artifacts: Iterable[tuple[str, ArtifactData]] = (),
-              receipts: Iterable[tuple[job_pb2.Job, receipt_pb2.Receipt]] = ()) -> None:
+              receipts: Iterable[tuple[job_pb2.Job, receipt_pb2.Receipt]] = ()) -> frozenset[str]:
+        """As the protocol says; returns the jobs whose claim another coordinator took over: they
+        (and their receipts) were not written, and this process must drop them."""
         jobs = list(jobs)
         artifacts = list(artifacts)
         conn = self.conn
+        fenced: dict[str, psycopg.Cursor[Any]] = {}  # claimed job -> the cursor of its fenced UPDATE
         try:
             try:  # one pipeline: the statements go out together and the write waits for the server once
                 with conn.pipeline(), conn.cursor() as cur:
                     cur.execute("BEGIN")  # not conn.transaction(): that waits for BEGIN and COMMIT apart
-                    self._statements(cur, jobs, artifacts, receipts)
+                    self._statements(cur, jobs, artifacts, receipts, fenced)
                     cur.execute("COMMIT")
+                lost = {job_id for job_id, c in fenced.items() if c.fetchone() is None}
+                for c in fenced.values():
+                    c.close()
             except BaseException:
                 if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                     try:
@@ -239,13 +304,27 @@ class PostgresJobStore:
             for _, data in artifacts:  # taken over, as the LMDB store moves the file in
                 if isinstance(data, Path):
                     data.unlink(missing_ok=True)
+        for j in jobs:  # committed: what this process owns now
+            if j.job_id in lost or j.state not in ACTIVE:
+                self._claims.pop(j.job_id, None)
+            else:
+                self._claims.setdefault(j.job_id, 1)
+        return frozenset(lost)
 
     def _statements(self, cur: psycopg.Cursor[Any], jobs: list[job_pb2.Job],
                     artifacts: list[tuple[str, ArtifactData]],
-                    receipts: Iterable[tuple[job_pb2.Job, receipt_pb2.Receipt]]) -> None:
+                    receipts: Iterable[tuple[job_pb2.Job, receipt_pb2.Receipt]],
+                    fenced: dict[str, psycopg.Cursor[Any]]) -> None:
         # execute() per row, not executemany(): inside a pipeline executemany syncs (waits) each time
+        me = self.coordinator_id
         for j in jobs:
-            cur.execute(_PUT_JOB, (j.job_id, j.state in ACTIVE, _stored(j)))
+            cols = _job_columns(j)
+            if j.job_id in self._claims:  # the fence: written only while the claim is still ours (its row
+                c = fenced[j.job_id] = cur.connection.cursor()  # then stays locked until COMMIT); else no row
+                c.execute(_UPDATE_JOB, (*cols, j.job_id, me, self._claims[j.job_id]))
+            else:  # a new job (ours from now: epoch 1), or a finished one written again (never an active row of another)
+                cur.execute(_INSERT_JOB, (j.job_id, *cols, self.coordinator_id if j.state in ACTIVE else None,
+                                          self.lease_s))
             if j.request_id:
                 cur.execute(_PUT_REQUEST, (j.client_id, j.request_id, j.job_id))
         expiries = _expiries(jobs)
@@ -267,6 +346,11 @@ class PostgresJobStore:
                         "AND expires_at_ms <> 0 AND (%s = 0 OR %s > expires_at_ms)",
                         (until, job_id, sha, until, until))
         for j, r in receipts:
+            if j.job_id in fenced:  # stored only if the job's fenced UPDATE held: a job taken over by
+                fence = (j.job_id, me, self._claims[j.job_id])  # another coordinator is never attested
+                cur.execute(_PUT_RECEIPT_FENCED, (r.receipt_hash, *_receipt_columns(r), *fence))
+                cur.execute(_PUT_CLIENT_RECEIPT_FENCED, (_client_receipt_key(j), j.client_id, r.receipt_hash, *fence))
+                continue
             cur.execute(_PUT_RECEIPT, (r.receipt_hash, *_receipt_columns(r)))
             cur.execute(_PUT_CLIENT_RECEIPT, (_client_receipt_key(j), j.client_id, r.receipt_hash))
 
@@ -325,6 +409,142 @@ class PostgresJobStore:
         row = self.conn.execute("SELECT job_id FROM requests WHERE client_id = %s AND request_id = %s",
                                 (client_id, request_id)).fetchone()
         return row[0] if row is not None else None
+
+    def claim_request(self, client_id: str, request_id: str, job_id: str) -> str:
+        """The arbiter of a request id across coordinators: the first insert wins (its row commits
+        at once, before the job's write); returns the job that owns the request."""
+        row = self.conn.execute(
+            "WITH ins AS (INSERT INTO requests (client_id, request_id, job_id) VALUES (%s, %s, %s) "
+            "ON CONFLICT (client_id, request_id) DO NOTHING RETURNING job_id) "
+            "SELECT job_id FROM ins UNION ALL SELECT job_id FROM requests WHERE client_id = %s AND request_id = %s "
+            "LIMIT 1", (client_id, request_id, job_id, client_id, request_id)).fetchone()
+        if row is None:  # the winner's row, inserted after our snapshot: read it again
+            return self.job_for_request(client_id, request_id) or job_id
+        return str(row[0])
+
+    def take_request(self, client_id: str, request_id: str, dead_job_id: str, job_id: str) -> bool:
+        """Move a request whose job was never written (its coordinator died between the request's
+        row and the job's) to a new job. False: the job appeared meanwhile."""
+        row = self.conn.execute(
+            "UPDATE requests SET job_id = %s WHERE client_id = %s AND request_id = %s AND job_id = %s "
+            "AND NOT EXISTS (SELECT 1 FROM jobs WHERE job_id = %s) RETURNING job_id",
+            (job_id, client_id, request_id, dead_job_id, dead_job_id)).fetchone()
+        return row is not None
+
+    # -- claims (several coordinators on one database) --
+
+    def claim(self, models: Iterable[str], limit: int, *, skip: Iterable[str] = ()) -> list[Claim]:
+        """Up to `limit` queued jobs of these models nobody owns, best first, now this process's."""
+        models = sorted(set(models))
+        if not models or limit <= 0:
+            return []
+        return self._claimed(self.conn.execute(_CLAIM, {
+            "me": self.coordinator_id, "lease": self.lease_s, "models": models, "skip": sorted(skip), "n": limit}))
+
+    def claim_ids(self, job_ids: Iterable[str]) -> list[Claim]:
+        """These jobs, where they are queued and nobody owns them (CancelJob on any coordinator)."""
+        return self._claimed(self.conn.execute(_CLAIM_IDS, {
+            "me": self.coordinator_id, "lease": self.lease_s, "ids": sorted(job_ids)}))
+
+    def take_over(self, limit: int, *, now_ms: int, queue_ttl_ms: int, verify_ttl_ms: int) -> list[Claim]:
+        """The reaper: active jobs whose owner died (its advisory lock is free) or whose lease expired
+        (this process's own too: a job it still holds keeps running under the new epoch), and queued
+        jobs past their queue time (for this machine to expire), now this process's."""
+        return self._claimed(self.conn.execute(_TAKE_OVER, {
+            "me": self.coordinator_id, "lease": self.lease_s, "n": limit, "now": now_ms,
+            "ttl": queue_ttl_ms, "vttl": verify_ttl_ms}))
+
+    def _claimed(self, cur: psycopg.Cursor[Any]) -> list[Claim]:
+        out = []
+        for job_id, epoch, body, excluded, queued_ms, cancel, owner, expired in cur.fetchall():
+            self._claims[job_id] = int(epoch)
+            out.append(Claim(job_pb2.Job.FromString(body), int(epoch), frozenset(excluded), int(queued_ms),
+                             bool(cancel), owner or "", bool(expired)))
+        out.sort(key=lambda c: (-_rate(c.job), c.job.created_at_unix_ms, c.job.job_id))
+        return out
+
+    def release(self, jobs: Iterable[tuple[str, Iterable[str]]]) -> None:
+        """Give queued jobs back to the shared queue (with the miners each must avoid); the other
+        coordinators hear of it at once (NOTIFY aitbc_queue)."""
+        rows = [(sorted(excluded), job_id, self.coordinator_id, self._claims.pop(job_id))
+                for job_id, excluded in jobs if job_id in self._claims]
+        if not rows:
+            return
+        conn = self.conn
+        with conn.pipeline(), conn.cursor() as cur:
+            cur.execute("BEGIN")
+            for row in rows:
+                cur.execute("UPDATE jobs SET owner = NULL, lease_until = NULL, excluded = %s::text[] WHERE job_id = %s "
+                            "AND owner = %s AND claim_epoch = %s AND state = 1", row)
+            cur.execute("NOTIFY aitbc_queue")
+            cur.execute("COMMIT")
+
+    def holds(self, job_id: str) -> bool:
+        """Is this process's claim on the job still the current one (nobody took it over)?"""
+        epoch = self._claims.get(job_id)
+        if epoch is None:
+            return False
+        row = self.conn.execute("SELECT 1 FROM jobs WHERE job_id = %s AND owner = %s AND claim_epoch = %s",
+                                (job_id, self.coordinator_id, epoch)).fetchone()
+        return row is not None
+
+    def drop_claims(self, job_ids: Iterable[str]) -> None:
+        for job_id in job_ids:
+            self._claims.pop(job_id, None)
+
+    def renew(self) -> tuple[frozenset[str], list[str]]:
+        """Extend every lease of this process in one statement. Returns the claims lost (taken over
+        by another coordinator: drop them) and the jobs whose cancel another coordinator asked for."""
+        rows = self.conn.execute(
+            "UPDATE jobs SET lease_until = now() + make_interval(secs => %s) WHERE owner = %s AND active "
+            "RETURNING job_id, claim_epoch, cancel_requested", (self.lease_s, self.coordinator_id)).fetchall()
+        held = {r[0]: int(r[1]) for r in rows}
+        lost = frozenset(j for j, e in self._claims.items() if held.get(j) != e)
+        for j in lost:
+            self._claims.pop(j, None)
+        return lost, sorted(r[0] for r in rows if r[2] and r[0] in self._claims)
+
+    def request_cancel(self, job_id: str) -> str | None:
+        """Ask the coordinator that owns an active job to cancel it; returns that owner (None: not owned elsewhere)."""
+        row = self.conn.execute("UPDATE jobs SET cancel_requested = true WHERE job_id = %s AND active "
+                                "AND owner IS NOT NULL AND owner <> %s RETURNING owner",
+                                (job_id, self.coordinator_id)).fetchone()
+        return str(row[0]) if row is not None else None
+
+    def use_quote(self, quote_id: str, job_id: str, expires_ms: int) -> str | None:
+        """Record that `job_id` pays with this quote; None when it is the first, else the job that did."""
+        row = self.conn.execute(
+            "WITH ins AS (INSERT INTO used_quotes (quote_id, job_id, expires_ms) VALUES (%s, %s, %s) "
+            "ON CONFLICT (quote_id) DO NOTHING RETURNING job_id) "
+            "SELECT job_id, true FROM ins UNION ALL SELECT job_id, false FROM used_quotes WHERE quote_id = %s LIMIT 1",
+            (quote_id, job_id, expires_ms, quote_id)).fetchone()
+        if row is None or row[1]:
+            return None
+        return str(row[0])
+
+    def forget_quote(self, quote_id: str, job_id: str) -> None:
+        """A job that was never queued gives its quote back."""
+        self.conn.execute("DELETE FROM used_quotes WHERE quote_id = %s AND job_id = %s", (quote_id, job_id))
+
+    def prune_quotes(self, now_ms: int) -> None:
+        self.conn.execute("DELETE FROM used_quotes WHERE expires_ms < %s", (now_ms,))
+
+    def forget_request(self, client_id: str, request_id: str, job_id: str) -> None:
+        """A job refused before it was written gives its request id back."""
+        self.conn.execute("DELETE FROM requests WHERE client_id = %s AND request_id = %s AND job_id = %s",
+                          (client_id, request_id, job_id))
+
+    def settler(self) -> bool:
+        """Is this process the one that settles? Takes the settler lock when it is free (its holder
+        died or stopped: the server freed it with its connection); held until this connection ends."""
+        conn = self.conn
+        if self._settler_conn is conn:
+            return True
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SETTLER_LOCK,)).fetchone()
+        if row and row[0]:
+            self._settler_conn = conn
+            return True
+        return False
 
     # -- receipts --
 
@@ -385,15 +605,58 @@ class PostgresJobStore:
         return [(r[0], bytes(r[1])) for r in rows]
 
 
-_PUT_JOB = ("INSERT INTO jobs (job_id, active, body) VALUES (%s, %s, %s) "
-            "ON CONFLICT (job_id) DO UPDATE SET active = EXCLUDED.active, body = EXCLUDED.body")
+_COLS = "active, body, state, model, priority, created_ms, queued_ms, verify"
+_STILL_OURS = " WHERE EXISTS (SELECT 1 FROM jobs WHERE job_id = %s AND owner = %s AND claim_epoch = %s) "
+_UPDATE_JOB = ("UPDATE jobs SET (" + _COLS + ") = (%s, %s, %s, %s, %s, %s, %s, %s) "
+               "WHERE job_id = %s AND owner = %s AND claim_epoch = %s RETURNING job_id")  # the fence
+_INSERT_JOB = ("INSERT INTO jobs (job_id, " + _COLS + ", owner, claim_epoch, lease_until) "
+               "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 1, now() + make_interval(secs => %s)) "
+               "ON CONFLICT (job_id) DO UPDATE SET (" + _COLS + ") = (EXCLUDED.active, EXCLUDED.body, EXCLUDED.state, "
+               "EXCLUDED.model, EXCLUDED.priority, EXCLUDED.created_ms, EXCLUDED.queued_ms, EXCLUDED.verify) "
+               "WHERE NOT jobs.active")  # a finished job written again; an active row of another is never overwritten
+_CLAIMED = ("RETURNING j.job_id, j.claim_epoch, j.body, j.excluded, j.queued_ms, j.cancel_requested, "
+            "q.owner, q.expired")
+_SET_OWNER = ("UPDATE jobs j SET owner = %(me)s, claim_epoch = j.claim_epoch + 1, "
+              "lease_until = now() + make_interval(secs => %(lease)s) FROM ")
+_CLAIM = (_SET_OWNER + "(SELECT job_id, NULL::text AS owner, false AS expired FROM jobs "
+          "WHERE state = 1 AND owner IS NULL AND model = ANY(%(models)s::text[]) AND NOT (job_id = ANY(%(skip)s::text[])) "
+          "ORDER BY priority DESC, created_ms, job_id LIMIT %(n)s FOR UPDATE SKIP LOCKED) q "
+          "WHERE j.job_id = q.job_id " + _CLAIMED)
+_CLAIM_IDS = (_SET_OWNER + "(SELECT job_id, NULL::text AS owner, false AS expired FROM jobs "
+              "WHERE state = 1 AND owner IS NULL AND job_id = ANY(%(ids)s::text[]) FOR UPDATE SKIP LOCKED) q "
+              "WHERE j.job_id = q.job_id " + _CLAIMED)
+# an owner is alive while its session lock is held (pg_locks: classid and objid are the key's halves)
+_ALIVE = ("EXISTS (SELECT 1 FROM coordinators c JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted "
+          "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+          "AND l.classid = (c.lock_key >> 32)::oid AND l.objid = (c.lock_key & 4294967295)::oid "
+          "AND l.objsubid = 1 WHERE c.id = t.owner)")
+_TAKE_OVER = (_SET_OWNER + "(SELECT job_id, owner, coalesce(lease_until < now(), true) AS expired FROM jobs t "
+              "WHERE (t.active AND t.owner IS NOT NULL AND (t.lease_until < now() OR (t.owner <> %(me)s AND NOT "
+              + _ALIVE + "))) OR (t.state = 1 AND t.owner IS NULL AND t.queued_ms < %(now)s - "
+              "CASE WHEN t.verify THEN %(vttl)s ELSE %(ttl)s END) "
+              "ORDER BY t.created_ms LIMIT %(n)s FOR UPDATE SKIP LOCKED) q "
+              "WHERE j.job_id = q.job_id " + _CLAIMED)
 _PUT_REQUEST = ("INSERT INTO requests (client_id, request_id, job_id) VALUES (%s, %s, %s) "
-                "ON CONFLICT (client_id, request_id) DO UPDATE SET job_id = EXCLUDED.job_id")
+                "ON CONFLICT (client_id, request_id) DO NOTHING")  # the first job keeps it (claim_request)
 _PUT_CLIENT_RECEIPT = ("INSERT INTO client_receipts (key, client_id, receipt_hash) VALUES (%s, %s, %s) "
                        "ON CONFLICT (key) DO UPDATE SET receipt_hash = EXCLUDED.receipt_hash")
-_PUT_RECEIPT = ("INSERT INTO receipts (receipt_hash, held, unsettled, body) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (receipt_hash) DO UPDATE SET held = EXCLUDED.held, unsettled = EXCLUDED.unsettled, "
-                "body = EXCLUDED.body")
+_PUT_CLIENT_RECEIPT_FENCED = ("INSERT INTO client_receipts (key, client_id, receipt_hash) SELECT %s, %s, %s"
+                              + _STILL_OURS + "ON CONFLICT (key) DO UPDATE SET receipt_hash = EXCLUDED.receipt_hash")
+_RECEIPT_UPSERT = ("ON CONFLICT (receipt_hash) DO UPDATE SET held = EXCLUDED.held, unsettled = EXCLUDED.unsettled, "
+                   "body = EXCLUDED.body")
+_PUT_RECEIPT = "INSERT INTO receipts (receipt_hash, held, unsettled, body) VALUES (%s, %s, %s, %s) " + _RECEIPT_UPSERT
+_PUT_RECEIPT_FENCED = ("INSERT INTO receipts (receipt_hash, held, unsettled, body) SELECT %s, %s, %s, %s"
+                       + _STILL_OURS + _RECEIPT_UPSERT)
+
+
+def _rate(job: job_pb2.Job) -> int:
+    charge = charge_of(job)
+    return charge.rate if charge is not None else 0
+
+
+def _job_columns(j: job_pb2.Job) -> tuple[Any, ...]:
+    return (j.state in ACTIVE, _stored(j), int(j.state), j.model, _rate(j), j.created_at_unix_ms,
+            j.updated_at_unix_ms if j.state == _QUEUED else 0, bool(j.verify_of))
 
 
 def _receipt_columns(receipt: receipt_pb2.Receipt) -> tuple[bool, bool, bytes]:
@@ -440,6 +703,48 @@ class _ArtifactReader(io.RawIOBase):
         out[:take] = self._data[off:off + take]
         self._pos += take
         return take
+
+
+class PostgresReservations:
+    """fees.Reservations in the shared database: every coordinator sees every reservation, and
+    check-then-reserve of one client's escrow runs in one transaction under an advisory lock on the
+    client's address, so two coordinators cannot together reserve more than the escrow holds."""
+
+    def __init__(self, store: PostgresJobStore) -> None:
+        self._store = store
+
+    def restore(self, charges: Iterable[Charge]) -> None:
+        pass  # the rows are the truth: nothing to rebuild
+
+    def reserved(self, client_address: str) -> int:
+        row = self._store.conn.execute("SELECT coalesce(sum(total), 0) FROM reservations WHERE client_address = %s",
+                                       (client_address,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def holds(self, job_id: str) -> bool:
+        return self._store.conn.execute("SELECT 1 FROM reservations WHERE job_id = %s", (job_id,)).fetchone() is not None
+
+    def reserve(self, charge: Charge, escrow_available: int) -> None:
+        conn = self._store.conn
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_ESCROW_LOCKS, charge.client_address))
+            if conn.execute("SELECT 1 FROM reservations WHERE job_id = %s", (charge.job_id,)).fetchone():
+                return
+            row = conn.execute("SELECT coalesce(sum(total), 0) FROM reservations WHERE client_address = %s",
+                               (charge.client_address,)).fetchone()
+            check_escrow(charge, escrow_available, int(row[0]) if row else 0)
+            conn.execute("INSERT INTO reservations (job_id, client_address, total, quote_hash, units) "
+                         "VALUES (%s, %s, %s, %s, %s)", (charge.job_id, charge.client_address, charge.total,
+                                                         charge.quote_hash, charge.units))
+
+    def release(self, job_id: str) -> Charge | None:
+        row = self._store.conn.execute("DELETE FROM reservations WHERE job_id = %s "
+                                       "RETURNING client_address, total, quote_hash, units", (job_id,)).fetchone()
+        return Charge(job_id, row[0], int(row[1]), row[2], int(row[3])) if row is not None else None
+
+    def __len__(self) -> int:
+        row = self._store.conn.execute("SELECT count(*) FROM reservations").fetchone()
+        return int(row[0]) if row else 0
 
 
 class PostgresReputationStore:

@@ -221,7 +221,8 @@ class MinerRegistry:
         now = self.clock()
         for m, rec in record.items():
             age_s = max(0.0, (now_ms - int(rec["seen_at_unix_ms"])) / 1000)  # a clock set back: seen now
-            if age_s < self.model_grace_s and m not in self._model_seen:
+            seen = self._model_seen.get(m)
+            if age_s < self.model_grace_s and (seen is None or seen[0] < now - age_s):  # the newest sighting counts
                 self._model_seen[m] = (now - age_s, int(rec["kind"]), int(rec.get("context_length", 0)))
         return sum(1 for t, _, _ in self._model_seen.values() if now - t < self.model_grace_s)
 

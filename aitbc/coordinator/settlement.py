@@ -5,6 +5,11 @@ minted or pending, and the ledger itself refuses a receipt twice. Receipts waiti
 are indexed in the coordinator's LMDB, so a coordinator restart resumes where it stopped; a ledger
 that is down is retried with exponential backoff and full jitter (ceilings 0.5 s doubling to 30 s,
 aitbc.limits.Backoff) and nothing is lost.
+
+Several coordinators on one database settle through one of them (docs/scaling.md): `elect` is the
+store's settler lock (PostgresJobStore.settler), tried every SETTLER_RETRY_S by each coordinator;
+the holder settles every coordinator's receipts, the others only watch the ledger (readiness).
+When the holder dies, its connection and lock go, and the next try elsewhere takes over.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ St = receipt_pb2.SettlementState
 # Node refusals that retrying cannot fix (bad receipt, wrong chain, attester not authorized):
 # the receipt is marked REJECTED with the reason.
 PERMANENT = (errors.InvalidArgument, errors.PermissionDenied)
+SETTLER_RETRY_S = 2.0  # a coordinator that is not the settler tries for the lock this often
 # SETTLE refusals after which the receipt is minted without its fee (docs/ledger.md, "Rejections")
 FEE_REFUSALS = ("escrow too low", "quote already settled", "economy disabled")
 
@@ -47,6 +53,7 @@ class Settlement:
         max_backoff_s: float = 30.0,
         probe_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        elect: Callable[[], bool] | None = None,
     ) -> None:
         from aitbc.ledger.client import LedgerClient
 
@@ -59,6 +66,8 @@ class Settlement:
         self.probe_s = probe_s
         self._last_contact = float("-inf")  # clock() of the last ledger call that got an answer
         self.clock = clock
+        self.elect = elect  # None: this coordinator is the only one (it always settles)
+        self.settling = elect is None
         self._wake = asyncio.Event()
         self._retry_at: dict[str, float] = {}
         self._reachable = False
@@ -84,6 +93,16 @@ class Settlement:
         backoff = Backoff(0.5, self.max_backoff_s)
         while True:
             try:
+                if self.elect is not None and self.settling != self.elect():
+                    self.settling = not self.settling
+                    log.warning("this coordinator %s the settler", "is now" if self.settling else "is no longer")
+                if not self.settling:  # another coordinator settles: only say whether the ledger answers
+                    await self._call(self.ledger.get_head())
+                    self.ledger_reachable = True
+                    backoff.reset()
+                    self._wake.clear()
+                    await aio.wait_event(self._wake, SETTLER_RETRY_S)
+                    continue
                 if await self.settle_pending() == 0 and self.clock() - self._last_contact >= self.probe_s:
                     # nothing to settle: ask the node for its head now and then, so readiness
                     # (health `.../settlement`) notices a ledger that went away while idle

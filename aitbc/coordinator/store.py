@@ -21,7 +21,8 @@ import io
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -41,8 +42,30 @@ UNSETTLED = frozenset({
 HELD = receipt_pb2.SETTLEMENT_STATE_HELD
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A job a shared store handed to this coordinator (aitbc.coordinator.pgstore): the job as stored,
+    the claim's epoch (every later write is fenced by it), the miners it must avoid, when it was
+    queued, whether another coordinator asked to cancel it, and (taken over) its previous owner
+    and whether that one's lease had expired (else: it died)."""
+
+    job: job_pb2.Job
+    epoch: int
+    excluded: frozenset[str]
+    queued_ms: int
+    cancel_requested: bool = False
+    previous_owner: str = ""
+    lease_expired: bool = False
+
+
 class JobStore(Protocol):
-    """What the coordinator keeps. Every write is one transaction: all of it or nothing."""
+    """What the coordinator keeps. Every write is one transaction: all of it or nothing.
+
+    `shared`: several coordinators use the store at once (PostgreSQL). Such a store also claims,
+    releases and fences jobs (PostgresJobStore: claim, claim_ids, take_over, release, renew, holds,
+    request_cancel, settler); LMDB and memory have a single owner and keep every job."""
+
+    shared: bool
 
     def write(
         self,
@@ -50,16 +73,24 @@ class JobStore(Protocol):
         *,
         artifacts: Iterable[tuple[str, ArtifactData]] = (),
         receipts: Iterable[tuple[job_pb2.Job, receipt_pb2.Receipt]] = (),
-    ) -> None:
+    ) -> Collection[str] | None:
         """Jobs (as they are now), artifacts by sha256 (never overwritten; a Path is a finished
         upload the store takes over), and new receipts with the job they belong to (indexed for
         the job's client, newest first). An artifact is kept until the latest
-        `expires_at_unix_ms` any job written names for it (0: kept for good)."""
+        `expires_at_unix_ms` any job written names for it (0: kept for good). A shared store
+        returns the jobs whose claim another coordinator took over: neither they nor their
+        receipts were written."""
         ...
 
     def get_job(self, job_id: str) -> job_pb2.Job | None: ...
     def active_jobs(self) -> list[job_pb2.Job]: ...
     def job_for_request(self, client_id: str, request_id: str) -> str | None: ...
+
+    def claim_request(self, client_id: str, request_id: str, job_id: str) -> str:
+        """Just before `job_id` is written: the job that owns (client, request_id), `job_id` when
+        none did. A shared store records the request at once (the first coordinator wins); a
+        single-owner store records it with the job's write."""
+        ...
 
     def open_artifact(self, sha256_hex: str) -> BinaryIO | None:
         """The artifact's bytes as a binary file (read it in pieces), or None: never stored or collected."""
@@ -191,6 +222,8 @@ def _client_receipt_key(job: job_pb2.Job) -> bytes:
 class LmdbJobStore:
     """Jobs, receipts and meta in one LMDB; artifact bytes in content-addressed files beside it
     (`artifacts`, default <path>/../artifacts), their records and expiry index in the LMDB."""
+
+    shared = False
 
     def __init__(self, path: str | Path, *, artifacts: str | Path | None = None, map_size: int = 1 << 36,
                  flush_interval_s: float = 0.2) -> None:
@@ -348,6 +381,9 @@ class LmdbJobStore:
             raw = txn.get(_request_key(client_id, request_id), db=self._requests)
         return raw.decode() if raw is not None else None
 
+    def claim_request(self, client_id: str, request_id: str, job_id: str) -> str:
+        return self.job_for_request(client_id, request_id) or job_id  # one owner: the job's write records it
+
     def active_jobs(self) -> list[job_pb2.Job]:
         with self.env.begin() as txn:
             ids = [k for k, _ in txn.cursor(db=self._active)]
@@ -414,6 +450,8 @@ class LmdbJobStore:
 class MemoryJobStore:
     """The in-memory twin: same contract, nothing on disk (tests, and the core without I/O).
     Values are kept serialised, so what is read back is a copy, as from a real store."""
+
+    shared = False
 
     def __init__(self) -> None:
         self._jobs: dict[str, bytes] = {}
@@ -483,6 +521,9 @@ class MemoryJobStore:
 
     def job_for_request(self, client_id: str, request_id: str) -> str | None:
         return self._requests.get(_request_key(client_id, request_id))
+
+    def claim_request(self, client_id: str, request_id: str, job_id: str) -> str:
+        return self.job_for_request(client_id, request_id) or job_id  # one owner: the job's write records it
 
     def active_jobs(self) -> list[job_pb2.Job]:
         return [job_pb2.Job.FromString(self._jobs[j]) for j in sorted(self._active)]

@@ -374,3 +374,28 @@ def test_jobs_a_lost_miner_got_in_one_call_are_requeued_in_an_order_that_replays
     orders = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                              env=dict(os.environ, PYTHONHASHSEED=str(seed))).stdout.strip() for seed in range(6)}
     assert len(orders) == 1, orders
+
+
+# ---- a shared store (several coordinators on one database) ------------------------------------------
+
+def test_released_jobs_leave_the_machine_without_a_transition_and_their_miner_drops_them(sm: m.JobMachine) -> None:
+    assigned(sm, "held")
+    sm.handle(m.Submit(image_job("waiting")))  # the only miner is busy
+    out = sm.handle(m.Released(("held", "waiting"), "taken over"))
+    assert moves(out) == [] and not any(isinstance(i, m.Store) for i in out)
+    assert [(i.miner_id, i.job_id, i.reason) for i in out if isinstance(i, m.SendCancel)] == [("m1", "held", "taken over")]
+    assert sm.job("held") is None and sm.job("waiting") is None and list(sm.queue) == [] and sm.running("m1") == 0
+
+
+def test_a_claimed_job_a_dead_coordinators_miner_held_is_requeued_with_the_reason_and_its_wait(
+        sm: m.JobMachine, clock: FakeClock) -> None:
+    held = image_job("j")
+    held.state, held.attempts, held.miner_id = S.JOB_STATE_RUNNING, 1, "elsewhere"  # type: ignore[assignment]
+    out = sm.handle(m.Restore(held, why="coordinator c1 stopped while a miner held the job"))
+    assert moves(out) == [(S.JOB_STATE_RUNNING, S.JOB_STATE_QUEUED)]
+    assert sm.job("j").wait_reason == "requeued: coordinator c1 stopped while a miner held the job"  # type: ignore[union-attr]
+    waited = image_job("old")
+    waited.state = S.JOB_STATE_QUEUED  # type: ignore[assignment]
+    sm.handle(m.Restore(waited, queued_for_s=LIMITS.queue_ttl_s + 1))
+    out = sm.handle(m.Tick())
+    assert (S.JOB_STATE_QUEUED, S.JOB_STATE_EXPIRED) in moves(out) and sm.job("old") is None

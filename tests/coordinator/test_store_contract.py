@@ -7,8 +7,11 @@ persist). Nothing here knows which backend it runs on.
 from __future__ import annotations
 
 import stat
+import time
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from aitbc.coordinator.pgstore import PostgresJobStore
@@ -45,6 +48,17 @@ def read(store: JobStore, sha: str) -> bytes | None:
         return None
     with f:
         return f.read()
+
+
+def eventually(probe: Any, tries: int = 500) -> Any:
+    """The first truthy answer of `probe`, asked every 10 ms (a server frees a closed session's
+    locks when its backend process has exited, a moment after the client closed it)."""
+    for _ in range(tries):
+        got = probe()
+        if got:
+            return got
+        time.sleep(0.01)
+    raise AssertionError(f"{probe} never answered")
 
 
 class JobStoreContract:
@@ -87,6 +101,12 @@ class JobStoreContract:
         assert store.job_for_request("alice", "req-1") == "a"
         assert store.job_for_request("bob", "req-1") == "b"
         assert store.job_for_request("alice", "req-2") is None
+
+    def test_a_request_id_keeps_the_job_written_first(self, store: JobStore) -> None:
+        assert store.claim_request("alice", "r1", "j1") == "j1"
+        store.write([job("j1", request_id="r1")])
+        assert store.claim_request("alice", "r1", "j2") == "j1"  # the same request again: that job
+        assert store.claim_request("bob", "r1", "j3") == "j3"  # per client
 
     def test_artifacts_are_content_addressed_and_never_overwritten(self, store: JobStore) -> None:
         store.write([], artifacts=[("aa", b"first")])
@@ -241,3 +261,97 @@ class TestPostgresJobStore(JobStoreContract):
     def reopen(self, store: JobStore) -> JobStore:
         store.close()
         return PostgresJobStore(self.url)
+
+    # ---- several coordinators on one database: claims, fences, takeover, the arbiter, the settler ----
+
+    @pytest.fixture
+    def other(self):  # type: ignore[no-untyped-def]
+        s = PostgresJobStore(self.url)
+        yield s
+        s.close()
+
+    def test_a_queued_job_is_claimed_by_one_coordinator_only(self, store: PostgresJobStore,
+                                                             other: PostgresJobStore) -> None:
+        store.write([job("q1"), job("q2")])
+        store.release([("q1", ()), ("q2", ())])
+        first = other.claim(["tiny-sd"], 1)
+        second = store.claim(["tiny-sd"], 5)
+        assert [c.job.job_id for c in first] == ["q1"] and [c.job.job_id for c in second] == ["q2"]
+        assert first[0].epoch == 2  # epoch 1 was the submitter's own claim
+        assert store.claim(["tiny-sd"], 5) == other.claim(["tiny-sd"], 5) == []
+        assert other.claim(["other-model"], 5) == []
+
+    def test_only_queued_rows_are_claimed(self, store: PostgresJobStore, other: PostgresJobStore) -> None:
+        other.write([job("fin", S.JOB_STATE_COMPLETED, finished=5)])  # finished: written with no owner
+        store.write([job("q")])
+        store.release([("q", ())])
+        assert [c.job.job_id for c in other.claim(["tiny-sd"], 5)] == ["q"]
+
+    def test_a_write_after_a_takeover_is_refused_and_its_receipt_never_stored(
+            self, store: PostgresJobStore, other: PostgresJobStore) -> None:
+        store.lease_s = 0.0  # its lease runs out at once
+        store.write([job("j")])
+        taken = other.take_over(10, now_ms=0, queue_ttl_ms=1 << 40, verify_ttl_ms=1 << 40)
+        assert [(c.job.job_id, c.previous_owner, c.lease_expired) for c in taken] == [("j", store.coordinator_id, True)]
+        assert not store.holds("j") and other.holds("j")
+        late = job("j", S.JOB_STATE_COMPLETED, finished=9)
+        late.receipt_hash = "ab" * 32
+        lost = store.write([late], receipts=[(late, receipt("ab" * 32, "j", St.SETTLEMENT_STATE_PENDING))])
+        assert lost == {"j"}
+        assert store.get_job("j").state == S.JOB_STATE_QUEUED and store.get_receipt("ab" * 32) is None  # type: ignore[union-attr]
+        assert other.write([job("j", S.JOB_STATE_RUNNING)]) == set()  # the new owner writes on
+        assert other.get_job("j").state == S.JOB_STATE_RUNNING  # type: ignore[union-attr]
+
+    def test_renewing_keeps_a_claim_and_names_the_ones_taken_over(self, store: PostgresJobStore,
+                                                                 other: PostgresJobStore) -> None:
+        store.write([job("kept"), job("lost")])
+        assert store.renew() == (frozenset(), [])
+        assert other.take_over(10, now_ms=0, queue_ttl_ms=1 << 40, verify_ttl_ms=1 << 40) == []  # alive, leased
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("UPDATE jobs SET lease_until = now() - interval '1 second' WHERE job_id = 'lost'")
+        assert [c.job.job_id for c in other.take_over(10, now_ms=0, queue_ttl_ms=1 << 40, verify_ttl_ms=1 << 40)] == ["lost"]
+        assert store.renew() == (frozenset({"lost"}), [])
+        assert store.holds("kept")
+
+    def test_the_jobs_of_a_dead_coordinator_are_taken_over_before_their_lease_ends(
+            self, store: PostgresJobStore, other: PostgresJobStore) -> None:
+        dead = PostgresJobStore(self.url, lease_s=3600)
+        dead.write([job("a", S.JOB_STATE_RUNNING), job("b")])
+        assert other.take_over(10, now_ms=0, queue_ttl_ms=1 << 40, verify_ttl_ms=1 << 40) == []
+        dead.close()  # its connection ends: the server frees its lock (as for kill -9) once its backend exits
+        taken = eventually(lambda: other.take_over(10, now_ms=0, queue_ttl_ms=1 << 40, verify_ttl_ms=1 << 40))
+        assert sorted((c.job.job_id, c.lease_expired) for c in taken) == [("a", False), ("b", False)]
+        assert store.take_over(10, now_ms=0, queue_ttl_ms=1 << 40, verify_ttl_ms=1 << 40) == []  # once
+
+    def test_a_queued_job_past_its_queue_time_is_handed_to_a_reaper_to_expire(
+            self, store: PostgresJobStore, other: PostgresJobStore) -> None:
+        store.write([job("old")])  # queued at updated_at_unix_ms = 1
+        store.release([("old", ["m1"])])
+        assert other.take_over(10, now_ms=500, queue_ttl_ms=1000, verify_ttl_ms=1000) == []
+        (c,) = other.take_over(10, now_ms=5000, queue_ttl_ms=1000, verify_ttl_ms=1000)
+        assert c.job.job_id == "old" and c.queued_ms == 1 and c.excluded == {"m1"}
+
+    def test_a_cancel_asked_elsewhere_reaches_the_owner_on_its_next_renewal(
+            self, store: PostgresJobStore, other: PostgresJobStore) -> None:
+        store.write([job("c", S.JOB_STATE_RUNNING)])
+        assert other.request_cancel("c") == store.coordinator_id
+        assert store.request_cancel("c") is None  # the owner itself does not ask
+        assert store.renew() == (frozenset(), ["c"])
+
+    def test_two_coordinators_given_one_request_id_return_the_same_job(
+            self, store: PostgresJobStore, other: PostgresJobStore) -> None:
+        assert store.claim_request("alice", "r", "j-a") == "j-a"
+        assert other.claim_request("alice", "r", "j-b") == "j-a"  # before j-a is even written
+        store.write([job("j-a", request_id="r")])
+        assert other.job_for_request("alice", "r") == "j-a"
+        # a request whose job was never written (its coordinator died in between) can be taken
+        assert other.claim_request("alice", "r2", "dead") == "dead"
+        assert not store.take_request("alice", "r", "j-a", "j-c")  # j-a exists
+        assert store.take_request("alice", "r2", "dead", "j-d") and store.claim_request("alice", "r2", "x") == "j-d"
+
+    def test_one_settler_at_a_time_and_the_next_takes_over_when_it_goes(
+            self, store: PostgresJobStore, other: PostgresJobStore) -> None:
+        assert store.settler() and store.settler()  # held, and asked again: still
+        assert not other.settler()
+        store.close()  # the lock goes when its backend has exited
+        assert eventually(other.settler)

@@ -1,0 +1,245 @@
+"""Several coordinators on one PostgreSQL database (docs/scaling.md): a real server, real
+coordinators sharing one attester key, real miners, a real ledger node."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from aitbc import crypto
+from aitbc.ledger.client import LedgerClient
+from aitbc.miner.backend import NullImageBackend
+from aitbc.v1 import coordinator_pb2, job_pb2, receipt_pb2
+from tests.coordinator.test_jobs_api import MD, image_job, stub, wait_done
+from tests.coordinator.test_pg_coordinator import fetch
+from tests.coordinator.test_settlement import LedgerNode
+
+S = job_pb2.JobState
+St = receipt_pb2.SettlementState
+
+
+class Gated(NullImageBackend):
+    """The null backend, but each run waits until `release` is set (or the job is cancelled): a
+    miner in the middle of a job."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def generate(self, req: Any, on_step: Any, cancel: threading.Event) -> Any:
+        self.started.set()
+        while not self.release.is_set() and not cancel.is_set():
+            self.release.wait(0.05)
+        return super().generate(req, on_step, cancel)
+
+
+async def pair(network_factory: Any, pg_url: str, tmp_path: Path, **overrides: Any) -> tuple[Any, Any]:
+    """Two coordinators on one database with one attester key (docs/scaling.md, "Attestation keys")."""
+    key_file = str(tmp_path / "attester.key")
+    a = await network_factory(database_url=pg_url, key_file=key_file, **overrides)
+    b = await network_factory(database_url=pg_url, key_file=key_file, **overrides)
+    return a, b
+
+
+async def crash(net: Any) -> None:
+    """What kill -9 looks like to the others: its database connection ends (the server frees its
+    advisory lock), its sockets close, and nothing of it runs again."""
+    proc, net.proc = net.proc, None
+    for t in proc.tasks:
+        t.cancel()
+    proc.core.store._closed = True
+    proc.core.store._conn.close()
+    await proc.running.stop(0)
+
+
+async def state_of(s: Any, job_id: str) -> int:
+    return (await s.GetJob(coordinator_pb2.GetJobRequest(job_id=job_id), metadata=MD)).job.state
+
+
+async def until_state(s: Any, job_id: str, want: int, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while await state_of(s, job_id) != want:
+        assert loop.time() < deadline, f"job {job_id} never reached {S.Name(want)}"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_job_submitted_on_a_runs_on_a_miner_of_b_and_reads_the_same_on_both(
+        network_factory: Any, pg_url: str, tmp_path: Path, null_backend: Any) -> None:
+    a, b = await pair(network_factory, pg_url, tmp_path)
+    assert a.core.key.address == b.core.key.address
+    miner = await b.add_miner({"null": null_backend})
+    sa, sb = stub(a), stub(b)
+    await a.until(lambda: "null" in a.core.served_models())  # B's record of what its miners serve
+    sub = (await sa.SubmitJob(image_job(model="null", seed=3, steps=2, request_id="cross-1"), metadata=MD)).job
+    assert not a.core.miners and sub.job_id not in a.core.machine.records  # A has no miner: back to the shared queue
+    done = await wait_done(sa, sub.job_id)  # watched on A, run by B's miner: A reads the row
+    assert done.state == S.JOB_STATE_COMPLETED and done.miner_id == miner.key.address, done.error
+    for s in (sa, sb):
+        got = (await s.GetJob(coordinator_pb2.GetJobRequest(job_id=sub.job_id), metadata=MD)).job
+        assert got.state == S.JOB_STATE_COMPLETED and got.receipt_hash == done.receipt_hash
+        rec = (await s.GetReceipt(coordinator_pb2.GetReceiptRequest(job_id=sub.job_id), metadata=MD)).receipt
+        assert rec.receipt_hash == done.receipt_hash and rec.body.provider == miner.key.address
+        art, data = await fetch(s, sub.job_id)
+        assert hashlib.sha256(data).hexdigest() == art.sha256
+        listed = (await s.ListReceipts(coordinator_pb2.ListReceiptsRequest(), metadata=MD)).receipts
+        assert [r.receipt_hash for r in listed] == [done.receipt_hash]
+
+
+async def test_the_same_request_id_on_a_and_b_gives_one_job(network_factory: Any, pg_url: str, tmp_path: Path,
+                                                            null_backend: Any) -> None:
+    a, b = await pair(network_factory, pg_url, tmp_path)
+    await b.add_miner({"null": null_backend})
+    await a.until(lambda: "null" in a.core.served_models())
+    req = image_job(model="null", seed=5, request_id="once-please")
+    for _ in range(3):  # at once on both, again and again
+        got = await asyncio.gather(stub(a).SubmitJob(req, metadata=MD), stub(b).SubmitJob(req, metadata=MD))
+        assert got[0].job.job_id == got[1].job.job_id
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (1,)
+    assert (await wait_done(stub(b), got[0].job.job_id)).state == S.JOB_STATE_COMPLETED
+
+
+@pytest.mark.slow
+async def test_a_dead_owners_job_is_taken_over_completes_once_elsewhere_and_is_minted_once(
+        network_factory: Any, pg_url: str, tmp_path: Path, null_backend: Any) -> None:
+    attester = crypto.load_or_create_key(tmp_path / "attester.key").address
+    async with LedgerNode(tmp_path, attester) as ledger:
+        a, b = await pair(network_factory, pg_url, tmp_path, ledger=ledger.address)
+        await a.until(lambda: a.proc.settlement.settling)  # the first one up settles
+        assert not b.proc.settlement.settling
+        gated = Gated()
+        await a.add_miner({"null": gated}, price=7)
+        sa, sb = stub(a), stub(b)
+        job_id = (await sa.SubmitJob(image_job(model="null", seed=9, steps=2), metadata=MD)).job.job_id
+        await until_state(sb, job_id, S.JOB_STATE_RUNNING)  # on A's miner, as B reads it
+        assert gated.started.is_set()
+        honest = await b.add_miner({"null": null_backend}, price=7)
+        dead = a.core.store.coordinator_id
+        await crash(a)  # mid-job, A's claim on it never released
+        done = await wait_done(sb, job_id)
+        assert done.state == S.JOB_STATE_COMPLETED and done.miner_id == honest.key.address, done.error
+        assert done.attempts == 2
+        assert [t.cause for t in done.story if t.to_state == S.JOB_STATE_QUEUED][-1] == (
+            f"coordinator {dead} stopped while a miner held the job")
+        await b.until(lambda: b.proc.settlement.settling)  # A's settler lock went with its connection
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while (rec := b.core.store.get_receipt(done.receipt_hash)).settlement.state != St.SETTLEMENT_STATE_FINAL:
+            assert loop.time() < deadline, rec.settlement
+            await asyncio.sleep(0.1)
+        assert [r.body.job_id for r in b.core.store.iter_receipts()] == [job_id]  # one receipt for the job
+        async with LedgerClient(ledger.address) as lc:
+            assert (await lc.get_account(honest.key.address)).balance == rec.settlement.amount == rec.body.units * 7
+        gated.release.set()
+
+
+async def test_a_taken_over_claim_is_dropped_by_its_old_owner_and_its_miner_told(
+        network_factory: Any, pg_url: str, tmp_path: Path, null_backend: Any) -> None:
+    a, b = await pair(network_factory, pg_url, tmp_path)
+    gated = Gated()
+    old = await a.add_miner({"null": gated})
+    job_id = (await stub(a).SubmitJob(image_job(model="null", seed=11, steps=2), metadata=MD)).job.job_id
+    await until_state(stub(b), job_id, S.JOB_STATE_RUNNING)
+    honest = await b.add_miner({"null": null_backend})
+    a.core.store.lease_s = 0.0  # A stalls: its renewals no longer keep the lease (B's reaper takes the job)
+    await a.until(lambda: job_id not in a.core.machine.records)  # A's renewal found the claim gone
+    assert not a.core.machine.miners[old.key.address].held  # and its miner was told to drop the job
+    a.core.store.lease_s = 30.0
+    done = await wait_done(stub(a), job_id)
+    assert done.state == S.JOB_STATE_COMPLETED and done.miner_id == honest.key.address, done.error
+    assert [r.body.job_id for r in b.core.store.iter_receipts()] == [job_id]
+    gated.release.set()
+
+
+async def test_cancel_on_any_coordinator(network_factory: Any, pg_url: str, tmp_path: Path) -> None:
+    a, b = await pair(network_factory, pg_url, tmp_path, model_grace_s=600.0)
+    gated = Gated()
+    await a.add_miner({"null": gated})
+    sa, sb = stub(a), stub(b)
+    running = (await sa.SubmitJob(image_job(model="null", seed=1), metadata=MD)).job.job_id
+    await until_state(sb, running, S.JOB_STATE_RUNNING)
+    queued = (await sa.SubmitJob(image_job(model="null", seed=2), metadata=MD)).job.job_id  # the miner is busy
+    assert await state_of(sb, queued) == S.JOB_STATE_QUEUED
+    got = (await sb.CancelJob(coordinator_pb2.CancelJobRequest(job_id=queued), metadata=MD)).job
+    assert got.state == S.JOB_STATE_CANCELLED  # a queued job: cancelled where it was asked
+    asked = (await sb.CancelJob(coordinator_pb2.CancelJobRequest(job_id=running), metadata=MD)).job
+    assert asked.state == S.JOB_STATE_RUNNING  # A runs it: asked of A, which cancels it on its next renewal
+    ended = await wait_done(sb, running)
+    assert ended.state == S.JOB_STATE_CANCELLED and "asked on another coordinator" in ended.error
+
+
+async def test_an_idle_coordinator_claims_a_job_given_back_elsewhere_when_the_doorbell_rings(
+        network_factory: Any, pg_url: str, tmp_path: Path, null_backend: Any) -> None:
+    a, b = await pair(network_factory, pg_url, tmp_path)
+    miner = await b.add_miner({"null": null_backend})
+    await a.until(lambda: "null" in a.core.served_models())
+    b.proc.tasks[0].cancel()  # B's housekeeping (its 0.5 s claim poll) stops: only NOTIFY can wake it
+    await asyncio.gather(b.proc.tasks[0], return_exceptions=True)
+    job_id = (await stub(a).SubmitJob(image_job(model="null", seed=21), metadata=MD)).job.job_id
+    done = await wait_done(stub(a), job_id)
+    assert done.state == S.JOB_STATE_COMPLETED and done.miner_id == miner.key.address, done.error
+
+
+async def test_a_result_for_a_job_taken_over_is_refused_and_never_attested(
+        network_factory: Any, pg_url: str, tmp_path: Path, null_backend: Any) -> None:
+    a, b = await pair(network_factory, pg_url, tmp_path)
+    gated = Gated()
+    await a.add_miner({"null": gated})
+    job_id = (await stub(a).SubmitJob(image_job(model="null", seed=23, steps=2), metadata=MD)).job.job_id
+    await until_state(stub(b), job_id, S.JOB_STATE_RUNNING)
+    a.core._renewed_at = a.core._reaped_at = float("inf")  # A stalls and does not notice (no renewal) ...
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # ... while its lease runs out
+        conn.execute("UPDATE jobs SET lease_until = now() - interval '1 second' WHERE job_id = %s", (job_id,))
+    await b.until(lambda: not a.core.store.holds(job_id))  # B's reaper took it over (and queued it again)
+    assert job_id in a.core.machine.records  # A still thinks it runs the job
+    gated.release.set()  # A's miner sends its result: A checks its claim first
+    await a.until(lambda: job_id not in a.core.machine.records)
+    a.core._renewed_at = a.core._reaped_at = 0.0  # A is back: its miner runs the job again, as a new attempt
+    done = await wait_done(stub(b), job_id)
+    assert done.state == S.JOB_STATE_COMPLETED and done.attempts == 2, done.error
+    assert [r.receipt_hash for r in b.core.store.iter_receipts()] == [done.receipt_hash]  # the refused run: none
+    assert [f.finished_at_unix_ms for f in a.core.fills] == [done.finished_at_unix_ms]  # A completed it once
+
+
+async def test_two_coordinators_cannot_over_reserve_one_escrow_nor_use_one_quote_twice(
+        network_factory: Any, pg_url: str, tmp_path: Path, null_backend: Any) -> None:
+    import grpc
+
+    from tests.coordinator.test_paid_jobs import clients, economy, quote_req
+
+    eco = await economy(network_factory, null_backend, tmp_path, escrow=2_000, database_url=pg_url)
+    try:  # B: the same database and attester key (the ledger's genesis names A's key)
+        b = await network_factory(database_url=pg_url, key_file=str(tmp_path / "net0" / "coordinator.key"),
+                                  ledger=eco.ledger.address, clients=clients(eco.client.address))
+        await eco.net.add_miner({"null": null_backend}, price=3)
+        sa, sb = stub(eco.net), stub(b)
+        q1, q2 = [await sa.QuoteJob(quote_req(fee=1_200, seed=n), metadata=MD) for n in (1, 2)]  # 1,230 each
+
+        def paid(q: Any, seed: int) -> Any:
+            req = image_job(model="null", steps=10, seed=seed)
+            req.quote, req.quote_signature = q.quote, q.quote_signature
+            return req
+
+        got = await asyncio.gather(sa.SubmitJob(paid(q1, 1), metadata=MD), sb.SubmitJob(paid(q2, 2), metadata=MD),
+                                   return_exceptions=True)
+        ok = [g for g in got if not isinstance(g, Exception)]
+        refused = [g for g in got if isinstance(g, grpc.aio.AioRpcError)]
+        assert len(ok) == 1 and len(refused) == 1, got  # one fits in 2,000, two do not: wherever they went
+        assert refused[0].code() == grpc.StatusCode.FAILED_PRECONDITION and "escrow too low" in refused[0].details()
+        again = await asyncio.gather(sa.SubmitJob(paid(q1 if ok[0] is got[0] else q2, 3), metadata=MD),
+                                     sb.SubmitJob(paid(q1 if ok[0] is got[0] else q2, 4), metadata=MD),
+                                     return_exceptions=True)
+        assert all(isinstance(g, grpc.aio.AioRpcError) and g.code() == grpc.StatusCode.ALREADY_EXISTS
+                   for g in again), again  # its quote is used, on either coordinator
+        done = await wait_done(sa, ok[0].job.job_id)
+        assert done.state == S.JOB_STATE_COMPLETED, done.error
+    finally:
+        await eco.lc.close()
+        await eco.ledger.stop()
