@@ -1,5 +1,6 @@
-"""`aitbc devnet --postgres`: the coordinator's store in a PostgreSQL server the devnet runs in its
-folder (a real server from the system's package), kept across restarts, stopped with the devnet."""
+"""`aitbc devnet --postgres`: the coordinators' store in a PostgreSQL server the devnet runs in its
+folder (a real server from the system's package), kept across restarts, stopped with the devnet;
+`--coordinators 2`: two coordinators on that one database."""
 
 from __future__ import annotations
 
@@ -34,20 +35,24 @@ def test_more_than_one_coordinator_needs_postgres(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_devnet_on_postgres_runs_a_job_and_keeps_it_across_a_restart(tmp_path: Path) -> None:
+def test_two_coordinators_on_the_devnets_postgres_share_a_job_and_keep_it_across_a_restart(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = dict(os.environ, AITBC_HOME=str(home))
-    extra = ("--postgres", "--ledger-listen", "127.0.0.1:0")
+    extra = ("--postgres", "--coordinators", "2", "--ledger-listen", "127.0.0.1:0")
     proc, lines = start_devnet(env, tmp_path, extra)
     try:
         endpoints = json.loads((home / "devnet" / "endpoints.json").read_text())
-        url = endpoints["database_url"]
+        url, (first, second) = endpoints["database_url"], endpoints["coordinators"]
+        assert first == endpoints["coordinator"] and second in "".join(lines)
         assert url.startswith("postgresql://aitbc@127.0.0.1:") and url in "".join(lines)
-        r = aitbc(env, "submit", "a kite over the sea", "--steps", "4", "--seed", "5", "-o", "kite.png", cwd=tmp_path)
+        r = aitbc(dict(env, AITBC_COORDINATOR=second), "submit", "a kite over the sea", "--steps", "4", "--seed", "5",
+                  "-o", "kite.png", cwd=tmp_path)  # submitted to the second
         assert r.returncode == 0, r.stdout + r.stderr
         job_id = [ln.split(":", 1)[1].strip() for ln in r.stdout.splitlines() if ln.startswith("job id:")][0]
         with psycopg.connect(url) as conn:  # the job is a row of the devnet's database, not an LMDB record
             assert conn.execute("SELECT count(*) FROM jobs WHERE job_id = %s", (job_id,)).fetchone() == (1,)
+        r = aitbc(dict(env, AITBC_COORDINATOR=first), "status", job_id, cwd=tmp_path)  # read on the first
+        assert r.returncode == 0 and "COMPLETED" in r.stdout, r.stdout + r.stderr
         deadline = time.monotonic() + 60
         while "settlement FINAL" not in (r := aitbc(env, "receipts", "--job-id", job_id, cwd=tmp_path)).stderr:
             assert time.monotonic() < deadline, r.stderr
