@@ -162,10 +162,7 @@ class Chain:
         if header is not None:
             return _info(decode_header(header))
         raw = self.store.get(BLK + block_hash)
-        if raw is None:
-            return None
-        (hlen,) = struct.unpack_from(">I", raw, 0)
-        return _info(decode_header(raw[4:4 + hlen]))
+        return None if raw is None else _info(raw_header(raw))
 
     def info(self, block_hash: bytes) -> BlockInfo | None:
         if block_hash == self.genesis_hash:
@@ -559,6 +556,14 @@ class Chain:
         writes = self._block_writes(block, ov.writes, self.store.get)  # type: ignore[arg-type]
         self._commit(writes, block)
         return block, dropped
+
+
+def raw_header(raw: bytes) -> Header:
+    """The header of an encoded block, without decoding its transactions."""
+    if len(raw) < 4:
+        raise InvalidArgument("malformed block: truncated")
+    (hlen,) = struct.unpack_from(">I", raw, 0)
+    return decode_header(raw[4:4 + hlen])
 
 
 def _info(h: Header) -> BlockInfo:
