@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 
 from aitbc import crypto
@@ -199,6 +199,10 @@ class Chain:
     def tx_location(self, tx_hash: bytes) -> tuple[int, int] | None:
         v = self.store.get(TXI + tx_hash)
         return None if v is None else _TXI.unpack(v)
+
+    def tx_locations(self, tx_hashes: Sequence[bytes]) -> list[tuple[int, int] | None]:
+        """tx_location of each hash, read in one go."""
+        return [None if v is None else _TXI.unpack(v) for v in self.store.get_many([TXI + h for h in tx_hashes])]
 
     def receipt_minted(self, receipt_hash: bytes) -> tuple[int, bytes, int] | None:
         v = self.store.get(state.rcpt_key(receipt_hash))

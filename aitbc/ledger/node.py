@@ -349,17 +349,23 @@ class Node:
         """Decode and de-duplicate (what stays, a Tx, still needs its stateless checks unless
         verified_txs holds it)."""
         out: list[tuple[bytes, Tx | None, AitbcError | None]] = []
+        txs: list[Tx | AitbcError] = []
         for raw in raws:
             try:
-                tx = decode_tx(raw)
+                txs.append(decode_tx(raw))
             except AitbcError as exc:
-                out.append((crypto.sha256(bytes(raw)), None, exc))
+                txs.append(exc)
+        locs = iter(self.chain.tx_locations([tx.hash for tx in txs if isinstance(tx, Tx)]))
+        for raw, tx in zip(raws, txs, strict=True):
+            if not isinstance(tx, Tx):
+                out.append((crypto.sha256(bytes(raw)), None, tx))
                 continue
+            loc = next(locs)
             if tx.hash in self.mempool:
                 out.append((tx.hash, None, AlreadyExists(f"already known: tx {tx.hash.hex()} is pending")))
             elif tx.evidence and (err := self._evidence_recorded(tx.evidence)) is not None:
                 out.append((tx.hash, None, err))
-            elif (loc := self.chain.tx_location(tx.hash)) is not None:
+            elif loc is not None:
                 out.append((tx.hash, None, AlreadyExists(f"already known: tx {tx.hash.hex()} is in block {loc[0]}")))
             else:
                 out.append((tx.hash, tx, None))
@@ -556,6 +562,8 @@ class Node:
             with self._block_busy():
                 decoded = await asyncio.to_thread(self._decode_new, raws)
                 blocks = [b for b in decoded if b is not None]
+                if not blocks:  # every one is held already (another peer sent it first): nothing changes
+                    return ["known"] * len(decoded)
                 refused = await self._check_new([tx for b in blocks for tx in b.txs if tx.hash not in self.mempool.by_hash])
                 # every other tx of these blocks was checked now or before (mempool, verified_txs): kept
                 # in a set, as verified_txs may forget some before add_blocks reads it (a big catch-up
@@ -584,8 +592,9 @@ class Node:
         return outcomes
 
     async def _readmit_side_txs(self) -> None:
-        raws = [tx.raw for b in list(self.chain.side.values()) for tx in b.txs
-                if self.chain.tx_location(tx.hash) is None]
+        txs = [tx for b in list(self.chain.side.values()) for tx in b.txs]
+        raws = [tx.raw for tx, loc in zip(txs, self.chain.tx_locations([tx.hash for tx in txs]), strict=True)
+                if loc is None]
         if raws:
             await self.submit(raws, relay=False)
 
@@ -595,7 +604,9 @@ class Node:
         mp = self.mempool
         if len(mp):
             if included is None:
-                included = [tx for tx in mp.by_hash.values() if self.chain.tx_location(tx.hash) is not None]
+                pending = list(mp.by_hash.values())
+                included = [tx for tx, loc in zip(pending, self.chain.tx_locations([tx.hash for tx in pending]),
+                                                   strict=True) if loc is not None]
                 mp.remove(included)
                 mp.recheck(self.chain.account, self._minted)
             else:
