@@ -53,7 +53,7 @@ VOTE_REFRESH_MIN_S = 0.5  # shortest pause between two refreshes of the votes wh
 INVALID_VOTES_PER_S = 10.0  # invalid votes a caller may send per second (after a burst), see submit_votes
 INVALID_VOTES_BURST = 2 * MAX_VOTE_BATCH
 MAX_VOTE_CALLERS = 4096  # callers whose invalid votes are counted at once
-MULTI_AUTHORITY_TXS_PER_S = 4000  # own-block budget with several authorities (see _block_tx_budget)
+MULTI_AUTHORITY_TXS_PER_S = 12000  # own-block budget with several authorities (see _block_tx_budget)
 ADMIT_CHUNK = 1024  # admission checks this many txs at a time, giving way to block work between chunks
 ADMIT_YIELD_S = 0.5  # ... for at most this long per chunk (a long catch-up does not stop admission)
 
