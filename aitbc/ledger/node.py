@@ -562,7 +562,9 @@ class Node:
             with self._block_busy():
                 decoded = await asyncio.to_thread(self._decode_new, raws)
                 blocks = [b for b in decoded if b is not None]
-                if not blocks:  # every one is held already (another peer sent it first): nothing changes
+                if not blocks:  # every one is held already (another peer sent it first): nothing was added
+                    async with self._lock:
+                        self._after_change([])  # as add_blocks's "known" outcomes did (votes retried, streams woken)
                     return ["known"] * len(decoded)
                 refused = await self._check_new([tx for b in blocks for tx in b.txs if tx.hash not in self.mempool.by_hash])
                 # every other tx of these blocks was checked now or before (mempool, verified_txs): kept
