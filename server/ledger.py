@@ -54,9 +54,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             resp.certified_height, resp.certified_hash = certified.height, certified.hash.hex()
         head = chain.head
         if head.height > 0:
-            blk = chain.block_at(head.height)
-            if blk is not None:
-                resp.head.CopyFrom(header_to_proto(blk.header))
+            raw = chain.header_at(head.height)  # the header alone: decoding the block costs ~5 us a tx
+            if raw is not None:
+                resp.head.CopyFrom(header_to_proto(decode_header(raw)))
         else:
             resp.head.CopyFrom(S.BlockHeader(chain_id=g.chain_id, height=0, hash=chain.genesis_hash.hex(),
                                              timestamp_ms=g.genesis_time_ms))

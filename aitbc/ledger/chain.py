@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 
 from aitbc import crypto
@@ -173,10 +173,7 @@ class Chain:
         if header is not None:
             return _info(decode_header(header))
         raw = self.store.get(BLK + block_hash)
-        if raw is None:
-            return None
-        (hlen,) = struct.unpack_from(">I", raw, 0)
-        return _info(decode_header(raw[4:4 + hlen]))
+        return None if raw is None else _info(raw_header(raw))
 
     def info(self, block_hash: bytes) -> BlockInfo | None:
         if block_hash == self.genesis_hash:
@@ -213,6 +210,10 @@ class Chain:
     def tx_location(self, tx_hash: bytes) -> tuple[int, int] | None:
         v = self.store.get(TXI + tx_hash)
         return None if v is None else _TXI.unpack(v)
+
+    def tx_locations(self, tx_hashes: Sequence[bytes]) -> list[tuple[int, int] | None]:
+        """tx_location of each hash, read in one go."""
+        return [None if v is None else _TXI.unpack(v) for v in self.store.get_many([TXI + h for h in tx_hashes])]
 
     def receipt_minted(self, receipt_hash: bytes) -> tuple[int, bytes, int] | None:
         v = self.store.get(state.rcpt_key(receipt_hash))
@@ -600,6 +601,14 @@ class Chain:
         writes = self._block_writes(block, ov.writes, self.store.get)  # type: ignore[arg-type]
         self._commit(writes, block)
         return block, dropped
+
+
+def raw_header(raw: bytes) -> Header:
+    """The header of an encoded block, without decoding its transactions."""
+    if len(raw) < 4:
+        raise InvalidArgument("malformed block: truncated")
+    (hlen,) = struct.unpack_from(">I", raw, 0)
+    return decode_header(raw[4:4 + hlen])
 
 
 def _info(h: Header) -> BlockInfo:

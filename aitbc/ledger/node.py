@@ -6,9 +6,10 @@ worker thread (signature checks and LMDB commits), so RPCs keep being served mea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -24,10 +25,10 @@ from aitbc.errors import (
 )
 from aitbc.ledger import finality, state
 from aitbc.ledger.block import MAX_BLOCK_BYTES, Block, decode_block
-from aitbc.ledger.chain import Chain
+from aitbc.ledger.chain import Chain, raw_header
 from aitbc.ledger.mempool import Mempool
 from aitbc.ledger.tx import ECONOMY_KINDS, KIND_AUTHORITY_VOTE, KIND_SETTLE, Tx, decode_tx
-from aitbc.ledger.verifier import MIN_PARALLEL, ParallelVerifier
+from aitbc.ledger.verifier import ParallelVerifier, VerifiedTxs
 from aitbc.limits import Backoff, KeyedBuckets
 
 log = logging.getLogger("aitbc.ledger.node")
@@ -37,7 +38,7 @@ STREAM_BATCH_BYTES = 4 * 1024 * 1024
 RELAY_METADATA = ("x-aitbc-relay", "1")
 RELAY_CHUNK = 5000
 RELAY_QUEUE_BATCHES = 64
-VERIFY_IN_THREAD_MIN = 16  # batches at least this big verify signatures off the event loop
+VERIFY_IN_THREAD_MIN = 16  # batches at least this big are decoded off the event loop
 MAX_ANNOUNCED_PEERS = 32  # peers learned from announcements or exchange (configured ones are never counted)
 MAX_PEER_CANDIDATES = 16  # announced addresses waiting for their genesis check; more are ignored
 PEER_FAILED_MEMORY = 1024  # addresses that failed the check, not dialed again for a while
@@ -52,27 +53,21 @@ VOTE_REFRESH_MIN_S = 0.5  # shortest pause between two refreshes of the votes wh
 INVALID_VOTES_PER_S = 10.0  # invalid votes a caller may send per second (after a burst), see submit_votes
 INVALID_VOTES_BURST = 2 * MAX_VOTE_BATCH
 MAX_VOTE_CALLERS = 4096  # callers whose invalid votes are counted at once
-MULTI_AUTHORITY_TXS_PER_S = 4000  # own-block budget with several authorities (see _block_tx_budget)
+MULTI_AUTHORITY_TXS_PER_S = 12000  # own-block budget with several authorities (see _block_tx_budget)
+ADMIT_CHUNK = 1024  # admission checks this many txs at a time, giving way to block work between chunks
+ADMIT_YIELD_S = 0.5  # ... for at most this long per chunk (a long catch-up does not stop admission)
 
 
-def _check_one(tx: Tx, genesis) -> AitbcError | None:  # type: ignore[no-untyped-def]
-    try:
-        state.check_stateless(tx, genesis)
-    except AitbcError as exc:
-        return exc
-    return None
+class _AnyOf:
+    """Membership in any of a few collections (mempool hashes, hashes verified here)."""
 
+    __slots__ = ("parts",)
 
-class _Either:
-    """Membership in either of two collections (mempool hashes or pre-verified hashes)."""
-
-    __slots__ = ("a", "b")
-
-    def __init__(self, a: Any, b: Any) -> None:
-        self.a, self.b = a, b
+    def __init__(self, *parts: Any) -> None:
+        self.parts = parts
 
     def __contains__(self, item: object) -> bool:
-        return item in self.a or item in self.b
+        return any(item in p for p in self.parts)
 
 
 class Node:
@@ -93,6 +88,11 @@ class Node:
         self.key = key
         self.mempool = mempool or Mempool()
         self.verifier = ParallelVerifier(self.genesis, workers=verify_workers)
+        self.verified_txs = VerifiedTxs()  # txs whose stateless checks passed here (aitbc.ledger.verifier)
+        self._import_lock = asyncio.Lock()  # one receive_blocks at a time: a block several peers send is checked once
+        self._blocks_idle = asyncio.Event()  # set while no block is being imported or produced
+        self._blocks_idle.set()
+        self._block_work = 0
         self.listen_address = ""
         self.peers: dict[str, asyncio.Task[None]] = {}  # peer -> its sync task (configured + announced)
         self._initial_peers = list(dict.fromkeys(p for p in peers if p))
@@ -350,48 +350,104 @@ class Node:
 
     # ---- transactions ----------------------------------------------------------------------------
 
-    def _prepare(self, raws: Sequence[bytes]) -> list[tuple[bytes, Tx | None, AitbcError | None]]:
-        """Decode, de-duplicate and run the stateless checks (the CPU-heavy part of admission)."""
+    def _screen(self, raws: Sequence[bytes]) -> list[tuple[bytes, Tx | None, AitbcError | None]]:
+        """Decode and de-duplicate (what stays, a Tx, still needs its stateless checks unless
+        verified_txs holds it)."""
         out: list[tuple[bytes, Tx | None, AitbcError | None]] = []
+        txs: list[Tx | AitbcError] = []
         for raw in raws:
             try:
-                tx = decode_tx(raw)
+                txs.append(decode_tx(raw))
             except AitbcError as exc:
-                out.append((crypto.sha256(bytes(raw)), None, exc))
+                txs.append(exc)
+        locs = iter(self.chain.tx_locations([tx.hash for tx in txs if isinstance(tx, Tx)]))
+        for raw, tx in zip(raws, txs, strict=True):
+            if not isinstance(tx, Tx):
+                out.append((crypto.sha256(bytes(raw)), None, tx))
                 continue
+            loc = next(locs)
             if tx.hash in self.mempool:
                 out.append((tx.hash, None, AlreadyExists(f"already known: tx {tx.hash.hex()} is pending")))
             elif tx.evidence and (err := self._evidence_recorded(tx.evidence)) is not None:
                 out.append((tx.hash, None, err))
-            elif (loc := self.chain.tx_location(tx.hash)) is not None:
+            elif loc is not None:
                 out.append((tx.hash, None, AlreadyExists(f"already known: tx {tx.hash.hex()} is in block {loc[0]}")))
             else:
-                err = _check_one(tx, self.genesis)
-                out.append((tx.hash, None if err else tx, err))
+                out.append((tx.hash, tx, None))
         return out
+
+    @contextlib.contextmanager
+    def _block_busy(self) -> Iterator[None]:
+        """Block import or production under way: admission checks give way (_check_new)."""
+        self._block_work += 1
+        self._blocks_idle.clear()
+        try:
+            yield
+        finally:
+            self._block_work -= 1
+            if not self._block_work:
+                self._blocks_idle.set()
+
+    async def _check_new(self, txs: Sequence[Tx], *, admission: bool = False) -> dict[bytes, AitbcError]:
+        """Run the stateless checks of the txs verified_txs does not hold (big batches spread over
+        the verifier's worker processes); remember those that pass; return the refusals by hash.
+        `admission`: check ADMIT_CHUNK txs at a time, each once no block is being imported or built
+        (or after ADMIT_YIELD_S): signature checks share the GIL and the CPUs with block import, and
+        a block imported late makes the next proposer fork next to it."""
+        todo = [tx for tx in txs if tx.hash not in self.verified_txs]
+        if not todo:
+            return {}
+        if len(todo) >= VERIFY_IN_THREAD_MIN:
+            errors = []
+            step = ADMIT_CHUNK if admission else len(todo)
+            for i in range(0, len(todo), step):
+                if admission:
+                    await aio.wait_event(self._blocks_idle, ADMIT_YIELD_S)
+                errors += await self.verifier.check(todo[i:i + step])
+        else:
+            errors = [None] * len(todo)
+            for i, tx in enumerate(todo):
+                try:
+                    state.check_stateless(tx, self.genesis)
+                except AitbcError as exc:
+                    errors[i] = exc
+        self.verified_txs.add(tx.hash for tx, err in zip(todo, errors, strict=True) if err is None)
+        return {tx.hash: err for tx, err in zip(todo, errors, strict=True) if err is not None}
 
     async def submit(self, raws: Sequence[bytes], *, relay: bool = True) -> list[tuple[bytes, AitbcError | None]]:
         """Admit signed txs; one (hash, error or None) per input, in order. Decoding and signature
-        checks of batches run in a worker thread; only the mempool insert runs on the loop."""
+        checks of batches run off the event loop; only the mempool insert runs on the loop."""
         if len(raws) >= VERIFY_IN_THREAD_MIN:
-            prepared = await asyncio.to_thread(self._prepare, raws)
+            screened = await asyncio.to_thread(self._screen, raws)
         else:
-            prepared = self._prepare(raws)
+            screened = self._screen(raws)
+        refused = await self._check_new([tx for _, tx, _ in screened if tx is not None], admission=True)
+        prepared = [(h, None, refused[h]) if tx is not None and h in refused else (h, tx, err)
+                    for h, tx, err in screened]
         results: list[tuple[bytes, AitbcError | None]] = []
         accepted: list[bytes] = []
+        accounts: dict[bytes, tuple[int, int]] = {}  # read once per sender and recipient between two yields
+
+        def account(account_id: bytes) -> tuple[int, int]:
+            got = accounts.get(account_id)
+            if got is None:
+                got = accounts[account_id] = self.chain.account(account_id)
+            return got
+
         for n, (h, tx, err) in enumerate(prepared):
             if tx is not None:
                 try:
                     if tx.kind in ECONOMY_KINDS or tx.kind == KIND_AUTHORITY_VOTE:
                         self._admit_economy(tx)
-                    self.mempool.add(tx, self.chain.account, self._minted, credit=self._mint_credit(tx),
+                    self.mempool.add(tx, account, self._minted, credit=self._mint_credit(tx),
                                      height=self.chain.head.height)
                     accepted.append(tx.raw)
                 except AitbcError as exc:
                     err = exc
             results.append((h, err))
             if n % 2000 == 1999:
-                await asyncio.sleep(0)  # let other RPCs in during big batches
+                await asyncio.sleep(0)  # let other RPCs in during big batches (a block may land meanwhile)
+                accounts.clear()
         if accepted and relay and self._verified:
             self._relay_buf.extend(accepted)
             self._relay_wake.set()
@@ -493,22 +549,45 @@ class Node:
 
     # ---- blocks ----------------------------------------------------------------------------------
 
+    def _decode_new(self, raws: Sequence[bytes]) -> list[Block | None]:
+        """Decode blocks, except those the chain holds already (None: known; only their header is
+        read, so a block that every peer streams costs one full decode)."""
+        out: list[Block | None] = []
+        for raw in raws:
+            h = raw_header(raw)
+            known = h.hash in self.chain.side or self.chain.is_canonical(h.hash, h.height)
+            out.append(None if known else decode_block(raw))
+        return out
+
     async def receive_blocks(self, raws: Sequence[bytes]) -> list[str]:
-        """Decode, fully verify and add blocks (from a peer or a test); bad ones raise."""
+        """Decode, fully verify and add blocks (from a peer or a test); bad ones raise. Each tx is
+        checked unless this node has checked it already (its mempool, verified_txs)."""
         started = time.perf_counter()
-        blocks = await asyncio.to_thread(lambda: [decode_block(r) for r in raws])
-        unverified = [tx.raw for b in blocks for tx in b.txs if tx.hash not in self.mempool.by_hash]
-        pre = await self.verifier.verified_hashes(unverified) if len(unverified) >= MIN_PARALLEL else set()
-        verified = _Either(self.mempool.by_hash, pre) if pre else self.mempool.by_hash
-        results = []
-        async with self._lock:
-            try:
-                results = await asyncio.to_thread(self.chain.add_blocks, blocks, self.now_ms(), verified)
-            finally:
-                # add_blocks commits the valid prefix even when a later block is bad
-                self._after_change(None if any(r.outcome == "reorg" for r in results) or not results else
-                                   [tx for r in results if r.outcome == "extended" for tx in r.block.txs])
-        outcomes = [r.outcome for r in results]
+        async with self._import_lock:
+            with self._block_busy():
+                decoded = await asyncio.to_thread(self._decode_new, raws)
+                blocks = [b for b in decoded if b is not None]
+                if not blocks:  # every one is held already (another peer sent it first): nothing was added
+                    async with self._lock:
+                        self._after_change([])  # as add_blocks's "known" outcomes did (votes retried, streams woken)
+                    return ["known"] * len(decoded)
+                refused = await self._check_new([tx for b in blocks for tx in b.txs if tx.hash not in self.mempool.by_hash])
+                # every other tx of these blocks was checked now or before (mempool, verified_txs): kept
+                # in a set, as verified_txs may forget some before add_blocks reads it (a big catch-up
+                # batch); add_blocks checks the refused ones again, and raises with the refusal. A reorg
+                # also executes pending blocks of earlier calls: their txs are in verified_txs
+                checked = _AnyOf({tx.hash for b in blocks for tx in b.txs}.difference(refused), self.mempool.by_hash,
+                                 self.verified_txs)
+                results = []
+                async with self._lock:
+                    try:
+                        results = await asyncio.to_thread(self.chain.add_blocks, blocks, self.now_ms(), checked)
+                    finally:
+                        # add_blocks commits the valid prefix even when a later block is bad
+                        self._after_change(None if any(r.outcome == "reorg" for r in results) or not results else
+                                           [tx for r in results if r.outcome == "extended" for tx in r.block.txs])
+        added = iter(r.outcome for r in results)
+        outcomes = ["known" if b is None else next(added) for b in decoded]
         if self.block_listeners:
             spent = (time.perf_counter() - started) / max(1, len(results))
             for r in results:
@@ -520,8 +599,9 @@ class Node:
         return outcomes
 
     async def _readmit_side_txs(self) -> None:
-        raws = [tx.raw for b in list(self.chain.side.values()) for tx in b.txs
-                if self.chain.tx_location(tx.hash) is None]
+        txs = [tx for b in list(self.chain.side.values()) for tx in b.txs]
+        raws = [tx.raw for tx, loc in zip(txs, self.chain.tx_locations([tx.hash for tx in txs]), strict=True)
+                if loc is None]
         if raws:
             await self.submit(raws, relay=False)
 
@@ -531,7 +611,9 @@ class Node:
         mp = self.mempool
         if len(mp):
             if included is None:
-                included = [tx for tx in mp.by_hash.values() if self.chain.tx_location(tx.hash) is not None]
+                pending = list(mp.by_hash.values())
+                included = [tx for tx, loc in zip(pending, self.chain.tx_locations([tx.hash for tx in pending]),
+                                                   strict=True) if loc is not None]
                 mp.remove(included)
                 mp.recheck(self.chain.account, self._minted)
             else:
@@ -636,6 +718,10 @@ class Node:
     async def produce(self, slot: int) -> Block | None:
         assert self.key is not None
         started = time.perf_counter()
+        with self._block_busy():
+            return await self._produce(slot, started)
+
+    async def _produce(self, slot: int, started: float) -> Block | None:
         async with self._lock:
             if slot <= self.chain.head.slot:
                 return None
@@ -792,7 +878,8 @@ class Node:
         try:
             async with self._lock:
                 if best.height > self.chain.locked_height:
-                    switched = await asyncio.to_thread(self.chain.adopt_justified, best.hash, self.mempool.by_hash)
+                    switched = await asyncio.to_thread(self.chain.adopt_justified, best.hash,
+                                                       _AnyOf(self.mempool.by_hash, self.verified_txs))
                 if switched:
                     log.info("switched to the branch of justified block %d %s", best.height, best.hash.hex()[:16])
                     self.chain.locked_height = best.height

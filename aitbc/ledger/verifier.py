@@ -1,27 +1,36 @@
-"""Stateless tx checks (chain id, signature, receipt proof) spread over a worker process.
+"""Stateless tx checks (chain id, signature, receipt proof): spread over worker processes, and
+remembered once passed.
 
 libsecp256k1 calls through coincurve hold the GIL, so threads cannot verify in parallel; a spawned
 worker process can (spawn, not fork: forking after gRPC objects exist is unsupported). Used for
-big batches of transactions that are not already verified (a follower catching up); small
-batches stay in-process."""
+big batches of transactions that are not already verified (a client's or a peer's batch at
+admission, a follower catching up); small batches stay in-process.
+
+The checks are a pure function of the tx's bytes and the genesis, so a node that has checked a tx
+once need not check it again: VerifiedTxs remembers the hashes (sha256 of the signed bytes) of the
+txs that passed, bounded, and admission and block import skip those (a block that several peers
+stream, a tx relayed after its block, a reorg's txs going back to the mempool). A tx this node
+never checked, in a block from anyone, is always checked."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from aitbc.errors import AitbcError
 from aitbc.ledger import state
 from aitbc.ledger.genesis import Genesis
-from aitbc.ledger.tx import decode_tx
+from aitbc.ledger.tx import Tx, decode_tx
 
 MIN_PARALLEL = 256  # below this, a process round trip costs more than it saves
+VERIFIED_TXS = 1 << 17  # tx hashes a node remembers as checked (~100 bytes each)
 
 _worker_genesis: Genesis | None = None
 
@@ -39,19 +48,45 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(0)
 
 
-def check_raws(raws: Sequence[bytes], genesis: Genesis | None = None) -> list[bytes]:
-    """Hashes of the txs whose decoding and stateless checks pass (the others are left out)."""
+def check_txs(txs: Sequence[Tx | bytes], genesis: Genesis | None = None) -> list[AitbcError | None]:
+    """The refusal (or None) of each tx's stateless checks; raw txs are decoded first (a worker
+    gets raw bytes: they pickle faster than Tx objects)."""
     g = genesis or _worker_genesis
     assert g is not None
-    ok = []
-    for raw in raws:
+    out: list[AitbcError | None] = []
+    for tx in txs:
         try:
-            tx = decode_tx(raw)
-            state.check_stateless(tx, g)
-        except AitbcError:
+            state.check_stateless(decode_tx(tx) if isinstance(tx, bytes) else tx, g)
+        except AitbcError as exc:
+            out.append(exc)
             continue
-        ok.append(tx.hash)
-    return ok
+        out.append(None)
+    return out
+
+
+class VerifiedTxs:
+    """Hashes of txs whose stateless checks passed here, the oldest forgotten beyond `capacity`.
+    Filled from a worker thread, read from the event loop: adds take a lock, lookups need none."""
+
+    def __init__(self, capacity: int = VERIFIED_TXS) -> None:
+        self.capacity = capacity
+        self._hashes: dict[bytes, None] = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, tx_hash: object) -> bool:
+        return tx_hash in self._hashes
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def add(self, tx_hashes: Iterable[bytes]) -> None:
+        with self._lock:
+            d = self._hashes
+            for h in tx_hashes:
+                d[h] = None
+            if len(d) > self.capacity:  # forget the oldest tenth at once (dicts keep insertion order)
+                for h in list(itertools.islice(d, len(d) - self.capacity * 9 // 10)):
+                    del d[h]
 
 
 class ParallelVerifier:
@@ -72,26 +107,23 @@ class ParallelVerifier:
                                              initializer=_init_worker, initargs=(self.genesis.to_dict(), os.getpid()))
         return self._pool
 
-    async def verified_hashes(self, raws: Sequence[bytes]) -> set[bytes]:
-        """Check raws with this process (one thread) and the workers together."""
-        pool = self._get_pool() if len(raws) >= MIN_PARALLEL else None
+    async def check(self, txs: Sequence[Tx]) -> list[AitbcError | None]:
+        """check_txs of decoded txs, by this process (one thread) and the workers together."""
+        pool = self._get_pool() if len(txs) >= MIN_PARALLEL else None
         if pool is None:
-            return set(await asyncio.to_thread(check_raws, raws, self.genesis))
+            return await asyncio.to_thread(check_txs, txs, self.genesis)
         loop = asyncio.get_running_loop()
         parts = self.workers + 1
-        size = (len(raws) + parts - 1) // parts
-        chunks = [list(raws[i:i + size]) for i in range(0, len(raws), size)]
-        local = asyncio.to_thread(check_raws, chunks[0], self.genesis)
-        remote = [loop.run_in_executor(pool, check_raws, chunk) for chunk in chunks[1:]]
-        out: set[bytes] = set()
+        size = (len(txs) + parts - 1) // parts
+        local = asyncio.to_thread(check_txs, txs[:size], self.genesis)
+        remote = [loop.run_in_executor(pool, check_txs, [tx.raw for tx in txs[i:i + size]])
+                  for i in range(size, len(txs), size)]
         try:
-            for hashes in await asyncio.gather(local, *remote):
-                out.update(hashes)
+            return [err for part in await asyncio.gather(local, *remote) for err in part]
         except Exception:  # a broken worker pool must not stop sync: fall back to checking here
             self.close()
             self.workers = 0
-            return set(await asyncio.to_thread(check_raws, raws, self.genesis))
-        return out
+            return await asyncio.to_thread(check_txs, txs, self.genesis)
 
     def close(self) -> None:
         if self._pool is not None:

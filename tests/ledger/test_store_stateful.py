@@ -42,6 +42,10 @@ class StoreMachine(RuleBasedStateMachine):
     def get(self, k):
         assert self.lmdb.get(k) == self.mem.get(k)
 
+    @rule(ks=st.lists(KEYS, max_size=6))
+    def get_many(self, ks):
+        assert self.lmdb.get_many(ks) == self.mem.get_many(ks) == [self.mem.get(k) for k in ks]
+
     @rule(prefix=st.binary(max_size=2).map(lambda b: b"v1:t:" + b))
     def scan(self, prefix):
         assert list(self.lmdb.scan(prefix)) == list(self.mem.scan(prefix))

@@ -156,19 +156,23 @@ async def test_behind_a_configured_peer_skips_the_slot_until_the_claim_expires()
 
 
 async def test_parallel_verifier_matches_in_process_checks():
-    from aitbc.ledger.tx import make_transfer
-    from aitbc.ledger.verifier import MIN_PARALLEL, ParallelVerifier, check_raws
+    from aitbc.ledger.tx import decode_tx, make_transfer
+    from aitbc.ledger.verifier import MIN_PARALLEL, ParallelVerifier, check_txs
 
     from .helpers import ALICE, BOB, OTHER_REF
 
     g = genesis(1)
     raws = [make_transfer(ALICE, g.ref, n, BOB.address, 1) for n in range(MIN_PARALLEL + 40)]
     raws[5] = raws[5][:-1] + bytes([raws[5][-1] ^ 1])  # bad signature
-    raws[290] = make_transfer(ALICE, OTHER_REF, 0, BOB.address, 1)  # wrong chain
-    raws[7] = b"junk"
+    raws[290] = make_transfer(ALICE, OTHER_REF, 0, BOB.address, 1)  # wrong chain: in the worker's half
+    txs = [decode_tx(r) for r in raws]
     v = ParallelVerifier(g, workers=1)
     try:
-        got = await v.verified_hashes(raws)
+        got = await v.check(txs)
     finally:
         v.close()
-    assert got == set(check_raws(raws, g)) and len(got) == len(raws) - 3
+    assert v.workers == 1  # the worker answered (no fallback to checking in-process)
+    assert [None if e is None else (type(e), e.message) for e in got] == \
+        [None if e is None else (type(e), e.message) for e in check_txs(txs, g)]
+    assert [i for i, e in enumerate(got) if e is not None] == [5, 290]
+    assert got[5].message.startswith("bad signature") and got[290].message.startswith("wrong")
