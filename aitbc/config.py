@@ -28,6 +28,7 @@ class ClientKey:
     api_key_sha256: str
     rate_per_s: float = 50.0
     burst: int = 100
+    max_streams: int = 64  # server streams (WatchJob, GetJobResult) the client holds open at once
     operator: bool = False  # may call operator RPCs (ReleaseMiner)
     # webhooks (docs/coordinator.md, "Webhooks"): a signed POST on each of the client's jobs' end,
     # to webhook_url, or to the job's own webhook_url when it starts with one of webhook_url_prefixes
@@ -56,6 +57,7 @@ class ClientKey:
                                   "(the receiver checks each POST's HMAC with it)")
         _within(f"clients.{self.id}.rate_per_s", self.rate_per_s, 1e-9, float("inf"))
         _within(f"clients.{self.id}.burst", self.burst, 1, float("inf"))
+        _within(f"clients.{self.id}.max_streams", self.max_streams, 1, float("inf"))
 
 
 @dataclass
@@ -108,6 +110,9 @@ class CoordinatorConfig(TlsConfig):
     heartbeat_interval_s: float = 2.0
     heartbeat_timeout_s: float = 10.0
     stall_timeout_s: float = 120.0  # a miner silent on all its jobs this long (heartbeats aside) loses them
+    # one attempt of a job on one miner ends this long after it was assigned, whatever the miner says
+    # about it (a miner repeating one word would otherwise hold it for ever): requeued, a stall
+    max_run_s: float = 3600.0
     max_attempts: int = 3
     queue_ttl_s: float = 600.0
     model_grace_s: float = 300.0
@@ -158,6 +163,7 @@ class CoordinatorConfig(TlsConfig):
         _within("default_max_price_per_unit", self.default_max_price_per_unit, 0, float("inf"))
         _within("verify_rate", self.verify_rate, 0.0, 1.0)
         _within("verify_tolerance", self.verify_tolerance, 0.0, 1.0)
+        _within("max_run_s", self.max_run_s, 1.0, float("inf"))
         for name in ("heartbeat_interval_s", "heartbeat_timeout_s", "stall_timeout_s", "queue_ttl_s",
                      "verify_timeout_s", "model_grace_s"):
             _within(name, getattr(self, name), 0.001, float("inf"))

@@ -57,6 +57,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def _client(self, context: grpc.aio.ServicerContext) -> str:
         return self.core.authenticate(_metadata(context, "x-api-key")).id
 
+    def _stream(self, context: grpc.aio.ServicerContext) -> tuple[str, Any]:
+        """The client of a server stream, and its hold on one of its max_streams (a `with`)."""
+        client = self.core.authenticate(_metadata(context, "x-api-key"))
+        return client.id, self.core.auth.stream(client)
+
     @handle_errors
     async def SubmitJob(self, request: coordinator_pb2.SubmitJobRequest, context: Any) -> coordinator_pb2.SubmitJobResponse:
         client = self._client(context)
@@ -95,22 +100,26 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @handle_errors
     async def WatchJob(self, request: coordinator_pb2.WatchJobRequest, context: Any) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
         telemetry.set_attributes(job_id=request.job_id)
-        async for event in self.core.watch(self._client(context), request.job_id):
-            if isinstance(event, job_pb2.Job):
-                yield coordinator_pb2.WatchJobResponse(job=event)
-            elif isinstance(event, job_pb2.TextChunk):
-                yield coordinator_pb2.WatchJobResponse(text=event)
-            else:
-                yield coordinator_pb2.WatchJobResponse(progress=event)
+        client, held = self._stream(context)
+        with held:
+            async for event in self.core.watch(client, request.job_id):
+                if isinstance(event, job_pb2.Job):
+                    yield coordinator_pb2.WatchJobResponse(job=event)
+                elif isinstance(event, job_pb2.TextChunk):
+                    yield coordinator_pb2.WatchJobResponse(text=event)
+                else:
+                    yield coordinator_pb2.WatchJobResponse(progress=event)
 
     @handle_errors
     async def GetJobResult(self, request: coordinator_pb2.GetJobResultRequest, context: Any) -> AsyncIterator[coordinator_pb2.GetJobResultResponse]:
         telemetry.set_attributes(job_id=request.job_id, index=request.index)
-        art, f = self.core.artifact(self._client(context), request.job_id, request.index)
-        with f:  # read a chunk at a time: a download holds one chunk in memory, not the artifact
-            yield coordinator_pb2.GetJobResultResponse(artifact=art, offset=0, data=f.read(CHUNK_BYTES))
-            for offset in range(CHUNK_BYTES, art.size, CHUNK_BYTES):
-                yield coordinator_pb2.GetJobResultResponse(offset=offset, data=f.read(CHUNK_BYTES))
+        client, held = self._stream(context)
+        with held:
+            art, f = self.core.artifact(client, request.job_id, request.index)
+            with f:  # read a chunk at a time: a download holds one chunk in memory, not the artifact
+                yield coordinator_pb2.GetJobResultResponse(artifact=art, offset=0, data=f.read(CHUNK_BYTES))
+                for offset in range(CHUNK_BYTES, art.size, CHUNK_BYTES):
+                    yield coordinator_pb2.GetJobResultResponse(offset=offset, data=f.read(CHUNK_BYTES))
 
     @handle_errors
     async def ListReceipts(self, request: coordinator_pb2.ListReceiptsRequest, context: Any) -> coordinator_pb2.ListReceiptsResponse:

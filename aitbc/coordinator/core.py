@@ -93,6 +93,7 @@ class Coordinator:
         self.machine = m.JobMachine(self.time, m.Limits(
             max_attempts=config.max_attempts, queue_ttl_s=config.queue_ttl_s,
             verify_timeout_s=config.verify_timeout_s, stall_timeout_s=config.stall_timeout_s,
+            max_run_s=config.max_run_s,
         ), watched=self.streams.watched)
         self.event_log = None
         if config.event_log:

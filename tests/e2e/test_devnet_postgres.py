@@ -42,7 +42,10 @@ def test_devnet_on_postgres_runs_a_job_and_keeps_it_across_a_restart(tmp_path: P
     try:
         endpoints = json.loads((home / "devnet" / "endpoints.json").read_text())
         url = endpoints["database_url"]
-        assert url.startswith("postgresql://aitbc@127.0.0.1:") and url in "".join(lines)
+        assert url.startswith("postgresql://aitbc:") and url in "".join(lines)
+        port = url.rpartition(":")[2].split("/")[0]
+        with pytest.raises(psycopg.OperationalError, match="password"):  # another local user has no password
+            psycopg.connect(f"postgresql://aitbc@127.0.0.1:{port}/aitbc", connect_timeout=10).close()
         r = aitbc(env, "submit", "a kite over the sea", "--steps", "4", "--seed", "5", "-o", "kite.png", cwd=tmp_path)
         assert r.returncode == 0, r.stdout + r.stderr
         job_id = [ln.split(":", 1)[1].strip() for ln in r.stdout.splitlines() if ln.startswith("job id:")][0]

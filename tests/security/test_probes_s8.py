@@ -1,0 +1,181 @@
+"""Attack probes written from THREAT-MODEL.md alone (an outside reviewer's view), against real servers
+on loopback: each plays one actor of the table and tries what its "must not" column forbids. Only
+probes that cover something no other test covers stay here (the rest are in tests/security/ and
+tests/coordinator/ already):
+
+- anonymous miner: holds a job without running it, by repeating the same word about it (the same
+  JobProgress, JobAccepted again) so that stall detection never fires: the job's attempt ends at
+  max_run_s whatever the miner says;
+- client: holds at most max_streams WatchJob/GetJobResult streams open at once (the rate limit
+  alone let one key pile them up); another client's job ids, prompt hashes and client ids do not
+  leak through the public GetMarket or ListMiners;
+- local process: the PostgreSQL server of tests and `aitbc devnet --postgres` listens on a loopback
+  port any local user reaches: a login there needs the cluster's password (0600 file); the devnet's
+  service logs are its owner's only;
+- operator mistake: a max_run_s the coordinator would trip over is refused, naming the setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from aitbc.config import ClientKey, CoordinatorConfig
+from aitbc.coordinator.clock import FakeClock
+from aitbc.errors import InvalidArgument
+from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, miner_pb2
+from tests.conftest import API_KEY, OTHER_KEY
+from tests.security.test_security import RawMiner, image_job
+
+pytestmark = pytest.mark.timeout(120)
+
+S = job_pb2.JobState
+MD = (("x-api-key", API_KEY),)
+BOB_MD = (("x-api-key", OTHER_KEY),)
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+# ---- anonymous miner: hold a job without running it -----------------------------------------------
+
+
+async def _held_task(net: Any, m: RawMiner) -> miner_pb2.Task:
+    s = coordinator_pb2_grpc.CoordinatorServiceStub(net.channel())
+    await s.SubmitJob(image_job(seed=3, width=64, height=64, steps=2), metadata=MD)
+    msg = await m.read()
+    assert msg.WhichOneof("msg") == "assignment"
+    return msg.assignment.task
+
+
+@pytest.mark.parametrize("word", ["same_progress", "accepted_again"])
+async def test_a_miner_repeating_one_word_cannot_hold_a_job_past_max_run_s(network_factory: Any, word: str) -> None:
+    """Each word comes well within stall_timeout_s, so the miner never counts as silent; it never
+    gets further than step 1 of 2. The attempt still ends at max_run_s: the job goes back to the
+    queue with the reason, the miner is told to drop it, and counts a stall."""
+    clock = FakeClock()
+    net = await network_factory(clock=clock, stall_timeout_s=30.0, max_run_s=100.0,
+                                heartbeat_timeout_s=1e6)  # heartbeats are not what this probe is about
+    m = RawMiner(net)
+    await m.connect()
+    task = await _held_task(net, m)
+    held = net.core.machine.miners[m.key.address]
+    for _ in range(6):  # 6 x 20 s: past max_run_s, each word within stall_timeout_s of the last
+        if word == "same_progress":
+            m.send(progress=job_pb2.JobProgress(job_id=task.job_id, step=1, total_steps=2))
+        else:
+            m.send(accepted=miner_pb2.JobAccepted(job_id=task.job_id))
+        await net.until(lambda: held.active_at == clock.t)  # the coordinator heard it at this instant
+        clock.advance(20.0)
+        if net.core.machine.job(task.job_id).attempts > 1:
+            break
+    # taken back (and, with no other miner, offered to it again: a new attempt, with its own clock)
+    await net.until(lambda: net.core.machine.job(task.job_id).attempts == 2)
+    job = net.core.machine.job(task.job_id)
+    assert any("held the job past max_run_s 100 s" in e.cause for e in job.story), job.story
+    cancel = await m.read()
+    assert cancel.WhichOneof("msg") == "cancel" and cancel.cancel.job_id == task.job_id
+    assert "max_run_s" in cancel.cancel.reason
+    assert net.core.book.snapshot(m.key.address).stalls == 1
+
+
+def test_a_max_run_s_the_coordinator_would_trip_over_is_refused_naming_it(tmp_path: Path) -> None:
+    for bad in (0.0, -1.0, 0.5):  # every job taken back at the next tick
+        with pytest.raises(InvalidArgument, match="'max_run_s' must be at least 1"):
+            CoordinatorConfig(data_dir=str(tmp_path), max_run_s=bad)
+
+
+# ---- client: another client's jobs through the public views ---------------------------------------
+
+
+async def test_the_public_market_and_miner_list_name_no_job_prompt_or_client(net: Any, null_backend: Any) -> None:
+    await net.add_miner({"null": null_backend})
+    s = coordinator_pb2_grpc.CoordinatorServiceStub(net.channel())
+    job = (await s.SubmitJob(image_job(prompt="alice's secret plan", seed=9, width=64, height=64),
+                             metadata=MD)).job
+    async for _ in s.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=MD, timeout=60):
+        pass
+    done = (await s.GetJob(coordinator_pb2.GetJobRequest(job_id=job.job_id), metadata=MD)).job
+    assert done.state == S.JOB_STATE_COMPLETED
+    market = await coordinator_pb2_grpc.MarketServiceStub(net.channel()).GetMarket(coordinator_pb2.GetMarketRequest())
+    assert market.recent_fills  # the fill is public, as docs/coordinator.md says
+    miners = await s.ListMiners(coordinator_pb2.ListMinersRequest(), metadata=BOB_MD)
+    for public in (market.SerializeToString(), miners.SerializeToString()):
+        for secret in (done.job_id, done.prompt_hash, done.receipt_hash, "alice", done.receipt.body.nonce):
+            assert secret.encode() not in public, secret
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # and the id itself opens nothing to bob
+        await s.GetJob(coordinator_pb2.GetJobRequest(job_id=done.job_id), metadata=BOB_MD)
+    assert err.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED)
+
+
+async def test_a_client_holds_at_most_max_streams_open_and_a_closed_one_frees_its_place(network_factory: Any) -> None:
+    """The rate limit alone let one key pile up WatchJob streams on a job that does not end (or
+    downloads it never reads): each holds a queue and a call in the coordinator for as long as it
+    likes. At max_streams the next is RESOURCE_EXHAUSTED naming the setting; other clients are not
+    affected, and a closed stream frees its place."""
+    net = await network_factory(clients=[
+        ClientKey("alice", hashlib.sha256(API_KEY.encode()).hexdigest(), max_streams=3),
+        ClientKey("bob", hashlib.sha256(OTHER_KEY.encode()).hexdigest(), max_streams=3)])
+    m = RawMiner(net)
+    await m.connect()
+    task = await _held_task(net, m)  # held by a miner that never finishes it: its watchers stay
+    s = coordinator_pb2_grpc.CoordinatorServiceStub(net.channel())
+    watch = coordinator_pb2.WatchJobRequest(job_id=task.job_id)
+    calls = [s.WatchJob(watch, metadata=MD, timeout=60) for _ in range(3)]
+    for c in calls:
+        await c.read()  # the snapshot: the stream is open
+    assert net.core.auth.streams("alice") == 3
+    extra = s.WatchJob(watch, metadata=MD, timeout=60)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await extra.read()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "already has 3 streams open" in err.value.details() and "max_streams 3" in err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # downloads count too (refused before the job is read)
+        async for _ in s.GetJobResult(coordinator_pb2.GetJobResultRequest(job_id=task.job_id), metadata=MD):
+            pass
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    bob = await coordinator_pb2_grpc.CoordinatorServiceStub(net.channel()).SubmitJob(
+        image_job(seed=4, width=64, height=64), metadata=BOB_MD)  # bob's own calls are not alice's streams
+    bob_watch = s.WatchJob(coordinator_pb2.WatchJobRequest(job_id=bob.job.job_id), metadata=BOB_MD, timeout=60)
+    await bob_watch.read()
+    bob_watch.cancel()
+    calls[0].cancel()  # a closed stream frees its place
+    await net.until(lambda: net.core.auth.streams("alice") == 2)
+    again = s.WatchJob(watch, metadata=MD, timeout=60)
+    assert (await again.read()).job.job_id == task.job_id
+    for c in (*calls[1:], again):
+        c.cancel()
+    await net.until(lambda: net.core.auth.streams("alice") == 0)
+
+
+# ---- local process: the database and the devnet's files -------------------------------------------
+
+
+def test_a_tcp_login_to_the_local_postgres_needs_its_password(postgres: Any) -> None:
+    import psycopg
+
+    with pytest.raises(psycopg.OperationalError, match="password"):  # any local user reaches the port
+        psycopg.connect(f"postgresql://{postgres.superuser}@127.0.0.1:{postgres.port}/postgres", connect_timeout=10)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(f"postgresql://{postgres.superuser}:guess@127.0.0.1:{postgres.port}/postgres",
+                        connect_timeout=10)
+    psycopg.connect(postgres.url(), connect_timeout=10).close()  # the URL the coordinator is given works
+    assert mode(postgres.password_file) == 0o600 and mode(postgres.folder) == 0o700
+    assert mode(postgres.data) == 0o700
+
+
+def test_a_devnet_services_log_is_its_owners_only(tmp_path: Path) -> None:
+    from aitbc.clients.devnet import Child
+
+    child = Child("probe", ["/bin/sh", "-c", "echo a line of a log"], tmp_path / "logs" / "probe.log")
+    child.start()
+    assert child.proc is not None and child.proc.wait(30) == 0
+    assert child.tail() == "a line of a log"
+    assert mode(tmp_path / "logs" / "probe.log") == 0o600 and mode(tmp_path / "logs") == 0o700
