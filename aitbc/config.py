@@ -29,6 +29,7 @@ class ClientKey:
     rate_per_s: float = 50.0
     burst: int = 100
     max_streams: int = 64  # server streams (WatchJob, GetJobResult) the client holds open at once
+    max_active_jobs: int = 1000  # its jobs not yet ended (queued, assigned, running) at once
     operator: bool = False  # may call operator RPCs (ReleaseMiner)
     # webhooks (docs/coordinator.md, "Webhooks"): a signed POST on each of the client's jobs' end,
     # to webhook_url, or to the job's own webhook_url when it starts with one of webhook_url_prefixes
@@ -58,6 +59,7 @@ class ClientKey:
         _within(f"clients.{self.id}.rate_per_s", self.rate_per_s, 1e-9, float("inf"))
         _within(f"clients.{self.id}.burst", self.burst, 1, float("inf"))
         _within(f"clients.{self.id}.max_streams", self.max_streams, 1, float("inf"))
+        _within(f"clients.{self.id}.max_active_jobs", self.max_active_jobs, 1, float("inf"))
 
 
 @dataclass
@@ -297,8 +299,8 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
     origin = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
     try:
         if origin == "int":
-            if isinstance(value, bool):
-                raise ValueError
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+                raise ValueError  # max_attempts = 3.5 is a typo, not 3
             return int(value)
         if origin == "float":
             return float(value)
@@ -312,10 +314,15 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError
             return value
-        if origin == "list[ClientKey]":
-            return [ClientKey(**c) for c in value]
-        if origin == "list[ModelConfig]":
-            return [ModelConfig(**c) for c in value]
+        if origin in ("list[ClientKey]", "list[ModelConfig]"):
+            entry = ClientKey if origin == "list[ClientKey]" else ModelConfig
+            known = [f.name for f in dataclasses.fields(entry)]
+            for c in value:  # a typo in an entry names itself, like one at the top level
+                unknown = sorted(set(c) - set(known)) if isinstance(c, dict) else []
+                if unknown:
+                    raise InvalidArgument(f"config key {name!r}: unknown keys {', '.join(unknown)} in an entry "
+                                          f"(known: {', '.join(known)})")
+            return [entry(**c) for c in value]
         if origin == "bool":
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
                 return value.lower() in ("true", "1")

@@ -126,6 +126,14 @@ class RestartBackoff:
                       f"{self.cap_s:g} s and resets once it runs {self.stable_s:g} s)")
 
 
+
+def _write_private(path: Path, text: str) -> None:
+    """A config file of the devnet, its owner's only (0600, also when it was there before)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
 @dataclass
 class Child:
     name: str
@@ -275,10 +283,10 @@ class Devnet:
         database = ""
         if self.postgres:  # the password of the cluster (made on first start): any local user reaches the port
             database = f"postgresql://{PG_USER}:{self._cluster(chain_id).password}@{state['postgres']}/{PG_DATABASE}"
-        for i, listen in enumerate(coordinators):
-            (d / _coordinator_file(i)).write_text(self._coordinator_toml(
+        for i, listen in enumerate(coordinators):  # 0600: a coordinator's names the database's password
+            _write_private(d / _coordinator_file(i), self._coordinator_toml(
                 i, listen, database, chain_id, state, key_hash, keys["miner"].address))
-        (d / "miner.toml").write_text(_toml({
+        _write_private(d / "miner.toml", _toml({
             "coordinator": coordinators if len(coordinators) > 1 else coordinators[0],
             "key_file": str(d / "keys" / "miner.key"), "models": self.models,
             "ops_listen": state["miner_ops"], "price_per_unit": 1,

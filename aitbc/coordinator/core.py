@@ -385,6 +385,7 @@ class Coordinator:
                         "(resubmit the same request to get that job)")
                 return job
             self._check_served(model, params)
+        self._check_active(client_id)
         now = self.time.now_ms()
         job = job_pb2.Job(
             job_id=jobs.new_job_id(), model=model, params=params, client_id=client_id,
@@ -405,6 +406,15 @@ class Coordinator:
         if paid_by is not None:
             self.store.put_meta(QUOTE_META + paid_by.quote_id, f"{job.job_id} {paid_by.expires_at}".encode())
         return self._client_view(job, queue=False)  # GetJob / WatchJob say where it stands: not the hot path
+
+    def _check_active(self, client_id: str) -> None:
+        """A client's unfinished jobs are bounded (its `max_active_jobs`): the rate limit alone let one
+        key fill the queue ahead of every other client's (THREAT-MODEL.md, "every queue bounded per actor")."""
+        limit = self.auth.by_id[client_id].max_active_jobs if client_id in self.auth.by_id else 0
+        if limit and sum(1 for r in self.machine.records.values()
+                         if r.job.client_id == client_id and not r.job.parent_job_id) >= limit:
+            raise ResourceExhausted(f"client '{client_id}' already has {limit} unfinished jobs (max_active_jobs {limit}): "
+                                    "wait for some to end, or cancel some, before submitting more")
 
     # ---- paid jobs (aitbc.coordinator.fees) --------------------------------------------------------
 

@@ -6,13 +6,15 @@ tests/coordinator/ already):
 - anonymous miner: holds a job without running it, by repeating the same word about it (the same
   JobProgress, JobAccepted again) so that stall detection never fires: the job's attempt ends at
   max_run_s whatever the miner says;
-- client: holds at most max_streams WatchJob/GetJobResult streams open at once (the rate limit
+- client: has at most max_active_jobs unfinished jobs (the rate limit alone let one key fill the
+  queue ahead of everyone else's), holds at most max_streams WatchJob/GetJobResult streams open at once (the rate limit
   alone let one key pile them up); another client's job ids, prompt hashes and client ids do not
   leak through the public GetMarket or ListMiners;
 - local process: the PostgreSQL server of tests and `aitbc devnet --postgres` listens on a loopback
   port any local user reaches: a login there needs the cluster's password (0600 file); the devnet's
   service logs are its owner's only;
-- operator mistake: a max_run_s the coordinator would trip over is refused, naming the setting.
+- operator mistake: a max_run_s the coordinator would trip over, a typo inside a [[clients]] or
+  [[models]] entry, and a fractional count are refused, naming the setting.
 """
 
 from __future__ import annotations
@@ -92,7 +94,51 @@ def test_a_max_run_s_the_coordinator_would_trip_over_is_refused_naming_it(tmp_pa
             CoordinatorConfig(data_dir=str(tmp_path), max_run_s=bad)
 
 
+@pytest.mark.parametrize(("text", "needle"), [
+    ('[[clients]]\nid = "alice"\napi_key_sha256 = "00"\nrate_per_sec = 5\n',  # meant rate_per_s: no limit
+     "config key 'clients': unknown keys rate_per_sec in an entry"),
+    ('[[models]]\nname = "tiny-sd"\nkind = "image"\nmax_price_per_units = 5\n',  # meant the ceiling
+     "config key 'models': unknown keys max_price_per_units in an entry"),
+    ("max_attempts = 2.5\n", "config key 'max_attempts': expected int, got 2.5"),  # not silently 2
+])
+def test_a_typo_in_a_config_entry_or_a_fractional_count_is_refused_naming_it(tmp_path: Path, text: str,
+                                                                              needle: str) -> None:
+    from aitbc import config
+
+    f = tmp_path / "coordinator.toml"
+    f.write_text(text)
+    with pytest.raises(InvalidArgument) as err:
+        config.load(CoordinatorConfig, f, "COORDINATOR")
+    assert needle in err.value.message, err.value.message
+
+
 # ---- client: another client's jobs through the public views ---------------------------------------
+
+
+async def test_a_client_has_at_most_max_active_jobs_unfinished_and_others_still_submit(network_factory: Any) -> None:
+    """The rate limit alone let one key queue rate x queue_ttl_s jobs (50/s for 600 s: 30,000), every
+    one ahead of the next client's. At max_active_jobs the next submission is RESOURCE_EXHAUSTED
+    naming the setting; a resubmission of a request id still answers its job; another client
+    submits; a cancelled job frees its place."""
+    net = await network_factory(clients=[
+        ClientKey("alice", hashlib.sha256(API_KEY.encode()).hexdigest(), max_active_jobs=3),
+        ClientKey("bob", hashlib.sha256(OTHER_KEY.encode()).hexdigest(), max_active_jobs=3)])
+    m = RawMiner(net)
+    await m.connect()  # takes one job and never finishes it: the others wait in the queue
+    s = coordinator_pb2_grpc.CoordinatorServiceStub(net.channel())
+    mine = [(await s.SubmitJob(image_job(seed=i, width=64, height=64), metadata=MD)).job
+            for i in range(2)]
+    kept = image_job(seed=7, width=64, height=64)
+    kept.request_id = "alice-7"
+    mine.append((await s.SubmitJob(kept, metadata=MD)).job)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.SubmitJob(image_job(seed=8, width=64, height=64), metadata=MD)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "already has 3 unfinished jobs (max_active_jobs 3)" in err.value.details()
+    assert (await s.SubmitJob(kept, metadata=MD)).job.job_id == mine[2].job_id  # the same request: its job
+    await s.SubmitJob(image_job(seed=9, width=64, height=64), metadata=BOB_MD)  # bob is not alice
+    await s.CancelJob(coordinator_pb2.CancelJobRequest(job_id=mine[1].job_id), metadata=MD)
+    assert (await s.SubmitJob(image_job(seed=8, width=64, height=64), metadata=MD)).job.state == S.JOB_STATE_QUEUED
 
 
 async def test_the_public_market_and_miner_list_name_no_job_prompt_or_client(net: Any, null_backend: Any) -> None:
@@ -179,3 +225,21 @@ def test_a_devnet_services_log_is_its_owners_only(tmp_path: Path) -> None:
     assert child.proc is not None and child.proc.wait(30) == 0
     assert child.tail() == "a line of a log"
     assert mode(tmp_path / "logs" / "probe.log") == 0o600 and mode(tmp_path / "logs") == 0o700
+
+
+def test_what_a_devnet_writes_before_it_starts_is_its_owners_only(tmp_path: Path) -> None:
+    """Configs (a coordinator's names the database's password with --postgres), keys and state:
+    0600 in 0700 folders; only the genesis, which every node of the chain is given, is public."""
+    from aitbc.clients.devnet import Devnet
+
+    d = tmp_path / "devnet"
+    Devnet(d, coordinator_listen="127.0.0.1:0", miner_ops_listen="127.0.0.1:0", ledger_listen="127.0.0.1:0",
+           explorer_listen="127.0.0.1:0").prepare()
+    (d / "miner.toml").chmod(0o644)  # a file left readable by an older devnet is made private again
+    Devnet(d, coordinator_listen="127.0.0.1:0", miner_ops_listen="127.0.0.1:0", ledger_listen="127.0.0.1:0",
+           explorer_listen="127.0.0.1:0").prepare()
+    written = {p.relative_to(d).as_posix(): mode(p) for p in d.rglob("*")}
+    assert {"coordinator.toml", "miner.toml", "keys/miner.key", "devnet.json"} <= set(written)
+    for name, m in written.items():
+        want = 0o700 if (d / name).is_dir() else 0o644 if name == "genesis.json" else 0o600
+        assert m & ~want == 0 and (name == "genesis.json" or m == want), (name, oct(m))
