@@ -3,6 +3,10 @@ on loopback: each plays one actor of the table and tries what its "must not" col
 probes that cover something no other test covers stay here (the rest are in tests/security/ and
 tests/coordinator/ already):
 
+- colluding fresh keys: failing a job in turn no longer uses up its max_attempts while an
+  established miner could run it;
+- anonymous miner: streams a text job in 2-character deltas to hold ~30x the per-job cap in memory
+  (a delta now counts as at least DELTA_CHARS);
 - anonymous miner: holds a job without running it, by repeating the same word about it (the same
   JobProgress, JobAccepted again) so that stall detection never fires: the job's attempt ends at
   max_run_s whatever the miner says;
@@ -19,6 +23,7 @@ tests/coordinator/ already):
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import stat
@@ -33,7 +38,7 @@ from aitbc.coordinator.clock import FakeClock
 from aitbc.errors import InvalidArgument
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, miner_pb2
 from tests.conftest import API_KEY, OTHER_KEY
-from tests.security.test_security import RawMiner, image_job
+from tests.security.test_security import RawMiner, image_job, wait_done
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,6 +91,61 @@ async def test_a_miner_repeating_one_word_cannot_hold_a_job_past_max_run_s(netwo
     assert cancel.WhichOneof("msg") == "cancel" and cancel.cancel.job_id == task.job_id
     assert "max_run_s" in cancel.cancel.reason
     assert net.core.book.snapshot(m.key.address).stalls == 1
+
+
+async def test_fresh_keys_failing_in_turn_do_not_use_up_a_jobs_attempts(network_factory: Any, null_backend: Any) -> None:
+    """Colluding fresh keys, free (price 0) so they win matching, each fail a job once (not
+    permanently): three of them used up every job's max_attempts (3) while an established honest
+    miner was online, and the client's jobs FAILED. A job that lost an attempt now goes to an
+    established miner when one could take it (waiting for it when busy)."""
+    from aitbc import crypto
+
+    honest_key = crypto.PrivateKey.generate()
+    net = await network_factory(trust_checks=5, trusted_miners=[honest_key.address])  # the product's bootstrap
+    honest = await net.add_miner({"null": null_backend}, price=1, key=honest_key)
+    sybils = [RawMiner(net) for _ in range(3)]
+    for sybil in sybils:
+        await sybil.connect(price_per_unit=0, max_concurrency=64)
+
+    async def fail_everything(m: RawMiner) -> None:
+        while (msg := await m.call.read()) is not grpc.aio.EOF:
+            if msg.WhichOneof("msg") == "assignment":
+                m.send(failed=miner_pb2.JobFailed(job_id=msg.assignment.task.job_id, reason="out of memory"))
+
+    tasks = [asyncio.create_task(fail_everything(m)) for m in sybils]
+    s = coordinator_pb2_grpc.CoordinatorServiceStub(net.channel())
+    try:
+        ids = [(await s.SubmitJob(image_job(seed=i, width=64, height=64, steps=2), metadata=MD)).job.job_id
+               for i in range(3)]
+        done = [await wait_done(s, j) for j in ids]
+    finally:
+        for t in tasks:
+            t.cancel()
+    assert [(d.state, d.miner_id) for d in done] == [(S.JOB_STATE_COMPLETED, honest.key.address)] * 3, \
+        [d.error for d in done]
+    assert sum(net.core.book.snapshot(m.key.address).failures for m in sybils) >= 1  # they did take first attempts
+    assert all(d.attempts <= 2 for d in done)  # one lost attempt at most: the retry went to the established miner
+
+
+def test_tiny_text_deltas_cannot_hold_many_times_the_streamed_text_cap_in_memory() -> None:
+    """A miner streaming a text job two characters at a time: each delta is a str object (~50 bytes)
+    and a list slot, so 1 MiB of characters as 524,288 deltas held ~30 MiB per job (64 jobs per
+    fresh key). A delta counts as at least DELTA_CHARS now; an honest stream (a token's text per
+    TextChunk, max_new_tokens of them) stays far below the cap."""
+    from aitbc import jobs
+    from aitbc.coordinator.streams import DELTA_CHARS, MAX_STREAMED_CHARS, JobStreams
+
+    streams = JobStreams()
+    accepted = 0
+    with pytest.raises(InvalidArgument, match="send a token's text"):
+        while accepted < MAX_STREAMED_CHARS:  # bounded: the cap ends it long before
+            streams.append_text("j1", "ab")
+            accepted += 1
+    assert accepted == MAX_STREAMED_CHARS // DELTA_CHARS
+    honest = JobStreams()
+    for _ in range(jobs.MAX_NEW_TOKENS):
+        honest.append_text("j2", " word")
+    assert honest.text("j2") == " word" * jobs.MAX_NEW_TOKENS
 
 
 def test_a_max_run_s_the_coordinator_would_trip_over_is_refused_naming_it(tmp_path: Path) -> None:
