@@ -21,7 +21,7 @@ from aitbc import crypto, jobs, quotes, rpc, telemetry
 from aitbc.config import CoordinatorConfig, expand, write_port_file
 from aitbc.coordinator import Coordinator, fees
 from aitbc.coordinator.clock import Clock
-from aitbc.coordinator.settlement import Settlement
+from aitbc.coordinator.settlement import Settlement, chain_mismatch
 from aitbc.coordinator.store import JobStore, LmdbJobStore
 from aitbc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from aitbc.limits import KeyedBuckets
@@ -321,9 +321,30 @@ def open_store(config: CoordinatorConfig) -> JobStore:
     return store
 
 
+async def _check_ledger_chain(config: CoordinatorConfig) -> None:
+    """A ledger that answers at start must serve this coordinator's chain_id (a typo in either
+    setting would have every receipt refused); one that is down is checked by settlement when it
+    is back, which holds the receipts meanwhile."""
+    from aitbc.ledger.client import LedgerClient
+
+    # one try, no retries: a ledger that is down must not slow the start (its port is refused at once)
+    creds, options = rpc.channel_credentials(), [("grpc.enable_retries", 0)]
+    ch = (grpc.aio.secure_channel(config.ledger, creds, options=options) if creds is not None
+          else grpc.aio.insecure_channel(config.ledger, options=options))
+    async with ch, LedgerClient(ch, timeout=5.0) as ledger:
+        try:
+            theirs = await ledger.chain_id()
+        except Exception:  # down or not a ledger yet: settlement keeps trying
+            return
+    if theirs != config.chain_id:
+        raise FailedPrecondition(chain_mismatch(config.ledger, theirs, config.chain_id))
+
+
 async def start_coordinator(config: CoordinatorConfig, *, clock: Clock | None = None) -> CoordinatorProcess:
     """`clock`: the coordinator's time (tests drive a FakeClock); the system clock by default."""
     rpc.refuse_plaintext(config.listen)  # before anything is opened
+    if config.ledger:
+        await _check_ledger_chain(config)
     store = open_store(config)
     key = crypto.load_or_create_key(config.key_file)
     core = Coordinator(store, key, config, clock=clock)
@@ -339,7 +360,8 @@ async def start_coordinator(config: CoordinatorConfig, *, clock: Clock | None = 
                                               asyncio.create_task(_return_freed_memory()),
                                               asyncio.create_task(core.webhooks.run())])
     if config.ledger:
-        settlement = proc.settlement = Settlement(core.receipts, key, config.ledger, clock=core.time.monotonic)
+        settlement = proc.settlement = Settlement(core.receipts, key, config.ledger, clock=core.time.monotonic,
+                                                 chain_id=config.chain_id)
         core.receipt_listeners.append(settlement.notify)
         core.chain = fees.ChainLedger(settlement.ledger)  # paid jobs and stake checks: the same node
         proc.tasks.append(asyncio.create_task(core.watch_stakes()))

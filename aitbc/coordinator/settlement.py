@@ -32,6 +32,15 @@ PERMANENT = (errors.InvalidArgument, errors.PermissionDenied)
 FEE_REFUSALS = ("escrow too low", "quote already settled", "economy disabled")
 
 
+class ChainMismatch(errors.FailedPrecondition):
+    """The ledger serves another chain than the receipts': an operator's typo, never a receipt's fault."""
+
+
+def chain_mismatch(ledger: str, theirs: str, ours: str) -> str:
+    return (f"ledger {ledger} serves chain '{theirs}' but this coordinator's chain_id is '{ours}': its receipts "
+            "would all be refused; fix `chain_id` or `ledger` in coordinator.toml")
+
+
 def _fee_refusal(message: str) -> bool:
     return any(message.startswith(r) or f": {r}" in message for r in FEE_REFUSALS)
 
@@ -47,6 +56,7 @@ class Settlement:
         max_backoff_s: float = 30.0,
         probe_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        chain_id: str = "",
     ) -> None:
         from aitbc.ledger.client import LedgerClient
 
@@ -62,6 +72,7 @@ class Settlement:
         self._wake = asyncio.Event()
         self._retry_at: dict[str, float] = {}
         self._reachable = False
+        self.chain_id, self.target = chain_id, ledger_target  # receipts wait (never REJECTED) on another chain
         # called with the new value whenever ledger_reachable flips (the server's health status)
         self.readiness_listeners: list[Callable[[bool], None]] = []
 
@@ -84,6 +95,9 @@ class Settlement:
         backoff = Backoff(0.5, self.max_backoff_s)
         while True:
             try:
+                if self.chain_id and (theirs := (await self._call(self.ledger.get_head())).chain_id) != self.chain_id:
+                    raise ChainMismatch(chain_mismatch(self.target, theirs, self.chain_id))
+                self.chain_id = ""  # checked: the node's chain does not change under a running coordinator
                 if await self.settle_pending() == 0 and self.clock() - self._last_contact >= self.probe_s:
                     # nothing to settle: ask the node for its head now and then, so readiness
                     # (health `.../settlement`) notices a ledger that went away while idle
@@ -91,9 +105,10 @@ class Settlement:
                 self.ledger_reachable = True
                 backoff.reset()
                 delay = self.poll_s
-            except errors.Unavailable as exc:
-                if self.ledger_reachable:
-                    log.warning("ledger unreachable, retrying with backoff: %s", exc.message)
+            except (errors.Unavailable, ChainMismatch) as exc:
+                if self.ledger_reachable or isinstance(exc, ChainMismatch):
+                    log.warning("%s, retrying with backoff: %s", "receipts wait" if isinstance(exc, ChainMismatch)
+                                else "ledger unreachable", exc.message)
                 self.ledger_reachable = False
                 delay = backoff.next()
             except Exception:

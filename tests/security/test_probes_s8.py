@@ -17,7 +17,8 @@ tests/coordinator/ already):
 - local process: the PostgreSQL server of tests and `aitbc devnet --postgres` listens on a loopback
   port any local user reaches: a login there needs the cluster's password (0600 file); the devnet's
   service logs are its owner's only;
-- operator mistake: a max_run_s the coordinator would trip over, a typo inside a [[clients]] or
+- operator mistake: a chain_id that is not the ledger's is refused at start (and, with the
+  ledger down then, never gets a receipt REJECTED later); a max_run_s the coordinator would trip over, a typo inside a [[clients]] or
   [[models]] entry, and a fractional count are refused, naming the setting.
 """
 
@@ -35,7 +36,7 @@ import pytest
 
 from aitbc.config import ClientKey, CoordinatorConfig
 from aitbc.coordinator.clock import FakeClock
-from aitbc.errors import InvalidArgument
+from aitbc.errors import FailedPrecondition, InvalidArgument
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, miner_pb2
 from tests.conftest import API_KEY, OTHER_KEY
 from tests.security.test_security import RawMiner, image_job, wait_done
@@ -152,6 +153,43 @@ def test_a_max_run_s_the_coordinator_would_trip_over_is_refused_naming_it(tmp_pa
     for bad in (0.0, -1.0, 0.5):  # every job taken back at the next tick
         with pytest.raises(InvalidArgument, match="'max_run_s' must be at least 1"):
             CoordinatorConfig(data_dir=str(tmp_path), max_run_s=bad)
+
+
+async def test_a_chain_id_that_is_not_the_ledgers_is_refused_at_start_and_never_rejects_receipts(
+        network_factory: Any, null_backend: Any, tmp_path: Path, caplog: Any) -> None:
+    """A typo in chain_id (or a ledger of another chain) started a coordinator whose every receipt
+    the ledger then REJECTED for good: miners unpaid, silently but for a log line per receipt. A
+    ledger that answers at start must serve the coordinator's chain_id; one reached later that does
+    not gets no receipt (they wait, health NOT_SERVING), so fixing the setting pays them all."""
+    from aitbc.server.coordinator import start_coordinator
+    from aitbc.v1 import receipt_pb2
+    from tests.coordinator.test_settlement import LedgerNode
+
+    ledger = LedgerNode.for_network(tmp_path)  # chain "aitbc-devnet"
+    await ledger.start()
+    try:
+        conf = CoordinatorConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "c"), key_file=str(tmp_path / "c.key"),
+                                 ledger=ledger.address, chain_id="aitbc-devnt")
+        with pytest.raises(FailedPrecondition) as err:
+            await start_coordinator(conf)
+        assert "serves chain 'aitbc-devnet' but this coordinator's chain_id is 'aitbc-devnt'" in err.value.message
+        assert not (tmp_path / "c").exists()  # refused before anything was opened
+    finally:
+        await ledger.stop()  # down at the coordinator's start: it cannot tell yet
+    net = await network_factory(ledger=ledger.address, chain_id="aitbc-devnt")
+    await net.add_miner({"null": null_backend}, price=2)
+    s = coordinator_pb2_grpc.CoordinatorServiceStub(net.channel())
+    job = (await s.SubmitJob(image_job(seed=1, width=64, height=64), metadata=MD)).job
+    async for _ in s.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=MD, timeout=60):
+        pass
+    await ledger.start()
+    try:
+        await net.until(lambda: "receipts wait, retrying with backoff: ledger" in caplog.text)  # it reached it
+        rec = (await s.GetReceipt(coordinator_pb2.GetReceiptRequest(job_id=job.job_id), metadata=MD)).receipt
+        assert rec.settlement.state == receipt_pb2.SETTLEMENT_STATE_PENDING, rec.settlement.error
+        assert not net.proc.settlement.ledger_reachable  # the settlement health says NOT_SERVING
+    finally:
+        await ledger.stop()
 
 
 @pytest.mark.parametrize(("text", "needle"), [
