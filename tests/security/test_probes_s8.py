@@ -1,25 +1,25 @@
 """Attack probes written from THREAT-MODEL.md alone (an outside reviewer's view), against real servers
 on loopback: each plays one actor of the table and tries what its "must not" column forbids. Only
 probes that cover something no other test covers stay here (the rest are in tests/security/ and
-tests/coordinator/ already):
+tests/coordinator/ already). Each marked (hole) succeeded before the fix its test names:
 
-- colluding fresh keys: failing a job in turn no longer uses up its max_attempts while an
-  established miner could run it;
-- anonymous miner: streams a text job in 2-character deltas to hold ~30x the per-job cap in memory
-  (a delta now counts as at least DELTA_CHARS);
-- anonymous miner: holds a job without running it, by repeating the same word about it (the same
-  JobProgress, JobAccepted again) so that stall detection never fires: the job's attempt ends at
-  max_run_s whatever the miner says;
-- client: has at most max_active_jobs unfinished jobs (the rate limit alone let one key fill the
-  queue ahead of everyone else's), holds at most max_streams WatchJob/GetJobResult streams open at once (the rate limit
-  alone let one key pile them up); another client's job ids, prompt hashes and client ids do not
-  leak through the public GetMarket or ListMiners;
-- local process: the PostgreSQL server of tests and `aitbc devnet --postgres` listens on a loopback
-  port any local user reaches: a login there needs the cluster's password (0600 file); the devnet's
-  service logs are its owner's only;
-- operator mistake: a chain_id that is not the ledger's is refused at start (and, with the
-  ledger down then, never gets a receipt REJECTED later); a max_run_s the coordinator would trip over, a typo inside a [[clients]] or
-  [[models]] entry, and a fractional count are refused, naming the setting.
+- colluding fresh keys (hole): failing a job once each in turn used up its max_attempts while an
+  established miner was online; a job that lost an attempt now goes to an established miner;
+- anonymous miner (hole): streaming a text job in 2-character deltas held ~30x the per-job cap in
+  memory; a delta counts as at least DELTA_CHARS;
+- anonymous miner (hole): repeating one word about a job (the same JobProgress, JobAccepted again)
+  kept stall detection quiet for ever; an attempt ends at max_run_s whatever the miner says;
+- client (hole): the rate limit alone let one key queue rate x queue_ttl_s jobs ahead of everyone
+  else's and hold any number of WatchJob/GetJobResult streams: max_active_jobs, max_streams;
+- client: another client's job ids, prompt hashes and client ids do not leak through the public
+  GetMarket or ListMiners (regression);
+- local process (hole): the PostgreSQL server of tests and `aitbc devnet --postgres` trusted every
+  login on 127.0.0.1, a port any local user reaches; a login there needs the cluster's password
+  (a 0600 file); the devnet's service logs and config files are its owner's only;
+- operator mistake (hole): a chain_id that is not the ledger's started a coordinator whose receipts
+  were all REJECTED; it is refused at start, and with the ledger down then, no receipt is sent to
+  the wrong chain later. A typo inside a [[clients]] or [[models]] entry is named, a fractional
+  count refused (it was truncated), and a max_run_s under 1 s refused.
 """
 
 from __future__ import annotations
