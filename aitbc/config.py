@@ -28,6 +28,8 @@ class ClientKey:
     api_key_sha256: str
     rate_per_s: float = 50.0
     burst: int = 100
+    max_streams: int = 64  # server streams (WatchJob, GetJobResult) the client holds open at once
+    max_active_jobs: int = 1000  # its jobs not yet ended (queued, assigned, running) at once
     operator: bool = False  # may call operator RPCs (ReleaseMiner)
     # webhooks (docs/coordinator.md, "Webhooks"): a signed POST on each of the client's jobs' end,
     # to webhook_url, or to the job's own webhook_url when it starts with one of webhook_url_prefixes
@@ -56,6 +58,8 @@ class ClientKey:
                                   "(the receiver checks each POST's HMAC with it)")
         _within(f"clients.{self.id}.rate_per_s", self.rate_per_s, 1e-9, float("inf"))
         _within(f"clients.{self.id}.burst", self.burst, 1, float("inf"))
+        _within(f"clients.{self.id}.max_streams", self.max_streams, 1, float("inf"))
+        _within(f"clients.{self.id}.max_active_jobs", self.max_active_jobs, 1, float("inf"))
 
 
 @dataclass
@@ -108,6 +112,9 @@ class CoordinatorConfig(TlsConfig):
     heartbeat_interval_s: float = 2.0
     heartbeat_timeout_s: float = 10.0
     stall_timeout_s: float = 120.0  # a miner silent on all its jobs this long (heartbeats aside) loses them
+    # one attempt of a job on one miner ends this long after it was assigned, whatever the miner says
+    # about it (a miner repeating one word would otherwise hold it for ever): requeued, a stall
+    max_run_s: float = 3600.0
     max_attempts: int = 3
     queue_ttl_s: float = 600.0
     model_grace_s: float = 300.0
@@ -158,6 +165,7 @@ class CoordinatorConfig(TlsConfig):
         _within("default_max_price_per_unit", self.default_max_price_per_unit, 0, float("inf"))
         _within("verify_rate", self.verify_rate, 0.0, 1.0)
         _within("verify_tolerance", self.verify_tolerance, 0.0, 1.0)
+        _within("max_run_s", self.max_run_s, 1.0, float("inf"))
         for name in ("heartbeat_interval_s", "heartbeat_timeout_s", "stall_timeout_s", "queue_ttl_s",
                      "verify_timeout_s", "model_grace_s"):
             _within(name, getattr(self, name), 0.001, float("inf"))
@@ -291,8 +299,8 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
     origin = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
     try:
         if origin == "int":
-            if isinstance(value, bool):
-                raise ValueError
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+                raise ValueError  # max_attempts = 3.5 is a typo, not 3
             return int(value)
         if origin == "float":
             return float(value)
@@ -306,10 +314,15 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError
             return value
-        if origin == "list[ClientKey]":
-            return [ClientKey(**c) for c in value]
-        if origin == "list[ModelConfig]":
-            return [ModelConfig(**c) for c in value]
+        if origin in ("list[ClientKey]", "list[ModelConfig]"):
+            entry = ClientKey if origin == "list[ClientKey]" else ModelConfig
+            known = [f.name for f in dataclasses.fields(entry)]
+            for c in value:  # a typo in an entry names itself, like one at the top level
+                unknown = sorted(set(c) - set(known)) if isinstance(c, dict) else []
+                if unknown:
+                    raise InvalidArgument(f"config key {name!r}: unknown keys {', '.join(unknown)} in an entry "
+                                          f"(known: {', '.join(known)})")
+            return [entry(**c) for c in value]
         if origin == "bool":
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
                 return value.lower() in ("true", "1")

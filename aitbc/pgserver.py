@@ -3,8 +3,11 @@
 Tests and benchmarks start one (the coordinator's PostgreSQL store runs against a real server,
 never a mock); `aitbc devnet --postgres` runs one in the devnet folder. The binaries come from PATH or
 Debian's /usr/lib/postgresql/<version>/bin (`make test` installs the `postgresql` package where
-they are missing). Authentication is `trust`, for the unix socket in the folder and 127.0.0.1
-only; the server listens on 127.0.0.1 alone.
+they are missing). The server listens on 127.0.0.1 alone. Authentication: `trust` on the unix
+socket in the folder (0700, so only its owner and root reach it) and a password (scram-sha-256) on
+127.0.0.1, since any local user can connect to a loopback port (THREAT-MODEL.md, "local process"):
+a random one, set when the cluster is made (or found without one) and kept in FOLDER/password
+(0600); `url()` carries it.
 
 PostgreSQL refuses to run as root: under root the server runs as the `postgres` user (the one
 Debian's package creates) or `nobody`, and the folder is handed to that user.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
@@ -85,13 +89,23 @@ class LocalPostgres:
         assert self.folder is not None
         return self.folder / "sock"
 
-    def _cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    @property
+    def password_file(self) -> Path:
+        assert self.folder is not None
+        return self.folder / "password"
+
+    @property
+    def password(self) -> str:
+        """The superuser's password for TCP logins (init() sets it)."""
+        return self.password_file.read_text().strip()
+
+    def _cmd(self, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         assert self.bin_dir is not None
         kwargs = {}
         if self._user is not None:
             kwargs = {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
         return subprocess.run([str(self.bin_dir / args[0]), *args[1:]], capture_output=True, text=True,
-                              check=check, cwd="/", **kwargs)  # type: ignore[call-overload]
+                              check=check, cwd="/", input=stdin, **kwargs)  # type: ignore[call-overload]
 
     def init(self) -> LocalPostgres:
         """Find the binaries, pick the user the server runs as, and create the cluster (initdb) when
@@ -114,10 +128,25 @@ class LocalPostgres:
                           "--locale=C", *([] if self.durable else ["--no-sync"]))
             except subprocess.CalledProcessError as exc:
                 raise RuntimeError(f"initdb failed: {exc.stderr.strip() or exc.stdout.strip()}") from None
-            # trust on the folder's socket and 127.0.0.1 only (initdb's default also trusts ::1)
-            (self.data / "pg_hba.conf").write_text(
-                "local all all trust\nhost all all 127.0.0.1/32 trust\n")
+        if not self.password_file.exists():  # a new cluster, or one made before TCP logins needed a password
+            self._set_password()
         return self
+
+    def _set_password(self) -> None:
+        """A random superuser password (single-user mode: the server is not running yet), then
+        pg_hba.conf: trust on the folder's socket, the password on 127.0.0.1, nothing else (initdb's
+        default trusts 127.0.0.1 and ::1, where any local user connects). The password file is
+        written last: a cluster without one gets a new one at the next init()."""
+        password = secrets.token_urlsafe(24)
+        res = self._cmd("postgres", "--single", "-D", str(self.data), "postgres", check=False,
+                        stdin=f"ALTER ROLE \"{self.superuser}\" PASSWORD '{password}';\n")
+        if res.returncode != 0 or "ERROR" in res.stdout + res.stderr:
+            raise RuntimeError(f"setting the superuser's password failed: {(res.stderr or res.stdout).strip()}")
+        (self.data / "pg_hba.conf").write_text(
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+        fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(password + "\n")
 
     @property
     def run_as(self) -> pwd.struct_passwd | None:
@@ -156,7 +185,7 @@ class LocalPostgres:
         raise RuntimeError(f"PostgreSQL did not start: {last.strip()}")
 
     def url(self, dbname: str = "postgres") -> str:
-        return f"postgresql://{self.superuser}@127.0.0.1:{self.port}/{dbname}"
+        return f"postgresql://{self.superuser}:{self.password}@127.0.0.1:{self.port}/{dbname}"
 
     def create_database(self, name: str, *, exist_ok: bool = False) -> str:
         """A new empty database (or, with exist_ok, the one already there); returns its URL."""

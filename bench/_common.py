@@ -50,7 +50,7 @@ def start_coordinator(tmp: Path, client: dict[str, str] | None = None, key_file:
         *([] if "trust_checks" in extra else ["trust_checks = 0"]),
         *(f"{k} = {v!r}".replace("'", '"') for k, v in extra.items()),
         "", "[[clients]]", 'id = "bench"', f'api_key_sha256 = "{hashlib.sha256(API_KEY.encode()).hexdigest()}"',
-        "rate_per_s = 1000000.0", "burst = 1000000",
+        "rate_per_s = 1000000.0", "burst = 1000000", "max_active_jobs = 1000000", "max_streams = 1000000",
         *(f'{k} = "{v}"' for k, v in (client or {}).items()),
     ]
     conf.write_text("\n".join(lines) + "\n")

@@ -43,7 +43,7 @@ from aitbc.wallet.access import DaemonFiles, listen_address
 
 CLIENT_ID = "devnet-client"
 MAX_COORDINATORS = 8
-PG_USER = "aitbc"  # the devnet server's superuser (trust on 127.0.0.1) and the coordinators' login
+PG_USER = "aitbc"  # the devnet server's superuser (its password on 127.0.0.1) and the coordinators' login
 PG_DATABASE = "aitbc"
 CHAIN_PREFIX = "aitbc-devnet"  # each devnet's chain id is this plus a random suffix
 STABLE_S = 60.0  # a process that ran this long before it died is restarted at once: its backoff is reset
@@ -126,6 +126,14 @@ class RestartBackoff:
                       f"{self.cap_s:g} s and resets once it runs {self.stable_s:g} s)")
 
 
+
+def _write_private(path: Path, text: str) -> None:
+    """A config file of the devnet, its owner's only (0600, also when it was there before)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
 @dataclass
 class Child:
     name: str
@@ -143,8 +151,8 @@ class Child:
     stops_last: bool = False  # stopped once every other service has exited (the database)
 
     def start(self) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.log, "ab")
+        self.log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fh = os.fdopen(os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")  # its owner's only
         env = {**os.environ, **self.env} if self.env else None
         parent = os.getpid()
         as_user: dict[str, object] = {}
@@ -182,6 +190,7 @@ class Devnet:
     log_to: object = sys.stdout
     children: list[Child] = field(default_factory=list)
     endpoints: dict[str, object] = field(default_factory=dict)
+    _pg: LocalPostgres | None = field(default=None, repr=False)  # the --postgres cluster, once initialized
 
     def say(self, text: str) -> None:
         try:
@@ -271,11 +280,13 @@ class Devnet:
                 "another --data-dir)") from None
         state["chain_id"] = chain_id
         state["miner_address"] = keys["miner"].address
-        database = f"postgresql://{PG_USER}@{state['postgres']}/{PG_DATABASE}" if self.postgres else ""
-        for i, listen in enumerate(coordinators):
-            (d / _coordinator_file(i)).write_text(self._coordinator_toml(
+        database = ""
+        if self.postgres:  # the password of the cluster (made on first start): any local user reaches the port
+            database = f"postgresql://{PG_USER}:{self._cluster(chain_id).password}@{state['postgres']}/{PG_DATABASE}"
+        for i, listen in enumerate(coordinators):  # 0600: a coordinator's names the database's password
+            _write_private(d / _coordinator_file(i), self._coordinator_toml(
                 i, listen, database, chain_id, state, key_hash, keys["miner"].address))
-        (d / "miner.toml").write_text(_toml({
+        _write_private(d / "miner.toml", _toml({
             "coordinator": coordinators if len(coordinators) > 1 else coordinators[0],
             "key_file": str(d / "keys" / "miner.key"), "models": self.models,
             "ops_listen": state["miner_ops"], "price_per_unit": 1,
@@ -359,12 +370,9 @@ class Devnet:
 
     def _start_postgres(self, listen: str, chain_id: str) -> None:
         """The coordinators' database: a PostgreSQL server of the system's package in DIR/postgres
-        (created on first start), supervised like every other service, on 127.0.0.1 only with trust
-        for 127.0.0.1 (a local devnet: any local user can reach it, as they can every devnet port)."""
-        try:
-            pg = LocalPostgres(folder=self._postgres_folder(chain_id), superuser=PG_USER, durable=True).init()
-        except (FileNotFoundError, RuntimeError) as exc:
-            raise FailedPrecondition(f"--postgres: {exc}") from None
+        (created on first start), supervised like every other service, on 127.0.0.1 only: any local
+        user can reach the port, so a login there needs the cluster's password (aitbc.pgserver)."""
+        pg = self._cluster(chain_id)
         child = Child("postgres", pg.server_argv(int(listen.rpartition(":")[2])), self.data_dir / "logs" / "postgres.log",
                       user=pg.run_as, stop_signal=signal.SIGINT, stops_last=True)
         self.children.append(child)
@@ -375,6 +383,15 @@ class Devnet:
         except Exception as exc:
             self.stop()
             raise RuntimeError(f"devnet: PostgreSQL did not start: {exc}\n{child.tail()}") from None
+
+    def _cluster(self, chain_id: str) -> LocalPostgres:
+        """The devnet's PostgreSQL cluster, created (initdb, its password) on first use."""
+        if self._pg is None:
+            try:
+                self._pg = LocalPostgres(folder=self._postgres_folder(chain_id), superuser=PG_USER, durable=True).init()
+            except (FileNotFoundError, RuntimeError) as exc:
+                raise FailedPrecondition(f"--postgres: {exc}") from None
+        return self._pg
 
     def _postgres_folder(self, chain_id: str) -> Path:
         """DIR/postgres. Under root the server runs as another user (PostgreSQL refuses root), which

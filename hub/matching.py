@@ -134,8 +134,9 @@ def choose(miners: Iterable[MinerView], needs: JobNeeds, rr_counter: int) -> Pla
     Filters apply in this order, and the first one that leaves nobody names the reason:
     model (and kind) -> max price -> VRAM fit -> quarantine -> established (re-executions only) ->
     device class -> exclusions -> free slots (busy). Miners in `needs.avoid` are dropped before the free-slot step unless that would
-    leave nobody (a soft exclusion: the job may go back to them when they are all there is); among
-    the free miners, `failing` ones are chosen only when no other one is free."""
+    leave nobody (a soft exclusion: the job may go back to them when they are all there is); so are
+    miners not established once the job lost an attempt (avoid or exclude set), when an established
+    one could take it; among the free miners, `failing` ones are chosen only when no other one is free."""
     model, kind = needs.model, needs.kind
     serving: list[MinerView] = []
     other_kind = False
@@ -197,6 +198,12 @@ def choose(miners: Iterable[MinerView], needs: JobNeeds, rr_counter: int) -> Pla
         others = [m for m in allowed if m.miner_id not in needs.avoid]
         if others:
             allowed = others
+    if needs.avoid or needs.exclude:
+        # a job that lost an attempt is retried on an established miner whenever one could take it, even a
+        # busy one: fresh keys (free) failing it in turn would use up its max_attempts (THREAT-MODEL.md)
+        proven = [m for m in allowed if m.established]
+        if proven:
+            allowed = proven
 
     free = [m for m in allowed if m.running < (m.max_concurrency if m.max_concurrency > 0 else 1)]
     steady = [m for m in free if not m.failing]

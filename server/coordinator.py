@@ -21,7 +21,7 @@ from aitbc import crypto, jobs, quotes, rpc, telemetry
 from aitbc.config import CoordinatorConfig, expand, write_port_file
 from aitbc.coordinator import Coordinator, fees
 from aitbc.coordinator.clock import Clock
-from aitbc.coordinator.settlement import Settlement
+from aitbc.coordinator.settlement import Settlement, chain_mismatch
 from aitbc.coordinator.store import JobStore, LmdbJobStore
 from aitbc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from aitbc.limits import KeyedBuckets
@@ -56,6 +56,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     def _client(self, context: grpc.aio.ServicerContext) -> str:
         return self.core.authenticate(_metadata(context, "x-api-key")).id
+
+    def _stream(self, context: grpc.aio.ServicerContext) -> tuple[str, Any]:
+        """The client of a server stream, and its hold on one of its max_streams (a `with`)."""
+        client = self.core.authenticate(_metadata(context, "x-api-key"))
+        return client.id, self.core.auth.stream(client)
 
     @handle_errors
     async def SubmitJob(self, request: coordinator_pb2.SubmitJobRequest, context: Any) -> coordinator_pb2.SubmitJobResponse:
@@ -95,22 +100,26 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @handle_errors
     async def WatchJob(self, request: coordinator_pb2.WatchJobRequest, context: Any) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
         telemetry.set_attributes(job_id=request.job_id)
-        async for event in self.core.watch(self._client(context), request.job_id):
-            if isinstance(event, job_pb2.Job):
-                yield coordinator_pb2.WatchJobResponse(job=event)
-            elif isinstance(event, job_pb2.TextChunk):
-                yield coordinator_pb2.WatchJobResponse(text=event)
-            else:
-                yield coordinator_pb2.WatchJobResponse(progress=event)
+        client, held = self._stream(context)
+        with held:
+            async for event in self.core.watch(client, request.job_id):
+                if isinstance(event, job_pb2.Job):
+                    yield coordinator_pb2.WatchJobResponse(job=event)
+                elif isinstance(event, job_pb2.TextChunk):
+                    yield coordinator_pb2.WatchJobResponse(text=event)
+                else:
+                    yield coordinator_pb2.WatchJobResponse(progress=event)
 
     @handle_errors
     async def GetJobResult(self, request: coordinator_pb2.GetJobResultRequest, context: Any) -> AsyncIterator[coordinator_pb2.GetJobResultResponse]:
         telemetry.set_attributes(job_id=request.job_id, index=request.index)
-        art, f = self.core.artifact(self._client(context), request.job_id, request.index)
-        with f:  # read a chunk at a time: a download holds one chunk in memory, not the artifact
-            yield coordinator_pb2.GetJobResultResponse(artifact=art, offset=0, data=f.read(CHUNK_BYTES))
-            for offset in range(CHUNK_BYTES, art.size, CHUNK_BYTES):
-                yield coordinator_pb2.GetJobResultResponse(offset=offset, data=f.read(CHUNK_BYTES))
+        client, held = self._stream(context)
+        with held:
+            art, f = self.core.artifact(client, request.job_id, request.index)
+            with f:  # read a chunk at a time: a download holds one chunk in memory, not the artifact
+                yield coordinator_pb2.GetJobResultResponse(artifact=art, offset=0, data=f.read(CHUNK_BYTES))
+                for offset in range(CHUNK_BYTES, art.size, CHUNK_BYTES):
+                    yield coordinator_pb2.GetJobResultResponse(offset=offset, data=f.read(CHUNK_BYTES))
 
     @handle_errors
     async def ListReceipts(self, request: coordinator_pb2.ListReceiptsRequest, context: Any) -> coordinator_pb2.ListReceiptsResponse:
@@ -312,9 +321,30 @@ def open_store(config: CoordinatorConfig) -> JobStore:
     return store
 
 
+async def _check_ledger_chain(config: CoordinatorConfig) -> None:
+    """A ledger that answers at start must serve this coordinator's chain_id (a typo in either
+    setting would have every receipt refused); one that is down is checked by settlement when it
+    is back, which holds the receipts meanwhile."""
+    from aitbc.ledger.client import LedgerClient
+
+    # one try, no retries: a ledger that is down must not slow the start (its port is refused at once)
+    creds, options = rpc.channel_credentials(), [("grpc.enable_retries", 0)]
+    ch = (grpc.aio.secure_channel(config.ledger, creds, options=options) if creds is not None
+          else grpc.aio.insecure_channel(config.ledger, options=options))
+    async with ch, LedgerClient(ch, timeout=5.0) as ledger:
+        try:
+            theirs = await ledger.chain_id()
+        except Exception:  # down or not a ledger yet: settlement keeps trying
+            return
+    if theirs != config.chain_id:
+        raise FailedPrecondition(chain_mismatch(config.ledger, theirs, config.chain_id))
+
+
 async def start_coordinator(config: CoordinatorConfig, *, clock: Clock | None = None) -> CoordinatorProcess:
     """`clock`: the coordinator's time (tests drive a FakeClock); the system clock by default."""
     rpc.refuse_plaintext(config.listen)  # before anything is opened
+    if config.ledger:
+        await _check_ledger_chain(config)
     store = open_store(config)
     key = crypto.load_or_create_key(config.key_file)
     core = Coordinator(store, key, config, clock=clock)
@@ -333,6 +363,7 @@ async def start_coordinator(config: CoordinatorConfig, *, clock: Clock | None = 
                                               asyncio.create_task(core.webhooks.run())])
     if config.ledger:
         settlement = proc.settlement = Settlement(core.receipts, key, config.ledger, clock=core.time.monotonic,
+                                                  chain_id=config.chain_id,
                                                   elect=store.settler if store.shared else None)  # type: ignore[attr-defined]
         core.receipt_listeners.append(settlement.notify)
         core.chain = fees.ChainLedger(settlement.ledger)  # paid jobs and stake checks: the same node

@@ -43,7 +43,7 @@ def test_precedence_defaults_toml_environment_overrides(tmp_path: Path, monkeypa
     ('[[clients]]\nid = "ops"\napi_key_sha256 = "ab"\noperator = "yes"\n', "operator must be true or false"),
     ('[[models]]\nname = "tiny-sd"\nkind = "video"\n', 'models.tiny-sd: kind must be "image" or "text"'),
     ('[[models]]\nname = "tiny-sd"\nmax_price_per_unit = -1\n', "max_price_per_unit must be an integer >= 0"),
-    ('[[models]]\nname = "tiny-sd"\nprice = 3\n', "config key 'models': expected list[ModelConfig]"),
+    ('[[models]]\nname = "tiny-sd"\nprice = 3\n', "config key 'models': unknown keys price in an entry"),
     ('allow_new_models = "maybe"\n', "config key 'allow_new_models': expected bool"),
     ("default_max_price_per_unit = -5\n", "'default_max_price_per_unit' must be at least 0"),
     ('[[clients]]\nid = "ops"\napi_key_sha256 = "ab"\nburst = 0\n', "'clients.ops.burst' must be at least 1"),

@@ -1,9 +1,10 @@
-"""Client authentication and per-client rate limits (token buckets)."""
+"""Client authentication, per-client rate limits (token buckets) and open streams."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from aitbc.config import ClientKey
 from aitbc.errors import ResourceExhausted, Unauthenticated
@@ -18,6 +19,7 @@ class ClientAuth:
         self.by_id: dict[str, ClientKey] = {c.id: c for c in clients}
         self.clock = clock
         self._buckets: dict[str, TokenBucket] = {}
+        self._streams: dict[str, int] = {}  # client id -> server streams open now (none: no entry)
 
     def authenticate(self, api_key: str | None) -> ClientKey:
         if not api_key:
@@ -38,3 +40,23 @@ class ClientAuth:
                 retry_after_s=wait,
             )
         return client
+
+    def streams(self, client_id: str) -> int:
+        return self._streams.get(client_id, 0)
+
+    @contextmanager
+    def stream(self, client: ClientKey) -> Iterator[None]:
+        """Hold one of the client's `max_streams` for a server stream's life (WatchJob, GetJobResult):
+        a rate limit alone lets one key pile up long-lived streams (THREAT-MODEL.md, "client")."""
+        held = self._streams.get(client.id, 0)
+        if held >= client.max_streams:
+            raise ResourceExhausted(
+                f"client '{client.id}' already has {held} streams open (WatchJob, GetJobResult; max_streams "
+                f"{client.max_streams}): close one, or let a watched job end, before opening another")
+        self._streams[client.id] = held + 1
+        try:
+            yield
+        finally:
+            self._streams[client.id] -= 1
+            if not self._streams[client.id]:
+                del self._streams[client.id]

@@ -101,6 +101,7 @@ class Coordinator:
         self.machine = m.JobMachine(self.time, m.Limits(
             max_attempts=config.max_attempts, queue_ttl_s=config.queue_ttl_s,
             verify_timeout_s=config.verify_timeout_s, stall_timeout_s=config.stall_timeout_s,
+            max_run_s=config.max_run_s,
         ), watched=self.streams.watched)
         self.event_log = None
         if config.event_log:
@@ -510,6 +511,7 @@ class Coordinator:
             if existing is not None and self._find(existing) is not None:
                 return same(existing)
             self._check_served(model, params)
+        self._check_active(client_id)
         now = self.time.now_ms()
         job = job_pb2.Job(
             job_id=jobs.new_job_id(), model=model, params=params, client_id=client_id,
@@ -557,6 +559,15 @@ class Coordinator:
                 deadline = self.clock() + REQUEST_WAIT_S
             await asyncio.sleep(0.01)
         return winner
+
+    def _check_active(self, client_id: str) -> None:
+        """A client's unfinished jobs are bounded (its `max_active_jobs`): the rate limit alone let one
+        key fill the queue ahead of every other client's (THREAT-MODEL.md, "every queue bounded per actor")."""
+        limit = self.auth.by_id[client_id].max_active_jobs if client_id in self.auth.by_id else 0
+        if limit and sum(1 for r in self.machine.records.values()
+                         if r.job.client_id == client_id and not r.job.parent_job_id) >= limit:
+            raise ResourceExhausted(f"client '{client_id}' already has {limit} unfinished jobs (max_active_jobs {limit}): "
+                                    "wait for some to end, or cancel some, before submitting more")
 
     # ---- paid jobs (aitbc.coordinator.fees) --------------------------------------------------------
 

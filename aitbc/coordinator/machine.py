@@ -382,6 +382,7 @@ class Limits:
     queue_ttl_s: float = 600.0
     verify_timeout_s: float = 120.0
     stall_timeout_s: float = 60.0
+    max_run_s: float = float("inf")  # an attempt's longest hold, whatever its miner says (CoordinatorConfig)
 
 
 class JobMachine:
@@ -888,10 +889,14 @@ class JobMachine:
             # silent only when it said nothing since the last of its jobs was assigned
             since = max(slot.active_at, *(self.held_since(j) for j in slot.held))
             quiet = now - since
-            if quiet <= self.limits.stall_timeout_s:
+            # whatever it says, no attempt outlives max_run_s (one repeated word is not progress)
+            overdue = {j for j in slot.held if now - self.held_since(j) > self.limits.max_run_s}
+            if quiet <= self.limits.stall_timeout_s and not overdue:
                 continue
             why = f"miner {miner_id} made no progress for {quiet:.0f} s (stall_timeout_s {self.limits.stall_timeout_s:g})"
-            for job_id in sorted(slot.held, key=self._order):
+            if quiet <= self.limits.stall_timeout_s:
+                why = f"miner {miner_id} held the job past max_run_s {self.limits.max_run_s:g} s"
+            for job_id in sorted(slot.held if quiet > self.limits.stall_timeout_s else overdue, key=self._order):
                 self._out.append(SendCancel(miner_id, job_id, why))
                 self._out.append(Record(miner_id, "stall"))
                 rec = self.records.get(job_id)

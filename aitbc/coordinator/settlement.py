@@ -38,6 +38,15 @@ SETTLER_RETRY_S = 2.0  # a coordinator that is not the settler tries for the loc
 FEE_REFUSALS = ("escrow too low", "quote already settled", "economy disabled")
 
 
+class ChainMismatch(errors.FailedPrecondition):
+    """The ledger serves another chain than the receipts': an operator's typo, never a receipt's fault."""
+
+
+def chain_mismatch(ledger: str, theirs: str, ours: str) -> str:
+    return (f"ledger {ledger} serves chain '{theirs}' but this coordinator's chain_id is '{ours}': its receipts "
+            "would all be refused; fix `chain_id` or `ledger` in coordinator.toml")
+
+
 def _fee_refusal(message: str) -> bool:
     return any(message.startswith(r) or f": {r}" in message for r in FEE_REFUSALS)
 
@@ -54,6 +63,7 @@ class Settlement:
         probe_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         elect: Callable[[], bool] | None = None,
+        chain_id: str = "",
     ) -> None:
         from aitbc.ledger.client import LedgerClient
 
@@ -71,6 +81,8 @@ class Settlement:
         self._wake = asyncio.Event()
         self._retry_at: dict[str, float] = {}
         self._reachable = False
+        self.chain_id, self.target = chain_id, ledger_target  # receipts wait (never REJECTED) on another chain
+        self._chain_checked = not chain_id  # "": nothing to check
         # called with the new value whenever ledger_reachable flips (the server's health status)
         self.readiness_listeners: list[Callable[[bool], None]] = []
 
@@ -93,6 +105,10 @@ class Settlement:
         backoff = Backoff(0.5, self.max_backoff_s)
         while True:
             try:
+                if not self._chain_checked:  # once: the node's chain does not change under a running coordinator
+                    if (theirs := (await self._call(self.ledger.get_head())).chain_id) != self.chain_id:
+                        raise ChainMismatch(chain_mismatch(self.target, theirs, self.chain_id))
+                    self._chain_checked = True
                 if self.elect is not None and self.settling != self.elect():
                     self.settling = not self.settling
                     log.warning("this coordinator %s the settler", "is now" if self.settling else "is no longer")
@@ -110,9 +126,10 @@ class Settlement:
                 self.ledger_reachable = True
                 backoff.reset()
                 delay = self.poll_s
-            except errors.Unavailable as exc:
-                if self.ledger_reachable:
-                    log.warning("ledger unreachable, retrying with backoff: %s", exc.message)
+            except (errors.Unavailable, ChainMismatch) as exc:
+                if self.ledger_reachable or isinstance(exc, ChainMismatch):
+                    log.warning("%s, retrying with backoff: %s", "receipts wait" if isinstance(exc, ChainMismatch)
+                                else "ledger unreachable", exc.message)
                 self.ledger_reachable = False
                 delay = backoff.next()
             except Exception:

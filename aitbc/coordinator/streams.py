@@ -18,6 +18,9 @@ from aitbc.v1 import job_pb2
 S = job_pb2.JobState
 WATCH_QUEUE = 256
 MAX_STREAMED_CHARS = 1 << 20
+# a delta counts as at least this many characters: each is a str object of ~50 bytes plus its list slot,
+# so 2-character deltas would otherwise hold ~30x the cap's memory (4,096 tokens, one delta each: 262,144)
+DELTA_CHARS = 64
 Event = job_pb2.Job | job_pb2.JobProgress | job_pb2.TextChunk
 
 
@@ -56,10 +59,12 @@ class JobStreams:
     # ---- text ---------------------------------------------------------------------------------------
 
     def append_text(self, job_id: str, text: str) -> None:
-        """Buffer a delta of the current attempt; InvalidArgument past MAX_STREAMED_CHARS."""
-        chars = self._chars.get(job_id, 0) + len(text)
+        """Buffer a delta of the current attempt; InvalidArgument past MAX_STREAMED_CHARS (a delta
+        counting as at least DELTA_CHARS)."""
+        chars = self._chars.get(job_id, 0) + max(len(text), DELTA_CHARS)
         if chars > MAX_STREAMED_CHARS:
-            raise InvalidArgument(f"streamed text exceeds {MAX_STREAMED_CHARS} characters")
+            raise InvalidArgument(f"streamed text exceeds {MAX_STREAMED_CHARS} characters (each TextChunk counting as "
+                                  f"at least {DELTA_CHARS}: send a token's text, not a character at a time)")
         self._chars[job_id] = chars
         self._text.setdefault(job_id, []).append(text)
         self.publish(job_id, job_pb2.TextChunk(job_id=job_id))

@@ -44,7 +44,10 @@ def test_two_coordinators_on_the_devnets_postgres_share_a_job_and_keep_it_across
         endpoints = json.loads((home / "devnet" / "endpoints.json").read_text())
         url, (first, second) = endpoints["database_url"], endpoints["coordinators"]
         assert first == endpoints["coordinator"] and second in "".join(lines)
-        assert url.startswith("postgresql://aitbc@127.0.0.1:") and url in "".join(lines)
+        assert url.startswith("postgresql://aitbc:") and url in "".join(lines)
+        port = url.rpartition(":")[2].split("/")[0]
+        with pytest.raises(psycopg.OperationalError, match="password"):  # another local user has no password
+            psycopg.connect(f"postgresql://aitbc@127.0.0.1:{port}/aitbc", connect_timeout=10).close()
         r = aitbc(dict(env, AITBC_COORDINATOR=second), "submit", "a kite over the sea", "--steps", "4", "--seed", "5",
                   "-o", "kite.png", cwd=tmp_path)  # submitted to the second
         assert r.returncode == 0, r.stdout + r.stderr
