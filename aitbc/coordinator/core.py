@@ -564,8 +564,7 @@ class Coordinator:
         """A client's unfinished jobs are bounded (its `max_active_jobs`): the rate limit alone let one
         key fill the queue ahead of every other client's (THREAT-MODEL.md, "every queue bounded per actor")."""
         limit = self.auth.by_id[client_id].max_active_jobs if client_id in self.auth.by_id else 0
-        if limit and sum(1 for r in self.machine.records.values()
-                         if r.job.client_id == client_id and not r.job.parent_job_id) >= limit:
+        if limit and self.machine.records.per_client[client_id] >= limit:
             raise ResourceExhausted(f"client '{client_id}' already has {limit} unfinished jobs (max_active_jobs {limit}): "
                                     "wait for some to end, or cancel some, before submitting more")
 

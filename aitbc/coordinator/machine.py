@@ -310,6 +310,39 @@ class JobRecord:
     rate: int = 0  # a paid job's fee per unit in millionths (its place in the queue); 0: a free job
 
 
+class JobRecords(dict[str, JobRecord]):
+    """The active jobs by id, and how many each client has (a split job counts once: its shards do
+    not), kept as records come and go, so a client's bound (`max_active_jobs`) is one lookup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_client: collections.Counter[str] = collections.Counter()
+
+    def _count(self, rec: JobRecord, n: int) -> None:
+        if not rec.job.parent_job_id:
+            self.per_client[rec.job.client_id] += n
+            if self.per_client[rec.job.client_id] <= 0:
+                del self.per_client[rec.job.client_id]
+
+    def __setitem__(self, job_id: str, rec: JobRecord) -> None:
+        old = self.get(job_id)
+        if old is not None:
+            self._count(old, -1)
+        super().__setitem__(job_id, rec)
+        self._count(rec, 1)
+
+    def __delitem__(self, job_id: str) -> None:
+        self._count(self[job_id], -1)
+        super().__delitem__(job_id)
+
+    def pop(self, job_id: str, *default: JobRecord | None) -> JobRecord | None:  # type: ignore[override]
+        if job_id not in self:
+            return default[0] if default else super().pop(job_id)
+        rec = super().pop(job_id)
+        self._count(rec, -1)
+        return rec
+
+
 class JobQueue:
     """Queued job ids in dispatch order: paid jobs first, highest fee per unit first (first come
     among equals), then free jobs in arrival order: the free tier is served whenever no paid job
@@ -393,7 +426,7 @@ class JobMachine:
         self.watched = watched  # snapshots are copied only for jobs someone watches
         self.recorder: Recorder | None = None  # aitbc.coordinator.eventlog.EventLog when event_log is set
         self._t, self._t_ms = clock.monotonic(), clock.now_ms()  # the instant of the current handle call
-        self.records: dict[str, JobRecord] = {}
+        self.records = JobRecords()
         self.queue = JobQueue()
         self.miners: dict[str, MinerSlot] = {}
         self._epoch = 0  # bumped whenever the set of miners (or a quarantine) changes

@@ -399,3 +399,19 @@ def test_a_claimed_job_a_dead_coordinators_miner_held_is_requeued_with_the_reaso
     sm.handle(m.Restore(waited, queued_for_s=LIMITS.queue_ttl_s + 1))
     out = sm.handle(m.Tick())
     assert (S.JOB_STATE_QUEUED, S.JOB_STATE_EXPIRED) in moves(out) and sm.job("old") is None
+
+
+def test_job_records_keep_each_clients_count_as_records_come_and_go() -> None:
+    from aitbc.coordinator.machine import JobRecord, JobRecords
+
+    recs = JobRecords()
+    a1, a2 = job_pb2.Job(job_id="a1", client_id="alice"), job_pb2.Job(job_id="a2", client_id="alice")
+    shard = job_pb2.Job(job_id="a1-s0", client_id="alice", parent_job_id="a1")
+    recs["a1"], recs["a2"], recs["a1-s0"] = JobRecord(a1), JobRecord(a2), JobRecord(shard)
+    recs["b1"] = JobRecord(job_pb2.Job(job_id="b1", client_id="bob"))
+    assert recs.per_client == {"alice": 2, "bob": 1}  # a split job counts once, not per shard
+    recs["a1"] = JobRecord(a1)  # the same job's record again (requeued): still one
+    assert recs.per_client["alice"] == 2
+    assert recs.pop("a1") is not None and recs.pop("a1", None) is None  # popped twice: counted down once
+    del recs["b1"]
+    assert recs.per_client == {"alice": 1} and len(recs) == 2
