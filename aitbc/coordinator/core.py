@@ -1437,6 +1437,9 @@ class Coordinator:
         return self.receipts.listeners
 
     def close(self) -> None:
+        if self._events_timer is not None:  # events not written yet: watchers elsewhere read the states
+            self._events_timer.cancel()
+            self._events_timer = None
         self._save_served()  # the miners connected now were serving until now
         self.registry.close_all()
         self.uploads.close()
