@@ -36,7 +36,7 @@ from aitbc.coordinator.models import ModelRegistry, declared, from_config
 from aitbc.coordinator.receipt_book import ReceiptBook
 from aitbc.coordinator.registry import MinerConn, MinerRegistry, MinerSession, device_class
 from aitbc.coordinator.store import JobStore
-from aitbc.coordinator.streams import JobStreams
+from aitbc.coordinator.streams import EVENT_PROGRESS, EVENT_TEXT, JobStreams
 from aitbc.coordinator.uploads import Uploads
 from aitbc.coordinator.verification import Verifier
 from aitbc.coordinator.webhooks import Webhooks
@@ -77,7 +77,16 @@ REAP_BATCH = 100
 REQUEST_WAIT_S = 5.0  # a request id another coordinator holds: how long to wait for its job's row
 SKIP_S = 5.0  # a job this coordinator claimed and could not place is not claimed again here for this long
 TAKEN_OVER = "another coordinator took the job over (this coordinator's claim on it expired)"
-WATCH_POLL_S = 0.5  # WatchJob of a job another coordinator runs: its row is read this often
+WATCH_POLL_S = 0.5  # WatchJob of a job another coordinator runs: its row (and its events) read this often
+# progress and text of a job across coordinators (job_events, watchers; docs/scaling.md)
+EVENT_FLUSH_S = 0.01  # an owner's progress and text for watchers elsewhere: written in one batch this often
+WATCHED_CACHE_S = 0.5  # an owner asks whether another coordinator watches a job at most this often
+WATCHER_TTL_S = 10.0  # a watcher row lives this long unless refreshed (a dead coordinator's rows expire)
+WATCHER_REFRESH_S = 2.0
+EVENT_KEEP_S = 600.0  # event rows of finished jobs are deleted after this long
+EVENT_PRUNE_BATCH = 1000
+EVENT_READ_BATCH = 1000
+PROGRESS_ROWS_KEPT = 64  # a job's newest progress rows kept (text is bounded by MAX_STREAMED_CHARS)
 
 
 class Coordinator:
@@ -115,7 +124,15 @@ class Coordinator:
         if self.shared:
             store.lease_s = 2 * config.heartbeat_timeout_s  # type: ignore[attr-defined]
         self._skip: dict[str, float] = {}  # job id -> until when this coordinator does not claim it again
-        self._reaped_at = self._renewed_at = 0.0
+        self._reaped_at = self._renewed_at = self._watchers_at = 0.0
+        # the owner's side of job events: is a job watched elsewhere (and when that was read), the rows to write
+        self._watched_elsewhere: dict[str, tuple[bool, float]] = {}
+        self._events_out: list[tuple[str, int, job_pb2.JobProgress | job_pb2.TextChunk]] = []
+        self._events_timer: asyncio.TimerHandle | None = None
+        # the watcher's side: per job run elsewhere, the last event id read, its attempt, its last state published
+        self._event_last: dict[str, int] = {}
+        self._remote_attempt: dict[str, int] = {}
+        self._remote_seen: dict[str, tuple[int, int]] = {}
         # paid jobs (docs/economy.md): what is reserved of each client's escrow, and the ledger
         # that holds the escrow (set by the server when a ledger is configured; None: free jobs only)
         # on a shared store the reservations are its rows (PostgresReservations: the same methods)
@@ -179,7 +196,10 @@ class Coordinator:
     def _flush(self) -> None:
         """Write what the machine asked to store since the last flush, in one transaction. Sends
         and publishes of the same pass only reach queues until the event loop runs again, which
-        is after this: nothing leaves the process before it is written."""
+        is after this: nothing leaves the process before it is written. On a shared store the job
+        events for watchers elsewhere go first: a watcher that reads a new state has its events."""
+        if self._events_out:
+            self._flush_events()
         if not self._unwritten:
             return
         batch, self._unwritten = self._unwritten, []
@@ -277,13 +297,156 @@ class Coordinator:
                 verify_ttl_ms=int(self.config.verify_timeout_s * 1000)))
             self._recall_served(others=True)
             self.models.learn_stored()
+            self.store.prune_events(EVENT_KEEP_S, EVENT_PRUNE_BATCH, WATCHER_TTL_S)  # type: ignore[attr-defined]
+        if now - self._watchers_at >= WATCHER_REFRESH_S:
+            self._watchers_at = now
+            self.store.watch_jobs(self.streams.watched_ids(), WATCHER_TTL_S)  # type: ignore[attr-defined]
+        self._look_for_watchers(now)
+        self._pull_events()
         return events
+
+    def _look_for_watchers(self, now: float) -> None:
+        """The owner, every tick: which of the jobs its miners hold another coordinator watches now
+        (one query). A watcher that joined gets the text so far (offset 0) at once, even while the
+        miner is silent; later progress and text follow as they come."""
+        held = [j for j, r in self.machine.records.items() if r.job.state in HELD]
+        self._watched_elsewhere = {j: v for j, v in self._watched_elsewhere.items() if j in self.machine.records}
+        if not held:
+            return
+        watched = self.store.watched_elsewhere(held)  # type: ignore[attr-defined]
+        for job_id in held:
+            before = self._watched_elsewhere.get(job_id)
+            self._watched_elsewhere[job_id] = (job_id in watched, now)
+            job = self.machine.job(job_id)
+            if job_id in watched and not (before is not None and before[0]) and job is not None and self.streams.chars(job_id):
+                self._events_out.append((job_id, job.attempts, job_pb2.TextChunk(
+                    job_id=job_id, offset=0, text=self.streams.text(job_id))))
+        self._flush_events()
+
+    # ---- progress and text across coordinators (job_events; docs/scaling.md) --------------------------
+
+    def _elsewhere(self, job_id: str) -> tuple[bool, bool]:
+        """Does another coordinator watch this job (read at most every WATCHED_CACHE_S), and did it
+        start to since the last look (then the text so far is written first, from offset 0)?"""
+        now = self.clock()
+        cached = self._watched_elsewhere.get(job_id)
+        if cached is not None and now - cached[1] < WATCHED_CACHE_S:
+            return cached[0], False
+        watched = job_id in self.store.watched_elsewhere([job_id])  # type: ignore[attr-defined]
+        self._watched_elsewhere[job_id] = (watched, now)
+        return watched, watched and not (cached is not None and cached[0])
+
+    def _share_event(self, job_id: str, event: job_pb2.JobProgress | job_pb2.TextChunk) -> None:
+        """The owner: a job's progress or a text delta becomes a row for the watchers elsewhere,
+        written with the next flush (within EVENT_FLUSH_S)."""
+        job = self.machine.job(job_id)
+        if job is None:
+            return
+        watched, new = self._elsewhere(job_id)
+        if not watched:
+            return
+        if new and self.streams.chars(job_id):  # a watcher joined: the text so far first, from offset 0
+            self._events_out.append((job_id, job.attempts,
+                                     job_pb2.TextChunk(job_id=job_id, offset=0, text=self.streams.text(job_id))))
+            if isinstance(event, job_pb2.TextChunk):
+                event = None  # type: ignore[assignment]  # (the delta is in it)
+        if event is not None:
+            self._events_out.append((job_id, job.attempts, event))
+        if self._events_timer is None:
+            try:
+                self._events_timer = asyncio.get_running_loop().call_later(EVENT_FLUSH_S, self._flush_events)
+            except RuntimeError:
+                pass  # no loop (a synchronous caller): the next flush writes them
+
+    def _share_text(self, job_id: str, delta: str) -> None:
+        if self.shared:
+            self._share_event(job_id, job_pb2.TextChunk(job_id=job_id, offset=self.streams.chars(job_id) - len(delta),
+                                                        text=delta))
+
+    def _flush_events(self) -> None:
+        """One transaction (and one NOTIFY aitbc_events) for the events since the last flush: the
+        latest progress of each job, its text deltas joined where they follow each other."""
+        if self._events_timer is not None:
+            self._events_timer.cancel()
+            self._events_timer = None
+        batch, self._events_out = self._events_out, []
+        if not batch:
+            return
+        rows: list[tuple[str, int, int, bytes]] = []
+        progress: dict[str, tuple[int, job_pb2.JobProgress]] = {}
+        text: list[tuple[str, int, job_pb2.TextChunk]] = []
+        for job_id, attempt, ev in batch:
+            if isinstance(ev, job_pb2.JobProgress):
+                progress[job_id] = (attempt, ev)
+                continue
+            last = next((t for t in reversed(text) if t[0] == job_id), None)
+            if last is not None and last[1] == attempt and last[2].offset + len(last[2].text) == ev.offset:
+                last[2].text += ev.text
+            else:
+                chunk = job_pb2.TextChunk()
+                chunk.CopyFrom(ev)
+                text.append((job_id, attempt, chunk))
+        rows += [(j, EVENT_TEXT, a, c.SerializeToString()) for j, a, c in text]
+        rows += [(j, EVENT_PROGRESS, a, p.SerializeToString()) for j, (a, p) in progress.items()]
+        try:
+            self.store.append_events(rows, keep=PROGRESS_ROWS_KEPT)  # type: ignore[attr-defined]
+        except Exception:  # watchers elsewhere miss these (their states still come from the job rows)
+            log.exception("writing %d job events for watchers on other coordinators failed", len(rows))
+
+    def heard_events(self) -> None:
+        """An owner elsewhere appended job events (NOTIFY aitbc_events): stream them now."""
+        try:
+            self._pull_events()
+        except Exception:  # the doorbell only hurries what the 0.5 s poll does anyway
+            log.exception("reading job events after a notification failed")
+
+    def _pull_events(self) -> None:
+        """The watcher: new event rows of the jobs watched here that another coordinator runs go
+        into this coordinator's streams (text by offset: a row seen twice, or the text so far
+        written again for a watcher that joined late, adds nothing twice)."""
+        for _ in range(10):  # bounded per call: the rest comes with the next one
+            after = {j: self._event_last.get(j, 0) for j in self.streams.watched_ids() if self.machine.job(j) is None}
+            rows = self.store.read_events(after, EVENT_READ_BATCH) if after else []  # type: ignore[attr-defined]
+            for event_id, job_id, kind, attempt, payload in rows:
+                self._event_last[job_id] = event_id
+                have = self._remote_attempt.get(job_id)
+                if have is not None and attempt < have:
+                    continue  # an earlier attempt's, written late
+                if have is not None and attempt > have:
+                    self.streams.reset_text(job_id)  # the next attempt's text starts again at offset 0
+                self._remote_attempt[job_id] = attempt
+                if kind == EVENT_PROGRESS:
+                    self.streams.publish(job_id, job_pb2.JobProgress.FromString(payload))
+                elif kind == EVENT_TEXT:
+                    chunk = job_pb2.TextChunk.FromString(payload)
+                    chars = self.streams.chars(job_id)
+                    if chunk.offset <= chars < chunk.offset + len(chunk.text):
+                        try:
+                            self.streams.append_text(job_id, chunk.text[chars - chunk.offset:])
+                        except InvalidArgument:
+                            pass  # past MAX_STREAMED_CHARS: the owner refused it too
+            if len(rows) < EVENT_READ_BATCH:
+                return
+
+    def _forget_watch(self, job_id: str) -> None:
+        """The last watch here of a job ended: its watcher row goes, and what was kept to stream it."""
+        if self.streams.watched(job_id):
+            return
+        self._event_last.pop(job_id, None)
+        self._remote_attempt.pop(job_id, None)
+        self._remote_seen.pop(job_id, None)
+        try:
+            self.store.unwatch_job(job_id)  # type: ignore[attr-defined]
+        except Exception:  # the row expires by itself within WATCHER_TTL_S
+            log.exception("removing the watcher row of job %s failed", job_id)
 
     def _execute(self, ins: m.Instruction) -> None:
         if isinstance(ins, m.Store):
             self._unwritten.append(ins)
         elif isinstance(ins, m.Publish):
             self.streams.publish(ins.job_id, ins.event)
+            if self.shared and isinstance(ins.event, job_pb2.JobProgress):
+                self._share_event(ins.job_id, ins.event)
         elif isinstance(ins, m.Moved):
             self._moved(ins)
         elif isinstance(ins, m.Assign):
@@ -822,9 +985,10 @@ class Coordinator:
     async def _watch_shared(self, client_id: str, job_id: str, local: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """A watch on a shared store: what this coordinator publishes, and while the job is not in
         this machine (queued in the shared queue, or another coordinator's), its row read every
-        WATCH_POLL_S: a new state is a snapshot, the terminal one ends the watch. Progress and text of
-        a job run elsewhere are not streamed yet (docs/scaling.md, job_events)."""
-        seen: tuple[int, int] | None = None
+        WATCH_POLL_S: a new state is published as a snapshot (after the events written before it),
+        the terminal one ends the watch. A watcher row tells the job's owner to write its progress
+        and text as job_events rows, which come in on NOTIFY aitbc_events or with the poll."""
+        self.store.watch_jobs([job_id], WATCHER_TTL_S)  # type: ignore[attr-defined]  # before the snapshot
         nxt: asyncio.Future[Any] | None = None
         try:
             while True:
@@ -838,23 +1002,23 @@ class Coordinator:
                     except StopAsyncIteration:
                         return
                     if isinstance(event, job_pb2.Job):
-                        seen = (event.state, event.updated_at_unix_ms)
+                        self._remote_seen[job_id] = (event.state, event.updated_at_unix_ms)
                     yield event
                     continue
                 if self.machine.job(job_id) is not None:
                     continue  # ours now: its events come from this machine
                 job = self.store.get_job(job_id)
-                if job is None or (job.state, job.updated_at_unix_ms) == seen:
-                    continue
-                seen = (job.state, job.updated_at_unix_ms)
-                yield self.get(client_id, job_id)
-                if job.state in jobs.TERMINAL:
-                    return
+                if job is None or (job.state, job.updated_at_unix_ms) == self._remote_seen.get(job_id):
+                    continue  # (another watch of this job here may have published it already)
+                self._remote_seen[job_id] = (job.state, job.updated_at_unix_ms)
+                self._pull_events()  # what the owner wrote before this state, first
+                self.streams.publish(job_id, self.get(client_id, job_id))
         finally:
             if nxt is not None:
                 nxt.cancel()
                 await asyncio.gather(nxt, return_exceptions=True)
             await local.aclose()  # type: ignore[attr-defined]
+            self._forget_watch(job_id)
 
     def artifact(self, client_id: str, job_id: str, index: int) -> tuple[job_pb2.Artifact, BinaryIO]:
         """The artifact's description and its bytes as a file (the caller closes it)."""
@@ -1008,6 +1172,7 @@ class Coordinator:
         except InvalidArgument as exc:
             self._run(m.Rejected(conn.miner_id, job.job_id, exc.message))
             return
+        self._share_text(job.job_id, chunk.text)
         self._heard(conn, job, "the miner streamed its first text (it started the job)")
 
     def _heard(self, conn: MinerConn, job: job_pb2.Job, started: str) -> None:
@@ -1282,6 +1447,9 @@ class Coordinator:
         return self.receipts.listeners
 
     def close(self) -> None:
+        if self._events_timer is not None:  # events not written yet: watchers elsewhere read the states
+            self._events_timer.cancel()
+            self._events_timer = None
         self._save_served()  # the miners connected now were serving until now
         self.registry.close_all()
         self.uploads.close()

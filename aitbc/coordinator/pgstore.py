@@ -27,6 +27,9 @@ like the LMDB and memory stores.
   `take_over` requeues what a dead owner (its lock free) or an expired lease left. `claim_request`
   is the arbiter of (client, request_id): the first insert wins on every coordinator. `settler`
   holds the one settlement lock.
+- **Job events** (schema 0003): `watchers` rows say which coordinator streams which job;
+  `append_events` writes an owner's progress and text for them with `NOTIFY aitbc_events`,
+  `read_events` reads the rows past the last id seen of each job, `prune_events` deletes old rows.
 - **Versioned schema.** aitbc/coordinator/migrations/NNNN_name.sql, applied in order at open, all
   missing ones in one transaction under an advisory lock (two coordinators starting at once
   migrate once); `schema_version` records each. A database at a newer version than this code knows
@@ -60,6 +63,7 @@ from aitbc.coordinator.store import (
     _expiries,
     _stored,
 )
+from aitbc.coordinator.streams import EVENT_PROGRESS
 from aitbc.errors import FailedPrecondition, InvalidArgument
 from aitbc.hub.reputation import MinerRecord, ReputationStore
 from aitbc.jobs import ACTIVE
@@ -231,27 +235,35 @@ class PostgresJobStore:
         self.stop_listening()
         self._conn.close()
 
-    def listen(self, on_queued: Callable[[], None]) -> None:
+    def listen(self, on_queued: Callable[[], None], on_events: Callable[[], None] | None = None) -> None:
         """The doorbell: call `on_queued` (on the running event loop) when a coordinator gives jobs
         back to the shared queue (`NOTIFY aitbc_queue`, sent with SubmitJob's or a requeue's
-        release). A connection of its own, read when its socket is readable; a notification lost
-        while it is down costs only the claim poll's interval (0.5 s)."""
+        release), and `on_events` when an owner appended job events (`NOTIFY aitbc_events`, sent
+        with the rows). A connection of its own, read when its socket is readable; a notification
+        lost while it is down costs only the polls' interval (0.5 s): the tables are the delivery."""
         loop = asyncio.get_running_loop()
         conn = connect(self.url, connect_timeout_s=self._timeout)
         conn.execute("LISTEN aitbc_queue")
+        if on_events is not None:
+            conn.execute("LISTEN aitbc_events")
         fd = conn.pgconn.socket
 
         def readable() -> None:
             try:
                 conn.pgconn.consume_input()
             except psycopg.OperationalError as exc:
-                log.warning("the queue doorbell's connection ended (claims go on every 0.5 s): %s", exc)
+                log.warning("the doorbell's connection ended (claims and events are read every 0.5 s): %s", exc)
                 self.stop_listening()
                 return
-            rang = False
-            while conn.pgconn.notifies() is not None:
-                rang = True
-            if rang:
+            queued = events = False
+            while (n := conn.pgconn.notifies()) is not None:
+                if n.relname == b"aitbc_events":
+                    events = True
+                else:
+                    queued = True
+            if events and on_events is not None:
+                on_events()
+            if queued:
                 on_queued()
 
         loop.add_reader(fd, readable)
@@ -545,6 +557,73 @@ class PostgresJobStore:
             self._settler_conn = conn
             return True
         return False
+
+    # -- job events across coordinators (schema 0003; docs/scaling.md, "Events across coordinators") --
+
+    def watch_jobs(self, job_ids: Iterable[str], ttl_s: float) -> None:
+        """This coordinator streams these jobs to its WatchJob calls: their owners append their
+        progress and text as rows until the row expires (refreshed while the watch lasts)."""
+        ids = sorted(set(job_ids))
+        if ids:
+            self.conn.execute("INSERT INTO watchers (job_id, coordinator, expires) "
+                              "SELECT unnest(%s::text[]), %s, now() + make_interval(secs => %s) "
+                              "ON CONFLICT (job_id, coordinator) DO UPDATE SET expires = EXCLUDED.expires",
+                              (ids, self.coordinator_id, ttl_s))
+
+    def unwatch_job(self, job_id: str) -> None:
+        self.conn.execute("DELETE FROM watchers WHERE job_id = %s AND coordinator = %s", (job_id, self.coordinator_id))
+
+    def watched_elsewhere(self, job_ids: Iterable[str]) -> set[str]:
+        """Of these jobs, those another coordinator watches now (a live watcher row not ours)."""
+        ids = sorted(set(job_ids))
+        if not ids:
+            return set()
+        rows = self.conn.execute("SELECT DISTINCT job_id FROM watchers WHERE job_id = ANY(%s::text[]) "
+                                 "AND coordinator <> %s AND expires > now()", (ids, self.coordinator_id)).fetchall()
+        return {r[0] for r in rows}
+
+    def append_events(self, rows: Iterable[tuple[str, int, int, bytes]], *, keep: int) -> None:
+        """Append (job_id, kind, attempt, payload) rows in one transaction with NOTIFY aitbc_events;
+        each job keeps its `keep` newest progress rows (text is bounded by the job's own limits)."""
+        rows = list(rows)
+        if not rows:
+            return
+        conn = self.conn
+        with conn.pipeline(), conn.cursor() as cur:
+            cur.execute("BEGIN")
+            for row in rows:
+                cur.execute("INSERT INTO job_events (job_id, kind, attempt, payload) VALUES (%s, %s, %s, %s)", row)
+            for job_id in sorted({r[0] for r in rows if r[1] == EVENT_PROGRESS}):
+                cur.execute("DELETE FROM job_events WHERE job_id = %s AND kind = %s AND id <= (SELECT id FROM job_events "
+                            "WHERE job_id = %s AND kind = %s ORDER BY id DESC OFFSET %s LIMIT 1)",
+                            (job_id, EVENT_PROGRESS, job_id, EVENT_PROGRESS, keep))
+            cur.execute("NOTIFY aitbc_events")
+            cur.execute("COMMIT")
+
+    def read_events(self, after: dict[str, int], limit: int) -> list[tuple[int, str, int, int, bytes]]:
+        """Rows (id, job_id, kind, attempt, payload) of these jobs past the last id seen of each, in
+        id order (at most `limit`)."""
+        if not after:
+            return []
+        ids = sorted(after)
+        rows = self.conn.execute(
+            "SELECT e.id, e.job_id, e.kind, e.attempt, e.payload FROM unnest(%s::text[], %s::bigint[]) AS w(job_id, last) "
+            "JOIN job_events e ON e.job_id = w.job_id AND e.id > w.last ORDER BY e.id LIMIT %s",
+            (ids, [after[j] for j in ids], limit)).fetchall()
+        return [(int(r[0]), r[1], int(r[2]), int(r[3]), bytes(r[4])) for r in rows]
+
+    def prune_events(self, keep_s: float, limit: int, watchers_s: float) -> int:
+        """Delete up to `limit` event rows of finished jobs older than `keep_s`, and watcher rows
+        expired `watchers_s` ago (ignored since they expired); any coordinator's housekeeping does.
+        Returns the event rows deleted."""
+        conn = self.conn
+        n = conn.execute("DELETE FROM job_events WHERE id IN (SELECT e.id FROM job_events e LEFT JOIN jobs j "
+                         "USING (job_id) WHERE e.created < now() - make_interval(secs => %s) "
+                         "AND (j.job_id IS NULL OR NOT j.active) ORDER BY e.created LIMIT %s)",
+                         (keep_s, limit)).rowcount
+        conn.execute("DELETE FROM watchers WHERE (job_id, coordinator) IN (SELECT job_id, coordinator FROM watchers "
+                     "WHERE expires < now() - make_interval(secs => %s) ORDER BY expires LIMIT %s)", (watchers_s, limit))
+        return max(0, n)
 
     # -- receipts --
 

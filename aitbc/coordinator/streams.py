@@ -22,6 +22,7 @@ MAX_STREAMED_CHARS = 1 << 20
 # so 2-character deltas would otherwise hold ~30x the cap's memory (4,096 tokens, one delta each: 262,144)
 DELTA_CHARS = 64
 Event = job_pb2.Job | job_pb2.JobProgress | job_pb2.TextChunk
+EVENT_PROGRESS, EVENT_TEXT = 1, 2  # job_events.kind (several coordinators: docs/scaling.md)
 
 
 class JobStreams:
@@ -29,6 +30,7 @@ class JobStreams:
         self._watchers: dict[str, set[asyncio.Queue[Event]]] = {}
         self._text: dict[str, list[str]] = {}  # text job -> deltas streamed in the current attempt
         self._chars: dict[str, int] = {}
+        self._attempt: dict[str, int] = {}  # watched job -> text resets so far: a watcher seeing it change starts at 0
 
     def watched(self, job_id: str) -> bool:
         return job_id in self._watchers
@@ -69,12 +71,20 @@ class JobStreams:
         self._text.setdefault(job_id, []).append(text)
         self.publish(job_id, job_pb2.TextChunk(job_id=job_id))
 
+    def chars(self, job_id: str) -> int:
+        """Characters streamed in the current attempt."""
+        return self._chars.get(job_id, 0)
+
     def text(self, job_id: str) -> str:
         return "".join(self._text.get(job_id, ()))
 
     def reset_text(self, job_id: str) -> None:
         self._text.pop(job_id, None)
         self._chars.pop(job_id, None)
+        if job_id in self._watchers:
+            self._attempt[job_id] = self._attempt.get(job_id, 0) + 1
+        else:
+            self._attempt.pop(job_id, None)
 
     def ended(self, job_id: str) -> None:
         """The job ended: its text is kept only while someone still watches (to flush it)."""
@@ -94,10 +104,13 @@ class JobStreams:
         queue: asyncio.Queue[Event] = asyncio.Queue(WATCH_QUEUE)
         self._watchers.setdefault(job_id, set()).add(queue)
         streamed, offset = 0, 0  # deltas and characters of the current attempt sent to this watcher
+        attempt = self._attempt.get(job_id, 0)
         try:
             yield job
             while True:
                 event = await queue.get()
+                if self._attempt.get(job_id, 0) != attempt:  # the text was reset (a new attempt): from offset 0
+                    attempt, streamed, offset = self._attempt.get(job_id, 0), 0, 0
                 if isinstance(event, job_pb2.TextChunk) or (isinstance(event, job_pb2.Job) and event.state in jobs.TERMINAL):
                     deltas = self._text.get(job_id, [])
                     if len(deltas) > streamed:  # coalesce whatever this watcher has not seen yet
@@ -118,5 +131,6 @@ class JobStreams:
                 watchers.discard(queue)
                 if not watchers:
                     del self._watchers[job_id]
+                    self._attempt.pop(job_id, None)
                     if not active(job_id):
                         self.reset_text(job_id)

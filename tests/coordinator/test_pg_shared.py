@@ -243,3 +243,158 @@ async def test_two_coordinators_cannot_over_reserve_one_escrow_nor_use_one_quote
     finally:
         await eco.lc.close()
         await eco.ledger.stop()
+
+
+# ---- progress and text across coordinators (job_events, watchers: docs/scaling.md) ----------------------
+
+class Stepped(NullImageBackend):
+    """The null backend, but it waits for `release` first and then takes a moment per step, so
+    that the miner reports each step (a job that ends inside the miner's start window sends none)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def generate(self, req: Any, on_step: Any, cancel: threading.Event) -> Any:
+        self.release.wait(30)
+
+        def slowly(step: int, total: int) -> None:
+            cancel.wait(0.1)
+            on_step(step, total)
+
+        return super().generate(req, slowly, cancel)
+
+
+class PausedText:
+    """The null text backend, paused after `pause_after` deltas until `release` is set."""
+
+    def __init__(self, inner: Any, pause_after: int) -> None:
+        self.inner, self.pause_after = inner, pause_after
+        self.paused, self.release = threading.Event(), threading.Event()
+        self.model, self.device, self.context_length = inner.model, inner.device, inner.context_length
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    def generate(self, req: Any, on_text: Any, cancel: threading.Event) -> Any:
+        n = 0
+
+        def gated(delta: str) -> None:
+            nonlocal n
+            n += 1
+            if n == self.pause_after:
+                on_text(delta)
+                self.paused.set()
+                self.release.wait(30)
+                return
+            on_text(delta)
+
+        return self.inner.generate(req, gated, cancel)
+
+    def trace(self, *args: Any, **kw: Any) -> Any:
+        return self.inner.trace(*args, **kw)
+
+
+def rows(pg_url: str, sql: str, *args: Any) -> Any:
+    with psycopg.connect(pg_url) as conn:
+        return conn.execute(sql, args).fetchone()[0]
+
+
+async def watch_all(s: Any, job_id: str, into: list[Any]) -> None:
+    async for ev in s.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), metadata=MD, timeout=120):
+        into.append(ev)
+
+
+def of(events: list[Any], kind: str) -> list[Any]:
+    return [getattr(e, kind) for e in events if e.WhichOneof("event") == kind]
+
+
+async def test_progress_of_a_job_run_elsewhere_reaches_watchers_on_two_other_coordinators_and_old_rows_go(
+        network_factory: Any, pg_url: str, tmp_path: Path, monkeypatch: Any) -> None:
+    from aitbc.coordinator import core
+
+    a, b = await pair(network_factory, pg_url, tmp_path)
+    c = await network_factory(database_url=pg_url, key_file=str(tmp_path / "attester.key"))
+    stepped = Stepped()
+    await b.add_miner({"null": stepped})
+    await a.until(lambda: "null" in a.core.served_models())
+    job_id = (await stub(a).SubmitJob(image_job(model="null", seed=31, steps=5), metadata=MD)).job.job_id
+    on_a, on_b, on_c = [], [], []
+    tasks = [asyncio.create_task(watch_all(stub(n), job_id, out)) for n, out in ((a, on_a), (b, on_b), (c, on_c))]
+    live = "SELECT count(*) FROM watchers WHERE job_id = %s AND expires > now()"
+    await a.until(lambda: rows(pg_url, live, job_id) == 3)
+    await b.until(lambda: b.core._watched_elsewhere.get(job_id, (False,))[0])  # the owner has seen them (<= 0.5 s)
+    stepped.release.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    owner = [(p.step, p.total_steps) for p in of(on_b, "progress")]  # what the owner's miner reported
+    assert len(owner) >= 2 and owner == sorted(owner) and owner[-1] == (5, 5)
+    for events in (on_a, on_c):  # watched on two coordinators that do not run it: every step, then the end
+        assert [(p.step, p.total_steps) for p in of(events, "progress")] == owner
+        assert of(events, "job")[-1].state == S.JOB_STATE_COMPLETED
+        assert events[-1].WhichOneof("event") == "job"
+    await a.until(lambda: rows(pg_url, "SELECT count(*) FROM watchers WHERE job_id = %s", job_id) == 0)
+    assert rows(pg_url, "SELECT count(*) FROM job_events WHERE job_id = %s", job_id) > 0
+    monkeypatch.setattr(core, "EVENT_KEEP_S", 0.0)  # rows of finished jobs: deleted by any housekeeping
+    await a.until(lambda: rows(pg_url, "SELECT count(*) FROM job_events") == 0)
+
+
+async def test_text_of_a_job_run_elsewhere_reaches_late_watchers_from_offset_zero_and_equals_the_result(
+        network_factory: Any, pg_url: str, tmp_path: Path, null_text: Any) -> None:
+    a, b = await pair(network_factory, pg_url, tmp_path)
+    c = await network_factory(database_url=pg_url, key_file=str(tmp_path / "attester.key"))
+    paused = PausedText(null_text, pause_after=30)
+    await b.add_miner({"null-text": paused})
+    await a.until(lambda: "null-text" in a.core.served_models())
+    req = coordinator_pb2.SubmitJobRequest(model="null-text", params=job_pb2.JobParams(
+        text=job_pb2.TextParams(prompt="several coordinators", max_new_tokens=300, seed=4)))
+    job_id = (await stub(a).SubmitJob(req, metadata=MD)).job.job_id
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # a watcher row that expired: ignored
+        conn.execute("INSERT INTO watchers VALUES (%s, 'gone', now() - interval '1 second')", (job_id,))
+    on_b: list[Any] = []
+    tasks = [asyncio.create_task(watch_all(stub(b), job_id, on_b))]  # its owner watches it: no rows for that
+    await asyncio.to_thread(paused.paused.wait, 30)
+    await b.until(lambda: b.core.streams.chars(job_id) > 0 and b.core.streams.watched(job_id))
+    await b.until(lambda: rows(pg_url, "SELECT count(*) FROM watchers WHERE coordinator = %s",
+                               b.core.store.coordinator_id) == 1)
+    for _ in range(3):  # ticks of the owner's housekeeping: nobody else watches, nothing is written
+        ticks = b.core._reaped_at
+        await b.until(lambda t=ticks: b.core._reaped_at != t)
+    assert rows(pg_url, "SELECT count(*) FROM job_events") == 0
+    on_a: list[Any] = []
+    tasks.append(asyncio.create_task(watch_all(stub(a), job_id, on_a)))  # joins mid-stream, the miner silent
+    await a.until(lambda: bool(of(on_a, "text")))
+    assert of(on_a, "text")[0].offset == 0 and of(on_a, "text")[0].text == b.core.streams.text(job_id)
+    on_c: list[Any] = []
+    tasks.append(asyncio.create_task(watch_all(stub(c), job_id, on_c)))  # a second late one: from the rows
+    await c.until(lambda: bool(of(on_c, "text")))
+    paused.release.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    _, data = await fetch(stub(a), job_id)
+    for events in (on_a, on_b, on_c):
+        chunks = of(events, "text")
+        assert [t.offset for t in chunks] == [sum(len(t.text) for t in chunks[:i]) for i in range(len(chunks))]
+        assert "".join(t.text for t in chunks) == data.decode()
+        assert of(events, "job")[-1].state == S.JOB_STATE_COMPLETED
+    assert len(of(on_a, "text")) > 1  # streamed as it came, not only at the end
+
+
+async def test_with_the_doorbell_and_the_poll_of_events_stopped_the_text_still_comes_before_the_end(
+        network_factory: Any, pg_url: str, tmp_path: Path, null_text: Any) -> None:
+    a, b = await pair(network_factory, pg_url, tmp_path)
+    paused = PausedText(null_text, pause_after=10)
+    await b.add_miner({"null-text": paused})
+    await a.until(lambda: "null-text" in a.core.served_models())
+    a.core.store.stop_listening()  # no NOTIFY aitbc_events heard on A ...
+    a.proc.tasks[0].cancel()  # ... nor its housekeeping's reads: only the watch's poll of the job row
+    await asyncio.gather(a.proc.tasks[0], return_exceptions=True)
+    req = coordinator_pb2.SubmitJobRequest(model="null-text", params=job_pb2.JobParams(
+        text=job_pb2.TextParams(prompt="a lost notification", max_new_tokens=400, seed=6)))
+    job_id = (await stub(a).SubmitJob(req, metadata=MD)).job.job_id
+    on_a: list[Any] = []
+    watching = asyncio.create_task(watch_all(stub(a), job_id, on_a))
+    await asyncio.to_thread(paused.paused.wait, 30)
+    await b.until(lambda: b.core._watched_elsewhere.get(job_id, (False,))[0])  # B writes rows for A's watch
+    paused.release.set()
+    await asyncio.wait_for(watching, 60)
+    _, data = await fetch(stub(a), job_id)
+    assert of(on_a, "job")[-1].state == S.JOB_STATE_COMPLETED
+    assert "".join(t.text for t in of(on_a, "text")) == data.decode()  # read before the end was published
