@@ -53,6 +53,23 @@ def serving_one(ops: str, timeout: float = 60.0) -> str:
     raise AssertionError(f"the miner serves no coordinator within {timeout:.0f} s")
 
 
+def warm_up(targets: list[str], log_of: Proc, timeout: float = 30.0) -> None:
+    """One job submitted to each coordinator, retried until it is accepted: a coordinator accepts
+    the model once it has read the others' served record (every second). Bounded by `timeout`."""
+    from aitbc.clients.sdk import CoordinatorClient
+
+    until = time.monotonic() + timeout
+    for target in targets:
+        with CoordinatorClient(target, API_KEY, timeout=10) as client:
+            while True:
+                try:
+                    client.submit_image("warm", model="null", request_id=f"warm-{target}", steps=1)
+                    break
+                except Exception:
+                    assert time.monotonic() < until, log_of.tail()
+                    time.sleep(0.1)
+
+
 def count(url: str, sql: str) -> int:
     with psycopg.connect(url) as conn:
         row = conn.execute(sql).fetchone()
@@ -93,16 +110,7 @@ def test_kill_9_of_a_coordinator_under_load_loses_no_job_and_runs_none_twice(tmp
             p.wait_healthy(60)
         first = serving_one(ops)
         owner, other = (a, b) if first == a.target else (b, a)  # the one whose miner runs the burst dies
-        warm_until = time.monotonic() + 30  # both accept the model once each read the other's served record (1 s)
-        for target in (a.target, b.target):
-            with CoordinatorClient(target, API_KEY, timeout=10) as client:
-                while True:
-                    try:
-                        client.submit_image("warm", model="null", request_id=f"warm-{target}", steps=1)
-                        break
-                    except Exception:
-                        assert time.monotonic() < warm_until, other.tail()
-                        time.sleep(0.1)
+        warm_up([a.target, b.target], other)
         sender = threading.Thread(target=submit_all)
         sender.start()
         deadline = time.monotonic() + 60

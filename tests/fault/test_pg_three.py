@@ -23,7 +23,7 @@ from aitbc.v1 import job_pb2, ledger_pb2, receipt_pb2
 from tests.fault.cluster import API_KEY, Proc, free_port
 from tests.fault.test_chaos import chain_view, head
 from tests.fault.test_failover_kill import coordinator
-from tests.fault.test_pg_kill import count, on_database
+from tests.fault.test_pg_kill import count, on_database, warm_up
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "aitbc.clients.cli"]
@@ -97,16 +97,7 @@ def test_three_coordinators_kill_one_restart_another_every_job_once_every_receip
             p.start()
         for p in [*coords, *miners]:
             p.wait_healthy(60)
-        warm_until = time.monotonic() + 30  # each coordinator accepts the model once it read a served record
-        for target in targets:
-            with CoordinatorClient(target, API_KEY, timeout=10) as client:
-                while True:
-                    try:
-                        client.submit_image("warm", model="null", request_id=f"warm-{target}", steps=1)
-                        break
-                    except Exception:
-                        assert time.monotonic() < warm_until, coords[0].tail()
-                        time.sleep(0.1)
+        warm_up(targets, coords[0])
         sender = threading.Thread(target=submit_all)
         sender.start()
         deadline = time.monotonic() + 60
