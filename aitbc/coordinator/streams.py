@@ -29,7 +29,8 @@ class JobStreams:
     def __init__(self) -> None:
         self._watchers: dict[str, set[asyncio.Queue[Event]]] = {}
         self._text: dict[str, list[str]] = {}  # text job -> deltas streamed in the current attempt
-        self._chars: dict[str, int] = {}
+        self._chars: dict[str, int] = {}  # characters streamed (the offset of the next delta)
+        self._cost: dict[str, int] = {}  # what they count against MAX_STREAMED_CHARS (DELTA_CHARS at least each)
         self._attempt: dict[str, int] = {}  # watched job -> text resets so far: a watcher seeing it change starts at 0
 
     def watched(self, job_id: str) -> bool:
@@ -63,16 +64,17 @@ class JobStreams:
     def append_text(self, job_id: str, text: str) -> None:
         """Buffer a delta of the current attempt; InvalidArgument past MAX_STREAMED_CHARS (a delta
         counting as at least DELTA_CHARS)."""
-        chars = self._chars.get(job_id, 0) + max(len(text), DELTA_CHARS)
-        if chars > MAX_STREAMED_CHARS:
+        cost = self._cost.get(job_id, 0) + max(len(text), DELTA_CHARS)
+        if cost > MAX_STREAMED_CHARS:
             raise InvalidArgument(f"streamed text exceeds {MAX_STREAMED_CHARS} characters (each TextChunk counting as "
                                   f"at least {DELTA_CHARS}: send a token's text, not a character at a time)")
-        self._chars[job_id] = chars
+        self._cost[job_id] = cost
+        self._chars[job_id] = self._chars.get(job_id, 0) + len(text)
         self._text.setdefault(job_id, []).append(text)
         self.publish(job_id, job_pb2.TextChunk(job_id=job_id))
 
     def chars(self, job_id: str) -> int:
-        """Characters streamed in the current attempt."""
+        """Characters streamed in the current attempt (the real count: offsets are made from it)."""
         return self._chars.get(job_id, 0)
 
     def text(self, job_id: str) -> str:
@@ -81,6 +83,7 @@ class JobStreams:
     def reset_text(self, job_id: str) -> None:
         self._text.pop(job_id, None)
         self._chars.pop(job_id, None)
+        self._cost.pop(job_id, None)
         if job_id in self._watchers:
             self._attempt[job_id] = self._attempt.get(job_id, 0) + 1
         else:

@@ -147,6 +147,9 @@ def test_tiny_text_deltas_cannot_hold_many_times_the_streamed_text_cap_in_memory
     for _ in range(jobs.MAX_NEW_TOKENS):
         honest.append_text("j2", " word")
     assert honest.text("j2") == " word" * jobs.MAX_NEW_TOKENS
+    # the budget is not the offset: chars() stays the real count, which text offsets are made from
+    # (a watcher on another coordinator places each delta by it: docs/scaling.md)
+    assert honest.chars("j2") == len(" word") * jobs.MAX_NEW_TOKENS
 
 
 def test_a_max_run_s_the_coordinator_would_trip_over_is_refused_naming_it(tmp_path: Path) -> None:
