@@ -47,18 +47,21 @@ REF = genesis().ref  # (chain id, genesis hash) of the default one-authority tes
 OTHER_REF = genesis(chain_id="other-chain").ref  # a chain id this test genesis does not have
 
 
-def certify(chain, g: Genesis, height: int) -> bytes:
+def certify(chain, g: Genesis, height: int, *, keys: dict[bytes, crypto.PrivateKey] | None = None) -> bytes:
     """Finalize the canonical block at `height` as the node does: votes of a quorum of the
-    genesis authorities on the link (height, prepare) -> (height, commit) (a real, verified
-    certificate, the commit round of ledger format 4), handed to the chain. Returns the encoded
-    certificate."""
+    authorities on the link (height, prepare) -> (height, commit) (a real, verified certificate,
+    the commit round of ledger format 4), handed to the chain. Returns the encoded certificate.
+    The genesis authorities sign; with `keys` (id -> key of every key that may be an authority),
+    a quorum of the set of `height`'s epoch does, as after authority-set changes it must."""
     from aitbc.ledger import finality
 
     src = finality.Checkpoint(height, chain.hash_at(height), finality.PREPARE)
     tgt = src.at(finality.COMMIT)
-    signers = AUTH[:finality.quorum(len(g.authorities))]
+    ids = chain.authorities_at(height) if keys is not None else None
+    signers = ([keys[i] for i in ids[:finality.quorum(len(ids))]] if ids
+               else AUTH[:finality.quorum(len(g.authorities))])
     cert = finality.make_certificate(finality.make_vote(k, g, src, tgt) for k in signers)
-    finality.verify_certificate(cert, g, block=src)
+    finality.verify_certificate(cert, g, block=src, authorities=ids)
     chain.store_certificate(height, src.hash, cert.encode())
     return cert.encode()
 

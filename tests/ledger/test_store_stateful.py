@@ -203,7 +203,7 @@ class ChainMachine(RuleBasedStateMachine):
     def certify(self, data):
         """Votes certify a canonical block: both chains store the same certificate."""
         h = data.draw(st.integers(self.main.final_height + 1, self.main.head.height - 1))
-        cert = certify(self.main, G, h)
+        cert = certify(self.main, G, h, keys=KEYS)  # by the set of h's epoch (votes may have changed it)
         self.follower.store_certificate(h, self.main.hash_at(h), cert)
         assert self.main.final_height == self.follower.final_height == h
 
