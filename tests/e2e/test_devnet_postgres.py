@@ -48,8 +48,13 @@ def test_two_coordinators_on_the_devnets_postgres_share_a_job_and_keep_it_across
         port = url.rpartition(":")[2].split("/")[0]
         with pytest.raises(psycopg.OperationalError, match="password"):  # another local user has no password
             psycopg.connect(f"postgresql://aitbc@127.0.0.1:{port}/aitbc", connect_timeout=10).close()
-        r = aitbc(dict(env, AITBC_COORDINATOR=second), "submit", "a kite over the sea", "--steps", "4", "--seed", "5",
-                  "-o", "kite.png", cwd=tmp_path)  # submitted to the second
+        deadline = time.monotonic() + 30  # the second accepts the model once it read the first's served record (1 s)
+        while True:
+            r = aitbc(dict(env, AITBC_COORDINATOR=second), "submit", "a kite over the sea", "--steps", "4", "--seed",
+                      "5", "-o", "kite.png", cwd=tmp_path)  # submitted to the second
+            if "no miner serves model" not in r.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert r.returncode == 0, r.stdout + r.stderr
         job_id = [ln.split(":", 1)[1].strip() for ln in r.stdout.splitlines() if ln.startswith("job id:")][0]
         with psycopg.connect(url) as conn:  # the job is a row of the devnet's database, not an LMDB record

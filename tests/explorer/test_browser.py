@@ -76,12 +76,19 @@ def shoot(drv: Any, name: str, out: Path) -> None:
 
 
 def stale(element: Any) -> bool:
-    from selenium.common.exceptions import StaleElementReferenceException
+    """The element's page was replaced. While Chromium swaps the page, asking about an element of
+    the old one can also answer "unhandled inspector error" instead of a stale reference: the
+    same thing (the caller then waits for the new page's content)."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 
     try:
         element.tag_name  # noqa: B018
     except StaleElementReferenceException:
         return True
+    except WebDriverException as exc:
+        if "inspector error" in str(exc):
+            return True
+        raise
     return False
 
 
