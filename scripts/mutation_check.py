@@ -60,11 +60,13 @@ def site_path(repo_path: str) -> str:
 
 
 def build_copy(dest: Path) -> None:
-    """The package as installed (aitbc/ with its mapped subpackages) plus tests/ and pyproject.toml."""
+    """The package as installed (aitbc/ with its mapped subpackages) plus tests/, scripts/ (tests
+    load the vector generators from there) and pyproject.toml."""
     shutil.copytree(ROOT / "aitbc", dest / "aitbc", ignore=_ignore, symlinks=True)
     for src, dst in MAPPED.items():
         shutil.copytree(ROOT / src, dest / dst, ignore=_ignore, symlinks=True)
     shutil.copytree(ROOT / "tests", dest / "tests", ignore=_ignore, symlinks=True)
+    shutil.copytree(ROOT / "scripts", dest / "scripts", ignore=_ignore, symlinks=True)
     shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
 
 
