@@ -39,6 +39,7 @@ like the LMDB and memory stores.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import re
@@ -294,24 +295,13 @@ class PostgresJobStore:
         (and their receipts) were not written, and this process must drop them."""
         jobs = list(jobs)
         artifacts = list(artifacts)
-        conn = self.conn
         fenced: dict[str, psycopg.Cursor[Any]] = {}  # claimed job -> the cursor of its fenced UPDATE
         try:
-            try:  # one pipeline: the statements go out together and the write waits for the server once
-                with conn.pipeline(), conn.cursor() as cur:
-                    cur.execute("BEGIN")  # not conn.transaction(): that waits for BEGIN and COMMIT apart
-                    self._statements(cur, jobs, artifacts, receipts, fenced)
-                    cur.execute("COMMIT")
-                lost = {job_id for job_id, c in fenced.items() if c.fetchone() is None}
-                for c in fenced.values():
-                    c.close()
-            except BaseException:
-                if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                    try:
-                        conn.execute("ROLLBACK")  # a Python error half way: nothing of it stays
-                    except psycopg.Error:
-                        pass  # the connection broke too: the server rolls back; the first error is the news
-                raise
+            with self._pipelined() as cur:
+                self._statements(cur, jobs, artifacts, receipts, fenced)
+            lost = {job_id for job_id, c in fenced.items() if c.fetchone() is None}
+            for c in fenced.values():
+                c.close()
         finally:
             for _, data in artifacts:  # taken over, as the LMDB store moves the file in
                 if isinstance(data, Path):
@@ -322,6 +312,26 @@ class PostgresJobStore:
             else:
                 self._claims.setdefault(j.job_id, 1)
         return frozenset(lost)
+
+    @contextlib.contextmanager
+    def _pipelined(self) -> Iterator[psycopg.Cursor[Any]]:
+        """One transaction in one pipeline: BEGIN, the caller's statements and COMMIT go out together
+        and the caller waits for the server once (not conn.transaction(): that waits for BEGIN and
+        COMMIT apart). Any error, in Python half way or refused by the server, rolls all of it back,
+        so the connection is never left inside a transaction for the autocommit calls after it."""
+        conn = self.conn
+        try:
+            with conn.pipeline(), conn.cursor() as cur:
+                cur.execute("BEGIN")
+                yield cur
+                cur.execute("COMMIT")
+        except BaseException:
+            if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                try:
+                    conn.execute("ROLLBACK")  # a Python error half way: nothing of it stays
+                except psycopg.Error:
+                    pass  # the connection broke too: the server rolls back; the first error is the news
+            raise
 
     def _statements(self, cur: psycopg.Cursor[Any], jobs: list[job_pb2.Job],
                     artifacts: list[tuple[str, ArtifactData]],
@@ -482,14 +492,11 @@ class PostgresJobStore:
                 for job_id, excluded in jobs if job_id in self._claims]
         if not rows:
             return
-        conn = self.conn
-        with conn.pipeline(), conn.cursor() as cur:
-            cur.execute("BEGIN")
+        with self._pipelined() as cur:
             for row in rows:
                 cur.execute("UPDATE jobs SET owner = NULL, lease_until = NULL, excluded = %s::text[] WHERE job_id = %s "
                             "AND owner = %s AND claim_epoch = %s AND state = 1", row)
             cur.execute("NOTIFY aitbc_queue")
-            cur.execute("COMMIT")
 
     def holds(self, job_id: str) -> bool:
         """Is this process's claim on the job still the current one (nobody took it over)?"""
@@ -588,9 +595,7 @@ class PostgresJobStore:
         rows = list(rows)
         if not rows:
             return
-        conn = self.conn
-        with conn.pipeline(), conn.cursor() as cur:
-            cur.execute("BEGIN")
+        with self._pipelined() as cur:
             for row in rows:
                 cur.execute("INSERT INTO job_events (job_id, kind, attempt, payload) VALUES (%s, %s, %s, %s)", row)
             for job_id in sorted({r[0] for r in rows if r[1] == EVENT_PROGRESS}):
@@ -598,7 +603,6 @@ class PostgresJobStore:
                             "WHERE job_id = %s AND kind = %s ORDER BY id DESC OFFSET %s LIMIT 1)",
                             (job_id, EVENT_PROGRESS, job_id, EVENT_PROGRESS, keep))
             cur.execute("NOTIFY aitbc_events")
-            cur.execute("COMMIT")
 
     def read_events(self, after: dict[str, int], limit: int) -> list[tuple[int, str, int, int, bytes]]:
         """Rows (id, job_id, kind, attempt, payload) of these jobs past the last id seen of each, in
