@@ -36,6 +36,17 @@ def coordinator(root: Path, name: str) -> Proc:
                 d / "coordinator.log")
 
 
+def miner(root: Path, name: str, coordinators: list[str], *settings: str) -> Proc:
+    """An `aitbc miner` process of the null model listing `coordinators` (in that order), its
+    config, key and log in `root` named after it; `settings`: more miner.toml lines."""
+    ops = f"127.0.0.1:{free_port()}"
+    (root / f"{name}.toml").write_text("\n".join([
+        "coordinator = [" + ", ".join(f'"{t}"' for t in coordinators) + "]", f'key_file = "{root / f"{name}.key"}"',
+        'models = ["null"]', f'ops_listen = "{ops}"', "reconnect_max_s = 1.0", *settings, "",
+    ]))
+    return Proc(name, "miner", [*CLI, "miner", "--config", str(root / f"{name}.toml")], ops, root / f"{name}.log")
+
+
 def serving(ops: str, coordinator: str, timeout: float = 60.0) -> None:
     """Until the miner's GetInfo says it is connected to `coordinator` (bounded wait)."""
     deadline = time.monotonic() + timeout
@@ -64,14 +75,9 @@ def run_one_job(target: str) -> None:
 
 def test_a_miner_serves_the_next_coordinator_after_kill_9_and_comes_back(tmp_path: Path) -> None:
     a, b = coordinator(tmp_path, "a"), coordinator(tmp_path, "b")
-    ops = f"127.0.0.1:{free_port()}"
-    (tmp_path / "miner.toml").write_text("\n".join([
-        f'coordinator = ["{a.target}", "{b.target}"]', f'key_file = "{tmp_path / "miner.key"}"',
-        'models = ["null"]', f'ops_listen = "{ops}"', "reconnect_max_s = 1.0", "",
-    ]))
-    miner = Proc("miner", "miner", [*CLI, "miner", "--config", str(tmp_path / "miner.toml")], ops,
-                 tmp_path / "miner.log")
-    procs = [a, b, miner]
+    m = miner(tmp_path, "miner", [a.target, b.target])
+    ops = m.target
+    procs = [a, b, m]
     try:
         for p in procs:
             p.start()
@@ -89,7 +95,7 @@ def test_a_miner_serves_the_next_coordinator_after_kill_9_and_comes_back(tmp_pat
         b.kill9()
         serving(ops, a.target)
         run_one_job(a.target)
-        log = miner.log.read_text()
+        log = m.log.read_text()
         assert f"with {b.target}" in log and f"no session with coordinator {a.target}; trying {b.target} next" in log
     finally:
         for p in procs:

@@ -17,8 +17,8 @@ import pytest
 
 from aitbc import crypto
 from aitbc.v1 import job_pb2
-from tests.fault.cluster import API_KEY, Proc, free_port
-from tests.fault.test_failover_kill import coordinator, serving
+from tests.fault.cluster import API_KEY, Proc
+from tests.fault.test_failover_kill import coordinator, miner, serving
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "aitbc.clients.cli"]
@@ -83,14 +83,9 @@ def test_kill_9_of_a_coordinator_under_load_loses_no_job_and_runs_none_twice(tmp
     crypto.load_or_create_key(key)
     a = on_database(coordinator(tmp_path, "a"), pg_url, key)
     b = on_database(coordinator(tmp_path, "b"), pg_url, key)
-    ops = f"127.0.0.1:{free_port()}"
-    (tmp_path / "miner.toml").write_text("\n".join([
-        f'coordinator = ["{a.target}", "{b.target}"]', f'key_file = "{tmp_path / "miner.key"}"',
-        'models = ["null"]', f'ops_listen = "{ops}"', "reconnect_max_s = 1.0", "",
-    ]))
-    miner = Proc("miner", "miner", [*CLI, "miner", "--config", str(tmp_path / "miner.toml")], ops,
-                 tmp_path / "miner.log")
-    procs = [a, b, miner]
+    m = miner(tmp_path, "miner", [a.target, b.target])
+    ops = m.target
+    procs = [a, b, m]
     submitted: list[str] = []
     errors: list[BaseException] = []
 
@@ -115,7 +110,7 @@ def test_kill_9_of_a_coordinator_under_load_loses_no_job_and_runs_none_twice(tmp
         sender.start()
         deadline = time.monotonic() + 60
         while count(pg_url, "SELECT count(*) FROM jobs WHERE state = 4") < 10:  # the miner is serving the burst
-            assert time.monotonic() < deadline, miner.tail()
+            assert time.monotonic() < deadline, m.tail()
             time.sleep(0.01)
         owner.kill9()
         serving(ops, other.target)

@@ -22,7 +22,7 @@ from aitbc.ledger.genesis import make_genesis
 from aitbc.v1 import job_pb2, ledger_pb2, receipt_pb2
 from tests.fault.cluster import API_KEY, Proc, free_port
 from tests.fault.test_chaos import chain_view, head
-from tests.fault.test_failover_kill import coordinator
+from tests.fault.test_failover_kill import coordinator, miner
 from tests.fault.test_pg_kill import count, on_database, warm_up
 
 pytestmark = pytest.mark.slow
@@ -52,17 +52,9 @@ def test_three_coordinators_kill_one_restart_another_every_job_once_every_receip
         toml.write_text(toml.read_text().replace("verify_rate = 0.0", f'verify_rate = 0.0\nchain_id = "{CHAIN}"\n'
                                                  f'ledger = "{ledger.target}"'))
     targets = [c.target for c in coords]
-    miners = []
-    for i in range(2):
-        ops = f"127.0.0.1:{free_port()}"
-        ring = targets[i:] + targets[:i]  # miner 0 starts on a, miner 1 on b
-        (tmp_path / f"miner{i}.toml").write_text("\n".join([
-            "coordinator = [" + ", ".join(f'"{t}"' for t in ring) + "]", f'key_file = "{tmp_path / f"miner{i}.key"}"',
-            'models = ["null"]', f'ops_listen = "{ops}"', "reconnect_max_s = 1.0", "max_concurrency = 2",
-            "price_per_unit = 1", "",  # paid: each receipt is a MINT
-        ]))
-        miners.append(Proc(f"miner{i}", "miner", [*CLI, "miner", "--config", str(tmp_path / f"miner{i}.toml")], ops,
-                           tmp_path / f"miner{i}.log"))
+    # miner 0 starts on a, miner 1 on b; paid (price 1): each receipt is a MINT
+    miners = [miner(tmp_path, f"miner{i}", targets[i:] + targets[:i], "max_concurrency = 2", "price_per_unit = 1")
+              for i in range(2)]
     procs = [ledger, *coords, *miners]
     submitted: dict[int, str] = {}
     errors: list[BaseException] = []
