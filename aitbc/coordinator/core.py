@@ -318,10 +318,18 @@ class Coordinator:
             before = self._watched_elsewhere.get(job_id)
             self._watched_elsewhere[job_id] = (job_id in watched, now)
             job = self.machine.job(job_id)
-            if job_id in watched and not (before is not None and before[0]) and job is not None and self.streams.chars(job_id):
-                self._events_out.append((job_id, job.attempts, job_pb2.TextChunk(
-                    job_id=job_id, offset=0, text=self.streams.text(job_id))))
+            if job_id in watched and not (before is not None and before[0]) and job is not None:
+                self._text_so_far(job)
         self._flush_events()
+
+    def _text_so_far(self, job: job_pb2.Job) -> bool:
+        """A watcher elsewhere joined: the job's text so far goes first, as one row from offset 0
+        (then its later deltas follow by offset). False when it has streamed nothing yet."""
+        if not self.streams.chars(job.job_id):
+            return False
+        self._events_out.append((job.job_id, job.attempts, job_pb2.TextChunk(
+            job_id=job.job_id, offset=0, text=self.streams.text(job.job_id))))
+        return True
 
     # ---- progress and text across coordinators (job_events; docs/scaling.md) --------------------------
 
@@ -345,11 +353,8 @@ class Coordinator:
         watched, new = self._elsewhere(job_id)
         if not watched:
             return
-        if new and self.streams.chars(job_id):  # a watcher joined: the text so far first, from offset 0
-            self._events_out.append((job_id, job.attempts,
-                                     job_pb2.TextChunk(job_id=job_id, offset=0, text=self.streams.text(job_id))))
-            if isinstance(event, job_pb2.TextChunk):
-                event = None  # type: ignore[assignment]  # (the delta is in it)
+        if new and self._text_so_far(job) and isinstance(event, job_pb2.TextChunk):
+            event = None  # type: ignore[assignment]  # (the delta is in the text so far)
         if event is not None:
             self._events_out.append((job_id, job.attempts, event))
         if self._events_timer is None:
