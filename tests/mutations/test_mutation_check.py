@@ -67,6 +67,8 @@ def test_the_copy_is_the_installed_layout(tmp_path: Path, monkeypatch: pytest.Mo
     for d in ("aitbc", *mc.MAPPED, "tests"):
         (src / d).mkdir(parents=True)
         (src / d / "__init__.py").write_text(f"# {d}\n")
+    (src / "scripts").mkdir()
+    (src / "scripts" / "make_vectors.py").write_text("# a generator tests load\n")
     (src / "pyproject.toml").write_text("")
     (src / "aitbc" / "__pycache__").mkdir()
     outside = tmp_path / "elsewhere.txt"
@@ -82,4 +84,5 @@ def test_the_copy_is_the_installed_layout(tmp_path: Path, monkeypatch: pytest.Mo
     for name, path in mc.MAPPED.items():
         assert not (dest / path).is_symlink() and (dest / path / "__init__.py").read_text() == f"# {name}\n"
     assert not (dest / "aitbc" / "__pycache__").exists()
+    assert (dest / "scripts" / "make_vectors.py").read_text() == "# a generator tests load\n"
     assert (dest / "tests" / "fixture").is_symlink() and (dest / "tests" / "fixture").read_text() == "kept as a link\n"
