@@ -105,12 +105,18 @@ async def test_a_new_honest_miner_is_checked_until_established_then_sampled(netw
 
 async def test_an_unproven_result_nobody_established_can_check_is_not_minted(network_factory: Any) -> None:
     net = await network_factory(trust_checks=1, verify_rate=0.0, verify_timeout_s=0.5)
-    fresh = await net.add_miner({"null": NullImageBackend()})
+    first = await net.add_miner({"null": NullImageBackend()})
+    second = await net.add_miner({"null": NullImageBackend()})  # free, connected, and as unproven
     s = stub(net)
     job = await wait_done(s, (await s.SubmitJob(image_job(model="null", seed=1, steps=2), metadata=MD)).job.job_id)
     assert job.state == job_pb2.JOB_STATE_COMPLETED  # the client has its image at once
     job = await settled(net, job.job_id)
     assert job.verification == V.VERIFICATION_STATE_UNVERIFIED
+    # the re-execution waited for an established miner: the other fresh key, free all along, never ran it
+    fresh = first if job.miner_id == first.key.address else second
+    assert job.verification_job_ids
+    assert all(net.core.store.get_job(v).miner_id == "" for v in job.verification_job_ids), \
+        [net.core.store.get_job(v) for v in job.verification_job_ids]
     rec = net.core.receipts.get(job.receipt_hash)
     assert rec.settlement.state == St.SETTLEMENT_STATE_REJECTED and "Trust bootstrap" in rec.settlement.error
     mrec = net.core.book.snapshot(fresh.key.address)
