@@ -79,10 +79,12 @@ def test_a_miner_serves_the_next_coordinator_after_kill_9_and_comes_back(tmp_pat
     ops = m.target
     procs = [a, b, m]
     try:
-        for p in procs:
+        for p in (a, b):
             p.start()
-        for p in procs:
+        for p in (a, b):  # both up before the miner starts: it takes the first of its list that answers
             p.wait_healthy(60)
+        m.start()
+        m.wait_healthy(60)
         serving(ops, a.target)
         run_one_job(a.target)
 
