@@ -148,7 +148,8 @@ class Coordinator:
                                  now_ms=self.time.now_ms)
         self.webhooks = Webhooks(store, config.clients, attempts=config.webhook_attempts,
                                  max_age_s=config.webhook_max_age_s, timeout_s=config.webhook_timeout_s,
-                                 now_ms=self.time.now_ms)
+                                 now_ms=self.time.now_ms,
+                                 elect=store.settler if store.shared else None)  # type: ignore[attr-defined]
         self._reconciled_at = 0.0
         self._served_saved_at = 0.0
         self._quotes_pruned_at = 0.0

@@ -7,6 +7,11 @@ Delivery is at least once: the event id (`<job id>.<state>`, one per job end) le
 drop repeats. Each POST carries `X-AITBC-Event-Id` and `X-AITBC-Signature: t=<unix ms>,v1=<hex
 HMAC-SHA256(webhook_secret, "<t>." || body)>`.
 
+Several coordinators on one database (docs/scaling.md): the outbox is the shared meta table, and
+only the coordinator holding the settler lock (`elect`, PostgresJobStore.settler) delivers, so each
+event is POSTed by one process; when it dies the next holder delivers what is left (an event whose
+POST was in flight may be POSTed again: still at least once).
+
 Which URLs: the client's `webhook_url` (operator config), or a job's own `webhook_url` only when it
 starts with one of the client's `webhook_url_prefixes`: a client can never make the coordinator
 call an address the operator did not allow (no SSRF into the operator's network), and redirects
@@ -105,8 +110,9 @@ class Webhooks:
     def __init__(self, store: JobStore, clients: Iterable[ClientKey], *, attempts: int, max_age_s: float,
                  timeout_s: float, now_ms: Callable[[], int],
                  post: Callable[[str, bytes, dict[str, str], float], int] = http_post,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, elect: Callable[[], bool] | None = None) -> None:
         self.store = store
+        self.elect = elect  # a shared store: is this coordinator the one that delivers? (None: always)
         self.clients = {c.id: c for c in clients}
         self.attempts, self.max_age_ms, self.timeout_s = attempts, int(max_age_s * 1000), timeout_s
         self.now_ms = now_ms
@@ -158,7 +164,10 @@ class Webhooks:
             await aio.wait_event(self._wake, poll_s)
 
     async def deliver_due(self) -> int:
-        """POST every event that is due (at most PARALLEL at once); returns how many were delivered."""
+        """POST every event that is due (at most PARALLEL at once); returns how many were delivered.
+        On a shared store only the elected coordinator delivers (the others' events too)."""
+        if self.elect is not None and not self.elect():
+            return 0
         now = self.now_ms()
         due = [ev for ev in self.pending() if ev.next_ms <= now]
         delivered = 0

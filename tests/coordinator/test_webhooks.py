@@ -29,9 +29,10 @@ EVENT, SIGNATURE = EVENT_HEADER.lower(), SIGNATURE_HEADER.lower()
 class Receiver:
     """A real HTTP server on loopback: records every POST, answers with the next status given."""
 
-    def __init__(self, statuses: list[int] | None = None) -> None:
+    def __init__(self, statuses: list[int] | None = None, delay_s: float = 0.0) -> None:
         self.posts: list[tuple[str, dict[str, str], bytes]] = []
         self.statuses = list(statuses or [])
+        self.delay_s = delay_s  # a slow receiver: each answer waits this long
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,6 +40,7 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 outer.posts.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))  # names: any case
                 code = outer.statuses.pop(0) if outer.statuses else 200
+                time.sleep(outer.delay_s)
                 self.send_response(code)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
