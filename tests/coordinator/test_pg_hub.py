@@ -39,6 +39,13 @@ def waiting_locks(url: str) -> int:
     return int(row[0]) if row else 0
 
 
+def lock_held(url: str, key: int) -> bool:
+    """Is this session advisory lock (a coordinator's: it is alive) held by anyone?"""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = %s "
+                            "AND objid = %s AND objsubid = 1", (key >> 32, key & 0xFFFFFFFF)).fetchone() is not None
+
+
 def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -164,6 +171,24 @@ def test_a_held_receipt_both_coordinators_could_decide_is_decided_once(pg_url: s
         with psycopg.connect(pg_url) as conn:
             assert conn.execute("SELECT job_id, runs, coordinator FROM verification_decisions").fetchall() == [
                 ("orig", 2, a.coordinator_id)]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_decision_taken_over_from_a_dead_coordinator_is_not_taken_again_when_it_was_made(pg_url: str) -> None:
+    a, b = PostgresJobStore(pg_url), PostgresJobStore(pg_url)
+    try:
+        _held_pair(a)
+        (va, _), (vb, _) = _verifier(a), _verifier(b)
+        stale = b.get_job("orig")  # B read it PENDING ...
+        va.decide(a.get_job("orig"))  # type: ignore[arg-type]  # ... A claimed the runs, decided them ...
+        a.close()  # ... and died: its claim row is free to take over once the server freed its lock
+        wait_for(lambda: not lock_held(pg_url, a._lock_key), "A's advisory lock freed")
+        assert vb.decide(stale) is None  # type: ignore[arg-type]
+        assert b.decide_once("orig", 2)  # B holds the claim now, and still counted nothing twice
+        for miner in ("ait1m1", "ait1m2"):
+            assert b.reputation().get(miner).verifications_passed == 1  # type: ignore[union-attr]
     finally:
         a.close()
         b.close()
