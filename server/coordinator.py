@@ -356,8 +356,9 @@ async def start_coordinator(config: CoordinatorConfig, *, clock: Clock | None = 
         Service(coordinator_pb2_grpc.add_MarketServiceServicer_to_server, MarketServicer(core),
                 coordinator_pb2.DESCRIPTOR.services_by_name["MarketService"].full_name),
     ], options=rpc.UPLOAD_SERVER_OPTIONS)
-    if store.shared:  # an idle coordinator claims at once when another gives jobs back, and streams the
-        store.listen(core.wake, core.heard_events)  # type: ignore[attr-defined]  # events of jobs run elsewhere
+    if store.shared:  # an idle coordinator claims at once when another gives jobs back, streams the events
+        # of jobs run elsewhere, and drops the reputation records another coordinator changed
+        store.listen(core.wake, core.heard_events, core.heard_reputation)  # type: ignore[attr-defined]
     proc = CoordinatorProcess(running, core, [asyncio.create_task(core.run_housekeeping()),
                                               asyncio.create_task(_return_freed_memory()),
                                               asyncio.create_task(core.webhooks.run())])

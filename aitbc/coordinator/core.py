@@ -51,7 +51,7 @@ from aitbc.errors import (
     Unavailable,
 )
 from aitbc.hub.matching import JobNeeds, MinerView, Unplaceable, choose, score
-from aitbc.hub.reputation import ReputationBook, ReputationPolicy
+from aitbc.hub.reputation import MinerRecord, ReputationBook, ReputationPolicy
 from aitbc.hub.sharding import plan_shards, shard_seed
 from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2, receipt_pb2
 from aitbc.wire import receipt_to_proto
@@ -297,6 +297,7 @@ class Coordinator:
                 REAP_BATCH, now_ms=self.time.now_ms(), queue_ttl_ms=int(self.config.queue_ttl_s * 1000),
                 verify_ttl_ms=int(self.config.verify_timeout_s * 1000)))
             self._recall_served(others=True)
+            self._reread_reputation()
             self.models.learn_stored()
             self.store.prune_events(EVENT_KEEP_S, EVENT_PRUNE_BATCH, WATCHER_TTL_S)  # type: ignore[attr-defined]
         if now - self._watchers_at >= WATCHER_REFRESH_S:
@@ -528,6 +529,30 @@ class Coordinator:
             rec = self.book.release(miner_id)
         else:
             rec = self.book.record_failure(miner_id, kind)  # type: ignore[arg-type]
+        self._follow_reputation(miner_id, rec, new=before is None)
+
+    def heard_reputation(self, miners: set[str]) -> None:
+        """Another coordinator changed these miners' reputation rows (NOTIFY aitbc_reputation):
+        drop what this one cached; matching sees the new flags at once (quarantine, failing,
+        established)."""
+        try:
+            for miner_id in miners:
+                self.book.invalidate(miner_id)
+            for miner_id in self.book.refresh([m for m in miners if m in self.registry.miners]):  # one query
+                self._follow_reputation(miner_id, self.book.snapshot(miner_id), new=False)
+            if self._pending:  # a view changed (most notifications are of this coordinator's own updates)
+                self._run()
+        except Exception:  # the poll every REAP_S reads the rows anyway
+            log.exception("reading reputation after a notification failed")
+
+    def _reread_reputation(self) -> None:
+        """The poll behind the notifications (a shared store, every REAP_S): the rows of the
+        miners connected here, read again; a changed one reaches matching."""
+        for miner_id in self.book.refresh(list(self.registry.miners)):
+            self._follow_reputation(miner_id, self.book.snapshot(miner_id), new=False)
+
+    def _follow_reputation(self, miner_id: str, rec: MinerRecord, *, new: bool) -> None:
+        """Tell the machine when what matching sees of a connected miner changed."""
         conn = self.registry.miners.get(miner_id)
         if conn is None:
             return
@@ -537,7 +562,7 @@ class Coordinator:
         # job moves it by at most 2% of the distance to 1: no update per result)
         if seen is None or (seen.quarantined, seen.failing, seen.established) != (
                 rec.quarantined, failing, self.verifier.established(miner_id)) \
-                or abs(seen.reputation - rec.reputation) >= REPUTATION_STEP or before is None:
+                or abs(seen.reputation - rec.reputation) >= REPUTATION_STEP or new:
             self._pending.append(m.MinerUpdated(self._view(conn)))
 
     def _view(self, conn: MinerConn) -> MinerView:

@@ -30,6 +30,10 @@ like the LMDB and memory stores.
 - **Job events** (schema 0003): `watchers` rows say which coordinator streams which job;
   `append_events` writes an owner's progress and text for them with `NOTIFY aitbc_events`,
   `read_events` reads the rows past the last id seen of each job, `prune_events` deletes old rows.
+- **Shared hub state** (schema 0004): `PostgresReputationStore.update` locks the miner's row,
+  writes the change and sends `NOTIFY aitbc_reputation, '<miner>'` in one transaction (heard by
+  the doorbell); `decide_once` claims a verification decision (the first insert wins);
+  `first_meta` keeps the first value (the verification secret).
 - **Versioned schema.** aitbc/coordinator/migrations/NNNN_name.sql, applied in order at open, all
   missing ones in one transaction under an advisory lock (two coordinators starting at once
   migrate once); `schema_version` records each. A database at a newer version than this code knows
@@ -66,7 +70,7 @@ from aitbc.coordinator.store import (
 )
 from aitbc.coordinator.streams import EVENT_PROGRESS
 from aitbc.errors import FailedPrecondition, InvalidArgument
-from aitbc.hub.reputation import MinerRecord, ReputationStore
+from aitbc.hub.reputation import Change, MinerRecord, ReputationStore
 from aitbc.jobs import ACTIVE
 from aitbc.v1 import job_pb2, receipt_pb2
 
@@ -79,6 +83,7 @@ _ESCROW_LOCKS = 0x61697465  # pg_advisory_xact_lock(this, hashtext(client addres
 _QUEUED = job_pb2.JOB_STATE_QUEUED
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _PAGE = 500  # iter_receipts reads this many rows per query
+DECISION_KEEP_S = 24 * 3600.0  # verification_decisions rows older than this are deleted by any reaper pass
 
 
 # ---- the URL: checked, shown without its password ----------------------------------------------------
@@ -236,17 +241,22 @@ class PostgresJobStore:
         self.stop_listening()
         self._conn.close()
 
-    def listen(self, on_queued: Callable[[], None], on_events: Callable[[], None] | None = None) -> None:
+    def listen(self, on_queued: Callable[[], None], on_events: Callable[[], None] | None = None,
+               on_reputation: Callable[[set[str]], None] | None = None) -> None:
         """The doorbell: call `on_queued` (on the running event loop) when a coordinator gives jobs
         back to the shared queue (`NOTIFY aitbc_queue`, sent with SubmitJob's or a requeue's
-        release), and `on_events` when an owner appended job events (`NOTIFY aitbc_events`, sent
-        with the rows). A connection of its own, read when its socket is readable; a notification
-        lost while it is down costs only the polls' interval (0.5 s): the tables are the delivery."""
+        release), `on_events` when an owner appended job events (`NOTIFY aitbc_events`, sent
+        with the rows), and `on_reputation` with the miners whose reputation row changed (`NOTIFY
+        aitbc_reputation, '<miner>'`, sent with each update). A connection of its own, read when
+        its socket is readable; a notification lost while it is down costs only the polls'
+        interval (0.5 s for claims and events, 1 s for reputation): the tables are the delivery."""
         loop = asyncio.get_running_loop()
         conn = connect(self.url, connect_timeout_s=self._timeout)
         conn.execute("LISTEN aitbc_queue")
         if on_events is not None:
             conn.execute("LISTEN aitbc_events")
+        if on_reputation is not None:
+            conn.execute("LISTEN aitbc_reputation")
         fd = conn.pgconn.socket
 
         def readable() -> None:
@@ -257,11 +267,16 @@ class PostgresJobStore:
                 self.stop_listening()
                 return
             queued = events = False
+            miners: set[str] = set()
             while (n := conn.pgconn.notifies()) is not None:
                 if n.relname == b"aitbc_events":
                     events = True
+                elif n.relname == b"aitbc_reputation":
+                    miners.add(n.extra.decode())
                 else:
                     queued = True
+            if miners and on_reputation is not None:
+                on_reputation(miners)
             if events and on_events is not None:
                 on_events()
             if queued:
@@ -627,6 +642,9 @@ class PostgresJobStore:
                          (keep_s, limit)).rowcount
         conn.execute("DELETE FROM watchers WHERE (job_id, coordinator) IN (SELECT job_id, coordinator FROM watchers "
                      "WHERE expires < now() - make_interval(secs => %s) ORDER BY expires LIMIT %s)", (watchers_s, limit))
+        conn.execute("DELETE FROM verification_decisions WHERE (job_id, runs) IN (SELECT job_id, runs FROM "
+                     "verification_decisions WHERE claimed < now() - make_interval(secs => %s) ORDER BY claimed "
+                     "LIMIT %s)", (DECISION_KEEP_S, limit))
         return max(0, n)
 
     # -- receipts --
@@ -679,8 +697,28 @@ class PostgresJobStore:
         self.conn.execute("INSERT INTO meta (key, value) VALUES (%s, %s) "
                           "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (key, bytes(value)))
 
+    def first_meta(self, key: str, value: bytes) -> bytes:
+        row = self.conn.execute(
+            "WITH ins AS (INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING RETURNING value) "
+            "SELECT value FROM ins UNION ALL SELECT value FROM meta WHERE key = %s LIMIT 1",
+            (key, bytes(value), key)).fetchone()
+        return bytes(row[0]) if row is not None else self.get_meta(key) or bytes(value)
+
     def delete_meta(self, key: str) -> None:
         self.conn.execute("DELETE FROM meta WHERE key = %s", (key,))
+
+    # -- verification decisions (schema 0004; docs/scaling.md, "What exists today (fifth slice)") --
+
+    def decide_once(self, job_id: str, runs: int) -> bool:
+        """The first coordinator to insert (job, runs) decides it; the same one may ask again (a
+        decision interrupted by an error); another takes the row over only once its holder died
+        (its advisory lock is free: it may have claimed and never decided)."""
+        conn = self.conn
+        me = self.coordinator_id
+        if conn.execute("INSERT INTO verification_decisions (job_id, runs, coordinator) VALUES (%s, %s, %s) "
+                        "ON CONFLICT (job_id, runs) DO NOTHING RETURNING 1", (job_id, runs, me)).fetchone():
+            return True
+        return conn.execute(_TAKE_DECISION, (me, job_id, runs, me)).fetchone() is not None
 
     def meta_items(self, prefix: str) -> list[tuple[str, bytes]]:
         rows = self.conn.execute("SELECT key, value FROM meta WHERE key >= %s AND starts_with(key, %s) "
@@ -713,6 +751,11 @@ _ALIVE = ("EXISTS (SELECT 1 FROM coordinators c JOIN pg_locks l ON l.locktype = 
           "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
           "AND l.classid = (c.lock_key >> 32)::oid AND l.objid = (c.lock_key & 4294967295)::oid "
           "AND l.objsubid = 1 WHERE c.id = t.owner)")
+# a verification decision claimed by a coordinator that died before it decided: the next one takes it
+# (the row locked by the UPDATE: of two that try at once, the second finds the first alive and loses)
+_TAKE_DECISION = ("UPDATE verification_decisions t SET coordinator = %s, claimed = now() WHERE t.job_id = %s "
+                  "AND t.runs = %s AND (t.coordinator = %s OR NOT " + _ALIVE.replace("t.owner", "t.coordinator")
+                  + ") RETURNING 1")
 _TAKE_OVER = (_SET_OWNER + "(SELECT job_id, owner, coalesce(lease_until < now(), true) AS expired FROM jobs t "
               "WHERE (t.active AND t.owner IS NOT NULL AND (t.lease_until < now() OR (t.owner <> %(me)s AND NOT "
               + _ALIVE + "))) OR (t.state = 1 AND t.owner IS NULL AND t.queued_ms < %(now)s - "
@@ -728,6 +771,7 @@ _PUT_CLIENT_RECEIPT_FENCED = ("INSERT INTO client_receipts (key, client_id, rece
 _RECEIPT_UPSERT = ("ON CONFLICT (receipt_hash) DO UPDATE SET held = EXCLUDED.held, unsettled = EXCLUDED.unsettled, "
                    "body = EXCLUDED.body")
 _PUT_RECEIPT = "INSERT INTO receipts (receipt_hash, held, unsettled, body) VALUES (%s, %s, %s, %s) " + _RECEIPT_UPSERT
+_LOCK_REPUTATION = "SELECT record FROM reputation WHERE miner_id = %s FOR UPDATE"  # the row, held until COMMIT
 _PUT_RECEIPT_FENCED = ("INSERT INTO receipts (receipt_hash, held, unsettled, body) SELECT %s, %s, %s, %s"
                        + _STILL_OURS + _RECEIPT_UPSERT)
 
@@ -831,7 +875,14 @@ class PostgresReservations:
 
 
 class PostgresReputationStore:
-    """hub.reputation.ReputationStore in the coordinator's database (table `reputation`)."""
+    """hub.reputation.ReputationStore in the coordinator's database (table `reputation`), shared by
+    every coordinator on it: the rows are the truth. `update` locks the miner's row (`SELECT ...
+    FOR UPDATE`; a first record is inserted, and a concurrent first insert waited for), applies the
+    policy's change to the record as committed, writes it and sends `NOTIFY aitbc_reputation,
+    '<miner>'` in the same transaction: two coordinators updating one miner at once apply their
+    changes one after the other, none lost, and every coordinator hears of each change at commit."""
+
+    shared = True
 
     def __init__(self, store: PostgresJobStore) -> None:
         self._store = store
@@ -844,6 +895,28 @@ class PostgresReputationStore:
         self._store.conn.execute("INSERT INTO reputation (miner_id, record) VALUES (%s, %s) "
                                  "ON CONFLICT (miner_id) DO UPDATE SET record = EXCLUDED.record",
                                  (record.miner_id, record.to_bytes()))
+
+    def update(self, miner_id: str, change: Change) -> MinerRecord:
+        # two round trips: BEGIN with the locking read, then the write, the notification and COMMIT
+        with self._store._pipelined() as cur:
+            row = cur.execute(_LOCK_REPUTATION, (miner_id,)).fetchone()
+            if row is None:  # a first record: the insert waits for (and then loses to) a concurrent first one
+                record = change(None)
+                if cur.execute("INSERT INTO reputation (miner_id, record) VALUES (%s, %s) ON CONFLICT (miner_id) "
+                               "DO NOTHING RETURNING miner_id", (miner_id, record.to_bytes())).fetchone() is None:
+                    row = cur.execute(_LOCK_REPUTATION, (miner_id,)).fetchone()  # it committed first: change that
+            if row is not None:
+                record = change(MinerRecord.from_bytes(bytes(row[0])))
+                cur.execute("UPDATE reputation SET record = %s WHERE miner_id = %s", (record.to_bytes(), miner_id))
+            cur.execute("SELECT pg_notify('aitbc_reputation', %s)", (miner_id,))
+        return record
+
+    def records(self, miner_ids: list[str]) -> dict[str, MinerRecord]:
+        if not miner_ids:
+            return {}
+        rows = self._store.conn.execute("SELECT record FROM reputation WHERE miner_id = ANY(%s::text[])",
+                                        (list(miner_ids),)).fetchall()
+        return {(r := MinerRecord.from_bytes(bytes(row[0]))).miner_id: r for row in rows}
 
     def all(self) -> list[MinerRecord]:
         rows = self._store.conn.execute("SELECT record FROM reputation ORDER BY miner_id").fetchall()

@@ -122,10 +122,23 @@ class JobStore(Protocol):
 
     def get_meta(self, key: str) -> bytes | None: ...
     def put_meta(self, key: str, value: bytes) -> None: ...
+
+    def first_meta(self, key: str, value: bytes) -> bytes:
+        """The entry's value; `value` stored first when there is none (on a shared store the
+        first coordinator's value wins: every coordinator gets the same one)."""
+        ...
+
     def delete_meta(self, key: str) -> None: ...
     def meta_items(self, prefix: str) -> list[tuple[str, bytes]]:
         """Meta entries whose key starts with prefix, in key order (the webhook outbox)."""
         ...
+
+    def decide_once(self, job_id: str, runs: int) -> bool:
+        """May this process take the verification decision of original job `job_id` over `runs`
+        runs? A shared store: only the first coordinator that asks (asking again, it still may;
+        and the next one once that one died); a single-owner store: always."""
+        ...
+
     def reputation(self) -> ReputationStore: ...
     def close(self) -> None: ...
 
@@ -430,6 +443,15 @@ class LmdbJobStore:
         with self.env.begin(write=True) as txn:
             txn.put(key.encode(), value, db=self._meta)
 
+    def first_meta(self, key: str, value: bytes) -> bytes:
+        with self.env.begin(write=True) as txn:
+            if txn.put(key.encode(), value, db=self._meta, overwrite=False):
+                return bytes(value)
+            return bytes(txn.get(key.encode(), db=self._meta))
+
+    def decide_once(self, job_id: str, runs: int) -> bool:
+        return True  # one owner
+
     def delete_meta(self, key: str) -> None:
         with self.env.begin(write=True) as txn:
             txn.delete(key.encode(), db=self._meta)
@@ -576,6 +598,12 @@ class MemoryJobStore:
 
     def put_meta(self, key: str, value: bytes) -> None:
         self._meta[key] = bytes(value)
+
+    def first_meta(self, key: str, value: bytes) -> bytes:
+        return self._meta.setdefault(key, bytes(value))
+
+    def decide_once(self, job_id: str, runs: int) -> bool:
+        return True  # one owner
 
     def delete_meta(self, key: str) -> None:
         self._meta.pop(key, None)

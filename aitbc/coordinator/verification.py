@@ -16,6 +16,10 @@ referees run only on established miners; and only established miners' runs vote:
 passes when it matches what the established runs agree on, so any number of fresh keys cannot
 outvote one established miner. An unproven miner's result that no established miner re-executed
 in time is not minted (the client keeps the result).
+
+Decided once (docs/scaling.md, "What exists today (fifth slice)"): on a store several coordinators
+share, the decision over an original job's runs is taken by the one coordinator that claims
+(job, number of runs) first (`JobStore.decide_once`): reputation, receipts and verdicts change once.
 """
 
 from __future__ import annotations
@@ -66,11 +70,9 @@ class Verifier:
         self.load = load  # a job by id, active (the machine's record) or stored
         self.record = record  # (miner, passed) -> reputation, with the runtime's follow-ups
         self.now_ms = now_ms
-        secret = store.get_meta("verify_secret")
-        if secret is None:  # keyed sampling: miners cannot tell which of their jobs will be checked
-            secret = secrets.token_bytes(32)
-            store.put_meta("verify_secret", secret)
-        self.secret = secret
+        # keyed sampling: miners cannot tell which of their jobs will be checked; one secret for every
+        # coordinator on a shared store (the first one's), so a result is sampled the same everywhere
+        self.secret = store.first_meta("verify_secret", secrets.token_bytes(32))
 
     def established(self, miner_id: str) -> bool:
         """May this miner re-execute others' jobs, and does its run vote? (module docstring)"""
@@ -175,6 +177,14 @@ class Verifier:
     def decide(self, orig: job_pb2.Job) -> Submit | None:
         all_runs = self.runs(orig)
         if any(r.state in jobs.ACTIVE for r in all_runs):
+            return None
+        if not self.store.decide_once(orig.job_id, len(all_runs)):  # another coordinator decides these runs
+            log.info("job %s: its verification over %d runs is decided by another coordinator", orig.job_id,
+                     len(all_runs))
+            return None
+        stored = self.store.get_job(orig.job_id)  # decided meanwhile by one that claimed the runs and then died
+        if stored is None or stored.verification != V.VERIFICATION_STATE_PENDING \
+                or len(stored.verification_job_ids) != len(orig.verification_job_ids):
             return None
         runs = [r for r in all_runs if r.state == S.JOB_STATE_COMPLETED]
         exact = all(r.device_class != "cuda" for r in runs)  # CPU runs byte for byte; GPU ones within a tolerance

@@ -186,6 +186,22 @@ class JobStoreContract:
         assert store.reputation().get("ait1miner").jobs_served == 3
         assert [r.miner_id for r in store.reputation().all()] == ["ait1miner"]
 
+    def test_the_first_value_of_a_meta_entry_stays(self, store: JobStore) -> None:
+        assert store.first_meta("verify_secret", b"\x01" * 32) == b"\x01" * 32
+        assert store.first_meta("verify_secret", b"\x02" * 32) == b"\x01" * 32  # the first one wins
+        store = self.reopen(store)
+        assert store.first_meta("verify_secret", b"\x03" * 32) == b"\x01" * 32
+
+    def test_reputation_updates_apply_to_the_stored_record(self, store: JobStore) -> None:
+        rep = store.reputation()
+        first = rep.update("ait1miner", lambda r: (r or MinerRecord("ait1miner"))._replace(failures=1))
+        assert first.failures == 1 and first.jobs_served == 0
+        got = rep.update("ait1miner", lambda r: r._replace(jobs_served=r.jobs_served + 1))  # type: ignore[union-attr]
+        assert (got.failures, got.jobs_served) == (1, 1)
+        assert rep.records(["ait1miner", "ait1nobody"]) == {"ait1miner": got}
+        store = self.reopen(store)
+        assert store.reputation().get("ait1miner") == got
+
     def test_meta_entries_by_prefix_and_deleted(self, store: JobStore) -> None:
         for k in ("webhook:b", "webhook:a", "webhooks", "other"):
             store.put_meta(k, k.encode())
@@ -322,6 +338,17 @@ class TestPostgresJobStore(JobStoreContract):
         taken = eventually(lambda: other.take_over(10, now_ms=0, queue_ttl_ms=1 << 40, verify_ttl_ms=1 << 40))
         assert sorted((c.job.job_id, c.lease_expired) for c in taken) == [("a", False), ("b", False)]
         assert store.take_over(10, now_ms=0, queue_ttl_ms=1 << 40, verify_ttl_ms=1 << 40) == []  # once
+
+    def test_a_verification_is_decided_by_the_first_store_that_claims_it_until_that_one_dies(
+            self, store: PostgresJobStore, other: PostgresJobStore) -> None:
+        dead = PostgresJobStore(self.url)
+        assert dead.decide_once("orig", 2)
+        assert dead.decide_once("orig", 2)  # the same coordinator again (its decision was interrupted)
+        assert not other.decide_once("orig", 2) and not store.decide_once("orig", 2)
+        assert other.decide_once("orig", 3)  # a referee's run later: another decision
+        dead.close()  # it claimed and died before it decided: the next one to ask takes the claim over
+        eventually(lambda: other.decide_once("orig", 2))
+        assert not store.decide_once("orig", 2)  # once: the taker is alive
 
     def test_a_queued_job_past_its_queue_time_is_handed_to_a_reaper_to_expire(
             self, store: PostgresJobStore, other: PostgresJobStore) -> None:
