@@ -422,3 +422,22 @@ async def test_with_the_doorbell_and_the_poll_of_events_stopped_the_text_still_c
     _, data = await fetch(stub(a), job_id)
     assert of(on_a, "job")[-1].state == S.JOB_STATE_COMPLETED
     assert "".join(t.text for t in of(on_a, "text")) == data.decode()  # read before the end was published
+
+
+async def test_the_reaper_deletes_a_reservation_whose_job_was_never_written_after_the_grace(
+        network_factory: Any, pg_url: str, tmp_path: Path) -> None:
+    from aitbc.coordinator.clock import FakeClock
+    from aitbc.coordinator.core import ORPHAN_GRACE_S, REAP_S
+    from aitbc.coordinator.fees import Charge
+    from aitbc.coordinator.pgstore import PostgresJobStore
+
+    clock = FakeClock()
+    a = await network_factory(clock=clock, database_url=pg_url)
+    dead = PostgresJobStore(pg_url)  # a coordinator that reserved for a paid job and died before its write
+    dead.reservations().reserve(Charge("never-written", "ait1client", 500, "q", 5), 10_000)
+    dead.close()
+    clock.advance(REAP_S)
+    await a.until(lambda: "never-written" in a.core.reservations._orphans)  # seen without its job: the grace starts
+    assert rows(pg_url, "SELECT count(*) FROM reservations") == 1
+    clock.advance(ORPHAN_GRACE_S)
+    await a.until(lambda: rows(pg_url, "SELECT count(*) FROM reservations") == 0, interval=0.2)
