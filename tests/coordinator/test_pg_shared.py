@@ -130,6 +130,28 @@ async def test_jobs_submitted_to_the_coordinator_without_the_miner_get_the_size_
     with psycopg.connect(pg_url) as conn:  # and nothing was left in the queue
         assert conn.execute("SELECT count(*) FROM jobs WHERE active").fetchone() == (0,)
 
+
+async def test_the_devnet_is_ready_once_every_coordinator_accepts_every_model_as_the_miners_does(
+        network_factory: Any, pg_url: str, tmp_path: Path, null_backend: Any) -> None:
+    """clients/devnet.py's readiness against real coordinators: a coordinator that refuses a model,
+    or sizes it otherwise than the one the miner is on, keeps the devnet from announcing itself."""
+    from aitbc.clients.devnet import Devnet
+    from tests.conftest import API_KEY
+
+    a, b = await pair(network_factory, pg_url, tmp_path, models=[ModelConfig(name="null", kind="image")])
+    odd = await network_factory(database_url=pg_url, key_file=str(tmp_path / "attester.key"),
+                                models=[ModelConfig(name="null", kind="image", native_size=128)])
+    devnet = Devnet(tmp_path / "devnet", models=["null"])
+
+    async def waiting(*coordinators: Any) -> str:
+        return await asyncio.to_thread(devnet._models_everywhere, a.address, [c.address for c in coordinators], API_KEY)
+
+    assert f"coordinator {a.address} does not accept model null yet" in await waiting(a, b)  # no miner anywhere
+    await a.add_miner({"null": null_backend})
+    await b.until(lambda: "null" in b.core.served_models() and "null" in odd.core.served_models())
+    assert await waiting(a, b) == ""  # b sizes it as a's miner does (64)
+    assert f"coordinator {odd.address} does not quote model null as {a.address} does yet" in await waiting(a, b, odd)
+
 @pytest.mark.slow
 async def test_a_dead_owners_job_is_taken_over_completes_once_elsewhere_and_is_minted_once(
         network_factory: Any, pg_url: str, tmp_path: Path, null_backend: Any) -> None:
