@@ -38,7 +38,7 @@ from aitbc.ledger.genesis import Genesis, make_genesis, unique_chain_id
 from aitbc.miner.text import TEXT_PREFIX, is_text_model
 from aitbc.pgserver import LocalPostgres, server_user
 from aitbc.rpc import CHANNEL_OPTIONS, port_in_use
-from aitbc.v1 import miner_pb2, miner_pb2_grpc
+from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, miner_pb2, miner_pb2_grpc
 from aitbc.wallet.access import DaemonFiles, listen_address
 
 CLIENT_ID = "devnet-client"
@@ -97,6 +97,12 @@ def _coordinator_name(i: int) -> str:
 
 def _coordinator_file(i: int) -> str:
     return f"{_coordinator_name(i)}.toml"
+
+
+def _one_line(message: object) -> str:
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(message, as_one_line=True)  # type: ignore[arg-type]
 
 
 def _served_name(model: str) -> str:
@@ -343,7 +349,7 @@ class Devnet:
                 child.metrics = f"127.0.0.1:{free_port()}"  # AITBC_METRICS_LISTEN would clash
                 child.env = {**(child.env or {}), "AITBC_METRICS_LISTEN": child.metrics}
             child.start()
-        self._wait_ready(str(state["miner_ops"]), ready_timeout)
+        self._wait_ready(str(state["miner_ops"]), coordinators, str(state["api_key"]), ready_timeout)
         self.endpoints = {
             "coordinator": state["coordinator"],
             **({"coordinators": coordinators} if len(coordinators) > 1 else {}),
@@ -416,9 +422,13 @@ class Devnet:
         """What clients dial for the wallet daemon (its token: `wallet_token_file`)."""
         return listen_address(listen, DaemonFiles.of(self.data_dir / "wallets"))
 
-    def _wait_ready(self, miner_ops: str, timeout: float) -> None:
-        """Ready when the miner reports a live Work stream to the coordinator."""
+    def _wait_ready(self, miner_ops: str, coordinators: list[str], api_key: str, timeout: float) -> None:
+        """Ready when the miner reports a live Work stream to a coordinator and every coordinator
+        accepts every model of the devnet as that one does: the others learn the miner's models and
+        their native sizes from the database within a second (docs/scaling.md), and a job sent there
+        before would be refused, or sized otherwise."""
         deadline = time.monotonic() + timeout
+        waiting = "the miner is not connected to a coordinator yet"
         with grpc.insecure_channel(miner_ops, options=CHANNEL_OPTIONS) as ch:
             stub = miner_pb2_grpc.MinerOpsServiceStub(ch)
             while time.monotonic() < deadline:
@@ -427,13 +437,38 @@ class Devnet:
                         self.stop()
                         raise RuntimeError(f"devnet: {child.name} exited during start-up:\n{child.tail()}")
                 try:
-                    if stub.GetInfo(miner_pb2.GetInfoRequest(), timeout=1).connected:
-                        return
+                    info = stub.GetInfo(miner_pb2.GetInfoRequest(), timeout=1)
+                    if info.connected:
+                        waiting = self._models_everywhere(info.coordinator, coordinators, api_key)
+                        if not waiting:
+                            return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"devnet: not ready within {timeout:.0f} s; see logs in {self.data_dir / 'logs'}")
+        raise RuntimeError(f"devnet: not ready within {timeout:.0f} s ({waiting}); see logs in {self.data_dir / 'logs'}")
+
+    def _models_everywhere(self, serving: str, coordinators: list[str], api_key: str) -> str:
+        """"" when every coordinator quotes every devnet model with the parameters the coordinator
+        the miner serves (`serving`) quotes it with; else what is still missing."""
+        md = (("x-api-key", api_key),)
+        for model in self.models:
+            name = _served_name(model)
+            params = (job_pb2.JobParams(text=job_pb2.TextParams(prompt="ready?", max_new_tokens=1, seed=1))
+                      if is_text_model(model) else job_pb2.JobParams(image=job_pb2.ImageParams(prompt="ready?", steps=1, seed=1)))
+            want = None
+            for address in sorted(coordinators, key=lambda a: a != serving):  # the miner's coordinator first
+                with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+                    try:
+                        got = coordinator_pb2_grpc.CoordinatorServiceStub(ch).QuoteJob(
+                            coordinator_pb2.QuoteJobRequest(model=name, params=params), metadata=md, timeout=5).params
+                    except grpc.RpcError as exc:
+                        return f"coordinator {address} does not accept model {name} yet: {exc.details()}"
+                if want is None:
+                    want = got
+                elif got != want:
+                    return f"coordinator {address} does not quote model {name} as {serving} does yet ({_one_line(got)} against {_one_line(want)})"
+        return ""
 
     def supervise_once(self, now: float | None = None) -> None:
         """Restart any child that died, after the wait its RestartBackoff gives (said in the log)."""

@@ -76,6 +76,11 @@ REAP_S = 1.0  # how often the reaper takes over jobs of dead owners and expired 
 REAP_BATCH = 100
 REQUEST_WAIT_S = 5.0  # a request id another coordinator holds: how long to wait for its job's row
 SKIP_S = 5.0  # a job this coordinator claimed and could not place is not claimed again here for this long
+# a reservation whose job row is still missing this long after the reaper first saw it is deleted: a paid
+# SubmitJob reserves and writes its job in one step of the event loop (no await between; each statement
+# bounded by the database, the connection by its 10 s timeout), so only a coordinator that died in
+# between leaves one; the escrow looks that much smaller until then
+ORPHAN_GRACE_S = 600.0
 TAKEN_OVER = "another coordinator took the job over (this coordinator's claim on it expired)"
 WATCH_POLL_S = 0.5  # WatchJob of a job another coordinator runs: its row (and its events) read this often
 # progress and text of a job across coordinators (job_events, watchers; docs/scaling.md)
@@ -299,6 +304,9 @@ class Coordinator:
             self._recall_served(others=True)
             self._reread_reputation()
             self.models.learn_stored()
+            if orphans := self.reservations.sweep_orphans(now, ORPHAN_GRACE_S):  # type: ignore[attr-defined]
+                log.warning("deleted %d escrow reservations whose job was never written (its coordinator stopped "
+                            "between the two), e.g. job %s", len(orphans), orphans[0])
             self.store.prune_events(EVENT_KEEP_S, EVENT_PRUNE_BATCH, WATCHER_TTL_S)  # type: ignore[attr-defined]
         if now - self._watchers_at >= WATCHER_REFRESH_S:
             self._watchers_at = now

@@ -73,27 +73,33 @@ class ModelRegistry:
         self.max_learned = max_learned
         self.allow_new = allow_new
         self.default_max_price = default_max_price
-        self.entries: dict[str, ModelEntry] = {}
-        raw = store.get_meta(META_KEY)
-        saved = json.loads(raw) if raw else {}
-        for name, rec in saved.items():
-            if rec.get("source", "learned") != "config":
-                self.entries[name] = ModelEntry(name, rec["kind"], source=rec.get("source", "learned"),
-                                                **{f: rec[f] for f in IDENTITY if f in rec})
-        for e in configured:  # the config wins over what was learned, save identity fields learned for it
-            if saved.get(e.name, {}).get("kind") == e.kind:
-                e = dataclasses.replace(e, **{f: saved[e.name][f] for f in IDENTITY
-                                              if not getattr(e, f) and saved[e.name].get(f)})
-            self.entries[e.name] = e
+        self.entries: dict[str, ModelEntry] = {e.name: e for e in configured}  # the config wins over what was learned
+        self._absorb(quiet=True)
 
     def learn_stored(self) -> None:
-        """Models another coordinator of a shared store learned (read every REAP_S): added as it
-        saved them; what this process knows already stays."""
+        """What another coordinator of a shared store learned (read every REAP_S): its models, and
+        the identity fields its miners declared for models this process knows without them (a
+        `[[models]]` entry naming only the kind: without this, a job submitted here would get
+        DEFAULT_NATIVE_SIZE while the miners make the model's native size; docs/scaling.md)."""
+        self._absorb(quiet=False)
+
+    def _absorb(self, *, quiet: bool) -> None:
+        """The saved record into `entries`: a learned model this process does not know is added as
+        saved; a known one of the same kind gets the identity fields it lacks (never changes one)."""
         raw = self.store.get_meta(META_KEY)
         for name, rec in (json.loads(raw) if raw else {}).items():
-            if name not in self.entries and rec.get("source", "learned") != "config":
-                self.entries[name] = ModelEntry(name, rec["kind"], source=rec.get("source", "learned"),
-                                                **{f: rec[f] for f in IDENTITY if f in rec})
+            have = self.entries.get(name)
+            if have is None:
+                if rec.get("source", "learned") != "config":  # (a config entry no longer configured goes)
+                    self.entries[name] = ModelEntry(name, rec["kind"], source=rec.get("source", "learned"),
+                                                    **{f: rec[f] for f in IDENTITY if f in rec})
+                continue
+            new = {f: rec[f] for f in IDENTITY if rec.get(f) and not getattr(have, f)}
+            if new and rec.get("kind") == have.kind:
+                self.entries[name] = dataclasses.replace(have, **new)
+                if not quiet:
+                    log.info("model %s: %s, as another coordinator's miner declared", name,
+                             ", ".join(f"{f} {v}" for f, v in sorted(new.items())))
 
     def get(self, model: str) -> ModelEntry | None:
         return self.entries.get(model)

@@ -839,9 +839,27 @@ class PostgresReservations:
 
     def __init__(self, store: PostgresJobStore) -> None:
         self._store = store
+        self._orphans: dict[str, float] = {}  # job id -> when this process first saw its reservation without a job
 
     def restore(self, charges: Iterable[Charge]) -> None:
         pass  # the rows are the truth: nothing to rebuild
+
+    def sweep_orphans(self, now: float, grace_s: float) -> list[str]:
+        """Delete the reservations that had no job row when an earlier call of this process saw them
+        `grace_s` or more ago and still have none: a coordinator that died between a paid SubmitJob's
+        reservation and its job's write left them, holding escrow for nothing. `now` is monotonic
+        seconds; returns the job ids of the rows deleted."""
+        conn = self._store.conn
+        due = sorted(j for j, seen in self._orphans.items() if now - seen >= grace_s)
+        gone = []
+        if due:  # the job is looked for again as the row goes: one written since the sighting keeps it
+            gone = sorted(r[0] for r in conn.execute(
+                "DELETE FROM reservations r WHERE r.job_id = ANY(%s::text[]) AND NOT EXISTS "
+                "(SELECT 1 FROM jobs j WHERE j.job_id = r.job_id) RETURNING r.job_id", (due,)).fetchall())
+        rows = conn.execute("SELECT r.job_id FROM reservations r WHERE NOT EXISTS "
+                            "(SELECT 1 FROM jobs j WHERE j.job_id = r.job_id)").fetchall()
+        self._orphans = {r[0]: self._orphans.get(r[0], now) for r in rows}  # when each was first seen so
+        return gone
 
     def reserved(self, client_address: str) -> int:
         row = self._store.conn.execute("SELECT coalesce(sum(total), 0) FROM reservations WHERE client_address = %s",

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from aitbc import crypto
+from aitbc.config import ModelConfig
 from aitbc.ledger.client import LedgerClient
 from aitbc.miner.backend import NullImageBackend
 from aitbc.v1 import coordinator_pb2, job_pb2, receipt_pb2
@@ -105,6 +106,51 @@ async def test_the_same_request_id_on_a_and_b_gives_one_job(network_factory: Any
         assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (1,)
     assert (await wait_done(stub(b), got[0].job.job_id)).state == S.JOB_STATE_COMPLETED
 
+
+
+async def test_jobs_submitted_to_the_coordinator_without_the_miner_get_the_size_its_miner_declared(
+        network_factory: Any, pg_url: str, tmp_path: Path, null_backend: Any) -> None:
+    """The devnet's stall (docs/scaling.md, third slice): its coordinators name each model's kind
+    in [[models]] and leave the native size to the miner. The first coordinator, where the miner
+    registered, learns 64 and saves it; the second learned nothing of a model it already knew, so a
+    job submitted there without a size got DEFAULT_NATIVE_SIZE (512 x 512, 64 times the pixels):
+    on the devnet's CPU, under load, such a tiny-sd job ran for minutes."""
+    a, b = await pair(network_factory, pg_url, tmp_path, models=[ModelConfig(name="null", kind="image")])
+    miner = await a.add_miner({"null": null_backend})
+    await b.until(lambda: "null" in b.core.served_models())  # read in the pass that reads the model record
+    sa, sb = stub(a), stub(b)
+    on_a = (await sa.SubmitJob(image_job(model="null", seed=1, steps=2), metadata=MD)).job
+    on_b = await asyncio.gather(*(sb.SubmitJob(image_job(model="null", seed=i, steps=2), metadata=MD)
+                                  for i in range(2, 8)))
+    for job in [on_a, *(r.job for r in on_b)]:  # every coordinator sizes the job as the miner's model does
+        assert (job.params.image.width, job.params.image.height) == (64, 64), job.job_id
+        done = await wait_done(sb, job.job_id)
+        assert done.state == S.JOB_STATE_COMPLETED and done.miner_id == miner.key.address, done.error
+        assert (done.artifacts[0].width, done.artifacts[0].height) == (64, 64)
+    with psycopg.connect(pg_url) as conn:  # and nothing was left in the queue
+        assert conn.execute("SELECT count(*) FROM jobs WHERE active").fetchone() == (0,)
+
+
+async def test_the_devnet_is_ready_once_every_coordinator_accepts_every_model_as_the_miners_does(
+        network_factory: Any, pg_url: str, tmp_path: Path, null_backend: Any) -> None:
+    """clients/devnet.py's readiness against real coordinators: a coordinator that refuses a model,
+    or sizes it otherwise than the one the miner is on, keeps the devnet from announcing itself."""
+    from aitbc.clients.devnet import Devnet
+    from tests.conftest import API_KEY
+
+    a, b = await pair(network_factory, pg_url, tmp_path, models=[ModelConfig(name="null", kind="image")])
+    odd = await network_factory(database_url=pg_url, key_file=str(tmp_path / "attester.key"),
+                                models=[ModelConfig(name="null", kind="image", native_size=128)])
+    devnet = Devnet(tmp_path / "devnet", models=["null"])
+
+    async def waiting(*coordinators: Any) -> str:
+        return await asyncio.to_thread(devnet._models_everywhere, a.address, [c.address for c in coordinators], API_KEY)
+
+    assert f"coordinator {a.address} does not accept model null yet" in await waiting(a, b)  # no miner anywhere
+    await a.add_miner({"null": null_backend})
+    await b.until(lambda: "null" in b.core.served_models() and "null" in odd.core.served_models())
+    assert await waiting(a, b) == ""  # b sizes it as a's miner does (64)
+    assert f"coordinator {odd.address} does not quote model null as {a.address} does yet" in await waiting(a, b, odd)
 
 @pytest.mark.slow
 async def test_a_dead_owners_job_is_taken_over_completes_once_elsewhere_and_is_minted_once(
@@ -398,3 +444,22 @@ async def test_with_the_doorbell_and_the_poll_of_events_stopped_the_text_still_c
     _, data = await fetch(stub(a), job_id)
     assert of(on_a, "job")[-1].state == S.JOB_STATE_COMPLETED
     assert "".join(t.text for t in of(on_a, "text")) == data.decode()  # read before the end was published
+
+
+async def test_the_reaper_deletes_a_reservation_whose_job_was_never_written_after_the_grace(
+        network_factory: Any, pg_url: str, tmp_path: Path) -> None:
+    from aitbc.coordinator.clock import FakeClock
+    from aitbc.coordinator.core import ORPHAN_GRACE_S, REAP_S
+    from aitbc.coordinator.fees import Charge
+    from aitbc.coordinator.pgstore import PostgresJobStore
+
+    clock = FakeClock()
+    a = await network_factory(clock=clock, database_url=pg_url)
+    dead = PostgresJobStore(pg_url)  # a coordinator that reserved for a paid job and died before its write
+    dead.reservations().reserve(Charge("never-written", "ait1client", 500, "q", 5), 10_000)
+    dead.close()
+    clock.advance(REAP_S)
+    await a.until(lambda: "never-written" in a.core.reservations._orphans)  # seen without its job: the grace starts
+    assert rows(pg_url, "SELECT count(*) FROM reservations") == 1
+    clock.advance(ORPHAN_GRACE_S)
+    await a.until(lambda: rows(pg_url, "SELECT count(*) FROM reservations") == 0, interval=0.2)

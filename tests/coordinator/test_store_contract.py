@@ -382,3 +382,24 @@ class TestPostgresJobStore(JobStoreContract):
         assert not other.settler()
         store.close()  # the lock goes when its backend has exited
         assert eventually(other.settler)
+
+    def test_a_reservation_whose_job_was_never_written_is_deleted_after_the_grace_one_with_a_job_kept(
+            self, store: PostgresJobStore, other: PostgresJobStore) -> None:
+        from aitbc.coordinator.fees import Charge
+
+        dying = other.reservations()  # reserves, then dies before the job's write (the job never appears)
+        dying.reserve(Charge("orphan", "ait1client", 500, "q1", 5), 10_000)
+        dying.reserve(Charge("late", "ait1client", 300, "q2", 3), 10_000)
+        store.reservations().reserve(Charge("paid", "ait1client", 200, "q3", 2), 10_000)
+        store.write([job("paid")])
+        reaper = store.reservations()
+        assert reaper.sweep_orphans(100.0, 600.0) == []  # first seen without a job: the grace starts
+        store.write([job("late")])  # its job written since (a submit in its last step): it keeps its escrow
+        dying.reserve(Charge("young", "ait1client", 100, "q4", 1), 10_000)
+        assert reaper.reserved("ait1client") == 1100
+        assert reaper.sweep_orphans(700.0, 600.0) == ["orphan"]  # "young" first seen now
+        assert reaper.reserved("ait1client") == 600 and not reaper.holds("orphan")
+        assert reaper.sweep_orphans(1299.0, 600.0) == []  # within its grace: kept
+        assert reaper.sweep_orphans(1300.0, 600.0) == ["young"]
+        assert reaper.holds("paid") and reaper.holds("late")  # with their jobs: kept, however long
+        assert reaper.sweep_orphans(10_000.0, 600.0) == [] and len(reaper) == 2
