@@ -100,7 +100,8 @@ async def takeover(a: Any, b: Any) -> None:
 
 async def test_a_miner_key_connecting_to_b_leaves_a_and_its_job_completes_once_on_b(
         network_factory: Any, pg_url: str, tmp_path: Path) -> None:
-    a, b = await pair(network_factory, pg_url, tmp_path, **SLOW_BEAT)  # the notification ends A's stream
+    a, b = await pair(network_factory, pg_url, tmp_path, **SLOW_BEAT)  # the notification ends A's stream:
+    await a.until(lambda: a.core._renewed_at > 0)  # A renewed at its first tick, its next renewal is 30 s away
     await takeover(a, b)
 
 
