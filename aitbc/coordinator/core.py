@@ -1403,10 +1403,11 @@ class Coordinator:
         `miner_id` that miner's record (connected or not). Built from what the machine, the registry
         and the reputation book hold; names no client or job."""
         out = coordinator_pb2.GetMarketResponse(queued=self.machine.queued(), at_unix_ms=self.time.now_ms())
+        pool = self._connected()
         if miner_id:
             crypto.validate_address(miner_id)  # INVALID_ARGUMENT with the reason
             rec = self.book.get(miner_id)
-            connected = miner_id in self.registry.miners or miner_id in self._connected()
+            connected = miner_id in pool
             if rec is not None or connected:
                 rec = rec or self.book.snapshot(miner_id)
                 out.miner.CopyFrom(coordinator_pb2.MarketMiner(
@@ -1417,7 +1418,7 @@ class Coordinator:
         models: dict[str, coordinator_pb2.ModelMarket] = {}
         for served in self.registry.list_models():
             models[served.name] = coordinator_pb2.ModelMarket(name=served.name, kind=served.kind)
-        for offer_id, (info, view, _) in self._connected().items():
+        for offer_id, (info, view, _) in pool.items():
             free = max(0, view.max_concurrency - view.running)
             rec = self.book.snapshot(offer_id)
             if rec.quarantined:

@@ -22,6 +22,7 @@ from aitbc.miner.daemon import MinerDaemon
 from aitbc.v1 import coordinator_pb2, job_pb2, miner_pb2
 from tests.conftest import API_KEY, OPERATOR_KEY, OTHER_KEY
 from tests.coordinator.test_jobs_api import MD, image_job, stub, wait_done
+from tests.coordinator.test_market import market
 from tests.coordinator.test_miner_gateway import RawMiner
 from tests.coordinator.test_pg_shared import pair
 
@@ -93,6 +94,10 @@ async def takeover(a: Any, b: Any) -> None:
         assert [(m.miner_id, m.coordinator, list(m.models)) for m in shown] == [
             (key.address, b.core.store.coordinator_id, ["null"])]
     assert table(a.core.store.url, "SELECT coordinator, epoch FROM miner_sessions") == [(b.core.store.coordinator_id, 2)]
+    offers = (await market(a).GetMarket(coordinator_pb2.GetMarketRequest())).offers  # A's market: B's miner
+    assert [(o.miner_id, list(o.models), o.max_concurrency) for o in offers] == [(key.address, ["null"], 1)]
+    mine = await market(a).GetMarket(coordinator_pb2.GetMarketRequest(miner_id=key.address))
+    assert mine.miner.connected  # (its reputation figures are A's: shared with the reputation rows, schema 0004)
     second.outbox.put_nowait(None)  # the miner closes its stream on B: its row goes
     await b.until(lambda: key.address not in b.core.miners)
     assert table(a.core.store.url, "SELECT count(*) FROM miner_sessions") == [(0,)]
