@@ -3,7 +3,9 @@
 Inference runs in worker threads (never on the event loop); progress, results and receipts go
 up the stream. On any stream loss the daemon registers with the next coordinator of its list
 (the same one when it lists one), waiting with backoff after a whole round of failures; jobs in
-flight are abandoned (the coordinator requeues them) and their compute is stopped.
+flight are abandoned (the coordinator requeues them) and their compute is stopped. A stream that
+ends with ABORTED was replaced by a newer one of the same key (another process holds it): the
+daemon stops serving rather than take the key back (docs/scaling.md, "Miner-session ownership").
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ class MinerDaemon:
         self.coordinator = config.coordinator[0]  # the one it uses (or tries) now: GetInfo says it
         self._registered_at: tuple[float, float] | None = None  # (when, heartbeat interval) of this session
         self.connected = False
+        self.replaced = ""  # why it stopped serving: a newer Work stream of its key took over (ABORTED)
         self.completed = 0  # results sent
         self.attested = 0  # results the coordinator checked and attested (ResultAccepted)
         self.failed = 0
@@ -201,12 +204,21 @@ class MinerDaemon:
                 log.warning("coordinator %s: %s: %s", target, exc.code().name, exc.details())
                 if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
                     log.error("registration refused by %s; fix the miner config: %s", target, exc.details())
+                if exc.code() == grpc.StatusCode.ABORTED and self._registered_at is not None:
+                    # a newer Work stream of this key replaced ours (here or on another coordinator of
+                    # the pool): another process holds the key. Taking it back would end that one's
+                    # stream in turn, and so on: this daemon stops serving until it is restarted
+                    self.replaced = exc.details() or "replaced by a newer connection of this miner key"
             except Exception:
                 log.exception("miner session with %s failed", target)
             finally:
                 self.connected = False
                 self.registered.clear()
                 self._abandon_all("lost the coordinator stream")
+            if self.replaced:
+                log.error("stopped serving: %s; stop the other process with this key (or give one of them "
+                          "another key_file), then restart this daemon", self.replaced)
+                await self._stop.wait()
             if self._stop.is_set():
                 break
             # served: registered and kept for a heartbeat interval at least (a coordinator that drops

@@ -259,6 +259,8 @@ class MinerGatewayServicer(miner_pb2_grpc.MinerServiceServicer):
         finally:
             reader.cancel()
             self.core.disconnect(conn, ended)
+        if conn.ended is not None:  # replaced by a newer stream of the same miner (ABORTED), here or elsewhere
+            raise conn.ended
         if broken:
             raise InvalidArgument(f"Work stream closed: {ended}; reconnect and send WorkRequest messages")
 
@@ -357,8 +359,9 @@ async def start_coordinator(config: CoordinatorConfig, *, clock: Clock | None = 
                 coordinator_pb2.DESCRIPTOR.services_by_name["MarketService"].full_name),
     ], options=rpc.UPLOAD_SERVER_OPTIONS)
     if store.shared:  # an idle coordinator claims at once when another gives jobs back, streams the events
-        # of jobs run elsewhere, and drops the reputation records another coordinator changed
-        store.listen(core.wake, core.heard_events, core.heard_reputation)  # type: ignore[attr-defined]
+        # of jobs run elsewhere, drops the reputation records another coordinator changed, and ends the
+        # streams of its miners that connected elsewhere
+        store.listen(core.wake, core.heard_events, core.heard_reputation, core.heard_miners)  # type: ignore[attr-defined]
     proc = CoordinatorProcess(running, core, [asyncio.create_task(core.run_housekeeping()),
                                               asyncio.create_task(_return_freed_memory()),
                                               asyncio.create_task(core.webhooks.run())])
@@ -384,7 +387,9 @@ async def run_coordinator(config: CoordinatorConfig) -> None:
     proc = await start_coordinator(config)
     host = config.listen.rsplit(":", 1)[0]
     telemetry.announce(f"coordinator listening on {host}:{proc.port} (attester {proc.core.key.address}, chain {config.chain_id}, "
-                       f"settlement {'to ledger ' + config.ledger if config.ledger else 'disabled'})", logger="aitbc.coordinator")
+                       f"settlement {'to ledger ' + config.ledger if config.ledger else 'disabled'}"
+                       + (f", id {proc.core.store.coordinator_id} on the shared database" if proc.core.shared else "")  # type: ignore[attr-defined]
+                       + ")", logger="aitbc.coordinator")
     write_port_file(config.port_file, proc.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

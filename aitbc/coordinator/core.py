@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
@@ -41,6 +43,7 @@ from aitbc.coordinator.uploads import Uploads
 from aitbc.coordinator.verification import Verifier
 from aitbc.coordinator.webhooks import Webhooks
 from aitbc.errors import (
+    Aborted,
     AitbcError,
     AlreadyExists,
     FailedPrecondition,
@@ -296,6 +299,9 @@ class Coordinator:
             if lost:
                 self._let_go(lost, TAKEN_OVER)
             events += [m.Cancel(j, "cancelled by the client (asked on another coordinator)") for j in cancels]
+            running = {mid: v.running for mid in self.registry.miners if (v := self.machine.view(mid)) is not None}
+            for miner_id in self.store.renew_miners(running):  # type: ignore[attr-defined]
+                self._moved_elsewhere(miner_id)  # (its notification was lost)
         if now - self._reaped_at >= REAP_S:
             self._reaped_at = now
             events += self._restored(self.store.take_over(  # type: ignore[attr-defined]
@@ -308,6 +314,7 @@ class Coordinator:
                 log.warning("deleted %d escrow reservations whose job was never written (its coordinator stopped "
                             "between the two), e.g. job %s", len(orphans), orphans[0])
             self.store.prune_events(EVENT_KEEP_S, EVENT_PRUNE_BATCH, WATCHER_TTL_S)  # type: ignore[attr-defined]
+            self.store.prune_miners()  # type: ignore[attr-defined]
         if now - self._watchers_at >= WATCHER_REFRESH_S:
             self._watchers_at = now
             self.store.watch_jobs(self.streams.watched_ids(), WATCHER_TTL_S)  # type: ignore[attr-defined]
@@ -574,16 +581,18 @@ class Coordinator:
             self._pending.append(m.MinerUpdated(self._view(conn)))
 
     def _view(self, conn: MinerConn) -> MinerView:
-        info = conn.info
-        rec = self.book.get(conn.miner_id)
+        return self._view_of(conn.miner_id, conn.info)
+
+    def _view_of(self, miner_id: str, info: miner_pb2.MinerInfo) -> MinerView:
+        rec = self.book.get(miner_id)
         return MinerView(
-            miner_id=conn.miner_id, models=frozenset(info.models),
+            miner_id=miner_id, models=frozenset(info.models),
             kinds={mod: "text" for mod in info.models if declared(info, mod)[0] == jobs.TEXT},
             vram_mb=info.vram_mb, price_per_unit=info.price_per_unit, max_concurrency=info.max_concurrency or 1,
             running=0, reputation=rec.reputation if rec else self.book.policy.initial,
             recent_latency_ms=0.0, quarantined=bool(rec and rec.quarantined),
             device_class=device_class(info.device), failing=bool(rec and rec.failure_streak >= m.FAILING_STREAK),
-            established=self.verifier.established(conn.miner_id),
+            established=self.verifier.established(miner_id),
         )
 
     def _log_finished(self, job: job_pb2.Job) -> None:
@@ -731,8 +740,9 @@ class Coordinator:
             paid_by = self._charge(job, escrow, quote, priority_fee or 0) if escrow is not None else None
             self._placeable(job)
             telemetry.set_attributes(job_id=job.job_id, model=model)
-            # a paid job is never split: its one receipt settles its one quote
-            self._run(m.Submit(job, () if paid_by is not None else tuple(self._shards_for(job))))
+            with self._pool_slot(client_id):  # (a shared store: counted on every coordinator, then written)
+                # a paid job is never split: its one receipt settles its one quote
+                self._run(m.Submit(job, () if paid_by is not None else tuple(self._shards_for(job))))
         except Exception:
             if self.shared and self.store.get_job(job.job_id) is None:  # never queued: give back what it took
                 if request_id:
@@ -764,11 +774,28 @@ class Coordinator:
 
     def _check_active(self, client_id: str) -> None:
         """A client's unfinished jobs are bounded (its `max_active_jobs`): the rate limit alone let one
-        key fill the queue ahead of every other client's (THREAT-MODEL.md, "every queue bounded per actor")."""
-        limit = self.auth.by_id[client_id].max_active_jobs if client_id in self.auth.by_id else 0
-        if limit and self.machine.records.per_client[client_id] >= limit:
-            raise ResourceExhausted(f"client '{client_id}' already has {limit} unfinished jobs (max_active_jobs {limit}): "
-                                    "wait for some to end, or cancel some, before submitting more")
+        key fill the queue ahead of every other client's (THREAT-MODEL.md, "every queue bounded per actor").
+        On a shared store the bound is the pool's, counted in _pool_slot."""
+        limit = self._active_limit(client_id)
+        if limit and not self.shared and self.machine.records.per_client[client_id] >= limit:
+            raise ResourceExhausted(_too_many(client_id, limit))
+
+    def _active_limit(self, client_id: str) -> int:
+        return self.auth.by_id[client_id].max_active_jobs if client_id in self.auth.by_id else 0
+
+    @contextlib.contextmanager
+    def _pool_slot(self, client_id: str) -> Iterator[None]:
+        """A shared store: the client's unfinished jobs on every coordinator are counted under a lock
+        on the client that is held until the new job is written, so N coordinators do not let a
+        client run N x its max_active_jobs (nor one more through two submissions at once)."""
+        limit = self._active_limit(client_id)
+        if not (self.shared and limit):
+            yield
+            return
+        with self.store.client_jobs(client_id) as unfinished:  # type: ignore[attr-defined]
+            if unfinished >= limit:
+                raise ResourceExhausted(_too_many(client_id, limit))
+            yield
 
     # ---- paid jobs (aitbc.coordinator.fees) --------------------------------------------------------
 
@@ -1155,9 +1182,17 @@ class Coordinator:
     def connect(self, token: str) -> MinerConn:
         conn, old = self.registry.open(token)
         events: list[m.Event] = []
-        if old is not None and self.registry.close(old):
+        if old is not None and self.registry.close(old, _replaced(old.miner_id, "on this coordinator")):
             events.append(m.MinerLeft(old.miner_id, "replaced by a new Work stream from the same miner"))
             log.info("miner %s disconnected: replaced by a new Work stream", old.miner_id)
+        if self.shared:  # the miner's session is this coordinator's now: its previous owner ends its stream
+            try:
+                self.store.own_miner(conn.miner_id, conn.info)  # type: ignore[attr-defined]
+            except Exception as exc:
+                self.registry.close(conn)
+                self._run(*events)
+                raise Unavailable(f"this coordinator cannot record the miner's connection in its database "
+                                  f"({exc.__class__.__name__}): Register again, here or with another coordinator") from None
         events.append(m.MinerJoined(self._view(conn)))
         self._run(*events)
         self._save_served()
@@ -1169,7 +1204,32 @@ class Coordinator:
             return
         log.info("miner %s disconnected: %s", conn.miner_id, reason)
         if current:
+            if self.shared:
+                try:
+                    self.store.disown_miner(conn.miner_id)  # type: ignore[attr-defined]
+                except Exception:  # its row expires with its lease
+                    log.exception("removing the session row of miner %s failed", conn.miner_id)
             self._run(m.MinerLeft(conn.miner_id, reason, stalled=stalled))
+        self._save_served()
+
+    def heard_miners(self, connections: list[tuple[str, int]]) -> None:
+        """Miners opened Work streams somewhere (NOTIFY aitbc_miners, (miner, epoch)): those connected
+        here under an older epoch are another coordinator's now."""
+        try:
+            for miner_id, epoch in connections:
+                if self.store.miner_moved(miner_id, epoch):  # type: ignore[attr-defined]
+                    self._moved_elsewhere(miner_id)
+        except Exception:  # the renewal (every heartbeat interval) finds them too
+            log.exception("handling a miner connection on another coordinator failed")
+
+    def _moved_elsewhere(self, miner_id: str) -> None:
+        """The miner connected to another coordinator: its stream here ends (ABORTED: the daemon
+        stops serving rather than take the key back) and its jobs go back to the queue."""
+        conn = self.registry.miners.get(miner_id)
+        if conn is None or not self.registry.close(conn, _replaced(miner_id, "on another coordinator of this pool")):
+            return
+        log.info("miner %s disconnected: connected to another coordinator", miner_id)
+        self._run(m.MinerLeft(miner_id, "connected to another coordinator"))
         self._save_served()
 
     def on_work(self, conn: MinerConn, msg: miner_pb2.WorkRequest) -> None:
@@ -1336,15 +1396,28 @@ class Coordinator:
         self._run()
         return next(st for st in self.list_miners() if st.miner_id == miner_id)
 
+    def _connected(self) -> dict[str, tuple[miner_pb2.MinerInfo, MinerView, str]]:
+        """Every connected miner: what it declared, its matching view and the coordinator it is
+        connected to. This coordinator's own, and on a shared store every coordinator's of the
+        pool (miner_sessions; another's view has the jobs it ran at its owner's last renewal)."""
+        here = self.store.coordinator_id if self.shared else ""  # type: ignore[attr-defined]
+        out = {c.miner_id: (c.info, self.machine.view(c.miner_id) or self._view(c), here)
+               for c in self.registry.miners.values()}
+        if self.shared:
+            for pm in self.store.pool_miners():  # type: ignore[attr-defined]
+                if pm.coordinator != here:  # the table is the truth: a stream here not ended yet is theirs
+                    out[pm.miner_id] = (pm.info, dataclasses.replace(self._view_of(pm.miner_id, pm.info),
+                                                                     running=pm.running), pm.coordinator)
+        return out
+
     def list_miners(self) -> list[coordinator_pb2.MinerStatus]:
         out = {}
         for rec in self.book.all():
             out[rec.miner_id] = coordinator_pb2.MinerStatus(miner_id=rec.miner_id)
-        for c in self.registry.miners.values():
-            info = c.info
-            view = self.machine.view(c.miner_id) or self._view(c)
-            st = out.setdefault(c.miner_id, coordinator_pb2.MinerStatus(miner_id=c.miner_id))
+        for miner_id, (info, view, where) in self._connected().items():
+            st = out.setdefault(miner_id, coordinator_pb2.MinerStatus(miner_id=miner_id))
             st.connected, st.device, st.gpu_name, st.vram_mb = True, info.device, info.gpu_name, info.vram_mb
+            st.coordinator = where
             st.models.extend(info.models)
             st.price_per_unit, st.max_concurrency = info.price_per_unit, info.max_concurrency or 1
             st.text_batching = info.text_batching
@@ -1364,31 +1437,32 @@ class Coordinator:
         `miner_id` that miner's record (connected or not). Built from what the machine, the registry
         and the reputation book hold; names no client or job."""
         out = coordinator_pb2.GetMarketResponse(queued=self.machine.queued(), at_unix_ms=self.time.now_ms())
+        pool = self._connected()
         if miner_id:
             crypto.validate_address(miner_id)  # INVALID_ARGUMENT with the reason
             rec = self.book.get(miner_id)
-            if rec is not None or miner_id in self.registry.miners:
+            connected = miner_id in pool
+            if rec is not None or connected:
                 rec = rec or self.book.snapshot(miner_id)
                 out.miner.CopyFrom(coordinator_pb2.MarketMiner(
                     miner_id=miner_id, jobs_served=rec.jobs_served, verifications_passed=rec.verifications_passed,
                     verifications_failed=rec.verifications_failed, failures=rec.failures, stalls=rec.stalls,
-                    reputation=rec.reputation, quarantined=rec.quarantined, connected=miner_id in self.registry.miners))
+                    reputation=rec.reputation, quarantined=rec.quarantined, connected=connected))
         out.recent_fills.extend(self.fills)
         models: dict[str, coordinator_pb2.ModelMarket] = {}
         for served in self.registry.list_models():
             models[served.name] = coordinator_pb2.ModelMarket(name=served.name, kind=served.kind)
-        for conn in self.registry.miners.values():
-            view = self.machine.view(conn.miner_id) or self._view(conn)
+        for offer_id, (info, view, _) in pool.items():
             free = max(0, view.max_concurrency - view.running)
-            rec = self.book.snapshot(conn.miner_id)
+            rec = self.book.snapshot(offer_id)
             if rec.quarantined:
                 continue  # not an offer: no work goes to it
-            out.offers.add(miner_id=conn.miner_id, models=sorted(conn.info.models), price_per_unit=view.price_per_unit,
+            out.offers.add(miner_id=offer_id, models=sorted(info.models), price_per_unit=view.price_per_unit,
                            max_concurrency=view.max_concurrency, free_slots=free, reputation=rec.reputation,
-                           device_class=view.device_class, staked=self.stakes.get(conn.miner_id, 0),
+                           device_class=view.device_class, staked=self.stakes.get(offer_id, 0),
                            jobs_served=rec.jobs_served, verifications_passed=rec.verifications_passed,
                            verifications_failed=rec.verifications_failed)
-            for name in conn.info.models:
+            for name in info.models:
                 mm = models.setdefault(name, coordinator_pb2.ModelMarket(name=name))
                 mm.min_price_per_unit = view.price_per_unit if not mm.miners else min(mm.min_price_per_unit,
                                                                                        view.price_per_unit)
@@ -1499,6 +1573,20 @@ class Coordinator:
         metrics.MINERS_CONNECTED.set_function(None)
         metrics.UPLOAD_BYTES.set_function(None)
         metrics.QUARANTINED.set_function(None)
+
+
+def _too_many(client_id: str, limit: int) -> str:
+    return (f"client '{client_id}' already has {limit} unfinished jobs (max_active_jobs {limit}): "
+            "wait for some to end, or cancel some, before submitting more")
+
+
+def _replaced(miner_id: str, where: str) -> Aborted:
+    """The status of a Work stream a newer one of the same miner key replaced (docs/scaling.md,
+    "Miner-session ownership"): the miner daemon stops serving on ABORTED, so two processes holding
+    one key do not take it from each other in turn."""
+    return Aborted(f"miner {miner_id} opened a newer Work stream {where}: this one ends (a miner key is connected "
+                   "to one coordinator at a time, the newest connection wins); if no other process of yours runs "
+                   "with this key, someone else holds it")
 
 
 def _check_fee(priority_fee: int) -> None:

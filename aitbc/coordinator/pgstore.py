@@ -34,6 +34,10 @@ like the LMDB and memory stores.
   writes the change and sends `NOTIFY aitbc_reputation, '<miner>'` in one transaction (heard by
   the doorbell); `decide_once` claims a verification decision (the first insert wins);
   `first_meta` keeps the first value (the verification secret).
+- **Miner sessions** (schema 0005): `own_miner` makes this coordinator the owner of a miner key
+  (epoch + 1, NOTIFY aitbc_miners), `renew_miners` renews its miners' leases in one statement and
+  names those connected elsewhere since, `pool_miners` lists the pool's live rows (ListMiners).
+  `client_jobs` counts a client's unfinished jobs under a lock on the client (max_active_jobs).
 - **Versioned schema.** aitbc/coordinator/migrations/NNNN_name.sql, applied in order at open, all
   missing ones in one transaction under an advisory lock (two coordinators starting at once
   migrate once); `schema_version` records each. A database at a newer version than this code knows
@@ -72,7 +76,7 @@ from aitbc.coordinator.streams import EVENT_PROGRESS
 from aitbc.errors import FailedPrecondition, InvalidArgument
 from aitbc.hub.reputation import Change, MinerRecord, ReputationStore
 from aitbc.jobs import ACTIVE
-from aitbc.v1 import job_pb2, receipt_pb2
+from aitbc.v1 import job_pb2, miner_pb2, receipt_pb2
 
 log = logging.getLogger("aitbc.coordinator.pgstore")
 CHUNK_BYTES = 1 << 20
@@ -80,6 +84,7 @@ SETTING = "database_url"
 _MIGRATION_LOCK = 0x61697462_63000001  # pg_advisory_xact_lock key: "aitbc" + 1 (any constant will do)
 _SETTLER_LOCK = 0x61697462_63000003  # session lock: the one coordinator that settles (docs/scaling.md)
 _ESCROW_LOCKS = 0x61697465  # pg_advisory_xact_lock(this, hashtext(client address)): one reservation at a time
+_CLIENT_LOCKS = 0x61697466  # pg_advisory_lock(this, hashtext(client id)): one count-then-queue at a time (client_jobs)
 _QUEUED = job_pb2.JOB_STATE_QUEUED
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _PAGE = 500  # iter_receipts reads this many rows per query
@@ -204,6 +209,7 @@ class PostgresJobStore:
         self.coordinator_id = secrets.token_hex(8)  # this process, as `owner` of the jobs it claims
         self._lock_key = secrets.randbits(62) + 1  # positive: pg_locks shows it as (classid, objid) as is
         self._claims: dict[str, int] = {}  # job id -> claim_epoch: the active jobs this process owns
+        self._miners: dict[str, tuple[int, bytes]] = {}  # miner -> (epoch, MinerInfo) of the Work streams held here
         self._settler_conn: psycopg.Connection[Any] | None = None  # the connection holding the settler lock
         self._listener: psycopg.Connection[Any] | None = None  # LISTEN aitbc_queue (the doorbell)
         try:
@@ -211,6 +217,7 @@ class PostgresJobStore:
             self._conn.execute("INSERT INTO coordinators (id, lock_key) VALUES (%s, %s)",
                                (self.coordinator_id, self._lock_key))
             self._own(self._conn)
+            self._fill_client_ids()
         except BaseException:
             self._conn.close()
             raise
@@ -242,12 +249,15 @@ class PostgresJobStore:
         self._conn.close()
 
     def listen(self, on_queued: Callable[[], None], on_events: Callable[[], None] | None = None,
-               on_reputation: Callable[[set[str]], None] | None = None) -> None:
+               on_reputation: Callable[[set[str]], None] | None = None,
+               on_miners: Callable[[list[tuple[str, int]]], None] | None = None) -> None:
         """The doorbell: call `on_queued` (on the running event loop) when a coordinator gives jobs
         back to the shared queue (`NOTIFY aitbc_queue`, sent with SubmitJob's or a requeue's
         release), `on_events` when an owner appended job events (`NOTIFY aitbc_events`, sent
         with the rows), and `on_reputation` with the miners whose reputation row changed (`NOTIFY
-        aitbc_reputation, '<miner>'`, sent with each update). A connection of its own, read when
+        aitbc_reputation, '<miner>'`, sent with each update), and `on_miners` with the (miner,
+        epoch) pairs of Work streams opened anywhere (`NOTIFY aitbc_miners`, sent by own_miner). A
+        connection of its own, read when
         its socket is readable; a notification lost while it is down costs only the polls'
         interval (0.5 s for claims and events, 1 s for reputation): the tables are the delivery."""
         loop = asyncio.get_running_loop()
@@ -257,6 +267,8 @@ class PostgresJobStore:
             conn.execute("LISTEN aitbc_events")
         if on_reputation is not None:
             conn.execute("LISTEN aitbc_reputation")
+        if on_miners is not None:  # a miner opened its Work stream somewhere (own_miner): (miner, epoch)
+            conn.execute("LISTEN aitbc_miners")
         fd = conn.pgconn.socket
 
         def readable() -> None:
@@ -267,16 +279,23 @@ class PostgresJobStore:
                 self.stop_listening()
                 return
             queued = events = False
-            miners: set[str] = set()
+            reputation: set[str] = set()
+            miners: list[tuple[str, int]] = []
             while (n := conn.pgconn.notifies()) is not None:
                 if n.relname == b"aitbc_events":
                     events = True
                 elif n.relname == b"aitbc_reputation":
-                    miners.add(n.extra.decode())
+                    reputation.add(n.extra.decode())
+                elif n.relname == b"aitbc_miners":
+                    miner, _, epoch = n.extra.decode().rpartition(":")
+                    if epoch.isdigit():
+                        miners.append((miner, int(epoch)))
                 else:
                     queued = True
-            if miners and on_reputation is not None:
-                on_reputation(miners)
+            if reputation and on_reputation is not None:
+                on_reputation(reputation)
+            if miners and on_miners is not None:
+                on_miners(miners)
             if events and on_events is not None:
                 on_events()
             if queued:
@@ -647,6 +666,97 @@ class PostgresJobStore:
                      "LIMIT %s)", (DECISION_KEEP_S, limit))
         return max(0, n)
 
+    # -- miner sessions and the pool-wide max_active_jobs (schema 0005; docs/scaling.md) --------------
+
+    def own_miner(self, miner_id: str, info: miner_pb2.MinerInfo) -> int:
+        """A miner opened its Work stream here: its row names this coordinator with the next epoch,
+        and NOTIFY aitbc_miners 'miner:epoch' tells the previous owner to end its stream. Returns the epoch."""
+        declared = info.SerializeToString(deterministic=True)
+        row = self.conn.execute(_OWN_MINER, {"miner": miner_id, "me": self.coordinator_id, "lease": self.lease_s,
+                                             "info": declared}).fetchone()
+        epoch = int(row[0]) if row else 0
+        self._miners[miner_id] = (epoch, declared)
+        return epoch
+
+    def disown_miner(self, miner_id: str) -> None:
+        """The miner's stream here ended: its row goes, unless a newer connection elsewhere owns it."""
+        held = self._miners.pop(miner_id, None)
+        if held is not None:
+            self.conn.execute("DELETE FROM miner_sessions WHERE miner = %s AND coordinator = %s AND epoch = %s",
+                              (miner_id, self.coordinator_id, held[0]))
+
+    def miner_moved(self, miner_id: str, epoch: int) -> bool:
+        """A notification: is the miner, connected here under an older epoch, connected elsewhere now?"""
+        held = self._miners.get(miner_id)
+        if held is None or epoch <= held[0]:
+            return False
+        del self._miners[miner_id]
+        return True
+
+    def renew_miners(self, running: dict[str, int]) -> frozenset[str]:
+        """Extend the leases of this coordinator's miners, and record what each runs, in one statement.
+        Returns the miners whose row is another coordinator's now (connected there since, its
+        notification lost): their streams here must end. A row that is gone (its lease ran out while
+        this coordinator stalled, and a reaper deleted it) is written again: the miner is still here."""
+        ids = sorted(self._miners)
+        if not ids:
+            return frozenset()
+        me = self.coordinator_id
+        rows = self.conn.execute(
+            "UPDATE miner_sessions s SET lease_until = now() + make_interval(secs => %s), running = u.running "
+            "FROM unnest(%s::text[], %s::bigint[], %s::int[]) AS u(miner, epoch, running) "
+            "WHERE s.miner = u.miner AND s.coordinator = %s AND s.epoch = u.epoch RETURNING s.miner",
+            (self.lease_s, ids, [self._miners[m][0] for m in ids], [running.get(m, 0) for m in ids], me)).fetchall()
+        missed = sorted(set(ids) - {r[0] for r in rows})
+        if not missed:
+            return frozenset()
+        moved = set(missed)
+        for miner_id in missed:  # rare: a lost notification, or a row deleted under a stalled owner
+            epoch, declared = self._miners[miner_id]
+            if self.conn.execute(_REOWN_MINER, (miner_id, me, epoch, self.lease_s, declared)).fetchone() is not None:
+                moved.discard(miner_id)  # nobody else connected it meanwhile: still ours
+        for miner_id in moved:
+            self._miners.pop(miner_id, None)
+        return frozenset(moved)
+
+    def pool_miners(self) -> list[PoolMiner]:
+        """Every miner connected to a live coordinator of the pool (its lease running, its owner's
+        lock held), in miner order."""
+        rows = self.conn.execute(
+            "SELECT s.miner, s.coordinator, s.info, s.running FROM miner_sessions s "
+            "WHERE s.lease_until > now() AND " + _ALIVE.replace("t.owner", "s.coordinator") +
+            " ORDER BY s.miner").fetchall()
+        return [PoolMiner(r[0], r[1], miner_pb2.MinerInfo.FromString(r[2]), int(r[3])) for r in rows]
+
+    def prune_miners(self) -> None:
+        """Rows whose lease ran out (their coordinator died or stalled) go; any coordinator's reaper does."""
+        self.conn.execute("DELETE FROM miner_sessions WHERE lease_until < now()")
+
+    @contextlib.contextmanager
+    def client_jobs(self, client_id: str) -> Iterator[int]:
+        """A client's unfinished jobs on every coordinator, counted under a lock on the client held
+        until the block ends: SubmitJob counts, then queues (writes) the job inside it, so two
+        coordinators cannot each let a client past its max_active_jobs with one job more."""
+        conn = self.conn
+        conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (_CLIENT_LOCKS, client_id))
+        try:
+            row = conn.execute("SELECT count(*) FROM jobs WHERE client_id = %s AND active", (client_id,)).fetchone()
+            yield int(row[0]) if row else 0
+        finally:
+            if not conn.closed:  # (a connection that broke took its lock with it)
+                try:
+                    conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_CLIENT_LOCKS, client_id))
+                except psycopg.Error:
+                    log.exception("unlocking the job count of client %s failed", client_id)
+
+    def _fill_client_ids(self) -> None:
+        """Active jobs written before schema 5 get their client_id column (once: later writes fill it)."""
+        rows = self._conn.execute("SELECT job_id, body FROM jobs WHERE active AND client_id = ''").fetchall()
+        for job_id, body in rows:
+            client = _counted_client(job_pb2.Job.FromString(body))
+            if client:
+                self._conn.execute("UPDATE jobs SET client_id = %s WHERE job_id = %s", (client, job_id))
+
     # -- receipts --
 
     def get_receipt(self, receipt_hash: str) -> receipt_pb2.Receipt | None:
@@ -726,14 +836,15 @@ class PostgresJobStore:
         return [(r[0], bytes(r[1])) for r in rows]
 
 
-_COLS = "active, body, state, model, priority, created_ms, queued_ms, verify"
+_COLS = "active, body, state, model, priority, created_ms, queued_ms, verify, client_id"
 _STILL_OURS = " WHERE EXISTS (SELECT 1 FROM jobs WHERE job_id = %s AND owner = %s AND claim_epoch = %s) "
-_UPDATE_JOB = ("UPDATE jobs SET (" + _COLS + ") = (%s, %s, %s, %s, %s, %s, %s, %s) "
+_UPDATE_JOB = ("UPDATE jobs SET (" + _COLS + ") = (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
                "WHERE job_id = %s AND owner = %s AND claim_epoch = %s RETURNING job_id")  # the fence
 _INSERT_JOB = ("INSERT INTO jobs (job_id, " + _COLS + ", owner, claim_epoch, lease_until) "
-               "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 1, now() + make_interval(secs => %s)) "
+               "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 1, now() + make_interval(secs => %s)) "
                "ON CONFLICT (job_id) DO UPDATE SET (" + _COLS + ") = (EXCLUDED.active, EXCLUDED.body, EXCLUDED.state, "
-               "EXCLUDED.model, EXCLUDED.priority, EXCLUDED.created_ms, EXCLUDED.queued_ms, EXCLUDED.verify) "
+               "EXCLUDED.model, EXCLUDED.priority, EXCLUDED.created_ms, EXCLUDED.queued_ms, EXCLUDED.verify, "
+               "EXCLUDED.client_id) "
                "WHERE NOT jobs.active")  # a finished job written again; an active row of another is never overwritten
 _CLAIMED = ("RETURNING j.job_id, j.claim_epoch, j.body, j.excluded, j.queued_ms, j.cancel_requested, "
             "q.owner, q.expired")
@@ -762,6 +873,14 @@ _TAKE_OVER = (_SET_OWNER + "(SELECT job_id, owner, coalesce(lease_until < now(),
               "CASE WHEN t.verify THEN %(vttl)s ELSE %(ttl)s END) "
               "ORDER BY t.created_ms LIMIT %(n)s FOR UPDATE SKIP LOCKED) q "
               "WHERE j.job_id = q.job_id " + _CLAIMED)
+# the epoch comes from one sequence: a newer connection has the higher epoch, even after the row was deleted
+_OWN_MINER = ("WITH up AS (INSERT INTO miner_sessions (miner, coordinator, epoch, lease_until, info) "
+              "VALUES (%(miner)s, %(me)s, nextval('miner_session_epochs'), now() + make_interval(secs => %(lease)s), "
+              "%(info)s) ON CONFLICT (miner) DO UPDATE SET coordinator = EXCLUDED.coordinator, epoch = EXCLUDED.epoch, "
+              "lease_until = EXCLUDED.lease_until, info = EXCLUDED.info, running = 0, since = now() RETURNING epoch) "
+              "SELECT epoch, pg_notify('aitbc_miners', %(miner)s || ':' || epoch) FROM up")  # the newest connection wins
+_REOWN_MINER = ("INSERT INTO miner_sessions (miner, coordinator, epoch, lease_until, info) "
+                "VALUES (%s, %s, %s, now() + make_interval(secs => %s), %s) ON CONFLICT (miner) DO NOTHING RETURNING miner")
 _PUT_REQUEST = ("INSERT INTO requests (client_id, request_id, job_id) VALUES (%s, %s, %s) "
                 "ON CONFLICT (client_id, request_id) DO NOTHING")  # the first job keeps it (claim_request)
 _PUT_CLIENT_RECEIPT = ("INSERT INTO client_receipts (key, client_id, receipt_hash) VALUES (%s, %s, %s) "
@@ -783,12 +902,28 @@ def _rate(job: job_pb2.Job) -> int:
 
 def _job_columns(j: job_pb2.Job) -> tuple[Any, ...]:
     return (j.state in ACTIVE, _stored(j), int(j.state), j.model, _rate(j), j.created_at_unix_ms,
-            j.updated_at_unix_ms if j.state == _QUEUED else 0, bool(j.verify_of))
+            j.updated_at_unix_ms if j.state == _QUEUED else 0, bool(j.verify_of), _counted_client(j))
+
+
+def _counted_client(j: job_pb2.Job) -> str:
+    """The client whose max_active_jobs the job counts against: a split job's shards do not count
+    (their parent does), as in machine.JobRecords."""
+    return "" if j.parent_job_id else j.client_id
 
 
 def _receipt_columns(receipt: receipt_pb2.Receipt) -> tuple[bool, bool, bytes]:
     state = receipt.settlement.state
     return state == HELD, state in UNSETTLED, receipt.SerializeToString(deterministic=True)
+
+
+@dataclass(frozen=True)
+class PoolMiner:
+    """A miner connected to some coordinator of the pool (a live miner_sessions row)."""
+
+    miner_id: str
+    coordinator: str  # the id of the coordinator its Work stream is on
+    info: miner_pb2.MinerInfo
+    running: int  # as of that coordinator's last renewal
 
 
 class _ArtifactReader(io.RawIOBase):

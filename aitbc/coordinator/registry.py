@@ -67,12 +67,13 @@ class MinerSession:
 
 @dataclass(eq=False)
 class MinerConn:
-    """One live Work stream. `outbox` feeds the stream; None ends it."""
+    """One live Work stream. `outbox` feeds the stream; None ends it, with the status `ended` when set."""
 
     session: MinerSession
     outbox: asyncio.Queue[miner_pb2.WorkResponse | None]
     last_seen: float
     closed: bool = False
+    ended: AitbcError | None = None  # why the coordinator ended it (replaced: Aborted), sent as the stream's status
 
     @property
     def miner_id(self) -> str:
@@ -162,11 +163,13 @@ class MinerRegistry:
         self._seen(session.info)
         return conn, old
 
-    def close(self, conn: MinerConn) -> bool:
-        """End a stream. True when it was the miner's current one (its jobs must go back)."""
+    def close(self, conn: MinerConn, ended: AitbcError | None = None) -> bool:
+        """End a stream (with the status `ended`, if given). True when it was the miner's current one
+        (its jobs must go back)."""
         if conn.closed:
             return False
         conn.closed = True
+        conn.ended = ended
         conn.outbox.put_nowait(None)
         self._seen(conn.info)
         if self.miners.get(conn.miner_id) is conn:

@@ -710,6 +710,7 @@ class MinerStatus(_message.Message):
     PROBATION_LEFT_FIELD_NUMBER: _builtins.int
     STAKED_FIELD_NUMBER: _builtins.int
     TEXT_BATCHING_FIELD_NUMBER: _builtins.int
+    COORDINATOR_FIELD_NUMBER: _builtins.int
     miner_id: _builtins.str
     connected: _builtins.bool
     device: _builtins.str
@@ -741,6 +742,11 @@ class MinerStatus(_message.Message):
     """Connected miners: how its text models run concurrent streams, as it declared at Register; a
     stacked miner's text is verified within a tolerance (docs/hub.md, "Text from stacked miners").
     """
+    coordinator: _builtins.str
+    """Connected miners on coordinators sharing one database: the id of the coordinator its Work
+    stream is on (as in that coordinator's log and in ListMiners of every coordinator of the pool;
+    docs/scaling.md, "Miner-session ownership"). Empty on a coordinator with its own store.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -767,10 +773,11 @@ class MinerStatus(_message.Message):
         probation_left: _builtins.int = ...,
         staked: _builtins.int = ...,
         text_batching: _job_pb2.TextBatching.ValueType = ...,
+        coordinator: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "device", b"device", "failures", b"failures", "gpu_name", b"gpu_name", "jobs_served", b"jobs_served", "max_concurrency", b"max_concurrency", "miner_id", b"miner_id", "models", b"models", "price_per_unit", b"price_per_unit", "probation_left", b"probation_left", "quarantined", b"quarantined", "recent_latency_ms", b"recent_latency_ms", "reputation", b"reputation", "running", b"running", "score", b"score", "staked", b"staked", "stalls", b"stalls", "text_batching", b"text_batching", "verifications_failed", b"verifications_failed", "verifications_passed", b"verifications_passed", "vram_mb", b"vram_mb"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "coordinator", b"coordinator", "device", b"device", "failures", b"failures", "gpu_name", b"gpu_name", "jobs_served", b"jobs_served", "max_concurrency", b"max_concurrency", "miner_id", b"miner_id", "models", b"models", "price_per_unit", b"price_per_unit", "probation_left", b"probation_left", "quarantined", b"quarantined", "recent_latency_ms", b"recent_latency_ms", "reputation", b"reputation", "running", b"running", "score", b"score", "staked", b"staked", "stalls", b"stalls", "text_batching", b"text_batching", "verifications_failed", b"verifications_failed", "verifications_passed", b"verifications_passed", "vram_mb", b"vram_mb"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
