@@ -41,6 +41,7 @@ from aitbc.ledger.genesis import (
     FORMAT_4_REFUSED,
     Genesis,
 )
+from aitbc.ledger.signers import Signers
 from aitbc.ledger.store import Store
 from aitbc.ledger.tx import Tx
 
@@ -369,9 +370,10 @@ class Chain:
                 and decode_header(hdr).set_chain == block.header.set_chain)
 
     def validate_header(self, block: Block, parent: BlockInfo, now_ms: int,
-                        read: state.Reader | None = None) -> None:
+                        read: state.Reader | None = None, signers: Signers | None = None) -> None:
         """Every header rule; the proposer's turn is checked against the set in `read` (the
-        parent's state), or left to the branch's execution when `read` is None."""
+        parent's state), or left to the branch's execution when `read` is None. `signers`:
+        signatures recovered beforehand (aitbc.ledger.signers)."""
         h = block.header
         g = self.genesis
         n = h.height
@@ -395,7 +397,7 @@ class Chain:
             raise InvalidArgument(f"invalid block {n}: {h.tx_count} txs, at most {g.max_block_txs}")
         if tx_root([t.hash for t in block.txs]) != h.tx_root:
             raise InvalidArgument(f"invalid block {n}: tx root does not match its transactions")
-        verify_block_signature(block)
+        verify_block_signature(block, signers)
 
     def _execute(self, block: Block, parent: BlockInfo, read: state.Reader,
                  verified: Container[bytes]) -> dict[bytes, bytes]:
@@ -425,11 +427,11 @@ class Chain:
 
     # ---- adding blocks -------------------------------------------------------------------------
 
-    def add_blocks(self, blocks: Iterable[Block], now_ms: int,
-                   verified: Container[bytes] = frozenset()) -> list[AddResult]:
+    def add_blocks(self, blocks: Iterable[Block], now_ms: int, verified: Container[bytes] = frozenset(),
+                   signers: Signers | None = None) -> list[AddResult]:
         """Validate and add blocks in order. Consecutive blocks that extend the head are committed
         together in one write transaction. Raises on the first invalid block (after committing the
-        valid ones before it)."""
+        valid ones before it). `signers`: their signatures recovered beforehand."""
         results: list[AddResult] = []
         ov = state.Overlay(self.store.get)
         pending: list[Block] = []
@@ -447,7 +449,7 @@ class Chain:
                     results.append(AddResult(block, "known"))
                     continue
                 if block.parent_hash == tip.hash:
-                    self.validate_header(block, tip, now_ms, ov.get)
+                    self.validate_header(block, tip, now_ms, ov.get, signers)
                     writes = self._execute(block, tip, ov.get, verified)
                     ov.writes.update(self._block_writes(block, writes, ov.get))
                     pending.append(block)
@@ -456,7 +458,7 @@ class Chain:
                     continue
                 flush()
                 tip = self.head
-                results.append(AddResult(block, self._add_side(block, now_ms, verified)))
+                results.append(AddResult(block, self._add_side(block, now_ms, verified, signers)))
                 tip = self.head
         finally:
             flush()
@@ -465,14 +467,14 @@ class Chain:
     def add_block(self, block: Block, now_ms: int, verified: Container[bytes] = frozenset()) -> str:
         return self.add_blocks([block], now_ms, verified)[0].outcome
 
-    def _add_side(self, block: Block, now_ms: int, verified: Container[bytes]) -> str:
+    def _add_side(self, block: Block, now_ms: int, verified: Container[bytes], signers: Signers | None = None) -> str:
         parent = self.info(block.parent_hash)
         if parent is None:
             return "orphan"
         if block.height <= self.final_height:
             raise FailedPrecondition(f"block {block.height} conflicts with the final chain (final height "
                                      f"{self.final_height})")
-        self.validate_header(block, parent, now_ms, self.branch_reader(block))
+        self.validate_header(block, parent, now_ms, self.branch_reader(block), signers)
         rival = self.hash_at(block.height)
         if rival is not None:
             other = self.info(rival)

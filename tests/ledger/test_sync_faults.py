@@ -176,3 +176,52 @@ async def test_parallel_verifier_matches_in_process_checks():
         [None if e is None else (type(e), e.message) for e in check_txs(txs, g)]
     assert [i for i, e in enumerate(got) if e is not None] == [5, 290]
     assert got[5].message.startswith("bad signature") and got[290].message.startswith("wrong")
+
+
+async def test_catch_up_signatures_recovered_by_the_workers_are_checked_as_strictly_as_in_process():
+    """A follower catching up gets a StreamBlocks message of blocks with their certificates: its
+    verifier worker recovers the proposer and vote signatures (while the message before imports),
+    and every signature is still checked with them: a signer recovered elsewhere counts only for
+    the digest of what the block header or the vote itself says. A block signed by another
+    authority than its proposer, and a certificate with one vote signed by another authority's
+    key, are refused with the same reasons as in-process, and nothing after them counts."""
+    from aitbc.errors import InvalidArgument
+    from aitbc.ledger import finality
+    from aitbc.ledger.chain import Chain
+    from aitbc.ledger.node import Node
+
+    g = genesis(4)
+    by_id = {crypto.sha256(k.pubkey)[:20]: k for k in AUTH}
+    source = Chain(MemoryStore(), g)
+    slot0 = g.genesis_time_ms // g.block_time_ms + 1
+    certs = []
+    for slot in range(slot0, slot0 + 25):
+        source.build_block(by_id[source.proposer_for_slot(slot)], slot, slot * g.block_time_ms + 10, [])
+        src = finality.Checkpoint(source.head.height, source.head.hash, finality.PREPARE)
+        certs.append(finality.make_certificate(finality.make_vote(k, g, src, src.at(finality.COMMIT))
+                                               for k in AUTH[:3]))
+    b25 = source.block_at(25)
+    other = next(k for i, k in by_id.items() if i != b25.header.proposer)
+    blocks = [source.block_raw_at(h) for h in range(1, 25)] + [make_block(b25.header, other, []).raw]
+    cert24 = certs[23]  # AUTH[3] signs the vote that claims to be AUTH[2]'s (same link, same place)
+    impostor = finality.make_vote(AUTH[3], g, cert24.source, cert24.target).signature
+    forged = tuple((v, impostor if v == crypto.sha256(AUTH[2].pubkey)[:20] else s) for v, s in cert24.signatures)
+    assert [v for v, _ in forged] == [v for v, _ in cert24.signatures] and forged != cert24.signatures
+    raws = [c.encode() for c in certs[:23]] + [finality.Certificate(cert24.source, cert24.target, forged).encode()]
+    in_process = Node(Chain(MemoryStore(), g), verify_workers=0)
+    follower = Node(Chain(MemoryStore(), g), verify_workers=1)
+    try:
+        signers = await follower.recover_signers(blocks, raws)
+        assert follower.verifier.workers == 1 and len(signers) == 25 + 3 * 24  # the worker recovered every one
+        for node, recovered in ((in_process, None), (follower, signers)):
+            with pytest.raises(InvalidArgument, match="^invalid block 25: not signed by its proposer$"):
+                await node.receive_blocks(blocks, recovered)
+            assert node.chain.head.height == 24  # the blocks before it were added
+        refused = follower.receive_certificates(raws, signers)
+        expected = in_process.receive_certificates(raws)
+        assert [e.message for e in refused] == [e.message for e in expected] == [
+            f"certificate refused: bad vote signature: not signed by {AUTH[2].address}"]
+        assert follower.certified.height == in_process.certified.height == 23  # block 24's certificate was forged
+        assert follower.chain.certificate(source.hash_at(24)) is None
+    finally:
+        follower.verifier.close()
