@@ -657,8 +657,11 @@ class Tally:
             raise NotFound(f"certificate for an unknown block {cert.source.height} {cert.source.hash.hex()[:16]}")
         if cert.source.phase == COMMIT and target[1] != cert.source.hash:
             raise InvalidArgument("certificate link is not from a block to its child")
-        done = None
         for vote in cert.votes(self.genesis, self.genesis_hash):
             r = self.add(vote, signature_checked=True)  # verify_certificate above checked every one
-            done = r.finalized or done
-        return done
+            if r.finalized is not None:
+                # q of its votes made the block final: any more (a certificate may hold every
+                # authority's vote) are stale now, and counting them would refuse a certificate whose
+                # block this tally has just made final, which the node would then never store
+                return r.finalized
+        return None

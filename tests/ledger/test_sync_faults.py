@@ -225,3 +225,32 @@ async def test_catch_up_signatures_recovered_by_the_workers_are_checked_as_stric
         assert follower.chain.certificate(source.hash_at(24)) is None
     finally:
         follower.verifier.close()
+
+
+async def test_a_certificate_with_every_authoritys_vote_makes_its_block_final_and_is_stored():
+    """A certificate may hold more than q votes (all four of four: the link had them all before its
+    block could become final at the node that made it). The q-th vote makes the block final in the
+    tally; the vote after it must not refuse the certificate (its target is the final checkpoint
+    now), or the node's tally is final at that block while its chain never stores the certificate
+    nor moves its final height (seen in bench/ledger_throughput.py: the node's finality stalled,
+    and StreamBlocks kept reporting the older final height)."""
+    from aitbc.ledger import finality
+    from aitbc.ledger.chain import Chain
+    from aitbc.ledger.node import Node
+
+    g = genesis(4)
+    by_id = {crypto.sha256(k.pubkey)[:20]: k for k in AUTH}
+    source = Chain(MemoryStore(), g)
+    slot0 = g.genesis_time_ms // g.block_time_ms + 1
+    for slot in range(slot0, slot0 + 3):
+        source.build_block(by_id[source.proposer_for_slot(slot)], slot, slot * g.block_time_ms + 10, [])
+    src = finality.Checkpoint(3, source.hash_at(3), finality.PREPARE)
+    cert = finality.make_certificate(finality.make_vote(k, g, src, src.at(finality.COMMIT)) for k in AUTH)
+    assert len(cert.signatures) == 4 > finality.quorum(4)
+    node = Node(Chain(MemoryStore(), g), verify_workers=0)
+    assert await node.receive_blocks([source.block_raw_at(h) for h in (1, 2, 3)]) == ["extended"] * 3
+    assert node.receive_certificates([cert.encode()]) == []
+    assert node.certified.height == node.chain.final_height == 3
+    stored = node.chain.certificate(source.hash_at(3))
+    assert stored is not None
+    finality.verify_certificate(finality.decode_certificate(stored), g, block=src)
