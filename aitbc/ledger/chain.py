@@ -492,10 +492,11 @@ class Chain:
         return "side"
 
     def adopt_justified(self, block_hash: bytes, verified: Container[bytes] = frozenset()) -> bool:
-        """Make a pending block with a higher justified height than the lock canonical, even if its
-        branch is shorter (fork choice keeps the highest justified block); never below final."""
+        """Make a pending block justified at or above the lock's height canonical, even if its
+        branch is shorter (fork choice keeps the highest justified block; at the lock's height: the
+        chain left it in a reorg that raced the votes that justified it); never below final."""
         block = self.side.get(block_hash)
-        if block is None or block.height <= self.locked_height:
+        if block is None or block.height < self.locked_height:
             return False
         return self._reorg(block, verified, justified=True)
 

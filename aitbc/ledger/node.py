@@ -877,10 +877,12 @@ class Node:
         """Fork choice keeps the highest justified block: lock the canonical chain on it, or switch
         to its branch when it is a pending block (votes justified a branch this node left)."""
         best, chain = self.tally.highest_justified(), self.chain
-        if best.height <= chain.locked_height:
-            return
         if chain.hash_at(best.height) == best.hash:
-            chain.locked_height = best.height
+            chain.locked_height = max(chain.locked_height, best.height)
+        # not canonical: switch even when the lock is as high (a reorg that passed the lock check in
+        # its thread while votes justified the block it left commits after them, and a certificate
+        # can make a block final that the chain is not on: either way the chain left the highest
+        # justified block, and staying there would stall finality for good)
         elif best.hash in chain.side and not self._stopped and not self._switching:
             self._switching = True
             self.adopt(asyncio.create_task(self._switch_to_justified(best), name="ledger-justified"))
@@ -889,7 +891,7 @@ class Node:
         switched = False
         try:
             async with self._lock:
-                if best.height > self.chain.locked_height:
+                if self.chain.hash_at(best.height) != best.hash:
                     switched = await asyncio.to_thread(self.chain.adopt_justified, best.hash,
                                                        _AnyOf(self.mempool.by_hash, self.verified_txs))
                 if switched:

@@ -254,3 +254,46 @@ async def test_a_certificate_with_every_authoritys_vote_makes_its_block_final_an
     stored = node.chain.certificate(source.hash_at(3))
     assert stored is not None
     finality.verify_certificate(finality.decode_certificate(stored), g, block=src)
+
+
+async def test_a_node_whose_chain_left_its_highest_justified_block_at_the_lock_height_goes_back_to_it():
+    """A reorg runs in a thread: it passes the lock check, then executes the branch (a 12,000-tx
+    block takes about a second) while the event loop counts the votes that justify the block it
+    is leaving and locks the chain at that height. The reorg then commits: the chain is on a rival
+    at the lock's height, and the fork choice used to compare heights only, so it stayed there,
+    unable to vote (its lock) or to import the justified branch (the lock again); with two
+    authorities of four in that state finality stalled for good (bench/ledger_throughput.py
+    --authorities 4, 1 run in 12). The state that race leaves is made here directly; the node must
+    go back to the justified block's branch."""
+    from aitbc.ledger import finality
+    from aitbc.ledger.chain import Chain
+    from aitbc.ledger.node import Node
+
+    g = genesis(4)
+    by_id = {crypto.sha256(k.pubkey)[:20]: k for k in AUTH}
+    slot0 = g.genesis_time_ms // g.block_time_ms + 1
+    source = Chain(MemoryStore(), g)
+    for slot in range(slot0, slot0 + 2):
+        source.build_block(by_id[source.proposer_for_slot(slot)], slot, slot * g.block_time_ms + 10, [])
+    rival_src = Chain(MemoryStore(), g)
+    for h in (1, 2):
+        assert rival_src.add_block(source.block_at(h), 10**15) == "extended"
+    x, _ = source.build_block(by_id[source.proposer_for_slot(slot0 + 2)], slot0 + 2, (slot0 + 2) * g.block_time_ms, [])
+    y, _ = rival_src.build_block(by_id[rival_src.proposer_for_slot(slot0 + 3)], slot0 + 3,
+                                 (slot0 + 3) * g.block_time_ms, [])
+    node = Node(Chain(MemoryStore(), g), verify_workers=0)
+    try:
+        assert await node.receive_blocks([source.block_raw_at(h) for h in (1, 2, 3)]) == ["extended"] * 3
+        genesis_cp = finality.Checkpoint(0, node.chain.genesis_hash, finality.COMMIT)
+        x_prepare = finality.Checkpoint(3, x.hash, finality.PREPARE)
+        assert node.submit_votes([finality.make_vote(k, g, genesis_cp, x_prepare).encode() for k in AUTH[:3]]) \
+            == [None] * 3
+        assert x_prepare in node.tally.justified and node.chain.locked_height == 3
+        assert await node.receive_blocks([y.raw]) == ["side"]  # the lock keeps the chain on X ...
+        assert node.chain._reorg(y, frozenset(), justified=True)  # ... unless a reorg already past its check commits
+        assert node.chain.hash_at(3) == y.hash and node.chain.locked_height == 3
+        await node.receive_blocks([y.raw])  # any import (here a block it holds) runs the fork choice
+        await until(lambda: node.chain.hash_at(3) == x.hash, timeout=10, what="the switch back to the justified block")
+        assert node.chain.head.hash == x.hash
+    finally:
+        await node.stop()
