@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -151,6 +152,10 @@ class Chain:
                                       genesis.genesis_time_ms, b"", b"",
                                       authorities.genesis_set_chain(genesis, self.genesis_hash))
         self.side: dict[bytes, Block] = {}
+        # a reorg (in a thread) checks the final height again and commits under this lock; the node
+        # stores certificates from its event loop meanwhile, and a block made final while the branch
+        # executed must not be reverted by it
+        self._final_lock = threading.RLock()
         self._final_changes: tuple[int, list[tuple[int, tuple[bytes, ...]]]] = (1, [])  # set changes up to epoch
         self.equivocations = 0  # two blocks by one proposer for one slot (logged; not slashed in v1)
         # height of the highest justified block (finality votes) on the canonical chain, set by the
@@ -253,6 +258,10 @@ class Chain:
         follower catching up gets one per block, and a commit each cost more than their checks."""
         if not certs:
             return
+        with self._final_lock:
+            self._store_certificates(certs)
+
+    def _store_certificates(self, certs: list[tuple[int, bytes, bytes]]) -> None:
         writes: dict[bytes, bytes | None] = {CERT + h: c for _, h, c in certs}
         top_height, top_hash, _ = certs[-1]
         writes[CERTIFIED] = _U64.pack(top_height) + top_hash
@@ -509,7 +518,7 @@ class Chain:
             branch.append(parent)
         branch.reverse()
         fork_height = branch[0].height - 1
-        if fork_height < self.final_height or (fork_height < self.locked_height and not justified):
+        if self._reverts_fixed(fork_height, justified):
             return False
         ov = state.Overlay(self.store.get)
         reverted: list[Block] = []
@@ -533,7 +542,12 @@ class Chain:
                 return False
             ov.writes.update(self._block_writes(blk, writes, ov.get))
             parent = _info(blk.header)
-        self._commit(ov.writes, branch[-1])
+        with self._final_lock:
+            if self._reverts_fixed(fork_height, justified):
+                # certificates or votes counted (on the node's event loop) while the branch executed
+                # made final, or locked, a block it would revert
+                return False
+            self._commit(ov.writes, branch[-1])
         for b in branch:
             self.side.pop(b.hash, None)
         for b in reverted:
@@ -541,6 +555,11 @@ class Chain:
         log.info("reorg: reverted %d block(s) above height %d, new head %d", len(reverted), fork_height,
                  tip.height)
         return True
+
+    def _reverts_fixed(self, fork_height: int, justified: bool) -> bool:
+        """A reorg forking at `fork_height` would revert a final block, or (unless it goes to a
+        justified block) the block the lock holds."""
+        return fork_height < self.final_height or (fork_height < self.locked_height and not justified)
 
     def _drop_side_descendants(self, block_hash: bytes) -> None:
         doomed = {block_hash}

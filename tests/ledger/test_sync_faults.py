@@ -263,8 +263,9 @@ async def test_a_node_whose_chain_left_its_highest_justified_block_at_the_lock_h
     at the lock's height, and the fork choice used to compare heights only, so it stayed there,
     unable to vote (its lock) or to import the justified branch (the lock again); with two
     authorities of four in that state finality stalled for good (bench/ledger_throughput.py
-    --authorities 4, 1 run in 12). The state that race leaves is made here directly; the node must
-    go back to the justified block's branch."""
+    --authorities 4, 1 run in 12). A reorg now checks the lock again just before it commits, which
+    narrows that window without closing it (the lock is set on the event loop); the state the race
+    leaves is made here directly, and the node must go back to the justified block's branch."""
     from aitbc.ledger import finality
     from aitbc.ledger.chain import Chain
     from aitbc.ledger.node import Node
@@ -297,3 +298,42 @@ async def test_a_node_whose_chain_left_its_highest_justified_block_at_the_lock_h
         assert node.chain.head.hash == x.hash
     finally:
         await node.stop()
+
+
+def test_a_block_made_final_while_a_reorg_executes_its_branch_is_not_reverted(monkeypatch):
+    """A reorg executes its branch in a thread (long for big blocks) after checking the final
+    height; the node stores certificates from its event loop meanwhile. A certificate stored in
+    that window for the block the reorg is leaving makes it final: the reorg must give up, not
+    commit a rival of a final block (the chain would report height 3 final with another block 3)."""
+    from aitbc.ledger import finality
+    from aitbc.ledger.chain import Chain
+
+    g = genesis(4)
+    by_id = {crypto.sha256(k.pubkey)[:20]: k for k in AUTH}
+    slot0 = g.genesis_time_ms // g.block_time_ms + 1
+    main = Chain(MemoryStore(), g)
+    for slot in range(slot0, slot0 + 3):
+        main.build_block(by_id[main.proposer_for_slot(slot)], slot, slot * g.block_time_ms + 10, [])
+    rival = Chain(MemoryStore(), g)
+    for h in (1, 2):
+        assert rival.add_block(main.block_at(h), 10**15) == "extended"
+    for slot in (slot0 + 3, slot0 + 4):  # a longer branch from block 2
+        rival.build_block(by_id[rival.proposer_for_slot(slot)], slot, slot * g.block_time_ms + 10, [])
+    x = main.block_at(3)
+    src = finality.Checkpoint(3, x.hash, finality.PREPARE)
+    cert = finality.make_certificate(finality.make_vote(k, g, src, src.at(finality.COMMIT)) for k in AUTH[:3])
+    chain = Chain(MemoryStore(), g)
+    for h in (1, 2, 3):
+        assert chain.add_block(main.block_at(h), 10**15) == "extended"
+    real, stored = chain._execute, []
+
+    def executing(block, *args):  # the event loop stores X's certificate while the branch executes
+        if block.height == 3 and block.hash != x.hash and not stored:
+            stored.append(True)
+            chain.store_certificate(3, x.hash, cert.encode())
+        return real(block, *args)
+
+    monkeypatch.setattr(chain, "_execute", executing)
+    outcomes = [chain.add_block(rival.block_at(h), 10**15) for h in (3, 4)]
+    assert stored and "reorg" not in outcomes
+    assert chain.final_height == 3 and chain.hash_at(3) == x.hash and chain.head.hash == x.hash
