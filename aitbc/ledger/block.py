@@ -19,6 +19,7 @@ from aitbc import bech32, crypto
 from aitbc.errors import CryptoError, InvalidArgument
 from aitbc.ledger.genesis import check_chain_id
 from aitbc.ledger.merkle import merkle_root
+from aitbc.ledger.signers import Signers, signed_by
 from aitbc.ledger.tx import Tx, decode_tx
 
 BLOCK_VERSION = 4  # ledger format 5: the header commits to the authority sets (3: format 3 and 4, no set chain)
@@ -168,11 +169,22 @@ def split_txs(raw: bytes) -> list[bytes]:
     return out
 
 
-def verify_block_signature(block: Block) -> None:
-    """Raise unless the 65-byte low-S signature over the block hash is by the header's proposer."""
+def block_signature(raw: bytes) -> tuple[bytes, bytes] | None:
+    """(hash, signature) of an encoded block as received, to recover its signer ahead
+    (aitbc.ledger.signers); None when it is too short to hold them (decoding refuses it)."""
+    if len(raw) < 4:
+        return None
+    (hlen,) = _U32.unpack_from(raw, 0)
+    sig = raw[4 + hlen:4 + hlen + 65]
+    return None if len(sig) != 65 else (crypto.domain_digest(BLOCK_DOMAIN, raw[4:4 + hlen]), sig)
+
+
+def verify_block_signature(block: Block, signers: Signers | None = None) -> None:
+    """Raise unless the 65-byte low-S signature over the block hash is by the header's proposer.
+    `signers`: signatures recovered beforehand (aitbc.ledger.signers)."""
     try:
-        pub = crypto.recover_pubkey(block.hash, block.signature)
+        signed = signed_by(block.header.proposer, block.hash, block.signature, signers)
     except CryptoError as exc:
         raise InvalidArgument(f"invalid block {block.height}: proposer {exc.message}") from None
-    if crypto.sha256(pub)[:20] != block.header.proposer:
+    if not signed:
         raise InvalidArgument(f"invalid block {block.height}: not signed by its proposer")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ from aitbc.ledger.genesis import (
     FORMAT_4_REFUSED,
     Genesis,
 )
+from aitbc.ledger.signers import Signers
 from aitbc.ledger.store import Store
 from aitbc.ledger.tx import Tx
 
@@ -150,6 +152,10 @@ class Chain:
                                       genesis.genesis_time_ms, b"", b"",
                                       authorities.genesis_set_chain(genesis, self.genesis_hash))
         self.side: dict[bytes, Block] = {}
+        # a reorg (in a thread) checks the final height again and commits under this lock; the node
+        # stores certificates from its event loop meanwhile, and a block made final while the branch
+        # executed must not be reverted by it
+        self._final_lock = threading.RLock()
         self._final_changes: tuple[int, list[tuple[int, tuple[bytes, ...]]]] = (1, [])  # set changes up to epoch
         self.equivocations = 0  # two blocks by one proposer for one slot (logged; not slashed in v1)
         # height of the highest justified block (finality votes) on the canonical chain, set by the
@@ -252,6 +258,10 @@ class Chain:
         follower catching up gets one per block, and a commit each cost more than their checks."""
         if not certs:
             return
+        with self._final_lock:
+            self._store_certificates(certs)
+
+    def _store_certificates(self, certs: list[tuple[int, bytes, bytes]]) -> None:
         writes: dict[bytes, bytes | None] = {CERT + h: c for _, h, c in certs}
         top_height, top_hash, _ = certs[-1]
         writes[CERTIFIED] = _U64.pack(top_height) + top_hash
@@ -369,9 +379,10 @@ class Chain:
                 and decode_header(hdr).set_chain == block.header.set_chain)
 
     def validate_header(self, block: Block, parent: BlockInfo, now_ms: int,
-                        read: state.Reader | None = None) -> None:
+                        read: state.Reader | None = None, signers: Signers | None = None) -> None:
         """Every header rule; the proposer's turn is checked against the set in `read` (the
-        parent's state), or left to the branch's execution when `read` is None."""
+        parent's state), or left to the branch's execution when `read` is None. `signers`:
+        signatures recovered beforehand (aitbc.ledger.signers)."""
         h = block.header
         g = self.genesis
         n = h.height
@@ -395,7 +406,7 @@ class Chain:
             raise InvalidArgument(f"invalid block {n}: {h.tx_count} txs, at most {g.max_block_txs}")
         if tx_root([t.hash for t in block.txs]) != h.tx_root:
             raise InvalidArgument(f"invalid block {n}: tx root does not match its transactions")
-        verify_block_signature(block)
+        verify_block_signature(block, signers)
 
     def _execute(self, block: Block, parent: BlockInfo, read: state.Reader,
                  verified: Container[bytes]) -> dict[bytes, bytes]:
@@ -425,11 +436,11 @@ class Chain:
 
     # ---- adding blocks -------------------------------------------------------------------------
 
-    def add_blocks(self, blocks: Iterable[Block], now_ms: int,
-                   verified: Container[bytes] = frozenset()) -> list[AddResult]:
+    def add_blocks(self, blocks: Iterable[Block], now_ms: int, verified: Container[bytes] = frozenset(),
+                   signers: Signers | None = None) -> list[AddResult]:
         """Validate and add blocks in order. Consecutive blocks that extend the head are committed
         together in one write transaction. Raises on the first invalid block (after committing the
-        valid ones before it)."""
+        valid ones before it). `signers`: their signatures recovered beforehand."""
         results: list[AddResult] = []
         ov = state.Overlay(self.store.get)
         pending: list[Block] = []
@@ -447,7 +458,7 @@ class Chain:
                     results.append(AddResult(block, "known"))
                     continue
                 if block.parent_hash == tip.hash:
-                    self.validate_header(block, tip, now_ms, ov.get)
+                    self.validate_header(block, tip, now_ms, ov.get, signers)
                     writes = self._execute(block, tip, ov.get, verified)
                     ov.writes.update(self._block_writes(block, writes, ov.get))
                     pending.append(block)
@@ -456,7 +467,7 @@ class Chain:
                     continue
                 flush()
                 tip = self.head
-                results.append(AddResult(block, self._add_side(block, now_ms, verified)))
+                results.append(AddResult(block, self._add_side(block, now_ms, verified, signers)))
                 tip = self.head
         finally:
             flush()
@@ -465,14 +476,14 @@ class Chain:
     def add_block(self, block: Block, now_ms: int, verified: Container[bytes] = frozenset()) -> str:
         return self.add_blocks([block], now_ms, verified)[0].outcome
 
-    def _add_side(self, block: Block, now_ms: int, verified: Container[bytes]) -> str:
+    def _add_side(self, block: Block, now_ms: int, verified: Container[bytes], signers: Signers | None = None) -> str:
         parent = self.info(block.parent_hash)
         if parent is None:
             return "orphan"
         if block.height <= self.final_height:
             raise FailedPrecondition(f"block {block.height} conflicts with the final chain (final height "
                                      f"{self.final_height})")
-        self.validate_header(block, parent, now_ms, self.branch_reader(block))
+        self.validate_header(block, parent, now_ms, self.branch_reader(block), signers)
         rival = self.hash_at(block.height)
         if rival is not None:
             other = self.info(rival)
@@ -490,10 +501,11 @@ class Chain:
         return "side"
 
     def adopt_justified(self, block_hash: bytes, verified: Container[bytes] = frozenset()) -> bool:
-        """Make a pending block with a higher justified height than the lock canonical, even if its
-        branch is shorter (fork choice keeps the highest justified block); never below final."""
+        """Make a pending block justified at or above the lock's height canonical, even if its
+        branch is shorter (fork choice keeps the highest justified block; at the lock's height: the
+        chain left it in a reorg that raced the votes that justified it); never below final."""
         block = self.side.get(block_hash)
-        if block is None or block.height <= self.locked_height:
+        if block is None or block.height < self.locked_height:
             return False
         return self._reorg(block, verified, justified=True)
 
@@ -506,7 +518,7 @@ class Chain:
             branch.append(parent)
         branch.reverse()
         fork_height = branch[0].height - 1
-        if fork_height < self.final_height or (fork_height < self.locked_height and not justified):
+        if self._reverts_fixed(fork_height, justified):
             return False
         ov = state.Overlay(self.store.get)
         reverted: list[Block] = []
@@ -530,7 +542,12 @@ class Chain:
                 return False
             ov.writes.update(self._block_writes(blk, writes, ov.get))
             parent = _info(blk.header)
-        self._commit(ov.writes, branch[-1])
+        with self._final_lock:
+            if self._reverts_fixed(fork_height, justified):
+                # certificates or votes counted (on the node's event loop) while the branch executed
+                # made final, or locked, a block it would revert
+                return False
+            self._commit(ov.writes, branch[-1])
         for b in branch:
             self.side.pop(b.hash, None)
         for b in reverted:
@@ -538,6 +555,11 @@ class Chain:
         log.info("reorg: reverted %d block(s) above height %d, new head %d", len(reverted), fork_height,
                  tip.height)
         return True
+
+    def _reverts_fixed(self, fork_height: int, justified: bool) -> bool:
+        """A reorg forking at `fork_height` would revert a final block, or (unless it goes to a
+        justified block) the block the lock holds."""
+        return fork_height < self.final_height or (fork_height < self.locked_height and not justified)
 
     def _drop_side_descendants(self, block_hash: bytes) -> None:
         doomed = {block_hash}

@@ -23,9 +23,11 @@ justified, `(head, prepare) -> (head, commit)`, whose q votes make the head fina
 
 from __future__ import annotations
 
+import contextlib
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from aitbc import bech32, crypto
 from aitbc.errors import (
@@ -37,6 +39,7 @@ from aitbc.errors import (
     PermissionDenied,
 )
 from aitbc.ledger.genesis import Genesis, check_chain_id
+from aitbc.ledger.signers import Signers, signed_by
 
 VOTE_VERSION = 2
 VOTE_DOMAIN = b"AITBC/vote/v2"
@@ -165,10 +168,12 @@ def decode_vote(raw: bytes) -> Vote:
 
 
 def verify_vote(vote: Vote, genesis: Genesis, genesis_hash: bytes | None = None,
-                ignored: Iterable[bytes] = (), authorities: Iterable[bytes] | None = None) -> None:
+                ignored: Iterable[bytes] = (), authorities: Iterable[bytes] | None = None,
+                signers: Signers | None = None) -> None:
     """Raise unless `vote` is signed by an authority (of `authorities`, the set of the target
     block's epoch; the genesis list by default) and not one with evidence against it. Stateless:
-    whether the blocks exist is the tally's business."""
+    whether the blocks exist is the tally's business. `signers`: signatures recovered beforehand
+    (aitbc.ledger.signers; the digest is computed here from the vote's own fields)."""
     gh = genesis_hash if genesis_hash is not None else genesis.hash()
     if vote.chain_id != genesis.chain_id:
         raise InvalidArgument(f"wrong chain id: vote is for {vote.chain_id!r}, this chain is {genesis.chain_id!r}")
@@ -180,10 +185,10 @@ def verify_vote(vote: Vote, genesis: Genesis, genesis_hash: bytes | None = None,
     if vote.voter in set(ignored):
         raise PermissionDenied(f"vote from {vote.voter_address}, whose votes are ignored (evidence on chain)")
     try:
-        pub = crypto.recover_pubkey(vote.digest(), vote.signature)
+        signed = signed_by(vote.voter, vote.digest(), vote.signature, signers)
     except CryptoError as exc:
         raise InvalidArgument(f"bad vote signature: {exc.message}") from None
-    if crypto.sha256(pub)[:20] != vote.voter:
+    if not signed:
         raise InvalidArgument(f"bad vote signature: not signed by {vote.voter_address}")
 
 
@@ -244,14 +249,30 @@ def decode_certificate(raw: bytes) -> Certificate:
     return Certificate(Checkpoint(sh, shash, sp), Checkpoint(th, thash, tp), sigs)
 
 
+def certificate_signatures(raws: Iterable[bytes], genesis: Genesis, genesis_hash: bytes | None = None
+                           ) -> list[tuple[bytes, bytes]]:
+    """(digest, signature) of every vote of these certificates (those that do not decode are
+    skipped: verifying them refuses them with the reason), to recover ahead (aitbc.ledger.signers)."""
+    gh = genesis_hash if genesis_hash is not None else genesis.hash()
+    out: list[tuple[bytes, bytes]] = []
+    for raw in raws:
+        try:
+            cert = decode_certificate(raw)
+        except AitbcError:
+            continue
+        out.extend((v.digest(), v.signature) for v in cert.votes(genesis, gh))
+    return out
+
+
 def verify_certificate(cert: Certificate, genesis: Genesis, *, block: Checkpoint | None = None,
                        genesis_hash: bytes | None = None, ignored: Iterable[bytes] = (),
-                       authorities: tuple[bytes, ...] | None = None) -> None:
+                       authorities: tuple[bytes, ...] | None = None, signers: Signers | None = None) -> None:
     """Raise unless `cert` proves its source's block final under this genesis: a link to the
     source's checkpoint child, more than 2/3 of the authorities, each once, each signature valid.
     `block`: the block it is claimed for (its phase is not compared: a certificate from either
     checkpoint of a block certifies the block). `authorities`: the set of the epoch of the
-    certificate's target block (its votes are that link's votes); the genesis list by default."""
+    certificate's target block (its votes are that link's votes); the genesis list by default.
+    `signers`: signatures recovered in parallel beforehand (verify_vote)."""
     ids = genesis.authority_ids if authorities is None else authorities
     n = len(ids)
     q = quorum(n)
@@ -272,7 +293,7 @@ def verify_certificate(cert: Certificate, genesis: Genesis, *, block: Checkpoint
     ign = frozenset(ignored)
     for vote in cert.votes(genesis, gh):
         try:
-            verify_vote(vote, genesis, gh, ign, ids)
+            verify_vote(vote, genesis, gh, ign, ids, signers)
         except AitbcError as exc:
             raise InvalidArgument(f"certificate refused: {exc.message}") from None
 
@@ -427,7 +448,12 @@ class Tally:
         """The set whose votes count for links to `target` (the set of its block's epoch)."""
         if self.authorities is None:
             return self.genesis.authority_ids
-        ids = self.authorities(target)
+        memo = self._memo
+        ids = memo.get(target) if memo is not None else None
+        if ids is None:
+            ids = self.authorities(target)
+            if memo is not None and ids is not None:
+                memo[target] = ids
         if ids is None:
             raise FailedPrecondition(f"vote for block {target.height}, whose authority set this node does not know "
                                      "yet")
@@ -443,11 +469,34 @@ class Tally:
         self.justified.add(self.final)  # a final block's commit checkpoint is justified
         self.q = quorum(len(self.genesis.authorities))
         self._newly_justified = False
+        self._memo: dict[object, Any] | None = None
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Within: what the block and set lookups found is remembered (a batch of certificates
+        caught up with: each certificate's block, its parent and its set are asked about several
+        times). Only what was found: a block not known yet is looked up again."""
+        self._memo = {}
+        try:
+            yield
+        finally:
+            self._memo = None
+
+    def _lookup(self, h: bytes) -> tuple[int, bytes] | None:
+        memo = self._memo
+        if memo is None:
+            return self.lookup(h)
+        got = memo.get(h)
+        if got is None:
+            got = self.lookup(h)
+            if got is not None:
+                memo[h] = got
+        return got
 
     def _height(self, h: bytes) -> int | None:
         if h == self.genesis_hash:
             return 0
-        got = self.lookup(h)
+        got = self._lookup(h)
         return None if got is None else got[0]
 
     def block_is_ancestor(self, a_height: int, a_hash: bytes, b_height: int, b_hash: bytes) -> bool:
@@ -456,7 +505,7 @@ class Tally:
         while height > a_height:
             if cur == self.genesis_hash:
                 return False
-            got = self.lookup(cur)
+            got = self._lookup(cur)
             if got is None:
                 return False
             cur, height = got[1], got[0] - 1
@@ -594,21 +643,25 @@ class Tally:
         self.prune()  # at once: a follower counts a batch of certificates, each vote compared with its voter's others
         return self.final
 
-    def add_certificate(self, cert: Certificate) -> Checkpoint | None:
-        """A certificate from a peer (catch-up, restart): verified, then its votes are counted."""
+    def add_certificate(self, cert: Certificate, signers: Signers | None = None) -> Checkpoint | None:
+        """A certificate from a peer (catch-up, restart): verified, then its votes are counted.
+        `signers`: its signatures recovered beforehand (verify_vote)."""
         verify_certificate(cert, self.genesis, genesis_hash=self.genesis_hash, ignored=self.ignored_for(cert.target),
-                           authorities=self.authority_set(cert.target))
+                           authorities=self.authority_set(cert.target), signers=signers)
         assert self.final is not None
         source_known = self._height(cert.source.hash) == cert.source.height
         if source_known and self.is_ancestor(cert.source, self.final):
             return None  # already final here
-        target = None if cert.target.hash == self.genesis_hash else self.lookup(cert.target.hash)
+        target = None if cert.target.hash == self.genesis_hash else self._lookup(cert.target.hash)
         if not source_known or target is None or target[0] != cert.target.height:
             raise NotFound(f"certificate for an unknown block {cert.source.height} {cert.source.hash.hex()[:16]}")
         if cert.source.phase == COMMIT and target[1] != cert.source.hash:
             raise InvalidArgument("certificate link is not from a block to its child")
-        done = None
         for vote in cert.votes(self.genesis, self.genesis_hash):
             r = self.add(vote, signature_checked=True)  # verify_certificate above checked every one
-            done = r.finalized or done
-        return done
+            if r.finalized is not None:
+                # q of its votes made the block final: any more (a certificate may hold every
+                # authority's vote) are stale now, and counting them would refuse a certificate whose
+                # block this tally has just made final, which the node would then never store
+                return r.finalized
+        return None

@@ -23,10 +23,11 @@ from aitbc.errors import (
     NotFound,
     ResourceExhausted,
 )
-from aitbc.ledger import finality, state
-from aitbc.ledger.block import MAX_BLOCK_BYTES, Block, decode_block
+from aitbc.ledger import authorities, finality, state
+from aitbc.ledger.block import MAX_BLOCK_BYTES, Block, block_signature, decode_block
 from aitbc.ledger.chain import Chain, raw_header
 from aitbc.ledger.mempool import Mempool
+from aitbc.ledger.signers import Signers
 from aitbc.ledger.tx import ECONOMY_KINDS, KIND_AUTHORITY_VOTE, KIND_SETTLE, Tx, decode_tx
 from aitbc.ledger.verifier import ParallelVerifier, VerifiedTxs
 from aitbc.limits import Backoff, KeyedBuckets
@@ -35,6 +36,7 @@ log = logging.getLogger("aitbc.ledger.node")
 
 STREAM_BATCH_BLOCKS = 128
 STREAM_BATCH_BYTES = 4 * 1024 * 1024
+READ_AHEAD = 2  # StreamBlocks messages a syncing node holds while it imports one (their signatures recovering)
 RELAY_METADATA = ("x-aitbc-relay", "1")
 RELAY_CHUNK = 5000
 RELAY_QUEUE_BATCHES = 64
@@ -132,6 +134,7 @@ class Node:
         self.evidence: list[bytes] = []  # evidence this node found (encoded)
         self._evidence_sent: set[bytes] = set()  # authorities this node sent an EVIDENCE tx against
         self._switching = False  # a switch to a justified branch is under way
+        self._final_sets: dict[int, tuple[bytes, ...]] = {}  # epoch -> its set, once final blocks fixed it
         self._apply_recorded_evidence()
         self._saved_justified: set[finality.Checkpoint] = set()
         self._restore_justified()
@@ -150,8 +153,6 @@ class Node:
 
     def authorities_info(self, height: int | None = None) -> Any:
         """GetAuthorities: the set of `height`'s epoch (default: the head's child) and its proposals."""
-        from aitbc.ledger import authorities
-
         h = self.chain.head.height + 1 if height is None else height
         return authorities.describe(self.chain.store.get, self.chain.store.scan, self.genesis, h)
 
@@ -170,7 +171,16 @@ class Node:
             # sets of its branch (ledger format 5), so when it equals a canonical header's the set is
             # the canonical one (a quorum holds an honest voter, who executed the block and checked it)
             return chain.authorities_at(target.height) if chain.same_sets_as_canonical(side) else None
-        return chain.authorities_at(target.height)
+        epoch = g.epoch(target.height)
+        if (ids := self._final_sets.get(epoch)) is not None:
+            return ids
+        ids = chain.authorities_at(target.height)
+        if ids is not None and epoch <= authorities.fixed_epoch(g, chain.final_height):
+            # fixed by a final block: every branch a vote can count on shares it (a catch-up asks once per epoch)
+            if len(self._final_sets) >= 64:
+                self._final_sets.clear()
+            self._final_sets[epoch] = ids
+        return ids
 
     @property
     def has_peers(self) -> bool:
@@ -559,9 +569,10 @@ class Node:
             out.append(None if known else decode_block(raw))
         return out
 
-    async def receive_blocks(self, raws: Sequence[bytes]) -> list[str]:
+    async def receive_blocks(self, raws: Sequence[bytes], signers: Signers | None = None) -> list[str]:
         """Decode, fully verify and add blocks (from a peer or a test); bad ones raise. Each tx is
-        checked unless this node has checked it already (its mempool, verified_txs)."""
+        checked unless this node has checked it already (its mempool, verified_txs). `signers`:
+        their signatures recovered beforehand (recover_signers)."""
         started = time.perf_counter()
         async with self._import_lock:
             with self._block_busy():
@@ -581,7 +592,8 @@ class Node:
                 results = []
                 async with self._lock:
                     try:
-                        results = await asyncio.to_thread(self.chain.add_blocks, blocks, self.now_ms(), checked)
+                        results = await asyncio.to_thread(self.chain.add_blocks, blocks, self.now_ms(), checked,
+                                                          signers)
                     finally:
                         # add_blocks commits the valid prefix even when a later block is bad
                         self._after_change(None if any(r.outcome == "reorg" for r in results) or not results else
@@ -865,10 +877,12 @@ class Node:
         """Fork choice keeps the highest justified block: lock the canonical chain on it, or switch
         to its branch when it is a pending block (votes justified a branch this node left)."""
         best, chain = self.tally.highest_justified(), self.chain
-        if best.height <= chain.locked_height:
-            return
         if chain.hash_at(best.height) == best.hash:
-            chain.locked_height = best.height
+            chain.locked_height = max(chain.locked_height, best.height)
+        # not canonical: switch even when the lock is as high (a reorg that passed the lock check in
+        # its thread while votes justified the block it left commits after them, and a certificate
+        # can make a block final that the chain is not on: either way the chain left the highest
+        # justified block, and staying there would stall finality for good)
         elif best.hash in chain.side and not self._stopped and not self._switching:
             self._switching = True
             self.adopt(asyncio.create_task(self._switch_to_justified(best), name="ledger-justified"))
@@ -877,7 +891,7 @@ class Node:
         switched = False
         try:
             async with self._lock:
-                if best.height > self.chain.locked_height:
+                if self.chain.hash_at(best.height) != best.hash:
                     switched = await asyncio.to_thread(self.chain.adopt_justified, best.hash,
                                                        _AnyOf(self.mempool.by_hash, self.verified_txs))
                 if switched:
@@ -936,23 +950,61 @@ class Node:
         for err in self.receive_certificates([raw]):
             raise err
 
-    def receive_certificates(self, raws: Sequence[bytes]) -> list[AitbcError]:
+    def receive_certificates(self, raws: Sequence[bytes], signers: Signers | None = None) -> list[AitbcError]:
         """The certificates that came with a batch of blocks, each verified before it counts; those
-        that finalize are stored in one commit. Returns the refusals."""
+        that finalize are stored in one commit. `signers`: their signatures recovered beforehand
+        (recover_signers). Returns the refusals."""
         formed: list[tuple[int, bytes, bytes]] = []
         errors: list[AitbcError] = []
-        for raw in raws:
-            try:
-                done = self.tally.add_certificate(finality.decode_certificate(raw))
-            except AitbcError as exc:
-                errors.append(exc)
-                continue
-            if done is not None:
-                assert self.tally.certificate is not None
-                formed.append((done.height, done.hash, self.tally.certificate.encode()))
+        with self.tally.batch():
+            for raw in raws:
+                try:
+                    done = self.tally.add_certificate(finality.decode_certificate(raw), signers)
+                except AitbcError as exc:
+                    errors.append(exc)
+                    continue
+                if done is not None:
+                    assert self.tally.certificate is not None
+                    formed.append((done.height, done.hash, self.tally.certificate.encode()))
         if formed:
             self._store_certified(formed)
         return errors
+
+    async def recover_signers(self, blocks: Sequence[bytes], certificates: Sequence[bytes]) -> Signers:
+        """The signers of blocks' proposer signatures and of certificates' votes, recovered by the
+        verifier's worker processes (catch-up: while this process imports the message before, so
+        both cores work); receive_blocks and receive_certificates still check every signature with
+        them (aitbc.ledger.signers)."""
+        items = [sig for raw in blocks if (sig := block_signature(raw)) is not None]
+        items += finality.certificate_signatures(certificates, self.genesis, self.chain.genesis_hash)
+        return await self.verifier.signers(items)
+
+    async def _recovering_ahead(self, stream: Any) -> AsyncIterator[tuple[Any, asyncio.Future[Signers]]]:
+        """A StreamBlocks stream's messages, each with the recovery of its signatures started as
+        soon as it arrives (recover_signers): while this process imports one message, the workers
+        recover the next ones' (at most READ_AHEAD messages held unprocessed)."""
+        q: asyncio.Queue[tuple[Any, asyncio.Future[Signers]] | Exception | None] = asyncio.Queue(READ_AHEAD)
+
+        async def read() -> None:
+            try:
+                async for resp in stream:
+                    recovering = asyncio.ensure_future(self.recover_signers(
+                        [b.raw for b in resp.blocks], [b.certificate for b in resp.blocks if b.certificate]))
+                    await q.put((resp, recovering))
+            except Exception as exc:  # the stream broke: the sync loop handles it as before
+                await q.put(exc)
+            else:
+                await q.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (item := await q.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
+            stream.cancel()
 
     @property
     def certified(self) -> finality.Checkpoint:
@@ -992,24 +1044,27 @@ class Node:
                     self._exchange_wake.set()
                 req = ledger_pb2.StreamBlocksRequest(from_height=self.chain.final_height + 1,
                                                      peer_address=self.listen_address, raw_only=True)
-                async for resp in stub.StreamBlocks(req):
-                    retry.reset()
-                    last_ok = time.monotonic()
-                    try:
-                        if resp.blocks:  # none: only the final height moved
-                            await self.receive_blocks([b.raw for b in resp.blocks])
+                messages = self._recovering_ahead(stub.StreamBlocks(req))
+                async with contextlib.aclosing(messages):
+                    async for resp, recovering in messages:
+                        retry.reset()
+                        last_ok = time.monotonic()
                         certs = [b.certificate for b in resp.blocks if b.certificate]
-                        for exc in self.receive_certificates(certs):
-                            log.warning("rejected a certificate from %s: %s", target, exc.message)
-                    except AitbcError as exc:
-                        self.rejected_blocks += 1
-                        self._peer_heads.pop(target, None)  # a peer whose blocks fail is no guide
-                        log.warning("rejected a block from %s: %s", target, exc.message)
-                    else:
-                        if configured:  # configured peers only: an announced one could lie
-                            self._peer_heads[target] = (resp.head_height, time.monotonic())
-                    if self.chain.head.height >= resp.head_height:
-                        self._caught_up.set()
+                        try:
+                            signers = await recovering
+                            if resp.blocks:  # none: only the final height moved
+                                await self.receive_blocks([b.raw for b in resp.blocks], signers)
+                            for exc in self.receive_certificates(certs, signers):
+                                log.warning("rejected a certificate from %s: %s", target, exc.message)
+                        except AitbcError as exc:
+                            self.rejected_blocks += 1
+                            self._peer_heads.pop(target, None)  # a peer whose blocks fail is no guide
+                            log.warning("rejected a block from %s: %s", target, exc.message)
+                        else:
+                            if configured:  # configured peers only: an announced one could lie
+                                self._peer_heads[target] = (resp.head_height, time.monotonic())
+                        if self.chain.head.height >= resp.head_height:
+                            self._caught_up.set()
                 last_ok = time.monotonic()
             except grpc.aio.AioRpcError as exc:
                 log.debug("sync from %s interrupted: %s", target, exc.code())

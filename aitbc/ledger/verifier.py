@@ -4,7 +4,8 @@ remembered once passed.
 libsecp256k1 calls through coincurve hold the GIL, so threads cannot verify in parallel; a spawned
 worker process can (spawn, not fork: forking after gRPC objects exist is unsupported). Used for
 big batches of transactions that are not already verified (a client's or a peer's batch at
-admission, a follower catching up); small batches stay in-process.
+admission, a follower catching up), and for the proposer and vote signatures of the blocks and
+certificates a catching-up node receives (aitbc.ledger.signers); small batches stay in-process.
 
 The checks are a pure function of the tx's bytes and the genesis, so a node that has checked a tx
 once need not check it again: VerifiedTxs remembers the hashes (sha256 of the signed bytes) of the
@@ -27,9 +28,11 @@ from typing import Any
 from aitbc.errors import AitbcError
 from aitbc.ledger import state
 from aitbc.ledger.genesis import Genesis
+from aitbc.ledger.signers import Signers, signer_id
 from aitbc.ledger.tx import Tx, decode_tx
 
 MIN_PARALLEL = 256  # below this, a process round trip costs more than it saves
+MIN_PARALLEL_SIGNERS = 32  # vote signatures: fewer (a live follower's block or two) are recovered in place
 VERIFIED_TXS = 1 << 17  # tx hashes a node remembers as checked (~100 bytes each)
 
 _worker_genesis: Genesis | None = None
@@ -61,6 +64,17 @@ def check_txs(txs: Sequence[Tx | bytes], genesis: Genesis | None = None) -> list
             out.append(exc)
             continue
         out.append(None)
+    return out
+
+
+def recover_signers(items: Sequence[tuple[bytes, bytes]]) -> list[bytes | None]:
+    """signer_id of each (digest, signature), None where no key can be recovered."""
+    out: list[bytes | None] = []
+    for digest, signature in items:
+        try:
+            out.append(signer_id(digest, signature))
+        except AitbcError:
+            out.append(None)
     return out
 
 
@@ -124,6 +138,27 @@ class ParallelVerifier:
             self.close()
             self.workers = 0
             return await asyncio.to_thread(check_txs, txs, self.genesis)
+
+    async def signers(self, items: Sequence[tuple[bytes, bytes]]) -> Signers:
+        """The signers of (digest, signature) pairs (a StreamBlocks message's proposer and vote
+        signatures, aitbc.ledger.signers), recovered by the worker processes while this process
+        imports the message before; a small batch (a live follower's block) is left to the checks
+        themselves (an empty answer: each is recovered where it is checked), and so is what the
+        workers could not recover (the check refuses it with the reason)."""
+        pool = self._get_pool() if len(items) >= MIN_PARALLEL_SIGNERS else None
+        if pool is None:
+            return {}
+        loop = asyncio.get_running_loop()
+        size = (len(items) + self.workers - 1) // self.workers
+        try:
+            parts = await asyncio.gather(*(loop.run_in_executor(pool, recover_signers, items[i:i + size])
+                                           for i in range(0, len(items), size)))
+        except Exception:  # a broken worker pool must not stop sync: the caller recovers them itself
+            self.close()
+            self.workers = 0
+            return {}
+        ids = [i for part in parts for i in part]
+        return {d + s: i for (d, s), i in zip(items, ids, strict=True) if i is not None}
 
     def close(self) -> None:
         if self._pool is not None:

@@ -613,3 +613,32 @@ def test_votes_for_a_fork_deeper_than_the_block_that_fixed_its_set_count_when_it
 
 
 NEW_ID = aid(NEW)
+
+
+def test_after_a_reorg_votes_count_against_the_set_of_the_new_branch():
+    """The set of an epoch is remembered only once a final block fixed it: before, a reorg may
+    bring a branch whose state holds another set for that epoch, and votes for its blocks count
+    against that one (here NEW was voted in on the first branch only)."""
+    from aitbc.errors import PermissionDenied
+    from aitbc.ledger.node import Node
+
+    main = SetRunner(G4)
+    main.block(*(main.add(k, NEW) for k in AUTH[:3]))  # block 1: NEW voted in (set(2), fixed by block E)
+    main.until_height(2 * E + 3)
+    node = Node(Chain(MemoryStore(), G4), None)
+    for b in main.blocks:
+        assert node.chain.add_block(b, 10**15) == "extended"
+    src = finality.Checkpoint(0, G4.hash(), finality.COMMIT)
+    on_main = main.blocks[2 * E + 1]  # height 2E + 2: epoch 2, whose set has NEW on this branch
+    assert G4.epoch(on_main.height) == 2 and node.chain.final_height == 0
+    assert node.submit_votes([finality.make_vote(NEW, G4, src, finality.Checkpoint(
+        on_main.height, on_main.hash, finality.PREPARE)).encode()]) == [None]
+    rival = SetRunner(G4)
+    rival.block()  # no votes: its set(2) is the genesis set
+    rival.until_height(2 * E + 6)
+    outcomes = [node.chain.add_block(b, 10**15) for b in rival.blocks]
+    assert "reorg" in outcomes and node.chain.head.hash == rival.blocks[-1].hash
+    on_rival = rival.blocks[2 * E + 1]
+    (err,) = node.submit_votes([finality.make_vote(NEW, G4, src, finality.Checkpoint(
+        on_rival.height, on_rival.hash, finality.PREPARE)).encode()])
+    assert isinstance(err, PermissionDenied) and "not an authority" in err.message
