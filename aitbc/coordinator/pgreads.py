@@ -112,8 +112,8 @@ class ReadPool:
                 raise self._unavailable(what, exc) from None
             finally:
                 self._busy.discard(conn)
-                if conn.closed or conn.broken or self._closed or \
-                        conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                # kept only when idle: a broken or closed connection's status is UNKNOWN
+                if self._closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                     _finish(conn)
                 else:
                     self._idle.append(conn)
