@@ -106,6 +106,9 @@ class CoordinatorConfig(TlsConfig):
     # the store (docs/coordinator.md, "The store"): "" keeps it in LMDB under data_dir (the default);
     # a postgresql://user@host:port/dbname URL keeps it in that PostgreSQL database instead
     database_url: str = ""
+    # PostgreSQL only: connections for the awaited client reads (GetJob, GetJobResult, GetReceipt,
+    # ListReceipts, WatchJob of a job run elsewhere); a read waits for a free one
+    database_read_pool: int = 4
     key_file: str = "~/.aitbc/coordinator.key"
     chain_id: str = "aitbc-devnet"
     hub_id: str = ""
@@ -157,6 +160,7 @@ class CoordinatorConfig(TlsConfig):
             from aitbc.coordinator.pgstore import check_url  # psycopg only where it is used
 
             check_url(self.database_url)
+        _within("database_read_pool", self.database_read_pool, 1, 64)
         _within("webhook_attempts", self.webhook_attempts, 1, 1000)
         _within("webhook_max_age_s", self.webhook_max_age_s, 1.0, float("inf"))
         _within("quote_ttl_s", self.quote_ttl_s, 1.0, 24 * 3600.0)

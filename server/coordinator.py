@@ -89,7 +89,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     @handle_errors
     async def GetJob(self, request: coordinator_pb2.GetJobRequest, context: Any) -> coordinator_pb2.GetJobResponse:
         telemetry.set_attributes(job_id=request.job_id)
-        return coordinator_pb2.GetJobResponse(job=self.core.get(self._client(context), request.job_id))
+        return coordinator_pb2.GetJobResponse(job=await self.core.get(self._client(context), request.job_id))
 
     @handle_errors
     async def CancelJob(self, request: coordinator_pb2.CancelJobRequest, context: Any) -> coordinator_pb2.CancelJobResponse:
@@ -115,15 +115,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         telemetry.set_attributes(job_id=request.job_id, index=request.index)
         client, held = self._stream(context)
         with held:
-            art, f = self.core.artifact(client, request.job_id, request.index)
-            with f:  # read a chunk at a time: a download holds one chunk in memory, not the artifact
-                yield coordinator_pb2.GetJobResultResponse(artifact=art, offset=0, data=f.read(CHUNK_BYTES))
+            art, f = await self.core.artifact(client, request.job_id, request.index)
+            async with f:  # read a chunk at a time: a download holds one chunk in memory, not the artifact
+                yield coordinator_pb2.GetJobResultResponse(artifact=art, offset=0, data=await f.read(CHUNK_BYTES))
                 for offset in range(CHUNK_BYTES, art.size, CHUNK_BYTES):
-                    yield coordinator_pb2.GetJobResultResponse(offset=offset, data=f.read(CHUNK_BYTES))
+                    yield coordinator_pb2.GetJobResultResponse(offset=offset, data=await f.read(CHUNK_BYTES))
 
     @handle_errors
     async def ListReceipts(self, request: coordinator_pb2.ListReceiptsRequest, context: Any) -> coordinator_pb2.ListReceiptsResponse:
-        page, token = self.core.list_receipts(
+        page, token = await self.core.list_receipts(
             self._client(context), job_id=request.job_id, page_size=request.page_size, page_token=request.page_token
         )
         return coordinator_pb2.ListReceiptsResponse(receipts=page, next_page_token=token)
@@ -134,7 +134,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         which = request.WhichOneof("key")
         if which is None:
             raise InvalidArgument("set receipt_hash or job_id")
-        rec = self.core.receipt(client, **{which: getattr(request, which)})
+        rec = await self.core.receipt(client, **{which: getattr(request, which)})
         telemetry.set_attributes(job_id=rec.body.job_id, receipt_hash=rec.receipt_hash)
         return coordinator_pb2.GetReceiptResponse(receipt=rec)
 
@@ -178,9 +178,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             ) from None
         if job.state != S.JOB_STATE_COMPLETED:
             raise FailedPrecondition(f"job {job.job_id} ended {jobs.state_name(job.state)}: {job.error}")
-        art, f = self.core.artifact(client, job.job_id, 0)
-        with f:
-            image = f.read() if art.size <= INLINE_IMAGE_LIMIT else b""
+        art, f = await self.core.artifact(client, job.job_id, 0)
+        async with f:
+            image = await f.read() if art.size <= INLINE_IMAGE_LIMIT else b""
         return coordinator_pb2.GenerateImageResponse(job=job, receipt=job.receipt, image=image)
 
 
@@ -318,7 +318,7 @@ def open_store(config: CoordinatorConfig) -> JobStore:
         return LmdbJobStore(expand(config.data_dir) / "jobs")
     from aitbc.coordinator.pgstore import PostgresJobStore
 
-    store = PostgresJobStore(config.database_url)
+    store = PostgresJobStore(config.database_url, read_pool=config.database_read_pool)
     log.info("coordinator store: PostgreSQL %s (schema version %d)", store.display_url, store.schema_version)
     return store
 

@@ -25,7 +25,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any
 
 from aitbc import crypto, jobs, metrics, quotes, telemetry
 from aitbc.config import ClientKey, CoordinatorConfig, expand
@@ -37,7 +37,7 @@ from aitbc.coordinator.clock import Clock, SystemClock
 from aitbc.coordinator.models import ModelRegistry, declared, from_config
 from aitbc.coordinator.receipt_book import ReceiptBook
 from aitbc.coordinator.registry import MinerConn, MinerRegistry, MinerSession, device_class
-from aitbc.coordinator.store import JobStore
+from aitbc.coordinator.store import AsyncArtifact, JobStore
 from aitbc.coordinator.streams import EVENT_PROGRESS, EVENT_TEXT, JobStreams
 from aitbc.coordinator.uploads import Uploads
 from aitbc.coordinator.verification import Verifier
@@ -141,6 +141,9 @@ class Coordinator:
         self._event_last: dict[str, int] = {}
         self._remote_attempt: dict[str, int] = {}
         self._remote_seen: dict[str, tuple[int, int]] = {}
+        self._events_lock = asyncio.Lock()  # one read of job_events at a time (each row published once)
+        self._events_pull: asyncio.Task[None] | None = None  # the doorbell's or the poll's read, in the background
+        self._events_again = False  # rows announced while that read ran: read once more
         # paid jobs (docs/economy.md): what is reserved of each client's escrow, and the ledger
         # that holds the escrow (set by the server when a ledger is configured; None: free jobs only)
         # on a shared store the reservations are its rows (PostgresReservations: the same methods)
@@ -319,7 +322,7 @@ class Coordinator:
             self._watchers_at = now
             self.store.watch_jobs(self.streams.watched_ids(), WATCHER_TTL_S)  # type: ignore[attr-defined]
         self._look_for_watchers(now)
-        self._pull_events()
+        self._pull_soon()
         return events
 
     def _look_for_watchers(self, now: float) -> None:
@@ -417,38 +420,65 @@ class Coordinator:
 
     def heard_events(self) -> None:
         """An owner elsewhere appended job events (NOTIFY aitbc_events): stream them now."""
-        try:
-            self._pull_events()
-        except Exception:  # the doorbell only hurries what the 0.5 s poll does anyway
-            log.exception("reading job events after a notification failed")
+        self._pull_soon()
 
-    def _pull_events(self) -> None:
+    def _watched_remote(self) -> dict[str, int]:
+        """The jobs watched here that this machine does not hold: the last event id read of each."""
+        return {j: self._event_last.get(j, 0) for j in self.streams.watched_ids() if self.machine.job(j) is None}
+
+    def _pull_soon(self) -> None:
+        """Read the new event rows in the background (awaited reads: the tick and the doorbell do
+        not wait for the database); a read already running reads once more when it is done."""
+        if self._events_pull is not None and not self._events_pull.done():
+            self._events_again = True
+        elif self._watched_remote():
+            self._events_pull = asyncio.get_running_loop().create_task(self._pull_in_background())
+
+    async def _pull_in_background(self) -> None:
+        again = True
+        while again:
+            self._events_again = False
+            try:
+                await self._pull_events()
+            except Exception:  # the poll reads them again 0.5 s later; the states come from the job rows
+                log.exception("reading the job events of jobs run by other coordinators failed")
+                return
+            again = self._events_again
+
+    async def _pull_events(self) -> None:
         """The watcher: new event rows of the jobs watched here that another coordinator runs go
         into this coordinator's streams (text by offset: a row seen twice, or the text so far
         written again for a watcher that joined late, adds nothing twice)."""
-        for _ in range(10):  # bounded per call: the rest comes with the next one
-            after = {j: self._event_last.get(j, 0) for j in self.streams.watched_ids() if self.machine.job(j) is None}
-            rows = self.store.read_events(after, EVENT_READ_BATCH) if after else []  # type: ignore[attr-defined]
-            for event_id, job_id, kind, attempt, payload in rows:
-                self._event_last[job_id] = event_id
-                have = self._remote_attempt.get(job_id)
-                if have is not None and attempt < have:
-                    continue  # an earlier attempt's, written late
-                if have is not None and attempt > have:
-                    self.streams.reset_text(job_id)  # the next attempt's text starts again at offset 0
-                self._remote_attempt[job_id] = attempt
-                if kind == EVENT_PROGRESS:
-                    self.streams.publish(job_id, job_pb2.JobProgress.FromString(payload))
-                elif kind == EVENT_TEXT:
-                    chunk = job_pb2.TextChunk.FromString(payload)
-                    chars = self.streams.chars(job_id)
-                    if chunk.offset <= chars < chunk.offset + len(chunk.text):
-                        try:
-                            self.streams.append_text(job_id, chunk.text[chars - chunk.offset:])
-                        except InvalidArgument:
-                            pass  # past MAX_STREAMED_CHARS: the owner refused it too
-            if len(rows) < EVENT_READ_BATCH:
-                return
+        async with self._events_lock:
+            for _ in range(10):  # bounded per call: the rest comes with the next one
+                if not await self._pull_batch():
+                    return
+
+    async def _pull_batch(self) -> bool:
+        """One batch of event rows into the streams; True when there may be more."""
+        after = self._watched_remote()
+        rows = await self.store.aread_events(after, EVENT_READ_BATCH) if after else []  # type: ignore[attr-defined]
+        for event_id, job_id, kind, attempt, payload in rows:
+            if not self.streams.watched(job_id):
+                continue  # its last watch here ended while the rows were read
+            self._event_last[job_id] = event_id
+            have = self._remote_attempt.get(job_id)
+            if have is not None and attempt < have:
+                continue  # an earlier attempt's, written late
+            if have is not None and attempt > have:
+                self.streams.reset_text(job_id)  # the next attempt's text starts again at offset 0
+            self._remote_attempt[job_id] = attempt
+            if kind == EVENT_PROGRESS:
+                self.streams.publish(job_id, job_pb2.JobProgress.FromString(payload))
+            elif kind == EVENT_TEXT:
+                chunk = job_pb2.TextChunk.FromString(payload)
+                chars = self.streams.chars(job_id)
+                if chunk.offset <= chars < chunk.offset + len(chunk.text):
+                    try:
+                        self.streams.append_text(job_id, chunk.text[chars - chunk.offset:])
+                    except InvalidArgument:
+                        pass  # past MAX_STREAMED_CHARS: the owner refused it too
+        return len(rows) == EVENT_READ_BATCH
 
     def _forget_watch(self, job_id: str) -> None:
         """The last watch here of a job ended: its watcher row goes, and what was kept to stream it."""
@@ -707,8 +737,8 @@ class Coordinator:
         escrow = await self._escrow(client_id) if paid else None
         asked = params
         params, cap = self._prepare(model, params, max_price_per_unit, check_served=not request_id)
-        def same(existing: str) -> job_pb2.Job:
-            job = self.get(client_id, existing)
+        async def same(existing: str) -> job_pb2.Job:  # (only answers: nothing is decided after its await)
+            job = await self.get(client_id, existing)
             same_pay = paid == bool(job.quote) and (quote is None or job.quote == quote.body.canonical_bytes())
             if not _same_request(job, model, asked, params) or job.webhook_url != webhook_url or not same_pay:
                 raise AlreadyExists(
@@ -720,7 +750,7 @@ class Coordinator:
         if request_id:
             existing = self.store.job_for_request(client_id, request_id)
             if existing is not None and self._find(existing) is not None:
-                return same(existing)
+                return await same(existing)
             self._check_served(model, params)
         self._check_active(client_id)
         now = self.time.now_ms()
@@ -734,7 +764,7 @@ class Coordinator:
         if request_id:  # the arbiter: on a shared store the first coordinator to record the request wins
             winner = await self._claim_request(client_id, request_id, job.job_id)
             if winner != job.job_id:
-                return same(winner)
+                return await same(winner)
         paid_by = None
         try:
             paid_by = self._charge(job, escrow, quote, priority_fee or 0) if escrow is not None else None
@@ -972,15 +1002,19 @@ class Coordinator:
             raise NotFound(f"job {job_id} not found")
         return job
 
-    def _client_view(self, job: job_pb2.Job, *, queue: bool = True) -> job_pb2.Job:
-        """A copy to hand out, with the receipt as the book has it now (or, while the job is
-        queued and `queue`, its queue position and ETA)."""
+    async def _job_view(self, job: job_pb2.Job, *, queue: bool = True) -> job_pb2.Job:
+        """`_client_view` with the receipt as the book has it now (an awaited read)."""
+        rec = await self.receipts.aget(job.receipt_hash) if job.receipt_hash else None
+        return self._client_view(job, receipt=rec, queue=queue)
+
+    def _client_view(self, job: job_pb2.Job, *, receipt: receipt_pb2.Receipt | None = None,
+                     queue: bool = True) -> job_pb2.Job:
+        """A copy to hand out, with `receipt` (or, while the job is queued and `queue`, its queue
+        position and ETA)."""
         out = job_pb2.Job()
         out.CopyFrom(job)
-        if out.receipt_hash:
-            rec = self.receipts.get(out.receipt_hash)
-            if rec is not None:
-                out.receipt.CopyFrom(rec)
+        if receipt is not None:
+            out.receipt.CopyFrom(receipt)
         if queue and out.state == S.JOB_STATE_QUEUED:
             info = self.machine.queue_infos([out.job_id]).get(out.job_id)
             if info is not None:
@@ -1006,11 +1040,16 @@ class Coordinator:
             if job_id not in infos:
                 del self._queue_seen[job_id]
 
-    def get(self, client_id: str, job_id: str) -> job_pb2.Job:
-        job = self._load(job_id)
+    async def get(self, client_id: str, job_id: str) -> job_pb2.Job:
+        """The job as its client sees it: from this machine when it holds the job, else read from
+        the store (awaited: a shared store's database may be slow)."""
+        jobs.validate_job_id(job_id)
+        job = self.machine.job(job_id) or await self.store.aget_job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
         if job.client_id != client_id:
             raise PermissionDenied(f"job {job_id} belongs to another client")
-        return self._client_view(job)
+        return await self._job_view(job)
 
     async def cancel(self, client_id: str, job_id: str, reason: str = "", *, looked: int = 0) -> job_pb2.Job:
         job = self._load(job_id)
@@ -1029,15 +1068,15 @@ class Coordinator:
                                           "CancelJob again")
                     return await self.cancel(client_id, job_id, reason, looked=looked + 1)  # it moved: look again
                 log.info("job %s: cancel asked of coordinator %s, which runs it", job_id, owner)
-                return self.get(client_id, job_id)  # cancelled by its owner within a heartbeat interval
+                return await self.get(client_id, job_id)  # cancelled by its owner within a heartbeat interval
             self._run(*claimed, m.Cancel(job_id, why), dispatch=False)
-            return self.get(client_id, job_id)
+            return await self.get(client_id, job_id)
         self._run(m.Cancel(job_id, why))
-        return self.get(client_id, job_id)
+        return await self.get(client_id, job_id)
 
     async def watch(self, client_id: str, job_id: str) -> AsyncIterator[job_pb2.Job | job_pb2.JobProgress | job_pb2.TextChunk]:
         """First a snapshot, then progress, text and every state change, until the job finishes."""
-        self.get(client_id, job_id)  # existence and ownership before anything is streamed
+        await self.get(client_id, job_id)  # existence and ownership before anything is streamed
         events = self.streams.watch(job_id, lambda: self.get(client_id, job_id),
                                     lambda j: self.machine.job(j) is not None)
         if self.shared:
@@ -1045,7 +1084,7 @@ class Coordinator:
         async for event in events:
             if isinstance(event, job_pb2.Job) and (event.state == S.JOB_STATE_QUEUED or (
                     event.state == S.JOB_STATE_COMPLETED and event.receipt_hash)):
-                event = self._client_view(event)  # the receipt as the book has it now; a queued job's place
+                event = await self._job_view(event)  # the receipt as the book has it now; a queued job's place
             yield event
 
     async def _watch_shared(self, client_id: str, job_id: str, local: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -1073,12 +1112,12 @@ class Coordinator:
                     continue
                 if self.machine.job(job_id) is not None:
                     continue  # ours now: its events come from this machine
-                job = self.store.get_job(job_id)
+                job = await self.store.aget_job(job_id)
                 if job is None or (job.state, job.updated_at_unix_ms) == self._remote_seen.get(job_id):
                     continue  # (another watch of this job here may have published it already)
                 self._remote_seen[job_id] = (job.state, job.updated_at_unix_ms)
-                self._pull_events()  # what the owner wrote before this state, first
-                self.streams.publish(job_id, self.get(client_id, job_id))
+                await self._pull_events()  # what the owner wrote before this state, first
+                self.streams.publish(job_id, await self._job_view(job))
         finally:
             if nxt is not None:
                 nxt.cancel()
@@ -1086,15 +1125,15 @@ class Coordinator:
             await local.aclose()  # type: ignore[attr-defined]
             self._forget_watch(job_id)
 
-    def artifact(self, client_id: str, job_id: str, index: int) -> tuple[job_pb2.Artifact, BinaryIO]:
-        """The artifact's description and its bytes as a file (the caller closes it)."""
-        job = self.get(client_id, job_id)
+    async def artifact(self, client_id: str, job_id: str, index: int) -> tuple[job_pb2.Artifact, AsyncArtifact]:
+        """The artifact's description and its bytes as an async file (the caller closes it)."""
+        job = await self.get(client_id, job_id)
         if job.state != S.JOB_STATE_COMPLETED:
             raise FailedPrecondition(f"job {job_id} is {jobs.state_name(job.state)}; results exist only for COMPLETED jobs")
         if index >= len(job.artifacts):
             raise InvalidArgument(f"artifact index {index} is out of range: job {job_id} has {len(job.artifacts)}")
         art = job.artifacts[index]
-        data = self.store.open_artifact(art.sha256)
+        data = await self.store.aopen_artifact(art.sha256)
         if data is None and art.expires_at_unix_ms and art.expires_at_unix_ms <= self.time.now_ms():
             when = datetime.fromtimestamp(art.expires_at_unix_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
             raise NotFound(f"artifact {index} of job {job_id} expired at {when} and was deleted (the coordinator keeps "
@@ -1104,9 +1143,9 @@ class Coordinator:
             raise NotFound(f"artifact {art.sha256} of job {job_id} is no longer stored")
         return art, data
 
-    def receipt(self, client_id: str, *, receipt_hash: str = "", job_id: str = "") -> receipt_pb2.Receipt:
+    async def receipt(self, client_id: str, *, receipt_hash: str = "", job_id: str = "") -> receipt_pb2.Receipt:
         if job_id:
-            job = self.get(client_id, job_id)
+            job = await self.get(client_id, job_id)
             if job.shard_job_ids:
                 raise FailedPrecondition(f"job {job_id} was split into {len(job.shard_job_ids)} shards, each with its "
                                          f"own receipt: list them with ListReceipts(job_id={job_id})")
@@ -1115,24 +1154,24 @@ class Coordinator:
             receipt_hash = job.receipt_hash
         if not receipt_hash:
             raise InvalidArgument("give a receipt_hash or a job_id")
-        rec = self.receipts.get(receipt_hash.lower())
+        rec = await self.receipts.aget(receipt_hash.lower())
         if rec is None:
             raise NotFound(f"receipt {receipt_hash} not found")
         if rec.body.client != client_id:
             raise PermissionDenied(f"receipt {receipt_hash} belongs to another client")
         return rec
 
-    def list_receipts(self, client_id: str, *, job_id: str = "", page_size: int = 0,
-                      page_token: str = "") -> tuple[list[receipt_pb2.Receipt], str]:
+    async def list_receipts(self, client_id: str, *, job_id: str = "", page_size: int = 0,
+                            page_token: str = "") -> tuple[list[receipt_pb2.Receipt], str]:
         if job_id:
-            job = self.get(client_id, job_id)  # a split job's receipts are its shards', in image order
-            return [self.receipt(client_id, job_id=j) for j in (job.shard_job_ids or [job_id])], ""
+            job = await self.get(client_id, job_id)  # a split job's receipts are its shards', in image order
+            return [await self.receipt(client_id, job_id=j) for j in (job.shard_job_ids or [job_id])], ""
         limit = min(page_size or 20, 100)
         try:
             before = bytes.fromhex(page_token) if page_token else None
         except ValueError:
             raise InvalidArgument("page_token is malformed: pass the next_page_token of the previous page") from None
-        page, nxt = self.store.client_receipts(client_id, before=before, limit=limit)
+        page, nxt = await self.store.aclient_receipts(client_id, before=before, limit=limit)
         return page, nxt.hex() if nxt else ""
 
     # ---- miners -------------------------------------------------------------------------------------
@@ -1560,6 +1599,8 @@ class Coordinator:
         return self.receipts.listeners
 
     def close(self) -> None:
+        if self._events_pull is not None:
+            self._events_pull.cancel()
         if self._events_timer is not None:  # events not written yet: watchers elsewhere read the states
             self._events_timer.cancel()
             self._events_timer = None

@@ -4,11 +4,12 @@
 `database_url` (docs/coordinator.md, "The store"). It passes tests/coordinator/test_store_contract.py
 like the LMDB and memory stores.
 
-- **Synchronous.** The coordinator calls its store from the event loop without awaiting (the LMDB
-  store is a memory-mapped file), so this store holds one synchronous connection: a statement on
-  loopback is a round trip of ~0.1 ms (plus one for the doorbell's LISTEN). Several coordinators
-  share the database with this driver too; the async store is a later step of issue 18, for a
-  database a network hop away (docs/scaling.md, "Driver").
+- **Synchronous writes, awaited reads.** The machine's step (decide, write, then send) calls its
+  store without awaiting, so this store holds one synchronous connection for the writes, claims
+  and housekeeping: a statement on loopback is a round trip of ~0.1 ms (plus one for the doorbell's
+  LISTEN). The client-facing reads (`aget_job`, `aget_receipt`, `aclient_receipts`,
+  `aopen_artifact`, `aread_events`) go through a small pool of async connections and are awaited
+  (aitbc/coordinator/pgreads.py): a slow database does not stall the event loop for them.
 - **One transaction per write.** `write` runs every statement in one transaction; an exception
   anywhere in it (a bad receipt, a lost connection) rolls all of it back. Reads run in autocommit.
 - **Artifacts are bytea rows.** `artifacts` holds the record (size, expiry) and `artifact_chunks`
@@ -60,6 +61,7 @@ from typing import Any, BinaryIO, cast
 
 import psycopg
 
+from aitbc.coordinator import pgreads
 from aitbc.coordinator.fees import Charge, charge_of, check_escrow
 from aitbc.coordinator.store import (
     _KEPT,
@@ -192,18 +194,20 @@ def migrate(conn: psycopg.Connection[Any], migrations: list[Migration], *, where
 
 # ---- the store -----------------------------------------------------------------------------------------
 
-class PostgresJobStore:
+class PostgresJobStore(pgreads.AsyncReads):
     """Jobs, artifacts, receipts, meta and reputation in one PostgreSQL database."""
 
     shared = True  # several coordinators may open the same database: jobs are claimed, writes fenced
 
     def __init__(self, url: str, *, chunk_bytes: int = CHUNK_BYTES, migrations: str | Path | None = None,
-                 connect_timeout_s: int = 10, lease_s: float = 10.0) -> None:
+                 connect_timeout_s: int = 10, lease_s: float = 10.0, read_pool: int = pgreads.DEFAULT_POOL) -> None:
         self.url = url
         self.display_url = display_url(url)
         self.chunk_bytes = chunk_bytes
         self.lease_s = lease_s  # a claim lasts this long unless renewed (the coordinator sets it)
         self._timeout = connect_timeout_s
+        # the awaited reads' connections (opened as reads need them): checked before anything opens
+        self._reads = pgreads.ReadPool(url, self.display_url, read_pool, connect_timeout_s=connect_timeout_s)
         self._conn = connect(url, connect_timeout_s=connect_timeout_s)
         self._closed = False
         self.coordinator_id = secrets.token_hex(8)  # this process, as `owner` of the jobs it claims
@@ -246,6 +250,7 @@ class PostgresJobStore:
     def close(self) -> None:
         self._closed = True
         self.stop_listening()
+        self._reads.close()
         self._conn.close()
 
     def listen(self, on_queued: Callable[[], None], on_events: Callable[[], None] | None = None,
@@ -426,14 +431,14 @@ class PostgresJobStore:
     # -- artifacts --
 
     def open_artifact(self, sha256_hex: str) -> BinaryIO | None:
-        row = self.conn.execute("SELECT size, chunk_bytes FROM artifacts WHERE sha256 = %s", (sha256_hex,)).fetchone()
+        row = self.conn.execute(pgreads.GET_ARTIFACT, (sha256_hex,)).fetchone()
         if row is None:
             return None
         raw = _ArtifactReader(self, sha256_hex, int(row[0]), int(row[1]))
         return cast(BinaryIO, io.BufferedReader(raw, buffer_size=max(io.DEFAULT_BUFFER_SIZE, min(int(row[1]), 1 << 20))))
 
     def _chunk(self, sha: str, n: int) -> bytes | None:
-        row = self.conn.execute("SELECT data FROM artifact_chunks WHERE sha256 = %s AND n = %s", (sha, n)).fetchone()
+        row = self.conn.execute(pgreads.GET_CHUNK, (sha, n)).fetchone()
         return bytes(row[0]) if row is not None else None
 
     def expired_artifacts(self, now_ms: int, limit: int) -> list[tuple[str, str]]:
@@ -454,7 +459,7 @@ class PostgresJobStore:
     # -- jobs --
 
     def get_job(self, job_id: str) -> job_pb2.Job | None:
-        row = self.conn.execute("SELECT body FROM jobs WHERE job_id = %s", (job_id,)).fetchone()
+        row = self.conn.execute(pgreads.GET_JOB, (job_id,)).fetchone()
         return job_pb2.Job.FromString(row[0]) if row is not None else None
 
     def active_jobs(self) -> list[job_pb2.Job]:
@@ -643,12 +648,7 @@ class PostgresJobStore:
         id order (at most `limit`)."""
         if not after:
             return []
-        ids = sorted(after)
-        rows = self.conn.execute(
-            "SELECT e.id, e.job_id, e.kind, e.attempt, e.payload FROM unnest(%s::text[], %s::bigint[]) AS w(job_id, last) "
-            "JOIN job_events e ON e.job_id = w.job_id AND e.id > w.last ORDER BY e.id LIMIT %s",
-            (ids, [after[j] for j in ids], limit)).fetchall()
-        return [(int(r[0]), r[1], int(r[2]), int(r[3]), bytes(r[4])) for r in rows]
+        return pgreads.event_rows(self.conn.execute(pgreads.READ_EVENTS, pgreads.events_args(after, limit)).fetchall())
 
     def prune_events(self, keep_s: float, limit: int, watchers_s: float) -> int:
         """Delete up to `limit` event rows of finished jobs older than `keep_s`, and watcher rows
@@ -760,7 +760,7 @@ class PostgresJobStore:
     # -- receipts --
 
     def get_receipt(self, receipt_hash: str) -> receipt_pb2.Receipt | None:
-        row = self.conn.execute("SELECT body FROM receipts WHERE receipt_hash = %s", (receipt_hash,)).fetchone()
+        row = self.conn.execute(pgreads.GET_RECEIPT, (receipt_hash,)).fetchone()
         return receipt_pb2.Receipt.FromString(row[0]) if row is not None else None
 
     def update_receipt(self, receipt: receipt_pb2.Receipt) -> None:
@@ -789,13 +789,8 @@ class PostgresJobStore:
 
     def client_receipts(self, client_id: str, *, before: bytes | None,
                         limit: int) -> tuple[list[receipt_pb2.Receipt], bytes | None]:
-        sql = ("SELECT c.key, r.body FROM client_receipts c JOIN receipts r USING (receipt_hash) "
-               "WHERE c.client_id = %s" + (" AND c.key < %s" if before is not None else "") +
-               " ORDER BY c.key DESC LIMIT %s")
-        args = (client_id, before, limit) if before is not None else (client_id, limit)
-        rows = self.conn.execute(sql, args).fetchall()
-        page = [receipt_pb2.Receipt.FromString(r[1]) for r in rows]
-        return page, (bytes(rows[-1][0]) if rows and len(rows) == limit else None)
+        sql, args = pgreads.client_receipts_query(client_id, before, limit)
+        return pgreads.client_receipts_page(self.conn.execute(sql, args).fetchall(), limit)
 
     # -- meta --
 

@@ -31,6 +31,10 @@ class ReceiptBook:
     def get(self, receipt_hash: str) -> receipt_pb2.Receipt | None:
         return self.store.get_receipt(receipt_hash)
 
+    async def aget(self, receipt_hash: str) -> receipt_pb2.Receipt | None:
+        """`get` for the client-facing reads: awaited (a shared store's database may be slow)."""
+        return await self.store.aget_receipt(receipt_hash)
+
     def unheld_state(self, rec: receipt_pb2.Receipt) -> int:
         if not self.settles:
             return St.SETTLEMENT_STATE_DISABLED

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import BinaryIO, Protocol
 
 import lmdb
@@ -142,6 +143,79 @@ class JobStore(Protocol):
     def reputation(self) -> ReputationStore: ...
     def close(self) -> None: ...
 
+    # The client-facing reads, awaited (GetJob, GetJobResult, GetReceipt, ListReceipts, WatchJob):
+    # a store a network hop away (PostgreSQL) answers them without stalling the event loop; an
+    # in-process store (LMDB, memory) answers them with its synchronous reads (InProcessReads).
+    # Each returns what its synchronous twin returns.
+    async def aget_job(self, job_id: str) -> job_pb2.Job | None: ...
+    async def aget_receipt(self, receipt_hash: str) -> receipt_pb2.Receipt | None: ...
+
+    async def aclient_receipts(self, client_id: str, *, before: bytes | None,
+                               limit: int) -> tuple[list[receipt_pb2.Receipt], bytes | None]: ...
+
+    async def aopen_artifact(self, sha256_hex: str) -> AsyncArtifact | None:
+        """The artifact's bytes as an async file (`await f.read(n)`), or None, as `open_artifact`."""
+        ...
+
+
+class AsyncArtifact(Protocol):
+    """An artifact being read: `await read(n)` gives the next n bytes (fewer at the end, b"" past
+    it; -1: all that is left); `async with` closes it."""
+
+    async def read(self, n: int = -1) -> bytes: ...
+    def close(self) -> None: ...
+    async def __aenter__(self) -> AsyncArtifact: ...
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None: ...
+
+
+class FileArtifact:
+    """An in-process store's artifact file behind the AsyncArtifact interface: reads from a local
+    file or memory, fast enough for the event loop (no thread)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+
+    async def read(self, n: int = -1) -> bytes:
+        return self._f.read(n)
+
+    def close(self) -> None:
+        self._f.close()
+
+    async def __aenter__(self) -> FileArtifact:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.close()
+
+
+class InProcessReads:
+    """The awaited reads of a store in this process (LMDB, memory): its synchronous reads, called
+    directly (a memory-mapped file or a dict answers in microseconds; a thread would cost more)."""
+
+    def get_job(self, job_id: str) -> job_pb2.Job | None: ...
+    def get_receipt(self, receipt_hash: str) -> receipt_pb2.Receipt | None: ...
+    def open_artifact(self, sha256_hex: str) -> BinaryIO | None: ...
+
+    def client_receipts(self, client_id: str, *, before: bytes | None,
+                        limit: int) -> tuple[list[receipt_pb2.Receipt], bytes | None]: ...
+
+    async def aget_job(self, job_id: str) -> job_pb2.Job | None:
+        return self.get_job(job_id)
+
+    async def aget_receipt(self, receipt_hash: str) -> receipt_pb2.Receipt | None:
+        return self.get_receipt(receipt_hash)
+
+    async def aclient_receipts(self, client_id: str, *, before: bytes | None,
+                               limit: int) -> tuple[list[receipt_pb2.Receipt], bytes | None]:
+        return self.client_receipts(client_id, before=before, limit=limit)
+
+    async def aopen_artifact(self, sha256_hex: str) -> FileArtifact | None:
+        f = self.open_artifact(sha256_hex)
+        return FileArtifact(f) if f is not None else None
+
 
 ArtifactData = bytes | Path  # the bytes, or a finished upload's file (moved into the store, not copied)
 _KEPT = 0  # an expiry of 0: kept for good (artifact_retention_s = 0, or no job names the artifact)
@@ -232,7 +306,7 @@ def _client_receipt_key(job: job_pb2.Job) -> bytes:
     return job.client_id.encode() + b"\x00" + ordinal + job.job_id.encode()
 
 
-class LmdbJobStore:
+class LmdbJobStore(InProcessReads):
     """Jobs, receipts and meta in one LMDB; artifact bytes in content-addressed files beside it
     (`artifacts`, default <path>/../artifacts), their records and expiry index in the LMDB."""
 
@@ -469,7 +543,7 @@ class LmdbJobStore:
         return out
 
 
-class MemoryJobStore:
+class MemoryJobStore(InProcessReads):
     """The in-memory twin: same contract, nothing on disk (tests, and the core without I/O).
     Values are kept serialised, so what is read back is a copy, as from a real store."""
 

@@ -9,7 +9,7 @@ has ended and nobody watches it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aitbc import jobs
 from aitbc.errors import InvalidArgument
@@ -96,10 +96,11 @@ class JobStreams:
 
     # ---- watching -----------------------------------------------------------------------------------
 
-    async def watch(self, job_id: str, snapshot: Callable[[], job_pb2.Job],
+    async def watch(self, job_id: str, snapshot: Callable[[], Awaitable[job_pb2.Job]],
                     active: Callable[[str], bool]) -> AsyncIterator[Event]:
-        """First a snapshot, then progress, text and every state change, until the job finishes."""
-        job = snapshot()
+        """First a snapshot (an awaited read), then progress, text and every state change, until
+        the job finishes."""
+        job = await snapshot()
         if job.state in jobs.TERMINAL:
             yield job
             return

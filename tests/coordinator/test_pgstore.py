@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from aitbc.coordinator import pgstore
 from aitbc.coordinator.pgstore import PostgresJobStore, load_migrations
-from aitbc.errors import FailedPrecondition, InvalidArgument
+from aitbc.errors import FailedPrecondition, InvalidArgument, Unavailable
 from aitbc.v1 import job_pb2
 
 SHIPPED = load_migrations()
@@ -201,3 +202,100 @@ def test_the_server_binaries_are_found_on_path_or_in_debians_folder_and_missing_
     assert find_bin_dir(path=str(tmp_path / "nothing"), debian_root=str(tmp_path / "lib")) == debian
     assert find_bin_dir(path=str(debian), debian_root=str(tmp_path / "none")) == debian
     assert "run `make test`" in MISSING  # what tests/conftest.py fails with (never a skip)
+
+
+# ---- the awaited reads' pool (aitbc/coordinator/pgreads.py) --------------------------------------------
+
+def read_connections(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as admin:
+        return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                             "'aitbc-coordinator-reads' AND datname = current_database()").fetchone()[0]
+
+
+async def test_reads_share_at_most_the_pools_connections_and_wait_for_a_free_one(pg_url: str) -> None:
+    import asyncio
+
+    store = PostgresJobStore(pg_url, read_pool=2)
+    store.write([job_pb2.Job(job_id="a", state=job_pb2.JOB_STATE_QUEUED)])
+    entered: list[int] = []
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_advisory_lock(7)")  # the database stalls every read until it is released
+
+        async def stall(conn: psycopg.AsyncConnection[Any]) -> None:
+            entered.append(conn.info.backend_pid)
+            await conn.execute("SELECT pg_advisory_lock_shared(7)")
+            await conn.execute("SELECT pg_advisory_unlock_shared(7)")
+
+        store._reads.before_read = stall
+        reads = [asyncio.create_task(store.aget_job("a")) for _ in range(3)]
+        while len(entered) < 2:
+            await asyncio.sleep(0.01)
+        for _ in range(10):  # the third read has had its turns on the loop: it waits for a free connection
+            await asyncio.sleep(0)
+        assert store._reads._slots is not None and store._reads._slots.locked()
+        assert len(entered) == 2 and not any(r.done() for r in reads) and read_connections(pg_url) == 2
+        admin.execute("SELECT pg_advisory_unlock(7)")
+        assert [(await r).job_id for r in reads] == ["a", "a", "a"]
+    assert len(entered) == 3 and len(set(entered)) == 2  # the third read reused a connection of the two
+    store.close()
+    assert eventually_zero(lambda: read_connections(pg_url))
+
+
+def eventually_zero(probe: Any) -> bool:
+    import time
+
+    for _ in range(500):  # the server notices a closed connection a moment after the client closed it
+        if probe() == 0:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+async def test_a_read_whose_connection_the_server_dropped_is_unavailable_and_the_next_one_reconnects(
+        pg_url: str) -> None:
+    store = PostgresJobStore(pg_url)
+    store.write([job_pb2.Job(job_id="a", state=job_pb2.JOB_STATE_QUEUED)])
+    assert (await store.aget_job("a")).job_id == "a"
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
+                      "'aitbc-coordinator-reads' AND datname = current_database()")
+    with pytest.raises(Unavailable) as err:
+        await store.aget_job("a")  # the read in flight fails: never repeated blindly
+    assert err.value.message.startswith(f"the coordinator's database at {pgstore.display_url(pg_url)} did not answer")
+    assert (await store.aget_job("a")).job_id == "a"  # a new connection
+    store.close()
+    with pytest.raises(Unavailable, match="stopping"):
+        await store.aget_job("a")
+
+
+async def test_a_database_that_cannot_be_reached_makes_the_read_unavailable_naming_it(pg_url: str) -> None:
+    store = PostgresJobStore(pg_url)
+    store._reads.url = pg_url.replace(pg_url.rsplit("/", 1)[1], "no_such_database")  # as if it went away
+    with pytest.raises(Unavailable) as err:
+        await store.aget_receipt("r")
+    assert "cannot be reached" in err.value.message and "no_such_database" in err.value.message
+    store.close()
+
+
+async def test_the_urls_statement_timeout_applies_to_the_awaited_reads(pg_url: str) -> None:
+    url = pg_url + ("&" if "?" in pg_url else "?") + "options=-c%20statement_timeout%3D50"
+    store = PostgresJobStore(url)
+
+    async def slow(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute("SELECT pg_sleep(5)")  # past the 50 ms the URL allows a statement
+
+    store._reads.before_read = slow
+    with pytest.raises(Unavailable, match="cancelled the read"):
+        await store.aget_job("a")
+    store._reads.before_read = None
+    assert await store.aget_job("a") is None  # the connection stays usable
+    store.close()
+
+
+def test_the_read_pool_size_is_checked_before_anything_opens(pg_url: str) -> None:
+    from aitbc.config import CoordinatorConfig
+
+    for bad in (0, 65):
+        with pytest.raises(InvalidArgument, match="'database_read_pool' must be between 1 and 64"):
+            CoordinatorConfig(database_url=pg_url, database_read_pool=bad)
+    assert CoordinatorConfig(database_url=pg_url, database_read_pool=64).database_read_pool == 64

@@ -225,6 +225,37 @@ class JobStoreContract:
         store = self.reopen(store)
         assert [j.job_id for j in store.active_jobs()] == ["a"] and store.get_job("b").state == S.JOB_STATE_FAILED
 
+    # ---- the awaited reads (GetJob, GetJobResult, GetReceipt, ListReceipts): what the sync ones return ----
+
+    async def test_every_awaited_read_returns_what_its_synchronous_twin_does(self, store: JobStore) -> None:
+        big = bytes(range(256)) * 40  # 10,240 bytes: several chunks on a store with small ones
+        for n in range(3):
+            j = done(f"a{n}", [(f"a{n}", 0)])
+            j.receipt_hash = f"r{n}"
+            store.write([j], artifacts=[(f"a{n}", big[n:])], receipts=[(j, receipt(f"r{n}", j.job_id,
+                                                                                 St.SETTLEMENT_STATE_PENDING))])
+        store.write([job("q")])
+        for job_id in ("a0", "a2", "q", "missing"):
+            assert await store.aget_job(job_id) == store.get_job(job_id)
+        for rh in ("r0", "r1", "missing"):
+            assert await store.aget_receipt(rh) == store.get_receipt(rh)
+        before = None
+        while True:  # page by page, the tokens the same
+            page = store.client_receipts("alice", before=before, limit=2)
+            assert await store.aclient_receipts("alice", before=before, limit=2) == page
+            if page[1] is None:
+                break
+            before = page[1]
+        assert await store.aclient_receipts("nobody", before=None, limit=5) == ([], None)
+        assert await store.aopen_artifact("missing") is None
+        for sha in ("a0", "a2"):
+            f = await store.aopen_artifact(sha)
+            assert f is not None
+            async with f:
+                pieces = [await f.read(3000), await f.read(3000), await f.read()]
+                assert await f.read(10) == b""  # past the end
+            assert b"".join(pieces) == read(store, sha) and len(pieces[0]) == 3000
+
 
 class TestMemoryJobStore(JobStoreContract):
     def make(self) -> JobStore:
@@ -272,7 +303,7 @@ class TestPostgresJobStore(JobStoreContract):
         self.url = pg_url
 
     def make(self) -> JobStore:
-        return PostgresJobStore(self.url)
+        return PostgresJobStore(self.url, chunk_bytes=4096)  # artifacts of several chunks in the tests
 
     def reopen(self, store: JobStore) -> JobStore:
         store.close()
@@ -403,3 +434,14 @@ class TestPostgresJobStore(JobStoreContract):
         assert reaper.sweep_orphans(1300.0, 600.0) == ["young"]
         assert reaper.holds("paid") and reaper.holds("late")  # with their jobs: kept, however long
         assert reaper.sweep_orphans(10_000.0, 600.0) == [] and len(reaper) == 2
+
+    async def test_the_awaited_event_read_returns_what_the_synchronous_one_does(self, store: PostgresJobStore) -> None:
+        from aitbc.coordinator.streams import EVENT_PROGRESS, EVENT_TEXT
+
+        store.write([job("a", S.JOB_STATE_RUNNING), job("b", S.JOB_STATE_RUNNING)])
+        store.append_events([("a", EVENT_PROGRESS, 1, b"p1"), ("b", EVENT_TEXT, 1, b"t1"), ("a", EVENT_TEXT, 1, b"t2"),
+                             ("a", EVENT_PROGRESS, 2, b"p2")], keep=64)
+        first = store.read_events({"a": 0, "b": 0}, 10)
+        assert [r[4] for r in first] == [b"p1", b"t1", b"t2", b"p2"]
+        for after, limit in (({"a": 0, "b": 0}, 10), ({"a": first[0][0]}, 10), ({"a": 0, "b": 0}, 2), ({}, 5)):
+            assert await store.aread_events(after, limit) == store.read_events(after, limit)
