@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ class ClientKey:
     api_key_sha256: str
     rate_per_s: float = 50.0
     burst: int = 100
-    max_streams: int = 64  # server streams (WatchJob, GetJobResult) the client holds open at once
+    max_streams: int = 64  # server streams (WatchJob, GetJobResult) and waiting GenerateImage calls at once
     max_active_jobs: int = 1000  # its jobs not yet ended (queued, assigned, running) at once
     operator: bool = False  # may call operator RPCs (ReleaseMiner)
     # webhooks (docs/coordinator.md, "Webhooks"): a signed POST on each of the client's jobs' end,
@@ -53,6 +54,10 @@ class ClientKey:
             if url and not (url.startswith("https://") or url.startswith("http://")) or len(url) > 2048:
                 raise InvalidArgument(f"client {self.id!r}: webhook URL {url[:80]!r} must be http:// or https:// "
                                       "(2,048 characters at most)")
+        for url in self.webhook_url_prefixes:
+            if url_origin(url) is None:
+                raise InvalidArgument(f"client {self.id!r}: webhook URL prefix {url[:80]!r} must name a host (and a "
+                                      "port, if not the scheme's), without user info: a job's URL must go there")
         if (self.webhook_url or self.webhook_url_prefixes) and len(self.webhook_secret) < 16:
             raise InvalidArgument(f"client {self.id!r}: webhooks need a webhook_secret of 16 characters at least "
                                   "(the receiver checks each POST's HMAC with it)")
@@ -60,6 +65,19 @@ class ClientKey:
         _within(f"clients.{self.id}.burst", self.burst, 1, float("inf"))
         _within(f"clients.{self.id}.max_streams", self.max_streams, 1, float("inf"))
         _within(f"clients.{self.id}.max_active_jobs", self.max_active_jobs, 1, float("inf"))
+
+
+def url_origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) an HTTP request to `url` goes to; None for a URL without a host, with user
+    info or with a bad port. A webhook URL prefix allows its own origin only (aitbc.coordinator.webhooks)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    if "@" in parts.netloc or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname, port
 
 
 @dataclass

@@ -1,0 +1,100 @@
+"""Attack probes written from THREAT-MODEL.md (round 9), against real servers on loopback: each plays
+one actor and tries what its "must not" column forbids, where round 8 (test_probes_s8.py) and the
+other security tests did not look. Each marked (hole) succeeded before the fix its test names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import grpc
+import pytest
+
+from aitbc.config import ClientKey
+from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
+from tests.conftest import API_KEY, OTHER_KEY
+from tests.security.test_security import RawMiner, image_job
+
+pytestmark = pytest.mark.timeout(120)
+
+S = job_pb2.JobState
+MD = (("x-api-key", API_KEY),)
+BOB_MD = (("x-api-key", OTHER_KEY),)
+
+
+def limited(**kw: Any) -> list[ClientKey]:
+    return [ClientKey("alice", hashlib.sha256(API_KEY.encode()).hexdigest(), **kw),
+            ClientKey("bob", hashlib.sha256(OTHER_KEY.encode()).hexdigest(), **kw)]
+
+
+# ---- client: streams that do not look like streams --------------------------------------------------
+
+
+async def test_generate_image_holds_one_of_the_clients_max_streams_while_it_waits(network_factory: Any) -> None:
+    """GenerateImage is unary but waits for its job like a WatchJob (up to timeout_seconds, which the
+    client picks): resubmitting one request id, a client held any number of them on one job a miner
+    never finishes, past max_streams, without a new unfinished job (max_active_jobs). Each waiting
+    call now holds one of the client's streams; the next is RESOURCE_EXHAUSTED naming the setting,
+    and a call that ends frees its place."""
+    net = await network_factory(clients=limited(max_streams=2))
+    m = RawMiner(net)
+    await m.connect()
+    s = coordinator_pb2_grpc.CoordinatorServiceStub(net.channel())
+    req = coordinator_pb2.GenerateImageRequest(model="null", request_id="held-1", timeout_seconds=3600,
+                                               params=job_pb2.ImageParams(prompt="a red bicycle", seed=1, width=64,
+                                                                          height=64))
+    calls = [s.GenerateImage(req, metadata=MD, timeout=60) for _ in range(2)]
+    await net.until(lambda: net.core.auth.streams("alice") == 2)
+    assert (await m.read()).WhichOneof("msg") == "assignment"  # one job for both: the request id is the same
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.GenerateImage(req, metadata=MD, timeout=60)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "already has 2 streams open" in err.value.details() and "max_streams 2" in err.value.details()
+    calls[0].cancel()
+    await net.until(lambda: net.core.auth.streams("alice") == 1)
+    calls[1].cancel()
+    await net.until(lambda: net.core.auth.streams("alice") == 0)
+    await asyncio.gather(*(asyncio.sleep(0) for _ in calls))
+
+
+# ---- client: the coordinator calling addresses the operator did not allow ---------------------------
+
+
+@pytest.mark.parametrize(("prefix", "url"), [
+    ("https://alice.example", "https://alice.example.evil.net/hook"),  # another host that starts the same
+    ("https://alice.example", "https://alice.example@10.0.0.1/hook"),  # user info: the host is 10.0.0.1
+    ("http://10.0.0.5:80", "http://10.0.0.5:8080/admin"),  # another port that starts the same
+])
+async def test_a_jobs_webhook_url_must_be_on_the_host_and_port_the_operator_allowed(
+        network_factory: Any, prefix: str, url: str) -> None:
+    """A job's own webhook_url was allowed when it started with one of the client's
+    webhook_url_prefixes, as text: an operator who wrote a prefix without a path (or with a port)
+    let a client make the coordinator POST to any host whose name starts the same, or to any port
+    whose number does, inside the operator's network (docs/coordinator.md: "no requests into the
+    operator's own network"). The URL's scheme, host and port must be the prefix's now; a URL on
+    the allowed host and port is still accepted."""
+    net = await network_factory(clients=limited(webhook_url_prefixes=[prefix], webhook_secret="s" * 16))
+    await RawMiner(net).connect()  # serves the model: the URL is all a submission could be refused for
+    s = coordinator_pb2_grpc.CoordinatorServiceStub(net.channel())
+    bad = image_job(seed=1, width=64, height=64)
+    bad.webhook_url = url
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.SubmitJob(bad, metadata=MD)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value.details()
+    assert f"webhook_url {url[:80]!r} is not allowed for client 'alice'" in err.value.details()
+    ok = image_job(seed=2, width=64, height=64)
+    ok.webhook_url = prefix + ("" if prefix.endswith("/") else "/") + "job-2"
+    assert (await s.SubmitJob(ok, metadata=MD)).job.webhook_url == ok.webhook_url
+
+
+@pytest.mark.parametrize("prefix", ["https://", "https://ops@alice.example/", "http://alice.example:http/"])
+def test_a_webhook_prefix_that_names_no_host_is_refused_naming_it(prefix: str) -> None:
+    """Operator mistake: a prefix a job's URL could not be matched against by host and port (none, a
+    user name before it, a port that is not a number) would refuse every job's URL, or, read as text,
+    allow every host; the coordinator does not start, and says which prefix."""
+    from aitbc.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="webhook URL prefix .* must name a host"):
+        ClientKey("alice", "0" * 64, webhook_url_prefixes=[prefix], webhook_secret="s" * 16)
