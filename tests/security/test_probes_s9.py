@@ -15,9 +15,12 @@ import pytest
 from aitbc.config import ClientKey
 from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
 from tests.conftest import API_KEY, OTHER_KEY
+from tests.explorer import test_explorer_pages as pages
+from tests.explorer.test_explorer_pages import Site
 from tests.security.test_security import RawMiner, image_job
 
 pytestmark = pytest.mark.timeout(120)
+chain = pages.chain  # the explorer tests' fixture: a ledger node with a few blocks and receipts
 
 S = job_pb2.JobState
 MD = (("x-api-key", API_KEY),)
@@ -98,3 +101,47 @@ def test_a_webhook_prefix_that_names_no_host_is_refused_naming_it(prefix: str) -
 
     with pytest.raises(InvalidArgument, match="webhook URL prefix .* must name a host"):
         ClientKey("alice", "0" * 64, webhook_url_prefixes=[prefix], webhook_secret="s" * 16)
+
+
+# ---- anyone: the explorer's public pages --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/block/\u00b2", "/block/99999999999999999999999", "/search?q=\u00b2",
+                                  "/search?q=" + "9" * 5000, "/block/\u0663"])
+async def test_a_height_that_is_no_number_the_ledger_takes_is_a_not_found_page(chain: dict[str, Any],
+                                                                                tmp_path: Any, path: str) -> None:
+    """Anyone on the web: a "height" str.isdigit() accepts but int() or the uint64 field does not
+    (a superscript two, more digits than a uint64 holds, 5,000 digits) made the public page a 500
+    with a stack trace in the log. It is a 404 page that says what was wrong; a real height works."""
+    site = Site(chain["ledger"], tmp_path / "index")
+    await site.start()
+    try:
+        page = await site.get(path, status=404)
+        assert "Not found" in page and "block height" in page or "nothing on this chain matches" in page, page[-400:]
+        assert "Block 1" in await site.get("/block/1")
+    finally:
+        await site.stop()
+
+
+# ---- client: another client's receipts through paging ---------------------------------------------------
+
+
+@pytest.mark.parametrize("token", ["ab" * 600, "00", "ff" * 40])
+async def test_a_forged_page_token_lists_no_other_clients_receipts_and_a_bad_one_is_invalid_argument(
+        net: Any, null_backend: Any, token: str) -> None:
+    """The page token is the store key to continue before, as hex: a client can send any bytes. Keys
+    below its own (another client's range), above every key, and longer than LMDB keys may be:
+    each answers only this client's receipts (here none: bob's are bob's), or INVALID_ARGUMENT."""
+    await net.add_miner({"null": null_backend})
+    s = coordinator_pb2_grpc.CoordinatorServiceStub(net.channel())
+    job = (await s.SubmitJob(image_job(seed=5, width=64, height=64), metadata=BOB_MD)).job
+    async for _ in s.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=BOB_MD, timeout=60):
+        pass
+    assert len((await s.ListReceipts(coordinator_pb2.ListReceiptsRequest(), metadata=BOB_MD)).receipts) == 1
+    try:
+        page = await s.ListReceipts(coordinator_pb2.ListReceiptsRequest(page_token=token), metadata=MD)
+    except grpc.aio.AioRpcError as err:
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
+        assert "page_token" in err.details()
+    else:
+        assert list(page.receipts) == [] and page.next_page_token == ""
