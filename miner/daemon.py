@@ -323,6 +323,14 @@ class MinerDaemon:
         # coordinator gave the job back to this miner on the new stream) may still be winding down on
         # its worker thread: the new run starts once it has ended, instead of being dropped, which left
         # the coordinator waiting for the stall timeout on a job nobody ran.
+        # a coordinator sends at most max_concurrency jobs at once: one that sends more (broken, or
+        # hostile) would queue them here without bound, each a task and its parameters in memory
+        live = sum(1 for r in self.running.values() if not r.cancel.is_set())
+        if live >= max(1, self.config.max_concurrency):
+            self._send(miner_pb2.WorkRequest(failed=miner_pb2.JobFailed(job_id=job.job_id, reason=(
+                f"this miner runs {live} jobs already (max_concurrency {self.config.max_concurrency}): the "
+                "coordinator sent one more than it offered to run"))))
+            return
         rj = RunningJob(job)
         self.running[job.job_id] = rj
         rj.task = asyncio.create_task(self._run_job(rj, assignment, earlier.task if earlier is not None else None))

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from typing import Any
 
 import grpc
 import pytest
 
 from aitbc.config import ClientKey
-from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2
+from aitbc.miner.backend import NullImageBackend
+from aitbc.v1 import coordinator_pb2, coordinator_pb2_grpc, job_pb2, miner_pb2, miner_pb2_grpc
 from tests.conftest import API_KEY, OTHER_KEY
 from tests.explorer import test_explorer_pages as pages
 from tests.explorer.test_explorer_pages import Site
@@ -145,3 +147,80 @@ async def test_a_forged_page_token_lists_no_other_clients_receipts_and_a_bad_one
         assert "page_token" in err.details()
     else:
         assert list(page.receipts) == [] and page.next_page_token == ""
+
+
+# ---- a malicious coordinator: the miner daemon as the victim ------------------------------------------
+
+
+class Blocking(NullImageBackend):
+    """The null backend, held until `release` is set: jobs that stay running."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def generate(self, req: Any, on_step: Any, cancel: threading.Event) -> Any:
+        self.release.wait(30)
+        return super().generate(req, on_step, cancel)
+
+
+class FloodingCoordinator(miner_pb2_grpc.MinerServiceServicer):
+    """A coordinator that registers anyone and then sends `n` assignments at once."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.heard: asyncio.Queue[miner_pb2.WorkRequest] = asyncio.Queue()
+
+    async def GetChallenge(self, request: Any, context: Any) -> miner_pb2.GetChallengeResponse:
+        return miner_pb2.GetChallengeResponse(challenge=b"c" * 32, chain_id="aitbc-devnet")
+
+    async def Register(self, request: Any, context: Any) -> miner_pb2.RegisterResponse:
+        return miner_pb2.RegisterResponse(miner_id="x", session_token="t", heartbeat_interval_ms=60_000,
+                                          chain_id="aitbc-devnet")
+
+    async def Work(self, request_iterator: Any, context: Any) -> Any:
+        async def listen() -> None:
+            async for msg in request_iterator:
+                self.heard.put_nowait(msg)
+
+        reading = asyncio.create_task(listen())
+        for i in range(self.n):
+            task = miner_pb2.Task(job_id=f"{i:028x}", model="null", client_id="alice", params=job_pb2.JobParams(
+                image=job_pb2.ImageParams(prompt="p" * 2000, steps=1, seed=i, width=64, height=64, images=1)))
+            yield miner_pb2.WorkResponse(assignment=miner_pb2.Assignment(task=task, hub_id="h", chain_id="aitbc-devnet"))
+        await reading
+
+
+async def test_a_coordinator_cannot_queue_more_jobs_on_a_miner_than_its_max_concurrency(tmp_path: Any) -> None:
+    """A malicious (or broken) coordinator sending assignments without end: each became a task and a
+    RunningJob waiting for a slot, held in memory for as long as the coordinator liked
+    (200 with 2 kB prompts here; nothing bounded it). The miner runs max_concurrency at once and answers
+    each job beyond that JobFailed (not permanent, so an honest coordinator gives it to another
+    miner), naming the setting."""
+    from aitbc import crypto
+    from aitbc.config import MinerConfig
+    from aitbc.miner.daemon import MinerDaemon
+
+    fake = FloodingCoordinator(200)
+    server = grpc.aio.server()
+    miner_pb2_grpc.add_MinerServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    backend = Blocking()
+    daemon = MinerDaemon(MinerConfig(coordinator=f"127.0.0.1:{port}", models=["null"], max_concurrency=2),
+                         crypto.PrivateKey.generate(), {"null": backend})
+    run = asyncio.create_task(daemon.run())
+    try:
+        failed: list[miner_pb2.JobFailed] = []
+        async with asyncio.timeout(60):
+            while len(failed) < 198:
+                msg = await fake.heard.get()
+                if msg.WhichOneof("msg") == "failed":
+                    failed.append(msg.failed)
+        assert len(daemon.running) == 2  # the two it runs; nothing waits behind them
+        assert all(not f.permanent and "max_concurrency 2" in f.reason for f in failed), failed[0]
+        assert {f.job_id for f in failed} == {f"{i:028x}" for i in range(2, 200)}
+    finally:
+        backend.release.set()
+        daemon.stop()
+        await asyncio.wait_for(run, 30)
+        await server.stop(0)
