@@ -21,6 +21,12 @@ from aitbc.errors import AitbcError, CryptoError, InvalidArgument
 T = TypeVar("T")
 
 
+# The highest price ceiling a model may have: the largest job a client can submit (under 400,000
+# units: at most 2,568 64x64 tiles x 150 steps, or about 132,000 text tokens) still costs an integer
+# that quotes and receipts carry exactly (2^53-1); a higher one overflowed a quote's max_cost.
+MAX_PRICE_PER_UNIT = 10**10
+
+
 @dataclass
 class ClientKey:
     """An API client: its id and the sha256 (hex) of its API key; the key itself is never stored."""
@@ -101,8 +107,10 @@ class ModelConfig:
         if self.kind not in ("image", "text"):
             raise InvalidArgument(f"models.{self.name}: kind must be \"image\" or \"text\" (got {self.kind!r})")
         price = self.max_price_per_unit
-        if price is not None and (isinstance(price, bool) or not isinstance(price, int) or price < 0):
-            raise InvalidArgument(f"models.{self.name}: max_price_per_unit must be an integer >= 0 (got {price!r})")
+        if price is not None and (isinstance(price, bool) or not isinstance(price, int)
+                                  or not 0 <= price <= MAX_PRICE_PER_UNIT):
+            raise InvalidArgument(f"models.{self.name}: max_price_per_unit must be an integer between 0 and "
+                                  f"{MAX_PRICE_PER_UNIT:g} (got {price!r})")
 
 
 @dataclass
@@ -180,7 +188,7 @@ class CoordinatorConfig(TlsConfig):
         _within("quote_ttl_s", self.quote_ttl_s, 1.0, 24 * 3600.0)
         _within("stake_check_s", self.stake_check_s, 0.1, 24 * 3600.0)
         _within("webhook_timeout_s", self.webhook_timeout_s, 0.1, 60.0)
-        _within("default_max_price_per_unit", self.default_max_price_per_unit, 0, float("inf"))
+        _within("default_max_price_per_unit", self.default_max_price_per_unit, 0, MAX_PRICE_PER_UNIT)
         _within("verify_rate", self.verify_rate, 0.0, 1.0)
         _within("verify_tolerance", self.verify_tolerance, 0.0, 1.0)
         _within("max_run_s", self.max_run_s, 1.0, float("inf"))

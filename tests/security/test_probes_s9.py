@@ -224,3 +224,43 @@ async def test_a_coordinator_cannot_queue_more_jobs_on_a_miner_than_its_max_conc
         daemon.stop()
         await asyncio.wait_for(run, 30)
         await server.stop(0)
+
+
+# ---- operator mistake: a price ceiling no job's cost fits under ------------------------------------------
+
+
+@pytest.mark.parametrize("ceiling", ["default", "model"])
+async def test_a_price_ceiling_whose_largest_job_overflows_is_refused_and_the_highest_allowed_quotes(
+        network_factory: Any, tmp_path: Any, ceiling: str) -> None:
+    """default_max_price_per_unit (or a model's max_price_per_unit) had no upper bound: at 2^64-1 the
+    largest job's max_cost (units x the cap) overflowed its uint64 field and QuoteJob answered
+    UNKNOWN "Value out of range"; above 2^53-1 / units, quotes and receipts cannot carry the cost. A
+    ceiling above MAX_PRICE_PER_UNIT is refused naming the key; at that ceiling, the largest image
+    job (and the largest text job's units) is quoted and its cost fits, and the job queues."""
+    from aitbc import quotes, receipts
+    from aitbc.config import MAX_PRICE_PER_UNIT, CoordinatorConfig, ModelConfig
+    from aitbc.coordinator.checks import token_bounds
+    from aitbc.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="default_max_price_per_unit' must be between 0 and"):
+        CoordinatorConfig(data_dir=str(tmp_path), default_max_price_per_unit=2**64 - 1)
+    with pytest.raises(InvalidArgument, match="models.m: max_price_per_unit must be an integer between 0 and"):
+        ModelConfig("m", max_price_per_unit=MAX_PRICE_PER_UNIT + 1)
+    # every job a client may submit costs at most MAX_UINT at that price (the shapes with most tiles)
+    shapes = [(2048, 2048, 2), (1448, 1448, 4), (1024, 1024, 8), (2048, 1024, 4), (72, 2048, 8)]
+    assert all(receipts.tile_steps(w, h, 150, n) * MAX_PRICE_PER_UNIT <= quotes.MAX_UINT for w, h, n in shapes)
+    longest = job_pb2.TextParams(prompt="\U0001f600" * 32_000, max_new_tokens=4096)
+    assert (token_bounds(longest, "")[0] + 4096) * MAX_PRICE_PER_UNIT <= quotes.MAX_UINT
+    if ceiling == "default":
+        net = await network_factory(default_max_price_per_unit=MAX_PRICE_PER_UNIT)
+    else:
+        net = await network_factory(models=[ModelConfig("null", max_price_per_unit=MAX_PRICE_PER_UNIT)])
+    await RawMiner(net).connect()
+    s = coordinator_pb2_grpc.CoordinatorServiceStub(net.channel())
+    params = job_pb2.JobParams(image=job_pb2.ImageParams(prompt="a kite", steps=150, width=1448, height=1448, images=4))
+    q = await s.QuoteJob(coordinator_pb2.QuoteJobRequest(model="null", params=params, max_price_per_unit=2**64 - 1),
+                         metadata=MD)
+    assert q.max_price_per_unit == MAX_PRICE_PER_UNIT and q.max_cost == q.units * MAX_PRICE_PER_UNIT <= quotes.MAX_UINT
+    job = (await s.SubmitJob(coordinator_pb2.SubmitJobRequest(model="null", params=params, max_price_per_unit=2**64 - 1),
+                             metadata=MD)).job
+    assert job.state in (S.JOB_STATE_QUEUED, S.JOB_STATE_ASSIGNED) and job.max_price_per_unit == MAX_PRICE_PER_UNIT
