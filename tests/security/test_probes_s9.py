@@ -164,10 +164,11 @@ class Blocking(NullImageBackend):
 
 
 class FloodingCoordinator(miner_pb2_grpc.MinerServiceServicer):
-    """A coordinator that registers anyone and then sends `n` assignments at once."""
+    """A coordinator that registers anyone and then sends `n` assignments at once (at `price`, for
+    `chain`)."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
+    def __init__(self, n: int, *, price: int = 0, chain: str = "aitbc-devnet") -> None:
+        self.n, self.price, self.chain = n, price, chain
         self.heard: asyncio.Queue[miner_pb2.WorkRequest] = asyncio.Queue()
 
     async def GetChallenge(self, request: Any, context: Any) -> miner_pb2.GetChallengeResponse:
@@ -184,9 +185,10 @@ class FloodingCoordinator(miner_pb2_grpc.MinerServiceServicer):
 
         reading = asyncio.create_task(listen())
         for i in range(self.n):
-            task = miner_pb2.Task(job_id=f"{i:028x}", model="null", client_id="alice", params=job_pb2.JobParams(
-                image=job_pb2.ImageParams(prompt="p" * 2000, steps=1, seed=i, width=64, height=64, images=1)))
-            yield miner_pb2.WorkResponse(assignment=miner_pb2.Assignment(task=task, hub_id="h", chain_id="aitbc-devnet"))
+            task = miner_pb2.Task(job_id=f"{i:028x}", model="null", client_id="alice", price_per_unit=self.price,
+                                  params=job_pb2.JobParams(image=job_pb2.ImageParams(
+                                      prompt="p" * 2000, steps=1, seed=i, width=64, height=64, images=1)))
+            yield miner_pb2.WorkResponse(assignment=miner_pb2.Assignment(task=task, hub_id="h", chain_id=self.chain))
         await reading
 
 
@@ -264,3 +266,41 @@ async def test_a_price_ceiling_whose_largest_job_overflows_is_refused_and_the_hi
     job = (await s.SubmitJob(coordinator_pb2.SubmitJobRequest(model="null", params=params, max_price_per_unit=2**64 - 1),
                              metadata=MD)).job
     assert job.state in (S.JOB_STATE_QUEUED, S.JOB_STATE_ASSIGNED) and job.max_price_per_unit == MAX_PRICE_PER_UNIT
+
+
+@pytest.mark.parametrize(("price", "chain", "needle"), [
+    (3, "aitbc-devnet", "price 3 per unit, below this miner's price_per_unit 10"),
+    (10, "other-chain", "for chain 'other-chain', but this miner registered on chain 'aitbc-devnet'"),
+])
+async def test_a_miner_signs_no_receipt_below_its_price_or_for_another_chain(price: int, chain: str,
+                                                                              needle: str) -> None:
+    """The receipt's price and chain came from the assignment alone: a coordinator (or a hub in
+    front of it) that handed a miner advertising 10 per unit a job at 3, or one for another chain
+    than the one it registered on, got the work done and a provider signature on that receipt. The
+    miner runs neither: it answers JobFailed (not permanent: an honest coordinator that had a stale
+    price gives the job to another miner) saying why, and signs nothing."""
+    from aitbc import crypto
+    from aitbc.config import MinerConfig
+    from aitbc.miner.daemon import MinerDaemon
+
+    fake = FloodingCoordinator(1, price=price, chain=chain)
+    server = grpc.aio.server()
+    miner_pb2_grpc.add_MinerServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    backend = Blocking()
+    backend.release.set()
+    daemon = MinerDaemon(MinerConfig(coordinator=f"127.0.0.1:{port}", models=["null"], price_per_unit=10),
+                         crypto.PrivateKey.generate(), {"null": backend})
+    run = asyncio.create_task(daemon.run())
+    try:
+        async with asyncio.timeout(60):
+            while (msg := await fake.heard.get()).WhichOneof("msg") == "heartbeat":
+                pass
+        assert msg.WhichOneof("msg") == "failed", msg  # no result, no receipt
+        assert msg.failed.job_id == f"{0:028x}" and not msg.failed.permanent and needle in msg.failed.reason, msg
+        assert daemon.completed == 0 and not daemon.running
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(run, 30)
+        await server.stop(0)
