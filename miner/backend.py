@@ -122,6 +122,9 @@ def resolve_size(req: ImageRequest, native_size: int) -> tuple[int, int]:
                 f"{name} must be 0 (native {native_size}) or a multiple of {jobs.SIDE_MULTIPLE} "
                 f"between {MIN_SIZE} and {jobs.MAX_SIDE}, got {getattr(req, name)}"
             )
+    if width * height * req.images > jobs.MAX_PIXELS:  # the coordinator's bound too: no more is ever sent
+        raise BackendError(f"width x height x images is {width * height * req.images} pixels; the limit is "
+                           f"{jobs.MAX_PIXELS}")
     return width, height
 
 

@@ -167,8 +167,10 @@ class FloodingCoordinator(miner_pb2_grpc.MinerServiceServicer):
     """A coordinator that registers anyone and then sends `n` assignments at once (at `price`, for
     `chain`)."""
 
-    def __init__(self, n: int, *, price: int = 0, chain: str = "aitbc-devnet") -> None:
+    def __init__(self, n: int, *, price: int = 0, chain: str = "aitbc-devnet",
+                 image: job_pb2.ImageParams | None = None) -> None:
         self.n, self.price, self.chain = n, price, chain
+        self.image = image or job_pb2.ImageParams(prompt="p" * 2000, steps=1, width=64, height=64, images=1)
         self.heard: asyncio.Queue[miner_pb2.WorkRequest] = asyncio.Queue()
 
     async def GetChallenge(self, request: Any, context: Any) -> miner_pb2.GetChallengeResponse:
@@ -185,9 +187,11 @@ class FloodingCoordinator(miner_pb2_grpc.MinerServiceServicer):
 
         reading = asyncio.create_task(listen())
         for i in range(self.n):
+            image = job_pb2.ImageParams()
+            image.CopyFrom(self.image)
+            image.seed = i
             task = miner_pb2.Task(job_id=f"{i:028x}", model="null", client_id="alice", price_per_unit=self.price,
-                                  params=job_pb2.JobParams(image=job_pb2.ImageParams(
-                                      prompt="p" * 2000, steps=1, seed=i, width=64, height=64, images=1)))
+                                  params=job_pb2.JobParams(image=image))
             yield miner_pb2.WorkResponse(assignment=miner_pb2.Assignment(task=task, hub_id="h", chain_id=self.chain))
         await reading
 
@@ -268,6 +272,48 @@ async def test_a_price_ceiling_whose_largest_job_overflows_is_refused_and_the_hi
     assert job.state in (S.JOB_STATE_QUEUED, S.JOB_STATE_ASSIGNED) and job.max_price_per_unit == MAX_PRICE_PER_UNIT
 
 
+async def first_word(fake: FloodingCoordinator, **config: Any) -> tuple[miner_pb2.WorkRequest, Any]:
+    """Serve `fake` to a miner daemon (the null backend, `config`) until the miner's first message
+    about a job; returns it and the daemon (stopped)."""
+    from aitbc import crypto
+    from aitbc.config import MinerConfig
+    from aitbc.miner.daemon import MinerDaemon
+
+    server = grpc.aio.server()
+    miner_pb2_grpc.add_MinerServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    backend = Blocking()
+    backend.release.set()
+    daemon = MinerDaemon(MinerConfig(coordinator=f"127.0.0.1:{port}", models=["null"], **config),
+                         crypto.PrivateKey.generate(), {"null": backend})
+    run = asyncio.create_task(daemon.run())
+    try:
+        async with asyncio.timeout(60):
+            while (msg := await fake.heard.get()).WhichOneof("msg") == "heartbeat":
+                pass
+        return msg, daemon
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(run, 30)
+        await server.stop(0)
+
+
+async def test_a_miner_runs_no_image_job_beyond_the_pixel_limit_a_coordinator_applies() -> None:
+    """jobs.MAX_PIXELS (width x height x images) bounded what a client may submit, but the miner's
+    own check took any side up to 2,048 and up to 8 images: a coordinator could have it render 8
+    images of 2048x2048, four times what any job may be (memory, device time). The miner refuses
+    it before it runs, permanently (no miner would run it), naming the limit; the largest job a
+    client may submit still runs."""
+    too_big = job_pb2.ImageParams(prompt="a kite", steps=1, width=2048, height=2048, images=8)
+    msg, _ = await first_word(FloodingCoordinator(1, image=too_big))
+    assert msg.WhichOneof("msg") == "failed" and msg.failed.permanent, msg
+    assert "width x height x images is 33554432 pixels; the limit is 8388608" in msg.failed.reason
+    largest = job_pb2.ImageParams(prompt="a kite", steps=1, width=2048, height=2048, images=2)
+    msg, daemon = await first_word(FloodingCoordinator(1, image=largest))
+    assert msg.WhichOneof("msg") != "failed", msg  # (its first word: accepted, progress, a chunk or the result)
+
+
 @pytest.mark.parametrize(("price", "chain", "needle"), [
     (3, "aitbc-devnet", "price 3 per unit, below this miner's price_per_unit 10"),
     (10, "other-chain", "for chain 'other-chain', but this miner registered on chain 'aitbc-devnet'"),
@@ -279,28 +325,7 @@ async def test_a_miner_signs_no_receipt_below_its_price_or_for_another_chain(pri
     than the one it registered on, got the work done and a provider signature on that receipt. The
     miner runs neither: it answers JobFailed (not permanent: an honest coordinator that had a stale
     price gives the job to another miner) saying why, and signs nothing."""
-    from aitbc import crypto
-    from aitbc.config import MinerConfig
-    from aitbc.miner.daemon import MinerDaemon
-
-    fake = FloodingCoordinator(1, price=price, chain=chain)
-    server = grpc.aio.server()
-    miner_pb2_grpc.add_MinerServiceServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    backend = Blocking()
-    backend.release.set()
-    daemon = MinerDaemon(MinerConfig(coordinator=f"127.0.0.1:{port}", models=["null"], price_per_unit=10),
-                         crypto.PrivateKey.generate(), {"null": backend})
-    run = asyncio.create_task(daemon.run())
-    try:
-        async with asyncio.timeout(60):
-            while (msg := await fake.heard.get()).WhichOneof("msg") == "heartbeat":
-                pass
-        assert msg.WhichOneof("msg") == "failed", msg  # no result, no receipt
-        assert msg.failed.job_id == f"{0:028x}" and not msg.failed.permanent and needle in msg.failed.reason, msg
-        assert daemon.completed == 0 and not daemon.running
-    finally:
-        daemon.stop()
-        await asyncio.wait_for(run, 30)
-        await server.stop(0)
+    msg, daemon = await first_word(FloodingCoordinator(1, price=price, chain=chain), price_per_unit=10)
+    assert msg.WhichOneof("msg") == "failed", msg  # no result, no receipt
+    assert msg.failed.job_id == f"{0:028x}" and not msg.failed.permanent and needle in msg.failed.reason, msg
+    assert daemon.completed == 0 and not daemon.running
