@@ -104,6 +104,9 @@ def resolve_size(req: ImageRequest, native_size: int) -> tuple[int, int]:
     """Check `req` against the shared limits and return (width, height) with 0 -> native size."""
     if not isinstance(req.prompt, str) or not isinstance(req.negative_prompt, str):
         raise BackendError("prompt and negative_prompt must be text")
+    for name in ("prompt", "negative_prompt"):
+        if len(getattr(req, name)) > jobs.MAX_PROMPT_CHARS:
+            raise BackendError(f"{name} is {len(getattr(req, name))} characters; the limit is {jobs.MAX_PROMPT_CHARS}")
     if not 1 <= req.steps <= jobs.MAX_STEPS:
         raise BackendError(f"steps must be between 1 and {jobs.MAX_STEPS}, got {req.steps}")
     if not math.isfinite(req.guidance_scale) or not 0.0 <= req.guidance_scale <= jobs.MAX_GUIDANCE:

@@ -105,6 +105,46 @@ def test_a_webhook_prefix_that_names_no_host_is_refused_naming_it(prefix: str) -
         ClientKey("alice", "0" * 64, webhook_url_prefixes=[prefix], webhook_secret="s" * 16)
 
 
+# ---- operator mistake: a price ceiling no job's cost fits under ------------------------------------------
+
+
+@pytest.mark.parametrize("ceiling", ["default", "model"])
+async def test_a_price_ceiling_whose_largest_job_overflows_is_refused_and_the_highest_allowed_quotes(
+        network_factory: Any, tmp_path: Any, ceiling: str) -> None:
+    """default_max_price_per_unit (or a model's max_price_per_unit) had no upper bound: at 2^64-1 the
+    largest job's max_cost (units x the cap) overflowed its uint64 field and QuoteJob answered
+    UNKNOWN "Value out of range"; above 2^53-1 / units, quotes and receipts cannot carry the cost. A
+    ceiling above MAX_PRICE_PER_UNIT is refused naming the key; at that ceiling, the largest image
+    job (and the largest text job's units) is quoted and its cost fits, and the job queues."""
+    from aitbc import quotes, receipts
+    from aitbc.config import MAX_PRICE_PER_UNIT, CoordinatorConfig, ModelConfig
+    from aitbc.coordinator.checks import token_bounds
+    from aitbc.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="default_max_price_per_unit' must be between 0 and"):
+        CoordinatorConfig(data_dir=str(tmp_path), default_max_price_per_unit=2**64 - 1)
+    with pytest.raises(InvalidArgument, match="models.m: max_price_per_unit must be an integer between 0 and"):
+        ModelConfig("m", max_price_per_unit=MAX_PRICE_PER_UNIT + 1)
+    # every job a client may submit costs at most MAX_UINT at that price (the shapes with most tiles)
+    shapes = [(2048, 2048, 2), (1448, 1448, 4), (1024, 1024, 8), (2048, 1024, 4), (72, 2048, 8)]
+    assert all(receipts.tile_steps(w, h, 150, n) * MAX_PRICE_PER_UNIT <= quotes.MAX_UINT for w, h, n in shapes)
+    longest = job_pb2.TextParams(prompt="\U0001f600" * 32_000, max_new_tokens=4096)
+    assert (token_bounds(longest, "")[0] + 4096) * MAX_PRICE_PER_UNIT <= quotes.MAX_UINT
+    if ceiling == "default":
+        net = await network_factory(default_max_price_per_unit=MAX_PRICE_PER_UNIT)
+    else:
+        net = await network_factory(models=[ModelConfig("null", max_price_per_unit=MAX_PRICE_PER_UNIT)])
+    await RawMiner(net).connect()
+    s = coordinator_pb2_grpc.CoordinatorServiceStub(net.channel())
+    params = job_pb2.JobParams(image=job_pb2.ImageParams(prompt="a kite", steps=150, width=1448, height=1448, images=4))
+    q = await s.QuoteJob(coordinator_pb2.QuoteJobRequest(model="null", params=params, max_price_per_unit=2**64 - 1),
+                         metadata=MD)
+    assert q.max_price_per_unit == MAX_PRICE_PER_UNIT and q.max_cost == q.units * MAX_PRICE_PER_UNIT <= quotes.MAX_UINT
+    job = (await s.SubmitJob(coordinator_pb2.SubmitJobRequest(model="null", params=params, max_price_per_unit=2**64 - 1),
+                             metadata=MD)).job
+    assert job.state in (S.JOB_STATE_QUEUED, S.JOB_STATE_ASSIGNED) and job.max_price_per_unit == MAX_PRICE_PER_UNIT
+
+
 # ---- anyone: the explorer's public pages --------------------------------------------------------------
 
 
@@ -167,10 +207,11 @@ class FloodingCoordinator(miner_pb2_grpc.MinerServiceServicer):
     """A coordinator that registers anyone and then sends `n` assignments at once (at `price`, for
     `chain`)."""
 
-    def __init__(self, n: int, *, price: int = 0, chain: str = "aitbc-devnet",
-                 image: job_pb2.ImageParams | None = None) -> None:
-        self.n, self.price, self.chain = n, price, chain
-        self.image = image or job_pb2.ImageParams(prompt="p" * 2000, steps=1, width=64, height=64, images=1)
+    def __init__(self, n: int, *, price: int = 0, chain: str = "aitbc-devnet", model: str = "null",
+                 image: job_pb2.ImageParams | None = None, text: job_pb2.TextParams | None = None) -> None:
+        self.n, self.price, self.chain, self.model = n, price, chain, model
+        image = image or job_pb2.ImageParams(prompt="p" * 2000, steps=1, width=64, height=64, images=1)
+        self.params = job_pb2.JobParams(text=text) if text is not None else job_pb2.JobParams(image=image)
         self.heard: asyncio.Queue[miner_pb2.WorkRequest] = asyncio.Queue()
 
     async def GetChallenge(self, request: Any, context: Any) -> miner_pb2.GetChallengeResponse:
@@ -187,11 +228,11 @@ class FloodingCoordinator(miner_pb2_grpc.MinerServiceServicer):
 
         reading = asyncio.create_task(listen())
         for i in range(self.n):
-            image = job_pb2.ImageParams()
-            image.CopyFrom(self.image)
-            image.seed = i
-            task = miner_pb2.Task(job_id=f"{i:028x}", model="null", client_id="alice", price_per_unit=self.price,
-                                  params=job_pb2.JobParams(image=image))
+            params = job_pb2.JobParams()
+            params.CopyFrom(self.params)
+            getattr(params, params.WhichOneof("kind")).seed = i
+            task = miner_pb2.Task(job_id=f"{i:028x}", model=self.model, client_id="alice", price_per_unit=self.price,
+                                  params=params)
             yield miner_pb2.WorkResponse(assignment=miner_pb2.Assignment(task=task, hub_id="h", chain_id=self.chain))
         await reading
 
@@ -232,49 +273,10 @@ async def test_a_coordinator_cannot_queue_more_jobs_on_a_miner_than_its_max_conc
         await server.stop(0)
 
 
-# ---- operator mistake: a price ceiling no job's cost fits under ------------------------------------------
-
-
-@pytest.mark.parametrize("ceiling", ["default", "model"])
-async def test_a_price_ceiling_whose_largest_job_overflows_is_refused_and_the_highest_allowed_quotes(
-        network_factory: Any, tmp_path: Any, ceiling: str) -> None:
-    """default_max_price_per_unit (or a model's max_price_per_unit) had no upper bound: at 2^64-1 the
-    largest job's max_cost (units x the cap) overflowed its uint64 field and QuoteJob answered
-    UNKNOWN "Value out of range"; above 2^53-1 / units, quotes and receipts cannot carry the cost. A
-    ceiling above MAX_PRICE_PER_UNIT is refused naming the key; at that ceiling, the largest image
-    job (and the largest text job's units) is quoted and its cost fits, and the job queues."""
-    from aitbc import quotes, receipts
-    from aitbc.config import MAX_PRICE_PER_UNIT, CoordinatorConfig, ModelConfig
-    from aitbc.coordinator.checks import token_bounds
-    from aitbc.errors import InvalidArgument
-
-    with pytest.raises(InvalidArgument, match="default_max_price_per_unit' must be between 0 and"):
-        CoordinatorConfig(data_dir=str(tmp_path), default_max_price_per_unit=2**64 - 1)
-    with pytest.raises(InvalidArgument, match="models.m: max_price_per_unit must be an integer between 0 and"):
-        ModelConfig("m", max_price_per_unit=MAX_PRICE_PER_UNIT + 1)
-    # every job a client may submit costs at most MAX_UINT at that price (the shapes with most tiles)
-    shapes = [(2048, 2048, 2), (1448, 1448, 4), (1024, 1024, 8), (2048, 1024, 4), (72, 2048, 8)]
-    assert all(receipts.tile_steps(w, h, 150, n) * MAX_PRICE_PER_UNIT <= quotes.MAX_UINT for w, h, n in shapes)
-    longest = job_pb2.TextParams(prompt="\U0001f600" * 32_000, max_new_tokens=4096)
-    assert (token_bounds(longest, "")[0] + 4096) * MAX_PRICE_PER_UNIT <= quotes.MAX_UINT
-    if ceiling == "default":
-        net = await network_factory(default_max_price_per_unit=MAX_PRICE_PER_UNIT)
-    else:
-        net = await network_factory(models=[ModelConfig("null", max_price_per_unit=MAX_PRICE_PER_UNIT)])
-    await RawMiner(net).connect()
-    s = coordinator_pb2_grpc.CoordinatorServiceStub(net.channel())
-    params = job_pb2.JobParams(image=job_pb2.ImageParams(prompt="a kite", steps=150, width=1448, height=1448, images=4))
-    q = await s.QuoteJob(coordinator_pb2.QuoteJobRequest(model="null", params=params, max_price_per_unit=2**64 - 1),
-                         metadata=MD)
-    assert q.max_price_per_unit == MAX_PRICE_PER_UNIT and q.max_cost == q.units * MAX_PRICE_PER_UNIT <= quotes.MAX_UINT
-    job = (await s.SubmitJob(coordinator_pb2.SubmitJobRequest(model="null", params=params, max_price_per_unit=2**64 - 1),
-                             metadata=MD)).job
-    assert job.state in (S.JOB_STATE_QUEUED, S.JOB_STATE_ASSIGNED) and job.max_price_per_unit == MAX_PRICE_PER_UNIT
-
-
-async def first_word(fake: FloodingCoordinator, **config: Any) -> tuple[miner_pb2.WorkRequest, Any]:
-    """Serve `fake` to a miner daemon (the null backend, `config`) until the miner's first message
-    about a job; returns it and the daemon (stopped)."""
+async def first_word(fake: FloodingCoordinator, backends: dict[str, Any] | None = None,
+                     **config: Any) -> tuple[miner_pb2.WorkRequest, Any]:
+    """Serve `fake` to a miner daemon (`backends`, else the null image backend; `config`) until the
+    miner's first message about a job; returns it and the daemon (stopped)."""
     from aitbc import crypto
     from aitbc.config import MinerConfig
     from aitbc.miner.daemon import MinerDaemon
@@ -283,10 +285,11 @@ async def first_word(fake: FloodingCoordinator, **config: Any) -> tuple[miner_pb
     miner_pb2_grpc.add_MinerServiceServicer_to_server(fake, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    backend = Blocking()
-    backend.release.set()
-    daemon = MinerDaemon(MinerConfig(coordinator=f"127.0.0.1:{port}", models=["null"], **config),
-                         crypto.PrivateKey.generate(), {"null": backend})
+    if backends is None:
+        backends = {"null": Blocking()}
+        backends["null"].release.set()
+    daemon = MinerDaemon(MinerConfig(coordinator=f"127.0.0.1:{port}", models=list(backends), **config),
+                         crypto.PrivateKey.generate(), backends)
     run = asyncio.create_task(daemon.run())
     try:
         async with asyncio.timeout(60):
@@ -312,6 +315,29 @@ async def test_a_miner_runs_no_image_job_beyond_the_pixel_limit_a_coordinator_ap
     largest = job_pb2.ImageParams(prompt="a kite", steps=1, width=2048, height=2048, images=2)
     msg, daemon = await first_word(FloodingCoordinator(1, image=largest))
     assert msg.WhichOneof("msg") != "failed", msg  # (its first word: accepted, progress, a chunk or the result)
+
+
+@pytest.mark.parametrize("kind", ["image", "negative", "text"])
+async def test_a_miner_runs_no_prompt_longer_than_a_client_may_submit(null_text: Any, kind: str) -> None:
+    """The miner's checks "take exactly what the coordinator can send" but for the prompt: a
+    coordinator could hand it megabytes of prompt to tokenize (and, for text, to find too long for
+    the context only after that). A prompt over jobs.MAX_PROMPT_CHARS (image, and its negative
+    prompt) or MAX_TEXT_PROMPT_CHARS (text) is refused permanently before it runs, naming the limit."""
+    from aitbc import jobs
+
+    if kind == "text":
+        fake = FloodingCoordinator(1, model="null-text", text=job_pb2.TextParams(
+            prompt="w" * (jobs.MAX_TEXT_PROMPT_CHARS + 1), max_new_tokens=4))
+        msg, _ = await first_word(fake, {"null-text": null_text})
+        needle = f"prompt is {jobs.MAX_TEXT_PROMPT_CHARS + 1} characters; the limit is {jobs.MAX_TEXT_PROMPT_CHARS}"
+    else:
+        long = "w" * (jobs.MAX_PROMPT_CHARS + 1)
+        image = job_pb2.ImageParams(prompt="a kite" if kind == "negative" else long, steps=1, width=64, height=64,
+                                    images=1, negative_prompt=long if kind == "negative" else "")
+        msg, _ = await first_word(FloodingCoordinator(1, image=image))
+        needle = f"is {jobs.MAX_PROMPT_CHARS + 1} characters; the limit is {jobs.MAX_PROMPT_CHARS}"
+    assert msg.WhichOneof("msg") == "failed" and msg.failed.permanent, msg
+    assert needle in msg.failed.reason, msg.failed.reason
 
 
 @pytest.mark.parametrize(("price", "chain", "needle"), [
