@@ -208,11 +208,7 @@ class Explorer:
         except errors.CryptoError as exc:
             return _not_found(exc.message)
         a = await self.ledger.stub.GetAccount(ledger_pb2.GetAccountRequest(address=address), timeout=5)
-        before = None
-        if "before" in request.query:
-            with contextlib.suppress(ValueError):
-                hh, ii = request.query["before"].split(".")
-                before = (int(hh), int(ii))
+        before = _cursor(request.query.get("before", ""))
         items, nxt = self.index.history(account_id, before=before)
         rows = "".join(f"<tr><td><a href='/block/{h}'>{h}</a></td><td class='hash'><a href='/tx/{t}'>{t}</a></td></tr>"
                        for h, t in items)
@@ -535,6 +531,16 @@ def _height(key: str) -> int | None:
     if not (_HEIGHT.match(key) and int(key) < 2**64):
         return None
     return int(key)
+
+
+def _cursor(text: str) -> tuple[int, int] | None:
+    """An account page's `before=<height>.<index>` (the index's 8- and 2-byte key parts); None
+    (the newest page) for anything else: a part out of range was a struct.error, a 500."""
+    height, _, index = text.partition(".")
+    h = _height(height)
+    if h is None or not (_HEIGHT.match(index) and int(index) < 2**16):
+        return None
+    return h, int(index)
 
 
 def _block_summary(h: ledger_pb2.BlockHeader, final: bool) -> dict[str, Any]:

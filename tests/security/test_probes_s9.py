@@ -165,6 +165,27 @@ async def test_a_height_that_is_no_number_the_ledger_takes_is_a_not_found_page(c
         await site.stop()
 
 
+@pytest.mark.parametrize("before", ["1.70000", "-1.0", "99999999999999999999999.0", "1.-1", "\u00b2.0"])
+async def test_an_account_pages_cursor_out_of_range_shows_the_newest_page(chain: dict[str, Any], tmp_path: Any,
+                                                                          before: str) -> None:
+    """The account page's `before=<height>.<index>` cursor was parsed with int() and packed into the
+    index's 8- and 2-byte keys: a negative or too large part raised struct.error, a 500 for anyone.
+    A cursor that names no place in the index is ignored, as a malformed one already was: the page
+    shows the newest history."""
+    from tests.ledger.helpers import PROVIDER
+
+    site = Site(chain["ledger"], tmp_path / "index")
+    await site.start()
+    try:
+        head = (await chain["client"].get_head()).height
+        await pages.until(lambda: site.explorer.index.tip >= head)
+        newest = await site.get(f"/account/{PROVIDER.address}")
+        assert "/tx/" in newest  # it has history: the cursor is what is probed
+        assert await site.get(f"/account/{PROVIDER.address}?before={before}") == newest
+    finally:
+        await site.stop()
+
+
 # ---- client: another client's receipts through paging ---------------------------------------------------
 
 
