@@ -1,6 +1,21 @@
 """Attack probes written from THREAT-MODEL.md (round 9), against real servers on loopback: each plays
 one actor and tries what its "must not" column forbids, where round 8 (test_probes_s8.py) and the
-other security tests did not look. Each marked (hole) succeeded before the fix its test names.
+other security tests did not look. Each marked (hole) succeeded before the fix its test names:
+
+- client (hole): GenerateImage waits on its job like a WatchJob but held none of max_streams:
+  resubmitting one request id held any number of calls; it holds one now;
+- client (hole): a job's webhook_url was matched against webhook_url_prefixes as text, so
+  "https://alice.example" allowed "https://alice.example.evil.net/" and "http://10.0.0.5:80" port
+  8080; the URL must go to the prefix's scheme, host and port, and a prefix must name a host;
+- operator mistake (hole): a price ceiling without an upper bound overflowed QuoteJob's max_cost
+  (UNKNOWN "Value out of range"); ceilings are at most MAX_PRICE_PER_UNIT;
+- anyone (hole): explorer heights and account cursors that str.isdigit()/int() took but the field or
+  the index key could not hold were a 500; a 404 page, or the newest page;
+- client: a forged ListReceipts page token lists no other client's receipts (held; the store's
+  prefix check had no test);
+- malicious coordinator (holes): the miner daemon queued any number of assignments beyond
+  max_concurrency, signed receipts at whatever price and chain the assignment named, and ran
+  images beyond MAX_PIXELS and prompts beyond the prompt limits; it refuses each before running.
 """
 
 from __future__ import annotations
@@ -258,7 +273,7 @@ class FloodingCoordinator(miner_pb2_grpc.MinerServiceServicer):
         await reading
 
 
-async def test_a_coordinator_cannot_queue_more_jobs_on_a_miner_than_its_max_concurrency(tmp_path: Any) -> None:
+async def test_a_coordinator_cannot_queue_more_jobs_on_a_miner_than_its_max_concurrency() -> None:
     """A malicious (or broken) coordinator sending assignments without end: each became a task and a
     RunningJob waiting for a slot, held in memory for as long as the coordinator liked
     (200 with 2 kB prompts here; nothing bounded it). The miner runs max_concurrency at once and answers
@@ -361,18 +376,18 @@ async def test_a_miner_runs_no_prompt_longer_than_a_client_may_submit(null_text:
     assert needle in msg.failed.reason, msg.failed.reason
 
 
-@pytest.mark.parametrize(("price", "chain", "needle"), [
+@pytest.mark.parametrize(("price", "chain_id", "needle"), [
     (3, "aitbc-devnet", "price 3 per unit, below this miner's price_per_unit 10"),
     (10, "other-chain", "for chain 'other-chain', but this miner registered on chain 'aitbc-devnet'"),
 ])
-async def test_a_miner_signs_no_receipt_below_its_price_or_for_another_chain(price: int, chain: str,
+async def test_a_miner_signs_no_receipt_below_its_price_or_for_another_chain(price: int, chain_id: str,
                                                                               needle: str) -> None:
     """The receipt's price and chain came from the assignment alone: a coordinator (or a hub in
     front of it) that handed a miner advertising 10 per unit a job at 3, or one for another chain
     than the one it registered on, got the work done and a provider signature on that receipt. The
     miner runs neither: it answers JobFailed (not permanent: an honest coordinator that had a stale
     price gives the job to another miner) saying why, and signs nothing."""
-    msg, daemon = await first_word(FloodingCoordinator(1, price=price, chain=chain), price_per_unit=10)
+    msg, daemon = await first_word(FloodingCoordinator(1, price=price, chain=chain_id), price_per_unit=10)
     assert msg.WhichOneof("msg") == "failed", msg  # no result, no receipt
     assert msg.failed.job_id == f"{0:028x}" and not msg.failed.permanent and needle in msg.failed.reason, msg
     assert daemon.completed == 0 and not daemon.running
