@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,12 @@ from aitbc.errors import AitbcError, CryptoError, InvalidArgument
 T = TypeVar("T")
 
 
+# The highest price ceiling a model may have: the largest job a client can submit (under 400,000
+# units: at most 2,568 64x64 tiles x 150 steps, or about 132,000 text tokens) still costs an integer
+# that quotes and receipts carry exactly (2^53-1); a higher one overflowed a quote's max_cost.
+MAX_PRICE_PER_UNIT = 10**10
+
+
 @dataclass
 class ClientKey:
     """An API client: its id and the sha256 (hex) of its API key; the key itself is never stored."""
@@ -28,7 +35,7 @@ class ClientKey:
     api_key_sha256: str
     rate_per_s: float = 50.0
     burst: int = 100
-    max_streams: int = 64  # server streams (WatchJob, GetJobResult) the client holds open at once
+    max_streams: int = 64  # server streams (WatchJob, GetJobResult) and waiting GenerateImage calls at once
     max_active_jobs: int = 1000  # its jobs not yet ended (queued, assigned, running) at once
     operator: bool = False  # may call operator RPCs (ReleaseMiner)
     # webhooks (docs/coordinator.md, "Webhooks"): a signed POST on each of the client's jobs' end,
@@ -53,6 +60,10 @@ class ClientKey:
             if url and not (url.startswith("https://") or url.startswith("http://")) or len(url) > 2048:
                 raise InvalidArgument(f"client {self.id!r}: webhook URL {url[:80]!r} must be http:// or https:// "
                                       "(2,048 characters at most)")
+        for url in self.webhook_url_prefixes:
+            if url_origin(url) is None:
+                raise InvalidArgument(f"client {self.id!r}: webhook URL prefix {url[:80]!r} must name a host (and a "
+                                      "port, if not the scheme's), without user info: a job's URL must go there")
         if (self.webhook_url or self.webhook_url_prefixes) and len(self.webhook_secret) < 16:
             raise InvalidArgument(f"client {self.id!r}: webhooks need a webhook_secret of 16 characters at least "
                                   "(the receiver checks each POST's HMAC with it)")
@@ -60,6 +71,19 @@ class ClientKey:
         _within(f"clients.{self.id}.burst", self.burst, 1, float("inf"))
         _within(f"clients.{self.id}.max_streams", self.max_streams, 1, float("inf"))
         _within(f"clients.{self.id}.max_active_jobs", self.max_active_jobs, 1, float("inf"))
+
+
+def url_origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) an HTTP request to `url` goes to; None for a URL without a host, with user
+    info or with a bad port. A webhook URL prefix allows its own origin only (aitbc.coordinator.webhooks)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    if "@" in parts.netloc or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname, port
 
 
 @dataclass
@@ -83,8 +107,10 @@ class ModelConfig:
         if self.kind not in ("image", "text"):
             raise InvalidArgument(f"models.{self.name}: kind must be \"image\" or \"text\" (got {self.kind!r})")
         price = self.max_price_per_unit
-        if price is not None and (isinstance(price, bool) or not isinstance(price, int) or price < 0):
-            raise InvalidArgument(f"models.{self.name}: max_price_per_unit must be an integer >= 0 (got {price!r})")
+        if price is not None and (isinstance(price, bool) or not isinstance(price, int)
+                                  or not 0 <= price <= MAX_PRICE_PER_UNIT):
+            raise InvalidArgument(f"models.{self.name}: max_price_per_unit must be an integer between 0 and "
+                                  f"{MAX_PRICE_PER_UNIT:g} (got {price!r})")
 
 
 @dataclass
@@ -166,7 +192,7 @@ class CoordinatorConfig(TlsConfig):
         _within("quote_ttl_s", self.quote_ttl_s, 1.0, 24 * 3600.0)
         _within("stake_check_s", self.stake_check_s, 0.1, 24 * 3600.0)
         _within("webhook_timeout_s", self.webhook_timeout_s, 0.1, 60.0)
-        _within("default_max_price_per_unit", self.default_max_price_per_unit, 0, float("inf"))
+        _within("default_max_price_per_unit", self.default_max_price_per_unit, 0, MAX_PRICE_PER_UNIT)
         _within("verify_rate", self.verify_rate, 0.0, 1.0)
         _within("verify_tolerance", self.verify_tolerance, 0.0, 1.0)
         _within("max_run_s", self.max_run_s, 1.0, float("inf"))

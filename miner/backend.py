@@ -104,6 +104,9 @@ def resolve_size(req: ImageRequest, native_size: int) -> tuple[int, int]:
     """Check `req` against the shared limits and return (width, height) with 0 -> native size."""
     if not isinstance(req.prompt, str) or not isinstance(req.negative_prompt, str):
         raise BackendError("prompt and negative_prompt must be text")
+    for name in ("prompt", "negative_prompt"):
+        if len(getattr(req, name)) > jobs.MAX_PROMPT_CHARS:
+            raise BackendError(f"{name} is {len(getattr(req, name))} characters; the limit is {jobs.MAX_PROMPT_CHARS}")
     if not 1 <= req.steps <= jobs.MAX_STEPS:
         raise BackendError(f"steps must be between 1 and {jobs.MAX_STEPS}, got {req.steps}")
     if not math.isfinite(req.guidance_scale) or not 0.0 <= req.guidance_scale <= jobs.MAX_GUIDANCE:
@@ -122,6 +125,9 @@ def resolve_size(req: ImageRequest, native_size: int) -> tuple[int, int]:
                 f"{name} must be 0 (native {native_size}) or a multiple of {jobs.SIDE_MULTIPLE} "
                 f"between {MIN_SIZE} and {jobs.MAX_SIDE}, got {getattr(req, name)}"
             )
+    if width * height * req.images > jobs.MAX_PIXELS:  # the coordinator's bound too: no more is ever sent
+        raise BackendError(f"width x height x images is {width * height * req.images} pixels; the limit is "
+                           f"{jobs.MAX_PIXELS}")
     return width, height
 
 

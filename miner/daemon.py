@@ -108,6 +108,7 @@ class MinerDaemon:
         self.kinds = {m: jobs.TEXT if hasattr(b, "count_tokens") else jobs.IMAGE for m, b in backends.items()}
         self.running: dict[str, RunningJob] = {}
         self.coordinator = config.coordinator[0]  # the one it uses (or tries) now: GetInfo says it
+        self.chain_id = ""  # the chain of the coordinator it registered with (its receipts are for it)
         self._registered_at: tuple[float, float] | None = None  # (when, heartbeat interval) of this session
         self.connected = False
         self.replaced = ""  # why it stopped serving: a newer Work stream of its key took over (ABORTED)
@@ -335,9 +336,31 @@ class MinerDaemon:
         # coordinator gave the job back to this miner on the new stream) may still be winding down on
         # its worker thread: the new run starts once it has ended, instead of being dropped, which left
         # the coordinator waiting for the stall timeout on a job nobody ran.
+        refused = self._refusal(assignment)
+        if refused:  # not permanent: an honest coordinator gives the job to another miner
+            self._send(miner_pb2.WorkRequest(failed=miner_pb2.JobFailed(job_id=job.job_id, reason=refused)))
+            return
         rj = RunningJob(job)
         self.running[job.job_id] = rj
         rj.task = asyncio.create_task(self._run_job(rj, assignment, earlier.task if earlier is not None else None))
+
+    def _refusal(self, assignment: miner_pb2.Assignment) -> str:
+        """Why this miner will not run an assignment ("" : it will). The receipt it signs takes its
+        price and chain from the assignment, and a coordinator sends at most max_concurrency jobs at
+        once: one that does otherwise (broken, or hostile) gets no work and no signature, and cannot
+        queue jobs here without bound (each a task with its parameters in memory)."""
+        job = assignment.task
+        live = sum(1 for r in self.running.values() if not r.cancel.is_set())
+        if live >= max(1, self.config.max_concurrency):
+            return (f"this miner runs {live} jobs already (max_concurrency {self.config.max_concurrency}): the "
+                    "coordinator sent one more than it offered to run")
+        if job.price_per_unit < self.config.price_per_unit:
+            return (f"the coordinator offered price {job.price_per_unit} per unit, below this miner's price_per_unit "
+                    f"{self.config.price_per_unit}: a receipt at that price is not signed")
+        if self.chain_id and assignment.chain_id != self.chain_id:
+            return (f"the job is for chain {assignment.chain_id!r}, but this miner registered on chain "
+                    f"{self.chain_id!r}: a receipt for another chain is not signed")
+        return ""
 
     async def _run_job(self, rj: RunningJob, assignment: miner_pb2.Assignment,
                        after: asyncio.Task[None] | None = None) -> None:

@@ -171,6 +171,8 @@ def check_text_request(req: TextRequest) -> None:
     at most jobs.MAX_SEED). The context is checked later, once the prompt is tokenized."""
     if not isinstance(req.prompt, str):
         raise BackendError("prompt must be text")
+    if len(req.prompt) > jobs.MAX_TEXT_PROMPT_CHARS:  # before it is tokenized
+        raise BackendError(f"prompt is {len(req.prompt)} characters; the limit is {jobs.MAX_TEXT_PROMPT_CHARS}")
     if isinstance(req.max_new_tokens, bool) or not isinstance(req.max_new_tokens, int):
         raise BackendError("max_new_tokens must be an integer")
     if not 1 <= req.max_new_tokens <= jobs.MAX_NEW_TOKENS:

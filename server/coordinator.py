@@ -155,7 +155,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @handle_errors
     async def GenerateImage(self, request: coordinator_pb2.GenerateImageRequest, context: Any) -> coordinator_pb2.GenerateImageResponse:
-        client = self._client(context)
+        client, held = self._stream(context)  # unary, but it waits on its job like a WatchJob does
+        with held:
+            return await self._generate_image(client, request)
+
+    async def _generate_image(self, client: str, request: coordinator_pb2.GenerateImageRequest) -> coordinator_pb2.GenerateImageResponse:
         try:
             job = await self.core.submit(
                 client, request.model, job_pb2.JobParams(image=request.params), request_id=request.request_id,

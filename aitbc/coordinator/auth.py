@@ -46,12 +46,13 @@ class ClientAuth:
 
     @contextmanager
     def stream(self, client: ClientKey) -> Iterator[None]:
-        """Hold one of the client's `max_streams` for a server stream's life (WatchJob, GetJobResult):
+        """Hold one of the client's `max_streams` for a server stream's life (WatchJob, GetJobResult, and
+        GenerateImage, which waits on its job):
         a rate limit alone lets one key pile up long-lived streams (THREAT-MODEL.md, "client")."""
         held = self._streams.get(client.id, 0)
         if held >= client.max_streams:
             raise ResourceExhausted(
-                f"client '{client.id}' already has {held} streams open (WatchJob, GetJobResult; max_streams "
+                f"client '{client.id}' already has {held} streams open (WatchJob, GetJobResult, GenerateImage; max_streams "
                 f"{client.max_streams}): close one, or let a watched job end, before opening another")
         self._streams[client.id] = held + 1
         try:

@@ -13,7 +13,8 @@ event is POSTed by one process; when it dies the next holder delivers what is le
 POST was in flight may be POSTed again: still at least once).
 
 Which URLs: the client's `webhook_url` (operator config), or a job's own `webhook_url` only when it
-starts with one of the client's `webhook_url_prefixes`: a client can never make the coordinator
+starts with one of the client's `webhook_url_prefixes` and goes to that prefix's scheme, host and
+port (no user info): a client can never make the coordinator
 call an address the operator did not allow (no SSRF into the operator's network), and redirects
 are not followed.
 """
@@ -33,7 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from aitbc import aio, jobs, metrics
-from aitbc.config import ClientKey
+from aitbc.config import ClientKey, url_origin
 from aitbc.coordinator.store import JobStore
 from aitbc.errors import InvalidArgument, PermissionDenied
 from aitbc.limits import jittered_wait
@@ -130,7 +131,8 @@ class Webhooks:
             raise InvalidArgument(f"webhook_url must be an http:// or https:// URL of {MAX_URL} characters at most")
         client = self.clients.get(client_id)
         allowed = client.webhook_url_prefixes if client else []
-        if not any(url.startswith(p) for p in allowed):
+        origin = url_origin(url)  # a prefix is text: "https://a.example" also starts "https://a.example.evil.net/"
+        if origin is None or not any(url.startswith(p) and url_origin(p) == origin for p in allowed):
             raise PermissionDenied(
                 f"webhook_url {url[:80]!r} is not allowed for client {client_id!r}: the operator allows "
                 + (", ".join(repr(p) for p in allowed) if allowed else "no per-job webhook URLs for it")

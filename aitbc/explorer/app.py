@@ -39,6 +39,7 @@ PAGE_BLOCKS = 20
 MAX_VIEWERS = 1000  # live pages at once; more are told to reload later (503)
 VIEWER_QUEUE = 64  # blocks a slow viewer may lag before it is dropped (its page reconnects)
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
+_HEIGHT = re.compile(r"\A[0-9]{1,20}\Z")  # ASCII digits (\d and isdigit() take any script's), uint64's at most
 _JOB_ID = re.compile(r"\A[\x21-\x7e]{1,256}\Z")  # any job id a receipt may carry (this network: 28 hex)
 esc = html.escape
 # chart windows: the series they read, seconds per bar, bars (the index keeps minutes for 24 h, hours for 30 d)
@@ -151,8 +152,8 @@ class Explorer:
     async def block(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
         req = ledger_pb2.GetBlockRequest(include_transactions=True)
-        if key.isdigit():
-            req.height = int(key)
+        if (height := _height(key)) is not None:
+            req.height = height
         elif _HEX64.match(key):
             req.hash = key
         else:
@@ -207,11 +208,7 @@ class Explorer:
         except errors.CryptoError as exc:
             return _not_found(exc.message)
         a = await self.ledger.stub.GetAccount(ledger_pb2.GetAccountRequest(address=address), timeout=5)
-        before = None
-        if "before" in request.query:
-            with contextlib.suppress(ValueError):
-                hh, ii = request.query["before"].split(".")
-                before = (int(hh), int(ii))
+        before = _cursor(request.query.get("before", ""))
         items, nxt = self.index.history(account_id, before=before)
         rows = "".join(f"<tr><td><a href='/block/{h}'>{h}</a></td><td class='hash'><a href='/tx/{t}'>{t}</a></td></tr>"
                        for h, t in items)
@@ -434,8 +431,8 @@ class Explorer:
 
     async def search(self, request: web.Request) -> web.Response:
         q = request.query.get("q", "").strip()
-        if q.isdigit():
-            raise web.HTTPFound(f"/block/{int(q)}")
+        if (height := _height(q)) is not None:
+            raise web.HTTPFound(f"/block/{height}")
         if q.startswith("ait1"):
             raise web.HTTPFound(f"/account/{q}")
         if _HEX64.match(q):
@@ -526,6 +523,24 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         log.warning("%s: ledger %s: %s", request.path, exc.code().name, exc.details())
         return _page("Unavailable", f"<p>The ledger answered {esc(exc.code().name)}: {esc(exc.details() or '')}. "
                      "Reload in a moment.</p>", status=503)
+
+
+def _height(key: str) -> int | None:
+    """A block height as a page or a search names it; None for anything else. str.isdigit() alone
+    takes "\u00b2" (which int() refuses) and numbers no uint64 holds: a 500 for anyone's typing."""
+    if not (_HEIGHT.match(key) and int(key) < 2**64):
+        return None
+    return int(key)
+
+
+def _cursor(text: str) -> tuple[int, int] | None:
+    """An account page's `before=<height>.<index>` (the index's 8- and 2-byte key parts); None
+    (the newest page) for anything else: a part out of range was a struct.error, a 500."""
+    height, _, index = text.partition(".")
+    h = _height(height)
+    if h is None or not (_HEIGHT.match(index) and int(index) < 2**16):
+        return None
+    return h, int(index)
 
 
 def _block_summary(h: ledger_pb2.BlockHeader, final: bool) -> dict[str, Any]:

@@ -372,7 +372,7 @@ def test_null_text_stop_and_cancel(null: TextBackend) -> None:
         null.generate(request(max_new_tokens=4096, prompt="x"), on_text, cancel)
     assert len(deltas) == 5
     with pytest.raises(BackendError, match="exceeds the model context of 8192"):
-        run(null, request(prompt="word " * 20000))
+        run(null, request(prompt="word " * 6000, max_new_tokens=4096))  # 30,000 characters: within the prompt limit
 
 
 def test_null_text_imports_no_torch() -> None:
