@@ -28,6 +28,7 @@ RUNS = [
     ["load.py", "--duration", "60"],
     ["upload_memory.py", "--miners", "64", "--mib", "16"],
     ["webhooks.py", "--jobs", "100"],
+    ["registrations.py"],
 ]
 
 

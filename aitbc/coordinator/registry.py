@@ -9,7 +9,9 @@ aitbc.coordinator.uploads.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
+import heapq
 import hmac
 import logging
 import secrets
@@ -93,8 +95,13 @@ class MinerRegistry:
         self.clock = clock
         self.model_grace_s = model_grace_s
         self._challenge_key = secrets.token_bytes(32)  # challenges are MACs: nothing is kept per GetChallenge
-        self._used_challenges: dict[bytes, float] = {}  # challenge -> expiry, so each is used once
+        # each challenge is used once: the used ones not yet expired, and the same ones ordered by expiry
+        # so that taking a challenge prunes only what has expired since (O(log n), not a scan of all)
+        self._used_challenges: set[bytes] = set()
+        self._used_by_expiry: list[tuple[float, bytes]] = []
         self.sessions: dict[str, tuple[MinerSession, float]] = {}  # token -> (session, expiry); used once
+        # (expiry, token) in the order made, which is expiry order; tokens already used are skipped
+        self._session_order: collections.deque[tuple[float, str]] = collections.deque()
         self.miners: dict[str, MinerConn] = {}
         # model -> (last seen, kind, largest context length declared): what SubmitJob consults when no
         # miner is connected (within model_grace_s); kept across restarts (served_record / recall)
@@ -115,12 +122,12 @@ class MinerRegistry:
                 tag, hmac.new(self._challenge_key, body, hashlib.sha256).digest()[:16]):
             raise Unauthenticated("unknown challenge: call GetChallenge on this coordinator and sign it")
         expiry = int.from_bytes(body[:8], "big") / 1000
+        while self._used_by_expiry and self._used_by_expiry[0][0] < now:
+            self._used_challenges.discard(heapq.heappop(self._used_by_expiry)[1])
         if expiry < now or challenge in self._used_challenges:
             raise Unauthenticated("expired or already used challenge: call GetChallenge again and sign within 60 s")
-        for c, exp in list(self._used_challenges.items()):
-            if exp < now:
-                del self._used_challenges[c]
-        self._used_challenges[challenge] = expiry
+        self._used_challenges.add(challenge)
+        heapq.heappush(self._used_by_expiry, (expiry, challenge))
 
     def register(self, pubkey: bytes, challenge: bytes, signature: bytes, info: miner_pb2.MinerInfo,
                  admit: Callable[[str, miner_pb2.MinerInfo], None] = lambda miner_id, info: None) -> MinerSession:
@@ -138,15 +145,16 @@ class MinerRegistry:
         miner_id = crypto.address_from_pubkey(pubkey)
         admit(miner_id, info)
         now = self.clock()
-        for token, (_, expiry) in list(self.sessions.items()):
-            if expiry < now:
-                del self.sessions[token]
+        order = self._session_order
+        while order and (order[0][0] < now or order[0][1] not in self.sessions):  # expired or already used
+            self.sessions.pop(order.popleft()[1], None)
         if len(self.sessions) >= MAX_PENDING_SESSIONS:
             # evict the oldest unused registration rather than refuse: an honest miner opens its Work
             # stream right after Register, so a flood of registrations cannot lock it out
-            del self.sessions[next(iter(self.sessions))]
+            del self.sessions[order.popleft()[1]]
         session = MinerSession(miner_id, pubkey, info, secrets.token_hex(24))
         self.sessions[session.token] = (session, now + SESSION_TTL_S)
+        order.append((now + SESSION_TTL_S, session.token))
         log.info("miner %s registered: models=%s device=%s price=%d", session.miner_id, list(info.models),
                  info.device, info.price_per_unit)
         return session
