@@ -38,6 +38,9 @@ log = logging.getLogger("aitbc.explorer")
 PAGE_BLOCKS = 20
 MAX_VIEWERS = 1000  # live pages at once; more are told to reload later (503)
 VIEWER_QUEUE = 64  # blocks a slow viewer may lag before it is dropped (its page reconnects)
+# a write to a live page that the page does not take within this ends its connection: a client that
+# never reads would otherwise hold its handler (and its connection) for ever once its buffers are full
+EVENTS_WRITE_TIMEOUT_S = 30.0
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 _HEIGHT = re.compile(r"\A[0-9]{1,20}\Z")  # ASCII digits (\d and isdigit() take any script's), uint64's at most
 _JOB_ID = re.compile(r"\A[\x21-\x7e]{1,256}\Z")  # any job id a receipt may carry (this network: 28 hex)
@@ -62,7 +65,10 @@ class Explorer:
         self.ledger = LedgerClient(ledger, timeout=5.0)
         self.index = ExplorerIndex(index_dir)
         self.coordinator = coordinator
-        self.viewers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.viewers: set[asyncio.Queue[dict[str, Any]]] = set()  # the pages told of new blocks
+        # /events handlers running: what MAX_VIEWERS counts, so a page dropped from `viewers` as too slow
+        # counts until its handler ends (its last write done, or timed out and its connection closed)
+        self.live_pages = 0
         self.tasks: list[asyncio.Task[None]] = []
         # the latest blocks as the stream brought them (height -> summary): the block list is drawn
         # from them without asking the node for each block again
@@ -452,26 +458,28 @@ class Explorer:
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: a `block` event per new canonical block, a `final` event with the
         finalized height after each message from the node."""
-        if len(self.viewers) >= MAX_VIEWERS:
+        if self.live_pages >= MAX_VIEWERS:
             raise web.HTTPServiceUnavailable(text="too many live pages; try again later", headers={"Retry-After": "5"})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
+        self.live_pages += 1
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(VIEWER_QUEUE)
-        self.viewers.add(q)
         try:
-            await resp.write(b"retry: 1000\n\n")
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await resp.prepare(request)
+            self.viewers.add(q)
+            await _write_or_close(request, resp, b"retry: 1000\n\n")
             while q in self.viewers:
                 try:
                     item = await asyncio.wait_for(q.get(), 15)
                 except TimeoutError:
-                    await resp.write(b": keep-alive\n\n")
+                    await _write_or_close(request, resp, b": keep-alive\n\n")
                     continue
                 kind = "final" if "final_height" in item else "block"
-                await resp.write(f"event: {kind}\ndata: {json.dumps(item)}\n\n".encode())
-        except (ConnectionResetError, asyncio.CancelledError):
+                await _write_or_close(request, resp, f"event: {kind}\ndata: {json.dumps(item)}\n\n".encode())
+        except (ConnectionResetError, asyncio.CancelledError, _NotReading):
             pass
         finally:
             self.viewers.discard(q)
+            self.live_pages -= 1
         return resp
 
     async def static(self, request: web.Request) -> web.Response:
@@ -513,6 +521,20 @@ class Explorer:
         self.viewers.clear()
         await self.ledger.close()
         self.index.close()
+
+
+class _NotReading(Exception):
+    """A live page did not take a write within EVENTS_WRITE_TIMEOUT_S; its connection is closed."""
+
+
+async def _write_or_close(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
+    try:
+        async with asyncio.timeout(EVENTS_WRITE_TIMEOUT_S):
+            await resp.write(data)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()  # what it has not read is dropped with it: its page reconnects
+        raise _NotReading from None
 
 
 @web.middleware

@@ -283,3 +283,61 @@ async def test_a_miner_page_with_the_coordinators_record(chain: dict[str, Any], 
         assert "RESOURCE_EXHAUSTED" not in await site.get("/market")
     finally:
         await site.stop()
+
+
+async def test_a_page_that_never_reads_loses_its_connection_and_counts_until_then(
+        chain: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that opens /events and never reads fills its socket buffers; once its queue fills
+    it is no longer told of blocks, but its handler is still in a write. That write ends within
+    EVENTS_WRITE_TIMEOUT_S with the connection, and until then the connection counts against
+    MAX_VIEWERS: never-reading clients cannot hold more connections than the cap."""
+    import socket
+
+    from aitbc.explorer import app as explorer_app
+
+    monkeypatch.setattr(explorer_app, "MAX_VIEWERS", 2)
+    monkeypatch.setattr(explorer_app, "EVENTS_WRITE_TIMEOUT_S", 5.0)
+    site = Site(chain["ledger"], tmp_path / "index")
+    await site.start()
+    port = int(site.url.rsplit(":", 1)[1])
+    stuck: list[socket.socket] = []
+    try:
+        for _ in range(2):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # its buffers fill fast
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET /events HTTP/1.1\r\nHost: explorer\r\n\r\n")
+            stuck.append(sock)
+        await until(lambda: len(site.explorer.viewers) == 2)
+        big = "x" * 256 * 1024  # events this big fill a page's buffers within a few
+        for i in range(2000):  # bounded: both are dropped once their queues are full
+            if not site.explorer.viewers:
+                break
+            site.explorer._publish({"height": 10**6 + i, "filler": big})
+            await asyncio.sleep(0.005)  # each handler takes what it can and blocks in its write
+        assert not site.explorer.viewers  # dropped as too slow: no longer told of blocks...
+        # ...but their handlers, stuck in a write, still hold their connections: a third page waits
+        async with aiohttp.ClientSession() as s, s.get(site.url + "/events") as r:
+            assert r.status == 503 and r.headers["Retry-After"] == "5"
+        # the stuck writes end, with the connections: the server closed them, not the client
+        await until(lambda: site.explorer.live_pages == 0)
+        for sock in stuck:
+            sock.settimeout(10)
+            ended = False
+            for _ in range(100_000):  # what the kernel still held, then the end
+                try:
+                    if not sock.recv(1 << 20):
+                        ended = True
+                        break
+                except ConnectionResetError:
+                    ended = True
+                    break
+            assert ended
+        # and a page that reads is served again
+        async with aiohttp.ClientSession() as s, s.get(site.url + "/events") as r:
+            assert r.status == 200
+            assert (await r.content.readline()).startswith(b"retry:")
+    finally:
+        for sock in stuck:
+            sock.close()
+        await site.stop()
