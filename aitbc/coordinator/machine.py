@@ -820,15 +820,23 @@ class JobMachine:
             job.started_at_unix_ms = job.updated_at_unix_ms
 
     def _progressed(self, ev: Progressed) -> None:
+        """A miner's step count is its scheduler's (it may run other than the steps asked for): its
+        total is taken as reported, the step within it, and the job's progress never goes back in an
+        attempt (docs/coordinator.md, "Miner protocol", Progress)."""
         job = self._held(ev.miner_id, ev.progress.job_id)
         self._started(job, ev.miner_id, "the miner reported progress (it started the job)")
-        job.progress.CopyFrom(ev.progress)
-        p = job_pb2.JobProgress(job_id=job.job_id, step=ev.progress.step, total_steps=ev.progress.total_steps)
+        total = max(ev.progress.total_steps, 1)
+        step = min(ev.progress.step, total)
+        was = job.progress
+        if was.total_steps and step * was.total_steps < was.step * total:
+            return  # behind what the job already showed: a later message never takes it back
+        p = job_pb2.JobProgress(job_id=job.job_id, step=step, total_steps=total)
+        job.progress.CopyFrom(p)
         self._out.append(Publish(job.job_id, p))
         parent = self.records.get(job.parent_job_id) if job.parent_job_id else None
         if parent is not None:  # a split job's progress: steps done over all its shards
             per_shard = jobs.job_steps_total(parent.job)  # every shard runs the job's steps; an ended one ran them all
-            steps = sum(self.records[j].job.progress.step if j in self.records else per_shard
+            steps = sum(_steps_of(self.records[j].job.progress, per_shard) if j in self.records else per_shard
                         for j in parent.job.shard_job_ids)
             total = per_shard * len(parent.job.shard_job_ids)
             parent.job.progress.CopyFrom(job_pb2.JobProgress(job_id=parent.job.job_id, step=steps, total_steps=total))
@@ -943,6 +951,12 @@ class JobMachine:
             ttl = self.limits.verify_timeout_s if job.verify_of else self.limits.queue_ttl_s
             if job.state == QUEUED and not job.shard_job_ids and now - rec.queued_at > ttl:
                 self._finish(job, EXPIRED, f"no miner took the job within {ttl:g} s")
+
+
+def _steps_of(progress: job_pb2.JobProgress, per_shard: int) -> int:
+    """A shard's progress in the job's own steps: a miner's total may differ from them, so its part
+    is scaled (its step is within its total: no shard counts more than the steps it was asked for)."""
+    return progress.step * per_shard // progress.total_steps if progress.total_steps else 0
 
 
 def transitions_of(jobs_: Iterable[job_pb2.Job]) -> list[tuple[str, str, str]]:

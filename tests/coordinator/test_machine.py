@@ -415,3 +415,34 @@ def test_job_records_keep_each_clients_count_as_records_come_and_go() -> None:
     assert recs.pop("a1") is not None and recs.pop("a1", None) is None  # popped twice: counted down once
     del recs["b1"]
     assert recs.per_client == {"alice": 1} and len(recs) == 2
+
+
+def progress(sm: m.JobMachine, job_id: str, step: int, total: int, miner: str = "m1") -> list[m.Instruction]:
+    return sm.handle(m.Progressed(miner, job_pb2.JobProgress(job_id=job_id, step=step, total_steps=total)))
+
+
+def published(out: list[m.Instruction], job_id: str) -> list[tuple[int, int]]:
+    return [(i.event.step, i.event.total_steps) for i in out
+            if isinstance(i, m.Publish) and i.job_id == job_id and isinstance(i.event, job_pb2.JobProgress)]
+
+
+def test_a_miners_progress_stays_within_its_total_and_never_goes_back(sm: m.JobMachine) -> None:
+    """The miner's total is its scheduler's (taken as reported, 50 for a job of 4 steps here); its
+    step is kept within it, and a message behind what the job showed is not shown."""
+    assigned(sm)
+    assert published(progress(sm, "j1", 2, 4), "j1") == [(2, 4)]
+    assert published(progress(sm, "j1", 1, 4), "j1") == []  # backwards: watchers keep 2 of 4
+    assert (sm.job("j1").progress.step, sm.job("j1").progress.total_steps) == (2, 4)
+    assert published(progress(sm, "j1", 30, 50), "j1") == [(30, 50)]  # another count, further along
+    assert published(progress(sm, "j1", 99, 50), "j1") == [(50, 50)]  # past its total: at its total
+    assert (sm.job("j1").progress.step, sm.job("j1").progress.total_steps) == (50, 50)
+
+
+def test_a_split_jobs_progress_counts_each_shard_in_the_jobs_own_steps(sm: m.JobMachine) -> None:
+    sm.handle(split_job(2))  # two shards of 4 steps each: the job's progress is out of 8
+    sm.handle(m.MinerJoined(view("m1")), m.MinerJoined(view("m2")))
+    held = {i.job.job_id: i.miner_id for i in sm.handle(m.Dispatch()) if isinstance(i, m.Assign)}
+    assert published(progress(sm, "s0", 900, 1000, held["s0"]), "p") == [(3, 8)]  # 90 % of 4 steps
+    assert published(progress(sm, "s0", 1000, 1000, held["s0"]), "p") == [(4, 8)]
+    assert published(progress(sm, "s1", 5, 5, held["s1"]), "p") == [(8, 8)]  # never above the job's total
+    assert (sm.job("p").progress.step, sm.job("p").progress.total_steps) == (8, 8)

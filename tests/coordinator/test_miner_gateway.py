@@ -187,6 +187,34 @@ async def test_forged_results_are_rejected_and_the_job_requeued(net, forge, need
     assert not net.core.store.get_job(job.job_id).receipt_hash
 
 
+async def test_a_watcher_sees_a_miners_progress_within_its_total_and_never_going_back(net) -> None:
+    m = RawMiner(net)
+    await m.connect()
+    job = await _assigned(net, m)
+    s = stub(net)
+    watch = s.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job.job_id), metadata=MD, timeout=30)
+    assert (await watch.read()).WhichOneof("event") == "job"  # the snapshot first
+    m.send(progress=job_pb2.JobProgress(job_id=job.job_id, step=10, total_steps=20))
+    m.send(progress=job_pb2.JobProgress(job_id=job.job_id, step=5, total_steps=20))  # backwards: not shown
+    m.send(progress=job_pb2.JobProgress(job_id=job.job_id, step=30, total_steps=25))  # past its total: refused
+    reply = await m.read()
+    assert reply.WhichOneof("msg") == "rejected" and "between 0 and total_steps" in reply.rejected.reason
+    m.send(progress=job_pb2.JobProgress(job_id=job.job_id, step=900, total_steps=1000))  # its scheduler's count
+    png = null_png("a red bicycle", 1, 64, 64)
+    m.send(chunk=miner_pb2.ArtifactChunk(job_id=job.job_id, index=0, data=png))
+    m.send(result=m.result_for(job, png))
+    seen = []
+    for _ in range(20):  # bounded: the events of one job
+        ev = await watch.read()
+        if ev.WhichOneof("event") == "progress":
+            seen.append((ev.progress.step, ev.progress.total_steps))
+        elif ev.job.state == S.JOB_STATE_COMPLETED:
+            break
+    else:
+        pytest.fail("the job did not complete")
+    assert seen == [(10, 20), (900, 1000)]
+
+
 async def test_reports_on_jobs_not_assigned_to_the_miner_are_refused(net) -> None:
     a, b = RawMiner(net), RawMiner(net)
     await a.connect()
