@@ -367,8 +367,16 @@ async def abort(context: grpc.aio.ServicerContext, exc: AitbcError) -> None:
     await context.abort(status_code(exc), message)
 
 
+def translated(servicer: Any, exc: Exception) -> AitbcError | None:
+    """An error other than AitbcError that the servicer names (its `translate_error`: a coordinator's
+    lost database is Unavailable), or None: it stays what it is (UNKNOWN, logged by grpc)."""
+    translate = getattr(servicer, "translate_error", None)
+    return translate(exc) if translate is not None else None
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn AitbcError raised by a servicer method (unary or streaming) into its gRPC status."""
+    """Turn AitbcError raised by a servicer method (unary or streaming) into its gRPC status, and
+    what the servicer's `translate_error` maps (`translated`) as well."""
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
@@ -378,6 +386,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                     yield item
             except AitbcError as exc:
                 await abort(context, exc)
+            except Exception as exc:
+                if (mapped := translated(self, exc)) is None:
+                    raise
+                await abort(context, mapped)
 
         return stream_wrapper
 
@@ -387,6 +399,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return await fn(self, request, context)
         except AitbcError as exc:
             await abort(context, exc)
+        except Exception as exc:
+            if (mapped := translated(self, exc)) is None:
+                raise
+            await abort(context, mapped)
 
     return unary_wrapper
 

@@ -23,7 +23,7 @@ from aitbc.coordinator import Coordinator, fees
 from aitbc.coordinator.clock import Clock
 from aitbc.coordinator.settlement import Settlement, chain_mismatch
 from aitbc.coordinator.store import JobStore, LmdbJobStore
-from aitbc.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from aitbc.errors import AitbcError, FailedPrecondition, InvalidArgument, ResourceExhausted
 from aitbc.limits import KeyedBuckets
 from aitbc.rpc import CHUNK_BYTES, RunningServer, Service, handle_errors, start_server
 from aitbc.v1 import (
@@ -50,7 +50,18 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
     return None
 
 
-class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+class StoreErrors:
+    """What a failure of the coordinator's store means to a caller (rpc.handle_errors asks): on
+    PostgreSQL a lost database is Unavailable, naming it without its password (PostgresJobStore.error)."""
+
+    core: Coordinator
+
+    def translate_error(self, exc: Exception) -> AitbcError | None:
+        error = getattr(self.core.store, "error", None)
+        return error(exc) if error is not None else None
+
+
+class CoordinatorServicer(StoreErrors, coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, core: Coordinator) -> None:
         self.core = core
 
@@ -193,7 +204,7 @@ MARKET_BURST = 20
 MARKET_HOSTS = 4096  # hosts remembered at once; full buckets are forgotten first
 
 
-class MarketServicer(coordinator_pb2_grpc.MarketServiceServicer):
+class MarketServicer(StoreErrors, coordinator_pb2_grpc.MarketServiceServicer):
     """The public market (no API key): bounded per calling host, like every public read."""
 
     def __init__(self, core: Coordinator) -> None:
@@ -210,7 +221,7 @@ class MarketServicer(coordinator_pb2_grpc.MarketServiceServicer):
         return self.core.market(request.miner_id)
 
 
-class MinerGatewayServicer(miner_pb2_grpc.MinerServiceServicer):
+class MinerGatewayServicer(StoreErrors, miner_pb2_grpc.MinerServiceServicer):
     def __init__(self, core: Coordinator) -> None:
         self.core = core
 

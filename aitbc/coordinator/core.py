@@ -775,6 +775,10 @@ class Coordinator:
                 self._run(m.Submit(job, () if paid_by is not None else tuple(self._shards_for(job))))
         except Exception:
             if self.shared and self.store.get_job(job.job_id) is None:  # never queued: give back what it took
+                # (its write failed: the database lost under it) nor kept here, to run with no row
+                placed = self.machine.job(job.job_id)
+                self._let_go([job.job_id, *(placed.shard_job_ids if placed is not None else ())],
+                             "its write to the database failed")
                 if request_id:
                     self.store.forget_request(client_id, request_id, job.job_id)  # type: ignore[attr-defined]
                 if paid_by is not None:

@@ -65,6 +65,22 @@ def event_rows(rows: list[Any]) -> list[tuple[int, str, int, int, bytes]]:
     return [(int(r[0]), r[1], int(r[2]), int(r[3]), bytes(r[4])) for r in rows]
 
 
+def unavailable(shown: str, what: str, exc: BaseException) -> Unavailable:
+    """The one message for a database this coordinator lost (`shown`: its URL without the password),
+    for the awaited reads here and the synchronous store calls alike (PostgresJobStore.error)."""
+    return Unavailable(f"the coordinator's database at {shown} {what}: {str(exc).strip()}; retry, or "
+                       "ask another coordinator")
+
+
+def lost(exc: BaseException) -> str | None:
+    """What a connectivity error says of the database (for `unavailable`); None for any other error."""
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return "cancelled the statement"
+    if isinstance(exc, psycopg.OperationalError):  # AdminShutdown, a connection lost or refused, ...
+        return "did not answer"
+    return None
+
+
 class ReadPool:
     """At most `size` async connections to the database, opened on demand and reused."""
 
@@ -82,8 +98,7 @@ class ReadPool:
         self.before_read: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None
 
     def _unavailable(self, what: str, exc: BaseException) -> Unavailable:
-        return Unavailable(f"the coordinator's database at {self.shown} {what}: {str(exc).strip()}; retry, or "
-                           "ask another coordinator")
+        return unavailable(self.shown, what, exc)
 
     async def _open(self) -> psycopg.AsyncConnection[Any]:
         try:

@@ -75,7 +75,7 @@ from aitbc.coordinator.store import (
     _stored,
 )
 from aitbc.coordinator.streams import EVENT_PROGRESS
-from aitbc.errors import FailedPrecondition, InvalidArgument
+from aitbc.errors import FailedPrecondition, InvalidArgument, Unavailable
 from aitbc.hub.reputation import Change, MinerRecord, ReputationStore
 from aitbc.jobs import ACTIVE
 from aitbc.v1 import job_pb2, miner_pb2, receipt_pb2
@@ -134,12 +134,15 @@ def _scrub(message: str, url: str) -> str:
     return message.replace(str(password), "***") if password else message
 
 
+def _connect(url: str, connect_timeout_s: int) -> psycopg.Connection[Any]:
+    return psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout_s, application_name="aitbc-coordinator")
+
+
 def connect(url: str, *, connect_timeout_s: int = 10) -> psycopg.Connection[Any]:
     """A connection in autocommit, or an error naming `database_url` (the password never shown)."""
     check_url(url)
     try:
-        return psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout_s,
-                               application_name="aitbc-coordinator")
+        return _connect(url, connect_timeout_s)
     except psycopg.OperationalError as exc:
         raise FailedPrecondition(f"config key {SETTING!r}: cannot reach the database at {display_url(url)}: "
                                  f"{_scrub(str(exc).strip(), url)}") from None
@@ -236,9 +239,11 @@ class PostgresJobStore(pgreads.AsyncReads):
     @property
     def conn(self) -> psycopg.Connection[Any]:
         """The connection, opened again after the server dropped it (the next call after a failure).
-        Our lock was free meanwhile: claims taken over since are refused by the fence."""
+        Our lock was free meanwhile: claims taken over since are refused by the fence. A database
+        that cannot be reached now raises psycopg's error: the call is Unavailable (`error`), not a
+        setting to fix as at start-up."""
         if self._conn.closed and not self._closed:
-            conn = connect(self.url, connect_timeout_s=self._timeout)
+            conn = _connect(self.url, self._timeout)
             try:
                 self._own(conn)
             except BaseException:
@@ -246,6 +251,14 @@ class PostgresJobStore(pgreads.AsyncReads):
                 raise
             self._conn = conn
         return self._conn
+
+    def error(self, exc: BaseException) -> Unavailable | None:
+        """A call that lost the database (its connection dropped, the server away, a statement it
+        cancelled) is Unavailable, naming the database without its password; None for any other
+        error. The statement that failed was not committed and is never repeated blindly: the
+        next call reconnects (`conn`)."""
+        what = pgreads.lost(exc)
+        return pgreads.unavailable(self.display_url, what, exc) if what is not None else None
 
     def close(self) -> None:
         self._closed = True
