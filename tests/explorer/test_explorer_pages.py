@@ -296,7 +296,7 @@ async def test_a_page_that_never_reads_loses_its_connection_and_counts_until_the
     from aitbc.explorer import app as explorer_app
 
     monkeypatch.setattr(explorer_app, "MAX_VIEWERS", 2)
-    monkeypatch.setattr(explorer_app, "EVENTS_WRITE_TIMEOUT_S", 5.0)
+    monkeypatch.setattr(explorer_app, "EVENTS_WRITE_TIMEOUT_S", 8.0)  # margin for a loaded box
     site = Site(chain["ledger"], tmp_path / "index")
     await site.start()
     port = int(site.url.rsplit(":", 1)[1])
