@@ -12,6 +12,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -330,13 +331,19 @@ def status_with_details(code: grpc.StatusCode, message: str, details: Sequence[A
     return status_pb2.Status(code=code.value[0], message=message, details=packed).SerializeToString()
 
 
+def retry_ms(retry_after_s: float) -> int:
+    """A retry delay in whole milliseconds, rounded up: a wait under a millisecond is 1 ms, never 0
+    (0 would tell the client to retry at once, before the bucket has the token it lacked)."""
+    return max(0, math.ceil(retry_after_s * 1000))
+
+
 def retry_status(code: grpc.StatusCode, message: str, retry_after_s: float) -> bytes:
     """A google.rpc.Status whose RetryInfo detail says when to try again: the convention clients
     (the SDK's retry policy among them) read."""
     from google.protobuf import duration_pb2
     from google.rpc import error_details_pb2
 
-    ms = max(0, int(retry_after_s * 1000))
+    ms = retry_ms(retry_after_s)
     info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=ms // 1000,
                                                                           nanos=ms % 1000 * 1_000_000))
     return status_with_details(code, message, [info])
@@ -359,7 +366,7 @@ async def abort(context: grpc.aio.ServicerContext, exc: AitbcError) -> None:
     message = details(exc.message)
     if isinstance(exc, ResourceExhausted) and exc.retry_after_s is not None:
         context.set_trailing_metadata((
-            (RETRY_AFTER_MS, str(int(exc.retry_after_s * 1000))),
+            (RETRY_AFTER_MS, str(retry_ms(exc.retry_after_s))),
             (STATUS_DETAILS, retry_status(status_code(exc), message, exc.retry_after_s)),
         ))
     elif isinstance(exc, InvalidArgument) and exc.field:

@@ -152,3 +152,11 @@ async def test_ledger_malformed_transaction_names_raw(tmp_path) -> None:  # type
                 err = rpc.error_from_rpc(failed)
                 assert isinstance(err, errors.InvalidArgument) and err.field == field, (field, err.message)
                 assert rpc.field_violations(failed) == [(field, failed.details())]
+
+
+def test_a_retry_delay_under_a_millisecond_is_sent_as_one_not_zero() -> None:
+    # a bucket a fraction of a token short asks for a wait of microseconds: sent as 0 ms, the client
+    # would retry at once and be refused again (the vote bucket's refusal said "retry in 0.0 s")
+    from aitbc import rpc
+
+    assert rpc.retry_ms(0.0004) == 1 and rpc.retry_ms(0.0) == 0 and rpc.retry_ms(1.2501) == 1251
